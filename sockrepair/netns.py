@@ -1,0 +1,96 @@
+"""Network namespaces as throwaway hosts: created with iproute2, entered per thread with setns(2), and deleted
+(with every process still inside killed) on exit, error or Ctrl-C."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator, Sequence
+
+from ._ffi import ffi, lib
+from .errors import SockrepairError, UnsupportedError
+
+
+class NetnsError(SockrepairError):
+    """A namespace could not be created, entered or deleted."""
+
+
+def _ip(*args: str) -> str:
+    ip = shutil.which("ip")
+    if ip is None:
+        raise UnsupportedError("iproute2's `ip` is not installed (apt-get install iproute2)")
+    done = subprocess.run([ip, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise NetnsError(f"ip {' '.join(args)}: {done.stderr.strip() or 'exit ' + str(done.returncode)}")
+    return done.stdout
+
+
+def _setns(fd: int, what: str) -> None:
+    if lib.setns(fd, lib.CLONE_NEWNET) < 0:
+        raise NetnsError(f"setns({what}): {os.strerror(ffi.errno)}")
+
+
+class NetNS:
+    """A named network namespace owned by this process; `with NetNS() as ns:` deletes it whatever happens."""
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name or f"sockrepair-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.path = f"/run/netns/{self.name}"
+        self._created = False
+
+    def create(self) -> NetNS:
+        _ip("netns", "add", self.name)
+        self._created = True
+        try:
+            _ip("-n", self.name, "link", "set", "lo", "up")
+        except BaseException:
+            self.delete()
+            raise
+        return self
+
+    def delete(self) -> None:
+        if not self._created:
+            return
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _ip("netns", "delete", self.name)
+        self._created = False
+
+    def pids(self) -> list[int]:
+        return [int(p) for p in _ip("netns", "pids", self.name).split()]
+
+    def ip(self, *args: str) -> str:
+        return _ip("-n", self.name, *args)
+
+    def exec_argv(self, argv: Sequence[str]) -> list[str]:
+        """The argument list that runs `argv` inside this namespace (for subprocess.Popen)."""
+        ip = shutil.which("ip") or "ip"
+        return [ip, "netns", "exec", self.name, *argv]
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[NetNS]:
+        """Run the calling thread inside the namespace; sockets made here stay in it after the block."""
+        old = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            new = os.open(self.path, os.O_RDONLY)
+            try:
+                _setns(new, self.name)
+            finally:
+                os.close(new)
+            try:
+                yield self
+            finally:
+                _setns(old, "the original namespace")
+        finally:
+            os.close(old)
+
+    def __enter__(self) -> NetNS:
+        return self.create()
+
+    def __exit__(self, *exc: object) -> None:
+        self.delete()
