@@ -1,0 +1,91 @@
+"""The two queues: their sequence numbers, their bytes, and putting them back.
+
+TCP_QUEUE_SEQ reports the sequence number after the LAST byte of the selected queue; the kernel only accepts a new
+one on a closed socket with empty queues, so restore sets the sequence of the queue's FIRST byte and then refills."""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+from ._ffi import lib
+from .errors import SocketCallError
+from .repair import select_queue
+from .sockcall import get_u32, ioctl_int, peek, send_chunked, set_u32
+
+TCP = lib.IPPROTO_TCP
+# Reading the queues races with ACKs and data that still arrive when no lock holds the peer off; a snapshot is taken
+# again when the sequence numbers moved while it was read.
+SNAPSHOT_ATTEMPTS = 50
+
+
+@dataclass
+class QueueSnapshot:
+    send_seq: int
+    recv_seq: int
+    send_queue: bytes
+    unsent_len: int
+    recv_queue: bytes
+
+
+def _read_once(fd: int) -> QueueSnapshot | None:
+    outq = ioctl_int(fd, lib.SIOCOUTQ, "SIOCOUTQ")
+    inq = ioctl_int(fd, lib.SIOCINQ, "SIOCINQ")
+    select_queue(fd, lib.TCP_RECV_QUEUE)
+    recv_seq = get_u32(fd, TCP, lib.TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ receive")
+    recv_queue = peek(fd, inq, "receive queue")
+    # Read while no queue is selected: with the send queue selected, any ACK that arrives makes the kernel mark
+    # the whole send queue as sent (that is how repair-mode refills work), and SIOCOUTQNSD would then say 0.
+    select_queue(fd, lib.TCP_NO_QUEUE)
+    unsent = ioctl_int(fd, lib.SIOCOUTQNSD, "SIOCOUTQNSD")
+    select_queue(fd, lib.TCP_SEND_QUEUE)
+    send_seq = get_u32(fd, TCP, lib.TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ send")
+    send_queue = peek(fd, outq, "send queue")
+    select_queue(fd, lib.TCP_NO_QUEUE)
+    # the application is not reading or writing, so unchanged queue lengths mean unchanged queue edges
+    if ioctl_int(fd, lib.SIOCOUTQ, "SIOCOUTQ") != outq or ioctl_int(fd, lib.SIOCINQ, "SIOCINQ") != inq:
+        return None
+    return QueueSnapshot(send_seq, recv_seq, send_queue, unsent, recv_queue)
+
+
+def read_queues(fd: int) -> QueueSnapshot:
+    for _ in range(SNAPSHOT_ATTEMPTS):
+        try:
+            snap = _read_once(fd)
+        except SocketCallError as exc:
+            # a peek that came up short: the queue moved under us
+            select_queue(fd, lib.TCP_NO_QUEUE)
+            if exc.errno != errno.EAGAIN:
+                raise
+            snap = None
+        if snap is not None:
+            return snap
+    raise SocketCallError(
+        errno.EAGAIN, f"reading the queues: they kept changing over {SNAPSHOT_ATTEMPTS} tries (lock the peer out)", fd
+    )
+
+
+def set_sequences(fd: int, send_seq: int, send_len: int, recv_seq: int, recv_len: int) -> None:
+    select_queue(fd, lib.TCP_SEND_QUEUE)
+    set_u32(fd, TCP, lib.TCP_QUEUE_SEQ, send_seq - send_len, "TCP_QUEUE_SEQ send")
+    select_queue(fd, lib.TCP_RECV_QUEUE)
+    set_u32(fd, TCP, lib.TCP_QUEUE_SEQ, recv_seq - recv_len, "TCP_QUEUE_SEQ receive")
+
+
+def refill_in_repair(fd: int, recv_queue: bytes, unacked: bytes) -> None:
+    """Bytes the application had not read yet, and bytes sent but not acknowledged: both must be put back while
+    still in repair mode, where a send() appends to the selected queue without transmitting."""
+    if recv_queue:
+        select_queue(fd, lib.TCP_RECV_QUEUE)
+        send_chunked(fd, recv_queue, "refill receive queue")
+    if unacked:
+        select_queue(fd, lib.TCP_SEND_QUEUE)
+        send_chunked(fd, unacked, "refill send queue (sent, unacknowledged)")
+    select_queue(fd, lib.TCP_NO_QUEUE)
+
+
+def write_unsent(fd: int, unsent: bytes) -> None:
+    """Never-sent bytes go in after repair is off: written in repair mode they would wait for a retransmission
+    timeout (hundreds of ms) before leaving."""
+    if unsent:
+        send_chunked(fd, unsent, "write never-sent data")

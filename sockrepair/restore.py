@@ -1,0 +1,80 @@
+"""restore: build a live socket from a ConnectionState without a handshake, in the order the kernel demands."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from ._ffi import lib
+from .addr import bind, connect
+from .errors import AddressInUseError, AddressNotLocalError, SocketCallError
+from .queues import refill_in_repair, set_sequences, write_unsent
+from .repair import repair_off, repair_on
+from .sockopts import apply_after_repair, apply_in_repair, apply_pre_bind, size_buffers
+from .state import ConnectionState
+from .tcpopts import restore_options, restore_timestamp, restore_window
+
+
+def restore(state: ConnectionState) -> socket.socket:
+    """A live socket with the saved 4-tuple, queues and options, repair mode off. On failure nothing is left: the
+    half-made socket is closed while still in repair mode, so the peer sees nothing."""
+    conn = state.tuple
+    sock = socket.socket(conn.family, socket.SOCK_STREAM)
+    fd = sock.fileno()
+    try:
+        repair_on(fd)
+        apply_pre_bind(fd, conn.family, state.sockopts)
+        size_buffers(fd, state.sockopts, len(state.send_queue), len(state.recv_queue))
+        _bind(fd, state)
+        set_sequences(fd, state.send_seq, len(state.send_queue), state.recv_seq, len(state.recv_queue))
+        _connect(fd, state)
+        restore_options(fd, state.options)
+        if state.options.timestamps:
+            restore_timestamp(fd, state.timestamp)
+        refill_in_repair(fd, state.recv_queue, state.unacked)
+        if state.window is not None:
+            # before repair off: writing never-sent data before the window is in place has hung connections (passt)
+            restore_window(fd, state.window)
+        apply_in_repair(fd, conn.family, state.sockopts)
+        repair_off(fd, probe=True)
+        write_unsent(fd, state.unsent)
+        apply_after_repair(fd, state.sockopts)
+    except BaseException:
+        _abandon(sock)
+        raise
+    return sock
+
+
+def _abandon(sock: socket.socket) -> None:
+    try:
+        repair_on(sock.fileno())
+    finally:
+        sock.close()
+
+
+def _bind(fd: int, state: ConnectionState) -> None:
+    conn = state.tuple
+    try:
+        bind(fd, conn.family, conn.local_addr, conn.local_port)
+    except SocketCallError as exc:
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise AddressNotLocalError(
+                f"cannot restore {conn}: local address {conn.local_addr} is not configured on this host "
+                "(or in this network namespace)"
+            ) from None
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUseError(f"cannot restore {conn}: local address {conn.local_addr}:{conn.local_port} "
+                                    "is held by a socket that does not allow reuse") from None
+        raise
+
+
+def _connect(fd: int, state: ConnectionState) -> None:
+    conn = state.tuple
+    try:
+        connect(fd, conn.family, conn.remote_addr, conn.remote_port)
+    except SocketCallError as exc:
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
+            raise AddressInUseError(
+                f"cannot restore {conn}: another socket already holds this 4-tuple (close or discard it first)"
+            ) from None
+        raise

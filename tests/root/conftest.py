@@ -1,0 +1,58 @@
+"""Fixtures for root tests: each test runs in a fresh network namespace, deleted afterwards even on failure."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from sockrepair.netns import NetNS
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/root/" in item.nodeid or item.nodeid.startswith("root/"):
+            item.add_marker(pytest.mark.root)
+
+
+@pytest.fixture
+def netns() -> Iterator[NetNS]:
+    with NetNS() as ns, ns.entered():
+        yield ns
+
+
+Pair = tuple[socket.socket, socket.socket]
+
+
+def _make_pair(family: int, addr: str, server_rcvbuf: int | None = None, client_rcvbuf: int | None = None,
+               server_sndbuf: int | None = None) -> Pair:
+    """An established (client, server) pair on loopback; buffer sizes are set before the handshake so the
+    negotiated window scale matches them."""
+    with socket.socket(family, socket.SOCK_STREAM) as listener:
+        if server_rcvbuf:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, server_rcvbuf)
+        if server_sndbuf:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, server_sndbuf)
+        listener.bind((addr, 0))
+        listener.listen(1)
+        client = socket.socket(family, socket.SOCK_STREAM)
+        if client_rcvbuf:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, client_rcvbuf)
+        client.connect(listener.getsockname()[:2])
+        server, _ = listener.accept()
+    return client, server
+
+
+@pytest.fixture
+def make_pair(netns: NetNS) -> Iterator[Callable[..., Pair]]:
+    made: list[socket.socket] = []
+
+    def factory(family: int = socket.AF_INET, addr: str = "127.0.0.1", **bufs: int) -> Pair:
+        pair = _make_pair(family, addr, **bufs)
+        made.extend(pair)
+        return pair
+
+    yield factory
+    for s in made:
+        s.close()
