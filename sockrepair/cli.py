@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SocketCallError, SockrepairError
+from .lock.cli import add_lock_commands
+from .movecli import add_move_commands
 
 
 def _print_json(data: Any) -> None:
@@ -84,7 +86,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sockrepair", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="sockrepair", description="Move live TCP connections between sockets, processes and hosts with TCP_REPAIR."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("check", help="what this kernel and host support for TCP repair")
@@ -102,12 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=3.0, help="how long the client talks (default 3)")
     p.set_defaults(func=cmd_demo)
 
-    try:
-        from .lock.cli import add_lock_commands
-    except ImportError:
-        pass
-    else:
-        add_lock_commands(sub)
+    add_move_commands(sub)
+    add_lock_commands(sub)
     return parser
 
 

@@ -34,6 +34,33 @@ def _setns(fd: int, what: str) -> None:
         raise NetnsError(f"setns({what}): {os.strerror(ffi.errno)}")
 
 
+@contextlib.contextmanager
+def inside(path: str) -> Iterator[None]:
+    """Move the calling thread into the network namespace at `path` (/run/netns/NAME, /proc/PID/ns/net) for the
+    block, and back afterwards whatever happens."""
+    old = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        try:
+            new = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise NetnsError(f"no network namespace at {path} (see `ip netns list`)") from None
+        try:
+            _setns(new, path)
+        finally:
+            os.close(new)
+        try:
+            yield
+        finally:
+            _setns(old, "the original namespace")
+    finally:
+        os.close(old)
+
+
+def named(name: str | None) -> contextlib.AbstractContextManager[None]:
+    """Inside the namespace `name` as `ip netns` knows it; the current one when None."""
+    return inside(f"/run/netns/{name}") if name else contextlib.nullcontext()
+
+
 class NetNS:
     """A named network namespace owned by this process; `with NetNS() as ns:` deletes it whatever happens."""
 
@@ -75,19 +102,8 @@ class NetNS:
     @contextlib.contextmanager
     def entered(self) -> Iterator[NetNS]:
         """Run the calling thread inside the namespace; sockets made here stay in it after the block."""
-        old = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        try:
-            new = os.open(self.path, os.O_RDONLY)
-            try:
-                _setns(new, self.name)
-            finally:
-                os.close(new)
-            try:
-                yield self
-            finally:
-                _setns(old, "the original namespace")
-        finally:
-            os.close(old)
+        with inside(self.path):
+            yield self
 
     def __enter__(self) -> NetNS:
         return self.create()

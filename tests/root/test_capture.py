@@ -1,0 +1,191 @@
+"""Moving the connections of a plain program (no sockrepair inside) to a new program, by pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import sockrepair
+from sockrepair.capture import After, dump, inspect
+from sockrepair.imagedir import read_dir
+from sockrepair.procfs import ProcessError
+from sockrepair.programs import ECHO_SERVER
+
+from .programs import free_port, start_echo, stop
+from .streams import pattern, recv_exactly
+
+
+def _connect(port: int, n: int) -> list[socket.socket]:
+    return [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
+
+
+def _echo_round(clients: list[socket.socket], offsets: list[int], size: int) -> None:
+    for i, c in enumerate(clients):
+        data = pattern(offsets[i], size, salt=i)
+        c.sendall(data)
+        assert recv_exactly(c, size) == data, f"connection {i} echoed wrong bytes at offset {offsets[i]}"
+        offsets[i] += size
+
+
+def test_dump_by_pid_and_restore_into_a_new_program(netns, tmp_path):
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    restored: subprocess.Popen[bytes] | None = None
+    clients = _connect(port, 4)
+    try:
+        offsets = [0] * len(clients)
+        _echo_round(clients, offsets, 50_000)
+        report = dump(server.pid, tmp_path / "img", after=After.KILL)
+        assert server.wait(5) == -signal.SIGKILL
+        assert len(report.connections) == 4
+        mode = os.stat(tmp_path / "img" / "conn-0.img").st_mode & 0o777
+        assert mode == 0o600
+        restored = subprocess.Popen(
+            [sys.executable, "-m", "sockrepair.cli", "restore", "-D", str(tmp_path / "img"), "--exec",
+             sys.executable, str(ECHO_SERVER)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert restored.stdout is not None
+        assert restored.stdout.readline().startswith(b"ready")
+        # the clients never saw an error: every byte echoed once and in order after the move
+        _echo_round(clients, offsets, 200_000)
+        # and nothing is left locked
+        assert sockrepair.lock.list_locks() == []
+    finally:
+        for c in clients:
+            c.close()
+        stop(server)
+        if restored is not None:
+            restored.kill()
+            restored.wait()
+
+
+def test_dump_leave_running_keeps_serving(netns, tmp_path):
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    clients = _connect(port, 2)
+    try:
+        offsets = [0, 0]
+        _echo_round(clients, offsets, 10_000)
+        report = dump(server.pid, tmp_path / "img", after=After.LEAVE_RUNNING)
+        assert report.after == "leave-running"
+        _echo_round(clients, offsets, 10_000)
+        items = read_dir(tmp_path / "img")
+        assert sorted(str(e.tuple.reversed()) for e, _ in items) == sorted(
+            f"127.0.0.1:{c.getsockname()[1]}->127.0.0.1:{port}" for c in clients)
+        assert sockrepair.lock.list_locks() == []
+        assert _state(server.pid) not in ("T", "t")
+    finally:
+        for c in clients:
+            c.close()
+        stop(server)
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_inspect_leaves_a_running_stream_untouched(netns):
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    (client,) = _connect(port, 1)
+    errors: list[str] = []
+    done = threading.Event()
+
+    def stream() -> None:
+        offset = 0
+        while not done.is_set():
+            data = pattern(offset, 4096, salt=9)
+            client.sendall(data)
+            if recv_exactly(client, 4096) != data:
+                errors.append(f"mismatch at {offset}")
+            offset += 4096
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    try:
+        for _ in range(20):
+            rows = inspect(server.pid)
+            established = [st for s, st, name in rows if name == "ESTABLISHED"]
+            assert len(established) == 1 and established[0] is not None
+            assert established[0].tuple.local_port == port
+            assert _state(server.pid) not in ("T", "t")
+            time.sleep(0.01)
+    finally:
+        done.set()
+        worker.join(10)
+        client.close()
+        stop(server)
+    assert errors == []
+
+
+def test_dump_of_a_missing_pid_is_a_clear_error(netns, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    with pytest.raises(ProcessError, match=f"no such process: {proc.pid}"):
+        dump(proc.pid, tmp_path / "img")
+    assert not (tmp_path / "img").exists()
+
+
+def test_dump_of_a_process_without_connections(netns, tmp_path):
+    server = start_echo(f"127.0.0.1:{free_port()}")
+    try:
+        with pytest.raises(ProcessError, match="holds no established TCP connection"):
+            dump(server.pid, tmp_path / "img")
+        assert _state(server.pid) not in ("T", "t"), "the process was left frozen"
+    finally:
+        stop(server)
+
+
+def test_dump_of_a_listening_fd_names_its_state(netns, tmp_path):
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    try:
+        listener_fd = next(s.fd for s in sockrepair.procfs.tcp_sockets(server.pid) if s.tcp_state == 10)
+        with pytest.raises(sockrepair.SocketStateError, match=f"fd {listener_fd} .* is LISTEN"):
+            dump(server.pid, tmp_path / "img", wanted=[listener_fd])
+        assert _state(server.pid) not in ("T", "t")
+    finally:
+        stop(server)
+
+
+def test_restore_where_the_address_is_missing_then_retry(tmp_path):
+    """A failed restore leaves the images usable and no stale lock (the TTL ends it); a retry where the address
+    exists brings the connection back."""
+    from sockrepair.lock import Locker
+    from sockrepair.netns import NetNS
+    from sockrepair.restoredir import restore_all
+
+    with NetNS() as src, NetNS() as dst:
+        dst.ip("addr", "del", "127.0.0.1/8", "dev", "lo")  # 127.0.0.1 is not a local address there
+        with src.entered():
+            port = free_port()
+        server = start_echo(f"127.0.0.1:{port}", prefix=src.exec_argv([]))
+        try:
+            with src.entered():
+                (client,) = _connect(port, 1)
+            client.sendall(b"hello")
+            assert recv_exactly(client, 5) == b"hello"
+            dump(server.pid, tmp_path / "img", ttl=1.0)
+            states = [s for _, s in read_dir(tmp_path / "img")]
+            with pytest.raises(sockrepair.AddressNotLocalError, match="127.0.0.1 is not configured"):
+                restore_all(states, dst.name)
+            with Locker(src.name) as locker:
+                assert len(locker.list_locks()) == 1
+                time.sleep(1.5)
+                assert locker.list_locks() == [], "the lock outlived its TTL"
+            (sock,) = restore_all(states, src.name)
+            with sock:
+                client.sendall(b"again")
+                assert recv_exactly(sock, 5) == b"again"
+                sock.sendall(b"back")
+                assert recv_exactly(client, 4) == b"back"
+            client.close()
+        finally:
+            stop(server)

@@ -1,0 +1,130 @@
+"""Every refusal is a clear domain error that names the socket and the reason, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import socket
+import time
+
+import pytest
+
+import sockrepair
+from sockrepair.state import ConnTuple
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_udp_socket_is_refused(netns):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        with pytest.raises(sockrepair.SocketStateError, match="not a TCP socket"):
+            sockrepair.checkpoint(udp)
+
+
+def test_unix_socket_is_refused(netns):
+    a, b = socket.socketpair()
+    with a, b, pytest.raises(sockrepair.SocketStateError, match="not a TCP socket"):
+        sockrepair.checkpoint(a)
+
+
+def test_pipe_and_closed_fd_are_refused(netns):
+    r, w = os.pipe()
+    try:
+        with pytest.raises(sockrepair.SocketStateError, match=f"fd {r} is not a socket"):
+            sockrepair.checkpoint(r)
+    finally:
+        os.close(r)
+        os.close(w)
+    with pytest.raises(sockrepair.SocketStateError, match="not an open file descriptor"):
+        sockrepair.checkpoint(r)
+
+
+def test_listening_socket_is_refused(netns):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with pytest.raises(sockrepair.SocketStateError, match="is a listening socket"):
+            sockrepair.checkpoint(listener)
+
+
+def test_half_closed_connection_names_its_state(make_pair):
+    client, server = make_pair()
+    client.shutdown(socket.SHUT_WR)
+    time.sleep(0.05)
+    with pytest.raises(sockrepair.SocketStateError, match="in state CLOSE_WAIT"):
+        sockrepair.checkpoint(server)
+    # refused before repair mode: the socket is untouched
+    server.sendall(b"bye")
+    assert client.recv(10) == b"bye"
+
+
+def _checkpoint_as_nobody(fd: int, out: multiprocessing.connection.Connection) -> None:
+    os.setgid(65534)
+    os.setuid(65534)
+    try:
+        sockrepair.checkpoint(fd)
+    except sockrepair.SockrepairError as exc:
+        out.send((type(exc).__name__, str(exc)))
+    else:
+        out.send(("no error", ""))
+
+
+def test_without_cap_net_admin(make_pair):
+    client, server = make_pair()
+    ctx = multiprocessing.get_context("fork")
+    mine, theirs = ctx.Pipe()
+    child = ctx.Process(target=_checkpoint_as_nobody, args=(server.fileno(), theirs))
+    child.start()
+    try:
+        kind, message = mine.recv()
+    finally:
+        child.join(10)
+    assert kind == "NotPermittedError"
+    assert "CAP_NET_ADMIN" in message and f"fd {server.fileno()}" in message
+    server.sendall(b"untouched")
+    assert client.recv(20) == b"untouched"
+
+
+def test_restore_onto_a_tuple_in_use_leaves_nothing(make_pair):
+    client, server = make_pair()
+    state = sockrepair.checkpoint(server)
+    sockrepair.resume(server)
+    fds = _open_fds()
+    with pytest.raises(sockrepair.AddressInUseError, match=r"already holds this 4-tuple") as err:
+        sockrepair.restore(state)
+    assert str(state.tuple) in str(err.value)
+    assert _open_fds() == fds
+    # the original connection did not notice
+    server.sendall(b"still here")
+    assert client.recv(20) == b"still here"
+    client.sendall(b"and back")
+    assert server.recv(20) == b"and back"
+
+
+def test_restore_with_a_local_address_not_on_the_host(make_pair):
+    client, server = make_pair(socket.AF_INET6, "::1")
+    state = sockrepair.checkpoint(server)
+    sockrepair.resume(server)
+    # a documentation-prefix address: bind() refuses it before anything could reach the wire
+    t = state.tuple
+    moved = dataclasses.replace(state, tuple=ConnTuple(t.family, "2001:db8::1", t.local_port, t.remote_addr,
+                                                       t.remote_port))
+    fds = _open_fds()
+    with pytest.raises(sockrepair.AddressNotLocalError, match=r"local address 2001:db8::1 is not configured"):
+        sockrepair.restore(moved)
+    assert _open_fds() == fds
+
+
+def test_discard_refuses_a_state_that_went_stale(make_pair):
+    client, server = make_pair()
+    state = sockrepair.checkpoint(server)
+    # the peer's data still lands in a frozen socket when no lock drops it
+    client.sendall(b"late")
+    time.sleep(0.05)
+    with pytest.raises(sockrepair.SocketStateError, match="changed since its checkpoint"):
+        sockrepair.discard(server, state)
+    sockrepair.resume(server)
+    assert server.recv(10) == b"late"
