@@ -12,7 +12,10 @@ from .queues import refill_in_repair, set_sequences, write_unsent
 from .repair import repair_off, repair_on
 from .sockopts import apply_after_repair, apply_in_repair, apply_pre_bind, size_buffers
 from .state import ConnectionState
-from .tcpopts import restore_options, restore_timestamp, restore_window
+from .tcpopts import restore_options, restore_timestamp, restore_window, set_user_mss
+
+
+MAX_USER_MSS = 32767
 
 
 def restore(state: ConnectionState) -> socket.socket:
@@ -27,7 +30,13 @@ def restore(state: ConnectionState) -> socket.socket:
         size_buffers(fd, state.sockopts, len(state.send_queue), len(state.recv_queue))
         _bind(fd, state)
         set_sequences(fd, state.send_seq, len(state.send_queue), state.recv_seq, len(state.recv_queue))
+        # The repair-mode connect sizes segments from the MSS clamp it sees then; TCP_REPAIR_OPTIONS sets the clamp
+        # later without resizing, which left restored sockets sending 524-byte segments. A user MSS set before
+        # the connect is the clamp the connect uses (the kernel caps it at MAX_TCP_WINDOW, so loopback's 65495
+        # becomes 32767); it is cleared again once the connection exists.
+        set_user_mss(fd, min(state.options.mss, MAX_USER_MSS))
         _connect(fd, state)
+        set_user_mss(fd, 0)
         restore_options(fd, state.options)
         if state.options.timestamps:
             restore_timestamp(fd, state.timestamp)

@@ -7,7 +7,7 @@ from typing import Any
 
 from ._ffi import ffi, lib
 from .errors import SocketCallError
-from .sockcall import fail, get_int, get_struct, get_u32, set_struct, set_u32
+from .sockcall import fail, get_int, get_struct, get_u32, set_int, set_struct, set_u32
 from .state import RepairWindow, TcpOptions
 
 TCP = lib.IPPROTO_TCP
@@ -42,6 +42,10 @@ def restore_options(fd: int, options: TcpOptions) -> None:
     buf = ffi.new("struct tcp_repair_opt[]", entries)
     if lib.setsockopt(fd, TCP, lib.TCP_REPAIR_OPTIONS, buf, ffi.sizeof(buf)) < 0:
         raise fail(f"setsockopt(TCP_REPAIR_OPTIONS {options})", fd)
+
+
+def set_user_mss(fd: int, mss: int) -> None:
+    set_int(fd, TCP, lib.TCP_MAXSEG, mss, "TCP_MAXSEG")
 
 
 def read_window(fd: int) -> RepairWindow | None:

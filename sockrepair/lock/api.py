@@ -1,0 +1,86 @@
+"""The module-level lock functions: each uses a cached Locker for the network namespace it targets (the calling
+thread's, or a named one), so repeated calls reuse one netlink socket per namespace."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+
+from ..errors import LockError
+from ..state import ConnTuple
+from .locker import DEFAULT_TTL, Lockable, Locker, LockRecord
+from .netlink import check_netns_name
+
+# Each cached socket pins its namespace in the kernel: keep a few, close the least recently used.
+_CACHE_MAX = 8
+_cache: OrderedDict[tuple[int, int], Locker] = OrderedDict()
+_cache_mutex = threading.Lock()
+
+
+def _namespace_id(netns: str | None) -> tuple[int, int]:
+    """The namespace's nsfs inode: a thread that moved to another namespace gets another Locker."""
+    path = "/proc/thread-self/ns/net" if netns is None else f"/run/netns/{check_netns_name(netns)}"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise LockError(f"no network namespace named {netns!r} (see `ip netns list`)") from None
+    return (st.st_dev, st.st_ino)
+
+
+def default_locker(netns: str | None = None) -> Locker:
+    key = _namespace_id(netns)
+    with _cache_mutex:
+        locker = _cache.get(key)
+        if locker is not None:
+            _cache.move_to_end(key)
+            return locker
+        locker = _cache[key] = Locker(netns)
+        if len(_cache) > _CACHE_MAX:
+            _cache.popitem(last=False)[1].close()
+        return locker
+
+
+def close_cached_lockers() -> None:
+    """Close the cached sockets (and let the namespaces they pin go)."""
+    with _cache_mutex:
+        while _cache:
+            _cache.popitem()[1].close()
+
+
+def _forget_after_fork() -> None:
+    global _cache_mutex
+    _cache_mutex = threading.Lock()
+    close_cached_lockers()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def lock(items: Lockable | Iterable[Lockable], ttl: float = DEFAULT_TTL, netns: str | None = None) -> int:
+    """Drop both directions of these connections' packets for `ttl` seconds (renewed when locked again)."""
+    return default_locker(netns).lock(items, ttl)
+
+
+def unlock(items: Lockable | Iterable[Lockable], netns: str | None = None) -> None:
+    """Release these connections; tuples that are not locked are skipped."""
+    default_locker(netns).unlock(items)
+
+
+@contextlib.contextmanager
+def locked(
+    items: Lockable | Iterable[Lockable], ttl: float = DEFAULT_TTL, netns: str | None = None
+) -> Iterator[list[ConnTuple]]:
+    with default_locker(netns).locked(items, ttl) as tuples:
+        yield tuples
+
+
+def list_locks(netns: str | None = None) -> list[LockRecord]:
+    return default_locker(netns).list_locks()
+
+
+def unlock_all(netns: str | None = None) -> None:
+    """Remove sockrepair's table with every lock in it."""
+    default_locker(netns).unlock_all()

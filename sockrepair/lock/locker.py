@@ -1,0 +1,271 @@
+"""Locker: lock, renew, unlock and list connections over one long-lived nf_tables netlink socket.
+
+The lock lives in the kernel, keyed by tuple: any process may release a lock another one took, and a crashed
+locker leaves only elements that expire on their own."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..errors import LockError
+from ..state import ConnTuple
+from . import nfconst as c
+from . import ruleset
+from .netlink import NfSocket, NftError, attrs, be64, iter_attrs
+from .owner import decode_owner, default_owner, encode_owner
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL = 60.0
+# A peer gives up on an unanswered connection after ~15 minutes (tcp_retries2): a longer lock only blocks a corpse.
+MAX_TTL = 3600.0
+
+
+class HasTuple(Protocol):
+    @property
+    def tuple(self) -> ConnTuple: ...
+
+
+Lockable = ConnTuple | HasTuple
+
+
+@dataclass(frozen=True)
+class LockRecord:
+    """One locked connection: its tuple as packets carry it, seconds until the lock expires, the ttl it was given
+    (or last renewed with), and who took it."""
+
+    tuple: ConnTuple
+    seconds_left: float
+    ttl: float
+    owner: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tuple": str(self.tuple),
+            "family": 4 if self.tuple.family == ruleset.V4.sock_family else 6,
+            "local": [self.tuple.local_addr, self.tuple.local_port],
+            "remote": [self.tuple.remote_addr, self.tuple.remote_port],
+            "seconds_left": self.seconds_left,
+            "ttl": self.ttl,
+            "owner": self.owner,
+        }
+
+
+def as_tuples(items: Lockable | Iterable[Lockable]) -> list[ConnTuple]:
+    """ConnTuples from tuples, states (anything with a `.tuple`), or one of either."""
+    if isinstance(items, ConnTuple) or hasattr(items, "tuple"):
+        items = [items]  # type: ignore[list-item]
+    out = []
+    for item in items:  # type: ignore[union-attr]
+        conn = item if isinstance(item, ConnTuple) else getattr(item, "tuple", None)
+        if not isinstance(conn, ConnTuple):
+            raise LockError(f"cannot lock {item!r}: want a ConnTuple or an object with a .tuple ConnTuple")
+        out.append(conn)
+    return out
+
+
+def ttl_ms(ttl: float) -> int:
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or not 0 < ttl <= MAX_TTL:
+        raise LockError(f"lock ttl must be a number of seconds in (0, {MAX_TTL:g}], not {ttl!r}")
+    return max(1, round(ttl * 1000))
+
+
+class Locker:
+    """Keeps one netlink socket in the namespace it was created for (`netns`: a name from `ip netns list`, or
+    None for the calling thread's). Elements it adds carry its owner text, `LABEL pid=N host=H` (label default
+    "sockrepair"). Safe to share between threads; not across fork()."""
+
+    def __init__(self, netns: str | None = None, label: str | None = None) -> None:
+        self.netns = netns
+        self.owner = default_owner(label)
+        self._udata = encode_owner(self.owner)
+        self._sock = NfSocket(netns)
+        self._mutex = threading.Lock()
+        self._pid = os.getpid()
+        self._ready = False  # our table, sets, chains and rules are known to be in place
+        self._destroy = True  # the kernel knows the DESTROY messages (6.3+); cleared when it turns out it does not
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Locker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def lock(self, items: Lockable | Iterable[Lockable], ttl: float = DEFAULT_TTL) -> int:
+        """Drop every packet of these connections, both ways, for `ttl` seconds; locking again renews the
+        timeout. One transaction: all are locked or none. Returns the number of distinct tuples locked."""
+        timeout = ttl_ms(ttl)
+        keys = ruleset.group_keys(as_tuples(items))
+        if not keys:
+            return 0
+        reqs = ruleset.add_element_requests(keys, timeout, self._udata)
+        with self._guard():
+            if not self._ready:
+                reqs = ruleset.setup_requests(round(DEFAULT_TTL * 1000)) + reqs
+            try:
+                self._sock.transact(reqs)
+            except NftError as exc:
+                if exc.errno == errno.EEXIST:
+                    raise LockError(
+                        f"{exc}: table inet {ruleset.TABLE} has another layout (older sockrepair?); "
+                        "`sockrepair unlock --all` removes it"
+                    ) from None
+                if exc.errno != errno.ENOENT or not self._ready:
+                    raise
+                # Someone removed the table since we built it (`unlock --all`, `nft flush ruleset`): build again.
+                self._ready = False
+                self._sock.transact(ruleset.setup_requests(round(DEFAULT_TTL * 1000)) + reqs)
+            self._ready = True
+        return sum(len(k) for k in keys.values())
+
+    def unlock(self, items: Lockable | Iterable[Lockable]) -> None:
+        """Let these connections' packets through again. Tuples that are not locked are skipped silently."""
+        keys = ruleset.group_keys(as_tuples(items))
+        if not keys:
+            return
+        with self._guard():
+            if self._destroy:
+                try:
+                    self._sock.transact(ruleset.delete_element_requests(keys, destroy=True))
+                    log.debug("unlocked %d tuple(s); those not locked were skipped", sum(map(len, keys.values())))
+                    return
+                except NftError as exc:
+                    if exc.errno == errno.ENOENT:
+                        log.debug("unlock: no sockrepair lock table here, nothing is locked")
+                        self._ready = False
+                        return
+                    if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    log.debug("kernel lacks NFT_MSG_DESTROYSETELEM (< 6.3): deleting only present elements")
+                    self._destroy = False
+            self._delete_present(keys)
+
+    def _delete_present(self, keys: dict[ruleset.Family, list[bytes]]) -> None:
+        """For kernels without DESTROY: DELSETELEM fails the whole transaction on one missing element, so delete
+        only what a dump shows, and look again if one expired in between."""
+        for _attempt in range(3):
+            present = {fam: set(self._dump_keys(fam)) for fam in keys}
+            todo = {fam: [k for k in fam_keys if k in present[fam]] for fam, fam_keys in keys.items()}
+            todo = {fam: k for fam, k in todo.items() if k}
+            skipped = sum(map(len, keys.values())) - sum(map(len, todo.values()))
+            if skipped:
+                log.debug("unlock: %d tuple(s) were not locked", skipped)
+            if not todo:
+                return
+            try:
+                self._sock.transact(ruleset.delete_element_requests(todo, destroy=False))
+                return
+            except NftError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+        raise LockError("unlock: set elements kept disappearing while being deleted; try again")
+
+    @contextlib.contextmanager
+    def locked(self, items: Lockable | Iterable[Lockable], ttl: float = DEFAULT_TTL) -> Iterator[list[ConnTuple]]:
+        """Hold the lock for the block (renew with `lock()` inside it if the block may outlast `ttl`)."""
+        tuples = as_tuples(items)
+        self.lock(tuples, ttl)
+        try:
+            yield tuples
+        finally:
+            self.unlock(tuples)
+
+    def list_locks(self) -> list[LockRecord]:
+        with self._guard():
+            records = []
+            for fam in ruleset.FAMILIES:
+                for elem in self._dump_elements(fam):
+                    key = attrs(elem[c.NFTA_SET_ELEM_KEY]).get(c.NFTA_DATA_VALUE)
+                    if key is None or len(key) != fam.key_len:
+                        continue
+                    timeout = elem.get(c.NFTA_SET_ELEM_TIMEOUT)
+                    left = elem.get(c.NFTA_SET_ELEM_EXPIRATION)
+                    udata = elem.get(c.NFTA_SET_ELEM_USERDATA)
+                    records.append(
+                        LockRecord(
+                            ruleset.decode_key(fam, key),
+                            be64(left) / 1000 if left is not None else 0.0,
+                            be64(timeout) / 1000 if timeout is not None else DEFAULT_TTL,
+                            decode_owner(udata) if udata is not None else "",
+                        )
+                    )
+        return sorted(records, key=lambda r: r.tuple)
+
+    def unlock_all(self) -> None:
+        """Remove the whole table: every lock, rule and set of sockrepair in this namespace."""
+        with self._guard():
+            self._ready = False
+            try:
+                self._sock.transact([ruleset.delete_table_request(self._destroy)])
+            except NftError as exc:
+                if exc.errno == errno.ENOENT:
+                    return
+                if not self._destroy or exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                self._destroy = False
+                try:
+                    self._sock.transact([ruleset.delete_table_request(False)])
+                except NftError as again:
+                    if again.errno != errno.ENOENT:
+                        raise
+
+    def rule_count(self) -> int:
+        """Rules in our table (8 when intact: 4 per chain), 0 when there is no table."""
+        with self._guard():
+            try:
+                return sum(
+                    1
+                    for _ in self._sock.dump(
+                        c.NFT_MSG_GETRULE, ruleset.FAMILY, ruleset.dump_rules_payload(), "list rules"
+                    )
+                )
+            except NftError as exc:
+                if exc.errno == errno.ENOENT:
+                    return 0
+                raise
+
+    def validate(self) -> None:
+        """Send the setup and one element without committing: the kernel checks everything and applies nothing."""
+        probe = ConnTuple(ruleset.V4.sock_family, "127.0.0.1", 1, "127.0.0.1", 2)
+        reqs = ruleset.setup_requests(round(DEFAULT_TTL * 1000))
+        reqs += ruleset.add_element_requests(ruleset.group_keys([probe]), 1000, self._udata)
+        with self._guard():
+            self._sock.transact(reqs, commit=False)
+
+    def _dump_elements(self, fam: ruleset.Family) -> Iterator[dict[int, Any]]:
+        try:
+            for msg in self._sock.dump(
+                c.NFT_MSG_GETSETELEM, ruleset.FAMILY, ruleset.dump_elements_payload(fam), f"list set {fam.set_name}"
+            ):
+                elements = attrs(msg).get(c.NFTA_SET_ELEM_LIST_ELEMENTS)
+                if elements is None:
+                    continue
+                for _kind, elem in iter_attrs(elements):
+                    yield attrs(elem)
+        except NftError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+
+    def _dump_keys(self, fam: ruleset.Family) -> Iterator[bytes]:
+        for elem in self._dump_elements(fam):
+            key = attrs(elem[c.NFTA_SET_ELEM_KEY]).get(c.NFTA_DATA_VALUE)
+            if key is not None:
+                yield bytes(key)
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        if os.getpid() != self._pid:
+            raise LockError("this Locker was created before fork(); make a new one in the child")
+        with self._mutex:
+            yield

@@ -1,0 +1,330 @@
+"""The nf_tables objects of the lock and the messages that make them: table `inet sockrepair`, one set of locked
+4-tuples per IP version (elements with timeouts), and base chains on the input and output hooks whose rules drop a
+packet when its tuple, read in either direction, is in a set.
+
+    table inet sockrepair {
+        set conn4 { type ipv4_addr . inet_service . ipv4_addr . inet_service; flags timeout; timeout 60s }
+        set conn6 { type ipv6_addr . inet_service . ipv6_addr . inet_service; flags timeout; timeout 60s }
+        chain input  { type filter hook input  priority -300; <4 rules> }
+        chain output { type filter hook output priority -300; <4 rules> }
+    }
+
+with, in each chain, for conn4 and likewise conn6:
+    meta nfproto ipv4 meta l4proto tcp ip saddr . th sport . ip daddr . th dport @conn4 drop
+    meta nfproto ipv4 meta l4proto tcp ip daddr . th dport . ip saddr . th sport @conn4 drop
+
+An element is (local addr, local port, remote addr, remote port) as the locked socket sees it: the first rule
+matches what that socket sends, the second what its peer sends. Priority -300 (raw) runs before conntrack (-200)
+on output and before conntrack's confirm on input, so a dropped packet is never tracked and nothing answers it.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from ..state import ConnTuple
+from . import nfconst as c
+from .netlink import Request, attr, attr_be32, attr_be64, attr_str, nest
+
+TABLE = "sockrepair"
+FAMILY = c.NFPROTO_INET
+PRIORITY = -300
+TABLE_COMMENT = "sockrepair network lock: `sockrepair locks` lists it, `sockrepair unlock --all` removes it"
+# The nested attribute holding a message's elements has a u16 length.
+_MAX_ELEMENTS_BYTES = 60000
+
+
+@dataclass(frozen=True, eq=False)
+class Family:
+    """One IP version: its set, where addresses sit in its header, and how keys are laid out (each field padded to
+    a 32-bit register, as the payload expressions load them). Compared by identity: there are two."""
+
+    set_name: str
+    set_id: int
+    nfproto: int
+    sock_family: int
+    addr_len: int
+    saddr_offset: int
+    daddr_offset: int
+    nft_addr_type: int
+
+    @property
+    def key_len(self) -> int:
+        return 2 * (self.addr_len + 4)
+
+    @property
+    def key_struct(self) -> struct.Struct:
+        return struct.Struct(f">{self.addr_len}sH2x{self.addr_len}sH2x")
+
+
+V4 = Family("conn4", 1, c.NFPROTO_IPV4, socket.AF_INET, 4, 12, 16, c.NFT_TYPE_IPADDR)
+V6 = Family("conn6", 2, c.NFPROTO_IPV6, socket.AF_INET6, 16, 8, 24, c.NFT_TYPE_IP6ADDR)
+FAMILIES = (V4, V6)
+_KEY4, _KEY6 = V4.key_struct, V6.key_struct
+
+
+def encode_key(conn: ConnTuple, packed: dict[str, bytes] | None = None) -> tuple[Family, bytes]:
+    """The set and key that lock `conn`, matched as the packets carry it (v4-mapped IPv6 becomes IPv4). `packed`
+    caches binary addresses across calls: a batch usually repeats a few local addresses."""
+    if conn.family == socket.AF_INET6:
+        conn = conn.wire()
+    fam = V4 if conn.family == socket.AF_INET else V6 if conn.family == socket.AF_INET6 else None
+    if fam is None:
+        raise ValueError(f"not an IPv4/IPv6 connection tuple: {conn!r}")
+    cache = packed if packed is not None else {}
+    local = cache.get(conn.local_addr)
+    if local is None:
+        local = cache[conn.local_addr] = socket.inet_pton(fam.sock_family, conn.local_addr)
+    remote = cache.get(conn.remote_addr)
+    if remote is None:
+        remote = cache[conn.remote_addr] = socket.inet_pton(fam.sock_family, conn.remote_addr)
+    return fam, (_KEY4 if fam is V4 else _KEY6).pack(local, conn.local_port, remote, conn.remote_port)
+
+
+def decode_key(fam: Family, key: bytes | memoryview) -> ConnTuple:
+    local, lport, remote, rport = fam.key_struct.unpack(bytes(key))
+    return ConnTuple(
+        fam.sock_family,
+        socket.inet_ntop(fam.sock_family, local),
+        lport,
+        socket.inet_ntop(fam.sock_family, remote),
+        rport,
+    )
+
+
+# --- the table, its sets and chains ------------------------------------------------------------------------------
+
+
+def _comment(text: str) -> bytes:
+    raw = text.encode()
+    return bytes((c.NFTNL_UDATA_TABLE_COMMENT, len(raw) + 1)) + raw + b"\0"
+
+
+def _set_key_type(fam: Family) -> int:
+    key = 0
+    for sub in (fam.nft_addr_type, c.NFT_TYPE_INET_SERVICE, fam.nft_addr_type, c.NFT_TYPE_INET_SERVICE):
+        key = (key << c.NFT_TYPE_BITS) | sub
+    return key
+
+
+def _expr(name: str, *data: bytes) -> bytes:
+    return nest(c.NFTA_LIST_ELEM, attr_str(c.NFTA_EXPR_NAME, name), nest(c.NFTA_EXPR_DATA, *data))
+
+
+def _meta(key: int, dreg: int) -> bytes:
+    return _expr("meta", attr_be32(c.NFTA_META_KEY, key), attr_be32(c.NFTA_META_DREG, dreg))
+
+
+def _cmp_eq(sreg: int, value: bytes) -> bytes:
+    return _expr(
+        "cmp",
+        attr_be32(c.NFTA_CMP_SREG, sreg),
+        attr_be32(c.NFTA_CMP_OP, c.NFT_CMP_EQ),
+        nest(c.NFTA_CMP_DATA, attr(c.NFTA_DATA_VALUE, value)),
+    )
+
+
+def _payload(base: int, offset: int, length: int, dreg: int) -> bytes:
+    return _expr(
+        "payload",
+        attr_be32(c.NFTA_PAYLOAD_DREG, dreg),
+        attr_be32(c.NFTA_PAYLOAD_BASE, base),
+        attr_be32(c.NFTA_PAYLOAD_OFFSET, offset),
+        attr_be32(c.NFTA_PAYLOAD_LEN, length),
+    )
+
+
+def rule_expressions(fam: Family, peer_side: bool) -> bytes:
+    """The rule dropping `fam` TCP packets whose (saddr, sport, daddr, dport) -- or, for `peer_side`, (daddr, dport,
+    saddr, sport) -- is an element of the family's set."""
+    saddr = (c.NFT_PAYLOAD_NETWORK_HEADER, fam.saddr_offset, fam.addr_len)
+    daddr = (c.NFT_PAYLOAD_NETWORK_HEADER, fam.daddr_offset, fam.addr_len)
+    sport = (c.NFT_PAYLOAD_TRANSPORT_HEADER, 0, 2)
+    dport = (c.NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2)
+    fields = (daddr, dport, saddr, sport) if peer_side else (saddr, sport, daddr, dport)
+    exprs = [
+        _meta(c.NFT_META_NFPROTO, c.NFT_REG_1),
+        _cmp_eq(c.NFT_REG_1, bytes((fam.nfproto,))),
+        _meta(c.NFT_META_L4PROTO, c.NFT_REG_1),
+        _cmp_eq(c.NFT_REG_1, bytes((socket.IPPROTO_TCP,))),
+    ]
+    reg = c.NFT_REG32_00
+    for base, offset, length in fields:
+        exprs.append(_payload(base, offset, length, reg))
+        reg += (length + 3) // 4
+    exprs.append(
+        _expr("lookup", attr_str(c.NFTA_LOOKUP_SET, fam.set_name), attr_be32(c.NFTA_LOOKUP_SREG, c.NFT_REG32_00))
+    )
+    exprs.append(
+        _expr(
+            "immediate",
+            attr_be32(c.NFTA_IMMEDIATE_DREG, c.NFT_REG_VERDICT),
+            nest(c.NFTA_IMMEDIATE_DATA, nest(c.NFTA_DATA_VERDICT, attr_be32(c.NFTA_VERDICT_CODE, c.NF_DROP))),
+        )
+    )
+    return nest(c.NFTA_RULE_EXPRESSIONS, *exprs)
+
+
+CHAINS = (("input", c.NF_INET_LOCAL_IN), ("output", c.NF_INET_LOCAL_OUT))
+
+
+def setup_requests(default_timeout_ms: int) -> list[Request]:
+    """Create what is missing and replace the chains' rules, in one transaction: run by any number of processes at
+    once it still leaves exactly one copy of each rule, and never touches the sets' elements."""
+    table = attr_str(c.NFTA_TABLE_NAME, TABLE)
+    reqs = [
+        Request(
+            c.NFT_MSG_NEWTABLE,
+            c.NLM_F_CREATE,
+            FAMILY,
+            table + attr_be32(c.NFTA_TABLE_FLAGS, 0) + attr(c.NFTA_TABLE_USERDATA, _comment(TABLE_COMMENT)),
+            f"create table inet {TABLE}",
+        )
+    ]
+    for fam in FAMILIES:
+        reqs.append(
+            Request(
+                c.NFT_MSG_NEWSET,
+                c.NLM_F_CREATE,
+                FAMILY,
+                attr_str(c.NFTA_SET_TABLE, TABLE)
+                + attr_str(c.NFTA_SET_NAME, fam.set_name)
+                + attr_be32(c.NFTA_SET_FLAGS, c.NFT_SET_TIMEOUT)
+                + attr_be32(c.NFTA_SET_KEY_TYPE, _set_key_type(fam))
+                + attr_be32(c.NFTA_SET_KEY_LEN, fam.key_len)
+                + attr_be32(c.NFTA_SET_ID, fam.set_id)
+                # Elements added by other tools without a timeout get this one: nothing here is forever.
+                + attr_be64(c.NFTA_SET_TIMEOUT, default_timeout_ms),
+                f"create set inet {TABLE} {fam.set_name}",
+            )
+        )
+    for chain, hook in CHAINS:
+        chain_attrs = attr_str(c.NFTA_CHAIN_TABLE, TABLE) + attr_str(c.NFTA_CHAIN_NAME, chain)
+        reqs.append(
+            Request(
+                c.NFT_MSG_NEWCHAIN,
+                c.NLM_F_CREATE,
+                FAMILY,
+                chain_attrs
+                + nest(
+                    c.NFTA_CHAIN_HOOK,
+                    attr_be32(c.NFTA_HOOK_HOOKNUM, hook),
+                    attr_be32(c.NFTA_HOOK_PRIORITY, PRIORITY),
+                )
+                + attr_str(c.NFTA_CHAIN_TYPE, "filter"),
+                f"create chain inet {TABLE} {chain}",
+            )
+        )
+        rule_attrs = attr_str(c.NFTA_RULE_TABLE, TABLE) + attr_str(c.NFTA_RULE_CHAIN, chain)
+        reqs.append(Request(c.NFT_MSG_DELRULE, 0, FAMILY, rule_attrs, f"flush chain inet {TABLE} {chain}"))
+        for fam in FAMILIES:
+            for peer_side in (False, True):
+                reqs.append(
+                    Request(
+                        c.NFT_MSG_NEWRULE,
+                        c.NLM_F_CREATE | c.NLM_F_APPEND,
+                        FAMILY,
+                        rule_attrs + rule_expressions(fam, peer_side),
+                        f"add rule inet {TABLE} {chain} (@{fam.set_name})",
+                    )
+                )
+    return reqs
+
+
+def delete_table_request(destroy: bool) -> Request:
+    return Request(
+        c.NFT_MSG_DESTROYTABLE if destroy else c.NFT_MSG_DELTABLE,
+        0,
+        FAMILY,
+        attr_str(c.NFTA_TABLE_NAME, TABLE),
+        f"delete table inet {TABLE}",
+    )
+
+
+# --- elements -------------------------------------------------------------------------------------------------------
+
+
+def group_keys(items: Iterable[ConnTuple]) -> dict[Family, list[bytes]]:
+    """Keys per set, duplicates dropped (a transaction must not name an element twice)."""
+    out: dict[Family, dict[bytes, None]] = {V4: {}, V6: {}}
+    packed: dict[str, bytes] = {}
+    for conn in items:
+        fam, key = encode_key(conn, packed)
+        out[fam][key] = None
+    return {fam: list(keys) for fam, keys in out.items() if keys}
+
+
+def _element_prefix(fam: Family, size_after_key: int) -> bytes:
+    value = 4 + fam.key_len
+    key_nest = 4 + value
+    return (
+        struct.pack("=HH", 4 + key_nest + size_after_key, c.NFTA_LIST_ELEM | c.NLA_F_NESTED)
+        + struct.pack("=HH", key_nest, c.NFTA_SET_ELEM_KEY | c.NLA_F_NESTED)
+        + struct.pack("=HH", value, c.NFTA_DATA_VALUE)
+    )
+
+
+def _element_messages(msg_type: int, flags: int, fam: Family, elems: Iterator[bytes], verb: str) -> list[Request]:
+    head = attr_str(c.NFTA_SET_ELEM_LIST_TABLE, TABLE) + attr_str(c.NFTA_SET_ELEM_LIST_SET, fam.set_name)
+    reqs: list[Request] = []
+    chunk: list[bytes] = []
+    size = 0
+
+    def flush() -> None:
+        reqs.append(
+            Request(
+                msg_type,
+                flags,
+                FAMILY,
+                head + nest(c.NFTA_SET_ELEM_LIST_ELEMENTS, *chunk),
+                f"{verb} {len(chunk)} element(s) of set inet {TABLE} {fam.set_name}",
+            )
+        )
+
+    for elem in elems:
+        if size + len(elem) > _MAX_ELEMENTS_BYTES:
+            flush()
+            chunk, size = [], 0
+        chunk.append(elem)
+        size += len(elem)
+    if chunk:
+        flush()
+    return reqs
+
+
+def add_element_requests(keys: dict[Family, list[bytes]], timeout_ms: int, userdata: bytes) -> list[Request]:
+    """Elements with a timeout and the owner's comment. Adding an element that exists renews it (kernel 6.10+):
+    the kernel compares both values with the element's, so the expiration is sent too, or a renewal with the same
+    timeout would change nothing."""
+    suffix = (
+        attr_be64(c.NFTA_SET_ELEM_TIMEOUT, timeout_ms)
+        + attr_be64(c.NFTA_SET_ELEM_EXPIRATION, timeout_ms)
+        + attr(c.NFTA_SET_ELEM_USERDATA, userdata)
+    )
+    reqs = []
+    for fam, fam_keys in keys.items():
+        prefix = _element_prefix(fam, len(suffix))
+        elems = (prefix + key + suffix for key in fam_keys)
+        reqs += _element_messages(c.NFT_MSG_NEWSETELEM, c.NLM_F_CREATE, fam, elems, "add")
+    return reqs
+
+
+def delete_element_requests(keys: dict[Family, list[bytes]], destroy: bool) -> list[Request]:
+    """With `destroy` (NFT_MSG_DESTROYSETELEM, kernel 6.3+) a missing element is skipped instead of failing."""
+    msg_type = c.NFT_MSG_DESTROYSETELEM if destroy else c.NFT_MSG_DELSETELEM
+    reqs = []
+    for fam, fam_keys in keys.items():
+        prefix = _element_prefix(fam, 0)
+        reqs += _element_messages(msg_type, 0, fam, (prefix + key for key in fam_keys), "delete")
+    return reqs
+
+
+def dump_elements_payload(fam: Family) -> bytes:
+    return attr_str(c.NFTA_SET_ELEM_LIST_TABLE, TABLE) + attr_str(c.NFTA_SET_ELEM_LIST_SET, fam.set_name)
+
+
+def dump_rules_payload() -> bytes:
+    return attr_str(c.NFTA_RULE_TABLE, TABLE)

@@ -1,0 +1,198 @@
+"""The benchmark report on a synthetic run: every file written, ratios to C in the tables, targets judged, PNGs
+valid; and the C reference's JSON turned into result entries."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+
+from benchmarks import cref, report
+from benchmarks.results import (
+    Results,
+    ResultsError,
+    batch_from_samples,
+    check,
+    empty,
+    p99,
+    single_from_samples,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _single(impl: str, queue: int, read: float, close: float, restore: float, reps: int = 10, **extra: float):
+    samples = {"read_state": [read] * reps, "close": [close] * reps, "restore": [restore] * reps}
+    samples.update({name: [value] * reps for name, value in extra.items()})
+    return single_from_samples(impl, queue, samples, verified=True)
+
+
+def synthetic(with_gap: bool = True) -> Results:
+    results = empty({"cpu": "Test CPU", "cpus": 2, "kernel": "6.18", "python": "CPython 3.11", "criu": None})
+    results["single"] = [
+        _single("c", 0, 6.0, 3.0, 11.0),                                  # 20 us
+        _single("sockrepair", 0, 9.0, 4.0, 15.0, lock=0.0, serialize=2.0),  # 30 us: 1.50x, met
+        _single("c", 1 << 20, 400.0, 100.0, 500.0),                       # 1 ms
+        _single("sockrepair", 1 << 20, 800.0, 150.0, 1050.0),             # 2 ms: 2.00x, missed
+    ]
+    results["batch"] = [
+        batch_from_samples("c", 10_000, {"read_state": [0.05] * 3, "close": [0.05] * 3, "restore": [0.1] * 3},
+                           verified=True, with_lock=False),  # 0.2 s
+        batch_from_samples("sockrepair", 10_000, {"lock": [0.1] * 3, "read_state": [0.2] * 3, "restore": [0.2] * 3},
+                           verified=True, with_lock=True),   # 0.5 s: 20,000 conn/s, 2.50x
+    ]
+    results["lock"] = [
+        {"method": "sockrepair", "reps": 50, "median_us": 100.0, "p99_us": 180.0},
+        {"method": "nft CLI", "reps": 20, "median_us": 20_000.0, "p99_us": 50_000.0},
+    ]
+    if with_gap:
+        results["gap"] = [
+            {"impl": "sockrepair", "connections": 1, "runs": 3, "gap_ms": 1.2, "max_gap_ms": 1.9, "verified": True},
+            {"impl": "criu-iptables", "connections": 1, "runs": 3, "gap_ms": 170.0, "max_gap_ms": 181.0,
+             "verified": True},
+        ]
+    return results
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path.name} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_every_file_is_written_and_the_pngs_are_valid(tmp_path: Path) -> None:
+    written = report.write(synthetic(), tmp_path)
+    names = {p.name for p in written}
+    assert names == {"results.json", "results.md", "latency_by_phase.png", "latency_vs_queue.png",
+                     "batch_conn_per_s.png", "peer_gap.png"}
+    for path in written:
+        assert path.is_file() and path.stat().st_size > 0
+    for png in (p for p in written if p.suffix == ".png"):
+        width, height = _png_size(png)
+        assert width > 300 and height > 200
+    md = (tmp_path / "results.md").read_text()
+    for png in (p for p in written if p.suffix == ".png"):
+        assert f"({png.name})" in md
+
+
+def test_tables_give_ratios_to_c_of_the_same_queue_size(tmp_path: Path) -> None:
+    report.write(synthetic(), tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    c_zero = next(r for r in rows if r.startswith("| 0 B | c |"))
+    ours_zero = next(r for r in rows if r.startswith("| 0 B | sockrepair |"))
+    ours_mib = next(r for r in rows if r.startswith("| 1 MiB | sockrepair |"))
+    assert "| 1.00x |" in c_zero
+    assert "| 30.0 µs |" in ours_zero and "| 1.50x |" in ours_zero
+    assert "| 2.00 ms |" in ours_mib and "| 2.00x |" in ours_mib
+    batch = next(r for r in rows if r.startswith("| 10,000 | sockrepair |"))
+    assert "| 20,000 |" in batch and "| 2.50x |" in batch
+    nft = next(r for r in rows if r.startswith("| nft CLI |"))
+    assert "| 200.00x |" in nft
+
+
+def test_targets_are_marked_met_missed_or_not_measured(tmp_path: Path) -> None:
+    md = report.markdown(synthetic())
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    assert "| met |" in rows["One connection, 0 B, no lock: sockrepair / C"]
+    mib = rows["One connection, 1 MiB queues: sockrepair / C"]
+    assert "missed by 0.70x (54%)" in mib
+    assert "restore 1.05 ms (52% of the cycle), C 500.0 µs" in mib
+    assert "| met |" in rows["Lock + unlock one connection (sockrepair)"]
+    assert "missed by 10,000 conn/s (33%)" in rows["10,000 connections including the lock"]
+    assert "| met |" in rows["Peer-seen gap, 1 connection moved"]
+    assert "not measured" in rows["Peer-seen gap, 100 connections moved"]
+
+
+def test_plots_without_data_are_not_drawn(tmp_path: Path) -> None:
+    results = synthetic(with_gap=False)
+    results["batch"] = []
+    names = {p.name for p in report.write(results, tmp_path)}
+    assert "peer_gap.png" not in names and "batch_conn_per_s.png" not in names
+    assert "latency_by_phase.png" in names
+
+
+def test_an_unverified_entry_says_so_with_its_reason(tmp_path: Path) -> None:
+    results = synthetic()
+    results["single"][0] = single_from_samples("c", 0, {"read_state": [1.0]}, verified=False,
+                                               error="stream 3: wrong byte at offset 17")
+    md = report.markdown(results)
+    assert "**NO**: stream 3: wrong byte at offset 17" in md
+
+
+def test_results_json_round_trips_and_redraws(tmp_path: Path) -> None:
+    results = synthetic()
+    results["single"].append(single_from_samples("c", 4096, {}, verified=False, error="no compiler"))
+    report.write(results, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())  # strict JSON: no NaN tokens
+    assert saved["single"][-1]["total"]["median_us"] is None
+    loaded = report.load(tmp_path / "results.json")
+    assert math.isnan(loaded["single"][-1]["total"]["median_us"])
+    assert loaded["single"][-1]["error"] == "no compiler"
+    out = tmp_path / "again"
+    assert report.main([str(tmp_path / "results.json"), "--out", str(out)]) == 0
+    assert (out / "results.md").read_text() == (tmp_path / "results.md").read_text()
+
+
+def test_bad_results_are_refused_with_a_clear_message(tmp_path: Path) -> None:
+    with pytest.raises(ResultsError, match="lack the 'batch' key"):
+        check({"machine": {}, "single": [], "lock": [], "gap": []})
+    with pytest.raises(ResultsError, match=r"single\[0\] lacks total"):
+        check({"machine": {}, "single": [{"impl": "c", "queue_bytes": 0, "reps": 1, "phases": {},
+                                          "verified": True}], "batch": [], "lock": [], "gap": []})
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    assert report.main([str(bad)]) == 1
+
+
+def test_statistics() -> None:
+    assert p99(list(range(1, 101))) == 99
+    assert p99([5.0, 1.0, 3.0]) == 5.0
+    entry = single_from_samples("x", 0, {"read_state": [1.0, 2.0, 30.0], "restore": [10.0, 10.0, 10.0]}, True)
+    # the total is the statistic of per-cycle sums, not the sum of per-phase medians
+    assert entry["total"] == {"median_us": 12.0, "p99_us": 40.0}
+    with pytest.raises(ResultsError, match="unknown phases"):
+        single_from_samples("x", 0, {"thaw": [1.0]}, True)
+
+
+def _raw(**overrides: object) -> dict:
+    entry = {"queue_bytes": 4096, "reps": 2, "verified": True, "inq_bytes_min": 4096, "outq_bytes_min": 4096,
+             "error": None, "samples_ns": {"read_state": [1000, 3000], "close": [500, 500], "restore": [2000, 2000]}}
+    entry.update(overrides)
+    return {"impl": "c", "buffers": "fresh", "phases": ["read_state", "close", "restore"], "single": [entry],
+            "batch": [{"connections": 100, "reps": 1, "verified": True, "error": None,
+                       "samples_ns": {"read_state": [1_000_000], "close": [500_000], "restore": [2_500_000]}}]}
+
+
+def test_c_reference_output_becomes_result_entries() -> None:
+    parsed = cref.parse(_raw())
+    single, = parsed["single"]
+    assert single["impl"] == "c" and single["verified"]
+    assert single["phases"]["read_state"] == {"median_us": 2.0, "p99_us": 3.0}
+    assert single["total"]["median_us"] == 4.5
+    batch, = parsed["batch"]
+    assert batch["seconds"] == pytest.approx(0.004) and batch["conn_per_s"] == pytest.approx(25_000)
+    assert not batch["with_lock"]
+
+
+def test_c_reference_with_emptier_queues_than_asked_is_void() -> None:
+    single, = cref.parse(_raw(outq_bytes_min=1024))["single"]
+    assert not single["verified"]
+    assert "held only 1024 of 4096 bytes" in single["error"]
+
+
+def test_c_reference_command_line() -> None:
+    argv = cref.argv(Path("/x/repair_cycle"), [0, 65536], 5, [100], batch_reps=1, warm_buffers=True)
+    assert argv == ["/x/repair_cycle", "--sizes", "0,65536", "--reps", "5", "--batches", "100", "--batch-reps", "1",
+                    "--warm-buffers"]
+
+
+def test_no_compiler_gives_none_and_a_note(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    notes: list[str] = []
+    assert cref.build(tmp_path / "out", notes) is None
+    assert notes == [cref.NO_COMPILER_NOTE]

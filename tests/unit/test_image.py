@@ -1,0 +1,485 @@
+"""The binary connection image and its JSON view: round trips, agreement with the construct definition, and one
+test per kind of malformed input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import struct
+import tracemalloc
+import zlib
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sockrepair import image, jsonview
+from sockrepair.errors import ImageError
+from sockrepair.state import ConnectionState, ConnTuple, RepairWindow, SocketOptions, TcpOptions
+
+U32 = st.integers(0, 2**32 - 1)
+I32 = st.integers(-(2**31), 2**31 - 1)
+SHORT_TEXT = st.text(max_size=image.MAX_NAME).filter(lambda s: len(s.encode()) <= image.MAX_NAME)
+
+
+def _addresses(family: int, size: int, prefix: bytes = b"") -> st.SearchStrategy[str]:
+    # inet_ntop spelling, as getsockname() reports addresses and decode() returns them.
+    raw = st.binary(min_size=size - len(prefix), max_size=size - len(prefix))
+    return raw.map(lambda b: socket.inet_ntop(family, prefix + b))
+
+
+@st.composite
+def conn_tuples(draw: st.DrawFn) -> ConnTuple:
+    kind = draw(st.sampled_from(["ipv4", "ipv6", "v4-mapped"]))
+    if kind == "ipv4":
+        family, addrs = socket.AF_INET, _addresses(socket.AF_INET, 4)
+    elif kind == "ipv6":
+        family, addrs = socket.AF_INET6, _addresses(socket.AF_INET6, 16)
+    else:
+        family, addrs = socket.AF_INET6, _addresses(socket.AF_INET6, 16, bytes(10) + b"\xff\xff")
+    port = st.integers(1, 65535)
+    return ConnTuple(family, draw(addrs), draw(port), draw(addrs), draw(port))
+
+
+@st.composite
+def states(draw: st.DrawFn) -> ConnectionState:
+    send = draw(st.binary(max_size=2048))
+    values: dict[str, Any] = {name: draw(st.booleans()) for name in image.SOCKOPT_FLAGS}
+    values |= {name: draw(I32) for name in image.SOCKOPT_INTS}
+    sockopts = SocketOptions(**values, bindtodevice=draw(SHORT_TEXT), congestion=draw(SHORT_TEXT))
+    wscale = st.integers(0, image.MAX_WSCALE)
+    return ConnectionState(
+        tuple=draw(conn_tuples()),
+        tcp_state=draw(st.sampled_from(sorted(image.VALID_TCP_STATES))),
+        send_seq=draw(U32),
+        recv_seq=draw(U32),
+        send_queue=send,
+        unsent_len=draw(st.integers(0, len(send))),
+        recv_queue=draw(st.binary(max_size=2048)),
+        options=TcpOptions(draw(st.integers(0, 65535)), draw(st.booleans()), draw(st.booleans()),
+                           draw(st.booleans()), draw(wscale), draw(wscale)),
+        window=draw(st.none() | st.builds(RepairWindow, U32, U32, U32, U32, U32)),
+        timestamp=draw(U32),
+        sockopts=sockopts,
+    )  # fmt: skip
+
+
+def base_state(**changes: object) -> ConnectionState:
+    """IPv4 with a window, "cubic", 11 bytes queued to send (5 never sent) and 3 received: a 153-byte image whose
+    offsets (docs/image-format.md) the malformed-input tests below use."""
+    state = ConnectionState(
+        tuple=ConnTuple(socket.AF_INET, "10.0.0.1", 40000, "10.0.0.2", 443),
+        tcp_state=1,
+        send_seq=0xFFFFFFF0,
+        recv_seq=12345,
+        send_queue=b"hello world",
+        unsent_len=5,
+        recv_queue=b"abc",
+        options=TcpOptions(1460, True, True, True, 7, 9),
+        window=RepairWindow(1, 2, 3, 4, 5),
+        timestamp=777,
+        sockopts=SocketOptions(nodelay=True, congestion="cubic"),
+    )
+    return state.replace(**changes)
+
+
+def container_of(state: ConnectionState) -> dict:
+    """What the construct definition builds `state` from."""
+    t, so = state.tuple, state.sockopts
+    body = {
+        "tuple": {
+            "ip_version": 4 if t.family == socket.AF_INET else 6,
+            "local_port": t.local_port,
+            "remote_port": t.remote_port,
+            "local_addr": socket.inet_pton(t.family, t.local_addr),
+            "remote_addr": socket.inet_pton(t.family, t.remote_addr),
+        },
+        "tcp_state": state.tcp_state,
+        "send_seq": state.send_seq,
+        "recv_seq": state.recv_seq,
+        "timestamp": state.timestamp,
+        "options": {
+            "mss": state.options.mss,
+            "flags": {"wscale": state.options.wscale, "timestamps": state.options.timestamps,
+                      "sack": state.options.sack},
+            "snd_wscale": state.options.snd_wscale,
+            "rcv_wscale": state.options.rcv_wscale,
+        },
+        "window": None if state.window is None else dataclasses.asdict(state.window),
+        "sockopts": {
+            "flags": {name: getattr(so, name) for name in image.SOCKOPT_FLAGS},
+            **{name: getattr(so, name) for name in image.SOCKOPT_INTS},
+            "bindtodevice": so.bindtodevice,
+            "congestion": so.congestion,
+        },
+        "unsent_len": state.unsent_len,
+        "send_queue": state.send_queue,
+        "recv_queue": state.recv_queue,
+    }  # fmt: skip
+    return {"signed": {"value": {"body": body}}}
+
+
+def reseal(data: bytes) -> bytes:
+    """`data` with its last four bytes replaced by a valid checksum of the rest, so the body parser sees it."""
+    return data[:-4] + struct.pack(">I", zlib.crc32(data[:-4]))
+
+
+def patched(data: bytes, offset: int, fmt: str, value: int) -> bytes:
+    """`data` with a field rewritten and the checksum made valid again."""
+    out = bytearray(data)
+    struct.pack_into(fmt, out, offset, value)
+    return reseal(bytes(out))
+
+
+def rejects(data: object, offset: int, *words: str) -> str:
+    with pytest.raises(ImageError) as err:
+        image.decode(data)  # type: ignore[arg-type]
+    message = str(err.value)
+    assert f"at byte {offset}:" in message, message
+    for word in words:
+        assert word in message, message
+    return message
+
+
+# ---- round trips and agreement with the construct definition ------------------------------------------------------
+
+
+@given(states())
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+def test_round_trip(state: ConnectionState) -> None:
+    data = state.to_bytes()
+    assert ConnectionState.from_bytes(data) == state
+    assert image.decode(bytearray(data)) == state
+    assert image.decode(memoryview(data)) == state
+
+
+@given(states())
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+def test_fast_codec_builds_what_construct_builds(state: ConnectionState) -> None:
+    data = image.encode(state)
+    assert data == image.ConnectionImage.build(container_of(state))
+    assert image.ConnectionImage.parse(data).signed.value.body.unsent_len == state.unsent_len
+
+
+@pytest.mark.parametrize(
+    "tuple_",
+    [
+        ConnTuple(socket.AF_INET, "127.0.0.1", 1, "192.168.255.254", 65535),
+        ConnTuple(socket.AF_INET6, "2001:db8::1", 8080, "fe80::1:2:3:4", 22),
+        ConnTuple(socket.AF_INET6, "::ffff:10.1.2.3", 5000, "::ffff:10.1.2.4", 6000),
+    ],
+    ids=["ipv4", "ipv6", "v4-mapped"],
+)
+def test_round_trip_per_family(tuple_: ConnTuple) -> None:
+    state = base_state(tuple=tuple_)
+    back = ConnectionState.from_bytes(state.to_bytes())
+    assert back == state
+    assert back.tuple.family == tuple_.family
+    assert str(back.tuple) == str(tuple_)
+
+
+def test_round_trip_without_window_and_with_one_mib_queues() -> None:
+    send, recv = bytes(range(256)) * 4096, b"\xa5" * (1 << 20)
+    state = base_state(window=None, send_queue=send, unsent_len=1000, recv_queue=recv)
+    data = state.to_bytes()
+    assert len(data) == 153 - 20 - 11 - 3 + 2 * (1 << 20)
+    back = image.decode(data)
+    assert back == state
+    assert back.unsent == send[-1000:] and back.unacked == send[:-1000]
+
+
+def test_layout_of_the_base_image() -> None:
+    data = base_state().to_bytes()
+    assert len(data) == 153
+    assert data[:12] == b"SKRP" + bytes.fromhex("0001 0001 00000089")  # version 1, window flag, 137-byte body
+    assert data[12:17] == bytes.fromhex("04 9c40 01bb")  # IPv4, ports 40000 and 443
+    assert data[17:25] == socket.inet_aton("10.0.0.1") + socket.inet_aton("10.0.0.2")
+    assert data[25:30] == bytes.fromhex("01 fffffff0")  # ESTABLISHED, send_seq
+    assert data[38:43] == bytes.fromhex("05b4 07 07 09")  # mss 1460, sack|timestamps|wscale, scales 7 and 9
+    assert data[63] == 0x01  # nodelay
+    assert data[116:123] == b"\x00\x05cubic"
+    assert data[123:131] == bytes.fromhex("00000005 0000000b")
+    assert data[131:149] == b"hello world" + b"\x00\x00\x00\x03abc"
+    assert data[149:] == struct.pack(">I", zlib.crc32(data[:149]))
+
+
+def test_record_sizes_match_the_construct_definition() -> None:
+    assert image.HEADER_SIZE == 12 and image.CRC_SIZE == 4
+    assert image.TcpOptionsRecord.sizeof() == 5
+    assert image.RepairWindowRecord.sizeof() == 20
+    for (version, window), layout in image._LAYOUTS.items():
+        addr = 4 if version == 4 else 16
+        tuple_size = 5 + 2 * addr
+        fixed = tuple_size + 13 + image.TcpOptionsRecord.sizeof() + (20 if window else 0) + 1 + 4 * 13
+        assert layout.body.size == fixed
+
+
+# ---- malformed input: one test per kind ---------------------------------------------------------------------------
+
+
+def test_not_bytes() -> None:
+    with pytest.raises(ImageError, match="bytes, not str"):
+        image.decode("SKRP")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("data", [b"", b"S", b"SKRP", b"SKRP\x00\x01\x00\x00\x00\x00\x00\x00\x00"])
+def test_truncated_header(data: bytes) -> None:
+    rejects(data, len(data), "truncated", "less than the 16")
+
+
+@pytest.mark.parametrize("cut", [16, 100, 148, 152])
+def test_truncated_body(cut: int) -> None:
+    rejects(base_state().to_bytes()[:cut], cut, "truncated", "137-byte body", f"153 bytes, not {cut}")
+
+
+@pytest.mark.parametrize("data", [b"X", b"SKRQ", b"\x7fELF\x02\x01\x01\x00" * 4, b'{"version": 1}'])
+def test_wrong_magic(data: bytes) -> None:
+    rejects(data, 0, "not a sockrepair connection image", "want 534b5250")
+
+
+def test_unsupported_version() -> None:
+    data = bytearray(base_state().to_bytes())
+    data[4:6] = b"\x00\x02"
+    rejects(bytes(data), 4, "unsupported format version 2")
+
+
+def test_unknown_flags() -> None:
+    data = bytearray(base_state().to_bytes())
+    data[6:8] = b"\x80\x01"
+    rejects(bytes(data), 6, "unknown flags 0x8001")
+
+
+def test_trailing_junk() -> None:
+    rejects(base_state().to_bytes() + b"\x00\x00", 153, "2 bytes of trailing junk")
+
+
+@pytest.mark.parametrize("offset", [0 + 12, 20, 63, 120, 140, 148])
+def test_bit_flip_fails_the_checksum(offset: int) -> None:
+    data = bytearray(base_state().to_bytes())
+    data[offset] ^= 0x10
+    rejects(bytes(data), 149, "checksum mismatch")
+
+
+def test_flipped_checksum() -> None:
+    data = bytearray(base_state().to_bytes())
+    data[-1] ^= 1
+    rejects(bytes(data), 149, "checksum mismatch")
+
+
+def test_absurd_body_length_allocates_nothing() -> None:
+    data = patched(base_state().to_bytes(), 8, ">I", 0xFFFFFFF0)
+    tracemalloc.start()
+    try:
+        rejects(data, 153, "truncated", f"{0xFFFFFFF0}-byte body")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024
+
+
+@pytest.mark.parametrize(
+    ("offset", "what"),
+    [(127, "the send queue needs 4294967295 bytes but the body has 18 left"),
+     (142, "the receive queue needs 4294967295 bytes but the body has 3 left")],
+)  # fmt: skip
+def test_absurd_queue_length_allocates_nothing(offset: int, what: str) -> None:
+    data = patched(base_state().to_bytes(), offset, ">I", 0xFFFFFFFF)
+    tracemalloc.start()
+    try:
+        rejects(data, offset + 4, what)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024
+
+
+def test_body_shorter_than_its_fields() -> None:
+    # A consistent header and checksum around a body cut inside the fixed-size fields.
+    data = base_state().to_bytes()[:60]
+    data = data[:8] + struct.pack(">I", len(data) - 12) + data[12:] + b"\0\0\0\0"
+    rejects(reseal(data), 12, "the fixed-size fields needs 104 bytes but the body has 48 left")
+
+
+def test_unparsed_bytes_at_the_end_of_the_body() -> None:
+    data = base_state().to_bytes()
+    data = data[:8] + struct.pack(">I", 137 + 2) + data[12:149] + b"\0\0" + b"\0\0\0\0"
+    rejects(reseal(data), 149, "2 unexpected bytes between the receive queue and the checksum")
+
+
+@pytest.mark.parametrize("version", [0, 5, 255])
+def test_invalid_ip_version(version: int) -> None:
+    rejects(patched(base_state().to_bytes(), 12, ">B", version), 12, f"unknown IP version {version}")
+
+
+@pytest.mark.parametrize(("offset", "name"), [(13, "local_port"), (15, "remote_port")])
+def test_port_zero(offset: int, name: str) -> None:
+    rejects(patched(base_state().to_bytes(), offset, ">H", 0), offset, f"{name} is 0")
+
+
+@pytest.mark.parametrize(("value", "name"), [(0, "unknown"), (10, "LISTEN"), (12, "unknown"), (255, "unknown")])
+def test_invalid_tcp_state(value: int, name: str) -> None:
+    rejects(patched(base_state().to_bytes(), 25, ">B", value), 25, f"invalid TCP state {value} ({name})")
+
+
+def test_unknown_tcp_option_flags() -> None:
+    rejects(patched(base_state().to_bytes(), 40, ">B", 0x0F), 40, "unknown TCP option flags 0x0f")
+
+
+@pytest.mark.parametrize(("offset", "name"), [(41, "snd_wscale"), (42, "rcv_wscale")])
+def test_window_scale_out_of_range(offset: int, name: str) -> None:
+    rejects(patched(base_state().to_bytes(), offset, ">B", 15), offset, f"{name} 15 exceeds 14")
+
+
+def test_string_too_long() -> None:
+    rejects(patched(base_state().to_bytes(), 117, ">B", 16), 117, "congestion length 16 exceeds 15")
+
+
+def test_string_not_utf8() -> None:
+    rejects(patched(base_state().to_bytes(), 120, ">B", 0xFF), 120, "congestion is not UTF-8")
+
+
+def test_unsent_longer_than_the_send_queue() -> None:
+    rejects(patched(base_state().to_bytes(), 123, ">I", 12), 123, "unsent_len 12 exceeds the send queue's 11 bytes")
+
+
+def test_every_malformed_kind_is_also_rejected_by_construct() -> None:
+    good = base_state().to_bytes()
+    bad = [
+        good[:100], good + b"\0", b"SKRQ" + good[4:], patched(good, 4, ">H", 2), patched(good, 6, ">H", 2),
+        bytes(good[:-1]) + bytes([good[-1] ^ 1]), patched(good, 12, ">B", 5), patched(good, 13, ">H", 0),
+        patched(good, 25, ">B", 10), patched(good, 40, ">B", 8), patched(good, 41, ">B", 15),
+        patched(good, 117, ">B", 16), patched(good, 120, ">B", 0xFF), patched(good, 123, ">I", 12),
+        patched(good, 127, ">I", 0xFFFFFFFF), patched(good, 142, ">I", 4),
+    ]  # fmt: skip
+    image.ConnectionImage.parse(good)
+    for data in bad:
+        with pytest.raises(Exception) as err:
+            image.ConnectionImage.parse(data)
+        assert type(err.value).__module__.startswith("construct"), err.value
+        with pytest.raises(ImageError):
+            image.decode(data)
+
+
+# ---- what encode refuses ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"tuple": ConnTuple(socket.AF_UNIX, "a", 1, "b", 2)}, "tuple.family"),
+        ({"tuple": ConnTuple(socket.AF_INET, "::1", 1, "10.0.0.2", 2)}, "tuple.local_addr"),
+        ({"tuple": ConnTuple(socket.AF_INET6, "::1", 1, "10.0.0.2", 2)}, "tuple.remote_addr"),
+        ({"tuple": ConnTuple(socket.AF_INET, "10.0.0.1", 0, "10.0.0.2", 2)}, "tuple.local_port"),
+        ({"tuple": ConnTuple(socket.AF_INET, "10.0.0.1", 1, "10.0.0.2", 65536)}, "tuple.remote_port"),
+        ({"tcp_state": 10}, "tcp_state"),
+        ({"send_seq": 2**32}, "send_seq"),
+        ({"recv_seq": -1}, "recv_seq"),
+        ({"timestamp": "now"}, "timestamp"),
+        ({"options": TcpOptions(70000, True, True, True, 7, 7)}, "options.mss"),
+        ({"options": TcpOptions(1460, True, True, True, 15, 7)}, "options.snd_wscale"),
+        ({"window": RepairWindow(1, 2, 3, 4, 2**32)}, "window.rcv_wup"),
+        ({"window": (1, 2, 3, 4, 5)}, "window"),
+        ({"sockopts": SocketOptions(priority=2**31)}, "sockopts.priority"),
+        ({"sockopts": SocketOptions(mark=2**31)}, "sockopts.mark"),
+        ({"sockopts": SocketOptions(congestion="x" * 16)}, "sockopts.congestion"),
+        ({"sockopts": SocketOptions(bindtodevice="\udc80")}, "sockopts.bindtodevice"),
+        ({"send_queue": "text"}, "send_queue"),
+        ({"unsent_len": 12}, "unsent_len"),
+        ({"unsent_len": -1}, "unsent_len"),
+    ],
+)
+def test_encode_names_the_field_it_cannot_hold(changes: dict, field: str) -> None:
+    with pytest.raises(ImageError, match=rf"^cannot encode connection state: {field}: "):
+        image.encode(base_state(**changes))
+
+
+# ---- JSON view ----------------------------------------------------------------------------------------------------
+
+
+def test_json_summary() -> None:
+    state = base_state()
+    d = state.to_dict()
+    assert d["tuple"] == "10.0.0.1:40000->10.0.0.2:443"
+    assert d["state"] == "ESTABLISHED"
+    assert d["send_queue"] == {
+        "length": 11,
+        "sha256": "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9",
+    }
+    assert d["unsent_len"] == 5
+    assert d["recv_queue"]["length"] == 3
+    assert d["options"] == dataclasses.asdict(state.options)
+    assert d["window"] == {"snd_wl1": 1, "snd_wnd": 2, "max_window": 3, "rcv_wnd": 4, "rcv_wup": 5}
+    assert d["sockopts"]["congestion"] == "cubic" and d["sockopts"]["nodelay"] is True
+    assert json.loads(json.dumps(d)) == d
+
+
+def test_json_payload() -> None:
+    d = base_state().to_dict(payload=True)
+    assert d["send_queue"]["base64"] == "aGVsbG8gd29ybGQ="
+    assert d["recv_queue"]["base64"] == "YWJj"
+
+
+def test_json_of_an_unknown_state_still_renders() -> None:
+    assert base_state(tcp_state=42).to_dict()["state"] == "unknown state 42"
+
+
+@given(states())
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+def test_json_round_trip(state: ConnectionState) -> None:
+    d = json.loads(json.dumps(state.to_dict(payload=True)))
+    assert jsonview.state_from_dict(d) == state
+
+
+def _json(**changes: object) -> dict:
+    d = json.loads(json.dumps(base_state().to_dict(payload=True)))
+    for path, value in changes.items():
+        *parents, last = path.split("__")
+        target = d
+        for key in parents:
+            target = target[key]
+        if value is KeyError:
+            del target[last]
+        else:
+            target[last] = value
+    return d
+
+
+@pytest.mark.parametrize(
+    ("d", "message"),
+    [
+        ([], "the image: want an object, not list"),
+        (_json(version=2), "version: 2 is not 1"),
+        (_json(extra=1), "the image: unknown extra"),
+        (_json(window=KeyError), "the image: missing window"),
+        (_json(tuple="10.0.0.1:1->10.0.0.2"), "tuple: not a connection tuple"),
+        (_json(tuple="10.0.0.1:0->10.0.0.2:5"), "tuple: port 0 out of range"),
+        (_json(state="LISTENING"), "state: 'LISTENING' is not a TCP state name"),
+        (_json(state="LISTEN"), "tcp_state: 10 is not a TCP state an image can hold"),
+        (_json(send_seq="1"), "send_seq: '1' is not an int"),
+        (_json(send_seq=True), "send_seq: True is not an int"),
+        (_json(recv_seq=2**32), "recv_seq: 4294967296 is not in 0..4294967295"),
+        (_json(options__sack=1), "options.sack: 1 is not a bool"),
+        (_json(options__mss=None), "options.mss: None is not an int"),
+        (_json(window__snd_wnd=KeyError), "window: missing snd_wnd"),
+        (_json(sockopts__tcp_nodelay=True), "sockopts: unknown tcp_nodelay"),
+        (_json(sockopts__congestion=7), "sockopts.congestion: 7 is not a str"),
+        (_json(send_queue__base64=KeyError), "send_queue: only a summary, no payload"),
+        (_json(recv_queue__base64="YW=Jj"), "recv_queue.base64: not base64"),
+        (_json(recv_queue__length=4), "recv_queue.length: says 4 but the payload has 3 bytes"),
+        (_json(send_queue__sha256="00"), "send_queue.sha256: does not match the payload"),
+        (_json(unsent_len=12), "unsent_len: 12 is not in 0..11"),
+    ],
+)
+def test_json_errors(d: dict, message: str) -> None:
+    with pytest.raises(ImageError) as err:
+        jsonview.state_from_dict(d)
+    assert str(err.value).startswith(f"bad JSON connection image: {message}"), str(err.value)
+
+
+def test_json_keeps_v4_mapped_addresses_as_sockets_spell_them() -> None:
+    state = base_state(tuple=ConnTuple(socket.AF_INET6, "::ffff:10.1.2.3", 5000, "::ffff:10.1.2.4", 6000))
+    d = state.to_dict(payload=True)
+    assert d["tuple"] == "[::ffff:10.1.2.3]:5000->[::ffff:10.1.2.4]:6000"
+    assert jsonview.state_from_dict(d) == state
