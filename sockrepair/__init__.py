@@ -14,6 +14,8 @@ from .errors import (
     SockrepairError,
     UnsupportedError,
 )
+from .lock import Locker, LockRecord, list_locks, lock, locked, unlock, unlock_all
+from .migrate import MigrationReport, migrate
 from .restore import restore
 from .state import ConnectionState, ConnTuple, RepairWindow, SocketOptions, TcpOptions
 
@@ -26,6 +28,9 @@ __all__ = [
     "ConnectionState",
     "CriuError",
     "ImageError",
+    "LockRecord",
+    "Locker",
+    "MigrationReport",
     "LockError",
     "NotPermittedError",
     "RepairWindow",
@@ -38,6 +43,12 @@ __all__ = [
     "UnsupportedError",
     "checkpoint",
     "discard",
+    "list_locks",
+    "lock",
+    "locked",
+    "migrate",
     "restore",
     "resume",
+    "unlock",
+    "unlock_all",
 ]

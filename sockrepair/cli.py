@@ -22,7 +22,7 @@ def _print_json(data: Any) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     from .probe import probe
 
-    report = probe(extra=_optional_probes())
+    report = probe()
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -33,24 +33,6 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"  {mark} {f.name:<{width}}  {f.detail}")
         print("TCP repair works here." if report.repair_works else "TCP repair cannot work here (see FAIL above).")
     return 0 if report.repair_works else 1
-
-
-def _optional_probes() -> list[Any]:
-    """Probes of the optional parts (network lock, criu), present once those modules are installed."""
-    probes = []
-    try:
-        from .lock.cli import nft_feature
-    except ImportError:
-        pass
-    else:
-        probes.append(nft_feature)
-    try:
-        from .criu.locate import criu_feature
-    except ImportError:
-        pass
-    else:
-        probes.append(criu_feature)
-    return probes
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ._ffi import ffi, lib
+from .criu.locate import criu_status
 from .errors import SocketCallError, SockrepairError
+from .lock.status import nft_status
 from .repair import repair_off, repair_on
 from .sockcall import ioctl_int, set_u32
 from .tcpopts import read_timestamp, read_window
@@ -111,7 +113,22 @@ def _pidfd_getfd() -> str:
     return "fds can be taken from other processes (Linux >= 5.6)"
 
 
-def probe(extra: list[Callable[[], Feature]] | None = None) -> Report:
+def _network_lock() -> Feature:
+    status = nft_status()
+    return Feature("network lock (nf_tables)", bool(status["available"]), status["detail"])
+
+
+def _criu() -> Feature:
+    status = criu_status()
+    if not status["found"]:
+        return Feature("criu", False, f"{status['reason']} ({status['fix']})")
+    detail = f"{status['version']} at {status['path']}"
+    if not status["check_ok"]:
+        detail += f": {status['reason']}" + (f" ({status['fix']})" if status["fix"] else "")
+    return Feature("criu", bool(status["check_ok"]), detail)
+
+
+def probe() -> Report:
     report = Report(kernel=platform.release())
     cap = has_cap_net_admin()
     report.features.append(Feature("CAP_NET_ADMIN", cap, "effective" if cap else
@@ -124,6 +141,6 @@ def probe(extra: list[Callable[[], Feature]] | None = None) -> Report:
         with listener, client, server:
             report.features.extend(_probe_repair(server.fileno()))
     report.features.append(_attempt("pidfd_getfd", _pidfd_getfd))
-    for fn in extra or []:
-        report.features.append(fn())
+    report.features.append(_network_lock())
+    report.features.append(_criu())
     return report

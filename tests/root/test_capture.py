@@ -55,7 +55,7 @@ def test_dump_by_pid_and_restore_into_a_new_program(netns, tmp_path):
         # the clients never saw an error: every byte echoed once and in order after the move
         _echo_round(clients, offsets, 200_000)
         # and nothing is left locked
-        assert sockrepair.lock.list_locks() == []
+        assert sockrepair.list_locks() == []
     finally:
         for c in clients:
             c.close()
@@ -78,7 +78,7 @@ def test_dump_leave_running_keeps_serving(netns, tmp_path):
         items = read_dir(tmp_path / "img")
         assert sorted(str(e.tuple.reversed()) for e, _ in items) == sorted(
             f"127.0.0.1:{c.getsockname()[1]}->127.0.0.1:{port}" for c in clients)
-        assert sockrepair.lock.list_locks() == []
+        assert sockrepair.list_locks() == []
         assert _state(server.pid) not in ("T", "t")
     finally:
         for c in clients:

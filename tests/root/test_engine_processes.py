@@ -12,7 +12,7 @@ import socket
 from collections.abc import Callable
 
 import sockrepair
-import sockrepair.lock
+from sockrepair.lock import close_cached_lockers
 from sockrepair.addr import read_tuple
 
 from .streams import pattern, recv_exactly
@@ -24,9 +24,9 @@ def _stay(image: bytes, serve: Callable[[socket.socket], object]) -> bytes:
     """One stay of the connection in a process: restore, unlock, serve, lock, checkpoint, discard."""
     state = sockrepair.ConnectionState.from_bytes(image)
     sock = sockrepair.restore(state)
-    sockrepair.lock.unlock(state)
+    sockrepair.unlock(state)
     serve(sock)
-    sockrepair.lock.lock(state.tuple, ttl=30)
+    sockrepair.lock(state.tuple, ttl=30)
     state = sockrepair.checkpoint(sock)
     sockrepair.discard(sock, state)
     return state.to_bytes()
@@ -57,7 +57,7 @@ def test_connection_moves_between_processes_as_bytes(make_pair):
         return mine.recv()
 
     try:
-        sockrepair.lock.lock(read_tuple(server.fileno()), ttl=30)
+        sockrepair.lock(read_tuple(server.fileno()), ttl=30)
         state = sockrepair.checkpoint(server)
         sockrepair.discard(server, state)
         image = state.to_bytes()
@@ -83,13 +83,13 @@ def test_connection_moves_between_processes_as_bytes(make_pair):
                 image = _stay(image, serve)
         last = sockrepair.ConnectionState.from_bytes(image)
         final = sockrepair.restore(last)
-        sockrepair.lock.unlock(last)
+        sockrepair.unlock(last)
         final.sendall(b"end")
         assert recv_exactly(client, 3) == b"end"
         final.close()
     finally:
         mine.send(None)
         child.join(10)
-        sockrepair.lock.close_cached_lockers()
+        close_cached_lockers()
     assert child.exitcode == 0
     assert echoed.hexdigest() == sent.hexdigest()

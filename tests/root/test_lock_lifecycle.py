@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-import sockrepair.lock as lockmod
+from sockrepair.lock import api as lockmod
 from sockrepair.errors import LockError
 from sockrepair.lock import Locker, nft_status
 from sockrepair.lock.cli import add_lock_commands
@@ -145,7 +145,7 @@ def test_kill9_leaves_only_an_expiring_element() -> None:
     with NetNS() as ns:
         child = _child(
             ns,
-            "import socket, time, sockrepair.lock as L\n"
+            "import socket, time; from sockrepair.lock import api as L\n"
             "from sockrepair.state import ConnTuple\n"
             "L.lock([ConnTuple(socket.AF_INET, '10.0.0.1', 1000, '10.0.0.2', 2000)], ttl=2)\n"
             "print('locked', flush=True)\n"
@@ -167,7 +167,7 @@ def test_kill9_leaves_only_an_expiring_element() -> None:
 
 def test_two_processes_lock_at_once() -> None:
     code = (
-        "import socket, sys, sockrepair.lock as L\n"
+        "import socket, sys; from sockrepair.lock import api as L\n"
         "from sockrepair.state import ConnTuple\n"
         "base = int(sys.argv[1])\n"
         "v4 = [ConnTuple(socket.AF_INET, f'10.5.{base}.{i % 250 + 1}', 1024 + i, '10.6.0.1', 80) for i in range(300)]\n"
