@@ -3,6 +3,7 @@ SCM_RIGHTS over a UNIX socket to a process that waits for them."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -35,8 +36,9 @@ def activation_env(count: int, names: Sequence[str], pid: int) -> dict[str, str]
 def _place_fds(fds: Sequence[int]) -> None:
     """dup2 the fds to 3, 4, ... in order, without clobbering one that is still to be moved, and close the
     originals so the program sees each connection once."""
-    high = [os.dup(fd) for fd in fds]
     targets = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(fds))
+    floor = max([targets.stop, *fds]) + 1
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor) for fd in fds]
     for fd in fds:
         if fd not in targets:
             os.close(fd)

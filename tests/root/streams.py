@@ -3,20 +3,13 @@ all show up as a mismatch at a known offset."""
 
 from __future__ import annotations
 
-import hashlib
 import select
 import socket
 import time
 
+from sockrepair.pattern import first_mismatch, pattern
 
-def pattern(offset: int, length: int, salt: int = 0) -> bytes:
-    """Bytes [offset, offset+length) of an endless stream built from 32-byte sha256 blocks."""
-    first = offset // 32
-    blocks = b"".join(
-        hashlib.sha256(f"{salt}:{i}".encode()).digest() for i in range(first, (offset + length + 31) // 32)
-    )
-    start = offset - first * 32
-    return blocks[start : start + length]
+__all__ = ["first_mismatch", "pattern", "recv_exactly", "send_until_full"]
 
 
 def send_until_full(sock: socket.socket, offset: int, salt: int, limit: int, chunk: int = 65536) -> int:
@@ -45,12 +38,3 @@ def recv_exactly(sock: socket.socket, length: int, timeout: float = 20.0) -> byt
             raise AssertionError(f"EOF after {len(out)} of {length} bytes")
         out += piece
     return bytes(out)
-
-
-def first_mismatch(got: bytes, want: bytes) -> int | None:
-    if got == want:
-        return None
-    for i, (a, b) in enumerate(zip(got, want)):
-        if a != b:
-            return i
-    return min(len(got), len(want))

@@ -1,0 +1,48 @@
+"""migrate(): a plain program's connections move to a new program while a client keeps talking."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import sockrepair
+from sockrepair.handoff import spawn_with_sockets
+from sockrepair.netns import NetNS
+from sockrepair.pingpong import PingPong
+from sockrepair.programs import ECHO_SERVER
+
+from .programs import free_port, start_echo, stop
+
+
+def test_migrate_to_a_new_program_under_traffic():
+    """Same namespace (the cross-host move is tested with the lab): the connections leave a killed program and
+    reach a new one while the client keeps checking every echoed byte."""
+    with NetNS() as ns:
+        with ns.entered():
+            port = free_port()
+        server = start_echo(f"127.0.0.1:{port}", prefix=ns.exec_argv([]))
+        new_server = None
+        client = PingPong("127.0.0.1", port, connections=3, netns=ns.name).start()
+        try:
+            time.sleep(0.3)
+
+            def handoff(socks, tuples):
+                return spawn_with_sockets([sys.executable, str(ECHO_SERVER)], socks, tuples)
+
+            report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=handoff)
+            new_server = report.handoff_result
+            time.sleep(0.5)
+            result = client.stop()
+        finally:
+            client.stop()
+            stop(server)
+            if new_server is not None:
+                new_server.kill()
+                new_server.wait()
+        assert result.ok, result.errors
+        assert len(report.connections) == 3
+        assert set(report.phases_ms) >= {"freeze", "lock", "checkpoint", "serialize", "close", "transfer",
+                                         "restore", "unlock", "handoff"}
+        assert result.rounds > 20 and result.bytes_verified == result.rounds * 2048
+        with ns.entered():
+            assert sockrepair.list_locks() == []
