@@ -186,6 +186,8 @@ def inspect(pid: int) -> list[tuple[ProcSocket, ConnectionState | None, str]]:
     """A non-destructive look at every TCP socket of `pid`: established ones are checkpointed and resumed without a
     window probe while the process is frozen for the few microseconds that takes; others are listed as they are."""
     result: list[tuple[ProcSocket, ConnectionState | None, str]] = []
+    if not any(s.tcp_state == TCP_ESTABLISHED for s in tcp_sockets(pid)):
+        return [(s, None, s.state_name) for s in tcp_sockets(pid)]
     with PidFd(pid) as pidfd, frozen(pid):
         for s in tcp_sockets(pid):
             if s.tcp_state != TCP_ESTABLISHED:

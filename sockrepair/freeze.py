@@ -79,7 +79,8 @@ def frozen(pid: int) -> Iterator[str]:
     except PermissionError:
         raise ProcessError(f"not permitted to stop process {pid} (run as root)") from None
     try:
-        _wait(lambda: _all_threads_stopped(pid), f"stopping process {pid}")
+        _wait(lambda: _all_threads_stopped(pid),
+              f"stopping process {pid}" + (" (the init of a pid namespace ignores SIGSTOP)" if pid == 1 else ""))
         yield "sigstop"
     finally:
         with contextlib.suppress(ProcessLookupError):
