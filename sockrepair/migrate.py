@@ -11,10 +11,11 @@ from typing import Any
 
 from .capture import Phases, _kill_frozen, captured, process_locker
 from .checkpoint import discard
+from .image import decode, encode
 from .lock import Locker
 from .netns import named
 from .restoredir import restore_all
-from .state import ConnectionState, ConnTuple
+from .state import ConnTuple
 
 Handoff = Callable[[list[socket.socket], list[ConnTuple]], object]
 
@@ -43,17 +44,20 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     (None: here), unlock, and pass the sockets to `handoff`. The connections are locked in the source namespace and
     in the destination one from before the first checkpoint until they are live again."""
     phases = Phases()
-    start = time.perf_counter()
     source_locker = process_locker(pid)
     with named(dest_netns):
         dest_locker = Locker()
     try:
+        # table and rules built before the freeze: inside it, locking is one element transaction per namespace
+        source_locker.prepare()
+        dest_locker.prepare()
+        start = time.perf_counter()
         with captured(pid, wanted, source_locker, phases, ttl) as cap:
             tuples = [s.tuple for s in cap.sockets]
             with phases.timed("lock"):
                 dest_locker.lock(tuples, ttl=ttl)
             with phases.timed("serialize"):
-                images = [state.to_bytes() for state in cap.states]
+                images = [encode(state) for state in cap.states]
             with phases.timed("close"):
                 for fd, state in zip(cap.fds, cap.states):
                     discard(fd, state)
@@ -63,7 +67,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             with phases.timed("network"):
                 network()
         with phases.timed("transfer"):
-            states = [ConnectionState.from_bytes(image) for image in images]
+            states = [decode(image) for image in images]
         with phases.timed("restore"):
             socks = restore_all(states, dest_netns)
         with phases.timed("unlock"):

@@ -41,8 +41,11 @@ class PingPong:
     """`connections` connections to addr:port, opened from inside network namespace `netns` (None: here); each
     round sends `chunk` bytes on one connection and waits for all of them to come back."""
 
-    def __init__(self, addr: str, port: int, connections: int = 3, chunk: int = 2048, netns: str | None = None):
+    def __init__(self, addr: str, port: int, connections: int = 3, chunk: int = 2048, netns: str | None = None,
+                 interval: float = 0.0):
+        """`interval`: pause between rounds (0: back to back), to keep a wire capture small enough to analyse."""
         self.addr, self.port, self.count, self.chunk, self.netns = addr, port, connections, chunk, netns
+        self.interval = interval
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pingpong", daemon=True)
@@ -91,6 +94,8 @@ class PingPong:
                     return
                 offsets[i] += len(data)
                 self._verified += len(data)
+                if self.interval:
+                    self._stop.wait(self.interval)
         except (OSError, TimeoutError) as exc:
             self._errors.append(f"{type(exc).__name__}: {exc}")
         finally:

@@ -102,6 +102,14 @@ class Locker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def prepare(self) -> None:
+        """Build the table, sets and rules now (idempotent), so that a later lock() inside a downtime window sends
+        only its elements."""
+        with self._guard():
+            if not self._ready:
+                self._sock.transact(ruleset.setup_requests(round(DEFAULT_TTL * 1000)))
+                self._ready = True
+
     def lock(self, items: Lockable | Iterable[Lockable], ttl: float = DEFAULT_TTL) -> int:
         """Drop every packet of these connections, both ways, for `ttl` seconds; locking again renews the
         timeout. One transaction: all are locked or none. Returns the number of distinct tuples locked."""
