@@ -189,3 +189,33 @@ def test_restore_where_the_address_is_missing_then_retry(tmp_path):
             client.close()
         finally:
             stop(server)
+
+
+def test_inspect_sends_nothing_on_the_wire(netns):
+    """inspect leaves repair mode without a window probe: an idle connection stays silent on the wire. The same
+    freeze ended WITH a probe is seen, which shows the check can fail."""
+    from sockrepair.repair import repair_off
+    from sockrepair.wire import Recorder
+
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    (client,) = _connect(port, 1)
+    try:
+        client.sendall(b"warm")
+        assert recv_exactly(client, 4) == b"warm"
+        time.sleep(0.3)  # let delayed ACKs go out first
+        conn = sockrepair.ConnTuple(socket.AF_INET, "127.0.0.1", client.getsockname()[1], "127.0.0.1", port)
+        with Recorder("lo") as quiet:
+            for _ in range(5):
+                inspect(server.pid)
+            time.sleep(0.05)
+        assert quiet.report(conn).segments == 0
+        with Recorder("lo") as noisy:
+            state = sockrepair.checkpoint(client)
+            repair_off(client.fileno(), probe=True)
+            time.sleep(0.05)
+        assert state.tuple == conn
+        assert noisy.report(conn).segments >= 1
+    finally:
+        client.close()
+        stop(server)
