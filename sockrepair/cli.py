@@ -12,6 +12,7 @@ from typing import Any
 from .errors import SocketCallError, SockrepairError
 from .lock.cli import add_lock_commands
 from .movecli import add_move_commands
+from .wirecli import add_verify_command
 
 
 def _print_json(data: Any) -> None:
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     add_move_commands(sub)
+    add_verify_command(sub)
     add_lock_commands(sub)
     return parser
 

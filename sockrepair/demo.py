@@ -112,7 +112,7 @@ def run_demo(json_output: bool = False, seconds: float = 3.0, connections: int =
                 print(f"        wire {w.tuple}: {w.segments} segments, {verdict}; wire gap {gap_text}",
                       file=sys.stderr)
             print("        (a round trip the client started while its connection was locked waits for the client's own "
-                  "retransmission timeout, >= 200 ms: the lock drops, it cannot hold packets back)", file=sys.stderr)
+                  "retransmission timeout, about 200 ms: the lock drops packets, it does not hold them back)", file=sys.stderr)
             ok = talk.ok and all(w.ok for w in wires) and talk.rounds > 0
             progress("verified: " + ("every byte arrived once and in order, no RST/SYN/FIN on the wire"
                                      if ok else "FAILED (see above)"))
