@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from sockrepair.lock import Locker
 from sockrepair.netns import NetNS
 
 
@@ -20,6 +21,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def netns() -> Iterator[NetNS]:
     with NetNS() as ns, ns.entered():
         yield ns
+
+
+@pytest.fixture
+def locker(netns: NetNS) -> Iterator[Locker]:
+    """A Locker in the test's namespace; afterwards nothing of the lock may remain there."""
+    with Locker(label="pytest") as lk:
+        yield lk
+        leftover = lk.list_locks()
+        lk.unlock_all()
+        assert leftover == []
+        assert lk.rule_count() == 0
 
 
 Pair = tuple[socket.socket, socket.socket]

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -27,16 +27,6 @@ pytestmark = pytest.mark.root
 T4 = ConnTuple(socket.AF_INET, "10.0.0.1", 1000, "10.0.0.2", 2000)
 T6 = ConnTuple(socket.AF_INET6, "fd00::1", 1000, "fd00::2", 2000)
 MAPPED = ConnTuple(socket.AF_INET6, "::ffff:10.0.0.3", 3000, "::ffff:10.0.0.4", 4000)
-
-
-@pytest.fixture
-def locker(netns: NetNS) -> Iterator[Locker]:
-    with Locker(label="pytest") as lk:
-        yield lk
-        leftover = lk.list_locks()
-        lk.unlock_all()
-        assert leftover == []
-        assert lk.rule_count() == 0
 
 
 def wait_for(cond: Callable[[], bool], what: str, limit: float = 15.0) -> None:

@@ -23,17 +23,6 @@ TCP_ESTABLISHED = 1
 PAYLOAD = os.urandom(48 * 1024)
 
 
-@pytest.fixture
-def locker(netns: NetNS) -> Iterator[Locker]:
-    """A Locker in the test's namespace; afterwards nothing of the lock may remain there."""
-    with Locker(label="pytest") as lk:
-        yield lk
-        leftover = lk.list_locks()
-        lk.unlock_all()
-        assert leftover == []
-        assert lk.rule_count() == 0
-
-
 def tcp_info(sock: socket.socket) -> tuple[int, int, int]:
     """(state, probes, total_retrans) from struct tcp_info."""
     raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
