@@ -3,59 +3,64 @@
 from __future__ import annotations
 
 import socket
+import struct
 from typing import Any
 
 from ._ffi import ffi, lib
-from .sockcall import fail
+from .sockcall import SOCKLEN_P, fail, new
 from .state import ConnTuple
 
+AF_INET, AF_INET6 = lib.AF_INET, lib.AF_INET6
+SOCKADDR_P = ffi.typeof("struct sockaddr *")
+STORAGE_P = ffi.typeof("struct sockaddr_storage *")
+STORAGE_SIZE = ffi.sizeof("struct sockaddr_storage")
+# struct sockaddr_in / sockaddr_in6 as bytes: the family in host order, the port in network order, zeroed padding,
+# flow info and scope id.
+SOCKADDR_IN = struct.Struct("=H2s4s8x")
+SOCKADDR_IN6 = struct.Struct("=H2sI16sI")
+_inet_ntop, _inet_pton = socket.inet_ntop, socket.inet_pton
+_from_buffer = ffi.from_buffer
 
-def _decode(sa: Any) -> tuple[int, str, int]:
-    family = sa.ss_family
-    if family == lib.AF_INET:
-        sin = ffi.cast("struct sockaddr_in *", sa)
-        return family, socket.inet_ntop(socket.AF_INET, bytes(sin.sin_addr)), socket.ntohs(sin.sin_port)
-    if family == lib.AF_INET6:
-        sin6 = ffi.cast("struct sockaddr_in6 *", sa)
-        return family, socket.inet_ntop(socket.AF_INET6, bytes(sin6.sin6_addr)), socket.ntohs(sin6.sin6_port)
+
+def _decode(raw: bytes) -> tuple[int, str, int]:
+    """(family, address, port) of a struct sockaddr_in or sockaddr_in6 given as its bytes."""
+    family = raw[0] | raw[1] << 8
+    if family == AF_INET:
+        return family, _inet_ntop(AF_INET, raw[4:8]), raw[2] << 8 | raw[3]
+    if family == AF_INET6:
+        return family, _inet_ntop(AF_INET6, raw[8:24]), raw[2] << 8 | raw[3]
     raise ValueError(f"address family {family} is not IPv4 or IPv6")
 
 
 def read_tuple(fd: int) -> ConnTuple:
-    sa = ffi.new("struct sockaddr_storage *")
-    size = ffi.new("socklen_t *", ffi.sizeof("struct sockaddr_storage"))
-    if lib.getsockname(fd, ffi.cast("struct sockaddr *", sa), size) < 0:
+    sa = new(STORAGE_P)
+    size = new(SOCKLEN_P, STORAGE_SIZE)
+    as_sockaddr = ffi.cast(SOCKADDR_P, sa)
+    if lib.getsockname(fd, as_sockaddr, size) < 0:
         raise fail("getsockname", fd)
-    family, laddr, lport = _decode(sa)
-    size[0] = ffi.sizeof("struct sockaddr_storage")
-    if lib.getpeername(fd, ffi.cast("struct sockaddr *", sa), size) < 0:
+    family, laddr, lport = _decode(ffi.buffer(sa, 28)[:])
+    size[0] = STORAGE_SIZE
+    if lib.getpeername(fd, as_sockaddr, size) < 0:
         raise fail("getpeername", fd)
-    _, raddr, rport = _decode(sa)
+    _, raddr, rport = _decode(ffi.buffer(sa, 28)[:])
     return ConnTuple(family, laddr, lport, raddr, rport)
 
 
 def sockaddr(family: int, addr: str, port: int) -> Any:
-    """A struct sockaddr_in/sockaddr_in6 for bind/connect; callers cast it in the call so that it stays alive."""
-    if family == lib.AF_INET:
-        sin = ffi.new("struct sockaddr_in *")
-        sin.sin_family = family
-        sin.sin_port = socket.htons(port)
-        ffi.memmove(sin.sin_addr, socket.inet_pton(socket.AF_INET, addr), 4)
-        return sin
-    sin6 = ffi.new("struct sockaddr_in6 *")
-    sin6.sin6_family = family
-    sin6.sin6_port = socket.htons(port)
-    ffi.memmove(sin6.sin6_addr, socket.inet_pton(socket.AF_INET6, addr), 16)
-    return sin6
+    """A struct sockaddr_in/sockaddr_in6 for bind/connect, as a char array of its exact size over packed bytes;
+    callers cast it in the call so that it stays alive."""
+    if family == AF_INET:
+        return _from_buffer(SOCKADDR_IN.pack(family, port.to_bytes(2, "big"), _inet_pton(AF_INET, addr)))
+    return _from_buffer(SOCKADDR_IN6.pack(family, port.to_bytes(2, "big"), 0, _inet_pton(AF_INET6, addr), 0))
 
 
 def bind(fd: int, family: int, addr: str, port: int) -> None:
     sa = sockaddr(family, addr, port)
-    if lib.bind(fd, ffi.cast("struct sockaddr *", sa), ffi.sizeof(sa[0])) < 0:
+    if lib.bind(fd, ffi.cast(SOCKADDR_P, sa), len(sa)) < 0:
         raise fail(f"bind({addr}:{port})", fd)
 
 
 def connect(fd: int, family: int, addr: str, port: int) -> None:
     sa = sockaddr(family, addr, port)
-    if lib.connect(fd, ffi.cast("struct sockaddr *", sa), ffi.sizeof(sa[0])) < 0:
+    if lib.connect(fd, ffi.cast(SOCKADDR_P, sa), len(sa)) < 0:
         raise fail(f"connect({addr}:{port})", fd)

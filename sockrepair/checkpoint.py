@@ -12,10 +12,12 @@ from .addr import read_tuple
 from .errors import SocketCallError, SocketStateError
 from .queues import read_queues
 from .repair import close_silently, repair_off, repair_on
-from .sockcall import SockLike, fileno, get_int, ioctl_int, set_int
+from .sockcall import IntCalls, SockLike, fileno
 from .sockopts import read_sockopts
 from .state import TCP_ESTABLISHED, ConnectionState, state_name
 from .tcpopts import read_options, read_timestamp, read_window, tcp_info
+
+SOL = lib.SOL_SOCKET
 
 # Leaving repair mode resets the socket's reuse flag, and it cannot be read while in repair mode (which forces it):
 # what the application had is remembered here between checkpoint and resume/discard.
@@ -23,11 +25,8 @@ _reuse_before_freeze: dict[int, bool] = {}
 
 
 def ensure_unchanged(fd: int, state: ConnectionState) -> None:
-    now = (
-        ioctl_int(fd, lib.SIOCOUTQ, "SIOCOUTQ"),
-        ioctl_int(fd, lib.SIOCOUTQNSD, "SIOCOUTQNSD"),
-        ioctl_int(fd, lib.SIOCINQ, "SIOCINQ"),
-    )
+    ioctl = IntCalls(fd).ioctl
+    now = (ioctl(lib.SIOCOUTQ, "SIOCOUTQ"), ioctl(lib.SIOCOUTQNSD, "SIOCOUTQNSD"), ioctl(lib.SIOCINQ, "SIOCINQ"))
     saved = (len(state.send_queue), state.unsent_len, len(state.recv_queue))
     if now != saved:
         raise SocketStateError(
@@ -36,17 +35,18 @@ def ensure_unchanged(fd: int, state: ConnectionState) -> None:
         )
 
 
-def _ensure_tcp(fd: int) -> None:
+def _ensure_tcp(fd: int, calls: IntCalls) -> None:
+    get_int = calls.get
     try:
-        sock_type = get_int(fd, lib.SOL_SOCKET, lib.SO_TYPE, "SO_TYPE")
+        sock_type = get_int(SOL, lib.SO_TYPE, "SO_TYPE")
     except SocketCallError as exc:
         if exc.errno == errno.ENOTSOCK:
             raise SocketStateError(f"fd {fd} is not a socket") from None
         if exc.errno == errno.EBADF:
             raise SocketStateError(f"fd {fd} is not an open file descriptor") from None
         raise
-    protocol = get_int(fd, lib.SOL_SOCKET, lib.SO_PROTOCOL, "SO_PROTOCOL")
-    domain = get_int(fd, lib.SOL_SOCKET, lib.SO_DOMAIN, "SO_DOMAIN")
+    protocol = get_int(SOL, lib.SO_PROTOCOL, "SO_PROTOCOL")
+    domain = get_int(SOL, lib.SO_DOMAIN, "SO_DOMAIN")
     if sock_type != lib.SOCK_STREAM or protocol != lib.IPPROTO_TCP or domain not in (lib.AF_INET, lib.AF_INET6):
         raise SocketStateError(
             f"fd {fd} is not a TCP socket (domain {domain}, type {sock_type}, protocol {protocol}); "
@@ -58,14 +58,15 @@ def checkpoint(sock: SockLike) -> ConnectionState:
     """Freeze `sock` (repair mode on) and return its full state. The socket stays frozen: follow with resume()
     to let it go on here, or discard() when the connection moves elsewhere."""
     fd = fileno(sock)
-    _ensure_tcp(fd)
+    calls = IntCalls(fd)
+    _ensure_tcp(fd, calls)
     info = tcp_info(fd)
     if info.tcpi_state != TCP_ESTABLISHED:
         what = "a listening socket" if info.tcpi_state == lib.TCP_LISTEN else f"in state {state_name(info.tcpi_state)}"
         raise SocketStateError(f"fd {fd} is {what}; only ESTABLISHED connections can be checkpointed")
     conn = read_tuple(fd)
-    sockopts = read_sockopts(fd, conn.family)
-    repair_on(fd)
+    sockopts = read_sockopts(fd, conn.family, calls)
+    repair_on(fd, calls)
     _reuse_before_freeze[fd] = sockopts.reuseaddr
     try:
         # re-read under repair: the state may have moved between the first look and the freeze
@@ -74,10 +75,10 @@ def checkpoint(sock: SockLike) -> ConnectionState:
             raise SocketStateError(
                 f"fd {fd} left ESTABLISHED (now {state_name(info.tcpi_state)}) while it was being frozen"
             )
-        options = read_options(fd, info)
-        timestamp = read_timestamp(fd)
+        options = read_options(fd, info, calls)
+        timestamp = read_timestamp(fd, calls)
         window = read_window(fd)
-        queues = read_queues(fd)
+        queues = read_queues(fd, calls)
     except BaseException:
         resume(fd)
         raise
@@ -99,9 +100,10 @@ def checkpoint(sock: SockLike) -> ConnectionState:
 def resume(sock: SockLike) -> None:
     """Leave repair mode without a window probe: the connection goes on as if nothing happened."""
     fd = fileno(sock)
-    repair_off(fd, probe=False)
+    calls = IntCalls(fd)
+    repair_off(fd, False, calls)
     if _reuse_before_freeze.pop(fd, False):
-        set_int(fd, lib.SOL_SOCKET, lib.SO_REUSEADDR, 1, "SO_REUSEADDR")
+        calls.set(SOL, lib.SO_REUSEADDR, 1, "SO_REUSEADDR")
 
 
 def discard(sock: SockLike, state: ConnectionState | None = None) -> None:

@@ -11,9 +11,12 @@ from dataclasses import dataclass
 from ._ffi import lib
 from .errors import SocketCallError
 from .repair import select_queue
-from .sockcall import get_u32, ioctl_int, peek, send_chunked, set_u32
+from .sockcall import IntCalls, peek, send_chunked
 
 TCP = lib.IPPROTO_TCP
+REPAIR_QUEUE, QUEUE_SEQ = lib.TCP_REPAIR_QUEUE, lib.TCP_QUEUE_SEQ
+NO_QUEUE, RECV_QUEUE, SEND_QUEUE = lib.TCP_NO_QUEUE, lib.TCP_RECV_QUEUE, lib.TCP_SEND_QUEUE
+SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = lib.SIOCINQ, lib.SIOCOUTQ, lib.SIOCOUTQNSD
 # Reading the queues races with ACKs and data that still arrive when no lock holds the peer off; a snapshot is taken
 # again when the sequence numbers moved while it was read.
 SNAPSHOT_ATTEMPTS = 50
@@ -28,33 +31,35 @@ class QueueSnapshot:
     recv_queue: bytes
 
 
-def _read_once(fd: int) -> QueueSnapshot | None:
-    outq = ioctl_int(fd, lib.SIOCOUTQ, "SIOCOUTQ")
-    inq = ioctl_int(fd, lib.SIOCINQ, "SIOCINQ")
-    select_queue(fd, lib.TCP_RECV_QUEUE)
-    recv_seq = get_u32(fd, TCP, lib.TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ receive")
+def _read_once(fd: int, calls: IntCalls) -> QueueSnapshot | None:
+    ioctl, get_u32, set_int = calls.ioctl, calls.get_u32, calls.set
+    outq = ioctl(SIOCOUTQ, "SIOCOUTQ")
+    inq = ioctl(SIOCINQ, "SIOCINQ")
+    set_int(TCP, REPAIR_QUEUE, RECV_QUEUE, "TCP_REPAIR_QUEUE")
+    recv_seq = get_u32(TCP, QUEUE_SEQ, "TCP_QUEUE_SEQ receive")
     recv_queue = peek(fd, inq, "receive queue")
     # Read while no queue is selected: with the send queue selected, any ACK that arrives makes the kernel mark
     # the whole send queue as sent (that is how repair-mode refills work), and SIOCOUTQNSD would then say 0.
-    select_queue(fd, lib.TCP_NO_QUEUE)
-    unsent = ioctl_int(fd, lib.SIOCOUTQNSD, "SIOCOUTQNSD")
-    select_queue(fd, lib.TCP_SEND_QUEUE)
-    send_seq = get_u32(fd, TCP, lib.TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ send")
+    set_int(TCP, REPAIR_QUEUE, NO_QUEUE, "TCP_REPAIR_QUEUE")
+    unsent = ioctl(SIOCOUTQNSD, "SIOCOUTQNSD")
+    set_int(TCP, REPAIR_QUEUE, SEND_QUEUE, "TCP_REPAIR_QUEUE")
+    send_seq = get_u32(TCP, QUEUE_SEQ, "TCP_QUEUE_SEQ send")
     send_queue = peek(fd, outq, "send queue")
-    select_queue(fd, lib.TCP_NO_QUEUE)
+    set_int(TCP, REPAIR_QUEUE, NO_QUEUE, "TCP_REPAIR_QUEUE")
     # the application is not reading or writing, so unchanged queue lengths mean unchanged queue edges
-    if ioctl_int(fd, lib.SIOCOUTQ, "SIOCOUTQ") != outq or ioctl_int(fd, lib.SIOCINQ, "SIOCINQ") != inq:
+    if ioctl(SIOCOUTQ, "SIOCOUTQ") != outq or ioctl(SIOCINQ, "SIOCINQ") != inq:
         return None
     return QueueSnapshot(send_seq, recv_seq, send_queue, unsent, recv_queue)
 
 
-def read_queues(fd: int) -> QueueSnapshot:
+def read_queues(fd: int, calls: IntCalls | None = None) -> QueueSnapshot:
+    calls = calls or IntCalls(fd)
     for _ in range(SNAPSHOT_ATTEMPTS):
         try:
-            snap = _read_once(fd)
+            snap = _read_once(fd, calls)
         except SocketCallError as exc:
             # a peek that came up short: the queue moved under us
-            select_queue(fd, lib.TCP_NO_QUEUE)
+            select_queue(fd, NO_QUEUE, calls)
             if exc.errno != errno.EAGAIN:
                 raise
             snap = None
@@ -65,26 +70,31 @@ def read_queues(fd: int) -> QueueSnapshot:
     )
 
 
-def set_sequences(fd: int, send_seq: int, send_len: int, recv_seq: int, recv_len: int) -> None:
-    select_queue(fd, lib.TCP_SEND_QUEUE)
-    set_u32(fd, TCP, lib.TCP_QUEUE_SEQ, send_seq - send_len, "TCP_QUEUE_SEQ send")
-    select_queue(fd, lib.TCP_RECV_QUEUE)
-    set_u32(fd, TCP, lib.TCP_QUEUE_SEQ, recv_seq - recv_len, "TCP_QUEUE_SEQ receive")
+def set_sequences(fd: int, send_seq: int, send_len: int, recv_seq: int, recv_len: int,
+                  calls: IntCalls | None = None) -> None:
+    calls = calls or IntCalls(fd)
+    set_int, set_u32 = calls.set, calls.set_u32
+    set_int(TCP, REPAIR_QUEUE, SEND_QUEUE, "TCP_REPAIR_QUEUE")
+    set_u32(TCP, QUEUE_SEQ, send_seq - send_len, "TCP_QUEUE_SEQ send")
+    set_int(TCP, REPAIR_QUEUE, RECV_QUEUE, "TCP_REPAIR_QUEUE")
+    set_u32(TCP, QUEUE_SEQ, recv_seq - recv_len, "TCP_QUEUE_SEQ receive")
 
 
-def refill_in_repair(fd: int, recv_queue: bytes, unacked: bytes) -> None:
+def refill_in_repair(fd: int, recv_queue: bytes | memoryview, unacked: bytes | memoryview,
+                     calls: IntCalls | None = None) -> None:
     """Bytes the application had not read yet, and bytes sent but not acknowledged: both must be put back while
     still in repair mode, where a send() appends to the selected queue without transmitting."""
+    calls = calls or IntCalls(fd)
     if recv_queue:
-        select_queue(fd, lib.TCP_RECV_QUEUE)
+        select_queue(fd, RECV_QUEUE, calls)
         send_chunked(fd, recv_queue, "refill receive queue")
     if unacked:
-        select_queue(fd, lib.TCP_SEND_QUEUE)
+        select_queue(fd, SEND_QUEUE, calls)
         send_chunked(fd, unacked, "refill send queue (sent, unacknowledged)")
-    select_queue(fd, lib.TCP_NO_QUEUE)
+    select_queue(fd, NO_QUEUE, calls)
 
 
-def write_unsent(fd: int, unsent: bytes) -> None:
+def write_unsent(fd: int, unsent: bytes | memoryview) -> None:
     """Never-sent bytes go in after repair is off: written in repair mode they would wait for a retransmission
     timeout (hundreds of ms) before leaving."""
     if unsent:

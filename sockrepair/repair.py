@@ -6,14 +6,17 @@ import errno
 
 from ._ffi import lib
 from .errors import NotPermittedError, SocketCallError, UnsupportedError
-from .sockcall import fail, set_int
+from .sockcall import IntCalls, fail
 
 TCP = lib.IPPROTO_TCP
+TCP_REPAIR = lib.TCP_REPAIR
+TCP_REPAIR_QUEUE = lib.TCP_REPAIR_QUEUE
+_close = lib.close
 
 
-def repair_on(fd: int) -> None:
+def repair_on(fd: int, calls: IntCalls | None = None) -> None:
     try:
-        set_int(fd, TCP, lib.TCP_REPAIR, lib.TCP_REPAIR_ON, "TCP_REPAIR")
+        (calls or IntCalls(fd)).set(TCP, TCP_REPAIR, lib.TCP_REPAIR_ON, "TCP_REPAIR")
     except SocketCallError as exc:
         if exc.errno == errno.EPERM:
             raise NotPermittedError(
@@ -25,19 +28,20 @@ def repair_on(fd: int) -> None:
         raise
 
 
-def repair_off(fd: int, probe: bool) -> None:
+def repair_off(fd: int, probe: bool, calls: IntCalls | None = None) -> None:
     """Leave repair mode. With `probe` the kernel sends a window probe, which makes the peer answer with an ACK and
     so retransmit at once whatever it sent while the connection was away; without it nothing goes on the wire."""
-    set_int(fd, TCP, lib.TCP_REPAIR, lib.TCP_REPAIR_OFF if probe else lib.TCP_REPAIR_OFF_NO_WP, "TCP_REPAIR")
+    value = lib.TCP_REPAIR_OFF if probe else lib.TCP_REPAIR_OFF_NO_WP
+    (calls or IntCalls(fd)).set(TCP, TCP_REPAIR, value, "TCP_REPAIR")
 
 
-def select_queue(fd: int, queue: int) -> None:
-    set_int(fd, TCP, lib.TCP_REPAIR_QUEUE, queue, "TCP_REPAIR_QUEUE")
+def select_queue(fd: int, queue: int, calls: IntCalls | None = None) -> None:
+    (calls or IntCalls(fd)).set(TCP, TCP_REPAIR_QUEUE, queue, "TCP_REPAIR_QUEUE")
 
 
 def close_silently(fd: int) -> None:
     """close(2) a socket in repair mode: the kernel drops it without FIN or RST."""
-    if lib.close(fd) < 0:
+    if _close(fd) < 0:
         raise fail("close", fd)
 
 

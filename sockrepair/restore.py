@@ -5,11 +5,11 @@ from __future__ import annotations
 import errno
 import socket
 
-from ._ffi import lib
 from .addr import bind, connect
 from .errors import AddressInUseError, AddressNotLocalError, SocketCallError
 from .queues import refill_in_repair, set_sequences, write_unsent
 from .repair import repair_off, repair_on
+from .sockcall import IntCalls
 from .sockopts import apply_after_repair, apply_in_repair, apply_pre_bind, size_buffers
 from .state import ConnectionState
 from .tcpopts import restore_options, restore_timestamp, restore_window, set_user_mss
@@ -24,30 +24,35 @@ def restore(state: ConnectionState) -> socket.socket:
     conn = state.tuple
     sock = socket.socket(conn.family, socket.SOCK_STREAM)
     fd = sock.fileno()
+    calls = IntCalls(fd)
+    so, options = state.sockopts, state.options
+    send_len, recv_len = len(state.send_queue), len(state.recv_queue)
+    # views, not copies: the queues may be large, and the kernel copies them anyway
+    send_queue, sent_len = memoryview(state.send_queue), send_len - state.unsent_len
     try:
-        repair_on(fd)
-        apply_pre_bind(fd, conn.family, state.sockopts)
-        size_buffers(fd, state.sockopts, len(state.send_queue), len(state.recv_queue))
+        repair_on(fd, calls)
+        apply_pre_bind(fd, conn.family, so, calls)
+        size_buffers(fd, so, send_len, recv_len, calls)
         _bind(fd, state)
-        set_sequences(fd, state.send_seq, len(state.send_queue), state.recv_seq, len(state.recv_queue))
+        set_sequences(fd, state.send_seq, send_len, state.recv_seq, recv_len, calls)
         # The repair-mode connect sizes segments from the MSS clamp it sees then; TCP_REPAIR_OPTIONS sets the clamp
         # later without resizing, which left restored sockets sending 524-byte segments. A user MSS set before
         # the connect is the clamp the connect uses (the kernel caps it at MAX_TCP_WINDOW, so loopback's 65495
         # becomes 32767); it is cleared again once the connection exists.
-        set_user_mss(fd, min(state.options.mss, MAX_USER_MSS))
+        set_user_mss(fd, min(options.mss, MAX_USER_MSS), calls)
         _connect(fd, state)
-        set_user_mss(fd, 0)
-        restore_options(fd, state.options)
-        if state.options.timestamps:
-            restore_timestamp(fd, state.timestamp)
-        refill_in_repair(fd, state.recv_queue, state.unacked)
+        set_user_mss(fd, 0, calls)
+        restore_options(fd, options)
+        if options.timestamps:
+            restore_timestamp(fd, state.timestamp, calls)
+        refill_in_repair(fd, state.recv_queue, send_queue[:sent_len], calls)
         if state.window is not None:
             # before repair off: writing never-sent data before the window is in place has hung connections (passt)
             restore_window(fd, state.window)
-        apply_in_repair(fd, conn.family, state.sockopts)
-        repair_off(fd, probe=True)
-        write_unsent(fd, state.unsent)
-        apply_after_repair(fd, state.sockopts)
+        apply_in_repair(fd, conn.family, so, calls)
+        repair_off(fd, True, calls)
+        write_unsent(fd, send_queue[sent_len:])
+        apply_after_repair(fd, so, calls)
     except BaseException:
         _abandon(sock)
         raise
