@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .criu.cli import add_criu_commands
 from .errors import SocketCallError, SockrepairError
 from .lock.cli import add_lock_commands
 from .movecli import add_move_commands
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_move_commands(sub)
     add_verify_command(sub)
+    add_criu_commands(sub)
     add_lock_commands(sub)
     return parser
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .capture import After, dump, inspect
+from .criu.show import load_states as load_criu_states
 from .handoff import HandoffError, exec_with_sockets, send_over_unix
 from .imagedir import read_dir
 from .restoredir import restore_all, unlock_in
@@ -41,7 +42,10 @@ def add_move_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("restore", help="restore dumped connections and hand them to a program")
-    p.add_argument("-D", "--dir", required=True, type=Path, help="directory written by `sockrepair dump`")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-D", "--dir", type=Path, help="directory written by `sockrepair dump`")
+    src.add_argument("--from-criu", type=Path, metavar="DIR",
+                     help="criu image directory (or `sockrepair criu dump` directory): restore its TCP connections")
     p.add_argument("--netns", help="restore inside this network namespace (ip netns name)")
     to = p.add_mutually_exclusive_group(required=True)
     to.add_argument("--exec", nargs=argparse.REMAINDER, dest="exec_argv", metavar="CMD",
@@ -94,15 +98,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    items = read_dir(args.dir)
+    if args.from_criu is not None:
+        states = load_criu_states(args.from_criu)
+    else:
+        states = [state for _, state in read_dir(args.dir)]
     if args.exec_argv is not None:
         if not args.exec_argv or shutil.which(args.exec_argv[0]) is None:
             raise HandoffError(f"--exec: no such program {args.exec_argv[0] if args.exec_argv else '(none given)'}")
-    states = [state for _, state in items]
     socks = restore_all(states, args.netns)
     unlock_in(args.netns, states)
     conns = [s.tuple for s in states]
-    print(f"restored {len(socks)} connection(s) from {args.dir}", file=sys.stderr)
+    print(f"restored {len(socks)} connection(s) from {args.from_criu or args.dir}", file=sys.stderr)
     if args.unix:
         send_over_unix(args.unix, socks, conns)
         return 0

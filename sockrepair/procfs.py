@@ -34,7 +34,7 @@ def _hex_addr(text: str, family: int) -> str:
     return socket.inet_ntop(family, packed)
 
 
-def _tcp_table(pid: int) -> dict[int, tuple[ConnTuple, int]]:
+def tcp_table(pid: int) -> dict[int, tuple[ConnTuple, int]]:
     table: dict[int, tuple[ConnTuple, int]] = {}
     for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
         try:
@@ -77,7 +77,7 @@ def socket_inodes(pid: int) -> dict[int, int]:
 def tcp_sockets(pid: int) -> list[ProcSocket]:
     """The process's TCP sockets (every state), ordered by fd."""
     inodes = socket_inodes(pid)
-    table = _tcp_table(pid)
+    table = tcp_table(pid)
     found = [ProcSocket(fd, ino, *table[ino]) for fd, ino in sorted(inodes.items()) if ino in table]
     return found
 

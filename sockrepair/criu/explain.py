@@ -257,12 +257,20 @@ def explain_dir(directory: Path, stderr: str = "") -> Report:
     return report
 
 
-def criu_error(action: str, report: Report, exit_desc: str) -> CriuError:
+class CriuFailure(CriuError):
+    """A criu run that failed; `report` holds every known error and unexplained error line of its logs."""
+
+    def __init__(self, message: str, report: Report) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def criu_error(action: str, report: Report, exit_desc: str) -> CriuFailure:
     """The one-line error for a failed criu run, naming the first real cause found, or pointing at the logs."""
     problems = report.problems
     if not problems:
         hint = f"; first error: {report.unexplained[0].line}" if report.unexplained else ""
-        return CriuError(f"criu {action} failed ({exit_desc}){hint}")
+        return CriuFailure(f"criu {action} failed ({exit_desc}){hint}", report)
     first = problems[0].known
     more = f" (and {len(problems) - 1} more known problem(s))" if len(problems) > 1 else ""
-    return CriuError(f"criu {action} failed: {first.summary}: {first.cause}. Fix: {first.fix}{more}")
+    return CriuFailure(f"criu {action} failed: {first.summary}: {first.cause}. Fix: {first.fix}{more}", report)

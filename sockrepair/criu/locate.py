@@ -69,6 +69,15 @@ class Criu:
         except OSError as exc:
             raise CriuError(f"cannot run criu ({self.path}): {exc.strerror}; fix: {SETUP_HINT}") from None
 
+    def supports_network_lock_skip(self) -> bool:
+        """Whether this criu takes `--network-lock skip` (criu 4.2 has it, undocumented in --help): criu checks the
+        option's value while parsing, so an unknown one fails even `criu --version`."""
+        try:
+            done = self.run(["--network-lock", "skip", "--version"], timeout=30)
+        except subprocess.TimeoutExpired:
+            return False
+        return done.returncode == 0
+
     def tcp_problem(self) -> KnownError | None:
         """The known failure this criu will hit on TCP sockets on this kernel, judged by versions alone."""
         if kernel_version()[:2] >= KERNEL_REFUSING_PASSSEC and self.version_tuple < MIN_TCP_VERSION:

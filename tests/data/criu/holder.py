@@ -2,7 +2,9 @@
 
     holder.py pairs READY N ADDR PAYLOAD [fill]
                                            N loopback connection pairs, PAYLOAD bytes queued unread each way; with
-                                           `fill` the first client then sends fill_bytes() until its send queue is full
+                                           `fill` the first client then sends fill_bytes() until its send queue is full;
+                                           on SIGUSR1 (sent after a restore) it reads every queue, checks each byte,
+                                           does one round trip per pair, and prints `verified ...` or `MISMATCH ...`
     holder.py server READY PORT            the seed's echo server
     holder.py client READY PORT            the seed's client: sends a counter, prints each echo
 
@@ -54,9 +56,53 @@ def pairs(path: str, count: int, addr: str, payload: int, fill_first: bool) -> N
         server.sendall(bytes((i + 7 * j + 3) % 253 for j in range(payload)))
         keep += [client, server]
     listener.close()
-    ready(path, fill(keep[0]) if fill_first else 0)
+    filled = fill(keep[0]) if fill_first else 0
+    expected = []
+    for i in range(count):
+        expected.append(bytes((i + 7 * j + 3) % 253 for j in range(payload)))  # what client i has to read
+        expected.append(bytes((i + j) % 251 for j in range(payload)) + (fill_bytes(0, filled) if i == 0 else b""))
+    asked = []
+    signal.signal(signal.SIGUSR1, lambda *_: asked.append(True))
+    ready(path, filled)
     while True:
         signal.pause()
+        if asked:
+            asked.clear()
+            verify(keep, expected)
+
+
+def verify(socks: list[socket.socket], expected: list[bytes]) -> None:
+    problems, total = [], 0
+    deadline = time.monotonic() + 30
+    for sock, want in zip(socks, expected):
+        sock.setblocking(True)
+        got = bytearray()
+        try:
+            while len(got) < len(want):
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = sock.recv(len(want) - len(got))
+                if not chunk:
+                    break
+                got += chunk
+        except OSError as exc:
+            problems.append(f"{sock.getsockname()[1]}: {exc}")
+        total += len(got)
+        if got != want:
+            at = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            problems.append(f"{sock.getsockname()[1]}->{sock.getpeername()[1]}: {len(got)} of {len(want)} bytes, "
+                            f"first difference at byte {at}")
+    for client, server in zip(socks[::2], socks[1::2]):
+        try:
+            client.sendall(b"after restore")
+            server.sendall(server.recv(13))
+            if client.recv(13) != b"after restore":
+                problems.append(f"{client.getsockname()[1]}: round trip after restore came back wrong")
+        except OSError as exc:
+            problems.append(f"{client.getsockname()[1]}: round trip after restore: {exc}")
+    if problems:
+        print(f"MISMATCH {len(problems)}: " + "; ".join(problems[:5]), flush=True)
+    else:
+        print(f"verified {len(socks)} sockets, {total} bytes", flush=True)
 
 
 def fail(exc: OSError) -> None:

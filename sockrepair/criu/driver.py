@@ -1,0 +1,269 @@
+"""Dumping and restoring process trees with criu under one sockrepair lock.
+
+dump: map the trees' connections, refuse to leave a loopback peer behind, lock every connection (both directions)
+in the trees' network namespace, run `criu dump` per tree (with `--network-lock skip` when criu has it, so the lock
+is ours alone), reap each dumped root, and write sockrepair-criu.json. restore: lock again from the images (the
+firewall may have been wiped since), run `criu restore` per tree in the order asked, and release each connection
+once every tree it waits for is back. A failed criu run raises CriuFailure with the cause and fix from its logs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import CriuError
+from ..lock import Locker
+from ..lock.locker import MAX_TTL
+from ..netns import inside, named
+from ..state import ConnTuple
+from .explain import CriuFailure, Report, criu_error, explain_dir, explain_text
+from .locate import Criu, find_criu
+from .lockhold import LABEL, plan_from_images, plan_from_topology, releasable, renewing, still_waiting
+from .manifest import LOCK_CRIU, LOCK_SKIP, MANIFEST, Manifest, TreeRecord, is_dump_dir, load
+from .procstat import stat
+from .reap import reap, wait_free
+from .topology import Topology, map_trees
+
+# The lock must outlive the gap between `criu dump` and `criu restore`, two commands a person runs.
+DEFAULT_TTL = 600.0
+
+
+@dataclass
+class DumpReport:
+    directory: str
+    criu_version: str
+    network_lock: str
+    ttl: float
+    topology: Topology
+    trees: list[TreeRecord]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"directory": self.directory, "criu_version": self.criu_version, "network_lock": self.network_lock,
+                "ttl": self.ttl, "trees": [t.__dict__ for t in self.trees], "topology": self.topology.to_dict(),
+                "warnings": self.warnings}
+
+
+@dataclass
+class RestoreReport:
+    directory: str
+    restored: list[int]
+    released: list[ConnTuple]
+    still_locked: list[ConnTuple]
+    ttl: float
+    criu_notes: Report = field(default_factory=Report)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"directory": self.directory, "restored": self.restored,
+                "released": [str(c) for c in self.released], "still_locked": [str(c) for c in self.still_locked],
+                "ttl": self.ttl, "criu_notes": self.criu_notes.to_dict(), "warnings": self.warnings}
+
+
+def _check_ttl(ttl: float) -> None:
+    if not 0 < ttl <= MAX_TTL:
+        raise CriuError(f"lock ttl must be in (0, {MAX_TTL:g}] seconds, not {ttl:g}")
+
+
+def _working(criu: Criu | None) -> Criu:
+    return (criu or find_criu()).require_working()
+
+
+def _run(criu: Criu, args: list[str]) -> tuple[int, str]:
+    # No timeout: a big tree takes minutes (the lock is renewed meanwhile), and killing criu mid-dump is worse.
+    done = criu.run(args)
+    return done.returncode, done.stderr
+
+
+def _private(directory: Path) -> None:
+    """criu writes its images 0644, queued payload included."""
+    for path in directory.iterdir():
+        if path.is_file():
+            os.chmod(path, 0o600)
+
+
+@contextlib.contextmanager
+def _netns_of(pid: int) -> Iterator[str]:
+    """A path to the process's network namespace that stays valid after criu dump has killed it."""
+    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/{os.getpid()}/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def _dump_args(tree: TreeRecord, images: Path, lock: str, extra: Sequence[str]) -> list[str]:
+    args = ["dump", "-t", str(tree.root), "-D", str(images), "-o", "dump.log", "--tcp-established"]
+    if lock == LOCK_SKIP:
+        args += ["--network-lock", "skip"]
+    if tree.shell_job:
+        args.append("--shell-job")
+    return args + list(extra)
+
+
+def _restore_args(tree: TreeRecord, images: Path, lock: str, extra: Sequence[str]) -> list[str]:
+    args = ["restore", "-D", str(images), "-o", "restore.log", "-d", "--tcp-established"]
+    if lock == LOCK_SKIP:
+        args += ["--network-lock", "skip"]
+    if tree.shell_job:
+        args.append("--shell-job")
+    return args + list(extra)
+
+
+def dump(pids: Sequence[int], directory: Path, *, allow_external_peers: bool = False, ttl: float = DEFAULT_TTL,
+         shell_job: bool = False, criu_args: Sequence[str] = (), criu: Criu | None = None) -> DumpReport:
+    """Dump the process trees rooted at `pids`, one criu image directory each under `directory`, with every
+    connection locked from before the first dump; the lock stays (for `ttl` s) for `restore` to take over."""
+    _check_ttl(ttl)
+    criu = _working(criu)
+    topology = map_trees(pids)
+    if topology.external() and not allow_external_peers:
+        raise CriuError("dumping these trees would leave loopback peers running while their other end is gone "
+                        "(they would get RST, or their packets dropped until the lock expires):\n"
+                        f"{topology.left_behind()}\nFix: add those processes' trees with --pid, or pass "
+                        "--allow-external-peers to dump anyway")
+    if is_dump_dir(directory):
+        raise CriuError(f"{directory} already holds a dump ({MANIFEST}): give another -D")
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = LOCK_SKIP if criu.supports_network_lock_skip() else LOCK_CRIU
+    trees = [TreeRecord(t.root, f"tree-{t.root}", t.pids, [t.stats[p].starttime for p in t.pids], t.command,
+                        shell_job or t.needs_shell_job) for t in topology.trees]
+    manifest = Manifest(criu.version, lock, ttl, topology.netns, trees, plan_from_topology(topology))
+    report = DumpReport(str(directory), criu.version, lock, ttl, topology, trees)
+    with _netns_of(topology.trees[0].root) as netns:
+        with inside(netns):
+            locker = Locker(label=LABEL)
+        with locker, renewing(locker, topology.tuples(), ttl) as renew_errors:
+            for tree in trees:
+                (directory / tree.dir).mkdir(mode=0o700, exist_ok=True)
+                manifest.save(directory)
+                _dump_one(criu, directory, manifest, tree, netns, criu_args, locker, topology, report)
+            report.warnings += [f"renewing the lock failed: {e}" for e in renew_errors]
+    return report
+
+
+def _dump_one(criu: Criu, directory: Path, manifest: Manifest, tree: TreeRecord, netns: str,
+              criu_args: Sequence[str], locker: Locker, topology: Topology, report: DumpReport) -> None:
+    images = directory / tree.dir
+    with inside(netns):
+        code, stderr = _run(criu, _dump_args(tree, images, manifest.network_lock, criu_args))
+    if code != 0:
+        failure = criu_error(f"dump of tree {tree.root} ({tree.command})", explain_dir(images, stderr),
+                             f"exit status {code}")
+        raise _rolled_back(failure, criu, directory, manifest, netns, locker, topology)
+    _private(images)
+    tree.dumped = True
+    manifest.save(directory)
+    left = reap(tree.root, tree.pids, tree.starttimes)
+    if left:
+        report.warnings.append(
+            f"tree {tree.root}: {'; '.join(left)}: `criu restore` would fail with \"Can't fork for PID: File "
+            "exists\" until these pids are free (the parent must wait() for its dead child)")
+
+
+def _rolled_back(failure: CriuFailure, criu: Criu, directory: Path, manifest: Manifest, netns: str,
+                 locker: Locker, topology: Topology) -> CriuFailure:
+    """A tree failed to dump (criu leaves it running): put back the trees dumped before it, so that no half-moved
+    set of trees stays behind, then release the lock."""
+    dumped = [t for t in manifest.trees if t.dumped]
+    undone = []
+    try:
+        for tree in dumped:
+            with inside(netns):
+                _restore_one(criu, directory, manifest, tree, ())
+            undone.append(tree.root)
+    except CriuError as exc:
+        kept = f"{directory}: restore the dumped trees with `sockrepair criu restore -D {shlex.quote(str(directory))}`"
+        return CriuFailure(f"{failure}\nThe trees dumped before it could not be put back ({exc}); their connections "
+                           f"stay locked for {manifest.ttl:g} s. {kept}", failure.report)
+    locker.unlock(topology.tuples())
+    os.unlink(directory / MANIFEST)
+    back = f"the tree(s) dumped before it ({', '.join(map(str, undone))}) were restored; " if undone else ""
+    return CriuFailure(f"{failure}\nNothing was moved: {back}the lock was released", failure.report)
+
+
+def _restore_one(criu: Criu, directory: Path, manifest: Manifest, tree: TreeRecord,
+                 criu_args: Sequence[str]) -> Report:
+    images = directory / tree.dir
+    code, stderr = _run(criu, _restore_args(tree, images, manifest.network_lock, criu_args))
+    log = images / "restore.log"
+    report = explain_text((log.read_text(errors="replace") if log.exists() else "") + stderr, f"{tree.dir}/restore.log")
+    if code != 0:
+        raise criu_error(f"restore of tree {tree.root} ({tree.command})", report, f"exit status {code}")
+    tree.restored = True
+    manifest.save(directory)
+    return report
+
+
+def _noted(exc: CriuError, note: str) -> CriuError:
+    message = f"{exc}\n{note}"
+    return CriuFailure(message, exc.report) if isinstance(exc, CriuFailure) else CriuError(message)
+
+
+def _chosen(manifest: Manifest, roots: Sequence[int] | None) -> list[TreeRecord]:
+    if roots:
+        chosen = [manifest.tree(r) for r in roots]
+        if len({t.root for t in chosen}) != len(chosen):
+            raise CriuError("the same tree is given twice")
+    else:
+        chosen = [t for t in manifest.trees if not t.restored]
+    for t in chosen:
+        if not t.dumped:
+            raise CriuError(f"tree {t.root} ({t.command}) was never dumped (its dump failed or was interrupted)")
+        if t.restored:
+            raise CriuError(f"tree {t.root} ({t.command}) is already restored")
+    if not chosen:
+        raise CriuError("every tree of this dump is already restored")
+    return chosen
+
+
+def _check_pids_free(chosen: Sequence[TreeRecord]) -> None:
+    for tree in chosen:
+        # A failed restore's tasks, or a dead root, may wait a moment for their (new) parent to reap them.
+        left = wait_free(tree.pids, tree.starttimes)
+        if left:
+            raise CriuError(f"cannot restore tree {tree.root} ({tree.command}): {'; '.join(left)}; criu would fail "
+                            "with \"Can't fork for PID: File exists\". Fix: have the parent wait() for it (or end "
+                            "the parent), stop the running copy, or restore in a new pid namespace")
+
+
+def restore(directory: Path, roots: Sequence[int] | None = None, *, netns: str | None = None,
+            ttl: float = DEFAULT_TTL, criu_args: Sequence[str] = (), criu: Criu | None = None) -> RestoreReport:
+    """Restore the trees `roots` (default: every tree not restored yet, in dump order) of a `dump` directory into
+    the network namespace `netns` (default: the caller's). The lock is taken again from the images first; each
+    connection is released once all the trees it waits for are back, the others stay locked for `ttl` s."""
+    _check_ttl(ttl)
+    manifest = load(directory)
+    chosen = _chosen(manifest, roots)
+    _check_pids_free(chosen)
+    criu = _working(criu)
+    waits = plan_from_images(manifest, directory)
+    before = [t.root for t in manifest.trees if t.restored]
+    report = RestoreReport(str(directory), [], [], [], ttl)
+    with named(netns):
+        locker = Locker(label=LABEL)
+    with locker:
+        with renewing(locker, still_waiting(waits, before), ttl) as renew_errors:
+            for tree in chosen:
+                try:
+                    with named(netns):
+                        report.criu_notes.extend(_restore_one(criu, directory, manifest, tree, criu_args))
+                except CriuError as exc:
+                    waiting = still_waiting(waits, [*before, *report.restored])
+                    raise _noted(exc, f"{len(waiting)} connection(s) stay locked for {ttl:g} s: fix the cause and "
+                                 f"run `sockrepair criu restore -D {shlex.quote(str(directory))}` again (it "
+                                 "restores the trees not restored yet)") from None
+                report.restored.append(tree.root)
+                if stat(tree.root) is None:
+                    report.warnings.append(f"tree {tree.root} ({tree.command}) exited right after its restore")
+            report.warnings += [f"renewing the lock failed: {e}" for e in renew_errors]
+        done = [*before, *report.restored]
+        report.released = releasable(waits, done)
+        locker.unlock(report.released)
+        report.still_locked = still_waiting(waits, done)
+    return report
