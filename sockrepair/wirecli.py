@@ -7,21 +7,14 @@ import json
 import sys
 from typing import Any
 
-from .state import ConnTuple
+from .cliargs import tuple_arg
 from .wire import analyse, format_report, read_segments
-
-
-def _tuple(text: str) -> ConnTuple:
-    try:
-        return ConnTuple.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_verify_command(sub: Any) -> None:
     p = sub.add_parser("verify", help="check one connection in a capture: no RST/SYN/FIN, every byte, the wire gap")
     p.add_argument("pcap", help="capture file (pcap or pcapng)")
-    p.add_argument("--tuple", required=True, type=_tuple, metavar="ADDR:PORT->ADDR:PORT",
+    p.add_argument("--tuple", required=True, type=tuple_arg, metavar="ADDR:PORT->ADDR:PORT",
                    help="the connection, from either side (IPv6 in brackets)")
     p.add_argument("--freeze", type=float, metavar="T", help="time.time() when the socket was frozen")
     p.add_argument("--resume", type=float, metavar="T", help="time.time() when it went live again")

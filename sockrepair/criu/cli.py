@@ -11,22 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..cliargs import ttl_arg
 from ..lock.locker import MAX_TTL
 from . import driver, show
 from .compare import DIFFERS, EXPLAINED, NOT_KEPT, compare
 from .explain import CriuFailure, Report, explain_dir, explain_files
 from .manifest import LOCK_SKIP
 from .topology import PEER_EXTERNAL, PEER_TREE
-
-
-def _ttl(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value <= MAX_TTL:
-        raise argparse.ArgumentTypeError(f"ttl must be in (0, {MAX_TTL:g}] seconds, not {text}")
-    return value
 
 
 def add_criu_commands(subparsers: Any) -> None:
@@ -43,7 +34,7 @@ def add_criu_commands(subparsers: Any) -> None:
     p.add_argument("--allow-external-peers", action="store_true",
                    help="dump even when a loopback peer of the trees stays behind (its connection will break)")
     p.add_argument("--shell-job", action="store_true", help="pass --shell-job to criu (automatic when needed)")
-    p.add_argument("--ttl", type=_ttl, default=driver.DEFAULT_TTL, help=ttl_help)
+    p.add_argument("--ttl", type=ttl_arg, default=driver.DEFAULT_TTL, help=ttl_help)
     p.add_argument("--criu-arg", action="append", default=[], metavar="ARG", help=arg_help)
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=_explained(cmd_dump))
@@ -53,7 +44,7 @@ def add_criu_commands(subparsers: Any) -> None:
     p.add_argument("--pid", type=int, action="append",
                    help="restore only this tree, by its root pid (repeatable, in this order); default: all left")
     p.add_argument("--netns", help="restore into this network namespace (ip netns name); default: the current one")
-    p.add_argument("--ttl", type=_ttl, default=driver.DEFAULT_TTL, help=ttl_help)
+    p.add_argument("--ttl", type=ttl_arg, default=driver.DEFAULT_TTL, help=ttl_help)
     p.add_argument("--criu-arg", action="append", default=[], metavar="ARG", help=arg_help)
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=_explained(cmd_restore))

@@ -9,25 +9,8 @@ import sys
 from typing import Any
 
 from ..errors import LockError
-from ..state import ConnTuple
-from .locker import DEFAULT_TTL, MAX_TTL, Locker, LockRecord
-
-
-def _tuple_arg(text: str) -> ConnTuple:
-    try:
-        return ConnTuple.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _ttl_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value <= MAX_TTL:
-        raise argparse.ArgumentTypeError(f"ttl must be in (0, {MAX_TTL:g}] seconds, not {text}")
-    return value
+from ..cliargs import tuple_arg, ttl_arg
+from .locker import DEFAULT_TTL, Locker, LockRecord
 
 
 def add_lock_commands(subparsers: Any) -> None:
@@ -41,14 +24,14 @@ def add_lock_commands(subparsers: Any) -> None:
     p.set_defaults(func=cmd_locks)
 
     p = subparsers.add_parser("lock", help="drop a connection's packets (both ways) until unlocked or expired")
-    p.add_argument("tuples", nargs="+", type=_tuple_arg, metavar="TUPLE", help=tuple_help)
-    p.add_argument("--ttl", type=_ttl_arg, default=DEFAULT_TTL, metavar="S", help=f"seconds (default {DEFAULT_TTL:g})")
+    p.add_argument("tuples", nargs="+", type=tuple_arg, metavar="TUPLE", help=tuple_help)
+    p.add_argument("--ttl", type=ttl_arg, default=DEFAULT_TTL, metavar="S", help=f"seconds (default {DEFAULT_TTL:g})")
     p.add_argument("--label", help="who is locking, stored with the lock before pid and host (default: sockrepair)")
     p.add_argument("--netns", metavar="NAME", help=netns_help)
     p.set_defaults(func=cmd_lock)
 
     p = subparsers.add_parser("unlock", help="release locked connections (not locked: nothing to do)")
-    p.add_argument("tuples", nargs="*", type=_tuple_arg, metavar="TUPLE", help=tuple_help)
+    p.add_argument("tuples", nargs="*", type=tuple_arg, metavar="TUPLE", help=tuple_help)
     p.add_argument("--all", action="store_true", help="remove every lock and sockrepair's nftables table")
     p.add_argument("--netns", metavar="NAME", help=netns_help)
     p.set_defaults(func=cmd_unlock)
