@@ -50,14 +50,15 @@ def compiler_version() -> str | None:
 
 
 def criu_version() -> str | None:
-    criu = shutil.which("criu")
-    if criu is None:
+    """The criu the benchmarks drive: sockrepair's choice (the project prefix's, then PATH's), not PATH's alone."""
+    from sockrepair.criu.locate import find_criu
+    from sockrepair.errors import CriuError
+
+    try:
+        found = find_criu()
+    except CriuError:
         return None
-    line = _first_line([criu, "--version"])
-    if line is None:
-        return None
-    found = re.search(r"Version:\s*(\S+)", line)
-    return found.group(1) if found else line
+    return f"{found.version} ({found.origin})"
 
 
 def describe() -> dict[str, Any]:

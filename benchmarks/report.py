@@ -18,7 +18,7 @@ from typing import Any
 from sockrepair.errors import SockrepairError
 
 from .plots import write_plots
-from .results import C_IMPL, PHASES, SOCKREPAIR_IMPL, Results, Single, check
+from .results import C_IMPL, PHASES, SOCKREPAIR_IMPL, Gap, Results, Single, check
 from .units import human_bytes, human_us
 
 
@@ -30,6 +30,7 @@ class Measured:
 
 @dataclass(frozen=True)
 class Target:
+    key: str  # names the target in results["profiles"] and in benchmarks/profiles.py
     text: str
     limit: float
     unit: str
@@ -80,22 +81,39 @@ def _batch(connections: int) -> Callable[[Results], Measured | None]:
     return measure
 
 
+def gap_where(entry: Gap) -> str:
+    """The move's own time and its largest phases; what the peer waited beyond the move and the handoff."""
+    phases = entry.get("phases_ms") or {}
+    downtime = entry.get("downtime_ms", math.nan)
+    if not phases or math.isnan(downtime):
+        return ""
+    inside = sorted(((ms, name) for name, ms in phases.items() if name != "handoff"), reverse=True)[:3]
+    where = (f"freeze to unlock {human_us(downtime * 1000)}: "
+             + ", ".join(f"{name} {human_us(ms * 1000)}" for ms, name in inside))
+    if "handoff" in phases:
+        where += f"; handoff {human_us(phases['handoff'] * 1000)}"
+    rest = entry["gap_ms"] - downtime - phases.get("handoff", 0.0)
+    if rest > 0.2 * entry["gap_ms"]:
+        where += f"; {human_us(rest * 1000)} more waiting at the peer (its retransmission timer, or scheduling)"
+    return where
+
+
 def _gap(connections: int) -> Callable[[Results], Measured | None]:
     def measure(results: Results) -> Measured | None:
         entry = next((e for e in results["gap"] if e["impl"] == SOCKREPAIR_IMPL
                       and e["connections"] == connections), None)
-        return None if entry is None else Measured(entry["gap_ms"], "")
+        return None if entry is None else Measured(entry["gap_ms"], gap_where(entry))
     return measure
 
 
 TARGETS = (
-    Target("One connection, 0 B, no lock: sockrepair / C", 1.5, "x", False, _ratio_to_c(0)),
-    Target("One connection, 1 MiB queues: sockrepair / C", 1.3, "x", False, _ratio_to_c(1 << 20)),
-    Target("Lock + unlock one connection (sockrepair)", 150.0, "µs", False, _lock),
-    Target("10,000 connections including the lock", 30_000.0, "conn/s", True, _batch(10_000)),
-    Target("Peer-seen gap, 1 connection moved", 2.0, "ms", False, _gap(1)),
-    Target("Peer-seen gap, 100 connections moved", 20.0, "ms", False, _gap(100)),
-    Target("Peer-seen gap, 1,000 connections moved", 100.0, "ms", False, _gap(1000)),
+    Target("single-0", "One connection, 0 B, no lock: sockrepair / C", 1.5, "x", False, _ratio_to_c(0)),
+    Target("single-1MiB", "One connection, 1 MiB queues: sockrepair / C", 1.3, "x", False, _ratio_to_c(1 << 20)),
+    Target("lock", "Lock + unlock one connection (sockrepair)", 150.0, "µs", False, _lock),
+    Target("batch-10000", "10,000 connections including the lock", 30_000.0, "conn/s", True, _batch(10_000)),
+    Target("gap-1", "Peer-seen gap, 1 connection moved", 2.0, "ms", False, _gap(1)),
+    Target("gap-100", "Peer-seen gap, 100 connections moved", 20.0, "ms", False, _gap(100)),
+    Target("gap-1000", "Peer-seen gap, 1,000 connections moved", 100.0, "ms", False, _gap(1000)),
 )
 
 
@@ -117,6 +135,11 @@ def judge(target: Target, measured: Measured | None) -> str:
     if over <= 0:
         return "met"
     return f"missed by {_amount(over, target.unit)} ({over / target.limit:.0%})"
+
+
+def missed(results: Results) -> list[str]:
+    """Keys of the targets this run measured and missed."""
+    return [t.key for t in TARGETS if judge(t, t.measure(results)).startswith("missed")]
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -149,6 +172,20 @@ def targets_section(results: Results) -> list[str]:
                      "—" if m is None else _amount(m.value, t.unit), status, where])
     return ["## Targets (issue 6)", "",
             *_table(["target", "limit", "measured", "status", "where the time goes"], rows), ""]
+
+
+def profiles_section(results: Results) -> list[str]:
+    profiles = results.get("profiles") or {}
+    texts = {t.key: t.text for t in TARGETS}
+    lines: list[str] = []
+    for key, prof in profiles.items():
+        lines += [f"### {texts.get(key, key)}", "",
+                  f"{prof['what']}; cProfile, per cycle over {prof['cycles']} cycle(s), by own time (the profiler "
+                  "itself slows each call, so the times are larger than the benchmark's):", ""]
+        rows = [[f"`{r['function']}`", f"{r['calls']:,}", human_us(r["own_ms"] * 1000),
+                 human_us(r["cumulative_ms"] * 1000)] for r in prof["rows"]]
+        lines += [*_table(["function", "calls", "own", "with callees"], rows), ""]
+    return ["## Where the time goes: profiles of the missed targets", "", *lines] if lines else []
 
 
 def single_section(results: Results) -> list[str]:
@@ -201,9 +238,15 @@ def gap_section(results: Results) -> list[str]:
     if not entries:
         return []
     rows = [[f"{e['connections']:,}", e["impl"], human_us(e["gap_ms"] * 1000), human_us(e["max_gap_ms"] * 1000),
+             human_us(e.get("downtime_ms", math.nan) * 1000),
+             human_us(e["wire_gap_ms"] * 1000) if "wire_gap_ms" in e else "—",
              str(e["runs"]), _verified(e)] for e in entries]
     return ["## Gap the peer sees during a migration", "",
-            *_table(["connections", "impl", "median gap", "largest gap", "runs", "verified"], rows), ""]
+            "Median over runs of each run's longest round trip (largest: the longest of all runs); move: the "
+            "migration's own time (sockrepair: freeze to unlock; criu: dump plus restore); wire gap (cross-host): "
+            "the peer's wire silent from the freeze to the resume.", "",
+            *_table(["connections", "impl", "median gap", "largest gap", "move", "wire gap", "runs", "verified"],
+                    rows), ""]
 
 
 def machine_section(results: Results) -> list[str]:
@@ -216,6 +259,7 @@ def markdown(results: Results, plots: Sequence[Path] = ()) -> str:
     if results["notes"]:
         lines += [*(f"- {note}" for note in results["notes"]), ""]
     lines += targets_section(results)
+    lines += profiles_section(results)
     lines += single_section(results)
     lines += batch_section(results)
     lines += lock_section(results)
@@ -253,7 +297,7 @@ def _restore_nan(value: Any) -> Any:
     if value is None:
         return math.nan
     if isinstance(value, dict):
-        return {k: v if k in ("error", "machine") else _restore_nan(v) for k, v in value.items()}
+        return {k: v if k in ("error", "machine", "what", "function") else _restore_nan(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_restore_nan(v) for v in value]
     return value
@@ -267,7 +311,7 @@ def load(path: Path) -> Results:
     except json.JSONDecodeError as exc:
         raise SockrepairError(f"{path} is not JSON: {exc.msg} at line {exc.lineno}") from None
     data = check(data)
-    for section in ("single", "batch", "lock", "gap"):
+    for section in ("single", "batch", "lock", "gap", "profiles"):
         data[section] = _restore_nan(data[section])  # type: ignore[literal-required]
     return data
 

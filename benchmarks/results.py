@@ -72,6 +72,10 @@ class Gap(TypedDict):
     gap_ms: float  # median over runs of each run's largest gap
     max_gap_ms: float
     verified: bool
+    error: NotRequired[str | None]
+    downtime_ms: NotRequired[float]  # median time the migration itself took (freeze to unlock, or criu's runs)
+    phases_ms: NotRequired[dict[str, float]]  # median of each phase of the migration
+    wire_gap_ms: NotRequired[float]  # cross-host only: median of each run's largest silence on the peer's wire
 
 
 class Results(TypedDict):
@@ -81,10 +85,26 @@ class Results(TypedDict):
     lock: list[Lock]
     gap: list[Gap]
     notes: list[str]
+    profiles: NotRequired[dict[str, Profile]]
+
+
+class ProfileRow(TypedDict):
+    function: str  # file:line(name)
+    calls: int
+    own_ms: float  # time in the function itself, per profiled cycle
+    cumulative_ms: float  # with what it calls, per profiled cycle
+
+
+class Profile(TypedDict):
+    """cProfile of the phase behind a missed target: where its time goes, function by function."""
+
+    what: str
+    cycles: int
+    rows: list[ProfileRow]
 
 
 def empty(machine: Mapping[str, Any]) -> Results:
-    return {"machine": dict(machine), "single": [], "batch": [], "lock": [], "gap": [], "notes": []}
+    return {"machine": dict(machine), "single": [], "batch": [], "lock": [], "gap": [], "notes": [], "profiles": {}}
 
 
 def p99(samples: Sequence[float]) -> float:
@@ -146,6 +166,32 @@ def batch_from_samples(impl: str, connections: int, samples_s: Mapping[str, Sequ
     }
 
 
+def _median_or_nan(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def gap_from_runs(impl: str, connections: int, gaps_ms: Sequence[float], verified: bool, error: str | None = None,
+                  downtimes_ms: Sequence[float] = (), phases_ms: Sequence[Mapping[str, float]] = (),
+                  wire_gaps_ms: Sequence[float] | None = None) -> Gap:
+    """One entry from the runs that completed (`gaps_ms`, one largest gap per run); `verified` False with the
+    first failure in `error` when any run did not move every connection intact."""
+    names = list(dict.fromkeys(name for run in phases_ms for name in run))
+    entry: Gap = {
+        "impl": impl,
+        "connections": connections,
+        "runs": len(gaps_ms),
+        "gap_ms": _median_or_nan(gaps_ms),
+        "max_gap_ms": max(gaps_ms, default=math.nan),
+        "verified": verified and bool(gaps_ms),
+        "error": error,
+        "downtime_ms": _median_or_nan(downtimes_ms),
+        "phases_ms": {name: statistics.median([run[name] for run in phases_ms if name in run]) for name in names},
+    }
+    if wire_gaps_ms is not None:
+        entry["wire_gap_ms"] = _median_or_nan(wire_gaps_ms)
+    return entry
+
+
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "single": ("impl", "queue_bytes", "reps", "phases", "total", "verified"),
     "batch": ("impl", "connections", "with_lock", "reps", "seconds", "conn_per_s", "verified"),
@@ -171,4 +217,45 @@ def check(data: Any) -> Results:
             if missing:
                 raise ResultsError(f"results {section}[{i}] lacks {', '.join(missing)}")
     data.setdefault("notes", [])
+    data.setdefault("profiles", {})
     return data  # type: ignore[no-any-return]
+
+
+# bench_lock.py's case names, by prefix, and the method names of the results (the report's lock target reads
+# "sockrepair"); a case not listed keeps its own name
+LOCK_METHODS = (
+    ("sockrepair lock+unlock, 1 connection", SOCKREPAIR_IMPL),
+    ("sockrepair lock 10,000", "sockrepair: lock 10,000 connections"),
+    ("sockrepair unlock 10,000", "sockrepair: unlock 10,000 connections"),
+    ("nft CLI", "nft CLI"),
+    ("iptables", "iptables (criu)"),
+    ("libnftables lock+unlock, context reused", "libnftables"),
+    ("libnftables lock+unlock, new context per call", "libnftables, new context per call (criu)"),
+)
+
+
+def lock_entries(cases: Mapping[str, Mapping[str, Any]]) -> list[Lock]:
+    """bench_lock.run()'s {"cases": {name: {n, median_us, p99_us}}} as lock entries."""
+    out: list[Lock] = []
+    for name, st in cases.items():
+        method = next((m for prefix, m in LOCK_METHODS if name.startswith(prefix)), name)
+        out.append({"method": method, "reps": int(st["n"]), "median_us": float(st["median_us"]),
+                    "p99_us": float(st["p99_us"])})
+    return out
+
+
+def merge_single(entries: Sequence[Single]) -> list[Single]:
+    """Entries of the same implementation and queue size measured in several series, as one entry over all
+    their cycles (each must have kept its samples)."""
+    groups: dict[tuple[str, int], list[Single]] = {}
+    for e in entries:
+        groups.setdefault((e["impl"], e["queue_bytes"]), []).append(e)
+    merged: list[Single] = []
+    for (impl, queue), group in groups.items():
+        samples: dict[str, list[float]] = {}
+        for e in group:
+            for phase, values in e.get("samples_us", {}).items():
+                samples.setdefault(phase, []).extend(values)
+        error = next((e.get("error") for e in group if e.get("error")), None)
+        merged.append(single_from_samples(impl, queue, samples, all(e["verified"] for e in group), error))
+    return merged

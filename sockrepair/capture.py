@@ -22,7 +22,7 @@ from .imagedir import Entry, write_dir
 from .lock import Locker
 from .netns import inside
 from .pidfd import PidFd
-from .procfs import ProcessError, ProcSocket, process_name, tcp_sockets
+from .procfs import ProcessError, ProcSocket, process_name, socket_inodes, tcp_sockets
 from .state import TCP_ESTABLISHED, ConnectionState
 
 
@@ -90,11 +90,16 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, phas
     """Freeze `pid`, take and checkpoint its connections, and yield them frozen and locked. On an error every socket
     is resumed, the lock released and the process thawed; on success the caller decides (resume or discard)."""
     with PidFd(pid) as pidfd:
+        # /proc/PID/net/tcp is read before the freeze (reading it costs ms with many connections); under the freeze
+        # only the fd -> inode map is checked, and the table read again if the process changed its sockets meanwhile
+        chosen = select_sockets(pid, wanted)
         with phases.timed("freeze"), contextlib.ExitStack() as freezing:
             method = freezing.enter_context(frozen(pid))
             thaw = freezing.pop_all()
         with thaw:
-            chosen = select_sockets(pid, wanted)
+            inodes = socket_inodes(pid)
+            if any(inodes.get(s.fd) != s.inode for s in chosen):
+                chosen = select_sockets(pid, wanted)
             fds: list[int] = []
             states: list[ConnectionState] = []
             try:

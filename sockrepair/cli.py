@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .benchcli import add_bench_command
 from .criu.cli import add_criu_commands
 from .errors import SocketCallError, SockrepairError
 from .lock.cli import add_lock_commands
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_move_commands(sub)
     add_verify_command(sub)
     add_criu_commands(sub)
+    add_bench_command(sub)
     add_lock_commands(sub)
     return parser
 

@@ -103,12 +103,19 @@ class PingPong:
             for s in socks:
                 s.close()
 
+    @staticmethod
+    def _readable(sock: socket.socket, timeout: float) -> bool:
+        """poll, not select: select() cannot watch fds >= 1024, which a client with many connections reaches."""
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
+
     def _receive(self, sock: socket.socket, length: int) -> bytes:
         out = bytearray()
         deadline = time.monotonic() + ROUND_TIMEOUT
         while len(out) < length:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([sock], [], [], left)[0]:
+            if left <= 0 or not self._readable(sock, left):
                 raise TimeoutError(f"no echo for {ROUND_TIMEOUT:.0f} s ({len(out)} of {length} bytes)")
             piece = sock.recv(length - len(out))
             if not piece:

@@ -1,0 +1,91 @@
+"""`sockrepair bench --quick` end to end, as CI runs it: every part ran, every variant moved its bytes intact, the
+report and plots were written, and nothing was left behind (namespaces, processes). Never how fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import run_all
+from benchmarks.results import C_IMPL, SOCKREPAIR_IMPL
+from sockrepair.criu.locate import find_criu
+from sockrepair.errors import CriuError
+
+pytestmark = pytest.mark.root
+REPO = Path(__file__).resolve().parents[2]
+SIZES = {0, 4 << 10, 64 << 10, 1 << 20, 16 << 20}
+
+
+def _namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def _helpers() -> set[int]:
+    """Processes running the benchmark's helper programs (the echo program, the client, the receiver)."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"gap_programs.py" in cmd or b"echo_server.py" in cmd:
+            found.add(int(pid))
+    return found
+
+
+def _criu_works() -> bool:
+    try:
+        return find_criu().check().ok
+    except CriuError:
+        return False
+
+
+def test_quick_bench_runs_every_variant_and_verifies_its_bytes(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the benchmarks need root")
+    before_ns, before_procs = _namespaces(), _helpers()
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "== peer-seen gap" in done.stderr  # progress while running
+    results = json.loads((out / "results.json").read_text())
+    notes = results["notes"]
+
+    single = {(e["impl"], e["queue_bytes"]): e for e in results["single"]}
+    assert {q for impl, q in single if impl == C_IMPL} == SIZES
+    if run_all.engine_module() is not None:
+        assert {q for impl, q in single if impl == SOCKREPAIR_IMPL} == SIZES
+    else:
+        assert any("bench_engine.py is missing" in n for n in notes)
+    batch = {(e["impl"], e["connections"]) for e in results["batch"]}
+    assert {("c", 1), ("c", 10000), ("sockrepair-process", 1), ("sockrepair-process", 100)} <= batch
+    assert {e["method"] for e in results["lock"]} >= {"sockrepair"}
+    gaps = {e["impl"] for e in results["gap"]}
+    assert {SOCKREPAIR_IMPL, "sockrepair-crosshost"} <= gaps
+    if _criu_works():
+        assert {"criu-nftables", "criu-iptables"} <= gaps
+    else:
+        assert any("criu variants" in n for n in notes)
+    crosshost = next(e for e in results["gap"] if e["impl"] == "sockrepair-crosshost")
+    assert crosshost["wire_gap_ms"] is not None
+
+    for section in ("single", "batch", "gap"):
+        for e in results[section]:
+            assert e["verified"], f"{section} {e['impl']}: {e.get('error')}"
+            assert e.get("reps", e.get("runs", 0)) > 0
+
+    for name in ("results.json", "results.md", "latency_by_phase.png", "latency_vs_queue.png",
+                 "batch_conn_per_s.png", "peer_gap.png"):
+        assert (out / name).stat().st_size > 0, name
+    md = (out / "results.md").read_text()
+    assert "## Targets (issue 6)" in md and results["machine"]["kernel"] in md
+
+    assert _namespaces() == before_ns
+    assert _helpers() <= before_procs

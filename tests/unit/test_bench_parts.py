@@ -1,0 +1,152 @@
+"""The benchmark harness without measuring: how results of each part are shaped, merged, judged and explained."""
+
+from __future__ import annotations
+
+import cProfile
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_gap, profiles, report, run_all
+from benchmarks.gap_programs import chunk
+from benchmarks.results import (
+    check,
+    empty,
+    gap_from_runs,
+    lock_entries,
+    merge_single,
+    single_from_samples,
+)
+from benchmarks.subjects import largest_gap_s
+
+
+def test_lock_cases_become_lock_entries_with_the_reports_method_names() -> None:
+    cases = {
+        "sockrepair lock+unlock, 1 connection": {"n": 300, "median_us": 40.0, "p99_us": 90.0},
+        "sockrepair lock 10,000 connections": {"n": 3, "median_us": 9000.0, "p99_us": 9500.0},
+        "nft CLI lock+unlock, 1 connection": {"n": 10, "median_us": 20000.0, "p99_us": 30000.0},
+        "iptables x4 as criu runs it (iptables v1.8.9 (nf_tables))": {"n": 5, "median_us": 4e4, "p99_us": 5e4},
+        "libnftables lock+unlock, context reused": {"n": 100, "median_us": 600.0, "p99_us": 900.0},
+        "libnftables lock+unlock, new context per call (criu)": {"n": 10, "median_us": 3e4, "p99_us": 8e4},
+        "something new": {"n": 1, "median_us": 1.0, "p99_us": 1.0},
+    }
+    methods = [e["method"] for e in lock_entries(cases)]
+    assert methods == ["sockrepair", "sockrepair: lock 10,000 connections", "nft CLI", "iptables (criu)",
+                       "libnftables", "libnftables, new context per call (criu)", "something new"]
+    results = empty({})
+    results["lock"] = lock_entries(cases)
+    target = next(t for t in report.TARGETS if t.key == "lock")
+    assert report.judge(target, target.measure(results)) == "met"
+
+
+def test_two_series_of_the_c_reference_merge_into_one_entry_over_all_cycles() -> None:
+    first = single_from_samples("c", 0, {"read_state": [1.0, 2.0], "close": [1.0, 1.0]}, verified=True)
+    second = single_from_samples("c", 0, {"read_state": [3.0], "close": [1.0]}, verified=False, error="short")
+    other = single_from_samples("c", 4096, {"read_state": [5.0], "close": [1.0]}, verified=True)
+    merged = {e["queue_bytes"]: e for e in merge_single([first, other, second])}
+    assert merged[0]["reps"] == 3 and merged[0]["phases"]["read_state"]["median_us"] == 2.0
+    assert merged[0]["verified"] is False and merged[0]["error"] == "short"
+    assert merged[4096]["reps"] == 1 and merged[4096]["verified"]
+
+
+def test_gap_entries_keep_the_phases_and_fail_with_the_first_error() -> None:
+    ok = gap_from_runs("sockrepair", 1, [3.0, 5.0, 4.0], True, None, [2.0, 2.5, 3.0],
+                       [{"freeze": 0.5, "restore": 1.0}, {"freeze": 0.7, "restore": 1.2, "handoff": 0.1}])
+    assert ok["gap_ms"] == 4.0 and ok["max_gap_ms"] == 5.0 and ok["verified"]
+    assert ok["downtime_ms"] == 2.5 and ok["phases_ms"] == {"freeze": 0.6, "restore": 1.1, "handoff": 0.1}
+    none = gap_from_runs("criu-nftables", 1000, [], False, "criu dump failed: select")
+    assert math.isnan(none["gap_ms"]) and not none["verified"] and none["error"].startswith("criu dump")
+    results = empty({})
+    results["gap"] = [ok, none]
+    check(results)
+
+
+def test_a_missed_gap_says_where_the_time_went() -> None:
+    entry = gap_from_runs("sockrepair", 1, [250.0], True, None, [10.0],
+                          [{"freeze": 1.0, "untimed": 7.0, "restore": 2.0, "handoff": 0.5}])
+    where = report.gap_where(entry)
+    assert where.startswith("freeze to unlock 10.00 ms: untimed 7.00 ms, restore 2.00 ms, freeze 1.00 ms")
+    assert "handoff 500.0 µs" in where and "239.50 ms more waiting at the peer" in where
+    results = empty({})
+    results["gap"] = [entry]
+    assert report.missed(results) == ["gap-1"]
+
+
+def test_runs_are_interleaved_run_by_run() -> None:
+    plan = bench_gap.Plan({"sockrepair": {1: 2, 100: 1}, "criu-nftables": {1: 1}}, 0.0, 0.0)
+    order = bench_gap._schedule(plan, ["sockrepair", "criu-nftables"], None)
+    assert order == [("sockrepair", 1), ("criu-nftables", 1), ("sockrepair", 100), ("sockrepair", 1)]
+    assert bench_gap._schedule(plan, ["sockrepair"], [100]) == [("sockrepair", 100)]
+
+
+def test_the_gap_is_the_longest_round_trip_ending_after_the_move_began() -> None:
+    report_ = {"rounds": 100, "slow": [[1.0, 0.5], [10.0, 0.02], [10.1, 0.004]], "slowest": [1.0, 0.5]}
+    assert largest_gap_s(report_, since=10.005) == 0.02
+    assert largest_gap_s({"rounds": 100, "slow": [], "slowest": [3.0, 0.0004]}, since=10.0) == 0.0004
+    assert largest_gap_s({"rounds": 0, "slow": [], "slowest": None}, since=10.0) is None
+
+
+def test_each_round_of_each_connection_sends_different_bytes() -> None:
+    assert len(chunk(3, 7, 64)) == 64
+    assert len({chunk(c, s, 64) for c in range(20) for s in range(20)}) == 400
+
+
+def test_profile_rows_are_per_cycle_and_name_the_functions() -> None:
+    def work() -> int:
+        return sum(i * i for i in range(20000))
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(4):
+        work()
+    profiler.disable()
+    rows = profiles.rows(profiler, cycles=4, top=5)
+    assert len(rows) <= 5
+    mine = next(r for r in rows if r["function"].endswith("(work)") or "genexpr" in r["function"])
+    assert mine["calls"] >= 4 and mine["cumulative_ms"] >= mine["own_ms"] >= 0
+    assert all(" at 0x" not in r["function"] for r in rows)
+    assert profiles.for_target("gap-100", quick=True) is not None
+    assert profiles.for_target("no-such-target", quick=True) is None
+
+
+def test_profiles_are_shown_under_the_targets(tmp_path: Path) -> None:
+    results = empty({"cpu": "x"})
+    results["profiles"] = {"gap-1": {"what": "migrate", "cycles": 1, "rows": [
+        {"function": "capture.py:88(captured)", "calls": 1, "own_ms": 0.5, "cumulative_ms": 9.0}]}}
+    md = report.markdown(results)
+    assert "### Peer-seen gap, 1 connection moved" in md and "`capture.py:88(captured)`" in md
+    report.write(results, tmp_path)
+    assert report.load(tmp_path / "results.json")["profiles"]["gap-1"]["rows"][0]["cumulative_ms"] == 9.0
+
+
+def test_a_missing_engine_benchmark_is_a_note_not_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(run_all, "engine_module", lambda: None)
+    monkeypatch.setattr(run_all.machine, "describe", lambda: {"cpu": "test"})
+    monkeypatch.setattr(run_all.os, "geteuid", lambda: 0)
+    results = run_all.run(quick=True, parts=["engine"], progress=lambda _text: None)
+    assert results["single"] == [] and results["batch"] == []
+    assert any("bench_engine.py is missing" in note for note in results["notes"])
+
+
+def test_unknown_parts_and_no_root_are_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(run_all.os, "geteuid", lambda: 1000)
+    with pytest.raises(run_all.NotPermittedError, match="need root"):
+        run_all.run(parts=["gap"], progress=lambda _text: None)
+    monkeypatch.setattr(run_all.os, "geteuid", lambda: 0)
+    with pytest.raises(run_all.SockrepairError, match="unknown part"):
+        run_all.run(parts=["nope"], progress=lambda _text: None)
+
+
+def test_the_bench_subcommand_parses_and_reaches_the_benchmarks() -> None:
+    import argparse
+
+    from sockrepair.benchcli import _benchmarks_importable, add_bench_command
+
+    parser = argparse.ArgumentParser()
+    add_bench_command(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--quick", "--out", "x", "--parts", "gap"])
+    assert args.quick and args.out == Path("x") and args.parts == "gap" and not args.json
+    _benchmarks_importable()
+    assert set(args.parts.split(",")) <= set(run_all.PARTS)
+    assert parser.parse_args(["bench"]).parts.split(",") == list(run_all.PARTS)
