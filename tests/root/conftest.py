@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+from sockrepair.criu.locate import Criu, find_criu
+from sockrepair.errors import CriuError
 from sockrepair.lock import Locker
 from sockrepair.netns import NetNS
 
@@ -21,6 +26,31 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def netns() -> Iterator[NetNS]:
     with NetNS() as ns, ns.entered():
         yield ns
+
+
+@pytest.fixture(scope="module")
+def criu() -> Criu:
+    """The criu the project set up (scripts/setup_criu.py); tests that need it skip only when none is found."""
+    if os.geteuid() != 0:
+        pytest.skip("criu needs root")
+    try:
+        found = find_criu()
+    except CriuError as exc:
+        pytest.skip(f"criu is not set up: {exc}")
+    return found.require_working()
+
+
+@pytest.fixture
+def ns() -> Iterator[NetNS]:
+    """A namespace the test joins only where it says so (criu must not run under `ip netns exec`)."""
+    with NetNS() as made:
+        yield made
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="sockrepair-criu-") as d:
+        yield Path(d)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from sockrepair.criu.show import load_states
 from sockrepair.netns import NetNS
 from sockrepair.state import ConnectionState, ConnTuple
 
-from .test_criu_trees import Program, counting, criu, criu_cli, locks_in, ns, programs, work  # noqa: F401
+from .test_criu_trees import Program, counting, criu_cli, locks_in, programs  # noqa: F401
 
 pytestmark = pytest.mark.root
 

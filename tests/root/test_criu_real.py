@@ -5,11 +5,9 @@ only the namespace's network, never a new mount namespace) and is killed and del
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,29 +25,6 @@ pytestmark = pytest.mark.root
 
 HOLDER = Path(__file__).resolve().parent.parent / "data" / "criu" / "holder.py"
 READY_WAIT = 20.0
-
-
-@pytest.fixture(scope="module")
-def criu() -> Criu:
-    if os.geteuid() != 0:
-        pytest.skip("criu needs root")
-    try:
-        found = find_criu()
-    except CriuError as exc:
-        pytest.skip(f"criu is not set up: {exc}")
-    return found.require_working()
-
-
-@pytest.fixture
-def ns() -> Iterator[NetNS]:
-    with NetNS() as made:
-        yield made
-
-
-@pytest.fixture
-def work() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="sockrepair-criu-") as d:
-        yield Path(d)
 
 
 class Tree:

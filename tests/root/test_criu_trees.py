@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 
 from sockrepair.criu import driver, reap
 from sockrepair.criu.cli import add_criu_commands
-from sockrepair.criu.locate import Criu, find_criu
+from sockrepair.criu.locate import Criu
 from sockrepair.criu.manifest import LOCK_SKIP
 from sockrepair.criu.manifest import load as load_manifest
 from sockrepair.criu.procstat import stat
@@ -37,29 +36,6 @@ pytestmark = pytest.mark.root
 
 HOLDER = Path(__file__).resolve().parent.parent / "data" / "criu" / "holder.py"
 WAIT = 30.0
-
-
-@pytest.fixture(scope="module")
-def criu() -> Criu:
-    if os.geteuid() != 0:
-        pytest.skip("criu needs root")
-    try:
-        found = find_criu()
-    except CriuError as exc:
-        pytest.skip(f"criu is not set up: {exc}")
-    return found.require_working()
-
-
-@pytest.fixture
-def ns() -> Iterator[NetNS]:
-    with NetNS() as made:
-        yield made
-
-
-@pytest.fixture
-def work() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="sockrepair-criu-") as d:
-        yield Path(d)
 
 
 class Program:
