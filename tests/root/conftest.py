@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,6 +64,25 @@ def locker(netns: NetNS) -> Iterator[Locker]:
         lk.unlock_all()
         assert leftover == []
         assert lk.rule_count() == 0
+
+
+def namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+_OWNER = re.compile(r"^(?:sockrepair-|srlab)(\d+)")
+
+
+def leaked_namespaces(before: set[str]) -> set[str]:
+    """Namespaces made since `before` whose creating process is gone: what a finished run left behind. Those of a
+    process still running (another test run on the machine) are not this test's to judge."""
+    leaked = set()
+    for name in namespaces() - before:
+        owner = _OWNER.match(name)
+        if owner is None or not os.path.exists(f"/proc/{owner.group(1)}"):
+            leaked.add(name)
+    return leaked
 
 
 Pair = tuple[socket.socket, socket.socket]

@@ -16,14 +16,11 @@ from benchmarks.results import C_IMPL, SOCKREPAIR_IMPL
 from sockrepair.criu.locate import find_criu
 from sockrepair.errors import CriuError
 
+from .conftest import leaked_namespaces, namespaces
+
 pytestmark = pytest.mark.root
 REPO = Path(__file__).resolve().parents[2]
 SIZES = {0, 4 << 10, 64 << 10, 1 << 20, 16 << 20}
-
-
-def _namespaces() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
 def _helpers() -> set[int]:
@@ -49,7 +46,7 @@ def _criu_works() -> bool:
 def test_quick_bench_runs_every_variant_and_verifies_its_bytes(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("the benchmarks need root")
-    before_ns, before_procs = _namespaces(), _helpers()
+    before_ns, before_procs = namespaces(), _helpers()
     out = tmp_path / "bench"
     done = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick", "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
@@ -87,5 +84,5 @@ def test_quick_bench_runs_every_variant_and_verifies_its_bytes(tmp_path: Path) -
     md = (out / "results.md").read_text()
     assert "## Targets (issue 6)" in md and results["machine"]["kernel"] in md
 
-    assert _namespaces() == before_ns
+    assert leaked_namespaces(before_ns) == set()
     assert _helpers() <= before_procs

@@ -6,14 +6,11 @@ import json
 import subprocess
 import sys
 
-
-def _namespaces() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.strip()}
+from .conftest import leaked_namespaces, namespaces
 
 
 def test_demo_moves_every_byte_and_cleans_up():
-    before = _namespaces()
+    before = namespaces()
     done = subprocess.run([sys.executable, "-m", "sockrepair.cli", "demo", "--json", "--seconds", "1.5"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -25,4 +22,4 @@ def test_demo_moves_every_byte_and_cleans_up():
     assert all(w["ok"] and w["problems"] == [] for w in report["wire"])
     assert all(d["rst"] == 0 and d["syn"] == 0 and d["fin"] == 0 for w in report["wire"] for d in w["directions"])
     assert "[7/7]" in done.stderr  # progress was shown
-    assert _namespaces() - before == set(), "the demo left namespaces behind"
+    assert leaked_namespaces(before) == set(), "the demo left namespaces behind"
