@@ -56,6 +56,7 @@ class Captured:
     states: list[ConnectionState]
     freeze_method: str
     pidfd: PidFd
+    frozen_at: float  # time.perf_counter() when the freeze began: downtime counts from here
 
 
 def select_sockets(pid: int, wanted: Sequence[int] | None) -> list[ProcSocket]:
@@ -93,6 +94,7 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, phas
         # /proc/PID/net/tcp is read before the freeze (reading it costs ms with many connections); under the freeze
         # only the fd -> inode map is checked, and the table read again if the process changed its sockets meanwhile
         chosen = select_sockets(pid, wanted)
+        frozen_at = time.perf_counter()
         with phases.timed("freeze"), contextlib.ExitStack() as freezing:
             method = freezing.enter_context(frozen(pid))
             thaw = freezing.pop_all()
@@ -111,7 +113,7 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, phas
                 with phases.timed("checkpoint"):
                     for fd in fds:
                         states.append(checkpoint(fd))
-                yield Captured(pid, chosen, fds, states, method, pidfd)
+                yield Captured(pid, chosen, fds, states, method, pidfd, frozen_at)
             except BaseException:
                 for fd in fds[: len(states)]:
                     with contextlib.suppress(OSError):

@@ -51,9 +51,9 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         # table and rules built before the freeze: inside it, locking is one element transaction per namespace
         source_locker.prepare()
         dest_locker.prepare()
-        start = time.perf_counter()
         with captured(pid, wanted, source_locker, phases, ttl) as cap:
             tuples = [s.tuple for s in cap.sockets]
+            start = cap.frozen_at
             with phases.timed("lock"):
                 dest_locker.lock(tuples, ttl=ttl)
             with phases.timed("serialize"):
