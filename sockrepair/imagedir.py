@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import ImageError
+from .private import open_private
 from .state import ConnectionState, ConnTuple
 
 INDEX = "index.json"
@@ -29,15 +29,8 @@ class Entry:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Images carry payload bytes: created 0600 from the start, never readable by others even for a moment."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
+    with open_private(path) as f:
+        f.write(data)
 
 
 def write_dir(directory: Path, states: list[tuple[int, ConnectionState]], source: dict[str, Any]) -> list[Entry]:

@@ -8,7 +8,6 @@ timestamp (SO_TIMESTAMPNS), which is that clock, and pcap files store it; freeze
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 import struct
 import threading
@@ -20,6 +19,7 @@ from typing import Any
 from ._ffi import lib
 from .errors import SockrepairError
 from .netns import named
+from .private import open_private
 from .state import ConnTuple
 
 _ETH_P_ALL = 0x0003
@@ -177,11 +177,10 @@ _LINKTYPE_ETHERNET = 1
 def write_pcap(path: str | Path, frames: Sequence[Frame]) -> None:
     """A nanosecond pcap of `frames`, mode 0600 (it holds payload bytes)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        f = open_private(path)
     except OSError as exc:
         raise WireError(f"cannot write {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(fd, 0o600)
+    with f:
         f.write(struct.pack("<IHHiIII", _PCAP_NS_MAGIC, 2, 4, 0, 0, _SNAPLEN, _LINKTYPE_ETHERNET))
         for frame in frames:
             ns = round(frame.ts * 1e9)

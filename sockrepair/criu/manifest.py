@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import ImageError
+from ..private import open_private
 from ..state import ConnTuple
 
 MANIFEST = "sockrepair-criu.json"
@@ -60,8 +61,7 @@ class Manifest:
     def save(self, directory: Path) -> None:
         """Atomically, 0600 (it names every connection)."""
         tmp = directory / (MANIFEST + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
+        with open_private(tmp, "w") as f:
             json.dump(asdict(self), f, indent=2)
             f.write("\n")
         os.replace(tmp, directory / MANIFEST)
