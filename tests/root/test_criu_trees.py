@@ -5,9 +5,7 @@ the tests create; criu and the programs join only the namespace's network (`NetN
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -31,6 +29,8 @@ from sockrepair.errors import CriuError
 from sockrepair.lock import Locker
 from sockrepair.netns import NetNS
 from sockrepair.wire import Recorder
+
+from ..clihelp import run_group
 
 pytestmark = pytest.mark.root
 
@@ -145,13 +145,7 @@ def test_seed_scenario_continues_exactly_in_either_restore_order(
 
 def criu_cli(*argv: str) -> tuple[int, str]:
     """`sockrepair criu ...` as the CLI runs it (the command group on a parser of its own)."""
-    parser = argparse.ArgumentParser(prog="sockrepair")
-    add_criu_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["criu", *argv])
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = args.func(args)
-    return code, out.getvalue()
+    return run_group(add_criu_commands, "criu", *argv)
 
 
 def test_tree_with_both_ends_of_100_connections_keeps_every_byte(criu: Criu, ns: NetNS, work: Path) -> None:

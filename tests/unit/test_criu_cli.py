@@ -23,17 +23,13 @@ from sockrepair.criu.manifest import Manifest, TreeRecord
 from sockrepair.criu.show import load_states
 from sockrepair.errors import CriuError, ImageError
 
+from ..clihelp import run_group
+
 DATA = Path(__file__).resolve().parent.parent / "data" / "criu"
 
 
 def run(*argv: str) -> tuple[int, str]:
-    parser = argparse.ArgumentParser(prog="sockrepair")
-    add_criu_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["criu", *argv])
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = args.func(args)
-    return code, out.getvalue()
+    return run_group(add_criu_commands, "criu", *argv)
 
 
 def parse_error(*argv: str) -> str:
