@@ -1,7 +1,7 @@
 """sockrepair: move live TCP connections between sockets, processes and hosts with Linux TCP_REPAIR."""
 
-from .checkpoint import checkpoint, discard, resume
-from .errors import (
+from sockrepair.engine import checkpoint, discard, restore, resume
+from sockrepair.errors import (
     AddressInUseError,
     AddressNotLocalError,
     CriuError,
@@ -14,10 +14,23 @@ from .errors import (
     SockrepairError,
     UnsupportedError,
 )
-from .lock import Locker, LockRecord, list_locks, lock, locked, unlock, unlock_all
-from .migrate import MigrationReport, migrate
-from .restore import restore
-from .state import ConnectionState, ConnTuple, RepairWindow, SocketOptions, TcpOptions
+from sockrepair.lock import (
+    Locker,
+    LockRecord,
+    list_locks,
+    lock,
+    locked,
+    unlock,
+    unlock_all,
+)
+from sockrepair.move.migrate import MigrationReport, migrate
+from sockrepair.state import (
+    ConnectionState,
+    ConnTuple,
+    RepairWindow,
+    SocketOptions,
+    TcpOptions,
+)
 
 __version__ = "0.1.0"
 

@@ -11,16 +11,16 @@ import sys
 import time
 from typing import IO, Any
 
-from .errors import SockrepairError, UnsupportedError
-from .handoff import spawn_with_sockets
-from .lab import SERVICE4, Lab
-from .lock import nft_status
-from .migrate import migrate
-from .pingpong import PingPong
-from .probe import probe
-from .programs import ECHO_SERVER
-from .state import ConnTuple
-from .wire import Recorder
+from sockrepair.check import probe
+from sockrepair.errors import SockrepairError, UnsupportedError
+from sockrepair.lab.hosts import SERVICE4, Lab
+from sockrepair.lab.pingpong import PingPong
+from sockrepair.lab.programs import ECHO_SERVER
+from sockrepair.lab.wire import Recorder
+from sockrepair.lock import nft_status
+from sockrepair.move.handoff import spawn_with_sockets
+from sockrepair.move.migrate import migrate
+from sockrepair.state import ConnTuple
 
 PORT = 7000
 STEPS = 7

@@ -11,8 +11,8 @@ import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
 
-from ._ffi import ffi, lib
-from .errors import SockrepairError, UnsupportedError
+from sockrepair.engine._ffi import ffi, lib
+from sockrepair.errors import SockrepairError, UnsupportedError
 
 
 class NetnsError(SockrepairError):

@@ -171,19 +171,19 @@ class ConnectionState:
         return self.send_queue[len(self.send_queue) - self.unsent_len :]
 
     def to_bytes(self) -> bytes:
-        from .image import encode
+        from sockrepair.image import encode
 
         return encode(self)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ConnectionState:
-        from .image import decode
+        from sockrepair.image import decode
 
         return decode(data)
 
     def to_dict(self, payload: bool = False) -> dict[str, Any]:
         """A JSON-ready view. Queue contents are summarised by length and sha256 unless `payload` asks for hex."""
-        from .jsonview import state_to_dict
+        from sockrepair.image.jsonview import state_to_dict
 
         return state_to_dict(self, payload=payload)
 

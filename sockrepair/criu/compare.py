@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..capture import inspect
-from ..netns import inside
-from ..state import ConnectionState, ConnTuple
-from .explain import criu_error, explain_dir
-from .images import load_connections
-from .locate import Criu, find_criu
-from .topology import map_trees
+from sockrepair.criu.explain import criu_error, explain_dir
+from sockrepair.criu.images import load_connections
+from sockrepair.criu.locate import Criu, find_criu
+from sockrepair.criu.topology import map_trees
+from sockrepair.move.take import inspect
+from sockrepair.netns import inside
+from sockrepair.state import ConnectionState, ConnTuple
 
 SAME, EXPLAINED, NOT_KEPT, DIFFERS = "same", "explained", "not kept", "differs"
 SEQ_MOD = 1 << 32

@@ -16,18 +16,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CriuError
-from ..lock import Locker
-from ..lock.locker import MAX_TTL
-from ..netns import inside, named
-from ..state import ConnTuple
-from .explain import CriuFailure, Report, criu_error, explain_dir, explain_text
-from .locate import Criu, find_criu
-from .lockhold import LABEL, plan_from_images, plan_from_topology, releasable, renewing, still_waiting
-from .manifest import LOCK_CRIU, LOCK_SKIP, MANIFEST, Manifest, TreeRecord, is_dump_dir, load
-from .procstat import stat
-from .reap import reap, wait_free
-from .topology import Topology, map_trees
+from sockrepair.criu.explain import (
+    CriuFailure,
+    Report,
+    criu_error,
+    explain_dir,
+    explain_text,
+)
+from sockrepair.criu.locate import Criu, find_criu
+from sockrepair.criu.lockhold import (
+    LABEL,
+    plan_from_images,
+    plan_from_topology,
+    releasable,
+    renewing,
+    still_waiting,
+)
+from sockrepair.criu.manifest import (
+    LOCK_CRIU,
+    LOCK_SKIP,
+    MANIFEST,
+    Manifest,
+    TreeRecord,
+    is_dump_dir,
+    load,
+)
+from sockrepair.criu.reap import reap, wait_free
+from sockrepair.criu.topology import Topology, map_trees
+from sockrepair.errors import CriuError
+from sockrepair.lock import Locker
+from sockrepair.lock.locker import MAX_TTL
+from sockrepair.move.procstat import stat
+from sockrepair.netns import inside, named
+from sockrepair.state import ConnTuple
 
 # The lock must outlive the gap between `criu dump` and `criu restore`, two commands a person runs.
 DEFAULT_TTL = 600.0

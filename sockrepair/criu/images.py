@@ -17,8 +17,14 @@ from typing import Any
 import construct as cs
 from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory
 
-from ..errors import ImageError
-from ..state import ConnectionState, ConnTuple, RepairWindow, SocketOptions, TcpOptions
+from sockrepair.errors import ImageError
+from sockrepair.state import (
+    ConnectionState,
+    ConnTuple,
+    RepairWindow,
+    SocketOptions,
+    TcpOptions,
+)
 
 MAGIC_COMMON = 0x54564319
 MAGIC_TCP_STREAM = 0x51465506

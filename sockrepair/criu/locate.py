@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CriuError
-from .explain import CATALOGUE, KnownError, Report, explain_text
+from sockrepair.criu.explain import CATALOGUE, KnownError, Report, explain_text
+from sockrepair.errors import CriuError
 
 ENV_VAR = "SOCKREPAIR_CRIU"
 PREFIX_WRAPPER = Path(__file__).resolve().parents[2] / ".prefix" / "bin" / "criu"

@@ -9,11 +9,11 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from ..lock import Locker
-from ..state import ConnTuple
-from .images import load_connections
-from .manifest import LockedConnection, Manifest
-from .topology import PEER_TREE, Topology
+from sockrepair.criu.images import load_connections
+from sockrepair.criu.manifest import LockedConnection, Manifest
+from sockrepair.criu.topology import PEER_TREE, Topology
+from sockrepair.lock import Locker
+from sockrepair.state import ConnTuple
 
 log = logging.getLogger(__name__)
 

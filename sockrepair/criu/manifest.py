@@ -10,9 +10,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import ImageError
-from ..private import open_private
-from ..state import ConnTuple
+from sockrepair.errors import ImageError
+from sockrepair.private import open_private
+from sockrepair.state import ConnTuple
 
 MANIFEST = "sockrepair-criu.json"
 VERSION = 1

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from .procstat import describe, stat
+from sockrepair.move.procstat import describe, stat
 
 REAP_TIMEOUT = 10.0
 

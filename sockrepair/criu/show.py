@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ImageError
-from ..state import ConnectionState, state_name
-from .images import load_connections
-from .manifest import LOCK_SKIP, Manifest, is_dump_dir, load
+from sockrepair.criu.images import load_connections
+from sockrepair.criu.manifest import LOCK_SKIP, Manifest, is_dump_dir, load
+from sockrepair.errors import ImageError
+from sockrepair.state import ConnectionState, state_name
 
 
 @dataclass

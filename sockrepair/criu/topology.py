@@ -8,10 +8,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CriuError
-from ..procfs import ProcessError, tcp_table, socket_inodes
-from ..state import TCP_ESTABLISHED, ConnTuple
-from .procstat import ProcStat, all_stats, descendants, describe, netns_inode
+from sockrepair.errors import CriuError
+from sockrepair.move.procfs import ProcessError, socket_inodes, tcp_table
+from sockrepair.move.procstat import (
+    ProcStat,
+    all_stats,
+    descendants,
+    describe,
+    netns_inode,
+)
+from sockrepair.state import TCP_ESTABLISHED, ConnTuple
 
 PEER_TREE = "tree"
 PEER_EXTERNAL = "external"

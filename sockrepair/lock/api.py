@@ -9,10 +9,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 
-from ..errors import LockError
-from ..state import ConnTuple
-from .locker import DEFAULT_TTL, Lockable, Locker, LockRecord
-from .netlink import check_netns_name
+from sockrepair.errors import LockError
+from sockrepair.lock.locker import DEFAULT_TTL, Lockable, Locker, LockRecord
+from sockrepair.lock.netlink import check_netns_name
+from sockrepair.state import ConnTuple
 
 # Each cached socket pins its namespace in the kernel: keep a few, close the least recently used.
 _CACHE_MAX = 8

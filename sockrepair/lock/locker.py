@@ -15,12 +15,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..errors import LockError
-from ..state import ConnTuple
-from . import nfconst as c
-from . import ruleset
-from .netlink import NfSocket, NftError, attrs, be64, iter_attrs
-from .owner import decode_owner, default_owner, encode_owner
+from sockrepair.errors import LockError
+from sockrepair.lock import nfconst as c
+from sockrepair.lock import ruleset
+from sockrepair.lock.netlink import NfSocket, NftError, attrs, be64, iter_attrs
+from sockrepair.lock.owner import decode_owner, default_owner, encode_owner
+from sockrepair.state import ConnTuple
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from ..errors import LockError
-from . import nfconst as c
+from sockrepair.errors import LockError
+from sockrepair.lock import nfconst as c
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("=BBH")
@@ -243,7 +243,7 @@ def check_netns_name(netns: str) -> str:
 def _open_socket(netns: str | None) -> socket.socket:
     if netns is None:
         return _new_socket()
-    from ..netns import NetNS, NetnsError
+    from sockrepair.netns import NetNS, NetnsError
 
     check_netns_name(netns)
     try:

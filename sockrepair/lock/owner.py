@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import socket
 
-from . import nfconst as c
+from sockrepair.lock import nfconst as c
 
 # nft refuses longer comments (NFTNL_UDATA_COMMENT_MAXLEN, NUL included).
 MAX_OWNER_BYTES = 127

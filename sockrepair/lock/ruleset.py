@@ -25,9 +25,9 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from ..state import ConnTuple
-from . import nfconst as c
-from .netlink import Request, attr, attr_be32, attr_be64, attr_str, nest
+from sockrepair.lock import nfconst as c
+from sockrepair.lock.netlink import Request, attr, attr_be32, attr_be64, attr_str, nest
+from sockrepair.state import ConnTuple
 
 TABLE = "sockrepair"
 FAMILY = c.NFPROTO_INET

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..errors import LockError
-from .locker import Locker
-from .ruleset import CHAINS, FAMILIES, TABLE
+from sockrepair.errors import LockError
+from sockrepair.lock.locker import Locker
+from sockrepair.lock.ruleset import CHAINS, FAMILIES, TABLE
 
 
 def nft_status(netns: str | None = None) -> dict[str, Any]:

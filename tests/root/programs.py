@@ -7,7 +7,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from sockrepair.programs import ECHO_SERVER
+from sockrepair.lab.programs import ECHO_SERVER
 
 
 def start_echo(listen: str | None = None, extra_env: dict[str, str] | None = None,

@@ -7,7 +7,7 @@ import select
 import socket
 import time
 
-from sockrepair.pattern import first_mismatch, pattern
+from sockrepair.lab.pattern import first_mismatch, pattern
 
 __all__ = ["first_mismatch", "pattern", "recv_exactly", "send_until_full"]
 

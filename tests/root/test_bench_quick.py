@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import run_all
-from benchmarks.results import C_IMPL, SOCKREPAIR_IMPL
+from sockrepair.bench import run_all
+from sockrepair.bench.results import C_IMPL, SOCKREPAIR_IMPL
 from sockrepair.criu.locate import find_criu
 from sockrepair.errors import CriuError
-
-from .conftest import leaked_namespaces, namespaces
+from tests.root.conftest import leaked_namespaces, namespaces
 
 pytestmark = pytest.mark.root
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +47,7 @@ def test_quick_bench_runs_every_variant_and_verifies_its_bytes(tmp_path: Path) -
         pytest.skip("the benchmarks need root")
     before_ns, before_procs = namespaces(), _helpers()
     out = tmp_path / "bench"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick", "--out", str(out)], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "sockrepair.bench.run_all", "--quick", "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "== peer-seen gap" in done.stderr  # progress while running

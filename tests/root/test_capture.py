@@ -13,13 +13,12 @@ import time
 import pytest
 
 import sockrepair
-from sockrepair.capture import After, dump, inspect
-from sockrepair.imagedir import read_dir
-from sockrepair.procfs import ProcessError
-from sockrepair.programs import ECHO_SERVER
-
-from .programs import free_port, start_echo, stop
-from .streams import pattern, recv_exactly
+from sockrepair.image.directory import read_dir
+from sockrepair.lab.programs import ECHO_SERVER
+from sockrepair.move.procfs import ProcessError
+from sockrepair.move.take import After, dump, inspect
+from tests.root.programs import free_port, start_echo, stop
+from tests.root.streams import pattern, recv_exactly
 
 
 def _connect(port: int, n: int) -> list[socket.socket]:
@@ -48,7 +47,7 @@ def test_dump_by_pid_and_restore_into_a_new_program(netns, tmp_path):
         mode = os.stat(tmp_path / "img" / "conn-0.img").st_mode & 0o777
         assert mode == 0o600
         restored = subprocess.Popen(
-            [sys.executable, "-m", "sockrepair.cli", "restore", "-D", str(tmp_path / "img"), "--exec",
+            [sys.executable, "-m", "sockrepair.cli.main", "restore", "-D", str(tmp_path / "img"), "--exec",
              sys.executable, str(ECHO_SERVER)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert restored.stdout is not None
         assert restored.stdout.readline().startswith(b"ready")
@@ -159,8 +158,8 @@ def test_restore_where_the_address_is_missing_then_retry(tmp_path):
     """A failed restore leaves the images usable and no stale lock (the TTL ends it); a retry where the address
     exists brings the connection back."""
     from sockrepair.lock import Locker
+    from sockrepair.move.land import restore_all
     from sockrepair.netns import NetNS
-    from sockrepair.restoredir import restore_all
 
     with NetNS() as src, NetNS() as dst:
         dst.ip("addr", "del", "127.0.0.1/8", "dev", "lo")  # 127.0.0.1 is not a local address there
@@ -194,8 +193,8 @@ def test_restore_where_the_address_is_missing_then_retry(tmp_path):
 def test_inspect_sends_nothing_on_the_wire(netns):
     """inspect leaves repair mode without a window probe: an idle connection stays silent on the wire. The same
     freeze ended WITH a probe is seen, which shows the check can fail."""
-    from sockrepair.repair import repair_off
-    from sockrepair.wire import Recorder
+    from sockrepair.engine._repair import repair_off
+    from sockrepair.lab.wire import Recorder
 
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cref
+from sockrepair.bench import cref
 
 pytestmark = pytest.mark.root
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sockrepair.cli import main as sockrepair_main
+from sockrepair.cli.main import main as sockrepair_main
 from sockrepair.criu import driver
 from sockrepair.criu.compare import DIFFERS, EXPLAINED, NOT_KEPT, SAME, compare
 from sockrepair.criu.locate import Criu
@@ -22,8 +22,7 @@ from sockrepair.criu.manifest import LOCK_SKIP
 from sockrepair.criu.show import load_states
 from sockrepair.netns import NetNS
 from sockrepair.state import ConnectionState, ConnTuple
-
-from .test_criu_trees import Program, counting, criu_cli, locks_in, programs  # noqa: F401
+from tests.root.test_criu_trees import Program, counting, criu_cli, locks_in, programs  # noqa: F401
 
 pytestmark = pytest.mark.root
 

@@ -18,19 +18,18 @@ from pathlib import Path
 
 import pytest
 
+from sockrepair.cli.criu import add_criu_commands
 from sockrepair.criu import driver, reap
-from sockrepair.criu.cli import add_criu_commands
 from sockrepair.criu.locate import Criu
 from sockrepair.criu.manifest import LOCK_SKIP
 from sockrepair.criu.manifest import load as load_manifest
-from sockrepair.criu.procstat import stat
 from sockrepair.criu.topology import PEER_EXTERNAL, PEER_TREE, map_trees
 from sockrepair.errors import CriuError
+from sockrepair.lab.wire import Recorder
 from sockrepair.lock import Locker
+from sockrepair.move.procstat import stat
 from sockrepair.netns import NetNS
-from sockrepair.wire import Recorder
-
-from ..clihelp import run_group
+from tests.clihelp import run_group
 
 pytestmark = pytest.mark.root
 

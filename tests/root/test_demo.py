@@ -6,12 +6,12 @@ import json
 import subprocess
 import sys
 
-from .conftest import leaked_namespaces, namespaces
+from tests.root.conftest import leaked_namespaces, namespaces
 
 
 def test_demo_moves_every_byte_and_cleans_up():
     before = namespaces()
-    done = subprocess.run([sys.executable, "-m", "sockrepair.cli", "demo", "--json", "--seconds", "1.5"],
+    done = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "demo", "--json", "--seconds", "1.5"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)

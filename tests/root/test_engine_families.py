@@ -9,8 +9,8 @@ import time
 import pytest
 
 import sockrepair
-from sockrepair.sockopts import read_sockopts
-from sockrepair.tcpopts import read_options, tcp_info
+from sockrepair.engine._sockopts import read_sockopts
+from sockrepair.engine._tcpopts import read_options, tcp_info
 
 FAMILIES = [
     pytest.param(socket.AF_INET, "127.0.0.1", id="ipv4"),

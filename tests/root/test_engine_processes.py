@@ -12,10 +12,9 @@ import socket
 from collections.abc import Callable
 
 import sockrepair
+from sockrepair.engine._addr import read_tuple
 from sockrepair.lock import close_cached_lockers
-from sockrepair.addr import read_tuple
-
-from .streams import pattern, recv_exactly
+from tests.root.streams import pattern, recv_exactly
 
 HOPS = 100
 

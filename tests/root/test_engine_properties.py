@@ -8,9 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sockrepair
-
-from .conftest import _make_pair
-from .streams import pattern, recv_exactly, send_until_full
+from tests.root.conftest import _make_pair
+from tests.root.streams import pattern, recv_exactly, send_until_full
 
 KIB = 1024
 

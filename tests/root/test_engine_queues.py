@@ -7,8 +7,7 @@ import socket
 import time
 
 import sockrepair
-
-from .streams import first_mismatch, pattern, recv_exactly, send_until_full
+from tests.root.streams import first_mismatch, pattern, recv_exactly, send_until_full
 
 MIB = 1 << 20
 

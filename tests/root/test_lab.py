@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sockrepair.lab import Lab
+from sockrepair.lab.hosts import Lab
 from sockrepair.netns import NetnsError
 
 
@@ -115,7 +115,7 @@ def test_error_inside_deletes_everything() -> None:
 def test_signal_deletes_everything(sig: int) -> None:
     script = textwrap.dedent("""
         import sys, time
-        from sockrepair.lab import Lab
+        from sockrepair.lab.hosts import Lab
         with Lab() as lab:
             print(lab.prefix, flush=True)
             time.sleep(60)

@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import pytest
 
-from sockrepair.lock import api as lockmod
+from sockrepair.cli.lock import add_lock_commands
 from sockrepair.errors import LockError
 from sockrepair.lock import Locker, nft_status
-from sockrepair.lock.cli import add_lock_commands
+from sockrepair.lock import api as lockmod
 from sockrepair.netns import NetNS
 from sockrepair.state import ConnTuple
 

@@ -6,12 +6,11 @@ import sys
 import time
 
 import sockrepair
-from sockrepair.handoff import spawn_with_sockets
+from sockrepair.lab.pingpong import PingPong
+from sockrepair.lab.programs import ECHO_SERVER
+from sockrepair.move.handoff import spawn_with_sockets
 from sockrepair.netns import NetNS
-from sockrepair.pingpong import PingPong
-from sockrepair.programs import ECHO_SERVER
-
-from .programs import free_port, start_echo, stop
+from tests.root.programs import free_port, start_echo, stop
 
 
 def test_migrate_to_a_new_program_under_traffic():

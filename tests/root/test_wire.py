@@ -15,9 +15,9 @@ from typing import TypeVar
 import pytest
 
 import sockrepair
-from sockrepair.lab import Host, Lab
+from sockrepair.lab.hosts import Host, Lab
+from sockrepair.lab.wire import Recorder, WireError, WireReport, analyse, read_segments
 from sockrepair.state import ConnTuple
-from sockrepair.wire import Recorder, WireError, WireReport, analyse, read_segments
 
 T = TypeVar("T")
 PORT = 7000

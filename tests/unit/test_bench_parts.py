@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench_gap, profiles, report, run_all
-from benchmarks.gap_programs import chunk
-from benchmarks.results import (
+from sockrepair.bench import bench_gap, profiles, report, run_all
+from sockrepair.bench.gap_programs import chunk
+from sockrepair.bench.results import (
     check,
     empty,
     gap_from_runs,
@@ -18,7 +18,7 @@ from benchmarks.results import (
     merge_single,
     single_from_samples,
 )
-from benchmarks.subjects import largest_gap_s
+from sockrepair.bench.subjects import largest_gap_s
 
 
 def test_lock_cases_become_lock_entries_with_the_reports_method_names() -> None:
@@ -141,7 +141,7 @@ def test_unknown_parts_and_no_root_are_one_line_errors(monkeypatch: pytest.Monke
 def test_the_bench_subcommand_parses_and_reaches_the_benchmarks() -> None:
     import argparse
 
-    from sockrepair.benchcli import _benchmarks_importable, add_bench_command
+    from sockrepair.cli.bench import _benchmarks_importable, add_bench_command
 
     parser = argparse.ArgumentParser()
     add_bench_command(parser.add_subparsers())

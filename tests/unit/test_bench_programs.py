@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.subjects import GapClient, start_receiver, stop
-from sockrepair.handoff import send_over_unix
+from sockrepair.bench.subjects import GapClient, start_receiver, stop
+from sockrepair.move.handoff import send_over_unix
 from sockrepair.state import ConnTuple
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cref, report
-from benchmarks.results import (
+from sockrepair.bench import cref, report
+from sockrepair.bench.results import (
     Results,
     ResultsError,
     batch_from_samples,

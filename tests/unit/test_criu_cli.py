@@ -14,16 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from sockrepair.cli import build_parser
+from sockrepair.cli.criu import add_criu_commands
+from sockrepair.cli.main import build_parser
 from sockrepair.criu import driver
-from sockrepair.criu.cli import add_criu_commands
 from sockrepair.criu.images import load_connections
 from sockrepair.criu.locate import Criu
 from sockrepair.criu.manifest import Manifest, TreeRecord
 from sockrepair.criu.show import load_states
 from sockrepair.errors import CriuError, ImageError
-
-from ..clihelp import run_group
+from tests.clihelp import run_group
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "criu"
 

@@ -6,7 +6,13 @@ from __future__ import annotations
 import socket
 
 from sockrepair.criu.compare import DIFFERS, EXPLAINED, NOT_KEPT, SAME, compare_states
-from sockrepair.state import ConnectionState, ConnTuple, RepairWindow, SocketOptions, TcpOptions
+from sockrepair.state import (
+    ConnectionState,
+    ConnTuple,
+    RepairWindow,
+    SocketOptions,
+    TcpOptions,
+)
 
 SEND = bytes(range(200)) * 5
 RECV = bytes(range(100, 200)) * 3

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from sockrepair.criu.manifest import MANIFEST, LockedConnection, Manifest, TreeRecord, is_dump_dir, load
+from sockrepair.criu.manifest import (
+    MANIFEST,
+    LockedConnection,
+    Manifest,
+    TreeRecord,
+    is_dump_dir,
+    load,
+)
 from sockrepair.errors import ImageError
 
 

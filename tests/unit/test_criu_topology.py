@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from sockrepair.criu.procstat import ProcStat, descendants, stat
 from sockrepair.criu.topology import PEER_EXTERNAL, PEER_TREE, map_trees
 from sockrepair.errors import CriuError
+from sockrepair.move.procstat import ProcStat, descendants, stat
 from sockrepair.state import ConnTuple
 
 

@@ -15,13 +15,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sockrepair import image, jsonview
 from sockrepair.errors import ImageError
-from sockrepair.state import ConnectionState, ConnTuple, RepairWindow, SocketOptions, TcpOptions
+from sockrepair.image import _codec as image
+from sockrepair.image import format, jsonview, layout
+from sockrepair.state import (
+    ConnectionState,
+    ConnTuple,
+    RepairWindow,
+    SocketOptions,
+    TcpOptions,
+)
 
 U32 = st.integers(0, 2**32 - 1)
 I32 = st.integers(-(2**31), 2**31 - 1)
-SHORT_TEXT = st.text(max_size=image.MAX_NAME).filter(lambda s: len(s.encode()) <= image.MAX_NAME)
+SHORT_TEXT = st.text(max_size=layout.MAX_NAME).filter(lambda s: len(s.encode()) <= layout.MAX_NAME)
 
 
 def _addresses(family: int, size: int, prefix: bytes = b"") -> st.SearchStrategy[str]:
@@ -46,13 +53,13 @@ def conn_tuples(draw: st.DrawFn) -> ConnTuple:
 @st.composite
 def states(draw: st.DrawFn) -> ConnectionState:
     send = draw(st.binary(max_size=2048))
-    values: dict[str, Any] = {name: draw(st.booleans()) for name in image.SOCKOPT_FLAGS}
-    values |= {name: draw(I32) for name in image.SOCKOPT_INTS}
+    values: dict[str, Any] = {name: draw(st.booleans()) for name in layout.SOCKOPT_FLAGS}
+    values |= {name: draw(I32) for name in layout.SOCKOPT_INTS}
     sockopts = SocketOptions(**values, bindtodevice=draw(SHORT_TEXT), congestion=draw(SHORT_TEXT))
-    wscale = st.integers(0, image.MAX_WSCALE)
+    wscale = st.integers(0, layout.MAX_WSCALE)
     return ConnectionState(
         tuple=draw(conn_tuples()),
-        tcp_state=draw(st.sampled_from(sorted(image.VALID_TCP_STATES))),
+        tcp_state=draw(st.sampled_from(sorted(layout.VALID_TCP_STATES))),
         send_seq=draw(U32),
         recv_seq=draw(U32),
         send_queue=send,
@@ -109,8 +116,8 @@ def container_of(state: ConnectionState) -> dict:
         },
         "window": None if state.window is None else dataclasses.asdict(state.window),
         "sockopts": {
-            "flags": {name: getattr(so, name) for name in image.SOCKOPT_FLAGS},
-            **{name: getattr(so, name) for name in image.SOCKOPT_INTS},
+            "flags": {name: getattr(so, name) for name in layout.SOCKOPT_FLAGS},
+            **{name: getattr(so, name) for name in layout.SOCKOPT_INTS},
             "bindtodevice": so.bindtodevice,
             "congestion": so.congestion,
         },
@@ -159,8 +166,8 @@ def test_round_trip(state: ConnectionState) -> None:
 @settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 def test_fast_codec_builds_what_construct_builds(state: ConnectionState) -> None:
     data = image.encode(state)
-    assert data == image.ConnectionImage.build(container_of(state))
-    assert image.ConnectionImage.parse(data).signed.value.body.unsent_len == state.unsent_len
+    assert data == format.ConnectionImage.build(container_of(state))
+    assert format.ConnectionImage.parse(data).signed.value.body.unsent_len == state.unsent_len
 
 
 @pytest.mark.parametrize(
@@ -207,13 +214,13 @@ def test_layout_of_the_base_image() -> None:
 
 def test_record_sizes_match_the_construct_definition() -> None:
     assert image.HEADER_SIZE == 12 and image.CRC_SIZE == 4
-    assert image.TcpOptionsRecord.sizeof() == 5
-    assert image.RepairWindowRecord.sizeof() == 20
-    for (version, window), layout in image._LAYOUTS.items():
+    assert format.TcpOptionsRecord.sizeof() == 5
+    assert format.RepairWindowRecord.sizeof() == 20
+    for (version, window), body in image._LAYOUTS.items():
         addr = 4 if version == 4 else 16
         tuple_size = 5 + 2 * addr
-        fixed = tuple_size + 13 + image.TcpOptionsRecord.sizeof() + (20 if window else 0) + 1 + 4 * 13
-        assert layout.body.size == fixed
+        fixed = tuple_size + 13 + format.TcpOptionsRecord.sizeof() + (20 if window else 0) + 1 + 4 * 13
+        assert body.body.size == fixed
 
 
 # ---- malformed input: one test per kind ---------------------------------------------------------------------------
@@ -353,10 +360,10 @@ def test_every_malformed_kind_is_also_rejected_by_construct() -> None:
         patched(good, 117, ">B", 16), patched(good, 120, ">B", 0xFF), patched(good, 123, ">I", 12),
         patched(good, 127, ">I", 0xFFFFFFFF), patched(good, 142, ">I", 4),
     ]  # fmt: skip
-    image.ConnectionImage.parse(good)
+    format.ConnectionImage.parse(good)
     for data in bad:
         with pytest.raises(Exception) as err:
-            image.ConnectionImage.parse(data)
+            format.ConnectionImage.parse(data)
         assert type(err.value).__module__.startswith("construct"), err.value
         with pytest.raises(ImageError):
             image.decode(data)

@@ -13,9 +13,16 @@ from collections.abc import Callable, Iterator
 import construct
 import pytest
 
-from sockrepair import image
 from sockrepair.errors import ImageError
-from sockrepair.state import ConnectionState, ConnTuple, RepairWindow, SocketOptions, TcpOptions
+from sockrepair.image import _codec as image
+from sockrepair.image import format, layout
+from sockrepair.state import (
+    ConnectionState,
+    ConnTuple,
+    RepairWindow,
+    SocketOptions,
+    TcpOptions,
+)
 
 MUTANTS_PER_BASE = 700
 
@@ -113,11 +120,11 @@ def state_from_container(c: construct.Container) -> ConnectionState:
         recv_queue=body.recv_queue,
         options=TcpOptions(body.options.mss, body.options.flags.sack, body.options.flags.timestamps,
                            body.options.flags.wscale, body.options.snd_wscale, body.options.rcv_wscale),
-        window=None if body.window is None else RepairWindow(*(body.window[n] for n in image.WINDOW_FIELDS)),
+        window=None if body.window is None else RepairWindow(*(body.window[n] for n in layout.WINDOW_FIELDS)),
         timestamp=body.timestamp,
         sockopts=SocketOptions(
-            **{name: so.flags[name] for name in image.SOCKOPT_FLAGS},
-            **{name: so[name] for name in image.SOCKOPT_INTS},
+            **{name: so.flags[name] for name in layout.SOCKOPT_FLAGS},
+            **{name: so[name] for name in layout.SOCKOPT_INTS},
             bindtodevice=so.bindtodevice,
             congestion=so.congestion,
         ),
@@ -126,7 +133,7 @@ def state_from_container(c: construct.Container) -> ConnectionState:
 
 def reference(data: bytes) -> ConnectionState | None:
     try:
-        return state_from_container(image.ConnectionImage.parse(data))
+        return state_from_container(format.ConnectionImage.parse(data))
     except construct.ConstructError:
         return None
 
@@ -158,7 +165,7 @@ def test_mutated_images(index: int) -> None:
 
 def test_random_garbage() -> None:
     rng = random.Random(7)
-    header = image.MAGIC + struct.pack(">HH", image.VERSION, 0)
+    header = layout.MAGIC + struct.pack(">HH", layout.VERSION, 0)
     for n in range(2000):
         data = rng.randbytes(rng.randrange(300))
         if n % 2:

@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
+from sockrepair.cli.lock import _format, add_lock_commands, cmd_unlock
 from sockrepair.errors import LockError
-from sockrepair.lock.cli import _format, add_lock_commands, cmd_unlock
 from sockrepair.lock.locker import DEFAULT_TTL, LockRecord
 from sockrepair.state import ConnTuple
 

@@ -13,8 +13,21 @@ from sockrepair.errors import LockError
 from sockrepair.lock import nfconst as c
 from sockrepair.lock import ruleset
 from sockrepair.lock.locker import MAX_TTL, LockRecord, as_tuples, ttl_ms
-from sockrepair.lock.netlink import _parse_error, attr, attr_str, attrs, check_netns_name, iter_attrs, nest
-from sockrepair.lock.owner import MAX_OWNER_BYTES, decode_owner, default_owner, encode_owner
+from sockrepair.lock.netlink import (
+    _parse_error,
+    attr,
+    attr_str,
+    attrs,
+    check_netns_name,
+    iter_attrs,
+    nest,
+)
+from sockrepair.lock.owner import (
+    MAX_OWNER_BYTES,
+    decode_owner,
+    default_owner,
+    encode_owner,
+)
 from sockrepair.state import ConnTuple
 
 T4 = ConnTuple(socket.AF_INET, "10.0.0.1", 1000, "10.0.0.2", 2000)

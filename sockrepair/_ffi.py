@@ -1,9 +1,0 @@
-"""The one FFI of the project (declarations from cdefs/, generated at install) and libc opened in ABI mode."""
-
-from __future__ import annotations
-
-from ._cdefs import ffi
-
-lib = ffi.dlopen(None)
-
-__all__ = ["ffi", "lib"]

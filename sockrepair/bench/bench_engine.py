@@ -1,0 +1,503 @@
+"""Engine benchmark: sockrepair's freeze-to-resume cycle, timed per phase, in the shape of sockrepair/bench/results.py.
+
+    python -m sockrepair.bench.bench_engine [--quick] [--json OUT] [--c]
+
+The same cycle as the C reference (sockrepair/bench/reference/repair_cycle.c), through the Python engine: for a loopback
+pair it makes itself (the client end moves, the accepted end is the peer), with Q bytes in each queue, it times
+read_state (checkpoint), serialize (state.to_bytes), close (discard with the state) and restore. The queues are
+filled as the C reference fills them, and an entry whose queues held fewer bytes than asked does not count. After
+every cycle each side writes 4 KiB more and both directions are read to the end and compared with what was written.
+
+Single mode repeats the cycle per queue size (sizes interleaved rep by rep, one untimed warm-up each); batch mode
+checkpoints K connections, serializes them, discards them, then restores them all, without and with the network
+lock (phases lock and unlock around the rest); the peers live in a child process, as in the C reference. Everything
+runs in a network namespace made for the run (root needed). With --c the C reference runs right after, with the
+same sizes, and a table of ratios is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import resource
+import selectors
+import socket
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sockrepair import checkpoint, discard, restore
+from sockrepair.bench.results import (
+    SOCKREPAIR_IMPL,
+    Batch,
+    Single,
+    batch_from_samples,
+    single_from_samples,
+)
+from sockrepair.engine._ffi import lib
+from sockrepair.engine._sockcall import ioctl_int
+from sockrepair.errors import SockrepairError
+from sockrepair.lab.pattern import first_mismatch, pattern
+from sockrepair.lock import Locker
+from sockrepair.netns import NetNS
+from sockrepair.state import ConnTuple
+
+SIZES = (0, 4 << 10, 64 << 10, 1 << 20, 16 << 20)
+BATCHES = (1, 100, 1000, 10000)
+TAIL_BYTES = 4096  # written by each side after a cycle: the restored sequence numbers must carry on
+BATCH_PROBE = 16
+IO_TIMEOUT = 30.0
+PEER_RCVBUF = 64 << 10  # small, so the moving end's send queue fills with bytes the peer never took
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Plan:
+    reps: int
+    big_reps: int  # for 16 MiB, whose setup and verification take most of a run's time
+    batch_reps: int
+
+
+QUICK = Plan(reps=10, big_reps=2, batch_reps=1)
+FULL = Plan(reps=300, big_reps=30, batch_reps=5)
+
+
+class BenchError(SockrepairError):
+    """A cycle could not be set up, or its bytes did not all arrive intact."""
+
+
+@functools.lru_cache(maxsize=2)
+def _stream(salt: int, length: int) -> bytes:
+    """The first `length` bytes of a checkable stream, made once per run: the sha256 pattern is slow to build, and
+    every cycle has a connection of its own, so the same stream can serve them all."""
+    return pattern(0, length, salt)
+
+
+def _close_abort(sock: socket.socket | None) -> None:
+    """Teardown with RST: thousands of cycles must not leave TIME_WAIT sockets holding loopback ports."""
+    if sock is None or sock.fileno() < 0:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _listener(rcvbuf: int = 0, backlog: int = 1) -> socket.socket:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    listener.bind((LOOPBACK, 0))
+    listener.listen(backlog)
+    return listener
+
+
+def _connect(listener: socket.socket, buffers: int = 0) -> socket.socket:
+    """Buffers are sized before the handshake, so that the window scale fits them."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if buffers:
+        sock.setsockopt(socket.SOL_SOCKET, lib.SO_RCVBUFFORCE, buffers)
+        sock.setsockopt(socket.SOL_SOCKET, lib.SO_SNDBUFFORCE, buffers)
+    sock.connect(listener.getsockname())
+    return sock
+
+
+def _wait(sock: socket.socket, events: int) -> None:
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, events)
+        if not sel.select(IO_TIMEOUT):
+            raise BenchError(f"no progress on a socket for {IO_TIMEOUT:g} s")
+
+
+def _write(sock: socket.socket, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view, socket.MSG_DONTWAIT):]
+        except BlockingIOError:
+            _wait(sock, selectors.EVENT_WRITE)
+
+
+def _ack_now(sock: socket.socket) -> None:
+    """A delayed ACK would leave the sender unsure for up to 40 ms whether the window moved."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+
+def _fill_recv_queue(peer: socket.socket, sock: socket.socket, data: bytes) -> None:
+    """The peer sends `data`, which `sock` does not read; returns once all of it sits in sock's receive queue."""
+    deadline = time.monotonic() + IO_TIMEOUT
+    off = inq = 0
+    while inq < len(data):
+        sent = 0
+        if off < len(data):
+            try:
+                sent = peer.send(memoryview(data)[off : off + (64 << 10)], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            off += sent
+        _ack_now(sock)
+        inq = ioctl_int(sock.fileno(), lib.SIOCINQ, "SIOCINQ")
+        if time.monotonic() > deadline:
+            raise BenchError(f"only {inq} of {len(data)} bytes reached the receive queue")
+        if not sent and inq < len(data):
+            time.sleep(50e-6)
+
+
+def _fill_send_queue(sock: socket.socket, peer: socket.socket, q: int, stream: bytes) -> int:
+    """First fill the peer's small receive buffer until its window closes, then write q more bytes: they stay in
+    the send queue, never sent. Returns how many bytes of `stream` were written."""
+    if q == 0:
+        return 0
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    fd, off, step = sock.fileno(), 0, 1024
+    outq = unsent = 0
+    while unsent == 0:
+        if off + step > len(stream) - q:
+            raise BenchError("the peer's window never closed")
+        _write(sock, memoryview(stream)[off : off + step])
+        off += step
+        _ack_now(peer)
+        outq = ioctl_int(fd, lib.SIOCOUTQ, "SIOCOUTQ")
+        unsent = ioctl_int(fd, lib.SIOCOUTQNSD, "SIOCOUTQNSD")
+    if outq < q:
+        _write(sock, memoryview(stream)[off : off + q - outq])
+        off += q - outq
+    return off
+
+
+@dataclass
+class _End:
+    """One end of a connection in an exchange: what it still writes, and what it must read (from offset 0)."""
+
+    sock: socket.socket
+    out: memoryview
+    expect: bytes
+    got: bytearray
+
+
+def _exchange(ends: Sequence[_End]) -> None:
+    """Write every end's bytes and read each end's expected bytes to the last one, all at once (a blocking write on
+    one side could wait on a read on the other); a byte that differs from what was written is an error."""
+    pending = {end.sock.fileno(): end for end in ends}
+    with selectors.DefaultSelector() as sel:
+        for fd, end in pending.items():
+            end.sock.setblocking(False)
+            sel.register(fd, selectors.EVENT_READ | (selectors.EVENT_WRITE if end.out else 0), end)
+        while pending:
+            ready = sel.select(IO_TIMEOUT)
+            if not ready:
+                stuck = next(iter(pending.values()))
+                raise BenchError(f"verify stalled: {len(stuck.got)} of {len(stuck.expect)} bytes arrived")
+            for key, events in ready:
+                end: _End = key.data
+                if events & selectors.EVENT_WRITE and end.out:
+                    end.out = end.out[end.sock.send(end.out):]
+                if events & selectors.EVENT_READ and len(end.got) < len(end.expect):
+                    chunk = end.sock.recv(min(1 << 20, len(end.expect) - len(end.got)))
+                    if not chunk:
+                        raise BenchError(f"EOF after {len(end.got)} of {len(end.expect)} bytes")
+                    start = len(end.got)
+                    end.got += chunk
+                    bad = first_mismatch(chunk, end.expect[start : start + len(chunk)])
+                    if bad is not None:
+                        raise BenchError(f"wrong byte at offset {start + bad} of {len(end.expect)}")
+                done = not end.out and len(end.got) == len(end.expect)
+                if done:
+                    sel.unregister(key.fd)
+                    del pending[key.fd]
+                elif not end.out and key.events & selectors.EVENT_WRITE:
+                    sel.modify(key.fd, selectors.EVENT_READ, end)
+
+
+# ---- single-connection mode ----
+
+
+def _single_cycle(q: int, to_peer: bytes, to_sock: bytes) -> tuple[dict[str, float], int]:
+    """One cycle on a fresh pair with q bytes in each queue, `to_peer` being what the moving end writes and
+    `to_sock` what the peer writes: the phases' times (us) and the fewest bytes that a queue held at checkpoint."""
+    restored = None
+    with _listener(PEER_RCVBUF if q else 0) as listener:
+        sock = _connect(listener, 2 * q + (1 << 20) if q else 0)
+        peer, _ = listener.accept()
+    try:
+        _fill_recv_queue(peer, sock, to_sock[:q])
+        sent = _fill_send_queue(sock, peer, q, to_peer)
+        t0 = time.perf_counter_ns()
+        state = checkpoint(sock)
+        t1 = time.perf_counter_ns()
+        state.to_bytes()
+        t2 = time.perf_counter_ns()
+        discard(sock, state)
+        t3 = time.perf_counter_ns()
+        restored = restore(state)
+        t4 = time.perf_counter_ns()
+        held = min(len(state.send_queue), len(state.recv_queue))
+        view_peer, view_sock = memoryview(to_peer), memoryview(to_sock)
+        _exchange([
+            _End(restored, view_peer[sent : sent + TAIL_BYTES], to_sock[: q + TAIL_BYTES], bytearray()),
+            _End(peer, view_sock[q : q + TAIL_BYTES], to_peer[: sent + TAIL_BYTES], bytearray()),
+        ])
+    finally:
+        for s in (sock, peer, restored):
+            _close_abort(s)
+    times = {"read_state": t1 - t0, "serialize": t2 - t1, "close": t3 - t2, "restore": t4 - t3}
+    return {name: ns / 1000 for name, ns in times.items()}, held
+
+
+def run_single(sizes: Sequence[int], reps: int, big_reps: int) -> list[Single]:
+    """Each size `reps` times (sizes of 16 MiB and more `big_reps` times), interleaved rep by rep, after one
+    untimed warm-up cycle each."""
+    samples: dict[int, dict[str, list[float]]] = {q: {} for q in sizes}
+    errors: dict[int, str] = {}
+    held: dict[int, int] = {q: q for q in sizes}
+    longest = max(sizes, default=0)
+    to_peer = _stream(2, longest + (8 << 20))  # room for the bytes that close the peer's window, and the tail
+    to_sock = _stream(3, longest + TAIL_BYTES)
+
+    def cycle(q: int, timed: bool) -> None:
+        try:
+            times, least = _single_cycle(q, to_peer, to_sock)
+        except (OSError, SockrepairError) as exc:
+            errors[q] = str(exc)
+            return
+        held[q] = min(held[q], least)
+        if timed:
+            for name, us in times.items():
+                samples[q].setdefault(name, []).append(us)
+
+    for q in sizes:
+        cycle(q, timed=False)
+    for rep in range(reps):
+        for q in sizes:
+            if q not in errors and rep < (big_reps if q >= 16 << 20 else reps):
+                cycle(q, timed=True)
+    out = []
+    for q in sizes:
+        error = errors.get(q)
+        if error is None and held[q] < q:
+            # a cycle over emptier queues than asked would flatter the figure: it does not count
+            error = f"a queue held only {held[q]} of {q} bytes at checkpoint"
+        out.append(single_from_samples(SOCKREPAIR_IMPL, q, samples[q], error is None, error))
+    return out
+
+
+# ---- batch mode: K connections checkpointed, serialized, closed, then restored ----
+
+
+def _probe(salt: int, port: int, from_peer: bool) -> bytes:
+    """Each connection's probe bytes are keyed by the moving end's port, so a mix-up between connections shows."""
+    return pattern(0, BATCH_PROBE, (salt << 20) + 2 * port + from_peer)
+
+
+def _probe_ends(socks: Sequence[socket.socket], salt: int, moving: bool) -> list[_End]:
+    ends = []
+    for sock in socks:
+        port = (sock.getsockname() if moving else sock.getpeername())[1]
+        mine, theirs = _probe(salt, port, not moving), _probe(salt, port, moving)
+        ends.append(_End(sock, memoryview(mine), theirs, bytearray()))
+    return ends
+
+
+def _send_tag(fd: int, tag: bytes, text: str = "") -> None:
+    os.write(fd, tag + text.encode()[:500].ljust(500))
+
+
+def _expect_tag(fd: int, tag: bytes) -> None:
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        if not sel.select(IO_TIMEOUT * 4):
+            raise BenchError("the peer process did not answer")
+    msg = os.read(fd, 501)
+    if not msg:
+        raise BenchError("the peer process went away")
+    if msg[:1] == b"E":
+        raise BenchError(f"peer: {msg[1:].decode().strip()}")
+    if msg[:1] != tag:
+        raise BenchError(f"the peer said {msg[:1]!r}, expected {tag!r}")
+
+
+def _batch_peer(listener: socket.socket, k: int, salt: int, up: int, down: int) -> None:
+    """The child: accepts the K peer ends, and once the moving side says they are restored, exchanges the probe
+    bytes. The connections stay up until the parent closes its end of the pipe."""
+    peers: list[socket.socket] = []
+    try:
+        peers = [listener.accept()[0] for _ in range(k)]
+        listener.close()
+        _send_tag(up, b"A")
+        _expect_tag(down, b"R")
+        _exchange(_probe_ends(peers, salt, moving=False))
+        _send_tag(up, b"V")
+    except BaseException as exc:  # noqa: BLE001 - the child reports every failure to the parent, then exits
+        _send_tag(up, b"E", str(exc))
+    while os.read(down, 1):
+        pass
+    for peer in peers:
+        _close_abort(peer)
+    os._exit(0)
+
+
+def _batch_cycle(k: int, salt: int, locker: Locker | None) -> dict[str, float]:
+    up_r, up_w = os.pipe()
+    down_r, down_w = os.pipe()
+    socks: list[socket.socket] = []
+    restored: list[socket.socket] = []
+    child = -1
+    try:
+        with _listener(backlog=4096) as listener:
+            child = os.fork()
+            if child == 0:
+                os.close(up_r)
+                os.close(down_w)
+                _batch_peer(listener, k, salt, up_w, down_r)
+            os.close(up_w)
+            os.close(down_r)
+            up_w = down_r = -1
+            socks = [_connect(listener) for _ in range(k)]
+        _expect_tag(up_r, b"A")
+        tuples = [ConnTuple(socket.AF_INET, *s.getsockname(), *s.getpeername()) for s in socks]
+        marks = [time.perf_counter_ns()]
+        if locker is not None:
+            locker.lock(tuples)
+            marks.append(time.perf_counter_ns())
+        states = [checkpoint(s) for s in socks]
+        marks.append(time.perf_counter_ns())
+        for state in states:
+            state.to_bytes()
+        marks.append(time.perf_counter_ns())
+        for sock, state in zip(socks, states):
+            discard(sock, state)
+        marks.append(time.perf_counter_ns())
+        restored = [restore(state) for state in states]
+        marks.append(time.perf_counter_ns())
+        if locker is not None:
+            locker.unlock(tuples)
+            marks.append(time.perf_counter_ns())
+        _send_tag(down_w, b"R")
+        _exchange(_probe_ends(restored, salt, moving=True))
+        _expect_tag(up_r, b"V")
+    finally:
+        for sock in restored or socks:
+            _close_abort(sock)
+        for fd in (up_r, up_w, down_r, down_w):
+            if fd >= 0:
+                os.close(fd)
+        if child > 0:
+            os.waitpid(child, 0)
+    names = ["read_state", "serialize", "close", "restore"]
+    if locker is not None:
+        names = ["lock", *names, "unlock"]
+    return {name: (b - a) / 1e9 for name, a, b in zip(names, marks, marks[1:])}
+
+
+def _raise_fd_limit(need: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+
+
+def run_batches(batches: Sequence[int], reps: int, locker: Locker) -> list[Batch]:
+    """Each size without and with the lock, `reps` runs each, interleaved."""
+    _raise_fd_limit(max(batches, default=0) + 256)
+    cases = [(k, lock) for k in batches for lock in (False, True)]
+    samples: dict[tuple[int, bool], dict[str, list[float]]] = {case: {} for case in cases}
+    errors: dict[tuple[int, bool], str] = {}
+    salt = 1
+    for _ in range(reps):
+        for case in cases:
+            if case in errors:
+                continue
+            salt += 1
+            try:
+                times = _batch_cycle(case[0], salt, locker if case[1] else None)
+            except (OSError, SockrepairError) as exc:
+                errors[case] = str(exc)
+                continue
+            for name, seconds in times.items():
+                samples[case].setdefault(name, []).append(seconds)
+    return [batch_from_samples(SOCKREPAIR_IMPL, k, samples[(k, lock)], (k, lock) not in errors, with_lock=lock,
+                               error=errors.get((k, lock)))
+            for k, lock in cases]
+
+
+def run(quick: bool = False, sizes: Sequence[int] = SIZES, batches: Sequence[int] = BATCHES) -> dict[str, Any]:
+    """{"single": [Single], "batch": [Batch], "notes": [str]} of impl "sockrepair", measured in a network namespace
+    made for the run. Single entries take no lock; batch entries come without and with it."""
+    plan = QUICK if quick else FULL
+    with NetNS() as ns, ns.entered():
+        single = run_single(sizes, plan.reps, plan.big_reps)
+        with Locker(label="bench-engine") as locker:
+            batch = run_batches(batches, plan.batch_reps, locker)
+    notes = [] if not quick else ["engine benchmark in quick mode: few cycles, medians are rough"]
+    return {"single": single, "batch": batch, "notes": notes}
+
+
+# ---- command line ----
+
+
+def _c_reference(quick: bool, sizes: Sequence[int], batches: Sequence[int]) -> dict[str, Any] | None:
+    from sockrepair.bench import cref
+
+    plan = QUICK if quick else FULL
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        binary = cref.build(Path(tmp), notes)
+        if binary is None:
+            print(notes[0], file=sys.stderr)
+            return None
+        return cref.run(binary, sizes, plan.reps, batches, batch_reps=plan.batch_reps)
+
+
+def _print(ours: dict[str, Any], ref: dict[str, Any] | None) -> None:
+    c_single = {e["queue_bytes"]: e for e in (ref or {}).get("single", [])}
+    print(f"{'queue':>10} {'phase':>10} {'sockrepair':>12} {'C':>10} {'x C':>6}")
+    for entry in ours["single"]:
+        q, c = entry["queue_bytes"], c_single.get(entry["queue_bytes"])
+        rows = [(name, st["median_us"]) for name, st in entry["phases"].items()]
+        rows.append(("total", entry["total"]["median_us"]))
+        for name, us in rows:
+            c_us = (c["total"] if name == "total" else c["phases"].get(name, {})).get("median_us") if c else None
+            ratio = f"{us / c_us:6.2f}" if c_us else "     -"
+            c_text = f"{c_us:10.1f}" if c_us else "         -"
+            print(f"{q:>10} {name:>10} {us:12.1f} {c_text} {ratio}")
+        if not entry["verified"]:
+            print(f"{q:>10} NOT VERIFIED: {entry['error']}")
+    c_batch = {e["connections"]: e for e in (ref or {}).get("batch", [])}
+    for entry in ours["batch"]:
+        c = c_batch.get(entry["connections"])
+        c_text = f"  C {c['conn_per_s']:,.0f} conn/s" if c else ""
+        lock = "with lock" if entry["with_lock"] else "no lock  "
+        phases = " ".join(f"{n} {s * 1e3:.1f}" for n, s in entry["phases_s"].items())
+        state = "" if entry["verified"] else f"  NOT VERIFIED: {entry['error']}"
+        print(f"batch {entry['connections']:>6} {lock} {entry['conn_per_s']:>10,.0f} conn/s{c_text}  [ms: {phases}]"
+              f"{state}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few cycles: a smoke test")
+    parser.add_argument("--json", metavar="OUT", help="also write the entries (and the C reference's) here")
+    parser.add_argument("--c", action="store_true", help="run the C reference right after, and print ratios")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="queue sizes in bytes (comma list)")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes (comma list)")
+    args = parser.parse_args()
+    sizes = [int(v) for v in args.sizes.split(",") if v]
+    batches = [int(v) for v in args.batches.split(",") if v]
+    ours = run(args.quick, sizes, batches)
+    ref = _c_reference(args.quick, sizes, batches) if args.c else None
+    _print(ours, ref)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"sockrepair": ours, "c": ref}, fh, indent=1)
+    ok = all(e["verified"] for e in ours["single"] + ours["batch"])
+    if not ok:
+        print("some entries were not verified", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""A run's results as files: results.json, results.md (tables with ratios to the C reference measured in the same
+run, and issue 6's targets marked met or missed, by how much) and the PNG plots.
+
+    python -m sockrepair.bench.report results.json --out DIR     # redraw the report of a saved run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sockrepair.bench.plots import write_plots
+from sockrepair.bench.results import (
+    C_IMPL,
+    PHASES,
+    SOCKREPAIR_IMPL,
+    Gap,
+    Results,
+    Single,
+    check,
+)
+from sockrepair.bench.units import human_bytes, human_us
+from sockrepair.errors import SockrepairError
+
+
+@dataclass(frozen=True)
+class Measured:
+    value: float
+    where: str  # where the time goes, for a missed target; "" when there is nothing to say
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str  # names the target in results["profiles"] and in sockrepair/bench/profiles.py
+    text: str
+    limit: float
+    unit: str
+    higher_is_better: bool
+    measure: Callable[[Results], Measured | None]
+
+
+def _single(results: Results, impl: str, queue: int) -> Single | None:
+    return next((e for e in results["single"] if e["impl"] == impl and e["queue_bytes"] == queue), None)
+
+
+def _slowest_phase(entry: Single, ref: Single | None) -> str:
+    phases = entry["phases"]
+    if not phases:
+        return ""
+    name = max(phases, key=lambda p: phases[p]["median_us"])
+    share = phases[name]["median_us"] / entry["total"]["median_us"]
+    where = f"{name} {human_us(phases[name]['median_us'])} ({share:.0%} of the cycle)"
+    if ref is not None and name in ref["phases"]:
+        where += f", C {human_us(ref['phases'][name]['median_us'])}"
+    return where
+
+
+def _ratio_to_c(queue: int) -> Callable[[Results], Measured | None]:
+    def measure(results: Results) -> Measured | None:
+        ours, ref = _single(results, SOCKREPAIR_IMPL, queue), _single(results, C_IMPL, queue)
+        if ours is None or ref is None or not ref["total"]["median_us"]:
+            return None
+        return Measured(ours["total"]["median_us"] / ref["total"]["median_us"], _slowest_phase(ours, ref))
+    return measure
+
+
+def _lock(results: Results) -> Measured | None:
+    entry = next((e for e in results["lock"] if e["method"] == SOCKREPAIR_IMPL), None)
+    return None if entry is None else Measured(entry["median_us"], "")
+
+
+def _batch(connections: int) -> Callable[[Results], Measured | None]:
+    def measure(results: Results) -> Measured | None:
+        entry = next((e for e in results["batch"] if e["impl"] == SOCKREPAIR_IMPL and e["with_lock"]
+                      and e["connections"] == connections), None)
+        if entry is None:
+            return None
+        phases = entry.get("phases_s") or {}
+        slowest = max(phases, key=lambda p: phases[p], default=None)
+        where = f"{slowest} {phases[slowest]:.3f} s of {entry['seconds']:.3f} s" if slowest else ""
+        return Measured(entry["conn_per_s"], where)
+    return measure
+
+
+def gap_where(entry: Gap) -> str:
+    """The move's own time and its largest phases; what the peer waited beyond the move and the handoff."""
+    phases = entry.get("phases_ms") or {}
+    downtime = entry.get("downtime_ms", math.nan)
+    if not phases or math.isnan(downtime):
+        return ""
+    inside = sorted(((ms, name) for name, ms in phases.items() if name != "handoff"), reverse=True)[:3]
+    where = (f"freeze to unlock {human_us(downtime * 1000)}: "
+             + ", ".join(f"{name} {human_us(ms * 1000)}" for ms, name in inside))
+    if "handoff" in phases:
+        where += f"; handoff {human_us(phases['handoff'] * 1000)}"
+    rest = entry["gap_ms"] - downtime - phases.get("handoff", 0.0)
+    if rest > 0.2 * entry["gap_ms"]:
+        where += f"; {human_us(rest * 1000)} more waiting at the peer (its retransmission timer, or scheduling)"
+    return where
+
+
+def _gap(connections: int) -> Callable[[Results], Measured | None]:
+    def measure(results: Results) -> Measured | None:
+        entry = next((e for e in results["gap"] if e["impl"] == SOCKREPAIR_IMPL
+                      and e["connections"] == connections), None)
+        return None if entry is None else Measured(entry["gap_ms"], gap_where(entry))
+    return measure
+
+
+TARGETS = (
+    Target("single-0", "One connection, 0 B, no lock: sockrepair / C", 1.5, "x", False, _ratio_to_c(0)),
+    Target("single-1MiB", "One connection, 1 MiB queues: sockrepair / C", 1.3, "x", False, _ratio_to_c(1 << 20)),
+    Target("lock", "Lock + unlock one connection (sockrepair)", 150.0, "µs", False, _lock),
+    Target("batch-10000", "10,000 connections including the lock", 30_000.0, "conn/s", True, _batch(10_000)),
+    Target("gap-1", "Peer-seen gap, 1 connection moved", 2.0, "ms", False, _gap(1)),
+    Target("gap-100", "Peer-seen gap, 100 connections moved", 20.0, "ms", False, _gap(100)),
+    Target("gap-1000", "Peer-seen gap, 1,000 connections moved", 100.0, "ms", False, _gap(1000)),
+)
+
+
+def _amount(value: float, unit: str) -> str:
+    if unit == "x":
+        return f"{value:.2f}x"
+    if unit == "conn/s":
+        return f"{value:,.0f} conn/s"
+    return f"{value:,.1f} {unit}"
+
+
+def judge(target: Target, measured: Measured | None) -> str:
+    """"met", "missed by ...", or "not measured"."""
+    if measured is None or math.isnan(measured.value):
+        return "not measured"
+    over = measured.value - target.limit
+    if target.higher_is_better:
+        over = -over
+    if over <= 0:
+        return "met"
+    return f"missed by {_amount(over, target.unit)} ({over / target.limit:.0%})"
+
+
+def missed(results: Results) -> list[str]:
+    """Keys of the targets this run measured and missed."""
+    return [t.key for t in TARGETS if judge(t, t.measure(results)).startswith("missed")]
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def _verified(entry: Any) -> str:
+    if entry["verified"]:
+        return "yes"
+    return "**NO**" + (f": {entry['error']}" if entry.get("error") else "")
+
+
+def _impl_rank(impl: str) -> tuple[int, str]:
+    return ({C_IMPL: 0, SOCKREPAIR_IMPL: 1}.get(impl, 2), impl)
+
+
+def _ratio(value: float, ref: float | None) -> str:
+    return "—" if not ref or math.isnan(value) or math.isnan(ref) else f"{value / ref:.2f}x"
+
+
+def targets_section(results: Results) -> list[str]:
+    rows = []
+    for t in TARGETS:
+        m = t.measure(results)
+        bound = "≥" if t.higher_is_better else "≤"
+        status = judge(t, m)
+        where = m.where if m is not None and status.startswith("missed") else ""
+        rows.append([t.text, f"{bound} {_amount(t.limit, t.unit)}",
+                     "—" if m is None else _amount(m.value, t.unit), status, where])
+    return ["## Targets (issue 6)", "",
+            *_table(["target", "limit", "measured", "status", "where the time goes"], rows), ""]
+
+
+def profiles_section(results: Results) -> list[str]:
+    profiles = results.get("profiles") or {}
+    texts = {t.key: t.text for t in TARGETS}
+    lines: list[str] = []
+    for key, prof in profiles.items():
+        lines += [f"### {texts.get(key, key)}", "",
+                  f"{prof['what']}; cProfile, per cycle over {prof['cycles']} cycle(s), by own time (the profiler "
+                  "itself slows each call, so the times are larger than the benchmark's):", ""]
+        rows = [[f"`{r['function']}`", f"{r['calls']:,}", human_us(r["own_ms"] * 1000),
+                 human_us(r["cumulative_ms"] * 1000)] for r in prof["rows"]]
+        lines += [*_table(["function", "calls", "own", "with callees"], rows), ""]
+    return ["## Where the time goes: profiles of the missed targets", "", *lines] if lines else []
+
+
+def single_section(results: Results) -> list[str]:
+    entries = sorted(results["single"], key=lambda e: (e["queue_bytes"], _impl_rank(e["impl"])))
+    if not entries:
+        return []
+    phases = [p for p in PHASES if any(p in e["phases"] for e in entries)]
+    c_totals = {e["queue_bytes"]: e["total"]["median_us"] for e in entries if e["impl"] == C_IMPL}
+    rows = []
+    for e in entries:
+        cells = [human_us(e["phases"][p]["median_us"]) if p in e["phases"] else "—" for p in phases]
+        rows.append([human_bytes(e["queue_bytes"]), e["impl"], *cells, human_us(e["total"]["median_us"]),
+                     human_us(e["total"]["p99_us"]), _ratio(e["total"]["median_us"], c_totals.get(e["queue_bytes"])),
+                     str(e["reps"]), _verified(e)])
+    header = ["queue", "impl", *(p.replace("_", " ") for p in phases), "total", "total p99", "x C", "reps",
+              "verified"]
+    return ["## One connection: freeze-to-resume by phase", "",
+            "Phase columns are medians; total is the median (and p99) of each cycle's sum of phases; x C divides "
+            "it by the C reference's median for the same queue size, measured in the same run.", "",
+            *_table(header, rows), ""]
+
+
+def batch_section(results: Results) -> list[str]:
+    entries = sorted(results["batch"], key=lambda e: (e["connections"], _impl_rank(e["impl"]), e["with_lock"]))
+    if not entries:
+        return []
+    c_seconds = {e["connections"]: e["seconds"] for e in entries if e["impl"] == C_IMPL and not e["with_lock"]}
+    rows = [[f"{e['connections']:,}", e["impl"], "yes" if e["with_lock"] else "no", human_us(e["seconds"] * 1e6),
+             "—" if math.isnan(e["conn_per_s"]) else f"{e['conn_per_s']:,.0f}",
+             _ratio(e["seconds"], c_seconds.get(e["connections"])), str(e["reps"]), _verified(e)]
+            for e in entries]
+    return ["## Batches: connections checkpointed, then restored", "",
+            "Median over runs; x C divides the time by the C reference's (which takes no lock).", "",
+            *_table(["connections", "impl", "lock", "time", "conn/s", "x C", "runs", "verified"], rows), ""]
+
+
+def lock_section(results: Results) -> list[str]:
+    entries = sorted(results["lock"], key=lambda e: e["median_us"])
+    if not entries:
+        return []
+    ours = next((e["median_us"] for e in entries if e["method"] == SOCKREPAIR_IMPL), None)
+    rows = [[e["method"], human_us(e["median_us"]), human_us(e["p99_us"]), _ratio(e["median_us"], ours),
+             str(e["reps"])] for e in entries]
+    return ["## Lock + unlock of one connection, by method", "",
+            *_table(["method", "median", "p99", "x sockrepair", "reps"], rows), ""]
+
+
+def gap_section(results: Results) -> list[str]:
+    entries = sorted(results["gap"], key=lambda e: (e["connections"], _impl_rank(e["impl"])))
+    if not entries:
+        return []
+    rows = [[f"{e['connections']:,}", e["impl"], human_us(e["gap_ms"] * 1000), human_us(e["max_gap_ms"] * 1000),
+             human_us(e.get("downtime_ms", math.nan) * 1000),
+             human_us(e["wire_gap_ms"] * 1000) if "wire_gap_ms" in e else "—",
+             str(e["runs"]), _verified(e)] for e in entries]
+    return ["## Gap the peer sees during a migration", "",
+            "Median over runs of each run's longest round trip (largest: the longest of all runs); move: the "
+            "migration's own time (sockrepair: freeze to unlock; criu: dump plus restore); wire gap (cross-host): "
+            "the peer's wire silent from the freeze to the resume.", "",
+            *_table(["connections", "impl", "median gap", "largest gap", "move", "wire gap", "runs", "verified"],
+                    rows), ""]
+
+
+def machine_section(results: Results) -> list[str]:
+    rows = [[key, "—" if value is None else str(value)] for key, value in results["machine"].items()]
+    return ["## Machine", "", *_table(["what", "value"], rows), ""]
+
+
+def markdown(results: Results, plots: Sequence[Path] = ()) -> str:
+    lines = ["# sockrepair benchmark results", ""]
+    if results["notes"]:
+        lines += [*(f"- {note}" for note in results["notes"]), ""]
+    lines += targets_section(results)
+    lines += profiles_section(results)
+    lines += single_section(results)
+    lines += batch_section(results)
+    lines += lock_section(results)
+    lines += gap_section(results)
+    if plots:
+        lines += ["## Plots", "", *(f"![{p.stem.replace('_', ' ')}]({p.name})" for p in plots), ""]
+    lines += machine_section(results)
+    return "\n".join(lines)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (a figure that was not measured) is not JSON: it is written as null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write(results: Results, out_dir: Path) -> list[Path]:
+    """results.json, the PNG plots and results.md (which shows them) in out_dir; returns the paths written."""
+    results = check(results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "results.json"
+    json_path.write_text(json.dumps(_json_safe(results), indent=1) + "\n")
+    plots = write_plots(results, out_dir)
+    md_path = out_dir / "results.md"
+    md_path.write_text(markdown(results, plots))
+    return [json_path, md_path, *plots]
+
+
+def _restore_nan(value: Any) -> Any:
+    if value is None:
+        return math.nan
+    if isinstance(value, dict):
+        return {k: v if k in ("error", "machine", "what", "function") else _restore_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_restore_nan(v) for v in value]
+    return value
+
+
+def load(path: Path) -> Results:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise SockrepairError(f"cannot read {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise SockrepairError(f"{path} is not JSON: {exc.msg} at line {exc.lineno}") from None
+    data = check(data)
+    for section in ("single", "batch", "lock", "gap", "profiles"):
+        data[section] = _restore_nan(data[section])  # type: ignore[literal-required]
+    return data
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sockrepair.bench.report", description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="a results.json written by a benchmark run")
+    parser.add_argument("--out", type=Path, default=None, help="directory for the report (default: next to it)")
+    args = parser.parse_args(argv)
+    try:
+        written = write(load(args.results), args.out or args.results.parent)
+    except SockrepairError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The `criu` command group: dump, restore, show, compare, explain. Handlers return the exit status; a failed criu
+run prints every known cause and fix from its logs to stderr, then the one-line error from the main CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sockrepair.cli.args import ttl_arg
+from sockrepair.criu import driver, show
+from sockrepair.criu.compare import DIFFERS, EXPLAINED, NOT_KEPT, compare
+from sockrepair.criu.explain import CriuFailure, Report, explain_dir, explain_files
+from sockrepair.criu.manifest import LOCK_SKIP
+from sockrepair.criu.topology import PEER_EXTERNAL, PEER_TREE
+from sockrepair.lock.locker import MAX_TTL
+
+
+def add_criu_commands(subparsers: Any) -> None:
+    """Register `criu` with its subcommands on an argparse subparsers object; each sets `func(args) -> int`."""
+    group = subparsers.add_parser("criu", help="dump and restore process trees with criu under sockrepair's lock; "
+                                  "read, check and explain criu's images and logs")
+    sub = group.add_subparsers(dest="criu_command", required=True, metavar="SUBCOMMAND")
+    ttl_help = f"seconds the lock holds without sockrepair running (default {driver.DEFAULT_TTL:g}, max {MAX_TTL:g})"
+    arg_help = "pass ARG to criu as is (repeatable), e.g. --criu-arg=--ext-unix-sk"
+
+    p = sub.add_parser("dump", help="dump process trees (each with its children) with every connection locked")
+    p.add_argument("--pid", type=int, action="append", required=True, help="root of a tree to dump (repeatable)")
+    p.add_argument("-D", "--dir", required=True, type=Path, help="directory for the images (created, mode 0700)")
+    p.add_argument("--allow-external-peers", action="store_true",
+                   help="dump even when a loopback peer of the trees stays behind (its connection will break)")
+    p.add_argument("--shell-job", action="store_true", help="pass --shell-job to criu (automatic when needed)")
+    p.add_argument("--ttl", type=ttl_arg, default=driver.DEFAULT_TTL, help=ttl_help)
+    p.add_argument("--criu-arg", action="append", default=[], metavar="ARG", help=arg_help)
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=_explained(cmd_dump))
+
+    p = sub.add_parser("restore", help="restore trees dumped by `sockrepair criu dump`, locked until all are back")
+    p.add_argument("-D", "--dir", required=True, type=Path, help="directory written by `sockrepair criu dump`")
+    p.add_argument("--pid", type=int, action="append",
+                   help="restore only this tree, by its root pid (repeatable, in this order); default: all left")
+    p.add_argument("--netns", help="restore into this network namespace (ip netns name); default: the current one")
+    p.add_argument("--ttl", type=ttl_arg, default=driver.DEFAULT_TTL, help=ttl_help)
+    p.add_argument("--criu-arg", action="append", default=[], metavar="ARG", help=arg_help)
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=_explained(cmd_restore))
+
+    p = sub.add_parser("show", help="the TCP connections in criu images (criu's or `sockrepair criu dump`'s)")
+    p.add_argument("dir", type=Path, help="criu image directory, or a `sockrepair criu dump` directory")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--payload", action="store_true", help="with --json: include the queue bytes (base64)")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("compare", help="checkpoint a process's connections with sockrepair and with criu "
+                       "(--leave-running) and compare them field by field; exit 1 on an unexplained difference")
+    p.add_argument("--pid", type=int, required=True)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--all", action="store_true", help="list every field, not only those that differ")
+    p.set_defaults(func=_explained(cmd_compare))
+
+    p = sub.add_parser("explain", help="name the known errors in criu's logs, with cause and fix")
+    p.add_argument("paths", nargs="+", type=Path, help="criu image directories (their *.log) or log files")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_explain)
+
+
+def _explained(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Print the whole explanation of a failed criu run before the one-line error."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except CriuFailure as exc:
+            if exc.report.findings or exc.report.unexplained:
+                print(exc.report.text(), file=sys.stderr)
+            raise
+
+    return run
+
+
+def _json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2)
+    print()
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    report = driver.dump(args.pid, args.dir, allow_external_peers=args.allow_external_peers, ttl=args.ttl,
+                         shell_job=args.shell_job, criu_args=args.criu_arg)
+    if args.json:
+        _json(report.to_dict())
+        return 0
+    how = ("criu run with --network-lock skip, the lock is sockrepair's" if report.network_lock == LOCK_SKIP
+           else "criu's own lock, sockrepair's held over it")
+    print(f"dumped {len(report.trees)} tree(s) into {report.directory} with criu {report.criu_version} ({how})")
+    topo = report.topology
+    for tree in report.trees:
+        print(f"  tree {tree.root} ({tree.command}): {len(tree.pids)} process(es), "
+              f"{len(topo.of_tree(tree.root))} connection(s), images in {tree.dir}/"
+              f"{', --shell-job' if tree.shell_job else ''}")
+    print(f"  {len(topo.connections)} connection(s) locked, both directions, for {report.ttl:g} s:")
+    for c in topo.connections:
+        peer = (f"peer in tree {c.peer_root}" if c.peer == PEER_TREE else
+                "peer left running (--allow-external-peers)" if c.peer == PEER_EXTERNAL else "remote peer")
+        print(f"    {str(c.tuple):<48} tree {c.root}, {peer}")
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"restore with: sockrepair criu restore -D {shlex.quote(report.directory)} (the lock is taken again from "
+          "the images, also after a reboot)")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    report = driver.restore(args.dir, args.pid, netns=args.netns, ttl=args.ttl, criu_args=args.criu_arg)
+    if args.json:
+        _json(report.to_dict())
+        return 0
+    print(f"restored tree(s) {', '.join(map(str, report.restored))} from {report.directory}")
+    print(f"  released the lock of {len(report.released)} connection(s)")
+    if report.still_locked:
+        print(f"  {len(report.still_locked)} connection(s) stay locked for {report.ttl:g} s: their other end is in "
+              "a tree not restored yet")
+    logged = report.criu_notes.text()
+    if logged:
+        print("criu logged these errors and went on (sockrepair's lock covered the connections):\n" + logged,
+              file=sys.stderr)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    if args.json:
+        _json(show.to_dict(args.dir, payload=args.payload))
+    else:
+        print(show.to_text(args.dir))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    result = compare(args.pid)
+    if args.json:
+        _json(result.to_dict())
+        return 0 if result.ok else 1
+    print(f"pid {result.pid}: sockrepair vs criu {result.criu_version}, checkpoints at most "
+          f"{result.apart_ms:.0f} ms apart")
+    for conn in result.connections:
+        counts = {v: sum(f.verdict == v for f in conn.fields) for v in ("same", EXPLAINED, NOT_KEPT, DIFFERS)}
+        print(f"fd {conn.fd:<4} {str(conn.tuple):<48} " + ", ".join(f"{n} {v}" for v, n in counts.items()))
+        for f in conn.fields:
+            if f.verdict != "same" or args.all:
+                why = f"  ({f.why})" if f.why else ""
+                print(f"     {f.verdict.upper() if f.verdict == DIFFERS else f.verdict:<9} {f.name}: "
+                      f"sockrepair {f.ours!r}, criu {f.criu!r}{why}")
+    for line in result.missing:
+        print(f"MISSING  {line}")
+    print("criu agrees with sockrepair" if result.ok else "criu and sockrepair DISAGREE (see DIFFERS/MISSING above)")
+    return 0 if result.ok else 1
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    report = Report()
+    for path in args.paths:
+        report.extend(explain_dir(path) if path.is_dir() else explain_files([path]))
+    if args.json:
+        _json(report.to_dict())
+    else:
+        print(report.text(harmless=True) or "no error lines in these logs")
+    return 1 if report.problems or report.unexplained else 0

@@ -1,0 +1,118 @@
+"""The `sockrepair` command: argument parsing and error reporting; each subcommand's work lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sockrepair.cli.bench import add_bench_command
+from sockrepair.cli.criu import add_criu_commands
+from sockrepair.cli.lock import add_lock_commands
+from sockrepair.cli.move import add_move_commands
+from sockrepair.cli.verify import add_verify_command
+from sockrepair.errors import SocketCallError, SockrepairError
+
+
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from sockrepair.check import probe
+
+    report = probe()
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(f"kernel {report.kernel}")
+        width = max(len(f.name) for f in report.features)
+        for f in report.features:
+            mark = "ok  " if f.ok else ("FAIL" if f.required else "no  ")
+            print(f"  {mark} {f.name:<{width}}  {f.detail}")
+        print("TCP repair works here." if report.repair_works else "TCP repair cannot work here (see FAIL above).")
+    return 0 if report.repair_works else 1
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from sockrepair.errors import ImageError
+    from sockrepair.state import ConnectionState
+
+    try:
+        data = Path(args.image).read_bytes()
+    except OSError as exc:
+        raise ImageError(f"cannot read image {args.image}: {exc.strerror}") from None
+    state = ConnectionState.from_bytes(data)
+    view = state.to_dict(payload=args.payload)
+    if args.json:
+        _print_json(view)
+    else:
+        _print_tree(view)
+    return 0
+
+
+def _print_tree(view: dict[str, Any], indent: str = "") -> None:
+    for key, value in view.items():
+        if isinstance(value, dict):
+            print(f"{indent}{key}:")
+            _print_tree(value, indent + "  ")
+        else:
+            print(f"{indent}{key}: {value}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sockrepair.demo import run_demo
+
+    return run_demo(json_output=args.json, seconds=args.seconds)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sockrepair", description="Move live TCP connections between sockets, processes and hosts with TCP_REPAIR."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check", help="what this kernel and host support for TCP repair")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("show", help="print a connection image")
+    p.add_argument("image", help="image file written by sockrepair")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--payload", action="store_true", help="include the queue bytes (hex)")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("demo", help="move a live connection while its client keeps talking, and verify every byte")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--seconds", type=float, default=3.0, help="how long the client talks (default 3)")
+    p.set_defaults(func=cmd_demo)
+
+    add_move_commands(sub)
+    add_verify_command(sub)
+    add_criu_commands(sub)
+    add_bench_command(sub)
+    add_lock_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("sockrepair: interrupted", file=sys.stderr)
+        return 130
+    except (SockrepairError, SocketCallError) as exc:
+        print(f"sockrepair: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"sockrepair: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

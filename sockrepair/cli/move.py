@@ -1,0 +1,116 @@
+"""CLI commands that move connections of running programs: dump, inspect, restore."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from sockrepair.criu.show import load_states as load_criu_states
+from sockrepair.image.directory import read_dir
+from sockrepair.move.handoff import HandoffError, exec_with_sockets, send_over_unix
+from sockrepair.move.land import restore_all, unlock_in
+from sockrepair.move.take import After, dump, inspect
+
+
+def _fds(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an fd number: {text!r}") from None
+
+
+def add_move_commands(sub: Any) -> None:
+    p = sub.add_parser("dump", help="checkpoint the TCP connections of a running process into image files")
+    p.add_argument("--pid", type=int, required=True, help="the process holding the connections")
+    p.add_argument("--fd", type=_fds, action="append", help="only this fd (repeatable); default: all established")
+    p.add_argument("-D", "--dir", required=True, type=Path, help="directory for the images (created, mode 0700)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--leave-running", action="store_true", help="the connections go on in the process")
+    how.add_argument("--kill", action="store_true", help="silence the connections and kill the process (default)")
+    p.add_argument("--no-lock", action="store_true", help="do not drop the peers' packets meanwhile (they get RST)")
+    p.add_argument("--ttl", type=float, default=60.0, help="seconds the lock holds without a restore (default 60)")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=cmd_dump)
+
+    p = sub.add_parser("inspect", help="exact view of a process's TCP connections (non-destructive)")
+    p.add_argument("--pid", type=int, required=True)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("restore", help="restore dumped connections and hand them to a program")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-D", "--dir", type=Path, help="directory written by `sockrepair dump`")
+    src.add_argument("--from-criu", type=Path, metavar="DIR",
+                     help="criu image directory (or `sockrepair criu dump` directory): restore its TCP connections")
+    p.add_argument("--netns", help="restore inside this network namespace (ip netns name)")
+    to = p.add_mutually_exclusive_group(required=True)
+    to.add_argument("--exec", nargs=argparse.REMAINDER, dest="exec_argv", metavar="CMD",
+                    help="run CMD with the connections as inherited fds 3.. (LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES)")
+    to.add_argument("--unix", metavar="PATH", help="pass the connections over this UNIX socket (SCM_RIGHTS)")
+    p.set_defaults(func=cmd_restore)
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    report = dump(args.pid, args.dir, args.fd, After.LEAVE_RUNNING if args.leave_running else After.KILL,
+                  lock=not args.no_lock, ttl=args.ttl)
+    if args.json:
+        json.dump(report.to_dict(), sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"dumped {len(report.connections)} connection(s) of {report.command} (pid {report.pid}) into "
+          f"{report.directory}, process {'left running' if args.leave_running else 'killed'}")
+    for c in report.connections:
+        print(f"  fd {c['fd']:<4} {c['tuple']:<48} unread {c['recv_queue']} B, send queue {c['send_queue']} B "
+              f"({c['unsent']} never sent)")
+    print("  " + ", ".join(f"{k} {v:.2f} ms" for k, v in report.phases_ms.items()))
+    if not args.leave_running and not args.no_lock:
+        print(f"  the connections stay locked for {args.ttl:g} s: restore them before then")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    rows = inspect(args.pid)
+    if args.json:
+        out = [{"fd": s.fd, "tuple": str(s.tuple), "state": name,
+                **({"checkpoint": st.to_dict()} if st is not None else {})} for s, st, name in rows]
+        json.dump(out, sys.stdout, indent=2)
+        print()
+        return 0
+    if not rows:
+        print(f"process {args.pid} has no TCP sockets")
+    for s, st, name in rows:
+        print(f"fd {s.fd:<4} {str(s.tuple):<48} {name}")
+        if st is None:
+            continue
+        o, w = st.options, st.window
+        print(f"     snd_seq {st.send_seq} rcv_seq {st.recv_seq}  unacked {len(st.unacked)} B  "
+              f"never sent {st.unsent_len} B  unread {len(st.recv_queue)} B")
+        print(f"     mss {o.mss}  wscale {o.snd_wscale},{o.rcv_wscale}{'' if o.wscale else ' (off)'}  "
+              f"sack {'on' if o.sack else 'off'}  timestamps {'on' if o.timestamps else 'off'}  ts {st.timestamp}")
+        if w is not None:
+            print(f"     window snd_wnd {w.snd_wnd} rcv_wnd {w.rcv_wnd} max {w.max_window} "
+                  f"snd_wl1 {w.snd_wl1} rcv_wup {w.rcv_wup}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    if args.from_criu is not None:
+        states = load_criu_states(args.from_criu)
+    else:
+        states = [state for _, state in read_dir(args.dir)]
+    if args.exec_argv is not None:
+        if not args.exec_argv or shutil.which(args.exec_argv[0]) is None:
+            raise HandoffError(f"--exec: no such program {args.exec_argv[0] if args.exec_argv else '(none given)'}")
+    socks = restore_all(states, args.netns)
+    unlock_in(args.netns, states)
+    conns = [s.tuple for s in states]
+    print(f"restored {len(socks)} connection(s) from {args.from_criu or args.dir}", file=sys.stderr)
+    if args.unix:
+        send_over_unix(args.unix, socks, conns)
+        return 0
+    exec_with_sockets(args.exec_argv, socks, conns)
+    return 0  # not reached: exec replaced this process

@@ -1,0 +1,176 @@
+"""Application-visible socket options: read from the old socket, put back on the new one at the right moment.
+
+Options that steer routing or binding must be on the socket before bind/connect; SO_REUSEADDR only after repair is
+off, because leaving repair mode resets the socket's reuse flag."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from dataclasses import dataclass, fields
+
+from sockrepair.engine._ffi import ffi, lib
+from sockrepair.engine._sockcall import (
+    CHARS,
+    INT_P,
+    SOCKLEN_P,
+    IntCalls,
+    fail,
+    getsockopt,
+    new,
+    set_bytes,
+    setsockopt,
+)
+from sockrepair.errors import SocketCallError
+from sockrepair.state import SocketOptions
+
+TCP, SOL, IP, IPV6 = lib.IPPROTO_TCP, lib.SOL_SOCKET, lib.IPPROTO_IP, lib.IPPROTO_IPV6
+AF_INET6 = socket.AF_INET6
+IFNAMSIZ = 16
+TCP_CA_NAME_MAX = 16
+LINGER_P = ffi.typeof("struct linger *")
+LINGER_SIZE = ffi.sizeof("struct linger")
+
+
+@dataclass(frozen=True)
+class IntOpt:
+    """An int-valued option. `fresh` is the value every new socket has whatever the host's settings, when there is
+    one: restore skips setting an option to it."""
+
+    field: str
+    level: int
+    opt: int
+    name: str
+    fresh: int | None = None
+
+
+GENERIC_INT_OPTS = [
+    IntOpt("nodelay", TCP, lib.TCP_NODELAY, "TCP_NODELAY", fresh=0),
+    IntOpt("keepalive", SOL, lib.SO_KEEPALIVE, "SO_KEEPALIVE", fresh=0),
+    # the keepalive timing, unless set, follows the host's sysctls: restored as read, so it does not change hosts
+    IntOpt("keepidle", TCP, lib.TCP_KEEPIDLE, "TCP_KEEPIDLE"),
+    IntOpt("keepintvl", TCP, lib.TCP_KEEPINTVL, "TCP_KEEPINTVL"),
+    IntOpt("keepcnt", TCP, lib.TCP_KEEPCNT, "TCP_KEEPCNT"),
+    IntOpt("reuseport", SOL, lib.SO_REUSEPORT, "SO_REUSEPORT", fresh=0),
+    # no `fresh`: setting IP_TOS changes the priority too, so the priority is always set after it
+    IntOpt("priority", SOL, lib.SO_PRIORITY, "SO_PRIORITY"),
+    IntOpt("rcvlowat", SOL, lib.SO_RCVLOWAT, "SO_RCVLOWAT", fresh=1),
+    IntOpt("user_timeout", TCP, lib.TCP_USER_TIMEOUT, "TCP_USER_TIMEOUT", fresh=0),
+    IntOpt("notsent_lowat", TCP, lib.TCP_NOTSENT_LOWAT, "TCP_NOTSENT_LOWAT", fresh=0),
+    IntOpt("cork", TCP, lib.TCP_CORK, "TCP_CORK", fresh=0),
+]
+# The TTL of a socket that never set one follows the host's sysctl: restored as read, like the keepalive timing.
+INT_OPTS = {
+    socket.AF_INET: [
+        IntOpt("tos", IP, lib.IP_TOS, "IP_TOS", fresh=0),
+        IntOpt("ttl", IP, lib.IP_TTL, "IP_TTL"),
+        *GENERIC_INT_OPTS,
+    ],
+    socket.AF_INET6: [
+        IntOpt("tos", IPV6, lib.IPV6_TCLASS, "IPV6_TCLASS", fresh=0),
+        IntOpt("ttl", IPV6, lib.IPV6_UNICAST_HOPS, "IPV6_UNICAST_HOPS"),
+        *GENERIC_INT_OPTS,
+    ],
+}
+# Route and bind decisions read these, so they go on before bind() and connect().
+PRE_BIND_INT_OPTS = [
+    IntOpt("mark", SOL, lib.SO_MARK, "SO_MARK"),
+    IntOpt("freebind", IP, lib.IP_FREEBIND, "IP_FREEBIND"),
+]
+V6ONLY = IntOpt("v6only", IPV6, lib.IPV6_V6ONLY, "IPV6_V6ONLY")
+BOOL_FIELDS = {f.name for f in fields(SocketOptions) if f.type in ("bool", bool)}
+_BUFFER_OPTS = [
+    IntOpt("reuseaddr", SOL, lib.SO_REUSEADDR, "SO_REUSEADDR"),
+    IntOpt("sndbuf", SOL, lib.SO_SNDBUF, "SO_SNDBUF"),
+    IntOpt("rcvbuf", SOL, lib.SO_RCVBUF, "SO_RCVBUF"),
+]
+# What read_sockopts reads, per family, in its order: (field, level, option, name, a bool field)
+_READS = {
+    family: [
+        (o.field, o.level, o.opt, o.name, o.field in BOOL_FIELDS)
+        for o in opts + PRE_BIND_INT_OPTS + ([V6ONLY] if family == AF_INET6 else []) + _BUFFER_OPTS
+    ]
+    for family, opts in INT_OPTS.items()
+}
+# What apply_in_repair sets: (field, level, option, name, the value a new socket has or None)
+_WRITES = {family: [(o.field, o.level, o.opt, o.name, o.fresh) for o in opts] for family, opts in INT_OPTS.items()}
+
+
+def read_sockopts(fd: int, family: int, calls: IntCalls | None = None) -> SocketOptions:
+    """Must run before repair mode is switched on: repair mode forces the reuse flag, which SO_REUSEADDR reports."""
+    get_int = (calls or IntCalls(fd)).get
+    values: dict[str, object] = {}
+    for field, level, opt, name, as_bool in _READS[family]:
+        raw = get_int(level, opt, name)
+        values[field] = bool(raw) if as_bool else raw
+    value = new(CHARS, IFNAMSIZ)  # one buffer for the linger (read through an int *) and the names
+    as_int = ffi.cast(INT_P, value)
+    size = new(SOCKLEN_P, LINGER_SIZE)
+    if getsockopt(fd, SOL, lib.SO_LINGER, as_int, size) < 0:
+        raise fail("getsockopt(SO_LINGER)", fd)
+    values["linger_on"] = bool(as_int[0])
+    values["linger_secs"] = as_int[1]
+    values["bindtodevice"] = _read_name(fd, SOL, lib.SO_BINDTODEVICE, value, size, "SO_BINDTODEVICE")
+    values["congestion"] = _read_name(fd, TCP, lib.TCP_CONGESTION, value, size, "TCP_CONGESTION")
+    return SocketOptions(**values)  # type: ignore[arg-type]
+
+
+def _read_name(fd: int, level: int, opt: int, buf: object, size: object, name: str) -> str:
+    size[0] = IFNAMSIZ  # type: ignore[index]
+    if getsockopt(fd, level, opt, buf, size) < 0:
+        raise fail(f"getsockopt({name})", fd)
+    return ffi.string(buf, size[0]).decode("ascii", "replace")  # type: ignore[index, no-any-return]
+
+
+def apply_pre_bind(fd: int, family: int, so: SocketOptions, calls: IntCalls | None = None) -> None:
+    calls = calls or IntCalls(fd)
+    for o in PRE_BIND_INT_OPTS:
+        value = int(getattr(so, o.field))
+        if value:
+            calls.set(o.level, o.opt, value, o.name)
+    if family == AF_INET6:
+        calls.set(IPV6, lib.IPV6_V6ONLY, int(so.v6only), "IPV6_V6ONLY")
+    if so.bindtodevice:
+        set_bytes(fd, SOL, lib.SO_BINDTODEVICE, so.bindtodevice.encode(), "SO_BINDTODEVICE")
+
+
+def size_buffers(fd: int, so: SocketOptions, send_bytes: int, recv_bytes: int, calls: IntCalls | None = None) -> None:
+    """Give the new socket room for its queues. The kernel charges roughly twice the payload (skb overhead), and
+    getsockopt reports the doubled figure that setsockopt will double again, hence the halving."""
+    calls = calls or IntCalls(fd)
+    sndbuf = max(so.sndbuf, 2 * send_bytes + (64 << 10))
+    rcvbuf = max(so.rcvbuf, 2 * recv_bytes + (64 << 10))
+    calls.set(SOL, lib.SO_SNDBUFFORCE, sndbuf // 2, "SO_SNDBUFFORCE")
+    calls.set(SOL, lib.SO_RCVBUFFORCE, rcvbuf // 2, "SO_RCVBUFFORCE")
+
+
+def apply_in_repair(fd: int, family: int, so: SocketOptions, calls: IntCalls | None = None) -> None:
+    """Everything but the reuse flag, while still in repair mode: cork and nodelay must hold before the never-sent
+    bytes are written. An option whose saved value is the one every new socket starts with is left alone: it
+    reads back the same, and a restore makes a dozen calls fewer."""
+    calls = calls or IntCalls(fd)
+    set_int = calls.set
+    for field, level, opt, name, fresh in _WRITES[family]:
+        value = int(getattr(so, field))
+        if value != fresh:
+            set_int(level, opt, value, name)
+    if so.linger_on or so.linger_secs:
+        linger = new(LINGER_P, (int(so.linger_on), so.linger_secs))
+        if setsockopt(fd, SOL, lib.SO_LINGER, linger, LINGER_SIZE) < 0:
+            raise fail("setsockopt(SO_LINGER)", fd)
+    if so.congestion:
+        try:
+            set_bytes(fd, TCP, lib.TCP_CONGESTION, so.congestion.encode(), "TCP_CONGESTION")
+        except SocketCallError as exc:
+            if exc.errno == errno.ENOENT:
+                raise SocketCallError(
+                    exc.errno, f"setsockopt(TCP_CONGESTION={so.congestion!r}): congestion control "
+                    f"{so.congestion!r} is not available on this host (modprobe tcp_{so.congestion})", fd
+                ) from None
+            raise
+
+
+def apply_after_repair(fd: int, so: SocketOptions, calls: IntCalls | None = None) -> None:
+    """Leaving repair mode cleared the reuse flag, so only a set one needs putting back."""
+    if so.reuseaddr:
+        (calls or IntCalls(fd)).set(SOL, lib.SO_REUSEADDR, 1, "SO_REUSEADDR")

@@ -1,0 +1,106 @@
+"""The binary connection image, defined with construct: these definitions ARE the format (docs/image-format.md walks
+through them byte by byte). Parsing or building through construct costs 150-250 us, too much for the migration hot
+path, so sockrepair.image._codec is a struct codec of the same layout, and the unit tests hold it to these definitions,
+byte for byte on building and verdict for verdict on parsing."""
+
+from __future__ import annotations
+
+import zlib
+
+from construct import (
+    BitsInteger,
+    BitStruct,
+    Bytes,
+    Check,
+    Checksum,
+    Const,
+    ExprValidator,
+    Flag,
+    GreedyBytes,
+    If,
+    Int8ub,
+    Int16ub,
+    Int32sb,
+    Int32ub,
+    OneOf,
+    PascalString,
+    Prefixed,
+    RawCopy,
+    Rebuild,
+    Struct,
+    Switch,
+    Terminated,
+    len_,
+    this,
+)
+
+from sockrepair.image.layout import (
+    MAGIC,
+    MAX_NAME,
+    MAX_WSCALE,
+    SOCKOPT_FLAGS,
+    SOCKOPT_INTS,
+    VALID_TCP_STATES,
+    VERSION,
+    WINDOW_FIELDS,
+)
+
+Port = ExprValidator(Int16ub, lambda port, _: port != 0)
+ShortString = ExprValidator(PascalString(Int8ub, "utf8"), lambda text, _: len(text.encode()) <= MAX_NAME)
+
+ConnTupleRecord = Struct(
+    "ip_version" / OneOf(Int8ub, [4, 6]),
+    "local_port" / Port,
+    "remote_port" / Port,
+    "local_addr" / Switch(this.ip_version, {4: Bytes(4), 6: Bytes(16)}),
+    "remote_addr" / Switch(this.ip_version, {4: Bytes(4), 6: Bytes(16)}),
+)
+
+TcpOptionsRecord = Struct(
+    "mss" / Int16ub,
+    # BitStruct lists the most significant bit first: sack is bit 0.
+    "flags" / BitStruct("reserved" / Const(0, BitsInteger(5)), "wscale" / Flag, "timestamps" / Flag, "sack" / Flag),
+    "snd_wscale" / ExprValidator(Int8ub, lambda scale, _: scale <= MAX_WSCALE),
+    "rcv_wscale" / ExprValidator(Int8ub, lambda scale, _: scale <= MAX_WSCALE),
+)
+
+RepairWindowRecord = Struct(*(name / Int32ub for name in WINDOW_FIELDS))
+
+SocketOptionsRecord = Struct(
+    "flags" / BitStruct(*(name / Flag for name in reversed(SOCKOPT_FLAGS))),  # nodelay is bit 0
+    *(name / Int32sb for name in SOCKOPT_INTS),
+    "bindtodevice" / ShortString,
+    "congestion" / ShortString,
+)
+
+ConnectionStateRecord = Struct(
+    "tuple" / ConnTupleRecord,
+    "tcp_state" / OneOf(Int8ub, sorted(VALID_TCP_STATES)),
+    "send_seq" / Int32ub,
+    "recv_seq" / Int32ub,
+    "timestamp" / Int32ub,
+    "options" / TcpOptionsRecord,
+    "window" / If(this._.flags.window, RepairWindowRecord),
+    "sockopts" / SocketOptionsRecord,
+    "unsent_len" / Int32ub,
+    "send_queue" / Prefixed(Int32ub, GreedyBytes),
+    Check(this.unsent_len <= len_(this.send_queue)),
+    "recv_queue" / Prefixed(Int32ub, GreedyBytes),
+    Terminated,
+)
+
+HeaderFlags = BitStruct("reserved" / Const(0, BitsInteger(15)), "window" / Flag)
+
+ConnectionImage = Struct(
+    "signed"
+    / RawCopy(
+        Struct(
+            "magic" / Const(MAGIC),
+            "version" / Const(VERSION, Int16ub),
+            "flags" / Rebuild(HeaderFlags, lambda ctx: {"window": ctx.body["window"] is not None}),
+            "body" / Prefixed(Int32ub, ConnectionStateRecord),
+        )
+    ),
+    "crc32" / Checksum(Int32ub, zlib.crc32, this.signed.data),
+    Terminated,
+)

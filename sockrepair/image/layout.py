@@ -1,0 +1,24 @@
+"""The numbers and field lists of the image layout, shared by its construct definition (format.py) and the fast
+codec (_codec.py); importing this module imports neither construct nor anything else outside the standard library."""
+
+from __future__ import annotations
+
+from sockrepair.state import TCP_STATES
+
+MAGIC = b"SKRP"
+VERSION = 1
+FLAG_WINDOW = 0x0001
+# Every TCP state but LISTEN: a listening socket has no connection to put in an image.
+VALID_TCP_STATES = frozenset(s for s, name in TCP_STATES.items() if name != "LISTEN")
+MAX_WSCALE = 14  # TCP_MAX_WSCALE (RFC 7323)
+MAX_NAME = 15  # IFNAMSIZ and TCP_CA_NAME_MAX, less the NUL
+U32_MAX = 0xFFFFFFFF
+
+SOCKOPT_FLAGS = ("nodelay", "cork", "keepalive", "reuseaddr", "reuseport", "linger_on", "freebind", "v6only")
+# Stored as the C int that getsockopt/setsockopt exchange, as the engine reads and applies them: a mark of
+# 0xffffffff is -1 here.
+SOCKOPT_INTS = (
+    "keepidle", "keepintvl", "keepcnt", "sndbuf", "rcvbuf", "priority", "linger_secs", "rcvlowat", "tos", "ttl",
+    "mark", "user_timeout", "notsent_lowat",
+)  # fmt: skip
+WINDOW_FIELDS = ("snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup")

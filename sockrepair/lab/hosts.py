@@ -1,0 +1,312 @@
+"""Test hosts on one machine: `peer`, `a` and `b` are network namespaces joined through a bridge in a fourth
+(`switch`) namespace, with a service address that lives on A and can move to B. Nothing is created in the root
+namespace, and everything is deleted on exit, on errors, on SIGINT/SIGTERM, and at interpreter exit.
+
+The service address sits on its own interface `svc0` in A and in B; both carry the same MAC, and only one is up.
+Moving the service takes A's svc0 down and B's up (two in-process SIOCSIFFLAGS ioctls): the bridge forgets the MAC
+on A's port when that port loses carrier, floods frames for it until B answers, and the peer's neighbour entry
+(same MAC) stays valid, so the peer reaches the service on B without an ARP/ND round and without touching it."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import fcntl
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from sockrepair.engine._ffi import ffi
+from sockrepair.netns import NetNS, NetnsError
+
+# hosts are 198.18.0.N/24 (RFC 2544 benchmarking range, never routed anywhere real) and fd00:5ec:0:1::N/64 (ULA)
+SERVICE4 = "198.18.0.100"
+SERVICE6 = "fd00:5ec:0:1::100"
+SERVICE_MAC = "02:53:52:00:00:64"  # locally administered; shared by svc0 on A and on B
+HOST_NUMBERS = {"peer": 1, "a": 2, "b": 3}
+IFNAME = "eth0"
+SERVICE_IFNAME = "svc0"
+
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_SIOCETHTOOL = 0x8946
+_IFF_UP = 0x1
+# legacy ethtool set-value commands (struct ethtool_value {u32 cmd; u32 data;})
+_ETHTOOL_STSO, _ETHTOOL_SGSO, _ETHTOOL_SGRO = 0x1F, 0x24, 0x2C
+# how long a moved address may take to become bindable (IPv6 leaves its pre-DAD state from a workqueue)
+_READY_TIMEOUT = 2.0
+
+
+@dataclass
+class Host:
+    """One namespace of the lab. `ctl` is a UDP socket made inside it, used for interface ioctls."""
+
+    role: str
+    ns: NetNS
+    addr4: str
+    addr6: str
+    ifname: str = IFNAME
+    ctl: socket.socket | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        """The namespace's name as `ip netns` knows it."""
+        return self.ns.name
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[Host]:
+        """Run the calling thread inside this host; sockets made in the block stay in it."""
+        with self.ns.entered():
+            yield self
+
+    def argv(self, cmd: Sequence[str]) -> list[str]:
+        """The argument list that runs `cmd` inside this host (for subprocess.Popen)."""
+        return self.ns.exec_argv(cmd)
+
+    def ip(self, *args: str) -> str:
+        return self.ns.ip(*args)
+
+    def pids(self) -> list[int]:
+        return self.ns.pids()
+
+    def kill(self, sig: int = signal.SIGKILL) -> list[int]:
+        """Signal every process inside this host; returns the pids signalled."""
+        pids = self.pids()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        return pids
+
+    def _ctl_fd(self) -> int:
+        if self.ctl is None:
+            raise NetnsError(f"host {self.role} is not up (the lab was closed or never entered)")
+        return self.ctl.fileno()
+
+    def set_up(self, ifname: str, up: bool) -> None:
+        """Bring `ifname` up or down (struct ifreq: 16-byte name, then the flags)."""
+        req = bytearray(struct.pack("16sH22x", ifname.encode(), 0))
+        try:
+            fcntl.ioctl(self._ctl_fd(), _SIOCGIFFLAGS, req)
+            (flags,) = struct.unpack_from("H", req, 16)
+            struct.pack_into("H", req, 16, flags | _IFF_UP if up else flags & ~_IFF_UP)
+            fcntl.ioctl(self._ctl_fd(), _SIOCSIFFLAGS, req)
+        except OSError as exc:
+            raise NetnsError(f"{self.name}: cannot set {ifname} {'up' if up else 'down'}: {exc.strerror}") from None
+
+    def disable_offloads(self, ifname: str) -> None:
+        """TSO/GSO/GRO off, so a capture sees the segments a real wire would carry instead of 64 KiB aggregates."""
+        value = ffi.new("uint32_t[2]")  # struct ethtool_value, pointed to from the ifreq
+        for cmd in (_ETHTOOL_STSO, _ETHTOOL_SGSO, _ETHTOOL_SGRO):
+            value[0], value[1] = cmd, 0
+            req = bytearray(struct.pack("16sQ16x", ifname.encode(), int(ffi.cast("uintptr_t", value))))
+            try:
+                fcntl.ioctl(self._ctl_fd(), _SIOCETHTOOL, req)
+            except OSError as exc:
+                raise NetnsError(f"{self.name}: cannot turn offload {cmd:#x} off on {ifname}: {exc.strerror}") from None
+
+
+def _write_sysctl(key: str, value: str) -> None:
+    """Set a net.* sysctl of the namespace the calling thread is in (/proc/sys/net follows the opener's netns)."""
+    with open(f"/proc/sys/{key.replace('.', '/')}", "w") as f:
+        f.write(value)
+
+
+class Lab:
+    """`with Lab() as lab:` three hosts (`peer`, `a`, `b`) on one bridge and a service address on A.
+
+    Names carry a per-run prefix so parallel runs never collide; `lab.host("a")` gives a Host."""
+
+    def __init__(self, prefix: str | None = None) -> None:
+        self.prefix = prefix or f"srlab{os.getpid()}x{uuid.uuid4().hex[:6]}"
+        self.switch = Host("switch", NetNS(f"{self.prefix}-switch"), "", "")
+        self.hosts = {
+            role: Host(role, NetNS(f"{self.prefix}-{role}"), f"198.18.0.{n}", f"fd00:5ec:0:1::{n}")
+            for role, n in HOST_NUMBERS.items()
+        }
+        self.service4 = SERVICE4
+        self.service6 = SERVICE6
+        self.service_on = "a"
+        # re-entrant: a signal arriving while close() runs calls close() again on the same thread
+        self._lock = threading.RLock()
+        self._up = False
+
+    @property
+    def peer(self) -> Host:
+        return self.hosts["peer"]
+
+    @property
+    def a(self) -> Host:
+        return self.hosts["a"]
+
+    @property
+    def b(self) -> Host:
+        return self.hosts["b"]
+
+    def host(self, role: str) -> Host:
+        try:
+            return self.hosts[role]
+        except KeyError:
+            raise NetnsError(f"no host {role!r} in the lab (hosts: {', '.join(self.hosts)})") from None
+
+    def namespaces(self) -> list[str]:
+        return [self.switch.name, *(h.name for h in self.hosts.values())]
+
+    # -- life cycle ---------------------------------------------------------------------------------------------
+
+    def __enter__(self) -> Lab:
+        _track(self)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Delete every namespace of the lab (killing what runs inside); safe to call more than once."""
+        with self._lock:
+            errors: list[str] = []
+            for host in (*self.hosts.values(), self.switch):
+                if host.ctl is not None:
+                    host.ctl.close()
+                    host.ctl = None
+                try:
+                    host.ns.delete()
+                except NetnsError as exc:
+                    errors.append(str(exc))
+            self._up = False
+            _untrack(self)
+            if errors:
+                raise NetnsError("lab cleanup: " + "; ".join(errors))
+
+    def _build(self) -> None:
+        self.switch.ns.create()
+        with self.switch.entered():
+            self.switch.ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for host in self.hosts.values():
+            host.ns.create()
+            with host.entered():
+                # before the interfaces arrive: their per-device settings are copied from `default`
+                for scope in ("all", "default"):
+                    _write_sysctl(f"net.ipv6.conf.{scope}.accept_dad", "0")
+                    _write_sysctl(f"net.ipv6.conf.{scope}.keep_addr_on_down", "1")
+                # svc0 and eth0 share a subnet on A and B: answer ARP only on the interface owning the address,
+                # and announce with the outgoing interface's address, or the peer would learn eth0's MAC for the
+                # service and lose it when the service moves.
+                _write_sysctl("net.ipv4.conf.all.arp_ignore", "1")
+                _write_sysctl("net.ipv4.conf.all.arp_announce", "2")
+                host.ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.switch.ip("link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
+        for host in self.hosts.values():
+            self._plug(host, f"v-{host.role}", IFNAME, None)
+            host.ip("addr", "add", f"{host.addr4}/24", "dev", IFNAME)
+            host.ip("addr", "add", f"{host.addr6}/64", "dev", IFNAME, "nodad")
+            host.set_up(IFNAME, True)
+        for host in (self.a, self.b):
+            self._plug(host, f"s-{host.role}", SERVICE_IFNAME, SERVICE_MAC)
+            host.ip("addr", "add", f"{SERVICE4}/32", "dev", SERVICE_IFNAME)
+            host.ip("addr", "add", f"{SERVICE6}/128", "dev", SERVICE_IFNAME, "nodad")
+        self.switch.ip("link", "set", "br0", "up")
+        self.a.set_up(SERVICE_IFNAME, True)
+        self._wait_bindable(self.a)
+        self._up = True
+
+    def _plug(self, host: Host, port: str, ifname: str, mac: str | None) -> None:
+        """A veth pair from the bridge into `host`: `port` on the switch side, `ifname` inside the host."""
+        peer_args = ["name", ifname, *(["address", mac] if mac else []), "netns", host.name]
+        self.switch.ip("link", "add", port, "type", "veth", "peer", *peer_args)
+        self.switch.ip("link", "set", port, "master", "br0", "up")
+        self.switch.disable_offloads(port)
+        host.disable_offloads(ifname)
+
+    # -- the service address ------------------------------------------------------------------------------------
+
+    def move_service(self, src: str, dst: str) -> float:
+        """Move the service address from host `src` to host `dst`; returns the seconds it took until both
+        addresses can be bound on `dst`."""
+        if src == dst or {src, dst} != {"a", "b"}:
+            raise NetnsError(f"the service moves between a and b, not {src!r} -> {dst!r}")
+        if self.service_on != src:
+            raise NetnsError(f"the service is on {self.service_on!r}, not on {src!r}")
+        start = time.perf_counter()
+        self.host(src).set_up(SERVICE_IFNAME, False)
+        self.host(dst).set_up(SERVICE_IFNAME, True)
+        self._wait_bindable(self.host(dst))
+        self.service_on = dst
+        return time.perf_counter() - start
+
+    def _wait_bindable(self, host: Host) -> None:
+        """Until the service addresses are usable as local addresses on `host` (a restore binds to them)."""
+        deadline = time.monotonic() + _READY_TIMEOUT
+        with host.entered():
+            for family, addr in ((socket.AF_INET, SERVICE4), (socket.AF_INET6, SERVICE6)):
+                while True:
+                    with socket.socket(family, socket.SOCK_STREAM) as probe:
+                        try:
+                            probe.bind((addr, 0))
+                            break
+                        except OSError as exc:
+                            if exc.errno != errno.EADDRNOTAVAIL or time.monotonic() > deadline:
+                                raise NetnsError(f"service address {addr} not usable on {host.role}: {exc}") from None
+                    time.sleep(0.0005)
+
+
+# -- cleanup on signals and at exit ---------------------------------------------------------------------------------
+
+_live: set[Lab] = set()
+_live_lock = threading.Lock()
+_previous: dict[int, Any] = {}
+
+
+def _track(lab: Lab) -> None:
+    with _live_lock:
+        _live.add(lab)
+        if threading.current_thread() is threading.main_thread() and not _previous:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                _previous[sig] = signal.signal(sig, _on_signal)
+
+
+def _untrack(lab: Lab) -> None:
+    with _live_lock:
+        _live.discard(lab)
+        if not _live and _previous:
+            _restore_handlers()
+
+
+def _restore_handlers() -> None:
+    for sig, handler in _previous.items():
+        signal.signal(sig, handler)
+    _previous.clear()
+
+
+def _close_all() -> None:
+    for lab in list(_live):
+        with contextlib.suppress(Exception):
+            lab.close()
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    """Delete the labs, then let the signal do what it did before (KeyboardInterrupt, or death by SIGTERM)."""
+    previous = _previous.get(signum, signal.SIG_DFL)
+    _close_all()
+    _restore_handlers()
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+atexit.register(_close_all)

@@ -1,0 +1,35 @@
+"""Restoring every connection of an image directory (or of states in memory) into a network namespace."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Sequence
+
+from sockrepair.engine._repair import repair_on
+from sockrepair.engine._restore import restore
+from sockrepair.lock import Locker
+from sockrepair.netns import named
+from sockrepair.state import ConnectionState
+
+
+def restore_all(states: Sequence[ConnectionState], netns: str | None = None) -> list[socket.socket]:
+    """All or nothing: if one connection cannot be restored, those already restored are closed again in repair mode
+    (silently), so the images and the lock still describe every connection and the restore can be retried."""
+    socks: list[socket.socket] = []
+    with named(netns):
+        try:
+            for state in states:
+                socks.append(restore(state))
+        except BaseException:
+            for s in socks:
+                with contextlib.suppress(OSError):
+                    repair_on(s.fileno())
+                s.close()
+            raise
+    return socks
+
+
+def unlock_in(netns: str | None, states: Sequence[ConnectionState]) -> None:
+    with named(netns), Locker() as locker:
+        locker.unlock([s.tuple for s in states])

@@ -1,0 +1,53 @@
+"""pidfd_open/pidfd_getfd: take a duplicate of another process's socket (Linux >= 5.6, ptrace access needed)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from sockrepair.engine._ffi import ffi, lib
+from sockrepair.move.procfs import ProcessError
+
+
+class PidFd:
+    """A handle on a process that stays valid (and refers to the same process) even if the pid is reused."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        fd = lib.syscall(lib.SYS_pidfd_open, ffi.cast("int", pid), ffi.cast("unsigned int", 0))
+        if fd < 0:
+            err = ffi.errno
+            if err == errno.ESRCH:
+                raise ProcessError(f"no such process: {pid}")
+            if err == errno.ENOSYS:
+                raise ProcessError("this kernel has no pidfd_open (needs Linux >= 5.3)")
+            raise ProcessError(f"pidfd_open({pid}): {os.strerror(err)}")
+        self.fd = int(fd)
+
+    def getfd(self, target_fd: int) -> int:
+        """A new fd in this process for the target's `target_fd` (the same open socket, not a copy of it)."""
+        fd = lib.syscall(lib.SYS_pidfd_getfd, ffi.cast("int", self.fd), ffi.cast("int", target_fd),
+                         ffi.cast("unsigned int", 0))
+        if fd < 0:
+            err = ffi.errno
+            if err == errno.EBADF:
+                raise ProcessError(f"process {self.pid} has no fd {target_fd}")
+            if err == errno.ESRCH:
+                raise ProcessError(f"process {self.pid} exited")
+            if err == errno.EPERM:
+                raise ProcessError(f"not permitted to take fds from process {self.pid} (needs ptrace access: root)")
+            if err == errno.ENOSYS:
+                raise ProcessError("this kernel has no pidfd_getfd (needs Linux >= 5.6)")
+            raise ProcessError(f"pidfd_getfd({self.pid}, {target_fd}): {os.strerror(err)}")
+        return int(fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> PidFd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
