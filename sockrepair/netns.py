@@ -12,11 +12,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 
 from sockrepair.engine._ffi import ffi, lib
-from sockrepair.errors import SockrepairError, UnsupportedError
-
-
-class NetnsError(SockrepairError):
-    """A namespace could not be created, entered or deleted."""
+from sockrepair.errors import NetnsError, UnsupportedError
 
 
 def _ip(*args: str) -> str:

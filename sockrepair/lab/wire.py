@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sockrepair.engine._ffi import lib
-from sockrepair.errors import SockrepairError
+from sockrepair.errors import WireError
 from sockrepair.netns import named
 from sockrepair.private import open_private
 from sockrepair.state import ConnTuple
@@ -30,10 +30,6 @@ _SNAPLEN = 65535
 _RCVBUF = 8 << 20
 _TCP_FLAGS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10}
 _SEQ_MOD = 1 << 32
-
-
-class WireError(SockrepairError):
-    """A capture could not be started, read or written."""
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,12 @@ ACK checking and dumps, over one AF_NETLINK socket opened in a chosen network na
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from sockrepair.errors import LockError
+from sockrepair.errors import LockError, NftError
 from sockrepair.lock import nfconst as c
 
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -20,18 +19,6 @@ _HEADERS = _NLMSGHDR.size + _NFGENMSG.size
 _RECV_BUF = 1 << 17
 # A message must fit in the socket's send buffer (netlink_sendmsg: len <= sk_sndbuf - 32); big transactions raise it.
 _SNDBUF_MAX = 32 << 20
-
-
-class NftError(LockError):
-    """The kernel refused an nf_tables operation; `errno` is the errno of the first failing message, `op` names it."""
-
-    def __init__(self, op: str, err: int, detail: str = "") -> None:
-        if err == errno.EPERM and not detail:
-            detail = "needs CAP_NET_ADMIN in the network namespace"
-        extra = f" ({detail})" if detail else ""
-        super().__init__(f"{op}: {os.strerror(err)} [{errno.errorcode.get(err, err)}]{extra}")
-        self.op = op
-        self.errno = err
 
 
 def attr(kind: int, payload: bytes) -> bytes:

@@ -12,15 +12,11 @@ import sys
 from collections.abc import Sequence
 from urllib.parse import quote
 
-from sockrepair.errors import SockrepairError
+from sockrepair.errors import HandoffError
 from sockrepair.state import ConnTuple
 
 SD_LISTEN_FDS_START = 3
 SCM_MAX_FD = 253
-
-
-class HandoffError(SockrepairError):
-    """The connections could not be passed to the program that should take them."""
 
 
 def fd_name(conn: ConnTuple) -> str:

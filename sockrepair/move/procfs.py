@@ -7,12 +7,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from sockrepair.errors import SockrepairError
+from sockrepair.errors import ProcessError
 from sockrepair.state import ConnTuple, state_name
-
-
-class ProcessError(SockrepairError):
-    """The process cannot be inspected or captured (gone, not permitted, or not holding what was asked for)."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import pytest
 import sockrepair
 from sockrepair.image.directory import read_dir
 from sockrepair.lab.programs import ECHO_SERVER
-from sockrepair.move.procfs import ProcessError
+from sockrepair.move.procfs import ProcessError, tcp_sockets
 from sockrepair.move.take import After, dump, inspect
 from tests.root.programs import free_port, start_echo, stop
 from tests.root.streams import pattern, recv_exactly
@@ -146,7 +146,7 @@ def test_dump_of_a_listening_fd_names_its_state(netns, tmp_path):
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
     try:
-        listener_fd = next(s.fd for s in sockrepair.procfs.tcp_sockets(server.pid) if s.tcp_state == 10)
+        listener_fd = next(s.fd for s in tcp_sockets(server.pid) if s.tcp_state == 10)
         with pytest.raises(sockrepair.SocketStateError, match=f"fd {listener_fd} .* is LISTEN"):
             dump(server.pid, tmp_path / "img", wanted=[listener_fd])
         assert _state(server.pid) not in ("T", "t")
