@@ -1,21 +1,28 @@
 """The nf_tables objects of the lock and the messages that make them: table `inet sockrepair`, one set of locked
-4-tuples per IP version (elements with timeouts), and base chains on the input and output hooks whose rules drop a
-packet when its tuple, read in either direction, is in a set.
+4-tuples per IP version (elements with timeouts), and base chains whose rules drop a packet when its tuple, read in
+either direction, is in a set -- and copy what the peer sends to a listener before dropping it.
 
     table inet sockrepair {
         set conn4 { type ipv4_addr . inet_service . ipv4_addr . inet_service; flags timeout; timeout 60s }
         set conn6 { type ipv6_addr . inet_service . ipv6_addr . inet_service; flags timeout; timeout 60s }
-        chain input  { type filter hook input  priority -300; <4 rules> }
-        chain output { type filter hook output priority -300; <4 rules> }
+        chain prerouting { type filter hook prerouting priority -300;
+            meta mark 0xc114 accept
+            <peer side, conn4 and conn6> log group 49428 snaplen 65535 queue-threshold 1 drop }
+        chain input  { type filter hook input  priority -300; meta mark 0xc114 accept; <both sides> drop }
+        chain output { type filter hook output priority -300; meta mark 0xc114 accept; <socket side> drop }
     }
 
-with, in each chain, for conn4 and likewise conn6:
-    meta nfproto ipv4 meta l4proto tcp ip saddr . th sport . ip daddr . th dport @conn4 drop
-    meta nfproto ipv4 meta l4proto tcp ip daddr . th dport . ip saddr . th sport @conn4 drop
+where "socket side" and "peer side", for conn4 (likewise conn6), are:
+    meta nfproto ipv4 meta l4proto tcp ip saddr . th sport . ip daddr . th dport @conn4
+    meta nfproto ipv4 meta l4proto tcp ip daddr . th dport . ip saddr . th sport @conn4
 
-An element is (local addr, local port, remote addr, remote port) as the locked socket sees it: the first rule
-matches what that socket sends, the second what its peer sends. Priority -300 (raw) runs before conntrack (-200)
-on output and before conntrack's confirm on input, so a dropped packet is never tracked and nothing answers it.
+An element is (local addr, local port, remote addr, remote port) as the locked socket sees it. What the peer sends is
+stopped at prerouting, before the kernel looks up a socket for it (early demux would tie it to the frozen socket), and
+copied whole through nfnetlink_log (lock/record.py) so that a mover can deliver it to the restored socket
+(lock/inject.py) instead of leaving the peer to its retransmission timeout. The output chain lets the peer side pass
+so that a peer on this host reaches prerouting too; it is dropped there. Packets marked SOCCR_MARK (0xC114, the mark
+criu's libsoccr gives the packets it makes, and that sockrepair gives the packets it delivers) pass every chain.
+Priority -300 (raw) runs before conntrack (-200), so a dropped packet is never tracked and nothing answers it.
 """
 
 from __future__ import annotations
@@ -32,6 +39,11 @@ from sockrepair.state import ConnTuple
 TABLE = "sockrepair"
 FAMILY = c.NFPROTO_INET
 PRIORITY = -300
+# criu's soccr/soccr.h SOCCR_MARK: the packets libsoccr sends for a restore, and those sockrepair delivers, pass.
+SOCCR_MARK = 0xC114
+# The nfnetlink_log group that receives copies of what peers send to locked connections (any u16; one per namespace).
+NFLOG_GROUP = 0xC114
+SNAPLEN = 0xFFFF
 TABLE_COMMENT = "sockrepair network lock: `sockrepair locks` lists it, `sockrepair unlock --all` removes it"
 # The nested attribute holding a message's elements has a u16 length.
 _MAX_ELEMENTS_BYTES = 60000
@@ -137,9 +149,36 @@ def _payload(base: int, offset: int, length: int, dreg: int) -> bytes:
     )
 
 
-def rule_expressions(fam: Family, peer_side: bool) -> bytes:
+def _verdict(code: int) -> bytes:
+    return _expr(
+        "immediate",
+        attr_be32(c.NFTA_IMMEDIATE_DREG, c.NFT_REG_VERDICT),
+        nest(c.NFTA_IMMEDIATE_DATA, nest(c.NFTA_DATA_VERDICT, attr_be32(c.NFTA_VERDICT_CODE, code))),
+    )
+
+
+def _log_to_group() -> bytes:
+    return _expr(
+        "log",
+        attr(c.NFTA_LOG_GROUP, struct.pack(">H", NFLOG_GROUP)),
+        attr_be32(c.NFTA_LOG_SNAPLEN, SNAPLEN),
+        attr(c.NFTA_LOG_QTHRESHOLD, struct.pack(">H", 1)),
+    )
+
+
+def mark_accept_expressions() -> bytes:
+    """meta mark SOCCR_MARK accept (the mark is compared in host byte order, as the meta expression loads it)."""
+    return nest(
+        c.NFTA_RULE_EXPRESSIONS,
+        _meta(c.NFT_META_MARK, c.NFT_REG_1),
+        _cmp_eq(c.NFT_REG_1, struct.pack("=I", SOCCR_MARK)),
+        _verdict(c.NF_ACCEPT),
+    )
+
+
+def rule_expressions(fam: Family, peer_side: bool, record: bool = False) -> bytes:
     """The rule dropping `fam` TCP packets whose (saddr, sport, daddr, dport) -- or, for `peer_side`, (daddr, dport,
-    saddr, sport) -- is an element of the family's set."""
+    saddr, sport) -- is an element of the family's set; with `record`, a copy goes to NFLOG_GROUP first."""
     saddr = (c.NFT_PAYLOAD_NETWORK_HEADER, fam.saddr_offset, fam.addr_len)
     daddr = (c.NFT_PAYLOAD_NETWORK_HEADER, fam.daddr_offset, fam.addr_len)
     sport = (c.NFT_PAYLOAD_TRANSPORT_HEADER, 0, 2)
@@ -158,17 +197,19 @@ def rule_expressions(fam: Family, peer_side: bool) -> bytes:
     exprs.append(
         _expr("lookup", attr_str(c.NFTA_LOOKUP_SET, fam.set_name), attr_be32(c.NFTA_LOOKUP_SREG, c.NFT_REG32_00))
     )
-    exprs.append(
-        _expr(
-            "immediate",
-            attr_be32(c.NFTA_IMMEDIATE_DREG, c.NFT_REG_VERDICT),
-            nest(c.NFTA_IMMEDIATE_DATA, nest(c.NFTA_DATA_VERDICT, attr_be32(c.NFTA_VERDICT_CODE, c.NF_DROP))),
-        )
-    )
+    if record:
+        exprs.append(_log_to_group())
+    exprs.append(_verdict(c.NF_DROP))
     return nest(c.NFTA_RULE_EXPRESSIONS, *exprs)
 
 
-CHAINS = (("input", c.NF_INET_LOCAL_IN), ("output", c.NF_INET_LOCAL_OUT))
+# (chain, hook, [(peer_side, record)]): the drop rules of each chain, per family, after the mark-accept rule.
+CHAINS = (
+    ("prerouting", c.NF_INET_PRE_ROUTING, ((True, True),)),
+    ("input", c.NF_INET_LOCAL_IN, ((False, False), (True, False))),
+    ("output", c.NF_INET_LOCAL_OUT, ((False, False),)),
+)
+RULE_COUNT = sum(1 + len(FAMILIES) * len(rules) for _chain, _hook, rules in CHAINS)
 
 
 def setup_requests(default_timeout_ms: int) -> list[Request]:
@@ -201,7 +242,7 @@ def setup_requests(default_timeout_ms: int) -> list[Request]:
                 f"create set inet {TABLE} {fam.set_name}",
             )
         )
-    for chain, hook in CHAINS:
+    for chain, hook, rules in CHAINS:
         chain_attrs = attr_str(c.NFTA_CHAIN_TABLE, TABLE) + attr_str(c.NFTA_CHAIN_NAME, chain)
         reqs.append(
             Request(
@@ -220,14 +261,16 @@ def setup_requests(default_timeout_ms: int) -> list[Request]:
         )
         rule_attrs = attr_str(c.NFTA_RULE_TABLE, TABLE) + attr_str(c.NFTA_RULE_CHAIN, chain)
         reqs.append(Request(c.NFT_MSG_DELRULE, 0, FAMILY, rule_attrs, f"flush chain inet {TABLE} {chain}"))
+        reqs.append(Request(c.NFT_MSG_NEWRULE, c.NLM_F_CREATE | c.NLM_F_APPEND, FAMILY,
+                            rule_attrs + mark_accept_expressions(), f"add rule inet {TABLE} {chain} (mark accept)"))
         for fam in FAMILIES:
-            for peer_side in (False, True):
+            for peer_side, record in rules:
                 reqs.append(
                     Request(
                         c.NFT_MSG_NEWRULE,
                         c.NLM_F_CREATE | c.NLM_F_APPEND,
                         FAMILY,
-                        rule_attrs + rule_expressions(fam, peer_side),
+                        rule_attrs + rule_expressions(fam, peer_side, record),
                         f"add rule inet {TABLE} {chain} (@{fam.set_name})",
                     )
                 )

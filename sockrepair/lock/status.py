@@ -8,7 +8,7 @@ from typing import Any
 
 from sockrepair.errors import LockError
 from sockrepair.lock.locker import Locker
-from sockrepair.lock.ruleset import CHAINS, FAMILIES, TABLE
+from sockrepair.lock.ruleset import RULE_COUNT, TABLE
 
 
 def nft_status(netns: str | None = None) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def nft_status(netns: str | None = None) -> dict[str, Any]:
     except LockError as exc:
         out["detail"] = str(exc)
         return out
-    expected = len(CHAINS) * len(FAMILIES) * 2
+    expected = RULE_COUNT
     out.update(
         available=True,
         table_present=rules > 0,

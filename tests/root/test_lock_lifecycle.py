@@ -53,7 +53,7 @@ def test_lock_lists_all_families_with_owner_and_time(locker: Locker) -> None:
         assert rec.ttl == 30.0
         assert 0 < rec.seconds_left <= 30.0
         assert rec.owner.startswith("pytest pid=")
-    assert locker.rule_count() == 8
+    assert locker.rule_count() == 11
     locker.unlock([T4, T6, MAPPED])
 
 
@@ -69,7 +69,7 @@ def test_lock_twice_renews_and_unlock_is_idempotent(locker: Locker) -> None:
     locker.unlock([T4])
     locker.unlock([T6, ConnTuple(socket.AF_INET, "10.9.9.9", 9, "10.9.9.8", 8)])
     assert locker.list_locks() == []
-    assert locker.rule_count() == 8
+    assert locker.rule_count() == 11
 
 
 def test_unlock_without_destroy_messages_skips_missing(locker: Locker) -> None:
@@ -112,7 +112,7 @@ def test_table_removed_behind_our_back_is_rebuilt(locker: Locker) -> None:
         other.unlock_all()
     locker.lock([T6], ttl=30)
     assert [r.tuple for r in locker.list_locks()] == [T6]
-    assert locker.rule_count() == 8
+    assert locker.rule_count() == 11
     locker.unlock([T6])
 
 
@@ -180,7 +180,7 @@ def test_two_processes_lock_at_once() -> None:
             owners = {r.owner.split()[1] for r in records}
             assert len(records) == 1200
             assert owners == {f"pid={child.pid}" for child in children}
-            assert lockmod.default_locker(ns.name).rule_count() == 8
+            assert lockmod.default_locker(ns.name).rule_count() == 11
         finally:
             for child in children:
                 child.kill()
@@ -249,7 +249,7 @@ def test_status_reports_a_working_lock(locker: Locker) -> None:
     assert status["available"] and not status["table_present"] and status["intact"]
     locker.lock([T4], ttl=30)
     status = nft_status()
-    assert (status["table_present"], status["intact"], status["rules"], status["locks"]) == (True, True, 8, 1)
+    assert (status["table_present"], status["intact"], status["rules"], status["locks"]) == (True, True, 11, 1)
     locker.unlock([T4])
 
 
@@ -260,8 +260,12 @@ def test_nft_sees_the_same_table(locker: Locker) -> None:
         ["nft", "list", "table", "inet", "sockrepair"], capture_output=True, text=True, check=True
     ).stdout
     assert "10.0.0.1 . 1000 . 10.0.0.2 . 2000" in text and 'comment "pytest pid=' in text
-    assert "type filter hook input priority raw" in text and "type filter hook output priority raw" in text
-    assert text.count("@conn4 drop") == 4 and text.count("@conn6 drop") == 4
+    for hook in ("prerouting", "input", "output"):
+        assert f"type filter hook {hook} priority raw" in text
+    assert text.count("meta mark 0x0000c114 accept") == 3  # SOCCR_MARK passes every chain
+    # input drops both directions, output the socket's own side; prerouting records the peer's side, then drops it
+    assert text.count("@conn4 drop") == 3 and text.count("@conn6 drop") == 3
+    assert text.count("log group 49428 snaplen 65535 queue-threshold 1 drop") == 2
     locker.unlock([T4])
     locker.unlock_all()
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout

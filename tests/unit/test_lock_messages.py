@@ -107,14 +107,16 @@ def test_rule_loads_the_tuple_into_consecutive_registers(fam, peer_side, loads) 
     assert _u32(verdict[c.NFTA_VERDICT_CODE]) == c.NF_DROP
 
 
-def test_setup_makes_one_table_two_sets_two_chains_eight_rules() -> None:
+def test_setup_makes_one_table_two_sets_three_chains_eleven_rules() -> None:
     reqs = ruleset.setup_requests(60000)
     kinds = [r.msg_type for r in reqs]
     assert kinds.count(c.NFT_MSG_NEWTABLE) == 1
     assert kinds.count(c.NFT_MSG_NEWSET) == 2
-    assert kinds.count(c.NFT_MSG_NEWCHAIN) == 2
-    assert kinds.count(c.NFT_MSG_DELRULE) == 2  # each chain is flushed before its rules go in again
-    assert kinds.count(c.NFT_MSG_NEWRULE) == 8
+    assert kinds.count(c.NFT_MSG_NEWCHAIN) == 3
+    assert kinds.count(c.NFT_MSG_DELRULE) == 3  # each chain is flushed before its rules go in again
+    # prerouting: mark accept + peer side (logged) x 2 families; input: mark accept + both sides x 2; output: mark
+    # accept + socket side x 2
+    assert kinds.count(c.NFT_MSG_NEWRULE) == ruleset.RULE_COUNT == 11
     assert all(r.family == c.NFPROTO_INET for r in reqs)
     for req in reqs:
         if req.msg_type == c.NFT_MSG_NEWCHAIN:
