@@ -1,0 +1,105 @@
+"""Delivering the packets a lock kept (lock/record.py) to the restored socket, as if the peer had just sent them.
+
+Each packet goes out of a raw IPPROTO_RAW socket (the header is ours: IP_HDRINCL, or IPV6_HDRINCL which Linux
+implies for IPPROTO_RAW) in the namespace of the restored socket, marked SOCCR_MARK so that the lock's mark-accept
+rules let it through while the connection is still locked; its destination is local, so it loops back and the
+kernel hands it to the socket that holds the 4-tuple now. Checksums are computed again first: a copy taken where
+the sender offloads them (loopback, veth) may hold only the pseudo-header's partial sum (CHECKSUM_PARTIAL)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterable
+
+from sockrepair.errors import LockError
+from sockrepair.lock.ruleset import SOCCR_MARK
+from sockrepair.netns import named
+
+_IPV6_HDRINCL = 36  # linux/in6.h
+
+
+def _fold(total: int) -> int:
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def _sum16(data: bytes | memoryview) -> int:
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    return sum(struct.unpack(f">{len(data) // 2}H", data))
+
+
+def with_checksums(packet: bytes) -> bytes:
+    """`packet` (an IPv4 or IPv6 TCP packet without extension headers) with its IPv4 header checksum and its TCP
+    checksum (RFC 793, RFC 8200 section 8.1 for the IPv6 pseudo-header) computed again. Raises ValueError when the
+    packet is not such a packet or its lengths do not add up."""
+    data = bytearray(packet)
+    version = data[0] >> 4 if data else 0
+    if version == 4:
+        ihl = (data[0] & 0x0F) * 4
+        total = struct.unpack_from(">H", data, 2)[0]
+        if ihl < 20 or total != len(data) or data[9] != socket.IPPROTO_TCP or total < ihl + 20:
+            raise ValueError("not a whole IPv4 TCP packet")
+        struct.pack_into(">H", data, 10, 0)
+        struct.pack_into(">H", data, 10, ~_fold(_sum16(data[:ihl])) & 0xFFFF)
+        segment_at = ihl
+        pseudo = bytes(data[12:20]) + struct.pack(">BBH", 0, socket.IPPROTO_TCP, total - ihl)
+    elif version == 6:
+        payload_len = struct.unpack_from(">H", data, 4)[0]
+        if data[6] != socket.IPPROTO_TCP or 40 + payload_len != len(data) or payload_len < 20:
+            raise ValueError("not a whole IPv6 TCP packet without extension headers")
+        segment_at = 40
+        pseudo = bytes(data[8:40]) + struct.pack(">IxxxB", payload_len, socket.IPPROTO_TCP)
+    else:
+        raise ValueError(f"not an IP packet (version {version})")
+    struct.pack_into(">H", data, segment_at + 16, 0)
+    checksum = ~_fold(_sum16(pseudo) + _sum16(memoryview(data)[segment_at:])) & 0xFFFF
+    struct.pack_into(">H", data, segment_at + 16, checksum)
+    return bytes(data)
+
+
+class Injector:
+    """Raw sockets in `netns` (a name from `ip netns list`, or None for this thread's namespace) that send kept
+    packets, marked SOCCR_MARK. Use as a context manager, or close()."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self._socks: dict[int, socket.socket] = {}
+        with named(netns):
+            for family in (socket.AF_INET, socket.AF_INET6):
+                sock = socket.socket(family, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.IPPROTO_RAW)
+                self._socks[family] = sock
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, SOCCR_MARK)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_HDRINCL, 1)
+
+    def close(self) -> None:
+        for sock in self._socks.values():
+            sock.close()
+
+    def __enter__(self) -> Injector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, packets: Iterable[bytes]) -> int:
+        """Send each packet in order, checksums made right; returns how many went out. Raises LockError naming the
+        packet when the kernel refuses one (the rest are not sent: order matters to the receiver)."""
+        sent = 0
+        for packet in packets:
+            try:
+                fixed = with_checksums(packet)
+            except ValueError as exc:
+                raise LockError(f"cannot deliver kept packet {sent + 1}: {exc}") from None
+            if fixed[0] >> 4 == 4:
+                sock, dest = self._socks[socket.AF_INET], (socket.inet_ntop(socket.AF_INET, fixed[16:20]), 0)
+            else:
+                sock, dest = self._socks[socket.AF_INET6], (socket.inet_ntop(socket.AF_INET6, fixed[24:40]), 0)
+            try:
+                sock.sendto(fixed, dest)
+            except OSError as exc:
+                raise LockError(f"cannot deliver kept packet {sent + 1} to {dest[0]}: {exc.strerror}") from None
+            sent += 1
+        return sent

@@ -1,0 +1,228 @@
+"""Keeping what the lock stops: the packets a peer sends to a locked connection, copied whole by the lock's
+prerouting rule to nfnetlink_log group NFLOG_GROUP (lock/ruleset.py), read here in the namespace of the lock.
+
+A Recorder binds the group when it is made and reads the copies when asked (`drain`): the kernel queues them in the
+socket's receive buffer meanwhile, so no thread is needed. The packets themselves are dropped by the rule whatever
+happens here: a recorder that dies, falls behind or hits its cap loses copies, never lets a packet through, and the
+peer then resends after its retransmission timeout as it would under a plain dropping lock. Copies that were lost
+are counted (`Held.lost`): nfnetlink_log numbers its messages (NFULA_SEQ), and a full socket buffer is reported by
+the kernel (ENOBUFS).
+
+Only one socket in a network namespace can bind the group: a second mover in the same namespace gets LockError and
+moves with the plain dropping lock."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from sockrepair.errors import LockError, NftError
+from sockrepair.lock import nfconst as c
+from sockrepair.lock.netlink import attr, attrs
+from sockrepair.lock.ruleset import NFLOG_GROUP, SNAPLEN
+from sockrepair.netns import named
+from sockrepair.state import ConnTuple
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_NFGENMSG = struct.Struct("=BBH")
+_ULOG_CONFIG = (c.NFNL_SUBSYS_ULOG << 8) | c.NFULNL_MSG_CONFIG
+_ULOG_PACKET = (c.NFNL_SUBSYS_ULOG << 8) | c.NFULNL_MSG_PACKET
+_SO_RCVBUFFORCE = 33
+# Copies wait in the socket until drained: room for a burst from many peers during a long move.
+RECV_BUFFER = 64 << 20
+# Defaults of the caps: beyond them copies are not kept and the peer's retransmission covers the packet.
+MAX_PACKETS_PER_CONNECTION = 4096
+MAX_BYTES_PER_CONNECTION = 16 << 20
+MAX_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Limits on what a recorder keeps: packets and bytes per connection, bytes in all."""
+
+    packets_per_connection: int = MAX_PACKETS_PER_CONNECTION
+    bytes_per_connection: int = MAX_BYTES_PER_CONNECTION
+    total_bytes: int = MAX_BYTES
+
+
+@dataclass
+class Held:
+    """What was kept for a set of connections: `packets` (whole IP packets, peer to us, in the order the lock saw
+    them), `over_cap` (copies not kept because a cap was reached), `lost` (copies the kernel could not deliver to
+    the recorder), `truncated` (copies shorter than their packet)."""
+
+    packets: list[bytes] = field(default_factory=list)
+    over_cap: int = 0
+    lost: int = 0
+    truncated: int = 0
+
+    @property
+    def fell_back(self) -> int:
+        """Packets the peer will have to resend after its retransmission timeout (a lower bound when lost > 0)."""
+        return self.over_cap + self.lost + self.truncated
+
+    def extend(self, other: Held) -> None:
+        self.packets += other.packets
+        self.over_cap += other.over_cap
+        self.lost += other.lost
+        self.truncated += other.truncated
+
+
+def packet_tuple(packet: bytes | memoryview) -> ConnTuple | None:
+    """The connection a TCP packet from a peer belongs to, as the receiving socket names it (local = destination),
+    or None for anything else (not TCP, IPv6 extension headers, too short)."""
+    if len(packet) < 1:
+        return None
+    version = packet[0] >> 4
+    if version == 4 and len(packet) >= 20:
+        ihl = (packet[0] & 0x0F) * 4
+        if packet[9] != socket.IPPROTO_TCP or len(packet) < ihl + 4:
+            return None
+        sport, dport = struct.unpack_from(">HH", packet, ihl)
+        return ConnTuple(socket.AF_INET, socket.inet_ntop(socket.AF_INET, packet[16:20]), dport,
+                         socket.inet_ntop(socket.AF_INET, packet[12:16]), sport)
+    if version == 6 and len(packet) >= 44 and packet[6] == socket.IPPROTO_TCP:
+        sport, dport = struct.unpack_from(">HH", packet, 40)
+        return ConnTuple(socket.AF_INET6, socket.inet_ntop(socket.AF_INET6, packet[24:40]), dport,
+                         socket.inet_ntop(socket.AF_INET6, packet[8:24]), sport)
+    return None
+
+
+def _packet_length(packet: bytes) -> int:
+    if packet[0] >> 4 == 4:
+        return int(struct.unpack_from(">H", packet, 2)[0])
+    return 40 + int(struct.unpack_from(">H", packet, 4)[0])
+
+
+class Recorder:
+    """Binds the lock's log group in `netns` (a name from `ip netns list`, or None for this thread's namespace) and
+    keeps the copies of what peers send to locked connections. Raises LockError when the group is bound by another
+    socket (another mover in this namespace) or nfnetlink_log is missing. Use as a context manager, or close()."""
+
+    def __init__(self, netns: str | None = None, caps: Caps = Caps()) -> None:
+        self.netns = netns
+        self.caps = caps
+        with named(netns):
+            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, c.NETLINK_NETFILTER)
+        try:
+            self._sock.bind((0, 0))
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, RECV_BUFFER)
+            except PermissionError:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
+            self._seq = 0
+            self._configure(attr(c.NFULA_CFG_CMD, bytes((c.NFULNL_CFG_CMD_BIND,))), "bind the log group")
+            self._configure(
+                attr(c.NFULA_CFG_MODE, struct.pack(">IBB", SNAPLEN, c.NFULNL_COPY_PACKET, 0))
+                + attr(c.NFULA_CFG_QTHRESH, struct.pack(">I", 1))
+                + attr(c.NFULA_CFG_TIMEOUT, struct.pack(">I", 0))
+                + attr(c.NFULA_CFG_FLAGS, struct.pack(">H", c.NFULNL_CFG_F_SEQ)),
+                "configure the log group",
+            )
+        except BaseException:
+            self._sock.close()
+            raise
+        self._sock.setblocking(False)
+        self._buf = bytearray(SNAPLEN + 4096)
+        self._kept: dict[ConnTuple, list[bytes]] = {}
+        self._kept_bytes: dict[ConnTuple, int] = {}
+        self._total = 0
+        self._next_seq: int | None = None
+        self._stats = Held()
+
+    def _configure(self, payload: bytes, what: str) -> None:
+        self._seq += 1
+        msg = (_NLMSGHDR.pack(_NLMSGHDR.size + _NFGENMSG.size + len(payload), _ULOG_CONFIG,
+                              c.NLM_F_REQUEST | c.NLM_F_ACK, self._seq, 0)
+               + _NFGENMSG.pack(socket.AF_UNSPEC, 0, socket.htons(NFLOG_GROUP)) + payload)
+        self._sock.send(msg)
+        self._sock.settimeout(2.0)
+        try:
+            data = self._sock.recv(4096)
+        except TimeoutError:
+            raise LockError(f"nfnetlink_log did not answer ({what})") from None
+        finally:
+            self._sock.settimeout(None)
+        _length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, 0)
+        if kind == c.NLMSG_ERROR:
+            err = -struct.unpack_from("=i", data, _NLMSGHDR.size)[0]
+            if err == errno.EBUSY:
+                raise LockError(f"cannot {what}: another process in this network namespace records for its lock "
+                                f"(nfnetlink_log group {NFLOG_GROUP} is bound)")
+            if err:
+                raise NftError(f"nfnetlink_log: {what}", err)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def drain(self) -> None:
+        """Read every copy queued so far and keep it, within the caps. Never blocks."""
+        while True:
+            try:
+                size = self._sock.recv_into(self._buf, 0, socket.MSG_TRUNC)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:  # the kernel dropped copies: counted through the sequence numbers
+                    continue
+                raise NftError("nfnetlink_log: read", exc.errno or errno.EIO) from None
+            self._parse(memoryview(self._buf)[: min(size, len(self._buf))])
+
+    def _parse(self, view: memoryview) -> None:
+        pos = 0
+        while pos + _NLMSGHDR.size <= len(view):
+            length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(view, pos)
+            if length < _NLMSGHDR.size or pos + length > len(view):
+                return
+            if kind == _ULOG_PACKET:
+                self._keep(attrs(view[pos + _NLMSGHDR.size + _NFGENMSG.size : pos + length]))
+            pos += (length + 3) & ~3
+
+    def _keep(self, fields: dict[int, memoryview]) -> None:
+        seq_field = fields.get(c.NFULA_SEQ)
+        if seq_field is not None:
+            seq = int(struct.unpack(">I", seq_field)[0])
+            if self._next_seq is not None and seq != self._next_seq:
+                self._stats.lost += (seq - self._next_seq) & 0xFFFFFFFF
+            self._next_seq = (seq + 1) & 0xFFFFFFFF
+        payload = fields.get(c.NFULA_PAYLOAD)
+        if payload is None:
+            return
+        packet = bytes(payload)
+        conn = packet_tuple(packet)
+        if conn is None:
+            return
+        if _packet_length(packet) != len(packet):
+            self._stats.truncated += 1
+            return
+        kept = self._kept.setdefault(conn, [])
+        used = self._kept_bytes.get(conn, 0)
+        caps = self.caps
+        if (len(kept) >= caps.packets_per_connection or used + len(packet) > caps.bytes_per_connection
+                or self._total + len(packet) > caps.total_bytes):
+            self._stats.over_cap += 1
+            return
+        kept.append(packet)
+        self._kept_bytes[conn] = used + len(packet)
+        self._total += len(packet)
+
+    def take(self, conns: Iterable[ConnTuple]) -> Held:
+        """Drain, then hand over (and forget) the packets kept for `conns`, in arrival order. The counts of copies
+        lost or over a cap are those of the whole recorder so far (a lost copy names no connection)."""
+        self.drain()
+        held = Held(over_cap=self._stats.over_cap, lost=self._stats.lost, truncated=self._stats.truncated)
+        for conn in conns:
+            key = conn.wire() if conn.family == socket.AF_INET6 else conn
+            packets = self._kept.pop(key, [])
+            self._total -= self._kept_bytes.pop(key, 0)
+            held.packets += packets
+        return held
