@@ -16,7 +16,7 @@ from sockrepair.errors import SockrepairError, UnsupportedError
 from sockrepair.lab.hosts import SERVICE4, Lab
 from sockrepair.lab.pingpong import PingPong
 from sockrepair.lab.programs import ECHO_SERVER
-from sockrepair.lab.wire import Recorder
+from sockrepair.lab.recorder import Recorder
 from sockrepair.lock import nft_status
 from sockrepair.move.handoff import spawn_with_sockets
 from sockrepair.move.migrate import migrate

@@ -38,7 +38,7 @@ from sockrepair.bench.subjects import (
 )
 from sockrepair.errors import SockrepairError
 from sockrepair.lab.hosts import SERVICE4, Lab
-from sockrepair.lab.wire import Recorder
+from sockrepair.lab.recorder import Recorder
 from sockrepair.move.handoff import send_over_unix
 from sockrepair.move.migrate import migrate
 from sockrepair.state import ConnTuple

@@ -194,7 +194,7 @@ def test_inspect_sends_nothing_on_the_wire(netns):
     """inspect leaves repair mode without a window probe: an idle connection stays silent on the wire. The same
     freeze ended WITH a probe is seen, which shows the check can fail."""
     from sockrepair.engine._repair import repair_off
-    from sockrepair.lab.wire import Recorder
+    from sockrepair.lab.recorder import Recorder
 
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
