@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from sockrepair.lab.pcap import Segment
@@ -91,7 +92,7 @@ def _signed(delta: int) -> int:
 
 def _largest_silence(times: Sequence[float]) -> Silence | None:
     best: Silence | None = None
-    for before, after in zip(times, times[1:], strict=False):
+    for before, after in pairwise(times):
         if best is None or after - before > best.seconds:
             best = Silence(after - before, before, after)
     return best
