@@ -12,11 +12,11 @@ import time
 from typing import IO, Any
 
 from sockrepair.check import probe
-from sockrepair.errors import SockrepairError, UnsupportedError
+from sockrepair.errors import UnsupportedError
 from sockrepair.lab.hosts import SERVICE4, Lab
-from sockrepair.lab.pingpong import PingPong
 from sockrepair.lab.programs import ECHO_SERVER
-from sockrepair.lab.wire import Recorder
+from sockrepair.lab.recorder import Recorder
+from sockrepair.lab.subjects import PingPongClient, start_echo, stop, wait_ready
 from sockrepair.lock import nft_status
 from sockrepair.move.handoff import spawn_with_sockets
 from sockrepair.move.migrate import migrate
@@ -25,6 +25,8 @@ from sockrepair.state import ConnTuple
 PORT = 7000
 STEPS = 7
 ROUND_INTERVAL = 0.0005
+CHUNK = 2048
+ROUND_TIMEOUT = 10.0
 
 
 class Progress:
@@ -49,15 +51,17 @@ def _preflight() -> None:
         raise UnsupportedError(f"the network lock cannot work here: {lock['detail']}")
 
 
-def _start_echo(argv: list[str], **popen: Any) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, **popen)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("ready"):
-        proc.kill()
-        proc.wait()
-        raise SockrepairError(f"the echo service did not start ({line.strip() or 'no output'})")
-    return proc
+def _summary(report: dict[str, Any], connections: int) -> dict[str, Any]:
+    """The client's report as the demo shows it (milliseconds), with the peer's local ports under "ports"."""
+    errors = list(report.get("errors", []))
+    if not report.get("swept") and not errors:
+        errors.append("the client did not check every connection after the move")
+    slowest = report.get("slowest") or (0.0, 0.0)
+    median = report.get("median_rtt_s") or 0.0
+    return {"ok": not errors, "connections": connections, "rounds": report.get("rounds", 0),
+            "bytes_verified": report.get("bytes_verified", 0), "errors": errors,
+            "max_gap_ms": round(slowest[1] * 1000, 3), "median_rtt_ms": round(median * 1000, 3),
+            "ports": list(report.get("ports", []))}
 
 
 def run_demo(json_output: bool = False, seconds: float = 3.0, connections: int = 3) -> int:
@@ -67,26 +71,26 @@ def run_demo(json_output: bool = False, seconds: float = 3.0, connections: int =
     with Lab() as lab:
         progress(f"hosts peer {lab.peer.addr4}, A {lab.a.addr4}, B {lab.b.addr4} on one bridge; "
                  f"service address {SERVICE4} on A")
-        old = _start_echo(lab.a.argv([sys.executable, str(ECHO_SERVER), "--listen", f"{SERVICE4}:{PORT}"]))
-        new: subprocess.Popen[str] | None = None
+        old = start_echo(f"{SERVICE4}:{PORT}", netns=lab.a.name)
+        new: subprocess.Popen[bytes] | None = None
+        client: PingPongClient | None = None
         try:
             progress(f"plain echo service on A (pid {old.pid}, no sockrepair inside) on {SERVICE4}:{PORT}")
-            client = PingPong(SERVICE4, PORT, connections, netns=lab.peer.name, interval=ROUND_INTERVAL).start()
+            client = PingPongClient(SERVICE4, PORT, connections, netns=lab.peer.name, chunk=CHUNK,
+                                    interval=ROUND_INTERVAL, round_timeout=ROUND_TIMEOUT)
             # recorded from after the handshakes to before the closes: any SYN or FIN seen is the migration's
             recorder = Recorder(lab.peer.ifname, lab.peer.name).start()
             progress(f"client on the peer: {connections} connections, verifying every echoed byte; "
                      f"recording the peer's wire")
             time.sleep(seconds / 2)
 
-            def handoff(socks: list[socket.socket], tuples: list[ConnTuple]) -> subprocess.Popen[str]:
+            def handoff(socks: list[socket.socket], tuples: list[ConnTuple]) -> subprocess.Popen[bytes]:
                 with lab.b.entered():
                     proc = spawn_with_sockets([sys.executable, str(ECHO_SERVER)], socks, tuples,
-                                              stdout=subprocess.PIPE, text=True)
+                                              stdout=subprocess.PIPE)
                 for s in socks:
                     s.close()
-                assert proc.stdout is not None
-                if not proc.stdout.readline().startswith("ready"):
-                    raise SockrepairError("the echo program on B did not take the connections")
+                wait_ready(proc, "the echo program on B")
                 return proc
 
             frozen_at = time.time()
@@ -99,12 +103,13 @@ def run_demo(json_output: bool = False, seconds: float = 3.0, connections: int =
                      f"(freeze to unlock); new echo program pid {new.pid if new else '?'}; phases ms: {phases}")
             time.sleep(seconds / 2)
             recorder.stop()
-            talk = client.stop()
-            progress(f"client stopped: {talk.rounds} round trips, {talk.bytes_verified} bytes verified, "
-                     f"{'no errors' if talk.ok else 'ERRORS: ' + '; '.join(talk.errors)}; "
-                     f"largest gap {talk.max_gap_ms:.1f} ms (median round trip {talk.median_rtt_ms:.2f} ms)")
+            talk = _summary(client.stop(sweep_timeout=ROUND_TIMEOUT), connections)
+            client = None
+            progress(f"client stopped: {talk['rounds']} round trips, {talk['bytes_verified']} bytes verified, "
+                     f"{'no errors' if talk['ok'] else 'ERRORS: ' + '; '.join(talk['errors'])}; "
+                     f"largest gap {talk['max_gap_ms']:.1f} ms (median round trip {talk['median_rtt_ms']:.2f} ms)")
             wires = [recorder.report(ConnTuple(socket.AF_INET, lab.peer.addr4, port, SERVICE4, PORT),
-                                     frozen_at, resumed_at) for port in talk.local_ports]
+                                     frozen_at, resumed_at) for port in talk.pop("ports")]
             for w in wires:
                 gap = w.wire_gap.seconds if w.wire_gap and w.wire_gap.seconds is not None else None
                 verdict = "ok" if w.ok else "PROBLEMS: " + "; ".join(w.problems)
@@ -113,19 +118,16 @@ def run_demo(json_output: bool = False, seconds: float = 3.0, connections: int =
                       file=sys.stderr)
             print("        (a round trip the client started while its connection was locked waits for the client's own "
                   "retransmission timeout, about 200 ms: the lock drops packets, it does not hold them back)", file=sys.stderr)
-            ok = talk.ok and all(w.ok for w in wires) and talk.rounds > 0
+            ok = talk["ok"] and all(w.ok for w in wires) and talk["rounds"] > 0
             progress("verified: " + ("every byte arrived once and in order, no RST/SYN/FIN on the wire"
                                      if ok else "FAILED (see above)"))
-            result = {"ok": ok, "migration": report.to_dict(), "client": talk.to_dict(),
+            result = {"ok": ok, "migration": report.to_dict(), "client": talk,
                       "wire": [w.to_dict() for w in wires]}
         finally:
-            for proc in (old, new):
-                if proc is not None and proc.poll() is None:
-                    proc.kill()
-                if proc is not None:
-                    proc.wait()
-                    if proc.stdout:
-                        proc.stdout.close()
+            if client is not None:
+                client.close()
+            stop(old)
+            stop(new)
     progress("hosts, processes and locks cleaned up")
     if json_output:
         json.dump(result, sys.stdout, indent=2, default=str)

@@ -25,7 +25,7 @@ from typing import Any
 
 from sockrepair.bench import bench_gap
 from sockrepair.bench.results import SOCKREPAIR_IMPL, Batch, batch_from_samples
-from sockrepair.bench.subjects import raise_fd_limit
+from sockrepair.lab.subjects import raise_fd_limit
 
 IMPL = "sockrepair-process"
 BATCHES = (1, 100, 1000, 10000)

@@ -1,7 +1,8 @@
-"""Cross-host migration in the lab (sockrepair/lab.py: hosts peer, A and B in network namespaces on one bridge): a
-plain echo program on A holding N connections from a ping-pong client on the peer is moved, with the service
-address, to a receiver on B. Measured: the gap the client sees, and the wire gap (last segment before the freeze
-to first after the resume, on the peer's interface, over all the moved connections, from sockrepair/wire.py's recorder).
+"""Cross-host migration in the lab (sockrepair/lab/hosts.py: hosts peer, A and B in network namespaces on one
+bridge): a plain echo program on A holding N connections from a ping-pong client on the peer is moved, with the
+service address, to a receiver on B. Measured: the gap the client sees, and the wire gap (last segment before the
+freeze to first after the resume, on the peer's interface, over all the moved connections, from
+sockrepair/lab/recorder.py).
 
     python -m sockrepair.bench.bench_crosshost [--quick] [--json OUT]
 
@@ -27,18 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from sockrepair.bench.bench_gap import RunResult, entry, migrate_phases
-from sockrepair.bench.subjects import (
-    GapClient,
-    SubjectError,
+from sockrepair.errors import ProcessError, SockrepairError
+from sockrepair.lab.hosts import SERVICE4, Lab
+from sockrepair.lab.recorder import Recorder
+from sockrepair.lab.subjects import (
+    PingPongClient,
     largest_gap_s,
     raise_fd_limit,
     start_echo,
     start_receiver,
     stop,
 )
-from sockrepair.errors import SockrepairError
-from sockrepair.lab.hosts import SERVICE4, Lab
-from sockrepair.lab.wire import Recorder
 from sockrepair.move.handoff import send_over_unix
 from sockrepair.move.migrate import migrate
 from sockrepair.state import ConnTuple
@@ -100,13 +100,13 @@ def run_once(connections: int, plan: Plan) -> CrossRun:
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="sockrepair-crosshost-") as tmp:
         work = Path(tmp)
         server = receiver = None
-        client: GapClient | None = None
+        client: PingPongClient | None = None
         recorder: Recorder | None = None
         try:
-            server = start_echo(lab.a.name, SERVICE4, PORT, work / "echo.out")
-            receiver = start_receiver(lab.b.name, work / "receiver.sock", 600.0)
-            client = GapClient(lab.peer.name, SERVICE4, PORT, connections, interval=ROUND_INTERVAL,
-                               round_timeout=ROUND_TIMEOUT, max_seconds=600.0)
+            server = start_echo(f"{SERVICE4}:{PORT}", netns=lab.a.name, log=work / "echo.out")
+            receiver = start_receiver(work / "receiver.sock", netns=lab.b.name, max_seconds=600.0)
+            client = PingPongClient(SERVICE4, PORT, connections, netns=lab.peer.name, interval=ROUND_INTERVAL,
+                                    round_timeout=ROUND_TIMEOUT, max_seconds=600.0)
             ports = _client_ports(lab, server.pid)
             recorder = Recorder(lab.peer.ifname, lab.peer.name).start()
             time.sleep(plan.settle_s)
@@ -129,7 +129,7 @@ def run_once(connections: int, plan: Plan) -> CrossRun:
             client = None
             recorder.stop()
             wire_gap, problems = _wire(recorder, lab, ports, frozen_at, resumed_at)
-        except SubjectError as exc:
+        except ProcessError as exc:
             return CrossRun(RunResult(None, str(exc)), None)
         finally:
             if recorder is not None:

@@ -5,7 +5,8 @@ process) logs every round trip; the gap is the longest round trip that ended aft
 
 Variants, interleaved run by run, each run in a network namespace of its own:
 - `sockrepair`: sockrepair.migrate() freezes the program, locks and checkpoints its connections, kills it, restores
-  them and passes them over a UNIX socket to a receiver that was started beforehand (sockrepair/bench/gap_programs.py);
+  them and passes them over a UNIX socket to a receiver that was started beforehand
+  (sockrepair/lab/programs/receiver.py);
 - `criu-nftables`, `criu-iptables`: `criu dump -t PID --tcp-established --network-lock M` of the program's tree,
   then `criu restore --tcp-established -d` of the same tree, which carries on echoing.
 A run is verified when the client saw every echoed byte right and, after the move, one more round on every
@@ -30,17 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from sockrepair.bench.results import SOCKREPAIR_IMPL, Gap, gap_from_runs
-from sockrepair.bench.subjects import (
-    GapClient,
-    SubjectError,
+from sockrepair.criu.locate import Criu, find_criu
+from sockrepair.errors import CriuError, ProcessError, SockrepairError
+from sockrepair.lab.subjects import (
+    PingPongClient,
     largest_gap_s,
     raise_fd_limit,
     start_echo,
     start_receiver,
     stop,
 )
-from sockrepair.criu.locate import Criu, find_criu
-from sockrepair.errors import CriuError, SockrepairError
 from sockrepair.move.handoff import send_over_unix
 from sockrepair.move.migrate import MigrationReport, migrate
 from sockrepair.netns import NetNS
@@ -156,14 +156,14 @@ def run_once(variant: str, connections: int, plan: Plan, criu: Criu | None,
         work = Path(tmp)
         port = _free_port(ns)
         server = receiver = None
-        client: GapClient | None = None
+        client: PingPongClient | None = None
         moved: RunResult | None = None
         try:
-            server = start_echo(ns.name, ADDR, port, work / "echo.out")
+            server = start_echo(f"{ADDR}:{port}", netns=ns.name, log=work / "echo.out")
             if variant == SOCKREPAIR_IMPL:
-                receiver = start_receiver(ns.name, work / "receiver.sock", CRIU_TIMEOUT)
-            client = GapClient(ns.name, ADDR, port, connections, round_timeout=ROUND_TIMEOUT,
-                               max_seconds=2 * CRIU_TIMEOUT)
+                receiver = start_receiver(work / "receiver.sock", netns=ns.name, max_seconds=CRIU_TIMEOUT)
+            client = PingPongClient(ADDR, port, connections, netns=ns.name, round_timeout=ROUND_TIMEOUT,
+                                    max_seconds=2 * CRIU_TIMEOUT)
             time.sleep(plan.settle_s)
             began = time.monotonic()
             try:
@@ -178,7 +178,7 @@ def run_once(variant: str, connections: int, plan: Plan, criu: Criu | None,
             time.sleep(plan.after_s)
             report = client.stop(sweep_timeout=ROUND_TIMEOUT)
             client = None
-        except SubjectError as exc:
+        except ProcessError as exc:
             return RunResult(None, str(exc))
         finally:
             if client is not None:

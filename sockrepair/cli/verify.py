@@ -8,7 +8,8 @@ import sys
 from typing import Any
 
 from sockrepair.cli.args import tuple_arg
-from sockrepair.lab.wire import analyse, format_report, read_segments
+from sockrepair.lab.analysis import analyse, format_report
+from sockrepair.lab.pcap import read_segments
 
 
 def add_verify_command(sub: Any) -> None:

@@ -15,6 +15,7 @@ from sockrepair.bench import run_all
 from sockrepair.bench.results import C_IMPL, SOCKREPAIR_IMPL
 from sockrepair.criu.locate import find_criu
 from sockrepair.errors import CriuError
+from sockrepair.lab.programs import CLIENT, ECHO_SERVER, RECEIVER
 from tests.root.conftest import leaked_namespaces, namespaces
 
 pytestmark = pytest.mark.root
@@ -30,7 +31,7 @@ def _helpers() -> set[int]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"gap_programs.py" in cmd or b"echo_server.py" in cmd:
+        if any(str(program).encode() in cmd for program in (CLIENT, ECHO_SERVER, RECEIVER)):
             found.add(int(pid))
     return found
 

@@ -15,9 +15,10 @@ import pytest
 import sockrepair
 from sockrepair.image.directory import read_dir
 from sockrepair.lab.programs import ECHO_SERVER
+from sockrepair.lab.subjects import start_echo, stop
 from sockrepair.move.procfs import ProcessError, tcp_sockets
 from sockrepair.move.take import After, dump, inspect
-from tests.root.programs import free_port, start_echo, stop
+from tests.root.programs import free_port
 from tests.root.streams import pattern, recv_exactly
 
 
@@ -165,7 +166,7 @@ def test_restore_where_the_address_is_missing_then_retry(tmp_path):
         dst.ip("addr", "del", "127.0.0.1/8", "dev", "lo")  # 127.0.0.1 is not a local address there
         with src.entered():
             port = free_port()
-        server = start_echo(f"127.0.0.1:{port}", prefix=src.exec_argv([]))
+        server = start_echo(f"127.0.0.1:{port}", netns=src.name)
         try:
             with src.entered():
                 (client,) = _connect(port, 1)
@@ -194,7 +195,7 @@ def test_inspect_sends_nothing_on_the_wire(netns):
     """inspect leaves repair mode without a window probe: an idle connection stays silent on the wire. The same
     freeze ended WITH a probe is seen, which shows the check can fail."""
     from sockrepair.engine._repair import repair_off
-    from sockrepair.lab.wire import Recorder
+    from sockrepair.lab.recorder import Recorder
 
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")

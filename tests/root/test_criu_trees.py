@@ -25,7 +25,7 @@ from sockrepair.criu.manifest import LOCK_SKIP
 from sockrepair.criu.manifest import load as load_manifest
 from sockrepair.criu.topology import PEER_EXTERNAL, PEER_TREE, map_trees
 from sockrepair.errors import CriuError
-from sockrepair.lab.wire import Recorder
+from sockrepair.lab.recorder import Recorder
 from sockrepair.lock import Locker
 from sockrepair.move.procstat import stat
 from sockrepair.netns import NetNS

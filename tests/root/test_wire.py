@@ -15,8 +15,11 @@ from typing import TypeVar
 import pytest
 
 import sockrepair
+from sockrepair.errors import WireError
+from sockrepair.lab.analysis import WireReport, analyse
 from sockrepair.lab.hosts import Host, Lab
-from sockrepair.lab.wire import Recorder, WireError, WireReport, analyse, read_segments
+from sockrepair.lab.pcap import read_segments
+from sockrepair.lab.recorder import Recorder
 from sockrepair.state import ConnTuple
 
 T = TypeVar("T")

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from sockrepair.bench import bench_gap, profiles, report, run_all
-from sockrepair.bench.gap_programs import chunk
 from sockrepair.bench.results import (
     check,
     empty,
@@ -18,7 +17,8 @@ from sockrepair.bench.results import (
     merge_single,
     single_from_samples,
 )
-from sockrepair.bench.subjects import largest_gap_s
+from sockrepair.lab.programs.client import chunk
+from sockrepair.lab.subjects import largest_gap_s
 
 
 def test_lock_cases_become_lock_entries_with_the_reports_method_names() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sockrepair.bench.subjects import GapClient, start_receiver, stop
+from sockrepair.lab.subjects import PingPongClient, start_receiver, stop
 from sockrepair.move.handoff import send_over_unix
 from sockrepair.state import ConnTuple
 
@@ -37,7 +37,7 @@ def _serve(listener: socket.socket, count: int, take: callable) -> threading.Thr
 
 def test_the_client_checks_every_round_through_the_receiver(tmp_path: Path, listener: socket.socket) -> None:
     path = tmp_path / "receiver.sock"
-    receiver = start_receiver(None, path, max_seconds=60)
+    receiver = start_receiver(path, max_seconds=60)
     try:
         def give(conn: socket.socket) -> None:
             tup = ConnTuple(socket.AF_INET, *conn.getsockname(), *conn.getpeername())
@@ -45,7 +45,7 @@ def test_the_client_checks_every_round_through_the_receiver(tmp_path: Path, list
             conn.close()
 
         thread = _serve(listener, 3, give)
-        client = GapClient(None, "127.0.0.1", listener.getsockname()[1], 3, round_timeout=10, max_seconds=60)
+        client = PingPongClient("127.0.0.1", listener.getsockname()[1], 3, round_timeout=10, max_seconds=60)
         thread.join(10)
         time.sleep(0.2)
         report = client.stop(sweep_timeout=10)
@@ -64,5 +64,5 @@ def test_a_wrong_echo_is_an_error_not_a_round(listener: socket.socket) -> None:
 
     thread = _serve(listener, 1, garble)
     with pytest.raises(Exception, match="could not connect: .*wrong byte 0"):
-        GapClient(None, "127.0.0.1", listener.getsockname()[1], 1, round_timeout=10, max_seconds=60)
+        PingPongClient("127.0.0.1", listener.getsockname()[1], 1, round_timeout=10, max_seconds=60)
     thread.join(10)

@@ -13,15 +13,9 @@ from pathlib import Path
 import pytest
 
 from sockrepair.cli.verify import add_verify_command
-from sockrepair.lab.wire import (
-    Frame,
-    Segment,
-    WireError,
-    analyse,
-    format_report,
-    read_segments,
-    write_pcap,
-)
+from sockrepair.errors import WireError
+from sockrepair.lab.analysis import analyse, format_report
+from sockrepair.lab.pcap import Frame, Segment, read_segments, write_pcap
 from sockrepair.state import ConnTuple
 
 CONN = ConnTuple.parse("198.18.0.1:5000->198.18.0.100:7000")
@@ -197,7 +191,7 @@ def test_pcap_round_trip(tmp_path: Path) -> None:
 
 def test_first_frame_of_a_fresh_process_is_parsed() -> None:
     # scapy binds IP under Ether only once its module is imported: the first dissection must already see it
-    script = (f"from sockrepair.lab.wire import Frame, parse_frames; "
+    script = (f"from sockrepair.lab.pcap import Frame, parse_frames; "
               f"print(len(parse_frames([Frame(1.0, bytes.fromhex({_frames()[0].data.hex()!r}))])))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "1"

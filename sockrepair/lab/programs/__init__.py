@@ -1,6 +1,15 @@
-"""Plain programs that know nothing of sockrepair, used by the demo and the tests as migration subjects. They are
-run as scripts (by path), never imported by the package."""
+"""The lab's plain programs, the subjects and peers of every migration the demo, the benchmarks and the tests run.
+They know nothing of sockrepair (the echo server and the receiver use the standard library only; the client also
+loads lab/pattern.py by path) and are always run as `sys.executable PATH` (see sockrepair.lab.subjects), never
+imported by the package: a migrated program must not carry the engine with it.
+
+- echo_server.py: the subject, an echo service listening on ADDR:PORT or serving inherited connections;
+- client.py: the peer, ping-pong rounds over N connections, checking every echoed byte, timing every round;
+- receiver.py: takes restored connections over a UNIX socket (SCM_RIGHTS) and echoes on them."""
 
 from pathlib import Path
 
-ECHO_SERVER = Path(__file__).with_name("echo_server.py")
+HERE = Path(__file__).resolve().parent
+ECHO_SERVER = HERE / "echo_server.py"
+CLIENT = HERE / "client.py"
+RECEIVER = HERE / "receiver.py"

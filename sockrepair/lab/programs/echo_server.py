@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """A plain TCP echo service (standard library only, no sockrepair): it listens on ADDR:PORT when asked, and serves
 the connections it inherits by systemd socket activation (LISTEN_FDS / LISTEN_PID). Prints "ready PID" when set."""
 

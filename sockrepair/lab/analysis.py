@@ -1,238 +1,21 @@
-"""What the wire saw during a migration: a background recorder on one interface of a network namespace, a parser
-(scapy) from frames to TCP segments, and the checks over one connection: no RST/SYN/FIN, every byte of each
-direction seen (retransmissions allowed), and the gap around the freeze.
+"""The checks over one connection in a list of TCP segments: no RST/SYN/FIN, every byte of each direction seen
+(retransmissions allowed), the longest silences, and the wire gap around a freeze; `format_report` is the text
+`sockrepair verify` prints. Pure computation on Segments (lab/pcap.py), no capture and no scapy.
 
-One clock throughout: CLOCK_REALTIME as float seconds, i.e. time.time(). Frames carry the kernel's receive
-timestamp (SO_TIMESTAMPNS), which is that clock, and pcap files store it; freeze/resume are time.time() values."""
+Times are time.time() values (CLOCK_REALTIME seconds), the clock of the captured frames."""
 
 from __future__ import annotations
 
 import ipaddress
-import socket
-import struct
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from itertools import pairwise
 from typing import Any
 
-from sockrepair.engine._ffi import lib
-from sockrepair.errors import WireError
-from sockrepair.netns import named
-from sockrepair.private import open_private
+from sockrepair.lab.pcap import Segment
 from sockrepair.state import ConnTuple
 
-_ETH_P_ALL = 0x0003
-_SOL_PACKET = 263
-_PACKET_STATISTICS = 6
-_SO_TIMESTAMPNS = 35  # asm-generic/socket.h SO_TIMESTAMPNS_OLD: a struct timespec; Python 3.11 lacks the name
-_SNAPLEN = 65535
-_RCVBUF = 8 << 20
-_TCP_FLAGS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10}
 _SEQ_MOD = 1 << 32
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One captured link-layer frame and its kernel timestamp (time.time() clock)."""
-
-    ts: float
-    data: bytes
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One TCP segment as the wire carried it. `length` counts payload bytes only."""
-
-    ts: float
-    src_addr: str
-    src_port: int
-    dst_addr: str
-    dst_port: int
-    seq: int
-    ack: int
-    flags: int
-    length: int
-
-    def has(self, flag: str) -> bool:
-        return bool(self.flags & _TCP_FLAGS[flag])
-
-    @property
-    def flag_text(self) -> str:
-        return "".join(name for name, bit in _TCP_FLAGS.items() if self.flags & bit) or "."
-
-
-# -- capture --------------------------------------------------------------------------------------------------------
-
-
-class Recorder:
-    """Capture every frame on `ifname` inside namespace `netns` (an `ip netns` name; None: the current one).
-
-    `with Recorder("eth0", lab.peer.name) as rec:` ... then `rec.frames`. start() returns once the capture socket
-    is bound, so nothing sent after it is missed; stop() drains what the kernel still holds."""
-
-    def __init__(self, ifname: str, netns: str | None = None) -> None:
-        self.ifname = ifname
-        self.netns = netns
-        self.frames: list[Frame] = []
-        self._parsed: tuple[int, list[Segment]] | None = None
-        self.dropped = 0
-        self._sock: socket.socket | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> Recorder:
-        if self._sock is not None:
-            raise WireError("recorder already running")
-        self._sock = self._open()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"wire-{self.ifname}", daemon=True)
-        self._thread.start()
-        return self
-
-    def _open(self) -> socket.socket:
-        # an AF_PACKET socket belongs to the namespace it was made in, whatever thread reads it later
-        try:
-            with named(self.netns):
-                sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, lib.SO_RCVBUFFORCE, _RCVBUF)
-                    sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
-                    sock.bind((self.ifname, _ETH_P_ALL))
-                except BaseException:
-                    sock.close()
-                    raise
-        except OSError as exc:
-            where = f" in namespace {self.netns}" if self.netns else ""
-            raise WireError(f"cannot capture on {self.ifname}{where}: {exc.strerror or exc}") from None
-        sock.settimeout(0.05)
-        return sock
-
-    def _run(self) -> None:
-        assert self._sock is not None
-        while not self._stop.is_set():
-            self._read_one()
-        self._sock.setblocking(False)
-        while self._read_one():
-            pass
-
-    def _read_one(self) -> bool:
-        assert self._sock is not None
-        try:
-            data, anc, _, _ = self._sock.recvmsg(_SNAPLEN, socket.CMSG_SPACE(16))
-        except (TimeoutError, BlockingIOError):
-            return False
-        ts = 0.0
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
-                sec, nsec = struct.unpack("qq", payload[:16])
-                ts = sec + nsec / 1e9
-        self.frames.append(Frame(ts, data))
-        return True
-
-    def stop(self) -> list[Frame]:
-        """Stop capturing; returns every frame seen. `dropped` counts frames the kernel could not queue."""
-        if self._sock is None:
-            return self.frames
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join()
-        stats = self._sock.getsockopt(_SOL_PACKET, _PACKET_STATISTICS, 8)
-        self.dropped += struct.unpack("II", stats)[1]
-        self._sock.close()
-        self._sock = None
-        return self.frames
-
-    def segments(self) -> list[Segment]:
-        """Parsed once per capture: dissecting frames is the slow part of a report, and one capture usually
-        serves a report per connection."""
-        if self._parsed is None or self._parsed[0] != len(self.frames):
-            self._parsed = (len(self.frames), parse_frames(self.frames))
-        return self._parsed[1]
-
-    def write_pcap(self, path: str | Path) -> None:
-        write_pcap(path, self.frames)
-
-    def report(self, conn: ConnTuple, freeze: float | None = None, resume: float | None = None,
-               allow_fin: bool = False) -> WireReport:
-        return analyse(self.segments(), conn, freeze, resume, allow_fin=allow_fin, capture_drops=self.dropped)
-
-    def __enter__(self) -> Recorder:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-# -- pcap files -----------------------------------------------------------------------------------------------------
-
-_PCAP_NS_MAGIC = 0xA1B23C4D
-_LINKTYPE_ETHERNET = 1
-
-
-def write_pcap(path: str | Path, frames: Sequence[Frame]) -> None:
-    """A nanosecond pcap of `frames`, mode 0600 (it holds payload bytes)."""
-    try:
-        f = open_private(path)
-    except OSError as exc:
-        raise WireError(f"cannot write {path}: {exc.strerror}") from None
-    with f:
-        f.write(struct.pack("<IHHiIII", _PCAP_NS_MAGIC, 2, 4, 0, 0, _SNAPLEN, _LINKTYPE_ETHERNET))
-        for frame in frames:
-            ns = round(frame.ts * 1e9)
-            f.write(struct.pack("<IIII", ns // 10**9, ns % 10**9, len(frame.data), len(frame.data)))
-            f.write(frame.data)
-
-
-def read_segments(path: str | Path) -> list[Segment]:
-    """The TCP segments of a pcap or pcapng file (any link type scapy knows, e.g. tcpdump -i any)."""
-    from scapy.error import Scapy_Exception
-    from scapy.utils import rdpcap
-
-    _load_layers()
-
-    try:
-        packets = rdpcap(str(path))
-    except FileNotFoundError:
-        raise WireError(f"no capture file {path}") from None
-    except (OSError, Scapy_Exception) as exc:
-        raise WireError(f"cannot read capture {path}: {exc}") from None
-    return [seg for pkt in packets if (seg := _segment(pkt, float(pkt.time))) is not None]
-
-
-def parse_frames(frames: Iterable[Frame]) -> list[Segment]:
-    from scapy.layers.l2 import Ether
-
-    _load_layers()
-    return [seg for frame in frames if (seg := _segment(Ether(frame.data), frame.ts)) is not None]
-
-
-def _load_layers() -> None:
-    """Import every layer before the first dissection: scapy binds IP/IPv6 under Ether only when their modules are
-    imported, and a frame dissected earlier stays Ether/Raw (the first frame of a run was silently lost that way)."""
-    from scapy.layers import inet, inet6, l2  # noqa: F401
-
-
-def _segment(pkt: Any, ts: float) -> Segment | None:
-    from scapy.layers.inet import IP, TCP
-    from scapy.layers.inet6 import IPv6
-    from scapy.packet import Padding
-
-    if TCP not in pkt:
-        return None
-    if IP in pkt:
-        net = pkt[IP]
-    elif IPv6 in pkt:
-        net = pkt[IPv6]
-    else:
-        return None
-    tcp = pkt[TCP]
-    length = len(tcp.payload) - (len(pkt[Padding]) if Padding in pkt else 0)
-    return Segment(ts, str(net.src), int(tcp.sport), str(net.dst), int(tcp.dport), int(tcp.seq), int(tcp.ack),
-                   int(tcp.flags), length)
-
-
-# -- analysis -------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -309,7 +92,7 @@ def _signed(delta: int) -> int:
 
 def _largest_silence(times: Sequence[float]) -> Silence | None:
     best: Silence | None = None
-    for before, after in zip(times, times[1:], strict=False):
+    for before, after in pairwise(times):
         if best is None or after - before > best.seconds:
             best = Silence(after - before, before, after)
     return best
