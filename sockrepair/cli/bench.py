@@ -1,33 +1,23 @@
-"""`sockrepair bench`: the benchmarks of sockrepair/bench/run_all.py behind the command line. The benchmarks live in the
-repository's benchmarks/ directory next to this package; from a checkout (editable install) it is put on the
-import path when it is not importable already."""
+"""`sockrepair bench`: the benchmarks of sockrepair.bench.run_all behind the command line. They draw plots with
+matplotlib, the `bench` extra; without it the command says which extra to install."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
 from sockrepair.errors import UnsupportedError
 
-CHECKOUT = Path(__file__).resolve().parent.parent
-
-
-def _benchmarks_importable() -> None:
-    if importlib.util.find_spec("sockrepair.bench") is not None:
-        return
-    if (CHECKOUT / "sockrepair.bench" / "run_all.py").is_file():
-        sys.path.insert(0, str(CHECKOUT))
-        return
-    raise UnsupportedError("the benchmarks are not installed: run `sockrepair bench` from a checkout of the "
-                           "repository (pip install -e .)")
+EXTRA = "pip install 'sockrepair[bench]'"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    _benchmarks_importable()
-    from sockrepair.bench.run_all import run_from_args
-
+    try:
+        from sockrepair.bench.run_all import run_from_args
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "matplotlib":
+            raise
+        raise UnsupportedError(f"sockrepair bench needs matplotlib for its plots: {EXTRA}") from None
     return run_from_args(args)
 
 
