@@ -9,6 +9,15 @@ from pathlib import Path
 from sockrepair.errors import UnsupportedError
 
 EXTRA = "pip install 'sockrepair[bench]'"
+# run_all.PARTS, which this module cannot import before it knows matplotlib is there; a unit test holds them equal
+PARTS = ("c", "engine", "batch", "lock", "gap", "crosshost")
+
+
+def parts_arg(text: str) -> str:
+    unknown = sorted({p for p in text.split(",") if p} - set(PARTS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {', '.join(unknown)} (parts: {', '.join(PARTS)})")
+    return text
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -28,7 +37,6 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:  # type: 
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="directory for the report (default: "
                    "./bench-out)")
     p.add_argument("--json", action="store_true", help="also print results.json on stdout")
-    p.add_argument("--parts", default="c,engine,batch,lock,gap,crosshost",
-                   help="comma list of c, engine, batch, lock, gap, crosshost")
+    p.add_argument("--parts", type=parts_arg, default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     p.add_argument("--no-profiles", action="store_true", help="do not profile the phases of missed targets")
     p.set_defaults(func=cmd_bench)

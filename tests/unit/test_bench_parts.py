@@ -141,7 +141,7 @@ def test_unknown_parts_and_no_root_are_one_line_errors(monkeypatch: pytest.Monke
 def test_the_bench_subcommand_parses_as_the_benchmarks_do() -> None:
     import argparse
 
-    from sockrepair.cli.bench import add_bench_command, cmd_bench
+    from sockrepair.cli.bench import PARTS, add_bench_command, cmd_bench
 
     parser = argparse.ArgumentParser()
     add_bench_command(parser.add_subparsers())
@@ -150,6 +150,7 @@ def test_the_bench_subcommand_parses_as_the_benchmarks_do() -> None:
     assert args.func is cmd_bench
     assert set(args.parts.split(",")) <= set(run_all.PARTS)
     assert parser.parse_args(["bench"]).parts.split(",") == list(run_all.PARTS)
+    assert PARTS == run_all.PARTS
     # every option run_all.run_from_args reads, with run_all's own defaults
     own = argparse.ArgumentParser()
     run_all.add_arguments(own)

@@ -156,6 +156,7 @@ def test_verify_of_what_is_not_a_capture(tmp_path: Path) -> None:
         (("demo", "--seconds", "nan"), "positive number of seconds"),
         (("criu", "dump", "--pid", "1", "-D", "d", "--ttl", "7200"), "ttl must be in"),
         (("restore", "-D", "d"), "--exec"),
+        (("bench", "--parts", "lock,nope"), "unknown part(s) nope"),
         (("nosuch",), "invalid choice"),
         ((), "required"),
     ],
@@ -177,11 +178,12 @@ def test_bad_input_to_the_other_commands(tmp_path: Path) -> None:
 
 
 def test_bench_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
-    # A fresh interpreter: in this one the benchmark modules are imported already, with matplotlib. "--parts nope"
+    # A fresh interpreter: in this one the benchmark modules are imported already, with matplotlib. Not being root
     # keeps the benchmarks from running should the import succeed after all.
-    script = ("import sys; sys.modules['matplotlib'] = None  # import matplotlib raises ModuleNotFoundError\n"
+    script = ("import os, sys; sys.modules['matplotlib'] = None  # import matplotlib raises ModuleNotFoundError\n"
+              "os.geteuid = lambda: 1000\n"
               "from sockrepair.cli.main import main\n"
-              f"sys.exit(main(['bench', '--parts', 'nope', '--out', {str(tmp_path)!r}]))\n")
+              f"sys.exit(main(['bench', '--parts', 'gap', '--out', {str(tmp_path)!r}]))\n")
     done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout) == (1, ""), done.stderr
     assert done.stderr.startswith("sockrepair: error: ") and done.stderr.count("\n") == 1, done.stderr
