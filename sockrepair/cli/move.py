@@ -11,9 +11,10 @@ from typing import Any
 from sockrepair.cli.args import ttl_arg
 from sockrepair.cli.output import print_json
 from sockrepair.criu.show import load_states as load_criu_states
+from sockrepair.errors import HandoffError
 from sockrepair.image.directory import read_dir
 from sockrepair.image.text import head_line, state_lines
-from sockrepair.move.handoff import HandoffError, exec_with_sockets, send_over_unix
+from sockrepair.move.handoff import exec_with_sockets, send_over_unix
 from sockrepair.move.land import restore_all, unlock_in
 from sockrepair.move.take import After, dump, inspect
 
