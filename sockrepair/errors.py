@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from sockrepair.state import ConnTuple
@@ -167,9 +167,3 @@ class WireError(SockrepairError):
 
 class CriuError(SockrepairError):
     """criu is missing, incompatible, or failed; the message carries the cause and the fix when known."""
-
-
-def _fields(exc: BaseException) -> dict[str, Any]:
-    """The attributes a caller may branch on, for the CLI's JSON error output."""
-    names = ("errno", "op", "fd", "pid", "tuple", "tcp_state", "path", "offset", "field", "name")
-    return {n: (str(v) if n == "tuple" else v) for n in names if (v := getattr(exc, n, None)) is not None}

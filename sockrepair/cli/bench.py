@@ -1,33 +1,32 @@
-"""`sockrepair bench`: the benchmarks of sockrepair/bench/run_all.py behind the command line. The benchmarks live in the
-repository's benchmarks/ directory next to this package; from a checkout (editable install) it is put on the
-import path when it is not importable already."""
+"""`sockrepair bench`: the benchmarks of sockrepair.bench.run_all behind the command line. They draw plots with
+matplotlib, the `bench` extra; without it the command says which extra to install."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
 from sockrepair.errors import UnsupportedError
 
-CHECKOUT = Path(__file__).resolve().parent.parent
+EXTRA = "pip install 'sockrepair[bench]'"
+# run_all.PARTS, which this module cannot import before it knows matplotlib is there; a unit test holds them equal
+PARTS = ("c", "engine", "batch", "lock", "gap", "crosshost")
 
 
-def _benchmarks_importable() -> None:
-    if importlib.util.find_spec("sockrepair.bench") is not None:
-        return
-    if (CHECKOUT / "sockrepair.bench" / "run_all.py").is_file():
-        sys.path.insert(0, str(CHECKOUT))
-        return
-    raise UnsupportedError("the benchmarks are not installed: run `sockrepair bench` from a checkout of the "
-                           "repository (pip install -e .)")
+def parts_arg(text: str) -> str:
+    unknown = sorted({p for p in text.split(",") if p} - set(PARTS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {', '.join(unknown)} (parts: {', '.join(PARTS)})")
+    return text
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    _benchmarks_importable()
-    from sockrepair.bench.run_all import run_from_args
-
+    try:
+        from sockrepair.bench.run_all import run_from_args
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "matplotlib":
+            raise
+        raise UnsupportedError(f"sockrepair bench needs matplotlib for its plots: {EXTRA}") from None
     return run_from_args(args)
 
 
@@ -38,7 +37,6 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:  # type: 
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="directory for the report (default: "
                    "./bench-out)")
     p.add_argument("--json", action="store_true", help="also print results.json on stdout")
-    p.add_argument("--parts", default="c,engine,batch,lock,gap,crosshost",
-                   help="comma list of c, engine, batch, lock, gap, crosshost")
+    p.add_argument("--parts", type=parts_arg, default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     p.add_argument("--no-profiles", action="store_true", help="do not profile the phases of missed targets")
     p.set_defaults(func=cmd_bench)

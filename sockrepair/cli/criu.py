@@ -4,7 +4,6 @@ run prints every known cause and fix from its logs to stderr, then the one-line 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sockrepair.cli.args import ttl_arg
+from sockrepair.cli.output import print_json
 from sockrepair.criu import driver, show
 from sockrepair.criu.compare import DIFFERS, EXPLAINED, NOT_KEPT, compare
 from sockrepair.criu.explain import CriuFailure, Report, explain_dir, explain_files
@@ -82,16 +82,11 @@ def _explained(handler: Callable[[argparse.Namespace], int]) -> Callable[[argpar
     return run
 
 
-def _json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2)
-    print()
-
-
 def cmd_dump(args: argparse.Namespace) -> int:
     report = driver.dump(args.pid, args.dir, allow_external_peers=args.allow_external_peers, ttl=args.ttl,
                          shell_job=args.shell_job, criu_args=args.criu_arg)
     if args.json:
-        _json(report.to_dict())
+        print_json(report.to_dict())
         return 0
     how = ("criu run with --network-lock skip, the lock is sockrepair's" if report.network_lock == LOCK_SKIP
            else "criu's own lock, sockrepair's held over it")
@@ -116,7 +111,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     report = driver.restore(args.dir, args.pid, netns=args.netns, ttl=args.ttl, criu_args=args.criu_arg)
     if args.json:
-        _json(report.to_dict())
+        print_json(report.to_dict())
         return 0
     print(f"restored tree(s) {', '.join(map(str, report.restored))} from {report.directory}")
     print(f"  released the lock of {len(report.released)} connection(s)")
@@ -134,7 +129,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
-        _json(show.to_dict(args.dir, payload=args.payload))
+        print_json(show.to_dict(args.dir, payload=args.payload))
     else:
         print(show.to_text(args.dir))
     return 0
@@ -143,7 +138,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     result = compare(args.pid)
     if args.json:
-        _json(result.to_dict())
+        print_json(result.to_dict())
         return 0 if result.ok else 1
     print(f"pid {result.pid}: sockrepair vs criu {result.criu_version}, checkpoints at most "
           f"{result.apart_ms:.0f} ms apart")
@@ -166,7 +161,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for path in args.paths:
         report.extend(explain_dir(path) if path.is_dir() else explain_files([path]))
     if args.json:
-        _json(report.to_dict())
+        print_json(report.to_dict())
     else:
         print(report.text(harmless=True) or "no error lines in these logs")
     return 1 if report.problems or report.unexplained else 0

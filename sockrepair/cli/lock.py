@@ -4,11 +4,10 @@ subclasses for the main CLI to print."""
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
 from sockrepair.cli.args import ttl_arg, tuple_arg
+from sockrepair.cli.output import print_json
 from sockrepair.errors import LockError
 from sockrepair.lock.locker import DEFAULT_TTL, Locker, LockRecord
 
@@ -50,8 +49,7 @@ def cmd_locks(args: argparse.Namespace) -> int:
     with Locker(args.netns) as locker:
         records = locker.list_locks()
     if args.json:
-        json.dump([r.to_dict() for r in records], sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json([r.to_dict() for r in records])
     else:
         print(_format(records))
     return 0

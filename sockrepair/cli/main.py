@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from sockrepair.cli.args import seconds_arg
 from sockrepair.cli.bench import add_bench_command
 from sockrepair.cli.criu import add_criu_commands
 from sockrepair.cli.lock import add_lock_commands
 from sockrepair.cli.move import add_move_commands
+from sockrepair.cli.output import print_error, print_json
 from sockrepair.cli.verify import add_verify_command
-from sockrepair.errors import SocketCallError, SockrepairError
-
-
-def _print_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2, sort_keys=False)
-    sys.stdout.write("\n")
+from sockrepair.errors import SockrepairError
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -27,7 +22,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     report = probe()
     if args.json:
-        _print_json(report.to_dict())
+        print_json(report.to_dict())
     else:
         print(f"kernel {report.kernel}")
         width = max(len(f.name) for f in report.features)
@@ -39,29 +34,17 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from sockrepair.errors import ImageError
-    from sockrepair.state import ConnectionState
+    from sockrepair.image import layout
+    from sockrepair.image.directory import read_image
+    from sockrepair.image.text import state_lines
 
-    try:
-        data = Path(args.image).read_bytes()
-    except OSError as exc:
-        raise ImageError(f"cannot read image {args.image}: {exc.strerror}") from None
-    state = ConnectionState.from_bytes(data)
-    view = state.to_dict(payload=args.payload)
+    state = read_image(args.image)
     if args.json:
-        _print_json(view)
+        print_json(state.to_dict(payload=args.payload))
     else:
-        _print_tree(view)
+        print(f"{args.image}: sockrepair connection image, format version {layout.VERSION}")
+        print("\n".join(state_lines(state)))
     return 0
-
-
-def _print_tree(view: dict[str, Any], indent: str = "") -> None:
-    for key, value in view.items():
-        if isinstance(value, dict):
-            print(f"{indent}{key}:")
-            _print_tree(value, indent + "  ")
-        else:
-            print(f"{indent}{key}: {value}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -81,14 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("show", help="print a connection image")
-    p.add_argument("image", help="image file written by sockrepair")
+    p.add_argument("image", type=Path, help="image file written by sockrepair")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--payload", action="store_true", help="include the queue bytes (hex)")
+    p.add_argument("--payload", action="store_true", help="with --json: include the queue bytes (base64)")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("demo", help="move a live connection while its client keeps talking, and verify every byte")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--seconds", type=float, default=3.0, help="how long the client talks (default 3)")
+    p.add_argument("--seconds", type=seconds_arg, default=3.0, help="how long the client talks (default 3)")
     p.set_defaults(func=cmd_demo)
 
     add_move_commands(sub)
@@ -100,17 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command: its exit status; a SockrepairError or OSError is one line on stderr and exit 1 (with
+    `--json`, also a JSON error object on stdout); a usage error exits 2 from argparse."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
         print("sockrepair: interrupted", file=sys.stderr)
         return 130
-    except (SockrepairError, SocketCallError) as exc:
-        print(f"sockrepair: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"sockrepair: error: {exc}", file=sys.stderr)
+    except (SockrepairError, OSError) as exc:
+        print_error(exc, as_json=getattr(args, "json", False))
         return 1
 
 

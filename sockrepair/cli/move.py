@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+from sockrepair.cli.args import ttl_arg
+from sockrepair.cli.output import print_json
 from sockrepair.criu.show import load_states as load_criu_states
+from sockrepair.errors import HandoffError
 from sockrepair.image.directory import read_dir
-from sockrepair.move.handoff import HandoffError, exec_with_sockets, send_over_unix
+from sockrepair.image.text import head_line, state_lines
+from sockrepair.move.handoff import exec_with_sockets, send_over_unix
 from sockrepair.move.land import restore_all, unlock_in
 from sockrepair.move.take import After, dump, inspect
 
@@ -32,7 +35,7 @@ def add_move_commands(sub: Any) -> None:
     how.add_argument("--leave-running", action="store_true", help="the connections go on in the process")
     how.add_argument("--kill", action="store_true", help="silence the connections and kill the process (default)")
     p.add_argument("--no-lock", action="store_true", help="do not drop the peers' packets meanwhile (they get RST)")
-    p.add_argument("--ttl", type=float, default=60.0, help="seconds the lock holds without a restore (default 60)")
+    p.add_argument("--ttl", type=ttl_arg, default=60.0, help="seconds the lock holds without a restore (default 60)")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_dump)
 
@@ -58,8 +61,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
     report = dump(args.pid, args.dir, args.fd, After.LEAVE_RUNNING if args.leave_running else After.KILL,
                   lock=not args.no_lock, ttl=args.ttl)
     if args.json:
-        json.dump(report.to_dict(), sys.stdout, indent=2)
-        print()
+        print_json(report.to_dict())
         return 0
     print(f"dumped {len(report.connections)} connection(s) of {report.command} (pid {report.pid}) into "
           f"{report.directory}, process {'left running' if args.leave_running else 'killed'}")
@@ -77,23 +79,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         out = [{"fd": s.fd, "tuple": str(s.tuple), "state": name,
                 **({"checkpoint": st.to_dict()} if st is not None else {})} for s, st, name in rows]
-        json.dump(out, sys.stdout, indent=2)
-        print()
+        print_json(out)
         return 0
     if not rows:
         print(f"process {args.pid} has no TCP sockets")
     for s, st, name in rows:
-        print(f"fd {s.fd:<4} {str(s.tuple):<48} {name}")
-        if st is None:
-            continue
-        o, w = st.options, st.window
-        print(f"     snd_seq {st.send_seq} rcv_seq {st.recv_seq}  unacked {len(st.unacked)} B  "
-              f"never sent {st.unsent_len} B  unread {len(st.recv_queue)} B")
-        print(f"     mss {o.mss}  wscale {o.snd_wscale},{o.rcv_wscale}{'' if o.wscale else ' (off)'}  "
-              f"sack {'on' if o.sack else 'off'}  timestamps {'on' if o.timestamps else 'off'}  ts {st.timestamp}")
-        if w is not None:
-            print(f"     window snd_wnd {w.snd_wnd} rcv_wnd {w.rcv_wnd} max {w.max_window} "
-                  f"snd_wl1 {w.snd_wl1} rcv_wup {w.rcv_wup}")
+        head = f"fd {s.fd:<4} "
+        print("\n".join(state_lines(st, head)) if st is not None else head_line(s.tuple, name, head))
     return 0
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
 from sockrepair.cli.args import tuple_arg
+from sockrepair.cli.output import print_json
 from sockrepair.lab.analysis import analyse, format_report
 from sockrepair.lab.pcap import read_segments
 
@@ -27,8 +26,7 @@ def add_verify_command(sub: Any) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     report = analyse(read_segments(args.pcap), args.tuple, args.freeze, args.resume, allow_fin=args.allow_fin)
     if args.json:
-        json.dump(report.to_dict(), sys.stdout, indent=2)
-        print()
+        print_json(report.to_dict())
     else:
         print(format_report(report))
     return 0 if report.ok else 1

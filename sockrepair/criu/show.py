@@ -10,7 +10,8 @@ from typing import Any
 from sockrepair.criu.images import load_connections
 from sockrepair.criu.manifest import LOCK_SKIP, Manifest, is_dump_dir, load
 from sockrepair.errors import ImageError
-from sockrepair.state import ConnectionState, state_name
+from sockrepair.image.text import state_lines
+from sockrepair.state import ConnectionState
 
 
 @dataclass
@@ -66,14 +67,5 @@ def to_text(directory: Path) -> str:
         else:
             out.append(f"{tree.dir}: {len(tree.connections)} connection(s)")
         for s in tree.connections:
-            o, w = s.options, s.window
-            out.append(f"  {str(s.tuple):<48} {state_name(s.tcp_state)}")
-            out.append(f"     snd_seq {s.send_seq} rcv_seq {s.recv_seq}  unacked {len(s.unacked)} B  never sent "
-                       f"{s.unsent_len} B  unread {len(s.recv_queue)} B")
-            out.append(f"     mss {o.mss}  wscale {o.snd_wscale},{o.rcv_wscale}{'' if o.wscale else ' (off)'}  "
-                       f"sack {'on' if o.sack else 'off'}  timestamps {'on' if o.timestamps else 'off'}  "
-                       f"ts {s.timestamp}")
-            if w is not None:
-                out.append(f"     window snd_wnd {w.snd_wnd} rcv_wnd {w.rcv_wnd} max {w.max_window} "
-                           f"snd_wl1 {w.snd_wl1} rcv_wup {w.rcv_wup}")
+            out.extend(state_lines(s, "  "))
     return "\n".join(out)

@@ -73,3 +73,15 @@ def read_dir(directory: Path) -> list[tuple[Entry, ConnectionState]]:
             raise ImageError(f"{directory / entry.file}: sha256 differs from the index (file changed or damaged)")
         out.append((entry, ConnectionState.from_bytes(data)))
     return out
+
+
+def read_image(path: Path) -> ConnectionState:
+    """The state in one image file (`sockrepair show`); unreadable or malformed: ImageError with `.path`."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"cannot read image {path}: {exc.strerror}", path=str(path)) from None
+    try:
+        return ConnectionState.from_bytes(data)
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}", path=str(path), offset=exc.offset, field=exc.field) from None

@@ -138,15 +138,22 @@ def test_unknown_parts_and_no_root_are_one_line_errors(monkeypatch: pytest.Monke
         run_all.run(parts=["nope"], progress=lambda _text: None)
 
 
-def test_the_bench_subcommand_parses_and_reaches_the_benchmarks() -> None:
+def test_the_bench_subcommand_parses_as_the_benchmarks_do() -> None:
     import argparse
 
-    from sockrepair.cli.bench import _benchmarks_importable, add_bench_command
+    from sockrepair.cli.bench import PARTS, add_bench_command, cmd_bench
 
     parser = argparse.ArgumentParser()
     add_bench_command(parser.add_subparsers())
     args = parser.parse_args(["bench", "--quick", "--out", "x", "--parts", "gap"])
     assert args.quick and args.out == Path("x") and args.parts == "gap" and not args.json
-    _benchmarks_importable()
+    assert args.func is cmd_bench
     assert set(args.parts.split(",")) <= set(run_all.PARTS)
     assert parser.parse_args(["bench"]).parts.split(",") == list(run_all.PARTS)
+    assert PARTS == run_all.PARTS
+    # every option run_all.run_from_args reads, with run_all's own defaults
+    own = argparse.ArgumentParser()
+    run_all.add_arguments(own)
+    defaults = vars(parser.parse_args(["bench"]))
+    del defaults["func"]
+    assert defaults == vars(own.parse_args([]))

@@ -1,0 +1,32 @@
+"""How every command prints: JSON documents on stdout, and errors as one line on stderr (under `--json`, also as a
+JSON object on stdout, so a script reading stdout learns what failed and where)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+# The attributes of sockrepair.errors exceptions a caller branches on (see that module's docstring).
+ERROR_FIELDS = ("errno", "op", "fd", "pid", "tuple", "tcp_state", "path", "offset", "field", "name")
+
+
+def print_json(data: Any) -> None:
+    """The one JSON printer of the CLI: indented, one document, a newline after it."""
+    json.dump(data, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def error_object(exc: BaseException) -> dict[str, Any]:
+    """{"error": {"type": class name, "message": the one-line text, and each of ERROR_FIELDS the exception has}}; the
+    tuple as its `ADDR:PORT->ADDR:PORT` text. A plain OSError's file name counts as `path`."""
+    fields = {n: (str(v) if n == "tuple" else v) for n in ERROR_FIELDS if (v := getattr(exc, n, None)) is not None}
+    if isinstance(exc, OSError) and exc.filename is not None:
+        fields.setdefault("path", str(exc.filename))
+    return {"error": {"type": type(exc).__name__, "message": str(exc), **fields}}
+
+
+def print_error(exc: BaseException, as_json: bool) -> None:
+    print(f"sockrepair: error: {exc}", file=sys.stderr)
+    if as_json:
+        print_json(error_object(exc))

@@ -1,0 +1,204 @@
+"""The whole `sockrepair` command in-process on bad input (no root needed): each is a one-line `sockrepair: error:`
+with exit 1, or an argparse usage error with exit 2, never a traceback; with --json the error is also a JSON object
+on stdout. Also the text and JSON views the commands share, and that the library never imports the CLI."""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sockrepair.cli.output import error_object
+from sockrepair.errors import ImageError, SocketCallError, SocketStateError
+from sockrepair.image.text import state_lines
+from sockrepair.state import (
+    ConnectionState,
+    ConnTuple,
+    RepairWindow,
+    SocketOptions,
+    TcpOptions,
+)
+from tests.clihelp import run_main
+
+PACKAGE = Path(__file__).resolve().parents[2] / "sockrepair"
+DATA = Path(__file__).resolve().parent.parent / "data" / "criu"
+TUPLE = "127.0.0.1:5000->127.0.0.1:6000"
+
+
+def error_line(*argv: str) -> str:
+    """The one line a failing command prints, checking that it is one line, exit 1 and nothing on stdout."""
+    code, out, err = run_main(*argv)
+    assert code == 1, (code, out, err)
+    assert out == ""
+    assert err.startswith("sockrepair: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def usage_error(*argv: str) -> str:
+    code, out, err = run_main(*argv)
+    assert code == 2 and out == "", (code, out, err)
+    assert "usage: sockrepair" in err and "Traceback" not in err
+    return err
+
+
+def a_state(window: bool = True, **sockopts: object) -> ConnectionState:
+    return ConnectionState(
+        tuple=ConnTuple(socket.AF_INET, "10.0.0.1", 5000, "10.0.0.2", 6000),
+        tcp_state=1,
+        send_seq=1000,
+        recv_seq=2000,
+        send_queue=b"abcdef",
+        unsent_len=2,
+        recv_queue=b"xyz",
+        options=TcpOptions(mss=1448, sack=True, timestamps=False, wscale=True, snd_wscale=7, rcv_wscale=6),
+        window=RepairWindow(snd_wl1=2000, snd_wnd=64000, max_window=65000, rcv_wnd=62000, rcv_wup=2000)
+        if window else None,
+        timestamp=123456,
+        sockopts=SocketOptions(**sockopts),  # type: ignore[arg-type]
+    )
+
+
+def test_show_of_what_is_not_an_image(tmp_path: Path) -> None:
+    assert "cannot read image" in error_line("show", str(tmp_path / "missing.img"))
+    assert "Is a directory" in error_line("show", str(tmp_path))
+    (tmp_path / "garbage.img").write_bytes(bytes(range(256)) * 3)
+    assert f"{tmp_path / 'garbage.img'}: " in error_line("show", str(tmp_path / "garbage.img"))
+    assert "not a sockrepair connection image" in error_line("show", str(tmp_path / "garbage.img"))
+    (tmp_path / "empty.img").write_bytes(b"")
+    assert "truncated" in error_line("show", str(tmp_path / "empty.img"))
+
+
+def test_with_json_an_error_is_also_a_json_object_on_stdout(tmp_path: Path) -> None:
+    (tmp_path / "garbage.img").write_bytes(b"\x00" * 64)
+    code, out, err = run_main("show", "--json", str(tmp_path / "garbage.img"))
+    assert code == 1 and err.startswith("sockrepair: error: ") and err.count("\n") == 1
+    shown = json.loads(out)["error"]
+    assert shown["type"] == "ImageError" and shown["path"] == str(tmp_path / "garbage.img")
+    assert shown["message"] == err.removeprefix("sockrepair: error: ").rstrip("\n")
+    code, out, _ = run_main("verify", str(tmp_path / "none.pcap"), "--tuple", TUPLE, "--json")
+    assert code == 1 and "error" in json.loads(out)
+
+
+def test_error_objects_carry_the_fields_callers_branch_on() -> None:
+    conn = ConnTuple.parse(TUPLE)
+    exc = SocketStateError("fd 5 is LISTEN", fd=5, pid=42, tuple=conn, tcp_state=10)
+    assert error_object(exc) == {"error": {"type": "SocketStateError", "message": "fd 5 is LISTEN", "fd": 5,
+                                           "pid": 42, "tuple": TUPLE, "tcp_state": 10}}
+    call = error_object(SocketCallError(errno.EPERM, "setsockopt(TCP_REPAIR)", fd=3))["error"]
+    assert (call["errno"], call["op"], call["fd"]) == (errno.EPERM, "setsockopt(TCP_REPAIR)", 3)
+    image = error_object(ImageError("bad", path="x.img", offset=16, field="window.snd_wnd"))["error"]
+    assert (image["path"], image["offset"], image["field"]) == ("x.img", 16, "window.snd_wnd")
+    plain = error_object(FileNotFoundError(errno.ENOENT, "No such file or directory", "gone"))["error"]
+    assert (plain["type"], plain["errno"], plain["path"]) == ("FileNotFoundError", errno.ENOENT, "gone")
+
+
+def test_show_prints_the_shared_text_view_and_the_json_view(tmp_path: Path) -> None:
+    state = a_state(nodelay=True, sndbuf=4096)
+    (tmp_path / "conn-0.img").write_bytes(state.to_bytes())
+    code, out, err = run_main("show", str(tmp_path / "conn-0.img"))
+    assert code == 0 and err == ""
+    assert out.splitlines()[1:] == state_lines(state)
+    code, out, _ = run_main("show", str(tmp_path / "conn-0.img"), "--json", "--payload")
+    assert code == 0 and json.loads(out) == state.to_dict(payload=True)
+
+
+def test_the_text_view_of_a_state() -> None:
+    lines = state_lines(a_state(nodelay=True, sndbuf=4096), "fd 3    ")
+    assert re.fullmatch(r"fd 3    10\.0\.0\.1:5000->10\.0\.0\.2:6000 +ESTABLISHED", lines[0])
+    assert lines[1].split() == ["snd_seq", "1000", "rcv_seq", "2000", "unacked", "4", "B", "never", "sent", "2",
+                                "B", "unread", "3", "B"]
+    assert lines[2].split() == ["mss", "1448", "wscale", "7,6", "sack", "on", "timestamps", "off", "ts", "123456"]
+    assert lines[3].split()[:3] == ["window", "snd_wnd", "64000"]
+    assert lines[4].split() == ["sockopts", "nodelay", "on", "sndbuf", "4096"]
+    plain = state_lines(a_state(window=False))
+    assert len(plain) == 4 and not any("window" in line for line in plain)
+    assert plain[-1].split() == ["sockopts", "as", "a", "new", "socket's"]
+
+
+def test_criu_show_prints_the_same_text_view() -> None:
+    from sockrepair.criu.images import load_connections
+
+    code, out, _ = run_main("criu", "show", str(DATA / "dump-2pairs"))
+    assert code == 0
+    for state in load_connections(DATA / "dump-2pairs"):
+        assert "\n".join(state_lines(state, "  ")) in out
+
+
+def test_verify_of_what_is_not_a_capture(tmp_path: Path) -> None:
+    assert "no capture file" in error_line("verify", str(tmp_path / "missing.pcap"), "--tuple", TUPLE)
+    (tmp_path / "garbage.pcap").write_bytes(b"not a capture at all" * 10)
+    assert "cannot read capture" in error_line("verify", str(tmp_path / "garbage.pcap"), "--tuple", TUPLE)
+    (tmp_path / "empty.pcap").write_bytes(b"")
+    error_line("verify", str(tmp_path / "empty.pcap"), "--tuple", TUPLE)
+    error_line("verify", str(tmp_path), "--tuple", TUPLE)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (("verify", "x.pcap", "--tuple", "127.0.0.1:5000-127.0.0.1:6000"), "argument --tuple"),
+        (("verify", "x.pcap", "--tuple", "127.0.0.1:0->127.0.0.1:6000"), "out of range"),
+        (("verify", "x.pcap", "--tuple", "[::1]:1->127.0.0.1:2"), "mixed address families"),
+        (("verify", "x.pcap"), "--tuple"),
+        (("lock", TUPLE, "--ttl", "0"), "ttl must be in"),
+        (("lock", TUPLE, "--ttl", "nan"), "ttl must be in"),
+        (("lock", TUPLE, "--ttl", "soon"), "not a number of seconds"),
+        (("dump", "--pid", "1", "-D", "d", "--ttl", "-5"), "ttl must be in"),
+        (("dump", "--pid", "x", "-D", "d"), "argument --pid"),
+        (("dump", "--pid", "1", "-D", "d", "--fd", "three"), "not an fd number"),
+        (("demo", "--seconds", "-1"), "positive number of seconds"),
+        (("demo", "--seconds", "nan"), "positive number of seconds"),
+        (("criu", "dump", "--pid", "1", "-D", "d", "--ttl", "7200"), "ttl must be in"),
+        (("restore", "-D", "d"), "--exec"),
+        (("bench", "--parts", "lock,nope"), "unknown part(s) nope"),
+        (("nosuch",), "invalid choice"),
+        ((), "required"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(argv: tuple[str, ...], says: str) -> None:
+    assert says in usage_error(*argv)
+
+
+def test_bad_input_to_the_other_commands(tmp_path: Path) -> None:
+    assert "TUPLE... or --all" in error_line("unlock")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert f"no such process: {gone.pid}" in error_line("inspect", "--pid", str(gone.pid))
+    error_line("restore", "-D", str(tmp_path / "missing"), "--unix", str(tmp_path / "sock"))
+    assert "not a directory" in error_line("restore", "--from-criu", str(tmp_path / "missing"), "--unix", "x")
+    assert "not a directory" in error_line("criu", "show", str(tmp_path / "missing"))
+    assert "no files.img" in error_line("criu", "show", str(tmp_path))
+    error_line("criu", "explain", str(tmp_path / "missing.log"))
+
+
+def test_bench_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
+    # A fresh interpreter: in this one the benchmark modules are imported already, with matplotlib. Not being root
+    # keeps the benchmarks from running should the import succeed after all.
+    script = ("import os, sys; sys.modules['matplotlib'] = None  # import matplotlib raises ModuleNotFoundError\n"
+              "os.geteuid = lambda: 1000\n"
+              "from sockrepair.cli.main import main\n"
+              f"sys.exit(main(['bench', '--parts', 'gap', '--out', {str(tmp_path)!r}]))\n")
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (1, ""), done.stderr
+    assert done.stderr.startswith("sockrepair: error: ") and done.stderr.count("\n") == 1, done.stderr
+    assert "matplotlib" in done.stderr and "pip install 'sockrepair[bench]'" in done.stderr
+
+
+def test_the_library_never_imports_the_cli() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        if PACKAGE / "cli" in path.parents:
+            continue
+        text = path.read_text()
+        assert not re.search(r"sockrepair\.cli\b|from sockrepair import cli\b", text), path
+
+
+def test_every_json_output_goes_through_one_printer() -> None:
+    for path in (PACKAGE / "cli").glob("*.py"):
+        if path.name != "output.py":
+            assert "json.dump" not in path.read_text(), path
