@@ -1117,8 +1117,12 @@ int main(int argc, char **argv)
 	uint64_t biggest = 0;
 
 	for (int i = 1; i < argc; i++) {
-		if (!strcmp(argv[i], "--options") || !strcmp(argv[i], "--warm")) {
-			*(argv[i][2] == 'o' ? &opt_options : &opt_warm) = 1;
+		if (!strcmp(argv[i], "--options")) {
+			opt_options = 1;
+			continue;
+		}
+		if (!strcmp(argv[i], "--warm")) {
+			opt_warm = 1;
 			continue;
 		}
 		if (strcmp(argv[i], "--sizes") && strcmp(argv[i], "--batches") && strcmp(argv[i], "--reps") &&
