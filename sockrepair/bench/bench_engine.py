@@ -35,6 +35,7 @@ from typing import Any
 
 from sockrepair import checkpoint, discard, restore
 from sockrepair.bench.results import (
+    C_IMPLS,
     SOCKREPAIR_IMPL,
     Batch,
     Single,
@@ -452,24 +453,30 @@ def _c_reference(quick: bool, sizes: Sequence[int], batches: Sequence[int]) -> d
         return cref.run(binary, sizes, plan.reps, batches, batch_reps=plan.batch_reps)
 
 
+def _c_median(c: Single | None, phase: str) -> float | None:
+    stat = None if c is None else c["total"] if phase == "total" else c["phases"].get(phase)
+    return None if stat is None else stat["median_us"]
+
+
 def _print(ours: dict[str, Any], ref: dict[str, Any] | None) -> None:
-    c_single = {e["queue_bytes"]: e for e in (ref or {}).get("single", [])}
-    print(f"{'queue':>10} {'phase':>10} {'sockrepair':>12} {'C':>10} {'x C':>6}")
+    """Per phase: sockrepair, the minimal C, and the ratio to each C variant measured (cref.VARIANTS)."""
+    c_single = {(e["impl"], e["queue_bytes"]): e for e in (ref or {}).get("single", [])}
+    print(f"{'queue':>10} {'phase':>10} {'sockrepair':>12} {'C':>10} " + " ".join(f"{'x ' + i:>11}" for i in C_IMPLS))
     for entry in ours["single"]:
-        q, c = entry["queue_bytes"], c_single.get(entry["queue_bytes"])
+        q = entry["queue_bytes"]
         rows = [(name, st["median_us"]) for name, st in entry["phases"].items()]
         rows.append(("total", entry["total"]["median_us"]))
         for name, us in rows:
-            c_us = (c["total"] if name == "total" else c["phases"].get(name, {})).get("median_us") if c else None
-            ratio = f"{us / c_us:6.2f}" if c_us else "     -"
-            c_text = f"{c_us:10.1f}" if c_us else "         -"
-            print(f"{q:>10} {name:>10} {us:12.1f} {c_text} {ratio}")
+            refs = [_c_median(c_single.get((impl, q)), name) for impl in C_IMPLS]
+            ratios = " ".join(f"{us / c_us:11.2f}" if c_us else f"{'-':>11}" for c_us in refs)
+            c_text = f"{refs[0]:10.1f}" if refs[0] else f"{'-':>10}"
+            print(f"{q:>10} {name:>10} {us:12.1f} {c_text} {ratios}")
         if not entry["verified"]:
             print(f"{q:>10} NOT VERIFIED: {entry['error']}")
-    c_batch = {e["connections"]: e for e in (ref or {}).get("batch", [])}
+    c_batch = {(e["impl"], e["connections"]): e for e in (ref or {}).get("batch", [])}
     for entry in ours["batch"]:
-        c = c_batch.get(entry["connections"])
-        c_text = f"  C {c['conn_per_s']:,.0f} conn/s" if c else ""
+        found = [(impl, c_batch.get((impl, entry["connections"]))) for impl in C_IMPLS]
+        c_text = "".join(f"  {impl} {c['conn_per_s']:,.0f} conn/s" for impl, c in found if c)
         lock = "with lock" if entry["with_lock"] else "no lock  "
         phases = " ".join(f"{n} {s * 1e3:.1f}" for n, s in entry["phases_s"].items())
         state = "" if entry["verified"] else f"  NOT VERIFIED: {entry['error']}"

@@ -1,5 +1,13 @@
 """The C reference (sockrepair/bench/reference/repair_cycle.c): compiled with the system compiler when the benchmark runs,
-run inside a throwaway network namespace, its raw samples turned into result entries of impl "c"."""
+run inside a throwaway network namespace in each of its variants, its raw samples turned into result entries:
+
+- impl "c": the minimal cycle, queue buffers malloc'd at every checkpoint (cold), every size and batch; the
+  reference of older runs;
+- impl "c-warm" (`--warm`): the same cycle with its queue buffers kept and touched before timing, the sizes above
+  0 B (at 0 B there is no buffer, and a batch's queues are empty);
+- impl "c-options" (`--options`, like-for-like): also reads and sets the application socket options the engine
+  keeps; 0 B and the batches, where those calls are a visible part of the cycle.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +15,14 @@ import json
 import shutil
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sockrepair.bench.results import (
     C_IMPL,
+    C_OPTIONS_IMPL,
+    C_WARM_IMPL,
     Batch,
     Single,
     batch_from_samples,
@@ -27,6 +38,26 @@ NO_COMPILER_NOTE = "no C compiler (cc, gcc or clang) found: the C reference was 
 
 class CReferenceError(SockrepairError):
     """The C reference could not be built or did not run to the end."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the reference: its impl name, its switches, and what it measures."""
+
+    impl: str
+    flags: tuple[str, ...]
+    empty_queues: bool  # the 0 B size
+    full_queues: bool  # the sizes above 0 B
+    batches: bool
+
+    def sizes(self, sizes: Sequence[int]) -> list[int]:
+        return [q for q in sizes if (self.empty_queues if q == 0 else self.full_queues)]
+
+
+MINIMAL = Variant(C_IMPL, (), empty_queues=True, full_queues=True, batches=True)
+WARM = Variant(C_WARM_IMPL, ("--warm",), empty_queues=False, full_queues=True, batches=False)
+OPTIONS = Variant(C_OPTIONS_IMPL, ("--options",), empty_queues=True, full_queues=False, batches=True)
+VARIANTS = (MINIMAL, WARM, OPTIONS)
 
 
 def build(out_dir: Path, notes: list[str] | None = None) -> Path | None:
@@ -46,23 +77,34 @@ def build(out_dir: Path, notes: list[str] | None = None) -> Path | None:
 
 
 def argv(binary: Path, sizes: Sequence[int], reps: int, batches: Sequence[int], batch_reps: int = 3,
-         warm_buffers: bool = False) -> list[str]:
-    args = [str(binary), "--sizes", ",".join(map(str, sizes)), "--reps", str(reps),
-            "--batches", ",".join(map(str, batches)), "--batch-reps", str(batch_reps)]
-    return [*args, "--warm-buffers"] if warm_buffers else args
+         flags: Sequence[str] = ()) -> list[str]:
+    return [str(binary), "--sizes", ",".join(map(str, sizes)), "--reps", str(reps),
+            "--batches", ",".join(map(str, batches)), "--batch-reps", str(batch_reps), *flags]
 
 
 def run(binary: Path, sizes: Sequence[int], reps: int, batches: Sequence[int], batch_reps: int = 3,
-        warm_buffers: bool = False, timeout: float | None = None) -> dict[str, Any]:
-    """Runs the reference in a fresh network namespace (nothing touches the host's loopback) and returns
-    {"single": [Single], "batch": [Batch]} of impl "c" ("c-warm" with warm buffers). Entries whose bytes did not
-    all arrive come back with verified False and the reason in "error"."""
+        timeout: float | None = None, variants: Sequence[Variant] = VARIANTS) -> dict[str, Any]:
+    """Runs each variant in turn, each in a fresh network namespace (nothing touches the host's loopback), on the
+    sizes and batches it measures, and returns {"single": [Single], "batch": [Batch]} of their impls. Entries whose
+    bytes did not all arrive come back with verified False and the reason in "error". `timeout` is per variant."""
+    out: dict[str, Any] = {"single": [], "batch": []}
+    for variant in variants:
+        mine, my_batches = variant.sizes(sizes), list(batches) if variant.batches else []
+        if mine or my_batches:
+            part = _run_variant(binary, variant, mine, reps, my_batches, batch_reps, timeout)
+            out["single"] += part["single"]
+            out["batch"] += part["batch"]
+    return out
+
+
+def _run_variant(binary: Path, variant: Variant, sizes: Sequence[int], reps: int, batches: Sequence[int],
+                 batch_reps: int, timeout: float | None) -> dict[str, Any]:
     with NetNS() as ns:
         try:
-            done = subprocess.run(ns.exec_argv(argv(binary, sizes, reps, batches, batch_reps, warm_buffers)),
+            done = subprocess.run(ns.exec_argv(argv(binary, sizes, reps, batches, batch_reps, variant.flags)),
                                   capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise CReferenceError(f"the C reference did not finish within {timeout:g} s") from None
+            raise CReferenceError(f"the C reference ({variant.impl}) did not finish within {timeout:g} s") from None
     # exit 1 means some entry was not verified: the JSON says which, and the report shows it
     if done.returncode not in (0, 1):
         why = done.stderr.strip().splitlines()[0] if done.stderr.strip() else f"exit status {done.returncode}"
@@ -75,8 +117,9 @@ def run(binary: Path, sizes: Sequence[int], reps: int, batches: Sequence[int], b
 
 
 def parse(raw: dict[str, Any]) -> dict[str, Any]:
-    """The reference's JSON (samples in ns) as result entries (microseconds, batch times in seconds)."""
-    impl = C_IMPL if raw.get("buffers", "fresh") == "fresh" else f"{C_IMPL}-warm"
+    """The reference's JSON (samples in ns) as result entries (microseconds, batch times in seconds), of the impl
+    it names ("c", "c-warm", "c-options")."""
+    impl = raw["impl"]
     single: list[Single] = []
     for entry in raw["single"]:
         verified, error = entry["verified"], entry.get("error")

@@ -14,7 +14,12 @@ from sockrepair.errors import SockrepairError
 
 # Phases in cycle order; an implementation reports the ones it has (the C reference has no lock or serialize).
 PHASES = ("lock", "read_state", "serialize", "close", "restore", "unlock")
+# The C reference's variants (sockrepair/bench/cref.py): the minimal cycle with buffers malloc'd per checkpoint
+# (the only one of older runs), the same with buffers kept warm, and like-for-like (the engine's socket options).
 C_IMPL = "c"
+C_WARM_IMPL = "c-warm"
+C_OPTIONS_IMPL = "c-options"
+C_IMPLS = (C_IMPL, C_WARM_IMPL, C_OPTIONS_IMPL)
 SOCKREPAIR_IMPL = "sockrepair"
 
 

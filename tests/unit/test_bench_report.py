@@ -1,5 +1,6 @@
-"""The benchmark report on a synthetic run: every file written, ratios to C in the tables, targets judged, PNGs
-valid; and the C reference's JSON turned into result entries."""
+"""The benchmark report on a synthetic run: every file written, ratios to each C variant in the tables, targets
+judged against the variant that judges them, PNGs valid, a run saved before the variants still redrawn; and the C
+reference's JSON turned into result entries."""
 
 from __future__ import annotations
 
@@ -34,13 +35,17 @@ def synthetic(with_gap: bool = True) -> Results:
     results = empty({"cpu": "Test CPU", "cpus": 2, "kernel": "6.18", "python": "CPython 3.11", "criu": None})
     results["single"] = [
         _single("c", 0, 6.0, 3.0, 11.0),                                  # 20 us
-        _single("sockrepair", 0, 9.0, 4.0, 15.0, lock=0.0, serialize=2.0),  # 30 us: 1.50x, met
-        _single("c", 1 << 20, 400.0, 100.0, 500.0),                       # 1 ms
-        _single("sockrepair", 1 << 20, 800.0, 150.0, 1050.0),             # 2 ms: 2.00x, missed
+        _single("c-options", 0, 9.0, 3.0, 12.0),                          # 24 us
+        _single("sockrepair", 0, 9.0, 4.0, 15.0, lock=0.0, serialize=2.0),  # 30 us: 1.50x minimal, 1.25x options: met
+        _single("c", 1 << 20, 400.0, 100.0, 500.0),                       # 1 ms (cold: information)
+        _single("c-warm", 1 << 20, 200.0, 50.0, 250.0),                   # 500 us
+        _single("sockrepair", 1 << 20, 800.0, 150.0, 1050.0),             # 2 ms: 2.00x cold, 4.00x warm: missed
     ]
     results["batch"] = [
         batch_from_samples("c", 10_000, {"read_state": [0.05] * 3, "close": [0.05] * 3, "restore": [0.1] * 3},
                            verified=True, with_lock=False),  # 0.2 s
+        batch_from_samples("c-options", 10_000, {"read_state": [0.1] * 3, "close": [0.05] * 3, "restore": [0.1] * 3},
+                           verified=True, with_lock=False),  # 0.25 s
         batch_from_samples("sockrepair", 10_000, {"lock": [0.1] * 3, "read_state": [0.2] * 3, "restore": [0.2] * 3},
                            verified=True, with_lock=True),   # 0.5 s: 20,000 conn/s, 2.50x
     ]
@@ -83,14 +88,17 @@ def test_tables_give_ratios_to_c_of_the_same_queue_size(tmp_path: Path) -> None:
     report.write(synthetic(), tmp_path)
     md = (tmp_path / "results.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert "| total p99 | x C | x C warm | x C options | reps |" in md
     c_zero = next(r for r in rows if r.startswith("| 0 B | c |"))
     ours_zero = next(r for r in rows if r.startswith("| 0 B | sockrepair |"))
     ours_mib = next(r for r in rows if r.startswith("| 1 MiB | sockrepair |"))
     assert "| 1.00x |" in c_zero
-    assert "| 30.0 µs |" in ours_zero and "| 1.50x |" in ours_zero
-    assert "| 2.00 ms |" in ours_mib and "| 2.00x |" in ours_mib
+    assert "| 30.0 µs |" in ours_zero and "| 1.50x | — | 1.25x |" in ours_zero
+    assert "| 2.00 ms |" in ours_mib and "| 2.00x | 4.00x | — |" in ours_mib
+    assert next(r for r in rows if r.startswith("| 1 MiB | c-warm |")).count("| 1.00x |") == 1
+    assert "| runs | verified |" in md and "| conn/s | x C | x C options | runs |" in md
     batch = next(r for r in rows if r.startswith("| 10,000 | sockrepair |"))
-    assert "| 20,000 |" in batch and "| 2.50x |" in batch
+    assert "| 20,000 |" in batch and "| 2.50x | 2.00x |" in batch
     nft = next(r for r in rows if r.startswith("| nft CLI |"))
     assert "| 200.00x |" in nft
 
@@ -98,10 +106,12 @@ def test_tables_give_ratios_to_c_of_the_same_queue_size(tmp_path: Path) -> None:
 def test_targets_are_marked_met_missed_or_not_measured(tmp_path: Path) -> None:
     md = report.markdown(synthetic())
     rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
-    assert "| met |" in rows["One connection, 0 B, no lock: sockrepair / C"]
-    mib = rows["One connection, 1 MiB queues: sockrepair / C"]
-    assert "missed by 0.70x (54%)" in mib
-    assert "restore 1.05 ms (52% of the cycle), C 500.0 µs" in mib
+    assert "| 1.50x | met |" in rows["One connection, 0 B, no lock: sockrepair / minimal C"]
+    assert "| 1.25x | met |" in rows["One connection, 0 B, no lock: sockrepair / like-for-like C"]
+    # judged against the warm C (4.00x), not the cold one (2.00x)
+    mib = rows["One connection, 1 MiB queues: sockrepair / warm C"]
+    assert "missed by 2.70x (208%)" in mib
+    assert "restore 1.05 ms (52% of the cycle), warm C 250.0 µs" in mib
     assert "| met |" in rows["Lock + unlock one connection (sockrepair)"]
     assert "missed by 10,000 conn/s (33%)" in rows["10,000 connections including the lock"]
     assert "| met |" in rows["Peer-seen gap, 1 connection moved"]
@@ -136,6 +146,22 @@ def test_results_json_round_trips_and_redraws(tmp_path: Path) -> None:
     out = tmp_path / "again"
     assert report.main([str(tmp_path / "results.json"), "--out", str(out)]) == 0
     assert (out / "results.md").read_text() == (tmp_path / "results.md").read_text()
+
+
+def test_a_run_saved_before_the_c_variants_is_redrawn(tmp_path: Path) -> None:
+    results = synthetic()
+    results["single"] = [e for e in results["single"] if e["impl"] in ("c", "sockrepair")]
+    results["batch"] = [e for e in results["batch"] if e["impl"] != "c-options"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(results))
+    assert report.main([str(old), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| total p99 | x C | reps |" in md and "x C warm" not in md and "x C options" not in md
+    assert "| 2.00 ms |" in md and "| 2.00x |" in md
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    assert "| met |" in rows["One connection, 0 B, no lock: sockrepair / minimal C"]
+    assert "not measured" in rows["One connection, 0 B, no lock: sockrepair / like-for-like C"]
+    assert "not measured" in rows["One connection, 1 MiB queues: sockrepair / warm C"]
 
 
 def test_bad_results_are_refused_with_a_clear_message(tmp_path: Path) -> None:
@@ -179,6 +205,30 @@ def test_c_reference_output_becomes_result_entries() -> None:
     assert not batch["with_lock"]
 
 
+def test_c_reference_names_its_variant() -> None:
+    raw = _raw()
+    raw["impl"] = "c-options"
+    parsed = cref.parse(raw)
+    assert [e["impl"] for e in parsed["single"] + parsed["batch"]] == ["c-options", "c-options"]
+
+
+def test_each_c_variant_runs_what_it_measures(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake(binary, variant, sizes, reps, batches, batch_reps, timeout):
+        calls.append((variant.impl, variant.flags, list(sizes), list(batches)))
+        return {"single": [variant.impl], "batch": []}
+
+    monkeypatch.setattr(cref, "_run_variant", fake)
+    out = cref.run(Path("/x/repair_cycle"), [0, 4096, 1 << 20], 5, [100], batch_reps=1)
+    assert calls == [("c", (), [0, 4096, 1 << 20], [100]), ("c-warm", ("--warm",), [4096, 1 << 20], []),
+                     ("c-options", ("--options",), [0], [100])]
+    assert out["single"] == ["c", "c-warm", "c-options"]
+    calls.clear()
+    cref.run(Path("/x/repair_cycle"), [0], 5, [], batch_reps=1)  # nothing for the warm C to measure: not run
+    assert [impl for impl, *_ in calls] == ["c", "c-options"]
+
+
 def test_c_reference_with_emptier_queues_than_asked_is_void() -> None:
     single, = cref.parse(_raw(outq_bytes_min=1024))["single"]
     assert not single["verified"]
@@ -186,9 +236,10 @@ def test_c_reference_with_emptier_queues_than_asked_is_void() -> None:
 
 
 def test_c_reference_command_line() -> None:
-    argv = cref.argv(Path("/x/repair_cycle"), [0, 65536], 5, [100], batch_reps=1, warm_buffers=True)
+    argv = cref.argv(Path("/x/repair_cycle"), [0, 65536], 5, [100], batch_reps=1, flags=cref.WARM.flags)
     assert argv == ["/x/repair_cycle", "--sizes", "0,65536", "--reps", "5", "--batches", "100", "--batch-reps", "1",
-                    "--warm-buffers"]
+                    "--warm"]
+    assert cref.argv(Path("/x/repair_cycle"), [0], 5, [], flags=cref.OPTIONS.flags)[-1] == "--options"
 
 
 def test_no_compiler_gives_none_and_a_note(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

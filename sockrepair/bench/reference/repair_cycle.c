@@ -9,11 +9,17 @@
  * compared with the pattern that was written: a run that loses, duplicates or reorders a byte is reported as not
  * verified and exits 1.
  *
- *   repair_cycle [--sizes Q,Q,...] [--reps N] [--batches K,K,...] [--batch-reps R] [--warm-buffers]
+ *   repair_cycle [--sizes Q,Q,...] [--reps N] [--batches K,K,...] [--batch-reps R] [--options] [--warm]
  *
  * Single mode: for each queue size Q, one connection with Q bytes in each queue goes through the cycle, N times
  * (sizes interleaved). Batch mode: K connections are all checkpointed, then all closed, then all restored; their
  * peer ends live in a child process.
+ *
+ * The default cycle is the minimal one (what restore cannot do without), with queue buffers malloc'd afresh at
+ * every checkpoint. --options (like-for-like) also reads before the freeze, and sets at restore, the application
+ * socket options that sockrepair's engine keeps (sockrepair/engine/_sockopts.py), with the engine's rules for when
+ * each is set. --warm keeps one pair of queue buffers across cycles, every page touched before any timed cycle,
+ * which leaves the cost of TCP repair itself.
  *
  * Output: one JSON object on stdout with every sample in nanoseconds (the caller computes medians and p99).
  * Run it inside a throwaway network namespace: it needs CAP_NET_ADMIN and fills loopback ports.
@@ -21,7 +27,6 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
-#include <malloc.h>
 #include <linux/sockios.h>
 #include <linux/tcp.h>
 #include <netinet/in.h>
@@ -58,7 +63,11 @@ static const char *const phase_names[N_PHASES] = {"read_state", "close", "restor
 #define BATCH_PROBE 16
 #define IO_TIMEOUT_MS 30000
 
+/* SO_BINDTODEVICE and TCP_CONGESTION names, read into buffers of the engine's size (IFNAMSIZ) */
+#define NAME_BYTES 16
+
 static char err_msg[512];
+static int opt_options, opt_warm; /* --options, --warm */
 
 static int fail(const char *fmt, ...)
 {
@@ -111,6 +120,59 @@ static void pattern(uint64_t stream, uint64_t off, unsigned char *buf, size_t le
 
 /* ---- the state a checkpoint takes: exactly what restore needs, as criu/libsoccr keep it ---- */
 
+/* --options: the application options sockrepair's engine keeps for an IPv4 socket, in the order it reads them
+ * (sockrepair/engine/_sockopts.py _READS), each with the engine's rule for setting it at restore */
+enum when_set {
+	SET_UNLESS_FRESH, /* in repair mode, unless it holds the value every new socket starts with */
+	SET_ALWAYS,       /* in repair mode: a default that follows the host's sysctls travels as read */
+	SET_PRE_BIND,     /* before bind and connect, when not 0: routing and binding read it */
+	SET_AFTER_REPAIR, /* SO_REUSEADDR, when set: leaving repair mode clears it */
+	SIZES_BUFFERS,    /* SO_SNDBUF/SO_RCVBUF: the floor of the buffers restore sizes */
+};
+
+struct app_opt {
+	int level, opt;
+	const char *name;
+	enum when_set when;
+	int fresh;
+};
+
+static const struct app_opt app_opts[] = {
+	{IPPROTO_IP, IP_TOS, "IP_TOS", SET_UNLESS_FRESH, 0},
+	{IPPROTO_IP, IP_TTL, "IP_TTL", SET_ALWAYS, 0},
+	{IPPROTO_TCP, TCP_NODELAY, "TCP_NODELAY", SET_UNLESS_FRESH, 0},
+	{SOL_SOCKET, SO_KEEPALIVE, "SO_KEEPALIVE", SET_UNLESS_FRESH, 0},
+	{IPPROTO_TCP, TCP_KEEPIDLE, "TCP_KEEPIDLE", SET_ALWAYS, 0},
+	{IPPROTO_TCP, TCP_KEEPINTVL, "TCP_KEEPINTVL", SET_ALWAYS, 0},
+	{IPPROTO_TCP, TCP_KEEPCNT, "TCP_KEEPCNT", SET_ALWAYS, 0},
+	{SOL_SOCKET, SO_REUSEPORT, "SO_REUSEPORT", SET_UNLESS_FRESH, 0},
+	{SOL_SOCKET, SO_PRIORITY, "SO_PRIORITY", SET_ALWAYS, 0},
+	{SOL_SOCKET, SO_RCVLOWAT, "SO_RCVLOWAT", SET_UNLESS_FRESH, 1},
+	{IPPROTO_TCP, TCP_USER_TIMEOUT, "TCP_USER_TIMEOUT", SET_UNLESS_FRESH, 0},
+	{IPPROTO_TCP, TCP_NOTSENT_LOWAT, "TCP_NOTSENT_LOWAT", SET_UNLESS_FRESH, 0},
+	{IPPROTO_TCP, TCP_CORK, "TCP_CORK", SET_UNLESS_FRESH, 0},
+	{SOL_SOCKET, SO_MARK, "SO_MARK", SET_PRE_BIND, 0},
+	{IPPROTO_IP, IP_FREEBIND, "IP_FREEBIND", SET_PRE_BIND, 0},
+	{SOL_SOCKET, SO_REUSEADDR, "SO_REUSEADDR", SET_AFTER_REPAIR, 0},
+	{SOL_SOCKET, SO_SNDBUF, "SO_SNDBUF", SIZES_BUFFERS, 0},
+	{SOL_SOCKET, SO_RCVBUF, "SO_RCVBUF", SIZES_BUFFERS, 0},
+};
+#define N_APP_OPTS (sizeof(app_opts) / sizeof(app_opts[0]))
+enum { APP_SNDBUF = N_APP_OPTS - 2, APP_RCVBUF = N_APP_OPTS - 1 };
+
+struct app_state {
+	int value[N_APP_OPTS];
+	struct linger linger;
+	char bindtodevice[NAME_BYTES + 1], congestion[NAME_BYTES + 1];
+};
+
+/* A queue's copy. Without --warm it is malloc'd at each checkpoint and freed after the cycle; with --warm it only
+ * grows, and is touched when it does. */
+struct qbuf {
+	unsigned char *data;
+	size_t cap;
+};
+
 struct conn_state {
 	struct sockaddr_in local, remote;
 	uint32_t send_seq, recv_seq; /* sequence number at the END of each queue, as TCP_QUEUE_SEQ reports it */
@@ -119,7 +181,8 @@ struct conn_state {
 	uint8_t options, snd_wscale, rcv_wscale;
 	int sndbuf, rcvbuf;
 	struct tcp_repair_window window;
-	unsigned char *outq, *inq;
+	struct app_state app; /* --options only */
+	struct qbuf outq, inq;
 };
 
 static int set_int(int fd, int level, int opt, int val, const char *what)
@@ -146,30 +209,71 @@ static int ioctl_int(int fd, unsigned long req, uint32_t *val, const char *what)
 	return 0;
 }
 
-static int peek_queue(int fd, int queue, uint32_t *seq, unsigned char **buf, uint32_t len, const char *what)
+static int reserve(struct qbuf *b, size_t len, const char *what)
+{
+	if (len <= b->cap)
+		return 0;
+	free(b->data);
+	b->cap = 0;
+	b->data = malloc(len);
+	if (b->data == NULL)
+		return fail("malloc(%zu) for the %s", len, what);
+	if (opt_warm)
+		memset(b->data, 0, len);
+	b->cap = len;
+	return 0;
+}
+
+static int peek_queue(int fd, int queue, uint32_t *seq, struct qbuf *buf, uint32_t len, const char *what)
 {
 	if (set_int(fd, IPPROTO_TCP, TCP_REPAIR_QUEUE, queue, "TCP_REPAIR_QUEUE") < 0)
 		return -1;
 	if (get_int(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, seq, "TCP_QUEUE_SEQ") < 0)
 		return -1;
-	*buf = NULL;
 	if (len == 0)
 		return 0;
-	*buf = malloc(len);
-	if (*buf == NULL)
-		return fail("malloc(%u) for the %s", len, what);
-	ssize_t got = recv(fd, *buf, len, MSG_PEEK | MSG_DONTWAIT);
+	if (reserve(buf, len, what) < 0)
+		return -1;
+	ssize_t got = recv(fd, buf->data, len, MSG_PEEK | MSG_DONTWAIT);
 	if (got != (ssize_t)len)
 		return got < 0 ? fail("recv(MSG_PEEK, %s)", what) : (errno = 0, fail("peeked %zd of %u bytes of the %s", got, len, what));
 	return 0;
+}
+
+static int get_name(int fd, int level, int opt, char *name, const char *what)
+{
+	socklen_t len = NAME_BYTES;
+	if (getsockopt(fd, level, opt, name, &len) < 0)
+		return fail("getsockopt(%s)", what);
+	name[len] = 0;
+	return 0;
+}
+
+/* Before repair mode: it forces the reuse flag, which SO_REUSEADDR would then report. */
+static int read_app_options(int fd, struct app_state *app)
+{
+	socklen_t len = sizeof(app->linger);
+
+	for (size_t i = 0; i < N_APP_OPTS; i++)
+		if (get_int(fd, app_opts[i].level, app_opts[i].opt, &app->value[i], app_opts[i].name) < 0)
+			return -1;
+	if (getsockopt(fd, SOL_SOCKET, SO_LINGER, &app->linger, &len) < 0)
+		return fail("getsockopt(SO_LINGER)");
+	return get_name(fd, SOL_SOCKET, SO_BINDTODEVICE, app->bindtodevice, "SO_BINDTODEVICE") < 0 ? -1
+	       : get_name(fd, IPPROTO_TCP, TCP_CONGESTION, app->congestion, "TCP_CONGESTION");
 }
 
 static int checkpoint(int fd, struct conn_state *st)
 {
 	struct tcp_info ti;
 	socklen_t len;
+	struct qbuf outq = st->outq, inq = st->inq; /* kept: with --warm they outlive the cycle */
 
 	memset(st, 0, sizeof(*st));
+	st->outq = outq;
+	st->inq = inq;
+	if (opt_options && read_app_options(fd, &st->app) < 0)
+		return -1;
 	if (set_int(fd, IPPROTO_TCP, TCP_REPAIR, 1, "TCP_REPAIR on") < 0)
 		return -1;
 	len = sizeof(st->local);
@@ -194,9 +298,13 @@ static int checkpoint(int fd, struct conn_state *st)
 	len = sizeof(st->window);
 	if (getsockopt(fd, IPPROTO_TCP, TCP_REPAIR_WINDOW, &st->window, &len) < 0)
 		return fail("getsockopt(TCP_REPAIR_WINDOW)");
-	if (get_int(fd, SOL_SOCKET, SO_SNDBUF, &st->sndbuf, "SO_SNDBUF") < 0 ||
-	    get_int(fd, SOL_SOCKET, SO_RCVBUF, &st->rcvbuf, "SO_RCVBUF") < 0)
+	if (opt_options) {
+		st->sndbuf = st->app.value[APP_SNDBUF];
+		st->rcvbuf = st->app.value[APP_RCVBUF];
+	} else if (get_int(fd, SOL_SOCKET, SO_SNDBUF, &st->sndbuf, "SO_SNDBUF") < 0 ||
+		   get_int(fd, SOL_SOCKET, SO_RCVBUF, &st->rcvbuf, "SO_RCVBUF") < 0) {
 		return -1;
+	}
 	/* before any queue is selected: with the send queue selected an arriving ACK marks the whole queue sent */
 	if (ioctl_int(fd, SIOCOUTQ, &st->outq_len, "SIOCOUTQ") < 0 ||
 	    ioctl_int(fd, SIOCOUTQNSD, &st->unsent_len, "SIOCOUTQNSD") < 0 ||
@@ -210,9 +318,9 @@ static int checkpoint(int fd, struct conn_state *st)
 
 static void free_state(struct conn_state *st)
 {
-	free(st->inq);
-	free(st->outq);
-	st->inq = st->outq = NULL;
+	free(st->inq.data);
+	free(st->outq.data);
+	st->inq = st->outq = (struct qbuf){NULL, 0};
 }
 
 /* A repair-mode send appends to the selected queue; big writes can fail with ENOMEM, so the chunk shrinks. */
@@ -240,21 +348,98 @@ static int fill_queue(int fd, int queue, const unsigned char *buf, uint32_t len,
 	return 0;
 }
 
+static int set_name(int fd, int level, int opt, const char *name, const char *what)
+{
+	if (setsockopt(fd, level, opt, name, strlen(name)) < 0)
+		return fail("setsockopt(%s=%s)", what, name);
+	return 0;
+}
+
+static int apply_pre_bind(int fd, const struct app_state *app)
+{
+	for (size_t i = 0; i < N_APP_OPTS; i++)
+		if (app_opts[i].when == SET_PRE_BIND && app->value[i] &&
+		    set_int(fd, app_opts[i].level, app_opts[i].opt, app->value[i], app_opts[i].name) < 0)
+			return -1;
+	return app->bindtodevice[0] ? set_name(fd, SOL_SOCKET, SO_BINDTODEVICE, app->bindtodevice, "SO_BINDTODEVICE")
+				    : 0;
+}
+
+/* The engine's sizing: at least what the socket had, and room for its queues at the kernel's charge of about twice
+ * the payload; setsockopt doubles the value given, hence the halving. */
+static int size_buffers_as_engine(int fd, const struct conn_state *st)
+{
+	int64_t snd = 2 * (int64_t)st->outq_len + (64 << 10), rcv = 2 * (int64_t)st->inq_len + (64 << 10);
+	snd = snd > st->sndbuf ? snd : st->sndbuf;
+	rcv = rcv > st->rcvbuf ? rcv : st->rcvbuf;
+	if (set_int(fd, SOL_SOCKET, SO_SNDBUFFORCE, (int)(snd / 2), "SO_SNDBUFFORCE") < 0 ||
+	    set_int(fd, SOL_SOCKET, SO_RCVBUFFORCE, (int)(rcv / 2), "SO_RCVBUFFORCE") < 0)
+		return -1;
+	return 0;
+}
+
+static int apply_in_repair(int fd, const struct app_state *app)
+{
+	for (size_t i = 0; i < N_APP_OPTS; i++) {
+		const struct app_opt *o = &app_opts[i];
+		if ((o->when == SET_ALWAYS || (o->when == SET_UNLESS_FRESH && app->value[i] != o->fresh)) &&
+		    set_int(fd, o->level, o->opt, app->value[i], o->name) < 0)
+			return -1;
+	}
+	if ((app->linger.l_onoff || app->linger.l_linger) &&
+	    setsockopt(fd, SOL_SOCKET, SO_LINGER, &app->linger, sizeof(app->linger)) < 0)
+		return fail("setsockopt(SO_LINGER)");
+	return app->congestion[0] ? set_name(fd, IPPROTO_TCP, TCP_CONGESTION, app->congestion, "TCP_CONGESTION") : 0;
+}
+
+static int apply_after_repair(int fd, const struct app_state *app)
+{
+	for (size_t i = 0; i < N_APP_OPTS; i++)
+		if (app_opts[i].when == SET_AFTER_REPAIR && app->value[i] &&
+		    set_int(fd, app_opts[i].level, app_opts[i].opt, 1, app_opts[i].name) < 0)
+			return -1;
+	return 0;
+}
+
+/* Untimed, after restore: the socket reads back what was saved (its buffers excepted: restore sized them anew), so
+ * --options is seen to have done its work. */
+static int check_app_options(int fd, const struct app_state *saved)
+{
+	struct app_state now;
+
+	if (read_app_options(fd, &now) < 0)
+		return -1;
+	for (size_t i = 0; i < N_APP_OPTS; i++)
+		if (app_opts[i].when != SIZES_BUFFERS && now.value[i] != saved->value[i])
+			return errno = 0, fail("%s is %d after restore, was %d", app_opts[i].name, now.value[i],
+					       saved->value[i]);
+	if (now.linger.l_onoff != saved->linger.l_onoff || now.linger.l_linger != saved->linger.l_linger)
+		return errno = 0, fail("SO_LINGER changed across restore");
+	if (strcmp(now.bindtodevice, saved->bindtodevice) || strcmp(now.congestion, saved->congestion))
+		return errno = 0, fail("SO_BINDTODEVICE or TCP_CONGESTION changed across restore (%s, %s -> %s, %s)",
+				       saved->bindtodevice, saved->congestion, now.bindtodevice, now.congestion);
+	return 0;
+}
+
 static int restore(const struct conn_state *st)
 {
 	struct tcp_repair_opt opts[4];
 	int nopts = 0;
 	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	const unsigned char *outq = st->outq.data;
 
 	if (fd < 0)
 		return fail("socket");
 	if (set_int(fd, IPPROTO_TCP, TCP_REPAIR, 1, "TCP_REPAIR on") < 0)
 		goto bad;
-	/* the kernel doubles what is set; a socket whose queues held data gets its room back */
-	if ((st->inq_len || st->outq_len) &&
-	    (set_int(fd, SOL_SOCKET, SO_SNDBUFFORCE, st->sndbuf / 2, "SO_SNDBUFFORCE") < 0 ||
-	     set_int(fd, SOL_SOCKET, SO_RCVBUFFORCE, st->rcvbuf / 2, "SO_RCVBUFFORCE") < 0))
+	if (opt_options) {
+		if (apply_pre_bind(fd, &st->app) < 0 || size_buffers_as_engine(fd, st) < 0)
+			goto bad;
+	} else if ((st->inq_len || st->outq_len) && /* the kernel doubles what is set: the room the queues had */
+		   (set_int(fd, SOL_SOCKET, SO_SNDBUFFORCE, st->sndbuf / 2, "SO_SNDBUFFORCE") < 0 ||
+		    set_int(fd, SOL_SOCKET, SO_RCVBUFFORCE, st->rcvbuf / 2, "SO_RCVBUFFORCE") < 0)) {
 		goto bad;
+	}
 	if (bind(fd, (const struct sockaddr *)&st->local, sizeof(st->local)) < 0) {
 		fail("bind");
 		goto bad;
@@ -283,25 +468,30 @@ static int restore(const struct conn_state *st)
 	if ((st->options & TCPI_OPT_TIMESTAMPS) &&
 	    set_int(fd, IPPROTO_TCP, TCP_TIMESTAMP, (int)st->timestamp, "TCP_TIMESTAMP") < 0)
 		goto bad;
-	if (fill_queue(fd, TCP_RECV_QUEUE, st->inq, st->inq_len, "receive queue") < 0 ||
-	    fill_queue(fd, TCP_SEND_QUEUE, st->outq, st->outq_len - st->unsent_len, "unacked send queue") < 0)
+	if (fill_queue(fd, TCP_RECV_QUEUE, st->inq.data, st->inq_len, "receive queue") < 0 ||
+	    fill_queue(fd, TCP_SEND_QUEUE, outq, st->outq_len - st->unsent_len, "unacked send queue") < 0)
 		goto bad;
 	/* the window goes in while still in repair mode: never-sent bytes written before it have hung connections */
 	if (setsockopt(fd, IPPROTO_TCP, TCP_REPAIR_WINDOW, &st->window, sizeof(st->window)) < 0) {
 		fail("setsockopt(TCP_REPAIR_WINDOW)");
 		goto bad;
 	}
+	/* still in repair mode, as the engine does: cork and nodelay must hold before the never-sent bytes go */
+	if (opt_options && apply_in_repair(fd, &st->app) < 0)
+		goto bad;
 	if (set_int(fd, IPPROTO_TCP, TCP_REPAIR, 0, "TCP_REPAIR off") < 0)
 		goto bad;
 	/* bytes the peer never saw leave at once when written after repair; in repair mode they would wait an RTO */
 	for (uint32_t done = st->outq_len - st->unsent_len; done < st->outq_len;) {
-		ssize_t n = send(fd, st->outq + done, st->outq_len - done, MSG_DONTWAIT);
+		ssize_t n = send(fd, outq + done, st->outq_len - done, MSG_DONTWAIT);
 		if (n < 0) {
 			fail("send(never-sent part, %u bytes left)", st->outq_len - done);
 			goto bad;
 		}
 		done += n;
 	}
+	if (opt_options && apply_after_repair(fd, &st->app) < 0)
+		goto bad;
 	return fd;
 bad:;
 	int saved = errno;
@@ -531,11 +721,12 @@ struct single_result {
 	char error[512];
 };
 
-/* One cycle on a fresh pair; times[] gets the phases when `times` is given. Returns 0 when every byte arrived. */
-static int single_cycle(uint32_t q, uint64_t salt, int64_t *times, struct single_result *res)
+/* One cycle on a fresh pair; times[] gets the phases when `times` is given. Returns 0 when every byte arrived.
+ * `st` is the caller's, so that with --warm its queue buffers serve every cycle. */
+static int single_cycle(uint32_t q, uint64_t salt, int64_t *times, struct single_result *res, struct conn_state *st)
 {
 	int lfd, pair[2] = {-1, -1}, fd = -1, rc = -1;
-	struct conn_state st = {0};
+	uint32_t outq_len = 0, inq_len = 0;
 	uint64_t sent_by_sock = 0;
 	/* room for q in each queue plus what the kernel charges per skb */
 	int client_buf = q ? (int)(2 * (uint64_t)q + (1 << 20)) : 0;
@@ -550,15 +741,21 @@ static int single_cycle(uint32_t q, uint64_t salt, int64_t *times, struct single
 	if (fill_recv_queue(pair[1], pair[0], salt * 2 + 1, q) < 0 ||
 	    fill_send_queue(pair[0], pair[1], salt * 2, q, &sent_by_sock) < 0)
 		goto out;
+	/* --warm: buffers big enough for this cycle's queues are in place, and touched, before the clock starts */
+	if (opt_warm && (ioctl_int(pair[0], SIOCOUTQ, &outq_len, "SIOCOUTQ") < 0 ||
+			 ioctl_int(pair[0], SIOCINQ, &inq_len, "SIOCINQ") < 0 ||
+			 reserve(&st->outq, outq_len, "send queue") < 0 ||
+			 reserve(&st->inq, inq_len, "receive queue") < 0))
+		goto out;
 
 	int64_t t0 = now_ns();
-	if (checkpoint(pair[0], &st) < 0)
+	if (checkpoint(pair[0], st) < 0)
 		goto out;
 	int64_t t1 = now_ns();
 	close(pair[0]);
 	pair[0] = -1;
 	int64_t t2 = now_ns();
-	fd = restore(&st);
+	fd = restore(st);
 	int64_t t3 = now_ns();
 	if (fd < 0)
 		goto out;
@@ -567,10 +764,12 @@ static int single_cycle(uint32_t q, uint64_t salt, int64_t *times, struct single
 		times[PH_CLOSE] = t2 - t1;
 		times[PH_RESTORE] = t3 - t2;
 	}
-	if (st.inq_len < res->min_inq)
-		res->min_inq = st.inq_len;
-	if (st.outq_len < res->min_outq)
-		res->min_outq = st.outq_len;
+	if (st->inq_len < res->min_inq)
+		res->min_inq = st->inq_len;
+	if (st->outq_len < res->min_outq)
+		res->min_outq = st->outq_len;
+	if (opt_options && check_app_options(fd, &st->app) < 0)
+		goto out;
 
 	struct reader at_sock = {fd, salt * 2 + 1, 0, (uint64_t)q + TAIL_BYTES};
 	struct reader at_peer = {pair[1], salt * 2, 0, sent_by_sock + TAIL_BYTES};
@@ -579,7 +778,8 @@ static int single_cycle(uint32_t q, uint64_t salt, int64_t *times, struct single
 		goto out;
 	rc = 0;
 out:
-	free_state(&st);
+	if (!opt_warm)
+		free_state(st);
 	if (lfd >= 0)
 		close(lfd);
 	close_abort(pair[0]);
@@ -591,6 +791,7 @@ out:
 static void run_single(struct single_result *res, int nsizes, int reps)
 {
 	uint64_t salt = 1;
+	struct conn_state st = {0};
 
 	for (int i = 0; i < nsizes; i++) {
 		res[i].reps = reps;
@@ -602,7 +803,7 @@ static void run_single(struct single_result *res, int nsizes, int reps)
 			exit(2);
 		}
 		/* one untimed warm-up cycle: first-touch page faults and cold caches are not the cycle's cost */
-		if (single_cycle(res[i].queue, salt++, NULL, &res[i]) < 0) {
+		if (single_cycle(res[i].queue, salt++, NULL, &res[i], &st) < 0) {
 			res[i].verified = 0;
 			snprintf(res[i].error, sizeof(res[i].error), "%s", err_msg);
 		}
@@ -613,13 +814,14 @@ static void run_single(struct single_result *res, int nsizes, int reps)
 			if (!res[i].verified)
 				continue;
 			if (single_cycle(res[i].queue, salt++, res[i].samples + (size_t)res[i].done * N_PHASES,
-					 &res[i]) < 0) {
+					 &res[i], &st) < 0) {
 				res[i].verified = 0;
 				snprintf(res[i].error, sizeof(res[i].error), "%s", err_msg);
 				continue;
 			}
 			res[i].done++;
 		}
+	free_state(&st);
 }
 
 /* ---- batch mode: K connections checkpointed, closed, then restored ---- */
@@ -778,6 +980,9 @@ static int batch_cycle(int k, uint64_t salt, int64_t *times)
 	times[PH_READ] = t1 - t0;
 	times[PH_CLOSE] = t2 - t1;
 	times[PH_RESTORE] = t3 - t2;
+	for (int i = 0; opt_options && i < k; i++)
+		if (check_app_options(sock[i], &st[i].app) < 0)
+			goto out;
 
 	if (msg_send(down[1], 'R', NULL) < 0 || probe_exchange(sock, k, salt, 1) < 0 || msg_expect(up[0], 'V') < 0)
 		goto out;
@@ -834,7 +1039,7 @@ static void run_batches(struct batch_result *res, int nbatches, int reps)
 static void usage(const char *why)
 {
 	fprintf(stderr, "repair_cycle: %s\nusage: repair_cycle [--sizes Q,Q,...] [--reps N] [--batches K,K,...] "
-			"[--batch-reps R] [--warm-buffers]\n", why);
+			"[--batch-reps R] [--options] [--warm]\n", why);
 	exit(2);
 }
 
@@ -908,12 +1113,16 @@ static void raise_fd_limit(rlim_t need)
 int main(int argc, char **argv)
 {
 	uint64_t sizes[MAX_LIST], batches[MAX_LIST];
-	int nsizes = 0, nbatches = 0, reps = 100, batch_reps = 3, warm = 0, ok = 1;
+	int nsizes = 0, nbatches = 0, reps = 100, batch_reps = 3, ok = 1;
 	uint64_t biggest = 0;
 
 	for (int i = 1; i < argc; i++) {
-		if (!strcmp(argv[i], "--warm-buffers")) {
-			warm = 1;
+		if (!strcmp(argv[i], "--options")) {
+			opt_options = 1;
+			continue;
+		}
+		if (!strcmp(argv[i], "--warm")) {
+			opt_warm = 1;
 			continue;
 		}
 		if (strcmp(argv[i], "--sizes") && strcmp(argv[i], "--batches") && strcmp(argv[i], "--reps") &&
@@ -948,18 +1157,14 @@ int main(int argc, char **argv)
 		sres[i].queue = (uint32_t)sizes[i];
 	for (int i = 0; i < nbatches; i++)
 		bres[i].connections = (int)batches[i];
-	/* By default each checkpoint mallocs its queue buffers and glibc gives big ones back to the kernel on free, so
-	 * every peek pays first-touch page faults, as libsoccr and a Python engine do. --warm-buffers keeps freed
-	 * memory, which leaves the cost of TCP repair itself. */
-	if (warm) {
-		mallopt(M_MMAP_THRESHOLD, 256 << 20);
-		mallopt(M_TRIM_THRESHOLD, 512 << 20);
-	}
+	/* Without --warm each checkpoint mallocs its queue buffers and glibc gives big ones back to the kernel on free,
+	 * so every peek pays first-touch page faults, as libsoccr and a Python engine do. */
 	run_single(sres, nsizes, reps);
 	run_batches(bres, nbatches, batch_reps);
 
-	printf("{\"impl\": \"c\", \"clock\": \"CLOCK_MONOTONIC\", \"buffers\": \"%s\", \"phases\": [",
-	       warm ? "warm" : "fresh");
+	printf("{\"impl\": \"c%s%s\", \"clock\": \"CLOCK_MONOTONIC\", \"buffers\": \"%s\", \"options\": \"%s\", "
+	       "\"phases\": [", opt_options ? "-options" : "", opt_warm ? "-warm" : "", opt_warm ? "warm" : "fresh",
+	       opt_options ? "like-for-like" : "minimal");
 	for (int p = 0; p < N_PHASES; p++)
 		printf("%s\"%s\"", p ? ", " : "", phase_names[p]);
 	printf("],\n \"single\": [");
