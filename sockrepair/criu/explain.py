@@ -219,6 +219,8 @@ class Report:
 
 
 def explain_text(text: str, source: str = "") -> Report:
+    """The known errors (CATALOGUE) and unexplained `Error (...)` lines of `text`; `source` names it in findings
+    (with 1-based line numbers). Lines criu prints only as consequences of an earlier error are left out."""
     report = Report()
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -243,6 +245,8 @@ def _is_consequence(line: str) -> bool:
 
 
 def explain_files(paths: Iterable[Path]) -> Report:
+    """`explain_text` of each file, merged (findings of the same error counted together). Raises OSError when a
+    file cannot be read."""
     report = Report()
     for path in paths:
         report.extend(explain_text(path.read_text(errors="replace"), path.name))

@@ -48,6 +48,7 @@ def installed_wrapper() -> Path:
 
 
 def kernel_version() -> tuple[int, ...]:
+    """The running kernel's (major, minor, patch) from uname, e.g. (6, 18, 0)."""
     return _version_tuple(platform.release().split("-")[0])
 
 
