@@ -29,8 +29,8 @@ def add_criu_commands(subparsers: Any) -> None:
     ttl_help = f"seconds the lock holds without sockrepair running (default {driver.DEFAULT_TTL:g}, max {MAX_TTL:g})"
     arg_help = "pass ARG to criu as is (repeatable), e.g. --criu-arg=--ext-unix-sk"
 
-    p = sub.add_parser("setup", help=f"make a criu that works on this kernel available: keep a working one, else "
-                       f"fetch Debian's criu >= 4.2 into ${PREFIX_VAR} (default {DEFAULT_PREFIX}); needs root")
+    p = sub.add_parser("setup", help=f"keep a criu that works on this kernel, or fetch Debian's criu >= 4.2 into "
+                       f"{DEFAULT_PREFIX} (${PREFIX_VAR}); as root")
     p.add_argument("--force", action="store_true", help="fetch even when a working criu is found")
     p.set_defaults(func=cmd_setup)
 
