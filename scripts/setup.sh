@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian machine for sockrepair, idempotently: the system tools it drives, a venv with the package
-# and its test/bench dependencies, and a criu that works on this kernel. Needs root (apt-get, TCP_REPAIR).
+# and its test/bench dependencies, and a criu that works on this kernel (`sockrepair criu setup`: a working one is
+# kept, else Debian's criu >= 4.2 goes to /var/lib/sockrepair/criu). Needs root (apt-get, TCP_REPAIR, criu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,5 +22,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench]'
 
-python3 scripts/setup_criu.py
+.venv/bin/sockrepair criu setup
 echo "setup: done"

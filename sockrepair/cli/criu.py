@@ -1,4 +1,4 @@
-"""The `criu` command group: dump, restore, show, compare, explain. Handlers return the exit status; a failed criu
+"""The `criu` command group: setup, dump, restore, show, compare, explain. Handlers return the exit status; a failed criu
 run prints every known cause and fix from its logs to stderr, then the one-line error from the main CLI."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from typing import Any
 
 from sockrepair.cli.args import ttl_arg
 from sockrepair.cli.output import print_json
-from sockrepair.criu import driver, show
+from sockrepair.criu import driver, setup, show
 from sockrepair.criu.compare import DIFFERS, EXPLAINED, NOT_KEPT, compare
 from sockrepair.criu.explain import CriuFailure, Report, explain_dir, explain_files
+from sockrepair.criu.locate import DEFAULT_PREFIX, PREFIX_VAR
 from sockrepair.criu.manifest import LOCK_SKIP
 from sockrepair.criu.topology import PEER_EXTERNAL, PEER_TREE
 from sockrepair.lock.locker import MAX_TTL
@@ -27,6 +28,11 @@ def add_criu_commands(subparsers: Any) -> None:
     sub = group.add_subparsers(dest="criu_command", required=True, metavar="SUBCOMMAND")
     ttl_help = f"seconds the lock holds without sockrepair running (default {driver.DEFAULT_TTL:g}, max {MAX_TTL:g})"
     arg_help = "pass ARG to criu as is (repeatable), e.g. --criu-arg=--ext-unix-sk"
+
+    p = sub.add_parser("setup", help=f"keep a criu that works on this kernel, or fetch Debian's criu >= 4.2 into "
+                       f"{DEFAULT_PREFIX} (${PREFIX_VAR}); as root")
+    p.add_argument("--force", action="store_true", help="fetch even when a working criu is found")
+    p.set_defaults(func=cmd_setup)
 
     p = sub.add_parser("dump", help="dump process trees (each with its children) with every connection locked")
     p.add_argument("--pid", type=int, action="append", required=True, help="root of a tree to dump (repeatable)")
@@ -80,6 +86,18 @@ def _explained(handler: Callable[[argparse.Namespace], int]) -> Callable[[argpar
             raise
 
     return run
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    result = setup.setup(force=args.force, progress=lambda line: print(f"criu setup: {line}", flush=True))
+    criu = result.criu
+    if result.fetched:
+        print(f"criu setup: installed criu {criu.version} at {criu.path}; `criu check` passed")
+    else:
+        print(f"criu setup: using criu {criu.version} from {criu.origin} ({criu.path}); `criu check` passed")
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
 
 
 def cmd_dump(args: argparse.Namespace) -> int:

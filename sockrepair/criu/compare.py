@@ -33,6 +33,9 @@ CLOCK_SLACK_MS = 2
 
 @dataclass
 class FieldResult:
+    """One field of one connection: sockrepair's value, criu's, the verdict (SAME, EXPLAINED, NOT_KEPT or DIFFERS)
+    and why, when not the same."""
+
     name: str
     ours: Any
     criu: Any
@@ -60,6 +63,9 @@ class ConnectionComparison:
 
 @dataclass
 class Comparison:
+    """`compare`'s result: `apart_ms` bounds the time between the two checkpoints; `missing` lists connections
+    sockrepair saw and criu did not dump; `ok` is False on any DIFFERS field or missing connection."""
+
     pid: int
     criu_version: str
     apart_ms: float
@@ -103,7 +109,8 @@ def _stream(name: str, ours_end: int, ours: bytes, criu_end: int, criu: bytes) -
 
 
 def compare_states(ours: ConnectionState, criu: ConnectionState, apart_ms: float) -> list[FieldResult]:
-    """Field by field; `apart_ms` bounds the time between the two checkpoints."""
+    """Field by field: state, sequences, queues, options, the timestamp clock, the repair window and every socket
+    option of `ours` (taken first) against `criu` (taken at most `apart_ms` milliseconds later)."""
     out: list[FieldResult] = []
     send, send_why = _stream("send queue", ours.send_seq, ours.send_queue, criu.send_seq, criu.send_queue)
     recv, recv_why = _stream("receive queue", ours.recv_seq, ours.recv_queue, criu.recv_seq, criu.recv_queue)
@@ -163,7 +170,11 @@ def _timestamp(ours: ConnectionState, criu: ConnectionState, apart_ms: float) ->
 
 def compare(pid: int, criu: Criu | None = None) -> Comparison:
     """Checkpoint `pid`'s established connections with sockrepair (non-destructive), then dump its tree with
-    `criu dump --leave-running --network-lock skip` (the connections go on), and compare every connection."""
+    `criu dump --leave-running --network-lock skip` (the connections go on), and compare every connection.
+
+    Raises CriuError when criu does not work here or `pid` is not there, CriuFailure (with the logs' report) when
+    the dump fails, ImageError when criu's images cannot be read; a failure to inspect `pid` is raised as inspect
+    raises it (ProcessError, NotPermittedError)."""
     criu = (criu or find_criu()).require_working()
     tree = map_trees([pid]).trees[0]
     netns = f"/proc/{pid}/ns/net"

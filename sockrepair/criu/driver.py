@@ -9,6 +9,7 @@ once every tree it waits for is back. A failed criu run raises CriuFailure with 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shlex
 from collections.abc import Iterator, Sequence
@@ -95,7 +96,7 @@ def _working(criu: Criu | None) -> Criu:
     return (criu or find_criu()).require_working()
 
 
-def _run(criu: Criu, args: list[str]) -> tuple[int, str]:
+def _criu(criu: Criu, args: list[str]) -> tuple[int, str]:
     # No timeout: a big tree takes minutes (the lock is renewed meanwhile), and killing criu mid-dump is worse.
     done = criu.run(args)
     return done.returncode, done.stderr
@@ -136,10 +137,34 @@ def _restore_args(tree: TreeRecord, images: Path, lock: str, extra: Sequence[str
     return args + list(extra)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What every step of one dump or restore works with: the criu, the dump directory and its manifest (saved
+    after every step), the lock, the network namespace criu runs in (a path; None: the caller's) and the extra
+    arguments passed to criu as they are."""
+
+    criu: Criu
+    directory: Path
+    manifest: Manifest
+    locker: Locker
+    netns: str | None
+    criu_args: Sequence[str] = ()
+
+    def entered(self) -> contextlib.AbstractContextManager[None]:
+        return inside(self.netns) if self.netns else contextlib.nullcontext()
+
+
 def dump(pids: Sequence[int], directory: Path, *, allow_external_peers: bool = False, ttl: float = DEFAULT_TTL,
          shell_job: bool = False, criu_args: Sequence[str] = (), criu: Criu | None = None) -> DumpReport:
-    """Dump the process trees rooted at `pids`, one criu image directory each under `directory`, with every
-    connection locked from before the first dump; the lock stays (for `ttl` s) for `restore` to take over."""
+    """Dump the process trees rooted at `pids`, one criu image directory each (`directory`/tree-ROOT, mode 0700,
+    images 0600) plus sockrepair-criu.json, with every connection locked (both directions, in the trees' network
+    namespace) from before the first dump; the lock stays for `ttl` seconds for `restore` to take over.
+
+    Raises CriuError for a ttl outside (0, MAX_TTL], a criu that does not work here (`find_criu` when `criu` is
+    None), a pid that is missing, a zombie or in two trees, trees in different network namespaces, a loopback peer
+    left behind (unless `allow_external_peers`), or a `directory` that already holds a dump; CriuFailure (its
+    `report` holds every known error of the logs) when a criu run fails, after restoring the trees dumped before it
+    and releasing the lock."""
     _check_ttl(ttl)
     criu = _working(criu)
     topology = map_trees(pids)
@@ -159,27 +184,27 @@ def dump(pids: Sequence[int], directory: Path, *, allow_external_peers: bool = F
     with _netns_of(topology.trees[0].root) as netns:
         with inside(netns):
             locker = Locker(label=LABEL)
+        run = _Run(criu, directory, manifest, locker, netns, criu_args)
         with locker, renewing(locker, topology.tuples(), ttl) as renew_errors:
             for tree in trees:
                 (directory / tree.dir).mkdir(mode=0o700, exist_ok=True)
                 manifest.save(directory)
-                _dump_one(criu, directory, manifest, tree, netns, criu_args, locker, topology, report)
+                _dump_one(run, tree, topology, report)
             report.warnings += [f"renewing the lock failed: {e}" for e in renew_errors]
     return report
 
 
-def _dump_one(criu: Criu, directory: Path, manifest: Manifest, tree: TreeRecord, netns: str,
-              criu_args: Sequence[str], locker: Locker, topology: Topology, report: DumpReport) -> None:
-    images = directory / tree.dir
-    with inside(netns):
-        code, stderr = _run(criu, _dump_args(tree, images, manifest.network_lock, criu_args))
+def _dump_one(run: _Run, tree: TreeRecord, topology: Topology, report: DumpReport) -> None:
+    images = run.directory / tree.dir
+    with run.entered():
+        code, stderr = _criu(run.criu, _dump_args(tree, images, run.manifest.network_lock, run.criu_args))
     if code != 0:
         failure = criu_error(f"dump of tree {tree.root} ({tree.command})", explain_dir(images, stderr),
                              f"exit status {code}")
-        raise _rolled_back(failure, criu, directory, manifest, netns, locker, topology)
+        raise _rolled_back(run, failure, topology)
     _private(images)
     tree.dumped = True
-    manifest.save(directory)
+    run.manifest.save(run.directory)
     left = reap(tree.root, tree.pids, tree.starttimes)
     if left:
         report.warnings.append(
@@ -187,37 +212,40 @@ def _dump_one(criu: Criu, directory: Path, manifest: Manifest, tree: TreeRecord,
             "exists\" until these pids are free (the parent must wait() for its dead child)")
 
 
-def _rolled_back(failure: CriuFailure, criu: Criu, directory: Path, manifest: Manifest, netns: str,
-                 locker: Locker, topology: Topology) -> CriuFailure:
+def _rolled_back(run: _Run, failure: CriuFailure, topology: Topology) -> CriuFailure:
     """A tree failed to dump (criu leaves it running): put back the trees dumped before it, so that no half-moved
     set of trees stays behind, then release the lock."""
+    manifest = run.manifest
     dumped = [t for t in manifest.trees if t.dumped]
     undone = []
+    # The dump's extra criu arguments are for `criu dump`, not for this restore.
+    putting_back = dataclasses.replace(run, criu_args=())
     try:
         for tree in dumped:
-            with inside(netns):
-                _restore_one(criu, directory, manifest, tree, ())
+            _restore_one(putting_back, tree)
             undone.append(tree.root)
     except CriuError as exc:
-        kept = f"{directory}: restore the dumped trees with `sockrepair criu restore -D {shlex.quote(str(directory))}`"
+        kept = (f"{run.directory}: restore the dumped trees with "
+                f"`sockrepair criu restore -D {shlex.quote(str(run.directory))}`")
         return CriuFailure(f"{failure}\nThe trees dumped before it could not be put back ({exc}); their connections "
                            f"stay locked for {manifest.ttl:g} s. {kept}", failure.report)
-    locker.unlock(topology.tuples())
-    os.unlink(directory / MANIFEST)
+    run.locker.unlock(topology.tuples())
+    os.unlink(run.directory / MANIFEST)
     back = f"the tree(s) dumped before it ({', '.join(map(str, undone))}) were restored; " if undone else ""
     return CriuFailure(f"{failure}\nNothing was moved: {back}the lock was released", failure.report)
 
 
-def _restore_one(criu: Criu, directory: Path, manifest: Manifest, tree: TreeRecord,
-                 criu_args: Sequence[str]) -> Report:
-    images = directory / tree.dir
-    code, stderr = _run(criu, _restore_args(tree, images, manifest.network_lock, criu_args))
+def _restore_one(run: _Run, tree: TreeRecord) -> Report:
+    """`criu restore` of one tree inside `run.netns`; the errors criu logged and went on from."""
+    images = run.directory / tree.dir
+    with run.entered():
+        code, stderr = _criu(run.criu, _restore_args(tree, images, run.manifest.network_lock, run.criu_args))
     log = images / "restore.log"
     report = explain_text((log.read_text(errors="replace") if log.exists() else "") + stderr, f"{tree.dir}/restore.log")
     if code != 0:
         raise criu_error(f"restore of tree {tree.root} ({tree.command})", report, f"exit status {code}")
     tree.restored = True
-    manifest.save(directory)
+    run.manifest.save(run.directory)
     return report
 
 
@@ -256,8 +284,14 @@ def _check_pids_free(chosen: Sequence[TreeRecord]) -> None:
 def restore(directory: Path, roots: Sequence[int] | None = None, *, netns: str | None = None,
             ttl: float = DEFAULT_TTL, criu_args: Sequence[str] = (), criu: Criu | None = None) -> RestoreReport:
     """Restore the trees `roots` (default: every tree not restored yet, in dump order) of a `dump` directory into
-    the network namespace `netns` (default: the caller's). The lock is taken again from the images first; each
-    connection is released once all the trees it waits for are back, the others stay locked for `ttl` s."""
+    the network namespace named `netns` (`ip netns`; default: the caller's). The lock is taken again from the images
+    first; each connection is released once all the trees it waits for are back, the others stay locked for `ttl`
+    seconds (RestoreReport.still_locked).
+
+    Raises ImageError when `directory` holds no readable dump or a root is not one of its trees; CriuError for a ttl
+    outside (0, MAX_TTL], a tree given twice, never dumped or already restored, a pid still taken, a criu that does
+    not work here; NetnsError for an unknown `netns`; CriuFailure (with the logs' `report`, and how to go on) when
+    a criu run fails: the lock then stays."""
     _check_ttl(ttl)
     manifest = load(directory)
     chosen = _chosen(manifest, roots)
@@ -266,14 +300,15 @@ def restore(directory: Path, roots: Sequence[int] | None = None, *, netns: str |
     waits = plan_from_images(manifest, directory)
     before = [t.root for t in manifest.trees if t.restored]
     report = RestoreReport(str(directory), [], [], [], ttl)
+    path = f"/run/netns/{netns}" if netns else None
     with named(netns):
         locker = Locker(label=LABEL)
+    run = _Run(criu, directory, manifest, locker, path, criu_args)
     with locker:
         with renewing(locker, still_waiting(waits, before), ttl) as renew_errors:
             for tree in chosen:
                 try:
-                    with named(netns):
-                        report.criu_notes.extend(_restore_one(criu, directory, manifest, tree, criu_args))
+                    report.criu_notes.extend(_restore_one(run, tree))
                 except CriuError as exc:
                     waiting = still_waiting(waits, [*before, *report.restored])
                     raise _noted(exc, f"{len(waiting)} connection(s) stay locked for {ttl:g} s: fix the cause and "

@@ -68,7 +68,7 @@ CATALOGUE: tuple[KnownError, ...] = (
         "this criu cannot parse the kernel's vDSO layout",
         "criu 3.x (Debian 12 ships 3.17) predates the vDSO/vvar layout of recent kernels and aborts in every "
         "command, `criu check` included",
-        "use criu >= 4.2: run `scripts/setup_criu.py` as root, or point $SOCKREPAIR_CRIU at a newer criu",
+        "use criu >= 4.2: run `sockrepair criu setup` as root, or point $SOCKREPAIR_CRIU at a newer criu",
     ),
     _known(
         "so-passsec",
@@ -76,7 +76,7 @@ CATALOGUE: tuple[KnownError, ...] = (
         "this criu fails on TCP sockets on kernels >= 6.16 (SO_PASSSEC/SO_PASSCRED)",
         "kernels >= 6.16 refuse SO_PASSCRED (1:16) and SO_PASSSEC (1:34) on TCP sockets with EOPNOTSUPP; criu "
         "before 4.2 treats that as fatal when it dumps socket options",
-        "use criu >= 4.2: run `scripts/setup_criu.py` as root, or point $SOCKREPAIR_CRIU at a newer criu",
+        "use criu >= 4.2: run `sockrepair criu setup` as root, or point $SOCKREPAIR_CRIU at a newer criu",
     ),
     _known(
         "bind-back",
@@ -113,7 +113,7 @@ CATALOGUE: tuple[KnownError, ...] = (
         ">= FD_SETSIZE (1024) and glibc's fortify check aborts criu (SIGABRT), mid-dump, with its CRIU-* nftables "
         "table of DROP rules left in place",
         "delete the leftover lock (`nft delete table inet CRIU-...`), then use a libnftables that polls (the one "
-        "`scripts/setup_criu.py` installs), the iptables lock (slow), or sockrepair's external lock; or dump fewer "
+        "`sockrepair criu setup` installs), the iptables lock (slow), or sockrepair's external lock; or dump fewer "
         "sockets per tree",
     ),
     _known(
@@ -219,6 +219,8 @@ class Report:
 
 
 def explain_text(text: str, source: str = "") -> Report:
+    """The known errors (CATALOGUE) and unexplained `Error (...)` lines of `text`; `source` names it in findings
+    (with 1-based line numbers). Lines criu prints only as consequences of an earlier error are left out."""
     report = Report()
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -243,6 +245,8 @@ def _is_consequence(line: str) -> bool:
 
 
 def explain_files(paths: Iterable[Path]) -> Report:
+    """`explain_text` of each file, merged (findings of the same error counted together). Raises OSError when a
+    file cannot be read."""
     report = Report()
     for path in paths:
         report.extend(explain_text(path.read_text(errors="replace"), path.name))

@@ -101,6 +101,8 @@ _Entry = cs.Prefixed(cs.Int32ul, cs.GreedyBytes)
 
 @dataclass(frozen=True)
 class TcpStreamImage:
+    """A tcp-stream-<ino>.img: `entry` is the decoded tcp_stream_entry, then the queues' bytes it announces."""
+
     entry: Any
     recv_queue: bytes
     send_queue: bytes
@@ -144,6 +146,8 @@ def _entry(data: bytes, offset: int, cls: type[message.Message], name: str) -> t
 
 
 def parse_tcp_stream(data: bytes, name: str = "tcp-stream image") -> TcpStreamImage:
+    """Decode a whole tcp-stream image (criu/sk-tcp.c, images/tcp-stream.proto). Raises ImageError, naming `name`
+    and the byte, for a short file, a wrong magic, a malformed entry or queue lengths that do not match the file."""
     offset = _head(data, MAGIC_TCP_STREAM, name)
     entry, offset = _entry(data, offset, TcpStreamEntry, name)
     end = offset + entry.inq_len + entry.outq_len
@@ -164,6 +168,8 @@ def _address(family: int, words: list[int]) -> str:
 
 
 def parse_inet_sockets(data: bytes, name: str = "files.img") -> list[InetSocket]:
+    """The inet sockets (FD_TYPE_INETSK entries) of a criu 4.x files.img, in file order; other entries are skipped.
+    Raises ImageError for a wrong magic, a malformed entry or an address family other than AF_INET/AF_INET6."""
     offset = _head(data, MAGIC_FILES, name)
     found = []
     while offset < len(data):
@@ -207,6 +213,9 @@ def _sockopts(isk: Any, stream: Any) -> SocketOptions:
 
 
 def to_connection_state(sock: InetSocket, stream: TcpStreamImage) -> ConnectionState:
+    """sockrepair's view of one dumped connection: sequence numbers are those at the end of each queue
+    (TCP_QUEUE_SEQ), `window` is None when the image has no repair window. Raises ImageError when more bytes are
+    said never sent than the send queue holds."""
     e = stream.entry
     if e.unsq_len > len(stream.send_queue):
         raise ImageError(f"tcp-stream-{sock.ino:x}.img: {e.unsq_len} unsent bytes in a {e.outq_len}-byte send queue")
@@ -236,7 +245,8 @@ def to_connection_state(sock: InetSocket, stream: TcpStreamImage) -> ConnectionS
 
 
 def load_connections(directory: Path) -> list[ConnectionState]:
-    """Every TCP connection criu dumped into `directory` (one per socket with a tcp-stream image), by tuple."""
+    """Every TCP connection criu dumped into `directory` (one per socket with a tcp-stream image), sorted by
+    tuple. Raises ImageError when there is no files.img or an image is malformed (file and byte named)."""
     files = directory / "files.img"
     if not files.exists():
         raise ImageError(f"{directory}: no files.img: not a criu 4.x image directory, or the dump failed")

@@ -52,11 +52,13 @@ def plan_from_images(manifest: Manifest, directory: Path) -> dict[ConnTuple, set
 
 
 def still_waiting(waits: dict[ConnTuple, set[int]], restored: Iterable[int]) -> list[ConnTuple]:
+    """The tuples (sorted) that wait for at least one root not in `restored`: they must stay locked."""
     done = set(restored)
     return sorted(conn for conn, roots in waits.items() if not roots <= done)
 
 
 def releasable(waits: dict[ConnTuple, set[int]], restored: Iterable[int]) -> list[ConnTuple]:
+    """The tuples (sorted) whose every root is in `restored`: their lock may be released."""
     done = set(restored)
     return sorted(conn for conn, roots in waits.items() if roots <= done)
 

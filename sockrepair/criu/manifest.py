@@ -22,6 +22,10 @@ LOCK_CRIU = "criu"  # criu's own lock, sockrepair's held over it
 
 @dataclass
 class TreeRecord:
+    """One dumped tree: its root pid, image directory name (`tree-ROOT`), every pid with its start time (clock
+    ticks since boot, /proc/PID/stat field 22: tells a reused pid apart), the root's command line, whether criu ran
+    with --shell-job, and how far it got."""
+
     root: int
     dir: str
     pids: list[int]
@@ -43,6 +47,9 @@ class LockedConnection:
 
 @dataclass
 class Manifest:
+    """The whole record: criu's version and lock method, the lock's ttl (seconds), the trees' network namespace
+    inode, the trees in dump order and the locked connections; `created` is a Unix time."""
+
     criu_version: str
     network_lock: str  # LOCK_SKIP or LOCK_CRIU
     ttl: float
@@ -53,6 +60,7 @@ class Manifest:
     version: int = VERSION
 
     def tree(self, root: int) -> TreeRecord:
+        """The tree whose root pid is `root`; ImageError when there is none."""
         for t in self.trees:
             if t.root == root:
                 return t
@@ -68,10 +76,13 @@ class Manifest:
 
 
 def is_dump_dir(directory: Path) -> bool:
+    """Whether `directory` was written by `sockrepair criu dump` (it holds the manifest)."""
     return (directory / MANIFEST).is_file()
 
 
 def load(directory: Path) -> Manifest:
+    """The manifest of a `sockrepair criu dump` directory. Raises ImageError when it is missing, unreadable, of
+    another version, malformed, or names a tree directory outside `directory`."""
     path = directory / MANIFEST
     try:
         raw = json.loads(path.read_text())

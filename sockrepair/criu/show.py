@@ -16,6 +16,8 @@ from sockrepair.state import ConnectionState
 
 @dataclass
 class TreeImages:
+    """One image directory's connections; `root`, `command` and `restored` are None/"" for a plain criu directory."""
+
     dir: Path
     root: int | None
     command: str
@@ -24,6 +26,8 @@ class TreeImages:
 
 
 def read_images(directory: Path) -> tuple[Manifest | None, list[TreeImages]]:
+    """(manifest, trees) of a `sockrepair criu dump` directory (its dumped trees only), or (None, [the directory])
+    for a plain criu image directory. Raises ImageError when it is not a directory or its images are malformed."""
     if not directory.is_dir():
         raise ImageError(f"{directory} is not a directory")
     if not is_dump_dir(directory):
@@ -41,6 +45,8 @@ def load_states(directory: Path) -> list[ConnectionState]:
 
 
 def to_dict(directory: Path, payload: bool = False) -> dict[str, Any]:
+    """`sockrepair criu show --json`: {directory, dump (None for plain criu images), trees: [{dir, root, command,
+    restored, connections}]}, each connection as ConnectionState.to_dict (queue bytes only with `payload`)."""
     manifest, trees = read_images(directory)
     return {
         "directory": str(directory),
@@ -53,6 +59,7 @@ def to_dict(directory: Path, payload: bool = False) -> dict[str, Any]:
 
 
 def to_text(directory: Path) -> str:
+    """`sockrepair criu show`: the dump, then per tree its connections, four lines each. Raises as read_images."""
     manifest, trees = read_images(directory)
     out = []
     if manifest is not None:

@@ -32,7 +32,8 @@ def netns() -> Iterator[NetNS]:
 
 @pytest.fixture(scope="module")
 def criu() -> Criu:
-    """The criu the project set up (scripts/setup_criu.py); tests that need it skip only when none is found."""
+    """The criu `find_criu` picks (`sockrepair criu setup`, which scripts/setup.sh runs, installs one); tests that
+    need it skip only when none is found."""
     if os.geteuid() != 0:
         pytest.skip("criu needs root")
     try:

@@ -29,8 +29,8 @@ def fake_criu(tmp_path: Path, version: str, check_out: str = "Looks good.", chec
 
 @pytest.fixture
 def only_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
-    """No project prefix and nothing on PATH: only $SOCKREPAIR_CRIU counts."""
-    monkeypatch.setattr(locate, "PREFIX_WRAPPER", tmp_path / "absent")
+    """Nothing in the per-machine place and nothing on PATH: only $SOCKREPAIR_CRIU counts."""
+    monkeypatch.setenv(locate.PREFIX_VAR, str(tmp_path / "absent"))
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.delenv(locate.ENV_VAR, raising=False)
     monkeypatch.setattr(locate.os, "geteuid", lambda: 0)
@@ -38,12 +38,16 @@ def only_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPa
     return monkeypatch
 
 
-def test_missing_criu_is_a_clear_error(only_env: pytest.MonkeyPatch) -> None:
-    with pytest.raises(CriuError, match="criu not found.*setup_criu.py"):
+def test_missing_criu_is_a_clear_error(only_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with pytest.raises(CriuError, match="criu not found .*absent/bin/criu.*fix: run `sockrepair criu setup`") as err:
         locate.find_criu()
+    assert str(err.value).count("sockrepair criu setup") == 1
     status = locate.criu_status()
     assert status["found"] is False and status["check_ok"] is False
-    assert "setup_criu.py" in status["fix"]
+    assert "sockrepair criu setup" in status["fix"]
+    # `sockrepair check` prints "reason (fix)": the reason must not carry the fix again.
+    assert str(tmp_path / "absent" / "bin" / "criu") in status["reason"]
+    assert "sockrepair criu setup" not in status["reason"] and "fix" not in status["reason"]
 
 
 def test_env_pointing_nowhere_is_not_silently_skipped(only_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -94,13 +98,62 @@ def test_check_without_root_says_so(only_env: pytest.MonkeyPatch, tmp_path: Path
     assert not result.ok and "root" in result.reason
 
 
-def test_search_order_env_then_prefix_then_path(only_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in ("env", "prefix", "path"):
+def test_search_order_env_then_machine_install_then_path(only_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("env", "path"):
         (tmp_path / name).mkdir()
     on_path = fake_criu(tmp_path / "path", "4.2.0")
     only_env.setenv("PATH", str(on_path.parent))
     assert locate.find_criu().origin == "PATH"
-    only_env.setattr(locate, "PREFIX_WRAPPER", fake_criu(tmp_path / "prefix", "4.2.1"))
-    assert locate.find_criu().origin == "project prefix"
+    prefix = tmp_path / "prefix"
+    (prefix / "bin").mkdir(parents=True)
+    installed = fake_criu(prefix / "bin", "4.2.1")
+    only_env.setenv(locate.PREFIX_VAR, str(prefix))
+    assert locate.installed_wrapper() == installed
+    found = locate.find_criu()
+    assert (found.origin, found.path, found.version) == (locate.ORIGIN_MACHINE, str(installed), "4.2.1")
+    assert locate.criu_status()["origin"] == locate.ORIGIN_MACHINE
     only_env.setenv(locate.ENV_VAR, str(fake_criu(tmp_path / "env", "4.3")))
     assert locate.find_criu().version == "4.3"
+    assert [origin for origin, _ in locate.candidates()] == ["$SOCKREPAIR_CRIU", locate.ORIGIN_MACHINE, "PATH"]
+
+
+def test_machine_install_is_not_in_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found the same from a checkout or from a wheel in site-packages: nothing relative to the package."""
+    monkeypatch.delenv(locate.PREFIX_VAR, raising=False)
+    assert locate.install_prefix() == Path("/var/lib/sockrepair/criu") == locate.DEFAULT_PREFIX
+    assert locate.installed_wrapper() == Path("/var/lib/sockrepair/criu/bin/criu")
+    package = Path(locate.__file__).resolve().parents[1]
+    assert not locate.installed_wrapper().is_relative_to(package.parent)
+
+
+def test_a_broken_machine_install_falls_through_to_path(only_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    prefix = tmp_path / "prefix"
+    (prefix / "bin").mkdir(parents=True)
+    broken = prefix / "bin" / "criu"
+    broken.write_text("#!/bin/sh\necho 'cannot open shared object file' >&2\nexit 127\n")
+    broken.chmod(0o755)
+    only_env.setenv(locate.PREFIX_VAR, str(prefix))
+    with pytest.raises(CriuError, match="per-machine install .* does not run: cannot open shared object file"):
+        locate.find_criu()
+    (tmp_path / "path").mkdir()
+    only_env.setenv("PATH", str(fake_criu(tmp_path / "path", "4.2.1").parent))
+    assert locate.find_criu().origin == "PATH"
+
+
+def test_every_failed_candidate_is_named_and_the_fix_given_once(only_env: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    prefix = tmp_path / "prefix"
+    (prefix / "bin").mkdir(parents=True)
+    (prefix / "bin" / "criu").write_text("not executable")
+    (tmp_path / "path").mkdir()
+    on_path = tmp_path / "path" / "criu"
+    on_path.write_text("#!/bin/sh\nexit 3\n")
+    on_path.chmod(0o755)
+    only_env.setenv(locate.PREFIX_VAR, str(prefix))
+    only_env.setenv("PATH", str(on_path.parent))
+    with pytest.raises(CriuError) as err:
+        locate.find_criu()
+    message = str(err.value)
+    assert "per-machine install" in message and "is not an executable file" in message
+    assert f"PATH ({on_path}) does not run: 3" in message
+    assert message.count("fix:") == 1 and message.endswith(locate.SETUP_HINT)
