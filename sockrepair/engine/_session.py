@@ -41,7 +41,9 @@ REPAIR_ON, REPAIR_OFF, REPAIR_OFF_NO_WP = lib.TCP_REPAIR_ON, lib.TCP_REPAIR_OFF,
 
 # The inodes of frozen sockets whose application had SO_REUSEADDR set. Repair mode forces the reuse flag (so it
 # cannot be read back) and leaving it clears the flag; resume puts it back from here. Only sockets with the flag
-# are entered, so a socket without it costs no fstat at either end.
+# are entered: one without it costs no fstat at checkpoint, nor at resume/discard while none with it is frozen.
+# A socket closed while frozen (neither resumed nor discarded) stays entered, harmlessly: sockfs numbers its inodes
+# from the kernel's shared 32-bit counter (get_next_ino), so no later socket gets the number for some 2**32 inodes.
 _reuse_held: set[int] = set()
 
 
