@@ -177,8 +177,8 @@ def release_reuse(fd: int) -> bool:
     """Forget what hold_reuse remembered for socket `fd`; whether it had. No system call while nothing is held."""
     if not _reuse_held:
         return False
-    inode = os.fstat(fd).st_ino
-    if inode in _reuse_held:
-        _reuse_held.remove(inode)
-        return True
-    return False
+    try:
+        _reuse_held.remove(os.fstat(fd).st_ino)
+    except KeyError:
+        return False
+    return True
