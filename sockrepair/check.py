@@ -13,6 +13,7 @@ from typing import Any
 from sockrepair.criu.locate import criu_status
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._repair import repair_off, repair_on
+from sockrepair.engine._session import _Session
 from sockrepair.engine._sockcall import ioctl_int, set_u32
 from sockrepair.engine._tcpopts import read_timestamp, read_window
 from sockrepair.errors import SocketCallError, SockrepairError
@@ -80,12 +81,12 @@ def _probe_repair(fd: int) -> list[Feature]:
         return feats
 
     def window() -> str:
-        if read_window(fd) is None:
+        if read_window(_Session(fd)) is None:
             raise SocketCallError(errno.ENOPROTOOPT, "getsockopt(TCP_REPAIR_WINDOW)", fd)
         return "readable (Linux >= 4.8)"
 
     def timestamp() -> str:
-        set_u32(fd, lib.IPPROTO_TCP, lib.TCP_TIMESTAMP, read_timestamp(fd), "TCP_TIMESTAMP")
+        set_u32(fd, lib.IPPROTO_TCP, lib.TCP_TIMESTAMP, read_timestamp(_Session(fd)), "TCP_TIMESTAMP")
         return "get and set"
 
     def outqnsd() -> str:

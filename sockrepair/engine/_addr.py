@@ -7,7 +7,7 @@ import struct
 from typing import Any
 
 from sockrepair.engine._ffi import ffi, lib
-from sockrepair.engine._sockcall import SOCKLEN_P, fail, new
+from sockrepair.engine._session import _Session, new
 from sockrepair.state import ConnTuple
 
 AF_INET, AF_INET6 = lib.AF_INET, lib.AF_INET6
@@ -32,16 +32,18 @@ def _decode(raw: bytes) -> tuple[int, str, int]:
     raise ValueError(f"address family {family} is not IPv4 or IPv6")
 
 
-def read_tuple(fd: int) -> ConnTuple:
+def read_tuple(session: _Session) -> ConnTuple:
+    """getsockname and getpeername of the session's socket."""
+    fd, size = session.fd, session.size
     sa = new(STORAGE_P)
-    size = new(SOCKLEN_P, STORAGE_SIZE)
     as_sockaddr = ffi.cast(SOCKADDR_P, sa)
+    size[0] = STORAGE_SIZE
     if lib.getsockname(fd, as_sockaddr, size) < 0:
-        raise fail("getsockname", fd)
+        raise session.fail("getsockname")
     family, laddr, lport = _decode(ffi.buffer(sa, 28)[:])
     size[0] = STORAGE_SIZE
     if lib.getpeername(fd, as_sockaddr, size) < 0:
-        raise fail("getpeername", fd)
+        raise session.fail("getpeername")
     _, raddr, rport = _decode(ffi.buffer(sa, 28)[:])
     return ConnTuple(family, laddr, lport, raddr, rport)
 
@@ -54,13 +56,13 @@ def sockaddr(family: int, addr: str, port: int) -> Any:
     return _from_buffer(SOCKADDR_IN6.pack(family, port.to_bytes(2, "big"), 0, _inet_pton(AF_INET6, addr), 0))
 
 
-def bind(fd: int, family: int, addr: str, port: int) -> None:
+def bind(session: _Session, family: int, addr: str, port: int) -> None:
     sa = sockaddr(family, addr, port)
-    if lib.bind(fd, ffi.cast(SOCKADDR_P, sa), len(sa)) < 0:
-        raise fail(f"bind({addr}:{port})", fd)
+    if lib.bind(session.fd, ffi.cast(SOCKADDR_P, sa), len(sa)) < 0:
+        raise session.fail(f"bind({addr}:{port})")
 
 
-def connect(fd: int, family: int, addr: str, port: int) -> None:
+def connect(session: _Session, family: int, addr: str, port: int) -> None:
     sa = sockaddr(family, addr, port)
-    if lib.connect(fd, ffi.cast(SOCKADDR_P, sa), len(sa)) < 0:
-        raise fail(f"connect({addr}:{port})", fd)
+    if lib.connect(session.fd, ffi.cast(SOCKADDR_P, sa), len(sa)) < 0:
+        raise session.fail(f"connect({addr}:{port})")

@@ -1,7 +1,7 @@
 """checkpoint / resume / discard: freeze an established socket in repair mode, read it, and let it go on or vanish.
 
-Like libsoccr's pause/save/resume: checkpoint leaves the socket frozen, so the caller decides whether the connection
-lives on here (resume) or elsewhere (discard, then restore the state)."""
+Like libsoccr's libsoccr_pause / libsoccr_save / libsoccr_resume: checkpoint leaves the socket frozen, so the caller
+decides whether the connection lives on here (resume) or elsewhere (discard, then restore the state)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,14 @@ import errno
 from sockrepair.engine._addr import read_tuple
 from sockrepair.engine._ffi import lib
 from sockrepair.engine._queues import read_queues
-from sockrepair.engine._repair import close_silently, repair_off, repair_on
-from sockrepair.engine._sockcall import IntCalls, SockLike, fileno
+from sockrepair.engine._session import (
+    SockLike,
+    _Session,
+    close_silently,
+    fileno,
+    hold_reuse,
+    release_reuse,
+)
 from sockrepair.engine._sockopts import read_sockopts
 from sockrepair.engine._tcpopts import (
     read_options,
@@ -20,72 +26,56 @@ from sockrepair.engine._tcpopts import (
     tcp_info,
 )
 from sockrepair.errors import SocketCallError, SocketStateError
-from sockrepair.state import TCP_ESTABLISHED, ConnectionState, state_name
+from sockrepair.state import TCP_ESTABLISHED, ConnectionState, ConnTuple, state_name
 
 SOL = lib.SOL_SOCKET
 
-# Leaving repair mode resets the socket's reuse flag, and it cannot be read while in repair mode (which forces it):
-# what the application had is remembered here between checkpoint and resume/discard.
-_reuse_before_freeze: dict[int, bool] = {}
-
-
-def ensure_unchanged(fd: int, state: ConnectionState) -> None:
-    ioctl = IntCalls(fd).ioctl
-    now = (ioctl(lib.SIOCOUTQ, "SIOCOUTQ"), ioctl(lib.SIOCOUTQNSD, "SIOCOUTQNSD"), ioctl(lib.SIOCINQ, "SIOCINQ"))
-    saved = (len(state.send_queue), state.unsent_len, len(state.recv_queue))
-    if now != saved:
-        raise SocketStateError(
-            f"fd {fd} ({state.tuple}) changed since its checkpoint (send queue / never sent / receive queue "
-            f"{saved} -> {now}): it sent or received while frozen; hold the network lock across the move"
-        )
-
-
-def _ensure_tcp(fd: int, calls: IntCalls) -> None:
-    get_int = calls.get
-    try:
-        sock_type = get_int(SOL, lib.SO_TYPE, "SO_TYPE")
-    except SocketCallError as exc:
-        if exc.errno == errno.ENOTSOCK:
-            raise SocketStateError(f"fd {fd} is not a socket") from None
-        if exc.errno == errno.EBADF:
-            raise SocketStateError(f"fd {fd} is not an open file descriptor") from None
-        raise
-    protocol = get_int(SOL, lib.SO_PROTOCOL, "SO_PROTOCOL")
-    domain = get_int(SOL, lib.SO_DOMAIN, "SO_DOMAIN")
-    if sock_type != lib.SOCK_STREAM or protocol != lib.IPPROTO_TCP or domain not in (lib.AF_INET, lib.AF_INET6):
-        raise SocketStateError(
-            f"fd {fd} is not a TCP socket (domain {domain}, type {sock_type}, protocol {protocol}); "
-            "only IPv4/IPv6 TCP connections can be repaired"
-        )
-
 
 def checkpoint(sock: SockLike) -> ConnectionState:
-    """Freeze `sock` (repair mode on) and return its full state. The socket stays frozen: follow with resume()
-    to let it go on here, or discard() when the connection moves elsewhere."""
+    """Freeze `sock` (repair mode on) and return its full state; the socket stays frozen: follow with resume() to
+    let it go on here, or discard() when the connection moves elsewhere.
+
+    `sock` is a socket object or a file descriptor of this process. In the state: `send_seq` / `recv_seq` are the
+    u32 sequence numbers after the last byte of each queue (TCP_QUEUE_SEQ), `send_queue` the bytes sent but not
+    acknowledged followed by the `unsent_len` bytes never sent (SIOCOUTQ, SIOCOUTQNSD), `recv_queue` the bytes
+    received but not read (SIOCINQ, recv(MSG_PEEK)), `options` the handshake's options with the MSS clamp in bytes
+    (tcp_info, TCP_MAXSEG), `window` the struct tcp_repair_window (TCP_REPAIR_WINDOW; None before Linux 4.8),
+    `timestamp` the raw u32 TCP timestamp clock (TCP_TIMESTAMP) and `sockopts` the application's options.
+
+    Raises SocketStateError (`.fd`, and `.tcp_state` / `.tuple` when known) when `sock` is not an open socket, not
+    IPv4/IPv6 TCP, or not ESTABLISHED (before repair mode: the socket is untouched), or when it left ESTABLISHED
+    while being frozen; NotPermittedError (a PermissionError) without CAP_NET_ADMIN in the socket's network
+    namespace; UnsupportedError on a kernel without TCP_REPAIR; SocketCallError (`.errno`, `.op`, `.fd`, `.tuple`)
+    when a kernel call fails, with EAGAIN when the queues kept changing while read (the peer is not locked out).
+    On any failure after repair mode is on, the socket is resumed first."""
     fd = fileno(sock)
-    calls = IntCalls(fd)
-    _ensure_tcp(fd, calls)
-    info = tcp_info(fd)
+    session = _Session(fd)
+    _ensure_tcp(session)
+    info = tcp_info(session)
     if info.tcpi_state != TCP_ESTABLISHED:
         what = "a listening socket" if info.tcpi_state == lib.TCP_LISTEN else f"in state {state_name(info.tcpi_state)}"
-        raise SocketStateError(f"fd {fd} is {what}; only ESTABLISHED connections can be checkpointed")
-    conn = read_tuple(fd)
-    sockopts = read_sockopts(fd, conn.family, calls)
-    repair_on(fd, calls)
-    _reuse_before_freeze[fd] = sockopts.reuseaddr
+        raise SocketStateError(f"fd {fd} is {what}; only ESTABLISHED connections can be checkpointed",
+                               fd=fd, tuple=_tuple_if_connected(session), tcp_state=info.tcpi_state)
+    conn = session.tuple = read_tuple(session)
+    sockopts = read_sockopts(session, conn.family)
+    session.repair_on()
     try:
+        if sockopts.reuseaddr:
+            # repair mode now forces the flag and leaving it will clear it: resume puts the application's back
+            hold_reuse(fd)
         # re-read under repair: the state may have moved between the first look and the freeze
-        info = tcp_info(fd)
+        info = tcp_info(session)
         if info.tcpi_state != TCP_ESTABLISHED:
             raise SocketStateError(
-                f"fd {fd} left ESTABLISHED (now {state_name(info.tcpi_state)}) while it was being frozen"
+                f"fd {fd} left ESTABLISHED (now {state_name(info.tcpi_state)}) while it was being frozen",
+                fd=fd, tuple=conn, tcp_state=info.tcpi_state,
             )
-        options = read_options(fd, info, calls)
-        timestamp = read_timestamp(fd, calls)
-        window = read_window(fd)
-        queues = read_queues(fd, calls)
+        options = read_options(session, info)
+        timestamp = read_timestamp(session)
+        window = read_window(session)
+        queues = read_queues(session)
     except BaseException:
-        resume(fd)
+        _resume(session)
         raise
     return ConnectionState(
         tuple=conn,
@@ -103,26 +93,74 @@ def checkpoint(sock: SockLike) -> ConnectionState:
 
 
 def resume(sock: SockLike) -> None:
-    """Leave repair mode without a window probe: the connection goes on as if nothing happened."""
-    fd = fileno(sock)
-    calls = IntCalls(fd)
-    repair_off(fd, False, calls)
-    if _reuse_before_freeze.pop(fd, False):
-        calls.set(SOL, lib.SO_REUSEADDR, 1, "SO_REUSEADDR")
+    """Let a socket frozen by checkpoint() go on here: repair off without a window probe (TCP_REPAIR_OFF_NO_WP:
+    nothing goes on the wire), then SO_REUSEADDR put back if the application had it (leaving repair mode clears it).
+
+    Raises SocketCallError when a kernel call fails (e.g. EBADF when `sock` is not open, EPERM without
+    CAP_NET_ADMIN in the socket's network namespace)."""
+    _resume(_Session(fileno(sock)))
+
+
+def _resume(session: _Session) -> None:
+    session.repair_off(False)
+    if release_reuse(session.fd):
+        session.set(SOL, lib.SO_REUSEADDR, 1, "SO_REUSEADDR")
 
 
 def discard(sock: SockLike, state: ConnectionState | None = None) -> None:
-    """Close a frozen socket without FIN or RST: the connection now lives only in its saved state.
+    """Close a socket frozen by checkpoint() without FIN or RST (close(2) in repair mode): the connection now lives
+    only in its saved state. A socket object is closed through the object, so Python does not close the fd number
+    again later.
 
-    Repair mode does not stop the kernel's timers: without the network lock a frozen socket can still send a
-    probe or a retransmission, or take in an ACK, and then the saved state no longer matches what the peer knows.
-    Given the `state` from checkpoint, discard refuses (and leaves the socket frozen) when the queues moved."""
+    Repair mode does not stop the kernel's timers: without the network lock a frozen socket can still send a probe
+    or a retransmission, or take in an ACK or data, and then the saved state no longer matches what the peer knows.
+    Given the `state` from checkpoint, discard compares the queue lengths (SIOCOUTQ, SIOCOUTQNSD, SIOCINQ) with it
+    and raises SocketStateError (`.fd`, `.tuple`) when they moved, leaving the socket frozen (resume or discard it
+    again). Raises SocketCallError when a kernel call fails."""
     fd = fileno(sock)
     if state is not None:
-        ensure_unchanged(fd, state)
-    _reuse_before_freeze.pop(fd, None)
+        _ensure_unchanged(_Session(fd, state.tuple), state)
+    release_reuse(fd)
     if isinstance(sock, int):
         close_silently(fd)
     else:
-        # closing through the object keeps Python from closing the fd number again later
         sock.close()
+
+
+def _ensure_unchanged(session: _Session, state: ConnectionState) -> None:
+    ioctl = session.ioctl
+    now = (ioctl(lib.SIOCOUTQ, "SIOCOUTQ"), ioctl(lib.SIOCOUTQNSD, "SIOCOUTQNSD"), ioctl(lib.SIOCINQ, "SIOCINQ"))
+    saved = (len(state.send_queue), state.unsent_len, len(state.recv_queue))
+    if now != saved:
+        raise SocketStateError(
+            f"fd {session.fd} ({state.tuple}) changed since its checkpoint (send queue / never sent / receive queue "
+            f"{saved} -> {now}): it sent or received while frozen; hold the network lock across the move",
+            fd=session.fd, tuple=state.tuple,
+        )
+
+
+def _ensure_tcp(session: _Session) -> None:
+    fd, get_int = session.fd, session.get
+    try:
+        sock_type = get_int(SOL, lib.SO_TYPE, "SO_TYPE")
+    except SocketCallError as exc:
+        if exc.errno == errno.ENOTSOCK:
+            raise SocketStateError(f"fd {fd} is not a socket", fd=fd) from None
+        if exc.errno == errno.EBADF:
+            raise SocketStateError(f"fd {fd} is not an open file descriptor", fd=fd) from None
+        raise
+    protocol = get_int(SOL, lib.SO_PROTOCOL, "SO_PROTOCOL")
+    domain = get_int(SOL, lib.SO_DOMAIN, "SO_DOMAIN")
+    if sock_type != lib.SOCK_STREAM or protocol != lib.IPPROTO_TCP or domain not in (lib.AF_INET, lib.AF_INET6):
+        raise SocketStateError(
+            f"fd {fd} is not a TCP socket (domain {domain}, type {sock_type}, protocol {protocol}); "
+            "only IPv4/IPv6 TCP connections can be repaired", fd=fd
+        )
+
+
+def _tuple_if_connected(session: _Session) -> ConnTuple | None:
+    """The 4-tuple for an error about a socket that is not ESTABLISHED; None when it has no peer (LISTEN, CLOSE)."""
+    try:
+        return read_tuple(session)
+    except SocketCallError:
+        return None

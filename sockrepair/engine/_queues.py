@@ -9,8 +9,7 @@ import errno
 from dataclasses import dataclass
 
 from sockrepair.engine._ffi import lib
-from sockrepair.engine._repair import select_queue
-from sockrepair.engine._sockcall import IntCalls, peek, send_chunked
+from sockrepair.engine._session import _Session
 from sockrepair.errors import SocketCallError
 
 TCP = lib.IPPROTO_TCP
@@ -31,20 +30,20 @@ class QueueSnapshot:
     recv_queue: bytes
 
 
-def _read_once(fd: int, calls: IntCalls) -> QueueSnapshot | None:
-    ioctl, get_u32, set_int = calls.ioctl, calls.get_u32, calls.set
+def _read_once(session: _Session) -> QueueSnapshot | None:
+    ioctl, get_u32, set_int, peek = session.ioctl, session.get_u32, session.set, session.peek
     outq = ioctl(SIOCOUTQ, "SIOCOUTQ")
     inq = ioctl(SIOCINQ, "SIOCINQ")
     set_int(TCP, REPAIR_QUEUE, RECV_QUEUE, "TCP_REPAIR_QUEUE")
     recv_seq = get_u32(TCP, QUEUE_SEQ, "TCP_QUEUE_SEQ receive")
-    recv_queue = peek(fd, inq, "receive queue")
+    recv_queue = peek(inq, "receive queue")
     # Read while no queue is selected: with the send queue selected, any ACK that arrives makes the kernel mark
     # the whole send queue as sent (that is how repair-mode refills work), and SIOCOUTQNSD would then say 0.
     set_int(TCP, REPAIR_QUEUE, NO_QUEUE, "TCP_REPAIR_QUEUE")
     unsent = ioctl(SIOCOUTQNSD, "SIOCOUTQNSD")
     set_int(TCP, REPAIR_QUEUE, SEND_QUEUE, "TCP_REPAIR_QUEUE")
     send_seq = get_u32(TCP, QUEUE_SEQ, "TCP_QUEUE_SEQ send")
-    send_queue = peek(fd, outq, "send queue")
+    send_queue = peek(outq, "send queue")
     set_int(TCP, REPAIR_QUEUE, NO_QUEUE, "TCP_REPAIR_QUEUE")
     # the application is not reading or writing, so unchanged queue lengths mean unchanged queue edges
     if ioctl(SIOCOUTQ, "SIOCOUTQ") != outq or ioctl(SIOCINQ, "SIOCINQ") != inq:
@@ -52,50 +51,48 @@ def _read_once(fd: int, calls: IntCalls) -> QueueSnapshot | None:
     return QueueSnapshot(send_seq, recv_seq, send_queue, unsent, recv_queue)
 
 
-def read_queues(fd: int, calls: IntCalls | None = None) -> QueueSnapshot:
-    calls = calls or IntCalls(fd)
+def read_queues(session: _Session) -> QueueSnapshot:
+    """Both queues' sequence numbers and bytes, and how much of the send queue was never sent (SIOCOUTQNSD), in
+    repair mode. SocketCallError (EAGAIN) when the queues kept changing over SNAPSHOT_ATTEMPTS tries."""
     for _ in range(SNAPSHOT_ATTEMPTS):
         try:
-            snap = _read_once(fd, calls)
+            snap = _read_once(session)
         except SocketCallError as exc:
             # a peek that came up short: the queue moved under us
-            select_queue(fd, NO_QUEUE, calls)
+            session.select_queue(NO_QUEUE)
             if exc.errno != errno.EAGAIN:
                 raise
             snap = None
         if snap is not None:
             return snap
-    raise SocketCallError(
-        errno.EAGAIN, f"reading the queues: they kept changing over {SNAPSHOT_ATTEMPTS} tries (lock the peer out)", fd
-    )
+    raise session.fail(f"reading the queues: they kept changing over {SNAPSHOT_ATTEMPTS} tries (lock the peer out)",
+                       errno.EAGAIN)
 
 
-def set_sequences(fd: int, send_seq: int, send_len: int, recv_seq: int, recv_len: int,
-                  calls: IntCalls | None = None) -> None:
-    calls = calls or IntCalls(fd)
-    set_int, set_u32 = calls.set, calls.set_u32
+def set_sequences(session: _Session, send_seq: int, send_len: int, recv_seq: int, recv_len: int) -> None:
+    """TCP_QUEUE_SEQ of both queues, as the sequence of each queue's FIRST byte (`*_seq` is the one after its last,
+    `*_len` its length)."""
+    set_int, set_u32 = session.set, session.set_u32
     set_int(TCP, REPAIR_QUEUE, SEND_QUEUE, "TCP_REPAIR_QUEUE")
     set_u32(TCP, QUEUE_SEQ, send_seq - send_len, "TCP_QUEUE_SEQ send")
     set_int(TCP, REPAIR_QUEUE, RECV_QUEUE, "TCP_REPAIR_QUEUE")
     set_u32(TCP, QUEUE_SEQ, recv_seq - recv_len, "TCP_QUEUE_SEQ receive")
 
 
-def refill_in_repair(fd: int, recv_queue: bytes | memoryview, unacked: bytes | memoryview,
-                     calls: IntCalls | None = None) -> None:
+def refill_in_repair(session: _Session, recv_queue: bytes | memoryview, unacked: bytes | memoryview) -> None:
     """Bytes the application had not read yet, and bytes sent but not acknowledged: both must be put back while
     still in repair mode, where a send() appends to the selected queue without transmitting."""
-    calls = calls or IntCalls(fd)
     if recv_queue:
-        select_queue(fd, RECV_QUEUE, calls)
-        send_chunked(fd, recv_queue, "refill receive queue")
+        session.select_queue(RECV_QUEUE)
+        session.send_all(recv_queue, "refill receive queue")
     if unacked:
-        select_queue(fd, SEND_QUEUE, calls)
-        send_chunked(fd, unacked, "refill send queue (sent, unacknowledged)")
-    select_queue(fd, NO_QUEUE, calls)
+        session.select_queue(SEND_QUEUE)
+        session.send_all(unacked, "refill send queue (sent, unacknowledged)")
+    session.select_queue(NO_QUEUE)
 
 
-def write_unsent(fd: int, unsent: bytes | memoryview) -> None:
+def write_unsent(session: _Session, unsent: bytes | memoryview) -> None:
     """Never-sent bytes go in after repair is off: written in repair mode they would wait for a retransmission
     timeout (hundreds of ms) before leaving."""
     if unsent:
-        send_chunked(fd, unsent, "write never-sent data")
+        session.send_all(unsent, "write never-sent data")

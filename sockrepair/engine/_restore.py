@@ -7,8 +7,7 @@ import socket
 
 from sockrepair.engine._addr import bind, connect
 from sockrepair.engine._queues import refill_in_repair, set_sequences, write_unsent
-from sockrepair.engine._repair import repair_off, repair_on
-from sockrepair.engine._sockcall import IntCalls
+from sockrepair.engine._session import _Session
 from sockrepair.engine._sockopts import (
     apply_after_repair,
     apply_in_repair,
@@ -28,76 +27,89 @@ MAX_USER_MSS = 32767
 
 
 def restore(state: ConnectionState) -> socket.socket:
-    """A live socket with the saved 4-tuple, queues and options, repair mode off. On failure nothing is left: the
-    half-made socket is closed while still in repair mode, so the peer sees nothing."""
+    """A live socket (blocking, in this process and network namespace) with the saved 4-tuple, sequence numbers,
+    queues and options, repair mode off; no handshake goes on the wire, only a window probe that the peer answers
+    with an ACK. `state` is what checkpoint() returned (or an image of it) and is not changed; the socket of the
+    checkpoint must be gone (discard) or the 4-tuple is taken. The steps, in the kernel's order, are listed in
+    sockrepair.engine: TCP_REPAIR, SO_SNDBUFFORCE / SO_RCVBUFFORCE, bind, TCP_QUEUE_SEQ, TCP_MAXSEG around the
+    repair-mode connect, TCP_REPAIR_OPTIONS, TCP_TIMESTAMP, the queues written with TCP_REPAIR_QUEUE selected,
+    TCP_REPAIR_WINDOW (struct tcp_repair_window), the options, TCP_REPAIR_OFF, the never-sent bytes, SO_REUSEADDR.
+
+    Raises AddressNotLocalError (EADDRNOTAVAIL) when the local address is not configured in this network namespace;
+    AddressInUseError (EADDRINUSE) when another socket holds the 4-tuple, or the local port without allowing reuse;
+    NotPermittedError (a PermissionError) without CAP_NET_ADMIN; UnsupportedError on a kernel without TCP_REPAIR;
+    SocketCallError (`.errno`, `.op`, `.fd`, `.tuple`) when another kernel call fails, e.g. ENOENT when the
+    congestion control is not available on this host; OSError from socket(2) itself (EMFILE). The address errors
+    and SocketCallError carry the connection as `.tuple`. On failure nothing is left: the half-made socket is closed
+    while still in repair mode, so the peer sees nothing."""
     conn = state.tuple
     sock = socket.socket(conn.family, socket.SOCK_STREAM)
-    fd = sock.fileno()
-    calls = IntCalls(fd)
+    session = _Session(sock.fileno(), conn)
     so, options = state.sockopts, state.options
     send_len, recv_len = len(state.send_queue), len(state.recv_queue)
     # views, not copies: the queues may be large, and the kernel copies them anyway
     send_queue, sent_len = memoryview(state.send_queue), send_len - state.unsent_len
     try:
-        repair_on(fd, calls)
-        apply_pre_bind(fd, conn.family, so, calls)
-        size_buffers(fd, so, send_len, recv_len, calls)
-        _bind(fd, state)
-        set_sequences(fd, state.send_seq, send_len, state.recv_seq, recv_len, calls)
+        session.repair_on()
+        apply_pre_bind(session, conn.family, so)
+        size_buffers(session, so, send_len, recv_len)
+        _bind(session, state)
+        set_sequences(session, state.send_seq, send_len, state.recv_seq, recv_len)
         # The repair-mode connect sizes segments from the MSS clamp it sees then; TCP_REPAIR_OPTIONS sets the clamp
         # later without resizing, which left restored sockets sending 524-byte segments. A user MSS set before
         # the connect is the clamp the connect uses (the kernel caps it at MAX_TCP_WINDOW, so loopback's 65495
         # becomes 32767); it is cleared again once the connection exists.
-        set_user_mss(fd, min(options.mss, MAX_USER_MSS), calls)
-        _connect(fd, state)
-        set_user_mss(fd, 0, calls)
-        restore_options(fd, options)
+        set_user_mss(session, min(options.mss, MAX_USER_MSS))
+        _connect(session, state)
+        set_user_mss(session, 0)
+        restore_options(session, options)
         if options.timestamps:
-            restore_timestamp(fd, state.timestamp, calls)
-        refill_in_repair(fd, state.recv_queue, send_queue[:sent_len], calls)
+            restore_timestamp(session, state.timestamp)
+        refill_in_repair(session, state.recv_queue, send_queue[:sent_len])
         if state.window is not None:
             # before repair off: writing never-sent data before the window is in place has hung connections (passt)
-            restore_window(fd, state.window)
-        apply_in_repair(fd, conn.family, so, calls)
-        repair_off(fd, True, calls)
-        write_unsent(fd, send_queue[sent_len:])
-        apply_after_repair(fd, so, calls)
+            restore_window(session, state.window)
+        apply_in_repair(session, conn.family, so)
+        session.repair_off(True)
+        write_unsent(session, send_queue[sent_len:])
+        apply_after_repair(session, so)
     except BaseException:
-        _abandon(sock)
+        _abandon(sock, session)
         raise
     return sock
 
 
-def _abandon(sock: socket.socket) -> None:
+def _abandon(sock: socket.socket, session: _Session) -> None:
     try:
-        repair_on(sock.fileno())
+        session.repair_on()
     finally:
         sock.close()
 
 
-def _bind(fd: int, state: ConnectionState) -> None:
+def _bind(session: _Session, state: ConnectionState) -> None:
     conn = state.tuple
     try:
-        bind(fd, conn.family, conn.local_addr, conn.local_port)
+        bind(session, conn.family, conn.local_addr, conn.local_port)
     except SocketCallError as exc:
         if exc.errno == errno.EADDRNOTAVAIL:
             raise AddressNotLocalError(
                 f"cannot restore {conn}: local address {conn.local_addr} is not configured on this host "
-                "(or in this network namespace)"
+                "(or in this network namespace)", tuple=conn
             ) from None
         if exc.errno == errno.EADDRINUSE:
             raise AddressInUseError(f"cannot restore {conn}: local address {conn.local_addr}:{conn.local_port} "
-                                    "is held by a socket that does not allow reuse") from None
+                                    "is held by a socket that does not allow reuse", tuple=conn) from None
         raise
 
 
-def _connect(fd: int, state: ConnectionState) -> None:
+def _connect(session: _Session, state: ConnectionState) -> None:
     conn = state.tuple
     try:
-        connect(fd, conn.family, conn.remote_addr, conn.remote_port)
+        connect(session, conn.family, conn.remote_addr, conn.remote_port)
     except SocketCallError as exc:
         if exc.errno in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
             raise AddressInUseError(
-                f"cannot restore {conn}: another socket already holds this 4-tuple (close or discard it first)"
+                f"cannot restore {conn}: another socket already holds this 4-tuple (close or discard it first)",
+                tuple=conn,
             ) from None
         raise

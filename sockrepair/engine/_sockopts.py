@@ -10,15 +10,13 @@ import socket
 from dataclasses import dataclass, fields
 
 from sockrepair.engine._ffi import ffi, lib
-from sockrepair.engine._sockcall import (
+from sockrepair.engine._session import (
     CHARS,
     INT_P,
     SOCKLEN_P,
-    IntCalls,
-    fail,
+    _Session,
     getsockopt,
     new,
-    set_bytes,
     setsockopt,
 )
 from sockrepair.errors import SocketCallError
@@ -26,8 +24,7 @@ from sockrepair.state import SocketOptions
 
 TCP, SOL, IP, IPV6 = lib.IPPROTO_TCP, lib.SOL_SOCKET, lib.IPPROTO_IP, lib.IPPROTO_IPV6
 AF_INET6 = socket.AF_INET6
-IFNAMSIZ = 16
-TCP_CA_NAME_MAX = 16
+IFNAMSIZ = 16  # TCP_CA_NAME_MAX is 16 as well: one buffer reads both names
 LINGER_P = ffi.typeof("struct linger *")
 LINGER_SIZE = ffi.sizeof("struct linger")
 
@@ -60,7 +57,7 @@ GENERIC_INT_OPTS = [
     IntOpt("cork", TCP, lib.TCP_CORK, "TCP_CORK", fresh=0),
 ]
 # The TTL of a socket that never set one follows the host's sysctl: restored as read, like the keepalive timing.
-INT_OPTS = {
+INT_OPTS: dict[int, list[IntOpt]] = {
     socket.AF_INET: [
         IntOpt("tos", IP, lib.IP_TOS, "IP_TOS", fresh=0),
         IntOpt("ttl", IP, lib.IP_TTL, "IP_TTL"),
@@ -96,81 +93,79 @@ _READS = {
 _WRITES = {family: [(o.field, o.level, o.opt, o.name, o.fresh) for o in opts] for family, opts in INT_OPTS.items()}
 
 
-def read_sockopts(fd: int, family: int, calls: IntCalls | None = None) -> SocketOptions:
+def read_sockopts(session: _Session, family: int) -> SocketOptions:
     """Must run before repair mode is switched on: repair mode forces the reuse flag, which SO_REUSEADDR reports."""
-    get_int = (calls or IntCalls(fd)).get
+    get_int = session.get
     values: dict[str, object] = {}
     for field, level, opt, name, as_bool in _READS[family]:
         raw = get_int(level, opt, name)
         values[field] = bool(raw) if as_bool else raw
+    fd = session.fd
     value = new(CHARS, IFNAMSIZ)  # one buffer for the linger (read through an int *) and the names
     as_int = ffi.cast(INT_P, value)
     size = new(SOCKLEN_P, LINGER_SIZE)
     if getsockopt(fd, SOL, lib.SO_LINGER, as_int, size) < 0:
-        raise fail("getsockopt(SO_LINGER)", fd)
+        raise session.fail("getsockopt(SO_LINGER)")
     values["linger_on"] = bool(as_int[0])
     values["linger_secs"] = as_int[1]
-    values["bindtodevice"] = _read_name(fd, SOL, lib.SO_BINDTODEVICE, value, size, "SO_BINDTODEVICE")
-    values["congestion"] = _read_name(fd, TCP, lib.TCP_CONGESTION, value, size, "TCP_CONGESTION")
+    values["bindtodevice"] = _read_name(session, SOL, lib.SO_BINDTODEVICE, value, size, "SO_BINDTODEVICE")
+    values["congestion"] = _read_name(session, TCP, lib.TCP_CONGESTION, value, size, "TCP_CONGESTION")
     return SocketOptions(**values)  # type: ignore[arg-type]
 
 
-def _read_name(fd: int, level: int, opt: int, buf: object, size: object, name: str) -> str:
+def _read_name(session: _Session, level: int, opt: int, buf: object, size: object, name: str) -> str:
     size[0] = IFNAMSIZ  # type: ignore[index]
-    if getsockopt(fd, level, opt, buf, size) < 0:
-        raise fail(f"getsockopt({name})", fd)
+    if getsockopt(session.fd, level, opt, buf, size) < 0:
+        raise session.fail(f"getsockopt({name})")
     return ffi.string(buf, size[0]).decode("ascii", "replace")  # type: ignore[index, no-any-return]
 
 
-def apply_pre_bind(fd: int, family: int, so: SocketOptions, calls: IntCalls | None = None) -> None:
-    calls = calls or IntCalls(fd)
+def apply_pre_bind(session: _Session, family: int, so: SocketOptions) -> None:
     for o in PRE_BIND_INT_OPTS:
         value = int(getattr(so, o.field))
         if value:
-            calls.set(o.level, o.opt, value, o.name)
+            session.set(o.level, o.opt, value, o.name)
     if family == AF_INET6:
-        calls.set(IPV6, lib.IPV6_V6ONLY, int(so.v6only), "IPV6_V6ONLY")
+        session.set(IPV6, lib.IPV6_V6ONLY, int(so.v6only), "IPV6_V6ONLY")
     if so.bindtodevice:
-        set_bytes(fd, SOL, lib.SO_BINDTODEVICE, so.bindtodevice.encode(), "SO_BINDTODEVICE")
+        session.set_bytes(SOL, lib.SO_BINDTODEVICE, so.bindtodevice.encode(), "SO_BINDTODEVICE")
 
 
-def size_buffers(fd: int, so: SocketOptions, send_bytes: int, recv_bytes: int, calls: IntCalls | None = None) -> None:
+def size_buffers(session: _Session, so: SocketOptions, send_bytes: int, recv_bytes: int) -> None:
     """Give the new socket room for its queues. The kernel charges roughly twice the payload (skb overhead), and
     getsockopt reports the doubled figure that setsockopt will double again, hence the halving."""
-    calls = calls or IntCalls(fd)
     sndbuf = max(so.sndbuf, 2 * send_bytes + (64 << 10))
     rcvbuf = max(so.rcvbuf, 2 * recv_bytes + (64 << 10))
-    calls.set(SOL, lib.SO_SNDBUFFORCE, sndbuf // 2, "SO_SNDBUFFORCE")
-    calls.set(SOL, lib.SO_RCVBUFFORCE, rcvbuf // 2, "SO_RCVBUFFORCE")
+    session.set(SOL, lib.SO_SNDBUFFORCE, sndbuf // 2, "SO_SNDBUFFORCE")
+    session.set(SOL, lib.SO_RCVBUFFORCE, rcvbuf // 2, "SO_RCVBUFFORCE")
 
 
-def apply_in_repair(fd: int, family: int, so: SocketOptions, calls: IntCalls | None = None) -> None:
+def apply_in_repair(session: _Session, family: int, so: SocketOptions) -> None:
     """Everything but the reuse flag, while still in repair mode: cork and nodelay must hold before the never-sent
     bytes are written. An option whose saved value is the one every new socket starts with is left alone: it
     reads back the same, and a restore makes a dozen calls fewer."""
-    calls = calls or IntCalls(fd)
-    set_int = calls.set
+    set_int = session.set
     for field, level, opt, name, fresh in _WRITES[family]:
         value = int(getattr(so, field))
         if value != fresh:
             set_int(level, opt, value, name)
     if so.linger_on or so.linger_secs:
         linger = new(LINGER_P, (int(so.linger_on), so.linger_secs))
-        if setsockopt(fd, SOL, lib.SO_LINGER, linger, LINGER_SIZE) < 0:
-            raise fail("setsockopt(SO_LINGER)", fd)
+        if setsockopt(session.fd, SOL, lib.SO_LINGER, linger, LINGER_SIZE) < 0:
+            raise session.fail("setsockopt(SO_LINGER)")
     if so.congestion:
         try:
-            set_bytes(fd, TCP, lib.TCP_CONGESTION, so.congestion.encode(), "TCP_CONGESTION")
+            session.set_bytes(TCP, lib.TCP_CONGESTION, so.congestion.encode(), "TCP_CONGESTION")
         except SocketCallError as exc:
             if exc.errno == errno.ENOENT:
-                raise SocketCallError(
-                    exc.errno, f"setsockopt(TCP_CONGESTION={so.congestion!r}): congestion control "
-                    f"{so.congestion!r} is not available on this host (modprobe tcp_{so.congestion})", fd
+                raise session.fail(
+                    f"setsockopt(TCP_CONGESTION={so.congestion!r}): congestion control {so.congestion!r} is not "
+                    f"available on this host (modprobe tcp_{so.congestion})", exc.errno
                 ) from None
             raise
 
 
-def apply_after_repair(fd: int, so: SocketOptions, calls: IntCalls | None = None) -> None:
+def apply_after_repair(session: _Session, so: SocketOptions) -> None:
     """Leaving repair mode cleared the reuse flag, so only a set one needs putting back."""
     if so.reuseaddr:
-        (calls or IntCalls(fd)).set(SOL, lib.SO_REUSEADDR, 1, "SO_REUSEADDR")
+        session.set(SOL, lib.SO_REUSEADDR, 1, "SO_REUSEADDR")

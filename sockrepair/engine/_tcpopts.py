@@ -6,14 +6,7 @@ import errno
 from typing import Any
 
 from sockrepair.engine._ffi import ffi, lib
-from sockrepair.engine._sockcall import (
-    SOCKLEN_P,
-    IntCalls,
-    fail,
-    getsockopt,
-    new,
-    setsockopt,
-)
+from sockrepair.engine._session import _Session, getsockopt, new, setsockopt
 from sockrepair.state import RepairWindow, TcpOptions
 
 TCP = lib.IPPROTO_TCP
@@ -28,18 +21,22 @@ OPTS = ffi.typeof("struct tcp_repair_opt[]")
 OPT_SIZE = ffi.sizeof("struct tcp_repair_opt")
 
 
-def tcp_info(fd: int) -> Any:
+def tcp_info(session: _Session) -> Any:
+    """The leading part of struct tcp_info (linux/tcp.h) that the engine reads: state, options, window scales."""
     info = new(INFO_P)
-    if getsockopt(fd, TCP, TCP_INFO, info, new(SOCKLEN_P, INFO_SIZE)) < 0:
-        raise fail("getsockopt(TCP_INFO)", fd)
+    size = session.size
+    size[0] = INFO_SIZE
+    if getsockopt(session.fd, TCP, TCP_INFO, info, size) < 0:
+        raise session.fail("getsockopt(TCP_INFO)")
     return info
 
 
-def read_options(fd: int, info: Any, calls: IntCalls | None = None) -> TcpOptions:
+def read_options(session: _Session, info: Any) -> TcpOptions:
+    """The options negotiated in the handshake (from `info`) and, in repair mode, TCP_MAXSEG: the MSS clamp."""
     opts = info.tcpi_options
     wscales = info.tcpi_wscales
     return TcpOptions(
-        mss=(calls or IntCalls(fd)).get(TCP, TCP_MAXSEG, "TCP_MAXSEG"),
+        mss=session.get(TCP, TCP_MAXSEG, "TCP_MAXSEG"),
         sack=bool(opts & OPT_SACK),
         timestamps=bool(opts & OPT_TIMESTAMPS),
         wscale=bool(opts & OPT_WSCALE),
@@ -48,7 +45,7 @@ def read_options(fd: int, info: Any, calls: IntCalls | None = None) -> TcpOption
     )
 
 
-def restore_options(fd: int, options: TcpOptions) -> None:
+def restore_options(session: _Session, options: TcpOptions) -> None:
     """TCP_REPAIR_OPTIONS, accepted only between the repair-mode connect and the first byte sent."""
     entries = [(lib.TCPOPT_MAXSEG, options.mss)]
     if options.wscale:
@@ -57,35 +54,38 @@ def restore_options(fd: int, options: TcpOptions) -> None:
         entries.append((lib.TCPOPT_SACK_PERM, 0))
     if options.timestamps:
         entries.append((lib.TCPOPT_TIMESTAMP, 0))
-    if setsockopt(fd, TCP, TCP_REPAIR_OPTIONS, new(OPTS, entries), OPT_SIZE * len(entries)) < 0:
-        raise fail(f"setsockopt(TCP_REPAIR_OPTIONS {options})", fd)
+    if setsockopt(session.fd, TCP, TCP_REPAIR_OPTIONS, new(OPTS, entries), OPT_SIZE * len(entries)) < 0:
+        raise session.fail(f"setsockopt(TCP_REPAIR_OPTIONS {options})")
 
 
-def set_user_mss(fd: int, mss: int, calls: IntCalls | None = None) -> None:
-    (calls or IntCalls(fd)).set(TCP, TCP_MAXSEG, mss, "TCP_MAXSEG")
+def set_user_mss(session: _Session, mss: int) -> None:
+    session.set(TCP, TCP_MAXSEG, mss, "TCP_MAXSEG")
 
 
-def read_window(fd: int) -> RepairWindow | None:
-    """None on kernels before 4.8, which lack TCP_REPAIR_WINDOW (the peer then sees a window that restarts small)."""
+def read_window(session: _Session) -> RepairWindow | None:
+    """struct tcp_repair_window, or None on kernels before 4.8, which lack TCP_REPAIR_WINDOW (the peer then sees a
+    window that restarts small)."""
     w = new(WINDOW_P)
-    if getsockopt(fd, TCP, TCP_REPAIR_WINDOW, w, new(SOCKLEN_P, WINDOW_SIZE)) < 0:
-        exc = fail("getsockopt(TCP_REPAIR_WINDOW)", fd)
+    size = session.size
+    size[0] = WINDOW_SIZE
+    if getsockopt(session.fd, TCP, TCP_REPAIR_WINDOW, w, size) < 0:
+        exc = session.fail("getsockopt(TCP_REPAIR_WINDOW)")
         if exc.errno == errno.ENOPROTOOPT:
             return None
         raise exc
     return RepairWindow(w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup)
 
 
-def restore_window(fd: int, window: RepairWindow) -> None:
+def restore_window(session: _Session, window: RepairWindow) -> None:
     buf = new(WINDOW_P, (window.snd_wl1, window.snd_wnd, window.max_window, window.rcv_wnd, window.rcv_wup))
-    if setsockopt(fd, TCP, TCP_REPAIR_WINDOW, buf, WINDOW_SIZE) < 0:
-        raise fail(f"setsockopt(TCP_REPAIR_WINDOW {window})", fd)
+    if setsockopt(session.fd, TCP, TCP_REPAIR_WINDOW, buf, WINDOW_SIZE) < 0:
+        raise session.fail(f"setsockopt(TCP_REPAIR_WINDOW {window})")
 
 
-def read_timestamp(fd: int, calls: IntCalls | None = None) -> int:
+def read_timestamp(session: _Session) -> int:
     """The u32 as the kernel gives it: newer kernels keep a microsecond-clock flag in its low bit."""
-    return (calls or IntCalls(fd)).get_u32(TCP, TCP_TIMESTAMP, "TCP_TIMESTAMP")
+    return session.get_u32(TCP, TCP_TIMESTAMP, "TCP_TIMESTAMP")
 
 
-def restore_timestamp(fd: int, timestamp: int, calls: IntCalls | None = None) -> None:
-    (calls or IntCalls(fd)).set_u32(TCP, TCP_TIMESTAMP, timestamp, "TCP_TIMESTAMP")
+def restore_timestamp(session: _Session, timestamp: int) -> None:
+    session.set_u32(TCP, TCP_TIMESTAMP, timestamp, "TCP_TIMESTAMP")

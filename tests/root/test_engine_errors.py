@@ -13,6 +13,8 @@ import pytest
 import sockrepair
 from sockrepair.state import ConnTuple
 
+TCP_CLOSE_WAIT, TCP_LISTEN = 8, 10
+
 
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
@@ -33,29 +35,34 @@ def test_unix_socket_is_refused(netns):
 def test_pipe_and_closed_fd_are_refused(netns):
     r, w = os.pipe()
     try:
-        with pytest.raises(sockrepair.SocketStateError, match=f"fd {r} is not a socket"):
+        with pytest.raises(sockrepair.SocketStateError, match=f"fd {r} is not a socket") as err:
             sockrepair.checkpoint(r)
+        assert err.value.fd == r
     finally:
         os.close(r)
         os.close(w)
-    with pytest.raises(sockrepair.SocketStateError, match="not an open file descriptor"):
+    with pytest.raises(sockrepair.SocketStateError, match="not an open file descriptor") as err:
         sockrepair.checkpoint(r)
+    assert err.value.fd == r
 
 
 def test_listening_socket_is_refused(netns):
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
-        with pytest.raises(sockrepair.SocketStateError, match="is a listening socket"):
+        with pytest.raises(sockrepair.SocketStateError, match="is a listening socket") as err:
             sockrepair.checkpoint(listener)
+        assert (err.value.fd, err.value.tcp_state, err.value.tuple) == (listener.fileno(), TCP_LISTEN, None)
 
 
 def test_half_closed_connection_names_its_state(make_pair):
     client, server = make_pair()
     client.shutdown(socket.SHUT_WR)
     time.sleep(0.05)
-    with pytest.raises(sockrepair.SocketStateError, match="in state CLOSE_WAIT"):
+    with pytest.raises(sockrepair.SocketStateError, match="in state CLOSE_WAIT") as err:
         sockrepair.checkpoint(server)
+    assert (err.value.fd, err.value.tcp_state) == (server.fileno(), TCP_CLOSE_WAIT)
+    assert err.value.tuple == ConnTuple(socket.AF_INET, *server.getsockname(), *server.getpeername())
     # refused before repair mode: the socket is untouched
     server.sendall(b"bye")
     assert client.recv(10) == b"bye"
@@ -67,9 +74,9 @@ def _checkpoint_as_nobody(fd: int, out: multiprocessing.connection.Connection) -
     try:
         sockrepair.checkpoint(fd)
     except sockrepair.SockrepairError as exc:
-        out.send((type(exc).__name__, str(exc)))
+        out.send((type(exc).__name__, str(exc), getattr(exc, "fd", None)))
     else:
-        out.send(("no error", ""))
+        out.send(("no error", "", None))
 
 
 def test_without_cap_net_admin(make_pair):
@@ -79,10 +86,11 @@ def test_without_cap_net_admin(make_pair):
     child = ctx.Process(target=_checkpoint_as_nobody, args=(server.fileno(), theirs))
     child.start()
     try:
-        kind, message = mine.recv()
+        kind, message, fd = mine.recv()
     finally:
         child.join(10)
     assert kind == "NotPermittedError"
+    assert fd == server.fileno()
     assert "CAP_NET_ADMIN" in message and f"fd {server.fileno()}" in message
     server.sendall(b"untouched")
     assert client.recv(20) == b"untouched"
@@ -96,6 +104,7 @@ def test_restore_onto_a_tuple_in_use_leaves_nothing(make_pair):
     with pytest.raises(sockrepair.AddressInUseError, match=r"already holds this 4-tuple") as err:
         sockrepair.restore(state)
     assert str(state.tuple) in str(err.value)
+    assert err.value.tuple == state.tuple
     assert _open_fds() == fds
     # the original connection did not notice
     server.sendall(b"still here")
@@ -113,8 +122,9 @@ def test_restore_with_a_local_address_not_on_the_host(make_pair):
     moved = dataclasses.replace(state, tuple=ConnTuple(t.family, "2001:db8::1", t.local_port, t.remote_addr,
                                                        t.remote_port))
     fds = _open_fds()
-    with pytest.raises(sockrepair.AddressNotLocalError, match=r"local address 2001:db8::1 is not configured"):
+    with pytest.raises(sockrepair.AddressNotLocalError, match=r"local address 2001:db8::1 is not configured") as err:
         sockrepair.restore(moved)
+    assert err.value.tuple == moved.tuple
     assert _open_fds() == fds
 
 
@@ -124,7 +134,20 @@ def test_discard_refuses_a_state_that_went_stale(make_pair):
     # the peer's data still lands in a frozen socket when no lock drops it
     client.sendall(b"late")
     time.sleep(0.05)
-    with pytest.raises(sockrepair.SocketStateError, match="changed since its checkpoint"):
+    with pytest.raises(sockrepair.SocketStateError, match="changed since its checkpoint") as err:
         sockrepair.discard(server, state)
+    assert (err.value.fd, err.value.tuple) == (server.fileno(), state.tuple)
     sockrepair.resume(server)
     assert server.recv(10) == b"late"
+
+
+def test_a_failed_kernel_call_in_restore_names_the_connection(make_pair):
+    client, server = make_pair()
+    state = sockrepair.checkpoint(server)
+    sockrepair.discard(server, state)  # the 4-tuple must be free: congestion control is set after the connect
+    moved = dataclasses.replace(state, sockopts=dataclasses.replace(state.sockopts, congestion="no-such-cc"))
+    fds = _open_fds()
+    with pytest.raises(sockrepair.SocketCallError, match="not available on this host") as err:
+        sockrepair.restore(moved)
+    assert err.value.tuple == state.tuple and err.value.op.startswith("setsockopt(TCP_CONGESTION")
+    assert _open_fds() == fds

@@ -9,6 +9,7 @@ import time
 import pytest
 
 import sockrepair
+from sockrepair.engine._session import _Session
 from sockrepair.engine._sockopts import read_sockopts
 from sockrepair.engine._tcpopts import read_options, tcp_info
 
@@ -52,8 +53,8 @@ def server_addr(state: sockrepair.ConnectionState) -> tuple[str, int]:
 def test_tcp_options_read_back(make_pair, family, addr):
     client, server = make_pair(family, addr)
     state, restored = _move(server)
-    info = tcp_info(restored.fileno())
-    got = read_options(restored.fileno(), info)
+    session = _Session(restored.fileno())
+    got = read_options(session, tcp_info(session))
     assert (got.sack, got.timestamps, got.wscale) == (state.options.sack, state.options.timestamps,
                                                       state.options.wscale)
     assert (got.snd_wscale, got.rcv_wscale) == (state.options.snd_wscale, state.options.rcv_wscale)
@@ -103,9 +104,9 @@ def test_socket_options_read_back(make_pair, family, addr):
     else:
         server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, 0x20)
         server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 33)
-    before = read_sockopts(server.fileno(), family)
+    before = read_sockopts(_Session(server.fileno()), family)
     state, restored = _move(server)
-    after = read_sockopts(restored.fileno(), family)
+    after = read_sockopts(_Session(restored.fileno()), family)
     assert state.sockopts == before
     assert after == before, _diff(before, after)
     assert before.congestion == "reno" and before.bindtodevice == "lo" and before.linger_secs == 9

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import sockrepair
 from sockrepair.engine._addr import read_tuple
+from sockrepair.engine._session import _Session
 from sockrepair.lock import close_cached_lockers
 from tests.root.streams import pattern, recv_exactly
 
@@ -56,7 +57,7 @@ def test_connection_moves_between_processes_as_bytes(make_pair):
         return mine.recv()
 
     try:
-        sockrepair.lock(read_tuple(server.fileno()), ttl=30)
+        sockrepair.lock(read_tuple(_Session(server.fileno())), ttl=30)
         state = sockrepair.checkpoint(server)
         sockrepair.discard(server, state)
         image = state.to_bytes()

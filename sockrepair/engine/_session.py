@@ -1,0 +1,184 @@
+"""One socket under repair: the handle every engine step takes, like libsoccr's `struct libsoccr_sk`.
+
+A checkpoint makes some 40 socket calls and a restore some 20, so what a call costs around the system call matters as
+much as the call: libc's functions and the cdata types are looked up once here, the int-valued calls of one session
+share one pair of buffers (allocating cdata costs about as much as the call), and the text of an error is only
+formatted once a call has failed.
+
+What must outlive one call (the application's SO_REUSEADDR between checkpoint and resume/discard) is kept by the
+socket's identity, its sockfs inode, never by its fd number: a number closed and handed to another socket must not
+inherit the first socket's memory."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+from sockrepair.engine._ffi import ffi, lib
+from sockrepair.errors import NotPermittedError, SocketCallError, UnsupportedError
+from sockrepair.state import ConnTuple
+
+SockLike = socket.socket | int
+
+getsockopt = lib.getsockopt
+setsockopt = lib.setsockopt
+_ioctl = lib.ioctl
+_recv = lib.recv
+_send = lib.send
+_close = lib.close
+new = ffi.new
+# Buffers that the kernel fills at once need no zeroing first: that would touch every page of a big queue twice.
+new_unzeroed = ffi.new_allocator(should_clear_after_alloc=False)
+INT_P = ffi.typeof("int *")
+SOCKLEN_P = ffi.typeof("socklen_t *")
+CHARS = ffi.typeof("char[]")
+PEEK_FLAGS = lib.MSG_PEEK | lib.MSG_DONTWAIT
+SEND_FLAGS = lib.MSG_DONTWAIT | lib.MSG_NOSIGNAL
+TCP = lib.IPPROTO_TCP
+TCP_REPAIR, TCP_REPAIR_QUEUE = lib.TCP_REPAIR, lib.TCP_REPAIR_QUEUE
+REPAIR_ON, REPAIR_OFF, REPAIR_OFF_NO_WP = lib.TCP_REPAIR_ON, lib.TCP_REPAIR_OFF, lib.TCP_REPAIR_OFF_NO_WP
+
+# The inodes of frozen sockets whose application had SO_REUSEADDR set. Repair mode forces the reuse flag (so it
+# cannot be read back) and leaving it clears the flag; resume puts it back from here. Only sockets with the flag
+# are entered: one without it costs no fstat at checkpoint, nor at resume/discard while none with it is frozen.
+# A socket closed while frozen (neither resumed nor discarded) stays entered, harmlessly: sockfs numbers its inodes
+# from the kernel's shared 32-bit counter (get_next_ino), so no later socket gets the number for some 2**32 inodes.
+_reuse_held: set[int] = set()
+
+
+def fileno(sock: SockLike) -> int:
+    return sock if isinstance(sock, int) else sock.fileno()
+
+
+def signed32(value: int) -> int:
+    """The C int holding the same 32 bits as the u32 `value` (sequence numbers and timestamps are u32 on the wire;
+    the kernel reads them through an int)."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value & 0x80000000 else value
+
+
+class _Session:
+    """The calls of one operation on one socket. `tuple` is the connection once known (restore knows it from the
+    start, checkpoint once it has read it); failures carry it. Make one per operation and never share it between
+    threads: its buffers are written while the GIL is released."""
+
+    __slots__ = ("fd", "size", "tuple", "value")
+
+    def __init__(self, fd: int, conn: ConnTuple | None = None) -> None:
+        self.fd = fd
+        self.tuple = conn
+        self.value = new(INT_P)
+        self.size = new(SOCKLEN_P, 4)
+
+    def fail(self, op: str, err: int | None = None) -> SocketCallError:
+        """The error of the call `op` that just failed (errno from libc unless given)."""
+        return SocketCallError(ffi.errno if err is None else err, op, self.fd, tuple=self.tuple)
+
+    def get(self, level: int, opt: int, name: str) -> int:
+        size = self.size
+        size[0] = 4
+        if getsockopt(self.fd, level, opt, self.value, size) < 0:
+            raise self.fail(f"getsockopt({name})")
+        return self.value[0]  # type: ignore[no-any-return]
+
+    def get_u32(self, level: int, opt: int, name: str) -> int:
+        """Sequence numbers and timestamps are u32 on the wire; read as int, half of them would turn negative."""
+        return self.get(level, opt, name) & 0xFFFFFFFF
+
+    def set(self, level: int, opt: int, value: int, name: str) -> None:
+        buf = self.value
+        buf[0] = value
+        if setsockopt(self.fd, level, opt, buf, 4) < 0:
+            raise self.fail(f"setsockopt({name}={value})")
+
+    def set_u32(self, level: int, opt: int, value: int, name: str) -> None:
+        buf = self.value
+        buf[0] = signed32(value)
+        if setsockopt(self.fd, level, opt, buf, 4) < 0:
+            raise self.fail(f"setsockopt({name}={value})")
+
+    def set_bytes(self, level: int, opt: int, value: bytes, name: str) -> None:
+        if setsockopt(self.fd, level, opt, value, len(value)) < 0:
+            raise self.fail(f"setsockopt({name}={value!r})")
+
+    def ioctl(self, request: int, name: str) -> int:
+        if _ioctl(self.fd, request, self.value) < 0:
+            raise self.fail(f"ioctl({name})")
+        return self.value[0]  # type: ignore[no-any-return]
+
+    def repair_on(self) -> None:
+        """TCP_REPAIR = 1. Raises NotPermittedError without CAP_NET_ADMIN in the socket's network namespace,
+        UnsupportedError on a kernel without TCP_REPAIR, SocketCallError otherwise."""
+        try:
+            self.set(TCP, TCP_REPAIR, REPAIR_ON, "TCP_REPAIR")
+        except SocketCallError as exc:
+            if exc.errno == errno.EPERM:
+                raise NotPermittedError(
+                    f"TCP_REPAIR on fd {self.fd} refused: it needs CAP_NET_ADMIN in the socket's network namespace "
+                    "(run as root, or grant the capability)", fd=self.fd
+                ) from None
+            if exc.errno == errno.ENOPROTOOPT:
+                raise UnsupportedError("this kernel has no TCP_REPAIR (needs Linux >= 3.5 built with it)") from None
+            raise
+
+    def repair_off(self, probe: bool) -> None:
+        """Leave repair mode. With `probe` the kernel sends a window probe, which makes the peer answer with an ACK
+        and so retransmit at once whatever it sent while the connection was away; without it nothing goes on the
+        wire (TCP_REPAIR_OFF_NO_WP)."""
+        self.set(TCP, TCP_REPAIR, REPAIR_OFF if probe else REPAIR_OFF_NO_WP, "TCP_REPAIR")
+
+    def select_queue(self, queue: int) -> None:
+        """TCP_REPAIR_QUEUE: the queue that TCP_QUEUE_SEQ, send() and recv() address from now on."""
+        self.set(TCP, TCP_REPAIR_QUEUE, queue, "TCP_REPAIR_QUEUE")
+
+    def peek(self, length: int, name: str) -> bytes:
+        """Copy `length` bytes of the selected queue without consuming them; a short read means the queue changed
+        (SocketCallError with EAGAIN). The kernel writes into an unzeroed buffer, copied once into the bytes."""
+        if length == 0:
+            return b""
+        buf = new_unzeroed(CHARS, length)
+        got = _recv(self.fd, buf, length, PEEK_FLAGS)
+        if got < 0:
+            raise self.fail(f"recv(MSG_PEEK, {name})")
+        if got != length:
+            raise self.fail(f"recv(MSG_PEEK, {name}) returned {got} of {length} bytes", errno.EAGAIN)
+        return ffi.buffer(buf, length)[:]
+
+    def send_all(self, data: bytes | memoryview, name: str, chunk: int = 1 << 20) -> None:
+        """Write all of `data` without blocking. The kernel refuses large repair-mode writes with ENOMEM (one skb
+        per call), so a refused write is retried in halves down to one page before it counts as a failure."""
+        view = memoryview(data)
+        pos = 0
+        while pos < len(view):
+            piece = view[pos : pos + chunk]
+            sent = _send(self.fd, ffi.from_buffer(piece), len(piece), SEND_FLAGS)
+            if sent < 0:
+                err = ffi.errno
+                if err == errno.ENOMEM and chunk > 4096:
+                    chunk //= 2
+                    continue
+                raise self.fail(f"send({name}, {len(piece)} bytes at offset {pos} of {len(view)})", err)
+            pos += sent
+
+
+def close_silently(fd: int) -> None:
+    """close(2) a socket in repair mode: the kernel drops it without FIN or RST."""
+    if _close(fd) < 0:
+        raise SocketCallError(ffi.errno, "close", fd)
+
+
+def hold_reuse(fd: int) -> None:
+    """Remember, past the checkpoint's session, that the application of socket `fd` had SO_REUSEADDR set."""
+    _reuse_held.add(os.fstat(fd).st_ino)
+
+
+def release_reuse(fd: int) -> bool:
+    """Forget what hold_reuse remembered for socket `fd`; whether it had. No system call while nothing is held."""
+    if not _reuse_held:
+        return False
+    try:
+        _reuse_held.remove(os.fstat(fd).st_ino)
+    except KeyError:
+        return False
+    return True
