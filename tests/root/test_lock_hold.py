@@ -1,0 +1,170 @@
+"""The lock keeps what it stops: a peer's packets sent while its connection is between sockets are recorded at
+prerouting and delivered to the restored socket, so the peer retransmits nothing (its TCP_INFO says so). These tests
+fail on a lock that only drops: the bytes would come only with the peer's retransmission."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import sockrepair
+from sockrepair.lock import Locker
+from sockrepair.lock.inject import Injector, with_checksums
+from sockrepair.lock.record import Caps, Recorder, packet_tuple
+from sockrepair.netns import NetNS
+from tests.root.pairs import (
+    FAMILIES,
+    TCP_ESTABLISHED,
+    assert_alive_and_silent,
+    loopback_pair,
+    recv_exactly,
+    tcp_info,
+    wait_for,
+)
+
+pytestmark = pytest.mark.root
+
+
+def _move_keeping(locker: Locker, recorder: Recorder, server: socket.socket, client: socket.socket,
+                  messages: list[bytes]) -> tuple[socket.socket, int, int]:
+    """Checkpoint and lock the server's end, silence it, let the client send `messages` (one segment each) while no
+    socket exists, restore, deliver what was kept, unlock. Returns the restored socket, the packets delivered and
+    the copies that fell back to the peer's retransmission."""
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    state = sockrepair.checkpoint(server)
+    locker.lock([state], ttl=30)
+    sockrepair.discard(server, state)
+    for message in messages:
+        client.sendall(message)
+        time.sleep(0.005)  # one segment each: the next waits until the previous left
+    restored = sockrepair.restore(state)
+    held = recorder.take([state.tuple])
+    with Injector() as injector:
+        sent = injector.send(held.packets)
+    locker.unlock([state])
+    return restored, sent, held.fell_back
+
+
+@pytest.mark.parametrize(("family", "listen_addr", "connect_addr"), FAMILIES)
+def test_a_message_sent_while_locked_arrives_without_retransmission(
+    locker: Locker, family: int, listen_addr: str, connect_addr: str
+) -> None:
+    client, server = loopback_pair(family, listen_addr, connect_addr)
+    with client, Recorder() as recorder:
+        assert tcp_info(client)[2] == 0
+        restored, sent, fell_back = _move_keeping(locker, recorder, server, client, [b"sent while locked"])
+        with restored:
+            assert (sent, fell_back) == (1, 0)
+            # delivered with the unlock, not by a retransmission: the bytes are queued already
+            restored.setblocking(False)
+            wait_for(lambda: restored.recv(64, socket.MSG_PEEK) == b"sent while locked", "the kept bytes", 2.0)
+            assert tcp_info(client)[2] == 0, "the peer retransmitted: the kept packet did not reach the new socket"
+            restored.sendall(b"answer")
+            assert recv_exactly(client, 6) == b"answer"
+            assert tcp_info(client)[2] == 0
+
+
+@pytest.fixture
+def two_hosts() -> Iterator[tuple[NetNS, NetNS]]:
+    """`a` (server, 10.78.0.1/fd78::1) and `b` (client, .2) joined by a veth pair, so the kept packets crossed a
+    device with checksum offload."""
+    with NetNS() as a, NetNS() as b:
+        a.ip("link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", b.name)
+        for ns, dev, last in ((a, "va", 1), (b, "vb", 2)):
+            ns.ip("addr", "add", f"10.78.0.{last}/24", "dev", dev)
+            ns.ip("addr", "add", f"fd78::{last}/64", "dev", dev, "nodad")
+            ns.ip("link", "set", dev, "up")
+        yield a, b
+
+
+@pytest.mark.parametrize(("family", "server_addr"), [(socket.AF_INET, "10.78.0.1"), (socket.AF_INET6, "fd78::1")],
+                         ids=["ipv4", "ipv6"])
+def test_a_peer_on_another_host_retransmits_nothing(two_hosts: tuple[NetNS, NetNS], family: int,
+                                                     server_addr: str) -> None:
+    a, b = two_hosts
+    with a.entered():
+        listener = socket.socket(family)
+        listener.bind((server_addr, 0))
+        listener.listen()
+        locker, recorder = Locker(label="pytest"), Recorder()
+    with listener, locker, recorder:
+        with b.entered():
+            client = socket.create_connection((server_addr, listener.getsockname()[1]))
+        server, _ = listener.accept()
+        with client:
+            with a.entered():
+                restored, sent, fell_back = _move_keeping(locker, recorder, server, client, [b"one", b"two!"])
+            with restored:
+                assert (sent, fell_back) == (2, 0)
+                assert recv_exactly(restored, 7) == b"onetwo!"
+                assert tcp_info(client)[2] == 0
+            locker.unlock_all()
+
+
+def test_over_the_cap_the_peer_resends_and_the_count_says_so(locker: Locker) -> None:
+    client, server = loopback_pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
+    with client, Recorder(caps=Caps(packets_per_connection=1)) as recorder:
+        restored, sent, fell_back = _move_keeping(locker, recorder, server, client, [b"first", b"second", b"third"])
+        with restored:
+            assert (sent, fell_back) == (1, 2)
+            # the two that were not kept come with the peer's retransmission
+            assert recv_exactly(restored, 16) == b"firstsecondthird"
+            assert tcp_info(client)[2] >= 1
+
+
+HOLDER = """
+import sys, time
+from sockrepair.lock.record import Recorder
+r = Recorder()
+print("bound", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_dead_holder_leaves_the_lock_dropping_never_answering(netns: NetNS, locker: Locker) -> None:
+    client, server = loopback_pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
+    with client:
+        state = sockrepair.checkpoint(server)
+        locker.lock([state], ttl=30)
+        sockrepair.discard(server, state)  # no socket holds the tuple now: an unlocked packet would get RST
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, text=True,
+                                  env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "bound\n"
+        finally:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(10)
+        client.sendall(b"anyone?")
+        wait_for(lambda: tcp_info(client)[2] >= 1, "the peer's retransmission")
+        assert_alive_and_silent(client)  # dropped, not answered: no RST reached the peer
+        [record] = locker.list_locks()
+        assert record.tuple == state.tuple and 0 < record.seconds_left <= 30  # still locked, and still expiring
+        with sockrepair.restore(state) as restored:
+            locker.unlock([state])
+            assert recv_exactly(restored, 7) == b"anyone?"
+        assert tcp_info(client)[0] == TCP_ESTABLISHED
+
+
+def test_checksums_are_made_right_whatever_the_copy_held() -> None:
+    client, server = loopback_pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
+    client.close()
+    server.close()
+    header = bytes.fromhex("45000030000040004006") + b"\x12\x34" + socket.inet_aton("10.0.0.2") + socket.inet_aton(
+        "10.0.0.1")
+    tcp = bytes.fromhex("d43104d2000000010000000050180200") + b"\xab\xcd" + b"\x00\x00" + b"payload!"
+    packet = header + tcp
+    fixed = with_checksums(packet)
+    assert fixed[:10] == packet[:10] and fixed[12:36] == packet[12:36] and fixed[38:] == packet[38:]
+    assert fixed[10:12] == bytes.fromhex("26ba")  # IPv4 header checksum
+    assert fixed[36:38] == bytes.fromhex("3a06")  # TCP checksum over the pseudo-header
+    assert with_checksums(fixed) == fixed
+    conn = packet_tuple(fixed)
+    assert conn is not None and (conn.local_addr, conn.local_port, conn.remote_addr, conn.remote_port) == (
+        "10.0.0.1", 1234, "10.0.0.2", 54321)
