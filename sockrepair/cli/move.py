@@ -11,9 +11,9 @@ from typing import Any
 
 from sockrepair.criu.show import load_states as load_criu_states
 from sockrepair.image.directory import read_dir
+from sockrepair.move.dump import After, dump, inspect
 from sockrepair.move.handoff import HandoffError, exec_with_sockets, send_over_unix
 from sockrepair.move.land import restore_all, unlock_in
-from sockrepair.move.take import After, dump, inspect
 
 
 def _fds(text: str) -> int:
