@@ -90,8 +90,9 @@ def inspect(pid: int) -> list[tuple[ProcSocket, ConnectionState | None, str]]:
     window probe while the process is frozen for the few microseconds that takes; others are listed as they are.
     Raises ProcessError and SocketStateError (naming the process's pid and fd) as dump() does."""
     result: list[tuple[ProcSocket, ConnectionState | None, str]] = []
-    if not any(s.tcp_state == TCP_ESTABLISHED for s in tcp_sockets(pid)):
-        return [(s, None, s.state_name) for s in tcp_sockets(pid)]
+    listed = tcp_sockets(pid)
+    if not any(s.tcp_state == TCP_ESTABLISHED for s in listed):
+        return [(s, None, s.state_name) for s in listed]
     with PidFd(pid) as pidfd, frozen(pid):
         for s in tcp_sockets(pid):
             if s.tcp_state != TCP_ESTABLISHED:

@@ -13,11 +13,11 @@ import time
 import pytest
 
 import sockrepair
+from sockrepair.errors import ProcessError
 from sockrepair.image.directory import read_dir
 from sockrepair.lab.programs import ECHO_SERVER
-from sockrepair.move.dump import After, dump, inspect
-from sockrepair.errors import ProcessError
 from sockrepair.move import take
+from sockrepair.move.dump import After, dump, inspect
 from sockrepair.move.procfs import stat, tcp_sockets, tcp_table
 from tests.root.programs import free_port, start_echo, stop
 from tests.root.streams import pattern, recv_exactly
@@ -99,6 +99,7 @@ def test_inspect_leaves_a_running_stream_untouched(netns):
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
     (client,) = _connect(port, 1)
+    _echo_round([client], [0], 100)  # the program has accepted it: the connection is at one of its fds
     errors: list[str] = []
     done = threading.Event()
 
@@ -175,8 +176,8 @@ def test_a_checkpoint_error_names_the_process_fd_not_the_copy(netns, tmp_path, m
     server = start_echo(f"127.0.0.1:{port}")
     keep, gone = _connect(port, 2)
     try:
-        offsets = [0]
-        _echo_round([keep], offsets, 1000)
+        offsets = [0, 0]
+        _echo_round([keep, gone], offsets, 1000)  # both accepted: each is at one of the program's fds
         gone_tuple = next(s.tuple for s in tcp_sockets(server.pid) if s.tuple.remote_port == gone.getsockname()[1])
         gone_fd = next(s.fd for s in tcp_sockets(server.pid) if s.tuple == gone_tuple)
         select = take.select_sockets
@@ -200,7 +201,7 @@ def test_a_checkpoint_error_names_the_process_fd_not_the_copy(netns, tmp_path, m
         assert "CLOSE_WAIT" in str(err)
         assert sockrepair.list_locks() == []
         assert _state(server.pid) not in ("T", "t"), "the process was left frozen"
-        _echo_round([keep], offsets, 10_000)
+        _echo_round([keep], offsets[:1], 10_000)
     finally:
         keep.close()
         gone.close()
@@ -270,4 +271,41 @@ def test_inspect_sends_nothing_on_the_wire(netns):
         assert noisy.report(conn).segments >= 1
     finally:
         client.close()
+        stop(server)
+
+
+def test_a_socket_that_changed_while_frozen_is_not_ended(netns, tmp_path, monkeypatch):
+    """Without the lock, bytes the peer sends after the checkpoint land in the frozen socket: end_source refuses
+    before discarding anything, names the process's fd, and the process goes on with every connection."""
+    from sockrepair.move import dump as dump_module
+
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    clients = _connect(port, 2)
+    try:
+        offsets = [0, 0]
+        _echo_round(clients, offsets, 1000)
+        late = clients[1]
+        late_fd = next(s.fd for s in tcp_sockets(server.pid) if s.tuple.remote_port == late.getsockname()[1])
+        write = dump_module.write_dir
+
+        def write_then_send(*args, **kwargs):
+            entries = write(*args, **kwargs)
+            late.sendall(pattern(offsets[1], 100, salt=1))
+            time.sleep(0.05)
+            return entries
+
+        monkeypatch.setattr(dump_module, "write_dir", write_then_send)
+        with pytest.raises(sockrepair.SocketStateError, match="changed since its checkpoint") as caught:
+            dump(server.pid, tmp_path / "img", lock=False)
+        err = caught.value
+        assert (err.pid, err.fd, err.tcp_state) == (server.pid, late_fd, 1)
+        assert str(err).startswith(f"fd {late_fd} of process {server.pid} ({err.tuple}) changed")
+        assert _state(server.pid) not in ("T", "t")
+        assert recv_exactly(late, 100) == pattern(offsets[1], 100, salt=1)
+        offsets[1] += 100
+        _echo_round(clients, offsets, 10_000)
+    finally:
+        for c in clients:
+            c.close()
         stop(server)
