@@ -18,7 +18,7 @@ def test_the_table_keeps_the_report_keys_in_run_order() -> None:
                                 "restore", "unlock", "handoff"]
     assert _keys("dump") == ["freeze", "lock", "checkpoint", "write", "resume", "kill"]
     assert all(stage.does and stage.jobs for stage in Stage)
-    assert Stage("checkpoint") is Stage.CHECKPOINT
+    assert all(stage.value == stage.key for stage in Stage)
 
 
 def test_an_unknown_stage_is_refused() -> None:
@@ -27,8 +27,6 @@ def test_an_unknown_stage_is_refused() -> None:
         pass
     with pytest.raises(TypeError), timings.timed("freeze"):  # type: ignore[arg-type]
         pass
-    with pytest.raises(ValueError):
-        Stage("frobnicate")
     assert timings.ms == {}
 
 
