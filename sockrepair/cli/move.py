@@ -14,9 +14,9 @@ from sockrepair.criu.show import load_states as load_criu_states
 from sockrepair.errors import HandoffError
 from sockrepair.image.directory import read_dir
 from sockrepair.image.text import head_line, state_lines
+from sockrepair.move.dump import After, dump, inspect
 from sockrepair.move.handoff import exec_with_sockets, send_over_unix
 from sockrepair.move.land import restore_all, unlock_in
-from sockrepair.move.take import After, dump, inspect
 
 
 def _fds(text: str) -> int:

@@ -17,7 +17,7 @@ from sockrepair.criu.explain import criu_error, explain_dir
 from sockrepair.criu.images import load_connections
 from sockrepair.criu.locate import Criu, find_criu
 from sockrepair.criu.topology import map_trees
-from sockrepair.move.take import inspect
+from sockrepair.move.dump import inspect
 from sockrepair.netns import inside
 from sockrepair.state import ConnectionState, ConnTuple
 

@@ -47,7 +47,7 @@ from sockrepair.criu.topology import Topology, map_trees
 from sockrepair.errors import CriuError
 from sockrepair.lock import Locker
 from sockrepair.lock.locker import MAX_TTL
-from sockrepair.move.procstat import stat
+from sockrepair.move.procfs import stat
 from sockrepair.netns import inside, named
 from sockrepair.state import ConnTuple
 

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from sockrepair.move.procstat import describe, stat
+from sockrepair.move.procfs import describe, stat
 
 REAP_TIMEOUT = 10.0
 

@@ -8,14 +8,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sockrepair.errors import CriuError
-from sockrepair.move.procfs import ProcessError, socket_inodes, tcp_table
-from sockrepair.move.procstat import (
+from sockrepair.errors import CriuError, ProcessError
+from sockrepair.move.procfs import (
     ProcStat,
     all_stats,
     descendants,
     describe,
     netns_inode,
+    socket_inodes,
+    tcp_table,
 )
 from sockrepair.state import TCP_ESTABLISHED, ConnTuple
 

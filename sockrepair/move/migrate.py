@@ -1,5 +1,6 @@
 """migrate(): move the connections of a running program to another namespace (host) and program, in one call,
-with every phase timed: freeze, lock, checkpoint, serialize, close, network, transfer, restore, unlock, handoff."""
+with every stage timed (sockrepair.move.stages: freeze, lock, checkpoint, serialize, close, network, transfer,
+restore, unlock, handoff)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sockrepair.engine._checkpoint import discard
 from sockrepair.image import decode, encode
 from sockrepair.lock import Locker
 from sockrepair.move.land import restore_all
-from sockrepair.move.take import Phases, _kill_frozen, captured, process_locker
+from sockrepair.move.stages import Stage, Timings
+from sockrepair.move.take import captured, end_source, process_locker
 from sockrepair.netns import named
 from sockrepair.state import ConnTuple
 
@@ -22,6 +23,15 @@ Handoff = Callable[[list[socket.socket], list[ConnTuple]], object]
 
 @dataclass
 class MigrationReport:
+    """What migrate() did.
+
+    `pid`: the source process (now ended). `connections`: each moved connection as `LOCAL->REMOTE` text, in the
+    process's fd order. `freeze_method`: "cgroup" or "sigstop". `phases_ms`: milliseconds per stage, keyed by
+    Stage.key in the order run: freeze, lock (source and destination added up), checkpoint, serialize, close,
+    network (only with `network`), transfer, restore, unlock, handoff (only with `handoff`). `downtime_ms`:
+    milliseconds from the start of the freeze to the end of the unlock (the handoff is not in it). `image_bytes`:
+    the encoded states' total size. `handoff_result`: what `handoff` returned (not in to_dict())."""
+
     pid: int
     connections: list[str]
     freeze_method: str
@@ -31,6 +41,7 @@ class MigrationReport:
     handoff_result: Any = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON view: every field but handoff_result, milliseconds rounded to 3 decimals."""
         return {"pid": self.pid, "connections": self.connections, "freeze_method": self.freeze_method,
                 "phases_ms": {k: round(v, 3) for k, v in self.phases_ms.items()},
                 "downtime_ms": round(self.downtime_ms, 3), "image_bytes": self.image_bytes}
@@ -40,10 +51,16 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             network: Callable[[], object] | None = None, handoff: Handoff | None = None,
             ttl: float = 60.0) -> MigrationReport:
     """Freeze `pid`, lock and checkpoint its connections (all established ones, or the fds in `wanted`), end the
-    process silently, run `network` (e.g. move the service address), restore the connections inside `dest_netns`
-    (None: here), unlock, and pass the sockets to `handoff`. The connections are locked in the source namespace and
-    in the destination one from before the first checkpoint until they are live again."""
-    phases = Phases()
+    process silently (end_source), run `network` (e.g. move the service address), restore the connections inside
+    `dest_netns` (an `ip netns` name; None: here), unlock, and pass the sockets with their tuples to `handoff`.
+    The connections are locked in the source namespace and in the destination one, for at most `ttl` seconds, from
+    before the first checkpoint until they are live again.
+
+    Raises ProcessError (`.pid`, `.fd`: no such process, not permitted, nothing established) and SocketStateError
+    (`.pid`, `.fd` the process's own, `.tuple`, `.tcp_state`) before the process is ended: it is then thawed with
+    its connections as they were. After that, errors of `network`, restore (RestoreError and its subclasses; the
+    connections stay locked until `ttl` ends) and `handoff` pass through."""
+    timings = Timings("migrate")
     source_locker = process_locker(pid)
     with named(dest_netns):
         dest_locker = Locker()
@@ -51,35 +68,32 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         # table and rules built before the freeze: inside it, locking is one element transaction per namespace
         source_locker.prepare()
         dest_locker.prepare()
-        with captured(pid, wanted, source_locker, phases, ttl) as cap:
+        with captured(pid, wanted, source_locker, timings, ttl) as cap:
             tuples = [s.tuple for s in cap.sockets]
             start = cap.frozen_at
-            with phases.timed("lock"):
+            with timings.timed(Stage.LOCK):
                 dest_locker.lock(tuples, ttl=ttl)
-            with phases.timed("serialize"):
+            with timings.timed(Stage.SERIALIZE):
                 images = [encode(state) for state in cap.states]
-            with phases.timed("close"):
-                for fd, state in zip(cap.fds, cap.states):
-                    discard(fd, state)
-                cap.fds.clear()
-                _kill_frozen(cap.pidfd)
+            with timings.timed(Stage.CLOSE):
+                end_source(cap)
         if network is not None:
-            with phases.timed("network"):
+            with timings.timed(Stage.NETWORK):
                 network()
-        with phases.timed("transfer"):
+        with timings.timed(Stage.TRANSFER):
             states = [decode(image) for image in images]
-        with phases.timed("restore"):
+        with timings.timed(Stage.RESTORE):
             socks = restore_all(states, dest_netns)
-        with phases.timed("unlock"):
+        with timings.timed(Stage.UNLOCK):
             dest_locker.unlock(tuples)
             source_locker.unlock(tuples)
         downtime = (time.perf_counter() - start) * 1000
         result = None
         if handoff is not None:
-            with phases.timed("handoff"):
+            with timings.timed(Stage.HANDOFF):
                 result = handoff(socks, tuples)
     finally:
         source_locker.close()
         dest_locker.close()
-    return MigrationReport(pid, [str(t) for t in tuples], cap.freeze_method, phases.ms, downtime,
+    return MigrationReport(pid, [str(t) for t in tuples], cap.freeze_method, timings.ms, downtime,
                            sum(map(len, images)), result)

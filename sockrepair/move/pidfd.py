@@ -6,7 +6,7 @@ import errno
 import os
 
 from sockrepair.engine._ffi import ffi, lib
-from sockrepair.move.procfs import ProcessError
+from sockrepair.errors import ProcessError
 
 
 class PidFd:
@@ -18,27 +18,30 @@ class PidFd:
         if fd < 0:
             err = ffi.errno
             if err == errno.ESRCH:
-                raise ProcessError(f"no such process: {pid}")
+                raise ProcessError(f"no such process: {pid}", pid=pid)
             if err == errno.ENOSYS:
-                raise ProcessError("this kernel has no pidfd_open (needs Linux >= 5.3)")
-            raise ProcessError(f"pidfd_open({pid}): {os.strerror(err)}")
+                raise ProcessError("this kernel has no pidfd_open (needs Linux >= 5.3)", pid=pid)
+            raise ProcessError(f"pidfd_open({pid}): {os.strerror(err)}", pid=pid)
         self.fd = int(fd)
 
     def getfd(self, target_fd: int) -> int:
-        """A new fd in this process for the target's `target_fd` (the same open socket, not a copy of it)."""
+        """A new fd in this process for the target's `target_fd` (the same open socket, not a copy of it).
+        Raises ProcessError naming the target's pid and `target_fd`."""
         fd = lib.syscall(lib.SYS_pidfd_getfd, ffi.cast("int", self.fd), ffi.cast("int", target_fd),
                          ffi.cast("unsigned int", 0))
         if fd < 0:
             err = ffi.errno
             if err == errno.EBADF:
-                raise ProcessError(f"process {self.pid} has no fd {target_fd}")
+                raise ProcessError(f"process {self.pid} has no fd {target_fd}", pid=self.pid, fd=target_fd)
             if err == errno.ESRCH:
-                raise ProcessError(f"process {self.pid} exited")
+                raise ProcessError(f"process {self.pid} exited", pid=self.pid)
             if err == errno.EPERM:
-                raise ProcessError(f"not permitted to take fds from process {self.pid} (needs ptrace access: root)")
+                raise ProcessError(f"not permitted to take fds from process {self.pid} (needs ptrace access: root)",
+                                   pid=self.pid, fd=target_fd)
             if err == errno.ENOSYS:
-                raise ProcessError("this kernel has no pidfd_getfd (needs Linux >= 5.6)")
-            raise ProcessError(f"pidfd_getfd({self.pid}, {target_fd}): {os.strerror(err)}")
+                raise ProcessError("this kernel has no pidfd_getfd (needs Linux >= 5.6)", pid=self.pid)
+            raise ProcessError(f"pidfd_getfd({self.pid}, {target_fd}): {os.strerror(err)}", pid=self.pid,
+                               fd=target_fd)
         return int(fd)
 
     def close(self) -> None:

@@ -1,4 +1,10 @@
-"""A process's TCP sockets as /proc shows them: which fd holds which connection, in the process's own namespace."""
+"""Everything sockrepair reads from /proc about a process: its TCP sockets (which fd holds which connection, in the
+process's own namespace), its /proc/PID/stat fields (parent, process group, session, state, start time) and those of
+its threads, its cgroup and its network namespace.
+
+The kernel writes /proc/PID/stat in fs/proc/array.c (do_task_stat): `pid (comm) state ppid pgrp session ...`, where
+comm is the task's name as the program set it, spaces and parentheses included: the fields after it start after
+the LAST ')'."""
 
 from __future__ import annotations
 
@@ -23,6 +29,117 @@ class ProcSocket:
         return state_name(self.tcp_state)
 
 
+@dataclass(frozen=True)
+class ProcStat:
+    """The fields of /proc/PID/stat that sockrepair uses; `starttime` (clock ticks after boot) tells a reused pid
+    from the process that had it."""
+
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    pgrp: int
+    session: int
+    starttime: int
+
+    @property
+    def zombie(self) -> bool:
+        return self.state in ("Z", "X")
+
+    @property
+    def stopped(self) -> bool:
+        """Stopped by a signal or a tracer, or past stopping at all (a zombie)."""
+        return self.state in ("T", "t", "Z", "X")
+
+
+def parse_stat(pid: int, text: str) -> ProcStat:
+    """One /proc/PID/stat (or /proc/PID/task/TID/stat) line; `pid` is the number it was read for."""
+    head, _, rest = text.rpartition(")")
+    fields = rest.split()
+    # after comm: state(3) ppid(4) pgrp(5) session(6) ... starttime(22), numbered as in proc(5)
+    return ProcStat(pid, head.partition("(")[2], fields[0], int(fields[1]), int(fields[2]), int(fields[3]),
+                    int(fields[19]))
+
+
+def _read_stat(path: str, pid: int) -> ProcStat | None:
+    try:
+        with open(path) as f:
+            return parse_stat(pid, f.read())
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def stat(pid: int) -> ProcStat | None:
+    """None when no process has this pid (any more)."""
+    return _read_stat(f"/proc/{pid}/stat", pid)
+
+
+def thread_stats(pid: int) -> list[ProcStat]:
+    """Every thread of `pid` (threads that end while being read are left out). Raises ProcessError when the
+    process is gone."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        raise ProcessError(f"no such process: {pid}", pid=pid) from None
+    found = (_read_stat(f"/proc/{pid}/task/{tid}/stat", int(tid)) for tid in tids)
+    return [st for st in found if st is not None]
+
+
+def all_stats() -> dict[int, ProcStat]:
+    found = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = stat(int(name))
+            if st is not None:
+                found[st.pid] = st
+    return found
+
+
+def descendants(root: int, stats: dict[int, ProcStat]) -> list[int]:
+    """`root` and every process below it, parents before children."""
+    children: dict[int, list[int]] = {}
+    for st in stats.values():
+        children.setdefault(st.ppid, []).append(st.pid)
+    order, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        order.append(pid)
+        todo.extend(sorted(children.get(pid, [])))
+    return order
+
+
+def process_name(pid: int) -> str:
+    """The process's comm. Raises ProcessError when it is gone."""
+    st = stat(pid)
+    if st is None:
+        raise ProcessError(f"no such process: {pid}", pid=pid)
+    return st.comm
+
+
+def describe(pid: int) -> str:
+    """`PID (comm)`, or the bare pid when the process is gone."""
+    st = stat(pid)
+    return f"{pid} ({st.comm})" if st is not None else str(pid)
+
+
+def cgroup(pid: int) -> str | None:
+    """The process's cgroup v2 path (from /proc/PID/cgroup's `0::` line), None on a host without cgroup v2.
+    Raises ProcessError when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].strip()
+    except FileNotFoundError:
+        raise ProcessError(f"no such process: {pid}", pid=pid) from None
+    return None
+
+
+def netns_inode(pid: int) -> int:
+    """The inode of the process's network namespace (equal inodes: the same namespace). Raises OSError."""
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
 def _hex_addr(text: str, family: int) -> str:
     raw = bytes.fromhex(text)
     # /proc prints the address as host-order 32-bit words
@@ -31,6 +148,8 @@ def _hex_addr(text: str, family: int) -> str:
 
 
 def tcp_table(pid: int) -> dict[int, tuple[ConnTuple, int]]:
+    """socket inode -> (tuple, TCP state) for every TCP socket of the process's network namespace
+    (/proc/PID/net/tcp and tcp6)."""
     table: dict[int, tuple[ConnTuple, int]] = {}
     for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
         try:
@@ -51,14 +170,14 @@ def tcp_table(pid: int) -> dict[int, tuple[ConnTuple, int]]:
 
 
 def socket_inodes(pid: int) -> dict[int, int]:
-    """fd -> socket inode for every socket the process holds."""
+    """fd -> socket inode for every socket the process holds. Raises ProcessError (gone, or not permitted)."""
     fd_dir = f"/proc/{pid}/fd"
     try:
         names = os.listdir(fd_dir)
     except FileNotFoundError:
-        raise ProcessError(f"no such process: {pid}") from None
+        raise ProcessError(f"no such process: {pid}", pid=pid) from None
     except PermissionError:
-        raise ProcessError(f"not permitted to read the fds of process {pid} (run as root)") from None
+        raise ProcessError(f"not permitted to read the fds of process {pid} (run as root)", pid=pid) from None
     inodes = {}
     for name in names:
         try:
@@ -71,16 +190,7 @@ def socket_inodes(pid: int) -> dict[int, int]:
 
 
 def tcp_sockets(pid: int) -> list[ProcSocket]:
-    """The process's TCP sockets (every state), ordered by fd."""
+    """The process's TCP sockets (every state), ordered by fd. Raises ProcessError."""
     inodes = socket_inodes(pid)
     table = tcp_table(pid)
-    found = [ProcSocket(fd, ino, *table[ino]) for fd, ino in sorted(inodes.items()) if ino in table]
-    return found
-
-
-def process_name(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        raise ProcessError(f"no such process: {pid}") from None
+    return [ProcSocket(fd, ino, *table[ino]) for fd, ino in sorted(inodes.items()) if ino in table]

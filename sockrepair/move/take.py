@@ -1,5 +1,6 @@
 """Taking connections out of a running program that knows nothing of sockrepair: freeze it, take its sockets with
-pidfd_getfd, lock them, checkpoint them; then let them go on there (`leave_running`), or silence them and end it."""
+pidfd_getfd, lock them and checkpoint them (captured()); then the caller lets them go on there, or ends the source
+(end_source()) once their states are safe elsewhere."""
 
 from __future__ import annotations
 
@@ -7,54 +8,33 @@ import contextlib
 import os
 import select
 import signal
-import socket
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
-from sockrepair.engine._checkpoint import checkpoint, discard, resume
-from sockrepair.errors import SocketStateError
-from sockrepair.image.directory import Entry, write_dir
+from sockrepair.engine._checkpoint import checkpoint, discard, ensure_unchanged, resume
+from sockrepair.errors import ProcessError, SocketStateError
 from sockrepair.lock import Locker
 from sockrepair.move.freeze import frozen
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import (
-    ProcessError,
     ProcSocket,
     process_name,
     socket_inodes,
     tcp_sockets,
+    tcp_table,
 )
+from sockrepair.move.stages import Stage, Timings
 from sockrepair.netns import inside
 from sockrepair.state import TCP_ESTABLISHED, ConnectionState
 
-
-class After(Enum):
-    LEAVE_RUNNING = "leave-running"
-    KILL = "kill"
-
-
-@dataclass
-class Phases:
-    """Wall-clock milliseconds per phase, in the order they ran."""
-
-    ms: dict[str, float] = field(default_factory=dict)
-
-    @contextlib.contextmanager
-    def timed(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - start) * 1000
+KILL_TIMEOUT = 5.0
 
 
 @dataclass
 class Captured:
-    """Sockets taken from a process, still frozen (repair mode on) and locked."""
+    """Sockets taken from a process, still frozen (repair mode on) and locked: `sockets[i]` (the process's fd and
+    the tuple) is held here as the pidfd_getfd copy `fds[i]` and was read as `states[i]`."""
 
     pid: int
     sockets: list[ProcSocket]
@@ -66,22 +46,25 @@ class Captured:
 
 
 def select_sockets(pid: int, wanted: Sequence[int] | None) -> list[ProcSocket]:
+    """The process's sockets to take: the fds in `wanted` (each must be an ESTABLISHED TCP socket), or every
+    established one. Raises ProcessError (no such fd, no established connection) or SocketStateError (naming the
+    process's pid and fd, the tuple and the state)."""
     found = tcp_sockets(pid)
     if wanted:
         by_fd = {s.fd: s for s in found}
         chosen = []
         for fd in wanted:
             if fd not in by_fd:
-                raise ProcessError(f"fd {fd} of process {pid} is not a TCP socket (or not open)")
-            if by_fd[fd].tcp_state != TCP_ESTABLISHED:
-                raise SocketStateError(
-                    f"fd {fd} of process {pid} ({by_fd[fd].tuple}) is {by_fd[fd].state_name}, not ESTABLISHED"
-                )
-            chosen.append(by_fd[fd])
+                raise ProcessError(f"fd {fd} of process {pid} is not a TCP socket (or not open)", pid=pid, fd=fd)
+            s = by_fd[fd]
+            if s.tcp_state != TCP_ESTABLISHED:
+                raise SocketStateError(f"fd {fd} of process {pid} ({s.tuple}) is {s.state_name}, not ESTABLISHED",
+                                       pid=pid, fd=fd, tuple=s.tuple, tcp_state=s.tcp_state)
+            chosen.append(s)
         return chosen
     chosen = [s for s in found if s.tcp_state == TCP_ESTABLISHED]
     if not chosen:
-        raise ProcessError(f"process {pid} ({process_name(pid)}) holds no established TCP connection")
+        raise ProcessError(f"process {pid} ({process_name(pid)}) holds no established TCP connection", pid=pid)
     return chosen
 
 
@@ -91,17 +74,37 @@ def process_locker(pid: int) -> Locker:
         return Locker()
 
 
+def _in_process(exc: SocketStateError, pid: int, sock: ProcSocket, copy: int) -> SocketStateError:
+    """The engine's error names the pidfd_getfd copy's fd, which means nothing to the caller: name the process's
+    own fd, its pid, the tuple and the state the kernel shows now."""
+    reason = str(exc).removeprefix(f"fd {copy} ").removeprefix(f"({sock.tuple}) ")
+    now = tcp_table(pid).get(sock.inode)
+    return SocketStateError(f"fd {sock.fd} of process {pid} ({sock.tuple}) {reason}", pid=pid, fd=sock.fd,
+                            tuple=sock.tuple, tcp_state=now[1] if now is not None else exc.tcp_state)
+
+
+def checkpoint_taken(pid: int, sock: ProcSocket, copy: int) -> ConnectionState:
+    """checkpoint() of `copy`, process `pid`'s socket `sock` taken with pidfd_getfd. Raises SocketStateError naming
+    the process's pid and fd, the tuple and the TCP state."""
+    try:
+        return checkpoint(copy)
+    except SocketStateError as exc:
+        raise _in_process(exc, pid, sock, copy) from None
+
+
 @contextlib.contextmanager
-def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, phases: Phases,
+def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timings: Timings,
              ttl: float = 60.0) -> Iterator[Captured]:
-    """Freeze `pid`, take and checkpoint its connections, and yield them frozen and locked. On an error every socket
-    is resumed, the lock released and the process thawed; on success the caller decides (resume or discard)."""
+    """Freeze `pid`, take and checkpoint its connections (see select_sockets), lock them with `locker` for `ttl`
+    seconds, and yield them frozen and locked; the freeze, lock and checkpoint stages are timed into `timings`.
+    On an error every socket is resumed, the lock released and the process thawed; on success the caller decides
+    (resume, or end_source()). Raises ProcessError and SocketStateError naming the process's pid and fd."""
     with PidFd(pid) as pidfd:
         # /proc/PID/net/tcp is read before the freeze (reading it costs ms with many connections); under the freeze
         # only the fd -> inode map is checked, and the table read again if the process changed its sockets meanwhile
         chosen = select_sockets(pid, wanted)
         frozen_at = time.perf_counter()
-        with phases.timed("freeze"), contextlib.ExitStack() as freezing:
+        with timings.timed(Stage.FREEZE), contextlib.ExitStack() as freezing:
             method = freezing.enter_context(frozen(pid))
             thaw = freezing.pop_all()
         with thaw:
@@ -114,11 +117,11 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, phas
                 for s in chosen:
                     fds.append(pidfd.getfd(s.fd))
                 if locker is not None:
-                    with phases.timed("lock"):
+                    with timings.timed(Stage.LOCK):
                         locker.lock([s.tuple for s in chosen], ttl=ttl)
-                with phases.timed("checkpoint"):
-                    for fd in fds:
-                        states.append(checkpoint(fd))
+                with timings.timed(Stage.CHECKPOINT):
+                    for s, fd in zip(chosen, fds):
+                        states.append(checkpoint_taken(pid, s, fd))
                 yield Captured(pid, chosen, fds, states, method, pidfd, frozen_at)
             except BaseException:
                 for fd in fds[: len(states)]:
@@ -133,84 +136,27 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, phas
                         os.close(fd)
 
 
-def _kill_frozen(pidfd: PidFd, timeout: float = 5.0) -> None:
-    """SIGKILL reaches a stopped or frozen process; its copies of the sockets close while still in repair mode.
-    Waits for the exit (the pidfd turns readable once the files are closed), so that a restore on this host does
-    not collide with the dying process's 4-tuples."""
+def end_source(cap: Captured, timeout: float = KILL_TIMEOUT) -> None:
+    """End the source of a capture once the states are safe elsewhere: check that no frozen socket sent or received
+    since its checkpoint, discard them all (no FIN, no RST), then SIGKILL the frozen process (its own copies of the
+    sockets close while still in repair mode) and wait for it to exit, so that a restore on this host does not
+    collide with the dying process's 4-tuples.
+
+    Raises SocketStateError (pid, the process's fd, tuple, state) before discarding anything when a socket changed:
+    the captured() context then resumes every socket and the process goes on. Raises ProcessError when the process
+    has not exited `timeout` seconds after SIGKILL."""
+    for s, fd, state in zip(cap.sockets, cap.fds, cap.states):
+        try:
+            ensure_unchanged(fd, state)
+        except SocketStateError as exc:
+            raise _in_process(exc, cap.pid, s, fd) from None
+    for fd in cap.fds:
+        discard(fd)
+    cap.fds.clear()
     with contextlib.suppress(ProcessLookupError):
-        os.kill(pidfd.pid, signal.SIGKILL)
+        os.kill(cap.pid, signal.SIGKILL)
+    # the pidfd turns readable once the process has exited and its files are closed
     poller = select.poll()
-    poller.register(pidfd.fd, select.POLLIN)
+    poller.register(cap.pidfd.fd, select.POLLIN)
     if not poller.poll(timeout * 1000):
-        raise ProcessError(f"process {pidfd.pid} did not exit within {timeout:.0f} s of SIGKILL")
-
-
-@dataclass
-class DumpReport:
-    pid: int
-    command: str
-    directory: str
-    after: str
-    freeze_method: str
-    connections: list[dict[str, Any]]
-    phases_ms: dict[str, float]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: After = After.KILL,
-         lock: bool = True, ttl: float = 60.0) -> DumpReport:
-    """Write one image per connection of `pid` into `directory`. With After.KILL the connections stay locked (for
-    `ttl` seconds) until a restore unlocks them; with LEAVE_RUNNING they go on in the process and are unlocked."""
-    command = process_name(pid)
-    phases = Phases()
-    locker = process_locker(pid) if lock else None
-    try:
-        with captured(pid, wanted, locker, phases, ttl) as cap:
-            with phases.timed("write"):
-                entries = write_dir(directory, list(zip([s.fd for s in cap.sockets], cap.states)),
-                                    {"pid": pid, "command": command, "host": socket.gethostname()})
-            if after is After.LEAVE_RUNNING:
-                with phases.timed("resume"):
-                    for fd in cap.fds:
-                        resume(fd)
-                    if locker is not None:
-                        locker.unlock([s.tuple for s in cap.sockets])
-            else:
-                with phases.timed("kill"):
-                    for fd, state in zip(cap.fds, cap.states):
-                        discard(fd, state)
-                    cap.fds.clear()
-                    _kill_frozen(cap.pidfd)
-    finally:
-        if locker is not None:
-            locker.close()
-    return DumpReport(pid, command, str(directory), after.value, cap.freeze_method,
-                      [_entry_view(e, s) for e, s in zip(entries, cap.states)], phases.ms)
-
-
-def _entry_view(entry: Entry, state: ConnectionState) -> dict[str, Any]:
-    return {**entry.to_dict(), "recv_queue": len(state.recv_queue), "send_queue": len(state.send_queue),
-            "unsent": state.unsent_len}
-
-
-def inspect(pid: int) -> list[tuple[ProcSocket, ConnectionState | None, str]]:
-    """A non-destructive look at every TCP socket of `pid`: established ones are checkpointed and resumed without a
-    window probe while the process is frozen for the few microseconds that takes; others are listed as they are."""
-    result: list[tuple[ProcSocket, ConnectionState | None, str]] = []
-    if not any(s.tcp_state == TCP_ESTABLISHED for s in tcp_sockets(pid)):
-        return [(s, None, s.state_name) for s in tcp_sockets(pid)]
-    with PidFd(pid) as pidfd, frozen(pid):
-        for s in tcp_sockets(pid):
-            if s.tcp_state != TCP_ESTABLISHED:
-                result.append((s, None, s.state_name))
-                continue
-            fd = pidfd.getfd(s.fd)
-            try:
-                state = checkpoint(fd)
-                resume(fd)
-                result.append((s, state, "ESTABLISHED"))
-            finally:
-                os.close(fd)
-    return result
+        raise ProcessError(f"process {cap.pid} did not exit within {timeout:.0f} s of SIGKILL", pid=cap.pid)

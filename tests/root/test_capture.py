@@ -13,11 +13,13 @@ import time
 import pytest
 
 import sockrepair
+from sockrepair.errors import ProcessError
 from sockrepair.image.directory import read_dir
 from sockrepair.lab.programs import ECHO_SERVER
 from sockrepair.lab.subjects import start_echo, stop
-from sockrepair.move.procfs import ProcessError, tcp_sockets
-from sockrepair.move.take import After, dump, inspect
+from sockrepair.move import take
+from sockrepair.move.dump import After, dump, inspect
+from sockrepair.move.procfs import stat, tcp_sockets, tcp_table
 from tests.root.programs import free_port
 from tests.root.streams import pattern, recv_exactly
 
@@ -45,6 +47,7 @@ def test_dump_by_pid_and_restore_into_a_new_program(netns, tmp_path):
         report = dump(server.pid, tmp_path / "img", after=After.KILL)
         assert server.wait(5) == -signal.SIGKILL
         assert len(report.connections) == 4
+        assert list(report.phases_ms) == ["freeze", "lock", "checkpoint", "write", "kill"]
         mode = os.stat(tmp_path / "img" / "conn-0.img").st_mode & 0o777
         assert mode == 0o600
         restored = subprocess.Popen(
@@ -74,6 +77,7 @@ def test_dump_leave_running_keeps_serving(netns, tmp_path):
         _echo_round(clients, offsets, 10_000)
         report = dump(server.pid, tmp_path / "img", after=After.LEAVE_RUNNING)
         assert report.after == "leave-running"
+        assert list(report.phases_ms) == ["freeze", "lock", "checkpoint", "write", "resume"]
         _echo_round(clients, offsets, 10_000)
         items = read_dir(tmp_path / "img")
         assert sorted(str(e.tuple.reversed()) for e, _ in items) == sorted(
@@ -87,14 +91,16 @@ def test_dump_leave_running_keeps_serving(netns, tmp_path):
 
 
 def _state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
+    st = stat(pid)
+    assert st is not None
+    return st.state
 
 
 def test_inspect_leaves_a_running_stream_untouched(netns):
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
     (client,) = _connect(port, 1)
+    _echo_round([client], [0], 100)  # the program has accepted it: the connection is at one of its fds
     errors: list[str] = []
     done = threading.Event()
 
@@ -128,16 +134,18 @@ def test_inspect_leaves_a_running_stream_untouched(netns):
 def test_dump_of_a_missing_pid_is_a_clear_error(netns, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
-    with pytest.raises(ProcessError, match=f"no such process: {proc.pid}"):
+    with pytest.raises(ProcessError, match=f"no such process: {proc.pid}") as caught:
         dump(proc.pid, tmp_path / "img")
+    assert caught.value.pid == proc.pid
     assert not (tmp_path / "img").exists()
 
 
 def test_dump_of_a_process_without_connections(netns, tmp_path):
     server = start_echo(f"127.0.0.1:{free_port()}")
     try:
-        with pytest.raises(ProcessError, match="holds no established TCP connection"):
+        with pytest.raises(ProcessError, match="holds no established TCP connection") as caught:
             dump(server.pid, tmp_path / "img")
+        assert caught.value.pid == server.pid
         assert _state(server.pid) not in ("T", "t"), "the process was left frozen"
     finally:
         stop(server)
@@ -148,10 +156,56 @@ def test_dump_of_a_listening_fd_names_its_state(netns, tmp_path):
     server = start_echo(f"127.0.0.1:{port}")
     try:
         listener_fd = next(s.fd for s in tcp_sockets(server.pid) if s.tcp_state == 10)
-        with pytest.raises(sockrepair.SocketStateError, match=f"fd {listener_fd} .* is LISTEN"):
+        with pytest.raises(sockrepair.SocketStateError, match=f"fd {listener_fd} .* is LISTEN") as caught:
             dump(server.pid, tmp_path / "img", wanted=[listener_fd])
         assert _state(server.pid) not in ("T", "t")
+        err = caught.value
+        assert (err.pid, err.fd, err.tcp_state) == (server.pid, listener_fd, 10)
+        assert err.tuple is not None and err.tuple.local_port == port
+        with pytest.raises(ProcessError, match="not a TCP socket") as missing:
+            dump(server.pid, tmp_path / "img", wanted=[999])
+        assert (missing.value.pid, missing.value.fd) == (server.pid, 999)
     finally:
+        stop(server)
+
+
+def test_a_checkpoint_error_names_the_process_fd_not_the_copy(netns, tmp_path, monkeypatch):
+    """A connection that the peer closes between the /proc read and the freeze reaches checkpoint() in CLOSE_WAIT:
+    the engine names the pidfd_getfd copy's fd, dump() re-raises with the process's own fd, its pid and the tuple.
+    The other connection, already checkpointed, is resumed and keeps echoing."""
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    keep, gone = _connect(port, 2)
+    try:
+        offsets = [0, 0]
+        _echo_round([keep, gone], offsets, 1000)  # both accepted: each is at one of the program's fds
+        gone_tuple = next(s.tuple for s in tcp_sockets(server.pid) if s.tuple.remote_port == gone.getsockname()[1])
+        gone_fd = next(s.fd for s in tcp_sockets(server.pid) if s.tuple == gone_tuple)
+        select = take.select_sockets
+
+        def select_then_close(pid, wanted):
+            chosen = select(pid, wanted)
+            # stopped, the program cannot close its end on EOF: the socket stays at its fd, in CLOSE_WAIT
+            os.kill(server.pid, signal.SIGSTOP)
+            gone.close()
+            inode = next(s.inode for s in chosen if s.fd == gone_fd)
+            deadline = time.monotonic() + 5
+            while tcp_table(pid)[inode][1] != 8 and time.monotonic() < deadline:  # TCP_CLOSE_WAIT
+                time.sleep(0.005)
+            return chosen
+
+        monkeypatch.setattr(take, "select_sockets", select_then_close)
+        with pytest.raises(sockrepair.SocketStateError, match=f"^fd {gone_fd} of process {server.pid} ") as caught:
+            dump(server.pid, tmp_path / "img")
+        err = caught.value
+        assert (err.pid, err.fd, err.tuple, err.tcp_state) == (server.pid, gone_fd, gone_tuple, 8)
+        assert "CLOSE_WAIT" in str(err)
+        assert sockrepair.list_locks() == []
+        assert _state(server.pid) not in ("T", "t"), "the process was left frozen"
+        _echo_round([keep], offsets[:1], 10_000)
+    finally:
+        keep.close()
+        gone.close()
         stop(server)
 
 
@@ -218,4 +272,41 @@ def test_inspect_sends_nothing_on_the_wire(netns):
         assert noisy.report(conn).segments >= 1
     finally:
         client.close()
+        stop(server)
+
+
+def test_a_socket_that_changed_while_frozen_is_not_ended(netns, tmp_path, monkeypatch):
+    """Without the lock, bytes the peer sends after the checkpoint land in the frozen socket: end_source refuses
+    before discarding anything, names the process's fd, and the process goes on with every connection."""
+    from sockrepair.move import dump as dump_module
+
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    clients = _connect(port, 2)
+    try:
+        offsets = [0, 0]
+        _echo_round(clients, offsets, 1000)
+        late = clients[1]
+        late_fd = next(s.fd for s in tcp_sockets(server.pid) if s.tuple.remote_port == late.getsockname()[1])
+        write = dump_module.write_dir
+
+        def write_then_send(*args, **kwargs):
+            entries = write(*args, **kwargs)
+            late.sendall(pattern(offsets[1], 100, salt=1))
+            time.sleep(0.05)
+            return entries
+
+        monkeypatch.setattr(dump_module, "write_dir", write_then_send)
+        with pytest.raises(sockrepair.SocketStateError, match="changed since its checkpoint") as caught:
+            dump(server.pid, tmp_path / "img", lock=False)
+        err = caught.value
+        assert (err.pid, err.fd, err.tcp_state) == (server.pid, late_fd, 1)
+        assert str(err).startswith(f"fd {late_fd} of process {server.pid} ({err.tuple}) changed")
+        assert _state(server.pid) not in ("T", "t")
+        assert recv_exactly(late, 100) == pattern(offsets[1], 100, salt=1)
+        offsets[1] += 100
+        _echo_round(clients, offsets, 10_000)
+    finally:
+        for c in clients:
+            c.close()
         stop(server)

@@ -27,7 +27,7 @@ from sockrepair.criu.topology import PEER_EXTERNAL, PEER_TREE, map_trees
 from sockrepair.errors import CriuError
 from sockrepair.lab.recorder import Recorder
 from sockrepair.lock import Locker
-from sockrepair.move.procstat import stat
+from sockrepair.move.procfs import stat
 from sockrepair.netns import NetNS
 from tests.clihelp import run_group
 

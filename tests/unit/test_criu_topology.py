@@ -13,7 +13,7 @@ import pytest
 
 from sockrepair.criu.topology import PEER_EXTERNAL, PEER_TREE, map_trees
 from sockrepair.errors import CriuError
-from sockrepair.move.procstat import ProcStat, descendants, stat
+from sockrepair.move.procfs import ProcStat, descendants, stat
 from sockrepair.state import ConnTuple
 
 
