@@ -119,7 +119,7 @@ def discard(sock: SockLike, state: ConnectionState | None = None) -> None:
     again). Raises SocketCallError when a kernel call fails."""
     fd = fileno(sock)
     if state is not None:
-        _ensure_unchanged(_Session(fd, state.tuple), state)
+        ensure_unchanged(fd, state)
     release_reuse(fd)
     if isinstance(sock, int):
         close_silently(fd)
@@ -127,7 +127,10 @@ def discard(sock: SockLike, state: ConnectionState | None = None) -> None:
         sock.close()
 
 
-def _ensure_unchanged(session: _Session, state: ConnectionState) -> None:
+def ensure_unchanged(fd: int, state: ConnectionState) -> None:
+    """Raise SocketStateError (`.fd`, `.tuple`) when the frozen socket `fd` sent or received since `state` was
+    taken: what discard() checks, for a mover that checks every socket before it discards any."""
+    session = _Session(fd, state.tuple)
     ioctl = session.ioctl
     now = (ioctl(lib.SIOCOUTQ, "SIOCOUTQ"), ioctl(lib.SIOCOUTQNSD, "SIOCOUTQNSD"), ioctl(lib.SIOCINQ, "SIOCINQ"))
     saved = (len(state.send_queue), state.unsent_len, len(state.recv_queue))
