@@ -60,8 +60,15 @@ def _ensure_tcp(fd: int, calls: IntCalls) -> None:
 
 
 def checkpoint(sock: SockLike) -> ConnectionState:
-    """Freeze `sock` (repair mode on) and return its full state. The socket stays frozen: follow with resume()
-    to let it go on here, or discard() when the connection moves elsewhere."""
+    """Freeze `sock` (a socket.socket or a file descriptor number of an ESTABLISHED IPv4/IPv6 TCP socket; repair
+    mode on) and return its full state (the kernel source of each field: ConnectionState). The socket stays frozen:
+    follow with resume() to let it go on here, or discard() when the connection moves elsewhere. The kernel keeps
+    acknowledging incoming data in repair mode: hold the network lock (sockrepair.lock) from before the call.
+
+    Raises SocketStateError (not a socket, not IPv4/IPv6 TCP, not ESTABLISHED), NotPermittedError (no CAP_NET_ADMIN
+    in the socket's network namespace), UnsupportedError (a kernel without TCP_REPAIR), SocketCallError (any other
+    failed call, `.op` naming it; EAGAIN when the queues kept changing under an unlocked peer). On an error after
+    the freeze the socket is resumed."""
     fd = fileno(sock)
     calls = IntCalls(fd)
     _ensure_tcp(fd, calls)
@@ -103,7 +110,9 @@ def checkpoint(sock: SockLike) -> ConnectionState:
 
 
 def resume(sock: SockLike) -> None:
-    """Leave repair mode without a window probe: the connection goes on as if nothing happened."""
+    """Leave repair mode without a window probe (TCP_REPAIR_OFF_NO_WP) and put back the application's SO_REUSEADDR:
+    the connection goes on as if nothing happened. `sock` is a socket.socket or an fd number. Raises
+    SocketCallError (e.g. EBADF)."""
     fd = fileno(sock)
     calls = IntCalls(fd)
     repair_off(fd, False, calls)
@@ -116,7 +125,10 @@ def discard(sock: SockLike, state: ConnectionState | None = None) -> None:
 
     Repair mode does not stop the kernel's timers: without the network lock a frozen socket can still send a
     probe or a retransmission, or take in an ACK, and then the saved state no longer matches what the peer knows.
-    Given the `state` from checkpoint, discard refuses (and leaves the socket frozen) when the queues moved."""
+    Given the `state` from checkpoint, discard refuses (and leaves the socket frozen) when the queues moved.
+
+    `sock` is a socket.socket (closed through the object) or an fd number (closed with close(2)). Raises
+    SocketStateError (the queues' lengths differ from `state`'s) or SocketCallError."""
     fd = fileno(sock)
     if state is not None:
         ensure_unchanged(fd, state)

@@ -28,8 +28,14 @@ MAX_USER_MSS = 32767
 
 
 def restore(state: ConnectionState) -> socket.socket:
-    """A live socket with the saved 4-tuple, queues and options, repair mode off. On failure nothing is left: the
-    half-made socket is closed while still in repair mode, so the peer sees nothing."""
+    """A live socket.socket (blocking, owned by the caller) with the saved 4-tuple, queues and options, repair mode
+    off; the kernel sends a window probe, so the peer resends at once what the lock held off. On failure nothing is
+    left: the half-made socket is closed while still in repair mode, so the peer sees nothing.
+
+    Raises AddressNotLocalError (EADDRNOTAVAIL: the local address is not on this host or in this namespace),
+    AddressInUseError (EADDRINUSE: another socket holds the 4-tuple, or the local port without reuse),
+    NotPermittedError (no CAP_NET_ADMIN in the current network namespace), UnsupportedError (no TCP_REPAIR), or
+    SocketCallError for any other refused call (e.g. setsockopt(TCP_REPAIR_WINDOW) EINVAL); all are OSError."""
     conn = state.tuple
     sock = socket.socket(conn.family, socket.SOCK_STREAM)
     fd = sock.fileno()

@@ -22,6 +22,12 @@ Handoff = Callable[[list[socket.socket], list[ConnTuple]], object]
 
 @dataclass
 class MigrationReport:
+    """What migrate() did: the source `pid`, the `connections` moved (ConnTuple text, local first), how the
+    process was frozen (`freeze_method`), each phase's duration in milliseconds (`phases_ms`: freeze, lock,
+    checkpoint, serialize, close, network, transfer, restore, unlock, handoff, those that ran), `downtime_ms` from
+    the freeze until the connections were live and unlocked, `image_bytes` the total size of the connection images,
+    and `handoff_result` what `handoff` returned (left out of to_dict())."""
+
     pid: int
     connections: list[str]
     freeze_method: str
@@ -42,7 +48,14 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     """Freeze `pid`, lock and checkpoint its connections (all established ones, or the fds in `wanted`), end the
     process silently, run `network` (e.g. move the service address), restore the connections inside `dest_netns`
     (None: here), unlock, and pass the sockets to `handoff`. The connections are locked in the source namespace and
-    in the destination one from before the first checkpoint until they are live again."""
+    in the destination one from before the first checkpoint until they are live again.
+
+    `wanted` are fd numbers in `pid`; `dest_netns` a name from `ip netns list`; `handoff(sockets, tuples)` gets the
+    restored sockets (the caller's to close) in the order of `tuples`; `ttl` is the lock's timeout in seconds.
+    Raises ProcessError (no such process, no ptrace access to it, or it holds no established connection or not
+    those fds), NotPermittedError (no CAP_NET_ADMIN), SocketStateError, LockError/NftError, NetnsError, and what
+    restore() raises; until the sockets are closed in the source, an error resumes them and thaws the process.
+    """
     phases = Phases()
     source_locker = process_locker(pid)
     with named(dest_netns):
