@@ -49,10 +49,12 @@ class ConnTuple:
 
     @property
     def local(self) -> tuple[str, int]:
+        """(local_addr, local_port), the form socket.bind() takes."""
         return (self.local_addr, self.local_port)
 
     @property
     def remote(self) -> tuple[str, int]:
+        """(remote_addr, remote_port), the form socket.connect() takes."""
         return (self.remote_addr, self.remote_port)
 
     def reversed(self) -> ConnTuple:

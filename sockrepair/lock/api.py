@@ -88,7 +88,7 @@ def locked(
 ) -> Iterator[list[ConnTuple]]:
     """Context manager: lock `items` for `ttl` seconds, yield them as a list of ConnTuples, unlock on the way out
     (also on error). The lock still expires after `ttl` seconds inside the block: lock() again to renew it. Raises
-    what lock() and unlock() raise."""
+    what lock() and unlock() raise: LockError, NftError."""
     with default_locker(netns).locked(items, ttl) as tuples:
         yield tuples
 

@@ -37,6 +37,7 @@ class MigrationReport:
     handoff_result: Any = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field but handoff_result, times rounded to the microsecond."""
         return {"pid": self.pid, "connections": self.connections, "freeze_method": self.freeze_method,
                 "phases_ms": {k: round(v, 3) for k, v in self.phases_ms.items()},
                 "downtime_ms": round(self.downtime_ms, 3), "image_bytes": self.image_bytes}
