@@ -215,15 +215,16 @@ class ConnectionState:
     - `send_queue`: the bytes recv(MSG_PEEK) returns in repair mode with the send queue selected, SIOCOUTQ of them:
       first the sent-but-unacknowledged bytes (unacked), then the never-sent ones (unsent).
     - `unsent_len`: ioctl SIOCOUTQNSD (write_seq - snd_nxt), bytes at the end of send_queue that never left; read
-      with no queue selected, since an ACK arriving while the send queue is selected marks all of it sent.
+      with no repair queue selected (engine/_queues.py says why).
     - `recv_queue`: the bytes recv(MSG_PEEK) returns in repair mode with the receive queue selected, SIOCINQ of
-      them: received in order, not yet read by the application.
+      them: received in order, not yet read by the application. With urgent data pending and SO_OOBINLINE off,
+      SIOCINQ stops at the urgent mark while recv_seq is the queue's true end.
     - `options`: TcpOptions (TCP_INFO tcpi_options and wscales, TCP_MAXSEG = mss_clamp).
     - `window`: RepairWindow (TCP_REPAIR_WINDOW), None on kernels before 4.8, which lack it.
-    - `timestamp`: getsockopt(TCP_TIMESTAMP), the u32 the socket's TSval clock reads now (tcp_time_stamp plus
-      tp->tsoffset), unpacked as unsigned; on kernels with microsecond TCP timestamps (6.7+) its low bit is the
-      microsecond-mode flag, so it is stored and set back as is, never as a number of milliseconds. Restored only
-      when options.timestamps is set.
+    - `timestamp`: getsockopt(TCP_TIMESTAMP), the u32 the socket's TSval clock reads now (the kernel's TCP clock
+      plus tp->tsoffset), unpacked as unsigned; since Linux 6.7 (microsecond TCP timestamps) its low bit is the
+      microsecond-mode flag, so it is stored and set back as is, never taken as a number of milliseconds. Restored
+      only when options.timestamps is set.
     - `sockopts`: SocketOptions, read before repair mode.
     """
 

@@ -2,9 +2,9 @@
 sockrepair.image.format defines with construct (the unit tests hold the two together).
 
 Every ImageError raised here carries `.field`, the record path of the field to blame as format.py names it
-("tuple.local_port", "options.flags", "window.snd_wnd", "sockopts.congestion", "send_queue"; header fields are
-"magic", "version", "flags", "body_len", "crc32"), or None when the damage is the input's length rather than one
-field; decode's errors also carry `.offset`, the byte the message names."""
+("tuple.local_port", "options.flags", "window.snd_wnd", "sockopts.congestion", "send_queue"; header and trailer fields
+are "magic", "version", "flags", "crc32"), or None when a length rather than one field is at fault (truncated
+input, trailing junk); decode's errors also carry `.offset`, the byte the message names."""
 
 from __future__ import annotations
 
