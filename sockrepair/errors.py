@@ -20,7 +20,19 @@ if TYPE_CHECKING:
 
 
 class SockrepairError(Exception):
-    """The root of every error sockrepair raises; the CLI prints these as one line, never as a traceback."""
+    """The root of every error sockrepair raises; the CLI prints these as one line, never as a traceback. Every one
+    pickles with its message, errno and fields (it can cross a multiprocessing pipe)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The subclasses' __init__ signatures differ from their args (and from one another): rebuild from the parts.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[SockrepairError], args: tuple[Any, ...], fields: dict[str, Any]) -> SockrepairError:
+    exc = cls.__new__(cls, *args)
+    (OSError if issubclass(cls, OSError) else Exception).__init__(exc, *args)
+    exc.__dict__.update(fields)
+    return exc
 
 
 class _WithErrno(SockrepairError, OSError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import inspect
+import pickle
 import socket
 import subprocess
 import sys
@@ -224,6 +225,30 @@ def test_cli_json_fields_of_an_error() -> None:
     exc = sockrepair.SocketCallError(errno.EINVAL, "setsockopt(TCP_REPAIR_WINDOW)", 7, tuple=TUPLE)
     assert errors._fields(exc) == {"errno": errno.EINVAL, "op": "setsockopt(TCP_REPAIR_WINDOW)", "fd": 7,
                                    "tuple": str(TUPLE)}
+
+
+@pytest.mark.parametrize("name", sorted(ANCESTORS))
+def test_exceptions_pickle_with_their_fields(name: str) -> None:
+    cls = getattr(sockrepair, name)
+    samples = {
+        "SocketCallError": lambda: cls(errno.EINVAL, "setsockopt(TCP_REPAIR_WINDOW)", 7, tuple=TUPLE),
+        "SocketStateError": lambda: cls("listening", fd=4, pid=9, tuple=TUPLE, tcp_state=10),
+        "ImageError": lambda: cls("bad", path="/x.img", offset=47, field="window.snd_wnd"),
+        "NftError": lambda: cls("create table inet sockrepair", errno.EPERM),
+        "NotPermittedError": lambda: cls("refused", fd=3, pid=12),
+        "ProcessError": lambda: cls("gone", pid=12, fd=3),
+        "NetnsError": lambda: cls("gone", name="hostb"),
+    }
+    if name in samples:
+        exc = samples[name]()
+    elif name in ("RestoreError", "AddressInUseError", "AddressNotLocalError"):
+        exc = cls(f"cannot restore {TUPLE}", tuple=TUPLE)
+    else:
+        exc = cls("message")
+    back = pickle.loads(pickle.dumps(exc))
+    assert type(back) is cls
+    assert (str(back), back.args, vars(back)) == (str(exc), exc.args, vars(exc))
+    assert getattr(back, "errno", None) == getattr(exc, "errno", None)
 
 
 # ---- docstrings ---------------------------------------------------------------------------------------------------
