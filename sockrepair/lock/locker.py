@@ -87,7 +87,7 @@ class Locker:
     """Keeps one netlink socket in the namespace it was created for (`netns`: a name from `ip netns list`, or
     None for the calling thread's). Elements it adds carry its owner text, `LABEL pid=N host=H` (label default
     "sockrepair"). Safe to share between threads; not across fork() (LockError in the child). Items and ttl (in
-    seconds) are as for sockrepair.lock.lock(). Creating one raises LockError for an unknown namespace and NftError
+    seconds) are as for sockrepair.lock(). Creating one raises LockError for an unknown namespace and NftError
     when no nf_tables netlink socket can be opened; close() it, or use it as a context manager."""
 
     def __init__(self, netns: str | None = None, label: str | None = None) -> None:
