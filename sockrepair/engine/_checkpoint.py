@@ -63,7 +63,7 @@ def checkpoint(sock: SockLike) -> ConnectionState:
     """Freeze `sock` (a socket.socket or a file descriptor number of an ESTABLISHED IPv4/IPv6 TCP socket; repair
     mode on) and return its full state (the kernel source of each field: ConnectionState). The socket stays frozen:
     follow with resume() to let it go on here, or discard() when the connection moves elsewhere. The kernel keeps
-    acknowledging incoming data in repair mode: hold the network lock (sockrepair.lock) from before the call.
+    acknowledging incoming data in repair mode: hold the network lock (sockrepair.lock()) from before the call.
 
     Raises SocketStateError (not a socket, not IPv4/IPv6 TCP, not ESTABLISHED), NotPermittedError (no CAP_NET_ADMIN
     in the socket's network namespace), UnsupportedError (a kernel without TCP_REPAIR), SocketCallError (any other
