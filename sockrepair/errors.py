@@ -20,7 +20,19 @@ if TYPE_CHECKING:
 
 
 class SockrepairError(Exception):
-    """The root of every error sockrepair raises; the CLI prints these as one line, never as a traceback."""
+    """The root of every error sockrepair raises; the CLI prints these as one line, never as a traceback. Every one
+    pickles with its message, errno and fields (it can cross a multiprocessing pipe)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The subclasses' __init__ signatures differ from their args (and from one another): rebuild from the parts.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[SockrepairError], args: tuple[Any, ...], fields: dict[str, Any]) -> SockrepairError:
+    exc = cls.__new__(cls, *args)
+    (OSError if issubclass(cls, OSError) else Exception).__init__(exc, *args)
+    exc.__dict__.update(fields)
+    return exc
 
 
 class _WithErrno(SockrepairError, OSError):
@@ -35,7 +47,7 @@ class _WithErrno(SockrepairError, OSError):
 
 class SocketCallError(_WithErrno):
     """A kernel call on a socket failed: `.errno`, `.op` (e.g. "setsockopt(TCP_REPAIR_WINDOW)"), `.fd`, and `.tuple`
-    when the connection is known."""
+    when the connection is known. `sock`, when given, is how the message names the socket instead of "fd N"."""
 
     def __init__(self, err: int, op: str, fd: int | None = None, sock: str | None = None, *,
                  tuple: ConnTuple | None = None) -> None:
@@ -122,11 +134,15 @@ class ImageError(SockrepairError, ValueError):
 
 
 class LockError(SockrepairError):
-    """The network lock could not be taken, renewed or released."""
+    """The network lock could not be taken, renewed, listed or released: a bad argument (an item without a
+    ConnTuple, a ttl outside (0, 3600] seconds, an unknown namespace), a Locker used across fork(), a table of another
+    layout; NftError when the kernel refused a message."""
 
 
 class NftError(LockError, OSError):
-    """The kernel refused an nf_tables operation: `.errno` of the first failing message, `.op` names it."""
+    """The kernel refused an nf_tables operation: `.errno` of the first failing message (EPERM: no CAP_NET_ADMIN in
+    the namespace), `.op` names it (e.g. "add 1 element(s) of set inet sockrepair conn4"); `detail` is the kernel's
+    extended-ACK text or a hint, appended to the message."""
 
     def __init__(self, op: str, err: int, detail: str = "") -> None:
         if err == _errno.EPERM and not detail:

@@ -1,4 +1,8 @@
-"""What a checkpoint holds: typed records for one established TCP connection, independent of any socket."""
+"""What a checkpoint holds: typed records for one established TCP connection, independent of any socket.
+
+Each field names the kernel call it comes from (engine/_checkpoint.py reads them, engine/_restore.py puts them back);
+the kernel's names for the values (tp->write_seq, tp->rcv_nxt, tp->rx_opt.mss_clamp...) are those of struct tcp_sock
+in include/linux/tcp.h. Sequence numbers are u32 and wrap: compare them modulo 2**32."""
 
 from __future__ import annotations
 
@@ -25,13 +29,17 @@ TCP_ESTABLISHED = 1
 
 
 def state_name(state: int) -> str:
+    """The kernel's name of a TCP state number (tcpi_state), e.g. 1 -> "ESTABLISHED"; never raises."""
     return TCP_STATES.get(state, f"unknown state {state}")
 
 
 @dataclass(frozen=True, order=True)
 class ConnTuple:
-    """The 4-tuple of a connection as its own socket sees it (local first). `family` is AF_INET or AF_INET6; an
-    AF_INET6 socket talking IPv4 has v4-mapped addresses (::ffff:a.b.c.d)."""
+    """The 4-tuple of a connection as its own socket sees it, local first: `local_addr`/`local_port` from
+    getsockname(2), `remote_addr`/`remote_port` from getpeername(2). `family` is the socket's AF_INET or AF_INET6;
+    addresses are text as socket.inet_ntop spells them; ports are host-order ints 1-65535. An AF_INET6 socket
+    talking IPv4 has v4-mapped addresses (::ffff:a.b.c.d); wire() gives the tuple packets carry. Frozen, ordered
+    and hashable: usable as a dict key. str() is `ADDR:PORT->ADDR:PORT` (IPv6 in brackets), which parse() reads."""
 
     family: int
     local_addr: str
@@ -41,10 +49,12 @@ class ConnTuple:
 
     @property
     def local(self) -> tuple[str, int]:
+        """(local_addr, local_port), the form socket.bind() takes."""
         return (self.local_addr, self.local_port)
 
     @property
     def remote(self) -> tuple[str, int]:
+        """(remote_addr, remote_port), the form socket.connect() takes."""
         return (self.remote_addr, self.remote_port)
 
     def reversed(self) -> ConnTuple:
@@ -68,7 +78,8 @@ class ConnTuple:
 
     @classmethod
     def parse(cls, text: str) -> ConnTuple:
-        """Parse `ADDR:PORT->ADDR:PORT` (IPv6 in brackets), the form str() prints."""
+        """Parse `ADDR:PORT->ADDR:PORT` (IPv6 in brackets), the form str() prints; raises ValueError (not a
+        SockrepairError: this is argument parsing) on anything else, a port outside 1-65535, or mixed families."""
         try:
             left, right = text.split("->")
             (la, lp), (ra, rp) = (_split_hostport(left), _split_hostport(right))
@@ -95,7 +106,18 @@ def _split_hostport(text: str) -> tuple[str, int]:
 
 @dataclass
 class TcpOptions:
-    """Options negotiated at the handshake, which TCP_REPAIR_OPTIONS puts back without one."""
+    """Options negotiated at the handshake, which restore puts back with TCP_REPAIR_OPTIONS (struct tcp_repair_opt
+    entries, accepted only between the repair-mode connect and the first byte sent) since there is no handshake.
+
+    - `mss`: getsockopt(TCP_MAXSEG) read in repair mode, where the kernel returns tp->rx_opt.mss_clamp (the MSS the
+      peer announced, capped by a user MSS), in bytes; put back as TCPOPT_MAXSEG, and as the user MSS before
+      the repair-mode connect so that the new socket sizes its segments from it.
+    - `sack`, `timestamps`, `wscale`: the TCPI_OPT_SACK (2), TCPI_OPT_TIMESTAMPS (1) and TCPI_OPT_WSCALE (4) bits
+      of TCP_INFO's tcpi_options, i.e. both ends agreed on SACK, RFC 7323 timestamps, window scaling; put back as
+      TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP, TCPOPT_WINDOW.
+    - `snd_wscale`: tcpi_snd_wscale (tp->rx_opt.snd_wscale), the shift the PEER's advertised windows are scaled by;
+      `rcv_wscale`: tcpi_rcv_wscale (tp->rx_opt.rcv_wscale), the shift of our own advertised windows; each 0-14,
+      meaningful only when `wscale` is set; put back as TCPOPT_WINDOW = snd_wscale | rcv_wscale << 16."""
 
     mss: int
     sack: bool
@@ -107,7 +129,19 @@ class TcpOptions:
 
 @dataclass
 class RepairWindow:
-    """struct tcp_repair_window: the window edges the peer already knows about."""
+    """struct tcp_repair_window from getsockopt(TCP_REPAIR_WINDOW) (Linux 4.8+), in field order, each a u32: the
+    window edges the peer already knows about, so the restored socket neither shrinks a window it advertised nor
+    sends beyond the one it was offered. Sequence numbers are absolute (mod 2**32), windows are bytes, already
+    scaled.
+
+    - `snd_wl1`: tp->snd_wl1, the sequence number of the segment that last updated our send window;
+    - `snd_wnd`: tp->snd_wnd, the window the peer offers us now;
+    - `max_window`: tp->max_window, the largest window the peer ever offered;
+    - `rcv_wnd`: tp->rcv_wnd, the window we advertised last;
+    - `rcv_wup`: tp->rcv_wup, rcv_nxt as it was when we advertised it.
+
+    The kernel refuses (EINVAL) a window with max_window < snd_wnd, snd_wl1 after rcv_nxt + rcv_wnd, or rcv_wup
+    after rcv_nxt (net/ipv4/tcp.c tcp_repair_set_window)."""
 
     snd_wl1: int
     snd_wnd: int
@@ -118,7 +152,24 @@ class RepairWindow:
 
 @dataclass
 class SocketOptions:
-    """Application-visible socket options of the connection (the last three are ones criu does not keep)."""
+    """Application-visible socket options of the connection, read with getsockopt(2) before repair mode (which
+    forces the reuse flag) and set again on the restored socket. Integers are the C int the kernel exchanges; the
+    defaults are a fresh socket's on a stock host. Level and name of each (IPv6 sockets use the IPv6 name where
+    two are given):
+
+    - SOL_SOCKET: `keepalive` SO_KEEPALIVE, `sndbuf`/`rcvbuf` SO_SNDBUF/SO_RCVBUF (bytes, as getsockopt reports
+      them: twice what setsockopt was given), `reuseaddr` SO_REUSEADDR, `reuseport` SO_REUSEPORT, `priority`
+      SO_PRIORITY, `mark` SO_MARK (a mark of 0xffffffff is -1), `linger_on`/`linger_secs` SO_LINGER (struct linger:
+      l_onoff, l_linger in seconds), `bindtodevice` SO_BINDTODEVICE (interface name, "" for none), `rcvlowat`
+      SO_RCVLOWAT (bytes);
+    - IPPROTO_TCP: `nodelay` TCP_NODELAY, `cork` TCP_CORK, `keepidle` TCP_KEEPIDLE (seconds), `keepintvl`
+      TCP_KEEPINTVL (seconds), `keepcnt` TCP_KEEPCNT (probes), `user_timeout` TCP_USER_TIMEOUT (milliseconds, 0 the
+      kernel default), `congestion` TCP_CONGESTION (algorithm name), `notsent_lowat` TCP_NOTSENT_LOWAT (bytes, 0
+      for the net.ipv4.tcp_notsent_lowat sysctl);
+    - IPPROTO_IP / IPPROTO_IPV6: `tos` IP_TOS / IPV6_TCLASS, `ttl` IP_TTL / IPV6_UNICAST_HOPS (hops), `freebind`
+      IP_FREEBIND, `v6only` IPV6_V6ONLY (IPv6 only).
+
+    criu's images keep none of the last three fields (user_timeout, congestion, notsent_lowat)."""
 
     nodelay: bool = False
     cork: bool = False
@@ -147,8 +198,35 @@ class SocketOptions:
 
 @dataclass
 class ConnectionState:
-    """An established connection frozen in time. Sequence numbers are those at the END of each queue, as
-    TCP_QUEUE_SEQ reports them; `send_queue[:len - unsent_len]` was sent and awaits an ACK, the rest never left."""
+    """An established connection frozen in time: what checkpoint() returns and restore() takes. Plain data: it
+    holds no socket, compares by value, and to_bytes()/from_bytes() turn it into a connection image and back
+    (docs/image-format.md).
+
+    - `tuple`: the ConnTuple (getsockname/getpeername).
+    - `tcp_state`: tcpi_state of TCP_INFO, a Linux TCP state number (TCP_STATES; checkpoint takes only 1,
+      ESTABLISHED).
+    - `send_seq`: getsockopt(TCP_QUEUE_SEQ) with TCP_REPAIR_QUEUE = TCP_SEND_QUEUE, which is tp->write_seq: the
+      sequence number after the LAST byte of the send queue, never-sent bytes included. It is not snd_nxt:
+      snd_una = send_seq - len(send_queue) and snd_nxt = send_seq - unsent_len (mod 2**32).
+    - `recv_seq`: getsockopt(TCP_QUEUE_SEQ) with TCP_REPAIR_QUEUE = TCP_RECV_QUEUE, which is tp->rcv_nxt: the
+      sequence number after the last byte received in order; the receive queue starts at recv_seq - len(recv_queue)
+      (the application's copied_seq). Restore sets each queue's START (seq - length) on the closed socket, then
+      refills it.
+    - `send_queue`: the bytes recv(MSG_PEEK) returns in repair mode with the send queue selected, SIOCOUTQ of them:
+      first the sent-but-unacknowledged bytes (unacked), then the never-sent ones (unsent).
+    - `unsent_len`: ioctl SIOCOUTQNSD (write_seq - snd_nxt), bytes at the end of send_queue that never left; read
+      with no repair queue selected (engine/_queues.py says why).
+    - `recv_queue`: the bytes recv(MSG_PEEK) returns in repair mode with the receive queue selected, SIOCINQ of
+      them: received in order, not yet read by the application. With urgent data pending and SO_OOBINLINE off,
+      SIOCINQ stops at the urgent mark while recv_seq is the queue's true end.
+    - `options`: TcpOptions (TCP_INFO tcpi_options and wscales, TCP_MAXSEG = mss_clamp).
+    - `window`: RepairWindow (TCP_REPAIR_WINDOW), None on kernels before 4.8, which lack it.
+    - `timestamp`: getsockopt(TCP_TIMESTAMP), the u32 the socket's TSval clock reads now (the kernel's TCP clock
+      plus tp->tsoffset), unpacked as unsigned; since Linux 6.7 (microsecond TCP timestamps) its low bit is the
+      microsecond-mode flag, so it is stored and set back as is, never taken as a number of milliseconds. Restored
+      only when options.timestamps is set.
+    - `sockopts`: SocketOptions, read before repair mode.
+    """
 
     tuple: ConnTuple
     tcp_state: int
@@ -164,19 +242,25 @@ class ConnectionState:
 
     @property
     def unacked(self) -> bytes:
+        """The send queue's first len(send_queue) - unsent_len bytes: sent, not yet acknowledged by the peer."""
         return self.send_queue[: len(self.send_queue) - self.unsent_len]
 
     @property
     def unsent(self) -> bytes:
+        """The send queue's last unsent_len bytes: written by the application, never sent."""
         return self.send_queue[len(self.send_queue) - self.unsent_len :]
 
     def to_bytes(self) -> bytes:
+        """The connection image (docs/image-format.md); raises ImageError naming the field (`.field`, e.g.
+        "window.snd_wnd") when a value does not fit the format."""
         from sockrepair.image import encode
 
         return encode(self)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ConnectionState:
+        """The state an image holds; raises ImageError with `.offset` (the byte) and `.field` (the record path, e.g.
+        "tuple.local_port") on any malformed input."""
         from sockrepair.image import decode
 
         return decode(data)
@@ -188,4 +272,5 @@ class ConnectionState:
         return state_to_dict(self, payload=payload)
 
     def replace(self, **changes: Any) -> ConnectionState:
+        """A copy with the given fields changed (dataclasses.replace); raises TypeError for an unknown field."""
         return dataclasses.replace(self, **changes)

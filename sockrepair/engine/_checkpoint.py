@@ -35,7 +35,8 @@ def checkpoint(sock: SockLike) -> ConnectionState:
     """Freeze `sock` (repair mode on) and return its full state; the socket stays frozen: follow with resume() to
     let it go on here, or discard() when the connection moves elsewhere.
 
-    `sock` is a socket object or a file descriptor of this process. In the state: `send_seq` / `recv_seq` are the
+    The kernel keeps acknowledging incoming data in repair mode: hold the network lock (sockrepair.lock()) from
+    before the call. `sock` is a socket object or a file descriptor of this process. In the state: `send_seq` / `recv_seq` are the
     u32 sequence numbers after the last byte of each queue (TCP_QUEUE_SEQ), `send_queue` the bytes sent but not
     acknowledged followed by the `unsent_len` bytes never sent (SIOCOUTQ, SIOCOUTQNSD), `recv_queue` the bytes
     received but not read (SIOCINQ, recv(MSG_PEEK)), `options` the handshake's options with the MSS clamp in bytes

@@ -1,5 +1,10 @@
 """The fast codec of the connection image: encode and decode with the struct module, in the layout that
-sockrepair.image.format defines with construct (the unit tests hold the two together)."""
+sockrepair.image.format defines with construct (the unit tests hold the two together).
+
+Every ImageError raised here carries `.field`, the record path of the field to blame as format.py names it
+("tuple.local_port", "options.flags", "window.snd_wnd", "sockopts.congestion", "send_queue"; header and trailer fields
+are "magic", "version", "flags", "crc32"), or None when a length rather than one field is at fault (truncated
+input, trailing junk); decode's errors also carry `.offset`, the byte the message names."""
 
 from __future__ import annotations
 
@@ -42,17 +47,18 @@ _U32 = struct.Struct(">I")
 
 class _FixedBody:
     """The fixed-size start of a body (everything before the two strings) for one address size, with or without
-    the window: one struct call packs or unpacks it, and `offsets` names the byte each field starts at."""
+    the window: one struct call packs or unpacks it, and `offsets` gives the byte each field starts at, keyed by
+    its record path."""
 
     def __init__(self, addr_size: int, window: bool) -> None:
         spec = [
-            ("ip_version", "B"), ("local_port", "H"), ("remote_port", "H"),
-            ("local_addr", f"{addr_size}s"), ("remote_addr", f"{addr_size}s"),
+            ("tuple.ip_version", "B"), ("tuple.local_port", "H"), ("tuple.remote_port", "H"),
+            ("tuple.local_addr", f"{addr_size}s"), ("tuple.remote_addr", f"{addr_size}s"),
             ("tcp_state", "B"), ("send_seq", "I"), ("recv_seq", "I"), ("timestamp", "I"),
-            ("mss", "H"), ("option_flags", "B"), ("snd_wscale", "B"), ("rcv_wscale", "B"),
-            *((name, "I") for name in (WINDOW_FIELDS if window else ())),
-            ("sockopt_flags", "B"),
-            *((name, "i") for name in SOCKOPT_INTS),
+            ("options.mss", "H"), ("options.flags", "B"), ("options.snd_wscale", "B"), ("options.rcv_wscale", "B"),
+            *((f"window.{name}", "I") for name in (WINDOW_FIELDS if window else ())),
+            ("sockopts.flags", "B"),
+            *((f"sockopts.{name}", "i") for name in SOCKOPT_INTS),
         ]  # fmt: skip
         self.offsets: dict[str, int] = {}
         fmt = ">"
@@ -62,6 +68,12 @@ class _FixedBody:
         self.body = struct.Struct(fmt)
         # Encoding packs the header, this and the bindtodevice length byte in one call.
         self.image_head = struct.Struct(_HEADER.format + fmt[1:] + "B")
+
+    def field_cut_at(self, end: int) -> str:
+        """The first fixed-size field that does not end before byte `end`."""
+        starts = list(self.offsets.items())
+        ends = [start for _, start in starts[1:]] + [HEADER_SIZE + self.body.size]
+        return next(name for (name, _), stop in zip(starts, ends, strict=True) if stop > end)
 
 
 _LAYOUTS = {(v, w): _FixedBody(size, w) for v, size in ((4, 4), (6, 16)) for w in (False, True)}
@@ -77,7 +89,8 @@ _FLAG_BITS = [tuple(bool(flags >> bit & 1) for bit in range(len(SOCKOPT_FLAGS)))
 
 
 def encode(state: ConnectionState) -> bytes:
-    """The image of `state`; raises ImageError naming the field if the state cannot be represented."""
+    """The image of `state`; raises ImageError naming the field (in the message and as `.field`, e.g.
+    "window.snd_wnd") if the state cannot be represented."""
     try:
         t, o, w, so = state.tuple, state.options, state.window, state.sockopts
         send, recv, unsent = state.send_queue, state.recv_queue, state.unsent_len
@@ -113,7 +126,10 @@ def encode(state: ConnectionState) -> bytes:
         queue_head = _QUEUE_HEAD.pack(unsent, len(send))
         pieces = [head, dev, bytes((len(cong),)), cong, queue_head, send, _U32.pack(len(recv)), recv]
     except (LookupError, AttributeError, TypeError, ValueError, OSError, struct.error) as exc:
-        raise ImageError(f"cannot encode connection state: {find_problem(state) or exc}") from None
+        problem = problem_of(state)
+        raise ImageError(
+            f"cannot encode connection state: {problem[1] if problem else exc}", field=problem[0] if problem else None
+        ) from None
     crc = 0
     for piece in pieces:
         crc = zlib.crc32(piece, crc)
@@ -122,8 +138,9 @@ def encode(state: ConnectionState) -> bytes:
 
 
 def decode(data: bytes | bytearray | memoryview) -> ConnectionState:
-    """The state an image holds. Any malformed input raises ImageError saying what is wrong and at which byte;
-    no length is trusted before it is checked against the bytes actually there."""
+    """The state an image holds. Any malformed input raises ImageError saying what is wrong and at which byte
+    (`.offset`, from the image's first byte; `.field`, the record path of the field to blame); no length is trusted
+    before it is checked against the bytes actually there."""
     try:
         view = memoryview(data).cast("B")
     except TypeError:
@@ -131,14 +148,15 @@ def decode(data: bytes | bytearray | memoryview) -> ConnectionState:
     size = len(view)
     head = bytes(view[:HEADER_SIZE])
     if head[: len(MAGIC)] != MAGIC[: len(head)]:
-        raise _bad(0, f"not a sockrepair connection image (magic {head[: len(MAGIC)].hex()}, want {MAGIC.hex()})")
+        raise _bad(0, f"not a sockrepair connection image (magic {head[: len(MAGIC)].hex()}, want {MAGIC.hex()})",
+                   "magic")
     if size < HEADER_SIZE + CRC_SIZE:
         raise _bad(size, f"truncated: {size} bytes is less than the {HEADER_SIZE + CRC_SIZE} of header and checksum")
     _, version, flags, body_len = _HEADER.unpack(head)
     if version != VERSION:
-        raise _bad(4, f"unsupported format version {version} (this sockrepair reads version {VERSION})")
+        raise _bad(4, f"unsupported format version {version} (this sockrepair reads version {VERSION})", "version")
     if flags & ~FLAG_WINDOW:
-        raise _bad(6, f"unknown flags 0x{flags:04x} (version {VERSION} knows 0x{FLAG_WINDOW:04x})")
+        raise _bad(6, f"unknown flags 0x{flags:04x} (version {VERSION} knows 0x{FLAG_WINDOW:04x})", "flags")
     end = HEADER_SIZE + body_len
     if end + CRC_SIZE > size:
         declared = f"the header declares a {body_len}-byte body, so {end + CRC_SIZE} bytes, not {size}"
@@ -148,17 +166,19 @@ def decode(data: bytes | bytearray | memoryview) -> ConnectionState:
     (stored,) = _CRC.unpack_from(view, end)
     computed = zlib.crc32(view[:end])
     if stored != computed:
-        raise _bad(end, f"checksum mismatch: stored 0x{stored:08x}, computed 0x{computed:08x} (corrupted image)")
+        raise _bad(end, f"checksum mismatch: stored 0x{stored:08x}, computed 0x{computed:08x} (corrupted image)",
+                   "crc32")
     return _decode_body(view, end, bool(flags & FLAG_WINDOW))
 
 
 def _decode_body(view: memoryview, end: int, has_window: bool) -> ConnectionState:
-    _need(HEADER_SIZE, 1, end, "the connection tuple")
+    _need(HEADER_SIZE, 1, end, "the connection tuple", "tuple.ip_version")
     version = view[HEADER_SIZE]
     if version not in _FAMILY_OF:
-        raise _bad(HEADER_SIZE, f"unknown IP version {version} (want 4 or 6)")
+        raise _bad(HEADER_SIZE, f"unknown IP version {version} (want 4 or 6)", "tuple.ip_version")
     layout = _LAYOUTS[version, has_window]
-    _need(HEADER_SIZE, layout.body.size, end, "the fixed-size fields")
+    if layout.body.size > end - HEADER_SIZE:
+        _need(HEADER_SIZE, layout.body.size, end, "the fixed-size fields", layout.field_cut_at(end))
     values = layout.body.unpack_from(view, HEADER_SIZE)
     _, lport, rport, laddr, raddr, tcp_state, send_seq, recv_seq, timestamp, mss, oflags, snd_ws, rcv_ws = values[:13]
     if not (lport and rport and tcp_state in VALID_TCP_STATES and oflags < 8 and max(snd_ws, rcv_ws) <= MAX_WSCALE):
@@ -173,16 +193,16 @@ def _decode_body(view: memoryview, end: int, has_window: bool) -> ConnectionStat
     bindtodevice, off = _short_string(view, off, end, "bindtodevice")
     congestion, off = _short_string(view, off, end, "congestion")
     sockopts = SocketOptions(*_to_field_order(_FLAG_BITS[rest[0]] + rest[1:] + (bindtodevice, congestion)))
-    _need(off, _QUEUE_HEAD.size, end, "the send queue header")
+    _need(off, _QUEUE_HEAD.size, end, "the send queue header", "unsent_len" if end - off < 4 else "send_queue")
     unsent, send_len = _QUEUE_HEAD.unpack_from(view, off)
-    _need(off + 8, send_len, end, "the send queue")
+    _need(off + 8, send_len, end, "the send queue", "send_queue")
     if unsent > send_len:
-        raise _bad(off, f"unsent_len {unsent} exceeds the send queue's {send_len} bytes")
+        raise _bad(off, f"unsent_len {unsent} exceeds the send queue's {send_len} bytes", "unsent_len")
     send = bytes(view[off + 8 : off + 8 + send_len])
     off += 8 + send_len
-    _need(off, 4, end, "the receive queue length")
+    _need(off, 4, end, "the receive queue length", "recv_queue")
     (recv_len,) = _U32.unpack_from(view, off)
-    _need(off + 4, recv_len, end, "the receive queue")
+    _need(off + 4, recv_len, end, "the receive queue", "recv_queue")
     recv = bytes(view[off + 4 : off + 4 + recv_len])
     off += 4 + recv_len
     if off != end:
@@ -207,54 +227,74 @@ def _fixed_field_error(layout: _FixedBody, unpacked: tuple[object, ...]) -> Imag
     values: dict[str, Any] = dict(zip(layout.offsets, unpacked, strict=True))
     at = layout.offsets
     for name in ("local_port", "remote_port"):
-        if values[name] == 0:
-            return _bad(at[name], f"{name} is 0")
+        if values[f"tuple.{name}"] == 0:
+            return _bad(at[f"tuple.{name}"], f"{name} is 0", f"tuple.{name}")
     state = values["tcp_state"]
     if state not in VALID_TCP_STATES:
-        return _bad(at["tcp_state"], f"invalid TCP state {state} ({TCP_STATES.get(state, 'unknown')})")
-    if values["option_flags"] >= 8:
-        return _bad(at["option_flags"], f"unknown TCP option flags 0x{values['option_flags']:02x} (known: 0x07)")
-    name = "snd_wscale" if values["snd_wscale"] > MAX_WSCALE else "rcv_wscale"
-    return _bad(at[name], f"{name} {values[name]} exceeds {MAX_WSCALE}")
+        return _bad(at["tcp_state"], f"invalid TCP state {state} ({TCP_STATES.get(state, 'unknown')})", "tcp_state")
+    flags = values["options.flags"]
+    if flags >= 8:
+        return _bad(at["options.flags"], f"unknown TCP option flags 0x{flags:02x} (known: 0x07)", "options.flags")
+    name = "snd_wscale" if values["options.snd_wscale"] > MAX_WSCALE else "rcv_wscale"
+    path = f"options.{name}"
+    return _bad(at[path], f"{name} {values[path]} exceeds {MAX_WSCALE}", path)
 
 
 def _short_string(view: memoryview, off: int, end: int, name: str) -> tuple[str, int]:
-    _need(off, 1, end, f"the {name} length")
+    path = f"sockopts.{name}"
+    _need(off, 1, end, f"the {name} length", path)
     length = view[off]
     if length > MAX_NAME:
-        raise _bad(off, f"{name} length {length} exceeds {MAX_NAME}")
-    _need(off + 1, length, end, name)
+        raise _bad(off, f"{name} length {length} exceeds {MAX_NAME}", path)
+    _need(off + 1, length, end, name, path)
     try:
         text = str(view[off + 1 : off + 1 + length], "utf-8")
     except UnicodeDecodeError as exc:
-        raise _bad(off + 1 + exc.start, f"{name} is not UTF-8") from None
+        raise _bad(off + 1 + exc.start, f"{name} is not UTF-8", path) from None
     return text, off + 1 + length
 
 
-def _need(off: int, length: int, end: int, what: str) -> None:
+def _need(off: int, length: int, end: int, what: str, field: str) -> None:
     if length > end - off:
-        raise _bad(off, f"{what} needs {length} bytes but the body has {max(end - off, 0)} left")
+        raise _bad(off, f"{what} needs {length} bytes but the body has {max(end - off, 0)} left", field)
 
 
-def _bad(offset: int, what: str) -> ImageError:
-    return ImageError(f"bad connection image at byte {offset}: {what}")
+def _bad(offset: int, what: str, field: str | None = None) -> ImageError:
+    return ImageError(f"bad connection image at byte {offset}: {what}", offset=offset, field=field)
 
 
 def find_problem(state: ConnectionState) -> str | None:
-    """The first field of `state` an image cannot hold, as "field: why", or None if it encodes."""
+    """The first field of `state` an image cannot hold, as "field: why" (field a path such as "window.snd_wnd"),
+    or None if it encodes. Never raises."""
+    problem = problem_of(state)
+    return None if problem is None else problem[1]
+
+
+def problem_of(state: ConnectionState) -> tuple[str | None, str] | None:
+    """(the field's path, "field: why") for the first field of `state` an image cannot hold; the path is None when
+    `state` is not a ConnectionState at all."""
     if not isinstance(state, ConnectionState):
-        return f"{type(state).__name__} is not a ConnectionState"
+        return None, f"{type(state).__name__} is not a ConnectionState"
+    found = _field_problem(state)
+    if found is None:
+        return None
+    field, label, why = found
+    return field, f"{label}: {why}"
+
+
+def _field_problem(state: ConnectionState) -> tuple[str, str, str] | None:
+    """(field path, what the message calls it, why): the two differ only for a queue's length."""
     t = state.tuple
     if not isinstance(t, ConnTuple):
-        return f"tuple: {type(t).__name__} is not a ConnTuple"
+        return _named("tuple", f"{type(t).__name__} is not a ConnTuple")
     if t.family not in _IP_VERSION_OF:
-        return f"tuple.family: {t.family} is neither AF_INET nor AF_INET6"
+        return _named("tuple.family", f"{t.family} is neither AF_INET nor AF_INET6")
     for name in ("local_addr", "remote_addr"):
         addr = getattr(t, name)
         try:
             socket.inet_pton(t.family, addr)
         except (OSError, TypeError, ValueError):
-            return f"tuple.{name}: {addr!r} is not an IPv{_IP_VERSION_OF[t.family]} address"
+            return _named(f"tuple.{name}", f"{addr!r} is not an IPv{_IP_VERSION_OF[t.family]} address")
     checks: list[tuple[str, object, int, int]] = [
         ("tuple.local_port", t.local_port, 1, 0xFFFF),
         ("tuple.remote_port", t.remote_port, 1, 0xFFFF),
@@ -263,10 +303,11 @@ def find_problem(state: ConnectionState) -> str | None:
         ("timestamp", state.timestamp, 0, U32_MAX),
     ]
     if not isinstance(state.tcp_state, int) or state.tcp_state not in VALID_TCP_STATES:
-        return f"tcp_state: {state.tcp_state!r} is not a TCP state an image can hold ({sorted(VALID_TCP_STATES)})"
+        why = f"{state.tcp_state!r} is not a TCP state an image can hold ({sorted(VALID_TCP_STATES)})"
+        return _named("tcp_state", why)
     o = state.options
     if not isinstance(o, TcpOptions):
-        return f"options: {type(o).__name__} is not a TcpOptions"
+        return _named("options", f"{type(o).__name__} is not a TcpOptions")
     checks += [
         ("options.mss", o.mss, 0, 0xFFFF),
         ("options.snd_wscale", o.snd_wscale, 0, MAX_WSCALE),
@@ -275,30 +316,37 @@ def find_problem(state: ConnectionState) -> str | None:
     w = state.window
     if w is not None:
         if not isinstance(w, RepairWindow):
-            return f"window: {type(w).__name__} is neither a RepairWindow nor None"
+            return _named("window", f"{type(w).__name__} is neither a RepairWindow nor None")
         checks += [(f"window.{name}", getattr(w, name), 0, U32_MAX) for name in WINDOW_FIELDS]
     so = state.sockopts
     if not isinstance(so, SocketOptions):
-        return f"sockopts: {type(so).__name__} is not a SocketOptions"
+        return _named("sockopts", f"{type(so).__name__} is not a SocketOptions")
     checks += [(f"sockopts.{name}", getattr(so, name), -(2**31), 2**31 - 1) for name in SOCKOPT_INTS]
     for name, queue in (("send_queue", state.send_queue), ("recv_queue", state.recv_queue)):
         if not isinstance(queue, (bytes, bytearray, memoryview)):
-            return f"{name}: {type(queue).__name__} is not bytes"
-        checks.append((f"len({name})", len(queue), 0, U32_MAX))
+            return _named(name, f"{type(queue).__name__} is not bytes")
+        checks.append((name, len(queue), 0, U32_MAX))
     checks.append(("unsent_len", state.unsent_len, 0, len(state.send_queue)))
-    for name, value, low, high in checks:
+    for field, value, low, high in checks:
+        # a queue is checked by its length
+        label = f"len({field})" if field in ("send_queue", "recv_queue") else field
         if not isinstance(value, int):
-            return f"{name}: {value!r} is not an integer"
+            return field, label, f"{value!r} is not an integer"
         if not low <= value <= high:
-            return f"{name}: {value} is not in {low}..{high}"
+            return field, label, f"{value} is not in {low}..{high}"
     for name in ("bindtodevice", "congestion"):
+        field = f"sockopts.{name}"
         text = getattr(so, name)
         if not isinstance(text, str):
-            return f"sockopts.{name}: {text!r} is not a string"
+            return _named(field, f"{text!r} is not a string")
         try:
             size = len(text.encode())
         except UnicodeEncodeError:
-            return f"sockopts.{name}: {text!r} cannot be encoded as UTF-8"
+            return _named(field, f"{text!r} cannot be encoded as UTF-8")
         if size > MAX_NAME:
-            return f"sockopts.{name}: {text!r} is {size} bytes of UTF-8, more than {MAX_NAME}"
+            return _named(field, f"{text!r} is {size} bytes of UTF-8, more than {MAX_NAME}")
     return None
+
+
+def _named(field: str, why: str) -> tuple[str, str, str]:
+    return field, field, why

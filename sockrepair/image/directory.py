@@ -19,6 +19,9 @@ INDEX_VERSION = 1
 
 @dataclass
 class Entry:
+    """One connection of the index: its image file's name, the fd it had in the source process, its tuple, and the
+    sha256 (hex) of the image."""
+
     file: str
     fd: int
     tuple: ConnTuple
@@ -34,7 +37,9 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def write_dir(directory: Path, states: list[tuple[int, ConnectionState]], source: dict[str, Any]) -> list[Entry]:
-    """Write (fd, state) pairs; `source` (pid, command, host...) is recorded in the index for people."""
+    """Write (fd, state) pairs as conn-N.img files and index.json (all 0600, the directory 0700 when created);
+    `source` (pid, command, host...) is recorded in the index for people. Raises ImageError (naming the field) for
+    a state an image cannot hold, OSError when the directory cannot be written."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     entries = []
     for n, (fd, state) in enumerate(states):
@@ -49,29 +54,48 @@ def write_dir(directory: Path, states: list[tuple[int, ConnectionState]], source
 
 
 def read_dir(directory: Path) -> list[tuple[Entry, ConnectionState]]:
+    """The (entry, state) pairs of a directory write_dir made, in the index's order. Raises ImageError with `.path`
+    (the index or the image file at fault), `.field` (the index key, e.g. "connections[2].sha256", or the image's
+    record path) and, for a damaged image, `.offset` (the byte in that file)."""
+    index_path = directory / INDEX
     try:
-        index = json.loads((directory / INDEX).read_text())
+        index = json.loads(index_path.read_text())
     except FileNotFoundError:
-        raise ImageError(f"{directory} holds no {INDEX}: not an image directory written by `sockrepair dump`") from None
+        raise ImageError(f"{directory} holds no {INDEX}: not an image directory written by `sockrepair dump`",
+                         path=str(index_path)) from None
     except (OSError, ValueError) as exc:
-        raise ImageError(f"{directory / INDEX}: unreadable: {exc}") from None
-    if not isinstance(index, dict) or index.get("version") != INDEX_VERSION:
-        raise ImageError(f"{directory / INDEX}: unsupported index version {index.get('version')!r}")
+        raise ImageError(f"{index_path}: unreadable: {exc}", path=str(index_path)) from None
+    version = index.get("version") if isinstance(index, dict) else None
+    if version != INDEX_VERSION:
+        raise ImageError(f"{index_path}: unsupported index version {version!r}", path=str(index_path),
+                         field="version")
+    connections = index.get("connections", [])
+    if not isinstance(connections, list):
+        raise ImageError(f"{index_path}: connections is not a list", path=str(index_path), field="connections")
     out = []
-    for item in index.get("connections", []):
+    for n, item in enumerate(connections):
         try:
             entry = Entry(item["file"], int(item["fd"]), ConnTuple.parse(item["tuple"]), item["sha256"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise ImageError(f"{directory / INDEX}: bad connection entry {item!r}: {exc}") from None
+            raise ImageError(f"{index_path}: bad connection entry {item!r}: {exc}", path=str(index_path),
+                             field=f"connections[{n}]") from None
         if "/" in entry.file or entry.file.startswith("."):
-            raise ImageError(f"{directory / INDEX}: image name {entry.file!r} points outside the directory")
+            raise ImageError(f"{index_path}: image name {entry.file!r} points outside the directory",
+                             path=str(index_path), field=f"connections[{n}].file")
+        image_path = directory / entry.file
         try:
-            data = (directory / entry.file).read_bytes()
+            data = image_path.read_bytes()
         except OSError as exc:
-            raise ImageError(f"{directory / entry.file}: {exc.strerror}") from None
+            raise ImageError(f"{image_path}: {exc.strerror}", path=str(image_path)) from None
         if hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise ImageError(f"{directory / entry.file}: sha256 differs from the index (file changed or damaged)")
-        out.append((entry, ConnectionState.from_bytes(data)))
+            raise ImageError(f"{image_path}: sha256 differs from the index (file changed or damaged)",
+                             path=str(image_path), field=f"connections[{n}].sha256")
+        try:
+            state = ConnectionState.from_bytes(data)
+        except ImageError as exc:
+            raise ImageError(f"{image_path}: {exc}", path=str(image_path), offset=exc.offset,
+                             field=exc.field) from None
+        out.append((entry, state))
     return out
 
 

@@ -1,5 +1,6 @@
 """A connection state as JSON-ready data: a summary to read, or with `payload` a full image to turn back into a
-state (`state_from_dict`)."""
+state (`state_from_dict`). Errors name the offending key as a path ("options.sack", "send_queue.base64") in the
+message and as ImageError's `.field`; JSON has no byte offsets, so `.offset` stays None."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 from sockrepair.errors import ImageError
 from sockrepair.image import layout
-from sockrepair.image._codec import find_problem
+from sockrepair.image._codec import problem_of
 from sockrepair.state import (
     TCP_STATES,
     ConnectionState,
@@ -78,9 +79,9 @@ def state_from_dict(d: Any) -> ConnectionState:
         timestamp=d["timestamp"],
         sockopts=_record(SocketOptions, d["sockopts"], "sockopts"),
     )
-    problem = find_problem(state)
+    problem = problem_of(state)
     if problem is not None:
-        raise ImageError(f"bad JSON connection image: {problem}")
+        raise ImageError(f"bad JSON connection image: {problem[1]}", field=problem[0])
     return state
 
 
@@ -124,12 +125,12 @@ def _record(cls: type, fields: Any, key: str) -> Any:
 def _keys(d: Any, expected: set[str], key: str) -> None:
     where = key or "the image"
     if not isinstance(d, dict):
-        raise _bad(where, f"want an object, not {type(d).__name__}")
-    missing, unknown = expected - d.keys(), d.keys() - expected
-    if missing:
-        raise _bad(where, f"missing {', '.join(sorted(missing))}")
-    if unknown:
-        raise _bad(where, f"unknown {', '.join(sorted(map(str, unknown)))}")
+        raise _error(where, f"want an object, not {type(d).__name__}", key or None)
+    missing, unknown = sorted(expected - d.keys()), sorted(map(str, d.keys() - expected))
+    # the field blamed is the first missing or unknown key itself, not the object holding it
+    for names, what in ((missing, "missing"), (unknown, "unknown")):
+        if names:
+            raise _error(where, f"{what} {', '.join(names)}", f"{key}.{names[0]}" if key else names[0])
 
 
 def _typed(value: Any, kind: type, key: str) -> None:
@@ -139,4 +140,9 @@ def _typed(value: Any, kind: type, key: str) -> None:
 
 
 def _bad(key: str, what: str) -> ImageError:
-    return ImageError(f"bad JSON connection image: {key}: {what}")
+    return _error(key, what, key)
+
+
+def _error(shown: str, what: str, field: str | None) -> ImageError:
+    """`shown` is where the message says the problem is; `field` the path ImageError.field blames."""
+    return ImageError(f"bad JSON connection image: {shown}: {what}", field=field)

@@ -1,6 +1,8 @@
 """The network lock: drop a migrating connection's packets, both directions, per 4-tuple, with nf_tables set
-elements that expire on their own. See docs/lock.md."""
+elements that expire on their own (ttl in seconds, default DEFAULT_TTL = 60, at most MAX_TTL = 3600). Errors are
+LockError, and NftError (also an OSError with `.errno`) when the kernel refuses a message. See docs/lock.md."""
 
+from sockrepair.errors import NftError
 from sockrepair.lock.api import (
     close_cached_lockers,
     default_locker,
@@ -11,7 +13,6 @@ from sockrepair.lock.api import (
     unlock_all,
 )
 from sockrepair.lock.locker import DEFAULT_TTL, MAX_TTL, Locker, LockRecord
-from sockrepair.lock.netlink import NftError
 from sockrepair.lock.status import nft_status
 
 __all__ = [

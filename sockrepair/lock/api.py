@@ -1,5 +1,12 @@
 """The module-level lock functions: each uses a cached Locker for the network namespace it targets (the calling
-thread's, or a named one), so repeated calls reuse one netlink socket per namespace."""
+thread's, or a named one), so repeated calls reuse one netlink socket per namespace.
+
+Common to all of them: `items` is a ConnTuple, an object with a `.tuple` ConnTuple (a ConnectionState), or an
+iterable of either; tuples are locked as the connection's own socket sees them (local first) and matched as packets
+carry them (ConnTuple.wire()). `netns` is a name from `ip netns list` (a file under /run/netns), None for the
+calling thread's namespace. They raise LockError for bad arguments (an item without a tuple, a ttl outside
+(0, 3600] seconds, an unknown namespace) and NftError (a LockError and an OSError: `.errno`, `.op`) when the kernel
+refuses an nf_tables message, EPERM without CAP_NET_ADMIN in that namespace."""
 
 from __future__ import annotations
 
@@ -31,6 +38,8 @@ def _namespace_id(netns: str | None) -> tuple[int, int]:
 
 
 def default_locker(netns: str | None = None) -> Locker:
+    """The cached Locker of `netns` (created on first use; at most 8 are kept, least recently used closed first).
+    Raises LockError for an unknown namespace name."""
     key = _namespace_id(netns)
     with _cache_mutex:
         locker = _cache.get(key)
@@ -60,12 +69,16 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def lock(items: Lockable | Iterable[Lockable], ttl: float = DEFAULT_TTL, netns: str | None = None) -> int:
-    """Drop both directions of these connections' packets for `ttl` seconds (renewed when locked again)."""
+    """Drop both directions of these connections' packets for `ttl` seconds (a float in (0, 3600], default 60;
+    locking again renews the timeout), in one nf_tables transaction: all are locked or none. Returns the number of
+    distinct tuples locked. Raises LockError (bad item or ttl; a table `inet sockrepair` of another layout) or
+    NftError."""
     return default_locker(netns).lock(items, ttl)
 
 
 def unlock(items: Lockable | Iterable[Lockable], netns: str | None = None) -> None:
-    """Release these connections; tuples that are not locked are skipped."""
+    """Release these connections in one transaction; tuples that are not locked, or no lock table at all, are
+    skipped silently. Raises LockError (bad item) or NftError."""
     default_locker(netns).unlock(items)
 
 
@@ -73,14 +86,20 @@ def unlock(items: Lockable | Iterable[Lockable], netns: str | None = None) -> No
 def locked(
     items: Lockable | Iterable[Lockable], ttl: float = DEFAULT_TTL, netns: str | None = None
 ) -> Iterator[list[ConnTuple]]:
+    """Context manager: lock `items` for `ttl` seconds, yield them as a list of ConnTuples, unlock on the way out
+    (also on error). The lock still expires after `ttl` seconds inside the block: lock() again to renew it. Raises
+    what lock() and unlock() raise: LockError, NftError."""
     with default_locker(netns).locked(items, ttl) as tuples:
         yield tuples
 
 
 def list_locks(netns: str | None = None) -> list[LockRecord]:
+    """Every connection locked now in `netns`, by whichever process locked it, sorted by tuple (as packets carry
+    it); [] when there is no lock table. Raises NftError."""
     return default_locker(netns).list_locks()
 
 
 def unlock_all(netns: str | None = None) -> None:
-    """Remove sockrepair's table with every lock in it."""
+    """Remove sockrepair's table `inet sockrepair` with every lock, set, chain and rule in it (taken by any process);
+    nothing happens when there is none. Raises NftError."""
     default_locker(netns).unlock_all()

@@ -39,8 +39,10 @@ Lockable = ConnTuple | HasTuple
 
 @dataclass(frozen=True)
 class LockRecord:
-    """One locked connection: its tuple as packets carry it, seconds until the lock expires, the ttl it was given
-    (or last renewed with), and who took it."""
+    """One locked connection, from the kernel's set element: `tuple` the ConnTuple as packets carry it (v4-mapped
+    addresses as IPv4), `seconds_left` (float seconds) until the lock expires, `ttl` (float seconds) it was given or
+    last renewed with, `owner` the text of whoever took it (`LABEL pid=N host=H`; "" when another tool added the
+    element without one). to_dict() gives the JSON form `sockrepair locks --json` prints."""
 
     tuple: ConnTuple
     seconds_left: float
@@ -48,6 +50,8 @@ class LockRecord:
     owner: str
 
     def to_dict(self) -> dict[str, Any]:
+        """{"tuple": str, "family": 4 or 6, "local": [addr, port], "remote": [addr, port], "seconds_left",
+        "ttl", "owner"}."""
         return {
             "tuple": str(self.tuple),
             "family": 4 if self.tuple.family == ruleset.V4.sock_family else 6,
@@ -60,7 +64,7 @@ class LockRecord:
 
 
 def as_tuples(items: Lockable | Iterable[Lockable]) -> list[ConnTuple]:
-    """ConnTuples from tuples, states (anything with a `.tuple`), or one of either."""
+    """ConnTuples from tuples, states (anything with a `.tuple`), or one of either; LockError for anything else."""
     if isinstance(items, ConnTuple) or hasattr(items, "tuple"):
         items = [items]  # type: ignore[list-item]
     out = []
@@ -73,6 +77,7 @@ def as_tuples(items: Lockable | Iterable[Lockable]) -> list[ConnTuple]:
 
 
 def ttl_ms(ttl: float) -> int:
+    """`ttl` seconds as the milliseconds nf_tables takes (at least 1); LockError unless 0 < ttl <= MAX_TTL."""
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or not 0 < ttl <= MAX_TTL:
         raise LockError(f"lock ttl must be a number of seconds in (0, {MAX_TTL:g}], not {ttl!r}")
     return max(1, round(ttl * 1000))
@@ -81,7 +86,9 @@ def ttl_ms(ttl: float) -> int:
 class Locker:
     """Keeps one netlink socket in the namespace it was created for (`netns`: a name from `ip netns list`, or
     None for the calling thread's). Elements it adds carry its owner text, `LABEL pid=N host=H` (label default
-    "sockrepair"). Safe to share between threads; not across fork()."""
+    "sockrepair"). Safe to share between threads; not across fork() (LockError in the child). Items and ttl (in
+    seconds) are as for sockrepair.lock(). Creating one raises LockError for an unknown namespace and NftError
+    when no nf_tables netlink socket can be opened; close() it, or use it as a context manager."""
 
     def __init__(self, netns: str | None = None, label: str | None = None) -> None:
         self.netns = netns
@@ -94,6 +101,7 @@ class Locker:
         self._destroy = True  # the kernel knows the DESTROY messages (6.3+); cleared when it turns out it does not
 
     def close(self) -> None:
+        """Close the netlink socket; the locks stay in the kernel until unlocked or expired."""
         self._sock.close()
 
     def __enter__(self) -> Locker:
@@ -111,8 +119,9 @@ class Locker:
                 self._ready = True
 
     def lock(self, items: Lockable | Iterable[Lockable], ttl: float = DEFAULT_TTL) -> int:
-        """Drop every packet of these connections, both ways, for `ttl` seconds; locking again renews the
-        timeout. One transaction: all are locked or none. Returns the number of distinct tuples locked."""
+        """Drop every packet of these connections, both ways, for `ttl` seconds (0 < ttl <= 3600); locking again
+        renews the timeout. One transaction: all are locked or none. Returns the number of distinct tuples locked.
+        Raises LockError (bad item or ttl; a table of another layout) or NftError."""
         timeout = ttl_ms(ttl)
         keys = ruleset.group_keys(as_tuples(items))
         if not keys:
@@ -138,7 +147,8 @@ class Locker:
         return sum(len(k) for k in keys.values())
 
     def unlock(self, items: Lockable | Iterable[Lockable]) -> None:
-        """Let these connections' packets through again. Tuples that are not locked are skipped silently."""
+        """Let these connections' packets through again. Tuples that are not locked are skipped silently. Raises
+        LockError (bad item) or NftError."""
         keys = ruleset.group_keys(as_tuples(items))
         if not keys:
             return
@@ -181,7 +191,8 @@ class Locker:
 
     @contextlib.contextmanager
     def locked(self, items: Lockable | Iterable[Lockable], ttl: float = DEFAULT_TTL) -> Iterator[list[ConnTuple]]:
-        """Hold the lock for the block (renew with `lock()` inside it if the block may outlast `ttl`)."""
+        """Hold the lock for the block, yielding the ConnTuples (renew with `lock()` inside it if the block may
+        outlast `ttl` seconds); unlocks on the way out, also on error."""
         tuples = as_tuples(items)
         self.lock(tuples, ttl)
         try:
@@ -190,6 +201,7 @@ class Locker:
             self.unlock(tuples)
 
     def list_locks(self) -> list[LockRecord]:
+        """Every connection locked now in this namespace, sorted by tuple; [] without a table. Raises NftError."""
         with self._guard():
             records = []
             for fam in ruleset.FAMILIES:
@@ -211,7 +223,8 @@ class Locker:
         return sorted(records, key=lambda r: r.tuple)
 
     def unlock_all(self) -> None:
-        """Remove the whole table: every lock, rule and set of sockrepair in this namespace."""
+        """Remove the whole table: every lock, rule and set of sockrepair in this namespace (none: nothing
+        happens). Raises NftError."""
         with self._guard():
             self._ready = False
             try:

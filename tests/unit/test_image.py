@@ -145,6 +145,7 @@ def rejects(data: object, offset: int, *words: str) -> str:
         image.decode(data)  # type: ignore[arg-type]
     message = str(err.value)
     assert f"at byte {offset}:" in message, message
+    assert err.value.offset == offset, message
     for word in words:
         assert word in message, message
     return message
@@ -369,6 +370,72 @@ def test_every_malformed_kind_is_also_rejected_by_construct() -> None:
             image.decode(data)
 
 
+# ---- which field a damaged image blames ----------------------------------------------------------------------------
+
+# (offset, struct format, value written there, the ImageError's offset, its field) in base_state()'s image
+DAMAGED_FIELDS = [
+    (4, ">H", 2, 4, "version"),
+    (6, ">H", 0x8001, 6, "flags"),
+    (12, ">B", 5, 12, "tuple.ip_version"),
+    (13, ">H", 0, 13, "tuple.local_port"),
+    (15, ">H", 0, 15, "tuple.remote_port"),
+    (25, ">B", 10, 25, "tcp_state"),
+    (40, ">B", 0x0F, 40, "options.flags"),
+    (41, ">B", 15, 41, "options.snd_wscale"),
+    (42, ">B", 15, 42, "options.rcv_wscale"),
+    (116, ">B", 16, 116, "sockopts.bindtodevice"),
+    (117, ">B", 16, 117, "sockopts.congestion"),
+    (120, ">B", 0xFF, 120, "sockopts.congestion"),  # not UTF-8
+    (123, ">I", 12, 123, "unsent_len"),
+    (127, ">I", 0xFFFFFFFF, 131, "send_queue"),
+    (142, ">I", 0xFFFFFFFF, 146, "recv_queue"),
+]
+
+
+@pytest.mark.parametrize(("at", "fmt", "value", "offset", "field"), DAMAGED_FIELDS, ids=[d[4] for d in DAMAGED_FIELDS])
+def test_damaged_image_names_the_offset_and_field(at: int, fmt: str, value: int, offset: int, field: str) -> None:
+    # the checksum is made valid again, so the damage reaches the field's own check
+    with pytest.raises(ImageError) as err:
+        image.decode(patched(base_state().to_bytes(), at, fmt, value))
+    assert (err.value.offset, err.value.field, err.value.path) == (offset, field, None), str(err.value)
+    fixed = image._LAYOUTS[4, True].offsets
+    if field in fixed:
+        assert fixed[field] == at
+
+
+@pytest.mark.parametrize(
+    ("damage", "offset", "field"),
+    [
+        (lambda d: b"SKRQ" + d[4:], 0, "magic"),
+        (lambda d: d[:30] + bytes([d[30] ^ 0x01]) + d[31:], 149, "crc32"),
+        (lambda d: d + b"\0", 153, None),
+        (lambda d: d[:100], 100, None),
+    ],
+    ids=["magic", "flipped-byte-fails-the-crc", "trailing-junk", "truncated"],
+)
+def test_damaged_header_or_length_names_the_offset_and_field(damage: Any, offset: int, field: str | None) -> None:
+    with pytest.raises(ImageError) as err:
+        image.decode(damage(base_state().to_bytes()))
+    assert (err.value.offset, err.value.field) == (offset, field), str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("end", "field"), [(13, "tuple.local_port"), (49, "window.snd_wnd"), (115, "sockopts.notsent_lowat")]
+)
+def test_body_cut_inside_the_fixed_fields_names_the_field_cut(end: int, field: str) -> None:
+    data = base_state().to_bytes()[:end]
+    data = data[:8] + struct.pack(">I", end - 12) + data[12:] + b"\0\0\0\0"
+    with pytest.raises(ImageError) as err:
+        image.decode(reseal(data))
+    assert (err.value.offset, err.value.field) == (12, field), str(err.value)
+
+
+def test_not_bytes_has_no_offset() -> None:
+    with pytest.raises(ImageError) as err:
+        image.decode(12)  # type: ignore[arg-type]
+    assert (err.value.offset, err.value.field) == (None, None)
+
+
 # ---- what encode refuses ------------------------------------------------------------------------------------------
 
 
@@ -398,8 +465,16 @@ def test_every_malformed_kind_is_also_rejected_by_construct() -> None:
     ],
 )
 def test_encode_names_the_field_it_cannot_hold(changes: dict, field: str) -> None:
-    with pytest.raises(ImageError, match=rf"^cannot encode connection state: {field}: "):
+    with pytest.raises(ImageError, match=rf"^cannot encode connection state: {field}: ") as err:
         image.encode(base_state(**changes))
+    assert (err.value.field, err.value.offset) == (field, None)
+    assert image.find_problem(base_state(**changes)) == str(err.value).removeprefix("cannot encode connection state: ")
+
+
+def test_encode_of_something_else_names_no_field() -> None:
+    with pytest.raises(ImageError, match="^cannot encode connection state: dict is not a ConnectionState") as err:
+        image.encode({})  # type: ignore[arg-type]
+    assert err.value.field is None
 
 
 # ---- JSON view ----------------------------------------------------------------------------------------------------
@@ -483,6 +558,32 @@ def test_json_errors(d: dict, message: str) -> None:
     with pytest.raises(ImageError) as err:
         jsonview.state_from_dict(d)
     assert str(err.value).startswith(f"bad JSON connection image: {message}"), str(err.value)
+    assert err.value.offset is None
+
+
+@pytest.mark.parametrize(
+    ("d", "field"),
+    [
+        ([], None),
+        (_json(version=2), "version"),
+        (_json(extra=1), "extra"),
+        (_json(window=KeyError), "window"),
+        (_json(window__snd_wnd=KeyError), "window.snd_wnd"),
+        (_json(sockopts__tcp_nodelay=True), "sockopts.tcp_nodelay"),
+        (_json(options="x"), "options"),
+        (_json(tuple="10.0.0.1:1->10.0.0.2"), "tuple"),
+        (_json(state="LISTEN"), "tcp_state"),
+        (_json(options__sack=1), "options.sack"),
+        (_json(recv_seq=2**32), "recv_seq"),
+        (_json(recv_queue__base64="YW=Jj"), "recv_queue.base64"),
+        (_json(unsent_len=12), "unsent_len"),
+        (_json(sockopts__congestion="x" * 16), "sockopts.congestion"),
+    ],
+)
+def test_json_errors_name_the_field(d: Any, field: str | None) -> None:
+    with pytest.raises(ImageError) as err:
+        jsonview.state_from_dict(d)
+    assert err.value.field == field, str(err.value)
 
 
 def test_json_keeps_v4_mapped_addresses_as_sockets_spell_them() -> None:

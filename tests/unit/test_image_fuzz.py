@@ -49,6 +49,13 @@ BASES = [
 ]  # fmt: skip
 
 
+# Every field an ImageError of decode may blame: the header's, the fixed-size ones of any layout, and the rest.
+KNOWN_FIELDS = {
+    "magic", "version", "flags", "crc32", "sockopts.bindtodevice", "sockopts.congestion", "unsent_len", "send_queue",
+    "recv_queue", *(name for body in image._LAYOUTS.values() for name in body.offsets),
+}  # fmt: skip
+
+
 def length_fields(state: ConnectionState) -> list[tuple[int, str]]:
     """Where each length (and unsent_len) of `state`'s image lies, with its struct format."""
     version = 4 if state.tuple.family == socket.AF_INET else 6
@@ -150,6 +157,8 @@ def test_mutated_images(index: int) -> None:
             match = re.fullmatch(r"bad connection image at byte (\d+): .+", str(exc))
             assert match is not None, (kind, str(exc))
             assert 0 <= int(match.group(1)) <= len(data), (kind, str(exc))
+            assert exc.offset == int(match.group(1)), (kind, str(exc))
+            assert exc.field is None or exc.field in KNOWN_FIELDS, (kind, exc.field, str(exc))
             assert reference(data) is None, (kind, data.hex(), str(exc))
             reason = str(exc).split(": ", 1)[1].split(" ")[0]
             seen[reason] = seen.get(reason, 0) + 1

@@ -1,0 +1,110 @@
+"""Image directories (what `sockrepair dump` writes): a round trip, file modes, and errors naming the file, the
+index key or the image's byte and field."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import stat
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+from sockrepair.errors import ImageError
+from sockrepair.image.directory import INDEX, read_dir, write_dir
+from sockrepair.state import (
+    ConnectionState,
+    ConnTuple,
+    RepairWindow,
+    SocketOptions,
+    TcpOptions,
+)
+
+
+def _state(port: int) -> ConnectionState:
+    return ConnectionState(
+        tuple=ConnTuple(socket.AF_INET, "10.0.0.1", port, "10.0.0.2", 443), tcp_state=1, send_seq=7, recv_seq=9,
+        send_queue=b"hello world", unsent_len=5, recv_queue=b"abc", options=TcpOptions(1460, True, True, True, 7, 9),
+        window=RepairWindow(1, 2, 3, 4, 5), timestamp=777, sockopts=SocketOptions(congestion="cubic"),
+    )  # fmt: skip
+
+
+@pytest.fixture
+def written(tmp_path: Path) -> Path:
+    directory = tmp_path / "dump"
+    write_dir(directory, [(5, _state(40000)), (6, _state(40001))], {"pid": 1})
+    return directory
+
+
+def _edit_index(directory: Path, change: dict[str, object], entry: int | None = None) -> None:
+    index = json.loads((directory / INDEX).read_text())
+    (index if entry is None else index["connections"][entry]).update(change)
+    (directory / INDEX).write_text(json.dumps(index))
+
+
+def test_round_trip_and_modes(written: Path) -> None:
+    pairs = read_dir(written)
+    assert [(e.file, e.fd, s) for e, s in pairs] == [("conn-0.img", 5, _state(40000)), ("conn-1.img", 6, _state(40001))]
+    assert stat.S_IMODE(written.stat().st_mode) == 0o700
+    for name in ("conn-0.img", "conn-1.img", INDEX):
+        assert stat.S_IMODE((written / name).stat().st_mode) == 0o600
+
+
+def test_damaged_image_names_file_offset_and_field(written: Path) -> None:
+    path = written / "conn-1.img"
+    data = bytearray(path.read_bytes())
+    struct.pack_into(">H", data, 13, 0)  # tuple.local_port
+    struct.pack_into(">I", data, len(data) - 4, zlib.crc32(data[:-4]))
+    path.write_bytes(data)
+    _edit_index(written, {"sha256": hashlib.sha256(data).hexdigest()}, entry=1)
+    with pytest.raises(ImageError) as err:
+        read_dir(written)
+    assert (err.value.path, err.value.offset, err.value.field) == (str(path), 13, "tuple.local_port")
+    assert str(err.value).startswith(f"{path}: bad connection image at byte 13: local_port is 0")
+
+
+def test_changed_image_names_the_index_entry(written: Path) -> None:
+    path = written / "conn-1.img"
+    data = bytearray(path.read_bytes())
+    data[20] ^= 1
+    path.write_bytes(data)
+    with pytest.raises(ImageError, match="sha256 differs from the index") as err:
+        read_dir(written)
+    assert (err.value.path, err.value.field, err.value.offset) == (str(path), "connections[1].sha256", None)
+
+
+@pytest.mark.parametrize(
+    ("change", "entry", "field", "message"),
+    [
+        ({"version": 2}, None, "version", "unsupported index version 2"),
+        ({"connections": {}}, None, "connections", "connections is not a list"),
+        ({"file": "../conn-0.img"}, 0, "connections[0].file", "points outside the directory"),
+        ({"tuple": "nonsense"}, 1, "connections[1]", "bad connection entry"),
+    ],
+)
+def test_bad_index_names_the_key(written: Path, change: dict[str, object], entry: int | None, field: str,
+                                 message: str) -> None:
+    _edit_index(written, change, entry)
+    with pytest.raises(ImageError, match=message) as err:
+        read_dir(written)
+    assert (err.value.path, err.value.field) == (str(written / INDEX), field)
+
+
+def test_index_that_is_not_an_object(written: Path) -> None:
+    (written / INDEX).write_text("[1, 2]")
+    with pytest.raises(ImageError, match="unsupported index version None") as err:
+        read_dir(written)
+    assert err.value.field == "version"
+
+
+def test_missing_index_and_missing_image(tmp_path: Path, written: Path) -> None:
+    with pytest.raises(ImageError, match="not an image directory") as err:
+        read_dir(tmp_path)
+    assert err.value.path == str(tmp_path / INDEX)
+    (written / "conn-0.img").unlink()
+    with pytest.raises(ImageError, match="No such file") as err:
+        read_dir(written)
+    assert err.value.path == str(written / "conn-0.img")
