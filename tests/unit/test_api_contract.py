@@ -223,8 +223,10 @@ def test_nft_error_fields() -> None:
 
 def test_cli_json_fields_of_an_error() -> None:
     exc = sockrepair.SocketCallError(errno.EINVAL, "setsockopt(TCP_REPAIR_WINDOW)", 7, tuple=TUPLE)
-    assert errors._fields(exc) == {"errno": errno.EINVAL, "op": "setsockopt(TCP_REPAIR_WINDOW)", "fd": 7,
-                                   "tuple": str(TUPLE)}
+    from sockrepair.cli.output import error_object
+
+    assert error_object(exc)["error"] == {"type": "SocketCallError", "message": str(exc), "errno": errno.EINVAL,
+                                          "op": "setsockopt(TCP_REPAIR_WINDOW)", "fd": 7, "tuple": str(TUPLE)}
 
 
 @pytest.mark.parametrize("name", sorted(ANCESTORS))
