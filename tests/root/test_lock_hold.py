@@ -100,10 +100,11 @@ def test_a_peer_on_another_host_retransmits_nothing(two_hosts: tuple[NetNS, NetN
         server, _ = listener.accept()
         with client:
             with a.entered():
-                restored, sent, fell_back = _move_keeping(locker, recorder, server, client, [b"one", b"two!"])
+                # one segment: with several out, the peer's tail-loss probe may resend within milliseconds
+                restored, sent, fell_back = _move_keeping(locker, recorder, server, client, [b"one message"])
             with restored:
-                assert (sent, fell_back) == (2, 0)
-                assert recv_exactly(restored, 7) == b"onetwo!"
+                assert (sent, fell_back) == (1, 0)
+                assert recv_exactly(restored, 11) == b"one message"
                 assert tcp_info(client)[2] == 0
             locker.unlock_all()
 
@@ -113,7 +114,8 @@ def test_over_the_cap_the_peer_resends_and_the_count_says_so(locker: Locker) -> 
     with client, Recorder(caps=Caps(packets_per_connection=1)) as recorder:
         restored, sent, fell_back = _move_keeping(locker, recorder, server, client, [b"first", b"second", b"third"])
         with restored:
-            assert (sent, fell_back) == (1, 2)
+            # the two not kept, and any retransmission the peer's tail-loss probe sent meanwhile
+            assert sent == 1 and fell_back >= 2
             # the two that were not kept come with the peer's retransmission
             assert recv_exactly(restored, 16) == b"firstsecondthird"
             assert tcp_info(client)[2] >= 1
@@ -149,22 +151,24 @@ def test_a_dead_holder_leaves_the_lock_dropping_never_answering(netns: NetNS, lo
         with sockrepair.restore(state) as restored:
             locker.unlock([state])
             assert recv_exactly(restored, 7) == b"anyone?"
-        assert tcp_info(client)[0] == TCP_ESTABLISHED
+            assert tcp_info(client)[0] == TCP_ESTABLISHED
 
 
-def test_checksums_are_made_right_whatever_the_copy_held() -> None:
-    client, server = loopback_pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
-    client.close()
-    server.close()
-    header = bytes.fromhex("45000030000040004006") + b"\x12\x34" + socket.inet_aton("10.0.0.2") + socket.inet_aton(
-        "10.0.0.1")
-    tcp = bytes.fromhex("d43104d2000000010000000050180200") + b"\xab\xcd" + b"\x00\x00" + b"payload!"
-    packet = header + tcp
-    fixed = with_checksums(packet)
-    assert fixed[:10] == packet[:10] and fixed[12:36] == packet[12:36] and fixed[38:] == packet[38:]
-    assert fixed[10:12] == bytes.fromhex("26ba")  # IPv4 header checksum
-    assert fixed[36:38] == bytes.fromhex("3a06")  # TCP checksum over the pseudo-header
-    assert with_checksums(fixed) == fixed
-    conn = packet_tuple(fixed)
-    assert conn is not None and (conn.local_addr, conn.local_port, conn.remote_addr, conn.remote_port) == (
-        "10.0.0.1", 1234, "10.0.0.2", 54321)
+@pytest.mark.parametrize("version", [4, 6])
+def test_checksums_are_made_right_whatever_the_copy_held(version: int) -> None:
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet6 import IPv6
+
+    layer = IP(src="10.0.0.2", dst="10.0.0.1") if version == 4 else IPv6(src="fd00::2", dst="fd00::1")
+    right = bytes(layer / TCP(sport=54321, dport=1234, seq=1, flags="PA") / b"payload!")  # scapy's own sums
+    damaged = bytearray(right)
+    at = 20 if version == 4 else 40
+    damaged[at + 16 : at + 18] = b"\x12\x34"  # a partial sum, as an offloading sender leaves it
+    if version == 4:
+        damaged[10:12] = b"\x00\x00"
+    assert with_checksums(bytes(damaged)) == right
+    conn = packet_tuple(right)
+    assert conn is not None and (conn.local_port, conn.remote_port) == (1234, 54321)
+    assert conn.local_addr == ("10.0.0.1" if version == 4 else "fd00::1")
+    with pytest.raises(ValueError):
+        with_checksums(right[:-1])  # lengths that do not add up
