@@ -31,6 +31,8 @@ class Stage(Enum):
     NETWORK = "network", "the caller's network step (e.g. move the service address to the destination)", ("migrate",)
     TRANSFER = "transfer", "decode the image bytes into states", ("migrate",)
     RESTORE = "restore", "make every socket again in the destination namespace, all or none", ("migrate",)
+    DELIVER = ("deliver", "send the restored sockets what their peers sent while locked (kept by the lock at "
+               "prerouting), before the unlock", ("migrate",))
     UNLOCK = "unlock", "release the lock in both namespaces: the connections are live again", ("migrate",)
     HANDOFF = "handoff", "pass the restored sockets to the caller's program", ("migrate",)
 

@@ -322,6 +322,7 @@ SIGNATURES: dict[str, tuple[list[tuple[str, object, object, object]], object]] =
             ("network", KW, None, Callable[[], object] | None),
             ("handoff", KW, None, Callable[[list[socket.socket], list[ConnTuple]], object] | None),
             ("ttl", KW, 60.0, float),
+            ("keep", KW, True, bool),
         ],
         sockrepair.MigrationReport,
     ),

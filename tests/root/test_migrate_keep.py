@@ -1,0 +1,85 @@
+"""migrate() keeps what peers send while their connections move: a request sent while the connection is locked
+reaches the restored socket without the peer retransmitting (its tcpi_total_retrans stays 0), in one namespace and
+from host A to host B of the lab; with keep=False the same request waits for the peer's retransmission."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+import pytest
+
+import sockrepair
+from sockrepair.lab.hosts import SERVICE4, Lab
+from sockrepair.lab.subjects import start_echo, stop
+from sockrepair.netns import NetNS
+from tests.root.pairs import recv_exactly, tcp_info
+from tests.root.programs import free_port
+
+REQUEST = b"GET /while-locked"
+
+
+def _keep_sockets(socks: list[socket.socket], _tuples: object) -> list[socket.socket]:
+    return socks
+
+
+def _move(pid: int, dest_netns: str, network: Callable[[], None], keep: bool) -> sockrepair.MigrationReport:
+    return sockrepair.migrate(pid, dest_netns=dest_netns, network=network, handoff=_keep_sockets, keep=keep)
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["keeping", "dropping"])
+def test_a_request_sent_while_locked_arrives_without_retransmission(keep: bool) -> None:
+    with NetNS() as ns:
+        with ns.entered():
+            port = free_port()
+        server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
+        try:
+            with ns.entered():
+                client = socket.create_connection(("127.0.0.1", port))
+            with client:
+                client.sendall(b"hello")
+                assert recv_exactly(client, 5) == b"hello"  # the program holds an established, idle connection
+                report = _move(server.pid, ns.name, lambda: client.sendall(REQUEST), keep)
+                [restored] = report.handoff_result
+                with restored:
+                    assert recv_exactly(restored, len(REQUEST)) == REQUEST
+                    retransmitted = tcp_info(client)[2]
+                    restored.sendall(b"200 OK")
+                    assert recv_exactly(client, 6) == b"200 OK"
+        finally:
+            stop(server)
+        if keep:
+            assert (report.kept.recording, report.kept.delivered, report.kept.fell_back) == (True, 1, 0)
+            assert retransmitted == 0
+            assert list(report.phases_ms).index("deliver") == list(report.phases_ms).index("restore") + 1
+        else:
+            assert not report.kept.recording and "deliver" not in report.phases_ms
+            assert retransmitted >= 1  # what the keeping lock saves the peer
+
+
+def test_kept_at_host_a_delivered_at_host_b() -> None:
+    """The request reaches A's lock before the service address moves; it is delivered to the socket restored on B."""
+    with Lab() as lab:
+        port = 7007
+        server = start_echo(f"{SERVICE4}:{port}", netns=lab.a.name)
+        try:
+            with lab.peer.entered():
+                client = socket.create_connection((SERVICE4, port))
+            with client:
+                client.sendall(b"hello")
+                assert recv_exactly(client, 5) == b"hello"
+
+                def network() -> None:
+                    client.sendall(REQUEST)  # to A, where the connection is locked and the lock keeps it
+                    lab.move_service("a", "b")
+
+                report = _move(server.pid, lab.b.name, network, keep=True)
+                [restored] = report.handoff_result
+                with restored:
+                    assert recv_exactly(restored, len(REQUEST)) == REQUEST
+                    assert tcp_info(client)[2] == 0
+                    restored.sendall(b"200 OK")
+                    assert recv_exactly(client, 6) == b"200 OK"
+        finally:
+            stop(server)
+        assert (report.kept.delivered, report.kept.fell_back) == (1, 0)
