@@ -143,7 +143,8 @@ class _Session:
             raise self.fail(f"recv(MSG_PEEK, {name})")
         if got != length:
             raise self.fail(f"recv(MSG_PEEK, {name}) returned {got} of {length} bytes", errno.EAGAIN)
-        return ffi.buffer(buf, length)[:]
+        data: bytes = ffi.buffer(buf, length)[:]
+        return data
 
     def send_all(self, data: bytes | memoryview, name: str, chunk: int = 1 << 20) -> None:
         """Write all of `data` without blocking. The kernel refuses large repair-mode writes with ENOMEM (one skb

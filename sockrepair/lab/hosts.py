@@ -26,7 +26,8 @@ from types import FrameType
 from typing import Any
 
 from sockrepair.engine._ffi import ffi
-from sockrepair.netns import NetNS, NetnsError
+from sockrepair.errors import NetnsError
+from sockrepair.netns import NetNS
 
 # hosts are 198.18.0.N/24 (RFC 2544 benchmarking range, never routed anywhere real) and fd00:5ec:0:1::N/64 (ULA)
 SERVICE4 = "198.18.0.100"

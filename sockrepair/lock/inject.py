@@ -25,7 +25,7 @@ def _fold(total: int) -> int:
     return total
 
 
-def _sum16(data: bytes | memoryview) -> int:
+def _sum16(data: bytes | bytearray | memoryview) -> int:
     if len(data) % 2:
         data = bytes(data) + b"\0"
     return sum(struct.unpack(f">{len(data) // 2}H", data))

@@ -15,10 +15,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sockrepair.errors import LockError
+from sockrepair.errors import LockError, NftError
 from sockrepair.lock import nfconst as c
 from sockrepair.lock import ruleset
-from sockrepair.lock.netlink import NfSocket, NftError, attrs, be64, iter_attrs
+from sockrepair.lock.netlink import NfSocket, attrs, be64, iter_attrs
 from sockrepair.lock.owner import decode_owner, default_owner, encode_owner
 from sockrepair.state import ConnTuple
 
@@ -68,7 +68,7 @@ def as_tuples(items: Lockable | Iterable[Lockable]) -> list[ConnTuple]:
     if isinstance(items, ConnTuple) or hasattr(items, "tuple"):
         items = [items]  # type: ignore[list-item]
     out = []
-    for item in items:  # type: ignore[union-attr]
+    for item in items:
         conn = item if isinstance(item, ConnTuple) else getattr(item, "tuple", None)
         if not isinstance(conn, ConnTuple):
             raise LockError(f"cannot lock {item!r}: want a ConnTuple or an object with a .tuple ConnTuple")

@@ -230,7 +230,8 @@ def check_netns_name(netns: str) -> str:
 def _open_socket(netns: str | None) -> socket.socket:
     if netns is None:
         return _new_socket()
-    from sockrepair.netns import NetNS, NetnsError
+    from sockrepair.errors import NetnsError
+    from sockrepair.netns import NetNS
 
     check_netns_name(netns)
     try:

@@ -61,8 +61,9 @@ def spawn_with_sockets(argv: Sequence[str], socks: Sequence[socket.socket], conn
     env = dict(os.environ, SOCKREPAIR_ACTIVATE_FDS=",".join(map(str, fds)),
                SOCKREPAIR_ACTIVATE_NAMES=":".join(fd_name(c) for c in conns))
     try:
-        return subprocess.Popen([sys.executable, "-m", "sockrepair.move.activate", "--", *argv], pass_fds=fds, env=env,
-                                **popen)  # type: ignore[call-overload]
+        proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
+            [sys.executable, "-m", "sockrepair.move.activate", "--", *argv], pass_fds=fds, env=env, **popen)
+        return proc
     except OSError as exc:
         raise HandoffError(f"cannot run {argv[0]!r}: {exc.strerror}") from None
 
