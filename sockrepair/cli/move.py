@@ -16,6 +16,7 @@ from sockrepair.image.directory import read_dir
 from sockrepair.image.text import head_line, state_lines
 from sockrepair.move.dump import After, dump, inspect
 from sockrepair.move.handoff import exec_with_sockets, send_over_unix
+from sockrepair.move.keep import read_kept, send_kept
 from sockrepair.move.land import restore_all, unlock_in
 
 
@@ -90,17 +91,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    kept: list[bytes] = []
     if args.from_criu is not None:
         states = load_criu_states(args.from_criu)
     else:
         states = [state for _, state in read_dir(args.dir)]
+        kept = read_kept(args.dir)
     if args.exec_argv is not None:
         if not args.exec_argv or shutil.which(args.exec_argv[0]) is None:
             raise HandoffError(f"--exec: no such program {args.exec_argv[0] if args.exec_argv else '(none given)'}")
     socks = restore_all(states, args.netns)
+    delivered = send_kept(kept, args.netns)
     unlock_in(args.netns, states)
     conns = [s.tuple for s in states]
-    print(f"restored {len(socks)} connection(s) from {args.from_criu or args.dir}", file=sys.stderr)
+    print(f"restored {len(socks)} connection(s) from {args.from_criu or args.dir}"
+          + (f"; delivered {delivered} packet(s) their peers sent while locked" if delivered else ""), file=sys.stderr)
     if args.unix:
         send_over_unix(args.unix, socks, conns)
         return 0

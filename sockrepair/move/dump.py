@@ -14,11 +14,14 @@ from typing import Any
 from sockrepair.engine._checkpoint import resume
 from sockrepair.image.directory import Entry, write_dir
 from sockrepair.move.freeze import frozen
+from sockrepair.move.keep import Keeper, Kept
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import ProcSocket, process_name, tcp_sockets
 from sockrepair.move.stages import Stage, Timings
 from sockrepair.move.take import captured, checkpoint_taken, end_source, process_locker
 from sockrepair.state import TCP_ESTABLISHED, ConnectionState
+
+STAYED = Kept(0, 0, False, "nothing kept: the connections stayed in the process, or were not locked")
 
 
 class After(Enum):
@@ -31,7 +34,9 @@ class DumpReport:
     """What dump() did. `connections`: one dict per image, in the order written (the index entry's fields: "file",
     "fd" (the process's), "tuple", ..., plus "recv_queue", "send_queue" and "unsent" in bytes). `phases_ms`:
     milliseconds per stage, in the order run: freeze, lock (when locking), checkpoint, write, then resume
-    (LEAVE_RUNNING) or kill (KILL) (sockrepair.move.stages.Stage says what each does)."""
+    (LEAVE_RUNNING) or kill and keep (KILL) (sockrepair.move.stages.Stage says what each does). `kept`: the peers'
+    packets the lock kept until the dump ended, written to packets.img (sockrepair.move.keep.Kept; `delivered`
+    counts those written)."""
 
     pid: int
     command: str
@@ -40,9 +45,10 @@ class DumpReport:
     freeze_method: str
     connections: list[dict[str, Any]]
     phases_ms: dict[str, float]
+    kept: Kept = STAYED
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "kept": self.kept.to_dict()}
 
 
 def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: After = After.KILL,
@@ -50,7 +56,10 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
     """Write one image per connection of `pid` (every established one, or the fds in `wanted`) and index.json into
     `directory` (0700, images 0600). With After.KILL the process is ended (end_source) and the connections stay
     locked for `ttl` seconds, until a restore unlocks them; with LEAVE_RUNNING they go on in the process and are
-    unlocked. `lock=False` takes no lock (the states may then move before the kill: end_source refuses).
+    unlocked. `lock=False` takes no lock (the states may then move before the kill: end_source refuses). With KILL
+    and the lock, what the peers send is kept from the lock on and written, as the dump ends, to packets.img
+    (sockrepair.image.packets), which `sockrepair restore -D` delivers; what they send after the dump ended waits
+    for their retransmission.
 
     Raises ProcessError (no such process, not permitted, fd not a TCP socket, nothing established; `.pid`, `.fd`)
     and SocketStateError (a socket not ESTABLISHED or changed while frozen; `.pid`, `.fd` the process's own, `.tuple`,
@@ -58,6 +67,8 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
     command = process_name(pid)
     timings = Timings("dump")
     locker = process_locker(pid) if lock else None
+    keeper = Keeper(f"/proc/{pid}/ns/net", None) if lock and after is After.KILL else None
+    kept = STAYED
     try:
         with captured(pid, wanted, locker, timings, ttl) as cap:
             with timings.timed(Stage.WRITE):
@@ -72,11 +83,16 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
             else:
                 with timings.timed(Stage.KILL):
                     end_source(cap)
+        if keeper is not None:
+            with timings.timed(Stage.KEEP):
+                kept = keeper.write(directory, [s.tuple for s in cap.sockets])
     finally:
         if locker is not None:
             locker.close()
+        if keeper is not None:
+            keeper.close()
     return DumpReport(pid, command, str(directory), after.value, cap.freeze_method,
-                      [_entry_view(e, s) for e, s in zip(entries, cap.states)], timings.ms)
+                      [_entry_view(e, s) for e, s in zip(entries, cap.states)], timings.ms, kept)
 
 
 def _entry_view(entry: Entry, state: ConnectionState) -> dict[str, Any]:

@@ -12,11 +12,13 @@ import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from sockrepair.errors import LockError
 from sockrepair.lock.inject import Injector
 from sockrepair.lock.record import Caps, Held, Recorder
 from sockrepair.netns import inside
+from sockrepair.private import open_private
 from sockrepair.state import ConnTuple
 
 
@@ -68,14 +70,61 @@ class Keeper:
         mode, the lock still held. Raises LockError when the kernel refuses a packet."""
         if not self._recorders:
             return Kept(0, 0, False, self.note)
-        held = Held()
-        for recorder in self._recorders:
-            held.extend(recorder.take(tuples))
+        held = self._take(tuples)
         with inside(_netns_path(self.dest_netns)), Injector() as injector:
             delivered = injector.send(held.packets)
         return Kept(delivered, held.fell_back, True)
+
+    def write(self, directory: Path, tuples: Sequence[ConnTuple]) -> Kept:
+        """Write what was kept so far for `tuples` to DIRECTORY/packets.img (0600, fsynced), for a restore in
+        another process to deliver (deliver_file). Raises OSError when it cannot be written."""
+        if not self._recorders:
+            return Kept(0, 0, False, self.note)
+        from sockrepair.image.packets import (  # construct: loaded only when files are made
+            NAME,
+            encode_packets,
+        )
+
+        held = self._take(tuples)
+        with open_private(directory / NAME) as f:
+            f.write(encode_packets(held.packets))
+            f.flush()
+            os.fsync(f.fileno())
+        return Kept(len(held.packets), held.fell_back, True)
+
+    def _take(self, tuples: Sequence[ConnTuple]) -> Held:
+        held = Held()
+        for recorder in self._recorders:
+            held.extend(recorder.take(tuples))
+        return held
 
     def close(self) -> None:
         for recorder in self._recorders:
             with contextlib.suppress(OSError):
                 recorder.close()
+
+
+def read_kept(directory: Path) -> list[bytes]:
+    """The packets of DIRECTORY/packets.img (written by a dump; [] without the file), read and checked BEFORE the
+    restore, so that a damaged file stops the restore while the connections are still safe in their images. Raises
+    ImageError for a damaged file."""
+    from sockrepair.image.packets import (  # construct: loaded only when files are read
+        NAME,
+        decode_packets,
+    )
+
+    path = directory / NAME
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    return decode_packets(data, str(path))
+
+
+def send_kept(packets: Sequence[bytes], netns: str | None) -> int:
+    """Send `packets` to the connections restored in namespace `netns` (None: this thread's) while they are still
+    locked; returns how many were sent. Raises LockError when the kernel refuses one."""
+    if not packets:
+        return 0
+    with inside(_netns_path(netns)), Injector() as injector:
+        return injector.send(packets)

@@ -28,6 +28,8 @@ class Stage(Enum):
     CLOSE = ("close", "end the source: discard every frozen socket (each checked unchanged), SIGKILL the process and "
              "wait for its exit", ("migrate",))
     KILL = "kill", "end the source, as CLOSE (the name dump has always reported)", ("dump",)
+    KEEP = ("keep", "write what the peers sent while locked, kept by the lock so far, beside the images "
+            "(packets.img: restore -D delivers it)", ("dump",))
     NETWORK = "network", "the caller's network step (e.g. move the service address to the destination)", ("migrate",)
     TRANSFER = "transfer", "decode the image bytes into states", ("migrate",)
     RESTORE = "restore", "make every socket again in the destination namespace, all or none", ("migrate",)

@@ -47,7 +47,8 @@ def test_dump_by_pid_and_restore_into_a_new_program(netns, tmp_path):
         report = dump(server.pid, tmp_path / "img", after=After.KILL)
         assert server.wait(5) == -signal.SIGKILL
         assert len(report.connections) == 4
-        assert list(report.phases_ms) == ["freeze", "lock", "checkpoint", "write", "kill"]
+        assert list(report.phases_ms) == ["freeze", "lock", "checkpoint", "write", "kill", "keep"]
+        assert report.kept.recording and (tmp_path / "img" / "packets.img").stat().st_mode & 0o777 == 0o600
         mode = os.stat(tmp_path / "img" / "conn-0.img").st_mode & 0o777
         assert mode == 0o600
         restored = subprocess.Popen(

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 import sockrepair
 from sockrepair.lab.hosts import SERVICE4, Lab
 from sockrepair.lab.subjects import start_echo, stop
+from sockrepair.lock import Locker
+from sockrepair.move.keep import Keeper, Kept, read_kept, send_kept
 from sockrepair.netns import NetNS
-from tests.root.pairs import recv_exactly, tcp_info
+from tests.root.pairs import recv_exactly, tcp_info, wait_for
 from tests.root.programs import free_port
 
 REQUEST = b"GET /while-locked"
@@ -83,3 +86,47 @@ def test_kept_at_host_a_delivered_at_host_b() -> None:
         finally:
             stop(server)
         assert (report.kept.delivered, report.kept.fell_back) == (1, 0)
+
+
+def test_kept_packets_travel_in_the_image_directory(tmp_path: Path) -> None:
+    """What `dump` then `restore -D` do, step by step: the server's end is checkpointed and locked on A, the peer's
+    request is kept there and written to packets.img; the address moves; the connection is restored on B from the
+    image, the packets read from the file are delivered there, and the peer retransmits nothing."""
+    with Lab() as lab:
+        with lab.a.entered():
+            listener = socket.create_server((SERVICE4, 7008))
+        with lab.peer.entered():
+            client = socket.create_connection((SERVICE4, 7008))
+        server, _ = listener.accept()
+        listener.close()
+        with client, lab.a.entered(), Locker() as lock_a:
+            keeper = Keeper("/proc/thread-self/ns/net", None)
+            try:
+                state = sockrepair.checkpoint(server)
+                lock_a.lock([state], ttl=30)
+                sockrepair.discard(server, state)
+                client.sendall(REQUEST)
+                written: list[Kept] = []
+
+                def written_one() -> bool:  # each write replaces the file with what was kept since the last one
+                    written.append(keeper.write(tmp_path, [state.tuple]))
+                    return written[-1].delivered > 0
+
+                wait_for(written_one, "the request to reach A's lock", 5.0)
+                kept = written[-1]
+            finally:
+                keeper.close()
+            assert (kept.delivered, kept.fell_back) == (1, 0)
+            assert (tmp_path / "packets.img").stat().st_mode & 0o777 == 0o600
+            image = state.to_bytes()
+            lab.move_service("a", "b")
+            with lab.b.entered():
+                restored = sockrepair.restore(sockrepair.ConnectionState.from_bytes(image))
+            with restored:
+                assert send_kept(read_kept(tmp_path), lab.b.name) == 1
+                lock_a.unlock([state])
+                assert recv_exactly(restored, len(REQUEST)) == REQUEST
+                assert tcp_info(client)[2] == 0
+                restored.sendall(b"200 OK")
+                assert recv_exactly(client, 6) == b"200 OK"
+

@@ -1,0 +1,60 @@
+"""packets.img: the peers' packets kept by the lock, stored beside the images; damaged files are ImageErrors."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
+
+from sockrepair.errors import ImageError
+from sockrepair.image.packets import decode_packets, encode_packets
+
+P4 = bytes(IP(src="10.0.0.2", dst="10.0.0.1") / TCP(sport=40000, dport=80, seq=7, flags="PA") / b"GET /")
+P6 = bytes(IPv6(src="fd00::2", dst="fd00::1") / TCP(sport=40000, dport=80, seq=9, flags="A"))
+
+
+def _resealed(data: bytearray) -> bytes:
+    """The file with its CRC made right again, so that the check after it is the one that must refuse."""
+    struct.pack_into(">I", data, len(data) - 4, zlib.crc32(bytes(data[:-4])))
+    return bytes(data)
+
+
+def test_round_trip_keeps_order_and_bytes() -> None:
+    data = encode_packets([P4, P6, P4])
+    assert data[:4] == b"SKPK" and struct.unpack_from(">HI", data, 4) == (1, 3)
+    assert decode_packets(data) == [P4, P6, P4]
+    assert decode_packets(encode_packets([])) == []
+
+
+def test_a_flipped_byte_fails_the_checksum() -> None:
+    data = bytearray(encode_packets([P4]))
+    data[20] ^= 0x40
+    with pytest.raises(ImageError, match="packets.img") as err:
+        decode_packets(bytes(data), "d/packets.img")
+    assert err.value.path == "d/packets.img" and err.value.field is not None and "crc32" in err.value.field
+
+
+@pytest.mark.parametrize("cut", [3, 9, 15, 30])
+def test_a_cut_file_is_refused(cut: int) -> None:
+    with pytest.raises(ImageError):
+        decode_packets(encode_packets([P4, P6])[:-cut])
+
+
+def test_another_version_is_refused() -> None:
+    data = bytearray(encode_packets([P4]))
+    data[5] = 2
+    with pytest.raises(ImageError, match="not a valid") as err:
+        decode_packets(_resealed(data))
+    assert err.value.field is not None and "version" in err.value.field
+
+
+def test_a_packet_that_is_not_a_whole_tcp_packet_is_refused_with_its_index() -> None:
+    udp = bytearray(P4)
+    udp[9] = 17  # UDP
+    for bad in (bytes(udp), P4[:-2], b"\x45" + bytes(30)):
+        with pytest.raises(ImageError, match="packet 1") as err:
+            decode_packets(encode_packets([P6, bad]))
+        assert err.value.field == "packets[1]"
