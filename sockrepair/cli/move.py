@@ -16,7 +16,7 @@ from sockrepair.image.directory import read_dir
 from sockrepair.image.text import head_line, state_lines
 from sockrepair.move.dump import After, dump, inspect
 from sockrepair.move.handoff import exec_with_sockets, send_over_unix
-from sockrepair.move.keep import read_kept, send_kept
+from sockrepair.move.keep import netns_path, read_kept, send_kept
 from sockrepair.move.land import restore_all, unlock_in
 
 
@@ -101,7 +101,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         if not args.exec_argv or shutil.which(args.exec_argv[0]) is None:
             raise HandoffError(f"--exec: no such program {args.exec_argv[0] if args.exec_argv else '(none given)'}")
     socks = restore_all(states, args.netns)
-    delivered = send_kept(kept, args.netns)
+    delivered = send_kept(kept, netns_path(args.netns))
     unlock_in(args.netns, states)
     conns = [s.tuple for s in states]
     print(f"restored {len(socks)} connection(s) from {args.from_criu or args.dir}"

@@ -67,7 +67,7 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
     command = process_name(pid)
     timings = Timings("dump")
     locker = process_locker(pid) if lock else None
-    keeper = Keeper(f"/proc/{pid}/ns/net", None) if lock and after is After.KILL else None
+    keeper = Keeper([f"/proc/{pid}/ns/net"]) if lock and after is After.KILL else None
     kept = STAYED
     try:
         with captured(pid, wanted, locker, timings, ttl) as cap:

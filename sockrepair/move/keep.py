@@ -38,26 +38,26 @@ class Kept:
                 "note": self.note}
 
 
-def _netns_path(name: str | None) -> str:
+def netns_path(name: str | None) -> str:
+    """The path of the network namespace named `name` (`ip netns`), or of this thread's for None."""
     return f"/run/netns/{name}" if name else "/proc/thread-self/ns/net"
 
 
-def _same_namespace(a: str, b: str) -> bool:
-    return os.stat(a).st_ino == os.stat(b).st_ino
-
-
 class Keeper:
-    """Recorders for a move from the namespace at `source` (a path: /proc/PID/ns/net) to the one named `dest_netns`
-    (None: this thread's). Made before the freeze; deliver() after the restore; close() always."""
+    """Recorders in the network namespaces at `paths` (/proc/PID/ns/net, /run/netns/NAME; one per namespace, in
+    that order: the source's first), where the moving connections are locked. Made before the freeze (packets are
+    kept from then on); deliver() or write() after; close() always."""
 
-    def __init__(self, source: str, dest_netns: str | None, caps: Caps = Caps()) -> None:
-        self.dest_netns = dest_netns
+    def __init__(self, paths: Sequence[str], caps: Caps = Caps()) -> None:
         self.note = ""
         self._recorders: list[Recorder] = []
+        seen: set[int] = set()
         try:
-            for path in (source, _netns_path(dest_netns)):
-                if self._recorders and _same_namespace(path, source):
-                    break
+            for path in paths:
+                namespace = os.stat(path).st_ino
+                if namespace in seen:
+                    continue
+                seen.add(namespace)
                 with inside(path):
                     self._recorders.append(Recorder(caps=caps))
         except LockError as exc:
@@ -65,15 +65,13 @@ class Keeper:
             self._recorders = []
             self.note = f"not keeping the peers' packets: {exc}"
 
-    def deliver(self, tuples: Sequence[ConnTuple]) -> Kept:
-        """Send what was kept for `tuples` to the restored sockets in the destination; they must be out of repair
-        mode, the lock still held. Raises LockError when the kernel refuses a packet."""
+    def deliver(self, tuples: Sequence[ConnTuple], into: str) -> Kept:
+        """Send what was kept for `tuples` to the restored sockets in the namespace at path `into`; they must be
+        out of repair mode, the lock still held. Raises LockError when the kernel refuses a packet."""
         if not self._recorders:
             return Kept(0, 0, False, self.note)
         held = self._take(tuples)
-        with inside(_netns_path(self.dest_netns)), Injector() as injector:
-            delivered = injector.send(held.packets)
-        return Kept(delivered, held.fell_back, True)
+        return Kept(send_kept(held.packets, into), held.fell_back, True)
 
     def write(self, directory: Path, tuples: Sequence[ConnTuple]) -> Kept:
         """Write what was kept so far for `tuples` to DIRECTORY/packets.img (0600, fsynced), for a restore in
@@ -121,10 +119,10 @@ def read_kept(directory: Path) -> list[bytes]:
     return decode_packets(data, str(path))
 
 
-def send_kept(packets: Sequence[bytes], netns: str | None) -> int:
-    """Send `packets` to the connections restored in namespace `netns` (None: this thread's) while they are still
-    locked; returns how many were sent. Raises LockError when the kernel refuses one."""
+def send_kept(packets: Sequence[bytes], into: str) -> int:
+    """Send `packets` to the connections restored in the network namespace at path `into` (netns_path()) while they
+    are still locked; returns how many were sent. Raises LockError when the kernel refuses one."""
     if not packets:
         return 0
-    with inside(_netns_path(netns)), Injector() as injector:
+    with inside(into), Injector() as injector:
         return injector.send(packets)

@@ -12,7 +12,7 @@ from typing import Any
 
 from sockrepair.image import decode, encode
 from sockrepair.lock import Locker
-from sockrepair.move.keep import Keeper, Kept
+from sockrepair.move.keep import Keeper, Kept, netns_path
 from sockrepair.move.land import restore_all
 from sockrepair.move.stages import Stage, Timings
 from sockrepair.move.take import captured, end_source, process_locker
@@ -71,7 +71,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     source_locker = process_locker(pid)
     with named(dest_netns):
         dest_locker = Locker()
-    keeper = Keeper(f"/proc/{pid}/ns/net", dest_netns) if keep else None
+    keeper = Keeper([f"/proc/{pid}/ns/net", netns_path(dest_netns)]) if keep else None
     kept = Kept(0, 0, False, "keeping was not asked for")
     try:
         # table and rules built before the freeze: inside it, locking is one element transaction per namespace
@@ -95,7 +95,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             socks = restore_all(states, dest_netns)
         if keeper is not None:
             with timings.timed(Stage.DELIVER):
-                kept = keeper.deliver(tuples)
+                kept = keeper.deliver(tuples, netns_path(dest_netns))
         with timings.timed(Stage.UNLOCK):
             dest_locker.unlock(tuples)
             source_locker.unlock(tuples)

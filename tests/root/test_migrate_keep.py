@@ -14,7 +14,7 @@ import sockrepair
 from sockrepair.lab.hosts import SERVICE4, Lab
 from sockrepair.lab.subjects import start_echo, stop
 from sockrepair.lock import Locker
-from sockrepair.move.keep import Keeper, Kept, read_kept, send_kept
+from sockrepair.move.keep import Keeper, Kept, netns_path, read_kept, send_kept
 from sockrepair.netns import NetNS
 from tests.root.pairs import recv_exactly, tcp_info, wait_for
 from tests.root.programs import free_port
@@ -100,7 +100,7 @@ def test_kept_packets_travel_in_the_image_directory(tmp_path: Path) -> None:
         server, _ = listener.accept()
         listener.close()
         with client, lab.a.entered(), Locker() as lock_a:
-            keeper = Keeper("/proc/thread-self/ns/net", None)
+            keeper = Keeper(["/proc/thread-self/ns/net"])
             try:
                 state = sockrepair.checkpoint(server)
                 lock_a.lock([state], ttl=30)
@@ -123,7 +123,7 @@ def test_kept_packets_travel_in_the_image_directory(tmp_path: Path) -> None:
             with lab.b.entered():
                 restored = sockrepair.restore(sockrepair.ConnectionState.from_bytes(image))
             with restored:
-                assert send_kept(read_kept(tmp_path), lab.b.name) == 1
+                assert send_kept(read_kept(tmp_path), netns_path(lab.b.name)) == 1
                 lock_a.unlock([state])
                 assert recv_exactly(restored, len(REQUEST)) == REQUEST
                 assert tcp_info(client)[2] == 0
