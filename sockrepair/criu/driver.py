@@ -47,6 +47,8 @@ from sockrepair.criu.topology import Topology, map_trees
 from sockrepair.errors import CriuError
 from sockrepair.lock import Locker
 from sockrepair.lock.locker import MAX_TTL
+from sockrepair.lock.record import packet_tuple
+from sockrepair.move.keep import NOTHING_KEPT, Keeper, Kept, netns_path, read_kept
 from sockrepair.move.procfs import stat
 from sockrepair.netns import inside, named
 from sockrepair.state import ConnTuple
@@ -64,11 +66,12 @@ class DumpReport:
     topology: Topology
     trees: list[TreeRecord]
     warnings: list[str] = field(default_factory=list)
+    kept: Kept = NOTHING_KEPT  # the peers' packets kept by the lock during the dump, written to packets.img
 
     def to_dict(self) -> dict[str, Any]:
         return {"directory": self.directory, "criu_version": self.criu_version, "network_lock": self.network_lock,
                 "ttl": self.ttl, "trees": [t.__dict__ for t in self.trees], "topology": self.topology.to_dict(),
-                "warnings": self.warnings}
+                "warnings": self.warnings, "kept": self.kept.to_dict()}
 
 
 @dataclass
@@ -80,11 +83,14 @@ class RestoreReport:
     ttl: float
     criu_notes: Report = field(default_factory=Report)
     warnings: list[str] = field(default_factory=list)
+    # the kept packets (from the dump's packets.img and from this restore) delivered to the released connections
+    kept: Kept = NOTHING_KEPT
 
     def to_dict(self) -> dict[str, Any]:
         return {"directory": self.directory, "restored": self.restored,
                 "released": [str(c) for c in self.released], "still_locked": [str(c) for c in self.still_locked],
-                "ttl": self.ttl, "criu_notes": self.criu_notes.to_dict(), "warnings": self.warnings}
+                "ttl": self.ttl, "criu_notes": self.criu_notes.to_dict(), "warnings": self.warnings,
+                "kept": self.kept.to_dict()}
 
 
 def _check_ttl(ttl: float) -> None:
@@ -185,12 +191,17 @@ def dump(pids: Sequence[int], directory: Path, *, allow_external_peers: bool = F
         with inside(netns):
             locker = Locker(label=LABEL)
         run = _Run(criu, directory, manifest, locker, netns, criu_args)
-        with locker, renewing(locker, topology.tuples(), ttl) as renew_errors:
-            for tree in trees:
-                (directory / tree.dir).mkdir(mode=0o700, exist_ok=True)
-                manifest.save(directory)
-                _dump_one(run, tree, topology, report)
-            report.warnings += [f"renewing the lock failed: {e}" for e in renew_errors]
+        keeper = Keeper([netns])
+        try:
+            with locker, renewing(locker, topology.tuples(), ttl) as renew_errors:
+                for tree in trees:
+                    (directory / tree.dir).mkdir(mode=0o700, exist_ok=True)
+                    manifest.save(directory)
+                    _dump_one(run, tree, topology, report)
+                report.kept = keeper.write(directory, topology.tuples())
+                report.warnings += [f"renewing the lock failed: {e}" for e in renew_errors]
+        finally:
+            keeper.close()
     return report
 
 
@@ -301,10 +312,12 @@ def restore(directory: Path, roots: Sequence[int] | None = None, *, netns: str |
     before = [t.root for t in manifest.trees if t.restored]
     report = RestoreReport(str(directory), [], [], [], ttl)
     path = f"/run/netns/{netns}" if netns else None
+    kept_at_dump = read_kept(directory)  # checked before anything is restored
     with named(netns):
         locker = Locker(label=LABEL)
     run = _Run(criu, directory, manifest, locker, path, criu_args)
-    with locker:
+    keeper = Keeper([netns_path(netns)])
+    with locker, contextlib.closing(keeper):
         with renewing(locker, still_waiting(waits, before), ttl) as renew_errors:
             for tree in chosen:
                 try:
@@ -320,6 +333,11 @@ def restore(directory: Path, roots: Sequence[int] | None = None, *, netns: str |
             report.warnings += [f"renewing the lock failed: {e}" for e in renew_errors]
         done = [*before, *report.restored]
         report.released = releasable(waits, done)
+        # Only to connections restored now and about to be released: a packet for a tuple with no socket yet
+        # would be answered with RST.
+        released = {conn.wire() for conn in report.released}
+        report.kept = keeper.deliver(report.released, netns_path(netns),
+                                     before=[p for p in kept_at_dump if packet_tuple(p) in released])
         locker.unlock(report.released)
         report.still_locked = still_waiting(waits, done)
     return report

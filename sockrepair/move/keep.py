@@ -38,6 +38,9 @@ class Kept:
                 "note": self.note}
 
 
+NOTHING_KEPT = Kept(0, 0, False, "nothing to keep")
+
+
 def netns_path(name: str | None) -> str:
     """The path of the network namespace named `name` (`ip netns`), or of this thread's for None."""
     return f"/run/netns/{name}" if name else "/proc/thread-self/ns/net"
@@ -65,13 +68,14 @@ class Keeper:
             self._recorders = []
             self.note = f"not keeping the peers' packets: {exc}"
 
-    def deliver(self, tuples: Sequence[ConnTuple], into: str) -> Kept:
-        """Send what was kept for `tuples` to the restored sockets in the namespace at path `into`; they must be
-        out of repair mode, the lock still held. Raises LockError when the kernel refuses a packet."""
+    def deliver(self, tuples: Sequence[ConnTuple], into: str, before: Sequence[bytes] = ()) -> Kept:
+        """Send `before` (packets kept earlier, e.g. read from a dump's packets.img), then what was kept here for
+        `tuples`, to the restored sockets in the namespace at path `into`; they must be out of repair mode, the lock
+        still held. Raises LockError when the kernel refuses a packet."""
         if not self._recorders:
-            return Kept(0, 0, False, self.note)
+            return Kept(send_kept(before, into), 0, False, self.note)
         held = self._take(tuples)
-        return Kept(send_kept(held.packets, into), held.fell_back, True)
+        return Kept(send_kept([*before, *held.packets], into), held.fell_back, True)
 
     def write(self, directory: Path, tuples: Sequence[ConnTuple]) -> Kept:
         """Write what was kept so far for `tuples` to DIRECTORY/packets.img (0600, fsynced), for a restore in
