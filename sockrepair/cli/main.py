@@ -14,7 +14,10 @@ from sockrepair.cli.lock import add_lock_commands
 from sockrepair.cli.move import add_move_commands
 from sockrepair.cli.output import print_error, print_json
 from sockrepair.cli.verify import add_verify_command
-from sockrepair.errors import SockrepairError
+from sockrepair.errors import ImageError, SockrepairError
+
+# packets.img (sockrepair.image.packets.MAGIC), named here so that `show` of an image does not load construct
+PACKETS_MAGIC = b"SKPK"
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -38,12 +41,39 @@ def cmd_show(args: argparse.Namespace) -> int:
     from sockrepair.image.directory import read_image
     from sockrepair.image.text import state_lines
 
+    if _starts_with(args.image, PACKETS_MAGIC):
+        return _show_packets(args)
     state = read_image(args.image)
     if args.json:
         print_json(state.to_dict(payload=args.payload))
     else:
         print(f"{args.image}: sockrepair connection image, format version {layout.VERSION}")
         print("\n".join(state_lines(state)))
+    return 0
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False  # read_image says why
+
+
+def _show_packets(args: argparse.Namespace) -> int:
+    from sockrepair.image.packets import decode_packets, describe
+
+    try:
+        data = args.image.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"cannot read {args.image}: {exc.strerror}", path=str(args.image)) from None
+    packets = [describe(p) for p in decode_packets(data, str(args.image))]
+    if args.json:
+        print_json({"packets": packets})
+        return 0
+    print(f"{args.image}: {len(packets)} packet(s) the lock kept for the restore to deliver")
+    for n, p in enumerate(packets):
+        print(f"  {n:4} {p['tuple']}  seq {p['seq']} ack {p['ack']} [{p['flags']}] {p['payload']} bytes")
     return 0
 
 

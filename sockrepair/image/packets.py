@@ -11,6 +11,7 @@ lengths match its size, so a damaged or forged file is an ImageError naming the 
 
 from __future__ import annotations
 
+import struct
 import zlib
 from collections.abc import Sequence
 
@@ -77,3 +78,17 @@ def decode_packets(data: bytes, path: str = NAME) -> list[bytes]:
         if packet_tuple(packet) is None:
             raise ImageError(f"{path}: packet {n} is not a TCP packet", path=path, field=f"packets[{n}]")
     return packets
+
+
+_TCP_FLAGS = "FSRPAUEC"
+
+
+def describe(packet: bytes) -> dict[str, object]:
+    """One kept packet as people read it: the connection it belongs to (local = its destination), its sequence and
+    acknowledgment numbers, TCP flags ("PA" for PSH|ACK) and payload length in bytes."""
+    conn = packet_tuple(packet)
+    at = (packet[0] & 0x0F) * 4 if packet[0] >> 4 == 4 else 40
+    seq, ack, offset_flags = struct.unpack_from(">IIH", packet, at + 4)
+    flags = "".join(name for bit, name in enumerate(_TCP_FLAGS) if offset_flags >> bit & 1)
+    return {"tuple": str(conn), "seq": seq, "ack": ack, "flags": flags,
+            "payload": len(packet) - at - (offset_flags >> 12) * 4}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 from scapy.layers.inet import IP, TCP
@@ -11,6 +13,7 @@ from scapy.layers.inet6 import IPv6
 
 from sockrepair.errors import ImageError
 from sockrepair.image.packets import decode_packets, encode_packets
+from tests.clihelp import run_main
 
 P4 = bytes(IP(src="10.0.0.2", dst="10.0.0.1") / TCP(sport=40000, dport=80, seq=7, flags="PA") / b"GET /")
 P6 = bytes(IPv6(src="fd00::2", dst="fd00::1") / TCP(sport=40000, dport=80, seq=9, flags="A"))
@@ -58,3 +61,19 @@ def test_a_packet_that_is_not_a_whole_tcp_packet_is_refused_with_its_index() -> 
         with pytest.raises(ImageError, match="packet 1") as err:
             decode_packets(encode_packets([P6, bad]))
         assert err.value.field == "packets[1]"
+
+
+def test_show_lists_the_kept_packets(tmp_path: Path) -> None:
+    path = tmp_path / "packets.img"
+    path.write_bytes(encode_packets([P4, P6]))
+    code, out, err = run_main("show", str(path), "--json")
+    assert (code, err) == (0, "")
+    assert json.loads(out)["packets"] == [
+        {"tuple": "10.0.0.1:80->10.0.0.2:40000", "seq": 7, "ack": 0, "flags": "PA", "payload": 5},
+        {"tuple": "[fd00::1]:80->[fd00::2]:40000", "seq": 9, "ack": 0, "flags": "A", "payload": 0},
+    ]
+    code, out, _ = run_main("show", str(path))
+    assert code == 0 and "2 packet(s)" in out and "seq 7 ack 0 [PA] 5 bytes" in out
+    path.write_bytes(encode_packets([P4])[:-1])
+    code, out, err = run_main("show", str(path))
+    assert code == 1 and err.startswith("sockrepair: error: ") and err.count("\n") == 1 and out == ""
