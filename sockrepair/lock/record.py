@@ -8,8 +8,8 @@ peer then resends after its retransmission timeout as it would under a plain dro
 are counted (`Held.lost`): nfnetlink_log numbers its messages (NFULA_SEQ), and a full socket buffer is reported by
 the kernel (ENOBUFS).
 
-Only one socket in a network namespace can bind the group: a second mover in the same namespace gets LockError and
-moves with the plain dropping lock."""
+Only one socket in a network namespace can bind the group: a second mover in the same namespace gets LockError (the
+kernel says EPERM) and moves with the plain dropping lock."""
 
 from __future__ import annotations
 
@@ -149,9 +149,12 @@ class Recorder:
         _length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, 0)
         if kind == c.NLMSG_ERROR:
             err = -struct.unpack_from("=i", data, _NLMSGHDR.size)[0]
-            if err == errno.EBUSY:
+            if err in (errno.EPERM, errno.EBUSY):
+                # nfnetlink_log answers EPERM when another socket has the group (nfulnl_recv_config), as it does
+                # without CAP_NET_ADMIN
                 raise LockError(f"cannot {what}: another process in this network namespace records for its lock "
-                                f"(nfnetlink_log group {NFLOG_GROUP} is bound)")
+                                f"(nfnetlink_log group {NFLOG_GROUP} is bound), or this one lacks CAP_NET_ADMIN "
+                                "there")
             if err:
                 raise NftError(f"nfnetlink_log: {what}", err)
 

@@ -14,6 +14,7 @@ import sockrepair
 from sockrepair.lab.hosts import SERVICE4, Lab
 from sockrepair.lab.subjects import start_echo, stop
 from sockrepair.lock import Locker
+from sockrepair.lock.record import Recorder
 from sockrepair.move.keep import Keeper, Kept, netns_path, read_kept, send_kept
 from sockrepair.netns import NetNS
 from tests.root.pairs import recv_exactly, tcp_info, wait_for
@@ -130,3 +131,28 @@ def test_kept_packets_travel_in_the_image_directory(tmp_path: Path) -> None:
                 restored.sendall(b"200 OK")
                 assert recv_exactly(client, 6) == b"200 OK"
 
+
+
+def test_a_second_mover_in_the_namespace_moves_with_the_dropping_lock() -> None:
+    """nfnetlink_log lets one socket bind the group per namespace: migrate() then says it could not keep, and the
+    connection still moves (the request comes with the peer's retransmission)."""
+    with NetNS() as ns:
+        with ns.entered():
+            port = free_port()
+            other_mover = Recorder()
+        server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
+        try:
+            with ns.entered():
+                client = socket.create_connection(("127.0.0.1", port))
+            with client, other_mover:
+                client.sendall(b"hello")
+                assert recv_exactly(client, 5) == b"hello"
+                report = _move(server.pid, ns.name, lambda: client.sendall(REQUEST), keep=True)
+                [restored] = report.handoff_result
+                with restored:
+                    assert recv_exactly(restored, len(REQUEST)) == REQUEST
+                    assert tcp_info(client)[2] >= 1
+        finally:
+            stop(server)
+        assert not report.kept.recording and report.kept.delivered == 0
+        assert "another process in this network namespace records" in report.kept.note
