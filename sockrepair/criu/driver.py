@@ -47,10 +47,10 @@ from sockrepair.criu.topology import Topology, map_trees
 from sockrepair.errors import CriuError
 from sockrepair.lock import Locker
 from sockrepair.lock.locker import MAX_TTL
-from sockrepair.lock.record import packet_tuple
 from sockrepair.move.keep import NOTHING_KEPT, Keeper, Kept, netns_path, read_kept
 from sockrepair.move.procfs import stat
 from sockrepair.netns import inside, named
+from sockrepair.packet import packet_tuple
 from sockrepair.state import ConnTuple
 
 # The lock must outlive the gap between `criu dump` and `criu restore`, two commands a person runs.

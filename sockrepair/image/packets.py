@@ -31,8 +31,7 @@ from construct import (
 )
 
 from sockrepair.errors import ImageError
-from sockrepair.lock.inject import with_checksums
-from sockrepair.lock.record import packet_tuple
+from sockrepair.packet import packet_tuple, with_checksums
 
 NAME = "packets.img"
 MAGIC = b"SKPK"

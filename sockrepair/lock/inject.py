@@ -9,55 +9,14 @@ the sender offloads them (loopback, veth) may hold only the pseudo-header's part
 from __future__ import annotations
 
 import socket
-import struct
 from collections.abc import Iterable
 
 from sockrepair.errors import LockError
 from sockrepair.lock.ruleset import SOCCR_MARK
 from sockrepair.netns import named
+from sockrepair.packet import with_checksums
 
 _IPV6_HDRINCL = 36  # linux/in6.h
-
-
-def _fold(total: int) -> int:
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
-
-def _sum16(data: bytes | bytearray | memoryview) -> int:
-    if len(data) % 2:
-        data = bytes(data) + b"\0"
-    return sum(struct.unpack(f">{len(data) // 2}H", data))
-
-
-def with_checksums(packet: bytes) -> bytes:
-    """`packet` (an IPv4 or IPv6 TCP packet without extension headers) with its IPv4 header checksum and its TCP
-    checksum (RFC 793, RFC 8200 section 8.1 for the IPv6 pseudo-header) computed again. Raises ValueError when the
-    packet is not such a packet or its lengths do not add up."""
-    data = bytearray(packet)
-    version = data[0] >> 4 if data else 0
-    if version == 4:
-        ihl = (data[0] & 0x0F) * 4
-        total = struct.unpack_from(">H", data, 2)[0]
-        if ihl < 20 or total != len(data) or data[9] != socket.IPPROTO_TCP or total < ihl + 20:
-            raise ValueError("not a whole IPv4 TCP packet")
-        struct.pack_into(">H", data, 10, 0)
-        struct.pack_into(">H", data, 10, ~_fold(_sum16(data[:ihl])) & 0xFFFF)
-        segment_at = ihl
-        pseudo = bytes(data[12:20]) + struct.pack(">BBH", 0, socket.IPPROTO_TCP, total - ihl)
-    elif version == 6:
-        payload_len = struct.unpack_from(">H", data, 4)[0]
-        if data[6] != socket.IPPROTO_TCP or 40 + payload_len != len(data) or payload_len < 20:
-            raise ValueError("not a whole IPv6 TCP packet without extension headers")
-        segment_at = 40
-        pseudo = bytes(data[8:40]) + struct.pack(">IxxxB", payload_len, socket.IPPROTO_TCP)
-    else:
-        raise ValueError(f"not an IP packet (version {version})")
-    struct.pack_into(">H", data, segment_at + 16, 0)
-    checksum = ~_fold(_sum16(pseudo) + _sum16(memoryview(data)[segment_at:])) & 0xFFFF
-    struct.pack_into(">H", data, segment_at + 16, checksum)
-    return bytes(data)
 
 
 class Injector:

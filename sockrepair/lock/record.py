@@ -24,6 +24,7 @@ from sockrepair.lock import nfconst as c
 from sockrepair.lock.netlink import attr, attrs
 from sockrepair.lock.ruleset import NFLOG_GROUP, SNAPLEN
 from sockrepair.netns import named
+from sockrepair.packet import packet_length, packet_tuple
 from sockrepair.state import ConnTuple
 
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -69,32 +70,6 @@ class Held:
         self.over_cap += other.over_cap
         self.lost += other.lost
         self.truncated += other.truncated
-
-
-def packet_tuple(packet: bytes | memoryview) -> ConnTuple | None:
-    """The connection a TCP packet from a peer belongs to, as the receiving socket names it (local = destination),
-    or None for anything else (not TCP, IPv6 extension headers, too short)."""
-    if len(packet) < 1:
-        return None
-    version = packet[0] >> 4
-    if version == 4 and len(packet) >= 20:
-        ihl = (packet[0] & 0x0F) * 4
-        if packet[9] != socket.IPPROTO_TCP or len(packet) < ihl + 4:
-            return None
-        sport, dport = struct.unpack_from(">HH", packet, ihl)
-        return ConnTuple(socket.AF_INET, socket.inet_ntop(socket.AF_INET, packet[16:20]), dport,
-                         socket.inet_ntop(socket.AF_INET, packet[12:16]), sport)
-    if version == 6 and len(packet) >= 44 and packet[6] == socket.IPPROTO_TCP:
-        sport, dport = struct.unpack_from(">HH", packet, 40)
-        return ConnTuple(socket.AF_INET6, socket.inet_ntop(socket.AF_INET6, packet[24:40]), dport,
-                         socket.inet_ntop(socket.AF_INET6, packet[8:24]), sport)
-    return None
-
-
-def _packet_length(packet: bytes) -> int:
-    if packet[0] >> 4 == 4:
-        return int(struct.unpack_from(">H", packet, 2)[0])
-    return 40 + int(struct.unpack_from(">H", packet, 4)[0])
 
 
 class Recorder:
@@ -204,7 +179,7 @@ class Recorder:
         conn = packet_tuple(packet)
         if conn is None:
             return
-        if _packet_length(packet) != len(packet):
+        if packet_length(packet) != len(packet):
             self._stats.truncated += 1
             return
         kept = self._kept.setdefault(conn, [])

@@ -16,9 +16,10 @@ import pytest
 
 import sockrepair
 from sockrepair.lock import Locker
-from sockrepair.lock.inject import Injector, with_checksums
-from sockrepair.lock.record import Caps, Recorder, packet_tuple
+from sockrepair.lock.inject import Injector
+from sockrepair.lock.record import Caps, Recorder
 from sockrepair.netns import NetNS
+from sockrepair.packet import packet_tuple, with_checksums
 from tests.root.pairs import (
     FAMILIES,
     TCP_ESTABLISHED,

@@ -1,0 +1,77 @@
+"""One IPv4 or IPv6 TCP packet as bytes: which connection it belongs to, its lengths, and its checksums made right
+(RFC 791 header checksum, RFC 793 / RFC 8200 section 8.1 TCP checksum over the pseudo-header). Used by the lock's
+recorder and injector and by the packets.img format; no extension headers, no IP options beyond IHL."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from sockrepair.state import ConnTuple
+
+
+def packet_tuple(packet: bytes | memoryview) -> ConnTuple | None:
+    """The connection a TCP packet from a peer belongs to, as the receiving socket names it (local = destination),
+    or None for anything else (not TCP, IPv6 extension headers, too short)."""
+    if len(packet) < 1:
+        return None
+    version = packet[0] >> 4
+    if version == 4 and len(packet) >= 20:
+        ihl = (packet[0] & 0x0F) * 4
+        if packet[9] != socket.IPPROTO_TCP or len(packet) < ihl + 4:
+            return None
+        sport, dport = struct.unpack_from(">HH", packet, ihl)
+        return ConnTuple(socket.AF_INET, socket.inet_ntop(socket.AF_INET, packet[16:20]), dport,
+                         socket.inet_ntop(socket.AF_INET, packet[12:16]), sport)
+    if version == 6 and len(packet) >= 44 and packet[6] == socket.IPPROTO_TCP:
+        sport, dport = struct.unpack_from(">HH", packet, 40)
+        return ConnTuple(socket.AF_INET6, socket.inet_ntop(socket.AF_INET6, packet[24:40]), dport,
+                         socket.inet_ntop(socket.AF_INET6, packet[8:24]), sport)
+    return None
+
+
+def packet_length(packet: bytes) -> int:
+    if packet[0] >> 4 == 4:
+        return int(struct.unpack_from(">H", packet, 2)[0])
+    return 40 + int(struct.unpack_from(">H", packet, 4)[0])
+
+
+def _fold(total: int) -> int:
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def _sum16(data: bytes | bytearray | memoryview) -> int:
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    return sum(struct.unpack(f">{len(data) // 2}H", data))
+
+
+def with_checksums(packet: bytes) -> bytes:
+    """`packet` (an IPv4 or IPv6 TCP packet without extension headers) with its IPv4 header checksum and its TCP
+    checksum (RFC 793, RFC 8200 section 8.1 for the IPv6 pseudo-header) computed again. Raises ValueError when the
+    packet is not such a packet or its lengths do not add up."""
+    data = bytearray(packet)
+    version = data[0] >> 4 if data else 0
+    if version == 4:
+        ihl = (data[0] & 0x0F) * 4
+        total = struct.unpack_from(">H", data, 2)[0]
+        if ihl < 20 or total != len(data) or data[9] != socket.IPPROTO_TCP or total < ihl + 20:
+            raise ValueError("not a whole IPv4 TCP packet")
+        struct.pack_into(">H", data, 10, 0)
+        struct.pack_into(">H", data, 10, ~_fold(_sum16(data[:ihl])) & 0xFFFF)
+        segment_at = ihl
+        pseudo = bytes(data[12:20]) + struct.pack(">BBH", 0, socket.IPPROTO_TCP, total - ihl)
+    elif version == 6:
+        payload_len = struct.unpack_from(">H", data, 4)[0]
+        if data[6] != socket.IPPROTO_TCP or 40 + payload_len != len(data) or payload_len < 20:
+            raise ValueError("not a whole IPv6 TCP packet without extension headers")
+        segment_at = 40
+        pseudo = bytes(data[8:40]) + struct.pack(">IxxxB", payload_len, socket.IPPROTO_TCP)
+    else:
+        raise ValueError(f"not an IP packet (version {version})")
+    struct.pack_into(">H", data, segment_at + 16, 0)
+    checksum = ~_fold(_sum16(pseudo) + _sum16(memoryview(data)[segment_at:])) & 0xFFFF
+    struct.pack_into(">H", data, segment_at + 16, checksum)
+    return bytes(data)
