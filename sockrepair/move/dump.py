@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sockrepair.engine._checkpoint import resume
-from sockrepair.image.directory import Entry, write_dir
+from sockrepair.image.directory import Entry, prepare_dir, write_dir
 from sockrepair.move.freeze import frozen
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import ProcSocket, process_name, tcp_sockets
@@ -52,17 +52,25 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
     locked for `ttl` seconds, until a restore unlocks them; with LEAVE_RUNNING they go on in the process and are
     unlocked. `lock=False` takes no lock (the states may then move before the kill: end_source refuses).
 
-    Raises ProcessError (no such process, not permitted, fd not a TCP socket, nothing established; `.pid`, `.fd`)
+    `directory` is created 0700, or must be an empty directory of the caller's that group and others cannot write
+    (ImageError `.path` otherwise, before anything is frozen). Raises ProcessError (no such process, not permitted,
+    fd not a TCP socket, nothing established; `.pid`, `.fd`)
     and SocketStateError (a socket not ESTABLISHED or changed while frozen; `.pid`, `.fd` the process's own, `.tuple`,
     `.tcp_state`); on an error the process is thawed with its connections as they were, and nothing is locked."""
     command = process_name(pid)
     timings = Timings("dump")
-    locker = process_locker(pid) if lock else None
+    # Refused (another user's, a symlink, not empty...) before anything is frozen or locked.
+    dir_fd = prepare_dir(directory)
+    try:
+        locker = process_locker(pid) if lock else None
+    except BaseException:
+        os.close(dir_fd)
+        raise
     try:
         with captured(pid, wanted, locker, timings, ttl) as cap:
             with timings.timed(Stage.WRITE):
                 entries = write_dir(directory, list(zip([s.fd for s in cap.sockets], cap.states)),
-                                    {"pid": pid, "command": command, "host": socket.gethostname()})
+                                    {"pid": pid, "command": command, "host": socket.gethostname()}, dir_fd)
             if after is After.LEAVE_RUNNING:
                 with timings.timed(Stage.RESUME):
                     for fd in cap.fds:
@@ -73,6 +81,7 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
                 with timings.timed(Stage.KILL):
                     end_source(cap)
     finally:
+        os.close(dir_fd)
         if locker is not None:
             locker.close()
     return DumpReport(pid, command, str(directory), after.value, cap.freeze_method,
