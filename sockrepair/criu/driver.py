@@ -13,10 +13,10 @@ import dataclasses
 import errno
 import os
 import shlex
-import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 from sockrepair.criu.explain import (
@@ -118,7 +118,7 @@ def _private(directory: Path) -> None:
                     continue
                 raise
             try:
-                if stat.S_ISREG(os.fstat(fd).st_mode):
+                if S_ISREG(os.fstat(fd).st_mode):
                     os.fchmod(fd, 0o600)
             finally:
                 os.close(fd)

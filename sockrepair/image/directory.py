@@ -18,7 +18,13 @@ from typing import IO, Any
 from sockrepair.errors import ImageError
 from sockrepair.image._codec import CRC_SIZE, HEADER_SIZE
 from sockrepair.image.layout import MAGIC
-from sockrepair.private import create_private, make_dir, open_dir, open_regular, read_bounded
+from sockrepair.private import (
+    create_private,
+    make_dir,
+    open_dir,
+    open_regular,
+    read_bounded,
+)
 from sockrepair.state import ConnectionState, ConnTuple
 
 INDEX = "index.json"
