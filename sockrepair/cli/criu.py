@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sockrepair.cli.args import ttl_arg
+from sockrepair.cli.args import netns_arg, ttl_arg
 from sockrepair.cli.output import print_json
 from sockrepair.criu import driver, setup, show
 from sockrepair.criu.compare import DIFFERS, EXPLAINED, NOT_KEPT, compare
@@ -49,7 +49,8 @@ def add_criu_commands(subparsers: Any) -> None:
     p.add_argument("-D", "--dir", required=True, type=Path, help="directory written by `sockrepair criu dump`")
     p.add_argument("--pid", type=int, action="append",
                    help="restore only this tree, by its root pid (repeatable, in this order); default: all left")
-    p.add_argument("--netns", help="restore into this network namespace (ip netns name); default: the current one")
+    p.add_argument("--netns", metavar="NAME", type=netns_arg,
+                   help="restore into this network namespace (ip netns name); default: the current one")
     p.add_argument("--ttl", type=ttl_arg, default=driver.DEFAULT_TTL, help=ttl_help)
     p.add_argument("--criu-arg", action="append", default=[], metavar="ARG", help=arg_help)
     p.add_argument("--json", action="store_true", help="machine-readable report")

@@ -334,7 +334,7 @@ def restore(directory: Path, roots: Sequence[int] | None = None, *, netns: str |
     waits = plan_from_images(manifest, directory)
     before = [t.root for t in manifest.trees if t.restored]
     report = RestoreReport(str(directory), [], [], [], ttl)
-    path = f"/run/netns/{netns}" if netns else None
+    path = f"/run/netns/{netns}" if netns is not None else None
     with named(netns):
         locker = Locker(label=LABEL)
     run = _Run(criu, directory, manifest, locker, path, criu_args)
