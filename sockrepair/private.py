@@ -31,7 +31,8 @@ def _check_dir(fd: int, path: str | Path, writing: bool) -> None:
         whose = "you" if writing or euid == 0 else "you or root"
         raise _refused(f"owned by uid {st.st_uid}, not by {whose} (uid {euid})", path)
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise _refused(f"writable by {'group' if st.st_mode & stat.S_IWGRP else 'others'} (mode "
+        who = " and ".join(w for bit, w in ((stat.S_IWGRP, "group"), (stat.S_IWOTH, "others")) if st.st_mode & bit)
+        raise _refused(f"writable by {who} (mode "
                        f"{stat.S_IMODE(st.st_mode):04o}): anyone who can write there can swap what it holds; "
                        "use a directory only you can write (chmod go-w)", path)
 
