@@ -80,7 +80,7 @@ def _receiver_path(path: str) -> str:
     try:
         os.close(open_dir(real_parent))
     except OSError as exc:
-        raise HandoffError(f"refused to pass connections over {path}: its directory {real_parent} "
+        raise HandoffError(f"refused to pass connections over {path}: its directory {real_parent}: "
                            f"{exc.strerror}") from None
     real = os.path.join(real_parent, name)
     try:

@@ -17,7 +17,13 @@ from sockrepair.criu.manifest import MANIFEST, Manifest, load
 from sockrepair.errors import CriuError, ImageError, WireError
 from sockrepair.image.directory import INDEX, read_dir, read_image, write_dir
 from sockrepair.lab.pcap import write_pcap
-from sockrepair.private import create_private, make_dir, open_dir, open_private, read_regular
+from sockrepair.private import (
+    create_private,
+    make_dir,
+    open_dir,
+    open_private,
+    read_regular,
+)
 from sockrepair.state import ConnectionState, ConnTuple, TcpOptions
 from tests.clihelp import run_main
 

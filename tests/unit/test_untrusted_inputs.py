@@ -19,7 +19,13 @@ import pytest
 
 from sockrepair import discard
 from sockrepair.criu import images
-from sockrepair.criu.manifest import MANIFEST, LockedConnection, Manifest, TreeRecord, load
+from sockrepair.criu.manifest import (
+    MANIFEST,
+    LockedConnection,
+    Manifest,
+    TreeRecord,
+    load,
+)
 from sockrepair.errors import ImageError, NetnsError, SocketStateError
 from sockrepair.image.directory import INDEX, MAX_INDEX_BYTES, read_dir, write_dir
 from sockrepair.lock.owner import default_owner, owner_label
