@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,7 @@ _TMP = MANIFEST + ".tmp"
 MAX_BYTES = 16 << 20
 # manifest -> trees -> a tree -> its pids
 MAX_DEPTH = 4
+_DIR_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
 
 
 @dataclass
@@ -119,7 +121,7 @@ _MANIFEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 _TREE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "root": (lambda v: _is(v, int) and 0 < v < 1 << 31, "a pid"),
-    "dir": (lambda v: _is(v, str) and v != "" and "/" not in v and not v.startswith(".") and "\0" not in v,
+    "dir": (lambda v: _is(v, str) and _DIR_NAME.fullmatch(v) is not None,
             "a directory name inside the dump (it points outside)"),
     "pids": (lambda v: _int_list(v) and v != [] and all(0 < p < 1 << 31 for p in v), "a list of pids"),
     "starttimes": (lambda v: _int_list(v) and all(t >= 0 for t in v), "a list of clock ticks"),
@@ -143,7 +145,7 @@ def _checked(item: Any, fields: dict[str, tuple[Callable[[Any], bool], str]], wh
     unknown = sorted(set(item) - set(fields))
     missing = sorted(set(fields) - set(item))
     if unknown or missing:
-        what = "; ".join(x for x in (unknown and f"unknown {', '.join(unknown)}",
+        what = "; ".join(x for x in (unknown and f"unknown {', '.join(map(repr, unknown))}",
                                      missing and f"missing {', '.join(missing)}") if x)
         raise ImageError(f"{path}: malformed: {where or 'the manifest'}: {what}", path=str(path), field=where or None)
     for name, (check, want) in fields.items():

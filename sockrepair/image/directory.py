@@ -36,6 +36,7 @@ MAX_INDEX_DEPTH = 4
 # Queues beyond the largest socket buffers a kernel allows (net.core.wmem_max is an int) are not a connection.
 MAX_IMAGE_BYTES = 1 << 31
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_IMAGE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
 
 
 @dataclass
@@ -131,9 +132,11 @@ def _entry(item: Any, n: int, index_path: str) -> Entry:
         if not isinstance(item[key], kind) or isinstance(item[key], bool):
             raise bad(f"{key} is {type(item[key]).__name__}, not {kind.__name__}", key)
     name, fd = item["file"], item["fd"]
-    if "/" in name or name.startswith(".") or not name or "\0" in name:
+    if "/" in name or name.startswith("."):
         raise ImageError(f"{index_path}: image name {name!r} points outside the directory", path=index_path,
                          field=f"{field}.file")
+    if not _IMAGE_NAME.fullmatch(name):
+        raise bad(f"image name {name!r} is not a plain file name (letters, digits, '.', '_', '-')", "file")
     if not 0 <= fd < 1 << 31:
         raise bad(f"fd {fd} is not a file descriptor number", "fd")
     if not _SHA256.fullmatch(item["sha256"]):
