@@ -36,7 +36,8 @@ def add_criu_commands(subparsers: Any) -> None:
 
     p = sub.add_parser("dump", help="dump process trees (each with its children) with every connection locked")
     p.add_argument("--pid", type=int, action="append", required=True, help="root of a tree to dump (repeatable)")
-    p.add_argument("-D", "--dir", required=True, type=Path, help="directory for the images (created, mode 0700)")
+    p.add_argument("-D", "--dir", required=True, type=Path,
+                   help="directory for the images: created 0700, or an empty one of yours that others cannot write")
     p.add_argument("--allow-external-peers", action="store_true",
                    help="dump even when a loopback peer of the trees stays behind (its connection will break)")
     p.add_argument("--shell-job", action="store_true", help="pass --shell-job to criu (automatic when needed)")

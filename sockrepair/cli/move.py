@@ -34,7 +34,8 @@ def add_move_commands(sub: Any) -> None:
     p = sub.add_parser("dump", help="checkpoint the TCP connections of a running process into image files")
     p.add_argument("--pid", type=int, required=True, help="the process holding the connections")
     p.add_argument("--fd", type=_fds, action="append", help="only this fd (repeatable); default: all established")
-    p.add_argument("-D", "--dir", required=True, type=Path, help="directory for the images (created, mode 0700)")
+    p.add_argument("-D", "--dir", required=True, type=Path,
+                   help="directory for the images: created 0700, or an empty one of yours that others cannot write")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--leave-running", action="store_true", help="the connections go on in the process")
     how.add_argument("--kill", action="store_true", help="silence the connections and kill the process (default)")
