@@ -53,8 +53,13 @@ def inside(path: str) -> Iterator[None]:
 
 
 def named(name: str | None) -> contextlib.AbstractContextManager[None]:
-    """Inside the namespace `name` as `ip netns` knows it; the current one when None."""
-    return inside(f"/run/netns/{name}") if name else contextlib.nullcontext()
+    """Inside the namespace `name` as `ip netns` knows it; the current one when None. NetnsError for a name that
+    is empty (it must not mean the current namespace) or a path."""
+    if name is None:
+        return contextlib.nullcontext()
+    if not isinstance(name, str) or not name or "/" in name or name in (".", "..") or "\0" in name:
+        raise NetnsError(f"not a network namespace name (see `ip netns list`): {name!r}", name=str(name))
+    return inside(f"/run/netns/{name}")
 
 
 class NetNS:

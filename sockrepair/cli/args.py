@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pwd
 
 from sockrepair.lock.locker import MAX_TTL
 from sockrepair.state import ConnTuple
@@ -34,3 +35,20 @@ def seconds_arg(text: str) -> float:
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"want a positive number of seconds, not {text}")
     return value
+
+
+def netns_arg(text: str) -> str:
+    """A name from `ip netns list`: never empty (that would mean the current namespace) and never a path."""
+    if not text or "/" in text or text in (".", "..") or "\0" in text:
+        raise argparse.ArgumentTypeError(f"not a network namespace name (see `ip netns list`): {text!r}")
+    return text
+
+
+def uid_arg(text: str) -> int:
+    """A user id, as a number or a user name."""
+    if text.isdigit():
+        return int(text)
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such user: {text!r}") from None

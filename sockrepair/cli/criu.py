@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sockrepair.cli.args import ttl_arg
+from sockrepair.cli.args import netns_arg, ttl_arg
 from sockrepair.cli.output import print_json
 from sockrepair.criu import driver, setup, show
 from sockrepair.criu.compare import DIFFERS, EXPLAINED, NOT_KEPT, compare
@@ -36,7 +36,8 @@ def add_criu_commands(subparsers: Any) -> None:
 
     p = sub.add_parser("dump", help="dump process trees (each with its children) with every connection locked")
     p.add_argument("--pid", type=int, action="append", required=True, help="root of a tree to dump (repeatable)")
-    p.add_argument("-D", "--dir", required=True, type=Path, help="directory for the images (created, mode 0700)")
+    p.add_argument("-D", "--dir", required=True, type=Path,
+                   help="directory for the images: created 0700, or an empty one of yours that others cannot write")
     p.add_argument("--allow-external-peers", action="store_true",
                    help="dump even when a loopback peer of the trees stays behind (its connection will break)")
     p.add_argument("--shell-job", action="store_true", help="pass --shell-job to criu (automatic when needed)")
@@ -49,7 +50,8 @@ def add_criu_commands(subparsers: Any) -> None:
     p.add_argument("-D", "--dir", required=True, type=Path, help="directory written by `sockrepair criu dump`")
     p.add_argument("--pid", type=int, action="append",
                    help="restore only this tree, by its root pid (repeatable, in this order); default: all left")
-    p.add_argument("--netns", help="restore into this network namespace (ip netns name); default: the current one")
+    p.add_argument("--netns", metavar="NAME", type=netns_arg,
+                   help="restore into this network namespace (ip netns name); default: the current one")
     p.add_argument("--ttl", type=ttl_arg, default=driver.DEFAULT_TTL, help=ttl_help)
     p.add_argument("--criu-arg", action="append", default=[], metavar="ARG", help=arg_help)
     p.add_argument("--json", action="store_true", help="machine-readable report")

@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from sockrepair.cli.args import ttl_arg, tuple_arg
+from sockrepair.cli.args import netns_arg, ttl_arg, tuple_arg
 from sockrepair.cli.output import print_json
 from sockrepair.errors import LockError
 from sockrepair.lock.locker import DEFAULT_TTL, Locker, LockRecord
+from sockrepair.lock.owner import DEFAULT_LABEL
 
 
 def add_lock_commands(subparsers: Any) -> None:
@@ -19,20 +20,27 @@ def add_lock_commands(subparsers: Any) -> None:
 
     p = subparsers.add_parser("locks", help="list locked connections with time left and owner")
     p.add_argument("--json", action="store_true", help="print a JSON list")
-    p.add_argument("--netns", metavar="NAME", help=netns_help)
+    p.add_argument("--netns", metavar="NAME", type=netns_arg, help=netns_help)
     p.set_defaults(func=cmd_locks)
 
     p = subparsers.add_parser("lock", help="drop a connection's packets (both ways) until unlocked or expired")
     p.add_argument("tuples", nargs="+", type=tuple_arg, metavar="TUPLE", help=tuple_help)
     p.add_argument("--ttl", type=ttl_arg, default=DEFAULT_TTL, metavar="S", help=f"seconds (default {DEFAULT_TTL:g})")
-    p.add_argument("--label", help="who is locking, stored with the lock before pid and host (default: sockrepair)")
-    p.add_argument("--netns", metavar="NAME", help=netns_help)
+    p.add_argument("--label", help=f"who is locking, stored with the lock before pid and host (default: "
+                   f"{DEFAULT_LABEL})")
+    p.add_argument("--netns", metavar="NAME", type=netns_arg, help=netns_help)
     p.set_defaults(func=cmd_lock)
 
     p = subparsers.add_parser("unlock", help="release locked connections (not locked: nothing to do)")
     p.add_argument("tuples", nargs="*", type=tuple_arg, metavar="TUPLE", help=tuple_help)
-    p.add_argument("--all", action="store_true", help="remove every lock and sockrepair's nftables table")
-    p.add_argument("--netns", metavar="NAME", help=netns_help)
+    p.add_argument("--all", action="store_true",
+                   help=f"release every lock of one owner (--owner; default {DEFAULT_LABEL!r}, the label of "
+                   "`sockrepair lock` and `sockrepair dump`), listing each; other owners' locks stay")
+    p.add_argument("--owner", metavar="LABEL", help="with --all: the owner's label, as `sockrepair locks` shows it "
+                   "before pid=... (e.g. sockrepair-criu)")
+    p.add_argument("--everything", action="store_true",
+                   help="remove every owner's locks and sockrepair's nftables table, listing each lock removed")
+    p.add_argument("--netns", metavar="NAME", type=netns_arg, help=netns_help)
     p.set_defaults(func=cmd_unlock)
 
 
@@ -62,13 +70,29 @@ def cmd_lock(args: argparse.Namespace) -> int:
     return 0
 
 
+def _removed(records: list[LockRecord]) -> None:
+    for r in records:
+        print(f"  {r.tuple}  owner {r.owner or '(none)'}")
+
+
 def cmd_unlock(args: argparse.Namespace) -> int:
-    if args.all == bool(args.tuples):
-        raise LockError("unlock: give TUPLE... or --all (not both)")
+    if sum((bool(args.tuples), args.all, args.everything)) != 1:
+        raise LockError("unlock: give TUPLE... or --all [--owner LABEL] or --everything (exactly one)")
+    if args.owner is not None and not args.all:
+        raise LockError("unlock: --owner goes with --all")
     with Locker(args.netns) as locker:
-        if args.all:
-            locker.unlock_all()
-        else:
+        if args.tuples:
             locker.unlock(args.tuples)
-    print("removed every lock and the sockrepair table" if args.all else f"unlocked {len(args.tuples)} connection(s)")
+            print(f"unlocked {len(args.tuples)} connection(s)")
+        elif args.all:
+            label = DEFAULT_LABEL if args.owner is None else args.owner
+            removed = locker.unlock_owned(label)
+            others = len(locker.list_locks())
+            print(f"unlocked {len(removed)} connection(s) of owner {label!r}; {others} lock(s) of other owners kept")
+            _removed(removed)
+        else:
+            removed = locker.list_locks()
+            locker.unlock_all()
+            print(f"removed every lock ({len(removed)}, of any owner) and the sockrepair table")
+            _removed(removed)
     return 0

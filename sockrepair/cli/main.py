@@ -15,6 +15,7 @@ from sockrepair.cli.move import add_move_commands
 from sockrepair.cli.output import print_error, print_json
 from sockrepair.cli.verify import add_verify_command
 from sockrepair.errors import ImageError, SockrepairError
+from sockrepair.private import open_regular, read_regular
 
 # packets.img (sockrepair.image.packets.MAGIC), named here so that `show` of an image does not load construct
 PACKETS_MAGIC = b"SKPK"
@@ -54,17 +55,17 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def _starts_with(path: Path, magic: bytes) -> bool:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # never blocks on a FIFO, never follows a symlink
             return f.read(len(magic)) == magic
     except OSError:
         return False  # read_image says why
 
 
 def _show_packets(args: argparse.Namespace) -> int:
-    from sockrepair.image.packets import decode_packets, describe
+    from sockrepair.image.packets import MAX_FILE, decode_packets, describe
 
     try:
-        data = args.image.read_bytes()
+        data = read_regular(args.image, MAX_FILE)
     except OSError as exc:
         raise ImageError(f"cannot read {args.image}: {exc.strerror}", path=str(args.image)) from None
     packets = [describe(p) for p in decode_packets(data, str(args.image))]

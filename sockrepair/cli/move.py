@@ -8,14 +8,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sockrepair.cli.args import ttl_arg
+from sockrepair.cli.args import netns_arg, ttl_arg, uid_arg
 from sockrepair.cli.output import print_json
 from sockrepair.criu.show import load_states as load_criu_states
 from sockrepair.errors import HandoffError
 from sockrepair.image.directory import read_dir
 from sockrepair.image.text import head_line, state_lines
 from sockrepair.move.dump import After, dump, inspect
-from sockrepair.move.handoff import exec_with_sockets, send_over_unix
+from sockrepair.move.handoff import (
+    connect_receiver,
+    exec_with_sockets,
+    send_to_receiver,
+)
 from sockrepair.move.keep import netns_path, read_kept, send_kept
 from sockrepair.move.land import restore_all, unlock_in
 
@@ -31,7 +35,8 @@ def add_move_commands(sub: Any) -> None:
     p = sub.add_parser("dump", help="checkpoint the TCP connections of a running process into image files")
     p.add_argument("--pid", type=int, required=True, help="the process holding the connections")
     p.add_argument("--fd", type=_fds, action="append", help="only this fd (repeatable); default: all established")
-    p.add_argument("-D", "--dir", required=True, type=Path, help="directory for the images (created, mode 0700)")
+    p.add_argument("-D", "--dir", required=True, type=Path,
+                   help="directory for the images: created 0700, or an empty one of yours that others cannot write")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--leave-running", action="store_true", help="the connections go on in the process")
     how.add_argument("--kill", action="store_true", help="silence the connections and kill the process (default)")
@@ -50,11 +55,15 @@ def add_move_commands(sub: Any) -> None:
     src.add_argument("-D", "--dir", type=Path, help="directory written by `sockrepair dump`")
     src.add_argument("--from-criu", type=Path, metavar="DIR",
                      help="criu image directory (or `sockrepair criu dump` directory): restore its TCP connections")
-    p.add_argument("--netns", help="restore inside this network namespace (ip netns name)")
+    p.add_argument("--netns", metavar="NAME", type=netns_arg,
+                   help="restore inside this network namespace (ip netns name)")
     to = p.add_mutually_exclusive_group(required=True)
     to.add_argument("--exec", nargs=argparse.REMAINDER, dest="exec_argv", metavar="CMD",
                     help="run CMD with the connections as inherited fds 3.. (LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES)")
-    to.add_argument("--unix", metavar="PATH", help="pass the connections over this UNIX socket (SCM_RIGHTS)")
+    to.add_argument("--unix", metavar="PATH", help="pass the connections over this UNIX socket (SCM_RIGHTS); its "
+                    "directory must be yours or root's and not writable by others, its listener run as root or you")
+    p.add_argument("--unix-uid", type=uid_arg, action="append", default=[], metavar="USER",
+                   help="with --unix: the listener may also run as this user (name or uid; repeatable)")
     p.set_defaults(func=cmd_restore)
 
 
@@ -96,18 +105,27 @@ def cmd_restore(args: argparse.Namespace) -> int:
         states = load_criu_states(args.from_criu)
     else:
         states = [state for _, state in read_dir(args.dir)]
-        kept = read_kept(args.dir)
+        kept = read_kept(args.dir, [s.tuple for s in states])
+    if args.unix_uid and not args.unix:
+        raise HandoffError("--unix-uid goes with --unix")
     if args.exec_argv is not None:
         if not args.exec_argv or shutil.which(args.exec_argv[0]) is None:
             raise HandoffError(f"--exec: no such program {args.exec_argv[0] if args.exec_argv else '(none given)'}")
-    socks = restore_all(states, args.netns)
-    delivered = send_kept(kept, netns_path(args.netns))
-    unlock_in(args.netns, states)
-    conns = [s.tuple for s in states]
-    print(f"restored {len(socks)} connection(s) from {args.from_criu or args.dir}"
-          + (f"; delivered {delivered} packet(s) their peers sent while locked" if delivered else ""), file=sys.stderr)
-    if args.unix:
-        send_over_unix(args.unix, socks, conns)
-        return 0
+    # The receiver is checked (and connected to) before any connection is restored for it.
+    receiver = connect_receiver(args.unix, args.unix_uid) if args.unix else None
+    try:
+        socks = restore_all(states, args.netns)
+        delivered = send_kept(kept, netns_path(args.netns))
+        unlock_in(args.netns, states)
+        conns = [s.tuple for s in states]
+        print(f"restored {len(socks)} connection(s) from {args.from_criu or args.dir}"
+              + (f"; delivered {delivered} packet(s) their peers sent while locked" if delivered else ""),
+              file=sys.stderr)
+        if receiver is not None:
+            send_to_receiver(receiver, socks, conns)
+            return 0
+    finally:
+        if receiver is not None:
+            receiver.close()
     exec_with_sockets(args.exec_argv, socks, conns)
     return 0  # not reached: exec replaced this process

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import shlex
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 from sockrepair.criu.explain import (
@@ -51,6 +53,7 @@ from sockrepair.move.keep import NOTHING_KEPT, Keeper, Kept, netns_path, read_ke
 from sockrepair.move.procfs import stat
 from sockrepair.netns import inside, named
 from sockrepair.packet import packet_tuple
+from sockrepair.private import make_dir, open_dir
 from sockrepair.state import ConnTuple
 
 # The lock must outlive the gap between `criu dump` and `criu restore`, two commands a person runs.
@@ -109,10 +112,34 @@ def _criu(criu: Criu, args: list[str]) -> tuple[int, str]:
 
 
 def _private(directory: Path) -> None:
-    """criu writes its images 0644, queued payload included."""
-    for path in directory.iterdir():
-        if path.is_file():
-            os.chmod(path, 0o600)
+    """criu writes its images 0644, queued payload included: 0600 each regular file, through the directory's fd
+    and the file's own (a symlink is skipped, never followed)."""
+    dir_fd = open_dir(directory, writing=True)
+    try:
+        for name in os.listdir(dir_fd):
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    continue
+                raise
+            try:
+                if S_ISREG(os.fstat(fd).st_mode):
+                    os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _dump_dir(directory: Path) -> int:
+    """make_dir's fd of the dump directory; CriuError naming why it is refused."""
+    if is_dump_dir(directory):
+        raise CriuError(f"{directory} already holds a dump ({MANIFEST}): give another -D")
+    try:
+        return make_dir(directory)
+    except (PermissionError, FileExistsError, NotADirectoryError) as exc:
+        raise CriuError(f"{directory}: {exc.strerror}") from None
 
 
 @contextlib.contextmanager
@@ -168,7 +195,8 @@ def dump(pids: Sequence[int], directory: Path, *, allow_external_peers: bool = F
 
     Raises CriuError for a ttl outside (0, MAX_TTL], a criu that does not work here (`find_criu` when `criu` is
     None), a pid that is missing, a zombie or in two trees, trees in different network namespaces, a loopback peer
-    left behind (unless `allow_external_peers`), or a `directory` that already holds a dump; CriuFailure (its
+    left behind (unless `allow_external_peers`), or a `directory` that is refused (sockrepair.private.make_dir: one
+    that holds a dump or anything else, a symlink, another user's, or writable by group or others); CriuFailure (its
     `report` holds every known error of the logs) when a criu run fails, after restoring the trees dumped before it
     and releasing the lock."""
     _check_ttl(ttl)
@@ -179,9 +207,15 @@ def dump(pids: Sequence[int], directory: Path, *, allow_external_peers: bool = F
                         "(they would get RST, or their packets dropped until the lock expires):\n"
                         f"{topology.left_behind()}\nFix: add those processes' trees with --pid, or pass "
                         "--allow-external-peers to dump anyway")
-    if is_dump_dir(directory):
-        raise CriuError(f"{directory} already holds a dump ({MANIFEST}): give another -D")
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    dir_fd = _dump_dir(directory)
+    try:
+        return _dump(criu, topology, directory, dir_fd, ttl, shell_job, criu_args)
+    finally:
+        os.close(dir_fd)
+
+
+def _dump(criu: Criu, topology: Topology, directory: Path, dir_fd: int, ttl: float, shell_job: bool,
+          criu_args: Sequence[str]) -> DumpReport:
     lock = LOCK_SKIP if criu.supports_network_lock_skip() else LOCK_CRIU
     trees = [TreeRecord(t.root, f"tree-{t.root}", t.pids, [t.stats[p].starttime for p in t.pids], t.command,
                         shell_job or t.needs_shell_job) for t in topology.trees]
@@ -195,10 +229,10 @@ def dump(pids: Sequence[int], directory: Path, *, allow_external_peers: bool = F
         try:
             with locker, renewing(locker, topology.tuples(), ttl) as renew_errors:
                 for tree in trees:
-                    (directory / tree.dir).mkdir(mode=0o700, exist_ok=True)
+                    os.mkdir(tree.dir, 0o700, dir_fd=dir_fd)
                     manifest.save(directory)
                     _dump_one(run, tree, topology, report)
-                report.kept = keeper.write(directory, topology.tuples())
+                report.kept = keeper.write(dir_fd, topology.tuples())
                 report.warnings += [f"renewing the lock failed: {e}" for e in renew_errors]
         finally:
             keeper.close()
@@ -311,8 +345,8 @@ def restore(directory: Path, roots: Sequence[int] | None = None, *, netns: str |
     waits = plan_from_images(manifest, directory)
     before = [t.root for t in manifest.trees if t.restored]
     report = RestoreReport(str(directory), [], [], [], ttl)
-    path = f"/run/netns/{netns}" if netns else None
-    kept_at_dump = read_kept(directory)  # checked before anything is restored
+    path = f"/run/netns/{netns}" if netns is not None else None
+    kept_at_dump = read_kept(directory, list(waits))  # checked before anything is restored
     with named(netns):
         locker = Locker(label=LABEL)
     run = _Run(criu, directory, manifest, locker, path, criu_args)

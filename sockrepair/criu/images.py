@@ -8,6 +8,7 @@ Fields not defined here are skipped by the runtime, so newer criu images still r
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import construct as cs
 from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory
 
 from sockrepair.errors import ImageError
+from sockrepair.image._codec import problem_of
+from sockrepair.private import open_dir, read_regular
 from sockrepair.state import (
     ConnectionState,
     ConnTuple,
@@ -32,6 +35,9 @@ MAGIC_FILES = 0x56303138
 FD_TYPE_INETSK = 4
 # tcp_stream_entry.opt_mask holds tcpi_options bits (linux/tcp.h TCPI_OPT_*).
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
+# Bounds on what is read from disk: files.img of 100000 fds is about 10 MB; a stream image holds two queues.
+MAX_FILES_BYTES = 64 << 20
+MAX_STREAM_BYTES = 1 << 31
 
 _F = descriptor_pb2.FieldDescriptorProto
 _U32, _U64, _BOOL, _STR, _MSG = _F.TYPE_UINT32, _F.TYPE_UINT64, _F.TYPE_BOOL, _F.TYPE_STRING, _F.TYPE_MESSAGE
@@ -159,12 +165,12 @@ def parse_tcp_stream(data: bytes, name: str = "tcp-stream image") -> TcpStreamIm
     return TcpStreamImage(entry, data[offset : offset + entry.inq_len], data[offset + entry.inq_len : end])
 
 
-def _address(family: int, words: list[int]) -> str:
+def _address(family: int, words: list[int], name: str, what: str) -> str:
     # criu keeps each address as u32 words holding the network-order bytes in host memory order.
-    packed = struct.pack(f"<{len(words)}I", *words)
-    if family == socket.AF_INET:
-        return socket.inet_ntop(family, packed[:4])
-    return socket.inet_ntop(socket.AF_INET6, packed[:16].ljust(16, b"\0"))
+    want = 1 if family == socket.AF_INET else 4
+    if len(words) != want:
+        raise ImageError(f"{name}: inet socket {what} address has {len(words)} u32 word(s), want {want}")
+    return socket.inet_ntop(family, struct.pack(f"<{want}I", *words))
 
 
 def parse_inet_sockets(data: bytes, name: str = "files.img") -> list[InetSocket]:
@@ -180,8 +186,8 @@ def parse_inet_sockets(data: bytes, name: str = "files.img") -> list[InetSocket]
         if isk.family not in (socket.AF_INET, socket.AF_INET6):
             raise ImageError(f"{name}: inet socket id {isk.id} has address family {isk.family}")
         conn = ConnTuple(
-            isk.family, _address(isk.family, list(isk.src_addr)), isk.src_port,
-            _address(isk.family, list(isk.dst_addr)), isk.dst_port,
+            isk.family, _address(isk.family, list(isk.src_addr), name, "source"), isk.src_port,
+            _address(isk.family, list(isk.dst_addr), name, "destination"), isk.dst_port,
         )
         found.append(InetSocket(isk.id, isk.ino, conn, isk.state, isk.proto, isk))
     return found
@@ -202,7 +208,7 @@ def _sockopts(isk: Any, stream: Any) -> SocketOptions:
         reuseaddr=opts.reuseaddr,
         reuseport=opts.so_reuseport,
         priority=opts.so_priority,
-        mark=opts.so_mark,
+        mark=opts.so_mark - (1 << 32) if opts.so_mark >= 1 << 31 else opts.so_mark,  # the C int setsockopt takes
         bindtodevice=opts.so_bound_dev,
         rcvlowat=opts.so_rcvlowat if opts.HasField("so_rcvlowat") else defaults.rcvlowat,
         tos=ip.tos,
@@ -214,11 +220,18 @@ def _sockopts(isk: Any, stream: Any) -> SocketOptions:
 
 def to_connection_state(sock: InetSocket, stream: TcpStreamImage) -> ConnectionState:
     """sockrepair's view of one dumped connection: sequence numbers are those at the end of each queue
-    (TCP_QUEUE_SEQ), `window` is None when the image has no repair window. Raises ImageError when more bytes are
-    said never sent than the send queue holds."""
+    (TCP_QUEUE_SEQ), `window` is None when the image has no repair window. Raises ImageError (`.field`) for a
+    connection that breaks the rules sockrepair's own images follow (sockrepair.image.find_problem: ports, TCP
+    state, MSS, window scales, options, more bytes said never sent than the send queue holds)."""
+    state = _state(sock, stream)
+    problem = problem_of(state)
+    if problem is not None:
+        raise ImageError(f"tcp-stream-{sock.ino:x}.img ({state.tuple}): {problem[1]}", field=problem[0])
+    return state
+
+
+def _state(sock: InetSocket, stream: TcpStreamImage) -> ConnectionState:
     e = stream.entry
-    if e.unsq_len > len(stream.send_queue):
-        raise ImageError(f"tcp-stream-{sock.ino:x}.img: {e.unsq_len} unsent bytes in a {e.outq_len}-byte send queue")
     window = (
         RepairWindow(e.snd_wl1, e.snd_wnd, e.max_window, e.rcv_wnd, e.rcv_wup) if e.HasField("snd_wl1") else None
     )
@@ -244,17 +257,43 @@ def to_connection_state(sock: InetSocket, stream: TcpStreamImage) -> ConnectionS
     )
 
 
+def _read(name: str, dir_fd: int, path: Path, limit: int) -> bytes | None:
+    """The bytes of the regular file `name` (None when there is none), at most `limit`; ImageError otherwise."""
+    try:
+        return read_regular(name, limit, dir_fd, shown=path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ImageError(f"{path}: {exc.strerror}", path=str(path)) from None
+
+
 def load_connections(directory: Path) -> list[ConnectionState]:
     """Every TCP connection criu dumped into `directory` (one per socket with a tcp-stream image), sorted by
-    tuple. Raises ImageError when there is no files.img or an image is malformed (file and byte named)."""
-    files = directory / "files.img"
-    if not files.exists():
-        raise ImageError(f"{directory}: no files.img: not a criu 4.x image directory, or the dump failed")
-    states = []
-    for sock in parse_inet_sockets(files.read_bytes(), str(files)):
-        stream_path = directory / f"tcp-stream-{sock.ino:x}.img"
-        if sock.proto != socket.IPPROTO_TCP or not stream_path.exists():
-            continue
-        stream = parse_tcp_stream(stream_path.read_bytes(), str(stream_path))
-        states.append(to_connection_state(sock, stream))
-    return sorted(states, key=lambda s: s.tuple)
+    tuple. The directory must be the caller's or root's, writable by nobody else, and the images regular files
+    (files.img at most MAX_FILES_BYTES, a tcp-stream image at most MAX_STREAM_BYTES), as sockrepair.private
+    checks. Raises ImageError when it is refused, there is no files.img, or an image is malformed (file and byte
+    named) or holds a connection sockrepair's images could not (to_connection_state)."""
+    try:
+        dir_fd = open_dir(directory)
+    except OSError as exc:
+        raise ImageError(f"{directory}: {exc.strerror}", path=str(directory)) from None
+    try:
+        files = directory / "files.img"
+        data = _read("files.img", dir_fd, files, MAX_FILES_BYTES)
+        if data is None:
+            raise ImageError(f"{directory}: no files.img: not a criu 4.x image directory, or the dump failed")
+        states = []
+        for sock in parse_inet_sockets(data, str(files)):
+            name = f"tcp-stream-{sock.ino:x}.img"
+            if sock.proto != socket.IPPROTO_TCP:
+                continue
+            stream = _read(name, dir_fd, directory / name, MAX_STREAM_BYTES)
+            if stream is None:
+                continue
+            try:
+                states.append(to_connection_state(sock, parse_tcp_stream(stream, str(directory / name))))
+            except ImageError as exc:
+                raise ImageError(str(exc), path=str(directory / name), offset=exc.offset, field=exc.field) from None
+        return sorted(states, key=lambda s: s.tuple)
+    finally:
+        os.close(dir_fd)

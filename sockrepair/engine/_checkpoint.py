@@ -117,8 +117,15 @@ def discard(sock: SockLike, state: ConnectionState | None = None) -> None:
     or a retransmission, or take in an ACK or data, and then the saved state no longer matches what the peer knows.
     Given the `state` from checkpoint, discard compares the queue lengths (SIOCOUTQ, SIOCOUTQNSD, SIOCINQ) with it
     and raises SocketStateError (`.fd`, `.tuple`) when they moved, leaving the socket frozen (resume or discard it
-    again). Raises SocketCallError when a kernel call fails."""
+    again). A socket that is not in repair mode (never checkpointed, or resumed) would leave with a FIN: discard
+    refuses it with SocketStateError (`.fd`, `.tuple` from `state`) and leaves it open (getsockopt(TCP_REPAIR)
+    reads the repair flag, tp->repair, in do_tcp_getsockopt; a kernel that does not answer it, ENOPROTOOPT, is not
+    checked). Raises SocketCallError when a kernel call fails."""
     fd = fileno(sock)
+    if not _in_repair(_Session(fd, state.tuple if state is not None else None)):
+        raise SocketStateError(f"fd {fd} is not in repair mode (never checkpointed, or resumed): closing it would "
+                               "send a FIN; checkpoint() it first", fd=fd,
+                               tuple=state.tuple if state is not None else None)
     if state is not None:
         ensure_unchanged(fd, state)
     release_reuse(fd)
@@ -126,6 +133,15 @@ def discard(sock: SockLike, state: ConnectionState | None = None) -> None:
         close_silently(fd)
     else:
         sock.close()
+
+
+def _in_repair(session: _Session) -> bool:
+    try:
+        return bool(session.get(lib.IPPROTO_TCP, lib.TCP_REPAIR, "TCP_REPAIR"))
+    except SocketCallError as exc:
+        if exc.errno == errno.ENOPROTOOPT:
+            return True
+        raise
 
 
 def ensure_unchanged(fd: int, state: ConnectionState) -> None:

@@ -1,20 +1,42 @@
-"""A directory of connection images: one 0600 file per connection plus index.json saying what each one is."""
+"""A directory of connection images: one 0600 file per connection plus index.json saying what each one is.
+
+Directories and files go through sockrepair.private: the directory must be the caller's (not a symlink, not
+writable by others) and empty when written to; files are created with O_NOFOLLOW|O_EXCL, and read back only as
+regular files of bounded size, every field of the index checked before it is used."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from sockrepair.errors import ImageError
-from sockrepair.private import open_private
+from sockrepair.image._codec import CRC_SIZE, HEADER_SIZE
+from sockrepair.image.layout import MAGIC
+from sockrepair.private import (
+    create_private,
+    make_dir,
+    open_dir,
+    open_regular,
+    read_bounded,
+)
 from sockrepair.state import ConnectionState, ConnTuple
 
 INDEX = "index.json"
 INDEX_VERSION = 1
+# index.json of 10000 connections is about 1.5 MB: no dump is that big, and a bigger file is not ours.
+MAX_INDEX_BYTES = 4 << 20
+# The index is an object of objects ("source", each connection): deeper nesting is not an index.
+MAX_INDEX_DEPTH = 4
+# Queues beyond the largest socket buffers a kernel allows (net.core.wmem_max is an int) are not a connection.
+MAX_IMAGE_BYTES = 1 << 31
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_IMAGE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
 
 
 @dataclass
@@ -31,81 +53,196 @@ class Entry:
         return {"file": self.file, "fd": self.fd, "tuple": str(self.tuple), "sha256": self.sha256}
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    with open_private(path) as f:
-        f.write(data)
+def prepare_dir(directory: Path) -> int:
+    """An fd of `directory`, ready for write_dir: created 0700 when missing; an existing one must be a real
+    directory (not a symlink) of the caller's, not writable by group or others, and empty. Close the fd. Raises
+    ImageError (`.path`) naming why it is refused, or OSError when it cannot be created."""
+    try:
+        return make_dir(directory)
+    except (PermissionError, FileExistsError, NotADirectoryError) as exc:
+        raise ImageError(f"{directory}: {exc.strerror}", path=str(directory)) from None
 
 
-def write_dir(directory: Path, states: list[tuple[int, ConnectionState]], source: dict[str, Any]) -> list[Entry]:
-    """Write (fd, state) pairs as conn-N.img files and index.json (all 0600, the directory 0700 when created);
-    `source` (pid, command, host...) is recorded in the index for people. Raises ImageError (naming the field) for
-    a state an image cannot hold, OSError when the directory cannot be written."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    entries = []
-    for n, (fd, state) in enumerate(states):
-        data = state.to_bytes()
-        name = f"conn-{n}.img"
-        _write_private(directory / name, data)
-        entries.append(Entry(name, fd, state.tuple, hashlib.sha256(data).hexdigest()))
-    index = {"version": INDEX_VERSION, "created": time.time(), "source": source,
-             "connections": [e.to_dict() for e in entries]}
-    _write_private(directory / INDEX, json.dumps(index, indent=2).encode())
+def write_dir(directory: Path, states: list[tuple[int, ConnectionState]], source: dict[str, Any],
+              dir_fd: int | None = None) -> list[Entry]:
+    """Write (fd, state) pairs as conn-N.img files, then index.json (all 0600, the directory 0700 when created);
+    `source` (pid, command, host...) is recorded in the index for people. `dir_fd` is prepare_dir's fd of
+    `directory` (None: prepare it here). Raises ImageError (naming the field) for a state an image cannot hold or a
+    directory prepare_dir refuses, OSError when the directory cannot be written."""
+    own = dir_fd is None
+    fd = prepare_dir(directory) if dir_fd is None else dir_fd
+    try:
+        entries = []
+        for n, (sock_fd, state) in enumerate(states):
+            data = state.to_bytes()
+            name = f"conn-{n}.img"
+            with create_private(fd, name) as f:
+                f.write(data)
+            entries.append(Entry(name, sock_fd, state.tuple, hashlib.sha256(data).hexdigest()))
+        index = {"version": INDEX_VERSION, "created": time.time(), "source": source,
+                 "connections": [e.to_dict() for e in entries]}
+        # Written last: an index means every image it names is complete.
+        with create_private(fd, INDEX) as f:
+            f.write(json.dumps(index, indent=2).encode())
+    finally:
+        if own:
+            os.close(fd)
+    return entries
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and objects nest in a parsed JSON value (a scalar is 0), without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        todo.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def load_json(data: bytes, path: str, max_depth: int) -> Any:
+    """Parse untrusted JSON: ImageError (`.path`) for bytes that are not UTF-8 JSON or nest deeper than
+    `max_depth` lists/objects."""
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise ImageError(f"{path}: JSON nested too deep (more than {max_depth} levels)", path=path) from None
+    except ValueError as exc:
+        raise ImageError(f"{path}: not JSON: {exc}", path=path) from None
+    if _depth(value) > max_depth:
+        raise ImageError(f"{path}: JSON nested too deep (more than {max_depth} levels)", path=path)
+    return value
+
+
+def _entry(item: Any, n: int, index_path: str) -> Entry:
+    field = f"connections[{n}]"
+
+    def bad(why: str, key: str | None = None) -> ImageError:
+        return ImageError(f"{index_path}: bad connection entry {field}: {why}", path=index_path,
+                          field=f"{field}.{key}" if key else field)
+
+    if not isinstance(item, dict):
+        raise bad(f"a JSON object is expected, not {type(item).__name__}")
+    for key, kind in (("file", str), ("fd", int), ("tuple", str), ("sha256", str)):
+        if key not in item:
+            raise bad(f"no {key!r}", key)
+        if not isinstance(item[key], kind) or isinstance(item[key], bool):
+            raise bad(f"{key} is {type(item[key]).__name__}, not {kind.__name__}", key)
+    name, fd = item["file"], item["fd"]
+    if "/" in name or name.startswith("."):
+        raise ImageError(f"{index_path}: image name {name!r} points outside the directory", path=index_path,
+                         field=f"{field}.file")
+    if not _IMAGE_NAME.fullmatch(name):
+        raise bad(f"image name {name!r} is not a plain file name (letters, digits, '.', '_', '-')", "file")
+    if not 0 <= fd < 1 << 31:
+        raise bad(f"fd {fd} is not a file descriptor number", "fd")
+    if not _SHA256.fullmatch(item["sha256"]):
+        raise bad("sha256 is not 64 lowercase hex digits", "sha256")
+    try:
+        conn = ConnTuple.parse(item["tuple"])
+    except ValueError as exc:
+        raise bad(str(exc), "tuple") from None
+    return Entry(name, fd, conn, item["sha256"])
+
+
+def _read_index(directory: Path, dir_fd: int) -> list[Entry]:
+    index_path = str(directory / INDEX)
+    try:
+        with open_regular(INDEX, dir_fd, shown=index_path) as f:
+            data = read_bounded(f, MAX_INDEX_BYTES, index_path)
+    except FileNotFoundError:
+        raise ImageError(f"{directory} holds no {INDEX}: not an image directory written by `sockrepair dump`",
+                         path=index_path) from None
+    except OSError as exc:
+        raise ImageError(f"{index_path}: unreadable: {exc.strerror}", path=index_path) from None
+    index = load_json(data, index_path, MAX_INDEX_DEPTH)
+    if not isinstance(index, dict):
+        raise ImageError(f"{index_path}: not an index: a JSON object is expected, not {type(index).__name__}",
+                         path=index_path)
+    version = index.get("version")
+    if version != INDEX_VERSION or isinstance(version, bool):
+        raise ImageError(f"{index_path}: unsupported index version {version!r}", path=index_path, field="version")
+    connections = index.get("connections", [])
+    if not isinstance(connections, list):
+        raise ImageError(f"{index_path}: connections is not a list", path=index_path, field="connections")
+    entries = [_entry(item, n, index_path) for n, item in enumerate(connections)]
+    names = [e.file for e in entries]
+    if len(set(names)) != len(names):
+        raise ImageError(f"{index_path}: an image file is named twice", path=index_path, field="connections")
     return entries
 
 
 def read_dir(directory: Path) -> list[tuple[Entry, ConnectionState]]:
-    """The (entry, state) pairs of a directory write_dir made, in the index's order. Raises ImageError with `.path`
-    (the index or the image file at fault), `.field` (the index key, e.g. "connections[2].sha256", or the image's
-    record path) and, for a damaged image, `.offset` (the byte in that file)."""
-    index_path = directory / INDEX
+    """The (entry, state) pairs of a directory write_dir made, in the index's order. The directory must be a real
+    directory of the caller's or root's, not writable by group or others; index.json at most MAX_INDEX_BYTES, the
+    images regular files. Raises ImageError with `.path` (the directory, the index or the image file at fault),
+    `.field` (the index key, e.g. "connections[2].sha256", or the image's record path) and, for a damaged image,
+    `.offset` (the byte in that file)."""
     try:
-        index = json.loads(index_path.read_text())
-    except FileNotFoundError:
-        raise ImageError(f"{directory} holds no {INDEX}: not an image directory written by `sockrepair dump`",
-                         path=str(index_path)) from None
-    except (OSError, ValueError) as exc:
-        raise ImageError(f"{index_path}: unreadable: {exc}", path=str(index_path)) from None
-    version = index.get("version") if isinstance(index, dict) else None
-    if version != INDEX_VERSION:
-        raise ImageError(f"{index_path}: unsupported index version {version!r}", path=str(index_path),
-                         field="version")
-    connections = index.get("connections", [])
-    if not isinstance(connections, list):
-        raise ImageError(f"{index_path}: connections is not a list", path=str(index_path), field="connections")
-    out = []
-    for n, item in enumerate(connections):
-        try:
-            entry = Entry(item["file"], int(item["fd"]), ConnTuple.parse(item["tuple"]), item["sha256"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ImageError(f"{index_path}: bad connection entry {item!r}: {exc}", path=str(index_path),
-                             field=f"connections[{n}]") from None
-        if "/" in entry.file or entry.file.startswith("."):
-            raise ImageError(f"{index_path}: image name {entry.file!r} points outside the directory",
-                             path=str(index_path), field=f"connections[{n}].file")
-        image_path = directory / entry.file
-        try:
-            data = image_path.read_bytes()
-        except OSError as exc:
-            raise ImageError(f"{image_path}: {exc.strerror}", path=str(image_path)) from None
-        if hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise ImageError(f"{image_path}: sha256 differs from the index (file changed or damaged)",
-                             path=str(image_path), field=f"connections[{n}].sha256")
-        try:
-            state = ConnectionState.from_bytes(data)
-        except ImageError as exc:
-            raise ImageError(f"{image_path}: {exc}", path=str(image_path), offset=exc.offset,
-                             field=exc.field) from None
-        out.append((entry, state))
-    return out
+        dir_fd = open_dir(directory)
+    except OSError as exc:
+        raise ImageError(f"{directory}: {exc.strerror}", path=str(directory)) from None
+    try:
+        out = []
+        for n, entry in enumerate(_read_index(directory, dir_fd)):
+            image_path = directory / entry.file
+            data = _read_image_bytes(entry.file, image_path, dir_fd)
+            if hashlib.sha256(data).hexdigest() != entry.sha256:
+                raise ImageError(f"{image_path}: sha256 differs from the index (file changed or damaged)",
+                                 path=str(image_path), field=f"connections[{n}].sha256")
+            out.append((entry, _decoded(data, image_path)))
+        return out
+    finally:
+        os.close(dir_fd)
 
 
-def read_image(path: Path) -> ConnectionState:
-    """The state in one image file (`sockrepair show`); unreadable or malformed: ImageError with `.path`."""
+def _read_exactly(f: IO[bytes], size: int, path: Path) -> bytes:
+    data = f.read(size)
+    if len(data) != size:
+        raise ImageError(f"{path}: truncated: {len(data)} of {size} bytes (the file shrank while read)",
+                         path=str(path))
+    return data
+
+
+def _read_image_bytes(name: str | Path, path: Path, dir_fd: int | None = None) -> bytes:
+    """An image file's bytes: a regular file, its header read first, then exactly the body and checksum the header
+    declares, which must be the rest of the file."""
     try:
-        data = path.read_bytes()
+        f = open_regular(name, dir_fd, shown=path)
     except OSError as exc:
         raise ImageError(f"cannot read image {path}: {exc.strerror}", path=str(path)) from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size < HEADER_SIZE + CRC_SIZE:
+            return f.read(HEADER_SIZE + CRC_SIZE)  # decode() names what is missing
+        head = _read_exactly(f, HEADER_SIZE, path)
+        if head[: len(MAGIC)] != MAGIC:
+            return head  # decode() names the wrong magic
+        body_len = int.from_bytes(head[8:12], "big")
+        total = HEADER_SIZE + body_len + CRC_SIZE
+        if total > size:
+            raise ImageError(f"{path}: truncated: the header declares a {body_len}-byte body, so {total} bytes, "
+                             f"not {size}", path=str(path), offset=size)
+        if total < size:
+            raise ImageError(f"{path}: {size - total} bytes of trailing junk after the image", path=str(path),
+                             offset=total)
+        if total > MAX_IMAGE_BYTES:
+            raise ImageError(f"{path}: {total} bytes, more than any connection image ({MAX_IMAGE_BYTES})",
+                             path=str(path), offset=8, field="body_len")
+        return head + _read_exactly(f, total - HEADER_SIZE, path)
+
+
+def _decoded(data: bytes, path: Path) -> ConnectionState:
     try:
         return ConnectionState.from_bytes(data)
     except ImageError as exc:
         raise ImageError(f"{path}: {exc}", path=str(path), offset=exc.offset, field=exc.field) from None
+
+
+def read_image(path: Path) -> ConnectionState:
+    """The state in one image file (`sockrepair show`): a regular file (not a symlink, FIFO or device), read as its
+    header declares. Unreadable or malformed: ImageError with `.path`."""
+    return _decoded(_read_image_bytes(path, path), path)

@@ -100,6 +100,7 @@ def list_locks(netns: str | None = None) -> list[LockRecord]:
 
 
 def unlock_all(netns: str | None = None) -> None:
-    """Remove sockrepair's table `inet sockrepair` with every lock, set, chain and rule in it (taken by any process);
-    nothing happens when there is none. Raises NftError."""
+    """Remove sockrepair's table `inet sockrepair` with every lock, set, chain and rule in it, whoever took them
+    (`sockrepair unlock --everything`); nothing happens when there is none. To release one owner's locks only, use
+    Locker(netns).unlock_owned(label) (`sockrepair unlock --all --owner LABEL`). Raises NftError."""
     default_locker(netns).unlock_all()

@@ -19,7 +19,7 @@ from sockrepair.errors import LockError, NftError
 from sockrepair.lock import nfconst as c
 from sockrepair.lock import ruleset
 from sockrepair.lock.netlink import NfSocket, attrs, be64, iter_attrs
-from sockrepair.lock.owner import decode_owner, default_owner, encode_owner
+from sockrepair.lock.owner import decode_owner, default_owner, encode_owner, owner_label
 from sockrepair.state import ConnTuple
 
 log = logging.getLogger(__name__)
@@ -136,11 +136,11 @@ class Locker:
                 if exc.errno == errno.EEXIST:
                     raise LockError(
                         f"{exc}: table inet {ruleset.TABLE} has another layout (older sockrepair?); "
-                        "`sockrepair unlock --all` removes it"
+                        "`sockrepair unlock --everything` removes it"
                     ) from None
                 if exc.errno != errno.ENOENT or not self._ready:
                     raise
-                # Someone removed the table since we built it (`unlock --all`, `nft flush ruleset`): build again.
+                # Someone removed the table since we built it (`unlock --everything`, `nft flush ruleset`): build again.
                 self._ready = False
                 self._sock.transact(ruleset.setup_requests(round(DEFAULT_TTL * 1000)) + reqs)
             self._ready = True
@@ -222,9 +222,19 @@ class Locker:
                     )
         return sorted(records, key=lambda r: r.tuple)
 
+    def unlock_owned(self, label: str) -> list[LockRecord]:
+        """Release every lock whose owner has the label `label` (its owner text is `LABEL pid=N host=H`; "" picks
+        the elements another tool added without one) and return them as listed just before; the locks of other
+        owners and the table stay. The kernel keeps no owner of its own: this is a courtesy between lockers (any
+        process with CAP_NET_ADMIN can remove any element), and a lock another owner takes on one of these tuples
+        between the listing and the release is released too. Raises NftError."""
+        mine = [r for r in self.list_locks() if owner_label(r.owner) == label]
+        self.unlock([r.tuple for r in mine])
+        return mine
+
     def unlock_all(self) -> None:
-        """Remove the whole table: every lock, rule and set of sockrepair in this namespace (none: nothing
-        happens). Raises NftError."""
+        """Remove the whole table: every lock of every owner, rule and set of sockrepair in this namespace (none:
+        nothing happens); unlock_owned() releases one owner's locks only. Raises NftError."""
         with self._guard():
             self._ready = False
             try:

@@ -8,6 +8,7 @@ import socket
 
 from sockrepair.lock import nfconst as c
 
+DEFAULT_LABEL = "sockrepair"
 # nft refuses longer comments (NFTNL_UDATA_COMMENT_MAXLEN, NUL included).
 MAX_OWNER_BYTES = 127
 
@@ -15,7 +16,14 @@ MAX_OWNER_BYTES = 127
 def default_owner(label: str | None = None) -> str:
     """`LABEL pid=N host=H`: enough to find the process that locked a connection, or to know it is gone."""
     who = f"pid={os.getpid()} host={socket.gethostname()}"
-    return f"{label} {who}" if label else f"sockrepair {who}"
+    return f"{label or DEFAULT_LABEL} {who}"
+
+
+def owner_label(owner: str) -> str:
+    """The LABEL of an owner text `LABEL pid=N host=H` (a label may hold spaces); the whole text when it is not of
+    that form (another tool's comment)."""
+    label, sep, _ = owner.rpartition(" pid=")
+    return label if sep else owner
 
 
 def encode_owner(owner: str) -> bytes:

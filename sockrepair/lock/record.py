@@ -72,6 +72,11 @@ class Held:
         self.truncated += other.truncated
 
 
+def wire_key(conn: ConnTuple) -> ConnTuple:
+    """The tuple a connection's packets carry (v4-mapped connections as IPv4), as packet_tuple() gives it."""
+    return conn.wire() if conn.family == socket.AF_INET6 else conn
+
+
 class Recorder:
     """Binds the lock's log group in `netns` (a name from `ip netns list`, or None for this thread's namespace) and
     keeps the copies of what peers send to locked connections. Raises LockError when the group is bound by another
@@ -193,13 +198,18 @@ class Recorder:
         self._kept_bytes[conn] = used + len(packet)
         self._total += len(packet)
 
+    def pending(self, conns: Iterable[ConnTuple]) -> int:
+        """Drain, then count the packets kept for `conns` (they stay kept)."""
+        self.drain()
+        return sum(len(self._kept.get(wire_key(conn), ())) for conn in conns)
+
     def take(self, conns: Iterable[ConnTuple]) -> Held:
         """Drain, then hand over (and forget) the packets kept for `conns`, in arrival order. The counts of copies
         lost or over a cap are those of the whole recorder so far (a lost copy names no connection)."""
         self.drain()
         held = Held(over_cap=self._stats.over_cap, lost=self._stats.lost, truncated=self._stats.truncated)
         for conn in conns:
-            key = conn.wire() if conn.family == socket.AF_INET6 else conn
+            key = wire_key(conn)
             packets = self._kept.pop(key, [])
             self._total -= self._kept_bytes.pop(key, 0)
             held.packets += packets

@@ -44,7 +44,7 @@ SOCCR_MARK = 0xC114
 # The nfnetlink_log group that receives copies of what peers send to locked connections (any u16; one per namespace).
 NFLOG_GROUP = 0xC114
 SNAPLEN = 0xFFFF
-TABLE_COMMENT = "sockrepair network lock: `sockrepair locks` lists it, `sockrepair unlock --all` removes it"
+TABLE_COMMENT = "sockrepair network lock: `sockrepair locks` lists it, `sockrepair unlock --everything` removes it"
 # The nested attribute holding a message's elements has a u16 length.
 _MAX_ELEMENTS_BYTES = 60000
 

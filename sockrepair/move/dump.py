@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sockrepair.engine._checkpoint import resume
-from sockrepair.image.directory import Entry, write_dir
+from sockrepair.image.directory import Entry, prepare_dir, write_dir
 from sockrepair.move.freeze import frozen
 from sockrepair.move.keep import Keeper, Kept
 from sockrepair.move.pidfd import PidFd
@@ -59,34 +59,45 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
     unlocked. `lock=False` takes no lock (the states may then move before the kill: end_source refuses). With KILL
     and the lock, what the peers send is kept from the lock on and written, as the dump ends, to packets.img
     (sockrepair.image.packets), which `sockrepair restore -D` delivers; what they send after the dump ended waits
-    for their retransmission.
+    for their retransmission. With LEAVE_RUNNING it is delivered to the resumed sockets before the unlock.
 
-    Raises ProcessError (no such process, not permitted, fd not a TCP socket, nothing established; `.pid`, `.fd`)
+    `directory` is created 0700, or must be an empty directory of the caller's that group and others cannot write
+    (ImageError `.path` otherwise, before anything is frozen). Raises ProcessError (no such process, not permitted,
+    fd not a TCP socket, nothing established; `.pid`, `.fd`)
     and SocketStateError (a socket not ESTABLISHED or changed while frozen; `.pid`, `.fd` the process's own, `.tuple`,
     `.tcp_state`); on an error the process is thawed with its connections as they were, and nothing is locked."""
     command = process_name(pid)
     timings = Timings("dump")
-    locker = process_locker(pid) if lock else None
-    keeper = Keeper([f"/proc/{pid}/ns/net"]) if lock and after is After.KILL else None
+    # Refused (another user's, a symlink, not empty...) before anything is frozen or locked.
+    dir_fd = prepare_dir(directory)
+    try:
+        locker = process_locker(pid) if lock else None
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    keeper = Keeper([f"/proc/{pid}/ns/net"]) if lock else None
     kept = STAYED
     try:
         with captured(pid, wanted, locker, timings, ttl) as cap:
             with timings.timed(Stage.WRITE):
                 entries = write_dir(directory, list(zip([s.fd for s in cap.sockets], cap.states)),
-                                    {"pid": pid, "command": command, "host": socket.gethostname()})
+                                    {"pid": pid, "command": command, "host": socket.gethostname()}, dir_fd)
             if after is After.LEAVE_RUNNING:
                 with timings.timed(Stage.RESUME):
                     for fd in cap.fds:
                         resume(fd)
+                    if keeper is not None:  # what the peers sent while their connections were frozen
+                        kept = keeper.deliver([s.tuple for s in cap.sockets], f"/proc/{pid}/ns/net")
                     if locker is not None:
                         locker.unlock([s.tuple for s in cap.sockets])
             else:
                 with timings.timed(Stage.KILL):
                     end_source(cap)
-        if keeper is not None:
+        if keeper is not None and after is After.KILL:
             with timings.timed(Stage.KEEP):
-                kept = keeper.write(directory, [s.tuple for s in cap.sockets])
+                kept = keeper.write(dir_fd, [s.tuple for s in cap.sockets])
     finally:
+        os.close(dir_fd)
         if locker is not None:
             locker.close()
         if keeper is not None:

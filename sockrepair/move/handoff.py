@@ -1,5 +1,6 @@
 """Handing restored connections to a program: inherited fds by the systemd socket-activation convention, or
-SCM_RIGHTS over a UNIX socket to a process that waits for them."""
+SCM_RIGHTS over a UNIX socket to a process that waits for them; that process is checked first (who can listen at
+the path, and as which uid: SO_PEERCRED), since whoever gets the fds owns the live connections."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import fcntl
 import json
 import os
 import socket
+import stat
+import struct
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from urllib.parse import quote
 
 from sockrepair.errors import HandoffError
+from sockrepair.private import open_dir
 from sockrepair.state import ConnTuple
 
 SD_LISTEN_FDS_START = 3
@@ -68,15 +72,65 @@ def spawn_with_sockets(argv: Sequence[str], socks: Sequence[socket.socket], conn
         raise HandoffError(f"cannot run {argv[0]!r}: {exc.strerror}") from None
 
 
-def send_over_unix(path: str, socks: Sequence[socket.socket], conns: Sequence[ConnTuple]) -> None:
-    """Pass the sockets to the process listening on the UNIX socket `path`: each message carries up to 253 fds
-    (SCM_MAX_FD) and a JSON list of their tuples."""
+def _receiver_path(path: str) -> str:
+    """`path` with its directory's symlinks resolved, after checking that directory is the caller's or root's and
+    that nobody else can write it (who can write there could put their own listener at that name) and that `path`
+    itself is a UNIX socket, not a symlink."""
+    parent, name = os.path.split(os.path.abspath(path))
+    real_parent = os.path.realpath(parent)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
-            unix.connect(path)
-            for start in range(0, len(socks), SCM_MAX_FD):
-                part = socks[start : start + SCM_MAX_FD]
-                names = json.dumps([str(c) for c in conns[start : start + SCM_MAX_FD]]).encode()
-                socket.send_fds(unix, [len(names).to_bytes(4, "big") + names], [s.fileno() for s in part])
+        os.close(open_dir(real_parent))
     except OSError as exc:
+        raise HandoffError(f"refused to pass connections over {path}: its directory {real_parent}: "
+                           f"{exc.strerror}") from None
+    real = os.path.join(real_parent, name)
+    try:
+        st = os.lstat(real)
+    except OSError as exc:
+        raise HandoffError(f"cannot pass the connections over {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a UNIX socket"
+        raise HandoffError(f"refused to pass connections over {path}: it is {what}")
+    return real
+
+
+def connect_receiver(path: str, uids: Collection[int] = ()) -> socket.socket:
+    """A UNIX stream socket connected to the process listening at `path`, checked before any connection is restored
+    for it: `path`'s directory must be the caller's or root's and not writable by group or others, and the listener
+    (SO_PEERCRED) must run as root, as the caller's effective uid, or as one of `uids`. Raises HandoffError naming
+    what was refused."""
+    real = _receiver_path(path)
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        unix.connect(real)
+        pid, uid, _gid = struct.unpack("3i", unix.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        allowed = {0, os.geteuid(), *uids}
+        if uid not in allowed:
+            raise HandoffError(f"refused to pass connections over {path}: its listener (pid {pid}) runs as uid {uid}, "
+                               f"not as one of {', '.join(map(str, sorted(allowed)))} (name its uid with --unix-uid)")
+        return unix
+    except OSError as exc:
+        unix.close()
         raise HandoffError(f"cannot pass the connections over {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        unix.close()
+        raise
+
+
+def send_to_receiver(unix: socket.socket, socks: Sequence[socket.socket], conns: Sequence[ConnTuple]) -> None:
+    """Pass the sockets over connect_receiver's socket: each message carries up to 253 fds (SCM_MAX_FD) and a JSON
+    list of their tuples, preceded by its length (4 bytes, big-endian). Raises HandoffError."""
+    try:
+        for start in range(0, len(socks), SCM_MAX_FD):
+            part = socks[start : start + SCM_MAX_FD]
+            names = json.dumps([str(c) for c in conns[start : start + SCM_MAX_FD]]).encode()
+            socket.send_fds(unix, [len(names).to_bytes(4, "big") + names], [s.fileno() for s in part])
+    except OSError as exc:
+        raise HandoffError(f"cannot pass the connections: {exc.strerror or exc}") from None
+
+
+def send_over_unix(path: str, socks: Sequence[socket.socket], conns: Sequence[ConnTuple],
+                   uids: Collection[int] = ()) -> None:
+    """connect_receiver(path, uids) then send_to_receiver. Raises HandoffError."""
+    with connect_receiver(path, uids) as unix:
+        send_to_receiver(unix, socks, conns)

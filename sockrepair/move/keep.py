@@ -14,11 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sockrepair.errors import LockError
+from sockrepair.errors import ImageError, LockError
 from sockrepair.lock.inject import Injector
-from sockrepair.lock.record import Caps, Held, Recorder
+from sockrepair.lock.record import Caps, Held, Recorder, wire_key
 from sockrepair.netns import inside
-from sockrepair.private import open_private
+from sockrepair.packet import packet_tuple
+from sockrepair.private import create_private, read_regular
 from sockrepair.state import ConnTuple
 
 
@@ -77,9 +78,14 @@ class Keeper:
         held = self._take(tuples)
         return Kept(send_kept([*before, *held.packets], into), held.fell_back, True)
 
-    def write(self, directory: Path, tuples: Sequence[ConnTuple]) -> Kept:
-        """Write what was kept so far for `tuples` to DIRECTORY/packets.img (0600, fsynced), for a restore in
-        another process to deliver (deliver_file). Raises OSError when it cannot be written."""
+    def pending(self, tuples: Sequence[ConnTuple]) -> int:
+        """How many packets are kept for `tuples` so far (they stay kept)."""
+        return sum(recorder.pending(tuples) for recorder in self._recorders)
+
+    def write(self, dir_fd: int, tuples: Sequence[ConnTuple]) -> Kept:
+        """Write what was kept so far for `tuples` to packets.img in the directory `dir_fd` (created 0600 with
+        O_EXCL|O_NOFOLLOW, fsynced), for a restore in another process to deliver (read_kept, send_kept). Raises
+        OSError when it cannot be written (FileExistsError when the file is there already)."""
         if not self._recorders:
             return Kept(0, 0, False, self.note)
         from sockrepair.image.packets import (  # construct: loaded only when files are made
@@ -88,7 +94,7 @@ class Keeper:
         )
 
         held = self._take(tuples)
-        with open_private(directory / NAME) as f:
+        with create_private(dir_fd, NAME) as f:
             f.write(encode_packets(held.packets))
             f.flush()
             os.fsync(f.fileno())
@@ -106,21 +112,32 @@ class Keeper:
                 recorder.close()
 
 
-def read_kept(directory: Path) -> list[bytes]:
+def read_kept(directory: Path, tuples: Sequence[ConnTuple]) -> list[bytes]:
     """The packets of DIRECTORY/packets.img (written by a dump; [] without the file), read and checked BEFORE the
-    restore, so that a damaged file stops the restore while the connections are still safe in their images. Raises
-    ImageError for a damaged file."""
+    restore, so that a damaged file stops the restore while the connections are still safe in their images. Every
+    packet must be from the peer of one of `tuples` (the connections of the directory) to it: a packet for anything
+    else would leave the host, or reach a port with no socket. Raises ImageError for a damaged, oversized or
+    non-regular file, or a packet for another connection."""
     from sockrepair.image.packets import (  # construct: loaded only when files are read
+        MAX_FILE,
         NAME,
         decode_packets,
     )
 
     path = directory / NAME
     try:
-        data = path.read_bytes()
+        data = read_regular(path, MAX_FILE)
     except FileNotFoundError:
         return []
-    return decode_packets(data, str(path))
+    except OSError as exc:
+        raise ImageError(f"{path}: {exc.strerror}", path=str(path)) from None
+    packets = decode_packets(data, str(path))
+    ours = {wire_key(conn) for conn in tuples}
+    for n, packet in enumerate(packets):
+        if packet_tuple(packet) not in ours:
+            raise ImageError(f"{path}: packet {n} is for {packet_tuple(packet)}, not a connection of this directory",
+                             path=str(path), field=f"packets[{n}]")
+    return packets
 
 
 def send_kept(packets: Sequence[bytes], into: str) -> int:

@@ -24,7 +24,8 @@ class Stage(Enum):
     CHECKPOINT = "checkpoint", "repair mode on each socket taken with pidfd_getfd, and read its state", BOTH
     SERIALIZE = "serialize", "encode every state as image bytes", ("migrate",)
     WRITE = "write", "write the images and index.json into the image directory", ("dump",)
-    RESUME = "resume", "leave repair mode without a window probe and unlock: the process goes on", ("dump",)
+    RESUME = ("resume", "leave repair mode without a window probe, deliver what the peers sent meanwhile (kept by "
+              "the lock), unlock: the process goes on", ("dump",))
     CLOSE = ("close", "end the source: discard every frozen socket (each checked unchanged), SIGKILL the process and "
              "wait for its exit", ("migrate",))
     KILL = "kill", "end the source, as CLOSE (the name dump has always reported)", ("dump",)

@@ -79,6 +79,7 @@ def test_dump_leave_running_keeps_serving(netns, tmp_path):
         report = dump(server.pid, tmp_path / "img", after=After.LEAVE_RUNNING)
         assert report.after == "leave-running"
         assert list(report.phases_ms) == ["freeze", "lock", "checkpoint", "write", "resume"]
+        assert report.kept.recording and report.kept.fell_back == 0  # kept from the lock on, delivered on resume
         _echo_round(clients, offsets, 10_000)
         items = read_dir(tmp_path / "img")
         assert sorted(str(e.tuple.reversed()) for e, _ in items) == sorted(

@@ -235,7 +235,22 @@ def test_cli_commands(capsys: pytest.CaptureFixture[str]) -> None:
             assert str(T6) in out and str(T4) not in out
             with pytest.raises(LockError, match="TUPLE... or --all"):
                 _cli("unlock", "--netns", ns.name)
+            capsys.readouterr()
+            # --all releases one owner's locks only (default label: sockrepair), listing them
             assert _cli("unlock", "--all", "--netns", ns.name) == 0
+            out = capsys.readouterr().out
+            assert out.startswith("unlocked 0 connection(s) of owner 'sockrepair'; 1 lock(s) of other owners kept")
+            assert _cli("lock", "--netns", ns.name, "--ttl", "30", str(T4)) == 0
+            assert _cli("unlock", "--all", "--owner", "cli-test", "--netns", ns.name) == 0
+            out = capsys.readouterr().out
+            assert "unlocked 1 connection(s) of owner 'cli-test'; 1 lock(s) of other owners kept" in out
+            assert f"  {T6}  owner cli-test pid=" in out
+            assert [str(r.tuple) for r in lockmod.list_locks(netns=ns.name)] == [str(T4)]
+            # --everything says what it removes, whoever owns it
+            assert _cli("unlock", "--everything", "--netns", ns.name) == 0
+            out = capsys.readouterr().out
+            assert out.startswith("removed every lock (1, of any owner) and the sockrepair table")
+            assert f"  {T4}  owner sockrepair pid=" in out
             assert _cli("locks", "--netns", ns.name) == 0
             assert "no locked connections" in capsys.readouterr().out
             assert nft_status(ns.name)["table_present"] is False

@@ -4,6 +4,7 @@ from host A to host B of the lab; with keep=False the same request waits for the
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from sockrepair.lab.hosts import SERVICE4, Lab
 from sockrepair.lab.subjects import start_echo, stop
 from sockrepair.lock import Locker
 from sockrepair.lock.record import Recorder
-from sockrepair.move.keep import Keeper, Kept, netns_path, read_kept, send_kept
+from sockrepair.move.keep import Keeper, netns_path, read_kept, send_kept
 from sockrepair.netns import NetNS
 from tests.root.pairs import recv_exactly, tcp_info, wait_for
 from tests.root.programs import free_port
@@ -107,14 +108,12 @@ def test_kept_packets_travel_in_the_image_directory(tmp_path: Path) -> None:
                 lock_a.lock([state], ttl=30)
                 sockrepair.discard(server, state)
                 client.sendall(REQUEST)
-                written: list[Kept] = []
-
-                def written_one() -> bool:  # each write replaces the file with what was kept since the last one
-                    written.append(keeper.write(tmp_path, [state.tuple]))
-                    return written[-1].delivered > 0
-
-                wait_for(written_one, "the request to reach A's lock", 5.0)
-                kept = written[-1]
+                wait_for(lambda: keeper.pending([state.tuple]) == 1, "the request to reach A's lock", 5.0)
+                dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    kept = keeper.write(dir_fd, [state.tuple])
+                finally:
+                    os.close(dir_fd)
             finally:
                 keeper.close()
             assert (kept.delivered, kept.fell_back) == (1, 0)
@@ -124,7 +123,7 @@ def test_kept_packets_travel_in_the_image_directory(tmp_path: Path) -> None:
             with lab.b.entered():
                 restored = sockrepair.restore(sockrepair.ConnectionState.from_bytes(image))
             with restored:
-                assert send_kept(read_kept(tmp_path), netns_path(lab.b.name)) == 1
+                assert send_kept(read_kept(tmp_path, [state.tuple]), netns_path(lab.b.name)) == 1
                 lock_a.unlock([state])
                 assert recv_exactly(restored, len(REQUEST)) == REQUEST
                 assert tcp_info(client)[2] == 0

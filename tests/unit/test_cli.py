@@ -66,7 +66,7 @@ def a_state(window: bool = True, **sockopts: object) -> ConnectionState:
 
 def test_show_of_what_is_not_an_image(tmp_path: Path) -> None:
     assert "cannot read image" in error_line("show", str(tmp_path / "missing.img"))
-    assert "Is a directory" in error_line("show", str(tmp_path))
+    assert "is not a regular file" in error_line("show", str(tmp_path))
     (tmp_path / "garbage.img").write_bytes(bytes(range(256)) * 3)
     assert f"{tmp_path / 'garbage.img'}: " in error_line("show", str(tmp_path / "garbage.img"))
     assert "not a sockrepair connection image" in error_line("show", str(tmp_path / "garbage.img"))

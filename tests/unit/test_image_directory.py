@@ -82,7 +82,7 @@ def test_changed_image_names_the_index_entry(written: Path) -> None:
         ({"version": 2}, None, "version", "unsupported index version 2"),
         ({"connections": {}}, None, "connections", "connections is not a list"),
         ({"file": "../conn-0.img"}, 0, "connections[0].file", "points outside the directory"),
-        ({"tuple": "nonsense"}, 1, "connections[1]", "bad connection entry"),
+        ({"tuple": "nonsense"}, 1, "connections[1].tuple", "bad connection entry"),
     ],
 )
 def test_bad_index_names_the_key(written: Path, change: dict[str, object], entry: int | None, field: str,
@@ -95,9 +95,9 @@ def test_bad_index_names_the_key(written: Path, change: dict[str, object], entry
 
 def test_index_that_is_not_an_object(written: Path) -> None:
     (written / INDEX).write_text("[1, 2]")
-    with pytest.raises(ImageError, match="unsupported index version None") as err:
+    with pytest.raises(ImageError, match="not an index: a JSON object is expected, not list") as err:
         read_dir(written)
-    assert err.value.field == "version"
+    assert err.value.path == str(written / INDEX)
 
 
 def test_missing_index_and_missing_image(tmp_path: Path, written: Path) -> None:

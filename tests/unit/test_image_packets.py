@@ -77,3 +77,19 @@ def test_show_lists_the_kept_packets(tmp_path: Path) -> None:
     path.write_bytes(encode_packets([P4])[:-1])
     code, out, err = run_main("show", str(path))
     assert code == 1 and err.startswith("sockrepair: error: ") and err.count("\n") == 1 and out == ""
+
+
+def test_a_restore_refuses_a_packet_for_a_connection_not_in_its_directory(tmp_path: Path) -> None:
+    """A forged packets.img must not make a restore send packets anywhere but to the restored connections."""
+    from sockrepair.move.keep import read_kept
+    from sockrepair.state import ConnTuple
+
+    ours = ConnTuple.parse("10.0.0.1:80->10.0.0.2:40000")
+    (tmp_path / "packets.img").write_bytes(encode_packets([P4]))
+    assert read_kept(tmp_path, [ours]) == [P4]
+    forged = bytes(IP(src="8.8.8.8", dst="10.9.9.9") / TCP(sport=443, dport=5555, flags="R"))
+    (tmp_path / "packets.img").write_bytes(encode_packets([P4, forged]))
+    with pytest.raises(ImageError, match="packet 1 is for 10.9.9.9:5555->8.8.8.8:443") as err:
+        read_kept(tmp_path, [ours])
+    assert err.value.field == "packets[1]"
+    assert read_kept(tmp_path / "none", [ours]) == []
