@@ -96,11 +96,18 @@ class ConnTuple:
 
 
 def _split_hostport(text: str) -> tuple[str, int]:
-    text = text.strip()
+    """`ADDR:PORT` or `[ADDR6]:PORT`: a bare IPv6 address is ambiguous with its port, and a port is 1-5 ASCII digits
+    (int() alone would take " 5", "+5", "5_0" and other scripts' digits)."""
     if text.startswith("["):
-        host, _, port = text[1:].partition("]:")
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r}: no ]:PORT after the bracketed address")
     else:
         host, _, port = text.rpartition(":")
+        if ":" in host:
+            raise ValueError(f"{text!r}: an IPv6 address goes in brackets, [ADDR]:PORT")
+    if not (port.isascii() and port.isdigit() and len(port) <= 5):
+        raise ValueError(f"{port!r} is not a port number")
     return host, int(port)
 
 

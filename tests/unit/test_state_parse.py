@@ -1,0 +1,32 @@
+"""ConnTuple.parse takes exactly the form str() prints: ASCII port digits, IPv6 in brackets."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from sockrepair.state import ConnTuple
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1:5->127.0.0.1:6", "[::1]:5->[::1]:6", "[::ffff:1.2.3.4]:80->[::ffff:1.2.3.5]:9"])
+def test_the_printed_form_round_trips(text: str) -> None:
+    assert str(ConnTuple.parse(text)) == text
+
+
+def test_fields() -> None:
+    conn = ConnTuple.parse("[fd00::1]:80->[fd00::2]:65535")
+    assert (conn.family, conn.local_addr, conn.local_port, conn.remote_addr, conn.remote_port) == (
+        socket.AF_INET6, "fd00::1", 80, "fd00::2", 65535)
+
+
+@pytest.mark.parametrize("text", [
+    "::1:5->::1:6",  # bare IPv6: is ":5" a port or part of the address?
+    "127.0.0.1:+5->127.0.0.1:6", "127.0.0.1: 5->127.0.0.1:6", "127.0.0.1:5_0->127.0.0.1:6",
+    "127.0.0.1:\uff105->127.0.0.1:6",  # fullwidth digit
+    "127.0.0.1:0->127.0.0.1:6", "127.0.0.1:65536->127.0.0.1:6", "127.0.0.1:000005->127.0.0.1:6",
+    "[::1]5->[::1]:6", "127.0.0.1:5->[::1]:6", "127.0.0.1:5", "", "->",
+])
+def test_anything_else_is_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        ConnTuple.parse(text)
