@@ -9,7 +9,7 @@ import pytest
 from sockrepair.state import ConnTuple
 
 
-@pytest.mark.parametrize("text", ["127.0.0.1:5->127.0.0.1:6", "[::1]:5->[::1]:6", "[::ffff:1.2.3.4]:80->[::ffff:1.2.3.5]:9"])
+@pytest.mark.parametrize("text", ["127.0.0.1:5->127.0.0.1:6", "[::1]:5->[::1]:6", "[fd00::1]:80->[fd00::2]:9"])
 def test_the_printed_form_round_trips(text: str) -> None:
     assert str(ConnTuple.parse(text)) == text
 
