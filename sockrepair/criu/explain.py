@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sockrepair.errors import CriuError
+from sockrepair.private import read_regular
 
 
 @dataclass(frozen=True)
@@ -244,12 +245,16 @@ def _is_consequence(line: str) -> bool:
     return bool(_CONSEQUENCES.search(line))
 
 
+# criu's logs of a large tree run to a few MiB at the default log level
+MAX_LOG = 256 << 20
+
+
 def explain_files(paths: Iterable[Path]) -> Report:
     """`explain_text` of each file, merged (findings of the same error counted together). Raises OSError when a
-    file cannot be read."""
+    file cannot be read, is not a regular file (a FIFO would block, a device never end) or exceeds MAX_LOG bytes."""
     report = Report()
     for path in paths:
-        report.extend(explain_text(path.read_text(errors="replace"), path.name))
+        report.extend(explain_text(read_regular(path, MAX_LOG).decode(errors="replace"), path.name))
     return report
 
 

@@ -7,6 +7,7 @@ timestamp (SO_TIMESTAMPNS), which is that clock, and pcap files store it with na
 
 from __future__ import annotations
 
+import io
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sockrepair.errors import WireError
-from sockrepair.private import open_private
+from sockrepair.private import open_private, read_regular
 
 SNAPLEN = 65535  # bytes of a frame kept: the largest IP packet, so no frame is cut
 _TCP_FLAGS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10}
@@ -66,6 +67,9 @@ def write_pcap(path: str | Path, frames: Sequence[Frame]) -> None:
             f.write(frame.data)
 
 
+MAX_CAPTURE = 4 << 30  # bytes; rdpcap holds every packet in memory anyway
+
+
 def read_segments(path: str | Path) -> list[Segment]:
     """The TCP segments of a pcap or pcapng file (any link type scapy knows, e.g. tcpdump -i any). Raises WireError
     when the file is missing or not a capture."""
@@ -75,7 +79,8 @@ def read_segments(path: str | Path) -> list[Segment]:
     _load_layers()
 
     try:
-        packets = rdpcap(str(path))
+        # read whole first: a FIFO would block, a device never end (rdpcap loads every packet anyway)
+        packets = rdpcap(io.BytesIO(read_regular(path, MAX_CAPTURE)))
     except FileNotFoundError:
         raise WireError(f"no capture file {path}") from None
     except (OSError, Scapy_Exception) as exc:

@@ -221,3 +221,11 @@ def test_criu_dump_refuses_an_unsafe_directory_before_anything_runs(tmp_path: Pa
     (tmp_path / "full" / "old").mkdir()
     with pytest.raises(CriuError, match="not empty"):
         driver.dump([1], tmp_path / "full", criu=None)
+
+
+@pytest.mark.parametrize("command", [["verify", "{}", "--tuple", "1.2.3.4:5->1.2.3.4:6"], ["criu", "explain", "{}"]])
+def test_verify_and_explain_refuse_a_fifo_instead_of_blocking(tmp_path: Path, command: list[str]) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code, out, err = run_main(*[part.format(fifo) for part in command])
+    assert code == 1 and "not a regular file" in err and err.count("\n") == 1
