@@ -193,7 +193,15 @@ def read_dir(directory: Path) -> list[tuple[Entry, ConnectionState]]:
             if hashlib.sha256(data).hexdigest() != entry.sha256:
                 raise ImageError(f"{image_path}: sha256 differs from the index (file changed or damaged)",
                                  path=str(image_path), field=f"connections[{n}].sha256")
-            out.append((entry, _decoded(data, image_path)))
+            state = _decoded(data, image_path)
+            if state.tuple != entry.tuple:
+                raise ImageError(f"{image_path} holds {state.tuple}, the index says {entry.tuple}",
+                                 path=str(directory / INDEX), field=f"connections[{n}].tuple")
+            if any(state.tuple.wire() == seen.tuple.wire() for _, seen in out):
+                # two sockets restored for one 4-tuple: the peer's packets would reach only one of them
+                raise ImageError(f"{directory / INDEX}: {state.tuple} is listed twice", path=str(directory / INDEX),
+                                 field=f"connections[{n}]")
+            out.append((entry, state))
         return out
     finally:
         os.close(dir_fd)

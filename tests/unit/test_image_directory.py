@@ -108,3 +108,18 @@ def test_missing_index_and_missing_image(tmp_path: Path, written: Path) -> None:
     with pytest.raises(ImageError, match="No such file") as err:
         read_dir(written)
     assert err.value.path == str(written / "conn-0.img")
+
+
+def test_the_index_must_agree_with_its_images(written: Path) -> None:
+    index = json.loads((written / INDEX).read_text())
+    second = dict(index["connections"][1])
+    _edit_index(written, {"tuple": "10.0.0.1:40009->10.0.0.2:443"}, 1)
+    with pytest.raises(ImageError, match="the index says") as err:
+        read_dir(written)
+    assert err.value.field == "connections[1].tuple"
+    # the same image listed twice would restore two sockets for one 4-tuple
+    index["connections"][1] = dict(index["connections"][0])
+    (written / INDEX).write_text(json.dumps(index))
+    with pytest.raises(ImageError, match="listed twice") as err:
+        read_dir(written)
+    assert err.value.field == "connections[1]" and second["file"] == "conn-1.img"
