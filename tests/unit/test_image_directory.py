@@ -117,8 +117,9 @@ def test_the_index_must_agree_with_its_images(written: Path) -> None:
     with pytest.raises(ImageError, match="the index says") as err:
         read_dir(written)
     assert err.value.field == "connections[1].tuple"
-    # the same image listed twice would restore two sockets for one 4-tuple
-    index["connections"][1] = dict(index["connections"][0])
+    # a second image of the same connection would restore two sockets for one 4-tuple
+    (written / "conn-dup.img").write_bytes((written / "conn-0.img").read_bytes())
+    index["connections"][1] = {**index["connections"][0], "file": "conn-dup.img", "fd": 9}
     (written / INDEX).write_text(json.dumps(index))
     with pytest.raises(ImageError, match="listed twice") as err:
         read_dir(written)

@@ -3,6 +3,7 @@ other-writable directory never trusted, a non-regular file never read, and nothi
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import socket
@@ -73,7 +74,8 @@ def test_a_planted_index_symlink_is_never_followed(tmp_path: Path, victim: Path)
 
 def test_old_images_never_mix_with_a_new_dump(tmp_path: Path) -> None:
     directory = tmp_path / "dump"
-    write_dir(directory, [(3, STATE), (4, STATE)], {})
+    other = dataclasses.replace(STATE, tuple=dataclasses.replace(STATE.tuple, local_port=STATE.tuple.local_port + 1))
+    write_dir(directory, [(3, STATE), (4, other)], {})
     with pytest.raises(ImageError, match="not empty: give a new or empty directory"):
         write_dir(directory, [(3, STATE)], {})
     assert len(read_dir(directory)) == 2
