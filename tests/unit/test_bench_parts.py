@@ -74,10 +74,45 @@ def test_a_missed_gap_says_where_the_time_went() -> None:
 
 
 def test_runs_are_interleaved_run_by_run() -> None:
-    plan = bench_gap.Plan({"sockrepair": {1: 2, 100: 1}, "criu-nftables": {1: 1}}, 0.0, 0.0)
+    plan = bench_gap.Plan({"requests": {"sockrepair": {1: 2, 100: 1}, "criu-nftables": {1: 1}},
+                           "stream": {"sockrepair": {1: 1}}}, 0.0, 0.0)
     order = bench_gap._schedule(plan, ["sockrepair", "criu-nftables"], None)
-    assert order == [("sockrepair", 1), ("criu-nftables", 1), ("sockrepair", 100), ("sockrepair", 1)]
-    assert bench_gap._schedule(plan, ["sockrepair"], [100]) == [("sockrepair", 100)]
+    assert order == [("requests", "sockrepair", 1), ("requests", "criu-nftables", 1), ("requests", "sockrepair", 100),
+                     ("stream", "sockrepair", 1), ("requests", "sockrepair", 1)]
+    assert bench_gap._schedule(plan, ["sockrepair"], [100]) == [("requests", "sockrepair", 100)]
+    assert bench_gap._schedule(plan, ["sockrepair"], None, ["stream"]) == [("stream", "sockrepair", 1)]
+
+
+def test_every_variant_and_count_of_the_issue_is_planned_and_quick_stays_small() -> None:
+    full = bench_gap.FULL.runs["requests"]
+    assert set(full) == {"sockrepair", "sockrepair-droplock", "criu-nftables", "criu-iptables"}
+    assert all(set(counts) == {1, 100, 1000} for counts in full.values())
+    quick = bench_gap._schedule(bench_gap.QUICK, bench_gap.VARIANTS, None)
+    assert {n for _, _, n in quick} == {1, 10} and len(quick) <= 12
+    # the whole load stays at 5,000 requests/s: 20 ms per connection up to 100 connections, then longer
+    assert bench_gap.request_interval(1) == bench_gap.request_interval(100) == 0.02
+    assert bench_gap.request_interval(1000) == 0.2
+
+
+def test_a_request_run_counts_the_requests_that_waited_a_retransmission_timeout() -> None:
+    began = 100.0
+    report_ = {"mode": "requests", "requests": 500, "over_200ms": 2, "errors": [], "swept": True,
+               "worst": [100.1, 0.208], "slow": [[99.0, 0.004], [100.1, 0.208], [100.2, 0.207], [101.0, 0.003]],
+               "pauses": [], "longest_pause": [0.0, 0.0]}
+    moved = bench_gap.RunResult(None, None, 1.5, {"freeze": 0.2}, kept=(0, 3))
+    run = bench_gap._outcome(moved, report_, began)
+    assert run.error is None and run.gap_ms == 208.0 and run.baseline_ms == 4.0
+    assert (run.requests, run.over_200ms, run.kept) == (500, 2, (0, 3))
+    stream = {"mode": "stream", "requests": 1, "over_200ms": 0, "errors": [], "swept": False,
+              "pauses": [[99.5, 0.003], [100.01, 0.05]], "longest_pause": [100.01, 0.05], "slow": []}
+    run = bench_gap._outcome(bench_gap.RunResult(None, None), stream, began)
+    assert run.gap_ms == 50.0 and run.requests is None
+    assert run.error == "the peer did not check every connection after the move"
+    e = bench_gap.entry("sockrepair", 100, [bench_gap.RunResult(3.0, None, 1.0, {}, 400, 0, 2.0, (5, 0)),
+                                           bench_gap.RunResult(5.0, None, 1.2, {}, 450, 1, 4.0, (7, 1))], "requests")
+    assert (e["workload"], e["requests"], e["over_200ms"], e["kept_delivered"], e["kept_fell_back"]) == (
+        "requests", 850, 1, 12, 1)
+    assert e["gap_ms"] == 4.0 and e["max_gap_ms"] == 5.0 and e["baseline_ms"] == 3.0 and e["interval_ms"] == 20.0
 
 
 def test_the_gap_is_the_longest_round_trip_ending_after_the_move_began() -> None:
@@ -115,7 +150,7 @@ def test_profiles_are_shown_under_the_targets(tmp_path: Path) -> None:
     results["profiles"] = {"gap-1": {"what": "migrate", "cycles": 1, "rows": [
         {"function": "capture.py:88(captured)", "calls": 1, "own_ms": 0.5, "cumulative_ms": 9.0}]}}
     md = report.markdown(results)
-    assert "### Peer-seen gap, 1 connection moved" in md and "`capture.py:88(captured)`" in md
+    assert "### Worst request latency across a move, 1 connection" in md and "`capture.py:88(captured)`" in md
     report.write(results, tmp_path)
     assert report.load(tmp_path / "results.json")["profiles"]["gap-1"]["rows"][0]["cumulative_ms"] == 9.0
 
