@@ -35,6 +35,7 @@ from sockrepair.bench.bench_gap import (
     RunResult,
     describe,
     entry,
+    from_figures,
     migrate_phases,
     peer_figures,
 )
@@ -144,14 +145,12 @@ def run_once(connections: int, plan: Plan, workload: str = "requests", keep: boo
                 client.close()
             stop(receiver)
             stop(server)
-    figures = peer_figures(talk, began)
+    took_ms = (moved.downtime_ms or 0.0) + moved.phases_ms.get("handoff", 0.0)
+    figures = peer_figures(talk, began, began + took_ms / 1000 if moved.downtime_ms is not None else None)
     errors = ([moved.error] if moved.error else []) + list(talk.get("errors", [])) + problems
     if not talk.get("swept") and not errors:
         errors.append("the client did not check every connection after the move")
-    gap, baseline = figures["gap_s"], figures["baseline_s"]
-    return CrossRun(RunResult(None if gap is None else gap * 1000, "; ".join(errors) or None, moved.downtime_ms,
-                              moved.phases_ms, figures["requests"], figures["over_200ms"],
-                              None if baseline is None else baseline * 1000, moved.kept), wire_gap)
+    return CrossRun(from_figures(moved, figures, errors), wire_gap)
 
 
 def run(quick: bool = False, progress: Progress | None = None) -> dict[str, Any]:

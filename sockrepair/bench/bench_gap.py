@@ -120,6 +120,7 @@ class RunResult:
     over_200ms: int | None = None  # of which waited 200 ms or more
     baseline_ms: float | None = None  # the worst the peer saw before the move began
     kept: tuple[int, int] | None = None  # sockrepair: packets delivered from the lock, and left to retransmission
+    later_ms: float | None = None  # the worst the peer saw of what it sent once the move (and handoff) had ended
 
 
 def _free_port(ns: NetNS) -> int:
@@ -234,16 +235,19 @@ class Peer:
                 peer.close()
 
 
-def peer_figures(report: dict[str, Any], began: float) -> dict[str, Any]:
-    """What a peer's report says about the move that began at `began` (time.monotonic()): gap_s (the worst after
-    it began, or None), baseline_s (the worst before it), requests and over_200ms (requests workload, else None)."""
+def peer_figures(report: dict[str, Any], began: float, ended: float | None = None) -> dict[str, Any]:
+    """What a peer's report says about the move that began at `began` and ended at `ended` (time.monotonic(); None:
+    not known): gap_s (the worst after it began, or None), baseline_s (the worst before it), later_s (the worst of
+    what started after it ended: the machine's noise, not the move), requests and over_200ms (requests workload,
+    else None)."""
+    slow = report.get("pauses" if report.get("mode") == "stream" else "slow", [])
+    before = [took for start, took in slow if start + took < began]
+    later = None if ended is None else max((took for start, took in slow if start >= ended), default=None)
     if "mode" not in report:  # the ping-pong client
-        before = [took for start, took in report.get("slow", []) if start + took < began]
-        return {"gap_s": largest_gap_s(report, began), "baseline_s": max(before, default=None), "requests": None,
-                "over_200ms": None}
+        return {"gap_s": largest_gap_s(report, began), "baseline_s": max(before, default=None), "later_s": later,
+                "requests": None, "over_200ms": None}
     stream = report["mode"] == "stream"
-    before = [took for start, took in report.get("pauses" if stream else "slow", []) if start + took < began]
-    return {"gap_s": worst_after(report, began), "baseline_s": max(before, default=None),
+    return {"gap_s": worst_after(report, began), "baseline_s": max(before, default=None), "later_s": later,
             "requests": None if stream else report.get("requests"),
             "over_200ms": None if stream else report.get("over_200ms")}
 
@@ -296,14 +300,19 @@ def run_once(variant: str, connections: int, plan: Plan, criu: Criu | None,
 
 
 def _outcome(moved: RunResult, report: dict[str, Any], began: float) -> RunResult:
-    figures = peer_figures(report, began)
+    took_ms = (moved.downtime_ms or 0.0) + moved.phases_ms.get("handoff", 0.0)
+    figures = peer_figures(report, began, began + took_ms / 1000 if moved.downtime_ms is not None else None)
     errors = ([moved.error] if moved.error else []) + list(report.get("errors", []))
     if not report.get("swept") and not errors:
         errors.append("the peer did not check every connection after the move")
-    gap, baseline = figures["gap_s"], figures["baseline_s"]
-    return RunResult(None if gap is None else gap * 1000, "; ".join(errors) or None, moved.downtime_ms,
-                     moved.phases_ms, figures["requests"], figures["over_200ms"],
-                     None if baseline is None else baseline * 1000, moved.kept)
+    return from_figures(moved, figures, errors)
+
+
+def from_figures(moved: RunResult, figures: dict[str, Any], errors: list[str]) -> RunResult:
+    """A run's result from the move's and the peer's figures (peer_figures())."""
+    ms = {k: None if figures[k] is None else figures[k] * 1000 for k in ("gap_s", "baseline_s", "later_s")}
+    return RunResult(ms["gap_s"], "; ".join(errors) or None, moved.downtime_ms, moved.phases_ms,
+                     figures["requests"], figures["over_200ms"], ms["baseline_s"], moved.kept, ms["later_s"])
 
 
 def _schedule(plan: Plan, variants: Sequence[str], counts: Sequence[int] | None,
@@ -361,6 +370,7 @@ def entry(impl: str, connections: int, runs: Sequence[RunResult], workload: str 
                          requests=[r.requests for r in good if r.requests is not None],
                          over_200ms=[r.over_200ms for r in good if r.over_200ms is not None],
                          baselines_ms=[r.baseline_ms for r in good if r.baseline_ms is not None],
+                         laters_ms=[r.later_ms for r in good if r.later_ms is not None],
                          kept=[r.kept for r in good if r.kept is not None],
                          interval_ms=None if interval is None else interval(connections) * 1000)
 

@@ -87,6 +87,7 @@ class Gap(TypedDict):
     requests: NotRequired[int]  # requests workload: requests answered, all runs together
     over_200ms: NotRequired[int]  # of which waited 200 ms or more (a retransmission timeout), all runs together
     baseline_ms: NotRequired[float]  # median of each run's worst before the move began (the noise without a move)
+    later_ms: NotRequired[float]  # median of each run's worst of what started after the move and handoff ended
     kept_delivered: NotRequired[int]  # sockrepair: packets the lock kept and delivered, all runs together
     kept_fell_back: NotRequired[int]  # and packets left to the peers' retransmission
     interval_ms: NotRequired[float]  # mean time between a connection's requests (stream: between its writes)
@@ -188,11 +189,12 @@ def gap_from_runs(impl: str, connections: int, gaps_ms: Sequence[float], verifie
                   downtimes_ms: Sequence[float] = (), phases_ms: Sequence[Mapping[str, float]] = (),
                   wire_gaps_ms: Sequence[float] | None = None, *, workload: str = "pingpong",
                   requests: Sequence[int] = (), over_200ms: Sequence[int] = (), baselines_ms: Sequence[float] = (),
-                  kept: Sequence[tuple[int, int]] = (), interval_ms: float | None = None) -> Gap:
+                  laters_ms: Sequence[float] = (), kept: Sequence[tuple[int, int]] = (), interval_ms: float | None = None) -> Gap:
     """One entry from the runs that completed (`gaps_ms`, one largest gap per run); `verified` False with the
     first failure in `error` when any run did not move every connection intact. Per completed run, when measured:
-    `requests` answered and `over_200ms` of them, the worst before the move (`baselines_ms`), and (delivered,
-    fell back) packets of the keeping lock (`kept`); these are summed over runs (the baselines: median)."""
+    `requests` answered and `over_200ms` of them, the worst before the move (`baselines_ms`) and of what started
+    after it (`laters_ms`), and (delivered, fell back) packets of the keeping lock (`kept`); counts are summed over
+    runs, times are medians."""
     names = list(dict.fromkeys(name for run in phases_ms for name in run))
     entry: Gap = {
         "impl": impl,
@@ -213,6 +215,8 @@ def gap_from_runs(impl: str, connections: int, gaps_ms: Sequence[float], verifie
         entry["over_200ms"] = sum(over_200ms)
     if baselines_ms:
         entry["baseline_ms"] = statistics.median(baselines_ms)
+    if laters_ms:
+        entry["later_ms"] = statistics.median(laters_ms)
     if kept:
         entry["kept_delivered"] = sum(k[0] for k in kept)
         entry["kept_fell_back"] = sum(k[1] for k in kept)

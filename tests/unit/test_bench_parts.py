@@ -97,11 +97,12 @@ def test_every_variant_and_count_of_the_issue_is_planned_and_quick_stays_small()
 def test_a_request_run_counts_the_requests_that_waited_a_retransmission_timeout() -> None:
     began = 100.0
     report_ = {"mode": "requests", "requests": 500, "over_200ms": 2, "errors": [], "swept": True,
-               "worst": [100.1, 0.208], "slow": [[99.0, 0.004], [100.1, 0.208], [100.2, 0.207], [101.0, 0.003]],
+               "worst": [100.0005, 0.208], "slow": [[99.0, 0.004], [100.0005, 0.208], [100.001, 0.207], [101.0, 0.003]],
                "pauses": [], "longest_pause": [0.0, 0.0]}
     moved = bench_gap.RunResult(None, None, 1.5, {"freeze": 0.2}, kept=(0, 3))
     run = bench_gap._outcome(moved, report_, began)
     assert run.error is None and run.gap_ms == 208.0 and run.baseline_ms == 4.0
+    assert run.later_ms == 3.0  # due after the move (1.5 ms) ended: noise, not the move
     assert (run.requests, run.over_200ms, run.kept) == (500, 2, (0, 3))
     stream = {"mode": "stream", "requests": 1, "over_200ms": 0, "errors": [], "swept": False,
               "pauses": [[99.5, 0.003], [100.01, 0.05]], "longest_pause": [100.01, 0.05], "slow": []}
