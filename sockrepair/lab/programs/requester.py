@@ -8,9 +8,10 @@ sockrepair/lab/pattern.py loaded by path, as lab/programs/client.py does):
 
 It opens N connections (one checked request on each), prints "ready" (or "failed"), then sends:
 - `requests`: on each connection, a request of --size bytes at Poisson arrivals of mean --interval seconds,
-  independently of the other connections and of its own earlier requests (a request due while earlier ones are
-  unanswered is sent behind them, as independent users would). A request's latency runs from the moment it was
-  due to the moment its whole echo was in, so a late send (a busy loop, a full socket buffer) counts too.
+  independently of the other connections. Like most request/response protocols (HTTP/1.1, database clients), a
+  connection carries one request at a time: a request due while the previous one is unanswered waits for that
+  answer, then goes out. A request's latency runs from the moment it was due to the moment its whole echo was in,
+  so the wait behind a slow answer, a late send (a busy loop) or a full socket buffer counts too.
 - `stream`: on each connection, --size bytes every --interval seconds (the phase random per connection), while the
   echo streams back; the pause of a connection is the longest time between two receptions of its echo.
 Every connection carries the checkable stream pattern(offset, salt=connection number) and the echo is compared with
@@ -67,6 +68,7 @@ class Conn:
         self.pending = bytearray()  # queued, not yet accepted by the socket
         self.received = 0
         self.waiting: collections.deque[tuple[int, float]] = collections.deque()  # (end offset, due time)
+        self.backlog: collections.deque[float] = collections.deque()  # due times of requests not yet sent
         self.last_rx: float | None = None
 
     def queue(self, size: int, due: float) -> None:
@@ -148,6 +150,8 @@ class Peer:
             _, due = conn.waiting.popleft()
             if self.timing:
                 self.record(due, now - due)
+        if conn.backlog and not conn.waiting:
+            self.send(conn, conn.backlog.popleft())
 
     def record(self, due: float, took: float) -> None:
         self.latencies.append(took)
@@ -163,10 +167,10 @@ class Peer:
     def drain(self) -> None:
         """Waits for every answer outstanding, at most --timeout seconds."""
         deadline = time.monotonic() + self.args.timeout
-        while any(c.waiting for c in self.conns):
+        while any(c.waiting or c.backlog for c in self.conns):
             left = deadline - time.monotonic()
             if left <= 0:
-                late = sum(1 for c in self.conns if c.waiting)
+                late = sum(1 for c in self.conns if c.waiting or c.backlog)
                 raise TimeoutError(f"{late} connection(s) unanswered within {self.args.timeout:g} s")
             self.poll(min(left, 1.0))
 
@@ -198,7 +202,10 @@ class Peer:
                         conn.waiting.clear()  # a stream is timed by its pauses, not by requests
                     heapq.heappush(due, (max(when + self.args.interval, now), i))
                 else:
-                    self.send(conn, when)
+                    if conn.waiting or conn.backlog:
+                        conn.backlog.append(when)  # one request at a time: it goes out with the answer
+                    else:
+                        self.send(conn, when)
                     heapq.heappush(due, (when + self.rng.expovariate(1 / self.args.interval), i))
             self.poll(min(due[0][0] - time.monotonic() if due else 0.05, 0.05))
         self.drain()
