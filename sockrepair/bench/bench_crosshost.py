@@ -36,6 +36,7 @@ from sockrepair.bench.bench_gap import (
     describe,
     entry,
     from_figures,
+    handing_off,
     migrate_phases,
     peer_figures,
 )
@@ -43,7 +44,6 @@ from sockrepair.errors import ProcessError, SockrepairError
 from sockrepair.lab.hosts import SERVICE4, Lab
 from sockrepair.lab.recorder import Recorder
 from sockrepair.lab.subjects import raise_fd_limit, start_echo, start_receiver, stop
-from sockrepair.move.handoff import send_over_unix
 from sockrepair.move.migrate import migrate
 from sockrepair.state import ConnTuple
 
@@ -117,17 +117,14 @@ def run_once(connections: int, plan: Plan, workload: str = "requests", keep: boo
             recorder = Recorder(lab.peer.ifname, lab.peer.name).start()
             time.sleep(plan.settle_s)
 
-            def handoff(socks: list[socket.socket], tuples: list[ConnTuple]) -> None:
-                send_over_unix(str(work / "receiver.sock"), socks, tuples)
-                for s in socks:
-                    s.close()
-
+            seen: list[int] = []
             began, frozen_at = time.monotonic(), time.time()
             try:
                 report = migrate(server.pid, dest_netns=lab.b.name, network=lambda: lab.move_service("a", "b"),
-                                 handoff=handoff, keep=keep)
+                                 handoff=handing_off(work / "receiver.sock", seen), keep=keep)
                 moved = RunResult(None, None, report.downtime_ms, migrate_phases(report),
-                                  kept=(report.kept.delivered, report.kept.fell_back) if keep else None)
+                                  kept=(report.kept.delivered, report.kept.fell_back) if keep else None,
+                                  unacked=seen[0] if seen else None)
                 resumed_at = frozen_at + report.downtime_ms / 1000
             except (SockrepairError, OSError) as exc:
                 moved, resumed_at = RunResult(None, f"{type(exc).__name__}: {exc}"), time.time()

@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import fcntl
 import json
 import math
 import os
 import signal
 import socket
+import struct
 import sys
 import tempfile
+import termios
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -121,6 +124,7 @@ class RunResult:
     baseline_ms: float | None = None  # the worst the peer saw before the move began
     kept: tuple[int, int] | None = None  # sockrepair: packets delivered from the lock, and left to retransmission
     later_ms: float | None = None  # the worst the peer saw of what it sent once the move (and handoff) had ended
+    unacked: int | None = None  # sockrepair: restored sockets holding output the peer had not acknowledged
 
 
 def _free_port(ns: NetNS) -> int:
@@ -172,12 +176,33 @@ def move_with_criu(criu: Criu, ns: NetNS, pid: int, reap: Callable[[], None], lo
                      {"criu dump": (dumped - start) * 1000, "criu restore": (restored - dumped) * 1000})
 
 
-def move_with_sockrepair(ns: NetNS, pid: int, unix_path: Path, profiler: cProfile.Profile | None = None,
-                         keep: bool = True) -> RunResult:
+def unacked_output(socks: Sequence[socket.socket]) -> int:
+    """How many of the sockets hold output the peer has not acknowledged (SIOCOUTQ > 0). A restored socket's send
+    queue counts as sent: what the lock kept from reaching the peer goes out again only when the socket's
+    retransmission timer fires (200 ms or more), and a request/response peer waits for it."""
+    held = 0
+    for sock in socks:
+        try:
+            held += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0] > 0
+        except OSError:
+            continue
+    return held
+
+
+def handing_off(unix_path: Path, seen: list[int]) -> Callable[[list[socket.socket], list[Any]], None]:
+    """The handoff to the receiver listening on `unix_path`; it appends unacked_output() of the sockets to `seen`."""
     def handoff(socks: list[socket.socket], tuples: list[Any]) -> None:
+        seen.append(unacked_output(socks))
         send_over_unix(str(unix_path), socks, tuples)
         for s in socks:
             s.close()
+    return handoff
+
+
+def move_with_sockrepair(ns: NetNS, pid: int, unix_path: Path, profiler: cProfile.Profile | None = None,
+                         keep: bool = True) -> RunResult:
+    seen: list[int] = []
+    handoff = handing_off(unix_path, seen)
 
     with ns.entered():
         if profiler is not None:
@@ -188,7 +213,8 @@ def move_with_sockrepair(ns: NetNS, pid: int, unix_path: Path, profiler: cProfil
             if profiler is not None:
                 profiler.disable()
     return RunResult(None, None, report.downtime_ms, migrate_phases(report),
-                     kept=(report.kept.delivered, report.kept.fell_back) if keep else None)
+                     kept=(report.kept.delivered, report.kept.fell_back) if keep else None,
+                     unacked=seen[0] if seen else None)
 
 
 def migrate_phases(report: MigrationReport) -> dict[str, float]:
@@ -312,7 +338,8 @@ def from_figures(moved: RunResult, figures: dict[str, Any], errors: list[str]) -
     """A run's result from the move's and the peer's figures (peer_figures())."""
     ms = {k: None if figures[k] is None else figures[k] * 1000 for k in ("gap_s", "baseline_s", "later_s")}
     return RunResult(ms["gap_s"], "; ".join(errors) or None, moved.downtime_ms, moved.phases_ms,
-                     figures["requests"], figures["over_200ms"], ms["baseline_s"], moved.kept, ms["later_s"])
+                     figures["requests"], figures["over_200ms"], ms["baseline_s"], moved.kept, ms["later_s"],
+                     moved.unacked)
 
 
 def _schedule(plan: Plan, variants: Sequence[str], counts: Sequence[int] | None,
@@ -357,6 +384,8 @@ def describe(workload: str, outcome: RunResult) -> str:
         text += f", {outcome.over_200ms} of {outcome.requests} requests >= 200 ms"
     if outcome.kept is not None:
         text += f", {outcome.kept[0]} packets kept and delivered, {outcome.kept[1]} left to retransmission"
+    if outcome.unacked is not None:
+        text += f", {outcome.unacked} socket(s) restored with unacknowledged output"
     return text + (f"; FAILED: {outcome.error}" if outcome.error else "")
 
 
@@ -372,6 +401,7 @@ def entry(impl: str, connections: int, runs: Sequence[RunResult], workload: str 
                          baselines_ms=[r.baseline_ms for r in good if r.baseline_ms is not None],
                          laters_ms=[r.later_ms for r in good if r.later_ms is not None],
                          kept=[r.kept for r in good if r.kept is not None],
+                         unacked=[r.unacked for r in good if r.unacked is not None],
                          interval_ms=None if interval is None else interval(connections) * 1000)
 
 

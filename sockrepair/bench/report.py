@@ -120,11 +120,17 @@ def gap_where(entry: Gap) -> str:
 
 
 def kept_where(entry: Gap) -> str:
-    """What the lock kept and what it left to the peers' retransmission, when the entry says."""
-    if "kept_delivered" not in entry:
-        return ""
-    return (f"the lock kept and delivered {entry['kept_delivered']} packet(s), left "
-            f"{entry.get('kept_fell_back', 0)} to the peers' retransmission")
+    """What the lock kept and what it left to the peers' retransmission, and the sockets restored with output the
+    peer had not acknowledged, when the entry says."""
+    said = []
+    if "kept_delivered" in entry:
+        said.append(f"the lock kept and delivered {entry['kept_delivered']} packet(s), left "
+                    f"{entry.get('kept_fell_back', 0)} to the peers' retransmission")
+    if entry.get("restored_unacked"):
+        said.append(f"{entry['restored_unacked']} socket(s) restored holding output the peer had not acknowledged "
+                    "(an answer sent just before the lock): it goes out again only when the restored socket's "
+                    "retransmission timer fires, 200 ms or more, and the requests behind it wait")
+    return "; ".join(said)
 
 
 def _headline_entry(results: Results, connections: int) -> Gap | None:
@@ -344,6 +350,7 @@ def headline_section(results: Results) -> list[str]:
                  f"{e['requests']:,}" if "requests" in e else "—", _ms_cell(e.get("baseline_ms", math.nan)),
                  _ms_cell(e.get("later_ms", math.nan)), _ms_cell(e.get("downtime_ms", math.nan)),
                  f"{e['kept_delivered']:,} / {e.get('kept_fell_back', 0):,}" if "kept_delivered" in e else "—",
+                 f"{e['restored_unacked']:,}" if "restored_unacked" in e else "—",
                  str(e["runs"]), _verified(e)] for e in requests]
         lines += ["## Headline: request latency across a move", "",
                   "N independent request/response clients, 64-byte requests at Poisson arrivals (mean interval per "
@@ -352,9 +359,12 @@ def headline_section(results: Results) -> list[str]:
                   "(worst of runs: the largest); >= 200 ms: requests that waited a retransmission timeout, all "
                   "runs together; before / after the move: the worst request answered before it began, and the worst "
                   "request due after it and its handoff had ended (the noise of the machine, without a move); kept: "
-                  "packets the keeping lock delivered to the restored sockets / left to the peers' retransmission.",
+                  "packets the keeping lock delivered to the restored sockets / left to the peers' retransmission; unacked: "
+                  "restored sockets holding output the peer had not acknowledged (it waits for their retransmission "
+                  "timer), all runs together.",
                   "", *_table(["connections", "impl", "worst", "worst of runs", ">= 200 ms", "requests",
-                               "before the move", "after the move", "move", "kept", "runs", "verified"], rows), ""]
+                               "before the move", "after the move", "move", "kept", "unacked", "runs", "verified"],
+                              rows), ""]
     stream = sorted((e for e in results["gap"] if workload(e) == "stream"),
                     key=lambda e: (e["impl"].endswith("-crosshost"), e["connections"], _impl_order(e["impl"])))
     if stream:

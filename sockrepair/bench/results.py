@@ -90,6 +90,7 @@ class Gap(TypedDict):
     later_ms: NotRequired[float]  # median of each run's worst of what started after the move and handoff ended
     kept_delivered: NotRequired[int]  # sockrepair: packets the lock kept and delivered, all runs together
     kept_fell_back: NotRequired[int]  # and packets left to the peers' retransmission
+    restored_unacked: NotRequired[int]  # sockrepair: restored sockets holding unacknowledged output, all runs
     interval_ms: NotRequired[float]  # mean time between a connection's requests (stream: between its writes)
 
 
@@ -189,12 +190,14 @@ def gap_from_runs(impl: str, connections: int, gaps_ms: Sequence[float], verifie
                   downtimes_ms: Sequence[float] = (), phases_ms: Sequence[Mapping[str, float]] = (),
                   wire_gaps_ms: Sequence[float] | None = None, *, workload: str = "pingpong",
                   requests: Sequence[int] = (), over_200ms: Sequence[int] = (), baselines_ms: Sequence[float] = (),
-                  laters_ms: Sequence[float] = (), kept: Sequence[tuple[int, int]] = (), interval_ms: float | None = None) -> Gap:
+                  laters_ms: Sequence[float] = (), kept: Sequence[tuple[int, int]] = (), unacked: Sequence[int] = (),
+                  interval_ms: float | None = None) -> Gap:
     """One entry from the runs that completed (`gaps_ms`, one largest gap per run); `verified` False with the
     first failure in `error` when any run did not move every connection intact. Per completed run, when measured:
     `requests` answered and `over_200ms` of them, the worst before the move (`baselines_ms`) and of what started
-    after it (`laters_ms`), and (delivered, fell back) packets of the keeping lock (`kept`); counts are summed over
-    runs, times are medians."""
+    after it (`laters_ms`), (delivered, fell back) packets of the keeping lock (`kept`) and how many sockets were
+    restored with output the peer had not acknowledged (`unacked`); counts are summed over runs, times are
+    medians."""
     names = list(dict.fromkeys(name for run in phases_ms for name in run))
     entry: Gap = {
         "impl": impl,
@@ -220,6 +223,8 @@ def gap_from_runs(impl: str, connections: int, gaps_ms: Sequence[float], verifie
     if kept:
         entry["kept_delivered"] = sum(k[0] for k in kept)
         entry["kept_fell_back"] = sum(k[1] for k in kept)
+    if unacked:
+        entry["restored_unacked"] = sum(unacked)
     if interval_ms is not None:
         entry["interval_ms"] = interval_ms
     return entry

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import cProfile
 import math
+import socket
 from pathlib import Path
 
 import pytest
@@ -109,10 +110,12 @@ def test_a_request_run_counts_the_requests_that_waited_a_retransmission_timeout(
     run = bench_gap._outcome(bench_gap.RunResult(None, None), stream, began)
     assert run.gap_ms == 50.0 and run.requests is None
     assert run.error == "the peer did not check every connection after the move"
-    e = bench_gap.entry("sockrepair", 100, [bench_gap.RunResult(3.0, None, 1.0, {}, 400, 0, 2.0, (5, 0)),
-                                           bench_gap.RunResult(5.0, None, 1.2, {}, 450, 1, 4.0, (7, 1))], "requests")
+    e = bench_gap.entry("sockrepair", 100, [bench_gap.RunResult(3.0, None, 1.0, {}, 400, 0, 2.0, (5, 0), 1.0, 0),
+                                           bench_gap.RunResult(5.0, None, 1.2, {}, 450, 1, 4.0, (7, 1), 1.0, 2)],
+                        "requests")
     assert (e["workload"], e["requests"], e["over_200ms"], e["kept_delivered"], e["kept_fell_back"]) == (
         "requests", 850, 1, 12, 1)
+    assert e["restored_unacked"] == 2
     assert e["gap_ms"] == 4.0 and e["max_gap_ms"] == 5.0 and e["baseline_ms"] == 3.0 and e["interval_ms"] == 20.0
 
 
@@ -121,6 +124,14 @@ def test_the_gap_is_the_longest_round_trip_ending_after_the_move_began() -> None
     assert largest_gap_s(report_, since=10.005) == 0.02
     assert largest_gap_s({"rounds": 100, "slow": [], "slowest": [3.0, 0.0004]}, since=10.0) == 0.0004
     assert largest_gap_s({"rounds": 0, "slow": [], "slowest": None}, since=10.0) is None
+
+
+def test_restored_sockets_holding_unacknowledged_output_are_counted() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        assert bench_gap.unacked_output([a, b]) == 0  # an AF_UNIX queue counts as "output" for TIOCOUTQ
+        a.sendall(b"x")
+        assert bench_gap.unacked_output([a, b]) == 1
 
 
 def test_each_round_of_each_connection_sends_different_bytes() -> None:
