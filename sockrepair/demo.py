@@ -125,8 +125,8 @@ def run_demo(json_output: bool = False, seconds: float = 3.0, connections: int =
             client = None
             progress(f"clients stopped: {talk['requests']} requests, {talk['bytes_verified']} bytes verified, "
                      f"{'no errors' if talk['ok'] else 'ERRORS: ' + '; '.join(talk['errors'])}; request latency: "
-                     f"worst {talk['worst_since_move_ms']:.1f} ms from the move on ({talk['worst_before_move_ms']:.1f} ms "
-                     f"before it), median {talk['median_request_ms']:.2f} ms, "
+                     f"worst {talk['worst_since_move_ms']:.1f} ms from the move on "
+                     f"({talk['worst_before_move_ms']:.1f} ms before it), median {talk['median_request_ms']:.2f} ms, "
                      f"{talk['requests_over_200ms']} waited {RTO_MS:g} ms or more (a retransmission timeout)")
             wires = [recorder.report(ConnTuple(socket.AF_INET, lab.peer.addr4, port, SERVICE4, PORT),
                                      frozen_at, resumed_at) for port in talk.pop("ports")]

@@ -345,8 +345,9 @@ def from_figures(moved: RunResult, figures: dict[str, Any], errors: list[str]) -
 def _schedule(plan: Plan, variants: Sequence[str], counts: Sequence[int] | None,
               workloads: Sequence[str] = WORKLOADS) -> list[tuple[str, str, int]]:
     """Runs interleaved: round k holds the k-th run of every (workload, variant, connections) that has one."""
-    cases = [(w, v, n) for w in workloads for n in sorted({n for v in variants for n in plan.runs.get(w, {}).get(v, {})})
-             for v in variants if n in plan.runs.get(w, {}).get(v, {}) and (counts is None or n in counts)]
+    planned = {w: plan.runs.get(w, {}) for w in workloads}
+    cases = [(w, v, n) for w in workloads for n in sorted({n for v in variants for n in planned[w].get(v, {})})
+             for v in variants if n in planned[w].get(v, {}) and (counts is None or n in counts)]
     rounds = max((plan.runs[w][v][n] for w, v, n in cases), default=0)
     return [(w, v, n) for k in range(rounds) for w, v, n in cases if k < plan.runs[w][v][n]]
 

@@ -359,7 +359,8 @@ def headline_section(results: Results) -> list[str]:
                   "(worst of runs: the largest); >= 200 ms: requests that waited a retransmission timeout, all "
                   "runs together; before / after the move: the worst request answered before it began, and the worst "
                   "request due after it and its handoff had ended (the noise of the machine, without a move); kept: "
-                  "packets the keeping lock delivered to the restored sockets / left to the peers' retransmission; unacked: "
+                  "packets the keeping lock delivered to the restored sockets / left to the peers' retransmission; "
+                  "unacked: "
                   "restored sockets holding output the peer had not acknowledged (it waits for their retransmission "
                   "timer), all runs together.",
                   "", *_table(["connections", "impl", "worst", "worst of runs", ">= 200 ms", "requests",

@@ -18,8 +18,8 @@ Every connection carries the checkable stream pattern(offset, salt=connection nu
 it byte for byte, so a lost, repeated or misrouted byte is an error at a known offset. A line "stop" on stdin (or
 --max-seconds) stops new sends; every answer outstanding is awaited (at most --timeout seconds), then one more request
 goes out on every connection and is awaited (the sweep: every connection works after the move; checked, not timed),
-and one JSON line is printed: mode, requests (answered and timed), bytes_verified, errors, swept, median_s, worst [due, seconds],
-over_200ms (requests that took 200 ms or more), histogram (counts per upper bound in HISTOGRAM_MS, the last one
+and one JSON line is printed: mode, requests (answered and timed), bytes_verified, errors, swept, median_s,
+worst [due, seconds], over_200ms (requests that took 200 ms or more), histogram (counts per upper bound in HISTOGRAM_MS, the last one
 unbounded), slow (every request over SLOW_S as [due, seconds], at most MAX_SLOW), pauses (stream: every pause over
 SLOW_S as [start, seconds]), longest_pause [start, seconds], interval_s, and ports (each connection's local port).
 Times are CLOCK_MONOTONIC seconds, the caller's time.monotonic()."""
