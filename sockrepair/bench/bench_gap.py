@@ -263,9 +263,9 @@ class Peer:
 
 def peer_figures(report: dict[str, Any], began: float, ended: float | None = None) -> dict[str, Any]:
     """What a peer's report says about the move that began at `began` and ended at `ended` (time.monotonic(); None:
-    not known): gap_s (the worst after it began, or None), baseline_s (the worst before it), later_s (the worst of
-    what started after it ended: the machine's noise, not the move), requests and over_200ms (requests workload,
-    else None)."""
+    not known): gap_s (the worst after it began, or None), baseline_s (the worst before it: the machine's noise),
+    later_s (the worst of what was due after it ended: noise too, unless it waited behind an answer the move held
+    back), requests and over_200ms (requests workload, else None)."""
     slow = report.get("pauses" if report.get("mode") == "stream" else "slow", [])
     before = [took for start, took in slow if start + took < began]
     later = None if ended is None else max((took for start, took in slow if start >= ended), default=None)

@@ -155,11 +155,12 @@ def _gap(connections: int) -> Callable[[Results], Measured | None]:
 
 
 def _baseline_where(entry: Gap) -> str:
-    """The worst the peer saw without a move: before it began, and of what it sent after it ended."""
+    """The worst the peer saw before the move began (the machine's noise), and of what was due after it ended (the
+    move's aftermath when it is much larger: requests queued behind an answer still held back)."""
     said = [f"{when} {human_us(entry[key] * 1000)}"  # type: ignore[literal-required]
-            for key, when in (("baseline_ms", "before it began"), ("later_ms", "sent after it ended"))
-            if key in entry]
-    return f"the worst request without a move: {', '.join(said)}" if said else ""
+            for key, when in (("baseline_ms", "answered before the move began"),
+                              ("later_ms", "due after it and its handoff ended")) if key in entry]
+    return f"the worst request {', and '.join(said)}" if said else ""
 
 
 def _rto(connections: int) -> Callable[[Results], Measured | None]:
@@ -357,8 +358,9 @@ def headline_section(results: Results) -> list[str]:
                   "connection in docs/benchmarks.md), each request timed from the moment it was due to its whole "
                   "answer. worst: median over runs of each run's worst request answered after the move began "
                   "(worst of runs: the largest); >= 200 ms: requests that waited a retransmission timeout, all "
-                  "runs together; before / after the move: the worst request answered before it began, and the worst "
-                  "request due after it and its handoff had ended (the noise of the machine, without a move); kept: "
+                  "runs together; before the move: the worst request answered before it began (the noise of the "
+                  "machine); after the move: the worst request due after the move and its handoff had ended (much larger than before "
+                  "the move: requests that waited behind an answer the move held back); kept: "
                   "packets the keeping lock delivered to the restored sockets / left to the peers' retransmission; "
                   "unacked: "
                   "restored sockets holding output the peer had not acknowledged (it waits for their retransmission "

@@ -86,8 +86,8 @@ class Gap(TypedDict):
     workload: NotRequired[str]  # "requests", "stream" or "pingpong" (the default)
     requests: NotRequired[int]  # requests workload: requests answered, all runs together
     over_200ms: NotRequired[int]  # of which waited 200 ms or more (a retransmission timeout), all runs together
-    baseline_ms: NotRequired[float]  # median of each run's worst before the move began (the noise without a move)
-    later_ms: NotRequired[float]  # median of each run's worst of what started after the move and handoff ended
+    baseline_ms: NotRequired[float]  # median of each run's worst before the move began (the machine's noise)
+    later_ms: NotRequired[float]  # median of each run's worst of what was due after the move and handoff ended
     kept_delivered: NotRequired[int]  # sockrepair: packets the lock kept and delivered, all runs together
     kept_fell_back: NotRequired[int]  # and packets left to the peers' retransmission
     restored_unacked: NotRequired[int]  # sockrepair: restored sockets holding unacknowledged output, all runs

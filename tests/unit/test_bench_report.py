@@ -147,7 +147,8 @@ def test_the_headline_is_the_worst_request_and_the_requests_that_waited_200_ms(t
     assert "| 35.0 ms | missed by 15.0 ms (75%) |" in hundred
     assert "kept and delivered 40 packet(s), left 1" in hundred
     assert "3 socket(s) restored holding output the peer had not acknowledged" in hundred
-    assert "the worst request without a move: before it began 30.00 ms, sent after it ended 34.00 ms" in hundred
+    assert ("the worst request answered before the move began 30.00 ms, and due after it and its handoff ended "
+            "34.00 ms") in hundred
     assert "| 0 requests | met |" in rows["Requests waiting 200 ms or more across a move, 1 connection"]
     headline = [line for line in md.splitlines() if line.startswith("| 1 | sockrepair-droplock |")]
     assert headline and "| 207.00 ms |" in headline[0] and "| 5 | 3,000 |" in headline[0]
