@@ -70,7 +70,7 @@ def _summary(report: dict[str, Any], connections: int, began: float) -> dict[str
     worst = report.get("worst") or (0.0, 0.0)
     median = report.get("median_s") or 0.0
     since = worst_after(report, began) or 0.0
-    before = max((took for due, took in report.get("slow", []) if due + took < began), default=0.0)
+    before = max((took for due, took, _ in report.get("slow", []) if due + took < began), default=0.0)
     return {"ok": not errors, "connections": connections, "requests": report.get("requests", 0),
             "bytes_verified": report.get("bytes_verified", 0), "errors": errors,
             "worst_request_ms": round(worst[1] * 1000, 3), "median_request_ms": round(median * 1000, 3),

@@ -117,7 +117,7 @@ def run_once(connections: int, plan: Plan, workload: str = "requests", keep: boo
             recorder = Recorder(lab.peer.ifname, lab.peer.name).start()
             time.sleep(plan.settle_s)
 
-            seen: list[int] = []
+            seen: list[list[int]] = []
             began, frozen_at = time.monotonic(), time.time()
             try:
                 report = migrate(server.pid, dest_netns=lab.b.name, network=lambda: lab.move_service("a", "b"),
@@ -143,7 +143,8 @@ def run_once(connections: int, plan: Plan, workload: str = "requests", keep: boo
             stop(receiver)
             stop(server)
     took_ms = (moved.downtime_ms or 0.0) + moved.phases_ms.get("handoff", 0.0)
-    figures = peer_figures(talk, began, began + took_ms / 1000 if moved.downtime_ms is not None else None)
+    figures = peer_figures(talk, began, began + took_ms / 1000 if moved.downtime_ms is not None else None,
+                           moved.unacked)
     errors = ([moved.error] if moved.error else []) + list(talk.get("errors", [])) + problems
     if not talk.get("swept") and not errors:
         errors.append("the client did not check every connection after the move")

@@ -77,6 +77,7 @@ REQUESTS_PER_S = 5000.0  # at most, over all connections: the interval grows pas
 STREAM_BYTES = 1024
 STREAM_INTERVAL_S = 0.002
 STREAM_WRITES_PER_S = 5000.0
+RTO_S = 0.2  # the shortest retransmission timeout: a request this slow waited for one
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,8 @@ class RunResult:
     baseline_ms: float | None = None  # the worst the peer saw before the move began
     kept: tuple[int, int] | None = None  # sockrepair: packets delivered from the lock, and left to retransmission
     later_ms: float | None = None  # the worst the peer saw of what it sent once the move (and handoff) had ended
-    unacked: int | None = None  # sockrepair: restored sockets holding output the peer had not acknowledged
+    unacked: list[int] | None = None  # sockrepair: the peer's ports of the sockets restored with unacked output
+    over_200ms_unacked: int | None = None  # requests >= 200 ms on those connections
 
 
 def _free_port(ns: NetNS) -> int:
@@ -176,23 +178,26 @@ def move_with_criu(criu: Criu, ns: NetNS, pid: int, reap: Callable[[], None], lo
                      {"criu dump": (dumped - start) * 1000, "criu restore": (restored - dumped) * 1000})
 
 
-def unacked_output(socks: Sequence[socket.socket]) -> int:
-    """How many of the sockets hold output the peer has not acknowledged (SIOCOUTQ > 0). A restored socket's send
-    queue counts as sent: what the lock kept from reaching the peer goes out again only when the socket's
-    retransmission timer fires (200 ms or more), and a request/response peer waits for it."""
-    held = 0
-    for sock in socks:
+def unacked_output(socks: Sequence[socket.socket], tuples: Sequence[Any]) -> list[int]:
+    """The remote ports of the sockets (`tuples[i]` is socks[i]'s ConnTuple) that hold output the peer has not
+    acknowledged (SIOCOUTQ > 0). A restored socket's send queue counts as sent: an answer the lock stopped on its
+    way out goes out again only when the socket's retransmission timer fires (200 ms or more), and a
+    request/response peer waits for it. (Output whose ACK the peer is still delaying counts too, and costs
+    nothing: the requests >= 200 ms on these connections tell the two apart.)"""
+    held = []
+    for sock, tup in zip(socks, tuples):
         try:
-            held += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0] > 0
+            if struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0] > 0:
+                held.append(int(tup.remote_port))
         except OSError:
             continue
     return held
 
 
-def handing_off(unix_path: Path, seen: list[int]) -> Callable[[list[socket.socket], list[Any]], None]:
+def handing_off(unix_path: Path, seen: list[list[int]]) -> Callable[[list[socket.socket], list[Any]], None]:
     """The handoff to the receiver listening on `unix_path`; it appends unacked_output() of the sockets to `seen`."""
     def handoff(socks: list[socket.socket], tuples: list[Any]) -> None:
-        seen.append(unacked_output(socks))
+        seen.append(unacked_output(socks, tuples))
         send_over_unix(str(unix_path), socks, tuples)
         for s in socks:
             s.close()
@@ -201,7 +206,7 @@ def handing_off(unix_path: Path, seen: list[int]) -> Callable[[list[socket.socke
 
 def move_with_sockrepair(ns: NetNS, pid: int, unix_path: Path, profiler: cProfile.Profile | None = None,
                          keep: bool = True) -> RunResult:
-    seen: list[int] = []
+    seen: list[list[int]] = []
     handoff = handing_off(unix_path, seen)
 
     with ns.entered():
@@ -261,21 +266,28 @@ class Peer:
                 peer.close()
 
 
-def peer_figures(report: dict[str, Any], began: float, ended: float | None = None) -> dict[str, Any]:
+def peer_figures(report: dict[str, Any], began: float, ended: float | None = None,
+                 unacked_ports: Sequence[int] | None = None) -> dict[str, Any]:
     """What a peer's report says about the move that began at `began` and ended at `ended` (time.monotonic(); None:
     not known): gap_s (the worst after it began, or None), baseline_s (the worst before it: the machine's noise),
     later_s (the worst of what was due after it ended: noise too, unless it waited behind an answer the move held
-    back), requests and over_200ms (requests workload, else None)."""
+    back), requests and over_200ms (requests workload, else None), and over_200ms_unacked: how many of those were on
+    the connections whose peer ports are `unacked_ports` (None when not given)."""
     slow = report.get("pauses" if report.get("mode") == "stream" else "slow", [])
-    before = [took for start, took in slow if start + took < began]
-    later = None if ended is None else max((took for start, took in slow if start >= ended), default=None)
+    before = [took for start, took, *_ in slow if start + took < began]
+    later = None if ended is None else max((took for start, took, *_ in slow if start >= ended), default=None)
     if "mode" not in report:  # the ping-pong client
         return {"gap_s": largest_gap_s(report, began), "baseline_s": max(before, default=None), "later_s": later,
-                "requests": None, "over_200ms": None}
+                "requests": None, "over_200ms": None, "over_200ms_unacked": None}
     stream = report["mode"] == "stream"
+    on_unacked = None
+    if unacked_ports is not None and not stream:
+        held, ports = set(unacked_ports), report.get("ports", [])
+        on_unacked = sum(1 for _, took, conn in report.get("slow", [])
+                         if took >= RTO_S and conn < len(ports) and ports[conn] in held)
     return {"gap_s": worst_after(report, began), "baseline_s": max(before, default=None), "later_s": later,
             "requests": None if stream else report.get("requests"),
-            "over_200ms": None if stream else report.get("over_200ms")}
+            "over_200ms": None if stream else report.get("over_200ms"), "over_200ms_unacked": on_unacked}
 
 
 def run_once(variant: str, connections: int, plan: Plan, criu: Criu | None,
@@ -327,7 +339,8 @@ def run_once(variant: str, connections: int, plan: Plan, criu: Criu | None,
 
 def _outcome(moved: RunResult, report: dict[str, Any], began: float) -> RunResult:
     took_ms = (moved.downtime_ms or 0.0) + moved.phases_ms.get("handoff", 0.0)
-    figures = peer_figures(report, began, began + took_ms / 1000 if moved.downtime_ms is not None else None)
+    figures = peer_figures(report, began, began + took_ms / 1000 if moved.downtime_ms is not None else None,
+                           moved.unacked)
     errors = ([moved.error] if moved.error else []) + list(report.get("errors", []))
     if not report.get("swept") and not errors:
         errors.append("the peer did not check every connection after the move")
@@ -339,7 +352,7 @@ def from_figures(moved: RunResult, figures: dict[str, Any], errors: list[str]) -
     ms = {k: None if figures[k] is None else figures[k] * 1000 for k in ("gap_s", "baseline_s", "later_s")}
     return RunResult(ms["gap_s"], "; ".join(errors) or None, moved.downtime_ms, moved.phases_ms,
                      figures["requests"], figures["over_200ms"], ms["baseline_s"], moved.kept, ms["later_s"],
-                     moved.unacked)
+                     moved.unacked, figures["over_200ms_unacked"])
 
 
 def _schedule(plan: Plan, variants: Sequence[str], counts: Sequence[int] | None,
@@ -386,7 +399,9 @@ def describe(workload: str, outcome: RunResult) -> str:
     if outcome.kept is not None:
         text += f", {outcome.kept[0]} packets kept and delivered, {outcome.kept[1]} left to retransmission"
     if outcome.unacked is not None:
-        text += f", {outcome.unacked} socket(s) restored with unacknowledged output"
+        text += f", {len(outcome.unacked)} socket(s) restored with unacknowledged output"
+    if outcome.over_200ms_unacked is not None:
+        text += f" ({outcome.over_200ms_unacked} requests >= 200 ms on them)"
     return text + (f"; FAILED: {outcome.error}" if outcome.error else "")
 
 
@@ -402,7 +417,8 @@ def entry(impl: str, connections: int, runs: Sequence[RunResult], workload: str 
                          baselines_ms=[r.baseline_ms for r in good if r.baseline_ms is not None],
                          laters_ms=[r.later_ms for r in good if r.later_ms is not None],
                          kept=[r.kept for r in good if r.kept is not None],
-                         unacked=[r.unacked for r in good if r.unacked is not None],
+                         unacked=[len(r.unacked) for r in good if r.unacked is not None],
+                         over_200ms_unacked=[r.over_200ms_unacked for r in good if r.over_200ms_unacked is not None],
                          interval_ms=None if interval is None else interval(connections) * 1000)
 
 

@@ -127,9 +127,13 @@ def kept_where(entry: Gap) -> str:
         said.append(f"the lock kept and delivered {entry['kept_delivered']} packet(s), left "
                     f"{entry.get('kept_fell_back', 0)} to the peers' retransmission")
     if entry.get("restored_unacked"):
-        said.append(f"{entry['restored_unacked']} socket(s) restored holding output the peer had not acknowledged "
-                    "(an answer sent just before the lock): it goes out again only when the restored socket's "
-                    "retransmission timer fires, 200 ms or more, and the requests behind it wait")
+        text = (f"{entry['restored_unacked']} socket(s) restored holding output the peer had not acknowledged (an "
+                "answer the lock stopped on its way out goes out again only when the restored socket's "
+                "retransmission timer fires, 200 ms or more, and the requests behind it wait)")
+        if "over_200ms_unacked" in entry:
+            text += (f": {entry['over_200ms_unacked']} of the {entry.get('over_200ms', 0)} requests >= 200 ms were "
+                     "on those connections")
+        said.append(text)
     return "; ".join(said)
 
 
@@ -351,7 +355,8 @@ def headline_section(results: Results) -> list[str]:
                  f"{e['requests']:,}" if "requests" in e else "—", _ms_cell(e.get("baseline_ms", math.nan)),
                  _ms_cell(e.get("later_ms", math.nan)), _ms_cell(e.get("downtime_ms", math.nan)),
                  f"{e['kept_delivered']:,} / {e.get('kept_fell_back', 0):,}" if "kept_delivered" in e else "—",
-                 f"{e['restored_unacked']:,}" if "restored_unacked" in e else "—",
+                 (f"{e['restored_unacked']:,}" + (f" ({e['over_200ms_unacked']:,})" if "over_200ms_unacked" in e
+                                                   else "")) if "restored_unacked" in e else "—",
                  str(e["runs"]), _verified(e)] for e in requests]
         lines += ["## Headline: request latency across a move", "",
                   "N independent request/response clients, 64-byte requests at Poisson arrivals (mean interval per "
@@ -364,8 +369,9 @@ def headline_section(results: Results) -> list[str]:
                   "kept: "
                   "packets the keeping lock delivered to the restored sockets / left to the peers' retransmission; "
                   "unacked: "
-                  "restored sockets holding output the peer had not acknowledged (it waits for their retransmission "
-                  "timer), all runs together.",
+                  "restored sockets holding output the peer had not acknowledged at the handoff (an answer the lock "
+                  "stopped waits for their retransmission timer), all runs together, and in brackets the requests "
+                  ">= 200 ms on those connections.",
                   "", *_table(["connections", "impl", "worst", "worst of runs", ">= 200 ms", "requests",
                                "before the move", "after the move", "move", "kept", "unacked", "runs", "verified"],
                               rows), ""]

@@ -91,6 +91,7 @@ class Gap(TypedDict):
     kept_delivered: NotRequired[int]  # sockrepair: packets the lock kept and delivered, all runs together
     kept_fell_back: NotRequired[int]  # and packets left to the peers' retransmission
     restored_unacked: NotRequired[int]  # sockrepair: restored sockets holding unacknowledged output, all runs
+    over_200ms_unacked: NotRequired[int]  # requests >= 200 ms on those connections, all runs
     interval_ms: NotRequired[float]  # mean time between a connection's requests (stream: between its writes)
 
 
@@ -191,13 +192,13 @@ def gap_from_runs(impl: str, connections: int, gaps_ms: Sequence[float], verifie
                   wire_gaps_ms: Sequence[float] | None = None, *, workload: str = "pingpong",
                   requests: Sequence[int] = (), over_200ms: Sequence[int] = (), baselines_ms: Sequence[float] = (),
                   laters_ms: Sequence[float] = (), kept: Sequence[tuple[int, int]] = (), unacked: Sequence[int] = (),
-                  interval_ms: float | None = None) -> Gap:
+                  over_200ms_unacked: Sequence[int] = (), interval_ms: float | None = None) -> Gap:
     """One entry from the runs that completed (`gaps_ms`, one largest gap per run); `verified` False with the
     first failure in `error` when any run did not move every connection intact. Per completed run, when measured:
     `requests` answered and `over_200ms` of them, the worst before the move (`baselines_ms`) and of what started
     after it (`laters_ms`), (delivered, fell back) packets of the keeping lock (`kept`) and how many sockets were
-    restored with output the peer had not acknowledged (`unacked`); counts are summed over runs, times are
-    medians."""
+    restored with output the peer had not acknowledged (`unacked`) and the requests >= 200 ms on them
+    (`over_200ms_unacked`); counts are summed over runs, times are medians."""
     names = list(dict.fromkeys(name for run in phases_ms for name in run))
     entry: Gap = {
         "impl": impl,
@@ -225,6 +226,8 @@ def gap_from_runs(impl: str, connections: int, gaps_ms: Sequence[float], verifie
         entry["kept_fell_back"] = sum(k[1] for k in kept)
     if unacked:
         entry["restored_unacked"] = sum(unacked)
+    if over_200ms_unacked:
+        entry["over_200ms_unacked"] = sum(over_200ms_unacked)
     if interval_ms is not None:
         entry["interval_ms"] = interval_ms
     return entry

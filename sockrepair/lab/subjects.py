@@ -200,7 +200,7 @@ def worst_after(report: dict[str, Any], since: float) -> float | None:
     """Seconds: the slowest request of a RequestClient report that was answered after `since` (time.monotonic() when
     the move began), or in stream mode its longest pause ending after `since`; None when nothing was timed."""
     stream = report.get("mode") == "stream"
-    late = [took for start, took in report.get("pauses" if stream else "slow", []) if start + took >= since]
+    late = [took for start, took, *_ in report.get("pauses" if stream else "slow", []) if start + took >= since]
     if late:
         return float(max(late))
     if stream:

@@ -6,6 +6,7 @@ import cProfile
 import math
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -98,24 +99,26 @@ def test_every_variant_and_count_of_the_issue_is_planned_and_quick_stays_small()
 def test_a_request_run_counts_the_requests_that_waited_a_retransmission_timeout() -> None:
     began = 100.0
     report_ = {"mode": "requests", "requests": 500, "over_200ms": 2, "errors": [], "swept": True,
-               "worst": [100.0005, 0.208], "slow": [[99.0, 0.004], [100.0005, 0.208], [100.001, 0.207], [101.0, 0.003]],
-               "pauses": [], "longest_pause": [0.0, 0.0]}
-    moved = bench_gap.RunResult(None, None, 1.5, {"freeze": 0.2}, kept=(0, 3))
+               "worst": [100.0005, 0.208], "pauses": [], "longest_pause": [0.0, 0.0], "ports": [5000, 5001, 5002],
+               "slow": [[99.0, 0.004, 0], [100.0005, 0.208, 1], [100.001, 0.207, 2], [101.0, 0.003, 0]]}
+    moved = bench_gap.RunResult(None, None, 1.5, {"freeze": 0.2}, kept=(0, 3), unacked=[5002])
     run = bench_gap._outcome(moved, report_, began)
     assert run.error is None and run.gap_ms == 208.0 and run.baseline_ms == 4.0
+    assert run.over_200ms_unacked == 1  # the request on port 5002's connection
     assert run.later_ms == 3.0  # due after the move (1.5 ms) ended: noise, not the move
     assert (run.requests, run.over_200ms, run.kept) == (500, 2, (0, 3))
     stream = {"mode": "stream", "requests": 1, "over_200ms": 0, "errors": [], "swept": False,
-              "pauses": [[99.5, 0.003], [100.01, 0.05]], "longest_pause": [100.01, 0.05], "slow": []}
+              "pauses": [[99.5, 0.003, 0], [100.01, 0.05, 0]], "longest_pause": [100.01, 0.05], "slow": []}
     run = bench_gap._outcome(bench_gap.RunResult(None, None), stream, began)
     assert run.gap_ms == 50.0 and run.requests is None
     assert run.error == "the peer did not check every connection after the move"
-    e = bench_gap.entry("sockrepair", 100, [bench_gap.RunResult(3.0, None, 1.0, {}, 400, 0, 2.0, (5, 0), 1.0, 0),
-                                           bench_gap.RunResult(5.0, None, 1.2, {}, 450, 1, 4.0, (7, 1), 1.0, 2)],
+    e = bench_gap.entry("sockrepair", 100, [bench_gap.RunResult(3.0, None, 1.0, {}, 400, 0, 2.0, (5, 0), 1.0, [], 0),
+                                           bench_gap.RunResult(5.0, None, 1.2, {}, 450, 1, 4.0, (7, 1), 1.0, [1, 2],
+                                                               1)],
                         "requests")
     assert (e["workload"], e["requests"], e["over_200ms"], e["kept_delivered"], e["kept_fell_back"]) == (
         "requests", 850, 1, 12, 1)
-    assert e["restored_unacked"] == 2
+    assert e["restored_unacked"] == 2 and e["over_200ms_unacked"] == 1
     assert e["gap_ms"] == 4.0 and e["max_gap_ms"] == 5.0 and e["baseline_ms"] == 3.0 and e["interval_ms"] == 20.0
 
 
@@ -126,12 +129,13 @@ def test_the_gap_is_the_longest_round_trip_ending_after_the_move_began() -> None
     assert largest_gap_s({"rounds": 0, "slow": [], "slowest": None}, since=10.0) is None
 
 
-def test_restored_sockets_holding_unacknowledged_output_are_counted() -> None:
+def test_restored_sockets_holding_unacknowledged_output_are_named_by_the_peers_port() -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    tuples = [SimpleNamespace(remote_port=40001), SimpleNamespace(remote_port=40002)]
     with a, b:
-        assert bench_gap.unacked_output([a, b]) == 0  # an AF_UNIX queue counts as "output" for TIOCOUTQ
+        assert bench_gap.unacked_output([a, b], tuples) == []  # TIOCOUTQ: bytes the other end has not taken
         a.sendall(b"x")
-        assert bench_gap.unacked_output([a, b]) == 1
+        assert bench_gap.unacked_output([a, b], tuples) == [40001]
 
 
 def test_each_round_of_each_connection_sends_different_bytes() -> None:

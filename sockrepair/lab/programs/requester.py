@@ -20,8 +20,8 @@ it byte for byte, so a lost, repeated or misrouted byte is an error at a known o
 goes out on every connection and is awaited (the sweep: every connection works after the move; checked, not timed),
 and one JSON line is printed: mode, requests (answered and timed), bytes_verified, errors, swept, median_s,
 worst [due, seconds], over_200ms (requests that took 200 ms or more), histogram (counts per upper bound in HISTOGRAM_MS, the last one
-unbounded), slow (every request over SLOW_S as [due, seconds], at most MAX_SLOW), pauses (stream: every pause over
-SLOW_S as [start, seconds]), longest_pause [start, seconds], interval_s, and ports (each connection's local port).
+unbounded), slow (every request over SLOW_S as [due, seconds, connection number], at most MAX_SLOW), pauses
+(stream: every pause over SLOW_S as [start, seconds, connection number]), longest_pause [start, seconds], interval_s, and ports (each connection's local port).
 Times are CLOCK_MONOTONIC seconds, the caller's time.monotonic()."""
 
 from __future__ import annotations
@@ -93,9 +93,9 @@ class Peer:
         self.rng = random.Random(args.seed)
         self.conns: list[Conn] = []
         self.latencies: list[float] = []
-        self.slow: list[tuple[float, float]] = []
+        self.slow: list[tuple[float, float, int]] = []
         self.worst = (0.0, 0.0)
-        self.pauses: list[tuple[float, float]] = []
+        self.pauses: list[tuple[float, float, int]] = []
         self.longest_pause = (0.0, 0.0)
         self.verified = 0
         self.ep = select.epoll()
@@ -144,21 +144,21 @@ class Peer:
             if pause > self.longest_pause[1]:
                 self.longest_pause = (conn.last_rx, pause)
             if pause > SLOW_S and len(self.pauses) < MAX_SLOW:
-                self.pauses.append((conn.last_rx, pause))
+                self.pauses.append((conn.last_rx, pause, conn.number))
         conn.last_rx = now
         while conn.waiting and conn.waiting[0][0] <= conn.received:
             _, due = conn.waiting.popleft()
             if self.timing:
-                self.record(due, now - due)
+                self.record(due, now - due, conn.number)
         if conn.backlog and not conn.waiting:
             self.send(conn, conn.backlog.popleft())
 
-    def record(self, due: float, took: float) -> None:
+    def record(self, due: float, took: float, number: int) -> None:
         self.latencies.append(took)
         if took > self.worst[1]:
             self.worst = (due, took)
         if took > SLOW_S and len(self.slow) < MAX_SLOW:
-            self.slow.append((due, took))
+            self.slow.append((due, took, number))
 
     def poll(self, timeout: float) -> None:
         for fd, events in self.ep.poll(max(0.0, timeout)):
