@@ -126,7 +126,7 @@ def kept_where(entry: Gap) -> str:
     if "kept_delivered" in entry:
         said.append(f"the lock kept and delivered {entry['kept_delivered']} packet(s), left "
                     f"{entry.get('kept_fell_back', 0)} to the peers' retransmission")
-    if entry.get("restored_unacked"):
+    if entry.get("restored_unacked") and entry.get("over_200ms", 1):  # it costs nothing when no request waited
         text = (f"{entry['restored_unacked']} socket(s) restored holding output the peer had not acknowledged (an "
                 "answer the lock stopped on its way out goes out again only when the restored socket's "
                 "retransmission timer fires, 200 ms or more, and the requests behind it wait)")
