@@ -32,6 +32,7 @@ from sockrepair.bench.results import (
     Results,
     Single,
     check,
+    workload,
 )
 from sockrepair.bench.units import human_bytes, human_us
 from sockrepair.errors import SockrepairError
@@ -118,11 +119,62 @@ def gap_where(entry: Gap) -> str:
     return where
 
 
+def kept_where(entry: Gap) -> str:
+    """What the lock kept and what it left to the peers' retransmission, and the sockets restored with output the
+    peer had not acknowledged, when the entry says."""
+    said = []
+    if "kept_delivered" in entry:
+        said.append(f"the lock kept and delivered {entry['kept_delivered']} packet(s), left "
+                    f"{entry.get('kept_fell_back', 0)} to the peers' retransmission")
+    if entry.get("restored_unacked") and entry.get("over_200ms", 1):  # it costs nothing when no request waited
+        text = (f"{entry['restored_unacked']} socket(s) restored holding output the peer had not acknowledged (an "
+                "answer the lock stopped on its way out goes out again only when the restored socket's "
+                "retransmission timer fires, 200 ms or more, and the requests behind it wait)")
+        if "over_200ms_unacked" in entry:
+            text += (f": {entry['over_200ms_unacked']} of the {entry.get('over_200ms', 0)} requests >= 200 ms were "
+                     "on those connections")
+        said.append(text)
+    return "; ".join(said)
+
+
+def _headline_entry(results: Results, connections: int) -> Gap | None:
+    """sockrepair's requests entry for `connections`; in a run saved before the workloads, its ping-pong entry."""
+    mine = [e for e in results["gap"] if e["impl"] == SOCKREPAIR_IMPL and e["connections"] == connections]
+    return next((e for e in mine if workload(e) == "requests"), None) or next(
+        (e for e in mine if workload(e) == "pingpong" and not any(workload(o) == "requests" for o in results["gap"])),
+        None)
+
+
 def _gap(connections: int) -> Callable[[Results], Measured | None]:
     def measure(results: Results) -> Measured | None:
-        entry = next((e for e in results["gap"] if e["impl"] == SOCKREPAIR_IMPL
-                      and e["connections"] == connections), None)
-        return None if entry is None else Measured(entry["gap_ms"], gap_where(entry))
+        entry = _headline_entry(results, connections)
+        if entry is None:
+            return None
+        where = "; ".join(w for w in (gap_where(entry), kept_where(entry),
+                                      _baseline_where(entry)) if w)
+        if workload(entry) == "pingpong":
+            where = "ping-pong round trip (a run without the requests workload); " + where
+        return Measured(entry["gap_ms"], where)
+    return measure
+
+
+def _baseline_where(entry: Gap) -> str:
+    """The worst the peer saw before the move began (the machine's noise), and of what was due after it ended (the
+    move's aftermath when it is much larger: requests queued behind an answer still held back)."""
+    said = [f"{when} {human_us(entry[key] * 1000)}"  # type: ignore[literal-required]
+            for key, when in (("baseline_ms", "answered before the move began"),
+                              ("later_ms", "due after it and its handoff ended")) if key in entry]
+    return f"the worst request {', and '.join(said)}" if said else ""
+
+
+def _rto(connections: int) -> Callable[[Results], Measured | None]:
+    def measure(results: Results) -> Measured | None:
+        entry = _headline_entry(results, connections)
+        if entry is None or "over_200ms" not in entry:
+            return None
+        return Measured(float(entry["over_200ms"]), "; ".join(w for w in (
+            f"{entry['over_200ms']} of {entry.get('requests', 0):,} requests over {entry['runs']} run(s)",
+            kept_where(entry)) if w))
     return measure
 
 
@@ -134,9 +186,11 @@ TARGETS = (
            _ratio_to(C_WARM_IMPL, 1 << 20)),
     Target("lock", "Lock + unlock one connection (sockrepair)", 150.0, "µs", False, _lock),
     Target("batch-10000", "10,000 connections including the lock", 30_000.0, "conn/s", True, _batch(10_000)),
-    Target("gap-1", "Peer-seen gap, 1 connection moved", 2.0, "ms", False, _gap(1)),
-    Target("gap-100", "Peer-seen gap, 100 connections moved", 20.0, "ms", False, _gap(100)),
-    Target("gap-1000", "Peer-seen gap, 1,000 connections moved", 100.0, "ms", False, _gap(1000)),
+    *(Target(f"rto-{n}", f"Requests waiting 200 ms or more across a move, {n:,} connection{'s' if n > 1 else ''}",
+             0.0, "requests", False, _rto(n)) for n in (1, 100, 1000)),
+    Target("gap-1", "Worst request latency across a move, 1 connection", 2.0, "ms", False, _gap(1)),
+    Target("gap-100", "Worst request latency across a move, 100 connections", 20.0, "ms", False, _gap(100)),
+    Target("gap-1000", "Worst request latency across a move, 1,000 connections", 100.0, "ms", False, _gap(1000)),
 )
 
 
@@ -145,6 +199,8 @@ def _amount(value: float, unit: str) -> str:
         return f"{value:.2f}x"
     if unit == "conn/s":
         return f"{value:,.0f} conn/s"
+    if unit == "requests":
+        return f"{value:,.0f} requests"
     return f"{value:,.1f} {unit}"
 
 
@@ -157,6 +213,8 @@ def judge(target: Target, measured: Measured | None) -> str:
         over = -over
     if over <= 0:
         return "met"
+    if not target.limit:
+        return f"missed by {_amount(over, target.unit)}"
     return f"missed by {_amount(over, target.unit)} ({over / target.limit:.0%})"
 
 
@@ -275,20 +333,77 @@ def lock_section(results: Results) -> list[str]:
             *_table(["method", "median", "p99", "x sockrepair", "reps"], rows), ""]
 
 
+def _impl_order(impl: str) -> tuple[int, str]:
+    order = ("sockrepair", "sockrepair-droplock", "criu-nftables", "criu-iptables")
+    base = impl.removesuffix("-crosshost")
+    return (order.index(base) if base in order else len(order), impl)
+
+
+def _ms_cell(ms: float) -> str:
+    return "—" if math.isnan(ms) else human_us(ms * 1000)
+
+
+def headline_section(results: Results) -> list[str]:
+    """The worst request latency across a move, and how many requests waited a retransmission timeout, for every
+    variant and connection count of the requests workload; then the streaming peer's longest pause."""
+    lines: list[str] = []
+    requests = sorted((e for e in results["gap"] if workload(e) == "requests"),
+                      key=lambda e: (e["impl"].endswith("-crosshost"), e["connections"], _impl_order(e["impl"])))
+    if requests:
+        rows = [[f"{e['connections']:,}", e["impl"], _ms_cell(e["gap_ms"]), _ms_cell(e["max_gap_ms"]),
+                 f"{e['over_200ms']:,}" if "over_200ms" in e else "—",
+                 f"{e['requests']:,}" if "requests" in e else "—", _ms_cell(e.get("baseline_ms", math.nan)),
+                 _ms_cell(e.get("later_ms", math.nan)), _ms_cell(e.get("downtime_ms", math.nan)),
+                 f"{e['kept_delivered']:,} / {e.get('kept_fell_back', 0):,}" if "kept_delivered" in e else "—",
+                 (f"{e['restored_unacked']:,}" + (f" ({e['over_200ms_unacked']:,})" if "over_200ms_unacked" in e
+                                                   else "")) if "restored_unacked" in e else "—",
+                 str(e["runs"]), _verified(e)] for e in requests]
+        lines += ["## Headline: request latency across a move", "",
+                  "N independent request/response clients, 64-byte requests at Poisson arrivals (mean interval per "
+                  "connection in docs/benchmarks.md), each request timed from the moment it was due to its whole "
+                  "answer. worst: median over runs of each run's worst request answered after the move began "
+                  "(worst of runs: the largest); >= 200 ms: requests that waited a retransmission timeout, all "
+                  "runs together; before the move: the worst request answered before it began (the noise of the "
+                  "machine); after the move: the worst request due after the move and its handoff had ended "
+                  "(much larger than before the move: requests that waited behind an answer the move held back); "
+                  "kept: "
+                  "packets the keeping lock delivered to the restored sockets / left to the peers' retransmission; "
+                  "unacked: "
+                  "restored sockets holding output the peer had not acknowledged at the handoff (an answer the lock "
+                  "stopped waits for their retransmission timer), all runs together, and in brackets the requests "
+                  ">= 200 ms on those connections.",
+                  "", *_table(["connections", "impl", "worst", "worst of runs", ">= 200 ms", "requests",
+                               "before the move", "after the move", "move", "kept", "unacked", "runs", "verified"],
+                              rows), ""]
+    stream = sorted((e for e in results["gap"] if workload(e) == "stream"),
+                    key=lambda e: (e["impl"].endswith("-crosshost"), e["connections"], _impl_order(e["impl"])))
+    if stream:
+        rows = [[f"{e['connections']:,}", e["impl"], _ms_cell(e["gap_ms"]), _ms_cell(e["max_gap_ms"]),
+                 _ms_cell(e.get("interval_ms", math.nan)), _ms_cell(e.get("baseline_ms", math.nan)),
+                 _ms_cell(e.get("downtime_ms", math.nan)), str(e["runs"]), _verified(e)] for e in stream]
+        lines += ["### A peer streaming in both directions", "",
+                  "Longest pause in what the peer received after the move began (median over runs; largest), each "
+                  "connection writing 1 KiB every `interval` while the echo streams back.", "",
+                  *_table(["connections", "impl", "longest pause", "largest", "interval", "before the move", "move",
+                           "runs", "verified"], rows), ""]
+    return lines
+
+
 def gap_section(results: Results) -> list[str]:
-    entries = sorted(results["gap"], key=lambda e: (e["connections"], _impl_rank(e["impl"])))
+    entries = sorted(results["gap"], key=lambda e: (workload(e), e["connections"], _impl_rank(e["impl"])))
     if not entries:
         return []
-    rows = [[f"{e['connections']:,}", e["impl"], human_us(e["gap_ms"] * 1000), human_us(e["max_gap_ms"] * 1000),
-             human_us(e.get("downtime_ms", math.nan) * 1000),
+    rows = [[workload(e), f"{e['connections']:,}", e["impl"], human_us(e["gap_ms"] * 1000),
+             human_us(e["max_gap_ms"] * 1000), human_us(e.get("downtime_ms", math.nan) * 1000),
              human_us(e["wire_gap_ms"] * 1000) if "wire_gap_ms" in e else "—",
              str(e["runs"]), _verified(e)] for e in entries]
     return ["## Gap the peer sees during a migration", "",
-            "Median over runs of each run's longest round trip (largest: the longest of all runs); move: the "
+            "Median over runs of each run's worst (requests: the worst request latency; stream: the longest pause "
+            "in what the peer received; pingpong: the longest round trip), and the largest of all runs; move: the "
             "migration's own time (sockrepair: freeze to unlock; criu: dump plus restore); wire gap (cross-host): "
             "the peer's wire silent from the freeze to the resume.", "",
-            *_table(["connections", "impl", "median gap", "largest gap", "move", "wire gap", "runs", "verified"],
-                    rows), ""]
+            *_table(["workload", "connections", "impl", "median gap", "largest gap", "move", "wire gap", "runs",
+                     "verified"], rows), ""]
 
 
 def machine_section(results: Results) -> list[str]:
@@ -300,6 +415,7 @@ def markdown(results: Results, plots: Sequence[Path] = ()) -> str:
     lines = ["# sockrepair benchmark results", ""]
     if results["notes"]:
         lines += [*(f"- {note}" for note in results["notes"]), ""]
+    lines += headline_section(results)
     lines += targets_section(results)
     lines += profiles_section(results)
     lines += single_section(results)

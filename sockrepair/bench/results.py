@@ -69,7 +69,9 @@ class Lock(TypedDict):
 
 
 class Gap(TypedDict):
-    """The longest silence a ping-pong peer saw around a migration of `connections` connections."""
+    """The worst a peer saw around a migration of `connections` connections, under `workload` (absent in runs saved
+    before the workloads: "pingpong"): the longest round trip (pingpong), the worst request latency (requests) or
+    the longest pause in what the peer received (stream)."""
 
     impl: str
     connections: int
@@ -81,6 +83,16 @@ class Gap(TypedDict):
     downtime_ms: NotRequired[float]  # median time the migration itself took (freeze to unlock, or criu's runs)
     phases_ms: NotRequired[dict[str, float]]  # median of each phase of the migration
     wire_gap_ms: NotRequired[float]  # cross-host only: median of each run's largest silence on the peer's wire
+    workload: NotRequired[str]  # "requests", "stream" or "pingpong" (the default)
+    requests: NotRequired[int]  # requests workload: requests answered, all runs together
+    over_200ms: NotRequired[int]  # of which waited 200 ms or more (a retransmission timeout), all runs together
+    baseline_ms: NotRequired[float]  # median of each run's worst before the move began (the machine's noise)
+    later_ms: NotRequired[float]  # median of each run's worst of what was due after the move and handoff ended
+    kept_delivered: NotRequired[int]  # sockrepair: packets the lock kept and delivered, all runs together
+    kept_fell_back: NotRequired[int]  # and packets left to the peers' retransmission
+    restored_unacked: NotRequired[int]  # sockrepair: restored sockets holding unacknowledged output, all runs
+    over_200ms_unacked: NotRequired[int]  # requests >= 200 ms on those connections, all runs
+    interval_ms: NotRequired[float]  # mean time between a connection's requests (stream: between its writes)
 
 
 class Results(TypedDict):
@@ -177,9 +189,16 @@ def _median_or_nan(values: Sequence[float]) -> float:
 
 def gap_from_runs(impl: str, connections: int, gaps_ms: Sequence[float], verified: bool, error: str | None = None,
                   downtimes_ms: Sequence[float] = (), phases_ms: Sequence[Mapping[str, float]] = (),
-                  wire_gaps_ms: Sequence[float] | None = None) -> Gap:
+                  wire_gaps_ms: Sequence[float] | None = None, *, workload: str = "pingpong",
+                  requests: Sequence[int] = (), over_200ms: Sequence[int] = (), baselines_ms: Sequence[float] = (),
+                  laters_ms: Sequence[float] = (), kept: Sequence[tuple[int, int]] = (), unacked: Sequence[int] = (),
+                  over_200ms_unacked: Sequence[int] = (), interval_ms: float | None = None) -> Gap:
     """One entry from the runs that completed (`gaps_ms`, one largest gap per run); `verified` False with the
-    first failure in `error` when any run did not move every connection intact."""
+    first failure in `error` when any run did not move every connection intact. Per completed run, when measured:
+    `requests` answered and `over_200ms` of them, the worst before the move (`baselines_ms`) and of what started
+    after it (`laters_ms`), (delivered, fell back) packets of the keeping lock (`kept`) and how many sockets were
+    restored with output the peer had not acknowledged (`unacked`) and the requests >= 200 ms on them
+    (`over_200ms_unacked`); counts are summed over runs, times are medians."""
     names = list(dict.fromkeys(name for run in phases_ms for name in run))
     entry: Gap = {
         "impl": impl,
@@ -194,7 +213,29 @@ def gap_from_runs(impl: str, connections: int, gaps_ms: Sequence[float], verifie
     }
     if wire_gaps_ms is not None:
         entry["wire_gap_ms"] = _median_or_nan(wire_gaps_ms)
+    entry["workload"] = workload
+    if requests or over_200ms:
+        entry["requests"] = sum(requests)
+        entry["over_200ms"] = sum(over_200ms)
+    if baselines_ms:
+        entry["baseline_ms"] = statistics.median(baselines_ms)
+    if laters_ms:
+        entry["later_ms"] = statistics.median(laters_ms)
+    if kept:
+        entry["kept_delivered"] = sum(k[0] for k in kept)
+        entry["kept_fell_back"] = sum(k[1] for k in kept)
+    if unacked:
+        entry["restored_unacked"] = sum(unacked)
+    if over_200ms_unacked:
+        entry["over_200ms_unacked"] = sum(over_200ms_unacked)
+    if interval_ms is not None:
+        entry["interval_ms"] = interval_ms
     return entry
+
+
+def workload(entry: Gap) -> str:
+    """The entry's workload; "pingpong" for entries saved before there were others."""
+    return entry.get("workload", "pingpong")
 
 
 _REQUIRED: dict[str, tuple[str, ...]] = {

@@ -4,7 +4,8 @@ and the tests alike. Each runs as `sys.executable PATH`, inside a network namesp
 does not start, or stops talking, is killed and raises ProcessError (`.pid`) instead of hanging its caller.
 
 - the subject: start_echo(), the echo server listening on ADDR:PORT;
-- the peer: PingPongClient, N connections doing checked ping-pong rounds until stop(), then a JSON report;
+- the peer: PingPongClient, N connections doing checked ping-pong rounds until stop(), then a JSON report; or
+  RequestClient, N independent request/response clients with Poisson arrivals, or N connections streaming both ways;
 - the receiver: start_receiver(), which takes restored sockets over a UNIX socket and echoes on them."""
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from sockrepair.errors import ProcessError
-from sockrepair.lab.programs import CLIENT, ECHO_SERVER, RECEIVER
+from sockrepair.lab.programs import CLIENT, ECHO_SERVER, RECEIVER, REQUESTER
 from sockrepair.netns import named
 
 START_TIMEOUT = 60.0  # seconds; 10,000 connections with one checked round each take a few
@@ -74,7 +75,8 @@ def stop(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait(STOP_TIMEOUT)
     for stream in (proc.stdin, proc.stdout):
         if stream is not None:
-            stream.close()
+            with contextlib.suppress(BrokenPipeError):  # "stop" still buffered for a program that had ended
+                stream.close()
 
 
 def wait_ready(proc: subprocess.Popen[bytes], what: str, timeout: float = START_TIMEOUT) -> str:
@@ -126,7 +128,89 @@ def start_receiver(unix_path: Path, *, netns: str | None = None, max_seconds: fl
     return proc
 
 
-class PingPongClient:
+class _Peer:
+    """A peer program that prints "ready" (or "failed" and a report), runs until "stop" on stdin, then prints one
+    JSON report line."""
+
+    proc: subprocess.Popen[bytes]
+    what = "the peer"
+
+    def _start(self, argv: list[str], netns: str | None, timeout: float) -> None:
+        with named(netns):
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        self._lines = _Lines(self.proc.stdout)
+        line = self._lines.read(timeout)
+        if line is None or line.strip() != "ready":
+            errors = self._report(5.0)["errors"] if line is not None else [f"said nothing within {timeout:g} s"]
+            stop(self.proc)
+            raise ProcessError(f"{self.what} could not connect: {'; '.join(errors)}", pid=self.proc.pid)
+
+    def _report(self, timeout: float) -> dict[str, Any]:
+        line = self._lines.read(timeout)
+        try:
+            if line is None:
+                raise ValueError(f"nothing within {timeout:g} s")
+            return dict(json.loads(line))
+        except ValueError as exc:
+            return {"errors": [f"no report from {self.what}: {exc}"], "slow": [], "rounds": 0, "requests": 0,
+                    "swept": False, "ports": []}
+
+    def _stop(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.write(b"stop\n")
+            self.proc.stdin.flush()
+        report = self._report(timeout)
+        stop(self.proc)
+        return report
+
+    def close(self) -> None:
+        stop(self.proc)
+
+
+class RequestClient(_Peer):
+    """The peer as users see it (lab/programs/requester.py): `connections` connections to addr:port from namespace
+    `netns`; with mode "requests", each sends `size`-byte requests at Poisson arrivals of mean `interval` seconds
+    and times every answer from the moment the request was due; with mode "stream", each writes `size` bytes every
+    `interval` seconds while the echo streams back, and the longest pause in what comes back is timed. `timeout`
+    bounds every wait for answers; `max_seconds` the whole run. Raises ProcessError when it does not start or cannot
+    connect (its errors in the message)."""
+
+    what = "the request client"
+
+    def __init__(self, addr: str, port: int, connections: int, *, netns: str | None = None, mode: str = "requests",
+                 size: int = 64, interval: float = 0.02, timeout: float = 60.0, max_seconds: float = 600.0,
+                 seed: int | None = None, start_timeout: float = START_TIMEOUT) -> None:
+        argv = [sys.executable, str(REQUESTER), "--addr", addr, "--port", str(port), "--connections",
+                str(connections), "--mode", mode, "--size", str(size), "--interval", str(interval), "--timeout",
+                str(timeout), "--max-seconds", str(max_seconds)]
+        if seed is not None:
+            argv += ["--seed", str(seed)]
+        self.timeout = timeout
+        self._start(argv, netns, start_timeout)
+
+    def stop(self) -> dict[str, Any]:
+        """Stops new requests; the client awaits every answer, checks every connection once more, then reports
+        (see lab/programs/requester.py for the keys). Problems are in the report's "errors", never raised."""
+        return self._stop(3 * self.timeout + 10.0)
+
+
+def worst_after(report: dict[str, Any], since: float) -> float | None:
+    """Seconds: the slowest request of a RequestClient report that was answered after `since` (time.monotonic() when
+    the move began), or in stream mode its longest pause ending after `since`; None when nothing was timed."""
+    stream = report.get("mode") == "stream"
+    late = [took for start, took, *_ in report.get("pauses" if stream else "slow", []) if start + took >= since]
+    if late:
+        return float(max(late))
+    if stream:
+        longest = report.get("longest_pause")
+        return float(longest[1]) if longest and longest[1] else None
+    worst = report.get("worst")
+    return float(worst[1]) if worst and report.get("requests") else None
+
+
+class PingPongClient(_Peer):
     """The peer: `connections` connections to addr:port from namespace `netns`, each round sending `chunk` bytes
     of the connection's checkable stream and waiting for their echo, `interval` seconds apart, until stop().
     Raises ProcessError when the client does not start or cannot connect (its errors in the message)."""
@@ -138,40 +222,14 @@ class PingPongClient:
                 "--chunk", str(chunk), "--interval", str(interval), "--round-timeout", str(round_timeout),
                 "--max-seconds", str(max_seconds)]
         self.round_timeout = round_timeout
-        with named(netns):
-            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert self.proc.stdout is not None
-        self._lines = _Lines(self.proc.stdout)
-        line = self._lines.read(timeout)
-        if line is None or line.strip() != "ready":
-            errors = self._report(5.0)["errors"] if line is not None else [f"said nothing within {timeout:g} s"]
-            stop(self.proc)
-            raise ProcessError(f"the ping-pong client could not connect: {'; '.join(errors)}", pid=self.proc.pid)
-
-    def _report(self, timeout: float) -> dict[str, Any]:
-        line = self._lines.read(timeout)
-        try:
-            if line is None:
-                raise ValueError(f"nothing within {timeout:g} s")
-            return dict(json.loads(line))
-        except ValueError as exc:
-            return {"errors": [f"no report from the client: {exc}"], "slow": [], "rounds": 0, "swept": False,
-                    "ports": []}
+        self.what = "the ping-pong client"
+        self._start(argv, netns, timeout)
 
     def stop(self, sweep_timeout: float) -> dict[str, Any]:
         """Ends the rounds; the client checks every connection once more, then reports (see lab/programs/client.py
         for the keys; times are time.monotonic() seconds). The report says what went wrong in "errors" rather
         than raising."""
-        assert self.proc.stdin is not None
-        with contextlib.suppress(BrokenPipeError):
-            self.proc.stdin.write(b"stop\n")
-            self.proc.stdin.flush()
-        report = self._report(sweep_timeout + self.round_timeout)
-        stop(self.proc)
-        return report
-
-    def close(self) -> None:
-        stop(self.proc)
+        return self._stop(sweep_timeout + self.round_timeout)
 
 
 def largest_gap_s(report: dict[str, Any], since: float) -> float | None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import cProfile
 import math
+import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -74,10 +76,50 @@ def test_a_missed_gap_says_where_the_time_went() -> None:
 
 
 def test_runs_are_interleaved_run_by_run() -> None:
-    plan = bench_gap.Plan({"sockrepair": {1: 2, 100: 1}, "criu-nftables": {1: 1}}, 0.0, 0.0)
+    plan = bench_gap.Plan({"requests": {"sockrepair": {1: 2, 100: 1}, "criu-nftables": {1: 1}},
+                           "stream": {"sockrepair": {1: 1}}}, 0.0, 0.0)
     order = bench_gap._schedule(plan, ["sockrepair", "criu-nftables"], None)
-    assert order == [("sockrepair", 1), ("criu-nftables", 1), ("sockrepair", 100), ("sockrepair", 1)]
-    assert bench_gap._schedule(plan, ["sockrepair"], [100]) == [("sockrepair", 100)]
+    assert order == [("requests", "sockrepair", 1), ("requests", "criu-nftables", 1), ("requests", "sockrepair", 100),
+                     ("stream", "sockrepair", 1), ("requests", "sockrepair", 1)]
+    assert bench_gap._schedule(plan, ["sockrepair"], [100]) == [("requests", "sockrepair", 100)]
+    assert bench_gap._schedule(plan, ["sockrepair"], None, ["stream"]) == [("stream", "sockrepair", 1)]
+
+
+def test_every_variant_and_count_of_the_issue_is_planned_and_quick_stays_small() -> None:
+    full = bench_gap.FULL.runs["requests"]
+    assert set(full) == {"sockrepair", "sockrepair-droplock", "criu-nftables", "criu-iptables"}
+    assert all(set(counts) == {1, 100, 1000} for counts in full.values())
+    quick = bench_gap._schedule(bench_gap.QUICK, bench_gap.VARIANTS, None)
+    assert {n for _, _, n in quick} == {1, 10} and len(quick) <= 12
+    # the whole load stays at 5,000 requests/s: 20 ms per connection up to 100 connections, then longer
+    assert bench_gap.request_interval(1) == bench_gap.request_interval(100) == 0.02
+    assert bench_gap.request_interval(1000) == 0.2
+
+
+def test_a_request_run_counts_the_requests_that_waited_a_retransmission_timeout() -> None:
+    began = 100.0
+    report_ = {"mode": "requests", "requests": 500, "over_200ms": 2, "errors": [], "swept": True,
+               "worst": [100.0005, 0.208], "pauses": [], "longest_pause": [0.0, 0.0], "ports": [5000, 5001, 5002],
+               "slow": [[99.0, 0.004, 0], [100.0005, 0.208, 1], [100.001, 0.207, 2], [101.0, 0.003, 0]]}
+    moved = bench_gap.RunResult(None, None, 1.5, {"freeze": 0.2}, kept=(0, 3), unacked=[5002])
+    run = bench_gap._outcome(moved, report_, began)
+    assert run.error is None and run.gap_ms == 208.0 and run.baseline_ms == 4.0
+    assert run.over_200ms_unacked == 1  # the request on port 5002's connection
+    assert run.later_ms == 3.0  # due after the move (1.5 ms) ended: noise, not the move
+    assert (run.requests, run.over_200ms, run.kept) == (500, 2, (0, 3))
+    stream = {"mode": "stream", "requests": 1, "over_200ms": 0, "errors": [], "swept": False,
+              "pauses": [[99.5, 0.003, 0], [100.01, 0.05, 0]], "longest_pause": [100.01, 0.05], "slow": []}
+    run = bench_gap._outcome(bench_gap.RunResult(None, None), stream, began)
+    assert run.gap_ms == 50.0 and run.requests is None
+    assert run.error == "the peer did not check every connection after the move"
+    e = bench_gap.entry("sockrepair", 100, [bench_gap.RunResult(3.0, None, 1.0, {}, 400, 0, 2.0, (5, 0), 1.0, [], 0),
+                                           bench_gap.RunResult(5.0, None, 1.2, {}, 450, 1, 4.0, (7, 1), 1.0, [1, 2],
+                                                               1)],
+                        "requests")
+    assert (e["workload"], e["requests"], e["over_200ms"], e["kept_delivered"], e["kept_fell_back"]) == (
+        "requests", 850, 1, 12, 1)
+    assert e["restored_unacked"] == 2 and e["over_200ms_unacked"] == 1
+    assert e["gap_ms"] == 4.0 and e["max_gap_ms"] == 5.0 and e["baseline_ms"] == 3.0 and e["interval_ms"] == 20.0
 
 
 def test_the_gap_is_the_longest_round_trip_ending_after_the_move_began() -> None:
@@ -85,6 +127,15 @@ def test_the_gap_is_the_longest_round_trip_ending_after_the_move_began() -> None
     assert largest_gap_s(report_, since=10.005) == 0.02
     assert largest_gap_s({"rounds": 100, "slow": [], "slowest": [3.0, 0.0004]}, since=10.0) == 0.0004
     assert largest_gap_s({"rounds": 0, "slow": [], "slowest": None}, since=10.0) is None
+
+
+def test_restored_sockets_holding_unacknowledged_output_are_named_by_the_peers_port() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    tuples = [SimpleNamespace(remote_port=40001), SimpleNamespace(remote_port=40002)]
+    with a, b:
+        assert bench_gap.unacked_output([a, b], tuples) == []  # TIOCOUTQ: bytes the other end has not taken
+        a.sendall(b"x")
+        assert bench_gap.unacked_output([a, b], tuples) == [40001]
 
 
 def test_each_round_of_each_connection_sends_different_bytes() -> None:
@@ -115,7 +166,7 @@ def test_profiles_are_shown_under_the_targets(tmp_path: Path) -> None:
     results["profiles"] = {"gap-1": {"what": "migrate", "cycles": 1, "rows": [
         {"function": "capture.py:88(captured)", "calls": 1, "own_ms": 0.5, "cumulative_ms": 9.0}]}}
     md = report.markdown(results)
-    assert "### Peer-seen gap, 1 connection moved" in md and "`capture.py:88(captured)`" in md
+    assert "### Worst request latency across a move, 1 connection" in md and "`capture.py:88(captured)`" in md
     report.write(results, tmp_path)
     assert report.load(tmp_path / "results.json")["profiles"]["gap-1"]["rows"][0]["cumulative_ms"] == 9.0
 

@@ -5,6 +5,8 @@ imported by the package: a migrated program must not carry the engine with it.
 
 - echo_server.py: the subject, an echo service listening on ADDR:PORT or serving inherited connections;
 - client.py: the peer, ping-pong rounds over N connections, checking every echoed byte, timing every round;
+- requester.py: the peer as users see it, N independent request/response clients with Poisson arrivals (every
+  request's latency) or N connections streaming both ways (the longest pause in what comes back);
 - receiver.py: takes restored connections over a UNIX socket (SCM_RIGHTS) and echoes on them."""
 
 from pathlib import Path
@@ -13,3 +15,4 @@ HERE = Path(__file__).resolve().parent
 ECHO_SERVER = HERE / "echo_server.py"
 CLIENT = HERE / "client.py"
 RECEIVER = HERE / "receiver.py"
+REQUESTER = HERE / "requester.py"
