@@ -195,7 +195,7 @@ def _exchange(ends: Sequence[_End]) -> None:
                 stuck = next(iter(pending.values()))
                 raise BenchError(f"verify stalled: {len(stuck.got)} of {len(stuck.expect)} bytes arrived")
             for key, events in ready:
-                end: _End = key.data
+                end = key.data
                 if events & selectors.EVENT_WRITE and end.out:
                     end.out = end.out[end.sock.send(end.out):]
                 if events & selectors.EVENT_READ and len(end.got) < len(end.expect):

@@ -34,6 +34,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import termios
@@ -154,6 +155,10 @@ def _kill_pid(pid: int) -> None:
         os.waitpid(pid, 0)
     except ChildProcessError:
         pass
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    proc.wait(30)
 
 
 def move_with_criu(criu: Criu, ns: NetNS, pid: int, reap: Callable[[], None], lock: str, work: Path,
@@ -316,7 +321,7 @@ def run_once(variant: str, connections: int, plan: Plan, criu: Criu | None,
                 else:
                     assert criu is not None
                     srv = server
-                    moved = move_with_criu(criu, ns, server.pid, lambda: srv.wait(30), variant.split("-", 1)[1],
+                    moved = move_with_criu(criu, ns, server.pid, lambda: _reap(srv), variant.split("-", 1)[1],
                                            work, plan.timeout_s or CRIU_TIMEOUT)
             except (SockrepairError, OSError) as exc:
                 moved = RunResult(None, f"{type(exc).__name__}: {exc}")

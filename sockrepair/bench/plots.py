@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullLocator  # noqa: E402
 
 from sockrepair.bench.results import (  # noqa: E402
     C_IMPL,
@@ -105,7 +105,7 @@ def queue_plot(single: Sequence[Single], path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_xticks(sizes)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human_bytes(int(round(v)))))
-    ax.xaxis.set_minor_locator(plt.NullLocator())
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g} µs" if v < 1000 else f"{v / 1000:g} ms"))
     ax.set_xlabel("bytes in each queue (send and receive)")
     ax.set_ylabel("freeze-to-resume time")
@@ -133,7 +133,7 @@ def batch_plot(batch: Sequence[Batch], path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xticks(sorted({e["connections"] for e in batch}))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human_count(v)))
-    ax.xaxis.set_minor_locator(plt.NullLocator())
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: human_count(v)))
     ax.set_ylim(bottom=0)
     ax.set_xlabel("connections checkpointed and restored together")
@@ -163,7 +163,7 @@ def gap_plot(gap: Sequence[Gap], path: Path) -> Path:
     for i, n in enumerate(counts):
         if n in GAP_TARGETS_MS:
             ax.hlines(GAP_TARGETS_MS[n], i - 0.45, i + 0.45, colors="black", linestyles=":",
-                      label="sockrepair target" if i == 0 else None)
+                      label="sockrepair target" if i == 0 else "_nolegend_")
     ax.set_yscale("log")
     # bars grow from the bottom of a log axis: start it well below the smallest value so short bars still show
     low = min([e["gap_ms"] for e in gap] + [GAP_TARGETS_MS[n] for n in counts if n in GAP_TARGETS_MS])

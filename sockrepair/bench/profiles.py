@@ -12,6 +12,7 @@ Targets and what is profiled (keys are the report's target texts):
 from __future__ import annotations
 
 import cProfile
+import functools
 import os
 import pstats
 import re
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from sockrepair import checkpoint, discard, restore
-from sockrepair.bench.results import Profile, ProfileRow
+from sockrepair.bench.results import SOCKREPAIR_IMPL, Profile, ProfileRow
 from sockrepair.errors import SockrepairError
 from sockrepair.lock import Locker
 from sockrepair.netns import NetNS
@@ -135,7 +136,7 @@ def gap_move(connections: int) -> Profile:
 
     profiler = cProfile.Profile()
     plan = bench_gap.Plan({}, settle_s=0.05, after_s=0.05)
-    outcome = bench_gap.run_once(bench_gap.SOCKREPAIR_IMPL, connections, plan, None, profiler)
+    outcome = bench_gap.run_once(SOCKREPAIR_IMPL, connections, plan, None, profiler)
     what = (f"the whole sockrepair.migrate() call for a program holding {connections:,} connections: the lock "
             "tables built before the freeze and the lock sockets closed after it included, with the handoff")
     if outcome.error:
@@ -151,7 +152,7 @@ def for_target(key: str, quick: bool) -> Callable[[], Profile] | None:
         "single-1MiB": lambda: single_cycle(1 << 20, max(1, few // 3)),
         "lock": lambda: lock_cycle(100 if quick else 1000),
         "batch-10000": lambda: batch_cycle(100 if quick else 1000),
-        **{f"gap-{n}": (lambda n=n: gap_move(n)) for n in (1, 100, 1000)},
+        **{f"gap-{n}": functools.partial(gap_move, n) for n in (1, 100, 1000)},
     }
     return table.get(key)
 

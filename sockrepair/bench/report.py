@@ -470,7 +470,7 @@ def load(path: Path) -> Results:
         raise SockrepairError(f"{path} is not JSON: {exc.msg} at line {exc.lineno}") from None
     data = check(data)
     for section in ("single", "batch", "lock", "gap", "profiles"):
-        data[section] = _restore_nan(data[section])  # type: ignore[literal-required]
+        data[section] = _restore_nan(data[section])
     return data
 
 

@@ -148,7 +148,7 @@ def run(quick: bool = False, parts: Sequence[str] = PARTS, progress: Progress | 
 
 def _merge(results: Results, out: dict[str, Any]) -> None:
     for key in ("single", "batch", "lock", "gap", "notes"):
-        results[key].extend(out.get(key, []))  # type: ignore[literal-required]
+        results[key].extend(out.get(key, []))
 
 
 def _crosshost(results: Results, quick: bool, say: Progress) -> None:
@@ -163,7 +163,7 @@ def _crosshost(results: Results, quick: bool, say: Progress) -> None:
 def incomplete(results: Results) -> list[str]:
     """Every entry that ran but did not verify its bytes, as text."""
     bad = [f"{section} {e.get('impl', e.get('method'))} {e.get('queue_bytes', e.get('connections', ''))}: "
-           f"{e.get('error')}" for section in ("single", "batch", "gap") for e in results[section]  # type: ignore[literal-required]
+           f"{e.get('error')}" for section in ("single", "batch", "gap") for e in results[section]
            if not e["verified"]]
     return bad
 

@@ -186,7 +186,7 @@ def read_dir(directory: Path) -> list[tuple[Entry, ConnectionState]]:
     except OSError as exc:
         raise ImageError(f"{directory}: {exc.strerror}", path=str(directory)) from None
     try:
-        out = []
+        out: list[tuple[Entry, ConnectionState]] = []
         for n, entry in enumerate(_read_index(directory, dir_fd)):
             image_path = directory / entry.file
             data = _read_image_bytes(entry.file, image_path, dir_fd)

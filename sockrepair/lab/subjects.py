@@ -237,6 +237,6 @@ def largest_gap_s(report: dict[str, Any], since: float) -> float | None:
     migration began), or None when the client timed nothing."""
     late = [took for start, took in report.get("slow", []) if start + took >= since]
     if late:
-        return max(late)
+        return float(max(late))
     slowest = report.get("slowest")
-    return slowest[1] if slowest and report.get("rounds") else None
+    return float(slowest[1]) if slowest and report.get("rounds") else None
