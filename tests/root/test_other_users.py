@@ -3,6 +3,7 @@ connections unless named, and one owner's `unlock --all` leaves another owner's 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -152,7 +153,8 @@ def test_root_owned_directories_are_readable_by_another_user() -> None:
     top = Path(tempfile.mkdtemp(prefix="sockrepair-users-"))
     try:
         os.chmod(top, 0o755)
-        write_dir(top / "img", [(3, STATE), (4, STATE)], {})
+        other = dataclasses.replace(STATE, tuple=dataclasses.replace(STATE.tuple, local_port=STATE.tuple.local_port + 1))
+        write_dir(top / "img", [(3, STATE), (4, other)], {})
         os.chmod(top / "img", 0o755)
         for name in ("conn-0.img", "conn-1.img", "index.json"):
             os.chmod(top / "img" / name, 0o644)
