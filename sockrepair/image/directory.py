@@ -28,6 +28,7 @@ from sockrepair.private import (
 from sockrepair.state import ConnectionState, ConnTuple
 
 INDEX = "index.json"
+INDEX_PART = "index.json.part"
 INDEX_VERSION = 1
 # index.json of 10000 connections is about 1.5 MB: no dump is that big, and a bigger file is not ours.
 MAX_INDEX_BYTES = 4 << 20
@@ -69,6 +70,12 @@ def write_dir(directory: Path, states: list[tuple[int, ConnectionState]], source
     `source` (pid, command, host...) is recorded in the index for people. `dir_fd` is prepare_dir's fd of
     `directory` (None: prepare it here). Raises ImageError (naming the field) for a state an image cannot hold or a
     directory prepare_dir refuses, OSError when the directory cannot be written."""
+    seen: dict[ConnTuple, int] = {}
+    for n, (_, state) in enumerate(states):
+        first = seen.setdefault(state.tuple.wire(), n)
+        if first != n:
+            raise ImageError(f"connections {first} and {n} are both {state.tuple}: one image per connection",
+                             field=f"connections[{n}]")
     own = dir_fd is None
     fd = prepare_dir(directory) if dir_fd is None else dir_fd
     try:
@@ -76,18 +83,26 @@ def write_dir(directory: Path, states: list[tuple[int, ConnectionState]], source
         for n, (sock_fd, state) in enumerate(states):
             data = state.to_bytes()
             name = f"conn-{n}.img"
-            with create_private(fd, name) as f:
-                f.write(data)
+            _write_durably(fd, name, data)
             entries.append(Entry(name, sock_fd, state.tuple, hashlib.sha256(data).hexdigest()))
         index = {"version": INDEX_VERSION, "created": time.time(), "source": source,
                  "connections": [e.to_dict() for e in entries]}
-        # Written last: an index means every image it names is complete.
-        with create_private(fd, INDEX) as f:
-            f.write(json.dumps(index, indent=2).encode())
+        # Written last, under another name, then renamed: index.json exists only whole, and only once every image
+        # it names is on disk (a mover killed meanwhile leaves no index that a restore would half trust).
+        _write_durably(fd, INDEX_PART, json.dumps(index, indent=2).encode())
+        os.rename(INDEX_PART, INDEX, src_dir_fd=fd, dst_dir_fd=fd)
+        os.fsync(fd)
     finally:
         if own:
             os.close(fd)
     return entries
+
+
+def _write_durably(dir_fd: int, name: str, data: bytes) -> None:
+    with create_private(dir_fd, name) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _depth(value: Any) -> int:

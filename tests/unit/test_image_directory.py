@@ -124,3 +124,11 @@ def test_the_index_must_agree_with_its_images(written: Path) -> None:
     with pytest.raises(ImageError, match="listed twice") as err:
         read_dir(written)
     assert err.value.field == "connections[1]" and second["file"] == "conn-1.img"
+
+
+def test_write_dir_refuses_one_connection_twice_and_leaves_no_partial_index(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="connections 0 and 1 are both") as err:
+        write_dir(tmp_path / "twice", [(5, _state(40000)), (6, _state(40000))], {})
+    assert err.value.field == "connections[1]" and not (tmp_path / "twice").exists()
+    write_dir(tmp_path / "once", [(5, _state(40000))], {})
+    assert sorted(p.name for p in (tmp_path / "once").iterdir()) == ["conn-0.img", INDEX]

@@ -5,6 +5,7 @@ socket that was never checkpointed is not discarded."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -88,7 +89,8 @@ WHOLE_DOCUMENTS = [b"[]", b"5", b'"x"', b"null", b"{}", b"[" * 100_000 + b"]" * 
 @pytest.fixture
 def dump_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "dump"
-    write_dir(directory, [(3, STATE), (4, STATE)], {"pid": 1, "command": "x"})
+    other = dataclasses.replace(STATE, tuple=dataclasses.replace(STATE.tuple, local_port=STATE.tuple.local_port + 1))
+    write_dir(directory, [(3, STATE), (4, other)], {"pid": 1, "command": "x"})
     return directory
 
 
