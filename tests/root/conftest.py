@@ -51,6 +51,19 @@ def ns() -> Iterator[NetNS]:
 
 
 @pytest.fixture
+def two_hosts() -> Iterator[tuple[NetNS, NetNS]]:
+    """Namespaces `a` (server) and `b` (client) joined by a veth pair (a device with checksum offload):
+    10.77.0.1/fd77::1 and 10.77.0.2/fd77::2."""
+    with NetNS() as a, NetNS() as b:
+        a.ip("link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", b.name)
+        for ns, dev, last in ((a, "va", 1), (b, "vb", 2)):
+            ns.ip("addr", "add", f"10.77.0.{last}/24", "dev", dev)
+            ns.ip("addr", "add", f"fd77::{last}/64", "dev", dev, "nodad")
+            ns.ip("link", "set", dev, "up")
+        yield a, b
+
+
+@pytest.fixture
 def work() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="sockrepair-criu-") as d:
         yield Path(d)

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -72,20 +71,9 @@ def test_a_message_sent_while_locked_arrives_without_retransmission(
             assert tcp_info(client)[2] == 0
 
 
-@pytest.fixture
-def two_hosts() -> Iterator[tuple[NetNS, NetNS]]:
-    """`a` (server, 10.78.0.1/fd78::1) and `b` (client, .2) joined by a veth pair, so the kept packets crossed a
-    device with checksum offload."""
-    with NetNS() as a, NetNS() as b:
-        a.ip("link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", b.name)
-        for ns, dev, last in ((a, "va", 1), (b, "vb", 2)):
-            ns.ip("addr", "add", f"10.78.0.{last}/24", "dev", dev)
-            ns.ip("addr", "add", f"fd78::{last}/64", "dev", dev, "nodad")
-            ns.ip("link", "set", dev, "up")
-        yield a, b
 
 
-@pytest.mark.parametrize(("family", "server_addr"), [(socket.AF_INET, "10.78.0.1"), (socket.AF_INET6, "fd78::1")],
+@pytest.mark.parametrize(("family", "server_addr"), [(socket.AF_INET, "10.77.0.1"), (socket.AF_INET6, "fd77::1")],
                          ids=["ipv4", "ipv6"])
 def test_a_peer_on_another_host_retransmits_nothing(two_hosts: tuple[NetNS, NetNS], family: int,
                                                      server_addr: str) -> None:

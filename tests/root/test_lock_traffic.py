@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
 
 import pytest
 
@@ -73,16 +72,6 @@ def test_migrate_under_lock_delivers_every_byte(
             assert recv_exactly(client, len(PAYLOAD)) == PAYLOAD[::-1]
 
 
-@pytest.fixture
-def two_hosts() -> Iterator[tuple[NetNS, NetNS]]:
-    """Namespaces `a` (server) and `b` (client) joined by a veth pair: 10.77.0.1/fd77::1 and 10.77.0.2/fd77::2."""
-    with NetNS() as a, NetNS() as b:
-        a.ip("link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", b.name)
-        for ns, dev, last in ((a, "va", 1), (b, "vb", 2)):
-            ns.ip("addr", "add", f"10.77.0.{last}/24", "dev", dev)
-            ns.ip("addr", "add", f"fd77::{last}/64", "dev", dev, "nodad")
-            ns.ip("link", "set", dev, "up")
-        yield a, b
 
 
 @pytest.mark.parametrize(
