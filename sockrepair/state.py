@@ -26,6 +26,9 @@ TCP_STATES = {
     11: "CLOSING",
 }
 TCP_ESTABLISHED = 1
+TCP_CLOSE = 7
+TCP_CLOSE_WAIT = 8
+TCP_LISTEN = 10
 
 
 def state_name(state: int) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,9 @@ class DumpReport:
     """What dump() did. `connections`: one dict per image, in the order written (the index entry's fields: "file",
     "fd" (the process's), "tuple", ..., plus "recv_queue", "send_queue" and "unsent" in bytes). `phases_ms`:
     milliseconds per stage, in the order run: freeze, lock (when locking), checkpoint, write, then resume
-    (LEAVE_RUNNING) or kill (KILL) (sockrepair.move.stages.Stage says what each does)."""
+    (LEAVE_RUNNING) or kill (KILL) (sockrepair.move.stages.Stage says what each does). `lost`: the connections
+    the kill destroyed, accepted with allow_loss (sockrepair.move.take.Unmovable.to_dict: "fd", "protocol",
+    "tuple", "state", "reason"); always empty with LEAVE_RUNNING."""
 
     pid: int
     command: str
@@ -40,26 +42,31 @@ class DumpReport:
     freeze_method: str
     connections: list[dict[str, Any]]
     phases_ms: dict[str, float]
+    lost: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: After = After.KILL,
-         lock: bool = True, ttl: float = 60.0) -> DumpReport:
+         lock: bool = True, ttl: float = 60.0, allow_loss: bool = False) -> DumpReport:
     """Write one image per connection of `pid` (every established one, or the fds in `wanted`) and index.json into
     `directory` (0700, images 0600). With After.KILL the process is ended (end_source) and the connections stay
     locked for `ttl` seconds, until a restore unlocks them; with LEAVE_RUNNING they go on in the process and are
     unlocked. `lock=False` takes no lock (the states may then move before the kill: end_source refuses).
+    With After.KILL, every other connection of the process (not ESTABLISHED, not plain TCP, or not in `wanted`)
+    would be reset by the kill: dump refuses before freezing anything, naming each, unless `allow_loss`, and the
+    report then lists them in `lost`.
 
     Raises ProcessError (no such process, not permitted, fd not a TCP socket, nothing established; `.pid`, `.fd`)
-    and SocketStateError (a socket not ESTABLISHED or changed while frozen; `.pid`, `.fd` the process's own, `.tuple`,
+    and SocketStateError (a connection that cannot be moved, a socket changed while frozen; `.pid`, `.fd` the process's own, `.tuple`,
     `.tcp_state`); on an error the process is thawed with its connections as they were, and nothing is locked."""
     command = process_name(pid)
     timings = Timings("dump")
     locker = process_locker(pid) if lock else None
     try:
-        with captured(pid, wanted, locker, timings, ttl) as cap:
+        kills = after is After.KILL
+        with captured(pid, wanted, locker, timings, ttl, allow_loss=allow_loss or not kills) as cap:
             with timings.timed(Stage.WRITE):
                 entries = write_dir(directory, list(zip([s.fd for s in cap.sockets], cap.states)),
                                     {"pid": pid, "command": command, "host": socket.gethostname()})
@@ -76,7 +83,8 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
         if locker is not None:
             locker.close()
     return DumpReport(pid, command, str(directory), after.value, cap.freeze_method,
-                      [_entry_view(e, s) for e, s in zip(entries, cap.states)], timings.ms)
+                      [_entry_view(e, s) for e, s in zip(entries, cap.states)], timings.ms,
+                      [u.to_dict() for u in cap.lost] if kills else [])
 
 
 def _entry_view(entry: Entry, state: ConnectionState) -> dict[str, Any]:

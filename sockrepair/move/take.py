@@ -10,7 +10,8 @@ import select
 import signal
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from sockrepair.engine._checkpoint import checkpoint, discard, ensure_unchanged, resume
 from sockrepair.errors import ProcessError, SocketStateError
@@ -26,7 +27,7 @@ from sockrepair.move.procfs import (
 )
 from sockrepair.move.stages import Stage, Timings
 from sockrepair.netns import inside
-from sockrepair.state import TCP_ESTABLISHED, ConnectionState
+from sockrepair.state import TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, ConnectionState
 
 KILL_TIMEOUT = 5.0
 
@@ -43,12 +44,57 @@ class Captured:
     freeze_method: str
     pidfd: PidFd
     frozen_at: float  # time.perf_counter() when the freeze began: downtime counts from here
+    lost: list[Unmovable] = field(default_factory=list)  # connections left behind, accepted with allow_loss
+
+
+# A socket in these states holds no connection: ending its process loses nothing a peer could notice.
+_NO_CONNECTION = frozenset({TCP_LISTEN, TCP_CLOSE})
+# What getxattr(system.sockprotoname) calls the sockets the engine can repair.
+_TCP_PROTOCOLS = frozenset({"TCP", "TCPv6"})
+
+
+@dataclass(frozen=True)
+class Unmovable:
+    """A connection of the process that a move does not take, and that ending the process destroys: `sock` (the
+    process's fd, tuple and state), `protocol` (the kernel's name: "TCP", "TCPv6", "MPTCP"...) and `reason`."""
+
+    sock: ProcSocket
+    protocol: str
+    reason: str
+
+    def __str__(self) -> str:
+        s = self.sock
+        return f"fd {s.fd} {self.protocol} {s.tuple} {s.state_name} ({self.reason})"
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.sock
+        return {"fd": s.fd, "protocol": self.protocol, "tuple": str(s.tuple), "state": s.state_name,
+                "reason": self.reason}
+
+
+def socket_protocol(pid: int, fd: int) -> str:
+    """The protocol of the process's socket `fd` as the kernel names it (sock->sk_prot->name: "TCP", "TCPv6",
+    "MPTCP", "MPTCPv6"...): MPTCP subflows share their socket's inode, so /proc/net/tcp lists an MPTCP socket as a
+    TCP one. "" when the fd is gone."""
+    try:
+        return os.getxattr(f"/proc/{pid}/fd/{fd}", "system.sockprotoname").rstrip(b"\0").decode("ascii", "replace")
+    except OSError:
+        return ""
+
+
+def _why_not(sock: ProcSocket, protocol: str) -> str | None:
+    """Why a move cannot take this connection, or None when it can."""
+    if protocol and protocol not in _TCP_PROTOCOLS:
+        return f"{protocol} is not plain TCP: TCP_REPAIR cannot take it"
+    if sock.tcp_state != TCP_ESTABLISHED:
+        return "only ESTABLISHED connections can be moved"
+    return None
 
 
 def select_sockets(pid: int, wanted: Sequence[int] | None) -> list[ProcSocket]:
-    """The process's sockets to take: the fds in `wanted` (each must be an ESTABLISHED TCP socket), or every
-    established one. Raises ProcessError (no such fd, no established connection) or SocketStateError (naming the
-    process's pid and fd, the tuple and the state)."""
+    """The process's sockets to take: the fds in `wanted` (each must be an ESTABLISHED plain TCP socket), or every
+    established plain TCP one. Raises ProcessError (no such fd, no established connection) or SocketStateError
+    (naming the process's pid and fd, the protocol, the tuple and the state)."""
     found = tcp_sockets(pid)
     if wanted:
         by_fd = {s.fd: s for s in found}
@@ -57,15 +103,44 @@ def select_sockets(pid: int, wanted: Sequence[int] | None) -> list[ProcSocket]:
             if fd not in by_fd:
                 raise ProcessError(f"fd {fd} of process {pid} is not a TCP socket (or not open)", pid=pid, fd=fd)
             s = by_fd[fd]
-            if s.tcp_state != TCP_ESTABLISHED:
-                raise SocketStateError(f"fd {fd} of process {pid} ({s.tuple}) is {s.state_name}, not ESTABLISHED",
+            protocol = socket_protocol(pid, fd)
+            why = _why_not(s, protocol)
+            if why is not None:
+                raise SocketStateError(f"fd {fd} of process {pid} ({protocol} {s.tuple}) is {s.state_name}: {why}",
                                        pid=pid, fd=fd, tuple=s.tuple, tcp_state=s.tcp_state)
             chosen.append(s)
         return chosen
-    chosen = [s for s in found if s.tcp_state == TCP_ESTABLISHED]
+    chosen = [s for s in found if _why_not(s, socket_protocol(pid, s.fd)) is None]
     if not chosen:
         raise ProcessError(f"process {pid} ({process_name(pid)}) holds no established TCP connection", pid=pid)
     return chosen
+
+
+def left_behind(pid: int, chosen: Sequence[ProcSocket]) -> list[Unmovable]:
+    """Every connection of the process (any TCP state but LISTEN and CLOSE, any protocol /proc/net/tcp lists) that
+    is not in `chosen`, with the reason it is not: what ending the process would destroy."""
+    taken = {s.fd for s in chosen}
+    out = []
+    for s in tcp_sockets(pid):
+        if s.fd in taken or s.tcp_state in _NO_CONNECTION:
+            continue
+        protocol = socket_protocol(pid, s.fd)
+        out.append(Unmovable(s, protocol, _why_not(s, protocol) or "not among the fds asked for"))
+    return out
+
+
+def refuse_losses(pid: int, lost: Sequence[Unmovable]) -> None:
+    """Raise SocketStateError (`.pid`; `.fd`, `.tuple`, `.tcp_state` of the first) naming every connection in
+    `lost`, when there is any: raised before anything is frozen."""
+    if not lost:
+        return
+    first = lost[0].sock
+    listed = "; ".join(map(str, lost))
+    raise SocketStateError(
+        f"process {pid} ({process_name(pid)}) holds {len(lost)} connection(s) that cannot be moved, and ending the "
+        f"process would close or reset them: {listed}. Nothing was frozen; accept losing them with --allow-loss "
+        "(allow_loss=True), or leave the process running", pid=pid, fd=first.fd, tuple=first.tuple,
+        tcp_state=first.tcp_state)
 
 
 def process_locker(pid: int) -> Locker:
@@ -94,15 +169,20 @@ def checkpoint_taken(pid: int, sock: ProcSocket, copy: int) -> ConnectionState:
 
 @contextlib.contextmanager
 def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timings: Timings,
-             ttl: float = 60.0) -> Iterator[Captured]:
+             ttl: float = 60.0, allow_loss: bool = False) -> Iterator[Captured]:
     """Freeze `pid`, take and checkpoint its connections (see select_sockets), lock them with `locker` for `ttl`
     seconds, and yield them frozen and locked; the freeze, lock and checkpoint stages are timed into `timings`.
     On an error every socket is resumed, the lock released and the process thawed; on success the caller decides
-    (resume, or end_source()). Raises ProcessError and SocketStateError naming the process's pid and fd."""
+    (resume, or end_source()). Every other connection of the process is listed in Captured.lost; unless
+    `allow_loss`, any such connection is refused before the freeze (refuse_losses). Raises ProcessError and
+    SocketStateError naming the process's pid and fd."""
     with PidFd(pid) as pidfd:
         # /proc/PID/net/tcp is read before the freeze (reading it costs ms with many connections); under the freeze
         # only the fd -> inode map is checked, and the table read again if the process changed its sockets meanwhile
         chosen = select_sockets(pid, wanted)
+        lost = left_behind(pid, chosen)
+        if not allow_loss:
+            refuse_losses(pid, lost)
         frozen_at = time.perf_counter()
         with timings.timed(Stage.FREEZE), contextlib.ExitStack() as freezing:
             method = freezing.enter_context(frozen(pid))
@@ -111,6 +191,9 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
             inodes = socket_inodes(pid)
             if any(inodes.get(s.fd) != s.inode for s in chosen):
                 chosen = select_sockets(pid, wanted)
+                lost = left_behind(pid, chosen)
+                if not allow_loss:
+                    refuse_losses(pid, lost)
             fds: list[int] = []
             states: list[ConnectionState] = []
             try:
@@ -122,7 +205,7 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
                 with timings.timed(Stage.CHECKPOINT):
                     for s, fd in zip(chosen, fds):
                         states.append(checkpoint_taken(pid, s, fd))
-                yield Captured(pid, chosen, fds, states, method, pidfd, frozen_at)
+                yield Captured(pid, chosen, fds, states, method, pidfd, frozen_at, lost)
             except BaseException:
                 for fd in fds[: len(states)]:
                     with contextlib.suppress(OSError):

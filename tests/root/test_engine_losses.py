@@ -1,0 +1,145 @@
+"""A dump that would end a process holding connections it cannot move refuses before freezing anything, naming
+each one (pid, fd, protocol, tuple, state); with allow_loss it dumps the rest and lists what the kill destroyed."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+import sockrepair
+from sockrepair.image.directory import read_dir
+from sockrepair.move.dump import After, dump
+from sockrepair.move.procfs import stat, tcp_sockets
+from sockrepair.move.take import socket_protocol
+from tests.clihelp import run_main
+from tests.root.streams import recv_exactly
+
+# Accepts `n` connections, reads nothing, and sleeps: what it holds stays as the peers left it.
+HOLDER = r"""
+import socket, sys, time
+n = int(sys.argv[1]); proto = int(sys.argv[2])
+lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
+lst.bind(("127.0.0.1", 0)); lst.listen()
+print(lst.getsockname()[1], flush=True)
+held = [lst.accept()[0] for _ in range(n)]
+print("accepted", flush=True)
+time.sleep(600)
+"""
+
+
+def _holder(n: int, proto: int = 0) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(n), str(proto)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
+@pytest.fixture
+def holder(netns) -> Iterator[tuple[subprocess.Popen[str], int, socket.socket, socket.socket]]:
+    """A process with one ESTABLISHED connection and one CLOSE_WAIT one (5 unread bytes and the peer's FIN)."""
+    proc, port = _holder(2)
+    live = socket.create_connection(("127.0.0.1", port), timeout=10)
+    closing = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "accepted"
+        closing.sendall(b"hello")
+        closing.shutdown(socket.SHUT_WR)
+        yield proc, port, live, closing
+    finally:
+        live.close()
+        closing.close()
+        proc.kill()
+        proc.wait()
+
+
+def _wait_close_wait(pid: int) -> None:
+    for _ in range(500):
+        if any(s.tcp_state == 8 for s in tcp_sockets(pid)):
+            return
+        subprocess.run(["sleep", "0.01"], check=True)
+    pytest.fail("the peer's FIN never put the socket in CLOSE_WAIT")
+
+
+def test_dump_refuses_before_freezing_and_names_the_connection(holder, tmp_path):
+    proc, _, live, closing = holder
+    _wait_close_wait(proc.pid)
+    held = {s.tcp_state: s for s in tcp_sockets(proc.pid) if s.tcp_state != 10}
+    cw = held[8]
+    with pytest.raises(sockrepair.SocketStateError) as caught:
+        dump(proc.pid, tmp_path / "img")
+    err = caught.value
+    assert (err.pid, err.fd, err.tuple, err.tcp_state) == (proc.pid, cw.fd, cw.tuple, 8)
+    assert f"fd {cw.fd} TCP {cw.tuple} CLOSE_WAIT" in str(err)
+    assert "Nothing was frozen" in str(err)
+    assert not (tmp_path / "img").exists()
+    assert sockrepair.list_locks() == []
+    st = stat(proc.pid)
+    assert st is not None and st.state not in ("T", "t")
+    # both peers untouched: no reset, nothing sent
+    for peer in (live, closing):
+        peer.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            peer.recv(1)
+    # the CLI says the same in one line and exits 1
+    code, out, err_text = run_main("dump", "--pid", str(proc.pid), "-D", str(tmp_path / "img2"))
+    assert (code, out) == (1, "")
+    assert err_text.startswith("sockrepair: error: process ") and f"fd {cw.fd} TCP" in err_text
+    assert err_text.count("\n") == 1
+
+
+def test_allow_loss_dumps_the_rest_and_lists_what_was_lost(holder, tmp_path):
+    proc, _, live, closing = holder
+    _wait_close_wait(proc.pid)
+    cw = next(s for s in tcp_sockets(proc.pid) if s.tcp_state == 8)
+    code, out, err_text = run_main("dump", "--pid", str(proc.pid), "-D", str(tmp_path / "img"), "--allow-loss",
+                                   "--json")
+    assert code == 0, err_text
+    report = json.loads(out)
+    assert len(report["connections"]) == 1
+    assert report["lost"] == [{"fd": cw.fd, "protocol": "TCP", "tuple": str(cw.tuple), "state": "CLOSE_WAIT",
+                               "reason": "only ESTABLISHED connections can be moved"}]
+    assert proc.wait(5) < 0
+    # the loss the user accepted: the CLOSE_WAIT peer is reset (it had unread bytes), the moved one is not
+    closing.settimeout(5)
+    with pytest.raises(ConnectionResetError):
+        closing.recv(1)
+    (state,) = [s for _, s in read_dir(tmp_path / "img")]
+    restored = sockrepair.restore(state)
+    try:
+        sockrepair.unlock([state.tuple])
+        live.sendall(b"ping")
+        assert recv_exactly(restored, 4) == b"ping"
+    finally:
+        restored.close()
+
+
+def test_leave_running_loses_nothing_and_lists_nothing(holder, tmp_path):
+    proc, *_ = holder
+    _wait_close_wait(proc.pid)
+    report = dump(proc.pid, tmp_path / "img", after=After.LEAVE_RUNNING)
+    assert len(report.connections) == 1 and report.lost == []
+
+
+def test_an_mptcp_socket_is_named_as_such_with_the_process_fd(netns, tmp_path):
+    proc, port = _holder(1, proto=262)  # IPPROTO_MPTCP
+    peer = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+    try:
+        peer.connect(("127.0.0.1", port))
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "accepted"
+        (mp,) = [s for s in tcp_sockets(proc.pid) if s.tcp_state == 1]
+        assert socket_protocol(proc.pid, mp.fd) == "MPTCP"
+        with pytest.raises(sockrepair.SocketStateError) as caught:
+            dump(proc.pid, tmp_path / "img", wanted=[mp.fd])
+        assert (caught.value.pid, caught.value.fd, caught.value.tuple) == (proc.pid, mp.fd, mp.tuple)
+        assert f"fd {mp.fd} of process {proc.pid} (MPTCP {mp.tuple}) is ESTABLISHED: MPTCP is not plain TCP" in str(
+            caught.value)
+        with pytest.raises(sockrepair.ProcessError, match="holds no established TCP connection"):
+            dump(proc.pid, tmp_path / "img")
+    finally:
+        peer.close()
+        proc.kill()
+        proc.wait()
