@@ -172,7 +172,15 @@ class SocketOptions:
     - IPPROTO_IP / IPPROTO_IPV6: `tos` IP_TOS / IPV6_TCLASS, `ttl` IP_TTL / IPV6_UNICAST_HOPS (hops), `freebind`
       IP_FREEBIND, `v6only` IPV6_V6ONLY (IPv6 only).
 
-    criu's images keep none of the last three fields (user_timeout, congestion, notsent_lowat)."""
+    Since image version 2: `rcvtimeo_us` / `sndtimeo_us` SO_RCVTIMEO / SO_SNDTIMEO (struct timeval, as
+    microseconds; 0 for none), `oobinline` SO_OOBINLINE, `busy_poll` SO_BUSY_POLL (microseconds),
+    `max_pacing_rate` SO_MAX_PACING_RATE (bytes per second as the kernel's u32 view, -1 for unlimited), `linger2`
+    TCP_LINGER2 (seconds in FIN_WAIT2), `thin_linear` TCP_THIN_LINEAR_TIMEOUTS, `tcp_inq` TCP_INQ, `window_clamp`
+    TCP_WINDOW_CLAMP (bytes; 0 for not recorded), `mtu_discover` IP_MTU_DISCOVER / IPV6_MTU_DISCOVER (-1 for not
+    recorded). A version 1 image holds none of them: they read as these defaults, which restore leaves alone.
+
+    Which option is carried, refused (and why) or irrelevant (and why) is sockrepair.engine.registry; criu's images
+    keep none of the fields its entries mark `criu=False`."""
 
     nodelay: bool = False
     cork: bool = False
@@ -197,6 +205,16 @@ class SocketOptions:
     user_timeout: int = 0
     congestion: str = ""
     notsent_lowat: int = 0
+    rcvtimeo_us: int = 0
+    sndtimeo_us: int = 0
+    oobinline: bool = False
+    busy_poll: int = 0
+    max_pacing_rate: int = -1
+    linger2: int = 0
+    thin_linear: bool = False
+    tcp_inq: bool = False
+    window_clamp: int = 0
+    mtu_discover: int = -1
 
 
 @dataclass

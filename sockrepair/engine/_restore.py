@@ -12,6 +12,7 @@ from sockrepair.engine._sockopts import (
     apply_after_repair,
     apply_in_repair,
     apply_pre_bind,
+    lift_send_limit,
     size_buffers,
 )
 from sockrepair.engine._tcpopts import (
@@ -71,6 +72,7 @@ def restore(state: ConnectionState) -> socket.socket:
             restore_window(session, state.window)
         apply_in_repair(session, conn.family, so)
         session.repair_off(True)
+        lift_send_limit(session)
         write_unsent(session, send_queue[sent_len:])
         apply_after_repair(session, so)
     except BaseException:
