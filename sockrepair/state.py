@@ -177,7 +177,8 @@ class SocketOptions:
     `max_pacing_rate` SO_MAX_PACING_RATE (bytes per second as the kernel's u32 view, -1 for unlimited), `linger2`
     TCP_LINGER2 (seconds in FIN_WAIT2), `thin_linear` TCP_THIN_LINEAR_TIMEOUTS, `tcp_inq` TCP_INQ, `window_clamp`
     TCP_WINDOW_CLAMP (bytes; 0 for not recorded), `mtu_discover` IP_MTU_DISCOVER / IPV6_MTU_DISCOVER (-1 for not
-    recorded). A version 1 image holds none of them: they read as these defaults, which restore leaves alone.
+    recorded), `rto_max_ms` TCP_RTO_MAX_MS, `rto_min_us` TCP_RTO_MIN_US, `delack_max_us` TCP_DELACK_MAX_US
+    (Linux 6.15+; 0 for not recorded or a kernel without them). A version 1 image holds none of them: they read as these defaults, which restore leaves alone.
 
     Which option is carried, refused (and why) or irrelevant (and why) is sockrepair.engine.registry; criu's images
     keep none of the fields its entries mark `criu=False`."""
@@ -215,6 +216,9 @@ class SocketOptions:
     tcp_inq: bool = False
     window_clamp: int = 0
     mtu_discover: int = -1
+    rto_max_ms: int = 0
+    rto_min_us: int = 0
+    delack_max_us: int = 0
 
 
 @dataclass

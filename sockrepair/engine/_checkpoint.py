@@ -10,6 +10,7 @@ import errno
 from sockrepair.engine._addr import read_tuple
 from sockrepair.engine._ffi import lib
 from sockrepair.engine._queues import read_queues
+from sockrepair.engine._refuse import refuse
 from sockrepair.engine._session import (
     SockLike,
     _Session,
@@ -29,6 +30,8 @@ from sockrepair.errors import SocketCallError, SocketStateError
 from sockrepair.state import TCP_ESTABLISHED, ConnectionState, ConnTuple, state_name
 
 SOL = lib.SOL_SOCKET
+# Stream protocols that look like TCP from outside (an MPTCP socket's subflows are listed in /proc/net/tcp).
+PROTOCOLS = {262: "MPTCP", 132: "SCTP"}
 
 
 def checkpoint(sock: SockLike) -> ConnectionState:
@@ -44,7 +47,9 @@ def checkpoint(sock: SockLike) -> ConnectionState:
     `timestamp` the raw u32 TCP timestamp clock (TCP_TIMESTAMP) and `sockopts` the application's options.
 
     Raises SocketStateError (`.fd`, and `.tcp_state` / `.tuple` when known) when `sock` is not an open socket, not
-    IPv4/IPv6 TCP, or not ESTABLISHED (before repair mode: the socket is untouched), or when it left ESTABLISHED
+    plain IPv4/IPv6 TCP (MPTCP is named), not ESTABLISHED, or uses what sockrepair.engine.registry marks REFUSED
+    (urgent data, TCP-MD5 keys, kTLS, TCP-AO...: every one found is named; before repair mode: the socket is
+    untouched), or when it left ESTABLISHED
     while being frozen; NotPermittedError (a PermissionError) without CAP_NET_ADMIN in the socket's network
     namespace; UnsupportedError on a kernel without TCP_REPAIR; SocketCallError (`.errno`, `.op`, `.fd`, `.tuple`)
     when a kernel call fails, with EAGAIN when the queues kept changing while read (the peer is not locked out).
@@ -59,6 +64,7 @@ def checkpoint(sock: SockLike) -> ConnectionState:
                                fd=fd, tuple=_tuple_if_connected(session), tcp_state=info.tcpi_state)
     conn = session.tuple = read_tuple(session)
     sockopts = read_sockopts(session, conn.family)
+    refuse(session, conn, info.tcpi_state)
     session.repair_on()
     try:
         if sockopts.reuseaddr:
@@ -156,9 +162,10 @@ def _ensure_tcp(session: _Session) -> None:
     protocol = get_int(SOL, lib.SO_PROTOCOL, "SO_PROTOCOL")
     domain = get_int(SOL, lib.SO_DOMAIN, "SO_DOMAIN")
     if sock_type != lib.SOCK_STREAM or protocol != lib.IPPROTO_TCP or domain not in (lib.AF_INET, lib.AF_INET6):
+        what = f"an {PROTOCOLS[protocol]} socket" if protocol in PROTOCOLS else "not a TCP socket"
         raise SocketStateError(
-            f"fd {fd} is not a TCP socket (domain {domain}, type {sock_type}, protocol {protocol}); "
-            "only IPv4/IPv6 TCP connections can be repaired", fd=fd
+            f"fd {fd} is {what} (domain {domain}, type {sock_type}, protocol {protocol}); "
+            "only plain IPv4/IPv6 TCP connections can be repaired", fd=fd
         )
 
 

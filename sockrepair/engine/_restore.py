@@ -19,12 +19,16 @@ from sockrepair.engine._tcpopts import (
     restore_options,
     restore_timestamp,
     restore_window,
+    resync_mss,
     set_user_mss,
 )
 from sockrepair.errors import AddressInUseError, AddressNotLocalError, SocketCallError
 from sockrepair.state import ConnectionState
 
-MAX_USER_MSS = 32767
+MAX_USER_MSS = 32767  # MAX_TCP_WINDOW: the largest TCP_MAXSEG the kernel takes
+MIN_USER_MSS = 88  # TCP_MIN_MSS: the smallest
+MSS_DEFAULT = 536  # TCP_MSS_DEFAULT: tcp_bound_to_half_wnd halves only windows larger than this
+TIMESTAMP_OPTION = 12  # TCPOLEN_TSTAMP_ALIGNED
 
 
 def restore(state: ConnectionState) -> socket.socket:
@@ -60,7 +64,7 @@ def restore(state: ConnectionState) -> socket.socket:
         # later without resizing, which left restored sockets sending 524-byte segments. A user MSS set before
         # the connect is the clamp the connect uses (the kernel caps it at MAX_TCP_WINDOW, so loopback's 65495
         # becomes 32767); it is cleared again once the connection exists.
-        set_user_mss(session, min(options.mss, MAX_USER_MSS))
+        set_user_mss(session, _user_mss(state))
         _connect(session, state)
         set_user_mss(session, 0)
         restore_options(session, options)
@@ -70,6 +74,8 @@ def restore(state: ConnectionState) -> socket.socket:
         if state.window is not None:
             # before repair off: writing never-sent data before the window is in place has hung connections (passt)
             restore_window(session, state.window)
+            if conn.wire().family == socket.AF_INET:
+                resync_mss(session)
         apply_in_repair(session, conn.family, so)
         session.repair_off(True)
         lift_send_limit(session)
@@ -79,6 +85,20 @@ def restore(state: ConnectionState) -> socket.socket:
         _abandon(sock, session)
         raise
     return sock
+
+
+def _user_mss(state: ConnectionState) -> int:
+    """The user MSS the repair-mode connect sizes segments with. A new connection bounds its MSS to half the largest
+    window the peer ever offered (tcp_bound_to_half_wnd, applied when the MSS is synced); the connect zeroes
+    max_window before its sync, so a peer with a small window got segments larger than the window, which only the
+    zero-window probe timer moved. IPv4 resyncs once the window is in place (resync_mss); IPv6 has no call that
+    resyncs, so the bound goes into the user MSS here (the connect takes the timestamp option's 12 bytes off it)."""
+    mss = min(state.options.mss, MAX_USER_MSS)
+    w = state.window
+    if w is None or w.max_window == 0 or state.tuple.wire().family == socket.AF_INET:
+        return mss
+    half = w.max_window >> 1 if w.max_window > MSS_DEFAULT else w.max_window
+    return max(min(mss, half + (TIMESTAMP_OPTION if state.options.timestamps else 0)), MIN_USER_MSS)
 
 
 def _abandon(sock: socket.socket, session: _Session) -> None:

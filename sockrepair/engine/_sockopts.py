@@ -69,6 +69,13 @@ GENERIC_INT_OPTS = [
     # tp->window_clamp, never 0 on a connected socket; 0 (a version 1 image) leaves the new socket's own
     IntOpt("window_clamp", TCP, lib.TCP_WINDOW_CLAMP, "TCP_WINDOW_CLAMP", fresh=0),
 ]
+# Linux 6.15+: on older kernels they read as 0 (ENOPROTOOPT), which restore leaves alone. Their values on a new
+# socket follow sysctls and routes: restored as read.
+OPTIONAL_INT_OPTS = [
+    IntOpt("rto_max_ms", TCP, lib.TCP_RTO_MAX_MS, "TCP_RTO_MAX_MS", fresh=0),
+    IntOpt("rto_min_us", TCP, lib.TCP_RTO_MIN_US, "TCP_RTO_MIN_US", fresh=0),
+    IntOpt("delack_max_us", TCP, lib.TCP_DELACK_MAX_US, "TCP_DELACK_MAX_US", fresh=0),
+]
 # Set only once the never-sent bytes are written (after_repair): the limit would refuse them (EAGAIN).
 NOTSENT_LOWAT = IntOpt("notsent_lowat", TCP, lib.TCP_NOTSENT_LOWAT, "TCP_NOTSENT_LOWAT", fresh=0)
 # What TCP_NOTSENT_LOWAT is raised to while restore writes the never-sent bytes: no limit at all.
@@ -109,7 +116,10 @@ _READS = {
     for family, opts in INT_OPTS.items()
 }
 # What apply_in_repair sets: (field, level, option, name, the value a new socket has or None)
-_WRITES = {family: [(o.field, o.level, o.opt, o.name, o.fresh) for o in opts] for family, opts in INT_OPTS.items()}
+_WRITES = {
+    family: [(o.field, o.level, o.opt, o.name, o.fresh) for o in opts + OPTIONAL_INT_OPTS]
+    for family, opts in INT_OPTS.items()
+}
 
 
 def read_sockopts(session: _Session, family: int) -> SocketOptions:
@@ -119,6 +129,13 @@ def read_sockopts(session: _Session, family: int) -> SocketOptions:
     for field, level, opt, name, as_bool in _READS[family]:
         raw = get_int(level, opt, name)
         values[field] = bool(raw) if as_bool else raw
+    for o in OPTIONAL_INT_OPTS:
+        try:
+            values[o.field] = get_int(o.level, o.opt, o.name)
+        except SocketCallError as exc:
+            if exc.errno != errno.ENOPROTOOPT:
+                raise
+            values[o.field] = 0
     fd = session.fd
     value = new(CHARS, IFNAMSIZ)  # one buffer for the linger (read through an int *) and the names
     as_int = ffi.cast(INT_P, value)

@@ -26,5 +26,8 @@ SOCKOPT_INTS = (
 WINDOW_FIELDS = ("snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup")
 # Version 2's trailing record: one flag byte (oobinline is bit 0), then i32s, then i64s (microseconds).
 MORE_SOCKOPT_FLAGS = ("oobinline", "thin_linear", "tcp_inq")
-MORE_SOCKOPT_INTS = ("busy_poll", "max_pacing_rate", "linger2", "window_clamp", "mtu_discover")
+MORE_SOCKOPT_INTS = (
+    "busy_poll", "max_pacing_rate", "linger2", "window_clamp", "mtu_discover", "rto_max_ms", "rto_min_us",
+    "delack_max_us",
+)  # fmt: skip
 MORE_SOCKOPT_LONGS = ("rcvtimeo_us", "sndtimeo_us")

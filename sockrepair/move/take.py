@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sockrepair.engine._checkpoint import checkpoint, discard, ensure_unchanged, resume
+from sockrepair.engine._refuse import refusals_of
 from sockrepair.errors import ProcessError, SocketStateError
 from sockrepair.lock import Locker
 from sockrepair.move.freeze import frozen
@@ -129,6 +130,32 @@ def left_behind(pid: int, chosen: Sequence[ProcSocket]) -> list[Unmovable]:
     return out
 
 
+def screen(pid: int, pidfd: PidFd, chosen: Sequence[ProcSocket], wanted: Sequence[int] | None,
+           allow_loss: bool) -> tuple[list[ProcSocket], list[Unmovable]]:
+    """Check each chosen socket, through a pidfd_getfd copy, for what TCP_REPAIR cannot move (the REFUSED entries
+    of sockrepair.engine.registry: urgent data, TCP-MD5 keys, kTLS, TCP-AO...), before anything is frozen. Returns
+    (the sockets to take, those that cannot be taken). A socket asked for by fd (`wanted`) that cannot be taken
+    raises SocketStateError naming the process's pid and fd, the protocol, the tuple and each refused entry; one
+    found by itself is refused the same way unless `allow_loss`."""
+    take, cannot = [], []
+    for s in chosen:
+        copy = pidfd.getfd(s.fd)
+        try:
+            found = refusals_of(copy)
+        finally:
+            os.close(copy)
+        if not found:
+            take.append(s)
+            continue
+        protocol = socket_protocol(pid, s.fd)
+        why = "uses what TCP_REPAIR cannot move: " + "; ".join(f"{detail} ({entry})" for entry, detail in found)
+        if wanted or not allow_loss:
+            raise SocketStateError(f"fd {s.fd} of process {pid} ({protocol} {s.tuple}) {why}; nothing was frozen",
+                                   pid=pid, fd=s.fd, tuple=s.tuple, tcp_state=s.tcp_state)
+        cannot.append(Unmovable(s, protocol, why))
+    return take, cannot
+
+
 def refuse_losses(pid: int, lost: Sequence[Unmovable]) -> None:
     """Raise SocketStateError (`.pid`; `.fd`, `.tuple`, `.tcp_state` of the first) naming every connection in
     `lost`, when there is any: raised before anything is frozen."""
@@ -183,6 +210,11 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
         lost = left_behind(pid, chosen)
         if not allow_loss:
             refuse_losses(pid, lost)
+        chosen, unmovable = screen(pid, pidfd, chosen, wanted, allow_loss)
+        if not chosen:
+            raise ProcessError(f"process {pid} holds no connection that can be moved: "
+                               + "; ".join(map(str, unmovable)), pid=pid)
+        lost += unmovable
         frozen_at = time.perf_counter()
         with timings.timed(Stage.FREEZE), contextlib.ExitStack() as freezing:
             method = freezing.enter_context(frozen(pid))
@@ -190,8 +222,10 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
         with thaw:
             inodes = socket_inodes(pid)
             if any(inodes.get(s.fd) != s.inode for s in chosen):
-                chosen = select_sockets(pid, wanted)
-                lost = left_behind(pid, chosen)
+                # what was screened out stays out; anything new is checked by checkpoint() itself
+                skipped = {u.sock.fd for u in unmovable}
+                chosen = [s for s in select_sockets(pid, wanted) if s.fd not in skipped]
+                lost = [u for u in left_behind(pid, chosen) if u.sock.fd not in skipped] + unmovable
                 if not allow_loss:
                     refuse_losses(pid, lost)
             fds: list[int] = []

@@ -236,15 +236,15 @@ def test_layout_of_the_base_image() -> None:
 
 def test_version_2_appends_its_record_after_the_receive_queue() -> None:
     so = SocketOptions(nodelay=True, congestion="cubic", oobinline=True, tcp_inq=True, busy_poll=50,
-                       max_pacing_rate=-1, linger2=30, window_clamp=65536, mtu_discover=2, rcvtimeo_us=1_004_000,
-                       sndtimeo_us=2**40)
+                       max_pacing_rate=-1, linger2=30, window_clamp=65536, mtu_discover=2, rto_max_ms=60000,
+                       rto_min_us=5000, delack_max_us=0, rcvtimeo_us=1_004_000, sndtimeo_us=2**40)
     data = base_state(sockopts=so).to_bytes()
-    assert MORE_SIZE == 37 and len(data) == 153 + MORE_SIZE
-    assert data[:12] == b"SKRP" + bytes.fromhex("0002 0001 000000ae")  # version 2, window flag, 174-byte body
+    assert MORE_SIZE == 49 and len(data) == 153 + MORE_SIZE
+    assert data[:12] == b"SKRP" + bytes.fromhex("0002 0001 000000ba")  # version 2, window flag, 186-byte body
     assert data[12:149] == v1_image(base_state(sockopts=so))[12:149]  # up to the receive queue: version 1's
-    assert data[149:186] == bytes.fromhex("05" "00000032 ffffffff 0000001e 00010000 00000002"
-                                          "00000000000f51e0 0000010000000000")
-    assert data[186:] == struct.pack(">I", zlib.crc32(data[:186]))
+    assert data[149:198] == bytes.fromhex("05" "00000032 ffffffff 0000001e 00010000 00000002 0000ea60 00001388"
+                                          "00000000" "00000000000f51e0 0000010000000000")
+    assert data[198:] == struct.pack(">I", zlib.crc32(data[:198]))
     assert image.decode(data).sockopts == so
     assert format.ConnectionImage.parse(data).signed.value.body.more_sockopts.flags.tcp_inq
 
@@ -260,7 +260,8 @@ def test_version_1_images_read_with_the_new_options_left_alone() -> None:
 
 
 @pytest.mark.parametrize(("cut", "field"), [(0, "more_sockopts.flags"), (1, "more_sockopts.busy_poll"),
-                                            (20, "more_sockopts.mtu_discover"), (30, "more_sockopts.sndtimeo_us")])
+                                            (20, "more_sockopts.mtu_discover"), (40, "more_sockopts.rcvtimeo_us"),
+                                            (48, "more_sockopts.sndtimeo_us")])
 def test_version_2_record_cut_names_the_field(cut: int, field: str) -> None:
     data = base_state().to_bytes()
     body = data[12 : 149 + cut]

@@ -21,7 +21,11 @@
 #define TCP_REPAIR_WINDOW 29
 #define TCP_ULP 31
 #define TCP_INQ 36
-#define TCP_AO_INFO 38
+#define TCP_TX_DELAY 37
+#define TCP_AO_INFO 40
+#define TCP_RTO_MAX_MS 44
+#define TCP_RTO_MIN_US 45
+#define TCP_DELACK_MAX_US 46
 
 #define TCP_REPAIR_ON 1
 #define TCP_REPAIR_OFF 0
