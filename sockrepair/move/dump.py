@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sockrepair.engine._checkpoint import resume
+from sockrepair.errors import SocketStateError
 from sockrepair.image.directory import Entry, write_dir
 from sockrepair.move.freeze import frozen
 from sockrepair.move.pidfd import PidFd
@@ -94,9 +95,10 @@ def _entry_view(entry: Entry, state: ConnectionState) -> dict[str, Any]:
 
 def inspect(pid: int) -> list[tuple[ProcSocket, ConnectionState | None, str]]:
     """A non-destructive look at every TCP socket of `pid`, ordered by fd: (socket, state, state name), where
-    state is None for a socket that is not ESTABLISHED. Established ones are checkpointed and resumed without a
+    state is None for a socket that is not ESTABLISHED or that a move cannot take (the name then says why).
+    Established ones are checkpointed and resumed without a
     window probe while the process is frozen for the few microseconds that takes; others are listed as they are.
-    Raises ProcessError and SocketStateError (naming the process's pid and fd) as dump() does."""
+    Raises ProcessError as dump() does."""
     result: list[tuple[ProcSocket, ConnectionState | None, str]] = []
     listed = tcp_sockets(pid)
     if not any(s.tcp_state == TCP_ESTABLISHED for s in listed):
@@ -111,6 +113,9 @@ def inspect(pid: int) -> list[tuple[ProcSocket, ConnectionState | None, str]]:
                 state = checkpoint_taken(pid, s, fd)
                 resume(fd)
                 result.append((s, state, "ESTABLISHED"))
+            except SocketStateError as exc:
+                # refused before repair mode (or resumed): listed with why a move cannot take it
+                result.append((s, None, f"{s.state_name}, cannot be moved: {exc}"))
             finally:
                 os.close(fd)
     return result

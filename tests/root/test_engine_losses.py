@@ -13,7 +13,7 @@ import pytest
 
 import sockrepair
 from sockrepair.image.directory import read_dir
-from sockrepair.move.dump import After, dump
+from sockrepair.move.dump import After, dump, inspect
 from sockrepair.move.procfs import stat, tcp_sockets
 from sockrepair.move.take import socket_protocol
 from tests.clihelp import run_main
@@ -141,5 +141,39 @@ def test_an_mptcp_socket_is_named_as_such_with_the_process_fd(netns, tmp_path):
             dump(proc.pid, tmp_path / "img")
     finally:
         peer.close()
+        proc.kill()
+        proc.wait()
+
+
+def test_urgent_data_is_refused_before_the_freeze_and_inspect_says_why(netns, tmp_path):
+    proc, port = _holder(2)
+    live = socket.create_connection(("127.0.0.1", port), timeout=10)
+    urgent = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "accepted"
+        urgent.send(b"abc")
+        urgent.send(b"X", socket.MSG_OOB)
+        urgent.sendall(b"def")
+        mine = next(s for s in tcp_sockets(proc.pid) if s.tuple.remote_port == urgent.getsockname()[1])
+        for _ in range(500):
+            rows = {s.fd: name for s, _, name in inspect(proc.pid)}
+            if "urgent byte" in rows[mine.fd]:
+                break
+        assert rows[mine.fd].startswith("ESTABLISHED, cannot be moved: ") and "(urgent data (MSG_OOB))" in rows[mine.fd]
+        with pytest.raises(sockrepair.SocketStateError) as caught:
+            dump(proc.pid, tmp_path / "img")
+        err = caught.value
+        assert (err.pid, err.fd, err.tuple) == (proc.pid, mine.fd, mine.tuple)
+        assert str(err).startswith(f"fd {mine.fd} of process {proc.pid} (TCP {mine.tuple}) uses what TCP_REPAIR "
+                                   "cannot move: an urgent byte b'X' not yet read")
+        assert str(err).endswith("nothing was frozen")
+        assert not (tmp_path / "img").exists() and sockrepair.list_locks() == []
+        # accepted as a loss, the other connection moves and the report names this one
+        report = dump(proc.pid, tmp_path / "img", allow_loss=True)
+        assert [c["fd"] for c in report.connections] != [mine.fd] and len(report.connections) == 1
+        assert [u["fd"] for u in report.lost] == [mine.fd] and "urgent byte" in report.lost[0]["reason"]
+    finally:
+        live.close()
+        urgent.close()
         proc.kill()
         proc.wait()
