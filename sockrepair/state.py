@@ -178,7 +178,8 @@ class SocketOptions:
     TCP_LINGER2 (seconds in FIN_WAIT2), `thin_linear` TCP_THIN_LINEAR_TIMEOUTS, `tcp_inq` TCP_INQ, `window_clamp`
     TCP_WINDOW_CLAMP (bytes; 0 for not recorded), `mtu_discover` IP_MTU_DISCOVER / IPV6_MTU_DISCOVER (-1 for not
     recorded), `rto_max_ms` TCP_RTO_MAX_MS, `rto_min_us` TCP_RTO_MIN_US, `delack_max_us` TCP_DELACK_MAX_US
-    (Linux 6.15+; 0 for not recorded or a kernel without them). A version 1 image holds none of them: they read as these defaults, which restore leaves alone.
+    (Linux 6.15+; 0 for not recorded or a kernel without them). A version 1 image holds none of them: they read
+    as these defaults, which restore leaves alone.
 
     Which option is carried, refused (and why) or irrelevant (and why) is sockrepair.engine.registry; criu's images
     keep none of the fields its entries mark `criu=False`."""

@@ -20,6 +20,7 @@ from sockrepair.engine._session import (
     release_reuse,
 )
 from sockrepair.engine._sockopts import read_sockopts
+from sockrepair.engine._states import REPAIRABLE, send_lengths
 from sockrepair.engine._tcpopts import (
     read_options,
     read_timestamp,
@@ -27,9 +28,10 @@ from sockrepair.engine._tcpopts import (
     tcp_info,
 )
 from sockrepair.errors import SocketCallError, SocketStateError
-from sockrepair.state import TCP_ESTABLISHED, ConnectionState, ConnTuple, state_name
+from sockrepair.state import ConnectionState, ConnTuple, state_name
 
 SOL = lib.SOL_SOCKET
+REPAIRABLE_NAMES = ", ".join(state_name(s) for s in sorted(REPAIRABLE))
 # Stream protocols that look like TCP from outside (an MPTCP socket's subflows are listed in /proc/net/tcp).
 PROTOCOLS = {262: "MPTCP", 132: "SCTP"}
 
@@ -58,10 +60,11 @@ def checkpoint(sock: SockLike) -> ConnectionState:
     session = _Session(fd)
     _ensure_tcp(session)
     info = tcp_info(session)
-    if info.tcpi_state != TCP_ESTABLISHED:
-        what = "a listening socket" if info.tcpi_state == lib.TCP_LISTEN else f"in state {state_name(info.tcpi_state)}"
-        raise SocketStateError(f"fd {fd} is {what}; only ESTABLISHED connections can be checkpointed",
-                               fd=fd, tuple=_tuple_if_connected(session), tcp_state=info.tcpi_state)
+    first_state = info.tcpi_state
+    if first_state not in REPAIRABLE:
+        what = "a listening socket" if first_state == lib.TCP_LISTEN else f"in state {state_name(first_state)}"
+        raise SocketStateError(f"fd {fd} is {what}; only {REPAIRABLE_NAMES} connections can be checkpointed",
+                               fd=fd, tuple=_tuple_if_connected(session), tcp_state=first_state)
     conn = session.tuple = read_tuple(session)
     sockopts = read_sockopts(session, conn.family)
     refuse(session, conn, info.tcpi_state)
@@ -72,15 +75,15 @@ def checkpoint(sock: SockLike) -> ConnectionState:
             hold_reuse(fd)
         # re-read under repair: the state may have moved between the first look and the freeze
         info = tcp_info(session)
-        if info.tcpi_state != TCP_ESTABLISHED:
+        if info.tcpi_state != first_state:
             raise SocketStateError(
-                f"fd {fd} left ESTABLISHED (now {state_name(info.tcpi_state)}) while it was being frozen",
-                fd=fd, tuple=conn, tcp_state=info.tcpi_state,
+                f"fd {fd} left {state_name(first_state)} (now {state_name(info.tcpi_state)}) while it was being "
+                "frozen", fd=fd, tuple=conn, tcp_state=info.tcpi_state,
             )
         options = read_options(session, info)
         timestamp = read_timestamp(session)
         window = read_window(session)
-        queues = read_queues(session)
+        queues = read_queues(session, first_state)
     except BaseException:
         _resume(session)
         raise
@@ -139,7 +142,8 @@ def ensure_unchanged(fd: int, state: ConnectionState) -> None:
     taken: what discard() checks, for a mover that checks every socket before it discards any."""
     session = _Session(fd, state.tuple)
     ioctl = session.ioctl
-    now = (ioctl(lib.SIOCOUTQ, "SIOCOUTQ"), ioctl(lib.SIOCOUTQNSD, "SIOCOUTQNSD"), ioctl(lib.SIOCINQ, "SIOCINQ"))
+    now = (*send_lengths(state.tcp_state, ioctl(lib.SIOCOUTQ, "SIOCOUTQ"), ioctl(lib.SIOCOUTQNSD, "SIOCOUTQNSD")),
+           ioctl(lib.SIOCINQ, "SIOCINQ"))
     saved = (len(state.send_queue), state.unsent_len, len(state.recv_queue))
     if now != saved:
         raise SocketStateError(

@@ -13,6 +13,7 @@ from sockrepair.engine._addr import read_tuple
 from sockrepair.engine._diag import diag
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import CHARS, _Session, getsockopt, new
+from sockrepair.engine._states import REPAIRABLE
 from sockrepair.engine._tcpopts import tcp_info
 from sockrepair.errors import SocketCallError, SocketStateError
 from sockrepair.state import ConnTuple, state_name
@@ -110,11 +111,14 @@ def refusals(session: _Session, conn: ConnTuple, tcp_state: int) -> list[tuple[s
 
 
 def refusals_of(fd: int) -> list[tuple[str, str]]:
-    """refusals() of the connected TCP socket `fd` (e.g. another process's, taken with pidfd_getfd), for a mover that
-    screens every socket before it freezes anything."""
+    """refusals() of the TCP socket `fd` (e.g. another process's, taken with pidfd_getfd), for a mover that screens
+    every socket before it freezes anything; [] for a socket in a state the engine does not repair."""
     session = _Session(fd)
+    tcp_state = tcp_info(session).tcpi_state
+    if tcp_state not in REPAIRABLE:
+        return []  # checkpoint() refuses it by its state
     conn = session.tuple = read_tuple(session)
-    return refusals(session, conn, tcp_info(session).tcpi_state)
+    return refusals(session, conn, tcp_state)
 
 
 def refuse(session: _Session, conn: ConnTuple, tcp_state: int) -> None:

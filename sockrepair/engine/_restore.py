@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import socket
 
@@ -15,6 +16,7 @@ from sockrepair.engine._sockopts import (
     lift_send_limit,
     size_buffers,
 )
+from sockrepair.engine._states import FIN_IN_RECV, replay_close, restore_seqs
 from sockrepair.engine._tcpopts import (
     restore_options,
     restore_timestamp,
@@ -23,7 +25,7 @@ from sockrepair.engine._tcpopts import (
     set_user_mss,
 )
 from sockrepair.errors import AddressInUseError, AddressNotLocalError, SocketCallError
-from sockrepair.state import ConnectionState
+from sockrepair.state import TCP_ESTABLISHED, ConnectionState
 
 MAX_USER_MSS = 32767  # MAX_TCP_WINDOW: the largest TCP_MAXSEG the kernel takes
 MIN_USER_MSS = 88  # TCP_MIN_MSS: the smallest
@@ -59,7 +61,8 @@ def restore(state: ConnectionState) -> socket.socket:
         apply_pre_bind(session, conn.family, so)
         size_buffers(session, so, send_len, recv_len)
         _bind(session, state)
-        set_sequences(session, state.send_seq, send_len, state.recv_seq, recv_len)
+        send_seq, recv_seq = restore_seqs(state)
+        set_sequences(session, send_seq, send_len, recv_seq, recv_len)
         # The repair-mode connect sizes segments from the MSS clamp it sees then; TCP_REPAIR_OPTIONS sets the clamp
         # later without resizing, which left restored sockets sending 524-byte segments. A user MSS set before
         # the connect is the clamp the connect uses (the kernel caps it at MAX_TCP_WINDOW, so loopback's 65495
@@ -73,13 +76,28 @@ def restore(state: ConnectionState) -> socket.socket:
         refill_in_repair(session, state.recv_queue, send_queue[:sent_len])
         if state.window is not None:
             # before repair off: writing never-sent data before the window is in place has hung connections (passt)
-            restore_window(session, state.window)
+            w = state.window
+            if state.tcp_state in FIN_IN_RECV:
+                # the saved edges count the peer's FIN, which is not received yet (libsoccr does the same)
+                w = dataclasses.replace(w, rcv_wup=(w.rcv_wup - 1) & 0xFFFFFFFF, rcv_wnd=w.rcv_wnd + 1)
+            restore_window(session, w)
             if conn.wire().family == socket.AF_INET:
                 resync_mss(session)
         apply_in_repair(session, conn.family, so)
+        unsent = send_queue[sent_len:]
+        if state.tcp_state != TCP_ESTABLISHED:
+            if unsent:
+                # our FIN goes after them: they must be in the queue before shutdown, and repair mode takes no
+                # never-sent bytes (TCP_NO_QUEUE)
+                session.repair_off(False)
+                lift_send_limit(session)
+                write_unsent(session, unsent)
+                session.repair_on()
+                unsent = unsent[:0]
+            replay_close(session, state, send_seq, recv_seq)
         session.repair_off(True)
         lift_send_limit(session)
-        write_unsent(session, send_queue[sent_len:])
+        write_unsent(session, unsent)
         apply_after_repair(session, so)
     except BaseException:
         _abandon(sock, session)

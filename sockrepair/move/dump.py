@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sockrepair.engine._checkpoint import resume
+from sockrepair.engine._states import REPAIRABLE
 from sockrepair.errors import SocketStateError
 from sockrepair.image.directory import Entry, write_dir
 from sockrepair.move.freeze import frozen
@@ -19,7 +20,7 @@ from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import ProcSocket, process_name, tcp_sockets
 from sockrepair.move.stages import Stage, Timings
 from sockrepair.move.take import captured, checkpoint_taken, end_source, process_locker
-from sockrepair.state import TCP_ESTABLISHED, ConnectionState
+from sockrepair.state import ConnectionState
 
 
 class After(Enum):
@@ -95,24 +96,24 @@ def _entry_view(entry: Entry, state: ConnectionState) -> dict[str, Any]:
 
 def inspect(pid: int) -> list[tuple[ProcSocket, ConnectionState | None, str]]:
     """A non-destructive look at every TCP socket of `pid`, ordered by fd: (socket, state, state name), where
-    state is None for a socket that is not ESTABLISHED or that a move cannot take (the name then says why).
-    Established ones are checkpointed and resumed without a
+    state is None for a socket in a state the engine does not repair (LISTEN, SYN_SENT...) or that a move cannot
+    take (the name then says why). The others are checkpointed and resumed without a
     window probe while the process is frozen for the few microseconds that takes; others are listed as they are.
     Raises ProcessError as dump() does."""
     result: list[tuple[ProcSocket, ConnectionState | None, str]] = []
     listed = tcp_sockets(pid)
-    if not any(s.tcp_state == TCP_ESTABLISHED for s in listed):
+    if not any(s.tcp_state in REPAIRABLE for s in listed):
         return [(s, None, s.state_name) for s in listed]
     with PidFd(pid) as pidfd, frozen(pid):
         for s in tcp_sockets(pid):
-            if s.tcp_state != TCP_ESTABLISHED:
+            if s.tcp_state not in REPAIRABLE:
                 result.append((s, None, s.state_name))
                 continue
             fd = pidfd.getfd(s.fd)
             try:
                 state = checkpoint_taken(pid, s, fd)
                 resume(fd)
-                result.append((s, state, "ESTABLISHED"))
+                result.append((s, state, s.state_name))
             except SocketStateError as exc:
                 # refused before repair mode (or resumed): listed with why a move cannot take it
                 result.append((s, None, f"{s.state_name}, cannot be moved: {exc}"))

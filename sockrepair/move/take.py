@@ -13,8 +13,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sockrepair.engine._checkpoint import checkpoint, discard, ensure_unchanged, resume
+from sockrepair.engine._checkpoint import (
+    REPAIRABLE_NAMES,
+    checkpoint,
+    discard,
+    ensure_unchanged,
+    resume,
+)
 from sockrepair.engine._refuse import refusals_of
+from sockrepair.engine._states import REPAIRABLE
 from sockrepair.errors import ProcessError, SocketStateError
 from sockrepair.lock import Locker
 from sockrepair.move.freeze import frozen
@@ -28,7 +35,7 @@ from sockrepair.move.procfs import (
 )
 from sockrepair.move.stages import Stage, Timings
 from sockrepair.netns import inside
-from sockrepair.state import TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, ConnectionState
+from sockrepair.state import TCP_CLOSE, TCP_LISTEN, ConnectionState
 
 KILL_TIMEOUT = 5.0
 
@@ -87,14 +94,14 @@ def _why_not(sock: ProcSocket, protocol: str) -> str | None:
     """Why a move cannot take this connection, or None when it can."""
     if protocol and protocol not in _TCP_PROTOCOLS:
         return f"{protocol} is not plain TCP: TCP_REPAIR cannot take it"
-    if sock.tcp_state != TCP_ESTABLISHED:
-        return "only ESTABLISHED connections can be moved"
+    if sock.tcp_state not in REPAIRABLE:
+        return f"only {REPAIRABLE_NAMES} connections can be moved"
     return None
 
 
 def select_sockets(pid: int, wanted: Sequence[int] | None) -> list[ProcSocket]:
-    """The process's sockets to take: the fds in `wanted` (each must be an ESTABLISHED plain TCP socket), or every
-    established plain TCP one. Raises ProcessError (no such fd, no established connection) or SocketStateError
+    """The process's sockets to take: the fds in `wanted` (each must be a plain TCP socket in a state the engine
+    repairs: ESTABLISHED or half-closed), or every such one. Raises ProcessError (no such fd, no established connection) or SocketStateError
     (naming the process's pid and fd, the protocol, the tuple and the state)."""
     found = tcp_sockets(pid)
     if wanted:
@@ -113,7 +120,8 @@ def select_sockets(pid: int, wanted: Sequence[int] | None) -> list[ProcSocket]:
         return chosen
     chosen = [s for s in found if _why_not(s, socket_protocol(pid, s.fd)) is None]
     if not chosen:
-        raise ProcessError(f"process {pid} ({process_name(pid)}) holds no established TCP connection", pid=pid)
+        raise ProcessError(f"process {pid} ({process_name(pid)}) holds no established TCP connection (nor a "
+                           "half-closed one) that can be moved", pid=pid)
     return chosen
 
 

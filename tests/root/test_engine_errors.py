@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import multiprocessing
 import os
 import socket
@@ -13,7 +14,7 @@ import pytest
 import sockrepair
 from sockrepair.state import ConnTuple
 
-TCP_CLOSE_WAIT, TCP_LISTEN = 8, 10
+TCP_SYN_SENT, TCP_LISTEN = 2, 10
 
 
 def _open_fds() -> int:
@@ -55,17 +56,19 @@ def test_listening_socket_is_refused(netns):
         assert (err.value.fd, err.value.tcp_state, err.value.tuple) == (listener.fileno(), TCP_LISTEN, None)
 
 
-def test_half_closed_connection_names_its_state(make_pair):
-    client, server = make_pair()
-    client.shutdown(socket.SHUT_WR)
-    time.sleep(0.05)
-    with pytest.raises(sockrepair.SocketStateError, match="in state CLOSE_WAIT") as err:
-        sockrepair.checkpoint(server)
-    assert (err.value.fd, err.value.tcp_state) == (server.fileno(), TCP_CLOSE_WAIT)
-    assert err.value.tuple == ConnTuple(socket.AF_INET, *server.getsockname(), *server.getpeername())
-    # refused before repair mode: the socket is untouched
-    server.sendall(b"bye")
-    assert client.recv(10) == b"bye"
+def test_a_connection_still_connecting_names_its_state(netns):
+    """SYN_SENT is not repaired: its SYN went to a listener whose accept queue is full (backlog 0, one waiting),
+    which drops it and every retransmission. Refused before repair mode: it goes on connecting."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        with socket.create_connection(full.getsockname()), socket.socket() as stuck:
+            stuck.setblocking(False)
+            assert stuck.connect_ex(full.getsockname()) == errno.EINPROGRESS
+            with pytest.raises(sockrepair.SocketStateError, match="in state SYN_SENT; only ESTABLISHED, ") as err:
+                sockrepair.checkpoint(stuck)
+            assert (err.value.fd, err.value.tcp_state, err.value.tuple) == (stuck.fileno(), TCP_SYN_SENT, None)
+            assert stuck.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_SYN_SENT
 
 
 def _checkpoint_as_nobody(fd: int, out: multiprocessing.connection.Connection) -> None:

@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -20,11 +21,17 @@ from tests.clihelp import run_main
 from tests.root.streams import recv_exactly
 
 # Accepts `n` connections, reads nothing, and sleeps: what it holds stays as the peers left it.
+# With "syn", it also holds a connection stuck in SYN_SENT: its SYN goes to a listener whose accept queue is full
+# (backlog 0, one connection waiting), which drops it, and every retransmission.
 HOLDER = r"""
 import socket, sys, time
 n = int(sys.argv[1]); proto = int(sys.argv[2])
 lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
 lst.bind(("127.0.0.1", 0)); lst.listen()
+if sys.argv[3] == "syn":
+    full = socket.socket(); full.bind(("127.0.0.1", 0)); full.listen(0)
+    queued = socket.create_connection(full.getsockname())
+    stuck = socket.socket(); stuck.setblocking(False); stuck.connect_ex(full.getsockname())
 print(lst.getsockname()[1], flush=True)
 held = [lst.accept()[0] for _ in range(n)]
 print("accepted", flush=True)
@@ -32,22 +39,25 @@ time.sleep(600)
 """
 
 
-def _holder(n: int, proto: int = 0) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(n), str(proto)], stdout=subprocess.PIPE, text=True)
+def _holder(n: int, proto: int = 0, syn: bool = False) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(n), str(proto), "syn" if syn else "-"],
+                            stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     return proc, int(proc.stdout.readline())
 
 
 @pytest.fixture
 def holder(netns) -> Iterator[tuple[subprocess.Popen[str], int, socket.socket, socket.socket]]:
-    """A process with one ESTABLISHED connection and one CLOSE_WAIT one (5 unread bytes and the peer's FIN)."""
-    proc, port = _holder(2)
+    """A process with one ESTABLISHED connection, one CLOSE_WAIT one (5 unread bytes and the peer's FIN), and one
+    stuck in SYN_SENT, which the engine does not repair."""
+    proc, port = _holder(2, syn=True)
     live = socket.create_connection(("127.0.0.1", port), timeout=10)
     closing = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "accepted"
         closing.sendall(b"hello")
         closing.shutdown(socket.SHUT_WR)
+        _wait_state(proc.pid, 8)
         yield proc, port, live, closing
     finally:
         live.close()
@@ -56,24 +66,22 @@ def holder(netns) -> Iterator[tuple[subprocess.Popen[str], int, socket.socket, s
         proc.wait()
 
 
-def _wait_close_wait(pid: int) -> None:
+def _wait_state(pid: int, tcp_state: int) -> None:
     for _ in range(500):
-        if any(s.tcp_state == 8 for s in tcp_sockets(pid)):
+        if any(s.tcp_state == tcp_state for s in tcp_sockets(pid)):
             return
-        subprocess.run(["sleep", "0.01"], check=True)
-    pytest.fail("the peer's FIN never put the socket in CLOSE_WAIT")
+        time.sleep(0.01)
+    pytest.fail(f"no socket of {pid} reached state {tcp_state}")
 
 
 def test_dump_refuses_before_freezing_and_names_the_connection(holder, tmp_path):
     proc, _, live, closing = holder
-    _wait_close_wait(proc.pid)
-    held = {s.tcp_state: s for s in tcp_sockets(proc.pid) if s.tcp_state != 10}
-    cw = held[8]
+    syn = next(s for s in tcp_sockets(proc.pid) if s.tcp_state == 2)
     with pytest.raises(sockrepair.SocketStateError) as caught:
         dump(proc.pid, tmp_path / "img")
     err = caught.value
-    assert (err.pid, err.fd, err.tuple, err.tcp_state) == (proc.pid, cw.fd, cw.tuple, 8)
-    assert f"fd {cw.fd} TCP {cw.tuple} CLOSE_WAIT" in str(err)
+    assert (err.pid, err.fd, err.tuple, err.tcp_state) == (proc.pid, syn.fd, syn.tuple, 2)
+    assert f"fd {syn.fd} TCP {syn.tuple} SYN_SENT (only " in str(err)
     assert "Nothing was frozen" in str(err)
     assert not (tmp_path / "img").exists()
     assert sockrepair.list_locks() == []
@@ -87,41 +95,53 @@ def test_dump_refuses_before_freezing_and_names_the_connection(holder, tmp_path)
     # the CLI says the same in one line and exits 1
     code, out, err_text = run_main("dump", "--pid", str(proc.pid), "-D", str(tmp_path / "img2"))
     assert (code, out) == (1, "")
-    assert err_text.startswith("sockrepair: error: process ") and f"fd {cw.fd} TCP" in err_text
+    assert err_text.startswith("sockrepair: error: process ") and f"fd {syn.fd} TCP" in err_text
     assert err_text.count("\n") == 1
 
 
-def test_allow_loss_dumps_the_rest_and_lists_what_was_lost(holder, tmp_path):
+def test_allow_loss_moves_the_rest_close_wait_included_and_lists_what_was_lost(holder, tmp_path):
+    """The issue's case: an ESTABLISHED and a CLOSE_WAIT connection (5 unread bytes and a FIN) both move; what
+    cannot (SYN_SENT) is named in the report."""
     proc, _, live, closing = holder
-    _wait_close_wait(proc.pid)
-    cw = next(s for s in tcp_sockets(proc.pid) if s.tcp_state == 8)
+    syn = next(s for s in tcp_sockets(proc.pid) if s.tcp_state == 2)
     code, out, err_text = run_main("dump", "--pid", str(proc.pid), "-D", str(tmp_path / "img"), "--allow-loss",
                                    "--json")
     assert code == 0, err_text
     report = json.loads(out)
-    assert len(report["connections"]) == 1
-    assert report["lost"] == [{"fd": cw.fd, "protocol": "TCP", "tuple": str(cw.tuple), "state": "CLOSE_WAIT",
-                               "reason": "only ESTABLISHED connections can be moved"}]
+    # the two connections of the issue and the one whose SYN the full listener took (ESTABLISHED)
+    assert len(report["connections"]) == 3
+    assert report["lost"] == [{"fd": syn.fd, "protocol": "TCP", "tuple": str(syn.tuple), "state": "SYN_SENT",
+                               "reason": report["lost"][0]["reason"]}]
+    assert report["lost"][0]["reason"].startswith("only ESTABLISHED, ")
     assert proc.wait(5) < 0
-    # the loss the user accepted: the CLOSE_WAIT peer is reset (it had unread bytes), the moved one is not
-    closing.settimeout(5)
-    with pytest.raises(ConnectionResetError):
-        closing.recv(1)
-    (state,) = [s for _, s in read_dir(tmp_path / "img")]
-    restored = sockrepair.restore(state)
+    images = [s for _, s in read_dir(tmp_path / "img")]
+    assert sorted(s.tcp_state for s in images) == [1, 1, 8]
+    mine = {1: next(s for s in images if s.tuple.remote_port == live.getsockname()[1]),
+            8: next(s for s in images if s.tcp_state == 8)}
+    restored = {n: sockrepair.restore(s) for n, s in mine.items()}
     try:
-        sockrepair.unlock([state.tuple])
+        sockrepair.unlock([s.tuple for s in images])
+        live.settimeout(10)
         live.sendall(b"ping")
-        assert recv_exactly(restored, 4) == b"ping"
+        assert recv_exactly(restored[1], 4) == b"ping"
+        # the CLOSE_WAIT one: the unread bytes, then the FIN; its peer was never reset and still reads
+        cw = restored[8]
+        cw.settimeout(10)
+        assert cw.recv(100) == b"hello" and cw.recv(100) == b""
+        cw.sendall(b"bye")
+        closing.settimeout(10)
+        assert recv_exactly(closing, 3) == b"bye"
+        cw.close()
+        assert closing.recv(10) == b""
     finally:
-        restored.close()
+        for sock in restored.values():
+            sock.close()
 
 
 def test_leave_running_loses_nothing_and_lists_nothing(holder, tmp_path):
     proc, *_ = holder
-    _wait_close_wait(proc.pid)
     report = dump(proc.pid, tmp_path / "img", after=After.LEAVE_RUNNING)
-    assert len(report.connections) == 1 and report.lost == []
+    assert len(report.connections) == 3 and report.lost == []
 
 
 def test_an_mptcp_socket_is_named_as_such_with_the_process_fd(netns, tmp_path):

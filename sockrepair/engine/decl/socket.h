@@ -60,6 +60,7 @@
 #define IPV6_V6ONLY 26
 #define IPV6_TCLASS 67
 
+#define SHUT_WR 1
 #define MSG_OOB 1
 #define MSG_PEEK 2
 #define MSG_DONTWAIT 64
@@ -113,3 +114,4 @@ int getpeername(int fd, struct sockaddr *addr, socklen_t *addrlen);
 ssize_t recv(int fd, void *buf, size_t len, int flags);
 ssize_t send(int fd, const void *buf, size_t len, int flags);
 int close(int fd);
+int shutdown(int fd, int how);
