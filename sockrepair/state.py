@@ -229,11 +229,14 @@ class ConnectionState:
     (docs/image-format.md).
 
     - `tuple`: the ConnTuple (getsockname/getpeername).
-    - `tcp_state`: tcpi_state of TCP_INFO, a Linux TCP state number (TCP_STATES; checkpoint takes only 1,
-      ESTABLISHED).
+    - `tcp_state`: tcpi_state of TCP_INFO, a Linux TCP state number (TCP_STATES; checkpoint takes ESTABLISHED and
+      the half-closed FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, CLOSING, LAST_ACK). In a half-closed state `send_seq` counts
+      our FIN once shutdown queued it and `recv_seq` the peer's once it arrived (TCP_QUEUE_SEQ counts a FIN as one
+      sequence number, as criu's images keep them); the queues and `unsent_len` hold bytes only.
     - `send_seq`: getsockopt(TCP_QUEUE_SEQ) with TCP_REPAIR_QUEUE = TCP_SEND_QUEUE, which is tp->write_seq: the
       sequence number after the LAST byte of the send queue, never-sent bytes included. It is not snd_nxt:
-      snd_una = send_seq - len(send_queue) and snd_nxt = send_seq - unsent_len (mod 2**32).
+      snd_una = send_seq - len(send_queue) and snd_nxt = send_seq - unsent_len (mod 2**32; one less when our FIN is
+      counted).
     - `recv_seq`: getsockopt(TCP_QUEUE_SEQ) with TCP_REPAIR_QUEUE = TCP_RECV_QUEUE, which is tp->rcv_nxt: the
       sequence number after the last byte received in order; the receive queue starts at recv_seq - len(recv_queue)
       (the application's copied_seq). Restore sets each queue's START (seq - length) on the closed socket, then

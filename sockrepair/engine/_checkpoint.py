@@ -49,9 +49,10 @@ def checkpoint(sock: SockLike) -> ConnectionState:
     `timestamp` the raw u32 TCP timestamp clock (TCP_TIMESTAMP) and `sockopts` the application's options.
 
     Raises SocketStateError (`.fd`, and `.tcp_state` / `.tuple` when known) when `sock` is not an open socket, not
-    plain IPv4/IPv6 TCP (MPTCP is named), not ESTABLISHED, or uses what sockrepair.engine.registry marks REFUSED
+    plain IPv4/IPv6 TCP (MPTCP is named), not ESTABLISHED nor half-closed (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, CLOSING,
+    LAST_ACK: engine/_states.py), or uses what sockrepair.engine.registry marks REFUSED
     (urgent data, TCP-MD5 keys, kTLS, TCP-AO...: every one found is named; before repair mode: the socket is
-    untouched), or when it left ESTABLISHED
+    untouched), or when it left its state
     while being frozen; NotPermittedError (a PermissionError) without CAP_NET_ADMIN in the socket's network
     namespace; UnsupportedError on a kernel without TCP_REPAIR; SocketCallError (`.errno`, `.op`, `.fd`, `.tuple`)
     when a kernel call fails, with EAGAIN when the queues kept changing while read (the peer is not locked out).
