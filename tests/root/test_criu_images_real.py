@@ -16,7 +16,14 @@ import pytest
 
 from sockrepair.cli.main import main as sockrepair_main
 from sockrepair.criu import driver
-from sockrepair.criu.compare import DIFFERS, EXPLAINED, NOT_IN_CRIU, NOT_KEPT, SAME, compare
+from sockrepair.criu.compare import (
+    DIFFERS,
+    EXPLAINED,
+    NOT_IN_CRIU,
+    NOT_KEPT,
+    SAME,
+    compare,
+)
 from sockrepair.criu.locate import Criu
 from sockrepair.criu.manifest import LOCK_SKIP
 from sockrepair.criu.show import load_states
