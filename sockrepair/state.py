@@ -229,8 +229,9 @@ class ConnectionState:
     (docs/image-format.md).
 
     - `tuple`: the ConnTuple (getsockname/getpeername).
-    - `tcp_state`: tcpi_state of TCP_INFO, a Linux TCP state number (TCP_STATES; checkpoint takes ESTABLISHED and
-      the half-closed FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, CLOSING, LAST_ACK). In a half-closed state `send_seq` counts
+    - `tcp_state`: tcpi_state of TCP_INFO, a Linux TCP state number (TCP_STATES; checkpoint takes ESTABLISHED,
+      SYN_SENT and the half-closed FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, CLOSING, LAST_ACK; in SYN_SENT `send_seq` is
+      the initial sequence number plus one). In a half-closed state `send_seq` counts
       our FIN once shutdown queued it and `recv_seq` the peer's once it arrived (TCP_QUEUE_SEQ counts a FIN as one
       sequence number, as criu's images keep them); the queues and `unsent_len` hold bytes only.
     - `send_seq`: getsockopt(TCP_QUEUE_SEQ) with TCP_REPAIR_QUEUE = TCP_SEND_QUEUE, which is tp->write_seq: the

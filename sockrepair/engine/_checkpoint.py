@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 
 from sockrepair.engine._addr import read_tuple
+from sockrepair.engine._diag import connecting_tuple
 from sockrepair.engine._ffi import lib
 from sockrepair.engine._queues import read_queues
 from sockrepair.engine._refuse import refuse
@@ -49,8 +50,8 @@ def checkpoint(sock: SockLike) -> ConnectionState:
     `timestamp` the raw u32 TCP timestamp clock (TCP_TIMESTAMP) and `sockopts` the application's options.
 
     Raises SocketStateError (`.fd`, and `.tcp_state` / `.tuple` when known) when `sock` is not an open socket, not
-    plain IPv4/IPv6 TCP (MPTCP is named), not ESTABLISHED nor half-closed (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, CLOSING,
-    LAST_ACK: engine/_states.py), or uses what sockrepair.engine.registry marks REFUSED
+    plain IPv4/IPv6 TCP (MPTCP is named), not ESTABLISHED, SYN_SENT nor half-closed (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT,
+    CLOSING, LAST_ACK: engine/_states.py), or uses what sockrepair.engine.registry marks REFUSED
     (urgent data, TCP-MD5 keys, kTLS, TCP-AO...: every one found is named; before repair mode: the socket is
     untouched), or when it left its state
     while being frozen; NotPermittedError (a PermissionError) without CAP_NET_ADMIN in the socket's network
@@ -66,7 +67,7 @@ def checkpoint(sock: SockLike) -> ConnectionState:
         what = "a listening socket" if first_state == lib.TCP_LISTEN else f"in state {state_name(first_state)}"
         raise SocketStateError(f"fd {fd} is {what}; only {REPAIRABLE_NAMES} connections can be checkpointed",
                                fd=fd, tuple=_tuple_if_connected(session), tcp_state=first_state)
-    conn = session.tuple = read_tuple(session)
+    conn = session.tuple = _connection_tuple(session, first_state)
     sockopts = read_sockopts(session, conn.family)
     refuse(session, conn, info.tcpi_state)
     session.repair_on()
@@ -172,6 +173,18 @@ def _ensure_tcp(session: _Session) -> None:
             f"fd {fd} is {what} (domain {domain}, type {sock_type}, protocol {protocol}); "
             "only plain IPv4/IPv6 TCP connections can be repaired", fd=fd
         )
+
+
+def _connection_tuple(session: _Session, tcp_state: int) -> ConnTuple:
+    """getsockname/getpeername; in SYN_SENT, where getpeername says ENOTCONN, sock_diag's view of the socket."""
+    if tcp_state != lib.TCP_SYN_SENT:
+        return read_tuple(session)
+    family = session.get(SOL, lib.SO_DOMAIN, "SO_DOMAIN")
+    conn = connecting_tuple(session, family, tcp_state)
+    if conn is None:
+        raise SocketStateError(f"fd {session.fd} left SYN_SENT before its peer could be read", fd=session.fd,
+                               tcp_state=tcp_state)
+    return conn
 
 
 def _tuple_if_connected(session: _Session) -> ConnTuple | None:

@@ -88,6 +88,44 @@ def _netlink_for(session: _Session) -> socket.socket:
     return sock
 
 
+NLM_F_DUMP = 0x300
+NLMSG_DONE = 3
+_INODE_AT = 68  # idiag_inode in struct inet_diag_msg
+
+
+def connecting_tuple(session: _Session, family: int, tcp_state: int) -> ConnTuple | None:
+    """The 4-tuple of the session's socket when getpeername cannot say it (SYN_SENT: ENOTCONN), from a sock_diag
+    dump of the sockets in `tcp_state`, matched by inode; None when it is not among them."""
+    sock = _netlink_for(session)
+    inode = os.fstat(session.fd).st_ino
+    body = _REQ_HEAD.pack(family, socket.IPPROTO_TCP, 0, 1 << tcp_state) + bytes(48)
+    try:
+        sock.send(_NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 2, 0) + body)
+        found = None
+        while True:
+            data = sock.recv(1 << 16)
+            off = 0
+            while off + _NLMSG.size <= len(data):
+                length, kind = _NLMSG.unpack_from(data, off)[:2]
+                if kind == NLMSG_DONE:
+                    return found
+                if kind == NLMSG_ERROR:
+                    (err,) = struct.unpack_from("=i", data, off + _NLMSG.size)
+                    raise SocketCallError(-err, "sock_diag dump", session.fd)
+                msg = off + _NLMSG.size
+                if struct.unpack_from("=I", data, msg + _INODE_AT)[0] == inode:
+                    sport, dport = _PORTS.unpack_from(data, msg + 4)
+                    size = 4 if family == socket.AF_INET else 16
+                    local = socket.inet_ntop(family, data[msg + 8 : msg + 8 + size])
+                    remote = socket.inet_ntop(family, data[msg + 24 : msg + 24 + size])
+                    found = ConnTuple(family, local, sport, remote, dport)
+                off += (length + 3) & ~3
+    except OSError as exc:
+        if isinstance(exc, SocketCallError):
+            raise
+        raise SocketCallError(exc.errno or errno.EIO, "sock_diag dump", session.fd) from None
+
+
 def _request(conn: ConnTuple, ifindex: int) -> bytes:
     family = conn.family
     local = socket.inet_pton(family, conn.local_addr).ljust(16, b"\0")

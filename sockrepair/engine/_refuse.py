@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 
 from sockrepair.engine._addr import read_tuple
-from sockrepair.engine._diag import diag
+from sockrepair.engine._diag import connecting_tuple, diag
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import CHARS, _Session, getsockopt, new
 from sockrepair.engine._states import REPAIRABLE
@@ -117,7 +117,13 @@ def refusals_of(fd: int) -> list[tuple[str, str]]:
     tcp_state = tcp_info(session).tcpi_state
     if tcp_state not in REPAIRABLE:
         return []  # checkpoint() refuses it by its state
-    conn = session.tuple = read_tuple(session)
+    if tcp_state == lib.TCP_SYN_SENT:
+        conn = connecting_tuple(session, session.get(SOL, lib.SO_DOMAIN, "SO_DOMAIN"), tcp_state)
+        if conn is None:
+            return []  # connected meanwhile: checkpoint() reads it as it is then
+    else:
+        conn = read_tuple(session)
+    session.tuple = conn
     return refusals(session, conn, tcp_state)
 
 

@@ -16,7 +16,7 @@ from sockrepair.engine._sockopts import (
     lift_send_limit,
     size_buffers,
 )
-from sockrepair.engine._states import FIN_IN_RECV, replay_close, restore_seqs
+from sockrepair.engine._states import FIN_IN_RECV, SYN_SENT, replay_close, restore_seqs
 from sockrepair.engine._tcpopts import (
     restore_options,
     restore_timestamp,
@@ -67,6 +67,12 @@ def restore(state: ConnectionState) -> socket.socket:
         # later without resizing, which left restored sockets sending 524-byte segments. A user MSS set before
         # the connect is the clamp the connect uses (the kernel caps it at MAX_TCP_WINDOW, so loopback's 65495
         # becomes 32767); it is cleared again once the connection exists.
+        if state.tcp_state == SYN_SENT:
+            _connect_again(sock, session, state)
+            apply_in_repair(session, conn.family, so)
+            session.repair_off(False)
+            apply_after_repair(session, so)
+            return sock
         set_user_mss(session, _user_mss(state))
         _connect(session, state)
         set_user_mss(session, 0)
@@ -117,6 +123,22 @@ def _user_mss(state: ConnectionState) -> int:
         return mss
     half = w.max_window >> 1 if w.max_window > MSS_DEFAULT else w.max_window
     return max(min(mss, half + (TIMESTAMP_OPTION if state.options.timestamps else 0)), MIN_USER_MSS)
+
+
+def _connect_again(sock: socket.socket, session: _Session, state: ConnectionState) -> None:
+    """SYN_SENT (libsoccr's recipe): nothing was negotiated yet, so the handshake runs again. Out of repair mode the
+    connect sends a SYN from the saved initial sequence number (write_seq was set, so the kernel keeps it) and
+    returns at once; the socket is then back in repair mode for the options."""
+    session.repair_off(False)
+    sock.setblocking(False)
+    try:
+        err = sock.connect_ex(state.tuple.remote)
+    finally:
+        sock.setblocking(True)
+    if err not in (0, errno.EINPROGRESS):
+        raise SocketCallError(err, f"connect({state.tuple.remote_addr}:{state.tuple.remote_port}) for SYN_SENT",
+                              session.fd, tuple=state.tuple)
+    session.repair_on()
 
 
 def _abandon(sock: socket.socket, session: _Session) -> None:

@@ -40,7 +40,8 @@ CLOSE_WAIT, LAST_ACK, CLOSING = lib.TCP_CLOSE_WAIT, lib.TCP_LAST_ACK, lib.TCP_CL
 FIN_IN_SEND = frozenset({FIN_WAIT1, FIN_WAIT2, CLOSING, LAST_ACK})
 # The peer's FIN is in the receive sequence space (rcv_nxt counts it).
 FIN_IN_RECV = frozenset({CLOSE_WAIT, LAST_ACK, CLOSING})
-REPAIRABLE = frozenset({ESTABLISHED}) | FIN_IN_SEND | FIN_IN_RECV
+SYN_SENT = lib.TCP_SYN_SENT
+REPAIRABLE = frozenset({ESTABLISHED, SYN_SENT}) | FIN_IN_SEND | FIN_IN_RECV
 TH_FIN, TH_ACK = 0x01, 0x10
 U32 = 0xFFFFFFFF
 # How long restore waits for a re-created segment to be processed (it normally is before sendto returns).
@@ -55,9 +56,10 @@ def send_lengths(tcp_state: int, outq: int, unsent: int) -> tuple[int, int]:
 
 
 def restore_seqs(state: ConnectionState) -> tuple[int, int]:
-    """(send_seq, recv_seq) as restore sets them on the ESTABLISHED socket it builds: without the FINs."""
-    return ((state.send_seq - (state.tcp_state in FIN_IN_SEND)) & U32,
-            (state.recv_seq - (state.tcp_state in FIN_IN_RECV)) & U32)
+    """(send_seq, recv_seq) as restore sets them on the ESTABLISHED socket it builds: without the FINs; for
+    SYN_SENT without the SYN (write_seq counts it: the connect sends it again from the ISN)."""
+    ours = state.tcp_state in FIN_IN_SEND or state.tcp_state == SYN_SENT
+    return (state.send_seq - ours) & U32, (state.recv_seq - (state.tcp_state in FIN_IN_RECV)) & U32
 
 
 def _segment(state: ConnectionState, flags: int, seq: int, ack: int) -> bytes:

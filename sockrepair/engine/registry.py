@@ -59,9 +59,9 @@ def _tcp(name: str, opt: int, kind: str, *fields: str, criu: bool = True, why: s
 ENTRIES: tuple[Entry, ...] = (
     # ---- the connection itself: TCP_REPAIR, TCP_INFO, getsockname/getpeername --------------------------------------
     Entry("getsockname/getpeername", "socket", None, "sockaddr", C, "the 4-tuple", ("tuple",), True),
-    Entry("tcpi_state", "TCP_INFO", None, "u8", C, "ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, CLOSING and "
-          "LAST_ACK (restore replays the close: engine/_states.py); checkpoint refuses SYN_SENT, SYN_RECV and CLOSE "
-          "by name", ("tcp_state",), True),
+    Entry("tcpi_state", "TCP_INFO", None, "u8", C, "ESTABLISHED, SYN_SENT (the connect runs again from the same "
+          "initial sequence number), FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, CLOSING and LAST_ACK (restore replays the "
+          "close: engine/_states.py); checkpoint refuses LISTEN, SYN_RECV and CLOSE by name", ("tcp_state",), True),
     Entry("TCP_QUEUE_SEQ", TCP, 21, "u32", C, "per queue, in repair mode", ("send_seq", "recv_seq"), True),
     Entry("receive queue", "ioctl", 0x541B, "bytes", C, "SIOCINQ bytes, peeked in repair mode", ("recv_queue",),
           True),

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import errno
 import multiprocessing
 import os
 import socket
+import struct
 import time
 
 import pytest
@@ -14,7 +14,7 @@ import pytest
 import sockrepair
 from sockrepair.state import ConnTuple
 
-TCP_SYN_SENT, TCP_LISTEN = 2, 10
+TCP_CLOSE, TCP_LISTEN = 7, 10
 
 
 def _open_fds() -> int:
@@ -56,19 +56,18 @@ def test_listening_socket_is_refused(netns):
         assert (err.value.fd, err.value.tcp_state, err.value.tuple) == (listener.fileno(), TCP_LISTEN, None)
 
 
-def test_a_connection_still_connecting_names_its_state(netns):
-    """SYN_SENT is not repaired: its SYN went to a listener whose accept queue is full (backlog 0, one waiting),
-    which drops it and every retransmission. Refused before repair mode: it goes on connecting."""
-    with socket.socket() as full:
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        with socket.create_connection(full.getsockname()), socket.socket() as stuck:
-            stuck.setblocking(False)
-            assert stuck.connect_ex(full.getsockname()) == errno.EINPROGRESS
-            with pytest.raises(sockrepair.SocketStateError, match="in state SYN_SENT; only ESTABLISHED, ") as err:
-                sockrepair.checkpoint(stuck)
-            assert (err.value.fd, err.value.tcp_state, err.value.tuple) == (stuck.fileno(), TCP_SYN_SENT, None)
-            assert stuck.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_SYN_SENT
+def test_a_reset_connection_names_its_state(make_pair):
+    """CLOSE (here after the peer's RST) is not repaired: nothing of the connection is left on the wire."""
+    client, server = make_pair()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+    deadline = time.monotonic() + 10
+    while server.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_CLOSE:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    with pytest.raises(sockrepair.SocketStateError, match="in state CLOSE; only ESTABLISHED, SYN_SENT, ") as err:
+        sockrepair.checkpoint(server)
+    assert (err.value.fd, err.value.tcp_state, err.value.tuple) == (server.fileno(), TCP_CLOSE, None)
 
 
 def _checkpoint_as_nobody(fd: int, out: multiprocessing.connection.Connection) -> None:

@@ -15,23 +15,22 @@ import pytest
 import sockrepair
 from sockrepair.image.directory import read_dir
 from sockrepair.move.dump import After, dump, inspect
-from sockrepair.move.procfs import stat, tcp_sockets
+from sockrepair.move.procfs import ProcSocket, stat, tcp_sockets
 from sockrepair.move.take import socket_protocol
 from tests.clihelp import run_main
 from tests.root.streams import recv_exactly
 
 # Accepts `n` connections, reads nothing, and sleeps: what it holds stays as the peers left it.
-# With "syn", it also holds a connection stuck in SYN_SENT: its SYN goes to a listener whose accept queue is full
-# (backlog 0, one connection waiting), which drops it, and every retransmission.
+# With "mptcp", it also holds an MPTCP connection (to its own MPTCP listener, not accepted), which TCP_REPAIR cannot
+# take.
 HOLDER = r"""
 import socket, sys, time
 n = int(sys.argv[1]); proto = int(sys.argv[2])
 lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
 lst.bind(("127.0.0.1", 0)); lst.listen()
-if sys.argv[3] == "syn":
-    full = socket.socket(); full.bind(("127.0.0.1", 0)); full.listen(0)
-    queued = socket.create_connection(full.getsockname())
-    stuck = socket.socket(); stuck.setblocking(False); stuck.connect_ex(full.getsockname())
+if sys.argv[3] == "mptcp":
+    mlst = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262); mlst.bind(("127.0.0.1", 0)); mlst.listen()
+    mptcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262); mptcp.connect(mlst.getsockname())
 print(lst.getsockname()[1], flush=True)
 held = [lst.accept()[0] for _ in range(n)]
 print("accepted", flush=True)
@@ -39,8 +38,8 @@ time.sleep(600)
 """
 
 
-def _holder(n: int, proto: int = 0, syn: bool = False) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(n), str(proto), "syn" if syn else "-"],
+def _holder(n: int, proto: int = 0, mptcp: bool = False) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(n), str(proto), "mptcp" if mptcp else "-"],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     return proc, int(proc.stdout.readline())
@@ -48,9 +47,9 @@ def _holder(n: int, proto: int = 0, syn: bool = False) -> tuple[subprocess.Popen
 
 @pytest.fixture
 def holder(netns) -> Iterator[tuple[subprocess.Popen[str], int, socket.socket, socket.socket]]:
-    """A process with one ESTABLISHED connection, one CLOSE_WAIT one (5 unread bytes and the peer's FIN), and one
-    stuck in SYN_SENT, which the engine does not repair."""
-    proc, port = _holder(2, syn=True)
+    """A process with one ESTABLISHED connection, one CLOSE_WAIT one (5 unread bytes and the peer's FIN), and an
+    MPTCP one, which the engine does not repair."""
+    proc, port = _holder(2, mptcp=True)
     live = socket.create_connection(("127.0.0.1", port), timeout=10)
     closing = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
@@ -66,6 +65,11 @@ def holder(netns) -> Iterator[tuple[subprocess.Popen[str], int, socket.socket, s
         proc.wait()
 
 
+def _mptcp(pid: int) -> ProcSocket:
+    (found,) = [s for s in tcp_sockets(pid) if socket_protocol(pid, s.fd) == "MPTCP" and s.tcp_state == 1]
+    return found
+
+
 def _wait_state(pid: int, tcp_state: int) -> None:
     for _ in range(500):
         if any(s.tcp_state == tcp_state for s in tcp_sockets(pid)):
@@ -76,12 +80,12 @@ def _wait_state(pid: int, tcp_state: int) -> None:
 
 def test_dump_refuses_before_freezing_and_names_the_connection(holder, tmp_path):
     proc, _, live, closing = holder
-    syn = next(s for s in tcp_sockets(proc.pid) if s.tcp_state == 2)
+    mp = _mptcp(proc.pid)
     with pytest.raises(sockrepair.SocketStateError) as caught:
         dump(proc.pid, tmp_path / "img")
     err = caught.value
-    assert (err.pid, err.fd, err.tuple, err.tcp_state) == (proc.pid, syn.fd, syn.tuple, 2)
-    assert f"fd {syn.fd} TCP {syn.tuple} SYN_SENT (only " in str(err)
+    assert (err.pid, err.fd, err.tuple, err.tcp_state) == (proc.pid, mp.fd, mp.tuple, 1)
+    assert f"fd {mp.fd} MPTCP {mp.tuple} ESTABLISHED (MPTCP is not plain TCP" in str(err)
     assert "Nothing was frozen" in str(err)
     assert not (tmp_path / "img").exists()
     assert sockrepair.list_locks() == []
@@ -95,27 +99,25 @@ def test_dump_refuses_before_freezing_and_names_the_connection(holder, tmp_path)
     # the CLI says the same in one line and exits 1
     code, out, err_text = run_main("dump", "--pid", str(proc.pid), "-D", str(tmp_path / "img2"))
     assert (code, out) == (1, "")
-    assert err_text.startswith("sockrepair: error: process ") and f"fd {syn.fd} TCP" in err_text
+    assert err_text.startswith("sockrepair: error: process ") and f"fd {mp.fd} MPTCP" in err_text
     assert err_text.count("\n") == 1
 
 
 def test_allow_loss_moves_the_rest_close_wait_included_and_lists_what_was_lost(holder, tmp_path):
     """The issue's case: an ESTABLISHED and a CLOSE_WAIT connection (5 unread bytes and a FIN) both move; what
-    cannot (SYN_SENT) is named in the report."""
+    cannot (MPTCP) is named in the report."""
     proc, _, live, closing = holder
-    syn = next(s for s in tcp_sockets(proc.pid) if s.tcp_state == 2)
+    mp = _mptcp(proc.pid)
     code, out, err_text = run_main("dump", "--pid", str(proc.pid), "-D", str(tmp_path / "img"), "--allow-loss",
                                    "--json")
     assert code == 0, err_text
     report = json.loads(out)
-    # the two connections of the issue and the one whose SYN the full listener took (ESTABLISHED)
-    assert len(report["connections"]) == 3
-    assert report["lost"] == [{"fd": syn.fd, "protocol": "TCP", "tuple": str(syn.tuple), "state": "SYN_SENT",
-                               "reason": report["lost"][0]["reason"]}]
-    assert report["lost"][0]["reason"].startswith("only ESTABLISHED, ")
+    assert len(report["connections"]) == 2
+    assert report["lost"] == [{"fd": mp.fd, "protocol": "MPTCP", "tuple": str(mp.tuple), "state": "ESTABLISHED",
+                               "reason": "MPTCP is not plain TCP: TCP_REPAIR cannot take it"}]
     assert proc.wait(5) < 0
     images = [s for _, s in read_dir(tmp_path / "img")]
-    assert sorted(s.tcp_state for s in images) == [1, 1, 8]
+    assert sorted(s.tcp_state for s in images) == [1, 8]
     mine = {1: next(s for s in images if s.tuple.remote_port == live.getsockname()[1]),
             8: next(s for s in images if s.tcp_state == 8)}
     restored = {n: sockrepair.restore(s) for n, s in mine.items()}
@@ -141,7 +143,7 @@ def test_allow_loss_moves_the_rest_close_wait_included_and_lists_what_was_lost(h
 def test_leave_running_loses_nothing_and_lists_nothing(holder, tmp_path):
     proc, *_ = holder
     report = dump(proc.pid, tmp_path / "img", after=After.LEAVE_RUNNING)
-    assert len(report.connections) == 3 and report.lost == []
+    assert len(report.connections) == 2 and report.lost == []
 
 
 def test_an_mptcp_socket_is_named_as_such_with_the_process_fd(netns, tmp_path):

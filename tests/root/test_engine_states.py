@@ -1,10 +1,11 @@
 """Half-closed connections move: FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK and CLOSING, over IPv4, IPv6 and
-v4-mapped. After the restore TCP_INFO shows the same state, the unread bytes and the peer's FIN reach the application
+v4-mapped; so do connections still in SYN_SENT. After the restore TCP_INFO shows the same state, the unread bytes and the peer's FIN reach the application
 (recv returns the bytes, then b""), our own FIN reaches the peer after every byte we had queued, and no RST is sent
 by anyone in the namespace."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 from collections.abc import Callable
@@ -190,3 +191,45 @@ def test_our_fin_sent_but_never_acknowledged_is_sent_again(locker, family: int, 
     finally:
         client.close()
         server.close()
+
+
+SYN_SENT = 2
+CONNECTING = [
+    pytest.param(socket.AF_INET, "127.0.0.1", socket.AF_INET, "127.0.0.1", id="ipv4"),
+    pytest.param(socket.AF_INET6, "::1", socket.AF_INET6, "::1", id="ipv6"),
+    pytest.param(socket.AF_INET, "127.0.0.1", socket.AF_INET6, "::ffff:127.0.0.1", id="v4-mapped"),
+]
+
+
+@pytest.mark.parametrize(("listen_family", "listen_addr", "family", "connect_addr"), CONNECTING)
+def test_a_connection_still_connecting_moves(netns, listen_family: int, listen_addr: str, family: int,
+                                             connect_addr: str) -> None:
+    """SYN_SENT: the SYN goes to a listener whose accept queue is full (backlog 0, one waiting), which drops it.
+    The restored socket sends it again from the same initial sequence number; once the queue has room the
+    handshake completes and data flows."""
+    with socket.socket(listen_family) as full:
+        full.bind((listen_addr, 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        with socket.create_connection((listen_addr, port)), socket.socket(family) as stuck:
+            stuck.setblocking(False)
+            assert stuck.connect_ex((connect_addr, port)) == errno.EINPROGRESS
+            _until(stuck, SYN_SENT)
+            rsts = _out_rsts()
+            state = sockrepair.checkpoint(stuck)
+            assert (state.tcp_state, state.tuple.remote_port, state.send_queue) == (SYN_SENT, port, b"")
+            sockrepair.discard(stuck, state)
+            with sockrepair.restore(ConnectionState.from_bytes(state.to_bytes())) as restored:
+                assert _state(restored) == SYN_SENT
+                full.accept()[0].close()  # room for one more: the next SYN is taken
+                _until(restored, 1)
+                assert tuple_of(restored) == state.tuple
+                server, _ = full.accept()
+                with server:
+                    restored.sendall(b"hello")
+                    server.settimeout(10)
+                    assert server.recv(10) == b"hello"
+                    server.sendall(b"there")
+                    restored.settimeout(10)
+                    assert restored.recv(10) == b"there"
+            assert _out_rsts() == rsts
