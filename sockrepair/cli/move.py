@@ -29,7 +29,8 @@ def _fds(text: str) -> int:
 def add_move_commands(sub: Any) -> None:
     p = sub.add_parser("dump", help="checkpoint the TCP connections of a running process into image files")
     p.add_argument("--pid", type=int, required=True, help="the process holding the connections")
-    p.add_argument("--fd", type=_fds, action="append", help="only this fd (repeatable); default: all established")
+    p.add_argument("--fd", type=_fds, action="append",
+                   help="only this fd (repeatable); default: every connection (established, connecting or half-closed)")
     p.add_argument("-D", "--dir", required=True, type=Path, help="directory for the images (created, mode 0700)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--leave-running", action="store_true", help="the connections go on in the process")
