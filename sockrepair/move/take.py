@@ -186,10 +186,11 @@ def process_locker(pid: int) -> Locker:
 
 def _in_process(exc: SocketStateError, pid: int, sock: ProcSocket, copy: int) -> SocketStateError:
     """The engine's error names the pidfd_getfd copy's fd, which means nothing to the caller: name the process's
-    own fd, its pid, the tuple and the state the kernel shows now."""
+    own fd, its pid, the protocol, the tuple and the state the kernel shows now."""
     reason = str(exc).removeprefix(f"fd {copy} ").removeprefix(f"({sock.tuple}) ")
     now = tcp_table(pid).get(sock.inode)
-    return SocketStateError(f"fd {sock.fd} of process {pid} ({sock.tuple}) {reason}", pid=pid, fd=sock.fd,
+    protocol = socket_protocol(pid, sock.fd) or "TCP"
+    return SocketStateError(f"fd {sock.fd} of process {pid} ({protocol} {sock.tuple}) {reason}", pid=pid, fd=sock.fd,
                             tuple=sock.tuple, tcp_state=now[1] if now is not None else exc.tcp_state)
 
 

@@ -304,7 +304,7 @@ def test_a_socket_that_changed_while_frozen_is_not_ended(netns, tmp_path, monkey
             dump(server.pid, tmp_path / "img", lock=False)
         err = caught.value
         assert (err.pid, err.fd, err.tcp_state) == (server.pid, late_fd, 1)
-        assert str(err).startswith(f"fd {late_fd} of process {server.pid} ({err.tuple}) changed")
+        assert str(err).startswith(f"fd {late_fd} of process {server.pid} (TCP {err.tuple}) changed")
         assert _state(server.pid) not in ("T", "t")
         assert recv_exactly(late, 100) == pattern(offsets[1], 100, salt=1)
         offsets[1] += 100
