@@ -52,8 +52,8 @@ def checkpoint(sock: SockLike) -> ConnectionState:
     Raises SocketStateError (`.fd`, and `.tcp_state` / `.tuple` when known) when `sock` is not an open socket, not
     plain IPv4/IPv6 TCP (MPTCP is named), not ESTABLISHED, SYN_SENT nor half-closed (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT,
     CLOSING, LAST_ACK: engine/_states.py), or uses what sockrepair.engine.registry marks REFUSED
-    (urgent data, TCP-MD5 keys, kTLS, TCP-AO...: every one found is named; before repair mode: the socket is
-    untouched), or when it left its state
+    (urgent data, TCP-MD5 keys, kTLS, TCP-AO...: every one found is named; the socket is resumed without a window
+    probe, as it was), or when it left its state
     while being frozen; NotPermittedError (a PermissionError) without CAP_NET_ADMIN in the socket's network
     namespace; UnsupportedError on a kernel without TCP_REPAIR; SocketCallError (`.errno`, `.op`, `.fd`, `.tuple`)
     when a kernel call fails, with EAGAIN when the queues kept changing while read (the peer is not locked out).
@@ -69,12 +69,13 @@ def checkpoint(sock: SockLike) -> ConnectionState:
                                fd=fd, tuple=_tuple_if_connected(session), tcp_state=first_state)
     conn = session.tuple = _connection_tuple(session, first_state)
     sockopts = read_sockopts(session, conn.family)
-    refuse(session, conn, info.tcpi_state)
     session.repair_on()
     try:
         if sockopts.reuseaddr:
             # repair mode now forces the flag and leaving it will clear it: resume puts the application's back
             hold_reuse(fd)
+        # in repair mode: the application cannot read while the receive queue is compared (engine/_refuse.py)
+        refuse(session, conn, first_state)
         # re-read under repair: the state may have moved between the first look and the freeze
         info = tcp_info(session)
         if info.tcpi_state != first_state:

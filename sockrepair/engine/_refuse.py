@@ -1,4 +1,6 @@
-"""The REFUSED entries of sockrepair.engine.registry, checked on a live socket before repair mode touches it.
+"""The REFUSED entries of sockrepair.engine.registry, checked on a live socket: by checkpoint() right after repair
+mode goes on (it then resumes the socket without a window probe: nothing reaches the wire), and by a process dump
+on every socket before it freezes the process (sockrepair/move/take.py screen()).
 
 Every check reads without changing anything: getsockopt, ioctl, recv(MSG_OOB | MSG_PEEK) and one sock_diag request.
 Urgent data shows in two ways: an urgent byte not yet read (recv(MSG_OOB | MSG_PEEK) returns it, or EAGAIN while the
@@ -63,9 +65,11 @@ _OOB_FLAGS = lib.MSG_OOB | lib.MSG_PEEK | lib.MSG_DONTWAIT
 _ATTEMPTS = 20
 
 
-def refusals(session: _Session, conn: ConnTuple, tcp_state: int) -> list[tuple[str, str]]:
-    """(registry entry name, what was found) for every REFUSED entry the connection uses; [] when none. Raises
-    SocketCallError when a kernel call fails unexpectedly."""
+def refusals(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool) -> list[tuple[str, str]]:
+    """(registry entry name, what was found) for every REFUSED entry the connection uses; [] when none. An urgent
+    byte already read shows only as SIOCINQ stopping short of sock_diag's rqueue, which is compared `in_repair`
+    only: out of repair mode the application may read between the two calls, and the two would disagree for that
+    reason alone. Raises SocketCallError when a kernel call fails unexpectedly."""
     found: list[tuple[str, str]] = []
     get = session.get
     for entry, level, opt, name, fresh in _INTS + _FAMILY_INTS[conn.family]:
@@ -99,7 +103,7 @@ def refusals(session: _Session, conn: ConnTuple, tcp_state: int) -> list[tuple[s
         if session.ioctl(lib.SIOCINQ, "SIOCINQ") == inq:
             break
     fin = 1 if tcp_state in _FIN_RECEIVED else 0
-    if urgent is None and view.rqueue > inq + fin:
+    if in_repair and urgent is None and view.rqueue > inq + fin:
         urgent = f"an urgent mark {inq} bytes into the {view.rqueue - fin}-byte receive queue"
     if urgent is not None:
         found.append(("urgent data (MSG_OOB)", urgent))
@@ -124,16 +128,17 @@ def refusals_of(fd: int) -> list[tuple[str, str]]:
     else:
         conn = read_tuple(session)
     session.tuple = conn
-    return refusals(session, conn, tcp_state)
+    return refusals(session, conn, tcp_state, in_repair=False)
 
 
 def refuse(session: _Session, conn: ConnTuple, tcp_state: int) -> None:
-    """Raise SocketStateError (`.fd`, `.tuple`, `.tcp_state`) naming every REFUSED entry the connection uses."""
-    found = refusals(session, conn, tcp_state)
+    """In repair mode (the application cannot read meanwhile): raise SocketStateError (`.fd`, `.tuple`,
+    `.tcp_state`) naming every REFUSED entry the connection uses."""
+    found = refusals(session, conn, tcp_state, in_repair=True)
     if found:
         what = "; ".join(f"{detail} ({entry})" for entry, detail in found)
         raise SocketStateError(
-            f"fd {session.fd} ({conn}) uses what TCP_REPAIR cannot move: {what}; it was left untouched "
+            f"fd {session.fd} ({conn}) uses what TCP_REPAIR cannot move: {what}; it was left as it was "
             "(sockrepair.engine.registry says why each is refused)", fd=session.fd, tuple=conn, tcp_state=tcp_state)
 
 
