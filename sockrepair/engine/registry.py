@@ -39,7 +39,7 @@ class Entry:
     criu: bool = False
 
 
-C, R, I = Status.CARRIED, Status.REFUSED, Status.IRRELEVANT
+C, R, IRR = Status.CARRIED, Status.REFUSED, Status.IRRELEVANT
 SOL, TCP, IP, IP6 = "SOL_SOCKET", "IPPROTO_TCP", "IPPROTO_IP", "IPPROTO_IPV6"
 AS_READ = "restored as read"
 _NOT_A_CONNECTION = "applies to listening sockets or the handshake: a connection that moves is past both"
@@ -111,17 +111,17 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("SO_ZEROCOPY", SOL, 60, "bool", R, "completions of MSG_ZEROCOPY sends arrive on the error queue of the "
           "socket that sent them: pending ones would never arrive"),
     Entry("SO_PEEK_OFF", SOL, 42, "int", R, "not carried yet: a peek offset would restart at the queue's head"),
-    Entry("SO_ERROR", SOL, 4, "int", I, "reading it clears it, and an ESTABLISHED connection with a pending error "
+    Entry("SO_ERROR", SOL, 4, "int", IRR, "reading it clears it, and an ESTABLISHED connection with a pending error "
           "is about to fail anyway"),
-    Entry("SO_TYPE/SO_PROTOCOL/SO_DOMAIN/SO_ACCEPTCONN", SOL, 3, "int", I, "fixed by socket(2), which restore "
+    Entry("SO_TYPE/SO_PROTOCOL/SO_DOMAIN/SO_ACCEPTCONN", SOL, 3, "int", IRR, "fixed by socket(2), which restore "
           "calls with the same family and type"),
-    Entry("SO_PEERCRED/SO_PEERSEC/SO_PASSCRED/SO_PASSSEC/SO_PASSPIDFD", SOL, 17, "struct", I, "UNIX-socket "
+    Entry("SO_PEERCRED/SO_PEERSEC/SO_PASSCRED/SO_PASSSEC/SO_PASSPIDFD", SOL, 17, "struct", IRR, "UNIX-socket "
           "credentials: TCP has none (Linux 6.16 refuses SO_PASSCRED on TCP)"),
-    Entry("SO_INCOMING_CPU/SO_INCOMING_NAPI_ID", SOL, 49, "int", I, "set by the kernel from the packets received"),
-    Entry("SO_COOKIE", SOL, 57, "u64", I, "the socket's identity, not its state: a new socket gets a new cookie"),
+    Entry("SO_INCOMING_CPU/SO_INCOMING_NAPI_ID", SOL, 49, "int", IRR, "set by the kernel from the packets received"),
+    Entry("SO_COOKIE", SOL, 57, "u64", IRR, "the socket's identity, not its state: a new socket gets a new cookie"),
     Entry("SO_BROADCAST/SO_SNDLOWAT/SO_NO_CHECK/SO_TXTIME/SO_RCVMARK/SO_RXQ_OVFL/SO_WIFI_STATUS", SOL, 6, "int",
-          I, "datagram or packet-socket options: TCP ignores them"),
-    Entry("SO_TXREHASH", SOL, 74, "int", I, "only whether the flow hash changes on retransmission timeouts; a new "
+          IRR, "datagram or packet-socket options: TCP ignores them"),
+    Entry("SO_TXREHASH", SOL, 74, "int", IRR, "only whether the flow hash changes on retransmission timeouts; a new "
           "socket follows the host's net.core.txrehash"),
     # ---- IPPROTO_TCP -----------------------------------------------------------------------------------------------
     _tcp("TCP_NODELAY", 1, "bool", "nodelay"),
@@ -147,18 +147,18 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("TCP_AO_INFO/TCP_AO_GET_KEYS/TCP_AO_REPAIR", TCP, 40, "keys", R, "not carried yet: TCP-AO keys and "
           "sequence number extensions"),
     Entry("TCP_TX_DELAY", TCP, 37, "int", R, "not carried yet: a delay the application set for every packet"),
-    Entry("TCP_REPAIR/TCP_REPAIR_QUEUE/TCP_REPAIR_OPTIONS", TCP, 19, "int", I, "the repair interface itself"),
+    Entry("TCP_REPAIR/TCP_REPAIR_QUEUE/TCP_REPAIR_OPTIONS", TCP, 19, "int", IRR, "the repair interface itself"),
     Entry("TCP_SYNCNT/TCP_DEFER_ACCEPT/TCP_FASTOPEN/TCP_FASTOPEN_CONNECT/TCP_FASTOPEN_KEY/TCP_FASTOPEN_NO_COOKIE/"
-          "TCP_SAVE_SYN/TCP_SAVED_SYN", TCP, 7, "int", I, _NOT_A_CONNECTION),
-    Entry("TCP_QUICKACK", TCP, 12, "bool", I, "a transient mode the kernel leaves by itself after a few ACKs"),
-    Entry("TCP_THIN_DUPACK", TCP, 17, "bool", I, "accepted and ignored since Linux 4.20"),
-    Entry("TCP_CC_INFO", TCP, 26, "struct", I, "the congestion control's estimates: " + _LEARNED),
-    Entry("TCP_ZEROCOPY_RECEIVE", TCP, 35, "struct", I, "an operation on the receive queue, not state"),
-    Entry("TCP_IS_MPTCP", TCP, 43, "bool", I, "read-only: 0 for every socket checkpoint accepts"),
-    Entry("TCP_INFO", TCP, 11, "struct tcp_info", I, "the fields not listed here: " + _STATS + ", or " + _LEARNED),
+          "TCP_SAVE_SYN/TCP_SAVED_SYN", TCP, 7, "int", IRR, _NOT_A_CONNECTION),
+    Entry("TCP_QUICKACK", TCP, 12, "bool", IRR, "a transient mode the kernel leaves by itself after a few ACKs"),
+    Entry("TCP_THIN_DUPACK", TCP, 17, "bool", IRR, "accepted and ignored: the kernel dropped the feature (Linux 4.18)"),
+    Entry("TCP_CC_INFO", TCP, 26, "struct", IRR, "the congestion control's estimates: " + _LEARNED),
+    Entry("TCP_ZEROCOPY_RECEIVE", TCP, 35, "struct", IRR, "an operation on the receive queue, not state"),
+    Entry("TCP_IS_MPTCP", TCP, 43, "bool", IRR, "read-only: 0 for every socket checkpoint accepts"),
+    Entry("TCP_INFO", TCP, 11, "struct tcp_info", IRR, "the fields not listed here: " + _STATS + ", or " + _LEARNED),
     Entry("tcpi_rtt/tcpi_rttvar/tcpi_rto/tcpi_snd_cwnd/tcpi_snd_ssthresh/tcpi_pacing_rate/tcpi_delivery_rate",
-          "TCP_INFO", None, "u32", I, _LEARNED),
-    Entry("tcpi_options ECN", "TCP_INFO", None, "bit", I, "TCP_REPAIR cannot set ECN: the connection goes on "
+          "TCP_INFO", None, "u32", IRR, _LEARNED),
+    Entry("tcpi_options ECN", "TCP_INFO", None, "bit", IRR, "TCP_REPAIR cannot set ECN: the connection goes on "
           "without ECN marks, which RFC 3168 lets either end do"),
     # ---- IPPROTO_IP / IPPROTO_IPV6 ---------------------------------------------------------------------------------
     Entry("IP_TOS/IPV6_TCLASS", IP, 1, "int", C, AS_READ, ("sockopts.tos",), True),
@@ -173,23 +173,23 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("IP_RECVERR/IPV6_RECVERR", IP, 11, "bool", R, "not carried yet: ICMP errors would stop being queued"),
     Entry("IP_MINTTL/IPV6_MINHOPCOUNT", IP, 21, "int", R, "not carried yet: the GTSM check (RFC 5082) would stop"),
     Entry("IP_PKTINFO/IP_RECVTOS/IP_RECVTTL/IP_RECVOPTS/IP_RETOPTS/IPV6_RECVPKTINFO/IPV6_RECVTCLASS", IP, 8, "bool",
-          I, _DATAGRAM),
-    Entry("IP_MULTICAST_*/IPV6_MULTICAST_*/IP_ADD_MEMBERSHIP", IP, 32, "int", I, "multicast: TCP has none"),
-    Entry("IP_BIND_ADDRESS_NO_PORT/IP_LOCAL_PORT_RANGE", IP, 24, "int", I, "used by bind/connect to choose a port: "
+          IRR, _DATAGRAM),
+    Entry("IP_MULTICAST_*/IPV6_MULTICAST_*/IP_ADD_MEMBERSHIP", IP, 32, "int", IRR, "multicast: TCP has none"),
+    Entry("IP_BIND_ADDRESS_NO_PORT/IP_LOCAL_PORT_RANGE", IP, 24, "int", IRR, "used by bind/connect to choose a port: "
           "the port is chosen"),
-    Entry("IPV6_FLOWINFO/IPV6_FLOWLABEL_MGR/IPV6_AUTOFLOWLABEL", IP6, 11, "int", I, "the flow label is a per-flow "
+    Entry("IPV6_FLOWINFO/IPV6_FLOWLABEL_MGR/IPV6_AUTOFLOWLABEL", IP6, 11, "int", IRR, "the flow label is a per-flow "
           "hash the peer must not rely on (RFC 6437); a new socket picks one"),
     # ---- sock_diag attributes not covered above --------------------------------------------------------------------
     Entry("INET_DIAG_MD5SIG", "sock_diag", 18, "keys", R, "TCP_MD5SIG above"),
     Entry("INET_DIAG_ULP_INFO", "sock_diag", 19, "struct", R, "TCP_ULP above"),
-    Entry("INET_DIAG_MEMINFO/INET_DIAG_SKMEMINFO", "sock_diag", 7, "struct", I, "memory accounting of the queues, "
+    Entry("INET_DIAG_MEMINFO/INET_DIAG_SKMEMINFO", "sock_diag", 7, "struct", IRR, "memory accounting of the queues, "
           "which are carried"),
-    Entry("INET_DIAG_CONG/INET_DIAG_TOS/INET_DIAG_TCLASS/INET_DIAG_MARK", "sock_diag", 4, "attr", I,
+    Entry("INET_DIAG_CONG/INET_DIAG_TOS/INET_DIAG_TCLASS/INET_DIAG_MARK", "sock_diag", 4, "attr", IRR,
           "TCP_CONGESTION, IP_TOS, IPV6_TCLASS and SO_MARK above"),
-    Entry("INET_DIAG_CLASS_ID/INET_DIAG_CGROUP_ID", "sock_diag", 17, "u32", I, "taken from the cgroup of the "
+    Entry("INET_DIAG_CLASS_ID/INET_DIAG_CGROUP_ID", "sock_diag", 17, "u32", IRR, "taken from the cgroup of the "
           "process that creates the socket, as for any socket that process makes"),
-    Entry("INET_DIAG_SOCKOPT", "sock_diag", 22, "bits", I, "its bits are the IP options above"),
-    Entry("INET_DIAG_SK_BPF_STORAGES", "sock_diag", 20, "maps", I, "belongs to the host's BPF programs, which see "
+    Entry("INET_DIAG_SOCKOPT", "sock_diag", 22, "bits", IRR, "its bits are the IP options above"),
+    Entry("INET_DIAG_SK_BPF_STORAGES", "sock_diag", 20, "maps", IRR, "belongs to the host's BPF programs, which see "
           "the restored socket as a new one"),
 )
 
