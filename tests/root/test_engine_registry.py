@@ -295,6 +295,10 @@ def _info(sock: socket.socket) -> dict[str, int]:
     }
 
 
+def _rcv_wnd(sock: socket.socket) -> int:
+    return int(struct.unpack_from("=I", sock.getsockopt(TCP, socket.TCP_INFO, 240), 232)[0])
+
+
 @pytest.mark.parametrize(("family", "listen_addr", "connect_addr"), FAMILIES)
 @pytest.mark.parametrize("peer_rcvbuf", [4096, 0], ids=["peer-window-4KiB", "default-window"])
 def test_tcp_info_side_by_side(netns, family: int, listen_addr: str, connect_addr: str, peer_rcvbuf: int) -> None:
@@ -313,6 +317,10 @@ def test_tcp_info_side_by_side(netns, family: int, listen_addr: str, connect_add
                 before["snd_mss"] = min(before["snd_mss"], 32767 - 12)
             assert after == before
             assert state.window is not None and after["snd_wnd"] == state.window.snd_wnd
+            # the window we advertise: the restored socket recomputes it when it sends its window probe, in units
+            # of its window scale, never below what the peer was told (tcp_select_window)
+            unit = 1 << state.options.rcv_wscale if state.options.wscale else 1
+            assert state.window.rcv_wnd <= _rcv_wnd(restored) < state.window.rcv_wnd + unit
             # and it moves data at once: a segment larger than the peer's window would wait for the probe timer
             data = bytes(range(256)) * 4096
             sender = threading.Thread(target=restored.sendall, args=(data,))
