@@ -26,6 +26,9 @@ TCP_STATES = {
     11: "CLOSING",
 }
 TCP_ESTABLISHED = 1
+TCP_CLOSE = 7
+TCP_CLOSE_WAIT = 8
+TCP_LISTEN = 10
 
 
 def state_name(state: int) -> str:
@@ -176,7 +179,17 @@ class SocketOptions:
     - IPPROTO_IP / IPPROTO_IPV6: `tos` IP_TOS / IPV6_TCLASS, `ttl` IP_TTL / IPV6_UNICAST_HOPS (hops), `freebind`
       IP_FREEBIND, `v6only` IPV6_V6ONLY (IPv6 only).
 
-    criu's images keep none of the last three fields (user_timeout, congestion, notsent_lowat)."""
+    Since image version 2: `rcvtimeo_us` / `sndtimeo_us` SO_RCVTIMEO / SO_SNDTIMEO (struct timeval, as
+    microseconds; 0 for none), `oobinline` SO_OOBINLINE, `busy_poll` SO_BUSY_POLL (microseconds),
+    `max_pacing_rate` SO_MAX_PACING_RATE (bytes per second as the kernel's u32 view, -1 for unlimited), `linger2`
+    TCP_LINGER2 (seconds in FIN_WAIT2), `thin_linear` TCP_THIN_LINEAR_TIMEOUTS, `tcp_inq` TCP_INQ, `window_clamp`
+    TCP_WINDOW_CLAMP (bytes; 0 for not recorded), `mtu_discover` IP_MTU_DISCOVER / IPV6_MTU_DISCOVER (-1 for not
+    recorded), `rto_max_ms` TCP_RTO_MAX_MS, `rto_min_us` TCP_RTO_MIN_US, `delack_max_us` TCP_DELACK_MAX_US
+    (Linux 6.15+; 0 for not recorded or a kernel without them). A version 1 image holds none of them: they read
+    as these defaults, which restore leaves alone.
+
+    Which option is carried, refused (and why) or irrelevant (and why) is sockrepair.engine.registry; criu's images
+    keep none of the fields its entries mark `criu=False`."""
 
     nodelay: bool = False
     cork: bool = False
@@ -201,6 +214,19 @@ class SocketOptions:
     user_timeout: int = 0
     congestion: str = ""
     notsent_lowat: int = 0
+    rcvtimeo_us: int = 0
+    sndtimeo_us: int = 0
+    oobinline: bool = False
+    busy_poll: int = 0
+    max_pacing_rate: int = -1
+    linger2: int = 0
+    thin_linear: bool = False
+    tcp_inq: bool = False
+    window_clamp: int = 0
+    mtu_discover: int = -1
+    rto_max_ms: int = 0
+    rto_min_us: int = 0
+    delack_max_us: int = 0
 
 
 @dataclass
@@ -210,11 +236,15 @@ class ConnectionState:
     (docs/image-format.md).
 
     - `tuple`: the ConnTuple (getsockname/getpeername).
-    - `tcp_state`: tcpi_state of TCP_INFO, a Linux TCP state number (TCP_STATES; checkpoint takes only 1,
-      ESTABLISHED).
+    - `tcp_state`: tcpi_state of TCP_INFO, a Linux TCP state number (TCP_STATES; checkpoint takes ESTABLISHED,
+      SYN_SENT and the half-closed FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, CLOSING, LAST_ACK; in SYN_SENT `send_seq` is
+      the initial sequence number plus one). In a half-closed state `send_seq` counts
+      our FIN once shutdown queued it and `recv_seq` the peer's once it arrived (TCP_QUEUE_SEQ counts a FIN as one
+      sequence number, as criu's images keep them); the queues and `unsent_len` hold bytes only.
     - `send_seq`: getsockopt(TCP_QUEUE_SEQ) with TCP_REPAIR_QUEUE = TCP_SEND_QUEUE, which is tp->write_seq: the
       sequence number after the LAST byte of the send queue, never-sent bytes included. It is not snd_nxt:
-      snd_una = send_seq - len(send_queue) and snd_nxt = send_seq - unsent_len (mod 2**32).
+      snd_una = send_seq - len(send_queue) and snd_nxt = send_seq - unsent_len (mod 2**32; one less when our FIN is
+      counted).
     - `recv_seq`: getsockopt(TCP_QUEUE_SEQ) with TCP_REPAIR_QUEUE = TCP_RECV_QUEUE, which is tp->rcv_nxt: the
       sequence number after the last byte received in order; the receive queue starts at recv_seq - len(recv_queue)
       (the application's copied_seq). Restore sets each queue's START (seq - length) on the closed socket, then

@@ -34,13 +34,16 @@ def _fds(text: str) -> int:
 def add_move_commands(sub: Any) -> None:
     p = sub.add_parser("dump", help="checkpoint the TCP connections of a running process into image files")
     p.add_argument("--pid", type=int, required=True, help="the process holding the connections")
-    p.add_argument("--fd", type=_fds, action="append", help="only this fd (repeatable); default: all established")
+    p.add_argument("--fd", type=_fds, action="append",
+                   help="only this fd (repeatable); default: every connection (established, connecting or half-closed)")
     p.add_argument("-D", "--dir", required=True, type=Path,
                    help="directory for the images: created 0700, or an empty one of yours that others cannot write")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--leave-running", action="store_true", help="the connections go on in the process")
     how.add_argument("--kill", action="store_true", help="silence the connections and kill the process (default)")
     p.add_argument("--no-lock", action="store_true", help="do not drop the peers' packets meanwhile (they get RST)")
+    p.add_argument("--allow-loss", action="store_true",
+                   help="with --kill: dump what can be moved even if the kill resets other connections (listed)")
     p.add_argument("--ttl", type=ttl_arg, default=60.0, help="seconds the lock holds without a restore (default 60)")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_dump)
@@ -69,7 +72,7 @@ def add_move_commands(sub: Any) -> None:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     report = dump(args.pid, args.dir, args.fd, After.LEAVE_RUNNING if args.leave_running else After.KILL,
-                  lock=not args.no_lock, ttl=args.ttl)
+                  lock=not args.no_lock, ttl=args.ttl, allow_loss=args.allow_loss)
     if args.json:
         print_json(report.to_dict())
         return 0
@@ -78,6 +81,10 @@ def cmd_dump(args: argparse.Namespace) -> int:
     for c in report.connections:
         print(f"  fd {c['fd']:<4} {c['tuple']:<48} unread {c['recv_queue']} B, send queue {c['send_queue']} B "
               f"({c['unsent']} never sent)")
+    if report.lost:
+        print(f"  {len(report.lost)} connection(s) could not be moved; the kill closed them (reset, with unread data):")
+        for u in report.lost:
+            print(f"  fd {u['fd']:<4} {u['protocol']} {u['tuple']} {u['state']}: {u['reason']}")
     print("  " + ", ".join(f"{k} {v:.2f} ms" for k, v in report.phases_ms.items()))
     if not args.leave_running and not args.no_lock:
         print(f"  the connections stay locked for {args.ttl:g} s: restore them before then")

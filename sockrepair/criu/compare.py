@@ -17,14 +17,16 @@ from sockrepair.criu.explain import criu_error, explain_dir
 from sockrepair.criu.images import load_connections
 from sockrepair.criu.locate import Criu, find_criu
 from sockrepair.criu.topology import map_trees
+from sockrepair.engine.registry import not_in_criu
 from sockrepair.move.dump import inspect
 from sockrepair.netns import inside
 from sockrepair.state import ConnectionState, ConnTuple
 
 SAME, EXPLAINED, NOT_KEPT, DIFFERS = "same", "explained", "not kept", "differs"
 SEQ_MOD = 1 << 32
-# Socket options criu's images have no field for (sk-opts/ip-opts/tcp-opts in criu 4.2).
-NOT_IN_CRIU = ("linger_on", "linger_secs", "user_timeout", "congestion", "notsent_lowat")
+# Socket options criu's images have no field for (sk-opts/ip-opts/tcp-opts in criu 4.2), or that sockrepair's
+# reader of criu's images does not take: the registry's carried entries marked criu=False.
+NOT_IN_CRIU = not_in_criu()
 # Buffer sizes autotune with traffic.
 AUTOTUNED = ("sndbuf", "rcvbuf")
 # Slack for the clock's tick between reading our end time and criu's exit being seen.

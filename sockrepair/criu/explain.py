@@ -89,6 +89,19 @@ CATALOGUE: tuple[KnownError, ...] = (
         "or restore inside the namespace that has it",
     ),
     _known(
+        "fin-packet",
+        r"Unable to send a fin packet",
+        "criu could not re-create the FIN or ACK of a half-closed connection",
+        "to restore a connection in FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, CLOSING or LAST_ACK, criu's libsoccr sends the "
+        "peer's FIN (or its ACK of ours) to the restored socket itself, through a raw socket marked 0xC114 "
+        "(SOCCR_MARK); a firewall rule dropped it on the way out, so sendto failed with EPERM: a network lock that "
+        "does not let marked packets through (sockrepair's did not before it accepted SOCCR_MARK), or an OUTPUT "
+        "rule of the host",
+        "let packets marked 0xC114 through every chain before any drop (sockrepair's lock does: `sockrepair criu "
+        "restore` again; with iptables, `-m mark --mark 0xc114 -j ACCEPT` first), or close the connection before "
+        "the dump",
+    ),
+    _known(
         "tcp-established",
         r"Connected TCP socket, consider using --tcp-established option",
         "the tree holds established TCP connections and criu was not told to dump them",

@@ -18,7 +18,7 @@ from sockrepair.move.procfs import (
     socket_inodes,
     tcp_table,
 )
-from sockrepair.state import TCP_ESTABLISHED, ConnTuple
+from sockrepair.state import TCP_CLOSE, TCP_LISTEN, ConnTuple
 
 PEER_TREE = "tree"
 PEER_EXTERNAL = "external"
@@ -149,7 +149,8 @@ def _outside_holders(netns: int, inodes: set[int], skip: set[int], stats: dict[i
 
 
 def map_trees(roots: Sequence[int]) -> Topology:
-    """The trees rooted at `roots` (all pids, via each process's parent) and their established connections.
+    """The trees rooted at `roots` (all pids, via each process's parent) and their connections, in every state but
+    LISTEN and CLOSE.
     All trees must share one network namespace: their loopback connections and the lock live there."""
     if not roots:
         raise CriuError("no process tree to dump: give at least one --pid")
@@ -175,10 +176,12 @@ def map_trees(roots: Sequence[int]) -> Topology:
     connections = []
     for ino, root in tree_of_inode.items():
         conn, state = table[ino]
-        if state != TCP_ESTABLISHED:
-            continue
+        if state in (TCP_LISTEN, TCP_CLOSE):
+            continue  # no connection: nothing on the wire to lock or to leave behind
         peer = by_wire.get(conn.wire().reversed())
-        if peer is None:
+        if peer is None or peer[0] == 0:
+            # no socket here, or one no process holds any more (TIME_WAIT, an orphan closing): nothing to leave
+            # behind
             connections.append(Connection(conn, ino, root, held[ino], PEER_REMOTE))
         elif peer[0] in tree_of_inode:
             connections.append(Connection(conn, ino, root, held[ino], PEER_TREE, tree_of_inode[peer[0]]))

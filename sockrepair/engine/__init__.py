@@ -3,7 +3,8 @@
 The call order, as the kernel demands it (net/ipv4/tcp.c do_tcp_setsockopt; libsoccr's soccr.h states the same):
 
 Checkpoint (checkpoint):
-  1. the socket is TCP, IPv4 or IPv6, and ESTABLISHED (tcp_info.tcpi_state);
+  1. the socket is plain TCP, IPv4 or IPv6, ESTABLISHED or half-closed (tcp_info.tcpi_state; engine/_states.py),
+     and uses nothing engine/registry.py refuses (engine/_refuse.py);
   2. the application's options are read while repair is off (repair mode forces some of them, SO_REUSEADDR);
   3. TCP_REPAIR = 1: the socket is frozen for the application; the kernel's timers still run, so the network lock
      must already hold the peer off;
@@ -24,7 +25,8 @@ Restore (restore), on a fresh socket:
   4. TCP_REPAIR_OPTIONS (MSS, window scale, SACK, timestamps; only before anything was sent), TCP_TIMESTAMP;
   5. the receive queue and the sent-but-unacknowledged part of the send queue written in repair mode;
   6. TCP_REPAIR_WINDOW (before any never-sent byte: passt saw hangs otherwise), options set in repair mode;
-  7. TCP_REPAIR = 0 (a window probe: the peer answers with an ACK and resends what the lock held off);
+  7. for a half-closed connection, the close replayed (shutdown in repair mode, the peer's FIN or ACK re-created);
+     TCP_REPAIR = 0 (a window probe: the peer answers with an ACK and resends what the lock held off);
   8. the never-sent bytes written as ordinary data (they leave at once), then the options repair mode would reset.
 
 Only the four verbs are public; everything else in this package is private to it.

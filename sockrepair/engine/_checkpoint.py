@@ -8,8 +8,10 @@ from __future__ import annotations
 import errno
 
 from sockrepair.engine._addr import read_tuple
+from sockrepair.engine._diag import connecting_tuple
 from sockrepair.engine._ffi import lib
 from sockrepair.engine._queues import read_queues
+from sockrepair.engine._refuse import refuse
 from sockrepair.engine._session import (
     SockLike,
     _Session,
@@ -19,6 +21,7 @@ from sockrepair.engine._session import (
     release_reuse,
 )
 from sockrepair.engine._sockopts import read_sockopts
+from sockrepair.engine._states import REPAIRABLE, send_lengths
 from sockrepair.engine._tcpopts import (
     read_options,
     read_timestamp,
@@ -26,9 +29,12 @@ from sockrepair.engine._tcpopts import (
     tcp_info,
 )
 from sockrepair.errors import SocketCallError, SocketStateError
-from sockrepair.state import TCP_ESTABLISHED, ConnectionState, ConnTuple, state_name
+from sockrepair.state import ConnectionState, ConnTuple, state_name
 
 SOL = lib.SOL_SOCKET
+REPAIRABLE_NAMES = ", ".join(state_name(s) for s in sorted(REPAIRABLE))
+# Stream protocols that look like TCP from outside (an MPTCP socket's subflows are listed in /proc/net/tcp).
+PROTOCOLS = {262: "MPTCP", 132: "SCTP"}
 
 
 def checkpoint(sock: SockLike) -> ConnectionState:
@@ -44,7 +50,10 @@ def checkpoint(sock: SockLike) -> ConnectionState:
     `timestamp` the raw u32 TCP timestamp clock (TCP_TIMESTAMP) and `sockopts` the application's options.
 
     Raises SocketStateError (`.fd`, and `.tcp_state` / `.tuple` when known) when `sock` is not an open socket, not
-    IPv4/IPv6 TCP, or not ESTABLISHED (before repair mode: the socket is untouched), or when it left ESTABLISHED
+    plain IPv4/IPv6 TCP (MPTCP is named), not ESTABLISHED, SYN_SENT nor half-closed (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT,
+    CLOSING, LAST_ACK: engine/_states.py), or uses what sockrepair.engine.registry marks REFUSED
+    (urgent data, TCP-MD5 keys, kTLS, TCP-AO...: every one found is named; the socket is resumed without a window
+    probe, as it was), or when it left its state
     while being frozen; NotPermittedError (a PermissionError) without CAP_NET_ADMIN in the socket's network
     namespace; UnsupportedError on a kernel without TCP_REPAIR; SocketCallError (`.errno`, `.op`, `.fd`, `.tuple`)
     when a kernel call fails, with EAGAIN when the queues kept changing while read (the peer is not locked out).
@@ -53,28 +62,31 @@ def checkpoint(sock: SockLike) -> ConnectionState:
     session = _Session(fd)
     _ensure_tcp(session)
     info = tcp_info(session)
-    if info.tcpi_state != TCP_ESTABLISHED:
-        what = "a listening socket" if info.tcpi_state == lib.TCP_LISTEN else f"in state {state_name(info.tcpi_state)}"
-        raise SocketStateError(f"fd {fd} is {what}; only ESTABLISHED connections can be checkpointed",
-                               fd=fd, tuple=_tuple_if_connected(session), tcp_state=info.tcpi_state)
-    conn = session.tuple = read_tuple(session)
+    first_state = info.tcpi_state
+    if first_state not in REPAIRABLE:
+        what = "a listening socket" if first_state == lib.TCP_LISTEN else f"in state {state_name(first_state)}"
+        raise SocketStateError(f"fd {fd} is {what}; only {REPAIRABLE_NAMES} connections can be checkpointed",
+                               fd=fd, tuple=_tuple_if_connected(session), tcp_state=first_state)
+    conn = session.tuple = _connection_tuple(session, first_state)
     sockopts = read_sockopts(session, conn.family)
     session.repair_on()
     try:
         if sockopts.reuseaddr:
             # repair mode now forces the flag and leaving it will clear it: resume puts the application's back
             hold_reuse(fd)
+        # in repair mode: the application cannot read while the receive queue is compared (engine/_refuse.py)
+        refuse(session, conn, first_state)
         # re-read under repair: the state may have moved between the first look and the freeze
         info = tcp_info(session)
-        if info.tcpi_state != TCP_ESTABLISHED:
+        if info.tcpi_state != first_state:
             raise SocketStateError(
-                f"fd {fd} left ESTABLISHED (now {state_name(info.tcpi_state)}) while it was being frozen",
-                fd=fd, tuple=conn, tcp_state=info.tcpi_state,
+                f"fd {fd} left {state_name(first_state)} (now {state_name(info.tcpi_state)}) while it was being "
+                "frozen", fd=fd, tuple=conn, tcp_state=info.tcpi_state,
             )
         options = read_options(session, info)
         timestamp = read_timestamp(session)
         window = read_window(session)
-        queues = read_queues(session)
+        queues = read_queues(session, first_state)
     except BaseException:
         _resume(session)
         raise
@@ -149,7 +161,8 @@ def ensure_unchanged(fd: int, state: ConnectionState) -> None:
     taken: what discard() checks, for a mover that checks every socket before it discards any."""
     session = _Session(fd, state.tuple)
     ioctl = session.ioctl
-    now = (ioctl(lib.SIOCOUTQ, "SIOCOUTQ"), ioctl(lib.SIOCOUTQNSD, "SIOCOUTQNSD"), ioctl(lib.SIOCINQ, "SIOCINQ"))
+    now = (*send_lengths(state.tcp_state, ioctl(lib.SIOCOUTQ, "SIOCOUTQ"), ioctl(lib.SIOCOUTQNSD, "SIOCOUTQNSD")),
+           ioctl(lib.SIOCINQ, "SIOCINQ"))
     saved = (len(state.send_queue), state.unsent_len, len(state.recv_queue))
     if now != saved:
         raise SocketStateError(
@@ -172,10 +185,23 @@ def _ensure_tcp(session: _Session) -> None:
     protocol = get_int(SOL, lib.SO_PROTOCOL, "SO_PROTOCOL")
     domain = get_int(SOL, lib.SO_DOMAIN, "SO_DOMAIN")
     if sock_type != lib.SOCK_STREAM or protocol != lib.IPPROTO_TCP or domain not in (lib.AF_INET, lib.AF_INET6):
+        what = f"an {PROTOCOLS[protocol]} socket" if protocol in PROTOCOLS else "not a TCP socket"
         raise SocketStateError(
-            f"fd {fd} is not a TCP socket (domain {domain}, type {sock_type}, protocol {protocol}); "
-            "only IPv4/IPv6 TCP connections can be repaired", fd=fd
+            f"fd {fd} is {what} (domain {domain}, type {sock_type}, protocol {protocol}); "
+            "only plain IPv4/IPv6 TCP connections can be repaired", fd=fd
         )
+
+
+def _connection_tuple(session: _Session, tcp_state: int) -> ConnTuple:
+    """getsockname/getpeername; in SYN_SENT, where getpeername says ENOTCONN, sock_diag's view of the socket."""
+    if tcp_state != lib.TCP_SYN_SENT:
+        return read_tuple(session)
+    family = session.get(SOL, lib.SO_DOMAIN, "SO_DOMAIN")
+    conn = connecting_tuple(session, family, tcp_state)
+    if conn is None:
+        raise SocketStateError(f"fd {session.fd} left SYN_SENT before its peer could be read", fd=session.fd,
+                               tcp_state=tcp_state)
+    return conn
 
 
 def _tuple_if_connected(session: _Session) -> ConnTuple | None:

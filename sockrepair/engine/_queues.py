@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from sockrepair.engine._ffi import lib
 from sockrepair.engine._session import _Session
+from sockrepair.engine._states import send_lengths
 from sockrepair.errors import SocketCallError
 
 TCP = lib.IPPROTO_TCP
@@ -30,9 +31,9 @@ class QueueSnapshot:
     recv_queue: bytes
 
 
-def _read_once(session: _Session) -> QueueSnapshot | None:
+def _read_once(session: _Session, tcp_state: int) -> QueueSnapshot | None:
     ioctl, get_u32, set_int, peek = session.ioctl, session.get_u32, session.set, session.peek
-    outq = ioctl(SIOCOUTQ, "SIOCOUTQ")
+    raw_outq = ioctl(SIOCOUTQ, "SIOCOUTQ")
     inq = ioctl(SIOCINQ, "SIOCINQ")
     set_int(TCP, REPAIR_QUEUE, RECV_QUEUE, "TCP_REPAIR_QUEUE")
     recv_seq = get_u32(TCP, QUEUE_SEQ, "TCP_QUEUE_SEQ receive")
@@ -40,23 +41,24 @@ def _read_once(session: _Session) -> QueueSnapshot | None:
     # Read while no queue is selected: with the send queue selected, any ACK that arrives makes the kernel mark
     # the whole send queue as sent (that is how repair-mode refills work), and SIOCOUTQNSD would then say 0.
     set_int(TCP, REPAIR_QUEUE, NO_QUEUE, "TCP_REPAIR_QUEUE")
-    unsent = ioctl(SIOCOUTQNSD, "SIOCOUTQNSD")
+    outq, unsent = send_lengths(tcp_state, raw_outq, ioctl(SIOCOUTQNSD, "SIOCOUTQNSD"))
     set_int(TCP, REPAIR_QUEUE, SEND_QUEUE, "TCP_REPAIR_QUEUE")
     send_seq = get_u32(TCP, QUEUE_SEQ, "TCP_QUEUE_SEQ send")
     send_queue = peek(outq, "send queue")
     set_int(TCP, REPAIR_QUEUE, NO_QUEUE, "TCP_REPAIR_QUEUE")
     # the application is not reading or writing, so unchanged queue lengths mean unchanged queue edges
-    if ioctl(SIOCOUTQ, "SIOCOUTQ") != outq or ioctl(SIOCINQ, "SIOCINQ") != inq:
+    if ioctl(SIOCOUTQ, "SIOCOUTQ") != raw_outq or ioctl(SIOCINQ, "SIOCINQ") != inq:
         return None
     return QueueSnapshot(send_seq, recv_seq, send_queue, unsent, recv_queue)
 
 
-def read_queues(session: _Session) -> QueueSnapshot:
+def read_queues(session: _Session, tcp_state: int) -> QueueSnapshot:
     """Both queues' sequence numbers and bytes, and how much of the send queue was never sent (SIOCOUTQNSD), in
-    repair mode. SocketCallError (EAGAIN) when the queues kept changing over SNAPSHOT_ATTEMPTS tries."""
+    repair mode; lengths leave our FIN out (engine/_states.py), sequence numbers are the kernel's. SocketCallError
+    (EAGAIN) when the queues kept changing over SNAPSHOT_ATTEMPTS tries."""
     for _ in range(SNAPSHOT_ATTEMPTS):
         try:
-            snap = _read_once(session)
+            snap = _read_once(session, tcp_state)
         except SocketCallError as exc:
             # a peek that came up short: the queue moved under us
             session.select_queue(NO_QUEUE)

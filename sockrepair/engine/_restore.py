@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import socket
 
@@ -12,18 +13,24 @@ from sockrepair.engine._sockopts import (
     apply_after_repair,
     apply_in_repair,
     apply_pre_bind,
+    lift_send_limit,
     size_buffers,
 )
+from sockrepair.engine._states import FIN_IN_RECV, SYN_SENT, replay_close, restore_seqs
 from sockrepair.engine._tcpopts import (
     restore_options,
     restore_timestamp,
     restore_window,
+    resync_mss,
     set_user_mss,
 )
 from sockrepair.errors import AddressInUseError, AddressNotLocalError, SocketCallError
-from sockrepair.state import ConnectionState
+from sockrepair.state import TCP_ESTABLISHED, ConnectionState
 
-MAX_USER_MSS = 32767
+MAX_USER_MSS = 32767  # MAX_TCP_WINDOW: the largest TCP_MAXSEG the kernel takes
+MIN_USER_MSS = 88  # TCP_MIN_MSS: the smallest
+MSS_DEFAULT = 536  # TCP_MSS_DEFAULT: tcp_bound_to_half_wnd halves only windows larger than this
+TIMESTAMP_OPTION = 12  # TCPOLEN_TSTAMP_ALIGNED
 
 
 def restore(state: ConnectionState) -> socket.socket:
@@ -54,12 +61,19 @@ def restore(state: ConnectionState) -> socket.socket:
         apply_pre_bind(session, conn.family, so)
         size_buffers(session, so, send_len, recv_len)
         _bind(session, state)
-        set_sequences(session, state.send_seq, send_len, state.recv_seq, recv_len)
+        send_seq, recv_seq = restore_seqs(state)
+        set_sequences(session, send_seq, send_len, recv_seq, recv_len)
         # The repair-mode connect sizes segments from the MSS clamp it sees then; TCP_REPAIR_OPTIONS sets the clamp
         # later without resizing, which left restored sockets sending 524-byte segments. A user MSS set before
         # the connect is the clamp the connect uses (the kernel caps it at MAX_TCP_WINDOW, so loopback's 65495
         # becomes 32767); it is cleared again once the connection exists.
-        set_user_mss(session, min(options.mss, MAX_USER_MSS))
+        if state.tcp_state == SYN_SENT:
+            _connect_again(sock, session, state)
+            apply_in_repair(session, conn.family, so)
+            session.repair_off(False)
+            apply_after_repair(session, so)
+            return sock
+        set_user_mss(session, _user_mss(state))
         _connect(session, state)
         set_user_mss(session, 0)
         restore_options(session, options)
@@ -68,15 +82,63 @@ def restore(state: ConnectionState) -> socket.socket:
         refill_in_repair(session, state.recv_queue, send_queue[:sent_len])
         if state.window is not None:
             # before repair off: writing never-sent data before the window is in place has hung connections (passt)
-            restore_window(session, state.window)
+            w = state.window
+            if state.tcp_state in FIN_IN_RECV:
+                # the saved edges count the peer's FIN, which is not received yet (libsoccr does the same)
+                w = dataclasses.replace(w, rcv_wup=(w.rcv_wup - 1) & 0xFFFFFFFF, rcv_wnd=w.rcv_wnd + 1)
+            restore_window(session, w)
+            if conn.wire().family == socket.AF_INET:
+                resync_mss(session)
         apply_in_repair(session, conn.family, so)
+        unsent = send_queue[sent_len:]
+        if state.tcp_state != TCP_ESTABLISHED:
+            if unsent:
+                # our FIN goes after them: they must be in the queue before shutdown, and repair mode takes no
+                # never-sent bytes (TCP_NO_QUEUE)
+                session.repair_off(False)
+                lift_send_limit(session)
+                write_unsent(session, unsent)
+                session.repair_on()
+                unsent = unsent[:0]
+            replay_close(session, state, send_seq, recv_seq)
         session.repair_off(True)
-        write_unsent(session, send_queue[sent_len:])
+        lift_send_limit(session)
+        write_unsent(session, unsent)
         apply_after_repair(session, so)
     except BaseException:
         _abandon(sock, session)
         raise
     return sock
+
+
+def _user_mss(state: ConnectionState) -> int:
+    """The user MSS the repair-mode connect sizes segments with. A new connection bounds its MSS to half the largest
+    window the peer ever offered (tcp_bound_to_half_wnd, applied when the MSS is synced); the connect zeroes
+    max_window before its sync, so a peer with a small window got segments larger than the window, which only the
+    zero-window probe timer moved. IPv4 resyncs once the window is in place (resync_mss); IPv6 has no call that
+    resyncs, so the bound goes into the user MSS here (the connect takes the timestamp option's 12 bytes off it)."""
+    mss = min(state.options.mss, MAX_USER_MSS)
+    w = state.window
+    if w is None or w.max_window == 0 or state.tuple.wire().family == socket.AF_INET:
+        return mss
+    half = w.max_window >> 1 if w.max_window > MSS_DEFAULT else w.max_window
+    return max(min(mss, half + (TIMESTAMP_OPTION if state.options.timestamps else 0)), MIN_USER_MSS)
+
+
+def _connect_again(sock: socket.socket, session: _Session, state: ConnectionState) -> None:
+    """SYN_SENT (libsoccr's recipe): nothing was negotiated yet, so the handshake runs again. Out of repair mode the
+    connect sends a SYN from the saved initial sequence number (write_seq was set, so the kernel keeps it) and
+    returns at once; the socket is then back in repair mode for the options."""
+    session.repair_off(False)
+    sock.setblocking(False)
+    try:
+        err = sock.connect_ex(state.tuple.remote)
+    finally:
+        sock.setblocking(True)
+    if err not in (0, errno.EINPROGRESS):
+        raise SocketCallError(err, f"connect({state.tuple.remote_addr}:{state.tuple.remote_port}) for SYN_SENT",
+                              session.fd, tuple=state.tuple)
+    session.repair_on()
 
 
 def _abandon(sock: socket.socket, session: _Session) -> None:

@@ -27,6 +27,10 @@ AF_INET6 = socket.AF_INET6
 IFNAMSIZ = 16  # TCP_CA_NAME_MAX is 16 as well: one buffer reads both names
 LINGER_P = ffi.typeof("struct linger *")
 LINGER_SIZE = ffi.sizeof("struct linger")
+TIMEVAL_P = ffi.typeof("struct timeval *")
+TIMEVAL_SIZE = ffi.sizeof("struct timeval")
+# SO_RCVTIMEO / SO_SNDTIMEO: (SocketOptions field, option, name)
+TIMEOUTS = (("rcvtimeo_us", lib.SO_RCVTIMEO_OLD, "SO_RCVTIMEO"), ("sndtimeo_us", lib.SO_SNDTIMEO_OLD, "SO_SNDTIMEO"))
 
 
 @dataclass(frozen=True)
@@ -53,19 +57,41 @@ GENERIC_INT_OPTS = [
     IntOpt("priority", SOL, lib.SO_PRIORITY, "SO_PRIORITY"),
     IntOpt("rcvlowat", SOL, lib.SO_RCVLOWAT, "SO_RCVLOWAT", fresh=1),
     IntOpt("user_timeout", TCP, lib.TCP_USER_TIMEOUT, "TCP_USER_TIMEOUT", fresh=0),
-    IntOpt("notsent_lowat", TCP, lib.TCP_NOTSENT_LOWAT, "TCP_NOTSENT_LOWAT", fresh=0),
     IntOpt("cork", TCP, lib.TCP_CORK, "TCP_CORK", fresh=0),
+    IntOpt("oobinline", SOL, lib.SO_OOBINLINE, "SO_OOBINLINE", fresh=0),
+    IntOpt("busy_poll", SOL, lib.SO_BUSY_POLL, "SO_BUSY_POLL", fresh=0),
+    # the kernel's u32 view of an unsigned long: ~0U (unlimited) reads as -1
+    IntOpt("max_pacing_rate", SOL, lib.SO_MAX_PACING_RATE, "SO_MAX_PACING_RATE", fresh=-1),
+    # reads the net.ipv4.tcp_fin_timeout sysctl when unset: restored as read, like the keepalive timing
+    IntOpt("linger2", TCP, lib.TCP_LINGER2, "TCP_LINGER2", fresh=0),
+    IntOpt("thin_linear", TCP, lib.TCP_THIN_LINEAR_TIMEOUTS, "TCP_THIN_LINEAR_TIMEOUTS", fresh=0),
+    IntOpt("tcp_inq", TCP, lib.TCP_INQ, "TCP_INQ", fresh=0),
+    # tp->window_clamp, never 0 on a connected socket; 0 (a version 1 image) leaves the new socket's own
+    IntOpt("window_clamp", TCP, lib.TCP_WINDOW_CLAMP, "TCP_WINDOW_CLAMP", fresh=0),
 ]
+# Linux 6.15+: on older kernels they read as 0 (ENOPROTOOPT), which restore leaves alone. Their values on a new
+# socket follow sysctls and routes: restored as read.
+OPTIONAL_INT_OPTS = [
+    IntOpt("rto_max_ms", TCP, lib.TCP_RTO_MAX_MS, "TCP_RTO_MAX_MS", fresh=0),
+    IntOpt("rto_min_us", TCP, lib.TCP_RTO_MIN_US, "TCP_RTO_MIN_US", fresh=0),
+    IntOpt("delack_max_us", TCP, lib.TCP_DELACK_MAX_US, "TCP_DELACK_MAX_US", fresh=0),
+]
+# Set only once the never-sent bytes are written (after_repair): the limit would refuse them (EAGAIN).
+NOTSENT_LOWAT = IntOpt("notsent_lowat", TCP, lib.TCP_NOTSENT_LOWAT, "TCP_NOTSENT_LOWAT", fresh=0)
+# What TCP_NOTSENT_LOWAT is raised to while restore writes the never-sent bytes: no limit at all.
+NO_NOTSENT_LIMIT = 0x7FFFFFFF
 # The TTL of a socket that never set one follows the host's sysctl: restored as read, like the keepalive timing.
 INT_OPTS: dict[int, list[IntOpt]] = {
     socket.AF_INET: [
         IntOpt("tos", IP, lib.IP_TOS, "IP_TOS", fresh=0),
         IntOpt("ttl", IP, lib.IP_TTL, "IP_TTL"),
+        IntOpt("mtu_discover", IP, lib.IP_MTU_DISCOVER, "IP_MTU_DISCOVER", fresh=-1),
         *GENERIC_INT_OPTS,
     ],
     socket.AF_INET6: [
         IntOpt("tos", IPV6, lib.IPV6_TCLASS, "IPV6_TCLASS", fresh=0),
         IntOpt("ttl", IPV6, lib.IPV6_UNICAST_HOPS, "IPV6_UNICAST_HOPS"),
+        IntOpt("mtu_discover", IPV6, lib.IPV6_MTU_DISCOVER, "IPV6_MTU_DISCOVER", fresh=-1),
         *GENERIC_INT_OPTS,
     ],
 }
@@ -85,12 +111,15 @@ _BUFFER_OPTS = [
 _READS = {
     family: [
         (o.field, o.level, o.opt, o.name, o.field in BOOL_FIELDS)
-        for o in opts + PRE_BIND_INT_OPTS + ([V6ONLY] if family == AF_INET6 else []) + _BUFFER_OPTS
+        for o in opts + PRE_BIND_INT_OPTS + ([V6ONLY] if family == AF_INET6 else []) + _BUFFER_OPTS + [NOTSENT_LOWAT]
     ]
     for family, opts in INT_OPTS.items()
 }
 # What apply_in_repair sets: (field, level, option, name, the value a new socket has or None)
-_WRITES = {family: [(o.field, o.level, o.opt, o.name, o.fresh) for o in opts] for family, opts in INT_OPTS.items()}
+_WRITES = {
+    family: [(o.field, o.level, o.opt, o.name, o.fresh) for o in opts + OPTIONAL_INT_OPTS]
+    for family, opts in INT_OPTS.items()
+}
 
 
 def read_sockopts(session: _Session, family: int) -> SocketOptions:
@@ -100,6 +129,13 @@ def read_sockopts(session: _Session, family: int) -> SocketOptions:
     for field, level, opt, name, as_bool in _READS[family]:
         raw = get_int(level, opt, name)
         values[field] = bool(raw) if as_bool else raw
+    for o in OPTIONAL_INT_OPTS:
+        try:
+            values[o.field] = get_int(o.level, o.opt, o.name)
+        except SocketCallError as exc:
+            if exc.errno != errno.ENOPROTOOPT:
+                raise
+            values[o.field] = 0
     fd = session.fd
     value = new(CHARS, IFNAMSIZ)  # one buffer for the linger (read through an int *) and the names
     as_int = ffi.cast(INT_P, value)
@@ -110,6 +146,12 @@ def read_sockopts(session: _Session, family: int) -> SocketOptions:
     values["linger_secs"] = as_int[1]
     values["bindtodevice"] = _read_name(session, SOL, lib.SO_BINDTODEVICE, value, size, "SO_BINDTODEVICE")
     values["congestion"] = _read_name(session, TCP, lib.TCP_CONGESTION, value, size, "TCP_CONGESTION")
+    tv = new(TIMEVAL_P)
+    for field, opt, name in TIMEOUTS:
+        size[0] = TIMEVAL_SIZE
+        if getsockopt(fd, SOL, opt, tv, size) < 0:
+            raise session.fail(f"getsockopt({name})")
+        values[field] = tv.tv_sec * 1_000_000 + tv.tv_usec
     return SocketOptions(**values)  # type: ignore[arg-type]
 
 
@@ -153,6 +195,12 @@ def apply_in_repair(session: _Session, family: int, so: SocketOptions) -> None:
         linger = new(LINGER_P, (int(so.linger_on), so.linger_secs))
         if setsockopt(session.fd, SOL, lib.SO_LINGER, linger, LINGER_SIZE) < 0:
             raise session.fail("setsockopt(SO_LINGER)")
+    for field, opt, name in TIMEOUTS:
+        usecs = getattr(so, field)
+        if usecs:
+            tv = new(TIMEVAL_P, divmod(usecs, 1_000_000))
+            if setsockopt(session.fd, SOL, opt, tv, TIMEVAL_SIZE) < 0:
+                raise session.fail(f"setsockopt({name}={usecs} us)")
     if so.congestion:
         try:
             session.set_bytes(TCP, lib.TCP_CONGESTION, so.congestion.encode(), "TCP_CONGESTION")
@@ -165,7 +213,16 @@ def apply_in_repair(session: _Session, family: int, so: SocketOptions) -> None:
             raise
 
 
+def lift_send_limit(session: _Session) -> None:
+    """Before the never-sent bytes are written: TCP_NOTSENT_LOWAT (the saved value, or the
+    net.ipv4.tcp_notsent_lowat sysctl when the socket has none) bounds how many never-sent bytes a send accepts, and
+    restore must write them all (a peer that stopped reading leaves them all never sent)."""
+    session.set(TCP, NOTSENT_LOWAT.opt, NO_NOTSENT_LIMIT, NOTSENT_LOWAT.name)
+
+
 def apply_after_repair(session: _Session, so: SocketOptions) -> None:
-    """Leaving repair mode cleared the reuse flag, so only a set one needs putting back."""
+    """Leaving repair mode cleared the reuse flag, so only a set one needs putting back; TCP_NOTSENT_LOWAT goes back
+    to the saved value (0: the sysctl) once lift_send_limit let the never-sent bytes in."""
+    session.set(TCP, NOTSENT_LOWAT.opt, so.notsent_lowat, NOTSENT_LOWAT.name)
     if so.reuseaddr:
         session.set(SOL, lib.SO_REUSEADDR, 1, "SO_REUSEADDR")

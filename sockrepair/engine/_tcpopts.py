@@ -62,6 +62,14 @@ def set_user_mss(session: _Session, mss: int) -> None:
     session.set(TCP, TCP_MAXSEG, mss, "TCP_MAXSEG")
 
 
+def resync_mss(session: _Session) -> None:
+    """Make an IPv4 (or v4-mapped) socket sync its MSS again, now bounded by half the restored max_window as a new
+    connection's is: setting IP_OPTIONS on a connected socket calls icsk_sync_mss (net/ipv4/ip_sockglue.c); with no
+    options before and none after, nothing else changes."""
+    if setsockopt(session.fd, lib.IPPROTO_IP, lib.IP_OPTIONS, ffi.NULL, 0) < 0:
+        raise session.fail("setsockopt(IP_OPTIONS, none): MSS resync")
+
+
 def read_window(session: _Session) -> RepairWindow | None:
     """struct tcp_repair_window, or None on kernels before 4.8, which lack TCP_REPAIR_WINDOW (the peer then sees a
     window that restarts small)."""

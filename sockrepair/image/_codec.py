@@ -21,11 +21,15 @@ from sockrepair.image.layout import (
     MAGIC,
     MAX_NAME,
     MAX_WSCALE,
+    MORE_SOCKOPT_FLAGS,
+    MORE_SOCKOPT_INTS,
+    MORE_SOCKOPT_LONGS,
     SOCKOPT_FLAGS,
     SOCKOPT_INTS,
     U32_MAX,
     VALID_TCP_STATES,
     VERSION,
+    VERSIONS,
     WINDOW_FIELDS,
 )
 from sockrepair.state import (
@@ -43,6 +47,16 @@ _CRC = struct.Struct(">I")
 CRC_SIZE = _CRC.size
 _QUEUE_HEAD = struct.Struct(">II")  # unsent_len, then the send queue's length prefix
 _U32 = struct.Struct(">I")
+# Version 2's record after the receive queue (format.MoreSocketOptionsRecord).
+_MORE = struct.Struct(">B" + "i" * len(MORE_SOCKOPT_INTS) + "q" * len(MORE_SOCKOPT_LONGS))
+_MORE_OFFSETS = {
+    f"more_sockopts.{name}": struct.calcsize(">B" + "i" * i) for i, name in enumerate(MORE_SOCKOPT_INTS)
+} | {
+    f"more_sockopts.{name}": struct.calcsize(">B" + "i" * len(MORE_SOCKOPT_INTS) + "q" * i)
+    for i, name in enumerate(MORE_SOCKOPT_LONGS)
+}
+_more_flags = attrgetter(*MORE_SOCKOPT_FLAGS)
+_more_numbers = attrgetter(*MORE_SOCKOPT_INTS, *MORE_SOCKOPT_LONGS)
 
 
 class _FixedBody:
@@ -83,9 +97,14 @@ _window_values = attrgetter(*WINDOW_FIELDS)
 _sockopt_flags = attrgetter(*SOCKOPT_FLAGS)
 _sockopt_numbers = attrgetter(*SOCKOPT_INTS)
 # Decoding builds SocketOptions positionally (keywords cost 3 us): the wire order, permuted to the field order.
-_SOCKOPT_WIRE_ORDER = (*SOCKOPT_FLAGS, *SOCKOPT_INTS, "bindtodevice", "congestion")
+_MORE_FIELDS = (*MORE_SOCKOPT_FLAGS, *MORE_SOCKOPT_INTS, *MORE_SOCKOPT_LONGS)
+_SOCKOPT_WIRE_ORDER = (*SOCKOPT_FLAGS, *SOCKOPT_INTS, "bindtodevice", "congestion", *_MORE_FIELDS)
 _to_field_order = itemgetter(*(_SOCKOPT_WIRE_ORDER.index(f.name) for f in dataclasses.fields(SocketOptions)))
 _FLAG_BITS = [tuple(bool(flags >> bit & 1) for bit in range(len(SOCKOPT_FLAGS))) for flags in range(256)]
+_MORE_FLAG_BITS = [tuple(bool(flags >> bit & 1) for bit in range(len(MORE_SOCKOPT_FLAGS)))
+                   for flags in range(1 << len(MORE_SOCKOPT_FLAGS))]
+# A version 1 image holds none of version 2's options: they read as SocketOptions' defaults.
+_V1_MORE = tuple(getattr(SocketOptions(), name) for name in _MORE_FIELDS)
 
 
 def encode(state: ConnectionState) -> bytes:
@@ -109,7 +128,7 @@ def encode(state: ConnectionState) -> bytes:
             raise ValueError("a field is out of range")
         layout = _LAYOUTS[version, w is not None]
         # The fixed part, two strings after their length bytes, unsent_len and both queues after their lengths.
-        body_len = layout.body.size + 1 + len(dev) + 1 + len(cong) + 4 + 4 + len(send) + 4 + len(recv)
+        body_len = layout.body.size + 1 + len(dev) + 1 + len(cong) + 4 + 4 + len(send) + 4 + len(recv) + _MORE.size
         flags = _sockopt_flags(so)
         head = layout.image_head.pack(
             MAGIC, VERSION, 0 if w is None else FLAG_WINDOW, body_len,
@@ -124,7 +143,8 @@ def encode(state: ConnectionState) -> bytes:
             len(dev),
         )  # fmt: skip
         queue_head = _QUEUE_HEAD.pack(unsent, len(send))
-        pieces = [head, dev, bytes((len(cong),)), cong, queue_head, send, _U32.pack(len(recv)), recv]
+        more = _MORE.pack(sum(1 << bit for bit, on in enumerate(_more_flags(so)) if on), *_more_numbers(so))
+        pieces = [head, dev, bytes((len(cong),)), cong, queue_head, send, _U32.pack(len(recv)), recv, more]
     except (LookupError, AttributeError, TypeError, ValueError, OSError, struct.error) as exc:
         problem = problem_of(state)
         raise ImageError(
@@ -153,10 +173,11 @@ def decode(data: bytes | bytearray | memoryview) -> ConnectionState:
     if size < HEADER_SIZE + CRC_SIZE:
         raise _bad(size, f"truncated: {size} bytes is less than the {HEADER_SIZE + CRC_SIZE} of header and checksum")
     _, version, flags, body_len = _HEADER.unpack(head)
-    if version != VERSION:
-        raise _bad(4, f"unsupported format version {version} (this sockrepair reads version {VERSION})", "version")
+    if version not in VERSIONS:
+        known = ", ".join(map(str, VERSIONS))
+        raise _bad(4, f"unsupported format version {version} (this sockrepair reads versions {known})", "version")
     if flags & ~FLAG_WINDOW:
-        raise _bad(6, f"unknown flags 0x{flags:04x} (version {VERSION} knows 0x{FLAG_WINDOW:04x})", "flags")
+        raise _bad(6, f"unknown flags 0x{flags:04x} (version {version} knows 0x{FLAG_WINDOW:04x})", "flags")
     end = HEADER_SIZE + body_len
     if end + CRC_SIZE > size:
         declared = f"the header declares a {body_len}-byte body, so {end + CRC_SIZE} bytes, not {size}"
@@ -168,10 +189,10 @@ def decode(data: bytes | bytearray | memoryview) -> ConnectionState:
     if stored != computed:
         raise _bad(end, f"checksum mismatch: stored 0x{stored:08x}, computed 0x{computed:08x} (corrupted image)",
                    "crc32")
-    return _decode_body(view, end, bool(flags & FLAG_WINDOW))
+    return _decode_body(view, end, bool(flags & FLAG_WINDOW), version)
 
 
-def _decode_body(view: memoryview, end: int, has_window: bool) -> ConnectionState:
+def _decode_body(view: memoryview, end: int, has_window: bool, image_version: int) -> ConnectionState:
     _need(HEADER_SIZE, 1, end, "the connection tuple", "tuple.ip_version")
     version = view[HEADER_SIZE]
     if version not in _FAMILY_OF:
@@ -192,7 +213,7 @@ def _decode_body(view: memoryview, end: int, has_window: bool) -> ConnectionStat
     off = HEADER_SIZE + layout.body.size
     bindtodevice, off = _short_string(view, off, end, "bindtodevice")
     congestion, off = _short_string(view, off, end, "congestion")
-    sockopts = SocketOptions(*_to_field_order(_FLAG_BITS[rest[0]] + rest[1:] + (bindtodevice, congestion)))
+    sockopt_values = _FLAG_BITS[rest[0]] + rest[1:] + (bindtodevice, congestion)
     _need(off, _QUEUE_HEAD.size, end, "the send queue header", "unsent_len" if end - off < 4 else "send_queue")
     unsent, send_len = _QUEUE_HEAD.unpack_from(view, off)
     _need(off + 8, send_len, end, "the send queue", "send_queue")
@@ -205,6 +226,18 @@ def _decode_body(view: memoryview, end: int, has_window: bool) -> ConnectionStat
     _need(off + 4, recv_len, end, "the receive queue", "recv_queue")
     recv = bytes(view[off + 4 : off + 4 + recv_len])
     off += 4 + recv_len
+    if image_version >= 2:
+        if end - off < _MORE.size:
+            _need(off, _MORE.size, end, "the version 2 socket options", _more_field_cut_at(end - off))
+        more = _MORE.unpack_from(view, off)
+        if more[0] >= len(_MORE_FLAG_BITS):
+            raise _bad(off, f"unknown socket option flags 0x{more[0]:02x} (known: 0x{len(_MORE_FLAG_BITS) - 1:02x})",
+                       "more_sockopts.flags")
+        sockopt_values += _MORE_FLAG_BITS[more[0]] + more[1:]
+        off += _MORE.size
+    else:
+        sockopt_values += _V1_MORE
+    sockopts = SocketOptions(*_to_field_order(sockopt_values))
     if off != end:
         raise _bad(off, f"{end - off} unexpected bytes between the receive queue and the checksum")
     return ConnectionState(
@@ -220,6 +253,14 @@ def _decode_body(view: memoryview, end: int, has_window: bool) -> ConnectionStat
         timestamp=timestamp,
         sockopts=sockopts,
     )
+
+
+def _more_field_cut_at(left: int) -> str:
+    """The first field of version 2's record that does not fit in the `left` bytes there are."""
+    if left < 1:
+        return "more_sockopts.flags"
+    ends = [*list(_MORE_OFFSETS.values())[1:], _MORE.size]
+    return next(name for name, stop in zip(_MORE_OFFSETS, ends, strict=True) if stop > left)
 
 
 def _fixed_field_error(layout: _FixedBody, unpacked: tuple[object, ...]) -> ImageError:
@@ -322,6 +363,8 @@ def _field_problem(state: ConnectionState) -> tuple[str, str, str] | None:
     if not isinstance(so, SocketOptions):
         return _named("sockopts", f"{type(so).__name__} is not a SocketOptions")
     checks += [(f"sockopts.{name}", getattr(so, name), -(2**31), 2**31 - 1) for name in SOCKOPT_INTS]
+    checks += [(f"more_sockopts.{name}", getattr(so, name), -(2**31), 2**31 - 1) for name in MORE_SOCKOPT_INTS]
+    checks += [(f"more_sockopts.{name}", getattr(so, name), 0, 2**63 - 1) for name in MORE_SOCKOPT_LONGS]
     for name, queue in (("send_queue", state.send_queue), ("recv_queue", state.recv_queue)):
         if not isinstance(queue, (bytes, bytearray, memoryview)):
             return _named(name, f"{type(queue).__name__} is not bytes")

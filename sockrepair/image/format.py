@@ -14,6 +14,7 @@ from construct import (
     Check,
     Checksum,
     Const,
+    Default,
     ExprValidator,
     Flag,
     GreedyBytes,
@@ -22,6 +23,7 @@ from construct import (
     Int16ub,
     Int32sb,
     Int32ub,
+    Int64sb,
     OneOf,
     PascalString,
     Prefixed,
@@ -38,10 +40,14 @@ from sockrepair.image.layout import (
     MAGIC,
     MAX_NAME,
     MAX_WSCALE,
+    MORE_SOCKOPT_FLAGS,
+    MORE_SOCKOPT_INTS,
+    MORE_SOCKOPT_LONGS,
     SOCKOPT_FLAGS,
     SOCKOPT_INTS,
     VALID_TCP_STATES,
     VERSION,
+    VERSIONS,
     WINDOW_FIELDS,
 )
 
@@ -73,6 +79,14 @@ SocketOptionsRecord = Struct(
     "congestion" / ShortString,
 )
 
+# Version 2: the options version 1 had no field for (sockrepair.engine.registry lists each).
+MoreSocketOptionsRecord = Struct(
+    "flags" / BitStruct("reserved" / Const(0, BitsInteger(8 - len(MORE_SOCKOPT_FLAGS))),
+                        *(name / Flag for name in reversed(MORE_SOCKOPT_FLAGS))),  # oobinline is bit 0
+    *(name / Int32sb for name in MORE_SOCKOPT_INTS),
+    *(name / Int64sb for name in MORE_SOCKOPT_LONGS),
+)
+
 ConnectionStateRecord = Struct(
     "tuple" / ConnTupleRecord,
     "tcp_state" / OneOf(Int8ub, sorted(VALID_TCP_STATES)),
@@ -86,6 +100,7 @@ ConnectionStateRecord = Struct(
     "send_queue" / Prefixed(Int32ub, GreedyBytes),
     Check(this.unsent_len <= len_(this.send_queue)),
     "recv_queue" / Prefixed(Int32ub, GreedyBytes),
+    "more_sockopts" / If(this._.version >= 2, MoreSocketOptionsRecord),
     Terminated,
 )
 
@@ -96,7 +111,8 @@ ConnectionImage = Struct(
     / RawCopy(
         Struct(
             "magic" / Const(MAGIC),
-            "version" / Const(VERSION, Int16ub),
+            # images are built at VERSION; every version ever written is read
+            "version" / Default(OneOf(Int16ub, list(VERSIONS)), VERSION),
             "flags" / Rebuild(HeaderFlags, lambda ctx: {"window": ctx.body["window"] is not None}),
             "body" / Prefixed(Int32ub, ConnectionStateRecord),
         )

@@ -26,6 +26,8 @@ from sockrepair.state import (
 
 _STATE_NUMBERS = {name: number for number, name in TCP_STATES.items()}
 _SCALARS = ("send_seq", "recv_seq", "unsent_len", "timestamp")
+# The socket options a version 1 view has no key for.
+_V2_SOCKOPTS = (*layout.MORE_SOCKOPT_FLAGS, *layout.MORE_SOCKOPT_INTS, *layout.MORE_SOCKOPT_LONGS)
 _KEYS = {"version", "tuple", "state", *_SCALARS, "send_queue", "recv_queue", "options", "window", "sockopts"}
 
 
@@ -59,8 +61,9 @@ def state_from_dict(d: Any) -> ConnectionState:
     offending key."""
     _keys(d, _KEYS, "")
     _typed(d["version"], int, "version")
-    if d["version"] != layout.VERSION:
-        raise _bad("version", f"{d['version']!r} is not {layout.VERSION}, the version this sockrepair reads")
+    if d["version"] not in layout.VERSIONS:
+        known = ", ".join(map(str, layout.VERSIONS))
+        raise _bad("version", f"{d['version']!r} is not one of {known}, the versions this sockrepair reads")
     tcp_state = _STATE_NUMBERS.get(d["state"]) if isinstance(d["state"], str) else None
     if tcp_state is None:
         raise _bad("state", f"{d['state']!r} is not a TCP state name")
@@ -77,7 +80,7 @@ def state_from_dict(d: Any) -> ConnectionState:
         options=_record(TcpOptions, d["options"], "options"),
         window=None if d["window"] is None else _record(RepairWindow, d["window"], "window"),
         timestamp=d["timestamp"],
-        sockopts=_record(SocketOptions, d["sockopts"], "sockopts"),
+        sockopts=_record(SocketOptions, d["sockopts"], "sockopts", () if d["version"] >= 2 else _V2_SOCKOPTS),
     )
     problem = problem_of(state)
     if problem is not None:
@@ -112,10 +115,12 @@ def _payload(summary: Any, key: str) -> bytes:
     return data
 
 
-def _record(cls: type, fields: Any, key: str) -> Any:
-    """An instance of the dataclass `cls` from a dict holding exactly its fields, each of its declared type."""
+def _record(cls: type, fields: Any, key: str, absent: tuple[str, ...] = ()) -> Any:
+    """An instance of the dataclass `cls` from a dict holding exactly its fields but `absent` (which take their
+    defaults), each of its declared type."""
     kinds = {"bool": bool, "int": int, "str": str}
-    spec = {f.name: kinds[f.type if isinstance(f.type, str) else f.type.__name__] for f in dataclasses.fields(cls)}
+    spec = {f.name: kinds[f.type if isinstance(f.type, str) else f.type.__name__] for f in dataclasses.fields(cls)
+            if f.name not in absent}
     _keys(fields, set(spec), key)
     for name, kind in spec.items():
         _typed(fields[name], kind, f"{key}.{name}")

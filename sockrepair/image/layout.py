@@ -6,7 +6,9 @@ from __future__ import annotations
 from sockrepair.state import TCP_STATES
 
 MAGIC = b"SKRP"
-VERSION = 1
+# Version 2 appends the MORE_SOCKOPTS record after the receive queue; everything before it is version 1's layout.
+VERSION = 2
+VERSIONS = (1, 2)
 FLAG_WINDOW = 0x0001
 # Every TCP state but LISTEN: a listening socket has no connection to put in an image.
 VALID_TCP_STATES = frozenset(s for s, name in TCP_STATES.items() if name != "LISTEN")
@@ -22,3 +24,10 @@ SOCKOPT_INTS = (
     "mark", "user_timeout", "notsent_lowat",
 )  # fmt: skip
 WINDOW_FIELDS = ("snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup")
+# Version 2's trailing record: one flag byte (oobinline is bit 0), then i32s, then i64s (microseconds).
+MORE_SOCKOPT_FLAGS = ("oobinline", "thin_linear", "tcp_inq")
+MORE_SOCKOPT_INTS = (
+    "busy_poll", "max_pacing_rate", "linger2", "window_clamp", "mtu_discover", "rto_max_ms", "rto_min_us",
+    "delack_max_us",
+)  # fmt: skip
+MORE_SOCKOPT_LONGS = ("rcvtimeo_us", "sndtimeo_us")

@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from sockrepair.engine._checkpoint import resume
+from sockrepair.engine._states import REPAIRABLE
+from sockrepair.errors import SocketStateError
 from sockrepair.image.directory import Entry, prepare_dir, write_dir
 from sockrepair.move.freeze import frozen
 from sockrepair.move.keep import Keeper, Kept
@@ -19,7 +21,7 @@ from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import ProcSocket, process_name, tcp_sockets
 from sockrepair.move.stages import Stage, Timings
 from sockrepair.move.take import captured, checkpoint_taken, end_source, process_locker
-from sockrepair.state import TCP_ESTABLISHED, ConnectionState
+from sockrepair.state import ConnectionState
 
 STAYED = Kept(0, 0, False, "nothing kept: the connections stayed in the process, or were not locked")
 
@@ -34,9 +36,11 @@ class DumpReport:
     """What dump() did. `connections`: one dict per image, in the order written (the index entry's fields: "file",
     "fd" (the process's), "tuple", ..., plus "recv_queue", "send_queue" and "unsent" in bytes). `phases_ms`:
     milliseconds per stage, in the order run: freeze, lock (when locking), checkpoint, write, then resume
-    (LEAVE_RUNNING) or kill and keep (KILL) (sockrepair.move.stages.Stage says what each does). `kept`: the peers'
-    packets the lock kept until the dump ended, written to packets.img (sockrepair.move.keep.Kept; `delivered`
-    counts those written)."""
+    (LEAVE_RUNNING) or kill and keep (KILL) (sockrepair.move.stages.Stage says what each does). `lost`: the
+    connections the kill destroyed, accepted with allow_loss (sockrepair.move.take.Unmovable.to_dict: "fd",
+    "protocol", "tuple", "state", "reason"); always empty with LEAVE_RUNNING. `kept`: the peers' packets the lock
+    kept (sockrepair.move.keep.Kept): with KILL written to packets.img (`delivered` counts those written), with
+    LEAVE_RUNNING delivered to the resumed sockets."""
 
     pid: int
     command: str
@@ -45,6 +49,7 @@ class DumpReport:
     freeze_method: str
     connections: list[dict[str, Any]]
     phases_ms: dict[str, float]
+    lost: list[dict[str, Any]] = field(default_factory=list)
     kept: Kept = STAYED
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,7 +57,7 @@ class DumpReport:
 
 
 def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: After = After.KILL,
-         lock: bool = True, ttl: float = 60.0) -> DumpReport:
+         lock: bool = True, ttl: float = 60.0, allow_loss: bool = False) -> DumpReport:
     """Write one image per connection of `pid` (every established one, or the fds in `wanted`) and index.json into
     `directory` (0700, images 0600). With After.KILL the process is ended (end_source) and the connections stay
     locked for `ttl` seconds, until a restore unlocks them; with LEAVE_RUNNING they go on in the process and are
@@ -60,12 +65,15 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
     and the lock, what the peers send is kept from the lock on and written, as the dump ends, to packets.img
     (sockrepair.image.packets), which `sockrepair restore -D` delivers; what they send after the dump ended waits
     for their retransmission. With LEAVE_RUNNING it is delivered to the resumed sockets before the unlock.
+    With After.KILL, every other connection of the process (not repairable, not plain TCP, or not in `wanted`)
+    would be reset by the kill: dump refuses before freezing anything, naming each, unless `allow_loss`, and the
+    report then lists them in `lost`.
 
     `directory` is created 0700, or must be an empty directory of the caller's that group and others cannot write
     (ImageError `.path` otherwise, before anything is frozen). Raises ProcessError (no such process, not permitted,
     fd not a TCP socket, nothing established; `.pid`, `.fd`)
-    and SocketStateError (a socket not ESTABLISHED or changed while frozen; `.pid`, `.fd` the process's own, `.tuple`,
-    `.tcp_state`); on an error the process is thawed with its connections as they were, and nothing is locked."""
+    and SocketStateError (a connection that cannot be moved, a socket changed while frozen; `.pid`, `.fd` the
+    process's own, `.tuple`, `.tcp_state`); on an error the process is thawed with its connections as they were, and nothing is locked."""
     command = process_name(pid)
     timings = Timings("dump")
     # Refused (another user's, a symlink, not empty...) before anything is frozen or locked.
@@ -78,7 +86,8 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
     keeper = Keeper([f"/proc/{pid}/ns/net"]) if lock else None
     kept = STAYED
     try:
-        with captured(pid, wanted, locker, timings, ttl) as cap:
+        kills = after is After.KILL
+        with captured(pid, wanted, locker, timings, ttl, allow_loss=allow_loss or not kills) as cap:
             with timings.timed(Stage.WRITE):
                 entries = write_dir(directory, list(zip([s.fd for s in cap.sockets], cap.states)),
                                     {"pid": pid, "command": command, "host": socket.gethostname()}, dir_fd)
@@ -103,7 +112,8 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
         if keeper is not None:
             keeper.close()
     return DumpReport(pid, command, str(directory), after.value, cap.freeze_method,
-                      [_entry_view(e, s) for e, s in zip(entries, cap.states)], timings.ms, kept)
+                      [_entry_view(e, s) for e, s in zip(entries, cap.states)], timings.ms,
+                      [u.to_dict() for u in cap.lost] if kills else [], kept)
 
 
 def _entry_view(entry: Entry, state: ConnectionState) -> dict[str, Any]:
@@ -113,23 +123,27 @@ def _entry_view(entry: Entry, state: ConnectionState) -> dict[str, Any]:
 
 def inspect(pid: int) -> list[tuple[ProcSocket, ConnectionState | None, str]]:
     """A non-destructive look at every TCP socket of `pid`, ordered by fd: (socket, state, state name), where
-    state is None for a socket that is not ESTABLISHED. Established ones are checkpointed and resumed without a
+    state is None for a socket in a state the engine does not repair (LISTEN, SYN_SENT...) or that a move cannot
+    take (the name then says why). The others are checkpointed and resumed without a
     window probe while the process is frozen for the few microseconds that takes; others are listed as they are.
-    Raises ProcessError and SocketStateError (naming the process's pid and fd) as dump() does."""
+    Raises ProcessError as dump() does."""
     result: list[tuple[ProcSocket, ConnectionState | None, str]] = []
     listed = tcp_sockets(pid)
-    if not any(s.tcp_state == TCP_ESTABLISHED for s in listed):
+    if not any(s.tcp_state in REPAIRABLE for s in listed):
         return [(s, None, s.state_name) for s in listed]
     with PidFd(pid) as pidfd, frozen(pid):
         for s in tcp_sockets(pid):
-            if s.tcp_state != TCP_ESTABLISHED:
+            if s.tcp_state not in REPAIRABLE:
                 result.append((s, None, s.state_name))
                 continue
             fd = pidfd.getfd(s.fd)
             try:
                 state = checkpoint_taken(pid, s, fd)
                 resume(fd)
-                result.append((s, state, "ESTABLISHED"))
+                result.append((s, state, s.state_name))
+            except SocketStateError as exc:
+                # refused before repair mode (or resumed): listed with why a move cannot take it
+                result.append((s, None, f"{s.state_name}, cannot be moved: {exc}"))
             finally:
                 os.close(fd)
     return result

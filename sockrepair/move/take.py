@@ -10,9 +10,18 @@ import select
 import signal
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from sockrepair.engine._checkpoint import checkpoint, discard, ensure_unchanged, resume
+from sockrepair.engine._checkpoint import (
+    REPAIRABLE_NAMES,
+    checkpoint,
+    discard,
+    ensure_unchanged,
+    resume,
+)
+from sockrepair.engine._refuse import refusals_of
+from sockrepair.engine._states import REPAIRABLE
 from sockrepair.errors import ProcessError, SocketStateError
 from sockrepair.lock import Locker
 from sockrepair.move.freeze import frozen
@@ -26,7 +35,7 @@ from sockrepair.move.procfs import (
 )
 from sockrepair.move.stages import Stage, Timings
 from sockrepair.netns import inside
-from sockrepair.state import TCP_ESTABLISHED, ConnectionState
+from sockrepair.state import TCP_CLOSE, TCP_LISTEN, ConnectionState
 
 KILL_TIMEOUT = 5.0
 
@@ -43,12 +52,57 @@ class Captured:
     freeze_method: str
     pidfd: PidFd
     frozen_at: float  # time.perf_counter() when the freeze began: downtime counts from here
+    lost: list[Unmovable] = field(default_factory=list)  # connections left behind, accepted with allow_loss
+
+
+# A socket in these states holds no connection: ending its process loses nothing a peer could notice.
+_NO_CONNECTION = frozenset({TCP_LISTEN, TCP_CLOSE})
+# What getxattr(system.sockprotoname) calls the sockets the engine can repair.
+_TCP_PROTOCOLS = frozenset({"TCP", "TCPv6"})
+
+
+@dataclass(frozen=True)
+class Unmovable:
+    """A connection of the process that a move does not take, and that ending the process destroys: `sock` (the
+    process's fd, tuple and state), `protocol` (the kernel's name: "TCP", "TCPv6", "MPTCP"...) and `reason`."""
+
+    sock: ProcSocket
+    protocol: str
+    reason: str
+
+    def __str__(self) -> str:
+        s = self.sock
+        return f"fd {s.fd} {self.protocol} {s.tuple} {s.state_name} ({self.reason})"
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.sock
+        return {"fd": s.fd, "protocol": self.protocol, "tuple": str(s.tuple), "state": s.state_name,
+                "reason": self.reason}
+
+
+def socket_protocol(pid: int, fd: int) -> str:
+    """The protocol of the process's socket `fd` as the kernel names it (sock->sk_prot->name: "TCP", "TCPv6",
+    "MPTCP", "MPTCPv6"...): MPTCP subflows share their socket's inode, so /proc/net/tcp lists an MPTCP socket as a
+    TCP one. "" when the fd is gone."""
+    try:
+        return os.getxattr(f"/proc/{pid}/fd/{fd}", "system.sockprotoname").rstrip(b"\0").decode("ascii", "replace")
+    except OSError:
+        return ""
+
+
+def _why_not(sock: ProcSocket, protocol: str) -> str | None:
+    """Why a move cannot take this connection, or None when it can."""
+    if protocol and protocol not in _TCP_PROTOCOLS:
+        return f"{protocol} is not plain TCP: TCP_REPAIR cannot take it"
+    if sock.tcp_state not in REPAIRABLE:
+        return f"only {REPAIRABLE_NAMES} connections can be moved"
+    return None
 
 
 def select_sockets(pid: int, wanted: Sequence[int] | None) -> list[ProcSocket]:
-    """The process's sockets to take: the fds in `wanted` (each must be an ESTABLISHED TCP socket), or every
-    established one. Raises ProcessError (no such fd, no established connection) or SocketStateError (naming the
-    process's pid and fd, the tuple and the state)."""
+    """The process's sockets to take: the fds in `wanted` (each must be a plain TCP socket in a state the engine
+    repairs: ESTABLISHED or half-closed), or every such one. Raises ProcessError (no such fd, no established connection) or SocketStateError
+    (naming the process's pid and fd, the protocol, the tuple and the state)."""
     found = tcp_sockets(pid)
     if wanted:
         by_fd = {s.fd: s for s in found}
@@ -57,15 +111,71 @@ def select_sockets(pid: int, wanted: Sequence[int] | None) -> list[ProcSocket]:
             if fd not in by_fd:
                 raise ProcessError(f"fd {fd} of process {pid} is not a TCP socket (or not open)", pid=pid, fd=fd)
             s = by_fd[fd]
-            if s.tcp_state != TCP_ESTABLISHED:
-                raise SocketStateError(f"fd {fd} of process {pid} ({s.tuple}) is {s.state_name}, not ESTABLISHED",
+            protocol = socket_protocol(pid, fd)
+            why = _why_not(s, protocol)
+            if why is not None:
+                raise SocketStateError(f"fd {fd} of process {pid} ({protocol} {s.tuple}) is {s.state_name}: {why}",
                                        pid=pid, fd=fd, tuple=s.tuple, tcp_state=s.tcp_state)
             chosen.append(s)
         return chosen
-    chosen = [s for s in found if s.tcp_state == TCP_ESTABLISHED]
+    chosen = [s for s in found if _why_not(s, socket_protocol(pid, s.fd)) is None]
     if not chosen:
-        raise ProcessError(f"process {pid} ({process_name(pid)}) holds no established TCP connection", pid=pid)
+        raise ProcessError(f"process {pid} ({process_name(pid)}) holds no established TCP connection (nor a "
+                           "half-closed one) that can be moved", pid=pid)
     return chosen
+
+
+def left_behind(pid: int, chosen: Sequence[ProcSocket]) -> list[Unmovable]:
+    """Every connection of the process (any TCP state but LISTEN and CLOSE, any protocol /proc/net/tcp lists) that
+    is not in `chosen`, with the reason it is not: what ending the process would destroy."""
+    taken = {s.fd for s in chosen}
+    out = []
+    for s in tcp_sockets(pid):
+        if s.fd in taken or s.tcp_state in _NO_CONNECTION:
+            continue
+        protocol = socket_protocol(pid, s.fd)
+        out.append(Unmovable(s, protocol, _why_not(s, protocol) or "not among the fds asked for"))
+    return out
+
+
+def screen(pid: int, pidfd: PidFd, chosen: Sequence[ProcSocket], wanted: Sequence[int] | None,
+           allow_loss: bool) -> tuple[list[ProcSocket], list[Unmovable]]:
+    """Check each chosen socket, through a pidfd_getfd copy, for what TCP_REPAIR cannot move (the REFUSED entries
+    of sockrepair.engine.registry: urgent data, TCP-MD5 keys, kTLS, TCP-AO...), before anything is frozen. Returns
+    (the sockets to take, those that cannot be taken). A socket asked for by fd (`wanted`) that cannot be taken
+    raises SocketStateError naming the process's pid and fd, the protocol, the tuple and each refused entry; one
+    found by itself is refused the same way unless `allow_loss`."""
+    take, cannot = [], []
+    for s in chosen:
+        copy = pidfd.getfd(s.fd)
+        try:
+            found = refusals_of(copy)
+        finally:
+            os.close(copy)
+        if not found:
+            take.append(s)
+            continue
+        protocol = socket_protocol(pid, s.fd)
+        why = "uses what TCP_REPAIR cannot move: " + "; ".join(f"{detail} ({entry})" for entry, detail in found)
+        if wanted or not allow_loss:
+            raise SocketStateError(f"fd {s.fd} of process {pid} ({protocol} {s.tuple}) {why}; nothing was frozen",
+                                   pid=pid, fd=s.fd, tuple=s.tuple, tcp_state=s.tcp_state)
+        cannot.append(Unmovable(s, protocol, why))
+    return take, cannot
+
+
+def refuse_losses(pid: int, lost: Sequence[Unmovable]) -> None:
+    """Raise SocketStateError (`.pid`; `.fd`, `.tuple`, `.tcp_state` of the first) naming every connection in
+    `lost`, when there is any: raised before anything is frozen."""
+    if not lost:
+        return
+    first = lost[0].sock
+    listed = "; ".join(map(str, lost))
+    raise SocketStateError(
+        f"process {pid} ({process_name(pid)}) holds {len(lost)} connection(s) that cannot be moved, and ending the "
+        f"process would close or reset them: {listed}. Nothing was frozen; accept losing them with --allow-loss "
+        "(allow_loss=True), or leave the process running", pid=pid, fd=first.fd, tuple=first.tuple,
+        tcp_state=first.tcp_state)
 
 
 def process_locker(pid: int) -> Locker:
@@ -76,10 +186,11 @@ def process_locker(pid: int) -> Locker:
 
 def _in_process(exc: SocketStateError, pid: int, sock: ProcSocket, copy: int) -> SocketStateError:
     """The engine's error names the pidfd_getfd copy's fd, which means nothing to the caller: name the process's
-    own fd, its pid, the tuple and the state the kernel shows now."""
+    own fd, its pid, the protocol, the tuple and the state the kernel shows now."""
     reason = str(exc).removeprefix(f"fd {copy} ").removeprefix(f"({sock.tuple}) ")
     now = tcp_table(pid).get(sock.inode)
-    return SocketStateError(f"fd {sock.fd} of process {pid} ({sock.tuple}) {reason}", pid=pid, fd=sock.fd,
+    protocol = socket_protocol(pid, sock.fd) or "TCP"
+    return SocketStateError(f"fd {sock.fd} of process {pid} ({protocol} {sock.tuple}) {reason}", pid=pid, fd=sock.fd,
                             tuple=sock.tuple, tcp_state=now[1] if now is not None else exc.tcp_state)
 
 
@@ -94,15 +205,25 @@ def checkpoint_taken(pid: int, sock: ProcSocket, copy: int) -> ConnectionState:
 
 @contextlib.contextmanager
 def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timings: Timings,
-             ttl: float = 60.0) -> Iterator[Captured]:
+             ttl: float = 60.0, allow_loss: bool = False) -> Iterator[Captured]:
     """Freeze `pid`, take and checkpoint its connections (see select_sockets), lock them with `locker` for `ttl`
     seconds, and yield them frozen and locked; the freeze, lock and checkpoint stages are timed into `timings`.
     On an error every socket is resumed, the lock released and the process thawed; on success the caller decides
-    (resume, or end_source()). Raises ProcessError and SocketStateError naming the process's pid and fd."""
+    (resume, or end_source()). Every other connection of the process is listed in Captured.lost; unless
+    `allow_loss`, any such connection is refused before the freeze (refuse_losses). Raises ProcessError and
+    SocketStateError naming the process's pid and fd."""
     with PidFd(pid) as pidfd:
         # /proc/PID/net/tcp is read before the freeze (reading it costs ms with many connections); under the freeze
         # only the fd -> inode map is checked, and the table read again if the process changed its sockets meanwhile
         chosen = select_sockets(pid, wanted)
+        lost = left_behind(pid, chosen)
+        if not allow_loss:
+            refuse_losses(pid, lost)
+        chosen, unmovable = screen(pid, pidfd, chosen, wanted, allow_loss)
+        if not chosen:
+            raise ProcessError(f"process {pid} holds no connection that can be moved: "
+                               + "; ".join(map(str, unmovable)), pid=pid)
+        lost += unmovable
         frozen_at = time.perf_counter()
         with timings.timed(Stage.FREEZE), contextlib.ExitStack() as freezing:
             method = freezing.enter_context(frozen(pid))
@@ -110,7 +231,12 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
         with thaw:
             inodes = socket_inodes(pid)
             if any(inodes.get(s.fd) != s.inode for s in chosen):
-                chosen = select_sockets(pid, wanted)
+                # what was screened out stays out; anything new is checked by checkpoint() itself
+                skipped = {u.sock.fd for u in unmovable}
+                chosen = [s for s in select_sockets(pid, wanted) if s.fd not in skipped]
+                lost = [u for u in left_behind(pid, chosen) if u.sock.fd not in skipped] + unmovable
+                if not allow_loss:
+                    refuse_losses(pid, lost)
             fds: list[int] = []
             states: list[ConnectionState] = []
             try:
@@ -122,7 +248,7 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
                 with timings.timed(Stage.CHECKPOINT):
                     for s, fd in zip(chosen, fds):
                         states.append(checkpoint_taken(pid, s, fd))
-                yield Captured(pid, chosen, fds, states, method, pidfd, frozen_at)
+                yield Captured(pid, chosen, fds, states, method, pidfd, frozen_at, lost)
             except BaseException:
                 for fd in fds[: len(states)]:
                     with contextlib.suppress(OSError):

@@ -34,6 +34,7 @@ def explain_recorded(name: str):
         ("seed-issue", ["iptables-bad-rule", "iptables-config-failed", "connection-reset"]),
         ("mount-ns", ["mount-sharing"]),
         ("fd-setsize", ["fd-setsize"]),
+        ("fin-packet", ["fin-packet"]),
     ],
 )
 def test_recorded_failure_is_named_and_nothing_is_left_unexplained(name: str, problems: list[str]) -> None:

@@ -11,6 +11,7 @@ import tracemalloc
 import zlib
 from typing import Any
 
+import construct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -55,6 +56,9 @@ def states(draw: st.DrawFn) -> ConnectionState:
     send = draw(st.binary(max_size=2048))
     values: dict[str, Any] = {name: draw(st.booleans()) for name in layout.SOCKOPT_FLAGS}
     values |= {name: draw(I32) for name in layout.SOCKOPT_INTS}
+    values |= {name: draw(st.booleans()) for name in layout.MORE_SOCKOPT_FLAGS}
+    values |= {name: draw(I32) for name in layout.MORE_SOCKOPT_INTS}
+    values |= {name: draw(st.integers(0, 2**63 - 1)) for name in layout.MORE_SOCKOPT_LONGS}
     sockopts = SocketOptions(**values, bindtodevice=draw(SHORT_TEXT), congestion=draw(SHORT_TEXT))
     wscale = st.integers(0, layout.MAX_WSCALE)
     return ConnectionState(
@@ -92,6 +96,19 @@ def base_state(**changes: object) -> ConnectionState:
     return state.replace(**changes)
 
 
+MORE_SIZE = 1 + 4 * len(layout.MORE_SOCKOPT_INTS) + 8 * len(layout.MORE_SOCKOPT_LONGS)
+
+
+def v1_image(state: ConnectionState | None = None) -> bytes:
+    """The version 1 image of `state` (base_state() by default), as sockrepair before version 2 wrote it: version
+    2's without the trailing record. The malformed-input tests below damage these (the offsets are the same in
+    both versions up to the receive queue), so reading version 1 stays held to every check."""
+    data = (state or base_state()).to_bytes()
+    (body_len,) = struct.unpack_from(">I", data, 8)
+    out = data[:4] + struct.pack(">HHI", 1, struct.unpack_from(">H", data, 6)[0], body_len - MORE_SIZE)
+    return reseal(out + data[12 : -4 - MORE_SIZE] + b"\0\0\0\0")
+
+
 def container_of(state: ConnectionState) -> dict:
     """What the construct definition builds `state` from."""
     t, so = state.tuple, state.sockopts
@@ -124,6 +141,10 @@ def container_of(state: ConnectionState) -> dict:
         "unsent_len": state.unsent_len,
         "send_queue": state.send_queue,
         "recv_queue": state.recv_queue,
+        "more_sockopts": {
+            "flags": {name: getattr(so, name) for name in layout.MORE_SOCKOPT_FLAGS},
+            **{name: getattr(so, name) for name in (*layout.MORE_SOCKOPT_INTS, *layout.MORE_SOCKOPT_LONGS)},
+        },
     }  # fmt: skip
     return {"signed": {"value": {"body": body}}}
 
@@ -192,14 +213,14 @@ def test_round_trip_without_window_and_with_one_mib_queues() -> None:
     send, recv = bytes(range(256)) * 4096, b"\xa5" * (1 << 20)
     state = base_state(window=None, send_queue=send, unsent_len=1000, recv_queue=recv)
     data = state.to_bytes()
-    assert len(data) == 153 - 20 - 11 - 3 + 2 * (1 << 20)
+    assert len(data) == 153 + MORE_SIZE - 20 - 11 - 3 + 2 * (1 << 20)
     back = image.decode(data)
     assert back == state
     assert back.unsent == send[-1000:] and back.unacked == send[:-1000]
 
 
 def test_layout_of_the_base_image() -> None:
-    data = base_state().to_bytes()
+    data = v1_image()
     assert len(data) == 153
     assert data[:12] == b"SKRP" + bytes.fromhex("0001 0001 00000089")  # version 1, window flag, 137-byte body
     assert data[12:17] == bytes.fromhex("04 9c40 01bb")  # IPv4, ports 40000 and 443
@@ -211,6 +232,50 @@ def test_layout_of_the_base_image() -> None:
     assert data[123:131] == bytes.fromhex("00000005 0000000b")
     assert data[131:149] == b"hello world" + b"\x00\x00\x00\x03abc"
     assert data[149:] == struct.pack(">I", zlib.crc32(data[:149]))
+
+
+def test_version_2_appends_its_record_after_the_receive_queue() -> None:
+    so = SocketOptions(nodelay=True, congestion="cubic", oobinline=True, tcp_inq=True, busy_poll=50,
+                       max_pacing_rate=-1, linger2=30, window_clamp=65536, mtu_discover=2, rto_max_ms=60000,
+                       rto_min_us=5000, delack_max_us=0, rcvtimeo_us=1_004_000, sndtimeo_us=2**40)
+    data = base_state(sockopts=so).to_bytes()
+    assert MORE_SIZE == 49 and len(data) == 153 + MORE_SIZE
+    assert data[:12] == b"SKRP" + bytes.fromhex("0002 0001 000000ba")  # version 2, window flag, 186-byte body
+    assert data[12:149] == v1_image(base_state(sockopts=so))[12:149]  # up to the receive queue: version 1's
+    assert data[149:198] == bytes.fromhex("05" "00000032 ffffffff 0000001e 00010000 00000002 0000ea60 00001388"
+                                          "00000000" "00000000000f51e0 0000010000000000")
+    assert data[198:] == struct.pack(">I", zlib.crc32(data[:198]))
+    assert image.decode(data).sockopts == so
+    assert format.ConnectionImage.parse(data).signed.value.body.more_sockopts.flags.tcp_inq
+
+
+def test_version_1_images_read_with_the_new_options_left_alone() -> None:
+    old = v1_image()
+    back = image.decode(old)
+    assert back == base_state()
+    assert (back.sockopts.window_clamp, back.sockopts.mtu_discover, back.sockopts.rcvtimeo_us) == (0, -1, 0)
+    assert format.ConnectionImage.parse(old).signed.value.body.more_sockopts is None
+    # re-encoded, it is a version 2 image of the same state
+    assert image.decode(back.to_bytes()) == back and back.to_bytes()[4:6] == b"\0\2"
+
+
+@pytest.mark.parametrize(("cut", "field"), [(0, "more_sockopts.flags"), (1, "more_sockopts.busy_poll"),
+                                            (20, "more_sockopts.mtu_discover"), (40, "more_sockopts.rcvtimeo_us"),
+                                            (48, "more_sockopts.sndtimeo_us")])
+def test_version_2_record_cut_names_the_field(cut: int, field: str) -> None:
+    data = base_state().to_bytes()
+    body = data[12 : 149 + cut]
+    with pytest.raises(ImageError) as err:
+        image.decode(reseal(data[:8] + struct.pack(">I", len(body)) + body + b"\0\0\0\0"))
+    assert (err.value.offset, err.value.field) == (149, field), str(err.value)
+
+
+def test_version_2_unknown_option_flags() -> None:
+    with pytest.raises(ImageError) as err:
+        image.decode(patched(base_state().to_bytes(), 149, ">B", 0x08))
+    assert (err.value.offset, err.value.field) == (149, "more_sockopts.flags"), str(err.value)
+    with pytest.raises(construct.ConstructError):
+        format.ConnectionImage.parse(patched(base_state().to_bytes(), 149, ">B", 0x08))
 
 
 def test_record_sizes_match_the_construct_definition() -> None:
@@ -239,7 +304,7 @@ def test_truncated_header(data: bytes) -> None:
 
 @pytest.mark.parametrize("cut", [16, 100, 148, 152])
 def test_truncated_body(cut: int) -> None:
-    rejects(base_state().to_bytes()[:cut], cut, "truncated", "137-byte body", f"153 bytes, not {cut}")
+    rejects(v1_image()[:cut], cut, "truncated", "137-byte body", f"153 bytes, not {cut}")
 
 
 @pytest.mark.parametrize("data", [b"X", b"SKRQ", b"\x7fELF\x02\x01\x01\x00" * 4, b'{"version": 1}'])
@@ -248,36 +313,36 @@ def test_wrong_magic(data: bytes) -> None:
 
 
 def test_unsupported_version() -> None:
-    data = bytearray(base_state().to_bytes())
-    data[4:6] = b"\x00\x02"
-    rejects(bytes(data), 4, "unsupported format version 2")
+    data = bytearray(v1_image())
+    data[4:6] = b"\x00\x03"
+    rejects(bytes(data), 4, "unsupported format version 3", "reads versions 1, 2")
 
 
 def test_unknown_flags() -> None:
-    data = bytearray(base_state().to_bytes())
+    data = bytearray(v1_image())
     data[6:8] = b"\x80\x01"
     rejects(bytes(data), 6, "unknown flags 0x8001")
 
 
 def test_trailing_junk() -> None:
-    rejects(base_state().to_bytes() + b"\x00\x00", 153, "2 bytes of trailing junk")
+    rejects(v1_image() + b"\x00\x00", 153, "2 bytes of trailing junk")
 
 
 @pytest.mark.parametrize("offset", [0 + 12, 20, 63, 120, 140, 148])
 def test_bit_flip_fails_the_checksum(offset: int) -> None:
-    data = bytearray(base_state().to_bytes())
+    data = bytearray(v1_image())
     data[offset] ^= 0x10
     rejects(bytes(data), 149, "checksum mismatch")
 
 
 def test_flipped_checksum() -> None:
-    data = bytearray(base_state().to_bytes())
+    data = bytearray(v1_image())
     data[-1] ^= 1
     rejects(bytes(data), 149, "checksum mismatch")
 
 
 def test_absurd_body_length_allocates_nothing() -> None:
-    data = patched(base_state().to_bytes(), 8, ">I", 0xFFFFFFF0)
+    data = patched(v1_image(), 8, ">I", 0xFFFFFFF0)
     tracemalloc.start()
     try:
         rejects(data, 153, "truncated", f"{0xFFFFFFF0}-byte body")
@@ -293,7 +358,7 @@ def test_absurd_body_length_allocates_nothing() -> None:
      (142, "the receive queue needs 4294967295 bytes but the body has 3 left")],
 )  # fmt: skip
 def test_absurd_queue_length_allocates_nothing(offset: int, what: str) -> None:
-    data = patched(base_state().to_bytes(), offset, ">I", 0xFFFFFFFF)
+    data = patched(v1_image(), offset, ">I", 0xFFFFFFFF)
     tracemalloc.start()
     try:
         rejects(data, offset + 4, what)
@@ -305,55 +370,55 @@ def test_absurd_queue_length_allocates_nothing(offset: int, what: str) -> None:
 
 def test_body_shorter_than_its_fields() -> None:
     # A consistent header and checksum around a body cut inside the fixed-size fields.
-    data = base_state().to_bytes()[:60]
+    data = v1_image()[:60]
     data = data[:8] + struct.pack(">I", len(data) - 12) + data[12:] + b"\0\0\0\0"
     rejects(reseal(data), 12, "the fixed-size fields needs 104 bytes but the body has 48 left")
 
 
 def test_unparsed_bytes_at_the_end_of_the_body() -> None:
-    data = base_state().to_bytes()
+    data = v1_image()
     data = data[:8] + struct.pack(">I", 137 + 2) + data[12:149] + b"\0\0" + b"\0\0\0\0"
     rejects(reseal(data), 149, "2 unexpected bytes between the receive queue and the checksum")
 
 
 @pytest.mark.parametrize("version", [0, 5, 255])
 def test_invalid_ip_version(version: int) -> None:
-    rejects(patched(base_state().to_bytes(), 12, ">B", version), 12, f"unknown IP version {version}")
+    rejects(patched(v1_image(), 12, ">B", version), 12, f"unknown IP version {version}")
 
 
 @pytest.mark.parametrize(("offset", "name"), [(13, "local_port"), (15, "remote_port")])
 def test_port_zero(offset: int, name: str) -> None:
-    rejects(patched(base_state().to_bytes(), offset, ">H", 0), offset, f"{name} is 0")
+    rejects(patched(v1_image(), offset, ">H", 0), offset, f"{name} is 0")
 
 
 @pytest.mark.parametrize(("value", "name"), [(0, "unknown"), (10, "LISTEN"), (12, "unknown"), (255, "unknown")])
 def test_invalid_tcp_state(value: int, name: str) -> None:
-    rejects(patched(base_state().to_bytes(), 25, ">B", value), 25, f"invalid TCP state {value} ({name})")
+    rejects(patched(v1_image(), 25, ">B", value), 25, f"invalid TCP state {value} ({name})")
 
 
 def test_unknown_tcp_option_flags() -> None:
-    rejects(patched(base_state().to_bytes(), 40, ">B", 0x0F), 40, "unknown TCP option flags 0x0f")
+    rejects(patched(v1_image(), 40, ">B", 0x0F), 40, "unknown TCP option flags 0x0f")
 
 
 @pytest.mark.parametrize(("offset", "name"), [(41, "snd_wscale"), (42, "rcv_wscale")])
 def test_window_scale_out_of_range(offset: int, name: str) -> None:
-    rejects(patched(base_state().to_bytes(), offset, ">B", 15), offset, f"{name} 15 exceeds 14")
+    rejects(patched(v1_image(), offset, ">B", 15), offset, f"{name} 15 exceeds 14")
 
 
 def test_string_too_long() -> None:
-    rejects(patched(base_state().to_bytes(), 117, ">B", 16), 117, "congestion length 16 exceeds 15")
+    rejects(patched(v1_image(), 117, ">B", 16), 117, "congestion length 16 exceeds 15")
 
 
 def test_string_not_utf8() -> None:
-    rejects(patched(base_state().to_bytes(), 120, ">B", 0xFF), 120, "congestion is not UTF-8")
+    rejects(patched(v1_image(), 120, ">B", 0xFF), 120, "congestion is not UTF-8")
 
 
 def test_unsent_longer_than_the_send_queue() -> None:
-    rejects(patched(base_state().to_bytes(), 123, ">I", 12), 123, "unsent_len 12 exceeds the send queue's 11 bytes")
+    rejects(patched(v1_image(), 123, ">I", 12), 123, "unsent_len 12 exceeds the send queue's 11 bytes")
 
 
 def test_every_malformed_kind_is_also_rejected_by_construct() -> None:
-    good = base_state().to_bytes()
+    good = v1_image()
     bad = [
         good[:100], good + b"\0", b"SKRQ" + good[4:], patched(good, 4, ">H", 2), patched(good, 6, ">H", 2),
         bytes(good[:-1]) + bytes([good[-1] ^ 1]), patched(good, 12, ">B", 5), patched(good, 13, ">H", 0),
@@ -374,7 +439,7 @@ def test_every_malformed_kind_is_also_rejected_by_construct() -> None:
 
 # (offset, struct format, value written there, the ImageError's offset, its field) in base_state()'s image
 DAMAGED_FIELDS = [
-    (4, ">H", 2, 4, "version"),
+    (4, ">H", 3, 4, "version"),
     (6, ">H", 0x8001, 6, "flags"),
     (12, ">B", 5, 12, "tuple.ip_version"),
     (13, ">H", 0, 13, "tuple.local_port"),
@@ -396,7 +461,7 @@ DAMAGED_FIELDS = [
 def test_damaged_image_names_the_offset_and_field(at: int, fmt: str, value: int, offset: int, field: str) -> None:
     # the checksum is made valid again, so the damage reaches the field's own check
     with pytest.raises(ImageError) as err:
-        image.decode(patched(base_state().to_bytes(), at, fmt, value))
+        image.decode(patched(v1_image(), at, fmt, value))
     assert (err.value.offset, err.value.field, err.value.path) == (offset, field, None), str(err.value)
     fixed = image._LAYOUTS[4, True].offsets
     if field in fixed:
@@ -415,7 +480,7 @@ def test_damaged_image_names_the_offset_and_field(at: int, fmt: str, value: int,
 )
 def test_damaged_header_or_length_names_the_offset_and_field(damage: Any, offset: int, field: str | None) -> None:
     with pytest.raises(ImageError) as err:
-        image.decode(damage(base_state().to_bytes()))
+        image.decode(damage(v1_image()))
     assert (err.value.offset, err.value.field) == (offset, field), str(err.value)
 
 
@@ -423,7 +488,7 @@ def test_damaged_header_or_length_names_the_offset_and_field(damage: Any, offset
     ("end", "field"), [(13, "tuple.local_port"), (49, "window.snd_wnd"), (115, "sockopts.notsent_lowat")]
 )
 def test_body_cut_inside_the_fixed_fields_names_the_field_cut(end: int, field: str) -> None:
-    data = base_state().to_bytes()[:end]
+    data = v1_image()[:end]
     data = data[:8] + struct.pack(">I", end - 12) + data[12:] + b"\0\0\0\0"
     with pytest.raises(ImageError) as err:
         image.decode(reseal(data))
@@ -532,7 +597,8 @@ def _json(**changes: object) -> dict:
     ("d", "message"),
     [
         ([], "the image: want an object, not list"),
-        (_json(version=2), "version: 2 is not 1"),
+        (_json(version=3), "version: 3 is not one of 1, 2"),
+        (_json(sockopts__oobinline=KeyError), "sockopts: missing oobinline"),
         (_json(extra=1), "the image: unknown extra"),
         (_json(window=KeyError), "the image: missing window"),
         (_json(tuple="10.0.0.1:1->10.0.0.2"), "tuple: not a connection tuple"),
@@ -565,7 +631,7 @@ def test_json_errors(d: dict, message: str) -> None:
     ("d", "field"),
     [
         ([], None),
-        (_json(version=2), "version"),
+        (_json(version=3), "version"),
         (_json(extra=1), "extra"),
         (_json(window=KeyError), "window"),
         (_json(window__snd_wnd=KeyError), "window.snd_wnd"),
@@ -584,6 +650,16 @@ def test_json_errors_name_the_field(d: Any, field: str | None) -> None:
     with pytest.raises(ImageError) as err:
         jsonview.state_from_dict(d)
     assert err.value.field == field, str(err.value)
+
+
+def test_json_of_version_1_reads_with_the_new_options_left_alone() -> None:
+    d = _json(version=1)
+    for name in (*layout.MORE_SOCKOPT_FLAGS, *layout.MORE_SOCKOPT_INTS, *layout.MORE_SOCKOPT_LONGS):
+        del d["sockopts"][name]
+    assert jsonview.state_from_dict(d) == base_state()
+    d["sockopts"]["oobinline"] = True
+    with pytest.raises(ImageError, match="sockopts: unknown oobinline"):
+        jsonview.state_from_dict(d)
 
 
 def test_json_keeps_v4_mapped_addresses_as_sockets_spell_them() -> None:

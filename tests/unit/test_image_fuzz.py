@@ -52,7 +52,8 @@ BASES = [
 # Every field an ImageError of decode may blame: the header's, the fixed-size ones of any layout, and the rest.
 KNOWN_FIELDS = {
     "magic", "version", "flags", "crc32", "sockopts.bindtodevice", "sockopts.congestion", "unsent_len", "send_queue",
-    "recv_queue", *(name for body in image._LAYOUTS.values() for name in body.offsets),
+    "recv_queue", *(name for body in image._LAYOUTS.values() for name in body.offsets), "more_sockopts.flags",
+    *(f"more_sockopts.{name}" for name in (*layout.MORE_SOCKOPT_INTS, *layout.MORE_SOCKOPT_LONGS)),
 }  # fmt: skip
 
 
@@ -115,7 +116,11 @@ def state_from_container(c: construct.Container) -> ConnectionState:
     body = c.signed.value.body
     t = body.tuple
     family = socket.AF_INET if t.ip_version == 4 else socket.AF_INET6
-    so = body.sockopts
+    so, more = body.sockopts, body.more_sockopts
+    more_values = {} if more is None else {
+        **{name: more.flags[name] for name in layout.MORE_SOCKOPT_FLAGS},
+        **{name: more[name] for name in (*layout.MORE_SOCKOPT_INTS, *layout.MORE_SOCKOPT_LONGS)},
+    }  # fmt: skip
     return ConnectionState(
         tuple=ConnTuple(family, socket.inet_ntop(family, t.local_addr), t.local_port,
                         socket.inet_ntop(family, t.remote_addr), t.remote_port),
@@ -134,6 +139,7 @@ def state_from_container(c: construct.Container) -> ConnectionState:
             **{name: so[name] for name in layout.SOCKOPT_INTS},
             bindtodevice=so.bindtodevice,
             congestion=so.congestion,
+            **more_values,
         ),
     )  # fmt: skip
 

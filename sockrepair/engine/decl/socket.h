@@ -23,14 +23,45 @@
 #define SO_PROTOCOL 38
 #define SO_DOMAIN 39
 #define SO_MARK 36
+#define SO_OOBINLINE 10
+#define SO_RCVTIMEO_OLD 20  /* struct timeval (64-bit time_t on 64-bit hosts) */
+#define SO_SNDTIMEO_OLD 21
+#define SO_GET_FILTER 26    /* = SO_ATTACH_FILTER: with optlen 0 the kernel returns the filter's length */
+#define SO_TIMESTAMP_OLD 29
+#define SO_TIMESTAMPNS_OLD 35
+#define SO_TIMESTAMPING_OLD 37
+#define SO_PEEK_OFF 42
+#define SO_BUSY_POLL 46
+#define SO_MAX_PACING_RATE 47
+#define SO_ZEROCOPY 60
+#define SO_DONTROUTE 5
+#define SO_BINDTOIFINDEX 62
+#define SO_TIMESTAMP_NEW 63
+#define SO_TIMESTAMPNS_NEW 64
+#define SO_TIMESTAMPING_NEW 65
 
 #define IP_TOS 1
 #define IP_TTL 2
 #define IP_FREEBIND 15
+#define IP_OPTIONS 4
+#define IP_MTU_DISCOVER 10
+#define IP_RECVERR 11
+#define IP_TRANSPARENT 19
+#define IP_MINTTL 21
+#define IPV6_MTU_DISCOVER 23
+#define IPV6_RECVERR 25
+#define IPV6_MINHOPCOUNT 73
+#define IPV6_TRANSPARENT 75
+#define IPV6_HOPOPTS 54
+#define IPV6_RTHDRDSTOPTS 55
+#define IPV6_RTHDR 57
+#define IPV6_DSTOPTS 59
 #define IPV6_UNICAST_HOPS 16
 #define IPV6_V6ONLY 26
 #define IPV6_TCLASS 67
 
+#define SHUT_WR 1
+#define MSG_OOB 1
 #define MSG_PEEK 2
 #define MSG_DONTWAIT 64
 #define MSG_NOSIGNAL 16384
@@ -63,6 +94,11 @@ struct sockaddr_storage {
     char __ss_padding[126];
 };
 
+struct timeval {
+    long tv_sec;
+    long tv_usec;
+};
+
 struct linger {
     int l_onoff;
     int l_linger;
@@ -78,3 +114,4 @@ int getpeername(int fd, struct sockaddr *addr, socklen_t *addrlen);
 ssize_t recv(int fd, void *buf, size_t len, int flags);
 ssize_t send(int fd, const void *buf, size_t len, int flags);
 int close(int fd);
+int shutdown(int fd, int how);

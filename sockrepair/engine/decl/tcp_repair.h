@@ -6,6 +6,9 @@
 #define TCP_KEEPIDLE 4
 #define TCP_KEEPINTVL 5
 #define TCP_KEEPCNT 6
+#define TCP_LINGER2 8
+#define TCP_WINDOW_CLAMP 10
+#define TCP_THIN_LINEAR_TIMEOUTS 16
 #define TCP_INFO 11
 #define TCP_CONGESTION 13
 #define TCP_USER_TIMEOUT 18
@@ -16,6 +19,13 @@
 #define TCP_TIMESTAMP 24
 #define TCP_NOTSENT_LOWAT 25
 #define TCP_REPAIR_WINDOW 29
+#define TCP_ULP 31
+#define TCP_INQ 36
+#define TCP_TX_DELAY 37
+#define TCP_AO_INFO 40
+#define TCP_RTO_MAX_MS 44
+#define TCP_RTO_MIN_US 45
+#define TCP_DELACK_MAX_US 46
 
 #define TCP_REPAIR_ON 1
 #define TCP_REPAIR_OFF 0

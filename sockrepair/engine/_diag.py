@@ -1,0 +1,167 @@
+"""sock_diag (NETLINK_SOCK_DIAG) for one connection: what no getsockopt shows. The true length of the receive queue
+(rcv_nxt - copied_seq: SIOCINQ stops at an urgent mark), the TCP-MD5 keys (INET_DIAG_MD5SIG, only to CAP_NET_ADMIN),
+the upper-layer protocol (INET_DIAG_ULP_INFO) and the shutdown bits (INET_DIAG_SHUTDOWN).
+
+The request names the connection by its 4-tuple with no cookie (net/ipv4/inet_diag.c inet_diag_find_one_icsk), in
+the network namespace of the socket: the netlink socket is opened there (SIOCGSKNS gives that namespace), and the
+last one is kept per thread, so a run of checkpoints in one namespace opens one."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+
+from sockrepair.engine._ffi import ffi, lib
+from sockrepair.engine._session import _Session
+from sockrepair.errors import NotPermittedError, SocketCallError
+from sockrepair.state import ConnTuple
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 1
+NLMSG_ERROR = 2
+INET_DIAG_INFO, INET_DIAG_SHUTDOWN, INET_DIAG_MD5SIG, INET_DIAG_ULP_INFO = 2, 8, 18, 19
+NO_COOKIE = b"\xff" * 8  # INET_DIAG_NOCOOKIE: any socket with this 4-tuple
+_NLMSG = struct.Struct("=IHHII")
+_REQ_HEAD = struct.Struct("=BBBxI")  # sdiag_family, sdiag_protocol, idiag_ext, pad, idiag_states
+_PORTS = struct.Struct("!HH")
+_IFINDEX = struct.Struct("=I")
+_MSG_QUEUES = struct.Struct("=II")  # idiag_rqueue, idiag_wqueue, in inet_diag_msg after family..expires
+_MSG_SIZE = 72  # struct inet_diag_msg
+_QUEUES_AT = 56
+_ATTR = struct.Struct("=HH")
+_MD5_KEY_SIZE = 100  # struct tcp_diag_md5sig: family, prefixlen, keylen, ifindex, addr[4], key[80]
+
+
+@dataclass(frozen=True)
+class DiagView:
+    """`rqueue`: rcv_nxt - copied_seq (a received FIN counts 1); `md5_keys`: how many TCP-MD5 keys the socket has;
+    `ulp`: an upper-layer protocol is attached; `shutdown`: sk_shutdown (1 receive side, 2 send side)."""
+
+    rqueue: int
+    md5_keys: int
+    ulp: bool
+    shutdown: int
+
+
+class _Cache(threading.local):
+    netns: int = -1
+    sock: socket.socket | None = None
+
+
+_cache = _Cache()
+
+
+def _netlink_for(session: _Session) -> socket.socket:
+    """A sock_diag socket in the network namespace of the session's socket."""
+    nsfd = lib.ioctl(session.fd, lib.SIOCGSKNS)
+    if nsfd < 0:
+        if ffi.errno == errno.EPERM:
+            raise NotPermittedError(
+                f"reading fd {session.fd} through sock_diag refused: it needs CAP_NET_ADMIN in the socket's network "
+                "namespace, as TCP_REPAIR does (run as root, or grant the capability)", fd=session.fd)
+        raise session.fail("ioctl(SIOCGSKNS)")
+    try:
+        netns = os.fstat(nsfd).st_ino
+        if _cache.sock is not None and _cache.netns == netns:
+            return _cache.sock
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if lib.setns(nsfd, lib.CLONE_NEWNET) < 0:
+                raise session.fail("setns(the socket's network namespace)")
+            try:
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
+            finally:
+                if lib.setns(own, lib.CLONE_NEWNET) < 0:
+                    raise session.fail("setns(back)")
+        finally:
+            os.close(own)
+    finally:
+        os.close(nsfd)
+    if _cache.sock is not None:
+        _cache.sock.close()
+    _cache.netns, _cache.sock = netns, sock
+    return sock
+
+
+NLM_F_DUMP = 0x300
+NLMSG_DONE = 3
+_INODE_AT = 68  # idiag_inode in struct inet_diag_msg
+
+
+def connecting_tuple(session: _Session, family: int, tcp_state: int) -> ConnTuple | None:
+    """The 4-tuple of the session's socket when getpeername cannot say it (SYN_SENT: ENOTCONN), from a sock_diag
+    dump of the sockets in `tcp_state`, matched by inode; None when it is not among them."""
+    sock = _netlink_for(session)
+    inode = os.fstat(session.fd).st_ino
+    body = _REQ_HEAD.pack(family, socket.IPPROTO_TCP, 0, 1 << tcp_state) + bytes(48)
+    try:
+        sock.send(_NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 2, 0) + body)
+        found = None
+        while True:
+            data = sock.recv(1 << 16)
+            off = 0
+            while off + _NLMSG.size <= len(data):
+                length, kind = _NLMSG.unpack_from(data, off)[:2]
+                if kind == NLMSG_DONE:
+                    return found
+                if kind == NLMSG_ERROR:
+                    (err,) = struct.unpack_from("=i", data, off + _NLMSG.size)
+                    raise SocketCallError(-err, "sock_diag dump", session.fd)
+                msg = off + _NLMSG.size
+                if struct.unpack_from("=I", data, msg + _INODE_AT)[0] == inode:
+                    sport, dport = _PORTS.unpack_from(data, msg + 4)
+                    size = 4 if family == socket.AF_INET else 16
+                    local = socket.inet_ntop(family, data[msg + 8 : msg + 8 + size])
+                    remote = socket.inet_ntop(family, data[msg + 24 : msg + 24 + size])
+                    found = ConnTuple(family, local, sport, remote, dport)
+                off += (length + 3) & ~3
+    except OSError as exc:
+        if isinstance(exc, SocketCallError):
+            raise
+        raise SocketCallError(exc.errno or errno.EIO, "sock_diag dump", session.fd) from None
+
+
+def _request(conn: ConnTuple, ifindex: int) -> bytes:
+    family = conn.family
+    local = socket.inet_pton(family, conn.local_addr).ljust(16, b"\0")
+    remote = socket.inet_pton(family, conn.remote_addr).ljust(16, b"\0")
+    body = (_REQ_HEAD.pack(family, socket.IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1), 0xFFFFFFFF)
+            + _PORTS.pack(conn.local_port, conn.remote_port) + local + remote + _IFINDEX.pack(ifindex) + NO_COOKIE)
+    return _NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + body
+
+
+def diag(session: _Session, conn: ConnTuple, ifindex: int) -> DiagView:
+    """The sock_diag view of the session's connection `conn` (`ifindex`: the device it is bound to, 0 for none).
+    Raises NotPermittedError without CAP_NET_ADMIN in the socket's network namespace, SocketCallError (op "sock_diag") when the kernel answers with an error: ENOENT when no socket has this
+    4-tuple any more."""
+    sock = _netlink_for(session)
+    try:
+        sock.send(_request(conn, ifindex))
+        data = sock.recv(1 << 16)
+    except OSError as exc:
+        raise SocketCallError(exc.errno or errno.EIO, "sock_diag", session.fd, tuple=conn) from None
+    length, kind = _NLMSG.unpack_from(data)[:2]
+    if kind == NLMSG_ERROR:
+        (err,) = struct.unpack_from("=i", data, _NLMSG.size)
+        raise SocketCallError(-err, "sock_diag", session.fd, tuple=conn)
+    rqueue, _ = _MSG_QUEUES.unpack_from(data, _NLMSG.size + _QUEUES_AT)
+    md5_keys, ulp, shutdown = 0, False, 0
+    off = _NLMSG.size + _MSG_SIZE
+    while off + _ATTR.size <= length:
+        size, kind = _ATTR.unpack_from(data, off)
+        if size < _ATTR.size:
+            break
+        if kind == INET_DIAG_MD5SIG:
+            md5_keys = (size - _ATTR.size) // _MD5_KEY_SIZE
+        elif kind == INET_DIAG_ULP_INFO:
+            ulp = True
+        elif kind == INET_DIAG_SHUTDOWN:
+            shutdown = data[off + _ATTR.size]
+        off += (size + 3) & ~3
+    return DiagView(rqueue, md5_keys, ulp, shutdown)
+

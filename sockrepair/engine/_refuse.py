@@ -1,0 +1,185 @@
+"""The REFUSED entries of sockrepair.engine.registry, checked on a live socket: by checkpoint() right after repair
+mode goes on (it then resumes the socket without a window probe: nothing reaches the wire), and by a process dump
+on every socket before it freezes the process (sockrepair/move/take.py screen()).
+
+Every check reads without changing anything: getsockopt, ioctl, recv(MSG_OOB | MSG_PEEK) and one sock_diag request.
+Urgent data shows in two ways: an urgent byte not yet read (recv(MSG_OOB | MSG_PEEK) returns it, or EAGAIN while the
+peer announced it without sending it yet), or one read with MSG_OOB whose mark is still ahead of the reader; in
+both cases SIOCINQ stops at the mark while sock_diag's rqueue (rcv_nxt - copied_seq) is the queue's true length."""
+
+from __future__ import annotations
+
+import errno
+
+from sockrepair.engine._addr import read_tuple
+from sockrepair.engine._diag import connecting_tuple, diag
+from sockrepair.engine._ffi import ffi, lib
+from sockrepair.engine._session import CHARS, _Session, getsockopt, new
+from sockrepair.engine._states import REPAIRABLE
+from sockrepair.engine._tcpopts import tcp_info
+from sockrepair.errors import SocketCallError, SocketStateError
+from sockrepair.state import ConnTuple, state_name
+
+SOL, TCP, IP, IPV6 = lib.SOL_SOCKET, lib.IPPROTO_TCP, lib.IPPROTO_IP, lib.IPPROTO_IPV6
+RCV_SHUTDOWN = 1
+HEADER_ENTRY = "IP_OPTIONS/IPV6_HOPOPTS/IPV6_RTHDR/IPV6_DSTOPTS/IPV6_RTHDRDSTOPTS"
+# States reached by receiving the peer's FIN, which sock_diag's rqueue counts as one byte.
+_FIN_RECEIVED = frozenset({lib.TCP_CLOSE_WAIT, lib.TCP_LAST_ACK, lib.TCP_CLOSING, lib.TCP_TIME_WAIT})
+# (registry entry, level, option, option name, the value every new socket has): refused when it differs
+_INTS = [
+    ("SO_DONTROUTE", SOL, lib.SO_DONTROUTE, "SO_DONTROUTE", 0),
+    *(("SO_TIMESTAMP/SO_TIMESTAMPNS/SO_TIMESTAMPING", SOL, opt, name, 0) for opt, name in (
+        (lib.SO_TIMESTAMP_OLD, "SO_TIMESTAMP"), (lib.SO_TIMESTAMPNS_OLD, "SO_TIMESTAMPNS"),
+        (lib.SO_TIMESTAMPING_OLD, "SO_TIMESTAMPING"), (lib.SO_TIMESTAMP_NEW, "SO_TIMESTAMP_NEW"),
+        (lib.SO_TIMESTAMPNS_NEW, "SO_TIMESTAMPNS_NEW"), (lib.SO_TIMESTAMPING_NEW, "SO_TIMESTAMPING_NEW"))),
+    ("SO_ZEROCOPY", SOL, lib.SO_ZEROCOPY, "SO_ZEROCOPY", 0),
+    ("SO_PEEK_OFF", SOL, lib.SO_PEEK_OFF, "SO_PEEK_OFF", -1),
+    ("TCP_TX_DELAY", TCP, lib.TCP_TX_DELAY, "TCP_TX_DELAY", 0),
+]
+_FAMILY_INTS = {
+    lib.AF_INET: [
+        ("IP_TRANSPARENT/IPV6_TRANSPARENT", IP, lib.IP_TRANSPARENT, "IP_TRANSPARENT", 0),
+        ("IP_RECVERR/IPV6_RECVERR", IP, lib.IP_RECVERR, "IP_RECVERR", 0),
+        ("IP_MINTTL/IPV6_MINHOPCOUNT", IP, lib.IP_MINTTL, "IP_MINTTL", 0),
+    ],
+    lib.AF_INET6: [
+        ("IP_TRANSPARENT/IPV6_TRANSPARENT", IPV6, lib.IPV6_TRANSPARENT, "IPV6_TRANSPARENT", 0),
+        ("IP_RECVERR/IPV6_RECVERR", IPV6, lib.IPV6_RECVERR, "IPV6_RECVERR", 0),
+        ("IP_MINTTL/IPV6_MINHOPCOUNT", IPV6, lib.IPV6_MINHOPCOUNT, "IPV6_MINHOPCOUNT", 0),
+        # a v4-mapped connection's IPv4 side
+        ("IP_TRANSPARENT/IPV6_TRANSPARENT", IP, lib.IP_TRANSPARENT, "IP_TRANSPARENT", 0),
+        ("IP_RECVERR/IPV6_RECVERR", IP, lib.IP_RECVERR, "IP_RECVERR", 0),
+        ("IP_MINTTL/IPV6_MINHOPCOUNT", IP, lib.IP_MINTTL, "IP_MINTTL", 0),
+    ],
+}
+# Options whose value is bytes, refused when there are any: (level, option, name)
+_HEADER_OPTS = {
+    lib.AF_INET: [(IP, lib.IP_OPTIONS, "IP_OPTIONS")],
+    lib.AF_INET6: [(IP, lib.IP_OPTIONS, "IP_OPTIONS"), (IPV6, lib.IPV6_HOPOPTS, "IPV6_HOPOPTS"),
+                   (IPV6, lib.IPV6_RTHDR, "IPV6_RTHDR"), (IPV6, lib.IPV6_DSTOPTS, "IPV6_DSTOPTS"),
+                   (IPV6, lib.IPV6_RTHDRDSTOPTS, "IPV6_RTHDRDSTOPTS")],
+}
+_NAME_SIZE = 16
+_OOB_FLAGS = lib.MSG_OOB | lib.MSG_PEEK | lib.MSG_DONTWAIT
+# SIOCINQ and the sock_diag rqueue are read again when data arrived in between (no lock holds the peer off).
+_ATTEMPTS = 20
+
+
+def refusals(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool) -> list[tuple[str, str]]:
+    """(registry entry name, what was found) for every REFUSED entry the connection uses; [] when none. An urgent
+    byte already read shows only as SIOCINQ stopping short of sock_diag's rqueue, which is compared `in_repair`
+    only: out of repair mode the application may read between the two calls, and the two would disagree for that
+    reason alone. Raises SocketCallError when a kernel call fails unexpectedly."""
+    found: list[tuple[str, str]] = []
+    get = session.get
+    for entry, level, opt, name, fresh in _INTS + _FAMILY_INTS[conn.family]:
+        value = _get_optional(session, level, opt, name)
+        if value is not None and value != fresh and entry not in (e for e, _ in found):
+            found.append((entry, f"{name} is {value}"))
+    buf = new(CHARS, 64)
+    size = session.size
+    for level, opt, name in _HEADER_OPTS[conn.family]:
+        size[0] = 64
+        if getsockopt(session.fd, level, opt, buf, size) == 0 and size[0] > 0:
+            found.append((HEADER_ENTRY, f"{name} holds {size[0]} bytes"))
+            break
+    size[0] = 0
+    if getsockopt(session.fd, SOL, lib.SO_GET_FILTER, ffi.NULL, size) < 0:
+        if ffi.errno != errno.EACCES:
+            raise session.fail("getsockopt(SO_GET_FILTER)")
+        found.append(("SO_ATTACH_FILTER/SO_ATTACH_BPF", "an eBPF socket filter is attached"))
+    elif size[0]:
+        found.append(("SO_ATTACH_FILTER/SO_ATTACH_BPF", f"a classic BPF filter of {size[0]} instructions is attached"))
+    ulp = _ulp(session)
+    if ulp:
+        found.append(("TCP_ULP", f"upper-layer protocol {ulp!r}" + (" (kTLS)" if ulp == "tls" else "")))
+    if _get_optional(session, TCP, lib.TCP_AO_INFO, "TCP_AO_INFO", 48) is not None:
+        found.append(("TCP_AO_INFO/TCP_AO_GET_KEYS/TCP_AO_REPAIR", "TCP-AO keys are set"))
+    urgent = _urgent(session)
+    ifindex = get(SOL, lib.SO_BINDTOIFINDEX, "SO_BINDTOIFINDEX")
+    for _ in range(_ATTEMPTS):
+        inq = session.ioctl(lib.SIOCINQ, "SIOCINQ")
+        view = diag(session, conn, ifindex)
+        if session.ioctl(lib.SIOCINQ, "SIOCINQ") == inq:
+            break
+    fin = 1 if tcp_state in _FIN_RECEIVED else 0
+    if in_repair and urgent is None and view.rqueue > inq + fin:
+        urgent = f"an urgent mark {inq} bytes into the {view.rqueue - fin}-byte receive queue"
+    if urgent is not None:
+        found.append(("urgent data (MSG_OOB)", urgent))
+    if view.md5_keys:
+        found.append(("TCP_MD5SIG/TCP_MD5SIG_EXT", f"{view.md5_keys} TCP-MD5 key(s) (RFC 2385)"))
+    if view.shutdown & RCV_SHUTDOWN and tcp_state == lib.TCP_ESTABLISHED:
+        found.append(("shutdown(SHUT_RD)", f"the receive side is shut down in {state_name(tcp_state)}"))
+    return found
+
+
+def refusals_of(fd: int) -> list[tuple[str, str]]:
+    """refusals() of the TCP socket `fd` (e.g. another process's, taken with pidfd_getfd), for a mover that screens
+    every socket before it freezes anything; [] for a socket in a state the engine does not repair."""
+    session = _Session(fd)
+    tcp_state = tcp_info(session).tcpi_state
+    if tcp_state not in REPAIRABLE:
+        return []  # checkpoint() refuses it by its state
+    if tcp_state == lib.TCP_SYN_SENT:
+        conn = connecting_tuple(session, session.get(SOL, lib.SO_DOMAIN, "SO_DOMAIN"), tcp_state)
+        if conn is None:
+            return []  # connected meanwhile: checkpoint() reads it as it is then
+    else:
+        conn = read_tuple(session)
+    session.tuple = conn
+    return refusals(session, conn, tcp_state, in_repair=False)
+
+
+def refuse(session: _Session, conn: ConnTuple, tcp_state: int) -> None:
+    """In repair mode (the application cannot read meanwhile): raise SocketStateError (`.fd`, `.tuple`,
+    `.tcp_state`) naming every REFUSED entry the connection uses."""
+    found = refusals(session, conn, tcp_state, in_repair=True)
+    if found:
+        what = "; ".join(f"{detail} ({entry})" for entry, detail in found)
+        raise SocketStateError(
+            f"fd {session.fd} ({conn}) uses what TCP_REPAIR cannot move: {what}; it was left as it was "
+            "(sockrepair.engine.registry says why each is refused)", fd=session.fd, tuple=conn, tcp_state=tcp_state)
+
+
+def _get_optional(session: _Session, level: int, opt: int, name: str, length: int = 4) -> int | None:
+    """The option's int, or None when this kernel does not have it (ENOPROTOOPT, EOPNOTSUPP) or it is unset
+    (ENOENT: TCP-AO without keys)."""
+    if length == 4:
+        try:
+            return session.get(level, opt, name)
+        except SocketCallError as exc:
+            if exc.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.ENOENT):
+                return None
+            raise
+    buf = new(CHARS, length)
+    size = session.size
+    size[0] = length
+    if getsockopt(session.fd, level, opt, buf, size) < 0:
+        if ffi.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.ENOENT):
+            return None
+        raise session.fail(f"getsockopt({name})")
+    return 1
+
+
+def _ulp(session: _Session) -> str:
+    buf = new(CHARS, _NAME_SIZE)
+    size = session.size
+    size[0] = _NAME_SIZE
+    if getsockopt(session.fd, TCP, lib.TCP_ULP, buf, size) < 0:
+        if ffi.errno == errno.ENOPROTOOPT:
+            return ""
+        raise session.fail("getsockopt(TCP_ULP)")
+    return ffi.string(buf, size[0]).decode("ascii", "replace")  # type: ignore[no-any-return]
+
+
+def _urgent(session: _Session) -> str | None:
+    """What recv(MSG_OOB | MSG_PEEK) says about an urgent byte not yet read; None when there is none to read."""
+    buf = new(CHARS, 1)
+    got = lib.recv(session.fd, buf, 1, _OOB_FLAGS)
+    if got == 1:
+        return f"an urgent byte {ffi.buffer(buf, 1)[:]!r} not yet read"
+    err = ffi.errno
+    if got < 0 and err == errno.EAGAIN:
+        return "an urgent pointer whose byte has not arrived yet"
+    return None
