@@ -3,6 +3,7 @@ the program; inspect() reads them without disturbing them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Sequence
@@ -77,11 +78,12 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
     command = process_name(pid)
     timings = Timings("dump")
     # Refused (another user's, a symlink, not empty...) before anything is frozen or locked.
+    made = not os.path.lexists(directory)
     dir_fd = prepare_dir(directory)
     try:
         locker = process_locker(pid) if lock else None
     except BaseException:
-        os.close(dir_fd)
+        _abandon_dir(dir_fd, directory, made)
         raise
     keeper = Keeper([f"/proc/{pid}/ns/net"]) if lock else None
     kept = STAYED
@@ -105,8 +107,13 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
         if keeper is not None and after is After.KILL:
             with timings.timed(Stage.KEEP):
                 kept = keeper.write(dir_fd, [s.tuple for s in cap.sockets])
+    except BaseException:
+        _abandon_dir(dir_fd, directory, made)
+        dir_fd = -1
+        raise
     finally:
-        os.close(dir_fd)
+        if dir_fd >= 0:
+            os.close(dir_fd)
         if locker is not None:
             locker.close()
         if keeper is not None:
@@ -114,6 +121,15 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
     return DumpReport(pid, command, str(directory), after.value, cap.freeze_method,
                       [_entry_view(e, s) for e, s in zip(entries, cap.states)], timings.ms,
                       [u.to_dict() for u in cap.lost] if kills else [], kept)
+
+
+def _abandon_dir(dir_fd: int, directory: Path, made: bool) -> None:
+    """A dump that failed leaves no directory it made, unless something was written into it (the images of a dump
+    that failed after its write: they may be all that is left of the connections)."""
+    os.close(dir_fd)
+    if made:
+        with contextlib.suppress(OSError):  # ENOTEMPTY: keep what was written
+            os.rmdir(directory)
 
 
 def _entry_view(entry: Entry, state: ConnectionState) -> dict[str, Any]:
