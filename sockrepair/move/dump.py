@@ -90,6 +90,8 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
                         kept = keeper.deliver([s.tuple for s in cap.sockets], f"/proc/{pid}/ns/net")
                     if locker is not None:
                         locker.unlock([s.tuple for s in cap.sockets])
+                    if keeper is not None:  # what the lock stopped after deliver() last looked
+                        kept = keeper.deliver([s.tuple for s in cap.sockets], f"/proc/{pid}/ns/net")
             else:
                 with timings.timed(Stage.KILL):
                     end_source(cap)
