@@ -59,7 +59,8 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
     unlocked. `lock=False` takes no lock (the states may then move before the kill: end_source refuses). With KILL
     and the lock, what the peers send is kept from the lock on and written, as the dump ends, to packets.img
     (sockrepair.image.packets), which `sockrepair restore -D` delivers; what they send after the dump ended waits
-    for their retransmission. With LEAVE_RUNNING it is delivered to the resumed sockets before the unlock.
+    for their retransmission. With LEAVE_RUNNING it is delivered to the resumed sockets before the unlock, and what
+    came meanwhile right after it.
 
     `directory` is created 0700, or must be an empty directory of the caller's that group and others cannot write
     (ImageError `.path` otherwise, before anything is frozen). Raises ProcessError (no such process, not permitted,
