@@ -373,5 +373,6 @@ def restore(directory: Path, roots: Sequence[int] | None = None, *, netns: str |
         report.kept = keeper.deliver(report.released, netns_path(netns),
                                      before=[p for p in kept_at_dump if packet_tuple(p) in released])
         locker.unlock(report.released)
+        report.kept = keeper.deliver(report.released, netns_path(netns))  # what the lock stopped meanwhile
         report.still_locked = still_waiting(waits, done)
     return report

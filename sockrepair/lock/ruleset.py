@@ -8,7 +8,8 @@ either direction, is in a set -- and copy what the peer sends to a listener befo
         chain prerouting { type filter hook prerouting priority -300;
             meta mark 0xc114 accept
             <peer side, conn4 and conn6> log group 49428 snaplen 65535 queue-threshold 1 drop }
-        chain input  { type filter hook input  priority -300; meta mark 0xc114 accept; <both sides> drop }
+        chain input  { type filter hook input  priority -300; meta mark 0xc114 accept; <socket side> drop;
+            <peer side> log group 49428 snaplen 65535 queue-threshold 1 drop }
         chain output { type filter hook output priority -300; meta mark 0xc114 accept; <socket side> drop }
     }
 
@@ -19,8 +20,10 @@ where "socket side" and "peer side", for conn4 (likewise conn6), are:
 An element is (local addr, local port, remote addr, remote port) as the locked socket sees it. What the peer sends is
 stopped at prerouting, before the kernel looks up a socket for it (early demux would tie it to the frozen socket), and
 copied whole through nfnetlink_log (lock/record.py) so that a mover can deliver it to the restored socket
-(lock/inject.py) instead of leaving the peer to its retransmission timeout. The output chain lets the peer side pass
-so that a peer on this host reaches prerouting too; it is dropped there. Packets marked SOCCR_MARK (0xC114, the mark
+(lock/inject.py) instead of leaving the peer to its retransmission timeout. The input chain copies the peer side
+too: a packet that passed prerouting an instant before the lock was taken can reach input after it, and without a
+copy it would be lost until the peer retransmits. The output chain lets the peer side pass so that a peer on this
+host reaches prerouting too; it is dropped there. Packets marked SOCCR_MARK (0xC114, the mark
 criu's libsoccr gives the packets it makes, and that sockrepair gives the packets it delivers) pass every chain.
 Priority -300 (raw) runs before conntrack (-200), so a dropped packet is never tracked and nothing answers it.
 """
@@ -206,7 +209,7 @@ def rule_expressions(fam: Family, peer_side: bool, record: bool = False) -> byte
 # (chain, hook, [(peer_side, record)]): the drop rules of each chain, per family, after the mark-accept rule.
 CHAINS = (
     ("prerouting", c.NF_INET_PRE_ROUTING, ((True, True),)),
-    ("input", c.NF_INET_LOCAL_IN, ((False, False), (True, False))),
+    ("input", c.NF_INET_LOCAL_IN, ((False, False), (True, True))),
     ("output", c.NF_INET_LOCAL_OUT, ((False, False),)),
 )
 RULE_COUNT = sum(1 + len(FAMILIES) * len(rules) for _chain, _hook, rules in CHAINS)

@@ -65,7 +65,8 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
     unlocked. `lock=False` takes no lock (the states may then move before the kill: end_source refuses). With KILL
     and the lock, what the peers send is kept from the lock on and written, as the dump ends, to packets.img
     (sockrepair.image.packets), which `sockrepair restore -D` delivers; what they send after the dump ended waits
-    for their retransmission. With LEAVE_RUNNING it is delivered to the resumed sockets before the unlock.
+    for their retransmission. With LEAVE_RUNNING it is delivered to the resumed sockets before the unlock, and what
+    came meanwhile right after it.
     With After.KILL, every other connection of the process (not repairable, not plain TCP, or not in `wanted`)
     would be reset by the kill: dump refuses before freezing anything, naming each, unless `allow_loss`, and the
     report then lists them in `lost`.
@@ -101,6 +102,8 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
                         kept = keeper.deliver([s.tuple for s in cap.sockets], f"/proc/{pid}/ns/net")
                     if locker is not None:
                         locker.unlock([s.tuple for s in cap.sockets])
+                    if keeper is not None:  # what the lock stopped after deliver() last looked
+                        kept = keeper.deliver([s.tuple for s in cap.sockets], f"/proc/{pid}/ns/net")
             else:
                 with timings.timed(Stage.KILL):
                     end_source(cap)

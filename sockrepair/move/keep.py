@@ -1,7 +1,9 @@
 """What the peers send while their connections move is kept and delivered, so that no peer waits its retransmission
 timeout: a recorder (lock/record.py) in every namespace where the connections are locked, from before the freeze,
 and after the restore the kept packets delivered in the destination (lock/inject.py), before the unlock, in the
-order the locks saw them (the source's first: the peers sent there before the network moved).
+order the locks saw them (the source's first: the peers sent there before the network moved); then, once more,
+after the unlock: what a peer sent while the last ones were being delivered was kept too, and only a delivery after
+the unlock is sure to see it all (the lock stops copying once its elements are gone).
 
 Keeping is best effort by construction: a recorder that cannot bind (another mover records in that namespace) or
 whose caps are reached leaves those packets to the plain dropping lock, and the counts say so."""
@@ -40,6 +42,8 @@ class Kept:
 
 
 NOTHING_KEPT = Kept(0, 0, False, "nothing to keep")
+# deliver() looks again for what came meanwhile at most this many times before it leaves the rest to its next call
+_ROUNDS = 4
 
 
 def netns_path(name: str | None) -> str:
@@ -54,6 +58,7 @@ class Keeper:
 
     def __init__(self, paths: Sequence[str], caps: Caps = Caps()) -> None:
         self.note = ""
+        self._delivered = 0
         self._recorders: list[Recorder] = []
         seen: set[int] = set()
         try:
@@ -71,12 +76,22 @@ class Keeper:
 
     def deliver(self, tuples: Sequence[ConnTuple], into: str, before: Sequence[bytes] = ()) -> Kept:
         """Send `before` (packets kept earlier, e.g. read from a dump's packets.img), then what was kept here for
-        `tuples`, to the restored sockets in the namespace at path `into`; they must be out of repair mode, the lock
-        still held. Raises LockError when the kernel refuses a packet."""
+        `tuples` until nothing more is (a peer may send while its packets are delivered), to the restored sockets
+        in the namespace at path `into`; they must be out of repair mode. Call it while the lock is still held, and
+        AGAIN right after the unlock: a packet the peer sent between the last look and the unlock was stopped and
+        kept, and nothing else delivers it (the peer would resend it after its retransmission timeout, >= 200 ms).
+        Returns the totals of every call so far. Raises LockError when the kernel refuses a packet."""
+        self._delivered += send_kept(before, into)
         if not self._recorders:
-            return Kept(send_kept(before, into), 0, False, self.note)
+            return Kept(self._delivered, 0, False, self.note)
         held = self._take(tuples)
-        return Kept(send_kept([*before, *held.packets], into), held.fell_back, True)
+        for round_ in range(1, _ROUNDS + 1):
+            if not held.packets:
+                break
+            self._delivered += send_kept(held.packets, into)
+            if round_ < _ROUNDS:  # the last round leaves what came meanwhile to the next call
+                held = self._take(tuples)
+        return Kept(self._delivered, held.fell_back, True)
 
     def pending(self, tuples: Sequence[ConnTuple]) -> int:
         """How many packets are kept for `tuples` so far (they stay kept)."""

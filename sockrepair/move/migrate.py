@@ -99,6 +99,8 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         with timings.timed(Stage.UNLOCK):
             dest_locker.unlock(tuples)
             source_locker.unlock(tuples)
+            if keeper is not None:  # what the lock stopped after deliver() last looked: nothing else delivers it
+                kept = keeper.deliver(tuples, netns_path(dest_netns))
         downtime = (time.perf_counter() - start) * 1000
         result = None
         if handoff is not None:

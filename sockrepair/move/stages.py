@@ -25,7 +25,7 @@ class Stage(Enum):
     SERIALIZE = "serialize", "encode every state as image bytes", ("migrate",)
     WRITE = "write", "write the images and index.json into the image directory", ("dump",)
     RESUME = ("resume", "leave repair mode without a window probe, deliver what the peers sent meanwhile (kept by "
-              "the lock), unlock: the process goes on", ("dump",))
+              "the lock), unlock, deliver what came during that delivery: the process goes on", ("dump",))
     CLOSE = ("close", "end the source: discard every frozen socket (each checked unchanged), SIGKILL the process and "
              "wait for its exit", ("migrate",))
     KILL = "kill", "end the source, as CLOSE (the name dump has always reported)", ("dump",)
@@ -36,7 +36,8 @@ class Stage(Enum):
     RESTORE = "restore", "make every socket again in the destination namespace, all or none", ("migrate",)
     DELIVER = ("deliver", "send the restored sockets what their peers sent while locked (kept by the lock at "
                "prerouting), before the unlock", ("migrate",))
-    UNLOCK = "unlock", "release the lock in both namespaces: the connections are live again", ("migrate",)
+    UNLOCK = ("unlock", "release the lock in both namespaces: the connections are live again; then deliver what "
+              "the lock kept during the delivery", ("migrate",))
     HANDOFF = "handoff", "pass the restored sockets to the caller's program", ("migrate",)
 
     key: str

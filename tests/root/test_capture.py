@@ -18,9 +18,13 @@ from sockrepair.errors import ProcessError
 from sockrepair.image.directory import read_dir
 from sockrepair.lab.programs import ECHO_SERVER
 from sockrepair.lab.subjects import start_echo, stop
+from sockrepair.lock import Locker
+from sockrepair.move import dump as dump_module
 from sockrepair.move import take
 from sockrepair.move.dump import After, dump, inspect
+from sockrepair.move.keep import Keeper
 from sockrepair.move.procfs import stat, tcp_sockets, tcp_table
+from tests.root.pairs import tcp_info, wait_for
 from tests.root.programs import free_port
 from tests.root.streams import pattern, recv_exactly
 
@@ -90,6 +94,39 @@ def test_dump_leave_running_keeps_serving(netns, tmp_path):
     finally:
         for c in clients:
             c.close()
+        stop(server)
+
+
+def test_dump_leave_running_delivers_what_came_after_the_delivery(netns, tmp_path, monkeypatch):
+    """A request sent once the kept packets were delivered, while the connection is still locked, is kept too and
+    delivered after the unlock: the peer does not retransmit it."""
+    keepers: list[Keeper] = []
+
+    class Watched(Keeper):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            keepers.append(self)
+
+    real_unlock = Locker.unlock
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    [client] = _connect(port, 1)
+
+    def unlock_after_a_request(self, items, *args, **kwargs):
+        client.sendall(b"late")
+        wait_for(lambda: keepers[0].pending(items) == 1, "the request to reach the lock", 5.0)
+        return real_unlock(self, items, *args, **kwargs)
+
+    monkeypatch.setattr(dump_module, "Keeper", Watched)
+    monkeypatch.setattr(Locker, "unlock", unlock_after_a_request)
+    try:
+        _echo_round([client], [0], 1_000)
+        report = dump(server.pid, tmp_path / "img", after=After.LEAVE_RUNNING)
+        assert recv_exactly(client, 4) == b"late"
+        assert tcp_info(client)[2] == 0
+        assert (report.kept.delivered, report.kept.fell_back) == (1, 0)
+    finally:
+        client.close()
         stop(server)
 
 

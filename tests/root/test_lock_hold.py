@@ -5,6 +5,7 @@ fail on a lock that only drops: the bytes would come only with the peer's retran
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -68,6 +69,30 @@ def test_a_message_sent_while_locked_arrives_without_retransmission(
             assert tcp_info(client)[2] == 0, "the peer retransmitted: the kept packet did not reach the new socket"
             restored.sendall(b"answer")
             assert recv_exactly(client, 6) == b"answer"
+            assert tcp_info(client)[2] == 0
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="nft not installed")
+def test_a_packet_that_passed_prerouting_before_the_lock_is_kept_at_input(locker: Locker) -> None:
+    """A packet that passed prerouting an instant before the lock was taken meets the lock at input: it is copied
+    there too and delivered, instead of waiting for the peer's retransmission. The prerouting rules are removed so
+    that every packet takes that path."""
+    client, server = loopback_pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
+    with client, Recorder() as recorder:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        state = sockrepair.checkpoint(server)
+        locker.lock([state], ttl=30)
+        subprocess.run(["nft", "flush", "chain", "inet", "sockrepair", "prerouting"], check=True)
+        sockrepair.discard(server, state)
+        client.sendall(b"passed prerouting")
+        wait_for(lambda: recorder.pending([state.tuple]) == 1, "the input chain's copy", 5.0)
+        restored = sockrepair.restore(state)
+        held = recorder.take([state.tuple])
+        with Injector() as injector:
+            assert (injector.send(held.packets), held.fell_back) == (1, 0)
+        locker.unlock([state])
+        with restored:
+            assert recv_exactly(restored, 17) == b"passed prerouting"
             assert tcp_info(client)[2] == 0
 
 

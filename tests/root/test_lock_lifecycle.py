@@ -278,9 +278,10 @@ def test_nft_sees_the_same_table(locker: Locker) -> None:
     for hook in ("prerouting", "input", "output"):
         assert f"type filter hook {hook} priority raw" in text
     assert text.count("meta mark 0x0000c114 accept") == 3  # SOCCR_MARK passes every chain
-    # input drops both directions, output the socket's own side; prerouting records the peer's side, then drops it
-    assert text.count("@conn4 drop") == 3 and text.count("@conn6 drop") == 3
-    assert text.count("log group 49428 snaplen 65535 queue-threshold 1 drop") == 2
+    # input drops both directions, output the socket's own side; prerouting and input record the peer's side, then
+    # drop it
+    assert text.count("@conn4 drop") == 2 and text.count("@conn6 drop") == 2
+    assert text.count("log group 49428 snaplen 65535 queue-threshold 1 drop") == 4
     locker.unlock([T4])
     locker.unlock_all()
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout

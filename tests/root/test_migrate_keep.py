@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 
 import sockrepair
+import sockrepair.move.migrate as migrate_module
 from sockrepair.lab.hosts import SERVICE4, Lab
 from sockrepair.lab.subjects import start_echo, stop
 from sockrepair.lock import Locker
 from sockrepair.lock.record import Recorder
 from sockrepair.move.keep import Keeper, netns_path, read_kept, send_kept
 from sockrepair.netns import NetNS
+from sockrepair.state import ConnTuple
 from tests.root.pairs import recv_exactly, tcp_info, wait_for
 from tests.root.programs import free_port
 
@@ -60,6 +62,52 @@ def test_a_request_sent_while_locked_arrives_without_retransmission(keep: bool) 
         else:
             assert not report.kept.recording and "deliver" not in report.phases_ms
             assert retransmitted >= 1  # what the keeping lock saves the peer
+
+
+def test_a_request_sent_after_the_delivery_and_before_the_unlock_arrives_without_retransmission(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock stops and keeps what a peer sends until the unlock, also after the kept packets were delivered:
+    migrate() delivers once more after the unlock, or the request waits for the peer's retransmission (the ~207 ms
+    waits of bench_gap's requests workload at 100 connections)."""
+    keepers: list[Keeper] = []
+
+    class Watched(Keeper):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            keepers.append(self)
+
+    real_unlock = Locker.unlock
+    sent: list[ConnTuple] = []
+
+    def unlock_after_a_request(self: Locker, items: list[ConnTuple], *args: object, **kwargs: object) -> object:
+        if not sent:  # the first unlock of the move: the delivery is over, the connection still locked
+            [conn] = sent[:] = items
+            client.sendall(REQUEST)
+            wait_for(lambda: keepers[0].pending([conn]) == 1, "the request to reach the lock", 5.0)
+        return real_unlock(self, items, *args, **kwargs)
+
+    monkeypatch.setattr(migrate_module, "Keeper", Watched)
+    monkeypatch.setattr(Locker, "unlock", unlock_after_a_request)
+    with NetNS() as ns:
+        with ns.entered():
+            port = free_port()
+        server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
+        try:
+            with ns.entered():
+                client = socket.create_connection(("127.0.0.1", port))
+            with client:
+                client.sendall(b"hello")
+                assert recv_exactly(client, 5) == b"hello"
+                report = _move(server.pid, ns.name, lambda: None, keep=True)
+                [restored] = report.handoff_result
+                with restored:
+                    assert recv_exactly(restored, len(REQUEST)) == REQUEST
+                    retransmitted = tcp_info(client)[2]
+        finally:
+            stop(server)
+        assert sent, "migrate() did not unlock through Locker.unlock"
+        assert retransmitted == 0
+        assert (report.kept.delivered, report.kept.fell_back) == (1, 0)
 
 
 def test_kept_at_host_a_delivered_at_host_b() -> None:
