@@ -3,21 +3,29 @@ the program; inspect() reads them without disturbing them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from sockrepair.engine._checkpoint import resume
-from sockrepair.image.directory import Entry, write_dir
+from sockrepair.image.directory import Entry
 from sockrepair.move.freeze import frozen
+from sockrepair.move.journal import write_journal
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import ProcSocket, process_name, tcp_sockets
+from sockrepair.move.quiesce import Quiescence
 from sockrepair.move.stages import Stage, Timings
-from sockrepair.move.take import captured, checkpoint_taken, end_source, process_locker
+from sockrepair.move.take import (
+    Captured,
+    captured,
+    checkpoint_taken,
+    end_source,
+    process_locker,
+)
 from sockrepair.state import TCP_ESTABLISHED, ConnectionState
 
 
@@ -31,7 +39,9 @@ class DumpReport:
     """What dump() did. `connections`: one dict per image, in the order written (the index entry's fields: "file",
     "fd" (the process's), "tuple", ..., plus "recv_queue", "send_queue" and "unsent" in bytes). `phases_ms`:
     milliseconds per stage, in the order run: freeze, lock (when locking), checkpoint, write, then resume
-    (LEAVE_RUNNING) or kill (KILL) (sockrepair.move.stages.Stage says what each does)."""
+    (LEAVE_RUNNING) or kill (KILL) (sockrepair.move.stages.Stage says what each does). `quiescent`: whether every
+    thread was waiting when the program was frozen, after `freeze_attempts` tries; `busy`: the threads that were
+    not (sockrepair.move.quiesce)."""
 
     pid: int
     command: str
@@ -40,29 +50,38 @@ class DumpReport:
     freeze_method: str
     connections: list[dict[str, Any]]
     phases_ms: dict[str, float]
+    quiescent: bool = True
+    freeze_attempts: int = 1
+    busy: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: After = After.KILL,
-         lock: bool = True, ttl: float = 60.0) -> DumpReport:
+         lock: bool = True, ttl: float = 60.0, quiescence: Quiescence = Quiescence()) -> DumpReport:
     """Write one image per connection of `pid` (every established one, or the fds in `wanted`) and index.json into
     `directory` (0700, images 0600). With After.KILL the process is ended (end_source) and the connections stay
     locked for `ttl` seconds, until a restore unlocks them; with LEAVE_RUNNING they go on in the process and are
-    unlocked. `lock=False` takes no lock (the states may then move before the kill: end_source refuses).
+    unlocked. `lock=False` takes no lock (the states may then move before the kill: end_source refuses). The
+    program is frozen while every thread waits, as `quiescence` says (busy: refused, or moved and reported). The
+    images are fsynced before the process is ended; the index records what makes them stale later (the source's
+    start time, `after`, the lock's expiry: sockrepair.move.journal), which `sockrepair restore` checks.
 
     Raises ProcessError (no such process, not permitted, fd not a TCP socket, nothing established; `.pid`, `.fd`)
     and SocketStateError (a socket not ESTABLISHED or changed while frozen; `.pid`, `.fd` the process's own, `.tuple`,
-    `.tcp_state`); on an error the process is thawed with its connections as they were, and nothing is locked."""
+    `.tcp_state`); on an error before the kill the process is thawed with its connections as they were, and nothing
+    is locked. An error once the kill began (the source cannot go on any more) passes through with `.journal` set
+    to `directory`, whose images a restore completes the move from."""
     command = process_name(pid)
     timings = Timings("dump")
     locker = process_locker(pid) if lock else None
+    cap: Captured | None = None
     try:
-        with captured(pid, wanted, locker, timings, ttl) as cap:
+        with captured(pid, wanted, locker, timings, ttl, quiescence) as cap:
             with timings.timed(Stage.WRITE):
-                entries = write_dir(directory, list(zip([s.fd for s in cap.sockets], cap.states)),
-                                    {"pid": pid, "command": command, "host": socket.gethostname()})
+                entries = write_journal(directory, pid, list(zip([s.fd for s in cap.sockets], cap.states)),
+                                        after=after.value, ttl=ttl)
             if after is After.LEAVE_RUNNING:
                 with timings.timed(Stage.RESUME):
                     for fd in cap.fds:
@@ -72,11 +91,19 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
             else:
                 with timings.timed(Stage.KILL):
                     end_source(cap)
+    except BaseException as exc:
+        if cap is not None and cap.ended:
+            with contextlib.suppress(AttributeError):
+                exc.journal = str(directory)  # type: ignore[attr-defined]
+            exc.add_note(f"the process was ended; its connections are saved in {directory}: restore them with "
+                         f"`sockrepair restore -D {directory}` before the lock's {ttl:g} s run out")
+        raise
     finally:
         if locker is not None:
             locker.close()
     return DumpReport(pid, command, str(directory), after.value, cap.freeze_method,
-                      [_entry_view(e, s) for e, s in zip(entries, cap.states)], timings.ms)
+                      [_entry_view(e, s) for e, s in zip(entries, cap.states)], timings.ms, cap.freeze.quiescent,
+                      cap.freeze.attempts, [str(b) for b in cap.freeze.busy])
 
 
 def _entry_view(entry: Entry, state: ConnectionState) -> dict[str, Any]:

@@ -1,0 +1,143 @@
+"""The journal of a move: before a source program is ended, every state it held is written into an image directory
+and fsynced, so that whatever stops the mover afterwards (an exception, Ctrl-C, SIGKILL, a power cut on a disk-backed
+directory), `sockrepair restore -D DIR` can complete the move while the lock still holds.
+
+The directory is the one `sockrepair dump` writes (index.json and one 0600 image per connection); its index's
+"source" records what makes the images stale: the source's pid and start time (images of a program that is still
+running, or went on after a `--leave-running` dump, no longer describe its connections), `after` ("kill" or
+"leave-running"), and `lock_expires` (wall-clock seconds: once the lock is gone the peer has been answered by a
+reset, or by the program, since). A completed move leaves a `completed` file: its images describe connections that
+live elsewhere now."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sockrepair.errors import ImageError
+from sockrepair.image.directory import INDEX, Entry, write_dir
+from sockrepair.move.procfs import process_name, stat
+from sockrepair.private import open_private
+from sockrepair.state import ConnectionState
+
+COMPLETED = "completed"
+DEFAULT_PARENT = Path("/run/sockrepair")
+
+
+def new_directory() -> Path:
+    """A fresh 0700 directory for one move's journal, under /run/sockrepair (or the system's temporary directory
+    when /run cannot be written)."""
+    for parent in (DEFAULT_PARENT, Path(tempfile.gettempdir())):
+        with contextlib.suppress(OSError):
+            parent.mkdir(mode=0o700, exist_ok=True)
+            return Path(tempfile.mkdtemp(prefix="move-", dir=parent))
+    raise OSError(f"cannot create a journal directory under {DEFAULT_PARENT} or {tempfile.gettempdir()}")
+
+
+def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_journal(directory: Path, pid: int, pairs: Sequence[tuple[int, ConnectionState]], *, after: str,
+                  ttl: float, netns: str | None = None) -> list[Entry]:
+    """Write `pairs` ((the process's fd, state)) into `directory` as `sockrepair dump` does, recording the source's
+    identity and the lock's expiry (now + `ttl` seconds), and fsync every file and the directory before returning.
+    Raises OSError (cannot write) or ImageError (a state an image cannot hold)."""
+    st = stat(pid)
+    source: dict[str, Any] = {"pid": pid, "command": process_name(pid), "host": socket.gethostname(),
+                              "start_time": st.starttime if st is not None else None, "after": after,
+                              "lock_expires": time.time() + ttl, "netns": netns}
+    with contextlib.suppress(FileNotFoundError):
+        (directory / COMPLETED).unlink()
+    entries = write_dir(directory, list(pairs), source)
+    for e in entries:
+        _fsync_path(directory / e.file)
+    _fsync_path(directory / INDEX)
+    _fsync_path(directory, os.O_DIRECTORY)
+    return entries
+
+
+def mark_completed(directory: Path, created: bool) -> None:
+    """The move is done: a directory the journal created is removed, one the caller gave gets a `completed` file,
+    so that no restore brings the connections back a second time."""
+    if created:
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    with open_private(directory / COMPLETED) as f:
+        f.write(f"{time.time():.3f}\n".encode())
+
+
+def discard_journal(directory: Path, created: bool, entries: Sequence[Entry]) -> None:
+    """The move failed before the source was ended (it goes on): the images no longer describe its connections."""
+    if created:
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    for e in entries:
+        with contextlib.suppress(FileNotFoundError):
+            (directory / e.file).unlink()
+    with contextlib.suppress(FileNotFoundError):
+        (directory / INDEX).unlink()
+
+
+@dataclass(frozen=True)
+class Source:
+    """What an image directory's index says of its source (fields None when an older dump did not record them)."""
+
+    pid: int | None
+    start_time: int | None
+    after: str | None
+    lock_expires: float | None
+    netns: str | None
+
+
+def read_source(directory: Path) -> Source:
+    """Raises ImageError (`.path`) when the index cannot be read (read_dir says more about what is wrong)."""
+    path = directory / INDEX
+    try:
+        src = json.loads(path.read_text()).get("source", {})
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ImageError(f"{path}: unreadable: {exc}", path=str(path)) from None
+    if not isinstance(src, dict):
+        src = {}
+
+    def typed(key: str, kind: type | tuple[type, ...]) -> Any:
+        value = src.get(key)
+        return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+    return Source(typed("pid", int), typed("start_time", int), typed("after", str), typed("lock_expires", (int, float)),
+                  typed("netns", str))
+
+
+def stale_reason(directory: Path, now: float | None = None) -> str | None:
+    """Why restoring `directory` would bring back connections that have moved on since (None: it would not, as far
+    as the index tells): the move completed; the source program is still running (a `--leave-running` dump, or a
+    move stopped before the source was ended, which went on); or the lock expired, after which the peers' packets
+    met a reset or the program."""
+    if (directory / COMPLETED).exists():
+        return "this move completed: its connections live on elsewhere"
+    src = read_source(directory)
+    if src.pid is not None and src.start_time is not None:
+        st = stat(src.pid)
+        if st is not None and st.starttime == src.start_time and not st.zombie:
+            return (f"the source process {src.pid} is still running, so its connections went on after these "
+                    "images were written")
+    if src.after == "leave-running":
+        return "the dump left the program running: its connections went on after these images were written"
+    now = time.time() if now is None else now
+    if src.lock_expires is not None and now > src.lock_expires:
+        return (f"the lock expired {now - src.lock_expires:.0f} s ago: what the peers sent since was answered "
+                "with a reset or is lost")
+    return None
