@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 import argparse
-import shutil
+import contextlib
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from sockrepair.cli.args import ttl_arg
 from sockrepair.cli.output import print_json
 from sockrepair.criu.show import load_states as load_criu_states
-from sockrepair.errors import HandoffError
+from sockrepair.errors import HandoffError, ImageError
 from sockrepair.image.directory import read_dir
 from sockrepair.image.text import head_line, state_lines
 from sockrepair.move.dump import After, dump, inspect
-from sockrepair.move.handoff import exec_with_sockets, send_over_unix
-from sockrepair.move.land import restore_all, unlock_in
+from sockrepair.move.handoff import (
+    SD_LISTEN_FDS_START,
+    connect_unix,
+    exec_with_sockets,
+    pass_over,
+    runnable,
+)
+from sockrepair.move.journal import mark_completed, note_relock, stale_reason
+from sockrepair.move.land import put_back, restore_all, unlock_in
+from sockrepair.move.quiesce import DEFAULT_TIMEOUT, OnBusy, Quiescence
+from sockrepair.move.take import deferred_signals
+from sockrepair.state import ConnectionState
+
+RELOCK_TTL = 60.0
 
 
 def _fds(text: str) -> int:
@@ -24,6 +37,16 @@ def _fds(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an fd number: {text!r}") from None
+
+
+def _quiesce_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value <= 600:
+        raise argparse.ArgumentTypeError(f"quiesce timeout must be in [0, 600] seconds, not {text}")
+    return value
 
 
 def add_move_commands(sub: Any) -> None:
@@ -36,6 +59,12 @@ def add_move_commands(sub: Any) -> None:
     how.add_argument("--kill", action="store_true", help="silence the connections and kill the process (default)")
     p.add_argument("--no-lock", action="store_true", help="do not drop the peers' packets meanwhile (they get RST)")
     p.add_argument("--ttl", type=ttl_arg, default=60.0, help="seconds the lock holds without a restore (default 60)")
+    p.add_argument("--busy", choices=[b.value for b in OnBusy], default=OnBusy.REFUSE.value,
+                   help="a program still busy (not waiting in poll/select/accept/read...) when --quiesce-timeout "
+                   "ends: refuse (default: nothing is moved, it goes on) or move it anyway (a request it has read and "
+                   "not answered is lost)")
+    p.add_argument("--quiesce-timeout", type=_quiesce_seconds, default=DEFAULT_TIMEOUT, metavar="S",
+                   help=f"seconds to try freezing the program while every thread waits (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_dump)
 
@@ -50,6 +79,8 @@ def add_move_commands(sub: Any) -> None:
     src.add_argument("--from-criu", type=Path, metavar="DIR",
                      help="criu image directory (or `sockrepair criu dump` directory): restore its TCP connections")
     p.add_argument("--netns", help="restore inside this network namespace (ip netns name)")
+    p.add_argument("--force", action="store_true",
+                   help="restore images that look stale (the source went on, the lock expired, already restored)")
     to = p.add_mutually_exclusive_group(required=True)
     to.add_argument("--exec", nargs=argparse.REMAINDER, dest="exec_argv", metavar="CMD",
                     help="run CMD with the connections as inherited fds 3.. (LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES)")
@@ -59,7 +90,7 @@ def add_move_commands(sub: Any) -> None:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     report = dump(args.pid, args.dir, args.fd, After.LEAVE_RUNNING if args.leave_running else After.KILL,
-                  lock=not args.no_lock, ttl=args.ttl)
+                  lock=not args.no_lock, ttl=args.ttl, quiescence=Quiescence(args.quiesce_timeout, OnBusy(args.busy)))
     if args.json:
         print_json(report.to_dict())
         return 0
@@ -68,6 +99,11 @@ def cmd_dump(args: argparse.Namespace) -> int:
     for c in report.connections:
         print(f"  fd {c['fd']:<4} {c['tuple']:<48} unread {c['recv_queue']} B, send queue {c['send_queue']} B "
               f"({c['unsent']} never sent)")
+    if report.quiescent:
+        print(f"  frozen while every thread waited ({report.freeze_method}, {report.freeze_attempts} attempt(s))")
+    else:
+        print(f"  warning: moved while busy after {report.freeze_attempts} attempt(s) ({'; '.join(report.busy)}): "
+              "a request the program had read and not answered is lost")
     print("  " + ", ".join(f"{k} {v:.2f} ms" for k, v in report.phases_ms.items()))
     if not args.leave_running and not args.no_lock:
         print(f"  the connections stay locked for {args.ttl:g} s: restore them before then")
@@ -93,16 +129,54 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.from_criu is not None:
         states = load_criu_states(args.from_criu)
     else:
+        why = None if args.force else stale_reason(args.dir)
+        if why is not None:
+            raise ImageError(f"{args.dir}: not restoring stale images: {why} (--force restores them anyway)",
+                             path=str(args.dir))
         states = [state for _, state in read_dir(args.dir)]
-    if args.exec_argv is not None:
-        if not args.exec_argv or shutil.which(args.exec_argv[0]) is None:
-            raise HandoffError(f"--exec: no such program {args.exec_argv[0] if args.exec_argv else '(none given)'}")
-    socks = restore_all(states, args.netns)
-    unlock_in(args.netns, states)
     conns = [s.tuple for s in states]
-    print(f"restored {len(socks)} connection(s) from {args.from_criu or args.dir}", file=sys.stderr)
-    if args.unix:
-        send_over_unix(args.unix, socks, conns)
-        return 0
-    exec_with_sockets(args.exec_argv, socks, conns)
+    source = args.from_criu or args.dir
+    # the handoff's target is checked before anything is restored: a wrong path must not cost the connections
+    if args.exec_argv is not None:
+        runnable(args.exec_argv[0] if args.exec_argv else "")
+        unix = None
+    else:
+        unix = connect_unix(args.unix)
+    with contextlib.ExitStack() as stack:
+        if unix is not None:
+            stack.enter_context(unix)
+        with deferred_signals():
+            socks = restore_all(states, args.netns)
+            if unix is not None:
+                try:
+                    # passed before the unlock: if that fails, the connections are still locked and can be put back
+                    pass_over(unix, args.unix, socks, conns)
+                except HandoffError as exc:
+                    _put_back([s.detach() for s in socks], states, args, exc)
+                    raise
+            unlock_in(args.netns, states)
+            if args.dir is not None:
+                mark_completed(args.dir, created=False)
+        print(f"restored {len(socks)} connection(s) from {source}", file=sys.stderr)
+        if unix is not None:
+            return 0
+    try:
+        exec_with_sockets(args.exec_argv, socks, conns)
+    except HandoffError as exc:
+        # exec_with_sockets moved the sockets to fds 3.. before the exec failed
+        for s in socks:
+            s.detach()
+        _put_back(list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(socks))), states, args, exc)
+        raise
     return 0  # not reached: exec replaced this process
+
+
+def _put_back(fds: list[int], states: list[ConnectionState], args: argparse.Namespace, exc: BaseException) -> None:
+    """Lock the connections again and close their restored sockets silently; `exc` says how to retry."""
+    put_back(fds, states, args.netns, RELOCK_TTL)
+    retry = ""
+    if args.dir is not None:
+        retry = f" `sockrepair restore -D {args.dir}{' --netns ' + args.netns if args.netns else ''} ...`"
+        note_relock(args.dir, time.time() + RELOCK_TTL)
+    exc.add_note(f"the connections were locked again for {RELOCK_TTL:g} s and their restored sockets closed "
+                 f"silently: fix the handoff's target and restore again{retry} before then")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -70,12 +71,45 @@ def spawn_with_sockets(argv: Sequence[str], socks: Sequence[socket.socket], conn
 def send_over_unix(path: str, socks: Sequence[socket.socket], conns: Sequence[ConnTuple]) -> None:
     """Pass the sockets to the process listening on the UNIX socket `path`: each message carries up to 253 fds
     (SCM_MAX_FD) and a JSON list of their tuples."""
+    with connect_unix(path) as unix:
+        pass_over(unix, path, socks, conns)
+
+
+def connect_unix(path: str, timeout: float = 10.0) -> socket.socket:
+    """A connection to the UNIX socket `path` that sockets will be passed over (made before restoring, so that a
+    wrong path costs nothing); sends time out after `timeout` seconds. Raises HandoffError."""
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
-            unix.connect(path)
-            for start in range(0, len(socks), SCM_MAX_FD):
-                part = socks[start : start + SCM_MAX_FD]
-                names = json.dumps([str(c) for c in conns[start : start + SCM_MAX_FD]]).encode()
-                socket.send_fds(unix, [len(names).to_bytes(4, "big") + names], [s.fileno() for s in part])
+        unix.settimeout(timeout)
+        unix.connect(path)
+    except OSError as exc:
+        unix.close()
+        raise HandoffError(f"cannot pass the connections over {path}: {exc.strerror or exc}") from None
+    return unix
+
+
+def pass_over(unix: socket.socket, path: str, socks: Sequence[socket.socket], conns: Sequence[ConnTuple]) -> None:
+    """send_over_unix on a connection made by connect_unix. Raises HandoffError."""
+    try:
+        for start in range(0, len(socks), SCM_MAX_FD):
+            part = socks[start : start + SCM_MAX_FD]
+            names = json.dumps([str(c) for c in conns[start : start + SCM_MAX_FD]]).encode()
+            socket.send_fds(unix, [len(names).to_bytes(4, "big") + names], [s.fileno() for s in part])
     except OSError as exc:
         raise HandoffError(f"cannot pass the connections over {path}: {exc.strerror or exc}") from None
+
+
+def runnable(program: str) -> str:
+    """The file `program` names (looked up in PATH as execvp does) when the kernel can run it: executable, and an
+    ELF binary or a `#!` script. Raises HandoffError saying why not, before anything is restored for it."""
+    path = shutil.which(program) if program else None
+    if path is None:
+        raise HandoffError(f"--exec: no such program {program or '(none given)'} (or not executable)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise HandoffError(f"--exec: cannot read {path}: {exc.strerror}") from None
+    if head != b"\x7fELF" and not head.startswith(b"#!"):
+        raise HandoffError(f"--exec: {path} is neither an ELF binary nor a #! script: the kernel cannot run it")
+    return path

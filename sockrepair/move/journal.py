@@ -92,6 +92,20 @@ def discard_journal(directory: Path, created: bool, entries: Sequence[Entry]) ->
         (directory / INDEX).unlink()
 
 
+def note_relock(directory: Path, expires: float) -> None:
+    """The connections of `directory` were locked again until `expires` (wall-clock seconds), after a restore whose
+    handoff failed: its index says so, so that a retry before then is not refused as stale."""
+    path = directory / INDEX
+    index = json.loads(path.read_text())
+    index.setdefault("source", {})["lock_expires"] = expires
+    with open_private(path) as f:
+        f.write(json.dumps(index, indent=2).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    with contextlib.suppress(FileNotFoundError):
+        (directory / COMPLETED).unlink()
+
+
 @dataclass(frozen=True)
 class Source:
     """What an image directory's index says of its source (fields None when an older dump did not record them)."""

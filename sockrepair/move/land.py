@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from collections.abc import Sequence
 
@@ -28,6 +29,22 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None) -> 
                 s.close()
             raise
     return socks
+
+
+def put_back(fds: Sequence[int], states: Sequence[ConnectionState], netns: str | None, ttl: float) -> None:
+    """Undo a restore whose handoff failed: lock the connections again in `netns` for `ttl` seconds, then close the
+    restored sockets' `fds` (owned by the caller until now) in repair mode, without FIN or RST, so that the images
+    can be restored again before the lock ends. Raises LockError when the lock cannot be taken (the sockets are
+    closed silently all the same)."""
+    try:
+        with named(netns), Locker() as locker:
+            locker.lock([s.tuple for s in states], ttl=ttl)
+    finally:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                repair_on(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def unlock_in(netns: str | None, states: Sequence[ConnectionState]) -> None:
