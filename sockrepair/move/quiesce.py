@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from sockrepair.errors import ProcessError
-from sockrepair.move.freeze import frozen
+from sockrepair.move.freeze import Freezer, frozen
 
 # System call numbers from the kernel UAPI (arch/x86/entry/syscalls/syscall_64.tbl; include/uapi/asm-generic/unistd.h
 # for arm64): the calls in which a thread waits for input, for a child, for a signal or for time.
@@ -79,7 +79,7 @@ class BusyThread:
 
 @dataclass
 class Freeze:
-    """How the program was frozen: `method` ("cgroup" or "sigstop"), `frozen_at` (time.perf_counter() when the last,
+    """How the program was frozen: `method` ("cgroup", "ptrace" or "sigstop"), `frozen_at` (time.perf_counter() when the last,
     kept, freeze began: downtime counts from here), `attempts` (freezes tried), `quiescent`, and the threads that
     were busy at the last look (empty when quiescent)."""
 
@@ -126,9 +126,10 @@ def busy_threads(pid: int) -> list[BusyThread]:
 
 
 @contextlib.contextmanager
-def quiescent_freeze(pid: int, policy: Quiescence = Quiescence()) -> Iterator[Freeze]:
+def quiescent_freeze(pid: int, policy: Quiescence = Quiescence(), freezer: Freezer | None = None) -> Iterator[Freeze]:
     """Freeze `pid` at a point where every thread waits (see the module's docstring), within `policy.timeout`, and
-    yield how it went; the program is thawed on every way out. Raises ProcessError when the program stayed busy and
+    yield how it went; the program is thawed on every way out. `freezer`: the guard to freeze through (one of its
+    own for each try when None; sockrepair.move.freeze). Raises ProcessError when the program stayed busy and
     the policy refuses (the program was thawed, nothing was taken), or as freeze.frozen does."""
     deadline = time.monotonic() + policy.timeout
     pause = _FIRST_PAUSE
@@ -137,7 +138,7 @@ def quiescent_freeze(pid: int, policy: Quiescence = Quiescence()) -> Iterator[Fr
         attempts += 1
         frozen_at = time.perf_counter()
         with contextlib.ExitStack() as stack:
-            method = stack.enter_context(frozen(pid))
+            method = stack.enter_context(freezer.frozen() if freezer is not None else frozen(pid))
             busy = busy_threads(pid)
             if not busy or time.monotonic() >= deadline:
                 if busy and policy.on_busy is OnBusy.REFUSE:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from sockrepair.engine._checkpoint import checkpoint, discard, ensure_unchanged, resume
 from sockrepair.errors import ProcessError, SocketStateError
 from sockrepair.lock import Locker
+from sockrepair.move.freeze import Freezer
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import (
     ProcSocket,
@@ -42,6 +43,7 @@ class Captured:
     states: list[ConnectionState]
     freeze: Freeze  # how and when it was frozen (downtime counts from freeze.frozen_at), and whether quiescent
     pidfd: PidFd
+    freezer: Freezer
     ended: bool = False  # end_source() began discarding: the source cannot go on any more
 
     @property
@@ -122,20 +124,23 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
     the caller decides
     (resume, or end_source()). Raises ProcessError and SocketStateError naming the process's pid and fd; ProcessError
     too when the process stayed busy and the policy refuses (nothing was taken)."""
-    with PidFd(pid) as pidfd:
+    with PidFd(pid) as pidfd, Freezer(pid, pidfd.fd) as freezer:
         # /proc/PID/net/tcp is read before the freeze (reading it costs ms with many connections); under the freeze
         # only the fd -> inode map is checked, and the table read again if the process changed its sockets meanwhile
         chosen = select_sockets(pid, wanted)
+        # the guard gives these back if sockrepair dies before ending the source
+        freezer.watch([s.fd for s in chosen], [s.tuple for s in chosen])
         with timings.timed(Stage.FREEZE), contextlib.ExitStack() as freezing:
-            freeze = freezing.enter_context(quiescent_freeze(pid, quiescence))
+            freeze = freezing.enter_context(quiescent_freeze(pid, quiescence, freezer))
             thaw = freezing.pop_all()
         with thaw:
             inodes = socket_inodes(pid)
             if any(inodes.get(s.fd) != s.inode for s in chosen):
                 chosen = select_sockets(pid, wanted)
+                freezer.watch([s.fd for s in chosen], [s.tuple for s in chosen])
             fds: list[int] = []
             states: list[ConnectionState] = []
-            cap = Captured(pid, chosen, fds, states, freeze, pidfd)
+            cap = Captured(pid, chosen, fds, states, freeze, pidfd, freezer)
             checkpointing = False
             try:
                 for s in chosen:
@@ -183,6 +188,7 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT) -> None:
         except SocketStateError as exc:
             raise _in_process(exc, cap.pid, s, fd) from None
     with deferred_signals():
+        cap.freezer.ending()
         cap.ended = True
         try:
             for fd in cap.fds:
