@@ -25,7 +25,7 @@ from typing import Any
 
 from sockrepair.errors import ImageError
 from sockrepair.image.directory import INDEX, Entry, write_dir
-from sockrepair.move.procfs import process_name, stat
+from sockrepair.move.procfs import stat
 from sockrepair.private import open_private
 from sockrepair.state import ConnectionState
 
@@ -54,10 +54,10 @@ def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
 def write_journal(directory: Path, pid: int, pairs: Sequence[tuple[int, ConnectionState]], *, after: str,
                   ttl: float, netns: str | None = None) -> list[Entry]:
     """Write `pairs` ((the process's fd, state)) into `directory` as `sockrepair dump` does, recording the source's
-    identity and the lock's expiry (now + `ttl` seconds), and fsync every file and the directory before returning.
+    identity (when it still runs) and the lock's expiry (now + `ttl` seconds), and fsync every file and the directory before returning.
     Raises OSError (cannot write) or ImageError (a state an image cannot hold)."""
     st = stat(pid)
-    source: dict[str, Any] = {"pid": pid, "command": process_name(pid), "host": socket.gethostname(),
+    source: dict[str, Any] = {"pid": pid, "command": st.comm if st is not None else None, "host": socket.gethostname(),
                               "start_time": st.starttime if st is not None else None, "after": after,
                               "lock_expires": time.time() + ttl, "netns": netns}
     with contextlib.suppress(FileNotFoundError):

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sockrepair.engine import checkpoint, discard
 from sockrepair.image import decode, encode
 from sockrepair.image.directory import Entry
 from sockrepair.lock import Locker
 from sockrepair.move.journal import (
-    COMPLETED,
     discard_journal,
     mark_completed,
     new_directory,
@@ -27,7 +27,7 @@ from sockrepair.move.keep import Keeper, Kept
 from sockrepair.move.land import restore_all
 from sockrepair.move.quiesce import Quiescence
 from sockrepair.move.stages import Stage, Timings
-from sockrepair.move.take import captured, end_source, process_locker
+from sockrepair.move.take import captured, deferred_signals, end_source, process_locker
 from sockrepair.netns import named
 from sockrepair.state import ConnTuple
 
@@ -73,6 +73,25 @@ class MigrationReport:
                 "kept": self.kept.to_dict(), "journal": self.journal}
 
 
+def _journal_again(socks: list[socket.socket], tuples: list[ConnTuple], directory: Path, pid: int, fds: list[int],
+                   locker: Locker, live: bool, ttl: float, netns: str | None) -> None:
+    """A failure after the restore, with the restored sockets still here (not handed off): lock them again if they
+    were live, checkpoint them (what they received meanwhile, kept packets delivered included, is in their state
+    now), write that as the journal and close them silently, so that `sockrepair restore -D` continues from there
+    rather than from the older images. A handoff that failed after giving some sockets away leaves them in repair
+    mode in the program that took them: a `handoff` should take all or none."""
+    if live:  # locked before the checkpoint: a socket in repair mode still takes in (and ACKs) what arrives
+        locker.lock(tuples, ttl=ttl)
+    states = []
+    with named(netns):
+        for sock in socks:
+            states.append(checkpoint(sock))
+    write_journal(directory, pid, list(zip(fds, states)), after="kill", ttl=ttl, netns=netns)
+    for sock in socks:
+        discard(sock)
+    socks.clear()
+
+
 def recovery_hint(directory: Path, dest_netns: str | None) -> str:
     """How to finish a move that stopped after its source was ended."""
     where = f" --netns {dest_netns}" if dest_netns else ""
@@ -115,6 +134,8 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     directory = new_directory() if journal is None else Path(journal)
     entries: list[Entry] = []
     ended = False
+    socks: list[socket.socket] = []
+    live = False  # the restored sockets were unlocked
     try:
         # table and rules built before the freeze: inside it, locking is one element transaction per namespace
         source_locker.prepare()
@@ -145,21 +166,35 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             with timings.timed(Stage.DELIVER):
                 kept = keeper.deliver(tuples)
         with timings.timed(Stage.UNLOCK):
+            live = True
             dest_locker.unlock(tuples)
             source_locker.unlock(tuples)
         downtime = (time.perf_counter() - start) * 1000
-        mark_completed(directory, created)
         result = None
         if handoff is not None:
             with timings.timed(Stage.HANDOFF):
                 result = handoff(socks, tuples)
+                socks = []  # the caller's program holds them now
+        socks = []
+        mark_completed(directory, created)
     except BaseException as exc:
         if not ended:
             discard_journal(directory, created, entries)
-        elif not (directory / COMPLETED).exists() and directory.exists():
-            with contextlib.suppress(AttributeError):
-                exc.journal = str(directory)  # type: ignore[attr-defined]
-            exc.add_note(recovery_hint(directory, dest_netns))
+            raise
+        if live and not socks:  # handed off (or nothing to hand off to): the move is done, whatever failed after
+            mark_completed(directory, created)
+            raise
+        with deferred_signals():
+            if socks:
+                try:
+                    _journal_again(socks, tuples, directory, pid, [s.fd for s in cap.sockets], dest_locker, live,
+                                   ttl, dest_netns)
+                except Exception as again:
+                    exc.add_note(f"the restored connections could not be saved again ({again}): the journal holds "
+                                 "their states from before the restore")
+        with contextlib.suppress(AttributeError):
+            exc.journal = str(directory)  # type: ignore[attr-defined]
+        exc.add_note(recovery_hint(directory, dest_netns))
         raise
     finally:
         source_locker.close()
