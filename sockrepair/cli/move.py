@@ -13,7 +13,6 @@ from sockrepair.cli.args import ttl_arg
 from sockrepair.cli.output import print_json
 from sockrepair.criu.show import load_states as load_criu_states
 from sockrepair.errors import HandoffError, ImageError
-from sockrepair.image.directory import read_dir
 from sockrepair.image.text import head_line, state_lines
 from sockrepair.move.dump import After, dump, inspect
 from sockrepair.move.handoff import (
@@ -23,7 +22,12 @@ from sockrepair.move.handoff import (
     pass_over,
     runnable,
 )
-from sockrepair.move.journal import mark_completed, note_relock, stale_reason
+from sockrepair.move.journal import (
+    load_states,
+    mark_completed,
+    note_relock,
+    stale_reason,
+)
 from sockrepair.move.land import put_back, restore_all, unlock_in
 from sockrepair.move.quiesce import DEFAULT_TIMEOUT, OnBusy, Quiescence
 from sockrepair.move.take import deferred_signals
@@ -75,7 +79,8 @@ def add_move_commands(sub: Any) -> None:
 
     p = sub.add_parser("restore", help="restore dumped connections and hand them to a program")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("-D", "--dir", type=Path, help="directory written by `sockrepair dump`")
+    src.add_argument("-D", "--dir", type=Path,
+                     help="directory written by `sockrepair dump`, or the journal of a move that stopped half-way")
     src.add_argument("--from-criu", type=Path, metavar="DIR",
                      help="criu image directory (or `sockrepair criu dump` directory): restore its TCP connections")
     p.add_argument("--netns", help="restore inside this network namespace (ip netns name)")
@@ -133,7 +138,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         if why is not None:
             raise ImageError(f"{args.dir}: not restoring stale images: {why} (--force restores them anyway)",
                              path=str(args.dir))
-        states = [state for _, state in read_dir(args.dir)]
+        states = load_states(args.dir)
     conns = [s.tuple for s in states]
     source = args.from_criu or args.dir
     # the handoff's target is checked before anything is restored: a wrong path must not cost the connections

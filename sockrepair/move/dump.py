@@ -14,7 +14,7 @@ from typing import Any
 from sockrepair.engine._checkpoint import resume
 from sockrepair.image.directory import Entry
 from sockrepair.move.freeze import frozen
-from sockrepair.move.journal import write_journal
+from sockrepair.move.journal import write_images
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import ProcSocket, process_name, tcp_sockets
 from sockrepair.move.quiesce import Quiescence
@@ -80,8 +80,8 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
     try:
         with captured(pid, wanted, locker, timings, ttl, quiescence) as cap:
             with timings.timed(Stage.WRITE):
-                entries = write_journal(directory, pid, list(zip([s.fd for s in cap.sockets], cap.states)),
-                                        after=after.value, ttl=ttl)
+                entries = write_images(directory, pid, list(zip([s.fd for s in cap.sockets], cap.states)),
+                                       after=after.value, ttl=ttl)
             if after is After.LEAVE_RUNNING:
                 with timings.timed(Stage.RESUME):
                     for fd in cap.fds:

@@ -2,16 +2,19 @@
 and fsynced, so that whatever stops the mover afterwards (an exception, Ctrl-C, SIGKILL, a power cut on a disk-backed
 directory), `sockrepair restore -D DIR` can complete the move while the lock still holds.
 
-The directory is the one `sockrepair dump` writes (index.json and one 0600 image per connection); its index's
-"source" records what makes the images stale: the source's pid and start time (images of a program that is still
-running, or went on after a `--leave-running` dump, no longer describe its connections), `after` ("kill" or
-"leave-running"), and `lock_expires` (wall-clock seconds: once the lock is gone the peer has been answered by a
-reset, or by the program, since). A completed move leaves a `completed` file: its images describe connections that
+migrate() packs the images into one file (journal.img, described by journal.json: creating a file per connection
+costs tens of microseconds each, inside the freeze); `sockrepair dump` writes its usual directory (index.json and one
+0600 image per connection, sockrepair.image.directory). load_states() reads either. The index's "source" records
+what makes the images stale: the source's pid and start time (images of a program that is still running, or went on
+after a `--leave-running` dump, no longer describe its connections), `after` ("kill" or "leave-running"), and
+`lock_expires` (wall-clock seconds: once the lock is gone the peer has been answered by a reset, or by the program,
+since). A completed move leaves a `completed` file: its images describe connections that
 live elsewhere now."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -24,12 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from sockrepair.errors import ImageError
-from sockrepair.image.directory import INDEX, Entry, write_dir
+from sockrepair.image.directory import INDEX, Entry, read_dir, write_dir
 from sockrepair.move.procfs import stat
 from sockrepair.private import open_private
 from sockrepair.state import ConnectionState
 
 COMPLETED = "completed"
+JOURNAL_INDEX = "journal.json"
+JOURNAL_IMAGES = "journal.img"
+JOURNAL_VERSION = 1
 DEFAULT_PARENT = Path("/run/sockrepair")
 
 
@@ -51,23 +57,95 @@ def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
         os.close(fd)
 
 
-def write_journal(directory: Path, pid: int, pairs: Sequence[tuple[int, ConnectionState]], *, after: str,
-                  ttl: float, netns: str | None = None) -> list[Entry]:
-    """Write `pairs` ((the process's fd, state)) into `directory` as `sockrepair dump` does, recording the source's
-    identity (when it still runs) and the lock's expiry (now + `ttl` seconds), and fsync every file and the directory before returning.
-    Raises OSError (cannot write) or ImageError (a state an image cannot hold)."""
+def _source(pid: int, after: str, ttl: float, netns: str | None) -> dict[str, Any]:
     st = stat(pid)
-    source: dict[str, Any] = {"pid": pid, "command": st.comm if st is not None else None, "host": socket.gethostname(),
-                              "start_time": st.starttime if st is not None else None, "after": after,
-                              "lock_expires": time.time() + ttl, "netns": netns}
+    return {"pid": pid, "command": st.comm if st is not None else None, "host": socket.gethostname(),
+            "start_time": st.starttime if st is not None else None, "after": after,
+            "lock_expires": time.time() + ttl, "netns": netns}
+
+
+def write_images(directory: Path, pid: int, pairs: Sequence[tuple[int, ConnectionState]], *, after: str,
+                 ttl: float) -> list[Entry]:
+    """`sockrepair dump`'s directory: write `pairs` ((the process's fd, state)) as index.json and one 0600 image per
+    connection (sockrepair.image.directory), recording the source's identity and the lock's expiry (now + `ttl`
+    seconds), and fsync every file and the directory. Raises OSError (cannot write) or ImageError (a state an image
+    cannot hold)."""
     with contextlib.suppress(FileNotFoundError):
         (directory / COMPLETED).unlink()
-    entries = write_dir(directory, list(pairs), source)
+    entries = write_dir(directory, list(pairs), _source(pid, after, ttl, None))
     for e in entries:
         _fsync_path(directory / e.file)
     _fsync_path(directory / INDEX)
     _fsync_path(directory, os.O_DIRECTORY)
     return entries
+
+
+def write_journal(directory: Path, pid: int, fds: Sequence[int], images: Sequence[bytes], tuples: Sequence[object],
+                  *, ttl: float, netns: str | None) -> None:
+    """migrate()'s journal: the connection images (`images[i]` of the process's fd `fds[i]`, connection
+    `tuples[i]`) packed in one 0600 file, journal.img, and described by journal.json (offset, length and sha256 of
+    each, and the source as write_images records it), both fsynced with the directory: one file, not one per
+    connection, because creating files costs tens of microseconds each inside the freeze. load_states() reads it
+    back. Raises OSError when the directory cannot be written."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(FileNotFoundError):
+        (directory / COMPLETED).unlink()
+    connections = []
+    offset = 0
+    for fd, image, conn in zip(fds, images, tuples):
+        connections.append({"fd": fd, "tuple": str(conn), "offset": offset, "length": len(image),
+                            "sha256": hashlib.sha256(image).hexdigest()})
+        offset += len(image)
+    with open_private(directory / JOURNAL_IMAGES) as f:
+        f.write(b"".join(images))
+        f.flush()
+        os.fsync(f.fileno())
+    index = {"version": JOURNAL_VERSION, "created": time.time(), "source": _source(pid, "kill", ttl, netns),
+             "connections": connections}
+    with open_private(directory / JOURNAL_INDEX) as f:
+        f.write(json.dumps(index, indent=1).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_path(directory, os.O_DIRECTORY)
+
+
+def _index_path(directory: Path) -> Path:
+    packed = directory / JOURNAL_INDEX
+    return packed if packed.exists() else directory / INDEX
+
+
+def load_states(directory: Path) -> list[ConnectionState]:
+    """The states of a journal (journal.json and journal.img) or of a `sockrepair dump` directory, in order. Raises
+    ImageError with `.path`, `.field` (e.g. "connections[2].sha256") and, for a damaged image, `.offset` (the byte
+    in journal.img)."""
+    index_path = directory / JOURNAL_INDEX
+    if not index_path.exists():
+        return [state for _, state in read_dir(directory)]
+    images_path = directory / JOURNAL_IMAGES
+    try:
+        index = json.loads(index_path.read_text())
+        blob = images_path.read_bytes()
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"{directory}: unreadable journal: {exc}", path=str(index_path)) from None
+    if not isinstance(index, dict) or index.get("version") != JOURNAL_VERSION:
+        raise ImageError(f"{index_path}: unsupported journal version", path=str(index_path), field="version")
+    states = []
+    for n, item in enumerate(index.get("connections", [])):
+        try:
+            start, length, digest = int(item["offset"]), int(item["length"]), str(item["sha256"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ImageError(f"{index_path}: bad connection entry {item!r}: {exc}", path=str(index_path),
+                             field=f"connections[{n}]") from None
+        image = blob[start : start + length]
+        if len(image) != length or hashlib.sha256(image).hexdigest() != digest:
+            raise ImageError(f"{images_path}: image {n} differs from the journal's index (damaged or cut short)",
+                             path=str(images_path), offset=start, field=f"connections[{n}].sha256")
+        try:
+            states.append(ConnectionState.from_bytes(image))
+        except ImageError as exc:
+            raise ImageError(f"{images_path}: image {n}: {exc}", path=str(images_path),
+                             offset=start + (exc.offset or 0), field=exc.field) from None
+    return states
 
 
 def mark_completed(directory: Path, created: bool) -> None:
@@ -80,22 +158,21 @@ def mark_completed(directory: Path, created: bool) -> None:
         f.write(f"{time.time():.3f}\n".encode())
 
 
-def discard_journal(directory: Path, created: bool, entries: Sequence[Entry]) -> None:
-    """The move failed before the source was ended (it goes on): the images no longer describe its connections."""
+def discard_journal(directory: Path, created: bool) -> None:
+    """The move failed before the source was ended (it goes on): the journal no longer describes its
+    connections."""
     if created:
         shutil.rmtree(directory, ignore_errors=True)
         return
-    for e in entries:
+    for name in (JOURNAL_INDEX, JOURNAL_IMAGES):
         with contextlib.suppress(FileNotFoundError):
-            (directory / e.file).unlink()
-    with contextlib.suppress(FileNotFoundError):
-        (directory / INDEX).unlink()
+            (directory / name).unlink()
 
 
 def note_relock(directory: Path, expires: float) -> None:
     """The connections of `directory` were locked again until `expires` (wall-clock seconds), after a restore whose
     handoff failed: its index says so, so that a retry before then is not refused as stale."""
-    path = directory / INDEX
+    path = _index_path(directory)
     index = json.loads(path.read_text())
     index.setdefault("source", {})["lock_expires"] = expires
     with open_private(path) as f:
@@ -118,8 +195,9 @@ class Source:
 
 
 def read_source(directory: Path) -> Source:
-    """Raises ImageError (`.path`) when the index cannot be read (read_dir says more about what is wrong)."""
-    path = directory / INDEX
+    """What the journal's (or dump's) index says of the source. Raises ImageError (`.path`) when the index cannot be
+    read (load_states says more about what is wrong)."""
+    path = _index_path(directory)
     try:
         src = json.loads(path.read_text()).get("source", {})
     except (OSError, ValueError, AttributeError) as exc:

@@ -15,7 +15,6 @@ from typing import Any
 
 from sockrepair.engine import checkpoint, discard
 from sockrepair.image import decode, encode
-from sockrepair.image.directory import Entry
 from sockrepair.lock import Locker
 from sockrepair.move.journal import (
     discard_journal,
@@ -82,11 +81,9 @@ def _journal_again(socks: list[socket.socket], tuples: list[ConnTuple], director
     mode in the program that took them: a `handoff` should take all or none."""
     if live:  # locked before the checkpoint: a socket in repair mode still takes in (and ACKs) what arrives
         locker.lock(tuples, ttl=ttl)
-    states = []
     with named(netns):
-        for sock in socks:
-            states.append(checkpoint(sock))
-    write_journal(directory, pid, list(zip(fds, states)), after="kill", ttl=ttl, netns=netns)
+        states = [checkpoint(sock) for sock in socks]
+    write_journal(directory, pid, fds, [encode(st) for st in states], tuples, ttl=ttl, netns=netns)
     for sock in socks:
         discard(sock)
     socks.clear()
@@ -132,7 +129,6 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     kept = Kept(0, 0, False, "keeping was not asked for")
     created = journal is None
     directory = new_directory() if journal is None else Path(journal)
-    entries: list[Entry] = []
     ended = False
     socks: list[socket.socket] = []
     live = False  # the restored sockets were unlocked
@@ -148,8 +144,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             with timings.timed(Stage.SERIALIZE):
                 images = [encode(state) for state in cap.states]
             with timings.timed(Stage.JOURNAL):
-                entries = write_journal(directory, pid, list(zip([s.fd for s in cap.sockets], cap.states)),
-                                        after="kill", ttl=ttl, netns=dest_netns)
+                write_journal(directory, pid, [s.fd for s in cap.sockets], images, tuples, ttl=ttl, netns=dest_netns)
             with timings.timed(Stage.CLOSE):
                 try:
                     end_source(cap)
@@ -179,7 +174,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         mark_completed(directory, created)
     except BaseException as exc:
         if not ended:
-            discard_journal(directory, created, entries)
+            discard_journal(directory, created)
             raise
         if live and not socks:  # handed off (or nothing to hand off to): the move is done, whatever failed after
             mark_completed(directory, created)

@@ -292,7 +292,7 @@ def test_a_socket_that_changed_while_frozen_is_not_ended(netns, tmp_path, monkey
         _echo_round(clients, offsets, 1000)
         late = clients[1]
         late_fd = next(s.fd for s in tcp_sockets(server.pid) if s.tuple.remote_port == late.getsockname()[1])
-        write = dump_module.write_journal
+        write = dump_module.write_images
 
         def write_then_send(*args, **kwargs):
             entries = write(*args, **kwargs)
@@ -300,7 +300,7 @@ def test_a_socket_that_changed_while_frozen_is_not_ended(netns, tmp_path, monkey
             time.sleep(0.05)
             return entries
 
-        monkeypatch.setattr(dump_module, "write_journal", write_then_send)
+        monkeypatch.setattr(dump_module, "write_images", write_then_send)
         with pytest.raises(sockrepair.SocketStateError, match="changed since its checkpoint") as caught:
             dump(server.pid, tmp_path / "img", lock=False)
         err = caught.value

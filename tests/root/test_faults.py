@@ -80,7 +80,7 @@ def _check_after(server: subprocess.Popen[bytes], ended: bool, images: Path, cli
         assert server.poll() is None, "the program was ended before the point of no return"
         wait_for(lambda: _settled(server.pid), "the program to go on with no socket in repair mode, unlocked")
         _echo_round(clients, offsets, 30_000)
-        if (images / "index.json").exists():
+        if (images / "index.json").exists() or (images / "journal.json").exists():
             why = stale_reason(images)
             assert why is not None and "still running" in why
         return None

@@ -76,7 +76,8 @@ def test_a_network_step_that_fails_leaves_a_journal_that_restore_completes(netns
         assert any("sockrepair restore -D" in n for n in caught.value.__notes__)
         assert server.wait(5) == -signal.SIGKILL
         assert os.stat(journal).st_mode & 0o777 == 0o700
-        assert os.stat(journal / "conn-0.img").st_mode & 0o777 == 0o600
+        assert os.stat(journal / "journal.img").st_mode & 0o777 == 0o600
+        assert os.stat(journal / "journal.json").st_mode & 0o777 == 0o600
         assert stale_reason(journal) is None
         restored = restore_into_echo(journal)
         _echo_round(clients, offsets, 100_000)
@@ -103,7 +104,7 @@ def test_a_failure_before_the_kill_leaves_the_program_serving_and_no_journal(net
         # the program has no connection on fd 999: refused before anything is frozen
         with pytest.raises(sockrepair.ProcessError):
             sockrepair.migrate(server.pid, wanted=[999], journal=tmp_path / "j", keep=False)
-        assert not (tmp_path / "j" / "index.json").exists()
+        assert not (tmp_path / "j" / "journal.json").exists()
         _echo_round(clients, offsets, 10_000)
         assert sockrepair.list_locks() == []
     finally:
