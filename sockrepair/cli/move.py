@@ -29,6 +29,7 @@ from sockrepair.move.journal import (
     stale_reason,
 )
 from sockrepair.move.land import put_back, restore_all, unlock_in
+from sockrepair.move.procfs import stat
 from sockrepair.move.quiesce import DEFAULT_TIMEOUT, OnBusy, Quiescence
 from sockrepair.move.take import deferred_signals
 from sockrepair.state import ConnectionState
@@ -104,6 +105,10 @@ def cmd_dump(args: argparse.Namespace) -> int:
     for c in report.connections:
         print(f"  fd {c['fd']:<4} {c['tuple']:<48} unread {c['recv_queue']} B, send queue {c['send_queue']} B "
               f"({c['unsent']} never sent)")
+    if report.left_behind:
+        fds = ", ".join(map(str, report.left_behind))
+        print(f"  fd(s) {fds} were already in repair mode in the stopped process (an interrupted move): "
+              + ("resumed, and the process continued" if args.leave_running else "moved with the others"))
     if report.quiescent:
         print(f"  frozen while every thread waited ({report.freeze_method}, {report.freeze_attempts} attempt(s))")
     else:
@@ -124,6 +129,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     if not rows:
         print(f"process {args.pid} has no TCP sockets")
+    proc = stat(args.pid)
+    stuck = [s.fd for s, _, name in rows if name.endswith("(in repair mode)")]
+    if proc is not None and proc.state == "T" and stuck:
+        print(f"note: process {args.pid} is stopped with fd(s) {', '.join(map(str, stuck))} in repair mode, as a "
+              f"move killed half-way leaves it: `sockrepair dump --pid {args.pid} -D DIR --leave-running` takes them "
+              f"out of repair mode and continues it (or --kill, then `sockrepair restore -D DIR`, finishes the move)",
+              file=sys.stderr)
     for s, st, name in rows:
         head = f"fd {s.fd:<4} "
         print("\n".join(state_lines(st, head)) if st is not None else head_line(s.tuple, name, head))

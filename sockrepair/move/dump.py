@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sockrepair.engine._checkpoint import resume
+from sockrepair.engine._repair import in_repair
 from sockrepair.image.directory import Entry
 from sockrepair.move.freeze import frozen
 from sockrepair.move.journal import write_images
@@ -41,7 +43,8 @@ class DumpReport:
     milliseconds per stage, in the order run: freeze, lock (when locking), checkpoint, write, then resume
     (LEAVE_RUNNING) or kill (KILL) (sockrepair.move.stages.Stage says what each does). `quiescent`: whether every
     thread was waiting when the program was frozen, after `freeze_attempts` tries; `busy`: the threads that were
-    not (sockrepair.move.quiesce)."""
+    not (sockrepair.move.quiesce). `left_behind`: the process's fds found already in repair mode in a stopped process,
+    as a move killed half-way leaves it (docs/failures.md); LEAVE_RUNNING resumed them and continued the process."""
 
     pid: int
     command: str
@@ -53,6 +56,7 @@ class DumpReport:
     quiescent: bool = True
     freeze_attempts: int = 1
     busy: list[str] = field(default_factory=list)
+    left_behind: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -88,6 +92,8 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
                         resume(fd)
                     if locker is not None:
                         locker.unlock([s.tuple for s in cap.sockets])
+                    if cap.left_behind:  # left stopped by an interrupted move: its sockets are right again now
+                        os.kill(pid, signal.SIGCONT)
             else:
                 with timings.timed(Stage.KILL):
                     end_source(cap)
@@ -103,7 +109,7 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
             locker.close()
     return DumpReport(pid, command, str(directory), after.value, cap.freeze_method,
                       [_entry_view(e, s) for e, s in zip(entries, cap.states)], timings.ms, cap.freeze.quiescent,
-                      cap.freeze.attempts, [str(b) for b in cap.freeze.busy])
+                      cap.freeze.attempts, [str(b) for b in cap.freeze.busy], cap.left_behind)
 
 
 def _entry_view(entry: Entry, state: ConnectionState) -> dict[str, Any]:
@@ -113,7 +119,8 @@ def _entry_view(entry: Entry, state: ConnectionState) -> dict[str, Any]:
 
 def inspect(pid: int) -> list[tuple[ProcSocket, ConnectionState | None, str]]:
     """A non-destructive look at every TCP socket of `pid`, ordered by fd: (socket, state, state name), where
-    state is None for a socket that is not ESTABLISHED. Established ones are checkpointed and resumed without a
+    state is None for a socket that is not ESTABLISHED, and the name "ESTABLISHED (in repair mode)" for one found in
+    repair mode (left so by a move killed half-way: it stays so). Established ones are checkpointed and resumed without a
     window probe while the process is frozen for the few microseconds that takes; others are listed as they are.
     Raises ProcessError and SocketStateError (naming the process's pid and fd) as dump() does."""
     result: list[tuple[ProcSocket, ConnectionState | None, str]] = []
@@ -127,9 +134,12 @@ def inspect(pid: int) -> list[tuple[ProcSocket, ConnectionState | None, str]]:
                 continue
             fd = pidfd.getfd(s.fd)
             try:
+                # one already in repair mode (a move killed half-way) is left so: inspect changes nothing
+                was_in_repair = in_repair(fd)
                 state = checkpoint_taken(pid, s, fd)
-                resume(fd)
-                result.append((s, state, "ESTABLISHED"))
+                if not was_in_repair:
+                    resume(fd)
+                result.append((s, state, "ESTABLISHED (in repair mode)" if was_in_repair else "ESTABLISHED"))
             finally:
                 os.close(fd)
     return result

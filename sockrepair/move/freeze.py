@@ -24,7 +24,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -217,7 +216,7 @@ def _recover(pid: int, pidfd: int, stop: _Stop, watched: dict[str, Any]) -> None
     if watched["ended"]:
         os.kill(pid, signal.SIGKILL)  # its states are in the journal; the lock holds them for the restore
         return
-    from sockrepair.engine._repair import repair_off
+    from sockrepair.engine._repair import in_repair, repair_off
     from sockrepair.move.take import process_locker
     from sockrepair.state import ConnTuple
 
@@ -227,9 +226,8 @@ def _recover(pid: int, pidfd: int, stop: _Stop, watched: dict[str, Any]) -> None
         if fd < 0:
             continue
         try:
-            with socket.socket(fileno=os.dup(fd)) as sock:
-                if sock.getsockopt(socket.IPPROTO_TCP, 19):  # TCP_REPAIR
-                    repair_off(fd, False)
+            if in_repair(fd):
+                repair_off(fd, False)
         except OSError:
             pass
         finally:

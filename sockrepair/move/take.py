@@ -9,9 +9,10 @@ import os
 import select
 import signal
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sockrepair.engine._checkpoint import checkpoint, discard, ensure_unchanged, resume
+from sockrepair.engine._repair import in_repair
 from sockrepair.errors import ProcessError, SocketStateError
 from sockrepair.lock import Locker
 from sockrepair.move.freeze import Freezer
@@ -20,6 +21,7 @@ from sockrepair.move.procfs import (
     ProcSocket,
     process_name,
     socket_inodes,
+    stat,
     tcp_sockets,
     tcp_table,
 )
@@ -45,6 +47,9 @@ class Captured:
     pidfd: PidFd
     freezer: Freezer
     ended: bool = False  # end_source() began discarding: the source cannot go on any more
+    # found stopped, with these of its fds already in repair mode: what a sockrepair killed mid-move leaves when its
+    # guard died too (a SIGSTOP or cgroup freeze); a resume puts them right, and the process is continued then
+    left_behind: list[int] = field(default_factory=list)
 
     @property
     def freeze_method(self) -> str:
@@ -128,6 +133,8 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
         # /proc/PID/net/tcp is read before the freeze (reading it costs ms with many connections); under the freeze
         # only the fd -> inode map is checked, and the table read again if the process changed its sockets meanwhile
         chosen = select_sockets(pid, wanted)
+        before = stat(pid)
+        stopped_before = before is not None and before.state == "T"
         # the guard gives these back if sockrepair dies before ending the source
         freezer.watch([s.fd for s in chosen], [s.tuple for s in chosen])
         with timings.timed(Stage.FREEZE), contextlib.ExitStack() as freezing:
@@ -145,6 +152,8 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
             try:
                 for s in chosen:
                     fds.append(pidfd.getfd(s.fd))
+                if stopped_before:
+                    cap.left_behind = [s.fd for s, fd in zip(chosen, fds) if in_repair(fd)]
                 if locker is not None:
                     with timings.timed(Stage.LOCK):
                         locker.lock([s.tuple for s in chosen], ttl=ttl)

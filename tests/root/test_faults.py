@@ -16,6 +16,7 @@ import pytest
 
 import sockrepair
 from sockrepair.lab.subjects import start_echo, start_receiver, stop
+from sockrepair.move.dump import After, dump
 from sockrepair.move.journal import stale_reason
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import stat, tcp_sockets
@@ -236,3 +237,37 @@ def test_dump_of_itself_or_an_ancestor_is_refused(netns, tmp_path):
     assert "an ancestor of sockrepair" in parent.stderr and parent.stdout.strip() == "survived"
     with pytest.raises(sockrepair.ProcessError, match="sockrepair itself"):
         sockrepair.migrate(os.getpid())
+
+
+def test_a_program_left_stopped_in_repair_mode_is_recovered_by_a_dump(netns, tmp_path):
+    """What a move leaves when sockrepair and its guard were both SIGKILLed under a SIGSTOP freeze: the program
+    stopped, its sockets in repair mode. `inspect` says how to recover; a `--leave-running` dump recovers it."""
+    from sockrepair.engine._repair import repair_on
+
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    clients = _connect(port, 2)
+    try:
+        offsets = [0, 0]
+        _echo_round(clients, offsets, 5000)
+        os.kill(server.pid, signal.SIGSTOP)
+        wait_for(lambda: _state(server.pid) == "T", "the program to stop")
+        with PidFd(server.pid) as pidfd:
+            for s in tcp_sockets(server.pid):
+                if s.tcp_state == TCP_ESTABLISHED:
+                    fd = pidfd.getfd(s.fd)
+                    repair_on(fd)
+                    os.close(fd)
+        stuck = in_repair(server.pid)
+        assert len(stuck) == 2
+        look = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "inspect", "--pid", str(server.pid)],
+                              capture_output=True, text=True, timeout=60)
+        assert f"process {server.pid} is stopped" in look.stderr and "--leave-running" in look.stderr
+        report = dump(server.pid, tmp_path / "img", after=After.LEAVE_RUNNING)
+        assert sorted(report.left_behind) == sorted(stuck)
+        wait_for(lambda: _settled(server.pid), "the program to go on")
+        _echo_round(clients, offsets, 20_000)
+    finally:
+        for c in clients:
+            c.close()
+        stop(server)
