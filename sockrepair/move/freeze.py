@@ -10,7 +10,9 @@ on a pipe from sockrepair. When that pipe closes before sockrepair said goodbye 
 some other way), the guard finishes the job for it: before the point of no return it takes every socket sockrepair
 said it works on (pidfd_getfd), turns repair mode off without a window probe, releases their lock, and lets the
 process go on; past it (sockrepair had begun ending the source) it SIGKILLs the process, whose states are in the
-move's journal, and leaves the lock for the restore. It ignores SIGINT, SIGTERM and SIGHUP, which a terminal sends to
+move's journal, and leaves the lock for the restore. migrate() keeps the guard until the handoff and gives it
+duplicates of the restored sockets meanwhile (hold(), release()): if sockrepair dies holding them, the guard locks
+them again, checkpoints them into the journal and closes them silently. It ignores SIGINT, SIGTERM and SIGHUP, which a terminal sends to
 the whole process group. What it cannot give back: an application's SO_REUSEADDR on a socket it resumed (leaving
 repair mode clears it; sockrepair's own resume puts it back).
 
@@ -24,6 +26,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -168,28 +171,43 @@ class _Stop:
         self.method = ""
 
 
-def _guard(pid: int, pidfd: int, commands: int, replies: int) -> None:
+_CHUNK = 1000  # tuples per "watch" message: a datagram must fit the socket's buffer
+SCM_MAX_FD = 253  # fds per message (include/net/scm.h)
+
+
+def _guard(pid: int, pidfd: int, chan: socket.socket) -> None:
     """The guard's loop (see the module's docstring); runs in the forked child, never returns."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     stop = _Stop(pid)
     watched: dict[str, Any] = {"fds": [], "tuples": [], "ended": False}
+    landing = _Landing()
     # resolved now, not inside the first freeze (cffi looks a libc symbol up on its first use)
     _ = lib.ptrace, lib.syscall
     status = 0
     try:
-        with os.fdopen(commands, "rb") as inbox, os.fdopen(replies, "wb", buffering=0) as outbox:
-            for line in inbox:
-                msg = json.loads(line)
-                op = msg["op"]
-                if op == "watch":
-                    watched.update(fds=msg["fds"], tuples=msg["tuples"])
-                    continue
-                if op == "ending":
-                    watched["ended"] = True
-                    continue
-                if op == "close":
-                    return
+        while True:
+            data, fds, _, _ = socket.recv_fds(chan, 1 << 20, SCM_MAX_FD)
+            if not data:  # sockrepair is gone without saying goodbye
+                if landing.socks:
+                    landing.save(pid)
+                else:
+                    _recover(pid, pidfd, stop, watched)
+                return
+            msg = json.loads(data)
+            op = msg["op"]
+            if op == "watch":
+                watched.update(fds=msg["fds"], tuples=msg["tuples"])
+            elif op == "watch+":
+                watched["fds"] += msg["fds"]
+                watched["tuples"] += msg["tuples"]
+            elif op == "ending":
+                watched["ended"] = True
+            elif op == "hold":
+                landing.take(msg, fds)
+            elif op == "close":
+                return
+            else:
                 reply: dict[str, Any] = {"ok": True}
                 try:
                     if op == "ping":
@@ -198,17 +216,60 @@ def _guard(pid: int, pidfd: int, commands: int, replies: int) -> None:
                         reply["method"] = stop.start()
                     elif op == "cont":
                         stop.end()
+                    elif op == "release":
+                        landing.release()
                 except ProcessError as exc:
                     reply = {"ok": False, "error": str(exc)}
-                outbox.write(json.dumps(reply).encode() + b"\n")
-        # the pipe closed without "close": sockrepair is gone
-        _recover(pid, pidfd, stop, watched)
+                chan.send(json.dumps(reply).encode())
     except BaseException:
         status = 1
     finally:
         with contextlib.suppress(BaseException):
             stop.end()
         os._exit(status)
+
+
+class _Landing:
+    """Inside the guard: duplicates of the sockets a move restored, held until they are handed off, so that a
+    sockrepair killed meanwhile does not close them (a FIN, or a socket left holding the 4-tuple) but the guard saves
+    them into the journal, as migrate() does on an error there."""
+
+    def __init__(self) -> None:
+        self.socks: list[socket.socket] = []
+        self.tuples: list[str] = []
+        self.source_fds: list[int] = []
+        self.where: dict[str, Any] = {}
+
+    def take(self, msg: dict[str, Any], fds: list[int]) -> None:
+        self.socks += [socket.socket(fileno=fd) for fd in fds]
+        self.tuples += msg["tuples"]
+        self.source_fds += msg["fds"]
+        self.where = msg["where"]
+
+    def release(self) -> None:
+        for sock in self.socks:
+            sock.close()
+        self.socks = []
+
+    def save(self, pid: int) -> None:
+        """Lock the connections again, checkpoint the held sockets into the journal, close them silently."""
+        from sockrepair.engine import checkpoint, discard
+        from sockrepair.image import encode
+        from sockrepair.lock import Locker
+        from sockrepair.move.journal import write_journal
+        from sockrepair.netns import named
+        from sockrepair.state import ConnTuple
+
+        tuples = [ConnTuple.parse(t) for t in self.tuples]
+        netns, ttl = self.where["netns"], float(self.where["ttl"])
+        with named(netns), Locker() as locker:
+            locker.lock(tuples, ttl=ttl)
+        states = [checkpoint(sock) for sock in self.socks]
+        write_journal(Path(self.where["directory"]), pid, self.source_fds, [encode(st) for st in states], tuples,
+                      ttl=ttl, netns=netns)
+        for sock in self.socks:
+            discard(sock)
+        self.socks = []
 
 
 def _recover(pid: int, pidfd: int, stop: _Stop, watched: dict[str, Any]) -> None:
@@ -238,29 +299,27 @@ def _recover(pid: int, pidfd: int, stop: _Stop, watched: dict[str, Any]) -> None
 
 
 class Freezer:
-    """Stops and continues process `pid` through a guard child (see the module's docstring). Use as a context
-    manager; frozen() for one stop. Raises ProcessError when `pid` is sockrepair or one of its ancestors, or does
-    not exist, or the guard is gone."""
+    """Stops and continues process `pid` through a guard child (see the module's docstring); `.pidfd` is a PidFd on
+    the process, which the guard shares. Use as a context manager; frozen() for one stop. Raises ProcessError when `pid` is sockrepair or
+    one of its ancestors, or does not exist, or the guard is gone."""
 
-    def __init__(self, pid: int, pidfd: int) -> None:
+    def __init__(self, pid: int) -> None:
         refuse_self(pid)
         self.pid = pid
-        cmd_r, cmd_w = os.pipe()
-        rep_r, rep_w = os.pipe()
+        self.pidfd = PidFd(pid)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         child = os.fork()
         if child == 0:
-            keep = {cmd_r, rep_w, pidfd}
+            keep = {theirs.fileno(), self.pidfd.fd}
             for name in os.listdir("/proc/self/fd"):
                 fd = int(name)
                 if fd > 2 and fd not in keep:
                     with contextlib.suppress(OSError):
                         os.close(fd)
-            _guard(pid, pidfd, cmd_r, rep_w)
-        os.close(cmd_r)
-        os.close(rep_w)
+            _guard(pid, self.pidfd.fd, theirs)
+        theirs.close()
         self.child = child
-        self._out = os.fdopen(cmd_w, "wb", buffering=0)
-        self._in = os.fdopen(rep_r, "rb")
+        self._chan = ours
         # a first round trip before any freeze: the child's start-up (pages copied on write) costs milliseconds
         try:
             self._ask("ping")
@@ -268,15 +327,19 @@ class Freezer:
             self.close()
             raise
 
-    def _send(self, msg: dict[str, Any]) -> None:
+    def _send(self, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        data = json.dumps(msg).encode()
         try:
-            self._out.write(json.dumps(msg).encode() + b"\n")
-        except BrokenPipeError:
+            if fds:
+                socket.send_fds(self._chan, [data], list(fds))
+            else:
+                self._chan.send(data)
+        except (BrokenPipeError, ConnectionResetError):
             raise ProcessError(f"the guard of process {self.pid} exited", pid=self.pid) from None
 
     def _ask(self, op: str) -> dict[str, Any]:
         self._send({"op": op})
-        line = self._in.readline()
+        line = self._chan.recv(1 << 16)
         if not line:
             raise ProcessError(f"the guard of process {self.pid} exited", pid=self.pid)
         reply: dict[str, Any] = json.loads(line)
@@ -287,11 +350,29 @@ class Freezer:
     def watch(self, fds: Sequence[int], tuples: Sequence[object]) -> None:
         """The process's fds (its own numbers) sockrepair may put in repair mode and the tuples it may lock: what
         the guard gives back if sockrepair dies before ending()."""
-        self._send({"op": "watch", "fds": list(fds), "tuples": [str(t) for t in tuples]})
+        names = [str(t) for t in tuples]
+        for start in range(0, max(len(fds), 1), _CHUNK):
+            self._send({"op": "watch" if start == 0 else "watch+", "fds": list(fds[start : start + _CHUNK]),
+                        "tuples": names[start : start + _CHUNK]})
 
     def ending(self) -> None:
         """Past the point of no return: if sockrepair dies from now on, the guard ends the process."""
         self._send({"op": "ending"})
+
+    def hold(self, socks: Sequence[socket.socket], tuples: Sequence[object], source_fds: Sequence[int],
+             directory: Path, netns: str | None, ttl: float) -> None:
+        """Give the guard duplicates of the restored sockets (connections `tuples`, which were the source's fds
+        `source_fds`) until release(): if sockrepair dies meanwhile, the guard locks them again for `ttl` seconds
+        in `netns`, checkpoints them into the journal `directory` and closes them silently."""
+        where = {"directory": str(directory), "netns": netns, "ttl": ttl}
+        for start in range(0, len(socks), SCM_MAX_FD):
+            part = slice(start, start + SCM_MAX_FD)
+            self._send({"op": "hold", "tuples": [str(t) for t in tuples[part]], "fds": list(source_fds[part]),
+                        "where": where}, [s.fileno() for s in socks[part]])
+
+    def release(self) -> None:
+        """The restored sockets are in the caller's program now (or saved): the guard closes its duplicates."""
+        self._ask("release")
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[str]:
@@ -303,14 +384,13 @@ class Freezer:
             self._ask("cont")
 
     def close(self) -> None:
-        if self.child <= 0:
-            return
-        with contextlib.suppress(OSError):
-            self._send({"op": "close"})
-        self._out.close()
-        self._in.close()
-        os.waitpid(self.child, 0)
-        self.child = 0
+        if self.child > 0:
+            with contextlib.suppress(OSError, ProcessError):
+                self._send({"op": "close"})
+            self._chan.close()
+            os.waitpid(self.child, 0)
+            self.child = 0
+        self.pidfd.close()
 
     def __enter__(self) -> Freezer:
         return self
@@ -324,5 +404,5 @@ def frozen(pid: int) -> Iterator[str]:
     """One stop of `pid` through its own guard: yields the method used ("cgroup", "ptrace" or "sigstop"). Raises
     ProcessError (gone, not permitted, sockrepair or an ancestor of it, or not stopped within FREEZE_TIMEOUT
     seconds)."""
-    with PidFd(pid) as pidfd, Freezer(pid, pidfd.fd) as freezer, freezer.frozen() as method:
+    with Freezer(pid) as freezer, freezer.frozen() as method:
         yield method

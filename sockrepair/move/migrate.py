@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from sockrepair.engine import checkpoint, discard
+from sockrepair.errors import ProcessError
 from sockrepair.image import decode, encode
 from sockrepair.lock import Locker
+from sockrepair.move.freeze import Freezer
 from sockrepair.move.journal import (
     discard_journal,
     mark_completed,
@@ -132,11 +134,14 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     ended = False
     socks: list[socket.socket] = []
     live = False  # the restored sockets were unlocked
+    freezer: Freezer | None = None
     try:
+        # the guard outlives the capture: it holds the restored sockets until the handoff (sockrepair.move.freeze)
+        freezer = Freezer(pid)
         # table and rules built before the freeze: inside it, locking is one element transaction per namespace
         source_locker.prepare()
         dest_locker.prepare()
-        with captured(pid, wanted, source_locker, timings, ttl, quiescence) as cap:
+        with captured(pid, wanted, source_locker, timings, ttl, quiescence, freezer) as cap:
             tuples = [s.tuple for s in cap.sockets]
             start = cap.frozen_at
             with timings.timed(Stage.LOCK):
@@ -157,6 +162,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             states = [decode(image) for image in images]
         with timings.timed(Stage.RESTORE):
             socks = restore_all(states, dest_netns)
+            freezer.hold(socks, tuples, [s.fd for s in cap.sockets], directory, dest_netns, ttl)
         if keeper is not None:
             with timings.timed(Stage.DELIVER):
                 kept = keeper.deliver(tuples)
@@ -170,8 +176,12 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             with timings.timed(Stage.HANDOFF):
                 result = handoff(socks, tuples)
                 socks = []  # the caller's program holds them now
-        socks = []
-        mark_completed(directory, created)
+                freezer.release()
+                mark_completed(directory, created)
+        if socks:  # no handoff: the move ends here
+            socks = []
+            freezer.release()
+            mark_completed(directory, created)
     except BaseException as exc:
         if not ended:
             discard_journal(directory, created)
@@ -187,11 +197,16 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
                 except Exception as again:
                     exc.add_note(f"the restored connections could not be saved again ({again}): the journal holds "
                                  "their states from before the restore")
+                if freezer is not None:
+                    with contextlib.suppress(ProcessError):
+                        freezer.release()
         with contextlib.suppress(AttributeError):
             exc.journal = str(directory)  # type: ignore[attr-defined]
         exc.add_note(recovery_hint(directory, dest_netns))
         raise
     finally:
+        if freezer is not None:
+            freezer.close()
         source_locker.close()
         dest_locker.close()
         if keeper is not None:

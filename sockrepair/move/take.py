@@ -120,7 +120,8 @@ def checkpoint_taken(pid: int, sock: ProcSocket, copy: int) -> ConnectionState:
 
 @contextlib.contextmanager
 def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timings: Timings,
-             ttl: float = 60.0, quiescence: Quiescence = Quiescence()) -> Iterator[Captured]:
+             ttl: float = 60.0, quiescence: Quiescence = Quiescence(),
+             freezer: Freezer | None = None) -> Iterator[Captured]:
     """Freeze `pid` where every thread waits, as `quiescence` says (sockrepair.move.quiesce), take and checkpoint
     its connections (see select_sockets), lock them with `locker` for `ttl` seconds, and yield them frozen and
     locked; the freeze, lock and checkpoint stages are timed into `timings`. On an error (KeyboardInterrupt
@@ -129,7 +130,11 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
     the caller decides
     (resume, or end_source()). Raises ProcessError and SocketStateError naming the process's pid and fd; ProcessError
     too when the process stayed busy and the policy refuses (nothing was taken)."""
-    with PidFd(pid) as pidfd, Freezer(pid, pidfd.fd) as freezer:
+    with contextlib.ExitStack() as owned:
+        # the caller's guard, when it is to outlive the capture (migrate() hands it the restored sockets)
+        if freezer is None:
+            freezer = owned.enter_context(Freezer(pid))
+        pidfd = freezer.pidfd
         # /proc/PID/net/tcp is read before the freeze (reading it costs ms with many connections); under the freeze
         # only the fd -> inode map is checked, and the table read again if the process changed its sockets meanwhile
         chosen = select_sockets(pid, wanted)

@@ -159,16 +159,11 @@ MIGRATE_STAGES = ["freeze", "lock", "checkpoint", "serialize", "journal", "close
 MIGRATE_POINTS = [p for stage in MIGRATE_STAGES for p in (stage, stage + ".end")]
 # From here on the source is ended: the journal finishes the move.
 ENDED_FROM = MIGRATE_POINTS.index("close.end")
-# From the restore on, the restored sockets live only in the mover: a SIGKILL closes them (a FIN the lock drops,
-# a socket left in FIN_WAIT holding the 4-tuple), which no journal undoes.
-KILL_LOSES_FROM = MIGRATE_POINTS.index("restore.end")
 HANDED_OFF = "handoff.end"
 
 
 def _migrate_cases() -> list[tuple[str, str]]:
-    cases = [(p, "raise") for p in MIGRATE_POINTS]
-    cases += [(p, "kill") for p in MIGRATE_POINTS[:KILL_LOSES_FROM]]
-    return cases
+    return [(p, action) for p in MIGRATE_POINTS for action in ("raise", "kill")]
 
 
 @pytest.mark.parametrize(("point", "action"), _migrate_cases())
