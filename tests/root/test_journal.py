@@ -165,3 +165,35 @@ def test_stale_images_are_refused_with_the_reason(netns, tmp_path):
         for c in clients:
             c.close()
         stop(server)
+
+
+def test_an_exec_that_fails_after_the_restore_puts_the_connections_back(netns, tmp_path):
+    """A file that looks runnable (ELF magic) but is not: the restore is done and the exec fails, so the connections
+    are locked again and their sockets closed silently; a second restore with a real program serves them."""
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    clients = _connect(port, 2)
+    restored = None
+    try:
+        offsets = [0, 0]
+        _echo_round(clients, offsets, 10_000)
+        dump(server.pid, tmp_path / "img", after=After.KILL)
+        server.wait(5)
+        fake = tmp_path / "fake-elf"
+        fake.write_bytes(b"\x7fELF" + b"\0" * 60)
+        fake.chmod(0o755)
+        failed = restore_cli(tmp_path / "img", "--exec", str(fake))
+        assert failed.returncode == 1 and "cannot run" in failed.stderr, failed.stderr
+        assert "locked again" in failed.stderr and "restore again" in failed.stderr
+        assert len(sockrepair.list_locks()) == 2
+        assert stale_reason(tmp_path / "img") is None
+        restored = restore_into_echo(tmp_path / "img")
+        _echo_round(clients, offsets, 50_000)
+        assert sockrepair.list_locks() == []
+    finally:
+        for c in clients:
+            c.close()
+        stop(server)
+        if restored is not None:
+            restored.kill()
+            restored.wait()
