@@ -6,15 +6,15 @@ PTRACE_INTERRUPT on every thread: the kernel lets the process go when its tracer
 exit_ptrace()); else, when the process is already traced, SIGSTOP.
 
 The guard is a child forked before the freeze (Freezer); it does the stopping and continuing on request, and waits
-on a pipe from sockrepair. When that pipe closes before sockrepair said goodbye (sockrepair was SIGKILLed, or died
+on a socket pair from sockrepair. When that closes before sockrepair said goodbye (sockrepair was SIGKILLed, or died
 some other way), the guard finishes the job for it: before the point of no return it takes every socket sockrepair
 said it works on (pidfd_getfd), turns repair mode off without a window probe, releases their lock, and lets the
 process go on; past it (sockrepair had begun ending the source) it SIGKILLs the process, whose states are in the
 move's journal, and leaves the lock for the restore. migrate() keeps the guard until the handoff and gives it
 duplicates of the restored sockets meanwhile (hold(), release()): if sockrepair dies holding them, the guard locks
-them again, checkpoints them into the journal and closes them silently. It ignores SIGINT, SIGTERM and SIGHUP, which a terminal sends to
-the whole process group. What it cannot give back: an application's SO_REUSEADDR on a socket it resumed (leaving
-repair mode clears it; sockrepair's own resume puts it back).
+them again, checkpoints them into the journal and closes them silently. The guard ignores SIGINT, SIGTERM and
+SIGHUP, which a terminal sends to the whole process group. What it cannot give back: an application's SO_REUSEADDR
+on a socket it resumed (leaving repair mode clears it; sockrepair's own resume puts it back).
 
 A process is never frozen when it is sockrepair itself or one of its ancestors (a shell running `sockrepair dump
 --pid $$` would stop for good)."""
@@ -300,8 +300,8 @@ def _recover(pid: int, pidfd: int, stop: _Stop, watched: dict[str, Any]) -> None
 
 class Freezer:
     """Stops and continues process `pid` through a guard child (see the module's docstring); `.pidfd` is a PidFd on
-    the process, which the guard shares. Use as a context manager; frozen() for one stop. Raises ProcessError when `pid` is sockrepair or
-    one of its ancestors, or does not exist, or the guard is gone."""
+    the process, which the guard shares. Use as a context manager; frozen() for one stop. Raises ProcessError when
+    `pid` is sockrepair or one of its ancestors, or does not exist, or the guard is gone."""
 
     def __init__(self, pid: int) -> None:
         refuse_self(pid)

@@ -113,9 +113,11 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     the lock and delivered to the restored sockets before the unlock, so that no peer waits for its retransmission
     timeout (sockrepair.move.keep; the report's `kept` says how many packets, and how many fell back).
 
-    `journal`: the directory to write the states into (created 0700 if missing; images 0600, the format of
-    `sockrepair dump`); None: a new one under /run/sockrepair, removed when the move completes. A directory given
-    here is kept, marked completed (sockrepair.move.journal).
+    `journal`: the directory to write the states into (created 0700 if missing; journal.img and journal.json, 0600,
+    which `sockrepair restore -D` reads); None: a new one under /run/sockrepair, removed when the move completes. A
+    directory given here is kept, marked completed (sockrepair.move.journal). The guard that freezes the program
+    (sockrepair.move.freeze) also holds the restored sockets until the handoff: if this process is SIGKILLed at any
+    point, the program goes on untouched (before the end of the source) or the journal holds every connection.
 
     Raises ProcessError (`.pid`, `.fd`: no such process, not permitted, nothing established, busy and refused) and
     SocketStateError (`.pid`, `.fd` the process's own, `.tuple`, `.tcp_state`) before the process is ended: it is

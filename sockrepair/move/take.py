@@ -127,9 +127,10 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
     locked; the freeze, lock and checkpoint stages are timed into `timings`. On an error (KeyboardInterrupt
     included) before end_source() began, every socket is resumed, the lock released and the process thawed, with
     SIGINT, SIGTERM and SIGHUP held off until that is done; after it, the lock is kept for the restore. On success
-    the caller decides
-    (resume, or end_source()). Raises ProcessError and SocketStateError naming the process's pid and fd; ProcessError
-    too when the process stayed busy and the policy refuses (nothing was taken)."""
+    the caller decides (resume, or end_source()). The freeze goes through `freezer` (sockrepair.move.freeze; one of
+    its own when None), whose guard undoes all this if sockrepair dies. Raises ProcessError and SocketStateError
+    naming the process's pid and fd; ProcessError too when the process stayed busy and the policy refuses (nothing
+    was taken), or is sockrepair itself or one of its ancestors."""
     with contextlib.ExitStack() as owned:
         # the caller's guard, when it is to outlive the capture (migrate() hands it the restored sockets)
         if freezer is None:
