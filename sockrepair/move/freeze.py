@@ -1,7 +1,7 @@
 """Freezing a process while its sockets are read, from a guard process that undoes what sockrepair leaves half-done
 if sockrepair itself is killed.
 
-The stop: the cgroup v2 freezer when the process has a cgroup of its own; else ptrace (PTRACE_SEIZE and
+The stop: the cgroup v2 freezer when the process is alone in a cgroup of its own; else ptrace (PTRACE_SEIZE and
 PTRACE_INTERRUPT on every thread: the kernel lets the process go when its tracer dies, kernel/ptrace.c
 exit_ptrace()); else, when the process is already traced, SIGSTOP.
 
@@ -44,12 +44,18 @@ _PTRACE_EVENT_STOP = 128
 
 
 def freezer_for(pid: int) -> Path | None:
-    """The cgroup directory to freeze, or None when freezing it would also freeze this process (or everything)."""
+    """The cgroup v2 directory to freeze, or None when freezing it would freeze more than process `pid` (this
+    process, another process of the group, a group below it) or there is no v2 freezer."""
     group = cgroup(pid)
     if not group or group == "/" or group == cgroup(os.getpid()):
         return None
     path = CGROUP_ROOT / group.lstrip("/")
-    return path if (path / "cgroup.freeze").exists() else None
+    try:
+        alone = (path / "cgroup.procs").read_text().split() == [str(pid)]
+        leaf = not any(child.is_dir() for child in path.iterdir())
+    except OSError:
+        return None
+    return path if alone and leaf and (path / "cgroup.freeze").exists() else None
 
 
 def refuse_self(pid: int) -> None:
