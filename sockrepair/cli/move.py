@@ -27,6 +27,7 @@ from sockrepair.move.journal import (
     mark_completed,
     note_relock,
     stale_reason,
+    wait_free,
 )
 from sockrepair.move.land import put_back, restore_all, unlock_in
 from sockrepair.move.procfs import stat
@@ -146,6 +147,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.from_criu is not None:
         states = load_criu_states(args.from_criu)
     else:
+        # a move killed a moment ago may have left its guard still saving the connections here: wait for it; the
+        # lock, kept until this process exits, also keeps a second restore of DIR out
+        wait_free(args.dir)
         why = None if args.force else stale_reason(args.dir)
         if why is not None:
             raise ImageError(f"{args.dir}: not restoring stale images: {why} (--force restores them anyway)",

@@ -179,6 +179,7 @@ class _Stop:
 
 _CHUNK = 1000  # tuples per "watch" message: a datagram must fit the socket's buffer
 SCM_MAX_FD = 253  # fds per message (include/net/scm.h)
+_HOLD = b"h"  # the message carrying one restored socket (not JSON: one per socket, inside the downtime)
 
 
 def _guard(pid: int, pidfd: int, chan: socket.socket) -> None:
@@ -200,6 +201,9 @@ def _guard(pid: int, pidfd: int, chan: socket.socket) -> None:
                 else:
                     _recover(pid, pidfd, stop, watched)
                 return
+            if data == _HOLD:
+                landing.take(fds)
+                continue
             msg = json.loads(data)
             op = msg["op"]
             if op == "watch":
@@ -209,8 +213,10 @@ def _guard(pid: int, pidfd: int, chan: socket.socket) -> None:
                 watched["tuples"] += msg["tuples"]
             elif op == "ending":
                 watched["ended"] = True
-            elif op == "hold":
-                landing.take(msg, fds)
+            elif op == "land":
+                landing.expect(msg["where"], watched)
+            elif op == "handing":
+                landing.handing = True
             elif op == "close":
                 return
             else:
@@ -245,12 +251,15 @@ class _Landing:
         self.tuples: list[str] = []
         self.source_fds: list[int] = []
         self.where: dict[str, Any] = {}
+        self.handing = False  # the handoff began: some sockets may be in the new program already
 
-    def take(self, msg: dict[str, Any], fds: list[int]) -> None:
+    def expect(self, where: dict[str, Any], watched: dict[str, Any]) -> None:
+        self.tuples = list(watched["tuples"])
+        self.source_fds = list(watched["fds"])
+        self.where = where
+
+    def take(self, fds: list[int]) -> None:
         self.socks += [socket.socket(fileno=fd) for fd in fds]
-        self.tuples += msg["tuples"]
-        self.source_fds += msg["fds"]
-        self.where = msg["where"]
 
     def release(self) -> None:
         for sock in self.socks:
@@ -258,24 +267,71 @@ class _Landing:
         self.socks = []
 
     def save(self, pid: int) -> None:
-        """Lock the connections again, checkpoint the held sockets into the journal, close them silently."""
+        """Lock the connections again, checkpoint the held sockets into the journal, close them silently. When
+        sockrepair died during the handoff, the sockets some other process holds now were handed off: those are
+        left to it, and only the others saved."""
         from sockrepair.engine import checkpoint, discard
         from sockrepair.image import encode
         from sockrepair.lock import Locker
-        from sockrepair.move.journal import write_journal
+        from sockrepair.move.journal import load_states, write_journal
         from sockrepair.netns import named
         from sockrepair.state import ConnTuple
 
-        tuples = [ConnTuple.parse(t) for t in self.tuples]
+        if self.handing:
+            elsewhere = _held_elsewhere([os.fstat(sock.fileno()).st_ino for sock in self.socks])
+            mine = [i for i, sock in enumerate(self.socks) if os.fstat(sock.fileno()).st_ino not in elsewhere]
+            for i, sock in enumerate(self.socks):
+                if i not in mine:
+                    sock.close()
+            self.socks = [self.socks[i] for i in mine]
+            self.tuples = [self.tuples[i] for i in mine]
+            self.source_fds = [self.source_fds[i] for i in mine]
+            if not self.socks:  # every one handed off: the move is done
+                from sockrepair.move.journal import mark_completed
+
+                if Path(self.where["directory"]).is_dir():  # gone: migrate() removed it, done
+                    mark_completed(Path(self.where["directory"]), created=False)
+                return
         netns, ttl = self.where["netns"], float(self.where["ttl"])
+        directory = Path(self.where["directory"])
+        held = [ConnTuple.parse(t) for t in self.tuples[: len(self.socks)]]
         with named(netns), Locker() as locker:
-            locker.lock(tuples, ttl=ttl)
-        states = [checkpoint(sock) for sock in self.socks]
-        write_journal(Path(self.where["directory"]), pid, self.source_fds, [encode(st) for st in states], tuples,
-                      ttl=ttl, netns=netns)
+            locker.lock(held, ttl=ttl)
+        # the journal as written before the source was ended, its held connections replaced by what they are now
+        # (a socket restored but not held yet, when sockrepair died mid-restore, is beyond saving)
+        images = {st.tuple: encode(st) for st in load_states(directory)}
+        for conn, sock in zip(held, self.socks):
+            images[conn] = encode(checkpoint(sock))
+        order = [ConnTuple.parse(t) for t in self.tuples]
+        write_journal(directory, pid, self.source_fds, [images[c] for c in order], order, ttl=ttl, netns=netns)
         for sock in self.socks:
             discard(sock)
         self.socks = []
+
+
+HANDOFF_GRACE = 0.5  # seconds for sockets in flight over SCM_RIGHTS to reach the program they were sent to
+
+
+def _held_elsewhere(inodes: Sequence[int]) -> set[int]:
+    """The socket inodes among `inodes` that a process other than this one has open, looked for in /proc/*/fd
+    until all are found or HANDOFF_GRACE seconds have passed."""
+    wanted = {f"socket:[{ino}]": ino for ino in inodes}
+    found: set[int] = set()
+    deadline = time.monotonic() + HANDOFF_GRACE
+    me = str(os.getpid())
+    while True:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or pid == me:
+                continue
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    with contextlib.suppress(OSError):
+                        ino = wanted.get(os.readlink(f"/proc/{pid}/fd/{fd}"))
+                        if ino is not None:
+                            found.add(ino)
+        if len(found) == len(wanted) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
 
 
 def _recover(pid: int, pidfd: int, stop: _Stop, watched: dict[str, Any]) -> None:
@@ -309,14 +365,15 @@ class Freezer:
     the process, which the guard shares. Use as a context manager; frozen() for one stop. Raises ProcessError when
     `pid` is sockrepair or one of its ancestors, or does not exist, or the guard is gone."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, inherit: Sequence[int] = ()) -> None:
+        """`inherit`: fds the guard keeps open until it exits (e.g. a flock on the journal directory)."""
         refuse_self(pid)
         self.pid = pid
         self.pidfd = PidFd(pid)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         child = os.fork()
         if child == 0:
-            keep = {theirs.fileno(), self.pidfd.fd}
+            keep = {theirs.fileno(), self.pidfd.fd, *inherit}
             for name in os.listdir("/proc/self/fd"):
                 fd = int(name)
                 if fd > 2 and fd not in keep:
@@ -365,16 +422,24 @@ class Freezer:
         """Past the point of no return: if sockrepair dies from now on, the guard ends the process."""
         self._send({"op": "ending"})
 
-    def hold(self, socks: Sequence[socket.socket], tuples: Sequence[object], source_fds: Sequence[int],
-             directory: Path, netns: str | None, ttl: float) -> None:
-        """Give the guard duplicates of the restored sockets (connections `tuples`, which were the source's fds
-        `source_fds`) until release(): if sockrepair dies meanwhile, the guard locks them again for `ttl` seconds
-        in `netns`, checkpoints them into the journal `directory` and closes them silently."""
-        where = {"directory": str(directory), "netns": netns, "ttl": ttl}
-        for start in range(0, len(socks), SCM_MAX_FD):
-            part = slice(start, start + SCM_MAX_FD)
-            self._send({"op": "hold", "tuples": [str(t) for t in tuples[part]], "fds": list(source_fds[part]),
-                        "where": where}, [s.fileno() for s in socks[part]])
+    def landing(self, directory: Path, netns: str | None, ttl: float) -> None:
+        """Before the restore: the sockets hold_one() will give are the watched connections, in the order watch()
+        listed them; if sockrepair dies holding them, the guard saves them into the journal `directory`, locked
+        again for `ttl` seconds in `netns`."""
+        self._send({"op": "land", "where": {"directory": str(directory), "netns": netns, "ttl": ttl}})
+
+    def hold_one(self, sock: socket.socket) -> None:
+        """Give the guard a duplicate of the next restored socket, as soon as it is made (a few microseconds: one
+        sendmsg), until release(): if sockrepair dies meanwhile, the kernel does not close the connection, and the
+        guard locks it again, checkpoints it into the journal and closes it silently."""
+        try:
+            socket.send_fds(self._chan, [_HOLD], [sock.fileno()])
+        except (BrokenPipeError, ConnectionResetError):
+            raise ProcessError(f"the guard of process {self.pid} exited", pid=self.pid) from None
+
+    def handing(self) -> None:
+        """The handoff begins: if sockrepair dies now, the guard leaves the sockets another process holds to it."""
+        self._send({"op": "handing"})
 
     def release(self) -> None:
         """The restored sockets are in the caller's program now (or saved): the guard closes its duplicates."""

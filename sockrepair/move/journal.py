@@ -14,6 +14,7 @@ live elsewhere now."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ COMPLETED = "completed"
 JOURNAL_INDEX = "journal.json"
 JOURNAL_IMAGES = "journal.img"
 JOURNAL_VERSION = 1
+WAIT_TIMEOUT = 30.0
 DEFAULT_PARENT = Path("/run/sockrepair")
 
 
@@ -167,6 +169,41 @@ def discard_journal(directory: Path, created: bool) -> None:
     for name in (JOURNAL_INDEX, JOURNAL_IMAGES):
         with contextlib.suppress(FileNotFoundError):
             (directory / name).unlink()
+
+
+def hold_directory(directory: Path) -> int:
+    """An open fd on `directory` holding an exclusive flock(2) on it, for the whole move: a child forked meanwhile
+    (the guard, sockrepair.move.freeze) that keeps the fd keeps the lock, which the kernel releases when the last
+    of them is gone; the directory is created (0700) if missing. Raises OSError when another move holds it."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise OSError(exc.errno, f"{directory} is the journal of a move still in progress") from None
+    return fd
+
+
+def wait_free(directory: Path, timeout: float = WAIT_TIMEOUT) -> int:
+    """Wait (at most `timeout` seconds) until no move holds `directory` (hold_directory): a mover killed a moment
+    ago may have left its guard still saving the connections there. Returns the fd holding the lock now. Raises
+    ImageError (`.path`) when the directory cannot be opened or the wait runs out."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ImageError(f"{directory}: {exc.strerror}", path=str(directory)) from None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise ImageError(f"{directory} is still held by a move in progress (or its guard) after "
+                                 f"{timeout:g} s: try again once it ended", path=str(directory)) from None
+            time.sleep(0.01)
 
 
 def note_relock(directory: Path, expires: float) -> None:

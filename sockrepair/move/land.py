@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sockrepair.engine._repair import repair_on
 from sockrepair.engine._restore import restore
@@ -14,14 +14,18 @@ from sockrepair.netns import named
 from sockrepair.state import ConnectionState
 
 
-def restore_all(states: Sequence[ConnectionState], netns: str | None = None) -> list[socket.socket]:
+def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
+                on_restored: Callable[[socket.socket], object] | None = None) -> list[socket.socket]:
     """All or nothing: if one connection cannot be restored, those already restored are closed again in repair mode
-    (silently), so the images and the lock still describe every connection and the restore can be retried."""
+    (silently), so the images and the lock still describe every connection and the restore can be retried.
+    `on_restored` is called with each socket as soon as it is made (migrate() gives it to its guard)."""
     socks: list[socket.socket] = []
     with named(netns):
         try:
             for state in states:
                 socks.append(restore(state))
+                if on_restored is not None:
+                    on_restored(socks[-1])
         except BaseException:
             for s in socks:
                 with contextlib.suppress(OSError):

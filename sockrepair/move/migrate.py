@@ -6,6 +6,7 @@ restore, deliver, unlock, handoff), the states made durable in a journal directo
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from sockrepair.lock import Locker
 from sockrepair.move.freeze import Freezer
 from sockrepair.move.journal import (
     discard_journal,
+    hold_directory,
     mark_completed,
     new_directory,
     write_journal,
@@ -137,9 +139,12 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     socks: list[socket.socket] = []
     live = False  # the restored sockets were unlocked
     freezer: Freezer | None = None
+    held = -1
     try:
+        # held by this process and its guard until both are gone: `sockrepair restore -D` waits for that
+        held = hold_directory(directory)
         # the guard outlives the capture: it holds the restored sockets until the handoff (sockrepair.move.freeze)
-        freezer = Freezer(pid)
+        freezer = Freezer(pid, inherit=[held])
         # table and rules built before the freeze: inside it, locking is one element transaction per namespace
         source_locker.prepare()
         dest_locker.prepare()
@@ -162,9 +167,9 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
                 network()
         with timings.timed(Stage.TRANSFER):
             states = [decode(image) for image in images]
+        freezer.landing(directory, dest_netns, ttl)
         with timings.timed(Stage.RESTORE):
-            socks = restore_all(states, dest_netns)
-            freezer.hold(socks, tuples, [s.fd for s in cap.sockets], directory, dest_netns, ttl)
+            socks = restore_all(states, dest_netns, freezer.hold_one)
         if keeper is not None:
             with timings.timed(Stage.DELIVER):
                 kept = keeper.deliver(tuples)
@@ -176,14 +181,16 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         result = None
         if handoff is not None:
             with timings.timed(Stage.HANDOFF):
+                freezer.handing()
                 result = handoff(socks, tuples)
                 socks = []  # the caller's program holds them now
-                freezer.release()
+                # marked before the guard lets go: killed in between, the guard finds them handed off
                 mark_completed(directory, created)
+                freezer.release()
         if socks:  # no handoff: the move ends here
             socks = []
-            freezer.release()
             mark_completed(directory, created)
+            freezer.release()
     except BaseException as exc:
         if not ended:
             discard_journal(directory, created)
@@ -209,6 +216,8 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     finally:
         if freezer is not None:
             freezer.close()
+        if held >= 0:
+            os.close(held)
         source_locker.close()
         dest_locker.close()
         if keeper is not None:
