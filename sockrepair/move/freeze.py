@@ -163,7 +163,11 @@ class _Stop:
     @staticmethod
     def _detach(tids: Sequence[int], signals: dict[int, int] | None = None) -> None:
         for tid in tids:
-            _ptrace(lib.PTRACE_DETACH, tid, (signals or {}).get(tid, 0))
+            if _ptrace(lib.PTRACE_DETACH, tid, (signals or {}).get(tid, 0)) < 0:
+                # a thread killed while traced cannot be detached: collecting its exit hands the zombie back to
+                # its parent, which could not reap it otherwise until this guard exits (kernel/exit.c)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(tid, os.WNOHANG | _WALL)
 
     def end(self) -> None:
         if self.method == "cgroup" and self.group is not None:
@@ -193,52 +197,63 @@ def _guard(pid: int, pidfd: int, chan: socket.socket) -> None:
     _ = lib.ptrace, lib.syscall
     status = 0
     try:
-        while True:
-            data, fds, _, _ = socket.recv_fds(chan, 1 << 20, SCM_MAX_FD)
-            if not data:  # sockrepair is gone without saying goodbye
-                if landing.socks:
-                    landing.save(pid)
-                else:
-                    _recover(pid, pidfd, stop, watched)
-                return
-            if data == _HOLD:
-                landing.take(fds)
-                continue
-            msg = json.loads(data)
-            op = msg["op"]
-            if op == "watch":
-                watched.update(fds=msg["fds"], tuples=msg["tuples"])
-            elif op == "watch+":
-                watched["fds"] += msg["fds"]
-                watched["tuples"] += msg["tuples"]
-            elif op == "ending":
-                watched["ended"] = True
-            elif op == "land":
-                landing.expect(msg["where"], watched)
-            elif op == "handing":
-                landing.handing = True
-            elif op == "close":
-                return
+        if not _serve(pid, chan, stop, watched, landing):  # sockrepair is gone without saying goodbye
+            if landing.socks:
+                landing.save(pid)
             else:
-                reply: dict[str, Any] = {"ok": True}
-                try:
-                    if op == "ping":
-                        freezer_for(pid)
-                    elif op == "stop":
-                        reply["method"] = stop.start()
-                    elif op == "cont":
-                        stop.end()
-                    elif op == "release":
-                        landing.release()
-                except ProcessError as exc:
-                    reply = {"ok": False, "error": str(exc)}
-                chan.send(json.dumps(reply).encode())
+                _recover(pid, pidfd, stop, watched)
     except BaseException:
         status = 1
     finally:
         with contextlib.suppress(BaseException):
             stop.end()
         os._exit(status)
+
+
+def _serve(pid: int, chan: socket.socket, stop: _Stop, watched: dict[str, Any], landing: _Landing) -> bool:
+    """Answer sockrepair's requests until it says "close" (True) or is gone (False). Everything it sent before it
+    died is read first: a message still queued may say that it began ending the source."""
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(chan, 1 << 20, SCM_MAX_FD)
+        except ConnectionResetError:
+            # it died with a reply of ours unread; the kernel reports that before the messages still queued
+            continue
+        if not data:
+            return False
+        if data == _HOLD:
+            landing.take(fds)
+            continue
+        msg = json.loads(data)
+        op = msg["op"]
+        if op == "watch":
+            watched.update(fds=msg["fds"], tuples=msg["tuples"])
+        elif op == "watch+":
+            watched["fds"] += msg["fds"]
+            watched["tuples"] += msg["tuples"]
+        elif op == "ending":
+            watched["ended"] = True
+        elif op == "land":
+            landing.expect(msg["where"], watched)
+        elif op == "handing":
+            landing.handing = True
+        elif op == "close":
+            return True
+        else:
+            reply: dict[str, Any] = {"ok": True}
+            try:
+                if op == "ping":
+                    freezer_for(pid)
+                elif op == "stop":
+                    reply["method"] = stop.start()
+                elif op == "cont":
+                    stop.end()
+                elif op == "release":
+                    landing.release()
+            except ProcessError as exc:
+                reply = {"ok": False, "error": str(exc)}
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # gone: the next read says so
+                chan.send(json.dumps(reply).encode())
 
 
 class _Landing:
