@@ -25,6 +25,7 @@ import contextlib
 import errno
 import json
 import os
+import select
 import signal
 import socket
 import time
@@ -39,6 +40,7 @@ from sockrepair.move.procfs import cgroup, stat, thread_stats
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 FREEZE_TIMEOUT = 5.0
+ANSWER_TIMEOUT = 3 * FREEZE_TIMEOUT  # seconds for the guard to answer or, once told to close, to exit
 _WALL = 0x40000000  # waitpid(2) __WALL: wait for threads (clones) too
 _PTRACE_EVENT_STOP = 128
 
@@ -144,9 +146,18 @@ class _Stop:
                     return False
                 seized.append(tid)
                 _ptrace(lib.PTRACE_INTERRUPT, tid)
+        deadline = time.monotonic() + FREEZE_TIMEOUT
         for tid in seized:
             try:
-                _, status = os.waitpid(tid, _WALL)
+                while True:  # bounded: a thread in an uninterruptible wait may take its time to stop
+                    found, status = os.waitpid(tid, _WALL | os.WNOHANG)
+                    if found:
+                        break
+                    if time.monotonic() > deadline:
+                        self._detach(seized)
+                        raise ProcessError(f"thread {tid} of process {self.pid} did not stop within "
+                                           f"{FREEZE_TIMEOUT:.0f} s", pid=self.pid)
+                    time.sleep(0.0001)
             except ChildProcessError:
                 continue
             if not os.WIFSTOPPED(status):  # the thread exited
@@ -388,13 +399,16 @@ class Freezer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         child = os.fork()
         if child == 0:
-            keep = {theirs.fileno(), self.pidfd.fd, *inherit}
-            for name in os.listdir("/proc/self/fd"):
-                fd = int(name)
-                if fd > 2 and fd not in keep:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-            _guard(pid, self.pidfd.fd, theirs)
+            try:  # the child never returns into the caller's code
+                keep = {theirs.fileno(), self.pidfd.fd, *inherit}
+                for name in os.listdir("/proc/self/fd"):
+                    fd = int(name)
+                    if fd > 2 and fd not in keep:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
+                _guard(pid, self.pidfd.fd, theirs)
+            finally:
+                os._exit(1)
         theirs.close()
         self.child = child
         self._chan = ours
@@ -417,7 +431,15 @@ class Freezer:
 
     def _ask(self, op: str) -> dict[str, Any]:
         self._send({"op": op})
-        line = self._chan.recv(1 << 16)
+        poller = select.poll()
+        poller.register(self._chan, select.POLLIN)
+        if not poller.poll(ANSWER_TIMEOUT * 1000):
+            raise ProcessError(f"the guard of process {self.pid} did not answer {op!r} within {ANSWER_TIMEOUT:g} s",
+                               pid=self.pid)
+        try:
+            line = self._chan.recv(1 << 16)
+        except ConnectionResetError:
+            line = b""
         if not line:
             raise ProcessError(f"the guard of process {self.pid} exited", pid=self.pid)
         reply: dict[str, Any] = json.loads(line)
@@ -474,7 +496,13 @@ class Freezer:
             with contextlib.suppress(OSError, ProcessError):
                 self._send({"op": "close"})
             self._chan.close()
-            os.waitpid(self.child, 0)
+            deadline = time.monotonic() + ANSWER_TIMEOUT
+            while os.waitpid(self.child, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:  # stuck: ours to end (ptrace lets the process go with it)
+                    os.kill(self.child, signal.SIGKILL)
+                    os.waitpid(self.child, 0)
+                    break
+                time.sleep(0.001)
             self.child = 0
         self.pidfd.close()
 
