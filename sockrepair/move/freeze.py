@@ -25,6 +25,7 @@ import contextlib
 import errno
 import json
 import os
+import platform
 import select
 import signal
 import socket
@@ -88,6 +89,26 @@ def _all_threads_stopped(pid: int) -> bool:
         raise ProcessError(f"process {pid} exited while being frozen", pid=pid) from None
 
 
+# What a blocking call returns when a stop interrupts it (include/linux/errno.h): -ERESTARTSYS, -ERESTARTNOINTR,
+# -ERESTARTNOHAND, -ERESTART_RESTARTBLOCK, and -EINTR (epoll_wait and a few others, man 7 signal).
+_INTERRUPTED = {-512, -513, -514, -516, -errno.EINTR}
+_X86_64_RAX, _X86_64_ORIG_RAX = 10, 15  # struct user_regs_struct (arch/x86/include/asm/user_64.h)
+
+
+def _blocked_in_call(tid: int) -> bool:
+    """Whether the ptrace-stopped thread `tid` was blocked in a system call, which the stop interrupted (it will be
+    restarted), rather than running its own code or on its way back from a call that completed: /proc's syscall
+    file shows the call's number in both cases, and a thread just back from a read() with a request in hand is
+    not between requests. True where the registers cannot be read here (not x86_64): /proc decides alone."""
+    if platform.machine() != "x86_64":
+        return True
+    regs = ffi.new("unsigned long long[27]")
+    if _ptrace(lib.PTRACE_GETREGS, tid, int(ffi.cast("uintptr_t", regs))) < 0:
+        return True
+    signed = ffi.cast("long long", regs[_X86_64_RAX])
+    return int(ffi.cast("long long", regs[_X86_64_ORIG_RAX])) >= 0 and int(signed) in _INTERRUPTED
+
+
 def _ptrace(request: int, tid: int, data: int = 0) -> int:
     return int(lib.ptrace(ffi.cast("int", request), ffi.cast("int", tid), ffi.cast("void *", 0),
                           ffi.cast("void *", data)))
@@ -101,8 +122,11 @@ class _Stop:
         self.method = ""
         self.group: Path | None = None
         self.traced: dict[int, int] = {}  # tid -> signal to deliver again when detaching
+        # threads that were not blocked in a system call when stopped (ptrace only: the registers tell)
+        self.active: set[int] = set()
 
     def start(self) -> str:
+        self.active = set()
         self.group = freezer_for(self.pid)
         if self.group is not None:
             (self.group / "cgroup.freeze").write_text("1")
@@ -162,6 +186,8 @@ class _Stop:
                 continue
             if not os.WIFSTOPPED(status):  # the thread exited
                 continue
+            if not _blocked_in_call(tid):
+                self.active.add(tid)
             event = status >> 16
             # a signal that arrived first stops the thread as well; it is delivered again when the thread is let go
             self.traced[tid] = os.WSTOPSIG(status) if event == 0 and os.WSTOPSIG(status) != signal.SIGTRAP else 0
@@ -257,6 +283,7 @@ def _serve(pid: int, chan: socket.socket, stop: _Stop, watched: dict[str, Any], 
                     freezer_for(pid)
                 elif op == "stop":
                     reply["method"] = stop.start()
+                    reply["active"] = sorted(stop.active)
                 elif op == "cont":
                     stop.end()
                 elif op == "release":
@@ -412,6 +439,7 @@ class Freezer:
         theirs.close()
         self.child = child
         self._chan = ours
+        self.active: set[int] = set()
         # a first round trip before any freeze: the child's start-up (pages copied on write) costs milliseconds
         try:
             self._ask("ping")
@@ -484,8 +512,11 @@ class Freezer:
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[str]:
-        """Yields the method used ("cgroup", "ptrace" or "sigstop"); the process goes on on every way out."""
-        method = str(self._ask("stop")["method"])
+        """Yields the method used ("cgroup", "ptrace" or "sigstop"); the process goes on on every way out. Under
+        ptrace, `.active` is then the threads that were not blocked in a system call (sockrepair.move.quiesce)."""
+        reply = self._ask("stop")
+        method = str(reply["method"])
+        self.active = {int(t) for t in reply.get("active", [])}
         try:
             yield method
         finally:

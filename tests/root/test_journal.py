@@ -4,6 +4,7 @@ images refused, and a handoff target checked before anything is restored."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,6 +64,7 @@ def test_a_network_step_that_fails_leaves_a_journal_that_restore_completes(netns
     server = start_echo(f"127.0.0.1:{port}")
     clients = _connect(port, 3)
     restored = None
+    journal: Path | None = None
     try:
         offsets = [0] * 3
         _echo_round(clients, offsets, 20_000)
@@ -92,6 +94,8 @@ def test_a_network_step_that_fails_leaves_a_journal_that_restore_completes(netns
         if restored is not None:
             restored.kill()
             restored.wait()
+        if journal is not None:
+            shutil.rmtree(journal, ignore_errors=True)
 
 
 def test_a_failure_before_the_kill_leaves_the_program_serving_and_no_journal(netns, tmp_path):
