@@ -133,3 +133,24 @@ def test_the_cli_says_when_it_moved_a_busy_program(netns, tmp_path):
     finally:
         client.close()
         stop(server)
+
+
+def test_a_thread_just_back_from_a_read_is_busy():
+    """/proc shows read() for a thread stopped on its way back from a read that returned data, as for one blocked
+    in it: the registers tell them apart, and a thread holding what it just read is not between requests."""
+    from sockrepair.move.freeze import Freezer
+    from sockrepair.move.quiesce import busy_threads
+
+    reader = subprocess.Popen([sys.executable, "-c",
+                               "import os\nfd = os.open('/dev/zero', os.O_RDONLY)\nwhile True:\n    os.read(fd, 1)"])
+    try:
+        wait_for(lambda: stat(reader.pid) is not None and stat(reader.pid).state == "R", "the reader to run")
+        with Freezer(reader.pid) as freezer:
+            for _ in range(20):
+                with freezer.frozen() as method:
+                    assert method == "ptrace"
+                    busy = busy_threads(reader.pid, freezer.active)
+                    assert [b.tid for b in busy] == [reader.pid]
+    finally:
+        reader.kill()
+        reader.wait()
