@@ -9,6 +9,8 @@ The public API, all importable from here (importing it loads neither construct, 
   to_bytes()/from_bytes() for the image format, docs/image-format.md);
 - the network lock (nftables, docs/lock.md): lock, unlock, locked, list_locks, unlock_all, Locker, LockRecord;
 - migrate(pid, ...) -> MigrationReport: a process's connections to another namespace or program in one call;
+  Quiescence(timeout, on_busy=OnBusy.REFUSE | OnBusy.MOVE) says how long it tries to freeze the program between
+  requests and what it does with a program still busy then;
 - the errors: every exception derives from SockrepairError (sockrepair.errors); those carrying an errno are also
   OSError, ImageError is also ValueError.
 
@@ -44,6 +46,7 @@ from sockrepair.lock import (
     unlock_all,
 )
 from sockrepair.move.migrate import MigrationReport, migrate
+from sockrepair.move.quiesce import OnBusy, Quiescence
 from sockrepair.state import (
     ConnectionState,
     ConnTuple,
@@ -69,7 +72,9 @@ __all__ = [
     "NetnsError",
     "NftError",
     "NotPermittedError",
+    "OnBusy",
     "ProcessError",
+    "Quiescence",
     "RepairWindow",
     "RestoreError",
     "SocketCallError",

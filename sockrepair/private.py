@@ -112,11 +112,14 @@ def open_regular(name: str | Path, dir_fd: int | None = None, *, shown: str | Pa
 
 def read_bounded(f: IO[bytes], limit: int, shown: str | Path) -> bytes:
     """The whole of the regular file `f`, refused (OSError EFBIG) when it holds more than `limit` bytes."""
-    if os.fstat(f.fileno()).st_size > limit:
+    size = os.fstat(f.fileno()).st_size
+    if size > limit:
         raise _refused(f"is larger than {limit} bytes", shown, errno.EFBIG)
-    data = f.read(limit + 1)  # the file may grow after the fstat
-    if len(data) > limit:
-        raise _refused(f"is larger than {limit} bytes", shown, errno.EFBIG)
+    # sized by the file, not the limit: a buffered read allocates what it is asked for; one byte more shows a file
+    # that grew after the fstat
+    data = f.read(size + 1)
+    if len(data) > size:
+        raise _refused("grew while it was read", shown, errno.EAGAIN)
     return data
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -113,18 +114,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command: its exit status; a SockrepairError or OSError is one line on stderr and exit 1 (with
     `--json`, also a JSON error object on stdout); a usage error exits 2 from argparse."""
     args = build_parser().parse_args(argv)
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so that every cleanup a command holds runs (a frozen process thawed,
+    # its sockets out of repair mode, or a move finished); steps that must not be cut hold them back meanwhile
+    before = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return int(args.func(args))
-    except KeyboardInterrupt:
-        print("sockrepair: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"sockrepair: interrupted{' by ' + str(exc) if exc.args else ''}", file=sys.stderr)
+        for note in getattr(exc, "__notes__", ()):
+            print(f"sockrepair: {note}", file=sys.stderr)
         return 130
     except (SockrepairError, OSError) as exc:
         print_error(exc, as_json=getattr(args, "json", False))
         return 1
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -3,25 +3,40 @@
 from __future__ import annotations
 
 import argparse
-import shutil
+import contextlib
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from sockrepair.cli.args import netns_arg, ttl_arg, uid_arg
 from sockrepair.cli.output import print_json
 from sockrepair.criu.show import load_states as load_criu_states
-from sockrepair.errors import HandoffError
-from sockrepair.image.directory import read_dir
+from sockrepair.errors import HandoffError, ImageError
 from sockrepair.image.text import head_line, state_lines
 from sockrepair.move.dump import After, dump, inspect
 from sockrepair.move.handoff import (
+    SD_LISTEN_FDS_START,
     connect_receiver,
     exec_with_sockets,
+    runnable,
     send_to_receiver,
 )
+from sockrepair.move.journal import (
+    load_states,
+    mark_completed,
+    note_relock,
+    stale_reason,
+    wait_free,
+)
 from sockrepair.move.keep import netns_path, read_kept, send_kept
-from sockrepair.move.land import restore_all, unlock_in
+from sockrepair.move.land import put_back, restore_all, unlock_in
+from sockrepair.move.procfs import stat
+from sockrepair.move.quiesce import DEFAULT_TIMEOUT, OnBusy, Quiescence
+from sockrepair.move.take import deferred_signals
+from sockrepair.state import ConnectionState
+
+RELOCK_TTL = 60.0
 
 
 def _fds(text: str) -> int:
@@ -29,6 +44,16 @@ def _fds(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an fd number: {text!r}") from None
+
+
+def _quiesce_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value <= 600:
+        raise argparse.ArgumentTypeError(f"quiesce timeout must be in [0, 600] seconds, not {text}")
+    return value
 
 
 def add_move_commands(sub: Any) -> None:
@@ -45,6 +70,12 @@ def add_move_commands(sub: Any) -> None:
     p.add_argument("--allow-loss", action="store_true",
                    help="with --kill: dump what can be moved even if the kill resets other connections (listed)")
     p.add_argument("--ttl", type=ttl_arg, default=60.0, help="seconds the lock holds without a restore (default 60)")
+    p.add_argument("--busy", choices=[b.value for b in OnBusy], default=OnBusy.REFUSE.value,
+                   help="a program still busy (not waiting in poll/select/accept/read...) when --quiesce-timeout "
+                   "ends: refuse (default: nothing is moved, it goes on) or move it anyway (a request it has read and "
+                   "not answered is lost)")
+    p.add_argument("--quiesce-timeout", type=_quiesce_seconds, default=DEFAULT_TIMEOUT, metavar="S",
+                   help=f"seconds to try freezing the program while every thread waits (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_dump)
 
@@ -55,11 +86,14 @@ def add_move_commands(sub: Any) -> None:
 
     p = sub.add_parser("restore", help="restore dumped connections and hand them to a program")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("-D", "--dir", type=Path, help="directory written by `sockrepair dump`")
+    src.add_argument("-D", "--dir", type=Path,
+                     help="directory written by `sockrepair dump`, or the journal of a move that stopped half-way")
     src.add_argument("--from-criu", type=Path, metavar="DIR",
                      help="criu image directory (or `sockrepair criu dump` directory): restore its TCP connections")
     p.add_argument("--netns", metavar="NAME", type=netns_arg,
                    help="restore inside this network namespace (ip netns name)")
+    p.add_argument("--force", action="store_true",
+                   help="restore images that look stale (the source went on, the lock expired, already restored)")
     to = p.add_mutually_exclusive_group(required=True)
     to.add_argument("--exec", nargs=argparse.REMAINDER, dest="exec_argv", metavar="CMD",
                     help="run CMD with the connections as inherited fds 3.. (LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES)")
@@ -72,7 +106,8 @@ def add_move_commands(sub: Any) -> None:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     report = dump(args.pid, args.dir, args.fd, After.LEAVE_RUNNING if args.leave_running else After.KILL,
-                  lock=not args.no_lock, ttl=args.ttl, allow_loss=args.allow_loss)
+                  lock=not args.no_lock, ttl=args.ttl, allow_loss=args.allow_loss,
+                  quiescence=Quiescence(args.quiesce_timeout, OnBusy(args.busy)))
     if args.json:
         print_json(report.to_dict())
         return 0
@@ -85,6 +120,15 @@ def cmd_dump(args: argparse.Namespace) -> int:
         print(f"  {len(report.lost)} connection(s) could not be moved; the kill closed them (reset, with unread data):")
         for u in report.lost:
             print(f"  fd {u['fd']:<4} {u['protocol']} {u['tuple']} {u['state']}: {u['reason']}")
+    if report.left_behind:
+        fds = ", ".join(map(str, report.left_behind))
+        print(f"  fd(s) {fds} were already in repair mode in the stopped process (an interrupted move): "
+              + ("resumed, and the process continued" if args.leave_running else "moved with the others"))
+    if report.quiescent:
+        print(f"  frozen while every thread waited ({report.freeze_method}, {report.freeze_attempts} attempt(s))")
+    else:
+        print(f"  warning: moved while busy after {report.freeze_attempts} attempt(s) ({'; '.join(report.busy)}): "
+              "a request the program had read and not answered is lost")
     print("  " + ", ".join(f"{k} {v:.2f} ms" for k, v in report.phases_ms.items()))
     if not args.leave_running and not args.no_lock:
         print(f"  the connections stay locked for {args.ttl:g} s: restore them before then")
@@ -100,6 +144,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     if not rows:
         print(f"process {args.pid} has no TCP sockets")
+    proc = stat(args.pid)
+    stuck = [s.fd for s, _, name in rows if name.endswith("(in repair mode)")]
+    if proc is not None and proc.state == "T" and stuck:
+        print(f"note: process {args.pid} is stopped with fd(s) {', '.join(map(str, stuck))} in repair mode, as a "
+              f"move killed half-way leaves it: `sockrepair dump --pid {args.pid} -D DIR --leave-running` takes them "
+              f"out of repair mode and continues it (or --kill, then `sockrepair restore -D DIR`, finishes the move)",
+              file=sys.stderr)
     for s, st, name in rows:
         head = f"fd {s.fd:<4} "
         print("\n".join(state_lines(st, head)) if st is not None else head_line(s.tuple, name, head))
@@ -111,28 +162,63 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.from_criu is not None:
         states = load_criu_states(args.from_criu)
     else:
-        states = [state for _, state in read_dir(args.dir)]
+        # a move killed a moment ago may have left its guard still saving the connections here: wait for it; the
+        # lock, kept until this process exits, also keeps a second restore of DIR out
+        wait_free(args.dir)
+        why = None if args.force else stale_reason(args.dir)
+        if why is not None:
+            raise ImageError(f"{args.dir}: not restoring stale images: {why} (--force restores them anyway)",
+                             path=str(args.dir))
+        states = load_states(args.dir)
         kept = read_kept(args.dir, [s.tuple for s in states])
+    conns = [s.tuple for s in states]
+    source = args.from_criu or args.dir
     if args.unix_uid and not args.unix:
         raise HandoffError("--unix-uid goes with --unix")
+    # the handoff's target is checked before anything is restored: a wrong path must not cost the connections
     if args.exec_argv is not None:
-        if not args.exec_argv or shutil.which(args.exec_argv[0]) is None:
-            raise HandoffError(f"--exec: no such program {args.exec_argv[0] if args.exec_argv else '(none given)'}")
-    # The receiver is checked (and connected to) before any connection is restored for it.
-    receiver = connect_receiver(args.unix, args.unix_uid) if args.unix else None
-    try:
-        socks = restore_all(states, args.netns)
-        delivered = send_kept(kept, netns_path(args.netns))
-        unlock_in(args.netns, states)
-        conns = [s.tuple for s in states]
-        print(f"restored {len(socks)} connection(s) from {args.from_criu or args.dir}"
+        runnable(args.exec_argv[0] if args.exec_argv else "")
+        unix = None
+    else:
+        unix = connect_receiver(args.unix, args.unix_uid)
+    with contextlib.ExitStack() as stack:
+        if unix is not None:
+            stack.enter_context(unix)
+        with deferred_signals():
+            socks = restore_all(states, args.netns)
+            delivered = send_kept(kept, netns_path(args.netns))
+            if unix is not None:
+                try:
+                    # passed before the unlock: if that fails, the connections are still locked and can be put back
+                    send_to_receiver(unix, socks, conns)
+                except HandoffError as exc:
+                    _put_back([s.detach() for s in socks], states, args, exc)
+                    raise
+            unlock_in(args.netns, states)
+            if args.dir is not None:
+                mark_completed(args.dir, created=False)
+        print(f"restored {len(socks)} connection(s) from {source}"
               + (f"; delivered {delivered} packet(s) their peers sent while locked" if delivered else ""),
               file=sys.stderr)
-        if receiver is not None:
-            send_to_receiver(receiver, socks, conns)
+        if unix is not None:
             return 0
-    finally:
-        if receiver is not None:
-            receiver.close()
-    exec_with_sockets(args.exec_argv, socks, conns)
+    try:
+        exec_with_sockets(args.exec_argv, socks, conns)
+    except HandoffError as exc:
+        # exec_with_sockets moved the sockets to fds 3.. before the exec failed
+        for s in socks:
+            s.detach()
+        _put_back(list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(socks))), states, args, exc)
+        raise
     return 0  # not reached: exec replaced this process
+
+
+def _put_back(fds: list[int], states: list[ConnectionState], args: argparse.Namespace, exc: BaseException) -> None:
+    """Lock the connections again and close their restored sockets silently; `exc` says how to retry."""
+    put_back(fds, states, args.netns, RELOCK_TTL)
+    retry = ""
+    if args.dir is not None:
+        retry = f" `sockrepair restore -D {args.dir}{' --netns ' + args.netns if args.netns else ''} ...`"
+        note_relock(args.dir, time.time() + RELOCK_TTL)
+    exc.add_note(f"the connections were locked again for {RELOCK_TTL:g} s and their restored sockets closed "
+                 f"silently: fix the handoff's target and restore again{retry} before then")

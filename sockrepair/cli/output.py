@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 # The attributes of sockrepair.errors exceptions a caller branches on (see that module's docstring).
-ERROR_FIELDS = ("errno", "op", "fd", "pid", "tuple", "tcp_state", "path", "offset", "field", "name")
+ERROR_FIELDS = ("errno", "op", "fd", "pid", "tuple", "tcp_state", "path", "offset", "field", "name", "journal")
 
 
 def print_json(data: Any) -> None:
@@ -28,5 +28,8 @@ def error_object(exc: BaseException) -> dict[str, Any]:
 
 def print_error(exc: BaseException, as_json: bool) -> None:
     print(f"sockrepair: error: {exc}", file=sys.stderr)
+    # notes say how to finish or retry what failed half-way (e.g. the journal of a move whose source is gone)
+    for note in getattr(exc, "__notes__", ()):
+        print(f"sockrepair: {note}", file=sys.stderr)
     if as_json:
         print_json(error_object(exc))

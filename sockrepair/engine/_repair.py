@@ -4,6 +4,7 @@ own steps use the methods of their session (sockrepair.engine._session)."""
 
 from __future__ import annotations
 
+from sockrepair.engine._ffi import lib
 from sockrepair.engine._session import _Session
 
 
@@ -15,3 +16,8 @@ def repair_on(fd: int) -> None:
 def repair_off(fd: int, probe: bool) -> None:
     """Leave repair mode, with or without a window probe (see _Session.repair_off)."""
     _Session(fd).repair_off(probe)
+
+
+def in_repair(fd: int) -> bool:
+    """Whether the TCP socket `fd` is in repair mode (getsockopt TCP_REPAIR); errors as _Session.get."""
+    return bool(_Session(fd).get(lib.IPPROTO_TCP, lib.TCP_REPAIR, "TCP_REPAIR"))

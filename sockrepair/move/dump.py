@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -13,15 +13,24 @@ from pathlib import Path
 from typing import Any
 
 from sockrepair.engine._checkpoint import resume
+from sockrepair.engine._repair import in_repair
 from sockrepair.engine._states import REPAIRABLE
 from sockrepair.errors import SocketStateError
-from sockrepair.image.directory import Entry, prepare_dir, write_dir
+from sockrepair.image.directory import Entry, prepare_dir
 from sockrepair.move.freeze import frozen
+from sockrepair.move.journal import write_images
 from sockrepair.move.keep import Keeper, Kept
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import ProcSocket, process_name, tcp_sockets
+from sockrepair.move.quiesce import Quiescence
 from sockrepair.move.stages import Stage, Timings
-from sockrepair.move.take import captured, checkpoint_taken, end_source, process_locker
+from sockrepair.move.take import (
+    Captured,
+    captured,
+    checkpoint_taken,
+    end_source,
+    process_locker,
+)
 from sockrepair.state import ConnectionState
 
 STAYED = Kept(0, 0, False, "nothing kept: the connections stayed in the process, or were not locked")
@@ -41,7 +50,10 @@ class DumpReport:
     connections the kill destroyed, accepted with allow_loss (sockrepair.move.take.Unmovable.to_dict: "fd",
     "protocol", "tuple", "state", "reason"); always empty with LEAVE_RUNNING. `kept`: the peers' packets the lock
     kept (sockrepair.move.keep.Kept): with KILL written to packets.img (`delivered` counts those written), with
-    LEAVE_RUNNING delivered to the resumed sockets."""
+    LEAVE_RUNNING delivered to the resumed sockets. `quiescent`: whether every thread was waiting when the program
+    was frozen, after `freeze_attempts` tries; `busy`: the threads that were not (sockrepair.move.quiesce).
+    `left_behind`: the process's fds found already in repair mode in a stopped process, as a move killed half-way
+    leaves it (docs/failures.md); LEAVE_RUNNING resumed them and continued the process."""
 
     pid: int
     command: str
@@ -52,30 +64,39 @@ class DumpReport:
     phases_ms: dict[str, float]
     lost: list[dict[str, Any]] = field(default_factory=list)
     kept: Kept = STAYED
+    quiescent: bool = True
+    freeze_attempts: int = 1
+    busy: list[str] = field(default_factory=list)
+    left_behind: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "kept": self.kept.to_dict()}
 
 
 def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: After = After.KILL,
-         lock: bool = True, ttl: float = 60.0, allow_loss: bool = False) -> DumpReport:
-    """Write one image per connection of `pid` (every established one, or the fds in `wanted`) and index.json into
+         lock: bool = True, ttl: float = 60.0, allow_loss: bool = False,
+         quiescence: Quiescence = Quiescence()) -> DumpReport:
+    """Write one image per connection of `pid` (every repairable one, or the fds in `wanted`) and index.json into
     `directory` (0700, images 0600). With After.KILL the process is ended (end_source) and the connections stay
     locked for `ttl` seconds, until a restore unlocks them; with LEAVE_RUNNING they go on in the process and are
-    unlocked. `lock=False` takes no lock (the states may then move before the kill: end_source refuses). With KILL
-    and the lock, what the peers send is kept from the lock on and written, as the dump ends, to packets.img
-    (sockrepair.image.packets), which `sockrepair restore -D` delivers; what they send after the dump ended waits
-    for their retransmission. With LEAVE_RUNNING it is delivered to the resumed sockets before the unlock, and what
-    came meanwhile right after it.
-    With After.KILL, every other connection of the process (not repairable, not plain TCP, or not in `wanted`)
-    would be reset by the kill: dump refuses before freezing anything, naming each, unless `allow_loss`, and the
-    report then lists them in `lost`.
+    unlocked. `lock=False` takes no lock (the states may then move before the kill: end_source refuses). The
+    program is frozen while every thread waits, as `quiescence` says (busy: refused, or moved and reported). The
+    images are fsynced before the process is ended; the index records what makes them stale later (the source's
+    start time, `after`, the lock's expiry: sockrepair.move.journal), which `sockrepair restore` checks.
+    With KILL and the lock, what the peers send is kept from the lock on and written, as the dump ends, to
+    packets.img (sockrepair.image.packets), which `sockrepair restore -D` delivers; what they send after the dump
+    ended waits for their retransmission. With LEAVE_RUNNING it is delivered to the resumed sockets before the
+    unlock, and what came meanwhile right after it. With After.KILL, every other connection of the process (not
+    repairable, not plain TCP, or not in `wanted`) would be reset by the kill: dump refuses before freezing
+    anything, naming each, unless `allow_loss`, and the report then lists them in `lost`.
 
     `directory` is created 0700, or must be an empty directory of the caller's that group and others cannot write
     (ImageError `.path` otherwise, before anything is frozen). Raises ProcessError (no such process, not permitted,
-    fd not a TCP socket, nothing established; `.pid`, `.fd`)
-    and SocketStateError (a connection that cannot be moved, a socket changed while frozen; `.pid`, `.fd` the
-    process's own, `.tuple`, `.tcp_state`); on an error the process is thawed with its connections as they were, and nothing is locked."""
+    fd not a TCP socket, nothing to move; `.pid`, `.fd`) and SocketStateError (a connection that cannot be moved, a
+    socket changed while frozen; `.pid`, `.fd` the process's own, `.tuple`, `.tcp_state`); on an error before the
+    kill the process is thawed with its connections as they were, nothing is locked, and a directory the dump made
+    is removed. An error once the kill began (the source cannot go on any more) passes through with `.journal` set
+    to `directory`, whose images a restore completes the move from."""
     command = process_name(pid)
     timings = Timings("dump")
     # Refused (another user's, a symlink, not empty...) before anything is frozen or locked.
@@ -88,12 +109,13 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
         raise
     keeper = Keeper([f"/proc/{pid}/ns/net"]) if lock else None
     kept = STAYED
+    cap: Captured | None = None
     try:
         kills = after is After.KILL
-        with captured(pid, wanted, locker, timings, ttl, allow_loss=allow_loss or not kills) as cap:
+        with captured(pid, wanted, locker, timings, ttl, quiescence, allow_loss=allow_loss or not kills) as cap:
             with timings.timed(Stage.WRITE):
-                entries = write_dir(directory, list(zip([s.fd for s in cap.sockets], cap.states)),
-                                    {"pid": pid, "command": command, "host": socket.gethostname()}, dir_fd)
+                entries = write_images(directory, pid, list(zip([s.fd for s in cap.sockets], cap.states)),
+                                       after=after.value, ttl=ttl, dir_fd=dir_fd)
             if after is After.LEAVE_RUNNING:
                 with timings.timed(Stage.RESUME):
                     for fd in cap.fds:
@@ -104,13 +126,20 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
                         locker.unlock([s.tuple for s in cap.sockets])
                     if keeper is not None:  # what the lock stopped after deliver() last looked
                         kept = keeper.deliver([s.tuple for s in cap.sockets], f"/proc/{pid}/ns/net")
+                    if cap.left_behind:  # left stopped by an interrupted move: its sockets are right again now
+                        os.kill(pid, signal.SIGCONT)
             else:
                 with timings.timed(Stage.KILL):
                     end_source(cap)
         if keeper is not None and after is After.KILL:
             with timings.timed(Stage.KEEP):
                 kept = keeper.write(dir_fd, [s.tuple for s in cap.sockets])
-    except BaseException:
+    except BaseException as exc:
+        if cap is not None and cap.ended:
+            with contextlib.suppress(AttributeError):
+                exc.journal = str(directory)  # type: ignore[attr-defined]
+            exc.add_note(f"the process was ended; its connections are saved in {directory}: restore them with "
+                         f"`sockrepair restore -D {directory}` before the lock's {ttl:g} s run out")
         _abandon_dir(dir_fd, directory, made)
         dir_fd = -1
         raise
@@ -123,7 +152,8 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
             keeper.close()
     return DumpReport(pid, command, str(directory), after.value, cap.freeze_method,
                       [_entry_view(e, s) for e, s in zip(entries, cap.states)], timings.ms,
-                      [u.to_dict() for u in cap.lost] if kills else [], kept)
+                      [u.to_dict() for u in cap.lost] if kills else [], kept, cap.freeze.quiescent,
+                      cap.freeze.attempts, [str(b) for b in cap.freeze.busy], cap.left_behind)
 
 
 def _abandon_dir(dir_fd: int, directory: Path, made: bool) -> None:
@@ -143,23 +173,27 @@ def _entry_view(entry: Entry, state: ConnectionState) -> dict[str, Any]:
 def inspect(pid: int) -> list[tuple[ProcSocket, ConnectionState | None, str]]:
     """A non-destructive look at every TCP socket of `pid`, ordered by fd: (socket, state, state name), where
     state is None for a socket in a state the engine does not repair (LISTEN, SYN_SENT...) or that a move cannot
-    take (the name then says why). The others are checkpointed and resumed without a
-    window probe while the process is frozen for the few microseconds that takes; others are listed as they are.
+    take (the name then says why), and the name "<STATE> (in repair mode)" for one found in repair mode (left so by
+    a move killed half-way: it stays so). The others are checkpointed and resumed without a window probe while the
+    process is frozen for the few microseconds that takes.
     Raises ProcessError as dump() does."""
     result: list[tuple[ProcSocket, ConnectionState | None, str]] = []
     listed = tcp_sockets(pid)
     if not any(s.tcp_state in REPAIRABLE for s in listed):
         return [(s, None, s.state_name) for s in listed]
     with PidFd(pid) as pidfd, frozen(pid):
-        for s in tcp_sockets(pid):
+        for s in listed:  # read once: a socket accepted since is not listed half-known
             if s.tcp_state not in REPAIRABLE:
                 result.append((s, None, s.state_name))
                 continue
             fd = pidfd.getfd(s.fd)
             try:
+                # one already in repair mode (a move killed half-way) is left so: inspect changes nothing
+                was_in_repair = in_repair(fd)
                 state = checkpoint_taken(pid, s, fd)
-                resume(fd)
-                result.append((s, state, s.state_name))
+                if not was_in_repair:
+                    resume(fd)
+                result.append((s, state, f"{s.state_name} (in repair mode)" if was_in_repair else s.state_name))
             except SocketStateError as exc:
                 # refused before repair mode (or resumed): listed with why a move cannot take it
                 result.append((s, None, f"{s.state_name}, cannot be moved: {exc}"))

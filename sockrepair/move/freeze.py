@@ -1,29 +1,77 @@
-"""Freezing a process while its sockets are read: the cgroup v2 freezer when the process has a cgroup of its own,
-SIGSTOP otherwise. A context manager, so the process is thawed on every way out, errors included."""
+"""Freezing a process while its sockets are read, from a guard process that undoes what sockrepair leaves half-done
+if sockrepair itself is killed.
+
+The stop: the cgroup v2 freezer when the process is alone in a cgroup of its own; else ptrace (PTRACE_SEIZE and
+PTRACE_INTERRUPT on every thread: the kernel lets the process go when its tracer dies, kernel/ptrace.c
+exit_ptrace()); else, when the process is already traced, SIGSTOP.
+
+The guard is a child forked before the freeze (Freezer); it does the stopping and continuing on request, and waits
+on a socket pair from sockrepair. When that closes before sockrepair said goodbye (sockrepair was SIGKILLed, or died
+some other way), the guard finishes the job for it: before the point of no return it takes every socket sockrepair
+said it works on (pidfd_getfd), turns repair mode off without a window probe, releases their lock, and lets the
+process go on; past it (sockrepair had begun ending the source) it SIGKILLs the process, whose states are in the
+move's journal, and leaves the lock for the restore. migrate() keeps the guard until the handoff and gives it
+duplicates of the restored sockets meanwhile (hold(), release()): if sockrepair dies holding them, the guard locks
+them again, checkpoints them into the journal and closes them silently. The guard ignores SIGINT, SIGTERM and
+SIGHUP, which a terminal sends to the whole process group. What it cannot give back: an application's SO_REUSEADDR
+on a socket it resumed (leaving repair mode clears it; sockrepair's own resume puts it back).
+
+A process is never frozen when it is sockrepair itself or one of its ancestors (a shell running `sockrepair dump
+--pid $$` would stop for good)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
+import platform
+import select
 import signal
+import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+from sockrepair.engine._ffi import ffi, lib
 from sockrepair.errors import ProcessError
-from sockrepair.move.procfs import cgroup, thread_stats
+from sockrepair.move.pidfd import PidFd
+from sockrepair.move.procfs import cgroup, stat, thread_stats
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 FREEZE_TIMEOUT = 5.0
+ANSWER_TIMEOUT = 3 * FREEZE_TIMEOUT  # seconds for the guard to answer or, once told to close, to exit
+_WALL = 0x40000000  # waitpid(2) __WALL: wait for threads (clones) too
+_PTRACE_EVENT_STOP = 128
 
 
 def freezer_for(pid: int) -> Path | None:
-    """The cgroup directory to freeze, or None when freezing it would also freeze this process (or everything)."""
+    """The cgroup v2 directory to freeze, or None when freezing it would freeze more than process `pid` (this
+    process, another process of the group, a group below it) or there is no v2 freezer."""
     group = cgroup(pid)
     if not group or group == "/" or group == cgroup(os.getpid()):
         return None
     path = CGROUP_ROOT / group.lstrip("/")
-    return path if (path / "cgroup.freeze").exists() else None
+    try:
+        alone = (path / "cgroup.procs").read_text().split() == [str(pid)]
+        leaf = not any(child.is_dir() for child in path.iterdir())
+    except OSError:
+        return None
+    return path if alone and leaf and (path / "cgroup.freeze").exists() else None
+
+
+def refuse_self(pid: int) -> None:
+    """Raise ProcessError when `pid` is this process or one of its ancestors: freezing it would stop sockrepair."""
+    me = os.getpid()
+    current: int | None = me
+    while current is not None and current > 0:
+        if current == pid:
+            who = "sockrepair itself" if pid == me else f"an ancestor of sockrepair (pid {me})"
+            raise ProcessError(f"process {pid} is {who}: freezing it would stop sockrepair too; run sockrepair from "
+                               "outside the program to move", pid=pid)
+        st = stat(current)
+        current = st.ppid if st is not None else None
 
 
 def _wait(pid: int, predicate: Callable[[], bool], what: str) -> None:
@@ -41,29 +89,465 @@ def _all_threads_stopped(pid: int) -> bool:
         raise ProcessError(f"process {pid} exited while being frozen", pid=pid) from None
 
 
+# What a blocking call returns when a stop interrupts it (include/linux/errno.h): -ERESTARTSYS, -ERESTARTNOINTR,
+# -ERESTARTNOHAND, -ERESTART_RESTARTBLOCK, and -EINTR (epoll_wait and a few others, man 7 signal).
+_INTERRUPTED = {-512, -513, -514, -516, -errno.EINTR}
+_X86_64_RAX, _X86_64_ORIG_RAX = 10, 15  # struct user_regs_struct (arch/x86/include/asm/user_64.h)
+
+
+def _blocked_in_call(tid: int) -> bool:
+    """Whether the ptrace-stopped thread `tid` was blocked in a system call, which the stop interrupted (it will be
+    restarted), rather than running its own code or on its way back from a call that completed: /proc's syscall
+    file shows the call's number in both cases, and a thread just back from a read() with a request in hand is
+    not between requests. True where the registers cannot be read here (not x86_64): /proc decides alone."""
+    if platform.machine() != "x86_64":
+        return True
+    regs = ffi.new("unsigned long long[27]")
+    if _ptrace(lib.PTRACE_GETREGS, tid, int(ffi.cast("uintptr_t", regs))) < 0:
+        return True
+    signed = ffi.cast("long long", regs[_X86_64_RAX])
+    return int(ffi.cast("long long", regs[_X86_64_ORIG_RAX])) >= 0 and int(signed) in _INTERRUPTED
+
+
+def _ptrace(request: int, tid: int, data: int = 0) -> int:
+    return int(lib.ptrace(ffi.cast("int", request), ffi.cast("int", tid), ffi.cast("void *", 0),
+                          ffi.cast("void *", data)))
+
+
+class _Stop:
+    """One stop of process `pid` inside the guard: start() stops it, end() lets it go."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.method = ""
+        self.group: Path | None = None
+        self.traced: dict[int, int] = {}  # tid -> signal to deliver again when detaching
+        # threads that were not blocked in a system call when stopped (ptrace only: the registers tell)
+        self.active: set[int] = set()
+
+    def start(self) -> str:
+        self.active = set()
+        self.group = freezer_for(self.pid)
+        if self.group is not None:
+            (self.group / "cgroup.freeze").write_text("1")
+            group = self.group
+            self.method = "cgroup"
+            _wait(self.pid, lambda: "frozen 1" in (group / "cgroup.events").read_text(), f"freezing cgroup {group}")
+        elif self._seize():
+            self.method = "ptrace"
+        else:
+            try:
+                os.kill(self.pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                raise ProcessError(f"no such process: {self.pid}", pid=self.pid) from None
+            except PermissionError:
+                raise ProcessError(f"not permitted to stop process {self.pid} (run as root)", pid=self.pid) from None
+            self.method = "sigstop"
+            _wait(self.pid, lambda: _all_threads_stopped(self.pid),
+                  f"stopping process {self.pid}" + (" (the init of a pid namespace ignores SIGSTOP)"
+                                                     if self.pid == 1 else ""))
+        return self.method
+
+    def _seize(self) -> bool:
+        """Stop every thread with ptrace; False (nothing held) when the process cannot be traced (already traced,
+        or not permitted): SIGSTOP then."""
+        seized: list[int] = []
+        while True:
+            try:
+                tids = [int(t) for t in os.listdir(f"/proc/{self.pid}/task")]
+            except FileNotFoundError:
+                self._detach(seized)
+                raise ProcessError(f"no such process: {self.pid}", pid=self.pid) from None
+            new = [t for t in tids if t not in seized]
+            if not new:
+                break
+            for tid in new:  # a stopped thread clones nothing: the loop ends once every thread was seized
+                if _ptrace(lib.PTRACE_SEIZE, tid) < 0:
+                    err = ffi.errno
+                    if err == errno.ESRCH:  # the thread ended meanwhile
+                        continue
+                    self._detach(seized)
+                    return False
+                seized.append(tid)
+                _ptrace(lib.PTRACE_INTERRUPT, tid)
+        deadline = time.monotonic() + FREEZE_TIMEOUT
+        for tid in seized:
+            try:
+                while True:  # bounded: a thread in an uninterruptible wait may take its time to stop
+                    found, status = os.waitpid(tid, _WALL | os.WNOHANG)
+                    if found:
+                        break
+                    if time.monotonic() > deadline:
+                        self._detach(seized)
+                        raise ProcessError(f"thread {tid} of process {self.pid} did not stop within "
+                                           f"{FREEZE_TIMEOUT:.0f} s", pid=self.pid)
+                    time.sleep(0.0001)
+            except ChildProcessError:
+                continue
+            if not os.WIFSTOPPED(status):  # the thread exited
+                continue
+            if not _blocked_in_call(tid):
+                self.active.add(tid)
+            event = status >> 16
+            # a signal that arrived first stops the thread as well; it is delivered again when the thread is let go
+            self.traced[tid] = os.WSTOPSIG(status) if event == 0 and os.WSTOPSIG(status) != signal.SIGTRAP else 0
+            if event not in (0, _PTRACE_EVENT_STOP):
+                self.traced[tid] = 0
+        if not self.traced:
+            raise ProcessError(f"process {self.pid} exited while being frozen", pid=self.pid)
+        return True
+
+    @staticmethod
+    def _detach(tids: Sequence[int], signals: dict[int, int] | None = None) -> None:
+        for tid in tids:
+            if _ptrace(lib.PTRACE_DETACH, tid, (signals or {}).get(tid, 0)) < 0:
+                # a thread killed while traced cannot be detached: collecting its exit hands the zombie back to
+                # its parent, which could not reap it otherwise until this guard exits (kernel/exit.c)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(tid, os.WNOHANG | _WALL)
+
+    def end(self) -> None:
+        if self.method == "cgroup" and self.group is not None:
+            (self.group / "cgroup.freeze").write_text("0")
+        elif self.method == "ptrace":
+            self._detach(list(self.traced), self.traced)
+            self.traced = {}
+        elif self.method == "sigstop":
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGCONT)
+        self.method = ""
+
+
+_CHUNK = 1000  # tuples per "watch" message: a datagram must fit the socket's buffer
+SCM_MAX_FD = 253  # fds per message (include/net/scm.h)
+_HOLD = b"h"  # the message carrying one restored socket (not JSON: one per socket, inside the downtime)
+
+
+def _guard(pid: int, pidfd: int, chan: socket.socket) -> None:
+    """The guard's loop (see the module's docstring); runs in the forked child, never returns."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    stop = _Stop(pid)
+    watched: dict[str, Any] = {"fds": [], "tuples": [], "ended": False}
+    landing = _Landing()
+    # resolved now, not inside the first freeze (cffi looks a libc symbol up on its first use)
+    _ = lib.ptrace, lib.syscall
+    status = 0
+    try:
+        if not _serve(pid, chan, stop, watched, landing):  # sockrepair is gone without saying goodbye
+            if landing.socks:
+                landing.save(pid)
+            else:
+                _recover(pid, pidfd, stop, watched)
+    except BaseException:
+        status = 1
+    finally:
+        with contextlib.suppress(BaseException):
+            stop.end()
+        os._exit(status)
+
+
+def _serve(pid: int, chan: socket.socket, stop: _Stop, watched: dict[str, Any], landing: _Landing) -> bool:
+    """Answer sockrepair's requests until it says "close" (True) or is gone (False). Everything it sent before it
+    died is read first: a message still queued may say that it began ending the source."""
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(chan, 1 << 20, SCM_MAX_FD)
+        except ConnectionResetError:
+            # it died with a reply of ours unread; the kernel reports that before the messages still queued
+            continue
+        if not data:
+            return False
+        if data == _HOLD:
+            landing.take(fds)
+            continue
+        msg = json.loads(data)
+        op = msg["op"]
+        if op == "watch":
+            watched.update(fds=msg["fds"], tuples=msg["tuples"])
+        elif op == "watch+":
+            watched["fds"] += msg["fds"]
+            watched["tuples"] += msg["tuples"]
+        elif op == "ending":
+            watched["ended"] = True
+        elif op == "land":
+            landing.expect(msg["where"], watched)
+        elif op == "handing":
+            landing.handing = True
+        elif op == "close":
+            return True
+        else:
+            reply: dict[str, Any] = {"ok": True}
+            try:
+                if op == "ping":
+                    freezer_for(pid)
+                elif op == "stop":
+                    reply["method"] = stop.start()
+                    reply["active"] = sorted(stop.active)
+                elif op == "cont":
+                    stop.end()
+                elif op == "release":
+                    landing.release()
+            except ProcessError as exc:
+                reply = {"ok": False, "error": str(exc)}
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # gone: the next read says so
+                chan.send(json.dumps(reply).encode())
+
+
+class _Landing:
+    """Inside the guard: duplicates of the sockets a move restored, held until they are handed off, so that a
+    sockrepair killed meanwhile does not close them (a FIN, or a socket left holding the 4-tuple) but the guard saves
+    them into the journal, as migrate() does on an error there."""
+
+    def __init__(self) -> None:
+        self.socks: list[socket.socket] = []
+        self.tuples: list[str] = []
+        self.source_fds: list[int] = []
+        self.where: dict[str, Any] = {}
+        self.handing = False  # the handoff began: some sockets may be in the new program already
+
+    def expect(self, where: dict[str, Any], watched: dict[str, Any]) -> None:
+        self.tuples = list(watched["tuples"])
+        self.source_fds = list(watched["fds"])
+        self.where = where
+
+    def take(self, fds: list[int]) -> None:
+        self.socks += [socket.socket(fileno=fd) for fd in fds]
+
+    def release(self) -> None:
+        for sock in self.socks:
+            sock.close()
+        self.socks = []
+
+    def save(self, pid: int) -> None:
+        """Lock the connections again, checkpoint the held sockets into the journal, close them silently. When
+        sockrepair died during the handoff, the sockets some other process holds now were handed off: those are
+        left to it, and only the others saved."""
+        from sockrepair.engine import checkpoint, discard
+        from sockrepair.image import encode
+        from sockrepair.lock import Locker
+        from sockrepair.move.journal import load_states, write_journal
+        from sockrepair.netns import named
+        from sockrepair.state import ConnTuple
+
+        if self.handing:
+            elsewhere = _held_elsewhere([os.fstat(sock.fileno()).st_ino for sock in self.socks])
+            mine = [i for i, sock in enumerate(self.socks) if os.fstat(sock.fileno()).st_ino not in elsewhere]
+            for i, sock in enumerate(self.socks):
+                if i not in mine:
+                    sock.close()
+            self.socks = [self.socks[i] for i in mine]
+            self.tuples = [self.tuples[i] for i in mine]
+            self.source_fds = [self.source_fds[i] for i in mine]
+            if not self.socks:  # every one handed off: the move is done
+                from sockrepair.move.journal import mark_completed
+
+                if Path(self.where["directory"]).is_dir():  # gone: migrate() removed it, done
+                    mark_completed(Path(self.where["directory"]), created=False)
+                return
+        netns, ttl = self.where["netns"], float(self.where["ttl"])
+        directory = Path(self.where["directory"])
+        held = [ConnTuple.parse(t) for t in self.tuples[: len(self.socks)]]
+        with named(netns), Locker() as locker:
+            locker.lock(held, ttl=ttl)
+        # the journal as written before the source was ended, its held connections replaced by what they are now
+        # (a socket restored but not held yet, when sockrepair died mid-restore, is beyond saving)
+        images = {st.tuple: encode(st) for st in load_states(directory)}
+        for conn, sock in zip(held, self.socks):
+            images[conn] = encode(checkpoint(sock))
+        order = [ConnTuple.parse(t) for t in self.tuples]
+        write_journal(directory, pid, self.source_fds, [images[c] for c in order], order, ttl=ttl, netns=netns)
+        for sock in self.socks:
+            discard(sock)
+        self.socks = []
+
+
+HANDOFF_GRACE = 0.5  # seconds for sockets in flight over SCM_RIGHTS to reach the program they were sent to
+
+
+def _held_elsewhere(inodes: Sequence[int]) -> set[int]:
+    """The socket inodes among `inodes` that a process other than this one has open, looked for in /proc/*/fd
+    until all are found or HANDOFF_GRACE seconds have passed."""
+    wanted = {f"socket:[{ino}]": ino for ino in inodes}
+    found: set[int] = set()
+    deadline = time.monotonic() + HANDOFF_GRACE
+    me = str(os.getpid())
+    while True:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or pid == me:
+                continue
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    with contextlib.suppress(OSError):
+                        ino = wanted.get(os.readlink(f"/proc/{pid}/fd/{fd}"))
+                        if ino is not None:
+                            found.add(ino)
+        if len(found) == len(wanted) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
+
+
+def _recover(pid: int, pidfd: int, stop: _Stop, watched: dict[str, Any]) -> None:
+    """What sockrepair would have done on an error, done for it after it died."""
+    if watched["ended"]:
+        os.kill(pid, signal.SIGKILL)  # its states are in the journal; the lock holds them for the restore
+        return
+    from sockrepair.engine._repair import in_repair, repair_off
+    from sockrepair.move.take import process_locker
+    from sockrepair.state import ConnTuple
+
+    for target in watched["fds"]:
+        fd = lib.syscall(lib.SYS_pidfd_getfd, ffi.cast("int", pidfd), ffi.cast("int", target),
+                         ffi.cast("unsigned int", 0))
+        if fd < 0:
+            continue
+        try:
+            if in_repair(fd):
+                repair_off(fd, False)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    if watched["tuples"]:
+        with process_locker(pid) as locker:
+            locker.unlock([ConnTuple.parse(t) for t in watched["tuples"]])
+
+
+class Freezer:
+    """Stops and continues process `pid` through a guard child (see the module's docstring); `.pidfd` is a PidFd on
+    the process, which the guard shares. Use as a context manager; frozen() for one stop. Raises ProcessError when
+    `pid` is sockrepair or one of its ancestors, or does not exist, or the guard is gone."""
+
+    def __init__(self, pid: int, inherit: Sequence[int] = ()) -> None:
+        """`inherit`: fds the guard keeps open until it exits (e.g. a flock on the journal directory)."""
+        refuse_self(pid)
+        self.pid = pid
+        self.pidfd = PidFd(pid)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        child = os.fork()
+        if child == 0:
+            try:  # the child never returns into the caller's code
+                keep = {theirs.fileno(), self.pidfd.fd, *inherit}
+                for name in os.listdir("/proc/self/fd"):
+                    fd = int(name)
+                    if fd > 2 and fd not in keep:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
+                _guard(pid, self.pidfd.fd, theirs)
+            finally:
+                os._exit(1)
+        theirs.close()
+        self.child = child
+        self._chan = ours
+        self.active: set[int] = set()
+        # a first round trip before any freeze: the child's start-up (pages copied on write) costs milliseconds
+        try:
+            self._ask("ping")
+        except BaseException:
+            self.close()
+            raise
+
+    def _send(self, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        data = json.dumps(msg).encode()
+        try:
+            if fds:
+                socket.send_fds(self._chan, [data], list(fds))
+            else:
+                self._chan.send(data)
+        except (BrokenPipeError, ConnectionResetError):
+            raise ProcessError(f"the guard of process {self.pid} exited", pid=self.pid) from None
+
+    def _ask(self, op: str) -> dict[str, Any]:
+        self._send({"op": op})
+        poller = select.poll()
+        poller.register(self._chan, select.POLLIN)
+        if not poller.poll(ANSWER_TIMEOUT * 1000):
+            raise ProcessError(f"the guard of process {self.pid} did not answer {op!r} within {ANSWER_TIMEOUT:g} s",
+                               pid=self.pid)
+        try:
+            line = self._chan.recv(1 << 16)
+        except ConnectionResetError:
+            line = b""
+        if not line:
+            raise ProcessError(f"the guard of process {self.pid} exited", pid=self.pid)
+        reply: dict[str, Any] = json.loads(line)
+        if not reply["ok"]:
+            raise ProcessError(reply["error"], pid=self.pid)
+        return reply
+
+    def watch(self, fds: Sequence[int], tuples: Sequence[object]) -> None:
+        """The process's fds (its own numbers) sockrepair may put in repair mode and the tuples it may lock: what
+        the guard gives back if sockrepair dies before ending()."""
+        names = [str(t) for t in tuples]
+        for start in range(0, max(len(fds), 1), _CHUNK):
+            self._send({"op": "watch" if start == 0 else "watch+", "fds": list(fds[start : start + _CHUNK]),
+                        "tuples": names[start : start + _CHUNK]})
+
+    def ending(self) -> None:
+        """Past the point of no return: if sockrepair dies from now on, the guard ends the process."""
+        self._send({"op": "ending"})
+
+    def landing(self, directory: Path, netns: str | None, ttl: float) -> None:
+        """Before the restore: the sockets hold_one() will give are the watched connections, in the order watch()
+        listed them; if sockrepair dies holding them, the guard saves them into the journal `directory`, locked
+        again for `ttl` seconds in `netns`."""
+        self._send({"op": "land", "where": {"directory": str(directory), "netns": netns, "ttl": ttl}})
+
+    def hold_one(self, sock: socket.socket) -> None:
+        """Give the guard a duplicate of the next restored socket, as soon as it is made (a few microseconds: one
+        sendmsg), until release(): if sockrepair dies meanwhile, the kernel does not close the connection, and the
+        guard locks it again, checkpoints it into the journal and closes it silently."""
+        try:
+            socket.send_fds(self._chan, [_HOLD], [sock.fileno()])
+        except (BrokenPipeError, ConnectionResetError):
+            raise ProcessError(f"the guard of process {self.pid} exited", pid=self.pid) from None
+
+    def handing(self) -> None:
+        """The handoff begins: if sockrepair dies now, the guard leaves the sockets another process holds to it."""
+        self._send({"op": "handing"})
+
+    def release(self) -> None:
+        """The restored sockets are in the caller's program now (or saved): the guard closes its duplicates."""
+        self._ask("release")
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[str]:
+        """Yields the method used ("cgroup", "ptrace" or "sigstop"); the process goes on on every way out. Under
+        ptrace, `.active` is then the threads that were not blocked in a system call (sockrepair.move.quiesce)."""
+        reply = self._ask("stop")
+        method = str(reply["method"])
+        self.active = {int(t) for t in reply.get("active", [])}
+        try:
+            yield method
+        finally:
+            self._ask("cont")
+
+    def close(self) -> None:
+        if self.child > 0:
+            with contextlib.suppress(OSError, ProcessError):
+                self._send({"op": "close"})
+            self._chan.close()
+            deadline = time.monotonic() + ANSWER_TIMEOUT
+            while os.waitpid(self.child, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:  # stuck: ours to end (ptrace lets the process go with it)
+                    os.kill(self.child, signal.SIGKILL)
+                    os.waitpid(self.child, 0)
+                    break
+                time.sleep(0.001)
+            self.child = 0
+        self.pidfd.close()
+
+    def __enter__(self) -> Freezer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @contextlib.contextmanager
 def frozen(pid: int) -> Iterator[str]:
-    """Yields the method used ("cgroup" or "sigstop"). Raises ProcessError (gone, not permitted, or not stopped
-    within FREEZE_TIMEOUT seconds)."""
-    group = freezer_for(pid)
-    if group is not None:
-        (group / "cgroup.freeze").write_text("1")
-        try:
-            _wait(pid, lambda: "frozen 1" in (group / "cgroup.events").read_text(), f"freezing cgroup {group}")
-            yield "cgroup"
-        finally:
-            (group / "cgroup.freeze").write_text("0")
-        return
-    try:
-        os.kill(pid, signal.SIGSTOP)
-    except ProcessLookupError:
-        raise ProcessError(f"no such process: {pid}", pid=pid) from None
-    except PermissionError:
-        raise ProcessError(f"not permitted to stop process {pid} (run as root)", pid=pid) from None
-    try:
-        _wait(pid, lambda: _all_threads_stopped(pid),
-              f"stopping process {pid}" + (" (the init of a pid namespace ignores SIGSTOP)" if pid == 1 else ""))
-        yield "sigstop"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
+    """One stop of `pid` through its own guard: yields the method used ("cgroup", "ptrace" or "sigstop"). Raises
+    ProcessError (gone, not permitted, sockrepair or an ancestor of it, or not stopped within FREEZE_TIMEOUT
+    seconds)."""
+    with Freezer(pid) as freezer, freezer.frozen() as method:
+        yield method

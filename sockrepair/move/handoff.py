@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
 import stat
 import struct
@@ -134,3 +135,19 @@ def send_over_unix(path: str, socks: Sequence[socket.socket], conns: Sequence[Co
     """connect_receiver(path, uids) then send_to_receiver. Raises HandoffError."""
     with connect_receiver(path, uids) as unix:
         send_to_receiver(unix, socks, conns)
+
+
+def runnable(program: str) -> str:
+    """The file `program` names (looked up in PATH as execvp does) when the kernel can run it: executable, and an
+    ELF binary or a `#!` script. Raises HandoffError saying why not, before anything is restored for it."""
+    path = shutil.which(program) if program else None
+    if path is None:
+        raise HandoffError(f"--exec: no such program {program or '(none given)'} (or not executable)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise HandoffError(f"--exec: cannot read {path}: {exc.strerror}") from None
+    if head != b"\x7fELF" and not head.startswith(b"#!"):
+        raise HandoffError(f"--exec: {path} is neither an ELF binary nor a #! script: the kernel cannot run it")
+    return path

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sockrepair.engine._repair import repair_on
 from sockrepair.engine._restore import restore
@@ -13,14 +14,18 @@ from sockrepair.netns import named
 from sockrepair.state import ConnectionState
 
 
-def restore_all(states: Sequence[ConnectionState], netns: str | None = None) -> list[socket.socket]:
+def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
+                on_restored: Callable[[socket.socket], object] | None = None) -> list[socket.socket]:
     """All or nothing: if one connection cannot be restored, those already restored are closed again in repair mode
-    (silently), so the images and the lock still describe every connection and the restore can be retried."""
+    (silently), so the images and the lock still describe every connection and the restore can be retried.
+    `on_restored` is called with each socket as soon as it is made (migrate() gives it to its guard)."""
     socks: list[socket.socket] = []
     with named(netns):
         try:
             for state in states:
                 socks.append(restore(state))
+                if on_restored is not None:
+                    on_restored(socks[-1])
         except BaseException:
             for s in socks:
                 with contextlib.suppress(OSError):
@@ -28,6 +33,22 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None) -> 
                 s.close()
             raise
     return socks
+
+
+def put_back(fds: Sequence[int], states: Sequence[ConnectionState], netns: str | None, ttl: float) -> None:
+    """Undo a restore whose handoff failed: lock the connections again in `netns` for `ttl` seconds, then close the
+    restored sockets' `fds` (owned by the caller until now) in repair mode, without FIN or RST, so that the images
+    can be restored again before the lock ends. Raises LockError when the lock cannot be taken (the sockets are
+    closed silently all the same)."""
+    try:
+        with named(netns), Locker() as locker:
+            locker.lock([s.tuple for s in states], ttl=ttl)
+    finally:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                repair_on(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def unlock_in(netns: str | None, states: Sequence[ConnectionState]) -> None:

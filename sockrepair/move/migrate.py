@@ -1,21 +1,36 @@
 """migrate(): move the connections of a running program to another namespace (host) and program, in one call,
 with every stage timed (sockrepair.move.stages: freeze, lock, checkpoint, serialize, close, network, transfer,
-restore, deliver, unlock, handoff)."""
+restore, deliver, unlock, handoff), the states made durable in a journal directory before the source is ended
+(sockrepair.move.journal)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from sockrepair.engine import checkpoint, discard
+from sockrepair.errors import ProcessError
 from sockrepair.image import decode, encode
 from sockrepair.lock import Locker
+from sockrepair.move.freeze import Freezer
+from sockrepair.move.journal import (
+    discard_journal,
+    hold_directory,
+    mark_completed,
+    new_directory,
+    write_journal,
+)
 from sockrepair.move.keep import Keeper, Kept, netns_path
 from sockrepair.move.land import restore_all
+from sockrepair.move.quiesce import Quiescence
 from sockrepair.move.stages import Stage, Timings
-from sockrepair.move.take import captured, end_source, process_locker
+from sockrepair.move.take import captured, deferred_signals, end_source, process_locker
 from sockrepair.netns import named
 from sockrepair.state import ConnTuple
 
@@ -27,13 +42,17 @@ class MigrationReport:
     """What migrate() did.
 
     `pid`: the source process (now ended). `connections`: each moved connection as `LOCAL->REMOTE` text, in the
-    process's fd order. `freeze_method`: "cgroup" or "sigstop". `phases_ms`: milliseconds per stage, keyed by
-    Stage.key in the order run: freeze, lock (source and destination added up), checkpoint, serialize, close,
-    network (only with `network`), transfer, restore, deliver, unlock, handoff (only with `handoff`). `downtime_ms`:
-    milliseconds from the start of the freeze to the end of the unlock (the handoff is not in it). `image_bytes`:
-    the encoded states' total size. `kept`: the peers' packets kept by the lock and delivered to the restored
-    sockets, and those left to the peers' retransmission (sockrepair.move.keep.Kept). `handoff_result`: what
-    `handoff` returned (not in to_dict())."""
+    process's fd order. `freeze_method`: "cgroup", "ptrace" or "sigstop". `quiescent`: whether every thread of the
+    program was waiting when it was frozen (False only when the policy let a busy program move: a request it had
+    read may be lost), after `freeze_attempts` tries; `busy`: the threads that were not waiting. `phases_ms`:
+    milliseconds per stage, keyed by Stage.key in the order run: freeze, lock (source and destination added up),
+    checkpoint, serialize, journal, close, network (only with `network`), transfer, restore, deliver, unlock,
+    handoff (only with `handoff`). `downtime_ms`: milliseconds from the start of the kept freeze to the end of the
+    unlock (the handoff is not in it). `image_bytes`: the encoded states' total size. `journal`: the directory the
+    states were made durable in before the source was ended (removed once the move completed, when migrate()
+    created it). `kept`: the peers' packets kept by the lock and delivered to the restored sockets, and those left to
+    the peers' retransmission (sockrepair.move.keep.Kept). `handoff_result`: what `handoff` returned (not in
+    to_dict())."""
 
     pid: int
     connections: list[str]
@@ -43,60 +62,119 @@ class MigrationReport:
     image_bytes: int
     kept: Kept = field(default_factory=lambda: Kept(0, 0, False, "keeping was not asked for"))
     handoff_result: Any = field(default=None, repr=False)
+    quiescent: bool = True
+    freeze_attempts: int = 1
+    busy: list[str] = field(default_factory=list)
+    journal: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON view: every field but handoff_result, milliseconds rounded to 3 decimals."""
         return {"pid": self.pid, "connections": self.connections, "freeze_method": self.freeze_method,
+                "quiescent": self.quiescent, "freeze_attempts": self.freeze_attempts, "busy": self.busy,
                 "phases_ms": {k: round(v, 3) for k, v in self.phases_ms.items()},
                 "downtime_ms": round(self.downtime_ms, 3), "image_bytes": self.image_bytes,
-                "kept": self.kept.to_dict()}
+                "kept": self.kept.to_dict(), "journal": self.journal}
+
+
+def _journal_again(socks: list[socket.socket], tuples: list[ConnTuple], directory: Path, pid: int, fds: list[int],
+                   locker: Locker, live: bool, ttl: float, netns: str | None) -> None:
+    """A failure after the restore, with the restored sockets still here (not handed off): lock them again if they
+    were live, checkpoint them (what they received meanwhile, kept packets delivered included, is in their state
+    now), write that as the journal and close them silently, so that `sockrepair restore -D` continues from there
+    rather than from the older images. A handoff that failed after giving some sockets away leaves them in repair
+    mode in the program that took them: a `handoff` should take all or none."""
+    if live:  # locked before the checkpoint: a socket in repair mode still takes in (and ACKs) what arrives
+        locker.lock(tuples, ttl=ttl)
+    with named(netns):
+        states = [checkpoint(sock) for sock in socks]
+    write_journal(directory, pid, fds, [encode(st) for st in states], tuples, ttl=ttl, netns=netns)
+    for sock in socks:
+        discard(sock)
+    socks.clear()
+
+
+def recovery_hint(directory: Path, dest_netns: str | None) -> str:
+    """How to finish a move that stopped after its source was ended."""
+    where = f" --netns {dest_netns}" if dest_netns else ""
+    return (f"the source was ended; its connections are saved in {directory} and stay locked until the lock's ttl "
+            f"ends: finish the move (after the network step, if it did not run) with `sockrepair restore -D "
+            f"{directory}{where} --unix PATH` (or --exec CMD)")
 
 
 def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | None = None,
             network: Callable[[], object] | None = None, handoff: Handoff | None = None,
-            ttl: float = 60.0, keep: bool = True) -> MigrationReport:
-    """Freeze `pid`, lock and checkpoint its connections (all established ones, or the fds in `wanted`), end the
-    process silently (end_source), run `network` (e.g. move the service address), restore the connections inside
+            ttl: float = 60.0, keep: bool = True, journal: str | Path | None = None,
+            quiescence: Quiescence = Quiescence()) -> MigrationReport:
+    """Freeze `pid` while every thread waits (`quiescence`: how long to try, and whether a program still busy then
+    is refused or moved anyway; sockrepair.move.quiesce), lock and checkpoint its connections (all established
+    ones, or the fds in `wanted`), write their states into the journal directory and fsync them, end the process
+    silently (end_source), run `network` (e.g. move the service address), restore the connections inside
     `dest_netns` (an `ip netns` name; None: here), unlock, and pass the sockets with their tuples to `handoff`.
     The connections are locked in the source namespace and in the destination one, for at most `ttl` seconds, from
     before the first checkpoint until they are live again. With `keep`, what the peers send meanwhile is kept by
     the lock and delivered to the restored sockets before the unlock, so that no peer waits for its retransmission
     timeout (sockrepair.move.keep; the report's `kept` says how many packets, and how many fell back).
 
-    Raises ProcessError (`.pid`, `.fd`: no such process, not permitted, nothing established) and SocketStateError
-    (`.pid`, `.fd` the process's own, `.tuple`, `.tcp_state`) before the process is ended: it is then thawed with
-    its connections as they were. After that, errors of `network`, restore (RestoreError and its subclasses; the
-    connections stay locked until `ttl` ends) and `handoff` pass through."""
+    `journal`: the directory to write the states into (created 0700 if missing; journal.img and journal.json, 0600,
+    which `sockrepair restore -D` reads); None: a new one under /run/sockrepair, removed when the move completes. A
+    directory given here is kept, marked completed (sockrepair.move.journal). The guard that freezes the program
+    (sockrepair.move.freeze) also holds the restored sockets until the handoff: if this process is SIGKILLed at any
+    point, the program goes on untouched (before the end of the source) or the journal holds every connection.
+
+    Raises ProcessError (`.pid`, `.fd`: no such process, not permitted, nothing established, busy and refused) and
+    SocketStateError (`.pid`, `.fd` the process's own, `.tuple`, `.tcp_state`) before the process is ended: it is
+    then thawed with its connections as they were, and the journal is discarded. Whatever is raised after that
+    (errors of `network`, restore (RestoreError and its subclasses), `handoff`, KeyboardInterrupt...) passes
+    through with `.journal` set to the directory (and a note saying how to finish the move with `sockrepair
+    restore -D`); the connections stay locked until `ttl` ends."""
     timings = Timings("migrate")
     source_locker = process_locker(pid)
     with named(dest_netns):
         dest_locker = Locker()
     keeper = Keeper([f"/proc/{pid}/ns/net", netns_path(dest_netns)]) if keep else None
     kept = Kept(0, 0, False, "keeping was not asked for")
+    created = journal is None
+    directory = new_directory() if journal is None else Path(journal)
+    ended = False
+    socks: list[socket.socket] = []
+    live = False  # the restored sockets were unlocked
+    freezer: Freezer | None = None
+    held = -1
     try:
+        # held by this process and its guard until both are gone: `sockrepair restore -D` waits for that
+        held = hold_directory(directory)
+        # the guard outlives the capture: it holds the restored sockets until the handoff (sockrepair.move.freeze)
+        freezer = Freezer(pid, inherit=[held])
         # table and rules built before the freeze: inside it, locking is one element transaction per namespace
         source_locker.prepare()
         dest_locker.prepare()
-        with captured(pid, wanted, source_locker, timings, ttl) as cap:
+        with captured(pid, wanted, source_locker, timings, ttl, quiescence, freezer) as cap:
             tuples = [s.tuple for s in cap.sockets]
             start = cap.frozen_at
             with timings.timed(Stage.LOCK):
                 dest_locker.lock(tuples, ttl=ttl)
             with timings.timed(Stage.SERIALIZE):
                 images = [encode(state) for state in cap.states]
+            with timings.timed(Stage.JOURNAL):
+                write_journal(directory, pid, [s.fd for s in cap.sockets], images, tuples, ttl=ttl, netns=dest_netns)
             with timings.timed(Stage.CLOSE):
-                end_source(cap)
+                try:
+                    end_source(cap)
+                finally:
+                    ended = cap.ended
         if network is not None:
             with timings.timed(Stage.NETWORK):
                 network()
         with timings.timed(Stage.TRANSFER):
             states = [decode(image) for image in images]
+        freezer.landing(directory, dest_netns, ttl)
         with timings.timed(Stage.RESTORE):
-            socks = restore_all(states, dest_netns)
+            socks = restore_all(states, dest_netns, freezer.hold_one)
         if keeper is not None:
             with timings.timed(Stage.DELIVER):
                 kept = keeper.deliver(tuples, netns_path(dest_netns))
         with timings.timed(Stage.UNLOCK):
+            live = True
             dest_locker.unlock(tuples)
             source_locker.unlock(tuples)
             if keeper is not None:  # what the lock stopped after deliver() last looked: nothing else delivers it
@@ -105,11 +183,47 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         result = None
         if handoff is not None:
             with timings.timed(Stage.HANDOFF):
+                freezer.handing()
                 result = handoff(socks, tuples)
+                socks = []  # the caller's program holds them now
+                # marked before the guard lets go: killed in between, the guard finds them handed off
+                mark_completed(directory, created)
+                freezer.release()
+        if socks:  # no handoff: the move ends here
+            socks = []
+            mark_completed(directory, created)
+            freezer.release()
+    except BaseException as exc:
+        if not ended:
+            discard_journal(directory, created)
+            raise
+        if live and not socks:  # handed off (or nothing to hand off to): the move is done, whatever failed after
+            mark_completed(directory, created)
+            raise
+        with deferred_signals():
+            if socks:
+                try:
+                    _journal_again(socks, tuples, directory, pid, [s.fd for s in cap.sockets], dest_locker, live,
+                                   ttl, dest_netns)
+                except Exception as again:
+                    exc.add_note(f"the restored connections could not be saved again ({again}): the journal holds "
+                                 "their states from before the restore")
+                if freezer is not None:
+                    with contextlib.suppress(ProcessError):
+                        freezer.release()
+        with contextlib.suppress(AttributeError):
+            exc.journal = str(directory)  # type: ignore[attr-defined]
+        exc.add_note(recovery_hint(directory, dest_netns))
+        raise
     finally:
+        if freezer is not None:
+            freezer.close()
+        if held >= 0:
+            os.close(held)
         source_locker.close()
         dest_locker.close()
         if keeper is not None:
             keeper.close()
     return MigrationReport(pid, [str(t) for t in tuples], cap.freeze_method, timings.ms, downtime,
-                           sum(map(len, images)), kept, result)
+                           sum(map(len, images)), kept, result, cap.freeze.quiescent, cap.freeze.attempts,
+                           [str(b) for b in cap.freeze.busy], str(directory))

@@ -17,12 +17,12 @@ import contextlib
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
 from sockrepair.errors import ProcessError
-from sockrepair.move.freeze import frozen
+from sockrepair.move.freeze import Freezer
 
 # System call numbers from the kernel UAPI (arch/x86/entry/syscalls/syscall_64.tbl; include/uapi/asm-generic/unistd.h
 # for arm64): the calls in which a thread waits for input, for a child, for a signal or for time.
@@ -79,7 +79,7 @@ class BusyThread:
 
 @dataclass
 class Freeze:
-    """How the program was frozen: `method` ("cgroup" or "sigstop"), `frozen_at` (time.perf_counter() when the last,
+    """How the program was frozen: `method` ("cgroup", "ptrace" or "sigstop"), `frozen_at` (time.perf_counter() when the last,
     kept, freeze began: downtime counts from here), `attempts` (freezes tried), `quiescent`, and the threads that
     were busy at the last look (empty when quiescent)."""
 
@@ -98,9 +98,11 @@ def _waiting_calls() -> dict[int, str]:
     return calls
 
 
-def busy_threads(pid: int) -> list[BusyThread]:
-    """The threads of the STOPPED process `pid` that are not blocked in a waiting call ([] when quiescent). Raises
-    ProcessError when the process is gone or its threads cannot be read."""
+def busy_threads(pid: int, active: Collection[int] = ()) -> list[BusyThread]:
+    """The threads of the STOPPED process `pid` that are not blocked in a waiting call ([] when quiescent); the
+    threads in `active` are known (from their registers, sockrepair.move.freeze) to have been on their way back
+    from a call that completed, or running, whatever /proc shows: a thread just back from a read() holds what it
+    read. Raises ProcessError when the process is gone or its threads cannot be read."""
     waiting = _waiting_calls()
     try:
         tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
@@ -122,33 +124,38 @@ def busy_threads(pid: int) -> list[BusyThread]:
         number = int(first)
         if number not in waiting:
             busy.append(BusyThread(tid, None if number < 0 else f"system call {number}"))
+        elif tid in active:
+            busy.append(BusyThread(tid, f"{waiting[number]} (just returned)"))
     return busy
 
 
 @contextlib.contextmanager
-def quiescent_freeze(pid: int, policy: Quiescence = Quiescence()) -> Iterator[Freeze]:
+def quiescent_freeze(pid: int, policy: Quiescence = Quiescence(), freezer: Freezer | None = None) -> Iterator[Freeze]:
     """Freeze `pid` at a point where every thread waits (see the module's docstring), within `policy.timeout`, and
-    yield how it went; the program is thawed on every way out. Raises ProcessError when the program stayed busy and
-    the policy refuses (the program was thawed, nothing was taken), or as freeze.frozen does."""
-    deadline = time.monotonic() + policy.timeout
-    pause = _FIRST_PAUSE
-    attempts = 0
-    while True:
-        attempts += 1
-        frozen_at = time.perf_counter()
-        with contextlib.ExitStack() as stack:
-            method = stack.enter_context(frozen(pid))
-            busy = busy_threads(pid)
-            if not busy or time.monotonic() >= deadline:
-                if busy and policy.on_busy is OnBusy.REFUSE:
-                    raise ProcessError(
-                        f"process {pid} stayed busy for {policy.timeout:g} s ({attempts} tries; "
-                        f"{', '.join(map(str, busy))}): moving it now could lose a request it has read and not "
-                        "answered; nothing was moved. Try again, allow longer, or move anyway (--busy move)",
-                        pid=pid)
-                thaw = stack.pop_all()
-                break
-        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-        pause = min(pause * 2, _LONGEST_PAUSE)
-    with thaw:
-        yield Freeze(method, frozen_at, attempts, not busy, busy)
+    yield how it went; the program is thawed on every way out. `freezer`: the guard to freeze through (one of its
+    own when None; sockrepair.move.freeze). Raises ProcessError when the program stayed busy and the policy refuses
+    (the program was thawed, nothing was taken), or as Freezer does."""
+    with contextlib.ExitStack() as own:
+        guard = freezer if freezer is not None else own.enter_context(Freezer(pid))
+        deadline = time.monotonic() + policy.timeout
+        pause = _FIRST_PAUSE
+        attempts = 0
+        while True:
+            attempts += 1
+            frozen_at = time.perf_counter()
+            with contextlib.ExitStack() as stack:
+                method = stack.enter_context(guard.frozen())
+                busy = busy_threads(pid, guard.active)
+                if not busy or time.monotonic() >= deadline:
+                    if busy and policy.on_busy is OnBusy.REFUSE:
+                        raise ProcessError(
+                            f"process {pid} stayed busy for {policy.timeout:g} s ({attempts} tries; "
+                            f"{', '.join(map(str, busy))}): moving it now could lose a request it has read and not "
+                            "answered; nothing was moved. Try again, allow longer, or move anyway (--busy move)",
+                            pid=pid)
+                    thaw = stack.pop_all()
+                    break
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, _LONGEST_PAUSE)
+        with thaw:
+            yield Freeze(method, frozen_at, attempts, not busy, busy)

@@ -1,10 +1,16 @@
 """The stages of moving connections out of a process, declared once: each stage's name (its key in a report's
 `phases_ms`), what it does, and which job runs it. migrate() and dump() time their work only through
-Timings.timed(stage), which takes a member of this table: a report carries no stage the table does not explain."""
+Timings.timed(stage), which takes a member of this table: a report carries no stage the table does not explain.
+
+Fault injection, for tests: with SOCKREPAIR_FAULT=JOB:STAGE:ACTION in the environment (e.g. "migrate:close:kill"),
+the mover raises InjectedFault (ACTION "raise") or sends itself SIGINT, SIGTERM or SIGKILL ("int", "term", "kill")
+as stage STAGE of JOB begins; "STAGE.end" acts once the stage's work is done, before the next stage."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,12 +24,15 @@ BOTH: tuple[Job, ...] = ("migrate", "dump")
 class Stage(Enum):
     """Name, what it does, and the jobs that run it; listed in the order they run."""
 
-    FREEZE = "freeze", "stop every thread of the process (cgroup v2 freezer, else SIGSTOP)", BOTH
+    FREEZE = ("freeze", "stop every thread of the process (cgroup v2 freezer, else SIGSTOP) where every thread waits: "
+              "a busy one is let go and stopped again, within the quiescence timeout (sockrepair.move.quiesce)", BOTH)
     LOCK = ("lock", "drop the connections' packets with the nftables lock, in the process's namespace (migrate: "
             "and in the destination)", BOTH)
     CHECKPOINT = "checkpoint", "repair mode on each socket taken with pidfd_getfd, and read its state", BOTH
     SERIALIZE = "serialize", "encode every state as image bytes", ("migrate",)
-    WRITE = "write", "write the images and index.json into the image directory", ("dump",)
+    JOURNAL = ("journal", "write the images into the journal directory and fsync them: from here on a failure leaves "
+               "what `sockrepair restore -D DIR` completes the move from", ("migrate",))
+    WRITE = "write", "write the images and index.json into the image directory and fsync them", ("dump",)
     RESUME = ("resume", "leave repair mode without a window probe, deliver what the peers sent meanwhile (kept by "
               "the lock), unlock, deliver what came during that delivery: the process goes on", ("dump",))
     CLOSE = ("close", "end the source: discard every frozen socket (each checked unchanged), SIGKILL the process and "
@@ -69,8 +78,40 @@ class Timings:
             raise TypeError(f"{stage!r} is not a stage of sockrepair.move.stages.Stage")
         if self.job not in stage.jobs:
             raise ValueError(f"{self.job} has no stage {stage.key!r}")
+        inject(self.job, stage.key)
         start = time.perf_counter()
         try:
             yield
+            inject(self.job, stage.key + ".end")
         finally:
             self.ms[stage.key] = self.ms.get(stage.key, 0.0) + (time.perf_counter() - start) * 1000
+
+
+class InjectedFault(RuntimeError):
+    """Raised only by the test hook below, as a stand-in for any failure of a stage's work (not a SockrepairError:
+    nothing but a test asks for it). `.point`: the stage key, or "STAGE.end"."""
+
+    def __init__(self, message: str, point: str) -> None:
+        super().__init__(message)
+        self.point = point
+
+
+FAULT_ENV = "SOCKREPAIR_FAULT"
+_SIGNALS = {"int": signal.SIGINT, "term": signal.SIGTERM, "kill": signal.SIGKILL}
+
+
+def inject(job: str, point: str) -> None:
+    """The test hook (see the module's docstring): acts when SOCKREPAIR_FAULT names `job` and `point`. Raises
+    InjectedFault, or ValueError for an action it does not know."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    want_job, _, rest = spec.partition(":")
+    want_point, _, action = rest.rpartition(":")
+    if want_job != job or want_point != point:
+        return
+    if action == "raise":
+        raise InjectedFault(f"fault injected at {job} {point}", point)
+    if action not in _SIGNALS:
+        raise ValueError(f"{FAULT_ENV}={spec!r}: action {action!r} is not raise, int, term or kill")
+    os.kill(os.getpid(), _SIGNALS[action])

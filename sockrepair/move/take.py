@@ -8,7 +8,6 @@ import contextlib
 import os
 import select
 import signal
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,23 +20,27 @@ from sockrepair.engine._checkpoint import (
     resume,
 )
 from sockrepair.engine._refuse import refusals_of
+from sockrepair.engine._repair import in_repair
 from sockrepair.engine._states import REPAIRABLE
 from sockrepair.errors import ProcessError, SocketStateError
 from sockrepair.lock import Locker
-from sockrepair.move.freeze import frozen
+from sockrepair.move.freeze import Freezer
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import (
     ProcSocket,
     process_name,
     socket_inodes,
+    stat,
     tcp_sockets,
     tcp_table,
 )
+from sockrepair.move.quiesce import Freeze, Quiescence, quiescent_freeze
 from sockrepair.move.stages import Stage, Timings
 from sockrepair.netns import inside
 from sockrepair.state import TCP_CLOSE, TCP_LISTEN, ConnectionState
 
 KILL_TIMEOUT = 5.0
+DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 @dataclass
@@ -49,10 +52,33 @@ class Captured:
     sockets: list[ProcSocket]
     fds: list[int]
     states: list[ConnectionState]
-    freeze_method: str
+    freeze: Freeze  # how and when it was frozen (downtime counts from freeze.frozen_at), and whether quiescent
     pidfd: PidFd
-    frozen_at: float  # time.perf_counter() when the freeze began: downtime counts from here
+    freezer: Freezer
+    ended: bool = False  # end_source() began discarding: the source cannot go on any more
+    # found stopped, with these of its fds already in repair mode: what a sockrepair killed mid-move leaves when its
+    # guard died too (a SIGSTOP or cgroup freeze); a resume puts them right, and the process is continued then
+    left_behind: list[int] = field(default_factory=list)
     lost: list[Unmovable] = field(default_factory=list)  # connections left behind, accepted with allow_loss
+
+    @property
+    def freeze_method(self) -> str:
+        return self.freeze.method
+
+    @property
+    def frozen_at(self) -> float:
+        return self.freeze.frozen_at
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP back (pthread_sigmask) while a step that must not be cut in half runs; they
+    are delivered, and their handlers (KeyboardInterrupt...) run, as soon as it is done."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 # A socket in these states holds no connection: ending its process loses nothing a peer could notice.
@@ -205,14 +231,23 @@ def checkpoint_taken(pid: int, sock: ProcSocket, copy: int) -> ConnectionState:
 
 @contextlib.contextmanager
 def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timings: Timings,
-             ttl: float = 60.0, allow_loss: bool = False) -> Iterator[Captured]:
-    """Freeze `pid`, take and checkpoint its connections (see select_sockets), lock them with `locker` for `ttl`
-    seconds, and yield them frozen and locked; the freeze, lock and checkpoint stages are timed into `timings`.
-    On an error every socket is resumed, the lock released and the process thawed; on success the caller decides
-    (resume, or end_source()). Every other connection of the process is listed in Captured.lost; unless
-    `allow_loss`, any such connection is refused before the freeze (refuse_losses). Raises ProcessError and
-    SocketStateError naming the process's pid and fd."""
-    with PidFd(pid) as pidfd:
+             ttl: float = 60.0, quiescence: Quiescence = Quiescence(),
+             freezer: Freezer | None = None, allow_loss: bool = False) -> Iterator[Captured]:
+    """Freeze `pid` where every thread waits, as `quiescence` says (sockrepair.move.quiesce), take and checkpoint
+    its connections (see select_sockets), lock them with `locker` for `ttl` seconds, and yield them frozen and
+    locked; the freeze, lock and checkpoint stages are timed into `timings`. On an error (KeyboardInterrupt
+    included) before end_source() began, every socket is resumed, the lock released and the process thawed, with
+    SIGINT, SIGTERM and SIGHUP held off until that is done; after it, the lock is kept for the restore. On success
+    the caller decides (resume, or end_source()). The freeze goes through `freezer` (sockrepair.move.freeze; one of
+    its own when None), whose guard undoes all this if sockrepair dies. Raises ProcessError and SocketStateError
+    naming the process's pid and fd; ProcessError too when the process stayed busy and the policy refuses (nothing
+    was taken), or is sockrepair itself or one of its ancestors. Every other connection of the process is listed in
+    Captured.lost; unless `allow_loss`, any such connection is refused before the freeze (refuse_losses)."""
+    with contextlib.ExitStack() as owned:
+        # the caller's guard, when it is to outlive the capture (migrate() hands it the restored sockets)
+        if freezer is None:
+            freezer = owned.enter_context(Freezer(pid))
+        pidfd = freezer.pidfd
         # /proc/PID/net/tcp is read before the freeze (reading it costs ms with many connections); under the freeze
         # only the fd -> inode map is checked, and the table read again if the process changed its sockets meanwhile
         chosen = select_sockets(pid, wanted)
@@ -224,9 +259,12 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
             raise ProcessError(f"process {pid} holds no connection that can be moved: "
                                + "; ".join(map(str, unmovable)), pid=pid)
         lost += unmovable
-        frozen_at = time.perf_counter()
+        before = stat(pid)
+        stopped_before = before is not None and before.state == "T"
+        # the guard gives these back if sockrepair dies before ending the source
+        freezer.watch([s.fd for s in chosen], [s.tuple for s in chosen])
         with timings.timed(Stage.FREEZE), contextlib.ExitStack() as freezing:
-            method = freezing.enter_context(frozen(pid))
+            freeze = freezing.enter_context(quiescent_freeze(pid, quiescence, freezer))
             thaw = freezing.pop_all()
         with thaw:
             inodes = socket_inodes(pid)
@@ -237,24 +275,34 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
                 lost = [u for u in left_behind(pid, chosen) if u.sock.fd not in skipped] + unmovable
                 if not allow_loss:
                     refuse_losses(pid, lost)
+                freezer.watch([s.fd for s in chosen], [s.tuple for s in chosen])
             fds: list[int] = []
             states: list[ConnectionState] = []
+            cap = Captured(pid, chosen, fds, states, freeze, pidfd, freezer, lost=lost)
+            checkpointing = False
             try:
                 for s in chosen:
                     fds.append(pidfd.getfd(s.fd))
+                if stopped_before:
+                    cap.left_behind = [s.fd for s, fd in zip(chosen, fds) if in_repair(fd)]
                 if locker is not None:
                     with timings.timed(Stage.LOCK):
                         locker.lock([s.tuple for s in chosen], ttl=ttl)
                 with timings.timed(Stage.CHECKPOINT):
+                    checkpointing = True
                     for s, fd in zip(chosen, fds):
                         states.append(checkpoint_taken(pid, s, fd))
-                yield Captured(pid, chosen, fds, states, method, pidfd, frozen_at, lost)
+                yield cap
             except BaseException:
-                for fd in fds[: len(states)]:
-                    with contextlib.suppress(OSError):
-                        resume(fd)
-                if locker is not None:
-                    locker.unlock([s.tuple for s in chosen])
+                # past the point of no return the source is gone and the lock must hold for the restore
+                if not cap.ended:
+                    with deferred_signals():
+                        # a checkpoint cut short may have left its socket in repair mode too
+                        for fd in fds[: len(states) + 1] if checkpointing else ():
+                            with contextlib.suppress(OSError):
+                                resume(fd)
+                        if locker is not None:
+                            locker.unlock([s.tuple for s in chosen])
                 raise
             finally:
                 for fd in fds:
@@ -270,17 +318,25 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT) -> None:
 
     Raises SocketStateError (pid, the process's fd, tuple, state) before discarding anything when a socket changed:
     the captured() context then resumes every socket and the process goes on. Raises ProcessError when the process
-    has not exited `timeout` seconds after SIGKILL."""
+    has not exited `timeout` seconds after SIGKILL.
+
+    From the first discard on, the source is ended whatever happens (`cap.ended`): a socket discarded here is still
+    in repair mode in the process, which must not run again. SIGINT, SIGTERM and SIGHUP wait until it is done."""
     for s, fd, state in zip(cap.sockets, cap.fds, cap.states):
         try:
             ensure_unchanged(fd, state)
         except SocketStateError as exc:
             raise _in_process(exc, cap.pid, s, fd) from None
-    for fd in cap.fds:
-        discard(fd)
-    cap.fds.clear()
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(cap.pid, signal.SIGKILL)
+    with deferred_signals():
+        cap.freezer.ending()
+        cap.ended = True
+        try:
+            for fd in cap.fds:
+                discard(fd)
+        finally:
+            cap.fds.clear()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(cap.pid, signal.SIGKILL)
     # the pidfd turns readable once the process has exited and its files are closed
     poller = select.poll()
     poller.register(cap.pidfd.fd, select.POLLIN)

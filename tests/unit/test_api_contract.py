@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -34,7 +35,9 @@ EXPORTED = [
     "NetnsError",
     "NftError",
     "NotPermittedError",
+    "OnBusy",
     "ProcessError",
+    "Quiescence",
     "RepairWindow",
     "RestoreError",
     "SocketCallError",
@@ -323,6 +326,8 @@ SIGNATURES: dict[str, tuple[list[tuple[str, object, object, object]], object]] =
             ("handoff", KW, None, Callable[[list[socket.socket], list[ConnTuple]], object] | None),
             ("ttl", KW, 60.0, float),
             ("keep", KW, True, bool),
+            ("journal", KW, None, str | Path | None),
+            ("quiescence", KW, sockrepair.Quiescence(), sockrepair.Quiescence),
         ],
         sockrepair.MigrationReport,
     ),

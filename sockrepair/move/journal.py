@@ -1,0 +1,297 @@
+"""The journal of a move: before a source program is ended, every state it held is written into an image directory
+and fsynced, so that whatever stops the mover afterwards (an exception, Ctrl-C, SIGKILL, a power cut on a disk-backed
+directory), `sockrepair restore -D DIR` can complete the move while the lock still holds.
+
+migrate() packs the images into one file (journal.img, described by journal.json: creating a file per connection
+costs tens of microseconds each, inside the freeze); `sockrepair dump` writes its usual directory (index.json and one
+0600 image per connection, sockrepair.image.directory). load_states() reads either. The index's "source" records
+what makes the images stale: the source's pid and start time (images of a program that is still running, or went on
+after a `--leave-running` dump, no longer describe its connections), `after` ("kill" or "leave-running"), and
+`lock_expires` (wall-clock seconds: once the lock is gone the peer has been answered by a reset, or by the program,
+since). A completed move leaves a `completed` file: its images describe connections that
+live elsewhere now."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sockrepair.errors import ImageError
+from sockrepair.image.directory import (
+    INDEX,
+    MAX_INDEX_BYTES,
+    MAX_INDEX_DEPTH,
+    Entry,
+    load_json,
+    read_dir,
+    write_dir,
+)
+from sockrepair.move.procfs import stat
+from sockrepair.private import open_dir, open_private, read_regular
+from sockrepair.state import ConnectionState
+
+COMPLETED = "completed"
+JOURNAL_INDEX = "journal.json"
+JOURNAL_IMAGES = "journal.img"
+JOURNAL_VERSION = 1
+# the packed images of one move: as much as image files of that many connections may hold (2 GiB each)
+MAX_JOURNAL_BYTES = 64 << 30
+WAIT_TIMEOUT = 30.0
+DEFAULT_PARENT = Path("/run/sockrepair")
+
+
+def new_directory() -> Path:
+    """A fresh 0700 directory for one move's journal, under /run/sockrepair (or the system's temporary directory
+    when /run cannot be written)."""
+    for parent in (DEFAULT_PARENT, Path(tempfile.gettempdir())):
+        with contextlib.suppress(OSError):
+            parent.mkdir(mode=0o700, exist_ok=True)
+            return Path(tempfile.mkdtemp(prefix="move-", dir=parent))
+    raise OSError(f"cannot create a journal directory under {DEFAULT_PARENT} or {tempfile.gettempdir()}")
+
+
+def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _source(pid: int, after: str, ttl: float, netns: str | None) -> dict[str, Any]:
+    st = stat(pid)
+    return {"pid": pid, "command": st.comm if st is not None else None, "host": socket.gethostname(),
+            "start_time": st.starttime if st is not None else None, "after": after,
+            "lock_expires": time.time() + ttl, "netns": netns}
+
+
+def write_images(directory: Path, pid: int, pairs: Sequence[tuple[int, ConnectionState]], *, after: str,
+                 ttl: float, dir_fd: int | None = None) -> list[Entry]:
+    """`sockrepair dump`'s directory: write `pairs` ((the process's fd, state)) as index.json and one 0600 image per
+    connection (sockrepair.image.directory.write_dir, which fsyncs every file and the directory; `dir_fd` is its
+    prepare_dir fd), recording the source's identity and the lock's expiry (now + `ttl` seconds). Raises OSError
+    (cannot write) or ImageError (a state an image cannot hold, a directory that is not safe to write)."""
+    return write_dir(directory, list(pairs), _source(pid, after, ttl, None), dir_fd)
+
+
+def write_journal(directory: Path, pid: int, fds: Sequence[int], images: Sequence[bytes], tuples: Sequence[object],
+                  *, ttl: float, netns: str | None) -> None:
+    """migrate()'s journal: the connection images (`images[i]` of the process's fd `fds[i]`, connection
+    `tuples[i]`) packed in one 0600 file, journal.img, and described by journal.json (offset, length and sha256 of
+    each, and the source as write_images records it), both fsynced with the directory: one file, not one per
+    connection, because creating files costs tens of microseconds each inside the freeze. load_states() reads it
+    back. Raises OSError when the directory cannot be written."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(FileNotFoundError):
+        (directory / COMPLETED).unlink()
+    connections = []
+    offset = 0
+    for fd, image, conn in zip(fds, images, tuples):
+        connections.append({"fd": fd, "tuple": str(conn), "offset": offset, "length": len(image),
+                            "sha256": hashlib.sha256(image).hexdigest()})
+        offset += len(image)
+    with open_private(directory / JOURNAL_IMAGES) as f:
+        f.write(b"".join(images))
+        f.flush()
+        os.fsync(f.fileno())
+    index = {"version": JOURNAL_VERSION, "created": time.time(), "source": _source(pid, "kill", ttl, netns),
+             "connections": connections}
+    with open_private(directory / JOURNAL_INDEX) as f:
+        f.write(json.dumps(index, indent=1).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_path(directory, os.O_DIRECTORY)
+
+
+def _check_dir(directory: Path) -> None:
+    """The rules every image directory is read under (sockrepair.private.open_dir): not a symlink, the caller's or
+    root's, not writable by group or others. Raises ImageError (`.path`)."""
+    try:
+        os.close(open_dir(directory))
+    except OSError as exc:
+        raise ImageError(f"{directory}: {exc.strerror}", path=str(directory)) from None
+
+
+def _read_json(path: Path) -> Any:
+    """An index read as untrusted input: a regular file of at most MAX_INDEX_BYTES, JSON nested at most
+    MAX_INDEX_DEPTH deep. Raises ImageError (`.path`)."""
+    try:
+        data = read_regular(path, MAX_INDEX_BYTES)
+    except OSError as exc:
+        raise ImageError(f"{path}: unreadable: {exc.strerror}", path=str(path)) from None
+    return load_json(data, str(path), MAX_INDEX_DEPTH)
+
+
+def _index_path(directory: Path) -> Path:
+    packed = directory / JOURNAL_INDEX
+    return packed if packed.exists() else directory / INDEX
+
+
+def load_states(directory: Path) -> list[ConnectionState]:
+    """The states of a journal (journal.json and journal.img) or of a `sockrepair dump` directory, in order. Raises
+    ImageError with `.path`, `.field` (e.g. "connections[2].sha256") and, for a damaged image, `.offset` (the byte
+    in journal.img)."""
+    index_path = directory / JOURNAL_INDEX
+    if not index_path.exists():
+        return [state for _, state in read_dir(directory)]
+    images_path = directory / JOURNAL_IMAGES
+    _check_dir(directory)
+    index = _read_json(index_path)
+    try:
+        blob = read_regular(images_path, MAX_JOURNAL_BYTES)
+    except OSError as exc:
+        raise ImageError(f"{images_path}: unreadable journal: {exc.strerror}", path=str(images_path)) from None
+    if not isinstance(index, dict) or index.get("version") != JOURNAL_VERSION:
+        raise ImageError(f"{index_path}: unsupported journal version", path=str(index_path), field="version")
+    states = []
+    connections = index.get("connections", [])
+    if not isinstance(connections, list):
+        raise ImageError(f"{index_path}: connections is not a list", path=str(index_path), field="connections")
+    for n, item in enumerate(connections):
+        try:
+            start, length, digest = int(item["offset"]), int(item["length"]), str(item["sha256"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ImageError(f"{index_path}: bad connection entry {item!r}: {exc}", path=str(index_path),
+                             field=f"connections[{n}]") from None
+        image = blob[start : start + length]
+        if len(image) != length or hashlib.sha256(image).hexdigest() != digest:
+            raise ImageError(f"{images_path}: image {n} differs from the journal's index (damaged or cut short)",
+                             path=str(images_path), offset=start, field=f"connections[{n}].sha256")
+        try:
+            states.append(ConnectionState.from_bytes(image))
+        except ImageError as exc:
+            raise ImageError(f"{images_path}: image {n}: {exc}", path=str(images_path),
+                             offset=start + (exc.offset or 0), field=exc.field) from None
+    return states
+
+
+def mark_completed(directory: Path, created: bool) -> None:
+    """The move is done: a directory the journal created is removed, one the caller gave gets a `completed` file,
+    so that no restore brings the connections back a second time."""
+    if created:
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    with open_private(directory / COMPLETED) as f:
+        f.write(f"{time.time():.3f}\n".encode())
+
+
+def discard_journal(directory: Path, created: bool) -> None:
+    """The move failed before the source was ended (it goes on): the journal no longer describes its
+    connections."""
+    if created:
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    for name in (JOURNAL_INDEX, JOURNAL_IMAGES):
+        with contextlib.suppress(FileNotFoundError):
+            (directory / name).unlink()
+
+
+def hold_directory(directory: Path) -> int:
+    """An open fd on `directory` holding an exclusive flock(2) on it, for the whole move: a child forked meanwhile
+    (the guard, sockrepair.move.freeze) that keeps the fd keeps the lock, which the kernel releases when the last
+    of them is gone; the directory is created (0700) if missing. Raises OSError when another move holds it."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise OSError(exc.errno, f"{directory} is the journal of a move still in progress") from None
+    return fd
+
+
+def wait_free(directory: Path, timeout: float = WAIT_TIMEOUT) -> int:
+    """Wait (at most `timeout` seconds) until no move holds `directory` (hold_directory): a mover killed a moment
+    ago may have left its guard still saving the connections there. Returns the fd holding the lock now. Raises
+    ImageError (`.path`) when the directory cannot be opened or the wait runs out."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ImageError(f"{directory}: {exc.strerror}", path=str(directory)) from None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise ImageError(f"{directory} is still held by a move in progress (or its guard) after "
+                                 f"{timeout:g} s: try again once it ended", path=str(directory)) from None
+            time.sleep(0.01)
+
+
+def note_relock(directory: Path, expires: float) -> None:
+    """The connections of `directory` were locked again until `expires` (wall-clock seconds), after a restore whose
+    handoff failed: its index says so, so that a retry before then is not refused as stale."""
+    path = _index_path(directory)
+    index = json.loads(path.read_text())
+    index.setdefault("source", {})["lock_expires"] = expires
+    with open_private(path) as f:
+        f.write(json.dumps(index, indent=2).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    with contextlib.suppress(FileNotFoundError):
+        (directory / COMPLETED).unlink()
+
+
+@dataclass(frozen=True)
+class Source:
+    """What an image directory's index says of its source (fields None when an older dump did not record them)."""
+
+    pid: int | None
+    start_time: int | None
+    after: str | None
+    lock_expires: float | None
+    netns: str | None
+
+
+def read_source(directory: Path) -> Source:
+    """What the journal's (or dump's) index says of the source. Raises ImageError (`.path`) when the index cannot be
+    read (load_states says more about what is wrong)."""
+    path = _index_path(directory)
+    _check_dir(directory)
+    index = _read_json(path)
+    src = index.get("source", {}) if isinstance(index, dict) else {}
+    if not isinstance(src, dict):
+        src = {}
+
+    def typed(key: str, kind: type | tuple[type, ...]) -> Any:
+        value = src.get(key)
+        return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+    return Source(typed("pid", int), typed("start_time", int), typed("after", str), typed("lock_expires", (int, float)),
+                  typed("netns", str))
+
+
+def stale_reason(directory: Path, now: float | None = None) -> str | None:
+    """Why restoring `directory` would bring back connections that have moved on since (None: it would not, as far
+    as the index tells): the move completed; the source program is still running (a `--leave-running` dump, or a
+    move stopped before the source was ended, which went on); or the lock expired, after which the peers' packets
+    met a reset or the program."""
+    if (directory / COMPLETED).exists():
+        return "this move completed: its connections live on elsewhere"
+    src = read_source(directory)
+    if src.pid is not None and src.start_time is not None:
+        st = stat(src.pid)
+        if st is not None and st.starttime == src.start_time and not st.zombie:
+            return (f"the source process {src.pid} is still running, so its connections went on after these "
+                    "images were written")
+    if src.after == "leave-running":
+        return "the dump left the program running: its connections went on after these images were written"
+    now = time.time() if now is None else now
+    if src.lock_expires is not None and now > src.lock_expires:
+        return (f"the lock expired {now - src.lock_expires:.0f} s ago: what the peers sent since was answered "
+                "with a reset or is lost")
+    return None

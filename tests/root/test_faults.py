@@ -1,0 +1,268 @@
+"""Fault injection: the mover (`sockrepair dump`, or a program calling migrate()) raises, gets SIGTERM or is SIGKILLed
+as each named stage begins or ends (SOCKREPAIR_FAULT, sockrepair.move.stages). Afterwards the program goes on with
+none of its sockets in repair mode and nothing locked, or, once the source was ended, the images left behind
+restore; either way every byte of every connection arrives once and in order."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sockrepair
+from sockrepair.lab.subjects import start_echo, start_receiver, stop
+from sockrepair.move.dump import After, dump
+from sockrepair.move.journal import stale_reason
+from sockrepair.move.pidfd import PidFd
+from sockrepair.move.procfs import stat, tcp_sockets
+from sockrepair.state import TCP_ESTABLISHED
+from tests.root.pairs import wait_for
+from tests.root.programs import free_port
+from tests.root.streams import pattern, recv_exactly
+
+TCP_REPAIR = 19
+
+
+def _connect(port: int, n: int) -> list[socket.socket]:
+    return [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
+
+
+def _echo_round(clients: list[socket.socket], offsets: list[int], size: int) -> None:
+    for i, c in enumerate(clients):
+        data = pattern(offsets[i], size, salt=i)
+        c.sendall(data)
+        assert recv_exactly(c, size) == data, f"connection {i} echoed wrong bytes at offset {offsets[i]}"
+        offsets[i] += size
+
+
+def in_repair(pid: int) -> list[int]:
+    """The fds of `pid` whose established TCP socket is in repair mode."""
+    found = []
+    with PidFd(pid) as pidfd:
+        for s in tcp_sockets(pid):
+            if s.tcp_state != TCP_ESTABLISHED:
+                continue
+            with socket.socket(fileno=pidfd.getfd(s.fd)) as copy:
+                if copy.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR):
+                    found.append(s.fd)
+    return found
+
+
+def _state(pid: int) -> str:
+    st = stat(pid)
+    return st.state if st is not None else "gone"
+
+
+def _settled(pid: int) -> bool:
+    """The program runs (not stopped, no socket in repair mode) and nothing is locked: what the mover's cleanup,
+    or its guard once it died, leaves."""
+    return _state(pid) not in ("T", "t") and not in_repair(pid) and sockrepair.list_locks() == []
+
+
+def _fault_env(spec: str) -> dict[str, str]:
+    return dict(os.environ, SOCKREPAIR_FAULT=spec)
+
+
+def _restore_to(receiver_sock: Path, directory: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "restore", "-D", str(directory), "--unix",
+                           str(receiver_sock)], capture_output=True, text=True, timeout=60)
+
+
+def _check_after(server: subprocess.Popen[bytes], ended: bool, images: Path, clients: list[socket.socket],
+                 offsets: list[int], tmp_path: Path) -> subprocess.Popen[bytes] | None:
+    """The program goes on untouched, or (ended) was SIGKILLed and its images restore into a receiver; either way
+    every connection echoes on. Returns the receiver to stop."""
+    if not ended:
+        assert server.poll() is None, "the program was ended before the point of no return"
+        wait_for(lambda: _settled(server.pid), "the program to go on with no socket in repair mode, unlocked")
+        _echo_round(clients, offsets, 30_000)
+        if (images / "index.json").exists() or (images / "journal.json").exists():
+            why = stale_reason(images)
+            assert why is not None and "still running" in why
+        return None
+    assert server.wait(10) == -signal.SIGKILL
+    assert stale_reason(images) is None
+    receiver = start_receiver(tmp_path / "r.sock", max_seconds=120)
+    done = _restore_to(tmp_path / "r.sock", images)
+    assert done.returncode == 0, done.stderr
+    _echo_round(clients, offsets, 30_000)
+    assert sockrepair.list_locks() == []
+    return receiver
+
+
+DUMP_STAGES = ["freeze", "lock", "checkpoint", "write", "kill"]
+DUMP_POINTS = [p for stage in DUMP_STAGES for p in (stage, stage + ".end")]
+
+
+@pytest.mark.parametrize("action", ["raise", "term", "kill"])
+@pytest.mark.parametrize("point", DUMP_POINTS)
+def test_dump_interrupted(netns, tmp_path, point, action):
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    clients = _connect(port, 2)
+    receiver = None
+    try:
+        offsets = [0, 0]
+        _echo_round(clients, offsets, 20_000)
+        images = tmp_path / "img"
+        run = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
+                              str(images)], env=_fault_env(f"dump:{point}:{action}"), capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode != 0, run.stdout
+        if action == "kill":
+            assert run.returncode == -signal.SIGKILL
+        if action == "term":
+            assert "interrupted by SIGTERM" in run.stderr, run.stderr
+        receiver = _check_after(server, point == "kill.end", images, clients, offsets, tmp_path)
+    finally:
+        for c in clients:
+            c.close()
+        stop(server)
+        stop(receiver)
+
+
+@pytest.mark.parametrize("action", ["raise", "kill"])
+@pytest.mark.parametrize("point", ["resume", "resume.end"])
+def test_dump_leave_running_interrupted(netns, tmp_path, point, action):
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    clients = _connect(port, 2)
+    try:
+        offsets = [0, 0]
+        _echo_round(clients, offsets, 20_000)
+        run = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
+                              str(tmp_path / "img"), "--leave-running"], env=_fault_env(f"dump:{point}:{action}"),
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode != 0
+        _check_after(server, False, tmp_path / "img", clients, offsets, tmp_path)
+    finally:
+        for c in clients:
+            c.close()
+        stop(server)
+
+
+MIGRATE_SCRIPT = """
+import sys
+import sockrepair
+from sockrepair.move.handoff import send_over_unix
+pid, journal, unix = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+sockrepair.migrate(pid, journal=journal, network=lambda: None, keep={keep},
+                   handoff=lambda socks, tuples: send_over_unix(unix, socks, tuples))
+"""
+MIGRATE_STAGES = ["freeze", "lock", "checkpoint", "serialize", "journal", "close", "network", "transfer", "restore",
+                  "deliver", "unlock", "handoff"]
+MIGRATE_POINTS = [p for stage in MIGRATE_STAGES for p in (stage, stage + ".end")]
+# From here on the source is ended: the journal finishes the move.
+ENDED_FROM = MIGRATE_POINTS.index("close.end")
+HANDED_OFF = "handoff.end"
+
+
+def _migrate_cases() -> list[tuple[str, str]]:
+    return [(p, action) for p in MIGRATE_POINTS for action in ("raise", "kill")]
+
+
+@pytest.mark.parametrize(("point", "action"), _migrate_cases())
+def test_migrate_interrupted(netns, tmp_path, point, action):
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    clients = _connect(port, 2)
+    receiver = start_receiver(tmp_path / "handoff.sock", max_seconds=120)
+    restored = None
+    try:
+        offsets = [0, 0]
+        _echo_round(clients, offsets, 20_000)
+        journal = tmp_path / "journal"
+        run = subprocess.run([sys.executable, "-c", MIGRATE_SCRIPT.format(keep=True), str(server.pid), str(journal),
+                              str(tmp_path / "handoff.sock")], env=_fault_env(f"migrate:{point}:{action}"),
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode != 0
+        ended = MIGRATE_POINTS.index(point) >= ENDED_FROM
+        if point == HANDED_OFF:
+            # the receiver already serves them: nothing to recover, and the journal says the move is done
+            assert server.wait(10) == -signal.SIGKILL
+            _echo_round(clients, offsets, 30_000)
+            assert sockrepair.list_locks() == []
+            assert stale_reason(journal) == "this move completed: its connections live on elsewhere"
+            return
+        if ended and action == "raise":
+            assert "sockrepair restore -D" in run.stderr, run.stderr
+        restored = _check_after(server, ended, journal, clients, offsets, tmp_path)
+    finally:
+        for c in clients:
+            c.close()
+        stop(server)
+        stop(receiver)
+        stop(restored)
+
+
+def test_a_sigkilled_dump_never_leaves_the_program_stopped(netns, tmp_path):
+    """The freeze is ptrace's (or the guard sends SIGCONT): killed while the program is frozen, the program goes on
+    within the guard's cleanup, with its sockets out of repair mode."""
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    clients = _connect(port, 1)
+    try:
+        offsets = [0]
+        _echo_round(clients, offsets, 1000)
+        run = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
+                              str(tmp_path / "img")], env=_fault_env("dump:checkpoint.end:kill"),
+                             capture_output=True, timeout=60)
+        assert run.returncode == -signal.SIGKILL
+        wait_for(lambda: _settled(server.pid), "the program to go on")
+        assert in_repair(server.pid) == []
+        _echo_round(clients, offsets, 1000)
+    finally:
+        for c in clients:
+            c.close()
+        stop(server)
+
+
+def test_dump_of_itself_or_an_ancestor_is_refused(netns, tmp_path):
+    shell = subprocess.run(["sh", "-c", f"exec {sys.executable} -m sockrepair.cli.main dump --pid $$ -D {tmp_path}"],
+                           capture_output=True, text=True, timeout=60)
+    assert shell.returncode == 1
+    assert "is sockrepair itself" in shell.stderr
+    parent = subprocess.run(["sh", "-c", f"{sys.executable} -m sockrepair.cli.main dump --pid $$ -D {tmp_path}; "
+                             "echo survived"], capture_output=True, text=True, timeout=60)
+    assert "an ancestor of sockrepair" in parent.stderr and parent.stdout.strip() == "survived"
+    with pytest.raises(sockrepair.ProcessError, match="sockrepair itself"):
+        sockrepair.migrate(os.getpid())
+
+
+def test_a_program_left_stopped_in_repair_mode_is_recovered_by_a_dump(netns, tmp_path):
+    """What a move leaves when sockrepair and its guard were both SIGKILLed under a SIGSTOP freeze: the program
+    stopped, its sockets in repair mode. `inspect` says how to recover; a `--leave-running` dump recovers it."""
+    from sockrepair.engine._repair import repair_on
+
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    clients = _connect(port, 2)
+    try:
+        offsets = [0, 0]
+        _echo_round(clients, offsets, 5000)
+        os.kill(server.pid, signal.SIGSTOP)
+        wait_for(lambda: _state(server.pid) == "T", "the program to stop")
+        with PidFd(server.pid) as pidfd:
+            for s in tcp_sockets(server.pid):
+                if s.tcp_state == TCP_ESTABLISHED:
+                    fd = pidfd.getfd(s.fd)
+                    repair_on(fd)
+                    os.close(fd)
+        stuck = in_repair(server.pid)
+        assert len(stuck) == 2
+        look = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "inspect", "--pid", str(server.pid)],
+                              capture_output=True, text=True, timeout=60)
+        assert f"process {server.pid} is stopped" in look.stderr and "--leave-running" in look.stderr
+        report = dump(server.pid, tmp_path / "img", after=After.LEAVE_RUNNING)
+        assert sorted(report.left_behind) == sorted(stuck)
+        wait_for(lambda: _settled(server.pid), "the program to go on")
+        _echo_round(clients, offsets, 20_000)
+    finally:
+        for c in clients:
+            c.close()
+        stop(server)

@@ -1,0 +1,128 @@
+"""The journal of a move (sockrepair.move.journal) and the fault-injection hook (sockrepair.move.stages), without
+root: states made by hand, this very process as the "source"."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from sockrepair.errors import ImageError
+from sockrepair.image import encode
+from sockrepair.move import stages
+from sockrepair.move.journal import (
+    COMPLETED,
+    JOURNAL_IMAGES,
+    JOURNAL_INDEX,
+    load_states,
+    mark_completed,
+    note_relock,
+    read_source,
+    stale_reason,
+    write_images,
+    write_journal,
+)
+from sockrepair.move.stages import InjectedFault, Stage, Timings
+from sockrepair.state import ConnectionState, ConnTuple
+from tests.unit.test_image import base_state
+
+
+def _states(n: int) -> list[ConnectionState]:
+    return [base_state(tuple=ConnTuple(socket.AF_INET, "10.0.0.1", 1000 + i, "10.0.0.2", 80),
+                       recv_queue=bytes([i]) * (10 + i)) for i in range(n)]
+
+
+def _dead_pid() -> int:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+def test_a_packed_journal_reads_back_and_is_private(tmp_path: Path) -> None:
+    states = _states(3)
+    write_journal(tmp_path / "j", _dead_pid(), [5, 6, 7], [encode(s) for s in states], [s.tuple for s in states],
+                  ttl=30, netns="b")
+    assert load_states(tmp_path / "j") == states
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "j").iterdir()} == {
+        JOURNAL_IMAGES: 0o600, JOURNAL_INDEX: 0o600}
+    assert (tmp_path / "j").stat().st_mode & 0o777 == 0o700
+    src = read_source(tmp_path / "j")
+    assert src.after == "kill" and src.netns == "b" and src.lock_expires is not None
+    assert stale_reason(tmp_path / "j") is None
+
+
+def test_a_damaged_journal_names_the_image_and_the_byte(tmp_path: Path) -> None:
+    states = _states(2)
+    images = [encode(s) for s in states]
+    write_journal(tmp_path, _dead_pid(), [5, 6], images, [s.tuple for s in states], ttl=30, netns=None)
+    blob = bytearray((tmp_path / JOURNAL_IMAGES).read_bytes())
+    blob[len(images[0]) + 3] ^= 0xFF
+    (tmp_path / JOURNAL_IMAGES).write_bytes(bytes(blob))
+    with pytest.raises(ImageError) as caught:
+        load_states(tmp_path)
+    assert caught.value.field == "connections[1].sha256" and caught.value.offset == len(images[0])
+    (tmp_path / JOURNAL_IMAGES).write_bytes(bytes(blob[: len(images[0])]))
+    with pytest.raises(ImageError, match="cut short"):
+        load_states(tmp_path)
+
+
+def test_a_dump_directory_reads_back_through_load_states(tmp_path: Path) -> None:
+    states = _states(2)
+    write_images(tmp_path / "d", _dead_pid(), list(zip([3, 4], states)), after="kill", ttl=30)
+    assert load_states(tmp_path / "d") == states
+
+
+def test_stale_reasons(tmp_path: Path) -> None:
+    states = _states(1)
+    # the "source" is this very process, still running: its connections went on
+    write_images(tmp_path / "running", os.getpid(), [(3, states[0])], after="kill", ttl=30)
+    why = stale_reason(tmp_path / "running")
+    assert why is not None and f"process {os.getpid()} is still running" in why
+    write_images(tmp_path / "left", _dead_pid(), [(3, states[0])], after="leave-running", ttl=30)
+    why = stale_reason(tmp_path / "left")
+    assert why is not None and "left the program running" in why
+    write_images(tmp_path / "ok", _dead_pid(), [(3, states[0])], after="kill", ttl=30)
+    assert stale_reason(tmp_path / "ok") is None
+    why = stale_reason(tmp_path / "ok", now=time.time() + 40)
+    assert why is not None and "lock expired" in why
+    note_relock(tmp_path / "ok", time.time() + 100)
+    assert stale_reason(tmp_path / "ok", now=time.time() + 40) is None
+    mark_completed(tmp_path / "ok", created=False)
+    assert (tmp_path / "ok" / COMPLETED).exists()
+    assert stale_reason(tmp_path / "ok") == "this move completed: its connections live on elsewhere"
+
+
+def test_an_index_without_a_source_is_not_stale(tmp_path: Path) -> None:
+    # images of an older dump record no source: nothing to judge them by
+    write_images(tmp_path, _dead_pid(), [(3, _states(1)[0])], after="kill", ttl=30)
+    index = json.loads((tmp_path / "index.json").read_text())
+    index["source"] = {"pid": "x"}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    assert stale_reason(tmp_path) is None
+
+
+def test_the_fault_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    timings = Timings("migrate")
+    with timings.timed(Stage.FREEZE):
+        pass
+    monkeypatch.setenv(stages.FAULT_ENV, "migrate:lock:raise")
+    with pytest.raises(InjectedFault) as caught, timings.timed(Stage.LOCK):
+        raise AssertionError("the stage's work must not run")
+    assert caught.value.point == "lock"
+    monkeypatch.setenv(stages.FAULT_ENV, "migrate:lock.end:raise")
+    ran = []
+    with pytest.raises(InjectedFault), timings.timed(Stage.LOCK):
+        ran.append(1)
+    assert ran == [1]
+    monkeypatch.setenv(stages.FAULT_ENV, "dump:lock:raise")  # another job: nothing happens
+    with timings.timed(Stage.LOCK):
+        pass
+    monkeypatch.setenv(stages.FAULT_ENV, "migrate:lock:explode")
+    with pytest.raises(ValueError, match="explode"), timings.timed(Stage.LOCK):
+        pass
