@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -158,13 +159,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as held:
+        return _restore(args, held)
+
+
+def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     kept: list[bytes] = []
     if args.from_criu is not None:
         states = load_criu_states(args.from_criu)
     else:
         # a move killed a moment ago may have left its guard still saving the connections here: wait for it; the
         # lock, kept until this process exits, also keeps a second restore of DIR out
-        wait_free(args.dir)
+        # held until the restore ended
+        held.callback(os.close, wait_free(args.dir))
         why = None if args.force else stale_reason(args.dir)
         if why is not None:
             raise ImageError(f"{args.dir}: not restoring stale images: {why} (--force restores them anyway)",
@@ -202,6 +209,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
               file=sys.stderr)
         if unix is not None:
             return 0
+    # marked completed above, so a second restore refuses DIR anyway; and exec_with_sockets places the sockets at
+    # fds 3.., where the held lock's fd may be
+    held.close()
     try:
         exec_with_sockets(args.exec_argv, socks, conns)
     except HandoffError as exc:
