@@ -9,7 +9,7 @@ import time
 
 from sockrepair.lab.pattern import first_mismatch, pattern
 
-__all__ = ["first_mismatch", "pattern", "recv_exactly", "send_until_full"]
+__all__ = ["connect_clients", "echo_round", "first_mismatch", "pattern", "recv_exactly", "send_until_full"]
 
 
 def send_until_full(sock: socket.socket, offset: int, salt: int, limit: int, chunk: int = 65536) -> int:
@@ -38,3 +38,18 @@ def recv_exactly(sock: socket.socket, length: int, timeout: float = 20.0) -> byt
             raise AssertionError(f"EOF after {len(out)} of {length} bytes")
         out += piece
     return bytes(out)
+
+
+def connect_clients(port: int, n: int, addr: str = "127.0.0.1") -> list[socket.socket]:
+    """`n` connections to an echo program on ADDR:`port`."""
+    return [socket.create_connection((addr, port), timeout=10) for _ in range(n)]
+
+
+def echo_round(clients: list[socket.socket], offsets: list[int], size: int) -> None:
+    """Send `size` bytes of each client's own stream (salt = its index) from its offset and check the echo; the
+    offsets move on."""
+    for i, c in enumerate(clients):
+        data = pattern(offsets[i], size, salt=i)
+        c.sendall(data)
+        assert recv_exactly(c, size) == data, f"connection {i} echoed wrong bytes at offset {offsets[i]}"
+        offsets[i] += size

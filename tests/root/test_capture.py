@@ -26,29 +26,17 @@ from sockrepair.move.keep import Keeper
 from sockrepair.move.procfs import stat, tcp_sockets, tcp_table
 from tests.root.pairs import tcp_info, wait_for
 from tests.root.programs import free_port
-from tests.root.streams import pattern, recv_exactly
-
-
-def _connect(port: int, n: int) -> list[socket.socket]:
-    return [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
-
-
-def _echo_round(clients: list[socket.socket], offsets: list[int], size: int) -> None:
-    for i, c in enumerate(clients):
-        data = pattern(offsets[i], size, salt=i)
-        c.sendall(data)
-        assert recv_exactly(c, size) == data, f"connection {i} echoed wrong bytes at offset {offsets[i]}"
-        offsets[i] += size
+from tests.root.streams import connect_clients, echo_round, pattern, recv_exactly
 
 
 def test_dump_by_pid_and_restore_into_a_new_program(netns, tmp_path):
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
     restored: subprocess.Popen[bytes] | None = None
-    clients = _connect(port, 4)
+    clients = connect_clients(port, 4)
     try:
         offsets = [0] * len(clients)
-        _echo_round(clients, offsets, 50_000)
+        echo_round(clients, offsets, 50_000)
         report = dump(server.pid, tmp_path / "img", after=After.KILL)
         assert server.wait(5) == -signal.SIGKILL
         assert len(report.connections) == 4
@@ -62,7 +50,7 @@ def test_dump_by_pid_and_restore_into_a_new_program(netns, tmp_path):
         assert restored.stdout is not None
         assert restored.stdout.readline().startswith(b"ready")
         # the clients never saw an error: every byte echoed once and in order after the move
-        _echo_round(clients, offsets, 200_000)
+        echo_round(clients, offsets, 200_000)
         # and nothing is left locked
         assert sockrepair.list_locks() == []
     finally:
@@ -77,15 +65,15 @@ def test_dump_by_pid_and_restore_into_a_new_program(netns, tmp_path):
 def test_dump_leave_running_keeps_serving(netns, tmp_path):
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
-    clients = _connect(port, 2)
+    clients = connect_clients(port, 2)
     try:
         offsets = [0, 0]
-        _echo_round(clients, offsets, 10_000)
+        echo_round(clients, offsets, 10_000)
         report = dump(server.pid, tmp_path / "img", after=After.LEAVE_RUNNING)
         assert report.after == "leave-running"
         assert list(report.phases_ms) == ["freeze", "lock", "checkpoint", "write", "resume"]
         assert report.kept.recording and report.kept.fell_back == 0  # kept from the lock on, delivered on resume
-        _echo_round(clients, offsets, 10_000)
+        echo_round(clients, offsets, 10_000)
         items = read_dir(tmp_path / "img")
         assert sorted(str(e.tuple.reversed()) for e, _ in items) == sorted(
             f"127.0.0.1:{c.getsockname()[1]}->127.0.0.1:{port}" for c in clients)
@@ -110,7 +98,7 @@ def test_dump_leave_running_delivers_what_came_after_the_delivery(netns, tmp_pat
     real_unlock = Locker.unlock
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
-    [client] = _connect(port, 1)
+    [client] = connect_clients(port, 1)
 
     def unlock_after_a_request(self, items, *args, **kwargs):
         client.sendall(b"late")
@@ -120,7 +108,7 @@ def test_dump_leave_running_delivers_what_came_after_the_delivery(netns, tmp_pat
     monkeypatch.setattr(dump_module, "Keeper", Watched)
     monkeypatch.setattr(Locker, "unlock", unlock_after_a_request)
     try:
-        _echo_round([client], [0], 1_000)
+        echo_round([client], [0], 1_000)
         report = dump(server.pid, tmp_path / "img", after=After.LEAVE_RUNNING)
         assert recv_exactly(client, 4) == b"late"
         assert tcp_info(client)[2] == 0
@@ -139,8 +127,8 @@ def _state(pid: int) -> str:
 def test_inspect_leaves_a_running_stream_untouched(netns):
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
-    (client,) = _connect(port, 1)
-    _echo_round([client], [0], 100)  # the program has accepted it: the connection is at one of its fds
+    (client,) = connect_clients(port, 1)
+    echo_round([client], [0], 100)  # the program has accepted it: the connection is at one of its fds
     errors: list[str] = []
     done = threading.Event()
 
@@ -215,10 +203,10 @@ def test_a_checkpoint_error_names_the_process_fd_not_the_copy(netns, tmp_path, m
     The other connection, already checkpointed, is resumed and keeps echoing."""
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
-    keep, gone = _connect(port, 2)
+    keep, gone = connect_clients(port, 2)
     try:
         offsets = [0, 0]
-        _echo_round([keep, gone], offsets, 1000)  # both accepted: each is at one of the program's fds
+        echo_round([keep, gone], offsets, 1000)  # both accepted: each is at one of the program's fds
         gone_tuple = next(s.tuple for s in tcp_sockets(server.pid) if s.tuple.remote_port == gone.getsockname()[1])
         gone_fd = next(s.fd for s in tcp_sockets(server.pid) if s.tuple == gone_tuple)
         select = take.select_sockets
@@ -247,7 +235,7 @@ def test_a_checkpoint_error_names_the_process_fd_not_the_copy(netns, tmp_path, m
         assert _state(server.pid) == "T"
         os.kill(server.pid, signal.SIGCONT)
         wait_for(lambda: _state(server.pid) not in ("T", "t"), "the process to go on")
-        _echo_round([keep], offsets[:1], 10_000)
+        echo_round([keep], offsets[:1], 10_000)
     finally:
         keep.close()
         gone.close()
@@ -268,7 +256,7 @@ def test_restore_where_the_address_is_missing_then_retry(tmp_path):
         server = start_echo(f"127.0.0.1:{port}", netns=src.name)
         try:
             with src.entered():
-                (client,) = _connect(port, 1)
+                (client,) = connect_clients(port, 1)
             client.sendall(b"hello")
             assert recv_exactly(client, 5) == b"hello"
             dump(server.pid, tmp_path / "img", ttl=1.0)
@@ -298,7 +286,7 @@ def test_inspect_sends_nothing_on_the_wire(netns):
 
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
-    (client,) = _connect(port, 1)
+    (client,) = connect_clients(port, 1)
     try:
         client.sendall(b"warm")
         assert recv_exactly(client, 4) == b"warm"
@@ -327,10 +315,10 @@ def test_a_socket_that_changed_while_frozen_is_not_ended(netns, tmp_path, monkey
 
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
-    clients = _connect(port, 2)
+    clients = connect_clients(port, 2)
     try:
         offsets = [0, 0]
-        _echo_round(clients, offsets, 1000)
+        echo_round(clients, offsets, 1000)
         late = clients[1]
         late_fd = next(s.fd for s in tcp_sockets(server.pid) if s.tuple.remote_port == late.getsockname()[1])
         write = dump_module.write_images
@@ -350,7 +338,7 @@ def test_a_socket_that_changed_while_frozen_is_not_ended(netns, tmp_path, monkey
         assert _state(server.pid) not in ("T", "t")
         assert recv_exactly(late, 100) == pattern(offsets[1], 100, salt=1)
         offsets[1] += 100
-        _echo_round(clients, offsets, 10_000)
+        echo_round(clients, offsets, 10_000)
     finally:
         for c in clients:
             c.close()

@@ -23,21 +23,9 @@ from sockrepair.move.procfs import stat, tcp_sockets
 from sockrepair.state import TCP_ESTABLISHED
 from tests.root.pairs import wait_for
 from tests.root.programs import free_port
-from tests.root.streams import pattern, recv_exactly
+from tests.root.streams import connect_clients, echo_round
 
 TCP_REPAIR = 19
-
-
-def _connect(port: int, n: int) -> list[socket.socket]:
-    return [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
-
-
-def _echo_round(clients: list[socket.socket], offsets: list[int], size: int) -> None:
-    for i, c in enumerate(clients):
-        data = pattern(offsets[i], size, salt=i)
-        c.sendall(data)
-        assert recv_exactly(c, size) == data, f"connection {i} echoed wrong bytes at offset {offsets[i]}"
-        offsets[i] += size
 
 
 def in_repair(pid: int) -> list[int]:
@@ -80,7 +68,7 @@ def _check_after(server: subprocess.Popen[bytes], ended: bool, images: Path, cli
     if not ended:
         assert server.poll() is None, "the program was ended before the point of no return"
         wait_for(lambda: _settled(server.pid), "the program to go on with no socket in repair mode, unlocked")
-        _echo_round(clients, offsets, 30_000)
+        echo_round(clients, offsets, 30_000)
         if (images / "index.json").exists() or (images / "journal.json").exists():
             why = stale_reason(images)
             assert why is not None and "still running" in why
@@ -90,7 +78,7 @@ def _check_after(server: subprocess.Popen[bytes], ended: bool, images: Path, cli
     receiver = start_receiver(tmp_path / "r.sock", max_seconds=120)
     done = _restore_to(tmp_path / "r.sock", images)
     assert done.returncode == 0, done.stderr
-    _echo_round(clients, offsets, 30_000)
+    echo_round(clients, offsets, 30_000)
     assert sockrepair.list_locks() == []
     return receiver
 
@@ -104,11 +92,11 @@ DUMP_POINTS = [p for stage in DUMP_STAGES for p in (stage, stage + ".end")]
 def test_dump_interrupted(netns, tmp_path, point, action):
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
-    clients = _connect(port, 2)
+    clients = connect_clients(port, 2)
     receiver = None
     try:
         offsets = [0, 0]
-        _echo_round(clients, offsets, 20_000)
+        echo_round(clients, offsets, 20_000)
         images = tmp_path / "img"
         run = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
                               str(images)], env=_fault_env(f"dump:{point}:{action}"), capture_output=True,
@@ -131,10 +119,10 @@ def test_dump_interrupted(netns, tmp_path, point, action):
 def test_dump_leave_running_interrupted(netns, tmp_path, point, action):
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
-    clients = _connect(port, 2)
+    clients = connect_clients(port, 2)
     try:
         offsets = [0, 0]
-        _echo_round(clients, offsets, 20_000)
+        echo_round(clients, offsets, 20_000)
         run = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
                               str(tmp_path / "img"), "--leave-running"], env=_fault_env(f"dump:{point}:{action}"),
                              capture_output=True, text=True, timeout=60)
@@ -170,12 +158,12 @@ def _migrate_cases() -> list[tuple[str, str]]:
 def test_migrate_interrupted(netns, tmp_path, point, action):
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
-    clients = _connect(port, 2)
+    clients = connect_clients(port, 2)
     receiver = start_receiver(tmp_path / "handoff.sock", max_seconds=120)
     restored = None
     try:
         offsets = [0, 0]
-        _echo_round(clients, offsets, 20_000)
+        echo_round(clients, offsets, 20_000)
         journal = tmp_path / "journal"
         run = subprocess.run([sys.executable, "-c", MIGRATE_SCRIPT.format(keep=True), str(server.pid), str(journal),
                               str(tmp_path / "handoff.sock")], env=_fault_env(f"migrate:{point}:{action}"),
@@ -185,7 +173,7 @@ def test_migrate_interrupted(netns, tmp_path, point, action):
         if point == HANDED_OFF:
             # the receiver already serves them: nothing to recover, and the journal says the move is done
             assert server.wait(10) == -signal.SIGKILL
-            _echo_round(clients, offsets, 30_000)
+            echo_round(clients, offsets, 30_000)
             assert sockrepair.list_locks() == []
             assert stale_reason(journal) == "this move completed: its connections live on elsewhere"
             return
@@ -205,17 +193,17 @@ def test_a_sigkilled_dump_never_leaves_the_program_stopped(netns, tmp_path):
     within the guard's cleanup, with its sockets out of repair mode."""
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
-    clients = _connect(port, 1)
+    clients = connect_clients(port, 1)
     try:
         offsets = [0]
-        _echo_round(clients, offsets, 1000)
+        echo_round(clients, offsets, 1000)
         run = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
                               str(tmp_path / "img")], env=_fault_env("dump:checkpoint.end:kill"),
                              capture_output=True, timeout=60)
         assert run.returncode == -signal.SIGKILL
         wait_for(lambda: _settled(server.pid), "the program to go on")
         assert in_repair(server.pid) == []
-        _echo_round(clients, offsets, 1000)
+        echo_round(clients, offsets, 1000)
     finally:
         for c in clients:
             c.close()
@@ -241,10 +229,10 @@ def test_a_program_left_stopped_in_repair_mode_is_recovered_by_a_dump(netns, tmp
 
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
-    clients = _connect(port, 2)
+    clients = connect_clients(port, 2)
     try:
         offsets = [0, 0]
-        _echo_round(clients, offsets, 5000)
+        echo_round(clients, offsets, 5000)
         os.kill(server.pid, signal.SIGSTOP)
         wait_for(lambda: _state(server.pid) == "T", "the program to stop")
         with PidFd(server.pid) as pidfd:
@@ -261,7 +249,7 @@ def test_a_program_left_stopped_in_repair_mode_is_recovered_by_a_dump(netns, tmp
         report = dump(server.pid, tmp_path / "img", after=After.LEAVE_RUNNING)
         assert sorted(report.left_behind) == sorted(stuck)
         wait_for(lambda: _settled(server.pid), "the program to go on")
-        _echo_round(clients, offsets, 20_000)
+        echo_round(clients, offsets, 20_000)
     finally:
         for c in clients:
             c.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,19 +20,7 @@ from sockrepair.move.dump import After, dump
 from sockrepair.move.journal import stale_reason
 from sockrepair.move.procfs import stat
 from tests.root.programs import free_port
-from tests.root.streams import pattern, recv_exactly
-
-
-def _connect(port: int, n: int) -> list[socket.socket]:
-    return [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
-
-
-def _echo_round(clients: list[socket.socket], offsets: list[int], size: int) -> None:
-    for i, c in enumerate(clients):
-        data = pattern(offsets[i], size, salt=i)
-        c.sendall(data)
-        assert recv_exactly(c, size) == data, f"connection {i} echoed wrong bytes at offset {offsets[i]}"
-        offsets[i] += size
+from tests.root.streams import connect_clients, echo_round
 
 
 def restore_cli(directory: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -62,12 +49,12 @@ def _gone(pid: int) -> bool:
 def test_a_network_step_that_fails_leaves_a_journal_that_restore_completes(netns, tmp_path):
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
-    clients = _connect(port, 3)
+    clients = connect_clients(port, 3)
     restored = None
     journal: Path | None = None
     try:
         offsets = [0] * 3
-        _echo_round(clients, offsets, 20_000)
+        echo_round(clients, offsets, 20_000)
 
         def network() -> None:
             raise RuntimeError("the address could not be moved")
@@ -82,7 +69,7 @@ def test_a_network_step_that_fails_leaves_a_journal_that_restore_completes(netns
         assert os.stat(journal / "journal.json").st_mode & 0o777 == 0o600
         assert stale_reason(journal) is None
         restored = restore_into_echo(journal)
-        _echo_round(clients, offsets, 100_000)
+        echo_round(clients, offsets, 100_000)
         assert sockrepair.list_locks() == []
         # restored once: a second restore is refused
         again = restore_cli(journal, "--unix", str(tmp_path / "x.sock"))
@@ -101,15 +88,15 @@ def test_a_network_step_that_fails_leaves_a_journal_that_restore_completes(netns
 def test_a_failure_before_the_kill_leaves_the_program_serving_and_no_journal(netns, tmp_path):
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
-    clients = _connect(port, 2)
+    clients = connect_clients(port, 2)
     try:
         offsets = [0, 0]
-        _echo_round(clients, offsets, 10_000)
+        echo_round(clients, offsets, 10_000)
         # the program has no connection on fd 999: refused before anything is frozen
         with pytest.raises(sockrepair.ProcessError):
             sockrepair.migrate(server.pid, wanted=[999], journal=tmp_path / "j", keep=False)
         assert not (tmp_path / "j" / "journal.json").exists()
-        _echo_round(clients, offsets, 10_000)
+        echo_round(clients, offsets, 10_000)
         assert sockrepair.list_locks() == []
     finally:
         for c in clients:
@@ -120,11 +107,11 @@ def test_a_failure_before_the_kill_leaves_the_program_serving_and_no_journal(net
 def test_a_handoff_target_that_cannot_work_costs_nothing(netns, tmp_path):
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
-    clients = _connect(port, 2)
+    clients = connect_clients(port, 2)
     restored = None
     try:
         offsets = [0, 0]
-        _echo_round(clients, offsets, 10_000)
+        echo_round(clients, offsets, 10_000)
         dump(server.pid, tmp_path / "img", after=After.KILL)
         server.wait(5)
         missing = restore_cli(tmp_path / "img", "--unix", str(tmp_path / "no-such.sock"))
@@ -137,7 +124,7 @@ def test_a_handoff_target_that_cannot_work_costs_nothing(netns, tmp_path):
         # nothing was restored nor unlocked: the connections are still there to be restored
         assert len(sockrepair.list_locks()) == 2
         restored = restore_into_echo(tmp_path / "img")
-        _echo_round(clients, offsets, 50_000)
+        echo_round(clients, offsets, 50_000)
     finally:
         for c in clients:
             c.close()
@@ -150,12 +137,12 @@ def test_a_handoff_target_that_cannot_work_costs_nothing(netns, tmp_path):
 def test_stale_images_are_refused_with_the_reason(netns, tmp_path):
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
-    clients = _connect(port, 1)
+    clients = connect_clients(port, 1)
     try:
         offsets = [0]
-        _echo_round(clients, offsets, 1000)
+        echo_round(clients, offsets, 1000)
         dump(server.pid, tmp_path / "running", after=After.LEAVE_RUNNING)
-        _echo_round(clients, offsets, 1000)
+        echo_round(clients, offsets, 1000)
         refused = restore_cli(tmp_path / "running", "--unix", str(tmp_path / "x.sock"))
         assert refused.returncode == 1, refused.stderr
         assert "stale" in refused.stderr and "still running" in refused.stderr and "--force" in refused.stderr
@@ -176,11 +163,11 @@ def test_an_exec_that_fails_after_the_restore_puts_the_connections_back(netns, t
     are locked again and their sockets closed silently; a second restore with a real program serves them."""
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
-    clients = _connect(port, 2)
+    clients = connect_clients(port, 2)
     restored = None
     try:
         offsets = [0, 0]
-        _echo_round(clients, offsets, 10_000)
+        echo_round(clients, offsets, 10_000)
         dump(server.pid, tmp_path / "img", after=After.KILL)
         server.wait(5)
         fake = tmp_path / "fake-elf"
@@ -192,7 +179,7 @@ def test_an_exec_that_fails_after_the_restore_puts_the_connections_back(netns, t
         assert len(sockrepair.list_locks()) == 2
         assert stale_reason(tmp_path / "img") is None
         restored = restore_into_echo(tmp_path / "img")
-        _echo_round(clients, offsets, 50_000)
+        echo_round(clients, offsets, 50_000)
         assert sockrepair.list_locks() == []
     finally:
         for c in clients:
