@@ -27,6 +27,7 @@ from sockrepair.move.journal import (
     load_states,
     mark_completed,
     note_relock,
+    read_source,
     stale_reason,
     wait_free,
 )
@@ -92,7 +93,8 @@ def add_move_commands(sub: Any) -> None:
     src.add_argument("--from-criu", type=Path, metavar="DIR",
                      help="criu image directory (or `sockrepair criu dump` directory): restore its TCP connections")
     p.add_argument("--netns", metavar="NAME", type=netns_arg,
-                   help="restore inside this network namespace (ip netns name)")
+                   help="restore inside this network namespace (ip netns name); default: the one the images were "
+                   "taken in, as their index records it")
     p.add_argument("--force", action="store_true",
                    help="restore images that look stale (the source went on, the lock expired, already restored)")
     to = p.add_mutually_exclusive_group(required=True)
@@ -178,6 +180,9 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
                              path=str(args.dir))
         states = load_states(args.dir)
         kept = read_kept(args.dir, [s.tuple for s in states])
+        if args.netns is None:
+            # where the connections were: their local addresses are configured there, and their peers locked out
+            args.netns = read_source(args.dir).netns
     conns = [s.tuple for s in states]
     source = args.from_criu or args.dir
     if args.unix_uid and not args.unix:

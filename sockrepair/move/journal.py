@@ -69,6 +69,27 @@ def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
         os.close(fd)
 
 
+def netns_name_of(pid: int) -> str | None:
+    """The `ip netns` name of the process's network namespace (the one in /run/netns that is the same namespace),
+    or None when it is this process's own, or has no name."""
+    try:
+        ours, theirs = os.stat("/proc/self/ns/net"), os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+    if (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino):
+        return None
+    try:
+        names = sorted(os.listdir("/run/netns"))
+    except OSError:
+        return None
+    for name in names:
+        with contextlib.suppress(OSError):
+            st = os.stat(f"/run/netns/{name}")
+            if (st.st_dev, st.st_ino) == (theirs.st_dev, theirs.st_ino):
+                return name
+    return None
+
+
 def _source(pid: int, after: str, ttl: float, netns: str | None) -> dict[str, Any]:
     st = stat(pid)
     return {"pid": pid, "command": st.comm if st is not None else None, "host": socket.gethostname(),
@@ -82,7 +103,7 @@ def write_images(directory: Path, pid: int, pairs: Sequence[tuple[int, Connectio
     connection (sockrepair.image.directory.write_dir, which fsyncs every file and the directory; `dir_fd` is its
     prepare_dir fd), recording the source's identity and the lock's expiry (now + `ttl` seconds). Raises OSError
     (cannot write) or ImageError (a state an image cannot hold, a directory that is not safe to write)."""
-    return write_dir(directory, list(pairs), _source(pid, after, ttl, None), dir_fd)
+    return write_dir(directory, list(pairs), _source(pid, after, ttl, netns_name_of(pid)), dir_fd)
 
 
 def write_journal(directory: Path, pid: int, fds: Sequence[int], images: Sequence[bytes], tuples: Sequence[object],

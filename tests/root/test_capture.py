@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -53,6 +54,36 @@ def test_dump_by_pid_and_restore_into_a_new_program(netns, tmp_path):
         echo_round(clients, offsets, 200_000)
         # and nothing is left locked
         assert sockrepair.list_locks() == []
+    finally:
+        for c in clients:
+            c.close()
+        stop(server)
+        if restored is not None:
+            restored.kill()
+            restored.wait()
+
+
+def test_restore_lands_in_the_namespace_the_images_came_from(ns, tmp_path):
+    """The program runs in a named namespace; dump and restore run from this one, and the restore names no
+    namespace: the index says where the connections were, and they come back there."""
+    with ns.entered():
+        port = free_port()
+    server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
+    restored: subprocess.Popen[bytes] | None = None
+    with ns.entered():
+        clients = connect_clients(port, 2)
+    try:
+        offsets = [0, 0]
+        echo_round(clients, offsets, 10_000)
+        cli = [sys.executable, "-m", "sockrepair.cli.main"]
+        done = subprocess.run([*cli, "dump", "--pid", str(server.pid), "-D", str(tmp_path / "img")],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert json.loads((tmp_path / "img" / "index.json").read_text())["source"]["netns"] == ns.name
+        restored = subprocess.Popen([*cli, "restore", "-D", str(tmp_path / "img"), "--exec", sys.executable,
+                                     str(ECHO_SERVER)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert restored.stdout is not None and restored.stdout.readline().startswith(b"ready")
+        echo_round(clients, offsets, 50_000)
     finally:
         for c in clients:
             c.close()
