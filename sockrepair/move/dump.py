@@ -18,7 +18,7 @@ from sockrepair.engine._states import REPAIRABLE
 from sockrepair.errors import SocketStateError
 from sockrepair.image.directory import Entry, prepare_dir
 from sockrepair.move.freeze import frozen
-from sockrepair.move.journal import write_images
+from sockrepair.move.journal import mark_ended, write_images
 from sockrepair.move.keep import Keeper, Kept
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import ProcSocket, process_name, tcp_sockets
@@ -130,7 +130,7 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
                         os.kill(pid, signal.SIGCONT)
             else:
                 with timings.timed(Stage.KILL):
-                    end_source(cap)
+                    end_source(cap, passed=lambda: mark_ended(directory))
         if keeper is not None and after is After.KILL:
             with timings.timed(Stage.KEEP):
                 kept = keeper.write(dir_fd, [s.tuple for s in cap.sockets])

@@ -42,6 +42,9 @@ from sockrepair.private import open_dir, open_private, read_regular
 from sockrepair.state import ConnectionState
 
 COMPLETED = "completed"
+# written when the move passed its point of no return (the source is ended from then on): images without it are of a
+# move that was undone, whose program went on with the connections
+ENDED = "ended"
 JOURNAL_INDEX = "journal.json"
 JOURNAL_IMAGES = "journal.img"
 JOURNAL_VERSION = 1
@@ -197,6 +200,15 @@ def load_states(directory: Path) -> list[ConnectionState]:
     return states
 
 
+def mark_ended(directory: Path) -> None:
+    """The move passed its point of no return: its source is being ended (fsynced, so that a crash right after
+    still leaves the images restorable)."""
+    with open_private(directory / ENDED) as f:
+        f.write(f"{time.time():.3f}\n".encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def mark_completed(directory: Path, created: bool) -> None:
     """The move is done: a directory the journal created is removed, one the caller gave gets a `completed` file,
     so that no restore brings the connections back a second time."""
@@ -311,6 +323,9 @@ def stale_reason(directory: Path, now: float | None = None) -> str | None:
                     "images were written")
     if src.after == "leave-running":
         return "the dump left the program running: its connections went on after these images were written"
+    if src.after == "kill" and not (directory / ENDED).exists():
+        return ("the move was undone before its source was ended: the program went on with these connections "
+                "(if you know it was ended, --force)")
     now = time.time() if now is None else now
     if src.lock_expires is not None and now > src.lock_expires:
         return (f"the lock expired {now - src.lock_expires:.0f} s ago: what the peers sent since was answered "

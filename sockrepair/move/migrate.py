@@ -23,6 +23,7 @@ from sockrepair.move.journal import (
     discard_journal,
     hold_directory,
     mark_completed,
+    mark_ended,
     new_directory,
     write_journal,
 )
@@ -159,7 +160,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
                 write_journal(directory, pid, [s.fd for s in cap.sockets], images, tuples, ttl=ttl, netns=dest_netns)
             with timings.timed(Stage.CLOSE):
                 try:
-                    end_source(cap)
+                    end_source(cap, passed=lambda: mark_ended(directory))
                 finally:
                     ended = cap.ended
         if network is not None:

@@ -8,7 +8,7 @@ import contextlib
 import os
 import select
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -310,7 +310,7 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
                         os.close(fd)
 
 
-def end_source(cap: Captured, timeout: float = KILL_TIMEOUT) -> None:
+def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[], object] | None = None) -> None:
     """End the source of a capture once the states are safe elsewhere: check that no frozen socket sent or received
     since its checkpoint, discard them all (no FIN, no RST), then SIGKILL the frozen process (its own copies of the
     sockets close while still in repair mode) and wait for it to exit, so that a restore on this host does not
@@ -321,7 +321,9 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT) -> None:
     has not exited `timeout` seconds after SIGKILL.
 
     From the first discard on, the source is ended whatever happens (`cap.ended`): a socket discarded here is still
-    in repair mode in the process, which must not run again. SIGINT, SIGTERM and SIGHUP wait until it is done."""
+    in repair mode in the process, which must not run again. SIGINT, SIGTERM and SIGHUP wait until it is done.
+    `passed` runs right after the guard was told the point of no return is passed, before the first discard (the
+    movers mark their image directory there: sockrepair.move.journal.mark_ended)."""
     for s, fd, state in zip(cap.sockets, cap.fds, cap.states):
         try:
             ensure_unchanged(fd, state)
@@ -330,6 +332,8 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT) -> None:
     with deferred_signals():
         cap.freezer.ending()
         cap.ended = True
+        if passed is not None:
+            passed()
         try:
             for fd in cap.fds:
                 discard(fd)

@@ -20,6 +20,7 @@ from sockrepair.move.journal import (
     JOURNAL_INDEX,
     load_states,
     mark_completed,
+    mark_ended,
     note_relock,
     read_source,
     stale_reason,
@@ -54,6 +55,9 @@ def test_a_packed_journal_reads_back_and_is_private(tmp_path: Path) -> None:
     assert (tmp_path / "j").stat().st_mode & 0o777 == 0o700
     src = read_source(tmp_path / "j")
     assert src.after == "kill" and src.netns == "b" and src.lock_expires is not None
+    why = stale_reason(tmp_path / "j")  # the mover died before its point of no return: the program went on
+    assert why is not None and "undone before its source was ended" in why
+    mark_ended(tmp_path / "j")
     assert stale_reason(tmp_path / "j") is None
 
 
@@ -88,6 +92,9 @@ def test_stale_reasons(tmp_path: Path) -> None:
     why = stale_reason(tmp_path / "left")
     assert why is not None and "left the program running" in why
     write_images(tmp_path / "ok", _dead_pid(), [(3, states[0])], after="kill", ttl=30)
+    why = stale_reason(tmp_path / "ok")
+    assert why is not None and "undone before its source was ended" in why
+    mark_ended(tmp_path / "ok")
     assert stale_reason(tmp_path / "ok") is None
     why = stale_reason(tmp_path / "ok", now=time.time() + 40)
     assert why is not None and "lock expired" in why
