@@ -46,6 +46,7 @@ def test_migrate_to_a_new_program_under_traffic():
         assert list(report.phases_ms) == ["freeze", "lock", "checkpoint", "serialize", "journal", "close", "transfer",
                                           "restore", "deliver", "unlock", "handoff"]
         assert report.kept.recording and report.kept.fell_back == 0
-        assert 0 < sum(ms for k, ms in report.phases_ms.items() if k != "handoff") <= report.downtime_ms
+        # downtime counts from the kept freeze: the freeze stage also holds the attempts a busy program cost before
+        assert 0 < sum(ms for k, ms in report.phases_ms.items() if k not in ("freeze", "handoff")) <= report.downtime_ms
         with ns.entered():
             assert sockrepair.list_locks() == []
