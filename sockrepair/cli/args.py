@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import pwd
 
 from sockrepair.lock.locker import MAX_TTL
@@ -27,13 +26,17 @@ def ttl_arg(text: str) -> float:
     return value
 
 
+# a day: longer runs are no demo or timeout anyone means, and time arithmetic stays in range
+MAX_SECONDS = 86400.0
+
+
 def seconds_arg(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"want a positive number of seconds, not {text}")
+    if not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"want a number of seconds in (0, {MAX_SECONDS:g}], not {text}")
     return value
 
 
