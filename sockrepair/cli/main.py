@@ -16,6 +16,7 @@ from sockrepair.cli.move import add_move_commands
 from sockrepair.cli.output import print_error, print_json
 from sockrepair.cli.verify import add_verify_command
 from sockrepair.errors import ImageError, SockrepairError
+from sockrepair.move.stages import InjectedFault
 from sockrepair.private import open_regular, read_regular
 
 # packets.img (sockrepair.image.packets.MAGIC), named here so that `show` of an image does not load construct
@@ -132,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for note in getattr(exc, "__notes__", ()):
             print(f"sockrepair: {note}", file=sys.stderr)
         return 130
-    except (SockrepairError, OSError) as exc:
+    except (SockrepairError, OSError, InjectedFault) as exc:
         print_error(exc, as_json=getattr(args, "json", False))
         return 1
     finally:

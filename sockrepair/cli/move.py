@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -24,9 +25,12 @@ from sockrepair.move.handoff import (
     send_to_receiver,
 )
 from sockrepair.move.journal import (
+    COMPLETED,
     load_states,
     mark_completed,
+    mark_handed,
     note_relock,
+    read_handed,
     read_source,
     stale_reason,
     wait_free,
@@ -35,6 +39,8 @@ from sockrepair.move.keep import netns_path, read_kept, send_kept
 from sockrepair.move.land import put_back, restore_all, unlock_in
 from sockrepair.move.procfs import stat
 from sockrepair.move.quiesce import DEFAULT_TIMEOUT, OnBusy, Quiescence
+from sockrepair.move.restoreguard import RestoreGuard
+from sockrepair.move.stages import Stage, Timings
 from sockrepair.move.take import deferred_signals
 from sockrepair.state import ConnectionState
 
@@ -166,66 +172,110 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
+    stages = Timings("restore")
     kept: list[bytes] = []
-    if args.from_criu is not None:
-        states = load_criu_states(args.from_criu)
-    else:
-        # a move killed a moment ago may have left its guard still saving the connections here: wait for it; the
-        # lock, kept until this process exits, also keeps a second restore of DIR out
-        # held until the restore ended
-        held.callback(os.close, wait_free(args.dir))
-        why = None if args.force else stale_reason(args.dir)
-        if why is not None:
-            raise ImageError(f"{args.dir}: not restoring stale images: {why} (--force restores them anyway)",
-                             path=str(args.dir))
-        states = load_states(args.dir)
-        kept = read_kept(args.dir, [s.tuple for s in states])
-        if args.netns is None:
-            # where the connections were: their local addresses are configured there, and their peers locked out
-            args.netns = read_source(args.dir).netns
-    conns = [s.tuple for s in states]
+    inherit: list[int] = []
+    with stages.timed(Stage.LOAD):
+        if args.from_criu is not None:
+            states = load_criu_states(args.from_criu)
+        else:
+            # a move killed a moment ago may have left its guard still saving the connections here: wait for it; the
+            # lock, kept until this process and the restore's guard are gone, also keeps a second restore of DIR out
+            inherit.append(wait_free(args.dir))
+            held.callback(os.close, inherit[0])
+            states = load_states(args.dir)
+            if args.netns is None:
+                # where the connections were: their local addresses are configured there, and their peers locked out
+                args.netns = read_source(args.dir).netns
+            states = _unlock_handed(args.dir, args.netns, states)
+            if not states:
+                return 0
+            why = None if args.force else stale_reason(args.dir)
+            if why is not None:
+                raise ImageError(f"{args.dir}: not restoring stale images: {why} (--force restores them anyway)",
+                                 path=str(args.dir))
+            kept = read_kept(args.dir, [s.tuple for s in states])
+        conns = [s.tuple for s in states]
+        if args.unix_uid and not args.unix:
+            raise HandoffError("--unix-uid goes with --unix")
+        # the handoff's target is checked before anything is restored: a wrong path must not cost the connections
+        if args.exec_argv is not None:
+            runnable(args.exec_argv[0] if args.exec_argv else "")
+            unix = None
+        else:
+            unix = connect_receiver(args.unix, args.unix_uid)
+            held.enter_context(unix)
     source = args.from_criu or args.dir
-    if args.unix_uid and not args.unix:
-        raise HandoffError("--unix-uid goes with --unix")
-    # the handoff's target is checked before anything is restored: a wrong path must not cost the connections
-    if args.exec_argv is not None:
-        runnable(args.exec_argv[0] if args.exec_argv else "")
-        unix = None
-    else:
-        unix = connect_receiver(args.unix, args.unix_uid)
-    with contextlib.ExitStack() as stack:
-        if unix is not None:
-            stack.enter_context(unix)
+    guard = RestoreGuard(conns, args.netns, args.dir, inherit)
+    socks: list[socket.socket] = []
+    handed = False
+    try:
         with deferred_signals():
-            socks = restore_all(states, args.netns)
-            delivered = send_kept(kept, netns_path(args.netns))
+            with stages.timed(Stage.RESTORE):
+                socks = restore_all(states, args.netns, on_restored=guard.hold)
+            with stages.timed(Stage.DELIVER):
+                delivered = send_kept(kept, netns_path(args.netns))
             if unix is not None:
-                try:
+                with stages.timed(Stage.HANDOFF):
+                    guard.handing()
                     # passed before the unlock: if that fails, the connections are still locked and can be put back
                     send_to_receiver(unix, socks, conns)
-                except HandoffError as exc:
-                    _put_back([s.detach() for s in socks], states, args, exc)
-                    raise
-            unlock_in(args.netns, states)
-            if args.dir is not None:
-                mark_completed(args.dir, created=False)
-        print(f"restored {len(socks)} connection(s) from {source}"
-              + (f"; delivered {delivered} packet(s) their peers sent while locked" if delivered else ""),
-              file=sys.stderr)
-        if unix is not None:
-            return 0
-    # marked completed above, so a second restore refuses DIR anyway; and exec_with_sockets places the sockets at
-    # fds 3.., where the held lock's fd may be
-    held.close()
-    try:
-        exec_with_sockets(args.exec_argv, socks, conns)
+                    handed = True
+                    if args.dir is not None:
+                        mark_handed(args.dir, conns)
+                with stages.timed(Stage.UNLOCK):
+                    unlock_in(args.netns, states)
+                    if args.dir is not None:
+                        mark_completed(args.dir, created=False)
+                guard.close()
+                print(f"restored {len(socks)} connection(s) from {source}"
+                      + (f"; delivered {delivered} packet(s) their peers sent while locked" if delivered else ""),
+                      file=sys.stderr)
+                return 0
+        # the exec's program is given the connections still locked; the guard unlocks them once it holds them (and
+        # marks the move completed), or puts them back if this process dies before the exec
+        held.close()  # exec_with_sockets places the sockets at fds 3.., where the held lock's fd may be
+        with stages.timed(Stage.HANDOFF):
+            guard.keep_above(SD_LISTEN_FDS_START + len(socks))
+            guard.handing()
+            exec_with_sockets(args.exec_argv, socks, conns)
     except HandoffError as exc:
-        # exec_with_sockets moved the sockets to fds 3.. before the exec failed
-        for s in socks:
-            s.detach()
-        _put_back(list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(socks))), states, args, exc)
+        if socks and not handed:
+            if args.exec_argv is not None:
+                # exec_with_sockets moved the sockets to fds 3.. before the exec failed
+                for s in socks:
+                    s.detach()
+                _put_back(list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(socks))), states, args, exc)
+            else:
+                _put_back([s.detach() for s in socks], states, args, exc)
+        guard.close()
+        raise
+    except BaseException as exc:
+        if socks and not handed:
+            _put_back([s.detach() for s in socks], states, args, exc)
+        elif handed and args.dir is not None:
+            exc.add_note(f"the connections were handed off, perhaps still locked: `sockrepair restore -D {args.dir} "
+                         "...` again unlocks them")
+        guard.close()
         raise
     return 0  # not reached: exec replaced this process
+
+
+def _unlock_handed(directory: Path, netns: str | None, states: list[ConnectionState]) -> list[ConnectionState]:
+    """The states of `directory` that no earlier restore handed off: those it did (sockrepair.move.journal.HANDED)
+    are in a program now, perhaps still locked (that restore was interrupted before its unlock): unlocked here,
+    never restored twice."""
+    handed = read_handed(directory)
+    if not handed or (directory / COMPLETED).exists():
+        return states
+    done = [s for s in states if str(s.tuple) in handed]
+    unlock_in(netns, done)
+    rest = [s for s in states if str(s.tuple) not in handed]
+    if not rest:
+        mark_completed(directory, created=False)
+    print(f"{len(done)} connection(s) of {directory} were handed off by an earlier restore: unlocked them"
+          + (f"; restoring the {len(rest)} other(s)" if rest else ""), file=sys.stderr)
+    return rest
 
 
 def _put_back(fds: list[int], states: list[ConnectionState], args: argparse.Namespace, exc: BaseException) -> None:
@@ -235,5 +285,6 @@ def _put_back(fds: list[int], states: list[ConnectionState], args: argparse.Name
     if args.dir is not None:
         retry = f" `sockrepair restore -D {args.dir}{' --netns ' + args.netns if args.netns else ''} ...`"
         note_relock(args.dir, time.time() + RELOCK_TTL)
+    fix = "fix the handoff's target and " if isinstance(exc, HandoffError) else ""
     exc.add_note(f"the connections were locked again for {RELOCK_TTL:g} s and their restored sockets closed "
-                 f"silently: fix the handoff's target and restore again{retry} before then")
+                 f"silently: {fix}restore again{retry} before then")

@@ -30,7 +30,7 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -331,7 +331,7 @@ class _Landing:
         from sockrepair.state import ConnTuple
 
         if self.handing:
-            elsewhere = _held_elsewhere([os.fstat(sock.fileno()).st_ino for sock in self.socks])
+            elsewhere = held_elsewhere([os.fstat(sock.fileno()).st_ino for sock in self.socks])
             mine = [i for i, sock in enumerate(self.socks) if os.fstat(sock.fileno()).st_ino not in elsewhere]
             for i, sock in enumerate(self.socks):
                 if i not in mine:
@@ -365,16 +365,16 @@ class _Landing:
 HANDOFF_GRACE = 0.5  # seconds for sockets in flight over SCM_RIGHTS to reach the program they were sent to
 
 
-def _held_elsewhere(inodes: Sequence[int]) -> set[int]:
-    """The socket inodes among `inodes` that a process other than this one has open, looked for in /proc/*/fd
-    until all are found or HANDOFF_GRACE seconds have passed."""
+def held_elsewhere(inodes: Sequence[int], exclude: Collection[int] = ()) -> set[int]:
+    """The socket inodes among `inodes` that a process other than this one (and the pids in `exclude`) has open,
+    looked for in /proc/*/fd until all are found or HANDOFF_GRACE seconds have passed."""
     wanted = {f"socket:[{ino}]": ino for ino in inodes}
     found: set[int] = set()
     deadline = time.monotonic() + HANDOFF_GRACE
-    me = str(os.getpid())
+    skip = {str(os.getpid()), *map(str, exclude)}
     while True:
         for pid in os.listdir("/proc"):
-            if not pid.isdigit() or pid == me:
+            if not pid.isdigit() or pid in skip:
                 continue
             with contextlib.suppress(OSError):
                 for fd in os.listdir(f"/proc/{pid}/fd"):

@@ -9,7 +9,9 @@ what makes the images stale: the source's pid and start time (images of a progra
 after a `--leave-running` dump, no longer describe its connections), `after` ("kill" or "leave-running"), and
 `lock_expires` (wall-clock seconds: once the lock is gone the peer has been answered by a reset, or by the program,
 since). A completed move leaves a `completed` file: its images describe connections that
-live elsewhere now."""
+live elsewhere now. A restore that handed connections off but may not have unlocked them leaves a `handed` file
+listing them: restoring those again would duplicate them, so a second restore only unlocks them (and restores the
+others)."""
 
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ COMPLETED = "completed"
 # written when the move passed its point of no return (the source is ended from then on): images without it are of a
 # move that was undone, whose program went on with the connections
 ENDED = "ended"
+# a JSON list of the tuples (ADDR:PORT->ADDR:PORT text) a restore handed off to a program, before it unlocked them
+HANDED = "handed"
 JOURNAL_INDEX = "journal.json"
 JOURNAL_IMAGES = "journal.img"
 JOURNAL_VERSION = 1
@@ -217,6 +221,34 @@ def mark_completed(directory: Path, created: bool) -> None:
         return
     with open_private(directory / COMPLETED) as f:
         f.write(f"{time.time():.3f}\n".encode())
+
+
+def mark_handed(directory: Path, tuples: Sequence[object]) -> None:
+    """These connections (`tuples`, with those already recorded) are in a program now: a later restore of
+    `directory` must not make them again, only unlock them. Written to a temporary name, fsynced and renamed, so that
+    a crash leaves the old list or the new one."""
+    names = sorted(read_handed(directory) | {str(t) for t in tuples})
+    part = directory / (HANDED + ".part")
+    with contextlib.suppress(FileNotFoundError):
+        part.unlink()
+    with open_private(part) as f:
+        f.write(json.dumps(names).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(part, directory / HANDED)
+    _fsync_path(directory, os.O_DIRECTORY)
+
+
+def read_handed(directory: Path) -> set[str]:
+    """The tuples (text) mark_handed() recorded in `directory` (none: empty). Raises ImageError (`.path`) for a file
+    that is not a JSON list of strings."""
+    path = directory / HANDED
+    if not path.exists():
+        return set()
+    names = _read_json(path)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ImageError(f"{path}: not a list of connections", path=str(path))
+    return set(names)
 
 
 def discard_journal(directory: Path, created: bool) -> None:

@@ -2,7 +2,8 @@
 `phases_ms`), what it does, and which job runs it. migrate() and dump() time their work only through
 Timings.timed(stage), which takes a member of this table: a report carries no stage the table does not explain.
 
-Fault injection, for tests: with SOCKREPAIR_FAULT=JOB:STAGE:ACTION in the environment (e.g. "migrate:close:kill"),
+Fault injection, for tests: with SOCKREPAIR_FAULT=JOB:STAGE:ACTION in the environment (e.g. "migrate:close:kill";
+JOB is migrate, dump or restore),
 the mover raises InjectedFault (ACTION "raise") or sends itself SIGINT, SIGTERM or SIGKILL ("int", "term", "kill")
 as stage STAGE of JOB begins; "STAGE.end" acts once the stage's work is done, before the next stage."""
 
@@ -17,13 +18,17 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
 
-Job = Literal["migrate", "dump"]
+Job = Literal["migrate", "dump", "restore"]
 BOTH: tuple[Job, ...] = ("migrate", "dump")
+LANDING: tuple[Job, ...] = ("migrate", "restore")
 
 
 class Stage(Enum):
-    """Name, what it does, and the jobs that run it; listed in the order they run."""
+    """Name, what it does, and the jobs that run it; listed in the order they run (but `sockrepair restore
+    --unix` hands off before it unlocks, and with --exec its guard unlocks once the program runs)."""
 
+    LOAD = ("load", "restore: wait until no move holds the image directory, check that its images are not stale, "
+            "read them and the packets kept beside them, check the handoff's target", ("restore",))
     FREEZE = ("freeze", "stop every thread of the process (cgroup v2 freezer, else SIGSTOP) where every thread waits: "
               "a busy one is let go and stopped again, within the quiescence timeout (sockrepair.move.quiesce)", BOTH)
     LOCK = ("lock", "drop the connections' packets with the nftables lock, in the process's namespace (migrate: "
@@ -42,12 +47,15 @@ class Stage(Enum):
             "(packets.img: restore -D delivers it)", ("dump",))
     NETWORK = "network", "the caller's network step (e.g. move the service address to the destination)", ("migrate",)
     TRANSFER = "transfer", "decode the image bytes into states", ("migrate",)
-    RESTORE = "restore", "make every socket again in the destination namespace, all or none", ("migrate",)
+    RESTORE = ("restore", "make every socket again in the destination namespace, all or none (restore: each "
+               "duplicated to its guard, sockrepair.move.restoreguard, as soon as it is made)", LANDING)
     DELIVER = ("deliver", "send the restored sockets what their peers sent while locked (kept by the lock at "
-               "prerouting), before the unlock", ("migrate",))
-    UNLOCK = ("unlock", "release the lock in both namespaces: the connections are live again; then deliver what "
-              "the lock kept during the delivery", ("migrate",))
-    HANDOFF = "handoff", "pass the restored sockets to the caller's program", ("migrate",)
+               "prerouting; restore: read from packets.img), before the unlock", LANDING)
+    UNLOCK = ("unlock", "release the lock in both namespaces (restore: in the one restored into, and mark the move "
+              "completed): the connections are live again; migrate then delivers what the lock kept during the "
+              "delivery", LANDING)
+    HANDOFF = ("handoff", "pass the restored sockets to the caller's program (restore: over --unix, then record "
+               "them as handed off in the directory; or exec --exec)", LANDING)
 
     key: str
     does: str

@@ -254,3 +254,102 @@ def test_a_program_left_stopped_in_repair_mode_is_recovered_by_a_dump(netns, tmp
         for c in clients:
             c.close()
         stop(server)
+
+
+RESTORE_STAGES = ["load", "restore", "deliver", "handoff", "unlock"]
+RESTORE_POINTS = [p for stage in RESTORE_STAGES for p in (stage, stage + ".end")]
+
+
+def _first_restore_completes(point: str, action: str) -> bool:
+    """Whether the interrupted restore got the connections to the receiver and unlocked them itself (SIGTERM is held
+    back from the restore to the unlock, which then ends first) or its guard did (SIGKILL once the handoff was
+    done)."""
+    if point == "unlock.end":
+        return True
+    if action == "term":
+        return not point.startswith("load")
+    return action == "kill" and point in ("handoff.end", "unlock")
+
+
+def _no_sockrepair_elements() -> bool:
+    """`nft list ruleset` of this namespace holds no element of a sockrepair lock (the table itself may stay)."""
+    ruleset = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout
+    return "elements" not in ruleset
+
+
+@pytest.mark.parametrize("action", ["raise", "term", "kill"])
+@pytest.mark.parametrize("point", RESTORE_POINTS)
+def test_restore_interrupted(netns, tmp_path, point, action):
+    """`sockrepair restore -D` of a killed program's images, interrupted at each point: run again (never with
+    --force), it restores what was not restored, only unlocks what an earlier run handed off, or says the move
+    completed; every byte echoes once and in order, no socket is left in repair mode, nothing stays locked."""
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    clients = connect_clients(port, 2)
+    receiver = start_receiver(tmp_path / "r.sock", max_seconds=120)
+    try:
+        offsets = [0, 0]
+        echo_round(clients, offsets, 20_000)
+        images = tmp_path / "img"
+        dumped = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
+                                 str(images)], capture_output=True, text=True, timeout=60)
+        assert dumped.returncode == 0, dumped.stderr
+        assert server.wait(10) == -signal.SIGKILL
+        first = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "restore", "-D", str(images), "--unix",
+                                str(tmp_path / "r.sock")], env=_fault_env(f"restore:{point}:{action}"),
+                               capture_output=True, text=True, timeout=60)
+        assert first.returncode != 0
+        assert "Traceback" not in first.stderr, first.stderr
+        if action == "kill":
+            assert first.returncode == -signal.SIGKILL
+        again = _restore_to(tmp_path / "r.sock", images)
+        if _first_restore_completes(point, action):
+            assert again.returncode == 1 and "this move completed" in again.stderr, again.stderr
+        else:
+            assert again.returncode == 0, (first.stderr, again.stderr)
+        if action == "raise" and point in ("handoff.end", "unlock"):
+            assert "handed off by an earlier restore: unlocked them" in again.stderr, again.stderr
+        elif action == "raise" and point in ("restore.end", "deliver", "deliver.end", "handoff"):
+            assert "restored sockets closed silently" in first.stderr, first.stderr
+        assert stale_reason(images) == "this move completed: its connections live on elsewhere"
+        echo_round(clients, offsets, 30_000)
+        assert in_repair(receiver.pid) == []
+        assert sockrepair.list_locks() == []
+        assert _no_sockrepair_elements()
+    finally:
+        for c in clients:
+            c.close()
+        stop(server)
+        stop(receiver)
+
+
+@pytest.mark.parametrize("action", ["raise", "kill"])
+@pytest.mark.parametrize("point", ["deliver.end", "handoff"])
+def test_restore_exec_interrupted_before_the_exec(netns, tmp_path, point, action):
+    """`restore --exec` stopped before the exec: the connections are put back (locked, closed silently), and a
+    second restore (here over --unix) brings every one of them back."""
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    clients = connect_clients(port, 2)
+    receiver = start_receiver(tmp_path / "r.sock", max_seconds=120)
+    try:
+        offsets = [0, 0]
+        echo_round(clients, offsets, 20_000)
+        images = tmp_path / "img"
+        dumped = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
+                                 str(images)], capture_output=True, text=True, timeout=60)
+        assert dumped.returncode == 0, dumped.stderr
+        first = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "restore", "-D", str(images), "--exec",
+                                "cat"], env=_fault_env(f"restore:{point}:{action}"), capture_output=True, text=True,
+                               timeout=60)
+        assert first.returncode == (1 if action == "raise" else -signal.SIGKILL), first.stderr
+        again = _restore_to(tmp_path / "r.sock", images)
+        assert again.returncode == 0, (first.stderr, again.stderr)
+        echo_round(clients, offsets, 30_000)
+        assert in_repair(receiver.pid) == []
+        assert sockrepair.list_locks() == []
+    finally:
+        for c in clients:
+            c.close()
+        stop(server)
+        stop(receiver)

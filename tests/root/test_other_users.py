@@ -87,7 +87,7 @@ def test_restore_refuses_the_receiver_before_restoring_anything(listener_as: obj
     path = listener_as(NOBODY)  # type: ignore[operator]
     write_dir(tmp_path / "img", [(3, STATE)], {})
     restored: list[object] = []
-    monkeypatch.setattr("sockrepair.cli.move.restore_all", lambda *a: restored.append(a) or [])
+    monkeypatch.setattr("sockrepair.cli.move.restore_all", lambda *a, **kw: restored.append(a) or [])
     monkeypatch.setattr("sockrepair.cli.move.unlock_in", lambda *a: None)
     code, out, err = run_main("restore", "-D", str(tmp_path / "img"), "--unix", str(path))
     assert code == 1 and err.count("\n") == 1

@@ -17,6 +17,7 @@ def test_the_table_keeps_the_report_keys_in_run_order() -> None:
     assert _keys("migrate") == ["freeze", "lock", "checkpoint", "serialize", "journal", "close", "network", "transfer",
                                 "restore", "deliver", "unlock", "handoff"]
     assert _keys("dump") == ["freeze", "lock", "checkpoint", "write", "resume", "kill", "keep"]
+    assert _keys("restore") == ["load", "restore", "deliver", "unlock", "handoff"]
     assert all(stage.does and stage.jobs for stage in Stage)
     assert all(stage.value == stage.key for stage in Stage)
 

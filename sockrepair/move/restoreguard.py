@@ -1,0 +1,173 @@
+"""The guard of `sockrepair restore`: a process forked before the first socket is restored, holding a duplicate of
+each restored socket until the handoff is over, so that whatever kills the restorer, the kernel closes none of the
+restored connections (a FIN, and a socket left holding the 4-tuple, which no second restore could take back).
+
+When the restorer is gone without saying goodbye (SIGKILL), the guard finishes or undoes what it began:
+- the handoff had not begun: the connections are still locked, and their images, with the packets kept beside them,
+  still describe them exactly (nothing left the host; what came in was those packets, which the next restore
+  delivers again). The guard puts each socket back in repair mode and closes it: silently, the 4-tuple free again.
+  `sockrepair restore -D DIR` restores them again.
+- the handoff had begun: the sockets another process holds now (the receiver at --unix, or the program --exec
+  became) were handed off. The guard records them in the directory (sockrepair.move.journal.mark_handed), unlocks
+  them and, when all were, marks the move completed; the others it puts back as above.
+An exec closes the restorer's end of the guard's socket pair as its death does; the guard tells them apart by the
+restorer's PF_EXITING flag (/proc/PID/stat field 9, set as the kernel's do_exit() begins, before it closes files).
+
+The guard is a grandchild (forked twice) so that it outlives an --exec without becoming the new program's child; it
+ignores SIGINT, SIGTERM and SIGHUP, which a terminal sends to the whole process group, and keeps the fds `inherit`
+(the flock on the image directory: a second restore waits until the guard is done)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+from sockrepair.state import ConnTuple
+
+_HOLD = b"h"
+_HANDING = b"handing"
+_CLOSE = b"close"
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+PF_EXITING = 0x4  # include/linux/sched.h
+
+
+def exiting(pid: int) -> bool:
+    """Whether process `pid` is gone or on its way out (PF_EXITING, /proc/PID/stat field 9)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+    except OSError:
+        return True
+    return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & PF_EXITING)
+
+
+class RestoreGuard:
+    """The guard of one restore of `tuples` into `netns` (None: this namespace) from `directory` (None: criu's
+    images, where nothing is recorded). hold() each restored socket, handing() as the handoff begins, close() once
+    the sockets are handed off or closed (put back) by the restorer."""
+
+    def __init__(self, tuples: Sequence[ConnTuple], netns: str | None, directory: Path | None,
+                 inherit: Sequence[int] = ()) -> None:
+        restorer = os.getpid()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # a signal arriving during the fork would run its handler inside Python's at-fork hooks, which print the
+        # exception it raises and go on: held back, it is delivered once the fork is done
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            child = os.fork()
+            if child == 0:
+                try:
+                    for sig in _SIGNALS:
+                        signal.signal(sig, signal.SIG_IGN)
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                    if os.fork() == 0:
+                        keep = {theirs.fileno(), *inherit}
+                        for name in os.listdir("/proc/self/fd"):
+                            if int(name) > 2 and int(name) not in keep:
+                                with contextlib.suppress(OSError):
+                                    os.close(int(name))
+                        _Guard(restorer, [str(t) for t in tuples], netns, directory).run(theirs)
+                finally:
+                    os._exit(0)
+            os.waitpid(child, 0)
+            theirs.close()
+            self._chan: socket.socket | None = ours
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def hold(self, sock: socket.socket) -> None:
+        """Give the guard a duplicate of the next restored socket (in the order of `tuples`)."""
+        assert self._chan is not None
+        socket.send_fds(self._chan, [_HOLD], [sock.fileno()])
+
+    def handing(self) -> None:
+        """The handoff begins: if the restorer dies from now on, the sockets another process holds were handed off."""
+        assert self._chan is not None
+        self._chan.send(_HANDING)
+
+    def keep_above(self, low: int) -> None:
+        """Move the guard's socket to an fd number >= `low`, out of the way of the fds an exec hands over (a dup2
+        onto it would close it: the guard would take that for the exec)."""
+        assert self._chan is not None
+        old = self._chan.detach()
+        new = fcntl.fcntl(old, fcntl.F_DUPFD_CLOEXEC, low)
+        os.close(old)
+        self._chan = socket.socket(fileno=new)
+
+    def close(self) -> None:
+        """Goodbye: the guard closes its duplicates (the sockets are the program's now, or were closed in repair mode
+        by the restorer) and exits."""
+        if self._chan is not None:
+            with contextlib.suppress(OSError):
+                self._chan.send(_CLOSE)
+            self._chan.close()
+            self._chan = None
+
+    def __enter__(self) -> RestoreGuard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Guard:
+    """The guard's side (see the module's docstring); run() never returns."""
+
+    def __init__(self, restorer: int, tuples: list[str], netns: str | None, directory: Path | None) -> None:
+        self.restorer = restorer
+        self.tuples = tuples
+        self.netns = netns
+        self.directory = directory
+        self.socks: list[socket.socket] = []
+        self.handing = False
+
+    def run(self, chan: socket.socket) -> None:
+        status = 0
+        try:
+            while True:
+                data, fds, _, _ = socket.recv_fds(chan, 64, 1)
+                if data == _HOLD:
+                    self.socks += [socket.socket(fileno=fd) for fd in fds]
+                elif data == _HANDING:
+                    self.handing = True
+                elif data == _CLOSE:
+                    break
+                elif not data:
+                    self._finish()
+                    break
+        except BaseException:
+            status = 1
+        finally:
+            os._exit(status)
+
+    def _finish(self) -> None:
+        from sockrepair.engine._repair import repair_on
+        from sockrepair.lock import Locker
+        from sockrepair.move.freeze import held_elsewhere
+        from sockrepair.move.journal import mark_completed, mark_handed
+        from sockrepair.netns import named
+
+        handed: list[int] = []
+        if self.handing and self.socks:
+            inodes = [os.fstat(s.fileno()).st_ino for s in self.socks]
+            # a dying restorer may still list the sockets for a moment; one that exec'd the program holds them
+            found = held_elsewhere(inodes, [self.restorer] if exiting(self.restorer) else [])
+            handed = [i for i, ino in enumerate(inodes) if ino in found]
+        if handed:
+            conns = [self.tuples[i] for i in handed]
+            if self.directory is not None:
+                mark_handed(self.directory, conns)
+            with named(self.netns), Locker() as locker:
+                locker.unlock([ConnTuple.parse(t) for t in conns])
+        for i, sock in enumerate(self.socks):
+            if i not in handed:
+                with contextlib.suppress(OSError):
+                    repair_on(sock.fileno())
+            sock.close()
+        if self.directory is not None and handed and len(handed) == len(self.tuples):
+            mark_completed(self.directory, created=False)
