@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import argparse
 import pwd
+from pathlib import Path
 
 from sockrepair.lock.locker import MAX_TTL
 from sockrepair.state import ConnTuple
+
+
+def path_arg(text: str) -> Path:
+    """A file or directory path; "" is refused (Path("") is ".", which nobody means)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path names no file")
+    return Path(text)
 
 
 def tuple_arg(text: str) -> ConnTuple:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sockrepair.cli.args import path_arg
 from sockrepair.errors import UnsupportedError
 
 EXTRA = "pip install 'sockrepair[bench]'"
@@ -34,7 +35,7 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:  # type: 
     p = subparsers.add_parser("bench", help="measure freeze-to-resume latency, batches, locks and peer gaps "
                               "(root); writes results.json, results.md and plots")
     p.add_argument("--quick", action="store_true", help="a smoke test of the harness, under two minutes")
-    p.add_argument("--out", type=Path, default=Path("bench-out"), help="directory for the report (default: "
+    p.add_argument("--out", type=path_arg, default=Path("bench-out"), help="directory for the report (default: "
                    "./bench-out)")
     p.add_argument("--json", action="store_true", help="also print results.json on stdout")
     p.add_argument("--parts", type=parts_arg, default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")

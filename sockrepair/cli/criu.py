@@ -7,10 +7,9 @@ import argparse
 import shlex
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from sockrepair.cli.args import netns_arg, ttl_arg
+from sockrepair.cli.args import netns_arg, path_arg, ttl_arg
 from sockrepair.cli.output import print_json
 from sockrepair.criu import driver, setup, show
 from sockrepair.criu.compare import DIFFERS, EXPLAINED, NOT_KEPT, compare
@@ -18,6 +17,7 @@ from sockrepair.criu.explain import CriuFailure, Report, explain_dir, explain_fi
 from sockrepair.criu.locate import DEFAULT_PREFIX, PREFIX_VAR
 from sockrepair.criu.manifest import LOCK_SKIP
 from sockrepair.criu.topology import PEER_EXTERNAL, PEER_TREE
+from sockrepair.errors import CriuError
 from sockrepair.lock.locker import MAX_TTL
 
 
@@ -36,7 +36,7 @@ def add_criu_commands(subparsers: Any) -> None:
 
     p = sub.add_parser("dump", help="dump process trees (each with its children) with every connection locked")
     p.add_argument("--pid", type=int, action="append", required=True, help="root of a tree to dump (repeatable)")
-    p.add_argument("-D", "--dir", required=True, type=Path,
+    p.add_argument("-D", "--dir", required=True, type=path_arg,
                    help="directory for the images: created 0700, or an empty one of yours that others cannot write")
     p.add_argument("--allow-external-peers", action="store_true",
                    help="dump even when a loopback peer of the trees stays behind (its connection will break)")
@@ -47,7 +47,7 @@ def add_criu_commands(subparsers: Any) -> None:
     p.set_defaults(func=_explained(cmd_dump))
 
     p = sub.add_parser("restore", help="restore trees dumped by `sockrepair criu dump`, locked until all are back")
-    p.add_argument("-D", "--dir", required=True, type=Path, help="directory written by `sockrepair criu dump`")
+    p.add_argument("-D", "--dir", required=True, type=path_arg, help="directory written by `sockrepair criu dump`")
     p.add_argument("--pid", type=int, action="append",
                    help="restore only this tree, by its root pid (repeatable, in this order); default: all left")
     p.add_argument("--netns", metavar="NAME", type=netns_arg,
@@ -58,7 +58,7 @@ def add_criu_commands(subparsers: Any) -> None:
     p.set_defaults(func=_explained(cmd_restore))
 
     p = sub.add_parser("show", help="the TCP connections in criu images (criu's or `sockrepair criu dump`'s)")
-    p.add_argument("dir", type=Path, help="criu image directory, or a `sockrepair criu dump` directory")
+    p.add_argument("dir", type=path_arg, help="criu image directory, or a `sockrepair criu dump` directory")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--payload", action="store_true", help="with --json: include the queue bytes (base64)")
     p.set_defaults(func=cmd_show)
@@ -71,7 +71,7 @@ def add_criu_commands(subparsers: Any) -> None:
     p.set_defaults(func=_explained(cmd_compare))
 
     p = sub.add_parser("explain", help="name the known errors in criu's logs, with cause and fix")
-    p.add_argument("paths", nargs="+", type=Path, help="criu image directories (their *.log) or log files")
+    p.add_argument("paths", nargs="+", type=path_arg, help="criu image directories (their *.log) or log files")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_explain)
 
@@ -180,6 +180,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     report = Report()
     for path in args.paths:
         report.extend(explain_dir(path) if path.is_dir() else explain_files([path]))
+    if not report.findings and not report.unexplained and not report.log_lines:
+        raise CriuError(f"found nothing criu writes in {', '.join(map(str, args.paths))}: no criu log line and no "
+                        "error it knows (give dump.log, restore.log or criu's output, or their directory)")
     if args.json:
         print_json(report.to_dict())
     else:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sockrepair.cli.args import seconds_arg
+from sockrepair.cli.args import path_arg, seconds_arg
 from sockrepair.cli.bench import add_bench_command
 from sockrepair.cli.criu import add_criu_commands
 from sockrepair.cli.lock import add_lock_commands
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("show", help="print a connection image")
-    p.add_argument("image", type=Path, help="image file written by sockrepair")
+    p.add_argument("image", type=path_arg, help="image file written by sockrepair")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--payload", action="store_true", help="with --json: include the queue bytes (base64)")
     p.set_defaults(func=cmd_show)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sockrepair.cli.args import netns_arg, ttl_arg, uid_arg
+from sockrepair.cli.args import netns_arg, path_arg, ttl_arg, uid_arg
 from sockrepair.cli.output import print_json
 from sockrepair.criu.show import load_states as load_criu_states
 from sockrepair.errors import HandoffError, ImageError
@@ -30,6 +30,7 @@ from sockrepair.move.journal import (
     mark_completed,
     mark_handed,
     note_relock,
+    pending_journals,
     read_handed,
     read_source,
     stale_reason,
@@ -69,7 +70,7 @@ def add_move_commands(sub: Any) -> None:
     p.add_argument("--pid", type=int, required=True, help="the process holding the connections")
     p.add_argument("--fd", type=_fds, action="append",
                    help="only this fd (repeatable); default: every connection (established, connecting or half-closed)")
-    p.add_argument("-D", "--dir", required=True, type=Path,
+    p.add_argument("-D", "--dir", required=True, type=path_arg,
                    help="directory for the images: created 0700, or an empty one of yours that others cannot write")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--leave-running", action="store_true", help="the connections go on in the process")
@@ -94,23 +95,27 @@ def add_move_commands(sub: Any) -> None:
 
     p = sub.add_parser("restore", help="restore dumped connections and hand them to a program")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("-D", "--dir", type=Path,
+    src.add_argument("-D", "--dir", type=path_arg,
                      help="directory written by `sockrepair dump`, or the journal of a move that stopped half-way")
-    src.add_argument("--from-criu", type=Path, metavar="DIR",
+    src.add_argument("--from-criu", type=path_arg, metavar="DIR",
                      help="criu image directory (or `sockrepair criu dump` directory): restore its TCP connections")
+    src.add_argument("--pending", action="store_true",
+                     help="list the journals of moves that stopped half-way (a migrate() killed after it ended its "
+                     "program) in /run/sockrepair and the temporary directory, and whether -D restores each")
     p.add_argument("--netns", metavar="NAME", type=netns_arg,
                    help="restore inside this network namespace (ip netns name); default: the one the images were "
                    "taken in, as their index records it")
     p.add_argument("--force", action="store_true",
                    help="restore images that look stale (the source went on, the lock expired, already restored)")
-    to = p.add_mutually_exclusive_group(required=True)
+    to = p.add_mutually_exclusive_group()
     to.add_argument("--exec", nargs=argparse.REMAINDER, dest="exec_argv", metavar="CMD",
                     help="run CMD with the connections as inherited fds 3.. (LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES)")
     to.add_argument("--unix", metavar="PATH", help="pass the connections over this UNIX socket (SCM_RIGHTS); its "
                     "directory must be yours or root's and not writable by others, its listener run as root or you")
     p.add_argument("--unix-uid", type=uid_arg, action="append", default=[], metavar="USER",
                    help="with --unix: the listener may also run as this user (name or uid; repeatable)")
-    p.set_defaults(func=cmd_restore)
+    p.add_argument("--json", action="store_true", help="with --pending: machine-readable list")
+    p.set_defaults(func=cmd_restore, usage_error=p.error)
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
@@ -167,6 +172,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    handing = args.exec_argv is not None or args.unix is not None
+    if args.pending:
+        if handing:
+            args.usage_error("--pending lists journals: it takes no --exec or --unix")
+        return _list_pending(args.json)
+    if not handing:
+        args.usage_error("one of the arguments --exec --unix is required")
     with contextlib.ExitStack() as held:
         return _restore(args, held)
 
@@ -259,6 +271,27 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         guard.close()
         raise
     return 0  # not reached: exec replaced this process
+
+
+def _list_pending(as_json: bool) -> int:
+    found = pending_journals()
+    if as_json:
+        print_json([p.to_dict() for p in found])
+        return 0
+    if not found:
+        print("no move stopped half-way: no pending journal in /run/sockrepair or the temporary directory")
+    now = time.time()
+    for p in found:
+        src = p.source
+        what = f"{p.connections} connection(s) of process {src.pid}" + (f" (netns {src.netns})" if src.netns else "")
+        if p.in_progress:
+            print(f"{p.directory}: {what}: a move in progress (its mover or guard holds it)")
+        elif p.stale is None:
+            left = f", locked for {src.lock_expires - now:.0f} s more" if src.lock_expires is not None else ""
+            print(f"{p.directory}: {what}{left}: `sockrepair restore -D {p.directory} --unix PATH` (or --exec CMD)")
+        else:
+            print(f"{p.directory}: {what}: not restorable: {p.stale}")
+    return 0
 
 
 def _unlock_handed(directory: Path, netns: str | None, states: list[ConnectionState]) -> list[ConnectionState]:

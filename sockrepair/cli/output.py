@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from sockrepair.errors import SockrepairError
+
 # The attributes of sockrepair.errors exceptions a caller branches on (see that module's docstring).
 ERROR_FIELDS = ("errno", "op", "fd", "pid", "tuple", "tcp_state", "path", "offset", "field", "name", "journal")
 
@@ -17,17 +19,25 @@ def print_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
+def message(exc: BaseException) -> str:
+    """The one-line text of an error: its own for sockrepair's; for a plain OSError "PATH: what the kernel said",
+    never Python's "[Errno N] ...: 'PATH'"."""
+    if isinstance(exc, OSError) and not isinstance(exc, SockrepairError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename is not None else str(exc.strerror)
+    return str(exc)
+
+
 def error_object(exc: BaseException) -> dict[str, Any]:
     """{"error": {"type": class name, "message": the one-line text, and each of ERROR_FIELDS the exception has}}; the
     tuple as its `ADDR:PORT->ADDR:PORT` text. A plain OSError's file name counts as `path`."""
     fields = {n: (str(v) if n == "tuple" else v) for n in ERROR_FIELDS if (v := getattr(exc, n, None)) is not None}
     if isinstance(exc, OSError) and exc.filename is not None:
         fields.setdefault("path", str(exc.filename))
-    return {"error": {"type": type(exc).__name__, "message": str(exc), **fields}}
+    return {"error": {"type": type(exc).__name__, "message": message(exc), **fields}}
 
 
 def print_error(exc: BaseException, as_json: bool) -> None:
-    print(f"sockrepair: error: {exc}", file=sys.stderr)
+    print(f"sockrepair: error: {message(exc)}", file=sys.stderr)
     # notes say how to finish or retry what failed half-way (e.g. the journal of a move whose source is gone)
     for note in getattr(exc, "__notes__", ()):
         print(f"sockrepair: {note}", file=sys.stderr)

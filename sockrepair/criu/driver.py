@@ -49,6 +49,7 @@ from sockrepair.criu.topology import Topology, map_trees
 from sockrepair.errors import CriuError
 from sockrepair.lock import Locker
 from sockrepair.lock.locker import MAX_TTL
+from sockrepair.move.freeze import refuse_self
 from sockrepair.move.keep import NOTHING_KEPT, Keeper, Kept, netns_path, read_kept
 from sockrepair.move.procfs import stat
 from sockrepair.netns import inside, named
@@ -198,8 +199,10 @@ def dump(pids: Sequence[int], directory: Path, *, allow_external_peers: bool = F
     left behind (unless `allow_external_peers`), or a `directory` that is refused (sockrepair.private.make_dir: one
     that holds a dump or anything else, a symlink, another user's, or writable by group or others); CriuFailure (its
     `report` holds every known error of the logs) when a criu run fails, after restoring the trees dumped before it
-    and releasing the lock."""
+    and releasing the lock; ProcessError, before criu runs, for a pid that is sockrepair or one of its ancestors."""
     _check_ttl(ttl)
+    for pid in pids:
+        refuse_self(pid, "criu would dump sockrepair in its tree, and kill it")
     criu = _working(criu)
     topology = map_trees(pids)
     if topology.external() and not allow_external_peers:

@@ -187,10 +187,13 @@ class LogLine:
 
 @dataclass
 class Report:
-    """What the logs say: known errors (in the order first seen) and error lines nothing here explains."""
+    """What the logs say: known errors (in the order first seen) and error lines nothing here explains;
+    `log_lines` counts the lines that look like criu's log (a "(SECONDS.MICROS)" timestamp first): none, and nothing
+    found, means the input was not criu's output at all."""
 
     findings: list[Finding] = field(default_factory=list)
     unexplained: list[LogLine] = field(default_factory=list)
+    log_lines: int = 0
 
     @property
     def keys(self) -> list[str]:
@@ -204,6 +207,7 @@ class Report:
         for found in other.findings:
             self.add(found)
         self.unexplained.extend(other.unexplained)
+        self.log_lines += other.log_lines
 
     def add(self, found: Finding) -> None:
         for i, have in enumerate(self.findings):
@@ -238,12 +242,18 @@ def explain_text(text: str, source: str = "") -> Report:
     report = Report()
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
+        if _LOG_LINE.match(line):
+            report.log_lines += 1
         known = next((k for k in CATALOGUE if k.pattern.search(line)), None)
         if known is not None:
             report.add(Finding(known, line, source, lineno))
         elif _ERROR_LINE.search(line) and not _is_consequence(line):
             report.unexplained.append(LogLine(line, source, lineno))
     return report
+
+
+# every line of criu's log (and of its stderr at the default log level) starts with its time since start
+_LOG_LINE = re.compile(r"\(\s*\d+\.\d+\)")
 
 
 # Lines criu prints after the real error to say that the step failed; they add nothing to the explanation.

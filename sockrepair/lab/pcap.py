@@ -83,7 +83,9 @@ def read_segments(path: str | Path) -> list[Segment]:
         packets = rdpcap(io.BytesIO(read_regular(path, MAX_CAPTURE)))
     except FileNotFoundError:
         raise WireError(f"no capture file {path}") from None
-    except (OSError, Scapy_Exception) as exc:
+    except OSError as exc:
+        raise WireError(f"cannot read capture {path}: {exc.strerror}") from None
+    except Scapy_Exception as exc:
         raise WireError(f"cannot read capture {path}: {exc}") from None
     return [seg for pkt in packets if (seg := _segment(pkt, float(pkt.time))) is not None]
 

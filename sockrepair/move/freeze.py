@@ -61,15 +61,16 @@ def freezer_for(pid: int) -> Path | None:
     return path if alone and leaf and (path / "cgroup.freeze").exists() else None
 
 
-def refuse_self(pid: int) -> None:
-    """Raise ProcessError when `pid` is this process or one of its ancestors: freezing it would stop sockrepair."""
+def refuse_self(pid: int, why: str = "freezing it would stop sockrepair too") -> None:
+    """Raise ProcessError when `pid` is this process or one of its ancestors: freezing it would stop sockrepair
+    (`why` says what else doing it would do)."""
     me = os.getpid()
     current: int | None = me
     while current is not None and current > 0:
         if current == pid:
             who = "sockrepair itself" if pid == me else f"an ancestor of sockrepair (pid {me})"
-            raise ProcessError(f"process {pid} is {who}: freezing it would stop sockrepair too; run sockrepair from "
-                               "outside the program to move", pid=pid)
+            raise ProcessError(f"process {pid} is {who}: {why}; run sockrepair from outside the program to move",
+                               pid=pid)
         st = stat(current)
         current = st.ppid if st is not None else None
 
@@ -223,10 +224,15 @@ SCM_MAX_FD = 253  # fds per message (include/net/scm.h)
 _HOLD = b"h"  # the message carrying one restored socket (not JSON: one per socket, inside the downtime)
 
 
-def _guard(pid: int, pidfd: int, chan: socket.socket) -> None:
-    """The guard's loop (see the module's docstring); runs in the forked child, never returns."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+_GUARD_IGNORES = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _guard(pid: int, pidfd: int, chan: socket.socket, mask: set[int | signal.Signals]) -> None:
+    """The guard's loop (see the module's docstring); runs in the forked child, never returns. `mask`: the signal
+    mask to restore once the signals a terminal sends the whole group are ignored."""
+    for sig in _GUARD_IGNORES:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     stop = _Stop(pid)
     watched: dict[str, Any] = {"fds": [], "tuples": [], "ended": False}
     landing = _Landing()
@@ -424,6 +430,9 @@ class Freezer:
         self.pid = pid
         self.pidfd = PidFd(pid)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # SIGINT, SIGTERM and SIGHUP are held back over the fork: a handler run inside Python's at-fork hooks has
+        # its exception printed and dropped there, and the move would go on; once the guard exists, they unwind
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _GUARD_IGNORES)
         child = os.fork()
         if child == 0:
             try:  # the child never returns into the caller's code
@@ -433,7 +442,7 @@ class Freezer:
                     if fd > 2 and fd not in keep:
                         with contextlib.suppress(OSError):
                             os.close(fd)
-                _guard(pid, self.pidfd.fd, theirs)
+                _guard(pid, self.pidfd.fd, theirs, blocked)
             finally:
                 os._exit(1)
         theirs.close()
@@ -442,6 +451,7 @@ class Freezer:
         self.active: set[int] = set()
         # a first round trip before any freeze: the child's start-up (pages copied on write) costs milliseconds
         try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             self._ask("ping")
         except BaseException:
             self.close()
@@ -520,7 +530,10 @@ class Freezer:
         try:
             yield method
         finally:
-            self._ask("cont")
+            # closed already (an interrupt between this generator's yield and the with-block left it to the garbage
+            # collector): the guard let the process go as it exited
+            if self.child > 0:
+                self._ask("cont")
 
     def close(self) -> None:
         if self.child > 0:

@@ -58,14 +58,78 @@ WAIT_TIMEOUT = 30.0
 DEFAULT_PARENT = Path("/run/sockrepair")
 
 
-def new_directory() -> Path:
-    """A fresh 0700 directory for one move's journal, under /run/sockrepair (or the system's temporary directory
-    when /run cannot be written)."""
-    for parent in (DEFAULT_PARENT, Path(tempfile.gettempdir())):
+def _parents() -> tuple[Path, ...]:
+    return DEFAULT_PARENT, Path(tempfile.gettempdir())
+
+
+def new_directory(pid: int) -> Path:
+    """A fresh 0700 directory for the journal of one move of process `pid`, /run/sockrepair/move-PID-XXXXXXXX (or
+    in the system's temporary directory when /run cannot be written): pending_journals() finds it."""
+    for parent in _parents():
         with contextlib.suppress(OSError):
             parent.mkdir(mode=0o700, exist_ok=True)
-            return Path(tempfile.mkdtemp(prefix="move-", dir=parent))
+            return Path(tempfile.mkdtemp(prefix=f"move-{pid}-", dir=parent))
     raise OSError(f"cannot create a journal directory under {DEFAULT_PARENT} or {tempfile.gettempdir()}")
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A journal new_directory() made that no restore completed: `directory`, `source` (read_source), `connections`
+    (how many it holds, those already handed off included), `stale` (stale_reason: None when `sockrepair restore
+    -D` would restore it), `in_progress` (a mover or its guard holds it: hold_directory)."""
+
+    directory: Path
+    source: Source
+    connections: int
+    stale: str | None
+    in_progress: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"directory": str(self.directory), "pid": self.source.pid, "netns": self.source.netns,
+                "lock_expires": self.source.lock_expires, "connections": self.connections, "stale": self.stale,
+                "in_progress": self.in_progress}
+
+
+def _held(directory: Path) -> bool:
+    """Whether a move holds `directory` now (hold_directory), tried without waiting and let go at once."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def pending_journals() -> list[Pending]:
+    """The journals of moves that stopped half-way (migrate() killed after it ended its source, or failed after
+    that), in /run/sockrepair and the system's temporary directory, oldest first: each left by a move that did not
+    complete (a completed move removes its journal). A journal that cannot be read is listed with `stale` saying
+    why."""
+    found: list[Pending] = []
+    for parent in dict.fromkeys(_parents()):
+        try:
+            names = sorted(os.listdir(parent))
+        except OSError:
+            continue
+        for name in names:
+            directory = parent / name
+            if not name.startswith("move-") or not (directory / JOURNAL_INDEX).exists():
+                continue
+            if (directory / COMPLETED).exists():
+                continue
+            try:
+                src = read_source(directory)
+                count = len(_read_json(directory / JOURNAL_INDEX).get("connections", []))
+                found.append(Pending(directory, src, count, stale_reason(directory), _held(directory)))
+            except (ImageError, AttributeError, TypeError) as exc:
+                found.append(Pending(directory, Source(None, None, None, None, None), 0, f"unreadable: {exc}"))
+    found.sort(key=lambda p: p.directory.stat().st_mtime if p.directory.exists() else 0.0)
+    return found
 
 
 def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:

@@ -6,6 +6,7 @@ restore, deliver, unlock, handoff), the states made durable in a journal directo
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -34,6 +35,8 @@ from sockrepair.move.stages import Stage, Timings
 from sockrepair.move.take import captured, deferred_signals, end_source, process_locker
 from sockrepair.netns import named
 from sockrepair.state import ConnTuple
+
+log = logging.getLogger(__name__)
 
 Handoff = Callable[[list[socket.socket], list[ConnTuple]], object]
 
@@ -135,7 +138,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     keeper = Keeper([f"/proc/{pid}/ns/net", netns_path(dest_netns)]) if keep else None
     kept = Kept(0, 0, False, "keeping was not asked for")
     created = journal is None
-    directory = new_directory() if journal is None else Path(journal)
+    directory = new_directory(pid) if journal is None else Path(journal)
     ended = False
     socks: list[socket.socket] = []
     live = False  # the restored sockets were unlocked
@@ -144,6 +147,9 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     try:
         # held by this process and its guard until both are gone: `sockrepair restore -D` waits for that
         held = hold_directory(directory)
+        # before the point of no return: if this process is killed past it, this says where the connections are
+        # (so does `sockrepair restore --pending`, which finds /run/sockrepair/move-PID-*)
+        log.info("moving the connections of process %d; journal: %s", pid, directory)
         # the guard outlives the capture: it holds the restored sockets until the handoff (sockrepair.move.freeze)
         freezer = Freezer(pid, inherit=[held])
         # table and rules built before the freeze: inside it, locking is one element transaction per namespace

@@ -5,7 +5,9 @@ restore; either way every byte of every connection arrives once and in order."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -353,3 +355,136 @@ def test_restore_exec_interrupted_before_the_exec(netns, tmp_path, point, action
             c.close()
         stop(server)
         stop(receiver)
+
+
+FORK_TERM_SCRIPT = """
+import os, signal, sys
+from sockrepair.cli.main import main
+sent = []
+def term_once():
+    if not sent:
+        sent.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+os.register_at_fork(before=term_once)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_sigterm_during_the_guards_fork_interrupts_the_dump(netns, tmp_path):
+    """SIGTERM arriving as the guard is forked (here: from an at-fork hook) ends the dump like any SIGTERM: the
+    program goes on untouched. Before, the handler ran inside Python's at-fork hooks, which printed its exception
+    and dropped it: the dump went on, killed the program and exited 0."""
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    clients = connect_clients(port, 1)
+    try:
+        offsets = [0]
+        echo_round(clients, offsets, 1000)
+        run = subprocess.run([sys.executable, "-c", FORK_TERM_SCRIPT, "dump", "--pid", str(server.pid), "-D",
+                              str(tmp_path / "img")], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 130 and "interrupted by SIGTERM" in run.stderr, run.stderr
+        assert "Exception ignored" not in run.stderr
+        assert server.poll() is None
+        wait_for(lambda: _settled(server.pid), "the program to go on")
+        echo_round(clients, offsets, 1000)
+    finally:
+        for c in clients:
+            c.close()
+        stop(server)
+
+
+@pytest.mark.parametrize("point", ["freeze", "freeze.end", "checkpoint.end"])
+def test_ctrl_c_in_a_dump_is_one_line(netns, tmp_path, point):
+    """Ctrl-C (SIGINT) as a stage of the freeze begins or ends: "sockrepair: interrupted", nothing else (before,
+    at the end of the freeze, the guard's closed socket was used once more: "Exception ignored ... EBADF")."""
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    clients = connect_clients(port, 1)
+    try:
+        offsets = [0]
+        echo_round(clients, offsets, 1000)
+        run = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
+                              str(tmp_path / "img")], env=_fault_env(f"dump:{point}:int"), capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == 130
+        lines = [ln for ln in run.stderr.splitlines() if "RuntimeWarning" not in ln]
+        assert lines == ["sockrepair: interrupted by SIGINT"] or lines == ["sockrepair: interrupted"], run.stderr
+        wait_for(lambda: _settled(server.pid), "the program to go on")
+        echo_round(clients, offsets, 1000)
+    finally:
+        for c in clients:
+            c.close()
+        stop(server)
+
+
+def test_dump_of_a_listening_socket_names_it(netns, tmp_path):
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    try:
+        listening = [s.fd for s in tcp_sockets(server.pid)]
+        run = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "--fd",
+                              str(listening[0]), "-D", str(tmp_path / "img")], capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 1
+        assert f"fd {listening[0]} of process {server.pid} (TCP 127.0.0.1:{port}->0.0.0.0:0) is LISTEN" in run.stderr
+        assert run.stderr.count("sockrepair: error:") == 1 and "Traceback" not in run.stderr
+        assert server.poll() is None and not (tmp_path / "img").exists()
+    finally:
+        stop(server)
+
+
+DEFAULT_JOURNAL_SCRIPT = """
+import logging, sys
+import sockrepair
+from sockrepair.move.handoff import send_over_unix
+logging.basicConfig(level=logging.INFO)
+pid, unix = int(sys.argv[1]), sys.argv[2]
+sockrepair.migrate(pid, network=lambda: None, handoff=lambda socks, tuples: send_over_unix(unix, socks, tuples))
+"""
+
+
+def test_a_killed_migrate_says_where_its_journal_is_and_restore_lists_it(netns, tmp_path):
+    """migrate() with its own journal, SIGKILLed once the program is ended: it said where the journal is before
+    that (a log line), `sockrepair restore --pending` lists the journal by the program's pid, and -D of it finishes
+    the move."""
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    clients = connect_clients(port, 2)
+    receiver = start_receiver(tmp_path / "r.sock", max_seconds=120)
+    journal = None
+    try:
+        offsets = [0, 0]
+        echo_round(clients, offsets, 20_000)
+        run = subprocess.run([sys.executable, "-c", DEFAULT_JOURNAL_SCRIPT, str(server.pid),
+                              str(tmp_path / "r.sock")], env=_fault_env("migrate:close.end:kill"),
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == -signal.SIGKILL
+        said = [line for line in run.stderr.splitlines() if "journal: " in line]
+        assert len(said) == 1, run.stderr
+        journal = Path(said[0].rpartition("journal: ")[2])
+        assert journal.name.startswith(f"move-{server.pid}-")
+
+        def listed() -> list[dict[str, object]]:
+            out = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "restore", "--pending", "--json"],
+                                 capture_output=True, text=True, timeout=60, check=True).stdout
+            return [p for p in json.loads(out) if p["directory"] == str(journal)]
+
+        wait_for(lambda: [p["in_progress"] for p in listed()] == [False], "the guard to let the journal go")
+        (entry,) = listed()
+        assert entry["pid"] == server.pid and entry["connections"] == 2 and entry["stale"] is None
+        text = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "restore", "--pending"],
+                              capture_output=True, text=True, timeout=60).stdout
+        assert f"{journal}: 2 connection(s) of process {server.pid}" in text
+        assert f"sockrepair restore -D {journal} --unix PATH" in text
+        done = _restore_to(tmp_path / "r.sock", journal)
+        assert done.returncode == 0, done.stderr
+        echo_round(clients, offsets, 30_000)
+        assert listed() == []
+        assert sockrepair.list_locks() == []
+    finally:
+        for c in clients:
+            c.close()
+        stop(server)
+        stop(receiver)
+        if journal is not None:
+            shutil.rmtree(journal, ignore_errors=True)

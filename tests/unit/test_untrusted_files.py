@@ -212,17 +212,21 @@ def test_criu_images_are_made_private_without_following_symlinks(tmp_path: Path,
     assert stat.S_IMODE(victim.stat().st_mode) == 0o644
 
 
+# above the largest pid_max (2**22): neither this process nor an ancestor, which criu dump refuses first
+NOT_AN_ANCESTOR = 2**22 + 1
+
+
 def test_criu_dump_refuses_an_unsafe_directory_before_anything_runs(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(driver, "_working", lambda criu: criu)
     monkeypatch.setattr(driver, "map_trees", lambda pids: type("T", (), {"external": lambda self: []})())
     (tmp_path / "link").symlink_to(tmp_path)
     with pytest.raises(CriuError, match="is a symlink"):
-        driver.dump([1], tmp_path / "link", criu=None)
+        driver.dump([NOT_AN_ANCESTOR], tmp_path / "link", criu=None)
     (tmp_path / "full").mkdir(mode=0o700)
     (tmp_path / "full" / "old").mkdir()
     with pytest.raises(CriuError, match="not empty"):
-        driver.dump([1], tmp_path / "full", criu=None)
+        driver.dump([NOT_AN_ANCESTOR], tmp_path / "full", criu=None)
 
 
 @pytest.mark.parametrize("command", [["verify", "{}", "--tuple", "1.2.3.4:5->1.2.3.4:6"], ["criu", "explain", "{}"]])
