@@ -6,6 +6,7 @@ regular files of bounded size, every field of the index checked before it is use
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -61,7 +62,24 @@ def prepare_dir(directory: Path) -> int:
     try:
         return make_dir(directory)
     except (PermissionError, FileExistsError, NotADirectoryError) as exc:
+        if isinstance(exc, FileExistsError) and _unfinished(directory):
+            raise ImageError(f"{directory}: holds conn-N.img files and no index.json: a dump killed while writing "
+                             "them (its program was let go and went on, so they are of no use): delete them, or give "
+                             "another directory", path=str(directory)) from None
         raise ImageError(f"{directory}: {exc.strerror}", path=str(directory)) from None
+
+
+_WRITTEN_NAME = re.compile(r"conn-\d+\.img")
+
+
+def _unfinished(directory: Path) -> bool:
+    """Whether `directory` holds only what write_dir writes before its index: conn-N.img files (and the index
+    under its temporary name)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return False
+    return bool(names) and all(_WRITTEN_NAME.fullmatch(n) or n == INDEX_PART for n in names)
 
 
 def write_dir(directory: Path, states: list[tuple[int, ConnectionState]], source: dict[str, Any],
@@ -78,20 +96,31 @@ def write_dir(directory: Path, states: list[tuple[int, ConnectionState]], source
                              field=f"connections[{n}]")
     own = dir_fd is None
     fd = prepare_dir(directory) if dir_fd is None else dir_fd
+    written: list[str] = []
     try:
         entries = []
         for n, (sock_fd, state) in enumerate(states):
             data = state.to_bytes()
             name = f"conn-{n}.img"
+            written.append(name)
             _write_durably(fd, name, data)
             entries.append(Entry(name, sock_fd, state.tuple, hashlib.sha256(data).hexdigest()))
         index = {"version": INDEX_VERSION, "created": time.time(), "source": source,
                  "connections": [e.to_dict() for e in entries]}
         # Written last, under another name, then renamed: index.json exists only whole, and only once every image
         # it names is on disk (a mover killed meanwhile leaves no index that a restore would half trust).
+        written.append(INDEX_PART)
         _write_durably(fd, INDEX_PART, json.dumps(index, indent=2).encode())
         os.rename(INDEX_PART, INDEX, src_dir_fd=fd, dst_dir_fd=fd)
+        written = []
         os.fsync(fd)
+    except BaseException:
+        # images without an index are of no use and would keep the directory from a second dump; a SIGKILL leaves
+        # them, which prepare_dir recognises
+        for name in written:
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=fd)
+        raise
     finally:
         if own:
             os.close(fd)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import socket
 import subprocess
@@ -203,3 +204,80 @@ def test_every_json_output_goes_through_one_printer() -> None:
     for path in (PACKAGE / "cli").glob("*.py"):
         if path.name != "output.py":
             assert "json.dump" not in path.read_text(), path
+
+
+def test_an_injected_fault_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOCKREPAIR_FAULT", "restore:load:raise")
+    assert error_line("restore", "-D", str(tmp_path), "--exec", "true") == \
+        "sockrepair: error: fault injected at restore load\n"
+
+
+def test_file_errors_say_the_path_and_the_reason_without_errno(tmp_path: Path) -> None:
+    assert error_line("criu", "explain", str(tmp_path / "missing.log")) == \
+        f"sockrepair: error: {tmp_path / 'missing.log'}: No such file or directory\n"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    line = error_line("verify", str(fifo), "--tuple", TUPLE)
+    assert line == f"sockrepair: error: cannot read capture {fifo}: is not a regular file\n"
+    assert "Errno" not in error_line("show", str(fifo))
+    assert "an empty path names no file" in usage_error("show", "")
+    assert "an empty path names no file" in usage_error("restore", "-D", "", "--exec", "true")
+
+
+def test_criu_explain_of_something_not_criu_is_an_error(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    assert "found nothing criu writes in" in error_line("criu", "explain", str(garbage))
+    empty = tmp_path / "nologs"
+    empty.mkdir()
+    assert "found nothing criu writes in" in error_line("criu", "explain", str(empty))
+    # a criu log with nothing wrong in it is still fine
+    (empty / "dump.log").write_text("(00.000000) Dumping finished successfully\n")
+    assert run_main("criu", "explain", str(empty))[:2] == (0, "no error lines in these logs\n")
+
+
+def test_criu_dump_of_sockrepair_or_an_ancestor_is_refused_before_criu_runs(tmp_path: Path) -> None:
+    me = error_line("criu", "dump", "--pid", str(os.getpid()), "-D", str(tmp_path / "d"))
+    assert f"process {os.getpid()} is sockrepair itself: criu would dump sockrepair" in me
+    parent = error_line("criu", "dump", "--pid", str(os.getppid()), "-D", str(tmp_path / "d"))
+    assert f"process {os.getppid()} is an ancestor of sockrepair" in parent
+    assert not (tmp_path / "d").exists()
+
+
+def test_restore_pending_lists_the_journals_of_moves_stopped_half_way(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from sockrepair.move import journal
+
+    monkeypatch.setattr(journal, "_parents", lambda: (tmp_path / "run", tmp_path / "tmp"))
+    assert run_main("restore", "--pending")[:2] == (
+        0, "no move stopped half-way: no pending journal in /run/sockrepair or the temporary directory\n")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    state = a_state()
+    stopped = journal.new_directory(gone.pid)
+    assert stopped.parent == tmp_path / "run" and stopped.name.startswith(f"move-{gone.pid}-")
+    journal.write_journal(stopped, gone.pid, [7], [state.to_bytes()], [state.tuple], ttl=60, netns=None)
+    journal.mark_ended(stopped)
+    undone = journal.new_directory(gone.pid)
+    journal.write_journal(undone, gone.pid, [7], [state.to_bytes()], [state.tuple], ttl=60, netns=None)
+    finished = journal.new_directory(gone.pid)
+    journal.write_journal(finished, gone.pid, [7], [state.to_bytes()], [state.tuple], ttl=60, netns=None)
+    journal.mark_completed(finished, created=False)
+    code, out, _ = run_main("restore", "--pending")
+    lines = sorted(out.splitlines())
+    assert code == 0 and len(lines) == 2, out
+    assert any(re.fullmatch(rf"{stopped}: 1 connection\(s\) of process {gone.pid}, locked for \d+ s more: "
+                             rf"`sockrepair restore -D {stopped} --unix PATH` \(or --exec CMD\)", line)
+               for line in lines), out
+    assert f"{undone}: 1 connection(s) of process {gone.pid}: not restorable: the move was undone" in out
+    code, out, _ = run_main("restore", "--pending", "--json")
+    listed = {p["directory"]: p for p in json.loads(out)}
+    assert listed[str(stopped)]["stale"] is None and listed[str(stopped)]["pid"] == gone.pid
+    assert set(listed) == {str(stopped), str(undone)}
+    held = journal.hold_directory(stopped)
+    try:
+        assert "a move in progress" in run_main("restore", "--pending")[1]
+    finally:
+        os.close(held)
+    assert "takes no --exec or --unix" in usage_error("restore", "--pending", "--exec", "true")
+    assert "one of the arguments --exec --unix is required" in usage_error("restore", "-D", "d")

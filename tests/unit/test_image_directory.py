@@ -132,3 +132,36 @@ def test_write_dir_refuses_one_connection_twice_and_leaves_no_partial_index(tmp_
     assert err.value.field == "connections[1]" and not (tmp_path / "twice").exists()
     write_dir(tmp_path / "once", [(5, _state(40000))], {})
     assert sorted(p.name for p in (tmp_path / "once").iterdir()) == ["conn-0.img", INDEX]
+
+
+def test_a_write_stopped_half_way_leaves_the_directory_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception (or Ctrl-C) between two images removes those written: a second dump into the directory works."""
+    directory = tmp_path / "dump"
+    calls = []
+    real = ConnectionState.to_bytes
+
+    def failing(self: ConnectionState) -> bytes:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(ConnectionState, "to_bytes", failing)
+    with pytest.raises(KeyboardInterrupt):
+        write_dir(directory, [(5, _state(40000)), (6, _state(40001))], {"pid": 1})
+    assert list(directory.iterdir()) == []
+    monkeypatch.setattr(ConnectionState, "to_bytes", real)
+    write_dir(directory, [(5, _state(40000))], {"pid": 1})
+    assert [state.tuple.local_port for _, state in read_dir(directory)] == [40000]
+
+
+def test_images_a_killed_dump_left_without_an_index_are_named(tmp_path: Path) -> None:
+    """What a SIGKILL while writing leaves (images, no index.json) is recognised and the way out said."""
+    directory = tmp_path / "dump"
+    directory.mkdir(mode=0o700)
+    (directory / "conn-0.img").write_bytes(b"SKCN")
+    with pytest.raises(ImageError, match="no index.json: a dump killed while writing them .* delete them"):
+        write_dir(directory, [(5, _state(40000))], {"pid": 1})
+    (directory / "other").write_text("x")
+    with pytest.raises(ImageError, match="is not empty"):
+        write_dir(directory, [(5, _state(40000))], {"pid": 1})
