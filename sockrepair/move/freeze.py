@@ -13,8 +13,8 @@ process go on; past it (sockrepair had begun ending the source) it SIGKILLs the 
 move's journal, and leaves the lock for the restore. migrate() keeps the guard until the handoff and gives it
 duplicates of the restored sockets meanwhile (hold(), release()): if sockrepair dies holding them, the guard locks
 them again, checkpoints them into the journal and closes them silently. The guard ignores SIGINT, SIGTERM and
-SIGHUP, which a terminal sends to the whole process group. What it cannot give back: an application's SO_REUSEADDR
-on a socket it resumed (leaving repair mode clears it; sockrepair's own resume puts it back).
+SIGHUP, which a terminal sends to the whole process group. Leaving repair mode clears a socket's SO_REUSEADDR: the
+guard sets it again on the sockets sockrepair said had it when checkpointed (reuse()).
 
 A process is never frozen when it is sockrepair itself or one of its ancestors (a shell running `sockrepair dump
 --pid $$` would stop for good)."""
@@ -234,7 +234,7 @@ def _guard(pid: int, pidfd: int, chan: socket.socket, mask: set[int | signal.Sig
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     stop = _Stop(pid)
-    watched: dict[str, Any] = {"fds": [], "tuples": [], "ended": False}
+    watched: dict[str, Any] = {"fds": [], "tuples": [], "ended": False, "reuse": set()}
     landing = _Landing()
     # resolved now, not inside the first freeze (cffi looks a libc symbol up on its first use)
     _ = lib.ptrace, lib.syscall
@@ -274,6 +274,8 @@ def _serve(pid: int, chan: socket.socket, stop: _Stop, watched: dict[str, Any], 
         elif op == "watch+":
             watched["fds"] += msg["fds"]
             watched["tuples"] += msg["tuples"]
+        elif op == "reuse":
+            watched["reuse"] = set(msg["fds"])
         elif op == "ending":
             watched["ended"] = True
         elif op == "land":
@@ -410,6 +412,9 @@ def _recover(pid: int, pidfd: int, stop: _Stop, watched: dict[str, Any]) -> None
         try:
             if in_repair(fd):
                 repair_off(fd, False)
+                if target in watched["reuse"]:  # leaving repair mode cleared it (net/ipv4/tcp.c: SK_NO_REUSE)
+                    with socket.socket(fileno=os.dup(fd)) as copy:
+                        copy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         except OSError:
             pass
         finally:
@@ -492,6 +497,12 @@ class Freezer:
         for start in range(0, max(len(fds), 1), _CHUNK):
             self._send({"op": "watch" if start == 0 else "watch+", "fds": list(fds[start : start + _CHUNK]),
                         "tuples": names[start : start + _CHUNK]})
+
+    def reuse(self, fds: Sequence[int]) -> None:
+        """The process's fds (among the watched) whose SO_REUSEADDR was set when checkpointed: if sockrepair dies
+        before ending(), the guard sets it again when it takes them out of repair mode."""
+        if fds:
+            self._send({"op": "reuse", "fds": list(fds)})
 
     def ending(self) -> None:
         """Past the point of no return: if sockrepair dies from now on, the guard ends the process."""

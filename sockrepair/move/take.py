@@ -292,6 +292,7 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
                     checkpointing = True
                     for s, fd in zip(chosen, fds):
                         states.append(checkpoint_taken(pid, s, fd))
+                    freezer.reuse([s.fd for s, st in zip(chosen, states) if st.sockopts.reuseaddr])
                 yield cap
             except BaseException:
                 # past the point of no return the source is gone and the lock must hold for the restore

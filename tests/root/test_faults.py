@@ -488,3 +488,38 @@ def test_a_killed_migrate_says_where_its_journal_is_and_restore_lists_it(netns, 
         stop(receiver)
         if journal is not None:
             shutil.rmtree(journal, ignore_errors=True)
+
+
+def _reuseaddr(pid: int) -> list[int]:
+    """SO_REUSEADDR of each established TCP socket of `pid`."""
+    values = []
+    with PidFd(pid) as pidfd:
+        for s in tcp_sockets(pid):
+            if s.tcp_state == TCP_ESTABLISHED:
+                with socket.socket(fileno=pidfd.getfd(s.fd)) as copy:
+                    values.append(copy.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR))
+    return values
+
+
+@pytest.mark.parametrize("point", ["checkpoint.end", "write"])
+def test_the_guard_gives_back_so_reuseaddr(netns, tmp_path, point):
+    """The echo program's connections inherit SO_REUSEADDR from its listener; leaving repair mode clears it. The
+    guard of a SIGKILLed dump sets it again on the sockets it resumes (it did not before)."""
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    clients = connect_clients(port, 2)
+    try:
+        offsets = [0, 0]
+        echo_round(clients, offsets, 1000)
+        assert _reuseaddr(server.pid) == [1, 1]
+        run = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
+                              str(tmp_path / "img")], env=_fault_env(f"dump:{point}:kill"), capture_output=True,
+                             timeout=60)
+        assert run.returncode == -signal.SIGKILL
+        wait_for(lambda: _settled(server.pid), "the program to go on")
+        assert _reuseaddr(server.pid) == [1, 1]
+        echo_round(clients, offsets, 1000)
+    finally:
+        for c in clients:
+            c.close()
+        stop(server)
