@@ -13,9 +13,12 @@ from typing import Any
 
 from sockrepair.cli.args import netns_arg, path_arg, ttl_arg, uid_arg
 from sockrepair.cli.output import print_json
+from sockrepair.criu.manifest import is_dump_dir
+from sockrepair.criu.manifest import load as load_manifest
 from sockrepair.criu.show import load_states as load_criu_states
 from sockrepair.errors import HandoffError, ImageError
 from sockrepair.image.text import head_line, state_lines
+from sockrepair.lock import Locker
 from sockrepair.move.dump import After, dump, inspect
 from sockrepair.move.handoff import (
     SD_LISTEN_FDS_START,
@@ -43,6 +46,7 @@ from sockrepair.move.quiesce import DEFAULT_TIMEOUT, OnBusy, Quiescence
 from sockrepair.move.restoreguard import RestoreGuard
 from sockrepair.move.stages import Stage, Timings
 from sockrepair.move.take import deferred_signals
+from sockrepair.netns import named
 from sockrepair.state import ConnectionState
 
 RELOCK_TTL = 60.0
@@ -190,6 +194,10 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     with stages.timed(Stage.LOAD):
         if args.from_criu is not None:
             states = load_criu_states(args.from_criu)
+            why = None if args.force else _criu_stale(args.from_criu, args.netns, states)
+            if why is not None:
+                raise ImageError(f"{args.from_criu}: not restoring stale images: {why} (--force restores them "
+                                 "anyway)", path=str(args.from_criu))
         else:
             # a move killed a moment ago may have left its guard still saving the connections here: wait for it; the
             # lock, kept until this process and the restore's guard are gone, also keeps a second restore of DIR out
@@ -292,6 +300,31 @@ def _list_pending(as_json: bool) -> int:
         else:
             print(f"{p.directory}: {what}: not restorable: {p.stale}")
     return 0
+
+
+def _criu_stale(directory: Path, netns: str | None, states: list[ConnectionState]) -> str | None:
+    """Why the connections of a `sockrepair criu dump` directory would not be restored as they are now (None: they
+    would, as far as it can tell; plain criu images record nothing to tell by): a tree was restored already; a
+    dumped process still runs (its connections went on); or a connection is no longer locked in `netns` (the lock
+    expired or was released: what its peer sent since met a reset)."""
+    if not is_dump_dir(directory):
+        return None
+    manifest = load_manifest(directory)
+    for tree in manifest.trees:
+        if tree.restored:
+            return f"tree {tree.root} was restored already (`sockrepair criu restore`): its connections live there"
+        for pid, start in zip(tree.pids, tree.starttimes):
+            st = stat(pid)
+            if st is not None and st.starttime == start and not st.zombie:
+                return (f"process {pid} of tree {tree.root} is still running, so its connections went on after these "
+                        "images were written")
+    with named(netns), Locker() as locker:
+        locked = {r.tuple for r in locker.list_locks()}
+    loose = [s.tuple for s in states if s.tuple.wire() not in locked and s.tuple.wire().reversed() not in locked]
+    if loose:
+        return (f"{len(loose)} of its {len(states)} connection(s) ({loose[0]}{', ...' if len(loose) > 1 else ''}) "
+                "are not locked here: the lock expired or was released, and what their peers sent since met a reset")
+    return None
 
 
 def _unlock_handed(directory: Path, netns: str | None, states: list[ConnectionState]) -> list[ConnectionState]:

@@ -29,6 +29,7 @@ from sockrepair.criu.manifest import LOCK_SKIP
 from sockrepair.criu.show import load_states
 from sockrepair.netns import NetNS
 from sockrepair.state import ConnectionState, ConnTuple
+from tests.clihelp import run_main
 from tests.root.test_criu_trees import Program, counting, criu_cli, locks_in, programs  # noqa: F401
 
 pytestmark = pytest.mark.root
@@ -157,3 +158,7 @@ def test_show_and_restore_from_criu_round_trip(criu: Criu, ns: NetNS, work: Path
             sock.sendall(b"after restore")
             assert read_exactly(socks[conn.reversed()], 13) == b"after restore"
     assert os.path.exists(work / "img" / "sockrepair-criu.json")
+    # restored and unlocked: a second restore would bring back connections that live on (refused, unless --force)
+    code, _, err = run_main("restore", "--from-criu", str(work / "img"), "--netns", ns.name, "--unix",
+                            str(work / "take.sock"))
+    assert code == 1 and "not restoring stale images" in err and "are not locked here" in err, err
