@@ -228,7 +228,7 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     source = args.from_criu or args.dir
     guard = RestoreGuard(conns, args.netns, args.dir, inherit)
     socks: list[socket.socket] = []
-    handed = False
+    handed = completed = False
     try:
         with deferred_signals():
             with stages.timed(Stage.RESTORE):
@@ -247,6 +247,7 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
                     unlock_in(args.netns, states)
                     if args.dir is not None:
                         mark_completed(args.dir, created=False)
+                    completed = True
                 guard.close()
                 print(f"restored {len(socks)} connection(s) from {source}"
                       + (f"; delivered {delivered} packet(s) their peers sent while locked" if delivered else ""),
@@ -273,7 +274,7 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     except BaseException as exc:
         if socks and not handed:
             _put_back([s.detach() for s in socks], states, args, exc)
-        elif handed and args.dir is not None:
+        elif handed and not completed and args.dir is not None:
             exc.add_note(f"the connections were handed off, perhaps still locked: `sockrepair restore -D {args.dir} "
                          "...` again unlocks them")
         guard.close()
