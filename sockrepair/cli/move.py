@@ -250,8 +250,8 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
                     completed = True
                 guard.close()
                 print(f"restored {len(socks)} connection(s) from {source}"
-                      + (f"; delivered {delivered} packet(s) their peers sent while locked" if delivered else ""),
-                      file=sys.stderr)
+                      + (f"; delivered {delivered} packet(s) their peers sent while locked" if delivered else "")
+                      + " (" + ", ".join(f"{k} {v:.2f} ms" for k, v in stages.ms.items()) + ")", file=sys.stderr)
                 return 0
         # the exec's program is given the connections still locked; the guard unlocks them once it holds them (and
         # marks the move completed), or puts them back if this process dies before the exec

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -311,6 +312,9 @@ def test_restore_interrupted(netns, tmp_path, point, action):
             assert again.returncode == 0, (first.stderr, again.stderr)
         if action == "raise" and point in ("handoff.end", "unlock"):
             assert "handed off by an earlier restore: unlocked them" in again.stderr, again.stderr
+        elif again.returncode == 0:
+            assert re.search(r"restored 2 connection\(s\) from .*\(load [\d.]+ ms, restore [\d.]+ ms, deliver "
+                             r"[\d.]+ ms, handoff [\d.]+ ms, unlock [\d.]+ ms\)", again.stderr), again.stderr
         elif action == "raise" and point in ("restore.end", "deliver", "deliver.end", "handoff"):
             assert "restored sockets closed silently" in first.stderr, first.stderr
         assert stale_reason(images) == "this move completed: its connections live on elsewhere"
