@@ -108,12 +108,6 @@ class RestoreGuard:
             self._chan.close()
             self._chan = None
 
-    def __enter__(self) -> RestoreGuard:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 class _Guard:
     """The guard's side (see the module's docstring); run() never returns."""

@@ -133,3 +133,47 @@ def test_the_fault_hook(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(stages.FAULT_ENV, "migrate:lock:explode")
     with pytest.raises(ValueError, match="explode"), timings.timed(Stage.LOCK):
         pass
+
+
+def test_handed_connections_are_recorded_whole_and_added_up(tmp_path: Path) -> None:
+    from sockrepair.move.journal import HANDED, mark_handed, read_handed
+
+    assert read_handed(tmp_path) == set()
+    a, b = (str(s.tuple) for s in _states(2))
+    mark_handed(tmp_path, [a])
+    mark_handed(tmp_path, [b, a])
+    assert read_handed(tmp_path) == {a, b}
+    assert json.loads((tmp_path / HANDED).read_text()) == sorted([a, b])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [HANDED]  # no temporary file left
+    (tmp_path / HANDED).write_text('{"not": "a list"}')
+    with pytest.raises(ImageError, match="not a list of connections"):
+        read_handed(tmp_path)
+
+
+def test_the_restore_guard_tells_a_live_process_from_one_on_its_way_out() -> None:
+    from sockrepair.move.restoreguard import exiting
+
+    assert not exiting(os.getpid())
+    assert exiting(_dead_pid())
+    zombie = os.fork()
+    if zombie == 0:
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        while not exiting(zombie):  # a zombie until reaped below
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    finally:
+        os.waitpid(zombie, 0)
+
+
+def test_restore_is_a_job_with_fault_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    timings = Timings("restore")
+    with timings.timed(Stage.LOAD):
+        pass
+    with pytest.raises(ValueError, match="restore has no stage 'freeze'"), timings.timed(Stage.FREEZE):
+        pass
+    monkeypatch.setenv(stages.FAULT_ENV, "restore:handoff.end:raise")
+    with pytest.raises(InjectedFault, match="fault injected at restore handoff.end"), timings.timed(Stage.HANDOFF):
+        pass
+    assert list(timings.ms) == ["load", "handoff"]
