@@ -527,3 +527,43 @@ def test_the_guard_gives_back_so_reuseaddr(netns, tmp_path, point):
         for c in clients:
             c.close()
         stop(server)
+
+
+def test_a_restore_after_a_partial_handoff_restores_only_the_rest(netns, tmp_path):
+    """What a guard leaves when the restore was killed in the middle of a handoff: one connection in the receiver
+    (recorded in `handed`, still locked), the other put back. Restoring again unlocks the first and restores only
+    the second: each connection exists once and echoes every byte in order."""
+    from sockrepair.move.handoff import send_over_unix
+    from sockrepair.move.journal import HANDED, load_states, mark_handed
+
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    clients = connect_clients(port, 2)
+    receiver = start_receiver(tmp_path / "r.sock", max_seconds=120)
+    try:
+        offsets = [0, 0]
+        echo_round(clients, offsets, 20_000)
+        images = tmp_path / "img"
+        dumped = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
+                                 str(images)], capture_output=True, text=True, timeout=60)
+        assert dumped.returncode == 0, dumped.stderr
+        first, second = load_states(images)
+        with sockrepair.restore(first) as sock:
+            send_over_unix(str(tmp_path / "r.sock"), [sock], [first.tuple])
+        mark_handed(images, [first.tuple])
+        assert [r.tuple for r in sockrepair.list_locks()] == sorted([first.tuple, second.tuple])
+        again = _restore_to(tmp_path / "r.sock", images)
+        assert again.returncode == 0, again.stderr
+        assert "1 connection(s) of" in again.stderr and "handed off by an earlier restore: unlocked them; " \
+            "restoring the 1 other(s)" in again.stderr
+        assert "restored 1 connection(s)" in again.stderr
+        assert (images / HANDED).exists() and stale_reason(images) == \
+            "this move completed: its connections live on elsewhere"
+        echo_round(clients, offsets, 30_000)
+        assert len([s for s in tcp_sockets(receiver.pid) if s.tcp_state == TCP_ESTABLISHED]) == 2
+        assert in_repair(receiver.pid) == [] and sockrepair.list_locks() == []
+    finally:
+        for c in clients:
+            c.close()
+        stop(server)
+        stop(receiver)
