@@ -40,6 +40,7 @@ from sockrepair.state import (
     TCP_STATES,
     ConnectionState,
     ConnTuple,
+    Payload,
     RepairWindow,
     SocketOptions,
     TcpOptions,
@@ -217,10 +218,12 @@ def decode(data: bytes | bytearray | memoryview) -> ConnectionState:
         if stored != computed:
             raise _bad(end, f"checksum mismatch: stored 0x{stored:08x}, computed 0x{computed:08x} (corrupted image)",
                        "crc32")
-    return _decode_body(view, end, bool(flags & FLAG_WINDOW), version)
+    # the queues of an immutable image are views of it, never copied (they may be megabytes); those of a mutable
+    # buffer are copied, or changing the buffer would change the state
+    return _decode_body(view, end, bool(flags & FLAG_WINDOW), version, isinstance(data, bytes))
 
 
-def _decode_body(view: memoryview, end: int, has_window: bool, image_version: int) -> ConnectionState:
+def _decode_body(view: memoryview, end: int, has_window: bool, image_version: int, views: bool) -> ConnectionState:
     _need(HEADER_SIZE, 1, end, "the connection tuple", "tuple.ip_version")
     version = view[HEADER_SIZE]
     if version not in _FAMILY_OF:
@@ -247,12 +250,16 @@ def _decode_body(view: memoryview, end: int, has_window: bool, image_version: in
     _need(off + 8, send_len, end, "the send queue", "send_queue")
     if unsent > send_len:
         raise _bad(off, f"unsent_len {unsent} exceeds the send queue's {send_len} bytes", "unsent_len")
-    send = bytes(view[off + 8 : off + 8 + send_len])
+    send: Payload = view[off + 8 : off + 8 + send_len]  # read-only, as the bytes it views
+    if not views:
+        send = bytes(send)
     off += 8 + send_len
     _need(off, 4, end, "the receive queue length", "recv_queue")
     (recv_len,) = _U32.unpack_from(view, off)
     _need(off + 4, recv_len, end, "the receive queue", "recv_queue")
-    recv = bytes(view[off + 4 : off + 4 + recv_len])
+    recv: Payload = view[off + 4 : off + 4 + recv_len]
+    if not views:
+        recv = bytes(recv)
     off += 4 + recv_len
     if image_version >= 2:
         if end - off < _MORE.size:

@@ -728,3 +728,30 @@ def test_json_of_every_version_reads(version: int) -> None:
             del d["sockopts"][name]
     assert jsonview.state_from_dict(d) == base_state()
     assert base_state().to_dict()["version"] == layout.VERSION == 3
+
+
+def test_queues_of_an_immutable_image_are_views_of_it_never_copies() -> None:
+    import copy
+    import pickle
+
+    send, recv = bytes(range(256)) * 4096, b"\xa5" * (1 << 20)
+    state = base_state(send_queue=send, unsent_len=1000, recv_queue=recv)
+    data = state.to_bytes()
+    tracemalloc.start()
+    try:
+        back = image.decode(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024  # 2 MiB of queues, none of it copied
+    assert isinstance(back.send_queue, memoryview) and back.send_queue.obj is data and back.send_queue.readonly
+    assert back == state and back.unsent == send[-1000:] and bytes(back.recv_queue) == recv
+    # what the state is turned into elsewhere holds bytes
+    for other in (pickle.loads(pickle.dumps(back)), copy.deepcopy(back)):
+        assert other == state and type(other.send_queue) is bytes and type(other.recv_queue) is bytes
+    assert back.to_bytes() == data
+    # a mutable buffer's queues are copies: changing the buffer afterwards changes nothing
+    mutable = bytearray(data)
+    held = image.decode(mutable)
+    mutable[-10] ^= 0xFF
+    assert type(held.recv_queue) is bytes and held.recv_queue == recv
