@@ -22,8 +22,9 @@ from fcntl import ioctl as _fcntl_ioctl
 from typing import Any
 
 from sockrepair.engine._ffi import ffi, lib
+from sockrepair.engine._pool import take
 from sockrepair.errors import NotPermittedError, SocketCallError, UnsupportedError
-from sockrepair.state import ConnTuple
+from sockrepair.state import ConnTuple, Payload
 
 SockLike = socket.socket | int
 
@@ -72,7 +73,7 @@ class _NoSocket:
     def _fail(self, *args: object) -> Any:
         raise OSError(self.errno, os.strerror(self.errno))
 
-    getsockopt = setsockopt = recv = send = _fail
+    getsockopt = setsockopt = recv = recv_into = send = _fail
 
     def detach(self) -> int:
         return -1
@@ -172,18 +173,25 @@ class _Session:
         """TCP_REPAIR_QUEUE: the queue that TCP_QUEUE_SEQ, send() and recv() address from now on."""
         self.set(TCP, TCP_REPAIR_QUEUE, queue, "TCP_REPAIR_QUEUE")
 
-    def peek(self, length: int, name: str) -> bytes:
-        """Copy `length` bytes of the selected queue without consuming them; a short read means the queue changed
-        (SocketCallError with EAGAIN). The kernel writes straight into the bytes object returned, never zeroed
-        first: one pass over the queue's pages."""
+    def peek(self, length: int, name: str) -> Payload:
+        """`length` bytes of the selected queue, read without consuming them; a short read means the queue changed
+        (SocketCallError with EAGAIN). A queue of engine._pool's sizes is read into a buffer of the pool, already
+        touched, and comes back as a read-only view of it; another into a new bytes object, which the kernel writes
+        straight into (never zeroed first)."""
         if length == 0:
             return b""
+        buf = take(length)
         try:
-            data: bytes = self.sock.recv(length, PEEK_FLAGS)
+            if buf is None:
+                data: Payload = self.sock.recv(length, PEEK_FLAGS)
+                got = len(data)
+            else:
+                got = self.sock.recv_into(buf, length, PEEK_FLAGS)
+                data = memoryview(buf)[:length].toreadonly()
         except OSError as exc:
             raise self.failed(f"recv(MSG_PEEK, {name})", exc) from None
-        if len(data) != length:
-            raise self.fail(f"recv(MSG_PEEK, {name}) returned {len(data)} of {length} bytes", errno.EAGAIN)
+        if got != length:
+            raise self.fail(f"recv(MSG_PEEK, {name}) returned {got} of {length} bytes", errno.EAGAIN)
         return data
 
     def send_all(self, data: bytes | memoryview, name: str, chunk: int = 1 << 20) -> None:
