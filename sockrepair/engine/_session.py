@@ -18,6 +18,7 @@ import _socket
 import errno
 import os
 import socket
+import threading
 from fcntl import ioctl as _fcntl_ioctl
 from typing import Any
 
@@ -32,13 +33,12 @@ getsockopt = lib.getsockopt
 setsockopt = lib.setsockopt
 _close = lib.close
 new = ffi.new
-INT_P = ffi.typeof("int *")
 SOCKLEN_P = ffi.typeof("socklen_t *")
 CHARS = ffi.typeof("char[]")
 PEEK_FLAGS = lib.MSG_PEEK | lib.MSG_DONTWAIT
 SEND_FLAGS = lib.MSG_DONTWAIT | lib.MSG_NOSIGNAL
 TCP = lib.IPPROTO_TCP
-AF_INET, SOCK_STREAM = lib.AF_INET, lib.SOCK_STREAM
+AF_INET6, SOCK_STREAM = lib.AF_INET6, lib.SOCK_STREAM
 TCP_REPAIR, TCP_REPAIR_QUEUE = lib.TCP_REPAIR, lib.TCP_REPAIR_QUEUE
 REPAIR_ON, REPAIR_OFF, REPAIR_OFF_NO_WP = lib.TCP_REPAIR_ON, lib.TCP_REPAIR_OFF, lib.TCP_REPAIR_OFF_NO_WP
 
@@ -73,33 +73,44 @@ class _NoSocket:
     def _fail(self, *args: object) -> Any:
         raise OSError(self.errno, os.strerror(self.errno))
 
-    getsockopt = setsockopt = recv = recv_into = send = _fail
+    getsockopt = setsockopt = getsockname = getpeername = recv = recv_into = send = _fail
 
     def detach(self) -> int:
         return -1
 
 
+class _Scratch(threading.local):
+    """Per thread (the kernel writes them while the GIL is released): the socklen_t of the cffi calls that pass a
+    struct, and the int the ioctls write. Allocating them per session cost about as much as a call."""
+
+    def __init__(self) -> None:
+        self.size = new(SOCKLEN_P, 4)
+        self.ibuf = bytearray(4)
+        self.ival = memoryview(self.ibuf).cast("i")
+
+
+_scratch = _Scratch()
+
+
 class _Session:
     """The calls of one operation on one socket. `tuple` is the connection once known (restore knows it from the
     start, checkpoint once it has read it); failures carry it. Make one per operation and never share it between
-    threads: its buffers are written while the GIL is released."""
+    threads."""
 
-    __slots__ = ("_getsockopt", "_setsockopt", "fd", "ibuf", "ival", "size", "sock", "tuple", "value")
+    __slots__ = ("_getsockopt", "_setsockopt", "fd", "sock", "tuple")
 
     def __init__(self, fd: int, conn: ConnTuple | None = None) -> None:
         self.fd = fd
         self.tuple = conn
-        self.value = new(INT_P)
-        self.size = new(SOCKLEN_P, 4)
-        # the socket methods check no family, type or protocol for these calls: the kernel answers for the fd
+        # the socket methods check no family, type or protocol for these calls: the kernel answers for the fd. The
+        # family only sizes the address buffer of getsockname/getpeername, which decode what the kernel returns:
+        # IPv6's holds an IPv4 address too.
         try:
-            sock: _socket.socket | _NoSocket = _socket.socket(AF_INET, SOCK_STREAM, 0, fd)
+            sock: _socket.socket | _NoSocket = _socket.socket(AF_INET6, SOCK_STREAM, 0, fd)
         except OSError as exc:
             sock = _NoSocket(exc.errno or errno.ENOTSOCK)
         self.sock = sock
         self._getsockopt, self._setsockopt = sock.getsockopt, sock.setsockopt
-        self.ibuf = bytearray(4)
-        self.ival = memoryview(self.ibuf).cast("i")
 
     def __del__(self) -> None:
         # a socket object closes its fd when it goes away: this one only borrowed it
@@ -141,12 +152,18 @@ class _Session:
         except OSError as exc:
             raise self.failed(f"setsockopt({name}={value!r})", exc) from None
 
+    @property
+    def size(self) -> Any:
+        """A socklen_t * for a cffi call of this thread."""
+        return _scratch.size
+
     def ioctl(self, request: int, name: str) -> int:
+        scratch = _scratch
         try:
-            _fcntl_ioctl(self.fd, request, self.ibuf, True)
+            _fcntl_ioctl(self.fd, request, scratch.ibuf, True)
         except OSError as exc:
             raise self.failed(f"ioctl({name})", exc) from None
-        return self.ival[0]
+        return scratch.ival[0]
 
     def repair_on(self) -> None:
         """TCP_REPAIR = 1. Raises NotPermittedError without CAP_NET_ADMIN in the socket's network namespace,
