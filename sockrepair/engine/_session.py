@@ -97,11 +97,14 @@ class _Session:
     start, checkpoint once it has read it); failures carry it. Make one per operation and never share it between
     threads."""
 
-    __slots__ = ("_getsockopt", "_setsockopt", "fd", "sock", "tuple")
+    __slots__ = ("_getsockopt", "_setsockopt", "fd", "owner", "sock", "tuple")
 
-    def __init__(self, fd: int, conn: ConnTuple | None = None) -> None:
+    def __init__(self, fd: int, conn: ConnTuple | None = None, owner: socket.socket | None = None) -> None:
+        """`owner`: the socket object of `fd` when the engine made it (restore), for bind and connect, which the
+        socket module parses for its family; never a caller's, whose timeout would make its calls wait."""
         self.fd = fd
         self.tuple = conn
+        self.owner = owner
         # the socket methods check no family, type or protocol for these calls: the kernel answers for the fd. The
         # family only sizes the address buffer of getsockname/getpeername, which decode what the kernel returns:
         # IPv6's holds an IPv4 address too.
