@@ -187,13 +187,14 @@ def _ensure_tcp(session: _Session) -> None:
             raise SocketStateError(f"fd {fd} is not an open file descriptor", fd=fd) from None
         raise
     protocol = get_int(SOL, lib.SO_PROTOCOL, "SO_PROTOCOL")
+    if sock_type == lib.SOCK_STREAM and protocol == lib.IPPROTO_TCP:
+        return  # only AF_INET and AF_INET6 have TCP stream sockets: the domain is read for the refusal alone
     domain = get_int(SOL, lib.SO_DOMAIN, "SO_DOMAIN")
-    if sock_type != lib.SOCK_STREAM or protocol != lib.IPPROTO_TCP or domain not in (lib.AF_INET, lib.AF_INET6):
-        what = f"an {PROTOCOLS[protocol]} socket" if protocol in PROTOCOLS else "not a TCP socket"
-        raise SocketStateError(
-            f"fd {fd} is {what} (domain {domain}, type {sock_type}, protocol {protocol}); "
-            "only plain IPv4/IPv6 TCP connections can be repaired", fd=fd
-        )
+    what = f"an {PROTOCOLS[protocol]} socket" if protocol in PROTOCOLS else "not a TCP socket"
+    raise SocketStateError(
+        f"fd {fd} is {what} (domain {domain}, type {sock_type}, protocol {protocol}); "
+        "only plain IPv4/IPv6 TCP connections can be repaired", fd=fd
+    )
 
 
 def _connection_tuple(session: _Session, tcp_state: int) -> ConnTuple:
