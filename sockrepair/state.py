@@ -260,9 +260,12 @@ class ConnectionState:
     - `recv_queue`: the bytes recv(MSG_PEEK) returns in repair mode with the receive queue selected, SIOCINQ of
       them: received in order, not yet read by the application. With urgent data pending and SO_OOBINLINE off,
       SIOCINQ stops at the urgent mark while recv_seq is the queue's true end.
-      Both queues are `Payload`: bytes, or (in a state read from an immutable image by from_bytes) a read-only
-      memoryview of the image's bytes, which copying a queue of megabytes would cost as much as the rest of the
-      move; it compares, slices, hashes and writes like the bytes, and pickles (or deep-copies) as bytes.
+      Both queues are `Payload`: bytes, or a read-only memoryview (copying a queue of megabytes would cost as much
+      as the rest of the move): of the image's bytes in a state read from an immutable image by from_bytes, of the
+      engine's peek buffer in a checkpoint's state when the queue held 64 KiB to 4 MiB (engine/_pool.py: the buffer
+      is used again only once no view of it is alive). A view compares, slices, hashes and writes like the bytes
+      and pickles (or deep-copies) as bytes; where an API wants bytes itself (`view + b"..."`, `.decode()`), take
+      `bytes(state.recv_queue)`.
     - `options`: TcpOptions (TCP_INFO tcpi_options and wscales, TCP_MAXSEG = mss_clamp).
     - `window`: RepairWindow (TCP_REPAIR_WINDOW), None on kernels before 4.8, which lack it.
     - `timestamp`: getsockopt(TCP_TIMESTAMP), the u32 the socket's TSval clock reads now (the kernel's TCP clock
