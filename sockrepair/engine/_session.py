@@ -1,12 +1,12 @@
 """One socket under repair: the handle every engine step takes, like libsoccr's `struct libsoccr_sk`.
 
-A checkpoint makes some 60 socket calls and a restore some 25, so what a call costs around the system call matters as
-much as the call. A call through cffi's ABI mode (libffi) costs about 1 us here, twice what the kernel takes for a
-getsockopt; the standard library's socket methods make the same call for about 0.45 us. So the int-valued
-getsockopt/setsockopt, the ioctls and the queue reads and writes of a session go through one `_socket.socket`
-wrapped around the fd (made without a system call: family, type and protocol are given), which the session detaches
-when it goes away, so the fd is never closed by it; the calls with structs stay in cffi. The text of an error is
-only formatted once a call has failed.
+A checkpoint makes some 80 socket calls and a restore some 30, so what a call costs around the system call matters
+as much as the call. A call through cffi's ABI mode (libffi) costs about 1 us here, twice what the kernel takes for
+a getsockopt; the standard library's socket methods make the same call for about 0.45 us. So a session's calls go
+through one `_socket.socket` wrapped around the fd (its constructor's one getsockname also tells an fd that is no
+socket), which the session detaches when it goes away, so the fd is never closed by it. The calls still made through
+cffi (the refusal checks' struct reads, a NULL option value or a zero option length, which the socket methods cannot
+pass) share per-thread scratch buffers. The text of an error is only formatted once a call has failed.
 
 What must outlive one call (the application's SO_REUSEADDR between checkpoint and resume/discard) is kept by the
 socket's identity, its sockfs inode, never by its fd number: a number closed and handed to another socket must not
