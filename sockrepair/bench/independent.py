@@ -15,6 +15,7 @@ C compiler.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import socket
 import statistics
 import sys
@@ -23,8 +24,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from cffi import FFI
 
 from sockrepair import checkpoint, discard, restore
 from sockrepair.bench import cref
@@ -51,8 +50,17 @@ REPS, QUICK_REPS = 200, 10
 PYTHON_PHASES = ("read_state", "serialize", "close", "deserialize", "restore")
 C_PHASES = ("read_state", "close", "restore")
 
-_ffi = FFI()
-_ffi.cdef("int repair_cycle_once(int fd, int options, int64_t ns[3]); const char *repair_cycle_error(void);")
+NS3 = ctypes.c_int64 * 3
+
+
+def _load(library: Path) -> Any:
+    """The library through ctypes, as bench_lock.py loads libnftables: the times are taken inside C, so what the
+    call costs from Python does not count."""
+    lib = ctypes.CDLL(str(library))
+    lib.repair_cycle_once.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)]
+    lib.repair_cycle_once.restype = ctypes.c_int
+    lib.repair_cycle_error.restype = ctypes.c_char_p
+    return lib
 
 
 def _pair(q: int) -> tuple[socket.socket, socket.socket]:
@@ -104,10 +112,10 @@ def _c_cycle(lib: Any, q: int, options: bool, to_peer: bytes, to_sock: bytes) ->
     try:
         _fill_recv_queue(peer, sock, to_sock[:q])
         sent = _fill_send_queue(sock, peer, q, to_peer)
-        ns = _ffi.new("int64_t[3]")
+        ns = NS3()
         fd = lib.repair_cycle_once(sock.detach(), int(options), ns)  # the C side closes the fd it is given
         if fd < 0:
-            raise BenchError(f"C cycle: {_ffi.string(lib.repair_cycle_error()).decode(errors='replace')}")
+            raise BenchError(f"C cycle: {lib.repair_cycle_error().decode(errors='replace')}")
         restored = socket.socket(fileno=fd)
         _verify(restored, peer, q, sent, to_peer, to_sock)
     finally:
@@ -124,7 +132,7 @@ def _medians(samples: Sequence[dict[str, float]], phases: Sequence[str]) -> tupl
 def measure(library: Path, sizes: Sequence[int] = SIZES, reps: int = REPS) -> list[Independent]:
     """One entry per size: `reps` Python cycles and `reps` C cycles, alternating which goes first, after one untimed
     warm-up of each. Run it inside a network namespace made for it (it fills loopback ports)."""
-    lib = _ffi.dlopen(str(library))
+    lib = _load(library)
     longest = max(sizes, default=0)
     to_peer, to_sock = _stream(2, longest + (8 << 20)), _stream(3, longest + TAIL_BYTES)
     out: list[Independent] = []
