@@ -311,7 +311,9 @@ def independent_section(results: Results) -> list[str]:
             "In one process, a Python cycle of one loopback connection (checkpoint, to_bytes, discard, from_bytes, "
             "restore) interleaved rep by rep with the C reference called as a library (buffers kept, as its warm "
             "variant; like-for-like options at 0 B), medians; bench ratio: the single-connection table's for the "
-            f"same size and C variant; they agree when within {AGREEMENT:g}x of each other.", "",
+            f"same size and C variant; they agree when within {AGREEMENT:g}x of each other. The bench interleaves "
+            "the queue sizes rep by rep, so each of its cycles starts with caches cooled by the last one's megabytes, "
+            "which slows the Python cycle far more than C's; the check runs one size at a time.", "",
             *_table(["queue", "C", "Python cycle", "C cycle", "ratio", "bench ratio", "agrees",
                      "Python phases", "reps", "verified"], rows), ""]
 
