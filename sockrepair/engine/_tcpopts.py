@@ -16,7 +16,10 @@ TCP_REPAIR_WINDOW, TCP_REPAIR_OPTIONS = lib.TCP_REPAIR_WINDOW, lib.TCP_REPAIR_OP
 OPT_SACK, OPT_TIMESTAMPS, OPT_WSCALE = lib.TCPI_OPT_SACK, lib.TCPI_OPT_TIMESTAMPS, lib.TCPI_OPT_WSCALE
 INFO_HEAD = 8  # tcpi_state .. tcpi_flags: u8 each (struct tcp_info_prefix in engine/decl/tcp_info.h)
 WINDOW = struct.Struct("=5I")  # struct tcp_repair_window
-OPT = struct.Struct("=2I")  # struct tcp_repair_opt
+# struct tcp_repair_opt[n] (opt_code, opt_val: u32 each), by the number of u32s: 1 to 4 options
+OPTS = {2 * n: struct.Struct(f"={2 * n}I") for n in range(1, 5)}
+MAXSEG, WINDOW_OPT = lib.TCPOPT_MAXSEG, lib.TCPOPT_WINDOW
+SACK_PERM, TIMESTAMP_OPT = (lib.TCPOPT_SACK_PERM, 0), (lib.TCPOPT_TIMESTAMP, 0)
 
 
 class TcpInfo(NamedTuple):
@@ -54,15 +57,15 @@ def read_options(session: _Session, info: TcpInfo) -> TcpOptions:
 
 def restore_options(session: _Session, options: TcpOptions) -> None:
     """TCP_REPAIR_OPTIONS, accepted only between the repair-mode connect and the first byte sent."""
-    entries = [(lib.TCPOPT_MAXSEG, options.mss)]
+    values = [MAXSEG, options.mss]
     if options.wscale:
-        entries.append((lib.TCPOPT_WINDOW, options.snd_wscale | (options.rcv_wscale << 16)))
+        values += (WINDOW_OPT, options.snd_wscale | (options.rcv_wscale << 16))
     if options.sack:
-        entries.append((lib.TCPOPT_SACK_PERM, 0))
+        values += SACK_PERM
     if options.timestamps:
-        entries.append((lib.TCPOPT_TIMESTAMP, 0))
+        values += TIMESTAMP_OPT
     try:
-        session.sock.setsockopt(TCP, TCP_REPAIR_OPTIONS, b"".join(OPT.pack(*entry) for entry in entries))
+        session.sock.setsockopt(TCP, TCP_REPAIR_OPTIONS, OPTS[len(values)].pack(*values))
     except OSError as exc:
         raise session.failed(f"setsockopt(TCP_REPAIR_OPTIONS {options})", exc) from None
 
