@@ -38,7 +38,8 @@ CHARS = ffi.typeof("char[]")
 PEEK_FLAGS = lib.MSG_PEEK | lib.MSG_DONTWAIT
 SEND_FLAGS = lib.MSG_DONTWAIT | lib.MSG_NOSIGNAL
 TCP = lib.IPPROTO_TCP
-AF_INET6, SOCK_STREAM = lib.AF_INET6, lib.SOCK_STREAM
+AF_INET6 = lib.AF_INET6
+WRAPPER_TYPE = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 TCP_REPAIR, TCP_REPAIR_QUEUE = lib.TCP_REPAIR, lib.TCP_REPAIR_QUEUE
 REPAIR_ON, REPAIR_OFF, REPAIR_OFF_NO_WP = lib.TCP_REPAIR_ON, lib.TCP_REPAIR_OFF, lib.TCP_REPAIR_OFF_NO_WP
 
@@ -105,11 +106,13 @@ class _Session:
         self.fd = fd
         self.tuple = conn
         self.owner = owner
-        # the socket methods check no family, type or protocol for these calls: the kernel answers for the fd. The
+        # The socket methods check no family, type or protocol for these calls: the kernel answers for the fd. The
         # family only sizes the address buffer of getsockname/getpeername, which decode what the kernel returns:
-        # IPv6's holds an IPv4 address too.
+        # IPv6's holds an IPv4 address too. SOCK_NONBLOCK in the type makes the object's timeout 0: without it,
+        # under socket.setdefaulttimeout() the constructor would set O_NONBLOCK on the application's fd, and every
+        # call would wait in poll() first.
         try:
-            sock: _socket.socket | _NoSocket = _socket.socket(AF_INET6, SOCK_STREAM, 0, fd)
+            sock: _socket.socket | _NoSocket = _socket.socket(AF_INET6, WRAPPER_TYPE, 0, fd)
         except OSError as exc:
             sock = _NoSocket(exc.errno or errno.ENOTSOCK)
         self.sock = sock
