@@ -229,6 +229,10 @@ class SocketOptions:
     delack_max_us: int = 0
 
 
+# A queue's bytes: bytes, or a read-only view of the image they were decoded from (ConnectionState says when).
+Payload = bytes | memoryview
+
+
 @dataclass
 class ConnectionState:
     """An established connection frozen in time: what checkpoint() returns and restore() takes. Plain data: it
@@ -256,6 +260,12 @@ class ConnectionState:
     - `recv_queue`: the bytes recv(MSG_PEEK) returns in repair mode with the receive queue selected, SIOCINQ of
       them: received in order, not yet read by the application. With urgent data pending and SO_OOBINLINE off,
       SIOCINQ stops at the urgent mark while recv_seq is the queue's true end.
+      Both queues are `Payload`: bytes, or a read-only memoryview (copying a queue of megabytes would cost as much
+      as the rest of the move): of the image's bytes in a state read from an immutable image by from_bytes, of the
+      engine's peek buffer in a checkpoint's state when the queue held 64 KiB to 4 MiB (engine/_pool.py: the buffer
+      is used again only once no view of it is alive). A view compares, slices, hashes and writes like the bytes
+      and pickles (or deep-copies) as bytes; where an API wants bytes itself (`view + b"..."`, `.decode()`), take
+      `bytes(state.recv_queue)`.
     - `options`: TcpOptions (TCP_INFO tcpi_options and wscales, TCP_MAXSEG = mss_clamp).
     - `window`: RepairWindow (TCP_REPAIR_WINDOW), None on kernels before 4.8, which lack it.
     - `timestamp`: getsockopt(TCP_TIMESTAMP), the u32 the socket's TSval clock reads now (the kernel's TCP clock
@@ -269,21 +279,25 @@ class ConnectionState:
     tcp_state: int
     send_seq: int
     recv_seq: int
-    send_queue: bytes
+    send_queue: Payload
     unsent_len: int
-    recv_queue: bytes
+    recv_queue: Payload
     options: TcpOptions
     window: RepairWindow | None
     timestamp: int
     sockopts: SocketOptions = field(default_factory=SocketOptions)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a memoryview does not pickle: its bytes do
+        return {k: bytes(v) if isinstance(v, memoryview) else v for k, v in self.__dict__.items()}
+
     @property
-    def unacked(self) -> bytes:
+    def unacked(self) -> Payload:
         """The send queue's first len(send_queue) - unsent_len bytes: sent, not yet acknowledged by the peer."""
         return self.send_queue[: len(self.send_queue) - self.unsent_len]
 
     @property
-    def unsent(self) -> bytes:
+    def unsent(self) -> Payload:
         """The send queue's last unsent_len bytes: written by the application, never sent."""
         return self.send_queue[len(self.send_queue) - self.unsent_len :]
 

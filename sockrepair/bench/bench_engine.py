@@ -4,7 +4,9 @@
 
 The same cycle as the C reference (sockrepair/bench/reference/repair_cycle.c), through the Python engine: for a loopback
 pair it makes itself (the client end moves, the accepted end is the peer), with Q bytes in each queue, it times
-read_state (checkpoint), serialize (state.to_bytes), close (discard with the state) and restore. The queues are
+read_state (checkpoint), serialize (state.to_bytes), close (discard with the state), deserialize
+(ConnectionState.from_bytes of that image) and restore (of the state read back: the image is what travels). The
+queues are
 filled as the C reference fills them, and an entry whose queues held fewer bytes than asked does not count. After
 every cycle each side writes 4 KiB more and both directions are read to the end and compared with what was written.
 
@@ -48,7 +50,7 @@ from sockrepair.errors import SockrepairError
 from sockrepair.lab.pattern import first_mismatch, pattern
 from sockrepair.lock import Locker
 from sockrepair.netns import NetNS
-from sockrepair.state import ConnTuple
+from sockrepair.state import ConnectionState, ConnTuple
 
 SIZES = (0, 4 << 10, 64 << 10, 1 << 20, 16 << 20)
 BATCHES = (1, 100, 1000, 10000)
@@ -231,12 +233,14 @@ def _single_cycle(q: int, to_peer: bytes, to_sock: bytes) -> tuple[dict[str, flo
         t0 = time.perf_counter_ns()
         state = checkpoint(sock)
         t1 = time.perf_counter_ns()
-        state.to_bytes()
+        image = state.to_bytes()
         t2 = time.perf_counter_ns()
         discard(sock, state)
         t3 = time.perf_counter_ns()
-        restored = restore(state)
+        back = ConnectionState.from_bytes(image)
         t4 = time.perf_counter_ns()
+        restored = restore(back)
+        t5 = time.perf_counter_ns()
         held = min(len(state.send_queue), len(state.recv_queue))
         view_peer, view_sock = memoryview(to_peer), memoryview(to_sock)
         _exchange([
@@ -246,7 +250,8 @@ def _single_cycle(q: int, to_peer: bytes, to_sock: bytes) -> tuple[dict[str, flo
     finally:
         for s in (sock, peer, restored):
             _close_abort(s)
-    times = {"read_state": t1 - t0, "serialize": t2 - t1, "close": t3 - t2, "restore": t4 - t3}
+    times = {"read_state": t1 - t0, "serialize": t2 - t1, "close": t3 - t2, "deserialize": t4 - t3,
+             "restore": t5 - t4}
     return {name: ns / 1000 for name, ns in times.items()}, held
 
 
@@ -425,16 +430,23 @@ def run_batches(batches: Sequence[int], reps: int, locker: Locker) -> list[Batch
             for k, lock in cases]
 
 
-def run(quick: bool = False, sizes: Sequence[int] = SIZES, batches: Sequence[int] = BATCHES) -> dict[str, Any]:
-    """{"single": [Single], "batch": [Batch], "notes": [str]} of impl "sockrepair", measured in a network namespace
-    made for the run. Single entries take no lock; batch entries come without and with it."""
+def run(quick: bool = False, sizes: Sequence[int] = SIZES, batches: Sequence[int] = BATCHES,
+        independent_check: bool = True) -> dict[str, Any]:
+    """{"single": [Single], "batch": [Batch], "independent": [Independent], "notes": [str]} of impl "sockrepair",
+    measured in a network namespace made for the run. Single entries take no lock; batch entries come without and
+    with it; the independent check (sockrepair/bench/independent.py) runs last, in a namespace of its own."""
     plan = QUICK if quick else FULL
     with NetNS() as ns, ns.entered():
         single = run_single(sizes, plan.reps, plan.big_reps)
         with Locker(label="bench-engine") as locker:
             batch = run_batches(batches, plan.batch_reps, locker)
     notes = [] if not quick else ["engine benchmark in quick mode: few cycles, medians are rough"]
-    return {"single": single, "batch": batch, "notes": notes}
+    checked = []
+    if independent_check:
+        from sockrepair.bench import independent
+
+        checked = independent.run(quick, notes=notes)
+    return {"single": single, "batch": batch, "independent": checked, "notes": notes}
 
 
 # ---- command line ----
@@ -482,6 +494,10 @@ def _print(ours: dict[str, Any], ref: dict[str, Any] | None) -> None:
         state = "" if entry["verified"] else f"  NOT VERIFIED: {entry['error']}"
         print(f"batch {entry['connections']:>6} {lock} {entry['conn_per_s']:>10,.0f} conn/s{c_text}  [ms: {phases}]"
               f"{state}")
+    for e in ours.get("independent", []):
+        state = "" if e["verified"] else f"  NOT VERIFIED: {e['error']}"
+        print(f"independent check {e['queue_bytes']:>9} B: python {e['python_us']:.1f} us, {e['c_impl']} in the same "
+              f"process {e['c_us']:.1f} us, ratio {e['ratio']:.2f}x{state}")
 
 
 def main() -> int:

@@ -60,16 +60,20 @@ OPTIONS = Variant(C_OPTIONS_IMPL, ("--options",), empty_queues=True, full_queues
 VARIANTS = (MINIMAL, WARM, OPTIONS)
 
 
-def build(out_dir: Path, notes: list[str] | None = None) -> Path | None:
-    """The compiled reference in out_dir, or None (with a note appended to `notes`) when there is no compiler."""
+def build(out_dir: Path, notes: list[str] | None = None, shared: bool = False) -> Path | None:
+    """The compiled reference in out_dir, or None (with a note appended to `notes`) when there is no compiler. With
+    `shared`, a shared library instead of the program, for a process that calls its repair_cycle_once()
+    (sockrepair/bench/independent.py)."""
     compiler = next((found for name in COMPILERS if (found := shutil.which(name))), None)
     if compiler is None:
         if notes is not None:
             notes.append(NO_COMPILER_NOTE)
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
-    binary = out_dir / "repair_cycle"
-    done = subprocess.run([compiler, "-O2", "-Wall", "-o", str(binary), str(SOURCE)], capture_output=True, text=True)
+    binary = out_dir / ("librepair_cycle.so" if shared else "repair_cycle")
+    flags = ["-shared", "-fPIC"] if shared else []
+    done = subprocess.run([compiler, "-O2", "-Wall", *flags, "-o", str(binary), str(SOURCE)], capture_output=True,
+                          text=True)
     if done.returncode != 0:
         first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip())
         raise CReferenceError(f"building the C reference with {compiler} failed: {first}")

@@ -2,8 +2,9 @@
 namespace made for it, and the functions that took the most time listed per cycle.
 
 Targets and what is profiled (keys are the report's target texts):
-- one connection, 0 B or 1 MiB: checkpoint, serialize, silent close and restore of a loopback connection holding
-  that many bytes in its receive queue (the send queue stays empty: filling it needs the peer's window closed);
+- one connection, 0 B or 1 MiB (and the image's share at 1 MiB): checkpoint, serialize, silent close, deserialize and
+  restore of a loopback connection holding that many bytes in its receive queue (the send queue stays empty: filling
+  it needs the peer's window closed);
 - lock + unlock: one connection locked and unlocked with one Locker;
 - 10,000 connections with the lock: 1,000 connections locked, checkpointed, serialized, closed, restored, unlocked;
 - peer-seen gap: sockrepair.migrate() of the echo program with that many connections (sockrepair/bench/bench_gap.py).
@@ -26,7 +27,7 @@ from sockrepair.bench.results import SOCKREPAIR_IMPL, Profile, ProfileRow
 from sockrepair.errors import SockrepairError
 from sockrepair.lock import Locker
 from sockrepair.netns import NetNS
-from sockrepair.state import ConnTuple
+from sockrepair.state import ConnectionState, ConnTuple
 
 TOP = 12
 LOOPBACK = "127.0.0.1"
@@ -89,12 +90,12 @@ def single_cycle(queue_bytes: int, cycles: int) -> Profile:
                 sock, peer = pairs[0]
                 profiler.enable()
                 state = checkpoint(sock)
-                state.to_bytes()
+                image = state.to_bytes()
                 discard(sock, state)
-                restored = restore(state)
+                restored = restore(ConnectionState.from_bytes(image))
                 profiler.disable()
                 pairs[0] = (restored, peer)
-    return {"what": f"checkpoint, serialize, close, restore; {queue_bytes} B in the receive queue",
+    return {"what": f"checkpoint, serialize, close, deserialize, restore; {queue_bytes} B in the receive queue",
             "cycles": cycles, "rows": rows(profiler, cycles)}
 
 
@@ -149,7 +150,9 @@ def for_target(key: str, quick: bool) -> Callable[[], Profile] | None:
     few = 3 if quick else 30
     table: dict[str, Callable[[], Profile]] = {
         "single-0": lambda: single_cycle(0, few),
+        "single-0-options": lambda: single_cycle(0, few),
         "single-1MiB": lambda: single_cycle(1 << 20, max(1, few // 3)),
+        "image-1MiB": lambda: single_cycle(1 << 20, max(1, few // 3)),
         "lock": lambda: lock_cycle(100 if quick else 1000),
         "batch-10000": lambda: batch_cycle(100 if quick else 1000),
         **{f"gap-{n}": functools.partial(gap_move, n) for n in (1, 100, 1000)},

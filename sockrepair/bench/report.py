@@ -64,15 +64,16 @@ C_COLUMNS = {C_IMPL: "x C", C_WARM_IMPL: "x C warm", C_OPTIONS_IMPL: "x C option
 
 
 def _slowest_phase(entry: Single, ref: Single | None) -> str:
+    """Every phase of the cycle, the largest first, with its share and the C variant's figure where it has one."""
     phases = entry["phases"]
-    if not phases:
-        return ""
-    name = max(phases, key=lambda p: phases[p]["median_us"])
-    share = phases[name]["median_us"] / entry["total"]["median_us"]
-    where = f"{name} {human_us(phases[name]['median_us'])} ({share:.0%} of the cycle)"
-    if ref is not None and name in ref["phases"]:
-        where += f", {C_NAMES.get(ref['impl'], ref['impl'])} {human_us(ref['phases'][name]['median_us'])}"
-    return where
+    parts = []
+    for name in sorted(phases, key=lambda p: -phases[p]["median_us"]):
+        share = phases[name]["median_us"] / entry["total"]["median_us"]
+        part = f"{name} {human_us(phases[name]['median_us'])} ({share:.0%} of the cycle)"
+        if ref is not None and name in ref["phases"]:
+            part += f", {C_NAMES.get(ref['impl'], ref['impl'])} {human_us(ref['phases'][name]['median_us'])}"
+        parts.append(part)
+    return "; ".join(parts)
 
 
 def _ratio_to(c_impl: str, queue: int) -> Callable[[Results], Measured | None]:
@@ -81,6 +82,19 @@ def _ratio_to(c_impl: str, queue: int) -> Callable[[Results], Measured | None]:
         if ours is None or ref is None or not ref["total"]["median_us"]:
             return None
         return Measured(ours["total"]["median_us"] / ref["total"]["median_us"], _slowest_phase(ours, ref))
+    return measure
+
+
+def _image_share(queue: int) -> Callable[[Results], Measured | None]:
+    """serialize + deserialize as a share (%) of sockrepair's whole cycle at `queue` bytes in each queue."""
+    def measure(results: Results) -> Measured | None:
+        ours = _single(results, SOCKREPAIR_IMPL, queue)
+        if ours is None or "serialize" not in ours["phases"] or not ours["total"]["median_us"]:
+            return None
+        image = {p: ours["phases"][p]["median_us"] for p in ("serialize", "deserialize") if p in ours["phases"]}
+        where = (", ".join(f"{p} {human_us(us)}" for p, us in image.items())
+                 + f" of a {human_us(ours['total']['median_us'])} cycle")
+        return Measured(100 * sum(image.values()) / ours["total"]["median_us"], where)
     return measure
 
 
@@ -184,6 +198,8 @@ TARGETS = (
            _ratio_to(C_OPTIONS_IMPL, 0)),
     Target("single-1MiB", "One connection, 1 MiB queues: sockrepair / warm C", 1.3, "x", False,
            _ratio_to(C_WARM_IMPL, 1 << 20)),
+    Target("image-1MiB", "Image encode + decode, 1 MiB queues: share of sockrepair's cycle", 10.0, "%", False,
+           _image_share(1 << 20)),
     Target("lock", "Lock + unlock one connection (sockrepair)", 150.0, "µs", False, _lock),
     Target("batch-10000", "10,000 connections including the lock", 30_000.0, "conn/s", True, _batch(10_000)),
     *(Target(f"rto-{n}", f"Requests waiting 200 ms or more across a move, {n:,} connection{'s' if n > 1 else ''}",
@@ -201,6 +217,8 @@ def _amount(value: float, unit: str) -> str:
         return f"{value:,.0f} conn/s"
     if unit == "requests":
         return f"{value:,.0f} requests"
+    if unit == "%":
+        return f"{value:.1f}%"
     return f"{value:,.1f} {unit}"
 
 
@@ -264,6 +282,40 @@ def targets_section(results: Results) -> list[str]:
                      "—" if m is None else _amount(m.value, t.unit), status, where])
     return ["## Targets (issue 6)", "",
             *_table(["target", "limit", "measured", "status", "where the time goes"], rows), ""]
+
+
+# the independent check agrees with the bench when their ratios are within this factor of each other
+AGREEMENT = 1.25
+
+
+def independent_section(results: Results) -> list[str]:
+    """The independent check (sockrepair/bench/independent.py) next to the ratio the bench measured for the same size
+    against the same C variant."""
+    entries = results.get("independent") or []
+    if not entries:
+        return []
+    rows = []
+    for e in entries:
+        ours, ref = _single(results, SOCKREPAIR_IMPL, e["queue_bytes"]), _single(results, e["c_impl"], e["queue_bytes"])
+        bench = (ours["total"]["median_us"] / ref["total"]["median_us"]
+                 if ours is not None and ref is not None and ref["total"]["median_us"] else math.nan)
+        if math.isnan(bench) or math.isnan(e["ratio"]):
+            verdict = "—"
+        else:
+            verdict = "yes" if max(bench, e["ratio"]) / min(bench, e["ratio"]) <= AGREEMENT else "**no**"
+        phases = ", ".join(f"{p.replace('_', ' ')} {human_us(us)}" for p, us in e["python_phases_us"].items())
+        rows.append([human_bytes(e["queue_bytes"]), C_NAMES.get(e["c_impl"], e["c_impl"]), human_us(e["python_us"]),
+                     human_us(e["c_us"]), f"{e['ratio']:.2f}x", "—" if math.isnan(bench) else f"{bench:.2f}x",
+                     verdict, phases, str(e["reps"]), _verified(e)])
+    return ["## Independent check", "",
+            "In one process, a Python cycle of one loopback connection (checkpoint, to_bytes, discard, from_bytes, "
+            "restore) interleaved rep by rep with the C reference called as a library (buffers kept, as its warm "
+            "variant; like-for-like options at 0 B), medians; bench ratio: the single-connection table's for the "
+            f"same size and C variant; they agree when within {AGREEMENT:g}x of each other. The bench interleaves "
+            "the queue sizes rep by rep, so each of its cycles starts with caches cooled by the last one's megabytes, "
+            "which slows the Python cycle far more than C's; the check runs one size at a time.", "",
+            *_table(["queue", "C", "Python cycle", "C cycle", "ratio", "bench ratio", "agrees",
+                     "Python phases", "reps", "verified"], rows), ""]
 
 
 def profiles_section(results: Results) -> list[str]:
@@ -417,6 +469,7 @@ def markdown(results: Results, plots: Sequence[Path] = ()) -> str:
         lines += [*(f"- {note}" for note in results["notes"]), ""]
     lines += headline_section(results)
     lines += targets_section(results)
+    lines += independent_section(results)
     lines += profiles_section(results)
     lines += single_section(results)
     lines += batch_section(results)

@@ -12,8 +12,9 @@ from typing import Any, NotRequired, TypedDict
 
 from sockrepair.errors import SockrepairError
 
-# Phases in cycle order; an implementation reports the ones it has (the C reference has no lock or serialize).
-PHASES = ("lock", "read_state", "serialize", "close", "restore", "unlock")
+# Phases in cycle order; an implementation reports the ones it has (the C reference has no lock, serialize or
+# deserialize: its state never leaves its memory).
+PHASES = ("lock", "read_state", "serialize", "close", "deserialize", "restore", "unlock")
 # The C reference's variants (sockrepair/bench/cref.py): the minimal cycle with buffers malloc'd per checkpoint
 # (the only one of older runs), the same with buffers kept warm, and like-for-like (the engine's socket options).
 C_IMPL = "c"
@@ -95,6 +96,23 @@ class Gap(TypedDict):
     interval_ms: NotRequired[float]  # mean time between a connection's requests (stream: between its writes)
 
 
+class Independent(TypedDict):
+    """The independent check (sockrepair/bench/independent.py): in one process, a Python cycle of one loopback
+    connection (checkpoint, to_bytes, discard, from_bytes, restore) interleaved with a cycle of the C reference's
+    `c_impl` variant called as a library; medians over `reps` of each."""
+
+    queue_bytes: int
+    c_impl: str
+    reps: int
+    python_us: float  # median of each Python cycle's total
+    c_us: float  # median of each C cycle's total
+    ratio: float  # python_us / c_us
+    python_phases_us: dict[str, float]
+    c_phases_us: dict[str, float]
+    verified: bool
+    error: NotRequired[str | None]
+
+
 class Results(TypedDict):
     machine: dict[str, Any]
     single: list[Single]
@@ -103,6 +121,7 @@ class Results(TypedDict):
     gap: list[Gap]
     notes: list[str]
     profiles: NotRequired[dict[str, Profile]]
+    independent: NotRequired[list[Independent]]
 
 
 class ProfileRow(TypedDict):
@@ -121,7 +140,8 @@ class Profile(TypedDict):
 
 
 def empty(machine: Mapping[str, Any]) -> Results:
-    return {"machine": dict(machine), "single": [], "batch": [], "lock": [], "gap": [], "notes": [], "profiles": {}}
+    return {"machine": dict(machine), "single": [], "batch": [], "lock": [], "gap": [], "notes": [], "profiles": {},
+            "independent": []}
 
 
 def p99(samples: Sequence[float]) -> float:
@@ -264,6 +284,7 @@ def check(data: Any) -> Results:
                 raise ResultsError(f"results {section}[{i}] lacks {', '.join(missing)}")
     data.setdefault("notes", [])
     data.setdefault("profiles", {})
+    data.setdefault("independent", [])
     return data  # type: ignore[return-value]
 
 

@@ -20,7 +20,7 @@ from sockrepair.criu.topology import map_trees
 from sockrepair.engine.registry import not_in_criu
 from sockrepair.move.dump import inspect
 from sockrepair.netns import inside
-from sockrepair.state import ConnectionState, ConnTuple
+from sockrepair.state import ConnectionState, ConnTuple, Payload
 
 SAME, EXPLAINED, NOT_KEPT, DIFFERS = "same", "explained", "not kept", "differs"
 SEQ_MOD = 1 << 32
@@ -83,11 +83,11 @@ class Comparison:
                 "missing": self.missing, "connections": [c.to_dict() for c in self.connections]}
 
 
-def _queue_view(data: bytes) -> str:
+def _queue_view(data: Payload) -> str:
     return f"{len(data)} B sha256:{hashlib.sha256(data).hexdigest()[:12]}"
 
 
-def _stream(name: str, ours_end: int, ours: bytes, criu_end: int, criu: bytes) -> tuple[str, str]:
+def _stream(name: str, ours_end: int, ours: Payload, criu_end: int, criu: Payload) -> tuple[str, str]:
     """One direction's queue as the two checkpoints hold it: (verdict, why). Sequence numbers are those at the END
     of each queue; a later checkpoint may be further on (more data arrived or was written, some was acknowledged
     or read), but wherever the two cover the same sequence range the bytes must be identical."""

@@ -1,68 +1,50 @@
-"""sockaddr conversions between the kernel's layouts and ConnTuple."""
+"""The connection's addresses: the 4-tuple of a socket, and bind/connect of a restored one (the socket module
+converts between its address tuples and the kernel's sockaddr_in / sockaddr_in6)."""
 
 from __future__ import annotations
 
 import socket
-import struct
-from typing import Any
 
-from sockrepair.engine._ffi import ffi, lib
-from sockrepair.engine._session import _Session, new
+from sockrepair.engine._ffi import lib
+from sockrepair.engine._session import _Session
 from sockrepair.state import ConnTuple
 
 AF_INET, AF_INET6 = lib.AF_INET, lib.AF_INET6
-SOCKADDR_P = ffi.typeof("struct sockaddr *")
-STORAGE_P = ffi.typeof("struct sockaddr_storage *")
-STORAGE_SIZE = ffi.sizeof("struct sockaddr_storage")
-# struct sockaddr_in / sockaddr_in6 as bytes: the family in host order, the port in network order, zeroed padding,
-# flow info and scope id.
-SOCKADDR_IN = struct.Struct("=H2s4s8x")
-SOCKADDR_IN6 = struct.Struct("=H2sI16sI")
-_inet_ntop, _inet_pton = socket.inet_ntop, socket.inet_pton
-_from_buffer = ffi.from_buffer
-
-
-def _decode(raw: bytes) -> tuple[int, str, int]:
-    """(family, address, port) of a struct sockaddr_in or sockaddr_in6 given as its bytes."""
-    family = raw[0] | raw[1] << 8
-    if family == AF_INET:
-        return family, _inet_ntop(AF_INET, raw[4:8]), raw[2] << 8 | raw[3]
-    if family == AF_INET6:
-        return family, _inet_ntop(AF_INET6, raw[8:24]), raw[2] << 8 | raw[3]
-    raise ValueError(f"address family {family} is not IPv4 or IPv6")
 
 
 def read_tuple(session: _Session) -> ConnTuple:
-    """getsockname and getpeername of the session's socket."""
-    fd, size = session.fd, session.size
-    sa = new(STORAGE_P)
-    as_sockaddr = ffi.cast(SOCKADDR_P, sa)
-    size[0] = STORAGE_SIZE
-    if lib.getsockname(fd, as_sockaddr, size) < 0:
-        raise session.fail("getsockname")
-    family, laddr, lport = _decode(ffi.buffer(sa, 28)[:])
-    size[0] = STORAGE_SIZE
-    if lib.getpeername(fd, as_sockaddr, size) < 0:
-        raise session.fail("getpeername")
-    _, raddr, rport = _decode(ffi.buffer(sa, 28)[:])
-    return ConnTuple(family, laddr, lport, raddr, rport)
+    """getsockname and getpeername of the session's socket (the socket module's, which spell addresses as
+    inet_ntop does)."""
+    sock = session.sock
+    try:
+        local = sock.getsockname()
+    except OSError as exc:
+        raise session.failed("getsockname", exc) from None
+    try:
+        remote = sock.getpeername()
+    except OSError as exc:
+        raise session.failed("getpeername", exc) from None
+    if not isinstance(local, tuple) or not isinstance(remote, tuple):
+        raise ValueError(f"fd {session.fd} is not an IPv4 or IPv6 socket")
+    return ConnTuple(AF_INET if len(local) == 2 else AF_INET6, local[0], local[1], remote[0], remote[1])
 
 
-def sockaddr(family: int, addr: str, port: int) -> Any:
-    """A struct sockaddr_in/sockaddr_in6 for bind/connect, as a char array of its exact size over packed bytes;
-    callers cast it in the call so that it stays alive."""
-    if family == AF_INET:
-        return _from_buffer(SOCKADDR_IN.pack(family, port.to_bytes(2, "big"), _inet_pton(AF_INET, addr)))
-    return _from_buffer(SOCKADDR_IN6.pack(family, port.to_bytes(2, "big"), 0, _inet_pton(AF_INET6, addr), 0))
+def _owner(session: _Session) -> socket.socket:
+    if session.owner is None:
+        raise TypeError(f"fd {session.fd}: bind and connect need the session's socket object (restore's)")
+    return session.owner
 
 
-def bind(session: _Session, family: int, addr: str, port: int) -> None:
-    sa = sockaddr(family, addr, port)
-    if lib.bind(session.fd, ffi.cast(SOCKADDR_P, sa), len(sa)) < 0:
-        raise session.fail(f"bind({addr}:{port})")
+def bind(session: _Session, addr: str, port: int) -> None:
+    try:
+        _owner(session).bind((addr, port))
+    except OSError as exc:
+        raise session.failed(f"bind({addr}:{port})", exc) from None
 
 
-def connect(session: _Session, family: int, addr: str, port: int) -> None:
-    sa = sockaddr(family, addr, port)
-    if lib.connect(session.fd, ffi.cast(SOCKADDR_P, sa), len(sa)) < 0:
-        raise session.fail(f"connect({addr}:{port})")
+def connect(session: _Session, addr: str, port: int) -> None:
+    """The repair-mode connect: no handshake, it returns at once."""
+    try:
+        _owner(session).connect((addr, port))
+    except OSError as exc:
+        raise session.failed(f"connect({addr}:{port})", exc) from None

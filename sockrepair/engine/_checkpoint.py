@@ -134,12 +134,13 @@ def discard(sock: SockLike, state: ConnectionState | None = None) -> None:
     reads the repair flag, tp->repair, in do_tcp_getsockopt; a kernel that does not answer it, ENOPROTOOPT, is not
     checked). Raises SocketCallError when a kernel call fails."""
     fd = fileno(sock)
-    if not _in_repair(_Session(fd, state.tuple if state is not None else None)):
+    session = _Session(fd, state.tuple if state is not None else None)
+    if not _in_repair(session):
         raise SocketStateError(f"fd {fd} is not in repair mode (never checkpointed, or resumed): closing it would "
                                "send a FIN; checkpoint() it first", fd=fd,
                                tuple=state.tuple if state is not None else None)
     if state is not None:
-        ensure_unchanged(fd, state)
+        _ensure_unchanged(session, state)
     release_reuse(fd)
     if isinstance(sock, int):
         close_silently(fd)
@@ -159,7 +160,10 @@ def _in_repair(session: _Session) -> bool:
 def ensure_unchanged(fd: int, state: ConnectionState) -> None:
     """Raise SocketStateError (`.fd`, `.tuple`) when the frozen socket `fd` sent or received since `state` was
     taken: what discard() checks, for a mover that checks every socket before it discards any."""
-    session = _Session(fd, state.tuple)
+    _ensure_unchanged(_Session(fd, state.tuple), state)
+
+
+def _ensure_unchanged(session: _Session, state: ConnectionState) -> None:
     ioctl = session.ioctl
     now = (*send_lengths(state.tcp_state, ioctl(lib.SIOCOUTQ, "SIOCOUTQ"), ioctl(lib.SIOCOUTQNSD, "SIOCOUTQNSD")),
            ioctl(lib.SIOCINQ, "SIOCINQ"))
@@ -183,13 +187,14 @@ def _ensure_tcp(session: _Session) -> None:
             raise SocketStateError(f"fd {fd} is not an open file descriptor", fd=fd) from None
         raise
     protocol = get_int(SOL, lib.SO_PROTOCOL, "SO_PROTOCOL")
+    if sock_type == lib.SOCK_STREAM and protocol == lib.IPPROTO_TCP:
+        return  # only AF_INET and AF_INET6 have TCP stream sockets: the domain is read for the refusal alone
     domain = get_int(SOL, lib.SO_DOMAIN, "SO_DOMAIN")
-    if sock_type != lib.SOCK_STREAM or protocol != lib.IPPROTO_TCP or domain not in (lib.AF_INET, lib.AF_INET6):
-        what = f"an {PROTOCOLS[protocol]} socket" if protocol in PROTOCOLS else "not a TCP socket"
-        raise SocketStateError(
-            f"fd {fd} is {what} (domain {domain}, type {sock_type}, protocol {protocol}); "
-            "only plain IPv4/IPv6 TCP connections can be repaired", fd=fd
-        )
+    what = f"an {PROTOCOLS[protocol]} socket" if protocol in PROTOCOLS else "not a TCP socket"
+    raise SocketStateError(
+        f"fd {fd} is {what} (domain {domain}, type {sock_type}, protocol {protocol}); "
+        "only plain IPv4/IPv6 TCP connections can be repaired", fd=fd
+    )
 
 
 def _connection_tuple(session: _Session, tcp_state: int) -> ConnTuple:

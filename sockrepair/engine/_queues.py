@@ -12,6 +12,7 @@ from sockrepair.engine._ffi import lib
 from sockrepair.engine._session import _Session
 from sockrepair.engine._states import send_lengths
 from sockrepair.errors import SocketCallError
+from sockrepair.state import Payload
 
 TCP = lib.IPPROTO_TCP
 REPAIR_QUEUE, QUEUE_SEQ = lib.TCP_REPAIR_QUEUE, lib.TCP_QUEUE_SEQ
@@ -26,9 +27,9 @@ SNAPSHOT_ATTEMPTS = 50
 class QueueSnapshot:
     send_seq: int
     recv_seq: int
-    send_queue: bytes
+    send_queue: Payload
     unsent_len: int
-    recv_queue: bytes
+    recv_queue: Payload
 
 
 def _read_once(session: _Session, tcp_state: int) -> QueueSnapshot | None:

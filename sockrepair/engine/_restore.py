@@ -51,7 +51,7 @@ def restore(state: ConnectionState) -> socket.socket:
     while still in repair mode, so the peer sees nothing."""
     conn = state.tuple
     sock = socket.socket(conn.family, socket.SOCK_STREAM)
-    session = _Session(sock.fileno(), conn)
+    session = _Session(sock.fileno(), conn, owner=sock)
     so, options = state.sockopts, state.options
     send_len, recv_len = len(state.send_queue), len(state.recv_queue)
     # views, not copies: the queues may be large, and the kernel copies them anyway
@@ -151,7 +151,7 @@ def _abandon(sock: socket.socket, session: _Session) -> None:
 def _bind(session: _Session, state: ConnectionState) -> None:
     conn = state.tuple
     try:
-        bind(session, conn.family, conn.local_addr, conn.local_port)
+        bind(session, conn.local_addr, conn.local_port)
     except SocketCallError as exc:
         if exc.errno == errno.EADDRNOTAVAIL:
             raise AddressNotLocalError(
@@ -167,7 +167,7 @@ def _bind(session: _Session, state: ConnectionState) -> None:
 def _connect(session: _Session, state: ConnectionState) -> None:
     conn = state.tuple
     try:
-        connect(session, conn.family, conn.remote_addr, conn.remote_port)
+        connect(session, conn.remote_addr, conn.remote_port)
     except SocketCallError as exc:
         if exc.errno in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
             raise AddressInUseError(

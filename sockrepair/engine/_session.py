@@ -1,9 +1,12 @@
 """One socket under repair: the handle every engine step takes, like libsoccr's `struct libsoccr_sk`.
 
-A checkpoint makes some 40 socket calls and a restore some 20, so what a call costs around the system call matters as
-much as the call: libc's functions and the cdata types are looked up once here, the int-valued calls of one session
-share one pair of buffers (allocating cdata costs about as much as the call), and the text of an error is only
-formatted once a call has failed.
+A checkpoint makes some 80 socket calls and a restore some 30, so what a call costs around the system call matters
+as much as the call. A call through cffi's ABI mode (libffi) costs about 1 us here, twice what the kernel takes for
+a getsockopt; the standard library's socket methods make the same call for about 0.45 us. So a session's calls go
+through one `_socket.socket` wrapped around the fd (its constructor's one getsockname also tells an fd that is no
+socket), which the session detaches when it goes away, so the fd is never closed by it. The calls still made through
+cffi (the refusal checks' struct reads, a NULL option value or a zero option length, which the socket methods cannot
+pass) share per-thread scratch buffers. The text of an error is only formatted once a call has failed.
 
 What must outlive one call (the application's SO_REUSEADDR between checkpoint and resume/discard) is kept by the
 socket's identity, its sockfs inode, never by its fd number: a number closed and handed to another socket must not
@@ -11,31 +14,32 @@ inherit the first socket's memory."""
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import socket
+import threading
+from fcntl import ioctl as _fcntl_ioctl
+from typing import Any
 
 from sockrepair.engine._ffi import ffi, lib
+from sockrepair.engine._pool import take
 from sockrepair.errors import NotPermittedError, SocketCallError, UnsupportedError
-from sockrepair.state import ConnTuple
+from sockrepair.state import ConnTuple, Payload
 
 SockLike = socket.socket | int
 
 getsockopt = lib.getsockopt
 setsockopt = lib.setsockopt
-_ioctl = lib.ioctl
-_recv = lib.recv
-_send = lib.send
 _close = lib.close
 new = ffi.new
-# Buffers that the kernel fills at once need no zeroing first: that would touch every page of a big queue twice.
-new_unzeroed = ffi.new_allocator(should_clear_after_alloc=False)
-INT_P = ffi.typeof("int *")
 SOCKLEN_P = ffi.typeof("socklen_t *")
 CHARS = ffi.typeof("char[]")
 PEEK_FLAGS = lib.MSG_PEEK | lib.MSG_DONTWAIT
 SEND_FLAGS = lib.MSG_DONTWAIT | lib.MSG_NOSIGNAL
 TCP = lib.IPPROTO_TCP
+AF_INET6 = lib.AF_INET6
+WRAPPER_TYPE = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 TCP_REPAIR, TCP_REPAIR_QUEUE = lib.TCP_REPAIR, lib.TCP_REPAIR_QUEUE
 REPAIR_ON, REPAIR_OFF, REPAIR_OFF_NO_WP = lib.TCP_REPAIR_ON, lib.TCP_REPAIR_OFF, lib.TCP_REPAIR_OFF_NO_WP
 
@@ -58,54 +62,114 @@ def signed32(value: int) -> int:
     return value - (1 << 32) if value & 0x80000000 else value
 
 
+class _NoSocket:
+    """In place of the socket object of an fd that is not an open socket (the constructor's getsockname failed):
+    every call fails with the errno the kernel gave, as the call itself would."""
+
+    __slots__ = ("errno",)
+
+    def __init__(self, err: int) -> None:
+        self.errno = err
+
+    def _fail(self, *args: object) -> Any:
+        raise OSError(self.errno, os.strerror(self.errno))
+
+    getsockopt = setsockopt = getsockname = getpeername = recv = recv_into = send = _fail
+
+    def detach(self) -> int:
+        return -1
+
+
+class _Scratch(threading.local):
+    """Per thread (the kernel writes them while the GIL is released): the socklen_t of the cffi calls that pass a
+    struct, and the int the ioctls write. Allocating them per session cost about as much as a call."""
+
+    def __init__(self) -> None:
+        self.size = new(SOCKLEN_P, 4)
+        self.ibuf = bytearray(4)
+        self.ival = memoryview(self.ibuf).cast("i")
+
+
+_scratch = _Scratch()
+
+
 class _Session:
     """The calls of one operation on one socket. `tuple` is the connection once known (restore knows it from the
     start, checkpoint once it has read it); failures carry it. Make one per operation and never share it between
-    threads: its buffers are written while the GIL is released."""
+    threads."""
 
-    __slots__ = ("fd", "size", "tuple", "value")
+    __slots__ = ("_getsockopt", "_setsockopt", "fd", "owner", "sock", "tuple")
 
-    def __init__(self, fd: int, conn: ConnTuple | None = None) -> None:
+    def __init__(self, fd: int, conn: ConnTuple | None = None, owner: socket.socket | None = None) -> None:
+        """`owner`: the socket object of `fd` when the engine made it (restore), for bind and connect, which the
+        socket module parses for its family; never a caller's, whose timeout would make its calls wait."""
         self.fd = fd
         self.tuple = conn
-        self.value = new(INT_P)
-        self.size = new(SOCKLEN_P, 4)
+        self.owner = owner
+        # The socket methods check no family, type or protocol for these calls: the kernel answers for the fd. The
+        # family only sizes the address buffer of getsockname/getpeername, which decode what the kernel returns:
+        # IPv6's holds an IPv4 address too. SOCK_NONBLOCK in the type makes the object's timeout 0: without it,
+        # under socket.setdefaulttimeout() the constructor would set O_NONBLOCK on the application's fd, and every
+        # call would wait in poll() first.
+        try:
+            sock: _socket.socket | _NoSocket = _socket.socket(AF_INET6, WRAPPER_TYPE, 0, fd)
+        except OSError as exc:
+            sock = _NoSocket(exc.errno or errno.ENOTSOCK)
+        self.sock = sock
+        self._getsockopt, self._setsockopt = sock.getsockopt, sock.setsockopt
+
+    def __del__(self) -> None:
+        # a socket object closes its fd when it goes away: this one only borrowed it
+        self.sock.detach()
 
     def fail(self, op: str, err: int | None = None) -> SocketCallError:
         """The error of the call `op` that just failed (errno from libc unless given)."""
         return SocketCallError(ffi.errno if err is None else err, op, self.fd, tuple=self.tuple)
 
+    def failed(self, op: str, exc: OSError) -> SocketCallError:
+        """The error of the call `op` that raised `exc` through the socket methods."""
+        return SocketCallError(exc.errno or errno.EIO, op, self.fd, tuple=self.tuple)
+
     def get(self, level: int, opt: int, name: str) -> int:
-        size = self.size
-        size[0] = 4
-        if getsockopt(self.fd, level, opt, self.value, size) < 0:
-            raise self.fail(f"getsockopt({name})")
-        return self.value[0]  # type: ignore[no-any-return]
+        try:
+            return self._getsockopt(level, opt)
+        except OSError as exc:
+            raise self.failed(f"getsockopt({name})", exc) from None
 
     def get_u32(self, level: int, opt: int, name: str) -> int:
         """Sequence numbers and timestamps are u32 on the wire; read as int, half of them would turn negative."""
         return self.get(level, opt, name) & 0xFFFFFFFF
 
     def set(self, level: int, opt: int, value: int, name: str) -> None:
-        buf = self.value
-        buf[0] = value
-        if setsockopt(self.fd, level, opt, buf, 4) < 0:
-            raise self.fail(f"setsockopt({name}={value})")
+        try:
+            self._setsockopt(level, opt, value)
+        except OSError as exc:
+            raise self.failed(f"setsockopt({name}={value})", exc) from None
 
     def set_u32(self, level: int, opt: int, value: int, name: str) -> None:
-        buf = self.value
-        buf[0] = signed32(value)
-        if setsockopt(self.fd, level, opt, buf, 4) < 0:
-            raise self.fail(f"setsockopt({name}={value})")
+        try:
+            self._setsockopt(level, opt, signed32(value))
+        except OSError as exc:
+            raise self.failed(f"setsockopt({name}={value})", exc) from None
 
     def set_bytes(self, level: int, opt: int, value: bytes, name: str) -> None:
-        if setsockopt(self.fd, level, opt, value, len(value)) < 0:
-            raise self.fail(f"setsockopt({name}={value!r})")
+        try:
+            self._setsockopt(level, opt, value)
+        except OSError as exc:
+            raise self.failed(f"setsockopt({name}={value!r})", exc) from None
+
+    @property
+    def size(self) -> Any:
+        """A socklen_t * for a cffi call of this thread."""
+        return _scratch.size
 
     def ioctl(self, request: int, name: str) -> int:
-        if _ioctl(self.fd, request, self.value) < 0:
-            raise self.fail(f"ioctl({name})")
-        return self.value[0]  # type: ignore[no-any-return]
+        scratch = _scratch
+        try:
+            _fcntl_ioctl(self.fd, request, scratch.ibuf, True)
+        except OSError as exc:
+            raise self.failed(f"ioctl({name})", exc) from None
+        return scratch.ival[0]
 
     def repair_on(self) -> None:
         """TCP_REPAIR = 1. Raises NotPermittedError without CAP_NET_ADMIN in the socket's network namespace,
@@ -132,35 +196,42 @@ class _Session:
         """TCP_REPAIR_QUEUE: the queue that TCP_QUEUE_SEQ, send() and recv() address from now on."""
         self.set(TCP, TCP_REPAIR_QUEUE, queue, "TCP_REPAIR_QUEUE")
 
-    def peek(self, length: int, name: str) -> bytes:
-        """Copy `length` bytes of the selected queue without consuming them; a short read means the queue changed
-        (SocketCallError with EAGAIN). The kernel writes into an unzeroed buffer, copied once into the bytes."""
+    def peek(self, length: int, name: str) -> Payload:
+        """`length` bytes of the selected queue, read without consuming them; a short read means the queue changed
+        (SocketCallError with EAGAIN). A queue of engine._pool's sizes is read into a buffer of the pool, already
+        touched, and comes back as a read-only view of it; another into a new bytes object, which the kernel writes
+        straight into (never zeroed first)."""
         if length == 0:
             return b""
-        buf = new_unzeroed(CHARS, length)
-        got = _recv(self.fd, buf, length, PEEK_FLAGS)
-        if got < 0:
-            raise self.fail(f"recv(MSG_PEEK, {name})")
+        buf = take(length)
+        try:
+            if buf is None:
+                data: Payload = self.sock.recv(length, PEEK_FLAGS)
+                got = len(data)
+            else:
+                got = self.sock.recv_into(buf, length, PEEK_FLAGS)
+                data = memoryview(buf)[:length].toreadonly()
+        except OSError as exc:
+            raise self.failed(f"recv(MSG_PEEK, {name})", exc) from None
         if got != length:
             raise self.fail(f"recv(MSG_PEEK, {name}) returned {got} of {length} bytes", errno.EAGAIN)
-        data: bytes = ffi.buffer(buf, length)[:]
         return data
 
     def send_all(self, data: bytes | memoryview, name: str, chunk: int = 1 << 20) -> None:
         """Write all of `data` without blocking. The kernel refuses large repair-mode writes with ENOMEM (one skb
         per call), so a refused write is retried in halves down to one page before it counts as a failure."""
         view = memoryview(data)
+        send = self.sock.send
         pos = 0
         while pos < len(view):
             piece = view[pos : pos + chunk]
-            sent = _send(self.fd, ffi.from_buffer(piece), len(piece), SEND_FLAGS)
-            if sent < 0:
-                err = ffi.errno
-                if err == errno.ENOMEM and chunk > 4096:
+            try:
+                pos += send(piece, SEND_FLAGS)
+            except OSError as exc:
+                if exc.errno == errno.ENOMEM and chunk > 4096:
                     chunk //= 2
                     continue
-                raise self.fail(f"send({name}, {len(piece)} bytes at offset {pos} of {len(view)})", err)
-            pos += sent
+                raise self.failed(f"send({name}, {len(piece)} bytes at offset {pos} of {len(view)})", exc) from None
 
 
 def close_silently(fd: int) -> None:

@@ -7,17 +7,12 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 from dataclasses import dataclass, fields
 
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import (
-    CHARS,
-    INT_P,
-    SOCKLEN_P,
     _Session,
-    getsockopt,
-    new,
-    setsockopt,
 )
 from sockrepair.errors import SocketCallError
 from sockrepair.state import SocketOptions
@@ -107,14 +102,23 @@ _BUFFER_OPTS = [
     IntOpt("sndbuf", SOL, lib.SO_SNDBUF, "SO_SNDBUF"),
     IntOpt("rcvbuf", SOL, lib.SO_RCVBUF, "SO_RCVBUF"),
 ]
-# What read_sockopts reads, per family, in its order: (field, level, option, name, a bool field)
+# SocketOptions is built positionally (keywords cost about 3 us): each field's position
+_POSITION = {f.name: i for i, f in enumerate(fields(SocketOptions))}
+# what a field not read for the family (v6only for IPv4) holds
+_DEFAULTS = [getattr(SocketOptions(), name) for name in _POSITION]
+# What read_sockopts reads, per family, in its order: (field, level, option, name, a bool field, its position)
 _READS = {
     family: [
-        (o.field, o.level, o.opt, o.name, o.field in BOOL_FIELDS)
+        (o.field, o.level, o.opt, o.name, o.field in BOOL_FIELDS, _POSITION[o.field])
         for o in opts + PRE_BIND_INT_OPTS + ([V6ONLY] if family == AF_INET6 else []) + _BUFFER_OPTS + [NOTSENT_LOWAT]
     ]
     for family, opts in INT_OPTS.items()
 }
+_OPTIONAL_READS = [(o.level, o.opt, o.name, _POSITION[o.field]) for o in OPTIONAL_INT_OPTS]
+_LINGER = struct.Struct("ii")
+_TIMEVAL = struct.Struct("ll")
+_LAST_POSITIONS = tuple(_POSITION[name] for name in ("linger_on", "linger_secs", "bindtodevice", "congestion",
+                                                       *(field for field, _, _ in TIMEOUTS)))
 # What apply_in_repair sets: (field, level, option, name, the value a new socket has or None)
 _WRITES = {
     family: [(o.field, o.level, o.opt, o.name, o.fresh) for o in opts + OPTIONAL_INT_OPTS]
@@ -124,42 +128,41 @@ _WRITES = {
 
 def read_sockopts(session: _Session, family: int) -> SocketOptions:
     """Must run before repair mode is switched on: repair mode forces the reuse flag, which SO_REUSEADDR reports."""
-    get_int = session.get
-    values: dict[str, object] = {}
-    for field, level, opt, name, as_bool in _READS[family]:
-        raw = get_int(level, opt, name)
-        values[field] = bool(raw) if as_bool else raw
-    for o in OPTIONAL_INT_OPTS:
-        try:
-            values[o.field] = get_int(o.level, o.opt, o.name)
-        except SocketCallError as exc:
-            if exc.errno != errno.ENOPROTOOPT:
-                raise
-            values[o.field] = 0
-    fd = session.fd
-    value = new(CHARS, IFNAMSIZ)  # one buffer for the linger (read through an int *) and the names
-    as_int = ffi.cast(INT_P, value)
-    size = new(SOCKLEN_P, LINGER_SIZE)
-    if getsockopt(fd, SOL, lib.SO_LINGER, as_int, size) < 0:
-        raise session.fail("getsockopt(SO_LINGER)")
-    values["linger_on"] = bool(as_int[0])
-    values["linger_secs"] = as_int[1]
-    values["bindtodevice"] = _read_name(session, SOL, lib.SO_BINDTODEVICE, value, size, "SO_BINDTODEVICE")
-    values["congestion"] = _read_name(session, TCP, lib.TCP_CONGESTION, value, size, "TCP_CONGESTION")
-    tv = new(TIMEVAL_P)
-    for field, opt, name in TIMEOUTS:
-        size[0] = TIMEVAL_SIZE
-        if getsockopt(fd, SOL, opt, tv, size) < 0:
-            raise session.fail(f"getsockopt({name})")
-        values[field] = tv.tv_sec * 1_000_000 + tv.tv_usec
-    return SocketOptions(**values)  # type: ignore[arg-type]
+    getsockopt = session.sock.getsockopt
+    values: list[object] = list(_DEFAULTS)
+    name = ""
+    try:
+        for _, level, opt, name, as_bool, at in _READS[family]:
+            raw = getsockopt(level, opt)
+            values[at] = bool(raw) if as_bool else raw
+        for level, opt, name, at in _OPTIONAL_READS:
+            try:
+                values[at] = getsockopt(level, opt)
+            except OSError as exc:
+                if exc.errno != errno.ENOPROTOOPT:
+                    raise
+                values[at] = 0
+        name = "SO_LINGER"
+        linger_on, linger_secs = _LINGER.unpack(getsockopt(SOL, lib.SO_LINGER, _LINGER.size))
+        name = "SO_BINDTODEVICE"
+        device = getsockopt(SOL, lib.SO_BINDTODEVICE, IFNAMSIZ)
+        name = "TCP_CONGESTION"
+        congestion = getsockopt(TCP, lib.TCP_CONGESTION, IFNAMSIZ)
+        timeouts = []
+        for _, opt, name in TIMEOUTS:
+            secs, usecs = _TIMEVAL.unpack(getsockopt(SOL, opt, _TIMEVAL.size))
+            timeouts.append(secs * 1_000_000 + usecs)
+    except OSError as exc:
+        raise session.failed(f"getsockopt({name})", exc) from None
+    for at, value in zip(_LAST_POSITIONS, (bool(linger_on), linger_secs, _name(device), _name(congestion), *timeouts),
+                         strict=True):
+        values[at] = value
+    return SocketOptions(*values)  # type: ignore[arg-type]
 
 
-def _read_name(session: _Session, level: int, opt: int, buf: object, size: object, name: str) -> str:
-    size[0] = IFNAMSIZ  # type: ignore[index]
-    if getsockopt(session.fd, level, opt, buf, size) < 0:
-        raise session.fail(f"getsockopt({name})")
-    return ffi.string(buf, size[0]).decode("ascii", "replace")  # type: ignore[index, no-any-return]
+def _name(raw: bytes) -> str:
+    """A NUL-terminated name as getsockopt gives it (IFNAMSIZ, TCP_CA_NAME_MAX)."""
+    return raw.split(b"\0", 1)[0].decode("ascii", "replace")
 
 
 def apply_pre_bind(session: _Session, family: int, so: SocketOptions) -> None:
@@ -186,21 +189,24 @@ def apply_in_repair(session: _Session, family: int, so: SocketOptions) -> None:
     """Everything but the reuse flag, while still in repair mode: cork and nodelay must hold before the never-sent
     bytes are written. An option whose saved value is the one every new socket starts with is left alone: it
     reads back the same, and a restore makes a dozen calls fewer."""
-    set_int = session.set
-    for field, level, opt, name, fresh in _WRITES[family]:
-        value = int(getattr(so, field))
-        if value != fresh:
-            set_int(level, opt, value, name)
-    if so.linger_on or so.linger_secs:
-        linger = new(LINGER_P, (int(so.linger_on), so.linger_secs))
-        if setsockopt(session.fd, SOL, lib.SO_LINGER, linger, LINGER_SIZE) < 0:
-            raise session.fail("setsockopt(SO_LINGER)")
-    for field, opt, name in TIMEOUTS:
-        usecs = getattr(so, field)
-        if usecs:
-            tv = new(TIMEVAL_P, divmod(usecs, 1_000_000))
-            if setsockopt(session.fd, SOL, opt, tv, TIMEVAL_SIZE) < 0:
-                raise session.fail(f"setsockopt({name}={usecs} us)")
+    setsockopt = session.sock.setsockopt
+    what = ""
+    try:
+        for field, level, opt, name, fresh in _WRITES[family]:
+            value = int(getattr(so, field))
+            if value != fresh:
+                what = f"{name}={value}"
+                setsockopt(level, opt, value)
+        if so.linger_on or so.linger_secs:
+            what = "SO_LINGER"
+            setsockopt(SOL, lib.SO_LINGER, _LINGER.pack(int(so.linger_on), so.linger_secs))
+        for field, opt, name in TIMEOUTS:
+            usecs = getattr(so, field)
+            if usecs:
+                what = f"{name}={usecs} us"
+                setsockopt(SOL, opt, _TIMEVAL.pack(*divmod(usecs, 1_000_000)))
+    except OSError as exc:
+        raise session.failed(f"setsockopt({what})", exc) from None
     if so.congestion:
         try:
             session.set_bytes(TCP, lib.TCP_CONGESTION, so.congestion.encode(), "TCP_CONGESTION")

@@ -3,35 +3,45 @@
 from __future__ import annotations
 
 import errno
-from typing import Any
+import struct
+from typing import NamedTuple
 
 from sockrepair.engine._ffi import ffi, lib
-from sockrepair.engine._session import _Session, getsockopt, new, setsockopt
+from sockrepair.engine._session import _Session, setsockopt
 from sockrepair.state import RepairWindow, TcpOptions
 
 TCP = lib.IPPROTO_TCP
 TCP_INFO, TCP_MAXSEG, TCP_TIMESTAMP = lib.TCP_INFO, lib.TCP_MAXSEG, lib.TCP_TIMESTAMP
 TCP_REPAIR_WINDOW, TCP_REPAIR_OPTIONS = lib.TCP_REPAIR_WINDOW, lib.TCP_REPAIR_OPTIONS
 OPT_SACK, OPT_TIMESTAMPS, OPT_WSCALE = lib.TCPI_OPT_SACK, lib.TCPI_OPT_TIMESTAMPS, lib.TCPI_OPT_WSCALE
-INFO_P = ffi.typeof("struct tcp_info_prefix *")
-INFO_SIZE = ffi.sizeof("struct tcp_info_prefix")
-WINDOW_P = ffi.typeof("struct tcp_repair_window *")
-WINDOW_SIZE = ffi.sizeof("struct tcp_repair_window")
-OPTS = ffi.typeof("struct tcp_repair_opt[]")
-OPT_SIZE = ffi.sizeof("struct tcp_repair_opt")
+INFO_HEAD = 8  # tcpi_state .. tcpi_flags: u8 each (struct tcp_info_prefix in engine/decl/tcp_info.h)
+WINDOW = struct.Struct("=5I")  # struct tcp_repair_window
+# struct tcp_repair_opt[n] (opt_code, opt_val: u32 each), by the number of u32s: 1 to 4 options
+OPTS = {2 * n: struct.Struct(f"={2 * n}I") for n in range(1, 5)}
+MAXSEG, WINDOW_OPT = lib.TCPOPT_MAXSEG, lib.TCPOPT_WINDOW
+SACK_PERM, TIMESTAMP_OPT = (lib.TCPOPT_SACK_PERM, 0), (lib.TCPOPT_TIMESTAMP, 0)
 
 
-def tcp_info(session: _Session) -> Any:
-    """The leading part of struct tcp_info (linux/tcp.h) that the engine reads: state, options, window scales."""
-    info = new(INFO_P)
-    size = session.size
-    size[0] = INFO_SIZE
-    if getsockopt(session.fd, TCP, TCP_INFO, info, size) < 0:
-        raise session.fail("getsockopt(TCP_INFO)")
-    return info
+class TcpInfo(NamedTuple):
+    """The leading bytes of struct tcp_info (linux/tcp.h) the engine reads; tcpi_wscales holds tcpi_snd_wscale in
+    its low nibble and tcpi_rcv_wscale in its high one (bitfields, read whole)."""
+
+    tcpi_state: int
+    tcpi_options: int
+    tcpi_wscales: int
 
 
-def read_options(session: _Session, info: Any) -> TcpOptions:
+def tcp_info(session: _Session) -> TcpInfo:
+    """The state, options and window scales of TCP_INFO: its first 8 bytes, which the kernel copies alone when asked
+    for no more."""
+    try:
+        raw = session.sock.getsockopt(TCP, TCP_INFO, INFO_HEAD)
+    except OSError as exc:
+        raise session.failed("getsockopt(TCP_INFO)", exc) from None
+    return TcpInfo(raw[0], raw[5], raw[6])
+
+
+def read_options(session: _Session, info: TcpInfo) -> TcpOptions:
     """The options negotiated in the handshake (from `info`) and, in repair mode, TCP_MAXSEG: the MSS clamp."""
     opts = info.tcpi_options
     wscales = info.tcpi_wscales
@@ -47,15 +57,17 @@ def read_options(session: _Session, info: Any) -> TcpOptions:
 
 def restore_options(session: _Session, options: TcpOptions) -> None:
     """TCP_REPAIR_OPTIONS, accepted only between the repair-mode connect and the first byte sent."""
-    entries = [(lib.TCPOPT_MAXSEG, options.mss)]
+    values = [MAXSEG, options.mss]
     if options.wscale:
-        entries.append((lib.TCPOPT_WINDOW, options.snd_wscale | (options.rcv_wscale << 16)))
+        values += (WINDOW_OPT, options.snd_wscale | (options.rcv_wscale << 16))
     if options.sack:
-        entries.append((lib.TCPOPT_SACK_PERM, 0))
+        values += SACK_PERM
     if options.timestamps:
-        entries.append((lib.TCPOPT_TIMESTAMP, 0))
-    if setsockopt(session.fd, TCP, TCP_REPAIR_OPTIONS, new(OPTS, entries), OPT_SIZE * len(entries)) < 0:
-        raise session.fail(f"setsockopt(TCP_REPAIR_OPTIONS {options})")
+        values += TIMESTAMP_OPT
+    try:
+        session.sock.setsockopt(TCP, TCP_REPAIR_OPTIONS, OPTS[len(values)].pack(*values))
+    except OSError as exc:
+        raise session.failed(f"setsockopt(TCP_REPAIR_OPTIONS {options})", exc) from None
 
 
 def set_user_mss(session: _Session, mss: int) -> None:
@@ -73,21 +85,21 @@ def resync_mss(session: _Session) -> None:
 def read_window(session: _Session) -> RepairWindow | None:
     """struct tcp_repair_window, or None on kernels before 4.8, which lack TCP_REPAIR_WINDOW (the peer then sees a
     window that restarts small)."""
-    w = new(WINDOW_P)
-    size = session.size
-    size[0] = WINDOW_SIZE
-    if getsockopt(session.fd, TCP, TCP_REPAIR_WINDOW, w, size) < 0:
-        exc = session.fail("getsockopt(TCP_REPAIR_WINDOW)")
+    try:
+        raw = session.sock.getsockopt(TCP, TCP_REPAIR_WINDOW, WINDOW.size)
+    except OSError as exc:
         if exc.errno == errno.ENOPROTOOPT:
             return None
-        raise exc
-    return RepairWindow(w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup)
+        raise session.failed("getsockopt(TCP_REPAIR_WINDOW)", exc) from None
+    return RepairWindow(*WINDOW.unpack(raw))
 
 
 def restore_window(session: _Session, window: RepairWindow) -> None:
-    buf = new(WINDOW_P, (window.snd_wl1, window.snd_wnd, window.max_window, window.rcv_wnd, window.rcv_wup))
-    if setsockopt(session.fd, TCP, TCP_REPAIR_WINDOW, buf, WINDOW_SIZE) < 0:
-        raise session.fail(f"setsockopt(TCP_REPAIR_WINDOW {window})")
+    try:
+        session.sock.setsockopt(TCP, TCP_REPAIR_WINDOW, WINDOW.pack(window.snd_wl1, window.snd_wnd, window.max_window,
+                                                                    window.rcv_wnd, window.rcv_wup))
+    except OSError as exc:
+        raise session.failed(f"setsockopt(TCP_REPAIR_WINDOW {window})", exc) from None
 
 
 def read_timestamp(session: _Session) -> int:

@@ -15,8 +15,12 @@ import zlib
 from operator import attrgetter, itemgetter
 from typing import Any
 
+import xxhash
+
 from sockrepair.errors import ImageError
 from sockrepair.image.layout import (
+    CHECKSUM_SIZE,
+    FIRST_XXH3,
     FLAG_WINDOW,
     MAGIC,
     MAX_NAME,
@@ -36,6 +40,7 @@ from sockrepair.state import (
     TCP_STATES,
     ConnectionState,
     ConnTuple,
+    Payload,
     RepairWindow,
     SocketOptions,
     TcpOptions,
@@ -44,7 +49,10 @@ from sockrepair.state import (
 _HEADER = struct.Struct(">4sHHI")
 HEADER_SIZE = _HEADER.size
 _CRC = struct.Struct(">I")
+_XXH3 = struct.Struct(">Q")
 CRC_SIZE = _CRC.size
+# the shortest image whose version can be read: a header and the shortest trailer
+MIN_SIZE = HEADER_SIZE + min(CHECKSUM_SIZE.values())
 _QUEUE_HEAD = struct.Struct(">II")  # unsent_len, then the send queue's length prefix
 _U32 = struct.Struct(">I")
 # Version 2's record after the receive queue (format.MoreSocketOptionsRecord).
@@ -107,13 +115,18 @@ _MORE_FLAG_BITS = [tuple(bool(flags >> bit & 1) for bit in range(len(MORE_SOCKOP
 _V1_MORE = tuple(getattr(SocketOptions(), name) for name in _MORE_FIELDS)
 
 
-def encode(state: ConnectionState) -> bytes:
-    """The image of `state`; raises ImageError naming the field (in the message and as `.field`, e.g.
-    "window.snd_wnd") if the state cannot be represented."""
+def encode(state: ConnectionState, version: int = VERSION) -> bytes:
+    """The image of `state`, in format `version` (any of VERSIONS: a host that still runs an older sockrepair
+    reads only the older versions; version 1 drops the options it has no field for). Raises ImageError naming the
+    field (in the message and as `.field`, e.g. "window.snd_wnd") if the state cannot be represented, or
+    "version" for a version no sockrepair wrote."""
+    if version not in VERSIONS:
+        raise ImageError(f"cannot encode connection state: version {version} is not one of "
+                         f"{', '.join(map(str, VERSIONS))}", field="version")
     try:
         t, o, w, so = state.tuple, state.options, state.window, state.sockopts
         send, recv, unsent = state.send_queue, state.recv_queue, state.unsent_len
-        version = _IP_VERSION_OF[t.family]
+        ip_version = _IP_VERSION_OF[t.family]
         dev, cong = so.bindtodevice.encode(), so.congestion.encode()
         if not (
             state.tcp_state in VALID_TCP_STATES
@@ -126,13 +139,15 @@ def encode(state: ConnectionState) -> bytes:
             and 0 <= unsent <= len(send)
         ):
             raise ValueError("a field is out of range")
-        layout = _LAYOUTS[version, w is not None]
+        layout = _LAYOUTS[ip_version, w is not None]
+        more = b"" if version < 2 else _MORE.pack(sum(1 << bit for bit, on in enumerate(_more_flags(so)) if on),
+                                                  *_more_numbers(so))
         # The fixed part, two strings after their length bytes, unsent_len and both queues after their lengths.
-        body_len = layout.body.size + 1 + len(dev) + 1 + len(cong) + 4 + 4 + len(send) + 4 + len(recv) + _MORE.size
+        body_len = layout.body.size + 1 + len(dev) + 1 + len(cong) + 4 + 4 + len(send) + 4 + len(recv) + len(more)
         flags = _sockopt_flags(so)
         head = layout.image_head.pack(
-            MAGIC, VERSION, 0 if w is None else FLAG_WINDOW, body_len,
-            version, t.local_port, t.remote_port,
+            MAGIC, version, 0 if w is None else FLAG_WINDOW, body_len,
+            ip_version, t.local_port, t.remote_port,
             socket.inet_pton(t.family, t.local_addr), socket.inet_pton(t.family, t.remote_addr),
             state.tcp_state, state.send_seq, state.recv_seq, state.timestamp,
             o.mss, (1 if o.sack else 0) | (2 if o.timestamps else 0) | (4 if o.wscale else 0),
@@ -143,17 +158,23 @@ def encode(state: ConnectionState) -> bytes:
             len(dev),
         )  # fmt: skip
         queue_head = _QUEUE_HEAD.pack(unsent, len(send))
-        more = _MORE.pack(sum(1 << bit for bit, on in enumerate(_more_flags(so)) if on), *_more_numbers(so))
         pieces = [head, dev, bytes((len(cong),)), cong, queue_head, send, _U32.pack(len(recv)), recv, more]
     except (LookupError, AttributeError, TypeError, ValueError, OSError, struct.error) as exc:
         problem = problem_of(state)
         raise ImageError(
             f"cannot encode connection state: {problem[1] if problem else exc}", field=problem[0] if problem else None
         ) from None
-    crc = 0
-    for piece in pieces:
-        crc = zlib.crc32(piece, crc)
-    pieces.append(_CRC.pack(crc))
+    # the checksum is taken piece by piece, so that the queues are read once for it and copied once, by the join
+    if version >= FIRST_XXH3:
+        digest = xxhash.xxh3_64()
+        for piece in pieces:
+            digest.update(piece)
+        pieces.append(_XXH3.pack(digest.intdigest()))
+    else:
+        crc = 0
+        for piece in pieces:
+            crc = zlib.crc32(piece, crc)
+        pieces.append(_CRC.pack(crc))
     return b"".join(pieces)
 
 
@@ -170,8 +191,8 @@ def decode(data: bytes | bytearray | memoryview) -> ConnectionState:
     if head[: len(MAGIC)] != MAGIC[: len(head)]:
         raise _bad(0, f"not a sockrepair connection image (magic {head[: len(MAGIC)].hex()}, want {MAGIC.hex()})",
                    "magic")
-    if size < HEADER_SIZE + CRC_SIZE:
-        raise _bad(size, f"truncated: {size} bytes is less than the {HEADER_SIZE + CRC_SIZE} of header and checksum")
+    if size < MIN_SIZE:
+        raise _bad(size, f"truncated: {size} bytes is less than the {MIN_SIZE} of header and checksum")
     _, version, flags, body_len = _HEADER.unpack(head)
     if version not in VERSIONS:
         known = ", ".join(map(str, VERSIONS))
@@ -179,20 +200,30 @@ def decode(data: bytes | bytearray | memoryview) -> ConnectionState:
     if flags & ~FLAG_WINDOW:
         raise _bad(6, f"unknown flags 0x{flags:04x} (version {version} knows 0x{FLAG_WINDOW:04x})", "flags")
     end = HEADER_SIZE + body_len
-    if end + CRC_SIZE > size:
-        declared = f"the header declares a {body_len}-byte body, so {end + CRC_SIZE} bytes, not {size}"
+    trailer = CHECKSUM_SIZE[version]
+    if end + trailer > size:
+        declared = f"the header declares a {body_len}-byte body, so {end + trailer} bytes, not {size}"
         raise _bad(size, f"truncated: {declared}")
-    if end + CRC_SIZE < size:
-        raise _bad(end + CRC_SIZE, f"{size - end - CRC_SIZE} bytes of trailing junk after the image")
-    (stored,) = _CRC.unpack_from(view, end)
-    computed = zlib.crc32(view[:end])
-    if stored != computed:
-        raise _bad(end, f"checksum mismatch: stored 0x{stored:08x}, computed 0x{computed:08x} (corrupted image)",
-                   "crc32")
-    return _decode_body(view, end, bool(flags & FLAG_WINDOW), version)
+    if end + trailer < size:
+        raise _bad(end + trailer, f"{size - end - trailer} bytes of trailing junk after the image")
+    if version >= FIRST_XXH3:
+        (stored,) = _XXH3.unpack_from(view, end)
+        computed = xxhash.xxh3_64_intdigest(view[:end])
+        if stored != computed:
+            raise _bad(end, f"checksum mismatch: stored XXH3-64 0x{stored:016x}, computed 0x{computed:016x} "
+                            "(corrupted image)", "xxh3_64")
+    else:
+        (stored,) = _CRC.unpack_from(view, end)
+        computed = zlib.crc32(view[:end])
+        if stored != computed:
+            raise _bad(end, f"checksum mismatch: stored 0x{stored:08x}, computed 0x{computed:08x} (corrupted image)",
+                       "crc32")
+    # the queues of an immutable image are views of it, never copied (they may be megabytes); those of a mutable
+    # buffer are copied, or changing the buffer would change the state
+    return _decode_body(view, end, bool(flags & FLAG_WINDOW), version, isinstance(data, bytes))
 
 
-def _decode_body(view: memoryview, end: int, has_window: bool, image_version: int) -> ConnectionState:
+def _decode_body(view: memoryview, end: int, has_window: bool, image_version: int, views: bool) -> ConnectionState:
     _need(HEADER_SIZE, 1, end, "the connection tuple", "tuple.ip_version")
     version = view[HEADER_SIZE]
     if version not in _FAMILY_OF:
@@ -219,12 +250,16 @@ def _decode_body(view: memoryview, end: int, has_window: bool, image_version: in
     _need(off + 8, send_len, end, "the send queue", "send_queue")
     if unsent > send_len:
         raise _bad(off, f"unsent_len {unsent} exceeds the send queue's {send_len} bytes", "unsent_len")
-    send = bytes(view[off + 8 : off + 8 + send_len])
+    send: Payload = view[off + 8 : off + 8 + send_len]  # read-only, as the bytes it views
+    if not views:
+        send = bytes(send)
     off += 8 + send_len
     _need(off, 4, end, "the receive queue length", "recv_queue")
     (recv_len,) = _U32.unpack_from(view, off)
     _need(off + 4, recv_len, end, "the receive queue", "recv_queue")
-    recv = bytes(view[off + 4 : off + 4 + recv_len])
+    recv: Payload = view[off + 4 : off + 4 + recv_len]
+    if not views:
+        recv = bytes(recv)
     off += 4 + recv_len
     if image_version >= 2:
         if end - off < _MORE.size:

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from sockrepair.errors import ImageError
-from sockrepair.image._codec import CRC_SIZE, HEADER_SIZE
-from sockrepair.image.layout import MAGIC
+from sockrepair.image._codec import HEADER_SIZE, MIN_SIZE
+from sockrepair.image.layout import CHECKSUM_SIZE, MAGIC
 from sockrepair.private import (
     create_private,
     make_dir,
@@ -268,13 +268,16 @@ def _read_image_bytes(name: str | Path, path: Path, dir_fd: int | None = None) -
         raise ImageError(f"cannot read image {path}: {exc.strerror}", path=str(path)) from None
     with f:
         size = os.fstat(f.fileno()).st_size
-        if size < HEADER_SIZE + CRC_SIZE:
-            return f.read(HEADER_SIZE + CRC_SIZE)  # decode() names what is missing
+        if size < MIN_SIZE:
+            return f.read(MIN_SIZE)  # decode() names what is missing
         head = _read_exactly(f, HEADER_SIZE, path)
+        version = int.from_bytes(head[4:6], "big")
         if head[: len(MAGIC)] != MAGIC:
             return head  # decode() names the wrong magic
+        if version not in CHECKSUM_SIZE:
+            return head + f.read(MIN_SIZE - HEADER_SIZE)  # decode() names the version it does not read
         body_len = int.from_bytes(head[8:12], "big")
-        total = HEADER_SIZE + body_len + CRC_SIZE
+        total = HEADER_SIZE + body_len + CHECKSUM_SIZE[version]
         if total > size:
             raise ImageError(f"{path}: truncated: the header declares a {body_len}-byte body, so {total} bytes, "
                              f"not {size}", path=str(path), offset=size)

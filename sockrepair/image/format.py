@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import zlib
 
+import xxhash
 from construct import (
     BitsInteger,
     BitStruct,
@@ -24,6 +25,7 @@ from construct import (
     Int32sb,
     Int32ub,
     Int64sb,
+    Int64ub,
     OneOf,
     PascalString,
     Prefixed,
@@ -37,6 +39,7 @@ from construct import (
 )
 
 from sockrepair.image.layout import (
+    FIRST_XXH3,
     MAGIC,
     MAX_NAME,
     MAX_WSCALE,
@@ -117,6 +120,9 @@ ConnectionImage = Struct(
             "body" / Prefixed(Int32ub, ConnectionStateRecord),
         )
     ),
-    "crc32" / Checksum(Int32ub, zlib.crc32, this.signed.data),
+    # versions 1 and 2: CRC-32 (zlib's, IEEE 802.3); version 3: XXH3-64 (seed 0), of every byte before the trailer
+    "crc32" / If(lambda ctx: ctx.signed.value.version < FIRST_XXH3, Checksum(Int32ub, zlib.crc32, this.signed.data)),
+    "xxh3_64" / If(lambda ctx: ctx.signed.value.version >= FIRST_XXH3,
+                   Checksum(Int64ub, xxhash.xxh3_64_intdigest, this.signed.data)),
     Terminated,
 )

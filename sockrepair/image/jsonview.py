@@ -18,6 +18,7 @@ from sockrepair.state import (
     TCP_STATES,
     ConnectionState,
     ConnTuple,
+    Payload,
     RepairWindow,
     SocketOptions,
     TcpOptions,
@@ -49,7 +50,7 @@ def state_to_dict(state: ConnectionState, payload: bool = False) -> dict[str, An
     }
 
 
-def _queue(data: bytes, payload: bool) -> dict[str, Any]:
+def _queue(data: Payload, payload: bool) -> dict[str, Any]:
     summary: dict[str, Any] = {"length": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     if payload:
         summary["base64"] = base64.b64encode(data).decode("ascii")

@@ -73,7 +73,9 @@ def test_quick_bench_runs_every_variant_and_verifies_its_bytes(tmp_path: Path) -
     crosshost = next(e for e in results["gap"] if e["impl"] == "sockrepair-crosshost")
     assert crosshost["wire_gap_ms"] is not None
 
-    for section in ("single", "batch", "gap"):
+    if run_all.engine_module() is not None:  # the engine part's independent check: both sizes, bytes verified
+        assert {e["queue_bytes"] for e in results["independent"]} == {0, 1 << 20}
+    for section in ("single", "batch", "gap", "independent"):
         for e in results[section]:
             assert e["verified"], f"{section} {e['impl']}: {e.get('error')}"
             assert e.get("reps", e.get("runs", 0)) > 0
@@ -83,6 +85,7 @@ def test_quick_bench_runs_every_variant_and_verifies_its_bytes(tmp_path: Path) -
         assert (out / name).stat().st_size > 0, name
     md = (out / "results.md").read_text()
     assert "## Targets (issue 6)" in md and results["machine"]["kernel"] in md
+    assert "## Independent check" in md
 
     assert leaked_namespaces(before_ns) == set()
     assert _helpers() <= before_procs

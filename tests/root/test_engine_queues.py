@@ -7,9 +7,11 @@ import socket
 import time
 
 import sockrepair
+from sockrepair.engine._sockcall import ioctl_int
 from tests.root.streams import first_mismatch, pattern, recv_exactly, send_until_full
 
 MIB = 1 << 20
+SIOCINQ = 0x541B
 
 
 def test_full_queues_survive_byte_exact(make_pair, locker):
@@ -106,3 +108,35 @@ def test_stream_hashes_match_over_many_migrations(make_pair):
     server.close()
     assert received.hexdigest() == sent.hexdigest()
     assert echoed.hexdigest() == sent.hexdigest()
+
+
+def _unread(make_pair, salt: int, size: int):
+    """A pair whose server holds `size` unread bytes of stream `salt`."""
+    client, server = make_pair(server_rcvbuf=4 * size)
+    client.sendall(pattern(0, size, salt=salt))
+    deadline = time.monotonic() + 10
+    while ioctl_int(server.fileno(), SIOCINQ, "SIOCINQ") < size:
+        assert time.monotonic() < deadline, "the bytes never all arrived"
+        time.sleep(0.01)
+    return client, server
+
+
+def test_a_held_state_keeps_its_bytes_while_later_checkpoints_reuse_dropped_buffers(make_pair):
+    """Queues of 64 KiB to 4 MiB are peeked into buffers kept from one checkpoint to the next (engine/_pool.py):
+    a state still held must never see them overwritten, and a dropped state's buffer serves the next checkpoint."""
+    size = 256 << 10
+    pairs = [_unread(make_pair, salt, size) for salt in (11, 12, 13, 14)]
+    first = sockrepair.checkpoint(pairs[0][1])
+    second = sockrepair.checkpoint(pairs[1][1])
+    # both buffers of this thread's pool are held: a third checkpoint reads into a bytes object of its own
+    third = sockrepair.checkpoint(pairs[2][1])
+    assert isinstance(first.recv_queue, memoryview) and isinstance(second.recv_queue, memoryview)
+    assert type(third.recv_queue) is bytes
+    reused = first.recv_queue.obj
+    del first
+    fourth = sockrepair.checkpoint(pairs[3][1])
+    assert isinstance(fourth.recv_queue, memoryview) and fourth.recv_queue.obj is reused
+    for state, salt in ((second, 12), (third, 13), (fourth, 14)):
+        assert state.recv_queue == pattern(0, size, salt=salt)
+    for _, server in pairs:
+        sockrepair.resume(server)

@@ -83,3 +83,27 @@ def test_a_reused_fd_number_does_not_inherit_the_reuse_flag(make_pair):
     # closed while frozen, the first socket could not be forgotten: its memory stays, under its own identity
     assert first_inode in _session._reuse_held
     _session._reuse_held.discard(first_inode)
+
+
+def test_checkpoint_leaves_the_fd_blocking_under_a_default_timeout(make_pair):
+    """The engine makes its calls through a socket object of its own around the application's fd; made the plain
+    way under socket.setdefaulttimeout(), such an object sets O_NONBLOCK on the fd (and polls before each call)."""
+    import fcntl
+
+    client, server = make_pair(server_rcvbuf=1 << 20)
+    client.sendall(b"q" * (128 << 10))  # a queue the peek pool takes
+    deadline = time.monotonic() + 10
+    while _session._Session(server.fileno()).ioctl(0x541B, "SIOCINQ") < 128 << 10:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(5.0)
+    try:
+        state = sockrepair.checkpoint(server)
+        sockrepair.resume(server)
+    finally:
+        socket.setdefaulttimeout(previous)
+    assert state.recv_queue == b"q" * (128 << 10)
+    assert fcntl.fcntl(server.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK == 0
+    assert server.gettimeout() is None
+    assert server.recv(4) == b"qqqq"

@@ -13,6 +13,7 @@ from typing import Any
 
 import construct
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -102,8 +103,8 @@ MORE_SIZE = 1 + 4 * len(layout.MORE_SOCKOPT_INTS) + 8 * len(layout.MORE_SOCKOPT_
 def v1_image(state: ConnectionState | None = None) -> bytes:
     """The version 1 image of `state` (base_state() by default), as sockrepair before version 2 wrote it: version
     2's without the trailing record. The malformed-input tests below damage these (the offsets are the same in
-    both versions up to the receive queue), so reading version 1 stays held to every check."""
-    data = (state or base_state()).to_bytes()
+    every version up to the receive queue), so reading version 1 stays held to every check."""
+    data = image.encode(state or base_state(), version=2)
     (body_len,) = struct.unpack_from(">I", data, 8)
     out = data[:4] + struct.pack(">HHI", 1, struct.unpack_from(">H", data, 6)[0], body_len - MORE_SIZE)
     return reseal(out + data[12 : -4 - MORE_SIZE] + b"\0\0\0\0")
@@ -213,7 +214,7 @@ def test_round_trip_without_window_and_with_one_mib_queues() -> None:
     send, recv = bytes(range(256)) * 4096, b"\xa5" * (1 << 20)
     state = base_state(window=None, send_queue=send, unsent_len=1000, recv_queue=recv)
     data = state.to_bytes()
-    assert len(data) == 153 + MORE_SIZE - 20 - 11 - 3 + 2 * (1 << 20)
+    assert len(data) == 153 + MORE_SIZE + 4 - 20 - 11 - 3 + 2 * (1 << 20)  # 4: version 3's longer checksum
     back = image.decode(data)
     assert back == state
     assert back.unsent == send[-1000:] and back.unacked == send[:-1000]
@@ -238,7 +239,7 @@ def test_version_2_appends_its_record_after_the_receive_queue() -> None:
     so = SocketOptions(nodelay=True, congestion="cubic", oobinline=True, tcp_inq=True, busy_poll=50,
                        max_pacing_rate=-1, linger2=30, window_clamp=65536, mtu_discover=2, rto_max_ms=60000,
                        rto_min_us=5000, delack_max_us=0, rcvtimeo_us=1_004_000, sndtimeo_us=2**40)
-    data = base_state(sockopts=so).to_bytes()
+    data = image.encode(base_state(sockopts=so), version=2)
     assert MORE_SIZE == 49 and len(data) == 153 + MORE_SIZE
     assert data[:12] == b"SKRP" + bytes.fromhex("0002 0001 000000ba")  # version 2, window flag, 186-byte body
     assert data[12:149] == v1_image(base_state(sockopts=so))[12:149]  # up to the receive queue: version 1's
@@ -255,15 +256,17 @@ def test_version_1_images_read_with_the_new_options_left_alone() -> None:
     assert back == base_state()
     assert (back.sockopts.window_clamp, back.sockopts.mtu_discover, back.sockopts.rcvtimeo_us) == (0, -1, 0)
     assert format.ConnectionImage.parse(old).signed.value.body.more_sockopts is None
-    # re-encoded, it is a version 2 image of the same state
-    assert image.decode(back.to_bytes()) == back and back.to_bytes()[4:6] == b"\0\2"
+    # re-encoded, it is a version 3 image of the same state
+    assert image.decode(back.to_bytes()) == back and back.to_bytes()[4:6] == b"\0\3"
+    # and written as version 1 (for a host that reads only that), the very bytes of old
+    assert image.encode(back, version=1) == old
 
 
 @pytest.mark.parametrize(("cut", "field"), [(0, "more_sockopts.flags"), (1, "more_sockopts.busy_poll"),
                                             (20, "more_sockopts.mtu_discover"), (40, "more_sockopts.rcvtimeo_us"),
                                             (48, "more_sockopts.sndtimeo_us")])
 def test_version_2_record_cut_names_the_field(cut: int, field: str) -> None:
-    data = base_state().to_bytes()
+    data = image.encode(base_state(), version=2)
     body = data[12 : 149 + cut]
     with pytest.raises(ImageError) as err:
         image.decode(reseal(data[:8] + struct.pack(">I", len(body)) + body + b"\0\0\0\0"))
@@ -272,10 +275,10 @@ def test_version_2_record_cut_names_the_field(cut: int, field: str) -> None:
 
 def test_version_2_unknown_option_flags() -> None:
     with pytest.raises(ImageError) as err:
-        image.decode(patched(base_state().to_bytes(), 149, ">B", 0x08))
+        image.decode(patched(image.encode(base_state(), version=2), 149, ">B", 0x08))
     assert (err.value.offset, err.value.field) == (149, "more_sockopts.flags"), str(err.value)
     with pytest.raises(construct.ConstructError):
-        format.ConnectionImage.parse(patched(base_state().to_bytes(), 149, ">B", 0x08))
+        format.ConnectionImage.parse(patched(image.encode(base_state(), version=2), 149, ">B", 0x08))
 
 
 def test_record_sizes_match_the_construct_definition() -> None:
@@ -314,8 +317,8 @@ def test_wrong_magic(data: bytes) -> None:
 
 def test_unsupported_version() -> None:
     data = bytearray(v1_image())
-    data[4:6] = b"\x00\x03"
-    rejects(bytes(data), 4, "unsupported format version 3", "reads versions 1, 2")
+    data[4:6] = b"\x00\x04"
+    rejects(bytes(data), 4, "unsupported format version 4", "reads versions 1, 2, 3")
 
 
 def test_unknown_flags() -> None:
@@ -439,7 +442,7 @@ def test_every_malformed_kind_is_also_rejected_by_construct() -> None:
 
 # (offset, struct format, value written there, the ImageError's offset, its field) in base_state()'s image
 DAMAGED_FIELDS = [
-    (4, ">H", 3, 4, "version"),
+    (4, ">H", 4, 4, "version"),
     (6, ">H", 0x8001, 6, "flags"),
     (12, ">B", 5, 12, "tuple.ip_version"),
     (13, ">H", 0, 13, "tuple.local_port"),
@@ -597,7 +600,7 @@ def _json(**changes: object) -> dict:
     ("d", "message"),
     [
         ([], "the image: want an object, not list"),
-        (_json(version=3), "version: 3 is not one of 1, 2"),
+        (_json(version=4), "version: 4 is not one of 1, 2, 3"),
         (_json(sockopts__oobinline=KeyError), "sockopts: missing oobinline"),
         (_json(extra=1), "the image: unknown extra"),
         (_json(window=KeyError), "the image: missing window"),
@@ -631,7 +634,7 @@ def test_json_errors(d: dict, message: str) -> None:
     ("d", "field"),
     [
         ([], None),
-        (_json(version=3), "version"),
+        (_json(version=4), "version"),
         (_json(extra=1), "extra"),
         (_json(window=KeyError), "window"),
         (_json(window__snd_wnd=KeyError), "window.snd_wnd"),
@@ -667,3 +670,88 @@ def test_json_keeps_v4_mapped_addresses_as_sockets_spell_them() -> None:
     d = state.to_dict(payload=True)
     assert d["tuple"] == "[::ffff:10.1.2.3]:5000->[::ffff:10.1.2.4]:6000"
     assert jsonview.state_from_dict(d) == state
+
+
+# ---- version 3: version 2's layout under an XXH3-64 trailer; every version ever written still reads ------------------
+
+
+def test_version_3_is_version_2_under_an_xxh3_trailer() -> None:
+    state = base_state()
+    v2, v3 = image.encode(state, version=2), state.to_bytes()
+    assert v3[:12] == b"SKRP" + bytes.fromhex("0003 0001 000000ba")  # version 3, window flag, the same 186-byte body
+    assert v3[12:198] == v2[12:198] and len(v3) == len(v2) + 4
+    assert v3[198:] == struct.pack(">Q", xxhash.xxh3_64_intdigest(v3[:198]))
+    parsed = format.ConnectionImage.parse(v3)
+    assert (parsed.crc32, parsed.xxh3_64) == (None, struct.unpack(">Q", v3[198:])[0])
+    assert format.ConnectionImage.parse(v2).crc32 == zlib.crc32(v2[:198])
+
+
+@pytest.mark.parametrize("version", layout.VERSIONS)
+def test_every_version_builds_as_construct_builds_and_reads_back(version: int) -> None:
+    so = SocketOptions(nodelay=True, congestion="cubic", oobinline=True, linger2=30, rcvtimeo_us=1_004_000)
+    state = base_state(sockopts=so)
+    data = image.encode(state, version=version)
+    container = container_of(state)
+    container["signed"]["value"]["version"] = version
+    assert data == format.ConnectionImage.build(container)
+    assert data[4:6] == struct.pack(">H", version)
+    # version 1 has no field for the options version 2 added: they read as a new socket's
+    want = state if version >= 2 else base_state()
+    assert image.decode(data) == want == ConnectionState.from_bytes(data)
+
+
+@pytest.mark.parametrize("version", layout.VERSIONS)
+def test_a_flipped_byte_fails_the_checksum_of_its_version(version: int) -> None:
+    data = bytearray(image.encode(base_state(), version=version))
+    data[30] ^= 0x01
+    field = "xxh3_64" if version >= layout.FIRST_XXH3 else "crc32"
+    end = len(data) - layout.CHECKSUM_SIZE[version]
+    with pytest.raises(ImageError) as err:
+        image.decode(bytes(data))
+    assert (err.value.offset, err.value.field) == (end, field), str(err.value)
+    with pytest.raises(construct.ChecksumError):
+        format.ConnectionImage.parse(bytes(data))
+
+
+def test_encode_refuses_a_version_never_written() -> None:
+    for version in (0, 4):
+        with pytest.raises(ImageError, match=f"version {version} is not one of 1, 2, 3") as err:
+            image.encode(base_state(), version=version)
+        assert err.value.field == "version"
+
+
+@pytest.mark.parametrize("version", layout.VERSIONS)
+def test_json_of_every_version_reads(version: int) -> None:
+    d = _json(version=version)
+    if version < 2:
+        for name in (*layout.MORE_SOCKOPT_FLAGS, *layout.MORE_SOCKOPT_INTS, *layout.MORE_SOCKOPT_LONGS):
+            del d["sockopts"][name]
+    assert jsonview.state_from_dict(d) == base_state()
+    assert base_state().to_dict()["version"] == layout.VERSION == 3
+
+
+def test_queues_of_an_immutable_image_are_views_of_it_never_copies() -> None:
+    import copy
+    import pickle
+
+    send, recv = bytes(range(256)) * 4096, b"\xa5" * (1 << 20)
+    state = base_state(send_queue=send, unsent_len=1000, recv_queue=recv)
+    data = state.to_bytes()
+    tracemalloc.start()
+    try:
+        back = image.decode(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024  # 2 MiB of queues, none of it copied
+    assert isinstance(back.send_queue, memoryview) and back.send_queue.obj is data and back.send_queue.readonly
+    assert back == state and back.unsent == send[-1000:] and bytes(back.recv_queue) == recv
+    # what the state is turned into elsewhere holds bytes
+    for other in (pickle.loads(pickle.dumps(back)), copy.deepcopy(back)):
+        assert other == state and type(other.send_queue) is bytes and type(other.recv_queue) is bytes
+    assert back.to_bytes() == data
+    # a mutable buffer's queues are copies: changing the buffer afterwards changes nothing
+    mutable = bytearray(data)
+    held = image.decode(mutable)
+    mutable[-10] ^= 0xFF
+    assert type(held.recv_queue) is bytes and held.recv_queue == recv

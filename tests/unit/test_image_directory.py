@@ -8,10 +8,10 @@ import json
 import socket
 import stat
 import struct
-import zlib
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from sockrepair.errors import ImageError
 from sockrepair.image.directory import INDEX, read_dir, write_dir
@@ -57,7 +57,7 @@ def test_damaged_image_names_file_offset_and_field(written: Path) -> None:
     path = written / "conn-1.img"
     data = bytearray(path.read_bytes())
     struct.pack_into(">H", data, 13, 0)  # tuple.local_port
-    struct.pack_into(">I", data, len(data) - 4, zlib.crc32(data[:-4]))
+    struct.pack_into(">Q", data, len(data) - 8, xxhash.xxh3_64_intdigest(bytes(data[:-8])))  # version 3's trailer
     path.write_bytes(data)
     _edit_index(written, {"sha256": hashlib.sha256(data).hexdigest()}, entry=1)
     with pytest.raises(ImageError) as err:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import construct
 import pytest
+import xxhash
 
 from sockrepair.errors import ImageError
 from sockrepair.image import _codec as image
@@ -51,7 +52,7 @@ BASES = [
 
 # Every field an ImageError of decode may blame: the header's, the fixed-size ones of any layout, and the rest.
 KNOWN_FIELDS = {
-    "magic", "version", "flags", "crc32", "sockopts.bindtodevice", "sockopts.congestion", "unsent_len", "send_queue",
+    "magic", "version", "flags", "crc32", "xxh3_64", "sockopts.bindtodevice", "sockopts.congestion", "unsent_len", "send_queue",
     "recv_queue", *(name for body in image._LAYOUTS.values() for name in body.offsets), "more_sockopts.flags",
     *(f"more_sockopts.{name}" for name in (*layout.MORE_SOCKOPT_INTS, *layout.MORE_SOCKOPT_LONGS)),
 }  # fmt: skip
@@ -67,8 +68,17 @@ def length_fields(state: ConnectionState) -> list[tuple[int, str]]:
     return [(8, ">I"), (dev, ">B"), (cong, ">B"), (unsent, ">I"), (unsent + 4, ">I"), (recv, ">I")]
 
 
-def mutants(state: ConnectionState, rng: random.Random) -> Iterator[tuple[str, bytes]]:
-    good = state.to_bytes()
+def reseal(data: bytearray, version: int) -> None:
+    """The trailer of a `version` image made valid again for the bytes before it."""
+    if version >= layout.FIRST_XXH3:
+        struct.pack_into(">Q", data, len(data) - 8, xxhash.xxh3_64_intdigest(bytes(data[:-8])))
+    else:
+        struct.pack_into(">I", data, len(data) - 4, zlib.crc32(data[:-4]))
+
+
+def mutants(state: ConnectionState, rng: random.Random, version: int) -> Iterator[tuple[str, bytes]]:
+    good = image.encode(state, version)
+    trailer = layout.CHECKSUM_SIZE[version]
     lengths = length_fields(state)
 
     def flip(data: bytearray) -> None:
@@ -104,10 +114,10 @@ def mutants(state: ConnectionState, rng: random.Random) -> Iterator[tuple[str, b
         kind(data)
         yield kind.__name__, bytes(data)
         # The same damage behind a header and checksum made consistent again, so that it reaches the body parser.
-        if len(data) >= image.HEADER_SIZE + image.CRC_SIZE:
+        if len(data) >= image.HEADER_SIZE + trailer:
             if kind is not tamper_length or rng.random() < 0.5:
-                struct.pack_into(">I", data, 8, len(data) - image.HEADER_SIZE - image.CRC_SIZE)
-            struct.pack_into(">I", data, len(data) - 4, zlib.crc32(data[:-4]))
+                struct.pack_into(">I", data, 8, len(data) - image.HEADER_SIZE - trailer)
+            reseal(data, version)
             yield kind.__name__ + "+resealed", bytes(data)
 
 
@@ -151,12 +161,13 @@ def reference(data: bytes) -> ConnectionState | None:
         return None
 
 
+@pytest.mark.parametrize("version", layout.VERSIONS)
 @pytest.mark.parametrize("index", range(len(BASES)))
-def test_mutated_images(index: int) -> None:
-    rng = random.Random(20260 + index)
+def test_mutated_images(index: int, version: int) -> None:
+    rng = random.Random(20260 + index + 100 * version)
     seen: dict[str, int] = {}
     accepted = 0
-    for kind, data in mutants(BASES[index], rng):
+    for kind, data in mutants(BASES[index], rng, version):
         try:
             state = image.decode(data)
         except ImageError as exc:
@@ -170,7 +181,7 @@ def test_mutated_images(index: int) -> None:
             seen[reason] = seen.get(reason, 0) + 1
         else:
             accepted += 1
-            assert state.to_bytes() == data, (kind, data.hex())
+            assert image.encode(state, struct.unpack_from(">H", data, 4)[0]) == data, (kind, data.hex())
             assert reference(data) == state, (kind, data.hex())
     # The damage must have reached past the checksum into the body checks, or this test proves little.
     assert seen.get("checksum", 0) > 100, seen
@@ -184,8 +195,8 @@ def test_random_garbage() -> None:
     for n in range(2000):
         data = rng.randbytes(rng.randrange(300))
         if n % 2:
-            data = header + struct.pack(">I", max(len(data) - 4, 0)) + data
-            data = data[:-4] + struct.pack(">I", zlib.crc32(data[:-4]))
+            data = header + struct.pack(">I", max(len(data) - 8, 0)) + data
+            data = data[:-8] + struct.pack(">Q", xxhash.xxh3_64_intdigest(data[:-8]))
         try:
             state = image.decode(data)
         except ImageError:

@@ -135,7 +135,25 @@ struct app_opt {
 	const char *name;
 	enum when_set when;
 	int fresh;
+	int optional; /* Linux 6.15+: reads as 0 (not recorded, never set) where the kernel lacks it (ENOPROTOOPT) */
 };
+
+/* the options of sockrepair's image version 2 (older headers lack some) */
+#ifndef TCP_RTO_MAX_MS
+#define TCP_RTO_MAX_MS 44
+#endif
+#ifndef TCP_RTO_MIN_US
+#define TCP_RTO_MIN_US 45
+#endif
+#ifndef TCP_DELACK_MAX_US
+#define TCP_DELACK_MAX_US 46
+#endif
+#ifndef SO_BUSY_POLL
+#define SO_BUSY_POLL 46
+#endif
+#ifndef SO_MAX_PACING_RATE
+#define SO_MAX_PACING_RATE 47
+#endif
 
 static const struct app_opt app_opts[] = {
 	{IPPROTO_IP, IP_TOS, "IP_TOS", SET_UNLESS_FRESH, 0},
@@ -151,6 +169,17 @@ static const struct app_opt app_opts[] = {
 	{IPPROTO_TCP, TCP_USER_TIMEOUT, "TCP_USER_TIMEOUT", SET_UNLESS_FRESH, 0},
 	{IPPROTO_TCP, TCP_NOTSENT_LOWAT, "TCP_NOTSENT_LOWAT", SET_UNLESS_FRESH, 0},
 	{IPPROTO_TCP, TCP_CORK, "TCP_CORK", SET_UNLESS_FRESH, 0},
+	{IPPROTO_IP, IP_MTU_DISCOVER, "IP_MTU_DISCOVER", SET_UNLESS_FRESH, -1},
+	{SOL_SOCKET, SO_OOBINLINE, "SO_OOBINLINE", SET_UNLESS_FRESH, 0},
+	{SOL_SOCKET, SO_BUSY_POLL, "SO_BUSY_POLL", SET_UNLESS_FRESH, 0},
+	{SOL_SOCKET, SO_MAX_PACING_RATE, "SO_MAX_PACING_RATE", SET_UNLESS_FRESH, -1},
+	{IPPROTO_TCP, TCP_LINGER2, "TCP_LINGER2", SET_UNLESS_FRESH, 0},
+	{IPPROTO_TCP, TCP_THIN_LINEAR_TIMEOUTS, "TCP_THIN_LINEAR_TIMEOUTS", SET_UNLESS_FRESH, 0},
+	{IPPROTO_TCP, TCP_INQ, "TCP_INQ", SET_UNLESS_FRESH, 0},
+	{IPPROTO_TCP, TCP_WINDOW_CLAMP, "TCP_WINDOW_CLAMP", SET_UNLESS_FRESH, 0},
+	{IPPROTO_TCP, TCP_RTO_MAX_MS, "TCP_RTO_MAX_MS", SET_UNLESS_FRESH, 0, 1},
+	{IPPROTO_TCP, TCP_RTO_MIN_US, "TCP_RTO_MIN_US", SET_UNLESS_FRESH, 0, 1},
+	{IPPROTO_TCP, TCP_DELACK_MAX_US, "TCP_DELACK_MAX_US", SET_UNLESS_FRESH, 0, 1},
 	{SOL_SOCKET, SO_MARK, "SO_MARK", SET_PRE_BIND, 0},
 	{IPPROTO_IP, IP_FREEBIND, "IP_FREEBIND", SET_PRE_BIND, 0},
 	{SOL_SOCKET, SO_REUSEADDR, "SO_REUSEADDR", SET_AFTER_REPAIR, 0},
@@ -163,6 +192,7 @@ enum { APP_SNDBUF = N_APP_OPTS - 2, APP_RCVBUF = N_APP_OPTS - 1 };
 struct app_state {
 	int value[N_APP_OPTS];
 	struct linger linger;
+	struct timeval rcvtimeo, sndtimeo;
 	char bindtodevice[NAME_BYTES + 1], congestion[NAME_BYTES + 1];
 };
 
@@ -255,10 +285,19 @@ static int read_app_options(int fd, struct app_state *app)
 	socklen_t len = sizeof(app->linger);
 
 	for (size_t i = 0; i < N_APP_OPTS; i++)
-		if (get_int(fd, app_opts[i].level, app_opts[i].opt, &app->value[i], app_opts[i].name) < 0)
-			return -1;
+		if (get_int(fd, app_opts[i].level, app_opts[i].opt, &app->value[i], app_opts[i].name) < 0) {
+			if (!app_opts[i].optional || errno != ENOPROTOOPT)
+				return -1;
+			app->value[i] = 0;
+		}
 	if (getsockopt(fd, SOL_SOCKET, SO_LINGER, &app->linger, &len) < 0)
 		return fail("getsockopt(SO_LINGER)");
+	len = sizeof(app->rcvtimeo);
+	if (getsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &app->rcvtimeo, &len) < 0)
+		return fail("getsockopt(SO_RCVTIMEO)");
+	len = sizeof(app->sndtimeo);
+	if (getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &app->sndtimeo, &len) < 0)
+		return fail("getsockopt(SO_SNDTIMEO)");
 	return get_name(fd, SOL_SOCKET, SO_BINDTODEVICE, app->bindtodevice, "SO_BINDTODEVICE") < 0 ? -1
 	       : get_name(fd, IPPROTO_TCP, TCP_CONGESTION, app->congestion, "TCP_CONGESTION");
 }
@@ -389,6 +428,12 @@ static int apply_in_repair(int fd, const struct app_state *app)
 	if ((app->linger.l_onoff || app->linger.l_linger) &&
 	    setsockopt(fd, SOL_SOCKET, SO_LINGER, &app->linger, sizeof(app->linger)) < 0)
 		return fail("setsockopt(SO_LINGER)");
+	if ((app->rcvtimeo.tv_sec || app->rcvtimeo.tv_usec) &&
+	    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &app->rcvtimeo, sizeof(app->rcvtimeo)) < 0)
+		return fail("setsockopt(SO_RCVTIMEO)");
+	if ((app->sndtimeo.tv_sec || app->sndtimeo.tv_usec) &&
+	    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &app->sndtimeo, sizeof(app->sndtimeo)) < 0)
+		return fail("setsockopt(SO_SNDTIMEO)");
 	return app->congestion[0] ? set_name(fd, IPPROTO_TCP, TCP_CONGESTION, app->congestion, "TCP_CONGESTION") : 0;
 }
 
@@ -415,6 +460,9 @@ static int check_app_options(int fd, const struct app_state *saved)
 					       saved->value[i]);
 	if (now.linger.l_onoff != saved->linger.l_onoff || now.linger.l_linger != saved->linger.l_linger)
 		return errno = 0, fail("SO_LINGER changed across restore");
+	if (memcmp(&now.rcvtimeo, &saved->rcvtimeo, sizeof(now.rcvtimeo)) ||
+	    memcmp(&now.sndtimeo, &saved->sndtimeo, sizeof(now.sndtimeo)))
+		return errno = 0, fail("SO_RCVTIMEO or SO_SNDTIMEO changed across restore");
 	if (strcmp(now.bindtodevice, saved->bindtodevice) || strcmp(now.congestion, saved->congestion))
 		return errno = 0, fail("SO_BINDTODEVICE or TCP_CONGESTION changed across restore (%s, %s -> %s, %s)",
 				       saved->bindtodevice, saved->congestion, now.bindtodevice, now.congestion);
@@ -1109,6 +1157,53 @@ static void raise_fd_limit(rlim_t need)
 }
 
 #define MAX_LIST 64
+
+/* The benchmark's independent check (sockrepair/bench/independent.py) builds this file as a shared library and calls
+ * this between its own Python cycles, in the same process: one cycle of the connected socket `fd` the caller made,
+ * its queue buffers kept from call to call and grown, every page touched, before the timing starts (as --warm);
+ * with `options`, the application options are read and set as with --options. ns[] receives read_state, close and
+ * restore. `fd` is closed in every case (silently, in repair mode, once checkpoint has begun). Returns the restored
+ * socket, or -1 with repair_cycle_error() saying why. */
+int repair_cycle_once(int fd, int options, int64_t ns[3])
+{
+	static struct conn_state st;
+	uint32_t outq = 0, inq = 0;
+	int64_t t0, t1, t2, t3;
+	int restored;
+
+	opt_options = options;
+	opt_warm = 1;
+	if (ioctl_int(fd, SIOCOUTQ, &outq, "SIOCOUTQ") < 0 || ioctl_int(fd, SIOCINQ, &inq, "SIOCINQ") < 0 ||
+	    reserve(&st.outq, outq, "send queue") < 0 || reserve(&st.inq, inq, "receive queue") < 0) {
+		close(fd);
+		return -1;
+	}
+	t0 = now_ns();
+	if (checkpoint(fd, &st) < 0) {
+		close(fd);
+		return -1;
+	}
+	t1 = now_ns();
+	close(fd);
+	t2 = now_ns();
+	restored = restore(&st);
+	t3 = now_ns();
+	if (restored < 0)
+		return -1;
+	ns[0] = t1 - t0;
+	ns[1] = t2 - t1;
+	ns[2] = t3 - t2;
+	if (options && check_app_options(restored, &st.app) < 0) {
+		close(restored);
+		return -1;
+	}
+	return restored;
+}
+
+const char *repair_cycle_error(void)
+{
+	return err_msg;
+}
 
 int main(int argc, char **argv)
 {

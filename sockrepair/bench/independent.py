@@ -1,0 +1,198 @@
+"""The independent check of the engine's ratios: in ONE process, a Python cycle of one loopback connection
+(checkpoint, to_bytes, discard, from_bytes, restore) interleaved, rep by rep, with a cycle of the C reference called as
+a library (sockrepair/bench/reference/repair_cycle.c built shared, its repair_cycle_once(): buffers kept from call to
+call, as --warm), each on a fresh pair made the same way, both verified byte for byte afterwards. Same process, same
+moment, same connections: what the two harnesses (bench_engine.py and the C program run as a separate process) say
+about the ratio should agree with it.
+
+    python -m sockrepair.bench.independent [--reps N] [--sizes 0,1048576]
+
+At 0 B the C cycle also reads and sets the application options (like-for-like, as --options); above 0 B it is the
+minimal warm cycle (the variant the queue-size target is judged against). Needs root (a network namespace) and a
+C compiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sockrepair import checkpoint, discard, restore
+from sockrepair.bench import cref
+from sockrepair.bench.bench_engine import (
+    PEER_RCVBUF,
+    TAIL_BYTES,
+    BenchError,
+    _close_abort,
+    _connect,
+    _End,
+    _exchange,
+    _fill_recv_queue,
+    _fill_send_queue,
+    _listener,
+    _stream,
+)
+from sockrepair.bench.results import C_OPTIONS_IMPL, C_WARM_IMPL, Independent
+from sockrepair.errors import SockrepairError
+from sockrepair.netns import NetNS
+from sockrepair.state import ConnectionState
+
+SIZES = (0, 1 << 20)
+REPS, QUICK_REPS = 200, 10
+PYTHON_PHASES = ("read_state", "serialize", "close", "deserialize", "restore")
+C_PHASES = ("read_state", "close", "restore")
+
+NS3 = ctypes.c_int64 * 3
+
+
+def _load(library: Path) -> Any:
+    """The library through ctypes, as bench_lock.py loads libnftables: the times are taken inside C, so what the
+    call costs from Python does not count."""
+    lib = ctypes.CDLL(str(library))
+    lib.repair_cycle_once.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)]
+    lib.repair_cycle_once.restype = ctypes.c_int
+    lib.repair_cycle_error.restype = ctypes.c_char_p
+    return lib
+
+
+def _pair(q: int) -> tuple[socket.socket, socket.socket]:
+    """The moving end and its peer, q bytes in each of the moving end's queues (bench_engine's recipe)."""
+    with _listener(PEER_RCVBUF if q else 0) as listener:
+        sock = _connect(listener, 2 * q + (1 << 20) if q else 0)
+        peer, _ = listener.accept()
+    return sock, peer
+
+
+def _verify(restored: socket.socket, peer: socket.socket, q: int, sent: int, to_peer: bytes, to_sock: bytes) -> None:
+    view_peer, view_sock = memoryview(to_peer), memoryview(to_sock)
+    _exchange([
+        _End(restored, view_peer[sent : sent + TAIL_BYTES], to_sock[: q + TAIL_BYTES], bytearray()),
+        _End(peer, view_sock[q : q + TAIL_BYTES], to_peer[: sent + TAIL_BYTES], bytearray()),
+    ])
+
+
+def _python_cycle(q: int, to_peer: bytes, to_sock: bytes) -> dict[str, float]:
+    sock, peer = _pair(q)
+    restored = None
+    try:
+        _fill_recv_queue(peer, sock, to_sock[:q])
+        sent = _fill_send_queue(sock, peer, q, to_peer)
+        t0 = time.perf_counter_ns()
+        state = checkpoint(sock)
+        t1 = time.perf_counter_ns()
+        data = state.to_bytes()
+        t2 = time.perf_counter_ns()
+        discard(sock, state)
+        t3 = time.perf_counter_ns()
+        back = ConnectionState.from_bytes(data)
+        t4 = time.perf_counter_ns()
+        restored = restore(back)
+        t5 = time.perf_counter_ns()
+        if min(len(state.send_queue), len(state.recv_queue)) < q:
+            raise BenchError(f"a queue held fewer than {q} bytes at checkpoint")
+        _verify(restored, peer, q, sent, to_peer, to_sock)
+    finally:
+        for s in (sock, peer, restored):
+            _close_abort(s)
+    marks = (t0, t1, t2, t3, t4, t5)
+    return {name: (b - a) / 1000 for name, a, b in zip(PYTHON_PHASES, marks, marks[1:])}
+
+
+def _c_cycle(lib: Any, q: int, options: bool, to_peer: bytes, to_sock: bytes) -> dict[str, float]:
+    sock, peer = _pair(q)
+    restored = None
+    try:
+        _fill_recv_queue(peer, sock, to_sock[:q])
+        sent = _fill_send_queue(sock, peer, q, to_peer)
+        ns = NS3()
+        fd = lib.repair_cycle_once(sock.detach(), int(options), ns)  # the C side closes the fd it is given
+        if fd < 0:
+            raise BenchError(f"C cycle: {lib.repair_cycle_error().decode(errors='replace')}")
+        restored = socket.socket(fileno=fd)
+        _verify(restored, peer, q, sent, to_peer, to_sock)
+    finally:
+        for s in (sock, peer, restored):
+            _close_abort(s)
+    return {name: ns[i] / 1000 for i, name in enumerate(C_PHASES)}
+
+
+def _medians(samples: Sequence[dict[str, float]], phases: Sequence[str]) -> tuple[float, dict[str, float]]:
+    totals = [sum(s.values()) for s in samples]
+    return statistics.median(totals), {p: statistics.median(s[p] for s in samples) for p in phases}
+
+
+def measure(library: Path, sizes: Sequence[int] = SIZES, reps: int = REPS) -> list[Independent]:
+    """One entry per size: `reps` Python cycles and `reps` C cycles, alternating which goes first, after one untimed
+    warm-up of each. Run it inside a network namespace made for it (it fills loopback ports)."""
+    lib = _load(library)
+    longest = max(sizes, default=0)
+    to_peer, to_sock = _stream(2, longest + (8 << 20)), _stream(3, longest + TAIL_BYTES)
+    out: list[Independent] = []
+    for q in sizes:
+        options = q == 0
+        python: list[dict[str, float]] = []
+        c: list[dict[str, float]] = []
+        error = None
+        try:
+            _python_cycle(q, to_peer, to_sock)
+            _c_cycle(lib, q, options, to_peer, to_sock)
+            for rep in range(reps):
+                if rep % 2:
+                    c.append(_c_cycle(lib, q, options, to_peer, to_sock))
+                    python.append(_python_cycle(q, to_peer, to_sock))
+                else:
+                    python.append(_python_cycle(q, to_peer, to_sock))
+                    c.append(_c_cycle(lib, q, options, to_peer, to_sock))
+        except (OSError, SockrepairError) as exc:
+            error = str(exc)
+        python_us, python_phases = _medians(python, PYTHON_PHASES) if python else (float("nan"), {})
+        c_us, c_phases = _medians(c, C_PHASES) if c else (float("nan"), {})
+        out.append({"queue_bytes": q, "c_impl": C_OPTIONS_IMPL if options else C_WARM_IMPL, "reps": len(python),
+                    "python_us": python_us, "c_us": c_us, "ratio": python_us / c_us if c else float("nan"),
+                    "python_phases_us": python_phases, "c_phases_us": c_phases, "verified": error is None,
+                    "error": error})
+    return out
+
+
+def run(quick: bool = False, sizes: Sequence[int] = SIZES, notes: list[str] | None = None) -> list[Independent]:
+    """The check in a network namespace of its own; [] (and a note) when there is no C compiler."""
+    with tempfile.TemporaryDirectory(prefix="sockrepair-independent-") as tmp:
+        library = cref.build(Path(tmp), notes, shared=True)
+        if library is None:
+            return []
+        with NetNS() as ns, ns.entered():
+            return measure(library, sizes, QUICK_REPS if quick else REPS)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=REPS)
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="queue sizes in bytes (comma list)")
+    args = parser.parse_args()
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="sockrepair-independent-") as tmp:
+        library = cref.build(Path(tmp), notes, shared=True)
+        if library is None:
+            print(notes[0], file=sys.stderr)
+            return 1
+        with NetNS() as ns, ns.entered():
+            entries = measure(library, [int(v) for v in args.sizes.split(",") if v], args.reps)
+    for e in entries:
+        phases = " ".join(f"{p} {us:.1f}" for p, us in e["python_phases_us"].items())
+        c_phases = " ".join(f"{p} {us:.1f}" for p, us in e["c_phases_us"].items())
+        state = "" if e["verified"] else f"  NOT VERIFIED: {e['error']}"
+        print(f"{e['queue_bytes']:>9} B  python {e['python_us']:8.1f} us [{phases}]  {e['c_impl']} {e['c_us']:7.1f} us "
+              f"[{c_phases}]  ratio {e['ratio']:.2f}x  reps {e['reps']}{state}")
+    return 0 if all(e["verified"] for e in entries) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
