@@ -32,7 +32,7 @@ from sockrepair.move.journal import (
     wait_free,
 )
 from sockrepair.move.keep import netns_path, read_kept, send_kept
-from sockrepair.move.land import put_back, restore_all, unlock_in
+from sockrepair.move.land import passing_lock, put_back, restore_all, unlock_in
 from sockrepair.move.procfs import stat
 from sockrepair.move.quiesce import DEFAULT_TIMEOUT, OnBusy, Quiescence
 from sockrepair.move.take import deferred_signals
@@ -198,7 +198,8 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
             stack.enter_context(unix)
         with deferred_signals():
             socks = restore_all(states, args.netns)
-            delivered = send_kept(kept, netns_path(args.netns))
+            with passing_lock(socks, states):
+                delivered = send_kept(kept, netns_path(args.netns))
             if unix is not None:
                 try:
                     # passed before the unlock: if that fails, the connections are still locked and can be put back

@@ -7,6 +7,7 @@ import errno
 import socket
 
 from sockrepair.engine._addr import bind, connect
+from sockrepair.engine._ffi import lib
 from sockrepair.engine._queues import refill_in_repair, set_sequences, write_unsent
 from sockrepair.engine._session import _Session
 from sockrepair.engine._sockopts import (
@@ -23,14 +24,17 @@ from sockrepair.engine._tcpopts import (
     restore_window,
     resync_mss,
     set_user_mss,
+    tcp_info,
 )
 from sockrepair.errors import AddressInUseError, AddressNotLocalError, SocketCallError
+from sockrepair.lock.ruleset import SOCCR_MARK
 from sockrepair.state import TCP_ESTABLISHED, ConnectionState
 
 MAX_USER_MSS = 32767  # MAX_TCP_WINDOW: the largest TCP_MAXSEG the kernel takes
 MIN_USER_MSS = 88  # TCP_MIN_MSS: the smallest
 MSS_DEFAULT = 536  # TCP_MSS_DEFAULT: tcp_bound_to_half_wnd halves only windows larger than this
 TIMESTAMP_OPTION = 12  # TCPOLEN_TSTAMP_ALIGNED
+SOL, SO_MARK = lib.SOL_SOCKET, lib.SO_MARK
 
 
 def restore(state: ConnectionState) -> socket.socket:
@@ -79,7 +83,9 @@ def restore(state: ConnectionState) -> socket.socket:
         restore_options(session, options)
         if options.timestamps:
             restore_timestamp(session, state.timestamp)
-        refill_in_repair(session, state.recv_queue, send_queue[:sent_len])
+        # what the peer has not acknowledged leaves again as new data when it fits in the first burst
+        resent = sent_len if _resend_at_once(session, state, sent_len) else 0
+        refill_in_repair(session, state.recv_queue, send_queue[:sent_len - resent])
         if state.window is not None:
             # before repair off: writing never-sent data before the window is in place has hung connections (passt)
             w = state.window
@@ -90,7 +96,11 @@ def restore(state: ConnectionState) -> socket.socket:
             if conn.wire().family == socket.AF_INET:
                 resync_mss(session)
         apply_in_repair(session, conn.family, so)
-        unsent = send_queue[sent_len:]
+        # The connection is still locked (docs/lock.md): without the mark the lock drops the window probe (which
+        # acknowledges what the old socket received: a delayed ACK pending at the freeze) and the bytes written
+        # below, which then leave only on the probe timer, max(RTO, 200 ms): 3 s where no cached RTT seeds the RTO.
+        session.set(SOL, SO_MARK, SOCCR_MARK, "SO_MARK")
+        unsent = send_queue[sent_len - resent:]
         if state.tcp_state != TCP_ESTABLISHED:
             if unsent:
                 # our FIN goes after them: they must be in the queue before shutdown, and repair mode takes no
@@ -101,14 +111,40 @@ def restore(state: ConnectionState) -> socket.socket:
                 session.repair_on()
                 unsent = unsent[:0]
             replay_close(session, state, send_seq, recv_seq)
-        session.repair_off(True)
+        # resent bytes carry the acknowledgment the probe would; leaving without a probe also keeps its answer,
+        # possibly acknowledging beyond our snd_nxt (which the kernel discards), from arriving before them
+        session.repair_off(not resent)
         lift_send_limit(session)
         write_unsent(session, unsent)
         apply_after_repair(session, so)
+        session.set(SOL, SO_MARK, so.mark, "SO_MARK")
     except BaseException:
         _abandon(sock, session)
         raise
     return sock
+
+
+def _resend_at_once(session: _Session, state: ConnectionState, sent_len: int) -> bool:
+    """Whether the `sent_len` bytes the old socket sent and the peer never acknowledged can be written again as new
+    data after repair off, rather than as sent in repair mode (libsoccr's way). Written as sent, what the peer never
+    got (sent after the lock was taken, or lost) waits for the restored socket's first timer: the loss probe at
+    TCP_TIMEOUT_INIT (1 s) when no RTT was ever measured, or the RTO seeded from the tcp_metrics cache (200 ms;
+    3 s without an entry: tcp_init_metrics). Written as new, they leave at once and the peer drops what it had.
+    That is safe only if ALL of them leave in the first burst: the peer acknowledges up to what it holds, and an
+    ACK beyond our snd_nxt is discarded as one of unsent data, so a burst cut by the congestion window (the
+    initial one: 10 segments), by the peer's window or by TCP_CORK would stall. ESTABLISHED only: a half-closed
+    connection's FIN follows its bytes in repair mode (engine/_states.py). The MSS is bounded like the connection's
+    own (half the peer's largest window, which the IPv4 resync applies later)."""
+    w = state.window
+    if not sent_len or w is None or state.tcp_state != TCP_ESTABLISHED or state.sockopts.cork:
+        return False
+    info = tcp_info(session)
+    mss = info.tcpi_snd_mss
+    if w.max_window > MSS_DEFAULT:
+        mss = min(mss, w.max_window >> 1)
+    segments = -(-sent_len // max(mss, 1))
+    # one segment of margin: the timestamp option makes the segments a little smaller than the bound
+    return segments < info.tcpi_snd_cwnd and sent_len <= w.snd_wnd
 
 
 def _user_mss(state: ConnectionState) -> int:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from sockrepair.engine._repair import repair_on
 from sockrepair.engine._restore import restore
 from sockrepair.lock import Locker
+from sockrepair.lock.ruleset import SOCCR_MARK
 from sockrepair.netns import named
 from sockrepair.state import ConnectionState
 
@@ -33,6 +34,23 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
                 s.close()
             raise
     return socks
+
+
+@contextlib.contextmanager
+def passing_lock(socks: Sequence[socket.socket], states: Sequence[ConnectionState]) -> Iterator[None]:
+    """While the kept packets are delivered to the restored sockets `socks` (restored from `states`, in that order)
+    and until the unlock, their own packets carry SOCCR_MARK, which the lock lets pass: a segment the kernel sends
+    then (the quick ACK of a delivered request) would otherwise be dropped, and the peer would resend after its
+    retransmission timeout. Then each socket gets back the mark it was restored with (SO_MARK, even when the body
+    raised). Raises OSError when a mark cannot be set."""
+    for sock in socks:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, SOCCR_MARK)
+    try:
+        yield
+    finally:
+        for sock, state in zip(socks, states, strict=True):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, state.sockopts.mark)
 
 
 def put_back(fds: Sequence[int], states: Sequence[ConnectionState], netns: str | None, ttl: float) -> None:
