@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import socket
+import struct
+import time
 
 from sockrepair.engine._addr import bind, connect
 from sockrepair.engine._ffi import lib
@@ -17,7 +19,16 @@ from sockrepair.engine._sockopts import (
     lift_send_limit,
     size_buffers,
 )
-from sockrepair.engine._states import FIN_IN_RECV, SYN_SENT, replay_close, restore_seqs
+from sockrepair.engine._states import (
+    FIN_IN_RECV,
+    SETTLE_TIMEOUT,
+    SYN_SENT,
+    TH_ACK,
+    U32,
+    _segment,
+    replay_close,
+    restore_seqs,
+)
 from sockrepair.engine._tcpopts import (
     restore_options,
     restore_timestamp,
@@ -26,7 +37,13 @@ from sockrepair.engine._tcpopts import (
     set_user_mss,
     tcp_info,
 )
-from sockrepair.errors import AddressInUseError, AddressNotLocalError, SocketCallError
+from sockrepair.errors import (
+    AddressInUseError,
+    AddressNotLocalError,
+    LockError,
+    SocketCallError,
+)
+from sockrepair.lock.inject import Injector
 from sockrepair.lock.ruleset import SOCCR_MARK
 from sockrepair.state import TCP_ESTABLISHED, ConnectionState
 
@@ -35,6 +52,8 @@ MIN_USER_MSS = 88  # TCP_MIN_MSS: the smallest
 MSS_DEFAULT = 536  # TCP_MSS_DEFAULT: tcp_bound_to_half_wnd halves only windows larger than this
 TIMESTAMP_OPTION = 12  # TCPOLEN_TSTAMP_ALIGNED
 SOL, SO_MARK = lib.SOL_SOCKET, lib.SO_MARK
+SEGS_IN = struct.Struct("=I")  # struct tcp_info's tcpi_segs_in, at byte 140
+SEGS_IN_OFFSET = 140
 
 
 def restore(state: ConnectionState) -> socket.socket:
@@ -117,6 +136,9 @@ def restore(state: ConnectionState) -> socket.socket:
         lift_send_limit(session)
         write_unsent(session, unsent)
         apply_after_repair(session, so)
+        if state.tcp_state == TCP_ESTABLISHED and not resent and not unsent:
+            # no data of ours carries an acknowledgment, and the window probe does not count as one
+            _ask_for_ack(sock, state, (send_seq - send_len) & U32, recv_seq)
         session.set(SOL, SO_MARK, so.mark, "SO_MARK")
     except BaseException:
         _abandon(sock, session)
@@ -145,6 +167,32 @@ def _resend_at_once(session: _Session, state: ConnectionState, sent_len: int) ->
     segments = -(-sent_len // max(mss, 1))
     # one segment of margin: the timestamp option makes the segments a little smaller than the bound
     return segments < info.tcpi_snd_cwnd and sent_len <= w.snd_wnd
+
+
+def _ask_for_ack(sock: socket.socket, state: ConnectionState, una: int, rcv_nxt: int) -> None:
+    """Make the restored socket acknowledge what the old one received: an ACK it owed (a delayed ACK pending at the
+    freeze, or one the lock dropped) is not in any state repair mode can set, and the window probe sent at repair
+    off is no acknowledgment (its sequence number is one below snd_una: the peer checks it, finds it old and
+    answers without reading its ACK field). A segment from the peer one below rcv_nxt (a keepalive's, through a
+    raw socket marked SOCCR_MARK: sockrepair/lock/inject.py) is old in turn, and the restored socket answers it
+    with a true ACK of rcv_nxt (tcp_send_dupack), which passes the lock while the socket is marked. Waits, at most
+    SETTLE_TIMEOUT, until the socket has taken the segment in (tcpi_segs_in): it is normally processed before
+    sendto returns, and the mark is about to go. Without CAP_NET_RAW nothing is sent: the peer then gets its ACK
+    when it retransmits, as before."""
+    before = _segs_in(sock)
+    try:
+        with Injector() as injector:
+            injector.send([_segment(state, TH_ACK, (rcv_nxt - 1) & U32, una)])
+    except (OSError, LockError):
+        return
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while _segs_in(sock) == before and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def _segs_in(sock: socket.socket) -> int:
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, SEGS_IN_OFFSET + SEGS_IN.size)
+    return int(SEGS_IN.unpack_from(raw, SEGS_IN_OFFSET)[0])
 
 
 def _user_mss(state: ConnectionState) -> int:
