@@ -60,7 +60,8 @@ SEGS_IN_OFFSET = 140
 def restore(state: ConnectionState) -> socket.socket:
     """A live socket (blocking, in this process and network namespace) with the saved 4-tuple, sequence numbers,
     queues and options, repair mode off; no handshake goes on the wire, only a window probe that the peer answers
-    with an ACK. `state` is what checkpoint() returned (or an image of it) and is not changed; the socket of the
+    with an ACK (or the unacknowledged bytes again, docs/engine.md "Our own packets"). Until it returns the socket
+    is marked SOCCR_MARK, which the network lock lets pass; then it has the saved mark. `state` is what checkpoint() returned (or an image of it) and is not changed; the socket of the
     checkpoint must be gone (discard) or the 4-tuple is taken. The steps, in the kernel's order, are listed in
     sockrepair.engine: TCP_REPAIR, SO_SNDBUFFORCE / SO_RCVBUFFORCE, bind, TCP_QUEUE_SEQ, TCP_MAXSEG around the
     repair-mode connect, TCP_REPAIR_OPTIONS, TCP_TIMESTAMP, the queues written with TCP_REPAIR_QUEUE selected,
@@ -116,9 +117,9 @@ def restore(state: ConnectionState) -> socket.socket:
             if conn.wire().family == socket.AF_INET:
                 resync_mss(session)
         apply_in_repair(session, conn.family, so)
-        # The connection is still locked (docs/lock.md): without the mark the lock drops the window probe (which
-        # acknowledges what the old socket received: a delayed ACK pending at the freeze) and the bytes written
-        # below, which then leave only on the probe timer, max(RTO, 200 ms): 3 s where no cached RTT seeds the RTO.
+        # The connection is still locked (docs/lock.md): without the mark the lock drops what the socket sends from
+        # here (the bytes written below then left only on the probe timer, max(RTO, 200 ms): 3 s where no cached
+        # RTT seeds the RTO; the ACK _ask_for_ack makes it send was lost). The saved mark goes back at the end.
         session.set(SOL, SO_MARK, SOCCR_MARK, "SO_MARK")
         unsent = send_queue[sent_len - resent:]
         if state.tcp_state != TCP_ESTABLISHED:
@@ -131,17 +132,19 @@ def restore(state: ConnectionState) -> socket.socket:
                 session.repair_on()
                 unsent = unsent[:0]
             replay_close(session, state, send_seq, recv_seq)
-        # resent bytes carry the acknowledgment the probe would; leaving without a probe also keeps its answer,
-        # possibly acknowledging beyond our snd_nxt (which the kernel discards), from arriving before them
-        session.repair_off(not resent)
+        # The probe's answer tells us what the peer holds of data restored as sent, and whether a closed window
+        # opened for never-sent data. Re-sent bytes get answers of their own (and the probe's, acknowledging
+        # beyond our snd_nxt, would only be discarded); an idle connection has nothing to learn. Where no data of
+        # ours will carry the ACK the old socket may have owed, it is sent (_ask_for_ack): the probe is none.
+        quiet = state.tcp_state == TCP_ESTABLISHED and not resent and not unsent
+        session.repair_off(not resent and not (quiet and not sent_len))
         lift_send_limit(session)
         if resent:
             _resend(session, so.nodelay, unsent[:resent])
             unsent = unsent[resent:]
         write_unsent(session, unsent)
         apply_after_repair(session, so)
-        if state.tcp_state == TCP_ESTABLISHED and not resent and not unsent:
-            # no data of ours carries an acknowledgment, and the window probe does not count as one
+        if quiet:
             _ask_for_ack(sock, state, (send_seq - send_len) & U32, recv_seq)
         session.set(SOL, SO_MARK, so.mark, "SO_MARK")
     except BaseException:
@@ -153,7 +156,7 @@ def restore(state: ConnectionState) -> socket.socket:
 def _resend_at_once(session: _Session, state: ConnectionState, sent_len: int) -> bool:
     """Whether the `sent_len` bytes the old socket sent and the peer never acknowledged can be written again as new
     data after repair off, rather than as sent in repair mode (libsoccr's way). Written as sent, what the peer never
-    got (sent after the lock was taken, or lost) waits for the restored socket's first timer: the loss probe at
+    got (lost on the way) waits for the restored socket's first timer: the loss probe at
     TCP_TIMEOUT_INIT (1 s) when no RTT was ever measured, or the RTO seeded from the tcp_metrics cache (200 ms;
     3 s without an entry: tcp_init_metrics). Written as new, they leave at once and the peer drops what it had.
     That is safe only if ALL of them leave in the first burst: the peer acknowledges up to what it holds, and an
