@@ -133,8 +133,8 @@ def test_bytes_written_after_the_lock_reach_the_peer_before_the_unlock(
 @pytest.mark.parametrize(("family", "addr"), FAMILIES)
 def test_in_flight_bytes_the_peer_never_got_reach_it_before_the_unlock(
         family: int, addr: str, make_pair: Callable[..., Pair], locker: Locker, losing: None) -> None:
-    """Bytes the old socket sent but the peer never received (lost, or sent just before the lock) are in its send
-    queue as sent-unacknowledged. Restored as sent (libsoccr's way) they left only on the restored socket's loss
+    """Bytes the old socket sent but the peer never received (lost on the way: here the test table drops them) are
+    in its send queue as sent-unacknowledged. Restored as sent (libsoccr's way) they left only on the restored socket's loss
     probe (1 s with no RTT measured yet), a retransmission; they fit in the first burst, so restore writes them
     again as new data: the peer gets them at once, and the restored socket retransmits nothing."""
     client, server = make_pair(family, addr)
@@ -152,8 +152,10 @@ def test_in_flight_bytes_the_peer_never_got_reach_it_before_the_unlock(
 def test_a_delayed_ack_pending_at_the_freeze_reaches_the_peer_before_the_unlock(
         family: int, addr: str, make_pair: Callable[..., Pair], locker: Locker, losing: None) -> None:
     """The old socket received the peer's request but its ACK never reached the peer (as with a delayed ACK pending
-    at the freeze). The restored socket's window probe acknowledges it; the lock used to drop that probe, and the
-    peer resent the request after its retransmission timeout."""
+    at the freeze). Repair mode cannot set a pending ACK, and the window probe of repair off is none (the peer finds
+    its sequence number old and does not read its ACK field): restore makes the restored socket send a true ACK
+    (engine/_restore.py _ask_for_ack), which passes the lock. The peer used to resend the request after its
+    retransmission timeout (>= 200 ms after it sent it; this test restores within milliseconds)."""
     client, server = make_pair(family, addr)
     set_ttl(server, TTL_LOST)  # the server's ACKs are lost
     client.sendall(REQUEST)
