@@ -57,11 +57,13 @@ SEGS_IN = struct.Struct("=I")  # struct tcp_info's tcpi_segs_in, at byte 140
 SEGS_IN_OFFSET = 140
 
 
-def restore(state: ConnectionState) -> socket.socket:
+def restore(state: ConnectionState, *, injector: Injector | None = None) -> socket.socket:
     """A live socket (blocking, in this process and network namespace) with the saved 4-tuple, sequence numbers,
     queues and options, repair mode off; no handshake goes on the wire, only a window probe that the peer answers
     with an ACK (or the unacknowledged bytes again, docs/engine.md "Our own packets"). Until it returns the socket
-    is marked SOCCR_MARK, which the network lock lets pass; then it has the saved mark. `state` is what checkpoint() returned (or an image of it) and is not changed; the socket of the
+    is marked SOCCR_MARK, which the network lock lets pass; then it has the saved mark. `injector`: raw sockets
+    opened in this network namespace (sockrepair.lock.inject.Injector) for the segment that makes an idle restored
+    socket send the ACK it may owe; None opens them for this call (about 25 us: worth sharing across a batch). `state` is what checkpoint() returned (or an image of it) and is not changed; the socket of the
     checkpoint must be gone (discard) or the 4-tuple is taken. The steps, in the kernel's order, are listed in
     sockrepair.engine: TCP_REPAIR, SO_SNDBUFFORCE / SO_RCVBUFFORCE, bind, TCP_QUEUE_SEQ, TCP_MAXSEG around the
     repair-mode connect, TCP_REPAIR_OPTIONS, TCP_TIMESTAMP, the queues written with TCP_REPAIR_QUEUE selected,
@@ -145,7 +147,7 @@ def restore(state: ConnectionState) -> socket.socket:
         write_unsent(session, unsent)
         apply_after_repair(session, so)
         if quiet:
-            _ask_for_ack(sock, state, (send_seq - send_len) & U32, recv_seq)
+            _ask_for_ack(sock, state, (send_seq - send_len) & U32, recv_seq, injector)
         session.set(SOL, SO_MARK, so.mark, "SO_MARK")
     except BaseException:
         _abandon(sock, session)
@@ -190,7 +192,8 @@ def _resend(session: _Session, nodelay: bool, resent: memoryview) -> None:
         session.set(TCP, NODELAY, 0, "TCP_NODELAY")
 
 
-def _ask_for_ack(sock: socket.socket, state: ConnectionState, una: int, rcv_nxt: int) -> None:
+def _ask_for_ack(sock: socket.socket, state: ConnectionState, una: int, rcv_nxt: int,
+                 injector: Injector | None) -> None:
     """Make the restored socket acknowledge what the old one received: an ACK it owed (a delayed ACK pending at the
     freeze, or one the lock dropped) is not in any state repair mode can set, and the window probe sent at repair
     off is no acknowledgment (its sequence number is one below snd_una: the peer checks it, finds it old and
@@ -201,9 +204,13 @@ def _ask_for_ack(sock: socket.socket, state: ConnectionState, una: int, rcv_nxt:
     sendto returns, and the mark is about to go. Without CAP_NET_RAW nothing is sent: the peer then gets its ACK
     when it retransmits, as before."""
     before = _segs_in(sock)
+    segment = _segment(state, TH_ACK, (rcv_nxt - 1) & U32, una)
     try:
-        with Injector() as injector:
-            injector.send([_segment(state, TH_ACK, (rcv_nxt - 1) & U32, una)])
+        if injector is not None:
+            injector.send([segment])
+        else:
+            with Injector() as own:
+                own.send([segment])
     except (OSError, LockError):
         return
     deadline = time.monotonic() + SETTLE_TIMEOUT

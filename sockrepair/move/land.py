@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from sockrepair.engine._repair import repair_on
 from sockrepair.engine._restore import restore
 from sockrepair.lock import Locker
+from sockrepair.lock.inject import Injector
 from sockrepair.lock.ruleset import SOCCR_MARK
 from sockrepair.netns import named
 from sockrepair.state import ConnectionState
@@ -23,8 +24,13 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
     socks: list[socket.socket] = []
     with named(netns):
         try:
+            # one pair of raw sockets for the whole batch, in the namespace of the restored sockets
+            injector = Injector()
+        except OSError:  # no CAP_NET_RAW: each restore tries on its own (engine/_restore.py _ask_for_ack)
+            injector = None
+        try:
             for state in states:
-                socks.append(restore(state))
+                socks.append(restore(state, injector=injector))
                 if on_restored is not None:
                     on_restored(socks[-1])
         except BaseException:
@@ -33,6 +39,9 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
                     repair_on(s.fileno())
                 s.close()
             raise
+        finally:
+            if injector is not None:
+                injector.close()
     return socks
 
 
