@@ -57,14 +57,13 @@ SEGS_IN = struct.Struct("=I")  # struct tcp_info's tcpi_segs_in, at byte 140
 SEGS_IN_OFFSET = 140
 
 
-def restore(state: ConnectionState, *, injector: Injector | None = None) -> socket.socket:
+def restore(state: ConnectionState) -> socket.socket:
     """A live socket (blocking, in this process and network namespace) with the saved 4-tuple, sequence numbers,
     queues and options, repair mode off; no handshake goes on the wire, only a window probe that the peer answers
     with an ACK (or the unacknowledged bytes again, docs/engine.md "Our own packets"). Until it returns the socket
-    is marked SOCCR_MARK, which the network lock lets pass; then it has the saved mark. `injector`: raw sockets
-    opened in this network namespace (sockrepair.lock.inject.Injector) for the segment that makes an idle restored
-    socket send the ACK it may owe; None opens them for this call (about 25 us: worth sharing across a batch). `state` is what checkpoint() returned (or an image of it) and is not changed; the socket of the
-    checkpoint must be gone (discard) or the 4-tuple is taken. The steps, in the kernel's order, are listed in
+    is marked SOCCR_MARK, which the network lock lets pass; then it has the saved mark. `state` is what
+    checkpoint() returned (or an image of it) and is not changed; the socket of the checkpoint must be gone
+    (discard) or the 4-tuple is taken. The steps, in the kernel's order, are listed in
     sockrepair.engine: TCP_REPAIR, SO_SNDBUFFORCE / SO_RCVBUFFORCE, bind, TCP_QUEUE_SEQ, TCP_MAXSEG around the
     repair-mode connect, TCP_REPAIR_OPTIONS, TCP_TIMESTAMP, the queues written with TCP_REPAIR_QUEUE selected,
     TCP_REPAIR_WINDOW (struct tcp_repair_window), the options, TCP_REPAIR_OFF, the never-sent bytes, SO_REUSEADDR.
@@ -76,6 +75,13 @@ def restore(state: ConnectionState, *, injector: Injector | None = None) -> sock
     congestion control is not available on this host; OSError from socket(2) itself (EMFILE). The address errors
     and SocketCallError carry the connection as `.tuple`. On failure nothing is left: the half-made socket is closed
     while still in repair mode, so the peer sees nothing."""
+    return restore_with(state, None)
+
+
+def restore_with(state: ConnectionState, injector: Injector | None) -> socket.socket:
+    """restore(), with `injector`: raw sockets opened in this network namespace (sockrepair.lock.inject.Injector)
+    for the segment that makes a restored socket send the ACK it may owe (_ask_for_ack); None opens them for this
+    call (about 25 us: sockrepair.move.land shares one across a batch)."""
     conn = state.tuple
     sock = socket.socket(conn.family, socket.SOCK_STREAM)
     session = _Session(sock.fileno(), conn)

@@ -8,7 +8,7 @@ import socket
 from collections.abc import Callable, Iterator, Sequence
 
 from sockrepair.engine._repair import repair_on
-from sockrepair.engine._restore import restore
+from sockrepair.engine._restore import restore_with
 from sockrepair.lock import Locker
 from sockrepair.lock.inject import Injector
 from sockrepair.lock.ruleset import SOCCR_MARK
@@ -30,7 +30,7 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
             injector = None
         try:
             for state in states:
-                socks.append(restore(state, injector=injector))
+                socks.append(restore_with(state, injector))
                 if on_restored is not None:
                     on_restored(socks[-1])
         except BaseException:
