@@ -40,7 +40,7 @@ from sockrepair.move.journal import (
     wait_free,
 )
 from sockrepair.move.keep import netns_path, read_kept, send_kept
-from sockrepair.move.land import put_back, restore_all, unlock_in
+from sockrepair.move.land import passing_lock, put_back, restore_all, unlock_in
 from sockrepair.move.procfs import stat
 from sockrepair.move.quiesce import DEFAULT_TIMEOUT, OnBusy, Quiescence
 from sockrepair.move.restoreguard import RestoreGuard
@@ -233,7 +233,7 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         with deferred_signals():
             with stages.timed(Stage.RESTORE):
                 socks = restore_all(states, args.netns, on_restored=guard.hold)
-            with stages.timed(Stage.DELIVER):
+            with stages.timed(Stage.DELIVER), passing_lock(socks, states):
                 delivered = send_kept(kept, netns_path(args.netns))
             if unix is not None:
                 with stages.timed(Stage.HANDOFF):

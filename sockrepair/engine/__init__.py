@@ -25,9 +25,12 @@ Restore (restore), on a fresh socket:
   4. TCP_REPAIR_OPTIONS (MSS, window scale, SACK, timestamps; only before anything was sent), TCP_TIMESTAMP;
   5. the receive queue and the sent-but-unacknowledged part of the send queue written in repair mode;
   6. TCP_REPAIR_WINDOW (before any never-sent byte: passt saw hangs otherwise), options set in repair mode;
-  7. for a half-closed connection, the close replayed (shutdown in repair mode, the peer's FIN or ACK re-created);
-     TCP_REPAIR = 0 (a window probe: the peer answers with an ACK and resends what the lock held off);
-  8. the never-sent bytes written as ordinary data (they leave at once), then the options repair mode would reset.
+  7. SO_MARK SOCCR_MARK (what the socket sends from now on passes the network lock); for a half-closed connection,
+     the close replayed (shutdown in repair mode, the peer's FIN or ACK re-created); TCP_REPAIR = 0 (a window
+     probe, unless the socket has nothing to send or re-sends its unacknowledged bytes);
+  8. the unacknowledged bytes when they fit in the first burst, then the never-sent ones, written as ordinary data
+     (they leave at once); the options repair mode would reset; an ACK of rcv_nxt when no data carried one; the
+     saved mark.
 
 Only the four verbs are public; everything else in this package is private to it.
 """

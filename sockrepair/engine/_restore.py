@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 import errno
 import socket
+import struct
+import time
 
 from sockrepair.engine._addr import bind, connect
+from sockrepair.engine._ffi import lib
 from sockrepair.engine._queues import refill_in_repair, set_sequences, write_unsent
 from sockrepair.engine._session import _Session
 from sockrepair.engine._sockopts import (
@@ -16,28 +19,51 @@ from sockrepair.engine._sockopts import (
     lift_send_limit,
     size_buffers,
 )
-from sockrepair.engine._states import FIN_IN_RECV, SYN_SENT, replay_close, restore_seqs
+from sockrepair.engine._states import (
+    FIN_IN_RECV,
+    SETTLE_TIMEOUT,
+    SYN_SENT,
+    TH_ACK,
+    U32,
+    _segment,
+    replay_close,
+    restore_seqs,
+)
 from sockrepair.engine._tcpopts import (
     restore_options,
     restore_timestamp,
     restore_window,
     resync_mss,
     set_user_mss,
+    tcp_info,
 )
-from sockrepair.errors import AddressInUseError, AddressNotLocalError, SocketCallError
+from sockrepair.errors import (
+    AddressInUseError,
+    AddressNotLocalError,
+    LockError,
+    SocketCallError,
+)
+from sockrepair.lock.inject import Injector
+from sockrepair.lock.ruleset import SOCCR_MARK
 from sockrepair.state import TCP_ESTABLISHED, ConnectionState
 
 MAX_USER_MSS = 32767  # MAX_TCP_WINDOW: the largest TCP_MAXSEG the kernel takes
 MIN_USER_MSS = 88  # TCP_MIN_MSS: the smallest
 MSS_DEFAULT = 536  # TCP_MSS_DEFAULT: tcp_bound_to_half_wnd halves only windows larger than this
 TIMESTAMP_OPTION = 12  # TCPOLEN_TSTAMP_ALIGNED
+SOL, SO_MARK = lib.SOL_SOCKET, lib.SO_MARK
+TCP, NODELAY = lib.IPPROTO_TCP, lib.TCP_NODELAY
+SEGS_IN = struct.Struct("=I")  # struct tcp_info's tcpi_segs_in, at byte 140
+SEGS_IN_OFFSET = 140
 
 
 def restore(state: ConnectionState) -> socket.socket:
     """A live socket (blocking, in this process and network namespace) with the saved 4-tuple, sequence numbers,
     queues and options, repair mode off; no handshake goes on the wire, only a window probe that the peer answers
-    with an ACK. `state` is what checkpoint() returned (or an image of it) and is not changed; the socket of the
-    checkpoint must be gone (discard) or the 4-tuple is taken. The steps, in the kernel's order, are listed in
+    with an ACK (or the unacknowledged bytes again, docs/engine.md "Our own packets"). Until it returns the socket
+    is marked SOCCR_MARK, which the network lock lets pass; then it has the saved mark. `state` is what
+    checkpoint() returned (or an image of it) and is not changed; the socket of the checkpoint must be gone
+    (discard) or the 4-tuple is taken. The steps, in the kernel's order, are listed in
     sockrepair.engine: TCP_REPAIR, SO_SNDBUFFORCE / SO_RCVBUFFORCE, bind, TCP_QUEUE_SEQ, TCP_MAXSEG around the
     repair-mode connect, TCP_REPAIR_OPTIONS, TCP_TIMESTAMP, the queues written with TCP_REPAIR_QUEUE selected,
     TCP_REPAIR_WINDOW (struct tcp_repair_window), the options, TCP_REPAIR_OFF, the never-sent bytes, SO_REUSEADDR.
@@ -49,6 +75,13 @@ def restore(state: ConnectionState) -> socket.socket:
     congestion control is not available on this host; OSError from socket(2) itself (EMFILE). The address errors
     and SocketCallError carry the connection as `.tuple`. On failure nothing is left: the half-made socket is closed
     while still in repair mode, so the peer sees nothing."""
+    return restore_with(state, None)
+
+
+def restore_with(state: ConnectionState, injector: Injector | None) -> socket.socket:
+    """restore(), with `injector`: raw sockets opened in this network namespace (sockrepair.lock.inject.Injector)
+    for the segment that makes a restored socket send the ACK it may owe (_ask_for_ack); None opens them for this
+    call (about 25 us: sockrepair.move.land shares one across a batch)."""
     conn = state.tuple
     sock = socket.socket(conn.family, socket.SOCK_STREAM)
     session = _Session(sock.fileno(), conn, owner=sock)
@@ -79,7 +112,9 @@ def restore(state: ConnectionState) -> socket.socket:
         restore_options(session, options)
         if options.timestamps:
             restore_timestamp(session, state.timestamp)
-        refill_in_repair(session, state.recv_queue, send_queue[:sent_len])
+        # what the peer has not acknowledged leaves again as new data when it fits in the first burst
+        resent = sent_len if _resend_at_once(session, state, sent_len) else 0
+        refill_in_repair(session, state.recv_queue, send_queue[:sent_len - resent])
         if state.window is not None:
             # before repair off: writing never-sent data before the window is in place has hung connections (passt)
             w = state.window
@@ -90,7 +125,11 @@ def restore(state: ConnectionState) -> socket.socket:
             if conn.wire().family == socket.AF_INET:
                 resync_mss(session)
         apply_in_repair(session, conn.family, so)
-        unsent = send_queue[sent_len:]
+        # The connection is still locked (docs/lock.md): without the mark the lock drops what the socket sends from
+        # here (the bytes written below then left only on the probe timer, max(RTO, 200 ms): 3 s where no cached
+        # RTT seeds the RTO; the ACK _ask_for_ack makes it send was lost). The saved mark goes back at the end.
+        session.set(SOL, SO_MARK, SOCCR_MARK, "SO_MARK")
+        unsent = send_queue[sent_len - resent:]
         if state.tcp_state != TCP_ESTABLISHED:
             if unsent:
                 # our FIN goes after them: they must be in the queue before shutdown, and repair mode takes no
@@ -101,14 +140,93 @@ def restore(state: ConnectionState) -> socket.socket:
                 session.repair_on()
                 unsent = unsent[:0]
             replay_close(session, state, send_seq, recv_seq)
-        session.repair_off(True)
+        # The probe's answer tells us what the peer holds of data restored as sent, and whether a closed window
+        # opened for never-sent data. Re-sent bytes get answers of their own (and the probe's, acknowledging
+        # beyond our snd_nxt, would only be discarded); an idle connection has nothing to learn. Where no data of
+        # ours will carry the ACK the old socket may have owed, it is sent (_ask_for_ack): the probe is none.
+        quiet = state.tcp_state == TCP_ESTABLISHED and not resent and not unsent
+        session.repair_off(not resent and not (quiet and not sent_len))
         lift_send_limit(session)
+        if resent:
+            _resend(session, so.nodelay, unsent[:resent])
+            unsent = unsent[resent:]
         write_unsent(session, unsent)
         apply_after_repair(session, so)
+        if quiet:
+            _ask_for_ack(sock, state, (send_seq - send_len) & U32, recv_seq, injector)
+        session.set(SOL, SO_MARK, so.mark, "SO_MARK")
     except BaseException:
         _abandon(sock, session)
         raise
     return sock
+
+
+def _resend_at_once(session: _Session, state: ConnectionState, sent_len: int) -> bool:
+    """Whether the `sent_len` bytes the old socket sent and the peer never acknowledged can be written again as new
+    data after repair off, rather than as sent in repair mode (libsoccr's way). Written as sent, what the peer never
+    got (lost on the way) waits for the restored socket's first timer: the loss probe at
+    TCP_TIMEOUT_INIT (1 s) when no RTT was ever measured, or the RTO seeded from the tcp_metrics cache (200 ms;
+    3 s without an entry: tcp_init_metrics). Written as new, they leave at once and the peer drops what it had.
+    That is safe only if ALL of them leave in the first burst: the peer acknowledges up to what it holds, and an
+    ACK beyond our snd_nxt is discarded as one of unsent data, so a burst cut by the congestion window (the
+    initial one: 10 segments), by the peer's window or by TCP_CORK would stall. ESTABLISHED only: a half-closed
+    connection's FIN follows its bytes in repair mode (engine/_states.py). The MSS is bounded like the connection's
+    own (half the peer's largest window, which the IPv4 resync applies later)."""
+    w = state.window
+    if not sent_len or w is None or state.tcp_state != TCP_ESTABLISHED or state.sockopts.cork:
+        return False
+    info = tcp_info(session)
+    mss = info.tcpi_snd_mss
+    if w.max_window > MSS_DEFAULT:
+        mss = min(mss, w.max_window >> 1)
+    segments = -(-sent_len // max(mss, 1))
+    # one segment of margin: the timestamp option makes the segments a little smaller than the bound
+    return segments < info.tcpi_snd_cwnd and sent_len <= w.snd_wnd
+
+
+def _resend(session: _Session, nodelay: bool, resent: memoryview) -> None:
+    """Write the bytes the peer never acknowledged again, alone and with Nagle off, so that the last one leaves with
+    the rest as a short segment (ending where the old socket's snd_nxt did); the never-sent bytes follow in a write
+    of their own. Written together they shared segments, and a full one across the old snd_nxt could end beyond
+    the peer's window: it stayed queued, the peer's ACKs (beyond our snd_nxt) were discarded, and the connection
+    waited for retransmission timeouts (seen on loopback with a 93 KiB window: 47,616-byte segments, 80 KiB in
+    flight, the peer's window full)."""
+    if not nodelay:
+        session.set(TCP, NODELAY, 1, "TCP_NODELAY")
+    write_unsent(session, resent)
+    if not nodelay:
+        session.set(TCP, NODELAY, 0, "TCP_NODELAY")
+
+
+def _ask_for_ack(sock: socket.socket, state: ConnectionState, una: int, rcv_nxt: int,
+                 injector: Injector | None) -> None:
+    """Make the restored socket acknowledge what the old one received: an ACK it owed (a delayed ACK pending at the
+    freeze, or one the lock dropped) is not in any state repair mode can set, and the window probe sent at repair
+    off is no acknowledgment (its sequence number is one below snd_una: the peer checks it, finds it old and
+    answers without reading its ACK field). A segment from the peer one below rcv_nxt (a keepalive's, through a
+    raw socket marked SOCCR_MARK: sockrepair/lock/inject.py) is old in turn, and the restored socket answers it
+    with a true ACK of rcv_nxt (tcp_send_dupack), which passes the lock while the socket is marked. Waits, at most
+    SETTLE_TIMEOUT, until the socket has taken the segment in (tcpi_segs_in): it is normally processed before
+    sendto returns, and the mark is about to go. Without CAP_NET_RAW nothing is sent: the peer then gets its ACK
+    when it retransmits, as before."""
+    before = _segs_in(sock)
+    segment = _segment(state, TH_ACK, (rcv_nxt - 1) & U32, una)
+    try:
+        if injector is not None:
+            injector.send([segment])
+        else:
+            with Injector() as own:
+                own.send([segment])
+    except (OSError, LockError):
+        return
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while _segs_in(sock) == before and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def _segs_in(sock: socket.socket) -> int:
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, SEGS_IN_OFFSET + SEGS_IN.size)
+    return int(SEGS_IN.unpack_from(raw, SEGS_IN_OFFSET)[0])
 
 
 def _user_mss(state: ConnectionState) -> int:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from sockrepair.engine._repair import repair_on
-from sockrepair.engine._restore import restore
+from sockrepair.engine._restore import restore_with
 from sockrepair.lock import Locker
+from sockrepair.lock.inject import Injector
+from sockrepair.lock.ruleset import SOCCR_MARK
 from sockrepair.netns import named
 from sockrepair.state import ConnectionState
 
@@ -22,8 +24,13 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
     socks: list[socket.socket] = []
     with named(netns):
         try:
+            # one pair of raw sockets for the whole batch, in the namespace of the restored sockets
+            injector = Injector()
+        except OSError:  # no CAP_NET_RAW: each restore tries on its own (engine/_restore.py _ask_for_ack)
+            injector = None
+        try:
             for state in states:
-                socks.append(restore(state))
+                socks.append(restore_with(state, injector))
                 if on_restored is not None:
                     on_restored(socks[-1])
         except BaseException:
@@ -32,7 +39,27 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
                     repair_on(s.fileno())
                 s.close()
             raise
+        finally:
+            if injector is not None:
+                injector.close()
     return socks
+
+
+@contextlib.contextmanager
+def passing_lock(socks: Sequence[socket.socket], states: Sequence[ConnectionState]) -> Iterator[None]:
+    """While the kept packets are delivered to the restored sockets `socks` (restored from `states`, in that order)
+    and until the unlock, their own packets carry SOCCR_MARK, which the lock lets pass: a segment the kernel sends
+    then (the quick ACK of a delivered request) would otherwise be dropped, and the peer would resend after its
+    retransmission timeout. Then each socket gets back the mark it was restored with (SO_MARK, even when the body
+    raised). Raises OSError when a mark cannot be set."""
+    for sock in socks:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, SOCCR_MARK)
+    try:
+        yield
+    finally:
+        for sock, state in zip(socks, states, strict=True):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, state.sockopts.mark)
 
 
 def put_back(fds: Sequence[int], states: Sequence[ConnectionState], netns: str | None, ttl: float) -> None:

@@ -29,7 +29,7 @@ from sockrepair.move.journal import (
     write_journal,
 )
 from sockrepair.move.keep import Keeper, Kept, netns_path
-from sockrepair.move.land import restore_all
+from sockrepair.move.land import passing_lock, restore_all
 from sockrepair.move.quiesce import Quiescence
 from sockrepair.move.stages import Stage, Timings
 from sockrepair.move.take import captured, deferred_signals, end_source, process_locker
@@ -177,15 +177,16 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         freezer.landing(directory, dest_netns, ttl)
         with timings.timed(Stage.RESTORE):
             socks = restore_all(states, dest_netns, freezer.hold_one)
-        if keeper is not None:
-            with timings.timed(Stage.DELIVER):
-                kept = keeper.deliver(tuples, netns_path(dest_netns))
-        with timings.timed(Stage.UNLOCK):
-            live = True
-            dest_locker.unlock(tuples)
-            source_locker.unlock(tuples)
-            if keeper is not None:  # what the lock stopped after deliver() last looked: nothing else delivers it
-                kept = keeper.deliver(tuples, netns_path(dest_netns))
+        with passing_lock(socks, states) if keeper is not None else contextlib.nullcontext():
+            if keeper is not None:
+                with timings.timed(Stage.DELIVER):
+                    kept = keeper.deliver(tuples, netns_path(dest_netns))
+            with timings.timed(Stage.UNLOCK):
+                live = True
+                dest_locker.unlock(tuples)
+                source_locker.unlock(tuples)
+                if keeper is not None:  # what the lock stopped after deliver() last looked: nothing else delivers it
+                    kept = keeper.deliver(tuples, netns_path(dest_netns))
         downtime = (time.perf_counter() - start) * 1000
         result = None
         if handoff is not None:

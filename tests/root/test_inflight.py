@@ -1,0 +1,200 @@
+"""Our own side of a move (issue 11, section 3): what the old socket had sent or owed the peer leaves the restored
+socket at once, not on one of its timers, and the lock lets the restored socket's own packets pass while it is
+being restored and its kept packets delivered. Each test asserts, while the connection is STILL LOCKED, that the
+peer got what it waits for: before the fix the lock dropped the restored socket's packets, so nothing reached the
+peer until the unlock and then only when a timer fired (the loss probe at 1 s, the probe timer at 3 s, or the
+peer's own retransmission); and the TCP_INFO counters that show no timer was needed (tcpi_total_retrans 0, the
+congestion state Open).
+
+"The peer never got it" is made with a test table that drops, before the lock's chains, every packet with TTL (hop
+limit) 33: the old socket sends with 33, the restored one with 64 (the state's saved TTL is changed before the
+restore), so only the restored socket's packets can reach the peer."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import socket
+import struct
+import subprocess
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import sockrepair
+from sockrepair.engine import checkpoint, discard, restore
+from sockrepair.lab.subjects import start_echo, stop
+from sockrepair.lock import Locker
+from sockrepair.netns import NetNS
+from tests.root.conftest import Pair
+from tests.root.pairs import recv_exactly, tuple_of, wait_for
+from tests.root.programs import free_port
+
+PAYLOAD = bytes(range(256)) * 12  # 3072 bytes: one burst, far below the initial window
+REQUEST = b"GET /before-the-freeze"
+TTL_LOST = 33
+SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B
+TCP_CA_OPEN = 0
+FAMILIES = [
+    pytest.param(socket.AF_INET, "127.0.0.1", id="ipv4"),
+    pytest.param(socket.AF_INET6, "::1", id="ipv6"),
+]
+LOSS_TABLE = """table inet pytest_inflight {
+    chain prerouting {
+        type filter hook prerouting priority -400;
+        ip ttl 33 drop
+        ip6 hoplimit 33 drop
+    }
+}
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Info:
+    ca_state: int
+    unacked: int
+    total_retrans: int
+
+
+def info(sock: socket.socket) -> Info:
+    """From struct tcp_info (linux/tcp.h): tcpi_ca_state, tcpi_unacked (segments), tcpi_total_retrans."""
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return Info(raw[1], struct.unpack_from("=I", raw, 24)[0], struct.unpack_from("=I", raw, 100)[0])
+
+
+def ioctl_int(sock: socket.socket, request: int) -> int:
+    return int(struct.unpack("=i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0])
+
+
+def recv_while_locked(sock: socket.socket, size: int) -> bytes:
+    """`size` bytes, or a failure once the peer has been silent for 5 s: far longer than the restored socket needs
+    to send (microseconds), and the lock is held meanwhile, so a packet left to a timer cannot arrive at all."""
+    sock.settimeout(5)
+    data = bytearray()
+    try:
+        while len(data) < size:
+            chunk = sock.recv(size - len(data))
+            assert chunk, f"connection closed after {len(data)} of {size} bytes"
+            data += chunk
+    except TimeoutError:
+        pytest.fail(f"only {len(data)} of {size} bytes reached the peer while the connection was locked")
+    return bytes(data)
+
+
+def set_ttl(sock: socket.socket, ttl: int) -> None:
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, ttl)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+
+
+@pytest.fixture
+def losing(netns: NetNS) -> Iterator[None]:
+    """Packets with TTL (hop limit) 33 are lost, in the test's namespace."""
+    subprocess.run(["nft", "-f", "-"], input=LOSS_TABLE, text=True, check=True)
+    yield
+    subprocess.run(["nft", "delete", "table", "inet", "pytest_inflight"], check=True)
+
+
+@contextlib.contextmanager
+def move_locked(server: socket.socket, locker: Locker, ttl: int | None = None) -> Iterator[socket.socket]:
+    """Lock the server's connection (unless it is), checkpoint and discard its socket, restore it (with `ttl` as its
+    saved TTL): the restored socket, its connection still locked; unlocked and closed afterwards, also on failure."""
+    conn = tuple_of(server)
+    try:
+        locker.lock([conn], ttl=60)
+        state = checkpoint(server)
+        discard(server)
+        if ttl is not None:
+            state = dataclasses.replace(state, sockopts=dataclasses.replace(state.sockopts, ttl=ttl))
+        with restore(state) as restored:
+            yield restored
+    finally:
+        locker.unlock([conn])
+
+
+@pytest.mark.parametrize(("family", "addr"), FAMILIES)
+def test_bytes_written_after_the_lock_reach_the_peer_before_the_unlock(
+        family: int, addr: str, make_pair: Callable[..., Pair], locker: Locker) -> None:
+    """The lock makes a transmission fail, so what the old socket wrote once it was locked never left (SIOCOUTQNSD):
+    restore writes it after repair off, and it used to be dropped by the lock too and left only when the probe
+    timer fired (3 s in a namespace whose tcp_metrics cache has no RTT for the peer)."""
+    client, server = make_pair(family, addr)
+    locker.lock([tuple_of(server)], ttl=60)
+    server.sendall(PAYLOAD)
+    assert ioctl_int(server, SIOCOUTQNSD) == len(PAYLOAD)  # stopped by the lock: never sent
+    with move_locked(server, locker) as restored:
+        assert recv_while_locked(client, len(PAYLOAD)) == PAYLOAD
+        after = info(restored)
+    assert (after.total_retrans, after.ca_state) == (0, TCP_CA_OPEN)
+
+
+@pytest.mark.parametrize(("family", "addr"), FAMILIES)
+def test_in_flight_bytes_the_peer_never_got_reach_it_before_the_unlock(
+        family: int, addr: str, make_pair: Callable[..., Pair], locker: Locker, losing: None) -> None:
+    """Bytes the old socket sent but the peer never received (lost on the way: here the test table drops them) are
+    in its send queue as sent-unacknowledged. Restored as sent (libsoccr's way) they left only on the restored socket's loss
+    probe (1 s with no RTT measured yet), a retransmission; they fit in the first burst, so restore writes them
+    again as new data: the peer gets them at once, and the restored socket retransmits nothing."""
+    client, server = make_pair(family, addr)
+    set_ttl(server, TTL_LOST)
+    server.sendall(PAYLOAD)
+    assert (ioctl_int(server, SIOCOUTQ), ioctl_int(server, SIOCOUTQNSD)) == (len(PAYLOAD), 0)  # sent, lost
+    with move_locked(server, locker, ttl=64) as restored:
+        assert recv_while_locked(client, len(PAYLOAD)) == PAYLOAD
+        after = info(restored)
+    assert (after.total_retrans, after.ca_state) == (0, TCP_CA_OPEN)
+    assert ioctl_int(client, SIOCINQ) == 0  # every byte once, in order (nothing more queued)
+
+
+@pytest.mark.parametrize(("family", "addr"), FAMILIES)
+def test_a_delayed_ack_pending_at_the_freeze_reaches_the_peer_before_the_unlock(
+        family: int, addr: str, make_pair: Callable[..., Pair], locker: Locker, losing: None) -> None:
+    """The old socket received the peer's request but its ACK never reached the peer (as with a delayed ACK pending
+    at the freeze). Repair mode cannot set a pending ACK, and the window probe of repair off is none (the peer finds
+    its sequence number old and does not read its ACK field): restore makes the restored socket send a true ACK
+    (engine/_restore.py _ask_for_ack), which passes the lock. The peer used to resend the request after its
+    retransmission timeout (>= 200 ms after it sent it; this test restores within milliseconds)."""
+    client, server = make_pair(family, addr)
+    set_ttl(server, TTL_LOST)  # the server's ACKs are lost
+    client.sendall(REQUEST)
+    wait_for(lambda: ioctl_int(server, SIOCINQ) == len(REQUEST), "the request to reach the server", 5.0)
+    assert info(client).unacked == 1
+    with move_locked(server, locker, ttl=64) as restored:
+        wait_for(lambda: info(client).unacked == 0, "the peer to see its request acknowledged while locked", 5.0)
+        assert info(client).total_retrans == 0
+        assert recv_exactly(restored, len(REQUEST)) == REQUEST
+
+
+def _keep_sockets(socks: list[socket.socket], _tuples: object) -> list[socket.socket]:
+    return socks
+
+
+def test_the_ack_of_a_kept_request_passes_the_lock() -> None:
+    """migrate() delivers the request the peer sent while the connection was locked; the restored socket
+    acknowledges it at once (a new socket starts in quick-ACK mode), still locked. The lock used to drop that
+    ACK, and the peer resent the request after its retransmission timeout (~200 ms) although it had arrived."""
+    with NetNS() as ns:
+        with ns.entered():
+            port = free_port()
+        server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
+        try:
+            with ns.entered():
+                client = socket.create_connection(("127.0.0.1", port))
+            with client:
+                client.sendall(b"hello")
+                assert recv_exactly(client, 5) == b"hello"
+                report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=_keep_sockets,
+                                            network=lambda: client.sendall(REQUEST))
+                [restored] = report.handoff_result
+                with restored:
+                    # nothing answered the request: only the restored socket's ACK can have acknowledged it
+                    wait_for(lambda: info(client).unacked == 0, "the peer to see its request acknowledged", 5.0)
+                    acked = info(client)
+                    assert restored.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0  # the program's, back
+                    assert recv_exactly(restored, len(REQUEST)) == REQUEST
+        finally:
+            stop(server)
+    assert report.kept.delivered >= 1 and report.kept.fell_back == 0  # the request (and the probe's answer)
+    assert (acked.unacked, acked.total_retrans) == (0, 0)
