@@ -34,8 +34,8 @@ from sockrepair.engine._tcpopts import (
     restore_timestamp,
     restore_window,
     resync_mss,
+    send_limits,
     set_user_mss,
-    tcp_info,
 )
 from sockrepair.errors import (
     AddressInUseError,
@@ -175,13 +175,12 @@ def _resend_at_once(session: _Session, state: ConnectionState, sent_len: int) ->
     w = state.window
     if not sent_len or w is None or state.tcp_state != TCP_ESTABLISHED or state.sockopts.cork:
         return False
-    info = tcp_info(session)
-    mss = info.tcpi_snd_mss
+    mss, cwnd = send_limits(session)
     if w.max_window > MSS_DEFAULT:
         mss = min(mss, w.max_window >> 1)
     segments = -(-sent_len // max(mss, 1))
     # one segment of margin: the timestamp option makes the segments a little smaller than the bound
-    return segments < info.tcpi_snd_cwnd and sent_len <= w.snd_wnd
+    return segments < cwnd and sent_len <= w.snd_wnd
 
 
 def _resend(session: _Session, nodelay: bool, resent: memoryview) -> None:

@@ -41,6 +41,19 @@ def tcp_info(session: _Session) -> TcpInfo:
     return TcpInfo(raw[0], raw[5], raw[6])
 
 
+SEND_LIMITS = struct.Struct("=16xI60xI")  # struct tcp_info: tcpi_snd_mss at byte 16, tcpi_snd_cwnd at byte 80
+
+
+def send_limits(session: _Session) -> tuple[int, int]:
+    """TCP_INFO's tcpi_snd_mss (bytes) and tcpi_snd_cwnd (segments): what one burst can carry."""
+    try:
+        raw = session.sock.getsockopt(TCP, TCP_INFO, SEND_LIMITS.size)
+    except OSError as exc:
+        raise session.failed("getsockopt(TCP_INFO)", exc) from None
+    mss, cwnd = SEND_LIMITS.unpack_from(raw)
+    return int(mss), int(cwnd)
+
+
 def read_options(session: _Session, info: TcpInfo) -> TcpOptions:
     """The options negotiated in the handshake (from `info`) and, in repair mode, TCP_MAXSEG: the MSS clamp."""
     opts = info.tcpi_options
