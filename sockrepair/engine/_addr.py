@@ -7,7 +7,7 @@ import struct
 from typing import Any
 
 from sockrepair.engine._ffi import ffi, lib
-from sockrepair.engine._session import _Session, new
+from sockrepair.engine._session import _Session, getsockopt, new
 from sockrepair.state import ConnTuple
 
 AF_INET, AF_INET6 = lib.AF_INET, lib.AF_INET6
@@ -32,8 +32,9 @@ def _decode(raw: bytes) -> tuple[int, str, int]:
     raise ValueError(f"address family {family} is not IPv4 or IPv6")
 
 
-def read_tuple(session: _Session) -> ConnTuple:
-    """getsockname and getpeername of the session's socket."""
+def read_tuple(session: _Session, closed: bool = False) -> ConnTuple:
+    """getsockname and getpeername of the session's socket; `closed`: getsockopt(SO_PEERNAME) instead of
+    getpeername, which says ENOTCONN in CLOSE while the socket still holds its peer (inet_getname, peer=2)."""
     fd, size = session.fd, session.size
     sa = new(STORAGE_P)
     as_sockaddr = ffi.cast(SOCKADDR_P, sa)
@@ -41,8 +42,12 @@ def read_tuple(session: _Session) -> ConnTuple:
     if lib.getsockname(fd, as_sockaddr, size) < 0:
         raise session.fail("getsockname")
     family, laddr, lport = _decode(ffi.buffer(sa, 28)[:])
-    size[0] = STORAGE_SIZE
-    if lib.getpeername(fd, as_sockaddr, size) < 0:
+    # SO_PEERNAME takes no more room than the address needs (EINVAL otherwise): the local one's size
+    size[0] = STORAGE_SIZE if not closed else SOCKADDR_IN.size if family == AF_INET else SOCKADDR_IN6.size
+    if closed:
+        if getsockopt(fd, lib.SOL_SOCKET, lib.SO_PEERNAME, sa, size) < 0:
+            raise session.fail("getsockopt(SO_PEERNAME)")
+    elif lib.getpeername(fd, as_sockaddr, size) < 0:
         raise session.fail("getpeername")
     _, raddr, rport = _decode(ffi.buffer(sa, 28)[:])
     return ConnTuple(family, laddr, lport, raddr, rport)

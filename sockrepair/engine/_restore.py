@@ -16,7 +16,14 @@ from sockrepair.engine._sockopts import (
     lift_send_limit,
     size_buffers,
 )
-from sockrepair.engine._states import FIN_IN_RECV, SYN_SENT, replay_close, restore_seqs
+from sockrepair.engine._states import (
+    CLOSE,
+    FIN_IN_RECV,
+    SYN_SENT,
+    replay_close,
+    replay_reset,
+    restore_seqs,
+)
 from sockrepair.engine._tcpopts import (
     restore_options,
     restore_timestamp,
@@ -83,13 +90,22 @@ def restore(state: ConnectionState) -> socket.socket:
         if state.window is not None:
             # before repair off: writing never-sent data before the window is in place has hung connections (passt)
             w = state.window
-            if state.tcp_state in FIN_IN_RECV:
+            if state.tcp_state == CLOSE:
+                # the window of a connection that takes no more segments, from the edge the refill left: a FIN
+                # re-created there is then in the window and gets a delayed ACK, which the reset cancels
+                w = dataclasses.replace(w, snd_wl1=recv_seq, rcv_wup=recv_seq, rcv_wnd=max(w.rcv_wnd, 0xFFFF))
+            elif state.tcp_state in FIN_IN_RECV:
                 # the saved edges count the peer's FIN, which is not received yet (libsoccr does the same)
                 w = dataclasses.replace(w, rcv_wup=(w.rcv_wup - 1) & 0xFFFFFFFF, rcv_wnd=w.rcv_wnd + 1)
             restore_window(session, w)
             if conn.wire().family == socket.AF_INET:
                 resync_mss(session)
         apply_in_repair(session, conn.family, so)
+        if state.tcp_state == CLOSE:
+            replay_reset(session, state, send_seq, recv_seq)
+            session.repair_off(False)
+            apply_after_repair(session, so)
+            return sock
         unsent = send_queue[sent_len:]
         if state.tcp_state != TCP_ESTABLISHED:
             if unsent:

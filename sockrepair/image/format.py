@@ -37,6 +37,7 @@ from construct import (
 )
 
 from sockrepair.image.layout import (
+    CLOSE_STATE,
     MAGIC,
     MAX_NAME,
     MAX_WSCALE,
@@ -87,6 +88,12 @@ MoreSocketOptionsRecord = Struct(
     *(name / Int64sb for name in MORE_SOCKOPT_LONGS),
 )
 
+# Only with header flag bit 1, only in CLOSE, and never all zero (layout.FLAG_CLOSE).
+CloseRecord = Struct(
+    "sk_err" / Int16ub,
+    "flags" / BitStruct("reserved" / Const(0, BitsInteger(7)), "fin_received" / Flag),
+)
+
 ConnectionStateRecord = Struct(
     "tuple" / ConnTupleRecord,
     "tcp_state" / OneOf(Int8ub, sorted(VALID_TCP_STATES)),
@@ -101,10 +108,13 @@ ConnectionStateRecord = Struct(
     Check(this.unsent_len <= len_(this.send_queue)),
     "recv_queue" / Prefixed(Int32ub, GreedyBytes),
     "more_sockopts" / If(this._.version >= 2, MoreSocketOptionsRecord),
+    "close" / If(this._.flags.close, CloseRecord),
+    Check(lambda ctx: ctx.close is None or (ctx.tcp_state == CLOSE_STATE
+                                            and bool(ctx.close.sk_err or ctx.close.flags.fin_received))),
     Terminated,
 )
 
-HeaderFlags = BitStruct("reserved" / Const(0, BitsInteger(15)), "window" / Flag)
+HeaderFlags = BitStruct("reserved" / Const(0, BitsInteger(14)), "close" / Flag, "window" / Flag)
 
 ConnectionImage = Struct(
     "signed"
@@ -113,7 +123,8 @@ ConnectionImage = Struct(
             "magic" / Const(MAGIC),
             # images are built at VERSION; every version ever written is read
             "version" / Default(OneOf(Int16ub, list(VERSIONS)), VERSION),
-            "flags" / Rebuild(HeaderFlags, lambda ctx: {"window": ctx.body["window"] is not None}),
+            "flags" / Rebuild(HeaderFlags, lambda ctx: {"window": ctx.body["window"] is not None,
+                                                        "close": ctx.body.get("close") is not None}),
             "body" / Prefixed(Int32ub, ConnectionStateRecord),
         )
     ),

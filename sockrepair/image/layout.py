@@ -3,13 +3,20 @@ codec (_codec.py); importing this module imports neither construct nor anything 
 
 from __future__ import annotations
 
-from sockrepair.state import TCP_STATES
+from sockrepair.state import TCP_CLOSE, TCP_STATES
 
 MAGIC = b"SKRP"
 # Version 2 appends the MORE_SOCKOPTS record after the receive queue; everything before it is version 1's layout.
 VERSION = 2
 VERSIONS = (1, 2)
 FLAG_WINDOW = 0x0001
+# The body ends with the CLOSE record (after version 2's record): a connection in CLOSE with a pending error or the
+# peer's FIN (ConnectionState.sk_err, .fin_received); written only then, so that every image written before reads
+# the same and encodes back to the same bytes.
+FLAG_CLOSE = 0x0002
+KNOWN_FLAGS = FLAG_WINDOW | FLAG_CLOSE
+CLOSE_STATE = TCP_CLOSE
+MAX_ERRNO = 0xFFFF
 # Every TCP state but LISTEN: a listening socket has no connection to put in an image.
 VALID_TCP_STATES = frozenset(s for s, name in TCP_STATES.items() if name != "LISTEN")
 MAX_WSCALE = 14  # TCP_MAX_WSCALE (RFC 7323)

@@ -61,9 +61,11 @@ def states(draw: st.DrawFn) -> ConnectionState:
     values |= {name: draw(st.integers(0, 2**63 - 1)) for name in layout.MORE_SOCKOPT_LONGS}
     sockopts = SocketOptions(**values, bindtodevice=draw(SHORT_TEXT), congestion=draw(SHORT_TEXT))
     wscale = st.integers(0, layout.MAX_WSCALE)
+    tcp_state = draw(st.sampled_from(sorted(layout.VALID_TCP_STATES)))
+    closed = tcp_state == layout.CLOSE_STATE
     return ConnectionState(
         tuple=draw(conn_tuples()),
-        tcp_state=draw(st.sampled_from(sorted(layout.VALID_TCP_STATES))),
+        tcp_state=tcp_state,
         send_seq=draw(U32),
         recv_seq=draw(U32),
         send_queue=send,
@@ -74,6 +76,8 @@ def states(draw: st.DrawFn) -> ConnectionState:
         window=draw(st.none() | st.builds(RepairWindow, U32, U32, U32, U32, U32)),
         timestamp=draw(U32),
         sockopts=sockopts,
+        sk_err=draw(st.integers(0, layout.MAX_ERRNO)) if closed else 0,
+        fin_received=draw(st.booleans()) if closed else False,
     )  # fmt: skip
 
 
@@ -145,6 +149,8 @@ def container_of(state: ConnectionState) -> dict:
             "flags": {name: getattr(so, name) for name in layout.MORE_SOCKOPT_FLAGS},
             **{name: getattr(so, name) for name in (*layout.MORE_SOCKOPT_INTS, *layout.MORE_SOCKOPT_LONGS)},
         },
+        "close": {"sk_err": state.sk_err, "flags": {"fin_received": state.fin_received}}
+        if state.sk_err or state.fin_received else None,
     }  # fmt: skip
     return {"signed": {"value": {"body": body}}}
 
@@ -276,6 +282,48 @@ def test_version_2_unknown_option_flags() -> None:
     assert (err.value.offset, err.value.field) == (149, "more_sockopts.flags"), str(err.value)
     with pytest.raises(construct.ConstructError):
         format.ConnectionImage.parse(patched(base_state().to_bytes(), 149, ">B", 0x08))
+
+
+def test_a_closed_connection_keeps_its_error_and_fin_in_the_close_record() -> None:
+    """CLOSE with a pending error or the peer's FIN: header flag bit 1 and a 3-byte record after version 2's
+    (u16 sk_err, u8 flags with fin_received in bit 0); without either, the image is byte for byte what sockrepair
+    wrote before the record existed."""
+    plain = base_state(tcp_state=7, send_queue=b"", unsent_len=0).to_bytes()
+    assert struct.unpack_from(">H", plain, 6)[0] == layout.FLAG_WINDOW
+    state = base_state(tcp_state=7, send_queue=b"", unsent_len=0, sk_err=32, fin_received=True)
+    data = state.to_bytes()
+    assert struct.unpack_from(">H", data, 6)[0] == layout.FLAG_WINDOW | layout.FLAG_CLOSE
+    assert data[-7:-4] == b"\x00\x20\x01" and len(data) == len(plain) + 3
+    assert ConnectionState.from_bytes(data) == state
+    assert format.ConnectionImage.parse(data).signed.value.body.close.sk_err == 32
+    assert ConnectionState.from_bytes(plain).sk_err == 0
+
+
+@pytest.mark.parametrize(("offset", "fmt", "value", "field", "words"), [
+    (2, ">B", 0x02, "close.flags", "unknown CLOSE record flags 0x02"),
+    (0, ">H", 0, "close.sk_err", "an all-zero CLOSE record"),
+])
+def test_bad_close_records(offset: int, fmt: str, value: int, field: str, words: str) -> None:
+    data = base_state(tcp_state=7, send_queue=b"", unsent_len=0, sk_err=104).to_bytes()
+    bad = patched(data, len(data) - 4 - 3 + offset, fmt, value)
+    with pytest.raises(ImageError) as err:
+        image.decode(bad)
+    assert err.value.field == field and words in str(err.value), str(err.value)
+    with pytest.raises(construct.ConstructError):
+        format.ConnectionImage.parse(bad)
+
+
+def test_close_record_only_in_close() -> None:
+    data = base_state(tcp_state=7, send_queue=b"", unsent_len=0, sk_err=104).to_bytes()
+    bad = patched(data, 25, ">B", 1)  # tcp_state (IPv4: body offset 13) -> ESTABLISHED
+    with pytest.raises(ImageError) as err:
+        image.decode(bad)
+    assert err.value.field == "close.sk_err" and "a CLOSE record in state 1" in str(err.value), str(err.value)
+    with pytest.raises(construct.ConstructError):
+        format.ConnectionImage.parse(bad)
+    with pytest.raises(ImageError) as err:
+        base_state(sk_err=104).to_bytes()
+    assert err.value.field == "close.sk_err", str(err.value)
 
 
 def test_record_sizes_match_the_construct_definition() -> None:
