@@ -45,13 +45,14 @@ import struct
 import time
 from dataclasses import dataclass
 
+from sockrepair.engine._addr import read_tuple
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import CHARS, _Session, new
 from sockrepair.engine._tcpopts import tcp_info
-from sockrepair.errors import RestoreError, SocketStateError
+from sockrepair.errors import RestoreError, SocketCallError, SocketStateError
 from sockrepair.lock.inject import Injector
 from sockrepair.packet import with_checksums
-from sockrepair.state import ConnectionState, state_name
+from sockrepair.state import ConnectionState, ConnTuple, state_name
 
 ESTABLISHED, FIN_WAIT1, FIN_WAIT2 = lib.TCP_ESTABLISHED, lib.TCP_FIN_WAIT1, lib.TCP_FIN_WAIT2
 CLOSE_WAIT, LAST_ACK, CLOSING = lib.TCP_CLOSE_WAIT, lib.TCP_LAST_ACK, lib.TCP_CLOSING
@@ -236,3 +237,19 @@ def replay_reset(session: _Session, state: ConnectionState, send_seq: int, recv_
         _settle(session, CLOSE, "the peer's RST")
     if not err:
         session.get(lib.SOL_SOCKET, lib.SO_ERROR, "SO_ERROR")
+
+
+def closed_tuple(fd: int) -> ConnTuple | None:
+    """The 4-tuple of the TCP socket `fd` when it is in CLOSE and still holds its peer (SO_PEERNAME): a connection
+    that was reset, or whose close ended, while its application holds it; None in any other state, or without a
+    peer (never connected, or disconnected). Such a socket is in no hash table: /proc/net/tcp and sock_diag do not
+    list it. Raises SocketCallError when a call fails."""
+    session = _Session(fd)
+    if tcp_info(session).tcpi_state != CLOSE:
+        return None
+    try:
+        return read_tuple(session, closed=True)
+    except SocketCallError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return None
+        raise

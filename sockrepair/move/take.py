@@ -37,7 +37,7 @@ from sockrepair.move.procfs import (
 from sockrepair.move.quiesce import Freeze, Quiescence, quiescent_freeze
 from sockrepair.move.stages import Stage, Timings
 from sockrepair.netns import inside
-from sockrepair.state import TCP_CLOSE, TCP_LISTEN, ConnectionState
+from sockrepair.state import TCP_LISTEN, ConnectionState
 
 KILL_TIMEOUT = 5.0
 DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
@@ -81,8 +81,9 @@ def deferred_signals() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-# A socket in these states holds no connection: ending its process loses nothing a peer could notice.
-_NO_CONNECTION = frozenset({TCP_LISTEN, TCP_CLOSE})
+# A socket in these states holds no connection: ending its process loses nothing a peer could notice (procfs lists
+# a socket in CLOSE only while it holds its peer: the unread bytes and error of a closed connection).
+_NO_CONNECTION = frozenset({TCP_LISTEN})
 # What getxattr(system.sockprotoname) calls the sockets the engine can repair.
 _TCP_PROTOCOLS = frozenset({"TCP", "TCPv6"})
 
@@ -127,7 +128,7 @@ def _why_not(sock: ProcSocket, protocol: str) -> str | None:
 
 def select_sockets(pid: int, wanted: Sequence[int] | None) -> list[ProcSocket]:
     """The process's sockets to take: the fds in `wanted` (each must be a plain TCP socket in a state the engine
-    repairs: ESTABLISHED or half-closed), or every such one. Raises ProcessError (no such fd, no established connection) or SocketStateError
+    repairs: ESTABLISHED, half-closed, SYN_SENT or CLOSE after a connection), or every such one. Raises ProcessError (no such fd, no established connection) or SocketStateError
     (naming the process's pid and fd, the protocol, the tuple and the state)."""
     found = tcp_sockets(pid)
     if wanted:
@@ -152,8 +153,8 @@ def select_sockets(pid: int, wanted: Sequence[int] | None) -> list[ProcSocket]:
 
 
 def left_behind(pid: int, chosen: Sequence[ProcSocket]) -> list[Unmovable]:
-    """Every connection of the process (any TCP state but LISTEN and CLOSE, any protocol /proc/net/tcp lists) that
-    is not in `chosen`, with the reason it is not: what ending the process would destroy."""
+    """Every connection of the process (any TCP state but LISTEN, any protocol /proc/net/tcp lists, and CLOSE ones
+    that hold a peer) that is not in `chosen`, with the reason it is not: what ending the process would destroy."""
     taken = {s.fd for s in chosen}
     out = []
     for s in tcp_sockets(pid):

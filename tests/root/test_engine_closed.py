@@ -1,0 +1,250 @@
+"""Connections in CLOSE move: a socket whose connection was reset, or whose close ended (LAST_ACK acknowledged, or
+TIME_WAIT reached), while the application still holds it. Over IPv4, IPv6 and v4-mapped, each case is made twice:
+one socket is the reference, read as the application would read it; the other is checkpointed, discarded and
+restored from its image, then read the same way, and both must answer alike: the unread bytes, then b"" or the
+pending error, send's error, poll's events and SO_ERROR. Nothing goes on the wire (Tcp OutSegs and OutRsts of the
+namespace do not move) though the connection is locked: the re-created segments carry the mark the lock lets
+through. An error that no reset gives (here ETIMEDOUT) and a CLOSE socket without a peer are refused."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+import pytest
+
+import sockrepair
+from sockrepair.lock import Locker
+from sockrepair.state import ConnectionState, ConnTuple
+from tests.root.pairs import FAMILIES, tuple_of
+
+CLOSE, CLOSE_WAIT, LAST_ACK, FIN_WAIT2 = 7, 8, 9, 5
+SO_PEERNAME = 28
+TCP_REPAIR = 19
+UNREAD = b"unread bytes " * 300  # more than a segment's worth of MSS: the refill spans several
+
+
+def _state(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+def _until(sock: socket.socket, tcp_state: int) -> None:
+    deadline = time.monotonic() + 10
+    while _state(sock) != tcp_state:
+        assert time.monotonic() < deadline, f"never reached state {tcp_state} (now {_state(sock)})"
+        time.sleep(0.002)
+
+
+def _tcp_counters() -> tuple[int, int]:
+    """Tcp OutSegs and OutRsts of this network namespace (/proc/net/snmp): what any socket here sent."""
+    with open("/proc/thread-self/net/snmp") as f:
+        head, values = [line.split() for line in f if line.startswith("Tcp:")]
+    return int(values[head.index("OutSegs")]), int(values[head.index("OutRsts")])
+
+
+def _pair(family: int, listen_addr: str, connect_addr: str) -> tuple[socket.socket, socket.socket]:
+    with socket.socket(family) as listener:
+        listener.bind((listen_addr, 0))
+        listener.listen()
+        client = socket.socket(socket.AF_INET6 if ":" in connect_addr else socket.AF_INET)
+        client.connect((connect_addr, listener.getsockname()[1]))
+        server, _ = listener.accept()
+    return client, server
+
+
+def _reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _peer_of_closed(sock: socket.socket) -> ConnTuple:
+    """getsockname and SO_PEERNAME (getpeername says ENOTCONN in CLOSE)."""
+    local = sock.getsockname()
+    size = 16 if sock.family == socket.AF_INET else 28
+    raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERNAME, size)
+    port = struct.unpack_from(">H", raw, 2)[0]
+    addr = socket.inet_ntop(sock.family, raw[4:8] if sock.family == socket.AF_INET else raw[8:24])
+    return ConnTuple(sock.family, local[0], local[1], addr, port)
+
+
+# Each leaves the server end in CLOSE: (client, server, locker) -> (error, FIN received) checkpoint must read.
+def _reset_established(c: socket.socket, s: socket.socket, lk: Locker) -> tuple[int, bool]:
+    c.sendall(UNREAD)
+    time.sleep(0.02)
+    _reset(c)
+    return errno.ECONNRESET, False
+
+
+def _reset_error_read(c: socket.socket, s: socket.socket, lk: Locker) -> tuple[int, bool]:
+    _reset_established(c, s, lk)
+    _until(s, CLOSE)
+    assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET  # the application saw it
+    return 0, False
+
+
+def _reset_in_close_wait(c: socket.socket, s: socket.socket, lk: Locker) -> tuple[int, bool]:
+    c.sendall(UNREAD)
+    c.shutdown(socket.SHUT_WR)
+    _until(s, CLOSE_WAIT)
+    _reset(c)
+    return errno.EPIPE, True
+
+
+def _reset_in_last_ack(c: socket.socket, s: socket.socket, lk: Locker) -> tuple[int, bool]:
+    """Our FIN is held by the lock, so the peer's RST finds LAST_ACK: ECONNRESET after the peer's FIN."""
+    c.sendall(UNREAD)
+    c.shutdown(socket.SHUT_WR)
+    _until(s, CLOSE_WAIT)
+    conn = tuple_of(s)
+    lk.lock([conn], ttl=60)
+    try:
+        s.shutdown(socket.SHUT_WR)
+        _until(s, LAST_ACK)
+    finally:
+        lk.unlock([conn])
+    _reset(c)
+    return errno.ECONNRESET, True
+
+
+def _last_ack_acknowledged(c: socket.socket, s: socket.socket, lk: Locker) -> tuple[int, bool]:
+    c.sendall(UNREAD)
+    c.shutdown(socket.SHUT_WR)
+    _until(s, CLOSE_WAIT)
+    s.shutdown(socket.SHUT_WR)
+    return 0, False
+
+
+def _time_wait(c: socket.socket, s: socket.socket, lk: Locker) -> tuple[int, bool]:
+    """We closed first: after the peer's FIN the connection is in TIME_WAIT, the socket itself in CLOSE."""
+    s.shutdown(socket.SHUT_WR)
+    _until(s, FIN_WAIT2)
+    c.sendall(UNREAD)
+    c.close()
+    return 0, False
+
+
+CASES: dict[str, Callable[[socket.socket, socket.socket, Locker], tuple[int, bool]]] = {
+    "reset": _reset_established, "reset-error-read": _reset_error_read, "reset-in-close-wait": _reset_in_close_wait,
+    "reset-in-last-ack": _reset_in_last_ack, "last-ack-acknowledged": _last_ack_acknowledged,
+    "time-wait": _time_wait,
+}
+
+
+def _read_as_the_application(sock: socket.socket) -> list[object]:
+    """poll's events, then recv until two b"" in a row (each error named), then send's error, then SO_ERROR."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLOUT | select.POLLERR | select.POLLHUP | select.POLLRDHUP)
+    seen: list[object] = [poller.poll(0)[0][1]]
+    empty = 0
+    while empty < 2:
+        try:
+            chunk = sock.recv(1 << 20, socket.MSG_DONTWAIT)
+        except OSError as exc:
+            seen.append(errno.errorcode[exc.errno])
+            continue
+        seen.append(chunk)
+        empty = empty + 1 if chunk == b"" else 0
+    try:
+        sock.send(b"x", socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        seen.append("sent")
+    except OSError as exc:
+        seen.append("send " + errno.errorcode[exc.errno])
+    seen.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+    return seen
+
+
+def _closed(case: str, family: int, listen_addr: str, connect_addr: str, lk: Locker) -> tuple[socket.socket, int,
+                                                                                                 bool]:
+    client, server = _pair(family, listen_addr, connect_addr)
+    try:
+        want = CASES[case](client, server, lk)
+        _until(server, CLOSE)
+    finally:
+        client.close()
+    return server, *want
+
+
+@pytest.mark.parametrize(("family", "listen_addr", "connect_addr"), FAMILIES)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_closed_connection_moves(locker, case: str, family: int, listen_addr: str, connect_addr: str) -> None:
+    reference, sk_err, fin = _closed(case, family, listen_addr, connect_addr, locker)
+    with reference:
+        expected = _read_as_the_application(reference)
+    server, _, _ = _closed(case, family, listen_addr, connect_addr, locker)
+    restored = None
+    conn = _peer_of_closed(server)
+    locker.lock([conn], ttl=60)
+    locked = True
+    try:
+        sent = _tcp_counters()
+        state = sockrepair.checkpoint(server)
+        assert (state.tcp_state, state.tuple, state.recv_queue) == (CLOSE, conn, UNREAD)
+        assert (state.sk_err, state.fin_received, state.send_queue, state.unsent_len) == (sk_err, fin, b"", 0)
+        sockrepair.discard(server, state)
+        restored = sockrepair.restore(ConnectionState.from_bytes(state.to_bytes()))
+        assert _tcp_counters() == sent, "a segment went out"
+        locker.unlock([conn])
+        locked = False
+        assert _state(restored) == CLOSE
+        assert _peer_of_closed(restored) == conn
+        assert restored.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR) == 0
+        got = _read_as_the_application(restored)
+        assert got == expected
+        # the bytes, then what the application sees of the close
+        assert got[1] == UNREAD
+        assert got[2] == (errno.errorcode[sk_err] if sk_err and not fin else b"")
+        assert got[-2] == "send " + errno.errorcode[sk_err if sk_err and fin else errno.EPIPE]
+        time.sleep(0.05)
+        assert _tcp_counters() == sent, "a segment went out"
+    finally:
+        if locked:
+            locker.unlock([conn])
+        server.close()
+        if restored is not None:
+            restored.close()
+
+
+def test_an_error_no_reset_gives_is_refused(locker) -> None:
+    """ETIMEDOUT (the peer stopped answering; TCP_USER_TIMEOUT ran out): restore could not re-create it, so the
+    checkpoint refuses the connection and leaves the socket out of repair mode."""
+    client, server = _pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
+    with client, server:
+        client.sendall(b"unread")
+        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 100)
+        conn = tuple_of(server)
+        locker.lock([conn], ttl=60)
+        try:
+            server.send(b"never acknowledged")
+            _until(server, CLOSE)
+        finally:
+            locker.unlock([conn])
+        with pytest.raises(sockrepair.SocketStateError, match="holds the error ETIMEDOUT") as err:
+            sockrepair.checkpoint(server)
+        assert (err.value.fd, err.value.tcp_state, err.value.tuple) == (server.fileno(), CLOSE, _peer_of_closed(server))
+        assert server.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR) == 0
+        assert server.recv(100) == b"unread"
+
+
+def _disconnected() -> socket.socket:
+    client, server = _pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
+    client.close()
+    libc = ctypes.CDLL(None, use_errno=True)
+    unspec = ctypes.create_string_buffer(16)  # struct sockaddr with sa_family AF_UNSPEC: tcp_disconnect
+    assert libc.connect(server.fileno(), unspec, 16) == 0, os.strerror(ctypes.get_errno())
+    return server
+
+
+@pytest.mark.parametrize("make", [lambda: socket.socket(), _disconnected], ids=["never-connected", "disconnected"])
+def test_a_closed_socket_without_a_peer_is_refused(netns, make: Callable[[], socket.socket]) -> None:
+    """Never connected, or disconnected with connect(AF_UNSPEC): CLOSE with no connection to move."""
+    with make() as sock:
+        assert _state(sock) == CLOSE
+        with pytest.raises(sockrepair.SocketStateError, match="in state CLOSE without a peer") as err:
+            sockrepair.checkpoint(sock)
+        assert (err.value.fd, err.value.tcp_state, err.value.tuple) == (sock.fileno(), CLOSE, None)
