@@ -10,18 +10,24 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import select
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
 import pytest
 
 import sockrepair
+from sockrepair.image.directory import read_dir
 from sockrepair.lock import Locker
+from sockrepair.move.procfs import tcp_sockets
 from sockrepair.state import ConnectionState, ConnTuple
+from tests.clihelp import run_main
 from tests.root.pairs import FAMILIES, tuple_of
 
 CLOSE, CLOSE_WAIT, LAST_ACK, FIN_WAIT2 = 7, 8, 9, 5
@@ -248,3 +254,92 @@ def test_a_closed_socket_without_a_peer_is_refused(netns, make: Callable[[], soc
         with pytest.raises(sockrepair.SocketStateError, match="in state CLOSE without a peer") as err:
             sockrepair.checkpoint(sock)
         assert (err.value.fd, err.value.tcp_state, err.value.tuple) == (sock.fileno(), CLOSE, None)
+
+
+# Accepts two connections, reads nothing, and sleeps: what it holds stays as the peers left it.
+HOLDER = r"""
+import socket, time
+lst = socket.socket(); lst.bind(("127.0.0.1", 0)); lst.listen()
+print(lst.getsockname()[1], flush=True)
+held = [lst.accept()[0] for _ in range(2)]
+print("accepted", flush=True)
+time.sleep(600)
+"""
+# What the restored program reports: for the CLOSE connection, three recv()s then a send(); for the live one, the
+# 4 bytes it receives, answered with "pong".
+RESTORED = r"""
+import errno, json, os, socket
+report = {}
+for n in range(int(os.environ["LISTEN_FDS"])):
+    s = socket.socket(fileno=3 + n)
+    if s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 7:
+        seen = []
+        for _ in range(3):
+            try:
+                seen.append(s.recv(100, socket.MSG_DONTWAIT).decode())
+            except OSError as exc:
+                seen.append(errno.errorcode[exc.errno])
+        try:
+            s.send(b"x", socket.MSG_NOSIGNAL)
+        except OSError as exc:
+            seen.append(errno.errorcode[exc.errno])
+        report["closed"] = seen
+    else:
+        s.settimeout(10)
+        report["live"] = s.recv(4).decode()
+        s.sendall(b"pong")
+print(json.dumps(report), flush=True)
+"""
+
+
+def test_a_process_with_a_reset_connection_is_dumped_and_restored_whole(netns, tmp_path) -> None:
+    """`sockrepair dump --pid` of a process holding one ESTABLISHED connection and one its peer reset (5 unread
+    bytes): both are dumped (nothing refused, nothing lost) and `restore -D` gives both to the new program, the
+    reset one reading b"hello", then ECONNRESET, then b"", and failing to send with EPIPE. No RST is sent."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, text=True)
+    restored: subprocess.Popen[str] | None = None
+    assert holder.stdout is not None
+    port = int(holder.stdout.readline())
+    live = socket.create_connection(("127.0.0.1", port), timeout=10)
+    gone = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        assert holder.stdout.readline().strip() == "accepted"
+        gone_port = gone.getsockname()[1]
+        gone.sendall(b"hello")
+        time.sleep(0.02)
+        _reset(gone)
+        deadline = time.monotonic() + 10
+        while not any(s.tcp_state == CLOSE for s in tcp_sockets(holder.pid)):
+            assert time.monotonic() < deadline, "the reset connection never reached CLOSE"
+            time.sleep(0.005)
+        (closed,) = [s for s in tcp_sockets(holder.pid) if s.tcp_state == CLOSE]
+        assert closed.tuple.remote_port == gone_port
+        rsts = _tcp_counters()[1]
+        code, out, err = run_main("dump", "--pid", str(holder.pid), "-D", str(tmp_path / "img"), "--json")
+        assert code == 0, err
+        report = json.loads(out)
+        assert len(report["connections"]) == 2 and report["lost"] == []
+        assert "refused" not in out + err
+        images = {s.tcp_state: s for _, s in read_dir(tmp_path / "img")}
+        assert sorted(images) == [1, CLOSE]
+        assert (images[CLOSE].recv_queue, images[CLOSE].sk_err) == (b"hello", errno.ECONNRESET)
+        assert images[CLOSE].tuple == closed.tuple
+        restored = subprocess.Popen([sys.executable, "-m", "sockrepair.cli.main", "restore", "-D",
+                                     str(tmp_path / "img"), "--exec", sys.executable, "-c", RESTORED],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        live.sendall(b"ping")
+        assert restored.stdout is not None
+        line = restored.stdout.readline()
+        assert json.loads(line) == {"live": "ping", "closed": ["hello", "ECONNRESET", "", "EPIPE"]}, (
+            line, restored.stderr.read() if restored.stderr else "")
+        assert live.recv(4) == b"pong"
+        assert _tcp_counters()[1] == rsts
+        assert sockrepair.list_locks() == []
+    finally:
+        live.close()
+        gone.close()
+        holder.kill()
+        holder.wait()
+        if restored is not None:
+            restored.kill()
+            restored.wait()
