@@ -9,6 +9,7 @@ the LAST ')'."""
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 from dataclasses import dataclass
@@ -21,10 +22,14 @@ from sockrepair.state import TCP_CLOSE, ConnTuple, state_name
 
 @dataclass(frozen=True)
 class ProcSocket:
+    """`error_pending`: in CLOSE, an error (sk_err) the program has still to see, found with poll (POLLERR), which
+    leaves it there: a checkpoint reads it, and so clears it."""
+
     fd: int
     inode: int
     tuple: ConnTuple
     tcp_state: int
+    error_pending: bool = False
 
     @property
     def state_name(self) -> str:
@@ -206,7 +211,8 @@ def tcp_sockets(pid: int) -> list[ProcSocket]:
 
 def closed_connections(pid: int, sockets: dict[int, int]) -> list[ProcSocket]:
     """The TCP sockets among `sockets` (fd -> inode, none of them in /proc/net/tcp) that are in CLOSE with a peer,
-    read through pidfd_getfd copies (the kernel's protocol name, system.sockprotoname, picks the TCP ones first).
+    each with whether an error is pending, read through pidfd_getfd copies (the kernel's protocol name,
+    system.sockprotoname, picks the TCP ones first).
     Raises ProcessError when the process's fds cannot be taken."""
     found: list[ProcSocket] = []
     pidfd: PidFd | None = None
@@ -228,12 +234,15 @@ def closed_connections(pid: int, sockets: dict[int, int]) -> list[ProcSocket]:
                 raise
             try:
                 conn = closed_tuple(copy)
+                poller = select.poll()
+                poller.register(copy, select.POLLERR)
+                pending = bool(poller.poll(0))
             except OSError:
                 conn = None
             finally:
                 os.close(copy)
             if conn is not None:
-                found.append(ProcSocket(fd, inode, conn, TCP_CLOSE))
+                found.append(ProcSocket(fd, inode, conn, TCP_CLOSE, pending))
     finally:
         if pidfd is not None:
             pidfd.close()

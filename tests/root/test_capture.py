@@ -244,8 +244,8 @@ def test_a_checkpoint_error_names_the_process_fd_not_the_copy(netns, tmp_path, m
         gone_fd = next(s.fd for s in tcp_sockets(server.pid) if s.tuple == gone_tuple)
         select = take.select_sockets
 
-        def select_then_close(pid, wanted):
-            chosen = select(pid, wanted)
+        def select_then_close(pid, wanted, *rest):
+            chosen = select(pid, wanted, *rest)
             # stopped, the program cannot close its end: the disconnected socket stays at its fd, in CLOSE with no
             # peer (unhashed: it leaves /proc/net/tcp)
             os.kill(server.pid, signal.SIGSTOP)
