@@ -227,7 +227,9 @@ def dump(pids: Sequence[int], directory: Path, *, allow_external_peers: bool = F
 def closed_with_errors(topology: Topology) -> list[str]:
     """`pid P fd N TUPLE` for every socket of the trees in CLOSE that holds a peer and an error (POLLERR, which
     leaves it pending): what criu would restore without its error."""
-    table = tcp_table(topology.trees[0].root)
+    if not topology.trees:
+        return []
+    table = tcp_table(topology.trees[0].root)  # the trees share one namespace
     seen: set[int] = set()
     found = []
     for tree in topology.trees:

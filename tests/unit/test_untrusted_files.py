@@ -215,7 +215,7 @@ def test_criu_images_are_made_private_without_following_symlinks(tmp_path: Path,
 def test_criu_dump_refuses_an_unsafe_directory_before_anything_runs(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(driver, "_working", lambda criu: criu)
-    monkeypatch.setattr(driver, "map_trees", lambda pids: type("T", (), {"external": lambda self: []})())
+    monkeypatch.setattr(driver, "map_trees", lambda pids: type("T", (), {"external": lambda self: [], "trees": []})())
     (tmp_path / "link").symlink_to(tmp_path)
     with pytest.raises(CriuError, match="is a symlink"):
         driver.dump([1], tmp_path / "link", criu=None)
