@@ -25,6 +25,8 @@ import pytest
 import sockrepair
 from sockrepair.image.directory import read_dir
 from sockrepair.lock import Locker
+from sockrepair.move.dump import After, dump, inspect
+from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import tcp_sockets
 from sockrepair.state import ConnectionState, ConnTuple
 from tests.clihelp import run_main
@@ -343,3 +345,38 @@ def test_a_process_with_a_reset_connection_is_dumped_and_restored_whole(netns, t
         if restored is not None:
             restored.kill()
             restored.wait()
+
+
+def test_inspect_and_a_dump_that_leaves_the_process_running_leave_a_pending_error_unread(netns, tmp_path) -> None:
+    """Reading the error clears it, and these leave the program running: they do not checkpoint the reset
+    connection, which still holds its bytes and its ECONNRESET afterwards."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
+    port = int(holder.stdout.readline())
+    live = socket.create_connection(("127.0.0.1", port), timeout=10)
+    gone = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        assert holder.stdout.readline().strip() == "accepted"
+        gone.sendall(b"hello")
+        time.sleep(0.02)
+        _reset(gone)
+        deadline = time.monotonic() + 10
+        while not any(s.tcp_state == CLOSE for s in tcp_sockets(holder.pid)):
+            assert time.monotonic() < deadline, "the reset connection never reached CLOSE"
+            time.sleep(0.005)
+        (closed,) = [s for s in tcp_sockets(holder.pid) if s.tcp_state == CLOSE]
+        assert closed.error_pending
+        rows = {s.fd: (state, name) for s, state, name in inspect(holder.pid)}
+        assert rows[closed.fd] == (None, "CLOSE, an error pending (left unread: only a move reads it)")
+        report = dump(holder.pid, tmp_path / "img", after=After.LEAVE_RUNNING)
+        assert [c["fd"] for c in report.connections] == [fd for fd, (state, _) in rows.items() if state is not None]
+        with PidFd(holder.pid) as pidfd:
+            copy = socket.socket(fileno=pidfd.getfd(closed.fd))
+        with copy:
+            assert copy.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+            assert copy.recv(100) == b"hello"
+    finally:
+        live.close()
+        gone.close()
+        holder.kill()
+        holder.wait()
