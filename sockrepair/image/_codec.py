@@ -20,7 +20,7 @@ from sockrepair.image.layout import (
     CLOSE_STATE,
     FLAG_CLOSE,
     FLAG_WINDOW,
-    KNOWN_FLAGS,
+    FLAGS_OF_VERSION,
     MAGIC,
     MAX_ERRNO,
     MAX_NAME,
@@ -188,8 +188,9 @@ def decode(data: bytes | bytearray | memoryview) -> ConnectionState:
     if version not in VERSIONS:
         known = ", ".join(map(str, VERSIONS))
         raise _bad(4, f"unsupported format version {version} (this sockrepair reads versions {known})", "version")
-    if flags & ~KNOWN_FLAGS:
-        raise _bad(6, f"unknown flags 0x{flags:04x} (version {version} knows 0x{KNOWN_FLAGS:04x})", "flags")
+    known_flags = FLAGS_OF_VERSION[version]
+    if flags & ~known_flags:
+        raise _bad(6, f"unknown flags 0x{flags:04x} (version {version} knows 0x{known_flags:04x})", "flags")
     end = HEADER_SIZE + body_len
     if end + CRC_SIZE > size:
         declared = f"the header declares a {body_len}-byte body, so {end + CRC_SIZE} bytes, not {size}"

@@ -88,7 +88,7 @@ MoreSocketOptionsRecord = Struct(
     *(name / Int64sb for name in MORE_SOCKOPT_LONGS),
 )
 
-# Only with header flag bit 1, only in CLOSE, and never all zero (layout.FLAG_CLOSE).
+# Version 3: only with header flag bit 1, only in CLOSE, and never all zero (layout.FLAG_CLOSE).
 CloseRecord = Struct(
     "sk_err" / Int16ub,
     "flags" / BitStruct("reserved" / Const(0, BitsInteger(7)), "fin_received" / Flag),
@@ -125,6 +125,7 @@ ConnectionImage = Struct(
             "version" / Default(OneOf(Int16ub, list(VERSIONS)), VERSION),
             "flags" / Rebuild(HeaderFlags, lambda ctx: {"window": ctx.body["window"] is not None,
                                                         "close": ctx.body.get("close") is not None}),
+            Check(lambda ctx: ctx.version >= 3 or not ctx.flags.close),
             "body" / Prefixed(Int32ub, ConnectionStateRecord),
         )
     ),

@@ -7,14 +7,14 @@ from sockrepair.state import TCP_CLOSE, TCP_STATES
 
 MAGIC = b"SKRP"
 # Version 2 appends the MORE_SOCKOPTS record after the receive queue; everything before it is version 1's layout.
-VERSION = 2
-VERSIONS = (1, 2)
+# Version 3 adds header flag FLAG_CLOSE and the CLOSE record it announces; without the flag its layout is version 2's.
+VERSION = 3
+VERSIONS = (1, 2, 3)
 FLAG_WINDOW = 0x0001
-# The body ends with the CLOSE record (after version 2's record): a connection in CLOSE with a pending error or the
-# peer's FIN (ConnectionState.sk_err, .fin_received); written only then, so that every image written before reads
-# the same and encodes back to the same bytes.
+# Since version 3: the body ends with the CLOSE record (after version 2's): a connection in CLOSE with a pending
+# error or the peer's FIN (ConnectionState.sk_err, .fin_received), written only then.
 FLAG_CLOSE = 0x0002
-KNOWN_FLAGS = FLAG_WINDOW | FLAG_CLOSE
+FLAGS_OF_VERSION = {1: FLAG_WINDOW, 2: FLAG_WINDOW, 3: FLAG_WINDOW | FLAG_CLOSE}
 CLOSE_STATE = TCP_CLOSE
 MAX_ERRNO = 0xFFFF
 # Every TCP state but LISTEN: a listening socket has no connection to put in an image.

@@ -246,7 +246,8 @@ def test_version_2_appends_its_record_after_the_receive_queue() -> None:
                        rto_min_us=5000, delack_max_us=0, rcvtimeo_us=1_004_000, sndtimeo_us=2**40)
     data = base_state(sockopts=so).to_bytes()
     assert MORE_SIZE == 49 and len(data) == 153 + MORE_SIZE
-    assert data[:12] == b"SKRP" + bytes.fromhex("0002 0001 000000ba")  # version 2, window flag, 186-byte body
+    # version 3 (version 2's layout without the CLOSE flag), window flag, 186-byte body
+    assert data[:12] == b"SKRP" + bytes.fromhex("0003 0001 000000ba")
     assert data[12:149] == v1_image(base_state(sockopts=so))[12:149]  # up to the receive queue: version 1's
     assert data[149:198] == bytes.fromhex("05" "00000032 ffffffff 0000001e 00010000 00000002 0000ea60 00001388"
                                           "00000000" "00000000000f51e0 0000010000000000")
@@ -261,8 +262,19 @@ def test_version_1_images_read_with_the_new_options_left_alone() -> None:
     assert back == base_state()
     assert (back.sockopts.window_clamp, back.sockopts.mtu_discover, back.sockopts.rcvtimeo_us) == (0, -1, 0)
     assert format.ConnectionImage.parse(old).signed.value.body.more_sockopts is None
-    # re-encoded, it is a version 2 image of the same state
-    assert image.decode(back.to_bytes()) == back and back.to_bytes()[4:6] == b"\0\2"
+    # re-encoded, it is a version 3 image of the same state
+    assert image.decode(back.to_bytes()) == back and back.to_bytes()[4:6] == b"\0\3"
+
+
+def test_version_2_images_read_as_written_and_know_no_close_record() -> None:
+    """What sockrepair wrote as version 2 is version 3's layout without the CLOSE flag, which version 2 refuses."""
+    v2 = patched(base_state().to_bytes(), 4, ">H", 2)
+    assert image.decode(v2) == base_state()
+    assert format.ConnectionImage.parse(v2).signed.value.body.close is None
+    closed = base_state(tcp_state=7, send_queue=b"", unsent_len=0, sk_err=104).to_bytes()
+    rejects(patched(closed, 4, ">H", 2), 6, "unknown flags 0x0003 (version 2 knows 0x0001)")
+    with pytest.raises(construct.ConstructError):
+        format.ConnectionImage.parse(patched(closed, 4, ">H", 2))
 
 
 @pytest.mark.parametrize(("cut", "field"), [(0, "more_sockopts.flags"), (1, "more_sockopts.busy_poll"),
@@ -362,8 +374,8 @@ def test_wrong_magic(data: bytes) -> None:
 
 def test_unsupported_version() -> None:
     data = bytearray(v1_image())
-    data[4:6] = b"\x00\x03"
-    rejects(bytes(data), 4, "unsupported format version 3", "reads versions 1, 2")
+    data[4:6] = b"\x00\x04"
+    rejects(bytes(data), 4, "unsupported format version 4", "reads versions 1, 2, 3")
 
 
 def test_unknown_flags() -> None:
@@ -487,7 +499,7 @@ def test_every_malformed_kind_is_also_rejected_by_construct() -> None:
 
 # (offset, struct format, value written there, the ImageError's offset, its field) in base_state()'s image
 DAMAGED_FIELDS = [
-    (4, ">H", 3, 4, "version"),
+    (4, ">H", 4, 4, "version"),
     (6, ">H", 0x8001, 6, "flags"),
     (12, ">B", 5, 12, "tuple.ip_version"),
     (13, ">H", 0, 13, "tuple.local_port"),
@@ -645,7 +657,7 @@ def _json(**changes: object) -> dict:
     ("d", "message"),
     [
         ([], "the image: want an object, not list"),
-        (_json(version=3), "version: 3 is not one of 1, 2"),
+        (_json(version=4), "version: 4 is not one of 1, 2, 3"),
         (_json(sockopts__oobinline=KeyError), "sockopts: missing oobinline"),
         (_json(extra=1), "the image: unknown extra"),
         (_json(window=KeyError), "the image: missing window"),
@@ -679,7 +691,7 @@ def test_json_errors(d: dict, message: str) -> None:
     ("d", "field"),
     [
         ([], None),
-        (_json(version=3), "version"),
+        (_json(version=4), "version"),
         (_json(extra=1), "extra"),
         (_json(window=KeyError), "window"),
         (_json(window__snd_wnd=KeyError), "window.snd_wnd"),
