@@ -12,6 +12,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import select
 import socket
 import struct
@@ -237,6 +238,30 @@ def test_an_error_no_reset_gives_is_refused(locker) -> None:
         assert (err.value.fd, err.value.tcp_state, err.value.tuple) == (server.fileno(), CLOSE, _peer_of_closed(server))
         assert server.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR) == 0
         assert server.recv(100) == b"unread"
+
+
+@pytest.mark.parametrize(("read_oob", "what"), [(False, "an urgent byte not yet read, in CLOSE"),
+                                                 (True, "holds bytes past its 3 unread ones (an urgent mark")])
+def test_urgent_data_in_a_closed_connection_is_refused_and_left_as_it_was(netns, read_oob: bool,
+                                                                            what: str) -> None:
+    """`abc`, `X` with MSG_OOB, `def`, then the peer's RST: with the urgent byte unread, or read (its mark still
+    ahead of the reader), the checkpoint refuses before reading the error, which stays pending."""
+    client, server = _pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
+    with server:
+        client.send(b"abc")
+        client.send(b"X", socket.MSG_OOB)
+        client.sendall(b"def")
+        time.sleep(0.02)
+        if read_oob:
+            assert server.recv(1, socket.MSG_OOB) == b"X"
+        _reset(client)
+        _until(server, CLOSE)
+        with pytest.raises(sockrepair.SocketStateError, match=re.escape(what)) as err:
+            sockrepair.checkpoint(server)
+        assert (err.value.fd, err.value.tcp_state) == (server.fileno(), CLOSE)
+        assert server.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR) == 0
+        assert server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+        assert server.recv(100) == b"abc"
 
 
 def _disconnected() -> socket.socket:
