@@ -195,10 +195,19 @@ def read_closed(session: _Session) -> ClosedSnapshot:
 
 def _peek_past(session: _Session, inq: int) -> int:
     """recv(MSG_PEEK) of one byte after the `inq` unread ones: 1 when there is one, 0 at the end of the stream,
-    -errno when the kernel returned the pending error instead."""
+    -errno when the kernel returned the pending error instead. SocketStateError on a kernel without SO_PEEK_OFF
+    for TCP when there are unread bytes (nothing was read then)."""
     fd = session.fd
     if inq:
-        session.set(lib.SOL_SOCKET, lib.SO_PEEK_OFF, inq, "SO_PEEK_OFF")
+        try:
+            session.set(lib.SOL_SOCKET, lib.SO_PEEK_OFF, inq, "SO_PEEK_OFF")
+        except SocketCallError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+            raise SocketStateError(
+                f"fd {fd} ({session.tuple}) is in CLOSE with unread bytes, and this kernel has no SO_PEEK_OFF for "
+                "TCP (Linux 6.10+): what follows them (b\"\" or a pending error) cannot be read apart from them; it "
+                "was left as it was", fd=fd, tuple=session.tuple, tcp_state=CLOSE) from None
     try:
         buf = new(CHARS, 1)
         got = lib.recv(fd, buf, 1, lib.MSG_PEEK | lib.MSG_DONTWAIT)
