@@ -31,9 +31,10 @@ kernel looks at sk_err. restore re-creates the error the only way the kernel set
 the peer (tcp_reset: EPIPE in CLOSE_WAIT, ECONNRESET in the other states), after the peer's FIN when SOCK_DONE
 matters and, for ECONNRESET after that FIN, our own FIN marked sent (LAST_ACK); the error a reset leaves is cleared
 with SO_ERROR when there was none. An error no reset gives (ETIMEDOUT, ECONNABORTED, an ICMP error) is refused.
-A RST is never answered, and the delayed ACK of the re-created FIN dies with the reset (tcp_done clears the
-timers), so nothing reaches the wire (soccr/soccr.c instead replays LAST_ACK and the peer's ACK of our FIN; our
-kernel then sends an ACK for the re-created FIN that a peer that is gone answers with RST).
+A RST is never answered, and the delayed ACK of a re-created FIN dies with the reset sent right after it (tcp_done
+clears the timers), so nothing reaches the wire but in the rare case docs/engine.md describes, where the network
+lock drops that ACK (soccr/soccr.c instead replays LAST_ACK and the peer's ACK of our FIN; the ACK our kernel may
+send for the re-created FIN goes to a peer that is gone, which answers it with RST).
 """
 
 from __future__ import annotations
@@ -233,16 +234,22 @@ def replay_reset(session: _Session, state: ConnectionState, send_seq: int, recv_
         raise RestoreError(f"cannot restore {state.tuple} in CLOSE with the error {err}"
                            f"{'' if fin else ' and no FIN from the peer'}: only a reset's can be re-created",
                            tuple=state.tuple)
-    seq, ack = recv_seq, send_seq
+    fin_first = bool(err and fin)
+    # accepted at rcv_nxt exactly (else answered with a challenge ACK): only once the FIN before it was taken
+    rst = _segment(state, TH_RST | TH_ACK, recv_seq + fin_first, send_seq)
     with Injector() as injector:
-        if err and fin:
-            injector.send([_segment(state, TH_FIN | TH_ACK, seq, ack)])
-            _settle(session, CLOSE_WAIT, "the peer's FIN")
-            seq += 1
-            if err == errno.ECONNRESET:
-                _shutdown(session, acked=True)
-                _settle(session, LAST_ACK, "shutdown")
-        injector.send([_segment(state, TH_RST | TH_ACK, seq, ack)])
+        if not fin_first:
+            injector.send([rst])
+        else:
+            # Back to back: the FIN arms a delayed ACK at its shortest (icsk_ack.ato is 0 on a socket that never
+            # received a segment: it fires at the next tick), which the RST cancels (tcp_done clears the timers).
+            fin_segment = _segment(state, TH_FIN | TH_ACK, recv_seq, send_seq)
+            if err == errno.EPIPE:
+                injector.send([fin_segment, rst])
+            else:
+                injector.send([fin_segment])
+                _shutdown(session, acked=True)  # CLOSE_WAIT -> LAST_ACK, where a reset leaves ECONNRESET
+                injector.send([rst])
         _settle(session, CLOSE, "the peer's RST")
     if not err:
         session.get(lib.SOL_SOCKET, lib.SO_ERROR, "SO_ERROR")
