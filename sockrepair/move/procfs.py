@@ -236,9 +236,8 @@ def closed_connections(pid: int, sockets: dict[int, int]) -> list[ProcSocket]:
                 conn = closed_tuple(copy)
                 poller = select.poll()
                 poller.register(copy, select.POLLERR)
-                pending = bool(poller.poll(0))
-            except OSError:
-                conn = None
+                # a socket in CLOSE always shows POLLHUP too
+                pending = any(events & select.POLLERR for _, events in poller.poll(0))
             finally:
                 os.close(copy)
             if conn is not None:

@@ -29,7 +29,7 @@ from sockrepair.lab.recorder import Recorder
 from sockrepair.lock import Locker
 from sockrepair.move.dump import After, dump, inspect
 from sockrepair.move.pidfd import PidFd
-from sockrepair.move.procfs import tcp_sockets
+from sockrepair.move.procfs import closed_connections, tcp_sockets
 from sockrepair.state import ConnectionState, ConnTuple
 from tests.clihelp import run_main
 from tests.root.pairs import FAMILIES, tuple_of
@@ -422,3 +422,21 @@ def test_inspect_and_a_dump_that_leaves_the_process_running_leave_a_pending_erro
         gone.close()
         holder.kill()
         holder.wait()
+
+
+def test_a_process_listing_tells_a_pending_error_from_none(netns) -> None:
+    """procfs lists CLOSE sockets that hold a peer (here this process's own), and flags only the one whose error
+    is still to be read: poll shows POLLHUP for both, POLLERR for that one alone."""
+    graceful_client, graceful = _pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
+    reset_client, reset = _pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
+    with graceful_client, graceful, reset:
+        _last_ack_acknowledged(graceful_client, graceful, None)  # type: ignore[arg-type]
+        _reset(reset_client)
+        _until(graceful, CLOSE)
+        _until(reset, CLOSE)
+        inodes = {s.fileno(): os.fstat(s.fileno()).st_ino for s in (graceful, reset)}
+        listed = {s.fd: s for s in closed_connections(os.getpid(), inodes)}
+        assert {fd: (s.tuple, s.tcp_state, s.error_pending) for fd, s in listed.items()} == {
+            graceful.fileno(): (_peer_of_closed(graceful), CLOSE, False),
+            reset.fileno(): (_peer_of_closed(reset), CLOSE, True)}
+        assert reset.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET  # still there
