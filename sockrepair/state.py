@@ -241,7 +241,8 @@ class ConnectionState:
 
     - `tuple`: the ConnTuple (getsockname/getpeername).
     - `tcp_state`: tcpi_state of TCP_INFO, a Linux TCP state number (TCP_STATES; checkpoint takes ESTABLISHED,
-      SYN_SENT and the half-closed FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, CLOSING, LAST_ACK; in SYN_SENT `send_seq` is
+      SYN_SENT, the half-closed FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, CLOSING, LAST_ACK, and CLOSE after a
+      connection; in SYN_SENT `send_seq` is
       the initial sequence number plus one). In a half-closed state `send_seq` counts
       our FIN once shutdown queued it and `recv_seq` the peer's once it arrived (TCP_QUEUE_SEQ counts a FIN as one
       sequence number, as criu's images keep them); the queues and `unsent_len` hold bytes only.
@@ -273,6 +274,11 @@ class ConnectionState:
       microsecond-mode flag, so it is stored and set back as is, never taken as a number of milliseconds. Restored
       only when options.timestamps is set.
     - `sockopts`: SocketOptions, read before repair mode.
+    - `sk_err`, `fin_received`: in CLOSE only (a connection that was reset or whose close ended while the
+      application still holds it), the error the application has still to see (sk_err, an errno read with SO_ERROR;
+      0 for none) and whether the peer's FIN had arrived before it (SOCK_DONE: recv then returns b"" where it would
+      return the error; False when no error is pending). The send queue of a closed connection is empty: nothing
+      in it could ever be sent (engine/_states.py).
     """
 
     tuple: ConnTuple
@@ -286,6 +292,8 @@ class ConnectionState:
     window: RepairWindow | None
     timestamp: int
     sockopts: SocketOptions = field(default_factory=SocketOptions)
+    sk_err: int = 0
+    fin_received: bool = False
 
     def __getstate__(self) -> dict[str, Any]:
         # a memoryview does not pickle: its bytes do

@@ -40,6 +40,9 @@ def add_criu_commands(subparsers: Any) -> None:
                    help="directory for the images: created 0700, or an empty one of yours that others cannot write")
     p.add_argument("--allow-external-peers", action="store_true",
                    help="dump even when a loopback peer of the trees stays behind (its connection will break)")
+    p.add_argument("--allow-lost-errors", action="store_true",
+                   help="dump even when a connection in CLOSE holds an error its program has not read (criu's "
+                        "images cannot keep it)")
     p.add_argument("--shell-job", action="store_true", help="pass --shell-job to criu (automatic when needed)")
     p.add_argument("--ttl", type=ttl_arg, default=driver.DEFAULT_TTL, help=ttl_help)
     p.add_argument("--criu-arg", action="append", default=[], metavar="ARG", help=arg_help)
@@ -104,7 +107,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     report = driver.dump(args.pid, args.dir, allow_external_peers=args.allow_external_peers, ttl=args.ttl,
-                         shell_job=args.shell_job, criu_args=args.criu_arg)
+                         shell_job=args.shell_job, criu_args=args.criu_arg, allow_lost_errors=args.allow_lost_errors)
     if args.json:
         print_json(report.to_dict())
         return 0

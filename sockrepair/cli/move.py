@@ -73,7 +73,8 @@ def add_move_commands(sub: Any) -> None:
     p = sub.add_parser("dump", help="checkpoint the TCP connections of a running process into image files")
     p.add_argument("--pid", type=int, required=True, help="the process holding the connections")
     p.add_argument("--fd", type=_fds, action="append",
-                   help="only this fd (repeatable); default: every connection (established, connecting or half-closed)")
+                   help="only this fd (repeatable); default: every connection (established, connecting, half-closed, or "
+                        "closed while the process held it)")
     p.add_argument("-D", "--dir", required=True, type=path_arg,
                    help="directory for the images: created 0700, or an empty one of yours that others cannot write")
     how = p.add_mutually_exclusive_group()

@@ -46,12 +46,12 @@ from sockrepair.criu.manifest import (
 )
 from sockrepair.criu.reap import reap, wait_free
 from sockrepair.criu.topology import Topology, map_trees
-from sockrepair.errors import CriuError
+from sockrepair.errors import CriuError, ProcessError
 from sockrepair.lock import Locker
 from sockrepair.lock.locker import MAX_TTL
 from sockrepair.move.freeze import refuse_self
 from sockrepair.move.keep import NOTHING_KEPT, Keeper, Kept, netns_path, read_kept
-from sockrepair.move.procfs import stat
+from sockrepair.move.procfs import closed_connections, socket_inodes, stat, tcp_table
 from sockrepair.netns import inside, named
 from sockrepair.packet import packet_tuple
 from sockrepair.private import make_dir, open_dir
@@ -189,14 +189,17 @@ class _Run:
 
 
 def dump(pids: Sequence[int], directory: Path, *, allow_external_peers: bool = False, ttl: float = DEFAULT_TTL,
-         shell_job: bool = False, criu_args: Sequence[str] = (), criu: Criu | None = None) -> DumpReport:
+         shell_job: bool = False, criu_args: Sequence[str] = (), criu: Criu | None = None,
+         allow_lost_errors: bool = False) -> DumpReport:
     """Dump the process trees rooted at `pids`, one criu image directory each (`directory`/tree-ROOT, mode 0700,
     images 0600) plus sockrepair-criu.json, with every connection locked (both directions, in the trees' network
     namespace) from before the first dump; the lock stays for `ttl` seconds for `restore` to take over.
 
     Raises CriuError for a ttl outside (0, MAX_TTL], a criu that does not work here (`find_criu` when `criu` is
     None), a pid that is missing, a zombie or in two trees, trees in different network namespaces, a loopback peer
-    left behind (unless `allow_external_peers`), or a `directory` that is refused (sockrepair.private.make_dir: one
+    left behind (unless `allow_external_peers`), a connection in CLOSE with an error its program has still to see
+    (criu's images keep no socket error: restored, it would read b"" where it gets ECONNRESET; unless
+    `allow_lost_errors`), or a `directory` that is refused (sockrepair.private.make_dir: one
     that holds a dump or anything else, a symlink, another user's, or writable by group or others); CriuFailure (its
     `report` holds every known error of the logs) when a criu run fails, after restoring the trees dumped before it
     and releasing the lock; ProcessError, before criu runs, for a pid that is sockrepair or one of its ancestors."""
@@ -210,11 +213,40 @@ def dump(pids: Sequence[int], directory: Path, *, allow_external_peers: bool = F
                         "(they would get RST, or their packets dropped until the lock expires):\n"
                         f"{topology.left_behind()}\nFix: add those processes' trees with --pid, or pass "
                         "--allow-external-peers to dump anyway")
+    if not allow_lost_errors:
+        pending = closed_with_errors(topology)
+        if pending:
+            raise CriuError("criu's images keep no socket error: restored, these connections (closed while their "
+                            "program held them) would read b\"\" where they now get their pending error "
+                            "(ECONNRESET, EPIPE...):\n" + "\n".join(pending) + "\nFix: move the process with "
+                            "`sockrepair dump --pid`, which carries it, or pass --allow-lost-errors to dump anyway")
     dir_fd = _dump_dir(directory)
     try:
         return _dump(criu, topology, directory, dir_fd, ttl, shell_job, criu_args)
     finally:
         os.close(dir_fd)
+
+
+def closed_with_errors(topology: Topology) -> list[str]:
+    """`pid P fd N TUPLE` for every socket of the trees in CLOSE that holds a peer and an error (POLLERR, which
+    leaves it pending): what criu would restore without its error."""
+    if not topology.trees:
+        return []
+    table = tcp_table(topology.trees[0].root)  # the trees share one namespace
+    seen: set[int] = set()
+    found = []
+    for tree in topology.trees:
+        for pid in tree.pids:
+            try:
+                unlisted = {fd: ino for fd, ino in socket_inodes(pid).items() if ino not in table and ino not in seen}
+                closed = closed_connections(pid, unlisted) if unlisted else []
+            except (OSError, ProcessError):
+                continue  # gone: criu's dump says so
+            for s in closed:
+                seen.add(s.inode)
+                if s.error_pending:
+                    found.append(f"  pid {pid} fd {s.fd} {s.tuple}")
+    return found
 
 
 def _dump(criu: Criu, topology: Topology, directory: Path, dir_fd: int, ttl: float, shell_job: bool,

@@ -3,15 +3,16 @@
 The call order, as the kernel demands it (net/ipv4/tcp.c do_tcp_setsockopt; libsoccr's soccr.h states the same):
 
 Checkpoint (checkpoint):
-  1. the socket is plain TCP, IPv4 or IPv6, ESTABLISHED or half-closed (tcp_info.tcpi_state; engine/_states.py),
-     and uses nothing engine/registry.py refuses (engine/_refuse.py);
+  1. the socket is plain TCP, IPv4 or IPv6, ESTABLISHED, SYN_SENT, half-closed or CLOSE after a connection
+     (tcp_info.tcpi_state; engine/_states.py), and uses nothing engine/registry.py refuses (engine/_refuse.py);
   2. the application's options are read while repair is off (repair mode forces some of them, SO_REUSEADDR);
   3. TCP_REPAIR = 1: the socket is frozen for the application; the kernel's timers still run, so the network lock
      must already hold the peer off;
   4. TCP_INFO again (the state may have moved), tcpi_options / wscale / TCP_MAXSEG (the MSS clamp), TCP_TIMESTAMP,
      TCP_REPAIR_WINDOW;
   5. SIOCOUTQNSD with no queue selected (with the send queue selected an ACK marks all of it sent), then per queue:
-     TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ (the sequence number after the queue's last byte), recv(MSG_PEEK).
+     TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ (the sequence number after the queue's last byte), recv(MSG_PEEK); in CLOSE
+     the receive queue only, then the pending error (SO_ERROR, which clears it) and SOCK_DONE.
 
 Then either resume (TCP_REPAIR_OFF_NO_WP: nothing goes on the wire; the application's SO_REUSEADDR is put back) or
 discard (close(2) while in repair mode: no FIN, no RST).
@@ -25,9 +26,11 @@ Restore (restore), on a fresh socket:
   4. TCP_REPAIR_OPTIONS (MSS, window scale, SACK, timestamps; only before anything was sent), TCP_TIMESTAMP;
   5. the receive queue and the sent-but-unacknowledged part of the send queue written in repair mode;
   6. TCP_REPAIR_WINDOW (before any never-sent byte: passt saw hangs otherwise), options set in repair mode;
-  7. SO_MARK SOCCR_MARK (what the socket sends from now on passes the network lock); for a half-closed connection,
-     the close replayed (shutdown in repair mode, the peer's FIN or ACK re-created); TCP_REPAIR = 0 (a window
-     probe, unless the socket has nothing to send or re-sends its unacknowledged bytes);
+  7. for CLOSE, the peer's RST re-created (after its FIN when that matters), then TCP_REPAIR_OFF_NO_WP, the options
+     repair mode would reset, and done; otherwise SO_MARK SOCCR_MARK (what the socket sends from now on passes the
+     network lock); for a half-closed connection, the close replayed (shutdown in repair mode, the peer's FIN or ACK
+     re-created); TCP_REPAIR = 0 (a window probe, unless the socket has nothing to send or re-sends its
+     unacknowledged bytes);
   8. the unacknowledged bytes when they fit in the first burst, then the never-sent ones, written as ordinary data
      (they leave at once); the options repair mode would reset; an ACK of rcv_nxt when no data carried one; the
      saved mark.

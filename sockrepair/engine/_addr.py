@@ -12,21 +12,39 @@ from sockrepair.state import ConnTuple
 AF_INET, AF_INET6 = lib.AF_INET, lib.AF_INET6
 
 
-def read_tuple(session: _Session) -> ConnTuple:
+# SO_PEERNAME takes no more room than the address needs (EINVAL otherwise): sizeof(sockaddr_in), sockaddr_in6
+_SOCKADDR_SIZE = {AF_INET: 16, AF_INET6: 28}
+# where the address starts in each: after sin_family and sin_port; after sin6_family, sin6_port and sin6_flowinfo
+_ADDR_AT = {AF_INET: (4, 8), AF_INET6: (8, 24)}
+
+
+def read_tuple(session: _Session, closed: bool = False) -> ConnTuple:
     """getsockname and getpeername of the session's socket (the socket module's, which spell addresses as
-    inet_ntop does)."""
+    inet_ntop does); `closed`: getsockopt(SO_PEERNAME) instead of getpeername, which says ENOTCONN in CLOSE while
+    the socket still holds its peer (inet_getname, peer=2)."""
     sock = session.sock
     try:
         local = sock.getsockname()
     except OSError as exc:
         raise session.failed("getsockname", exc) from None
+    if not isinstance(local, tuple):
+        raise ValueError(f"fd {session.fd} is not an IPv4 or IPv6 socket")
+    family = AF_INET if len(local) == 2 else AF_INET6
+    if closed:
+        try:
+            raw = sock.getsockopt(lib.SOL_SOCKET, lib.SO_PEERNAME, _SOCKADDR_SIZE[family])
+        except OSError as exc:
+            raise session.failed("getsockopt(SO_PEERNAME)", exc) from None
+        start, stop = _ADDR_AT[family]
+        return ConnTuple(family, local[0], local[1], socket.inet_ntop(family, raw[start:stop]),
+                         int.from_bytes(raw[2:4], "big"))
     try:
         remote = sock.getpeername()
     except OSError as exc:
         raise session.failed("getpeername", exc) from None
-    if not isinstance(local, tuple) or not isinstance(remote, tuple):
+    if not isinstance(remote, tuple):
         raise ValueError(f"fd {session.fd} is not an IPv4 or IPv6 socket")
-    return ConnTuple(AF_INET if len(local) == 2 else AF_INET6, local[0], local[1], remote[0], remote[1])
+    return ConnTuple(family, local[0], local[1], remote[0], remote[1])
 
 
 def _owner(session: _Session) -> socket.socket:

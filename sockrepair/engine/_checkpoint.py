@@ -21,7 +21,7 @@ from sockrepair.engine._session import (
     release_reuse,
 )
 from sockrepair.engine._sockopts import read_sockopts
-from sockrepair.engine._states import REPAIRABLE, send_lengths
+from sockrepair.engine._states import CLOSE, REPAIRABLE, read_closed, send_lengths
 from sockrepair.engine._tcpopts import (
     read_options,
     read_timestamp,
@@ -50,8 +50,10 @@ def checkpoint(sock: SockLike) -> ConnectionState:
     `timestamp` the raw u32 TCP timestamp clock (TCP_TIMESTAMP) and `sockopts` the application's options.
 
     Raises SocketStateError (`.fd`, and `.tcp_state` / `.tuple` when known) when `sock` is not an open socket, not
-    plain IPv4/IPv6 TCP (MPTCP is named), not ESTABLISHED, SYN_SENT nor half-closed (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT,
-    CLOSING, LAST_ACK: engine/_states.py), or uses what sockrepair.engine.registry marks REFUSED
+    plain IPv4/IPv6 TCP (MPTCP is named), not ESTABLISHED, SYN_SENT, half-closed (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT,
+    CLOSING, LAST_ACK: engine/_states.py) nor CLOSE after a connection (`sk_err` and `fin_received` then say what
+    the application has still to see; reading the error clears it, so a resume() cannot give it back; an error no
+    reset gives is refused), or uses what sockrepair.engine.registry marks REFUSED
     (urgent data, TCP-MD5 keys, kTLS, TCP-AO...: every one found is named; the socket is resumed without a window
     probe, as it was), or when it left its state
     while being frozen; NotPermittedError (a PermissionError) without CAP_NET_ADMIN in the socket's network
@@ -86,6 +88,12 @@ def checkpoint(sock: SockLike) -> ConnectionState:
         options = read_options(session, info)
         timestamp = read_timestamp(session)
         window = read_window(session)
+        if first_state == CLOSE:
+            closed = read_closed(session)
+            return ConnectionState(
+                tuple=conn, tcp_state=CLOSE, send_seq=closed.send_seq, recv_seq=closed.recv_seq, send_queue=b"",
+                unsent_len=0, recv_queue=closed.recv_queue, options=options, window=window, timestamp=timestamp,
+                sockopts=sockopts, sk_err=closed.sk_err, fin_received=closed.fin_received)
         queues = read_queues(session, first_state)
     except BaseException:
         _resume(session)
@@ -198,7 +206,18 @@ def _ensure_tcp(session: _Session) -> None:
 
 
 def _connection_tuple(session: _Session, tcp_state: int) -> ConnTuple:
-    """getsockname/getpeername; in SYN_SENT, where getpeername says ENOTCONN, sock_diag's view of the socket."""
+    """getsockname/getpeername; in SYN_SENT, where getpeername says ENOTCONN, sock_diag's view of the socket; in
+    CLOSE, where it says ENOTCONN too, SO_PEERNAME (ENOTCONN only when the socket has no peer: never connected,
+    or disconnected with connect(AF_UNSPEC))."""
+    if tcp_state == CLOSE:
+        try:
+            return read_tuple(session, closed=True)
+        except SocketCallError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise
+            raise SocketStateError(f"fd {session.fd} is in state CLOSE without a peer (never connected, or "
+                                   "disconnected): there is no connection to checkpoint", fd=session.fd,
+                                   tcp_state=tcp_state) from None
     if tcp_state != lib.TCP_SYN_SENT:
         return read_tuple(session)
     family = session.get(SOL, lib.SO_DOMAIN, "SO_DOMAIN")

@@ -96,6 +96,12 @@ def refusals(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool
     if _get_optional(session, TCP, lib.TCP_AO_INFO, "TCP_AO_INFO", 48) is not None:
         found.append(("TCP_AO_INFO/TCP_AO_GET_KEYS/TCP_AO_REPAIR", "TCP-AO keys are set"))
     urgent = _urgent(session)
+    if tcp_state == lib.TCP_CLOSE:
+        # sock_diag finds no socket in CLOSE (it left the hash tables, and its keys can sign no more segments);
+        # _states.read_closed refuses bytes past SIOCINQ, where an urgent mark already read would show
+        if urgent is not None:
+            found.append(("urgent data (MSG_OOB)", urgent))
+        return found
     ifindex = get(SOL, lib.SO_BINDTOIFINDEX, "SO_BINDTOIFINDEX")
     for _ in range(_ATTEMPTS):
         inq = session.ioctl(lib.SIOCINQ, "SIOCINQ")
@@ -125,6 +131,13 @@ def refusals_of(fd: int) -> list[tuple[str, str]]:
         conn = connecting_tuple(session, session.get(SOL, lib.SO_DOMAIN, "SO_DOMAIN"), tcp_state)
         if conn is None:
             return []  # connected meanwhile: checkpoint() reads it as it is then
+    elif tcp_state == lib.TCP_CLOSE:
+        try:
+            conn = read_tuple(session, closed=True)
+        except SocketCallError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise
+            return []  # no peer: checkpoint() refuses it
     else:
         conn = read_tuple(session)
     session.tuple = conn
@@ -182,4 +195,8 @@ def _urgent(session: _Session) -> str | None:
     err = ffi.errno
     if got < 0 and err == errno.EAGAIN:
         return "an urgent pointer whose byte has not arrived yet"
+    if got < 0 and err == errno.ENOTCONN:
+        return "an urgent byte not yet read, in CLOSE"  # tcp_recv_urg says ENOTCONN before it looks at the byte
+    if got == 0:
+        return "an urgent pointer whose byte never arrived (the peer closed first)"
     return None

@@ -20,6 +20,7 @@ from sockrepair.engine._sockopts import (
     size_buffers,
 )
 from sockrepair.engine._states import (
+    CLOSE,
     FIN_IN_RECV,
     SETTLE_TIMEOUT,
     SYN_SENT,
@@ -27,6 +28,7 @@ from sockrepair.engine._states import (
     U32,
     _segment,
     replay_close,
+    replay_reset,
     restore_seqs,
 )
 from sockrepair.engine._tcpopts import (
@@ -118,13 +120,23 @@ def restore_with(state: ConnectionState, injector: Injector | None) -> socket.so
         if state.window is not None:
             # before repair off: writing never-sent data before the window is in place has hung connections (passt)
             w = state.window
-            if state.tcp_state in FIN_IN_RECV:
+            if state.tcp_state == CLOSE:
+                # the window of a connection that takes no more segments, from the edge the refill left: a FIN
+                # re-created there is then in the window and gets a delayed ACK, which the reset cancels
+                w = dataclasses.replace(w, snd_wl1=recv_seq, rcv_wup=recv_seq, rcv_wnd=max(w.rcv_wnd, 0xFFFF))
+            elif state.tcp_state in FIN_IN_RECV:
                 # the saved edges count the peer's FIN, which is not received yet (libsoccr does the same)
                 w = dataclasses.replace(w, rcv_wup=(w.rcv_wup - 1) & 0xFFFFFFFF, rcv_wnd=w.rcv_wnd + 1)
             restore_window(session, w)
             if conn.wire().family == socket.AF_INET:
                 resync_mss(session)
         apply_in_repair(session, conn.family, so)
+        if state.tcp_state == CLOSE:
+            # nothing of a reset connection goes on the wire (replay_reset), so it keeps its saved mark throughout
+            replay_reset(session, state, send_seq, recv_seq)
+            session.repair_off(False)
+            apply_after_repair(session, so)
+            return sock
         # The connection is still locked (docs/lock.md): without the mark the lock drops what the socket sends from
         # here (the bytes written below then left only on the probe timer, max(RTO, 200 ms): 3 s where no cached
         # RTT seeds the RTO; the ACK _ask_for_ack makes it send was lost). The saved mark goes back at the end.

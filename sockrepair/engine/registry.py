@@ -61,7 +61,8 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("getsockname/getpeername", "socket", None, "sockaddr", C, "the 4-tuple", ("tuple",), True),
     Entry("tcpi_state", "TCP_INFO", None, "u8", C, "ESTABLISHED, SYN_SENT (the connect runs again from the same "
           "initial sequence number), FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, CLOSING and LAST_ACK (restore replays the "
-          "close: engine/_states.py); checkpoint refuses LISTEN, SYN_RECV and CLOSE by name", ("tcp_state",), True),
+          "close: engine/_states.py), and CLOSE after a connection (restore re-creates it with the peer's RST); "
+          "checkpoint refuses LISTEN, SYN_RECV and a CLOSE socket without a peer by name", ("tcp_state",), True),
     Entry("TCP_QUEUE_SEQ", TCP, 21, "u32", C, "per queue, in repair mode", ("send_seq", "recv_seq"), True),
     Entry("receive queue", "ioctl", 0x541B, "bytes", C, "SIOCINQ bytes, peeked in repair mode", ("recv_queue",),
           True),
@@ -111,8 +112,10 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("SO_ZEROCOPY", SOL, 60, "bool", R, "completions of MSG_ZEROCOPY sends arrive on the error queue of the "
           "socket that sent them: pending ones would never arrive"),
     Entry("SO_PEEK_OFF", SOL, 42, "int", R, "not carried yet: a peek offset would restart at the queue's head"),
-    Entry("SO_ERROR", SOL, 4, "int", IRR, "reading it clears it, and an ESTABLISHED connection with a pending error "
-          "is about to fail anyway"),
+    Entry("SO_ERROR", SOL, 4, "int", C, "in CLOSE: the error the application has still to see, with whether the "
+          "peer's FIN came first (SOCK_DONE), re-created by a reset (ECONNRESET, EPIPE; any other is refused). "
+          "Reading it clears it: a resumed socket loses it. In the other states it is not read: an open "
+          "connection with a pending error is about to fail anyway", ("sk_err", "fin_received")),
     Entry("SO_TYPE/SO_PROTOCOL/SO_DOMAIN/SO_ACCEPTCONN", SOL, 3, "int", IRR, "fixed by socket(2), which restore "
           "calls with the same family and type"),
     Entry("SO_PEERCRED/SO_PEERSEC/SO_PASSCRED/SO_PASSSEC/SO_PASSPIDFD", SOL, 17, "struct", IRR, "UNIX-socket "

@@ -3,8 +3,8 @@ sockrepair.image.format defines with construct (the unit tests hold the two toge
 
 Every ImageError raised here carries `.field`, the record path of the field to blame as format.py names it
 ("tuple.local_port", "options.flags", "window.snd_wnd", "sockopts.congestion", "send_queue"; header and trailer fields
-are "magic", "version", "flags", "crc32"), or None when a length rather than one field is at fault (truncated
-input, trailing junk); decode's errors also carry `.offset`, the byte the message names."""
+are "magic", "version", "flags", "crc32", "xxh3_64"), or None when a length rather than one field is at fault
+(truncated input, trailing junk); decode's errors also carry `.offset`, the byte the message names."""
 
 from __future__ import annotations
 
@@ -20,9 +20,13 @@ import xxhash
 from sockrepair.errors import ImageError
 from sockrepair.image.layout import (
     CHECKSUM_SIZE,
+    CLOSE_STATE,
     FIRST_XXH3,
+    FLAG_CLOSE,
     FLAG_WINDOW,
+    FLAGS_OF_VERSION,
     MAGIC,
+    MAX_ERRNO,
     MAX_NAME,
     MAX_WSCALE,
     MORE_SOCKOPT_FLAGS,
@@ -55,6 +59,7 @@ CRC_SIZE = _CRC.size
 MIN_SIZE = HEADER_SIZE + min(CHECKSUM_SIZE.values())
 _QUEUE_HEAD = struct.Struct(">II")  # unsent_len, then the send queue's length prefix
 _U32 = struct.Struct(">I")
+_CLOSE = struct.Struct(">HB")  # format.CloseRecord: sk_err, flags (bit 0 fin_received)
 # Version 2's record after the receive queue (format.MoreSocketOptionsRecord).
 _MORE = struct.Struct(">B" + "i" * len(MORE_SOCKOPT_INTS) + "q" * len(MORE_SOCKOPT_LONGS))
 _MORE_OFFSETS = {
@@ -137,16 +142,21 @@ def encode(state: ConnectionState, version: int = VERSION) -> bytes:
             and len(dev) <= MAX_NAME
             and len(cong) <= MAX_NAME
             and 0 <= unsent <= len(send)
+            and 0 <= state.sk_err <= MAX_ERRNO
+            and (state.tcp_state == CLOSE_STATE or not (state.sk_err or state.fin_received))
         ):
             raise ValueError("a field is out of range")
+        closed = bool(state.sk_err or state.fin_received)
         layout = _LAYOUTS[ip_version, w is not None]
         more = b"" if version < 2 else _MORE.pack(sum(1 << bit for bit, on in enumerate(_more_flags(so)) if on),
                                                   *_more_numbers(so))
         # The fixed part, two strings after their length bytes, unsent_len and both queues after their lengths.
         body_len = layout.body.size + 1 + len(dev) + 1 + len(cong) + 4 + 4 + len(send) + 4 + len(recv) + len(more)
+        if closed:
+            body_len += _CLOSE.size
         flags = _sockopt_flags(so)
         head = layout.image_head.pack(
-            MAGIC, version, 0 if w is None else FLAG_WINDOW, body_len,
+            MAGIC, version, (0 if w is None else FLAG_WINDOW) | (FLAG_CLOSE if closed else 0), body_len,
             ip_version, t.local_port, t.remote_port,
             socket.inet_pton(t.family, t.local_addr), socket.inet_pton(t.family, t.remote_addr),
             state.tcp_state, state.send_seq, state.recv_seq, state.timestamp,
@@ -159,11 +169,16 @@ def encode(state: ConnectionState, version: int = VERSION) -> bytes:
         )  # fmt: skip
         queue_head = _QUEUE_HEAD.pack(unsent, len(send))
         pieces = [head, dev, bytes((len(cong),)), cong, queue_head, send, _U32.pack(len(recv)), recv, more]
+        if closed:
+            pieces.append(_CLOSE.pack(state.sk_err, 1 if state.fin_received else 0))
     except (LookupError, AttributeError, TypeError, ValueError, OSError, struct.error) as exc:
         problem = problem_of(state)
         raise ImageError(
             f"cannot encode connection state: {problem[1] if problem else exc}", field=problem[0] if problem else None
         ) from None
+    if closed and not FLAGS_OF_VERSION[version] & FLAG_CLOSE:
+        raise ImageError(f"cannot encode connection state: version {version} has no CLOSE record for the pending "
+                         f"error or the peer's FIN (version {VERSION} has)", field="version")
     # the checksum is taken piece by piece, so that the queues are read once for it and copied once, by the join
     if version >= FIRST_XXH3:
         digest = xxhash.xxh3_64()
@@ -197,8 +212,9 @@ def decode(data: bytes | bytearray | memoryview) -> ConnectionState:
     if version not in VERSIONS:
         known = ", ".join(map(str, VERSIONS))
         raise _bad(4, f"unsupported format version {version} (this sockrepair reads versions {known})", "version")
-    if flags & ~FLAG_WINDOW:
-        raise _bad(6, f"unknown flags 0x{flags:04x} (version {version} knows 0x{FLAG_WINDOW:04x})", "flags")
+    known_flags = FLAGS_OF_VERSION[version]
+    if flags & ~known_flags:
+        raise _bad(6, f"unknown flags 0x{flags:04x} (version {version} knows 0x{known_flags:04x})", "flags")
     end = HEADER_SIZE + body_len
     trailer = CHECKSUM_SIZE[version]
     if end + trailer > size:
@@ -220,10 +236,12 @@ def decode(data: bytes | bytearray | memoryview) -> ConnectionState:
                        "crc32")
     # the queues of an immutable image are views of it, never copied (they may be megabytes); those of a mutable
     # buffer are copied, or changing the buffer would change the state
-    return _decode_body(view, end, bool(flags & FLAG_WINDOW), version, isinstance(data, bytes))
+    return _decode_body(view, end, bool(flags & FLAG_WINDOW), version, bool(flags & FLAG_CLOSE),
+                        isinstance(data, bytes))
 
 
-def _decode_body(view: memoryview, end: int, has_window: bool, image_version: int, views: bool) -> ConnectionState:
+def _decode_body(view: memoryview, end: int, has_window: bool, image_version: int, has_close: bool,
+                 views: bool) -> ConnectionState:
     _need(HEADER_SIZE, 1, end, "the connection tuple", "tuple.ip_version")
     version = view[HEADER_SIZE]
     if version not in _FAMILY_OF:
@@ -273,6 +291,17 @@ def _decode_body(view: memoryview, end: int, has_window: bool, image_version: in
     else:
         sockopt_values += _V1_MORE
     sockopts = SocketOptions(*_to_field_order(sockopt_values))
+    sk_err, fin_received = 0, False
+    if has_close:
+        _need(off, _CLOSE.size, end, "the CLOSE record", "close.sk_err" if end - off < 2 else "close.flags")
+        sk_err, close_flags = _CLOSE.unpack_from(view, off)
+        if close_flags > 1:
+            raise _bad(off + 2, f"unknown CLOSE record flags 0x{close_flags:02x} (known: 0x01)", "close.flags")
+        if tcp_state != CLOSE_STATE or not (sk_err or close_flags):
+            why = "an all-zero CLOSE record" if tcp_state == CLOSE_STATE else f"a CLOSE record in state {tcp_state}"
+            raise _bad(off, f"{why} (it is written only in CLOSE, with an error or the peer's FIN)", "close.sk_err")
+        fin_received = bool(close_flags)
+        off += _CLOSE.size
     if off != end:
         raise _bad(off, f"{end - off} unexpected bytes between the receive queue and the checksum")
     return ConnectionState(
@@ -287,6 +316,8 @@ def _decode_body(view: memoryview, end: int, has_window: bool, image_version: in
         window=window,
         timestamp=timestamp,
         sockopts=sockopts,
+        sk_err=sk_err,
+        fin_received=fin_received,
     )
 
 
@@ -405,6 +436,10 @@ def _field_problem(state: ConnectionState) -> tuple[str, str, str] | None:
             return _named(name, f"{type(queue).__name__} is not bytes")
         checks.append((name, len(queue), 0, U32_MAX))
     checks.append(("unsent_len", state.unsent_len, 0, len(state.send_queue)))
+    if (state.sk_err or state.fin_received) and state.tcp_state != CLOSE_STATE:
+        return _named("close.sk_err", f"a pending error or the peer's FIN is kept only in CLOSE, not in state "
+                                      f"{state.tcp_state}")
+    checks.append(("close.sk_err", state.sk_err, 0, MAX_ERRNO))
     for field, value, low, high in checks:
         # a queue is checked by its length
         label = f"len({field})" if field in ("send_queue", "recv_queue") else field

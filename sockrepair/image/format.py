@@ -39,6 +39,7 @@ from construct import (
 )
 
 from sockrepair.image.layout import (
+    CLOSE_STATE,
     FIRST_XXH3,
     MAGIC,
     MAX_NAME,
@@ -90,6 +91,12 @@ MoreSocketOptionsRecord = Struct(
     *(name / Int64sb for name in MORE_SOCKOPT_LONGS),
 )
 
+# Version 3: only with header flag bit 1, only in CLOSE, and never all zero (layout.FLAG_CLOSE).
+CloseRecord = Struct(
+    "sk_err" / Int16ub,
+    "flags" / BitStruct("reserved" / Const(0, BitsInteger(7)), "fin_received" / Flag),
+)
+
 ConnectionStateRecord = Struct(
     "tuple" / ConnTupleRecord,
     "tcp_state" / OneOf(Int8ub, sorted(VALID_TCP_STATES)),
@@ -104,10 +111,13 @@ ConnectionStateRecord = Struct(
     Check(this.unsent_len <= len_(this.send_queue)),
     "recv_queue" / Prefixed(Int32ub, GreedyBytes),
     "more_sockopts" / If(this._.version >= 2, MoreSocketOptionsRecord),
+    "close" / If(this._.flags.close, CloseRecord),
+    Check(lambda ctx: ctx.close is None or (ctx.tcp_state == CLOSE_STATE
+                                            and bool(ctx.close.sk_err or ctx.close.flags.fin_received))),
     Terminated,
 )
 
-HeaderFlags = BitStruct("reserved" / Const(0, BitsInteger(15)), "window" / Flag)
+HeaderFlags = BitStruct("reserved" / Const(0, BitsInteger(14)), "close" / Flag, "window" / Flag)
 
 ConnectionImage = Struct(
     "signed"
@@ -116,7 +126,9 @@ ConnectionImage = Struct(
             "magic" / Const(MAGIC),
             # images are built at VERSION; every version ever written is read
             "version" / Default(OneOf(Int16ub, list(VERSIONS)), VERSION),
-            "flags" / Rebuild(HeaderFlags, lambda ctx: {"window": ctx.body["window"] is not None}),
+            "flags" / Rebuild(HeaderFlags, lambda ctx: {"window": ctx.body["window"] is not None,
+                                                        "close": ctx.body.get("close") is not None}),
+            Check(lambda ctx: ctx.version >= 3 or not ctx.flags.close),
             "body" / Prefixed(Int32ub, ConnectionStateRecord),
         )
     ),

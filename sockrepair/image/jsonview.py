@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import errno
 import hashlib
 import socket
 from typing import Any
@@ -15,6 +16,7 @@ from sockrepair.errors import ImageError
 from sockrepair.image import layout
 from sockrepair.image._codec import problem_of
 from sockrepair.state import (
+    TCP_CLOSE,
     TCP_STATES,
     ConnectionState,
     ConnTuple,
@@ -33,8 +35,10 @@ _KEYS = {"version", "tuple", "state", *_SCALARS, "send_queue", "recv_queue", "op
 
 
 def state_to_dict(state: ConnectionState, payload: bool = False) -> dict[str, Any]:
-    """Queues appear as {length, sha256}, plus their bytes in base64 when `payload` is set."""
-    return {
+    """Queues appear as {length, sha256}, plus their bytes in base64 when `payload` is set. A connection in CLOSE
+    has a "close" key: {"sk_err": the pending errno (0 for none), "error": its name ("" for none),
+    "fin_received": whether the peer's FIN had arrived}."""
+    view = {
         "version": layout.VERSION,
         "tuple": str(state.tuple),
         "state": state_name(state.tcp_state),
@@ -48,6 +52,10 @@ def state_to_dict(state: ConnectionState, payload: bool = False) -> dict[str, An
         "window": None if state.window is None else dataclasses.asdict(state.window),
         "sockopts": dataclasses.asdict(state.sockopts),
     }
+    if state.tcp_state == TCP_CLOSE:
+        view["close"] = {"sk_err": state.sk_err, "error": errno.errorcode.get(state.sk_err, ""),
+                         "fin_received": state.fin_received}
+    return view
 
 
 def _queue(data: Payload, payload: bool) -> dict[str, Any]:
@@ -60,7 +68,7 @@ def _queue(data: Payload, payload: bool) -> dict[str, Any]:
 def state_from_dict(d: Any) -> ConnectionState:
     """The state a `state_to_dict(state, payload=True)` dict describes; anything else raises ImageError naming the
     offending key."""
-    _keys(d, _KEYS, "")
+    _keys(d, _KEYS | ({"close"} if isinstance(d, dict) and "close" in d else set()), "")
     _typed(d["version"], int, "version")
     if d["version"] not in layout.VERSIONS:
         known = ", ".join(map(str, layout.VERSIONS))
@@ -83,6 +91,12 @@ def state_from_dict(d: Any) -> ConnectionState:
         timestamp=d["timestamp"],
         sockopts=_record(SocketOptions, d["sockopts"], "sockopts", () if d["version"] >= 2 else _V2_SOCKOPTS),
     )
+    if "close" in d:
+        close = d["close"]
+        _keys(close, {"sk_err", "error", "fin_received"}, "close")
+        _typed(close["sk_err"], int, "close.sk_err")
+        _typed(close["fin_received"], bool, "close.fin_received")
+        state = state.replace(sk_err=close["sk_err"], fin_received=close["fin_received"])
     problem = problem_of(state)
     if problem is not None:
         raise ImageError(f"bad JSON connection image: {problem[1]}", field=problem[0])

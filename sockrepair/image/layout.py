@@ -3,12 +3,13 @@ codec (_codec.py); importing this module imports neither construct nor anything 
 
 from __future__ import annotations
 
-from sockrepair.state import TCP_STATES
+from sockrepair.state import TCP_CLOSE, TCP_STATES
 
 MAGIC = b"SKRP"
 # Version 2 appends the MORE_SOCKOPTS record after the receive queue; everything before it is version 1's layout.
-# Version 3 has version 2's header and body; its trailer is an 8-byte XXH3-64 instead of the 4-byte CRC-32, which
-# ran at about 4 GB/s here (a quarter of a 1 MiB queue's whole cycle), where XXH3 runs at memory speed.
+# Version 3 has version 2's body and two changes: header flag FLAG_CLOSE may announce the CLOSE record (without the
+# flag the body is version 2's), and the trailer is an 8-byte XXH3-64 instead of the 4-byte CRC-32, which ran at about
+# 4 GB/s here (a quarter of a 1 MiB queue's whole cycle), where XXH3 runs at memory speed.
 VERSION = 3
 VERSIONS = (1, 2, 3)
 # the trailer's size, per version
@@ -16,6 +17,12 @@ CHECKSUM_SIZE = {1: 4, 2: 4, 3: 8}
 # the version whose trailer is XXH3-64 rather than CRC-32
 FIRST_XXH3 = 3
 FLAG_WINDOW = 0x0001
+# Since version 3: the body ends with the CLOSE record (after version 2's): a connection in CLOSE with a pending
+# error or the peer's FIN (ConnectionState.sk_err, .fin_received), written only then.
+FLAG_CLOSE = 0x0002
+FLAGS_OF_VERSION = {1: FLAG_WINDOW, 2: FLAG_WINDOW, 3: FLAG_WINDOW | FLAG_CLOSE}
+CLOSE_STATE = TCP_CLOSE
+MAX_ERRNO = 0xFFFF
 # Every TCP state but LISTEN: a listening socket has no connection to put in an image.
 VALID_TCP_STATES = frozenset(s for s, name in TCP_STATES.items() if name != "LISTEN")
 MAX_WSCALE = 14  # TCP_MAX_WSCALE (RFC 7323)

@@ -4,8 +4,15 @@ show` and `sockrepair criu show`. The JSON view is jsonview.py."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 
-from sockrepair.state import ConnectionState, ConnTuple, SocketOptions, state_name
+from sockrepair.state import (
+    TCP_CLOSE,
+    ConnectionState,
+    ConnTuple,
+    SocketOptions,
+    state_name,
+)
 
 DETAIL = "     "  # the indent of every line after the first
 _DEFAULT_SOCKOPTS = SocketOptions()
@@ -19,7 +26,8 @@ def head_line(conn: ConnTuple, state: str, head: str = "") -> str:
 
 def state_lines(state: ConnectionState, head: str = "") -> list[str]:
     """head_line, then sequence numbers and queue lengths (bytes), TCP options and the timestamp clock, the repair
-    window when there is one, and the socket options that differ from a new socket's."""
+    window when there is one, the socket options that differ from a new socket's, and in CLOSE the pending error and
+    whether the peer's FIN had arrived."""
     o, w = state.options, state.window
     lines = [
         head_line(state.tuple, state_name(state.tcp_state), head),
@@ -32,6 +40,10 @@ def state_lines(state: ConnectionState, head: str = "") -> list[str]:
         lines.append(f"{DETAIL}window snd_wnd {w.snd_wnd} rcv_wnd {w.rcv_wnd} max {w.max_window} "
                      f"snd_wl1 {w.snd_wl1} rcv_wup {w.rcv_wup}")
     lines.append(f"{DETAIL}sockopts {_sockopts(state.sockopts)}")
+    if state.tcp_state == TCP_CLOSE:
+        error = errno.errorcode.get(state.sk_err, str(state.sk_err)) if state.sk_err else "none"
+        lines.append(f"{DETAIL}closed: pending error {error}, the peer's FIN "
+                     f"{'received' if state.fin_received else 'not seen'}")
     return lines
 
 

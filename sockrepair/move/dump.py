@@ -112,7 +112,8 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
     cap: Captured | None = None
     try:
         kills = after is After.KILL
-        with captured(pid, wanted, locker, timings, ttl, quiescence, allow_loss=allow_loss or not kills) as cap:
+        with captured(pid, wanted, locker, timings, ttl, quiescence, allow_loss=allow_loss or not kills,
+                      keep_errors=not kills) as cap:
             with timings.timed(Stage.WRITE):
                 entries = write_images(directory, pid, list(zip([s.fd for s in cap.sockets], cap.states)),
                                        after=after.value, ttl=ttl, dir_fd=dir_fd)
@@ -174,8 +175,9 @@ def inspect(pid: int) -> list[tuple[ProcSocket, ConnectionState | None, str]]:
     """A non-destructive look at every TCP socket of `pid`, ordered by fd: (socket, state, state name), where
     state is None for a socket in a state the engine does not repair (LISTEN, SYN_SENT...) or that a move cannot
     take (the name then says why), and the name "<STATE> (in repair mode)" for one found in repair mode (left so by
-    a move killed half-way: it stays so). The others are checkpointed and resumed without a window probe while the
-    process is frozen for the few microseconds that takes.
+    a move killed half-way: it stays so). A socket in CLOSE with an error pending is listed without a state:
+    reading the error (as a checkpoint does) would clear it. The others are checkpointed and resumed without a
+    window probe while the process is frozen for the few microseconds that takes.
     Raises ProcessError as dump() does."""
     result: list[tuple[ProcSocket, ConnectionState | None, str]] = []
     listed = tcp_sockets(pid)
@@ -185,6 +187,10 @@ def inspect(pid: int) -> list[tuple[ProcSocket, ConnectionState | None, str]]:
         for s in listed:  # read once: a socket accepted since is not listed half-known
             if s.tcp_state not in REPAIRABLE:
                 result.append((s, None, s.state_name))
+                continue
+            if s.error_pending:
+                # a checkpoint reads the error, which clears it: the program would never see it
+                result.append((s, None, f"{s.state_name}, an error pending (left unread: only a move reads it)"))
                 continue
             fd = pidfd.getfd(s.fd)
             try:

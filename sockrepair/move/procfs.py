@@ -9,20 +9,27 @@ the LAST ')'."""
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 from dataclasses import dataclass
 
+from sockrepair.engine._states import closed_tuple
 from sockrepair.errors import ProcessError
-from sockrepair.state import ConnTuple, state_name
+from sockrepair.move.pidfd import PidFd
+from sockrepair.state import TCP_CLOSE, ConnTuple, state_name
 
 
 @dataclass(frozen=True)
 class ProcSocket:
+    """`error_pending`: in CLOSE, an error (sk_err) the program has still to see, found with poll (POLLERR), which
+    leaves it there: a checkpoint reads it, and so clears it."""
+
     fd: int
     inode: int
     tuple: ConnTuple
     tcp_state: int
+    error_pending: bool = False
 
     @property
     def state_name(self) -> str:
@@ -190,7 +197,52 @@ def socket_inodes(pid: int) -> dict[int, int]:
 
 
 def tcp_sockets(pid: int) -> list[ProcSocket]:
-    """The process's TCP sockets (every state), ordered by fd. Raises ProcessError."""
+    """The process's TCP sockets (every state), ordered by fd: those /proc/net/tcp lists, and those in CLOSE that
+    still hold their peer (a connection reset, or whose close ended, while the process holds it), which it does not
+    list (closed_connections). Raises ProcessError."""
     inodes = socket_inodes(pid)
     table = tcp_table(pid)
-    return [ProcSocket(fd, ino, *table[ino]) for fd, ino in sorted(inodes.items()) if ino in table]
+    listed = [ProcSocket(fd, ino, *table[ino]) for fd, ino in sorted(inodes.items()) if ino in table]
+    unlisted = {fd: ino for fd, ino in inodes.items() if ino not in table}
+    if not unlisted:
+        return listed
+    return sorted(listed + closed_connections(pid, unlisted), key=lambda s: s.fd)
+
+
+def closed_connections(pid: int, sockets: dict[int, int]) -> list[ProcSocket]:
+    """The TCP sockets among `sockets` (fd -> inode, none of them in /proc/net/tcp) that are in CLOSE with a peer,
+    each with whether an error is pending, read through pidfd_getfd copies (the kernel's protocol name,
+    system.sockprotoname, picks the TCP ones first).
+    Raises ProcessError when the process's fds cannot be taken."""
+    found: list[ProcSocket] = []
+    pidfd: PidFd | None = None
+    try:
+        for fd, inode in sorted(sockets.items()):
+            try:
+                name = os.getxattr(f"/proc/{pid}/fd/{fd}", "system.sockprotoname").rstrip(b"\0")
+            except OSError:
+                continue  # closed meanwhile
+            if name not in (b"TCP", b"TCPv6"):
+                continue
+            if pidfd is None:
+                pidfd = PidFd(pid)
+            try:
+                copy = pidfd.getfd(fd)
+            except ProcessError:
+                if not os.path.lexists(f"/proc/{pid}/fd/{fd}"):
+                    continue  # closed meanwhile
+                raise
+            try:
+                conn = closed_tuple(copy)
+                poller = select.poll()
+                poller.register(copy, select.POLLERR)
+                # a socket in CLOSE always shows POLLHUP too
+                pending = any(events & select.POLLERR for _, events in poller.poll(0))
+            finally:
+                os.close(copy)
+            if conn is not None:
+                found.append(ProcSocket(fd, inode, conn, TCP_CLOSE, pending))
+    finally:
+        if pidfd is not None:
+            pidfd.close()
+    return found

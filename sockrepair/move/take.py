@@ -37,7 +37,7 @@ from sockrepair.move.procfs import (
 from sockrepair.move.quiesce import Freeze, Quiescence, quiescent_freeze
 from sockrepair.move.stages import Stage, Timings
 from sockrepair.netns import inside
-from sockrepair.state import TCP_CLOSE, TCP_LISTEN, ConnectionState
+from sockrepair.state import TCP_LISTEN, ConnectionState
 
 KILL_TIMEOUT = 5.0
 DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
@@ -81,8 +81,9 @@ def deferred_signals() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-# A socket in these states holds no connection: ending its process loses nothing a peer could notice.
-_NO_CONNECTION = frozenset({TCP_LISTEN, TCP_CLOSE})
+# A socket in these states holds no connection: ending its process loses nothing a peer could notice (procfs lists
+# a socket in CLOSE only while it holds its peer: the unread bytes and error of a closed connection).
+_NO_CONNECTION = frozenset({TCP_LISTEN})
 # What getxattr(system.sockprotoname) calls the sockets the engine can repair.
 _TCP_PROTOCOLS = frozenset({"TCP", "TCPv6"})
 
@@ -116,19 +117,23 @@ def socket_protocol(pid: int, fd: int) -> str:
         return ""
 
 
-def _why_not(sock: ProcSocket, protocol: str) -> str | None:
-    """Why a move cannot take this connection, or None when it can."""
+def _why_not(sock: ProcSocket, protocol: str, keep_errors: bool = False) -> str | None:
+    """Why a move cannot take this connection, or None when it can. `keep_errors`: the process goes on, so a
+    socket in CLOSE with an error pending is not taken (its checkpoint would read the error, which clears it)."""
     if protocol and protocol not in _TCP_PROTOCOLS:
         return f"{protocol} is not plain TCP: TCP_REPAIR cannot take it"
     if sock.tcp_state not in REPAIRABLE:
         return f"only {REPAIRABLE_NAMES} connections can be moved"
+    if keep_errors and sock.error_pending:
+        return "an error is pending in CLOSE, which a checkpoint would clear while the process goes on"
     return None
 
 
-def select_sockets(pid: int, wanted: Sequence[int] | None) -> list[ProcSocket]:
+def select_sockets(pid: int, wanted: Sequence[int] | None, keep_errors: bool = False) -> list[ProcSocket]:
     """The process's sockets to take: the fds in `wanted` (each must be a plain TCP socket in a state the engine
-    repairs: ESTABLISHED or half-closed), or every such one. Raises ProcessError (no such fd, no established connection) or SocketStateError
-    (naming the process's pid and fd, the protocol, the tuple and the state)."""
+    repairs: ESTABLISHED, half-closed, SYN_SENT or CLOSE after a connection), or every such one. Raises
+    ProcessError (no such fd, no established connection) or SocketStateError (naming the process's pid and fd, the
+    protocol, the tuple and the state). `keep_errors`: see _why_not."""
     found = tcp_sockets(pid)
     if wanted:
         by_fd = {s.fd: s for s in found}
@@ -138,29 +143,29 @@ def select_sockets(pid: int, wanted: Sequence[int] | None) -> list[ProcSocket]:
                 raise ProcessError(f"fd {fd} of process {pid} is not a TCP socket (or not open)", pid=pid, fd=fd)
             s = by_fd[fd]
             protocol = socket_protocol(pid, fd)
-            why = _why_not(s, protocol)
+            why = _why_not(s, protocol, keep_errors)
             if why is not None:
                 raise SocketStateError(f"fd {fd} of process {pid} ({protocol} {s.tuple}) is {s.state_name}: {why}",
                                        pid=pid, fd=fd, tuple=s.tuple, tcp_state=s.tcp_state)
             chosen.append(s)
         return chosen
-    chosen = [s for s in found if _why_not(s, socket_protocol(pid, s.fd)) is None]
+    chosen = [s for s in found if _why_not(s, socket_protocol(pid, s.fd), keep_errors) is None]
     if not chosen:
         raise ProcessError(f"process {pid} ({process_name(pid)}) holds no established TCP connection (nor a "
                            "half-closed one) that can be moved", pid=pid)
     return chosen
 
 
-def left_behind(pid: int, chosen: Sequence[ProcSocket]) -> list[Unmovable]:
-    """Every connection of the process (any TCP state but LISTEN and CLOSE, any protocol /proc/net/tcp lists) that
-    is not in `chosen`, with the reason it is not: what ending the process would destroy."""
+def left_behind(pid: int, chosen: Sequence[ProcSocket], keep_errors: bool = False) -> list[Unmovable]:
+    """Every connection of the process (any TCP state but LISTEN, any protocol /proc/net/tcp lists, and CLOSE ones
+    that hold a peer) that is not in `chosen`, with the reason it is not: what ending the process would destroy."""
     taken = {s.fd for s in chosen}
     out = []
     for s in tcp_sockets(pid):
         if s.fd in taken or s.tcp_state in _NO_CONNECTION:
             continue
         protocol = socket_protocol(pid, s.fd)
-        out.append(Unmovable(s, protocol, _why_not(s, protocol) or "not among the fds asked for"))
+        out.append(Unmovable(s, protocol, _why_not(s, protocol, keep_errors) or "not among the fds asked for"))
     return out
 
 
@@ -232,7 +237,8 @@ def checkpoint_taken(pid: int, sock: ProcSocket, copy: int) -> ConnectionState:
 @contextlib.contextmanager
 def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timings: Timings,
              ttl: float = 60.0, quiescence: Quiescence = Quiescence(),
-             freezer: Freezer | None = None, allow_loss: bool = False) -> Iterator[Captured]:
+             freezer: Freezer | None = None, allow_loss: bool = False,
+             keep_errors: bool = False) -> Iterator[Captured]:
     """Freeze `pid` where every thread waits, as `quiescence` says (sockrepair.move.quiesce), take and checkpoint
     its connections (see select_sockets), lock them with `locker` for `ttl` seconds, and yield them frozen and
     locked; the freeze, lock and checkpoint stages are timed into `timings`. On an error (KeyboardInterrupt
@@ -242,7 +248,8 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
     its own when None), whose guard undoes all this if sockrepair dies. Raises ProcessError and SocketStateError
     naming the process's pid and fd; ProcessError too when the process stayed busy and the policy refuses (nothing
     was taken), or is sockrepair itself or one of its ancestors. Every other connection of the process is listed in
-    Captured.lost; unless `allow_loss`, any such connection is refused before the freeze (refuse_losses)."""
+    Captured.lost; unless `allow_loss`, any such connection is refused before the freeze (refuse_losses).
+    `keep_errors` (the caller resumes the process): a socket in CLOSE with an error pending is not taken."""
     with contextlib.ExitStack() as owned:
         # the caller's guard, when it is to outlive the capture (migrate() hands it the restored sockets)
         if freezer is None:
@@ -250,8 +257,8 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
         pidfd = freezer.pidfd
         # /proc/PID/net/tcp is read before the freeze (reading it costs ms with many connections); under the freeze
         # only the fd -> inode map is checked, and the table read again if the process changed its sockets meanwhile
-        chosen = select_sockets(pid, wanted)
-        lost = left_behind(pid, chosen)
+        chosen = select_sockets(pid, wanted, keep_errors)
+        lost = left_behind(pid, chosen, keep_errors)
         if not allow_loss:
             refuse_losses(pid, lost)
         chosen, unmovable = screen(pid, pidfd, chosen, wanted, allow_loss)
@@ -271,8 +278,8 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
             if any(inodes.get(s.fd) != s.inode for s in chosen):
                 # what was screened out stays out; anything new is checked by checkpoint() itself
                 skipped = {u.sock.fd for u in unmovable}
-                chosen = [s for s in select_sockets(pid, wanted) if s.fd not in skipped]
-                lost = [u for u in left_behind(pid, chosen) if u.sock.fd not in skipped] + unmovable
+                chosen = [s for s in select_sockets(pid, wanted, keep_errors) if s.fd not in skipped]
+                lost = [u for u in left_behind(pid, chosen, keep_errors) if u.sock.fd not in skipped] + unmovable
                 if not allow_loss:
                     refuse_losses(pid, lost)
                 freezer.watch([s.fd for s in chosen], [s.tuple for s in chosen])

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -24,6 +24,7 @@ from sockrepair.move import dump as dump_module
 from sockrepair.move import take
 from sockrepair.move.dump import After, dump, inspect
 from sockrepair.move.keep import Keeper
+from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import stat, tcp_sockets, tcp_table
 from tests.root.pairs import tcp_info, wait_for
 from tests.root.programs import free_port
@@ -229,8 +230,9 @@ def test_dump_of_a_listening_fd_names_its_state(netns, tmp_path):
 
 
 def test_a_checkpoint_error_names_the_process_fd_not_the_copy(netns, tmp_path, monkeypatch):
-    """A connection that the peer resets between the /proc read and the freeze reaches checkpoint() in CLOSE:
-    the engine names the pidfd_getfd copy's fd, dump() re-raises with the process's own fd, its pid and the tuple.
+    """A connection disconnected (connect(AF_UNSPEC)) between the /proc read and the freeze reaches checkpoint() in
+    CLOSE without a peer: the engine names the pidfd_getfd copy's fd, dump() re-raises with the process's own fd,
+    its pid and the tuple.
     The other connection, already checkpointed, is resumed and keeps echoing."""
     port = free_port()
     server = start_echo(f"127.0.0.1:{port}")
@@ -242,13 +244,18 @@ def test_a_checkpoint_error_names_the_process_fd_not_the_copy(netns, tmp_path, m
         gone_fd = next(s.fd for s in tcp_sockets(server.pid) if s.tuple == gone_tuple)
         select = take.select_sockets
 
-        def select_then_close(pid, wanted):
-            chosen = select(pid, wanted)
-            # stopped, the program cannot close its end: the reset socket stays at its fd, in CLOSE (unhashed: it
-            # leaves /proc/net/tcp)
+        def select_then_close(pid, wanted, *rest):
+            chosen = select(pid, wanted, *rest)
+            # stopped, the program cannot close its end: the disconnected socket stays at its fd, in CLOSE with no
+            # peer (unhashed: it leaves /proc/net/tcp)
             os.kill(server.pid, signal.SIGSTOP)
-            gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            gone.close()
+            with PidFd(server.pid) as pidfd:
+                copy = pidfd.getfd(gone_fd)
+            try:
+                unspec = ctypes.create_string_buffer(16)  # sa_family AF_UNSPEC: tcp_disconnect
+                assert ctypes.CDLL(None, use_errno=True).connect(copy, unspec, 16) == 0
+            finally:
+                os.close(copy)
             inode = next(s.inode for s in chosen if s.fd == gone_fd)
             deadline = time.monotonic() + 5
             while inode in tcp_table(pid) and time.monotonic() < deadline:
@@ -260,7 +267,7 @@ def test_a_checkpoint_error_names_the_process_fd_not_the_copy(netns, tmp_path, m
             dump(server.pid, tmp_path / "img")
         err = caught.value
         assert (err.pid, err.fd, err.tuple, err.tcp_state) == (server.pid, gone_fd, gone_tuple, 7)
-        assert "in state CLOSE;" in str(err)
+        assert "in state CLOSE without a peer" in str(err)
         assert sockrepair.list_locks() == []
         # the test's own SIGSTOP is the test's to undo: sockrepair's freeze (ptrace) leaves job control alone
         assert _state(server.pid) == "T"

@@ -6,7 +6,6 @@ import dataclasses
 import multiprocessing
 import os
 import socket
-import struct
 import time
 
 import pytest
@@ -54,20 +53,6 @@ def test_listening_socket_is_refused(netns):
         with pytest.raises(sockrepair.SocketStateError, match="is a listening socket") as err:
             sockrepair.checkpoint(listener)
         assert (err.value.fd, err.value.tcp_state, err.value.tuple) == (listener.fileno(), TCP_LISTEN, None)
-
-
-def test_a_reset_connection_names_its_state(make_pair):
-    """CLOSE (here after the peer's RST) is not repaired: nothing of the connection is left on the wire."""
-    client, server = make_pair()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    client.close()
-    deadline = time.monotonic() + 10
-    while server.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_CLOSE:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    with pytest.raises(sockrepair.SocketStateError, match="in state CLOSE; only ESTABLISHED, SYN_SENT, ") as err:
-        sockrepair.checkpoint(server)
-    assert (err.value.fd, err.value.tcp_state, err.value.tuple) == (server.fileno(), TCP_CLOSE, None)
 
 
 def _checkpoint_as_nobody(fd: int, out: multiprocessing.connection.Connection) -> None:

@@ -122,6 +122,19 @@ def test_the_text_view_of_a_state() -> None:
     assert plain[-1].split() == ["sockopts", "as", "a", "new", "socket's"]
 
 
+def test_the_text_and_json_views_of_a_closed_connection(tmp_path: Path) -> None:
+    state = a_state(window=False).replace(tcp_state=7, send_queue=b"", unsent_len=0, sk_err=32, fin_received=True)
+    lines = state_lines(state)
+    assert lines[0].split()[-1] == "CLOSE"
+    assert lines[-1].split() == ["closed:", "pending", "error", "EPIPE,", "the", "peer's", "FIN", "received"]
+    assert state_lines(state.replace(sk_err=0, fin_received=False))[-1].split()[:4] == ["closed:", "pending",
+                                                                                         "error", "none,"]
+    (tmp_path / "conn-0.img").write_bytes(state.to_bytes())
+    code, out, _ = run_main("show", str(tmp_path / "conn-0.img"), "--json")
+    assert code == 0 and json.loads(out)["close"] == {"sk_err": 32, "error": "EPIPE", "fin_received": True}
+    assert "close" not in a_state().to_dict()
+
+
 def test_criu_show_prints_the_same_text_view() -> None:
     from sockrepair.criu.images import load_connections
 

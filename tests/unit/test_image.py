@@ -62,9 +62,11 @@ def states(draw: st.DrawFn) -> ConnectionState:
     values |= {name: draw(st.integers(0, 2**63 - 1)) for name in layout.MORE_SOCKOPT_LONGS}
     sockopts = SocketOptions(**values, bindtodevice=draw(SHORT_TEXT), congestion=draw(SHORT_TEXT))
     wscale = st.integers(0, layout.MAX_WSCALE)
+    tcp_state = draw(st.sampled_from(sorted(layout.VALID_TCP_STATES)))
+    closed = tcp_state == layout.CLOSE_STATE
     return ConnectionState(
         tuple=draw(conn_tuples()),
-        tcp_state=draw(st.sampled_from(sorted(layout.VALID_TCP_STATES))),
+        tcp_state=tcp_state,
         send_seq=draw(U32),
         recv_seq=draw(U32),
         send_queue=send,
@@ -75,6 +77,8 @@ def states(draw: st.DrawFn) -> ConnectionState:
         window=draw(st.none() | st.builds(RepairWindow, U32, U32, U32, U32, U32)),
         timestamp=draw(U32),
         sockopts=sockopts,
+        sk_err=draw(st.integers(0, layout.MAX_ERRNO)) if closed else 0,
+        fin_received=draw(st.booleans()) if closed else False,
     )  # fmt: skip
 
 
@@ -146,12 +150,17 @@ def container_of(state: ConnectionState) -> dict:
             "flags": {name: getattr(so, name) for name in layout.MORE_SOCKOPT_FLAGS},
             **{name: getattr(so, name) for name in (*layout.MORE_SOCKOPT_INTS, *layout.MORE_SOCKOPT_LONGS)},
         },
+        "close": {"sk_err": state.sk_err, "flags": {"fin_received": state.fin_received}}
+        if state.sk_err or state.fin_received else None,
     }  # fmt: skip
     return {"signed": {"value": {"body": body}}}
 
 
 def reseal(data: bytes) -> bytes:
-    """`data` with its last four bytes replaced by a valid checksum of the rest, so the body parser sees it."""
+    """`data` with its trailer (CRC-32, or XXH3-64 from version 3 on, as its header says) replaced by a valid
+    checksum of the rest, so the body parser sees it."""
+    if struct.unpack_from(">H", data, 4)[0] >= layout.FIRST_XXH3:
+        return data[:-8] + struct.pack(">Q", xxhash.xxh3_64_intdigest(data[:-8]))
     return data[:-4] + struct.pack(">I", zlib.crc32(data[:-4]))
 
 
@@ -262,6 +271,24 @@ def test_version_1_images_read_with_the_new_options_left_alone() -> None:
     assert image.encode(back, version=1) == old
 
 
+def test_version_2_images_read_as_written_and_know_no_close_record() -> None:
+    """Version 2 is version 3's body without the CLOSE flag, under a CRC-32: version 2 refuses the flag, on reading
+    and on writing."""
+    v2 = image.encode(base_state(), version=2)
+    assert image.decode(v2) == base_state()
+    assert format.ConnectionImage.parse(v2).signed.value.body.close is None
+    closed_state = base_state(tcp_state=7, send_queue=b"", unsent_len=0, sk_err=104)
+    v3 = closed_state.to_bytes()
+    as_v2 = reseal(v3[:4] + b"\0\2" + v3[6:-8] + b"\0\0\0\0")
+    rejects(as_v2, 6, "unknown flags 0x0003 (version 2 knows 0x0001)")
+    with pytest.raises(construct.ConstructError):
+        format.ConnectionImage.parse(as_v2)
+    for version in (1, 2):
+        with pytest.raises(ImageError, match=f"version {version} has no CLOSE record") as err:
+            image.encode(closed_state, version=version)
+        assert err.value.field == "version"
+
+
 @pytest.mark.parametrize(("cut", "field"), [(0, "more_sockopts.flags"), (1, "more_sockopts.busy_poll"),
                                             (20, "more_sockopts.mtu_discover"), (40, "more_sockopts.rcvtimeo_us"),
                                             (48, "more_sockopts.sndtimeo_us")])
@@ -279,6 +306,50 @@ def test_version_2_unknown_option_flags() -> None:
     assert (err.value.offset, err.value.field) == (149, "more_sockopts.flags"), str(err.value)
     with pytest.raises(construct.ConstructError):
         format.ConnectionImage.parse(patched(image.encode(base_state(), version=2), 149, ">B", 0x08))
+
+
+def test_a_closed_connection_keeps_its_error_and_fin_in_the_close_record() -> None:
+    """CLOSE with a pending error or the peer's FIN: header flag bit 1 and a 3-byte record after version 2's
+    (u16 sk_err, u8 flags with fin_received in bit 0); without either, the image is byte for byte what sockrepair
+    wrote before the record existed."""
+    plain_state = base_state(tcp_state=7, send_queue=b"", unsent_len=0)
+    plain = plain_state.to_bytes()
+    assert struct.unpack_from(">H", plain, 6)[0] == layout.FLAG_WINDOW
+    assert plain[6:-8] == image.encode(plain_state, version=2)[6:-4]  # version 2's flags and body
+    state = base_state(tcp_state=7, send_queue=b"", unsent_len=0, sk_err=32, fin_received=True)
+    data = state.to_bytes()
+    assert struct.unpack_from(">H", data, 6)[0] == layout.FLAG_WINDOW | layout.FLAG_CLOSE
+    assert data[-11:-8] == b"\x00\x20\x01" and len(data) == len(plain) + 3
+    assert ConnectionState.from_bytes(data) == state
+    assert format.ConnectionImage.parse(data).signed.value.body.close.sk_err == 32
+    assert ConnectionState.from_bytes(plain).sk_err == 0
+
+
+@pytest.mark.parametrize(("offset", "fmt", "value", "field", "words"), [
+    (2, ">B", 0x02, "close.flags", "unknown CLOSE record flags 0x02"),
+    (0, ">H", 0, "close.sk_err", "an all-zero CLOSE record"),
+])
+def test_bad_close_records(offset: int, fmt: str, value: int, field: str, words: str) -> None:
+    data = base_state(tcp_state=7, send_queue=b"", unsent_len=0, sk_err=104).to_bytes()
+    bad = patched(data, len(data) - 8 - 3 + offset, fmt, value)  # the record ends before the 8-byte XXH3-64
+    with pytest.raises(ImageError) as err:
+        image.decode(bad)
+    assert err.value.field == field and words in str(err.value), str(err.value)
+    with pytest.raises(construct.ConstructError):
+        format.ConnectionImage.parse(bad)
+
+
+def test_close_record_only_in_close() -> None:
+    data = base_state(tcp_state=7, send_queue=b"", unsent_len=0, sk_err=104).to_bytes()
+    bad = patched(data, 25, ">B", 1)  # tcp_state (IPv4: body offset 13) -> ESTABLISHED
+    with pytest.raises(ImageError) as err:
+        image.decode(bad)
+    assert err.value.field == "close.sk_err" and "a CLOSE record in state 1" in str(err.value), str(err.value)
+    with pytest.raises(construct.ConstructError):
+        format.ConnectionImage.parse(bad)
+    with pytest.raises(ImageError) as err:
+        base_state(sk_err=104).to_bytes()
+    assert err.value.field == "close.sk_err", str(err.value)
 
 
 def test_record_sizes_match_the_construct_definition() -> None:

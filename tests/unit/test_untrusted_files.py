@@ -219,7 +219,7 @@ NOT_AN_ANCESTOR = 2**22 + 1
 def test_criu_dump_refuses_an_unsafe_directory_before_anything_runs(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(driver, "_working", lambda criu: criu)
-    monkeypatch.setattr(driver, "map_trees", lambda pids: type("T", (), {"external": lambda self: []})())
+    monkeypatch.setattr(driver, "map_trees", lambda pids: type("T", (), {"external": lambda self: [], "trees": []})())
     (tmp_path / "link").symlink_to(tmp_path)
     with pytest.raises(CriuError, match="is a symlink"):
         driver.dump([NOT_AN_ANCESTOR], tmp_path / "link", criu=None)

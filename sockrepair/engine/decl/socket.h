@@ -17,6 +17,7 @@
 #define SO_REUSEPORT 15
 #define SO_RCVLOWAT 18
 #define SO_BINDTODEVICE 25
+#define SO_PEERNAME 28     /* getname(peer=2): the peer of a socket in CLOSE too, where getpeername says ENOTCONN */
 #define SO_ACCEPTCONN 30
 #define SO_SNDBUFFORCE 32
 #define SO_RCVBUFFORCE 33
