@@ -6,6 +6,7 @@ decides whether the connection lives on here (resume) or elsewhere (discard, the
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 from sockrepair.engine._addr import read_tuple
 from sockrepair.engine._diag import connecting_tuple
@@ -29,7 +30,7 @@ from sockrepair.engine._tcpopts import (
     tcp_info,
 )
 from sockrepair.errors import SocketCallError, SocketStateError
-from sockrepair.state import ConnectionState, ConnTuple, state_name
+from sockrepair.state import ConnectionState, ConnTuple, SocketOptions, state_name
 
 SOL = lib.SOL_SOCKET
 REPAIRABLE_NAMES = ", ".join(state_name(s) for s in sorted(REPAIRABLE))
@@ -60,15 +61,9 @@ def checkpoint(sock: SockLike) -> ConnectionState:
     On any failure after repair mode is on, the socket is resumed first."""
     fd = fileno(sock)
     session = _Session(fd)
-    _ensure_tcp(session)
-    info = tcp_info(session)
-    first_state = info.tcpi_state
-    if first_state not in REPAIRABLE:
-        what = "a listening socket" if first_state == lib.TCP_LISTEN else f"in state {state_name(first_state)}"
-        raise SocketStateError(f"fd {fd} is {what}; only {REPAIRABLE_NAMES} connections can be checkpointed",
-                               fd=fd, tuple=_tuple_if_connected(session), tcp_state=first_state)
-    conn = session.tuple = _connection_tuple(session, first_state)
-    sockopts = read_sockopts(session, conn.family)
+    first_state, family = first_look(session)
+    conn = session.tuple = _connection_tuple(session, first_state, family)
+    sockopts = read_sockopts(session, family)
     session.repair_on()
     try:
         if sockopts.reuseaddr:
@@ -78,21 +73,47 @@ def checkpoint(sock: SockLike) -> ConnectionState:
         refuse(session, conn, first_state)
         # re-read under repair: the state may have moved between the first look and the freeze
         info = tcp_info(session)
-        if info.tcpi_state != first_state:
-            raise SocketStateError(
-                f"fd {fd} left {state_name(first_state)} (now {state_name(info.tcpi_state)}) while it was being "
-                "frozen", fd=fd, tuple=conn, tcp_state=info.tcpi_state,
-            )
-        options = read_options(session, info)
-        timestamp = read_timestamp(session)
-        window = read_window(session)
-        queues = read_queues(session, first_state)
+        ensure_state(session, first_state, info.tcpi_state)
+        return frozen_state(session, info, sockopts)
     except BaseException:
         _resume(session)
         raise
+
+
+def first_look(session: _Session) -> tuple[int, int]:
+    """Before repair mode: (the TCP state, the address family) of a plain TCP socket in a state checkpoint() takes;
+    SocketStateError otherwise (see checkpoint)."""
+    family = _ensure_tcp(session)
+    first_state = tcp_info(session).tcpi_state
+    if first_state not in REPAIRABLE:
+        fd = session.fd
+        what = "a listening socket" if first_state == lib.TCP_LISTEN else f"in state {state_name(first_state)}"
+        raise SocketStateError(f"fd {fd} is {what}; only {REPAIRABLE_NAMES} connections can be checkpointed",
+                               fd=fd, tuple=_tuple_if_connected(session), tcp_state=first_state)
+    return first_state, family
+
+
+def ensure_state(session: _Session, first_state: int, now: int) -> None:
+    """In repair mode: SocketStateError when the socket left `first_state` (now `now`) while being frozen."""
+    if now != first_state:
+        raise SocketStateError(
+            f"fd {session.fd} left {state_name(first_state)} (now {state_name(now)}) while it was being "
+            "frozen", fd=session.fd, tuple=session.tuple, tcp_state=now,
+        )
+
+
+def frozen_state(session: _Session, info: Any, sockopts: SocketOptions) -> ConnectionState:
+    """The rest of a checkpoint, in repair mode, once the connection (`session.tuple`), its state and options are
+    known (`info`: tcp_info's state, options and window scales, read in repair mode)."""
+    tcp_state = info.tcpi_state
+    options = read_options(session, info)
+    timestamp = read_timestamp(session)
+    window = read_window(session)
+    queues = read_queues(session, tcp_state)
+    assert session.tuple is not None
     return ConnectionState(
-        tuple=conn,
-        tcp_state=info.tcpi_state,
+        tuple=session.tuple,
+        tcp_state=tcp_state,
         send_seq=queues.send_seq,
         recv_seq=queues.recv_seq,
         send_queue=queues.send_queue,
@@ -172,7 +193,8 @@ def ensure_unchanged(fd: int, state: ConnectionState) -> None:
         )
 
 
-def _ensure_tcp(session: _Session) -> None:
+def _ensure_tcp(session: _Session) -> int:
+    """The socket's address family, once it is known to be plain IPv4/IPv6 TCP."""
     fd, get_int = session.fd, session.get
     try:
         sock_type = get_int(SOL, lib.SO_TYPE, "SO_TYPE")
@@ -190,13 +212,13 @@ def _ensure_tcp(session: _Session) -> None:
             f"fd {fd} is {what} (domain {domain}, type {sock_type}, protocol {protocol}); "
             "only plain IPv4/IPv6 TCP connections can be repaired", fd=fd
         )
+    return domain
 
 
-def _connection_tuple(session: _Session, tcp_state: int) -> ConnTuple:
+def _connection_tuple(session: _Session, tcp_state: int, family: int) -> ConnTuple:
     """getsockname/getpeername; in SYN_SENT, where getpeername says ENOTCONN, sock_diag's view of the socket."""
     if tcp_state != lib.TCP_SYN_SENT:
         return read_tuple(session)
-    family = session.get(SOL, lib.SO_DOMAIN, "SO_DOMAIN")
     conn = connecting_tuple(session, family, tcp_state)
     if conn is None:
         raise SocketStateError(f"fd {session.fd} left SYN_SENT before its peer could be read", fd=session.fd,

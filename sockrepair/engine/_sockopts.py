@@ -124,9 +124,17 @@ _WRITES = {
 
 def read_sockopts(session: _Session, family: int) -> SocketOptions:
     """Must run before repair mode is switched on: repair mode forces the reuse flag, which SO_REUSEADDR reports."""
+    return SocketOptions(**read_sockopt_values(session, family))  # type: ignore[arg-type]
+
+
+def read_sockopt_values(session: _Session, family: int, skip: frozenset[str] = frozenset()) -> dict[str, object]:
+    """The fields of SocketOptions read as read_sockopts() reads them, but those in `skip` (a batch checkpoint takes
+    them from a sock_diag dump: engine/_batch.py)."""
     get_int = session.get
     values: dict[str, object] = {}
     for field, level, opt, name, as_bool in _READS[family]:
+        if field in skip:
+            continue
         raw = get_int(level, opt, name)
         values[field] = bool(raw) if as_bool else raw
     for o in OPTIONAL_INT_OPTS:
@@ -144,15 +152,17 @@ def read_sockopts(session: _Session, family: int) -> SocketOptions:
         raise session.fail("getsockopt(SO_LINGER)")
     values["linger_on"] = bool(as_int[0])
     values["linger_secs"] = as_int[1]
-    values["bindtodevice"] = _read_name(session, SOL, lib.SO_BINDTODEVICE, value, size, "SO_BINDTODEVICE")
-    values["congestion"] = _read_name(session, TCP, lib.TCP_CONGESTION, value, size, "TCP_CONGESTION")
+    if "bindtodevice" not in skip:
+        values["bindtodevice"] = _read_name(session, SOL, lib.SO_BINDTODEVICE, value, size, "SO_BINDTODEVICE")
+    if "congestion" not in skip:
+        values["congestion"] = _read_name(session, TCP, lib.TCP_CONGESTION, value, size, "TCP_CONGESTION")
     tv = new(TIMEVAL_P)
     for field, opt, name in TIMEOUTS:
         size[0] = TIMEVAL_SIZE
         if getsockopt(fd, SOL, opt, tv, size) < 0:
             raise session.fail(f"getsockopt({name})")
         values[field] = tv.tv_sec * 1_000_000 + tv.tv_usec
-    return SocketOptions(**values)  # type: ignore[arg-type]
+    return values
 
 
 def _read_name(session: _Session, level: int, opt: int, buf: object, size: object, name: str) -> str:

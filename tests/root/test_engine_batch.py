@@ -1,0 +1,170 @@
+"""checkpoint_many (engine/_batch.py) gives, field by field, the states checkpoint() gives for the same sockets, over
+IPv4, IPv6 and v4-mapped, in several TCP states, with queues and non-default options, across two namespaces; it
+raises what checkpoint() raises for a socket that cannot be moved, and leaves every socket as it found it."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import socket
+import struct
+import termios
+
+import pytest
+
+import sockrepair
+from sockrepair.engine._batch import checkpoint_many
+from sockrepair.netns import NetNS
+from sockrepair.state import ConnectionState
+from tests.root.pairs import FAMILIES, recv_exactly, wait_for
+from tests.root.test_engine_states import CLOSE_WAIT, FIN_WAIT2, SETUPS, _pair, _until
+
+SOL, TCP, IP = socket.SOL_SOCKET, socket.IPPROTO_TCP, socket.IPPROTO_IP
+ESTABLISHED = 1
+TCP_REPAIR = 19
+
+
+def _established(c: socket.socket, s: socket.socket) -> tuple[bytes, bytes]:
+    """Bytes both ways, and options a dump shows (TOS, mark, buffers, the device) set away from their defaults."""
+    level, tos = (IP, socket.IP_TOS) if s.family == socket.AF_INET else (socket.IPPROTO_IPV6, socket.IPV6_TCLASS)
+    s.setsockopt(level, tos, 0x28)
+    s.setsockopt(SOL, socket.SO_MARK, 0x1234)
+    s.setsockopt(SOL, socket.SO_SNDBUF, 96 << 10)
+    s.setsockopt(SOL, socket.SO_RCVBUF, 80 << 10)
+    s.setsockopt(SOL, socket.SO_BINDTODEVICE, b"lo")
+    s.setsockopt(TCP, socket.TCP_NODELAY, 1)
+    c.sendall(b"to the server, unread")
+    s.sendall(b"to the client")
+    wait_for(lambda: _inq(s) == 21, "the bytes to arrive")
+    return b"", b""
+
+
+def _inq(sock: socket.socket) -> int:
+    return int(struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0])
+
+
+def _comparable(state: ConnectionState) -> ConnectionState:
+    # the timestamp clock ticks between the two checkpoints: only its microsecond flag (bit 0) must agree
+    return dataclasses.replace(state, timestamp=state.timestamp & 1)
+
+
+def _in_repair(sock: socket.socket) -> int:
+    return sock.getsockopt(TCP, TCP_REPAIR)
+
+
+def _made(family: int, listen_addr: str, connect_addr: str, setup: str) -> tuple[socket.socket, socket.socket]:
+    c, s = _pair(family, listen_addr, connect_addr)
+    if setup == "established":
+        _established(c, s)
+    else:
+        tcp_state = {"close_wait": CLOSE_WAIT, "fin_wait2": FIN_WAIT2}[setup]
+        SETUPS[tcp_state](c, s)
+        _until(s, tcp_state)
+    return c, s
+
+
+SETUP_NAMES = ("established", "close_wait", "fin_wait2")
+
+
+@pytest.mark.parametrize(("family", "listen_addr", "connect_addr"), FAMILIES)
+def test_batch_and_single_checkpoints_are_equal(netns, family: int, listen_addr: str, connect_addr: str) -> None:
+    pairs = [_made(family, listen_addr, connect_addr, setup) for setup in SETUP_NAMES for _ in range(2)]
+    socks = [s for _, s in pairs]
+    try:
+        single = [sockrepair.checkpoint(s) for s in socks]
+        for s in socks:
+            sockrepair.resume(s)
+        batch = checkpoint_many(socks)
+        assert [_in_repair(s) for s in socks] == [1] * len(socks)
+        for s in socks:
+            sockrepair.resume(s)
+        assert [st.tcp_state for st in batch] == [ESTABLISHED] * 2 + [CLOSE_WAIT] * 2 + [FIN_WAIT2] * 2
+        for one, many in zip(single, batch):
+            for field in dataclasses.fields(ConnectionState):
+                assert getattr(_comparable(many), field.name) == getattr(_comparable(one), field.name), field.name
+        first = batch[0]
+        assert first.recv_queue == b"to the server, unread"
+        assert (first.sockopts.tos, first.sockopts.mark, first.sockopts.bindtodevice) == (0x28, 0x1234, "lo")
+        assert first.sockopts.nodelay
+    finally:
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
+
+
+def test_batch_across_two_namespaces(netns) -> None:
+    """Sockets of another namespace in the same batch: that namespace is dumped too."""
+    here = [_made(socket.AF_INET, "127.0.0.1", "127.0.0.1", "established") for _ in range(2)]
+    with NetNS() as other:
+        with other.entered():
+            there = [_made(socket.AF_INET6, "::1", "::1", "established") for _ in range(2)]
+        pairs = [here[0], there[0], here[1], there[1]]
+        socks = [s for _, s in pairs]
+        try:
+            single = []
+            for s in socks:
+                single.append(sockrepair.checkpoint(s))
+                sockrepair.resume(s)
+            batch = checkpoint_many(socks)
+            for s in socks:
+                sockrepair.resume(s)
+            assert [_comparable(b) for b in batch] == [_comparable(s) for s in single]
+            assert [b.tuple.family for b in batch] == [socket.AF_INET, socket.AF_INET6] * 2
+        finally:
+            for pair in pairs:
+                for sock in pair:
+                    sock.close()
+
+
+def _urgent_read(c: socket.socket, s: socket.socket) -> None:
+    c.send(b"abc")
+    c.send(b"X", socket.MSG_OOB)
+    wait_for(lambda: _inq(s) == 3, "the bytes before the mark")
+    assert s.recv(1, socket.MSG_OOB) == b"X"
+
+
+REFUSALS = {
+    # shown by the dump
+    "IP_RECVERR/IPV6_RECVERR": lambda c, s: s.setsockopt(IP, 11, 1),
+    "shutdown(SHUT_RD)": lambda c, s: s.shutdown(socket.SHUT_RD),
+    "urgent data (MSG_OOB)": _urgent_read,
+    # asked per socket
+    "SO_DONTROUTE": lambda c, s: s.setsockopt(SOL, socket.SO_DONTROUTE, 1),
+    "IP_MINTTL/IPV6_MINHOPCOUNT": lambda c, s: s.setsockopt(IP, 21, 5),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(REFUSALS))
+def test_batch_refuses_as_checkpoint_does_and_resumes_all(make_pair, entry: str) -> None:
+    pairs = [make_pair() for _ in range(3)]
+    client, server = pairs[1]
+    REFUSALS[entry](client, server)
+    with pytest.raises(sockrepair.SocketStateError) as alone:
+        sockrepair.checkpoint(server)
+    socks = [s for _, s in pairs]
+    with pytest.raises(sockrepair.SocketStateError) as together:
+        checkpoint_many(socks)
+    assert f"({entry})" in str(together.value)
+    assert str(together.value) == str(alone.value)
+    assert (together.value.fd, together.value.tuple) == (server.fileno(), alone.value.tuple)
+    # every socket, the two before and after it included, is out of repair mode and still sends at once
+    assert [_in_repair(s) for s in socks] == [0, 0, 0]
+    for c, s in (pairs[0], pairs[2]):
+        s.sendall(b"still here")
+        assert recv_exactly(c, 10) == b"still here"
+
+
+def test_batch_refuses_a_listening_socket_as_checkpoint_does(make_pair) -> None:
+    client, server = make_pair()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with pytest.raises(sockrepair.SocketStateError) as alone:
+            sockrepair.checkpoint(listener)
+        with pytest.raises(sockrepair.SocketStateError) as together:
+            checkpoint_many([server, listener])
+        assert str(together.value) == str(alone.value)
+        assert together.value.tcp_state == 10
+    assert _in_repair(server) == 0
+    server.sendall(b"still here")
+    assert recv_exactly(client, 10) == b"still here"
