@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sockrepair.engine._batch import checkpoint_many
 from sockrepair.engine._checkpoint import (
     REPAIRABLE_NAMES,
     checkpoint,
@@ -229,6 +230,19 @@ def checkpoint_taken(pid: int, sock: ProcSocket, copy: int) -> ConnectionState:
         raise _in_process(exc, pid, sock, copy) from None
 
 
+def checkpoint_all_taken(pid: int, chosen: Sequence[ProcSocket], copies: Sequence[int]) -> list[ConnectionState]:
+    """checkpoint_many() of `copies`, process `pid`'s sockets `chosen` taken with pidfd_getfd (one sock_diag dump
+    for all of them). Raises SocketStateError naming the process's pid and fd, the tuple and the TCP state of the
+    socket that failed; every copy is then out of repair mode again."""
+    try:
+        return checkpoint_many(copies)
+    except SocketStateError as exc:
+        for sock, copy in zip(chosen, copies):
+            if copy == exc.fd:
+                raise _in_process(exc, pid, sock, copy) from None
+        raise
+
+
 @contextlib.contextmanager
 def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timings: Timings,
              ttl: float = 60.0, quiescence: Quiescence = Quiescence(),
@@ -279,7 +293,6 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
             fds: list[int] = []
             states: list[ConnectionState] = []
             cap = Captured(pid, chosen, fds, states, freeze, pidfd, freezer, lost=lost)
-            checkpointing = False
             try:
                 for s in chosen:
                     fds.append(pidfd.getfd(s.fd))
@@ -289,16 +302,14 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
                     with timings.timed(Stage.LOCK):
                         locker.lock([s.tuple for s in chosen], ttl=ttl)
                 with timings.timed(Stage.CHECKPOINT):
-                    checkpointing = True
-                    for s, fd in zip(chosen, fds):
-                        states.append(checkpoint_taken(pid, s, fd))
+                    # all or none: a failing batch resumes what it froze itself
+                    states.extend(checkpoint_all_taken(pid, chosen, fds))
                 yield cap
             except BaseException:
                 # past the point of no return the source is gone and the lock must hold for the restore
                 if not cap.ended:
                     with deferred_signals():
-                        # a checkpoint cut short may have left its socket in repair mode too
-                        for fd in fds[: len(states) + 1] if checkpointing else ():
+                        for fd in fds[: len(states)]:
                             with contextlib.suppress(OSError):
                                 resume(fd)
                         if locker is not None:
