@@ -39,13 +39,13 @@ from sockrepair.engine._session import (
     CHARS,
     SockLike,
     _Session,
-    fileno,
     getsockopt,
     hold_reuse,
     new,
     signed32,
 )
 from sockrepair.engine._sockopts import read_sockopt_values
+from sockrepair.engine._socksession import sessions_of
 from sockrepair.engine._states import REPAIRABLE
 from sockrepair.engine._tcpopts import tcp_info
 from sockrepair.errors import SocketCallError
@@ -81,10 +81,14 @@ def checkpoint_many(socks: Sequence[SockLike]) -> list[ConnectionState]:
 
     Raises what checkpoint() raises, for the first socket found failing (errors carry its `.fd`); every socket the
     call put in repair mode is then resumed (repair off without a window probe) before the error goes up."""
+    with sessions_of(socks) as sessions:
+        return _checkpoint_all(sessions)
+
+
+def _checkpoint_all(sessions: Sequence[_Session]) -> list[ConnectionState]:
     frozen: list[_Frozen] = []
     try:
-        for sock in socks:
-            session = _Session(fileno(sock))
+        for session in sessions:
             first_state, family = first_look(session)
             values = read_sockopt_values(session, family, DUMPED)
             session.repair_on()

@@ -6,6 +6,7 @@ decides whether the connection lives on here (resume) or elsewhere (discard, the
 from __future__ import annotations
 
 import errno
+import socket
 from typing import Any
 
 from sockrepair.engine._addr import read_tuple
@@ -22,6 +23,7 @@ from sockrepair.engine._session import (
     release_reuse,
 )
 from sockrepair.engine._sockopts import read_sockopts
+from sockrepair.engine._socksession import SocketSession
 from sockrepair.engine._states import REPAIRABLE, send_lengths
 from sockrepair.engine._tcpopts import (
     read_options,
@@ -60,7 +62,7 @@ def checkpoint(sock: SockLike) -> ConnectionState:
     when a kernel call fails, with EAGAIN when the queues kept changing while read (the peer is not locked out).
     On any failure after repair mode is on, the socket is resumed first."""
     fd = fileno(sock)
-    session = _Session(fd)
+    session = SocketSession(sock) if isinstance(sock, socket.socket) else _Session(fd)
     first_state, family = first_look(session)
     conn = session.tuple = _connection_tuple(session, first_state, family)
     sockopts = read_sockopts(session, family)

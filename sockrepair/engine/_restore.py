@@ -16,6 +16,7 @@ from sockrepair.engine._sockopts import (
     lift_send_limit,
     size_buffers,
 )
+from sockrepair.engine._socksession import SocketSession
 from sockrepair.engine._states import FIN_IN_RECV, SYN_SENT, replay_close, restore_seqs
 from sockrepair.engine._tcpopts import (
     restore_options,
@@ -51,7 +52,7 @@ def restore(state: ConnectionState) -> socket.socket:
     while still in repair mode, so the peer sees nothing."""
     conn = state.tuple
     sock = socket.socket(conn.family, socket.SOCK_STREAM)
-    session = _Session(sock.fileno(), conn)
+    session = SocketSession(sock, conn)
     so, options = state.sockopts, state.options
     send_len, recv_len = len(state.send_queue), len(state.recv_queue)
     # views, not copies: the queues may be large, and the kernel copies them anyway
