@@ -157,12 +157,14 @@ def discard(sock: SockLike, state: ConnectionState | None = None) -> None:
     reads the repair flag, tp->repair, in do_tcp_getsockopt; a kernel that does not answer it, ENOPROTOOPT, is not
     checked). Raises SocketCallError when a kernel call fails."""
     fd = fileno(sock)
-    if not _in_repair(_Session(fd, state.tuple if state is not None else None)):
+    conn = state.tuple if state is not None else None
+    session = SocketSession(sock, conn) if isinstance(sock, socket.socket) else _Session(fd, conn)
+    if not _in_repair(session):
         raise SocketStateError(f"fd {fd} is not in repair mode (never checkpointed, or resumed): closing it would "
                                "send a FIN; checkpoint() it first", fd=fd,
                                tuple=state.tuple if state is not None else None)
     if state is not None:
-        ensure_unchanged(fd, state)
+        _ensure_unchanged(session, state)
     release_reuse(fd)
     if isinstance(sock, int):
         close_silently(fd)
@@ -182,7 +184,10 @@ def _in_repair(session: _Session) -> bool:
 def ensure_unchanged(fd: int, state: ConnectionState) -> None:
     """Raise SocketStateError (`.fd`, `.tuple`) when the frozen socket `fd` sent or received since `state` was
     taken: what discard() checks, for a mover that checks every socket before it discards any."""
-    session = _Session(fd, state.tuple)
+    _ensure_unchanged(_Session(fd, state.tuple), state)
+
+
+def _ensure_unchanged(session: _Session, state: ConnectionState) -> None:
     ioctl = session.ioctl
     now = (*send_lengths(state.tcp_state, ioctl(lib.SIOCOUTQ, "SIOCOUTQ"), ioctl(lib.SIOCOUTQNSD, "SIOCOUTQNSD")),
            ioctl(lib.SIOCINQ, "SIOCINQ"))

@@ -14,6 +14,7 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import _Session
@@ -178,13 +179,13 @@ _DUMP_EXT6 = _DUMP_EXT | 1 << (INET_DIAG_TCLASS - 1)
 _DUMP_HEAD = struct.Struct("=BBBBHH")  # family, state, timer, retrans, sport, dport (ports big-endian: swapped)
 _IF_AT, _U32 = 40, struct.Struct("=I")
 _MEMINFO = struct.Struct("=4I")
+_INFO_PREFIX = 8  # struct tcp_info up to tcpi_options and the window scales
 
 
-@dataclass(frozen=True)
-class SockView:
+class SockView(NamedTuple):
     """One socket in a sock_diag dump (struct inet_diag_msg and its attributes, net/ipv4/inet_diag.c
     inet_sk_diag_fill): `tuple` as getsockname/getpeername give it, `state` (sk_state), `info` the struct tcp_info
-    bytes (INET_DIAG_INFO), `rqueue` / `md5_keys` / `ulp` / `shutdown` as in DiagView, `ifindex` (sk_bound_dev_if),
+    bytes up to its window scales (INET_DIAG_INFO), `rqueue` / `md5_keys` / `ulp` / `shutdown` as in DiagView, `ifindex` (sk_bound_dev_if),
     and the options the dump shows, each None when the kernel did not send its attribute: `tos` (inet->tos,
     INET_DIAG_TOS) and `tclass` (IPv6 sockets, INET_DIAG_TCLASS), `mark` (sk_mark, INET_DIAG_MARK: to CAP_NET_ADMIN
     only), `congestion` (INET_DIAG_CONG), `sndbuf` / `rcvbuf` (sk_sndbuf / sk_rcvbuf, INET_DIAG_SKMEMINFO), `sockopt`
@@ -231,6 +232,7 @@ def dump_views(session: _Session, families: set[int], states: int, inodes: set[i
 def _read_dump(sock: socket.socket, session: _Session, inodes: set[int], views: dict[int, SockView]) -> None:
     unpack_nlmsg, unpack_u32 = _NLMSG.unpack_from, _U32.unpack_from
     buf = bytearray(1 << 16)
+    texts: dict[bytes, str] = {}  # a dump repeats a few addresses: each is turned into text once
     while True:
         size = sock.recv_into(buf)
         data = bytes(buf[:size])
@@ -245,15 +247,21 @@ def _read_dump(sock: socket.socket, session: _Session, inodes: set[int], views: 
             msg = off + _NLMSG.size
             inode = unpack_u32(data, msg + _INODE_AT)[0]
             if inode in inodes:
-                views[inode] = _view(data, msg, off + length)
+                views[inode] = _view(data, msg, off + length, texts)
             off += (length + 3) & ~3
 
 
-def _view(data: bytes, msg: int, end: int) -> SockView:
+def _text(texts: dict[bytes, str], family: int, raw: bytes) -> str:
+    text = texts.get(raw)
+    if text is None:
+        text = texts[raw] = socket.inet_ntop(family, raw[:4] if family == socket.AF_INET else raw)
+    return text
+
+
+def _view(data: bytes, msg: int, end: int, texts: dict[bytes, str]) -> SockView:
     family, state, _, _, sport, dport = _DUMP_HEAD.unpack_from(data, msg)
-    size = 4 if family == socket.AF_INET else 16
-    conn = ConnTuple(family, socket.inet_ntop(family, data[msg + 8 : msg + 8 + size]), socket.ntohs(sport),
-                     socket.inet_ntop(family, data[msg + 24 : msg + 24 + size]), socket.ntohs(dport))
+    conn = ConnTuple(family, _text(texts, family, data[msg + 8 : msg + 24]), socket.ntohs(sport),
+                     _text(texts, family, data[msg + 24 : msg + 40]), socket.ntohs(dport))
     ifindex = _U32.unpack_from(data, msg + _IF_AT)[0]
     rqueue = _MSG_QUEUES.unpack_from(data, msg + _QUEUES_AT)[0]
     info = b""
@@ -261,29 +269,31 @@ def _view(data: bytes, msg: int, end: int) -> SockView:
     ulp = False
     tos = tclass = mark = sndbuf = rcvbuf = sockopt = None
     congestion = None
+    unpack_attr = _ATTR.unpack_from
     off = msg + _MSG_SIZE
+    # the most frequent first: every TCP socket has these in a dump, but the last two
     while off + _ATTR.size <= end:
-        alen, kind = _ATTR.unpack_from(data, off)
+        alen, kind = unpack_attr(data, off)
         if alen < _ATTR.size:
             break
         at = off + _ATTR.size
         kind &= 0x3FFF
         if kind == INET_DIAG_INFO:
-            info = data[at : off + alen]
+            info = data[at : at + _INFO_PREFIX]
         elif kind == INET_DIAG_SHUTDOWN:
             shutdown = data[at]
-        elif kind == INET_DIAG_TOS:
-            tos = data[at]
-        elif kind == INET_DIAG_TCLASS:
-            tclass = data[at]
         elif kind == INET_DIAG_MARK:
             mark = _U32.unpack_from(data, at)[0]
-        elif kind == INET_DIAG_CONG:
-            congestion = data[at : off + alen].split(b"\0", 1)[0].decode("ascii", "replace")
-        elif kind == INET_DIAG_SKMEMINFO:
-            _, rcvbuf, _, sndbuf = _MEMINFO.unpack_from(data, at)
         elif kind == INET_DIAG_SOCKOPT:
             sockopt = data[at]
+        elif kind == INET_DIAG_SKMEMINFO:
+            _, rcvbuf, _, sndbuf = _MEMINFO.unpack_from(data, at)
+        elif kind == INET_DIAG_TOS:
+            tos = data[at]
+        elif kind == INET_DIAG_CONG:
+            congestion = data[at : off + alen].split(b"\0", 1)[0].decode("ascii", "replace")
+        elif kind == INET_DIAG_TCLASS:
+            tclass = data[at]
         elif kind == INET_DIAG_MD5SIG:
             md5_keys = (alen - _ATTR.size) // _MD5_KEY_SIZE
         elif kind == INET_DIAG_ULP_INFO:
