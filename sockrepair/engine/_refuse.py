@@ -131,6 +131,10 @@ def _ao_refusal(session: _Session, found: list[tuple[str, str]]) -> None:
 
 # The IPv4 flags INET_DIAG_SOCKOPT shows (struct inet_diag_sockopt), and the ints of _FAMILY_INTS without them.
 _SOCKOPT_BITS = SOCKOPT_TRANSPARENT | SOCKOPT_RECVERR
+# Enough to suspect any receive timestamping (net/core/sock.c sk_getsockopt): SO_TIMESTAMP_NEW reads 1 for
+# SO_TIMESTAMPNS_NEW too (it sets SOCK_RCVTSTAMP as well), and SO_TIMESTAMPING_OLD reads the flags however they were
+# set; refusals() then names the option.
+_SUSPECT_INTS = [i for i in _INTS if i[2] not in (lib.SO_TIMESTAMPNS_NEW, lib.SO_TIMESTAMPING_NEW)]
 _FAMILY_INTS_UNSHOWN = {
     family: [i for i in ints if not (i[1] == IP and i[2] in (lib.IP_TRANSPARENT, lib.IP_RECVERR))]
     for family, ints in _FAMILY_INTS.items()
@@ -147,11 +151,11 @@ def refusals_suspected(session: _Session, view: SockView, tcp_state: int) -> boo
         return True
     family = view.tuple.family
     if view.sockopt is None:
-        ints = _INTS + _FAMILY_INTS[family]
+        ints = _SUSPECT_INTS + _FAMILY_INTS[family]
     elif view.sockopt & _SOCKOPT_BITS:
         return True
     else:
-        ints = _INTS + _FAMILY_INTS_UNSHOWN[family]
+        ints = _SUSPECT_INTS + _FAMILY_INTS_UNSHOWN[family]
     found: list[tuple[str, str]] = []
     _option_refusals(session, ints, family, found)
     _ao_refusal(session, found)

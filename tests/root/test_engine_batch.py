@@ -9,6 +9,7 @@ import fcntl
 import socket
 import struct
 import termios
+from collections.abc import Callable
 
 import pytest
 
@@ -123,22 +124,32 @@ def _urgent_read(c: socket.socket, s: socket.socket) -> None:
     assert s.recv(1, socket.MSG_OOB) == b"X"
 
 
-REFUSALS = {
+TIMESTAMPS = "SO_TIMESTAMP/SO_TIMESTAMPNS/SO_TIMESTAMPING"
+RX_SOFTWARE = 0x08 | 0x10  # SOF_TIMESTAMPING_RX_SOFTWARE | SOF_TIMESTAMPING_SOFTWARE
+REFUSALS: dict[str, tuple[str, Callable[[socket.socket, socket.socket], None]]] = {
     # shown by the dump
-    "IP_RECVERR/IPV6_RECVERR": lambda c, s: s.setsockopt(IP, 11, 1),
-    "shutdown(SHUT_RD)": lambda c, s: s.shutdown(socket.SHUT_RD),
-    "urgent data (MSG_OOB)": _urgent_read,
+    "IP_RECVERR": ("IP_RECVERR/IPV6_RECVERR", lambda c, s: s.setsockopt(IP, 11, 1)),
+    "SHUT_RD": ("shutdown(SHUT_RD)", lambda c, s: s.shutdown(socket.SHUT_RD)),
+    "urgent": ("urgent data (MSG_OOB)", _urgent_read),
     # asked per socket
-    "SO_DONTROUTE": lambda c, s: s.setsockopt(SOL, socket.SO_DONTROUTE, 1),
-    "IP_MINTTL/IPV6_MINHOPCOUNT": lambda c, s: s.setsockopt(IP, 21, 5),
+    "SO_DONTROUTE": ("SO_DONTROUTE", lambda c, s: s.setsockopt(SOL, socket.SO_DONTROUTE, 1)),
+    "IP_MINTTL": ("IP_MINTTL/IPV6_MINHOPCOUNT", lambda c, s: s.setsockopt(IP, 21, 5)),
+    # each way to ask for receive timestamps (asm-generic/socket.h), fewer calls suspect them all
+    "SO_TIMESTAMP_OLD": (TIMESTAMPS, lambda c, s: s.setsockopt(SOL, 29, 1)),
+    "SO_TIMESTAMPNS_OLD": (TIMESTAMPS, lambda c, s: s.setsockopt(SOL, 35, 1)),
+    "SO_TIMESTAMPING_OLD": (TIMESTAMPS, lambda c, s: s.setsockopt(SOL, 37, RX_SOFTWARE)),
+    "SO_TIMESTAMP_NEW": (TIMESTAMPS, lambda c, s: s.setsockopt(SOL, 63, 1)),
+    "SO_TIMESTAMPNS_NEW": (TIMESTAMPS, lambda c, s: s.setsockopt(SOL, 64, 1)),
+    "SO_TIMESTAMPING_NEW": (TIMESTAMPS, lambda c, s: s.setsockopt(SOL, 65, RX_SOFTWARE)),
 }
 
 
-@pytest.mark.parametrize("entry", sorted(REFUSALS))
-def test_batch_refuses_as_checkpoint_does_and_resumes_all(make_pair, entry: str) -> None:
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_batch_refuses_as_checkpoint_does_and_resumes_all(make_pair, case: str) -> None:
+    entry, setup = REFUSALS[case]
     pairs = [make_pair() for _ in range(3)]
     client, server = pairs[1]
-    REFUSALS[entry](client, server)
+    setup(client, server)
     with pytest.raises(sockrepair.SocketStateError) as alone:
         sockrepair.checkpoint(server)
     socks = [s for _, s in pairs]
