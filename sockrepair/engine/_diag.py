@@ -185,11 +185,12 @@ _INFO_PREFIX = 8  # struct tcp_info up to tcpi_options and the window scales
 class SockView(NamedTuple):
     """One socket in a sock_diag dump (struct inet_diag_msg and its attributes, net/ipv4/inet_diag.c
     inet_sk_diag_fill): `tuple` as getsockname/getpeername give it, `state` (sk_state), `info` the struct tcp_info
-    bytes up to its window scales (INET_DIAG_INFO), `rqueue` / `md5_keys` / `ulp` / `shutdown` as in DiagView, `ifindex` (sk_bound_dev_if),
-    and the options the dump shows, each None when the kernel did not send its attribute: `tos` (inet->tos,
-    INET_DIAG_TOS) and `tclass` (IPv6 sockets, INET_DIAG_TCLASS), `mark` (sk_mark, INET_DIAG_MARK: to CAP_NET_ADMIN
-    only), `congestion` (INET_DIAG_CONG), `sndbuf` / `rcvbuf` (sk_sndbuf / sk_rcvbuf, INET_DIAG_SKMEMINFO), `sockopt`
-    (the first byte of struct inet_diag_sockopt, INET_DIAG_SOCKOPT, Linux 5.10+)."""
+    bytes up to its window scales (INET_DIAG_INFO), `rqueue` / `md5_keys` / `ulp` / `shutdown` as in DiagView,
+    `ifindex` (sk_bound_dev_if), and the options the dump shows, each None when the kernel did not send its
+    attribute: `tos` (inet->tos, INET_DIAG_TOS) and `tclass` (IPv6 sockets, INET_DIAG_TCLASS), `mark` (sk_mark,
+    INET_DIAG_MARK: to CAP_NET_ADMIN only), `congestion` (INET_DIAG_CONG), `sndbuf` / `rcvbuf` (sk_sndbuf /
+    sk_rcvbuf, INET_DIAG_SKMEMINFO), `sockopt` (the first byte of struct inet_diag_sockopt, INET_DIAG_SOCKOPT,
+    Linux 5.10+)."""
 
     tuple: ConnTuple
     state: int
