@@ -68,12 +68,23 @@ def sessions_of(socks: Sequence[SockLike]) -> Iterator[list[_Session]]:
         for sock in socks:
             if isinstance(sock, socket.socket):
                 sessions.append(SocketSession(sock))
-            elif wrap:
-                wrapped.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=sock))
-                sessions.append(SocketSession(wrapped[-1]))
+            elif wrap and (made := _over(sock)) is not None:
+                wrapped.append(made)
+                sessions.append(SocketSession(made))
             else:
                 sessions.append(_Session(sock))
         yield sessions
     finally:
         for sock in wrapped:
             sock.detach()
+
+
+def _over(fd: int) -> socket.socket | None:
+    """A socket object over `fd`; None when `fd` is not an open socket (the engine's own calls then say what it
+    is). socket() checks it with a getsockname."""
+    if fd < 0:
+        return None
+    try:
+        return socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
+    except OSError:
+        return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import os
 import socket
 import struct
 import termios
@@ -179,3 +180,27 @@ def test_batch_refuses_a_listening_socket_as_checkpoint_does(make_pair) -> None:
     assert _in_repair(server) == 0
     server.sendall(b"still here")
     assert recv_exactly(client, 10) == b"still here"
+
+
+@pytest.mark.parametrize("what", ["pipe", "closed", "negative"])
+def test_batch_of_fds_refuses_a_non_socket_as_checkpoint_does_and_keeps_it_open(make_pair, what: str) -> None:
+    """An fd is read through a socket object made over it and detached after: never closed, whatever it is."""
+    client, server = make_pair()
+    r, w = os.pipe()
+    try:
+        bad = {"pipe": r, "closed": w, "negative": -1}[what]
+        if what == "closed":
+            os.close(w)
+        with pytest.raises(sockrepair.SocketStateError) as alone:
+            sockrepair.checkpoint(bad)
+        with pytest.raises(sockrepair.SocketStateError) as together:
+            checkpoint_many([server.fileno(), bad])
+        assert str(together.value) == str(alone.value)
+        os.fstat(r)  # still open
+        assert _in_repair(server) == 0
+        server.sendall(b"still here")
+        assert recv_exactly(client, 10) == b"still here"
+    finally:
+        os.close(r)
+        if what != "closed":
+            os.close(w)
