@@ -5,6 +5,7 @@ raises what checkpoint() raises for a socket that cannot be moved, and leaves ev
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import os
 import socket
@@ -19,10 +20,17 @@ from sockrepair.engine._batch import checkpoint_many
 from sockrepair.netns import NetNS
 from sockrepair.state import ConnectionState
 from tests.root.pairs import FAMILIES, recv_exactly, wait_for
-from tests.root.test_engine_states import CLOSE_WAIT, FIN_WAIT2, SETUPS, _pair, _until
+from tests.root.test_engine_states import (
+    CLOSE_WAIT,
+    CONNECTING,
+    FIN_WAIT2,
+    SETUPS,
+    _pair,
+    _until,
+)
 
 SOL, TCP, IP = socket.SOL_SOCKET, socket.IPPROTO_TCP, socket.IPPROTO_IP
-ESTABLISHED = 1
+ESTABLISHED, SYN_SENT = 1, 2
 TCP_REPAIR = 19
 
 
@@ -92,6 +100,27 @@ def test_batch_and_single_checkpoints_are_equal(netns, family: int, listen_addr:
         for pair in pairs:
             for sock in pair:
                 sock.close()
+
+
+@pytest.mark.parametrize(("listen_family", "listen_addr", "family", "connect_addr"), CONNECTING)
+def test_batch_and_single_checkpoints_of_a_connecting_socket_are_equal(netns, listen_family: int, listen_addr: str,
+                                                                       family: int, connect_addr: str) -> None:
+    """SYN_SENT, whose 4-tuple getpeername cannot give: the batch takes it from its dump, checkpoint() from one of
+    its own (the SYN goes to a listener whose accept queue is full, which drops it)."""
+    with socket.socket(listen_family) as full:
+        full.bind((listen_addr, 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        with socket.create_connection((listen_addr, port)), socket.socket(family) as stuck:
+            stuck.setblocking(False)
+            assert stuck.connect_ex((connect_addr, port)) == errno.EINPROGRESS
+            _until(stuck, SYN_SENT)
+            one = sockrepair.checkpoint(stuck)
+            sockrepair.resume(stuck)
+            (many,) = checkpoint_many([stuck])
+            sockrepair.resume(stuck)
+            assert _comparable(many) == _comparable(one)
+            assert (many.tcp_state, many.tuple.remote_port) == (SYN_SENT, port)
 
 
 def test_batch_across_two_namespaces(netns) -> None:
