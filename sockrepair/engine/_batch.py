@@ -27,10 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sockrepair.engine._checkpoint import (
-    _resume,
     ensure_state,
     first_look,
     frozen_state,
+    resume_session,
 )
 from sockrepair.engine._diag import SOCKOPT_FREEBIND, SockView, dump_views
 from sockrepair.engine._ffi import ffi, lib
@@ -101,7 +101,7 @@ def _checkpoint_all(sessions: Sequence[_Session]) -> list[ConnectionState]:
     except BaseException:
         for f in frozen:
             with contextlib.suppress(OSError):
-                _resume(f.session)
+                resume_session(f.session)
         raise
 
 

@@ -78,7 +78,7 @@ def checkpoint(sock: SockLike) -> ConnectionState:
         ensure_state(session, first_state, info.tcpi_state)
         return frozen_state(session, info, sockopts)
     except BaseException:
-        _resume(session)
+        resume_session(session)
         raise
 
 
@@ -134,10 +134,11 @@ def resume(sock: SockLike) -> None:
 
     Raises SocketCallError when a kernel call fails (e.g. EBADF when `sock` is not open, EPERM without
     CAP_NET_ADMIN in the socket's network namespace)."""
-    _resume(_Session(fileno(sock)))
+    resume_session(_Session(fileno(sock)))
 
 
-def _resume(session: _Session) -> None:
+def resume_session(session: _Session) -> None:
+    """resume() of the session's socket (checkpoint and checkpoint_many undo a freeze with it)."""
     session.repair_off(False)
     if release_reuse(session.fd):
         session.set(SOL, lib.SO_REUSEADDR, 1, "SO_REUSEADDR")
