@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from sockrepair.engine._checkpoint import (
     ensure_state,
+    ensure_unchanged,
     first_look,
     frozen_state,
     resume_session,
@@ -155,3 +156,13 @@ def _device(session: _Session) -> str:
         raise session.fail("getsockopt(SO_BINDTODEVICE)")
     return ffi.string(buf, size[0]).decode("ascii", "replace")  # type: ignore[no-any-return]
 
+
+
+def ensure_all_unchanged(socks: Sequence[SockLike], states: Sequence[ConnectionState]) -> None:
+    """What discard() checks, of every frozen socket in `socks` against its state in `states`: a mover checks every
+    socket before it discards any. Raises SocketStateError (`.fd`, `.tuple`) for
+    the first that sent or received since its checkpoint."""
+    with sessions_of(socks) as sessions:
+        for session, state in zip(sessions, states):
+            session.tuple = state.tuple
+            ensure_unchanged(session, state)

@@ -165,7 +165,7 @@ def discard(sock: SockLike, state: ConnectionState | None = None) -> None:
                                "send a FIN; checkpoint() it first", fd=fd,
                                tuple=state.tuple if state is not None else None)
     if state is not None:
-        _ensure_unchanged(session, state)
+        ensure_unchanged(session, state)
     release_reuse(fd)
     if isinstance(sock, int):
         close_silently(fd)
@@ -182,13 +182,10 @@ def _in_repair(session: _Session) -> bool:
         raise
 
 
-def ensure_unchanged(fd: int, state: ConnectionState) -> None:
-    """Raise SocketStateError (`.fd`, `.tuple`) when the frozen socket `fd` sent or received since `state` was
-    taken: what discard() checks, for a mover that checks every socket before it discards any."""
-    _ensure_unchanged(_Session(fd, state.tuple), state)
-
-
-def _ensure_unchanged(session: _Session, state: ConnectionState) -> None:
+def ensure_unchanged(session: _Session, state: ConnectionState) -> None:
+    """Raise SocketStateError (`.fd`, `.tuple`) when the session's frozen socket sent or received since `state` was
+    taken: what discard() checks (engine/_batch.py ensure_all_unchanged: for a mover that checks every socket before
+    it discards any)."""
     ioctl = session.ioctl
     now = (*send_lengths(state.tcp_state, ioctl(lib.SIOCOUTQ, "SIOCOUTQ"), ioctl(lib.SIOCOUTQNSD, "SIOCOUTQNSD")),
            ioctl(lib.SIOCINQ, "SIOCINQ"))

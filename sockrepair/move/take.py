@@ -12,12 +12,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sockrepair.engine._batch import checkpoint_many
+from sockrepair.engine._batch import checkpoint_many, ensure_all_unchanged
 from sockrepair.engine._checkpoint import (
     REPAIRABLE_NAMES,
     checkpoint,
     discard,
-    ensure_unchanged,
     resume,
 )
 from sockrepair.engine._refuse import refusals_of
@@ -335,11 +334,13 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[]
     in repair mode in the process, which must not run again. SIGINT, SIGTERM and SIGHUP wait until it is done.
     `passed` runs right after the guard was told the point of no return is passed, before the first discard (the
     movers mark their image directory there: sockrepair.move.journal.mark_ended)."""
-    for s, fd, state in zip(cap.sockets, cap.fds, cap.states):
-        try:
-            ensure_unchanged(fd, state)
-        except SocketStateError as exc:
-            raise _in_process(exc, cap.pid, s, fd) from None
+    try:
+        ensure_all_unchanged(cap.fds, cap.states)
+    except SocketStateError as exc:
+        for s, fd in zip(cap.sockets, cap.fds):
+            if fd == exc.fd:
+                raise _in_process(exc, cap.pid, s, fd) from None
+        raise
     with deferred_signals():
         cap.freezer.ending()
         cap.ended = True

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pytest
 
 import sockrepair
-from sockrepair.engine._batch import checkpoint_many
+from sockrepair.engine._batch import checkpoint_many, ensure_all_unchanged
 from sockrepair.netns import NetNS
 from sockrepair.state import ConnectionState
 from tests.root.pairs import FAMILIES, recv_exactly, wait_for
@@ -233,3 +233,19 @@ def test_batch_of_fds_refuses_a_non_socket_as_checkpoint_does_and_keeps_it_open(
         os.close(r)
         if what != "closed":
             os.close(w)
+
+
+def test_all_unchanged_names_the_socket_that_received_while_frozen(make_pair) -> None:
+    pairs = [make_pair() for _ in range(3)]
+    socks = [s for _, s in pairs]
+    states = checkpoint_many(socks)
+    try:
+        ensure_all_unchanged([s.fileno() for s in socks], states)
+        pairs[2][0].sendall(b"late")  # no lock: the frozen socket still takes it in
+        wait_for(lambda: _inq(socks[2]) == 4, "the bytes to arrive")
+        with pytest.raises(sockrepair.SocketStateError, match=r"\(0, 0, 0\) -> \(0, 0, 4\)") as caught:
+            ensure_all_unchanged(socks, states)
+        assert (caught.value.fd, caught.value.tuple) == (socks[2].fileno(), states[2].tuple)
+    finally:
+        for s in socks:
+            sockrepair.resume(s)
