@@ -44,6 +44,7 @@ from sockrepair.bench.results import (
     batch_from_samples,
     single_from_samples,
 )
+from sockrepair.engine._batch import checkpoint_many
 from sockrepair.engine._ffi import lib
 from sockrepair.engine._sockcall import ioctl_int
 from sockrepair.errors import SockrepairError
@@ -370,7 +371,7 @@ def _batch_cycle(k: int, salt: int, locker: Locker | None) -> dict[str, float]:
         if locker is not None:
             locker.lock(tuples)
             marks.append(time.perf_counter_ns())
-        states = [checkpoint(s) for s in socks]
+        states = checkpoint_many(socks)
         marks.append(time.perf_counter_ns())
         for state in states:
             state.to_bytes()

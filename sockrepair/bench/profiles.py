@@ -6,7 +6,8 @@ Targets and what is profiled (keys are the report's target texts):
   restore of a loopback connection holding that many bytes in its receive queue (the send queue stays empty: filling
   it needs the peer's window closed);
 - lock + unlock: one connection locked and unlocked with one Locker;
-- 10,000 connections with the lock: 1,000 connections locked, checkpointed, serialized, closed, restored, unlocked;
+- 10,000 connections with the lock: 1,000 connections locked, checkpointed (checkpoint_many, as the benchmark),
+  serialized, closed, restored, unlocked;
 - peer-seen gap: sockrepair.migrate() of the echo program with that many connections (sockrepair/bench/bench_gap.py).
 """
 
@@ -24,6 +25,7 @@ from contextlib import contextmanager
 
 from sockrepair import checkpoint, discard, restore
 from sockrepair.bench.results import SOCKREPAIR_IMPL, Profile, ProfileRow
+from sockrepair.engine._batch import checkpoint_many
 from sockrepair.errors import SockrepairError
 from sockrepair.lock import Locker
 from sockrepair.netns import NetNS
@@ -119,7 +121,7 @@ def batch_cycle(count: int) -> Profile:
         tuples = [_tuple(sock) for sock, _ in pairs]
         profiler.enable()
         locker.lock(tuples)
-        states = [checkpoint(sock) for sock, _ in pairs]
+        states = checkpoint_many([sock for sock, _ in pairs])
         for state in states:
             state.to_bytes()
         for (sock, _), state in zip(pairs, states):

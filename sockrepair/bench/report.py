@@ -28,6 +28,7 @@ from sockrepair.bench.results import (
     C_WARM_IMPL,
     PHASES,
     SOCKREPAIR_IMPL,
+    Batch,
     Gap,
     Results,
     Single,
@@ -109,11 +110,25 @@ def _batch(connections: int) -> Callable[[Results], Measured | None]:
                       and e["connections"] == connections), None)
         if entry is None:
             return None
-        phases = entry.get("phases_s") or {}
-        slowest = max(phases, key=lambda p: phases[p], default=None)
-        where = f"{slowest} {phases[slowest]:.3f} s of {entry['seconds']:.3f} s" if slowest else ""
-        return Measured(entry["conn_per_s"], where)
+        return Measured(entry["conn_per_s"], batch_where(results, entry))
     return measure
+
+
+def batch_where(results: Results, entry: Batch) -> str:
+    """Every phase of a batch per connection, largest first, against what the 30,000 conn/s target allows per
+    connection, and the C batches of the same size (they take no lock)."""
+    k = entry["connections"]
+    phases = entry.get("phases_s") or {}
+    if not phases or not k:
+        return ""
+    each = ", ".join(f"{name} {human_us(seconds / k * 1e6)}"
+                     for name, seconds in sorted(phases.items(), key=lambda p: -p[1]))
+    where = f"per connection: {each} (of {human_us(entry['seconds'] / k * 1e6)}; 30,000/s allows 33.3 µs)"
+    for impl in (C_IMPL, C_OPTIONS_IMPL):
+        c = next((e for e in results["batch"] if e["impl"] == impl and e["connections"] == k), None)
+        if c is not None and c["conn_per_s"]:
+            where += f"; {C_NAMES[impl]} {human_us(1e6 / c['conn_per_s'])}"
+    return where
 
 
 def gap_where(entry: Gap) -> str:

@@ -23,13 +23,14 @@ from sockrepair.engine._session import (
 from sockrepair.engine._sockopts import read_sockopts
 from sockrepair.engine._states import CLOSE, REPAIRABLE, read_closed, send_lengths
 from sockrepair.engine._tcpopts import (
+    TcpInfo,
     read_options,
     read_timestamp,
     read_window,
     tcp_info,
 )
 from sockrepair.errors import SocketCallError, SocketStateError
-from sockrepair.state import ConnectionState, ConnTuple, state_name
+from sockrepair.state import ConnectionState, ConnTuple, SocketOptions, state_name
 
 SOL = lib.SOL_SOCKET
 REPAIRABLE_NAMES = ", ".join(state_name(s) for s in sorted(REPAIRABLE))
@@ -60,15 +61,14 @@ def checkpoint(sock: SockLike) -> ConnectionState:
     namespace; UnsupportedError on a kernel without TCP_REPAIR; SocketCallError (`.errno`, `.op`, `.fd`, `.tuple`)
     when a kernel call fails, with EAGAIN when the queues kept changing while read (the peer is not locked out).
     On any failure after repair mode is on, the socket is resumed first."""
-    fd = fileno(sock)
-    session = _Session(fd)
-    _ensure_tcp(session)
-    info = tcp_info(session)
-    first_state = info.tcpi_state
-    if first_state not in REPAIRABLE:
-        what = "a listening socket" if first_state == lib.TCP_LISTEN else f"in state {state_name(first_state)}"
-        raise SocketStateError(f"fd {fd} is {what}; only {REPAIRABLE_NAMES} connections can be checkpointed",
-                               fd=fd, tuple=_tuple_if_connected(session), tcp_state=first_state)
+    session = _Session(fileno(sock))
+    return checkpoint_session(session, first_look(session))
+
+
+def checkpoint_session(session: _Session, first_state: int) -> ConnectionState:
+    """checkpoint() of the session's socket once first_look() returned `first_state` (checkpoint_many reads a
+    socket in CLOSE this way: no sock_diag dump lists it)."""
+    fd = session.fd
     conn = session.tuple = _connection_tuple(session, first_state)
     sockopts = read_sockopts(session, conn.family)
     session.repair_on()
@@ -80,27 +80,54 @@ def checkpoint(sock: SockLike) -> ConnectionState:
         refuse(session, conn, first_state)
         # re-read under repair: the state may have moved between the first look and the freeze
         info = tcp_info(session)
-        if info.tcpi_state != first_state:
-            raise SocketStateError(
-                f"fd {fd} left {state_name(first_state)} (now {state_name(info.tcpi_state)}) while it was being "
-                "frozen", fd=fd, tuple=conn, tcp_state=info.tcpi_state,
-            )
-        options = read_options(session, info)
-        timestamp = read_timestamp(session)
-        window = read_window(session)
-        if first_state == CLOSE:
-            closed = read_closed(session)
-            return ConnectionState(
-                tuple=conn, tcp_state=CLOSE, send_seq=closed.send_seq, recv_seq=closed.recv_seq, send_queue=b"",
-                unsent_len=0, recv_queue=closed.recv_queue, options=options, window=window, timestamp=timestamp,
-                sockopts=sockopts, sk_err=closed.sk_err, fin_received=closed.fin_received)
-        queues = read_queues(session, first_state)
+        ensure_state(session, first_state, info.tcpi_state)
+        return frozen_state(session, info, sockopts)
     except BaseException:
-        _resume(session)
+        resume_session(session)
         raise
+
+
+def first_look(session: _Session) -> int:
+    """Before repair mode: the TCP state of a plain TCP socket in a state checkpoint() takes; SocketStateError
+    otherwise (see checkpoint)."""
+    _ensure_tcp(session)
+    first_state = tcp_info(session).tcpi_state
+    if first_state not in REPAIRABLE:
+        fd = session.fd
+        what = "a listening socket" if first_state == lib.TCP_LISTEN else f"in state {state_name(first_state)}"
+        raise SocketStateError(f"fd {fd} is {what}; only {REPAIRABLE_NAMES} connections can be checkpointed",
+                               fd=fd, tuple=_tuple_if_connected(session), tcp_state=first_state)
+    return first_state
+
+
+def ensure_state(session: _Session, first_state: int, now: int) -> None:
+    """In repair mode: SocketStateError when the socket left `first_state` (now `now`) while being frozen."""
+    if now != first_state:
+        raise SocketStateError(
+            f"fd {session.fd} left {state_name(first_state)} (now {state_name(now)}) while it was being "
+            "frozen", fd=session.fd, tuple=session.tuple, tcp_state=now,
+        )
+
+
+def frozen_state(session: _Session, info: TcpInfo, sockopts: SocketOptions) -> ConnectionState:
+    """The rest of a checkpoint, in repair mode, once the connection (`session.tuple`), its state and options are
+    known (`info`: tcp_info's state, options and window scales, read in repair mode)."""
+    tcp_state = info.tcpi_state
+    options = read_options(session, info)
+    timestamp = read_timestamp(session)
+    window = read_window(session)
+    conn = session.tuple
+    assert conn is not None
+    if tcp_state == CLOSE:
+        closed = read_closed(session)
+        return ConnectionState(
+            tuple=conn, tcp_state=CLOSE, send_seq=closed.send_seq, recv_seq=closed.recv_seq, send_queue=b"",
+            unsent_len=0, recv_queue=closed.recv_queue, options=options, window=window, timestamp=timestamp,
+            sockopts=sockopts, sk_err=closed.sk_err, fin_received=closed.fin_received)
+    queues = read_queues(session, tcp_state)
     return ConnectionState(
         tuple=conn,
-        tcp_state=info.tcpi_state,
+        tcp_state=tcp_state,
         send_seq=queues.send_seq,
         recv_seq=queues.recv_seq,
         send_queue=queues.send_queue,
@@ -119,10 +146,11 @@ def resume(sock: SockLike) -> None:
 
     Raises SocketCallError when a kernel call fails (e.g. EBADF when `sock` is not open, EPERM without
     CAP_NET_ADMIN in the socket's network namespace)."""
-    _resume(_Session(fileno(sock)))
+    resume_session(_Session(fileno(sock)))
 
 
-def _resume(session: _Session) -> None:
+def resume_session(session: _Session) -> None:
+    """resume() of the session's socket (checkpoint and checkpoint_many undo a freeze with it)."""
     session.repair_off(False)
     if release_reuse(session.fd):
         session.set(SOL, lib.SO_REUSEADDR, 1, "SO_REUSEADDR")
@@ -148,7 +176,7 @@ def discard(sock: SockLike, state: ConnectionState | None = None) -> None:
                                "send a FIN; checkpoint() it first", fd=fd,
                                tuple=state.tuple if state is not None else None)
     if state is not None:
-        _ensure_unchanged(session, state)
+        ensure_unchanged(session, state)
     release_reuse(fd)
     if isinstance(sock, int):
         close_silently(fd)
@@ -165,13 +193,10 @@ def _in_repair(session: _Session) -> bool:
         raise
 
 
-def ensure_unchanged(fd: int, state: ConnectionState) -> None:
-    """Raise SocketStateError (`.fd`, `.tuple`) when the frozen socket `fd` sent or received since `state` was
-    taken: what discard() checks, for a mover that checks every socket before it discards any."""
-    _ensure_unchanged(_Session(fd, state.tuple), state)
-
-
-def _ensure_unchanged(session: _Session, state: ConnectionState) -> None:
+def ensure_unchanged(session: _Session, state: ConnectionState) -> None:
+    """Raise SocketStateError (`.fd`, `.tuple`) when the session's frozen socket sent or received since `state` was
+    taken: what discard() checks (engine/_batch.py ensure_all_unchanged: for a mover that checks every socket before
+    it discards any)."""
     ioctl = session.ioctl
     now = (*send_lengths(state.tcp_state, ioctl(lib.SIOCOUTQ, "SIOCOUTQ"), ioctl(lib.SIOCOUTQNSD, "SIOCOUTQNSD")),
            ioctl(lib.SIOCINQ, "SIOCINQ"))

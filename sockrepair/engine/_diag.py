@@ -14,6 +14,7 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import _Session
@@ -165,3 +166,139 @@ def diag(session: _Session, conn: ConnTuple, ifindex: int) -> DiagView:
         off += (size + 3) & ~3
     return DiagView(rqueue, md5_keys, ulp, shutdown)
 
+
+
+INET_DIAG_CONG, INET_DIAG_TOS, INET_DIAG_TCLASS, INET_DIAG_SKMEMINFO = 4, 5, 6, 7
+INET_DIAG_MARK, INET_DIAG_SOCKOPT = 15, 22
+SK_MEMINFO_RCVBUF, SK_MEMINFO_SNDBUF = 1, 3
+# struct inet_diag_sockopt, first byte (little-endian bitfields): recverr, is_icsk, freebind, hdrincl, mc_loop,
+# transparent, ...
+SOCKOPT_RECVERR, SOCKOPT_FREEBIND, SOCKOPT_TRANSPARENT = 0x01, 0x04, 0x20
+_DUMP_EXT = sum(1 << (kind - 1) for kind in (INET_DIAG_INFO, INET_DIAG_CONG, INET_DIAG_TOS, INET_DIAG_SKMEMINFO))
+_DUMP_EXT6 = _DUMP_EXT | 1 << (INET_DIAG_TCLASS - 1)
+_DUMP_HEAD = struct.Struct("=BBBBHH")  # family, state, timer, retrans, sport, dport (ports big-endian: swapped)
+_IF_AT, _U32 = 40, struct.Struct("=I")
+_MEMINFO = struct.Struct("=4I")
+_INFO_PREFIX = 8  # struct tcp_info up to tcpi_options and the window scales
+
+
+class SockView(NamedTuple):
+    """One socket in a sock_diag dump (struct inet_diag_msg and its attributes, net/ipv4/inet_diag.c
+    inet_sk_diag_fill): `tuple` as getsockname/getpeername give it, `state` (sk_state), `info` the struct tcp_info
+    bytes up to its window scales (INET_DIAG_INFO), `rqueue` / `md5_keys` / `ulp` / `shutdown` as in DiagView,
+    `ifindex` (sk_bound_dev_if), and the options the dump shows, each None when the kernel did not send its
+    attribute: `tos` (inet->tos, INET_DIAG_TOS) and `tclass` (IPv6 sockets, INET_DIAG_TCLASS), `mark` (sk_mark,
+    INET_DIAG_MARK: to CAP_NET_ADMIN only), `congestion` (INET_DIAG_CONG), `sndbuf` / `rcvbuf` (sk_sndbuf /
+    sk_rcvbuf, INET_DIAG_SKMEMINFO), `sockopt` (the first byte of struct inet_diag_sockopt, INET_DIAG_SOCKOPT,
+    Linux 5.10+)."""
+
+    tuple: ConnTuple
+    state: int
+    info: bytes
+    rqueue: int
+    md5_keys: int
+    ulp: bool
+    shutdown: int
+    ifindex: int
+    tos: int | None
+    tclass: int | None
+    mark: int | None
+    congestion: str | None
+    sndbuf: int | None
+    rcvbuf: int | None
+    sockopt: int | None
+
+
+def dump_views(session: _Session, families: set[int], states: int, inodes: set[int]) -> dict[int, SockView]:
+    """One sock_diag dump per family in `families` of the TCP sockets in the `states` (a bit per TCP state) of the
+    network namespace of the session's socket: the SockView of each socket whose inode is in `inodes`, by inode.
+    Raises NotPermittedError without CAP_NET_ADMIN there, SocketCallError (op "sock_diag dump") when the kernel
+    answers with an error."""
+    sock = _netlink_for(session)
+    views: dict[int, SockView] = {}
+    for family in sorted(families):
+        ext = _DUMP_EXT6 if family == socket.AF_INET6 else _DUMP_EXT
+        body = _REQ_HEAD.pack(family, socket.IPPROTO_TCP, ext, states) + bytes(48)
+        try:
+            sock.send(_NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 3, 0)
+                      + body)
+            _read_dump(sock, session, inodes, views)
+        except OSError as exc:
+            if isinstance(exc, SocketCallError):
+                raise
+            raise SocketCallError(exc.errno or errno.EIO, "sock_diag dump", session.fd) from None
+    return views
+
+
+def _read_dump(sock: socket.socket, session: _Session, inodes: set[int], views: dict[int, SockView]) -> None:
+    unpack_nlmsg, unpack_u32 = _NLMSG.unpack_from, _U32.unpack_from
+    buf = bytearray(1 << 16)
+    texts: dict[bytes, str] = {}  # a dump repeats a few addresses: each is turned into text once
+    while True:
+        size = sock.recv_into(buf)
+        data = bytes(buf[:size])
+        off = 0
+        while off + _NLMSG.size <= size:
+            length, kind = unpack_nlmsg(data, off)[:2]
+            if kind == NLMSG_DONE:
+                return
+            if kind == NLMSG_ERROR:
+                (err,) = struct.unpack_from("=i", data, off + _NLMSG.size)
+                raise SocketCallError(-err, "sock_diag dump", session.fd)
+            msg = off + _NLMSG.size
+            inode = unpack_u32(data, msg + _INODE_AT)[0]
+            if inode in inodes:
+                views[inode] = _view(data, msg, off + length, texts)
+            off += (length + 3) & ~3
+
+
+def _text(texts: dict[bytes, str], family: int, raw: bytes) -> str:
+    text = texts.get(raw)
+    if text is None:
+        text = texts[raw] = socket.inet_ntop(family, raw[:4] if family == socket.AF_INET else raw)
+    return text
+
+
+def _view(data: bytes, msg: int, end: int, texts: dict[bytes, str]) -> SockView:
+    family, state, _, _, sport, dport = _DUMP_HEAD.unpack_from(data, msg)
+    conn = ConnTuple(family, _text(texts, family, data[msg + 8 : msg + 24]), socket.ntohs(sport),
+                     _text(texts, family, data[msg + 24 : msg + 40]), socket.ntohs(dport))
+    ifindex = _U32.unpack_from(data, msg + _IF_AT)[0]
+    rqueue = _MSG_QUEUES.unpack_from(data, msg + _QUEUES_AT)[0]
+    info = b""
+    md5_keys = shutdown = 0
+    ulp = False
+    tos = tclass = mark = sndbuf = rcvbuf = sockopt = None
+    congestion = None
+    unpack_attr = _ATTR.unpack_from
+    off = msg + _MSG_SIZE
+    # the most frequent first: every TCP socket has these in a dump, but the last two
+    while off + _ATTR.size <= end:
+        alen, kind = unpack_attr(data, off)
+        if alen < _ATTR.size:
+            break
+        at = off + _ATTR.size
+        kind &= 0x3FFF
+        if kind == INET_DIAG_INFO:
+            info = data[at : at + _INFO_PREFIX]
+        elif kind == INET_DIAG_SHUTDOWN:
+            shutdown = data[at]
+        elif kind == INET_DIAG_MARK:
+            mark = _U32.unpack_from(data, at)[0]
+        elif kind == INET_DIAG_SOCKOPT:
+            sockopt = data[at]
+        elif kind == INET_DIAG_SKMEMINFO:
+            _, rcvbuf, _, sndbuf = _MEMINFO.unpack_from(data, at)
+        elif kind == INET_DIAG_TOS:
+            tos = data[at]
+        elif kind == INET_DIAG_CONG:
+            congestion = data[at : off + alen].split(b"\0", 1)[0].decode("ascii", "replace")
+        elif kind == INET_DIAG_TCLASS:
+            tclass = data[at]
+        elif kind == INET_DIAG_MD5SIG:
+            md5_keys = (alen - _ATTR.size) // _MD5_KEY_SIZE
+        elif kind == INET_DIAG_ULP_INFO:
+            ulp = True
+        off += (alen + 3) & ~3
+    return SockView(conn, state, info, rqueue, md5_keys, ulp, shutdown, ifindex, tos, tclass, mark, congestion,
+                    sndbuf, rcvbuf, sockopt)

@@ -12,7 +12,13 @@ from __future__ import annotations
 import errno
 
 from sockrepair.engine._addr import read_tuple
-from sockrepair.engine._diag import connecting_tuple, diag
+from sockrepair.engine._diag import (
+    SOCKOPT_RECVERR,
+    SOCKOPT_TRANSPARENT,
+    SockView,
+    connecting_tuple,
+    diag,
+)
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import CHARS, _Session, getsockopt, new
 from sockrepair.engine._states import REPAIRABLE
@@ -71,30 +77,11 @@ def refusals(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool
     only: out of repair mode the application may read between the two calls, and the two would disagree for that
     reason alone. Raises SocketCallError when a kernel call fails unexpectedly."""
     found: list[tuple[str, str]] = []
-    get = session.get
-    for entry, level, opt, name, fresh in _INTS + _FAMILY_INTS[conn.family]:
-        value = _get_optional(session, level, opt, name)
-        if value is not None and value != fresh and entry not in (e for e, _ in found):
-            found.append((entry, f"{name} is {value}"))
-    buf = new(CHARS, 64)
-    size = session.size
-    for level, opt, name in _HEADER_OPTS[conn.family]:
-        size[0] = 64
-        if getsockopt(session.fd, level, opt, buf, size) == 0 and size[0] > 0:
-            found.append((HEADER_ENTRY, f"{name} holds {size[0]} bytes"))
-            break
-    size[0] = 0
-    if getsockopt(session.fd, SOL, lib.SO_GET_FILTER, ffi.NULL, size) < 0:
-        if ffi.errno != errno.EACCES:
-            raise session.fail("getsockopt(SO_GET_FILTER)")
-        found.append(("SO_ATTACH_FILTER/SO_ATTACH_BPF", "an eBPF socket filter is attached"))
-    elif size[0]:
-        found.append(("SO_ATTACH_FILTER/SO_ATTACH_BPF", f"a classic BPF filter of {size[0]} instructions is attached"))
+    _option_refusals(session, _INTS + _FAMILY_INTS[conn.family], conn.family, found)
     ulp = _ulp(session)
     if ulp:
         found.append(("TCP_ULP", f"upper-layer protocol {ulp!r}" + (" (kTLS)" if ulp == "tls" else "")))
-    if _get_optional(session, TCP, lib.TCP_AO_INFO, "TCP_AO_INFO", 48) is not None:
-        found.append(("TCP_AO_INFO/TCP_AO_GET_KEYS/TCP_AO_REPAIR", "TCP-AO keys are set"))
+    _ao_refusal(session, found)
     urgent = _urgent(session)
     if tcp_state == lib.TCP_CLOSE:
         # sock_diag finds no socket in CLOSE (it left the hash tables, and its keys can sign no more segments);
@@ -102,7 +89,7 @@ def refusals(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool
         if urgent is not None:
             found.append(("urgent data (MSG_OOB)", urgent))
         return found
-    ifindex = get(SOL, lib.SO_BINDTOIFINDEX, "SO_BINDTOIFINDEX")
+    ifindex = session.get(SOL, lib.SO_BINDTOIFINDEX, "SO_BINDTOIFINDEX")
     for _ in range(_ATTEMPTS):
         inq = session.ioctl(lib.SIOCINQ, "SIOCINQ")
         view = diag(session, conn, ifindex)
@@ -118,6 +105,70 @@ def refusals(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool
     if view.shutdown & RCV_SHUTDOWN and tcp_state == lib.TCP_ESTABLISHED:
         found.append(("shutdown(SHUT_RD)", f"the receive side is shut down in {state_name(tcp_state)}"))
     return found
+
+
+def _option_refusals(session: _Session, ints: list[tuple[str, int, int, str, int]], family: int,
+                     found: list[tuple[str, str]]) -> None:
+    """The refused int options in `ints`, IP options or IPv6 extension headers, and socket filters."""
+    for entry, level, opt, name, fresh in ints:
+        value = _get_optional(session, level, opt, name)
+        if value is not None and value != fresh and entry not in (e for e, _ in found):
+            found.append((entry, f"{name} is {value}"))
+    buf = new(CHARS, 64)
+    size = session.size
+    for level, opt, name in _HEADER_OPTS[family]:
+        size[0] = 64
+        if getsockopt(session.fd, level, opt, buf, size) == 0 and size[0] > 0:
+            found.append((HEADER_ENTRY, f"{name} holds {size[0]} bytes"))
+            break
+    size[0] = 0
+    if getsockopt(session.fd, SOL, lib.SO_GET_FILTER, ffi.NULL, size) < 0:
+        if ffi.errno != errno.EACCES:
+            raise session.fail("getsockopt(SO_GET_FILTER)")
+        found.append(("SO_ATTACH_FILTER/SO_ATTACH_BPF", "an eBPF socket filter is attached"))
+    elif size[0]:
+        found.append(("SO_ATTACH_FILTER/SO_ATTACH_BPF", f"a classic BPF filter of {size[0]} instructions is attached"))
+
+
+def _ao_refusal(session: _Session, found: list[tuple[str, str]]) -> None:
+    if _get_optional(session, TCP, lib.TCP_AO_INFO, "TCP_AO_INFO", 48) is not None:
+        found.append(("TCP_AO_INFO/TCP_AO_GET_KEYS/TCP_AO_REPAIR", "TCP-AO keys are set"))
+
+
+# The IPv4 flags INET_DIAG_SOCKOPT shows (struct inet_diag_sockopt), and the ints of _FAMILY_INTS without them.
+_SOCKOPT_BITS = SOCKOPT_TRANSPARENT | SOCKOPT_RECVERR
+# Enough to suspect any receive timestamping (net/core/sock.c sk_getsockopt): SO_TIMESTAMP_NEW reads 1 for
+# SO_TIMESTAMPNS_NEW too (it sets SOCK_RCVTSTAMP as well), and SO_TIMESTAMPING_OLD reads the flags however they were
+# set; refusals() then names the option.
+_SUSPECT_INTS = [i for i in _INTS if i[2] not in (lib.SO_TIMESTAMPNS_NEW, lib.SO_TIMESTAMPING_NEW)]
+_FAMILY_INTS_UNSHOWN = {
+    family: [i for i in ints if not (i[1] == IP and i[2] in (lib.IP_TRANSPARENT, lib.IP_RECVERR))]
+    for family, ints in _FAMILY_INTS.items()
+}
+
+
+def refusals_suspected(session: _Session, view: SockView, tcp_state: int) -> bool:
+    """In repair mode, with `view` from a sock_diag dump taken while the socket was already in repair mode (so its
+    rqueue and SIOCINQ now can be compared: nothing read in between): whether the connection may use a REFUSED
+    entry. What the dump shows (TCP-MD5 keys, ULP, shutdown, the receive queue's true length, IP_TRANSPARENT and
+    IP_RECVERR) costs no call; the rest are the calls of refusals(). When True, refusals() names what is found
+    (the batch checkpoint then raises exactly what checkpoint() does). Raises SocketCallError when a call fails."""
+    if view.md5_keys or view.ulp or (view.shutdown & RCV_SHUTDOWN and tcp_state == lib.TCP_ESTABLISHED):
+        return True
+    family = view.tuple.family
+    if view.sockopt is None:
+        ints = _SUSPECT_INTS + _FAMILY_INTS[family]
+    elif view.sockopt & _SOCKOPT_BITS:
+        return True
+    else:
+        ints = _SUSPECT_INTS + _FAMILY_INTS_UNSHOWN[family]
+    found: list[tuple[str, str]] = []
+    _option_refusals(session, ints, family, found)
+    _ao_refusal(session, found)
+    if found or _urgent(session) is not None:
+        return True
+    fin = 1 if tcp_state in _FIN_RECEIVED else 0
+    return view.rqueue > session.ioctl(lib.SIOCINQ, "SIOCINQ") + fin
 
 
 def refusals_of(fd: int) -> list[tuple[str, str]]:

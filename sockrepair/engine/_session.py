@@ -111,10 +111,15 @@ class _Session:
         # IPv6's holds an IPv4 address too. SOCK_NONBLOCK in the type makes the object's timeout 0: without it,
         # under socket.setdefaulttimeout() the constructor would set O_NONBLOCK on the application's fd, and every
         # call would wait in poll() first.
-        try:
-            sock: _socket.socket | _NoSocket = _socket.socket(AF_INET6, WRAPPER_TYPE, 0, fd)
-        except OSError as exc:
-            sock = _NoSocket(exc.errno or errno.ENOTSOCK)
+        sock: _socket.socket | _NoSocket
+        if fd < 0:
+            # the socket module refuses a negative fd (ValueError) where the kernel says EBADF
+            sock = _NoSocket(errno.EBADF)
+        else:
+            try:
+                sock = _socket.socket(AF_INET6, WRAPPER_TYPE, 0, fd)
+            except OSError as exc:
+                sock = _NoSocket(exc.errno or errno.ENOTSOCK)
         self.sock = sock
         self._getsockopt, self._setsockopt = sock.getsockopt, sock.setsockopt
 

@@ -6,6 +6,7 @@ off, because leaving repair mode resets the socket's reuse flag."""
 from __future__ import annotations
 
 import errno
+import functools
 import socket
 import struct
 from dataclasses import dataclass, fields
@@ -103,22 +104,22 @@ _BUFFER_OPTS = [
     IntOpt("rcvbuf", SOL, lib.SO_RCVBUF, "SO_RCVBUF"),
 ]
 # SocketOptions is built positionally (keywords cost about 3 us): each field's position
-_POSITION = {f.name: i for i, f in enumerate(fields(SocketOptions))}
+SOCKOPT_POSITION = {f.name: i for i, f in enumerate(fields(SocketOptions))}
 # what a field not read for the family (v6only for IPv4) holds
-_DEFAULTS = [getattr(SocketOptions(), name) for name in _POSITION]
+_DEFAULTS = [getattr(SocketOptions(), name) for name in SOCKOPT_POSITION]
 # What read_sockopts reads, per family, in its order: (field, level, option, name, a bool field, its position)
 _READS = {
     family: [
-        (o.field, o.level, o.opt, o.name, o.field in BOOL_FIELDS, _POSITION[o.field])
+        (o.field, o.level, o.opt, o.name, o.field in BOOL_FIELDS, SOCKOPT_POSITION[o.field])
         for o in opts + PRE_BIND_INT_OPTS + ([V6ONLY] if family == AF_INET6 else []) + _BUFFER_OPTS + [NOTSENT_LOWAT]
     ]
     for family, opts in INT_OPTS.items()
 }
-_OPTIONAL_READS = [(o.level, o.opt, o.name, _POSITION[o.field]) for o in OPTIONAL_INT_OPTS]
+_OPTIONAL_READS = [(o.level, o.opt, o.name, SOCKOPT_POSITION[o.field]) for o in OPTIONAL_INT_OPTS]
 _LINGER = struct.Struct("ii")
 _TIMEVAL = struct.Struct("ll")
-_LAST_POSITIONS = tuple(_POSITION[name] for name in ("linger_on", "linger_secs", "bindtodevice", "congestion",
-                                                       *(field for field, _, _ in TIMEOUTS)))
+_LAST_POSITIONS = tuple(SOCKOPT_POSITION[name] for name in ("linger_on", "linger_secs", "bindtodevice", "congestion",
+                                                              *(field for field, _, _ in TIMEOUTS)))
 # What apply_in_repair sets: (field, level, option, name, the value a new socket has or None)
 _WRITES = {
     family: [(o.field, o.level, o.opt, o.name, o.fresh) for o in opts + OPTIONAL_INT_OPTS]
@@ -128,11 +129,18 @@ _WRITES = {
 
 def read_sockopts(session: _Session, family: int) -> SocketOptions:
     """Must run before repair mode is switched on: repair mode forces the reuse flag, which SO_REUSEADDR reports."""
+    return SocketOptions(*read_sockopt_values(session, family))  # type: ignore[arg-type]
+
+
+def read_sockopt_values(session: _Session, family: int, skip: frozenset[str] = frozenset()) -> list[object]:
+    """The fields of SocketOptions in their order (SOCKOPT_POSITION), read as read_sockopts() reads them, but those
+    in `skip`, which hold SocketOptions' defaults (a batch checkpoint takes them from a sock_diag dump:
+    engine/_batch.py)."""
     getsockopt = session.sock.getsockopt
     values: list[object] = list(_DEFAULTS)
     name = ""
     try:
-        for _, level, opt, name, as_bool, at in _READS[family]:
+        for _, level, opt, name, as_bool, at in (_reads_without(family, skip) if skip else _READS[family]):
             raw = getsockopt(level, opt)
             values[at] = bool(raw) if as_bool else raw
         for level, opt, name, at in _OPTIONAL_READS:
@@ -145,9 +153,9 @@ def read_sockopts(session: _Session, family: int) -> SocketOptions:
         name = "SO_LINGER"
         linger_on, linger_secs = _LINGER.unpack(getsockopt(SOL, lib.SO_LINGER, _LINGER.size))
         name = "SO_BINDTODEVICE"
-        device = getsockopt(SOL, lib.SO_BINDTODEVICE, IFNAMSIZ)
+        device = b"" if "bindtodevice" in skip else getsockopt(SOL, lib.SO_BINDTODEVICE, IFNAMSIZ)
         name = "TCP_CONGESTION"
-        congestion = getsockopt(TCP, lib.TCP_CONGESTION, IFNAMSIZ)
+        congestion = b"" if "congestion" in skip else getsockopt(TCP, lib.TCP_CONGESTION, IFNAMSIZ)
         timeouts = []
         for _, opt, name in TIMEOUTS:
             secs, usecs = _TIMEVAL.unpack(getsockopt(SOL, opt, _TIMEVAL.size))
@@ -157,7 +165,13 @@ def read_sockopts(session: _Session, family: int) -> SocketOptions:
     for at, value in zip(_LAST_POSITIONS, (bool(linger_on), linger_secs, _name(device), _name(congestion), *timeouts),
                          strict=True):
         values[at] = value
-    return SocketOptions(*values)  # type: ignore[arg-type]
+    return values
+
+
+@functools.cache
+def _reads_without(family: int, skip: frozenset[str]) -> list[tuple[str, int, int, str, bool, int]]:
+    """_READS[family] less the fields in `skip`."""
+    return [read for read in _READS[family] if read[0] not in skip]
 
 
 def _name(raw: bytes) -> str:

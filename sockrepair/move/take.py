@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sockrepair.engine._batch import checkpoint_many, ensure_all_unchanged
 from sockrepair.engine._checkpoint import (
     REPAIRABLE_NAMES,
     checkpoint,
     discard,
-    ensure_unchanged,
     resume,
 )
 from sockrepair.engine._refuse import refusals_of
@@ -234,6 +234,19 @@ def checkpoint_taken(pid: int, sock: ProcSocket, copy: int) -> ConnectionState:
         raise _in_process(exc, pid, sock, copy) from None
 
 
+def checkpoint_all_taken(pid: int, chosen: Sequence[ProcSocket], copies: Sequence[int]) -> list[ConnectionState]:
+    """checkpoint_many() of `copies`, process `pid`'s sockets `chosen` taken with pidfd_getfd (one sock_diag dump
+    for all of them). Raises SocketStateError naming the process's pid and fd, the tuple and the TCP state of the
+    socket that failed; every copy is then out of repair mode again."""
+    try:
+        return checkpoint_many(copies)
+    except SocketStateError as exc:
+        for sock, copy in zip(chosen, copies):
+            if copy == exc.fd:
+                raise _in_process(exc, pid, sock, copy) from None
+        raise
+
+
 @contextlib.contextmanager
 def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timings: Timings,
              ttl: float = 60.0, quiescence: Quiescence = Quiescence(),
@@ -286,7 +299,6 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
             fds: list[int] = []
             states: list[ConnectionState] = []
             cap = Captured(pid, chosen, fds, states, freeze, pidfd, freezer, lost=lost)
-            checkpointing = False
             try:
                 for s in chosen:
                     fds.append(pidfd.getfd(s.fd))
@@ -296,17 +308,15 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
                     with timings.timed(Stage.LOCK):
                         locker.lock([s.tuple for s in chosen], ttl=ttl)
                 with timings.timed(Stage.CHECKPOINT):
-                    checkpointing = True
-                    for s, fd in zip(chosen, fds):
-                        states.append(checkpoint_taken(pid, s, fd))
+                    # all or none: a failing batch resumes what it froze itself
+                    states.extend(checkpoint_all_taken(pid, chosen, fds))
                     freezer.reuse([s.fd for s, st in zip(chosen, states) if st.sockopts.reuseaddr])
                 yield cap
             except BaseException:
                 # past the point of no return the source is gone and the lock must hold for the restore
                 if not cap.ended:
                     with deferred_signals():
-                        # a checkpoint cut short may have left its socket in repair mode too
-                        for fd in fds[: len(states) + 1] if checkpointing else ():
+                        for fd in fds[: len(states)]:
                             with contextlib.suppress(OSError):
                                 resume(fd)
                         if locker is not None:
@@ -332,11 +342,13 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[]
     in repair mode in the process, which must not run again. SIGINT, SIGTERM and SIGHUP wait until it is done.
     `passed` runs right after the guard was told the point of no return is passed, before the first discard (the
     movers mark their image directory there: sockrepair.move.journal.mark_ended)."""
-    for s, fd, state in zip(cap.sockets, cap.fds, cap.states):
-        try:
-            ensure_unchanged(fd, state)
-        except SocketStateError as exc:
-            raise _in_process(exc, cap.pid, s, fd) from None
+    try:
+        ensure_all_unchanged(cap.fds, cap.states)
+    except SocketStateError as exc:
+        for s, fd in zip(cap.sockets, cap.fds):
+            if fd == exc.fd:
+                raise _in_process(exc, cap.pid, s, fd) from None
+        raise
     with deferred_signals():
         cap.freezer.ending()
         cap.ended = True

@@ -1,0 +1,173 @@
+"""checkpoint_many: checkpoint() of many sockets, with one sock_diag dump per network namespace in place of the
+per-socket calls whose answers the dump holds. Each socket's calls go through a _Session (engine/_session.py), as
+checkpoint()'s do.
+
+The steps of checkpoint() (engine/_checkpoint.py), in the same order for each socket, with these differences:
+
+- every socket is put in repair mode first, and then one dump (NETLINK_SOCK_DIAG, per address family, of the TCP
+  sockets in the states checkpoint() takes) is read in the sockets' namespace: taken while they are all frozen, it
+  answers what checkpoint() asks once repair mode is on (the state again, tcp_info's options and window scales) and
+  what its refusal checks ask sock_diag for (the receive queue's true length, TCP-MD5 keys, ULP, shutdown);
+- the 4-tuple comes from the dump (the socket is found there by its inode) instead of getsockname/getpeername;
+- of the options read before repair mode, those the dump shows exactly as getsockopt does (TOS / TCLASS, SO_MARK,
+  IP_FREEBIND, SO_SNDBUF, SO_RCVBUF, TCP_CONGESTION, no SO_BINDTODEVICE) are taken from it; repair mode changes
+  none of them (it forces only the reuse flag, which is read before it as checkpoint() does);
+- the refusal checks the dump cannot answer are made per socket (engine/_refuse.py refusals_suspected); when
+  anything is suspected, checkpoint()'s own check runs and raises the same error checkpoint() raises.
+- a socket in CLOSE, which no dump lists (it left the hash tables), is read as checkpoint() reads it, after all
+  the others: reading its pending error clears it, and a batch failing on another socket then leaves it unread.
+
+A socket the dump does not show (another namespace) has its namespace dumped in turn. The states are the ones
+checkpoint() returns, field by field (tests/root/test_engine_batch.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sockrepair.engine._checkpoint import (
+    checkpoint_session,
+    ensure_state,
+    ensure_unchanged,
+    first_look,
+    frozen_state,
+    resume_session,
+)
+from sockrepair.engine._diag import SOCKOPT_FREEBIND, SockView, dump_views
+from sockrepair.engine._ffi import lib
+from sockrepair.engine._refuse import refusals_suspected, refuse
+from sockrepair.engine._session import SockLike, _Session, fileno, hold_reuse, signed32
+from sockrepair.engine._sockopts import IFNAMSIZ, SOCKOPT_POSITION, read_sockopt_values
+from sockrepair.engine._states import CLOSE, REPAIRABLE
+from sockrepair.engine._tcpopts import TcpInfo, tcp_info
+from sockrepair.errors import SocketCallError
+from sockrepair.state import ConnectionState, SocketOptions
+
+SOL = lib.SOL_SOCKET
+# The SocketOptions fields taken from the dump.
+DUMPED = frozenset({"tos", "mark", "freebind", "sndbuf", "rcvbuf", "congestion", "bindtodevice"})
+# No dump lists a socket in CLOSE (it is in no hash table): checkpoint_many reads those as checkpoint() does.
+_STATES = sum(1 << s for s in REPAIRABLE - {CLOSE})
+_AT = SOCKOPT_POSITION
+_REUSEADDR = _AT["reuseaddr"]
+
+
+@dataclass
+class _Frozen:
+    index: int
+    session: _Session
+    first_state: int
+    family: int
+    values: list[object]
+
+
+def checkpoint_many(socks: Sequence[SockLike]) -> list[ConnectionState]:
+    """checkpoint() of every socket in `socks` (socket objects or fds of this process), in their order: each is left
+    frozen (repair mode on) and its state is the one checkpoint() would return. The network lock must hold every
+    one of them off from before the call. A socket in CLOSE is read last, as checkpoint() reads it: its pending
+    error, which reading clears, is read only once every other socket was.
+
+    Raises what checkpoint() raises, for the first socket found failing (errors carry its `.fd`); every socket the
+    call put in repair mode is then resumed (repair off without a window probe) before the error goes up."""
+    return _checkpoint_all([_Session(fileno(sock)) for sock in socks])
+
+
+def _checkpoint_all(sessions: Sequence[_Session]) -> list[ConnectionState]:
+    frozen: list[_Frozen] = []
+    closed: list[int] = []
+    done: list[_Session] = []
+    states: list[ConnectionState | None] = [None] * len(sessions)
+    try:
+        for index, session in enumerate(sessions):
+            first_state = first_look(session)
+            if first_state == CLOSE:
+                closed.append(index)
+                continue
+            family = session.get(SOL, lib.SO_DOMAIN, "SO_DOMAIN")
+            values = read_sockopt_values(session, family, DUMPED)
+            session.repair_on()
+            frozen.append(_Frozen(index, session, first_state, family, values))
+            if values[_REUSEADDR]:
+                hold_reuse(session.fd)
+        if frozen:
+            inodes = [os.fstat(f.session.fd).st_ino for f in frozen]
+            views = _views(frozen, inodes)
+            for f, inode in zip(frozen, inodes):
+                states[f.index] = _finish(f, views[inode])
+        for index in closed:
+            states[index] = checkpoint_session(sessions[index], CLOSE)  # resumes its own socket when it fails
+            done.append(sessions[index])
+    except BaseException:
+        for session in [f.session for f in frozen] + done:
+            with contextlib.suppress(OSError):
+                resume_session(session)
+        raise
+    return [state for state in states if state is not None]
+
+
+def _views(frozen: Sequence[_Frozen], inodes: Sequence[int]) -> dict[int, SockView]:
+    """The dump's view of every socket, by inode: one dump in the namespace of the first socket, and one more in the
+    namespace of each socket the dumps so far did not show."""
+    families = {f.family for f in frozen}
+    wanted = set(inodes)
+    views: dict[int, SockView] = {}
+    for f, inode in zip(frozen, inodes):
+        if inode in views:
+            continue
+        views.update(dump_views(f.session, families, _STATES, wanted - views.keys()))
+        if inode not in views:
+            # not among the states checkpoint() takes any more, in its own namespace: it left its state
+            ensure_state(f.session, f.first_state, tcp_info(f.session).tcpi_state)
+            raise SocketCallError(errno.ENOENT, "sock_diag dump (the socket is not listed)", f.session.fd)
+    return views
+
+
+def _finish(f: _Frozen, view: SockView) -> ConnectionState:
+    session = f.session
+    session.tuple = view.tuple
+    if refusals_suspected(session, view, f.first_state):
+        refuse(session, view.tuple, f.first_state)
+    ensure_state(session, f.first_state, view.state)
+    info = TcpInfo(view.state, view.info[5], view.info[6]) if len(view.info) > 6 else tcp_info(session)
+    return frozen_state(session, info, _options(session, f, view))
+
+
+def _options(session: _Session, f: _Frozen, view: SockView) -> SocketOptions:
+    values = f.values
+    tos = view.tclass if f.family == socket.AF_INET6 else view.tos
+    if (tos is None or view.mark is None or view.sockopt is None or view.congestion is None or view.sndbuf is None
+            or view.rcvbuf is None):
+        # a kernel whose dump lacks one of them: read them all now (repair mode changes none but the reuse flag)
+        reuseaddr = values[_REUSEADDR]
+        values = read_sockopt_values(session, f.family)
+        values[_REUSEADDR] = reuseaddr
+    else:
+        values[_AT["tos"]] = tos
+        values[_AT["mark"]] = signed32(view.mark)
+        values[_AT["freebind"]] = bool(view.sockopt & SOCKOPT_FREEBIND)
+        values[_AT["sndbuf"]] = view.sndbuf
+        values[_AT["rcvbuf"]] = view.rcvbuf
+        values[_AT["congestion"]] = view.congestion
+        values[_AT["bindtodevice"]] = _device(session) if view.ifindex else ""
+    return SocketOptions(*values)  # type: ignore[arg-type]
+
+
+def _device(session: _Session) -> str:
+    """SO_BINDTODEVICE's name (the dump gives the index only)."""
+    try:
+        raw = session.sock.getsockopt(SOL, lib.SO_BINDTODEVICE, IFNAMSIZ)
+    except OSError as exc:
+        raise session.failed("getsockopt(SO_BINDTODEVICE)", exc) from None
+    return raw.split(b"\0", 1)[0].decode("ascii", "replace")
+
+
+def ensure_all_unchanged(socks: Sequence[SockLike], states: Sequence[ConnectionState]) -> None:
+    """What discard() checks, of every frozen socket in `socks` against its state in `states`: a mover checks every
+    socket before it discards any. Raises SocketStateError (`.fd`, `.tuple`) for the first that sent or received
+    since its checkpoint."""
+    for sock, state in zip(socks, states):
+        ensure_unchanged(_Session(fileno(sock), state.tuple), state)
