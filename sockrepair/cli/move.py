@@ -31,7 +31,7 @@ from sockrepair.move.journal import (
     stale_reason,
     wait_free,
 )
-from sockrepair.move.keep import netns_path, read_kept, send_kept
+from sockrepair.move.keep import Keeper, Kept, netns_path, resume_keeping
 from sockrepair.move.land import put_back, restore_all, unlock_in
 from sockrepair.move.procfs import stat
 from sockrepair.move.quiesce import DEFAULT_TIMEOUT, OnBusy, Quiescence
@@ -167,6 +167,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     kept: list[bytes] = []
+    keeper = Keeper([])
     if args.from_criu is not None:
         states = load_criu_states(args.from_criu)
     else:
@@ -179,7 +180,8 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
             raise ImageError(f"{args.dir}: not restoring stale images: {why} (--force restores them anyway)",
                              path=str(args.dir))
         states = load_states(args.dir)
-        kept = read_kept(args.dir, [s.tuple for s in states])
+        kept, keeper = resume_keeping(args.dir, [s.tuple for s in states])
+        held.callback(keeper.close)
         if args.netns is None:
             # where the connections were: their local addresses are configured there, and their peers locked out
             args.netns = read_source(args.dir).netns
@@ -198,7 +200,7 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
             stack.enter_context(unix)
         with deferred_signals():
             socks = restore_all(states, args.netns)
-            delivered = send_kept(kept, netns_path(args.netns))
+            report = keeper.deliver(conns, netns_path(args.netns), before=kept)
             if unix is not None:
                 try:
                     # passed before the unlock: if that fails, the connections are still locked and can be put back
@@ -207,11 +209,10 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
                     _put_back([s.detach() for s in socks], states, args, exc)
                     raise
             unlock_in(args.netns, states)
+            report = keeper.deliver(conns, netns_path(args.netns))  # what the lock stopped meanwhile
             if args.dir is not None:
                 mark_completed(args.dir, created=False)
-        print(f"restored {len(socks)} connection(s) from {source}"
-              + (f"; delivered {delivered} packet(s) their peers sent while locked" if delivered else ""),
-              file=sys.stderr)
+        print(f"restored {len(socks)} connection(s) from {source}{_kept_text(report)}", file=sys.stderr)
         if unix is not None:
             return 0
     # marked completed above, so a second restore refuses DIR anyway; and exec_with_sockets places the sockets at
@@ -226,6 +227,13 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         _put_back(list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(socks))), states, args, exc)
         raise
     return 0  # not reached: exec replaced this process
+
+
+def _kept_text(kept: Kept) -> str:
+    text = f"; delivered {kept.delivered} packet(s) their peers sent while locked" if kept.delivered else ""
+    if kept.fell_back:
+        text += f"; {kept.fell_back} packet(s) fell back to the peers' retransmission"
+    return text + (f" ({kept.note})" if kept.note else "")
 
 
 def _put_back(fds: list[int], states: list[ConnectionState], args: argparse.Namespace, exc: BaseException) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -84,8 +85,9 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
     images are fsynced before the process is ended; the index records what makes them stale later (the source's
     start time, `after`, the lock's expiry: sockrepair.move.journal), which `sockrepair restore` checks.
     With KILL and the lock, what the peers send is kept from the lock on and written, as the dump ends, to
-    packets.img (sockrepair.image.packets), which `sockrepair restore -D` delivers; what they send after the dump
-    ended waits for their retransmission. With LEAVE_RUNNING it is delivered to the resumed sockets before the
+    packets.img (sockrepair.image.packets), and a detached keeper goes on keeping what they send after the dump
+    ended into kept.img until the restore takes over or the lock expires (sockrepair.move.keeper); `sockrepair
+    restore -D` delivers both. With LEAVE_RUNNING it is delivered to the resumed sockets before the
     unlock, and what came meanwhile right after it. With After.KILL, every other connection of the process (not
     repairable, not plain TCP, or not in `wanted`) would be reset by the kill: dump refuses before freezing
     anything, naming each, unless `allow_loss`, and the report then lists them in `lost`.
@@ -133,7 +135,8 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
                     end_source(cap, passed=lambda: mark_ended(directory))
         if keeper is not None and after is After.KILL:
             with timings.timed(Stage.KEEP):
-                kept = keeper.write(dir_fd, [s.tuple for s in cap.sockets])
+                # the lock holds `ttl` seconds from before this: the keeper outlives it a little, never the reverse
+                kept = keeper.hand_off(dir_fd, [s.tuple for s in cap.sockets], time.time() + ttl)
     except BaseException as exc:
         if cap is not None and cap.ended:
             with contextlib.suppress(AttributeError):
