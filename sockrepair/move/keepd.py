@@ -12,7 +12,9 @@ exits at once: the keeper is nobody's child and holds no terminal), with no fd b
 - a listening UNIX socket in the image directory: a restore connects, the keeper reads what is left, writes the
   END record and passes its sockets (SCM_RIGHTS), then exits.
 
-It also ends when the lock expires (`expires`, wall-clock seconds), or on SIGTERM/SIGINT/SIGHUP, writing END first.
+It also ends, writing END first, when none of its connections is locked any more (it looks every second: released by
+a restore that did not ask it, or expired), at `expires` (wall-clock seconds, the lock's expiry), or on
+SIGTERM/SIGINT/SIGHUP.
 Its caps are those of a recorder (lock/record.py Caps), counted over what it appended; past them a packet is counted
 (COUNTS record) and left to the lock, which drops it as it drops everything: the keeper only copies, so nothing it
 does or fails to do lets a packet through or answers one."""
@@ -25,6 +27,10 @@ import sys
 from typing import Any
 
 # The parent of the keeper waits for this process's first line; nothing heavy is imported before it is written.
+
+_SIOCGSKNS = 0x894C  # linux/sockios.h: an fd of a socket's network namespace
+# seconds between two looks at the lock: a keeper whose connections were released (or whose lock expired) leaves
+_LOOK_EVERY = 1.0
 
 
 def _detach() -> None:
@@ -46,14 +52,18 @@ def run(spec: dict[str, Any]) -> str:
     "journal" (fd of kept.img, positioned at its end), "listen" (fd of the listening UNIX socket), "recorders"
     (list of [fd, next NFULA_SEQ or null]), "tuples" (the wanted connections as their packets name them, str of
     ConnTuple), "expires" (wall-clock seconds)."""
+    import fcntl
     import select
     import signal
     import socket
     import struct
     import time
 
+    from sockrepair.errors import NftError
     from sockrepair.image.keptlog import END, PACKET, counts_record, record
-    from sockrepair.lock.record import Caps, Recorder
+    from sockrepair.lock.locker import Locker
+    from sockrepair.lock.record import Caps, Recorder, wire_key
+    from sockrepair.netns import inside
     from sockrepair.packet import packet_tuple
     from sockrepair.state import ConnTuple
 
@@ -62,6 +72,16 @@ def run(spec: dict[str, Any]) -> str:
     listener.listen(4)  # again, so that a connecting restore sees this process's credentials (SO_PEERCRED)
     recorders = [Recorder(bound=socket.socket(fileno=int(fd)), next_seq=seq) for fd, seq in spec["recorders"]]
     wanted = [ConnTuple.parse(text) for text in spec["tuples"]]
+    wanted_set = set(wanted)
+    lockers = []
+    for recorder in recorders:
+        # the namespace of the recorder's socket (SIOCGSKNS): the keeper watches the lock there
+        namespace = fcntl.ioctl(recorder.socket.fileno(), _SIOCGSKNS)
+        try:
+            with inside(f"/proc/self/fd/{namespace}"):
+                lockers.append(Locker())
+        finally:
+            os.close(namespace)
     expires = float(spec["expires"])
     caps = Caps()
     packets: dict[ConnTuple, int] = {}
@@ -108,13 +128,22 @@ def run(spec: dict[str, Any]) -> str:
         poller.register(recorder.socket.fileno(), select.POLLIN)
     poller.register(listener.fileno(), select.POLLIN)
     poller.register(wake_read, select.POLLIN)
+    def released() -> bool:
+        """Whether none of the wanted connections is locked any more (released, or expired): then nothing more
+        can come, and the group must be free for the next mover in the namespace."""
+        try:
+            return not any(wire_key(r.tuple) in wanted_set for locker in lockers for r in locker.list_locks())
+        except NftError:
+            return False
+
     while True:
         left = expires - time.time()
-        if left <= 0:
+        if left <= 0 or released():
             keep()
-            append(record(END, b"the lock expired"))
-            return "the lock expired"
-        ready = {fd for fd, _ in poller.poll(min(left, 60.0) * 1000)}
+            reason = "the lock expired" if left <= 0 else "the lock was released"
+            append(record(END, reason.encode()))
+            return reason
+        ready = {fd for fd, _ in poller.poll(min(left, _LOOK_EVERY) * 1000)}
         keep()
         if wake_read in ready:
             append(record(END, b"stopped by a signal"))

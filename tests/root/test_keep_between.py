@@ -18,13 +18,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from sockrepair.image.directory import read_dir
 from sockrepair.image.keptlog import NAME as KEPT
 from sockrepair.image.keptlog import KeptLog, decode_keptlog
 from sockrepair.lab.hosts import SERVICE4, Lab
 from sockrepair.lab.programs import ECHO_SERVER
 from sockrepair.lab.subjects import start_echo, stop
 from sockrepair.lock import Locker
+from sockrepair.lock.record import Recorder
 from sockrepair.move.keeper import RECORD
+from sockrepair.move.land import restore_all, unlock_in
 from sockrepair.move.procfs import stat
 from sockrepair.netns import NetNS, named
 from tests.root.pairs import recv_exactly, tcp_info, wait_for
@@ -219,5 +222,34 @@ def test_a_damaged_kept_file_is_an_image_error(ns: NetNS, tmp_path: Path) -> Non
             assert not _alive(keeper)  # it handed over before the file was read
             with Locker(ns.name) as locker:
                 assert len(locker.list_locks()) == 1  # nothing was restored: the connection waits, locked
+    finally:
+        stop(server)
+
+
+def test_the_keeper_leaves_once_its_connections_are_released(ns: NetNS, tmp_path: Path) -> None:
+    """Restored through the library (restore_all, unlock) rather than `restore -D`, nobody asks the keeper: it sees
+    the lock released and leaves, freeing the log group for the next mover in the namespace."""
+    with ns.entered():
+        port = free_port()
+    server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
+    try:
+        with ns.entered():
+            client = socket.create_connection(("127.0.0.1", port))
+        with client:
+            client.sendall(b"hello")
+            assert recv_exactly(client, 5) == b"hello"
+            _dump(server.pid, tmp_path / "img")
+            keeper = _keeper_pid(tmp_path / "img")
+            states = [s for _, s in read_dir(tmp_path / "img")]
+            [restored] = restore_all(states, ns.name)
+            with restored:
+                assert _alive(keeper)
+                unlock_in(ns.name, states)
+                wait_for(lambda: not _alive(keeper), "the keeper to leave", 10.0)
+                assert _kept(tmp_path / "img").end == "the lock was released"
+                with ns.entered(), Recorder():  # the group is free again
+                    pass
+                client.sendall(b"after")
+                assert recv_exactly(restored, 5) == b"after"
     finally:
         stop(server)
