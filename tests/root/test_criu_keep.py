@@ -86,7 +86,7 @@ def test_a_request_sent_between_criu_dump_and_restore_arrives_without_retransmis
             keeper = int(json.loads((work / "img" / RECORD).read_text())["pid"])
             client.sendall(REQUEST)
             wait_for(lambda: len(decode_keptlog((work / "img" / KEPT).read_bytes()).packets) == 1,
-                     "the keeper to record the request", 5.0)
+                     "the keeper to record the request")
             with ns.entered():
                 report = driver.restore(work / "img", criu=criu)
             assert recv_exactly(client, len(REQUEST)) == REQUEST  # echoed by the restored program

@@ -105,7 +105,7 @@ def test_a_request_sent_between_dump_and_restore_arrives_without_retransmission(
             assert f"a keeper (pid {keeper})" in str(report["kept"])
             assert _alive(keeper) and (tmp_path / "img" / KEPT).stat().st_mode & 0o777 == 0o600
             client.sendall(REQUEST)  # after the dump has ended: only the keeper records now
-            wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request", 5.0)
+            wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
             with _restored(tmp_path / "img") as restored:
                 assert recv_exactly(client, len(REQUEST)) == REQUEST  # echoed by the restored program
                 assert tcp_info(client)[2] == 0
@@ -136,7 +136,7 @@ def test_kept_by_the_keeper_at_host_a_delivered_at_host_b(tmp_path: Path) -> Non
                 assert recv_exactly(client, 5) == b"hello"
                 _dump(server.pid, tmp_path / "img")
                 client.sendall(REQUEST)
-                wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request", 5.0)
+                wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
                 lab.move_service("a", "b")
                 with _restored(tmp_path / "img", "--netns", lab.b.name):
                     assert recv_exactly(client, len(REQUEST)) == REQUEST
@@ -209,7 +209,7 @@ def test_a_damaged_kept_file_is_an_image_error(ns: NetNS, tmp_path: Path) -> Non
             _dump(server.pid, tmp_path / "img")
             keeper = _keeper_pid(tmp_path / "img")
             client.sendall(REQUEST)
-            wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request", 5.0)
+            wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
             path = tmp_path / "img" / KEPT
             data = bytearray(path.read_bytes())
             data[-10] ^= 0xFF  # in the request's payload
