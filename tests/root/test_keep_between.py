@@ -23,6 +23,7 @@ from sockrepair.image.keptlog import NAME as KEPT
 from sockrepair.image.keptlog import KeptLog, decode_keptlog
 from sockrepair.lab.hosts import SERVICE4, Lab
 from sockrepair.lab.programs import ECHO_SERVER
+from sockrepair.lab.recorder import Recorder as WireRecorder
 from sockrepair.lab.subjects import start_echo, stop
 from sockrepair.lock import Locker
 from sockrepair.lock.record import Recorder
@@ -30,6 +31,7 @@ from sockrepair.move.keeper import RECORD
 from sockrepair.move.land import restore_all, unlock_in
 from sockrepair.move.procfs import stat
 from sockrepair.netns import NetNS, named
+from sockrepair.state import ConnTuple
 from tests.root.pairs import recv_exactly, tcp_info, wait_for
 from tests.root.programs import free_port
 
@@ -100,18 +102,24 @@ def test_a_request_sent_between_dump_and_restore_arrives_without_retransmission(
         with client:
             client.sendall(b"hello")
             assert recv_exactly(client, 5) == b"hello"
+            conn = ConnTuple(socket.AF_INET, *client.getsockname(), "127.0.0.1", port)
             report = _dump(server.pid, tmp_path / "img")
             keeper = _keeper_pid(tmp_path / "img")
             assert f"a keeper (pid {keeper})" in str(report["kept"])
             assert _alive(keeper) and (tmp_path / "img" / KEPT).stat().st_mode & 0o777 == 0o600
-            client.sendall(REQUEST)  # after the dump has ended: only the keeper records now
-            wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
-            with _restored(tmp_path / "img") as restored:
-                assert recv_exactly(client, len(REQUEST)) == REQUEST  # echoed by the restored program
-                assert tcp_info(client)[2] == 0
-                client.sendall(b"more")
-                assert recv_exactly(client, 4) == b"more"
+            with WireRecorder("lo", ns.name) as wire:
+                client.sendall(REQUEST)  # after the dump has ended: only the keeper records now
+                wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
+                with _restored(tmp_path / "img") as restored:
+                    assert recv_exactly(client, len(REQUEST)) == REQUEST  # echoed by the restored program
+                    assert tcp_info(client)[2] == 0
+                    client.sendall(b"more")
+                    assert recv_exactly(client, 4) == b"more"
+                    wire.stop()
             assert "delivered 1 packet(s)" in _stderr(restored)
+            # on the wire: the request when the peer sent it, and its copy when the restore delivered it
+            seen = wire.report(conn).directions[0]
+            assert (seen.delivered, seen.retransmitted_bytes, seen.rst) == (1, 0, 0)
             wait_for(lambda: not _alive(keeper), "the keeper to leave", 5.0)
             log = _kept(tmp_path / "img")
             assert log.end is not None and log.end.startswith("handed over to process ") and log.fell_back == 0
