@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from sockrepair.image.directory import read_dir
 from sockrepair.image.keptlog import NAME as KEPT
 from sockrepair.image.keptlog import KeptLog, decode_keptlog
@@ -83,6 +85,9 @@ def _stderr(proc: subprocess.Popen[bytes]) -> str:
 def _slow_peer_routes(ns: NetNS) -> None:
     ns.ip("route", "replace", "table", "local", "local", "127.0.0.1", "dev", "lo", "proto", "kernel", "scope", "host",
           "src", "127.0.0.1", "rto_min", "8s")
+    # an IPv6 route given metric 0 is added beside the kernel's (as 1024), not in its place
+    ns.ip("-6", "route", "del", "table", "local", "local", "::1", "dev", "lo")
+    ns.ip("-6", "route", "add", "table", "local", "local", "::1", "dev", "lo", "proto", "kernel", "rto_min", "8s")
 
 
 def _out_rsts(netns: str) -> int:
@@ -91,18 +96,21 @@ def _out_rsts(netns: str) -> int:
     return int(values[head.index("OutRsts")])
 
 
-def test_a_request_sent_between_dump_and_restore_arrives_without_retransmission(ns: NetNS, tmp_path: Path) -> None:
+@pytest.mark.parametrize("listen,connect", [("127.0.0.1", "127.0.0.1"), ("::1", "::1"), ("::", "127.0.0.1")],
+                         ids=["ipv4", "ipv6", "v4-mapped"])
+def test_a_request_sent_between_dump_and_restore_arrives_without_retransmission(ns: NetNS, tmp_path: Path,
+                                                                                listen: str, connect: str) -> None:
     _slow_peer_routes(ns)
     with ns.entered():
         port = free_port()
-    server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
+    server = start_echo(f"[{listen}]:{port}" if ":" in listen else f"{listen}:{port}", netns=ns.name)
     try:
         with ns.entered():
-            client = socket.create_connection(("127.0.0.1", port))
+            client = socket.create_connection((connect, port))
         with client:
             client.sendall(b"hello")
             assert recv_exactly(client, 5) == b"hello"
-            conn = ConnTuple(socket.AF_INET, *client.getsockname(), "127.0.0.1", port)
+            conn = ConnTuple(client.family, *client.getsockname()[:2], connect, port)
             report = _dump(server.pid, tmp_path / "img")
             keeper = _keeper_pid(tmp_path / "img")
             assert f"a keeper (pid {keeper})" in str(report["kept"])
