@@ -135,6 +135,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
     print("  " + ", ".join(f"{k} {v:.2f} ms" for k, v in report.phases_ms.items()))
     if not args.leave_running and not args.no_lock:
         print(f"  the connections stay locked for {args.ttl:g} s: restore them before then")
+        print(f"  kept {report.kept.delivered} packet(s) their peers sent during the dump"
+              + (f"; {report.kept.note}" if report.kept.note else ""))
     return 0
 
 
@@ -180,8 +182,6 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
             raise ImageError(f"{args.dir}: not restoring stale images: {why} (--force restores them anyway)",
                              path=str(args.dir))
         states = load_states(args.dir)
-        kept, keeper = resume_keeping(args.dir, [s.tuple for s in states])
-        held.callback(keeper.close)
         if args.netns is None:
             # where the connections were: their local addresses are configured there, and their peers locked out
             args.netns = read_source(args.dir).netns
@@ -195,6 +195,11 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         unix = None
     else:
         unix = connect_receiver(args.unix, args.unix_uid)
+    if args.dir is not None:
+        # after the handoff's checks, so that a wrong target leaves the dump's keeper keeping; before the restore,
+        # so that a damaged kept.img stops it while the connections are safe in their images
+        kept, keeper = resume_keeping(args.dir, conns)
+        held.callback(keeper.close)
     with contextlib.ExitStack() as stack:
         if unix is not None:
             stack.enter_context(unix)

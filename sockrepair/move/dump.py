@@ -50,8 +50,9 @@ class DumpReport:
     (LEAVE_RUNNING) or kill and keep (KILL) (sockrepair.move.stages.Stage says what each does). `lost`: the
     connections the kill destroyed, accepted with allow_loss (sockrepair.move.take.Unmovable.to_dict: "fd",
     "protocol", "tuple", "state", "reason"); always empty with LEAVE_RUNNING. `kept`: the peers' packets the lock
-    kept (sockrepair.move.keep.Kept): with KILL written to packets.img (`delivered` counts those written), with
-    LEAVE_RUNNING delivered to the resumed sockets. `quiescent`: whether every thread was waiting when the program
+    kept (sockrepair.move.keep.Kept): with KILL written to packets.img (`delivered` counts those written; `note`
+    names the keeper that goes on keeping, or why there is none), with LEAVE_RUNNING delivered to the resumed
+    sockets. `quiescent`: whether every thread was waiting when the program
     was frozen, after `freeze_attempts` tries; `busy`: the threads that were not (sockrepair.move.quiesce).
     `left_behind`: the process's fds found already in repair mode in a stopped process, as a move killed half-way
     leaves it (docs/failures.md); LEAVE_RUNNING resumed them and continued the process."""
