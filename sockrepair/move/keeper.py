@@ -70,19 +70,28 @@ def spawn_keeper(dir_fd: int, recorders: Sequence[tuple[int, Recorder]], tuples:
                 "tuples": [str(wire_key(t)) for t in tuples], "expires": expires}
         from sockrepair.move import keepd
 
-        done = subprocess.run([sys.executable, "-P", keepd.__file__, json.dumps(spec)],
-                              pass_fds=[journal.fileno(), listener.fileno(), *(r.socket.fileno() for _, r in recorders)],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              start_new_session=True, cwd="/", timeout=_START_TIMEOUT, check=False)
+        try:
+            done = subprocess.run([sys.executable, "-P", keepd.__file__, json.dumps(spec)],
+                                  pass_fds=[journal.fileno(), listener.fileno(),
+                                            *(r.socket.fileno() for _, r in recorders)],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  start_new_session=True, cwd="/", timeout=_START_TIMEOUT, check=False)
+        except subprocess.TimeoutExpired:
+            raise LockError(f"the keeper did not start within {_START_TIMEOUT:g} s") from None
         line = done.stdout.decode(errors="replace").strip()
         if done.returncode != 0 or not line.isdigit():
             raise LockError(f"the keeper did not start (exit status {done.returncode}): "
                             f"{done.stderr.decode(errors='replace').strip()[-300:]}")
         pid = int(line)
     proc = stat(pid)
-    with create_private(dir_fd, RECORD) as f:
-        f.write(json.dumps({"pid": pid, "start_time": proc.starttime if proc is not None else None,
-                            "expires": expires, "netns": [ino for ino, _ in recorders]}).encode())
+    start_time = proc.starttime if proc is not None else None
+    try:
+        with create_private(dir_fd, RECORD) as f:
+            f.write(json.dumps({"pid": pid, "start_time": start_time, "expires": expires,
+                                "netns": [ino for ino, _ in recorders]}).encode())
+    except BaseException:
+        _kill(pid, start_time)  # a keeper no restore can find would hold the log group for nothing
+        raise
     return pid
 
 
@@ -118,9 +127,11 @@ def take_over(directory: Path, tuples: Sequence[ConnTuple]) -> TakenOver:
     except (ValueError, KeyError, TypeError):
         raise ImageError(f"{directory / RECORD}: not a keeper record", path=str(directory / RECORD)) from None
     taken = TakenOver()
-    handed = _ask(directory, pid, start_time)
+    handed = _ask(directory, len(inodes))
     if handed is None:
         taken.note = _gone(pid, start_time)
+        # one that hangs, or lost its socket, must not go on recording (and holding the group) behind the restore
+        _kill(pid, start_time)
     else:
         next_seqs, fds = handed
         taken.recorders = [(ino, Recorder(bound=socket.socket(fileno=fd), next_seq=seq))
@@ -157,9 +168,9 @@ def _check(packets: list[bytes], tuples: Sequence[ConnTuple], path: str) -> None
                              path=path, field=f"packets[{n}]")
 
 
-def _ask(directory: Path, pid: int, start_time: object) -> tuple[list[int | None], list[int]] | None:
-    """The keeper's next sequence numbers and its recorder sockets (fds now ours), or None when no keeper answered
-    (one that hangs is killed first: it must not record, or hold the group, behind the restore's back)."""
+def _ask(directory: Path, count: int) -> tuple[list[int | None], list[int]] | None:
+    """The keeper's next sequence numbers and its `count` recorder sockets (fds now ours), or None when no keeper
+    answered as it should."""
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as conn:
@@ -178,12 +189,15 @@ def _ask(directory: Path, pid: int, start_time: object) -> tuple[list[int | None
                 data, fds = b"", []
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(SOCKET, dir_fd=dir_fd)
-            if not data:
+            try:
+                next_seqs = [None if seq is None else int(seq) for seq in json.loads(data)["next_seq"]]
+            except (ValueError, KeyError, TypeError):
+                next_seqs = []  # no answer (timed out), or not the keeper's
+            if not fds or len(fds) != len(next_seqs) or len(fds) != count:
                 for fd in fds:
                     os.close(fd)
-                _kill(pid, start_time)
                 return None
-            return list(json.loads(data)["next_seq"]), fds
+            return next_seqs, fds
     except OSError as exc:
         if exc.errno in (errno.ECONNRESET, errno.EPIPE):
             return None
@@ -209,7 +223,6 @@ def _kill(pid: int, start_time: object) -> None:
 
 def _gone(pid: int, start_time: object) -> str:
     proc = stat(pid)
-    if proc is not None and proc.starttime == start_time and not proc.zombie:
-        return f"the keeper (pid {pid}) runs but did not answer"
-    return (f"the keeper (pid {pid}) was gone (killed?): what the peers sent after its last record came by their "
-            "retransmission, uncounted")
+    alive = proc is not None and proc.starttime == start_time and not proc.zombie
+    return (f"the keeper (pid {pid}) {'did not answer: killed' if alive else 'was gone (killed?)'}; what the peers "
+            "sent after its last record came by their retransmission, uncounted")

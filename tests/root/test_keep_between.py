@@ -29,6 +29,7 @@ from sockrepair.lab.recorder import Recorder as WireRecorder
 from sockrepair.lab.subjects import start_echo, stop
 from sockrepair.lock import Locker
 from sockrepair.lock.record import Recorder
+from sockrepair.move import keeper as keeper_module
 from sockrepair.move.keeper import RECORD
 from sockrepair.move.land import restore_all, unlock_in
 from sockrepair.move.procfs import stat
@@ -213,6 +214,7 @@ def test_the_keeper_stops_when_the_lock_expires(ns: NetNS, tmp_path: Path) -> No
 
 
 def test_a_damaged_kept_file_is_an_image_error(ns: NetNS, tmp_path: Path) -> None:
+    _slow_peer_routes(ns)  # the request is kept once: no retransmission of it comes meanwhile
     with ns.entered():
         port = free_port()
     server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
@@ -267,5 +269,35 @@ def test_the_keeper_leaves_once_its_connections_are_released(ns: NetNS, tmp_path
                     pass
                 client.sendall(b"after")
                 assert recv_exactly(restored, 5) == b"after"
+    finally:
+        stop(server)
+
+
+def test_a_keeper_that_does_not_answer_is_killed(ns: NetNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped keeper (SIGSTOP) cannot hand over: the restore waits ANSWER_TIMEOUT, kills it and goes on with what
+    kept.img holds, so that the log group is free and nothing records behind the restore's back."""
+    _slow_peer_routes(ns)  # the request is kept once: no retransmission of it comes meanwhile
+    with ns.entered():
+        port = free_port()
+    server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
+    try:
+        with ns.entered():
+            client = socket.create_connection(("127.0.0.1", port))
+        with client:
+            client.sendall(b"hello")
+            assert recv_exactly(client, 5) == b"hello"
+            _dump(server.pid, tmp_path / "img")
+            keeper = _keeper_pid(tmp_path / "img")
+            client.sendall(REQUEST)
+            wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
+            os.kill(keeper, signal.SIGSTOP)
+            monkeypatch.setattr(keeper_module, "ANSWER_TIMEOUT", 0.5)
+            states = [s for _, s in read_dir(tmp_path / "img")]
+            taken = keeper_module.take_over(tmp_path / "img", [s.tuple for s in states])
+            assert "did not answer: killed" in taken.note and taken.recorders == []
+            assert [len(p) for p in taken.packets] == [len(p) for p in _kept(tmp_path / "img").packets] and taken.packets
+            wait_for(lambda: not _alive(keeper), "the keeper to die", 5.0)
+            with ns.entered(), Recorder():  # the group is free for the restore
+                pass
     finally:
         stop(server)
