@@ -140,7 +140,7 @@ def run(spec: dict[str, Any]) -> str:
         left = expires - time.time()
         if left <= 0 or released():
             keep()
-            reason = "the lock expired" if left <= 0 else "the lock was released"
+            reason = "the lock expired" if left <= 0 else "none of its connections is locked any more"
             append(record(END, reason.encode()))
             return reason
         ready = {fd for fd, _ in poller.poll(min(left, _LOOK_EVERY) * 1000)}
