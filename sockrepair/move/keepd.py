@@ -59,7 +59,7 @@ def run(spec: dict[str, Any]) -> str:
     import struct
     import time
 
-    from sockrepair.errors import NftError
+    from sockrepair.errors import NftError, SockrepairError
     from sockrepair.image.keptlog import END, PACKET, counts_record, record
     from sockrepair.lock.locker import Locker
     from sockrepair.lock.record import Caps, Recorder, wire_key
@@ -75,13 +75,16 @@ def run(spec: dict[str, Any]) -> str:
     wanted_set = set(wanted)
     lockers = []
     for recorder in recorders:
-        # the namespace of the recorder's socket (SIOCGSKNS): the keeper watches the lock there
-        namespace = fcntl.ioctl(recorder.socket.fileno(), _SIOCGSKNS)
         try:
-            with inside(f"/proc/self/fd/{namespace}"):
-                lockers.append(Locker())
-        finally:
-            os.close(namespace)
+            # the namespace of the recorder's socket (SIOCGSKNS): the keeper watches the lock there
+            namespace = fcntl.ioctl(recorder.socket.fileno(), _SIOCGSKNS)
+            try:
+                with inside(f"/proc/self/fd/{namespace}"):
+                    lockers.append(Locker())
+            finally:
+                os.close(namespace)
+        except (OSError, SockrepairError):
+            pass  # unwatched, the keeper ends at `expires` only
     expires = float(spec["expires"])
     caps = Caps()
     packets: dict[ConnTuple, int] = {}
@@ -128,9 +131,12 @@ def run(spec: dict[str, Any]) -> str:
         poller.register(recorder.socket.fileno(), select.POLLIN)
     poller.register(listener.fileno(), select.POLLIN)
     poller.register(wake_read, select.POLLIN)
+
     def released() -> bool:
         """Whether none of the wanted connections is locked any more (released, or expired): then nothing more
         can come, and the group must be free for the next mover in the namespace."""
+        if not lockers:
+            return False
         try:
             return not any(wire_key(r.tuple) in wanted_set for locker in lockers for r in locker.list_locks())
         except NftError:
