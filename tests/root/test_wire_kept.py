@@ -28,19 +28,20 @@ def _keep_sockets(socks: list[socket.socket], _tuples: object) -> list[socket.so
     return socks
 
 
+@pytest.mark.parametrize("addr", ["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])  # IPv6: told apart by TSval alone
 @pytest.mark.parametrize("keep", [True, False], ids=["keeping", "dropping"])
-def test_a_capture_of_a_move_counts_the_delivered_copies(keep: bool, tmp_path: Path) -> None:
+def test_a_capture_of_a_move_counts_the_delivered_copies(keep: bool, addr: str, tmp_path: Path) -> None:
     with NetNS() as ns:
         with ns.entered():
             port = free_port()
-        server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
+        server = start_echo(f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}", netns=ns.name)
         try:
             with ns.entered():
-                client = socket.create_connection(("127.0.0.1", port))
+                client = socket.create_connection((addr, port))
             with client:
                 client.sendall(b"hello")
                 assert recv_exactly(client, 5) == b"hello"
-                conn = ConnTuple(socket.AF_INET, *client.getsockname(), "127.0.0.1", port)
+                conn = ConnTuple(client.family, *client.getsockname()[:2], addr, port)
                 rec = Recorder("lo", ns.name).start()  # after the handshake, until before the close
                 try:
                     report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=_keep_sockets, keep=keep,
