@@ -95,7 +95,9 @@ class ConnTuple:
         for port in (lp, rp):
             if not 0 < port < 65536:
                 raise ValueError(f"port {port} out of range in {text!r}")
-        return cls(family, str(lip), lp, str(rip), rp)
+        # as inet_ntop(3) prints them, the form the kernel's addresses take everywhere else: Python 3.11's str() of a
+        # v4-mapped address is "::ffff:7f00:1", which compared unequal to the same tuple read from a socket
+        return cls(family, socket.inet_ntop(family, lip.packed), lp, socket.inet_ntop(family, rip.packed), rp)
 
 
 def _split_hostport(text: str) -> tuple[str, int]:

@@ -124,6 +124,9 @@ def cmd_dump(args: argparse.Namespace) -> int:
         peer = (f"peer in tree {c.peer_root}" if c.peer == PEER_TREE else
                 "peer left running (--allow-external-peers)" if c.peer == PEER_EXTERNAL else "remote peer")
         print(f"    {str(c.tuple):<48} tree {c.root}, {peer}")
+    kept = report.kept
+    print(f"  kept {kept.delivered} packet(s) their peers sent during the dump"
+          + (f"; {kept.note}" if kept.note else ""))
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"restore with: sockrepair criu restore -D {shlex.quote(report.directory)} (the lock is taken again from "
@@ -141,6 +144,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if report.still_locked:
         print(f"  {len(report.still_locked)} connection(s) stay locked for {report.ttl:g} s: their other end is in "
               "a tree not restored yet")
+    kept = report.kept
+    if kept.delivered or kept.fell_back or kept.note:
+        print(f"  delivered {kept.delivered} packet(s) their peers sent while locked, {kept.fell_back} fell back to "
+              "their retransmission" + (f" ({kept.note})" if kept.note else ""))
     logged = report.criu_notes.text()
     if logged:
         print("criu logged these errors and went on (sockrepair's lock covered the connections):\n" + logged,

@@ -21,6 +21,7 @@ from sockrepair.private import open_regular, read_regular
 
 # packets.img (sockrepair.image.packets.MAGIC), named here so that `show` of an image does not load construct
 PACKETS_MAGIC = b"SKPK"
+KEPTLOG_MAGIC = b"SKKL"  # kept.img, the keeper's journal (sockrepair.image.keptlog.MAGIC)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -46,6 +47,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     if _starts_with(args.image, PACKETS_MAGIC):
         return _show_packets(args)
+    if _starts_with(args.image, KEPTLOG_MAGIC):
+        return _show_keptlog(args)
     state = read_image(args.image)
     if args.json:
         print_json(state.to_dict(payload=args.payload))
@@ -75,6 +78,27 @@ def _show_packets(args: argparse.Namespace) -> int:
         print_json({"packets": packets})
         return 0
     print(f"{args.image}: {len(packets)} packet(s) the lock kept for the restore to deliver")
+    for n, p in enumerate(packets):
+        print(f"  {n:4} {p['tuple']}  seq {p['seq']} ack {p['ack']} [{p['flags']}] {p['payload']} bytes")
+    return 0
+
+
+def _show_keptlog(args: argparse.Namespace) -> int:
+    from sockrepair.image.keptlog import MAX_FILE, decode_keptlog
+    from sockrepair.image.packets import describe
+
+    try:
+        data = read_regular(args.image, MAX_FILE)
+    except OSError as exc:
+        raise ImageError(f"cannot read {args.image}: {exc.strerror}", path=str(args.image)) from None
+    log = decode_keptlog(data, str(args.image))
+    packets = [describe(p) for p in log.packets]
+    if args.json:
+        print_json({"packets": packets, "over_cap": log.over_cap, "lost": log.lost, "truncated": log.truncated,
+                    "end": log.end, "torn": log.torn})
+        return 0
+    end = f"ended: {log.end}" if log.end is not None else "not ended (the keeper runs, or was killed)"
+    print(f"{args.image}: {len(packets)} packet(s) a keeper kept after the dump, {log.fell_back} not kept; {end}")
     for n, p in enumerate(packets):
         print(f"  {n:4} {p['tuple']}  seq {p['seq']} ack {p['ack']} [{p['flags']}] {p['payload']} bytes")
     return 0

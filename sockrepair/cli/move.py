@@ -39,7 +39,7 @@ from sockrepair.move.journal import (
     stale_reason,
     wait_free,
 )
-from sockrepair.move.keep import netns_path, read_kept, send_kept
+from sockrepair.move.keep import Keeper, Kept, netns_path, resume_keeping
 from sockrepair.move.land import passing_lock, put_back, restore_all, unlock_in
 from sockrepair.move.procfs import stat
 from sockrepair.move.quiesce import DEFAULT_TIMEOUT, OnBusy, Quiescence
@@ -151,6 +151,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
     print("  " + ", ".join(f"{k} {v:.2f} ms" for k, v in report.phases_ms.items()))
     if not args.leave_running and not args.no_lock:
         print(f"  the connections stay locked for {args.ttl:g} s: restore them before then")
+        print(f"  kept {report.kept.delivered} packet(s) their peers sent during the dump"
+              + (f"; {report.kept.note}" if report.kept.note else ""))
     return 0
 
 
@@ -191,6 +193,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     stages = Timings("restore")
     kept: list[bytes] = []
+    keeper = Keeper([])
     inherit: list[int] = []
     with stages.timed(Stage.LOAD):
         if args.from_criu is not None:
@@ -215,7 +218,6 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
             if why is not None:
                 raise ImageError(f"{args.dir}: not restoring stale images: {why} (--force restores them anyway)",
                                  path=str(args.dir))
-            kept = read_kept(args.dir, [s.tuple for s in states])
         conns = [s.tuple for s in states]
         if args.unix_uid and not args.unix:
             raise HandoffError("--unix-uid goes with --unix")
@@ -226,6 +228,11 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         else:
             unix = connect_receiver(args.unix, args.unix_uid)
             held.enter_context(unix)
+        if args.dir is not None:
+            # after the handoff's checks, so that a wrong target leaves the dump's keeper keeping; before the
+            # restore, so that a damaged kept.img stops it while the connections are safe in their images
+            kept, keeper = resume_keeping(args.dir, conns)
+            held.callback(keeper.close)
     source = args.from_criu or args.dir
     guard = RestoreGuard(conns, args.netns, args.dir, inherit)
     socks: list[socket.socket] = []
@@ -235,7 +242,7 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
             with stages.timed(Stage.RESTORE):
                 socks = restore_all(states, args.netns, on_restored=guard.hold)
             with stages.timed(Stage.DELIVER), passing_lock(socks, states):
-                delivered = send_kept(kept, netns_path(args.netns))
+                report = keeper.deliver(conns, netns_path(args.netns), before=kept)
             if unix is not None:
                 with stages.timed(Stage.HANDOFF):
                     guard.handing()
@@ -249,9 +256,9 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
                     if args.dir is not None:
                         mark_completed(args.dir, created=False)
                     completed = True
+                report = keeper.deliver(conns, netns_path(args.netns))  # what the lock stopped meanwhile
                 guard.close()
-                print(f"restored {len(socks)} connection(s) from {source}"
-                      + (f"; delivered {delivered} packet(s) their peers sent while locked" if delivered else "")
+                print(f"restored {len(socks)} connection(s) from {source}{_kept_text(report)}"
                       + " (" + ", ".join(f"{k} {v:.2f} ms" for k, v in stages.ms.items()) + ")", file=sys.stderr)
                 return 0
         # the exec's program is given the connections still locked; the guard unlocks them once it holds them (and
@@ -344,6 +351,13 @@ def _unlock_handed(directory: Path, netns: str | None, states: list[ConnectionSt
     print(f"{len(done)} connection(s) of {directory} were handed off by an earlier restore: unlocked them"
           + (f"; restoring the {len(rest)} other(s)" if rest else ""), file=sys.stderr)
     return rest
+
+
+def _kept_text(kept: Kept) -> str:
+    text = f"; delivered {kept.delivered} packet(s) their peers sent while locked" if kept.delivered else ""
+    if kept.fell_back:
+        text += f"; {kept.fell_back} packet(s) fell back to the peers' retransmission"
+    return text + (f" ({kept.note})" if kept.note else "")
 
 
 def _put_back(fds: list[int], states: list[ConnectionState], args: argparse.Namespace, exc: BaseException) -> None:

@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import os
 import shlex
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ from sockrepair.errors import CriuError, ProcessError
 from sockrepair.lock import Locker
 from sockrepair.lock.locker import MAX_TTL
 from sockrepair.move.freeze import refuse_self
-from sockrepair.move.keep import NOTHING_KEPT, Keeper, Kept, netns_path, read_kept
+from sockrepair.move.keep import NOTHING_KEPT, Keeper, Kept, netns_path, resume_keeping
 from sockrepair.move.procfs import closed_connections, socket_inodes, stat, tcp_table
 from sockrepair.netns import inside, named
 from sockrepair.packet import packet_tuple
@@ -267,7 +268,8 @@ def _dump(criu: Criu, topology: Topology, directory: Path, dir_fd: int, ttl: flo
                     os.mkdir(tree.dir, 0o700, dir_fd=dir_fd)
                     manifest.save(directory)
                     _dump_one(run, tree, topology, report)
-                report.kept = keeper.write(dir_fd, topology.tuples())
+                # the keeper records until the restore takes over, or the lock's ttl from its last renewal ends
+                report.kept = keeper.hand_off(dir_fd, topology.tuples(), time.time() + ttl)
                 report.warnings += [f"renewing the lock failed: {e}" for e in renew_errors]
         finally:
             keeper.close()
@@ -381,12 +383,15 @@ def restore(directory: Path, roots: Sequence[int] | None = None, *, netns: str |
     before = [t.root for t in manifest.trees if t.restored]
     report = RestoreReport(str(directory), [], [], [], ttl)
     path = f"/run/netns/{netns}" if netns is not None else None
-    kept_at_dump = read_kept(directory, list(waits))  # checked before anything is restored
     with named(netns):
         locker = Locker(label=LABEL)
     run = _Run(criu, directory, manifest, locker, path, criu_args)
-    keeper = Keeper([netns_path(netns)])
-    with locker, contextlib.closing(keeper):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(locker)
+        # checked before anything is restored; the dump's keeper hands over its recorders, so that there is no
+        # instant when nobody records
+        kept_at_dump, keeper = resume_keeping(directory, list(waits), [netns_path(netns)])
+        stack.enter_context(contextlib.closing(keeper))
         with renewing(locker, still_waiting(waits, before), ttl) as renew_errors:
             for tree in chosen:
                 try:

@@ -1,6 +1,7 @@
 """The checks over one connection in a list of TCP segments: no RST/SYN/FIN, every byte of each direction seen
-(retransmissions allowed), the longest silences, and the wire gap around a freeze; `format_report` is the text
-`sockrepair verify` prints. Pure computation on Segments (lab/pcap.py), no capture and no scapy.
+(retransmissions allowed), the longest silences, the wire gap around a freeze, and the segments sockrepair's lock
+kept and delivered (seen twice: before the lock dropped them and when they were delivered); `format_report` is the
+text `sockrepair verify` prints. Pure computation on Segments (lab/pcap.py), no capture and no scapy.
 
 Times are time.time() values (CLOCK_REALTIME seconds), the clock of the captured frames."""
 
@@ -51,6 +52,10 @@ class DirectionReport:
     fin: int = 0
     holes: list[tuple[int, int]] = field(default_factory=list)  # [start, end) relative to the first seq, never seen
     largest_silence: Silence | None = None
+    # segments seen a second time as exact copies: kept by sockrepair's lock and delivered to the restored socket
+    # (docs/keeping.md), not sent again by the peer; each one's delay after the original, in seconds
+    delivered: int = 0
+    delivered_delays: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -108,6 +113,7 @@ class _Stream:
         self.pos = 0  # offset of last_seq
         self.covered: list[tuple[int, int]] = []  # merged, sorted [start, end) ranges seen
         self.claimed = 0  # a segment with sequence number S means every byte before S was sent
+        self.seen: dict[tuple[object, ...], float] = {}  # identity of each segment -> when it was first seen
 
     def offset(self, seq: int) -> int:
         if self.last_seq is None:
@@ -120,6 +126,14 @@ class _Stream:
     def add(self, seg: Segment) -> None:
         r = self.report
         r.segments += 1
+        identity = _identity(seg)
+        if identity is not None:
+            first = self.seen.get(identity)
+            if first is not None:
+                r.delivered += 1
+                r.delivered_delays.append(seg.ts - first)
+                return
+            self.seen[identity] = seg.ts
         start = self.offset(seg.seq)
         if seg.has("S"):
             r.syn += 1
@@ -153,6 +167,16 @@ class _Stream:
             pos = max(pos, e)
         if hi > pos:
             r.holes.append((pos, hi))
+
+
+def _identity(seg: Segment) -> tuple[object, ...] | None:
+    """What makes a segment the very one the peer sent: a copy that sockrepair's lock kept and delivered (from a raw
+    socket, marked SOCCR_MARK: lock/inject.py) repeats every field, while the peer's own retransmission carries a new
+    IPv4 identification and a new TSval. None when the segment has neither (IPv6 without TCP timestamps): a
+    retransmission could not be told from a copy."""
+    if seg.ip_id is None and seg.tsval is None:
+        return None
+    return (seg.seq, seg.ack, seg.flags, seg.length, seg.window, seg.ip_id, seg.tsval, seg.options)
 
 
 def _overlap(covered: list[tuple[int, int]], rng: tuple[int, int]) -> int:
@@ -238,6 +262,9 @@ def format_report(report: WireReport) -> str:
         lines.append(f"  {d.name}: {d.segments} segments, {d.data_segments} with data, {d.bytes} bytes, "
                      f"{d.retransmitted_bytes} retransmitted, {d.out_of_order} out of order, "
                      f"RST {d.rst} SYN {d.syn} FIN {d.fin}{silence}")
+        if d.delivered:
+            lines.append(f"    {d.delivered} kept and delivered by sockrepair (copies, not retransmissions), "
+                         f"delayed {min(d.delivered_delays) * 1e3:.3f}..{max(d.delivered_delays) * 1e3:.3f} ms")
     gap = report.wire_gap
     if gap is not None:
         shown = f"{gap.seconds * 1e3:.3f} ms" if gap.seconds is not None else "not measurable"

@@ -33,7 +33,10 @@ class Frame:
 
 @dataclass(frozen=True)
 class Segment:
-    """One TCP segment as the wire carried it. `length` counts payload bytes only."""
+    """One TCP segment as the wire carried it. `length` counts payload bytes only; `window` is the raw 16-bit field,
+    `ip_id` the IPv4 identification (None for IPv6), `tsval` the TCP timestamp option's TSval (RFC 7323; None without
+    the option): with seq and ack they tell a copy of a segment, delivered again by sockrepair, from a segment the
+    peer sent again (lab/analysis.py)."""
 
     ts: float
     src_addr: str
@@ -44,6 +47,10 @@ class Segment:
     ack: int
     flags: int
     length: int
+    window: int = 0
+    ip_id: int | None = None
+    tsval: int | None = None
+    options: bytes = b""  # the TCP options as sent (SACK blocks tell duplicate ACKs apart)
 
     def has(self, flag: str) -> bool:
         return bool(self.flags & _TCP_FLAGS[flag])
@@ -119,5 +126,7 @@ def _segment(pkt: Any, ts: float) -> Segment | None:
         return None
     tcp = pkt[TCP]
     length = len(tcp.payload) - (len(pkt[Padding]) if Padding in pkt else 0)
+    tsval = next((int(value[0]) for name, value in tcp.options if name == "Timestamp"), None)
+    options = bytes(tcp)[20 : int(tcp.dataofs) * 4] if tcp.dataofs else b""
     return Segment(ts, str(net.src), int(tcp.sport), str(net.dst), int(tcp.dport), int(tcp.seq), int(tcp.ack),
-                   int(tcp.flags), length)
+                   int(tcp.flags), length, int(tcp.window), int(net.id) if IP in pkt else None, tsval, options)

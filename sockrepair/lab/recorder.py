@@ -21,6 +21,7 @@ _SOL_PACKET = 263
 _PACKET_STATISTICS = 6
 _SO_TIMESTAMPNS = 35  # asm-generic/socket.h SO_TIMESTAMPNS_OLD: a struct timespec; Python 3.11 lacks the name
 _RCVBUF = 8 << 20
+_ARPHRD_LOOPBACK = 772  # linux/if_arp.h
 
 
 class Recorder:
@@ -77,9 +78,12 @@ class Recorder:
     def _read_one(self) -> bool:
         assert self._sock is not None
         try:
-            data, anc, _, _ = self._sock.recvmsg(SNAPLEN, socket.CMSG_SPACE(16))
+            data, anc, _, addr = self._sock.recvmsg(SNAPLEN, socket.CMSG_SPACE(16))
         except (TimeoutError, BlockingIOError):
             return False
+        if addr[3] == _ARPHRD_LOOPBACK and addr[2] == socket.PACKET_OUTGOING:
+            # a loopback device shows each packet twice, leaving and arriving: one is kept, as libpcap does
+            return True
         ts = 0.0
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:

@@ -80,11 +80,20 @@ def wire_key(conn: ConnTuple) -> ConnTuple:
 class Recorder:
     """Binds the lock's log group in `netns` (a name from `ip netns list`, or None for this thread's namespace) and
     keeps the copies of what peers send to locked connections. Raises LockError when the group is bound by another
-    socket (another mover in this namespace) or nfnetlink_log is missing. Use as a context manager, or close()."""
+    socket (another mover in this namespace) or nfnetlink_log is missing. `bound`: a recorder's socket taken over from
+another process (`socket`, passed with SCM_RIGHTS), with the `next_seq` it expected. Use as a context manager, or
+close()."""
 
-    def __init__(self, netns: str | None = None, caps: Caps = Caps()) -> None:
+    def __init__(self, netns: str | None = None, caps: Caps = Caps(), *, bound: socket.socket | None = None,
+                 next_seq: int | None = None) -> None:
         self.netns = netns
         self.caps = caps
+        if bound is not None:
+            # a recorder handed over by another process (sockrepair.move.keepd): the socket keeps its binding, its
+            # namespace and the copies queued in it, so nothing is lost between the two owners
+            self._sock = bound
+            self._start(next_seq)
+            return
         with named(netns):
             self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, c.NETLINK_NETFILTER)
         try:
@@ -105,13 +114,27 @@ class Recorder:
         except BaseException:
             self._sock.close()
             raise
+        self._start(None)
+
+    def _start(self, next_seq: int | None) -> None:
         self._sock.setblocking(False)
         self._buf = bytearray(SNAPLEN + 4096)
         self._kept: dict[ConnTuple, list[bytes]] = {}
         self._kept_bytes: dict[ConnTuple, int] = {}
         self._total = 0
-        self._next_seq: int | None = None
+        self._next_seq = next_seq
         self._stats = Held()
+
+    @property
+    def socket(self) -> socket.socket:
+        """The bound nfnetlink_log socket (to poll, or to hand over to another process with its binding)."""
+        return self._sock
+
+    @property
+    def next_seq(self) -> int | None:
+        """The NFULA_SEQ the next copy should carry (None before the first): a new owner of the socket counts
+        copies lost from there."""
+        return self._next_seq
 
     def _configure(self, payload: bytes, what: str) -> None:
         self._seq += 1
@@ -214,3 +237,10 @@ class Recorder:
             self._total -= self._kept_bytes.pop(key, 0)
             held.packets += packets
         return held
+
+    def forget(self) -> None:
+        """Drop every copy kept so far (the counts stay): a keeper that wants only some connections sheds the
+        copies of the others, which only the process that locked them could deliver."""
+        self._kept.clear()
+        self._kept_bytes.clear()
+        self._total = 0

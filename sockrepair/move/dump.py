@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -49,8 +50,9 @@ class DumpReport:
     (LEAVE_RUNNING) or kill and keep (KILL) (sockrepair.move.stages.Stage says what each does). `lost`: the
     connections the kill destroyed, accepted with allow_loss (sockrepair.move.take.Unmovable.to_dict: "fd",
     "protocol", "tuple", "state", "reason"); always empty with LEAVE_RUNNING. `kept`: the peers' packets the lock
-    kept (sockrepair.move.keep.Kept): with KILL written to packets.img (`delivered` counts those written), with
-    LEAVE_RUNNING delivered to the resumed sockets. `quiescent`: whether every thread was waiting when the program
+    kept (sockrepair.move.keep.Kept): with KILL written to packets.img (`delivered` counts those written; `note`
+    names the keeper that goes on keeping, or why there is none), with LEAVE_RUNNING delivered to the resumed
+    sockets. `quiescent`: whether every thread was waiting when the program
     was frozen, after `freeze_attempts` tries; `busy`: the threads that were not (sockrepair.move.quiesce).
     `left_behind`: the process's fds found already in repair mode in a stopped process, as a move killed half-way
     leaves it (docs/failures.md); LEAVE_RUNNING resumed them and continued the process."""
@@ -84,8 +86,9 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
     images are fsynced before the process is ended; the index records what makes them stale later (the source's
     start time, `after`, the lock's expiry: sockrepair.move.journal), which `sockrepair restore` checks.
     With KILL and the lock, what the peers send is kept from the lock on and written, as the dump ends, to
-    packets.img (sockrepair.image.packets), which `sockrepair restore -D` delivers; what they send after the dump
-    ended waits for their retransmission. With LEAVE_RUNNING it is delivered to the resumed sockets before the
+    packets.img (sockrepair.image.packets), and a detached keeper goes on keeping what they send after the dump
+    ended into kept.img until the restore takes over or the lock expires (sockrepair.move.keeper); `sockrepair
+    restore -D` delivers both. With LEAVE_RUNNING it is delivered to the resumed sockets before the
     unlock, and what came meanwhile right after it. With After.KILL, every other connection of the process (not
     repairable, not plain TCP, or not in `wanted`) would be reset by the kill: dump refuses before freezing
     anything, naming each, unless `allow_loss`, and the report then lists them in `lost`.
@@ -134,7 +137,8 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
                     end_source(cap, passed=lambda: mark_ended(directory))
         if keeper is not None and after is After.KILL:
             with timings.timed(Stage.KEEP):
-                kept = keeper.write(dir_fd, [s.tuple for s in cap.sockets])
+                # the lock holds `ttl` seconds from before this: the keeper outlives it a little, never the reverse
+                kept = keeper.hand_off(dir_fd, [s.tuple for s in cap.sockets], time.time() + ttl)
     except BaseException as exc:
         if cap is not None and cap.ended:
             with contextlib.suppress(AttributeError):

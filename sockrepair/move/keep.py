@@ -56,23 +56,29 @@ class Keeper:
     that order: the source's first), where the moving connections are locked. Made before the freeze (packets are
     kept from then on); deliver() or write() after; close() always."""
 
-    def __init__(self, paths: Sequence[str], caps: Caps = Caps()) -> None:
-        self.note = ""
+    def __init__(self, paths: Sequence[str], caps: Caps = Caps(), *, adopted: Sequence[tuple[int, Recorder]] = (),
+                 fell_back: int = 0, note: str = "") -> None:
+        """`adopted`: recorders taken over from a keeper (sockrepair.move.keeper.take_over), with the inode of their
+        namespace, which `paths` then skip; `fell_back` and `note`: what happened to the packets before."""
+        self.note = note
         self._delivered = 0
-        self._recorders: list[Recorder] = []
-        seen: set[int] = set()
+        self._fell_back = fell_back
+        self._adopted = len(adopted)
+        self._recorders: list[Recorder] = [recorder for _, recorder in adopted]
+        self._namespaces: list[int] = [namespace for namespace, _ in adopted]
         try:
             for path in paths:
                 namespace = os.stat(path).st_ino
-                if namespace in seen:
+                if namespace in self._namespaces:
                     continue
-                seen.add(namespace)
                 with inside(path):
                     self._recorders.append(Recorder(caps=caps))
+                self._namespaces.append(namespace)
         except LockError as exc:
-            self.close()
-            self._recorders = []
-            self.note = f"not keeping the peers' packets: {exc}"
+            for recorder in self._recorders[self._adopted :]:
+                recorder.close()
+            del self._recorders[self._adopted :], self._namespaces[self._adopted :]
+            self.note = "; ".join(filter(None, [self.note, f"not keeping the peers' packets: {exc}"]))
 
     def deliver(self, tuples: Sequence[ConnTuple], into: str, before: Sequence[bytes] = ()) -> Kept:
         """Send `before` (packets kept earlier, e.g. read from a dump's packets.img), then what was kept here for
@@ -83,7 +89,7 @@ class Keeper:
         Returns the totals of every call so far. Raises LockError when the kernel refuses a packet."""
         self._delivered += send_kept(before, into)
         if not self._recorders:
-            return Kept(self._delivered, 0, False, self.note)
+            return Kept(self._delivered, self._fell_back, False, self.note)
         held = self._take(tuples)
         for round_ in range(1, _ROUNDS + 1):
             if not held.packets:
@@ -91,7 +97,7 @@ class Keeper:
             self._delivered += send_kept(held.packets, into)
             if round_ < _ROUNDS:  # the last round leaves what came meanwhile to the next call
                 held = self._take(tuples)
-        return Kept(self._delivered, held.fell_back, True)
+        return Kept(self._delivered, self._fell_back + held.fell_back, True, self.note)
 
     def pending(self, tuples: Sequence[ConnTuple]) -> int:
         """How many packets are kept for `tuples` so far (they stay kept)."""
@@ -115,6 +121,24 @@ class Keeper:
             os.fsync(f.fileno())
         return Kept(len(held.packets), held.fell_back, True)
 
+    def hand_off(self, dir_fd: int, tuples: Sequence[ConnTuple], expires: float) -> Kept:
+        """write(), then hand the recorders to a keeper (sockrepair.move.keeper.spawn_keeper) that goes on
+        recording what the peers send to `tuples` into kept.img in `dir_fd` until a restore takes them back or
+        `expires` (wall-clock seconds, the lock's expiry); this Keeper records nothing more. Without recorders, or
+        when the keeper cannot start (`note` says why), only write() happens. Raises what write() raises."""
+        from sockrepair.move.keeper import spawn_keeper
+
+        kept = self.write(dir_fd, tuples)
+        if not self._recorders:
+            return kept
+        try:
+            pid = spawn_keeper(dir_fd, list(zip(self._namespaces, self._recorders, strict=True)), tuples, expires)
+        except (OSError, LockError) as exc:
+            return Kept(kept.delivered, kept.fell_back, True, f"no keeper after the dump: {exc}")
+        self.close()
+        self._recorders, self._namespaces = [], []
+        return Kept(kept.delivered, kept.fell_back, True, f"a keeper (pid {pid}) goes on keeping until the restore")
+
     def _take(self, tuples: Sequence[ConnTuple]) -> Held:
         held = Held()
         for recorder in self._recorders:
@@ -125,6 +149,19 @@ class Keeper:
         for recorder in self._recorders:
             with contextlib.suppress(OSError):
                 recorder.close()
+
+
+def resume_keeping(directory: Path, tuples: Sequence[ConnTuple], paths: Sequence[str] = ()) -> tuple[list[bytes],
+                                                                                                     Keeper]:
+    """What a restore of `directory` delivers and goes on keeping with: the packets of packets.img then kept.img
+    (read_kept, then sockrepair.move.keeper.take_over: its keeper stops and hands over its recorders), and a Keeper
+    with those recorders plus new ones in the namespaces at `paths` they do not cover. Raises ImageError as they do
+    (the keeper's recorders are closed then)."""
+    from sockrepair.move.keeper import take_over
+
+    before = read_kept(directory, tuples)
+    taken = take_over(directory, tuples)
+    return before + taken.packets, Keeper(paths, adopted=taken.recorders, fell_back=taken.fell_back, note=taken.note)
 
 
 def read_kept(directory: Path, tuples: Sequence[ConnTuple]) -> list[bytes]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import tempfile
@@ -15,6 +17,7 @@ import pytest
 from sockrepair.criu.locate import Criu, find_criu
 from sockrepair.errors import CriuError
 from sockrepair.lock import Locker
+from sockrepair.move.procfs import stat
 from sockrepair.netns import NetNS
 
 
@@ -63,10 +66,38 @@ def two_hosts() -> Iterator[tuple[NetNS, NetNS]]:
         yield a, b
 
 
+def end_keepers(root: Path) -> None:
+    """SIGKILL the keepers (sockrepair.move.keepd) of the image directories under `root` that still run: a test that
+    dumps and never restores would leave one until its lock's ttl, holding the namespace the test deleted."""
+    for record in root.rglob("keeper.json"):
+        info = json.loads(record.read_text())
+        try:
+            pidfd = os.pidfd_open(info["pid"])
+        except ProcessLookupError:
+            continue
+        try:
+            proc = stat(info["pid"])
+            if proc is not None and proc.starttime == info["start_time"]:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        finally:
+            os.close(pidfd)
+
+
+@pytest.fixture(autouse=True)
+def _no_keeper_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    tmp = request.node.funcargs.get("tmp_path")
+    if tmp is not None:
+        end_keepers(tmp)
+
+
 @pytest.fixture
 def work() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="sockrepair-criu-") as d:
-        yield Path(d)
+        try:
+            yield Path(d)
+        finally:
+            end_keepers(Path(d))
 
 
 @pytest.fixture

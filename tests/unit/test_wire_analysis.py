@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import stat
@@ -186,7 +187,8 @@ def test_pcap_round_trip(tmp_path: Path) -> None:
     write_pcap(path, _frames())
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     segs = read_segments(path)
-    assert segs == stream(n=3)
+    assert [(s.window, s.ip_id, s.tsval, s.options) for s in segs] == [(8192, 1, None, b"")] * 6  # scapy's defaults
+    assert [dataclasses.replace(s, window=0, ip_id=None) for s in segs] == stream(n=3)
 
 
 def test_first_frame_of_a_fresh_process_is_parsed() -> None:
@@ -225,3 +227,44 @@ def test_verify_bad_input(tmp_path: Path) -> None:
         _verify([str(junk), "--tuple", str(CONN)])
     with pytest.raises(SystemExit):
         _verify([str(junk), "--tuple", "nonsense"])
+
+
+def _stamped(seg: Segment, ip_id: int | None, tsval: int | None) -> Segment:
+    return dataclasses.replace(seg, window=512, ip_id=ip_id, tsval=tsval)
+
+
+def test_a_kept_and_delivered_copy_is_not_a_retransmission() -> None:
+    """The peer's request seen twice with every field equal (the lock's copy delivered 3 ms later) is counted as
+    delivered with its delay; the peer's own retransmission (new IPv4 id, new TSval) still counts as one."""
+    request = _stamped(out(1000.0, 1000, 100), 7, 555)
+    delivered = dataclasses.replace(request, ts=1000.003)
+    resent = _stamped(out(1000.21, 1000, 100), 9, 765)
+    report = analyse([request, delivered, _stamped(back(1000.004, 50_000, 40), 3, 900)], CONN)
+    peer = report.directions[0]
+    assert report.ok, report.problems
+    assert (peer.segments, peer.data_segments, peer.bytes, peer.retransmitted_bytes) == (2, 1, 100, 0)
+    assert peer.delivered == 1 and peer.delivered_delays == [pytest.approx(0.003)]
+    assert "1 kept and delivered by sockrepair" in format_report(report)
+    assert report.to_dict()["directions"][0]["delivered"] == 1
+    again = analyse([request, resent], CONN).directions[0]
+    assert (again.delivered, again.retransmitted_bytes) == (0, 100)
+
+
+@pytest.mark.parametrize("ip_id,tsval", [(7, None), (None, 555)], ids=["ipv4-id", "timestamp"])
+def test_either_identity_field_is_enough(ip_id: int | None, tsval: int | None) -> None:
+    request = _stamped(out(1000.0, 1000, 100), ip_id, tsval)
+    peer = analyse([request, dataclasses.replace(request, ts=1000.001)], CONN).directions[0]
+    assert (peer.delivered, peer.retransmitted_bytes) == (1, 0)
+
+
+def test_without_an_identity_a_repeat_is_a_retransmission() -> None:
+    """IPv6 without TCP timestamps: a copy cannot be told from the peer's retransmission; counted as the latter."""
+    request = out(1000.0, 1000, 100)
+    peer = analyse([request, dataclasses.replace(request, ts=1000.2)], CONN).directions[0]
+    assert (peer.delivered, peer.retransmitted_bytes) == (0, 100)
+
+
+def test_duplicate_acks_with_other_sack_blocks_are_not_copies() -> None:
+    first = dataclasses.replace(_stamped(out(1000.0, 1000, 0, ACK), None, 555), options=b"\x05\x0a" + bytes(8))
+    second = dataclasses.replace(first, ts=1000.0005, options=b"\x05\x0a" + bytes(4) + b"\x00\x00\x01\x00")
+    assert analyse([first, second], CONN).directions[0].delivered == 0
