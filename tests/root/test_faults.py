@@ -23,6 +23,7 @@ from sockrepair.move.dump import After, dump
 from sockrepair.move.journal import stale_reason
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import stat, tcp_sockets
+from sockrepair.move.quiesce import OnBusy, Quiescence
 from sockrepair.state import TCP_ESTABLISHED
 from tests.root.pairs import wait_for
 from tests.root.programs import free_port
@@ -249,7 +250,9 @@ def test_a_program_left_stopped_in_repair_mode_is_recovered_by_a_dump(netns, tmp
         look = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "inspect", "--pid", str(server.pid)],
                               capture_output=True, text=True, timeout=60)
         assert f"process {server.pid} is stopped" in look.stderr and "--leave-running" in look.stderr
-        report = dump(server.pid, tmp_path / "img", after=After.LEAVE_RUNNING)
+        # stopped by the test's SIGSTOP, perhaps between two waits: a quiescent freeze would wait for it in vain
+        report = dump(server.pid, tmp_path / "img", after=After.LEAVE_RUNNING,
+                      quiescence=Quiescence(on_busy=OnBusy.MOVE))
         assert sorted(report.left_behind) == sorted(stuck)
         wait_for(lambda: _settled(server.pid), "the program to go on")
         echo_round(clients, offsets, 20_000)
