@@ -10,7 +10,8 @@ queues are
 filled as the C reference fills them, and an entry whose queues held fewer bytes than asked does not count. After
 every cycle each side writes 4 KiB more and both directions are read to the end and compared with what was written.
 
-Single mode repeats the cycle per queue size (sizes interleaved rep by rep, one untimed warm-up each); batch mode
+Single mode repeats the cycle per queue size, in blocks of consecutive cycles of one size, each block after one
+untimed cycle of its size, sizes interleaved block by block (results.SINGLE_BLOCK says why); batch mode
 checkpoints K connections, serializes them, discards them, then restores them all, without and with the network
 lock (phases lock and unlock around the rest); the peers live in a child process, as in the C reference. Everything
 runs in a network namespace made for the run (root needed). With --c the C reference runs right after, with the
@@ -38,6 +39,7 @@ from typing import Any
 from sockrepair import checkpoint, discard, restore
 from sockrepair.bench.results import (
     C_IMPLS,
+    SINGLE_BLOCK,
     SOCKREPAIR_IMPL,
     Batch,
     Single,
@@ -255,9 +257,10 @@ def _single_cycle(q: int, to_peer: bytes, to_sock: bytes) -> tuple[dict[str, flo
     return {name: ns / 1000 for name, ns in times.items()}, held
 
 
-def run_single(sizes: Sequence[int], reps: int, big_reps: int) -> list[Single]:
-    """Each size `reps` times (sizes of 16 MiB and more `big_reps` times), interleaved rep by rep, after one
-    untimed warm-up cycle each."""
+def run_single(sizes: Sequence[int], reps: int, big_reps: int, block: int = SINGLE_BLOCK) -> list[Single]:
+    """Each size `reps` times (sizes of 16 MiB and more `big_reps` times), in blocks of `block` consecutive cycles of
+    one size, each block after one untimed cycle of its size, sizes interleaved block by block: the machine's drift
+    touches every size alike, and no timed cycle starts with caches cooled by another size's megabytes."""
     samples: dict[int, dict[str, list[float]]] = {q: {} for q in sizes}
     errors: dict[int, str] = {}
     held: dict[int, int] = {q: q for q in sizes}
@@ -276,19 +279,22 @@ def run_single(sizes: Sequence[int], reps: int, big_reps: int) -> list[Single]:
             for name, us in times.items():
                 samples[q].setdefault(name, []).append(us)
 
-    for q in sizes:
-        cycle(q, timed=False)
-    for rep in range(reps):
+    for first in range(0, reps, block):
         for q in sizes:
-            if q not in errors and rep < (big_reps if q >= 16 << 20 else reps):
-                cycle(q, timed=True)
+            mine = big_reps if q >= 16 << 20 else reps
+            if q in errors or first >= mine:
+                continue
+            cycle(q, timed=False)
+            for _ in range(min(block, mine - first)):
+                if q not in errors:
+                    cycle(q, timed=True)
     out = []
     for q in sizes:
         error = errors.get(q)
         if error is None and held[q] < q:
             # a cycle over emptier queues than asked would flatter the figure: it does not count
             error = f"a queue held only {held[q]} of {q} bytes at checkpoint"
-        out.append(single_from_samples(SOCKREPAIR_IMPL, q, samples[q], error is None, error))
+        out.append(single_from_samples(SOCKREPAIR_IMPL, q, samples[q], error is None, error, block=block))
     return out
 
 
@@ -494,10 +500,16 @@ def _print(ours: dict[str, Any], ref: dict[str, Any] | None) -> None:
         state = "" if entry["verified"] else f"  NOT VERIFIED: {entry['error']}"
         print(f"batch {entry['connections']:>6} {lock} {entry['conn_per_s']:>10,.0f} conn/s{c_text}  [ms: {phases}]"
               f"{state}")
+    from sockrepair.bench.report import AGREEMENT, agreement
+
+    ours_single = {e["queue_bytes"]: e for e in ours["single"]}
     for e in ours.get("independent", []):
         state = "" if e["verified"] else f"  NOT VERIFIED: {e['error']}"
+        a = agreement(e, ours_single.get(e["queue_bytes"]), c_single.get((e["c_impl"], e["queue_bytes"])))
+        verdict = {True: f"agrees (within {AGREEMENT:g}x)", False: "DISAGREES", None: "not judged"}[a.agrees]
         print(f"independent check {e['queue_bytes']:>9} B: python {e['python_us']:.1f} us, {e['c_impl']} in the same "
-              f"process {e['c_us']:.1f} us, ratio {e['ratio']:.2f}x{state}")
+              f"process {e['c_us']:.1f} us, ratio {e['ratio']:.2f}x; bench ratio {a.bench_ratio:.2f}x: {verdict}"
+              f"{': ' + a.why if a.why else ''}{state}")
 
 
 def main() -> int:
