@@ -438,21 +438,27 @@ def run_batches(batches: Sequence[int], reps: int, locker: Locker) -> list[Batch
 
 def run(quick: bool = False, sizes: Sequence[int] = SIZES, batches: Sequence[int] = BATCHES,
         independent_check: bool = True) -> dict[str, Any]:
-    """{"single": [Single], "batch": [Batch], "independent": [Independent], "notes": [str]} of impl "sockrepair",
-    measured in a network namespace made for the run. Single entries take no lock; batch entries come without and
-    with it; the independent check (sockrepair/bench/independent.py) runs last, in a namespace of its own."""
+    """{"single": [Single], "batch": [Batch], "independent": [Independent], "syscalls": [Syscalls], "notes": [str]}
+    of impl "sockrepair", measured in a network namespace made for the run. Single entries take no lock; batch
+    entries come without and with it; the independent check (sockrepair/bench/independent.py) and the traced
+    cycles (sockrepair/bench/syscalls.py) run last, each in a namespace of its own."""
     plan = QUICK if quick else FULL
     with NetNS() as ns, ns.entered():
         single = run_single(sizes, plan.reps, plan.big_reps)
         with Locker(label="bench-engine") as locker:
             batch = run_batches(batches, plan.batch_reps, locker)
     notes = [] if not quick else ["engine benchmark in quick mode: few cycles, medians are rough"]
-    checked = []
+    checked: list[Any] = []
+    counted: list[Any] = []
     if independent_check:
-        from sockrepair.bench import independent
+        from sockrepair.bench import independent, syscalls
 
         checked = independent.run(quick, notes=notes)
-    return {"single": single, "batch": batch, "independent": checked, "notes": notes}
+        try:
+            counted = syscalls.run(notes=notes)
+        except syscalls.SyscallsError as exc:
+            notes.append(f"the system calls per cycle were not counted: {exc}")
+    return {"single": single, "batch": batch, "independent": checked, "syscalls": counted, "notes": notes}
 
 
 # ---- command line ----
@@ -503,6 +509,9 @@ def _print(ours: dict[str, Any], ref: dict[str, Any] | None) -> None:
     from sockrepair.bench.report import AGREEMENT, agreement
 
     ours_single = {e["queue_bytes"]: e for e in ours["single"]}
+    for e in ours.get("syscalls", []):
+        calls = ", ".join(f"{name} {n}" for name, n in e["calls"].items())
+        print(f"system calls {e['queue_bytes']:>9} B: {e['impl']} {e['total']} per cycle ({calls})")
     for e in ours.get("independent", []):
         state = "" if e["verified"] else f"  NOT VERIFIED: {e['error']}"
         a = agreement(e, ours_single.get(e["queue_bytes"]), c_single.get((e["c_impl"], e["queue_bytes"])))

@@ -22,7 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +85,16 @@ def _verify(restored: socket.socket, peer: socket.socket, q: int, sent: int, to_
     ])
 
 
-def _python_cycle(q: int, to_peer: bytes, to_sock: bytes) -> dict[str, float]:
+def _python_cycle(q: int, to_peer: bytes, to_sock: bytes, mark: Callable[[int], None] | None = None
+                  ) -> dict[str, float]:
+    """`mark(0)` and `mark(1)` are called right before and after the timed part (sockrepair/bench/syscalls.py)."""
     sock, peer = _pair(q)
     restored = None
     try:
         _fill_recv_queue(peer, sock, to_sock[:q])
         sent = _fill_send_queue(sock, peer, q, to_peer)
+        if mark is not None:
+            mark(0)
         t0 = time.perf_counter_ns()
         state = checkpoint(sock)
         t1 = time.perf_counter_ns()
@@ -102,6 +106,8 @@ def _python_cycle(q: int, to_peer: bytes, to_sock: bytes) -> dict[str, float]:
         t4 = time.perf_counter_ns()
         restored = restore(back)
         t5 = time.perf_counter_ns()
+        if mark is not None:
+            mark(1)
         if min(len(state.send_queue), len(state.recv_queue)) < q:
             raise BenchError(f"a queue held fewer than {q} bytes at checkpoint")
         _verify(restored, peer, q, sent, to_peer, to_sock)
@@ -112,14 +118,21 @@ def _python_cycle(q: int, to_peer: bytes, to_sock: bytes) -> dict[str, float]:
     return {name: (b - a) / 1000 for name, a, b in zip(PYTHON_PHASES, marks, marks[1:])}
 
 
-def _c_cycle(lib: Any, q: int, options: bool, to_peer: bytes, to_sock: bytes) -> dict[str, float]:
+def _c_cycle(lib: Any, q: int, options: bool, to_peer: bytes, to_sock: bytes,
+             mark: Callable[[int], None] | None = None) -> dict[str, float]:
+    """`mark` as for _python_cycle, around the whole call: it also holds the C side's untimed calls (the two queue
+    lengths read first, to size its buffers, and with `options` the options read back after the restore)."""
     sock, peer = _pair(q)
     restored = None
     try:
         _fill_recv_queue(peer, sock, to_sock[:q])
         sent = _fill_send_queue(sock, peer, q, to_peer)
         ns = NS3()
+        if mark is not None:
+            mark(0)
         fd = lib.repair_cycle_once(sock.detach(), int(options), ns)  # the C side closes the fd it is given
+        if mark is not None:
+            mark(1)
         if fd < 0:
             raise BenchError(f"C cycle: {lib.repair_cycle_error().decode(errors='replace')}")
         restored = socket.socket(fileno=fd)

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from sockrepair.bench.results import (
     Independent,
     Results,
     Single,
+    Syscalls,
     check,
     workload,
 )
@@ -77,12 +79,30 @@ def _slowest_phase(entry: Single, ref: Single | None) -> str:
     return "; ".join(parts)
 
 
+def _calls_text(entry: Syscalls) -> str:
+    return f"{entry['total']} ({', '.join(f'{name} {n}' for name, n in entry['calls'].items())})"
+
+
+def syscalls_where(results: Results, c_impl: str, queue: int) -> str:
+    """System calls per cycle at `queue` (sockrepair/bench/syscalls.py): sockrepair's, and the C variant's when it
+    was traced; "" when the run did not count them."""
+    counted = {(e["impl"], e["queue_bytes"]): e for e in results.get("syscalls") or []}
+    ours, ref = counted.get((SOCKREPAIR_IMPL, queue)), counted.get((c_impl, queue))
+    if ours is None:
+        return ""
+    where = f"system calls per cycle: sockrepair {_calls_text(ours)}"
+    if ref is not None:
+        where += f", {C_NAMES.get(c_impl, c_impl)} {_calls_text(ref)}"
+    return where
+
+
 def _ratio_to(c_impl: str, queue: int) -> Callable[[Results], Measured | None]:
     def measure(results: Results) -> Measured | None:
         ours, ref = _single(results, SOCKREPAIR_IMPL, queue), _single(results, c_impl, queue)
         if ours is None or ref is None or not ref["total"]["median_us"]:
             return None
-        return Measured(ours["total"]["median_us"] / ref["total"]["median_us"], _slowest_phase(ours, ref))
+        where = "; ".join(w for w in (_slowest_phase(ours, ref), syscalls_where(results, c_impl, queue)) if w)
+        return Measured(ours["total"]["median_us"] / ref["total"]["median_us"], where)
     return measure
 
 
@@ -369,6 +389,47 @@ def independent_section(results: Results, tolerance: float = AGREEMENT) -> list[
                      "Python phases", "reps", "verified"], rows), ""]
 
 
+def option_differences(ours: Syscalls, ref: Syscalls) -> tuple[dict[str, int], dict[str, int]]:
+    """Socket option calls (by call, level and name) that one cycle makes more often than the other: sockrepair's
+    extra, then the C's extra; both empty when the C reference does the same option work as the engine."""
+    mine, theirs = Counter(ours["options"]), Counter(ref["options"])
+    return dict(sorted((mine - theirs).items())), dict(sorted((theirs - mine).items()))
+
+
+def syscalls_section(results: Results) -> list[str]:
+    """System calls per traced cycle, by name, and for each size the option calls only one side makes."""
+    entries = results.get("syscalls") or []
+    if not entries:
+        return []
+    names = list(dict.fromkeys(name for e in entries for name in e["calls"]))[:8]
+    rows = [[human_bytes(e["queue_bytes"]), e["impl"], str(e["total"]), *(str(e["calls"].get(n, 0)) for n in names),
+             str(e["total"] - sum(e["calls"].get(n, 0) for n in names))] for e in entries]
+    lines = ["## System calls per cycle", "",
+             "One cycle of each, after a warm-up, traced by strace in the independent check's setting "
+             "(sockrepair/bench/syscalls.py), timed part only (the C side's untimed queue-length reads and option "
+             "check left out).", "", *_table(["queue", "impl", "total", *names, "other"], rows), ""]
+    by_size: dict[int, dict[str, Syscalls]] = {}
+    for e in entries:
+        by_size.setdefault(e["queue_bytes"], {})[e["impl"]] = e
+    for queue, pair in by_size.items():
+        ours = pair.get(SOCKREPAIR_IMPL)
+        for impl, ref in pair.items():
+            if ours is None or impl == SOCKREPAIR_IMPL:
+                continue
+            extra, missing = option_differences(ours, ref)
+            if not extra and not missing:
+                lines.append(f"- {human_bytes(queue)}: {C_NAMES.get(impl, impl)} makes the same option calls as "
+                             "sockrepair.")
+                continue
+            said = [f"sockrepair makes {sum(extra.values())} option call(s) the {C_NAMES.get(impl, impl)} does not "
+                    f"({', '.join(f'{k} x{n}' if n > 1 else k for k, n in extra.items()) or 'none'})"]
+            if missing:
+                said.append(f"it makes {sum(missing.values())} sockrepair does not "
+                            f"({', '.join(f'{k} x{n}' if n > 1 else k for k, n in missing.items())})")
+            lines.append(f"- {human_bytes(queue)}: " + "; ".join(said) + ".")
+    return [*lines, ""]
+
+
 def profiles_section(results: Results) -> list[str]:
     profiles = results.get("profiles") or {}
     texts = {t.key: t.text for t in TARGETS}
@@ -521,6 +582,7 @@ def markdown(results: Results, plots: Sequence[Path] = ()) -> str:
     lines += headline_section(results)
     lines += targets_section(results)
     lines += independent_section(results)
+    lines += syscalls_section(results)
     lines += profiles_section(results)
     lines += single_section(results)
     lines += batch_section(results)

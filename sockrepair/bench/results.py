@@ -120,6 +120,17 @@ class Independent(TypedDict):
     block: NotRequired[int]  # Python and C alternate block by block; absent (before 2026-12-01): rep by rep
 
 
+class Syscalls(TypedDict):
+    """System calls of one traced cycle (sockrepair/bench/syscalls.py), its timed part only."""
+
+    impl: str  # "sockrepair", or the C variant it is compared with ("c-options" at 0 B, else "c-warm")
+    queue_bytes: int
+    total: int
+    calls: dict[str, int]  # by syscall name, most first
+    options: dict[str, int]  # "getsockopt LEVEL NAME" / "setsockopt LEVEL NAME" as strace names them
+    untimed: int  # calls of the traced call left out as outside the timing (C: queue lengths, options checked)
+
+
 class Results(TypedDict):
     machine: dict[str, Any]
     single: list[Single]
@@ -129,6 +140,7 @@ class Results(TypedDict):
     notes: list[str]
     profiles: NotRequired[dict[str, Profile]]
     independent: NotRequired[list[Independent]]
+    syscalls: NotRequired[list[Syscalls]]
 
 
 class ProfileRow(TypedDict):
@@ -295,6 +307,7 @@ def check(data: Any) -> Results:
     data.setdefault("notes", [])
     data.setdefault("profiles", {})
     data.setdefault("independent", [])
+    data.setdefault("syscalls", [])
     return data  # type: ignore[return-value]
 
 

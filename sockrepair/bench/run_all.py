@@ -118,6 +118,7 @@ def run(quick: bool = False, parts: Sequence[str] = PARTS, progress: Progress | 
                     results["single"].extend(out.get("single", []))
                     results["batch"].extend(out.get("batch", []))
                     results.setdefault("independent", []).extend(out.get("independent", []))
+                    results.setdefault("syscalls", []).extend(out.get("syscalls", []))
                     results["notes"].extend(out.get("notes", []))
                 _part("Python engine: one connection by phase, and batches", results, say, engine)
         if binary is not None:

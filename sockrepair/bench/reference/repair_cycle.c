@@ -13,8 +13,8 @@
  *
  * Single mode: for each queue size Q, one connection with Q bytes in each queue goes through the cycle, N times
  * (sizes interleaved rep by rep; with --block B, in blocks of B consecutive cycles of one size, each block after an
- * untimed cycle of its size, as sockrepair's bench runs them). Batch mode: K connections are all checkpointed, then all closed, then all restored; their
- * peer ends live in a child process.
+ * untimed cycle of its size, as sockrepair's bench runs them). Batch mode: K connections are all checkpointed, then
+ * all closed, then all restored; their peer ends live in a child process.
  *
  * The default cycle is the minimal one (what restore cannot do without), with queue buffers malloc'd afresh at
  * every checkpoint. --options (like-for-like) also reads before the freeze, and sets at restore, the application
