@@ -354,8 +354,8 @@ def agreement(check: Independent, ours: Single | None, ref: Single | None, toler
     rep_by_rep = [what for what, e in (("the bench's sockrepair", ours), ("its C", ref), ("the check", check))
                   if "block" not in e]
     if rep_by_rep:
-        why.append(f"{', '.join(rep_by_rep)} interleaved sizes (or Python and C) rep by rep, so a cycle started with "
-                   "caches cooled by another one's megabytes")
+        why.append(f"run rep by rep, not in blocks ({', '.join(rep_by_rep)}): a cycle started with caches cooled by "
+                   "another one's megabytes")
     elif len({ours["block"], ref["block"], check["block"]}) > 1:
         why.append("their blocks differ in length")
     return Agreement(bench, False, "; ".join(why))
