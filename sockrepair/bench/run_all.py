@@ -111,7 +111,8 @@ def run(quick: bool = False, parts: Sequence[str] = PARTS, progress: Progress | 
             results["batch"].extend(out["batch"])
 
         if binary is not None:
-            _part("C reference, first half of the cycles, and batches", results, say, lambda: c_run(True))
+            _part("C reference, batches (its single mode runs round by round inside the engine part)" if c_in_engine
+                  else "C reference, first half of the cycles, and batches", results, say, lambda: c_run(True))
         if "engine" in parts:
             if module is None:
                 results["notes"].append("sockrepair/bench/bench_engine.py is missing: the Python engine's single-"
