@@ -445,6 +445,11 @@ def run_batches(batches: Sequence[int], reps: int, locker: Locker) -> list[Batch
             for k, lock in cases]
 
 
+def _c_round(binary: Path, sizes: Sequence[int], into: list[Single], n: int) -> None:
+    """One round of the C reference's single mode: a block of n cycles of every size, in each variant."""
+    into.extend(cref.run(binary, sizes, n, (), timeout=C_ROUND_TIMEOUT)["single"])
+
+
 def run(quick: bool = False, sizes: Sequence[int] = SIZES, batches: Sequence[int] = BATCHES,
         independent_check: bool = True, c_binary: Path | None = None) -> dict[str, Any]:
     """{"single": [Single], "batch": [Batch], "independent": [Independent], "syscalls": [Syscalls], "notes": [str]}
@@ -456,13 +461,9 @@ def run(quick: bool = False, sizes: Sequence[int] = SIZES, batches: Sequence[int
     minutes as the engine's."""
     plan = QUICK if quick else FULL
     c_parts: list[Single] = []
-
-    def c_round(n: int) -> None:
-        assert c_binary is not None
-        c_parts.extend(cref.run(c_binary, sizes, n, (), timeout=C_ROUND_TIMEOUT)["single"])
-
+    c_round = None if c_binary is None else functools.partial(_c_round, c_binary, sizes, c_parts)
     with NetNS() as ns, ns.entered():
-        single = run_single(sizes, plan.reps, plan.big_reps, between=c_round if c_binary is not None else None)
+        single = run_single(sizes, plan.reps, plan.big_reps, between=c_round)
         with Locker(label="bench-engine") as locker:
             batch = run_batches(batches, plan.batch_reps, locker)
     notes = [] if not quick else ["engine benchmark in quick mode: few cycles, medians are rough"]
