@@ -10,11 +10,13 @@ queues are
 filled as the C reference fills them, and an entry whose queues held fewer bytes than asked does not count. After
 every cycle each side writes 4 KiB more and both directions are read to the end and compared with what was written.
 
-Single mode repeats the cycle per queue size (sizes interleaved rep by rep, one untimed warm-up each); batch mode
+Single mode repeats the cycle per queue size, in blocks of consecutive cycles of one size, each block after one
+untimed cycle of its size, sizes interleaved block by block (results.SINGLE_BLOCK says why); batch mode
 checkpoints K connections, serializes them, discards them, then restores them all, without and with the network
 lock (phases lock and unlock around the rest); the peers live in a child process, as in the C reference. Everything
-runs in a network namespace made for the run (root needed). With --c the C reference runs right after, with the
-same sizes, and a table of ratios is printed.
+runs in a network namespace made for the run (root needed). With --c the C reference's single mode runs a round
+of blocks after each of the engine's (so that both see the machine's load alike), its batches after, and a table of
+ratios is printed.
 """
 
 from __future__ import annotations
@@ -30,18 +32,21 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sockrepair import checkpoint, discard, restore
+from sockrepair.bench import cref
 from sockrepair.bench.results import (
     C_IMPLS,
+    SINGLE_BLOCK,
     SOCKREPAIR_IMPL,
     Batch,
     Single,
     batch_from_samples,
+    merge_single,
     single_from_samples,
 )
 from sockrepair.engine._batch import checkpoint_many
@@ -60,6 +65,7 @@ BATCH_PROBE = 16
 IO_TIMEOUT = 30.0
 PEER_RCVBUF = 64 << 10  # small, so the moving end's send queue fills with bytes the peer never took
 LOOPBACK = "127.0.0.1"
+C_ROUND_TIMEOUT = 600.0  # one round of the C reference: a block of every size, in each variant
 
 
 @dataclass(frozen=True)
@@ -256,9 +262,13 @@ def _single_cycle(q: int, to_peer: bytes, to_sock: bytes) -> tuple[dict[str, flo
     return {name: ns / 1000 for name, ns in times.items()}, held
 
 
-def run_single(sizes: Sequence[int], reps: int, big_reps: int) -> list[Single]:
-    """Each size `reps` times (sizes of 16 MiB and more `big_reps` times), interleaved rep by rep, after one
-    untimed warm-up cycle each."""
+def run_single(sizes: Sequence[int], reps: int, big_reps: int, block: int = SINGLE_BLOCK,
+               between: Callable[[int], None] | None = None) -> list[Single]:
+    """Each size `reps` times (sizes of 16 MiB and more `big_reps` times), in blocks of `block` consecutive cycles of
+    one size, each block after one untimed cycle of its size, sizes interleaved block by block: the machine's drift
+    touches every size alike, and no timed cycle starts with caches cooled by another size's megabytes. After each
+    round of blocks `between(n)` runs, n being the round's block length (the C reference's round, so that the
+    machine's load hits both alike)."""
     samples: dict[int, dict[str, list[float]]] = {q: {} for q in sizes}
     errors: dict[int, str] = {}
     held: dict[int, int] = {q: q for q in sizes}
@@ -277,19 +287,24 @@ def run_single(sizes: Sequence[int], reps: int, big_reps: int) -> list[Single]:
             for name, us in times.items():
                 samples[q].setdefault(name, []).append(us)
 
-    for q in sizes:
-        cycle(q, timed=False)
-    for rep in range(reps):
+    for first in range(0, reps, block):
         for q in sizes:
-            if q not in errors and rep < (big_reps if q >= 16 << 20 else reps):
-                cycle(q, timed=True)
+            mine = big_reps if q >= 16 << 20 else reps
+            if q in errors or first >= mine:
+                continue
+            cycle(q, timed=False)
+            for _ in range(min(block, mine - first)):
+                if q not in errors:
+                    cycle(q, timed=True)
+        if between is not None:
+            between(min(block, reps - first))
     out = []
     for q in sizes:
         error = errors.get(q)
         if error is None and held[q] < q:
             # a cycle over emptier queues than asked would flatter the figure: it does not count
             error = f"a queue held only {held[q]} of {q} bytes at checkpoint"
-        out.append(single_from_samples(SOCKREPAIR_IMPL, q, samples[q], error is None, error))
+        out.append(single_from_samples(SOCKREPAIR_IMPL, q, samples[q], error is None, error, block=block))
     return out
 
 
@@ -431,39 +446,48 @@ def run_batches(batches: Sequence[int], reps: int, locker: Locker) -> list[Batch
             for k, lock in cases]
 
 
+def _c_round(binary: Path, sizes: Sequence[int], into: list[Single], n: int) -> None:
+    """One round of the C reference's single mode: a block of n cycles of every size, in each variant."""
+    into.extend(cref.run(binary, sizes, n, (), timeout=C_ROUND_TIMEOUT)["single"])
+
+
 def run(quick: bool = False, sizes: Sequence[int] = SIZES, batches: Sequence[int] = BATCHES,
-        independent_check: bool = True) -> dict[str, Any]:
-    """{"single": [Single], "batch": [Batch], "independent": [Independent], "notes": [str]} of impl "sockrepair",
-    measured in a network namespace made for the run. Single entries take no lock; batch entries come without and
-    with it; the independent check (sockrepair/bench/independent.py) runs last, in a namespace of its own."""
+        independent_check: bool = True, c_binary: Path | None = None) -> dict[str, Any]:
+    """{"single": [Single], "batch": [Batch], "independent": [Independent], "syscalls": [Syscalls], "notes": [str]}
+    of impl "sockrepair", measured in a network namespace made for the run. Single entries take no lock; batch
+    entries come without and with it; the independent check (sockrepair/bench/independent.py) and the traced
+    cycles (sockrepair/bench/syscalls.py) run last, each in a namespace of its own. With `c_binary` (the C
+    reference, cref.build()), each round of single-mode blocks is followed by one round of the C reference's, every
+    variant on the sizes it measures, in its own namespace: "c_single" holds their entries, measured in the same
+    minutes as the engine's."""
     plan = QUICK if quick else FULL
+    c_parts: list[Single] = []
+    c_round = None if c_binary is None else functools.partial(_c_round, c_binary, sizes, c_parts)
     with NetNS() as ns, ns.entered():
-        single = run_single(sizes, plan.reps, plan.big_reps)
+        single = run_single(sizes, plan.reps, plan.big_reps, between=c_round)
         with Locker(label="bench-engine") as locker:
             batch = run_batches(batches, plan.batch_reps, locker)
     notes = [] if not quick else ["engine benchmark in quick mode: few cycles, medians are rough"]
-    checked = []
+    checked: list[Any] = []
+    counted: list[Any] = []
     if independent_check:
-        from sockrepair.bench import independent
+        from sockrepair.bench import independent, syscalls
 
         checked = independent.run(quick, notes=notes)
-    return {"single": single, "batch": batch, "independent": checked, "notes": notes}
+        try:
+            counted = syscalls.run(notes=notes)
+        except syscalls.SyscallsError as exc:
+            notes.append(f"the system calls per cycle were not counted: {exc}")
+    return {"single": single, "batch": batch, "independent": checked, "syscalls": counted, "notes": notes,
+            "c_single": merge_single(c_parts)}
 
 
 # ---- command line ----
 
 
-def _c_reference(quick: bool, sizes: Sequence[int], batches: Sequence[int]) -> dict[str, Any] | None:
-    from sockrepair.bench import cref
-
+def _c_batches(binary: Path, quick: bool, batches: Sequence[int]) -> list[Batch]:
     plan = QUICK if quick else FULL
-    notes: list[str] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        binary = cref.build(Path(tmp), notes)
-        if binary is None:
-            print(notes[0], file=sys.stderr)
-            return None
-        return cref.run(binary, sizes, plan.reps, batches, batch_reps=plan.batch_reps)
+    return cref.run(binary, (), plan.reps, batches, batch_reps=plan.batch_reps)["batch"] if batches else []
 
 
 def _c_median(c: Single | None, phase: str) -> float | None:
@@ -495,24 +519,43 @@ def _print(ours: dict[str, Any], ref: dict[str, Any] | None) -> None:
         state = "" if entry["verified"] else f"  NOT VERIFIED: {entry['error']}"
         print(f"batch {entry['connections']:>6} {lock} {entry['conn_per_s']:>10,.0f} conn/s{c_text}  [ms: {phases}]"
               f"{state}")
+    from sockrepair.bench.report import AGREEMENT, agreement
+
+    ours_single = {e["queue_bytes"]: e for e in ours["single"]}
+    for e in ours.get("syscalls", []):
+        calls = ", ".join(f"{name} {n}" for name, n in e["calls"].items())
+        print(f"system calls {e['queue_bytes']:>9} B: {e['impl']} {e['total']} per cycle ({calls})")
     for e in ours.get("independent", []):
         state = "" if e["verified"] else f"  NOT VERIFIED: {e['error']}"
+        a = agreement(e, ours_single.get(e["queue_bytes"]), c_single.get((e["c_impl"], e["queue_bytes"])))
+        verdict = {True: f"agrees (within {AGREEMENT:g}x)", False: "DISAGREES", None: "not judged"}[a.agrees]
         print(f"independent check {e['queue_bytes']:>9} B: python {e['python_us']:.1f} us, {e['c_impl']} in the same "
-              f"process {e['c_us']:.1f} us, ratio {e['ratio']:.2f}x{state}")
+              f"process {e['c_us']:.1f} us, ratio {e['ratio']:.2f}x; bench ratio {a.bench_ratio:.2f}x: {verdict}"
+              f"{': ' + a.why if a.why else ''}{state}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few cycles: a smoke test")
     parser.add_argument("--json", metavar="OUT", help="also write the entries (and the C reference's) here")
-    parser.add_argument("--c", action="store_true", help="run the C reference right after, and print ratios")
+    parser.add_argument("--c", action="store_true",
+                        help="run the C reference's single mode round by round between the engine's, its batches "
+                             "after, and print ratios")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="queue sizes in bytes (comma list)")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes (comma list)")
     args = parser.parse_args()
     sizes = [int(v) for v in args.sizes.split(",") if v]
     batches = [int(v) for v in args.batches.split(",") if v]
-    ours = run(args.quick, sizes, batches)
-    ref = _c_reference(args.quick, sizes, batches) if args.c else None
+    with tempfile.TemporaryDirectory() as tmp:
+        binary = None
+        if args.c:
+            notes: list[str] = []
+            binary = cref.build(Path(tmp), notes)
+            for note in notes:
+                print(note, file=sys.stderr)
+        ours = run(args.quick, sizes, batches, c_binary=binary)
+        ref = None if binary is None else {"single": ours.pop("c_single"), "batch": _c_batches(binary, args.quick,
+                                                                                                batches)}
     _print(ours, ref)
     if args.json:
         with open(args.json, "w") as fh:

@@ -23,6 +23,7 @@ from sockrepair.bench.results import (
     C_IMPL,
     C_OPTIONS_IMPL,
     C_WARM_IMPL,
+    SINGLE_BLOCK,
     Batch,
     Single,
     batch_from_samples,
@@ -82,7 +83,8 @@ def build(out_dir: Path, notes: list[str] | None = None, shared: bool = False) -
 
 def argv(binary: Path, sizes: Sequence[int], reps: int, batches: Sequence[int], batch_reps: int = 3,
          flags: Sequence[str] = ()) -> list[str]:
-    return [str(binary), "--sizes", ",".join(map(str, sizes)), "--reps", str(reps),
+    """Single mode in blocks of SINGLE_BLOCK cycles of one size, as sockrepair's bench runs its own."""
+    return [str(binary), "--sizes", ",".join(map(str, sizes)), "--reps", str(reps), "--block", str(SINGLE_BLOCK),
             "--batches", ",".join(map(str, batches)), "--batch-reps", str(batch_reps), *flags]
 
 
@@ -123,7 +125,7 @@ def _run_variant(binary: Path, variant: Variant, sizes: Sequence[int], reps: int
 def parse(raw: dict[str, Any]) -> dict[str, Any]:
     """The reference's JSON (samples in ns) as result entries (microseconds, batch times in seconds), of the impl
     it names ("c", "c-warm", "c-options")."""
-    impl = raw["impl"]
+    impl, block = raw["impl"], raw.get("block") or None  # 0 or absent: sizes interleaved rep by rep
     single: list[Single] = []
     for entry in raw["single"]:
         verified, error = entry["verified"], entry.get("error")
@@ -132,7 +134,7 @@ def parse(raw: dict[str, Any]) -> dict[str, Any]:
             # a cycle over emptier queues than asked would flatter the figure: it does not count
             verified, error = False, f"a queue held only {held} of {entry['queue_bytes']} bytes at checkpoint"
         samples = {phase: [ns / 1000 for ns in values] for phase, values in entry["samples_ns"].items()}
-        single.append(single_from_samples(impl, entry["queue_bytes"], samples, verified, error))
+        single.append(single_from_samples(impl, entry["queue_bytes"], samples, verified, error, block=block))
     batch: list[Batch] = [
         batch_from_samples(
             impl,

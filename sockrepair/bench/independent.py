@@ -1,9 +1,10 @@
 """The independent check of the engine's ratios: in ONE process, a Python cycle of one loopback connection
-(checkpoint, to_bytes, discard, from_bytes, restore) interleaved, rep by rep, with a cycle of the C reference called as
-a library (sockrepair/bench/reference/repair_cycle.c built shared, its repair_cycle_once(): buffers kept from call to
-call, as --warm), each on a fresh pair made the same way, both verified byte for byte afterwards. Same process, same
-moment, same connections: what the two harnesses (bench_engine.py and the C program run as a separate process) say
-about the ratio should agree with it.
+(checkpoint, to_bytes, discard, from_bytes, restore) interleaved, block by block, with a cycle of the C reference
+called as a library (sockrepair/bench/reference/repair_cycle.c built shared, its repair_cycle_once(): buffers kept
+from call to call, as --warm), each on a fresh pair made the same way, both verified byte for byte afterwards. Same
+process, same moments, same kind of connection, and the bench's single mode's blocks (results.SINGLE_BLOCK): what
+the two harnesses (bench_engine.py and the C program run as a separate process) say about the ratio should agree
+with it (report.agreement() judges).
 
     python -m sockrepair.bench.independent [--reps N] [--sizes 0,1048576]
 
@@ -21,7 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,12 @@ from sockrepair.bench.bench_engine import (
     _listener,
     _stream,
 )
-from sockrepair.bench.results import C_OPTIONS_IMPL, C_WARM_IMPL, Independent
+from sockrepair.bench.results import (
+    C_OPTIONS_IMPL,
+    C_WARM_IMPL,
+    SINGLE_BLOCK,
+    Independent,
+)
 from sockrepair.errors import SockrepairError
 from sockrepair.netns import NetNS
 from sockrepair.state import ConnectionState
@@ -79,12 +85,16 @@ def _verify(restored: socket.socket, peer: socket.socket, q: int, sent: int, to_
     ])
 
 
-def _python_cycle(q: int, to_peer: bytes, to_sock: bytes) -> dict[str, float]:
+def _python_cycle(q: int, to_peer: bytes, to_sock: bytes, mark: Callable[[int], None] | None = None
+                  ) -> dict[str, float]:
+    """`mark(0)` and `mark(1)` are called right before and after the timed part (sockrepair/bench/syscalls.py)."""
     sock, peer = _pair(q)
     restored = None
     try:
         _fill_recv_queue(peer, sock, to_sock[:q])
         sent = _fill_send_queue(sock, peer, q, to_peer)
+        if mark is not None:
+            mark(0)
         t0 = time.perf_counter_ns()
         state = checkpoint(sock)
         t1 = time.perf_counter_ns()
@@ -96,6 +106,8 @@ def _python_cycle(q: int, to_peer: bytes, to_sock: bytes) -> dict[str, float]:
         t4 = time.perf_counter_ns()
         restored = restore(back)
         t5 = time.perf_counter_ns()
+        if mark is not None:
+            mark(1)
         if min(len(state.send_queue), len(state.recv_queue)) < q:
             raise BenchError(f"a queue held fewer than {q} bytes at checkpoint")
         _verify(restored, peer, q, sent, to_peer, to_sock)
@@ -106,14 +118,21 @@ def _python_cycle(q: int, to_peer: bytes, to_sock: bytes) -> dict[str, float]:
     return {name: (b - a) / 1000 for name, a, b in zip(PYTHON_PHASES, marks, marks[1:])}
 
 
-def _c_cycle(lib: Any, q: int, options: bool, to_peer: bytes, to_sock: bytes) -> dict[str, float]:
+def _c_cycle(lib: Any, q: int, options: bool, to_peer: bytes, to_sock: bytes,
+             mark: Callable[[int], None] | None = None) -> dict[str, float]:
+    """`mark` as for _python_cycle, around the whole call: it also holds the C side's untimed calls (the two queue
+    lengths read first, to size its buffers, and with `options` the options read back after the restore)."""
     sock, peer = _pair(q)
     restored = None
     try:
         _fill_recv_queue(peer, sock, to_sock[:q])
         sent = _fill_send_queue(sock, peer, q, to_peer)
         ns = NS3()
+        if mark is not None:
+            mark(0)
         fd = lib.repair_cycle_once(sock.detach(), int(options), ns)  # the C side closes the fd it is given
+        if mark is not None:
+            mark(1)
         if fd < 0:
             raise BenchError(f"C cycle: {lib.repair_cycle_error().decode(errors='replace')}")
         restored = socket.socket(fileno=fd)
@@ -129,36 +148,46 @@ def _medians(samples: Sequence[dict[str, float]], phases: Sequence[str]) -> tupl
     return statistics.median(totals), {p: statistics.median(s[p] for s in samples) for p in phases}
 
 
-def measure(library: Path, sizes: Sequence[int] = SIZES, reps: int = REPS) -> list[Independent]:
-    """One entry per size: `reps` Python cycles and `reps` C cycles, alternating which goes first, after one untimed
-    warm-up of each. Run it inside a network namespace made for it (it fills loopback ports)."""
+def measure(library: Path, sizes: Sequence[int] = SIZES, reps: int = REPS, block: int = SINGLE_BLOCK
+            ) -> list[Independent]:
+    """One entry per size: `reps` Python cycles and `reps` C cycles, run as the bench runs its single mode: blocks of
+    `block` consecutive cycles of one size, each after one untimed cycle of that size and implementation; for each
+    size a Python block and a C block, alternating which goes first, sizes interleaved block by block, so that both
+    see the same caches and the machine's drift alike. Run it inside a network namespace made for it (it fills
+    loopback ports)."""
     lib = _load(library)
     longest = max(sizes, default=0)
     to_peer, to_sock = _stream(2, longest + (8 << 20)), _stream(3, longest + TAIL_BYTES)
+    python: dict[int, list[dict[str, float]]] = {q: [] for q in sizes}
+    c: dict[int, list[dict[str, float]]] = {q: [] for q in sizes}
+    errors: dict[int, str] = {}
+
+    def python_block(q: int, n: int) -> None:
+        _python_cycle(q, to_peer, to_sock)
+        python[q] += [_python_cycle(q, to_peer, to_sock) for _ in range(n)]
+
+    def c_block(q: int, n: int) -> None:
+        _c_cycle(lib, q, q == 0, to_peer, to_sock)
+        c[q] += [_c_cycle(lib, q, q == 0, to_peer, to_sock) for _ in range(n)]
+
+    for round_, first in enumerate(range(0, reps, block)):
+        n = min(block, reps - first)
+        for q in sizes:
+            if q in errors:
+                continue
+            try:
+                for run_block in (python_block, c_block) if round_ % 2 == 0 else (c_block, python_block):
+                    run_block(q, n)
+            except (OSError, SockrepairError) as exc:
+                errors[q] = str(exc)
     out: list[Independent] = []
     for q in sizes:
-        options = q == 0
-        python: list[dict[str, float]] = []
-        c: list[dict[str, float]] = []
-        error = None
-        try:
-            _python_cycle(q, to_peer, to_sock)
-            _c_cycle(lib, q, options, to_peer, to_sock)
-            for rep in range(reps):
-                if rep % 2:
-                    c.append(_c_cycle(lib, q, options, to_peer, to_sock))
-                    python.append(_python_cycle(q, to_peer, to_sock))
-                else:
-                    python.append(_python_cycle(q, to_peer, to_sock))
-                    c.append(_c_cycle(lib, q, options, to_peer, to_sock))
-        except (OSError, SockrepairError) as exc:
-            error = str(exc)
-        python_us, python_phases = _medians(python, PYTHON_PHASES) if python else (float("nan"), {})
-        c_us, c_phases = _medians(c, C_PHASES) if c else (float("nan"), {})
-        out.append({"queue_bytes": q, "c_impl": C_OPTIONS_IMPL if options else C_WARM_IMPL, "reps": len(python),
-                    "python_us": python_us, "c_us": c_us, "ratio": python_us / c_us if c else float("nan"),
-                    "python_phases_us": python_phases, "c_phases_us": c_phases, "verified": error is None,
-                    "error": error})
+        python_us, python_phases = _medians(python[q], PYTHON_PHASES) if python[q] else (float("nan"), {})
+        c_us, c_phases = _medians(c[q], C_PHASES) if c[q] else (float("nan"), {})
+        out.append({"queue_bytes": q, "c_impl": C_OPTIONS_IMPL if q == 0 else C_WARM_IMPL,
+                    "reps": min(len(python[q]), len(c[q])), "python_us": python_us, "c_us": c_us,
+                    "ratio": python_us / c_us if c[q] else float("nan"), "python_phases_us": python_phases,
+                    "c_phases_us": c_phases, "verified": q not in errors, "error": errors.get(q), "block": block})
     return out
 
 

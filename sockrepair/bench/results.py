@@ -22,6 +22,11 @@ C_WARM_IMPL = "c-warm"
 C_OPTIONS_IMPL = "c-options"
 C_IMPLS = (C_IMPL, C_WARM_IMPL, C_OPTIONS_IMPL)
 SOCKREPAIR_IMPL = "sockrepair"
+# Single mode's cycles of one size run in blocks this long, each after an untimed cycle of that size, sizes
+# interleaved block by block (bench_engine.py, the C reference's --block, independent.py alike): a cycle timed right
+# after one of another size would start with caches its megabytes evicted, which slows the Python cycle's far larger
+# working set (interpreter, engine code) about twice as much as C's (0 B: 320-390 us against about 210 us).
+SINGLE_BLOCK = 10
 
 
 class ResultsError(SockrepairError, ValueError):
@@ -44,6 +49,7 @@ class Single(TypedDict):
     verified: bool
     error: NotRequired[str | None]
     samples_us: NotRequired[dict[str, list[float]]]
+    block: NotRequired[int]  # consecutive cycles of this size after a warm-up; absent: sizes interleaved rep by rep
 
 
 class Batch(TypedDict):
@@ -111,6 +117,18 @@ class Independent(TypedDict):
     c_phases_us: dict[str, float]
     verified: bool
     error: NotRequired[str | None]
+    block: NotRequired[int]  # Python and C alternate block by block; absent (before 2026-12-01): rep by rep
+
+
+class Syscalls(TypedDict):
+    """System calls of one traced cycle (sockrepair/bench/syscalls.py), its timed part only."""
+
+    impl: str  # "sockrepair", or the C variant it is compared with ("c-options" at 0 B, else "c-warm")
+    queue_bytes: int
+    total: int
+    calls: dict[str, int]  # by syscall name, most first
+    options: dict[str, int]  # "getsockopt LEVEL NAME" / "setsockopt LEVEL NAME" as strace names them
+    untimed: int  # calls of the traced call left out as outside the timing (C: queue lengths, options checked)
 
 
 class Results(TypedDict):
@@ -122,6 +140,7 @@ class Results(TypedDict):
     notes: list[str]
     profiles: NotRequired[dict[str, Profile]]
     independent: NotRequired[list[Independent]]
+    syscalls: NotRequired[list[Syscalls]]
 
 
 class ProfileRow(TypedDict):
@@ -164,8 +183,9 @@ def _rep_totals(samples: Mapping[str, Sequence[float]]) -> list[float]:
 
 
 def single_from_samples(impl: str, queue_bytes: int, samples_us: Mapping[str, Sequence[float]], verified: bool,
-                        error: str | None = None, keep_samples: bool = True) -> Single:
-    """`samples_us[phase][i]` is phase's time in cycle i; all phases have one sample per cycle."""
+                        error: str | None = None, keep_samples: bool = True, block: int | None = None) -> Single:
+    """`samples_us[phase][i]` is phase's time in cycle i; all phases have one sample per cycle. `block`: the cycles
+    ran in blocks of that many of this size (SINGLE_BLOCK), None when sizes were interleaved rep by rep."""
     phases = {name: list(samples_us[name]) for name in PHASES if name in samples_us}
     unknown = set(samples_us) - set(PHASES)
     if unknown:
@@ -182,6 +202,8 @@ def single_from_samples(impl: str, queue_bytes: int, samples_us: Mapping[str, Se
     }
     if keep_samples:
         entry["samples_us"] = phases
+    if block is not None:
+        entry["block"] = block
     return entry
 
 
@@ -285,6 +307,7 @@ def check(data: Any) -> Results:
     data.setdefault("notes", [])
     data.setdefault("profiles", {})
     data.setdefault("independent", [])
+    data.setdefault("syscalls", [])
     return data  # type: ignore[return-value]
 
 
@@ -324,5 +347,7 @@ def merge_single(entries: Sequence[Single]) -> list[Single]:
             for phase, values in e.get("samples_us", {}).items():
                 samples.setdefault(phase, []).extend(values)
         error = next((e.get("error") for e in group if e.get("error")), None)
-        merged.append(single_from_samples(impl, queue, samples, all(e["verified"] for e in group), error))
+        blocks = {e.get("block") for e in group}
+        merged.append(single_from_samples(impl, queue, samples, all(e["verified"] for e in group), error,
+                                          block=blocks.pop() if len(blocks) == 1 else None))
     return merged

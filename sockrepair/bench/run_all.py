@@ -5,7 +5,8 @@
 
 Parts, in this order: the C reference (first half of its cycles), the Python engine (sockrepair/bench/bench_engine.py,
 when it exists), the C reference again (second half: the ratios compare figures measured minutes apart, not an
-hour), batches through a running program, lock methods, peer-seen gaps (sockrepair and criu interleaved run by run)
+hour); with both parts the C reference's single mode runs inside the engine part instead, a round of blocks after
+each of the engine's, and only its batches run first; then batches through a running program, lock methods, peer-seen gaps (sockrepair and criu interleaved run by run)
 and cross-host moves in the lab. Then every target missed is profiled (sockrepair/bench/profiles.py). Progress goes to
 stderr; a part that cannot run here is skipped with a note in the report, never replaced by made-up numbers.
 """
@@ -49,11 +50,13 @@ class Progress:
         print(f"[{time.monotonic() - self.start:7.1f}s] {text}", file=self.stream, flush=True)
 
 
-def _c_half(binary: Path, quick: bool, first: bool) -> dict[str, Any]:
-    """Half the cycles of every size; the batches only in the first half (their medians do not merge)."""
+def _c_half(binary: Path, quick: bool, first: bool, singles: bool = True) -> dict[str, Any]:
+    """Half the cycles of every size (none without `singles`: the engine part runs them round by round between its
+    own); the batches only in the first half (their medians do not merge)."""
     plan = QUICK_C if quick else FULL_C
     reps = max(1, plan["reps"] // 2)
-    return cref.run(binary, C_SIZES, reps, C_BATCHES if first else (), plan["batch_reps"], timeout=C_TIMEOUT)
+    return cref.run(binary, C_SIZES if singles else (), reps, C_BATCHES if first else (), plan["batch_reps"],
+                    timeout=C_TIMEOUT)
 
 
 def engine_module() -> Any | None:
@@ -98,29 +101,34 @@ def run(quick: bool = False, parts: Sequence[str] = PARTS, progress: Progress | 
             except cref.CReferenceError as exc:
                 results["notes"].append(f"C reference skipped: {exc}")
         c_single: list[Any] = []
+        module = engine_module() if "engine" in parts else None
+        # with the engine part, the C reference's single mode runs inside it, round by round between the engine's
+        c_in_engine = binary is not None and module is not None
 
         def c_run(first: bool) -> None:
-            out = _c_half(binary, quick, first)  # type: ignore[arg-type]
+            out = _c_half(binary, quick, first, singles=not c_in_engine)  # type: ignore[arg-type]
             c_single.extend(out["single"])
             results["batch"].extend(out["batch"])
 
         if binary is not None:
-            _part("C reference, first half of the cycles, and batches", results, say, lambda: c_run(True))
+            _part("C reference, batches (its single mode runs round by round inside the engine part)" if c_in_engine
+                  else "C reference, first half of the cycles, and batches", results, say, lambda: c_run(True))
         if "engine" in parts:
-            module = engine_module()
             if module is None:
                 results["notes"].append("sockrepair/bench/bench_engine.py is missing: the Python engine's single-"
                                         "connection and batch figures were not measured")
                 say("   the engine benchmark (sockrepair/bench/bench_engine.py) is missing: skipped")
             else:
                 def engine() -> None:
-                    out = module.run(quick)
+                    out = module.run(quick, c_binary=binary if c_in_engine else None)
+                    c_single.extend(out.get("c_single", []))
                     results["single"].extend(out.get("single", []))
                     results["batch"].extend(out.get("batch", []))
                     results.setdefault("independent", []).extend(out.get("independent", []))
+                    results.setdefault("syscalls", []).extend(out.get("syscalls", []))
                     results["notes"].extend(out.get("notes", []))
                 _part("Python engine: one connection by phase, and batches", results, say, engine)
-        if binary is not None:
+        if binary is not None and not c_in_engine:
             _part("C reference, second half of the cycles", results, say, lambda: c_run(False))
         results["single"].extend(merge_single(c_single))
     if "batch" in parts:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from sockrepair.bench import run_all
-from sockrepair.bench.results import C_IMPL, SOCKREPAIR_IMPL
+from sockrepair.bench.results import (
+    C_IMPL,
+    C_OPTIONS_IMPL,
+    C_WARM_IMPL,
+    SINGLE_BLOCK,
+    SOCKREPAIR_IMPL,
+)
 from sockrepair.criu.locate import find_criu
 from sockrepair.errors import CriuError
 from sockrepair.lab.programs import CLIENT, ECHO_SERVER, RECEIVER
@@ -75,6 +82,14 @@ def test_quick_bench_runs_every_variant_and_verifies_its_bytes(tmp_path: Path) -
 
     if run_all.engine_module() is not None:  # the engine part's independent check: both sizes, bytes verified
         assert {e["queue_bytes"] for e in results["independent"]} == {0, 1 << 20}
+        # every harness ran its single-connection cycles in the same blocks, warm
+        assert {e.get("block") for e in [*results["single"], *results["independent"]]} == {SINGLE_BLOCK}
+        if shutil.which("strace"):  # one traced cycle of each side, at both sizes
+            counted = {(e["impl"], e["queue_bytes"]): e["total"] for e in results["syscalls"]}
+            assert set(counted) == {(SOCKREPAIR_IMPL, 0), (C_OPTIONS_IMPL, 0), (SOCKREPAIR_IMPL, 1 << 20),
+                                    (C_WARM_IMPL, 1 << 20)}
+            assert all(counted.values())
+            assert "## System calls per cycle" in (out / "results.md").read_text()
     for section in ("single", "batch", "gap", "independent"):
         for e in results[section]:
             assert e["verified"], f"{section} {e['impl']}: {e.get('error')}"

@@ -13,11 +13,13 @@ import pytest
 
 from sockrepair.bench import cref, report
 from sockrepair.bench.results import (
+    Independent,
     Results,
     ResultsError,
     batch_from_samples,
     check,
     empty,
+    merge_single,
     p99,
     single_from_samples,
 )
@@ -290,8 +292,8 @@ def test_c_reference_with_emptier_queues_than_asked_is_void() -> None:
 
 def test_c_reference_command_line() -> None:
     argv = cref.argv(Path("/x/repair_cycle"), [0, 65536], 5, [100], batch_reps=1, flags=cref.WARM.flags)
-    assert argv == ["/x/repair_cycle", "--sizes", "0,65536", "--reps", "5", "--batches", "100", "--batch-reps", "1",
-                    "--warm"]
+    assert argv == ["/x/repair_cycle", "--sizes", "0,65536", "--reps", "5", "--block", "10", "--batches", "100",
+                    "--batch-reps", "1", "--warm"]
     assert cref.argv(Path("/x/repair_cycle"), [0], 5, [], flags=cref.OPTIONS.flags)[-1] == "--options"
 
 
@@ -302,17 +304,9 @@ def test_no_compiler_gives_none_and_a_note(tmp_path: Path, monkeypatch: pytest.M
     assert notes == [cref.NO_COMPILER_NOTE]
 
 
-def test_image_share_and_the_independent_check_are_reported() -> None:
+def test_image_share_is_reported() -> None:
     results = synthetic()
     results["single"][-1] = _single("sockrepair", 1 << 20, 600.0, 150.0, 850.0, serialize=150.0, deserialize=250.0)
-    results["independent"] = [  # 2.5x in the same process against the bench's 4.00x: they disagree
-        {"queue_bytes": 1 << 20, "c_impl": "c-warm", "reps": 20, "python_us": 1250.0, "c_us": 500.0, "ratio": 2.5,
-         "python_phases_us": {"read_state": 600.0, "restore": 650.0}, "c_phases_us": {"read_state": 250.0},
-         "verified": True, "error": None},
-        {"queue_bytes": 0, "c_impl": "c-options", "reps": 20, "python_us": 33.0, "c_us": 24.0, "ratio": 1.375,
-         "python_phases_us": {"read_state": 10.0}, "c_phases_us": {"read_state": 9.0}, "verified": True,
-         "error": None},
-    ]
     md = report.markdown(check(json.loads(json.dumps(results))))
     rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
     share = rows["Image encode + decode, 1 MiB queues: share of sockrepair's cycle"]
@@ -322,8 +316,92 @@ def test_image_share_and_the_independent_check_are_reported() -> None:
     # where the 1 MiB time goes: every phase, the largest first, next to the warm C's
     mib = rows["One connection, 1 MiB queues: sockrepair / warm C"]
     assert "restore 850.0 µs (42% of the cycle), warm C 250.0 µs; read_state 600.0 µs (30% of the cycle)" in mib
-    assert "## Independent check" in md
-    lines = [line for line in md.splitlines() if line.startswith("| 1 MiB | warm C |")]
-    assert len(lines) == 1 and "| 2.50x | 4.00x | **no** |" in lines[0]
+
+
+def _blocked(results: Results, reps: int = 100, block: int | None = 10) -> Results:
+    """The synthetic run's single entries with `reps` cycles each, run in blocks of `block` (None: rep by rep)."""
+    for i, e in enumerate(results["single"]):
+        samples = {p: [s["median_us"]] * reps for p, s in e["phases"].items()}
+        results["single"][i] = single_from_samples(e["impl"], e["queue_bytes"], samples, True, block=block)
+    return results
+
+
+def _check(queue: int, c_impl: str, python_us: float, c_us: float, reps: int = 100, verified: bool = True,
+           block: int | None = 10) -> Independent:
+    entry: Independent = {"queue_bytes": queue, "c_impl": c_impl, "reps": reps, "python_us": python_us, "c_us": c_us,
+                          "ratio": python_us / c_us, "python_phases_us": {"read_state": python_us / 2},
+                          "c_phases_us": {"read_state": c_us / 2}, "verified": verified,
+                          "error": None if verified else "wrong byte"}
+    if block is not None:
+        entry["block"] = block
+    return entry
+
+
+def _agreement(results: Results, entry: Independent) -> report.Agreement:
+    return report.agreement(entry, report._single(results, "sockrepair", entry["queue_bytes"]),
+                            report._single(results, entry["c_impl"], entry["queue_bytes"]))
+
+
+def test_the_check_agrees_within_the_tolerance() -> None:
+    results = _blocked(synthetic())
+    # bench 30 / 24 us = 1.25x like-for-like; the check 33 / 24 = 1.375x: 1.1x apart, within 1.25x
+    a = _agreement(results, _check(0, "c-options", 33.0, 24.0))
+    assert (a.bench_ratio, a.agrees, a.why) == (1.25, True, "")
+    # exactly the tolerance apart still agrees; a hair beyond does not
+    assert _agreement(results, _check(0, "c-options", 30.0 * 1.25, 24.0)).agrees is True
+    assert _agreement(results, _check(0, "c-options", 30.0 * 1.26, 24.0)).agrees is False
+
+
+def test_a_disagreement_says_which_cycle_moved() -> None:
+    results = _blocked(synthetic())
+    # bench 2 ms / 500 us = 4.00x warm C; the check 1.25 ms / 500 us = 2.50x: 1.6x apart
+    a = _agreement(results, _check(1 << 20, "c-warm", 1250.0, 500.0))
+    assert a.agrees is False and a.bench_ratio == 4.0
+    assert a.why == ("the bench's Python cycle takes 1.60x the check's (2.00 ms against 1.25 ms), its C cycle 1.00x "
+                     "(500.0 µs against 500.0 µs)")
+
+
+def test_a_bench_run_rep_by_rep_is_named_as_the_cause() -> None:
+    results = _blocked(synthetic(), block=None)  # a run saved before the blocks
+    a = _agreement(results, _check(0, "c-options", 15.0, 24.0))
+    assert a.agrees is False
+    assert a.why.endswith("; run rep by rep, not in blocks (the bench's sockrepair, its C): a cycle started with "
+                          "caches cooled by another one's megabytes")
+    other = _blocked(synthetic(), block=5)
+    assert _agreement(other, _check(0, "c-options", 15.0, 24.0)).why.endswith("; their blocks differ in length")
+
+
+def test_the_check_is_not_judged_without_enough_verified_cycles() -> None:
+    results = _blocked(synthetic())
+    few = _agreement(results, _check(0, "c-options", 30.0, 24.0, reps=10))
+    assert (few.agrees, few.why) == (None, "too few cycles to judge (10, at least 50 needed)")
+    bad = _agreement(results, _check(0, "c-options", 30.0, 24.0, verified=False))
+    assert (bad.agrees, bad.why) == (None, "not verified: the check")
+    results["single"] = [e for e in results["single"] if e["impl"] != "c-warm"]
+    none = _agreement(results, _check(1 << 20, "c-warm", 1250.0, 500.0))
+    assert none.agrees is None and math.isnan(none.bench_ratio)
+    assert none.why == "the bench has no 1 MiB entry of warm C"
+
+
+def test_the_independent_check_section_shows_each_verdict() -> None:
+    results = _blocked(synthetic())
+    results["independent"] = [_check(1 << 20, "c-warm", 1250.0, 500.0), _check(0, "c-options", 33.0, 24.0)]
+    md = report.markdown(check(json.loads(json.dumps(results))))
+    assert "## Independent check" in md and "within 1.25x of each other" in md
+    mib = next(line for line in md.splitlines() if line.startswith("| 1 MiB | warm C |"))
+    assert "| 2.50x | 4.00x | **no**: the bench's Python cycle takes 1.60x the check's" in mib
     zero = next(line for line in md.splitlines() if line.startswith("| 0 B | like-for-like C |"))
-    assert "| 1.38x | 1.25x | yes |" in zero
+    assert "| 1.38x | 1.25x | yes | read state 16.5 µs | 100 | yes |" in zero
+
+
+def test_blocks_are_read_from_the_c_reference_and_kept_when_merged() -> None:
+    raw = _raw()
+    raw["block"] = 10
+    single, = cref.parse(raw)["single"]
+    assert single["block"] == 10
+    assert "block" not in cref.parse(_raw())["single"][0]  # an older program: rep by rep
+    halves = [single, cref.parse(raw)["single"][0]]
+    merged, = merge_single(halves)
+    assert merged["block"] == 10 and merged["reps"] == 4
+    del halves[1]["block"]
+    assert "block" not in merge_single(halves)[0]

@@ -9,11 +9,12 @@
  * compared with the pattern that was written: a run that loses, duplicates or reorders a byte is reported as not
  * verified and exits 1.
  *
- *   repair_cycle [--sizes Q,Q,...] [--reps N] [--batches K,K,...] [--batch-reps R] [--options] [--warm]
+ *   repair_cycle [--sizes Q,Q,...] [--reps N] [--block B] [--batches K,K,...] [--batch-reps R] [--options] [--warm]
  *
  * Single mode: for each queue size Q, one connection with Q bytes in each queue goes through the cycle, N times
- * (sizes interleaved). Batch mode: K connections are all checkpointed, then all closed, then all restored; their
- * peer ends live in a child process.
+ * (sizes interleaved rep by rep; with --block B, in blocks of B consecutive cycles of one size, each block after an
+ * untimed cycle of its size, as sockrepair's bench runs them). Batch mode: K connections are all checkpointed, then
+ * all closed, then all restored; their peer ends live in a child process.
  *
  * The default cycle is the minimal one (what restore cannot do without), with queue buffers malloc'd afresh at
  * every checkpoint. --options (like-for-like) also reads before the freeze, and sets at restore, the application
@@ -67,7 +68,7 @@ static const char *const phase_names[N_PHASES] = {"read_state", "close", "restor
 #define NAME_BYTES 16
 
 static char err_msg[512];
-static int opt_options, opt_warm; /* --options, --warm */
+static int opt_options, opt_warm, opt_block; /* --options, --warm, --block */
 
 static int fail(const char *fmt, ...)
 {
@@ -856,18 +857,26 @@ static void run_single(struct single_result *res, int nsizes, int reps)
 			snprintf(res[i].error, sizeof(res[i].error), "%s", err_msg);
 		}
 	}
-	/* sizes interleaved rep by rep, so drift in the machine's load touches every size alike */
-	for (int rep = 0; rep < reps; rep++)
+	/* Sizes interleaved, so drift in the machine's load touches every size alike: rep by rep, or block by block.
+	 * A block starts with an untimed cycle of its size, so that no timed cycle follows one of another size, whose
+	 * megabytes (filled, peeked, verified) would have evicted this size's working set from the caches. */
+	int step = opt_block ? opt_block : 1;
+	for (int rep = 0; rep < reps; rep += step)
 		for (int i = 0; i < nsizes; i++) {
-			if (!res[i].verified)
-				continue;
-			if (single_cycle(res[i].queue, salt++, res[i].samples + (size_t)res[i].done * N_PHASES,
-					 &res[i], &st) < 0) {
+			int n = reps - rep < step ? reps - rep : step;
+			if (opt_block && res[i].verified && single_cycle(res[i].queue, salt++, NULL, &res[i], &st) < 0) {
 				res[i].verified = 0;
 				snprintf(res[i].error, sizeof(res[i].error), "%s", err_msg);
-				continue;
 			}
-			res[i].done++;
+			for (int k = 0; k < n && res[i].verified; k++) {
+				if (single_cycle(res[i].queue, salt++, res[i].samples + (size_t)res[i].done * N_PHASES,
+						 &res[i], &st) < 0) {
+					res[i].verified = 0;
+					snprintf(res[i].error, sizeof(res[i].error), "%s", err_msg);
+					break;
+				}
+				res[i].done++;
+			}
 		}
 	free_state(&st);
 }
@@ -1087,7 +1096,7 @@ static void run_batches(struct batch_result *res, int nbatches, int reps)
 static void usage(const char *why)
 {
 	fprintf(stderr, "repair_cycle: %s\nusage: repair_cycle [--sizes Q,Q,...] [--reps N] [--batches K,K,...] "
-			"[--batch-reps R] [--options] [--warm]\n", why);
+			"[--batch-reps R] [--block B] [--options] [--warm]\n", why);
 	exit(2);
 }
 
@@ -1221,7 +1230,7 @@ int main(int argc, char **argv)
 			continue;
 		}
 		if (strcmp(argv[i], "--sizes") && strcmp(argv[i], "--batches") && strcmp(argv[i], "--reps") &&
-		    strcmp(argv[i], "--batch-reps"))
+		    strcmp(argv[i], "--batch-reps") && strcmp(argv[i], "--block"))
 			usage("unknown argument");
 		if (i + 1 >= argc)
 			usage("missing value");
@@ -1231,6 +1240,8 @@ int main(int argc, char **argv)
 			nbatches = parse_list(argv[++i], batches, MAX_LIST, 200000);
 		else if (!strcmp(argv[i], "--reps"))
 			reps = parse_count(argv[++i], 1000000);
+		else if (!strcmp(argv[i], "--block"))
+			opt_block = parse_count(argv[++i], 1000000);
 		else
 			batch_reps = parse_count(argv[++i], 10000);
 	}
@@ -1258,8 +1269,8 @@ int main(int argc, char **argv)
 	run_batches(bres, nbatches, batch_reps);
 
 	printf("{\"impl\": \"c%s%s\", \"clock\": \"CLOCK_MONOTONIC\", \"buffers\": \"%s\", \"options\": \"%s\", "
-	       "\"phases\": [", opt_options ? "-options" : "", opt_warm ? "-warm" : "", opt_warm ? "warm" : "fresh",
-	       opt_options ? "like-for-like" : "minimal");
+	       "\"block\": %d, \"phases\": [", opt_options ? "-options" : "", opt_warm ? "-warm" : "",
+	       opt_warm ? "warm" : "fresh", opt_options ? "like-for-like" : "minimal", opt_block);
 	for (int p = 0; p < N_PHASES; p++)
 		printf("%s\"%s\"", p ? ", " : "", phase_names[p]);
 	printf("],\n \"single\": [");
