@@ -77,11 +77,16 @@ def checkpoint_session(session: _Session, first_state: int) -> ConnectionState:
             # repair mode now forces the flag and leaving it will clear it: resume puts the application's back
             hold_reuse(fd)
         # in repair mode: the application cannot read while the receive queue is compared (engine/_refuse.py)
-        refuse(session, conn, first_state)
-        # re-read under repair: the state may have moved between the first look and the freeze
-        info = tcp_info(session)
+        checked = refuse(session, conn, first_state, bound=bool(sockopts.bindtodevice))
+        # read again under repair (the state may have moved between the first look and the freeze): the refusal
+        # checks' sock_diag round trip, made in repair mode, holds the state and tcp_info's head
+        view = checked.view
+        if view is not None and len(view.info) > 6:
+            info = TcpInfo(view.state, view.info[5], view.info[6])
+        else:
+            info = tcp_info(session)
         ensure_state(session, first_state, info.tcpi_state)
-        return frozen_state(session, info, sockopts)
+        return frozen_state(session, info, sockopts, checked.inq)
     except BaseException:
         resume_session(session)
         raise
@@ -109,9 +114,10 @@ def ensure_state(session: _Session, first_state: int, now: int) -> None:
         )
 
 
-def frozen_state(session: _Session, info: TcpInfo, sockopts: SocketOptions) -> ConnectionState:
+def frozen_state(session: _Session, info: TcpInfo, sockopts: SocketOptions, inq: int = -1) -> ConnectionState:
     """The rest of a checkpoint, in repair mode, once the connection (`session.tuple`), its state and options are
-    known (`info`: tcp_info's state, options and window scales, read in repair mode)."""
+    known (`info`: tcp_info's state, options and window scales, read in repair mode; `inq`: SIOCINQ read in repair
+    mode, when it was: -1 otherwise)."""
     tcp_state = info.tcpi_state
     options = read_options(session, info)
     timestamp = read_timestamp(session)
@@ -124,7 +130,7 @@ def frozen_state(session: _Session, info: TcpInfo, sockopts: SocketOptions) -> C
             tuple=conn, tcp_state=CLOSE, send_seq=closed.send_seq, recv_seq=closed.recv_seq, send_queue=b"",
             unsent_len=0, recv_queue=closed.recv_queue, options=options, window=window, timestamp=timestamp,
             sockopts=sockopts, sk_err=closed.sk_err, fin_received=closed.fin_received)
-    queues = read_queues(session, tcp_state)
+    queues = read_queues(session, tcp_state, inq)
     return ConnectionState(
         tuple=conn,
         tcp_state=tcp_state,

@@ -41,12 +41,18 @@ _MD5_KEY_SIZE = 100  # struct tcp_diag_md5sig: family, prefixlen, keylen, ifinde
 @dataclass(frozen=True)
 class DiagView:
     """`rqueue`: rcv_nxt - copied_seq (a received FIN counts 1); `md5_keys`: how many TCP-MD5 keys the socket has;
-    `ulp`: an upper-layer protocol is attached; `shutdown`: sk_shutdown (1 receive side, 2 send side)."""
+    `ulp`: an upper-layer protocol is attached; `shutdown`: sk_shutdown (1 receive side, 2 send side); `state`:
+    sk_state (idiag_state); `info`: struct tcp_info up to its window scales (INET_DIAG_INFO; b"" when the kernel
+    sent none); `sockopt`: the first byte of struct inet_diag_sockopt (INET_DIAG_SOCKOPT, Linux 5.10+; None
+    before)."""
 
     rqueue: int
     md5_keys: int
     ulp: bool
     shutdown: int
+    state: int
+    info: bytes
+    sockopt: int | None
 
 
 class _Cache(threading.local):
@@ -151,20 +157,26 @@ def diag(session: _Session, conn: ConnTuple, ifindex: int) -> DiagView:
         (err,) = struct.unpack_from("=i", data, _NLMSG.size)
         raise SocketCallError(-err, "sock_diag", session.fd, tuple=conn)
     rqueue, _ = _MSG_QUEUES.unpack_from(data, _NLMSG.size + _QUEUES_AT)
-    md5_keys, ulp, shutdown = 0, False, 0
+    md5_keys, ulp, shutdown, info, sockopt = 0, False, 0, b"", None
     off = _NLMSG.size + _MSG_SIZE
     while off + _ATTR.size <= length:
         size, kind = _ATTR.unpack_from(data, off)
         if size < _ATTR.size:
             break
+        kind &= 0x3FFF
+        at = off + _ATTR.size
         if kind == INET_DIAG_MD5SIG:
             md5_keys = (size - _ATTR.size) // _MD5_KEY_SIZE
         elif kind == INET_DIAG_ULP_INFO:
             ulp = True
         elif kind == INET_DIAG_SHUTDOWN:
-            shutdown = data[off + _ATTR.size]
+            shutdown = data[at]
+        elif kind == INET_DIAG_INFO:
+            info = data[at : at + _INFO_PREFIX]
+        elif kind == INET_DIAG_SOCKOPT:
+            sockopt = data[at]
         off += (size + 3) & ~3
-    return DiagView(rqueue, md5_keys, ulp, shutdown)
+    return DiagView(rqueue, md5_keys, ulp, shutdown, data[_NLMSG.size + 1], info, sockopt)
 
 
 

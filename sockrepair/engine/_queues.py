@@ -32,16 +32,18 @@ class QueueSnapshot:
     recv_queue: Payload
 
 
-def _read_once(session: _Session, tcp_state: int) -> QueueSnapshot | None:
+def _read_once(session: _Session, tcp_state: int, inq: int) -> QueueSnapshot | None:
+    """One snapshot; `inq` is SIOCINQ when read already in repair mode (the final check covers it), else -1."""
     ioctl, get_u32, set_int, peek = session.ioctl, session.get_u32, session.set, session.peek
     raw_outq = ioctl(SIOCOUTQ, "SIOCOUTQ")
-    inq = ioctl(SIOCINQ, "SIOCINQ")
+    if inq < 0:
+        inq = ioctl(SIOCINQ, "SIOCINQ")
     set_int(TCP, REPAIR_QUEUE, RECV_QUEUE, "TCP_REPAIR_QUEUE")
     recv_seq = get_u32(TCP, QUEUE_SEQ, "TCP_QUEUE_SEQ receive")
     recv_queue = peek(inq, "receive queue")
-    # Read while no queue is selected: with the send queue selected, any ACK that arrives makes the kernel mark
-    # the whole send queue as sent (that is how repair-mode refills work), and SIOCOUTQNSD would then say 0.
-    set_int(TCP, REPAIR_QUEUE, NO_QUEUE, "TCP_REPAIR_QUEUE")
+    # Read while the send queue is not selected: with it selected, any ACK that arrives makes the kernel mark the
+    # whole send queue as sent (that is how repair-mode refills work: tcp_write_xmit looks at no other queue),
+    # and SIOCOUTQNSD would then say 0. The receive queue selected is as good as none.
     outq, unsent = send_lengths(tcp_state, raw_outq, ioctl(SIOCOUTQNSD, "SIOCOUTQNSD"))
     set_int(TCP, REPAIR_QUEUE, SEND_QUEUE, "TCP_REPAIR_QUEUE")
     send_seq = get_u32(TCP, QUEUE_SEQ, "TCP_QUEUE_SEQ send")
@@ -53,19 +55,21 @@ def _read_once(session: _Session, tcp_state: int) -> QueueSnapshot | None:
     return QueueSnapshot(send_seq, recv_seq, send_queue, unsent, recv_queue)
 
 
-def read_queues(session: _Session, tcp_state: int) -> QueueSnapshot:
+def read_queues(session: _Session, tcp_state: int, inq: int = -1) -> QueueSnapshot:
     """Both queues' sequence numbers and bytes, and how much of the send queue was never sent (SIOCOUTQNSD), in
-    repair mode; lengths leave our FIN out (engine/_states.py), sequence numbers are the kernel's. SocketCallError
-    (EAGAIN) when the queues kept changing over SNAPSHOT_ATTEMPTS tries."""
+    repair mode; lengths leave our FIN out (engine/_states.py), sequence numbers are the kernel's. `inq`: SIOCINQ
+    when the caller read it in repair mode (-1: not read). SocketCallError (EAGAIN) when the queues kept changing
+    over SNAPSHOT_ATTEMPTS tries."""
     for _ in range(SNAPSHOT_ATTEMPTS):
         try:
-            snap = _read_once(session, tcp_state)
+            snap = _read_once(session, tcp_state, inq)
         except SocketCallError as exc:
             # a peek that came up short: the queue moved under us
             session.select_queue(NO_QUEUE)
             if exc.errno != errno.EAGAIN:
                 raise
             snap = None
+        inq = -1
         if snap is not None:
             return snap
     raise session.fail(f"reading the queues: they kept changing over {SNAPSHOT_ATTEMPTS} tries (lock the peer out)",
@@ -91,7 +95,10 @@ def refill_in_repair(session: _Session, recv_queue: bytes | memoryview, unacked:
     if unacked:
         session.select_queue(SEND_QUEUE)
         session.send_all(unacked, "refill send queue (sent, unacknowledged)")
-    session.select_queue(NO_QUEUE)
+    if recv_queue or unacked:
+        session.select_queue(NO_QUEUE)
+    # else set_sequences left the receive queue selected, as harmless as none: repair mode writes nothing more
+    # before it is switched on again (which deselects), off, or a queue selected (engine/_states.py _shutdown)
 
 
 def write_unsent(session: _Session, unsent: bytes | memoryview) -> None:

@@ -10,11 +10,13 @@ both cases SIOCINQ stops at the mark while sock_diag's rqueue (rcv_nxt - copied_
 from __future__ import annotations
 
 import errno
+from typing import NamedTuple
 
 from sockrepair.engine._addr import read_tuple
 from sockrepair.engine._diag import (
     SOCKOPT_RECVERR,
     SOCKOPT_TRANSPARENT,
+    DiagView,
     SockView,
     connecting_tuple,
     diag,
@@ -71,30 +73,70 @@ _OOB_FLAGS = lib.MSG_OOB | lib.MSG_PEEK | lib.MSG_DONTWAIT
 _ATTEMPTS = 20
 
 
-def refusals(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool) -> list[tuple[str, str]]:
+# The IPv4 flags INET_DIAG_SOCKOPT shows (struct inet_diag_sockopt), and the ints of _FAMILY_INTS without them.
+_SOCKOPT_BITS = SOCKOPT_TRANSPARENT | SOCKOPT_RECVERR
+# Enough to suspect any receive timestamping (net/core/sock.c sk_getsockopt): SO_TIMESTAMP_NEW reads 1 for
+# SO_TIMESTAMPNS_NEW too (it sets SOCK_RCVTSTAMP as well), and SO_TIMESTAMPING_OLD reads the flags however they were
+# set; refusals() then names the option.
+_SUSPECT_INTS = [i for i in _INTS if i[2] not in (lib.SO_TIMESTAMPNS_NEW, lib.SO_TIMESTAMPING_NEW)]
+_FAMILY_INTS_UNSHOWN = {
+    family: [i for i in ints if not (i[1] == IP and i[2] in (lib.IP_TRANSPARENT, lib.IP_RECVERR))]
+    for family, ints in _FAMILY_INTS.items()
+}
+
+
+class Checked(NamedTuple):
+    """What refusals() found (registry entry name, what was found), and what its sock_diag round trip read on the
+    way, which a checkpoint uses again: `view` (None in CLOSE, which sock_diag cannot see) and SIOCINQ right after
+    it (`inq`, -1 with no view)."""
+
+    found: list[tuple[str, str]]
+    view: DiagView | None
+    inq: int
+
+
+def refusals(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool,
+             bound: bool | None = None) -> list[tuple[str, str]]:
     """(registry entry name, what was found) for every REFUSED entry the connection uses; [] when none. An urgent
     byte already read shows only as SIOCINQ stopping short of sock_diag's rqueue, which is compared `in_repair`
     only: out of repair mode the application may read between the two calls, and the two would disagree for that
-    reason alone. Raises SocketCallError when a kernel call fails unexpectedly."""
+    reason alone. `bound`: whether the socket is bound to a device (SO_BINDTODEVICE names one), when the caller
+    read it; None reads the index. Raises SocketCallError when a kernel call fails unexpectedly."""
+    return checked(session, conn, tcp_state, in_repair, bound).found
+
+
+def checked(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool, bound: bool | None) -> Checked:
+    """refusals(), with what its sock_diag round trip read."""
     found: list[tuple[str, str]] = []
-    _option_refusals(session, _INTS + _FAMILY_INTS[conn.family], conn.family, found)
-    ulp = _ulp(session)
+    family = conn.family
+    view: DiagView | None = None
+    inq = -1
+    if tcp_state != lib.TCP_CLOSE:
+        # sock_diag finds no socket in CLOSE (it left the hash tables, and its keys can sign no more segments)
+        ifindex = session.get(SOL, lib.SO_BINDTOIFINDEX, "SO_BINDTOIFINDEX") if bound is not False else 0
+        for _ in range(_ATTEMPTS):
+            inq = session.ioctl(lib.SIOCINQ, "SIOCINQ")
+            view = diag(session, conn, ifindex)
+            if session.ioctl(lib.SIOCINQ, "SIOCINQ") == inq:
+                break
+    # the dump shows IP_TRANSPARENT and IP_RECVERR: read only to name them (refusals_suspected does the same)
+    if view is None or view.sockopt is None or view.sockopt & _SOCKOPT_BITS:
+        ints = _SUSPECT_INTS + _FAMILY_INTS[family]
+    else:
+        ints = _SUSPECT_INTS + _FAMILY_INTS_UNSHOWN[family]
+    _option_refusals(session, ints, family, found)
+    # in repair mode CAP_NET_ADMIN is held, to which sock_diag shows an upper-layer protocol: its name is read
+    # only when there is one
+    ulp = _ulp(session) if view is None or not in_repair or view.ulp else ""
     if ulp:
         found.append(("TCP_ULP", f"upper-layer protocol {ulp!r}" + (" (kTLS)" if ulp == "tls" else "")))
     _ao_refusal(session, found)
     urgent = _urgent(session)
-    if tcp_state == lib.TCP_CLOSE:
-        # sock_diag finds no socket in CLOSE (it left the hash tables, and its keys can sign no more segments);
+    if view is None:
         # _states.read_closed refuses bytes past SIOCINQ, where an urgent mark already read would show
         if urgent is not None:
             found.append(("urgent data (MSG_OOB)", urgent))
-        return found
-    ifindex = session.get(SOL, lib.SO_BINDTOIFINDEX, "SO_BINDTOIFINDEX")
-    for _ in range(_ATTEMPTS):
-        inq = session.ioctl(lib.SIOCINQ, "SIOCINQ")
-        view = diag(session, conn, ifindex)
-        if session.ioctl(lib.SIOCINQ, "SIOCINQ") == inq:
-            break
+        return Checked(found, None, -1)
     fin = 1 if tcp_state in _FIN_RECEIVED else 0
     if in_repair and urgent is None and view.rqueue > inq + fin:
         urgent = f"an urgent mark {inq} bytes into the {view.rqueue - fin}-byte receive queue"
@@ -104,7 +146,7 @@ def refusals(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool
         found.append(("TCP_MD5SIG/TCP_MD5SIG_EXT", f"{view.md5_keys} TCP-MD5 key(s) (RFC 2385)"))
     if view.shutdown & RCV_SHUTDOWN and tcp_state == lib.TCP_ESTABLISHED:
         found.append(("shutdown(SHUT_RD)", f"the receive side is shut down in {state_name(tcp_state)}"))
-    return found
+    return Checked(found, view, inq)
 
 
 def _option_refusals(session: _Session, ints: list[tuple[str, int, int, str, int]], family: int,
@@ -133,18 +175,6 @@ def _option_refusals(session: _Session, ints: list[tuple[str, int, int, str, int
 def _ao_refusal(session: _Session, found: list[tuple[str, str]]) -> None:
     if _get_optional(session, TCP, lib.TCP_AO_INFO, "TCP_AO_INFO", 48) is not None:
         found.append(("TCP_AO_INFO/TCP_AO_GET_KEYS/TCP_AO_REPAIR", "TCP-AO keys are set"))
-
-
-# The IPv4 flags INET_DIAG_SOCKOPT shows (struct inet_diag_sockopt), and the ints of _FAMILY_INTS without them.
-_SOCKOPT_BITS = SOCKOPT_TRANSPARENT | SOCKOPT_RECVERR
-# Enough to suspect any receive timestamping (net/core/sock.c sk_getsockopt): SO_TIMESTAMP_NEW reads 1 for
-# SO_TIMESTAMPNS_NEW too (it sets SOCK_RCVTSTAMP as well), and SO_TIMESTAMPING_OLD reads the flags however they were
-# set; refusals() then names the option.
-_SUSPECT_INTS = [i for i in _INTS if i[2] not in (lib.SO_TIMESTAMPNS_NEW, lib.SO_TIMESTAMPING_NEW)]
-_FAMILY_INTS_UNSHOWN = {
-    family: [i for i in ints if not (i[1] == IP and i[2] in (lib.IP_TRANSPARENT, lib.IP_RECVERR))]
-    for family, ints in _FAMILY_INTS.items()
-}
 
 
 def refusals_suspected(session: _Session, view: SockView, tcp_state: int) -> bool:
@@ -195,15 +225,17 @@ def refusals_of(fd: int) -> list[tuple[str, str]]:
     return refusals(session, conn, tcp_state, in_repair=False)
 
 
-def refuse(session: _Session, conn: ConnTuple, tcp_state: int) -> None:
+def refuse(session: _Session, conn: ConnTuple, tcp_state: int, bound: bool | None = None) -> Checked:
     """In repair mode (the application cannot read meanwhile): raise SocketStateError (`.fd`, `.tuple`,
-    `.tcp_state`) naming every REFUSED entry the connection uses."""
-    found = refusals(session, conn, tcp_state, in_repair=True)
+    `.tcp_state`) naming every REFUSED entry the connection uses; else what the checks read (`bound` as for
+    refusals())."""
+    found, view, inq = checked(session, conn, tcp_state, True, bound)
     if found:
         what = "; ".join(f"{detail} ({entry})" for entry, detail in found)
         raise SocketStateError(
             f"fd {session.fd} ({conn}) uses what TCP_REPAIR cannot move: {what}; it was left as it was "
             "(sockrepair.engine.registry says why each is refused)", fd=session.fd, tuple=conn, tcp_state=tcp_state)
+    return Checked(found, view, inq)
 
 
 def _get_optional(session: _Session, level: int, opt: int, name: str, length: int = 4) -> int | None:

@@ -106,7 +106,7 @@ def restore_with(state: ConnectionState, injector: Injector | None) -> socket.so
             _connect_again(sock, session, state)
             apply_in_repair(session, conn.family, so)
             session.repair_off(False)
-            apply_after_repair(session, so)
+            apply_after_repair(session, so, False)
             return sock
         set_user_mss(session, _user_mss(state))
         _connect(session, state)
@@ -128,26 +128,28 @@ def restore_with(state: ConnectionState, injector: Injector | None) -> socket.so
                 # the saved edges count the peer's FIN, which is not received yet (libsoccr does the same)
                 w = dataclasses.replace(w, rcv_wup=(w.rcv_wup - 1) & 0xFFFFFFFF, rcv_wnd=w.rcv_wnd + 1)
             restore_window(session, w)
-            if conn.wire().family == socket.AF_INET:
+            if conn.wire().family == socket.AF_INET and _resync_changes_mss(state):
                 resync_mss(session)
         apply_in_repair(session, conn.family, so)
         if state.tcp_state == CLOSE:
             # nothing of a reset connection goes on the wire (replay_reset), so it keeps its saved mark throughout
             replay_reset(session, state, send_seq, recv_seq)
             session.repair_off(False)
-            apply_after_repair(session, so)
+            apply_after_repair(session, so, False)
             return sock
         # The connection is still locked (docs/lock.md): without the mark the lock drops what the socket sends from
         # here (the bytes written below then left only on the probe timer, max(RTO, 200 ms): 3 s where no cached
         # RTT seeds the RTO; the ACK _ask_for_ack makes it send was lost). The saved mark goes back at the end.
         session.set(SOL, SO_MARK, SOCCR_MARK, "SO_MARK")
         unsent = send_queue[sent_len - resent:]
+        lifted = False  # TCP_NOTSENT_LOWAT, raised only when there are bytes to write after repair off
         if state.tcp_state != TCP_ESTABLISHED:
             if unsent:
                 # our FIN goes after them: they must be in the queue before shutdown, and repair mode takes no
                 # never-sent bytes (TCP_NO_QUEUE)
                 session.repair_off(False)
                 lift_send_limit(session)
+                lifted = True
                 write_unsent(session, unsent)
                 session.repair_on()
                 unsent = unsent[:0]
@@ -157,15 +159,18 @@ def restore_with(state: ConnectionState, injector: Injector | None) -> socket.so
         # beyond our snd_nxt, would only be discarded); an idle connection has nothing to learn. Where no data of
         # ours will carry the ACK the old socket may have owed, it is sent (_ask_for_ack): the probe is none.
         quiet = state.tcp_state == TCP_ESTABLISHED and not resent and not unsent
-        session.repair_off(not resent and not (quiet and not sent_len))
-        lift_send_limit(session)
+        probe = not resent and not (quiet and not sent_len)
+        session.repair_off(probe)
+        if resent or unsent:
+            lift_send_limit(session)
+            lifted = True
         if resent:
             _resend(session, so.nodelay, unsent[:resent])
             unsent = unsent[resent:]
         write_unsent(session, unsent)
-        apply_after_repair(session, so)
+        apply_after_repair(session, so, lifted)
         if quiet:
-            _ask_for_ack(sock, state, (send_seq - send_len) & U32, recv_seq, injector)
+            _ask_for_ack(sock, state, (send_seq - send_len) & U32, recv_seq, injector, probe)
         session.set(SOL, SO_MARK, so.mark, "SO_MARK")
     except BaseException:
         _abandon(sock, session)
@@ -210,7 +215,7 @@ def _resend(session: _Session, nodelay: bool, resent: memoryview) -> None:
 
 
 def _ask_for_ack(sock: socket.socket, state: ConnectionState, una: int, rcv_nxt: int,
-                 injector: Injector | None) -> None:
+                 injector: Injector | None, probed: bool) -> None:
     """Make the restored socket acknowledge what the old one received: an ACK it owed (a delayed ACK pending at the
     freeze, or one the lock dropped) is not in any state repair mode can set, and the window probe sent at repair
     off is no acknowledgment (its sequence number is one below snd_una: the peer checks it, finds it old and
@@ -218,15 +223,17 @@ def _ask_for_ack(sock: socket.socket, state: ConnectionState, una: int, rcv_nxt:
     raw socket marked SOCCR_MARK: sockrepair/lock/inject.py) is old in turn, and the restored socket answers it
     with a true ACK of rcv_nxt (tcp_send_dupack), which passes the lock while the socket is marked. Waits, at most
     SETTLE_TIMEOUT, until the socket has taken the segment in (tcpi_segs_in): it is normally processed before
-    sendto returns, and the mark is about to go. Without CAP_NET_RAW nothing is sent: the peer then gets its ACK
-    when it retransmits, as before."""
-    before = _segs_in(sock)
+    sendto returns, and the mark is about to go. A socket that sent no window probe (`probed`) has taken in no
+    segment yet: the peer's are held off by the lock, and the repair-mode connect receives none. Without
+    `injector`, one raw socket of the connection's family is opened for the segment. Without CAP_NET_RAW nothing
+    is sent: the peer then gets its ACK when it retransmits, as before."""
+    before = _segs_in(sock) if probed else 0
     segment = _segment(state, TH_ACK, (rcv_nxt - 1) & U32, una)
     try:
         if injector is not None:
             injector.send([segment])
         else:
-            with Injector() as own:
+            with Injector(families=(state.tuple.wire().family,)) as own:
                 own.send([segment])
     except (OSError, LockError):
         return
@@ -238,6 +245,22 @@ def _ask_for_ack(sock: socket.socket, state: ConnectionState, una: int, rcv_nxt:
 def _segs_in(sock: socket.socket) -> int:
     raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, SEGS_IN_OFFSET + SEGS_IN.size)
     return int(SEGS_IN.unpack_from(raw, SEGS_IN_OFFSET)[0])
+
+
+def _resync_changes_mss(state: ConnectionState) -> bool:
+    """Whether resync_mss (IPv4) would size segments differently from the repair-mode connect: the connect synced
+    the MSS with the user MSS as its clamp (_user_mss: the saved MSS, capped at MAX_USER_MSS) and no window bound
+    (max_window was 0), the resync with TCP_REPAIR_OPTIONS' clamp (the saved MSS) and half the restored max_window
+    (tcp_bound_to_half_wnd); the path MTU, header lengths and MTU probing bounds are the same for both. So it changes
+    nothing when the saved MSS is under the cap and the bound does not bite."""
+    mss = state.options.mss
+    w = state.window
+    if mss > MAX_USER_MSS:
+        return True
+    if w is None or w.max_window == 0:
+        return False
+    cutoff = w.max_window >> 1 if w.max_window > MSS_DEFAULT else w.max_window
+    return cutoff < mss
 
 
 def _user_mss(state: ConnectionState) -> int:

@@ -112,7 +112,10 @@ class _Session:
         # under socket.setdefaulttimeout() the constructor would set O_NONBLOCK on the application's fd, and every
         # call would wait in poll() first.
         sock: _socket.socket | _NoSocket
-        if fd < 0:
+        if owner is not None and owner.gettimeout() is None:
+            # the engine's own socket, which waits in no call: its methods serve, without a wrapper's getsockname
+            sock = owner
+        elif fd < 0:
             # the socket module refuses a negative fd (ValueError) where the kernel says EBADF
             sock = _NoSocket(errno.EBADF)
         else:
@@ -124,8 +127,9 @@ class _Session:
         self._getsockopt, self._setsockopt = sock.getsockopt, sock.setsockopt
 
     def __del__(self) -> None:
-        # a socket object closes its fd when it goes away: this one only borrowed it
-        self.sock.detach()
+        # a socket object closes its fd when it goes away: a wrapper only borrowed it
+        if self.sock is not self.owner:
+            self.sock.detach()
 
     def fail(self, op: str, err: int | None = None) -> SocketCallError:
         """The error of the call `op` that just failed (errno from libc unless given)."""

@@ -240,9 +240,11 @@ def lift_send_limit(session: _Session) -> None:
     session.set(TCP, NOTSENT_LOWAT.opt, NO_NOTSENT_LIMIT, NOTSENT_LOWAT.name)
 
 
-def apply_after_repair(session: _Session, so: SocketOptions) -> None:
-    """Leaving repair mode cleared the reuse flag, so only a set one needs putting back; TCP_NOTSENT_LOWAT goes back
-    to the saved value (0: the sysctl) once lift_send_limit let the never-sent bytes in."""
-    session.set(TCP, NOTSENT_LOWAT.opt, so.notsent_lowat, NOTSENT_LOWAT.name)
+def apply_after_repair(session: _Session, so: SocketOptions, lifted: bool) -> None:
+    """Leaving repair mode cleared the reuse flag, so only a set one needs putting back; TCP_NOTSENT_LOWAT goes to
+    the saved value (0: the sysctl), once lift_send_limit let the never-sent bytes in when it was `lifted`; a new
+    socket has 0 already."""
+    if lifted or so.notsent_lowat != NOTSENT_LOWAT.fresh:
+        session.set(TCP, NOTSENT_LOWAT.opt, so.notsent_lowat, NOTSENT_LOWAT.name)
     if so.reuseaddr:
         session.set(SOL, lib.SO_REUSEADDR, 1, "SO_REUSEADDR")

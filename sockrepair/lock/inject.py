@@ -21,12 +21,14 @@ _IPV6_HDRINCL = 36  # linux/in6.h
 
 class Injector:
     """Raw sockets in `netns` (a name from `ip netns list`, or None for this thread's namespace) that send kept
-    packets, marked SOCCR_MARK. Use as a context manager, or close()."""
+    packets, marked SOCCR_MARK, one per address family in `families` (a packet of another family raises
+    LockError). Use as a context manager, or close()."""
 
-    def __init__(self, netns: str | None = None) -> None:
+    def __init__(self, netns: str | None = None,
+                 families: tuple[int, ...] = (socket.AF_INET, socket.AF_INET6)) -> None:
         self._socks: dict[int, socket.socket] = {}
         with named(netns):
-            for family in (socket.AF_INET, socket.AF_INET6):
+            for family in families:
                 sock = socket.socket(family, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.IPPROTO_RAW)
                 self._socks[family] = sock
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, SOCCR_MARK)
@@ -53,9 +55,12 @@ class Injector:
             except ValueError as exc:
                 raise LockError(f"cannot deliver kept packet {sent + 1}: {exc}") from None
             if fixed[0] >> 4 == 4:
-                sock, dest = self._socks[socket.AF_INET], (socket.inet_ntop(socket.AF_INET, fixed[16:20]), 0)
+                family, dest = socket.AF_INET, (socket.inet_ntop(socket.AF_INET, fixed[16:20]), 0)
             else:
-                sock, dest = self._socks[socket.AF_INET6], (socket.inet_ntop(socket.AF_INET6, fixed[24:40]), 0)
+                family, dest = socket.AF_INET6, (socket.inet_ntop(socket.AF_INET6, fixed[24:40]), 0)
+            sock = self._socks.get(family)
+            if sock is None:
+                raise LockError(f"cannot deliver kept packet {sent + 1}: no raw socket of its address family")
             try:
                 sock.sendto(fixed, dest)
             except OSError as exc:
