@@ -40,7 +40,13 @@ from sockrepair.engine._checkpoint import (
 from sockrepair.engine._diag import SOCKOPT_FREEBIND, SockView, dump_views
 from sockrepair.engine._ffi import lib
 from sockrepair.engine._refuse import refusals_suspected, refuse
-from sockrepair.engine._session import SockLike, _Session, fileno, hold_reuse, signed32
+from sockrepair.engine._session import (
+    SockLike,
+    _Session,
+    hold_reuse,
+    session_of,
+    signed32,
+)
 from sockrepair.engine._sockopts import IFNAMSIZ, SOCKOPT_POSITION, read_sockopt_values
 from sockrepair.engine._states import CLOSE, REPAIRABLE
 from sockrepair.engine._tcpopts import TcpInfo, tcp_info
@@ -73,7 +79,7 @@ def checkpoint_many(socks: Sequence[SockLike]) -> list[ConnectionState]:
 
     Raises what checkpoint() raises, for the first socket found failing (errors carry its `.fd`); every socket the
     call put in repair mode is then resumed (repair off without a window probe) before the error goes up."""
-    return _checkpoint_all([_Session(fileno(sock)) for sock in socks])
+    return _checkpoint_all([session_of(sock) for sock in socks])
 
 
 def _checkpoint_all(sessions: Sequence[_Session]) -> list[ConnectionState]:
@@ -170,4 +176,4 @@ def ensure_all_unchanged(socks: Sequence[SockLike], states: Sequence[ConnectionS
     socket before it discards any. Raises SocketStateError (`.fd`, `.tuple`) for the first that sent or received
     since its checkpoint."""
     for sock, state in zip(socks, states):
-        ensure_unchanged(_Session(fileno(sock), state.tuple), state)
+        ensure_unchanged(session_of(sock, state.tuple), state)

@@ -19,6 +19,7 @@ from sockrepair.engine._session import (
     fileno,
     hold_reuse,
     release_reuse,
+    session_of,
 )
 from sockrepair.engine._sockopts import read_sockopts
 from sockrepair.engine._states import CLOSE, REPAIRABLE, read_closed, send_lengths
@@ -61,7 +62,7 @@ def checkpoint(sock: SockLike) -> ConnectionState:
     namespace; UnsupportedError on a kernel without TCP_REPAIR; SocketCallError (`.errno`, `.op`, `.fd`, `.tuple`)
     when a kernel call fails, with EAGAIN when the queues kept changing while read (the peer is not locked out).
     On any failure after repair mode is on, the socket is resumed first."""
-    session = _Session(fileno(sock))
+    session = session_of(sock)
     return checkpoint_session(session, first_look(session))
 
 
@@ -152,7 +153,7 @@ def resume(sock: SockLike) -> None:
 
     Raises SocketCallError when a kernel call fails (e.g. EBADF when `sock` is not open, EPERM without
     CAP_NET_ADMIN in the socket's network namespace)."""
-    resume_session(_Session(fileno(sock)))
+    resume_session(session_of(sock))
 
 
 def resume_session(session: _Session) -> None:
@@ -176,7 +177,7 @@ def discard(sock: SockLike, state: ConnectionState | None = None) -> None:
     reads the repair flag, tp->repair, in do_tcp_getsockopt; a kernel that does not answer it, ENOPROTOOPT, is not
     checked). Raises SocketCallError when a kernel call fails."""
     fd = fileno(sock)
-    session = _Session(fd, state.tuple if state is not None else None)
+    session = session_of(sock, state.tuple if state is not None else None)
     if not _in_repair(session):
         raise SocketStateError(f"fd {fd} is not in repair mode (never checkpointed, or resumed): closing it would "
                                "send a FIN; checkpoint() it first", fd=fd,

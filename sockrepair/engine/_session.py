@@ -98,11 +98,13 @@ class _Session:
     start, checkpoint once it has read it); failures carry it. Make one per operation and never share it between
     threads."""
 
-    __slots__ = ("_getsockopt", "_setsockopt", "fd", "owner", "sock", "tuple")
+    __slots__ = ("_getsockopt", "_setsockopt", "_wrapped", "fd", "owner", "sock", "tuple")
 
-    def __init__(self, fd: int, conn: ConnTuple | None = None, owner: socket.socket | None = None) -> None:
+    def __init__(self, fd: int, conn: ConnTuple | None = None, owner: socket.socket | None = None,
+                 lent: socket.socket | None = None) -> None:
         """`owner`: the socket object of `fd` when the engine made it (restore), for bind and connect, which the
-        socket module parses for its family; never a caller's, whose timeout would make its calls wait."""
+        socket module parses for its family; never a caller's, whose timeout would make its calls wait. `lent`: a
+        caller's socket object of `fd` whose methods the calls may use (session_of() says when)."""
         self.fd = fd
         self.tuple = conn
         self.owner = owner
@@ -112,15 +114,19 @@ class _Session:
         # under socket.setdefaulttimeout() the constructor would set O_NONBLOCK on the application's fd, and every
         # call would wait in poll() first.
         sock: _socket.socket | _NoSocket
+        self._wrapped = False
         if owner is not None and owner.gettimeout() is None:
             # the engine's own socket, which waits in no call: its methods serve, without a wrapper's getsockname
             sock = owner
+        elif lent is not None and fd >= 0:
+            sock = lent
         elif fd < 0:
             # the socket module refuses a negative fd (ValueError) where the kernel says EBADF
             sock = _NoSocket(errno.EBADF)
         else:
             try:
                 sock = _socket.socket(AF_INET6, WRAPPER_TYPE, 0, fd)
+                self._wrapped = True
             except OSError as exc:
                 sock = _NoSocket(exc.errno or errno.ENOTSOCK)
         self.sock = sock
@@ -128,7 +134,7 @@ class _Session:
 
     def __del__(self) -> None:
         # a socket object closes its fd when it goes away: a wrapper only borrowed it
-        if self.sock is not self.owner:
+        if self._wrapped:
             self.sock.detach()
 
     def fail(self, op: str, err: int | None = None) -> SocketCallError:
@@ -241,6 +247,15 @@ class _Session:
                     chunk //= 2
                     continue
                 raise self.failed(f"send({name}, {len(piece)} bytes at offset {pos} of {len(view)})", exc) from None
+
+
+def session_of(sock: SockLike, conn: ConnTuple | None = None) -> _Session:
+    """A session for a caller's socket object or fd. A plain socket.socket that never waits in a call (blocking,
+    or non-blocking: no timeout to poll for first) lends its own methods, which spares the wrapper's getsockname; a
+    subclass (ssl.SSLSocket's recv and send are TLS's) or one with a timeout gets a wrapper of its fd."""
+    if type(sock) is socket.socket and sock.gettimeout() in (None, 0.0):
+        return _Session(sock.fileno(), conn, lent=sock)
+    return _Session(fileno(sock), conn)
 
 
 def close_silently(fd: int) -> None:
