@@ -27,6 +27,8 @@ NLM_F_REQUEST = 1
 NLMSG_ERROR = 2
 INET_DIAG_INFO, INET_DIAG_SHUTDOWN, INET_DIAG_MD5SIG, INET_DIAG_ULP_INFO = 2, 8, 18, 19
 NO_COOKIE = b"\xff" * 8  # INET_DIAG_NOCOOKIE: any socket with this 4-tuple
+SOL_SOCKET, SO_COOKIE = lib.SOL_SOCKET, lib.SO_COOKIE
+_COOKIE, _COOKIE_HALVES = struct.Struct("=Q"), struct.Struct("=II")
 _NLMSG = struct.Struct("=IHHII")
 _REQ_HEAD = struct.Struct("=BBBxI")  # sdiag_family, sdiag_protocol, idiag_ext, pad, idiag_states
 _PORTS = struct.Struct("!HH")
@@ -133,29 +135,52 @@ def connecting_tuple(session: _Session, family: int, tcp_state: int) -> ConnTupl
         raise SocketCallError(exc.errno or errno.EIO, "sock_diag dump", session.fd) from None
 
 
-def _request(conn: ConnTuple, ifindex: int) -> bytes:
+def _request(conn: ConnTuple, ifindex: int, cookie: bytes = NO_COOKIE) -> bytes:
     family = conn.family
     local = socket.inet_pton(family, conn.local_addr).ljust(16, b"\0")
     remote = socket.inet_pton(family, conn.remote_addr).ljust(16, b"\0")
     body = (_REQ_HEAD.pack(family, socket.IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1), 0xFFFFFFFF)
-            + _PORTS.pack(conn.local_port, conn.remote_port) + local + remote + _IFINDEX.pack(ifindex) + NO_COOKIE)
+            + _PORTS.pack(conn.local_port, conn.remote_port) + local + remote + _IFINDEX.pack(ifindex) + cookie)
     return _NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + body
+
+
+def _ask(sock: socket.socket, request: bytes, session: _Session, conn: ConnTuple) -> tuple[bytes, int]:
+    """The answer to one sock_diag request, and the error the kernel answered with (0 for none)."""
+    try:
+        sock.send(request)
+        data = sock.recv(1 << 16)
+    except OSError as exc:
+        raise SocketCallError(exc.errno or errno.EIO, "sock_diag", session.fd, tuple=conn) from None
+    if _NLMSG.unpack_from(data)[1] == NLMSG_ERROR:
+        return data, -struct.unpack_from("=i", data, _NLMSG.size)[0]
+    return data, 0
 
 
 def diag(session: _Session, conn: ConnTuple, ifindex: int) -> DiagView:
     """The sock_diag view of the session's connection `conn` (`ifindex`: the device it is bound to, 0 for none).
-    Raises NotPermittedError without CAP_NET_ADMIN in the socket's network namespace, SocketCallError (op "sock_diag") when the kernel answers with an error: ENOENT when no socket has this
-    4-tuple any more."""
-    sock = _netlink_for(session)
-    try:
-        sock.send(_request(conn, ifindex))
-        data = sock.recv(1 << 16)
-    except OSError as exc:
-        raise SocketCallError(exc.errno or errno.EIO, "sock_diag", session.fd, tuple=conn) from None
-    length, kind = _NLMSG.unpack_from(data)[:2]
-    if kind == NLMSG_ERROR:
-        (err,) = struct.unpack_from("=i", data, _NLMSG.size)
-        raise SocketCallError(-err, "sock_diag", session.fd, tuple=conn)
+    Raises NotPermittedError without CAP_NET_ADMIN in the socket's network namespace, SocketCallError (op
+    "sock_diag") when the kernel answers with an error: ENOENT when no socket has this 4-tuple any more.
+
+    The netlink socket this thread used last is asked first, for the socket's own cookie (SO_COOKIE): the kernel
+    answers only when that very socket is in the netlink socket's namespace (inet_diag_find_one_icsk checks the
+    cookie), which spares finding the namespace (SIOCGSKNS, fstat, close); otherwise the request is made as
+    before, in the socket's namespace and without a cookie."""
+    err = errno.ENOENT
+    if _cache.sock is not None:
+        try:
+            raw = session.sock.getsockopt(SOL_SOCKET, SO_COOKIE, 8)
+        except OSError:
+            raw = b""
+        if len(raw) == 8:
+            # idiag_cookie is two u32s, the low half first (sock_diag_check_cookie)
+            cookie = _COOKIE.unpack(raw)[0]
+            data, err = _ask(_cache.sock, _request(conn, ifindex, _COOKIE_HALVES.pack(cookie & 0xFFFFFFFF,
+                                                                                      cookie >> 32)), session, conn)
+    if err in (errno.ENOENT, errno.ESTALE):
+        data, err = _ask(_netlink_for(session), _request(conn, ifindex), session, conn)
+    if err:
+        raise SocketCallError(err, "sock_diag", session.fd, tuple=conn)
+    length = _NLMSG.unpack_from(data)[0]
     rqueue, _ = _MSG_QUEUES.unpack_from(data, _NLMSG.size + _QUEUES_AT)
     md5_keys, ulp, shutdown, info, sockopt = 0, False, 0, b"", None
     off = _NLMSG.size + _MSG_SIZE

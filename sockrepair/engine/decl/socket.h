@@ -37,6 +37,7 @@
 #define SO_ZEROCOPY 60
 #define SO_DONTROUTE 5
 #define SO_BINDTOIFINDEX 62
+#define SO_COOKIE 57        /* u64, sock_gen_cookie: what sock_diag requests can name */
 #define SO_TIMESTAMP_NEW 63
 #define SO_TIMESTAMPNS_NEW 64
 #define SO_TIMESTAMPING_NEW 65
