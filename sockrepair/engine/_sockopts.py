@@ -19,6 +19,7 @@ from sockrepair.errors import SocketCallError
 from sockrepair.state import SocketOptions
 
 TCP, SOL, IP, IPV6 = lib.IPPROTO_TCP, lib.SOL_SOCKET, lib.IPPROTO_IP, lib.IPPROTO_IPV6
+SO_PRIORITY = lib.SO_PRIORITY
 AF_INET6 = socket.AF_INET6
 IFNAMSIZ = 16  # TCP_CA_NAME_MAX is 16 as well: one buffer reads both names
 LINGER_P = ffi.typeof("struct linger *")
@@ -49,8 +50,8 @@ GENERIC_INT_OPTS = [
     IntOpt("keepintvl", TCP, lib.TCP_KEEPINTVL, "TCP_KEEPINTVL"),
     IntOpt("keepcnt", TCP, lib.TCP_KEEPCNT, "TCP_KEEPCNT"),
     IntOpt("reuseport", SOL, lib.SO_REUSEPORT, "SO_REUSEPORT", fresh=0),
-    # no `fresh`: setting IP_TOS changes the priority too, so the priority is always set after it
-    IntOpt("priority", SOL, lib.SO_PRIORITY, "SO_PRIORITY"),
+    # setting IP_TOS changes the priority too: apply_in_repair sets the priority after a TOS it set, even to 0
+    IntOpt("priority", SOL, lib.SO_PRIORITY, "SO_PRIORITY", fresh=0),
     IntOpt("rcvlowat", SOL, lib.SO_RCVLOWAT, "SO_RCVLOWAT", fresh=1),
     IntOpt("user_timeout", TCP, lib.TCP_USER_TIMEOUT, "TCP_USER_TIMEOUT", fresh=0),
     IntOpt("cork", TCP, lib.TCP_CORK, "TCP_CORK", fresh=0),
@@ -208,7 +209,7 @@ def apply_in_repair(session: _Session, family: int, so: SocketOptions) -> None:
     try:
         for field, level, opt, name, fresh in _WRITES[family]:
             value = int(getattr(so, field))
-            if value != fresh:
+            if value != fresh or (opt == SO_PRIORITY and level == SOL and so.tos):
                 what = f"{name}={value}"
                 setsockopt(level, opt, value)
         if so.linger_on or so.linger_secs:

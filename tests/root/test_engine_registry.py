@@ -110,6 +110,21 @@ def test_a_carried_option_survives_the_move(make_pair, field: str) -> None:
         restored.close()
 
 
+def test_a_priority_of_0_after_a_tos_survives_the_move(make_pair) -> None:
+    """Setting IP_TOS sets the priority too (0x10 gives 6); the application set it back to 0, a new socket's value,
+    which restore must set all the same after the TOS (it skips an option at a new socket's value otherwise)."""
+    _, server = make_pair()
+    server.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0x10)
+    assert server.getsockopt(SOL, socket.SO_PRIORITY) != 0
+    server.setsockopt(SOL, socket.SO_PRIORITY, 0)
+    restored, _ = _move(server)
+    try:
+        assert (restored.getsockopt(socket.IPPROTO_IP, socket.IP_TOS),
+                restored.getsockopt(SOL, socket.SO_PRIORITY)) == (0x10, 0)
+    finally:
+        restored.close()
+
+
 def test_receive_timeout_fires_after_the_move(make_pair) -> None:
     _, server = make_pair()
     server.setsockopt(SOL, 20, _timeval(0, 300_000))
