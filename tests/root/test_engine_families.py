@@ -9,6 +9,7 @@ import time
 import pytest
 
 import sockrepair
+from sockrepair.engine._restore import _resync_changes_mss
 from sockrepair.engine._session import _Session
 from sockrepair.engine._sockopts import read_sockopts
 from sockrepair.engine._tcpopts import read_options, tcp_info
@@ -130,3 +131,32 @@ def test_cork_is_kept(make_pair):
     assert state.sockopts.cork
     assert restored.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 1
     restored.close()
+
+
+@pytest.mark.parametrize(("user_mss", "client_rcvbuf", "resync"), [(None, None, True), (1400, None, False),
+                                                                  (None, 4096, True)],
+                         ids=["loopback-mss", "small-mss", "small-window"])
+def test_ipv4_restored_segment_size_is_the_originals(netns, user_mss, client_rcvbuf, resync):
+    """The restored IPv4 socket sizes segments as the original did (TCP_MAXSEG outside repair mode: mss_cache):
+    with loopback's MSS, above the user-MSS cap, the resync (IP_OPTIONS) sets it; with an MSS under the cap and
+    a window whose half does not bound it, the repair-mode connect already did and the resync is skipped; with a
+    small window, the resync bounds it to half of it."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.socket()
+        if user_mss:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, user_mss)
+        if client_rcvbuf:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, client_rcvbuf)
+        client.connect(listener.getsockname())
+        server, _ = listener.accept()
+    try:
+        before = server.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+        state, restored = _move(server)
+        with restored:
+            assert restored.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) == before
+        assert _resync_changes_mss(state) == resync
+    finally:
+        client.close()
+        server.close()
