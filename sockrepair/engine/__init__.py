@@ -8,10 +8,10 @@ Checkpoint (checkpoint):
   2. the application's options are read while repair is off (repair mode forces some of them, SO_REUSEADDR);
   3. TCP_REPAIR = 1: the socket is frozen for the application; the kernel's timers still run, so the network lock
      must already hold the peer off;
-  4. TCP_INFO again (the state may have moved), tcpi_options / wscale / TCP_MAXSEG (the MSS clamp), TCP_TIMESTAMP,
-     TCP_REPAIR_WINDOW;
-  5. SIOCOUTQNSD with no queue selected (with the send queue selected an ACK marks all of it sent), then per queue:
-     TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ (the sequence number after the queue's last byte), recv(MSG_PEEK); in CLOSE
+  4. tcp_info again (the state may have moved; from the refusal checks' sock_diag answer, taken in repair mode),
+     tcpi_options / wscale / TCP_MAXSEG (the MSS clamp), TCP_TIMESTAMP, TCP_REPAIR_WINDOW;
+  5. per queue: TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ (the sequence number after the queue's last byte), recv(MSG_PEEK),
+     and SIOCOUTQNSD before the send queue is selected (with it selected an ACK marks all of it sent); in CLOSE
      the receive queue only, then the pending error (SO_ERROR, which clears it) and SOCK_DONE.
 
 Then either resume (TCP_REPAIR_OFF_NO_WP: nothing goes on the wire; the application's SO_REUSEADDR is put back) or
