@@ -303,7 +303,8 @@ def _list_pending(as_json: bool) -> int:
     now = time.time()
     for p in found:
         src = p.source
-        what = f"{p.connections} connection(s) of process {src.pid}" + (f" (netns {src.netns})" if src.netns else "")
+        what = (f"{p.connections} connection(s)" + (f" of process {src.pid}" if src.pid is not None else "")
+                + (f" (netns {src.netns})" if src.netns else ""))
         if p.in_progress:
             print(f"{p.directory}: {what}: a move in progress (its mover or guard holds it)")
         elif p.stale is None:

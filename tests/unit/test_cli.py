@@ -294,3 +294,25 @@ def test_restore_pending_lists_the_journals_of_moves_stopped_half_way(tmp_path: 
         os.close(held)
     assert "takes no --exec or --unix" in usage_error("restore", "--pending", "--exec", "true")
     assert "one of the arguments --exec --unix is required" in usage_error("restore", "-D", "d")
+
+
+def test_restore_pending_lists_a_journal_of_another_version_or_shape_as_not_restorable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """journal.json of an unknown version, or not an object, is never offered to `restore -D` (which refuses it):
+    it was listed as restorable, or with a Python AttributeError's text, and 'of process None'."""
+    from sockrepair.move import journal
+
+    monkeypatch.setattr(journal, "_parents", lambda: (tmp_path / "run", tmp_path / "tmp"))
+    for name, text in [("move-1-future", '{"version": 99}'), ("move-2-list", "[1, 2, 3]"),
+                       ("move-3-conns", json.dumps({"version": journal.JOURNAL_VERSION, "connections": 5}))]:
+        (tmp_path / "run" / name).mkdir(parents=True, mode=0o700)
+        (tmp_path / "run" / name / journal.JOURNAL_INDEX).write_text(text)
+    code, out, _ = run_main("restore", "--pending")
+    run = tmp_path / "run"
+    assert code == 0 and sorted(out.splitlines()) == [
+        f"{run}/move-1-future: 0 connection(s): not restorable: unreadable: {run}/move-1-future/journal.json: "
+        "unsupported journal version",
+        f"{run}/move-2-list: 0 connection(s): not restorable: unreadable: {run}/move-2-list/journal.json: "
+        "unsupported journal version",
+        f"{run}/move-3-conns: 0 connection(s): not restorable: unreadable: {run}/move-3-conns/journal.json: "
+        "connections is not a list"]
