@@ -247,6 +247,15 @@ def test_a_damaged_kept_file_is_an_image_error(ns: NetNS, tmp_path: Path) -> Non
             assert not _alive(keeper)  # it handed over before the file was read
             with Locker(ns.name) as locker:
                 assert len(locker.list_locks()) == 1  # nothing was restored: the connection waits, locked
+            # as the error's note says: without kept.img the restore goes on, the request comes by retransmission
+            assert f"remove {path} to restore them without those packets" in done.stderr
+            path.unlink()
+            with _restored(tmp_path / "img") as restored:
+                assert recv_exactly(client, len(REQUEST)) == REQUEST
+                client.sendall(b"more")
+                assert recv_exactly(client, 4) == b"more"
+            assert f"{path} was removed: what it kept comes by the peers' retransmission" in _stderr(restored)
+            assert tcp_info(client)[2] >= 1
     finally:
         stop(server)
 
