@@ -221,6 +221,8 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         conns = [s.tuple for s in states]
         if args.unix_uid and not args.unix:
             raise HandoffError("--unix-uid goes with --unix")
+        with named(args.netns):  # a namespace name that names none (a typo) must not cost the keeper either
+            pass
         # the handoff's target is checked before anything is restored: a wrong path must not cost the connections
         if args.exec_argv is not None:
             runnable(args.exec_argv[0] if args.exec_argv else "")

@@ -220,6 +220,36 @@ def test_the_lock_expires_and_the_keeper_with_it(ns: NetNS, tmp_path: Path, kill
         stop(server)
 
 
+def test_a_wrong_target_or_namespace_leaves_the_keeper_keeping(ns: NetNS, tmp_path: Path) -> None:
+    """A restore refused for its handoff's target or a namespace that does not exist takes nothing from the keeper
+    (it took the keeper over before the namespace was checked: what the peers sent next waited for retransmission)."""
+    _slow_peer_routes(ns)  # the request is kept once: no retransmission of it comes meanwhile
+    with ns.entered():
+        port = free_port()
+    server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
+    try:
+        with ns.entered():
+            client = socket.create_connection(("127.0.0.1", port))
+        with client:
+            client.sendall(b"hello")
+            assert recv_exactly(client, 5) == b"hello"
+            _dump(server.pid, tmp_path / "img")
+            keeper = _keeper_pid(tmp_path / "img")
+            for extra, error in [(["--netns", "no-such-ns"], "no network namespace at /run/netns/no-such-ns"),
+                                 (["--unix", str(tmp_path / "none.sock")], "cannot pass the connections over")]:
+                done = subprocess.run([*CLI, "restore", "-D", str(tmp_path / "img"), *extra,
+                                       *(["--exec", "true"] if "--unix" not in extra else [])],
+                                      capture_output=True, text=True, timeout=60)
+                assert done.returncode == 1 and f"sockrepair: error: {error}" in done.stderr, done.stderr
+                assert _alive(keeper) and _kept(tmp_path / "img").end is None
+            client.sendall(REQUEST)
+            wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
+            with _restored(tmp_path / "img"):
+                assert recv_exactly(client, len(REQUEST)) == REQUEST
+    finally:
+        stop(server)
+
+
 def test_a_damaged_kept_file_is_an_image_error(ns: NetNS, tmp_path: Path) -> None:
     _slow_peer_routes(ns)  # the request is kept once: no retransmission of it comes meanwhile
     with ns.entered():
