@@ -257,6 +257,15 @@ def test_criu_dump_of_sockrepair_or_an_ancestor_is_refused_before_criu_runs(tmp_
     assert not (tmp_path / "d").exists()
 
 
+def test_criu_compare_of_sockrepair_or_an_ancestor_is_refused_before_criu_runs() -> None:
+    """criu compare dumps the tree --leave-running: of an ancestor (a shell's `$$`) criu failed, with one
+    'unexplained' line per log error and no word of why."""
+    me = error_line("criu", "compare", "--pid", str(os.getpid()))
+    assert f"process {os.getpid()} is sockrepair itself: criu would dump sockrepair in its tree" in me
+    parent = error_line("criu", "compare", "--pid", str(os.getppid()))
+    assert f"process {os.getppid()} is an ancestor of sockrepair" in parent
+
+
 def test_restore_pending_lists_the_journals_of_moves_stopped_half_way(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from sockrepair.move import journal
