@@ -325,3 +325,17 @@ def test_restore_pending_lists_a_journal_of_another_version_or_shape_as_not_rest
         "unsupported journal version",
         f"{run}/move-3-conns: 0 connection(s): not restorable: unreadable: {run}/move-3-conns/journal.json: "
         "connections is not a list"]
+
+
+def test_bench_with_an_out_that_cannot_be_a_directory_fails_before_measuring(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bench --out /dev/zero` ran every benchmark (minutes) and then failed writing the report."""
+    from sockrepair.bench import run_all
+
+    def measured(*_: object) -> None:
+        raise AssertionError("the benchmarks ran")
+
+    monkeypatch.setattr(run_all, "run", measured)
+    assert "sockrepair: error: " in error_line("bench", "--quick", "--out", "/dev/zero")
+    (tmp_path / "file").write_text("")
+    assert str(tmp_path / "file" / "out") in error_line("bench", "--quick", "--out", str(tmp_path / "file" / "out"))
