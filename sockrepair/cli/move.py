@@ -265,8 +265,8 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
                 return 0
         # the exec's program is given the connections still locked; the guard unlocks them once it holds them (and
         # marks the move completed), or puts them back if this process dies before the exec
-        print(f"restored {len(socks)} connection(s) from {source}{_kept_text(report)}; executing "
-              f"{args.exec_argv[0]} with them (the guard unlocks them once it runs) ("
+        print(f"restored {len(socks)} connection(s) from {source}{_kept_text(report)}; handing them to "
+              f"{args.exec_argv[0]} (the guard unlocks them once it runs) ("
               + ", ".join(f"{k} {v:.2f} ms" for k, v in stages.ms.items()) + ")", file=sys.stderr, flush=True)
         held.close()  # exec_with_sockets places the sockets at fds 3.., where the held lock's fd may be
         with stages.timed(Stage.HANDOFF):
