@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -339,3 +340,19 @@ def test_bench_with_an_out_that_cannot_be_a_directory_fails_before_measuring(tmp
     assert "sockrepair: error: " in error_line("bench", "--quick", "--out", "/dev/zero")
     (tmp_path / "file").write_text("")
     assert str(tmp_path / "file" / "out") in error_line("bench", "--quick", "--out", str(tmp_path / "file" / "out"))
+
+
+def test_a_ctrl_c_while_the_command_loads_ends_it_without_a_traceback() -> None:
+    """The console script's entry point, interrupted while it imports the CLI (a SIGINT sent as the import of
+    sockrepair.cli.main begins): killed by the signal, nothing on stderr (it printed an import traceback)."""
+    code = ("import importlib.abc, os, signal, sys\n"
+            "class Interrupt(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'sockrepair.cli.main':\n"
+            "            os.kill(os.getpid(), signal.SIGINT)\n"
+            "        return None\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            "from sockrepair.cli import main\n"
+            "sys.exit(main(['check', '--json']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (-signal.SIGINT, "", "")
