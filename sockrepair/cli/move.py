@@ -39,7 +39,7 @@ from sockrepair.move.journal import (
     stale_reason,
     wait_free,
 )
-from sockrepair.move.keep import Keeper, Kept, netns_path, resume_keeping
+from sockrepair.move.keep import Keeper, Kept, netns_path, resume_keeping, saved_to
 from sockrepair.move.land import passing_lock, put_back, restore_all, unlock_in
 from sockrepair.move.procfs import stat
 from sockrepair.move.quiesce import DEFAULT_TIMEOUT, OnBusy, Quiescence
@@ -244,7 +244,8 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
             with stages.timed(Stage.RESTORE):
                 socks = restore_all(states, args.netns, on_restored=guard.hold)
             with stages.timed(Stage.DELIVER), passing_lock(socks, states):
-                report = keeper.deliver(conns, netns_path(args.netns), before=kept)
+                report = keeper.deliver(conns, netns_path(args.netns), before=kept,
+                                        save=saved_to(args.dir, conns) if args.dir is not None else None)
             if unix is not None:
                 with stages.timed(Stage.HANDOFF):
                     guard.handing()
