@@ -3,14 +3,18 @@ none of which imports this one."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The console script's entry point: sockrepair.cli.main.main. Imported when called, so that `python -m
-    sockrepair.cli.main` does not find its own module already imported by this package (runpy warns then)."""
+    """The console script: sockrepair.cli.main.main (its exit status), loaded here so that a Ctrl-C while the
+    command's modules load (a few hundred ms) ends it by the signal, as before any work began, instead of printing
+    an import's KeyboardInterrupt traceback."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
     from sockrepair.cli.main import main as run
 
+    signal.signal(signal.SIGINT, previous)
     return run(argv)
 
 

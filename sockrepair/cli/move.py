@@ -39,7 +39,7 @@ from sockrepair.move.journal import (
     stale_reason,
     wait_free,
 )
-from sockrepair.move.keep import Keeper, Kept, netns_path, resume_keeping
+from sockrepair.move.keep import Keeper, Kept, netns_path, resume_keeping, saved_to
 from sockrepair.move.land import passing_lock, put_back, restore_all, unlock_in
 from sockrepair.move.procfs import stat
 from sockrepair.move.quiesce import DEFAULT_TIMEOUT, OnBusy, Quiescence
@@ -221,6 +221,8 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         conns = [s.tuple for s in states]
         if args.unix_uid and not args.unix:
             raise HandoffError("--unix-uid goes with --unix")
+        with named(args.netns):  # a namespace name that names none (a typo) must not cost the keeper either
+            pass
         # the handoff's target is checked before anything is restored: a wrong path must not cost the connections
         if args.exec_argv is not None:
             runnable(args.exec_argv[0] if args.exec_argv else "")
@@ -242,7 +244,8 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
             with stages.timed(Stage.RESTORE):
                 socks = restore_all(states, args.netns, on_restored=guard.hold)
             with stages.timed(Stage.DELIVER), passing_lock(socks, states):
-                report = keeper.deliver(conns, netns_path(args.netns), before=kept)
+                report = keeper.deliver(conns, netns_path(args.netns), before=kept,
+                                        save=saved_to(args.dir, conns) if args.dir is not None else None)
             if unix is not None:
                 with stages.timed(Stage.HANDOFF):
                     guard.handing()
@@ -263,8 +266,9 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
                 return 0
         # the exec's program is given the connections still locked; the guard unlocks them once it holds them (and
         # marks the move completed), or puts them back if this process dies before the exec
-        print(f"restored {len(socks)} connection(s) from {source}{_kept_text(report)}; executing "
-              f"{args.exec_argv[0]}, which gets them still locked until it holds them", file=sys.stderr)
+        print(f"restored {len(socks)} connection(s) from {source}{_kept_text(report)}; handing them to "
+              f"{args.exec_argv[0]} (the guard unlocks them once it runs) ("
+              + ", ".join(f"{k} {v:.2f} ms" for k, v in stages.ms.items()) + ")", file=sys.stderr, flush=True)
         held.close()  # exec_with_sockets places the sockets at fds 3.., where the held lock's fd may be
         with stages.timed(Stage.HANDOFF):
             guard.keep_above(SD_LISTEN_FDS_START + len(socks))
@@ -302,7 +306,8 @@ def _list_pending(as_json: bool) -> int:
     now = time.time()
     for p in found:
         src = p.source
-        what = f"{p.connections} connection(s) of process {src.pid}" + (f" (netns {src.netns})" if src.netns else "")
+        what = (f"{p.connections} connection(s)" + (f" of process {src.pid}" if src.pid is not None else "")
+                + (f" (netns {src.netns})" if src.netns else ""))
         if p.in_progress:
             print(f"{p.directory}: {what}: a move in progress (its mover or guard holds it)")
         elif p.stale is None:

@@ -19,6 +19,7 @@ from sockrepair.criu.locate import Criu, find_criu
 from sockrepair.criu.topology import map_trees
 from sockrepair.engine.registry import not_in_criu
 from sockrepair.move.dump import inspect
+from sockrepair.move.freeze import refuse_self
 from sockrepair.netns import inside
 from sockrepair.state import ConnectionState, ConnTuple, Payload
 
@@ -175,8 +176,10 @@ def compare(pid: int, criu: Criu | None = None) -> Comparison:
     `criu dump --leave-running --network-lock skip` (the connections go on), and compare every connection.
 
     Raises CriuError when criu does not work here or `pid` is not there, CriuFailure (with the logs' report) when
-    the dump fails, ImageError when criu's images cannot be read; a failure to inspect `pid` is raised as inspect
+    the dump fails, ImageError when criu's images cannot be read, ProcessError before criu runs for a pid that is
+    sockrepair or one of its ancestors; a failure to inspect `pid` is raised as inspect
     raises it (ProcessError, NotPermittedError)."""
+    refuse_self(pid, "criu would dump sockrepair in its tree")
     criu = (criu or find_criu()).require_working()
     tree = map_trees([pid]).trees[0]
     netns = f"/proc/{pid}/ns/net"

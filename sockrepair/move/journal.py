@@ -123,10 +123,10 @@ def pending_journals() -> list[Pending]:
             if (directory / COMPLETED).exists():
                 continue
             try:
-                src = read_source(directory)
-                count = len(_read_json(directory / JOURNAL_INDEX).get("connections", []))
+                src = read_source(directory)  # checks the directory first
+                count = len(_journal_index(directory / JOURNAL_INDEX)["connections"])
                 found.append(Pending(directory, src, count, stale_reason(directory), _held(directory)))
-            except (ImageError, AttributeError, TypeError) as exc:
+            except ImageError as exc:
                 found.append(Pending(directory, Source(None, None, None, None, None), 0, f"unreadable: {exc}"))
     found.sort(key=lambda p: p.directory.stat().st_mtime if p.directory.exists() else 0.0)
     return found
@@ -225,6 +225,18 @@ def _read_json(path: Path) -> Any:
     return load_json(data, str(path), MAX_INDEX_DEPTH)
 
 
+def _journal_index(index_path: Path) -> dict[str, Any]:
+    """journal.json read and checked as far as its shape goes: an object of this JOURNAL_VERSION whose
+    "connections" is a list (set to [] when absent). Raises ImageError (`.path`, `.field`)."""
+    index = _read_json(index_path)
+    if not isinstance(index, dict) or index.get("version") != JOURNAL_VERSION:
+        raise ImageError(f"{index_path}: unsupported journal version", path=str(index_path), field="version")
+    index.setdefault("connections", [])
+    if not isinstance(index["connections"], list):
+        raise ImageError(f"{index_path}: connections is not a list", path=str(index_path), field="connections")
+    return index
+
+
 def _index_path(directory: Path) -> Path:
     packed = directory / JOURNAL_INDEX
     return packed if packed.exists() else directory / INDEX
@@ -239,17 +251,12 @@ def load_states(directory: Path) -> list[ConnectionState]:
         return [state for _, state in read_dir(directory)]
     images_path = directory / JOURNAL_IMAGES
     _check_dir(directory)
-    index = _read_json(index_path)
+    connections = _journal_index(index_path)["connections"]
     try:
         blob = read_regular(images_path, MAX_JOURNAL_BYTES)
     except OSError as exc:
         raise ImageError(f"{images_path}: unreadable journal: {exc.strerror}", path=str(images_path)) from None
-    if not isinstance(index, dict) or index.get("version") != JOURNAL_VERSION:
-        raise ImageError(f"{index_path}: unsupported journal version", path=str(index_path), field="version")
     states = []
-    connections = index.get("connections", [])
-    if not isinstance(connections, list):
-        raise ImageError(f"{index_path}: connections is not a list", path=str(index_path), field="connections")
     for n, item in enumerate(connections):
         try:
             start, length, digest = int(item["offset"]), int(item["length"]), str(item["sha256"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,13 +80,15 @@ class Keeper:
             del self._recorders[self._adopted :], self._namespaces[self._adopted :]
             self.note = "; ".join(filter(None, [self.note, f"not keeping the peers' packets: {exc}"]))
 
-    def deliver(self, tuples: Sequence[ConnTuple], into: str, before: Sequence[bytes] = ()) -> Kept:
+    def deliver(self, tuples: Sequence[ConnTuple], into: str, before: Sequence[bytes] = (),
+                save: Callable[[Sequence[bytes]], None] | None = None) -> Kept:
         """Send `before` (packets kept earlier, e.g. read from a dump's packets.img), then what was kept here for
         `tuples` until nothing more is (a peer may send while its packets are delivered), to the restored sockets
         in the namespace at path `into`; they must be out of repair mode. Call it while the lock is still held, and
         AGAIN right after the unlock: a packet the peer sent between the last look and the unlock was stopped and
         kept, and nothing else delivers it (the peer would resend it after its retransmission timeout, >= 200 ms).
-        Returns the totals of every call so far. Raises LockError when the kernel refuses a packet."""
+        `save` is given what was kept here before it is sent (saved_to()). Returns the totals of every call so far.
+        Raises LockError when the kernel refuses a packet, and what `save` raises."""
         self._delivered += send_kept(before, into)
         if not self._recorders:
             return Kept(self._delivered, self._fell_back, False, self.note)
@@ -94,6 +96,8 @@ class Keeper:
         for round_ in range(1, _ROUNDS + 1):
             if not held.packets:
                 break
+            if save is not None:
+                save(held.packets)
             self._delivered += send_kept(held.packets, into)
             if round_ < _ROUNDS:  # the last round leaves what came meanwhile to the next call
                 held = self._take(tuples)
@@ -159,24 +163,28 @@ def resume_keeping(directory: Path, tuples: Sequence[ConnTuple], paths: Sequence
     (the keeper's recorders are closed then)."""
     from sockrepair.move.keeper import take_over
 
-    before = read_kept(directory, tuples)
+    before = read_kept(directory, tuples) + read_kept(directory, tuples, REDELIVER)
     taken = take_over(directory, tuples)
     return before + taken.packets, Keeper(paths, adopted=taken.recorders, fell_back=taken.fell_back, note=taken.note)
 
 
-def read_kept(directory: Path, tuples: Sequence[ConnTuple]) -> list[bytes]:
-    """The packets of DIRECTORY/packets.img (written by a dump; [] without the file), read and checked BEFORE the
-    restore, so that a damaged file stops the restore while the connections are still safe in their images. Every
-    packet must be from the peer of one of `tuples` (the connections of the directory) to it: a packet for anything
-    else would leave the host, or reach a port with no socket. Raises ImageError for a damaged, oversized or
-    non-regular file, or a packet for another connection."""
+# What a restore of a directory delivered from its own recorders, saved before delivering it (saved_to())
+REDELIVER = "redeliver.img"
+
+
+def read_kept(directory: Path, tuples: Sequence[ConnTuple], name: str | None = None) -> list[bytes]:
+    """The packets of DIRECTORY/packets.img (written by a dump; [] without the file), or of DIRECTORY/`name` in the
+    same format, read and checked BEFORE the restore, so that a damaged file stops the restore while the connections
+    are still safe in their images. Every packet must be from the peer of one of `tuples` (the connections of the
+    directory) to it: a packet for anything else would leave the host, or reach a port with no socket. Raises
+    ImageError for a damaged, oversized or non-regular file, or a packet for another connection."""
     from sockrepair.image.packets import (  # construct: loaded only when files are read
         MAX_FILE,
         NAME,
         decode_packets,
     )
 
-    path = directory / NAME
+    path = directory / (name or NAME)
     try:
         data = read_regular(path, MAX_FILE)
     except FileNotFoundError:
@@ -190,6 +198,38 @@ def read_kept(directory: Path, tuples: Sequence[ConnTuple]) -> list[bytes]:
             raise ImageError(f"{path}: packet {n} is for {packet_tuple(packet)}, not a connection of this directory",
                              path=str(path), field=f"packets[{n}]")
     return packets
+
+
+def saved_to(directory: Path, tuples: Sequence[ConnTuple]) -> Callable[[Sequence[bytes]], None]:
+    """A `save` for Keeper.deliver in `sockrepair restore -D directory`: the packets are added to
+    DIRECTORY/REDELIVER (0600, written whole under a temporary name, fsynced, renamed into place) before they are
+    delivered. The restored sockets acknowledge what they are delivered, and those ACKs pass the lock
+    (sockrepair.move.land.passing_lock): if the restore is then put back (interrupted or failed before its handoff,
+    the sockets closed in repair mode), their peers will never send those packets again, so a restore run again
+    must deliver them itself, as it delivers packets.img and kept.img. Raises OSError when the file cannot be
+    written (nothing was sent then)."""
+    # construct: loaded only when files are made
+    from sockrepair.image.packets import encode_packets
+
+    saved = read_kept(directory, tuples, REDELIVER)
+    part = REDELIVER + ".part"
+
+    def save(packets: Sequence[bytes]) -> None:
+        saved.extend(packets)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(part, dir_fd=dir_fd)  # left by a restore killed while it wrote
+            with create_private(dir_fd, part) as f:
+                f.write(encode_packets(saved))
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(part, REDELIVER, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    return save
 
 
 def send_kept(packets: Sequence[bytes], into: str) -> int:

@@ -140,6 +140,11 @@ def take_over(directory: Path, tuples: Sequence[ConnTuple]) -> TakenOver:
     try:
         try:
             log = decode_keptlog(read_regular(path, MAX_FILE), str(path))
+        except FileNotFoundError:
+            # removed as the note below advises after it was found damaged: the restore goes on without its packets
+            taken.note = (f"{taken.note}; " if taken.note else "") + (f"{path} was removed: what it kept comes by "
+                                                                     "the peers' retransmission")
+            return taken
         except OSError as exc:
             raise ImageError(f"{path}: {exc.strerror}", path=str(path)) from None
         _check(log.packets, tuples, str(path))

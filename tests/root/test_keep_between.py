@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -76,6 +77,11 @@ def _restored(directory: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]
     finally:
         proc.kill()
         proc.wait()
+
+
+def _unacked(sock: socket.socket) -> int:
+    """tcpi_unacked: segments sent and not acknowledged."""
+    return int(struct.unpack_from("=I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 24)[0])
 
 
 def _stderr(proc: subprocess.Popen[bytes]) -> str:
@@ -220,6 +226,67 @@ def test_the_lock_expires_and_the_keeper_with_it(ns: NetNS, tmp_path: Path, kill
         stop(server)
 
 
+def test_a_wrong_target_or_namespace_leaves_the_keeper_keeping(ns: NetNS, tmp_path: Path) -> None:
+    """A restore refused for its handoff's target or a namespace that does not exist takes nothing from the keeper
+    (it took the keeper over before the namespace was checked: what the peers sent next waited for retransmission)."""
+    _slow_peer_routes(ns)  # the request is kept once: no retransmission of it comes meanwhile
+    with ns.entered():
+        port = free_port()
+    server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
+    try:
+        with ns.entered():
+            client = socket.create_connection(("127.0.0.1", port))
+        with client:
+            client.sendall(b"hello")
+            assert recv_exactly(client, 5) == b"hello"
+            _dump(server.pid, tmp_path / "img")
+            keeper = _keeper_pid(tmp_path / "img")
+            for extra, error in [(["--netns", "no-such-ns"], "no network namespace at /run/netns/no-such-ns"),
+                                 (["--unix", str(tmp_path / "none.sock")], "cannot pass the connections over")]:
+                done = subprocess.run([*CLI, "restore", "-D", str(tmp_path / "img"), *extra,
+                                       *(["--exec", "true"] if "--unix" not in extra else [])],
+                                      capture_output=True, text=True, timeout=60)
+                assert done.returncode == 1 and f"sockrepair: error: {error}" in done.stderr, done.stderr
+                assert _alive(keeper) and _kept(tmp_path / "img").end is None
+            client.sendall(REQUEST)
+            wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
+            with _restored(tmp_path / "img"):
+                assert recv_exactly(client, len(REQUEST)) == REQUEST
+    finally:
+        stop(server)
+
+
+def test_what_a_put_back_restore_delivered_is_delivered_again(ns: NetNS, tmp_path: Path) -> None:
+    """A restore stopped after its deliver stage puts the connection back, but its socket's ACKs of what it was
+    delivered passed the lock: the peer will not send that again. The request held back by Nagle until the kept
+    one is acknowledged reaches only that restore's own recorder; the restore run again delivers it from
+    redeliver.img (it was lost: the peer saw it acknowledged, the program never got it)."""
+    _slow_peer_routes(ns)  # no retransmission carries the held-back request into kept.img meanwhile
+    with ns.entered():
+        port = free_port()
+    server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
+    try:
+        with ns.entered():
+            client = socket.create_connection(("127.0.0.1", port))
+        with client:
+            client.sendall(b"hello")
+            assert recv_exactly(client, 5) == b"hello"
+            _dump(server.pid, tmp_path / "img")
+            client.sendall(REQUEST)
+            wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
+            client.sendall(b"second")  # Nagle holds it until the request is acknowledged
+            done = subprocess.run([*CLI, "restore", "-D", str(tmp_path / "img"), "--exec", "true"],
+                                  env=dict(os.environ, SOCKREPAIR_FAULT="restore:deliver.end:raise"),
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 1 and "fault injected at restore deliver.end" in done.stderr, done.stderr
+            # both acknowledged by the socket that was put back: the peer has nothing left to send
+            wait_for(lambda: _unacked(client) == 0, "the peer to see both acknowledged", 5.0)
+            with _restored(tmp_path / "img"):
+                assert recv_exactly(client, len(REQUEST) + 6) == REQUEST + b"second"
+    finally:
+        stop(server)
+
+
 def test_a_damaged_kept_file_is_an_image_error(ns: NetNS, tmp_path: Path) -> None:
     _slow_peer_routes(ns)  # the request is kept once: no retransmission of it comes meanwhile
     with ns.entered():
@@ -247,6 +314,15 @@ def test_a_damaged_kept_file_is_an_image_error(ns: NetNS, tmp_path: Path) -> Non
             assert not _alive(keeper)  # it handed over before the file was read
             with Locker(ns.name) as locker:
                 assert len(locker.list_locks()) == 1  # nothing was restored: the connection waits, locked
+            # as the error's note says: without kept.img the restore goes on, the request comes by retransmission
+            assert f"remove {path} to restore them without those packets" in done.stderr
+            path.unlink()
+            with _restored(tmp_path / "img") as restored:
+                assert recv_exactly(client, len(REQUEST)) == REQUEST
+                client.sendall(b"more")
+                assert recv_exactly(client, 4) == b"more"
+            assert f"{path} was removed: what it kept comes by the peers' retransmission" in _stderr(restored)
+            assert tcp_info(client)[2] >= 1
     finally:
         stop(server)
 

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -257,6 +258,15 @@ def test_criu_dump_of_sockrepair_or_an_ancestor_is_refused_before_criu_runs(tmp_
     assert not (tmp_path / "d").exists()
 
 
+def test_criu_compare_of_sockrepair_or_an_ancestor_is_refused_before_criu_runs() -> None:
+    """criu compare dumps the tree --leave-running: of an ancestor (a shell's `$$`) criu failed, with one
+    'unexplained' line per log error and no word of why."""
+    me = error_line("criu", "compare", "--pid", str(os.getpid()))
+    assert f"process {os.getpid()} is sockrepair itself: criu would dump sockrepair in its tree" in me
+    parent = error_line("criu", "compare", "--pid", str(os.getppid()))
+    assert f"process {os.getppid()} is an ancestor of sockrepair" in parent
+
+
 def test_restore_pending_lists_the_journals_of_moves_stopped_half_way(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from sockrepair.move import journal
@@ -294,3 +304,55 @@ def test_restore_pending_lists_the_journals_of_moves_stopped_half_way(tmp_path: 
         os.close(held)
     assert "takes no --exec or --unix" in usage_error("restore", "--pending", "--exec", "true")
     assert "one of the arguments --exec --unix is required" in usage_error("restore", "-D", "d")
+
+
+def test_restore_pending_lists_a_journal_of_another_version_or_shape_as_not_restorable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """journal.json of an unknown version, or not an object, is never offered to `restore -D` (which refuses it):
+    it was listed as restorable, or with a Python AttributeError's text, and 'of process None'."""
+    from sockrepair.move import journal
+
+    monkeypatch.setattr(journal, "_parents", lambda: (tmp_path / "run", tmp_path / "tmp"))
+    for name, text in [("move-1-future", '{"version": 99}'), ("move-2-list", "[1, 2, 3]"),
+                       ("move-3-conns", json.dumps({"version": journal.JOURNAL_VERSION, "connections": 5}))]:
+        (tmp_path / "run" / name).mkdir(parents=True, mode=0o700)
+        (tmp_path / "run" / name / journal.JOURNAL_INDEX).write_text(text)
+    code, out, _ = run_main("restore", "--pending")
+    run = tmp_path / "run"
+    assert code == 0 and sorted(out.splitlines()) == [
+        f"{run}/move-1-future: 0 connection(s): not restorable: unreadable: {run}/move-1-future/journal.json: "
+        "unsupported journal version",
+        f"{run}/move-2-list: 0 connection(s): not restorable: unreadable: {run}/move-2-list/journal.json: "
+        "unsupported journal version",
+        f"{run}/move-3-conns: 0 connection(s): not restorable: unreadable: {run}/move-3-conns/journal.json: "
+        "connections is not a list"]
+
+
+def test_bench_with_an_out_that_cannot_be_a_directory_fails_before_measuring(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bench --out /dev/zero` ran every benchmark (minutes) and then failed writing the report."""
+    from sockrepair.bench import run_all
+
+    def measured(*_: object) -> None:
+        raise AssertionError("the benchmarks ran")
+
+    monkeypatch.setattr(run_all, "run", measured)
+    assert "sockrepair: error: " in error_line("bench", "--quick", "--out", "/dev/zero")
+    (tmp_path / "file").write_text("")
+    assert str(tmp_path / "file" / "out") in error_line("bench", "--quick", "--out", str(tmp_path / "file" / "out"))
+
+
+def test_a_ctrl_c_while_the_command_loads_ends_it_without_a_traceback() -> None:
+    """The console script's entry point, interrupted while it imports the CLI (a SIGINT sent as the import of
+    sockrepair.cli.main begins): killed by the signal, nothing on stderr (it printed an import traceback)."""
+    code = ("import importlib.abc, os, signal, sys\n"
+            "class Interrupt(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'sockrepair.cli.main':\n"
+            "            os.kill(os.getpid(), signal.SIGINT)\n"
+            "        return None\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            "from sockrepair.cli import main\n"
+            "sys.exit(main(['check', '--json']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (-signal.SIGINT, "", "")
