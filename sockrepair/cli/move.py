@@ -273,7 +273,7 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         with stages.timed(Stage.HANDOFF):
             guard.keep_above(SD_LISTEN_FDS_START + len(socks))
             guard.handing()
-            exec_with_sockets(args.exec_argv, socks, conns)
+            exec_with_sockets(args.exec_argv, socks, conns, args.netns)
     except HandoffError as exc:
         if socks and not handed:
             if args.exec_argv is not None:

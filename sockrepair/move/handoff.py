@@ -17,6 +17,7 @@ from collections.abc import Collection, Sequence
 from urllib.parse import quote
 
 from sockrepair.errors import HandoffError
+from sockrepair.netns import named
 from sockrepair.private import open_dir
 from sockrepair.state import ConnTuple
 
@@ -48,12 +49,18 @@ def _place_fds(fds: Sequence[int]) -> None:
         os.close(fd)
 
 
-def exec_with_sockets(argv: Sequence[str], socks: Sequence[socket.socket], conns: Sequence[ConnTuple]) -> None:
-    """Replace this process with `argv`, which inherits the sockets as fds 3.. (LISTEN_PID is this very pid)."""
+def exec_with_sockets(argv: Sequence[str], socks: Sequence[socket.socket], conns: Sequence[ConnTuple],
+                      netns: str | None = None) -> None:
+    """Replace this process with `argv`, which inherits the sockets as fds 3.. (LISTEN_PID is this very pid), in
+    the network namespace `netns` (`ip netns` name; None: this one), where the connections live: run anywhere
+    else, the program's /proc/PID/net would not list them, and a later dump of it would find none. Raises
+    HandoffError when `argv` cannot be run (this process is then back in its own namespace), NetnsError for a
+    namespace that is gone."""
     _place_fds([s.fileno() for s in socks])
     env = dict(os.environ, **activation_env(len(socks), [fd_name(c) for c in conns], os.getpid()))
     try:
-        os.execvpe(argv[0], list(argv), env)
+        with named(netns):
+            os.execvpe(argv[0], list(argv), env)
     except OSError as exc:
         raise HandoffError(f"cannot run {argv[0]!r}: {exc.strerror}") from None
 
