@@ -83,14 +83,18 @@ class ConnTuple:
     def parse(cls, text: str) -> ConnTuple:
         """Parse `ADDR:PORT->ADDR:PORT` (IPv6 in brackets), the form str() prints; raises ValueError (not a
         SockrepairError: this is argument parsing) on anything else, a port outside 1-65535, or mixed families."""
+        shown = repr(text) if len(text) <= 120 else repr(text[:100]) + f"... ({len(text)} characters)"
+        sides = text.split("->")
+        if len(sides) != 2:
+            raise ValueError(f"not a connection tuple {shown} (want ADDR:PORT->ADDR:PORT: two ends joined by ->)")
         try:
-            left, right = text.split("->")
-            (la, lp), (ra, rp) = (_split_hostport(left), _split_hostport(right))
+            (la, lp), (ra, rp) = (_split_hostport(sides[0]), _split_hostport(sides[1]))
             lip, rip = ipaddress.ip_address(la), ipaddress.ip_address(ra)
         except ValueError as exc:
-            raise ValueError(f"not a connection tuple {text!r} (want ADDR:PORT->ADDR:PORT): {exc}") from None
+            why = str(exc) if len(str(exc)) <= 160 else str(exc)[:150] + "..."
+            raise ValueError(f"not a connection tuple {shown} (want ADDR:PORT->ADDR:PORT): {why}") from None
         if lip.version != rip.version:
-            raise ValueError(f"mixed address families in {text!r}")
+            raise ValueError(f"mixed address families in {shown}")
         family = socket.AF_INET if lip.version == 4 else socket.AF_INET6
         for port in (lp, rp):
             if not 0 < port < 65536:

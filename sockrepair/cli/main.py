@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -157,6 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for note in getattr(exc, "__notes__", ()):
             print(f"sockrepair: {note}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (`sockrepair show X | head -1`): nothing left to say to it; stdout is
+        # pointed at /dev/null so that the interpreter's final flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (SockrepairError, OSError, InjectedFault) as exc:
         print_error(exc, as_json=getattr(args, "json", False))
         return 1

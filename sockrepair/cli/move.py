@@ -216,7 +216,9 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
                 return 0
             why = None if args.force else stale_reason(args.dir)
             if why is not None:
-                raise ImageError(f"{args.dir}: not restoring stale images: {why} (--force restores them anyway)",
+                # no --force hint for a completed move: restored again, its connections would exist twice
+                hint = "" if (args.dir / COMPLETED).exists() else " (--force restores them anyway)"
+                raise ImageError(f"{args.dir}: not restoring stale images: {why}{hint}",
                                  path=str(args.dir))
         conns = [s.tuple for s in states]
         if args.unix_uid and not args.unix:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +67,22 @@ def prepare_dir(directory: Path) -> int:
             raise ImageError(f"{directory}: holds conn-N.img files and no index.json: a dump killed while writing "
                              "them (its program was let go and went on, so they are of no use): delete them, or give "
                              "another directory", path=str(directory)) from None
+        if isinstance(exc, FileExistsError) and _has_index(directory):
+            raise ImageError(f"{directory}: holds the images of an earlier dump: `sockrepair restore -D {directory}` "
+                             "them (it says when they are stale), delete them, or give another directory",
+                             path=str(directory)) from None
         raise ImageError(f"{directory}: {exc.strerror}", path=str(directory)) from None
 
 
 _WRITTEN_NAME = re.compile(r"conn-\d+\.img")
+
+
+def _has_index(directory: Path) -> bool:
+    """Whether `directory` holds an index.json that is a regular file (lstat: a planted symlink is none)."""
+    try:
+        return stat.S_ISREG(os.lstat(directory / INDEX).st_mode)
+    except OSError:
+        return False
 
 
 def _unfinished(directory: Path) -> bool:

@@ -8,6 +8,7 @@ timestamp (SO_TIMESTAMPNS), which is that clock, and pcap files store it with na
 from __future__ import annotations
 
 import io
+import logging
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -85,6 +86,11 @@ def read_segments(path: str | Path) -> list[Segment]:
 
     _load_layers()
 
+    # scapy's own warnings (a truncated last record, an unknown link type) would break the one-line output; what
+    # could not be read shows as segments missing from the analysis
+    runtime = logging.getLogger("scapy.runtime")
+    level = runtime.level
+    runtime.setLevel(logging.ERROR)
     try:
         # read whole first: a FIFO would block, a device never end (rdpcap loads every packet anyway)
         packets = rdpcap(io.BytesIO(read_regular(path, MAX_CAPTURE)))
@@ -94,6 +100,8 @@ def read_segments(path: str | Path) -> list[Segment]:
         raise WireError(f"cannot read capture {path}: {exc.strerror}") from None
     except Scapy_Exception as exc:
         raise WireError(f"cannot read capture {path}: {exc}") from None
+    finally:
+        runtime.setLevel(level)
     return [seg for pkt in packets if (seg := _segment(pkt, float(pkt.time))) is not None]
 
 

@@ -76,7 +76,7 @@ def test_old_images_never_mix_with_a_new_dump(tmp_path: Path) -> None:
     directory = tmp_path / "dump"
     other = dataclasses.replace(STATE, tuple=dataclasses.replace(STATE.tuple, local_port=STATE.tuple.local_port + 1))
     write_dir(directory, [(3, STATE), (4, other)], {})
-    with pytest.raises(ImageError, match="not empty: give a new or empty directory"):
+    with pytest.raises(ImageError, match="holds the images of an earlier dump: `sockrepair restore -D"):
         write_dir(directory, [(3, STATE)], {})
     assert len(read_dir(directory)) == 2
     empty = tmp_path / "empty"
