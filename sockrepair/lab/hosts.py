@@ -2,10 +2,11 @@
 (`switch`) namespace, with a service address that lives on A and can move to B. Nothing is created in the root
 namespace, and everything is deleted on exit, on errors, on SIGINT/SIGTERM, and at interpreter exit.
 
-The service address sits on its own interface `svc0` in A and in B; both carry the same MAC, and only one is up.
-Moving the service takes A's svc0 down and B's up (two in-process SIOCSIFFLAGS ioctls): the bridge forgets the MAC
-on A's port when that port loses carrier, floods frames for it until B answers, and the peer's neighbour entry
-(same MAC) stays valid, so the peer reaches the service on B without an ARP/ND round and without touching it."""
+The service address sits on its own interface `svc0` in A and in B; both carry the same MAC, and only one is up
+(both, for an instant, during a move). Moving the service takes B's svc0 up and then A's down (two in-process
+SIOCSIFFLAGS ioctls): the bridge forgets the MAC on A's port when that port loses carrier, floods frames for it until
+B answers, and the peer's neighbour entry (same MAC) stays valid, so the peer reaches the service on B without an
+ARP/ND round and without touching it."""
 
 from __future__ import annotations
 
@@ -242,8 +243,11 @@ class Lab:
         if self.service_on != src:
             raise NetnsError(f"the service is on {self.service_on!r}, not on {src!r}")
         start = time.perf_counter()
-        self.host(src).set_up(SERVICE_IFNAME, False)
+        # dst first: while both are up the bridge sends the service's frames to one of them, where the lock keeps
+        # them (the move locks the connections in both hosts); src first left an instant with neither up, and
+        # what the peer sent then was lost and waited for its retransmission timeout
         self.host(dst).set_up(SERVICE_IFNAME, True)
+        self.host(src).set_up(SERVICE_IFNAME, False)
         self._wait_bindable(self.host(dst))
         self.service_on = dst
         return time.perf_counter() - start
