@@ -165,3 +165,10 @@ class _Guard:
             sock.close()
         if self.directory is not None and handed and len(handed) == len(self.tuples):
             mark_completed(self.directory, created=False)
+        back = len(self.socks) - len(handed)
+        if back:
+            # nobody else says it: the restorer is gone, or became a program that ended without the connections
+            where = f" -D {self.directory}" if self.directory is not None else " ..."
+            with contextlib.suppress(OSError):
+                os.write(2, (f"sockrepair: the restore ended without handing off {back} connection(s): put back, "
+                             f"still locked; `sockrepair restore{where}` restores them again\n").encode())
