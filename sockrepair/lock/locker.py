@@ -83,6 +83,9 @@ def ttl_ms(ttl: float) -> int:
     return max(1, round(ttl * 1000))
 
 
+_DUMP_TRIES = 5  # list_locks: dumps tried until one repeats no element
+
+
 class Locker:
     """Keeps one netlink socket in the namespace it was created for (`netns`: a name from `ip netns list`, or
     None for the calling thread's). Elements it adds carry its owner text, `LABEL pid=N host=H` (label default
@@ -202,6 +205,16 @@ class Locker:
 
     def list_locks(self) -> list[LockRecord]:
         """Every connection locked now in this namespace, sorted by tuple; [] without a table. Raises NftError."""
+        # A dump longer than one netlink message resumes by counting the elements already sent; when the set's hash
+        # table is resized in between (the kernel shrinks it in a worker after many deletions), that count skips
+        # some elements and repeats as many others. A repeated element shows it: dump again.
+        for _ in range(_DUMP_TRIES):
+            records = self._list_once()
+            if len({r.tuple for r in records}) == len(records):
+                return records
+        return sorted({r.tuple: r for r in records}.values(), key=lambda r: r.tuple)
+
+    def _list_once(self) -> list[LockRecord]:
         with self._guard():
             records = []
             for fam in ruleset.FAMILIES:
