@@ -32,7 +32,7 @@ from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import closed_connections, tcp_sockets
 from sockrepair.state import ConnectionState, ConnTuple
 from tests.clihelp import run_main
-from tests.root.pairs import FAMILIES, tuple_of
+from tests.root.pairs import FAMILIES, loopback_pair, tuple_of
 
 CLOSE, CLOSE_WAIT, LAST_ACK, FIN_WAIT2 = 7, 8, 9, 5
 SO_PEERNAME = 28
@@ -58,16 +58,6 @@ def _tcp_counters() -> tuple[int, int]:
     return int(values[head.index("OutSegs")]), int(values[head.index("OutRsts")])
 
 
-def _pair(family: int, listen_addr: str, connect_addr: str) -> tuple[socket.socket, socket.socket]:
-    with socket.socket(family) as listener:
-        listener.bind((listen_addr, 0))
-        listener.listen()
-        client = socket.socket(socket.AF_INET6 if ":" in connect_addr else socket.AF_INET)
-        client.connect((connect_addr, listener.getsockname()[1]))
-        server, _ = listener.accept()
-    return client, server
-
-
 def _reset(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
@@ -81,6 +71,13 @@ def _peer_of_closed(sock: socket.socket) -> ConnTuple:
     port = struct.unpack_from(">H", raw, 2)[0]
     addr = socket.inet_ntop(sock.family, raw[4:8] if sock.family == socket.AF_INET else raw[8:24])
     return ConnTuple(sock.family, local[0], local[1], addr, port)
+
+
+def _peer_closed(c: socket.socket, s: socket.socket) -> None:
+    """The client sends UNREAD and its FIN: the server end in CLOSE_WAIT."""
+    c.sendall(UNREAD)
+    c.shutdown(socket.SHUT_WR)
+    _until(s, CLOSE_WAIT)
 
 
 # Each leaves the server end in CLOSE: (client, server, locker) -> (error, FIN received) checkpoint must read.
@@ -99,18 +96,14 @@ def _reset_error_read(c: socket.socket, s: socket.socket, lk: Locker) -> tuple[i
 
 
 def _reset_in_close_wait(c: socket.socket, s: socket.socket, lk: Locker) -> tuple[int, bool]:
-    c.sendall(UNREAD)
-    c.shutdown(socket.SHUT_WR)
-    _until(s, CLOSE_WAIT)
+    _peer_closed(c, s)
     _reset(c)
     return errno.EPIPE, True
 
 
 def _reset_in_last_ack(c: socket.socket, s: socket.socket, lk: Locker) -> tuple[int, bool]:
     """Our FIN is held by the lock, so the peer's RST finds LAST_ACK: ECONNRESET after the peer's FIN."""
-    c.sendall(UNREAD)
-    c.shutdown(socket.SHUT_WR)
-    _until(s, CLOSE_WAIT)
+    _peer_closed(c, s)
     conn = tuple_of(s)
     lk.lock([conn], ttl=60)
     try:
@@ -123,9 +116,7 @@ def _reset_in_last_ack(c: socket.socket, s: socket.socket, lk: Locker) -> tuple[
 
 
 def _last_ack_acknowledged(c: socket.socket, s: socket.socket, lk: Locker) -> tuple[int, bool]:
-    c.sendall(UNREAD)
-    c.shutdown(socket.SHUT_WR)
-    _until(s, CLOSE_WAIT)
+    _peer_closed(c, s)
     s.shutdown(socket.SHUT_WR)
     return 0, False
 
@@ -171,7 +162,7 @@ def _read_as_the_application(sock: socket.socket) -> list[object]:
 
 def _closed(case: str, family: int, listen_addr: str, connect_addr: str, lk: Locker) -> tuple[socket.socket, int,
                                                                                                  bool]:
-    client, server = _pair(family, listen_addr, connect_addr)
+    client, server = loopback_pair(family, listen_addr, connect_addr)
     try:
         want = CASES[case](client, server, lk)
         _until(server, CLOSE)
@@ -239,7 +230,7 @@ def test_a_closed_connection_moves(netns, locker, case: str, family: int, listen
 def test_an_error_no_reset_gives_is_refused(locker) -> None:
     """ETIMEDOUT (the peer stopped answering; TCP_USER_TIMEOUT ran out): restore could not re-create it, so the
     checkpoint refuses the connection and leaves the socket out of repair mode."""
-    client, server = _pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
+    client, server = loopback_pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
     with client, server:
         client.sendall(b"unread")
         server.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 100)
@@ -263,7 +254,7 @@ def test_urgent_data_in_a_closed_connection_is_refused_and_left_as_it_was(netns,
                                                                             what: str) -> None:
     """`abc`, `X` with MSG_OOB, `def`, then the peer's RST: with the urgent byte unread, or read (its mark still
     ahead of the reader), the checkpoint refuses before reading the error, which stays pending."""
-    client, server = _pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
+    client, server = loopback_pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
     with server:
         client.send(b"abc")
         client.send(b"X", socket.MSG_OOB)
@@ -282,7 +273,7 @@ def test_urgent_data_in_a_closed_connection_is_refused_and_left_as_it_was(netns,
 
 
 def _disconnected() -> socket.socket:
-    client, server = _pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
+    client, server = loopback_pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
     client.close()
     libc = ctypes.CDLL(None, use_errno=True)
     unspec = ctypes.create_string_buffer(16)  # struct sockaddr with sa_family AF_UNSPEC: tcp_disconnect
@@ -427,8 +418,8 @@ def test_inspect_and_a_dump_that_leaves_the_process_running_leave_a_pending_erro
 def test_a_process_listing_tells_a_pending_error_from_none(netns) -> None:
     """procfs lists CLOSE sockets that hold a peer (here this process's own), and flags only the one whose error
     is still to be read: poll shows POLLHUP for both, POLLERR for that one alone."""
-    graceful_client, graceful = _pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
-    reset_client, reset = _pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
+    graceful_client, graceful = loopback_pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
+    reset_client, reset = loopback_pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
     with graceful_client, graceful, reset:
         _last_ack_acknowledged(graceful_client, graceful, None)  # type: ignore[arg-type]
         _reset(reset_client)
