@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -59,6 +60,15 @@ def _dump(pid: int, directory: Path, *extra: str) -> dict[str, object]:
     assert done.returncode == 0, done.stderr
     report: dict[str, object] = json.loads(done.stdout)
     return report
+
+
+def _dump_and_keep_a_request(pid: int, client: socket.socket, directory: Path) -> int:
+    """`sockrepair dump` of `pid`, then REQUEST from `client` until the keeper recorded it: the keeper's pid."""
+    _dump(pid, directory)
+    keeper = _keeper_pid(directory)
+    client.sendall(REQUEST)
+    wait_for(lambda: len(_kept(directory).packets) == 1, "the keeper to record the request")
+    return keeper
 
 
 @contextmanager
@@ -183,10 +193,7 @@ def test_the_lock_expires_and_the_keeper_with_it(ns: NetNS, tmp_path: Path, kill
 def test_a_damaged_kept_file_is_an_image_error(ns: NetNS, tmp_path: Path) -> None:
     _slow_peer_routes(ns)  # the request is kept once: no retransmission of it comes meanwhile
     with echo_connection(ns) as (server, client):
-        _dump(server.pid, tmp_path / "img")
-        keeper = _keeper_pid(tmp_path / "img")
-        client.sendall(REQUEST)
-        wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
+        keeper = _dump_and_keep_a_request(server.pid, client, tmp_path / "img")
         path = tmp_path / "img" / KEPT
         data = bytearray(path.read_bytes())
         data[-10] ^= 0xFF  # in the request's payload
@@ -225,10 +232,7 @@ def test_a_keeper_that_does_not_answer_is_killed(ns: NetNS, tmp_path: Path, monk
     kept.img holds, so that the log group is free and nothing records behind the restore's back."""
     _slow_peer_routes(ns)  # the request is kept once: no retransmission of it comes meanwhile
     with echo_connection(ns) as (server, client):
-        _dump(server.pid, tmp_path / "img")
-        keeper = _keeper_pid(tmp_path / "img")
-        client.sendall(REQUEST)
-        wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
+        keeper = _dump_and_keep_a_request(server.pid, client, tmp_path / "img")
         os.kill(keeper, signal.SIGSTOP)
         monkeypatch.setattr(keeper_module, "ANSWER_TIMEOUT", 0.5)
         states = [s for _, s in read_dir(tmp_path / "img")]
