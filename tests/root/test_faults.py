@@ -60,6 +60,13 @@ def _fault_env(spec: str) -> dict[str, str]:
     return dict(os.environ, SOCKREPAIR_FAULT=spec)
 
 
+def _dump_cli(pid: int, directory: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`sockrepair dump --pid PID -D DIRECTORY EXTRA...`, with SOCKREPAIR_FAULT=`fault` when given."""
+    return subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(pid), "-D", str(directory),
+                           *extra], env=_fault_env(fault) if fault else None, capture_output=True, text=True,
+                          timeout=60)
+
+
 def _restore_to(receiver_sock: Path, directory: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "restore", "-D", str(directory), "--unix",
                            str(receiver_sock)], capture_output=True, text=True, timeout=60)
@@ -96,9 +103,7 @@ DUMP_POINTS = [p for stage in DUMP_STAGES for p in (stage, stage + ".end")]
 def test_dump_interrupted(netns, tmp_path, point, action):
     with echo_clients(2, 20_000) as (server, clients, offsets, stop_later):
         images = tmp_path / "img"
-        run = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
-                              str(images)], env=_fault_env(f"dump:{point}:{action}"), capture_output=True,
-                             text=True, timeout=60)
+        run = _dump_cli(server.pid, images, fault=f"dump:{point}:{action}")
         assert run.returncode != 0, run.stdout
         if action == "kill":
             assert run.returncode == -signal.SIGKILL
@@ -111,9 +116,7 @@ def test_dump_interrupted(netns, tmp_path, point, action):
 @pytest.mark.parametrize("point", ["resume", "resume.end"])
 def test_dump_leave_running_interrupted(netns, tmp_path, point, action):
     with echo_clients(2, 20_000) as (server, clients, offsets, _):
-        run = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
-                              str(tmp_path / "img"), "--leave-running"], env=_fault_env(f"dump:{point}:{action}"),
-                             capture_output=True, text=True, timeout=60)
+        run = _dump_cli(server.pid, tmp_path / "img", "--leave-running", fault=f"dump:{point}:{action}")
         assert run.returncode != 0
         _check_after(server, False, tmp_path / "img", clients, offsets, tmp_path)
 
@@ -164,9 +167,7 @@ def test_a_sigkilled_dump_never_leaves_the_program_stopped(netns, tmp_path):
     """The freeze is ptrace's (or the guard sends SIGCONT): killed while the program is frozen, the program goes on
     within the guard's cleanup, with its sockets out of repair mode."""
     with echo_clients(1, 1000) as (server, clients, offsets, _):
-        run = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
-                              str(tmp_path / "img")], env=_fault_env("dump:checkpoint.end:kill"),
-                             capture_output=True, timeout=60)
+        run = _dump_cli(server.pid, tmp_path / "img", fault="dump:checkpoint.end:kill")
         assert run.returncode == -signal.SIGKILL
         wait_for(lambda: _settled(server.pid), "the program to go on")
         assert in_repair(server.pid) == []
@@ -242,8 +243,7 @@ def test_restore_interrupted(netns, tmp_path, point, action):
     with echo_clients(2, 20_000) as (server, clients, offsets, stop_later):
         receiver = stop_later(start_receiver(tmp_path / "r.sock", max_seconds=120))
         images = tmp_path / "img"
-        dumped = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
-                                 str(images)], capture_output=True, text=True, timeout=60)
+        dumped = _dump_cli(server.pid, images)
         assert dumped.returncode == 0, dumped.stderr
         assert server.wait(10) == -signal.SIGKILL
         first = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "restore", "-D", str(images), "--unix",
@@ -280,8 +280,7 @@ def test_restore_exec_interrupted_before_the_exec(netns, tmp_path, point, action
     with echo_clients(2, 20_000) as (server, clients, offsets, stop_later):
         receiver = stop_later(start_receiver(tmp_path / "r.sock", max_seconds=120))
         images = tmp_path / "img"
-        dumped = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
-                                 str(images)], capture_output=True, text=True, timeout=60)
+        dumped = _dump_cli(server.pid, images)
         assert dumped.returncode == 0, dumped.stderr
         first = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "restore", "-D", str(images), "--exec",
                                 "cat"], env=_fault_env(f"restore:{point}:{action}"), capture_output=True, text=True,
@@ -326,9 +325,7 @@ def test_ctrl_c_in_a_dump_is_one_line(netns, tmp_path, point):
     """Ctrl-C (SIGINT) as a stage of the freeze begins or ends: "sockrepair: interrupted", nothing else (before,
     at the end of the freeze, the guard's closed socket was used once more: "Exception ignored ... EBADF")."""
     with echo_clients(1, 1000) as (server, clients, offsets, _):
-        run = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
-                              str(tmp_path / "img")], env=_fault_env(f"dump:{point}:int"), capture_output=True,
-                             text=True, timeout=60)
+        run = _dump_cli(server.pid, tmp_path / "img", fault=f"dump:{point}:int")
         assert run.returncode == 130
         lines = [ln for ln in run.stderr.splitlines() if "RuntimeWarning" not in ln]
         assert lines == ["sockrepair: interrupted by SIGINT"] or lines == ["sockrepair: interrupted"], run.stderr
@@ -418,9 +415,7 @@ def test_the_guard_gives_back_so_reuseaddr(netns, tmp_path, point):
     guard of a SIGKILLed dump sets it again on the sockets it resumes (it did not before)."""
     with echo_clients(2, 1000) as (server, clients, offsets, _):
         assert _reuseaddr(server.pid) == [1, 1]
-        run = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
-                              str(tmp_path / "img")], env=_fault_env(f"dump:{point}:kill"), capture_output=True,
-                             timeout=60)
+        run = _dump_cli(server.pid, tmp_path / "img", fault=f"dump:{point}:kill")
         assert run.returncode == -signal.SIGKILL
         wait_for(lambda: _settled(server.pid), "the program to go on")
         assert _reuseaddr(server.pid) == [1, 1]
@@ -437,8 +432,7 @@ def test_a_restore_after_a_partial_handoff_restores_only_the_rest(netns, tmp_pat
     with echo_clients(2, 20_000) as (server, clients, offsets, stop_later):
         receiver = stop_later(start_receiver(tmp_path / "r.sock", max_seconds=120))
         images = tmp_path / "img"
-        dumped = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
-                                 str(images)], capture_output=True, text=True, timeout=60)
+        dumped = _dump_cli(server.pid, images)
         assert dumped.returncode == 0, dumped.stderr
         first, second = load_states(images)
         with sockrepair.restore(first) as sock:
