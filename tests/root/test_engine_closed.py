@@ -8,6 +8,7 @@ through. An error that no reset gives (here ETIMEDOUT) and a CLOSE socket withou
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -19,7 +20,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -29,7 +30,7 @@ from sockrepair.lab.recorder import Recorder
 from sockrepair.lock import Locker
 from sockrepair.move.dump import After, dump, inspect
 from sockrepair.move.pidfd import PidFd
-from sockrepair.move.procfs import closed_connections, tcp_sockets
+from sockrepair.move.procfs import ProcSocket, closed_connections, tcp_sockets
 from sockrepair.state import ConnectionState, ConnTuple
 from tests.clihelp import run_main
 from tests.root.pairs import FAMILIES, loopback_pair, tuple_of
@@ -327,12 +328,12 @@ print(json.dumps(report), flush=True)
 """
 
 
-def test_a_process_with_a_reset_connection_is_dumped_and_restored_whole(netns, tmp_path) -> None:
-    """`sockrepair dump --pid` of a process holding one ESTABLISHED connection and one its peer reset (5 unread
-    bytes): both are dumped (nothing refused, nothing lost) and `restore -D` gives both to the new program, the
-    reset one reading b"hello", then ECONNRESET, then b"", and failing to send with EPIPE. No RST is sent."""
+@contextlib.contextmanager
+def _holder_with_a_reset() -> Iterator[tuple[subprocess.Popen[str], socket.socket, int, ProcSocket]]:
+    """The HOLDER program with two connections of this process: one ESTABLISHED, the other reset by this end after
+    sending b"hello". Yields (the program, the live client socket, the reset one's client port, the program's
+    socket of it, in CLOSE); kills the program afterwards."""
     holder = subprocess.Popen([sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, text=True)
-    restored: subprocess.Popen[str] | None = None
     assert holder.stdout is not None
     port = int(holder.stdout.readline())
     live = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -348,56 +349,53 @@ def test_a_process_with_a_reset_connection_is_dumped_and_restored_whole(netns, t
             assert time.monotonic() < deadline, "the reset connection never reached CLOSE"
             time.sleep(0.005)
         (closed,) = [s for s in tcp_sockets(holder.pid) if s.tcp_state == CLOSE]
-        assert closed.tuple.remote_port == gone_port
-        rsts = _tcp_counters()[1]
-        code, out, err = run_main("dump", "--pid", str(holder.pid), "-D", str(tmp_path / "img"), "--json")
-        assert code == 0, err
-        report = json.loads(out)
-        assert len(report["connections"]) == 2 and report["lost"] == []
-        assert "refused" not in out + err
-        images = {s.tcp_state: s for _, s in read_dir(tmp_path / "img")}
-        assert sorted(images) == [1, CLOSE]
-        assert (images[CLOSE].recv_queue, images[CLOSE].sk_err) == (b"hello", errno.ECONNRESET)
-        assert images[CLOSE].tuple == closed.tuple
-        restored = subprocess.Popen([sys.executable, "-m", "sockrepair.cli.main", "restore", "-D",
-                                     str(tmp_path / "img"), "--exec", sys.executable, "-c", RESTORED],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        live.sendall(b"ping")
-        assert restored.stdout is not None
-        line = restored.stdout.readline()
-        assert json.loads(line) == {"live": "ping", "closed": ["hello", "ECONNRESET", "", "EPIPE"]}, (
-            line, restored.stderr.read() if restored.stderr else "")
-        assert live.recv(4) == b"pong"
-        assert _tcp_counters()[1] == rsts
-        assert sockrepair.list_locks() == []
+        yield holder, live, gone_port, closed
     finally:
         live.close()
         gone.close()
         holder.kill()
         holder.wait()
-        if restored is not None:
-            restored.kill()
-            restored.wait()
+
+
+def test_a_process_with_a_reset_connection_is_dumped_and_restored_whole(netns, tmp_path) -> None:
+    """`sockrepair dump --pid` of a process holding one ESTABLISHED connection and one its peer reset (5 unread
+    bytes): both are dumped (nothing refused, nothing lost) and `restore -D` gives both to the new program, the
+    reset one reading b"hello", then ECONNRESET, then b"", and failing to send with EPIPE. No RST is sent."""
+    with _holder_with_a_reset() as (holder, live, gone_port, closed):
+        assert closed.tuple.remote_port == gone_port
+        restored: subprocess.Popen[str] | None = None
+        try:
+            rsts = _tcp_counters()[1]
+            code, out, err = run_main("dump", "--pid", str(holder.pid), "-D", str(tmp_path / "img"), "--json")
+            assert code == 0, err
+            report = json.loads(out)
+            assert len(report["connections"]) == 2 and report["lost"] == []
+            assert "refused" not in out + err
+            images = {s.tcp_state: s for _, s in read_dir(tmp_path / "img")}
+            assert sorted(images) == [1, CLOSE]
+            assert (images[CLOSE].recv_queue, images[CLOSE].sk_err) == (b"hello", errno.ECONNRESET)
+            assert images[CLOSE].tuple == closed.tuple
+            restored = subprocess.Popen([sys.executable, "-m", "sockrepair.cli.main", "restore", "-D",
+                                         str(tmp_path / "img"), "--exec", sys.executable, "-c", RESTORED],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            live.sendall(b"ping")
+            assert restored.stdout is not None
+            line = restored.stdout.readline()
+            assert json.loads(line) == {"live": "ping", "closed": ["hello", "ECONNRESET", "", "EPIPE"]}, (
+                line, restored.stderr.read() if restored.stderr else "")
+            assert live.recv(4) == b"pong"
+            assert _tcp_counters()[1] == rsts
+            assert sockrepair.list_locks() == []
+        finally:
+            if restored is not None:
+                restored.kill()
+                restored.wait()
 
 
 def test_inspect_and_a_dump_that_leaves_the_process_running_leave_a_pending_error_unread(netns, tmp_path) -> None:
     """Reading the error clears it, and these leave the program running: they do not checkpoint the reset
     connection, which still holds its bytes and its ECONNRESET afterwards."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout is not None
-    port = int(holder.stdout.readline())
-    live = socket.create_connection(("127.0.0.1", port), timeout=10)
-    gone = socket.create_connection(("127.0.0.1", port), timeout=10)
-    try:
-        assert holder.stdout.readline().strip() == "accepted"
-        gone.sendall(b"hello")
-        time.sleep(0.02)
-        _reset(gone)
-        deadline = time.monotonic() + 10
-        while not any(s.tcp_state == CLOSE for s in tcp_sockets(holder.pid)):
-            assert time.monotonic() < deadline, "the reset connection never reached CLOSE"
-            time.sleep(0.005)
-        (closed,) = [s for s in tcp_sockets(holder.pid) if s.tcp_state == CLOSE]
+    with _holder_with_a_reset() as (holder, _, _, closed):
         assert closed.error_pending
         rows = {s.fd: (state, name) for s, state, name in inspect(holder.pid)}
         assert rows[closed.fd] == (None, "CLOSE, an error pending (left unread: only a move reads it)")
@@ -408,11 +406,6 @@ def test_inspect_and_a_dump_that_leaves_the_process_running_leave_a_pending_erro
         with copy:
             assert copy.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
             assert copy.recv(100) == b"hello"
-    finally:
-        live.close()
-        gone.close()
-        holder.kill()
-        holder.wait()
 
 
 def test_a_process_listing_tells_a_pending_error_from_none(netns) -> None:
