@@ -227,6 +227,33 @@ def _exchange(ends: Sequence[_End]) -> None:
 # ---- single-connection mode ----
 
 
+MOVE_PHASES = ("read_state", "serialize", "close", "deserialize", "restore")
+
+
+def timed_move(sock: socket.socket, mark: Callable[[int], None] | None = None
+               ) -> tuple[ConnectionState, socket.socket, dict[str, float]]:
+    """checkpoint, to_bytes, discard, from_bytes and restore of `sock`, each timed: (the state read, the restored
+    socket, each of MOVE_PHASES' time in us). `mark(0)` and `mark(1)` are called right before and after the timed
+    part (sockrepair/bench/syscalls.py). Raises what the engine raises."""
+    if mark is not None:
+        mark(0)
+    t0 = time.perf_counter_ns()
+    state = checkpoint(sock)
+    t1 = time.perf_counter_ns()
+    image = state.to_bytes()
+    t2 = time.perf_counter_ns()
+    discard(sock, state)
+    t3 = time.perf_counter_ns()
+    back = ConnectionState.from_bytes(image)
+    t4 = time.perf_counter_ns()
+    restored = restore(back)
+    t5 = time.perf_counter_ns()
+    if mark is not None:
+        mark(1)
+    marks = (t0, t1, t2, t3, t4, t5)
+    return state, restored, {name: (b - a) / 1000 for name, a, b in zip(MOVE_PHASES, marks, marks[1:])}
+
+
 def _single_cycle(q: int, to_peer: bytes, to_sock: bytes) -> tuple[dict[str, float], int]:
     """One cycle on a fresh pair with q bytes in each queue, `to_peer` being what the moving end writes and
     `to_sock` what the peer writes: the phases' times (us) and the fewest bytes that a queue held at checkpoint."""
@@ -237,17 +264,7 @@ def _single_cycle(q: int, to_peer: bytes, to_sock: bytes) -> tuple[dict[str, flo
     try:
         _fill_recv_queue(peer, sock, to_sock[:q])
         sent = _fill_send_queue(sock, peer, q, to_peer)
-        t0 = time.perf_counter_ns()
-        state = checkpoint(sock)
-        t1 = time.perf_counter_ns()
-        image = state.to_bytes()
-        t2 = time.perf_counter_ns()
-        discard(sock, state)
-        t3 = time.perf_counter_ns()
-        back = ConnectionState.from_bytes(image)
-        t4 = time.perf_counter_ns()
-        restored = restore(back)
-        t5 = time.perf_counter_ns()
+        state, restored, times = timed_move(sock)
         held = min(len(state.send_queue), len(state.recv_queue))
         view_peer, view_sock = memoryview(to_peer), memoryview(to_sock)
         _exchange([
@@ -257,9 +274,7 @@ def _single_cycle(q: int, to_peer: bytes, to_sock: bytes) -> tuple[dict[str, flo
     finally:
         for s in (sock, peer, restored):
             _close_abort(s)
-    times = {"read_state": t1 - t0, "serialize": t2 - t1, "close": t3 - t2, "deserialize": t4 - t3,
-             "restore": t5 - t4}
-    return {name: ns / 1000 for name, ns in times.items()}, held
+    return times, held
 
 
 def run_single(sizes: Sequence[int], reps: int, big_reps: int, block: int = SINGLE_BLOCK,

@@ -21,14 +21,13 @@ import socket
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sockrepair import checkpoint, discard, restore
 from sockrepair.bench import cref
 from sockrepair.bench.bench_engine import (
+    MOVE_PHASES,
     PEER_RCVBUF,
     TAIL_BYTES,
     BenchError,
@@ -40,6 +39,7 @@ from sockrepair.bench.bench_engine import (
     _fill_send_queue,
     _listener,
     _stream,
+    timed_move,
 )
 from sockrepair.bench.results import (
     C_OPTIONS_IMPL,
@@ -49,11 +49,10 @@ from sockrepair.bench.results import (
 )
 from sockrepair.errors import SockrepairError
 from sockrepair.netns import NetNS
-from sockrepair.state import ConnectionState
 
 SIZES = (0, 1 << 20)
 REPS, QUICK_REPS = 200, 10
-PYTHON_PHASES = ("read_state", "serialize", "close", "deserialize", "restore")
+PYTHON_PHASES = MOVE_PHASES
 C_PHASES = ("read_state", "close", "restore")
 
 NS3 = ctypes.c_int64 * 3
@@ -93,29 +92,14 @@ def _python_cycle(q: int, to_peer: bytes, to_sock: bytes, mark: Callable[[int], 
     try:
         _fill_recv_queue(peer, sock, to_sock[:q])
         sent = _fill_send_queue(sock, peer, q, to_peer)
-        if mark is not None:
-            mark(0)
-        t0 = time.perf_counter_ns()
-        state = checkpoint(sock)
-        t1 = time.perf_counter_ns()
-        data = state.to_bytes()
-        t2 = time.perf_counter_ns()
-        discard(sock, state)
-        t3 = time.perf_counter_ns()
-        back = ConnectionState.from_bytes(data)
-        t4 = time.perf_counter_ns()
-        restored = restore(back)
-        t5 = time.perf_counter_ns()
-        if mark is not None:
-            mark(1)
+        state, restored, times = timed_move(sock, mark)
         if min(len(state.send_queue), len(state.recv_queue)) < q:
             raise BenchError(f"a queue held fewer than {q} bytes at checkpoint")
         _verify(restored, peer, q, sent, to_peer, to_sock)
     finally:
         for s in (sock, peer, restored):
             _close_abort(s)
-    marks = (t0, t1, t2, t3, t4, t5)
-    return {name: (b - a) / 1000 for name, a, b in zip(PYTHON_PHASES, marks, marks[1:])}
+    return times
 
 
 def _c_cycle(lib: Any, q: int, options: bool, to_peer: bytes, to_sock: bytes,

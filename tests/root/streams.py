@@ -3,13 +3,22 @@ all show up as a mismatch at a known offset."""
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
+import subprocess
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import NamedTuple
 
 from sockrepair.lab.pattern import first_mismatch, pattern
+from sockrepair.lab.subjects import start_echo, stop
+from sockrepair.netns import NetNS
+from tests.root.programs import free_port
 
-__all__ = ["connect_clients", "echo_round", "first_mismatch", "pattern", "recv_exactly", "send_until_full"]
+__all__ = ["Echoing", "connect_clients", "echo_clients", "echo_round", "first_mismatch", "pattern", "recv_exactly",
+           "send_until_full"]
 
 
 def send_until_full(sock: socket.socket, offset: int, salt: int, limit: int, chunk: int = 65536) -> int:
@@ -53,3 +62,44 @@ def echo_round(clients: list[socket.socket], offsets: list[int], size: int) -> N
         c.sendall(data)
         assert recv_exactly(c, size) == data, f"connection {i} echoed wrong bytes at offset {offsets[i]}"
         offsets[i] += size
+
+
+Process = subprocess.Popen[bytes]
+
+
+class Echoing(NamedTuple):
+    """What echo_clients() yields. `stop_later(proc)` returns `proc` (None too), to be stopped after the program."""
+
+    server: Process
+    clients: list[socket.socket]
+    offsets: list[int]
+    stop_later: Callable[[Process | None], Process | None]
+
+
+@contextmanager
+def echo_clients(n: int, size: int, ns: NetNS | None = None) -> Iterator[Echoing]:
+    """The echo program on 127.0.0.1 (in `ns`, default this namespace) and `n` clients, each of which has echoed
+    `size` bytes of its stream (echo_round). On the way out the clients are closed, the program stopped, then each
+    process given to stop_later (a receiver, a restored program) in that order."""
+    with ns.entered() if ns is not None else contextlib.nullcontext():
+        port = free_port()
+    server = start_echo(f"127.0.0.1:{port}", netns=ns.name if ns is not None else None)
+    later: list[Process | None] = []
+
+    def stop_later(proc: Process | None) -> Process | None:
+        later.append(proc)
+        return proc
+
+    clients: list[socket.socket] = []
+    try:
+        with ns.entered() if ns is not None else contextlib.nullcontext():
+            clients += connect_clients(port, n)
+        offsets = [0] * n
+        echo_round(clients, offsets, size)
+        yield Echoing(server, clients, offsets, stop_later)
+    finally:
+        for c in clients:
+            c.close()
+        stop(server)
+        for proc in later:
+            stop(proc)

@@ -29,17 +29,17 @@ from sockrepair.move.procfs import stat, tcp_sockets, tcp_table
 from sockrepair.move.quiesce import OnBusy, Quiescence
 from tests.root.pairs import tcp_info, wait_for
 from tests.root.programs import free_port
-from tests.root.streams import connect_clients, echo_round, pattern, recv_exactly
+from tests.root.streams import (
+    connect_clients,
+    echo_clients,
+    echo_round,
+    pattern,
+    recv_exactly,
+)
 
 
 def test_dump_by_pid_and_restore_into_a_new_program(netns, tmp_path):
-    port = free_port()
-    server = start_echo(f"127.0.0.1:{port}")
-    restored: subprocess.Popen[bytes] | None = None
-    clients = connect_clients(port, 4)
-    try:
-        offsets = [0] * len(clients)
-        echo_round(clients, offsets, 50_000)
+    with echo_clients(4, 50_000) as (server, clients, offsets, stop_later):
         report = dump(server.pid, tmp_path / "img", after=After.KILL)
         assert server.wait(5) == -signal.SIGKILL
         assert len(report.connections) == 4
@@ -47,61 +47,35 @@ def test_dump_by_pid_and_restore_into_a_new_program(netns, tmp_path):
         assert report.kept.recording and (tmp_path / "img" / "packets.img").stat().st_mode & 0o777 == 0o600
         mode = os.stat(tmp_path / "img" / "conn-0.img").st_mode & 0o777
         assert mode == 0o600
-        restored = subprocess.Popen(
+        restored = stop_later(subprocess.Popen(
             [sys.executable, "-m", "sockrepair.cli.main", "restore", "-D", str(tmp_path / "img"), "--exec",
-             sys.executable, str(ECHO_SERVER)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             sys.executable, str(ECHO_SERVER)], stdout=subprocess.PIPE, stderr=subprocess.PIPE))
         assert restored.stdout is not None
         assert restored.stdout.readline().startswith(b"ready")
         # the clients never saw an error: every byte echoed once and in order after the move
         echo_round(clients, offsets, 200_000)
         # and nothing is left locked
         assert sockrepair.list_locks() == []
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)
-        if restored is not None:
-            restored.kill()
-            restored.wait()
 
 
 def test_restore_lands_in_the_namespace_the_images_came_from(ns, tmp_path):
     """The program runs in a named namespace; dump and restore run from this one, and the restore names no
     namespace: the index says where the connections were, and they come back there."""
-    with ns.entered():
-        port = free_port()
-    server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
-    restored: subprocess.Popen[bytes] | None = None
-    with ns.entered():
-        clients = connect_clients(port, 2)
-    try:
-        offsets = [0, 0]
-        echo_round(clients, offsets, 10_000)
+    with echo_clients(2, 10_000, ns) as (server, clients, offsets, stop_later):
         cli = [sys.executable, "-m", "sockrepair.cli.main"]
         done = subprocess.run([*cli, "dump", "--pid", str(server.pid), "-D", str(tmp_path / "img")],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert json.loads((tmp_path / "img" / "index.json").read_text())["source"]["netns"] == ns.name
-        restored = subprocess.Popen([*cli, "restore", "-D", str(tmp_path / "img"), "--exec", sys.executable,
-                                     str(ECHO_SERVER)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        restored = stop_later(subprocess.Popen([*cli, "restore", "-D", str(tmp_path / "img"), "--exec",
+                                                sys.executable, str(ECHO_SERVER)], stdout=subprocess.PIPE,
+                                               stderr=subprocess.PIPE))
         assert restored.stdout is not None and restored.stdout.readline().startswith(b"ready")
         echo_round(clients, offsets, 50_000)
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)
-        if restored is not None:
-            restored.kill()
-            restored.wait()
 
 
 def test_dump_leave_running_keeps_serving(netns, tmp_path):
-    port = free_port()
-    server = start_echo(f"127.0.0.1:{port}")
-    clients = connect_clients(port, 2)
-    try:
-        offsets = [0, 0]
-        echo_round(clients, offsets, 10_000)
+    with echo_clients(2, 10_000) as (server, clients, offsets, _):
         report = dump(server.pid, tmp_path / "img", after=After.LEAVE_RUNNING)
         assert report.after == "leave-running"
         assert list(report.phases_ms) == ["freeze", "lock", "checkpoint", "write", "resume"]
@@ -109,13 +83,9 @@ def test_dump_leave_running_keeps_serving(netns, tmp_path):
         echo_round(clients, offsets, 10_000)
         items = read_dir(tmp_path / "img")
         assert sorted(str(e.tuple.reversed()) for e, _ in items) == sorted(
-            f"127.0.0.1:{c.getsockname()[1]}->127.0.0.1:{port}" for c in clients)
+            f"127.0.0.1:{c.getsockname()[1]}->127.0.0.1:{c.getpeername()[1]}" for c in clients)
         assert sockrepair.list_locks() == []
         assert _state(server.pid) not in ("T", "t")
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)
 
 
 def test_dump_leave_running_delivers_what_came_after_the_delivery(netns, tmp_path, monkeypatch):
@@ -354,12 +324,7 @@ def test_a_socket_that_changed_while_frozen_is_not_ended(netns, tmp_path, monkey
     before discarding anything, names the process's fd, and the process goes on with every connection."""
     from sockrepair.move import dump as dump_module
 
-    port = free_port()
-    server = start_echo(f"127.0.0.1:{port}")
-    clients = connect_clients(port, 2)
-    try:
-        offsets = [0, 0]
-        echo_round(clients, offsets, 1000)
+    with echo_clients(2, 1000) as (server, clients, offsets, _):
         late = clients[1]
         late_fd = next(s.fd for s in tcp_sockets(server.pid) if s.tuple.remote_port == late.getsockname()[1])
         write = dump_module.write_images
@@ -380,7 +345,3 @@ def test_a_socket_that_changed_while_frozen_is_not_ended(netns, tmp_path, monkey
         assert recv_exactly(late, 100) == pattern(offsets[1], 100, salt=1)
         offsets[1] += 100
         echo_round(clients, offsets, 10_000)
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)

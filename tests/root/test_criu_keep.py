@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,19 @@ PORT = 7031
 REQUEST = b"sent after the delivery"
 
 
+@contextmanager
+def _echo_server(ns: NetNS, work: Path) -> Iterator[tuple[Program, socket.socket]]:
+    """The criu tests' echo server on PORT in `ns` and a client of it that has echoed b"hello"."""
+    server = Program(ns, work, "server", "server", str(PORT))
+    with programs(server):
+        with ns.entered():
+            client = socket.create_connection(("127.0.0.1", PORT))
+        with client:
+            client.sendall(b"hello")
+            assert recv_exactly(client, 5) == b"hello"
+            yield server, client
+
+
 def test_restore_delivers_what_came_between_the_delivery_and_the_unlock(
         criu: Criu, ns: NetNS, work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     keepers: list[Keeper] = []
@@ -50,21 +65,15 @@ def test_restore_delivers_what_came_between_the_delivery_and_the_unlock(
             wait_for(lambda: keepers[0].pending(items) == 1, "the request to reach the lock", 5.0)
         return real_unlock(self, items, *args, **kwargs)
 
-    server = Program(ns, work, "server", "server", str(PORT))
-    with programs(server):
+    with _echo_server(ns, work) as (server, client):
+        driver.dump([server.pid], work / "img", allow_external_peers=True, criu=criu)
+        monkeypatch.setattr(keep_module, "Keeper", Watched)
+        monkeypatch.setattr(Locker, "unlock", unlock_after_a_request)
         with ns.entered():
-            client = socket.create_connection(("127.0.0.1", PORT))
-        with client:
-            client.sendall(b"hello")
-            assert recv_exactly(client, 5) == b"hello"
-            driver.dump([server.pid], work / "img", allow_external_peers=True, criu=criu)
-            monkeypatch.setattr(keep_module, "Keeper", Watched)
-            monkeypatch.setattr(Locker, "unlock", unlock_after_a_request)
-            with ns.entered():
-                report = driver.restore(work / "img", criu=criu)
-            assert sent, "the restore did not unlock through Locker.unlock"
-            assert recv_exactly(client, len(REQUEST)) == REQUEST  # echoed by the restored program
-            assert tcp_info(client)[2] == 0
+            report = driver.restore(work / "img", criu=criu)
+        assert sent, "the restore did not unlock through Locker.unlock"
+        assert recv_exactly(client, len(REQUEST)) == REQUEST  # echoed by the restored program
+        assert tcp_info(client)[2] == 0
     assert report.kept.delivered >= 1 and report.kept.fell_back == 0
 
 
@@ -74,22 +83,16 @@ def test_a_request_sent_between_criu_dump_and_restore_arrives_without_retransmis
     runs never race its timers: without the keeper the request would wait them and be counted retransmitted."""
     ns.ip("route", "replace", "table", "local", "local", "127.0.0.1", "dev", "lo", "proto", "kernel", "scope", "host",
           "src", "127.0.0.1", "rto_min", "8s")
-    server = Program(ns, work, "server", "server", str(PORT))
-    with programs(server):
+    with _echo_server(ns, work) as (server, client):
+        dumped = driver.dump([server.pid], work / "img", allow_external_peers=True, criu=criu)
+        assert "a keeper (pid" in dumped.kept.note
+        keeper = int(json.loads((work / "img" / RECORD).read_text())["pid"])
+        client.sendall(REQUEST)
+        wait_for(lambda: len(decode_keptlog((work / "img" / KEPT).read_bytes()).packets) == 1,
+                 "the keeper to record the request")
         with ns.entered():
-            client = socket.create_connection(("127.0.0.1", PORT))
-        with client:
-            client.sendall(b"hello")
-            assert recv_exactly(client, 5) == b"hello"
-            dumped = driver.dump([server.pid], work / "img", allow_external_peers=True, criu=criu)
-            assert "a keeper (pid" in dumped.kept.note
-            keeper = int(json.loads((work / "img" / RECORD).read_text())["pid"])
-            client.sendall(REQUEST)
-            wait_for(lambda: len(decode_keptlog((work / "img" / KEPT).read_bytes()).packets) == 1,
-                     "the keeper to record the request")
-            with ns.entered():
-                report = driver.restore(work / "img", criu=criu)
-            assert recv_exactly(client, len(REQUEST)) == REQUEST  # echoed by the restored program
-            assert tcp_info(client)[2] == 0
+            report = driver.restore(work / "img", criu=criu)
+        assert recv_exactly(client, len(REQUEST)) == REQUEST  # echoed by the restored program
+        assert tcp_info(client)[2] == 0
     assert (report.kept.delivered, report.kept.fell_back) == (1, 0)
     assert stat(keeper) is None or stat(keeper).zombie  # type: ignore[union-attr]

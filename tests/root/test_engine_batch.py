@@ -28,6 +28,7 @@ from tests.root.test_engine_states import (
     SETUPS,
     _pair,
     _until,
+    connecting,
 )
 
 SOL, TCP, IP = socket.SOL_SOCKET, socket.IPPROTO_TCP, socket.IPPROTO_IP
@@ -108,20 +109,14 @@ def test_batch_and_single_checkpoints_of_a_connecting_socket_are_equal(netns, li
                                                                        family: int, connect_addr: str) -> None:
     """SYN_SENT, whose 4-tuple getpeername cannot give: the batch takes it from its dump, checkpoint() from one of
     its own (the SYN goes to a listener whose accept queue is full, which drops it)."""
-    with socket.socket(listen_family) as full:
-        full.bind((listen_addr, 0))
-        full.listen(0)
+    with connecting(listen_family, listen_addr, family, connect_addr) as (full, stuck):
         port = full.getsockname()[1]
-        with socket.create_connection((listen_addr, port)), socket.socket(family) as stuck:
-            stuck.setblocking(False)
-            assert stuck.connect_ex((connect_addr, port)) == errno.EINPROGRESS
-            _until(stuck, SYN_SENT)
-            one = sockrepair.checkpoint(stuck)
-            sockrepair.resume(stuck)
-            (many,) = checkpoint_many([stuck])
-            sockrepair.resume(stuck)
-            assert _comparable(many) == _comparable(one)
-            assert (many.tcp_state, many.tuple.remote_port) == (SYN_SENT, port)
+        one = sockrepair.checkpoint(stuck)
+        sockrepair.resume(stuck)
+        (many,) = checkpoint_many([stuck])
+        sockrepair.resume(stuck)
+        assert _comparable(many) == _comparable(one)
+        assert (many.tcp_state, many.tuple.remote_port) == (SYN_SENT, port)
 
 
 def test_batch_across_two_namespaces(netns) -> None:

@@ -8,6 +8,7 @@ through. An error that no reset gives (here ETIMEDOUT) and a CLOSE socket withou
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -19,7 +20,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -29,10 +30,10 @@ from sockrepair.lab.recorder import Recorder
 from sockrepair.lock import Locker
 from sockrepair.move.dump import After, dump, inspect
 from sockrepair.move.pidfd import PidFd
-from sockrepair.move.procfs import closed_connections, tcp_sockets
+from sockrepair.move.procfs import ProcSocket, closed_connections, tcp_sockets
 from sockrepair.state import ConnectionState, ConnTuple
 from tests.clihelp import run_main
-from tests.root.pairs import FAMILIES, tuple_of
+from tests.root.pairs import FAMILIES, loopback_pair, tuple_of
 
 CLOSE, CLOSE_WAIT, LAST_ACK, FIN_WAIT2 = 7, 8, 9, 5
 SO_PEERNAME = 28
@@ -58,16 +59,6 @@ def _tcp_counters() -> tuple[int, int]:
     return int(values[head.index("OutSegs")]), int(values[head.index("OutRsts")])
 
 
-def _pair(family: int, listen_addr: str, connect_addr: str) -> tuple[socket.socket, socket.socket]:
-    with socket.socket(family) as listener:
-        listener.bind((listen_addr, 0))
-        listener.listen()
-        client = socket.socket(socket.AF_INET6 if ":" in connect_addr else socket.AF_INET)
-        client.connect((connect_addr, listener.getsockname()[1]))
-        server, _ = listener.accept()
-    return client, server
-
-
 def _reset(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
@@ -81,6 +72,13 @@ def _peer_of_closed(sock: socket.socket) -> ConnTuple:
     port = struct.unpack_from(">H", raw, 2)[0]
     addr = socket.inet_ntop(sock.family, raw[4:8] if sock.family == socket.AF_INET else raw[8:24])
     return ConnTuple(sock.family, local[0], local[1], addr, port)
+
+
+def _peer_closed(c: socket.socket, s: socket.socket) -> None:
+    """The client sends UNREAD and its FIN: the server end in CLOSE_WAIT."""
+    c.sendall(UNREAD)
+    c.shutdown(socket.SHUT_WR)
+    _until(s, CLOSE_WAIT)
 
 
 # Each leaves the server end in CLOSE: (client, server, locker) -> (error, FIN received) checkpoint must read.
@@ -99,18 +97,14 @@ def _reset_error_read(c: socket.socket, s: socket.socket, lk: Locker) -> tuple[i
 
 
 def _reset_in_close_wait(c: socket.socket, s: socket.socket, lk: Locker) -> tuple[int, bool]:
-    c.sendall(UNREAD)
-    c.shutdown(socket.SHUT_WR)
-    _until(s, CLOSE_WAIT)
+    _peer_closed(c, s)
     _reset(c)
     return errno.EPIPE, True
 
 
 def _reset_in_last_ack(c: socket.socket, s: socket.socket, lk: Locker) -> tuple[int, bool]:
     """Our FIN is held by the lock, so the peer's RST finds LAST_ACK: ECONNRESET after the peer's FIN."""
-    c.sendall(UNREAD)
-    c.shutdown(socket.SHUT_WR)
-    _until(s, CLOSE_WAIT)
+    _peer_closed(c, s)
     conn = tuple_of(s)
     lk.lock([conn], ttl=60)
     try:
@@ -123,9 +117,7 @@ def _reset_in_last_ack(c: socket.socket, s: socket.socket, lk: Locker) -> tuple[
 
 
 def _last_ack_acknowledged(c: socket.socket, s: socket.socket, lk: Locker) -> tuple[int, bool]:
-    c.sendall(UNREAD)
-    c.shutdown(socket.SHUT_WR)
-    _until(s, CLOSE_WAIT)
+    _peer_closed(c, s)
     s.shutdown(socket.SHUT_WR)
     return 0, False
 
@@ -171,7 +163,7 @@ def _read_as_the_application(sock: socket.socket) -> list[object]:
 
 def _closed(case: str, family: int, listen_addr: str, connect_addr: str, lk: Locker) -> tuple[socket.socket, int,
                                                                                                  bool]:
-    client, server = _pair(family, listen_addr, connect_addr)
+    client, server = loopback_pair(family, listen_addr, connect_addr)
     try:
         want = CASES[case](client, server, lk)
         _until(server, CLOSE)
@@ -239,7 +231,7 @@ def test_a_closed_connection_moves(netns, locker, case: str, family: int, listen
 def test_an_error_no_reset_gives_is_refused(locker) -> None:
     """ETIMEDOUT (the peer stopped answering; TCP_USER_TIMEOUT ran out): restore could not re-create it, so the
     checkpoint refuses the connection and leaves the socket out of repair mode."""
-    client, server = _pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
+    client, server = loopback_pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
     with client, server:
         client.sendall(b"unread")
         server.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 100)
@@ -263,7 +255,7 @@ def test_urgent_data_in_a_closed_connection_is_refused_and_left_as_it_was(netns,
                                                                             what: str) -> None:
     """`abc`, `X` with MSG_OOB, `def`, then the peer's RST: with the urgent byte unread, or read (its mark still
     ahead of the reader), the checkpoint refuses before reading the error, which stays pending."""
-    client, server = _pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
+    client, server = loopback_pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
     with server:
         client.send(b"abc")
         client.send(b"X", socket.MSG_OOB)
@@ -282,7 +274,7 @@ def test_urgent_data_in_a_closed_connection_is_refused_and_left_as_it_was(netns,
 
 
 def _disconnected() -> socket.socket:
-    client, server = _pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
+    client, server = loopback_pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
     client.close()
     libc = ctypes.CDLL(None, use_errno=True)
     unspec = ctypes.create_string_buffer(16)  # struct sockaddr with sa_family AF_UNSPEC: tcp_disconnect
@@ -336,12 +328,12 @@ print(json.dumps(report), flush=True)
 """
 
 
-def test_a_process_with_a_reset_connection_is_dumped_and_restored_whole(netns, tmp_path) -> None:
-    """`sockrepair dump --pid` of a process holding one ESTABLISHED connection and one its peer reset (5 unread
-    bytes): both are dumped (nothing refused, nothing lost) and `restore -D` gives both to the new program, the
-    reset one reading b"hello", then ECONNRESET, then b"", and failing to send with EPIPE. No RST is sent."""
+@contextlib.contextmanager
+def _holder_with_a_reset() -> Iterator[tuple[subprocess.Popen[str], socket.socket, int, ProcSocket]]:
+    """The HOLDER program with two connections of this process: one ESTABLISHED, the other reset by this end after
+    sending b"hello". Yields (the program, the live client socket, the reset one's client port, the program's
+    socket of it, in CLOSE); kills the program afterwards."""
     holder = subprocess.Popen([sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, text=True)
-    restored: subprocess.Popen[str] | None = None
     assert holder.stdout is not None
     port = int(holder.stdout.readline())
     live = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -357,56 +349,53 @@ def test_a_process_with_a_reset_connection_is_dumped_and_restored_whole(netns, t
             assert time.monotonic() < deadline, "the reset connection never reached CLOSE"
             time.sleep(0.005)
         (closed,) = [s for s in tcp_sockets(holder.pid) if s.tcp_state == CLOSE]
-        assert closed.tuple.remote_port == gone_port
-        rsts = _tcp_counters()[1]
-        code, out, err = run_main("dump", "--pid", str(holder.pid), "-D", str(tmp_path / "img"), "--json")
-        assert code == 0, err
-        report = json.loads(out)
-        assert len(report["connections"]) == 2 and report["lost"] == []
-        assert "refused" not in out + err
-        images = {s.tcp_state: s for _, s in read_dir(tmp_path / "img")}
-        assert sorted(images) == [1, CLOSE]
-        assert (images[CLOSE].recv_queue, images[CLOSE].sk_err) == (b"hello", errno.ECONNRESET)
-        assert images[CLOSE].tuple == closed.tuple
-        restored = subprocess.Popen([sys.executable, "-m", "sockrepair.cli.main", "restore", "-D",
-                                     str(tmp_path / "img"), "--exec", sys.executable, "-c", RESTORED],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        live.sendall(b"ping")
-        assert restored.stdout is not None
-        line = restored.stdout.readline()
-        assert json.loads(line) == {"live": "ping", "closed": ["hello", "ECONNRESET", "", "EPIPE"]}, (
-            line, restored.stderr.read() if restored.stderr else "")
-        assert live.recv(4) == b"pong"
-        assert _tcp_counters()[1] == rsts
-        assert sockrepair.list_locks() == []
+        yield holder, live, gone_port, closed
     finally:
         live.close()
         gone.close()
         holder.kill()
         holder.wait()
-        if restored is not None:
-            restored.kill()
-            restored.wait()
+
+
+def test_a_process_with_a_reset_connection_is_dumped_and_restored_whole(netns, tmp_path) -> None:
+    """`sockrepair dump --pid` of a process holding one ESTABLISHED connection and one its peer reset (5 unread
+    bytes): both are dumped (nothing refused, nothing lost) and `restore -D` gives both to the new program, the
+    reset one reading b"hello", then ECONNRESET, then b"", and failing to send with EPIPE. No RST is sent."""
+    with _holder_with_a_reset() as (holder, live, gone_port, closed):
+        assert closed.tuple.remote_port == gone_port
+        restored: subprocess.Popen[str] | None = None
+        try:
+            rsts = _tcp_counters()[1]
+            code, out, err = run_main("dump", "--pid", str(holder.pid), "-D", str(tmp_path / "img"), "--json")
+            assert code == 0, err
+            report = json.loads(out)
+            assert len(report["connections"]) == 2 and report["lost"] == []
+            assert "refused" not in out + err
+            images = {s.tcp_state: s for _, s in read_dir(tmp_path / "img")}
+            assert sorted(images) == [1, CLOSE]
+            assert (images[CLOSE].recv_queue, images[CLOSE].sk_err) == (b"hello", errno.ECONNRESET)
+            assert images[CLOSE].tuple == closed.tuple
+            restored = subprocess.Popen([sys.executable, "-m", "sockrepair.cli.main", "restore", "-D",
+                                         str(tmp_path / "img"), "--exec", sys.executable, "-c", RESTORED],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            live.sendall(b"ping")
+            assert restored.stdout is not None
+            line = restored.stdout.readline()
+            assert json.loads(line) == {"live": "ping", "closed": ["hello", "ECONNRESET", "", "EPIPE"]}, (
+                line, restored.stderr.read() if restored.stderr else "")
+            assert live.recv(4) == b"pong"
+            assert _tcp_counters()[1] == rsts
+            assert sockrepair.list_locks() == []
+        finally:
+            if restored is not None:
+                restored.kill()
+                restored.wait()
 
 
 def test_inspect_and_a_dump_that_leaves_the_process_running_leave_a_pending_error_unread(netns, tmp_path) -> None:
     """Reading the error clears it, and these leave the program running: they do not checkpoint the reset
     connection, which still holds its bytes and its ECONNRESET afterwards."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout is not None
-    port = int(holder.stdout.readline())
-    live = socket.create_connection(("127.0.0.1", port), timeout=10)
-    gone = socket.create_connection(("127.0.0.1", port), timeout=10)
-    try:
-        assert holder.stdout.readline().strip() == "accepted"
-        gone.sendall(b"hello")
-        time.sleep(0.02)
-        _reset(gone)
-        deadline = time.monotonic() + 10
-        while not any(s.tcp_state == CLOSE for s in tcp_sockets(holder.pid)):
-            assert time.monotonic() < deadline, "the reset connection never reached CLOSE"
-            time.sleep(0.005)
-        (closed,) = [s for s in tcp_sockets(holder.pid) if s.tcp_state == CLOSE]
+    with _holder_with_a_reset() as (holder, _, _, closed):
         assert closed.error_pending
         rows = {s.fd: (state, name) for s, state, name in inspect(holder.pid)}
         assert rows[closed.fd] == (None, "CLOSE, an error pending (left unread: only a move reads it)")
@@ -417,18 +406,13 @@ def test_inspect_and_a_dump_that_leaves_the_process_running_leave_a_pending_erro
         with copy:
             assert copy.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
             assert copy.recv(100) == b"hello"
-    finally:
-        live.close()
-        gone.close()
-        holder.kill()
-        holder.wait()
 
 
 def test_a_process_listing_tells_a_pending_error_from_none(netns) -> None:
     """procfs lists CLOSE sockets that hold a peer (here this process's own), and flags only the one whose error
     is still to be read: poll shows POLLHUP for both, POLLERR for that one alone."""
-    graceful_client, graceful = _pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
-    reset_client, reset = _pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
+    graceful_client, graceful = loopback_pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
+    reset_client, reset = loopback_pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
     with graceful_client, graceful, reset:
         _last_ack_acknowledged(graceful_client, graceful, None)  # type: ignore[arg-type]
         _reset(reset_client)

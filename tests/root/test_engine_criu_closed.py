@@ -6,19 +6,20 @@ dump` refuses such a connection by pid, fd and tuple, before freezing anything, 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from sockrepair.lab.recorder import Recorder
 from sockrepair.move.procfs import tcp_sockets
+from tests.root.criu_programs import (
+    cli,
+    connected_program,
+    wait_for_file,
+    wait_for_states,
+)
 
 # Connects, says so, then once told to (the file PATH.go appears) reads what it holds and reports it.
 PROGRAM = r"""
@@ -44,74 +45,47 @@ time.sleep(600)
 """
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sockrepair.cli.main", *args], capture_output=True, text=True,
-                          timeout=120)
-
-
-def _wait_for(path: Path) -> None:
-    deadline = time.monotonic() + 20
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
-
-
 def test_criu_moves_a_reset_connection(criu, ns, work: Path) -> None:
     ready = work / "program.ready"
-    with ns.entered():
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        program = subprocess.Popen([sys.executable, "-c", PROGRAM, str(listener.getsockname()[1]), str(ready)],
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-    peer, _ = listener.accept()
-    pid = program.pid
-    recorder: Recorder | None = None
-    try:
-        _wait_for(ready)
-        peer.sendall(b"hello")
-        time.sleep(0.05)
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        peer.close()
-        deadline = time.monotonic() + 10
-        while [s.state_name for s in tcp_sockets(pid)] != ["CLOSE"]:
-            assert time.monotonic() < deadline, tcp_sockets(pid)
-            time.sleep(0.01)
-        (closed,) = tcp_sockets(pid)
-        assert closed.error_pending
-        # criu's own checks reset connections of their own in the namespace (Tcp OutRsts moves): watch the wire
-        recorder = Recorder("lo", ns.name).start()
-        with ns.entered():
-            refused = _cli("criu", "dump", "--pid", str(pid), "-D", str(work / "refused"), "--allow-external-peers")
-            assert refused.returncode == 1 and refused.stdout == ""
-            assert "sockrepair: error: criu's images keep no socket error" in refused.stderr
-            assert f"pid {pid} fd {closed.fd} {closed.tuple}" in refused.stderr
-            assert not (work / "refused").exists()
-            assert program.poll() is None and tcp_sockets(pid) == [closed]
-            dumped = _cli("criu", "dump", "--pid", str(pid), "-D", str(work / "dump"), "--allow-external-peers",
-                          "--allow-lost-errors")
-        assert dumped.returncode == 0, dumped.stderr
-        program.wait(10)  # criu ended it: reap it, or its pid stays taken
-        with ns.entered():
-            restored = _cli("criu", "restore", "-D", str(work / "dump"))
-            assert restored.returncode == 0, restored.stderr
-            assert [s.state_name for s in tcp_sockets(pid)] == ["CLOSE"]
-            Path(f"{ready}.go").write_text("go")
-            _wait_for(Path(f"{ready}.got"))
-            # the original would have read "hello", ECONNRESET, "" and then failed to send with EPIPE
-            assert json.loads(Path(f"{ready}.got").read_text()) == [7, "hello", "", "", "EPIPE"]
-        recorder.stop()
-        segments, recorder = recorder.segments(), None
-        ours = [g for g in segments if closed.tuple.local_port in (g.src_port, g.dst_port)
-                and closed.tuple.remote_port in (g.src_port, g.dst_port)]
-        # libsoccr's re-created FIN and ACK, from the peer's address; nothing from the socket, and no RST
-        assert ours and not [g for g in ours if g.has("R") or g.src_port == closed.tuple.local_port], ours
-    finally:
-        if recorder is not None:
+    with connected_program(ns, PROGRAM, ready) as (peer, program):
+        pid = program.pid
+        recorder: Recorder | None = None
+        try:
+            peer.sendall(b"hello")
+            time.sleep(0.05)
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            peer.close()
+            wait_for_states(pid, ["CLOSE"])
+            (closed,) = tcp_sockets(pid)
+            assert closed.error_pending
+            # criu's own checks reset connections of their own in the namespace (Tcp OutRsts moves): watch the wire
+            recorder = Recorder("lo", ns.name).start()
+            with ns.entered():
+                refused = cli("criu", "dump", "--pid", str(pid), "-D", str(work / "refused"),
+                              "--allow-external-peers")
+                assert refused.returncode == 1 and refused.stdout == ""
+                assert "sockrepair: error: criu's images keep no socket error" in refused.stderr
+                assert f"pid {pid} fd {closed.fd} {closed.tuple}" in refused.stderr
+                assert not (work / "refused").exists()
+                assert program.poll() is None and tcp_sockets(pid) == [closed]
+                dumped = cli("criu", "dump", "--pid", str(pid), "-D", str(work / "dump"), "--allow-external-peers",
+                             "--allow-lost-errors")
+            assert dumped.returncode == 0, dumped.stderr
+            program.wait(10)  # criu ended it: reap it, or its pid stays taken
+            with ns.entered():
+                restored = cli("criu", "restore", "-D", str(work / "dump"))
+                assert restored.returncode == 0, restored.stderr
+                assert [s.state_name for s in tcp_sockets(pid)] == ["CLOSE"]
+                Path(f"{ready}.go").write_text("go")
+                wait_for_file(Path(f"{ready}.got"))
+                # the original would have read "hello", ECONNRESET, "" and then failed to send with EPIPE
+                assert json.loads(Path(f"{ready}.got").read_text()) == [7, "hello", "", "", "EPIPE"]
             recorder.stop()
-        peer.close()
-        listener.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)  # the restored program has the same pid
-        with contextlib.suppress(ChildProcessError, subprocess.TimeoutExpired):
-            program.wait(10)
+            segments, recorder = recorder.segments(), None
+            ours = [g for g in segments if closed.tuple.local_port in (g.src_port, g.dst_port)
+                    and closed.tuple.remote_port in (g.src_port, g.dst_port)]
+            # libsoccr's re-created FIN and ACK, from the peer's address; nothing from the socket, and no RST
+            assert ours and not [g for g in ours if g.has("R") or g.src_port == closed.tuple.local_port], ours
+        finally:
+            if recorder is not None:
+                recorder.stop()

@@ -5,10 +5,11 @@ by anyone in the namespace."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -201,12 +202,11 @@ CONNECTING = [
 ]
 
 
-@pytest.mark.parametrize(("listen_family", "listen_addr", "family", "connect_addr"), CONNECTING)
-def test_a_connection_still_connecting_moves(netns, listen_family: int, listen_addr: str, family: int,
-                                             connect_addr: str) -> None:
-    """SYN_SENT: the SYN goes to a listener whose accept queue is full (backlog 0, one waiting), which drops it.
-    The restored socket sends it again from the same initial sequence number; once the queue has room the
-    handshake completes and data flows."""
+@contextlib.contextmanager
+def connecting(listen_family: int, listen_addr: str, family: int, connect_addr: str
+               ) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A socket of `family` in SYN_SENT towards a listener on `listen_addr` whose accept queue is full (backlog 0,
+    one connection waiting), which drops its SYN: yields (the listener, the connecting socket)."""
     with socket.socket(listen_family) as full:
         full.bind((listen_addr, 0))
         full.listen(0)
@@ -215,21 +215,32 @@ def test_a_connection_still_connecting_moves(netns, listen_family: int, listen_a
             stuck.setblocking(False)
             assert stuck.connect_ex((connect_addr, port)) == errno.EINPROGRESS
             _until(stuck, SYN_SENT)
-            rsts = _out_rsts()
-            state = sockrepair.checkpoint(stuck)
-            assert (state.tcp_state, state.tuple.remote_port, state.send_queue) == (SYN_SENT, port, b"")
-            sockrepair.discard(stuck, state)
-            with sockrepair.restore(ConnectionState.from_bytes(state.to_bytes())) as restored:
-                assert _state(restored) == SYN_SENT
-                full.accept()[0].close()  # room for one more: the next SYN is taken
-                _until(restored, 1)
-                assert tuple_of(restored) == state.tuple
-                server, _ = full.accept()
-                with server:
-                    restored.sendall(b"hello")
-                    server.settimeout(10)
-                    assert server.recv(10) == b"hello"
-                    server.sendall(b"there")
-                    restored.settimeout(10)
-                    assert restored.recv(10) == b"there"
-            assert _out_rsts() == rsts
+            yield full, stuck
+
+
+@pytest.mark.parametrize(("listen_family", "listen_addr", "family", "connect_addr"), CONNECTING)
+def test_a_connection_still_connecting_moves(netns, listen_family: int, listen_addr: str, family: int,
+                                             connect_addr: str) -> None:
+    """SYN_SENT: the SYN goes to a listener whose accept queue is full (backlog 0, one waiting), which drops it.
+    The restored socket sends it again from the same initial sequence number; once the queue has room the
+    handshake completes and data flows."""
+    with connecting(listen_family, listen_addr, family, connect_addr) as (full, stuck):
+        port = full.getsockname()[1]
+        rsts = _out_rsts()
+        state = sockrepair.checkpoint(stuck)
+        assert (state.tcp_state, state.tuple.remote_port, state.send_queue) == (SYN_SENT, port, b"")
+        sockrepair.discard(stuck, state)
+        with sockrepair.restore(ConnectionState.from_bytes(state.to_bytes())) as restored:
+            assert _state(restored) == SYN_SENT
+            full.accept()[0].close()  # room for one more: the next SYN is taken
+            _until(restored, 1)
+            assert tuple_of(restored) == state.tuple
+            server, _ = full.accept()
+            with server:
+                restored.sendall(b"hello")
+                server.settimeout(10)
+                assert server.recv(10) == b"hello"
+                server.sendall(b"there")
+                restored.settimeout(10)
+                assert restored.recv(10) == b"there"
+        assert _out_rsts() == rsts

@@ -27,7 +27,7 @@ from sockrepair.move.quiesce import OnBusy, Quiescence
 from sockrepair.state import TCP_ESTABLISHED
 from tests.root.pairs import wait_for
 from tests.root.programs import free_port
-from tests.root.streams import connect_clients, echo_round
+from tests.root.streams import echo_clients, echo_round
 
 TCP_REPAIR = 19
 
@@ -58,6 +58,13 @@ def _settled(pid: int) -> bool:
 
 def _fault_env(spec: str) -> dict[str, str]:
     return dict(os.environ, SOCKREPAIR_FAULT=spec)
+
+
+def _dump_cli(pid: int, directory: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`sockrepair dump --pid PID -D DIRECTORY EXTRA...`, with SOCKREPAIR_FAULT=`fault` when given."""
+    return subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(pid), "-D", str(directory),
+                           *extra], env=_fault_env(fault) if fault else None, capture_output=True, text=True,
+                          timeout=60)
 
 
 def _restore_to(receiver_sock: Path, directory: Path) -> subprocess.CompletedProcess[str]:
@@ -94,48 +101,24 @@ DUMP_POINTS = [p for stage in DUMP_STAGES for p in (stage, stage + ".end")]
 @pytest.mark.parametrize("action", ["raise", "term", "kill"])
 @pytest.mark.parametrize("point", DUMP_POINTS)
 def test_dump_interrupted(netns, tmp_path, point, action):
-    port = free_port()
-    server = start_echo(f"127.0.0.1:{port}")
-    clients = connect_clients(port, 2)
-    receiver = None
-    try:
-        offsets = [0, 0]
-        echo_round(clients, offsets, 20_000)
+    with echo_clients(2, 20_000) as (server, clients, offsets, stop_later):
         images = tmp_path / "img"
-        run = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
-                              str(images)], env=_fault_env(f"dump:{point}:{action}"), capture_output=True,
-                             text=True, timeout=60)
+        run = _dump_cli(server.pid, images, fault=f"dump:{point}:{action}")
         assert run.returncode != 0, run.stdout
         if action == "kill":
             assert run.returncode == -signal.SIGKILL
         if action == "term":
             assert "interrupted by SIGTERM" in run.stderr, run.stderr
-        receiver = _check_after(server, point == "kill.end", images, clients, offsets, tmp_path)
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)
-        stop(receiver)
+        stop_later(_check_after(server, point == "kill.end", images, clients, offsets, tmp_path))
 
 
 @pytest.mark.parametrize("action", ["raise", "kill"])
 @pytest.mark.parametrize("point", ["resume", "resume.end"])
 def test_dump_leave_running_interrupted(netns, tmp_path, point, action):
-    port = free_port()
-    server = start_echo(f"127.0.0.1:{port}")
-    clients = connect_clients(port, 2)
-    try:
-        offsets = [0, 0]
-        echo_round(clients, offsets, 20_000)
-        run = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
-                              str(tmp_path / "img"), "--leave-running"], env=_fault_env(f"dump:{point}:{action}"),
-                             capture_output=True, text=True, timeout=60)
+    with echo_clients(2, 20_000) as (server, clients, offsets, _):
+        run = _dump_cli(server.pid, tmp_path / "img", "--leave-running", fault=f"dump:{point}:{action}")
         assert run.returncode != 0
         _check_after(server, False, tmp_path / "img", clients, offsets, tmp_path)
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)
 
 
 MIGRATE_SCRIPT = """
@@ -160,14 +143,8 @@ def _migrate_cases() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize(("point", "action"), _migrate_cases())
 def test_migrate_interrupted(netns, tmp_path, point, action):
-    port = free_port()
-    server = start_echo(f"127.0.0.1:{port}")
-    clients = connect_clients(port, 2)
-    receiver = start_receiver(tmp_path / "handoff.sock", max_seconds=120)
-    restored = None
-    try:
-        offsets = [0, 0]
-        echo_round(clients, offsets, 20_000)
+    with echo_clients(2, 20_000) as (server, clients, offsets, stop_later):
+        stop_later(start_receiver(tmp_path / "handoff.sock", max_seconds=120))
         journal = tmp_path / "journal"
         run = subprocess.run([sys.executable, "-c", MIGRATE_SCRIPT.format(keep=True), str(server.pid), str(journal),
                               str(tmp_path / "handoff.sock")], env=_fault_env(f"migrate:{point}:{action}"),
@@ -183,35 +160,18 @@ def test_migrate_interrupted(netns, tmp_path, point, action):
             return
         if ended and action == "raise":
             assert "sockrepair restore -D" in run.stderr, run.stderr
-        restored = _check_after(server, ended, journal, clients, offsets, tmp_path)
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)
-        stop(receiver)
-        stop(restored)
+        stop_later(_check_after(server, ended, journal, clients, offsets, tmp_path))
 
 
 def test_a_sigkilled_dump_never_leaves_the_program_stopped(netns, tmp_path):
     """The freeze is ptrace's (or the guard sends SIGCONT): killed while the program is frozen, the program goes on
     within the guard's cleanup, with its sockets out of repair mode."""
-    port = free_port()
-    server = start_echo(f"127.0.0.1:{port}")
-    clients = connect_clients(port, 1)
-    try:
-        offsets = [0]
-        echo_round(clients, offsets, 1000)
-        run = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
-                              str(tmp_path / "img")], env=_fault_env("dump:checkpoint.end:kill"),
-                             capture_output=True, timeout=60)
+    with echo_clients(1, 1000) as (server, clients, offsets, _):
+        run = _dump_cli(server.pid, tmp_path / "img", fault="dump:checkpoint.end:kill")
         assert run.returncode == -signal.SIGKILL
         wait_for(lambda: _settled(server.pid), "the program to go on")
         assert in_repair(server.pid) == []
         echo_round(clients, offsets, 1000)
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)
 
 
 def test_dump_of_itself_or_an_ancestor_is_refused(netns, tmp_path):
@@ -231,12 +191,7 @@ def test_a_program_left_stopped_in_repair_mode_is_recovered_by_a_dump(netns, tmp
     stopped, its sockets in repair mode. `inspect` says how to recover; a `--leave-running` dump recovers it."""
     from sockrepair.engine._repair import repair_on
 
-    port = free_port()
-    server = start_echo(f"127.0.0.1:{port}")
-    clients = connect_clients(port, 2)
-    try:
-        offsets = [0, 0]
-        echo_round(clients, offsets, 5000)
+    with echo_clients(2, 5000) as (server, clients, offsets, _):
         os.kill(server.pid, signal.SIGSTOP)
         wait_for(lambda: _state(server.pid) == "T", "the program to stop")
         with PidFd(server.pid) as pidfd:
@@ -256,10 +211,6 @@ def test_a_program_left_stopped_in_repair_mode_is_recovered_by_a_dump(netns, tmp
         assert sorted(report.left_behind) == sorted(stuck)
         wait_for(lambda: _settled(server.pid), "the program to go on")
         echo_round(clients, offsets, 20_000)
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)
 
 
 RESTORE_STAGES = ["load", "restore", "deliver", "handoff", "unlock"]
@@ -289,16 +240,10 @@ def test_restore_interrupted(netns, tmp_path, point, action):
     """`sockrepair restore -D` of a killed program's images, interrupted at each point: run again (never with
     --force), it restores what was not restored, only unlocks what an earlier run handed off, or says the move
     completed; every byte echoes once and in order, no socket is left in repair mode, nothing stays locked."""
-    port = free_port()
-    server = start_echo(f"127.0.0.1:{port}")
-    clients = connect_clients(port, 2)
-    receiver = start_receiver(tmp_path / "r.sock", max_seconds=120)
-    try:
-        offsets = [0, 0]
-        echo_round(clients, offsets, 20_000)
+    with echo_clients(2, 20_000) as (server, clients, offsets, stop_later):
+        receiver = stop_later(start_receiver(tmp_path / "r.sock", max_seconds=120))
         images = tmp_path / "img"
-        dumped = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
-                                 str(images)], capture_output=True, text=True, timeout=60)
+        dumped = _dump_cli(server.pid, images)
         assert dumped.returncode == 0, dumped.stderr
         assert server.wait(10) == -signal.SIGKILL
         first = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "restore", "-D", str(images), "--unix",
@@ -325,11 +270,6 @@ def test_restore_interrupted(netns, tmp_path, point, action):
         assert in_repair(receiver.pid) == []
         assert sockrepair.list_locks() == []
         assert _no_sockrepair_elements()
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)
-        stop(receiver)
 
 
 @pytest.mark.parametrize("action", ["raise", "kill"])
@@ -337,16 +277,10 @@ def test_restore_interrupted(netns, tmp_path, point, action):
 def test_restore_exec_interrupted_before_the_exec(netns, tmp_path, point, action):
     """`restore --exec` stopped before the exec: the connections are put back (locked, closed silently), and a
     second restore (here over --unix) brings every one of them back."""
-    port = free_port()
-    server = start_echo(f"127.0.0.1:{port}")
-    clients = connect_clients(port, 2)
-    receiver = start_receiver(tmp_path / "r.sock", max_seconds=120)
-    try:
-        offsets = [0, 0]
-        echo_round(clients, offsets, 20_000)
+    with echo_clients(2, 20_000) as (server, clients, offsets, stop_later):
+        receiver = stop_later(start_receiver(tmp_path / "r.sock", max_seconds=120))
         images = tmp_path / "img"
-        dumped = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
-                                 str(images)], capture_output=True, text=True, timeout=60)
+        dumped = _dump_cli(server.pid, images)
         assert dumped.returncode == 0, dumped.stderr
         first = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "restore", "-D", str(images), "--exec",
                                 "cat"], env=_fault_env(f"restore:{point}:{action}"), capture_output=True, text=True,
@@ -357,11 +291,6 @@ def test_restore_exec_interrupted_before_the_exec(netns, tmp_path, point, action
         echo_round(clients, offsets, 30_000)
         assert in_repair(receiver.pid) == []
         assert sockrepair.list_locks() == []
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)
-        stop(receiver)
 
 
 FORK_TERM_SCRIPT = """
@@ -381,12 +310,7 @@ def test_a_sigterm_during_the_guards_fork_interrupts_the_dump(netns, tmp_path):
     """SIGTERM arriving as the guard is forked (here: from an at-fork hook) ends the dump like any SIGTERM: the
     program goes on untouched. Before, the handler ran inside Python's at-fork hooks, which printed its exception
     and dropped it: the dump went on, killed the program and exited 0."""
-    port = free_port()
-    server = start_echo(f"127.0.0.1:{port}")
-    clients = connect_clients(port, 1)
-    try:
-        offsets = [0]
-        echo_round(clients, offsets, 1000)
+    with echo_clients(1, 1000) as (server, clients, offsets, _):
         run = subprocess.run([sys.executable, "-c", FORK_TERM_SCRIPT, "dump", "--pid", str(server.pid), "-D",
                               str(tmp_path / "img")], capture_output=True, text=True, timeout=60)
         assert run.returncode == 130 and "interrupted by SIGTERM" in run.stderr, run.stderr
@@ -394,34 +318,19 @@ def test_a_sigterm_during_the_guards_fork_interrupts_the_dump(netns, tmp_path):
         assert server.poll() is None
         wait_for(lambda: _settled(server.pid), "the program to go on")
         echo_round(clients, offsets, 1000)
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)
 
 
 @pytest.mark.parametrize("point", ["freeze", "freeze.end", "checkpoint.end"])
 def test_ctrl_c_in_a_dump_is_one_line(netns, tmp_path, point):
     """Ctrl-C (SIGINT) as a stage of the freeze begins or ends: "sockrepair: interrupted", nothing else (before,
     at the end of the freeze, the guard's closed socket was used once more: "Exception ignored ... EBADF")."""
-    port = free_port()
-    server = start_echo(f"127.0.0.1:{port}")
-    clients = connect_clients(port, 1)
-    try:
-        offsets = [0]
-        echo_round(clients, offsets, 1000)
-        run = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
-                              str(tmp_path / "img")], env=_fault_env(f"dump:{point}:int"), capture_output=True,
-                             text=True, timeout=60)
+    with echo_clients(1, 1000) as (server, clients, offsets, _):
+        run = _dump_cli(server.pid, tmp_path / "img", fault=f"dump:{point}:int")
         assert run.returncode == 130
         lines = [ln for ln in run.stderr.splitlines() if "RuntimeWarning" not in ln]
         assert lines == ["sockrepair: interrupted by SIGINT"] or lines == ["sockrepair: interrupted"], run.stderr
         wait_for(lambda: _settled(server.pid), "the program to go on")
         echo_round(clients, offsets, 1000)
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)
 
 
 def test_dump_of_a_listening_socket_names_it(netns, tmp_path):
@@ -454,47 +363,39 @@ def test_a_killed_migrate_says_where_its_journal_is_and_restore_lists_it(netns, 
     """migrate() with its own journal, SIGKILLed once the program is ended: it said where the journal is before
     that (a log line), `sockrepair restore --pending` lists the journal by the program's pid, and -D of it finishes
     the move."""
-    port = free_port()
-    server = start_echo(f"127.0.0.1:{port}")
-    clients = connect_clients(port, 2)
-    receiver = start_receiver(tmp_path / "r.sock", max_seconds=120)
-    journal = None
-    try:
-        offsets = [0, 0]
-        echo_round(clients, offsets, 20_000)
-        run = subprocess.run([sys.executable, "-c", DEFAULT_JOURNAL_SCRIPT, str(server.pid),
-                              str(tmp_path / "r.sock")], env=_fault_env("migrate:close.end:kill"),
-                             capture_output=True, text=True, timeout=60)
-        assert run.returncode == -signal.SIGKILL
-        said = [line for line in run.stderr.splitlines() if "journal: " in line]
-        assert len(said) == 1, run.stderr
-        journal = Path(said[0].rpartition("journal: ")[2])
-        assert journal.name.startswith(f"move-{server.pid}-")
+    with echo_clients(2, 20_000) as (server, clients, offsets, stop_later):
+        stop_later(start_receiver(tmp_path / "r.sock", max_seconds=120))
+        journal = None
+        try:
+            run = subprocess.run([sys.executable, "-c", DEFAULT_JOURNAL_SCRIPT, str(server.pid),
+                                  str(tmp_path / "r.sock")], env=_fault_env("migrate:close.end:kill"),
+                                 capture_output=True, text=True, timeout=60)
+            assert run.returncode == -signal.SIGKILL
+            said = [line for line in run.stderr.splitlines() if "journal: " in line]
+            assert len(said) == 1, run.stderr
+            journal = Path(said[0].rpartition("journal: ")[2])
+            assert journal.name.startswith(f"move-{server.pid}-")
 
-        def listed() -> list[dict[str, object]]:
-            out = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "restore", "--pending", "--json"],
-                                 capture_output=True, text=True, timeout=60, check=True).stdout
-            return [p for p in json.loads(out) if p["directory"] == str(journal)]
+            def listed() -> list[dict[str, object]]:
+                out = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "restore", "--pending", "--json"],
+                                     capture_output=True, text=True, timeout=60, check=True).stdout
+                return [p for p in json.loads(out) if p["directory"] == str(journal)]
 
-        wait_for(lambda: [p["in_progress"] for p in listed()] == [False], "the guard to let the journal go")
-        (entry,) = listed()
-        assert entry["pid"] == server.pid and entry["connections"] == 2 and entry["stale"] is None
-        text = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "restore", "--pending"],
-                              capture_output=True, text=True, timeout=60).stdout
-        assert f"{journal}: 2 connection(s) of process {server.pid}" in text
-        assert f"sockrepair restore -D {journal} --unix PATH" in text
-        done = _restore_to(tmp_path / "r.sock", journal)
-        assert done.returncode == 0, done.stderr
-        echo_round(clients, offsets, 30_000)
-        assert listed() == []
-        assert sockrepair.list_locks() == []
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)
-        stop(receiver)
-        if journal is not None:
-            shutil.rmtree(journal, ignore_errors=True)
+            wait_for(lambda: [p["in_progress"] for p in listed()] == [False], "the guard to let the journal go")
+            (entry,) = listed()
+            assert entry["pid"] == server.pid and entry["connections"] == 2 and entry["stale"] is None
+            text = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "restore", "--pending"],
+                                  capture_output=True, text=True, timeout=60).stdout
+            assert f"{journal}: 2 connection(s) of process {server.pid}" in text
+            assert f"sockrepair restore -D {journal} --unix PATH" in text
+            done = _restore_to(tmp_path / "r.sock", journal)
+            assert done.returncode == 0, done.stderr
+            echo_round(clients, offsets, 30_000)
+            assert listed() == []
+            assert sockrepair.list_locks() == []
+        finally:
+            if journal is not None:
+                shutil.rmtree(journal, ignore_errors=True)
 
 
 def _reuseaddr(pid: int) -> list[int]:
@@ -512,24 +413,13 @@ def _reuseaddr(pid: int) -> list[int]:
 def test_the_guard_gives_back_so_reuseaddr(netns, tmp_path, point):
     """The echo program's connections inherit SO_REUSEADDR from its listener; leaving repair mode clears it. The
     guard of a SIGKILLed dump sets it again on the sockets it resumes (it did not before)."""
-    port = free_port()
-    server = start_echo(f"127.0.0.1:{port}")
-    clients = connect_clients(port, 2)
-    try:
-        offsets = [0, 0]
-        echo_round(clients, offsets, 1000)
+    with echo_clients(2, 1000) as (server, clients, offsets, _):
         assert _reuseaddr(server.pid) == [1, 1]
-        run = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
-                              str(tmp_path / "img")], env=_fault_env(f"dump:{point}:kill"), capture_output=True,
-                             timeout=60)
+        run = _dump_cli(server.pid, tmp_path / "img", fault=f"dump:{point}:kill")
         assert run.returncode == -signal.SIGKILL
         wait_for(lambda: _settled(server.pid), "the program to go on")
         assert _reuseaddr(server.pid) == [1, 1]
         echo_round(clients, offsets, 1000)
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)
 
 
 def test_a_restore_after_a_partial_handoff_restores_only_the_rest(netns, tmp_path):
@@ -539,16 +429,10 @@ def test_a_restore_after_a_partial_handoff_restores_only_the_rest(netns, tmp_pat
     from sockrepair.move.handoff import send_over_unix
     from sockrepair.move.journal import HANDED, load_states, mark_handed
 
-    port = free_port()
-    server = start_echo(f"127.0.0.1:{port}")
-    clients = connect_clients(port, 2)
-    receiver = start_receiver(tmp_path / "r.sock", max_seconds=120)
-    try:
-        offsets = [0, 0]
-        echo_round(clients, offsets, 20_000)
+    with echo_clients(2, 20_000) as (server, clients, offsets, stop_later):
+        receiver = stop_later(start_receiver(tmp_path / "r.sock", max_seconds=120))
         images = tmp_path / "img"
-        dumped = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid), "-D",
-                                 str(images)], capture_output=True, text=True, timeout=60)
+        dumped = _dump_cli(server.pid, images)
         assert dumped.returncode == 0, dumped.stderr
         first, second = load_states(images)
         with sockrepair.restore(first) as sock:
@@ -565,8 +449,3 @@ def test_a_restore_after_a_partial_handoff_restores_only_the_rest(netns, tmp_pat
         echo_round(clients, offsets, 30_000)
         assert len([s for s in tcp_sockets(receiver.pid) if s.tcp_state == TCP_ESTABLISHED]) == 2
         assert in_repair(receiver.pid) == [] and sockrepair.list_locks() == []
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)
-        stop(receiver)

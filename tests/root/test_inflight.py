@@ -24,12 +24,11 @@ import pytest
 
 import sockrepair
 from sockrepair.engine import checkpoint, discard, restore
-from sockrepair.lab.subjects import start_echo, stop
 from sockrepair.lock import Locker
 from sockrepair.netns import NetNS
 from tests.root.conftest import Pair
 from tests.root.pairs import recv_exactly, tuple_of, wait_for
-from tests.root.programs import free_port
+from tests.root.programs import echo_connection
 
 PAYLOAD = bytes(range(256)) * 12  # 3072 bytes: one burst, far below the initial window
 REQUEST = b"GET /before-the-freeze"
@@ -176,25 +175,15 @@ def test_the_ack_of_a_kept_request_passes_the_lock() -> None:
     acknowledges it at once (a new socket starts in quick-ACK mode), still locked. The lock used to drop that
     ACK, and the peer resent the request after its retransmission timeout (~200 ms) although it had arrived."""
     with NetNS() as ns:
-        with ns.entered():
-            port = free_port()
-        server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
-        try:
-            with ns.entered():
-                client = socket.create_connection(("127.0.0.1", port))
-            with client:
-                client.sendall(b"hello")
-                assert recv_exactly(client, 5) == b"hello"
-                report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=_keep_sockets,
-                                            network=lambda: client.sendall(REQUEST))
-                [restored] = report.handoff_result
-                with restored:
-                    # nothing answered the request: only the restored socket's ACK can have acknowledged it
-                    wait_for(lambda: info(client).unacked == 0, "the peer to see its request acknowledged", 5.0)
-                    acked = info(client)
-                    assert restored.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0  # the program's, back
-                    assert recv_exactly(restored, len(REQUEST)) == REQUEST
-        finally:
-            stop(server)
+        with echo_connection(ns) as (server, client):
+            report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=_keep_sockets,
+                                        network=lambda: client.sendall(REQUEST))
+            [restored] = report.handoff_result
+            with restored:
+                # nothing answered the request: only the restored socket's ACK can have acknowledged it
+                wait_for(lambda: info(client).unacked == 0, "the peer to see its request acknowledged", 5.0)
+                acked = info(client)
+                assert restored.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0  # the program's, back
+                assert recv_exactly(restored, len(REQUEST)) == REQUEST
     assert report.kept.delivered >= 1 and report.kept.fell_back == 0  # the request (and the probe's answer)
     assert (acked.unacked, acked.total_retrans) == (0, 0)

@@ -15,12 +15,10 @@ import pytest
 
 import sockrepair
 from sockrepair.lab.programs import ECHO_SERVER
-from sockrepair.lab.subjects import start_echo, stop
 from sockrepair.move.dump import After, dump
 from sockrepair.move.journal import stale_reason
 from sockrepair.move.procfs import stat
-from tests.root.programs import free_port
-from tests.root.streams import connect_clients, echo_round
+from tests.root.streams import echo_clients, echo_round
 
 
 def restore_cli(directory: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -47,71 +45,44 @@ def _gone(pid: int) -> bool:
 
 
 def test_a_network_step_that_fails_leaves_a_journal_that_restore_completes(netns, tmp_path):
-    port = free_port()
-    server = start_echo(f"127.0.0.1:{port}")
-    clients = connect_clients(port, 3)
-    restored = None
-    journal: Path | None = None
-    try:
-        offsets = [0] * 3
-        echo_round(clients, offsets, 20_000)
+    with echo_clients(3, 20_000) as (server, clients, offsets, stop_later):
+        journal: Path | None = None
+        try:
+            def network() -> None:
+                raise RuntimeError("the address could not be moved")
 
-        def network() -> None:
-            raise RuntimeError("the address could not be moved")
-
-        with pytest.raises(RuntimeError, match="could not be moved") as caught:
-            sockrepair.migrate(server.pid, network=network, keep=False)
-        journal = Path(caught.value.journal)  # type: ignore[attr-defined]
-        assert any("sockrepair restore -D" in n for n in caught.value.__notes__)
-        assert server.wait(5) == -signal.SIGKILL
-        assert os.stat(journal).st_mode & 0o777 == 0o700
-        assert os.stat(journal / "journal.img").st_mode & 0o777 == 0o600
-        assert os.stat(journal / "journal.json").st_mode & 0o777 == 0o600
-        assert stale_reason(journal) is None
-        restored = restore_into_echo(journal)
-        echo_round(clients, offsets, 100_000)
-        assert sockrepair.list_locks() == []
-        # restored once: a second restore is refused
-        again = restore_cli(journal, "--unix", str(tmp_path / "x.sock"))
-        assert again.returncode == 1 and "this move completed" in again.stderr
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)
-        if restored is not None:
-            restored.kill()
-            restored.wait()
-        if journal is not None:
-            shutil.rmtree(journal, ignore_errors=True)
+            with pytest.raises(RuntimeError, match="could not be moved") as caught:
+                sockrepair.migrate(server.pid, network=network, keep=False)
+            journal = Path(caught.value.journal)  # type: ignore[attr-defined]
+            assert any("sockrepair restore -D" in n for n in caught.value.__notes__)
+            assert server.wait(5) == -signal.SIGKILL
+            assert os.stat(journal).st_mode & 0o777 == 0o700
+            assert os.stat(journal / "journal.img").st_mode & 0o777 == 0o600
+            assert os.stat(journal / "journal.json").st_mode & 0o777 == 0o600
+            assert stale_reason(journal) is None
+            stop_later(restore_into_echo(journal))
+            echo_round(clients, offsets, 100_000)
+            assert sockrepair.list_locks() == []
+            # restored once: a second restore is refused
+            again = restore_cli(journal, "--unix", str(tmp_path / "x.sock"))
+            assert again.returncode == 1 and "this move completed" in again.stderr
+        finally:
+            if journal is not None:
+                shutil.rmtree(journal, ignore_errors=True)
 
 
 def test_a_failure_before_the_kill_leaves_the_program_serving_and_no_journal(netns, tmp_path):
-    port = free_port()
-    server = start_echo(f"127.0.0.1:{port}")
-    clients = connect_clients(port, 2)
-    try:
-        offsets = [0, 0]
-        echo_round(clients, offsets, 10_000)
+    with echo_clients(2, 10_000) as (server, clients, offsets, _):
         # the program has no connection on fd 999: refused before anything is frozen
         with pytest.raises(sockrepair.ProcessError):
             sockrepair.migrate(server.pid, wanted=[999], journal=tmp_path / "j", keep=False)
         assert not (tmp_path / "j" / "journal.json").exists()
         echo_round(clients, offsets, 10_000)
         assert sockrepair.list_locks() == []
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)
 
 
 def test_a_handoff_target_that_cannot_work_costs_nothing(netns, tmp_path):
-    port = free_port()
-    server = start_echo(f"127.0.0.1:{port}")
-    clients = connect_clients(port, 2)
-    restored = None
-    try:
-        offsets = [0, 0]
-        echo_round(clients, offsets, 10_000)
+    with echo_clients(2, 10_000) as (server, clients, offsets, stop_later):
         dump(server.pid, tmp_path / "img", after=After.KILL)
         server.wait(5)
         missing = restore_cli(tmp_path / "img", "--unix", str(tmp_path / "no-such.sock"))
@@ -123,24 +94,12 @@ def test_a_handoff_target_that_cannot_work_costs_nothing(netns, tmp_path):
         assert cannot_run.returncode == 1 and "the kernel cannot run it" in cannot_run.stderr, cannot_run.stderr
         # nothing was restored nor unlocked: the connections are still there to be restored
         assert len(sockrepair.list_locks()) == 2
-        restored = restore_into_echo(tmp_path / "img")
+        stop_later(restore_into_echo(tmp_path / "img"))
         echo_round(clients, offsets, 50_000)
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)
-        if restored is not None:
-            restored.kill()
-            restored.wait()
 
 
 def test_stale_images_are_refused_with_the_reason(netns, tmp_path):
-    port = free_port()
-    server = start_echo(f"127.0.0.1:{port}")
-    clients = connect_clients(port, 1)
-    try:
-        offsets = [0]
-        echo_round(clients, offsets, 1000)
+    with echo_clients(1, 1000) as (server, clients, offsets, _):
         dump(server.pid, tmp_path / "running", after=After.LEAVE_RUNNING)
         echo_round(clients, offsets, 1000)
         refused = restore_cli(tmp_path / "running", "--unix", str(tmp_path / "x.sock"))
@@ -152,22 +111,12 @@ def test_stale_images_are_refused_with_the_reason(netns, tmp_path):
         why = stale_reason(tmp_path / "killed", now=time.time() + 31)
         assert why is not None and "lock expired" in why
         sockrepair.unlock_all()
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)
 
 
 def test_an_exec_that_fails_after_the_restore_puts_the_connections_back(netns, tmp_path):
     """A file that looks runnable (ELF magic) but is not: the restore is done and the exec fails, so the connections
     are locked again and their sockets closed silently; a second restore with a real program serves them."""
-    port = free_port()
-    server = start_echo(f"127.0.0.1:{port}")
-    clients = connect_clients(port, 2)
-    restored = None
-    try:
-        offsets = [0, 0]
-        echo_round(clients, offsets, 10_000)
+    with echo_clients(2, 10_000) as (server, clients, offsets, stop_later):
         dump(server.pid, tmp_path / "img", after=After.KILL)
         server.wait(5)
         fake = tmp_path / "fake-elf"
@@ -178,13 +127,6 @@ def test_an_exec_that_fails_after_the_restore_puts_the_connections_back(netns, t
         assert "locked again" in failed.stderr and "restore again" in failed.stderr
         assert len(sockrepair.list_locks()) == 2
         assert stale_reason(tmp_path / "img") is None
-        restored = restore_into_echo(tmp_path / "img")
+        stop_later(restore_into_echo(tmp_path / "img"))
         echo_round(clients, offsets, 50_000)
         assert sockrepair.list_locks() == []
-    finally:
-        for c in clients:
-            c.close()
-        stop(server)
-        if restored is not None:
-            restored.kill()
-            restored.wait()

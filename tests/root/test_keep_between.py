@@ -27,7 +27,6 @@ from sockrepair.image.keptlog import KeptLog, decode_keptlog
 from sockrepair.lab.hosts import SERVICE4, Lab
 from sockrepair.lab.programs import ECHO_SERVER
 from sockrepair.lab.recorder import Recorder as WireRecorder
-from sockrepair.lab.subjects import start_echo, stop
 from sockrepair.lock import Locker
 from sockrepair.lock.record import Recorder
 from sockrepair.move import keeper as keeper_module
@@ -37,7 +36,7 @@ from sockrepair.move.procfs import stat
 from sockrepair.netns import NetNS, named
 from sockrepair.state import ConnTuple
 from tests.root.pairs import recv_exactly, tcp_info, wait_for
-from tests.root.programs import free_port
+from tests.root.programs import echo_connection
 
 REQUEST = b"GET /between-the-commands"
 CLI = [sys.executable, "-m", "sockrepair.cli.main"]
@@ -62,6 +61,15 @@ def _dump(pid: int, directory: Path, *extra: str) -> dict[str, object]:
     assert done.returncode == 0, done.stderr
     report: dict[str, object] = json.loads(done.stdout)
     return report
+
+
+def _dump_and_keep_a_request(pid: int, client: socket.socket, directory: Path) -> int:
+    """`sockrepair dump` of `pid`, then REQUEST from `client` until the keeper recorded it: the keeper's pid."""
+    _dump(pid, directory)
+    keeper = _keeper_pid(directory)
+    client.sendall(REQUEST)
+    wait_for(lambda: len(_kept(directory).packets) == 1, "the keeper to record the request")
+    return keeper
 
 
 @contextmanager
@@ -108,40 +116,30 @@ def _out_rsts(netns: str) -> int:
 def test_a_request_sent_between_dump_and_restore_arrives_without_retransmission(ns: NetNS, tmp_path: Path,
                                                                                 listen: str, connect: str) -> None:
     _slow_peer_routes(ns)
-    with ns.entered():
-        port = free_port()
-    server = start_echo(f"[{listen}]:{port}" if ":" in listen else f"{listen}:{port}", netns=ns.name)
-    try:
-        with ns.entered():
-            client = socket.create_connection((connect, port))
-        with client:
-            client.sendall(b"hello")
-            assert recv_exactly(client, 5) == b"hello"
-            conn = ConnTuple(client.family, *client.getsockname()[:2], connect, port)
-            report = _dump(server.pid, tmp_path / "img")
-            keeper = _keeper_pid(tmp_path / "img")
-            assert f"a keeper (pid {keeper})" in str(report["kept"])
-            assert _alive(keeper) and (tmp_path / "img" / KEPT).stat().st_mode & 0o777 == 0o600
-            with WireRecorder("lo", ns.name) as wire:
-                client.sendall(REQUEST)  # after the dump has ended: only the keeper records now
-                wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
-                with _restored(tmp_path / "img") as restored:
-                    assert recv_exactly(client, len(REQUEST)) == REQUEST  # echoed by the restored program
-                    assert tcp_info(client)[2] == 0
-                    client.sendall(b"more")
-                    assert recv_exactly(client, 4) == b"more"
-                    wire.stop()
-            assert "delivered 1 packet(s)" in _stderr(restored)
-            # on the wire: the request when the peer sent it, and its copy when the restore delivered it
-            seen = wire.report(conn).directions[0]
-            assert (seen.delivered, seen.retransmitted_bytes, seen.rst) == (1, 0, 0)
-            wait_for(lambda: not _alive(keeper), "the keeper to leave", 5.0)
-            log = _kept(tmp_path / "img")
-            assert log.end is not None and log.end.startswith("handed over to process ") and log.fell_back == 0
-            with Locker(ns.name) as locker:
-                assert locker.list_locks() == []
-    finally:
-        stop(server)
+    with echo_connection(ns, listen, connect) as (server, client):
+        conn = ConnTuple(client.family, *client.getsockname()[:2], *client.getpeername()[:2])
+        report = _dump(server.pid, tmp_path / "img")
+        keeper = _keeper_pid(tmp_path / "img")
+        assert f"a keeper (pid {keeper})" in str(report["kept"])
+        assert _alive(keeper) and (tmp_path / "img" / KEPT).stat().st_mode & 0o777 == 0o600
+        with WireRecorder("lo", ns.name) as wire:
+            client.sendall(REQUEST)  # after the dump has ended: only the keeper records now
+            wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
+            with _restored(tmp_path / "img") as restored:
+                assert recv_exactly(client, len(REQUEST)) == REQUEST  # echoed by the restored program
+                assert tcp_info(client)[2] == 0
+                client.sendall(b"more")
+                assert recv_exactly(client, 4) == b"more"
+                wire.stop()
+        assert "delivered 1 packet(s)" in _stderr(restored)
+        # on the wire: the request when the peer sent it, and its copy when the restore delivered it
+        seen = wire.report(conn).directions[0]
+        assert (seen.delivered, seen.retransmitted_bytes, seen.rst) == (1, 0, 0)
+        wait_for(lambda: not _alive(keeper), "the keeper to leave", 5.0)
+        log = _kept(tmp_path / "img")
+        assert log.end is not None and log.end.startswith("handed over to process ") and log.fell_back == 0
+        with Locker(ns.name) as locker:
+            assert locker.list_locks() == []
 
 
 def test_kept_by_the_keeper_at_host_a_delivered_at_host_b(tmp_path: Path) -> None:
@@ -150,110 +148,72 @@ def test_kept_by_the_keeper_at_host_a_delivered_at_host_b(tmp_path: Path) -> Non
     with Lab() as lab:
         lab.peer.ip("route", "replace", "198.18.0.0/24", "dev", "eth0", "proto", "kernel", "scope", "link", "src",
                     "198.18.0.1", "rto_min", "8s")
-        server = start_echo(f"{SERVICE4}:7009", netns=lab.a.name)
-        try:
-            with lab.peer.entered():
-                client = socket.create_connection((SERVICE4, 7009))
-            with client:
-                client.sendall(b"hello")
-                assert recv_exactly(client, 5) == b"hello"
-                _dump(server.pid, tmp_path / "img")
-                client.sendall(REQUEST)
-                wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
-                lab.move_service("a", "b")
-                with _restored(tmp_path / "img", "--netns", lab.b.name):
-                    assert recv_exactly(client, len(REQUEST)) == REQUEST
-                    assert tcp_info(client)[2] == 0
-        finally:
-            stop(server)
+        with echo_connection(lab.a.ns, SERVICE4, peer=lab.peer.ns, port=7009) as (server, client):
+            _dump(server.pid, tmp_path / "img")
+            client.sendall(REQUEST)
+            wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
+            lab.move_service("a", "b")
+            with _restored(tmp_path / "img", "--netns", lab.b.name):
+                assert recv_exactly(client, len(REQUEST)) == REQUEST
+                assert tcp_info(client)[2] == 0
 
 
 def test_a_killed_keeper_leaves_the_lock_dropping_and_the_restore_works(ns: NetNS, tmp_path: Path) -> None:
-    with ns.entered():
-        port = free_port()
-    server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
-    try:
-        with ns.entered():
-            client = socket.create_connection(("127.0.0.1", port))
-        with client:
-            client.sendall(b"hello")
-            assert recv_exactly(client, 5) == b"hello"
-            _dump(server.pid, tmp_path / "img")
-            keeper = _keeper_pid(tmp_path / "img")
-            os.kill(keeper, signal.SIGKILL)
-            wait_for(lambda: not _alive(keeper), "the keeper to die", 5.0)
-            resets = _out_rsts(ns.name)
-            client.sendall(REQUEST)
-            # dropped by the lock, kept by nobody: the peer sends it again after its timeout, dropped again
-            wait_for(lambda: tcp_info(client)[2] >= 1, "the peer to retransmit", 10.0)
-            with Locker(ns.name) as locker:
-                assert len(locker.list_locks()) == 1  # the lock holds on without its keeper
-            assert _out_rsts(ns.name) == resets
-            with _restored(tmp_path / "img") as restored:
-                assert recv_exactly(client, len(REQUEST)) == REQUEST  # by a later retransmission
-            assert "was gone" in _stderr(restored)
-            assert _out_rsts(ns.name) == resets
-            log = _kept(tmp_path / "img")
-            assert (log.packets, log.end) == ([], None)
-    finally:
-        stop(server)
+    with echo_connection(ns) as (server, client):
+        _dump(server.pid, tmp_path / "img")
+        keeper = _keeper_pid(tmp_path / "img")
+        os.kill(keeper, signal.SIGKILL)
+        wait_for(lambda: not _alive(keeper), "the keeper to die", 5.0)
+        resets = _out_rsts(ns.name)
+        client.sendall(REQUEST)
+        # dropped by the lock, kept by nobody: the peer sends it again after its timeout, dropped again
+        wait_for(lambda: tcp_info(client)[2] >= 1, "the peer to retransmit", 10.0)
+        with Locker(ns.name) as locker:
+            assert len(locker.list_locks()) == 1  # the lock holds on without its keeper
+        assert _out_rsts(ns.name) == resets
+        with _restored(tmp_path / "img") as restored:
+            assert recv_exactly(client, len(REQUEST)) == REQUEST  # by a later retransmission
+        assert "was gone" in _stderr(restored)
+        assert _out_rsts(ns.name) == resets
+        log = _kept(tmp_path / "img")
+        assert (log.packets, log.end) == ([], None)
 
 
 @pytest.mark.parametrize("killed", [False, True], ids=["keeper-ends", "keeper-killed"])
 def test_the_lock_expires_and_the_keeper_with_it(ns: NetNS, tmp_path: Path, killed: bool) -> None:
     """The keeper ends with its lock (the dump's --ttl); killed, it leaves the lock to expire just the same."""
-    with ns.entered():
-        port = free_port()
-    server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
-    try:
-        with ns.entered():
-            client = socket.create_connection(("127.0.0.1", port))
-        with client:
-            client.sendall(b"hello")
-            assert recv_exactly(client, 5) == b"hello"
-            _dump(server.pid, tmp_path / "img", "--ttl", "2")
-            keeper = _keeper_pid(tmp_path / "img")
-            if killed:
-                os.kill(keeper, signal.SIGKILL)
-            with Locker(ns.name) as locker:
-                assert len(locker.list_locks()) == 1
-                wait_for(lambda: locker.list_locks() == [], "the lock to expire", 10.0)
-            wait_for(lambda: not _alive(keeper), "the keeper to end with the lock", 10.0)
-            # which of its two looks saw the end first is a matter of timing: its own deadline, or the lock's
-            assert _kept(tmp_path / "img").end in (
-                [None] if killed else ["the lock expired", "none of its connections is locked any more"])
-    finally:
-        stop(server)
+    with echo_connection(ns) as (server, client):
+        _dump(server.pid, tmp_path / "img", "--ttl", "2")
+        keeper = _keeper_pid(tmp_path / "img")
+        if killed:
+            os.kill(keeper, signal.SIGKILL)
+        with Locker(ns.name) as locker:
+            assert len(locker.list_locks()) == 1
+            wait_for(lambda: locker.list_locks() == [], "the lock to expire", 10.0)
+        wait_for(lambda: not _alive(keeper), "the keeper to end with the lock", 10.0)
+        # which of its two looks saw the end first is a matter of timing: its own deadline, or the lock's
+        assert _kept(tmp_path / "img").end in (
+            [None] if killed else ["the lock expired", "none of its connections is locked any more"])
 
 
 def test_a_wrong_target_or_namespace_leaves_the_keeper_keeping(ns: NetNS, tmp_path: Path) -> None:
     """A restore refused for its handoff's target or a namespace that does not exist takes nothing from the keeper
     (it took the keeper over before the namespace was checked: what the peers sent next waited for retransmission)."""
     _slow_peer_routes(ns)  # the request is kept once: no retransmission of it comes meanwhile
-    with ns.entered():
-        port = free_port()
-    server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
-    try:
-        with ns.entered():
-            client = socket.create_connection(("127.0.0.1", port))
-        with client:
-            client.sendall(b"hello")
-            assert recv_exactly(client, 5) == b"hello"
-            _dump(server.pid, tmp_path / "img")
-            keeper = _keeper_pid(tmp_path / "img")
-            for extra, error in [(["--netns", "no-such-ns"], "no network namespace at /run/netns/no-such-ns"),
-                                 (["--unix", str(tmp_path / "none.sock")], "cannot pass the connections over")]:
-                done = subprocess.run([*CLI, "restore", "-D", str(tmp_path / "img"), *extra,
-                                       *(["--exec", "true"] if "--unix" not in extra else [])],
-                                      capture_output=True, text=True, timeout=60)
-                assert done.returncode == 1 and f"sockrepair: error: {error}" in done.stderr, done.stderr
-                assert _alive(keeper) and _kept(tmp_path / "img").end is None
-            client.sendall(REQUEST)
-            wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
-            with _restored(tmp_path / "img"):
-                assert recv_exactly(client, len(REQUEST)) == REQUEST
-    finally:
-        stop(server)
+    with echo_connection(ns) as (server, client):
+        _dump(server.pid, tmp_path / "img")
+        keeper = _keeper_pid(tmp_path / "img")
+        for extra, error in [(["--netns", "no-such-ns"], "no network namespace at /run/netns/no-such-ns"),
+                             (["--unix", str(tmp_path / "none.sock")], "cannot pass the connections over")]:
+            done = subprocess.run([*CLI, "restore", "-D", str(tmp_path / "img"), *extra,
+                                   *(["--exec", "true"] if "--unix" not in extra else [])],
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 1 and f"sockrepair: error: {error}" in done.stderr, done.stderr
+            assert _alive(keeper) and _kept(tmp_path / "img").end is None
+        client.sendall(REQUEST)
+        wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
+        with _restored(tmp_path / "img"):
+            assert recv_exactly(client, len(REQUEST)) == REQUEST
 
 
 def test_what_a_put_back_restore_delivered_is_delivered_again(ns: NetNS, tmp_path: Path) -> None:
@@ -262,125 +222,79 @@ def test_what_a_put_back_restore_delivered_is_delivered_again(ns: NetNS, tmp_pat
     one is acknowledged reaches only that restore's own recorder; the restore run again delivers it from
     redeliver.img (it was lost: the peer saw it acknowledged, the program never got it)."""
     _slow_peer_routes(ns)  # no retransmission carries the held-back request into kept.img meanwhile
-    with ns.entered():
-        port = free_port()
-    server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
-    try:
-        with ns.entered():
-            client = socket.create_connection(("127.0.0.1", port))
-        with client:
-            client.sendall(b"hello")
-            assert recv_exactly(client, 5) == b"hello"
-            _dump(server.pid, tmp_path / "img")
-            client.sendall(REQUEST)
-            wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
-            client.sendall(b"second")  # Nagle holds it until the request is acknowledged
-            done = subprocess.run([*CLI, "restore", "-D", str(tmp_path / "img"), "--exec", "true"],
-                                  env=dict(os.environ, SOCKREPAIR_FAULT="restore:deliver.end:raise"),
-                                  capture_output=True, text=True, timeout=60)
-            assert done.returncode == 1 and "fault injected at restore deliver.end" in done.stderr, done.stderr
-            # both acknowledged by the socket that was put back: the peer has nothing left to send
-            wait_for(lambda: _unacked(client) == 0, "the peer to see both acknowledged", 5.0)
-            with _restored(tmp_path / "img"):
-                assert recv_exactly(client, len(REQUEST) + 6) == REQUEST + b"second"
-    finally:
-        stop(server)
+    with echo_connection(ns) as (server, client):
+        _dump(server.pid, tmp_path / "img")
+        client.sendall(REQUEST)
+        wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
+        client.sendall(b"second")  # Nagle holds it until the request is acknowledged
+        done = subprocess.run([*CLI, "restore", "-D", str(tmp_path / "img"), "--exec", "true"],
+                              env=dict(os.environ, SOCKREPAIR_FAULT="restore:deliver.end:raise"),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and "fault injected at restore deliver.end" in done.stderr, done.stderr
+        # both acknowledged by the socket that was put back: the peer has nothing left to send
+        wait_for(lambda: _unacked(client) == 0, "the peer to see both acknowledged", 5.0)
+        with _restored(tmp_path / "img"):
+            assert recv_exactly(client, len(REQUEST) + 6) == REQUEST + b"second"
 
 
 def test_a_damaged_kept_file_is_an_image_error(ns: NetNS, tmp_path: Path) -> None:
     _slow_peer_routes(ns)  # the request is kept once: no retransmission of it comes meanwhile
-    with ns.entered():
-        port = free_port()
-    server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
-    try:
-        with ns.entered():
-            client = socket.create_connection(("127.0.0.1", port))
-        with client:
-            client.sendall(b"hello")
-            assert recv_exactly(client, 5) == b"hello"
-            _dump(server.pid, tmp_path / "img")
-            keeper = _keeper_pid(tmp_path / "img")
-            client.sendall(REQUEST)
-            wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
-            path = tmp_path / "img" / KEPT
-            data = bytearray(path.read_bytes())
-            data[-10] ^= 0xFF  # in the request's payload
-            path.write_bytes(bytes(data))
-            done = subprocess.run([*CLI, "restore", "-D", str(tmp_path / "img"), "--exec", "true"],
-                                  capture_output=True, text=True, timeout=60)
-            assert done.returncode == 1
-            assert "sockrepair: error: " in done.stderr and "record 0 is damaged (CRC mismatch)" in done.stderr
-            assert "Traceback" not in done.stderr
-            assert not _alive(keeper)  # it handed over before the file was read
-            with Locker(ns.name) as locker:
-                assert len(locker.list_locks()) == 1  # nothing was restored: the connection waits, locked
-            # as the error's note says: without kept.img the restore goes on, the request comes by retransmission
-            assert f"remove {path} to restore them without those packets" in done.stderr
-            path.unlink()
-            with _restored(tmp_path / "img") as restored:
-                assert recv_exactly(client, len(REQUEST)) == REQUEST
-                client.sendall(b"more")
-                assert recv_exactly(client, 4) == b"more"
-            assert f"{path} was removed: what it kept comes by the peers' retransmission" in _stderr(restored)
-            assert tcp_info(client)[2] >= 1
-    finally:
-        stop(server)
+    with echo_connection(ns) as (server, client):
+        keeper = _dump_and_keep_a_request(server.pid, client, tmp_path / "img")
+        path = tmp_path / "img" / KEPT
+        data = bytearray(path.read_bytes())
+        data[-10] ^= 0xFF  # in the request's payload
+        path.write_bytes(bytes(data))
+        done = subprocess.run([*CLI, "restore", "-D", str(tmp_path / "img"), "--exec", "true"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1
+        assert "sockrepair: error: " in done.stderr and "record 0 is damaged (CRC mismatch)" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert not _alive(keeper)  # it handed over before the file was read
+        with Locker(ns.name) as locker:
+            assert len(locker.list_locks()) == 1  # nothing was restored: the connection waits, locked
+        # as the error's note says: without kept.img the restore goes on, the request comes by retransmission
+        assert f"remove {path} to restore them without those packets" in done.stderr
+        path.unlink()
+        with _restored(tmp_path / "img") as restored:
+            assert recv_exactly(client, len(REQUEST)) == REQUEST
+            client.sendall(b"more")
+            assert recv_exactly(client, 4) == b"more"
+        assert f"{path} was removed: what it kept comes by the peers' retransmission" in _stderr(restored)
+        assert tcp_info(client)[2] >= 1
 
 
 def test_the_keeper_leaves_once_its_connections_are_released(ns: NetNS, tmp_path: Path) -> None:
     """Restored through the library (restore_all, unlock) rather than `restore -D`, nobody asks the keeper: it sees
     the lock released and leaves, freeing the log group for the next mover in the namespace."""
-    with ns.entered():
-        port = free_port()
-    server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
-    try:
-        with ns.entered():
-            client = socket.create_connection(("127.0.0.1", port))
-        with client:
-            client.sendall(b"hello")
-            assert recv_exactly(client, 5) == b"hello"
-            _dump(server.pid, tmp_path / "img")
-            keeper = _keeper_pid(tmp_path / "img")
-            states = [s for _, s in read_dir(tmp_path / "img")]
-            [restored] = restore_all(states, ns.name)
-            with restored:
-                assert _alive(keeper)
-                unlock_in(ns.name, states)
-                wait_for(lambda: not _alive(keeper), "the keeper to leave", 10.0)
-                assert _kept(tmp_path / "img").end == "none of its connections is locked any more"
-                with ns.entered(), Recorder():  # the group is free again
-                    pass
-                client.sendall(b"after")
-                assert recv_exactly(restored, 5) == b"after"
-    finally:
-        stop(server)
+    with echo_connection(ns) as (server, client):
+        _dump(server.pid, tmp_path / "img")
+        keeper = _keeper_pid(tmp_path / "img")
+        states = [s for _, s in read_dir(tmp_path / "img")]
+        [restored] = restore_all(states, ns.name)
+        with restored:
+            assert _alive(keeper)
+            unlock_in(ns.name, states)
+            wait_for(lambda: not _alive(keeper), "the keeper to leave", 10.0)
+            assert _kept(tmp_path / "img").end == "none of its connections is locked any more"
+            with ns.entered(), Recorder():  # the group is free again
+                pass
+            client.sendall(b"after")
+            assert recv_exactly(restored, 5) == b"after"
 
 
 def test_a_keeper_that_does_not_answer_is_killed(ns: NetNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stopped keeper (SIGSTOP) cannot hand over: the restore waits ANSWER_TIMEOUT, kills it and goes on with what
     kept.img holds, so that the log group is free and nothing records behind the restore's back."""
     _slow_peer_routes(ns)  # the request is kept once: no retransmission of it comes meanwhile
-    with ns.entered():
-        port = free_port()
-    server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
-    try:
-        with ns.entered():
-            client = socket.create_connection(("127.0.0.1", port))
-        with client:
-            client.sendall(b"hello")
-            assert recv_exactly(client, 5) == b"hello"
-            _dump(server.pid, tmp_path / "img")
-            keeper = _keeper_pid(tmp_path / "img")
-            client.sendall(REQUEST)
-            wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
-            os.kill(keeper, signal.SIGSTOP)
-            monkeypatch.setattr(keeper_module, "ANSWER_TIMEOUT", 0.5)
-            states = [s for _, s in read_dir(tmp_path / "img")]
-            taken = keeper_module.take_over(tmp_path / "img", [s.tuple for s in states])
-            assert "did not answer: killed" in taken.note and taken.recorders == []
-            assert len(taken.packets) == 1 and taken.packets == _kept(tmp_path / "img").packets
-            wait_for(lambda: not _alive(keeper), "the keeper to die", 5.0)
-            with ns.entered(), Recorder():  # the group is free for the restore
-                pass
-    finally:
-        stop(server)
+    with echo_connection(ns) as (server, client):
+        keeper = _dump_and_keep_a_request(server.pid, client, tmp_path / "img")
+        os.kill(keeper, signal.SIGSTOP)
+        monkeypatch.setattr(keeper_module, "ANSWER_TIMEOUT", 0.5)
+        states = [s for _, s in read_dir(tmp_path / "img")]
+        taken = keeper_module.take_over(tmp_path / "img", [s.tuple for s in states])
+        assert "did not answer: killed" in taken.note and taken.recorders == []
+        assert len(taken.packets) == 1 and taken.packets == _kept(tmp_path / "img").packets
+        wait_for(lambda: not _alive(keeper), "the keeper to die", 5.0)
+        with ns.entered(), Recorder():  # the group is free for the restore
+            pass

@@ -14,14 +14,13 @@ import pytest
 import sockrepair
 import sockrepair.move.migrate as migrate_module
 from sockrepair.lab.hosts import SERVICE4, Lab
-from sockrepair.lab.subjects import start_echo, stop
 from sockrepair.lock import Locker
 from sockrepair.lock.record import Recorder
 from sockrepair.move.keep import Keeper, netns_path, read_kept, send_kept
 from sockrepair.netns import NetNS
 from sockrepair.state import ConnTuple
 from tests.root.pairs import recv_exactly, tcp_info, wait_for
-from tests.root.programs import free_port
+from tests.root.programs import echo_connection
 
 REQUEST = b"GET /while-locked"
 
@@ -37,24 +36,14 @@ def _move(pid: int, dest_netns: str, network: Callable[[], None], keep: bool) ->
 @pytest.mark.parametrize("keep", [True, False], ids=["keeping", "dropping"])
 def test_a_request_sent_while_locked_arrives_without_retransmission(keep: bool) -> None:
     with NetNS() as ns:
-        with ns.entered():
-            port = free_port()
-        server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
-        try:
-            with ns.entered():
-                client = socket.create_connection(("127.0.0.1", port))
-            with client:
-                client.sendall(b"hello")
-                assert recv_exactly(client, 5) == b"hello"  # the program holds an established, idle connection
-                report = _move(server.pid, ns.name, lambda: client.sendall(REQUEST), keep)
-                [restored] = report.handoff_result
-                with restored:
-                    assert recv_exactly(restored, len(REQUEST)) == REQUEST
-                    retransmitted = tcp_info(client)[2]
-                    restored.sendall(b"200 OK")
-                    assert recv_exactly(client, 6) == b"200 OK"
-        finally:
-            stop(server)
+        with echo_connection(ns) as (server, client):
+            report = _move(server.pid, ns.name, lambda: client.sendall(REQUEST), keep)
+            [restored] = report.handoff_result
+            with restored:
+                assert recv_exactly(restored, len(REQUEST)) == REQUEST
+                retransmitted = tcp_info(client)[2]
+                restored.sendall(b"200 OK")
+                assert recv_exactly(client, 6) == b"200 OK"
         if keep:
             assert (report.kept.recording, report.kept.delivered, report.kept.fell_back) == (True, 1, 0)
             assert retransmitted == 0
@@ -89,22 +78,12 @@ def test_a_request_sent_after_the_delivery_and_before_the_unlock_arrives_without
     monkeypatch.setattr(migrate_module, "Keeper", Watched)
     monkeypatch.setattr(Locker, "unlock", unlock_after_a_request)
     with NetNS() as ns:
-        with ns.entered():
-            port = free_port()
-        server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
-        try:
-            with ns.entered():
-                client = socket.create_connection(("127.0.0.1", port))
-            with client:
-                client.sendall(b"hello")
-                assert recv_exactly(client, 5) == b"hello"
-                report = _move(server.pid, ns.name, lambda: None, keep=True)
-                [restored] = report.handoff_result
-                with restored:
-                    assert recv_exactly(restored, len(REQUEST)) == REQUEST
-                    retransmitted = tcp_info(client)[2]
-        finally:
-            stop(server)
+        with echo_connection(ns) as (server, client):
+            report = _move(server.pid, ns.name, lambda: None, keep=True)
+            [restored] = report.handoff_result
+            with restored:
+                assert recv_exactly(restored, len(REQUEST)) == REQUEST
+                retransmitted = tcp_info(client)[2]
         assert sent, "migrate() did not unlock through Locker.unlock"
         assert retransmitted == 0
         assert (report.kept.delivered, report.kept.fell_back) == (1, 0)
@@ -113,28 +92,19 @@ def test_a_request_sent_after_the_delivery_and_before_the_unlock_arrives_without
 def test_kept_at_host_a_delivered_at_host_b() -> None:
     """The request reaches A's lock before the service address moves; it is delivered to the socket restored on B."""
     with Lab() as lab:
-        port = 7007
-        server = start_echo(f"{SERVICE4}:{port}", netns=lab.a.name)
-        try:
-            with lab.peer.entered():
-                client = socket.create_connection((SERVICE4, port))
-            with client:
-                client.sendall(b"hello")
-                assert recv_exactly(client, 5) == b"hello"
+        with echo_connection(lab.a.ns, SERVICE4, peer=lab.peer.ns, port=7007) as (server, client):
 
-                def network() -> None:
-                    client.sendall(REQUEST)  # to A, where the connection is locked and the lock keeps it
-                    lab.move_service("a", "b")
+            def network() -> None:
+                client.sendall(REQUEST)  # to A, where the connection is locked and the lock keeps it
+                lab.move_service("a", "b")
 
-                report = _move(server.pid, lab.b.name, network, keep=True)
-                [restored] = report.handoff_result
-                with restored:
-                    assert recv_exactly(restored, len(REQUEST)) == REQUEST
-                    assert tcp_info(client)[2] == 0
-                    restored.sendall(b"200 OK")
-                    assert recv_exactly(client, 6) == b"200 OK"
-        finally:
-            stop(server)
+            report = _move(server.pid, lab.b.name, network, keep=True)
+            [restored] = report.handoff_result
+            with restored:
+                assert recv_exactly(restored, len(REQUEST)) == REQUEST
+                assert tcp_info(client)[2] == 0
+                restored.sendall(b"200 OK")
+                assert recv_exactly(client, 6) == b"200 OK"
         assert (report.kept.delivered, report.kept.fell_back) == (1, 0)
 
 
@@ -185,21 +155,12 @@ def test_a_second_mover_in_the_namespace_moves_with_the_dropping_lock() -> None:
     connection still moves (the request comes with the peer's retransmission)."""
     with NetNS() as ns:
         with ns.entered():
-            port = free_port()
             other_mover = Recorder()
-        server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
-        try:
-            with ns.entered():
-                client = socket.create_connection(("127.0.0.1", port))
-            with client, other_mover:
-                client.sendall(b"hello")
-                assert recv_exactly(client, 5) == b"hello"
-                report = _move(server.pid, ns.name, lambda: client.sendall(REQUEST), keep=True)
-                [restored] = report.handoff_result
-                with restored:
-                    assert recv_exactly(restored, len(REQUEST)) == REQUEST
-                    assert tcp_info(client)[2] >= 1
-        finally:
-            stop(server)
+        with other_mover, echo_connection(ns) as (server, client):
+            report = _move(server.pid, ns.name, lambda: client.sendall(REQUEST), keep=True)
+            [restored] = report.handoff_result
+            with restored:
+                assert recv_exactly(restored, len(REQUEST)) == REQUEST
+                assert tcp_info(client)[2] >= 1
         assert not report.kept.recording and report.kept.delivered == 0
         assert "another process in this network namespace records" in report.kept.note

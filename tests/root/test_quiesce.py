@@ -7,6 +7,8 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,23 @@ def _slow_server(port: int, flag: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
+@contextmanager
+def _busy(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], socket.socket, Path]]:
+    """SLOW_SERVER with one client whose b"request 1" it has read and works on until the flag file exists: yields
+    (the server, the client, the flag's path); closes the client and stops the server afterwards."""
+    port = free_port()
+    flag = tmp_path / "answer-now"
+    server = _slow_server(port, flag)
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        client.sendall(b"request 1")
+        assert server.stdout is not None and server.stdout.readline() == b"got\n"
+        yield server, client, flag
+    finally:
+        client.close()
+        stop(server)
+
+
 def _running(pid: int) -> bool:
     st = stat(pid)
     return st is not None and st.state not in ("T", "t")
@@ -68,13 +87,7 @@ def test_an_idle_program_is_caught_waiting_at_once(netns, tmp_path):
 
 
 def test_a_program_busy_with_a_request_is_refused_then_answers(netns, tmp_path):
-    port = free_port()
-    flag = tmp_path / "answer-now"
-    server = _slow_server(port, flag)
-    client = socket.create_connection(("127.0.0.1", port), timeout=10)
-    try:
-        client.sendall(b"request 1")
-        assert server.stdout is not None and server.stdout.readline() == b"got\n"
+    with _busy(tmp_path) as (server, client, flag):
         with pytest.raises(sockrepair.ProcessError, match="stayed busy") as caught:
             dump(server.pid, tmp_path / "img", quiescence=Quiescence(0.2, OnBusy.REFUSE))
         assert caught.value.pid == server.pid and "nothing was moved" in str(caught.value)
@@ -83,19 +96,10 @@ def test_a_program_busy_with_a_request_is_refused_then_answers(netns, tmp_path):
         assert not (tmp_path / "img" / "index.json").exists()
         flag.touch()
         assert recv_exactly(client, len(b"answer to request 1")) == b"answer to request 1"
-    finally:
-        client.close()
-        stop(server)
 
 
 def test_moving_a_busy_program_anyway_reports_it(netns, tmp_path):
-    port = free_port()
-    flag = tmp_path / "answer-now"
-    server = _slow_server(port, flag)
-    client = socket.create_connection(("127.0.0.1", port), timeout=10)
-    try:
-        client.sendall(b"request 1")
-        assert server.stdout is not None and server.stdout.readline() == b"got\n"
+    with _busy(tmp_path) as (server, client, _):
         report = dump(server.pid, tmp_path / "img", quiescence=Quiescence(0.1, OnBusy.MOVE))
         assert not report.quiescent and report.freeze_attempts >= 2
         assert report.busy and all("thread" in b for b in report.busy)
@@ -106,19 +110,10 @@ def test_moving_a_busy_program_anyway_reports_it(netns, tmp_path):
         ((_, state),) = read_dir(tmp_path / "img")
         assert state.recv_queue == b""
         sockrepair.unlock_all()
-    finally:
-        client.close()
-        stop(server)
 
 
 def test_the_cli_says_when_it_moved_a_busy_program(netns, tmp_path):
-    port = free_port()
-    flag = tmp_path / "answer-now"
-    server = _slow_server(port, flag)
-    client = socket.create_connection(("127.0.0.1", port), timeout=10)
-    try:
-        client.sendall(b"request 1")
-        assert server.stdout is not None and server.stdout.readline() == b"got\n"
+    with _busy(tmp_path) as (server, client, _):
         refused = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(server.pid),
                                   "-D", str(tmp_path / "a"), "--quiesce-timeout", "0.1"], capture_output=True,
                                  text=True, timeout=60)
@@ -130,9 +125,6 @@ def test_the_cli_says_when_it_moved_a_busy_program(netns, tmp_path):
         assert moved.returncode == 0, moved.stderr
         assert "warning: moved while busy" in moved.stdout and "is lost" in moved.stdout
         sockrepair.unlock_all()
-    finally:
-        client.close()
-        stop(server)
 
 
 def test_a_thread_just_back_from_a_read_is_busy():

@@ -15,11 +15,10 @@ import pytest
 
 import sockrepair
 from sockrepair.lab.recorder import Recorder
-from sockrepair.lab.subjects import start_echo, stop
 from sockrepair.netns import NetNS
 from sockrepair.state import ConnTuple
 from tests.root.pairs import recv_exactly, tcp_info
-from tests.root.programs import free_port
+from tests.root.programs import echo_connection
 
 REQUEST = b"GET /kept-on-the-wire"
 
@@ -32,33 +31,23 @@ def _keep_sockets(socks: list[socket.socket], _tuples: object) -> list[socket.so
 @pytest.mark.parametrize("keep", [True, False], ids=["keeping", "dropping"])
 def test_a_capture_of_a_move_counts_the_delivered_copies(keep: bool, addr: str, tmp_path: Path) -> None:
     with NetNS() as ns:
-        with ns.entered():
-            port = free_port()
-        server = start_echo(f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}", netns=ns.name)
-        try:
-            with ns.entered():
-                client = socket.create_connection((addr, port))
-            with client:
-                client.sendall(b"hello")
-                assert recv_exactly(client, 5) == b"hello"
-                conn = ConnTuple(client.family, *client.getsockname()[:2], addr, port)
-                rec = Recorder("lo", ns.name).start()  # after the handshake, until before the close
-                try:
-                    report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=_keep_sockets, keep=keep,
-                                                network=lambda: client.sendall(REQUEST))
-                    [restored] = report.handoff_result
-                    with restored:
-                        assert recv_exactly(restored, len(REQUEST)) == REQUEST
-                        restored.sendall(b"200 OK")
-                        assert recv_exactly(client, 6) == b"200 OK"
-                        retransmitted = tcp_info(client)[2]
-                        rec.stop()
-                finally:
+        with echo_connection(ns, addr) as (server, client):
+            conn = ConnTuple(client.family, *client.getsockname()[:2], *client.getpeername()[:2])
+            rec = Recorder("lo", ns.name).start()  # after the handshake, until before the close
+            try:
+                report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=_keep_sockets, keep=keep,
+                                            network=lambda: client.sendall(REQUEST))
+                [restored] = report.handoff_result
+                with restored:
+                    assert recv_exactly(restored, len(REQUEST)) == REQUEST
+                    restored.sendall(b"200 OK")
+                    assert recv_exactly(client, 6) == b"200 OK"
+                    retransmitted = tcp_info(client)[2]
                     rec.stop()
+            finally:
+                rec.stop()
             wire = rec.report(conn)
             rec.write_pcap(tmp_path / "move.pcap")
-        finally:
-            stop(server)
     peer = wire.directions[0]  # client -> server
     assert wire.ok, wire.problems
     if keep:
