@@ -48,6 +48,7 @@ class ProcStat:
     pgrp: int
     session: int
     starttime: int
+    flags: int = 0  # the kernel's task->flags (PF_*, include/linux/sched.h)
 
     @property
     def zombie(self) -> bool:
@@ -63,9 +64,9 @@ def parse_stat(pid: int, text: str) -> ProcStat:
     """One /proc/PID/stat (or /proc/PID/task/TID/stat) line; `pid` is the number it was read for."""
     head, _, rest = text.rpartition(")")
     fields = rest.split()
-    # after comm: state(3) ppid(4) pgrp(5) session(6) ... starttime(22), numbered as in proc(5)
+    # after comm: state(3) ppid(4) pgrp(5) session(6) ... flags(9) ... starttime(22), numbered as in proc(5)
     return ProcStat(pid, head.partition("(")[2], fields[0], int(fields[1]), int(fields[2]), int(fields[3]),
-                    int(fields[19]))
+                    int(fields[19]), int(fields[6]))
 
 
 def _read_stat(path: str, pid: int) -> ProcStat | None:

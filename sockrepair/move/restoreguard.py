@@ -38,12 +38,13 @@ PF_EXITING = 0x4  # include/linux/sched.h
 
 def exiting(pid: int) -> bool:
     """Whether process `pid` is gone or on its way out (PF_EXITING, /proc/PID/stat field 9)."""
+    from sockrepair.move.procfs import stat
+
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rpartition(b")")[2].split()
+        proc = stat(pid)
     except OSError:
         return True
-    return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & PF_EXITING)
+    return proc is None or proc.zombie or bool(proc.flags & PF_EXITING)
 
 
 class RestoreGuard:
