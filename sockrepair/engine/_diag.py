@@ -204,10 +204,8 @@ def diag(session: _Session, conn: ConnTuple, ifindex: int) -> DiagView:
     return DiagView(rqueue, md5_keys, ulp, shutdown, data[_NLMSG.size + 1], info, sockopt)
 
 
-
 INET_DIAG_CONG, INET_DIAG_TOS, INET_DIAG_TCLASS, INET_DIAG_SKMEMINFO = 4, 5, 6, 7
 INET_DIAG_MARK, INET_DIAG_SOCKOPT = 15, 22
-SK_MEMINFO_RCVBUF, SK_MEMINFO_SNDBUF = 1, 3
 # struct inet_diag_sockopt, first byte (little-endian bitfields): recverr, is_icsk, freebind, hdrincl, mc_loop,
 # transparent, ...
 SOCKOPT_RECVERR, SOCKOPT_FREEBIND, SOCKOPT_TRANSPARENT = 0x01, 0x04, 0x20
@@ -215,7 +213,7 @@ _DUMP_EXT = sum(1 << (kind - 1) for kind in (INET_DIAG_INFO, INET_DIAG_CONG, INE
 _DUMP_EXT6 = _DUMP_EXT | 1 << (INET_DIAG_TCLASS - 1)
 _DUMP_HEAD = struct.Struct("=BBBBHH")  # family, state, timer, retrans, sport, dport (ports big-endian: swapped)
 _IF_AT, _U32 = 40, struct.Struct("=I")
-_MEMINFO = struct.Struct("=4I")
+_MEMINFO = struct.Struct("=4I")  # u32 sk_meminfo[]: SK_MEMINFO_RMEM_ALLOC, _RCVBUF, _WMEM_ALLOC, _SNDBUF
 _INFO_PREFIX = 8  # struct tcp_info up to tcpi_options and the window scales
 
 
