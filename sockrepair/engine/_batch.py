@@ -49,7 +49,7 @@ from sockrepair.engine._session import (
 )
 from sockrepair.engine._sockopts import IFNAMSIZ, SOCKOPT_POSITION, read_sockopt_values
 from sockrepair.engine._states import CLOSE, REPAIRABLE
-from sockrepair.engine._tcpopts import TcpInfo, tcp_info
+from sockrepair.engine._tcpopts import tcp_info, tcp_info_from
 from sockrepair.errors import SocketCallError
 from sockrepair.state import ConnectionState, SocketOptions
 
@@ -138,8 +138,7 @@ def _finish(f: _Frozen, view: SockView) -> ConnectionState:
     if refusals_suspected(session, view, f.first_state):
         refuse(session, view.tuple, f.first_state)
     ensure_state(session, f.first_state, view.state)
-    info = TcpInfo(view.state, view.info[5], view.info[6]) if len(view.info) > 6 else tcp_info(session)
-    return frozen_state(session, info, _options(session, f, view))
+    return frozen_state(session, tcp_info_from(session, view.state, view.info), _options(session, f, view))
 
 
 def _options(session: _Session, f: _Frozen, view: SockView) -> SocketOptions:

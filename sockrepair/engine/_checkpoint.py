@@ -29,6 +29,7 @@ from sockrepair.engine._tcpopts import (
     read_timestamp,
     read_window,
     tcp_info,
+    tcp_info_from,
 )
 from sockrepair.errors import SocketCallError, SocketStateError
 from sockrepair.state import ConnectionState, ConnTuple, SocketOptions, state_name
@@ -82,10 +83,7 @@ def checkpoint_session(session: _Session, first_state: int) -> ConnectionState:
         # read again under repair (the state may have moved between the first look and the freeze): the refusal
         # checks' sock_diag round trip, made in repair mode, holds the state and tcp_info's head
         view = checked.view
-        if view is not None and len(view.info) > 6:
-            info = TcpInfo(view.state, view.info[5], view.info[6])
-        else:
-            info = tcp_info(session)
+        info = tcp_info(session) if view is None else tcp_info_from(session, view.state, view.info)
         ensure_state(session, first_state, info.tcpi_state)
         return frozen_state(session, info, sockopts, checked.inq)
     except BaseException:

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import _Session
+from sockrepair.engine._tcpopts import INFO_HEAD
 from sockrepair.errors import NotPermittedError, SocketCallError
 from sockrepair.state import ConnTuple
 
@@ -197,7 +198,7 @@ def diag(session: _Session, conn: ConnTuple, ifindex: int) -> DiagView:
         elif kind == INET_DIAG_SHUTDOWN:
             shutdown = data[at]
         elif kind == INET_DIAG_INFO:
-            info = data[at : at + _INFO_PREFIX]
+            info = data[at : at + INFO_HEAD]
         elif kind == INET_DIAG_SOCKOPT:
             sockopt = data[at]
         off += (size + 3) & ~3
@@ -214,7 +215,6 @@ _DUMP_EXT6 = _DUMP_EXT | 1 << (INET_DIAG_TCLASS - 1)
 _DUMP_HEAD = struct.Struct("=BBBBHH")  # family, state, timer, retrans, sport, dport (ports big-endian: swapped)
 _IF_AT, _U32 = 40, struct.Struct("=I")
 _MEMINFO = struct.Struct("=4I")  # u32 sk_meminfo[]: SK_MEMINFO_RMEM_ALLOC, _RCVBUF, _WMEM_ALLOC, _SNDBUF
-_INFO_PREFIX = 8  # struct tcp_info up to tcpi_options and the window scales
 
 
 class SockView(NamedTuple):
@@ -315,7 +315,7 @@ def _view(data: bytes, msg: int, end: int, texts: dict[bytes, str]) -> SockView:
         at = off + _ATTR.size
         kind &= 0x3FFF
         if kind == INET_DIAG_INFO:
-            info = data[at : at + _INFO_PREFIX]
+            info = data[at : at + INFO_HEAD]
         elif kind == INET_DIAG_SHUTDOWN:
             shutdown = data[at]
         elif kind == INET_DIAG_MARK:

@@ -41,6 +41,14 @@ def tcp_info(session: _Session) -> TcpInfo:
     return TcpInfo(raw[0], raw[5], raw[6])
 
 
+def tcp_info_from(session: _Session, state: int, head: bytes) -> TcpInfo:
+    """TcpInfo from a sock_diag answer: `state` (its sk_state) and `head` (its INET_DIAG_INFO, INFO_HEAD bytes);
+    TCP_INFO itself when the kernel sent no INET_DIAG_INFO (`head` b"")."""
+    if len(head) > 6:
+        return TcpInfo(state, head[5], head[6])
+    return tcp_info(session)
+
+
 SEND_LIMITS = struct.Struct("=16xI60xI")  # struct tcp_info: tcpi_snd_mss at byte 16, tcpi_snd_cwnd at byte 80
 
 
