@@ -73,16 +73,24 @@ _OOB_FLAGS = lib.MSG_OOB | lib.MSG_PEEK | lib.MSG_DONTWAIT
 _ATTEMPTS = 20
 
 
-# The IPv4 flags INET_DIAG_SOCKOPT shows (struct inet_diag_sockopt), and the ints of _FAMILY_INTS without them.
+# The IPv4 flags INET_DIAG_SOCKOPT shows (struct inet_diag_sockopt).
 _SOCKOPT_BITS = SOCKOPT_TRANSPARENT | SOCKOPT_RECVERR
 # Enough to suspect any receive timestamping (net/core/sock.c sk_getsockopt): SO_TIMESTAMP_NEW reads 1 for
 # SO_TIMESTAMPNS_NEW too (it sets SOCK_RCVTSTAMP as well), and SO_TIMESTAMPING_OLD reads the flags however they were
 # set; refusals() then names the option.
 _SUSPECT_INTS = [i for i in _INTS if i[2] not in (lib.SO_TIMESTAMPNS_NEW, lib.SO_TIMESTAMPING_NEW)]
-_FAMILY_INTS_UNSHOWN = {
-    family: [i for i in ints if not (i[1] == IP and i[2] in (lib.IP_TRANSPARENT, lib.IP_RECVERR))]
+# The ints the checks read, per family: all of them, or all but those a dump's INET_DIAG_SOCKOPT showed unset.
+_READ_ALL = {family: _SUSPECT_INTS + ints for family, ints in _FAMILY_INTS.items()}
+_READ_UNSHOWN = {
+    family: _SUSPECT_INTS + [i for i in ints if not (i[1] == IP and i[2] in (lib.IP_TRANSPARENT, lib.IP_RECVERR))]
     for family, ints in _FAMILY_INTS.items()
 }
+
+
+def _ints_to_read(family: int, sockopt: int | None) -> list[tuple[str, int, int, str, int]]:
+    """The int options to read, given INET_DIAG_SOCKOPT's first byte (None: the kernel sent none): those it shows
+    are read only to name one it shows set."""
+    return _READ_ALL[family] if sockopt is None or sockopt & _SOCKOPT_BITS else _READ_UNSHOWN[family]
 
 
 class Checked(NamedTuple):
@@ -120,11 +128,7 @@ def checked(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool,
             if session.ioctl(lib.SIOCINQ, "SIOCINQ") == inq:
                 break
     # the dump shows IP_TRANSPARENT and IP_RECVERR: read only to name them (refusals_suspected does the same)
-    if view is None or view.sockopt is None or view.sockopt & _SOCKOPT_BITS:
-        ints = _SUSPECT_INTS + _FAMILY_INTS[family]
-    else:
-        ints = _SUSPECT_INTS + _FAMILY_INTS_UNSHOWN[family]
-    _option_refusals(session, ints, family, found)
+    _option_refusals(session, _ints_to_read(family, None if view is None else view.sockopt), family, found)
     # in repair mode CAP_NET_ADMIN is held, to which sock_diag shows an upper-layer protocol: its name is read
     # only when there is one
     ulp = _ulp(session) if view is None or not in_repair or view.ulp else ""
@@ -185,15 +189,11 @@ def refusals_suspected(session: _Session, view: SockView, tcp_state: int) -> boo
     (the batch checkpoint then raises exactly what checkpoint() does). Raises SocketCallError when a call fails."""
     if view.md5_keys or view.ulp or (view.shutdown & RCV_SHUTDOWN and tcp_state == lib.TCP_ESTABLISHED):
         return True
-    family = view.tuple.family
-    if view.sockopt is None:
-        ints = _SUSPECT_INTS + _FAMILY_INTS[family]
-    elif view.sockopt & _SOCKOPT_BITS:
+    if view.sockopt is not None and view.sockopt & _SOCKOPT_BITS:
         return True
-    else:
-        ints = _SUSPECT_INTS + _FAMILY_INTS_UNSHOWN[family]
+    family = view.tuple.family
     found: list[tuple[str, str]] = []
-    _option_refusals(session, ints, family, found)
+    _option_refusals(session, _ints_to_read(family, view.sockopt), family, found)
     _ao_refusal(session, found)
     if found or _urgent(session) is not None:
         return True
