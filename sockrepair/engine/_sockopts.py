@@ -11,7 +11,7 @@ import socket
 import struct
 from dataclasses import dataclass, fields
 
-from sockrepair.engine._ffi import ffi, lib
+from sockrepair.engine._ffi import lib
 from sockrepair.engine._session import (
     _Session,
 )
@@ -22,10 +22,6 @@ TCP, SOL, IP, IPV6 = lib.IPPROTO_TCP, lib.SOL_SOCKET, lib.IPPROTO_IP, lib.IPPROT
 SO_PRIORITY = lib.SO_PRIORITY
 AF_INET6 = socket.AF_INET6
 IFNAMSIZ = 16  # TCP_CA_NAME_MAX is 16 as well: one buffer reads both names
-LINGER_P = ffi.typeof("struct linger *")
-LINGER_SIZE = ffi.sizeof("struct linger")
-TIMEVAL_P = ffi.typeof("struct timeval *")
-TIMEVAL_SIZE = ffi.sizeof("struct timeval")
 # SO_RCVTIMEO / SO_SNDTIMEO: (SocketOptions field, option, name)
 TIMEOUTS = (("rcvtimeo_us", lib.SO_RCVTIMEO_OLD, "SO_RCVTIMEO"), ("sndtimeo_us", lib.SO_SNDTIMEO_OLD, "SO_SNDTIMEO"))
 
