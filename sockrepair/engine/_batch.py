@@ -47,7 +47,12 @@ from sockrepair.engine._session import (
     session_of,
     signed32,
 )
-from sockrepair.engine._sockopts import IFNAMSIZ, SOCKOPT_POSITION, read_sockopt_values
+from sockrepair.engine._sockopts import (
+    IFNAMSIZ,
+    SOCKOPT_POSITION,
+    decode_name,
+    read_sockopt_values,
+)
 from sockrepair.engine._states import CLOSE, REPAIRABLE
 from sockrepair.engine._tcpopts import tcp_info, tcp_info_from
 from sockrepair.errors import SocketCallError
@@ -167,7 +172,7 @@ def _device(session: _Session) -> str:
         raw = session.sock.getsockopt(SOL, lib.SO_BINDTODEVICE, IFNAMSIZ)
     except OSError as exc:
         raise session.failed("getsockopt(SO_BINDTODEVICE)", exc) from None
-    return raw.split(b"\0", 1)[0].decode("ascii", "replace")
+    return decode_name(raw)
 
 
 def ensure_all_unchanged(socks: Sequence[SockLike], states: Sequence[ConnectionState]) -> None:

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import _Session
+from sockrepair.engine._sockopts import decode_name
 from sockrepair.engine._tcpopts import INFO_HEAD
 from sockrepair.errors import NotPermittedError, SocketCallError
 from sockrepair.state import ConnTuple
@@ -327,7 +328,7 @@ def _view(data: bytes, msg: int, end: int, texts: dict[bytes, str]) -> SockView:
         elif kind == INET_DIAG_TOS:
             tos = data[at]
         elif kind == INET_DIAG_CONG:
-            congestion = data[at : off + alen].split(b"\0", 1)[0].decode("ascii", "replace")
+            congestion = decode_name(data[at : off + alen])
         elif kind == INET_DIAG_TCLASS:
             tclass = data[at]
         elif kind == INET_DIAG_MD5SIG:

@@ -159,8 +159,8 @@ def read_sockopt_values(session: _Session, family: int, skip: frozenset[str] = f
             timeouts.append(secs * 1_000_000 + usecs)
     except OSError as exc:
         raise session.failed(f"getsockopt({name})", exc) from None
-    for at, value in zip(_LAST_POSITIONS, (bool(linger_on), linger_secs, _name(device), _name(congestion), *timeouts),
-                         strict=True):
+    last = (bool(linger_on), linger_secs, decode_name(device), decode_name(congestion), *timeouts)
+    for at, value in zip(_LAST_POSITIONS, last, strict=True):
         values[at] = value
     return values
 
@@ -171,7 +171,7 @@ def _reads_without(family: int, skip: frozenset[str]) -> list[tuple[str, int, in
     return [read for read in _READS[family] if read[0] not in skip]
 
 
-def _name(raw: bytes) -> str:
+def decode_name(raw: bytes) -> str:
     """A NUL-terminated name as getsockopt gives it (IFNAMSIZ, TCP_CA_NAME_MAX)."""
     return raw.split(b"\0", 1)[0].decode("ascii", "replace")
 
