@@ -102,6 +102,16 @@ def _receiver_path(path: str) -> str:
     return real
 
 
+_UCRED = struct.Struct("=iII")  # struct ucred: pid_t pid, uid_t uid, gid_t gid
+
+
+def peer_credentials(unix: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of the connected UNIX socket `unix`, as they were when it
+    connected or listened (SO_PEERCRED, struct ucred). Raises OSError."""
+    pid, uid, gid = _UCRED.unpack(unix.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return pid, uid, gid
+
+
 def connect_receiver(path: str, uids: Collection[int] = ()) -> socket.socket:
     """A UNIX stream socket connected to the process listening at `path`, checked before any connection is restored
     for it: `path`'s directory must be the caller's or root's and not writable by group or others, and the listener
@@ -111,7 +121,7 @@ def connect_receiver(path: str, uids: Collection[int] = ()) -> socket.socket:
     unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         unix.connect(real)
-        pid, uid, _gid = struct.unpack("3i", unix.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        pid, uid, _gid = peer_credentials(unix)
         allowed = {0, os.geteuid(), *uids}
         if uid not in allowed:
             raise HandoffError(f"refused to pass connections over {path}: its listener (pid {pid}) runs as uid {uid}, "

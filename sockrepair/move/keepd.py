@@ -56,13 +56,13 @@ def run(spec: dict[str, Any]) -> str:
     import select
     import signal
     import socket
-    import struct
     import time
 
     from sockrepair.errors import NftError, SockrepairError
     from sockrepair.image.keptlog import END, PACKET, counts_record, record
     from sockrepair.lock.locker import Locker
     from sockrepair.lock.record import Caps, Recorder, wire_key
+    from sockrepair.move.handoff import peer_credentials
     from sockrepair.netns import inside
     from sockrepair.packet import packet_tuple
     from sockrepair.state import ConnTuple
@@ -157,7 +157,7 @@ def run(spec: dict[str, Any]) -> str:
         if listener.fileno() in ready:
             conn, _ = listener.accept()
             with conn:
-                pid, uid, _gid = struct.unpack("=iII", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+                pid, uid, _gid = peer_credentials(conn)
                 if uid not in (os.geteuid(), 0):
                     continue  # the directory is 0700: only its owner or root can reach the socket anyway
                 keep()

@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from sockrepair.errors import ImageError, LockError
 from sockrepair.lock.record import Recorder, wire_key
+from sockrepair.move.handoff import peer_credentials
 from sockrepair.move.procfs import stat
 from sockrepair.packet import packet_tuple
 from sockrepair.private import create_private, read_regular
@@ -185,7 +185,7 @@ def _ask(directory: Path, count: int) -> tuple[list[int | None], list[int]] | No
             except (FileNotFoundError, ConnectionRefusedError):
                 return None
             # the directory is the caller's and 0700, so only its owner or root can have made the socket
-            uid = struct.unpack("=iII", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+            uid = peer_credentials(conn)[1]
             if uid not in (os.geteuid(), 0):
                 raise ImageError(f"{directory / SOCKET} is held by uid {uid}", path=str(directory / SOCKET))
             try:
