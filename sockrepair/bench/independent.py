@@ -175,14 +175,16 @@ def measure(library: Path, sizes: Sequence[int] = SIZES, reps: int = REPS, block
     return out
 
 
-def run(quick: bool = False, sizes: Sequence[int] = SIZES, notes: list[str] | None = None) -> list[Independent]:
-    """The check in a network namespace of its own; [] (and a note) when there is no C compiler."""
+def run(quick: bool = False, sizes: Sequence[int] = SIZES, notes: list[str] | None = None,
+        reps: int | None = None) -> list[Independent]:
+    """The check in a network namespace of its own, `reps` cycles of each (default REPS, QUICK_REPS when `quick`);
+    [] (and a note) when there is no C compiler."""
     with tempfile.TemporaryDirectory(prefix="sockrepair-independent-") as tmp:
         library = cref.build(Path(tmp), notes, shared=True)
         if library is None:
             return []
         with NetNS() as ns, ns.entered():
-            return measure(library, sizes, QUICK_REPS if quick else REPS)
+            return measure(library, sizes, reps if reps is not None else QUICK_REPS if quick else REPS)
 
 
 def main() -> int:
@@ -191,13 +193,10 @@ def main() -> int:
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="queue sizes in bytes (comma list)")
     args = parser.parse_args()
     notes: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="sockrepair-independent-") as tmp:
-        library = cref.build(Path(tmp), notes, shared=True)
-        if library is None:
-            print(notes[0], file=sys.stderr)
-            return 1
-        with NetNS() as ns, ns.entered():
-            entries = measure(library, [int(v) for v in args.sizes.split(",") if v], args.reps)
+    entries = run(sizes=[int(v) for v in args.sizes.split(",") if v], notes=notes, reps=args.reps)
+    if notes:
+        print(notes[0], file=sys.stderr)
+        return 1
     for e in entries:
         phases = " ".join(f"{p} {us:.1f}" for p, us in e["python_phases_us"].items())
         c_phases = " ".join(f"{p} {us:.1f}" for p, us in e["c_phases_us"].items())
