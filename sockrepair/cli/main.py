@@ -22,7 +22,6 @@ from sockrepair.private import open_regular, read_regular
 
 # packets.img (sockrepair.image.packets.MAGIC), named here so that `show` of an image does not load construct
 PACKETS_MAGIC = b"SKPK"
-KEPTLOG_MAGIC = b"SKKL"  # kept.img, the keeper's journal (sockrepair.image.keptlog.MAGIC)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -42,13 +41,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from sockrepair.image import layout
+    from sockrepair.image import keptlog, layout
     from sockrepair.image.directory import read_image
     from sockrepair.image.text import state_lines
 
-    if _starts_with(args.image, PACKETS_MAGIC):
+    magic = _magic(args.image)
+    if magic == PACKETS_MAGIC:
         return _show_packets(args)
-    if _starts_with(args.image, KEPTLOG_MAGIC):
+    if magic == keptlog.MAGIC:
         return _show_keptlog(args)
     state = read_image(args.image)
     if args.json:
@@ -59,12 +59,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _starts_with(path: Path, magic: bytes) -> bool:
+def _magic(path: Path) -> bytes:
+    """The first 4 bytes of `path` (the magic of every sockrepair file), b"" when it cannot be read."""
     try:
         with open_regular(path) as f:  # never blocks on a FIFO, never follows a symlink
-            return f.read(len(magic)) == magic
+            return f.read(len(PACKETS_MAGIC))
     except OSError:
-        return False  # read_image says why
+        return b""  # read_image says why
 
 
 def _show_packets(args: argparse.Namespace) -> int:
