@@ -10,6 +10,7 @@ and `.filename` the path; callers wrap them into their own error."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -85,6 +86,25 @@ def create_private(dir_fd: int, name: str, mode: str = "wb") -> IO:  # type: ign
     except BaseException:
         os.close(fd)
         raise
+
+
+def replace_private(directory: str | Path, name: str, data: bytes) -> None:
+    """`data` as the file `name` in `directory`, 0600, whole or not at all: written to NAME.part (one that a writer
+    killed meanwhile left is removed first), fsynced, renamed over `name`, the directory fsynced; a crash leaves the
+    old file or the new one. Raises OSError."""
+    part = name + ".part"
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(part, dir_fd=dir_fd)
+        with create_private(dir_fd, part) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(part, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def open_regular(name: str | Path, dir_fd: int | None = None, *, shown: str | Path | None = None) -> IO[bytes]:

@@ -40,7 +40,7 @@ from sockrepair.image.directory import (
     write_dir,
 )
 from sockrepair.move.procfs import stat
-from sockrepair.private import open_dir, open_private, read_regular
+from sockrepair.private import open_dir, open_private, read_regular, replace_private
 from sockrepair.state import ConnectionState
 
 COMPLETED = "completed"
@@ -299,15 +299,7 @@ def mark_handed(directory: Path, tuples: Sequence[object]) -> None:
     `directory` must not make them again, only unlock them. Written to a temporary name, fsynced and renamed, so that
     a crash leaves the old list or the new one."""
     names = sorted(read_handed(directory) | {str(t) for t in tuples})
-    part = directory / (HANDED + ".part")
-    with contextlib.suppress(FileNotFoundError):
-        part.unlink()
-    with open_private(part) as f:
-        f.write(json.dumps(names).encode())
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(part, directory / HANDED)
-    _fsync_path(directory, os.O_DIRECTORY)
+    replace_private(directory, HANDED, json.dumps(names).encode())
 
 
 def read_handed(directory: Path) -> set[str]:

@@ -21,7 +21,7 @@ from sockrepair.lock.inject import Injector
 from sockrepair.lock.record import Caps, Held, Recorder, wire_key
 from sockrepair.netns import inside
 from sockrepair.packet import packet_tuple
-from sockrepair.private import create_private, read_regular
+from sockrepair.private import create_private, read_regular, replace_private
 from sockrepair.state import ConnTuple
 
 
@@ -212,22 +212,10 @@ def saved_to(directory: Path, tuples: Sequence[ConnTuple]) -> Callable[[Sequence
     from sockrepair.image.packets import encode_packets
 
     saved = read_kept(directory, tuples, REDELIVER)
-    part = REDELIVER + ".part"
 
     def save(packets: Sequence[bytes]) -> None:
         saved.extend(packets)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(part, dir_fd=dir_fd)  # left by a restore killed while it wrote
-            with create_private(dir_fd, part) as f:
-                f.write(encode_packets(saved))
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(part, REDELIVER, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_private(directory, REDELIVER, encode_packets(saved))
 
     return save
 
