@@ -80,9 +80,9 @@ def wire_key(conn: ConnTuple) -> ConnTuple:
 class Recorder:
     """Binds the lock's log group in `netns` (a name from `ip netns list`, or None for this thread's namespace) and
     keeps the copies of what peers send to locked connections. Raises LockError when the group is bound by another
-    socket (another mover in this namespace) or nfnetlink_log is missing. `bound`: a recorder's socket taken over from
-another process (`socket`, passed with SCM_RIGHTS), with the `next_seq` it expected. Use as a context manager, or
-close()."""
+    socket (another mover in this namespace) or nfnetlink_log is missing. `bound`: a recorder's socket taken over
+    from another process (`socket`, passed with SCM_RIGHTS), with the `next_seq` it expected. Use as a context
+    manager, or close()."""
 
     def __init__(self, netns: str | None = None, caps: Caps = Caps(), *, bound: socket.socket | None = None,
                  next_seq: int | None = None) -> None:
