@@ -225,6 +225,16 @@ def _in_process(exc: SocketStateError, pid: int, sock: ProcSocket, copy: int) ->
                             tuple=sock.tuple, tcp_state=now[1] if now is not None else exc.tcp_state)
 
 
+def _in_process_of(exc: SocketStateError, pid: int, socks: Sequence[ProcSocket],
+                   copies: Sequence[int]) -> SocketStateError:
+    """_in_process() for the copy among `copies` (of `socks`, in that order) the engine's error names; `exc` itself
+    when it names none of them."""
+    for sock, copy in zip(socks, copies):
+        if copy == exc.fd:
+            return _in_process(exc, pid, sock, copy)
+    return exc
+
+
 def checkpoint_taken(pid: int, sock: ProcSocket, copy: int) -> ConnectionState:
     """checkpoint() of `copy`, process `pid`'s socket `sock` taken with pidfd_getfd. Raises SocketStateError naming
     the process's pid and fd, the tuple and the TCP state."""
@@ -241,10 +251,7 @@ def checkpoint_all_taken(pid: int, chosen: Sequence[ProcSocket], copies: Sequenc
     try:
         return checkpoint_many(copies)
     except SocketStateError as exc:
-        for sock, copy in zip(chosen, copies):
-            if copy == exc.fd:
-                raise _in_process(exc, pid, sock, copy) from None
-        raise
+        raise _in_process_of(exc, pid, chosen, copies) from None
 
 
 @contextlib.contextmanager
@@ -345,10 +352,7 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[]
     try:
         ensure_all_unchanged(cap.fds, cap.states)
     except SocketStateError as exc:
-        for s, fd in zip(cap.sockets, cap.fds):
-            if fd == exc.fd:
-                raise _in_process(exc, cap.pid, s, fd) from None
-        raise
+        raise _in_process_of(exc, cap.pid, cap.sockets, cap.fds) from None
     with deferred_signals():
         cap.freezer.ending()
         cap.ended = True
