@@ -177,7 +177,7 @@ def _entry_view(entry: Entry, state: ConnectionState) -> dict[str, Any]:
 
 def inspect(pid: int) -> list[tuple[ProcSocket, ConnectionState | None, str]]:
     """A non-destructive look at every TCP socket of `pid`, ordered by fd: (socket, state, state name), where
-    state is None for a socket in a state the engine does not repair (LISTEN, SYN_SENT...) or that a move cannot
+    state is None for a socket in a state the engine does not repair (LISTEN, SYN_RECV...) or that a move cannot
     take (the name then says why), and the name "<STATE> (in repair mode)" for one found in repair mode (left so by
     a move killed half-way: it stays so). A socket in CLOSE with an error pending is listed without a state:
     reading the error (as a checkpoint does) would clear it. The others are checkpointed and resumed without a
