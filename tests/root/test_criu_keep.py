@@ -17,13 +17,11 @@ from sockrepair.criu import driver
 from sockrepair.criu.locate import Criu
 from sockrepair.image.keptlog import NAME as KEPT
 from sockrepair.image.keptlog import decode_keptlog
-from sockrepair.lock import Locker
 from sockrepair.move import keep as keep_module
-from sockrepair.move.keep import Keeper
 from sockrepair.move.keeper import RECORD
 from sockrepair.move.procfs import stat
 from sockrepair.netns import NetNS
-from sockrepair.state import ConnTuple
+from tests.root.keeping import request_before_the_unlock
 from tests.root.pairs import recv_exactly, tcp_info, wait_for
 from tests.root.test_criu_trees import Program, programs
 
@@ -48,27 +46,9 @@ def _echo_server(ns: NetNS, work: Path) -> Iterator[tuple[Program, socket.socket
 
 def test_restore_delivers_what_came_between_the_delivery_and_the_unlock(
         criu: Criu, ns: NetNS, work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    keepers: list[Keeper] = []
-
-    class Watched(Keeper):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-            keepers.append(self)
-
-    real_unlock = Locker.unlock
-    sent: list[ConnTuple] = []
-
-    def unlock_after_a_request(self: Locker, items: list[ConnTuple], *args: object, **kwargs: object) -> object:
-        if keepers and items and not sent:  # the restore's unlock: the delivery is over, the connection locked
-            sent[:] = items
-            client.sendall(REQUEST)
-            wait_for(lambda: keepers[0].pending(items) == 1, "the request to reach the lock", 5.0)
-        return real_unlock(self, items, *args, **kwargs)
-
     with _echo_server(ns, work) as (server, client):
         driver.dump([server.pid], work / "img", allow_external_peers=True, criu=criu)
-        monkeypatch.setattr(keep_module, "Keeper", Watched)
-        monkeypatch.setattr(Locker, "unlock", unlock_after_a_request)
+        sent = request_before_the_unlock(monkeypatch, keep_module, client, REQUEST)
         with ns.entered():
             report = driver.restore(work / "img", criu=criu)
         assert sent, "the restore did not unlock through Locker.unlock"

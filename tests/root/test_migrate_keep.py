@@ -18,7 +18,7 @@ from sockrepair.lock import Locker
 from sockrepair.lock.record import Recorder
 from sockrepair.move.keep import Keeper, netns_path, read_kept, send_kept
 from sockrepair.netns import NetNS
-from sockrepair.state import ConnTuple
+from tests.root.keeping import request_before_the_unlock
 from tests.root.pairs import recv_exactly, tcp_info, wait_for
 from tests.root.programs import echo_connection
 
@@ -58,33 +58,15 @@ def test_a_request_sent_after_the_delivery_and_before_the_unlock_arrives_without
     """The lock stops and keeps what a peer sends until the unlock, also after the kept packets were delivered:
     migrate() delivers once more after the unlock, or the request waits for the peer's retransmission (the ~207 ms
     waits of bench_gap's requests workload at 100 connections)."""
-    keepers: list[Keeper] = []
-
-    class Watched(Keeper):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-            keepers.append(self)
-
-    real_unlock = Locker.unlock
-    sent: list[ConnTuple] = []
-
-    def unlock_after_a_request(self: Locker, items: list[ConnTuple], *args: object, **kwargs: object) -> object:
-        if not sent:  # the first unlock of the move: the delivery is over, the connection still locked
-            [conn] = sent[:] = items
-            client.sendall(REQUEST)
-            wait_for(lambda: keepers[0].pending([conn]) == 1, "the request to reach the lock", 5.0)
-        return real_unlock(self, items, *args, **kwargs)
-
-    monkeypatch.setattr(migrate_module, "Keeper", Watched)
-    monkeypatch.setattr(Locker, "unlock", unlock_after_a_request)
     with NetNS() as ns:
         with echo_connection(ns) as (server, client):
+            sent = request_before_the_unlock(monkeypatch, migrate_module, client, REQUEST)
             report = _move(server.pid, ns.name, lambda: None, keep=True)
             [restored] = report.handoff_result
             with restored:
                 assert recv_exactly(restored, len(REQUEST)) == REQUEST
                 retransmitted = tcp_info(client)[2]
-        assert sent, "migrate() did not unlock through Locker.unlock"
+        assert len(sent) == 1, "migrate() did not unlock its one connection through Locker.unlock"
         assert retransmitted == 0
         assert (report.kept.delivered, report.kept.fell_back) == (1, 0)
 
