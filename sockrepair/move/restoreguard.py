@@ -169,7 +169,8 @@ class _Guard:
         back = len(self.socks) - len(handed)
         if back:
             # nobody else says it: the restorer is gone, or became a program that ended without the connections
-            where = f" -D {self.directory}" if self.directory is not None else " ..."
+            where = (f" -D {self.directory}" if self.directory is not None else " --from-criu DIR") + (
+                f" --netns {self.netns}" if self.netns else "") + " (--exec CMD... | --unix PATH)"
             with contextlib.suppress(OSError):
                 os.write(2, (f"sockrepair: the restore ended without handing off {back} connection(s): put back, "
                              f"still locked; `sockrepair restore{where}` restores them again\n").encode())
