@@ -18,6 +18,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sockrepair.state import ConnTuple
 
+# Past this many characters, input quoted in a message shows only its start and its length (shown()).
+ECHO_LIMIT = 120
+
+
+def shown(text: str) -> str:
+    """`text` (a user's argument, or a value read from a file) as an error message quotes it: its repr(); past
+    ECHO_LIMIT characters the repr of its first 100 and its length, so that the message stays one readable line."""
+    return repr(text) if len(text) <= ECHO_LIMIT else repr(text[:100]) + f"... ({len(text)} characters)"
+
 
 class SockrepairError(Exception):
     """The root of every error sockrepair raises; the CLI prints these as one line, never as a traceback. Every one

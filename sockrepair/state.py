@@ -12,6 +12,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from sockrepair.errors import shown
+
 TCP_STATES = {
     1: "ESTABLISHED",
     2: "SYN_SENT",
@@ -83,22 +85,22 @@ class ConnTuple:
     def parse(cls, text: str) -> ConnTuple:
         """Parse `ADDR:PORT->ADDR:PORT` (IPv6 in brackets), the form str() prints; raises ValueError (not a
         SockrepairError: this is argument parsing) on anything else, a port outside 1-65535, or mixed families."""
-        shown = repr(text) if len(text) <= 120 else repr(text[:100]) + f"... ({len(text)} characters)"
+        quoted = shown(text)
         sides = text.split("->")
         if len(sides) != 2:
-            raise ValueError(f"not a connection tuple {shown} (want ADDR:PORT->ADDR:PORT: two ends joined by ->)")
+            raise ValueError(f"not a connection tuple {quoted} (want ADDR:PORT->ADDR:PORT: two ends joined by ->)")
         try:
             (la, lp), (ra, rp) = (_split_hostport(sides[0]), _split_hostport(sides[1]))
             lip, rip = ipaddress.ip_address(la), ipaddress.ip_address(ra)
         except ValueError as exc:
             why = str(exc) if len(str(exc)) <= 160 else str(exc)[:150] + "..."
-            raise ValueError(f"not a connection tuple {shown} (want ADDR:PORT->ADDR:PORT): {why}") from None
+            raise ValueError(f"not a connection tuple {quoted} (want ADDR:PORT->ADDR:PORT): {why}") from None
         if lip.version != rip.version:
-            raise ValueError(f"mixed address families in {shown}")
+            raise ValueError(f"mixed address families in {quoted}")
         family = socket.AF_INET if lip.version == 4 else socket.AF_INET6
         for port in (lp, rp):
             if not 0 < port < 65536:
-                raise ValueError(f"port {port} out of range in {text!r}")
+                raise ValueError(f"port {port} out of range in {quoted}")
         # as inet_ntop(3) prints them, the form the kernel's addresses take everywhere else: Python 3.11's str() of a
         # v4-mapped address is "::ffff:7f00:1", which compared unequal to the same tuple read from a socket
         return cls(family, socket.inet_ntop(family, lip.packed), lp, socket.inet_ntop(family, rip.packed), rp)

@@ -1,13 +1,36 @@
-"""argparse value types shared by the subcommands: bad values become usage errors (exit 2), never tracebacks."""
+"""The command's argument parser and the value types its subcommands share: bad values become usage errors (one
+line, exit 2), never tracebacks."""
 
 from __future__ import annotations
 
 import argparse
 import pwd
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
+from sockrepair.cli.output import clip_echoes
 from sockrepair.lock.locker import MAX_TTL
 from sockrepair.state import ConnTuple
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with a usage error as one line on stderr, `PROG: error: MESSAGE` (exit 2), without the
+    usage block (`PROG --help` prints it), and the long arguments it quotes cut (output.clip_echoes).
+    add_subparsers() makes each subcommand's parser of this class too."""
+
+    _argv: Sequence[str] = ()
+
+    # one signature for typeshed's three overloads (they only tell the namespace's type apart)
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: Any = None) -> tuple[Any, list[str]]:
+        # a subcommand's parser is given its own part of the command line: the part its errors quote
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {clip_echoes(message, self._argv)}\n")
 
 
 def path_arg(text: str) -> Path:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sockrepair.cli.args import path_arg, seconds_arg
+from sockrepair.cli.args import Parser, path_arg, seconds_arg
 from sockrepair.cli.bench import add_bench_command
 from sockrepair.cli.criu import add_criu_commands
 from sockrepair.cli.lock import add_lock_commands
@@ -113,7 +113,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="sockrepair", description="Move live TCP connections between sockets, processes and hosts with TCP_REPAIR."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -4,10 +4,12 @@ JSON object on stdout, so a script reading stdout learns what failed and where).
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Iterable
 from typing import Any
 
-from sockrepair.errors import SockrepairError
+from sockrepair.errors import ECHO_LIMIT, SockrepairError, shown
 
 # The attributes of sockrepair.errors exceptions a caller branches on (see that module's docstring).
 ERROR_FIELDS = ("errno", "op", "fd", "pid", "tuple", "tcp_state", "path", "offset", "field", "name", "journal")
@@ -21,10 +23,22 @@ def print_json(data: Any) -> None:
 
 def message(exc: BaseException) -> str:
     """The one-line text of an error: its own for sockrepair's; for a plain OSError "PATH: what the kernel said",
-    never Python's "[Errno N] ...: 'PATH'"."""
+    never Python's "[Errno N] ...: 'PATH'". A long path or name the error carries is cut where the text quotes it
+    (clip_echoes)."""
     if isinstance(exc, OSError) and not isinstance(exc, SockrepairError) and exc.strerror:
-        return f"{exc.filename}: {exc.strerror}" if exc.filename is not None else str(exc.strerror)
-    return str(exc)
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename is not None else str(exc.strerror)
+    else:
+        text = str(exc)
+    echoed = [getattr(exc, n, None) for n in ("path", "name", "filename", "filename2")]
+    return clip_echoes(text, [os.fsdecode(v) for v in echoed if isinstance(v, (str, bytes, os.PathLike))])
+
+
+def clip_echoes(text: str, inputs: Iterable[str]) -> str:
+    """`text` with each of `inputs` (what the user gave: arguments, paths) longer than ECHO_LIMIT characters
+    replaced, quoted or not, by its errors.shown() form: a 5,000-character path is not echoed whole."""
+    for value in sorted({v for v in inputs if len(v) > ECHO_LIMIT}, key=len, reverse=True):
+        text = text.replace(repr(value), shown(value)).replace(value, shown(value))
+    return text
 
 
 def error_object(exc: BaseException) -> dict[str, Any]:

@@ -43,9 +43,10 @@ def error_line(*argv: str) -> str:
 
 
 def usage_error(*argv: str) -> str:
+    """The one line a usage error prints: `sockrepair[ SUBCOMMAND]: error: ...`, exit 2, no usage block."""
     code, out, err = run_main(*argv)
     assert code == 2 and out == "", (code, out, err)
-    assert "usage: sockrepair" in err and "Traceback" not in err
+    assert re.match(r"sockrepair( [a-z]+)*: error: ", err) and err.count("\n") == 1, err
     return err
 
 
@@ -179,6 +180,47 @@ def test_verify_of_what_is_not_a_capture(tmp_path: Path) -> None:
 )
 def test_bad_arguments_are_usage_errors(argv: tuple[str, ...], says: str) -> None:
     assert says in usage_error(*argv)
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        ((), "sockrepair: error: the following arguments are required: COMMAND"),
+        (("restore", "--netns", "b", "--exec", "true"),
+         "sockrepair restore: error: one of the arguments -D/--dir --from-criu --pending is required"),
+        (("restore", "-D", "d"), "sockrepair restore: error: one of the arguments --exec --unix is required"),
+        (("criu", "dump", "--pid", "x", "-D", "d"),
+         "sockrepair criu dump: error: argument --pid: invalid int value: 'x'"),
+        (("lock",), "sockrepair lock: error: the following arguments are required: TUPLE"),
+        (("check", "extra"), "sockrepair: error: unrecognized arguments: extra"),
+    ],
+)
+def test_a_usage_error_is_one_line_without_the_usage_block(argv: tuple[str, ...], line: str) -> None:
+    """Every parser of the command, a subcommand's and a subcommand's subcommand's too, printed its whole usage
+    block before the error."""
+    assert usage_error(*argv) == line + "\n"
+
+
+def test_help_still_prints_the_usage() -> None:
+    code, out, err = run_main("restore", "--help")
+    assert (code, err) == (0, "") and out.startswith("usage: sockrepair restore ")
+
+
+def test_long_input_is_not_echoed_whole_in_an_error(tmp_path: Path) -> None:
+    path = str(tmp_path / ("a" * 5000))
+    line = error_line("show", path)
+    assert line == (f"sockrepair: error: cannot read image {path[:100]!r}... ({len(path)} characters): "
+                    "File name too long\n")
+    code, out, _ = run_main("show", path, "--json")
+    assert code == 1 and json.loads(out)["error"]["path"] == path  # the JSON object keeps it whole
+    ttl = "9" * 5000
+    assert usage_error("lock", TUPLE, "--ttl", ttl) == (
+        f"sockrepair lock: error: argument --ttl: ttl must be in (0, 3600] seconds, not {ttl[:100]!r}... (5000 "
+        "characters)\n")
+    choice = "x" * 300
+    assert f"invalid choice: {choice[:100]!r}... (300 characters) (choose from " in usage_error(choice)
+    assert usage_error("check", choice) == (
+        f"sockrepair: error: unrecognized arguments: {choice[:100]!r}... (300 characters)\n")
 
 
 def test_bad_input_to_the_other_commands(tmp_path: Path) -> None:
