@@ -186,8 +186,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return _list_pending(args.json)
     if not handing:
         args.usage_error("one of the arguments --exec --unix is required")
+    _check_arguments(args)
     with contextlib.ExitStack() as held:
         return _restore(args, held)
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """What the command line alone decides, checked before the images are waited for or read: a typo (a namespace
+    that does not exist, a program that cannot run) is reported as itself, not hidden behind the state of the
+    directory (a move completed already, stale images)."""
+    if args.unix_uid and not args.unix:
+        raise HandoffError("--unix-uid goes with --unix")
+    with named(args.netns):
+        pass
+    if args.exec_argv is not None:
+        runnable(args.exec_argv[0] if args.exec_argv else "")
 
 
 def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
@@ -221,13 +234,10 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
                 raise ImageError(f"{args.dir}: not restoring stale images: {why}{hint}",
                                  path=str(args.dir))
         conns = [s.tuple for s in states]
-        if args.unix_uid and not args.unix:
-            raise HandoffError("--unix-uid goes with --unix")
-        with named(args.netns):  # a namespace name that names none (a typo) must not cost the keeper either
+        with named(args.netns):  # the one the index names may be gone: that must not cost the keeper either
             pass
         # the handoff's target is checked before anything is restored: a wrong path must not cost the connections
         if args.exec_argv is not None:
-            runnable(args.exec_argv[0] if args.exec_argv else "")
             unix = None
         else:
             unix = connect_receiver(args.unix, args.unix_uid)

@@ -348,6 +348,27 @@ def test_restore_pending_lists_the_journals_of_moves_stopped_half_way(tmp_path: 
     assert "one of the arguments --exec --unix is required" in usage_error("restore", "-D", "d")
 
 
+def test_restore_reports_a_bad_netns_or_exec_before_the_state_of_the_directory(tmp_path: Path) -> None:
+    """A completed move's directory was refused first: the typo, the real mistake, was never mentioned."""
+    from sockrepair.move import journal
+
+    state = a_state()
+    done = tmp_path / "done"
+    done.mkdir(mode=0o700)
+    journal.write_journal(done, os.getpid(), [7], [state.to_bytes()], [state.tuple], ttl=60, netns=None)
+    journal.mark_completed(done, created=False)
+    assert error_line("restore", "-D", str(done), "--exec", "true") == \
+        f"sockrepair: error: {done}: not restoring stale images: this move completed: its connections live on " \
+        "elsewhere\n"
+    assert error_line("restore", "-D", str(done), "--netns", "no-such-ns-h4", "--exec", "true") == \
+        "sockrepair: error: no network namespace at /run/netns/no-such-ns-h4 (see `ip netns list`)\n"
+    missing = str(tmp_path / "no-such-program")
+    assert error_line("restore", "-D", str(done), "--exec", missing) == \
+        f"sockrepair: error: --exec: no such program {missing} (or not executable)\n"
+    assert error_line("restore", "-D", str(done), "--unix-uid", "0", "--exec", "true") == \
+        "sockrepair: error: --unix-uid goes with --unix\n"
+
+
 def test_restore_pending_lists_a_journal_of_another_version_or_shape_as_not_restorable(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """journal.json of an unknown version, or not an object, is never offered to `restore -D` (which refuses it):
