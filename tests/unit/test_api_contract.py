@@ -92,6 +92,36 @@ def test_import_loads_no_heavy_dependency() -> None:
     assert out.stdout.strip() == "", out.stdout
 
 
+def _fresh(code: str) -> str:
+    """What `code` prints in a fresh interpreter (this one has imported most of sockrepair already)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          timeout=60).stdout
+
+
+def test_import_loads_the_errors_only_and_each_name_on_first_use() -> None:
+    """`import sockrepair` loaded the engine, the lock and migrate() (~120 ms): the `sockrepair` command's start, where
+    a Ctrl-C printed an import's traceback."""
+    code = (
+        "import sys, sockrepair, sockrepair.cli\n"
+        "print(sorted(m for m in sys.modules if m.startswith('sockrepair')))\n"
+        "sockrepair.checkpoint\n"
+        "print('sockrepair.engine' in sys.modules, 'sockrepair.move.migrate' in sys.modules)\n"
+    )
+    assert _fresh(code).splitlines() == ["['sockrepair', 'sockrepair.cli', 'sockrepair.errors']", "True False"]
+
+
+@pytest.mark.parametrize("first", ["import sockrepair.lock", "import sockrepair.move.migrate", "sockrepair.Locker",
+                                   "from sockrepair import lock", "sockrepair.lock"])
+def test_sockrepair_lock_is_the_function_whatever_was_imported_first(first: str) -> None:
+    """The import system binds a subpackage on its package when it first loads it: sockrepair.lock the subpackage
+    must not replace sockrepair.lock the function. `import sockrepair.lock as m` gives the function (documented)."""
+    code = (f"import sys, sockrepair\n{first}\nimport sockrepair.lock as m\n"
+            "from sockrepair.lock import Locker, lock\n"
+            "print(sockrepair.lock is m is lock,\n"
+            "      sys.modules['sockrepair.lock'].Locker is Locker is sockrepair.Locker)\n")
+    assert _fresh(code) == "True True\n"
+
+
 # ---- the exception tree -------------------------------------------------------------------------------------------
 
 # Each exception's public ancestors: what `except` clauses can rely on (private helper bases left out).
