@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from sockrepair.errors import (
     AddressInUseError,
     AddressNotLocalError,
+    BenchmarkError,
     CriuError,
     HandoffError,
     ImageError,
@@ -109,6 +110,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AddressInUseError",
     "AddressNotLocalError",
+    "BenchmarkError",
     "ConnTuple",
     "ConnectionState",
     "CriuError",

@@ -192,3 +192,12 @@ class WireError(SockrepairError):
 
 class CriuError(SockrepairError):
     """criu is missing, incompatible, or failed; the message carries the cause and the fix when known."""
+
+
+class BenchmarkError(SockrepairError):
+    """A benchmark could not measure what it was asked to: its traced or timed run failed, or what it wrote could
+    not be read. `.part` names the measurement (e.g. "syscalls", sockrepair/bench/syscalls.py)."""
+
+    def __init__(self, message: str, *, part: str | None = None) -> None:
+        super().__init__(message)
+        self.part = part

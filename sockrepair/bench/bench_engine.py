@@ -52,7 +52,7 @@ from sockrepair.bench.results import (
 from sockrepair.engine._batch import checkpoint_many
 from sockrepair.engine._ffi import lib
 from sockrepair.engine._sockcall import ioctl_int
-from sockrepair.errors import SockrepairError
+from sockrepair.errors import BenchmarkError, SockrepairError
 from sockrepair.lab.pattern import first_mismatch, pattern
 from sockrepair.lock import Locker
 from sockrepair.netns import NetNS
@@ -491,7 +491,7 @@ def run(quick: bool = False, sizes: Sequence[int] = SIZES, batches: Sequence[int
         checked = independent.run(quick, notes=notes)
         try:
             counted = syscalls.run(notes=notes)
-        except syscalls.SyscallsError as exc:
+        except BenchmarkError as exc:
             notes.append(f"the system calls per cycle were not counted: {exc}")
     return {"single": single, "batch": batch, "independent": checked, "syscalls": counted, "notes": notes,
             "c_single": merge_single(c_parts)}

@@ -32,21 +32,18 @@ from sockrepair.bench.results import (
     SOCKREPAIR_IMPL,
     Syscalls,
 )
-from sockrepair.errors import SockrepairError
+from sockrepair.errors import BenchmarkError
 from sockrepair.netns import NetNS
 
 SIZES = independent.SIZES
 MARKS = (999_990, 999_991)  # fd numbers closed as markers: EBADF, visible in the trace, nothing else happens
 TIMEOUT = 120.0
+PART = "syscalls"  # the .part of this module's BenchmarkErrors
 NO_STRACE_NOTE = "strace not found: the system calls per cycle were not counted (apt-get install strace)"
 
 _LINE = re.compile(r"^(?:\[pid\s+)?(\d+)\]?\s+(\w+)\((.*)$")
 _SOCKOPT = re.compile(r"^\d+, (\w+), (\w+)")
 _MARK = re.compile(r"^close\((\d+)\)")
-
-
-class SyscallsError(SockrepairError):
-    """The traced cycles did not run to the end, or their trace could not be read."""
 
 
 def _mark(which: int) -> None:
@@ -98,7 +95,7 @@ def parse(trace: str, sizes: Sequence[int]) -> list[Syscalls]:
         elif current is not None:
             current.append(line)
     if len(stretches) != 2 * len(sizes):
-        raise SyscallsError(f"the trace holds {len(stretches)} marked cycles, {2 * len(sizes)} expected")
+        raise BenchmarkError(f"the trace holds {len(stretches)} marked cycles, {2 * len(sizes)} expected", part=PART)
     out: list[Syscalls] = []
     for i, q in enumerate(sizes):
         python, c = _calls(stretches[2 * i]), _calls(stretches[2 * i + 1])
@@ -146,10 +143,10 @@ def run(sizes: Sequence[int] = SIZES, notes: list[str] | None = None) -> list[Sy
             try:
                 done = subprocess.run(ns.exec_argv(argv), capture_output=True, text=True, timeout=TIMEOUT)
             except subprocess.TimeoutExpired:
-                raise SyscallsError(f"the traced cycles did not finish within {TIMEOUT:g} s") from None
+                raise BenchmarkError(f"the traced cycles did not finish within {TIMEOUT:g} s", part=PART) from None
         if done.returncode != 0:
             lines = done.stderr.strip().splitlines()
-            raise SyscallsError(f"the traced cycles failed: {lines[-1] if lines else done.returncode}")
+            raise BenchmarkError(f"the traced cycles failed: {lines[-1] if lines else done.returncode}", part=PART)
         return parse(trace.read_text(), sizes)
 
 

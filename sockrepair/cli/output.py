@@ -12,7 +12,8 @@ from typing import Any
 from sockrepair.errors import ECHO_LIMIT, SockrepairError, shown
 
 # The attributes of sockrepair.errors exceptions a caller branches on (see that module's docstring).
-ERROR_FIELDS = ("errno", "op", "fd", "pid", "tuple", "tcp_state", "path", "offset", "field", "name", "journal")
+ERROR_FIELDS = ("errno", "op", "fd", "pid", "tuple", "tcp_state", "path", "offset", "field", "name", "journal",
+                "part")
 
 
 def print_json(data: Any) -> None:

@@ -23,6 +23,7 @@ from sockrepair.state import ConnectionState, ConnTuple
 EXPORTED = [
     "AddressInUseError",
     "AddressNotLocalError",
+    "BenchmarkError",
     "ConnTuple",
     "ConnectionState",
     "CriuError",
@@ -142,6 +143,7 @@ ANCESTORS: dict[str, set[type]] = {
     "HandoffError": {errors.SockrepairError},
     "WireError": {errors.SockrepairError},
     "CriuError": {errors.SockrepairError},
+    "BenchmarkError": {errors.SockrepairError},
 }
 _ROOTS = {object, BaseException, Exception}
 
@@ -247,6 +249,11 @@ def test_netns_error_fields() -> None:
     assert sockrepair.NetnsError("gone").name is None
 
 
+def test_benchmark_error_fields() -> None:
+    assert sockrepair.BenchmarkError("the traced cycles failed: 1", part="syscalls").part == "syscalls"
+    assert sockrepair.BenchmarkError("x").part is None
+
+
 def test_nft_error_fields() -> None:
     exc = sockrepair.NftError("create table inet sockrepair", errno.EPERM)
     assert (exc.op, exc.errno) == ("create table inet sockrepair", errno.EPERM)
@@ -273,6 +280,7 @@ def test_exceptions_pickle_with_their_fields(name: str) -> None:
         "NotPermittedError": lambda: cls("refused", fd=3, pid=12),
         "ProcessError": lambda: cls("gone", pid=12, fd=3),
         "NetnsError": lambda: cls("gone", name="hostb"),
+        "BenchmarkError": lambda: cls("the traced cycles failed: 1", part="syscalls"),
     }
     if name in samples:
         exc = samples[name]()

@@ -8,6 +8,7 @@ import pytest
 
 from sockrepair.bench import report, syscalls
 from sockrepair.bench.results import Syscalls
+from sockrepair.errors import BenchmarkError
 
 START, END = (f"close({fd}) = -1 EBADF (Bad file descriptor)" for fd in syscalls.MARKS)
 
@@ -64,8 +65,9 @@ def test_threads_are_told_apart_by_strace_prefix() -> None:
 
 
 def test_a_trace_without_every_marked_cycle_is_an_error() -> None:
-    with pytest.raises(syscalls.SyscallsError, match="holds 1 marked cycles, 4 expected"):
+    with pytest.raises(BenchmarkError, match="holds 1 marked cycles, 4 expected") as caught:
         syscalls.parse(_trace(PYTHON), [0, 4096])
+    assert caught.value.part == "syscalls"
 
 
 def _counts(impl: str, options: dict[str, int]) -> Syscalls:
