@@ -132,7 +132,7 @@ def _why_not(sock: ProcSocket, protocol: str, keep_errors: bool = False) -> str 
 def select_sockets(pid: int, wanted: Sequence[int] | None, keep_errors: bool = False) -> list[ProcSocket]:
     """The process's sockets to take: the fds in `wanted` (each must be a plain TCP socket in a state the engine
     repairs: ESTABLISHED, half-closed, SYN_SENT or CLOSE after a connection), or every such one. Raises
-    ProcessError (no such fd, no established connection) or SocketStateError (naming the process's pid and fd, the
+    ProcessError (no such fd, no connection to take) or SocketStateError (naming the process's pid and fd, the
     protocol, the tuple and the state). `keep_errors`: see _why_not."""
     found = tcp_sockets(pid)
     if wanted:
@@ -151,8 +151,8 @@ def select_sockets(pid: int, wanted: Sequence[int] | None, keep_errors: bool = F
         return chosen
     chosen = [s for s in found if _why_not(s, socket_protocol(pid, s.fd), keep_errors) is None]
     if not chosen:
-        raise ProcessError(f"process {pid} ({process_name(pid)}) holds no established TCP connection (nor a "
-                           "half-closed one) that can be moved", pid=pid)
+        raise ProcessError(f"process {pid} ({process_name(pid)}) holds no TCP connection that can be moved (only plain "
+                           f"TCP ones in {REPAIRABLE_NAMES} can)", pid=pid)
     return chosen
 
 

@@ -159,7 +159,7 @@ def test_an_mptcp_socket_is_named_as_such_with_the_process_fd(netns, tmp_path):
         assert (caught.value.pid, caught.value.fd, caught.value.tuple) == (proc.pid, mp.fd, mp.tuple)
         assert f"fd {mp.fd} of process {proc.pid} (MPTCP {mp.tuple}) is ESTABLISHED: MPTCP is not plain TCP" in str(
             caught.value)
-        with pytest.raises(sockrepair.ProcessError, match="holds no established TCP connection"):
+        with pytest.raises(sockrepair.ProcessError, match="holds no TCP connection that can be moved"):
             dump(proc.pid, tmp_path / "img")
     finally:
         peer.close()
