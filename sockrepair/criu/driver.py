@@ -52,7 +52,7 @@ from sockrepair.lock import Locker
 from sockrepair.lock.locker import MAX_TTL
 from sockrepair.move.freeze import refuse_self
 from sockrepair.move.keep import NOTHING_KEPT, Keeper, Kept, netns_path, resume_keeping
-from sockrepair.move.procfs import closed_connections, socket_inodes, stat, tcp_table
+from sockrepair.move.procfs import stat, tcp_sockets
 from sockrepair.netns import inside, named
 from sockrepair.packet import packet_tuple
 from sockrepair.private import make_dir, open_dir
@@ -230,22 +230,18 @@ def dump(pids: Sequence[int], directory: Path, *, allow_external_peers: bool = F
 
 def closed_with_errors(topology: Topology) -> list[str]:
     """`pid P fd N TUPLE` for every socket of the trees in CLOSE that holds a peer and an error (POLLERR, which
-    leaves it pending): what criu would restore without its error."""
-    if not topology.trees:
-        return []
-    table = tcp_table(topology.trees[0].root)  # the trees share one namespace
+    leaves it pending): what criu would restore without its error. A socket several processes share is named once."""
     seen: set[int] = set()
     found = []
     for tree in topology.trees:
         for pid in tree.pids:
             try:
-                unlisted = {fd: ino for fd, ino in socket_inodes(pid).items() if ino not in table and ino not in seen}
-                closed = closed_connections(pid, unlisted) if unlisted else []
+                sockets = tcp_sockets(pid)
             except (OSError, ProcessError):
                 continue  # gone: criu's dump says so
-            for s in closed:
-                seen.add(s.inode)
-                if s.error_pending:
+            for s in sockets:
+                if s.error_pending and s.inode not in seen:
+                    seen.add(s.inode)
                     found.append(f"  pid {pid} fd {s.fd} {s.tuple}")
     return found
 
