@@ -45,8 +45,8 @@ from sockrepair.move.procfs import stat
 from sockrepair.move.quiesce import DEFAULT_TIMEOUT, OnBusy, Quiescence
 from sockrepair.move.restoreguard import RestoreGuard
 from sockrepair.move.stages import Stage, Timings
-from sockrepair.move.take import deferred_signals
 from sockrepair.netns import named
+from sockrepair.sigmask import deferred_signals
 from sockrepair.state import ConnectionState
 
 RELOCK_TTL = 60.0

@@ -32,8 +32,9 @@ from sockrepair.move.keep import Keeper, Kept, netns_path
 from sockrepair.move.land import passing_lock, restore_all
 from sockrepair.move.quiesce import Quiescence
 from sockrepair.move.stages import Stage, Timings
-from sockrepair.move.take import captured, deferred_signals, end_source, process_locker
+from sockrepair.move.take import captured, end_source, process_locker
 from sockrepair.netns import named
+from sockrepair.sigmask import deferred_signals
 from sockrepair.state import ConnTuple
 
 log = logging.getLogger(__name__)

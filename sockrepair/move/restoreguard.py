@@ -27,6 +27,7 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
+from sockrepair.sigmask import deferred_signals
 from sockrepair.state import ConnTuple
 
 _HOLD = b"h"
@@ -58,8 +59,7 @@ class RestoreGuard:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # a signal arriving during the fork would run its handler inside Python's at-fork hooks, which print the
         # exception it raises and go on: held back, it is delivered once the fork is done
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-        try:
+        with deferred_signals(_SIGNALS) as blocked:
             child = os.fork()
             if child == 0:
                 try:
@@ -78,8 +78,6 @@ class RestoreGuard:
             os.waitpid(child, 0)
             theirs.close()
             self._chan: socket.socket | None = ours
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def hold(self, sock: socket.socket) -> None:
         """Give the guard a duplicate of the next restored socket (in the order of `tuples`)."""

@@ -37,10 +37,10 @@ from sockrepair.move.procfs import (
 from sockrepair.move.quiesce import Freeze, Quiescence, quiescent_freeze
 from sockrepair.move.stages import Stage, Timings
 from sockrepair.netns import inside
+from sockrepair.sigmask import deferred_signals
 from sockrepair.state import TCP_LISTEN, ConnectionState
 
 KILL_TIMEOUT = 5.0
-DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 @dataclass
@@ -68,17 +68,6 @@ class Captured:
     @property
     def frozen_at(self) -> float:
         return self.freeze.frozen_at
-
-
-@contextlib.contextmanager
-def deferred_signals() -> Iterator[None]:
-    """Hold SIGINT, SIGTERM and SIGHUP back (pthread_sigmask) while a step that must not be cut in half runs; they
-    are delivered, and their handlers (KeyboardInterrupt...) run, as soon as it is done."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 # A socket in these states holds no connection: ending its process loses nothing a peer could notice (procfs lists
