@@ -11,7 +11,6 @@ import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
 
-from sockrepair.engine._ffi import ffi, lib
 from sockrepair.errors import NetnsError, UnsupportedError
 
 
@@ -26,6 +25,10 @@ def _ip(*args: str) -> str:
 
 
 def _setns(fd: int, what: str) -> None:
+    # imported here: the engine package this loads imports the lock, which imports this module (with `import
+    # sockrepair` loading nothing, the first import decides the order, and netns first was a cycle)
+    from sockrepair.engine._ffi import ffi, lib
+
     if lib.setns(fd, lib.CLONE_NEWNET) < 0:
         raise NetnsError(f"setns({what}): {os.strerror(ffi.errno)}")
 

@@ -111,6 +111,14 @@ def test_import_loads_the_errors_only_and_each_name_on_first_use() -> None:
     assert _fresh(code).splitlines() == ["['sockrepair', 'sockrepair.cli', 'sockrepair.errors']", "True False"]
 
 
+@pytest.mark.parametrize("module", ["sockrepair.netns", "sockrepair.lock.inject", "sockrepair.lock.record",
+                                    "sockrepair.move.keeper", "sockrepair.move.handoff", "sockrepair.engine"])
+def test_a_module_imported_first_imports(module: str) -> None:
+    """With `import sockrepair` loading no module, the first one a program (the keeper, a benchmark) imports decides
+    the order: sockrepair.netns first met its own partial module through the engine and the lock."""
+    assert _fresh(f"import {module}\nprint('imported')") == "imported\n"
+
+
 @pytest.mark.parametrize("first", ["import sockrepair.lock", "import sockrepair.move.migrate", "sockrepair.Locker",
                                    "from sockrepair import lock", "sockrepair.lock"])
 def test_sockrepair_lock_is_the_function_whatever_was_imported_first(first: str) -> None:
