@@ -148,6 +148,7 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command: its exit status; a SockrepairError or OSError is one line on stderr and exit 1 (with
     `--json`, also a JSON error object on stdout); a usage error exits 2 from argparse."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     # SIGTERM and SIGHUP unwind like Ctrl-C, so that every cleanup a command holds runs (a frozen process thawed,
     # its sockets out of repair mode, or a move finished); steps that must not be cut hold them back meanwhile
@@ -165,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except (SockrepairError, OSError, InjectedFault) as exc:
-        print_error(exc, as_json=getattr(args, "json", False))
+        print_error(exc, as_json=getattr(args, "json", False), inputs=argv)
         return 1
     finally:
         for sig, handler in before.items():

@@ -216,6 +216,9 @@ def test_long_input_is_not_echoed_whole_in_an_error(tmp_path: Path) -> None:
     assert usage_error("lock", TUPLE, "--ttl", ttl) == (
         f"sockrepair lock: error: argument --ttl: ttl must be in (0, 3600] seconds, not {ttl[:100]!r}... (5000 "
         "characters)\n")
+    netns = "n" * 300  # an argument the error quotes inside a longer text (a path)
+    assert error_line("restore", "-D", str(tmp_path), "--netns", netns, "--exec", "true") == \
+        f"sockrepair: error: {'/run/netns/' + netns[:89]!r}... (311 characters): File name too long\n"
     choice = "x" * 300
     assert f"invalid choice: {choice[:100]!r}... (300 characters) (choose from " in usage_error(choice)
     assert usage_error("check", choice) == (
