@@ -19,6 +19,7 @@ from sockrepair.criu.show import load_states as load_criu_states
 from sockrepair.errors import HandoffError, ImageError
 from sockrepair.image.text import head_line, state_lines
 from sockrepair.lock import Locker
+from sockrepair.move.ask import ask_peers
 from sockrepair.move.dump import After, dump, inspect
 from sockrepair.move.handoff import (
     SD_LISTEN_FDS_START,
@@ -244,7 +245,8 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     try:
         with deferred_signals():
             with stages.timed(Stage.RESTORE):
-                socks = restore_all(states, args.netns, on_restored=guard.hold)
+                asked = ask_peers(keeper, states, netns_path(args.netns))
+                socks = restore_all(asked.states, args.netns, on_restored=guard.hold, answered=asked.answered)
             with stages.timed(Stage.DELIVER), passing_lock(socks, states):
                 report = keeper.deliver(conns, netns_path(args.netns), before=kept,
                                         save=saved_to(args.dir, conns) if args.dir is not None else None)

@@ -80,10 +80,12 @@ def restore(state: ConnectionState) -> socket.socket:
     return restore_with(state, None)
 
 
-def restore_with(state: ConnectionState, injector: Injector | None) -> socket.socket:
+def restore_with(state: ConnectionState, injector: Injector | None, answered: bool = False) -> socket.socket:
     """restore(), with `injector`: raw sockets opened in this network namespace (sockrepair.lock.inject.Injector)
     for the segment that makes a restored socket send the ACK it may owe (_ask_for_ack); None opens them for this
-    call (about 25 us: sockrepair.move.land shares one across a batch)."""
+    call (about 25 us: sockrepair.move.land shares one across a batch). `answered`: the peer said, after the old
+    socket was gone, that it holds exactly up to the state's snd_una (sockrepair.move.ask), so every in-flight byte
+    is written again as new data, however many bursts it takes (_resend_at_once)."""
     conn = state.tuple
     sock = socket.socket(conn.family, socket.SOCK_STREAM)
     session = _Session(sock.fileno(), conn, owner=sock)
@@ -115,7 +117,7 @@ def restore_with(state: ConnectionState, injector: Injector | None) -> socket.so
         if options.timestamps:
             restore_timestamp(session, state.timestamp)
         # what the peer has not acknowledged leaves again as new data when it fits in the first burst
-        resent = sent_len if _resend_at_once(session, state, sent_len) else 0
+        resent = sent_len if _resend_at_once(session, state, sent_len, answered) else 0
         refill_in_repair(session, state.recv_queue, send_queue[:sent_len - resent])
         if state.window is not None:
             # before repair off: writing never-sent data before the window is in place has hung connections (passt)
@@ -178,7 +180,7 @@ def restore_with(state: ConnectionState, injector: Injector | None) -> socket.so
     return sock
 
 
-def _resend_at_once(session: _Session, state: ConnectionState, sent_len: int) -> bool:
+def _resend_at_once(session: _Session, state: ConnectionState, sent_len: int, answered: bool) -> bool:
     """Whether the `sent_len` bytes the old socket sent and the peer never acknowledged can be written again as new
     data after repair off, rather than as sent in repair mode (libsoccr's way). Written as sent, what the peer never
     got (lost on the way) waits for the restored socket's first timer: the loss probe at
@@ -188,10 +190,14 @@ def _resend_at_once(session: _Session, state: ConnectionState, sent_len: int) ->
     ACK beyond our snd_nxt is discarded as one of unsent data, so a burst cut by the congestion window (the
     initial one: 10 segments), by the peer's window or by TCP_CORK would stall. ESTABLISHED only: a half-closed
     connection's FIN follows its bytes in repair mode (engine/_states.py). The MSS is bounded like the connection's
-    own (half the peer's largest window, which the IPv4 resync applies later)."""
+    own (half the peer's largest window, which the IPv4 resync applies later). When the peer `answered` that it
+    holds exactly up to snd_una (sockrepair.move.ask), its ACKs never go beyond what the restored socket has sent:
+    any size leaves at once, burst after burst as the ACKs come (the lock's, delivered, then the peer's own)."""
     w = state.window
     if not sent_len or w is None or state.tcp_state != TCP_ESTABLISHED or state.sockopts.cork:
         return False
+    if answered:
+        return True
     mss, cwnd = send_limits(session)
     if w.max_window > MSS_DEFAULT:
         mss = min(mss, w.max_window >> 1)

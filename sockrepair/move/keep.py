@@ -103,6 +103,15 @@ class Keeper:
                 held = self._take(tuples)
         return Kept(self._delivered, self._fell_back + held.fell_back, True, self.note)
 
+    @property
+    def recording(self) -> bool:
+        """Whether this keeper has a recorder (in some namespace of the move)."""
+        return bool(self._recorders)
+
+    def peek(self, conn: ConnTuple) -> list[bytes]:
+        """The packets kept for `conn` so far, every recorder's in turn (they stay kept)."""
+        return [packet for recorder in self._recorders for packet in recorder.peek(conn)]
+
     def pending(self, tuples: Sequence[ConnTuple]) -> int:
         """How many packets are kept for `tuples` so far (they stay kept)."""
         return sum(recorder.pending(tuples) for recorder in self._recorders)

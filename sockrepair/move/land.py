@@ -17,10 +17,12 @@ from sockrepair.state import ConnectionState
 
 
 def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
-                on_restored: Callable[[socket.socket], object] | None = None) -> list[socket.socket]:
+                on_restored: Callable[[socket.socket], object] | None = None,
+                answered: Sequence[bool] = ()) -> list[socket.socket]:
     """All or nothing: if one connection cannot be restored, those already restored are closed again in repair mode
     (silently), so the images and the lock still describe every connection and the restore can be retried.
-    `on_restored` is called with each socket as soon as it is made (migrate() gives it to its guard)."""
+    `on_restored` is called with each socket as soon as it is made (migrate() gives it to its guard). `answered`:
+    per state, whether its peer said what it holds (sockrepair.move.ask.Asked; none when empty)."""
     socks: list[socket.socket] = []
     with named(netns):
         try:
@@ -29,8 +31,8 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
         except OSError:  # no CAP_NET_RAW: each restore tries on its own (engine/_restore.py _ask_for_ack)
             injector = None
         try:
-            for state in states:
-                socks.append(restore_with(state, injector))
+            for i, state in enumerate(states):
+                socks.append(restore_with(state, injector, i < len(answered) and answered[i]))
                 if on_restored is not None:
                     on_restored(socks[-1])
         except BaseException:
