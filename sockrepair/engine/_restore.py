@@ -105,10 +105,15 @@ def restore_with(state: ConnectionState, injector: Injector | None, answered: bo
         # the connect is the clamp the connect uses (the kernel caps it at MAX_TCP_WINDOW, so loopback's 65495
         # becomes 32767); it is cleared again once the connection exists.
         if state.tcp_state == SYN_SENT:
+            # The SYN leaves at the connect, while the connection is still locked: unmarked, the lock dropped it and
+            # the connect retried after its 1 s timeout. The route is looked up with this mark too (a policy route
+            # for fwmark SOCCR_MARK would apply); the saved mark goes back once the SYN is out.
+            session.set(SOL, SO_MARK, SOCCR_MARK, "SO_MARK")
             _connect_again(sock, session, state)
             apply_in_repair(session, conn.family, so)
             session.repair_off(False)
             apply_after_repair(session, so, False)
+            session.set(SOL, SO_MARK, so.mark, "SO_MARK")
             return sock
         set_user_mss(session, _user_mss(state))
         _connect(session, state)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import socket
 import struct
@@ -30,6 +31,7 @@ from sockrepair.move.ask import Asked, ask_peers
 from sockrepair.move.keep import Keeper, netns_path
 from sockrepair.move.land import passing_lock, restore_all
 from sockrepair.netns import NetNS
+from sockrepair.state import ConnTuple
 from tests.root.conftest import Pair
 from tests.root.pairs import recv_exactly, tuple_of, wait_for
 from tests.root.programs import echo_connection
@@ -39,6 +41,7 @@ REQUEST = b"GET /before-the-freeze"
 TTL_LOST = 33
 SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B
 TCP_CA_OPEN = 0
+SYN_SENT = 2
 FAMILIES = [
     pytest.param(socket.AF_INET, "127.0.0.1", id="ipv4"),
     pytest.param(socket.AF_INET6, "::1", id="ipv6"),
@@ -259,12 +262,14 @@ def send_in_flight(server: socket.socket, data: bytes, before: int = 0) -> None:
 
 
 @contextlib.contextmanager
-def move_kept(server: socket.socket, locker: Locker) -> Iterator[tuple[socket.socket, Asked, int]]:
+def move_kept(server: socket.socket, locker: Locker, conn: ConnTuple | None = None
+              ) -> Iterator[tuple[socket.socket, Asked, int]]:
     """What migrate() does with one socket, in this namespace: a recorder from before the lock, checkpoint, discard,
     the peer asked what it holds, restore (saved TTL 64), delivery, unlock, delivery. Yields the restored socket
     (unlocked by then), what the peer answered and loss_probes() once the old socket was gone (its own probes,
-    of the lost bytes, count before); closes everything afterwards, also on failure."""
-    conn = tuple_of(server)
+    of the lost bytes, count before); closes everything afterwards, also on failure. `conn`: the socket's tuple,
+    when getpeername cannot give it (SYN_SENT)."""
+    conn = conn or tuple_of(server)
     here = netns_path(None)
     keeper = Keeper([here])
     try:
@@ -340,6 +345,30 @@ def assert_no_retransmission_but_a_probe(after: Info, probes_before: int) -> Non
     about 1 of 20 runs on this shared 2-core machine). Restored as sent, the bytes left on the loss probe at 1 s
     and then by fast retransmission of every segment."""
     assert after.total_retrans <= min(loss_probes() - probes_before, 1)
+
+
+@pytest.mark.parametrize(("family", "addr"), FAMILIES)
+def test_a_restored_syn_passes_the_lock(family: int, addr: str, netns: NetNS, locker: Locker, losing: None) -> None:
+    """A connection moved in SYN_SENT (its first SYN was lost): the restored socket sends the SYN again at once,
+    marked so that the lock lets it through; the listener's SYN-ACK is kept by the lock and delivered. The SYN used
+    to be dropped by the lock, and the connect sent it again after its 1 s timeout (a retransmission)."""
+    with socket.socket(family) as listener, socket.socket(family) as connecting:
+        listener.bind((addr, 0))
+        listener.listen(1)
+        set_ttl(connecting, TTL_LOST)
+        connecting.setblocking(False)
+        assert connecting.connect_ex(listener.getsockname()[:2]) == errno.EINPROGRESS
+        conn = ConnTuple(family, *connecting.getsockname()[:2], *listener.getsockname()[:2])
+        with move_kept(connecting, locker, conn) as (restored, asked, _):
+            assert asked.states[0].tcp_state == SYN_SENT
+            wait_for(lambda: restored.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 1,
+                     "the handshake to complete", 5.0)
+            after, clock = info(restored), timers(restored)
+            accepted, _ = listener.accept()
+            with accepted:
+                restored.sendall(REQUEST)
+                assert recv_exactly(accepted, len(REQUEST)) == REQUEST
+    assert (after.total_retrans, clock) == (0, Timers(0, 0))
 
 
 def pattern(size: int) -> bytes:
