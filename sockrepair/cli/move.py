@@ -249,7 +249,7 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
                 socks = restore_all(asked.states, args.netns, on_restored=guard.hold, answered=asked.answered)
             with stages.timed(Stage.DELIVER), passing_lock(socks, states):
                 report = keeper.deliver(conns, netns_path(args.netns), before=kept,
-                                        save=saved_to(args.dir, conns) if args.dir is not None else None)
+                                        save=saved_to(args.dir, keeper) if args.dir is not None else None)
             if unix is not None:
                 with stages.timed(Stage.HANDOFF):
                     guard.handing()

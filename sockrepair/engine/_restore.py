@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import socket
-import struct
 import time
 
 from sockrepair.engine._addr import bind, connect
@@ -13,6 +12,8 @@ from sockrepair.engine._ffi import lib
 from sockrepair.engine._queues import refill_in_repair, set_sequences, write_unsent
 from sockrepair.engine._session import _Session
 from sockrepair.engine._sockopts import (
+    SOL,
+    TCP,
     apply_after_repair,
     apply_in_repair,
     apply_pre_bind,
@@ -26,7 +27,7 @@ from sockrepair.engine._states import (
     SYN_SENT,
     TH_ACK,
     U32,
-    _segment,
+    peer_segment,
     replay_close,
     replay_reset,
     restore_seqs,
@@ -36,6 +37,7 @@ from sockrepair.engine._tcpopts import (
     restore_timestamp,
     restore_window,
     resync_mss,
+    segs_in,
     send_limits,
     set_user_mss,
 )
@@ -53,10 +55,7 @@ MAX_USER_MSS = 32767  # MAX_TCP_WINDOW: the largest TCP_MAXSEG the kernel takes
 MIN_USER_MSS = 88  # TCP_MIN_MSS: the smallest
 MSS_DEFAULT = 536  # TCP_MSS_DEFAULT: tcp_bound_to_half_wnd halves only windows larger than this
 TIMESTAMP_OPTION = 12  # TCPOLEN_TSTAMP_ALIGNED
-SOL, SO_MARK = lib.SOL_SOCKET, lib.SO_MARK
-TCP, NODELAY = lib.IPPROTO_TCP, lib.TCP_NODELAY
-SEGS_IN = struct.Struct("=I")  # struct tcp_info's tcpi_segs_in, at byte 140
-SEGS_IN_OFFSET = 140
+SO_MARK, NODELAY = lib.SO_MARK, lib.TCP_NODELAY
 
 
 def restore(state: ConnectionState) -> socket.socket:
@@ -177,7 +176,7 @@ def restore_with(state: ConnectionState, injector: Injector | None, answered: bo
         write_unsent(session, unsent)
         apply_after_repair(session, so, lifted)
         if quiet:
-            _ask_for_ack(sock, state, (send_seq - send_len) & U32, recv_seq, injector, probe)
+            _ask_for_ack(session, state, (send_seq - send_len) & U32, recv_seq, injector, probe)
         session.set(SOL, SO_MARK, so.mark, "SO_MARK")
     except BaseException:
         _abandon(sock, session)
@@ -225,7 +224,7 @@ def _resend(session: _Session, nodelay: bool, resent: memoryview) -> None:
         session.set(TCP, NODELAY, 0, "TCP_NODELAY")
 
 
-def _ask_for_ack(sock: socket.socket, state: ConnectionState, una: int, rcv_nxt: int,
+def _ask_for_ack(session: _Session, state: ConnectionState, una: int, rcv_nxt: int,
                  injector: Injector | None, probed: bool) -> None:
     """Make the restored socket acknowledge what the old one received: an ACK it owed (a delayed ACK pending at the
     freeze, or one the lock dropped) is not in any state repair mode can set, and the window probe sent at repair
@@ -238,8 +237,8 @@ def _ask_for_ack(sock: socket.socket, state: ConnectionState, una: int, rcv_nxt:
     segment yet: the peer's are held off by the lock, and the repair-mode connect receives none. Without
     `injector`, one raw socket of the connection's family is opened for the segment. Without CAP_NET_RAW nothing
     is sent: the peer then gets its ACK when it retransmits, as before."""
-    before = _segs_in(sock) if probed else 0
-    segment = _segment(state, TH_ACK, (rcv_nxt - 1) & U32, una)
+    before = segs_in(session) if probed else 0
+    segment = peer_segment(state, TH_ACK, (rcv_nxt - 1) & U32, una)
     try:
         if injector is not None:
             injector.send([segment])
@@ -249,13 +248,8 @@ def _ask_for_ack(sock: socket.socket, state: ConnectionState, una: int, rcv_nxt:
     except (OSError, LockError):
         return
     deadline = time.monotonic() + SETTLE_TIMEOUT
-    while _segs_in(sock) == before and time.monotonic() < deadline:
+    while segs_in(session) == before and time.monotonic() < deadline:
         time.sleep(0.001)
-
-
-def _segs_in(sock: socket.socket) -> int:
-    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, SEGS_IN_OFFSET + SEGS_IN.size)
-    return int(SEGS_IN.unpack_from(raw, SEGS_IN_OFFSET)[0])
 
 
 def _resync_changes_mss(state: ConnectionState) -> bool:
