@@ -48,20 +48,31 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
 
 
 @contextlib.contextmanager
-def passing_lock(socks: Sequence[socket.socket], states: Sequence[ConnectionState]) -> Iterator[None]:
-    """While the kept packets are delivered to the restored sockets `socks` (restored from `states`, in that order)
-    and until the unlock, their own packets carry SOCCR_MARK, which the lock lets pass: a segment the kernel sends
-    then (the quick ACK of a delivered request) would otherwise be dropped, and the peer would resend after its
-    retransmission timeout. Then each socket gets back the mark it was restored with (SO_MARK, even when the body
-    raised). Raises OSError when a mark cannot be set."""
+def passing_lock(socks: Sequence[socket.socket | int], states: Sequence[ConnectionState]) -> Iterator[None]:
+    """While the kept packets are delivered to the restored (or resumed) sockets `socks` (sockets or fds, restored
+    from or checkpointed into `states`, in that order) and until the unlock, their own packets carry SOCCR_MARK,
+    which the lock lets pass: a segment the kernel sends then (the quick ACK of a delivered request) would otherwise
+    be dropped, and the peer would resend after its retransmission timeout. Then each socket gets back its saved
+    mark (SO_MARK, even when the body raised). Raises OSError when a mark cannot be set."""
     for sock in socks:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, SOCCR_MARK)
+        _set_mark(sock, SOCCR_MARK)
     try:
         yield
     finally:
         for sock, state in zip(socks, states, strict=True):
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, state.sockopts.mark)
+                _set_mark(sock, state.sockopts.mark)
+
+
+def _set_mark(sock: socket.socket | int, mark: int) -> None:
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        return
+    borrowed = socket.socket(fileno=sock)
+    try:
+        borrowed.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+    finally:
+        borrowed.detach()
 
 
 def put_back(fds: Sequence[int], states: Sequence[ConnectionState], netns: str | None, ttl: float) -> None:
