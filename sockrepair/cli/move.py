@@ -239,7 +239,7 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
             kept, keeper = resume_keeping(args.dir, conns)
             held.callback(keeper.close)
     source = args.from_criu or args.dir
-    guard = RestoreGuard(conns, args.netns, args.dir, inherit)
+    guard = RestoreGuard(conns, args.netns, args.dir, inherit, keeper.sockets())
     socks: list[socket.socket] = []
     handed = completed = False
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,10 @@ class Keeper:
     def recording(self) -> bool:
         """Whether this keeper has a recorder (in some namespace of the move)."""
         return bool(self._recorders)
+
+    def sockets(self) -> list[socket.socket]:
+        """The bound nfnetlink_log sockets of this keeper's recorders (for a process that goes on reading them)."""
+        return [recorder.socket for recorder in self._recorders]
 
     def peek(self, conn: ConnTuple) -> list[bytes]:
         """The packets kept for `conn` so far, every recorder's in turn (they stay kept)."""
