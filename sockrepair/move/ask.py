@@ -17,8 +17,8 @@ highest ACK kept for the connection is then exactly what the peer holds, unless 
 it (data held out of order, lost before the lock): then the peer's ACK could jump past the first burst again, and
 the state is left as it was. The state is cut to that ACK (snd_una advanced, the acknowledged bytes dropped from the
 send queue, the send window's right edge kept), and restore writes the rest again as new data
-(engine/_restore.py, `answered`). Without a recorder, or without an answer within ANSWER_TIMEOUT, nothing changes and
-restore uses its one-burst rule."""
+(engine/_restore.py, `answered`). Without a recorder in the namespace of the restore (where the answers arrive), or
+without an answer within ANSWER_TIMEOUT, nothing changes and restore uses its one-burst rule."""
 
 from __future__ import annotations
 
@@ -60,7 +60,9 @@ def ask_peers(keeper: Keeper | None, states: Sequence[ConnectionState], into: st
     probe the kernel refuses (no CAP_NET_RAW): those states are returned as they were."""
     answered = [False] * len(states)
     out = list(states)
-    asked = [i for i, s in enumerate(states) if _worth_asking(s)] if keeper is not None and keeper.recording else []
+    # the answers come where the connections are restored: without a recorder there, nobody would see them
+    asked = ([i for i, s in enumerate(states) if _worth_asking(s)]
+             if keeper is not None and keeper.records_in(into) else [])
     if keeper is None or not asked:
         return Asked(out, answered)
     before = {i: len(keeper.peek(states[i].tuple)) for i in asked}

@@ -106,10 +106,12 @@ class Keeper:
                 held = self._take(tuples)
         return Kept(self._delivered, self._fell_back + held.fell_back, True, self.note)
 
-    @property
-    def recording(self) -> bool:
-        """Whether this keeper has a recorder (in some namespace of the move)."""
-        return bool(self._recorders)
+    def records_in(self, path: str) -> bool:
+        """Whether one of this keeper's recorders is in the network namespace at `path` (netns_path())."""
+        try:
+            return os.stat(path).st_ino in self._namespaces
+        except OSError:
+            return False
 
     def sockets(self) -> list[socket.socket]:
         """The bound nfnetlink_log sockets of this keeper's recorders (for a process that goes on reading them)."""
