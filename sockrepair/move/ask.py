@@ -12,8 +12,10 @@ How: once the old socket is gone (nothing else of ours can reach the peer any mo
 (lock/inject.py) sends the peer, as our old socket would, one byte of old data at snd_una - 1. The peer holds it
 already, so it drops it and acknowledges at once (tcp_data_queue's duplicate path enters quick-ACK mode; when the
 segment is left of rcv_wup, tcp_validate_incoming's tcp_send_dupack, which rate-limits segments without data only):
-its ACK carries rcv_nxt, everything it holds in order. The lock stops that answer and the recorder keeps it. The
-highest ACK kept for the connection is then exactly what the peer holds, unless its answer has SACK blocks beyond
+its ACK carries rcv_nxt, everything it holds in order. The lock stops that answer and the recorder keeps it. Any
+packet the peer sends once the probe reached it carries that same rcv_nxt (nothing else of ours reaches it any
+more), so the first new packet kept is an answer, and the highest ACK kept for the connection is exactly what the
+peer holds, unless its answer has SACK blocks beyond
 it (data held out of order, lost before the lock): then the peer's ACK could jump past the first burst again, and
 the state is left as it was. The state is cut to that ACK (snd_una advanced, the acknowledged bytes dropped from the
 send queue, the send window's right edge kept), and restore writes the rest again as new data
@@ -56,8 +58,9 @@ class Asked:
 def ask_peers(keeper: Keeper | None, states: Sequence[ConnectionState], into: str) -> Asked:
     """Ask the peer of every ESTABLISHED state with in-flight bytes what it holds (the module's docstring), the
     probes sent from the network namespace at path `into` (where the connections are restored; the old sockets
-    must be gone), the answers read from `keeper`'s recorders (None: not keeping, nothing is asked). Never raises for a peer that does not answer or a
-    probe the kernel refuses (no CAP_NET_RAW): those states are returned as they were."""
+    must be gone), the answers read from `keeper`'s recorders (None: not keeping, nothing is asked). Waits at most
+    ANSWER_TIMEOUT. Never raises for a peer that does not answer or a probe the kernel refuses (no CAP_NET_RAW):
+    those states are returned as they were."""
     answered = [False] * len(states)
     out = list(states)
     # the answers come where the connections are restored: without a recorder there, nobody would see them
