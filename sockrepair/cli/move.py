@@ -19,6 +19,7 @@ from sockrepair.criu.show import load_states as load_criu_states
 from sockrepair.errors import HandoffError, ImageError
 from sockrepair.image.text import head_line, state_lines
 from sockrepair.lock import Locker
+from sockrepair.move.ask import ask_peers
 from sockrepair.move.dump import After, dump, inspect
 from sockrepair.move.handoff import (
     SD_LISTEN_FDS_START,
@@ -248,16 +249,17 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
             kept, keeper = resume_keeping(args.dir, conns)
             held.callback(keeper.close)
     source = args.from_criu or args.dir
-    guard = RestoreGuard(conns, args.netns, args.dir, inherit)
+    guard = RestoreGuard(conns, args.netns, args.dir, inherit, keeper.sockets())
     socks: list[socket.socket] = []
     handed = completed = False
     try:
         with deferred_signals():
             with stages.timed(Stage.RESTORE):
-                socks = restore_all(states, args.netns, on_restored=guard.hold)
+                asked = ask_peers(keeper, states, netns_path(args.netns))
+                socks = restore_all(asked.states, args.netns, on_restored=guard.hold, answered=asked.answered)
             with stages.timed(Stage.DELIVER), passing_lock(socks, states):
                 report = keeper.deliver(conns, netns_path(args.netns), before=kept,
-                                        save=saved_to(args.dir, conns) if args.dir is not None else None)
+                                        save=saved_to(args.dir, keeper) if args.dir is not None else None)
             if unix is not None:
                 with stages.timed(Stage.HANDOFF):
                     guard.handing()

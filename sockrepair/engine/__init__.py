@@ -31,9 +31,11 @@ Restore (restore), on a fresh socket:
      network lock); for a half-closed connection, the close replayed (shutdown in repair mode, the peer's FIN or ACK
      re-created); TCP_REPAIR = 0 (a window probe, unless the socket has nothing to send or re-sends its
      unacknowledged bytes);
-  8. the unacknowledged bytes when they fit in the first burst, then the never-sent ones, written as ordinary data
-     (they leave at once); the options repair mode would reset; an ACK of rcv_nxt when no data carried one; the
-     saved mark.
+  8. the unacknowledged bytes when they fit in the first burst (or all of them when the peer answered that it holds
+     exactly up to snd_una: sockrepair.move.ask), then the never-sent ones, written as ordinary data (they leave
+     at once); the options repair mode would reset; an ACK of rcv_nxt when no data carried one; the saved mark.
+  SYN_SENT stops after step 2: SO_MARK SOCCR_MARK, repair off and connect (the SYN leaves, passing the lock),
+  repair on for the options, repair off, the saved mark.
 
 Only the four verbs are public; everything else in this package is private to it.
 """

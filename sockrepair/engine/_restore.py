@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import socket
-import struct
 import time
 
 from sockrepair.engine._addr import bind, connect
@@ -13,6 +12,8 @@ from sockrepair.engine._ffi import lib
 from sockrepair.engine._queues import refill_in_repair, set_sequences, write_unsent
 from sockrepair.engine._session import _Session
 from sockrepair.engine._sockopts import (
+    SOL,
+    TCP,
     apply_after_repair,
     apply_in_repair,
     apply_pre_bind,
@@ -26,7 +27,7 @@ from sockrepair.engine._states import (
     SYN_SENT,
     TH_ACK,
     U32,
-    _segment,
+    peer_segment,
     replay_close,
     replay_reset,
     restore_seqs,
@@ -36,6 +37,7 @@ from sockrepair.engine._tcpopts import (
     restore_timestamp,
     restore_window,
     resync_mss,
+    segs_in,
     send_limits,
     set_user_mss,
 )
@@ -53,10 +55,7 @@ MAX_USER_MSS = 32767  # MAX_TCP_WINDOW: the largest TCP_MAXSEG the kernel takes
 MIN_USER_MSS = 88  # TCP_MIN_MSS: the smallest
 MSS_DEFAULT = 536  # TCP_MSS_DEFAULT: tcp_bound_to_half_wnd halves only windows larger than this
 TIMESTAMP_OPTION = 12  # TCPOLEN_TSTAMP_ALIGNED
-SOL, SO_MARK = lib.SOL_SOCKET, lib.SO_MARK
-TCP, NODELAY = lib.IPPROTO_TCP, lib.TCP_NODELAY
-SEGS_IN = struct.Struct("=I")  # struct tcp_info's tcpi_segs_in, at byte 140
-SEGS_IN_OFFSET = 140
+SO_MARK, NODELAY = lib.SO_MARK, lib.TCP_NODELAY
 
 
 def restore(state: ConnectionState) -> socket.socket:
@@ -80,10 +79,12 @@ def restore(state: ConnectionState) -> socket.socket:
     return restore_with(state, None)
 
 
-def restore_with(state: ConnectionState, injector: Injector | None) -> socket.socket:
+def restore_with(state: ConnectionState, injector: Injector | None, answered: bool = False) -> socket.socket:
     """restore(), with `injector`: raw sockets opened in this network namespace (sockrepair.lock.inject.Injector)
     for the segment that makes a restored socket send the ACK it may owe (_ask_for_ack); None opens them for this
-    call (about 25 us: sockrepair.move.land shares one across a batch)."""
+    call (about 25 us: sockrepair.move.land shares one across a batch). `answered`: the peer said, after the old
+    socket was gone, that it holds exactly up to the state's snd_una (sockrepair.move.ask), so every in-flight byte
+    is written again as new data, however many bursts it takes (_resend_at_once)."""
     conn = state.tuple
     sock = socket.socket(conn.family, socket.SOCK_STREAM)
     session = _Session(sock.fileno(), conn, owner=sock)
@@ -103,10 +104,15 @@ def restore_with(state: ConnectionState, injector: Injector | None) -> socket.so
         # the connect is the clamp the connect uses (the kernel caps it at MAX_TCP_WINDOW, so loopback's 65495
         # becomes 32767); it is cleared again once the connection exists.
         if state.tcp_state == SYN_SENT:
+            # The SYN leaves at the connect, while the connection is still locked: unmarked, the lock dropped it and
+            # the connect retried after its 1 s timeout. The route is looked up with this mark too (a policy route
+            # for fwmark SOCCR_MARK would apply); the saved mark goes back once the SYN is out.
+            session.set(SOL, SO_MARK, SOCCR_MARK, "SO_MARK")
             _connect_again(sock, session, state)
             apply_in_repair(session, conn.family, so)
             session.repair_off(False)
             apply_after_repair(session, so, False)
+            session.set(SOL, SO_MARK, so.mark, "SO_MARK")
             return sock
         set_user_mss(session, _user_mss(state))
         _connect(session, state)
@@ -115,7 +121,7 @@ def restore_with(state: ConnectionState, injector: Injector | None) -> socket.so
         if options.timestamps:
             restore_timestamp(session, state.timestamp)
         # what the peer has not acknowledged leaves again as new data when it fits in the first burst
-        resent = sent_len if _resend_at_once(session, state, sent_len) else 0
+        resent = sent_len if _resend_at_once(session, state, sent_len, answered) else 0
         refill_in_repair(session, state.recv_queue, send_queue[:sent_len - resent])
         if state.window is not None:
             # before repair off: writing never-sent data before the window is in place has hung connections (passt)
@@ -170,7 +176,7 @@ def restore_with(state: ConnectionState, injector: Injector | None) -> socket.so
         write_unsent(session, unsent)
         apply_after_repair(session, so, lifted)
         if quiet:
-            _ask_for_ack(sock, state, (send_seq - send_len) & U32, recv_seq, injector, probe)
+            _ask_for_ack(session, state, (send_seq - send_len) & U32, recv_seq, injector, probe)
         session.set(SOL, SO_MARK, so.mark, "SO_MARK")
     except BaseException:
         _abandon(sock, session)
@@ -178,7 +184,7 @@ def restore_with(state: ConnectionState, injector: Injector | None) -> socket.so
     return sock
 
 
-def _resend_at_once(session: _Session, state: ConnectionState, sent_len: int) -> bool:
+def _resend_at_once(session: _Session, state: ConnectionState, sent_len: int, answered: bool) -> bool:
     """Whether the `sent_len` bytes the old socket sent and the peer never acknowledged can be written again as new
     data after repair off, rather than as sent in repair mode (libsoccr's way). Written as sent, what the peer never
     got (lost on the way) waits for the restored socket's first timer: the loss probe at
@@ -188,10 +194,14 @@ def _resend_at_once(session: _Session, state: ConnectionState, sent_len: int) ->
     ACK beyond our snd_nxt is discarded as one of unsent data, so a burst cut by the congestion window (the
     initial one: 10 segments), by the peer's window or by TCP_CORK would stall. ESTABLISHED only: a half-closed
     connection's FIN follows its bytes in repair mode (engine/_states.py). The MSS is bounded like the connection's
-    own (half the peer's largest window, which the IPv4 resync applies later)."""
+    own (half the peer's largest window, which the IPv4 resync applies later). When the peer `answered` that it
+    holds exactly up to snd_una (sockrepair.move.ask), its ACKs never go beyond what the restored socket has sent:
+    any size leaves at once, burst after burst as the ACKs come (the lock's, delivered, then the peer's own)."""
     w = state.window
     if not sent_len or w is None or state.tcp_state != TCP_ESTABLISHED or state.sockopts.cork:
         return False
+    if answered:
+        return True
     mss, cwnd = send_limits(session)
     if w.max_window > MSS_DEFAULT:
         mss = min(mss, w.max_window >> 1)
@@ -214,7 +224,7 @@ def _resend(session: _Session, nodelay: bool, resent: memoryview) -> None:
         session.set(TCP, NODELAY, 0, "TCP_NODELAY")
 
 
-def _ask_for_ack(sock: socket.socket, state: ConnectionState, una: int, rcv_nxt: int,
+def _ask_for_ack(session: _Session, state: ConnectionState, una: int, rcv_nxt: int,
                  injector: Injector | None, probed: bool) -> None:
     """Make the restored socket acknowledge what the old one received: an ACK it owed (a delayed ACK pending at the
     freeze, or one the lock dropped) is not in any state repair mode can set, and the window probe sent at repair
@@ -227,8 +237,8 @@ def _ask_for_ack(sock: socket.socket, state: ConnectionState, una: int, rcv_nxt:
     segment yet: the peer's are held off by the lock, and the repair-mode connect receives none. Without
     `injector`, one raw socket of the connection's family is opened for the segment. Without CAP_NET_RAW nothing
     is sent: the peer then gets its ACK when it retransmits, as before."""
-    before = _segs_in(sock) if probed else 0
-    segment = _segment(state, TH_ACK, (rcv_nxt - 1) & U32, una)
+    before = segs_in(session) if probed else 0
+    segment = peer_segment(state, TH_ACK, (rcv_nxt - 1) & U32, una)
     try:
         if injector is not None:
             injector.send([segment])
@@ -238,13 +248,8 @@ def _ask_for_ack(sock: socket.socket, state: ConnectionState, una: int, rcv_nxt:
     except (OSError, LockError):
         return
     deadline = time.monotonic() + SETTLE_TIMEOUT
-    while _segs_in(sock) == before and time.monotonic() < deadline:
+    while segs_in(session) == before and time.monotonic() < deadline:
         time.sleep(0.001)
-
-
-def _segs_in(sock: socket.socket) -> int:
-    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, SEGS_IN_OFFSET + SEGS_IN.size)
-    return int(SEGS_IN.unpack_from(raw, SEGS_IN_OFFSET)[0])
 
 
 def _resync_changes_mss(state: ConnectionState) -> bool:

@@ -92,7 +92,7 @@ def restore_seqs(state: ConnectionState) -> tuple[int, int]:
     return (state.send_seq - ours) & U32, (state.recv_seq - theirs) & U32
 
 
-def _segment(state: ConnectionState, flags: int, seq: int, ack: int) -> bytes:
+def peer_segment(state: ConnectionState, flags: int, seq: int, ack: int) -> bytes:
     """A segment from the peer to us (no options, no payload), checksums computed."""
     t = state.tuple.wire()
     o, w = state.options, state.window
@@ -138,12 +138,12 @@ def replay_close(session: _Session, state: ConnectionState, send_seq: int, recv_
             _shutdown(session, acked=tcp_state == FIN_WAIT2)
             _settle(session, FIN_WAIT1, "shutdown")
         if tcp_state in FIN_IN_RECV:
-            injector.send([_segment(state, TH_FIN | TH_ACK, recv_seq, una)])
+            injector.send([peer_segment(state, TH_FIN | TH_ACK, recv_seq, una)])
             _settle(session, CLOSE_WAIT if tcp_state != CLOSING else CLOSING, "the peer's FIN")
         if tcp_state == LAST_ACK:
             _shutdown(session, acked=False)
         if tcp_state == FIN_WAIT2:
-            injector.send([_segment(state, TH_ACK, recv_seq, state.send_seq)])
+            injector.send([peer_segment(state, TH_ACK, recv_seq, state.send_seq)])
         _settle(session, tcp_state, "re-creating the close")
 
 
@@ -233,14 +233,14 @@ def replay_reset(session: _Session, state: ConnectionState, send_seq: int, recv_
                            tuple=state.tuple)
     fin_first = bool(err and fin)
     # accepted at rcv_nxt exactly (else answered with a challenge ACK): only once the FIN before it was taken
-    rst = _segment(state, TH_RST | TH_ACK, recv_seq + fin_first, send_seq)
+    rst = peer_segment(state, TH_RST | TH_ACK, recv_seq + fin_first, send_seq)
     with Injector() as injector:
         if not fin_first:
             injector.send([rst])
         else:
             # Back to back: the FIN arms a delayed ACK at its shortest (icsk_ack.ato is 0 on a socket that never
             # received a segment: it fires at the next tick), which the RST cancels (tcp_done clears the timers).
-            fin_segment = _segment(state, TH_FIN | TH_ACK, recv_seq, send_seq)
+            fin_segment = peer_segment(state, TH_FIN | TH_ACK, recv_seq, send_seq)
             if err == errno.EPIPE:
                 injector.send([fin_segment, rst])
             else:

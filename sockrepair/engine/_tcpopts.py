@@ -62,6 +62,18 @@ def send_limits(session: _Session) -> tuple[int, int]:
     return int(mss), int(cwnd)
 
 
+SEGS_IN = struct.Struct("=140xI")  # struct tcp_info: tcpi_segs_in at byte 140
+
+
+def segs_in(session: _Session) -> int:
+    """TCP_INFO's tcpi_segs_in: segments the socket has taken in."""
+    try:
+        raw = session.sock.getsockopt(TCP, TCP_INFO, SEGS_IN.size)
+    except OSError as exc:
+        raise session.failed("getsockopt(TCP_INFO)", exc) from None
+    return int(SEGS_IN.unpack_from(raw)[0])
+
+
 def read_options(session: _Session, info: TcpInfo) -> TcpOptions:
     """The options negotiated in the handshake (from `info`) and, in repair mode, TCP_MAXSEG: the MSS clamp."""
     opts = info.tcpi_options

@@ -226,6 +226,11 @@ class Recorder:
         self.drain()
         return sum(len(self._kept.get(wire_key(conn), ())) for conn in conns)
 
+    def peek(self, conn: ConnTuple) -> list[bytes]:
+        """Drain, then the packets kept for `conn` so far, in arrival order (they stay kept)."""
+        self.drain()
+        return list(self._kept.get(wire_key(conn), ()))
+
     def take(self, conns: Iterable[ConnTuple]) -> Held:
         """Drain, then hand over (and forget) the packets kept for `conns`, in arrival order. The counts of copies
         lost or over a cap are those of the whole recorder so far (a lost copy names no connection)."""

@@ -21,6 +21,7 @@ from sockrepair.image.directory import Entry, prepare_dir
 from sockrepair.move.freeze import frozen
 from sockrepair.move.journal import mark_ended, write_images
 from sockrepair.move.keep import Keeper, Kept
+from sockrepair.move.land import passing_lock
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import ProcSocket, process_name, tcp_sockets
 from sockrepair.move.quiesce import Quiescence
@@ -121,7 +122,10 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
                 entries = write_images(directory, pid, list(zip([s.fd for s in cap.sockets], cap.states)),
                                        after=after.value, ttl=ttl, dir_fd=dir_fd)
             if after is After.LEAVE_RUNNING:
-                with timings.timed(Stage.RESUME):
+                # while the kept packets are delivered, what the resumed sockets send (their ACKs of them) passes the
+                # lock, as a restored socket's does (sockrepair.move.land.passing_lock)
+                with timings.timed(Stage.RESUME), (passing_lock(cap.fds, cap.states) if keeper is not None
+                                                   else contextlib.nullcontext()):
                     for fd in cap.fds:
                         resume(fd)
                     if keeper is not None:  # what the peers sent while their connections were frozen

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,10 +58,12 @@ class Keeper:
     kept from then on); deliver() or write() after; close() always."""
 
     def __init__(self, paths: Sequence[str], caps: Caps = Caps(), *, adopted: Sequence[tuple[int, Recorder]] = (),
-                 fell_back: int = 0, note: str = "") -> None:
+                 fell_back: int = 0, note: str = "", redelivered: Sequence[bytes] = ()) -> None:
         """`adopted`: recorders taken over from a keeper (sockrepair.move.keeper.take_over), with the inode of their
-        namespace, which `paths` then skip; `fell_back` and `note`: what happened to the packets before."""
+        namespace, which `paths` then skip; `fell_back` and `note`: what happened to the packets before;
+        `redelivered`: the packets of a directory's REDELIVER file (resume_keeping), which saved_to() adds to."""
         self.note = note
+        self.redelivered = list(redelivered)
         self._delivered = 0
         self._fell_back = fell_back
         self._adopted = len(adopted)
@@ -102,6 +105,21 @@ class Keeper:
             if round_ < _ROUNDS:  # the last round leaves what came meanwhile to the next call
                 held = self._take(tuples)
         return Kept(self._delivered, self._fell_back + held.fell_back, True, self.note)
+
+    def records_in(self, path: str) -> bool:
+        """Whether one of this keeper's recorders is in the network namespace at `path` (netns_path())."""
+        try:
+            return os.stat(path).st_ino in self._namespaces
+        except OSError:
+            return False
+
+    def sockets(self) -> list[socket.socket]:
+        """The bound nfnetlink_log sockets of this keeper's recorders (for a process that goes on reading them)."""
+        return [recorder.socket for recorder in self._recorders]
+
+    def peek(self, conn: ConnTuple) -> list[bytes]:
+        """The packets kept for `conn` so far, every recorder's in turn (they stay kept)."""
+        return [packet for recorder in self._recorders for packet in recorder.peek(conn)]
 
     def pending(self, tuples: Sequence[ConnTuple]) -> int:
         """How many packets are kept for `tuples` so far (they stay kept)."""
@@ -163,9 +181,11 @@ def resume_keeping(directory: Path, tuples: Sequence[ConnTuple], paths: Sequence
     (the keeper's recorders are closed then)."""
     from sockrepair.move.keeper import take_over
 
-    before = read_kept(directory, tuples) + read_kept(directory, tuples, REDELIVER)
+    redelivered = read_kept(directory, tuples, REDELIVER)
+    before = read_kept(directory, tuples) + redelivered
     taken = take_over(directory, tuples)
-    return before + taken.packets, Keeper(paths, adopted=taken.recorders, fell_back=taken.fell_back, note=taken.note)
+    return before + taken.packets, Keeper(paths, adopted=taken.recorders, fell_back=taken.fell_back, note=taken.note,
+                                          redelivered=redelivered)
 
 
 # What a restore of a directory delivered from its own recorders, saved before delivering it (saved_to())
@@ -200,18 +220,19 @@ def read_kept(directory: Path, tuples: Sequence[ConnTuple], name: str | None = N
     return packets
 
 
-def saved_to(directory: Path, tuples: Sequence[ConnTuple]) -> Callable[[Sequence[bytes]], None]:
+def saved_to(directory: Path, keeper: Keeper) -> Callable[[Sequence[bytes]], None]:
     """A `save` for Keeper.deliver in `sockrepair restore -D directory`: the packets are added to
     DIRECTORY/REDELIVER (0600, written whole under a temporary name, fsynced, renamed into place) before they are
     delivered. The restored sockets acknowledge what they are delivered, and those ACKs pass the lock
     (sockrepair.move.land.passing_lock): if the restore is then put back (interrupted or failed before its handoff,
     the sockets closed in repair mode), their peers will never send those packets again, so a restore run again
-    must deliver them itself, as it delivers packets.img and kept.img. Raises OSError when the file cannot be
-    written (nothing was sent then)."""
+    must deliver them itself, as it delivers packets.img and kept.img. The file's packets so far are the ones
+    resume_keeping() read into `keeper` (read once per restore). Raises OSError when the file cannot be written
+    (nothing was sent then)."""
     # construct: loaded only when files are made
     from sockrepair.image.packets import encode_packets
 
-    saved = read_kept(directory, tuples, REDELIVER)
+    saved = keeper.redelivered
 
     def save(packets: Sequence[bytes]) -> None:
         saved.extend(packets)

@@ -17,10 +17,12 @@ from sockrepair.state import ConnectionState
 
 
 def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
-                on_restored: Callable[[socket.socket], object] | None = None) -> list[socket.socket]:
+                on_restored: Callable[[socket.socket], object] | None = None,
+                answered: Sequence[bool] = ()) -> list[socket.socket]:
     """All or nothing: if one connection cannot be restored, those already restored are closed again in repair mode
     (silently), so the images and the lock still describe every connection and the restore can be retried.
-    `on_restored` is called with each socket as soon as it is made (migrate() gives it to its guard)."""
+    `on_restored` is called with each socket as soon as it is made (migrate() gives it to its guard). `answered`:
+    per state, whether its peer said what it holds (sockrepair.move.ask.Asked; none when empty)."""
     socks: list[socket.socket] = []
     with named(netns):
         try:
@@ -29,8 +31,8 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
         except OSError:  # no CAP_NET_RAW: each restore tries on its own (engine/_restore.py _ask_for_ack)
             injector = None
         try:
-            for state in states:
-                socks.append(restore_with(state, injector))
+            for i, state in enumerate(states):
+                socks.append(restore_with(state, injector, i < len(answered) and answered[i]))
                 if on_restored is not None:
                     on_restored(socks[-1])
         except BaseException:
@@ -46,20 +48,31 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
 
 
 @contextlib.contextmanager
-def passing_lock(socks: Sequence[socket.socket], states: Sequence[ConnectionState]) -> Iterator[None]:
-    """While the kept packets are delivered to the restored sockets `socks` (restored from `states`, in that order)
-    and until the unlock, their own packets carry SOCCR_MARK, which the lock lets pass: a segment the kernel sends
-    then (the quick ACK of a delivered request) would otherwise be dropped, and the peer would resend after its
-    retransmission timeout. Then each socket gets back the mark it was restored with (SO_MARK, even when the body
-    raised). Raises OSError when a mark cannot be set."""
+def passing_lock(socks: Sequence[socket.socket | int], states: Sequence[ConnectionState]) -> Iterator[None]:
+    """While the kept packets are delivered to the restored (or resumed) sockets `socks` (sockets or fds, restored
+    from or checkpointed into `states`, in that order) and until the unlock, their own packets carry SOCCR_MARK,
+    which the lock lets pass: a segment the kernel sends then (the quick ACK of a delivered request) would otherwise
+    be dropped, and the peer would resend after its retransmission timeout. Then each socket gets back its saved
+    mark (SO_MARK, even when the body raised). Raises OSError when a mark cannot be set."""
     for sock in socks:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, SOCCR_MARK)
+        _set_mark(sock, SOCCR_MARK)
     try:
         yield
     finally:
         for sock, state in zip(socks, states, strict=True):
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, state.sockopts.mark)
+                _set_mark(sock, state.sockopts.mark)
+
+
+def _set_mark(sock: socket.socket | int, mark: int) -> None:
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        return
+    borrowed = socket.socket(fileno=sock)
+    try:
+        borrowed.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+    finally:
+        borrowed.detach()
 
 
 def put_back(fds: Sequence[int], states: Sequence[ConnectionState], netns: str | None, ttl: float) -> None:

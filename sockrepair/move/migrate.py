@@ -19,6 +19,7 @@ from sockrepair.engine import checkpoint, discard
 from sockrepair.errors import ProcessError
 from sockrepair.image import decode, encode
 from sockrepair.lock import Locker
+from sockrepair.move.ask import ask_peers
 from sockrepair.move.freeze import Freezer
 from sockrepair.move.journal import (
     discard_journal,
@@ -177,7 +178,9 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             states = [decode(image) for image in images]
         freezer.landing(directory, dest_netns, ttl)
         with timings.timed(Stage.RESTORE):
-            socks = restore_all(states, dest_netns, freezer.hold_one)
+            # what the peers hold of our in-flight bytes, asked once the old sockets are gone (sockrepair.move.ask)
+            asked = ask_peers(keeper, states, netns_path(dest_netns))
+            socks = restore_all(asked.states, dest_netns, freezer.hold_one, asked.answered)
         with passing_lock(socks, states) if keeper is not None else contextlib.nullcontext():
             if keeper is not None:
                 with timings.timed(Stage.DELIVER):

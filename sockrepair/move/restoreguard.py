@@ -13,6 +13,12 @@ When the restorer is gone without saying goodbye (SIGKILL), the guard finishes o
 An exec closes the restorer's end of the guard's socket pair as its death does; the guard tells them apart by the
 restorer's PF_EXITING flag (/proc/PID/stat field 9, set as the kernel's do_exit() begins, before it closes files).
 
+Whichever unlocks handed-off connections delivers, as every mover does (docs/keeping.md), what the lock kept since
+the restorer's last delivery: the guard holds the restorer's recorder sockets (`recorders`, shared with it until
+its exec or death closes its copies), and before and right after its unlock it sends their packets for those
+connections, the sockets marked SOCCR_MARK meanwhile (their ACKs pass the lock). Without that, what a peer sent
+between the restorer's delivery and the exec (the handoff's few milliseconds) waited for its retransmission.
+
 The guard is a grandchild (forked twice) so that it outlives an --exec without becoming the new program's child; it
 ignores SIGINT, SIGTERM and SIGHUP, which a terminal sends to the whole process group, and keeps the fds `inherit`
 (the flock on the image directory: a second restore waits until the guard is done)."""
@@ -24,7 +30,7 @@ import fcntl
 import os
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from sockrepair.sigmask import deferred_signals
@@ -54,7 +60,9 @@ class RestoreGuard:
     the sockets are handed off or closed (put back) by the restorer."""
 
     def __init__(self, tuples: Sequence[ConnTuple], netns: str | None, directory: Path | None,
-                 inherit: Sequence[int] = ()) -> None:
+                 inherit: Sequence[int] = (), recorders: Sequence[socket.socket] = ()) -> None:
+        """`inherit`: fds the guard keeps open; `recorders`: the bound nfnetlink_log sockets of the restore's
+        keeper (sockrepair.lock.record.Recorder.socket), which the guard reads what the lock keeps from."""
         restorer = os.getpid()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # a signal arriving during the fork would run its handler inside Python's at-fork hooks, which print the
@@ -67,12 +75,12 @@ class RestoreGuard:
                         signal.signal(sig, signal.SIG_IGN)
                     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
                     if os.fork() == 0:
-                        keep = {theirs.fileno(), *inherit}
+                        keep = {theirs.fileno(), *inherit, *(r.fileno() for r in recorders)}
                         for name in os.listdir("/proc/self/fd"):
                             if int(name) > 2 and int(name) not in keep:
                                 with contextlib.suppress(OSError):
                                     os.close(int(name))
-                        _Guard(restorer, [str(t) for t in tuples], netns, directory).run(theirs)
+                        _Guard(restorer, [str(t) for t in tuples], netns, directory, list(recorders)).run(theirs)
                 finally:
                     os._exit(0)
             os.waitpid(child, 0)
@@ -111,11 +119,13 @@ class RestoreGuard:
 class _Guard:
     """The guard's side (see the module's docstring); run() never returns."""
 
-    def __init__(self, restorer: int, tuples: list[str], netns: str | None, directory: Path | None) -> None:
+    def __init__(self, restorer: int, tuples: list[str], netns: str | None, directory: Path | None,
+                 recorders: list[socket.socket]) -> None:
         self.restorer = restorer
         self.tuples = tuples
         self.netns = netns
         self.directory = directory
+        self.recorders = recorders
         self.socks: list[socket.socket] = []
         self.handing = False
 
@@ -138,6 +148,37 @@ class _Guard:
         finally:
             os._exit(status)
 
+    @contextlib.contextmanager
+    def _delivering(self, socks: list[socket.socket], conns: list[ConnTuple]) -> Iterator[Callable[[], None]]:
+        """Yields a function that sends what the recorders kept for `conns` to their sockets `socks` (handed off,
+        still theirs to the program), which carry SOCCR_MARK meanwhile and get their own mark back afterwards.
+        A packet that cannot be delivered is left to the peer's retransmission, as the lock leaves it."""
+        from sockrepair.errors import LockError
+        from sockrepair.lock.record import Recorder
+        from sockrepair.lock.ruleset import SOCCR_MARK
+        from sockrepair.move.keep import netns_path, send_kept
+
+        recorders = [Recorder(bound=sock) for sock in self.recorders]
+        marks = []
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                marks.append((sock, sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, SOCCR_MARK)
+
+        def deliver() -> None:
+            for recorder in recorders:
+                with contextlib.suppress(OSError, LockError):
+                    send_kept(recorder.take(conns).packets, netns_path(self.netns))
+
+        try:
+            yield deliver
+        finally:
+            for sock, mark in marks:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            for recorder in recorders:
+                recorder.close()
+
     def _finish(self) -> None:
         from sockrepair.engine._repair import repair_on
         from sockrepair.lock import Locker
@@ -155,8 +196,11 @@ class _Guard:
             conns = [self.tuples[i] for i in handed]
             if self.directory is not None:
                 mark_handed(self.directory, conns)
-            with named(self.netns), Locker() as locker:
-                locker.unlock([ConnTuple.parse(t) for t in conns])
+            with self._delivering([self.socks[i] for i in handed], [ConnTuple.parse(t) for t in conns]) as deliver:
+                deliver()
+                with named(self.netns), Locker() as locker:
+                    locker.unlock([ConnTuple.parse(t) for t in conns])
+                deliver()  # what the lock stopped meanwhile: only a look after the unlock is sure to see it all
         for i, sock in enumerate(self.socks):
             if i not in handed:
                 with contextlib.suppress(OSError):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -27,6 +29,7 @@ from sockrepair.move.keep import Keeper
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import stat, tcp_sockets, tcp_table
 from sockrepair.move.quiesce import OnBusy, Quiescence
+from sockrepair.state import ConnTuple
 from tests.root.pairs import tcp_info, wait_for
 from tests.root.programs import free_port
 from tests.root.streams import (
@@ -119,6 +122,60 @@ def test_dump_leave_running_delivers_what_came_after_the_delivery(netns, tmp_pat
     finally:
         client.close()
         stop(server)
+
+
+def test_dump_leave_running_acknowledges_a_kept_request_while_locked(netns, tmp_path, monkeypatch):
+    """A request the peer sends while the connection is locked is delivered to the resumed socket, whose ACK must
+    pass the lock: the peer sees its request acknowledged before the unlock. The resumed socket was not marked, the
+    lock dropped its ACK, and the request waited for the echo (after the thaw) or the peer's retransmission."""
+    keepers: list[Keeper] = []
+
+    class Watched(Keeper):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            keepers.append(self)
+
+    real_resume, real_unlock = dump_module.resume, Locker.unlock
+    port = free_port()
+    server = start_echo(f"127.0.0.1:{port}")
+    [client] = connect_clients(port, 1)
+    unacked_at_unlock: list[int] = []
+
+    def resume_after_a_request(fd):
+        if not keepers[0].pending([_tuple(client)]):
+            client.sendall(b"while locked")
+            wait_for(lambda: keepers[0].pending([_tuple(client)]) == 1, "the request to reach the lock", 5.0)
+        return real_resume(fd)
+
+    def unlock_once_acknowledged(self, items, *args, **kwargs):
+        with contextlib.suppress(pytest.fail.Exception):
+            wait_for(lambda: _unacked(client) == 0, "the peer to see its request acknowledged", 2.0)
+        unacked_at_unlock.append(_unacked(client))
+        return real_unlock(self, items, *args, **kwargs)
+
+    monkeypatch.setattr(dump_module, "Keeper", Watched)
+    monkeypatch.setattr(dump_module, "resume", resume_after_a_request)
+    monkeypatch.setattr(Locker, "unlock", unlock_once_acknowledged)
+    try:
+        echo_round([client], [0], 1_000)
+        report = dump(server.pid, tmp_path / "img", after=After.LEAVE_RUNNING)
+        assert recv_exactly(client, 12) == b"while locked"
+        assert unacked_at_unlock == [0]
+        assert tcp_info(client)[2] == 0
+        assert (report.kept.delivered, report.kept.fell_back) == (1, 0)
+    finally:
+        client.close()
+        stop(server)
+
+
+def _unacked(sock: socket.socket) -> int:
+    """tcpi_unacked: segments sent and not acknowledged."""
+    return int(struct.unpack_from("=I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 24)[0])
+
+
+def _tuple(client: socket.socket) -> ConnTuple:
+    """The server side's tuple of `client`'s connection."""
+    return ConnTuple(client.family, *client.getpeername()[:2], *client.getsockname()[:2])
 
 
 def _state(pid: int) -> str:

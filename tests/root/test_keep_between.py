@@ -298,3 +298,46 @@ def test_a_keeper_that_does_not_answer_is_killed(ns: NetNS, tmp_path: Path, monk
         wait_for(lambda: not _alive(keeper), "the keeper to die", 5.0)
         with ns.entered(), Recorder():  # the group is free for the restore
             pass
+
+
+# `sockrepair restore` whose exec pauses once the restorer delivered what was kept, until a line on its stdin
+_PAUSED_BEFORE_EXEC = """
+import sys
+import sockrepair.cli.move as move
+from sockrepair.cli.main import main
+real = move.exec_with_sockets
+def paused(*args, **kwargs):
+    print("delivered", flush=True)
+    sys.stdin.readline()
+    return real(*args, **kwargs)
+move.exec_with_sockets = paused
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_request_sent_before_the_exec_is_delivered_by_the_guard(ns: NetNS, tmp_path: Path) -> None:
+    """`restore --exec` hands the sockets over still locked, and its guard unlocks them once the program holds them.
+    A request sent after the restorer's delivery and before the exec is kept by the lock; the guard delivers it
+    with its unlock, so the peer does not resend it (with the peer's rto_min of 8 s it used to arrive 8 s later,
+    by a retransmission)."""
+    _slow_peer_routes(ns)
+    with echo_connection(ns) as (server, client):
+        _dump(server.pid, tmp_path / "img")
+        proc = subprocess.Popen([sys.executable, "-c", _PAUSED_BEFORE_EXEC, "restore", "-D", str(tmp_path / "img"),
+                                 "--exec", sys.executable, str(ECHO_SERVER)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            assert proc.stdout.readline() == b"delivered\n", _stderr(proc)
+            client.sendall(REQUEST)  # locked: kept by the restorer's recorder, which the guard holds too
+            assert _unacked(client) == 1
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().startswith(b"ready")
+            assert recv_exactly(client, len(REQUEST)) == REQUEST
+            assert tcp_info(client)[2] == 0
+            with Locker(ns.name) as locker:
+                wait_for(lambda: locker.list_locks() == [], "the guard to unlock", 5.0)
+        finally:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,174 @@
+"""Before a restore, ask each peer how much of our in-flight data it holds, so that the restored socket can send the
+rest again at once as new data, whatever its size (issue 11, section 3).
+
+Why asking is needed: data written again as new data leaves only as far as the initial congestion window lets it
+(10 segments), and the peer acknowledges up to what it holds. If it holds more than that first burst carries, its
+ACKs are beyond the restored socket's snd_nxt, and tcp_ack discards them as ACKs of unsent data (net/ipv4/tcp_input.c,
+SKB_DROP_REASON_TCP_ACK_UNSENT_DATA): the socket stalls until its retransmission timeouts. The highest ACK the lock
+kept is not enough: the peer may hold more that a delayed ACK has not covered yet (__tcp_ack_snd_check waits for two
+full segments, longer while its window does not grow).
+
+How: once the old socket is gone (nothing else of ours can reach the peer any more), a raw socket marked SOCCR_MARK
+(lock/inject.py) sends the peer, as our old socket would, one byte of old data at snd_una - 1. The peer holds it
+already, so it drops it and acknowledges at once (tcp_data_queue's duplicate path enters quick-ACK mode; when the
+segment is left of rcv_wup, tcp_validate_incoming's tcp_send_dupack, which rate-limits segments without data only):
+its ACK carries rcv_nxt, everything it holds in order. The lock stops that answer and the recorder keeps it. Any
+packet the peer sends once the probe reached it carries that same rcv_nxt (nothing else of ours reaches it any
+more), so the first new packet kept is an answer, and the highest ACK kept for the connection is exactly what the
+peer holds, unless its answer has SACK blocks beyond
+it (data held out of order, lost before the lock): then the peer's ACK could jump past the first burst again, and
+the state is left as it was. The state is cut to that ACK (snd_una advanced, the acknowledged bytes dropped from the
+send queue, the send window's right edge kept), and restore writes the rest again as new data
+(engine/_restore.py, `answered`). Without a recorder in the namespace of the restore (where the answers arrive), or
+without an answer within ANSWER_TIMEOUT, nothing changes and restore uses its one-burst rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sockrepair.errors import LockError
+from sockrepair.lock.inject import Injector
+from sockrepair.move.keep import Keeper
+from sockrepair.netns import inside
+from sockrepair.packet import with_checksums
+from sockrepair.state import TCP_ESTABLISHED, ConnectionState
+
+U32 = 0xFFFFFFFF
+TH_ACK = 0x10
+TCPOPT_EOL, TCPOPT_NOP, TCPOPT_SACK = 0, 1, 5
+# the peers answer within a round trip; one that does not (unreachable, or its answer lands where nothing records)
+# costs this much downtime once per move, and its connection is restored as before
+ANSWER_TIMEOUT = 0.2
+
+
+@dataclass(frozen=True)
+class Asked:
+    """`states`: the states to restore, each cut to what its peer answered it holds; `answered[i]`: whether state i
+    was cut to an answer (restore then writes all its in-flight bytes again as new data)."""
+
+    states: list[ConnectionState]
+    answered: list[bool]
+
+
+def ask_peers(keeper: Keeper | None, states: Sequence[ConnectionState], into: str) -> Asked:
+    """Ask the peer of every ESTABLISHED state with in-flight bytes what it holds (the module's docstring), the
+    probes sent from the network namespace at path `into` (where the connections are restored; the old sockets
+    must be gone), the answers read from `keeper`'s recorders (None: not keeping, nothing is asked). Waits at most
+    ANSWER_TIMEOUT. Never raises for a peer that does not answer or a probe the kernel refuses (no CAP_NET_RAW):
+    those states are returned as they were."""
+    answered = [False] * len(states)
+    out = list(states)
+    # the answers come where the connections are restored: without a recorder there, nobody would see them
+    asked = ([i for i, s in enumerate(states) if _worth_asking(s)]
+             if keeper is not None and keeper.records_in(into) else [])
+    if keeper is None or not asked:
+        return Asked(out, answered)
+    before = {i: len(keeper.peek(states[i].tuple)) for i in asked}
+    try:
+        with inside(into), Injector() as injector:
+            injector.send([_probe(states[i]) for i in asked])
+    except (OSError, LockError):
+        return Asked(out, answered)
+    deadline = time.monotonic() + ANSWER_TIMEOUT
+    waiting = set(asked)
+    while waiting:
+        waiting = {i for i in waiting if len(keeper.peek(states[i].tuple)) == before[i]}
+        if not waiting or time.monotonic() > deadline:
+            break
+        time.sleep(0.0005)
+    for i in set(asked) - waiting:
+        held = _held(states[i], keeper.peek(states[i].tuple))
+        if held is not None:
+            out[i], answered[i] = _cut(states[i], held), True
+    return Asked(out, answered)
+
+
+def _worth_asking(state: ConnectionState) -> bool:
+    # TCP_CORK would hold a last short segment back: restore keeps corked connections' bytes as sent
+    return (state.tcp_state == TCP_ESTABLISHED and state.window is not None and not state.sockopts.cork
+            and len(state.send_queue) > state.unsent_len)
+
+
+def _una(state: ConnectionState) -> int:
+    return (state.send_seq - len(state.send_queue)) & U32
+
+
+def _probe(state: ConnectionState) -> bytes:
+    """One byte at snd_una - 1 from us to the peer, acknowledging our rcv_nxt, no options; its content is never read
+    (the peer holds that byte already)."""
+    t = state.tuple.wire()
+    w, o = state.window, state.options
+    assert w is not None
+    wnd = min(w.rcv_wnd >> o.rcv_wscale if o.wscale else w.rcv_wnd, 0xFFFF)
+    tcp = struct.pack(">HHIIBBHHH", t.local_port, t.remote_port, (_una(state) - 1) & U32, state.recv_seq & U32,
+                      5 << 4, TH_ACK, wnd, 0, 0) + b"\0"
+    src, dst = socket.inet_pton(t.family, t.local_addr), socket.inet_pton(t.family, t.remote_addr)
+    if t.family == socket.AF_INET:
+        ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, socket.IPPROTO_TCP, 0, src, dst)
+    else:
+        ip = struct.pack(">IHBB16s16s", 6 << 28, len(tcp), socket.IPPROTO_TCP, 64, src, dst)
+    return with_checksums(ip + tcp)
+
+
+def _held(state: ConnectionState, packets: Sequence[bytes]) -> int | None:
+    """How many in-flight bytes the peer holds, from the highest ACK among its kept `packets` (offsets from snd_una,
+    mod 2**32, within the in-flight bytes); None when a SACK block says it holds data beyond that ACK."""
+    una, in_flight = _una(state), len(state.send_queue) - state.unsent_len
+    held = 0
+    blocks: list[int] = []
+    for packet in packets:
+        parsed = _ack_and_sack_ends(packet)
+        if parsed is None:
+            continue
+        ack, ends = parsed
+        offset = (ack - una) & U32
+        if offset <= in_flight:
+            held = max(held, offset)
+        blocks += [(end - una) & U32 for end in ends]
+    # a D-SACK block (the probe's byte, or other duplicates) ends at or below the ACK; any other is data held
+    # beyond a hole
+    if any(held < end <= in_flight for end in blocks):
+        return None
+    return held
+
+
+def _ack_and_sack_ends(packet: bytes) -> tuple[int, list[int]] | None:
+    """The ACK number and the right edges of the SACK blocks of a TCP packet with ACK set (IPv4 or IPv6 without
+    extension headers, as the recorder keeps them); None for one without ACK."""
+    ip_len = (packet[0] & 0x0F) * 4 if packet[0] >> 4 == 4 else 40
+    if len(packet) < ip_len + 20:
+        return None
+    ack, offset_flags = struct.unpack_from(">IH", packet, ip_len + 8)
+    if not offset_flags & TH_ACK:
+        return None
+    options = packet[ip_len + 20 : ip_len + (offset_flags >> 12) * 4]
+    ends: list[int] = []
+    pos = 0
+    while pos < len(options) and options[pos] != TCPOPT_EOL:
+        if options[pos] == TCPOPT_NOP:
+            pos += 1
+            continue
+        if pos + 1 >= len(options) or options[pos + 1] < 2:
+            break
+        kind, length = options[pos], options[pos + 1]
+        if kind == TCPOPT_SACK:
+            body = options[pos + 2 : pos + length]
+            ends += [struct.unpack_from(">I", body, n + 4)[0] for n in range(0, len(body) - 7, 8)]
+        pos += length
+    return int(ack), ends
+
+
+def _cut(state: ConnectionState, held: int) -> ConnectionState:
+    """`state` with the peer's acknowledgment of `held` more bytes applied, as the kernel would have: snd_una
+    advanced, those bytes gone from the send queue, the send window's right edge where it was."""
+    if not held:
+        return state
+    w = state.window
+    assert w is not None
+    return dataclasses.replace(state, send_queue=state.send_queue[held:],
+                               window=dataclasses.replace(w, snd_wnd=max(w.snd_wnd - held, 0)))
