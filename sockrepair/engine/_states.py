@@ -52,7 +52,6 @@ from sockrepair.engine._session import PEEK_FLAGS, _Session
 from sockrepair.engine._tcpopts import tcp_info
 from sockrepair.errors import RestoreError, SocketCallError, SocketStateError
 from sockrepair.lock.inject import Injector
-from sockrepair.packet import with_checksums
 from sockrepair.state import ConnectionState, ConnTuple, Payload, state_name
 
 ESTABLISHED, FIN_WAIT1, FIN_WAIT2 = lib.TCP_ESTABLISHED, lib.TCP_FIN_WAIT1, lib.TCP_FIN_WAIT2
@@ -93,7 +92,8 @@ def restore_seqs(state: ConnectionState) -> tuple[int, int]:
 
 
 def _segment(state: ConnectionState, flags: int, seq: int, ack: int) -> bytes:
-    """A segment from the peer to us (no options, no payload), checksums computed."""
+    """A segment from the peer to us (no options, no payload), its checksums 0: every segment goes out through
+    Injector.send, which computes them (a kept packet's may be partial), so computing them here was done twice."""
     t = state.tuple.wire()
     o, w = state.options, state.window
     wnd = 0 if w is None else (w.snd_wnd >> o.snd_wscale if o.wscale else w.snd_wnd)
@@ -104,7 +104,7 @@ def _segment(state: ConnectionState, flags: int, seq: int, ack: int) -> bytes:
         ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, socket.IPPROTO_TCP, 0, src, dst)
     else:
         ip = struct.pack(">IHBB16s16s", 6 << 28, len(tcp), socket.IPPROTO_TCP, 64, src, dst)
-    return with_checksums(ip + tcp)
+    return ip + tcp
 
 
 def _settle(session: _Session, want: int, what: str) -> None:
