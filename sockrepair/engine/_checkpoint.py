@@ -22,7 +22,13 @@ from sockrepair.engine._session import (
     session_of,
 )
 from sockrepair.engine._sockopts import read_sockopts
-from sockrepair.engine._states import CLOSE, REPAIRABLE, read_closed, send_lengths
+from sockrepair.engine._states import (
+    CLOSE,
+    REPAIRABLE,
+    closed_peer,
+    read_closed,
+    send_lengths,
+)
 from sockrepair.engine._tcpopts import (
     TcpInfo,
     read_options,
@@ -240,14 +246,12 @@ def _connection_tuple(session: _Session, tcp_state: int) -> ConnTuple:
     CLOSE, where it says ENOTCONN too, SO_PEERNAME (ENOTCONN only when the socket has no peer: never connected,
     or disconnected with connect(AF_UNSPEC))."""
     if tcp_state == CLOSE:
-        try:
-            return read_tuple(session, closed=True)
-        except SocketCallError as exc:
-            if exc.errno != errno.ENOTCONN:
-                raise
+        conn = closed_peer(session)
+        if conn is None:
             raise SocketStateError(f"fd {session.fd} is in state CLOSE without a peer (never connected, or "
                                    "disconnected): there is no connection to checkpoint", fd=session.fd,
-                                   tcp_state=tcp_state) from None
+                                   tcp_state=tcp_state)
+        return conn
     if tcp_state != lib.TCP_SYN_SENT:
         return read_tuple(session)
     family = session.get(SOL, lib.SO_DOMAIN, "SO_DOMAIN")

@@ -16,14 +16,13 @@ from sockrepair.engine._addr import read_tuple
 from sockrepair.engine._diag import (
     SOCKOPT_RECVERR,
     SOCKOPT_TRANSPARENT,
-    DiagView,
     SockView,
     connecting_tuple,
     diag,
 )
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import CHARS, _Session, getsockopt, new
-from sockrepair.engine._states import REPAIRABLE
+from sockrepair.engine._states import REPAIRABLE, closed_peer
 from sockrepair.engine._tcpopts import tcp_info
 from sockrepair.errors import SocketCallError, SocketStateError
 from sockrepair.state import ConnTuple, state_name
@@ -99,7 +98,7 @@ class Checked(NamedTuple):
     it (`inq`, -1 with no view)."""
 
     found: list[tuple[str, str]]
-    view: DiagView | None
+    view: SockView | None
     inq: int
 
 
@@ -117,7 +116,7 @@ def checked(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool,
     """refusals(), with what its sock_diag round trip read."""
     found: list[tuple[str, str]] = []
     family = conn.family
-    view: DiagView | None = None
+    view: SockView | None = None
     inq = -1
     if tcp_state != lib.TCP_CLOSE:
         # sock_diag finds no socket in CLOSE (it left the hash tables, and its keys can sign no more segments)
@@ -213,11 +212,8 @@ def refusals_of(fd: int) -> list[tuple[str, str]]:
         if conn is None:
             return []  # connected meanwhile: checkpoint() reads it as it is then
     elif tcp_state == lib.TCP_CLOSE:
-        try:
-            conn = read_tuple(session, closed=True)
-        except SocketCallError as exc:
-            if exc.errno != errno.ENOTCONN:
-                raise
+        conn = closed_peer(session)
+        if conn is None:
             return []  # no peer: checkpoint() refuses it
     else:
         conn = read_tuple(session)

@@ -260,6 +260,13 @@ def closed_tuple(fd: int) -> ConnTuple | None:
     session = _Session(fd)
     if tcp_info(session).tcpi_state != CLOSE:
         return None
+    return closed_peer(session)
+
+
+def closed_peer(session: _Session) -> ConnTuple | None:
+    """The 4-tuple of the session's socket, known to be in CLOSE (getsockname and SO_PEERNAME: getpeername says
+    ENOTCONN there); None when it has no peer (never connected, or disconnected with connect(AF_UNSPEC)). Raises
+    SocketCallError when a call fails otherwise."""
     try:
         return read_tuple(session, closed=True)
     except SocketCallError as exc:
