@@ -136,19 +136,10 @@ def frozen_state(session: _Session, info: TcpInfo, sockopts: SocketOptions, inq:
             unsent_len=0, recv_queue=closed.recv_queue, options=options, window=window, timestamp=timestamp,
             sockopts=sockopts, sk_err=closed.sk_err, fin_received=closed.fin_received)
     queues = read_queues(session, tcp_state, inq)
-    return ConnectionState(
-        tuple=conn,
-        tcp_state=tcp_state,
-        send_seq=queues.send_seq,
-        recv_seq=queues.recv_seq,
-        send_queue=queues.send_queue,
-        unsent_len=queues.unsent_len,
-        recv_queue=queues.recv_queue,
-        options=options,
-        window=window,
-        timestamp=timestamp,
-        sockopts=sockopts,
-    )
+    # positionally (a batch builds thousands): tuple, tcp_state, send_seq, recv_seq, send_queue, unsent_len,
+    # recv_queue, options, window, timestamp, sockopts
+    return ConnectionState(conn, tcp_state, queues.send_seq, queues.recv_seq, queues.send_queue, queues.unsent_len,
+                           queues.recv_queue, options, window, timestamp, sockopts)
 
 
 def resume(sock: SockLike) -> None:
