@@ -165,7 +165,7 @@ def diag(session: _Session, conn: ConnTuple, ifindex: int) -> SockView:
         data, err = _ask(_netlink_for(session), _request(conn, ifindex), session, conn)
     if err:
         raise SocketCallError(err, "sock_diag", session.fd, tuple=conn)
-    return _view(data, _NLMSG.size, _NLMSG.unpack_from(data)[0], {})
+    return _view(data, _NLMSG.size, _NLMSG.unpack_from(data)[0], {}, conn)
 
 
 INET_DIAG_CONG, INET_DIAG_TOS, INET_DIAG_TCLASS, INET_DIAG_SKMEMINFO = 4, 5, 6, 7
@@ -259,10 +259,13 @@ def _text(texts: dict[bytes, str], family: int, raw: bytes) -> str:
     return text
 
 
-def _view(data: bytes, msg: int, end: int, texts: dict[bytes, str]) -> SockView:
+def _view(data: bytes, msg: int, end: int, texts: dict[bytes, str], conn: ConnTuple | None = None) -> SockView:
+    """The SockView of the struct inet_diag_msg at `msg` (its attributes up to `end`); `conn`: the 4-tuple when the
+    caller knows it (a request names the socket by it), else read from the message (`texts` caches addresses)."""
     family, state, _, _, sport, dport = _DUMP_HEAD.unpack_from(data, msg)
-    conn = ConnTuple(family, _text(texts, family, data[msg + 8 : msg + 24]), socket.ntohs(sport),
-                     _text(texts, family, data[msg + 24 : msg + 40]), socket.ntohs(dport))
+    if conn is None:
+        conn = ConnTuple(family, _text(texts, family, data[msg + 8 : msg + 24]), socket.ntohs(sport),
+                         _text(texts, family, data[msg + 24 : msg + 40]), socket.ntohs(dport))
     ifindex = _U32.unpack_from(data, msg + _IF_AT)[0]
     rqueue = _MSG_QUEUES.unpack_from(data, msg + _QUEUES_AT)[0]
     info = b""

@@ -189,15 +189,28 @@ def _option_refusals(session: _Session, ints: list[tuple[str, int, int, str, int
         found.append(("SO_ATTACH_FILTER/SO_ATTACH_BPF", f"a classic BPF filter of {size[0]} instructions is attached"))
 
 
+class _Kernel:
+    # ENOPROTOOPT for TCP_AO_INFO: the kernel was built without TCP-AO (CONFIG_TCP_AO), so no socket of this boot
+    # can have its keys, and the call is not made again
+    ao_absent = False
+
+
 def _ao_refusal(session: _Session, found: list[tuple[str, str]]) -> None:
-    """TCP_AO_INFO answers only when TCP-AO keys are set: ENOENT without keys, ENOPROTOOPT or EOPNOTSUPP on a kernel
-    without TCP-AO."""
-    try:
-        session.sock.getsockopt(TCP, lib.TCP_AO_INFO, _AO_INFO_SIZE)
-    except OSError as exc:
-        if exc.errno in _ABSENT:
+    """TCP_AO_INFO answers only when TCP-AO keys are set: ENOENT without keys, ENOPROTOOPT on a kernel without
+    TCP-AO. Through cffi, not the socket method: nearly every socket fails the call, and the socket method then
+    raises, which costs more than the call."""
+    if _Kernel.ao_absent:
+        return
+    buf = new(CHARS, _AO_INFO_SIZE)
+    size = session.size
+    size[0] = _AO_INFO_SIZE
+    if getsockopt(session.fd, TCP, lib.TCP_AO_INFO, buf, size) < 0:
+        err = ffi.errno
+        if err == errno.ENOPROTOOPT:
+            _Kernel.ao_absent = True
+        if err in _ABSENT:
             return
-        raise session.failed("getsockopt(TCP_AO_INFO)", exc) from None
+        raise session.fail("getsockopt(TCP_AO_INFO)", err)
     found.append(("TCP_AO_INFO/TCP_AO_GET_KEYS/TCP_AO_REPAIR", "TCP-AO keys are set"))
 
 
@@ -269,15 +282,17 @@ def _ulp(session: _Session) -> str:
 
 
 def _urgent(session: _Session) -> str | None:
-    """What recv(MSG_OOB | MSG_PEEK) says about an urgent byte not yet read; None when there is none to read."""
-    try:
-        byte = session.sock.recv(1, _OOB_FLAGS)
-    except OSError as exc:
-        if exc.errno == errno.EAGAIN:
-            return "an urgent pointer whose byte has not arrived yet"
-        if exc.errno == errno.ENOTCONN:
-            return "an urgent byte not yet read, in CLOSE"  # tcp_recv_urg says ENOTCONN before it looks at the byte
-        return None
-    if byte:
-        return f"an urgent byte {byte!r} not yet read"
-    return "an urgent pointer whose byte never arrived (the peer closed first)"
+    """What recv(MSG_OOB | MSG_PEEK) says about an urgent byte not yet read; None when there is none to read.
+    Through cffi, like TCP_AO_INFO: without urgent data the call fails (EINVAL)."""
+    buf = new(CHARS, 1)
+    got = lib.recv(session.fd, buf, 1, _OOB_FLAGS)
+    if got == 1:
+        return f"an urgent byte {ffi.buffer(buf, 1)[:]!r} not yet read"
+    err = ffi.errno
+    if got < 0 and err == errno.EAGAIN:
+        return "an urgent pointer whose byte has not arrived yet"
+    if got < 0 and err == errno.ENOTCONN:
+        return "an urgent byte not yet read, in CLOSE"  # tcp_recv_urg says ENOTCONN before it looks at the byte
+    if got == 0:
+        return "an urgent pointer whose byte never arrived (the peer closed first)"
+    return None
