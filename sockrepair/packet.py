@@ -43,9 +43,11 @@ def _fold(total: int) -> int:
 
 
 def _sum16(data: bytes | bytearray | memoryview) -> int:
-    if len(data) % 2:
-        data = bytes(data) + b"\0"
-    return sum(struct.unpack(f">{len(data) // 2}H", data))
+    """A number whose _fold() is the ones' complement sum of `data`'s big-endian 16-bit words (an odd last byte
+    padded with 0): 2**16 is 1 modulo 0xFFFF, so the words' sum is the whole number's remainder, and only data of
+    zeros sums to 0 (else to 0xFFFF, never to 0). One big-integer operation instead of a tuple of words."""
+    n = int.from_bytes(data, "big") << (8 * (len(data) & 1))
+    return n % 0xFFFF or (0xFFFF if n else 0)
 
 
 def with_checksums(packet: bytes) -> bytes:

@@ -1,5 +1,6 @@
 """A run's results as files: results.json, results.md (tables with ratios to the C reference measured in the same
-run, and issue 6's targets marked met or missed, by how much) and the PNG plots.
+run, and the targets of issues 6, 11 and 13 marked met or missed, by how much, and where the time goes, with the
+independent check's ratio beside the bench's) and the PNG plots.
 
 The C reference comes in variants (sockrepair/bench/cref.py): 0 B is judged against the minimal C and against the
 like-for-like C (the same socket options as the engine), queue sizes against the warm C (buffers reused, the
@@ -56,6 +57,9 @@ class Target:
     unit: str
     higher_is_better: bool
     measure: Callable[[Results], Measured | None]
+    issues: str  # the issues that set it
+    # (C variant, queue bytes) of the independent check that judges the same ratio, when one does
+    check: tuple[str, int] | None = None
 
 
 def _single(results: Results, impl: str, queue: int) -> Single | None:
@@ -229,20 +233,23 @@ def _rto(connections: int) -> Callable[[Results], Measured | None]:
 
 
 TARGETS = (
-    Target("single-0", "One connection, 0 B, no lock: sockrepair / minimal C", 1.5, "x", False, _ratio_to(C_IMPL, 0)),
+    Target("single-0", "One connection, 0 B, no lock: sockrepair / minimal C", 1.5, "x", False, _ratio_to(C_IMPL, 0),
+           "6"),
     Target("single-0-options", "One connection, 0 B, no lock: sockrepair / like-for-like C", 1.5, "x", False,
-           _ratio_to(C_OPTIONS_IMPL, 0)),
+           _ratio_to(C_OPTIONS_IMPL, 0), "13", (C_OPTIONS_IMPL, 0)),
     Target("single-1MiB", "One connection, 1 MiB queues: sockrepair / warm C", 1.3, "x", False,
-           _ratio_to(C_WARM_IMPL, 1 << 20)),
+           _ratio_to(C_WARM_IMPL, 1 << 20), "6, 13", (C_WARM_IMPL, 1 << 20)),
     Target("image-1MiB", "Image encode + decode, 1 MiB queues: share of sockrepair's cycle", 10.0, "%", False,
-           _image_share(1 << 20)),
-    Target("lock", "Lock + unlock one connection (sockrepair)", 150.0, "µs", False, _lock),
-    Target("batch-10000", "10,000 connections including the lock", 30_000.0, "conn/s", True, _batch(10_000)),
+           _image_share(1 << 20), "13"),
+    Target("lock", "Lock + unlock one connection (sockrepair)", 150.0, "µs", False, _lock, "6"),
+    Target("batch-10000", "10,000 connections including the lock", 30_000.0, "conn/s", True, _batch(10_000),
+           "6, 13"),
     *(Target(f"rto-{n}", f"Requests waiting 200 ms or more across a move, {n:,} connection{'s' if n > 1 else ''}",
-             0.0, "requests", False, _rto(n)) for n in (1, 100, 1000)),
-    Target("gap-1", "Worst request latency across a move, 1 connection", 2.0, "ms", False, _gap(1)),
-    Target("gap-100", "Worst request latency across a move, 100 connections", 20.0, "ms", False, _gap(100)),
-    Target("gap-1000", "Worst request latency across a move, 1,000 connections", 100.0, "ms", False, _gap(1000)),
+             0.0, "requests", False, _rto(n), "11") for n in (1, 100, 1000)),
+    Target("gap-1", "Worst request latency across a move, 1 connection", 2.0, "ms", False, _gap(1), "6, 11"),
+    Target("gap-100", "Worst request latency across a move, 100 connections", 20.0, "ms", False, _gap(100), "6, 11"),
+    Target("gap-1000", "Worst request latency across a move, 1,000 connections", 100.0, "ms", False, _gap(1000),
+           "6, 11"),
 )
 
 
@@ -308,16 +315,33 @@ def _ratio(value: float, ref: float | None) -> str:
 
 
 def targets_section(results: Results) -> list[str]:
+    """Every target with the issues that set it, its measured value and status ("missed by" how much, and where the
+    time goes), and, for a ratio the independent check also measures, the check's ratio and verdict beside it."""
     rows = []
     for t in TARGETS:
         m = t.measure(results)
         bound = "≥" if t.higher_is_better else "≤"
         status = judge(t, m)
         where = m.where if m is not None and status.startswith("missed") else ""
-        rows.append([t.text, f"{bound} {_amount(t.limit, t.unit)}",
-                     "—" if m is None else _amount(m.value, t.unit), status, where])
-    return ["## Targets (issue 6)", "",
-            *_table(["target", "limit", "measured", "status", "where the time goes"], rows), ""]
+        rows.append([t.text, t.issues, f"{bound} {_amount(t.limit, t.unit)}",
+                     "—" if m is None else _amount(m.value, t.unit), status, _check_cell(results, t), where])
+    return ["## Targets (issues 6, 11 and 13)", "",
+            *_table(["target", "issue", "limit", "measured", "status", "independent check", "where the time goes"],
+                    rows), ""]
+
+
+def _check_cell(results: Results, target: Target) -> str:
+    """The independent check's ratio for the target's C variant and size, and whether it agrees with the bench's
+    (the section "Independent check" says why not); "—" for a target no check measures or a run without one."""
+    if target.check is None:
+        return "—"
+    c_impl, queue = target.check
+    entry = next((e for e in results.get("independent") or [] if e["c_impl"] == c_impl and e["queue_bytes"] == queue),
+                 None)
+    if entry is None:
+        return "not run"
+    a = agreement(entry, _single(results, SOCKREPAIR_IMPL, queue), _single(results, c_impl, queue))
+    return f"{entry['ratio']:.2f}x: " + {True: "agrees", False: "does not agree", None: "not judged"}[a.agrees]
 
 
 # The independent check agrees with the bench when their ratios are within this factor of each other: on the

@@ -12,7 +12,7 @@ The steps of checkpoint() (engine/_checkpoint.py), in the same order for each so
 - of the options read before repair mode, those the dump shows exactly as getsockopt does (TOS / TCLASS, SO_MARK,
   IP_FREEBIND, SO_SNDBUF, SO_RCVBUF, TCP_CONGESTION, no SO_BINDTODEVICE) are taken from it; repair mode changes
   none of them (it forces only the reuse flag, which is read before it as checkpoint() does);
-- the refusal checks the dump cannot answer are made per socket (engine/_refuse.py refusals_suspected); when
+- the refusal checks the dump cannot answer are made per socket (engine/_refuse.py unsuspected_inq); when
   anything is suspected, checkpoint()'s own check runs and raises the same error checkpoint() raises.
 - a socket in CLOSE, which no dump lists (it left the hash tables), is read as checkpoint() reads it, after all
   the others: reading its pending error clears it, and a batch failing on another socket then leaves it unread.
@@ -39,7 +39,7 @@ from sockrepair.engine._checkpoint import (
 )
 from sockrepair.engine._diag import SOCKOPT_FREEBIND, SockView, dump_views
 from sockrepair.engine._ffi import lib
-from sockrepair.engine._refuse import refusals_suspected, refuse
+from sockrepair.engine._refuse import refuse, unsuspected_inq
 from sockrepair.engine._session import (
     SockLike,
     _Session,
@@ -140,10 +140,11 @@ def _views(frozen: Sequence[_Frozen], inodes: Sequence[int]) -> dict[int, SockVi
 def _finish(f: _Frozen, view: SockView) -> ConnectionState:
     session = f.session
     session.tuple = view.tuple
-    if refusals_suspected(session, view, f.first_state):
-        refuse(session, view.tuple, f.first_state)
+    inq = unsuspected_inq(session, view, f.first_state)
+    if inq < 0:
+        inq = refuse(session, view.tuple, f.first_state).inq
     ensure_state(session, f.first_state, view.state)
-    return frozen_state(session, tcp_info_from(session, view.state, view.info), _options(session, f, view))
+    return frozen_state(session, tcp_info_from(session, view.state, view.info), _options(session, f, view), inq)
 
 
 def _options(session: _Session, f: _Frozen, view: SockView) -> SocketOptions:

@@ -22,7 +22,13 @@ from sockrepair.engine._session import (
     session_of,
 )
 from sockrepair.engine._sockopts import read_sockopts
-from sockrepair.engine._states import CLOSE, REPAIRABLE, read_closed, send_lengths
+from sockrepair.engine._states import (
+    CLOSE,
+    REPAIRABLE,
+    closed_peer,
+    read_closed,
+    send_lengths,
+)
 from sockrepair.engine._tcpopts import (
     TcpInfo,
     read_options,
@@ -130,19 +136,10 @@ def frozen_state(session: _Session, info: TcpInfo, sockopts: SocketOptions, inq:
             unsent_len=0, recv_queue=closed.recv_queue, options=options, window=window, timestamp=timestamp,
             sockopts=sockopts, sk_err=closed.sk_err, fin_received=closed.fin_received)
     queues = read_queues(session, tcp_state, inq)
-    return ConnectionState(
-        tuple=conn,
-        tcp_state=tcp_state,
-        send_seq=queues.send_seq,
-        recv_seq=queues.recv_seq,
-        send_queue=queues.send_queue,
-        unsent_len=queues.unsent_len,
-        recv_queue=queues.recv_queue,
-        options=options,
-        window=window,
-        timestamp=timestamp,
-        sockopts=sockopts,
-    )
+    # positionally (a batch builds thousands): tuple, tcp_state, send_seq, recv_seq, send_queue, unsent_len,
+    # recv_queue, options, window, timestamp, sockopts
+    return ConnectionState(conn, tcp_state, queues.send_seq, queues.recv_seq, queues.send_queue, queues.unsent_len,
+                           queues.recv_queue, options, window, timestamp, sockopts)
 
 
 def resume(sock: SockLike) -> None:
@@ -240,14 +237,12 @@ def _connection_tuple(session: _Session, tcp_state: int) -> ConnTuple:
     CLOSE, where it says ENOTCONN too, SO_PEERNAME (ENOTCONN only when the socket has no peer: never connected,
     or disconnected with connect(AF_UNSPEC))."""
     if tcp_state == CLOSE:
-        try:
-            return read_tuple(session, closed=True)
-        except SocketCallError as exc:
-            if exc.errno != errno.ENOTCONN:
-                raise
+        conn = closed_peer(session)
+        if conn is None:
             raise SocketStateError(f"fd {session.fd} is in state CLOSE without a peer (never connected, or "
                                    "disconnected): there is no connection to checkpoint", fd=session.fd,
-                                   tcp_state=tcp_state) from None
+                                   tcp_state=tcp_state)
+        return conn
     if tcp_state != lib.TCP_SYN_SENT:
         return read_tuple(session)
     family = session.get(SOL, lib.SO_DOMAIN, "SO_DOMAIN")

@@ -13,7 +13,6 @@ import os
 import socket
 import struct
 import threading
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from sockrepair.engine._ffi import ffi, lib
@@ -40,23 +39,6 @@ _MSG_SIZE = 72  # struct inet_diag_msg
 _QUEUES_AT = 56
 _ATTR = struct.Struct("=HH")
 _MD5_KEY_SIZE = 100  # struct tcp_diag_md5sig: family, prefixlen, keylen, ifindex, addr[4], key[80]
-
-
-@dataclass(frozen=True)
-class DiagView:
-    """`rqueue`: rcv_nxt - copied_seq (a received FIN counts 1); `md5_keys`: how many TCP-MD5 keys the socket has;
-    `ulp`: an upper-layer protocol is attached; `shutdown`: sk_shutdown (1 receive side, 2 send side); `state`:
-    sk_state (idiag_state); `info`: struct tcp_info up to its window scales (INET_DIAG_INFO; b"" when the kernel
-    sent none); `sockopt`: the first byte of struct inet_diag_sockopt (INET_DIAG_SOCKOPT, Linux 5.10+; None
-    before)."""
-
-    rqueue: int
-    md5_keys: int
-    ulp: bool
-    shutdown: int
-    state: int
-    info: bytes
-    sockopt: int | None
 
 
 class _Cache(threading.local):
@@ -158,8 +140,9 @@ def _ask(sock: socket.socket, request: bytes, session: _Session, conn: ConnTuple
     return data, 0
 
 
-def diag(session: _Session, conn: ConnTuple, ifindex: int) -> DiagView:
-    """The sock_diag view of the session's connection `conn` (`ifindex`: the device it is bound to, 0 for none).
+def diag(session: _Session, conn: ConnTuple, ifindex: int) -> SockView:
+    """The sock_diag view of the session's connection `conn` (`ifindex`: the device it is bound to, 0 for none),
+    read as a dump's (_view): the reply is the same struct inet_diag_msg with its attributes.
     Raises NotPermittedError without CAP_NET_ADMIN in the socket's network namespace, SocketCallError (op
     "sock_diag") when the kernel answers with an error: ENOENT when no socket has this 4-tuple any more.
 
@@ -182,28 +165,7 @@ def diag(session: _Session, conn: ConnTuple, ifindex: int) -> DiagView:
         data, err = _ask(_netlink_for(session), _request(conn, ifindex), session, conn)
     if err:
         raise SocketCallError(err, "sock_diag", session.fd, tuple=conn)
-    length = _NLMSG.unpack_from(data)[0]
-    rqueue, _ = _MSG_QUEUES.unpack_from(data, _NLMSG.size + _QUEUES_AT)
-    md5_keys, ulp, shutdown, info, sockopt = 0, False, 0, b"", None
-    off = _NLMSG.size + _MSG_SIZE
-    while off + _ATTR.size <= length:
-        size, kind = _ATTR.unpack_from(data, off)
-        if size < _ATTR.size:
-            break
-        kind &= 0x3FFF
-        at = off + _ATTR.size
-        if kind == INET_DIAG_MD5SIG:
-            md5_keys = (size - _ATTR.size) // _MD5_KEY_SIZE
-        elif kind == INET_DIAG_ULP_INFO:
-            ulp = True
-        elif kind == INET_DIAG_SHUTDOWN:
-            shutdown = data[at]
-        elif kind == INET_DIAG_INFO:
-            info = data[at : at + INFO_HEAD]
-        elif kind == INET_DIAG_SOCKOPT:
-            sockopt = data[at]
-        off += (size + 3) & ~3
-    return DiagView(rqueue, md5_keys, ulp, shutdown, data[_NLMSG.size + 1], info, sockopt)
+    return _view(data, _NLMSG.size, _NLMSG.unpack_from(data)[0], {}, conn)
 
 
 INET_DIAG_CONG, INET_DIAG_TOS, INET_DIAG_TCLASS, INET_DIAG_SKMEMINFO = 4, 5, 6, 7
@@ -219,14 +181,16 @@ _MEMINFO = struct.Struct("=4I")  # u32 sk_meminfo[]: SK_MEMINFO_RMEM_ALLOC, _RCV
 
 
 class SockView(NamedTuple):
-    """One socket in a sock_diag dump (struct inet_diag_msg and its attributes, net/ipv4/inet_diag.c
-    inet_sk_diag_fill): `tuple` as getsockname/getpeername give it, `state` (sk_state), `info` the struct tcp_info
-    bytes up to its window scales (INET_DIAG_INFO), `rqueue` / `md5_keys` / `ulp` / `shutdown` as in DiagView,
-    `ifindex` (sk_bound_dev_if), and the options the dump shows, each None when the kernel did not send its
-    attribute: `tos` (inet->tos, INET_DIAG_TOS) and `tclass` (IPv6 sockets, INET_DIAG_TCLASS), `mark` (sk_mark,
-    INET_DIAG_MARK: to CAP_NET_ADMIN only), `congestion` (INET_DIAG_CONG), `sndbuf` / `rcvbuf` (sk_sndbuf /
-    sk_rcvbuf, INET_DIAG_SKMEMINFO), `sockopt` (the first byte of struct inet_diag_sockopt, INET_DIAG_SOCKOPT,
-    Linux 5.10+)."""
+    """One socket in a sock_diag dump or the answer to one request (struct inet_diag_msg and its attributes,
+    net/ipv4/inet_diag.c inet_sk_diag_fill): `tuple` as getsockname/getpeername give it, `state` (sk_state), `info`
+    the struct tcp_info bytes up to its window scales (INET_DIAG_INFO; b"" when the kernel sent none), `rqueue`
+    rcv_nxt - copied_seq (a received FIN counts 1), `md5_keys` how many TCP-MD5 keys the socket has
+    (INET_DIAG_MD5SIG, only to CAP_NET_ADMIN), `ulp` whether an upper-layer protocol is attached
+    (INET_DIAG_ULP_INFO), `shutdown` sk_shutdown (1 receive side, 2 send side), `ifindex` (sk_bound_dev_if), and
+    the options the dump shows, each None when the kernel did not send its attribute: `tos` (inet->tos,
+    INET_DIAG_TOS) and `tclass` (IPv6 sockets, INET_DIAG_TCLASS), `mark` (sk_mark, INET_DIAG_MARK: to CAP_NET_ADMIN
+    only), `congestion` (INET_DIAG_CONG), `sndbuf` / `rcvbuf` (sk_sndbuf / sk_rcvbuf, INET_DIAG_SKMEMINFO), `sockopt`
+    (the first byte of struct inet_diag_sockopt, INET_DIAG_SOCKOPT, Linux 5.10+)."""
 
     tuple: ConnTuple
     state: int
@@ -295,10 +259,13 @@ def _text(texts: dict[bytes, str], family: int, raw: bytes) -> str:
     return text
 
 
-def _view(data: bytes, msg: int, end: int, texts: dict[bytes, str]) -> SockView:
+def _view(data: bytes, msg: int, end: int, texts: dict[bytes, str], conn: ConnTuple | None = None) -> SockView:
+    """The SockView of the struct inet_diag_msg at `msg` (its attributes up to `end`); `conn`: the 4-tuple when the
+    caller knows it (a request names the socket by it), else read from the message (`texts` caches addresses)."""
     family, state, _, _, sport, dport = _DUMP_HEAD.unpack_from(data, msg)
-    conn = ConnTuple(family, _text(texts, family, data[msg + 8 : msg + 24]), socket.ntohs(sport),
-                     _text(texts, family, data[msg + 24 : msg + 40]), socket.ntohs(dport))
+    if conn is None:
+        conn = ConnTuple(family, _text(texts, family, data[msg + 8 : msg + 24]), socket.ntohs(sport),
+                         _text(texts, family, data[msg + 24 : msg + 40]), socket.ntohs(dport))
     ifindex = _U32.unpack_from(data, msg + _IF_AT)[0]
     rqueue = _MSG_QUEUES.unpack_from(data, msg + _QUEUES_AT)[0]
     info = b""

@@ -16,16 +16,15 @@ from sockrepair.engine._addr import read_tuple
 from sockrepair.engine._diag import (
     SOCKOPT_RECVERR,
     SOCKOPT_TRANSPARENT,
-    DiagView,
     SockView,
     connecting_tuple,
     diag,
 )
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import CHARS, _Session, getsockopt, new
-from sockrepair.engine._states import REPAIRABLE
+from sockrepair.engine._states import REPAIRABLE, closed_peer
 from sockrepair.engine._tcpopts import tcp_info
-from sockrepair.errors import SocketCallError, SocketStateError
+from sockrepair.errors import SocketStateError
 from sockrepair.state import ConnTuple, state_name
 
 SOL, TCP, IP, IPV6 = lib.SOL_SOCKET, lib.IPPROTO_TCP, lib.IPPROTO_IP, lib.IPPROTO_IPV6
@@ -68,7 +67,12 @@ _HEADER_OPTS = {
                    (IPV6, lib.IPV6_RTHDRDSTOPTS, "IPV6_RTHDRDSTOPTS")],
 }
 _NAME_SIZE = 16
+_HEADER_SIZE = 64  # enough to tell IP options or an extension header from none
+_AO_INFO_SIZE = 48  # struct tcp_ao_info_opt
 _OOB_FLAGS = lib.MSG_OOB | lib.MSG_PEEK | lib.MSG_DONTWAIT
+# What getsockopt says for an option this kernel does not have (ENOPROTOOPT, EOPNOTSUPP) or that is unset (ENOENT:
+# TCP-AO without keys).
+_ABSENT = frozenset({errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.ENOENT})
 # SIOCINQ and the sock_diag rqueue are read again when data arrived in between (no lock holds the peer off).
 _ATTEMPTS = 20
 
@@ -99,7 +103,7 @@ class Checked(NamedTuple):
     it (`inq`, -1 with no view)."""
 
     found: list[tuple[str, str]]
-    view: DiagView | None
+    view: SockView | None
     inq: int
 
 
@@ -117,7 +121,7 @@ def checked(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool,
     """refusals(), with what its sock_diag round trip read."""
     found: list[tuple[str, str]] = []
     family = conn.family
-    view: DiagView | None = None
+    view: SockView | None = None
     inq = -1
     if tcp_state != lib.TCP_CLOSE:
         # sock_diag finds no socket in CLOSE (it left the hash tables, and its keys can sign no more segments)
@@ -127,7 +131,7 @@ def checked(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool,
             view = diag(session, conn, ifindex)
             if session.ioctl(lib.SIOCINQ, "SIOCINQ") == inq:
                 break
-    # the dump shows IP_TRANSPARENT and IP_RECVERR: read only to name them (refusals_suspected does the same)
+    # the dump shows IP_TRANSPARENT and IP_RECVERR: read only to name them (unsuspected_inq does the same)
     _option_refusals(session, _ints_to_read(family, None if view is None else view.sockopt), family, found)
     # in repair mode CAP_NET_ADMIN is held, to which sock_diag shows an upper-layer protocol: its name is read
     # only when there is one
@@ -156,17 +160,26 @@ def checked(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool,
 def _option_refusals(session: _Session, ints: list[tuple[str, int, int, str, int]], family: int,
                      found: list[tuple[str, str]]) -> None:
     """The refused int options in `ints`, IP options or IPv6 extension headers, and socket filters."""
+    # every connection pays these: the socket method called in the loop, not through _get_optional's two frames
+    getsockopt_int = session.sock.getsockopt
     for entry, level, opt, name, fresh in ints:
-        value = _get_optional(session, level, opt, name)
-        if value is not None and value != fresh and entry not in (e for e, _ in found):
+        try:
+            value = getsockopt_int(level, opt)
+        except OSError as exc:
+            if exc.errno in _ABSENT:
+                continue
+            raise session.failed(f"getsockopt({name})", exc) from None
+        if value != fresh and entry not in (e for e, _ in found):
             found.append((entry, f"{name} is {value}"))
-    buf = new(CHARS, 64)
-    size = session.size
     for level, opt, name in _HEADER_OPTS[family]:
-        size[0] = 64
-        if getsockopt(session.fd, level, opt, buf, size) == 0 and size[0] > 0:
-            found.append((HEADER_ENTRY, f"{name} holds {size[0]} bytes"))
+        try:
+            held = len(getsockopt_int(level, opt, _HEADER_SIZE))
+        except OSError:
+            continue  # not an option of this socket (IPv6 headers on a v4-mapped one)
+        if held:
+            found.append((HEADER_ENTRY, f"{name} holds {held} bytes"))
             break
+    size = session.size
     size[0] = 0
     if getsockopt(session.fd, SOL, lib.SO_GET_FILTER, ffi.NULL, size) < 0:
         if ffi.errno != errno.EACCES:
@@ -176,29 +189,51 @@ def _option_refusals(session: _Session, ints: list[tuple[str, int, int, str, int
         found.append(("SO_ATTACH_FILTER/SO_ATTACH_BPF", f"a classic BPF filter of {size[0]} instructions is attached"))
 
 
+class _Kernel:
+    # ENOPROTOOPT for TCP_AO_INFO: the kernel was built without TCP-AO (CONFIG_TCP_AO), so no socket of this boot
+    # can have its keys, and the call is not made again
+    ao_absent = False
+
+
 def _ao_refusal(session: _Session, found: list[tuple[str, str]]) -> None:
-    if _get_optional(session, TCP, lib.TCP_AO_INFO, "TCP_AO_INFO", 48) is not None:
-        found.append(("TCP_AO_INFO/TCP_AO_GET_KEYS/TCP_AO_REPAIR", "TCP-AO keys are set"))
+    """TCP_AO_INFO answers only when TCP-AO keys are set: ENOENT without keys, ENOPROTOOPT on a kernel without
+    TCP-AO. Through cffi, not the socket method: nearly every socket fails the call, and the socket method then
+    raises, which costs more than the call."""
+    if _Kernel.ao_absent:
+        return
+    buf = new(CHARS, _AO_INFO_SIZE)
+    size = session.size
+    size[0] = _AO_INFO_SIZE
+    if getsockopt(session.fd, TCP, lib.TCP_AO_INFO, buf, size) < 0:
+        err = ffi.errno
+        if err == errno.ENOPROTOOPT:
+            _Kernel.ao_absent = True
+        if err in _ABSENT:
+            return
+        raise session.fail("getsockopt(TCP_AO_INFO)", err)
+    found.append(("TCP_AO_INFO/TCP_AO_GET_KEYS/TCP_AO_REPAIR", "TCP-AO keys are set"))
 
 
-def refusals_suspected(session: _Session, view: SockView, tcp_state: int) -> bool:
+def unsuspected_inq(session: _Session, view: SockView, tcp_state: int) -> int:
     """In repair mode, with `view` from a sock_diag dump taken while the socket was already in repair mode (so its
-    rqueue and SIOCINQ now can be compared: nothing read in between): whether the connection may use a REFUSED
-    entry. What the dump shows (TCP-MD5 keys, ULP, shutdown, the receive queue's true length, IP_TRANSPARENT and
-    IP_RECVERR) costs no call; the rest are the calls of refusals(). When True, refusals() names what is found
-    (the batch checkpoint then raises exactly what checkpoint() does). Raises SocketCallError when a call fails."""
+    rqueue and SIOCINQ now can be compared: nothing read in between): -1 when the connection may use a REFUSED
+    entry, else the SIOCINQ it read (bytes, in repair mode: the queues' snapshot takes it, as checkpoint() takes
+    refusals()'). What the dump shows (TCP-MD5 keys, ULP, shutdown, the receive queue's true length, IP_TRANSPARENT
+    and IP_RECVERR) costs no call; the rest are the calls of refusals(). On -1, refusals() names what is found (the
+    batch checkpoint then raises exactly what checkpoint() does). Raises SocketCallError when a call fails."""
     if view.md5_keys or view.ulp or (view.shutdown & RCV_SHUTDOWN and tcp_state == lib.TCP_ESTABLISHED):
-        return True
+        return -1
     if view.sockopt is not None and view.sockopt & _SOCKOPT_BITS:
-        return True
+        return -1
     family = view.tuple.family
     found: list[tuple[str, str]] = []
     _option_refusals(session, _ints_to_read(family, view.sockopt), family, found)
     _ao_refusal(session, found)
     if found or _urgent(session) is not None:
-        return True
+        return -1
     fin = 1 if tcp_state in _FIN_RECEIVED else 0
-    return view.rqueue > session.ioctl(lib.SIOCINQ, "SIOCINQ") + fin
+    inq = session.ioctl(lib.SIOCINQ, "SIOCINQ")
+    return -1 if view.rqueue > inq + fin else inq
 
 
 def refusals_of(fd: int) -> list[tuple[str, str]]:
@@ -213,11 +248,8 @@ def refusals_of(fd: int) -> list[tuple[str, str]]:
         if conn is None:
             return []  # connected meanwhile: checkpoint() reads it as it is then
     elif tcp_state == lib.TCP_CLOSE:
-        try:
-            conn = read_tuple(session, closed=True)
-        except SocketCallError as exc:
-            if exc.errno != errno.ENOTCONN:
-                raise
+        conn = closed_peer(session)
+        if conn is None:
             return []  # no peer: checkpoint() refuses it
     else:
         conn = read_tuple(session)
@@ -238,26 +270,6 @@ def refuse(session: _Session, conn: ConnTuple, tcp_state: int, bound: bool | Non
     return Checked(found, view, inq)
 
 
-def _get_optional(session: _Session, level: int, opt: int, name: str, length: int = 4) -> int | None:
-    """The option's int, or None when this kernel does not have it (ENOPROTOOPT, EOPNOTSUPP) or it is unset
-    (ENOENT: TCP-AO without keys)."""
-    if length == 4:
-        try:
-            return session.get(level, opt, name)
-        except SocketCallError as exc:
-            if exc.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.ENOENT):
-                return None
-            raise
-    buf = new(CHARS, length)
-    size = session.size
-    size[0] = length
-    if getsockopt(session.fd, level, opt, buf, size) < 0:
-        if ffi.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.ENOENT):
-            return None
-        raise session.fail(f"getsockopt({name})")
-    return 1
-
-
 def _ulp(session: _Session) -> str:
     buf = new(CHARS, _NAME_SIZE)
     size = session.size
@@ -270,7 +282,8 @@ def _ulp(session: _Session) -> str:
 
 
 def _urgent(session: _Session) -> str | None:
-    """What recv(MSG_OOB | MSG_PEEK) says about an urgent byte not yet read; None when there is none to read."""
+    """What recv(MSG_OOB | MSG_PEEK) says about an urgent byte not yet read; None when there is none to read.
+    Through cffi, like TCP_AO_INFO: without urgent data the call fails (EINVAL)."""
     buf = new(CHARS, 1)
     got = lib.recv(session.fd, buf, 1, _OOB_FLAGS)
     if got == 1:

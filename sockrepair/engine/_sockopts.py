@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import operator
 import socket
 import struct
 from dataclasses import dataclass, fields
@@ -117,11 +118,14 @@ _LINGER = struct.Struct("ii")
 _TIMEVAL = struct.Struct("ll")
 _LAST_POSITIONS = tuple(SOCKOPT_POSITION[name] for name in ("linger_on", "linger_secs", "bindtodevice", "congestion",
                                                               *(field for field, _, _ in TIMEOUTS)))
-# What apply_in_repair sets: (field, level, option, name, the value a new socket has or None)
+# What apply_in_repair sets, per family: (field, level, option, name, the value a new socket has or None, whether
+# it is SO_PRIORITY), and the fields' values in that order in one call
 _WRITES = {
-    family: [(o.field, o.level, o.opt, o.name, o.fresh) for o in opts + OPTIONAL_INT_OPTS]
+    family: [(o.field, o.level, o.opt, o.name, o.fresh, o.level == SOL and o.opt == SO_PRIORITY)
+             for o in opts + OPTIONAL_INT_OPTS]
     for family, opts in INT_OPTS.items()
 }
+_WRITTEN_VALUES = {family: operator.attrgetter(*(w[0] for w in writes)) for family, writes in _WRITES.items()}
 
 
 def read_sockopts(session: _Session, family: int) -> SocketOptions:
@@ -201,23 +205,28 @@ def apply_in_repair(session: _Session, family: int, so: SocketOptions) -> None:
     bytes are written. An option whose saved value is the one every new socket starts with is left alone: it
     reads back the same, and a restore makes a dozen calls fewer."""
     setsockopt = session.sock.setsockopt
-    what = ""
-    try:
-        for field, level, opt, name, fresh in _WRITES[family]:
-            value = int(getattr(so, field))
-            if value != fresh or (opt == SO_PRIORITY and level == SOL and so.tos):
-                what = f"{name}={value}"
-                setsockopt(level, opt, value)
-        if so.linger_on or so.linger_secs:
-            what = "SO_LINGER"
+    tos = so.tos
+    # a try costs nothing until it catches (Python 3.11): each call has its own, so that the text of an error is
+    # formatted only once a call failed
+    for (_, level, opt, name, fresh, priority), value in zip(_WRITES[family], _WRITTEN_VALUES[family](so)):
+        # a bool field compares equal to its int (False == 0)
+        if value != fresh or (priority and tos):
+            try:
+                setsockopt(level, opt, int(value))
+            except OSError as exc:
+                raise session.failed(f"setsockopt({name}={int(value)})", exc) from None
+    if so.linger_on or so.linger_secs:
+        try:
             setsockopt(SOL, lib.SO_LINGER, _LINGER.pack(int(so.linger_on), so.linger_secs))
-        for field, opt, name in TIMEOUTS:
-            usecs = getattr(so, field)
-            if usecs:
-                what = f"{name}={usecs} us"
+        except OSError as exc:
+            raise session.failed("setsockopt(SO_LINGER)", exc) from None
+    for field, opt, name in TIMEOUTS:
+        usecs = getattr(so, field)
+        if usecs:
+            try:
                 setsockopt(SOL, opt, _TIMEVAL.pack(*divmod(usecs, 1_000_000)))
-    except OSError as exc:
-        raise session.failed(f"setsockopt({what})", exc) from None
+            except OSError as exc:
+                raise session.failed(f"setsockopt({name}={usecs} us)", exc) from None
     if so.congestion:
         try:
             session.set_bytes(TCP, lib.TCP_CONGESTION, so.congestion.encode(), "TCP_CONGESTION")

@@ -52,7 +52,6 @@ from sockrepair.engine._session import PEEK_FLAGS, _Session
 from sockrepair.engine._tcpopts import tcp_info
 from sockrepair.errors import RestoreError, SocketCallError, SocketStateError
 from sockrepair.lock.inject import Injector
-from sockrepair.packet import with_checksums
 from sockrepair.state import ConnectionState, ConnTuple, Payload, state_name
 
 ESTABLISHED, FIN_WAIT1, FIN_WAIT2 = lib.TCP_ESTABLISHED, lib.TCP_FIN_WAIT1, lib.TCP_FIN_WAIT2
@@ -93,7 +92,8 @@ def restore_seqs(state: ConnectionState) -> tuple[int, int]:
 
 
 def peer_segment(state: ConnectionState, flags: int, seq: int, ack: int) -> bytes:
-    """A segment from the peer to us (no options, no payload), checksums computed."""
+    """A segment from the peer to us (no options, no payload), its checksums 0: every segment goes out through
+    Injector.send, which computes them (a kept packet's may be partial), so computing them here was done twice."""
     t = state.tuple.wire()
     o, w = state.options, state.window
     wnd = 0 if w is None else (w.snd_wnd >> o.snd_wscale if o.wscale else w.snd_wnd)
@@ -104,7 +104,7 @@ def peer_segment(state: ConnectionState, flags: int, seq: int, ack: int) -> byte
         ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, socket.IPPROTO_TCP, 0, src, dst)
     else:
         ip = struct.pack(">IHBB16s16s", 6 << 28, len(tcp), socket.IPPROTO_TCP, 64, src, dst)
-    return with_checksums(ip + tcp)
+    return ip + tcp
 
 
 def _settle(session: _Session, want: int, what: str) -> None:
@@ -260,6 +260,13 @@ def closed_tuple(fd: int) -> ConnTuple | None:
     session = _Session(fd)
     if tcp_info(session).tcpi_state != CLOSE:
         return None
+    return closed_peer(session)
+
+
+def closed_peer(session: _Session) -> ConnTuple | None:
+    """The 4-tuple of the session's socket, known to be in CLOSE (getsockname and SO_PEERNAME: getpeername says
+    ENOTCONN there); None when it has no peer (never connected, or disconnected with connect(AF_UNSPEC)). Raises
+    SocketCallError when a call fails otherwise."""
     try:
         return read_tuple(session, closed=True)
     except SocketCallError as exc:

@@ -99,7 +99,7 @@ def test_quick_bench_runs_every_variant_and_verifies_its_bytes(tmp_path: Path) -
                  "batch_conn_per_s.png", "peer_gap.png"):
         assert (out / name).stat().st_size > 0, name
     md = (out / "results.md").read_text()
-    assert "## Targets (issue 6)" in md and results["machine"]["kernel"] in md
+    assert "## Targets (issues 6, 11 and 13)" in md and results["machine"]["kernel"] in md
     assert "## Independent check" in md
 
     assert leaked_namespaces(before_ns) == set()

@@ -146,7 +146,7 @@ def test_the_headline_is_the_worst_request_and_the_requests_that_waited_200_ms(t
     ]
     report.write(results, tmp_path)
     md = (tmp_path / "results.md").read_text()
-    assert md.index("## Headline: request latency across a move") < md.index("## Targets (issue 6)")
+    assert md.index("## Headline: request latency across a move") < md.index("## Targets (issues 6, 11 and 13)")
     rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
     assert "| 1.5 ms | met |" in rows["Worst request latency across a move, 1 connection"]
     hundred = rows["Worst request latency across a move, 100 connections"]
@@ -392,6 +392,25 @@ def test_the_independent_check_section_shows_each_verdict() -> None:
     assert "| 2.50x | 4.00x | **no**: the bench's Python cycle takes 1.60x the check's" in mib
     zero = next(line for line in md.splitlines() if line.startswith("| 0 B | like-for-like C |"))
     assert "| 1.38x | 1.25x | yes | read state 16.5 µs | 100 | yes |" in zero
+
+
+def test_the_targets_give_their_issues_and_the_independent_checks_ratio_beside_the_benchs() -> None:
+    results = _blocked(synthetic())
+    results["independent"] = [_check(1 << 20, "c-warm", 1250.0, 500.0), _check(0, "c-options", 33.0, 24.0)]
+    md = report.markdown(check(json.loads(json.dumps(results))))
+    assert "| target | issue | limit | measured | status | independent check | where the time goes |" in md
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    # bench 1.25x, check 1.38x: they agree; bench 4.00x, check 2.50x: they do not
+    assert "| 13 | ≤ 1.50x | 1.25x | met | 1.38x: agrees |" in rows[
+        "One connection, 0 B, no lock: sockrepair / like-for-like C"]
+    assert "| 6, 13 | ≤ 1.30x | 4.00x | missed by 2.70x (208%) | 2.50x: does not agree |" in rows[
+        "One connection, 1 MiB queues: sockrepair / warm C"]
+    assert "| 6, 13 | ≥ 30,000 conn/s | 20,000 conn/s | missed by 10,000 conn/s (33%) | — |" in rows[
+        "10,000 connections including the lock"]
+    assert "| 13 | ≤ 10.0% |" in rows["Image encode + decode, 1 MiB queues: share of sockrepair's cycle"]
+    del results["independent"]
+    md = report.markdown(check(json.loads(json.dumps(results))))
+    assert "| 1.25x | met | not run |" in md
 
 
 def test_blocks_are_read_from_the_c_reference_and_kept_when_merged() -> None:
