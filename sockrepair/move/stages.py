@@ -46,7 +46,6 @@ class Stage(Enum):
     KEEP = ("keep", "write what the peers sent while locked, kept by the lock so far, beside the images "
             "(packets.img: restore -D delivers it)", ("dump",))
     NETWORK = "network", "the caller's network step (e.g. move the service address to the destination)", ("migrate",)
-    TRANSFER = "transfer", "decode the image bytes into states", ("migrate",)
     RESTORE = ("restore", "make every socket again in the destination namespace, all or none (restore: each "
                "duplicated to its guard, sockrepair.move.restoreguard, as soon as it is made)", LANDING)
     DELIVER = ("deliver", "send the restored sockets what their peers sent while locked (kept by the lock at "
