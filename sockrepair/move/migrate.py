@@ -6,6 +6,7 @@ restore, deliver, unlock, handoff), the states made durable in a journal directo
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import socket
@@ -154,6 +155,10 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     live = False  # the restored sockets were unlocked
     freezer: Freezer | None = None
     held = -1
+    # no cyclic collection until the move ends: 1,000 connections make enough objects for a few, 5 to 20 ms of the
+    # downtime, and nothing the move makes needs collecting before it ends
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         # held by this process and its guard until both are gone: `sockrepair restore -D` waits for that
         held = hold_directory(directory)
@@ -237,6 +242,8 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         exc.add_note(recovery_hint(directory, dest_netns))
         raise
     finally:
+        if collecting:
+            gc.enable()
         if freezer is not None:
             freezer.close()
         if held >= 0:
