@@ -300,7 +300,6 @@ def _serve(pid: int, chan: socket.socket, stop: _Stop, watched: dict[str, Any], 
                 elif op == "take":
                     landing.take_holds()
                 elif op == "release":
-                    landing.take_holds()
                     landing.release()
             except ProcessError as exc:
                 reply = {"ok": False, "error": str(exc)}
@@ -328,8 +327,9 @@ class _Landing:
         self.where = where
 
     def take_holds(self) -> None:
-        """Take every restored socket hold_one() queued so far, in the order they were sent."""
-        while True:
+        """Take every restored socket hold_one() queued so far (none after release()), in the order they were
+        sent."""
+        while self.holds.fileno() >= 0:
             try:
                 _, fds, _, _ = socket.recv_fds(self.holds, len(_HOLD), SCM_MAX_FD)
             except BlockingIOError:
@@ -339,9 +339,12 @@ class _Landing:
             self.socks += [socket.socket(fileno=fd) for fd in fds]
 
     def release(self) -> None:
+        """Close the sockets taken, and the holds channel with those still queued (the kernel drops them at once:
+        reading a thousand of them here would take the CPU the program that took the connections needs now)."""
         for sock in self.socks:
             sock.close()
         self.socks = []
+        self.holds.close()
 
     def save(self, pid: int) -> None:
         """Lock the connections again, checkpoint the held sockets into the journal, close them silently. When
