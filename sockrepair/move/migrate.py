@@ -137,7 +137,10 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     then thawed with its connections as they were, and the journal is discarded. Whatever is raised after that
     (errors of `network`, restore (RestoreError and its subclasses), `handoff`, KeyboardInterrupt...) passes
     through with `.journal` set to the directory (and a note saying how to finish the move with `sockrepair
-    restore -D`); the connections stay locked until `ttl` ends."""
+    restore -D`); the connections stay locked until `ttl` ends.
+
+    Python's cyclic garbage collector is off while migrate() runs (for every thread of the caller's process; back
+    on when it returns, if it was on): its collections cost milliseconds inside the downtime."""
     timings = Timings("migrate")
     source_locker = process_locker(pid)
     # restored where they were (a new program in the same namespace): one lock, taken and released once
