@@ -49,16 +49,20 @@ class Injector:
         """Send each packet in order, checksums made right; returns how many went out. Raises LockError naming the
         packet when the kernel refuses one (the rest are not sent: order matters to the receiver)."""
         sent = 0
+        # the destinations as sendto() takes them, made once per address: a move delivers thousands of packets to
+        # a handful of local addresses, inside the downtime
+        dests: dict[bytes, tuple[socket.socket | None, tuple[str, int]]] = {}
         for packet in packets:
             try:
                 fixed = with_checksums(packet)
             except ValueError as exc:
                 raise LockError(f"cannot deliver kept packet {sent + 1}: {exc}") from None
-            if fixed[0] >> 4 == 4:
-                family, dest = socket.AF_INET, (socket.inet_ntop(socket.AF_INET, fixed[16:20]), 0)
-            else:
-                family, dest = socket.AF_INET6, (socket.inet_ntop(socket.AF_INET6, fixed[24:40]), 0)
-            sock = self._socks.get(family)
+            raw = fixed[16:20] if fixed[0] >> 4 == 4 else fixed[24:40]
+            target = dests.get(raw)
+            if target is None:
+                family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+                target = dests[raw] = (self._socks.get(family), (socket.inet_ntop(family, raw), 0))
+            sock, dest = target
             if sock is None:
                 raise LockError(f"cannot deliver kept packet {sent + 1}: no raw socket of its address family")
             try:

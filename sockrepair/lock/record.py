@@ -77,6 +77,9 @@ def wire_key(conn: ConnTuple) -> ConnTuple:
     return conn.wire() if conn.family == socket.AF_INET6 else conn
 
 
+_KEPT = frozenset((c.NFULA_SEQ, c.NFULA_PAYLOAD))  # the attributes _keep() reads
+
+
 class Recorder:
     """Binds the lock's log group in `netns` (a name from `ip netns list`, or None for this thread's namespace) and
     keeps the copies of what peers send to locked connections. Raises LockError when the group is bound by another
@@ -190,7 +193,7 @@ class Recorder:
             if length < _NLMSGHDR.size or pos + length > len(view):
                 return
             if kind == _ULOG_PACKET:
-                self._keep(attrs(view[pos + _NLMSGHDR.size + _NFGENMSG.size : pos + length]))
+                self._keep(attrs(view[pos + _NLMSGHDR.size + _NFGENMSG.size : pos + length], _KEPT))
             pos += (length + 3) & ~3
 
     def _keep(self, fields: dict[int, memoryview]) -> None:

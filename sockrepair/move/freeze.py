@@ -222,25 +222,31 @@ class _Stop:
 _CHUNK = 1000  # tuples per "watch" message: a datagram must fit the socket's buffer
 SCM_MAX_FD = 253  # fds per message (include/net/scm.h)
 _HOLD = b"h"  # the message carrying one restored socket (not JSON: one per socket, inside the downtime)
+# bytes the holds may queue unread (SO_SNDBUFFORCE; a message of one fd takes about 768): the guard reads them only
+# when it needs them, and 1,000 sockets of a move fit
+_HOLD_BUFFER = 8 << 20
+_SO_SNDBUFFORCE = 32  # asm-generic/socket.h
 
 
 _GUARD_IGNORES = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def _guard(pid: int, pidfd: int, chan: socket.socket, mask: set[int | signal.Signals]) -> None:
-    """The guard's loop (see the module's docstring); runs in the forked child, never returns. `mask`: the signal
-    mask to restore once the signals a terminal sends the whole group are ignored."""
+def _guard(pid: int, pidfd: int, chan: socket.socket, holds: socket.socket, mask: set[int | signal.Signals]) -> None:
+    """The guard's loop (see the module's docstring); runs in the forked child, never returns. `holds`: where
+    hold_one() queues the restored sockets, read only when they are needed (take_holds()). `mask`: the signal mask
+    to restore once the signals a terminal sends the whole group are ignored."""
     for sig in _GUARD_IGNORES:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     stop = _Stop(pid)
     watched: dict[str, Any] = {"fds": [], "tuples": [], "ended": False, "reuse": set()}
-    landing = _Landing()
+    landing = _Landing(holds)
     # resolved now, not inside the first freeze (cffi looks a libc symbol up on its first use)
     _ = lib.ptrace, lib.syscall
     status = 0
     try:
         if not _serve(pid, chan, stop, watched, landing):  # sockrepair is gone without saying goodbye
+            landing.take_holds()  # queued in the kernel: sockrepair's death closed none of them
             if landing.socks:
                 landing.save(pid)
             else:
@@ -264,9 +270,6 @@ def _serve(pid: int, chan: socket.socket, stop: _Stop, watched: dict[str, Any], 
             continue
         if not data:
             return False
-        if data == _HOLD:
-            landing.take(fds)
-            continue
         msg = json.loads(data)
         op = msg["op"]
         if op == "watch":
@@ -294,6 +297,8 @@ def _serve(pid: int, chan: socket.socket, stop: _Stop, watched: dict[str, Any], 
                     reply["active"] = sorted(stop.active)
                 elif op == "cont":
                     stop.end()
+                elif op == "take":
+                    landing.take_holds()
                 elif op == "release":
                     landing.release()
             except ProcessError as exc:
@@ -307,7 +312,9 @@ class _Landing:
     sockrepair killed meanwhile does not close them (a FIN, or a socket left holding the 4-tuple) but the guard saves
     them into the journal, as migrate() does on an error there."""
 
-    def __init__(self) -> None:
+    def __init__(self, holds: socket.socket) -> None:
+        self.holds = holds
+        holds.setblocking(False)  # read only what is queued (recv_fds() does not pass its flags on)
         self.socks: list[socket.socket] = []
         self.tuples: list[str] = []
         self.source_fds: list[int] = []
@@ -319,13 +326,25 @@ class _Landing:
         self.source_fds = list(watched["fds"])
         self.where = where
 
-    def take(self, fds: list[int]) -> None:
-        self.socks += [socket.socket(fileno=fd) for fd in fds]
+    def take_holds(self) -> None:
+        """Take every restored socket hold_one() queued so far (none after release()), in the order they were
+        sent."""
+        while self.holds.fileno() >= 0:
+            try:
+                _, fds, _, _ = socket.recv_fds(self.holds, len(_HOLD), SCM_MAX_FD)
+            except BlockingIOError:
+                return
+            if not fds:  # sockrepair's end is closed and nothing is queued
+                return
+            self.socks += [socket.socket(fileno=fd) for fd in fds]
 
     def release(self) -> None:
+        """Close the sockets taken, and the holds channel with those still queued (the kernel drops them at once:
+        reading a thousand of them here would take the CPU the program that took the connections needs now)."""
         for sock in self.socks:
             sock.close()
         self.socks = []
+        self.holds.close()
 
     def save(self, pid: int) -> None:
         """Lock the connections again, checkpoint the held sockets into the journal, close them silently. When
@@ -435,24 +454,32 @@ class Freezer:
         self.pid = pid
         self.pidfd = PidFd(pid)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        holds, their_holds = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # SIGINT, SIGTERM and SIGHUP are held back over the fork: a handler run inside Python's at-fork hooks has
         # its exception printed and dropped there, and the move would go on; once the guard exists, they unwind
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _GUARD_IGNORES)
         child = os.fork()
         if child == 0:
             try:  # the child never returns into the caller's code
-                keep = {theirs.fileno(), self.pidfd.fd, *inherit}
+                keep = {theirs.fileno(), their_holds.fileno(), self.pidfd.fd, *inherit}
                 for name in os.listdir("/proc/self/fd"):
                     fd = int(name)
                     if fd > 2 and fd not in keep:
                         with contextlib.suppress(OSError):
                             os.close(fd)
-                _guard(pid, self.pidfd.fd, theirs, blocked)
+                _guard(pid, self.pidfd.fd, theirs, their_holds, blocked)
             finally:
                 os._exit(1)
         theirs.close()
+        their_holds.close()
         self.child = child
         self._chan = ours
+        self._holds = holds
+        # holds queue unread until the guard needs them (no wake-up of it per restored socket: measured, those
+        # doubled the wall time of hold_one() on a busy machine); a full queue is read on request (hold_one())
+        holds.setblocking(False)
+        with contextlib.suppress(OSError):  # not permitted: SO_SNDBUF's limit, and the guard reads more often
+            holds.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, _HOLD_BUFFER)
         self.active: set[int] = set()
         # a first round trip before any freeze: the child's start-up (pages copied on write) costs milliseconds
         try:
@@ -517,9 +544,19 @@ class Freezer:
     def hold_one(self, sock: socket.socket) -> None:
         """Give the guard a duplicate of the next restored socket, as soon as it is made (a few microseconds: one
         sendmsg), until release(): if sockrepair dies meanwhile, the kernel does not close the connection, and the
-        guard locks it again, checkpoints it into the journal and closes it silently."""
+        guard locks it again, checkpoints it into the journal and closes it silently. The duplicates wait in the
+        kernel, in flight to the guard (which keeps them alive whatever happens to sockrepair), until the guard
+        takes them: when sockrepair is gone, at release(), or here when the queue is full."""
         try:
-            socket.send_fds(self._chan, [_HOLD], [sock.fileno()])
+            try:
+                socket.send_fds(self._holds, [_HOLD], [sock.fileno()])
+            except BlockingIOError:
+                self._ask("take")
+                self._holds.setblocking(True)
+                try:
+                    socket.send_fds(self._holds, [_HOLD], [sock.fileno()])
+                finally:
+                    self._holds.setblocking(False)
         except (BrokenPipeError, ConnectionResetError):
             raise ProcessError(f"the guard of process {self.pid} exited", pid=self.pid) from None
 
@@ -551,6 +588,7 @@ class Freezer:
             with contextlib.suppress(OSError, ProcessError):
                 self._send({"op": "close"})
             self._chan.close()
+            self._holds.close()
             deadline = time.monotonic() + ANSWER_TIMEOUT
             while os.waitpid(self.child, os.WNOHANG) == (0, 0):
                 if time.monotonic() > deadline:  # stuck: ours to end (ptrace lets the process go with it)

@@ -200,7 +200,8 @@ def write_journal(directory: Path, pid: int, fds: Sequence[int], images: Sequenc
     index = {"version": JOURNAL_VERSION, "created": time.time(), "source": _source(pid, "kill", ttl, netns),
              "connections": connections}
     with open_private(directory / JOURNAL_INDEX) as f:
-        f.write(json.dumps(index, indent=1).encode())
+        # compact: the C encoder (an indent runs the pure-Python one, milliseconds for 1,000 connections)
+        f.write(json.dumps(index, separators=(",", ":")).encode())
         f.flush()
         os.fsync(f.fileno())
     _fsync_path(directory, os.O_DIRECTORY)

@@ -1,11 +1,12 @@
 """migrate(): move the connections of a running program to another namespace (host) and program, in one call,
-with every stage timed (sockrepair.move.stages: freeze, lock, checkpoint, serialize, close, network, transfer,
+with every stage timed (sockrepair.move.stages: freeze, lock, checkpoint, serialize, journal, close, network,
 restore, deliver, unlock, handoff), the states made durable in a journal directory before the source is ended
 (sockrepair.move.journal)."""
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import socket
@@ -17,7 +18,7 @@ from typing import Any
 
 from sockrepair.engine import checkpoint, discard
 from sockrepair.errors import ProcessError
-from sockrepair.image import decode, encode
+from sockrepair.image import encode
 from sockrepair.lock import Locker
 from sockrepair.move.ask import ask_peers
 from sockrepair.move.freeze import Freezer
@@ -52,8 +53,8 @@ class MigrationReport:
     program was waiting when it was frozen (False only when the policy let a busy program move: a request it had
     read may be lost), after `freeze_attempts` tries; `busy`: the threads that were not waiting. `phases_ms`:
     milliseconds per stage, keyed by Stage.key in the order run: freeze, lock (source and destination added up),
-    checkpoint, serialize, journal, close, network (only with `network`), transfer, restore, deliver, unlock,
-    handoff (only with `handoff`). `downtime_ms`: milliseconds from the start of the kept freeze to the end of the
+    checkpoint, serialize, journal, close, network (only with `network`), restore, deliver, unlock, handoff (only
+    with `handoff`). `downtime_ms`: milliseconds from the start of the kept freeze to the end of the
     unlock (the handoff is not in it). `image_bytes`: the encoded states' total size. `journal`: the directory the
     states were made durable in before the source was ended (removed once the move completed, when migrate()
     created it). `kept`: the peers' packets kept by the lock and delivered to the restored sockets, and those left to
@@ -99,6 +100,12 @@ def _journal_again(socks: list[socket.socket], tuples: list[ConnTuple], director
     socks.clear()
 
 
+def _same_namespace(a: str, b: str) -> bool:
+    """Whether the network namespace files at paths `a` and `b` are one namespace."""
+    sa, sb = os.stat(a), os.stat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def recovery_hint(directory: Path, dest_netns: str | None) -> str:
     """How to finish a move that stopped after its source was ended."""
     where = f" --netns {dest_netns}" if dest_netns else ""
@@ -132,11 +139,18 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     then thawed with its connections as they were, and the journal is discarded. Whatever is raised after that
     (errors of `network`, restore (RestoreError and its subclasses), `handoff`, KeyboardInterrupt...) passes
     through with `.journal` set to the directory (and a note saying how to finish the move with `sockrepair
-    restore -D`); the connections stay locked until `ttl` ends."""
+    restore -D`); the connections stay locked until `ttl` ends.
+
+    Python's cyclic garbage collector is off while migrate() runs (for every thread of the caller's process; back
+    on when it returns, if it was on): its collections cost milliseconds inside the downtime."""
     timings = Timings("migrate")
     source_locker = process_locker(pid)
-    with named(dest_netns):
-        dest_locker = Locker()
+    # restored where they were (a new program in the same namespace): one lock, taken and released once
+    if _same_namespace(f"/proc/{pid}/ns/net", netns_path(dest_netns)):
+        dest_locker = source_locker
+    else:
+        with named(dest_netns):
+            dest_locker = Locker()
     keeper = Keeper([f"/proc/{pid}/ns/net", netns_path(dest_netns)]) if keep else None
     kept = Kept(0, 0, False, "keeping was not asked for")
     created = journal is None
@@ -146,6 +160,10 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     live = False  # the restored sockets were unlocked
     freezer: Freezer | None = None
     held = -1
+    # no cyclic collection until the move ends: 1,000 connections make enough objects for a few, 5 to 20 ms of the
+    # downtime, and nothing the move makes needs collecting before it ends
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         # held by this process and its guard until both are gone: `sockrepair restore -D` waits for that
         held = hold_directory(directory)
@@ -156,12 +174,16 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         freezer = Freezer(pid, inherit=[held])
         # table and rules built before the freeze: inside it, locking is one element transaction per namespace
         source_locker.prepare()
-        dest_locker.prepare()
+        if dest_locker is not source_locker:
+            dest_locker.prepare()
         with captured(pid, wanted, source_locker, timings, ttl, quiescence, freezer) as cap:
             tuples = [s.tuple for s in cap.sockets]
             start = cap.frozen_at
-            with timings.timed(Stage.LOCK):
-                dest_locker.lock(tuples, ttl=ttl)
+            if dest_locker is not source_locker:
+                with timings.timed(Stage.LOCK):
+                    dest_locker.lock(tuples, ttl=ttl)
+            # restored from these very states: the images are the journal's, for a restore in another process
+            states = cap.states
             with timings.timed(Stage.SERIALIZE):
                 images = [encode(state) for state in cap.states]
             with timings.timed(Stage.JOURNAL):
@@ -174,8 +196,6 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         if network is not None:
             with timings.timed(Stage.NETWORK):
                 network()
-        with timings.timed(Stage.TRANSFER):
-            states = [decode(image) for image in images]
         freezer.landing(directory, dest_netns, ttl)
         with timings.timed(Stage.RESTORE):
             # what the peers hold of our in-flight bytes, asked once the old sockets are gone (sockrepair.move.ask)
@@ -188,7 +208,8 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             with timings.timed(Stage.UNLOCK):
                 live = True
                 dest_locker.unlock(tuples)
-                source_locker.unlock(tuples)
+                if source_locker is not dest_locker:
+                    source_locker.unlock(tuples)
                 if keeper is not None:  # what the lock stopped after deliver() last looked: nothing else delivers it
                     kept = keeper.deliver(tuples, netns_path(dest_netns))
         downtime = (time.perf_counter() - start) * 1000
@@ -228,12 +249,15 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         exc.add_note(recovery_hint(directory, dest_netns))
         raise
     finally:
+        if collecting:
+            gc.enable()
         if freezer is not None:
             freezer.close()
         if held >= 0:
             os.close(held)
         source_locker.close()
-        dest_locker.close()
+        if dest_locker is not source_locker:
+            dest_locker.close()
         if keeper is not None:
             keeper.close()
     return MigrationReport(pid, [str(t) for t in tuples], cap.freeze_method, timings.ms, downtime,

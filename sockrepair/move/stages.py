@@ -32,7 +32,7 @@ class Stage(Enum):
     FREEZE = ("freeze", "stop every thread of the process (cgroup v2 freezer, else SIGSTOP) where every thread waits: "
               "a busy one is let go and stopped again, within the quiescence timeout (sockrepair.move.quiesce)", BOTH)
     LOCK = ("lock", "drop the connections' packets with the nftables lock, in the process's namespace (migrate: "
-            "and in the destination)", BOTH)
+            "and in the destination when it is another one)", BOTH)
     CHECKPOINT = "checkpoint", "repair mode on each socket taken with pidfd_getfd, and read its state", BOTH
     SERIALIZE = "serialize", "encode every state as image bytes", ("migrate",)
     JOURNAL = ("journal", "write the images into the journal directory and fsync them: from here on a failure leaves "
@@ -46,14 +46,14 @@ class Stage(Enum):
     KEEP = ("keep", "write what the peers sent while locked, kept by the lock so far, beside the images "
             "(packets.img: restore -D delivers it)", ("dump",))
     NETWORK = "network", "the caller's network step (e.g. move the service address to the destination)", ("migrate",)
-    TRANSFER = "transfer", "decode the image bytes into states", ("migrate",)
-    RESTORE = ("restore", "make every socket again in the destination namespace, all or none (restore: each "
-               "duplicated to its guard, sockrepair.move.restoreguard, as soon as it is made)", LANDING)
+    RESTORE = ("restore", "make every socket again in the destination namespace, all or none, each duplicated to "
+               "its guard as soon as it is made (migrate: from the checkpointed states, sockrepair.move.freeze; "
+               "restore: sockrepair.move.restoreguard)", LANDING)
     DELIVER = ("deliver", "send the restored sockets what their peers sent while locked (kept by the lock at "
                "prerouting; restore: read from packets.img), before the unlock", LANDING)
-    UNLOCK = ("unlock", "release the lock in both namespaces (restore: in the one restored into, and mark the move "
-              "completed): the connections are live again; migrate then delivers what the lock kept during the "
-              "delivery", LANDING)
+    UNLOCK = ("unlock", "release the lock in both namespaces when they differ (restore: in the one restored into, "
+              "and mark the move completed): the connections are live again; migrate then delivers what the lock "
+              "kept during the delivery", LANDING)
     HANDOFF = ("handoff", "pass the restored sockets to the caller's program (restore: over --unix, then record "
                "them as handed off in the directory; or exec --exec)", LANDING)
 

@@ -129,7 +129,7 @@ pid, journal, unix = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 sockrepair.migrate(pid, journal=journal, network=lambda: None, keep={keep},
                    handoff=lambda socks, tuples: send_over_unix(unix, socks, tuples))
 """
-MIGRATE_STAGES = ["freeze", "lock", "checkpoint", "serialize", "journal", "close", "network", "transfer", "restore",
+MIGRATE_STAGES = ["freeze", "lock", "checkpoint", "serialize", "journal", "close", "network", "restore",
                   "deliver", "unlock", "handoff"]
 MIGRATE_POINTS = [p for stage in MIGRATE_STAGES for p in (stage, stage + ".end")]
 # From here on the source is ended: the journal finishes the move.

@@ -43,7 +43,7 @@ def test_migrate_to_a_new_program_under_traffic():
         # one untimed round per connection at setup; every other round, the final check of each included, is timed
         assert result["rounds"] > 20 and result["bytes_verified"] == (result["rounds"] + 3) * 2048
         # no `network` step was given: every other stage of the table, in the order it ran
-        assert list(report.phases_ms) == ["freeze", "lock", "checkpoint", "serialize", "journal", "close", "transfer",
+        assert list(report.phases_ms) == ["freeze", "lock", "checkpoint", "serialize", "journal", "close",
                                           "restore", "deliver", "unlock", "handoff"]
         assert report.kept.recording and report.kept.fell_back == 0
         # downtime counts from the kept freeze: the freeze stage also holds the attempts a busy program cost before

@@ -14,7 +14,7 @@ def _keys(job: str) -> list[str]:
 
 
 def test_the_table_keeps_the_report_keys_in_run_order() -> None:
-    assert _keys("migrate") == ["freeze", "lock", "checkpoint", "serialize", "journal", "close", "network", "transfer",
+    assert _keys("migrate") == ["freeze", "lock", "checkpoint", "serialize", "journal", "close", "network",
                                 "restore", "deliver", "unlock", "handoff"]
     assert _keys("dump") == ["freeze", "lock", "checkpoint", "write", "resume", "kill", "keep"]
     assert _keys("restore") == ["load", "restore", "deliver", "unlock", "handoff"]
