@@ -30,6 +30,20 @@ def packet_tuple(packet: bytes | memoryview) -> ConnTuple | None:
     return None
 
 
+def tcp_packet(family: int, src: str, sport: int, dst: str, dport: int, seq: int, ack: int, flags: int,
+               window: int, payload: bytes = b"") -> bytes:
+    """An IPv4 or IPv6 TCP packet from `src`:`sport` to `dst`:`dport` (addresses as inet_pton takes them): no IP or
+    TCP options, TTL (hop limit) 64, IPv4 DF; `seq` and `ack` mod 2**32, `window` the header's 16-bit field (capped
+    at 0xFFFF: the caller scales it). Its checksums are left 0: lock.inject.Injector.send, which sends every
+    packet, computes them (with_checksums)."""
+    tcp = struct.pack(">HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, 5 << 4, flags,
+                      min(window, 0xFFFF), 0, 0) + payload
+    s, d = socket.inet_pton(family, src), socket.inet_pton(family, dst)
+    if family == socket.AF_INET:
+        return struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, socket.IPPROTO_TCP, 0, s, d) + tcp
+    return struct.pack(">IHBB16s16s", 6 << 28, len(tcp), socket.IPPROTO_TCP, 64, s, d) + tcp
+
+
 def packet_length(packet: bytes) -> int:
     if packet[0] >> 4 == 4:
         return int(struct.unpack_from(">H", packet, 2)[0])

@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
-import struct
 import time
 from dataclasses import dataclass
 
@@ -52,6 +50,7 @@ from sockrepair.engine._session import PEEK_FLAGS, _Session
 from sockrepair.engine._tcpopts import tcp_info
 from sockrepair.errors import RestoreError, SocketCallError, SocketStateError
 from sockrepair.lock.inject import Injector
+from sockrepair.packet import tcp_packet
 from sockrepair.state import ConnectionState, ConnTuple, Payload, state_name
 
 ESTABLISHED, FIN_WAIT1, FIN_WAIT2 = lib.TCP_ESTABLISHED, lib.TCP_FIN_WAIT1, lib.TCP_FIN_WAIT2
@@ -92,19 +91,11 @@ def restore_seqs(state: ConnectionState) -> tuple[int, int]:
 
 
 def peer_segment(state: ConnectionState, flags: int, seq: int, ack: int) -> bytes:
-    """A segment from the peer to us (no options, no payload), its checksums 0: every segment goes out through
-    Injector.send, which computes them (a kept packet's may be partial), so computing them here was done twice."""
+    """A segment from the peer to us (no options, no payload), its checksums 0 (packet.tcp_packet)."""
     t = state.tuple.wire()
     o, w = state.options, state.window
     wnd = 0 if w is None else (w.snd_wnd >> o.snd_wscale if o.wscale else w.snd_wnd)
-    tcp = struct.pack(">HHIIBBHHH", t.remote_port, t.local_port, seq & U32, ack & U32, 5 << 4, flags,
-                      min(wnd, 0xFFFF), 0, 0)
-    src, dst = socket.inet_pton(t.family, t.remote_addr), socket.inet_pton(t.family, t.local_addr)
-    if t.family == socket.AF_INET:
-        ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, socket.IPPROTO_TCP, 0, src, dst)
-    else:
-        ip = struct.pack(">IHBB16s16s", 6 << 28, len(tcp), socket.IPPROTO_TCP, 64, src, dst)
-    return ip + tcp
+    return tcp_packet(t.family, t.remote_addr, t.remote_port, t.local_addr, t.local_port, seq, ack, flags, wnd)
 
 
 def _settle(session: _Session, want: int, what: str) -> None:

@@ -25,7 +25,6 @@ without an answer within ANSWER_TIMEOUT, nothing changes and restore uses its on
 from __future__ import annotations
 
 import dataclasses
-import socket
 import struct
 import time
 from collections.abc import Sequence
@@ -35,7 +34,7 @@ from sockrepair.errors import LockError
 from sockrepair.lock.inject import Injector
 from sockrepair.move.keep import Keeper
 from sockrepair.netns import inside
-from sockrepair.packet import with_checksums
+from sockrepair.packet import tcp_packet
 from sockrepair.state import TCP_ESTABLISHED, ConnectionState
 
 U32 = 0xFFFFFFFF
@@ -99,20 +98,14 @@ def _una(state: ConnectionState) -> int:
 
 
 def _probe(state: ConnectionState) -> bytes:
-    """One byte at snd_una - 1 from us to the peer, acknowledging our rcv_nxt, no options; its content is never read
-    (the peer holds that byte already)."""
+    """One byte at snd_una - 1 from us to the peer, acknowledging our rcv_nxt, no options, checksums 0
+    (packet.tcp_packet); its content is never read (the peer holds that byte already)."""
     t = state.tuple.wire()
     w, o = state.window, state.options
     assert w is not None
-    wnd = min(w.rcv_wnd >> o.rcv_wscale if o.wscale else w.rcv_wnd, 0xFFFF)
-    tcp = struct.pack(">HHIIBBHHH", t.local_port, t.remote_port, (_una(state) - 1) & U32, state.recv_seq & U32,
-                      5 << 4, TH_ACK, wnd, 0, 0) + b"\0"
-    src, dst = socket.inet_pton(t.family, t.local_addr), socket.inet_pton(t.family, t.remote_addr)
-    if t.family == socket.AF_INET:
-        ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, socket.IPPROTO_TCP, 0, src, dst)
-    else:
-        ip = struct.pack(">IHBB16s16s", 6 << 28, len(tcp), socket.IPPROTO_TCP, 64, src, dst)
-    return with_checksums(ip + tcp)
+    wnd = w.rcv_wnd >> o.rcv_wscale if o.wscale else w.rcv_wnd
+    return tcp_packet(t.family, t.local_addr, t.local_port, t.remote_addr, t.remote_port, _una(state) - 1,
+                      state.recv_seq, TH_ACK, wnd, b"\0")
 
 
 def _held(state: ConnectionState, packets: Sequence[bytes]) -> int | None:

@@ -1,0 +1,106 @@
+"""sockrepair.move.ask without a network: the probe it sends (sequence numbers mod 2**32, window, payload), and how
+it reads the peer's answer (the highest ACK within the in-flight bytes, SACK blocks beyond it) and cuts the state."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+
+from sockrepair.engine._states import peer_segment
+from sockrepair.move.ask import _cut, _held, _probe
+from sockrepair.packet import tcp_packet, with_checksums
+from sockrepair.state import (
+    ConnectionState,
+    ConnTuple,
+    RepairWindow,
+    SocketOptions,
+    TcpOptions,
+)
+
+U32 = 0xFFFFFFFF
+SENT = bytes(range(256)) * 8  # 2048 bytes, of which the last UNSENT were never sent
+UNSENT = 48
+IN_FLIGHT = len(SENT) - UNSENT
+V4 = ConnTuple(socket.AF_INET, "10.0.0.1", 40000, "10.0.0.2", 80)
+V6 = ConnTuple(socket.AF_INET6, "fd00::1", 40000, "fd00::2", 80)
+MAPPED = ConnTuple(socket.AF_INET6, "::ffff:10.0.0.1", 40000, "::ffff:10.0.0.2", 80)
+
+
+def state(send_seq: int, conn: ConnTuple = V4, recv_seq: int = 9000) -> ConnectionState:
+    return ConnectionState(
+        tuple=conn, tcp_state=1, send_seq=send_seq, recv_seq=recv_seq, send_queue=SENT, unsent_len=UNSENT,
+        recv_queue=b"", options=TcpOptions(1460, True, False, True, 7, 7),
+        window=RepairWindow(snd_wl1=9000, snd_wnd=64000, max_window=64000, rcv_wnd=1000 << 7, rcv_wup=9000),
+        timestamp=0, sockopts=SocketOptions(),
+    )
+
+
+def answer(s: ConnectionState, ack: int, sack: list[tuple[int, int]] = ()) -> bytes:  # type: ignore[assignment]
+    """The peer's ACK of `ack`, with SACK blocks (left, right), as the recorder keeps it (IPv4, no checksums)."""
+    t = s.tuple.wire()
+    options = b"".join(struct.pack(">II", left & U32, right & U32) for left, right in sack)
+    if options:
+        options = b"\x01\x01" + bytes([5, 2 + len(options)]) + options
+    packet = tcp_packet(t.family, t.remote_addr, t.remote_port, t.local_addr, t.local_port, s.recv_seq, ack, 0x10,
+                        1000)
+    at = 20 if t.family == socket.AF_INET else 40
+    head, rest = bytearray(packet[: at + 20]), packet[at + 20 :]
+    head[at + 12] = (5 + len(options) // 4) << 4
+    return bytes(head) + options + rest
+
+
+def test_the_probe_is_one_byte_at_snd_una_minus_1_acknowledging_rcv_nxt_across_the_wrap() -> None:
+    # snd_una is 0 here: the probe's sequence number wraps to 2**32 - 1
+    s = state(send_seq=len(SENT), recv_seq=U32)
+    probe = with_checksums(_probe(s))
+    assert len(probe) == 20 + 20 + 1
+    src, dst = socket.inet_ntop(socket.AF_INET, probe[12:16]), socket.inet_ntop(socket.AF_INET, probe[16:20])
+    sport, dport, seq, ack, offset, flags, window = struct.unpack_from(">HHIIBBH", probe, 20)
+    assert (src, sport, dst, dport) == ("10.0.0.1", 40000, "10.0.0.2", 80)
+    assert (seq, ack, offset >> 4, flags) == (U32, U32, 5, 0x10)
+    assert window == 1000  # rcv_wnd >> rcv_wscale
+    assert probe[-1:] == b"\0"
+
+
+@pytest.mark.parametrize("conn", [V6, MAPPED], ids=["ipv6", "v4-mapped"])
+def test_the_probe_of_an_ipv6_socket_is_sent_as_its_wire_family(conn: ConnTuple) -> None:
+    probe = _probe(state(send_seq=5000, conn=conn))
+    if conn is MAPPED:  # a v4-mapped socket's packets are IPv4 on the wire
+        assert probe[0] >> 4 == 4 and probe[16:20] == socket.inet_pton(socket.AF_INET, "10.0.0.2")
+    else:
+        assert probe[0] >> 4 == 6 and struct.unpack_from(">H", probe, 4)[0] == 21
+        assert probe[24:40] == socket.inet_pton(socket.AF_INET6, "fd00::2")
+        assert struct.unpack_from(">I", probe, 44)[0] == 5000 - len(SENT) - 1
+
+
+def test_a_peer_segment_goes_from_the_peer_to_us_with_its_scaled_window() -> None:
+    s = state(send_seq=5000)
+    segment = peer_segment(s, 0x11, U32 + 3, 77)
+    assert socket.inet_ntop(socket.AF_INET, segment[12:16]) == "10.0.0.2"
+    assert struct.unpack_from(">HHIIBBH", segment, 20) == (80, 40000, 2, 77, 5 << 4, 0x11, 64000 >> 7)
+    assert len(with_checksums(segment)) == 40
+
+
+@pytest.mark.parametrize("una", [1000, U32 - 100], ids=["plain", "across-the-wrap"])
+def test_the_highest_ack_within_the_in_flight_bytes_is_what_the_peer_holds(una: int) -> None:
+    s = state(send_seq=(una + len(SENT)) & U32)
+    kept = [answer(s, una + 10), answer(s, una + 700), answer(s, una + 300),
+            answer(s, una - 5),  # older than snd_una: not ours to count
+            answer(s, una + IN_FLIGHT + 1)]  # beyond snd_nxt: impossible, ignored
+    assert _held(s, kept) == 700
+    # the probe's D-SACK block (the byte at snd_una - 1) ends at snd_una, below the ACK
+    assert _held(s, [answer(s, una + 700, [(una - 1, una)])]) == 700
+    # a block beyond the ACK: the peer holds data past a hole, its next ACK could pass the first burst
+    assert _held(s, [answer(s, una + 700, [(una + 900, una + 1000)])]) is None
+    assert _held(s, [answer(s, una)]) == 0
+
+
+def test_the_state_is_cut_to_the_answer_keeping_the_send_windows_right_edge() -> None:
+    s = state(send_seq=2**32 + 100)  # send_seq past the wrap, snd_una before it
+    cut = _cut(s, 700)
+    assert cut.send_queue == SENT[700:] and cut.unsent_len == UNSENT and cut.send_seq == s.send_seq
+    assert cut.window is not None and s.window is not None
+    assert cut.window.snd_wnd == s.window.snd_wnd - 700
+    assert _cut(s, 0) is s
