@@ -5,8 +5,9 @@ Why asking is needed: data written again as new data leaves only as far as the i
 (10 segments), and the peer acknowledges up to what it holds. If it holds more than that first burst carries, its
 ACKs are beyond the restored socket's snd_nxt, and tcp_ack discards them as ACKs of unsent data (net/ipv4/tcp_input.c,
 SKB_DROP_REASON_TCP_ACK_UNSENT_DATA): the socket stalls until its retransmission timeouts. The highest ACK the lock
-kept is not enough: the peer may hold more that a delayed ACK has not covered yet (__tcp_ack_snd_check waits for two
-full segments, longer while its window does not grow).
+kept is not enough: the peer may hold more that a delayed ACK has not covered yet (__tcp_ack_snd_check acknowledges
+at once only past one full segment, and only when the window it would offer is no smaller than the one it offered:
+an application that does not read delays every ACK to the timer).
 
 How: once the old socket is gone (nothing else of ours can reach the peer any more), a raw socket marked SOCCR_MARK
 (lock/inject.py) sends the peer, as our old socket would, one byte of old data at snd_una - 1. The peer holds it
