@@ -21,7 +21,8 @@ it (data held out of order, lost before the lock): then the peer's ACK could jum
 the state is left as it was. The state is cut to that ACK (snd_una advanced, the acknowledged bytes dropped from the
 send queue, the send window's right edge kept), and restore writes the rest again as new data
 (engine/_restore.py, `answered`). Without a recorder in the namespace of the restore (where the answers arrive), or
-without an answer within ANSWER_TIMEOUT, nothing changes and restore uses its one-burst rule."""
+without an answer within ANSWER_TIMEOUT, nothing changes and restore uses its one-burst rule; a connection whose two
+ends move together is not asked (its peer has no socket to answer: its kernel's RST is dropped by the lock)."""
 
 from __future__ import annotations
 
@@ -58,15 +59,19 @@ class Asked:
 def ask_peers(keeper: Keeper | None, states: Sequence[ConnectionState], into: str) -> Asked:
     """Ask the peer of every ESTABLISHED state with in-flight bytes what it holds (the module's docstring), the
     probes sent from the network namespace at path `into` (where the connections are restored; the old sockets
-    must be gone), the answers read from `keeper`'s recorders (None: not keeping, nothing is asked). Waits at most
-    ANSWER_TIMEOUT. Never raises for a peer that does not answer or a probe the kernel refuses (no CAP_NET_RAW):
-    those states are returned as they were."""
+    must be gone), the answers read from `keeper`'s recorders (None: not keeping, nothing is asked); a connection
+    whose other end is among `states` too is not asked. Waits at most ANSWER_TIMEOUT. Never raises for a peer that
+    does not answer or a probe the kernel refuses (no CAP_NET_RAW): those states are returned as they were."""
     answered = [False] * len(states)
     out = list(states)
     # the answers come where the connections are restored: without a recorder there, nobody would see them
-    asked = ([i for i, s in enumerate(states) if _worth_asking(s)]
-             if keeper is not None and keeper.records_in(into) else [])
-    if keeper is None or not asked:
+    if keeper is None or not keeper.records_in(into):
+        return Asked(out, answered)
+    # a peer that moves too (both ends in `states`) has no socket before its own restore: its kernel answers the
+    # probe with a RST, which the lock drops, and the wait would run to ANSWER_TIMEOUT for nothing
+    moving = {s.tuple.wire() for s in states}
+    asked = [i for i, s in enumerate(states) if _worth_asking(s) and s.tuple.wire().reversed() not in moving]
+    if not asked:
         return Asked(out, answered)
     before = {i: len(keeper.peek(states[i].tuple)) for i in asked}
     try:

@@ -3,13 +3,14 @@ it reads the peer's answer (the highest ACK within the in-flight bytes, SACK blo
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 
 import pytest
 
 from sockrepair.engine._states import peer_segment
-from sockrepair.move.ask import _cut, _held, _probe
+from sockrepair.move.ask import _cut, _held, _probe, ask_peers
 from sockrepair.packet import tcp_packet, with_checksums
 from sockrepair.state import (
     ConnectionState,
@@ -104,3 +105,45 @@ def test_the_state_is_cut_to_the_answer_keeping_the_send_windows_right_edge() ->
     assert cut.window is not None and s.window is not None
     assert cut.window.snd_wnd == s.window.snd_wnd - 700
     assert _cut(s, 0) is s
+
+
+class _Keeper:
+    """A keeper whose recorder is where the probes go, and whose peers answer `answers` (tuple -> packets)."""
+
+    def __init__(self, answers: dict[ConnTuple, list[bytes]]) -> None:
+        self.answers = answers
+        self.sent: list[bytes] = []
+
+    def records_in(self, path: str) -> bool:
+        return True
+
+    def peek(self, conn: ConnTuple) -> list[bytes]:
+        return list(self.answers.get(conn, [])) if self.sent else []
+
+
+def test_a_connection_whose_other_end_moves_too_is_not_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # both ends of a loopback connection in one move, and one connection to a peer that stays
+    a = state(send_seq=5000, conn=ConnTuple(socket.AF_INET, "127.0.0.1", 40000, "127.0.0.1", 80))
+    b = state(send_seq=7000, conn=a.tuple.reversed())
+    c = state(send_seq=5000)
+    keeper = _Keeper({c.tuple: [answer(c, 5000 - IN_FLIGHT - UNSENT + 300)]})
+
+    class Injector:
+        def __enter__(self) -> Injector:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def send(self, packets: list[bytes]) -> int:
+            keeper.sent += packets
+            return len(packets)
+
+    monkeypatch.setattr("sockrepair.move.ask.inside", lambda path: contextlib.nullcontext())
+    monkeypatch.setattr("sockrepair.move.ask.Injector", Injector)
+    asked = ask_peers(keeper, [a, b, c], "/proc/thread-self/ns/net")  # type: ignore[arg-type]
+    # one probe, to the peer that stays: the moving pair's would be answered by a RST the lock drops
+    assert [struct.unpack_from(">HH", p, 20) for p in keeper.sent] == [(40000, 80)]
+    assert keeper.sent[0][16:20] == socket.inet_pton(socket.AF_INET, "10.0.0.2")
+    assert asked.answered == [False, False, True]
+    assert asked.states[:2] == [a, b] and asked.states[2].send_queue == SENT[300:]
