@@ -70,6 +70,7 @@ IO_TIMEOUT = 30.0
 PEER_RCVBUF = 64 << 10  # small, so the moving end's send queue fills with bytes the peer never took
 LOOPBACK = "127.0.0.1"
 C_ROUND_TIMEOUT = 600.0  # one round of the C reference: a block of every size, in each variant
+PART = "engine"  # the .part of the BenchmarkErrors of a cycle that could not be set up or lost bytes
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,6 @@ class Plan:
 
 QUICK = Plan(reps=10, big_reps=2, batch_reps=1)
 FULL = Plan(reps=300, big_reps=30, batch_reps=5)
-
-
-class BenchError(SockrepairError):
-    """A cycle could not be set up, or its bytes did not all arrive intact."""
 
 
 @functools.lru_cache(maxsize=2)
@@ -125,7 +122,7 @@ def _wait(sock: socket.socket, events: int) -> None:
     with selectors.DefaultSelector() as sel:
         sel.register(sock, events)
         if not sel.select(IO_TIMEOUT):
-            raise BenchError(f"no progress on a socket for {IO_TIMEOUT:g} s")
+            raise BenchmarkError(f"no progress on a socket for {IO_TIMEOUT:g} s", part=PART)
 
 
 def _write(sock: socket.socket, data: bytes | memoryview) -> None:
@@ -157,7 +154,7 @@ def _fill_recv_queue(peer: socket.socket, sock: socket.socket, data: bytes) -> N
         _ack_now(sock)
         inq = ioctl_int(sock.fileno(), lib.SIOCINQ, "SIOCINQ")
         if time.monotonic() > deadline:
-            raise BenchError(f"only {inq} of {len(data)} bytes reached the receive queue")
+            raise BenchmarkError(f"only {inq} of {len(data)} bytes reached the receive queue", part=PART)
         if not sent and inq < len(data):
             time.sleep(50e-6)
 
@@ -172,7 +169,7 @@ def _fill_send_queue(sock: socket.socket, peer: socket.socket, q: int, stream: b
     outq = unsent = 0
     while unsent == 0:
         if off + step > len(stream) - q:
-            raise BenchError("the peer's window never closed")
+            raise BenchmarkError("the peer's window never closed", part=PART)
         _write(sock, memoryview(stream)[off : off + step])
         off += step
         _ack_now(peer)
@@ -206,7 +203,8 @@ def _exchange(ends: Sequence[_End]) -> None:
             ready = sel.select(IO_TIMEOUT)
             if not ready:
                 stuck = next(iter(pending.values()))
-                raise BenchError(f"verify stalled: {len(stuck.got)} of {len(stuck.expect)} bytes arrived")
+                raise BenchmarkError(f"verify stalled: {len(stuck.got)} of {len(stuck.expect)} bytes arrived",
+                                     part=PART)
             for key, events in ready:
                 end = key.data
                 if events & selectors.EVENT_WRITE and end.out:
@@ -214,12 +212,12 @@ def _exchange(ends: Sequence[_End]) -> None:
                 if events & selectors.EVENT_READ and len(end.got) < len(end.expect):
                     chunk = end.sock.recv(min(1 << 20, len(end.expect) - len(end.got)))
                     if not chunk:
-                        raise BenchError(f"EOF after {len(end.got)} of {len(end.expect)} bytes")
+                        raise BenchmarkError(f"EOF after {len(end.got)} of {len(end.expect)} bytes", part=PART)
                     start = len(end.got)
                     end.got += chunk
                     bad = first_mismatch(chunk, end.expect[start : start + len(chunk)])
                     if bad is not None:
-                        raise BenchError(f"wrong byte at offset {start + bad} of {len(end.expect)}")
+                        raise BenchmarkError(f"wrong byte at offset {start + bad} of {len(end.expect)}", part=PART)
                 done = not end.out and len(end.got) == len(end.expect)
                 if done:
                     sel.unregister(key.fd)
@@ -352,14 +350,14 @@ def _expect_tag(fd: int, tag: bytes) -> None:
     with selectors.DefaultSelector() as sel:
         sel.register(fd, selectors.EVENT_READ)
         if not sel.select(IO_TIMEOUT * 4):
-            raise BenchError("the peer process did not answer")
+            raise BenchmarkError("the peer process did not answer", part=PART)
     msg = os.read(fd, 501)
     if not msg:
-        raise BenchError("the peer process went away")
+        raise BenchmarkError("the peer process went away", part=PART)
     if msg[:1] == b"E":
-        raise BenchError(f"peer: {msg[1:].decode().strip()}")
+        raise BenchmarkError(f"peer: {msg[1:].decode().strip()}", part=PART)
     if msg[:1] != tag:
-        raise BenchError(f"the peer said {msg[:1]!r}, expected {tag!r}")
+        raise BenchmarkError(f"the peer said {msg[:1]!r}, expected {tag!r}", part=PART)
 
 
 def _batch_peer(listener: socket.socket, k: int, salt: int, up: int, down: int) -> None:

@@ -29,16 +29,13 @@ from sockrepair.bench.results import (
     batch_from_samples,
     single_from_samples,
 )
-from sockrepair.errors import SockrepairError
+from sockrepair.errors import BenchmarkError
 from sockrepair.netns import NetNS
 
 SOURCE = Path(__file__).parent / "reference" / "repair_cycle.c"
 COMPILERS = ("cc", "gcc", "clang")
+PART = "cref"  # the .part of the BenchmarkErrors of a C reference that could not be built or did not finish
 NO_COMPILER_NOTE = "no C compiler (cc, gcc or clang) found: the C reference was skipped (apt-get install gcc)"
-
-
-class CReferenceError(SockrepairError):
-    """The C reference could not be built or did not run to the end."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +74,7 @@ def build(out_dir: Path, notes: list[str] | None = None, shared: bool = False) -
                           text=True)
     if done.returncode != 0:
         first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip())
-        raise CReferenceError(f"building the C reference with {compiler} failed: {first}")
+        raise BenchmarkError(f"building the C reference with {compiler} failed: {first}", part=PART)
     return binary
 
 
@@ -110,15 +107,17 @@ def _run_variant(binary: Path, variant: Variant, sizes: Sequence[int], reps: int
             done = subprocess.run(ns.exec_argv(argv(binary, sizes, reps, batches, batch_reps, variant.flags)),
                                   capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise CReferenceError(f"the C reference ({variant.impl}) did not finish within {timeout:g} s") from None
+            raise BenchmarkError(f"the C reference ({variant.impl}) did not finish within {timeout:g} s",
+                                 part=PART) from None
     # exit 1 means some entry was not verified: the JSON says which, and the report shows it
     if done.returncode not in (0, 1):
         why = done.stderr.strip().splitlines()[0] if done.stderr.strip() else f"exit status {done.returncode}"
-        raise CReferenceError(f"the C reference failed: {why}")
+        raise BenchmarkError(f"the C reference failed: {why}", part=PART)
     try:
         raw = json.loads(done.stdout)
     except json.JSONDecodeError as exc:
-        raise CReferenceError(f"the C reference printed no valid JSON ({exc.msg} at char {exc.pos})") from None
+        raise BenchmarkError(f"the C reference printed no valid JSON ({exc.msg} at char {exc.pos})",
+                             part=PART) from None
     return parse(raw)
 
 

@@ -30,7 +30,6 @@ from sockrepair.bench.bench_engine import (
     MOVE_PHASES,
     PEER_RCVBUF,
     TAIL_BYTES,
-    BenchError,
     _close_abort,
     _connect,
     _End,
@@ -47,13 +46,14 @@ from sockrepair.bench.results import (
     SINGLE_BLOCK,
     Independent,
 )
-from sockrepair.errors import SockrepairError
+from sockrepair.errors import BenchmarkError, SockrepairError
 from sockrepair.netns import NetNS
 
 SIZES = (0, 1 << 20)
 REPS, QUICK_REPS = 200, 10
 PYTHON_PHASES = MOVE_PHASES
 C_PHASES = ("read_state", "close", "restore")
+PART = "independent"  # the .part of this module's BenchmarkErrors
 
 NS3 = ctypes.c_int64 * 3
 
@@ -94,7 +94,7 @@ def _python_cycle(q: int, to_peer: bytes, to_sock: bytes, mark: Callable[[int], 
         sent = _fill_send_queue(sock, peer, q, to_peer)
         state, restored, times = timed_move(sock, mark)
         if min(len(state.send_queue), len(state.recv_queue)) < q:
-            raise BenchError(f"a queue held fewer than {q} bytes at checkpoint")
+            raise BenchmarkError(f"a queue held fewer than {q} bytes at checkpoint", part=PART)
         _verify(restored, peer, q, sent, to_peer, to_sock)
     finally:
         for s in (sock, peer, restored):
@@ -118,7 +118,7 @@ def _c_cycle(lib: Any, q: int, options: bool, to_peer: bytes, to_sock: bytes,
         if mark is not None:
             mark(1)
         if fd < 0:
-            raise BenchError(f"C cycle: {lib.repair_cycle_error().decode(errors='replace')}")
+            raise BenchmarkError(f"C cycle: {lib.repair_cycle_error().decode(errors='replace')}", part=PART)
         restored = socket.socket(fileno=fd)
         _verify(restored, peer, q, sent, to_peer, to_sock)
     finally:

@@ -28,7 +28,7 @@ from typing import Any
 
 from sockrepair.bench import cref, machine, profiles, report
 from sockrepair.bench.results import Results, empty, lock_entries, merge_single
-from sockrepair.errors import NotPermittedError, SockrepairError
+from sockrepair.errors import BenchmarkError, NotPermittedError, SockrepairError
 
 PARTS = ("c", "engine", "batch", "lock", "gap", "crosshost")
 QUICK_C = {"reps": 10, "batch_reps": 1}
@@ -98,7 +98,7 @@ def run(quick: bool = False, parts: Sequence[str] = PARTS, progress: Progress | 
             say("building the C reference")
             try:
                 binary = cref.build(Path(tmp), results["notes"])
-            except cref.CReferenceError as exc:
+            except BenchmarkError as exc:
                 results["notes"].append(f"C reference skipped: {exc}")
         c_single: list[Any] = []
         module = engine_module() if "engine" in parts else None

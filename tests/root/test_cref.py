@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from sockrepair.bench import cref
+from sockrepair.errors import BenchmarkError
 
 pytestmark = pytest.mark.root
 
@@ -47,5 +48,7 @@ def test_options_and_warm_together_verify_every_byte(binary: Path) -> None:
 
 
 def test_bad_arguments_fail_with_one_line(binary: Path) -> None:
-    with pytest.raises(cref.CReferenceError, match="the C reference failed: repair_cycle: a batch needs at least one connection"):
+    with pytest.raises(BenchmarkError, match="the C reference failed: repair_cycle: a batch needs at least one "
+                       "connection") as info:
         cref.run(binary, sizes=[0], reps=1, batches=[0], batch_reps=1, timeout=60)
+    assert info.value.part == cref.PART
