@@ -46,9 +46,10 @@ class Stage(Enum):
     KEEP = ("keep", "write what the peers sent while locked, kept by the lock so far, beside the images "
             "(packets.img: restore -D delivers it)", ("dump",))
     NETWORK = "network", "the caller's network step (e.g. move the service address to the destination)", ("migrate",)
-    RESTORE = ("restore", "make every socket again in the destination namespace, all or none, each duplicated to "
-               "its guard as soon as it is made (migrate: from the checkpointed states, sockrepair.move.freeze; "
-               "restore: sockrepair.move.restoreguard)", LANDING)
+    RESTORE = ("restore", "ask the peers of connections with bytes in flight what they hold (one round trip, at most "
+               "200 ms: sockrepair.move.ask), then make every socket again in the destination namespace, all or none, "
+               "each duplicated to its guard as soon as it is made (migrate: from the checkpointed states, "
+               "sockrepair.move.freeze; restore: sockrepair.move.restoreguard)", LANDING)
     DELIVER = ("deliver", "send the restored sockets what their peers sent while locked (kept by the lock at "
                "prerouting; restore: read from packets.img), before the unlock", LANDING)
     UNLOCK = ("unlock", "release the lock in both namespaces when they differ (restore: in the one restored into, "
