@@ -26,6 +26,7 @@ import contextlib
 import errno
 import os
 import socket
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,13 +51,14 @@ from sockrepair.engine._session import (
 from sockrepair.engine._sockopts import (
     IFNAMSIZ,
     SOCKOPT_POSITION,
+    TCP,
     decode_name,
     read_sockopt_values,
 )
 from sockrepair.engine._states import CLOSE, REPAIRABLE
 from sockrepair.engine._tcpopts import tcp_info, tcp_info_from
 from sockrepair.errors import SocketCallError
-from sockrepair.state import ConnectionState, SocketOptions
+from sockrepair.state import TCP_ESTABLISHED, ConnectionState, SocketOptions
 
 SOL = lib.SOL_SOCKET
 # The SocketOptions fields taken from the dump.
@@ -182,3 +184,38 @@ def ensure_all_unchanged(socks: Sequence[SockLike], states: Sequence[ConnectionS
     since its checkpoint."""
     for sock, state in zip(socks, states):
         ensure_unchanged(session_of(sock, state.tuple), state)
+
+
+SEGS_OUT = struct.Struct("=136xI")  # struct tcp_info: tcpi_segs_out at byte 136
+
+
+def segs_out_of(socks: Sequence[SockLike]) -> list[int]:
+    """tcpi_segs_out (TCP_INFO) of every socket in `socks`, in their order: the segments each has sent (counted in
+    __tcp_transmit_skb, before the netfilter output hook, so a segment the network lock dropped counts too).
+    Raises SocketCallError when TCP_INFO cannot be read."""
+    out = []
+    for sock in socks:
+        session = session_of(sock)
+        try:
+            raw = session.sock.getsockopt(TCP, lib.TCP_INFO, SEGS_OUT.size)
+        except OSError as exc:
+            raise session.failed("getsockopt(TCP_INFO)", exc) from None
+        out.append(SEGS_OUT.unpack_from(raw)[0])
+    return out
+
+
+def owed_acks(socks: Sequence[SockLike], states: Sequence[ConnectionState], segs_out_before: Sequence[int]
+              ) -> list[bool]:
+    """For each frozen socket in `socks` (checkpointed into `states`, in that order), whether its peer may lack an
+    ACK of everything the socket received, so that the restored socket must be made to send one
+    (engine/_restore.py _ask_for_ack; restore_with's `owed`). False only for an ESTABLISHED socket whose saved
+    window has rcv_wup == rcv_nxt (the last segment it sent acknowledged all it had received: tcp_select_window
+    sets rcv_wup = rcv_nxt on every segment sent, net/ipv4/tcp_output.c) and whose tcpi_segs_out is still
+    `segs_out_before[i]`, read before the network lock was taken: that last segment left before the lock, which
+    drops what is sent after it (a delayed ACK fired between the lock and the checkpoint counts, and owes). Call
+    it after the checkpoint (the window was read then: a segment sent between that read and this call counts too)
+    and before the sockets are discarded. Raises SocketCallError when TCP_INFO cannot be read."""
+    now = segs_out_of(socks)
+    return [state.tcp_state != TCP_ESTABLISHED or state.window is None
+            or state.window.rcv_wup != state.recv_seq or after != before
+            for state, before, after in zip(states, segs_out_before, now, strict=True)]

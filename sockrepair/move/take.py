@@ -12,7 +12,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sockrepair.engine._batch import checkpoint_many, ensure_all_unchanged
+from sockrepair.engine._batch import (
+    checkpoint_many,
+    ensure_all_unchanged,
+    owed_acks,
+    segs_out_of,
+)
 from sockrepair.engine._checkpoint import (
     REPAIRABLE_NAMES,
     checkpoint,
@@ -60,6 +65,9 @@ class Captured:
     # guard died too (a SIGSTOP or cgroup freeze); a resume puts them right, and the process is continued then
     left_behind: list[int] = field(default_factory=list)
     lost: list[Unmovable] = field(default_factory=list)  # connections left behind, accepted with allow_loss
+    # per state, whether its old socket may owe its peer an ACK (owed_acks; restore_with's `owed`), found when
+    # captured() was asked to (`owed`); empty: unknown, every one may
+    owed: list[bool] = field(default_factory=list)
 
     @property
     def freeze_method(self) -> str:
@@ -247,7 +255,7 @@ def checkpoint_all_taken(pid: int, chosen: Sequence[ProcSocket], copies: Sequenc
 def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timings: Timings,
              ttl: float = 60.0, quiescence: Quiescence = Quiescence(),
              freezer: Freezer | None = None, allow_loss: bool = False,
-             keep_errors: bool = False) -> Iterator[Captured]:
+             keep_errors: bool = False, owed: bool = False) -> Iterator[Captured]:
     """Freeze `pid` where every thread waits, as `quiescence` says (sockrepair.move.quiesce), take and checkpoint
     its connections (see select_sockets), lock them with `locker` for `ttl` seconds, and yield them frozen and
     locked; the freeze, lock and checkpoint stages are timed into `timings`. On an error (KeyboardInterrupt
@@ -258,7 +266,9 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
     naming the process's pid and fd; ProcessError too when the process stayed busy and the policy refuses (nothing
     was taken), or is sockrepair itself or one of its ancestors. Every other connection of the process is listed in
     Captured.lost; unless `allow_loss`, any such connection is refused before the freeze (refuse_losses).
-    `keep_errors` (the caller resumes the process): a socket in CLOSE with an error pending is not taken."""
+    `keep_errors` (the caller resumes the process): a socket in CLOSE with an error pending is not taken.
+    `owed` (the caller restores the states it is given): Captured.owed says which sockets may owe their peer an
+    ACK, from their tcpi_segs_out read before the lock and again after the checkpoint (owed_acks)."""
     with contextlib.ExitStack() as owned:
         # the caller's guard, when it is to outlive the capture (migrate() hands it the restored sockets)
         if freezer is None:
@@ -300,6 +310,8 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
                     fds.append(pidfd.getfd(s.fd))
                 if stopped_before:
                     cap.left_behind = [s.fd for s, fd in zip(chosen, fds) if in_repair(fd)]
+                # before the lock: what a socket sends from there on is dropped, and owed_acks must see it
+                sent = segs_out_of(fds) if owed else []
                 if locker is not None:
                     with timings.timed(Stage.LOCK):
                         locker.lock([s.tuple for s in chosen], ttl=ttl)
@@ -307,6 +319,8 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
                     # all or none: a failing batch resumes what it froze itself
                     states.extend(checkpoint_all_taken(pid, chosen, fds))
                     freezer.reuse([s.fd for s, st in zip(chosen, states) if st.sockopts.reuseaddr])
+                    if owed:
+                        cap.owed = owed_acks(fds, states, sent)
                 yield cap
             except BaseException:
                 # past the point of no return the source is gone and the lock must hold for the restore
