@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from sockrepair.engine._checkpoint import (
     checkpoint_session,
+    discard,
     ensure_state,
     ensure_unchanged,
     first_look,
@@ -44,8 +45,10 @@ from sockrepair.engine._refuse import refuse, unsuspected_inq
 from sockrepair.engine._session import (
     SockLike,
     _Session,
+    close_silently,
     fileno,
     hold_reuse,
+    release_reuse,
     session_of,
     signed32,
 )
@@ -56,7 +59,7 @@ from sockrepair.engine._sockopts import (
     decode_name,
     read_sockopt_values,
 )
-from sockrepair.engine._states import CLOSE, REPAIRABLE
+from sockrepair.engine._states import CLOSE, REPAIRABLE, send_lengths
 from sockrepair.engine._tcpopts import tcp_info, tcp_info_from
 from sockrepair.errors import SocketCallError
 from sockrepair.state import TCP_ESTABLISHED, ConnectionState, SocketOptions
@@ -182,9 +185,39 @@ def _device(session: _Session) -> str:
 def ensure_all_unchanged(socks: Sequence[SockLike], states: Sequence[ConnectionState]) -> None:
     """What discard() checks, of every frozen socket in `socks` against its state in `states`: a mover checks every
     socket before it discards any. Raises SocketStateError (`.fd`, `.tuple`) for the first that sent or received
-    since its checkpoint."""
-    for sock, state in zip(socks, states):
+    since its checkpoint. The queue lengths are read through libc into one buffer; a socket whose lengths differ
+    from its state's (or whose ioctl fails) is checked again as discard() checks it, which raises the error."""
+    value = ffi.new("int *")
+    ioctl, outq, unsent_q, inq = lib.ioctl, lib.SIOCOUTQ, lib.SIOCOUTQNSD, lib.SIOCINQ
+    for sock, state in zip(socks, states, strict=True):
+        fd = fileno(sock)
+        if ioctl(fd, outq, value) == 0:
+            queued = value[0]
+            # write_seq - snd_nxt is at most write_seq - snd_una: an empty send queue has nothing unsent
+            if queued == 0 or ioctl(fd, unsent_q, value) == 0:
+                unsent = value[0]
+                if (ioctl(fd, inq, value) == 0 and value[0] == len(state.recv_queue)
+                        and send_lengths(state.tcp_state, queued, unsent) == (len(state.send_queue),
+                                                                              state.unsent_len)):
+                    continue
         ensure_unchanged(session_of(sock, state.tuple), state)
+
+
+def discard_all(fds: Sequence[int]) -> None:
+    """discard() (no state) of every socket in `fds`, frozen by checkpoint_many(), in their order: each is closed
+    without FIN or RST. The repair flag is read through libc into one buffer; a socket not in repair mode (or whose
+    flag cannot be read) goes through discard() itself, which raises SocketStateError for it (closing it would send
+    a FIN), leaving it and those after it open. Raises SocketCallError when a close fails."""
+    value = ffi.new("int *")
+    length = ffi.new("socklen_t *")
+    getsockopt, repair = lib.getsockopt, lib.TCP_REPAIR
+    for fd in fds:
+        length[0] = ffi.sizeof("int")
+        if getsockopt(fd, TCP, repair, value, length) < 0 or value[0] != 1:
+            discard(fd)
+            continue
+        release_reuse(fd)
+        close_silently(fd)
 
 
 SEGS_OUT = struct.Struct("=136xI")  # struct tcp_info: tcpi_segs_out at byte 136

@@ -14,6 +14,7 @@ from typing import Any
 
 from sockrepair.engine._batch import (
     checkpoint_many,
+    discard_all,
     ensure_all_unchanged,
     owed_acks,
     segs_out_of,
@@ -21,7 +22,6 @@ from sockrepair.engine._batch import (
 from sockrepair.engine._checkpoint import (
     REPAIRABLE_NAMES,
     checkpoint,
-    discard,
     resume,
 )
 from sockrepair.engine._refuse import refusals_of
@@ -388,8 +388,7 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[]
         if passed is not None:
             passed()
         try:
-            for fd in cap.fds:
-                discard(fd)
+            discard_all(cap.fds)
         finally:
             cap.fds.clear()
             with contextlib.suppress(ProcessLookupError):
