@@ -298,8 +298,9 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
         if freezer is None:
             freezer = owned.enter_context(Freezer(pid))
         pidfd = freezer.pidfd
-        # /proc/PID/net/tcp is read before the freeze (reading it costs ms with many connections); under the freeze
-        # only the fd -> inode map is checked, and the table read again if the process changed its sockets meanwhile
+        # /proc/PID/fd and /proc/PID/net/tcp are read before the freeze (reading them costs ms with many
+        # connections); under the freeze the inodes of the sockets taken are compared with these, and both are read
+        # again only if the process changed its sockets meanwhile (_taken_if_same)
         chosen = select_sockets(pid, wanted, keep_errors)
         lost = left_behind(pid, chosen, keep_errors)
         if not allow_loss:
