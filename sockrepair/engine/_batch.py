@@ -26,11 +26,13 @@ import contextlib
 import errno
 import os
 import socket
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sockrepair.engine._checkpoint import (
     checkpoint_session,
+    discard,
     ensure_state,
     ensure_unchanged,
     first_look,
@@ -38,25 +40,29 @@ from sockrepair.engine._checkpoint import (
     resume_session,
 )
 from sockrepair.engine._diag import SOCKOPT_FREEBIND, SockView, dump_views
-from sockrepair.engine._ffi import lib
+from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._refuse import refuse, unsuspected_inq
 from sockrepair.engine._session import (
     SockLike,
     _Session,
+    close_silently,
+    fileno,
     hold_reuse,
+    release_reuse,
     session_of,
     signed32,
 )
 from sockrepair.engine._sockopts import (
     IFNAMSIZ,
     SOCKOPT_POSITION,
+    TCP,
     decode_name,
     read_sockopt_values,
 )
-from sockrepair.engine._states import CLOSE, REPAIRABLE
+from sockrepair.engine._states import CLOSE, REPAIRABLE, send_lengths
 from sockrepair.engine._tcpopts import tcp_info, tcp_info_from
 from sockrepair.errors import SocketCallError
-from sockrepair.state import ConnectionState, SocketOptions
+from sockrepair.state import TCP_ESTABLISHED, ConnectionState, SocketOptions
 
 SOL = lib.SOL_SOCKET
 # The SocketOptions fields taken from the dump.
@@ -179,6 +185,75 @@ def _device(session: _Session) -> str:
 def ensure_all_unchanged(socks: Sequence[SockLike], states: Sequence[ConnectionState]) -> None:
     """What discard() checks, of every frozen socket in `socks` against its state in `states`: a mover checks every
     socket before it discards any. Raises SocketStateError (`.fd`, `.tuple`) for the first that sent or received
-    since its checkpoint."""
-    for sock, state in zip(socks, states):
+    since its checkpoint. The queue lengths are read through libc into one buffer; a socket whose lengths differ
+    from its state's (or whose ioctl fails) is checked again as discard() checks it, which raises the error."""
+    value = ffi.new("int *")
+    ioctl, outq, unsent_q, inq = lib.ioctl, lib.SIOCOUTQ, lib.SIOCOUTQNSD, lib.SIOCINQ
+    for sock, state in zip(socks, states, strict=True):
+        fd = fileno(sock)
+        if ioctl(fd, outq, value) == 0:
+            queued = value[0]
+            # write_seq - snd_nxt is at most write_seq - snd_una: an empty send queue has nothing unsent
+            if queued == 0 or ioctl(fd, unsent_q, value) == 0:
+                unsent = value[0]
+                if (ioctl(fd, inq, value) == 0 and value[0] == len(state.recv_queue)
+                        and send_lengths(state.tcp_state, queued, unsent) == (len(state.send_queue),
+                                                                              state.unsent_len)):
+                    continue
         ensure_unchanged(session_of(sock, state.tuple), state)
+
+
+def discard_all(fds: Sequence[int]) -> None:
+    """discard() (no state) of every socket in `fds`, frozen by checkpoint_many(), in their order: each is closed
+    without FIN or RST. The repair flag is read through libc into one buffer; a socket not in repair mode (or whose
+    flag cannot be read) goes through discard() itself, which raises SocketStateError for it (closing it would send
+    a FIN), leaving it and those after it open. Raises SocketCallError when a close fails."""
+    value = ffi.new("int *")
+    length = ffi.new("socklen_t *")
+    getsockopt, repair = lib.getsockopt, lib.TCP_REPAIR
+    for fd in fds:
+        length[0] = ffi.sizeof("int")
+        if getsockopt(fd, TCP, repair, value, length) < 0 or value[0] != 1:
+            discard(fd)
+            continue
+        release_reuse(fd)
+        close_silently(fd)
+
+
+SEGS_OUT = struct.Struct("=136xI")  # struct tcp_info: tcpi_segs_out at byte 136
+
+
+def segs_out_of(socks: Sequence[SockLike]) -> list[int]:
+    """tcpi_segs_out (TCP_INFO) of every socket in `socks`, in their order: the segments each has sent (counted in
+    __tcp_transmit_skb, before the netfilter output hook, so a segment the network lock dropped counts too). Read
+    through libc with one buffer for all (a Python socket object per fd would cost 3-4 us each: this is read under
+    the freeze). Raises SocketCallError when TCP_INFO cannot be read."""
+    buf = ffi.new("char[]", SEGS_OUT.size)
+    length = ffi.new("socklen_t *")
+    view = ffi.buffer(buf)
+    getsockopt, tcp_info, unpack = lib.getsockopt, lib.TCP_INFO, SEGS_OUT.unpack_from
+    out = []
+    for sock in socks:
+        fd = fileno(sock)
+        length[0] = SEGS_OUT.size
+        if getsockopt(fd, TCP, tcp_info, buf, length) < 0 or length[0] < SEGS_OUT.size:
+            raise SocketCallError(ffi.errno or errno.EPROTO, "getsockopt(TCP_INFO)", fd)
+        out.append(unpack(view)[0])
+    return out
+
+
+def owed_acks(socks: Sequence[SockLike], states: Sequence[ConnectionState], segs_out_before: Sequence[int]
+              ) -> list[bool]:
+    """For each frozen socket in `socks` (checkpointed into `states`, in that order), whether its peer may lack an
+    ACK of everything the socket received, so that the restored socket must be made to send one
+    (engine/_restore.py _ask_for_ack; restore_with's `owed`). False only for an ESTABLISHED socket whose saved
+    window has rcv_wup == rcv_nxt (the last segment it sent acknowledged all it had received: tcp_select_window
+    sets rcv_wup = rcv_nxt on every segment sent, net/ipv4/tcp_output.c) and whose tcpi_segs_out is still
+    `segs_out_before[i]`, read before the network lock was taken: that last segment left before the lock, which
+    drops what is sent after it (a delayed ACK fired between the lock and the checkpoint counts, and owes). Call
+    it after the checkpoint (the window was read then: a segment sent between that read and this call counts too)
+    and before the sockets are discarded. Raises SocketCallError when TCP_INFO cannot be read."""
+    now = segs_out_of(socks)
+    return [state.tcp_state != TCP_ESTABLISHED or state.window is None
+            or state.window.rcv_wup != state.recv_seq or after != before
+            for state, before, after in zip(states, segs_out_before, now, strict=True)]

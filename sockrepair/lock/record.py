@@ -77,6 +77,13 @@ def wire_key(conn: ConnTuple) -> ConnTuple:
     return conn.wire() if conn.family == socket.AF_INET6 else conn
 
 
+class WireKeys(frozenset[ConnTuple]):
+    """The wire_key() of every connection of `conns`, as a set: what Recorder.take() matches kept packets with."""
+
+    def __new__(cls, conns: Iterable[ConnTuple]) -> WireKeys:
+        return super().__new__(cls, map(wire_key, conns))
+
+
 _KEPT = frozenset((c.NFULA_SEQ, c.NFULA_PAYLOAD))  # the attributes _keep() reads
 
 
@@ -234,16 +241,20 @@ class Recorder:
         self.drain()
         return list(self._kept.get(wire_key(conn), ()))
 
-    def take(self, conns: Iterable[ConnTuple]) -> Held:
-        """Drain, then hand over (and forget) the packets kept for `conns`, in arrival order. The counts of copies
-        lost or over a cap are those of the whole recorder so far (a lost copy names no connection)."""
+    def take(self, conns: Iterable[ConnTuple] | WireKeys) -> Held:
+        """Drain, then hand over (and forget) the packets kept for `conns` (or their WireKeys, made once by a
+        caller that takes repeatedly), each connection's in arrival order, the connections in the order their first
+        packet came. The counts of copies lost or over a cap are those of the whole recorder so far (a lost copy
+        names no connection)."""
         self.drain()
         held = Held(over_cap=self._stats.over_cap, lost=self._stats.lost, truncated=self._stats.truncated)
-        for conn in conns:
-            key = wire_key(conn)
-            packets = self._kept.pop(key, [])
+        if not self._kept:  # the usual case of a delivery's later rounds: no need to look at every connection
+            return held
+        keys = conns if isinstance(conns, WireKeys) else WireKeys(conns)
+        # only the connections something was kept for, not every one asked for (1,000 lookups a round at 1,000)
+        for key in [key for key in self._kept if key in keys]:
+            held.packets += self._kept.pop(key)
             self._total -= self._kept_bytes.pop(key, 0)
-            held.packets += packets
         return held
 
     def forget(self) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sockrepair.errors import ImageError, LockError
 from sockrepair.lock.inject import Injector
-from sockrepair.lock.record import Caps, Held, Recorder, wire_key
+from sockrepair.lock.record import Caps, Held, Recorder, WireKeys, wire_key
 from sockrepair.netns import inside
 from sockrepair.packet import packet_tuple
 from sockrepair.private import create_private, read_regular, replace_private
@@ -95,7 +95,8 @@ class Keeper:
         self._delivered += send_kept(before, into)
         if not self._recorders:
             return Kept(self._delivered, self._fell_back, False, self.note)
-        held = self._take(tuples)
+        keys = WireKeys(tuples)
+        held = self._take(keys)
         for round_ in range(1, _ROUNDS + 1):
             if not held.packets:
                 break
@@ -103,7 +104,7 @@ class Keeper:
                 save(held.packets)
             self._delivered += send_kept(held.packets, into)
             if round_ < _ROUNDS:  # the last round leaves what came meanwhile to the next call
-                held = self._take(tuples)
+                held = self._take(keys)
         return Kept(self._delivered, self._fell_back + held.fell_back, True, self.note)
 
     def records_in(self, path: str) -> bool:
@@ -161,7 +162,7 @@ class Keeper:
         self._recorders, self._namespaces = [], []
         return Kept(kept.delivered, kept.fell_back, True, f"a keeper (pid {pid}) goes on keeping until the restore")
 
-    def _take(self, tuples: Sequence[ConnTuple]) -> Held:
+    def _take(self, tuples: Sequence[ConnTuple] | WireKeys) -> Held:
         held = Held()
         for recorder in self._recorders:
             held.extend(recorder.take(tuples))

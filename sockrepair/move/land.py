@@ -18,11 +18,13 @@ from sockrepair.state import ConnectionState
 
 def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
                 on_restored: Callable[[socket.socket], object] | None = None,
-                answered: Sequence[bool] = ()) -> list[socket.socket]:
+                answered: Sequence[bool] = (), owed: Sequence[bool] = ()) -> list[socket.socket]:
     """All or nothing: if one connection cannot be restored, those already restored are closed again in repair mode
     (silently), so the images and the lock still describe every connection and the restore can be retried.
     `on_restored` is called with each socket as soon as it is made (migrate() gives it to its guard). `answered`:
-    per state, whether its peer said what it holds (sockrepair.move.ask.Asked; none when empty)."""
+    per state, whether its peer said what it holds (sockrepair.move.ask.Asked; none when empty). `owed`: per
+    state, whether its old socket may owe its peer an ACK (sockrepair.engine._batch.owed_acks; restore_with's
+    `owed`); when empty, every one may."""
     socks: list[socket.socket] = []
     with named(netns):
         try:
@@ -32,7 +34,8 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
             injector = None
         try:
             for i, state in enumerate(states):
-                socks.append(restore_with(state, injector, i < len(answered) and answered[i]))
+                socks.append(restore_with(state, injector, i < len(answered) and answered[i],
+                                          i >= len(owed) or owed[i]))
                 if on_restored is not None:
                     on_restored(socks[-1])
         except BaseException:

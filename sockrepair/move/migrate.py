@@ -176,7 +176,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         source_locker.prepare()
         if dest_locker is not source_locker:
             dest_locker.prepare()
-        with captured(pid, wanted, source_locker, timings, ttl, quiescence, freezer) as cap:
+        with captured(pid, wanted, source_locker, timings, ttl, quiescence, freezer, owed=True) as cap:
             tuples = [s.tuple for s in cap.sockets]
             start = cap.frozen_at
             if dest_locker is not source_locker:
@@ -200,7 +200,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         with timings.timed(Stage.RESTORE):
             # what the peers hold of our in-flight bytes, asked once the old sockets are gone (sockrepair.move.ask)
             asked = ask_peers(keeper, states, netns_path(dest_netns))
-            socks = restore_all(asked.states, dest_netns, freezer.hold_one, asked.answered)
+            socks = restore_all(asked.states, dest_netns, freezer.hold_one, asked.answered, cap.owed)
         with passing_lock(socks, states) if keeper is not None else contextlib.nullcontext():
             if keeper is not None:
                 with timings.timed(Stage.DELIVER):

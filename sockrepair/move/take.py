@@ -12,11 +12,16 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sockrepair.engine._batch import checkpoint_many, ensure_all_unchanged
+from sockrepair.engine._batch import (
+    checkpoint_many,
+    discard_all,
+    ensure_all_unchanged,
+    owed_acks,
+    segs_out_of,
+)
 from sockrepair.engine._checkpoint import (
     REPAIRABLE_NAMES,
     checkpoint,
-    discard,
     resume,
 )
 from sockrepair.engine._refuse import refusals_of
@@ -29,7 +34,6 @@ from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import (
     ProcSocket,
     process_name,
-    socket_inodes,
     stat,
     tcp_sockets,
     tcp_table,
@@ -60,6 +64,9 @@ class Captured:
     # guard died too (a SIGSTOP or cgroup freeze); a resume puts them right, and the process is continued then
     left_behind: list[int] = field(default_factory=list)
     lost: list[Unmovable] = field(default_factory=list)  # connections left behind, accepted with allow_loss
+    # per state, whether its old socket may owe its peer an ACK (owed_acks; restore_with's `owed`), found when
+    # captured() was asked to (`owed`); empty: unknown, every one may
+    owed: list[bool] = field(default_factory=list)
 
     @property
     def freeze_method(self) -> str:
@@ -243,11 +250,36 @@ def checkpoint_all_taken(pid: int, chosen: Sequence[ProcSocket], copies: Sequenc
         raise _in_process_of(exc, pid, chosen, copies) from None
 
 
+def _taken_if_same(pidfd: PidFd, chosen: Sequence[ProcSocket]) -> list[int] | None:
+    """pidfd_getfd copies of the process's `chosen` sockets, in their order, when each of their fds still holds the
+    socket (inode) it held when they were chosen; None, with no copy left open, when one does not (the process
+    closed it, or opened another file at its number, since): the fd -> inode map must then be read again. The
+    copies are needed anyway, and comparing their inodes spares reading /proc/PID/fd under the freeze (a readlink
+    per fd of the process: 5-8 ms at 1,000 connections)."""
+    fds: list[int] = []
+    same = False
+    try:
+        for s in chosen:
+            try:
+                fds.append(pidfd.getfd(s.fd))
+            except ProcessError:  # closed; the map read again says whether the process itself is gone
+                break
+            if os.fstat(fds[-1]).st_ino != s.inode:
+                break
+        else:
+            same = True
+    finally:
+        if not same:
+            for fd in fds:
+                os.close(fd)
+    return fds if same else None
+
+
 @contextlib.contextmanager
 def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timings: Timings,
              ttl: float = 60.0, quiescence: Quiescence = Quiescence(),
              freezer: Freezer | None = None, allow_loss: bool = False,
-             keep_errors: bool = False) -> Iterator[Captured]:
+             keep_errors: bool = False, owed: bool = False) -> Iterator[Captured]:
     """Freeze `pid` where every thread waits, as `quiescence` says (sockrepair.move.quiesce), take and checkpoint
     its connections (see select_sockets), lock them with `locker` for `ttl` seconds, and yield them frozen and
     locked; the freeze, lock and checkpoint stages are timed into `timings`. On an error (KeyboardInterrupt
@@ -258,14 +290,17 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
     naming the process's pid and fd; ProcessError too when the process stayed busy and the policy refuses (nothing
     was taken), or is sockrepair itself or one of its ancestors. Every other connection of the process is listed in
     Captured.lost; unless `allow_loss`, any such connection is refused before the freeze (refuse_losses).
-    `keep_errors` (the caller resumes the process): a socket in CLOSE with an error pending is not taken."""
+    `keep_errors` (the caller resumes the process): a socket in CLOSE with an error pending is not taken.
+    `owed` (the caller restores the states it is given): Captured.owed says which sockets may owe their peer an
+    ACK, from their tcpi_segs_out read before the lock and again after the checkpoint (owed_acks)."""
     with contextlib.ExitStack() as owned:
         # the caller's guard, when it is to outlive the capture (migrate() hands it the restored sockets)
         if freezer is None:
             freezer = owned.enter_context(Freezer(pid))
         pidfd = freezer.pidfd
-        # /proc/PID/net/tcp is read before the freeze (reading it costs ms with many connections); under the freeze
-        # only the fd -> inode map is checked, and the table read again if the process changed its sockets meanwhile
+        # /proc/PID/fd and /proc/PID/net/tcp are read before the freeze (reading them costs ms with many
+        # connections); under the freeze the inodes of the sockets taken are compared with these, and both are read
+        # again only if the process changed its sockets meanwhile (_taken_if_same)
         chosen = select_sockets(pid, wanted, keep_errors)
         lost = left_behind(pid, chosen, keep_errors)
         if not allow_loss:
@@ -283,23 +318,27 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
             freeze = freezing.enter_context(quiescent_freeze(pid, quiescence, freezer))
             thaw = freezing.pop_all()
         with thaw:
-            inodes = socket_inodes(pid)
-            if any(inodes.get(s.fd) != s.inode for s in chosen):
-                # what was screened out stays out; anything new is checked by checkpoint() itself
+            taken = _taken_if_same(pidfd, chosen)
+            if taken is None:
+                # the process closed a chosen fd, or has another file at its number, since the look: what was
+                # screened out stays out; anything new is checked by checkpoint() itself
                 skipped = {u.sock.fd for u in unmovable}
                 chosen = [s for s in select_sockets(pid, wanted, keep_errors) if s.fd not in skipped]
                 lost = [u for u in left_behind(pid, chosen, keep_errors) if u.sock.fd not in skipped] + unmovable
                 if not allow_loss:
                     refuse_losses(pid, lost)
                 freezer.watch([s.fd for s in chosen], [s.tuple for s in chosen])
-            fds: list[int] = []
+            fds: list[int] = taken if taken is not None else []
             states: list[ConnectionState] = []
             cap = Captured(pid, chosen, fds, states, freeze, pidfd, freezer, lost=lost)
             try:
-                for s in chosen:
-                    fds.append(pidfd.getfd(s.fd))
+                if taken is None:
+                    for s in chosen:
+                        fds.append(pidfd.getfd(s.fd))
                 if stopped_before:
                     cap.left_behind = [s.fd for s, fd in zip(chosen, fds) if in_repair(fd)]
+                # before the lock: what a socket sends from there on is dropped, and owed_acks must see it
+                sent = segs_out_of(fds) if owed else []
                 if locker is not None:
                     with timings.timed(Stage.LOCK):
                         locker.lock([s.tuple for s in chosen], ttl=ttl)
@@ -307,6 +346,8 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
                     # all or none: a failing batch resumes what it froze itself
                     states.extend(checkpoint_all_taken(pid, chosen, fds))
                     freezer.reuse([s.fd for s, st in zip(chosen, states) if st.sockopts.reuseaddr])
+                    if owed:
+                        cap.owed = owed_acks(fds, states, sent)
                 yield cap
             except BaseException:
                 # past the point of no return the source is gone and the lock must hold for the restore
@@ -348,8 +389,7 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[]
         if passed is not None:
             passed()
         try:
-            for fd in cap.fds:
-                discard(fd)
+            discard_all(cap.fds)
         finally:
             cap.fds.clear()
             with contextlib.suppress(ProcessLookupError):

@@ -1,0 +1,77 @@
+"""A program that changes its sockets between the look and the freeze (sockrepair/move/take.py captured): a chosen
+fd closed, or its number taken by a new connection. Under the freeze the copies' inodes are compared with the look's,
+and the process's sockets are read again when one differs: the move takes what the program holds at the freeze."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+import sockrepair
+import sockrepair.move.take as take_module
+from sockrepair.lab.subjects import start_echo, stop
+from sockrepair.move.procfs import socket_inodes, tcp_sockets
+from sockrepair.netns import NetNS
+from sockrepair.state import TCP_ESTABLISHED, ConnTuple
+from tests.root.pairs import recv_exactly, tcp_info, wait_for
+from tests.root.programs import free_port
+
+
+def _keep_sockets(socks: list[socket.socket], _tuples: object) -> list[socket.socket]:
+    return socks
+
+
+def _connect(ns: NetNS, port: int) -> socket.socket:
+    with ns.entered():
+        client = socket.create_connection(("127.0.0.1", port))
+    client.sendall(b"hello")
+    assert recv_exactly(client, 5) == b"hello"  # accepted and served
+    return client
+
+
+@pytest.mark.parametrize("reuse", [False, True], ids=["fd-closed", "fd-number-reused"])
+def test_the_move_takes_what_the_program_holds_at_the_freeze(monkeypatch: pytest.MonkeyPatch, reuse: bool) -> None:
+    with NetNS() as ns:
+        with ns.entered():
+            port = free_port()
+        server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
+        clients: list[socket.socket] = []
+        try:
+            kept, gone = _connect(ns, port), _connect(ns, port)
+            clients += [kept, gone]
+            [gone_fd] = [s.fd for s in tcp_sockets(server.pid)
+                         if s.tcp_state == TCP_ESTABLISHED and s.tuple.remote_port == gone.getsockname()[1]]
+            gone_inode = socket_inodes(server.pid)[gone_fd]
+            real_freeze = take_module.quiescent_freeze
+
+            def freeze_after_a_change(pid: int, *args: object, **kwargs: object) -> object:
+                gone.close()  # the program closes its end at the EOF
+                wait_for(lambda: gone_fd not in socket_inodes(pid), "the program to close its socket", 5.0)
+                if reuse:  # the lowest free fd number: the one just closed
+                    clients.append(_connect(ns, port))
+                    now = socket_inodes(pid).get(gone_fd)
+                    assert now is not None and now != gone_inode, "the new connection did not take the fd number"
+                return real_freeze(pid, *args, **kwargs)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(take_module, "quiescent_freeze", freeze_after_a_change)
+            report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=_keep_sockets)
+        finally:
+            stop(server)
+        live = [kept] + clients[2:]
+        restored = {s.getpeername()[1]: s for s in report.handoff_result}
+        try:
+            assert sorted(restored) == sorted(c.getsockname()[1] for c in live)
+            # the tuples locked and reported are the ones taken: the program's sockets at the freeze
+            assert sorted(report.connections) == sorted(
+                str(ConnTuple(socket.AF_INET, "127.0.0.1", port, "127.0.0.1", c.getsockname()[1])) for c in live)
+            for client in live:
+                client.sendall(b"moved")
+                peer = restored[client.getsockname()[1]]
+                assert recv_exactly(peer, 5) == b"moved"
+                peer.sendall(b"ok")
+                assert recv_exactly(client, 2) == b"ok"
+                assert tcp_info(client)[2] == 0
+        finally:
+            for s in list(restored.values()) + clients:
+                s.close()
