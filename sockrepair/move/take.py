@@ -250,6 +250,26 @@ def checkpoint_all_taken(pid: int, chosen: Sequence[ProcSocket], copies: Sequenc
         raise _in_process_of(exc, pid, chosen, copies) from None
 
 
+def _other_sockets(pid: int, chosen: Sequence[ProcSocket]) -> dict[int, str]:
+    """fd -> link target (socket:[inode]) of the process's sockets that are not `chosen`: what a socket accepted
+    or connected after the look would show up in (a new fd, or one reused). Reads /proc/PID/fd, and a link for
+    each fd not chosen only: few in a program whose fds are mostly its connections. Raises ProcessError."""
+    fd_dir = f"/proc/{pid}/fd"
+    taken = {s.fd for s in chosen}
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        raise ProcessError(f"cannot read the fds of process {pid}", pid=pid) from None
+    others = {}
+    for name in names:
+        if int(name) in taken:
+            continue
+        with contextlib.suppress(OSError):  # closed while we looked
+            if (target := os.readlink(f"{fd_dir}/{name}")).startswith("socket:["):
+                others[int(name)] = target
+    return others
+
+
 def _taken_if_same(pidfd: PidFd, chosen: Sequence[ProcSocket]) -> list[int] | None:
     """pidfd_getfd copies of the process's `chosen` sockets, in their order, when each of their fds still holds the
     socket (inode) it held when they were chosen; None, with no copy left open, when one does not (the process
@@ -310,6 +330,7 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
             raise ProcessError(f"process {pid} holds no connection that can be moved: "
                                + "; ".join(map(str, unmovable)), pid=pid)
         lost += unmovable
+        others = _other_sockets(pid, chosen)
         before = stat(pid)
         stopped_before = before is not None and before.state == "T"
         # the guard gives these back if sockrepair dies before ending the source
@@ -319,9 +340,15 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
             thaw = freezing.pop_all()
         with thaw:
             taken = _taken_if_same(pidfd, chosen)
+            if taken is not None and _other_sockets(pid, chosen) != others:
+                # a connection accepted or made since the look: read again, it is taken or refused, never left to
+                # die with the process
+                for fd in taken:
+                    os.close(fd)
+                taken = None
             if taken is None:
-                # the process closed a chosen fd, or has another file at its number, since the look: what was
-                # screened out stays out; anything new is checked by checkpoint() itself
+                # the process closed a chosen fd, or has another file at its number, or another socket, since the
+                # look: what was screened out stays out; anything new is checked by checkpoint() itself
                 skipped = {u.sock.fd for u in unmovable}
                 chosen = [s for s in select_sockets(pid, wanted, keep_errors) if s.fd not in skipped]
                 lost = [u for u in left_behind(pid, chosen, keep_errors) if u.sock.fd not in skipped] + unmovable

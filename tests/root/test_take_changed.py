@@ -1,6 +1,7 @@
 """A program that changes its sockets between the look and the freeze (sockrepair/move/take.py captured): a chosen
-fd closed, or its number taken by a new connection. Under the freeze the copies' inodes are compared with the look's,
-and the process's sockets are read again when one differs: the move takes what the program holds at the freeze."""
+fd closed, its number taken by a new connection, or a new connection at a new number. Under the freeze the copies'
+inodes and the other sockets' fds are compared with the look's, and the process's sockets are read again when one
+differs: the move takes what the program holds at the freeze."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def _connect(ns: NetNS, port: int) -> socket.socket:
     return client
 
 
-@pytest.mark.parametrize("reuse", [False, True], ids=["fd-closed", "fd-number-reused"])
-def test_the_move_takes_what_the_program_holds_at_the_freeze(monkeypatch: pytest.MonkeyPatch, reuse: bool) -> None:
+@pytest.mark.parametrize("change", ["fd-closed", "fd-number-reused", "new-connection"])
+def test_the_move_takes_what_the_program_holds_at_the_freeze(monkeypatch: pytest.MonkeyPatch, change: str) -> None:
     with NetNS() as ns:
         with ns.entered():
             port = free_port()
@@ -46,9 +47,12 @@ def test_the_move_takes_what_the_program_holds_at_the_freeze(monkeypatch: pytest
             real_freeze = take_module.quiescent_freeze
 
             def freeze_after_a_change(pid: int, *args: object, **kwargs: object) -> object:
+                if change == "new-connection":  # accepted at a fd number the look did not see
+                    clients.append(_connect(ns, port))
+                    return real_freeze(pid, *args, **kwargs)  # type: ignore[arg-type]
                 gone.close()  # the program closes its end at the EOF
                 wait_for(lambda: gone_fd not in socket_inodes(pid), "the program to close its socket", 5.0)
-                if reuse:  # the lowest free fd number: the one just closed
+                if change == "fd-number-reused":  # the lowest free fd number: the one just closed
                     clients.append(_connect(ns, port))
                     now = socket_inodes(pid).get(gone_fd)
                     assert now is not None and now != gone_inode, "the new connection did not take the fd number"
@@ -58,7 +62,7 @@ def test_the_move_takes_what_the_program_holds_at_the_freeze(monkeypatch: pytest
             report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=_keep_sockets)
         finally:
             stop(server)
-        live = [kept] + clients[2:]
+        live = clients if change == "new-connection" else [kept] + clients[2:]
         restored = {s.getpeername()[1]: s for s in report.handoff_result}
         try:
             assert sorted(restored) == sorted(c.getsockname()[1] for c in live)
