@@ -145,12 +145,16 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     on when it returns, if it was on): its collections cost milliseconds inside the downtime."""
     timings = Timings("migrate")
     source_locker = process_locker(pid)
-    # restored where they were (a new program in the same namespace): one lock, taken and released once
-    if _same_namespace(f"/proc/{pid}/ns/net", netns_path(dest_netns)):
-        dest_locker = source_locker
-    else:
+    try:
+        # named() first: it refuses a name that is empty or a path (netns_path("") is this namespace) before the
+        # process is touched
         with named(dest_netns):
-            dest_locker = Locker()
+            # restored where they were (a new program in the same namespace): one lock, taken and released once
+            same = _same_namespace(f"/proc/{pid}/ns/net", "/proc/thread-self/ns/net")
+            dest_locker = source_locker if same else Locker()
+    except BaseException:
+        source_locker.close()
+        raise
     keeper = Keeper([f"/proc/{pid}/ns/net", netns_path(dest_netns)]) if keep else None
     kept = Kept(0, 0, False, "keeping was not asked for")
     created = journal is None
