@@ -550,7 +550,11 @@ class Freezer:
         try:
             try:
                 socket.send_fds(self._holds, [_HOLD], [sock.fileno()])
-            except BlockingIOError:
+            except OSError as e:
+                # full: the socket buffer (EAGAIN), or the sender's count of files in flight (ETOOMANYREFS past
+                # RLIMIT_NOFILE without CAP_SYS_RESOURCE, as in a rootless container): the guard takes them
+                if e.errno not in (errno.EAGAIN, errno.ETOOMANYREFS):
+                    raise
                 self._ask("take")
                 self._holds.setblocking(True)
                 try:

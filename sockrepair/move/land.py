@@ -57,9 +57,10 @@ def passing_lock(socks: Sequence[socket.socket | int], states: Sequence[Connecti
     which the lock lets pass: a segment the kernel sends then (the quick ACK of a delivered request) would otherwise
     be dropped, and the peer would resend after its retransmission timeout. Then each socket gets back its saved
     mark (SO_MARK, even when the body raised). Raises OSError when a mark cannot be set."""
-    for sock in socks:
-        _set_mark(sock, SOCCR_MARK)
     try:
+        # inside the try: when one cannot be marked, those marked already get their saved mark back
+        for sock in socks:
+            _set_mark(sock, SOCCR_MARK)
         yield
     finally:
         for sock, state in zip(socks, states, strict=True):

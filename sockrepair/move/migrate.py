@@ -10,6 +10,7 @@ import gc
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +101,28 @@ def _journal_again(socks: list[socket.socket], tuples: list[ConnTuple], director
     socks.clear()
 
 
+# migrate() calls in other threads of this process that turned the cyclic collector off, and whether it was on
+_gc_state = {"holders": 0, "was_on": False}
+_gc_lock = threading.Lock()
+
+
+def _gc_off() -> None:
+    """Turn the cyclic garbage collector off for a move, until its _gc_on(). The collector is the process's: the
+    last of concurrent moves turns it back on, and only if it was on before the first."""
+    with _gc_lock:
+        if _gc_state["holders"] == 0:
+            _gc_state["was_on"] = gc.isenabled()
+            gc.disable()
+        _gc_state["holders"] += 1
+
+
+def _gc_on() -> None:
+    with _gc_lock:
+        _gc_state["holders"] -= 1
+        if _gc_state["holders"] == 0 and _gc_state["was_on"]:
+            gc.enable()
+
+
 def _same_namespace(a: str, b: str) -> bool:
     """Whether the network namespace files at paths `a` and `b` are one namespace."""
     sa, sb = os.stat(a), os.stat(b)
@@ -166,8 +189,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     held = -1
     # no cyclic collection until the move ends: 1,000 connections make enough objects for a few, 5 to 20 ms of the
     # downtime, and nothing the move makes needs collecting before it ends
-    collecting = gc.isenabled()
-    gc.disable()
+    _gc_off()
     try:
         # held by this process and its guard until both are gone: `sockrepair restore -D` waits for that
         held = hold_directory(directory)
@@ -253,8 +275,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         exc.add_note(recovery_hint(directory, dest_netns))
         raise
     finally:
-        if collecting:
-            gc.enable()
+        _gc_on()
         if freezer is not None:
             freezer.close()
         if held >= 0:
