@@ -94,9 +94,12 @@ def ask_peers(keeper: Keeper | None, states: Sequence[ConnectionState], into: st
 
 
 def _worth_asking(state: ConnectionState) -> bool:
-    # TCP_CORK would hold a last short segment back: restore keeps corked connections' bytes as sent
+    # TCP_CORK would hold a last short segment back: restore keeps corked connections' bytes as sent. Never-sent
+    # bytes alone are worth asking about too: a restore of the same images that was put back (sockrepair restore -D
+    # interrupted before its handoff) may have sent them, and a peer that holds them acknowledges beyond the
+    # snd_nxt of a restore that does not know it (its ACKs then discarded, the connection stalled for good)
     return (state.tcp_state == TCP_ESTABLISHED and state.window is not None and not state.sockopts.cork
-            and len(state.send_queue) > state.unsent_len)
+            and len(state.send_queue) > 0)
 
 
 def _una(state: ConnectionState) -> int:
@@ -115,9 +118,10 @@ def _probe(state: ConnectionState) -> bytes:
 
 
 def _held(state: ConnectionState, packets: Sequence[bytes]) -> int | None:
-    """How many in-flight bytes the peer holds, from the highest ACK among its kept `packets` (offsets from snd_una,
-    mod 2**32, within the in-flight bytes); None when a SACK block says it holds data beyond that ACK."""
-    una, in_flight = _una(state), len(state.send_queue) - state.unsent_len
+    """How many bytes of the send queue the peer holds, from the highest ACK among its kept `packets` (offsets from
+    snd_una, mod 2**32, within the send queue: beyond the in-flight bytes only when an earlier restore of the same
+    images sent never-sent ones and was put back); None when a SACK block says it holds data beyond that ACK."""
+    una, queued = _una(state), len(state.send_queue)
     held = 0
     blocks: list[int] = []
     for packet in packets:
@@ -126,12 +130,12 @@ def _held(state: ConnectionState, packets: Sequence[bytes]) -> int | None:
             continue
         ack, ends = parsed
         offset = (ack - una) & U32
-        if offset <= in_flight:
+        if offset <= queued:
             held = max(held, offset)
         blocks += [(end - una) & U32 for end in ends]
     # a D-SACK block (the probe's byte, or other duplicates) ends at or below the ACK; any other is data held
     # beyond a hole
-    if any(held < end <= in_flight for end in blocks):
+    if any(held < end <= queued for end in blocks):
         return None
     return held
 
@@ -164,10 +168,12 @@ def _ack_and_sack_ends(packet: bytes) -> tuple[int, list[int]] | None:
 
 def _cut(state: ConnectionState, held: int) -> ConnectionState:
     """`state` with the peer's acknowledgment of `held` more bytes applied, as the kernel would have: snd_una
-    advanced, those bytes gone from the send queue, the send window's right edge where it was."""
+    advanced, those bytes gone from the send queue (never-sent ones too, when an earlier restore sent them: the
+    rest of the queue is then never-sent), the send window's right edge where it was."""
     if not held:
         return state
     w = state.window
     assert w is not None
-    return dataclasses.replace(state, send_queue=state.send_queue[held:],
+    queue = state.send_queue[held:]
+    return dataclasses.replace(state, send_queue=queue, unsent_len=min(state.unsent_len, len(queue)),
                                window=dataclasses.replace(w, snd_wnd=max(w.snd_wnd - held, 0)))

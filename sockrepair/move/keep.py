@@ -176,17 +176,20 @@ class Keeper:
 
 def resume_keeping(directory: Path, tuples: Sequence[ConnTuple], paths: Sequence[str] = ()) -> tuple[list[bytes],
                                                                                                      Keeper]:
-    """What a restore of `directory` delivers and goes on keeping with: the packets of packets.img then kept.img
-    (read_kept, then sockrepair.move.keeper.take_over: its keeper stops and hands over its recorders), and a Keeper
+    """What a restore of `directory` delivers and goes on keeping with: the packets of packets.img, kept.img
+    (read_kept, then sockrepair.move.keeper.take_over: its keeper stops and hands over its recorders) and REDELIVER
+    (what an earlier restore that was put back delivered from its recorders), and a Keeper
     with those recorders plus new ones in the namespaces at `paths` they do not cover. Raises ImageError as they do
     (the keeper's recorders are closed then)."""
     from sockrepair.move.keeper import take_over
 
     redelivered = read_kept(directory, tuples, REDELIVER)
-    before = read_kept(directory, tuples) + redelivered
+    dumped = read_kept(directory, tuples)
     taken = take_over(directory, tuples)
-    return before + taken.packets, Keeper(paths, adopted=taken.recorders, fell_back=taken.fell_back, note=taken.note,
-                                          redelivered=redelivered)
+    # in the order the peers sent them: during the dump, to the keeper, then to an earlier restore's recorders
+    # (which took the keeper over: what kept.img holds came before)
+    return dumped + taken.packets + redelivered, Keeper(paths, adopted=taken.recorders, fell_back=taken.fell_back,
+                                                        note=taken.note, redelivered=redelivered)
 
 
 # What a restore of a directory delivered from its own recorders, saved before delivering it (saved_to())

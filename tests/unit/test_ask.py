@@ -89,13 +89,24 @@ def test_the_highest_ack_within_the_in_flight_bytes_is_what_the_peer_holds(una: 
     s = state(send_seq=(una + len(SENT)) & U32)
     kept = [answer(s, una + 10), answer(s, una + 700), answer(s, una + 300),
             answer(s, una - 5),  # older than snd_una: not ours to count
-            answer(s, una + IN_FLIGHT + 1)]  # beyond snd_nxt: impossible, ignored
+            answer(s, una + len(SENT) + 1)]  # beyond write_seq: impossible, ignored
     assert _held(s, kept) == 700
     # the probe's D-SACK block (the byte at snd_una - 1) ends at snd_una, below the ACK
     assert _held(s, [answer(s, una + 700, [(una - 1, una)])]) == 700
     # a block beyond the ACK: the peer holds data past a hole, its next ACK could pass the first burst
     assert _held(s, [answer(s, una + 700, [(una + 900, una + 1000)])]) is None
     assert _held(s, [answer(s, una)]) == 0
+
+
+def test_never_sent_bytes_an_earlier_restore_sent_are_held_and_cut() -> None:
+    """A restore of the same images that was put back sent never-sent bytes, and the peer holds them: its ACK is
+    beyond the image's snd_nxt. The state is cut past them; what is left of the queue is all never-sent."""
+    s = state(send_seq=1000 + len(SENT))
+    held = _held(s, [answer(s, 1000 + IN_FLIGHT + 20)])
+    assert held == IN_FLIGHT + 20
+    cut = _cut(s, held)
+    assert cut.send_queue == SENT[IN_FLIGHT + 20 :] and cut.unsent_len == UNSENT - 20 == len(cut.send_queue)
+    assert _held(s, [answer(s, 1000 + len(SENT))]) == len(SENT) and _cut(s, len(SENT)).unsent_len == 0
 
 
 def test_the_state_is_cut_to_the_answer_keeping_the_send_windows_right_edge() -> None:
