@@ -187,6 +187,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return _list_pending(args.json)
     if not handing:
         args.usage_error("one of the arguments --exec --unix is required")
+    if args.exec_argv == []:
+        # argparse's REMAINDER accepts nothing at all: without this, an empty program name reached the check of the
+        # program as if one had been given, "no such program (none given)", exit 1
+        args.usage_error("argument --exec: expected CMD [ARGS...] after it")
     _check_arguments(args)
     with contextlib.ExitStack() as held:
         return _restore(args, held)
@@ -201,7 +205,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
     with named(args.netns):
         pass
     if args.exec_argv is not None:
-        runnable(args.exec_argv[0] if args.exec_argv else "")
+        runnable(args.exec_argv[0])
 
 
 def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:

@@ -350,6 +350,13 @@ def test_restore_pending_lists_the_journals_of_moves_stopped_half_way(tmp_path: 
     assert "one of the arguments --exec --unix is required" in usage_error("restore", "-D", "d")
 
 
+def test_restore_exec_without_a_program_is_a_usage_error() -> None:
+    """`--exec` last on the line: a usage error naming what is missing (before: "--exec: no such program (none
+    given) (or not executable)", exit 1, as if a program had been named)."""
+    assert usage_error("restore", "-D", "d", "--exec") == \
+        "sockrepair restore: error: argument --exec: expected CMD [ARGS...] after it\n"
+
+
 def test_restore_reports_a_bad_netns_or_exec_before_the_state_of_the_directory(tmp_path: Path) -> None:
     """A completed move's directory was refused first: the typo, the real mistake, was never mentioned."""
     from sockrepair.move import journal
