@@ -136,9 +136,11 @@ def run_demo(json_output: bool = False, seconds: float = 3.0, connections: int =
                 gap_text = f"{gap * 1000:.1f} ms" if gap is not None else "n/a"
                 print(f"        wire {w.tuple}: {w.segments} segments, {verdict}; wire gap {gap_text}",
                       file=sys.stderr)
-            print("        (a request sent while its connection was locked is kept by the lock and delivered "
-                  "after the restore; with the dropping lock, `migrate(keep=False)`, it would wait for the "
-                  "client's retransmission timeout, 200 ms or more)", file=sys.stderr)
+            print("        (a wire gap runs from a connection's last segment before the freeze to its first after "
+                  "the unlock: the move plus the idle time of the random requests around it. A request sent while "
+                  "its connection was locked is kept by the lock and delivered after the restore; with the dropping "
+                  "lock, `migrate(keep=False)`, it would wait for the client's retransmission timeout, 200 ms or "
+                  "more)", file=sys.stderr)
             ok = talk["ok"] and all(w.ok for w in wires) and talk["requests"] > 0
             progress("verified: " + ("every byte arrived once and in order, no RST/SYN/FIN on the wire"
                                      if ok else "FAILED (see above)"))
