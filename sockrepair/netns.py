@@ -43,6 +43,9 @@ def inside(path: str) -> Iterator[None]:
             new = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise NetnsError(f"no network namespace at {path} (see `ip netns list`)") from None
+        except PermissionError:
+            raise NetnsError(f"not permitted to enter the network namespace at {path} (run as root: setns needs "
+                             "CAP_SYS_ADMIN, and sockrepair CAP_NET_ADMIN there)") from None
         try:
             _setns(new, path)
         finally:

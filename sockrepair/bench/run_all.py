@@ -78,15 +78,20 @@ def _part(name: str, results: Results, say: Progress, work: Callable[[], None]) 
     say(f"   {name} done in {time.monotonic() - started:.1f} s")
 
 
-def run(quick: bool = False, parts: Sequence[str] = PARTS, progress: Progress | None = None,
-        profile_missed: bool = True) -> Results:
-    say = progress or Progress()
+def _refuse(parts: Sequence[str]) -> None:
+    """NotPermittedError without root, SockrepairError for an unknown part: before anything is made."""
     if os.geteuid() != 0:
         raise NotPermittedError("the benchmarks need root (CAP_NET_ADMIN): each part runs in network namespaces "
                                 "it creates and deletes")
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise SockrepairError(f"unknown part(s) {', '.join(sorted(unknown))} (parts: {', '.join(PARTS)})")
+
+
+def run(quick: bool = False, parts: Sequence[str] = PARTS, progress: Progress | None = None,
+        profile_missed: bool = True) -> Results:
+    say = progress or Progress()
+    _refuse(parts)
     say("recording the machine")
     results = empty(machine.describe())
     if quick:
@@ -198,13 +203,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    parts = [p for p in args.parts.split(",") if p]
+    _refuse(parts)  # before --out is made: a refused run leaves nothing behind
     # an --out that cannot hold the report fails now (an OSError: one `sockrepair: error:` line), not after the
     # minutes of measuring it would have held
     args.out.mkdir(parents=True, exist_ok=True)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         say = Progress()
-        results = run(args.quick, [p for p in args.parts.split(",") if p], say, not args.no_profiles)
+        results = run(args.quick, parts, say, not args.no_profiles)
         written = report.write(results, args.out)
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -3,6 +3,7 @@ JSON object on stdout, so a script reading stdout learns what failed and where).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -28,6 +29,9 @@ def message(exc: BaseException, inputs: Iterable[str] = ()) -> str:
     command's arguments), is cut where the text quotes it (clip_echoes)."""
     if isinstance(exc, OSError) and not isinstance(exc, SockrepairError) and exc.strerror:
         text = f"{exc.filename}: {exc.strerror}" if exc.filename is not None else str(exc.strerror)
+        if exc.errno in (errno.EACCES, errno.EPERM) and os.geteuid() != 0:
+            # what a user without the capabilities meets first is often a file of /proc or /run
+            text += " (sockrepair needs root: CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_SYS_PTRACE)"
     else:
         text = str(exc)
     echoed = [getattr(exc, n, None) for n in ("path", "name", "filename", "filename2")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import time
 from collections.abc import Sequence
@@ -148,7 +149,8 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
             with contextlib.suppress(AttributeError):
                 exc.journal = str(directory)  # type: ignore[attr-defined]
             exc.add_note(f"the process was ended; its connections are saved in {directory}: restore them with "
-                         f"`sockrepair restore -D {directory}` before the lock's {ttl:g} s run out")
+                         f"`sockrepair restore -D {shlex.quote(str(directory))} --unix PATH` (or --exec CMD) "
+                         f"before the lock's {ttl:g} s run out")
         _abandon_dir(dir_fd, directory, made)
         dir_fd = -1
         raise

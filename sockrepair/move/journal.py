@@ -62,14 +62,44 @@ def _parents() -> tuple[Path, ...]:
     return DEFAULT_PARENT, Path(tempfile.gettempdir())
 
 
+# an unheld journal younger than this may be a move's that has not taken its hold yet (hold_directory)
+ABANDONED_AFTER = 60.0
+
+
 def new_directory(pid: int) -> Path:
     """A fresh 0700 directory for the journal of one move of process `pid`, /run/sockrepair/move-PID-XXXXXXXX (or
-    in the system's temporary directory when /run cannot be written): pending_journals() finds it."""
+    in the system's temporary directory when /run cannot be written): pending_journals() finds it. The journals of
+    earlier moves killed before their point of no return go first (sweep_abandoned)."""
     for parent in _parents():
         with contextlib.suppress(OSError):
             parent.mkdir(mode=0o700, exist_ok=True)
+            sweep_abandoned(parent)
             return Path(tempfile.mkdtemp(prefix=f"move-{pid}-", dir=parent))
     raise OSError(f"cannot create a journal directory under {DEFAULT_PARENT} or {tempfile.gettempdir()}")
+
+
+def sweep_abandoned(parent: Path) -> list[Path]:
+    """Remove the journals in `parent` of moves killed before their point of no return (no ENDED file, held by no
+    mover or guard, older than ABANDONED_AFTER): their programs went on with the connections (the guard thawed
+    them), so nothing restores those images, and they hold payload bytes. A journal with ENDED is kept whatever its
+    age: it is how its connections come back. Returns what was removed; what cannot be removed stays."""
+    removed: list[Path] = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        directory = parent / name
+        try:
+            if (not name.startswith("move-") or (directory / ENDED).exists()
+                    or now - directory.lstat().st_mtime < ABANDONED_AFTER or _held(directory)):
+                continue
+            shutil.rmtree(directory)
+        except OSError:
+            continue
+        removed.append(directory)
+    return removed
 
 
 @dataclass(frozen=True)
@@ -114,8 +144,9 @@ def pending_journals() -> list[Pending]:
     for parent in dict.fromkeys(_parents()):
         try:
             names = sorted(os.listdir(parent))
-        except OSError:
+        except FileNotFoundError:
             continue
+        # any other error (EACCES for a user who is not root) passes: not "nothing pending" when nothing was seen
         for name in names:
             directory = parent / name
             if not name.startswith("move-") or not (directory / JOURNAL_INDEX).exists():

@@ -9,6 +9,7 @@ import contextlib
 import gc
 import logging
 import os
+import shlex
 import socket
 import threading
 import time
@@ -131,10 +132,10 @@ def _same_namespace(a: str, b: str) -> bool:
 
 def recovery_hint(directory: Path, dest_netns: str | None) -> str:
     """How to finish a move that stopped after its source was ended."""
-    where = f" --netns {dest_netns}" if dest_netns else ""
+    where = f" --netns {shlex.quote(dest_netns)}" if dest_netns else ""
     return (f"the source was ended; its connections are saved in {directory} and stay locked until the lock's ttl "
             f"ends: finish the move (after the network step, if it did not run) with `sockrepair restore -D "
-            f"{directory}{where} --unix PATH` (or --exec CMD)")
+            f"{shlex.quote(str(directory))}{where} --unix PATH` (or --exec CMD)")
 
 
 def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import cProfile
 import math
 import socket
@@ -19,6 +20,7 @@ from sockrepair.bench.results import (
     merge_single,
     single_from_samples,
 )
+from sockrepair.errors import NotPermittedError
 from sockrepair.lab.programs.client import chunk
 from sockrepair.lab.subjects import largest_gap_s
 
@@ -208,3 +210,13 @@ def test_the_bench_subcommand_parses_as_the_benchmarks_do() -> None:
     defaults = vars(parser.parse_args(["bench"]))
     del defaults["func"]
     assert defaults == vars(own.parse_args([]))
+
+
+def test_a_refused_run_makes_no_out_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without root the run is refused before --out is created (it was made, then the run refused)."""
+    monkeypatch.setattr(run_all.os, "geteuid", lambda: 1000)
+    out = tmp_path / "new"
+    args = argparse.Namespace(out=out, parts="engine", quick=True, no_profiles=True, json=False)
+    with pytest.raises(NotPermittedError):
+        run_all.run_from_args(args)
+    assert not out.exists()

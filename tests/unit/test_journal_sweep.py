@@ -1,0 +1,39 @@
+"""A migrate() killed before its point of no return leaves its journal (the program went on, the guard thawed it):
+the next move's new_directory() removes such journals, and only those."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+
+from sockrepair.move.journal import ABANDONED_AFTER, ENDED, sweep_abandoned
+
+
+def _journal(parent: Path, name: str, age: float, ended: bool = False) -> Path:
+    d = parent / name
+    d.mkdir(mode=0o700)
+    (d / "journal.img").write_bytes(b"payload")
+    if ended:
+        (d / ENDED).write_text("1\n")
+    then = time.time() - age
+    os.utime(d, (then, then))
+    return d
+
+
+def test_only_old_unheld_journals_without_ended_go(tmp_path: Path) -> None:
+    old = ABANDONED_AFTER + 10
+    abandoned = _journal(tmp_path, "move-1-aaaa", old)
+    ended = _journal(tmp_path, "move-2-bbbb", old, ended=True)
+    young = _journal(tmp_path, "move-3-cccc", 1.0)
+    held = _journal(tmp_path, "move-4-dddd", old)
+    other = _journal(tmp_path, "dump-dir", old)
+    fd = os.open(held, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert sweep_abandoned(tmp_path) == [abandoned]
+    finally:
+        os.close(fd)
+    assert not abandoned.exists()
+    assert all(d.exists() for d in (ended, young, held, other))
