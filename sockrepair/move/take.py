@@ -270,12 +270,13 @@ def _other_sockets(pid: int, chosen: Sequence[ProcSocket]) -> dict[int, str]:
     return others
 
 
-def _taken_if_same(pidfd: PidFd, chosen: Sequence[ProcSocket]) -> list[int] | None:
+def _taken_if_same(pid: int, pidfd: PidFd, chosen: Sequence[ProcSocket], others: dict[int, str]) -> list[int] | None:
     """pidfd_getfd copies of the process's `chosen` sockets, in their order, when each of their fds still holds the
-    socket (inode) it held when they were chosen; None, with no copy left open, when one does not (the process
-    closed it, or opened another file at its number, since): the fd -> inode map must then be read again. The
-    copies are needed anyway, and comparing their inodes spares reading /proc/PID/fd under the freeze (a readlink
-    per fd of the process: 5-8 ms at 1,000 connections)."""
+    socket (inode) it held when they were chosen and its other sockets are still `others` (_other_sockets); None,
+    with no copy left open, when not (the process closed one, opened another file at its number, or accepted or
+    made a connection, since): the fd -> inode map must then be read again. The copies are needed anyway, and
+    comparing their inodes spares reading the links of the chosen fds under the freeze (a readlink per fd of the
+    process: 5-8 ms at 1,000 connections). Raises ProcessError (_other_sockets), no copy left open then."""
     fds: list[int] = []
     same = False
     try:
@@ -287,7 +288,9 @@ def _taken_if_same(pidfd: PidFd, chosen: Sequence[ProcSocket]) -> list[int] | No
             if os.fstat(fds[-1]).st_ino != s.inode:
                 break
         else:
-            same = True
+            # a connection accepted or made since the look: read again, it is taken or refused, never left to die
+            # with the process
+            same = _other_sockets(pid, chosen) == others
     finally:
         if not same:
             for fd in fds:
@@ -339,13 +342,7 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
             freeze = freezing.enter_context(quiescent_freeze(pid, quiescence, freezer))
             thaw = freezing.pop_all()
         with thaw:
-            taken = _taken_if_same(pidfd, chosen)
-            if taken is not None and _other_sockets(pid, chosen) != others:
-                # a connection accepted or made since the look: read again, it is taken or refused, never left to
-                # die with the process
-                for fd in taken:
-                    os.close(fd)
-                taken = None
+            taken = _taken_if_same(pid, pidfd, chosen, others)
             if taken is None:
                 # the process closed a chosen fd, or has another file at its number, or another socket, since the
                 # look: what was screened out stays out; anything new is checked by checkpoint() itself

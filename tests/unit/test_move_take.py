@@ -1,0 +1,85 @@
+"""captured()'s look under the freeze (sockrepair.move.take._taken_if_same): the pidfd_getfd copies are kept only
+when the process still has the sockets it had at the look, and are never left open otherwise."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from sockrepair.errors import ProcessError
+from sockrepair.move import take
+from sockrepair.move.procfs import ProcSocket
+from sockrepair.state import TCP_ESTABLISHED, ConnTuple
+
+
+class _Copies:
+    """A PidFd whose getfd() duplicates this process's fd (pidfd_getfd's effect), remembering every copy made."""
+
+    def __init__(self) -> None:
+        self.made: list[int] = []
+
+    def getfd(self, fd: int) -> int:
+        self.made.append(os.dup(fd))
+        return self.made[-1]
+
+
+@pytest.fixture
+def chosen() -> Iterator[list[ProcSocket]]:
+    socks = [socket.socket(), socket.socket()]
+    conn = ConnTuple(socket.AF_INET, "127.0.0.1", 1, "127.0.0.1", 2)
+    try:
+        yield [ProcSocket(s.fileno(), os.fstat(s.fileno()).st_ino, conn, TCP_ESTABLISHED) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_same_sockets_keeps_the_copies(chosen: list[ProcSocket], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(take, "_other_sockets", lambda pid, chosen: {9: "socket:[1]"})
+    pidfd = _Copies()
+    taken = take._taken_if_same(os.getpid(), pidfd, chosen, {9: "socket:[1]"})  # type: ignore[arg-type]
+    try:
+        assert taken == pidfd.made and len(taken) == 2
+        assert [os.fstat(fd).st_ino for fd in taken] == [s.inode for s in chosen]
+    finally:
+        for fd in pidfd.made:
+            os.close(fd)
+
+
+def test_new_socket_closes_the_copies(chosen: list[ProcSocket], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(take, "_other_sockets", lambda pid, chosen: {9: "socket:[1]", 10: "socket:[2]"})
+    pidfd = _Copies()
+    assert take._taken_if_same(os.getpid(), pidfd, chosen, {9: "socket:[1]"}) is None  # type: ignore[arg-type]
+    assert len(pidfd.made) == 2 and not any(map(_open, pidfd.made))
+
+
+def test_process_gone_closes_the_copies(chosen: list[ProcSocket], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process's fds cannot be read under the freeze (it died): no copy stays open (captured() used to read
+    /proc/PID/fd after _taken_if_same() returned the copies, before anything owned them)."""
+
+    def gone(pid: int, chosen: list[ProcSocket]) -> dict[int, str]:
+        raise ProcessError(f"cannot read the fds of process {pid}", pid=pid)
+
+    monkeypatch.setattr(take, "_other_sockets", gone)
+    pidfd = _Copies()
+    with pytest.raises(ProcessError):
+        take._taken_if_same(os.getpid(), pidfd, chosen, {})  # type: ignore[arg-type]
+    assert len(pidfd.made) == 2 and not any(map(_open, pidfd.made))
+
+
+def test_replaced_fd_closes_the_copies(chosen: list[ProcSocket]) -> None:
+    pidfd = _Copies()
+    moved = [chosen[0], ProcSocket(chosen[1].fd, chosen[1].inode + 1, chosen[1].tuple, TCP_ESTABLISHED)]
+    assert take._taken_if_same(os.getpid(), pidfd, moved, {}) is None  # type: ignore[arg-type]
+    assert len(pidfd.made) == 2 and not any(map(_open, pidfd.made))
