@@ -236,10 +236,10 @@ class Recorder:
         self.drain()
         return sum(len(self._kept.get(wire_key(conn), ())) for conn in conns)
 
-    def peek(self, conn: ConnTuple) -> list[bytes]:
-        """Drain, then the packets kept for `conn` so far, in arrival order (they stay kept)."""
+    def peek(self, conns: Iterable[ConnTuple]) -> list[list[bytes]]:
+        """Drain once, then the packets kept for each of `conns` so far, in arrival order (they stay kept)."""
         self.drain()
-        return list(self._kept.get(wire_key(conn), ()))
+        return [list(self._kept.get(wire_key(conn), ())) for conn in conns]
 
     def take(self, conns: Iterable[ConnTuple] | WireKeys) -> Held:
         """Drain, then hand over (and forget) the packets kept for `conns` (or their WireKeys, made once by a

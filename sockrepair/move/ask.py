@@ -73,21 +73,24 @@ def ask_peers(keeper: Keeper | None, states: Sequence[ConnectionState], into: st
     asked = [i for i, s in enumerate(states) if _worth_asking(s) and s.tuple.wire().reversed() not in moving]
     if not asked:
         return Asked(out, answered)
-    before = {i: len(keeper.peek(states[i].tuple)) for i in asked}
+    before = {i: len(packets) for i, packets in zip(asked, keeper.peek([states[i].tuple for i in asked]))}
     try:
         with inside(into), Injector() as injector:
             injector.send([_probe(states[i]) for i in asked])
     except (OSError, LockError):
         return Asked(out, answered)
     deadline = time.monotonic() + ANSWER_TIMEOUT
-    waiting = set(asked)
-    while waiting:
-        waiting = {i for i in waiting if len(keeper.peek(states[i].tuple)) == before[i]}
+    waiting = asked
+    while True:
+        kept = keeper.peek([states[i].tuple for i in waiting])
+        waiting = [i for i, packets in zip(waiting, kept) if len(packets) == before[i]]
         if not waiting or time.monotonic() > deadline:
             break
         time.sleep(0.0005)
-    for i in set(asked) - waiting:
-        held = _held(states[i], keeper.peek(states[i].tuple))
+    silent = set(waiting)
+    answers = [i for i in asked if i not in silent]
+    for i, packets in zip(answers, keeper.peek([states[i].tuple for i in answers])):
+        held = _held(states[i], packets)
         if held is not None:
             out[i], answered[i] = _cut(states[i], held), True
     return Asked(out, answered)

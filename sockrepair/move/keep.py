@@ -118,9 +118,14 @@ class Keeper:
         """The bound nfnetlink_log sockets of this keeper's recorders (for a process that goes on reading them)."""
         return [recorder.socket for recorder in self._recorders]
 
-    def peek(self, conn: ConnTuple) -> list[bytes]:
-        """The packets kept for `conn` so far, every recorder's in turn (they stay kept)."""
-        return [packet for recorder in self._recorders for packet in recorder.peek(conn)]
+    def peek(self, conns: Sequence[ConnTuple]) -> list[list[bytes]]:
+        """The packets kept for each of `conns` so far, every recorder's in turn (they stay kept); each recorder is
+        drained once, however many connections are looked at (a poll of a thousand, inside the downtime)."""
+        kept: list[list[bytes]] = [[] for _ in conns]
+        for recorder in self._recorders:
+            for packets, more in zip(kept, recorder.peek(conns), strict=True):
+                packets += more
+        return kept
 
     def pending(self, tuples: Sequence[ConnTuple]) -> int:
         """How many packets are kept for `tuples` so far (they stay kept)."""
