@@ -169,20 +169,28 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     on when it returns, if it was on): its collections cost milliseconds inside the downtime."""
     timings = Timings("migrate")
     source_locker = process_locker(pid)
+    dest_locker = source_locker
+    keeper: Keeper | None = None
     try:
         # named() first: it refuses a name that is empty or a path (netns_path("") is this namespace) before the
         # process is touched
         with named(dest_netns):
             # restored where they were (a new program in the same namespace): one lock, taken and released once
-            same = _same_namespace(f"/proc/{pid}/ns/net", "/proc/thread-self/ns/net")
-            dest_locker = source_locker if same else Locker()
+            if not _same_namespace(f"/proc/{pid}/ns/net", "/proc/thread-self/ns/net"):
+                dest_locker = Locker()
+        keeper = Keeper([f"/proc/{pid}/ns/net", netns_path(dest_netns)]) if keep else None
+        directory = new_directory(pid) if journal is None else Path(journal)
     except BaseException:
+        # nothing was locked yet; the recorders would hold the log group bound until collected (the next move's
+        # keeper then could not record)
+        if keeper is not None:
+            keeper.close()
+        if dest_locker is not source_locker:
+            dest_locker.close()
         source_locker.close()
         raise
-    keeper = Keeper([f"/proc/{pid}/ns/net", netns_path(dest_netns)]) if keep else None
     kept = Kept(0, 0, False, "keeping was not asked for")
     created = journal is None
-    directory = new_directory(pid) if journal is None else Path(journal)
     ended = False
     socks: list[socket.socket] = []
     live = False  # the restored sockets were unlocked
