@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from sockrepair.engine._repair import repair_on
 from sockrepair.engine._restore import restore_with
+from sockrepair.engine._session import session_of
 from sockrepair.lock import Locker
 from sockrepair.lock.inject import Injector
 from sockrepair.lock.ruleset import SOCCR_MARK
@@ -69,14 +70,9 @@ def passing_lock(socks: Sequence[socket.socket | int], states: Sequence[Connecti
 
 
 def _set_mark(sock: socket.socket | int, mark: int) -> None:
-    if isinstance(sock, socket.socket):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        return
-    borrowed = socket.socket(fileno=sock)
-    try:
-        borrowed.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-    finally:
-        borrowed.detach()
+    # through the engine's session, not socket.socket(fileno=fd): under socket.setdefaulttimeout() that constructor
+    # sets O_NONBLOCK on the fd, and a dump's fds are the resumed program's own sockets (pidfd_getfd copies)
+    session_of(sock).set(socket.SOL_SOCKET, socket.SO_MARK, mark, "SO_MARK")
 
 
 def put_back(fds: Sequence[int], states: Sequence[ConnectionState], netns: str | None, ttl: float) -> None:
