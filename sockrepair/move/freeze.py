@@ -420,6 +420,7 @@ def _recover(pid: int, pidfd: int, stop: _Stop, watched: dict[str, Any]) -> None
         os.kill(pid, signal.SIGKILL)  # its states are in the journal; the lock holds them for the restore
         return
     from sockrepair.engine._repair import in_repair, repair_off
+    from sockrepair.engine._session import session_of
     from sockrepair.move.take import process_locker
     from sockrepair.state import ConnTuple
 
@@ -432,8 +433,9 @@ def _recover(pid: int, pidfd: int, stop: _Stop, watched: dict[str, Any]) -> None
             if in_repair(fd):
                 repair_off(fd, False)
                 if target in watched["reuse"]:  # leaving repair mode cleared it (net/ipv4/tcp.c: SK_NO_REUSE)
-                    with socket.socket(fileno=os.dup(fd)) as copy:
-                        copy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    # not socket.socket(fileno=...): under the default timeout sockrepair's caller may have set
+                    # (inherited by this fork), that constructor makes the program's own socket non-blocking
+                    session_of(fd).set(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1, "SO_REUSEADDR")
         except OSError:
             pass
         finally:

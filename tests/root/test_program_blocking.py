@@ -1,0 +1,77 @@
+"""A program's own sockets, which sockrepair reaches through pidfd_getfd copies (one open file description), stay
+as the program made them whatever socket.setdefaulttimeout() sockrepair's caller set: marked and unmarked by
+sockrepair.move.land.passing_lock (a dump that leaves its process running), taken out of repair mode by the guard
+of a move whose sockrepair died (sockrepair.move.freeze._recover)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from sockrepair.lock.ruleset import SOCCR_MARK
+from sockrepair.move.land import passing_lock
+from sockrepair.netns import NetNS
+from sockrepair.state import ConnectionState, ConnTuple, SocketOptions, TcpOptions
+
+
+@pytest.fixture
+def default_timeout() -> Iterator[None]:
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(5.0)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(before)
+
+
+def test_marking_an_fd_leaves_the_programs_socket_blocking(netns: NetNS, default_timeout: None) -> None:
+    # made before the default timeout would apply to it: a program's blocking socket
+    program = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    program.settimeout(None)
+    program.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 7)
+    copy = os.dup(program.fileno())  # as pidfd_getfd takes it: the same open file description
+    state = ConnectionState(ConnTuple(socket.AF_INET, "127.0.0.1", 1, "127.0.0.1", 2), 1, 0, 0, b"", 0, b"",
+                            TcpOptions(1460, False, False, False, 0, 0), None, 0, SocketOptions(mark=7))
+    try:
+        with passing_lock([copy], [state]):
+            assert program.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == SOCCR_MARK
+        assert program.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 7
+        # socket.socket(fileno=fd) under a default timeout set O_NONBLOCK on it: the resumed program's blocking
+        # recv() then failed with EAGAIN (test fails without the fix)
+        assert os.get_blocking(program.fileno())
+    finally:
+        os.close(copy)
+        program.close()
+
+
+def test_the_guard_resuming_a_program_leaves_its_socket_blocking(netns: NetNS, default_timeout: None) -> None:
+    """The guard of a move whose sockrepair died before the point of no return takes the program's sockets out of
+    repair mode and sets SO_REUSEADDR again (sockrepair.move.freeze._recover); the default timeout sockrepair's
+    caller set (inherited over the fork) must not make the program's socket non-blocking (test fails without it)."""
+    from sockrepair.engine import checkpoint
+    from sockrepair.engine._repair import in_repair
+    from sockrepair.move.freeze import _recover
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    program = socket.create_connection(listener.getsockname())
+    peer, _ = listener.accept()
+    program.settimeout(None)
+    program.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        checkpoint(program)
+        assert in_repair(program.fileno())
+        watched = {"ended": False, "fds": [program.fileno()], "tuples": [], "reuse": {program.fileno()}}
+        _recover(os.getpid(), pidfd, None, watched)  # type: ignore[arg-type]
+        assert not in_repair(program.fileno())
+        assert program.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
+        assert os.get_blocking(program.fileno())
+        program.sendall(b"still here")
+        assert peer.recv(64) == b"still here"
+    finally:
+        os.close(pidfd)
+        for s in (program, peer, listener):
+            s.close()
