@@ -83,7 +83,7 @@ def ask_peers(keeper: Keeper | None, states: Sequence[ConnectionState], into: st
     waiting = asked
     while True:
         kept = keeper.peek([states[i].tuple for i in waiting])
-        waiting = [i for i, packets in zip(waiting, kept) if len(packets) == before[i]]
+        waiting = [i for i, packets in zip(waiting, kept) if not _answered(states[i], packets[before[i]:])]
         if not waiting or time.monotonic() > deadline:
             break
         time.sleep(0.0005)
@@ -94,6 +94,21 @@ def ask_peers(keeper: Keeper | None, states: Sequence[ConnectionState], into: st
         if held is not None:
             out[i], answered[i] = _cut(states[i], held), True
     return Asked(out, answered)
+
+
+def _answered(state: ConnectionState, new: Sequence[bytes]) -> bool:
+    """Whether the packets kept since the probe left hold the peer's answer. With SACK, only the answer itself: it
+    carries the D-SACK block of the probe's byte, ending at snd_una (RFC 2883; tcp_dsack_set on both of the
+    peer's duplicate paths). A packet the peer sent before our last segment reached it, arriving late (a path
+    longer than the time from the lock to the ask), carries an older ACK: taken for the answer, it would cut the
+    state short and the peer's true ACK could pass the restored snd_nxt. Without SACK nothing tells the answer
+    apart: the first new packet counts (the peer's older packets have arrived long before on loopback or a LAN).
+    A peer with net.ipv4.tcp_dsack off never answers this way: its connection waits ANSWER_TIMEOUT and is
+    restored as before."""
+    if not state.options.sack:
+        return bool(new)
+    una = _una(state)
+    return any(parsed is not None and una in parsed[1] for parsed in map(_ack_and_sack_ends, new))
 
 
 def _worth_asking(state: ConnectionState) -> bool:

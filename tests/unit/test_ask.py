@@ -4,13 +4,14 @@ it reads the peer's answer (the highest ACK within the in-flight bytes, SACK blo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import struct
 
 import pytest
 
 from sockrepair.engine._states import peer_segment
-from sockrepair.move.ask import _cut, _held, _probe, ask_peers
+from sockrepair.move.ask import _answered, _cut, _held, _probe, ask_peers
 from sockrepair.packet import tcp_packet, with_checksums
 from sockrepair.state import (
     ConnectionState,
@@ -139,7 +140,8 @@ def test_a_connection_whose_other_end_moves_too_is_not_asked(monkeypatch: pytest
     a = state(send_seq=5000, conn=ConnTuple(socket.AF_INET, "127.0.0.1", 40000, "127.0.0.1", 80))
     b = state(send_seq=7000, conn=a.tuple.reversed())
     c = state(send_seq=5000)
-    keeper = _Keeper({c.tuple: [answer(c, 5000 - IN_FLIGHT - UNSENT + 300)]})
+    una = 5000 - IN_FLIGHT - UNSENT
+    keeper = _Keeper({c.tuple: [answer(c, una + 300, [(una - 1, una)])]})
 
     class Injector:
         def __enter__(self) -> Injector:
@@ -168,7 +170,8 @@ def test_the_answers_are_read_with_one_look_per_poll_however_many_connections(
     # downtime at 1,000 connections
     states = [state(send_seq=5000, conn=ConnTuple(socket.AF_INET, "10.0.0.1", 40000 + n, "10.0.0.2", 80))
               for n in range(50)]
-    keeper = _Keeper({s.tuple: [answer(s, 5000 - IN_FLIGHT - UNSENT + n)] for n, s in enumerate(states)})
+    una = 5000 - IN_FLIGHT - UNSENT
+    keeper = _Keeper({s.tuple: [answer(s, una + n, [(una - 1, una)])] for n, s in enumerate(states)})
 
     class Injector:
         def __enter__(self) -> Injector:
@@ -189,3 +192,15 @@ def test_the_answers_are_read_with_one_look_per_poll_however_many_connections(
     assert keeper.peeks == 3
     assert asked.answered == [True] * 50
     assert [len(s.send_queue) for s in asked.states] == [len(SENT) - n for n in range(50)]
+
+
+def test_with_sack_only_the_answer_to_the_probe_counts() -> None:
+    """A late packet the peer sent before the old socket's last segment reached it carries an older ACK: it is no
+    answer (it would cut the state short); the answer carries the D-SACK block of the probe's byte."""
+    s = state(send_seq=5000)
+    una = 5000 - len(SENT)
+    assert s.options.sack
+    assert not _answered(s, [answer(s, una + 100)])
+    assert _answered(s, [answer(s, una + 100), answer(s, una + 700, [(una - 1, una)])])
+    no_sack = dataclasses.replace(s, options=dataclasses.replace(s.options, sack=False))
+    assert _answered(no_sack, [answer(no_sack, una + 100)]) and not _answered(no_sack, [])
