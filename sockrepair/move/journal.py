@@ -79,10 +79,12 @@ def new_directory(pid: int) -> Path:
 
 
 def sweep_abandoned(parent: Path) -> list[Path]:
-    """Remove the journals in `parent` of moves killed before their point of no return (no ENDED file, held by no
-    mover or guard, older than ABANDONED_AFTER): their programs went on with the connections (the guard thawed
-    them), so nothing restores those images, and they hold payload bytes. A journal with ENDED is kept whatever its
-    age: it is how its connections come back. Returns what was removed; what cannot be removed stays."""
+    """Remove the journals in `parent` that nothing will restore, held by no mover or guard and older than
+    ABANDONED_AFTER: those of moves killed before their point of no return (no ENDED file: their programs went on
+    with the connections, the guard thawed them), and those a `sockrepair restore -D` completed (COMPLETED: it
+    marks, never removes, the directory it was given). Both hold payload bytes. A journal with ENDED and without
+    COMPLETED is kept whatever its age: it is how its connections come back. Returns what was removed; what cannot
+    be removed stays."""
     removed: list[Path] = []
     try:
         names = os.listdir(parent)
@@ -92,8 +94,9 @@ def sweep_abandoned(parent: Path) -> list[Path]:
     for name in names:
         directory = parent / name
         try:
-            if (not name.startswith("move-") or (directory / ENDED).exists()
-                    or now - directory.lstat().st_mtime < ABANDONED_AFTER or _held(directory)):
+            restorable = (directory / ENDED).exists() and not (directory / COMPLETED).exists()
+            if (not name.startswith("move-") or restorable or now - directory.lstat().st_mtime < ABANDONED_AFTER
+                    or _held(directory)):
                 continue
             shutil.rmtree(directory)
         except OSError:
