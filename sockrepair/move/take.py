@@ -405,7 +405,8 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[]
     From the first discard on, the source is ended whatever happens (`cap.ended`): a socket discarded here is still
     in repair mode in the process, which must not run again. SIGINT, SIGTERM and SIGHUP wait until it is done.
     `passed` runs right after the guard was told the point of no return is passed, before the first discard (the
-    movers mark their image directory there: sockrepair.move.journal.mark_ended)."""
+    movers mark their image directory there: sockrepair.move.journal.mark_ended); when it raises, the source is
+    ended all the same and its exception passes."""
     try:
         ensure_all_unchanged(cap.fds, cap.states)
     except SocketStateError as exc:
@@ -413,9 +414,11 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[]
     with deferred_signals():
         cap.freezer.ending()
         cap.ended = True
-        if passed is not None:
-            passed()
         try:
+            # inside the try: the guard was told, so a mark that fails (ENOSPC, EIO) still ends the source, which
+            # must never run on with its sockets in repair mode
+            if passed is not None:
+                passed()
             discard_all(cap.fds)
         finally:
             cap.fds.clear()
