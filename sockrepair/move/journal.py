@@ -16,6 +16,7 @@ others)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -247,7 +248,16 @@ def _check_dir(directory: Path) -> None:
     try:
         os.close(open_dir(directory))
     except OSError as exc:
-        raise ImageError(f"{directory}: {exc.strerror}", path=str(directory)) from None
+        raise _unopened(directory, exc) from None
+
+
+def _unopened(directory: Path, exc: OSError) -> ImageError:
+    """The ImageError for a directory that could not be opened; the kernel's EACCES (open_dir's own refusals are
+    EPERM) to a user who is not root says what to do: the journals are root's."""
+    why = exc.strerror
+    if exc.errno == errno.EACCES and os.geteuid() != 0:
+        why = f"{why} (a journal root wrote: run as root)"
+    return ImageError(f"{directory}: {why}", path=str(directory))
 
 
 def _read_json(path: Path) -> Any:
@@ -381,7 +391,7 @@ def wait_free(directory: Path, timeout: float = WAIT_TIMEOUT) -> int:
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        raise ImageError(f"{directory}: {exc.strerror}", path=str(directory)) from None
+        raise _unopened(directory, exc) from None
     deadline = time.monotonic() + timeout
     while True:
         try:
