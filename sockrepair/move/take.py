@@ -128,8 +128,11 @@ def _why_not(sock: ProcSocket, protocol: str, keep_errors: bool = False) -> str 
 def select_sockets(pid: int, wanted: Sequence[int] | None, keep_errors: bool = False) -> list[ProcSocket]:
     """The process's sockets to take: the fds in `wanted` (each must be a plain TCP socket in a state the engine
     repairs: ESTABLISHED, half-closed, SYN_SENT or CLOSE after a connection), or every such one. Raises
-    ProcessError (no such fd, no connection to take) or SocketStateError (naming the process's pid and fd, the
+    ProcessError (no such fd, an empty `wanted`, no connection to take) or SocketStateError (naming the process's pid and fd, the
     protocol, the tuple and the state). `keep_errors`: see _why_not."""
+    if wanted is not None and not wanted:
+        # not "every connection": a caller's filter that kept nothing must not end the program with all of them
+        raise ProcessError(f"no fd of process {pid} asked for (wanted=[]; None takes every connection)", pid=pid)
     found = tcp_sockets(pid)
     if wanted:
         by_fd = {s.fd: s for s in found}
