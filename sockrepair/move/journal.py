@@ -28,6 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Any
 
 from sockrepair.errors import ImageError
@@ -84,8 +85,9 @@ def sweep_abandoned(parent: Path) -> list[Path]:
     ABANDONED_AFTER: those of moves killed before their point of no return (no ENDED file: their programs went on
     with the connections, the guard thawed them), and those a `sockrepair restore -D` completed (COMPLETED: it
     marks, never removes, the directory it was given). Both hold payload bytes. A journal with ENDED and without
-    COMPLETED is kept whatever its age: it is how its connections come back. Returns what was removed; what cannot
-    be removed stays."""
+    COMPLETED is kept whatever its age: it is how its connections come back. Only directories of the caller's are
+    looked at (when /run cannot be written `parent` is the system's temporary directory, shared with every user).
+    Returns what was removed; what cannot be removed stays."""
     removed: list[Path] = []
     try:
         names = os.listdir(parent)
@@ -95,9 +97,14 @@ def sweep_abandoned(parent: Path) -> list[Path]:
     for name in names:
         directory = parent / name
         try:
+            if not name.startswith("move-"):
+                continue
+            st = directory.lstat()
+            # the fallback parent is the system's temporary directory: another user's move-* there is not ours
+            if not S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue
             restorable = (directory / ENDED).exists() and not (directory / COMPLETED).exists()
-            if (not name.startswith("move-") or restorable or now - directory.lstat().st_mtime < ABANDONED_AFTER
-                    or _held(directory)):
+            if restorable or now - st.st_mtime < ABANDONED_AFTER or _held(directory):
                 continue
             shutil.rmtree(directory)
         except OSError:

@@ -8,6 +8,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from sockrepair.move.journal import ABANDONED_AFTER, COMPLETED, ENDED, sweep_abandoned
 
 
@@ -52,3 +54,20 @@ def test_journals_a_restore_completed_go_too(tmp_path: Path) -> None:
     assert sweep_abandoned(tmp_path) == [completed]
     assert not completed.exists()
     assert young.exists() and pending.exists() and (pending / "journal.img").read_bytes() == b"payload"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_another_users_move_directories_stay(tmp_path: Path) -> None:
+    """When /run cannot be written the parent is the system's temporary directory, which every user writes: a
+    move-* there that is not the caller's (nor a directory) is left alone, whatever its age."""
+    old = ABANDONED_AFTER + 10
+    theirs = _journal(tmp_path, "move-8-hhhh", old)
+    os.chown(theirs, 65534, 65534)
+    then = time.time() - old
+    os.utime(theirs, (then, then))
+    (tmp_path / "move-9-iiii").write_bytes(b"a file")
+    os.utime(tmp_path / "move-9-iiii", (then, then))
+    ours = _journal(tmp_path, "move-10-jjjj", old)
+    assert sweep_abandoned(tmp_path) == [ours]
+    assert (theirs / "journal.img").read_bytes() == b"payload"
+    assert (tmp_path / "move-9-iiii").read_bytes() == b"a file"
