@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -30,7 +31,11 @@ def _setns(fd: int, what: str) -> None:
     from sockrepair.engine._ffi import ffi, lib
 
     if lib.setns(fd, lib.CLONE_NEWNET) < 0:
-        raise NetnsError(f"setns({what}): {os.strerror(ffi.errno)}")
+        err = ffi.errno
+        # EPERM: setns needs CAP_SYS_ADMIN, even into a namespace of the caller's own process
+        hint = " (run as root: setns needs CAP_SYS_ADMIN, and sockrepair CAP_NET_ADMIN there)" if err == errno.EPERM \
+            else ""
+        raise NetnsError(f"setns({what}): {os.strerror(err)}{hint}")
 
 
 @contextlib.contextmanager

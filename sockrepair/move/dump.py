@@ -20,7 +20,7 @@ from sockrepair.engine._states import REPAIRABLE
 from sockrepair.errors import SocketStateError
 from sockrepair.image.directory import Entry, prepare_dir
 from sockrepair.move.freeze import frozen
-from sockrepair.move.journal import mark_ended, write_images
+from sockrepair.move.journal import ENDED, mark_ended, write_images
 from sockrepair.move.keep import Keeper, Kept
 from sockrepair.move.land import passing_lock
 from sockrepair.move.pidfd import PidFd
@@ -148,8 +148,9 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
         if cap is not None and cap.ended:
             with contextlib.suppress(AttributeError):
                 exc.journal = str(directory)  # type: ignore[attr-defined]
+            force = "" if (directory / ENDED).exists() else " --force"  # mark_ended failed
             exc.add_note(f"the process was ended; its connections are saved in {directory}: restore them with "
-                         f"`sockrepair restore -D {shlex.quote(str(directory))} --unix PATH` (or --exec CMD) "
+                         f"`sockrepair restore -D {shlex.quote(str(directory))}{force} --unix PATH` (or --exec CMD) "
                          f"before the lock's {ttl:g} s run out")
         _abandon_dir(dir_fd, directory, made)
         dir_fd = -1

@@ -16,6 +16,7 @@ others)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -27,6 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Any
 
 from sockrepair.errors import ImageError
@@ -79,10 +81,13 @@ def new_directory(pid: int) -> Path:
 
 
 def sweep_abandoned(parent: Path) -> list[Path]:
-    """Remove the journals in `parent` of moves killed before their point of no return (no ENDED file, held by no
-    mover or guard, older than ABANDONED_AFTER): their programs went on with the connections (the guard thawed
-    them), so nothing restores those images, and they hold payload bytes. A journal with ENDED is kept whatever its
-    age: it is how its connections come back. Returns what was removed; what cannot be removed stays."""
+    """Remove the journals in `parent` that nothing will restore, held by no mover or guard and older than
+    ABANDONED_AFTER: those of moves killed before their point of no return (no ENDED file: their programs went on
+    with the connections, the guard thawed them), and those a `sockrepair restore -D` completed (COMPLETED: it
+    marks, never removes, the directory it was given). Both hold payload bytes. A journal with ENDED and without
+    COMPLETED is kept whatever its age: it is how its connections come back. Only directories of the caller's are
+    looked at (when /run cannot be written `parent` is the system's temporary directory, shared with every user).
+    Returns what was removed; what cannot be removed stays."""
     removed: list[Path] = []
     try:
         names = os.listdir(parent)
@@ -92,8 +97,14 @@ def sweep_abandoned(parent: Path) -> list[Path]:
     for name in names:
         directory = parent / name
         try:
-            if (not name.startswith("move-") or (directory / ENDED).exists()
-                    or now - directory.lstat().st_mtime < ABANDONED_AFTER or _held(directory)):
+            if not name.startswith("move-"):
+                continue
+            st = directory.lstat()
+            # the fallback parent is the system's temporary directory: another user's move-* there is not ours
+            if not S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            restorable = (directory / ENDED).exists() and not (directory / COMPLETED).exists()
+            if restorable or now - st.st_mtime < ABANDONED_AFTER or _held(directory):
                 continue
             shutil.rmtree(directory)
         except OSError:
@@ -244,7 +255,16 @@ def _check_dir(directory: Path) -> None:
     try:
         os.close(open_dir(directory))
     except OSError as exc:
-        raise ImageError(f"{directory}: {exc.strerror}", path=str(directory)) from None
+        raise _unopened(directory, exc) from None
+
+
+def _unopened(directory: Path, exc: OSError) -> ImageError:
+    """The ImageError for a directory that could not be opened; the kernel's EACCES (open_dir's own refusals are
+    EPERM) to a user who is not root says what to do: the journals are root's."""
+    why = exc.strerror
+    if exc.errno == errno.EACCES and os.geteuid() != 0:
+        why = f"{why} (a journal root wrote: run as root)"
+    return ImageError(f"{directory}: {why}", path=str(directory))
 
 
 def _read_json(path: Path) -> Any:
@@ -378,7 +398,7 @@ def wait_free(directory: Path, timeout: float = WAIT_TIMEOUT) -> int:
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        raise ImageError(f"{directory}: {exc.strerror}", path=str(directory)) from None
+        raise _unopened(directory, exc) from None
     deadline = time.monotonic() + timeout
     while True:
         try:

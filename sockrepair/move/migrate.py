@@ -25,6 +25,7 @@ from sockrepair.lock import Locker
 from sockrepair.move.ask import ask_peers
 from sockrepair.move.freeze import Freezer
 from sockrepair.move.journal import (
+    ENDED,
     discard_journal,
     hold_directory,
     mark_completed,
@@ -133,9 +134,11 @@ def _same_namespace(a: str, b: str) -> bool:
 def recovery_hint(directory: Path, dest_netns: str | None) -> str:
     """How to finish a move that stopped after its source was ended."""
     where = f" --netns {shlex.quote(dest_netns)}" if dest_netns else ""
+    # unmarked (mark_ended failed): restore would take the images for those of a move undone before its end
+    force = "" if (directory / ENDED).exists() else " --force"
     return (f"the source was ended; its connections are saved in {directory} and stay locked until the lock's ttl "
             f"ends: finish the move (after the network step, if it did not run) with `sockrepair restore -D "
-            f"{shlex.quote(str(directory))}{where} --unix PATH` (or --exec CMD)")
+            f"{shlex.quote(str(directory))}{where}{force} --unix PATH` (or --exec CMD)")
 
 
 def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | None = None,

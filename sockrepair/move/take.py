@@ -128,8 +128,11 @@ def _why_not(sock: ProcSocket, protocol: str, keep_errors: bool = False) -> str 
 def select_sockets(pid: int, wanted: Sequence[int] | None, keep_errors: bool = False) -> list[ProcSocket]:
     """The process's sockets to take: the fds in `wanted` (each must be a plain TCP socket in a state the engine
     repairs: ESTABLISHED, half-closed, SYN_SENT or CLOSE after a connection), or every such one. Raises
-    ProcessError (no such fd, no connection to take) or SocketStateError (naming the process's pid and fd, the
+    ProcessError (no such fd, an empty `wanted`, no connection to take) or SocketStateError (naming the process's pid and fd, the
     protocol, the tuple and the state). `keep_errors`: see _why_not."""
+    if wanted is not None and not wanted:
+        # not "every connection": a caller's filter that kept nothing must not end the program with all of them
+        raise ProcessError(f"no fd of process {pid} asked for (wanted=[]; None takes every connection)", pid=pid)
     found = tcp_sockets(pid)
     if wanted:
         by_fd = {s.fd: s for s in found}
@@ -402,7 +405,8 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[]
     From the first discard on, the source is ended whatever happens (`cap.ended`): a socket discarded here is still
     in repair mode in the process, which must not run again. SIGINT, SIGTERM and SIGHUP wait until it is done.
     `passed` runs right after the guard was told the point of no return is passed, before the first discard (the
-    movers mark their image directory there: sockrepair.move.journal.mark_ended)."""
+    movers mark their image directory there: sockrepair.move.journal.mark_ended); when it raises, the source is
+    ended all the same and its exception passes."""
     try:
         ensure_all_unchanged(cap.fds, cap.states)
     except SocketStateError as exc:
@@ -410,9 +414,11 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[]
     with deferred_signals():
         cap.freezer.ending()
         cap.ended = True
-        if passed is not None:
-            passed()
         try:
+            # inside the try: the guard was told, so a mark that fails (ENOSPC, EIO) still ends the source, which
+            # must never run on with its sockets in repair mode
+            if passed is not None:
+                passed()
             discard_all(cap.fds)
         finally:
             cap.fds.clear()

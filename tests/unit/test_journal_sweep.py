@@ -8,15 +8,19 @@ import os
 import time
 from pathlib import Path
 
-from sockrepair.move.journal import ABANDONED_AFTER, ENDED, sweep_abandoned
+import pytest
+
+from sockrepair.move.journal import ABANDONED_AFTER, COMPLETED, ENDED, sweep_abandoned
 
 
-def _journal(parent: Path, name: str, age: float, ended: bool = False) -> Path:
+def _journal(parent: Path, name: str, age: float, ended: bool = False, completed: bool = False) -> Path:
     d = parent / name
     d.mkdir(mode=0o700)
     (d / "journal.img").write_bytes(b"payload")
     if ended:
         (d / ENDED).write_text("1\n")
+    if completed:
+        (d / COMPLETED).write_text("1\n")
     then = time.time() - age
     os.utime(d, (then, then))
     return d
@@ -37,3 +41,33 @@ def test_only_old_unheld_journals_without_ended_go(tmp_path: Path) -> None:
         os.close(fd)
     assert not abandoned.exists()
     assert all(d.exists() for d in (ended, young, held, other))
+
+
+def test_journals_a_restore_completed_go_too(tmp_path: Path) -> None:
+    """`sockrepair restore -D` of a killed migrate()'s journal marks it completed and leaves it (payload bytes in
+    /run, in memory): the next move removes it once it is old enough and unheld; an ended one it did not complete
+    stays."""
+    old = ABANDONED_AFTER + 10
+    completed = _journal(tmp_path, "move-5-eeee", old, ended=True, completed=True)
+    young = _journal(tmp_path, "move-6-ffff", 1.0, ended=True, completed=True)
+    pending = _journal(tmp_path, "move-7-gggg", old, ended=True)
+    assert sweep_abandoned(tmp_path) == [completed]
+    assert not completed.exists()
+    assert young.exists() and pending.exists() and (pending / "journal.img").read_bytes() == b"payload"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_another_users_move_directories_stay(tmp_path: Path) -> None:
+    """When /run cannot be written the parent is the system's temporary directory, which every user writes: a
+    move-* there that is not the caller's (nor a directory) is left alone, whatever its age."""
+    old = ABANDONED_AFTER + 10
+    theirs = _journal(tmp_path, "move-8-hhhh", old)
+    os.chown(theirs, 65534, 65534)
+    then = time.time() - old
+    os.utime(theirs, (then, then))
+    (tmp_path / "move-9-iiii").write_bytes(b"a file")
+    os.utime(tmp_path / "move-9-iiii", (then, then))
+    ours = _journal(tmp_path, "move-10-jjjj", old)
+    assert sweep_abandoned(tmp_path) == [ours]
+    assert (theirs / "journal.img").read_bytes() == b"payload"
+    assert (tmp_path / "move-9-iiii").read_bytes() == b"a file"
