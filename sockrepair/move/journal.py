@@ -82,10 +82,11 @@ def new_directory(pid: int) -> Path:
 
 def sweep_abandoned(parent: Path) -> list[Path]:
     """Remove the journals in `parent` that nothing will restore, held by no mover or guard and older than
-    ABANDONED_AFTER: those of moves killed before their point of no return (no ENDED file: their programs went on
-    with the connections, the guard thawed them), and those a `sockrepair restore -D` completed (COMPLETED: it
-    marks, never removes, the directory it was given). Both hold payload bytes. A journal with ENDED and without
-    COMPLETED is kept whatever its age: it is how its connections come back. Only directories of the caller's are
+    ABANDONED_AFTER: those of moves killed before their point of no return (no ENDED file, and _undone: their
+    programs went on with the connections, the guard thawed them), and those a `sockrepair restore -D` completed
+    (COMPLETED: it marks, never removes, the directory it was given). Both hold payload bytes. A journal with ENDED
+    and without COMPLETED is kept whatever its age: it is how its connections come back; so is one without ENDED
+    whose source is gone and whose lock still holds. Only directories of the caller's are
     looked at (when /run cannot be written `parent` is the system's temporary directory, shared with every user).
     Returns what was removed; what cannot be removed stays."""
     removed: list[Path] = []
@@ -103,14 +104,33 @@ def sweep_abandoned(parent: Path) -> list[Path]:
             # the fallback parent is the system's temporary directory: another user's move-* there is not ours
             if not S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
                 continue
-            restorable = (directory / ENDED).exists() and not (directory / COMPLETED).exists()
-            if restorable or now - st.st_mtime < ABANDONED_AFTER or _held(directory):
+            if now - st.st_mtime < ABANDONED_AFTER or _held(directory):
+                continue
+            if not (directory / COMPLETED).exists() and ((directory / ENDED).exists() or not _undone(directory, now)):
                 continue
             shutil.rmtree(directory)
         except OSError:
             continue
         removed.append(directory)
     return removed
+
+
+def _undone(directory: Path, now: float) -> bool:
+    """Whether the journal of a move without ENDED is sure to restore nothing: none was written yet, its source
+    program is still running (the move was undone and the program went on), or its lock expired (the peers met
+    resets since). Otherwise the mover may have died between telling its guard to end the source and writing
+    ENDED: those images are the connections' only copy (`restore -D --force`)."""
+    if not (directory / JOURNAL_INDEX).exists():
+        return True
+    try:
+        src = read_source(directory)
+    except ImageError:
+        return False
+    if src.pid is not None and src.start_time is not None:
+        st = stat(src.pid)
+        if st is not None and st.starttime == src.start_time and not st.zombie:
+            return True
+    return src.lock_expires is not None and now > src.lock_expires
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ the next move's new_directory() removes such journals, and only those."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sockrepair.move.journal import ABANDONED_AFTER, COMPLETED, ENDED, sweep_abandoned
+from sockrepair.move.procfs import stat
 
 
 def _journal(parent: Path, name: str, age: float, ended: bool = False, completed: bool = False) -> Path:
@@ -71,3 +73,28 @@ def test_another_users_move_directories_stay(tmp_path: Path) -> None:
     assert sweep_abandoned(tmp_path) == [ours]
     assert (theirs / "journal.img").read_bytes() == b"payload"
     assert (tmp_path / "move-9-iiii").read_bytes() == b"a file"
+
+
+def _index(directory: Path, pid: int, start_time: int | None, lock_expires: float) -> None:
+    source = {"pid": pid, "command": "x", "host": "h", "start_time": start_time, "after": "kill",
+              "lock_expires": lock_expires, "netns": ""}
+    (directory / "journal.json").write_text(json.dumps({"version": 1, "created": time.time(), "source": source,
+                                                        "connections": []}))
+    then = time.time() - ABANDONED_AFTER - 10
+    os.utime(directory, (then, then))
+
+
+def test_a_journal_without_ended_whose_source_is_gone_stays_while_its_lock_holds(tmp_path: Path) -> None:
+    """The mover may die between telling its guard to end the source and writing ENDED: those images are the only
+    copy of the connections (restore -D --force) until the lock expires. One whose source still runs was undone."""
+    old = ABANDONED_AFTER + 10
+    gone = _journal(tmp_path, "move-11-kkkk", old)
+    _index(gone, 2**22 + 12345, 1, time.time() + 300)  # no such process
+    running = _journal(tmp_path, "move-12-llll", old)
+    me = stat(os.getpid())
+    assert me is not None
+    _index(running, os.getpid(), me.starttime, time.time() + 300)
+    expired = _journal(tmp_path, "move-13-mmmm", old)
+    _index(expired, 2**22 + 12345, 1, time.time() - 1)
+    assert sorted(sweep_abandoned(tmp_path)) == sorted([running, expired])
+    assert gone.exists()
