@@ -415,15 +415,17 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[]
         cap.freezer.ending()
         cap.ended = True
         try:
-            # inside the try: the guard was told, so a mark that fails (ENOSPC, EIO) still ends the source, which
-            # must never run on with its sockets in repair mode
+            # the guard was told: a mark that fails (ENOSPC, EIO) still ends the source, which must never run on with
+            # its sockets in repair mode, and still closes our copies (left open, they would hold the tuples)
             if passed is not None:
                 passed()
-            discard_all(cap.fds)
         finally:
-            cap.fds.clear()
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(cap.pid, signal.SIGKILL)
+            try:
+                discard_all(cap.fds)
+            finally:
+                cap.fds.clear()
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(cap.pid, signal.SIGKILL)
     # the pidfd turns readable once the process has exited and its files are closed
     poller = select.poll()
     poller.register(cap.pidfd.fd, select.POLLIN)
