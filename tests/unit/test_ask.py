@@ -135,13 +135,8 @@ class _Keeper:
         return [list(self.answers.get(conn, [])) if self.sent else [] for conn in conns]
 
 
-def test_a_connection_whose_other_end_moves_too_is_not_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    # both ends of a loopback connection in one move, and one connection to a peer that stays
-    a = state(send_seq=5000, conn=ConnTuple(socket.AF_INET, "127.0.0.1", 40000, "127.0.0.1", 80))
-    b = state(send_seq=7000, conn=a.tuple.reversed())
-    c = state(send_seq=5000)
-    una = 5000 - IN_FLIGHT - UNSENT
-    keeper = _Keeper({c.tuple: [answer(c, una + 300, [(una - 1, una)])]})
+def _probes_into(keeper: _Keeper, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ask_peers' probes go to `keeper.sent` instead of a raw socket in a namespace."""
 
     class Injector:
         def __enter__(self) -> Injector:
@@ -156,6 +151,16 @@ def test_a_connection_whose_other_end_moves_too_is_not_asked(monkeypatch: pytest
 
     monkeypatch.setattr("sockrepair.move.ask.inside", lambda path: contextlib.nullcontext())
     monkeypatch.setattr("sockrepair.move.ask.Injector", Injector)
+
+
+def test_a_connection_whose_other_end_moves_too_is_not_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # both ends of a loopback connection in one move, and one connection to a peer that stays
+    a = state(send_seq=5000, conn=ConnTuple(socket.AF_INET, "127.0.0.1", 40000, "127.0.0.1", 80))
+    b = state(send_seq=7000, conn=a.tuple.reversed())
+    c = state(send_seq=5000)
+    una = 5000 - IN_FLIGHT - UNSENT
+    keeper = _Keeper({c.tuple: [answer(c, una + 300, [(una - 1, una)])]})
+    _probes_into(keeper, monkeypatch)
     asked = ask_peers(keeper, [a, b, c], "/proc/thread-self/ns/net")  # type: ignore[arg-type]
     # one probe, to the peer that stays: the moving pair's would be answered by a RST the lock drops
     assert [struct.unpack_from(">HH", p, 20) for p in keeper.sent] == [(40000, 80)]
@@ -172,20 +177,7 @@ def test_the_answers_are_read_with_one_look_per_poll_however_many_connections(
               for n in range(50)]
     una = 5000 - IN_FLIGHT - UNSENT
     keeper = _Keeper({s.tuple: [answer(s, una + n, [(una - 1, una)])] for n, s in enumerate(states)})
-
-    class Injector:
-        def __enter__(self) -> Injector:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-        def send(self, packets: list[bytes]) -> int:
-            keeper.sent += packets
-            return len(packets)
-
-    monkeypatch.setattr("sockrepair.move.ask.inside", lambda path: contextlib.nullcontext())
-    monkeypatch.setattr("sockrepair.move.ask.Injector", Injector)
+    _probes_into(keeper, monkeypatch)
     asked = ask_peers(keeper, states, "/proc/thread-self/ns/net")  # type: ignore[arg-type]
     assert len(keeper.sent) == 50
     # before the probes, the poll that sees every answer, the answers read
