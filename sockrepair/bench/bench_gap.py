@@ -46,7 +46,7 @@ from typing import Any
 
 from sockrepair.bench.results import SOCKREPAIR_IMPL, Gap, gap_from_runs
 from sockrepair.criu.locate import Criu, find_criu
-from sockrepair.errors import CriuError, ProcessError, SockrepairError
+from sockrepair.errors import BenchmarkError, CriuError, ProcessError, SockrepairError
 from sockrepair.lab.subjects import (
     PingPongClient,
     RequestClient,
@@ -243,7 +243,7 @@ class Peer:
     def __init__(self, workload: str, addr: str, port: int, connections: int, netns: str | None,
                  timeout: float, round_interval: float = 0.0) -> None:
         if workload not in WORKLOADS:
-            raise SockrepairError(f"unknown workload {workload!r} (workloads: {', '.join(WORKLOADS)})")
+            raise BenchmarkError(f"unknown workload {workload!r} (workloads: {', '.join(WORKLOADS)})", part="gap")
         self.workload, self.timeout = workload, timeout
         self.pingpong: PingPongClient | None = None
         self.requests: RequestClient | None = None

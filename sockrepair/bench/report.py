@@ -40,7 +40,7 @@ from sockrepair.bench.results import (
     workload,
 )
 from sockrepair.bench.units import human_bytes, human_us
-from sockrepair.errors import SockrepairError
+from sockrepair.errors import BenchmarkError, SockrepairError
 
 
 @dataclass(frozen=True)
@@ -671,9 +671,9 @@ def load(path: Path) -> Results:
     try:
         data = json.loads(path.read_text())
     except OSError as exc:
-        raise SockrepairError(f"cannot read {path}: {exc.strerror}") from None
+        raise BenchmarkError(f"cannot read {path}: {exc.strerror}", part="report") from None
     except json.JSONDecodeError as exc:
-        raise SockrepairError(f"{path} is not JSON: {exc.msg} at line {exc.lineno}") from None
+        raise BenchmarkError(f"{path} is not JSON: {exc.msg} at line {exc.lineno}", part="report") from None
     data = check(data)
     for section in ("single", "batch", "lock", "gap", "profiles"):
         data[section] = _restore_nan(data[section])

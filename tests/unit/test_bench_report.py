@@ -23,6 +23,7 @@ from sockrepair.bench.results import (
     p99,
     single_from_samples,
 )
+from sockrepair.errors import BenchmarkError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -424,3 +425,13 @@ def test_blocks_are_read_from_the_c_reference_and_kept_when_merged() -> None:
     assert merged["block"] == 10 and merged["reps"] == 4
     del halves[1]["block"]
     assert "block" not in merge_single(halves)[0]
+
+
+def test_load_of_a_missing_or_damaged_file_is_a_benchmark_error_naming_the_report(tmp_path: Path) -> None:
+    with pytest.raises(BenchmarkError, match="cannot read") as missing:
+        report.load(tmp_path / "absent.json")
+    assert missing.value.part == "report"
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(BenchmarkError, match="is not JSON: .* at line 1") as damaged:
+        report.load(tmp_path / "bad.json")
+    assert damaged.value.part == "report"
