@@ -313,15 +313,16 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
                 # exec_with_sockets moved the sockets to fds 3.. before the exec failed
                 for s in socks:
                     s.detach()
-                _put_back(list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(socks))), states, args, exc)
+                _put_back(list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(socks))), states, args, exc,
+                          keeper)
             else:
-                _put_back([s.detach() for s in socks], states, args, exc)
+                _put_back([s.detach() for s in socks], states, args, exc, keeper)
         guard.close()
         raise
     except BaseException as exc:
         marked.close()  # a program that has them must not keep passing a lock: its packets would pass every later one
         if socks and not handed:
-            _put_back([s.detach() for s in socks], states, args, exc)
+            _put_back([s.detach() for s in socks], states, args, exc, keeper)
         elif handed and not completed and args.dir is not None:
             exc.add_note(f"the connections were handed off, perhaps still locked: `sockrepair restore -D {args.dir} "
                          "...` again unlocks them")
@@ -409,13 +410,17 @@ def _kept_text(kept: Kept) -> str:
     return text + (f" ({kept.note})" if kept.note else "")
 
 
-def _put_back(fds: list[int], states: list[ConnectionState], args: argparse.Namespace, exc: BaseException) -> None:
-    """Lock the connections again and close their restored sockets silently; `exc` says how to retry."""
+def _put_back(fds: list[int], states: list[ConnectionState], args: argparse.Namespace, exc: BaseException,
+              keeper: Keeper) -> None:
+    """Lock the connections again and close their restored sockets silently, and hand `keeper`'s recorders to a new
+    keeper (Keeper.hand_back); `exc` says how to retry."""
     put_back(fds, states, args.netns, RELOCK_TTL)
-    retry = ""
+    retry = kept = ""
     if args.dir is not None:
         retry = f" `sockrepair restore -D {args.dir}{' --netns ' + args.netns if args.netns else ''} ...`"
-        note_relock(args.dir, time.time() + RELOCK_TTL)
+        expires = time.time() + RELOCK_TTL
+        note_relock(args.dir, expires)
+        kept = keeper.hand_back(args.dir, [s.tuple for s in states], expires)
     fix = "fix the handoff's target and " if isinstance(exc, HandoffError) else ""
     exc.add_note(f"the connections were locked again for {RELOCK_TTL:g} s and their restored sockets closed "
-                 f"silently: {fix}restore again{retry} before then")
+                 f"silently: {fix}restore again{retry} before then" + (f"; {kept}" if kept else ""))
