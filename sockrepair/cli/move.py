@@ -323,6 +323,14 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         marked.close()  # a program that has them must not keep passing a lock: its packets would pass every later one
         if socks and not handed:
             _put_back([s.detach() for s in socks], states, args, exc, keeper)
+        elif not socks and args.dir is not None:
+            # nothing was restored (restore_all is all or none): the connections wait, locked as they were
+            try:
+                expires = read_source(args.dir).lock_expires
+            except ImageError:
+                expires = None
+            if expires is not None and (kept_on := keeper.hand_back(args.dir, conns, expires)):
+                exc.add_note(kept_on)
         elif handed and not completed and args.dir is not None:
             exc.add_note(f"the connections were handed off, perhaps still locked: `sockrepair restore -D {args.dir} "
                          "...` again unlocks them")
