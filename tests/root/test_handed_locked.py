@@ -113,12 +113,13 @@ def _after_unlock(ns: NetNS, client: socket.socket, restored: socket.socket, pro
     socket has its saved mark (0) back."""
     with Locker(ns.name) as locker:
         wait_for(lambda: locker.list_locks() == [], "the unlock")
+    # the guard (--exec) gives the saved mark back after its unlock and its last delivery
+    wait_for(lambda: _mark(restored) == 0, "the saved mark to be given back")
     wait_for(lambda: Info(restored).unacked == 0, "the peer's ACK to be delivered")
     info = Info(restored)
     assert (info.bytes_sent, info.bytes_retrans, info.total_retrans, info.probes, info.backoff) == (
         len(REQUEST), 0, 0, 0, 0)
     assert tcp_info(client)[2] == 0
-    assert _mark(restored) == 0
     client.sendall(b"more")
     if not program:  # the test is the --unix receiver: it echoes
         restored.sendall(recv_exactly(restored, 4))
