@@ -173,7 +173,7 @@ class Keeper:
         they go to a new keeper (sockrepair.move.keeper.spawn_keeper), logging into keeper.LATER, until the next
         restore. Without it nobody recorded until that restore, and what the peers sent meanwhile waited for their
         retransmission. Returns a note saying which; never raises (without a keeper the lock drops, as before)."""
-        from sockrepair.move.keeper import LATER, RECORD, spawn_keeper
+        from sockrepair.move.keeper import LATER, spawn_keeper
 
         if not self._recorders:
             return ""
@@ -183,9 +183,6 @@ class Keeper:
                 saved_to(directory, self)(held.packets)
             dir_fd = open_dir(directory, writing=True)
             try:
-                # the record of the keeper this restore took over (gone now) gives way to the new one's
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(RECORD, dir_fd=dir_fd)
                 pid = spawn_keeper(dir_fd, list(zip(self._namespaces, self._recorders, strict=True)), tuples,
                                    expires, LATER)
             finally:

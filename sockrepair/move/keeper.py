@@ -37,7 +37,7 @@ from sockrepair.lock.record import Recorder, wire_key
 from sockrepair.move.handoff import peer_credentials
 from sockrepair.move.procfs import stat
 from sockrepair.packet import packet_tuple
-from sockrepair.private import create_private, read_regular
+from sockrepair.private import create_private, read_regular, replace_private
 from sockrepair.state import ConnTuple
 
 if TYPE_CHECKING:
@@ -62,8 +62,9 @@ def spawn_keeper(dir_fd: int, recorders: Sequence[tuple[int, Recorder]], tuples:
                  expires: float, log: str | None = None) -> int:
     """Start a keeper for `tuples` with `recorders` ((namespace inode, recorder) each; the caller closes its own
     copies afterwards), appending to a new `log` (kept.img, or LATER) in the directory `dir_fd` until `expires`
-    (wall-clock seconds). Returns its pid, also written to keeper.json. Raises OSError when the files cannot be
-    created (FileExistsError for a directory that already has them) or LockError when the keeper does not start."""
+    (wall-clock seconds). Returns its pid, also written to keeper.json (replaced, for LATER). Raises OSError when the
+    files cannot be created (FileExistsError for a directory that already has them) or LockError when the keeper
+    does not start."""
     from sockrepair.image.keptlog import NAME, header
 
     if not recorders:
@@ -96,10 +97,16 @@ def spawn_keeper(dir_fd: int, recorders: Sequence[tuple[int, Recorder]], tuples:
         pid = int(line)
     proc = stat(pid)
     start_time = proc.starttime if proc is not None else None
+    record = json.dumps({"pid": pid, "start_time": start_time, "expires": expires,
+                         "netns": [ino for ino, _ in recorders], "log": log}).encode()
     try:
-        with create_private(dir_fd, RECORD) as f:
-            f.write(json.dumps({"pid": pid, "start_time": start_time, "expires": expires,
-                                "netns": [ino for ino, _ in recorders], "log": log}).encode())
+        if log == NAME:
+            with create_private(dir_fd, RECORD) as f:
+                f.write(record)
+        else:
+            # in place of the record of the keeper that a restore took over (gone since); only once LATER was made
+            # (O_EXCL), so that the record of a keeper still logging there is never lost
+            replace_private(_in_dir(dir_fd, ""), RECORD, record)
     except BaseException:
         _kill(pid, start_time)  # a keeper no restore can find would hold the log group for nothing
         raise

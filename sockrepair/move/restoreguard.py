@@ -6,7 +6,8 @@ When the restorer is gone without saying goodbye (SIGKILL), the guard finishes o
 - the handoff had not begun: the connections are still locked, and their images, with the packets kept beside them,
   still describe them exactly (nothing left the host; what came in was those packets, which the next restore
   delivers again). The guard puts each socket back in repair mode and closes it: silently, the 4-tuple free again.
-  `sockrepair restore -D DIR` restores them again.
+  `sockrepair restore -D DIR` restores them again. The restorer's recorders go to a new keeper
+  (sockrepair.move.keep.Keeper.hand_back), which keeps what the peers send until then.
 - the handoff had begun: the sockets another process holds now (the receiver at --unix, or the program --exec
   became) were handed off. The guard records them in the directory (sockrepair.move.journal.mark_handed), unlocks
   them and, when all were, marks the move completed; the others it puts back as above.
@@ -43,6 +44,16 @@ _HANDING = b"handing"
 _CLOSE = b"close"
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PF_EXITING = 0x4  # include/linux/sched.h
+_SIOCGSKNS = 0x894C  # linux/sockios.h: an fd of a socket's network namespace
+
+
+def _namespace(sock: socket.socket) -> int:
+    """The inode number of the network namespace `sock` belongs to (SIOCGSKNS, linux/sockios.h)."""
+    fd = fcntl.ioctl(sock.fileno(), _SIOCGSKNS)
+    try:
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
 
 
 def exiting(pid: int) -> bool:
@@ -214,6 +225,7 @@ class _Guard:
                 with contextlib.suppress(OSError):
                     repair_on(sock.fileno())
             sock.close()
+        kept = self._keep_on() if not handed else ""
         if self.directory is not None and handed and len(handed) == len(self.tuples):
             mark_completed(self.directory, created=False)
         back = len(self.socks) - len(handed)
@@ -223,4 +235,32 @@ class _Guard:
                 f" --netns {self.netns}" if self.netns else "") + " (--exec CMD... | --unix PATH)"
             with contextlib.suppress(OSError):
                 os.write(2, (f"sockrepair: the restore ended without handing off {back} connection(s): put back, "
-                             f"still locked; `sockrepair restore{where}` restores them again\n").encode())
+                             f"still locked; `sockrepair restore{where}` restores them again"
+                             + (f"; {kept}" if kept else "") + "\n").encode())
+
+    def _keep_on(self) -> str:
+        """Nothing was handed off: the connections wait, locked, for the next restore of the directory. The
+        restorer's recorders (what it read from them and did not deliver is lost with it: the peers resend that)
+        go to a new keeper until the lock's expiry the index records. Returns Keeper.hand_back's note ("" when
+        there is nothing to keep or no directory)."""
+        from sockrepair.errors import SockrepairError
+        from sockrepair.lock.record import Recorder
+        from sockrepair.move.journal import read_source
+        from sockrepair.move.keep import REDELIVER, Keeper, read_kept
+
+        if self.directory is None or not self.recorders:
+            return ""
+        try:
+            expires = read_source(self.directory).lock_expires
+            conns = [ConnTuple.parse(t) for t in self.tuples]
+            adopted = [(_namespace(sock), Recorder(bound=sock)) for sock in self.recorders]
+            redelivered = read_kept(self.directory, conns, REDELIVER)
+        except (OSError, SockrepairError):
+            return ""
+        if expires is None:
+            return ""
+        keeper = Keeper((), adopted=adopted, redelivered=redelivered)
+        try:
+            return keeper.hand_back(self.directory, conns, expires)
+        finally:
+            keeper.close()

@@ -344,13 +344,14 @@ def test_a_request_sent_before_the_exec_is_delivered_by_the_guard(ns: NetNS, tmp
             proc.wait()
 
 
-@pytest.mark.parametrize("fault", ["deliver.end:raise", "restore:raise"], ids=["put-back", "nothing-restored"])
+@pytest.mark.parametrize("fault", ["deliver.end:raise", "restore:raise", "deliver.end:kill"],
+                         ids=["put-back", "nothing-restored", "killed"])
 def test_a_restore_put_back_hands_the_keeping_to_a_new_keeper(ns: NetNS, tmp_path: Path, fault: str) -> None:
-    """A restore that took the keeper over and failed (a fault once it delivered: its sockets put back; or as it
-    began to restore, nothing restored) hands its recorders to a new keeper, which keeps what the peer sends until
-    the next restore (kept-later.img); that restore delivers it and folds it into redeliver.img. They used to be
-    closed: the request was dropped until the next restore and came by the peer's retransmission (8 s later here:
-    tcpi_total_retrans 1)."""
+    """A restore that took the keeper over and failed (a fault once it delivered: its sockets put back; as it began
+    to restore: nothing restored; SIGKILLed once it delivered: its guard puts the sockets back) hands its recorders
+    to a new keeper, which keeps what the peer sends until the next restore (kept-later.img); that restore delivers
+    it and folds it into redeliver.img. They used to be closed: the request was dropped until the next restore and
+    came by the peer's retransmission (8 s later here: tcpi_total_retrans 1)."""
     _slow_peer_routes(ns)
     images = tmp_path / "img"
     with echo_connection(ns) as (server, client):
@@ -359,8 +360,11 @@ def test_a_restore_put_back_hands_the_keeping_to_a_new_keeper(ns: NetNS, tmp_pat
         first = subprocess.run([*CLI, "restore", "-D", str(images), "--exec", sys.executable, str(ECHO_SERVER)],
                                env=dict(os.environ, SOCKREPAIR_FAULT=f"restore:{fault}"),
                                capture_output=True, text=True, timeout=120)
-        stage = fault.rsplit(":", 1)[0]
-        assert first.returncode == 1 and f"fault injected at restore {stage}" in first.stderr, first.stderr
+        stage, action = fault.rsplit(":", 1)
+        if action == "kill":  # its guard, which holds its stderr until done, says what it did
+            assert first.returncode == -signal.SIGKILL and "put back, still locked" in first.stderr, first.stderr
+        else:
+            assert first.returncode == 1 and f"fault injected at restore {stage}" in first.stderr, first.stderr
         dumps_keeper = _kept(images).end
         assert dumps_keeper is not None and dumps_keeper.startswith("handed over to process ")
         keeper = _keeper_pid(images)
