@@ -164,7 +164,6 @@ class Keeper:
         except (OSError, LockError) as exc:
             return Kept(kept.delivered, kept.fell_back, True, f"no keeper after the dump: {exc}")
         self.close()
-        self._recorders, self._namespaces = [], []
         return Kept(kept.delivered, kept.fell_back, True, f"a keeper (pid {pid}) goes on keeping until the restore")
 
     def hand_back(self, directory: Path, tuples: Sequence[ConnTuple], expires: float) -> str:
@@ -190,7 +189,6 @@ class Keeper:
         except (OSError, LockError) as exc:
             return f"nobody keeps what their peers send meanwhile ({exc})"
         self.close()
-        self._recorders, self._namespaces = [], []
         return f"a keeper (pid {pid}) keeps what their peers send meanwhile"
 
     def _take(self, tuples: Sequence[ConnTuple] | WireKeys) -> Held:
@@ -200,9 +198,11 @@ class Keeper:
         return held
 
     def close(self) -> None:
+        """Close this process's recorders (a keeper given them has its own copies); it records nothing more."""
         for recorder in self._recorders:
             with contextlib.suppress(OSError):
                 recorder.close()
+        self._recorders, self._namespaces = [], []
 
 
 def resume_keeping(directory: Path, tuples: Sequence[ConnTuple], paths: Sequence[str] = ()) -> tuple[list[bytes],
