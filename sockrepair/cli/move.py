@@ -19,6 +19,7 @@ from sockrepair.criu.show import load_states as load_criu_states
 from sockrepair.errors import HandoffError, ImageError
 from sockrepair.image.text import head_line, state_lines
 from sockrepair.lock import Locker
+from sockrepair.lock.ruleset import SOCCR_MARK
 from sockrepair.move.ask import ask_peers
 from sockrepair.move.dump import After, dump, inspect
 from sockrepair.move.handoff import (
@@ -41,7 +42,7 @@ from sockrepair.move.journal import (
     wait_free,
 )
 from sockrepair.move.keep import Keeper, Kept, netns_path, resume_keeping, saved_to
-from sockrepair.move.land import passing_lock, put_back, restore_all, unlock_in
+from sockrepair.move.land import put_back, restore_all, unlock_in
 from sockrepair.move.procfs import stat
 from sockrepair.move.quiesce import DEFAULT_TIMEOUT, OnBusy, Quiescence
 from sockrepair.move.restoreguard import RestoreGuard
@@ -253,15 +254,23 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
             kept, keeper = resume_keeping(args.dir, conns)
             held.callback(keeper.close)
     source = args.from_criu or args.dir
-    guard = RestoreGuard(conns, args.netns, args.dir, inherit, keeper.sockets())
+    guard = RestoreGuard(conns, args.netns, args.dir, inherit, keeper.sockets(), [s.sockopts.mark for s in states])
     socks: list[socket.socket] = []
+    # SOCCR_MARK from the delivery until the unlock, not only during the delivery: the program holds the sockets
+    # before the unlock (--unix passes them first; with --exec the guard unlocks after the exec), and an answer it
+    # sent meanwhile was dropped by the lock's output chain: the kernel counts such a segment sent, and with nothing
+    # in flight the socket waited for its zero-window probe timer (its RTO: 3 s without an RTT sample)
+    marked = contextlib.ExitStack()
     handed = completed = False
     try:
         with deferred_signals():
             with stages.timed(Stage.RESTORE):
                 asked = ask_peers(keeper, states, netns_path(args.netns))
                 socks = restore_all(asked.states, args.netns, on_restored=guard.hold, answered=asked.answered)
-            with stages.timed(Stage.DELIVER), passing_lock(socks, states):
+            marked.callback(_saved_marks, socks, states)
+            for sock in socks:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, SOCCR_MARK)
+            with stages.timed(Stage.DELIVER):
                 report = keeper.deliver(conns, netns_path(args.netns), before=kept,
                                         save=saved_to(args.dir, keeper) if args.dir is not None else None)
             if unix is not None:
@@ -274,6 +283,7 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
                         mark_handed(args.dir, conns)
                 with stages.timed(Stage.UNLOCK):
                     unlock_in(args.netns, states)
+                    marked.close()  # their saved marks back
                     if args.dir is not None:
                         mark_completed(args.dir, created=False)
                     completed = True
@@ -291,27 +301,50 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         with stages.timed(Stage.HANDOFF):
             guard.keep_above(SD_LISTEN_FDS_START + len(socks))
             guard.handing()
+            # the program runs marked until the guard's unlock, which gives the saved marks back; if the exec fails,
+            # the sockets (moved to fds 3.. already: `socks` are stale) are put back in repair mode, which sends
+            # nothing whatever the mark
+            marked.pop_all()
             exec_with_sockets(args.exec_argv, socks, conns, args.netns)
     except HandoffError as exc:
+        marked.close()
         if socks and not handed:
             if args.exec_argv is not None:
                 # exec_with_sockets moved the sockets to fds 3.. before the exec failed
                 for s in socks:
                     s.detach()
-                _put_back(list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(socks))), states, args, exc)
+                _put_back(list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(socks))), states, args, exc,
+                          keeper)
             else:
-                _put_back([s.detach() for s in socks], states, args, exc)
+                _put_back([s.detach() for s in socks], states, args, exc, keeper)
         guard.close()
         raise
     except BaseException as exc:
+        marked.close()  # a program that has them must not keep passing a lock: its packets would pass every later one
         if socks and not handed:
-            _put_back([s.detach() for s in socks], states, args, exc)
+            _put_back([s.detach() for s in socks], states, args, exc, keeper)
+        elif not socks and args.dir is not None:
+            # nothing was restored (restore_all is all or none): the connections wait, locked as they were
+            try:
+                expires = read_source(args.dir).lock_expires
+            except ImageError:
+                expires = None
+            if expires is not None and (kept_on := keeper.hand_back(args.dir, conns, expires)):
+                exc.add_note(kept_on)
         elif handed and not completed and args.dir is not None:
             exc.add_note(f"the connections were handed off, perhaps still locked: `sockrepair restore -D {args.dir} "
                          "...` again unlocks them")
         guard.close()
         raise
     return 0  # not reached: exec replaced this process
+
+
+def _saved_marks(socks: list[socket.socket], states: list[ConnectionState]) -> None:
+    """Give each restored socket the SO_MARK its state saved (sockrepair.move.land.passing_lock's end, for marks set
+    over a longer stretch than one block)."""
+    for sock, state in zip(socks, states, strict=True):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, state.sockopts.mark)
 
 
 def _list_pending(as_json: bool) -> int:
@@ -385,13 +418,17 @@ def _kept_text(kept: Kept) -> str:
     return text + (f" ({kept.note})" if kept.note else "")
 
 
-def _put_back(fds: list[int], states: list[ConnectionState], args: argparse.Namespace, exc: BaseException) -> None:
-    """Lock the connections again and close their restored sockets silently; `exc` says how to retry."""
+def _put_back(fds: list[int], states: list[ConnectionState], args: argparse.Namespace, exc: BaseException,
+              keeper: Keeper) -> None:
+    """Lock the connections again and close their restored sockets silently, and hand `keeper`'s recorders to a new
+    keeper (Keeper.hand_back); `exc` says how to retry."""
     put_back(fds, states, args.netns, RELOCK_TTL)
-    retry = ""
+    retry = kept = ""
     if args.dir is not None:
         retry = f" `sockrepair restore -D {args.dir}{' --netns ' + args.netns if args.netns else ''} ...`"
-        note_relock(args.dir, time.time() + RELOCK_TTL)
+        expires = time.time() + RELOCK_TTL
+        note_relock(args.dir, expires)
+        kept = keeper.hand_back(args.dir, [s.tuple for s in states], expires)
     fix = "fix the handoff's target and " if isinstance(exc, HandoffError) else ""
     exc.add_note(f"the connections were locked again for {RELOCK_TTL:g} s and their restored sockets closed "
-                 f"silently: {fix}restore again{retry} before then")
+                 f"silently: {fix}restore again{retry} before then" + (f"; {kept}" if kept else ""))

@@ -22,7 +22,7 @@ from sockrepair.lock.inject import Injector
 from sockrepair.lock.record import Caps, Held, Recorder, WireKeys, wire_key
 from sockrepair.netns import inside
 from sockrepair.packet import packet_tuple
-from sockrepair.private import create_private, read_regular, replace_private
+from sockrepair.private import create_private, open_dir, read_regular, replace_private
 from sockrepair.state import ConnTuple
 
 
@@ -164,8 +164,32 @@ class Keeper:
         except (OSError, LockError) as exc:
             return Kept(kept.delivered, kept.fell_back, True, f"no keeper after the dump: {exc}")
         self.close()
-        self._recorders, self._namespaces = [], []
         return Kept(kept.delivered, kept.fell_back, True, f"a keeper (pid {pid}) goes on keeping until the restore")
+
+    def hand_back(self, directory: Path, tuples: Sequence[ConnTuple], expires: float) -> str:
+        """A restore of `directory` that took its keeper over is put back (its connections locked again until
+        `expires`, wall-clock seconds): what the recorders hold for `tuples` is added to REDELIVER (saved_to), then
+        they go to a new keeper (sockrepair.move.keeper.spawn_keeper), logging into keeper.LATER, until the next
+        restore. Without it nobody recorded until that restore, and what the peers sent meanwhile waited for their
+        retransmission. Returns a note saying which; never raises (without a keeper the lock drops, as before)."""
+        from sockrepair.move.keeper import LATER, spawn_keeper
+
+        if not self._recorders:
+            return ""
+        try:
+            held = self._take(tuples)
+            if held.packets:
+                saved_to(directory, self)(held.packets)
+            dir_fd = open_dir(directory, writing=True)
+            try:
+                pid = spawn_keeper(dir_fd, list(zip(self._namespaces, self._recorders, strict=True)), tuples,
+                                   expires, LATER)
+            finally:
+                os.close(dir_fd)
+        except (OSError, LockError) as exc:
+            return f"nobody keeps what their peers send meanwhile ({exc})"
+        self.close()
+        return f"a keeper (pid {pid}) keeps what their peers send meanwhile"
 
     def _take(self, tuples: Sequence[ConnTuple] | WireKeys) -> Held:
         held = Held()
@@ -174,27 +198,51 @@ class Keeper:
         return held
 
     def close(self) -> None:
+        """Close this process's recorders (a keeper given them has its own copies); it records nothing more."""
         for recorder in self._recorders:
             with contextlib.suppress(OSError):
                 recorder.close()
+        self._recorders, self._namespaces = [], []
 
 
 def resume_keeping(directory: Path, tuples: Sequence[ConnTuple], paths: Sequence[str] = ()) -> tuple[list[bytes],
                                                                                                      Keeper]:
     """What a restore of `directory` delivers and goes on keeping with: the packets of packets.img, kept.img
-    (read_kept, then sockrepair.move.keeper.take_over: its keeper stops and hands over its recorders) and REDELIVER
-    (what an earlier restore that was put back delivered from its recorders), and a Keeper
-    with those recorders plus new ones in the namespaces at `paths` they do not cover. Raises ImageError as they do
-    (the keeper's recorders are closed then)."""
-    from sockrepair.move.keeper import take_over
+    (read_kept, then sockrepair.move.keeper.take_over: its keeper stops and hands over its recorders), REDELIVER
+    (what earlier restores that were put back delivered from their recorders) and keeper.LATER (what the keeper one of
+    them started kept since: Keeper.hand_back; added to REDELIVER here, and removed), and a Keeper with those
+    recorders plus new ones in the namespaces at `paths` they do not cover. Raises ImageError as they do (the
+    keeper's recorders are closed then), OSError when REDELIVER cannot be written."""
+    from sockrepair.image.keptlog import NAME as KEPT
+    from sockrepair.image.packets import (
+        encode_packets,  # construct: loaded only when files are read
+    )
+    from sockrepair.move.keeper import LATER, RECORD, read_log, take_over
 
     redelivered = read_kept(directory, tuples, REDELIVER)
     dumped = read_kept(directory, tuples)
     taken = take_over(directory, tuples)
-    # in the order the peers sent them: during the dump, to the keeper, then to an earlier restore's recorders
-    # (which took the keeper over: what kept.img holds came before)
-    return dumped + taken.packets + redelivered, Keeper(paths, adopted=taken.recorders, fell_back=taken.fell_back,
-                                                        note=taken.note, redelivered=redelivered)
+    kept = taken.packets
+    if taken.log != KEPT:
+        # the dump's keeper handed over to an earlier restore: its log stays as it ended
+        log = read_log(directory / KEPT, tuples)
+        kept = log.packets if log is not None else []
+    if taken.log == LATER:
+        try:
+            # what it kept came after everything in REDELIVER, which this restore goes on adding to
+            redelivered += taken.packets
+            replace_private(directory, REDELIVER, encode_packets(redelivered))
+            for name in (RECORD, LATER):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(directory / name)
+        except BaseException:
+            for _, recorder in taken.recorders:
+                recorder.close()
+            raise
+    # in the order the peers sent them: during the dump, to the dump's keeper, then to the restores' recorders and
+    # the keepers of those put back
+    return dumped + kept + redelivered, Keeper(paths, adopted=taken.recorders, fell_back=taken.fell_back,
+                                               note=taken.note, redelivered=redelivered)
 
 
 # What a restore of a directory delivered from its own recorders, saved before delivering it (saved_to())

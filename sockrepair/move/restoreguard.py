@@ -6,7 +6,8 @@ When the restorer is gone without saying goodbye (SIGKILL), the guard finishes o
 - the handoff had not begun: the connections are still locked, and their images, with the packets kept beside them,
   still describe them exactly (nothing left the host; what came in was those packets, which the next restore
   delivers again). The guard puts each socket back in repair mode and closes it: silently, the 4-tuple free again.
-  `sockrepair restore -D DIR` restores them again.
+  `sockrepair restore -D DIR` restores them again. The restorer's recorders go to a new keeper
+  (sockrepair.move.keep.Keeper.hand_back), which keeps what the peers send until then.
 - the handoff had begun: the sockets another process holds now (the receiver at --unix, or the program --exec
   became) were handed off. The guard records them in the directory (sockrepair.move.journal.mark_handed), unlocks
   them and, when all were, marks the move completed; the others it puts back as above.
@@ -16,8 +17,10 @@ restorer's PF_EXITING flag (/proc/PID/stat field 9, set as the kernel's do_exit(
 Whichever unlocks handed-off connections delivers, as every mover does (docs/keeping.md), what the lock kept since
 the restorer's last delivery: the guard holds the restorer's recorder sockets (`recorders`, shared with it until
 its exec or death closes its copies), and before and right after its unlock it sends their packets for those
-connections, the sockets marked SOCCR_MARK meanwhile (their ACKs pass the lock). Without that, what a peer sent
-between the restorer's delivery and the exec (the handoff's few milliseconds) waited for its retransmission.
+connections, the sockets marked SOCCR_MARK meanwhile (their ACKs pass the lock), and gives each socket its saved
+mark back after the unlock (`marks`: the restorer leaves them marked from its delivery on, so that what the program
+sends before the unlock passes too). Without that, what a peer sent between the restorer's delivery and the exec
+(the handoff's few milliseconds) waited for its retransmission.
 
 The guard is a grandchild (forked twice) so that it outlives an --exec without becoming the new program's child; it
 ignores SIGINT, SIGTERM and SIGHUP, which a terminal sends to the whole process group, and keeps the fds `inherit`
@@ -41,6 +44,16 @@ _HANDING = b"handing"
 _CLOSE = b"close"
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PF_EXITING = 0x4  # include/linux/sched.h
+_SIOCGSKNS = 0x894C  # linux/sockios.h: an fd of a socket's network namespace
+
+
+def _namespace(sock: socket.socket) -> int:
+    """The inode number of the network namespace `sock` belongs to (SIOCGSKNS, linux/sockios.h)."""
+    fd = fcntl.ioctl(sock.fileno(), _SIOCGSKNS)
+    try:
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
 
 
 def exiting(pid: int) -> bool:
@@ -60,9 +73,12 @@ class RestoreGuard:
     the sockets are handed off or closed (put back) by the restorer."""
 
     def __init__(self, tuples: Sequence[ConnTuple], netns: str | None, directory: Path | None,
-                 inherit: Sequence[int] = (), recorders: Sequence[socket.socket] = ()) -> None:
+                 inherit: Sequence[int] = (), recorders: Sequence[socket.socket] = (),
+                 marks: Sequence[int] = ()) -> None:
         """`inherit`: fds the guard keeps open; `recorders`: the bound nfnetlink_log sockets of the restore's
-        keeper (sockrepair.lock.record.Recorder.socket), which the guard reads what the lock keeps from."""
+        keeper (sockrepair.lock.record.Recorder.socket), which the guard reads what the lock keeps from; `marks`:
+        the saved SO_MARK of each connection (ConnectionState.sockopts.mark, in the order of `tuples`; 0 for those
+        not given), which the sockets it unlocks get back."""
         restorer = os.getpid()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # a signal arriving during the fork would run its handler inside Python's at-fork hooks, which print the
@@ -80,7 +96,8 @@ class RestoreGuard:
                             if int(name) > 2 and int(name) not in keep:
                                 with contextlib.suppress(OSError):
                                     os.close(int(name))
-                        _Guard(restorer, [str(t) for t in tuples], netns, directory, list(recorders)).run(theirs)
+                        saved = [*marks, *[0] * (len(tuples) - len(marks))]
+                        _Guard(restorer, [str(t) for t in tuples], netns, directory, list(recorders), saved).run(theirs)
                 finally:
                     os._exit(0)
             os.waitpid(child, 0)
@@ -120,9 +137,10 @@ class _Guard:
     """The guard's side (see the module's docstring); run() never returns."""
 
     def __init__(self, restorer: int, tuples: list[str], netns: str | None, directory: Path | None,
-                 recorders: list[socket.socket]) -> None:
+                 recorders: list[socket.socket], marks: list[int]) -> None:
         self.restorer = restorer
         self.tuples = tuples
+        self.marks = marks
         self.netns = netns
         self.directory = directory
         self.recorders = recorders
@@ -149,20 +167,20 @@ class _Guard:
             os._exit(status)
 
     @contextlib.contextmanager
-    def _delivering(self, socks: list[socket.socket], conns: list[ConnTuple]) -> Iterator[Callable[[], None]]:
+    def _delivering(self, socks: list[socket.socket], conns: list[ConnTuple],
+                    marks: list[int]) -> Iterator[Callable[[], None]]:
         """Yields a function that sends what the recorders kept for `conns` to their sockets `socks` (handed off,
-        still theirs to the program), which carry SOCCR_MARK meanwhile and get their own mark back afterwards.
-        A packet that cannot be delivered is left to the peer's retransmission, as the lock leaves it."""
+        still theirs to the program), which carry SOCCR_MARK meanwhile and get their saved `marks` back afterwards
+        (not the mark they have now: the restorer left them marked). A packet that cannot be delivered is left to
+        the peer's retransmission, as the lock leaves it."""
         from sockrepair.errors import LockError
         from sockrepair.lock.record import Recorder
         from sockrepair.lock.ruleset import SOCCR_MARK
         from sockrepair.move.keep import netns_path, send_kept
 
         recorders = [Recorder(bound=sock) for sock in self.recorders]
-        marks = []
         for sock in socks:
             with contextlib.suppress(OSError):
-                marks.append((sock, sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)))
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, SOCCR_MARK)
 
         def deliver() -> None:
@@ -173,7 +191,7 @@ class _Guard:
         try:
             yield deliver
         finally:
-            for sock, mark in marks:
+            for sock, mark in zip(socks, marks, strict=True):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
             for recorder in recorders:
@@ -196,7 +214,8 @@ class _Guard:
             conns = [self.tuples[i] for i in handed]
             if self.directory is not None:
                 mark_handed(self.directory, conns)
-            with self._delivering([self.socks[i] for i in handed], [ConnTuple.parse(t) for t in conns]) as deliver:
+            with self._delivering([self.socks[i] for i in handed], [ConnTuple.parse(t) for t in conns],
+                                  [self.marks[i] for i in handed]) as deliver:
                 deliver()
                 with named(self.netns), Locker() as locker:
                     locker.unlock([ConnTuple.parse(t) for t in conns])
@@ -206,6 +225,7 @@ class _Guard:
                 with contextlib.suppress(OSError):
                     repair_on(sock.fileno())
             sock.close()
+        kept = self._keep_on() if not handed else ""
         if self.directory is not None and handed and len(handed) == len(self.tuples):
             mark_completed(self.directory, created=False)
         back = len(self.socks) - len(handed)
@@ -215,4 +235,32 @@ class _Guard:
                 f" --netns {self.netns}" if self.netns else "") + " (--exec CMD... | --unix PATH)"
             with contextlib.suppress(OSError):
                 os.write(2, (f"sockrepair: the restore ended without handing off {back} connection(s): put back, "
-                             f"still locked; `sockrepair restore{where}` restores them again\n").encode())
+                             f"still locked; `sockrepair restore{where}` restores them again"
+                             + (f"; {kept}" if kept else "") + "\n").encode())
+
+    def _keep_on(self) -> str:
+        """Nothing was handed off: the connections wait, locked, for the next restore of the directory. The
+        restorer's recorders (what it read from them and did not deliver is lost with it: the peers resend that)
+        go to a new keeper until the lock's expiry the index records. Returns Keeper.hand_back's note ("" when
+        there is nothing to keep or no directory)."""
+        from sockrepair.errors import SockrepairError
+        from sockrepair.lock.record import Recorder
+        from sockrepair.move.journal import read_source
+        from sockrepair.move.keep import REDELIVER, Keeper, read_kept
+
+        if self.directory is None or not self.recorders:
+            return ""
+        try:
+            expires = read_source(self.directory).lock_expires
+            conns = [ConnTuple.parse(t) for t in self.tuples]
+            adopted = [(_namespace(sock), Recorder(bound=sock)) for sock in self.recorders]
+            redelivered = read_kept(self.directory, conns, REDELIVER)
+        except (OSError, SockrepairError):
+            return ""
+        if expires is None:
+            return ""
+        keeper = Keeper((), adopted=adopted, redelivered=redelivered)
+        try:
+            return keeper.hand_back(self.directory, conns, expires)
+        finally:
+            keeper.close()

@@ -30,7 +30,8 @@ from sockrepair.lab.recorder import Recorder as WireRecorder
 from sockrepair.lock import Locker
 from sockrepair.lock.record import Recorder
 from sockrepair.move import keeper as keeper_module
-from sockrepair.move.keeper import RECORD
+from sockrepair.move.keep import REDELIVER, read_kept
+from sockrepair.move.keeper import LATER, RECORD
 from sockrepair.move.land import restore_all, unlock_in
 from sockrepair.move.procfs import stat
 from sockrepair.netns import NetNS, named
@@ -341,3 +342,43 @@ def test_a_request_sent_before_the_exec_is_delivered_by_the_guard(ns: NetNS, tmp
         finally:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("fault", ["deliver.end:raise", "restore:raise", "deliver.end:kill"],
+                         ids=["put-back", "nothing-restored", "killed"])
+def test_a_restore_put_back_hands_the_keeping_to_a_new_keeper(ns: NetNS, tmp_path: Path, fault: str) -> None:
+    """A restore that took the keeper over and failed (a fault once it delivered: its sockets put back; as it began
+    to restore: nothing restored; SIGKILLed once it delivered: its guard puts the sockets back) hands its recorders
+    to a new keeper, which keeps what the peer sends until the next restore (kept-later.img); that restore delivers
+    it and folds it into redeliver.img. They used to be closed: the request was dropped until the next restore and
+    came by the peer's retransmission (8 s later here: tcpi_total_retrans 1)."""
+    _slow_peer_routes(ns)
+    images = tmp_path / "img"
+    with echo_connection(ns) as (server, client):
+        conn = ConnTuple(client.family, *client.getpeername()[:2], *client.getsockname()[:2])
+        _dump(server.pid, images)
+        first = subprocess.run([*CLI, "restore", "-D", str(images), "--exec", sys.executable, str(ECHO_SERVER)],
+                               env=dict(os.environ, SOCKREPAIR_FAULT=f"restore:{fault}"),
+                               capture_output=True, text=True, timeout=120)
+        stage, action = fault.rsplit(":", 1)
+        if action == "kill":  # its guard, which holds its stderr until done, says what it did
+            assert first.returncode == -signal.SIGKILL and "put back, still locked" in first.stderr, first.stderr
+        else:
+            assert first.returncode == 1 and f"fault injected at restore {stage}" in first.stderr, first.stderr
+        dumps_keeper = _kept(images).end
+        assert dumps_keeper is not None and dumps_keeper.startswith("handed over to process ")
+        keeper = _keeper_pid(images)
+        assert f"a keeper (pid {keeper}) keeps what their peers send meanwhile" in first.stderr
+        assert _alive(keeper) and (images / LATER).stat().st_mode & 0o777 == 0o600
+        client.sendall(REQUEST)  # locked again since the put back
+        wait_for(lambda: len(decode_keptlog((images / LATER).read_bytes()).packets) == 1,
+                 "the new keeper to record the request")
+        with _restored(images) as restored:
+            assert recv_exactly(client, len(REQUEST)) == REQUEST
+            assert tcp_info(client)[2] == 0
+        assert "delivered" in _stderr(restored)
+        assert not (images / LATER).exists() and not (images / RECORD).exists()
+        assert read_kept(images, [conn], REDELIVER)[-1].endswith(REQUEST)  # an IPv4 packet: its payload ends it
+        wait_for(lambda: not _alive(keeper), "the new keeper to leave", 5.0)
+        with Locker(ns.name) as locker:
+            assert locker.list_locks() == []

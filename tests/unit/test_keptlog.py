@@ -90,3 +90,34 @@ def test_show_lists_the_kept_packets(tmp_path: Path) -> None:
     assert "10.0.0.1:80->10.0.0.2:40000  seq 7" in out and "[PA] 5 bytes" in out
     code, out, _ = run_main("show", str(path), "--json")
     assert code == 0 and json.loads(out)["over_cap"] == 2 and json.loads(out)["packets"][0]["payload"] == 5
+
+
+def test_a_later_keepers_log_is_delivered_after_redeliver_and_folded_into_it(tmp_path: Path) -> None:
+    """A restore put back hands its recorders to a keeper logging into kept-later.img (sockrepair.move.keep
+    Keeper.hand_back): the next restore delivers packets.img, the dump keeper's kept.img as it ended, redeliver.img,
+    then kept-later.img (what came last), adds kept-later.img to redeliver.img and removes it with its record."""
+    import socket
+
+    from sockrepair.image.packets import NAME as PACKETS
+    from sockrepair.image.packets import encode_packets
+    from sockrepair.move.keep import REDELIVER, read_kept, resume_keeping
+    from sockrepair.move.keeper import LATER, RECORD
+    from sockrepair.state import ConnTuple
+
+    dumped, kept, redelivered, later = (
+        bytes(IP(src="10.0.0.2", dst="10.0.0.1") / TCP(sport=40000, dport=80, seq=seq, flags="PA") / b"x")
+        for seq in (1, 2, 3, 4))
+    conn = ConnTuple(socket.AF_INET, "10.0.0.1", 80, "10.0.0.2", 40000)
+    tmp_path.chmod(0o700)
+    (tmp_path / PACKETS).write_bytes(encode_packets([dumped]))
+    (tmp_path / "kept.img").write_bytes(_log(record(PACKET, kept), record(END, b"handed over to process 1")))
+    (tmp_path / REDELIVER).write_bytes(encode_packets([redelivered]))
+    (tmp_path / LATER).write_bytes(_log(record(PACKET, later), record(END, b"stopped by a signal")))
+    # a keeper that is gone (no such pid: above the kernel's PID_MAX_LIMIT) and no keeper.sock
+    (tmp_path / RECORD).write_text(json.dumps({"pid": 4194305, "start_time": 0, "netns": [], "log": LATER}))
+    for _ in range(2):  # the second: that restore was put back too, with no new keeper
+        packets, keeper = resume_keeping(tmp_path, [conn])
+        keeper.close()
+        assert packets == [dumped, kept, redelivered, later]
+        assert read_kept(tmp_path, [conn], REDELIVER) == [redelivered, later] == keeper.redelivered
+        assert not (tmp_path / LATER).exists() and not (tmp_path / RECORD).exists()
