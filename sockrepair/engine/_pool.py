@@ -14,8 +14,8 @@ it (or of a slice of one) exists, which is what `_unviewed` asks with a resize t
 a state that is still held never sees its bytes change. While every buffer is held (a batch keeps all its states), a
 queue is peeked into a new bytes object, as a small one always is.
 
-Each thread keeps at most SLOTS buffers (the two queues of one checkpoint) of at most MAX_POOLED bytes: 8 MiB at
-most, held for the life of the thread."""
+Each thread keeps at most SLOTS buffers (the two queues of one checkpoint), each a whole number of huge pages of at
+most MAX_POOLED bytes: 4 MiB to 8 MiB once a thread has peeked a pooled queue, held for the life of the thread."""
 
 from __future__ import annotations
 
