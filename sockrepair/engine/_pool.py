@@ -15,7 +15,7 @@ a state that is still held never sees its bytes change. While every buffer is he
 queue is peeked into a new bytes object, as a small one always is.
 
 Each thread keeps at most SLOTS buffers (the two queues of one checkpoint), each a whole number of huge pages of at
-most MAX_POOLED bytes: 4 MiB to 8 MiB once a thread has peeked a pooled queue, held for the life of the thread."""
+most MAX_POOLED bytes: 2 MiB to 8 MiB once a thread has peeked a pooled queue, held for the life of the thread."""
 
 from __future__ import annotations
 
