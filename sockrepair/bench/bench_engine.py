@@ -224,7 +224,9 @@ def _exchange(ends: Sequence[_End]) -> None:
                         raise BenchmarkError(f"EOF after {end.got} of {len(end.expect)} bytes", part=PART)
                     start = end.got
                     end.got += n
-                    bad = first_mismatch(view[:n], end.expect[start : start + n])
+                    # a bytearray on the left: its == is a memcmp, where a memoryview's compares item by item
+                    # (4 ms a MiB, which let other processes cool the caches before the next timed cycle)
+                    bad = first_mismatch(buf[:n], end.expect[start : start + n])
                     if bad is not None:
                         raise BenchmarkError(f"wrong byte at offset {start + bad} of {len(end.expect)}", part=PART)
                 done = not end.out and end.got == len(end.expect)
