@@ -45,11 +45,17 @@ def test_a_viewed_buffer_is_never_handed_out_again() -> None:
     assert len(_pool._pool.buffers) == _pool.SLOTS
 
 
-def test_windows_start_on_a_huge_page_boundary() -> None:
-    # where the kernel gives transparent huge pages, a 1 MiB peek then writes through one TLB entry
+def test_windows_from_huge_from_on_start_on_a_huge_page_boundary() -> None:
+    # where the kernel gives transparent huge pages, a 1 MiB peek then writes through one TLB entry; a smaller queue
+    # gets a mapping of its own size in 4 KiB pages
     _fresh_pool()
-    windows = [_pool.take(1 << 20), _pool.take(_pool.MAX_POOLED)]
+    windows = [_pool.take(_pool.HUGE_FROM), _pool.take(_pool.MAX_POOLED)]
     assert all(w is not None and _address(w) % _pool.HUGE_PAGE == 0 for w in windows)
+    del windows
+    _fresh_pool()
+    small = _pool.take(_pool.HUGE_FROM - 1)
+    assert small is not None and len(small) == _pool.HUGE_FROM - 1
+    assert len(_pool._pool.buffers[0].map) == _pool.HUGE_FROM  # whole pages, no slack
 
 
 def test_sizes_outside_the_pooled_range_get_none_and_a_buffer_grows() -> None:
