@@ -139,7 +139,7 @@ def _ack_now(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
 
-def _fill_recv_queue(peer: socket.socket, sock: socket.socket, data: bytes) -> None:
+def _fill_recv_queue(peer: socket.socket, sock: socket.socket, data: bytes | memoryview) -> None:
     """The peer sends `data`, which `sock` does not read; returns once all of it sits in sock's receive queue."""
     deadline = time.monotonic() + IO_TIMEOUT
     off = inq = 0
@@ -181,20 +181,30 @@ def _fill_send_queue(sock: socket.socket, peer: socket.socket, q: int, stream: b
     return off
 
 
+# Verification reads into this one buffer, as the C reference reads into a static one: reading a megabyte into fresh
+# bytes objects (and slicing the expected bytes into copies) between timed cycles left glibc's heap top trimmed or not
+# depending on what else the process held, so that the next cycle's to_bytes() landed on untouched pages in some runs
+# (hundreds of page faults, +0.5 ms at 1 MiB) and on reused ones in others.
+VERIFY_CHUNK = 64 << 10
+
+
 @dataclass
 class _End:
-    """One end of a connection in an exchange: what it still writes, and what it must read (from offset 0)."""
+    """One end of a connection in an exchange: what it still writes, what it must read (from offset 0; a view of
+    the stream, never a copy) and how many of those bytes arrived."""
 
     sock: socket.socket
     out: memoryview
-    expect: bytes
-    got: bytearray
+    expect: memoryview
+    got: int = 0
 
 
 def _exchange(ends: Sequence[_End]) -> None:
     """Write every end's bytes and read each end's expected bytes to the last one, all at once (a blocking write on
     one side could wait on a read on the other); a byte that differs from what was written is an error."""
     pending = {end.sock.fileno(): end for end in ends}
+    buf = bytearray(VERIFY_CHUNK)
+    view = memoryview(buf)
     with selectors.DefaultSelector() as sel:
         for fd, end in pending.items():
             end.sock.setblocking(False)
@@ -203,22 +213,23 @@ def _exchange(ends: Sequence[_End]) -> None:
             ready = sel.select(IO_TIMEOUT)
             if not ready:
                 stuck = next(iter(pending.values()))
-                raise BenchmarkError(f"verify stalled: {len(stuck.got)} of {len(stuck.expect)} bytes arrived",
-                                     part=PART)
+                raise BenchmarkError(f"verify stalled: {stuck.got} of {len(stuck.expect)} bytes arrived", part=PART)
             for key, events in ready:
                 end = key.data
                 if events & selectors.EVENT_WRITE and end.out:
                     end.out = end.out[end.sock.send(end.out):]
-                if events & selectors.EVENT_READ and len(end.got) < len(end.expect):
-                    chunk = end.sock.recv(min(1 << 20, len(end.expect) - len(end.got)))
-                    if not chunk:
-                        raise BenchmarkError(f"EOF after {len(end.got)} of {len(end.expect)} bytes", part=PART)
-                    start = len(end.got)
-                    end.got += chunk
-                    bad = first_mismatch(chunk, end.expect[start : start + len(chunk)])
+                if events & selectors.EVENT_READ and end.got < len(end.expect):
+                    n = end.sock.recv_into(view, min(VERIFY_CHUNK, len(end.expect) - end.got))
+                    if not n:
+                        raise BenchmarkError(f"EOF after {end.got} of {len(end.expect)} bytes", part=PART)
+                    start = end.got
+                    end.got += n
+                    # a bytearray on the left: its == is a memcmp, where a memoryview's compares item by item
+                    # (4 ms a MiB, which let other processes cool the caches before the next timed cycle)
+                    bad = first_mismatch(buf[:n], end.expect[start : start + n])
                     if bad is not None:
                         raise BenchmarkError(f"wrong byte at offset {start + bad} of {len(end.expect)}", part=PART)
-                done = not end.out and len(end.got) == len(end.expect)
+                done = not end.out and end.got == len(end.expect)
                 if done:
                     sel.unregister(key.fd)
                     del pending[key.fd]
@@ -264,14 +275,14 @@ def _single_cycle(q: int, to_peer: bytes, to_sock: bytes) -> tuple[dict[str, flo
         sock = _connect(listener, 2 * q + (1 << 20) if q else 0)
         peer, _ = listener.accept()
     try:
-        _fill_recv_queue(peer, sock, to_sock[:q])
+        view_peer, view_sock = memoryview(to_peer), memoryview(to_sock)
+        _fill_recv_queue(peer, sock, view_sock[:q])
         sent = _fill_send_queue(sock, peer, q, to_peer)
         state, restored, times = timed_move(sock)
         held = min(len(state.send_queue), len(state.recv_queue))
-        view_peer, view_sock = memoryview(to_peer), memoryview(to_sock)
         _exchange([
-            _End(restored, view_peer[sent : sent + TAIL_BYTES], to_sock[: q + TAIL_BYTES], bytearray()),
-            _End(peer, view_sock[q : q + TAIL_BYTES], to_peer[: sent + TAIL_BYTES], bytearray()),
+            _End(restored, view_peer[sent : sent + TAIL_BYTES], view_sock[: q + TAIL_BYTES]),
+            _End(peer, view_sock[q : q + TAIL_BYTES], view_peer[: sent + TAIL_BYTES]),
         ])
     finally:
         for s in (sock, peer, restored):
@@ -338,7 +349,7 @@ def _probe_ends(socks: Sequence[socket.socket], salt: int, moving: bool) -> list
     for sock in socks:
         port = (sock.getsockname() if moving else sock.getpeername())[1]
         mine, theirs = _probe(salt, port, not moving), _probe(salt, port, moving)
-        ends.append(_End(sock, memoryview(mine), theirs, bytearray()))
+        ends.append(_End(sock, memoryview(mine), memoryview(theirs)))
     return ends
 
 

@@ -79,8 +79,8 @@ def _pair(q: int) -> tuple[socket.socket, socket.socket]:
 def _verify(restored: socket.socket, peer: socket.socket, q: int, sent: int, to_peer: bytes, to_sock: bytes) -> None:
     view_peer, view_sock = memoryview(to_peer), memoryview(to_sock)
     _exchange([
-        _End(restored, view_peer[sent : sent + TAIL_BYTES], to_sock[: q + TAIL_BYTES], bytearray()),
-        _End(peer, view_sock[q : q + TAIL_BYTES], to_peer[: sent + TAIL_BYTES], bytearray()),
+        _End(restored, view_peer[sent : sent + TAIL_BYTES], view_sock[: q + TAIL_BYTES]),
+        _End(peer, view_sock[q : q + TAIL_BYTES], view_peer[: sent + TAIL_BYTES]),
     ])
 
 
@@ -90,7 +90,7 @@ def _python_cycle(q: int, to_peer: bytes, to_sock: bytes, mark: Callable[[int], 
     sock, peer = _pair(q)
     restored = None
     try:
-        _fill_recv_queue(peer, sock, to_sock[:q])
+        _fill_recv_queue(peer, sock, memoryview(to_sock)[:q])
         sent = _fill_send_queue(sock, peer, q, to_peer)
         state, restored, times = timed_move(sock, mark)
         if min(len(state.send_queue), len(state.recv_queue)) < q:
@@ -109,7 +109,7 @@ def _c_cycle(lib: Any, q: int, options: bool, to_peer: bytes, to_sock: bytes,
     sock, peer = _pair(q)
     restored = None
     try:
-        _fill_recv_queue(peer, sock, to_sock[:q])
+        _fill_recv_queue(peer, sock, memoryview(to_sock)[:q])
         sent = _fill_send_queue(sock, peer, q, to_peer)
         ns = NS3()
         if mark is not None:

@@ -55,13 +55,17 @@ def _mark(which: int) -> None:
 
 def child(library: Path, sizes: Sequence[int]) -> None:
     """Runs under strace: per size, an untraced-in-effect warm-up of each side, then one marked cycle of sockrepair
-    and one of C, in that order."""
+    and one of C, in that order. C's warm-up goes first and sockrepair's is two cycles: glibc serves the first
+    image of a size from a mapping of its own and only then raises its mmap threshold, so the second takes the heap
+    (brk) and touches fresh pages; and C's first call mallocs its kept buffers, which would take the heap that
+    sockrepair's warm-up freed."""
     lib = independent._load(library)
     longest = max(sizes, default=0)
     to_peer, to_sock = _stream(2, longest + (8 << 20)), _stream(3, longest + TAIL_BYTES)
     for q in sizes:
-        independent._python_cycle(q, to_peer, to_sock)
         independent._c_cycle(lib, q, q == 0, to_peer, to_sock)
+        for _ in range(2):
+            independent._python_cycle(q, to_peer, to_sock)
         independent._python_cycle(q, to_peer, to_sock, _mark)
         independent._c_cycle(lib, q, q == 0, to_peer, to_sock, _mark)
 

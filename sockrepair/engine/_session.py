@@ -214,18 +214,18 @@ class _Session:
     def peek(self, length: int, name: str) -> Payload:
         """`length` bytes of the selected queue, read without consuming them; a short read means the queue changed
         (SocketCallError with EAGAIN). A queue of engine._pool's sizes is read into a buffer of the pool, already
-        touched, and comes back as a read-only view of it; another into a new bytes object, which the kernel writes
-        straight into (never zeroed first)."""
+        touched and in huge pages where the kernel gives them, and comes back as a read-only view of it; another
+        into a new bytes object, which the kernel writes straight into (never zeroed first)."""
         if length == 0:
             return b""
-        buf = take(length)
+        window = take(length)
         try:
-            if buf is None:
+            if window is None:
                 data: Payload = self.sock.recv(length, PEEK_FLAGS)
                 got = len(data)
             else:
-                got = self.sock.recv_into(buf, length, PEEK_FLAGS)
-                data = memoryview(buf)[:length].toreadonly()
+                got = self.sock.recv_into(window, length, PEEK_FLAGS)
+                data = window.toreadonly()
         except OSError as exc:
             raise self.failed(f"recv(MSG_PEEK, {name})", exc) from None
         if got != length:

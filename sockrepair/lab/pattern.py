@@ -16,7 +16,7 @@ def pattern(offset: int, length: int, salt: int = 0) -> bytes:
     return blocks[start : start + length]
 
 
-def first_mismatch(got: bytes, want: bytes) -> int | None:
+def first_mismatch(got: bytes | bytearray | memoryview, want: bytes | bytearray | memoryview) -> int | None:
     """Offset of the first differing byte (or of the shorter end), None when equal."""
     if got == want:
         return None

@@ -6,6 +6,8 @@ import hashlib
 import socket
 import time
 
+import pytest
+
 import sockrepair
 from sockrepair.engine._sockcall import ioctl_int
 from tests.root.streams import first_mismatch, pattern, recv_exactly, send_until_full
@@ -14,9 +16,11 @@ MIB = 1 << 20
 SIOCINQ = 0x541B
 
 
-def test_full_queues_survive_byte_exact(make_pair, locker):
+@pytest.mark.parametrize("through_image", [False, True], ids=["state", "image"])
+def test_full_queues_survive_byte_exact(make_pair, locker, through_image):
     # a small client receive buffer holds most of the server's stream back as never-sent data; a big server
-    # receive buffer lets the client's stream sit unread
+    # receive buffer lets the client's stream sit unread. Through the image, the queues go from the checkpoint's
+    # peek buffers (engine/_pool.py) into the image and come back as views of it.
     client, server = make_pair(client_rcvbuf=64 << 10, server_rcvbuf=4 * MIB, server_sndbuf=8 * MIB)
     to_client = send_until_full(server, 0, salt=1, limit=3 * MIB)
     to_server = send_until_full(client, 0, salt=2, limit=384 << 10)
@@ -29,7 +33,8 @@ def test_full_queues_survive_byte_exact(make_pair, locker):
     with locker.locked([conn], ttl=30):
         state = sockrepair.checkpoint(server)
         sockrepair.discard(server, state)
-        restored = sockrepair.restore(state)
+        back = sockrepair.ConnectionState.from_bytes(state.to_bytes()) if through_image else state
+        restored = sockrepair.restore(back)
 
     assert state.unsent_len >= MIB, f"only {state.unsent_len} never-sent bytes queued"
     assert len(state.recv_queue) >= 256 << 10, f"only {len(state.recv_queue)} unread bytes queued"
@@ -37,6 +42,7 @@ def test_full_queues_survive_byte_exact(make_pair, locker):
     assert state.recv_queue == pattern(0, len(state.recv_queue), salt=2)
     acked = to_client - len(state.send_queue)
     assert state.send_queue == pattern(acked, len(state.send_queue), salt=1)
+    assert back == state
 
     got_client = recv_exactly(client, to_client)
     assert first_mismatch(got_client, pattern(0, to_client, salt=1)) is None

@@ -229,6 +229,28 @@ def test_round_trip_without_window_and_with_one_mib_queues() -> None:
     assert back.unsent == send[-1000:] and back.unacked == send[:-1000]
 
 
+@pytest.mark.parametrize("queued", [image.SMALL_QUEUES - 1, image.SMALL_QUEUES, 3 * image.SMALL_QUEUES])
+@pytest.mark.parametrize("closed", [False, True])
+def test_images_checksummed_whole_or_piece_by_piece_build_as_construct_builds(queued: int, closed: bool) -> None:
+    # below SMALL_QUEUES queued bytes the checksum is taken over the joined image, from there on piece by piece
+    send = bytes(range(256)) * (queued // 512) + b"s" * (queued // 2 % 256)
+    recv = b"\x5a" * (queued - len(send))
+    changes: dict[str, Any] = {"sk_err": 104, "tcp_state": layout.CLOSE_STATE, "send_queue": b"",
+                               "unsent_len": 0, "recv_queue": send + recv} if closed else {}
+    state = base_state(send_queue=send, unsent_len=len(send) // 3, recv_queue=recv).replace(**changes)
+    data = image.encode(state)
+    assert len(state.send_queue) + len(state.recv_queue) == queued
+    assert data == format.ConnectionImage.build(container_of(state))
+    assert image.decode(data) == state
+
+
+def test_socket_option_flags_count_by_truth_as_before() -> None:
+    # a flag byte is looked up by the flags' tuple; values other than bools (2, [1], "yes", 0) still count by truth
+    as_bools = base_state(sockopts=SocketOptions(nodelay=True, keepalive=True, oobinline=True, tcp_inq=False))
+    loose: Any = SocketOptions(nodelay=2, keepalive=[1], oobinline="yes", tcp_inq=0)  # type: ignore[arg-type]
+    assert image.encode(base_state(sockopts=loose)) == image.encode(as_bools)
+    assert image.decode(image.encode(base_state(sockopts=loose))).sockopts == as_bools.sockopts
+
 def test_layout_of_the_base_image() -> None:
     data = v1_image()
     assert len(data) == 153
