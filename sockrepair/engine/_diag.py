@@ -123,7 +123,9 @@ def _request(conn: ConnTuple, ifindex: int, cookie: bytes = NO_COOKIE) -> bytes:
     family = conn.family
     local = socket.inet_pton(family, conn.local_addr).ljust(16, b"\0")
     remote = socket.inet_pton(family, conn.remote_addr).ljust(16, b"\0")
-    body = (_REQ_HEAD.pack(family, socket.IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1), 0xFFFFFFFF)
+    # the attributes a dump asks for: a checkpoint takes its DUMPED options from them (engine/_checkpoint.py)
+    ext = _DUMP_EXT6 if family == socket.AF_INET6 else _DUMP_EXT
+    body = (_REQ_HEAD.pack(family, socket.IPPROTO_TCP, ext, 0xFFFFFFFF)
             + _PORTS.pack(conn.local_port, conn.remote_port) + local + remote + _IFINDEX.pack(ifindex) + cookie)
     return _NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + body
 

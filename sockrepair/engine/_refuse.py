@@ -83,15 +83,35 @@ _SOCKOPT_BITS = SOCKOPT_TRANSPARENT | SOCKOPT_RECVERR
 # SO_TIMESTAMPNS_NEW too (it sets SOCK_RCVTSTAMP as well), and SO_TIMESTAMPING_OLD reads the flags however they were
 # set; refusals() then names the option.
 _SUSPECT_INTS = [i for i in _INTS if i[2] not in (lib.SO_TIMESTAMPNS_NEW, lib.SO_TIMESTAMPING_NEW)]
+
+
+class _IntChecks(NamedTuple):
+    """Int options to check: `ints` as _INTS lists them, and their levels, options and fresh values, which one
+    map() over the socket method reads and compares (no bytecode runs per option while none differs)."""
+
+    ints: list[tuple[str, int, int, str, int]]
+    levels: tuple[int, ...]
+    opts: tuple[int, ...]
+    fresh: tuple[int, ...]
+
+
+def _int_checks(ints: list[tuple[str, int, int, str, int]]) -> _IntChecks:
+    return _IntChecks(ints, tuple(i[1] for i in ints), tuple(i[2] for i in ints), tuple(i[4] for i in ints))
+
+
 # The ints the checks read, per family: all of them, or all but those a dump's INET_DIAG_SOCKOPT showed unset.
-_READ_ALL = {family: _SUSPECT_INTS + ints for family, ints in _FAMILY_INTS.items()}
+_READ_ALL = {family: _int_checks(_SUSPECT_INTS + ints) for family, ints in _FAMILY_INTS.items()}
 _READ_UNSHOWN = {
-    family: _SUSPECT_INTS + [i for i in ints if not (i[1] == IP and i[2] in (lib.IP_TRANSPARENT, lib.IP_RECVERR))]
+    family: _int_checks(_SUSPECT_INTS + [i for i in ints
+                                         if not (i[1] == IP and i[2] in (lib.IP_TRANSPARENT, lib.IP_RECVERR))])
     for family, ints in _FAMILY_INTS.items()
 }
+# _HEADER_OPTS as the arguments of one map(): levels, options, buffer sizes
+_HEADER_READS = {family: (tuple(h[0] for h in opts), tuple(h[1] for h in opts), (_HEADER_SIZE,) * len(opts))
+                 for family, opts in _HEADER_OPTS.items()}
 
 
-def _ints_to_read(family: int, sockopt: int | None) -> list[tuple[str, int, int, str, int]]:
+def _ints_to_read(family: int, sockopt: int | None) -> _IntChecks:
     """The int options to read, given INET_DIAG_SOCKOPT's first byte (None: the kernel sent none): those it shows
     are read only to name one it shows set."""
     return _READ_ALL[family] if sockopt is None or sockopt & _SOCKOPT_BITS else _READ_UNSHOWN[family]
@@ -157,10 +177,35 @@ def checked(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool,
     return Checked(found, view, inq)
 
 
-def _option_refusals(session: _Session, ints: list[tuple[str, int, int, str, int]], family: int,
-                     found: list[tuple[str, str]]) -> None:
-    """The refused int options in `ints`, IP options or IPv6 extension headers, and socket filters."""
-    # every connection pays these: the socket method called in the loop, not through _get_optional's two frames
+def _option_refusals(session: _Session, checks: _IntChecks, family: int, found: list[tuple[str, str]]) -> None:
+    """The refused int options in `checks`, IP options or IPv6 extension headers, and socket filters. Each group
+    is read in one map() first; only when it shows something (or a read fails) is it read again one by one, to
+    name what was found (or the call that failed)."""
+    getsockopt_int = session.sock.getsockopt
+    try:
+        suspect = tuple(map(getsockopt_int, checks.levels, checks.opts)) != checks.fresh
+    except OSError:
+        suspect = True
+    if suspect:
+        _int_refusals(session, checks.ints, found)
+    try:
+        held = any(map(len, map(getsockopt_int, *_HEADER_READS[family])))
+    except OSError:
+        held = True  # an IPv6 header option a v4-mapped socket does not answer: each is asked alone
+    if held:
+        _header_refusals(session, family, found)
+    size = session.size
+    size[0] = 0
+    if getsockopt(session.fd, SOL, lib.SO_GET_FILTER, ffi.NULL, size) < 0:
+        if ffi.errno != errno.EACCES:
+            raise session.fail("getsockopt(SO_GET_FILTER)")
+        found.append(("SO_ATTACH_FILTER/SO_ATTACH_BPF", "an eBPF socket filter is attached"))
+    elif size[0]:
+        found.append(("SO_ATTACH_FILTER/SO_ATTACH_BPF", f"a classic BPF filter of {size[0]} instructions is attached"))
+
+
+def _int_refusals(session: _Session, ints: list[tuple[str, int, int, str, int]], found: list[tuple[str, str]]
+                  ) -> None:
     getsockopt_int = session.sock.getsockopt
     for entry, level, opt, name, fresh in ints:
         try:
@@ -171,6 +216,10 @@ def _option_refusals(session: _Session, ints: list[tuple[str, int, int, str, int
             raise session.failed(f"getsockopt({name})", exc) from None
         if value != fresh and entry not in (e for e, _ in found):
             found.append((entry, f"{name} is {value}"))
+
+
+def _header_refusals(session: _Session, family: int, found: list[tuple[str, str]]) -> None:
+    getsockopt_int = session.sock.getsockopt
     for level, opt, name in _HEADER_OPTS[family]:
         try:
             held = len(getsockopt_int(level, opt, _HEADER_SIZE))
@@ -179,14 +228,6 @@ def _option_refusals(session: _Session, ints: list[tuple[str, int, int, str, int
         if held:
             found.append((HEADER_ENTRY, f"{name} holds {held} bytes"))
             break
-    size = session.size
-    size[0] = 0
-    if getsockopt(session.fd, SOL, lib.SO_GET_FILTER, ffi.NULL, size) < 0:
-        if ffi.errno != errno.EACCES:
-            raise session.fail("getsockopt(SO_GET_FILTER)")
-        found.append(("SO_ATTACH_FILTER/SO_ATTACH_BPF", "an eBPF socket filter is attached"))
-    elif size[0]:
-        found.append(("SO_ATTACH_FILTER/SO_ATTACH_BPF", f"a classic BPF filter of {size[0]} instructions is attached"))
 
 
 class _Kernel:
