@@ -51,6 +51,7 @@ from sockrepair.errors import SocketCallError, SocketStateError
 from sockrepair.state import ConnectionState, ConnTuple, SocketOptions, state_name
 
 SOL, AF_INET6 = lib.SOL_SOCKET, lib.AF_INET6
+SO_DOMAIN, SO_PROTOCOL, IPPROTO_TCP, INET = lib.SO_DOMAIN, lib.SO_PROTOCOL, lib.IPPROTO_TCP, (lib.AF_INET, AF_INET6)
 REPAIRABLE_NAMES = ", ".join(state_name(s) for s in sorted(REPAIRABLE))
 # Stream protocols that look like TCP from outside (an MPTCP socket's subflows are listed in /proc/net/tcp).
 PROTOCOLS = {262: "MPTCP", 132: "SCTP"}
@@ -266,19 +267,22 @@ def _ensure_tcp(session: _Session) -> int:
     inetsw entry of the type: SOCK_STREAM's tcp_prot, or SOCK_RAW's wildcard): first_look tells a raw one by its
     TCP_INFO failing (raw_getsockopt and rawv6_getsockopt answer ENOPROTOOPT at level SOL_TCP), and only then
     reads SO_TYPE."""
-    fd, get_int = session.fd, session.get
+    fd, getsockopt = session.fd, session.sock.getsockopt
     try:
-        domain = get_int(SOL, lib.SO_DOMAIN, "SO_DOMAIN")
-    except SocketCallError as exc:
+        domain = getsockopt(SOL, SO_DOMAIN)
+    except OSError as exc:
         if exc.errno == errno.ENOTSOCK:
             raise SocketStateError(f"fd {fd} is not a socket", fd=fd) from None
         if exc.errno == errno.EBADF:
             raise SocketStateError(f"fd {fd} is not an open file descriptor", fd=fd) from None
-        raise
-    protocol = get_int(SOL, lib.SO_PROTOCOL, "SO_PROTOCOL")
-    if protocol == lib.IPPROTO_TCP and domain in (lib.AF_INET, lib.AF_INET6):
-        return domain
-    _refuse_socket(session, domain, get_int(SOL, lib.SO_TYPE, "SO_TYPE"), protocol)
+        raise session.failed("getsockopt(SO_DOMAIN)", exc) from None
+    try:
+        protocol = getsockopt(SOL, SO_PROTOCOL)
+    except OSError as exc:
+        raise session.failed("getsockopt(SO_PROTOCOL)", exc) from None
+    if protocol == IPPROTO_TCP and domain in INET:
+        return int(domain)
+    _refuse_socket(session, domain, session.get(SOL, lib.SO_TYPE, "SO_TYPE"), protocol)
 
 
 def _ensure_stream(session: _Session, family: int) -> None:

@@ -9,11 +9,13 @@ last one is kept per thread, so a run of checkpoints in one namespace opens one.
 from __future__ import annotations
 
 import errno
+import operator
 import os
 import socket
 import struct
 import threading
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import _Session
@@ -44,6 +46,11 @@ _MD5_KEY_SIZE = 100  # struct tcp_diag_md5sig: family, prefixlen, keylen, ifinde
 class _Cache(threading.local):
     netns: int = -1
     sock: socket.socket | None = None
+
+    def __init__(self) -> None:
+        # an answer is read into this buffer and copied out at its size: recv() of a new 64 KiB bytes object for
+        # an answer of some 500 bytes costs more than the kernel's work for it
+        self.buf = bytearray(1 << 16)
 
 
 _cache = _Cache()
@@ -132,9 +139,10 @@ def _request(conn: ConnTuple, ifindex: int, cookie: bytes = NO_COOKIE) -> bytes:
 
 def _ask(sock: socket.socket, request: bytes, session: _Session, conn: ConnTuple) -> tuple[bytes, int]:
     """The answer to one sock_diag request, and the error the kernel answered with (0 for none)."""
+    buf = _cache.buf
     try:
         sock.send(request)
-        data = sock.recv(1 << 16)
+        data = bytes(memoryview(buf)[: sock.recv_into(buf)])
     except OSError as exc:
         raise SocketCallError(exc.errno or errno.EIO, "sock_diag", session.fd, tuple=conn) from None
     if _NLMSG.unpack_from(data)[1] == NLMSG_ERROR:
@@ -263,7 +271,142 @@ def _text(texts: dict[bytes, str], family: int, raw: bytes) -> str:
 
 def _view(data: bytes, msg: int, end: int, texts: dict[bytes, str], conn: ConnTuple | None = None) -> SockView:
     """The SockView of the struct inet_diag_msg at `msg` (its attributes up to `end`); `conn`: the 4-tuple when the
-    caller knows it (a request names the socket by it), else read from the message (`texts` caches addresses)."""
+    caller knows it (a request names the socket by it), else read from the message (`texts` caches addresses).
+
+    The kernel puts the same attributes in the same order in the answer of every socket alike (inet_sk_diag_fill):
+    a message is read by one unpack of the _Layout learned from the first of its length and attribute headers,
+    which checks those headers; another is walked attribute by attribute (_walk) and its layout learned."""
+    size = end - msg
+    for layout in _layouts.get(size, ()):
+        values = layout.struct.unpack_from(data, msg)
+        if layout.headers(values) == layout.expected:
+            break
+    else:
+        found = _learn(data, msg, end)
+        if found is None:
+            return _walk(data, msg, end, texts, conn)
+        layout = found
+        values = layout.struct.unpack_from(data, msg)
+    if conn is None:
+        family = values[0]
+        conn = ConnTuple(family, _text(texts, family, values[4]), ntohs(values[2]), _text(texts, family, values[5]),
+                         ntohs(values[3]))
+    info, shutdown, tos, tclass, mark, raw_name, sndbuf, rcvbuf, sockopt = layout.pick(values + _ABSENT)
+    congestion = None if raw_name is None else _name(raw_name)
+    return SockView._make((conn, values[1], info, values[7], layout.md5_keys, layout.ulp, shutdown, values[6], tos,
+                           tclass, mark, congestion, sndbuf, rcvbuf, sockopt))
+
+
+# struct inet_diag_msg, as a _Layout reads it: family, state, sport, dport (big-endian), src, dst, ifindex, rqueue
+_HEAD_FORMAT = "=BB2xHH16s16sI8x4xI12x"
+_HEAD_ITEMS = 8
+# What the SockView fields _Layout.pick takes hold when their attribute is absent: info, shutdown, tos, tclass,
+# mark, congestion, sndbuf, rcvbuf, sockopt
+_ABSENT: tuple[object, ...] = (b"", 0, None, None, None, None, None, None, None)
+_PICKED = ("info", "shutdown", "tos", "tclass", "mark", "congestion", "sndbuf", "rcvbuf", "sockopt")
+_MAX_LAYOUTS = 64
+ntohs = socket.ntohs
+
+
+class _Layout(NamedTuple):
+    """How every message of one length and one sequence of attribute headers is read: `struct` unpacks the
+    message head, each attribute's header (nla_len, nla_type) and the values wanted; `headers` picks the headers
+    from what it unpacked, which must equal `expected`; `pick` the SockView fields in _PICKED's order from what it
+    unpacked followed by _ABSENT; `md5_keys` and `ulp` follow from the headers alone."""
+
+    struct: struct.Struct
+    headers: Callable[[tuple[Any, ...]], tuple[int, ...]]
+    expected: tuple[int, ...]
+    pick: Callable[[tuple[Any, ...]], tuple[Any, ...]]
+    md5_keys: int
+    ulp: bool
+
+
+_layouts: dict[int, list[_Layout]] = {}
+_names: dict[bytes, str] = {}
+
+
+def _name(raw: bytes) -> str:
+    name = _names.get(raw)
+    if name is None:
+        name = decode_name(raw)
+        if len(_names) < _MAX_LAYOUTS:
+            _names[raw] = name
+    return name
+
+
+# The attributes a _Layout reads a value of, by kind: (SockView field, struct format of the value, its size)
+_WANTED = {
+    INET_DIAG_INFO: ("info", f"{INFO_HEAD}s", INFO_HEAD),
+    INET_DIAG_SHUTDOWN: ("shutdown", "B", 1),
+    INET_DIAG_TOS: ("tos", "B", 1),
+    INET_DIAG_TCLASS: ("tclass", "B", 1),
+    INET_DIAG_MARK: ("mark", "I", 4),
+    INET_DIAG_SOCKOPT: ("sockopt", "B", 1),
+}
+
+
+def _learn(data: bytes, msg: int, end: int) -> _Layout | None:
+    """The _Layout of the message at `msg` (attributes up to `end`), kept for the next of its kind; None when one
+    cannot read it (an attribute too short for its value, or a length that does not end at `end`)."""
+    formats = [_HEAD_FORMAT]
+    items = _HEAD_ITEMS
+    header_at: list[int] = []
+    expected: list[int] = []
+    at_of: dict[str, int] = {}
+    md5_keys = 0
+    ulp = False
+    off = msg + _MSG_SIZE
+    while off + _ATTR.size <= end:
+        alen, kind = _ATTR.unpack_from(data, off)
+        padded = (alen + 3) & ~3
+        if alen < _ATTR.size or off + padded > end:
+            return None
+        header_at += (items, items + 1)
+        expected += (alen, kind)
+        formats.append("HH")
+        items += 2
+        payload, room = alen - _ATTR.size, padded - _ATTR.size
+        kind &= 0x3FFF
+        wanted = _WANTED.get(kind)
+        if wanted is not None:
+            field, fmt, need = wanted
+            if payload < need:
+                return None
+            formats.append(f"{fmt}{room - need}x")
+            at_of[field] = items
+            items += 1
+        elif kind == INET_DIAG_SKMEMINFO:
+            if payload < _MEMINFO.size:
+                return None
+            formats.append(f"4xI4xI{room - _MEMINFO.size}x")
+            at_of["rcvbuf"], at_of["sndbuf"] = items, items + 1
+            items += 2
+        elif kind == INET_DIAG_CONG:
+            formats.append(f"{payload}s{room - payload}x")
+            at_of["congestion"] = items
+            items += 1
+        else:
+            if kind == INET_DIAG_MD5SIG:
+                md5_keys = payload // _MD5_KEY_SIZE
+            elif kind == INET_DIAG_ULP_INFO:
+                ulp = True
+            formats.append(f"{room}x")
+        off += padded
+    layout_struct = struct.Struct("".join(formats))
+    if off != end or layout_struct.size != end - msg or len(expected) < 2:
+        return None
+    layout = _Layout(layout_struct, operator.itemgetter(*header_at), tuple(expected),
+                     operator.itemgetter(*(at_of.get(field, items + i) for i, field in enumerate(_PICKED))),
+                     md5_keys, ulp)
+    known = _layouts.setdefault(end - msg, [])
+    if len(known) < _MAX_LAYOUTS:
+        known.append(layout)
+    return layout
+
+
+def _walk(data: bytes, msg: int, end: int, texts: dict[bytes, str], conn: ConnTuple | None = None) -> SockView:
+    """_view of a message no _Layout reads: attribute by attribute."""
     family, state, _, _, sport, dport = _DUMP_HEAD.unpack_from(data, msg)
     if conn is None:
         conn = ConnTuple(family, _text(texts, family, data[msg + 8 : msg + 24]), socket.ntohs(sport),

@@ -10,6 +10,7 @@ both cases SIOCINQ stops at the mark while sock_diag's rqueue (rcv_nxt - copied_
 from __future__ import annotations
 
 import errno
+import threading
 from typing import NamedTuple
 
 from sockrepair.engine._addr import read_tuple
@@ -322,10 +323,20 @@ def _ulp(session: _Session) -> str:
     return ffi.string(buf, size[0]).decode("ascii", "replace")  # type: ignore[no-any-return]
 
 
+class _OobByte(threading.local):
+    """Per thread (the kernel writes it while the GIL is released): the byte an urgent peek reads into."""
+
+    def __init__(self) -> None:
+        self.byte = new(CHARS, 1)
+
+
+_oob = _OobByte()
+
+
 def _urgent(session: _Session) -> str | None:
     """What recv(MSG_OOB | MSG_PEEK) says about an urgent byte not yet read; None when there is none to read.
     Through cffi, like TCP_AO_INFO: without urgent data the call fails (EINVAL)."""
-    buf = new(CHARS, 1)
+    buf = _oob.byte
     got = lib.recv(session.fd, buf, 1, _OOB_FLAGS)
     if got == 1:
         return f"an urgent byte {ffi.buffer(buf, 1)[:]!r} not yet read"
