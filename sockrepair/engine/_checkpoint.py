@@ -169,8 +169,13 @@ def frozen_state(session: _Session, info: TcpInfo, sockopts: SocketOptions, inq:
 
 def dumped_sockopts(session: _Session, family: int, values: list[object], view: SockView) -> SocketOptions:
     """In repair mode: the SocketOptions of read_plain()'s `values` (DUMPED_PLANS[family], read before repair mode)
-    and of the sock_diag answer `view` (the DUMPED fields: sockrepair/engine/_diag.py SockView says which
-    attribute shows each). A kernel whose answer lacks one of them has them all read now (repair mode changes none
+    and of the sock_diag answer `view` for the DUMPED fields. Each attribute is what the getsockopt reads
+    (net/ipv4/inet_diag.c inet_diag_msg_attrs_fill, inet_sk_diag_fill; net/core/sock.c sk_getsockopt): TOS / TCLASS
+    inet->tos / np->tclass, MARK sk_mark, SOCKOPT's freebind bit, SKMEMINFO's sk_sndbuf and sk_rcvbuf, CONG the
+    algorithm's name; the device's name only where sk_bound_dev_if is set. SO_PRIORITY is 0 when CLASS_ID is
+    (which holds sk_priority whenever the cgroup classid is 0), else read; SO_MAX_PACING_RATE, as an int, is
+    min(sk_max_pacing_rate, ~0U), the same of tcp_info's tcpi_max_pacing_rate (sk_max_pacing_rate, ~0UL as ~0ULL:
+    tcp_get_info). A kernel whose answer lacks one of the others has them all read now (repair mode changes none
     but the reuse flag, which `values` holds)."""
     tos = view.tclass if family == AF_INET6 else view.tos
     if (tos is None or view.mark is None or view.sockopt is None or view.congestion is None or view.sndbuf is None
@@ -179,8 +184,13 @@ def dumped_sockopts(session: _Session, family: int, values: list[object], view: 
         sockopts.reuseaddr = bool(values[DUMPED_PLANS[family].reuseaddr_at])
         return sockopts
     device = _device(session) if view.ifindex else ""
+    priority = 0 if view.class_id == 0 else session.get(SOL, lib.SO_PRIORITY, "SO_PRIORITY")
+    pacing = view.max_pacing_rate
+    max_pacing_rate = (session.get(SOL, lib.SO_MAX_PACING_RATE, "SO_MAX_PACING_RATE") if pacing is None
+                       else signed32(min(pacing, 0xFFFFFFFF)))
     return sockopts_of(DUMPED_PLANS[family], values, (tos, signed32(view.mark), bool(view.sockopt & SOCKOPT_FREEBIND),
-                                                      view.sndbuf, view.rcvbuf, view.congestion, device))
+                                                      view.sndbuf, view.rcvbuf, view.congestion, device, priority,
+                                                      max_pacing_rate))
 
 
 def _device(session: _Session) -> str:

@@ -91,6 +91,8 @@ def _netlink_for(session: _Session) -> socket.socket:
 NLM_F_DUMP = 0x300
 NLMSG_DONE = 3
 _INODE_AT = 68  # idiag_inode in struct inet_diag_msg
+# a message's nlmsg_len, nlmsg_type and idiag_inode
+_NLMSG_INODE = struct.Struct(f"=IH{_NLMSG.size - 6 + _INODE_AT}xI")
 
 
 def connecting_tuple(session: _Session, family: int, tcp_state: int) -> ConnTuple | None:
@@ -131,8 +133,7 @@ def _request(conn: ConnTuple, ifindex: int, cookie: bytes = NO_COOKIE) -> bytes:
     local = socket.inet_pton(family, conn.local_addr).ljust(16, b"\0")
     remote = socket.inet_pton(family, conn.remote_addr).ljust(16, b"\0")
     # the attributes a dump asks for: a checkpoint takes its DUMPED options from them (engine/_checkpoint.py)
-    ext = _DUMP_EXT6 if family == socket.AF_INET6 else _DUMP_EXT
-    body = (_REQ_HEAD.pack(family, socket.IPPROTO_TCP, ext, 0xFFFFFFFF)
+    body = (_REQ_HEAD.pack(family, socket.IPPROTO_TCP, _DUMP_EXT, 0xFFFFFFFF)
             + _PORTS.pack(conn.local_port, conn.remote_port) + local + remote + _IFINDEX.pack(ifindex) + cookie)
     return _NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + body
 
@@ -179,12 +180,16 @@ def diag(session: _Session, conn: ConnTuple, ifindex: int) -> SockView:
 
 
 INET_DIAG_CONG, INET_DIAG_TOS, INET_DIAG_TCLASS, INET_DIAG_SKMEMINFO = 4, 5, 6, 7
-INET_DIAG_MARK, INET_DIAG_SOCKOPT = 15, 22
+INET_DIAG_MARK, INET_DIAG_CLASS_ID, INET_DIAG_SOCKOPT = 15, 17, 22
+# struct tcp_info: tcpi_max_pacing_rate (u64) at byte 112, and the size it needs
+_MAX_PACING = struct.Struct("=112xQ")
 # struct inet_diag_sockopt, first byte (little-endian bitfields): recverr, is_icsk, freebind, hdrincl, mc_loop,
 # transparent, ...
 SOCKOPT_RECVERR, SOCKOPT_FREEBIND, SOCKOPT_TRANSPARENT = 0x01, 0x04, 0x20
-_DUMP_EXT = sum(1 << (kind - 1) for kind in (INET_DIAG_INFO, INET_DIAG_CONG, INET_DIAG_TOS, INET_DIAG_SKMEMINFO))
-_DUMP_EXT6 = _DUMP_EXT | 1 << (INET_DIAG_TCLASS - 1)
+# The TCLASS bit asks for INET_DIAG_CLASS_ID too, in either family (idiag_ext is a u8: CLASS_ID's own bit, 1 << 16,
+# does not fit; inet_diag_msg_attrs_fill answers either); INET_DIAG_TCLASS itself comes for AF_INET6 only.
+_DUMP_EXT = sum(1 << (kind - 1) for kind in (INET_DIAG_INFO, INET_DIAG_CONG, INET_DIAG_TOS, INET_DIAG_TCLASS,
+                                             INET_DIAG_SKMEMINFO))
 _DUMP_HEAD = struct.Struct("=BBBBHH")  # family, state, timer, retrans, sport, dport (ports big-endian: swapped)
 _IF_AT, _U32 = 40, struct.Struct("=I")
 _MEMINFO = struct.Struct("=4I")  # u32 sk_meminfo[]: SK_MEMINFO_RMEM_ALLOC, _RCVBUF, _WMEM_ALLOC, _SNDBUF
@@ -200,7 +205,9 @@ class SockView(NamedTuple):
     the options the dump shows, each None when the kernel did not send its attribute: `tos` (inet->tos,
     INET_DIAG_TOS) and `tclass` (IPv6 sockets, INET_DIAG_TCLASS), `mark` (sk_mark, INET_DIAG_MARK: to CAP_NET_ADMIN
     only), `congestion` (INET_DIAG_CONG), `sndbuf` / `rcvbuf` (sk_sndbuf / sk_rcvbuf, INET_DIAG_SKMEMINFO), `sockopt`
-    (the first byte of struct inet_diag_sockopt, INET_DIAG_SOCKOPT, Linux 5.10+)."""
+    (the first byte of struct inet_diag_sockopt, INET_DIAG_SOCKOPT, Linux 5.10+), `class_id` (INET_DIAG_CLASS_ID: the
+    net_cls cgroup's classid, or sk_priority when that is 0, so 0 only when sk_priority is 0) and `max_pacing_rate`
+    (tcp_info's tcpi_max_pacing_rate: sk_max_pacing_rate, ~0 as 2**64 - 1)."""
 
     tuple: ConnTuple
     state: int
@@ -217,6 +224,8 @@ class SockView(NamedTuple):
     sndbuf: int | None
     rcvbuf: int | None
     sockopt: int | None
+    class_id: int | None
+    max_pacing_rate: int | None
 
 
 def dump_views(session: _Session, families: set[int], states: int, inodes: set[int]) -> dict[int, SockView]:
@@ -227,8 +236,7 @@ def dump_views(session: _Session, families: set[int], states: int, inodes: set[i
     sock = _netlink_for(session)
     views: dict[int, SockView] = {}
     for family in sorted(families):
-        ext = _DUMP_EXT6 if family == socket.AF_INET6 else _DUMP_EXT
-        body = _REQ_HEAD.pack(family, socket.IPPROTO_TCP, ext, states) + bytes(48)
+        body = _REQ_HEAD.pack(family, socket.IPPROTO_TCP, _DUMP_EXT, states) + bytes(48)
         try:
             sock.send(_NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 3, 0)
                       + body)
@@ -241,24 +249,27 @@ def dump_views(session: _Session, families: set[int], states: int, inodes: set[i
 
 
 def _read_dump(sock: socket.socket, session: _Session, inodes: set[int], views: dict[int, SockView]) -> None:
-    unpack_nlmsg, unpack_u32 = _NLMSG.unpack_from, _U32.unpack_from
+    unpack_nlmsg, unpack_socket = _NLMSG.unpack_from, _NLMSG_INODE.unpack_from
     buf = bytearray(1 << 16)
     texts: dict[bytes, str] = {}  # a dump repeats a few addresses: each is turned into text once
     while True:
         size = sock.recv_into(buf)
-        data = bytes(buf[:size])
+        data = bytes(memoryview(buf)[:size])
         off = 0
         while off + _NLMSG.size <= size:
-            length, kind = unpack_nlmsg(data, off)[:2]
+            # a socket's message is at least _NLMSG_INODE long; NLMSG_DONE and NLMSG_ERROR may be shorter
+            if off + _NLMSG_INODE.size <= size:
+                length, kind, inode = unpack_socket(data, off)
+            else:
+                length, kind = unpack_nlmsg(data, off)[:2]
+                inode = -1
             if kind == NLMSG_DONE:
                 return
             if kind == NLMSG_ERROR:
                 (err,) = struct.unpack_from("=i", data, off + _NLMSG.size)
                 raise SocketCallError(-err, "sock_diag dump", session.fd)
-            msg = off + _NLMSG.size
-            inode = unpack_u32(data, msg + _INODE_AT)[0]
             if inode in inodes:
-                views[inode] = _view(data, msg, off + length, texts)
+                views[inode] = _view(data, off + _NLMSG.size, off + length, texts)
             off += (length + 3) & ~3
 
 
@@ -291,19 +302,21 @@ def _view(data: bytes, msg: int, end: int, texts: dict[bytes, str], conn: ConnTu
         family = values[0]
         conn = ConnTuple(family, _text(texts, family, values[4]), ntohs(values[2]), _text(texts, family, values[5]),
                          ntohs(values[3]))
-    info, shutdown, tos, tclass, mark, raw_name, sndbuf, rcvbuf, sockopt = layout.pick(values + _ABSENT)
+    info, shutdown, tos, tclass, mark, raw_name, sndbuf, rcvbuf, sockopt, class_id, pacing = layout.pick(
+        values + _ABSENT)
     congestion = None if raw_name is None else _name(raw_name)
     return SockView._make((conn, values[1], info, values[7], layout.md5_keys, layout.ulp, shutdown, values[6], tos,
-                           tclass, mark, congestion, sndbuf, rcvbuf, sockopt))
+                           tclass, mark, congestion, sndbuf, rcvbuf, sockopt, class_id, pacing))
 
 
 # struct inet_diag_msg, as a _Layout reads it: family, state, sport, dport (big-endian), src, dst, ifindex, rqueue
 _HEAD_FORMAT = "=BB2xHH16s16sI8x4xI12x"
 _HEAD_ITEMS = 8
 # What the SockView fields _Layout.pick takes hold when their attribute is absent: info, shutdown, tos, tclass,
-# mark, congestion, sndbuf, rcvbuf, sockopt
-_ABSENT: tuple[object, ...] = (b"", 0, None, None, None, None, None, None, None)
-_PICKED = ("info", "shutdown", "tos", "tclass", "mark", "congestion", "sndbuf", "rcvbuf", "sockopt")
+# mark, congestion, sndbuf, rcvbuf, sockopt, class_id, max_pacing_rate
+_ABSENT: tuple[object, ...] = (b"", 0, None, None, None, None, None, None, None, None, None)
+_PICKED = ("info", "shutdown", "tos", "tclass", "mark", "congestion", "sndbuf", "rcvbuf", "sockopt", "class_id",
+           "max_pacing_rate")
 _MAX_LAYOUTS = 64
 ntohs = socket.ntohs
 
@@ -337,12 +350,12 @@ def _name(raw: bytes) -> str:
 
 # The attributes a _Layout reads a value of, by kind: (SockView field, struct format of the value, its size)
 _WANTED = {
-    INET_DIAG_INFO: ("info", f"{INFO_HEAD}s", INFO_HEAD),
     INET_DIAG_SHUTDOWN: ("shutdown", "B", 1),
     INET_DIAG_TOS: ("tos", "B", 1),
     INET_DIAG_TCLASS: ("tclass", "B", 1),
     INET_DIAG_MARK: ("mark", "I", 4),
     INET_DIAG_SOCKOPT: ("sockopt", "B", 1),
+    INET_DIAG_CLASS_ID: ("class_id", "I", 4),
 }
 
 
@@ -376,6 +389,17 @@ def _learn(data: bytes, msg: int, end: int) -> _Layout | None:
             formats.append(f"{fmt}{room - need}x")
             at_of[field] = items
             items += 1
+        elif kind == INET_DIAG_INFO:
+            if payload < INFO_HEAD:
+                return None
+            at_of["info"] = items
+            items += 1
+            if payload < _MAX_PACING.size:
+                formats.append(f"{INFO_HEAD}s{room - INFO_HEAD}x")
+            else:
+                formats.append(f"{INFO_HEAD}s{_MAX_PACING.size - 8 - INFO_HEAD}xQ{room - _MAX_PACING.size}x")
+                at_of["max_pacing_rate"] = items
+                items += 1
         elif kind == INET_DIAG_SKMEMINFO:
             if payload < _MEMINFO.size:
                 return None
@@ -416,7 +440,7 @@ def _walk(data: bytes, msg: int, end: int, texts: dict[bytes, str], conn: ConnTu
     info = b""
     md5_keys = shutdown = 0
     ulp = False
-    tos = tclass = mark = sndbuf = rcvbuf = sockopt = None
+    tos = tclass = mark = sndbuf = rcvbuf = sockopt = class_id = pacing = None
     congestion = None
     unpack_attr = _ATTR.unpack_from
     off = msg + _MSG_SIZE
@@ -429,6 +453,10 @@ def _walk(data: bytes, msg: int, end: int, texts: dict[bytes, str], conn: ConnTu
         kind &= 0x3FFF
         if kind == INET_DIAG_INFO:
             info = data[at : at + INFO_HEAD]
+            if alen - _ATTR.size >= _MAX_PACING.size:
+                pacing = _MAX_PACING.unpack_from(data, at)[0]
+        elif kind == INET_DIAG_CLASS_ID:
+            class_id = _U32.unpack_from(data, at)[0]
         elif kind == INET_DIAG_SHUTDOWN:
             shutdown = data[at]
         elif kind == INET_DIAG_MARK:
@@ -449,4 +477,4 @@ def _walk(data: bytes, msg: int, end: int, texts: dict[bytes, str], conn: ConnTu
             ulp = True
         off += (alen + 3) & ~3
     return SockView(conn, state, info, rqueue, md5_keys, ulp, shutdown, ifindex, tos, tclass, mark, congestion,
-                    sndbuf, rcvbuf, sockopt)
+                    sndbuf, rcvbuf, sockopt, class_id, pacing)

@@ -123,9 +123,10 @@ _STRUCT_READS = [("linger", SOL, lib.SO_LINGER, "SO_LINGER", _LINGER.size),
                  *((field, SOL, opt, name, _TIMEVAL.size) for field, opt, name in TIMEOUTS),
                  ("bindtodevice", SOL, lib.SO_BINDTODEVICE, "SO_BINDTODEVICE", IFNAMSIZ),
                  ("congestion", TCP, lib.TCP_CONGESTION, "TCP_CONGESTION", IFNAMSIZ)]
-# The fields a sock_diag answer shows exactly as getsockopt does (engine/_diag.py SockView), in the order
-# sockopts_of() takes their values: a checkpoint in repair mode takes them from its sock_diag round trip
-DUMPED = ("tos", "mark", "freebind", "sndbuf", "rcvbuf", "congestion", "bindtodevice")
+# The fields a sock_diag answer shows as getsockopt does (engine/_diag.py SockView; engine/_checkpoint.py
+# dumped_sockopts says how), in the order sockopts_of() takes their values: a checkpoint in repair mode takes them
+# from its sock_diag round trip
+DUMPED = ("tos", "mark", "freebind", "sndbuf", "rcvbuf", "congestion", "bindtodevice", "priority", "max_pacing_rate")
 
 
 class ReadPlan(NamedTuple):

@@ -17,6 +17,8 @@ import pytest
 
 import sockrepair
 from sockrepair.engine._batch import checkpoint_many, ensure_all_unchanged
+from sockrepair.engine._session import _Session
+from sockrepair.engine._sockopts import read_sockopts
 from sockrepair.netns import NetNS
 from sockrepair.state import ConnectionState
 from tests.root.pairs import FAMILIES, recv_exactly, wait_for
@@ -34,6 +36,7 @@ from tests.root.test_engine_states import (
 SOL, TCP, IP = socket.SOL_SOCKET, socket.IPPROTO_TCP, socket.IPPROTO_IP
 ESTABLISHED, SYN_SENT, CLOSE = 1, 2, 7
 TCP_REPAIR = 19
+SO_MAX_PACING_RATE = 47
 
 
 def _established(c: socket.socket, s: socket.socket) -> tuple[bytes, bytes]:
@@ -45,6 +48,8 @@ def _established(c: socket.socket, s: socket.socket) -> tuple[bytes, bytes]:
     s.setsockopt(SOL, socket.SO_RCVBUF, 80 << 10)
     s.setsockopt(SOL, socket.SO_BINDTODEVICE, b"lo")
     s.setsockopt(TCP, socket.TCP_NODELAY, 1)
+    s.setsockopt(SOL, socket.SO_PRIORITY, 5)
+    s.setsockopt(SOL, SO_MAX_PACING_RATE, 1_000_000)
     c.sendall(b"to the server, unread")
     s.sendall(b"to the client")
     wait_for(lambda: _inq(s) == 21, "the bytes to arrive")
@@ -83,6 +88,8 @@ def test_batch_and_single_checkpoints_are_equal(netns, family: int, listen_addr:
     pairs = [_made(family, listen_addr, connect_addr, setup) for setup in SETUP_NAMES for _ in range(2)]
     socks = [s for _, s in pairs]
     try:
+        # what getsockopt reads of every option: both checkpoints take some from sock_diag instead
+        plain = [read_sockopts(_Session(s.fileno()), family) for s in socks]
         single = [sockrepair.checkpoint(s) for s in socks]
         for s in socks:
             sockrepair.resume(s)
@@ -94,9 +101,12 @@ def test_batch_and_single_checkpoints_are_equal(netns, family: int, listen_addr:
         for one, many in zip(single, batch):
             for field in dataclasses.fields(ConnectionState):
                 assert getattr(_comparable(many), field.name) == getattr(_comparable(one), field.name), field.name
+        assert [st.sockopts for st in batch] == plain
         first = batch[0]
         assert first.recv_queue == b"to the server, unread"
         assert (first.sockopts.tos, first.sockopts.mark, first.sockopts.bindtodevice) == (0x28, 0x1234, "lo")
+        assert (first.sockopts.priority, first.sockopts.max_pacing_rate) == (5, 1_000_000)
+        assert (batch[2].sockopts.priority, batch[2].sockopts.max_pacing_rate) == (0, -1)
         assert first.sockopts.nodelay
     finally:
         for pair in pairs:

@@ -17,6 +17,7 @@ from tests.root.pairs import FAMILIES, wait_for
 
 SOL, TCP = socket.SOL_SOCKET, socket.IPPROTO_TCP
 TCP_MD5SIG = 14
+SO_MAX_PACING_RATE = 47
 _STATES = (1 << 1) | (1 << 8)  # ESTABLISHED, CLOSE_WAIT
 
 
@@ -53,8 +54,7 @@ def _md5_key(sock: socket.socket) -> None:
 def _dump(session: _Session, family: int) -> list[tuple[bytes, int, int]]:
     """Every message of one dump: (the datagram, where the message's struct inet_diag_msg starts, its end)."""
     sock = _diag._netlink_for(session)
-    ext = _diag._DUMP_EXT6 if family == socket.AF_INET6 else _diag._DUMP_EXT
-    body = _diag._REQ_HEAD.pack(family, socket.IPPROTO_TCP, ext, _STATES) + bytes(48)
+    body = _diag._REQ_HEAD.pack(family, socket.IPPROTO_TCP, _diag._DUMP_EXT, _STATES) + bytes(48)
     sock.send(_diag._NLMSG.pack(_diag._NLMSG.size + len(body), _diag.SOCK_DIAG_BY_FAMILY,
                                 _diag.NLM_F_REQUEST | _diag.NLM_F_DUMP, 9, 0) + body)
     messages = []
@@ -80,10 +80,12 @@ def test_a_layout_reads_every_message_as_the_attribute_walk_does(netns, family: 
                                                                                            socket.IPV6_TCLASS)
         socks[1].setsockopt(level, tos, 0x28)
         socks[1].setsockopt(SOL, socket.SO_MARK, 0x1234)
+        socks[1].setsockopt(SOL, socket.SO_PRIORITY, 6)
         # "reno\0" and "cubic\0" both pad to 8 bytes: messages of one length whose headers differ
         socks[2].setsockopt(TCP, socket.TCP_CONGESTION, b"reno")
         socks[3].setsockopt(TCP, socket.TCP_CONGESTION, b"cubic")
         socks[3].setsockopt(SOL, socket.SO_SNDBUF, 96 << 10)
+        socks[3].setsockopt(SOL, SO_MAX_PACING_RATE, 1_000_000)
         socks[4].setsockopt(SOL, socket.SO_BINDTODEVICE, b"lo")
         _md5_key(socks[5])
         socks[6].shutdown(socket.SHUT_RD)
@@ -117,9 +119,17 @@ def test_a_layout_reads_every_message_as_the_attribute_walk_does(netns, family: 
             assert view.tuple.local_port == sock.getsockname()[1]
             assert view.tuple.remote_port == sock.getpeername()[1]
             assert view.state == _state(sock)
+            # with no net_cls classid, CLASS_ID is sk_priority; tcp_info's u64 rate as the int getsockopt gives
+            assert view.class_id == sock.getsockopt(SOL, socket.SO_PRIORITY)
+            assert view.max_pacing_rate is not None
+            assert struct.unpack("=i", struct.pack("=I", min(view.max_pacing_rate, 0xFFFFFFFF)))[0] == sock.getsockopt(
+                SOL, SO_MAX_PACING_RATE)
         assert [seen[os.fstat(s.fileno()).st_ino].md5_keys for s in socks] == [0, 0, 0, 0, 0, 1, 0, 0]
         assert [seen[os.fstat(s.fileno()).st_ino].shutdown for s in socks] == [0, 0, 0, 0, 0, 0, 1, 1]
         assert [seen[os.fstat(s.fileno()).st_ino].state for s in socks] == [1] * 7 + [8]
+        assert [seen[os.fstat(s.fileno()).st_ino].class_id for s in socks] == [0, 6, 0, 0, 0, 0, 0, 0]
+        rates = [seen[os.fstat(s.fileno()).st_ino].max_pacing_rate for s in socks]
+        assert rates == [(1 << 64) - 1] * 3 + [1_000_000] + [(1 << 64) - 1] * 4
     finally:
         for pair in pairs:
             for sock in pair:
