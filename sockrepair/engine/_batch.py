@@ -9,9 +9,10 @@ The steps of checkpoint() (engine/_checkpoint.py), in the same order for each so
   answers what checkpoint() asks once repair mode is on (the state again, tcp_info's options and window scales) and
   what its refusal checks ask sock_diag for (the receive queue's true length, TCP-MD5 keys, ULP, shutdown);
 - the 4-tuple comes from the dump (the socket is found there by its inode) instead of getsockname/getpeername;
-- of the options read before repair mode, those the dump shows exactly as getsockopt does (TOS / TCLASS, SO_MARK,
-  IP_FREEBIND, SO_SNDBUF, SO_RCVBUF, TCP_CONGESTION, no SO_BINDTODEVICE) are taken from it; repair mode changes
-  none of them (it forces only the reuse flag, which is read before it as checkpoint() does);
+- the options checkpoint() takes from its own sock_diag answer (engine/_sockopts.py DUMPED: TOS / TCLASS,
+  SO_MARK, IP_FREEBIND, SO_SNDBUF, SO_RCVBUF, TCP_CONGESTION, no SO_BINDTODEVICE, SO_PRIORITY 0, SO_MAX_PACING_RATE)
+  are taken from the dump (engine/_checkpoint.py dumped_sockopts); repair mode changes none of them (it forces only
+  the reuse flag, which is read before it as checkpoint() does);
 - the refusal checks the dump cannot answer are made per socket (engine/_refuse.py unsuspected_inq); when
   anything is suspected, checkpoint()'s own check runs and raises the same error checkpoint() raises.
 - a socket in CLOSE, which no dump lists (it left the hash tables), is read as checkpoint() reads it, after all
