@@ -193,6 +193,7 @@ _DUMP_EXT = sum(1 << (kind - 1) for kind in (INET_DIAG_INFO, INET_DIAG_CONG, INE
 _DUMP_HEAD = struct.Struct("=BBBBHH")  # family, state, timer, retrans, sport, dport (ports big-endian: swapped)
 _IF_AT, _U32 = 40, struct.Struct("=I")
 _MEMINFO = struct.Struct("=4I")  # u32 sk_meminfo[]: SK_MEMINFO_RMEM_ALLOC, _RCVBUF, _WMEM_ALLOC, _SNDBUF
+_OPTMEM = struct.Struct("=24xI")  # SK_MEMINFO_OPTMEM (sk_omem_alloc), after _FWD_ALLOC and _WMEM_QUEUED
 
 
 class SockView(NamedTuple):
@@ -207,7 +208,8 @@ class SockView(NamedTuple):
     only), `congestion` (INET_DIAG_CONG), `sndbuf` / `rcvbuf` (sk_sndbuf / sk_rcvbuf, INET_DIAG_SKMEMINFO), `sockopt`
     (the first byte of struct inet_diag_sockopt, INET_DIAG_SOCKOPT, Linux 5.10+), `class_id` (INET_DIAG_CLASS_ID: the
     net_cls cgroup's classid, or sk_priority when that is 0, so 0 only when sk_priority is 0) and `max_pacing_rate`
-    (tcp_info's tcpi_max_pacing_rate: sk_max_pacing_rate, ~0 as 2**64 - 1)."""
+    (tcp_info's tcpi_max_pacing_rate: sk_max_pacing_rate, ~0 as 2**64 - 1), `optmem` (SKMEMINFO's sk_omem_alloc: what
+    sock_kmalloc and a socket filter charge the socket)."""
 
     tuple: ConnTuple
     state: int
@@ -226,6 +228,7 @@ class SockView(NamedTuple):
     sockopt: int | None
     class_id: int | None
     max_pacing_rate: int | None
+    optmem: int | None
 
 
 def dump_views(session: _Session, families: set[int], states: int, inodes: set[int]) -> dict[int, SockView]:
@@ -302,21 +305,21 @@ def _view(data: bytes, msg: int, end: int, texts: dict[bytes, str], conn: ConnTu
         family = values[0]
         conn = ConnTuple(family, _text(texts, family, values[4]), ntohs(values[2]), _text(texts, family, values[5]),
                          ntohs(values[3]))
-    info, shutdown, tos, tclass, mark, raw_name, sndbuf, rcvbuf, sockopt, class_id, pacing = layout.pick(
+    info, shutdown, tos, tclass, mark, raw_name, sndbuf, rcvbuf, sockopt, class_id, pacing, optmem = layout.pick(
         values + _ABSENT)
     congestion = None if raw_name is None else _name(raw_name)
     return SockView._make((conn, values[1], info, values[7], layout.md5_keys, layout.ulp, shutdown, values[6], tos,
-                           tclass, mark, congestion, sndbuf, rcvbuf, sockopt, class_id, pacing))
+                           tclass, mark, congestion, sndbuf, rcvbuf, sockopt, class_id, pacing, optmem))
 
 
 # struct inet_diag_msg, as a _Layout reads it: family, state, sport, dport (big-endian), src, dst, ifindex, rqueue
 _HEAD_FORMAT = "=BB2xHH16s16sI8x4xI12x"
 _HEAD_ITEMS = 8
 # What the SockView fields _Layout.pick takes hold when their attribute is absent: info, shutdown, tos, tclass,
-# mark, congestion, sndbuf, rcvbuf, sockopt, class_id, max_pacing_rate
-_ABSENT: tuple[object, ...] = (b"", 0, None, None, None, None, None, None, None, None, None)
+# mark, congestion, sndbuf, rcvbuf, sockopt, class_id, max_pacing_rate, optmem
+_ABSENT: tuple[object, ...] = (b"", 0, None, None, None, None, None, None, None, None, None, None)
 _PICKED = ("info", "shutdown", "tos", "tclass", "mark", "congestion", "sndbuf", "rcvbuf", "sockopt", "class_id",
-           "max_pacing_rate")
+           "max_pacing_rate", "optmem")
 _MAX_LAYOUTS = 64
 ntohs = socket.ntohs
 
@@ -401,11 +404,11 @@ def _learn(data: bytes, msg: int, end: int) -> _Layout | None:
                 at_of["max_pacing_rate"] = items
                 items += 1
         elif kind == INET_DIAG_SKMEMINFO:
-            if payload < _MEMINFO.size:
+            if payload < _OPTMEM.size:
                 return None
-            formats.append(f"4xI4xI{room - _MEMINFO.size}x")
-            at_of["rcvbuf"], at_of["sndbuf"] = items, items + 1
-            items += 2
+            formats.append(f"4xI4xI8xI{room - _OPTMEM.size}x")
+            at_of["rcvbuf"], at_of["sndbuf"], at_of["optmem"] = items, items + 1, items + 2
+            items += 3
         elif kind == INET_DIAG_CONG:
             formats.append(f"{payload}s{room - payload}x")
             at_of["congestion"] = items
@@ -440,7 +443,7 @@ def _walk(data: bytes, msg: int, end: int, texts: dict[bytes, str], conn: ConnTu
     info = b""
     md5_keys = shutdown = 0
     ulp = False
-    tos = tclass = mark = sndbuf = rcvbuf = sockopt = class_id = pacing = None
+    tos = tclass = mark = sndbuf = rcvbuf = sockopt = class_id = pacing = optmem = None
     congestion = None
     unpack_attr = _ATTR.unpack_from
     off = msg + _MSG_SIZE
@@ -465,6 +468,8 @@ def _walk(data: bytes, msg: int, end: int, texts: dict[bytes, str], conn: ConnTu
             sockopt = data[at]
         elif kind == INET_DIAG_SKMEMINFO:
             _, rcvbuf, _, sndbuf = _MEMINFO.unpack_from(data, at)
+            if alen - _ATTR.size >= _OPTMEM.size:
+                optmem = _OPTMEM.unpack_from(data, at)[0]
         elif kind == INET_DIAG_TOS:
             tos = data[at]
         elif kind == INET_DIAG_CONG:
@@ -477,4 +482,4 @@ def _walk(data: bytes, msg: int, end: int, texts: dict[bytes, str], conn: ConnTu
             ulp = True
         off += (alen + 3) & ~3
     return SockView(conn, state, info, rqueue, md5_keys, ulp, shutdown, ifindex, tos, tclass, mark, congestion,
-                    sndbuf, rcvbuf, sockopt, class_id, pacing)
+                    sndbuf, rcvbuf, sockopt, class_id, pacing, optmem)

@@ -110,6 +110,7 @@ _READ_UNSHOWN = {
 # _HEADER_OPTS as the arguments of one map(): levels, options, buffer sizes
 _HEADER_READS = {family: (tuple(h[0] for h in opts), tuple(h[1] for h in opts), (_HEADER_SIZE,) * len(opts))
                  for family, opts in _HEADER_OPTS.items()}
+_IP_OPTIONS_READ = _HEADER_READS[lib.AF_INET]
 
 
 def _ints_to_read(family: int, sockopt: int | None) -> _IntChecks:
@@ -153,7 +154,8 @@ def checked(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool,
             if session.ioctl(lib.SIOCINQ, "SIOCINQ") == inq:
                 break
     # the dump shows IP_TRANSPARENT and IP_RECVERR: read only to name them (unsuspected_inq does the same)
-    _option_refusals(session, _ints_to_read(family, None if view is None else view.sockopt), family, found)
+    _option_refusals(session, _ints_to_read(family, None if view is None else view.sockopt), family, found,
+                     None if view is None else view.optmem)
     # in repair mode CAP_NET_ADMIN is held, to which sock_diag shows an upper-layer protocol: its name is read
     # only when there is one
     ulp = _ulp(session) if view is None or not in_repair or view.ulp else ""
@@ -178,10 +180,14 @@ def checked(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool,
     return Checked(found, view, inq)
 
 
-def _option_refusals(session: _Session, checks: _IntChecks, family: int, found: list[tuple[str, str]]) -> None:
+def _option_refusals(session: _Session, checks: _IntChecks, family: int, found: list[tuple[str, str]],
+                     optmem: int | None = None) -> None:
     """The refused int options in `checks`, IP options or IPv6 extension headers, and socket filters. Each group
     is read in one map() first; only when it shows something (or a read fails) is it read again one by one, to
-    name what was found (or the call that failed)."""
+    name what was found (or the call that failed). `optmem`: sk_omem_alloc from sock_diag (SockView.optmem), when
+    known. A socket filter charges it (net/core/filter.c __sk_filter_charge, and sk_clone_lock for an accepted
+    socket's copy), and so do IPv6 extension headers (net/ipv6/exthdrs.c ipv6_renew_options, ipv6_dup_options:
+    sock_kmalloc): at 0 neither is there, and only IP_OPTIONS (kzalloc'd, uncharged: ip_options_get) is read."""
     getsockopt_int = session.sock.getsockopt
     try:
         suspect = tuple(map(getsockopt_int, checks.levels, checks.opts)) != checks.fresh
@@ -190,11 +196,13 @@ def _option_refusals(session: _Session, checks: _IntChecks, family: int, found: 
     if suspect:
         _int_refusals(session, checks.ints, found)
     try:
-        held = any(map(len, map(getsockopt_int, *_HEADER_READS[family])))
+        held = any(map(len, map(getsockopt_int, *(_IP_OPTIONS_READ if optmem == 0 else _HEADER_READS[family]))))
     except OSError:
         held = True  # an IPv6 header option a v4-mapped socket does not answer: each is asked alone
     if held:
         _header_refusals(session, family, found)
+    if optmem == 0:
+        return
     size = session.size
     size[0] = 0
     if getsockopt(session.fd, SOL, lib.SO_GET_FILTER, ffi.NULL, size) < 0:
@@ -269,7 +277,7 @@ def unsuspected_inq(session: _Session, view: SockView, tcp_state: int) -> int:
         return -1
     family = view.tuple.family
     found: list[tuple[str, str]] = []
-    _option_refusals(session, _ints_to_read(family, view.sockopt), family, found)
+    _option_refusals(session, _ints_to_read(family, view.sockopt), family, found, view.optmem)
     _ao_refusal(session, found)
     if found or _urgent(session) is not None:
         return -1

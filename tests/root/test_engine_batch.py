@@ -23,6 +23,7 @@ from sockrepair.netns import NetNS
 from sockrepair.state import ConnectionState
 from tests.root.pairs import FAMILIES, recv_exactly, wait_for
 from tests.root.test_engine_closed import _peer_of_closed
+from tests.root.test_engine_registry import _attach_filter
 from tests.root.test_engine_states import (
     CLOSE_WAIT,
     CONNECTING,
@@ -169,6 +170,10 @@ REFUSALS: dict[str, tuple[str, Callable[[socket.socket, socket.socket], None]]] 
     "urgent": ("urgent data (MSG_OOB)", _urgent_read),
     # asked per socket
     "SO_DONTROUTE": ("SO_DONTROUTE", lambda c, s: s.setsockopt(SOL, socket.SO_DONTROUTE, 1)),
+    # asked only when the dump's sk_omem_alloc (SKMEMINFO) is not 0, which a filter charges
+    "SO_ATTACH_FILTER": ("SO_ATTACH_FILTER/SO_ATTACH_BPF", lambda c, s: _attach_filter(s)),
+    "IP_OPTIONS": ("IP_OPTIONS/IPV6_HOPOPTS/IPV6_RTHDR/IPV6_DSTOPTS/IPV6_RTHDRDSTOPTS",
+                   lambda c, s: s.setsockopt(IP, socket.IP_OPTIONS, b"\x01\x01\x01\x00")),
     "IP_MINTTL": ("IP_MINTTL/IPV6_MINHOPCOUNT", lambda c, s: s.setsockopt(IP, 21, 5)),
     # each way to ask for receive timestamps (asm-generic/socket.h), fewer calls suspect them all
     "SO_TIMESTAMP_OLD": (TIMESTAMPS, lambda c, s: s.setsockopt(SOL, 29, 1)),
@@ -199,6 +204,21 @@ def test_batch_refuses_as_checkpoint_does_and_resumes_all(make_pair, case: str) 
     for c, s in (pairs[0], pairs[2]):
         s.sendall(b"still here")
         assert recv_exactly(c, 10) == b"still here"
+
+
+def test_batch_refuses_ipv6_extension_headers_as_checkpoint_does(make_pair) -> None:
+    """IPV6_HOPOPTS (a hop-by-hop header of one PadN option) is charged to sk_omem_alloc (ipv6_renew_options:
+    sock_kmalloc), which makes both checkpoints ask for the IPv6 headers."""
+    pairs = [make_pair(socket.AF_INET6, "::1") for _ in range(2)]
+    client, server = pairs[1]
+    server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_HOPOPTS, b"\x00\x00\x01\x04\x00\x00\x00\x00")
+    with pytest.raises(sockrepair.SocketStateError) as alone:
+        sockrepair.checkpoint(server)
+    with pytest.raises(sockrepair.SocketStateError) as together:
+        checkpoint_many([s for _, s in pairs])
+    assert "IPV6_HOPOPTS holds 8 bytes (IP_OPTIONS/IPV6_HOPOPTS/" in str(together.value)
+    assert str(together.value) == str(alone.value)
+    assert [_in_repair(s) for _, s in pairs] == [0, 0]
 
 
 def test_batch_refuses_a_listening_socket_as_checkpoint_does(make_pair) -> None:
