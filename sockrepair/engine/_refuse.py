@@ -25,7 +25,7 @@ from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import CHARS, _Session, getsockopt, new
 from sockrepair.engine._states import REPAIRABLE, closed_peer
 from sockrepair.engine._tcpopts import tcp_info
-from sockrepair.errors import SocketStateError
+from sockrepair.errors import SocketCallError, SocketStateError
 from sockrepair.state import ConnTuple, state_name
 
 SOL, TCP, IP, IPV6 = lib.SOL_SOCKET, lib.IPPROTO_TCP, lib.IPPROTO_IP, lib.IPPROTO_IPV6
@@ -129,17 +129,15 @@ class Checked(NamedTuple):
     inq: int
 
 
-def refusals(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool,
-             bound: bool | None = None) -> list[tuple[str, str]]:
+def refusals(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool) -> list[tuple[str, str]]:
     """(registry entry name, what was found) for every REFUSED entry the connection uses; [] when none. An urgent
     byte already read shows only as SIOCINQ stopping short of sock_diag's rqueue, which is compared `in_repair`
     only: out of repair mode the application may read between the two calls, and the two would disagree for that
-    reason alone. `bound`: whether the socket is bound to a device (SO_BINDTODEVICE names one), when the caller
-    read it; None reads the index. Raises SocketCallError when a kernel call fails unexpectedly."""
-    return checked(session, conn, tcp_state, in_repair, bound).found
+    reason alone. Raises SocketCallError when a kernel call fails unexpectedly."""
+    return checked(session, conn, tcp_state, in_repair).found
 
 
-def checked(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool, bound: bool | None) -> Checked:
+def checked(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool) -> Checked:
     """refusals(), with what its sock_diag round trip read."""
     found: list[tuple[str, str]] = []
     family = conn.family
@@ -147,10 +145,10 @@ def checked(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool,
     inq = -1
     if tcp_state != lib.TCP_CLOSE:
         # sock_diag finds no socket in CLOSE (it left the hash tables, and its keys can sign no more segments)
-        ifindex = session.get(SOL, lib.SO_BINDTOIFINDEX, "SO_BINDTOIFINDEX") if bound is not False else 0
+        ifindex: int | None = None
         for _ in range(_ATTEMPTS):
             inq = session.ioctl(lib.SIOCINQ, "SIOCINQ")
-            view = diag(session, conn, ifindex)
+            view, ifindex = _diag_bound(session, conn, ifindex)
             if session.ioctl(lib.SIOCINQ, "SIOCINQ") == inq:
                 break
     # the dump shows IP_TRANSPARENT and IP_RECVERR: read only to name them (unsuspected_inq does the same)
@@ -178,6 +176,24 @@ def checked(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool,
     if view.shutdown & RCV_SHUTDOWN and tcp_state == lib.TCP_ESTABLISHED:
         found.append(("shutdown(SHUT_RD)", f"the receive side is shut down in {state_name(tcp_state)}"))
     return Checked(found, view, inq)
+
+
+def _diag_bound(session: _Session, conn: ConnTuple, ifindex: int | None) -> tuple[SockView, int]:
+    """diag() naming the device the socket is bound to, and that device's index: `ifindex` when known; else none
+    first, which finds every socket not bound to a device (the most frequent: no SO_BINDTOIFINDEX read), and a
+    bound one only by its device (net/ipv4/inet_hashtables.c inet_match: inet_bound_dev_eq), so on ENOENT the
+    device SO_BINDTOIFINDEX names, if any."""
+    if ifindex is not None:
+        return diag(session, conn, ifindex), ifindex
+    try:
+        return diag(session, conn, 0), 0
+    except SocketCallError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+        bound = session.get(SOL, lib.SO_BINDTOIFINDEX, "SO_BINDTOIFINDEX")
+        if not bound:
+            raise
+    return diag(session, conn, bound), bound
 
 
 def _option_refusals(session: _Session, checks: _IntChecks, family: int, found: list[tuple[str, str]],
@@ -307,11 +323,10 @@ def refusals_of(fd: int) -> list[tuple[str, str]]:
     return refusals(session, conn, tcp_state, in_repair=False)
 
 
-def refuse(session: _Session, conn: ConnTuple, tcp_state: int, bound: bool | None = None) -> Checked:
+def refuse(session: _Session, conn: ConnTuple, tcp_state: int) -> Checked:
     """In repair mode (the application cannot read meanwhile): raise SocketStateError (`.fd`, `.tuple`,
-    `.tcp_state`) naming every REFUSED entry the connection uses; else what the checks read (`bound` as for
-    refusals())."""
-    found, view, inq = checked(session, conn, tcp_state, True, bound)
+    `.tcp_state`) naming every REFUSED entry the connection uses; else what the checks read."""
+    found, view, inq = checked(session, conn, tcp_state, True)
     if found:
         what = "; ".join(f"{detail} ({entry})" for entry, detail in found)
         raise SocketStateError(
