@@ -6,6 +6,7 @@ decides whether the connection lives on here (resume) or elsewhere (discard, the
 from __future__ import annotations
 
 import errno
+import operator
 from typing import NoReturn
 
 from sockrepair.engine._addr import read_tuple
@@ -46,12 +47,16 @@ from sockrepair.engine._tcpopts import (
     read_window,
     tcp_info,
     tcp_info_from,
+    tcp_state,
 )
 from sockrepair.errors import SocketCallError, SocketStateError
 from sockrepair.state import ConnectionState, ConnTuple, SocketOptions, state_name
 
 SOL, AF_INET6 = lib.SOL_SOCKET, lib.AF_INET6
 SO_DOMAIN, SO_PROTOCOL, IPPROTO_TCP, INET = lib.SO_DOMAIN, lib.SO_PROTOCOL, lib.IPPROTO_TCP, (lib.AF_INET, AF_INET6)
+# the SockView fields dumped_sockopts() takes, in one call
+_VIEW_OPTIONS = operator.itemgetter(*map(SockView._fields.index, (
+    "ifindex", "tos", "tclass", "mark", "congestion", "sndbuf", "rcvbuf", "sockopt", "class_id", "max_pacing_rate")))
 REPAIRABLE_NAMES = ", ".join(state_name(s) for s in sorted(REPAIRABLE))
 # Stream protocols that look like TCP from outside (an MPTCP socket's subflows are listed in /proc/net/tcp).
 PROTOCOLS = {262: "MPTCP", 132: "SCTP"}
@@ -123,7 +128,7 @@ def first_look(session: _Session) -> tuple[int, int]:
     takes; SocketStateError otherwise (see checkpoint)."""
     family = _ensure_tcp(session)
     try:
-        first_state = tcp_info(session).tcpi_state
+        first_state = tcp_state(session)
     except SocketCallError:
         _ensure_stream(session, family)
         raise
@@ -177,20 +182,19 @@ def dumped_sockopts(session: _Session, family: int, values: list[object], view: 
     min(sk_max_pacing_rate, ~0U), the same of tcp_info's tcpi_max_pacing_rate (sk_max_pacing_rate, ~0UL as ~0ULL:
     tcp_get_info). A kernel whose answer lacks one of the others has them all read now (repair mode changes none
     but the reuse flag, which `values` holds)."""
-    tos = view.tclass if family == AF_INET6 else view.tos
-    if (tos is None or view.mark is None or view.sockopt is None or view.congestion is None or view.sndbuf is None
-            or view.rcvbuf is None):
+    ifindex, tos, tclass, mark, congestion, sndbuf, rcvbuf, sockopt, class_id, pacing = _VIEW_OPTIONS(view)
+    if family == AF_INET6:
+        tos = tclass
+    if tos is None or mark is None or sockopt is None or congestion is None or sndbuf is None or rcvbuf is None:
         sockopts = read_sockopts(session, family)
         sockopts.reuseaddr = bool(values[DUMPED_PLANS[family].reuseaddr_at])
         return sockopts
-    device = _device(session) if view.ifindex else ""
-    priority = 0 if view.class_id == 0 else session.get(SOL, lib.SO_PRIORITY, "SO_PRIORITY")
-    pacing = view.max_pacing_rate
+    device = _device(session) if ifindex else ""
+    priority = 0 if class_id == 0 else session.get(SOL, lib.SO_PRIORITY, "SO_PRIORITY")
     max_pacing_rate = (session.get(SOL, lib.SO_MAX_PACING_RATE, "SO_MAX_PACING_RATE") if pacing is None
                        else signed32(min(pacing, 0xFFFFFFFF)))
-    return sockopts_of(DUMPED_PLANS[family], values, (tos, signed32(view.mark), bool(view.sockopt & SOCKOPT_FREEBIND),
-                                                      view.sndbuf, view.rcvbuf, view.congestion, device, priority,
-                                                      max_pacing_rate))
+    return sockopts_of(DUMPED_PLANS[family], values, (tos, signed32(mark), sockopt & SOCKOPT_FREEBIND != 0, sndbuf,
+                                                      rcvbuf, congestion, device, priority, max_pacing_rate))
 
 
 def _device(session: _Session) -> str:

@@ -45,6 +45,14 @@ def tcp_info(session: _Session) -> TcpInfo:
     return _new_info((raw[0], raw[5], raw[6]))
 
 
+def tcp_state(session: _Session) -> int:
+    """TCP_INFO's tcpi_state alone: its first byte, which the kernel copies alone when asked for no more."""
+    try:
+        return session.sock.getsockopt(TCP, TCP_INFO, 1)[0]
+    except OSError as exc:
+        raise session.failed("getsockopt(TCP_INFO)", exc) from None
+
+
 def tcp_info_from(session: _Session, state: int, head: bytes) -> TcpInfo:
     """TcpInfo from a sock_diag answer: `state` (its sk_state) and `head` (its INET_DIAG_INFO, INFO_HEAD bytes);
     TCP_INFO itself when the kernel sent no INET_DIAG_INFO (`head` b"")."""
