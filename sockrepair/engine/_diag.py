@@ -128,14 +128,27 @@ def connecting_tuple(session: _Session, family: int, tcp_state: int) -> ConnTupl
         raise SocketCallError(exc.errno or errno.EIO, "sock_diag dump", session.fd) from None
 
 
+# struct inet_diag_req_v2 after its head: sport, dport (big-endian), src[16], dst[16], if, cookie[2]
+_REQ_ID = struct.Struct("!HH16s16s")
+_REQ_SIZE = _NLMSG.size + _REQ_HEAD.size + _REQ_ID.size + _IFINDEX.size + len(NO_COOKIE)
+
+
 def _request(conn: ConnTuple, ifindex: int, cookie: bytes = NO_COOKIE) -> bytes:
     family = conn.family
-    local = socket.inet_pton(family, conn.local_addr).ljust(16, b"\0")
-    remote = socket.inet_pton(family, conn.remote_addr).ljust(16, b"\0")
     # the attributes a dump asks for: a checkpoint takes its DUMPED options from them (engine/_checkpoint.py)
-    body = (_REQ_HEAD.pack(family, socket.IPPROTO_TCP, _DUMP_EXT, 0xFFFFFFFF)
-            + _PORTS.pack(conn.local_port, conn.remote_port) + local + remote + _IFINDEX.pack(ifindex) + cookie)
-    return _NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + body
+    head = _REQUEST_HEADS.get(family)
+    if head is None:
+        head = _REQUEST_HEADS[family] = (
+            _NLMSG.pack(_REQ_SIZE, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0)
+            + _REQ_HEAD.pack(family, socket.IPPROTO_TCP, _DUMP_EXT, 0xFFFFFFFF))
+    # "16s" pads an IPv4 address with zeros, as the kernel reads it
+    return (head + _REQ_ID.pack(conn.local_port, conn.remote_port, inet_pton(family, conn.local_addr),
+                                inet_pton(family, conn.remote_addr)) + _IFINDEX.pack(ifindex) + cookie)
+
+
+# per family: the netlink header and struct inet_diag_req_v2's head of every request (all but the socket's id)
+_REQUEST_HEADS: dict[int, bytes] = {}
+inet_pton = socket.inet_pton
 
 
 def _ask(sock: socket.socket, request: bytes, session: _Session, conn: ConnTuple) -> tuple[bytes, int]:
