@@ -13,6 +13,7 @@ import operator
 import os
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -32,6 +33,7 @@ INET_DIAG_INFO, INET_DIAG_SHUTDOWN, INET_DIAG_MD5SIG, INET_DIAG_ULP_INFO = 2, 8,
 NO_COOKIE = b"\xff" * 8  # INET_DIAG_NOCOOKIE: any socket with this 4-tuple
 SOL_SOCKET, SO_COOKIE = lib.SOL_SOCKET, lib.SO_COOKIE
 _COOKIE, _COOKIE_HALVES = struct.Struct("=Q"), struct.Struct("=II")
+_LITTLE_ENDIAN = sys.byteorder == "little"
 _NLMSG = struct.Struct("=IHHII")
 _REQ_HEAD = struct.Struct("=BBBxI")  # sdiag_family, sdiag_protocol, idiag_ext, pad, idiag_states
 _PORTS = struct.Struct("!HH")
@@ -181,10 +183,12 @@ def diag(session: _Session, conn: ConnTuple, ifindex: int) -> SockView:
         except OSError:
             raw = b""
         if len(raw) == 8:
-            # idiag_cookie is two u32s, the low half first (sock_diag_check_cookie)
-            cookie = _COOKIE.unpack(raw)[0]
-            data, err = _ask(_cache.sock, _request(conn, ifindex, _COOKIE_HALVES.pack(cookie & 0xFFFFFFFF,
-                                                                                      cookie >> 32)), session, conn)
+            # idiag_cookie is two u32s, the low half first (sock_diag_check_cookie): on a little-endian host the
+            # u64's own bytes
+            if not _LITTLE_ENDIAN:
+                cookie = _COOKIE.unpack(raw)[0]
+                raw = _COOKIE_HALVES.pack(cookie & 0xFFFFFFFF, cookie >> 32)
+            data, err = _ask(_cache.sock, _request(conn, ifindex, raw), session, conn)
     if err in (errno.ENOENT, errno.ESTALE):
         data, err = _ask(_netlink_for(session), _request(conn, ifindex), session, conn)
     if err:
