@@ -46,7 +46,11 @@ def read_tuple(session: _Session, closed: bool = False) -> ConnTuple:
         start, stop = _ADDR_AT[family]
         return ConnTuple(family, local[0], local[1], socket.inet_ntop(family, raw[start:stop]),
                          int.from_bytes(raw[2:4], "big"))
-    remote = _address(session, sock.getpeername, "getpeername")
+    try:
+        remote = sock.getpeername()
+    except OSError as exc:
+        raise session.failed("getpeername", exc) from None
+    # the same family as the local address's: a tuple of the same length
     return ConnTuple(family, local[0], local[1], remote[0], remote[1])
 
 

@@ -9,9 +9,10 @@ The steps of checkpoint() (engine/_checkpoint.py), in the same order for each so
   answers what checkpoint() asks once repair mode is on (the state again, tcp_info's options and window scales) and
   what its refusal checks ask sock_diag for (the receive queue's true length, TCP-MD5 keys, ULP, shutdown);
 - the 4-tuple comes from the dump (the socket is found there by its inode) instead of getsockname/getpeername;
-- of the options read before repair mode, those the dump shows exactly as getsockopt does (TOS / TCLASS, SO_MARK,
-  IP_FREEBIND, SO_SNDBUF, SO_RCVBUF, TCP_CONGESTION, no SO_BINDTODEVICE) are taken from it; repair mode changes
-  none of them (it forces only the reuse flag, which is read before it as checkpoint() does);
+- the options checkpoint() takes from its own sock_diag answer (engine/_sockopts.py DUMPED: TOS / TCLASS,
+  SO_MARK, IP_FREEBIND, SO_SNDBUF, SO_RCVBUF, TCP_CONGESTION, no SO_BINDTODEVICE, SO_PRIORITY 0, SO_MAX_PACING_RATE)
+  are taken from the dump (engine/_checkpoint.py dumped_sockopts); repair mode changes none of them (it forces only
+  the reuse flag, which is read before it as checkpoint() does);
 - the refusal checks the dump cannot answer are made per socket (engine/_refuse.py unsuspected_inq); when
   anything is suspected, checkpoint()'s own check runs and raises the same error checkpoint() raises.
 - a socket in CLOSE, which no dump lists (it left the hash tables), is read as checkpoint() reads it, after all
@@ -24,22 +25,22 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
-import socket
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from os import fstat
+from typing import NamedTuple
 
 from sockrepair.engine._checkpoint import (
     checkpoint_session,
     discard,
+    dumped_sockopts,
     ensure_state,
     ensure_unchanged,
     first_look,
     frozen_state,
     resume_session,
 )
-from sockrepair.engine._diag import SOCKOPT_FREEBIND, SockView, dump_views
+from sockrepair.engine._diag import SockView, dump_views
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._refuse import refuse, unsuspected_inq
 from sockrepair.engine._session import (
@@ -50,36 +51,23 @@ from sockrepair.engine._session import (
     hold_reuse,
     release_reuse,
     session_of,
-    signed32,
 )
-from sockrepair.engine._sockopts import (
-    IFNAMSIZ,
-    SOCKOPT_POSITION,
-    TCP,
-    decode_name,
-    read_sockopt_values,
-)
+from sockrepair.engine._sockopts import DUMPED_PLANS, TCP, read_plain
 from sockrepair.engine._states import CLOSE, REPAIRABLE, send_lengths
 from sockrepair.engine._tcpopts import tcp_info, tcp_info_from
 from sockrepair.errors import SocketCallError
-from sockrepair.state import TCP_ESTABLISHED, ConnectionState, SocketOptions
+from sockrepair.state import TCP_ESTABLISHED, ConnectionState
 
-SOL = lib.SOL_SOCKET
-# The SocketOptions fields taken from the dump.
-DUMPED = frozenset({"tos", "mark", "freebind", "sndbuf", "rcvbuf", "congestion", "bindtodevice"})
 # No dump lists a socket in CLOSE (it is in no hash table): checkpoint_many reads those as checkpoint() does.
 _STATES = sum(1 << s for s in REPAIRABLE - {CLOSE})
-_AT = SOCKOPT_POSITION
-_REUSEADDR = _AT["reuseaddr"]
 
 
-@dataclass
-class _Frozen:
-    index: int
+class _Frozen(NamedTuple):
+    at: int  # its place in the batch
     session: _Session
-    first_state: int
     family: int
-    values: list[object]
+    first_state: int
+    values: list[object]  # read_plain() of DUMPED_PLANS[family]
 
 
 def checkpoint_many(socks: Sequence[SockLike]) -> list[ConnectionState]:
@@ -95,28 +83,32 @@ def checkpoint_many(socks: Sequence[SockLike]) -> list[ConnectionState]:
 
 def _checkpoint_all(sessions: Sequence[_Session]) -> list[ConnectionState]:
     frozen: list[_Frozen] = []
-    closed: list[int] = []
+    inodes: list[int] = []
+    closed: list[tuple[int, int]] = []
     done: list[_Session] = []
     states: list[ConnectionState | None] = [None] * len(sessions)
+    plans = DUMPED_PLANS
     try:
         for index, session in enumerate(sessions):
-            first_state = first_look(session)
+            family, first_state = first_look(session)
             if first_state == CLOSE:
-                closed.append(index)
+                closed.append((index, family))
                 continue
-            family = session.get(SOL, lib.SO_DOMAIN, "SO_DOMAIN")
-            values = read_sockopt_values(session, family, DUMPED)
+            plan = plans[family]
+            values = read_plain(session, plan)
+            inode = fstat(session.fd).st_ino
             session.repair_on()
-            frozen.append(_Frozen(index, session, first_state, family, values))
-            if values[_REUSEADDR]:
-                hold_reuse(session.fd)
+            frozen.append(_Frozen(index, session, family, first_state, values))
+            inodes.append(inode)
+            if values[plan.reuseaddr_at]:
+                hold_reuse(session.fd, inode)
         if frozen:
-            inodes = [os.fstat(f.session.fd).st_ino for f in frozen]
             views = _views(frozen, inodes)
             for f, inode in zip(frozen, inodes):
-                states[f.index] = _finish(f, views[inode])
-        for index in closed:
-            states[index] = checkpoint_session(sessions[index], CLOSE)  # resumes its own socket when it fails
+                states[f.at] = _finish(f, views[inode])
+        for index, family in closed:
+            # resumes its own socket when it fails
+            states[index] = checkpoint_session(sessions[index], family, CLOSE)
             done.append(sessions[index])
     except BaseException:
         for session in [f.session for f in frozen] + done:
@@ -150,36 +142,8 @@ def _finish(f: _Frozen, view: SockView) -> ConnectionState:
     if inq < 0:
         inq = refuse(session, view.tuple, f.first_state).inq
     ensure_state(session, f.first_state, view.state)
-    return frozen_state(session, tcp_info_from(session, view.state, view.info), _options(session, f, view), inq)
-
-
-def _options(session: _Session, f: _Frozen, view: SockView) -> SocketOptions:
-    values = f.values
-    tos = view.tclass if f.family == socket.AF_INET6 else view.tos
-    if (tos is None or view.mark is None or view.sockopt is None or view.congestion is None or view.sndbuf is None
-            or view.rcvbuf is None):
-        # a kernel whose dump lacks one of them: read them all now (repair mode changes none but the reuse flag)
-        reuseaddr = values[_REUSEADDR]
-        values = read_sockopt_values(session, f.family)
-        values[_REUSEADDR] = reuseaddr
-    else:
-        values[_AT["tos"]] = tos
-        values[_AT["mark"]] = signed32(view.mark)
-        values[_AT["freebind"]] = bool(view.sockopt & SOCKOPT_FREEBIND)
-        values[_AT["sndbuf"]] = view.sndbuf
-        values[_AT["rcvbuf"]] = view.rcvbuf
-        values[_AT["congestion"]] = view.congestion
-        values[_AT["bindtodevice"]] = _device(session) if view.ifindex else ""
-    return SocketOptions(*values)  # type: ignore[arg-type]
-
-
-def _device(session: _Session) -> str:
-    """SO_BINDTODEVICE's name (the dump gives the index only)."""
-    try:
-        raw = session.sock.getsockopt(SOL, lib.SO_BINDTODEVICE, IFNAMSIZ)
-    except OSError as exc:
-        raise session.failed("getsockopt(SO_BINDTODEVICE)", exc) from None
-    return decode_name(raw)
+    return frozen_state(session, tcp_info_from(session, view.state, view.info),
+                        dumped_sockopts(session, f.family, f.values, view), inq)
 
 
 def ensure_all_unchanged(socks: Sequence[SockLike], states: Sequence[ConnectionState]) -> None:

@@ -6,9 +6,11 @@ decides whether the connection lives on here (resume) or elsewhere (discard, the
 from __future__ import annotations
 
 import errno
+import operator
+from typing import NoReturn
 
 from sockrepair.engine._addr import read_tuple
-from sockrepair.engine._diag import connecting_tuple
+from sockrepair.engine._diag import SOCKOPT_FREEBIND, SockView, connecting_tuple
 from sockrepair.engine._ffi import lib
 from sockrepair.engine._queues import read_queues
 from sockrepair.engine._refuse import refuse
@@ -20,8 +22,17 @@ from sockrepair.engine._session import (
     hold_reuse,
     release_reuse,
     session_of,
+    signed32,
 )
-from sockrepair.engine._sockopts import read_sockopts
+from sockrepair.engine._sockopts import (
+    DUMPED_PLANS,
+    IFNAMSIZ,
+    PLANS,
+    decode_name,
+    read_plain,
+    read_sockopts,
+    sockopts_of,
+)
 from sockrepair.engine._states import (
     CLOSE,
     REPAIRABLE,
@@ -36,11 +47,16 @@ from sockrepair.engine._tcpopts import (
     read_window,
     tcp_info,
     tcp_info_from,
+    tcp_state,
 )
 from sockrepair.errors import SocketCallError, SocketStateError
 from sockrepair.state import ConnectionState, ConnTuple, SocketOptions, state_name
 
-SOL = lib.SOL_SOCKET
+SOL, AF_INET6 = lib.SOL_SOCKET, lib.AF_INET6
+SO_DOMAIN, SO_PROTOCOL, IPPROTO_TCP, INET = lib.SO_DOMAIN, lib.SO_PROTOCOL, lib.IPPROTO_TCP, (lib.AF_INET, AF_INET6)
+# the SockView fields dumped_sockopts() takes, in one call
+_VIEW_OPTIONS = operator.itemgetter(*map(SockView._fields.index, (
+    "ifindex", "tos", "tclass", "mark", "congestion", "sndbuf", "rcvbuf", "sockopt", "class_id", "max_pacing_rate")))
 REPAIRABLE_NAMES = ", ".join(state_name(s) for s in sorted(REPAIRABLE))
 # Stream protocols that look like TCP from outside (an MPTCP socket's subflows are listed in /proc/net/tcp).
 PROTOCOLS = {262: "MPTCP", 132: "SCTP"}
@@ -70,26 +86,36 @@ def checkpoint(sock: SockLike) -> ConnectionState:
     when a kernel call fails, with EAGAIN when the queues kept changing while read (the peer is not locked out).
     On any failure after repair mode is on, the socket is resumed first."""
     session = session_of(sock)
-    return checkpoint_session(session, first_look(session))
+    return checkpoint_session(session, *first_look(session))
 
 
-def checkpoint_session(session: _Session, first_state: int) -> ConnectionState:
-    """checkpoint() of the session's socket once first_look() returned `first_state` (checkpoint_many reads a
-    socket in CLOSE this way: no sock_diag dump lists it)."""
+def checkpoint_session(session: _Session, family: int, first_state: int) -> ConnectionState:
+    """checkpoint() of the session's socket once first_look() returned (`family`, `first_state`) (checkpoint_many
+    reads a socket in CLOSE this way: no sock_diag dump lists it). The options a sock_diag answer shows exactly as
+    getsockopt does (_sockopts.DUMPED) are taken from the refusal checks' round trip, made in repair mode, which
+    changes none of them (do_tcp_setsockopt TCP_REPAIR sets tp->repair, sk_reuse and tp->repair_queue only; the
+    reuse flag is read before it); in CLOSE, which sock_diag cannot see, every option is read before."""
     fd = session.fd
-    conn = session.tuple = _connection_tuple(session, first_state)
-    sockopts = read_sockopts(session, conn.family)
+    conn = session.tuple = _connection_tuple(session, family, first_state)
+    plan = (PLANS if first_state == CLOSE else DUMPED_PLANS)[family]
+    values = read_plain(session, plan)
+    reuseaddr = values[plan.reuseaddr_at]
     session.repair_on()
     try:
-        if sockopts.reuseaddr:
+        if reuseaddr:
             # repair mode now forces the flag and leaving it will clear it: resume puts the application's back
             hold_reuse(fd)
         # in repair mode: the application cannot read while the receive queue is compared (engine/_refuse.py)
-        checked = refuse(session, conn, first_state, bound=bool(sockopts.bindtodevice))
+        checked = refuse(session, conn, first_state)
         # read again under repair (the state may have moved between the first look and the freeze): the refusal
         # checks' sock_diag round trip, made in repair mode, holds the state and tcp_info's head
         view = checked.view
-        info = tcp_info(session) if view is None else tcp_info_from(session, view.state, view.info)
+        if view is None:
+            info = tcp_info(session)
+            sockopts = sockopts_of(plan, values)
+        else:
+            info = tcp_info_from(session, view.state, view.info)
+            sockopts = dumped_sockopts(session, family, values, view)
         ensure_state(session, first_state, info.tcpi_state)
         return frozen_state(session, info, sockopts, checked.inq)
     except BaseException:
@@ -97,17 +123,21 @@ def checkpoint_session(session: _Session, first_state: int) -> ConnectionState:
         raise
 
 
-def first_look(session: _Session) -> int:
-    """Before repair mode: the TCP state of a plain TCP socket in a state checkpoint() takes; SocketStateError
-    otherwise (see checkpoint)."""
-    _ensure_tcp(session)
-    first_state = tcp_info(session).tcpi_state
+def first_look(session: _Session) -> tuple[int, int]:
+    """Before repair mode: the family (SO_DOMAIN) and TCP state of a plain TCP socket in a state checkpoint()
+    takes; SocketStateError otherwise (see checkpoint)."""
+    family = _ensure_tcp(session)
+    try:
+        first_state = tcp_state(session)
+    except SocketCallError:
+        _ensure_stream(session, family)
+        raise
     if first_state not in REPAIRABLE:
         fd = session.fd
         what = "a listening socket" if first_state == lib.TCP_LISTEN else f"in state {state_name(first_state)}"
         raise SocketStateError(f"fd {fd} is {what}; only {REPAIRABLE_NAMES} connections can be checkpointed",
                                fd=fd, tuple=_tuple_if_connected(session), tcp_state=first_state)
-    return first_state
+    return family, first_state
 
 
 def ensure_state(session: _Session, first_state: int, now: int) -> None:
@@ -140,6 +170,40 @@ def frozen_state(session: _Session, info: TcpInfo, sockopts: SocketOptions, inq:
     # recv_queue, options, window, timestamp, sockopts
     return ConnectionState(conn, tcp_state, queues.send_seq, queues.recv_seq, queues.send_queue, queues.unsent_len,
                            queues.recv_queue, options, window, timestamp, sockopts)
+
+
+def dumped_sockopts(session: _Session, family: int, values: list[object], view: SockView) -> SocketOptions:
+    """In repair mode: the SocketOptions of read_plain()'s `values` (DUMPED_PLANS[family], read before repair mode)
+    and of the sock_diag answer `view` for the DUMPED fields. Each attribute is what the getsockopt reads
+    (net/ipv4/inet_diag.c inet_diag_msg_attrs_fill, inet_sk_diag_fill; net/core/sock.c sk_getsockopt): TOS / TCLASS
+    inet->tos / np->tclass, MARK sk_mark, SOCKOPT's freebind bit, SKMEMINFO's sk_sndbuf and sk_rcvbuf, CONG the
+    algorithm's name; the device's name only where sk_bound_dev_if is set. SO_PRIORITY is 0 when CLASS_ID is
+    (which holds sk_priority whenever the cgroup classid is 0), else read; SO_MAX_PACING_RATE, as an int, is
+    min(sk_max_pacing_rate, ~0U), the same of tcp_info's tcpi_max_pacing_rate (sk_max_pacing_rate, ~0UL as ~0ULL:
+    tcp_get_info). A kernel whose answer lacks one of the others has them all read now (repair mode changes none
+    but the reuse flag, which `values` holds)."""
+    ifindex, tos, tclass, mark, congestion, sndbuf, rcvbuf, sockopt, class_id, pacing = _VIEW_OPTIONS(view)
+    if family == AF_INET6:
+        tos = tclass
+    if tos is None or mark is None or sockopt is None or congestion is None or sndbuf is None or rcvbuf is None:
+        sockopts = read_sockopts(session, family)
+        sockopts.reuseaddr = bool(values[DUMPED_PLANS[family].reuseaddr_at])
+        return sockopts
+    device = _device(session) if ifindex else ""
+    priority = 0 if class_id == 0 else session.get(SOL, lib.SO_PRIORITY, "SO_PRIORITY")
+    max_pacing_rate = (session.get(SOL, lib.SO_MAX_PACING_RATE, "SO_MAX_PACING_RATE") if pacing is None
+                       else signed32(min(pacing, 0xFFFFFFFF)))
+    return sockopts_of(DUMPED_PLANS[family], values, (tos, signed32(mark), sockopt & SOCKOPT_FREEBIND != 0, sndbuf,
+                                                      rcvbuf, congestion, device, priority, max_pacing_rate))
+
+
+def _device(session: _Session) -> str:
+    """SO_BINDTODEVICE's name (sock_diag gives the index only)."""
+    try:
+        raw = session.sock.getsockopt(SOL, lib.SO_BINDTODEVICE, IFNAMSIZ)
+    except OSError as exc:
+        raise session.failed("getsockopt(SO_BINDTODEVICE)", exc) from None
+    return decode_name(raw)
 
 
 def resume(sock: SockLike) -> None:
@@ -211,20 +275,39 @@ def ensure_unchanged(session: _Session, state: ConnectionState) -> None:
         )
 
 
-def _ensure_tcp(session: _Session) -> None:
-    fd, get_int = session.fd, session.get
+def _ensure_tcp(session: _Session) -> int:
+    """The family of an IPv4 or IPv6 socket of protocol TCP; SocketStateError for any other socket. Of the inet
+    sockets, only TCP's and raw ones have sk_protocol IPPROTO_TCP (inet_create / inet6_create take it from the
+    inetsw entry of the type: SOCK_STREAM's tcp_prot, or SOCK_RAW's wildcard): first_look tells a raw one by its
+    TCP_INFO failing (raw_getsockopt and rawv6_getsockopt answer ENOPROTOOPT at level SOL_TCP), and only then
+    reads SO_TYPE."""
+    fd, getsockopt = session.fd, session.sock.getsockopt
     try:
-        sock_type = get_int(SOL, lib.SO_TYPE, "SO_TYPE")
-    except SocketCallError as exc:
+        domain = getsockopt(SOL, SO_DOMAIN)
+    except OSError as exc:
         if exc.errno == errno.ENOTSOCK:
             raise SocketStateError(f"fd {fd} is not a socket", fd=fd) from None
         if exc.errno == errno.EBADF:
             raise SocketStateError(f"fd {fd} is not an open file descriptor", fd=fd) from None
-        raise
-    protocol = get_int(SOL, lib.SO_PROTOCOL, "SO_PROTOCOL")
-    if sock_type == lib.SOCK_STREAM and protocol == lib.IPPROTO_TCP:
-        return  # only AF_INET and AF_INET6 have TCP stream sockets: the domain is read for the refusal alone
-    domain = get_int(SOL, lib.SO_DOMAIN, "SO_DOMAIN")
+        raise session.failed("getsockopt(SO_DOMAIN)", exc) from None
+    try:
+        protocol = getsockopt(SOL, SO_PROTOCOL)
+    except OSError as exc:
+        raise session.failed("getsockopt(SO_PROTOCOL)", exc) from None
+    if protocol == IPPROTO_TCP and domain in INET:
+        return int(domain)
+    _refuse_socket(session, domain, session.get(SOL, lib.SO_TYPE, "SO_TYPE"), protocol)
+
+
+def _ensure_stream(session: _Session, family: int) -> None:
+    """After TCP_INFO failed on an inet socket of protocol TCP: SocketStateError unless it is SOCK_STREAM."""
+    sock_type = session.get(SOL, lib.SO_TYPE, "SO_TYPE")
+    if sock_type != lib.SOCK_STREAM:
+        _refuse_socket(session, family, sock_type, lib.IPPROTO_TCP)
+
+
+def _refuse_socket(session: _Session, domain: int, sock_type: int, protocol: int) -> NoReturn:
+    fd = session.fd
     what = f"an {PROTOCOLS[protocol]} socket" if protocol in PROTOCOLS else "not a TCP socket"
     raise SocketStateError(
         f"fd {fd} is {what} (domain {domain}, type {sock_type}, protocol {protocol}); "
@@ -232,7 +315,7 @@ def _ensure_tcp(session: _Session) -> None:
     )
 
 
-def _connection_tuple(session: _Session, tcp_state: int) -> ConnTuple:
+def _connection_tuple(session: _Session, family: int, tcp_state: int) -> ConnTuple:
     """getsockname/getpeername; in SYN_SENT, where getpeername says ENOTCONN, sock_diag's view of the socket; in
     CLOSE, where it says ENOTCONN too, SO_PEERNAME (ENOTCONN only when the socket has no peer: never connected,
     or disconnected with connect(AF_UNSPEC))."""
@@ -245,7 +328,6 @@ def _connection_tuple(session: _Session, tcp_state: int) -> ConnTuple:
         return conn
     if tcp_state != lib.TCP_SYN_SENT:
         return read_tuple(session)
-    family = session.get(SOL, lib.SO_DOMAIN, "SO_DOMAIN")
     conn = connecting_tuple(session, family, tcp_state)
     if conn is None:
         raise SocketStateError(f"fd {session.fd} left SYN_SENT before its peer could be read", fd=session.fd,

@@ -9,11 +9,14 @@ last one is kept per thread, so a run of checkpoints in one namespace opens one.
 from __future__ import annotations
 
 import errno
+import operator
 import os
 import socket
 import struct
+import sys
 import threading
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import _Session
@@ -30,6 +33,7 @@ INET_DIAG_INFO, INET_DIAG_SHUTDOWN, INET_DIAG_MD5SIG, INET_DIAG_ULP_INFO = 2, 8,
 NO_COOKIE = b"\xff" * 8  # INET_DIAG_NOCOOKIE: any socket with this 4-tuple
 SOL_SOCKET, SO_COOKIE = lib.SOL_SOCKET, lib.SO_COOKIE
 _COOKIE, _COOKIE_HALVES = struct.Struct("=Q"), struct.Struct("=II")
+_LITTLE_ENDIAN = sys.byteorder == "little"
 _NLMSG = struct.Struct("=IHHII")
 _REQ_HEAD = struct.Struct("=BBBxI")  # sdiag_family, sdiag_protocol, idiag_ext, pad, idiag_states
 _PORTS = struct.Struct("!HH")
@@ -44,6 +48,11 @@ _MD5_KEY_SIZE = 100  # struct tcp_diag_md5sig: family, prefixlen, keylen, ifinde
 class _Cache(threading.local):
     netns: int = -1
     sock: socket.socket | None = None
+
+    def __init__(self) -> None:
+        # an answer is read into this buffer and copied out at its size: recv() of a new 64 KiB bytes object for
+        # an answer of some 500 bytes costs more than the kernel's work for it
+        self.buf = bytearray(1 << 16)
 
 
 _cache = _Cache()
@@ -84,6 +93,8 @@ def _netlink_for(session: _Session) -> socket.socket:
 NLM_F_DUMP = 0x300
 NLMSG_DONE = 3
 _INODE_AT = 68  # idiag_inode in struct inet_diag_msg
+# a message's nlmsg_len, nlmsg_type and idiag_inode
+_NLMSG_INODE = struct.Struct(f"=IH{_NLMSG.size - 6 + _INODE_AT}xI")
 
 
 def connecting_tuple(session: _Session, family: int, tcp_state: int) -> ConnTuple | None:
@@ -119,20 +130,35 @@ def connecting_tuple(session: _Session, family: int, tcp_state: int) -> ConnTupl
         raise SocketCallError(exc.errno or errno.EIO, "sock_diag dump", session.fd) from None
 
 
+# struct inet_diag_req_v2 after its head: sport, dport (big-endian), src[16], dst[16], if, cookie[2]
+_REQ_ID = struct.Struct("!HH16s16s")
+_REQ_SIZE = _NLMSG.size + _REQ_HEAD.size + _REQ_ID.size + _IFINDEX.size + len(NO_COOKIE)
+
+
 def _request(conn: ConnTuple, ifindex: int, cookie: bytes = NO_COOKIE) -> bytes:
     family = conn.family
-    local = socket.inet_pton(family, conn.local_addr).ljust(16, b"\0")
-    remote = socket.inet_pton(family, conn.remote_addr).ljust(16, b"\0")
-    body = (_REQ_HEAD.pack(family, socket.IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1), 0xFFFFFFFF)
-            + _PORTS.pack(conn.local_port, conn.remote_port) + local + remote + _IFINDEX.pack(ifindex) + cookie)
-    return _NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + body
+    # the attributes a dump asks for: a checkpoint takes its DUMPED options from them (engine/_checkpoint.py)
+    head = _REQUEST_HEADS.get(family)
+    if head is None:
+        head = _REQUEST_HEADS[family] = (
+            _NLMSG.pack(_REQ_SIZE, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0)
+            + _REQ_HEAD.pack(family, socket.IPPROTO_TCP, _DUMP_EXT, 0xFFFFFFFF))
+    # "16s" pads an IPv4 address with zeros, as the kernel reads it
+    return (head + _REQ_ID.pack(conn.local_port, conn.remote_port, inet_pton(family, conn.local_addr),
+                                inet_pton(family, conn.remote_addr)) + _IFINDEX.pack(ifindex) + cookie)
+
+
+# per family: the netlink header and struct inet_diag_req_v2's head of every request (all but the socket's id)
+_REQUEST_HEADS: dict[int, bytes] = {}
+inet_pton = socket.inet_pton
 
 
 def _ask(sock: socket.socket, request: bytes, session: _Session, conn: ConnTuple) -> tuple[bytes, int]:
     """The answer to one sock_diag request, and the error the kernel answered with (0 for none)."""
+    buf = _cache.buf
     try:
         sock.send(request)
-        data = sock.recv(1 << 16)
+        data = bytes(memoryview(buf)[: sock.recv_into(buf)])
     except OSError as exc:
         raise SocketCallError(exc.errno or errno.EIO, "sock_diag", session.fd, tuple=conn) from None
     if _NLMSG.unpack_from(data)[1] == NLMSG_ERROR:
@@ -157,10 +183,12 @@ def diag(session: _Session, conn: ConnTuple, ifindex: int) -> SockView:
         except OSError:
             raw = b""
         if len(raw) == 8:
-            # idiag_cookie is two u32s, the low half first (sock_diag_check_cookie)
-            cookie = _COOKIE.unpack(raw)[0]
-            data, err = _ask(_cache.sock, _request(conn, ifindex, _COOKIE_HALVES.pack(cookie & 0xFFFFFFFF,
-                                                                                      cookie >> 32)), session, conn)
+            # idiag_cookie is two u32s, the low half first (sock_diag_check_cookie): on a little-endian host the
+            # u64's own bytes
+            if not _LITTLE_ENDIAN:
+                cookie = _COOKIE.unpack(raw)[0]
+                raw = _COOKIE_HALVES.pack(cookie & 0xFFFFFFFF, cookie >> 32)
+            data, err = _ask(_cache.sock, _request(conn, ifindex, raw), session, conn)
     if err in (errno.ENOENT, errno.ESTALE):
         data, err = _ask(_netlink_for(session), _request(conn, ifindex), session, conn)
     if err:
@@ -169,15 +197,20 @@ def diag(session: _Session, conn: ConnTuple, ifindex: int) -> SockView:
 
 
 INET_DIAG_CONG, INET_DIAG_TOS, INET_DIAG_TCLASS, INET_DIAG_SKMEMINFO = 4, 5, 6, 7
-INET_DIAG_MARK, INET_DIAG_SOCKOPT = 15, 22
+INET_DIAG_MARK, INET_DIAG_CLASS_ID, INET_DIAG_SOCKOPT = 15, 17, 22
+# struct tcp_info: tcpi_max_pacing_rate (u64) at byte 112, and the size it needs
+_MAX_PACING = struct.Struct("=112xQ")
 # struct inet_diag_sockopt, first byte (little-endian bitfields): recverr, is_icsk, freebind, hdrincl, mc_loop,
 # transparent, ...
 SOCKOPT_RECVERR, SOCKOPT_FREEBIND, SOCKOPT_TRANSPARENT = 0x01, 0x04, 0x20
-_DUMP_EXT = sum(1 << (kind - 1) for kind in (INET_DIAG_INFO, INET_DIAG_CONG, INET_DIAG_TOS, INET_DIAG_SKMEMINFO))
-_DUMP_EXT6 = _DUMP_EXT | 1 << (INET_DIAG_TCLASS - 1)
+# The TCLASS bit asks for INET_DIAG_CLASS_ID too, in either family (idiag_ext is a u8: CLASS_ID's own bit, 1 << 16,
+# does not fit; inet_diag_msg_attrs_fill answers either); INET_DIAG_TCLASS itself comes for AF_INET6 only.
+_DUMP_EXT = sum(1 << (kind - 1) for kind in (INET_DIAG_INFO, INET_DIAG_CONG, INET_DIAG_TOS, INET_DIAG_TCLASS,
+                                             INET_DIAG_SKMEMINFO))
 _DUMP_HEAD = struct.Struct("=BBBBHH")  # family, state, timer, retrans, sport, dport (ports big-endian: swapped)
 _IF_AT, _U32 = 40, struct.Struct("=I")
 _MEMINFO = struct.Struct("=4I")  # u32 sk_meminfo[]: SK_MEMINFO_RMEM_ALLOC, _RCVBUF, _WMEM_ALLOC, _SNDBUF
+_OPTMEM = struct.Struct("=24xI")  # SK_MEMINFO_OPTMEM (sk_omem_alloc), after _FWD_ALLOC and _WMEM_QUEUED
 
 
 class SockView(NamedTuple):
@@ -190,7 +223,10 @@ class SockView(NamedTuple):
     the options the dump shows, each None when the kernel did not send its attribute: `tos` (inet->tos,
     INET_DIAG_TOS) and `tclass` (IPv6 sockets, INET_DIAG_TCLASS), `mark` (sk_mark, INET_DIAG_MARK: to CAP_NET_ADMIN
     only), `congestion` (INET_DIAG_CONG), `sndbuf` / `rcvbuf` (sk_sndbuf / sk_rcvbuf, INET_DIAG_SKMEMINFO), `sockopt`
-    (the first byte of struct inet_diag_sockopt, INET_DIAG_SOCKOPT, Linux 5.10+)."""
+    (the first byte of struct inet_diag_sockopt, INET_DIAG_SOCKOPT, Linux 5.10+), `class_id` (INET_DIAG_CLASS_ID: the
+    net_cls cgroup's classid, or sk_priority when that is 0, so 0 only when sk_priority is 0) and `max_pacing_rate`
+    (tcp_info's tcpi_max_pacing_rate: sk_max_pacing_rate, ~0 as 2**64 - 1), `optmem` (SKMEMINFO's sk_omem_alloc: what
+    sock_kmalloc and a socket filter charge the socket)."""
 
     tuple: ConnTuple
     state: int
@@ -207,6 +243,9 @@ class SockView(NamedTuple):
     sndbuf: int | None
     rcvbuf: int | None
     sockopt: int | None
+    class_id: int | None
+    max_pacing_rate: int | None
+    optmem: int | None
 
 
 def dump_views(session: _Session, families: set[int], states: int, inodes: set[int]) -> dict[int, SockView]:
@@ -217,8 +256,7 @@ def dump_views(session: _Session, families: set[int], states: int, inodes: set[i
     sock = _netlink_for(session)
     views: dict[int, SockView] = {}
     for family in sorted(families):
-        ext = _DUMP_EXT6 if family == socket.AF_INET6 else _DUMP_EXT
-        body = _REQ_HEAD.pack(family, socket.IPPROTO_TCP, ext, states) + bytes(48)
+        body = _REQ_HEAD.pack(family, socket.IPPROTO_TCP, _DUMP_EXT, states) + bytes(48)
         try:
             sock.send(_NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 3, 0)
                       + body)
@@ -231,24 +269,27 @@ def dump_views(session: _Session, families: set[int], states: int, inodes: set[i
 
 
 def _read_dump(sock: socket.socket, session: _Session, inodes: set[int], views: dict[int, SockView]) -> None:
-    unpack_nlmsg, unpack_u32 = _NLMSG.unpack_from, _U32.unpack_from
+    unpack_nlmsg, unpack_socket = _NLMSG.unpack_from, _NLMSG_INODE.unpack_from
     buf = bytearray(1 << 16)
     texts: dict[bytes, str] = {}  # a dump repeats a few addresses: each is turned into text once
     while True:
         size = sock.recv_into(buf)
-        data = bytes(buf[:size])
+        data = bytes(memoryview(buf)[:size])
         off = 0
         while off + _NLMSG.size <= size:
-            length, kind = unpack_nlmsg(data, off)[:2]
+            # a socket's message is at least _NLMSG_INODE long; NLMSG_DONE and NLMSG_ERROR may be shorter
+            if off + _NLMSG_INODE.size <= size:
+                length, kind, inode = unpack_socket(data, off)
+            else:
+                length, kind = unpack_nlmsg(data, off)[:2]
+                inode = -1
             if kind == NLMSG_DONE:
                 return
             if kind == NLMSG_ERROR:
                 (err,) = struct.unpack_from("=i", data, off + _NLMSG.size)
                 raise SocketCallError(-err, "sock_diag dump", session.fd)
-            msg = off + _NLMSG.size
-            inode = unpack_u32(data, msg + _INODE_AT)[0]
             if inode in inodes:
-                views[inode] = _view(data, msg, off + length, texts)
+                views[inode] = _view(data, off + _NLMSG.size, off + length, texts)
             off += (length + 3) & ~3
 
 
@@ -261,7 +302,155 @@ def _text(texts: dict[bytes, str], family: int, raw: bytes) -> str:
 
 def _view(data: bytes, msg: int, end: int, texts: dict[bytes, str], conn: ConnTuple | None = None) -> SockView:
     """The SockView of the struct inet_diag_msg at `msg` (its attributes up to `end`); `conn`: the 4-tuple when the
-    caller knows it (a request names the socket by it), else read from the message (`texts` caches addresses)."""
+    caller knows it (a request names the socket by it), else read from the message (`texts` caches addresses).
+
+    The kernel puts the same attributes in the same order in the answer of every socket alike (inet_sk_diag_fill):
+    a message is read by one unpack of the _Layout learned from the first of its length and attribute headers,
+    which checks those headers; another is walked attribute by attribute (_walk) and its layout learned."""
+    size = end - msg
+    for layout in _layouts.get(size, ()):
+        values = layout.struct.unpack_from(data, msg)
+        if layout.headers(values) == layout.expected:
+            break
+    else:
+        found = _learn(data, msg, end)
+        if found is None:
+            return _walk(data, msg, end, texts, conn)
+        layout = found
+        values = layout.struct.unpack_from(data, msg)
+    if conn is None:
+        family = values[0]
+        conn = ConnTuple(family, _text(texts, family, values[4]), ntohs(values[2]), _text(texts, family, values[5]),
+                         ntohs(values[3]))
+    info, shutdown, tos, tclass, mark, raw_name, sndbuf, rcvbuf, sockopt, class_id, pacing, optmem = layout.pick(
+        values + _ABSENT)
+    congestion = None if raw_name is None else _name(raw_name)
+    return SockView._make((conn, values[1], info, values[7], layout.md5_keys, layout.ulp, shutdown, values[6], tos,
+                           tclass, mark, congestion, sndbuf, rcvbuf, sockopt, class_id, pacing, optmem))
+
+
+# struct inet_diag_msg, as a _Layout reads it: family, state, sport, dport (big-endian), src, dst, ifindex, rqueue
+_HEAD_FORMAT = "=BB2xHH16s16sI8x4xI12x"
+_HEAD_ITEMS = 8
+# What the SockView fields _Layout.pick takes hold when their attribute is absent: info, shutdown, tos, tclass,
+# mark, congestion, sndbuf, rcvbuf, sockopt, class_id, max_pacing_rate, optmem
+_ABSENT: tuple[object, ...] = (b"", 0, None, None, None, None, None, None, None, None, None, None)
+_PICKED = ("info", "shutdown", "tos", "tclass", "mark", "congestion", "sndbuf", "rcvbuf", "sockopt", "class_id",
+           "max_pacing_rate", "optmem")
+_MAX_LAYOUTS = 64
+ntohs = socket.ntohs
+
+
+class _Layout(NamedTuple):
+    """How every message of one length and one sequence of attribute headers is read: `struct` unpacks the
+    message head, each attribute's header (nla_len, nla_type) and the values wanted; `headers` picks the headers
+    from what it unpacked, which must equal `expected`; `pick` the SockView fields in _PICKED's order from what it
+    unpacked followed by _ABSENT; `md5_keys` and `ulp` follow from the headers alone."""
+
+    struct: struct.Struct
+    headers: Callable[[tuple[Any, ...]], tuple[int, ...]]
+    expected: tuple[int, ...]
+    pick: Callable[[tuple[Any, ...]], tuple[Any, ...]]
+    md5_keys: int
+    ulp: bool
+
+
+_layouts: dict[int, list[_Layout]] = {}
+_names: dict[bytes, str] = {}
+
+
+def _name(raw: bytes) -> str:
+    name = _names.get(raw)
+    if name is None:
+        name = decode_name(raw)
+        if len(_names) < _MAX_LAYOUTS:
+            _names[raw] = name
+    return name
+
+
+# The attributes a _Layout reads a value of, by kind: (SockView field, struct format of the value, its size)
+_WANTED = {
+    INET_DIAG_SHUTDOWN: ("shutdown", "B", 1),
+    INET_DIAG_TOS: ("tos", "B", 1),
+    INET_DIAG_TCLASS: ("tclass", "B", 1),
+    INET_DIAG_MARK: ("mark", "I", 4),
+    INET_DIAG_SOCKOPT: ("sockopt", "B", 1),
+    INET_DIAG_CLASS_ID: ("class_id", "I", 4),
+}
+
+
+def _learn(data: bytes, msg: int, end: int) -> _Layout | None:
+    """The _Layout of the message at `msg` (attributes up to `end`), kept for the next of its kind; None when one
+    cannot read it (an attribute too short for its value, or a length that does not end at `end`)."""
+    formats = [_HEAD_FORMAT]
+    items = _HEAD_ITEMS
+    header_at: list[int] = []
+    expected: list[int] = []
+    at_of: dict[str, int] = {}
+    md5_keys = 0
+    ulp = False
+    off = msg + _MSG_SIZE
+    while off + _ATTR.size <= end:
+        alen, kind = _ATTR.unpack_from(data, off)
+        padded = (alen + 3) & ~3
+        if alen < _ATTR.size or off + padded > end:
+            return None
+        header_at += (items, items + 1)
+        expected += (alen, kind)
+        formats.append("HH")
+        items += 2
+        payload, room = alen - _ATTR.size, padded - _ATTR.size
+        kind &= 0x3FFF
+        wanted = _WANTED.get(kind)
+        if wanted is not None:
+            field, fmt, need = wanted
+            if payload < need:
+                return None
+            formats.append(f"{fmt}{room - need}x")
+            at_of[field] = items
+            items += 1
+        elif kind == INET_DIAG_INFO:
+            if payload < INFO_HEAD:
+                return None
+            at_of["info"] = items
+            items += 1
+            if payload < _MAX_PACING.size:
+                formats.append(f"{INFO_HEAD}s{room - INFO_HEAD}x")
+            else:
+                formats.append(f"{INFO_HEAD}s{_MAX_PACING.size - 8 - INFO_HEAD}xQ{room - _MAX_PACING.size}x")
+                at_of["max_pacing_rate"] = items
+                items += 1
+        elif kind == INET_DIAG_SKMEMINFO:
+            if payload < _OPTMEM.size:
+                return None
+            formats.append(f"4xI4xI8xI{room - _OPTMEM.size}x")
+            at_of["rcvbuf"], at_of["sndbuf"], at_of["optmem"] = items, items + 1, items + 2
+            items += 3
+        elif kind == INET_DIAG_CONG:
+            formats.append(f"{payload}s{room - payload}x")
+            at_of["congestion"] = items
+            items += 1
+        else:
+            if kind == INET_DIAG_MD5SIG:
+                md5_keys = payload // _MD5_KEY_SIZE
+            elif kind == INET_DIAG_ULP_INFO:
+                ulp = True
+            formats.append(f"{room}x")
+        off += padded
+    layout_struct = struct.Struct("".join(formats))
+    if off != end or layout_struct.size != end - msg or len(expected) < 2:
+        return None
+    layout = _Layout(layout_struct, operator.itemgetter(*header_at), tuple(expected),
+                     operator.itemgetter(*(at_of.get(field, items + i) for i, field in enumerate(_PICKED))),
+                     md5_keys, ulp)
+    known = _layouts.setdefault(end - msg, [])
+    if len(known) < _MAX_LAYOUTS:
+        known.append(layout)
+    return layout
+
+
+def _walk(data: bytes, msg: int, end: int, texts: dict[bytes, str], conn: ConnTuple | None = None) -> SockView:
+    """_view of a message no _Layout reads: attribute by attribute."""
     family, state, _, _, sport, dport = _DUMP_HEAD.unpack_from(data, msg)
     if conn is None:
         conn = ConnTuple(family, _text(texts, family, data[msg + 8 : msg + 24]), socket.ntohs(sport),
@@ -271,7 +460,7 @@ def _view(data: bytes, msg: int, end: int, texts: dict[bytes, str], conn: ConnTu
     info = b""
     md5_keys = shutdown = 0
     ulp = False
-    tos = tclass = mark = sndbuf = rcvbuf = sockopt = None
+    tos = tclass = mark = sndbuf = rcvbuf = sockopt = class_id = pacing = optmem = None
     congestion = None
     unpack_attr = _ATTR.unpack_from
     off = msg + _MSG_SIZE
@@ -284,6 +473,10 @@ def _view(data: bytes, msg: int, end: int, texts: dict[bytes, str], conn: ConnTu
         kind &= 0x3FFF
         if kind == INET_DIAG_INFO:
             info = data[at : at + INFO_HEAD]
+            if alen - _ATTR.size >= _MAX_PACING.size:
+                pacing = _MAX_PACING.unpack_from(data, at)[0]
+        elif kind == INET_DIAG_CLASS_ID:
+            class_id = _U32.unpack_from(data, at)[0]
         elif kind == INET_DIAG_SHUTDOWN:
             shutdown = data[at]
         elif kind == INET_DIAG_MARK:
@@ -292,6 +485,8 @@ def _view(data: bytes, msg: int, end: int, texts: dict[bytes, str], conn: ConnTu
             sockopt = data[at]
         elif kind == INET_DIAG_SKMEMINFO:
             _, rcvbuf, _, sndbuf = _MEMINFO.unpack_from(data, at)
+            if alen - _ATTR.size >= _OPTMEM.size:
+                optmem = _OPTMEM.unpack_from(data, at)[0]
         elif kind == INET_DIAG_TOS:
             tos = data[at]
         elif kind == INET_DIAG_CONG:
@@ -304,4 +499,4 @@ def _view(data: bytes, msg: int, end: int, texts: dict[bytes, str], conn: ConnTu
             ulp = True
         off += (alen + 3) & ~3
     return SockView(conn, state, info, rqueue, md5_keys, ulp, shutdown, ifindex, tos, tclass, mark, congestion,
-                    sndbuf, rcvbuf, sockopt)
+                    sndbuf, rcvbuf, sockopt, class_id, pacing, optmem)

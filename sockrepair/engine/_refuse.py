@@ -10,6 +10,7 @@ both cases SIOCINQ stops at the mark while sock_diag's rqueue (rcv_nxt - copied_
 from __future__ import annotations
 
 import errno
+import threading
 from typing import NamedTuple
 
 from sockrepair.engine._addr import read_tuple
@@ -24,7 +25,7 @@ from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import CHARS, _Session, getsockopt, new
 from sockrepair.engine._states import REPAIRABLE, closed_peer
 from sockrepair.engine._tcpopts import tcp_info
-from sockrepair.errors import SocketStateError
+from sockrepair.errors import SocketCallError, SocketStateError
 from sockrepair.state import ConnTuple, state_name
 
 SOL, TCP, IP, IPV6 = lib.SOL_SOCKET, lib.IPPROTO_TCP, lib.IPPROTO_IP, lib.IPPROTO_IPV6
@@ -83,15 +84,36 @@ _SOCKOPT_BITS = SOCKOPT_TRANSPARENT | SOCKOPT_RECVERR
 # SO_TIMESTAMPNS_NEW too (it sets SOCK_RCVTSTAMP as well), and SO_TIMESTAMPING_OLD reads the flags however they were
 # set; refusals() then names the option.
 _SUSPECT_INTS = [i for i in _INTS if i[2] not in (lib.SO_TIMESTAMPNS_NEW, lib.SO_TIMESTAMPING_NEW)]
+
+
+class _IntChecks(NamedTuple):
+    """Int options to check: `ints` as _INTS lists them, and their levels, options and fresh values, which one
+    map() over the socket method reads and compares (no bytecode runs per option while none differs)."""
+
+    ints: list[tuple[str, int, int, str, int]]
+    levels: tuple[int, ...]
+    opts: tuple[int, ...]
+    fresh: tuple[int, ...]
+
+
+def _int_checks(ints: list[tuple[str, int, int, str, int]]) -> _IntChecks:
+    return _IntChecks(ints, tuple(i[1] for i in ints), tuple(i[2] for i in ints), tuple(i[4] for i in ints))
+
+
 # The ints the checks read, per family: all of them, or all but those a dump's INET_DIAG_SOCKOPT showed unset.
-_READ_ALL = {family: _SUSPECT_INTS + ints for family, ints in _FAMILY_INTS.items()}
+_READ_ALL = {family: _int_checks(_SUSPECT_INTS + ints) for family, ints in _FAMILY_INTS.items()}
 _READ_UNSHOWN = {
-    family: _SUSPECT_INTS + [i for i in ints if not (i[1] == IP and i[2] in (lib.IP_TRANSPARENT, lib.IP_RECVERR))]
+    family: _int_checks(_SUSPECT_INTS + [i for i in ints
+                                         if not (i[1] == IP and i[2] in (lib.IP_TRANSPARENT, lib.IP_RECVERR))])
     for family, ints in _FAMILY_INTS.items()
 }
+# _HEADER_OPTS as the arguments of one map(): levels, options, buffer sizes
+_HEADER_READS = {family: (tuple(h[0] for h in opts), tuple(h[1] for h in opts), (_HEADER_SIZE,) * len(opts))
+                 for family, opts in _HEADER_OPTS.items()}
+_IP_OPTIONS_READ = _HEADER_READS[lib.AF_INET]
 
 
-def _ints_to_read(family: int, sockopt: int | None) -> list[tuple[str, int, int, str, int]]:
+def _ints_to_read(family: int, sockopt: int | None) -> _IntChecks:
     """The int options to read, given INET_DIAG_SOCKOPT's first byte (None: the kernel sent none): those it shows
     are read only to name one it shows set."""
     return _READ_ALL[family] if sockopt is None or sockopt & _SOCKOPT_BITS else _READ_UNSHOWN[family]
@@ -107,17 +129,15 @@ class Checked(NamedTuple):
     inq: int
 
 
-def refusals(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool,
-             bound: bool | None = None) -> list[tuple[str, str]]:
+def refusals(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool) -> list[tuple[str, str]]:
     """(registry entry name, what was found) for every REFUSED entry the connection uses; [] when none. An urgent
     byte already read shows only as SIOCINQ stopping short of sock_diag's rqueue, which is compared `in_repair`
     only: out of repair mode the application may read between the two calls, and the two would disagree for that
-    reason alone. `bound`: whether the socket is bound to a device (SO_BINDTODEVICE names one), when the caller
-    read it; None reads the index. Raises SocketCallError when a kernel call fails unexpectedly."""
-    return checked(session, conn, tcp_state, in_repair, bound).found
+    reason alone. Raises SocketCallError when a kernel call fails unexpectedly."""
+    return checked(session, conn, tcp_state, in_repair).found
 
 
-def checked(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool, bound: bool | None) -> Checked:
+def checked(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool) -> Checked:
     """refusals(), with what its sock_diag round trip read."""
     found: list[tuple[str, str]] = []
     family = conn.family
@@ -125,14 +145,15 @@ def checked(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool,
     inq = -1
     if tcp_state != lib.TCP_CLOSE:
         # sock_diag finds no socket in CLOSE (it left the hash tables, and its keys can sign no more segments)
-        ifindex = session.get(SOL, lib.SO_BINDTOIFINDEX, "SO_BINDTOIFINDEX") if bound is not False else 0
+        ifindex: int | None = None
         for _ in range(_ATTEMPTS):
             inq = session.ioctl(lib.SIOCINQ, "SIOCINQ")
-            view = diag(session, conn, ifindex)
+            view, ifindex = _diag_bound(session, conn, ifindex)
             if session.ioctl(lib.SIOCINQ, "SIOCINQ") == inq:
                 break
     # the dump shows IP_TRANSPARENT and IP_RECVERR: read only to name them (unsuspected_inq does the same)
-    _option_refusals(session, _ints_to_read(family, None if view is None else view.sockopt), family, found)
+    _option_refusals(session, _ints_to_read(family, None if view is None else view.sockopt), family, found,
+                     None if view is None else view.optmem)
     # in repair mode CAP_NET_ADMIN is held, to which sock_diag shows an upper-layer protocol: its name is read
     # only when there is one
     ulp = _ulp(session) if view is None or not in_repair or view.ulp else ""
@@ -157,10 +178,59 @@ def checked(session: _Session, conn: ConnTuple, tcp_state: int, in_repair: bool,
     return Checked(found, view, inq)
 
 
-def _option_refusals(session: _Session, ints: list[tuple[str, int, int, str, int]], family: int,
-                     found: list[tuple[str, str]]) -> None:
-    """The refused int options in `ints`, IP options or IPv6 extension headers, and socket filters."""
-    # every connection pays these: the socket method called in the loop, not through _get_optional's two frames
+def _diag_bound(session: _Session, conn: ConnTuple, ifindex: int | None) -> tuple[SockView, int]:
+    """diag() naming the device the socket is bound to, and that device's index: `ifindex` when known; else none
+    first, which finds every socket not bound to a device (the most frequent: no SO_BINDTOIFINDEX read), and a
+    bound one only by its device (net/ipv4/inet_hashtables.c inet_match: inet_bound_dev_eq), so on ENOENT the
+    device SO_BINDTOIFINDEX names, if any."""
+    if ifindex is not None:
+        return diag(session, conn, ifindex), ifindex
+    try:
+        return diag(session, conn, 0), 0
+    except SocketCallError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+        bound = session.get(SOL, lib.SO_BINDTOIFINDEX, "SO_BINDTOIFINDEX")
+        if not bound:
+            raise
+    return diag(session, conn, bound), bound
+
+
+def _option_refusals(session: _Session, checks: _IntChecks, family: int, found: list[tuple[str, str]],
+                     optmem: int | None = None) -> None:
+    """The refused int options in `checks`, IP options or IPv6 extension headers, and socket filters. Each group
+    is read in one map() first; only when it shows something (or a read fails) is it read again one by one, to
+    name what was found (or the call that failed). `optmem`: sk_omem_alloc from sock_diag (SockView.optmem), when
+    known. A socket filter charges it (net/core/filter.c __sk_filter_charge, and sk_clone_lock for an accepted
+    socket's copy), and so do IPv6 extension headers (net/ipv6/exthdrs.c ipv6_renew_options, ipv6_dup_options:
+    sock_kmalloc): at 0 neither is there, and only IP_OPTIONS (kzalloc'd, uncharged: ip_options_get) is read."""
+    getsockopt_int = session.sock.getsockopt
+    try:
+        suspect = tuple(map(getsockopt_int, checks.levels, checks.opts)) != checks.fresh
+    except OSError:
+        suspect = True
+    if suspect:
+        _int_refusals(session, checks.ints, found)
+    try:
+        held = any(map(len, map(getsockopt_int, *(_IP_OPTIONS_READ if optmem == 0 else _HEADER_READS[family]))))
+    except OSError:
+        held = True  # an IPv6 header option a v4-mapped socket does not answer: each is asked alone
+    if held:
+        _header_refusals(session, family, found)
+    if optmem == 0:
+        return
+    size = session.size
+    size[0] = 0
+    if getsockopt(session.fd, SOL, lib.SO_GET_FILTER, ffi.NULL, size) < 0:
+        if ffi.errno != errno.EACCES:
+            raise session.fail("getsockopt(SO_GET_FILTER)")
+        found.append(("SO_ATTACH_FILTER/SO_ATTACH_BPF", "an eBPF socket filter is attached"))
+    elif size[0]:
+        found.append(("SO_ATTACH_FILTER/SO_ATTACH_BPF", f"a classic BPF filter of {size[0]} instructions is attached"))
+
+
+def _int_refusals(session: _Session, ints: list[tuple[str, int, int, str, int]], found: list[tuple[str, str]]
+                  ) -> None:
     getsockopt_int = session.sock.getsockopt
     for entry, level, opt, name, fresh in ints:
         try:
@@ -171,6 +241,10 @@ def _option_refusals(session: _Session, ints: list[tuple[str, int, int, str, int
             raise session.failed(f"getsockopt({name})", exc) from None
         if value != fresh and entry not in (e for e, _ in found):
             found.append((entry, f"{name} is {value}"))
+
+
+def _header_refusals(session: _Session, family: int, found: list[tuple[str, str]]) -> None:
+    getsockopt_int = session.sock.getsockopt
     for level, opt, name in _HEADER_OPTS[family]:
         try:
             held = len(getsockopt_int(level, opt, _HEADER_SIZE))
@@ -179,14 +253,6 @@ def _option_refusals(session: _Session, ints: list[tuple[str, int, int, str, int
         if held:
             found.append((HEADER_ENTRY, f"{name} holds {held} bytes"))
             break
-    size = session.size
-    size[0] = 0
-    if getsockopt(session.fd, SOL, lib.SO_GET_FILTER, ffi.NULL, size) < 0:
-        if ffi.errno != errno.EACCES:
-            raise session.fail("getsockopt(SO_GET_FILTER)")
-        found.append(("SO_ATTACH_FILTER/SO_ATTACH_BPF", "an eBPF socket filter is attached"))
-    elif size[0]:
-        found.append(("SO_ATTACH_FILTER/SO_ATTACH_BPF", f"a classic BPF filter of {size[0]} instructions is attached"))
 
 
 class _Kernel:
@@ -227,7 +293,7 @@ def unsuspected_inq(session: _Session, view: SockView, tcp_state: int) -> int:
         return -1
     family = view.tuple.family
     found: list[tuple[str, str]] = []
-    _option_refusals(session, _ints_to_read(family, view.sockopt), family, found)
+    _option_refusals(session, _ints_to_read(family, view.sockopt), family, found, view.optmem)
     _ao_refusal(session, found)
     if found or _urgent(session) is not None:
         return -1
@@ -257,11 +323,10 @@ def refusals_of(fd: int) -> list[tuple[str, str]]:
     return refusals(session, conn, tcp_state, in_repair=False)
 
 
-def refuse(session: _Session, conn: ConnTuple, tcp_state: int, bound: bool | None = None) -> Checked:
+def refuse(session: _Session, conn: ConnTuple, tcp_state: int) -> Checked:
     """In repair mode (the application cannot read meanwhile): raise SocketStateError (`.fd`, `.tuple`,
-    `.tcp_state`) naming every REFUSED entry the connection uses; else what the checks read (`bound` as for
-    refusals())."""
-    found, view, inq = checked(session, conn, tcp_state, True, bound)
+    `.tcp_state`) naming every REFUSED entry the connection uses; else what the checks read."""
+    found, view, inq = checked(session, conn, tcp_state, True)
     if found:
         what = "; ".join(f"{detail} ({entry})" for entry, detail in found)
         raise SocketStateError(
@@ -281,10 +346,20 @@ def _ulp(session: _Session) -> str:
     return ffi.string(buf, size[0]).decode("ascii", "replace")  # type: ignore[no-any-return]
 
 
+class _OobByte(threading.local):
+    """Per thread (the kernel writes it while the GIL is released): the byte an urgent peek reads into."""
+
+    def __init__(self) -> None:
+        self.byte = new(CHARS, 1)
+
+
+_oob = _OobByte()
+
+
 def _urgent(session: _Session) -> str | None:
     """What recv(MSG_OOB | MSG_PEEK) says about an urgent byte not yet read; None when there is none to read.
     Through cffi, like TCP_AO_INFO: without urgent data the call fails (EINVAL)."""
-    buf = new(CHARS, 1)
+    buf = _oob.byte
     got = lib.recv(session.fd, buf, 1, _OOB_FLAGS)
     if got == 1:
         return f"an urgent byte {ffi.buffer(buf, 1)[:]!r} not yet read"

@@ -264,9 +264,10 @@ def close_silently(fd: int) -> None:
         raise SocketCallError(ffi.errno, "close", fd)
 
 
-def hold_reuse(fd: int) -> None:
-    """Remember, past the checkpoint's session, that the application of socket `fd` had SO_REUSEADDR set."""
-    _reuse_held.add(os.fstat(fd).st_ino)
+def hold_reuse(fd: int, inode: int | None = None) -> None:
+    """Remember, past the checkpoint's session, that the application of socket `fd` (sockfs `inode`, when the caller
+    read it) had SO_REUSEADDR set."""
+    _reuse_held.add(os.fstat(fd).st_ino if inode is None else inode)
 
 
 def release_reuse(fd: int) -> bool:

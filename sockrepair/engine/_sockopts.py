@@ -6,11 +6,13 @@ off, because leaving repair mode resets the socket's reuse flag."""
 from __future__ import annotations
 
 import errno
-import functools
 import operator
 import socket
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from operator import truth
+from typing import NamedTuple
 
 from sockrepair.engine._ffi import lib
 from sockrepair.engine._session import (
@@ -103,9 +105,7 @@ _BUFFER_OPTS = [
 ]
 # SocketOptions is built positionally (keywords cost about 3 us): each field's position
 SOCKOPT_POSITION = {f.name: i for i, f in enumerate(fields(SocketOptions))}
-# what a field not read for the family (v6only for IPv4) holds
-_DEFAULTS = [getattr(SocketOptions(), name) for name in SOCKOPT_POSITION]
-# What read_sockopts reads, per family, in its order: (field, level, option, name, a bool field, its position)
+# What read_sockopts reads, per family: (field, level, option, name, a bool field, its position)
 _READS = {
     family: [
         (o.field, o.level, o.opt, o.name, o.field in BOOL_FIELDS, SOCKOPT_POSITION[o.field])
@@ -113,11 +113,70 @@ _READS = {
     ]
     for family, opts in INT_OPTS.items()
 }
-_OPTIONAL_READS = [(o.level, o.opt, o.name, SOCKOPT_POSITION[o.field]) for o in OPTIONAL_INT_OPTS]
+_OPTIONAL_LEVELS = tuple(o.level for o in OPTIONAL_INT_OPTS)
+_OPTIONAL_OPTS = tuple(o.opt for o in OPTIONAL_INT_OPTS)
 _LINGER = struct.Struct("ii")
 _TIMEVAL = struct.Struct("ll")
-_LAST_POSITIONS = tuple(SOCKOPT_POSITION[name] for name in ("linger_on", "linger_secs", "bindtodevice", "congestion",
-                                                              *(field for field, _, _ in TIMEOUTS)))
+# The options whose value is a struct or a name: (field, level, option, name, buffer size); those after the first
+# three are the ones a sock_diag answer shows too
+_STRUCT_READS = [("linger", SOL, lib.SO_LINGER, "SO_LINGER", _LINGER.size),
+                 *((field, SOL, opt, name, _TIMEVAL.size) for field, opt, name in TIMEOUTS),
+                 ("bindtodevice", SOL, lib.SO_BINDTODEVICE, "SO_BINDTODEVICE", IFNAMSIZ),
+                 ("congestion", TCP, lib.TCP_CONGESTION, "TCP_CONGESTION", IFNAMSIZ)]
+# The fields a sock_diag answer shows as getsockopt does (engine/_diag.py SockView; engine/_checkpoint.py
+# dumped_sockopts says how), in the order sockopts_of() takes their values: a checkpoint in repair mode takes them
+# from its sock_diag round trip
+DUMPED = ("tos", "mark", "freebind", "sndbuf", "rcvbuf", "congestion", "bindtodevice", "priority", "max_pacing_rate")
+
+
+class ReadPlan(NamedTuple):
+    """What read_plain() reads for one family, each group in one map() over the socket method (no bytecode runs per
+    option): the bool options, the int options, Linux 6.15's optional ones, then the struct and name options
+    (`struct_levels`, `struct_opts`, `struct_sizes`). read_plain() lists their values in that order, SO_LINGER's
+    and the timeouts' decoded; `order` picks the SocketOptions fields from that list followed by the DUMPED values
+    (when `dumped`) and `constants` (the defaults of fields the family has not: v6only for IPv4). `reads`: (level,
+    option, name, buffer size or 0) of each read, in order, for naming the one that failed; `reuseaddr_at`: where
+    SO_REUSEADDR is in read_plain()'s list."""
+
+    bool_levels: tuple[int, ...]
+    bool_opts: tuple[int, ...]
+    int_levels: tuple[int, ...]
+    int_opts: tuple[int, ...]
+    struct_levels: tuple[int, ...]
+    struct_opts: tuple[int, ...]
+    struct_sizes: tuple[int, ...]
+    dumped: bool
+    constants: tuple[object, ...]
+    order: Callable[[list[object]], tuple[object, ...]]
+    reads: tuple[tuple[int, int, str, int], ...]
+    reuseaddr_at: int
+
+
+def _plan(family: int, dumped: bool) -> ReadPlan:
+    skip = set(DUMPED) if dumped else set()
+    ints = [r for r in _READS[family] if r[0] not in skip]
+    bools = [r for r in ints if r[4]]
+    ints = [r for r in ints if not r[4]]
+    structs = [r for r in _STRUCT_READS if r[0] not in skip]
+    listed = ([r[0] for r in bools] + [r[0] for r in ints] + [o.field for o in OPTIONAL_INT_OPTS]
+              + ["linger_on", "linger_secs", *(field for field, _, _ in TIMEOUTS)]
+              + [r[0] for r in structs[3:]] + (list(DUMPED) if dumped else []))
+    defaults = SocketOptions()
+    missing = [name for name in SOCKOPT_POSITION if name not in listed]
+    listed += missing
+    return ReadPlan(
+        tuple(r[1] for r in bools), tuple(r[2] for r in bools), tuple(r[1] for r in ints), tuple(r[2] for r in ints),
+        tuple(r[1] for r in structs), tuple(r[2] for r in structs), tuple(r[4] for r in structs), dumped,
+        tuple(getattr(defaults, name) for name in missing),
+        operator.itemgetter(*(listed.index(name) for name in SOCKOPT_POSITION)),
+        tuple((r[1], r[2], r[3], 0) for r in bools + ints) + tuple((r[1], r[2], r[3], r[4]) for r in structs),
+        listed.index("reuseaddr"),
+    )
+
+
+# per family: the plan that reads every option, and the one that leaves the DUMPED ones to a sock_diag answer
+PLANS = {family: _plan(family, False) for family in INT_OPTS}
+DUMPED_PLANS = {family: _plan(family, True) for family in INT_OPTS}
 # What apply_in_repair sets, per family: (field, level, option, name, the value a new socket has or None, whether
 # it is SO_PRIORITY), and the fields' values in that order in one call
 _WRITES = {
@@ -130,49 +189,77 @@ _WRITTEN_VALUES = {family: operator.attrgetter(*(w[0] for w in writes)) for fami
 
 def read_sockopts(session: _Session, family: int) -> SocketOptions:
     """Must run before repair mode is switched on: repair mode forces the reuse flag, which SO_REUSEADDR reports."""
-    return SocketOptions(*read_sockopt_values(session, family))  # type: ignore[arg-type]
+    plan = PLANS[family]
+    return sockopts_of(plan, read_plain(session, plan))
 
 
-def read_sockopt_values(session: _Session, family: int, skip: frozenset[str] = frozenset()) -> list[object]:
-    """The fields of SocketOptions in their order (SOCKOPT_POSITION), read as read_sockopts() reads them, but those
-    in `skip`, which hold SocketOptions' defaults (a batch checkpoint takes them from a sock_diag dump:
-    engine/_batch.py)."""
+def read_plain(session: _Session, plan: ReadPlan) -> list[object]:
+    """The values of the options `plan` reads (ReadPlan says in which order), before repair mode. Raises
+    SocketCallError naming the option whose getsockopt failed."""
     getsockopt = session.sock.getsockopt
-    values: list[object] = list(_DEFAULTS)
-    name = ""
     try:
-        for _, level, opt, name, as_bool, at in (_reads_without(family, skip) if skip else _READS[family]):
-            raw = getsockopt(level, opt)
-            values[at] = bool(raw) if as_bool else raw
-        for level, opt, name, at in _OPTIONAL_READS:
-            try:
-                values[at] = getsockopt(level, opt)
-            except OSError as exc:
-                if exc.errno != errno.ENOPROTOOPT:
-                    raise
-                values[at] = 0
-        name = "SO_LINGER"
-        linger_on, linger_secs = _LINGER.unpack(getsockopt(SOL, lib.SO_LINGER, _LINGER.size))
-        name = "SO_BINDTODEVICE"
-        device = b"" if "bindtodevice" in skip else getsockopt(SOL, lib.SO_BINDTODEVICE, IFNAMSIZ)
-        name = "TCP_CONGESTION"
-        congestion = b"" if "congestion" in skip else getsockopt(TCP, lib.TCP_CONGESTION, IFNAMSIZ)
-        timeouts = []
-        for _, opt, name in TIMEOUTS:
-            secs, usecs = _TIMEVAL.unpack(getsockopt(SOL, opt, _TIMEVAL.size))
-            timeouts.append(secs * 1_000_000 + usecs)
+        values: list[object] = list(map(truth, map(getsockopt, plan.bool_levels, plan.bool_opts)))
+        values += map(getsockopt, plan.int_levels, plan.int_opts)
+        linger, rcvtimeo, sndtimeo, *names = map(getsockopt, plan.struct_levels, plan.struct_opts,
+                                                 plan.struct_sizes)
     except OSError as exc:
-        raise session.failed(f"getsockopt({name})", exc) from None
-    last = (bool(linger_on), linger_secs, decode_name(device), decode_name(congestion), *timeouts)
-    for at, value in zip(_LAST_POSITIONS, last, strict=True):
-        values[at] = value
+        raise _failed_read(session, plan, exc) from None
+    if _Kernel.optional:
+        try:
+            values += tuple(map(getsockopt, _OPTIONAL_LEVELS, _OPTIONAL_OPTS))
+        except OSError:
+            values += _optional_reads(session)
+    else:
+        values += (0,) * len(_OPTIONAL_OPTS)
+    linger_on, linger_secs = _LINGER.unpack(linger)
+    rcv_secs, rcv_usecs = _TIMEVAL.unpack(rcvtimeo)
+    snd_secs, snd_usecs = _TIMEVAL.unpack(sndtimeo)
+    values += (linger_on != 0, linger_secs, rcv_secs * 1_000_000 + rcv_usecs, snd_secs * 1_000_000 + snd_usecs)
+    if names:
+        values += map(decode_name, names)
     return values
 
 
-@functools.cache
-def _reads_without(family: int, skip: frozenset[str]) -> list[tuple[str, int, int, str, bool, int]]:
-    """_READS[family] less the fields in `skip`."""
-    return [read for read in _READS[family] if read[0] not in skip]
+def sockopts_of(plan: ReadPlan, values: list[object], dumped: Sequence[object] = ()) -> SocketOptions:
+    """SocketOptions from read_plain()'s `values` (which this extends) and, for a plan that leaves the DUMPED
+    fields out, their `dumped` values in DUMPED's order."""
+    values += dumped
+    values += plan.constants
+    return SocketOptions(*plan.order(values))  # type: ignore[arg-type]
+
+
+class _Kernel:
+    # ENOPROTOOPT for an optional option (Linux before 6.15): not asked again this boot, read as 0
+    optional = True
+
+
+def _optional_reads(session: _Session) -> tuple[int, ...]:
+    """The optional options one by one: 0 for those this kernel lacks (ENOPROTOOPT)."""
+    getsockopt = session.sock.getsockopt
+    values = []
+    absent = 0
+    for o in OPTIONAL_INT_OPTS:
+        try:
+            values.append(getsockopt(o.level, o.opt))
+        except OSError as exc:
+            if exc.errno != errno.ENOPROTOOPT:
+                raise session.failed(f"getsockopt({o.name})", exc) from None
+            values.append(0)
+            absent += 1
+    if absent == len(values):
+        _Kernel.optional = False
+    return tuple(values)
+
+
+def _failed_read(session: _Session, plan: ReadPlan, first: OSError) -> SocketCallError:
+    """The error of the read that failed in a group: the reads again one by one, up to the first that fails."""
+    getsockopt = session.sock.getsockopt
+    for level, opt, name, size in plan.reads:
+        try:
+            getsockopt(level, opt, size) if size else getsockopt(level, opt)
+        except OSError as exc:
+            return session.failed(f"getsockopt({name})", exc)
+    return session.failed("getsockopt(the socket options)", first)
 
 
 def decode_name(raw: bytes) -> str:

@@ -31,6 +31,10 @@ class TcpInfo(NamedTuple):
     tcpi_wscales: int
 
 
+# tuple.__new__ of the class: its generated __new__ (a Python function) costs as much again
+_new_info = TcpInfo._make
+
+
 def tcp_info(session: _Session) -> TcpInfo:
     """The state, options and window scales of TCP_INFO: its first 8 bytes, which the kernel copies alone when asked
     for no more."""
@@ -38,14 +42,22 @@ def tcp_info(session: _Session) -> TcpInfo:
         raw = session.sock.getsockopt(TCP, TCP_INFO, INFO_HEAD)
     except OSError as exc:
         raise session.failed("getsockopt(TCP_INFO)", exc) from None
-    return TcpInfo(raw[0], raw[5], raw[6])
+    return _new_info((raw[0], raw[5], raw[6]))
+
+
+def tcp_state(session: _Session) -> int:
+    """TCP_INFO's tcpi_state alone: its first byte, which the kernel copies alone when asked for no more."""
+    try:
+        return session.sock.getsockopt(TCP, TCP_INFO, 1)[0]
+    except OSError as exc:
+        raise session.failed("getsockopt(TCP_INFO)", exc) from None
 
 
 def tcp_info_from(session: _Session, state: int, head: bytes) -> TcpInfo:
     """TcpInfo from a sock_diag answer: `state` (its sk_state) and `head` (its INET_DIAG_INFO, INFO_HEAD bytes);
     TCP_INFO itself when the kernel sent no INET_DIAG_INFO (`head` b"")."""
     if len(head) > 6:
-        return TcpInfo(state, head[5], head[6])
+        return _new_info((state, head[5], head[6]))
     return tcp_info(session)
 
 
@@ -76,16 +88,15 @@ def segs_in(session: _Session) -> int:
 
 def read_options(session: _Session, info: TcpInfo) -> TcpOptions:
     """The options negotiated in the handshake (from `info`) and, in repair mode, TCP_MAXSEG: the MSS clamp."""
+    try:
+        mss = session.sock.getsockopt(TCP, TCP_MAXSEG)
+    except OSError as exc:
+        raise session.failed("getsockopt(TCP_MAXSEG)", exc) from None
     opts = info.tcpi_options
     wscales = info.tcpi_wscales
-    return TcpOptions(
-        mss=session.get(TCP, TCP_MAXSEG, "TCP_MAXSEG"),
-        sack=bool(opts & OPT_SACK),
-        timestamps=bool(opts & OPT_TIMESTAMPS),
-        wscale=bool(opts & OPT_WSCALE),
-        snd_wscale=wscales & 0x0F,
-        rcv_wscale=wscales >> 4,
-    )
+    # positionally (a batch builds thousands): mss, sack, timestamps, wscale, snd_wscale, rcv_wscale
+    return TcpOptions(mss, opts & OPT_SACK != 0, opts & OPT_TIMESTAMPS != 0, opts & OPT_WSCALE != 0, wscales & 0x0F,
+                      wscales >> 4)
 
 
 def restore_options(session: _Session, options: TcpOptions) -> None:
@@ -137,7 +148,10 @@ def restore_window(session: _Session, window: RepairWindow) -> None:
 
 def read_timestamp(session: _Session) -> int:
     """The u32 as the kernel gives it: newer kernels keep a microsecond-clock flag in its low bit."""
-    return session.get_u32(TCP, TCP_TIMESTAMP, "TCP_TIMESTAMP")
+    try:
+        return int(session.sock.getsockopt(TCP, TCP_TIMESTAMP)) & 0xFFFFFFFF
+    except OSError as exc:
+        raise session.failed("getsockopt(TCP_TIMESTAMP)", exc) from None
 
 
 def restore_timestamp(session: _Session, timestamp: int) -> None:

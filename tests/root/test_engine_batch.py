@@ -17,10 +17,13 @@ import pytest
 
 import sockrepair
 from sockrepair.engine._batch import checkpoint_many, ensure_all_unchanged
+from sockrepair.engine._session import _Session
+from sockrepair.engine._sockopts import read_sockopts
 from sockrepair.netns import NetNS
 from sockrepair.state import ConnectionState
 from tests.root.pairs import FAMILIES, recv_exactly, wait_for
 from tests.root.test_engine_closed import _peer_of_closed
+from tests.root.test_engine_registry import _attach_filter
 from tests.root.test_engine_states import (
     CLOSE_WAIT,
     CONNECTING,
@@ -34,6 +37,7 @@ from tests.root.test_engine_states import (
 SOL, TCP, IP = socket.SOL_SOCKET, socket.IPPROTO_TCP, socket.IPPROTO_IP
 ESTABLISHED, SYN_SENT, CLOSE = 1, 2, 7
 TCP_REPAIR = 19
+SO_MAX_PACING_RATE = 47
 
 
 def _established(c: socket.socket, s: socket.socket) -> tuple[bytes, bytes]:
@@ -45,6 +49,8 @@ def _established(c: socket.socket, s: socket.socket) -> tuple[bytes, bytes]:
     s.setsockopt(SOL, socket.SO_RCVBUF, 80 << 10)
     s.setsockopt(SOL, socket.SO_BINDTODEVICE, b"lo")
     s.setsockopt(TCP, socket.TCP_NODELAY, 1)
+    s.setsockopt(SOL, socket.SO_PRIORITY, 5)
+    s.setsockopt(SOL, SO_MAX_PACING_RATE, 1_000_000)
     c.sendall(b"to the server, unread")
     s.sendall(b"to the client")
     wait_for(lambda: _inq(s) == 21, "the bytes to arrive")
@@ -83,6 +89,8 @@ def test_batch_and_single_checkpoints_are_equal(netns, family: int, listen_addr:
     pairs = [_made(family, listen_addr, connect_addr, setup) for setup in SETUP_NAMES for _ in range(2)]
     socks = [s for _, s in pairs]
     try:
+        # what getsockopt reads of every option: both checkpoints take some from sock_diag instead
+        plain = [read_sockopts(_Session(s.fileno()), family) for s in socks]
         single = [sockrepair.checkpoint(s) for s in socks]
         for s in socks:
             sockrepair.resume(s)
@@ -94,9 +102,12 @@ def test_batch_and_single_checkpoints_are_equal(netns, family: int, listen_addr:
         for one, many in zip(single, batch):
             for field in dataclasses.fields(ConnectionState):
                 assert getattr(_comparable(many), field.name) == getattr(_comparable(one), field.name), field.name
+        assert [st.sockopts for st in batch] == plain
         first = batch[0]
         assert first.recv_queue == b"to the server, unread"
         assert (first.sockopts.tos, first.sockopts.mark, first.sockopts.bindtodevice) == (0x28, 0x1234, "lo")
+        assert (first.sockopts.priority, first.sockopts.max_pacing_rate) == (5, 1_000_000)
+        assert (batch[2].sockopts.priority, batch[2].sockopts.max_pacing_rate) == (0, -1)
         assert first.sockopts.nodelay
     finally:
         for pair in pairs:
@@ -159,6 +170,10 @@ REFUSALS: dict[str, tuple[str, Callable[[socket.socket, socket.socket], None]]] 
     "urgent": ("urgent data (MSG_OOB)", _urgent_read),
     # asked per socket
     "SO_DONTROUTE": ("SO_DONTROUTE", lambda c, s: s.setsockopt(SOL, socket.SO_DONTROUTE, 1)),
+    # asked only when the dump's sk_omem_alloc (SKMEMINFO) is not 0, which a filter charges
+    "SO_ATTACH_FILTER": ("SO_ATTACH_FILTER/SO_ATTACH_BPF", lambda c, s: _attach_filter(s)),
+    "IP_OPTIONS": ("IP_OPTIONS/IPV6_HOPOPTS/IPV6_RTHDR/IPV6_DSTOPTS/IPV6_RTHDRDSTOPTS",
+                   lambda c, s: s.setsockopt(IP, socket.IP_OPTIONS, b"\x01\x01\x01\x00")),
     "IP_MINTTL": ("IP_MINTTL/IPV6_MINHOPCOUNT", lambda c, s: s.setsockopt(IP, 21, 5)),
     # each way to ask for receive timestamps (asm-generic/socket.h), fewer calls suspect them all
     "SO_TIMESTAMP_OLD": (TIMESTAMPS, lambda c, s: s.setsockopt(SOL, 29, 1)),
@@ -189,6 +204,21 @@ def test_batch_refuses_as_checkpoint_does_and_resumes_all(make_pair, case: str) 
     for c, s in (pairs[0], pairs[2]):
         s.sendall(b"still here")
         assert recv_exactly(c, 10) == b"still here"
+
+
+def test_batch_refuses_ipv6_extension_headers_as_checkpoint_does(make_pair) -> None:
+    """IPV6_HOPOPTS (a hop-by-hop header of one PadN option) is charged to sk_omem_alloc (ipv6_renew_options:
+    sock_kmalloc), which makes both checkpoints ask for the IPv6 headers."""
+    pairs = [make_pair(socket.AF_INET6, "::1") for _ in range(2)]
+    client, server = pairs[1]
+    server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_HOPOPTS, b"\x00\x00\x01\x04\x00\x00\x00\x00")
+    with pytest.raises(sockrepair.SocketStateError) as alone:
+        sockrepair.checkpoint(server)
+    with pytest.raises(sockrepair.SocketStateError) as together:
+        checkpoint_many([s for _, s in pairs])
+    assert "IPV6_HOPOPTS holds 8 bytes (IP_OPTIONS/IPV6_HOPOPTS/" in str(together.value)
+    assert str(together.value) == str(alone.value)
+    assert [_in_repair(s) for _, s in pairs] == [0, 0]
 
 
 def test_batch_refuses_a_listening_socket_as_checkpoint_does(make_pair) -> None:
