@@ -214,12 +214,14 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         source_locker.prepare()
         if dest_locker is not source_locker:
             dest_locker.prepare()
-        with captured(pid, wanted, source_locker, timings, ttl, quiescence, freezer, owed=True) as cap:
+        source_ns, dest_ns = f"/proc/{pid}/ns/net", netns_path(dest_netns)
+        with captured(pid, wanted, source_locker, timings, ttl, quiescence, freezer, owed=True,
+                      group=keeper.group_in(source_ns) if keeper is not None else None) as cap:
             tuples = [s.tuple for s in cap.sockets]
             start = cap.frozen_at
             if dest_locker is not source_locker:
                 with timings.timed(Stage.LOCK):
-                    dest_locker.lock(tuples, ttl=ttl)
+                    dest_locker.lock(tuples, ttl=ttl, group=keeper.group_in(dest_ns) if keeper is not None else None)
             # restored from these very states: the images are the journal's, for a restore in another process
             states = cap.states
             with timings.timed(Stage.SERIALIZE):

@@ -29,6 +29,7 @@ from sockrepair.lab.programs import ECHO_SERVER
 from sockrepair.lab.recorder import Recorder as WireRecorder
 from sockrepair.lock import Locker
 from sockrepair.lock.record import Recorder
+from sockrepair.lock.ruleset import NFLOG_GROUP
 from sockrepair.move import keeper as keeper_module
 from sockrepair.move.keeper import RECORD
 from sockrepair.move.land import restore_all, unlock_in
@@ -277,8 +278,8 @@ def test_the_keeper_leaves_once_its_connections_are_released(ns: NetNS, tmp_path
             unlock_in(ns.name, states)
             wait_for(lambda: not _alive(keeper), "the keeper to leave", 10.0)
             assert _kept(tmp_path / "img").end == "none of its connections is locked any more"
-            with ns.entered(), Recorder():  # the group is free again
-                pass
+            with ns.entered(), Recorder() as recorder:
+                assert recorder.group == NFLOG_GROUP  # the keeper's group is free again
             client.sendall(b"after")
             assert recv_exactly(restored, 5) == b"after"
 
@@ -296,8 +297,8 @@ def test_a_keeper_that_does_not_answer_is_killed(ns: NetNS, tmp_path: Path, monk
         assert "did not answer: killed" in taken.note and taken.recorders == []
         assert len(taken.packets) == 1 and taken.packets == _kept(tmp_path / "img").packets
         wait_for(lambda: not _alive(keeper), "the keeper to die", 5.0)
-        with ns.entered(), Recorder():  # the group is free for the restore
-            pass
+        with ns.entered(), Recorder() as recorder:
+            assert recorder.group == NFLOG_GROUP  # the keeper's group is free for the restore
 
 
 # `sockrepair restore` whose exec pauses once the restorer delivered what was kept, until a line on its stdin
