@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+import sockrepair
 from sockrepair.image.directory import read_dir
 from sockrepair.image.keptlog import NAME as KEPT
 from sockrepair.image.keptlog import KeptLog, decode_keptlog
@@ -141,6 +142,32 @@ def test_a_request_sent_between_dump_and_restore_arrives_without_retransmission(
         assert log.end is not None and log.end.startswith("handed over to process ") and log.fell_back == 0
         with Locker(ns.name) as locker:
             assert locker.list_locks() == []
+
+
+def test_a_migrate_while_a_keeper_waits_keeps_its_own_requests_too(ns: NetNS, tmp_path: Path) -> None:
+    """A dump's keeper holds its recorder (and group) in the namespace until the restore; a migrate() there meanwhile
+    records on a group of its own: its peer's request is delivered without retransmission, the keeper keeps only
+    its own peer's, and the restore then delivers that one. With one group per namespace the migrate() moved with
+    the dropping lock, and its peer waited its retransmission timeout (8 s here)."""
+    _slow_peer_routes(ns)
+    with echo_connection(ns) as (dumped, client_a), echo_connection(ns) as (migrated, client_b):
+        _dump(dumped.pid, tmp_path / "img")
+        keeper = _keeper_pid(tmp_path / "img")
+        client_a.sendall(REQUEST)
+        wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
+        report = sockrepair.migrate(migrated.pid, dest_netns=ns.name, network=lambda: client_b.sendall(b"GET /moving"),
+                                    handoff=lambda socks, _tuples: socks, keep=True)
+        [restored_b] = report.handoff_result
+        with restored_b:
+            assert recv_exactly(restored_b, 11) == b"GET /moving"
+            assert tcp_info(client_b)[2] == 0
+        assert (report.kept.recording, report.kept.delivered, report.kept.fell_back) == (True, 1, 0)
+        assert _alive(keeper)
+        [kept] = _kept(tmp_path / "img").packets
+        assert kept.endswith(REQUEST)  # the keeper's one packet is its own peer's request, whole
+        with _restored(tmp_path / "img"):
+            assert recv_exactly(client_a, len(REQUEST)) == REQUEST
+            assert tcp_info(client_a)[2] == 0
 
 
 def test_kept_by_the_keeper_at_host_a_delivered_at_host_b(tmp_path: Path) -> None:
