@@ -123,12 +123,13 @@ class Locker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def prepare(self) -> None:
-        """Build the table, sets and rules now (idempotent), so that a later lock() inside a downtime window sends
-        only its elements."""
+    def prepare(self, group: int | None = None) -> None:
+        """Build the table, maps and rules now (idempotent), and the keep chain of `group` when given, so that a
+        later lock() inside a downtime window sends only its elements."""
+        groups = set() if group is None else {group}
         with self._guard():
-            if not self._ready:
-                self._send_lock([], set())
+            if not self._ready or groups - self._chains:
+                self._send_lock([], groups)
 
     def lock(self, items: Lockable | Iterable[Lockable], ttl: float = DEFAULT_TTL, group: int | None = None) -> int:
         """Drop every packet of these connections, both ways, for `ttl` seconds (0 < ttl <= 3600); locking again

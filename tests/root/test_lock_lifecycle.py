@@ -18,7 +18,7 @@ import pytest
 
 from sockrepair.cli.lock import add_lock_commands
 from sockrepair.errors import LockError
-from sockrepair.lock import Locker, nft_status
+from sockrepair.lock import Locker, nfconst, nft_status
 from sockrepair.lock import api as lockmod
 from sockrepair.netns import NetNS
 from sockrepair.state import ConnTuple
@@ -359,4 +359,22 @@ def test_a_table_of_the_older_layout_is_refused_while_it_holds_locks_then_replac
     locker.lock([T4], ttl=30, group=49428)
     assert _groups(locker) == {T4: 49428}
     assert locker.rule_count() == 15
+    locker.unlock([T4])
+
+
+def test_prepare_builds_the_keep_chain_so_that_the_lock_sends_only_its_elements(
+        locker: Locker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """migrate() prepares before the freeze: inside it, a lock with its recorder's group is one message."""
+    locker.prepare(49432)
+    sent: list[list[int]] = []
+    real = locker._sock.transact
+
+    def transact(reqs, commit=True):  # type: ignore[no-untyped-def]
+        sent.append([r.msg_type for r in reqs])
+        return real(reqs, commit)
+
+    monkeypatch.setattr(locker._sock, "transact", transact)
+    locker.lock([T4], ttl=30, group=49432)
+    assert sent == [[nfconst.NFT_MSG_NEWSETELEM]]
+    assert _groups(locker) == {T4: 49432}
     locker.unlock([T4])
