@@ -18,7 +18,7 @@ def add_lock_commands(subparsers: Any) -> None:
     netns_help = "act in this network namespace (a name from `ip netns list`)"
     tuple_help = "connection as LOCAL->REMOTE, e.g. 127.0.0.1:5000->127.0.0.1:6000 or [::1]:5000->[::1]:6000"
 
-    p = subparsers.add_parser("locks", help="list locked connections with time left and owner")
+    p = subparsers.add_parser("locks", help="list locked connections with time left, recording group and owner")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.add_argument("--netns", metavar="NAME", type=netns_arg, help=netns_help)
     p.set_defaults(func=cmd_locks)
@@ -47,8 +47,10 @@ def add_lock_commands(subparsers: Any) -> None:
 def _format(records: list[LockRecord]) -> str:
     if not records:
         return "no locked connections"
-    rows = [(str(r.tuple), f"{r.seconds_left:.1f}s", f"{r.ttl:g}s", r.owner) for r in records]
-    head = ("CONNECTION", "LEFT", "TTL", "OWNER")
+    # KEPT: the nfnetlink_log group the peer's packets are copied to before they are dropped ("-": only dropped)
+    rows = [(str(r.tuple), f"{r.seconds_left:.1f}s", f"{r.ttl:g}s", "-" if r.group is None else str(r.group), r.owner)
+            for r in records]
+    head = ("CONNECTION", "LEFT", "TTL", "KEPT", "OWNER")
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in (head, *rows))
 

@@ -259,7 +259,7 @@ def _dump(criu: Criu, topology: Topology, directory: Path, dir_fd: int, ttl: flo
         run = _Run(criu, directory, manifest, locker, netns, criu_args)
         keeper = Keeper([netns])
         try:
-            with locker, renewing(locker, topology.tuples(), ttl) as renew_errors:
+            with locker, renewing(locker, topology.tuples(), ttl, keeper.group_in(netns)) as renew_errors:
                 for tree in trees:
                     os.mkdir(tree.dir, 0o700, dir_fd=dir_fd)
                     manifest.save(directory)
@@ -388,7 +388,9 @@ def restore(directory: Path, roots: Sequence[int] | None = None, *, netns: str |
         # instant when nobody records
         kept_at_dump, keeper = resume_keeping(directory, list(waits), [netns_path(netns)])
         stack.enter_context(contextlib.closing(keeper))
-        with renewing(locker, still_waiting(waits, before), ttl) as renew_errors:
+        # a recorder of its own only when the keeper was gone: then the locks copy to it from now on
+        with renewing(locker, still_waiting(waits, before), ttl,
+                      keeper.group_in(netns_path(netns))) as renew_errors:
             for tree in chosen:
                 try:
                     report.criu_notes.extend(_restore_one(run, tree))

@@ -64,17 +64,19 @@ def releasable(waits: dict[ConnTuple, set[int]], restored: Iterable[int]) -> lis
 
 
 @contextlib.contextmanager
-def renewing(locker: Locker, tuples: Sequence[ConnTuple], ttl: float) -> Iterator[list[BaseException]]:
-    """Lock `tuples` now and renew every ttl/3 until the block ends (the lock itself stays: releasing is the
-    caller's decision). Yields a list that collects renewal errors, for the caller to report."""
+def renewing(locker: Locker, tuples: Sequence[ConnTuple], ttl: float,
+             group: int | None = None) -> Iterator[list[BaseException]]:
+    """Lock `tuples` now (copying the peers' packets to nfnetlink_log `group`, the dump's recorder's) and renew
+    every ttl/3 until the block ends (the lock itself stays: releasing is the caller's decision). Yields a list that
+    collects renewal errors, for the caller to report."""
     errors: list[BaseException] = []
-    locker.lock(tuples, ttl)
+    locker.lock(tuples, ttl, group=group)
     stop = threading.Event()
 
     def renew() -> None:
         while not stop.wait(ttl / RENEW_FRACTION):
             try:
-                locker.lock(tuples, ttl)
+                locker.lock(tuples, ttl, group=group)
             except Exception as exc:  # reported by the caller; the next round tries again
                 log.warning("renewing the lock of %d connection(s) failed: %s", len(tuples), exc)
                 errors.append(exc)

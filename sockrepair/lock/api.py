@@ -68,12 +68,14 @@ def _forget_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
-def lock(items: Lockable | Iterable[Lockable], ttl: float = DEFAULT_TTL, netns: str | None = None) -> int:
+def lock(items: Lockable | Iterable[Lockable], ttl: float = DEFAULT_TTL, netns: str | None = None,
+         group: int | None = None) -> int:
     """Drop both directions of these connections' packets for `ttl` seconds (a float in (0, 3600], default 60;
-    locking again renews the timeout), in one nf_tables transaction: all are locked or none. Returns the number of
-    distinct tuples locked. Raises LockError (bad item or ttl; a table `inet sockrepair` of another layout) or
-    NftError."""
-    return default_locker(netns).lock(items, ttl)
+    locking again renews the timeout), in one nf_tables transaction: all are locked or none. With `group` (a
+    Recorder's, sockrepair.lock.record) what the peers send is copied to that nfnetlink_log group first; without,
+    tuples locked already keep their group (Locker.lock). Returns the number of distinct tuples locked. Raises
+    LockError (bad item or ttl; a table `inet sockrepair` of another layout) or NftError."""
+    return default_locker(netns).lock(items, ttl, group)
 
 
 def unlock(items: Lockable | Iterable[Lockable], netns: str | None = None) -> None:
@@ -84,12 +86,12 @@ def unlock(items: Lockable | Iterable[Lockable], netns: str | None = None) -> No
 
 @contextlib.contextmanager
 def locked(
-    items: Lockable | Iterable[Lockable], ttl: float = DEFAULT_TTL, netns: str | None = None
+    items: Lockable | Iterable[Lockable], ttl: float = DEFAULT_TTL, netns: str | None = None, group: int | None = None
 ) -> Iterator[list[ConnTuple]]:
-    """Context manager: lock `items` for `ttl` seconds, yield them as a list of ConnTuples, unlock on the way out
-    (also on error). The lock still expires after `ttl` seconds inside the block: lock() again to renew it. Raises
+    """Context manager: lock `items` for `ttl` seconds (`group` as for lock()), yield them as a list of ConnTuples,
+    unlock on the way out (also on error). The lock still expires after `ttl` seconds inside the block: lock() again to renew it. Raises
     what lock() and unlock() raise: LockError, NftError."""
-    with default_locker(netns).locked(items, ttl) as tuples:
+    with default_locker(netns).locked(items, ttl, group) as tuples:
         yield tuples
 
 

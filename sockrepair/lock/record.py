@@ -1,5 +1,6 @@
-"""Keeping what the lock stops: the packets a peer sends to a locked connection, copied whole by the lock's
-prerouting rule to nfnetlink_log group NFLOG_GROUP (lock/ruleset.py), read here in the namespace of the lock.
+"""Keeping what the lock stops: the packets a peer sends to a locked connection, copied whole by the lock to the
+nfnetlink_log group of the mover that locked it (the element's `jump keep_G`, lock/ruleset.py), read here in the
+namespace of the lock.
 
 A Recorder binds the group when it is made and reads the copies when asked (`drain`): the kernel queues them in the
 socket's receive buffer meanwhile, so no thread is needed. The packets themselves are dropped by the rule whatever
@@ -8,8 +9,9 @@ peer then resends after its retransmission timeout as it would under a plain dro
 are counted (`Held.lost`): nfnetlink_log numbers its messages (NFULA_SEQ), and a full socket buffer is reported by
 the kernel (ENOBUFS).
 
-Only one socket in a network namespace can bind the group: a second mover in the same namespace gets LockError (the
-kernel says EPERM) and moves with the plain dropping lock."""
+Only one socket in a network namespace can bind a group (the kernel answers EPERM to the others): a Recorder binds the
+first free one from NFLOG_GROUP on (Recorder.group), and its mover locks its connections with that group, so that
+several movers record in one namespace at once, each receiving only its own peers' packets."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from sockrepair.errors import LockError, NftError
 from sockrepair.lock import nfconst as c
 from sockrepair.lock.netlink import attr, attrs
-from sockrepair.lock.ruleset import NFLOG_GROUP, SNAPLEN
+from sockrepair.lock.ruleset import NFLOG_GROUP, NFLOG_GROUPS, SNAPLEN
 from sockrepair.netns import named
 from sockrepair.packet import packet_length, packet_tuple
 from sockrepair.state import ConnTuple
@@ -87,17 +89,27 @@ class WireKeys(frozenset[ConnTuple]):
 _KEPT = frozenset((c.NFULA_SEQ, c.NFULA_PAYLOAD))  # the attributes _keep() reads
 
 
+class _GroupTaken(Exception):
+    """nfnetlink_log refused a group: bound by another socket, or no CAP_NET_ADMIN."""
+
+
 class Recorder:
-    """Binds the lock's log group in `netns` (a name from `ip netns list`, or None for this thread's namespace) and
-    keeps the copies of what peers send to locked connections. Raises LockError when the group is bound by another
-    socket (another mover in this namespace) or nfnetlink_log is missing. `bound`: a recorder's socket taken over
-    from another process (`socket`, passed with SCM_RIGHTS), with the `next_seq` it expected. Use as a context
-    manager, or close()."""
+    """Binds a free nfnetlink_log group in `netns` (a name from `ip netns list`, or None for this thread's
+    namespace): the first of NFLOG_GROUP .. NFLOG_GROUP + NFLOG_GROUPS - 1 that no other socket there has bound,
+    as `group`, which its mover gives the lock (Locker.lock(..., group=)) so that the copies of what peers send to
+    those connections come here. Raises LockError when every one of those groups is bound (as many movers recording
+    there), CAP_NET_ADMIN is missing there, or nfnetlink_log is missing. `bound`: a recorder's socket taken over
+    from another process (`socket`, passed with SCM_RIGHTS), with the `next_seq` it expected; its `group` is then
+    None (unknown here: the locks it records for are in place already, and a renewal keeps their group). Use as a
+    context manager, or close()."""
+
+    group: int | None
 
     def __init__(self, netns: str | None = None, caps: Caps = Caps(), *, bound: socket.socket | None = None,
                  next_seq: int | None = None) -> None:
         self.netns = netns
         self.caps = caps
+        self.group = None
         if bound is not None:
             # a recorder handed over by another process (sockrepair.move.keepd): the socket keeps its binding, its
             # namespace and the copies queued in it, so nothing is lost between the two owners
@@ -113,13 +125,14 @@ class Recorder:
             except PermissionError:
                 self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
             self._seq = 0
-            self._configure(attr(c.NFULA_CFG_CMD, bytes((c.NFULNL_CFG_CMD_BIND,))), "bind the log group")
+            group = self.group = self._bind_free_group()
             self._configure(
                 attr(c.NFULA_CFG_MODE, struct.pack(">IBB", SNAPLEN, c.NFULNL_COPY_PACKET, 0))
                 + attr(c.NFULA_CFG_QTHRESH, struct.pack(">I", 1))
                 + attr(c.NFULA_CFG_TIMEOUT, struct.pack(">I", 0))
                 + attr(c.NFULA_CFG_FLAGS, struct.pack(">H", c.NFULNL_CFG_F_SEQ)),
                 "configure the log group",
+                group,
             )
         except BaseException:
             self._sock.close()
@@ -146,11 +159,24 @@ class Recorder:
         copies lost from there."""
         return self._next_seq
 
-    def _configure(self, payload: bytes, what: str) -> None:
+    def _bind_free_group(self) -> int:
+        """Bind the first group no other socket in the namespace has. nfnetlink_log answers EPERM both for a group
+        bound by another socket (nfulnl_recv_config) and without CAP_NET_ADMIN, so every candidate is tried."""
+        for group in range(NFLOG_GROUP, NFLOG_GROUP + NFLOG_GROUPS):
+            try:
+                self._configure(attr(c.NFULA_CFG_CMD, bytes((c.NFULNL_CFG_CMD_BIND,))), "bind the log group", group)
+                return group
+            except _GroupTaken:
+                continue
+        raise LockError(f"cannot bind an nfnetlink_log group to record for the lock: groups {NFLOG_GROUP}.."
+                        f"{NFLOG_GROUP + NFLOG_GROUPS - 1} are all bound (as many processes record in this network "
+                        "namespace), or this one lacks CAP_NET_ADMIN there")
+
+    def _configure(self, payload: bytes, what: str, group: int) -> None:
         self._seq += 1
         msg = (_NLMSGHDR.pack(_NLMSGHDR.size + _NFGENMSG.size + len(payload), _ULOG_CONFIG,
                               c.NLM_F_REQUEST | c.NLM_F_ACK, self._seq, 0)
-               + _NFGENMSG.pack(socket.AF_UNSPEC, 0, socket.htons(NFLOG_GROUP)) + payload)
+               + _NFGENMSG.pack(socket.AF_UNSPEC, 0, socket.htons(group)) + payload)
         self._sock.send(msg)
         self._sock.settimeout(2.0)
         try:
@@ -163,11 +189,7 @@ class Recorder:
         if kind == c.NLMSG_ERROR:
             err = -struct.unpack_from("=i", data, _NLMSGHDR.size)[0]
             if err in (errno.EPERM, errno.EBUSY):
-                # nfnetlink_log answers EPERM when another socket has the group (nfulnl_recv_config), as it does
-                # without CAP_NET_ADMIN
-                raise LockError(f"cannot {what}: another process in this network namespace records for its lock "
-                                f"(nfnetlink_log group {NFLOG_GROUP} is bound), or this one lacks CAP_NET_ADMIN "
-                                "there")
+                raise _GroupTaken(group)
             if err:
                 raise NftError(f"nfnetlink_log: {what}", err)
 

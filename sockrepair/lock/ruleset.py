@@ -1,30 +1,36 @@
-"""The nf_tables objects of the lock and the messages that make them: table `inet sockrepair`, one set of locked
-4-tuples per IP version (elements with timeouts), and base chains whose rules drop a packet when its tuple, read in
-either direction, is in a set -- and copy what the peer sends to a listener before dropping it.
+"""The nf_tables objects of the lock and the messages that make them: table `inet sockrepair`, one verdict map of
+locked 4-tuples per IP version (elements with timeouts), and base chains whose rules drop a packet when its tuple, read
+in either direction, is in a map -- and send what the peer sends to its mover's recorder before dropping it.
 
     table inet sockrepair {
-        set conn4 { type ipv4_addr . inet_service . ipv4_addr . inet_service; flags timeout; timeout 60s }
-        set conn6 { type ipv6_addr . inet_service . ipv6_addr . inet_service; flags timeout; timeout 60s }
-        chain prerouting { type filter hook prerouting priority -300;
-            meta mark 0xc114 accept
-            <peer side, conn4 and conn6> log group 49428 snaplen 65535 queue-threshold 1 drop }
-        chain input  { type filter hook input  priority -300; meta mark 0xc114 accept; <socket side> drop;
-            <peer side> log group 49428 snaplen 65535 queue-threshold 1 drop }
-        chain output { type filter hook output priority -300; meta mark 0xc114 accept; <socket side> drop }
+        map conn4 { type ipv4_addr . inet_service . ipv4_addr . inet_service : verdict; flags timeout; timeout 60s }
+        map conn6 { type ipv6_addr . inet_service . ipv6_addr . inet_service : verdict; flags timeout; timeout 60s }
+        chain prerouting { type filter hook prerouting priority -300; meta mark 0xc114 accept
+            <peer side, conn4> vmap @conn4; <peer side, conn4> @conn4 drop; (the same for conn6) }
+        chain input  { type filter hook input  priority -300; meta mark 0xc114 accept
+            <socket side, conn4> @conn4 drop; <peer side, conn4> vmap @conn4; <peer side, conn4> @conn4 drop; (conn6) }
+        chain output { type filter hook output priority -300; meta mark 0xc114 accept; <socket side> @connX drop }
+        chain keep_G { log group G snaplen 65535 queue-threshold 1 drop }     (one per recorder's group G, on demand)
     }
 
 where "socket side" and "peer side", for conn4 (likewise conn6), are:
-    meta nfproto ipv4 meta l4proto tcp ip saddr . th sport . ip daddr . th dport @conn4
-    meta nfproto ipv4 meta l4proto tcp ip daddr . th dport . ip saddr . th sport @conn4
+    meta nfproto ipv4 meta l4proto tcp ip saddr . th sport . ip daddr . th dport
+    meta nfproto ipv4 meta l4proto tcp ip daddr . th dport . ip saddr . th sport
 
-An element is (local addr, local port, remote addr, remote port) as the locked socket sees it. What the peer sends is
-stopped at prerouting, before the kernel looks up a socket for it (early demux would tie it to the frozen socket), and
-copied whole through nfnetlink_log (lock/record.py) so that a mover can deliver it to the restored socket
-(lock/inject.py) instead of leaving the peer to its retransmission timeout. The input chain copies the peer side
-too: a packet that passed prerouting an instant before the lock was taken can reach input after it, and without a
-copy it would be lost until the peer retransmits. The output chain lets the peer side pass so that a peer on this
-host reaches prerouting too; it is dropped there. Packets marked SOCCR_MARK (0xC114, the mark
-criu's libsoccr gives the packets it makes, and that sockrepair gives the packets it delivers) pass every chain.
+An element is (local addr, local port, remote addr, remote port) as the locked socket sees it, and its verdict: `jump
+keep_G` when a mover records on nfnetlink_log group G (lock/record.py; each mover binds a group of its own, so that
+several can move connections of one namespace at once and each gets only its own peers' packets), `drop` when nothing
+records. What the peer sends is stopped at prerouting, before the kernel looks up a socket for it (early demux would
+tie it to the frozen socket), and copied whole to the group so that the mover can deliver it to the restored socket
+(lock/inject.py) instead of leaving the peer to its retransmission timeout. The input chain does the same for the peer
+side: a packet that passed prerouting an instant before the lock was taken can reach input after it, and without a
+copy it would be lost until the peer retransmits. The output chain lets the peer side pass so that a peer on this host
+reaches prerouting too; it is dropped there. Packets marked SOCCR_MARK (0xC114, the mark criu's libsoccr gives the
+packets it makes, and that sockrepair gives the packets it delivers) pass every chain.
+
+`jump`, not `goto`: a keep chain ends in drop, and a chain emptied behind our back (`nft flush chain`) would, after a
+goto, end in the base chain's policy (accept); after a jump it returns to the peer-side rule that follows the vmap,
+which drops every locked tuple whatever its verdict. The socket side only ever drops: its rules test membership.
 Priority -300 (raw) runs before conntrack (-200), so a dropped packet is never tracked and nothing answers it.
 """
 
@@ -36,7 +42,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from sockrepair.lock import nfconst as c
-from sockrepair.lock.netlink import Request, attr, attr_be32, attr_be64, attr_str, nest
+from sockrepair.lock.netlink import (
+    Request,
+    attr,
+    attr_be32,
+    attr_be64,
+    attr_str,
+    attrs,
+    cstr,
+    nest,
+)
 from sockrepair.state import ConnTuple
 
 TABLE = "sockrepair"
@@ -44,8 +59,11 @@ FAMILY = c.NFPROTO_INET
 PRIORITY = -300
 # criu's soccr/soccr.h SOCCR_MARK: the packets libsoccr sends for a restore, and those sockrepair delivers, pass.
 SOCCR_MARK = 0xC114
-# The nfnetlink_log group that receives copies of what peers send to locked connections (any u16; one per namespace).
+# The first nfnetlink_log group a recorder tries (any u16); a group bound in the namespace is skipped for the next.
 NFLOG_GROUP = 0xC114
+# How many groups from NFLOG_GROUP a recorder tries: as many movers can record in one namespace at once.
+NFLOG_GROUPS = 64
+KEEP_CHAIN_PREFIX = "keep_"
 SNAPLEN = 0xFFFF
 TABLE_COMMENT = "sockrepair network lock: `sockrepair locks` lists it, `sockrepair unlock --everything` removes it"
 # The nested attribute holding a message's elements has a u16 length.
@@ -160,10 +178,10 @@ def _verdict(code: int) -> bytes:
     )
 
 
-def _log_to_group() -> bytes:
+def _log_to_group(group: int) -> bytes:
     return _expr(
         "log",
-        attr(c.NFTA_LOG_GROUP, struct.pack(">H", NFLOG_GROUP)),
+        attr(c.NFTA_LOG_GROUP, struct.pack(">H", group)),
         attr_be32(c.NFTA_LOG_SNAPLEN, SNAPLEN),
         attr(c.NFTA_LOG_QTHRESHOLD, struct.pack(">H", 1)),
     )
@@ -179,9 +197,10 @@ def mark_accept_expressions() -> bytes:
     )
 
 
-def rule_expressions(fam: Family, peer_side: bool, record: bool = False) -> bytes:
-    """The rule dropping `fam` TCP packets whose (saddr, sport, daddr, dport) -- or, for `peer_side`, (daddr, dport,
-    saddr, sport) -- is an element of the family's set; with `record`, a copy goes to NFLOG_GROUP first."""
+def rule_expressions(fam: Family, peer_side: bool, vmap: bool = False) -> bytes:
+    """The rule matching `fam` TCP packets whose (saddr, sport, daddr, dport) -- or, for `peer_side`, (daddr, dport,
+    saddr, sport) -- is a key of the family's map: with `vmap` the element's verdict applies (jump to a keep chain,
+    or drop), without it the packet is dropped (a lookup on a map tests membership)."""
     saddr = (c.NFT_PAYLOAD_NETWORK_HEADER, fam.saddr_offset, fam.addr_len)
     daddr = (c.NFT_PAYLOAD_NETWORK_HEADER, fam.daddr_offset, fam.addr_len)
     sport = (c.NFT_PAYLOAD_TRANSPORT_HEADER, 0, 2)
@@ -197,27 +216,42 @@ def rule_expressions(fam: Family, peer_side: bool, record: bool = False) -> byte
     for base, offset, length in fields:
         exprs.append(_payload(base, offset, length, reg))
         reg += (length + 3) // 4
-    exprs.append(
-        _expr("lookup", attr_str(c.NFTA_LOOKUP_SET, fam.set_name), attr_be32(c.NFTA_LOOKUP_SREG, c.NFT_REG32_00))
-    )
-    if record:
-        exprs.append(_log_to_group())
-    exprs.append(_verdict(c.NF_DROP))
+    lookup = [attr_str(c.NFTA_LOOKUP_SET, fam.set_name), attr_be32(c.NFTA_LOOKUP_SREG, c.NFT_REG32_00)]
+    if vmap:
+        exprs.append(_expr("lookup", *lookup, attr_be32(c.NFTA_LOOKUP_DREG, c.NFT_REG_VERDICT)))
+    else:
+        exprs.append(_expr("lookup", *lookup))
+        exprs.append(_verdict(c.NF_DROP))
     return nest(c.NFTA_RULE_EXPRESSIONS, *exprs)
 
 
-# (chain, hook, [(peer_side, record)]): the drop rules of each chain, per family, after the mark-accept rule.
+# (chain, hook, [(peer_side, vmap)]): the rules of each chain, per family, after the mark-accept rule. Each vmap rule
+# is followed by a plain drop of the same tuples, which only a jump returning from an emptied keep chain reaches.
 CHAINS = (
-    ("prerouting", c.NF_INET_PRE_ROUTING, ((True, True),)),
-    ("input", c.NF_INET_LOCAL_IN, ((False, False), (True, True))),
+    ("prerouting", c.NF_INET_PRE_ROUTING, ((True, True), (True, False))),
+    ("input", c.NF_INET_LOCAL_IN, ((False, False), (True, True), (True, False))),
     ("output", c.NF_INET_LOCAL_OUT, ((False, False),)),
 )
 RULE_COUNT = sum(1 + len(FAMILIES) * len(rules) for _chain, _hook, rules in CHAINS)
+BASE_CHAINS = frozenset(chain for chain, _hook, _rules in CHAINS)
+
+
+def keep_chain(group: int) -> str:
+    """The regular chain that copies a packet to nfnetlink_log `group` and drops it."""
+    return f"{KEEP_CHAIN_PREFIX}{group}"
+
+
+def group_of_chain(name: str) -> int | None:
+    """The group of a keep chain's name (keep_chain()); None for any other name."""
+    digits = name.removeprefix(KEEP_CHAIN_PREFIX)
+    if digits == name or not digits.isdigit() or str(int(digits)) != digits or int(digits) > 0xFFFF:
+        return None
+    return int(digits)
 
 
 def setup_requests(default_timeout_ms: int) -> list[Request]:
-    """Create what is missing and replace the chains' rules, in one transaction: run by any number of processes at
-    once it still leaves exactly one copy of each rule, and never touches the sets' elements."""
+    """Create what is missing and replace the base chains' rules, in one transaction: run by any number of processes
+    at once it still leaves exactly one copy of each rule, and never touches the maps' elements."""
     table = attr_str(c.NFTA_TABLE_NAME, TABLE)
     reqs = [
         Request(
@@ -236,13 +270,14 @@ def setup_requests(default_timeout_ms: int) -> list[Request]:
                 FAMILY,
                 attr_str(c.NFTA_SET_TABLE, TABLE)
                 + attr_str(c.NFTA_SET_NAME, fam.set_name)
-                + attr_be32(c.NFTA_SET_FLAGS, c.NFT_SET_TIMEOUT)
+                + attr_be32(c.NFTA_SET_FLAGS, c.NFT_SET_MAP | c.NFT_SET_TIMEOUT)
                 + attr_be32(c.NFTA_SET_KEY_TYPE, _set_key_type(fam))
                 + attr_be32(c.NFTA_SET_KEY_LEN, fam.key_len)
+                + attr_be32(c.NFTA_SET_DATA_TYPE, c.NFT_DATA_VERDICT)
                 + attr_be32(c.NFTA_SET_ID, fam.set_id)
                 # Elements added by other tools without a timeout get this one: nothing here is forever.
                 + attr_be64(c.NFTA_SET_TIMEOUT, default_timeout_ms),
-                f"create set inet {TABLE} {fam.set_name}",
+                f"create map inet {TABLE} {fam.set_name}",
             )
         )
     for chain, hook, rules in CHAINS:
@@ -267,16 +302,45 @@ def setup_requests(default_timeout_ms: int) -> list[Request]:
         reqs.append(Request(c.NFT_MSG_NEWRULE, c.NLM_F_CREATE | c.NLM_F_APPEND, FAMILY,
                             rule_attrs + mark_accept_expressions(), f"add rule inet {TABLE} {chain} (mark accept)"))
         for fam in FAMILIES:
-            for peer_side, record in rules:
+            for peer_side, vmap in rules:
                 reqs.append(
                     Request(
                         c.NFT_MSG_NEWRULE,
                         c.NLM_F_CREATE | c.NLM_F_APPEND,
                         FAMILY,
-                        rule_attrs + rule_expressions(fam, peer_side, record),
-                        f"add rule inet {TABLE} {chain} (@{fam.set_name})",
+                        rule_attrs + rule_expressions(fam, peer_side, vmap),
+                        f"add rule inet {TABLE} {chain} ({'vmap ' if vmap else ''}@{fam.set_name})",
                     )
                 )
+    return reqs
+
+
+def keep_chain_requests(group: int) -> list[Request]:
+    """Create the keep chain of `group` if missing and make its one rule `log group G snaplen 65535
+    queue-threshold 1 drop` (flushed first: any number of processes doing this at once leave one rule)."""
+    chain = keep_chain(group)
+    rule_attrs = attr_str(c.NFTA_RULE_TABLE, TABLE) + attr_str(c.NFTA_RULE_CHAIN, chain)
+    return [
+        Request(c.NFT_MSG_NEWCHAIN, c.NLM_F_CREATE, FAMILY,
+                attr_str(c.NFTA_CHAIN_TABLE, TABLE) + attr_str(c.NFTA_CHAIN_NAME, chain),
+                f"create chain inet {TABLE} {chain}"),
+        Request(c.NFT_MSG_DELRULE, 0, FAMILY, rule_attrs, f"flush chain inet {TABLE} {chain}"),
+        Request(c.NFT_MSG_NEWRULE, c.NLM_F_CREATE | c.NLM_F_APPEND, FAMILY,
+                rule_attrs + nest(c.NFTA_RULE_EXPRESSIONS, _log_to_group(group), _verdict(c.NF_DROP)),
+                f"add rule inet {TABLE} {chain} (log group {group} drop)"),
+    ]
+
+
+def replace_sets_requests() -> list[Request]:
+    """Empty the base chains and delete sets conn4/conn6 of an older layout (plain sets), each only if it holds no
+    element (NLM_F_NONREC: EBUSY otherwise, and the whole transaction is refused); setup_requests() follow in the
+    same transaction, so no packet ever meets a half-built table."""
+    reqs = [Request(c.NFT_MSG_DELRULE, 0, FAMILY,
+                    attr_str(c.NFTA_RULE_TABLE, TABLE) + attr_str(c.NFTA_RULE_CHAIN, chain),
+                    f"flush chain inet {TABLE} {chain}") for chain, _hook, _rules in CHAINS]
+    reqs += [Request(c.NFT_MSG_DELSET, c.NLM_F_NONREC, FAMILY,
+                     attr_str(c.NFTA_SET_TABLE, TABLE) + attr_str(c.NFTA_SET_NAME, fam.set_name),
+                     f"delete set inet {TABLE} {fam.set_name} (older layout, only if empty)") for fam in FAMILIES]
     return reqs
 
 
@@ -351,13 +415,55 @@ def _element_messages(msg_type: int, flags: int, fam: Family, elems: Iterator[by
     return reqs
 
 
-def add_element_requests(keys: dict[Family, list[bytes]], timeout_ms: int, userdata: bytes) -> list[Request]:
-    """Elements with a timeout and the owner's comment. Adding an element that exists renews it (kernel 6.10+):
-    the kernel compares both values with the element's, so the expiration is sent too, or a renewal with the same
-    timeout would change nothing."""
+def verdict_data(group: int | None) -> bytes:
+    """An element's data: `jump keep_G` for a recorder's `group`, `drop` for None."""
+    if group is None:
+        verdict = attr_be32(c.NFTA_VERDICT_CODE, c.NF_DROP)
+    else:
+        verdict = attr_be32(c.NFTA_VERDICT_CODE, c.NFT_JUMP) + attr_str(c.NFTA_VERDICT_CHAIN, keep_chain(group))
+    return nest(c.NFTA_SET_ELEM_DATA, nest(c.NFTA_DATA_VERDICT, verdict))
+
+
+Verdict = tuple[int, str]  # (NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN or "")
+
+
+def verdict_of(group: int | None) -> Verdict:
+    """The verdict verdict_data(group) gives an element, as element_verdict() reads it back."""
+    return (c.NF_DROP, "") if group is None else (c.NFT_JUMP, keep_chain(group))
+
+
+def element_verdict(data: bytes | memoryview | None) -> Verdict | None:
+    """The verdict in an element's NFTA_SET_ELEM_DATA as the kernel dumps it; None without one."""
+    if data is None:
+        return None
+    verdict = attrs(data).get(c.NFTA_DATA_VERDICT)
+    if verdict is None:
+        return None
+    fields = attrs(verdict)
+    code, chain = fields.get(c.NFTA_VERDICT_CODE), fields.get(c.NFTA_VERDICT_CHAIN)
+    if code is None:
+        return None
+    return int(struct.unpack(">i", code)[0]), cstr(chain) if chain is not None else ""
+
+
+def verdict_group(verdict: Verdict | None) -> int | None:
+    """The group an element's verdict sends its packets to (`jump keep_G`); None for `drop` and for any other
+    verdict (an element another tool added), which lock() writes back as `drop`."""
+    if verdict is None or verdict[0] != c.NFT_JUMP:
+        return None
+    return group_of_chain(verdict[1])
+
+
+def add_element_requests(keys: dict[Family, list[bytes]], timeout_ms: int, userdata: bytes,
+                         group: int | None = None) -> list[Request]:
+    """Elements with a timeout, the owner's comment and the verdict of `group` (verdict_data()). Adding an element
+    that exists with the same verdict renews it (kernel 6.10+): the kernel compares both values with the element's,
+    so the expiration is sent too, or a renewal with the same timeout would change nothing. An element that exists
+    with another verdict makes the kernel refuse the transaction (EBUSY): delete it first, in the same one."""
     suffix = (
         attr_be64(c.NFTA_SET_ELEM_TIMEOUT, timeout_ms)
         + attr_be64(c.NFTA_SET_ELEM_EXPIRATION, timeout_ms)
+        + verdict_data(group)
         + attr(c.NFTA_SET_ELEM_USERDATA, userdata)
     )
     reqs = []

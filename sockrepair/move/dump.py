@@ -118,7 +118,8 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
     try:
         kills = after is After.KILL
         with captured(pid, wanted, locker, timings, ttl, quiescence, allow_loss=allow_loss or not kills,
-                      keep_errors=not kills) as cap:
+                      keep_errors=not kills,
+                      group=keeper.group_in(f"/proc/{pid}/ns/net") if keeper is not None else None) as cap:
             with timings.timed(Stage.WRITE):
                 entries = write_images(directory, pid, list(zip([s.fd for s in cap.sockets], cap.states)),
                                        after=after.value, ttl=ttl, dir_fd=dir_fd)

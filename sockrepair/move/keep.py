@@ -5,8 +5,10 @@ order the locks saw them (the source's first: the peers sent there before the ne
 after the unlock: what a peer sent while the last ones were being delivered was kept too, and only a delivery after
 the unlock is sure to see it all (the lock stops copying once its elements are gone).
 
-Keeping is best effort by construction: a recorder that cannot bind (another mover records in that namespace) or
-whose caps are reached leaves those packets to the plain dropping lock, and the counts say so."""
+Each recorder binds an nfnetlink_log group of its own, and the mover locks its connections with it (group_in()), so
+that several movers record in one namespace at once. Keeping is best effort by construction: a recorder that cannot
+bind (every group of lock/record.py's range is bound there) or whose caps are reached leaves those packets to the
+plain dropping lock, and the counts say so."""
 
 from __future__ import annotations
 
@@ -113,6 +115,19 @@ class Keeper:
             return os.stat(path).st_ino in self._namespaces
         except OSError:
             return False
+
+    def group_in(self, path: str) -> int | None:
+        """The nfnetlink_log group of this keeper's recorder in the network namespace at `path` (for the lock of
+        the connections there: Locker.lock(..., group=)); None when it records nothing there, or took its recorder
+        over from another process (whose locks carry their group already)."""
+        try:
+            namespace = os.stat(path).st_ino
+        except OSError:
+            return None
+        for ino, recorder in zip(self._namespaces, self._recorders, strict=True):
+            if ino == namespace:
+                return recorder.group
+        return None
 
     def sockets(self) -> list[socket.socket]:
         """The bound nfnetlink_log sockets of this keeper's recorders (for a process that goes on reading them)."""

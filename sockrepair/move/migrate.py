@@ -210,16 +210,21 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         log.info("moving the connections of process %d; journal: %s", pid, directory)
         # the guard outlives the capture: it holds the restored sockets until the handoff (sockrepair.move.freeze)
         freezer = Freezer(pid, inherit=[held])
-        # table and rules built before the freeze: inside it, locking is one element transaction per namespace
-        source_locker.prepare()
+        # table, rules and keep chains built before the freeze: inside it, locking is one element transaction per
+        # namespace
+        source_ns, dest_ns = f"/proc/{pid}/ns/net", netns_path(dest_netns)
+        source_group = keeper.group_in(source_ns) if keeper is not None else None
+        dest_group = keeper.group_in(dest_ns) if keeper is not None else None
+        source_locker.prepare(source_group)
         if dest_locker is not source_locker:
-            dest_locker.prepare()
-        with captured(pid, wanted, source_locker, timings, ttl, quiescence, freezer, owed=True) as cap:
+            dest_locker.prepare(dest_group)
+        with captured(pid, wanted, source_locker, timings, ttl, quiescence, freezer, owed=True,
+                      group=source_group) as cap:
             tuples = [s.tuple for s in cap.sockets]
             start = cap.frozen_at
             if dest_locker is not source_locker:
                 with timings.timed(Stage.LOCK):
-                    dest_locker.lock(tuples, ttl=ttl)
+                    dest_locker.lock(tuples, ttl=ttl, group=dest_group)
             # restored from these very states: the images are the journal's, for a restore in another process
             states = cap.states
             with timings.timed(Stage.SERIALIZE):

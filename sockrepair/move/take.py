@@ -305,7 +305,7 @@ def _taken_if_same(pid: int, pidfd: PidFd, chosen: Sequence[ProcSocket], others:
 def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timings: Timings,
              ttl: float = 60.0, quiescence: Quiescence = Quiescence(),
              freezer: Freezer | None = None, allow_loss: bool = False,
-             keep_errors: bool = False, owed: bool = False) -> Iterator[Captured]:
+             keep_errors: bool = False, owed: bool = False, group: int | None = None) -> Iterator[Captured]:
     """Freeze `pid` where every thread waits, as `quiescence` says (sockrepair.move.quiesce), take and checkpoint
     its connections (see select_sockets), lock them with `locker` for `ttl` seconds, and yield them frozen and
     locked; the freeze, lock and checkpoint stages are timed into `timings`. On an error (KeyboardInterrupt
@@ -318,7 +318,8 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
     Captured.lost; unless `allow_loss`, any such connection is refused before the freeze (refuse_losses).
     `keep_errors` (the caller resumes the process): a socket in CLOSE with an error pending is not taken.
     `owed` (the caller restores the states it is given): Captured.owed says which sockets may owe their peer an
-    ACK, from their tcpi_segs_out read before the lock and again after the checkpoint (owed_acks)."""
+    ACK, from their tcpi_segs_out read before the lock and again after the checkpoint (owed_acks). `group`: the
+    nfnetlink_log group of the caller's recorder there (Recorder.group), which the lock copies the peers' packets to."""
     with contextlib.ExitStack() as owned:
         # the caller's guard, when it is to outlive the capture (migrate() hands it the restored sockets)
         if freezer is None:
@@ -368,7 +369,7 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
                 sent = segs_out_of(fds) if owed else []
                 if locker is not None:
                     with timings.timed(Stage.LOCK):
-                        locker.lock([s.tuple for s in chosen], ttl=ttl)
+                        locker.lock([s.tuple for s in chosen], ttl=ttl, group=group)
                 with timings.timed(Stage.CHECKPOINT):
                     # all or none: a failing batch resumes what it froze itself
                     states.extend(checkpoint_all_taken(pid, chosen, fds))

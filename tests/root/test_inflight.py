@@ -274,7 +274,7 @@ def move_kept(server: socket.socket, locker: Locker, conn: ConnTuple | None = No
     here = netns_path(None)
     keeper = Keeper([here])
     try:
-        locker.lock([conn], ttl=60)
+        locker.lock([conn], ttl=60, group=keeper.group_in(here))
         state = checkpoint(server)
         discard(server)
         probes = loss_probes()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+import sockrepair
 from sockrepair.image.directory import read_dir
 from sockrepair.image.keptlog import NAME as KEPT
 from sockrepair.image.keptlog import KeptLog, decode_keptlog
@@ -29,6 +30,7 @@ from sockrepair.lab.programs import ECHO_SERVER
 from sockrepair.lab.recorder import Recorder as WireRecorder
 from sockrepair.lock import Locker
 from sockrepair.lock.record import Recorder
+from sockrepair.lock.ruleset import NFLOG_GROUP
 from sockrepair.move import keeper as keeper_module
 from sockrepair.move.keep import REDELIVER, read_kept
 from sockrepair.move.keeper import LATER, RECORD
@@ -141,6 +143,32 @@ def test_a_request_sent_between_dump_and_restore_arrives_without_retransmission(
         assert log.end is not None and log.end.startswith("handed over to process ") and log.fell_back == 0
         with Locker(ns.name) as locker:
             assert locker.list_locks() == []
+
+
+def test_a_migrate_while_a_keeper_waits_keeps_its_own_requests_too(ns: NetNS, tmp_path: Path) -> None:
+    """A dump's keeper holds its recorder (and group) in the namespace until the restore; a migrate() there meanwhile
+    records on a group of its own: its peer's request is delivered without retransmission, the keeper keeps only
+    its own peer's, and the restore then delivers that one. With one group per namespace the migrate() moved with
+    the dropping lock, and its peer waited its retransmission timeout (8 s here)."""
+    _slow_peer_routes(ns)
+    with echo_connection(ns) as (dumped, client_a), echo_connection(ns) as (migrated, client_b):
+        _dump(dumped.pid, tmp_path / "img")
+        keeper = _keeper_pid(tmp_path / "img")
+        client_a.sendall(REQUEST)
+        wait_for(lambda: len(_kept(tmp_path / "img").packets) == 1, "the keeper to record the request")
+        report = sockrepair.migrate(migrated.pid, dest_netns=ns.name, network=lambda: client_b.sendall(b"GET /moving"),
+                                    handoff=lambda socks, _tuples: socks, keep=True)
+        [restored_b] = report.handoff_result
+        with restored_b:
+            assert recv_exactly(restored_b, 11) == b"GET /moving"
+            assert tcp_info(client_b)[2] == 0
+        assert (report.kept.recording, report.kept.delivered, report.kept.fell_back) == (True, 1, 0)
+        assert _alive(keeper)
+        [kept] = _kept(tmp_path / "img").packets
+        assert kept.endswith(REQUEST)  # the keeper's one packet is its own peer's request, whole
+        with _restored(tmp_path / "img"):
+            assert recv_exactly(client_a, len(REQUEST)) == REQUEST
+            assert tcp_info(client_a)[2] == 0
 
 
 def test_kept_by_the_keeper_at_host_a_delivered_at_host_b(tmp_path: Path) -> None:
@@ -278,8 +306,8 @@ def test_the_keeper_leaves_once_its_connections_are_released(ns: NetNS, tmp_path
             unlock_in(ns.name, states)
             wait_for(lambda: not _alive(keeper), "the keeper to leave", 10.0)
             assert _kept(tmp_path / "img").end == "none of its connections is locked any more"
-            with ns.entered(), Recorder():  # the group is free again
-                pass
+            with ns.entered(), Recorder() as recorder:
+                assert recorder.group == NFLOG_GROUP  # the keeper's group is free again
             client.sendall(b"after")
             assert recv_exactly(restored, 5) == b"after"
 
@@ -297,8 +325,8 @@ def test_a_keeper_that_does_not_answer_is_killed(ns: NetNS, tmp_path: Path, monk
         assert "did not answer: killed" in taken.note and taken.recorders == []
         assert len(taken.packets) == 1 and taken.packets == _kept(tmp_path / "img").packets
         wait_for(lambda: not _alive(keeper), "the keeper to die", 5.0)
-        with ns.entered(), Recorder():  # the group is free for the restore
-            pass
+        with ns.entered(), Recorder() as recorder:
+            assert recorder.group == NFLOG_GROUP  # the keeper's group is free for the restore
 
 
 # `sockrepair restore` whose exec pauses once the restorer delivered what was kept, until a line on its stdin

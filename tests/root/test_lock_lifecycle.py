@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import signal
 import socket
@@ -17,7 +18,7 @@ import pytest
 
 from sockrepair.cli.lock import add_lock_commands
 from sockrepair.errors import LockError
-from sockrepair.lock import Locker, nft_status
+from sockrepair.lock import Locker, nfconst, nft_status
 from sockrepair.lock import api as lockmod
 from sockrepair.netns import NetNS
 from sockrepair.state import ConnTuple
@@ -53,7 +54,7 @@ def test_lock_lists_all_families_with_owner_and_time(locker: Locker) -> None:
         assert rec.ttl == 30.0
         assert 0 < rec.seconds_left <= 30.0
         assert rec.owner.startswith("pytest pid=")
-    assert locker.rule_count() == 11
+    assert locker.rule_count() == 15
     locker.unlock([T4, T6, MAPPED])
 
 
@@ -69,7 +70,7 @@ def test_lock_twice_renews_and_unlock_is_idempotent(locker: Locker) -> None:
     locker.unlock([T4])
     locker.unlock([T6, ConnTuple(socket.AF_INET, "10.9.9.9", 9, "10.9.9.8", 8)])
     assert locker.list_locks() == []
-    assert locker.rule_count() == 11
+    assert locker.rule_count() == 15
 
 
 def test_unlock_without_destroy_messages_skips_missing(locker: Locker) -> None:
@@ -112,7 +113,7 @@ def test_table_removed_behind_our_back_is_rebuilt(locker: Locker) -> None:
         other.unlock_all()
     locker.lock([T6], ttl=30)
     assert [r.tuple for r in locker.list_locks()] == [T6]
-    assert locker.rule_count() == 11
+    assert locker.rule_count() == 15
     locker.unlock([T6])
 
 
@@ -163,7 +164,8 @@ def test_two_processes_lock_at_once() -> None:
         "v4 = [ConnTuple(socket.AF_INET, f'10.5.{base}.{i % 250 + 1}', 1024 + i, '10.6.0.1', 80) for i in range(300)]\n"
         "v6 = [ConnTuple(socket.AF_INET6, f'fd05::{base}:{i + 1:x}', 1024 + i, 'fd06::1', 80) for i in range(300)]\n"
         "sys.stdin.readline()\n"
-        "L.lock(v4 + v6, ttl=60)\n"
+        "L.lock(v4, ttl=60, group=49428)\n"
+        "L.lock(v6, ttl=60, group=49428 + base)\n"
     )
     with NetNS() as ns:
         children = [
@@ -180,7 +182,16 @@ def test_two_processes_lock_at_once() -> None:
             owners = {r.owner.split()[1] for r in records}
             assert len(records) == 1200
             assert owners == {f"pid={child.pid}" for child in children}
-            assert lockmod.default_locker(ns.name).rule_count() == 11
+            assert lockmod.default_locker(ns.name).rule_count() == 15
+            # the keep chain both built at once, and one each: exactly one rule in each
+            assert {r.group for r in records if r.tuple.family == socket.AF_INET} == {49428}
+            assert {(r.owner.split()[1], r.group) for r in records if r.tuple.family == socket.AF_INET6} == {
+                (f"pid={child.pid}", 49428 + n) for n, child in enumerate(children, 1)
+            }
+            text = subprocess.run(ns.exec_argv(["nft", "list", "table", "inet", "sockrepair"]), capture_output=True,
+                                  text=True, check=True).stdout
+            for group in (49428, 49429, 49430):
+                assert text.count(f"log group {group} snaplen 65535 queue-threshold 1 drop") == 1
         finally:
             for child in children:
                 child.kill()
@@ -264,25 +275,106 @@ def test_status_reports_a_working_lock(locker: Locker) -> None:
     assert status["available"] and not status["table_present"] and status["intact"]
     locker.lock([T4], ttl=30)
     status = nft_status()
-    assert (status["table_present"], status["intact"], status["rules"], status["locks"]) == (True, True, 11, 1)
+    assert (status["table_present"], status["intact"], status["rules"], status["locks"]) == (True, True, 15, 1)
     locker.unlock([T4])
 
 
 @pytest.mark.skipif(shutil.which("nft") is None, reason="nft not installed")
 def test_nft_sees_the_same_table(locker: Locker) -> None:
     locker.lock([T4], ttl=30)
+    locker.lock([T6], ttl=30, group=49430)
     text = subprocess.run(
         ["nft", "list", "table", "inet", "sockrepair"], capture_output=True, text=True, check=True
     ).stdout
-    assert "10.0.0.1 . 1000 . 10.0.0.2 . 2000" in text and 'comment "pytest pid=' in text
+    assert re.search(r"10\.0\.0\.1 \. 1000 \. 10\.0\.0\.2 \. 2000 timeout 30s expires \S+ comment \"pytest pid=\d+ "
+                     r"host=[^\"]+\" : drop", text)
+    assert re.search(r"fd00::1 \. 1000 \. fd00::2 \. 2000 timeout 30s expires \S+ comment \"[^\"]+\" : jump keep_49430",
+                     text)
+    for family in ("ipv4_addr", "ipv6_addr"):
+        assert f"type {family} . inet_service . {family} . inet_service : verdict" in text
     for hook in ("prerouting", "input", "output"):
         assert f"type filter hook {hook} priority raw" in text
     assert text.count("meta mark 0x0000c114 accept") == 3  # SOCCR_MARK passes every chain
-    # input drops both directions, output the socket's own side; prerouting and input record the peer's side, then
-    # drop it
-    assert text.count("@conn4 drop") == 2 and text.count("@conn6 drop") == 2
-    assert text.count("log group 49428 snaplen 65535 queue-threshold 1 drop") == 4
-    locker.unlock([T4])
+    # the peer side goes to the element's verdict in prerouting and input, then (a jump that returned) is dropped;
+    # input and output drop the socket's own side
+    assert text.count("vmap @conn4") == 2 and text.count("vmap @conn6") == 2
+    assert text.count("@conn4 drop") == 4 and text.count("@conn6 drop") == 4
+    assert "chain keep_49430 {\n\t\tlog group 49430 snaplen 65535 queue-threshold 1 drop\n\t}" in text
+    assert "keep_49428" not in text  # keep chains are made for the groups locked with only
+    locker.unlock([T4, T6])
     locker.unlock_all()
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
     assert "sockrepair" not in tables
+
+
+def _groups(locker: Locker) -> dict[ConnTuple, int | None]:
+    return {r.tuple: r.group for r in locker.list_locks()}
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="nft not installed")
+def test_renewal_keeps_a_recorders_group_and_never_an_accept(locker: Locker) -> None:
+    """A tuple locked with a group stays with it when renewed without one (a put-back, criu's renewal, `sockrepair
+    lock`), switches to another group given explicitly, and an element another tool gave `accept` becomes `drop`."""
+    locker.lock([T4, T6], ttl=30, group=49428)
+    locker.lock([T4, T6, MAPPED], ttl=40)
+    assert _groups(locker) == {T4: 49428, T6: 49428, MAPPED.wire(): None}
+    assert {r.ttl for r in locker.list_locks()} == {40.0}
+    locker.lock([T4, MAPPED], ttl=40, group=49431)
+    assert _groups(locker) == {T4: 49431, T6: 49428, MAPPED.wire(): 49431}
+    other = ConnTuple(socket.AF_INET, "10.0.0.7", 7000, "10.0.0.8", 8000)
+    subprocess.run(["nft", "add element inet sockrepair conn4 { 10.0.0.7 . 7000 . 10.0.0.8 . 8000 : accept }"],
+                   check=True)
+    locker.lock([other], ttl=30)
+    assert _groups(locker)[other] is None
+    text = subprocess.run(["nft", "list", "map", "inet", "sockrepair", "conn4"], capture_output=True, text=True,
+                          check=True).stdout
+    assert "accept" not in text
+    locker.unlock([T4, T6, MAPPED, other])
+
+
+_OLD_LAYOUT = """table inet sockrepair {
+    set conn4 { type ipv4_addr . inet_service . ipv4_addr . inet_service; flags timeout; timeout 60s; }
+    set conn6 { type ipv6_addr . inet_service . ipv6_addr . inet_service; flags timeout; timeout 60s; }
+    chain prerouting { type filter hook prerouting priority raw; meta mark 0x0000c114 accept;
+        ip daddr . tcp dport . ip saddr . tcp sport @conn4 log group 49428 snaplen 65535 queue-threshold 1 drop; }
+    chain input { type filter hook input priority raw; ip saddr . tcp sport . ip daddr . tcp dport @conn4 drop; }
+    chain output { type filter hook output priority raw; ip saddr . tcp sport . ip daddr . tcp dport @conn4 drop; }
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="nft not installed")
+def test_a_table_of_the_older_layout_is_refused_while_it_holds_locks_then_replaced(locker: Locker) -> None:
+    """The sets of an older sockrepair (no verdicts) are never mixed with the maps: refused with a LockError while
+    one of their elements is locked (nothing changes), replaced in one transaction once they are empty."""
+    subprocess.run(["nft", "-f", "-"], input=_OLD_LAYOUT, text=True, check=True)
+    subprocess.run(["nft", "add element inet sockrepair conn4 { 10.0.0.9 . 9 . 10.0.0.8 . 8 timeout 30s }"],
+                   check=True)
+    with pytest.raises(LockError, match="older sockrepair layout .* still holds locks"):
+        locker.lock([T4], ttl=30, group=49428)
+    text = subprocess.run(["nft", "list", "table", "inet", "sockrepair"], capture_output=True, text=True,
+                          check=True).stdout
+    assert "10.0.0.9 . 9 . 10.0.0.8 . 8" in text and "vmap" not in text and "10.0.0.1" not in text
+    subprocess.run(["nft", "flush set inet sockrepair conn4"], check=True)
+    locker.lock([T4], ttl=30, group=49428)
+    assert _groups(locker) == {T4: 49428}
+    assert locker.rule_count() == 15
+    locker.unlock([T4])
+
+
+def test_prepare_builds_the_keep_chain_so_that_the_lock_sends_only_its_elements(
+        locker: Locker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """migrate() prepares before the freeze: inside it, a lock with its recorder's group is one message."""
+    locker.prepare(49432)
+    sent: list[list[int]] = []
+    real = locker._sock.transact
+
+    def transact(reqs, commit=True):  # type: ignore[no-untyped-def]
+        sent.append([r.msg_type for r in reqs])
+        return real(reqs, commit)
+
+    monkeypatch.setattr(locker._sock, "transact", transact)
+    locker.lock([T4], ttl=30, group=49432)
+    assert sent == [[nfconst.NFT_MSG_NEWSETELEM]]
+    assert _groups(locker) == {T4: 49432}
+    locker.unlock([T4])

@@ -105,7 +105,7 @@ def test_kept_packets_travel_in_the_image_directory(tmp_path: Path) -> None:
             keeper = Keeper(["/proc/thread-self/ns/net"])
             try:
                 state = sockrepair.checkpoint(server)
-                lock_a.lock([state], ttl=30)
+                lock_a.lock([state], ttl=30, group=keeper.group_in("/proc/thread-self/ns/net"))
                 sockrepair.discard(server, state)
                 client.sendall(REQUEST)
                 wait_for(lambda: keeper.pending([state.tuple]) == 1, "the request to reach A's lock", 5.0)
@@ -132,9 +132,11 @@ def test_kept_packets_travel_in_the_image_directory(tmp_path: Path) -> None:
 
 
 
-def test_a_second_mover_in_the_namespace_moves_with_the_dropping_lock() -> None:
-    """nfnetlink_log lets one socket bind the group per namespace: migrate() then says it could not keep, and the
-    connection still moves (the request comes with the peer's retransmission)."""
+def test_a_second_mover_in_the_namespace_keeps_too() -> None:
+    """Another mover records in the namespace (a dump's keeper waiting for its restore, another migrate()): this
+    move's recorder binds a group of its own and its lock copies there, so the request is delivered without the
+    peer retransmitting, and the other mover receives nothing of it. (With one group per namespace this move fell
+    back to the dropping lock and the request came with the peer's retransmission.)"""
     with NetNS() as ns:
         with ns.entered():
             other_mover = Recorder()
@@ -143,6 +145,8 @@ def test_a_second_mover_in_the_namespace_moves_with_the_dropping_lock() -> None:
             [restored] = report.handoff_result
             with restored:
                 assert recv_exactly(restored, len(REQUEST)) == REQUEST
-                assert tcp_info(client)[2] >= 1
-        assert not report.kept.recording and report.kept.delivered == 0
-        assert "another process in this network namespace records" in report.kept.note
+                assert tcp_info(client)[2] == 0
+            [conn] = [sockrepair.ConnTuple.parse(t) for t in report.connections]
+            assert other_mover.pending([conn]) == 0 and other_mover.take([conn]).fell_back == 0
+        assert (report.kept.recording, report.kept.delivered, report.kept.fell_back, report.kept.note) == (True, 1, 0,
+                                                                                                         "")

@@ -45,11 +45,11 @@ def test_trees_not_dumped_add_nothing(tmp_path: Path) -> None:
 
 class CountingLocker:
     def __init__(self) -> None:
-        self.calls: list[tuple[list[ConnTuple], float]] = []
+        self.calls: list[tuple[list[ConnTuple], float, int | None]] = []
         self.renewed = threading.Event()
 
-    def lock(self, tuples: list[ConnTuple], ttl: float) -> int:
-        self.calls.append((list(tuples), ttl))
+    def lock(self, tuples: list[ConnTuple], ttl: float, group: int | None = None) -> int:
+        self.calls.append((list(tuples), ttl, group))
         if len(self.calls) >= 3:
             self.renewed.set()
         return len(tuples)
@@ -57,11 +57,12 @@ class CountingLocker:
 
 def test_renewing_locks_at_once_and_again_until_the_block_ends() -> None:
     locker = CountingLocker()
-    with lockhold.renewing(locker, [A, B], 0.03) as errors:  # type: ignore[arg-type]
-        assert locker.calls[0] == ([A, B], 0.03)
+    with lockhold.renewing(locker, [A, B], 0.03, 49430) as errors:  # type: ignore[arg-type]
+        assert locker.calls[0] == ([A, B], 0.03, 49430)
         assert locker.renewed.wait(10)
     count = len(locker.calls)
     assert errors == []
-    assert all(call == ([A, B], 0.03) for call in locker.calls)
+    # every renewal keeps the peers' packets going to the dump's recorder
+    assert all(call == ([A, B], 0.03, 49430) for call in locker.calls)
     threading.Event().wait(0.05)
     assert len(locker.calls) == count, "renewal must stop with the block"

@@ -61,5 +61,7 @@ def test_table_output() -> None:
     assert _format([]) == "no locked connections"
     rec = LockRecord(ConnTuple(socket.AF_INET, "10.0.0.1", 1, "10.0.0.2", 2), 9.04, 60.0, "me pid=3 host=h")
     lines = _format([rec]).splitlines()
-    assert lines[0].split() == ["CONNECTION", "LEFT", "TTL", "OWNER"]
-    assert lines[1].split() == ["10.0.0.1:1->10.0.0.2:2", "9.0s", "60s", "me", "pid=3", "host=h"]
+    assert lines[0].split() == ["CONNECTION", "LEFT", "TTL", "KEPT", "OWNER"]
+    assert lines[1].split() == ["10.0.0.1:1->10.0.0.2:2", "9.0s", "60s", "-", "me", "pid=3", "host=h"]
+    kept = LockRecord(ConnTuple(socket.AF_INET, "10.0.0.1", 1, "10.0.0.2", 2), 9.04, 60.0, "me pid=3 host=h", 49429)
+    assert _format([kept]).splitlines()[1].split()[3] == "49429"

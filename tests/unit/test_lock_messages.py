@@ -107,16 +107,16 @@ def test_rule_loads_the_tuple_into_consecutive_registers(fam, peer_side, loads) 
     assert _u32(verdict[c.NFTA_VERDICT_CODE]) == c.NF_DROP
 
 
-def test_setup_makes_one_table_two_sets_three_chains_eleven_rules() -> None:
+def test_setup_makes_one_table_two_maps_three_chains_fifteen_rules() -> None:
     reqs = ruleset.setup_requests(60000)
     kinds = [r.msg_type for r in reqs]
     assert kinds.count(c.NFT_MSG_NEWTABLE) == 1
     assert kinds.count(c.NFT_MSG_NEWSET) == 2
     assert kinds.count(c.NFT_MSG_NEWCHAIN) == 3
     assert kinds.count(c.NFT_MSG_DELRULE) == 3  # each chain is flushed before its rules go in again
-    # prerouting: mark accept + peer side (logged) x 2 families; input: mark accept + both sides x 2; output: mark
-    # accept + socket side x 2
-    assert kinds.count(c.NFT_MSG_NEWRULE) == ruleset.RULE_COUNT == 11
+    # prerouting: mark accept + peer side (vmap, then drop) x 2 families; input: mark accept + socket side + peer
+    # side (vmap, then drop) x 2; output: mark accept + socket side x 2
+    assert kinds.count(c.NFT_MSG_NEWRULE) == ruleset.RULE_COUNT == 15
     assert all(r.family == c.NFPROTO_INET for r in reqs)
     for req in reqs:
         if req.msg_type == c.NFT_MSG_NEWCHAIN:
@@ -124,7 +124,8 @@ def test_setup_makes_one_table_two_sets_three_chains_eleven_rules() -> None:
             assert struct.unpack(">i", hook[c.NFTA_HOOK_PRIORITY])[0] == -300
         if req.msg_type == c.NFT_MSG_NEWSET:
             fields = attrs(req.payload)
-            assert _u32(fields[c.NFTA_SET_FLAGS]) == c.NFT_SET_TIMEOUT
+            assert _u32(fields[c.NFTA_SET_FLAGS]) == c.NFT_SET_MAP | c.NFT_SET_TIMEOUT
+            assert _u32(fields[c.NFTA_SET_DATA_TYPE]) == c.NFT_DATA_VERDICT == 0xFFFFFF00
             assert _u32(fields[c.NFTA_SET_KEY_LEN]) in (16, 40)
 
 
@@ -214,7 +215,9 @@ def test_record_to_dict() -> None:
         "seconds_left": 12.5,
         "ttl": 60.0,
         "owner": "me pid=1 host=h",
+        "group": None,
     }
+    assert LockRecord(T6, 12.5, 60.0, "", 49429).to_dict()["group"] == 49429
 
 
 def test_attributes_pad_to_four_bytes_and_parse_back() -> None:
@@ -238,3 +241,63 @@ def test_error_message_with_extended_ack_text() -> None:
 def test_namespace_names_are_not_paths(name: str) -> None:
     with pytest.raises(LockError, match="not a network namespace name"):
         check_netns_name(name)
+
+
+def _rule(req) -> list[tuple[str, dict[int, memoryview]]]:
+    exprs = attrs(req.payload)[c.NFTA_RULE_EXPRESSIONS]
+    out = []
+    for _k, e in iter_attrs(exprs):
+        fields = attrs(e)
+        out.append((bytes(fields[c.NFTA_EXPR_NAME]).rstrip(b"\0").decode(), attrs(fields[c.NFTA_EXPR_DATA])))
+    return out
+
+
+def test_peer_side_rules_are_a_vmap_then_a_drop_and_the_socket_side_only_drops() -> None:
+    rules: dict[str, list[list[tuple[str, dict[int, memoryview]]]]] = {}
+    for req in ruleset.setup_requests(60000):
+        if req.msg_type == c.NFT_MSG_NEWRULE:
+            chain = bytes(attrs(req.payload)[c.NFTA_RULE_CHAIN]).rstrip(b"\0").decode()
+            rules.setdefault(chain, []).append(_rule(req))
+
+    def shape(rule: list[tuple[str, dict[int, memoryview]]]) -> str:
+        names = [name for name, _ in rule]
+        if names[-1] == "lookup":  # a vmap: the element's verdict, read into the verdict register
+            assert _u32(rule[-1][1][c.NFTA_LOOKUP_DREG]) == c.NFT_REG_VERDICT
+            return "vmap"
+        assert names[-1] == "immediate"
+        assert names == ["meta", "cmp", "immediate"] or (names[-2] == "lookup" and c.NFTA_LOOKUP_DREG not in rule[-2][1])
+        verdict = attrs(attrs(rule[-1][1][c.NFTA_IMMEDIATE_DATA])[c.NFTA_DATA_VERDICT])
+        return {c.NF_ACCEPT: "accept", c.NF_DROP: "drop"}[_u32(verdict[c.NFTA_VERDICT_CODE])]
+
+    # a jump returning from an emptied keep chain meets the drop right after its vmap: never the policy (accept)
+    assert {chain: [shape(r) for r in rs] for chain, rs in rules.items()} == {
+        "prerouting": ["accept", "vmap", "drop", "vmap", "drop"],
+        "input": ["accept", "drop", "vmap", "drop", "drop", "vmap", "drop"],
+        "output": ["accept", "drop", "drop"],
+    }
+
+
+def test_keep_chain_logs_to_its_group_then_drops() -> None:
+    create, flush, rule = ruleset.keep_chain_requests(49431)
+    assert create.msg_type == c.NFT_MSG_NEWCHAIN and c.NFTA_CHAIN_HOOK not in attrs(create.payload)
+    assert flush.msg_type == c.NFT_MSG_DELRULE
+    [(log_name, log), (verdict_name, verdict)] = _rule(rule)
+    assert (log_name, verdict_name) == ("log", "immediate")
+    assert struct.unpack(">H", log[c.NFTA_LOG_GROUP])[0] == 49431
+    assert struct.unpack(">H", log[c.NFTA_LOG_QTHRESHOLD])[0] == 1
+    code = attrs(attrs(verdict[c.NFTA_IMMEDIATE_DATA])[c.NFTA_DATA_VERDICT])[c.NFTA_VERDICT_CODE]
+    assert _u32(code) == c.NF_DROP
+    assert ruleset.group_of_chain("keep_49431") == 49431
+    assert [ruleset.group_of_chain(n) for n in ("keep_", "keep_070", "keep_70000", "input", "keep_1x")] == [None] * 5
+
+
+@pytest.mark.parametrize("group", [None, 49428, 49491])
+def test_element_verdict_is_a_jump_to_its_keep_chain_or_a_drop(group) -> None:
+    [req] = ruleset.add_element_requests(ruleset.group_keys([T4]), 1500, encode_owner("me"), group)
+    [elem] = _elements(req)
+    verdict = ruleset.element_verdict(elem[c.NFTA_SET_ELEM_DATA])
+    assert verdict == ((c.NF_DROP, "") if group is None else (c.NFT_JUMP, f"keep_{group}"))
+    assert verdict == ruleset.verdict_of(group) and ruleset.verdict_group(verdict) == group
+    # any other verdict (another tool's element) is written back as drop, never kept
+    assert ruleset.verdict_group((c.NF_ACCEPT, "")) is None
+    assert ruleset.verdict_group((c.NFT_JUMP, "input")) is None
