@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
@@ -10,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from sockrepair.engine._repair import repair_on
 from sockrepair.engine._restore import restore_with
 from sockrepair.engine._session import session_of
+from sockrepair.errors import SocketCallError
 from sockrepair.lock import Locker
 from sockrepair.lock.inject import Injector
 from sockrepair.lock.ruleset import SOCCR_MARK
@@ -70,9 +72,17 @@ def passing_lock(socks: Sequence[socket.socket | int], states: Sequence[Connecti
 
 
 def _set_mark(sock: socket.socket | int, mark: int) -> None:
-    # through the engine's session, not socket.socket(fileno=fd): under socket.setdefaulttimeout() that constructor
-    # sets O_NONBLOCK on the fd, and a dump's fds are the resumed program's own sockets (pidfd_getfd copies)
-    session_of(sock).set(socket.SOL_SOCKET, socket.SO_MARK, mark, "SO_MARK")
+    if isinstance(sock, int):
+        # through the engine's session, not socket.socket(fileno=fd): under socket.setdefaulttimeout() that
+        # constructor sets O_NONBLOCK on the fd, and a dump's fds are the resumed program's own sockets (pidfd_getfd
+        # copies)
+        session_of(sock).set(socket.SOL_SOCKET, socket.SO_MARK, mark, "SO_MARK")
+        return
+    # the object's own call (half a microsecond; a session costs several): 1,000 of them each way, in the downtime
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+    except OSError as exc:
+        raise SocketCallError(exc.errno or errno.EIO, f"setsockopt(SO_MARK={mark})", sock.fileno()) from None
 
 
 def put_back(fds: Sequence[int], states: Sequence[ConnectionState], netns: str | None, ttl: float) -> None:
