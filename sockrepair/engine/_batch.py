@@ -202,23 +202,34 @@ def ensure_all_unchanged(socks: Sequence[SockLike], states: Sequence[ConnectionS
         ensure_unchanged(session_of(sock, state.tuple), state)
 
 
-def discard_all(fds: Sequence[int], inodes: Sequence[int]) -> None:
-    """Close every socket in `fds` (of inodes `inodes`, in that order) without FIN or RST: sockets this process put
-    in repair mode with checkpoint_many() and holds frozen, as end_source() does (sockrepair.move.take). Stops at
-    the first close that fails, raising SocketCallError, and leaves it and those after it open.
+def discard_all(fds: Sequence[int], inodes: Sequence[int]) -> bool:
+    """Disconnect and close every socket in `fds` (of inodes `inodes`, in that order) without FIN or RST: sockets
+    this process put in repair mode with checkpoint_many() and holds frozen, as end_source() does
+    (sockrepair.move.take). Each is disconnected first (connect(AF_UNSPEC): tcp_disconnect, which in repair mode
+    sends nothing, as the close of its last reference would), so that its 4-tuple leaves the established hash at
+    once even while another process (the frozen program, being killed) still holds the socket: a restore in the
+    same namespace need not wait for that process to exit. Returns whether every socket was disconnected (one that
+    was not is closed all the same: its 4-tuple is freed with the last reference). Stops at the first close that
+    fails, raising SocketCallError, and leaves the sockets after it open.
 
     Unlike discard(), the repair flag is not read again (a getsockopt per socket, a millisecond at 1,000): tp->repair
     is cleared only by setsockopt(TCP_REPAIR, off) through a file of the socket (do_tcp_setsockopt,
-    net/ipv4/tcp.c). Those files are this process's copies,
-    which only the resume of a failed capture turns off, before end_source() could run; the frozen process's own
-    fds, none of whose threads runs; and the guard's copies, which it takes only once this process is gone
-    (sockrepair.move.freeze). A third process sharing the file could turn it off between any read and the close as
-    well: the read would not make that safe either."""
+    net/ipv4/tcp.c). Those files are this process's copies, which only the resume of a failed capture turns off,
+    before end_source() could run; the frozen process's own fds, none of whose threads runs; and the guard's copies,
+    which it takes only once this process is gone (sockrepair.move.freeze). A third process sharing the file could
+    turn it off between any read and the close as well: the read would not make that safe either."""
     if _reuse_held:
         _reuse_held.difference_update(inodes)
+    unspec = ffi.new("struct sockaddr *")  # sa_family 0: AF_UNSPEC
+    size = ffi.sizeof("struct sockaddr")
+    connect = lib.connect
+    disconnected = True
     for fd in fds:
+        if connect(fd, unspec, size) < 0:
+            disconnected = False
         if _close(fd) < 0:
             raise SocketCallError(ffi.errno, "close", fd)
+    return disconnected
 
 
 SEGS_OUT = struct.Struct("=136xI")  # struct tcp_info: tcpi_segs_out at byte 136

@@ -68,11 +68,9 @@ def to_ask(states: Sequence[ConnectionState]) -> list[int]:
     return [i for i in worth if states[i].tuple.wire().reversed() not in moving]
 
 
-def ask_peers(keeper: Keeper | None, states: Sequence[ConnectionState], into: str,
-              asked: Sequence[int] | None = None) -> Asked:
-    """Ask the peer of every connection to_ask() names in `states` (or of the indexes `asked`, as to_ask() found
-    them beforehand) what it holds (the module's docstring), the probes sent from the network namespace at path
-    `into` (where the connections are restored; the old sockets must be gone), the answers read from `keeper`'s
+def ask_peers(keeper: Keeper | None, states: Sequence[ConnectionState], into: str) -> Asked:
+    """Ask the peer of every connection to_ask() names in `states` what it holds (the module's docstring), the
+    probes sent from the network namespace at path `into` (where the connections are restored; the old sockets must be gone), the answers read from `keeper`'s
     recorders (None: not keeping, nothing is asked). Waits at most ANSWER_TIMEOUT. Never raises for a peer that
     does not answer or a probe the kernel refuses (no CAP_NET_RAW): those states are returned as they were."""
     answered = [False] * len(states)
@@ -80,7 +78,7 @@ def ask_peers(keeper: Keeper | None, states: Sequence[ConnectionState], into: st
     # the answers come where the connections are restored: without a recorder there, nobody would see them
     if keeper is None or not keeper.records_in(into):
         return Asked(out, answered)
-    asked = to_ask(states) if asked is None else list(asked)
+    asked = to_ask(states)
     if not asked:
         return Asked(out, answered)
     before = {i: len(packets) for i, packets in zip(asked, keeper.peek([states[i].tuple for i in asked]))}

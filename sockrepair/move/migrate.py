@@ -22,7 +22,7 @@ from sockrepair.engine import checkpoint, discard
 from sockrepair.errors import ProcessError
 from sockrepair.image import encode
 from sockrepair.lock import Locker
-from sockrepair.move.ask import ask_peers, to_ask
+from sockrepair.move.ask import ask_peers
 from sockrepair.move.freeze import Freezer
 from sockrepair.move.journal import (
     ENDED,
@@ -37,7 +37,7 @@ from sockrepair.move.keep import Keeper, Kept, netns_path
 from sockrepair.move.land import passing_lock, restore_all
 from sockrepair.move.quiesce import Quiescence
 from sockrepair.move.stages import Stage, Timings
-from sockrepair.move.take import captured, end_source, process_locker
+from sockrepair.move.take import captured, end_source, process_locker, wait_exited
 from sockrepair.netns import named
 from sockrepair.sigmask import deferred_signals
 from sockrepair.state import ConnTuple
@@ -226,17 +226,10 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
                 images = [encode(state) for state in cap.states]
             with timings.timed(Stage.JOURNAL):
                 write_journal(directory, pid, [s.fd for s in cap.sockets], images, tuples, ttl=ttl, netns=dest_netns)
-            asking: list[int] = []
-
-            def meanwhile() -> None:
-                # while the source exits: the copies the recorders took so far are parsed, and the peers to ask found
-                if keeper is not None:
-                    keeper.peek([])
-                    asking.extend(to_ask(states))
-
             with timings.timed(Stage.CLOSE):
                 try:
-                    end_source(cap, passed=lambda: mark_ended(directory), meanwhile=meanwhile)
+                    # the tuples are free once our copies are disconnected: the process exits during the restore
+                    end_source(cap, passed=lambda: mark_ended(directory), wait=False)
                 finally:
                     ended = cap.ended
         if network is not None:
@@ -245,8 +238,9 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         freezer.landing(directory, dest_netns, ttl)
         with timings.timed(Stage.RESTORE):
             # what the peers hold of our in-flight bytes, asked once the old sockets are gone (sockrepair.move.ask)
-            asked = ask_peers(keeper, states, netns_path(dest_netns), asking)
+            asked = ask_peers(keeper, states, netns_path(dest_netns))
             socks = restore_all(asked.states, dest_netns, freezer.hold_one, asked.answered, cap.owed)
+            wait_exited(cap)  # long exited by now, as a rule
         with passing_lock(socks, states) if keeper is not None else contextlib.nullcontext():
             if keeper is not None:
                 with timings.timed(Stage.DELIVER):

@@ -388,11 +388,11 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
 
 
 def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[], object] | None = None,
-               meanwhile: Callable[[], object] | None = None) -> None:
+               wait: bool = True) -> None:
     """End the source of a capture once the states are safe elsewhere: check that no frozen socket sent or received
-    since its checkpoint, SIGKILL the frozen process and discard our copies of its sockets (no FIN, no RST: every
-    copy, the process's own included, closes while still in repair mode) and wait for it to exit, so that a restore
-    on this host does not collide with the dying process's 4-tuples.
+    since its checkpoint, SIGKILL the frozen process and disconnect and close our copies of its sockets (no FIN, no
+    RST: every copy, the process's own included, is in repair mode), so that their 4-tuples are free for a restore
+    on this host (discard_all), and, with `wait`, wait for the process to exit (else call wait_exited() later).
 
     Raises SocketStateError (pid, the process's fd, tuple, state) before discarding anything when a socket changed:
     the captured() context then resumes every socket and the process goes on. Raises ProcessError when the process
@@ -402,13 +402,12 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[]
     mode in the process, which must not run again. SIGINT, SIGTERM and SIGHUP wait until it is done.
     `passed` runs right after the guard was told the point of no return is passed, before the kill (the
     movers mark their image directory there: sockrepair.move.journal.mark_ended); when it raises, the source is
-    ended all the same and its exception passes. `meanwhile` runs once the copies are discarded, while the process
-    exits (milliseconds at 1,000 connections, on another CPU): work of the caller's that needs neither; what it
-    raises passes, once the process has exited."""
+    ended all the same and its exception passes."""
     try:
         ensure_all_unchanged(cap.fds, cap.states)
     except SocketStateError as exc:
         raise _in_process_of(exc, cap.pid, cap.sockets, cap.fds) from None
+    disconnected = False
     with deferred_signals():
         cap.freezer.ending()
         cap.ended = True
@@ -418,22 +417,25 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[]
             if passed is not None:
                 passed()
         finally:
-            # killed first: its exit (closing its own copies, freeing its memory, milliseconds) runs on another CPU
-            # while ours are closed here; every copy is in repair mode, so neither close sends anything
+            # killed first: its exit (closing its own copies, freeing its memory: milliseconds) runs on another CPU
+            # while ours are discarded here and the move goes on
             try:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(cap.pid, signal.SIGKILL)
             finally:
                 try:
-                    discard_all(cap.fds, [s.inode for s in cap.sockets])
+                    disconnected = discard_all(cap.fds, [s.inode for s in cap.sockets])
                 finally:
                     cap.fds.clear()
-    try:
-        if meanwhile is not None:
-            meanwhile()
-    finally:
-        # the pidfd turns readable once the process has exited and its files are closed
-        poller = select.poll()
-        poller.register(cap.pidfd.fd, select.POLLIN)
-        if not poller.poll(timeout * 1000):
-            raise ProcessError(f"process {cap.pid} did not exit within {timeout:.0f} s of SIGKILL", pid=cap.pid)
+    if wait or not disconnected:  # a tuple still hashed is freed only by the process's exit
+        wait_exited(cap, timeout)
+
+
+def wait_exited(cap: Captured, timeout: float = KILL_TIMEOUT) -> None:
+    """Wait until the process end_source() killed has exited and its files are closed. Raises ProcessError when it
+    has not `timeout` seconds after the SIGKILL."""
+    # the pidfd turns readable once the process has exited and its files are closed
+    poller = select.poll()
+    poller.register(cap.pidfd.fd, select.POLLIN)
+    if not poller.poll(timeout * 1000):
+        raise ProcessError(f"process {cap.pid} did not exit within {timeout:.0f} s of SIGKILL", pid=cap.pid)
