@@ -56,29 +56,21 @@ class Asked:
     answered: list[bool]
 
 
-def to_ask(states: Sequence[ConnectionState]) -> list[int]:
-    """The indexes in `states` of the connections ask_peers() asks: ESTABLISHED with bytes in flight (or never
-    sent), not corked, and whose other end is not among `states` too."""
-    # a peer that moves too (both ends in `states`) has no socket before its own restore: its kernel answers the
-    # probe with a RST, which the lock drops, and the wait would run to ANSWER_TIMEOUT for nothing
-    worth = [i for i, s in enumerate(states) if _worth_asking(s)]
-    if not worth:
-        return []
-    moving = {s.tuple.wire() for s in states}
-    return [i for i in worth if states[i].tuple.wire().reversed() not in moving]
-
-
 def ask_peers(keeper: Keeper | None, states: Sequence[ConnectionState], into: str) -> Asked:
-    """Ask the peer of every connection to_ask() names in `states` what it holds (the module's docstring), the
-    probes sent from the network namespace at path `into` (where the connections are restored; the old sockets must be gone), the answers read from `keeper`'s
-    recorders (None: not keeping, nothing is asked). Waits at most ANSWER_TIMEOUT. Never raises for a peer that
+    """Ask the peer of every ESTABLISHED state with in-flight bytes what it holds (the module's docstring), the
+    probes sent from the network namespace at path `into` (where the connections are restored; the old sockets
+    must be gone), the answers read from `keeper`'s recorders (None: not keeping, nothing is asked); a connection
+    whose other end is among `states` too is not asked. Waits at most ANSWER_TIMEOUT. Never raises for a peer that
     does not answer or a probe the kernel refuses (no CAP_NET_RAW): those states are returned as they were."""
     answered = [False] * len(states)
     out = list(states)
     # the answers come where the connections are restored: without a recorder there, nobody would see them
     if keeper is None or not keeper.records_in(into):
         return Asked(out, answered)
-    asked = to_ask(states)
+    # a peer that moves too (both ends in `states`) has no socket before its own restore: its kernel answers the
+    # probe with a RST, which the lock drops, and the wait would run to ANSWER_TIMEOUT for nothing
+    moving = {s.tuple.wire() for s in states}
+    asked = [i for i, s in enumerate(states) if _worth_asking(s) and s.tuple.wire().reversed() not in moving]
     if not asked:
         return Asked(out, answered)
     before = {i: len(packets) for i, packets in zip(asked, keeper.peek([states[i].tuple for i in asked]))}
