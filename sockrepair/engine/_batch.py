@@ -32,7 +32,6 @@ from typing import NamedTuple
 
 from sockrepair.engine._checkpoint import (
     checkpoint_session,
-    discard,
     dumped_sockopts,
     ensure_state,
     ensure_unchanged,
@@ -45,11 +44,11 @@ from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._refuse import refuse, unsuspected_inq
 from sockrepair.engine._session import (
     SockLike,
+    _close,
+    _reuse_held,
     _Session,
-    close_silently,
     fileno,
     hold_reuse,
-    release_reuse,
     session_of,
 )
 from sockrepair.engine._sockopts import DUMPED_PLANS, TCP, read_plain
@@ -167,21 +166,34 @@ def ensure_all_unchanged(socks: Sequence[SockLike], states: Sequence[ConnectionS
         ensure_unchanged(session_of(sock, state.tuple), state)
 
 
-def discard_all(fds: Sequence[int]) -> None:
-    """discard() (no state) of every socket in `fds`, frozen by checkpoint_many(), in their order: each is closed
-    without FIN or RST. The repair flag is read through libc into one buffer; a socket not in repair mode (or whose
-    flag cannot be read) goes through discard() itself, which raises SocketStateError for it (closing it would send
-    a FIN), leaving it and those after it open. Raises SocketCallError when a close fails."""
-    value = ffi.new("int *")
-    length = ffi.new("socklen_t *")
-    getsockopt, repair = lib.getsockopt, lib.TCP_REPAIR
+def discard_all(fds: Sequence[int], inodes: Sequence[int]) -> bool:
+    """Disconnect and close every socket in `fds` (of inodes `inodes`, in that order) without FIN or RST: sockets
+    this process put in repair mode with checkpoint_many() and holds frozen, as end_source() does
+    (sockrepair.move.take). Each is disconnected first (connect(AF_UNSPEC): tcp_disconnect, which in repair mode
+    sends nothing, as the close of its last reference would), so that its 4-tuple leaves the established hash at
+    once even while another process (the frozen program, being killed) still holds the socket: a restore in the
+    same namespace need not wait for that process to exit. Returns whether every socket was disconnected (one that
+    was not is closed all the same: its 4-tuple is freed with the last reference). Stops at the first close that
+    fails, raising SocketCallError, and leaves the sockets after it open.
+
+    Unlike discard(), the repair flag is not read again (a getsockopt per socket, a millisecond at 1,000): tp->repair
+    is cleared only by setsockopt(TCP_REPAIR, off) through a file of the socket (do_tcp_setsockopt,
+    net/ipv4/tcp.c). Those files are this process's copies, which only the resume of a failed capture turns off,
+    before end_source() could run; the frozen process's own fds, none of whose threads runs; and the guard's copies,
+    which it takes only once this process is gone (sockrepair.move.freeze). A third process sharing the file could
+    turn it off between any read and the close as well: the read would not make that safe either."""
+    if _reuse_held:
+        _reuse_held.difference_update(inodes)
+    unspec = ffi.new("struct sockaddr *")  # sa_family 0: AF_UNSPEC
+    size = ffi.sizeof("struct sockaddr")
+    connect = lib.connect
+    disconnected = True
     for fd in fds:
-        length[0] = ffi.sizeof("int")
-        if getsockopt(fd, TCP, repair, value, length) < 0 or value[0] != 1:
-            discard(fd)
-            continue
-        release_reuse(fd)
-        close_silently(fd)
+        if connect(fd, unspec, size) < 0:
+            disconnected = False
+        if _close(fd) < 0:
+            raise SocketCallError(ffi.errno, "close", fd)
+    return disconnected
 
 
 SEGS_OUT = struct.Struct("=136xI")  # struct tcp_info: tcpi_segs_out at byte 136

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from sockrepair.errors import LockError, NftError
 from sockrepair.lock import nfconst as c
-from sockrepair.lock.netlink import attr, attrs
+from sockrepair.lock.netlink import attr
 from sockrepair.lock.ruleset import NFLOG_GROUP, NFLOG_GROUPS, SNAPLEN
 from sockrepair.netns import named
 from sockrepair.packet import packet_length, packet_tuple
@@ -86,7 +86,19 @@ class WireKeys(frozenset[ConnTuple]):
         return super().__new__(cls, map(wire_key, conns))
 
 
-_KEPT = frozenset((c.NFULA_SEQ, c.NFULA_PAYLOAD))  # the attributes _keep() reads
+_NLATTR = struct.Struct("=HH")  # struct nlattr: nla_len, nla_type
+_SEQ = struct.Struct(">I")
+_PAYLOAD, _SEQ_ATTR = c.NFULA_PAYLOAD, c.NFULA_SEQ  # the attributes _parse() reads
+
+
+class _Queue(list[bytes]):
+    """The packets kept for one connection, in arrival order, and their bytes (`size`)."""
+
+    __slots__ = ("size",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
 
 
 class _GroupTaken(Exception):
@@ -142,8 +154,7 @@ class Recorder:
     def _start(self, next_seq: int | None) -> None:
         self._sock.setblocking(False)
         self._buf = bytearray(SNAPLEN + 4096)
-        self._kept: dict[ConnTuple, list[bytes]] = {}
-        self._kept_bytes: dict[ConnTuple, int] = {}
+        self._kept: dict[ConnTuple, _Queue] = {}
         self._total = 0
         self._next_seq = next_seq
         self._stats = Held()
@@ -216,42 +227,61 @@ class Recorder:
             self._parse(memoryview(self._buf)[: min(size, len(self._buf))])
 
     def _parse(self, view: memoryview) -> None:
-        pos = 0
-        while pos + _NLMSGHDR.size <= len(view):
-            length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(view, pos)
-            if length < _NLMSGHDR.size or pos + length > len(view):
+        # one loop over the messages and their attributes, without a dict per message: a move parses a thousand
+        # copies or more inside its downtime, and the calls and lookups cost microseconds each
+        pos, end = 0, len(view)
+        head, unpack, attr_unpack = _NLMSGHDR.size, _NLMSGHDR.unpack_from, _NLATTR.unpack_from
+        body = head + _NFGENMSG.size
+        while pos + head <= end:
+            length, kind, _flags, _seq, _pid = unpack(view, pos)
+            if length < head or pos + length > end:
                 return
             if kind == _ULOG_PACKET:
-                self._keep(attrs(view[pos + _NLMSGHDR.size + _NFGENMSG.size : pos + length], _KEPT))
+                seq: int | None = None
+                payload: memoryview | None = None
+                at, stop = pos + body, pos + length
+                while at + 4 <= stop:
+                    size, attr_kind = attr_unpack(view, at)
+                    if size < 4 or at + size > stop:
+                        raise LockError(f"malformed netlink attribute at byte {at - pos - body}")
+                    attr_kind &= 0x3FFF
+                    if attr_kind == _PAYLOAD:
+                        payload = view[at + 4 : at + size]
+                    elif attr_kind == _SEQ_ATTR:
+                        if size != 8:
+                            raise LockError(f"malformed NFULA_SEQ at byte {at - pos - body}")
+                        seq = _SEQ.unpack_from(view, at + 4)[0]
+                    at += (size + 3) & ~3
+                self._keep(seq, payload)
             pos += (length + 3) & ~3
 
-    def _keep(self, fields: dict[int, memoryview]) -> None:
-        seq_field = fields.get(c.NFULA_SEQ)
-        if seq_field is not None:
-            seq = int(struct.unpack(">I", seq_field)[0])
+    def _keep(self, seq: int | None, payload: memoryview | None) -> None:
+        if seq is not None:
             if self._next_seq is not None and seq != self._next_seq:
                 self._stats.lost += (seq - self._next_seq) & 0xFFFFFFFF
             self._next_seq = (seq + 1) & 0xFFFFFFFF
-        payload = fields.get(c.NFULA_PAYLOAD)
         if payload is None:
             return
         packet = bytes(payload)
         conn = packet_tuple(packet)
         if conn is None:
             return
-        if packet_length(packet) != len(packet):
+        size = len(packet)
+        if packet_length(packet) != size:
             self._stats.truncated += 1
             return
-        kept = self._kept.setdefault(conn, [])
-        used = self._kept_bytes.get(conn, 0)
+        queue = self._kept.get(conn)  # one lookup per packet: a ConnTuple hashes its five fields every time
+        used, count = (queue.size, len(queue)) if queue is not None else (0, 0)
         caps = self.caps
-        if (len(kept) >= caps.packets_per_connection or used + len(packet) > caps.bytes_per_connection
-                or self._total + len(packet) > caps.total_bytes):
+        if (count >= caps.packets_per_connection or used + size > caps.bytes_per_connection
+                or self._total + size > caps.total_bytes):
             self._stats.over_cap += 1
             return
-        kept.append(packet)
-        self._kept_bytes[conn] = used + len(packet)
-        self._total += len(packet)
+        if queue is None:
+            queue = self._kept[conn] = _Queue()
+        queue.append(packet)
+        queue.size = used + size
+        self._total += size
 
     def pending(self, conns: Iterable[ConnTuple]) -> int:
         """Drain, then count the packets kept for `conns` (they stay kept)."""
@@ -275,13 +305,13 @@ class Recorder:
         keys = conns if isinstance(conns, WireKeys) else WireKeys(conns)
         # only the connections something was kept for, not every one asked for (1,000 lookups a round at 1,000)
         for key in [key for key in self._kept if key in keys]:
-            held.packets += self._kept.pop(key)
-            self._total -= self._kept_bytes.pop(key, 0)
+            queue = self._kept.pop(key)
+            held.packets += queue
+            self._total -= queue.size
         return held
 
     def forget(self) -> None:
         """Drop every copy kept so far (the counts stay): a keeper that wants only some connections sheds the
         copies of the others, which only the process that locked them could deliver."""
         self._kept.clear()
-        self._kept_bytes.clear()
         self._total = 0

@@ -29,6 +29,7 @@ import platform
 import select
 import signal
 import socket
+import struct
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
@@ -222,6 +223,8 @@ class _Stop:
 _CHUNK = 1000  # tuples per "watch" message: a datagram must fit the socket's buffer
 SCM_MAX_FD = 253  # fds per message (include/net/scm.h)
 _HOLD = b"h"  # the message carrying one restored socket (not JSON: one per socket, inside the downtime)
+_HOLD_BUFFERS = [_HOLD]
+_FD = struct.Struct("i")  # one fd of SCM_RIGHTS' array of ints, in native order
 # bytes the holds may queue unread (SO_SNDBUFFORCE; a message of one fd takes about 768): the guard reads them only
 # when it needs them, and 1,000 sockets of a move fit
 _HOLD_BUFFER = 8 << 20
@@ -549,9 +552,12 @@ class Freezer:
         guard locks it again, checkpoints it into the journal and closes it silently. The duplicates wait in the
         kernel, in flight to the guard (which keeps them alive whatever happens to sockrepair), until the guard
         takes them: when sockrepair is gone, at release(), or here when the queue is full."""
+        # sendmsg itself, the fd packed here: socket.send_fds builds an array per call (measured: 2.6 -> 2.3 ms for
+        # 1,000 holds)
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(sock.fileno()))]
         try:
             try:
-                socket.send_fds(self._holds, [_HOLD], [sock.fileno()])
+                self._holds.sendmsg(_HOLD_BUFFERS, rights)
             except OSError as e:
                 # full: the socket buffer (EAGAIN), or the sender's count of files in flight (ETOOMANYREFS past
                 # RLIMIT_NOFILE without CAP_SYS_RESOURCE, as in a rootless container): the guard takes them
@@ -560,7 +566,7 @@ class Freezer:
                 self._ask("take")
                 self._holds.setblocking(True)
                 try:
-                    socket.send_fds(self._holds, [_HOLD], [sock.fileno()])
+                    self._holds.sendmsg(_HOLD_BUFFERS, rights)
                 finally:
                     self._holds.setblocking(False)
         except (BrokenPipeError, ConnectionResetError):

@@ -37,7 +37,7 @@ from sockrepair.move.keep import Keeper, Kept, netns_path
 from sockrepair.move.land import passing_lock, restore_all
 from sockrepair.move.quiesce import Quiescence
 from sockrepair.move.stages import Stage, Timings
-from sockrepair.move.take import captured, end_source, process_locker
+from sockrepair.move.take import captured, end_source, process_locker, wait_exited
 from sockrepair.netns import named
 from sockrepair.sigmask import deferred_signals
 from sockrepair.state import ConnTuple
@@ -233,7 +233,8 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
                 write_journal(directory, pid, [s.fd for s in cap.sockets], images, tuples, ttl=ttl, netns=dest_netns)
             with timings.timed(Stage.CLOSE):
                 try:
-                    end_source(cap, passed=lambda: mark_ended(directory))
+                    # the tuples are free once our copies are disconnected: the process exits during the restore
+                    end_source(cap, passed=lambda: mark_ended(directory), wait=False)
                 finally:
                     ended = cap.ended
         if network is not None:
@@ -244,6 +245,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             # what the peers hold of our in-flight bytes, asked once the old sockets are gone (sockrepair.move.ask)
             asked = ask_peers(keeper, states, netns_path(dest_netns))
             socks = restore_all(asked.states, dest_netns, freezer.hold_one, asked.answered, cap.owed)
+            wait_exited(cap)  # long exited by now, as a rule
         with passing_lock(socks, states) if keeper is not None else contextlib.nullcontext():
             if keeper is not None:
                 with timings.timed(Stage.DELIVER):

@@ -40,9 +40,10 @@ class Stage(Enum):
     WRITE = "write", "write the images and index.json into the image directory and fsync them", ("dump",)
     RESUME = ("resume", "leave repair mode without a window probe, deliver what the peers sent meanwhile (kept by "
               "the lock), unlock, deliver what came during that delivery: the process goes on", ("dump",))
-    CLOSE = ("close", "end the source: discard every frozen socket (each checked unchanged), SIGKILL the process and "
-             "wait for its exit", ("migrate",))
-    KILL = "kill", "end the source, as CLOSE (the name dump has always reported)", ("dump",)
+    CLOSE = ("close", "end the source: check every frozen socket unchanged, SIGKILL the process, disconnect and "
+             "close our copies of its sockets (silently: repair mode), which frees their 4-tuples; the process exits "
+             "meanwhile, and the restore waits for that exit once its sockets are made", ("migrate",))
+    KILL = "kill", "end the source, as CLOSE, and wait for its exit (the name dump has always reported)", ("dump",)
     KEEP = ("keep", "write what the peers sent while locked, kept by the lock so far, beside the images "
             "(packets.img: restore -D delivers it)", ("dump",))
     NETWORK = "network", "the caller's network step (e.g. move the service address to the destination)", ("migrate",)

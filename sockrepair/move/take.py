@@ -280,17 +280,12 @@ def _taken_if_same(pid: int, pidfd: PidFd, chosen: Sequence[ProcSocket], others:
     made a connection, since): the fd -> inode map must then be read again. The copies are needed anyway, and
     comparing their inodes spares reading the links of the chosen fds under the freeze (a readlink per fd of the
     process: 5-8 ms at 1,000 connections). Raises ProcessError (_other_sockets), no copy left open then."""
-    fds: list[int] = []
     same = False
+    # short when one is closed; the map read again says whether the process itself is gone
+    fds = pidfd.getfds([s.fd for s in chosen])
     try:
-        for s in chosen:
-            try:
-                fds.append(pidfd.getfd(s.fd))
-            except ProcessError:  # closed; the map read again says whether the process itself is gone
-                break
-            if os.fstat(fds[-1]).st_ino != s.inode:
-                break
-        else:
+        fstat = os.fstat
+        if len(fds) == len(chosen) and all(fstat(fd).st_ino == s.inode for fd, s in zip(fds, chosen)):
             # a connection accepted or made since the look: read again, it is taken or refused, never left to die
             # with the process
             same = _other_sockets(pid, chosen) == others
@@ -393,25 +388,27 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
                         os.close(fd)
 
 
-def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[], object] | None = None) -> None:
+def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[], object] | None = None,
+               wait: bool = True) -> None:
     """End the source of a capture once the states are safe elsewhere: check that no frozen socket sent or received
-    since its checkpoint, discard them all (no FIN, no RST), then SIGKILL the frozen process (its own copies of the
-    sockets close while still in repair mode) and wait for it to exit, so that a restore on this host does not
-    collide with the dying process's 4-tuples.
+    since its checkpoint, SIGKILL the frozen process and disconnect and close our copies of its sockets (no FIN, no
+    RST: every copy, the process's own included, is in repair mode), so that their 4-tuples are free for a restore
+    on this host (discard_all), and, with `wait`, wait for the process to exit (else call wait_exited() later).
 
     Raises SocketStateError (pid, the process's fd, tuple, state) before discarding anything when a socket changed:
     the captured() context then resumes every socket and the process goes on. Raises ProcessError when the process
     has not exited `timeout` seconds after SIGKILL.
 
-    From the first discard on, the source is ended whatever happens (`cap.ended`): a socket discarded here is still
-    in repair mode in the process, which must not run again. SIGINT, SIGTERM and SIGHUP wait until it is done.
-    `passed` runs right after the guard was told the point of no return is passed, before the first discard (the
+    From the kill on, the source is ended whatever happens (`cap.ended`): a socket discarded here is still in repair
+    mode in the process, which must not run again. SIGINT, SIGTERM and SIGHUP wait until it is done.
+    `passed` runs right after the guard was told the point of no return is passed, before the kill (the
     movers mark their image directory there: sockrepair.move.journal.mark_ended); when it raises, the source is
     ended all the same and its exception passes."""
     try:
         ensure_all_unchanged(cap.fds, cap.states)
     except SocketStateError as exc:
         raise _in_process_of(exc, cap.pid, cap.sockets, cap.fds) from None
+    disconnected = False
     with deferred_signals():
         cap.freezer.ending()
         cap.ended = True
@@ -421,12 +418,23 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[]
             if passed is not None:
                 passed()
         finally:
+            # killed first: its exit (closing its own copies, freeing its memory: milliseconds) runs on another CPU
+            # while ours are discarded here and the move goes on
             try:
-                discard_all(cap.fds)
-            finally:
-                cap.fds.clear()
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(cap.pid, signal.SIGKILL)
+            finally:
+                try:
+                    disconnected = discard_all(cap.fds, [s.inode for s in cap.sockets])
+                finally:
+                    cap.fds.clear()
+    if wait or not disconnected:  # a tuple still hashed is freed only by the process's exit
+        wait_exited(cap, timeout)
+
+
+def wait_exited(cap: Captured, timeout: float = KILL_TIMEOUT) -> None:
+    """Wait until the process end_source() killed has exited and its files are closed. Raises ProcessError when it
+    has not `timeout` seconds after the SIGKILL."""
     # the pidfd turns readable once the process has exited and its files are closed
     poller = select.poll()
     poller.register(cap.pidfd.fd, select.POLLIN)

@@ -16,14 +16,14 @@ from sockrepair.state import TCP_ESTABLISHED, ConnTuple
 
 
 class _Copies:
-    """A PidFd whose getfd() duplicates this process's fd (pidfd_getfd's effect), remembering every copy made."""
+    """A PidFd whose getfds() duplicates this process's fd (pidfd_getfd's effect), remembering every copy made."""
 
     def __init__(self) -> None:
         self.made: list[int] = []
 
-    def getfd(self, fd: int) -> int:
-        self.made.append(os.dup(fd))
-        return self.made[-1]
+    def getfds(self, fds: list[int]) -> list[int]:
+        self.made += [os.dup(fd) for fd in fds]
+        return list(self.made)
 
 
 @pytest.fixture
@@ -83,3 +83,23 @@ def test_replaced_fd_closes_the_copies(chosen: list[ProcSocket]) -> None:
     moved = [chosen[0], ProcSocket(chosen[1].fd, chosen[1].inode + 1, chosen[1].tuple, TCP_ESTABLISHED)]
     assert take._taken_if_same(os.getpid(), pidfd, moved, {}) is None  # type: ignore[arg-type]
     assert len(pidfd.made) == 2 and not any(map(_open, pidfd.made))
+
+
+def test_getfds_stops_at_the_first_fd_that_is_not_open(chosen: list[ProcSocket]) -> None:
+    """PidFd.getfds (pidfd_getfd of each fd, here of this very process) stops short at a closed fd, and
+    _taken_if_same then closes the copies it made."""
+    from sockrepair.move.pidfd import PidFd
+
+    # not open, and above every fd the copies may get
+    closed = max(int(name) for name in os.listdir("/proc/self/fd")) + 100
+    with PidFd(os.getpid()) as pidfd:
+        copies = pidfd.getfds([chosen[0].fd, closed, chosen[1].fd])
+        try:
+            assert len(copies) == 1 and os.fstat(copies[0]).st_ino == chosen[0].inode
+        finally:
+            for fd in copies:
+                os.close(fd)
+        gone = [chosen[0], ProcSocket(closed, chosen[1].inode, chosen[1].tuple, TCP_ESTABLISHED)]
+        before = set(os.listdir("/proc/self/fd"))
+        assert take._taken_if_same(os.getpid(), pidfd, gone, {}) is None
+        assert set(os.listdir("/proc/self/fd")) <= before
