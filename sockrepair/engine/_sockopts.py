@@ -11,12 +11,12 @@ import operator
 import socket
 import struct
 from dataclasses import dataclass, fields
+from typing import Any
 
 from sockrepair.engine._ffi import lib
 from sockrepair.engine._session import (
     _Session,
 )
-from sockrepair.errors import SocketCallError
 from sockrepair.state import SocketOptions
 
 TCP, SOL, IP, IPV6 = lib.IPPROTO_TCP, lib.SOL_SOCKET, lib.IPPROTO_IP, lib.IPPROTO_IPV6
@@ -118,14 +118,34 @@ _LINGER = struct.Struct("ii")
 _TIMEVAL = struct.Struct("ll")
 _LAST_POSITIONS = tuple(SOCKOPT_POSITION[name] for name in ("linger_on", "linger_secs", "bindtodevice", "congestion",
                                                               *(field for field, _, _ in TIMEOUTS)))
-# What apply_in_repair sets, per family: (field, level, option, name, the value a new socket has or None, whether
-# it is SO_PRIORITY), and the fields' values in that order in one call
+# What apply_in_repair sets, per family, in its order: (field, level, option, name, the value a new socket has or
+# None, whether it is SO_PRIORITY). The fields are the same for both families.
 _WRITES = {
     family: [(o.field, o.level, o.opt, o.name, o.fresh, o.level == SOL and o.opt == SO_PRIORITY)
              for o in opts + OPTIONAL_INT_OPTS]
     for family, opts in INT_OPTS.items()
 }
-_WRITTEN_VALUES = {family: operator.attrgetter(*(w[0] for w in writes)) for family, writes in _WRITES.items()}
+# Every field apply_in_repair looks at, in one call: _WRITES' fields, then these.
+_LAST_WRITTEN = ("tos", "linger_on", "linger_secs", *(field for field, _, _ in TIMEOUTS), "congestion")
+_WRITTEN_VALUES = operator.attrgetter(*(w[0] for w in _WRITES[socket.AF_INET]), *_LAST_WRITTEN)
+# Options whose value on a new socket is a copy made when the socket is created (of a sysctl of its network
+# namespace, or a constant) that nothing changes later, and whose setsockopt writes that one field and nothing else:
+# set to the value a new socket has, or never set, the socket is the same, and reads back the same.
+#   IP_MTU_DISCOVER: inet->pmtudisc, from net.ipv4.ip_no_pmtu_disc in inet_create (net/ipv4/af_inet.c);
+#   IPV6_MTU_DISCOVER: np->pmtudisc, IPV6_PMTUDISC_WANT in inet6_create (net/ipv6/af_inet6.c);
+#   TCP_RTO_MAX_MS, TCP_RTO_MIN_US: icsk_rto_max, icsk_rto_min, from net.ipv4.tcp_rto_max_ms and tcp_rto_min_us,
+#   and TCP_DELACK_MAX_US: icsk_delack_max, TCP_DELACK_MAX, all in tcp_init_sock (net/ipv4/tcp.c); they read back
+#   through jiffies_to_msecs / jiffies_to_usecs, one value per jiffy, so equal reads are equal fields.
+# Not here, although a new socket reads the same as most saved ones: IP_TTL / IPV6_UNICAST_HOPS, TCP_KEEPIDLE,
+# TCP_KEEPINTVL, TCP_KEEPCNT and TCP_LINGER2 read the sysctl while never set (uc_ttl -1, keepalive_time 0...): a
+# socket that never set them follows a later change of the sysctl (or the route's hop limit), one that set them
+# does not, so setting them is not the same as leaving them. TCP_CONGESTION: a route's congctl may replace the
+# algorithm at connect (tcp_ca_dst_init), and a new socket, never connected, shows only the namespace's default.
+# TCP_WINDOW_CLAMP: the connect computes it (tcp_select_initial_window); a new socket reads 0.
+FRESH_COPIES = ("mtu_discover", "rto_max_ms", "rto_min_us", "delack_max_us")
+# What apply_in_repair remembers of the calls it made for saved values (engine restores of one program share most
+# of their values); emptied when it holds this many.
+PLAN_CACHE = 256
 
 
 def read_sockopts(session: _Session, family: int) -> SocketOptions:
@@ -200,43 +220,97 @@ def size_buffers(session: _Session, so: SocketOptions, send_bytes: int, recv_byt
     session.set(SOL, lib.SO_RCVBUFFORCE, rcvbuf // 2, "SO_RCVBUFFORCE")
 
 
-def apply_in_repair(session: _Session, family: int, so: SocketOptions) -> None:
-    """Everything but the reuse flag, while still in repair mode: cork and nodelay must hold before the never-sent
-    bytes are written. An option whose saved value is the one every new socket starts with is left alone: it
-    reads back the same, and a restore makes a dozen calls fewer."""
-    setsockopt = session.sock.setsockopt
-    tos = so.tos
-    # a try costs nothing until it catches (Python 3.11): each call has its own, so that the text of an error is
-    # formatted only once a call failed
-    for (_, level, opt, name, fresh, priority), value in zip(_WRITES[family], _WRITTEN_VALUES[family](so)):
+class FreshValues:
+    """What a new TCP socket of each family reports, in one network namespace at one moment, for FRESH_COPIES: a
+    restore given it (restore_with's `fresh`) does not set those whose saved value it holds. Read once per batch
+    and namespace (fresh_values()), never kept longer: the sysctls they come from may change between moves."""
+
+    __slots__ = ("plans", "values")
+
+    def __init__(self, values: dict[int, dict[str, int]]) -> None:
+        """`values`: per address family, FRESH_COPIES' fields as a new socket of it reads them."""
+        self.values = values
+        # apply_in_repair's calls for the saved values it met, with these values: this batch's only
+        self.plans: dict[tuple[object, ...], tuple[tuple[int, int, int | bytes, str], ...]] = {}
+
+
+def fresh_values(families: tuple[int, ...] = (socket.AF_INET, AF_INET6)) -> FreshValues:
+    """FreshValues read from a new TCP socket of each of `families` in this thread's network namespace (one
+    socket and four getsockopt each; an option the kernel does not know (ENOPROTOOPT, before Linux 6.15) reads 0,
+    as checkpoint reads it). Raises OSError when a socket cannot be made or read."""
+    values: dict[int, dict[str, int]] = {}
+    for family in families:
+        by_field = {w[0]: w for w in _WRITES[family]}
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            read: dict[str, int] = {}
+            for field in FRESH_COPIES:
+                _, level, opt, _, _, _ = by_field[field]
+                try:
+                    read[field] = sock.getsockopt(level, opt)
+                except OSError as exc:
+                    if exc.errno != errno.ENOPROTOOPT:
+                        raise
+                    read[field] = 0
+        values[family] = read
+    return FreshValues(values)
+
+
+def _plan(family: int, values: tuple[Any, ...],
+          fresh: dict[str, int] | None) -> tuple[tuple[int, int, int | bytes, str], ...]:
+    """The calls apply_in_repair makes for the saved `values` (_WRITTEN_VALUES' fields) on a socket of `family`:
+    (level, option, value, the call as an error names it), in order. An option whose saved value is the one every
+    new socket starts with (IntOpt.fresh; 0 for one this kernel may not have), or, with `fresh`, the one a new
+    socket of this namespace holds (FRESH_COPIES), is left alone: it reads back the same."""
+    writes = _WRITES[family]
+    tos, linger_on, linger_secs, *timeouts, congestion = values[len(writes):]
+    calls: list[tuple[int, int, int | bytes, str]] = []
+    for (field, level, opt, name, new, priority), value in zip(writes, values):
         # a bool field compares equal to its int (False == 0)
-        if value != fresh or (priority and tos):
-            try:
-                setsockopt(level, opt, int(value))
-            except OSError as exc:
-                raise session.failed(f"setsockopt({name}={int(value)})", exc) from None
-    if so.linger_on or so.linger_secs:
-        try:
-            setsockopt(SOL, lib.SO_LINGER, _LINGER.pack(int(so.linger_on), so.linger_secs))
-        except OSError as exc:
-            raise session.failed("setsockopt(SO_LINGER)", exc) from None
-    for field, opt, name in TIMEOUTS:
-        usecs = getattr(so, field)
+        if value == new and not (priority and tos):
+            continue
+        if fresh is not None and field in fresh and value == fresh[field]:
+            continue
+        calls.append((level, opt, int(value), f"setsockopt({name}={int(value)})"))
+    if linger_on or linger_secs:
+        calls.append((SOL, lib.SO_LINGER, _LINGER.pack(int(linger_on), linger_secs), "setsockopt(SO_LINGER)"))
+    for (_, opt, name), usecs in zip(TIMEOUTS, timeouts):
         if usecs:
-            try:
-                setsockopt(SOL, opt, _TIMEVAL.pack(*divmod(usecs, 1_000_000)))
-            except OSError as exc:
-                raise session.failed(f"setsockopt({name}={usecs} us)", exc) from None
-    if so.congestion:
+            calls.append((SOL, opt, _TIMEVAL.pack(*divmod(usecs, 1_000_000)), f"setsockopt({name}={usecs} us)"))
+    if congestion:
+        algorithm = congestion.encode()
+        calls.append((TCP, lib.TCP_CONGESTION, algorithm, f"setsockopt(TCP_CONGESTION={algorithm!r})"))
+    return tuple(calls)
+
+
+_PLANS: dict[tuple[object, ...], tuple[tuple[int, int, int | bytes, str], ...]] = {}
+
+
+def apply_in_repair(session: _Session, family: int, so: SocketOptions, fresh: FreshValues | None = None) -> None:
+    """Everything but the reuse flag, while still in repair mode: cork and nodelay must hold before the never-sent
+    bytes are written. An option whose saved value the new socket holds already is left alone (_plan): it reads
+    back the same, and a restore makes a dozen calls fewer. `fresh`: what a new socket of this namespace holds
+    now (FreshValues). The calls for a set of saved values are worked out once (per `fresh`)."""
+    values = _WRITTEN_VALUES(so)
+    key = (family, values)
+    plans = _PLANS if fresh is None else fresh.plans
+    plan = plans.get(key)
+    if plan is None:
+        plan = _plan(family, values, None if fresh is None else fresh.values.get(family))
+        if len(plans) >= PLAN_CACHE:
+            plans.clear()
+        plans[key] = plan
+    setsockopt = session.sock.setsockopt
+    # a try costs nothing until it catches (Python 3.11)
+    for level, opt, value, op in plan:
         try:
-            session.set_bytes(TCP, lib.TCP_CONGESTION, so.congestion.encode(), "TCP_CONGESTION")
-        except SocketCallError as exc:
-            if exc.errno == errno.ENOENT:
+            setsockopt(level, opt, value)
+        except OSError as exc:
+            if opt == lib.TCP_CONGESTION and level == TCP and exc.errno == errno.ENOENT:
                 raise session.fail(
                     f"setsockopt(TCP_CONGESTION={so.congestion!r}): congestion control {so.congestion!r} is not "
                     f"available on this host (modprobe tcp_{so.congestion})", exc.errno
                 ) from None
-            raise
+            raise session.failed(op, exc) from None
 
 
 def lift_send_limit(session: _Session) -> None:

@@ -6,8 +6,8 @@ import errno
 import struct
 from typing import NamedTuple
 
-from sockrepair.engine._ffi import ffi, lib
-from sockrepair.engine._session import _Session, setsockopt
+from sockrepair.engine._ffi import lib
+from sockrepair.engine._session import _Session
 from sockrepair.state import RepairWindow, TcpOptions
 
 TCP = lib.IPPROTO_TCP
@@ -110,9 +110,11 @@ def set_user_mss(session: _Session, mss: int) -> None:
 def resync_mss(session: _Session) -> None:
     """Make an IPv4 (or v4-mapped) socket sync its MSS again, now bounded by half the restored max_window as a new
     connection's is: setting IP_OPTIONS on a connected socket calls icsk_sync_mss (net/ipv4/ip_sockglue.c); with no
-    options before and none after, nothing else changes."""
-    if setsockopt(session.fd, lib.IPPROTO_IP, lib.IP_OPTIONS, ffi.NULL, 0) < 0:
-        raise session.fail("setsockopt(IP_OPTIONS, none): MSS resync")
+    options before and none after, nothing else changes. The socket method passes a NULL value of length 0."""
+    try:
+        session.sock.setsockopt(lib.IPPROTO_IP, lib.IP_OPTIONS, None, 0)
+    except OSError as exc:
+        raise session.failed("setsockopt(IP_OPTIONS, none): MSS resync", exc) from None
 
 
 def read_window(session: _Session) -> RepairWindow | None:
