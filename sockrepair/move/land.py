@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from sockrepair.engine._repair import repair_on
 from sockrepair.engine._restore import restore_with
 from sockrepair.engine._session import session_of
+from sockrepair.engine._sockopts import FreshValues, fresh_values
 from sockrepair.lock import Locker
 from sockrepair.lock.inject import Injector
 from sockrepair.lock.ruleset import SOCCR_MARK
@@ -33,10 +34,16 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
             injector = Injector()
         except OSError:  # no CAP_NET_RAW: each restore tries on its own (engine/_restore.py _ask_for_ack)
             injector = None
+        fresh: FreshValues | None
+        try:
+            # what a new socket of this namespace holds now, for this batch only (a sysctl may change later)
+            fresh = fresh_values()
+        except OSError:  # every option is set then
+            fresh = None
         try:
             for i, state in enumerate(states):
                 socks.append(restore_with(state, injector, i < len(answered) and answered[i],
-                                          i >= len(owed) or owed[i]))
+                                          i >= len(owed) or owed[i], fresh))
                 if on_restored is not None:
                     on_restored(socks[-1])
         except BaseException:
