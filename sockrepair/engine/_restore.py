@@ -7,7 +7,6 @@ import errno
 import socket
 import time
 
-from sockrepair.engine._addr import bind, connect
 from sockrepair.engine._ffi import lib
 from sockrepair.engine._queues import refill_in_repair, set_sequences, write_unsent
 from sockrepair.engine._session import _Session
@@ -104,7 +103,7 @@ def restore_with(state: ConnectionState, injector: Injector | None, answered: bo
         session.repair_on()
         apply_pre_bind(session, family, so)
         size_buffers(session, so, send_len, recv_len)
-        _bind(session, state)
+        _bind(sock, session, state)
         send_seq, recv_seq = restore_seqs(state)
         set_sequences(session, send_seq, send_len, recv_seq, recv_len)
         # The repair-mode connect sizes segments from the MSS clamp it sees then; TCP_REPAIR_OPTIONS sets the clamp
@@ -124,17 +123,18 @@ def restore_with(state: ConnectionState, injector: Injector | None, answered: bo
             return sock
         wire = conn.wire()
         set_user_mss(session, _user_mss(state, wire.family))
-        _connect(session, state)
+        _connect(sock, session, state)
         set_user_mss(session, 0)
         restore_options(session, options)
         if options.timestamps:
             restore_timestamp(session, state.timestamp)
         # what the peer has not acknowledged leaves again as new data when it fits in the first burst
-        resent = sent_len if _resend_at_once(session, state, sent_len, answered) else 0
+        resent = sent_len if sent_len and _resend_at_once(session, state, sent_len, answered) else 0
         if recv_len:
             # set_sequences left the receive queue selected, and it may stay so: refill_in_repair's comment
             session.send_all(state.recv_queue, "refill receive queue")
-        refill_in_repair(session, b"", send_queue[:sent_len - resent])
+        if sent_len - resent:
+            refill_in_repair(session, b"", send_queue[:sent_len - resent])
         if state.window is not None:
             # before repair off: writing never-sent data before the window is in place has hung connections (passt)
             w = state.window
@@ -330,11 +330,11 @@ def _abandon(sock: socket.socket, session: _Session) -> None:
         sock.close()
 
 
-def _bind(session: _Session, state: ConnectionState) -> None:
+def _bind(sock: socket.socket, session: _Session, state: ConnectionState) -> None:
     conn = state.tuple
     try:
-        bind(session, conn.local_addr, conn.local_port)
-    except SocketCallError as exc:
+        sock.bind((conn.local_addr, conn.local_port))
+    except OSError as exc:
         if exc.errno == errno.EADDRNOTAVAIL:
             raise AddressNotLocalError(
                 f"cannot restore {conn}: local address {conn.local_addr} is not configured on this host "
@@ -343,17 +343,18 @@ def _bind(session: _Session, state: ConnectionState) -> None:
         if exc.errno == errno.EADDRINUSE:
             raise AddressInUseError(f"cannot restore {conn}: local address {conn.local_addr}:{conn.local_port} "
                                     "is held by a socket that does not allow reuse", tuple=conn) from None
-        raise
+        raise session.failed(f"bind({conn.local_addr}:{conn.local_port})", exc) from None
 
 
-def _connect(session: _Session, state: ConnectionState) -> None:
+def _connect(sock: socket.socket, session: _Session, state: ConnectionState) -> None:
+    """The repair-mode connect: no handshake, it returns at once."""
     conn = state.tuple
     try:
-        connect(session, conn.remote_addr, conn.remote_port)
-    except SocketCallError as exc:
+        sock.connect((conn.remote_addr, conn.remote_port))
+    except OSError as exc:
         if exc.errno in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
             raise AddressInUseError(
                 f"cannot restore {conn}: another socket already holds this 4-tuple (close or discard it first)",
                 tuple=conn,
             ) from None
-        raise
+        raise session.failed(f"connect({conn.remote_addr}:{conn.remote_port})", exc) from None

@@ -13,10 +13,8 @@ import struct
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sockrepair.engine._ffi import lib
-from sockrepair.engine._session import (
-    _Session,
-)
+from sockrepair.engine._ffi import ffi, lib
+from sockrepair.engine._session import _Session, setsockopt
 from sockrepair.state import SocketOptions
 
 TCP, SOL, IP, IPV6 = lib.IPPROTO_TCP, lib.SOL_SOCKET, lib.IPPROTO_IP, lib.IPPROTO_IPV6
@@ -220,6 +218,11 @@ def size_buffers(session: _Session, so: SocketOptions, send_bytes: int, recv_byt
     session.set(SOL, lib.SO_RCVBUFFORCE, rcvbuf // 2, "SO_RCVBUFFORCE")
 
 
+# What apply_in_repair does for one set of saved values: (level, option, int value, the call as an error names it)
+# of the int options, then (level, option, struct) of those that take a struct or a name, in order.
+_Plan = tuple[tuple[tuple[int, int, int, str], ...], tuple[tuple[int, int, bytes, str], ...]]
+
+
 class FreshValues:
     """What a new TCP socket of each family reports, in one network namespace at one moment, for FRESH_COPIES: a
     restore given it (restore_with's `fresh`) does not set those whose saved value it holds. Read once per batch
@@ -231,7 +234,7 @@ class FreshValues:
         """`values`: per address family, FRESH_COPIES' fields as a new socket of it reads them."""
         self.values = values
         # apply_in_repair's calls for the saved values it met, with these values: this batch's only
-        self.plans: dict[tuple[object, ...], tuple[tuple[int, int, int | bytes, str], ...]] = {}
+        self.plans: dict[tuple[object, ...], _Plan] = {}
 
 
 def fresh_values(families: tuple[int, ...] = (socket.AF_INET, AF_INET6)) -> FreshValues:
@@ -255,41 +258,42 @@ def fresh_values(families: tuple[int, ...] = (socket.AF_INET, AF_INET6)) -> Fres
     return FreshValues(values)
 
 
-def _plan(family: int, values: tuple[Any, ...],
-          fresh: dict[str, int] | None) -> tuple[tuple[int, int, int | bytes, str], ...]:
-    """The calls apply_in_repair makes for the saved `values` (_WRITTEN_VALUES' fields) on a socket of `family`:
-    (level, option, value, the call as an error names it), in order. An option whose saved value is the one every
-    new socket starts with (IntOpt.fresh; 0 for one this kernel may not have), or, with `fresh`, the one a new
-    socket of this namespace holds (FRESH_COPIES), is left alone: it reads back the same."""
+def _plan(family: int, values: tuple[Any, ...], fresh: dict[str, int] | None) -> _Plan:
+    """The calls apply_in_repair makes for the saved `values` (_WRITTEN_VALUES' fields) on a socket of `family`.
+    An option whose saved value is the one every new socket starts with (IntOpt.fresh; 0 for one this kernel may
+    not have), or, with `fresh`, the one a new socket of this namespace holds (FRESH_COPIES), is left alone: it
+    reads back the same."""
     writes = _WRITES[family]
     tos, linger_on, linger_secs, *timeouts, congestion = values[len(writes):]
-    calls: list[tuple[int, int, int | bytes, str]] = []
+    ints: list[tuple[int, int, int, str]] = []
     for (field, level, opt, name, new, priority), value in zip(writes, values):
         # a bool field compares equal to its int (False == 0)
         if value == new and not (priority and tos):
             continue
         if fresh is not None and field in fresh and value == fresh[field]:
             continue
-        calls.append((level, opt, int(value), f"setsockopt({name}={int(value)})"))
+        ints.append((level, opt, int(value), f"setsockopt({name}={int(value)})"))
+    structs: list[tuple[int, int, bytes, str]] = []
     if linger_on or linger_secs:
-        calls.append((SOL, lib.SO_LINGER, _LINGER.pack(int(linger_on), linger_secs), "setsockopt(SO_LINGER)"))
+        structs.append((SOL, lib.SO_LINGER, _LINGER.pack(int(linger_on), linger_secs), "setsockopt(SO_LINGER)"))
     for (_, opt, name), usecs in zip(TIMEOUTS, timeouts):
         if usecs:
-            calls.append((SOL, opt, _TIMEVAL.pack(*divmod(usecs, 1_000_000)), f"setsockopt({name}={usecs} us)"))
+            structs.append((SOL, opt, _TIMEVAL.pack(*divmod(usecs, 1_000_000)), f"setsockopt({name}={usecs} us)"))
     if congestion:
         algorithm = congestion.encode()
-        calls.append((TCP, lib.TCP_CONGESTION, algorithm, f"setsockopt(TCP_CONGESTION={algorithm!r})"))
-    return tuple(calls)
+        structs.append((TCP, lib.TCP_CONGESTION, algorithm, f"setsockopt(TCP_CONGESTION={algorithm!r})"))
+    return tuple(ints), tuple(structs)
 
 
-_PLANS: dict[tuple[object, ...], tuple[tuple[int, int, int | bytes, str], ...]] = {}
+_PLANS: dict[tuple[object, ...], _Plan] = {}
 
 
 def apply_in_repair(session: _Session, family: int, so: SocketOptions, fresh: FreshValues | None = None) -> None:
     """Everything but the reuse flag, while still in repair mode: cork and nodelay must hold before the never-sent
     bytes are written. An option whose saved value the new socket holds already is left alone (_plan): it reads
     back the same, and a restore makes a dozen calls fewer. `fresh`: what a new socket of this namespace holds
-    now (FreshValues). The calls for a set of saved values are worked out once (per `fresh`)."""
+    now (FreshValues). The calls for a set of saved values are worked out once (per `fresh`). A struct or a name
+    goes through cffi: the socket method tries it as an int and as None first, formatting an error each time."""
     values = _WRITTEN_VALUES(so)
     key = (family, values)
     plans = _PLANS if fresh is None else fresh.plans
@@ -299,18 +303,24 @@ def apply_in_repair(session: _Session, family: int, so: SocketOptions, fresh: Fr
         if len(plans) >= PLAN_CACHE:
             plans.clear()
         plans[key] = plan
-    setsockopt = session.sock.setsockopt
+    ints, structs = plan
+    set_int = session.sock.setsockopt
     # a try costs nothing until it catches (Python 3.11)
-    for level, opt, value, op in plan:
+    for level, opt, value, op in ints:
         try:
-            setsockopt(level, opt, value)
+            set_int(level, opt, value)
         except OSError as exc:
-            if opt == lib.TCP_CONGESTION and level == TCP and exc.errno == errno.ENOENT:
+            raise session.failed(op, exc) from None
+    fd = session.fd
+    for level, opt, raw, op in structs:
+        if setsockopt(fd, level, opt, raw, len(raw)) < 0:
+            err = ffi.errno
+            if opt == lib.TCP_CONGESTION and level == TCP and err == errno.ENOENT:
                 raise session.fail(
                     f"setsockopt(TCP_CONGESTION={so.congestion!r}): congestion control {so.congestion!r} is not "
-                    f"available on this host (modprobe tcp_{so.congestion})", exc.errno
-                ) from None
-            raise session.failed(op, exc) from None
+                    f"available on this host (modprobe tcp_{so.congestion})", err
+                )
+            raise session.fail(op, err)
 
 
 def lift_send_limit(session: _Session) -> None:

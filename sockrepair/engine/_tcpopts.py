@@ -6,8 +6,8 @@ import errno
 import struct
 from typing import NamedTuple
 
-from sockrepair.engine._ffi import lib
-from sockrepair.engine._session import _Session
+from sockrepair.engine._ffi import ffi, lib
+from sockrepair.engine._session import _Session, setsockopt
 from sockrepair.state import RepairWindow, TcpOptions
 
 TCP = lib.IPPROTO_TCP
@@ -89,7 +89,9 @@ def read_options(session: _Session, info: TcpInfo) -> TcpOptions:
 
 
 def restore_options(session: _Session, options: TcpOptions) -> None:
-    """TCP_REPAIR_OPTIONS, accepted only between the repair-mode connect and the first byte sent."""
+    """TCP_REPAIR_OPTIONS, accepted only between the repair-mode connect and the first byte sent. A struct goes
+    through cffi: the socket method tries the value as an int and as None first, formatting an error each time,
+    which costs more than cffi's call."""
     values = [MAXSEG, options.mss]
     if options.wscale:
         values += (WINDOW_OPT, options.snd_wscale | (options.rcv_wscale << 16))
@@ -97,24 +99,24 @@ def restore_options(session: _Session, options: TcpOptions) -> None:
         values += SACK_PERM
     if options.timestamps:
         values += TIMESTAMP_OPT
-    try:
-        session.sock.setsockopt(TCP, TCP_REPAIR_OPTIONS, OPTS[len(values)].pack(*values))
-    except OSError as exc:
-        raise session.failed(f"setsockopt(TCP_REPAIR_OPTIONS {options})", exc) from None
+    raw = OPTS[len(values)].pack(*values)
+    if setsockopt(session.fd, TCP, TCP_REPAIR_OPTIONS, raw, len(raw)) < 0:
+        raise session.fail(f"setsockopt(TCP_REPAIR_OPTIONS {options})")
 
 
 def set_user_mss(session: _Session, mss: int) -> None:
-    session.set(TCP, TCP_MAXSEG, mss, "TCP_MAXSEG")
+    try:
+        session.sock.setsockopt(TCP, TCP_MAXSEG, mss)
+    except OSError as exc:
+        raise session.failed(f"setsockopt(TCP_MAXSEG={mss})", exc) from None
 
 
 def resync_mss(session: _Session) -> None:
     """Make an IPv4 (or v4-mapped) socket sync its MSS again, now bounded by half the restored max_window as a new
     connection's is: setting IP_OPTIONS on a connected socket calls icsk_sync_mss (net/ipv4/ip_sockglue.c); with no
-    options before and none after, nothing else changes. The socket method passes a NULL value of length 0."""
-    try:
-        session.sock.setsockopt(lib.IPPROTO_IP, lib.IP_OPTIONS, None, 0)
-    except OSError as exc:
-        raise session.failed("setsockopt(IP_OPTIONS, none): MSS resync", exc) from None
+    options before and none after, nothing else changes."""
+    if setsockopt(session.fd, lib.IPPROTO_IP, lib.IP_OPTIONS, ffi.NULL, 0) < 0:
+        raise session.fail("setsockopt(IP_OPTIONS, none): MSS resync")
 
 
 def read_window(session: _Session) -> RepairWindow | None:
@@ -130,11 +132,10 @@ def read_window(session: _Session) -> RepairWindow | None:
 
 
 def restore_window(session: _Session, window: RepairWindow) -> None:
-    try:
-        session.sock.setsockopt(TCP, TCP_REPAIR_WINDOW, WINDOW.pack(window.snd_wl1, window.snd_wnd, window.max_window,
-                                                                    window.rcv_wnd, window.rcv_wup))
-    except OSError as exc:
-        raise session.failed(f"setsockopt(TCP_REPAIR_WINDOW {window})", exc) from None
+    """TCP_REPAIR_WINDOW, through cffi as restore_options' struct."""
+    raw = WINDOW.pack(window.snd_wl1, window.snd_wnd, window.max_window, window.rcv_wnd, window.rcv_wup)
+    if setsockopt(session.fd, TCP, TCP_REPAIR_WINDOW, raw, WINDOW.size) < 0:
+        raise session.fail(f"setsockopt(TCP_REPAIR_WINDOW {window})")
 
 
 def read_timestamp(session: _Session) -> int:
@@ -143,4 +144,8 @@ def read_timestamp(session: _Session) -> int:
 
 
 def restore_timestamp(session: _Session, timestamp: int) -> None:
-    session.set_u32(TCP, TCP_TIMESTAMP, timestamp, "TCP_TIMESTAMP")
+    """The u32 `timestamp` as the C int the kernel reads."""
+    try:
+        session.sock.setsockopt(TCP, TCP_TIMESTAMP, timestamp - (1 << 32) if timestamp & 0x80000000 else timestamp)
+    except OSError as exc:
+        raise session.failed(f"setsockopt(TCP_TIMESTAMP={timestamp})", exc) from None

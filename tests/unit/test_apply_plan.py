@@ -3,11 +3,14 @@ and without what a new socket of the namespace holds (FreshValues): only FRESH_C
 
 from __future__ import annotations
 
+import errno
 import socket
+import struct
 
 import pytest
 
-from sockrepair.engine._ffi import lib
+from sockrepair.engine import _sockopts
+from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import _Session
 from sockrepair.engine._sockopts import FRESH_COPIES, FreshValues, apply_in_repair
 from sockrepair.errors import SocketCallError
@@ -26,53 +29,76 @@ COPIES = [(IP, lib.IP_MTU_DISCOVER, 1), (TCP, lib.TCP_RTO_MAX_MS, 120_000), (TCP
 
 
 class _Recorder:
+    """The session's socket methods (int values) and libc's setsockopt through cffi (structs, names)."""
+
     def __init__(self, fail: int | None = None) -> None:
         self.calls: list[tuple[int, int, object]] = []
         self.fail = fail
 
     def setsockopt(self, level: int, opt: int, value: object) -> None:
-        if opt == self.fail:
-            raise OSError(2, "No such file or directory")
         self.calls.append((level, opt, value))
 
+    def libc(self, fd: int, level: int, opt: int, value: bytes, length: int) -> int:
+        assert (fd, length) == (-1, len(value))
+        if opt == self.fail:
+            ffi.errno = errno.ENOENT
+            return -1
+        self.calls.append((level, opt, value))
+        return 0
 
-def _calls(so: SocketOptions, family: int = socket.AF_INET, fresh: FreshValues | None = None) -> list[tuple]:
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> _Recorder:
+    made = _Recorder()
+    monkeypatch.setattr(_sockopts, "setsockopt", made.libc)
+    return made
+
+
+def _apply(recorder: _Recorder, so: SocketOptions, family: int = socket.AF_INET,
+           fresh: FreshValues | None = None) -> list[tuple[int, int, object]]:
     session = _Session(-1)
-    recorder = _Recorder()
     session.sock = recorder  # type: ignore[assignment]
+    recorder.calls.clear()
     apply_in_repair(session, family, so, fresh)
     return recorder.calls
 
 
-def test_without_fresh_values_every_saved_value_a_new_socket_may_lack_is_set() -> None:
-    assert _calls(SAVED) == ALWAYS[:1] + [COPIES[0]] + ALWAYS[1:] + COPIES[1:] + [(TCP, lib.TCP_CONGESTION, b"cubic")]
+def test_without_fresh_values_every_saved_value_a_new_socket_may_lack_is_set(recorder: _Recorder) -> None:
+    assert _apply(recorder, SAVED) == ALWAYS[:1] + [COPIES[0]] + ALWAYS[1:] + COPIES[1:] + [(TCP, lib.TCP_CONGESTION, b"cubic")]
 
 
-def test_with_fresh_values_the_copies_a_new_socket_holds_are_left_out() -> None:
+def test_with_fresh_values_the_copies_a_new_socket_holds_are_left_out(recorder: _Recorder) -> None:
     fresh = FreshValues({socket.AF_INET: dict(NEW_SOCKET)})
-    assert _calls(SAVED, fresh=fresh) == ALWAYS + [(TCP, lib.TCP_CONGESTION, b"cubic")]
+    assert _apply(recorder, SAVED, fresh=fresh) == ALWAYS + [(TCP, lib.TCP_CONGESTION, b"cubic")]
     # the same values again: the same calls (worked out once for this FreshValues)
-    assert _calls(SAVED, fresh=fresh) == ALWAYS + [(TCP, lib.TCP_CONGESTION, b"cubic")]
-    assert _calls(SAVED) == ALWAYS[:1] + [COPIES[0]] + ALWAYS[1:] + COPIES[1:] + [(TCP, lib.TCP_CONGESTION, b"cubic")]
+    assert _apply(recorder, SAVED, fresh=fresh) == ALWAYS + [(TCP, lib.TCP_CONGESTION, b"cubic")]
+    assert _apply(recorder, SAVED) == ALWAYS[:1] + [COPIES[0]] + ALWAYS[1:] + COPIES[1:] + [(TCP, lib.TCP_CONGESTION, b"cubic")]
 
 
 @pytest.mark.parametrize("field", FRESH_COPIES)
-def test_a_copy_that_differs_from_the_new_sockets_is_set(field: str) -> None:
+def test_a_copy_that_differs_from_the_new_sockets_is_set(recorder: _Recorder, field: str) -> None:
     fresh = FreshValues({socket.AF_INET: dict(NEW_SOCKET, **{field: NEW_SOCKET[field] // 2})})
-    made = {(level, opt) for level, opt, _ in _calls(SAVED, fresh=fresh)}
+    made = {(level, opt) for level, opt, _ in _apply(recorder, SAVED, fresh=fresh)}
     copies = {name: (level, opt) for name, (level, opt, _) in zip(FRESH_COPIES, COPIES, strict=True)}
     assert made & set(copies.values()) == {copies[field]}
 
 
-def test_fresh_values_of_another_family_change_nothing() -> None:
+def test_fresh_values_of_another_family_change_nothing(recorder: _Recorder) -> None:
     fresh = FreshValues({socket.AF_INET: dict(NEW_SOCKET)})
-    calls = _calls(SAVED, socket.AF_INET6, fresh)
+    calls = _apply(recorder, SAVED, socket.AF_INET6, fresh)
     assert (IPV6, lib.IPV6_MTU_DISCOVER, 1) in calls and (TCP, lib.TCP_RTO_MIN_US, 200_000) in calls
 
 
-def test_a_failed_congestion_control_is_named() -> None:
-    session = _Session(-1)
-    session.sock = _Recorder(fail=lib.TCP_CONGESTION)  # type: ignore[assignment]
+def test_a_failed_congestion_control_is_named(recorder: _Recorder) -> None:
+    recorder.fail = lib.TCP_CONGESTION
     with pytest.raises(SocketCallError, match="congestion control 'cubic' is not available") as err:
-        apply_in_repair(session, socket.AF_INET, SAVED)
-    assert err.value.errno == 2 and err.value.op.startswith("setsockopt(TCP_CONGESTION")
+        _apply(recorder, SAVED)
+    assert err.value.errno == errno.ENOENT and err.value.op.startswith("setsockopt(TCP_CONGESTION")
+
+
+def test_linger_and_timeouts_go_as_structs(recorder: _Recorder) -> None:
+    so = SocketOptions(linger_on=True, linger_secs=9, rcvtimeo_us=1_500_000, congestion="reno")
+    structs = [call for call in _apply(recorder, so) if isinstance(call[2], bytes)]
+    assert structs == [(SOL, lib.SO_LINGER, struct.pack("ii", 1, 9)),
+                       (SOL, lib.SO_RCVTIMEO_OLD, struct.pack("ll", 1, 500_000)),
+                       (TCP, lib.TCP_CONGESTION, b"reno")]
