@@ -103,8 +103,8 @@ class _Session:
     def __init__(self, fd: int, conn: ConnTuple | None = None, owner: socket.socket | None = None,
                  lent: socket.socket | None = None) -> None:
         """`owner`: the socket object of `fd` when the engine made it (restore), whose methods the calls use; never
-        a caller's, whose timeout would make its calls wait. `lent`: a
-        caller's socket object of `fd` whose methods the calls may use (session_of() says when)."""
+        a caller's, whose timeout would make its calls wait. `lent`: a caller's socket object of `fd` whose methods
+        the calls may use (session_of() says when)."""
         self.fd = fd
         self.tuple = conn
         # The socket methods check no family, type or protocol for these calls: the kernel answers for the fd. The

@@ -240,11 +240,18 @@ class FreshValues:
 def fresh_values(families: tuple[int, ...] = (socket.AF_INET, AF_INET6)) -> FreshValues:
     """FreshValues read from a new TCP socket of each of `families` in this thread's network namespace (one
     socket and four getsockopt each; an option the kernel does not know (ENOPROTOOPT, before Linux 6.15) reads 0,
-    as checkpoint reads it). Raises OSError when a socket cannot be made or read."""
+    as checkpoint reads it). A family the kernel has no sockets of (EAFNOSUPPORT: IPv6 disabled) is left out: no
+    socket of it is restored there either. Raises OSError when a socket cannot be made or read otherwise."""
     values: dict[int, dict[str, int]] = {}
     for family in families:
         by_field = {w[0]: w for w in _WRITES[family]}
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            if exc.errno != errno.EAFNOSUPPORT:
+                raise
+            continue
+        with sock:
             read: dict[str, int] = {}
             for field in FRESH_COPIES:
                 _, level, opt, _, _, _ = by_field[field]

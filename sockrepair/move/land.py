@@ -29,17 +29,17 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
     `owed`); when empty, every one may."""
     socks: list[socket.socket] = []
     with named(netns):
-        try:
-            # one pair of raw sockets for the whole batch, in the namespace of the restored sockets
-            injector = Injector()
-        except OSError:  # no CAP_NET_RAW: each restore tries on its own (engine/_restore.py _ask_for_ack)
-            injector = None
         fresh: FreshValues | None
         try:
             # what a new socket of this namespace holds now, for this batch only (a sysctl may change later)
             fresh = fresh_values()
         except OSError:  # every option is set then
             fresh = None
+        try:
+            # one pair of raw sockets for the whole batch, in the namespace of the restored sockets
+            injector = Injector()
+        except OSError:  # no CAP_NET_RAW: each restore tries on its own (engine/_restore.py _ask_for_ack)
+            injector = None
         try:
             for i, state in enumerate(states):
                 socks.append(restore_with(state, injector, i < len(answered) and answered[i],
