@@ -226,7 +226,9 @@ _Plan = tuple[tuple[tuple[int, int, int, str], ...], tuple[tuple[int, int, bytes
 class FreshValues:
     """What a new TCP socket of each family reports, in one network namespace at one moment, for FRESH_COPIES: a
     restore given it (restore_with's `fresh`) does not set those whose saved value it holds. Read once per batch
-    and namespace (fresh_values()), never kept longer: the sysctls they come from may change between moves."""
+    and namespace (fresh_values()), never kept longer: the sysctls they come from may change between moves. Should
+    one change during the batch, the sockets made after it hold the new value: the batch asks unchanged() at its
+    end, and sets them all again (set_fresh_copies) when it says no."""
 
     __slots__ = ("plans", "values")
 
@@ -235,6 +237,14 @@ class FreshValues:
         self.values = values
         # apply_in_repair's calls for the saved values it met, with these values: this batch's only
         self.plans: dict[tuple[object, ...], _Plan] = {}
+
+    def unchanged(self) -> bool:
+        """Whether a new socket of each family still reports these values (read again, in this thread's network
+        namespace); False when they cannot be read again (fresh_values' OSError): the caller sets them all."""
+        try:
+            return fresh_values(tuple(self.values)).values == self.values
+        except OSError:
+            return False
 
 
 def fresh_values(families: tuple[int, ...] = (socket.AF_INET, AF_INET6)) -> FreshValues:
@@ -328,6 +338,20 @@ def apply_in_repair(session: _Session, family: int, so: SocketOptions, fresh: Fr
                     f"available on this host (modprobe tcp_{so.congestion})", err
                 )
             raise session.fail(op, err)
+
+
+def set_fresh_copies(session: _Session, family: int, so: SocketOptions) -> None:
+    """Set FRESH_COPIES to their saved values on a restored socket of `family`, repair mode on or off (each is a
+    field the kernel reads when it needs it), but an optional one the saved state does not hold (0). For the
+    sockets of a batch during which a new socket's values changed (FreshValues.unchanged)."""
+    set_int = session.sock.setsockopt
+    for field, level, opt, name, new, _ in _WRITES[family]:
+        value = getattr(so, field)
+        if field in FRESH_COPIES and not (value == 0 and new == 0):
+            try:
+                set_int(level, opt, value)
+            except OSError as exc:
+                raise session.failed(f"setsockopt({name}={value})", exc) from None
 
 
 def lift_send_limit(session: _Session) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from sockrepair.engine._repair import repair_on
 from sockrepair.engine._restore import restore_with
 from sockrepair.engine._session import session_of
-from sockrepair.engine._sockopts import FreshValues, fresh_values
+from sockrepair.engine._sockopts import FreshValues, fresh_values, set_fresh_copies
 from sockrepair.lock import Locker
 from sockrepair.lock.inject import Injector
 from sockrepair.lock.ruleset import SOCCR_MARK
@@ -46,6 +46,10 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
                                           i >= len(owed) or owed[i], fresh))
                 if on_restored is not None:
                     on_restored(socks[-1])
+            if fresh is not None and not fresh.unchanged():
+                # a sysctl changed while the batch was restored: those made after it took the new value
+                for sock, state in zip(socks, states):
+                    set_fresh_copies(session_of(sock), state.tuple.family, state.sockopts)
         except BaseException:
             for s in socks:
                 with contextlib.suppress(OSError):

@@ -94,3 +94,37 @@ def test_a_batch_restore_sets_every_option_a_new_socket_does_not_hold(netns, fam
             assert sock.recv(100) == b"unread %d" % i
             sock.sendall(b"after %d" % i)
             assert recv_exactly(clients[i], len(b"after %d" % i)) == b"after %d" % i
+
+
+@pytest.mark.parametrize(("family", "listen_addr", "connect_addr"), FAMILIES)
+def test_a_sysctl_changed_during_the_batch_does_not_reach_the_restored_sockets(netns, family, listen_addr,
+                                                                               connect_addr):
+    """The batch reads the fresh values before its first restore; a sysctl changed after the first socket is made
+    gives the later ones the new value where the saved one was skipped: the batch finds the change at its end and
+    sets those options again (fails without FreshValues.unchanged / set_fresh_copies)."""
+    pairs = [loopback_pair(family, listen_addr, connect_addr) for _ in range(3)]
+    clients, servers = [c for c, _ in pairs], [s for _, s in pairs]
+    restored: list[socket.socket] = []
+    with _closing(clients), _closing(servers), _closing(restored):
+        saved = [read_sockopts(_Session(s.fileno()), family) for s in servers]
+        if saved[0].rto_min_us == 0:
+            pytest.skip("this kernel has no TCP_RTO_MIN_US (Linux 6.15+)")
+        states = checkpoint_many(servers)
+        for server, state in zip(servers, states):
+            discard(server, state)
+
+        def change_once(sock: socket.socket) -> None:
+            if len(restored) == 0:
+                restored.append(sock)
+                for key, value in SYSCTLS.items():
+                    _sysctl(key, value)
+
+        got = restore_all(states, on_restored=change_once)
+        restored[:] = got
+        assert fresh_values((family,)).values[family]["rto_min_us"] == 100_000
+        for i, (sock, before) in enumerate(zip(restored, saved)):
+            assert read_sockopts(_Session(sock.fileno()), family) == before, i
+            clients[i].sendall(b"request %d" % i)
+            assert recv_exactly(sock, len(b"request %d" % i)) == b"request %d" % i
+            sock.sendall(b"reply %d" % i)
+            assert recv_exactly(clients[i], len(b"reply %d" % i)) == b"reply %d" % i

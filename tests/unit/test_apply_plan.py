@@ -12,7 +12,12 @@ import pytest
 from sockrepair.engine import _sockopts
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import _Session
-from sockrepair.engine._sockopts import FRESH_COPIES, FreshValues, apply_in_repair
+from sockrepair.engine._sockopts import (
+    FRESH_COPIES,
+    FreshValues,
+    apply_in_repair,
+    set_fresh_copies,
+)
 from sockrepair.errors import SocketCallError
 from sockrepair.state import SocketOptions
 
@@ -102,3 +107,15 @@ def test_linger_and_timeouts_go_as_structs(recorder: _Recorder) -> None:
     assert structs == [(SOL, lib.SO_LINGER, struct.pack("ii", 1, 9)),
                        (SOL, lib.SO_RCVTIMEO_OLD, struct.pack("ll", 1, 500_000)),
                        (TCP, lib.TCP_CONGESTION, b"reno")]
+
+
+def test_set_fresh_copies_sets_each_saved_copy_but_an_option_never_read(recorder: _Recorder) -> None:
+    session = _Session(-1)
+    session.sock = recorder  # type: ignore[assignment]
+    set_fresh_copies(session, socket.AF_INET, SAVED)
+    assert recorder.calls == COPIES
+    recorder.calls.clear()
+    # a state from a kernel without TCP_RTO_MAX_MS and the others (read as 0): only the MTU discovery mode
+    set_fresh_copies(session, socket.AF_INET6, SocketOptions(mtu_discover=2, rto_max_ms=0, rto_min_us=0,
+                                                             delack_max_us=0))
+    assert recorder.calls == [(IPV6, lib.IPV6_MTU_DISCOVER, 2)]
