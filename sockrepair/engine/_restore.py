@@ -131,7 +131,9 @@ def restore_with(state: ConnectionState, injector: Injector | None, answered: bo
         # what the peer has not acknowledged leaves again as new data when it fits in the first burst
         resent = sent_len if sent_len and _resend_at_once(session, state, sent_len, answered) else 0
         if recv_len:
-            # set_sequences left the receive queue selected, and it may stay so: refill_in_repair's comment
+            # set_sequences left the receive queue selected: its bytes go in without selecting it again, and it
+            # stays selected, as good as none (only TCP_SEND_QUEUE changes what tcp_write_xmit does; nothing more is
+            # written in repair mode before repair goes on or off, or the send queue is selected)
             session.send_all(state.recv_queue, "refill receive queue")
         if sent_len - resent:
             refill_in_repair(session, b"", send_queue[:sent_len - resent])
