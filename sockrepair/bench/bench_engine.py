@@ -55,7 +55,7 @@ from sockrepair.engine._batch import checkpoint_many, owed_acks, segs_out_of
 from sockrepair.engine._ffi import lib
 from sockrepair.engine._restore import restore_with
 from sockrepair.engine._sockcall import ioctl_int
-from sockrepair.engine._sockopts import fresh_values
+from sockrepair.engine._sockopts import batch_fresh_values
 from sockrepair.errors import BenchmarkError, SockrepairError
 from sockrepair.lab.pattern import first_mismatch, pattern
 from sockrepair.lock import Locker
@@ -418,7 +418,7 @@ def _batch_cycle(k: int, salt: int, locker: Locker | None) -> dict[str, float]:
         marks.append(time.perf_counter_ns())
         with Injector(families=(socket.AF_INET,)) as injector:
             # as sockrepair.move.land.restore_all does
-            fresh = fresh_values((socket.AF_INET,))
+            fresh = batch_fresh_values((socket.AF_INET,), k)
             restored = [restore_with(state, injector, False, owes, fresh) for state, owes in zip(states, owed)]
         marks.append(time.perf_counter_ns())
         if locker is not None:

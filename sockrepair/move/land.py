@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from sockrepair.engine._repair import repair_on
 from sockrepair.engine._restore import restore_with
 from sockrepair.engine._session import session_of
-from sockrepair.engine._sockopts import FreshValues, fresh_values, set_fresh_copies
+from sockrepair.engine._sockopts import batch_fresh_values, set_fresh_copies
 from sockrepair.lock import Locker
 from sockrepair.lock.inject import Injector
 from sockrepair.lock.ruleset import SOCCR_MARK
@@ -29,12 +29,8 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
     `owed`); when empty, every one may."""
     socks: list[socket.socket] = []
     with named(netns):
-        fresh: FreshValues | None
-        try:
-            # what a new socket of this namespace holds now, for this batch only (a sysctl may change later)
-            fresh = fresh_values()
-        except OSError:  # every option is set then
-            fresh = None
+        # what a new socket of this namespace holds now, for this batch only (a sysctl may change later)
+        fresh = batch_fresh_values((s.tuple.family for s in states), len(states))
         try:
             # one pair of raw sockets for the whole batch, in the namespace of the restored sockets
             injector = Injector()

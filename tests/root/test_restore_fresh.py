@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import pytest
 
@@ -16,7 +16,14 @@ from sockrepair import discard
 from sockrepair.engine._batch import checkpoint_many, owed_acks, segs_out_of
 from sockrepair.engine._ffi import lib
 from sockrepair.engine._session import _Session
-from sockrepair.engine._sockopts import fresh_values, read_sockopts
+from sockrepair.engine._sockopts import (
+    FRESH_WORTH,
+    FreshValues,
+    batch_fresh_values,
+    fresh_values,
+    read_sockopts,
+)
+from sockrepair.move import land
 from sockrepair.move.land import restore_all
 from tests.root.pairs import FAMILIES, loopback_pair, recv_exactly, wait_for
 
@@ -56,15 +63,17 @@ def _closing(socks: list[socket.socket]) -> Iterator[None]:
 
 
 @pytest.mark.parametrize(("family", "listen_addr", "connect_addr"), FAMILIES)
-def test_a_batch_restore_sets_every_option_a_new_socket_does_not_hold(netns, family, listen_addr, connect_addr):
-    pairs = [loopback_pair(family, listen_addr, connect_addr) for _ in range(2)]
+def test_a_batch_restore_sets_every_option_a_new_socket_does_not_hold(netns, monkeypatch, family, listen_addr,
+                                                                      connect_addr):
+    # a batch large enough to read the fresh values (FRESH_WORTH): half made before the sysctls change
+    pairs = [loopback_pair(family, listen_addr, connect_addr) for _ in range(FRESH_WORTH // 2)]
     # restored without an owed ACK, it never takes SOCCR_MARK: its own mark must be the one it ends with
     pairs[0][1].setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x77)
     _set_away_from_defaults(pairs[1][1])
-    # a new socket now holds other values than the first two did when they were made
+    # a new socket now holds other values than the first half did when they were made
     for key, value in SYSCTLS.items():
         _sysctl(key, value)
-    pairs.append(loopback_pair(family, listen_addr, connect_addr))
+    pairs += [loopback_pair(family, listen_addr, connect_addr) for _ in range(FRESH_WORTH - len(pairs))]
     clients, servers = [c for c, _ in pairs], [s for _, s in pairs]
     restored: list[socket.socket] = []
     with _closing(clients), _closing(servers), _closing(restored):
@@ -77,17 +86,26 @@ def test_a_batch_restore_sets_every_option_a_new_socket_does_not_hold(netns, fam
             assert recv_exactly(client, len(b"to the client %d" % i)) == b"to the client %d" % i
         wait_for(lambda: all(s.getsockopt(TCP, lib.TCP_INFO, 8)[0] == 1 for s in servers), "the pairs to settle")
         saved = [read_sockopts(_Session(s.fileno()), family) for s in servers]
-        # the three cover all cases: the old defaults (differ from a new socket's), set values, the new defaults
-        assert saved[0].rto_min_us == 200_000 and saved[1].rto_min_us == 60_000 and saved[2].rto_min_us == 100_000
+        # all cases: the old defaults (differ from a new socket's), set values, the new defaults
+        assert saved[0].rto_min_us == 200_000 and saved[1].rto_min_us == 60_000 and saved[-1].rto_min_us == 100_000
         sent = segs_out_of(servers)
         states = checkpoint_many(servers)
         owed = owed_acks(servers, states, sent)
         # each server's last segment acknowledged all it had received: none owes its peer an ACK
-        assert owed == [False] * 3
+        assert owed == [False] * len(servers)
         assert states[0].sockopts.mark == 0x77
         for server, state in zip(servers, states):
             discard(server, state)
+        used: list[FreshValues | None] = []
+
+        def recorded(families: Iterable[int], count: int) -> FreshValues | None:
+            used.append(batch_fresh_values(families, count))
+            return used[-1]
+
+        monkeypatch.setattr(land, "batch_fresh_values", recorded)
         restored.extend(restore_all(states, owed=owed))
+        # the batch read the fresh values once, and its restores went by them (apply_in_repair's plans)
+        assert len(used) == 1 and used[0] is not None and used[0].plans
         for i, (sock, state, before) in enumerate(zip(restored, states, saved)):
             assert state.sockopts == before
             assert read_sockopts(_Session(sock.fileno()), family) == before, i
@@ -102,7 +120,7 @@ def test_a_sysctl_changed_during_the_batch_does_not_reach_the_restored_sockets(n
     """The batch reads the fresh values before its first restore; a sysctl changed after the first socket is made
     gives the later ones the new value where the saved one was skipped: the batch finds the change at its end and
     sets those options again (fails without FreshValues.unchanged / set_fresh_copies)."""
-    pairs = [loopback_pair(family, listen_addr, connect_addr) for _ in range(3)]
+    pairs = [loopback_pair(family, listen_addr, connect_addr) for _ in range(FRESH_WORTH)]
     clients, servers = [c for c, _ in pairs], [s for _, s in pairs]
     restored: list[socket.socket] = []
     with _closing(clients), _closing(servers), _closing(restored):

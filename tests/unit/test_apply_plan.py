@@ -14,8 +14,10 @@ from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import _Session
 from sockrepair.engine._sockopts import (
     FRESH_COPIES,
+    FRESH_WORTH,
     FreshValues,
     apply_in_repair,
+    batch_fresh_values,
     set_fresh_copies,
 )
 from sockrepair.errors import SocketCallError
@@ -119,3 +121,11 @@ def test_set_fresh_copies_sets_each_saved_copy_but_an_option_never_read(recorder
     set_fresh_copies(session, socket.AF_INET6, SocketOptions(mtu_discover=2, rto_max_ms=0, rto_min_us=0,
                                                              delack_max_us=0))
     assert recorder.calls == [(IPV6, lib.IPV6_MTU_DISCOVER, 2)]
+
+
+def test_a_small_batch_reads_no_fresh_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_socket(*args: object) -> None:
+        raise AssertionError("a new socket was made")
+
+    monkeypatch.setattr(_sockopts.socket, "socket", no_socket)
+    assert batch_fresh_values([socket.AF_INET] * 3, FRESH_WORTH - 1) is None
