@@ -44,6 +44,30 @@ def tcp_packet(family: int, src: str, sport: int, dst: str, dport: int, seq: int
     return struct.pack(">IHBB16s16s", 6 << 28, len(tcp), socket.IPPROTO_TCP, 64, s, d) + tcp
 
 
+_TCP_HEADER = struct.Struct(">HHIIBBHHH")
+_IPV4_HEADER = struct.Struct(">BBHHHBBH4s4s")
+_IPV6_HEADER = struct.Struct(">IHBB16s16s")
+
+
+def tcp_segment(family: int, src: str, sport: int, dst: str, dport: int, seq: int, ack: int, flags: int,
+                window: int) -> bytes:
+    """tcp_packet() without payload and with its checksums made right: the bytes with_checksums(tcp_packet(...))
+    gives, computed from the fields rather than parsed back (restore sends one per connection, inside the
+    downtime). The ones' complement sums of the parts add up (RFC 1071): the addresses count in both checksums."""
+    s, d = socket.inet_pton(family, src), socket.inet_pton(family, dst)
+    seq &= 0xFFFFFFFF
+    ack &= 0xFFFFFFFF
+    window = min(window, 0xFFFF)
+    addresses = _sum16(s + d)
+    header = _TCP_HEADER.pack(sport, dport, seq, ack, 5 << 4, flags, window, 0, 0)
+    checksum = ~_fold(addresses + _PSEUDO_REST + _sum16(header)) & 0xFFFF
+    tcp = _TCP_HEADER.pack(sport, dport, seq, ack, 5 << 4, flags, window, checksum, 0)
+    if family == socket.AF_INET:
+        ip_checksum = ~_fold(addresses + _IPV4_REST) & 0xFFFF
+        return _IPV4_HEADER.pack(0x45, 0, 40, 0, 0x4000, 64, socket.IPPROTO_TCP, ip_checksum, s, d) + tcp
+    return _IPV6_HEADER.pack(6 << 28, 20, socket.IPPROTO_TCP, 64, s, d) + tcp
+
+
 def packet_length(packet: bytes) -> int:
     if packet[0] >> 4 == 4:
         return int(struct.unpack_from(">H", packet, 2)[0])
@@ -91,3 +115,9 @@ def with_checksums(packet: bytes) -> bytes:
     checksum = ~_fold(_sum16(pseudo) + _sum16(memoryview(data)[segment_at:])) & 0xFFFF
     struct.pack_into(">H", data, segment_at + 16, checksum)
     return bytes(data)
+
+
+# What tcp_segment sums besides the addresses: the pseudo-header's protocol and TCP length (20, the same words in
+# IPv4's and IPv6's), and the rest of tcp_segment's IPv4 header.
+_PSEUDO_REST = _sum16(struct.pack(">HH", socket.IPPROTO_TCP, 20))
+_IPV4_REST = _sum16(_IPV4_HEADER.pack(0x45, 0, 40, 0, 0x4000, 64, socket.IPPROTO_TCP, 0, bytes(4), bytes(4)))

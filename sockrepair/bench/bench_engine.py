@@ -51,10 +51,11 @@ from sockrepair.bench.results import (
     merge_single,
     single_from_samples,
 )
-from sockrepair.engine._batch import checkpoint_many
+from sockrepair.engine._batch import checkpoint_many, owed_acks, segs_out_of
 from sockrepair.engine._ffi import lib
 from sockrepair.engine._restore import restore_with
 from sockrepair.engine._sockcall import ioctl_int
+from sockrepair.engine._sockopts import batch_fresh_values
 from sockrepair.errors import BenchmarkError, SockrepairError
 from sockrepair.lab.pattern import first_mismatch, pattern
 from sockrepair.lock import Locker
@@ -411,10 +412,14 @@ def _batch_cycle(k: int, salt: int, locker: Locker | None) -> dict[str, float]:
         _expect_tag(up_r, b"A")
         tuples = [ConnTuple(socket.AF_INET, *s.getsockname(), *s.getpeername()) for s in socks]
         marks = [time.perf_counter_ns()]
+        # as a move does (sockrepair/move/take.py): tcpi_segs_out before the lock, owed_acks after the checkpoint,
+        # so that only the sockets that may owe their peer an ACK are made to send one
+        sent = segs_out_of(socks)
         if locker is not None:
             locker.lock(tuples)
             marks.append(time.perf_counter_ns())
         states = checkpoint_many(socks)
+        owed = owed_acks(socks, states, sent)
         marks.append(time.perf_counter_ns())
         for state in states:
             state.to_bytes()
@@ -423,7 +428,9 @@ def _batch_cycle(k: int, salt: int, locker: Locker | None) -> dict[str, float]:
             discard(sock, state)
         marks.append(time.perf_counter_ns())
         with Injector(families=(socket.AF_INET,)) as injector:
-            restored = [restore_with(state, injector) for state in states]
+            # as sockrepair.move.land.restore_all does
+            fresh = batch_fresh_values((socket.AF_INET,), k)
+            restored = [restore_with(state, injector, False, owes, fresh) for state, owes in zip(states, owed)]
         marks.append(time.perf_counter_ns())
         if locker is not None:
             locker.unlock(tuples)

@@ -1,5 +1,5 @@
-"""The connection's addresses: the 4-tuple of a socket, and bind/connect of a restored one (the socket module
-converts between its address tuples and the kernel's sockaddr_in / sockaddr_in6)."""
+"""The connection's addresses: the 4-tuple of a socket (the socket module converts the kernel's sockaddr_in /
+sockaddr_in6 to its address tuples; restore binds and connects through the socket module too)."""
 
 from __future__ import annotations
 
@@ -52,24 +52,3 @@ def read_tuple(session: _Session, closed: bool = False) -> ConnTuple:
         raise session.failed("getpeername", exc) from None
     # the same family as the local address's: a tuple of the same length
     return ConnTuple(family, local[0], local[1], remote[0], remote[1])
-
-
-def _owner(session: _Session) -> socket.socket:
-    if session.owner is None:
-        raise TypeError(f"fd {session.fd}: bind and connect need the session's socket object (restore's)")
-    return session.owner
-
-
-def bind(session: _Session, addr: str, port: int) -> None:
-    try:
-        _owner(session).bind((addr, port))
-    except OSError as exc:
-        raise session.failed(f"bind({addr}:{port})", exc) from None
-
-
-def connect(session: _Session, addr: str, port: int) -> None:
-    """The repair-mode connect: no handshake, it returns at once."""
-    try:
-        _owner(session).connect((addr, port))
-    except OSError as exc:
-        raise session.failed(f"connect({addr}:{port})", exc) from None

@@ -7,13 +7,13 @@ import errno
 import socket
 import time
 
-from sockrepair.engine._addr import bind, connect
 from sockrepair.engine._ffi import lib
 from sockrepair.engine._queues import refill_in_repair, set_sequences, write_unsent
 from sockrepair.engine._session import _Session
 from sockrepair.engine._sockopts import (
     SOL,
     TCP,
+    FreshValues,
     apply_after_repair,
     apply_in_repair,
     apply_pre_bind,
@@ -27,7 +27,6 @@ from sockrepair.engine._states import (
     SYN_SENT,
     TH_ACK,
     U32,
-    peer_segment,
     replay_close,
     replay_reset,
     restore_seqs,
@@ -49,7 +48,8 @@ from sockrepair.errors import (
 )
 from sockrepair.lock.inject import Injector
 from sockrepair.lock.ruleset import SOCCR_MARK
-from sockrepair.state import TCP_ESTABLISHED, ConnectionState
+from sockrepair.packet import tcp_segment
+from sockrepair.state import TCP_ESTABLISHED, ConnectionState, ConnTuple
 
 MAX_USER_MSS = 32767  # MAX_TCP_WINDOW: the largest TCP_MAXSEG the kernel takes
 MIN_USER_MSS = 88  # TCP_MIN_MSS: the smallest
@@ -80,7 +80,7 @@ def restore(state: ConnectionState) -> socket.socket:
 
 
 def restore_with(state: ConnectionState, injector: Injector | None, answered: bool = False,
-                 owed: bool = True) -> socket.socket:
+                 owed: bool = True, fresh: FreshValues | None = None) -> socket.socket:
     """restore(), with `injector`: raw sockets opened in this network namespace (sockrepair.lock.inject.Injector)
     for the segment that makes a restored socket send the ACK it may owe (_ask_for_ack); None opens them for this
     call (about 25 us: sockrepair.move.land shares one across a batch). `answered`: the peer said, after the old
@@ -89,9 +89,11 @@ def restore_with(state: ConnectionState, injector: Injector | None, answered: bo
     may owe its peer an ACK; False (only from what sockrepair.engine._batch.owed_acks found for the very socket
     the state was checkpointed from: the peer got an ACK of everything it received) spares that segment and its
     wait, about 15 us of CPU per connection. The default, True, is right for a state of unknown history (an image,
-    a single checkpoint)."""
+    a single checkpoint). `fresh`: what a new socket of this network namespace holds (fresh_values(), read once
+    for a batch): the options whose saved value it holds already are not set (engine/_sockopts.py FRESH_COPIES)."""
     conn = state.tuple
-    sock = socket.socket(conn.family, socket.SOCK_STREAM)
+    family = conn.family
+    sock = socket.socket(family, socket.SOCK_STREAM)
     session = _Session(sock.fileno(), conn, owner=sock)
     so, options = state.sockopts, state.options
     send_len, recv_len = len(state.send_queue), len(state.recv_queue)
@@ -99,9 +101,9 @@ def restore_with(state: ConnectionState, injector: Injector | None, answered: bo
     send_queue, sent_len = memoryview(state.send_queue), send_len - state.unsent_len
     try:
         session.repair_on()
-        apply_pre_bind(session, conn.family, so)
+        apply_pre_bind(session, family, so)
         size_buffers(session, so, send_len, recv_len)
-        _bind(session, state)
+        _bind(sock, session, state)
         send_seq, recv_seq = restore_seqs(state)
         set_sequences(session, send_seq, send_len, recv_seq, recv_len)
         # The repair-mode connect sizes segments from the MSS clamp it sees then; TCP_REPAIR_OPTIONS sets the clamp
@@ -114,20 +116,27 @@ def restore_with(state: ConnectionState, injector: Injector | None, answered: bo
             # for fwmark SOCCR_MARK would apply); the saved mark goes back once the SYN is out.
             session.set(SOL, SO_MARK, SOCCR_MARK, "SO_MARK")
             _connect_again(sock, session, state)
-            apply_in_repair(session, conn.family, so)
+            apply_in_repair(session, family, so, fresh)
             session.repair_off(False)
             apply_after_repair(session, so, False)
             session.set(SOL, SO_MARK, so.mark, "SO_MARK")
             return sock
-        set_user_mss(session, _user_mss(state))
-        _connect(session, state)
+        wire = conn.wire()
+        set_user_mss(session, _user_mss(state, wire.family))
+        _connect(sock, session, state)
         set_user_mss(session, 0)
         restore_options(session, options)
         if options.timestamps:
             restore_timestamp(session, state.timestamp)
         # what the peer has not acknowledged leaves again as new data when it fits in the first burst
-        resent = sent_len if _resend_at_once(session, state, sent_len, answered) else 0
-        refill_in_repair(session, state.recv_queue, send_queue[:sent_len - resent])
+        resent = sent_len if sent_len and _resend_at_once(session, state, sent_len, answered) else 0
+        if recv_len:
+            # set_sequences left the receive queue selected: its bytes go in without selecting it again, and it
+            # stays selected, as good as none (only TCP_SEND_QUEUE changes what tcp_write_xmit does; nothing more is
+            # written in repair mode before repair goes on or off, or the send queue is selected)
+            session.send_all(state.recv_queue, "refill receive queue")
+        if sent_len - resent:
+            refill_in_repair(session, b"", send_queue[:sent_len - resent])
         if state.window is not None:
             # before repair off: writing never-sent data before the window is in place has hung connections (passt)
             w = state.window
@@ -139,19 +148,29 @@ def restore_with(state: ConnectionState, injector: Injector | None, answered: bo
                 # the saved edges count the peer's FIN, which is not received yet (libsoccr does the same)
                 w = dataclasses.replace(w, rcv_wup=(w.rcv_wup - 1) & 0xFFFFFFFF, rcv_wnd=w.rcv_wnd + 1)
             restore_window(session, w)
-            if conn.wire().family == socket.AF_INET and _resync_changes_mss(state):
+            if wire.family == socket.AF_INET and _resync_changes_mss(state):
                 resync_mss(session)
-        apply_in_repair(session, conn.family, so)
+        apply_in_repair(session, family, so, fresh)
         if state.tcp_state == CLOSE:
             # nothing of a reset connection goes on the wire (replay_reset), so it keeps its saved mark throughout
             replay_reset(session, state, send_seq, recv_seq)
             session.repair_off(False)
             apply_after_repair(session, so, False)
             return sock
+        # The probe's answer tells us what the peer holds of data restored as sent, and whether a closed window
+        # opened for never-sent data. Re-sent bytes get answers of their own (and the probe's, acknowledging
+        # beyond our snd_nxt, would only be discarded); an idle connection has nothing to learn. Where no data of
+        # ours will carry the ACK the old socket may have owed, it is sent (_ask_for_ack): the probe is none.
+        quiet = state.tcp_state == TCP_ESTABLISHED and not resent and not state.unsent_len
+        probe = not resent and not (quiet and not sent_len)
         # The connection is still locked (docs/lock.md): without the mark the lock drops what the socket sends from
         # here (the bytes written below then left only on the probe timer, max(RTO, 200 ms): 3 s where no cached
-        # RTT seeds the RTO; the ACK _ask_for_ack makes it send was lost). The saved mark goes back at the end.
-        session.set(SOL, SO_MARK, SOCCR_MARK, "SO_MARK")
+        # RTT seeds the RTO; the ACK _ask_for_ack makes it send was lost). The saved mark goes back at the end. A
+        # quiet socket with nothing in flight that owes no ACK sends nothing here (no probe, no data, no segment to
+        # answer: the lock holds the peer's off), so it keeps its saved mark throughout.
+        silent = quiet and not probe and not owed
+        if not silent:
+            session.set(SOL, SO_MARK, SOCCR_MARK, "SO_MARK")
         unsent = send_queue[sent_len - resent:]
         lifted = False  # TCP_NOTSENT_LOWAT, raised only when there are bytes to write after repair off
         if state.tcp_state != TCP_ESTABLISHED:
@@ -165,12 +184,6 @@ def restore_with(state: ConnectionState, injector: Injector | None, answered: bo
                 session.repair_on()
                 unsent = unsent[:0]
             replay_close(session, state, send_seq, recv_seq)
-        # The probe's answer tells us what the peer holds of data restored as sent, and whether a closed window
-        # opened for never-sent data. Re-sent bytes get answers of their own (and the probe's, acknowledging
-        # beyond our snd_nxt, would only be discarded); an idle connection has nothing to learn. Where no data of
-        # ours will carry the ACK the old socket may have owed, it is sent (_ask_for_ack): the probe is none.
-        quiet = state.tcp_state == TCP_ESTABLISHED and not resent and not unsent
-        probe = not resent and not (quiet and not sent_len)
         session.repair_off(probe)
         if resent or unsent:
             lift_send_limit(session)
@@ -181,8 +194,9 @@ def restore_with(state: ConnectionState, injector: Injector | None, answered: bo
         write_unsent(session, unsent)
         apply_after_repair(session, so, lifted)
         if quiet and owed:
-            _ask_for_ack(session, state, (send_seq - send_len) & U32, recv_seq, injector, probe)
-        session.set(SOL, SO_MARK, so.mark, "SO_MARK")
+            _ask_for_ack(session, state, wire, (send_seq - send_len) & U32, recv_seq, injector, probe)
+        if not silent:
+            session.set(SOL, SO_MARK, so.mark, "SO_MARK")
     except BaseException:
         _abandon(sock, session)
         raise
@@ -229,7 +243,7 @@ def _resend(session: _Session, nodelay: bool, resent: memoryview) -> None:
         session.set(TCP, NODELAY, 0, "TCP_NODELAY")
 
 
-def _ask_for_ack(session: _Session, state: ConnectionState, una: int, rcv_nxt: int,
+def _ask_for_ack(session: _Session, state: ConnectionState, wire: ConnTuple, una: int, rcv_nxt: int,
                  injector: Injector | None, probed: bool) -> None:
     """Make the restored socket acknowledge what the old one received: an ACK it owed (a delayed ACK pending at the
     freeze, or one the lock dropped) is not in any state repair mode can set, and the window probe sent at repair
@@ -241,16 +255,23 @@ def _ask_for_ack(session: _Session, state: ConnectionState, una: int, rcv_nxt: i
     sendto returns, and the mark is about to go. A socket that sent no window probe (`probed`) has taken in no
     segment yet: the peer's are held off by the lock, and the repair-mode connect receives none. Without
     `injector`, one raw socket of the connection's family is opened for the segment. Without CAP_NET_RAW nothing
-    is sent: the peer then gets its ACK when it retransmits, as before."""
+    is sent: the peer then gets its ACK when it retransmits, as before. `wire`: the connection's wire()."""
     before = segs_in(session) if probed else 0
-    segment = peer_segment(state, TH_ACK, (rcv_nxt - 1) & U32, una)
+    o, w = state.options, state.window
+    # the window the peer advertises, as engine._states.peer_segment gives its segments
+    wnd = 0 if w is None else (w.snd_wnd >> o.snd_wscale if o.wscale else w.snd_wnd)
+    family = wire.family
+    segment = tcp_segment(family, wire.remote_addr, wire.remote_port, wire.local_addr, wire.local_port,
+                          (rcv_nxt - 1) & U32, una, TH_ACK, wnd)
     try:
         if injector is not None:
-            injector.send([segment])
+            injector.send_segment(segment, family, wire.local_addr)
         else:
-            with Injector(families=(state.tuple.wire().family,)) as own:
-                own.send([segment])
+            with Injector(families=(family,)) as own:
+                own.send_segment(segment, family, wire.local_addr)
     except (OSError, LockError):
+        return
+    if segs_in(session) != before:
         return
     deadline = time.monotonic() + SETTLE_TIMEOUT
     while segs_in(session) == before and time.monotonic() < deadline:
@@ -273,15 +294,16 @@ def _resync_changes_mss(state: ConnectionState) -> bool:
     return cutoff < mss
 
 
-def _user_mss(state: ConnectionState) -> int:
+def _user_mss(state: ConnectionState, wire_family: int) -> int:
     """The user MSS the repair-mode connect sizes segments with. A new connection bounds its MSS to half the largest
     window the peer ever offered (tcp_bound_to_half_wnd, applied when the MSS is synced); the connect zeroes
     max_window before its sync, so a peer with a small window got segments larger than the window, which only the
     zero-window probe timer moved. IPv4 resyncs once the window is in place (resync_mss); IPv6 has no call that
-    resyncs, so the bound goes into the user MSS here (the connect takes the timestamp option's 12 bytes off it)."""
+    resyncs, so the bound goes into the user MSS here (the connect takes the timestamp option's 12 bytes off it).
+    `wire_family`: the family of the connection's wire() tuple."""
     mss = min(state.options.mss, MAX_USER_MSS)
     w = state.window
-    if w is None or w.max_window == 0 or state.tuple.wire().family == socket.AF_INET:
+    if w is None or w.max_window == 0 or wire_family == socket.AF_INET:
         return mss
     half = w.max_window >> 1 if w.max_window > MSS_DEFAULT else w.max_window
     return max(min(mss, half + (TIMESTAMP_OPTION if state.options.timestamps else 0)), MIN_USER_MSS)
@@ -310,11 +332,11 @@ def _abandon(sock: socket.socket, session: _Session) -> None:
         sock.close()
 
 
-def _bind(session: _Session, state: ConnectionState) -> None:
+def _bind(sock: socket.socket, session: _Session, state: ConnectionState) -> None:
     conn = state.tuple
     try:
-        bind(session, conn.local_addr, conn.local_port)
-    except SocketCallError as exc:
+        sock.bind((conn.local_addr, conn.local_port))
+    except OSError as exc:
         if exc.errno == errno.EADDRNOTAVAIL:
             raise AddressNotLocalError(
                 f"cannot restore {conn}: local address {conn.local_addr} is not configured on this host "
@@ -323,17 +345,18 @@ def _bind(session: _Session, state: ConnectionState) -> None:
         if exc.errno == errno.EADDRINUSE:
             raise AddressInUseError(f"cannot restore {conn}: local address {conn.local_addr}:{conn.local_port} "
                                     "is held by a socket that does not allow reuse", tuple=conn) from None
-        raise
+        raise session.failed(f"bind({conn.local_addr}:{conn.local_port})", exc) from None
 
 
-def _connect(session: _Session, state: ConnectionState) -> None:
+def _connect(sock: socket.socket, session: _Session, state: ConnectionState) -> None:
+    """The repair-mode connect: no handshake, it returns at once."""
     conn = state.tuple
     try:
-        connect(session, conn.remote_addr, conn.remote_port)
-    except SocketCallError as exc:
+        sock.connect((conn.remote_addr, conn.remote_port))
+    except OSError as exc:
         if exc.errno in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
             raise AddressInUseError(
                 f"cannot restore {conn}: another socket already holds this 4-tuple (close or discard it first)",
                 tuple=conn,
             ) from None
-        raise
+        raise session.failed(f"connect({conn.remote_addr}:{conn.remote_port})", exc) from None

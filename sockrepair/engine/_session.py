@@ -98,16 +98,15 @@ class _Session:
     start, checkpoint once it has read it); failures carry it. Make one per operation and never share it between
     threads."""
 
-    __slots__ = ("_getsockopt", "_setsockopt", "_wrapped", "fd", "owner", "sock", "tuple")
+    __slots__ = ("_getsockopt", "_setsockopt", "_wrapped", "fd", "sock", "tuple")
 
     def __init__(self, fd: int, conn: ConnTuple | None = None, owner: socket.socket | None = None,
                  lent: socket.socket | None = None) -> None:
-        """`owner`: the socket object of `fd` when the engine made it (restore), for bind and connect, which the
-        socket module parses for its family; never a caller's, whose timeout would make its calls wait. `lent`: a
-        caller's socket object of `fd` whose methods the calls may use (session_of() says when)."""
+        """`owner`: the socket object of `fd` when the engine made it (restore), whose methods the calls use; never
+        a caller's, whose timeout would make its calls wait. `lent`: a caller's socket object of `fd` whose methods
+        the calls may use (session_of() says when)."""
         self.fd = fd
         self.tuple = conn
-        self.owner = owner
         # The socket methods check no family, type or protocol for these calls: the kernel answers for the fd. The
         # family only sizes the address buffer of getsockname/getpeername, which decode what the kernel returns:
         # IPv6's holds an IPv4 address too. SOCK_NONBLOCK in the type makes the object's timeout 0: without it,

@@ -9,15 +9,13 @@ import errno
 import operator
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from operator import truth
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from sockrepair.engine._ffi import lib
-from sockrepair.engine._session import (
-    _Session,
-)
+from sockrepair.engine._ffi import ffi, lib
+from sockrepair.engine._session import _Session, setsockopt
 from sockrepair.errors import SocketCallError
 from sockrepair.state import SocketOptions
 
@@ -177,14 +175,36 @@ def _plan(family: int, dumped: bool) -> ReadPlan:
 # per family: the plan that reads every option, and the one that leaves the DUMPED ones to a sock_diag answer
 PLANS = {family: _plan(family, False) for family in INT_OPTS}
 DUMPED_PLANS = {family: _plan(family, True) for family in INT_OPTS}
-# What apply_in_repair sets, per family: (field, level, option, name, the value a new socket has or None, whether
-# it is SO_PRIORITY), and the fields' values in that order in one call
+_LAST_POSITIONS = tuple(SOCKOPT_POSITION[name] for name in ("linger_on", "linger_secs", "bindtodevice", "congestion",
+                                                              *(field for field, _, _ in TIMEOUTS)))
+# What apply_in_repair sets, per family, in its order: (field, level, option, name, the value a new socket has or
+# None, whether it is SO_PRIORITY). The fields are the same for both families.
 _WRITES = {
     family: [(o.field, o.level, o.opt, o.name, o.fresh, o.level == SOL and o.opt == SO_PRIORITY)
              for o in opts + OPTIONAL_INT_OPTS]
     for family, opts in INT_OPTS.items()
 }
-_WRITTEN_VALUES = {family: operator.attrgetter(*(w[0] for w in writes)) for family, writes in _WRITES.items()}
+# Every field apply_in_repair looks at, in one call: _WRITES' fields, then these.
+_LAST_WRITTEN = ("tos", "linger_on", "linger_secs", *(field for field, _, _ in TIMEOUTS), "congestion")
+_WRITTEN_VALUES = operator.attrgetter(*(w[0] for w in _WRITES[socket.AF_INET]), *_LAST_WRITTEN)
+# Options whose value on a new socket is a copy made when the socket is created (of a sysctl of its network
+# namespace, or a constant) that nothing changes later, and whose setsockopt writes that one field and nothing else:
+# set to the value a new socket has, or never set, the socket is the same, and reads back the same.
+#   IP_MTU_DISCOVER: inet->pmtudisc, from net.ipv4.ip_no_pmtu_disc in inet_create (net/ipv4/af_inet.c);
+#   IPV6_MTU_DISCOVER: np->pmtudisc, IPV6_PMTUDISC_WANT in inet6_create (net/ipv6/af_inet6.c);
+#   TCP_RTO_MAX_MS, TCP_RTO_MIN_US: icsk_rto_max, icsk_rto_min, from net.ipv4.tcp_rto_max_ms and tcp_rto_min_us,
+#   and TCP_DELACK_MAX_US: icsk_delack_max, TCP_DELACK_MAX, all in tcp_init_sock (net/ipv4/tcp.c); they read back
+#   through jiffies_to_msecs / jiffies_to_usecs, one value per jiffy, so equal reads are equal fields.
+# Not here, although a new socket reads the same as most saved ones: IP_TTL / IPV6_UNICAST_HOPS, TCP_KEEPIDLE,
+# TCP_KEEPINTVL, TCP_KEEPCNT and TCP_LINGER2 read the sysctl while never set (uc_ttl -1, keepalive_time 0...): a
+# socket that never set them follows a later change of the sysctl (or the route's hop limit), one that set them
+# does not, so setting them is not the same as leaving them. TCP_CONGESTION: a route's congctl may replace the
+# algorithm at connect (tcp_ca_dst_init), and a new socket, never connected, shows only the namespace's default.
+# TCP_WINDOW_CLAMP: the connect computes it (tcp_select_initial_window); a new socket reads 0.
+FRESH_COPIES = ("mtu_discover", "rto_max_ms", "rto_min_us", "delack_max_us")
+# What apply_in_repair remembers of the calls it made for saved values (engine restores of one program share most
+# of their values); emptied when it holds this many.
+PLAN_CACHE = 256
 
 
 def read_sockopts(session: _Session, family: int) -> SocketOptions:
@@ -287,43 +307,158 @@ def size_buffers(session: _Session, so: SocketOptions, send_bytes: int, recv_byt
     session.set(SOL, lib.SO_RCVBUFFORCE, rcvbuf // 2, "SO_RCVBUFFORCE")
 
 
-def apply_in_repair(session: _Session, family: int, so: SocketOptions) -> None:
-    """Everything but the reuse flag, while still in repair mode: cork and nodelay must hold before the never-sent
-    bytes are written. An option whose saved value is the one every new socket starts with is left alone: it
-    reads back the same, and a restore makes a dozen calls fewer."""
-    setsockopt = session.sock.setsockopt
-    tos = so.tos
-    # a try costs nothing until it catches (Python 3.11): each call has its own, so that the text of an error is
-    # formatted only once a call failed
-    for (_, level, opt, name, fresh, priority), value in zip(_WRITES[family], _WRITTEN_VALUES[family](so)):
-        # a bool field compares equal to its int (False == 0)
-        if value != fresh or (priority and tos):
-            try:
-                setsockopt(level, opt, int(value))
-            except OSError as exc:
-                raise session.failed(f"setsockopt({name}={int(value)})", exc) from None
-    if so.linger_on or so.linger_secs:
+# What apply_in_repair does for one set of saved values: (level, option, int value, the call as an error names it)
+# of the int options, then (level, option, struct) of those that take a struct or a name, in order.
+_ApplyPlan = tuple[tuple[tuple[int, int, int, str], ...], tuple[tuple[int, int, bytes, str], ...]]
+
+
+class FreshValues:
+    """What a new TCP socket of each family reports, in one network namespace at one moment, for FRESH_COPIES: a
+    restore given it (restore_with's `fresh`) does not set those whose saved value it holds. Read once per batch
+    and namespace (fresh_values()), never kept longer: the sysctls they come from may change between moves. Should
+    one change during the batch, the sockets made after it hold the new value: the batch asks unchanged() at its
+    end, and sets them all again (set_fresh_copies) when it says no."""
+
+    __slots__ = ("plans", "values")
+
+    def __init__(self, values: dict[int, dict[str, int]]) -> None:
+        """`values`: per address family, FRESH_COPIES' fields as a new socket of it reads them."""
+        self.values = values
+        # apply_in_repair's calls for the saved values it met, with these values: this batch's only
+        self.plans: dict[tuple[object, ...], _ApplyPlan] = {}
+
+    def unchanged(self) -> bool:
+        """Whether a new socket of each family still reports these values (read again, in this thread's network
+        namespace); False when they cannot be read again (fresh_values' OSError): the caller sets them all."""
         try:
-            setsockopt(SOL, lib.SO_LINGER, _LINGER.pack(int(so.linger_on), so.linger_secs))
+            return fresh_values(tuple(self.values)).values == self.values
+        except OSError:
+            return False
+
+
+def fresh_values(families: tuple[int, ...] = (socket.AF_INET, AF_INET6)) -> FreshValues:
+    """FreshValues read from a new TCP socket of each of `families` in this thread's network namespace (one
+    socket and four getsockopt each; an option the kernel does not know (ENOPROTOOPT, before Linux 6.15) reads 0,
+    as checkpoint reads it). A family the kernel has no sockets of (EAFNOSUPPORT: IPv6 disabled) is left out: no
+    socket of it is restored there either. Raises OSError when a socket cannot be made or read otherwise."""
+    values: dict[int, dict[str, int]] = {}
+    for family in families:
+        by_field = {w[0]: w for w in _WRITES[family]}
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
-            raise session.failed("setsockopt(SO_LINGER)", exc) from None
-    for field, opt, name in TIMEOUTS:
-        usecs = getattr(so, field)
+            if exc.errno != errno.EAFNOSUPPORT:
+                raise
+            continue
+        with sock:
+            read: dict[str, int] = {}
+            for field in FRESH_COPIES:
+                _, level, opt, _, _, _ = by_field[field]
+                try:
+                    read[field] = sock.getsockopt(level, opt)
+                except OSError as exc:
+                    if exc.errno != errno.ENOPROTOOPT:
+                        raise
+                    read[field] = 0
+        values[family] = read
+    return FreshValues(values)
+
+
+# A batch reads the fresh values twice (before its first restore, and after its last: FreshValues.unchanged), each
+# time a new socket and four getsockopt per family, about 15 us per family here; they spare four setsockopt per
+# connection, about 2.5 us. Below this many connections they cost more than they spare.
+FRESH_WORTH = 16
+
+
+def batch_fresh_values(families: Iterable[int], count: int) -> FreshValues | None:
+    """fresh_values() of `families` for a batch of `count` restores in this thread's network namespace; None where
+    reading them costs more than it spares (fewer than FRESH_WORTH) or they cannot be read (OSError: every option
+    is set then)."""
+    if count < FRESH_WORTH:
+        return None
+    try:
+        return fresh_values(tuple(sorted(set(families))))
+    except OSError:
+        return None
+
+
+def _apply_plan(family: int, values: tuple[Any, ...], fresh: dict[str, int] | None) -> _ApplyPlan:
+    """The calls apply_in_repair makes for the saved `values` (_WRITTEN_VALUES' fields) on a socket of `family`.
+    An option whose saved value is the one every new socket starts with (IntOpt.fresh; 0 for one this kernel may
+    not have), or, with `fresh`, the one a new socket of this namespace holds (FRESH_COPIES), is left alone: it
+    reads back the same."""
+    writes = _WRITES[family]
+    tos, linger_on, linger_secs, *timeouts, congestion = values[len(writes):]
+    ints: list[tuple[int, int, int, str]] = []
+    for (field, level, opt, name, new, priority), value in zip(writes, values):
+        # a bool field compares equal to its int (False == 0)
+        if value == new and not (priority and tos):
+            continue
+        if fresh is not None and field in fresh and value == fresh[field]:
+            continue
+        ints.append((level, opt, int(value), f"setsockopt({name}={int(value)})"))
+    structs: list[tuple[int, int, bytes, str]] = []
+    if linger_on or linger_secs:
+        structs.append((SOL, lib.SO_LINGER, _LINGER.pack(int(linger_on), linger_secs), "setsockopt(SO_LINGER)"))
+    for (_, opt, name), usecs in zip(TIMEOUTS, timeouts):
         if usecs:
-            try:
-                setsockopt(SOL, opt, _TIMEVAL.pack(*divmod(usecs, 1_000_000)))
-            except OSError as exc:
-                raise session.failed(f"setsockopt({name}={usecs} us)", exc) from None
-    if so.congestion:
+            structs.append((SOL, opt, _TIMEVAL.pack(*divmod(usecs, 1_000_000)), f"setsockopt({name}={usecs} us)"))
+    if congestion:
+        algorithm = congestion.encode()
+        structs.append((TCP, lib.TCP_CONGESTION, algorithm, f"setsockopt(TCP_CONGESTION={algorithm!r})"))
+    return tuple(ints), tuple(structs)
+
+
+_APPLY_PLANS: dict[tuple[object, ...], _ApplyPlan] = {}
+
+
+def apply_in_repair(session: _Session, family: int, so: SocketOptions, fresh: FreshValues | None = None) -> None:
+    """Everything but the reuse flag, while still in repair mode: cork and nodelay must hold before the never-sent
+    bytes are written. An option whose saved value the new socket holds already is left alone (_apply_plan): it reads
+    back the same, and a restore makes a dozen calls fewer. `fresh`: what a new socket of this namespace holds
+    now (FreshValues). The calls for a set of saved values are worked out once (per `fresh`). A struct or a name
+    goes through cffi: the socket method tries it as an int and as None first, formatting an error each time."""
+    values = _WRITTEN_VALUES(so)
+    key = (family, values)
+    plans = _APPLY_PLANS if fresh is None else fresh.plans
+    plan = plans.get(key)
+    if plan is None:
+        plan = _apply_plan(family, values, None if fresh is None else fresh.values.get(family))
+        if len(plans) >= PLAN_CACHE:
+            plans.clear()
+        plans[key] = plan
+    ints, structs = plan
+    set_int = session.sock.setsockopt
+    # a try costs nothing until it catches (Python 3.11)
+    for level, opt, value, op in ints:
         try:
-            session.set_bytes(TCP, lib.TCP_CONGESTION, so.congestion.encode(), "TCP_CONGESTION")
-        except SocketCallError as exc:
-            if exc.errno == errno.ENOENT:
+            set_int(level, opt, value)
+        except OSError as exc:
+            raise session.failed(op, exc) from None
+    fd = session.fd
+    for level, opt, raw, op in structs:
+        if setsockopt(fd, level, opt, raw, len(raw)) < 0:
+            err = ffi.errno
+            if opt == lib.TCP_CONGESTION and level == TCP and err == errno.ENOENT:
                 raise session.fail(
                     f"setsockopt(TCP_CONGESTION={so.congestion!r}): congestion control {so.congestion!r} is not "
-                    f"available on this host (modprobe tcp_{so.congestion})", exc.errno
-                ) from None
-            raise
+                    f"available on this host (modprobe tcp_{so.congestion})", err
+                )
+            raise session.fail(op, err)
+
+
+def set_fresh_copies(session: _Session, family: int, so: SocketOptions) -> None:
+    """Set FRESH_COPIES to their saved values on a restored socket of `family`, repair mode on or off (each is a
+    field the kernel reads when it needs it), but an optional one the saved state does not hold (0). For the
+    sockets of a batch during which a new socket's values changed (FreshValues.unchanged)."""
+    set_int = session.sock.setsockopt
+    for field, level, opt, name, new, _ in _WRITES[family]:
+        value = getattr(so, field)
+        if field in FRESH_COPIES and not (value == 0 and new == 0):
+            try:
+                set_int(level, opt, value)
+            except OSError as exc:
+                raise session.failed(f"setsockopt({name}={value})", exc) from None
 
 
 def lift_send_limit(session: _Session) -> None:

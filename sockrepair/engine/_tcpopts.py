@@ -100,7 +100,9 @@ def read_options(session: _Session, info: TcpInfo) -> TcpOptions:
 
 
 def restore_options(session: _Session, options: TcpOptions) -> None:
-    """TCP_REPAIR_OPTIONS, accepted only between the repair-mode connect and the first byte sent."""
+    """TCP_REPAIR_OPTIONS, accepted only between the repair-mode connect and the first byte sent. A struct goes
+    through cffi: the socket method tries the value as an int and as None first, formatting an error each time,
+    which costs more than cffi's call."""
     values = [MAXSEG, options.mss]
     if options.wscale:
         values += (WINDOW_OPT, options.snd_wscale | (options.rcv_wscale << 16))
@@ -108,14 +110,16 @@ def restore_options(session: _Session, options: TcpOptions) -> None:
         values += SACK_PERM
     if options.timestamps:
         values += TIMESTAMP_OPT
-    try:
-        session.sock.setsockopt(TCP, TCP_REPAIR_OPTIONS, OPTS[len(values)].pack(*values))
-    except OSError as exc:
-        raise session.failed(f"setsockopt(TCP_REPAIR_OPTIONS {options})", exc) from None
+    raw = OPTS[len(values)].pack(*values)
+    if setsockopt(session.fd, TCP, TCP_REPAIR_OPTIONS, raw, len(raw)) < 0:
+        raise session.fail(f"setsockopt(TCP_REPAIR_OPTIONS {options})")
 
 
 def set_user_mss(session: _Session, mss: int) -> None:
-    session.set(TCP, TCP_MAXSEG, mss, "TCP_MAXSEG")
+    try:
+        session.sock.setsockopt(TCP, TCP_MAXSEG, mss)
+    except OSError as exc:
+        raise session.failed(f"setsockopt(TCP_MAXSEG={mss})", exc) from None
 
 
 def resync_mss(session: _Session) -> None:
@@ -139,11 +143,10 @@ def read_window(session: _Session) -> RepairWindow | None:
 
 
 def restore_window(session: _Session, window: RepairWindow) -> None:
-    try:
-        session.sock.setsockopt(TCP, TCP_REPAIR_WINDOW, WINDOW.pack(window.snd_wl1, window.snd_wnd, window.max_window,
-                                                                    window.rcv_wnd, window.rcv_wup))
-    except OSError as exc:
-        raise session.failed(f"setsockopt(TCP_REPAIR_WINDOW {window})", exc) from None
+    """TCP_REPAIR_WINDOW, through cffi as restore_options' struct."""
+    raw = WINDOW.pack(window.snd_wl1, window.snd_wnd, window.max_window, window.rcv_wnd, window.rcv_wup)
+    if setsockopt(session.fd, TCP, TCP_REPAIR_WINDOW, raw, WINDOW.size) < 0:
+        raise session.fail(f"setsockopt(TCP_REPAIR_WINDOW {window})")
 
 
 def read_timestamp(session: _Session) -> int:
@@ -155,4 +158,8 @@ def read_timestamp(session: _Session) -> int:
 
 
 def restore_timestamp(session: _Session, timestamp: int) -> None:
-    session.set_u32(TCP, TCP_TIMESTAMP, timestamp, "TCP_TIMESTAMP")
+    """The u32 `timestamp` as the C int the kernel reads."""
+    try:
+        session.sock.setsockopt(TCP, TCP_TIMESTAMP, timestamp - (1 << 32) if timestamp & 0x80000000 else timestamp)
+    except OSError as exc:
+        raise session.failed(f"setsockopt(TCP_TIMESTAMP={timestamp})", exc) from None

@@ -45,6 +45,18 @@ class Injector:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def send_segment(self, segment: bytes, family: int, dest: str) -> None:
+        """Send one packet of `family` whose checksums are right already (packet.tcp_segment) to `dest`, its
+        destination address as the socket module spells it. Raises LockError when no raw socket of `family` is open
+        or the kernel refuses the packet."""
+        sock = self._socks.get(family)
+        if sock is None:
+            raise LockError(f"cannot send a segment to {dest}: no raw socket of its address family")
+        try:
+            sock.sendto(segment, (dest, 0))
+        except OSError as exc:
+            raise LockError(f"cannot send a segment to {dest}: {exc.strerror}") from None
+
     def send(self, packets: Iterable[bytes]) -> int:
         """Send each packet in order, checksums made right; returns how many went out. Raises LockError naming the
         packet when the kernel refuses one (the rest are not sent: order matters to the receiver)."""

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from sockrepair.engine._repair import repair_on
 from sockrepair.engine._restore import restore_with
 from sockrepair.engine._session import session_of
+from sockrepair.engine._sockopts import batch_fresh_values, set_fresh_copies
 from sockrepair.errors import SocketCallError
 from sockrepair.lock import Locker
 from sockrepair.lock.inject import Injector
@@ -30,6 +31,8 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
     `owed`); when empty, every one may."""
     socks: list[socket.socket] = []
     with named(netns):
+        # what a new socket of this namespace holds now, for this batch only (a sysctl may change later)
+        fresh = batch_fresh_values((s.tuple.family for s in states), len(states))
         try:
             # one pair of raw sockets for the whole batch, in the namespace of the restored sockets
             injector = Injector()
@@ -38,9 +41,13 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
         try:
             for i, state in enumerate(states):
                 socks.append(restore_with(state, injector, i < len(answered) and answered[i],
-                                          i >= len(owed) or owed[i]))
+                                          i >= len(owed) or owed[i], fresh))
                 if on_restored is not None:
                     on_restored(socks[-1])
+            if fresh is not None and not fresh.unchanged():
+                # a sysctl changed while the batch was restored: those made after it took the new value
+                for sock, state in zip(socks, states):
+                    set_fresh_copies(session_of(sock), state.tuple.family, state.sockopts)
         except BaseException:
             for s in socks:
                 with contextlib.suppress(OSError):
