@@ -140,6 +140,8 @@ struct app_opt {
 	enum when_set when;
 	int fresh;
 	int optional; /* Linux 6.15+: reads as 0 (not recorded, never set) where the kernel lacks it (ENOPROTOOPT) */
+	int per_batch; /* a batch of BATCH_FRESH_FROM or more skips it when a new socket of the namespace holds the
+			* value (the engine's restore_all: sockrepair/engine/_sockopts.py batch_fresh_values) */
 };
 
 /* the options of sockrepair's image version 2 (older headers lack some) */
@@ -173,7 +175,7 @@ static const struct app_opt app_opts[] = {
 	{IPPROTO_TCP, TCP_USER_TIMEOUT, "TCP_USER_TIMEOUT", SET_UNLESS_FRESH, 0},
 	{IPPROTO_TCP, TCP_NOTSENT_LOWAT, "TCP_NOTSENT_LOWAT", SET_UNLESS_FRESH, 0},
 	{IPPROTO_TCP, TCP_CORK, "TCP_CORK", SET_UNLESS_FRESH, 0},
-	{IPPROTO_IP, IP_MTU_DISCOVER, "IP_MTU_DISCOVER", SET_UNLESS_FRESH, -1},
+	{IPPROTO_IP, IP_MTU_DISCOVER, "IP_MTU_DISCOVER", SET_UNLESS_FRESH, -1, 0, 1},
 	{SOL_SOCKET, SO_OOBINLINE, "SO_OOBINLINE", SET_UNLESS_FRESH, 0},
 	{SOL_SOCKET, SO_BUSY_POLL, "SO_BUSY_POLL", SET_UNLESS_FRESH, 0},
 	{SOL_SOCKET, SO_MAX_PACING_RATE, "SO_MAX_PACING_RATE", SET_UNLESS_FRESH, -1},
@@ -181,9 +183,9 @@ static const struct app_opt app_opts[] = {
 	{IPPROTO_TCP, TCP_THIN_LINEAR_TIMEOUTS, "TCP_THIN_LINEAR_TIMEOUTS", SET_UNLESS_FRESH, 0},
 	{IPPROTO_TCP, TCP_INQ, "TCP_INQ", SET_UNLESS_FRESH, 0},
 	{IPPROTO_TCP, TCP_WINDOW_CLAMP, "TCP_WINDOW_CLAMP", SET_UNLESS_FRESH, 0},
-	{IPPROTO_TCP, TCP_RTO_MAX_MS, "TCP_RTO_MAX_MS", SET_UNLESS_FRESH, 0, 1},
-	{IPPROTO_TCP, TCP_RTO_MIN_US, "TCP_RTO_MIN_US", SET_UNLESS_FRESH, 0, 1},
-	{IPPROTO_TCP, TCP_DELACK_MAX_US, "TCP_DELACK_MAX_US", SET_UNLESS_FRESH, 0, 1},
+	{IPPROTO_TCP, TCP_RTO_MAX_MS, "TCP_RTO_MAX_MS", SET_UNLESS_FRESH, 0, 1, 1},
+	{IPPROTO_TCP, TCP_RTO_MIN_US, "TCP_RTO_MIN_US", SET_UNLESS_FRESH, 0, 1, 1},
+	{IPPROTO_TCP, TCP_DELACK_MAX_US, "TCP_DELACK_MAX_US", SET_UNLESS_FRESH, 0, 1, 1},
 	{SOL_SOCKET, SO_MARK, "SO_MARK", SET_PRE_BIND, 0},
 	{IPPROTO_IP, IP_FREEBIND, "IP_FREEBIND", SET_PRE_BIND, 0},
 	{SOL_SOCKET, SO_REUSEADDR, "SO_REUSEADDR", SET_AFTER_REPAIR, 0},
@@ -192,6 +194,11 @@ static const struct app_opt app_opts[] = {
 };
 #define N_APP_OPTS (sizeof(app_opts) / sizeof(app_opts[0]))
 enum { APP_SNDBUF = N_APP_OPTS - 2, APP_RCVBUF = N_APP_OPTS - 1 };
+#define BATCH_FRESH_FROM 16
+#define NOT_READ (-2) /* a value no option reads as: never equal */
+/* what a new socket holds, for the per_batch options, while a batch of BATCH_FRESH_FROM or more restores */
+static int batch_fresh_on;
+static int batch_fresh[N_APP_OPTS];
 
 struct app_state {
 	int value[N_APP_OPTS];
@@ -456,7 +463,8 @@ static int apply_in_repair(int fd, const struct app_state *app)
 {
 	for (size_t i = 0; i < N_APP_OPTS; i++) {
 		const struct app_opt *o = &app_opts[i];
-		if ((o->when == SET_ALWAYS || (o->when == SET_UNLESS_FRESH && app->value[i] != o->fresh)) &&
+		int fresh = batch_fresh_on && o->per_batch ? batch_fresh[i] : o->fresh;
+		if ((o->when == SET_ALWAYS || (o->when == SET_UNLESS_FRESH && app->value[i] != fresh)) &&
 		    set_int(fd, o->level, o->opt, app->value[i], o->name) < 0)
 			return -1;
 	}
@@ -470,6 +478,23 @@ static int apply_in_repair(int fd, const struct app_state *app)
 	    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &app->sndtimeo, sizeof(app->sndtimeo)) < 0)
 		return fail("setsockopt(SO_SNDTIMEO)");
 	return app->congestion[0] ? set_name(fd, IPPROTO_TCP, TCP_CONGESTION, app->congestion, "TCP_CONGESTION") : 0;
+}
+
+/* The per_batch options of a new socket, into `into` (NOT_READ where the kernel lacks one), as restore_all reads
+ * them at the start and again at the end of its batch. */
+static int read_batch_fresh(int into[N_APP_OPTS])
+{
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	if (fd < 0)
+		return fail("socket(fresh values)");
+	for (size_t i = 0; i < N_APP_OPTS; i++) {
+		socklen_t len = sizeof(int);
+		into[i] = NOT_READ;
+		if (app_opts[i].per_batch && getsockopt(fd, app_opts[i].level, app_opts[i].opt, &into[i], &len) < 0)
+			into[i] = NOT_READ;
+	}
+	close(fd);
+	return 0;
 }
 
 static int apply_after_repair(int fd, const struct app_state *app)
@@ -1064,10 +1089,26 @@ static int batch_cycle(int k, uint64_t salt, int64_t *times)
 		sock[i] = -1;
 	}
 	int64_t t2 = now_ns();
+	batch_fresh_on = opt_options && k >= BATCH_FRESH_FROM;
+	if (batch_fresh_on && read_batch_fresh(batch_fresh) < 0)
+		goto out;
 	for (int i = 0; i < k; i++)
 		if ((sock[i] = restore(&st[i])) < 0)
 			goto out;
+	if (batch_fresh_on) {
+		/* a sysctl changed during the batch: the skipped options are set on every socket, as the engine does */
+		int again[N_APP_OPTS];
+		if (read_batch_fresh(again) < 0)
+			goto out;
+		if (memcmp(again, batch_fresh, sizeof(again)) != 0)
+			for (int i = 0; i < k; i++)
+				for (size_t j = 0; j < N_APP_OPTS; j++)
+					if (app_opts[j].per_batch && again[j] != NOT_READ &&
+					    set_int(sock[i], app_opts[j].level, app_opts[j].opt, st[i].app.value[j], app_opts[j].name) < 0)
+						goto out;
+	}
 	int64_t t3 = now_ns();
+	batch_fresh_on = 0;
 	times[PH_READ] = t1 - t0;
 	times[PH_CLOSE] = t2 - t1;
 	times[PH_RESTORE] = t3 - t2;
@@ -1079,6 +1120,7 @@ static int batch_cycle(int k, uint64_t salt, int64_t *times)
 		goto out;
 	rc = 0;
 out:
+	batch_fresh_on = 0;
 	for (int i = 0; i < made; i++)
 		close_abort(sock[i]);
 	for (int i = 0; i < 2; i++) {
