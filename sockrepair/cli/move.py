@@ -342,7 +342,7 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
 def _saved_marks(socks: list[socket.socket], states: list[ConnectionState]) -> None:
     """Give each restored socket the SO_MARK its state saved (sockrepair.move.land.passing_lock's end, for marks set
     over a longer stretch than one block)."""
-    for sock, state in zip(socks, states, strict=True):
+    for sock, state in zip(socks, states):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, state.sockopts.mark)
 

@@ -3,7 +3,6 @@ connections unless named, and one owner's `unlock --all` leaves another owner's 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import shutil
@@ -90,8 +89,6 @@ def test_restore_refuses_the_receiver_before_restoring_anything(listener_as: obj
     restored: list[object] = []
     monkeypatch.setattr("sockrepair.cli.move.restore_all", lambda *a, **kw: restored.append(a) or [])
     monkeypatch.setattr("sockrepair.cli.move.unlock_in", lambda *a: None)
-    # no socket is restored, so there is none to mark while the kept packets are delivered
-    monkeypatch.setattr("sockrepair.cli.move.passing_lock", lambda socks, states: contextlib.nullcontext())
     code, out, err = run_main("restore", "-D", str(tmp_path / "img"), "--unix", str(path))
     assert code == 1 and err.count("\n") == 1
     assert "its listener (pid " in err and f"runs as uid {NOBODY}" in err and "--unix-uid" in err
