@@ -30,7 +30,9 @@ packets it makes, and that sockrepair gives the packets it delivers) pass every 
 
 `jump`, not `goto`: a keep chain ends in drop, and a chain emptied behind our back (`nft flush chain`) would, after a
 goto, end in the base chain's policy (accept); after a jump it returns to the peer-side rule that follows the vmap,
-which drops every locked tuple whatever its verdict. The socket side only ever drops: its rules test membership.
+which drops every locked tuple. Not an element's own `accept` or `return` (one another tool added): those end the
+base chain, and its packets pass until a lock() writes the verdict back as `drop`. The socket side only ever drops:
+its rules test membership.
 Priority -300 (raw) runs before conntrack (-200), so a dropped packet is never tracked and nothing answers it.
 """
 
@@ -459,7 +461,7 @@ def add_element_requests(keys: dict[Family, list[bytes]], timeout_ms: int, userd
     """Elements with a timeout, the owner's comment and the verdict of `group` (verdict_data()). Adding an element
     that exists with the same verdict renews it (kernel 6.10+): the kernel compares both values with the element's,
     so the expiration is sent too, or a renewal with the same timeout would change nothing. An element that exists
-    with another verdict makes the kernel refuse the transaction (EBUSY): delete it first, in the same one."""
+    with another verdict makes the kernel refuse the transaction (EEXIST): delete it first, in the same one."""
     suffix = (
         attr_be64(c.NFTA_SET_ELEM_TIMEOUT, timeout_ms)
         + attr_be64(c.NFTA_SET_ELEM_EXPIRATION, timeout_ms)
