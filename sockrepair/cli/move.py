@@ -19,7 +19,6 @@ from sockrepair.criu.show import load_states as load_criu_states
 from sockrepair.errors import HandoffError, ImageError
 from sockrepair.image.text import head_line, state_lines
 from sockrepair.lock import Locker
-from sockrepair.lock.ruleset import SOCCR_MARK
 from sockrepair.move.ask import ask_peers
 from sockrepair.move.dump import After, dump, inspect
 from sockrepair.move.handoff import (
@@ -42,7 +41,13 @@ from sockrepair.move.journal import (
     wait_free,
 )
 from sockrepair.move.keep import Keeper, Kept, netns_path, resume_keeping, saved_to
-from sockrepair.move.land import put_back, restore_all, unlock_in
+from sockrepair.move.land import (
+    give_saved_marks,
+    mark_passing,
+    put_back,
+    restore_all,
+    unlock_in,
+)
 from sockrepair.move.procfs import stat
 from sockrepair.move.quiesce import DEFAULT_TIMEOUT, OnBusy, Quiescence
 from sockrepair.move.restoreguard import RestoreGuard
@@ -267,9 +272,8 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
             with stages.timed(Stage.RESTORE):
                 asked = ask_peers(keeper, states, netns_path(args.netns))
                 socks = restore_all(asked.states, args.netns, on_restored=guard.hold, answered=asked.answered)
-            marked.callback(_saved_marks, socks, states)
-            for sock in socks:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, SOCCR_MARK)
+            marked.callback(give_saved_marks, socks, states)
+            mark_passing(socks)
             with stages.timed(Stage.DELIVER):
                 report = keeper.deliver(conns, netns_path(args.netns), before=kept,
                                         save=saved_to(args.dir, keeper) if args.dir is not None else None)
@@ -337,14 +341,6 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         guard.close()
         raise
     return 0  # not reached: exec replaced this process
-
-
-def _saved_marks(socks: list[socket.socket], states: list[ConnectionState]) -> None:
-    """Give each restored socket the SO_MARK its state saved (sockrepair.move.land.passing_lock's end, for marks set
-    over a longer stretch than one block)."""
-    for sock, state in zip(socks, states):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, state.sockopts.mark)
 
 
 def _list_pending(as_json: bool) -> int:

@@ -69,10 +69,24 @@ def passing_lock(socks: Sequence[socket.socket | int], states: Sequence[Connecti
     mark (SO_MARK, even when the body raised). Raises OSError when a mark cannot be set."""
     try:
         # inside the try: when one cannot be marked, those marked already get their saved mark back
-        _set_marks(socks, [SOCCR_MARK] * len(socks), strict=True)
+        mark_passing(socks)
         yield
     finally:
-        _set_marks(socks, [state.sockopts.mark for state in states], strict=False)
+        give_saved_marks(socks, states)
+
+
+def mark_passing(socks: Sequence[socket.socket | int]) -> None:
+    """Give each of `socks` SOCCR_MARK (passing_lock's start, for a caller whose stretch is not one block). Raises
+    SocketCallError for the first that cannot be marked (those before it stay marked)."""
+    _set_marks(socks, [SOCCR_MARK] * len(socks), strict=True)
+
+
+def give_saved_marks(socks: Sequence[socket.socket | int], states: Sequence[ConnectionState]) -> None:
+    """Give each of `socks` the SO_MARK its state in `states` saved (ConnectionState.sockopts.mark, same order),
+    going on past one that fails (passing_lock's end). Never raises: it runs on error paths, where fewer sockets
+    than states may have been restored (only the first min(len(socks), len(states)) are given theirs)."""
+    count = min(len(socks), len(states))
+    _set_marks(socks[:count], [state.sockopts.mark for state in states[:count]], strict=False)
 
 
 def _set_marks(socks: Sequence[socket.socket | int], marks: Sequence[int], strict: bool) -> None:
