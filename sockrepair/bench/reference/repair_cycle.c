@@ -463,8 +463,11 @@ static int apply_in_repair(int fd, const struct app_state *app)
 {
 	for (size_t i = 0; i < N_APP_OPTS; i++) {
 		const struct app_opt *o = &app_opts[i];
-		int fresh = batch_fresh_on && o->per_batch ? batch_fresh[i] : o->fresh;
-		if ((o->when == SET_ALWAYS || (o->when == SET_UNLESS_FRESH && app->value[i] != fresh)) &&
+		/* as the engine's _apply_plan: the value every new socket has, or, in a batch, the one a new socket of the
+		 * namespace holds (an optional option the kernel lacks reads 0 = o->fresh, and must never be set) */
+		int fresh = app->value[i] == o->fresh ||
+			    (batch_fresh_on && o->per_batch && app->value[i] == batch_fresh[i]);
+		if ((o->when == SET_ALWAYS || (o->when == SET_UNLESS_FRESH && !fresh)) &&
 		    set_int(fd, o->level, o->opt, app->value[i], o->name) < 0)
 			return -1;
 	}
@@ -1104,6 +1107,7 @@ static int batch_cycle(int k, uint64_t salt, int64_t *times)
 			for (int i = 0; i < k; i++)
 				for (size_t j = 0; j < N_APP_OPTS; j++)
 					if (app_opts[j].per_batch && again[j] != NOT_READ &&
+					    !(st[i].app.value[j] == 0 && app_opts[j].fresh == 0) &&
 					    set_int(sock[i], app_opts[j].level, app_opts[j].opt, st[i].app.value[j], app_opts[j].name) < 0)
 						goto out;
 	}
