@@ -27,6 +27,7 @@ from sockrepair.engine._states import (
     SYN_SENT,
     TH_ACK,
     U32,
+    peer_window,
     replay_close,
     replay_reset,
     restore_seqs,
@@ -257,12 +258,9 @@ def _ask_for_ack(session: _Session, state: ConnectionState, wire: ConnTuple, una
     `injector`, one raw socket of the connection's family is opened for the segment. Without CAP_NET_RAW nothing
     is sent: the peer then gets its ACK when it retransmits, as before. `wire`: the connection's wire()."""
     before = segs_in(session) if probed else 0
-    o, w = state.options, state.window
-    # the window the peer advertises, as engine._states.peer_segment gives its segments
-    wnd = 0 if w is None else (w.snd_wnd >> o.snd_wscale if o.wscale else w.snd_wnd)
     family = wire.family
     segment = tcp_segment(family, wire.remote_addr, wire.remote_port, wire.local_addr, wire.local_port,
-                          (rcv_nxt - 1) & U32, una, TH_ACK, wnd)
+                          (rcv_nxt - 1) & U32, una, TH_ACK, peer_window(state))
     try:
         if injector is not None:
             injector.send_segment(segment, family, wire.local_addr)

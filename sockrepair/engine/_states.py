@@ -93,9 +93,15 @@ def restore_seqs(state: ConnectionState) -> tuple[int, int]:
 def peer_segment(state: ConnectionState, flags: int, seq: int, ack: int) -> bytes:
     """A segment from the peer to us (no options, no payload), its checksums 0 (packet.tcp_packet)."""
     t = state.tuple.wire()
+    return tcp_packet(t.family, t.remote_addr, t.remote_port, t.local_addr, t.local_port, seq, ack, flags,
+                      peer_window(state))
+
+
+def peer_window(state: ConnectionState) -> int:
+    """The window field of the peer's segments: our send window (TCP_REPAIR_WINDOW snd_wnd, bytes) shifted by the
+    peer's scale (snd_wscale) when window scaling is on; 0 for a state without a window."""
     o, w = state.options, state.window
-    wnd = 0 if w is None else (w.snd_wnd >> o.snd_wscale if o.wscale else w.snd_wnd)
-    return tcp_packet(t.family, t.remote_addr, t.remote_port, t.local_addr, t.local_port, seq, ack, flags, wnd)
+    return 0 if w is None else (w.snd_wnd >> o.snd_wscale if o.wscale else w.snd_wnd)
 
 
 def _settle(session: _Session, want: int, what: str) -> None:
