@@ -89,8 +89,8 @@ def locked(
     items: Lockable | Iterable[Lockable], ttl: float = DEFAULT_TTL, netns: str | None = None, group: int | None = None
 ) -> Iterator[list[ConnTuple]]:
     """Context manager: lock `items` for `ttl` seconds (`group` as for lock()), yield them as a list of ConnTuples,
-    unlock on the way out (also on error). The lock still expires after `ttl` seconds inside the block: lock() again to renew it. Raises
-    what lock() and unlock() raise: LockError, NftError."""
+    unlock on the way out (also on error). The lock still expires after `ttl` seconds inside the block: lock() again
+    to renew it. Raises what lock() and unlock() raise: LockError, NftError."""
     with default_locker(netns).locked(items, ttl, group) as tuples:
         yield tuples
 
