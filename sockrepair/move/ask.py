@@ -22,7 +22,13 @@ the state is left as it was. The state is cut to that ACK (snd_una advanced, the
 send queue, the send window's right edge kept), and restore writes the rest again as new data
 (engine/_restore.py, `answered`). Without a recorder in the namespace of the restore (where the answers arrive), or
 without an answer within ANSWER_TIMEOUT, nothing changes and restore uses its one-burst rule; a connection whose two
-ends move together is not asked (its peer has no socket to answer: its kernel's RST is dropped by the lock)."""
+ends move together is not asked (its peer has no socket to answer: its kernel's RST is dropped by the lock).
+
+A peer still silent after RETRY_AFTER is asked once more: its answer can be lost on the way while the network
+still sends our address to the old host (a bridge that has not yet forgotten the old port, a neighbour cache:
+measured in sockrepair/lab/hosts.py's cross-host lab, where about one move in three waited the whole
+ANSWER_TIMEOUT before). Once only: every answer is a duplicate ACK, which the restored socket receives with what
+the lock kept, and a peer without SACK counts them towards its fast retransmit's three."""
 
 from __future__ import annotations
 
@@ -45,6 +51,8 @@ TCPOPT_EOL, TCPOPT_NOP, TCPOPT_SACK = 0, 1, 5
 # the peers answer within a round trip; one that does not (unreachable, or its answer lands where nothing records)
 # costs this much downtime once per move, and its connection is restored as before
 ANSWER_TIMEOUT = 0.2
+# a round trip on a LAN is well under this; a peer slower to answer gets a second probe it answers too
+RETRY_AFTER = 0.02
 
 
 @dataclass(frozen=True)
@@ -74,18 +82,20 @@ def ask_peers(keeper: Keeper | None, states: Sequence[ConnectionState], into: st
     if not asked:
         return Asked(out, answered)
     before = {i: len(packets) for i, packets in zip(asked, keeper.peek([states[i].tuple for i in asked]))}
-    try:
-        with inside(into), Injector() as injector:
-            injector.send([_probe(states[i]) for i in asked])
-    except (OSError, LockError):
+    if not _send_probes(into, [states[i] for i in asked]):
         return Asked(out, answered)
-    deadline = time.monotonic() + ANSWER_TIMEOUT
+    start = time.monotonic()
+    retried = False
     waiting = asked
     while True:
         kept = keeper.peek([states[i].tuple for i in waiting])
         waiting = [i for i, packets in zip(waiting, kept) if not _answered(states[i], packets[before[i]:])]
-        if not waiting or time.monotonic() > deadline:
+        now = time.monotonic()
+        if not waiting or now > start + ANSWER_TIMEOUT:
             break
+        if not retried and now > start + RETRY_AFTER:
+            retried = True
+            _send_probes(into, [states[i] for i in waiting])
         time.sleep(0.0005)
     silent = set(waiting)
     answers = [i for i in asked if i not in silent]
@@ -94,6 +104,17 @@ def ask_peers(keeper: Keeper | None, states: Sequence[ConnectionState], into: st
         if held is not None:
             out[i], answered[i] = _cut(states[i], held), True
     return Asked(out, answered)
+
+
+def _send_probes(into: str, states: Sequence[ConnectionState]) -> bool:
+    """The probes of `states`, sent from the network namespace at path `into`; False when they could not be (no
+    CAP_NET_RAW, or the kernel refused one)."""
+    try:
+        with inside(into), Injector() as injector:
+            injector.send([_probe(s) for s in states])
+    except (OSError, LockError):
+        return False
+    return True
 
 
 def _answered(state: ConnectionState, new: Sequence[bytes]) -> bool:

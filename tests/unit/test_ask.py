@@ -196,3 +196,32 @@ def test_with_sack_only_the_answer_to_the_probe_counts() -> None:
     assert _answered(s, [answer(s, una + 100), answer(s, una + 700, [(una - 1, una)])])
     no_sack = dataclasses.replace(s, options=dataclasses.replace(s.options, sack=False))
     assert _answered(no_sack, [answer(no_sack, una + 100)]) and not _answered(no_sack, [])
+
+
+def test_a_peer_whose_answer_was_lost_is_asked_once_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first answer lost on the way (the network still sent our address to the old host): the peer is asked
+    again after RETRY_AFTER, once, and its answer to the second probe cuts the state."""
+    s = state(send_seq=5000)
+    una = 5000 - IN_FLIGHT - UNSENT
+    keeper = _Keeper({s.tuple: [answer(s, una + 300, [(una - 1, una)])]})
+    real_peek = keeper.peek
+    # the peer's answer exists only once a second probe has left
+    monkeypatch.setattr(keeper, "peek",
+                        lambda conns: real_peek(conns) if len(keeper.sent) > 1 else [[] for _ in conns])
+    monkeypatch.setattr("sockrepair.move.ask.RETRY_AFTER", 0.0)
+    _probes_into(keeper, monkeypatch)
+    asked = ask_peers(keeper, [s], "/proc/thread-self/ns/net")  # type: ignore[arg-type]
+    assert len(keeper.sent) == 2 and keeper.sent[0] == keeper.sent[1]
+    assert asked.answered == [True] and asked.states[0].send_queue == SENT[300:]
+
+
+def test_a_peer_that_never_answers_is_asked_twice_at_most(monkeypatch: pytest.MonkeyPatch) -> None:
+    # every answer is a duplicate ACK the restored socket receives: a peer without SACK counts three as a loss
+    s = state(send_seq=5000)
+    keeper = _Keeper({})
+    monkeypatch.setattr("sockrepair.move.ask.RETRY_AFTER", 0.0)
+    monkeypatch.setattr("sockrepair.move.ask.ANSWER_TIMEOUT", 0.05)
+    _probes_into(keeper, monkeypatch)
+    asked = ask_peers(keeper, [s], "/proc/thread-self/ns/net")  # type: ignore[arg-type]
+    assert len(keeper.sent) == 2
+    assert asked.answered == [False] and asked.states == [s]
