@@ -40,6 +40,11 @@ def path_arg(text: str) -> Path:
     return Path(text)
 
 
+def socket_path_arg(text: str) -> str:
+    """A UNIX socket path, as text; "" is refused as path_arg refuses it."""
+    return str(path_arg(text))
+
+
 def tuple_arg(text: str) -> ConnTuple:
     try:
         return ConnTuple.parse(text)

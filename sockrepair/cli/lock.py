@@ -84,8 +84,17 @@ def cmd_unlock(args: argparse.Namespace) -> int:
         raise LockError("unlock: --owner goes with --all")
     with Locker(args.netns) as locker:
         if args.tuples:
+            # counted from the listing: a tuple that is not locked is skipped silently by the kernel, and the other
+            # direction of a locked one (as the peer's side writes it) is another key that locks nothing here
+            locked = {r.tuple.wire() for r in locker.list_locks()}
+            given = list(dict.fromkeys(t.wire() for t in args.tuples))
             locker.unlock(args.tuples)
-            print(f"unlocked {len(args.tuples)} connection(s)")
+            print(f"unlocked {sum(t in locked for t in given)} connection(s)")
+            for t in given:
+                if t not in locked:
+                    back = t.reversed()
+                    hint = f": its other direction is, `sockrepair unlock {back}`" if back in locked else ""
+                    print(f"  {t}  was not locked{hint}")
         elif args.all:
             label = DEFAULT_LABEL if args.owner is None else args.owner
             removed = locker.unlock_owned(label)

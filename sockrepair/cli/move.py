@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sockrepair.cli.args import netns_arg, path_arg, ttl_arg, uid_arg
+from sockrepair.cli.args import netns_arg, path_arg, socket_path_arg, ttl_arg, uid_arg
 from sockrepair.cli.output import print_json
 from sockrepair.criu.manifest import is_dump_dir
 from sockrepair.criu.manifest import load as load_manifest
@@ -122,7 +122,7 @@ def add_move_commands(sub: Any) -> None:
     to = p.add_mutually_exclusive_group()
     to.add_argument("--exec", nargs=argparse.REMAINDER, dest="exec_argv", metavar="CMD",
                     help="run CMD with the connections as inherited fds 3.. (LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES)")
-    to.add_argument("--unix", metavar="PATH", help="pass the connections over this UNIX socket (SCM_RIGHTS); its "
+    to.add_argument("--unix", metavar="PATH", type=socket_path_arg, help="pass the connections over this UNIX socket (SCM_RIGHTS); its "
                     "directory must be yours or root's and not writable by others, its listener run as root or you")
     p.add_argument("--unix-uid", type=uid_arg, action="append", default=[], metavar="USER",
                    help="with --unix: the listener may also run as this user (name or uid; repeatable)")

@@ -209,7 +209,12 @@ def refuse_losses(pid: int, lost: Sequence[Unmovable]) -> None:
 
 
 def process_locker(pid: int) -> Locker:
-    """A lock socket in the process's own network namespace, where its connections' packets flow."""
+    """A lock socket in the process's own network namespace, where its connections' packets flow. Raises
+    ProcessError (`.pid`) when there is no such process, NetnsError when its namespace cannot be entered."""
+    # /proc/PID itself first: for a pid that does not exist, "no network namespace at /proc/PID/ns/net" would
+    # send the caller to `ip netns list`
+    if pid <= 0 or not os.path.isdir(f"/proc/{pid}"):
+        raise ProcessError(f"no such process: {pid}", pid=pid)
     with inside(f"/proc/{pid}/ns/net"):
         return Locker()
 
