@@ -38,7 +38,7 @@ from typing import Any
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.errors import ProcessError
 from sockrepair.move.pidfd import PidFd
-from sockrepair.move.procfs import cgroup, stat, thread_stats
+from sockrepair.move.procfs import cgroup, fd_holders, stat, thread_stats
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 FREEZE_TIMEOUT = 5.0
@@ -398,21 +398,11 @@ HANDOFF_GRACE = 0.5  # seconds for sockets in flight over SCM_RIGHTS to reach th
 def held_elsewhere(inodes: Sequence[int], exclude: Collection[int] = ()) -> set[int]:
     """The socket inodes among `inodes` that a process other than this one (and the pids in `exclude`) has open,
     looked for in /proc/*/fd until all are found or HANDOFF_GRACE seconds have passed."""
-    wanted = {f"socket:[{ino}]": ino for ino in inodes}
-    found: set[int] = set()
     deadline = time.monotonic() + HANDOFF_GRACE
-    skip = {str(os.getpid()), *map(str, exclude)}
+    skip = {os.getpid(), *exclude}
     while True:
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit() or pid in skip:
-                continue
-            with contextlib.suppress(OSError):
-                for fd in os.listdir(f"/proc/{pid}/fd"):
-                    with contextlib.suppress(OSError):
-                        ino = wanted.get(os.readlink(f"/proc/{pid}/fd/{fd}"))
-                        if ino is not None:
-                            found.add(ino)
-        if len(found) == len(wanted) or time.monotonic() > deadline:
+        found = set(fd_holders(inodes, skip))
+        if len(found) == len(set(inodes)) or time.monotonic() > deadline:
             return found
         time.sleep(0.02)
 

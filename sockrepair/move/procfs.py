@@ -8,10 +8,12 @@ the LAST ')'."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from sockrepair.engine._states import closed_tuple
@@ -195,6 +197,24 @@ def socket_inodes(pid: int) -> dict[int, int]:
         if target.startswith("socket:["):
             inodes[int(name)] = int(target[8:-1])
     return inodes
+
+
+def fd_holders(inodes: Collection[int], skip: Collection[int] = ()) -> dict[int, set[int]]:
+    """inode -> the pids (beside those in `skip`) that have the socket open, for each of `inodes` some process
+    holds, from one look at every /proc/PID/fd (a process or fd gone meanwhile is passed over)."""
+    wanted = {f"socket:[{ino}]": ino for ino in inodes}
+    skipped = set(map(str, skip))
+    found: dict[int, set[int]] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or pid in skipped:
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    ino = wanted.get(os.readlink(f"/proc/{pid}/fd/{fd}"))
+                    if ino is not None:
+                        found.setdefault(ino, set()).add(int(pid))
+    return found
 
 
 def tcp_sockets(pid: int) -> list[ProcSocket]:

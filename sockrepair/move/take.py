@@ -8,7 +8,7 @@ import contextlib
 import os
 import select
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from sockrepair.move.freeze import Freezer
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import (
     ProcSocket,
+    fd_holders,
     process_name,
     stat,
     tcp_sockets,
@@ -208,6 +209,25 @@ def refuse_losses(pid: int, lost: Sequence[Unmovable]) -> None:
         tcp_state=first.tcp_state)
 
 
+def refuse_shared(pid: int, chosen: Sequence[ProcSocket], skip: Collection[int]) -> None:
+    """Raise SocketStateError (`.pid`, `.fd`, `.tuple`, `.tcp_state` of the first) when another process than `pid`
+    (and those in `skip`) has one of the `chosen` sockets open: a child that inherited it, one it was passed to.
+    Only `pid` is frozen, and a move ends the socket where it is (repair mode, then gone): the other process would
+    lose the connection under its feet, its writes meanwhile refused. Raised before anything is frozen."""
+    holders = fd_holders([s.inode for s in chosen], {pid, *skip})
+    shared = [(s, sorted(holders[s.inode])) for s in chosen if s.inode in holders]
+    if not shared:
+        return
+    listed = "; ".join(f"fd {s.fd} ({s.tuple}) is open in process "
+                       + ", ".join(f"{other} ({process_name(other)})" for other in others)
+                       for s, others in shared)
+    first = shared[0][0]
+    raise SocketStateError(
+        f"process {pid} ({process_name(pid)}) shares {len(shared)} connection(s) with processes sockrepair does not "
+        f"freeze: {listed}. Nothing was frozen; move the other processes' connections first or end them, or leave "
+        "those fds out (wanted=...)", pid=pid, fd=first.fd, tuple=first.tuple, tcp_state=first.tcp_state)
+
+
 def process_locker(pid: int) -> Locker:
     """A lock socket in the process's own network namespace, where its connections' packets flow. Raises
     ProcessError (`.pid`) when there is no such process, NetnsError when its namespace cannot be entered."""
@@ -337,6 +357,7 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
             raise ProcessError(f"process {pid} holds no connection that can be moved: "
                                + "; ".join(map(str, unmovable)), pid=pid)
         lost += unmovable
+        refuse_shared(pid, chosen, {os.getpid(), freezer.child})
         others = _other_sockets(pid, chosen)
         before = stat(pid)
         stopped_before = before is not None and before.state == "T"
