@@ -132,3 +132,4 @@ def test_signal_deletes_everything(sig: int) -> None:
     finally:
         proc.kill()
         proc.wait()
+
