@@ -132,4 +132,3 @@ def test_signal_deletes_everything(sig: int) -> None:
     finally:
         proc.kill()
         proc.wait()
-
