@@ -26,7 +26,7 @@ ends move together is not asked (its peer has no socket to answer: its kernel's 
 
 A peer still silent after RETRY_AFTER is asked once more: its answer can be lost on the way while the network
 still sends our address to the old host (a bridge that has not yet forgotten the old port, a neighbour cache:
-measured in sockrepair/lab/hosts.py's cross-host lab, where about one move in three waited the whole
+measured in sockrepair/lab/hosts.py's cross-host lab, where about one move in four waited the whole
 ANSWER_TIMEOUT before). Once only: every answer is a duplicate ACK, which the restored socket receives with what
 the lock kept, and a peer without SACK counts them towards its fast retransmit's three."""
 
