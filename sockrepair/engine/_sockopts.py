@@ -175,8 +175,6 @@ def _plan(family: int, dumped: bool) -> ReadPlan:
 # per family: the plan that reads every option, and the one that leaves the DUMPED ones to a sock_diag answer
 PLANS = {family: _plan(family, False) for family in INT_OPTS}
 DUMPED_PLANS = {family: _plan(family, True) for family in INT_OPTS}
-_LAST_POSITIONS = tuple(SOCKOPT_POSITION[name] for name in ("linger_on", "linger_secs", "bindtodevice", "congestion",
-                                                              *(field for field, _, _ in TIMEOUTS)))
 # What apply_in_repair sets, per family, in its order: (field, level, option, name, the value a new socket has or
 # None, whether it is SO_PRIORITY). The fields are the same for both families.
 _WRITES = {
