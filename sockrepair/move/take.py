@@ -233,7 +233,7 @@ def refuse_shared(pid: int, chosen: Sequence[ProcSocket], skip: Collection[int])
     raise SocketStateError(
         f"process {pid} ({process_name(pid)}) shares {len(shared)} connection(s) with processes sockrepair does not "
         f"freeze: {listed}. Nothing was frozen; move the other processes' connections first or end them, or leave "
-        "those fds out (wanted=...)", pid=pid, fd=first.fd, tuple=first.tuple, tcp_state=first.tcp_state)
+        "those fds out (--fd with the others, wanted=...)", pid=pid, fd=first.fd, tuple=first.tuple, tcp_state=first.tcp_state)
 
 
 def process_locker(pid: int) -> Locker:
