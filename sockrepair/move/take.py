@@ -156,13 +156,15 @@ def select_sockets(pid: int, wanted: Sequence[int] | None, keep_errors: bool = F
     return chosen
 
 
-def left_behind(pid: int, chosen: Sequence[ProcSocket], keep_errors: bool = False) -> list[Unmovable]:
+def left_behind(pid: int, chosen: Sequence[ProcSocket], keep_errors: bool = False,
+                shared: Collection[int] = ()) -> list[Unmovable]:
     """Every connection of the process (any TCP state but LISTEN, any protocol /proc/net/tcp lists, and CLOSE ones
-    that hold a peer) that is not in `chosen`, with the reason it is not: what ending the process would destroy."""
+    that hold a peer) that is not in `chosen`, with the reason it is not: what ending the process would destroy.
+    Those whose inode is in `shared` (another process has them open: shared_inodes) are not: it keeps them."""
     taken = {s.fd for s in chosen}
     out = []
     for s in tcp_sockets(pid):
-        if s.fd in taken or s.tcp_state in _NO_CONNECTION:
+        if s.fd in taken or s.tcp_state in _NO_CONNECTION or s.inode in shared:
             continue
         protocol = socket_protocol(pid, s.fd)
         out.append(Unmovable(s, protocol, _why_not(s, protocol, keep_errors) or "not among the fds asked for"))
@@ -195,6 +197,12 @@ def screen(pid: int, pidfd: PidFd, chosen: Sequence[ProcSocket], wanted: Sequenc
     return take, cannot
 
 
+def shared_inodes(pid: int, lost: Sequence[Unmovable], skip: Collection[int]) -> set[int]:
+    """The inodes of the connections in `lost` that a process other than `pid` (and those in `skip`) has open: a
+    child that inherited one, or the process it was passed to, which ending `pid` leaves holding it."""
+    return set(fd_holders([u.sock.inode for u in lost], {pid, *skip})) if lost else set()
+
+
 def refuse_losses(pid: int, lost: Sequence[Unmovable]) -> None:
     """Raise SocketStateError (`.pid`; `.fd`, `.tuple`, `.tcp_state` of the first) naming every connection in
     `lost`, when there is any: raised before anything is frozen."""
@@ -225,7 +233,7 @@ def refuse_shared(pid: int, chosen: Sequence[ProcSocket], skip: Collection[int])
     raise SocketStateError(
         f"process {pid} ({process_name(pid)}) shares {len(shared)} connection(s) with processes sockrepair does not "
         f"freeze: {listed}. Nothing was frozen; move the other processes' connections first or end them, or leave "
-        "those fds out (wanted=...)", pid=pid, fd=first.fd, tuple=first.tuple, tcp_state=first.tcp_state)
+        "those fds out (--fd with the others, wanted=...)", pid=pid, fd=first.fd, tuple=first.tuple, tcp_state=first.tcp_state)
 
 
 def process_locker(pid: int) -> Locker:
@@ -350,6 +358,10 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
         # again only if the process changed its sockets meanwhile (_taken_if_same)
         chosen = select_sockets(pid, wanted, keep_errors)
         lost = left_behind(pid, chosen, keep_errors)
+        # a connection left out that another process holds is not lost with this one (refuse_shared's advice: leave
+        # the shared fds out); looked for once, before the freeze
+        shared = shared_inodes(pid, lost, {os.getpid(), freezer.child})
+        lost = [u for u in lost if u.sock.inode not in shared]
         if not allow_loss:
             refuse_losses(pid, lost)
         chosen, unmovable = screen(pid, pidfd, chosen, wanted, allow_loss)
@@ -373,7 +385,7 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
                 # look: what was screened out stays out; anything new is checked by checkpoint() itself
                 skipped = {u.sock.fd for u in unmovable}
                 chosen = [s for s in select_sockets(pid, wanted, keep_errors) if s.fd not in skipped]
-                lost = [u for u in left_behind(pid, chosen, keep_errors) if u.sock.fd not in skipped] + unmovable
+                lost = [u for u in left_behind(pid, chosen, keep_errors, shared) if u.sock.fd not in skipped] + unmovable
                 if not allow_loss:
                     refuse_losses(pid, lost)
                 freezer.watch([s.fd for s in chosen], [s.tuple for s in chosen])
