@@ -43,6 +43,7 @@ from sockrepair.move.procfs import cgroup, fd_holders, stat, thread_stats
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 FREEZE_TIMEOUT = 5.0
 ANSWER_TIMEOUT = 3 * FREEZE_TIMEOUT  # seconds for the guard to answer or, once told to close, to exit
+REAP_TIMEOUT = FREEZE_TIMEOUT  # seconds the guard waits for killed threads to exit: within ANSWER_TIMEOUT
 _WALL = 0x40000000  # waitpid(2) __WALL: wait for threads (clones) too
 _PTRACE_EVENT_STOP = 128
 
@@ -114,6 +115,26 @@ def _blocked_in_call(tid: int) -> bool:
 def _ptrace(request: int, tid: int, data: int = 0) -> int:
     return int(lib.ptrace(ffi.cast("int", request), ffi.cast("int", tid), ffi.cast("void *", 0),
                           ffi.cast("void *", data)))
+
+
+def _collect(tids: Collection[int], timeout: float) -> set[int]:
+    """Collect the exits of the traced threads `tids` (killed), as their tracer; returns those that had not exited
+    after `timeout` seconds (a thread in uninterruptible sleep dies late). A stop reported meanwhile is passed over."""
+    deadline = time.monotonic() + timeout
+    pending = set(tids)
+    while pending:
+        for tid in list(pending):
+            try:
+                found, status = os.waitpid(tid, os.WNOHANG | _WALL)
+            except ChildProcessError:
+                pending.discard(tid)
+                continue
+            if found and (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
+                pending.discard(tid)
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(0.001)
+    return pending
 
 
 class _Stop:
@@ -201,12 +222,19 @@ class _Stop:
 
     @staticmethod
     def _detach(tids: Sequence[int], signals: dict[int, int] | None = None) -> None:
-        for tid in tids:
-            if _ptrace(lib.PTRACE_DETACH, tid, (signals or {}).get(tid, 0)) < 0:
-                # a thread killed while traced cannot be detached: collecting its exit hands the zombie back to
-                # its parent, which could not reap it otherwise until this guard exits (kernel/exit.c)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(tid, os.WNOHANG | _WALL)
+        # a thread killed while traced cannot be detached: collecting its exit hands the zombie back to its parent,
+        # which could not reap it otherwise until this guard exits (kernel/exit.c); it may not have exited yet
+        killed = [tid for tid in tids if _ptrace(lib.PTRACE_DETACH, tid, (signals or {}).get(tid, 0)) < 0]
+        if killed:
+            _collect(killed, REAP_TIMEOUT)
+
+    def reap(self, timeout: float) -> None:
+        """Once the process was SIGKILLed under ptrace: collect the exit of every thread this guard traces. Only the
+        tracer can; until it does, the killed thread group stays unreaped and its pidfd never turns readable
+        (kernel/exit.c), so that a mover waiting for the exit waited until this guard itself exited."""
+        if self.method == "ptrace":
+            pending = _collect(self.traced, timeout)
+            self.traced = {tid: sig for tid, sig in self.traced.items() if tid in pending}
 
     def end(self) -> None:
         if self.method == "cgroup" and self.group is not None:
@@ -300,6 +328,8 @@ def _serve(pid: int, chan: socket.socket, stop: _Stop, watched: dict[str, Any], 
                     reply["active"] = sorted(stop.active)
                 elif op == "cont":
                     stop.end()
+                elif op == "reap":
+                    stop.reap(REAP_TIMEOUT)
                 elif op == "take":
                     landing.take_holds()
                 elif op == "release":
@@ -529,6 +559,12 @@ class Freezer:
     def ending(self) -> None:
         """Past the point of no return: if sockrepair dies from now on, the guard ends the process."""
         self._send({"op": "ending"})
+
+    def reap(self) -> None:
+        """After the SIGKILL of the ending: the guard collects the exits of the threads it traces (a ptrace stop),
+        which nothing else can, so that the process's exit can be waited for. Raises ProcessError when the guard
+        does not answer."""
+        self._ask("reap")
 
     def landing(self, directory: Path, netns: str | None, ttl: float) -> None:
         """Before the restore: the sockets hold_one() will give are the watched connections, in the order watch()
