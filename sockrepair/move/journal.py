@@ -1,6 +1,7 @@
 """The journal of a move: before a source program is ended, every state it held is written into an image directory
 and fsynced, so that whatever stops the mover afterwards (an exception, Ctrl-C, SIGKILL, a power cut on a disk-backed
-directory), `sockrepair restore -D DIR` can complete the move while the lock still holds.
+directory), `sockrepair restore -D DIR` can complete the move while the lock still holds. The default journal, under
+/run (cleared at boot), is written but not fsynced: a power cut ends the lock and the peers' connections with it.
 
 migrate() packs the images into one file (journal.img, described by journal.json: creating a file per connection
 costs tens of microseconds each, inside the freeze); `sockrepair dump` writes its usual directory (index.json and one
@@ -194,6 +195,17 @@ def pending_journals() -> list[Pending]:
     return found
 
 
+def volatile(directory: Path) -> bool:
+    """Whether `directory` is one of the default parent's (/run/sockrepair/move-*): /run is cleared at boot (FHS
+    3.0, 3.15), so a journal there cannot outlive a power cut whatever is fsynced, and fsyncing it only buys stalls
+    inside the freeze (85-325 ms in about one move of ten where /run is a disk, as on this machine). A journal the
+    caller placed elsewhere is fsynced: it may be meant to survive a reboot."""
+    try:
+        return directory.resolve().parent == DEFAULT_PARENT.resolve()
+    except OSError:
+        return False
+
+
 def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
     fd = os.open(path, flags | os.O_CLOEXEC)
     try:
@@ -243,12 +255,14 @@ def write_journal(directory: Path, pid: int, fds: Sequence[int], images: Sequenc
                   *, ttl: float, netns: str | None) -> None:
     """migrate()'s journal: the connection images (`images[i]` of the process's fd `fds[i]`, connection
     `tuples[i]`) packed in one 0600 file, journal.img, and described by journal.json (offset, length and sha256 of
-    each, and the source as write_images records it), both fsynced with the directory: one file, not one per
-    connection, because creating files costs tens of microseconds each inside the freeze. load_states() reads it
-    back. Raises OSError when the directory cannot be written."""
+    each, and the source as write_images records it), both fsynced with the directory unless the directory is
+    volatile() (under /run, which a reboot clears): one file, not one per connection, because creating files costs
+    tens of microseconds each inside the freeze. load_states() reads it back. Raises OSError when the directory
+    cannot be written."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     with contextlib.suppress(FileNotFoundError):
         (directory / COMPLETED).unlink()
+    durable = not volatile(directory)
     connections = []
     offset = 0
     for fd, image, conn in zip(fds, images, tuples):
@@ -257,16 +271,19 @@ def write_journal(directory: Path, pid: int, fds: Sequence[int], images: Sequenc
         offset += len(image)
     with open_private(directory / JOURNAL_IMAGES) as f:
         f.write(b"".join(images))
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     index = {"version": JOURNAL_VERSION, "created": time.time(), "source": _source(pid, "kill", ttl, netns),
              "connections": connections}
     with open_private(directory / JOURNAL_INDEX) as f:
         # compact: the C encoder (an indent runs the pure-Python one, milliseconds for 1,000 connections)
         f.write(json.dumps(index, separators=(",", ":")).encode())
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_path(directory, os.O_DIRECTORY)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    if durable:
+        _fsync_path(directory, os.O_DIRECTORY)
 
 
 def _check_dir(directory: Path) -> None:
@@ -348,12 +365,13 @@ def load_states(directory: Path) -> list[ConnectionState]:
 
 
 def mark_ended(directory: Path) -> None:
-    """The move passed its point of no return: its source is being ended (fsynced, so that a crash right after
-    still leaves the images restorable)."""
+    """The move passed its point of no return: its source is being ended (fsynced unless volatile(), so that a
+    crash right after still leaves the images restorable)."""
     with open_private(directory / ENDED) as f:
         f.write(f"{time.time():.3f}\n".encode())
-        f.flush()
-        os.fsync(f.fileno())
+        if not volatile(directory):
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def mark_completed(directory: Path, created: bool) -> None:

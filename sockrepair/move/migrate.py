@@ -147,7 +147,8 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             quiescence: Quiescence = Quiescence()) -> MigrationReport:
     """Freeze `pid` while every thread waits (`quiescence`: how long to try, and whether a program still busy then
     is refused or moved anyway; sockrepair.move.quiesce), lock and checkpoint its connections (all established
-    ones, or the fds in `wanted`), write their states into the journal directory and fsync them, end the process
+    ones, or the fds in `wanted`), write their states into the journal directory (fsynced unless it is the default
+    one, under /run: sockrepair.move.journal.volatile), end the process
     silently (end_source), run `network` (e.g. move the service address), restore the connections inside
     `dest_netns` (an `ip netns` name; None: here), unlock, and pass the sockets with their tuples to `handoff`.
     The connections are locked in the source namespace and in the destination one, for at most `ttl` seconds, from

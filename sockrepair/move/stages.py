@@ -35,7 +35,7 @@ class Stage(Enum):
             "and in the destination when it is another one)", BOTH)
     CHECKPOINT = "checkpoint", "repair mode on each socket taken with pidfd_getfd, and read its state", BOTH
     SERIALIZE = "serialize", "encode every state as image bytes", ("migrate",)
-    JOURNAL = ("journal", "write the images into the journal directory and fsync them: from here on a failure leaves "
+    JOURNAL = ("journal", "write the images into the journal directory (fsynced unless under /run): from here on a failure leaves "
                "what `sockrepair restore -D DIR` completes the move from", ("migrate",))
     WRITE = "write", "write the images and index.json into the image directory and fsync them", ("dump",)
     RESUME = ("resume", "leave repair mode without a window probe, deliver what the peers sent meanwhile (kept by "

@@ -13,6 +13,7 @@ import pytest
 
 from sockrepair.errors import ImageError
 from sockrepair.image import encode
+from sockrepair.move import journal as journal_module
 from sockrepair.move import stages
 from sockrepair.move.journal import (
     COMPLETED,
@@ -24,6 +25,7 @@ from sockrepair.move.journal import (
     note_relock,
     read_source,
     stale_reason,
+    volatile,
     write_images,
     write_journal,
 )
@@ -59,6 +61,43 @@ def test_a_packed_journal_reads_back_and_is_private(tmp_path: Path) -> None:
     assert why is not None and "undone before its source was ended" in why
     mark_ended(tmp_path / "j")
     assert stale_reason(tmp_path / "j") is None
+
+
+def _fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = os.fsync
+
+    def counted(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+    monkeypatch.setattr(os, "fsync", counted)
+    return calls
+
+
+def test_a_journal_the_caller_placed_is_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    states = _states(2)
+    calls = _fsyncs(monkeypatch)
+    write_journal(tmp_path / "j", _dead_pid(), [5, 6], [encode(s) for s in states], [s.tuple for s in states],
+                  ttl=30, netns=None)
+    mark_ended(tmp_path / "j")
+    assert not volatile(tmp_path / "j")
+    assert len(calls) == 4  # journal.img, journal.json, the directory, ended
+
+
+def test_the_default_journal_under_run_is_written_but_not_fsynced(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # /run is cleared at boot: an fsync there cannot make the journal outlive a power cut, only stall the freeze
+    monkeypatch.setattr(journal_module, "DEFAULT_PARENT", tmp_path / "run")
+    directory = tmp_path / "run" / "move-1-x"
+    states = _states(2)
+    calls = _fsyncs(monkeypatch)
+    write_journal(directory, _dead_pid(), [5, 6], [encode(s) for s in states], [s.tuple for s in states],
+                  ttl=30, netns=None)
+    mark_ended(directory)
+    assert volatile(directory) and calls == []
+    assert load_states(directory) == states
+    assert {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()} == {
+        JOURNAL_IMAGES: 0o600, JOURNAL_INDEX: 0o600, "ended": 0o600}
 
 
 def test_a_damaged_journal_names_the_image_and_the_byte(tmp_path: Path) -> None:
