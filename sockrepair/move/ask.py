@@ -7,7 +7,8 @@ ACKs are beyond the restored socket's snd_nxt, and tcp_ack discards them as ACKs
 SKB_DROP_REASON_TCP_ACK_UNSENT_DATA): the socket stalls until its retransmission timeouts. The highest ACK the lock
 kept is not enough: the peer may hold more that a delayed ACK has not covered yet (__tcp_ack_snd_check acknowledges
 at once only past one full segment, and only when the window it would offer is no smaller than the one it offered:
-an application that does not read delays every ACK to the timer).
+an application that does not read delays every ACK to the timer). In-flight bytes that fit in one segment leave at
+once without an answer (_one_segment): those peers are not asked.
 
 How: once the old socket is gone (nothing else of ours can reach the peer any more), a raw socket marked SOCCR_MARK
 (lock/inject.py) sends the peer, as our old socket would, one byte of old data at snd_una - 1. The peer holds it
@@ -38,6 +39,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sockrepair.engine._restore import MSS_DEFAULT
 from sockrepair.errors import LockError
 from sockrepair.lock.inject import Injector
 from sockrepair.move.keep import Keeper
@@ -48,6 +50,7 @@ from sockrepair.state import TCP_ESTABLISHED, ConnectionState
 U32 = 0xFFFFFFFF
 TH_ACK = 0x10
 TCPOPT_EOL, TCPOPT_NOP, TCPOPT_SACK = 0, 1, 5
+TCPOLEN_TSTAMP_ALIGNED = 12  # include/net/tcp.h: what the timestamp option takes from every segment
 # the peers answer within a round trip; one that does not (unreachable, or its answer lands where nothing records)
 # costs this much downtime once per move, and its connection is restored as before
 ANSWER_TIMEOUT = 0.2
@@ -77,8 +80,11 @@ def ask_peers(keeper: Keeper | None, states: Sequence[ConnectionState], into: st
         return Asked(out, answered)
     # a peer that moves too (both ends in `states`) has no socket before its own restore: its kernel answers the
     # probe with a RST, which the lock drops, and the wait would run to ANSWER_TIMEOUT for nothing
+    candidates = [i for i, s in enumerate(states) if _worth_asking(s) and not _one_segment(s)]
+    if not candidates:
+        return Asked(out, answered)
     moving = {s.tuple.wire() for s in states}
-    asked = [i for i, s in enumerate(states) if _worth_asking(s) and s.tuple.wire().reversed() not in moving]
+    asked = [i for i in candidates if states[i].tuple.wire().reversed() not in moving]
     if not asked:
         return Asked(out, answered)
     before = {i: len(packets) for i, packets in zip(asked, keeper.peek([states[i].tuple for i in asked]))}
@@ -139,6 +145,21 @@ def _worth_asking(state: ConnectionState) -> bool:
     # snd_nxt of a restore that does not know it (its ACKs then discarded, the connection stalled for good)
     return (state.tcp_state == TCP_ESTABLISHED and state.window is not None and not state.sockopts.cork
             and len(state.send_queue) > 0)
+
+
+def _one_segment(state: ConnectionState) -> bool:
+    """Whether the state's in-flight bytes, and nothing never sent, fit in one segment of the restored socket (the
+    saved MSS less the timestamp option, bounded by half the peer's largest window as the restore bounds it) and in
+    the peer's window: restore then writes them again as new data without an answer (engine/_restore.py's
+    one-burst rule), and the peer's ACK cannot pass a snd_nxt that covers them all. A request/response peer's
+    answer to a short request is the common case: asking it costs a round trip and a probe for nothing."""
+    w, o = state.window, state.options
+    if w is None or state.unsent_len:
+        return False
+    mss = o.mss - (TCPOLEN_TSTAMP_ALIGNED if o.timestamps else 0)
+    if w.max_window > MSS_DEFAULT:
+        mss = min(mss, w.max_window >> 1)
+    return len(state.send_queue) <= min(mss, w.snd_wnd)
 
 
 def _una(state: ConnectionState) -> int:

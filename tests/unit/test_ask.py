@@ -225,3 +225,31 @@ def test_a_peer_that_never_answers_is_asked_twice_at_most(monkeypatch: pytest.Mo
     asked = ask_peers(keeper, [s], "/proc/thread-self/ns/net")  # type: ignore[arg-type]
     assert len(keeper.sent) == 2
     assert asked.answered == [False] and asked.states == [s]
+
+
+def _in_flight(n: int, port: int, unsent: int = 0, timestamps: bool = False) -> ConnectionState:
+    s = state(send_seq=5000, conn=ConnTuple(socket.AF_INET, "10.0.0.1", port, "10.0.0.2", 80))
+    return dataclasses.replace(s, send_queue=SENT[:n], unsent_len=unsent,
+                               options=dataclasses.replace(s.options, timestamps=timestamps))
+
+
+def test_only_peers_whose_in_flight_bytes_need_more_than_one_segment_are_asked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # one segment leaves again at once without an answer (the restore's one-burst rule): asking costs a round trip
+    states = [_in_flight(1460, 1), _in_flight(1461, 2), _in_flight(100, 3, unsent=100),
+              _in_flight(1460, 4, timestamps=True), _in_flight(1448, 5, timestamps=True)]
+    keeper = _Keeper({})
+    monkeypatch.setattr("sockrepair.move.ask.ANSWER_TIMEOUT", 0.0)
+    _probes_into(keeper, monkeypatch)
+    asked = ask_peers(keeper, states, "/proc/thread-self/ns/net")  # type: ignore[arg-type]
+    assert sorted({struct.unpack_from(">H", p, 20)[0] for p in keeper.sent}) == [2, 3, 4]
+    assert asked.states == states and asked.answered == [False] * 5
+
+
+def test_no_peer_is_probed_when_every_in_flight_fits_one_segment(monkeypatch: pytest.MonkeyPatch) -> None:
+    states = [_in_flight(64, n) for n in range(1, 4)]
+    keeper = _Keeper({})
+    _probes_into(keeper, monkeypatch)
+    asked = ask_peers(keeper, states, "/proc/thread-self/ns/net")  # type: ignore[arg-type]
+    assert keeper.sent == [] and keeper.peeks == 0
+    assert asked.states == states and asked.answered == [False] * 3
