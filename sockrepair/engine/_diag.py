@@ -4,7 +4,7 @@ the upper-layer protocol (INET_DIAG_ULP_INFO) and the shutdown bits (INET_DIAG_S
 
 The request names the connection by its 4-tuple with no cookie (net/ipv4/inet_diag.c inet_diag_find_one_icsk), in
 the network namespace of the socket: the netlink socket is opened there (SIOCGSKNS gives that namespace), and the
-last one is kept per thread, so a run of checkpoints in one namespace opens one."""
+last one is kept per thread, so a run of checkpoints in one namespace opens one; a forked child forgets it."""
 
 from __future__ import annotations
 
@@ -56,6 +56,17 @@ class _Cache(threading.local):
 
 
 _cache = _Cache()
+
+
+def _forget_after_fork() -> None:
+    # a forked child (the freeze guard is one) shares the parent's netlink socket: a request of each at once mixes
+    # their answers, and a dump under way in the other is EBUSY; the child opens its own when it needs one
+    sock, _cache.sock, _cache.netns = _cache.sock, None, -1
+    if sock is not None:
+        sock.close()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _netlink_for(session: _Session) -> socket.socket:
