@@ -90,6 +90,7 @@ def run_demo(json_output: bool = False, seconds: float = 3.0, connections: int =
         unix_path = Path(tmp) / "receiver.sock"
         new: subprocess.Popen[bytes] | None = None
         client: RequestClient | None = None
+        recorder: Recorder | None = None
         try:
             # started before the move: the connections go to a program already running, not one started for them
             new = start_receiver(unix_path, netns=lab.b.name, max_seconds=600.0)
@@ -120,7 +121,9 @@ def run_demo(json_output: bool = False, seconds: float = 3.0, connections: int =
                      f"packet(s) the clients sent meanwhile and delivered them to the restored sockets "
                      f"({kept.fell_back} left to retransmission); phases ms: {phases}")
             time.sleep(seconds / 2)
-            recorder.stop()
+            frames = recorder
+            recorder = None
+            frames.stop()
             talk = _summary(client.stop(), connections, began)
             client = None
             progress(f"clients stopped: {talk['requests']} requests, {talk['bytes_verified']} bytes verified, "
@@ -128,7 +131,7 @@ def run_demo(json_output: bool = False, seconds: float = 3.0, connections: int =
                      f"worst {talk['worst_since_move_ms']:.1f} ms from the move on "
                      f"({talk['worst_before_move_ms']:.1f} ms before it), median {talk['median_request_ms']:.2f} ms, "
                      f"{talk['requests_over_200ms']} waited {RTO_MS:g} ms or more (a retransmission timeout)")
-            wires = [recorder.report(ConnTuple(socket.AF_INET, lab.peer.addr4, port, SERVICE4, PORT),
+            wires = [frames.report(ConnTuple(socket.AF_INET, lab.peer.addr4, port, SERVICE4, PORT),
                                      frozen_at, resumed_at) for port in talk.pop("ports")]
             for w in wires:
                 gap = w.wire_gap.seconds if w.wire_gap and w.wire_gap.seconds is not None else None
@@ -147,6 +150,9 @@ def run_demo(json_output: bool = False, seconds: float = 3.0, connections: int =
             result = {"ok": ok, "migration": report.to_dict(), "client": talk,
                       "wire": [w.to_dict() for w in wires]}
         finally:
+            # an interrupt or an error: the recorder and the clients stop before the lab that holds them is deleted
+            if recorder is not None:
+                recorder.stop()
             if client is not None:
                 client.close()
             stop(old)

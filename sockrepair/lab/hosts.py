@@ -329,13 +329,16 @@ def _close_all() -> None:
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
-    """Delete the labs, then let the signal do what it did before (KeyboardInterrupt, or death by SIGTERM)."""
+    """Let the signal do what it did before. A handler (Python's KeyboardInterrupt, the CLI's) unwinds the program,
+    whose `with Lab()` deletes the lab once what runs inside (recorders, clients) has stopped: deleted from here,
+    under their feet, each failed with its own traceback and hid the interrupt. Death by the default action
+    (SIGTERM outside the CLI) deletes the labs first."""
     previous = _previous.get(signum, signal.SIG_DFL)
-    _close_all()
-    _restore_handlers()
     if callable(previous):
         previous(signum, frame)
     elif previous == signal.SIG_DFL:
+        _close_all()
+        _restore_handlers()
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
