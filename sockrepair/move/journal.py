@@ -81,6 +81,20 @@ def new_directory(pid: int) -> Path:
     raise OSError(f"cannot create a journal directory under {DEFAULT_PARENT} or {tempfile.gettempdir()}")
 
 
+def given_directory(directory: Path) -> Path:
+    """migrate()'s `journal=` argument, checked before anything is frozen: created 0700 when missing (its parents
+    too), else a real directory of the caller's that nobody else can write (sockrepair.private.open_dir: whoever can
+    write there can swap the images a later `sockrepair restore -D` puts into live connections). Returns it. Raises
+    ImageError (`.path`) naming why it cannot hold a journal."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.close(open_dir(directory, writing=True))
+    except OSError as exc:
+        why = "not a directory" if exc.errno in (errno.EEXIST, errno.ENOTDIR) else exc.strerror or str(exc)
+        raise ImageError(f"{directory}: cannot hold a move's journal: {why}", path=str(directory)) from None
+    return directory
+
+
 def sweep_abandoned(parent: Path) -> list[Path]:
     """Remove the journals in `parent` that nothing will restore, held by no mover or guard and older than
     ABANDONED_AFTER: those of moves killed before their point of no return (no ENDED file, and _undone: their

@@ -27,6 +27,7 @@ from sockrepair.move.freeze import Freezer
 from sockrepair.move.journal import (
     ENDED,
     discard_journal,
+    given_directory,
     hold_directory,
     mark_completed,
     mark_ended,
@@ -162,7 +163,9 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     (sockrepair.move.freeze) also holds the restored sockets until the handoff: if this process is SIGKILLed at any
     point, the program goes on untouched (before the end of the source) or the journal holds every connection.
 
-    Raises ProcessError (`.pid`, `.fd`: no such process, not permitted, nothing established, busy and refused) and
+    Raises ImageError (`.path`) before anything is frozen when `journal` cannot hold a journal (not a directory,
+    not the caller's, writable by others); ProcessError (`.pid`, `.fd`: no such process, not permitted, nothing
+    established, busy and refused) and
     SocketStateError (`.pid`, `.fd` the process's own, `.tuple`, `.tcp_state`) before the process is ended: it is
     then thawed with its connections as they were, and the journal is discarded. Whatever is raised after that
     (errors of `network`, restore (RestoreError and its subclasses), `handoff`, KeyboardInterrupt...) passes
@@ -183,7 +186,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             if not _same_namespace(f"/proc/{pid}/ns/net", "/proc/thread-self/ns/net"):
                 dest_locker = Locker()
         keeper = Keeper([f"/proc/{pid}/ns/net", netns_path(dest_netns)]) if keep else None
-        directory = new_directory(pid) if journal is None else Path(journal)
+        directory = new_directory(pid) if journal is None else given_directory(Path(journal))
     except BaseException:
         # nothing was locked yet; the recorders would hold the log group bound until collected (the next move's
         # keeper then could not record)
