@@ -72,6 +72,16 @@ CATALOGUE: tuple[KnownError, ...] = (
         "use criu >= 4.2: run `sockrepair criu setup` as root, or point $SOCKREPAIR_CRIU at a newer criu",
     ),
     _known(
+        "loopback-down",
+        r"kerndat\.c:\d+\): Unable to connect a socket: Network is unreachable",
+        "criu could not test TCP repair: the loopback interface of its network namespace is down",
+        "every criu command first checks TCP_REPAIR with a connection over 127.0.0.1 in the network namespace it "
+        "runs in (kerndat_tcp_repair); a namespace made by `ip netns add` starts with lo down, so every command fails, "
+        "`criu check` included",
+        "bring the loopback up in that namespace (`ip link set lo up` inside it, or `ip -n NAME link set lo up`), "
+        "or run criu where it is up",
+    ),
+    _known(
         "so-passsec",
         r"Can't get 1:(?:34|16) opt: Operation not supported",
         "this criu fails on TCP sockets on kernels >= 6.16 (SO_PASSSEC/SO_PASSCRED)",
@@ -252,6 +262,11 @@ def explain_text(text: str, source: str = "") -> Report:
     return report
 
 
+# known errors of the host, not of the criu: no other criu would pass `criu check` (sockrepair criu setup says so
+# instead of fetching one)
+HOST_PROBLEMS = frozenset({"loopback-down"})
+
+
 # every line of criu's log (and of its stderr at the default log level) starts with its time since start
 _LOG_LINE = re.compile(r"\(\s*\d+\.\d+\)")
 
@@ -259,7 +274,7 @@ _LOG_LINE = re.compile(r"\(\s*\d+\.\d+\)")
 # Lines criu prints after the real error to say that the step failed; they add nothing to the explanation.
 _CONSEQUENCES = re.compile(
     r"Dumping FAILED|Restoring FAILED|Dump files \(pid: \d+\) failed|Unable to open fd=|exited, status=|"
-    r"Failed to fill self vdso symtable|kerndat_vdso_fill_symtable failed|"
+    r"Failed to fill self vdso symtable|kerndat_vdso_fill_symtable failed|kerndat_tcp_repair failed|"
     r"Could not initialize kernel features detection"
 )
 

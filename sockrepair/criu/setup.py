@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sockrepair.criu.explain import HOST_PROBLEMS
 from sockrepair.criu.locate import (
     ENV_VAR,
     MIN_TCP_VERSION,
@@ -268,6 +269,9 @@ def setup(*, force: bool = False, progress: Callable[[str], None] = lambda _msg:
             result = found.check()
             if result.ok:
                 return SetupResult(found, False, passed_over, _override_warning(origin))
+            if HOST_PROBLEMS & set(result.report.keys):
+                raise CriuError(f"criu {found.version} ({path}) fails here, and any other would: {result.reason}; "
+                                f"fix: {result.fix}")
             found = f"criu {found.version} from {origin} ({path}) is not usable: {result.reason}"
         progress(found)
         passed_over.append(found)

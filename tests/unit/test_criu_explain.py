@@ -35,6 +35,7 @@ def explain_recorded(name: str):
         ("mount-ns", ["mount-sharing"]),
         ("fd-setsize", ["fd-setsize"]),
         ("fin-packet", ["fin-packet"]),
+        ("loopback-down", ["loopback-down"]),
     ],
 )
 def test_recorded_failure_is_named_and_nothing_is_left_unexplained(name: str, problems: list[str]) -> None:
