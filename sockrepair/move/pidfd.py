@@ -50,12 +50,19 @@ class PidFd:
         says why); a loop with its arguments converted once, for the 1,000 fds a move takes under the freeze."""
         call, cast, number = lib.syscall, ffi.cast, lib.SYS_pidfd_getfd
         pidfd, flags = cast("int", self.fd), cast("unsigned int", 0)
-        out = []
-        for target in targets:
-            fd = call(number, pidfd, cast("int", target), flags)
-            if fd < 0:
-                break
-            out.append(int(fd))
+        out: list[int] = []
+        try:
+            for target in targets:
+                fd = call(number, pidfd, cast("int", target), flags)
+                if fd < 0:
+                    break
+                out.append(int(fd))
+        except BaseException:
+            # an interrupt (Ctrl-C) between two calls: the copies taken so far would be nobody's to close, and would
+            # hold the program's sockets open after its exit
+            for fd in out:
+                os.close(fd)
+            raise
         return out
 
     def close(self) -> None:

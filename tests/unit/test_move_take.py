@@ -103,3 +103,31 @@ def test_getfds_stops_at_the_first_fd_that_is_not_open(chosen: list[ProcSocket])
         before = set(os.listdir("/proc/self/fd"))
         assert take._taken_if_same(os.getpid(), pidfd, gone, {}) is None
         assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def test_an_interrupt_inside_getfds_leaves_no_copy_open(chosen: list[ProcSocket],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C between two pidfd_getfd calls: the copies taken so far are closed, not left to hold the program's
+    sockets open after its exit."""
+    from sockrepair.move import pidfd as pidfd_module
+
+    real = pidfd_module.lib
+    calls = []
+
+    class Interrupted:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def syscall(self, *args: object) -> object:
+            calls.append(args)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return real.syscall(*args)
+
+    with pidfd_module.PidFd(os.getpid()) as pidfd:
+        monkeypatch.setattr(pidfd_module, "lib", Interrupted())
+        before = set(os.listdir("/proc/self/fd"))
+        with pytest.raises(KeyboardInterrupt):
+            pidfd.getfds([chosen[0].fd, chosen[1].fd, chosen[0].fd])
+        assert len(calls) == 3
+        assert set(os.listdir("/proc/self/fd")) == before
