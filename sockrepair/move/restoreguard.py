@@ -234,7 +234,12 @@ class _Guard:
             where = (f" -D {self.directory}" if self.directory is not None else " --from-criu DIR") + (
                 f" --netns {self.netns}" if self.netns else "") + " (--exec CMD... | --unix PATH)"
             with contextlib.suppress(OSError):
-                os.write(2, (f"sockrepair: the restore ended without handing off {back} connection(s): put back, "
+                # after an --exec the exit status is the program's, whatever happened to the connections: this line
+                # is what says it
+                what = (f"the handoff of {back} connection(s) did not complete (the program they went to ended or "
+                        "closed them, or the restore ended first)" if self.handing else
+                        f"the restore ended without handing off {back} connection(s)")
+                os.write(2, (f"sockrepair: {what}: put back, "
                              f"still locked; `sockrepair restore{where}` restores them again"
                              + (f"; {kept}" if kept else "") + "\n").encode())
 

@@ -50,3 +50,48 @@ def test_the_exec_program_runs_in_the_connections_namespace(ns: NetNS, tmp_path:
         if restored is not None:
             restored.kill()
             restored.wait()
+
+
+
+def test_a_program_that_ends_at_once_either_had_the_connections_or_gets_them_put_back(
+        ns: NetNS, tmp_path: Path) -> None:
+    """`--exec true`: the exit status is true's (the restorer became it). The guard finds the program holding the
+    connections (handed off: its exit closes them, the clients read its FIN) or already gone (put back, locked,
+    and its line says so: a second restore hands them to a program that keeps them). Which one is a race between
+    the guard's look and the program's exit; neither loses a connection without a word."""
+    with ns.entered():
+        port = free_port()
+    server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
+    restored = None
+    with ns.entered():
+        clients = connect_clients(port, 2)
+    try:
+        offsets = [0, 0]
+        echo_round(clients, offsets, 3000)
+        done = subprocess.run([*CLI, "dump", "--pid", str(server.pid), "-D", str(tmp_path / "img")],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        first = subprocess.run([*CLI, "restore", "-D", str(tmp_path / "img"), "--exec", "true"],
+                               capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0  # true's
+        if (tmp_path / "img" / "completed").exists():
+            assert "put back" not in first.stderr, first.stderr
+            for c in clients:
+                c.settimeout(10)
+                assert c.recv(1) == b""  # the program's exit closed them: a FIN, not a reset
+            return
+        assert "the handoff of 2 connection(s) did not complete" in first.stderr, first.stderr
+        assert "put back, still locked" in first.stderr
+        restored = subprocess.Popen([*CLI, "restore", "-D", str(tmp_path / "img"), "--exec", sys.executable,
+                                     str(ECHO_SERVER)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert restored.stdout is not None
+        line = restored.stdout.readline()
+        assert line.startswith(b"ready"), line
+        echo_round(clients, offsets, 20_000)
+    finally:
+        for c in clients:
+            c.close()
+        stop(server)
+        if restored is not None:
+            restored.kill()
+            restored.wait()
