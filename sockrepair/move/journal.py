@@ -81,11 +81,15 @@ def new_directory(pid: int) -> Path:
     raise OSError(f"cannot create a journal directory under {DEFAULT_PARENT} or {tempfile.gettempdir()}")
 
 
-def given_directory(directory: Path) -> Path:
+def given_directory(path: str | Path) -> Path:
     """migrate()'s `journal=` argument, checked before anything is frozen: created 0700 when missing (its parents
     too), else a real directory of the caller's that nobody else can write (sockrepair.private.open_dir: whoever can
     write there can swap the images a later `sockrepair restore -D` puts into live connections). Returns it. Raises
     ImageError (`.path`) naming why it cannot hold a journal."""
+    if not isinstance(path, Path) and not path:
+        # Path("") is ".": the journal would land in whatever the current directory is
+        raise ImageError("journal='': an empty path names no directory", path="")
+    directory = Path(path)
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.close(open_dir(directory, writing=True))

@@ -186,7 +186,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             if not _same_namespace(f"/proc/{pid}/ns/net", "/proc/thread-self/ns/net"):
                 dest_locker = Locker()
         keeper = Keeper([f"/proc/{pid}/ns/net", netns_path(dest_netns)]) if keep else None
-        directory = new_directory(pid) if journal is None else given_directory(Path(journal))
+        directory = new_directory(pid) if journal is None else given_directory(journal)
     except BaseException:
         # nothing was locked yet; the recorders would hold the log group bound until collected (the next move's
         # keeper then could not record)

@@ -47,6 +47,13 @@ def test_a_journal_that_is_no_private_directory_is_refused_before_the_freeze(
     assert not (tmp_path / "journal.img").exists()
 
 
+def test_an_empty_journal_path_is_refused() -> None:
+    from sockrepair.move.journal import given_directory
+
+    with pytest.raises(sockrepair.ImageError, match="empty path"):
+        given_directory("")
+
+
 def test_a_missing_journal_directory_is_made_private(tmp_path: Path) -> None:
     from sockrepair.move.journal import given_directory
 
