@@ -30,6 +30,7 @@ from sockrepair.move.handoff import (
 )
 from sockrepair.move.journal import (
     COMPLETED,
+    Source,
     load_states,
     mark_completed,
     mark_handed,
@@ -234,7 +235,10 @@ def _restore(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
             states = load_states(args.dir)
             if args.netns is None:
                 # where the connections were: their local addresses are configured there, and their peers locked out
-                args.netns = read_source(args.dir).netns
+                src = read_source(args.dir)
+                args.netns = src.netns
+                if not args.force:
+                    _refuse_another_namespace(args.dir, src)
             states = _unlock_handed(args.dir, args.netns, states)
             if not states:
                 return 0
@@ -363,6 +367,30 @@ def _list_pending(as_json: bool) -> int:
         else:
             print(f"{p.directory}: {what}: not restorable: {p.stale}")
     return 0
+
+
+def _refuse_another_namespace(directory: Path, src: Source) -> None:
+    """Raise ImageError when the namespace a restore of `directory` would go into (the one its index names, else
+    this thread's) is not the one its connections were taken in (`src.netns_inode`): rebuilt there, they are
+    unreachable from their peers, whose packets (the lock gone where they were) meet no socket and get resets. A
+    mover run inside a namespace without a name to the restore (`ip netns exec`'s, in its own mount namespace)
+    recorded "here", which the restore took for its own namespace. Nothing is checked for images without the inode
+    (older ones) or whose named namespace is gone (entering it fails with its own error)."""
+    if src.netns_inode is None:
+        return
+    try:
+        here = os.stat(netns_path(src.netns)).st_ino
+    except OSError:
+        return
+    if here == src.netns_inode:
+        return
+    where = (f"the namespace named {src.netns!r} is another one now (made again since?)" if src.netns else
+             "it has no `ip netns` name and is not this process's")
+    raise ImageError(f"{directory}: its connections were taken in network namespace {src.netns_inode} (its inode), "
+                     f"and {where}: restored here, their peers would never reach them (they would be reset); run "
+                     "the restore inside that namespace (`nsenter --net=/proc/PID/ns/net` with PID a process in it, "
+                     "or `ip netns attach NAME PID` and --netns NAME); --force restores here anyway",
+                     path=str(directory))
 
 
 def _criu_stale(directory: Path, netns: str | None, states: list[ConnectionState]) -> str | None:

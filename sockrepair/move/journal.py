@@ -208,7 +208,7 @@ def pending_journals() -> list[Pending]:
                 count = len(_journal_index(directory / JOURNAL_INDEX)["connections"])
                 found.append(Pending(directory, src, count, stale_reason(directory), _held(directory)))
             except ImageError as exc:
-                found.append(Pending(directory, Source(None, None, None, None, None), 0, f"unreadable: {exc}"))
+                found.append(Pending(directory, Source(None, None, None, None, None, None), 0, f"unreadable: {exc}"))
     found.sort(key=lambda p: p.directory.stat().st_mtime if p.directory.exists() else 0.0)
     return found
 
@@ -232,32 +232,32 @@ def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
         os.close(fd)
 
 
-def netns_name_of(pid: int) -> str | None:
-    """The `ip netns` name of the process's network namespace (the one in /run/netns that is the same namespace),
-    or None when it is this process's own, or has no name."""
+def namespace_at(path: str, netns: str | None = None) -> tuple[str | None, int | None]:
+    """The `ip netns` name and the inode of the network namespace at `path` (/proc/PID/ns/net,
+    /proc/thread-self/ns/net, /run/netns/NAME): `netns` when given, else the name in /run/netns that is the same
+    namespace (None: it has none, as the host's own usually); the inode None when `path` cannot be read. A restore
+    compares the inode with the namespace it restores into: a name alone cannot say "here" (the mover's namespace
+    may be one only `ip netns exec` had entered, nameless to a restore run elsewhere)."""
     try:
-        ours, theirs = os.stat("/proc/self/ns/net"), os.stat(f"/proc/{pid}/ns/net")
+        ns = os.stat(path)
     except OSError:
-        return None
-    if (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino):
-        return None
-    try:
-        names = sorted(os.listdir("/run/netns"))
-    except OSError:
-        return None
-    for name in names:
+        return netns, None
+    if netns is None:
         with contextlib.suppress(OSError):
-            st = os.stat(f"/run/netns/{name}")
-            if (st.st_dev, st.st_ino) == (theirs.st_dev, theirs.st_ino):
-                return name
-    return None
+            for name in sorted(os.listdir("/run/netns")):
+                with contextlib.suppress(OSError):
+                    st = os.stat(f"/run/netns/{name}")
+                    if (st.st_dev, st.st_ino) == (ns.st_dev, ns.st_ino):
+                        netns = name
+                        break
+    return netns, ns.st_ino
 
 
-def _source(pid: int, after: str, ttl: float, netns: str | None) -> dict[str, Any]:
+def _source(pid: int, after: str, ttl: float, namespace: tuple[str | None, int | None]) -> dict[str, Any]:
     st = stat(pid)
     return {"pid": pid, "command": st.comm if st is not None else None, "host": socket.gethostname(),
             "start_time": st.starttime if st is not None else None, "after": after,
-            "lock_expires": time.time() + ttl, "netns": netns}
+            "lock_expires": time.time() + ttl, "netns": namespace[0], "netns_inode": namespace[1]}
 
 
 def write_images(directory: Path, pid: int, pairs: Sequence[tuple[int, ConnectionState]], *, after: str,
@@ -266,7 +266,7 @@ def write_images(directory: Path, pid: int, pairs: Sequence[tuple[int, Connectio
     connection (sockrepair.image.directory.write_dir, which fsyncs every file and the directory; `dir_fd` is its
     prepare_dir fd), recording the source's identity and the lock's expiry (now + `ttl` seconds). Raises OSError
     (cannot write) or ImageError (a state an image cannot hold, a directory that is not safe to write)."""
-    return write_dir(directory, list(pairs), _source(pid, after, ttl, netns_name_of(pid)), dir_fd)
+    return write_dir(directory, list(pairs), _source(pid, after, ttl, namespace_at(f"/proc/{pid}/ns/net")), dir_fd)
 
 
 def write_journal(directory: Path, pid: int, fds: Sequence[int], images: Sequence[bytes], tuples: Sequence[object],
@@ -292,7 +292,8 @@ def write_journal(directory: Path, pid: int, fds: Sequence[int], images: Sequenc
         if durable:
             f.flush()
             os.fsync(f.fileno())
-    index = {"version": JOURNAL_VERSION, "created": time.time(), "source": _source(pid, "kill", ttl, netns),
+    index = {"version": JOURNAL_VERSION, "created": time.time(), "source": _source(pid, "kill", ttl, namespace_at(
+                 f"/run/netns/{netns}" if netns else "/proc/thread-self/ns/net", netns)),
              "connections": connections}
     with open_private(directory / JOURNAL_INDEX) as f:
         # compact: the C encoder (an indent runs the pure-Python one, milliseconds for 1,000 connections)
@@ -491,6 +492,7 @@ class Source:
     after: str | None
     lock_expires: float | None
     netns: str | None
+    netns_inode: int | None  # the namespace's inode (namespace_at): the one to restore into
 
 
 def read_source(directory: Path) -> Source:
@@ -508,7 +510,7 @@ def read_source(directory: Path) -> Source:
         return value if isinstance(value, kind) and not isinstance(value, bool) else None
 
     return Source(typed("pid", int), typed("start_time", int), typed("after", str), typed("lock_expires", (int, float)),
-                  typed("netns", str))
+                  typed("netns", str), typed("netns_inode", int))
 
 
 def stale_reason(directory: Path, now: float | None = None) -> str | None:
