@@ -8,16 +8,19 @@ non-root `sockrepair check` still finds it."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import platform
 import re
 import shutil
+import socket
+import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sockrepair.criu.explain import CATALOGUE, KnownError, Report, explain_text
+from sockrepair.criu.explain import CATALOGUE, Finding, KnownError, Report, explain_text
 from sockrepair.errors import CriuError
 
 ENV_VAR = "SOCKREPAIR_CRIU"
@@ -50,6 +53,22 @@ def installed_wrapper() -> Path:
 def kernel_version() -> tuple[int, ...]:
     """The running kernel's (major, minor, patch) from uname, e.g. (6, 18, 0)."""
     return _version_tuple(platform.release().split("-")[0])
+
+
+_SIOCGIFFLAGS = 0x8913  # linux/sockios.h
+_IFF_UP = 0x1  # linux/if.h
+
+
+def loopback_up() -> bool:
+    """Whether `lo` is up in this thread's network namespace (SIOCGIFFLAGS). criu tests TCP_REPAIR over 127.0.0.1
+    before every command: with lo down and no address (a namespace fresh from `ip netns add`) its connect fails at
+    once; with lo set down after it had its address, the connect waits out its SYN retries (about 2 minutes)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            raw = fcntl.ioctl(sock.fileno(), _SIOCGIFFLAGS, struct.pack("16sH14x", b"lo", 0))
+        except OSError:
+            return False  # no lo at all: nothing criu could connect over either
+    return bool(struct.unpack_from("16sH", raw)[1] & _IFF_UP)
 
 
 def _catalogue(key: str) -> KnownError:
@@ -116,6 +135,10 @@ class Criu:
         Never raises for a failing criu; CriuError only when it cannot be started."""
         if os.geteuid() != 0:
             return CheckResult(False, "`criu check` needs root", "run as root", "", Report())
+        if not loopback_up():
+            known = _catalogue("loopback-down")
+            report = Report([Finding(known, "lo is down (SIOCGIFFLAGS)", "sockrepair", 0)])
+            return CheckResult(False, f"{known.summary}: {known.cause}", known.fix, "", report)
         try:
             done = self.run(["check"], timeout=_TIMEOUT)
         except subprocess.TimeoutExpired:
