@@ -141,13 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_SIGNALLED = {sig.name: int(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command: its exit status; a SockrepairError or OSError is one line on stderr and exit 1 (with
-    `--json`, also a JSON error object on stdout); a usage error exits 2 from argparse."""
+    `--json`, also a JSON error object on stdout); a usage error exits 2 from argparse; Ctrl-C, SIGTERM and SIGHUP
+    one line and 128 + the signal's number."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     # SIGTERM and SIGHUP unwind like Ctrl-C, so that every cleanup a command holds runs (a frozen process thawed,
@@ -159,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sockrepair: interrupted{' by ' + str(exc) if exc.args else ''}", file=sys.stderr)
         for note in getattr(exc, "__notes__", ()):
             print(f"sockrepair: {note}", file=sys.stderr)
-        return 130
+        # 128 + the signal, as a shell reports a command the signal ended: 130 for Ctrl-C, 143 for SIGTERM
+        return 128 + _SIGNALLED.get(str(exc.args[0]) if exc.args else "", signal.SIGINT)
     except BrokenPipeError:
         # the reader of our output went away (`sockrepair show X | head -1`): nothing left to say to it; stdout is
         # pointed at /dev/null so that the interpreter's final flush does not fail again
