@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from stat import S_ISDIR
+from stat import S_IMODE, S_ISDIR, S_ISVTX, S_IWGRP, S_IWOTH
 from typing import Any
 
 from sockrepair.errors import ImageError
@@ -84,13 +84,25 @@ def new_directory(pid: int) -> Path:
 def given_directory(path: str | Path) -> Path:
     """migrate()'s `journal=` argument, checked before anything is frozen: created 0700 when missing (its parents
     too), else a real directory of the caller's that nobody else can write (sockrepair.private.open_dir: whoever can
-    write there can swap the images a later `sockrepair restore -D` puts into live connections). Returns it. Raises
-    ImageError (`.path`) naming why it cannot hold a journal."""
+    write there can swap the images a later `sockrepair restore -D` puts into live connections), under parents
+    nobody else can write either unless they are sticky (/tmp). Returns it. Raises ImageError (`.path`) naming why
+    it cannot hold a journal."""
     if not isinstance(path, Path) and not path:
         # Path("") is ".": the journal would land in whatever the current directory is
         raise ImageError("journal='': an empty path names no directory", path="")
     directory = Path(path)
     try:
+        # the parents first: nothing is made under one that is refused
+        for parent in directory.resolve().parents:
+            try:
+                mode = os.stat(parent).st_mode
+            except FileNotFoundError:
+                continue  # made below, 0700
+            # without the sticky bit, whoever can write the parent can rename the journal away and put theirs there
+            if mode & (S_IWGRP | S_IWOTH) and not mode & S_ISVTX:
+                raise ImageError(f"{directory}: cannot hold a move's journal: {parent} is writable by others "
+                                 f"(mode {S_IMODE(mode):04o}, no sticky bit): anyone can swap the journal; use a "
+                                 "directory whose parents only you can write", path=str(directory))
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.close(open_dir(directory, writing=True))
     except OSError as exc:

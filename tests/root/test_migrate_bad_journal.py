@@ -25,12 +25,17 @@ def _bad(tmp_path: Path, which: str) -> Path:
         (tmp_path / "open").mkdir()
         os.chmod(tmp_path / "open", 0o777)
         return tmp_path / "open"
+    if which == "under-others-write":
+        (tmp_path / "open").mkdir()
+        os.chmod(tmp_path / "open", 0o777)
+        return tmp_path / "open" / "journal"
     os.symlink(tmp_path, tmp_path / "link")
     return tmp_path / "link"
 
 
 @pytest.mark.parametrize(("which", "why"), [("file", "not a directory"), ("under-a-file", "not a directory"),
                                             ("others-write", "writable by group and others"),
+                                            ("under-others-write", "writable by others"),
                                             ("symlink", "is a symlink")])
 def test_a_journal_that_is_no_private_directory_is_refused_before_the_freeze(
         netns: NetNS, tmp_path: Path, which: str, why: str) -> None:
@@ -45,6 +50,8 @@ def test_a_journal_that_is_no_private_directory_is_refused_before_the_freeze(
         client.sendall(b"after")
         assert recv_exactly(client, 5) == b"after"
     assert not (tmp_path / "journal.img").exists()
+    if which == "under-others-write":
+        assert not bad.exists()  # nothing made under the refused parent
 
 
 def test_an_empty_journal_path_is_refused() -> None:
