@@ -226,10 +226,11 @@ def pending_journals() -> list[Pending]:
 
 
 def volatile(directory: Path) -> bool:
-    """Whether `directory` is one of the default parent's (/run/sockrepair/move-*): /run is cleared at boot (FHS
+    """Whether `directory` is one of the default parent's (/run/sockrepair/move-*, or any other directory there the
+    caller named): /run is cleared at boot (FHS
     3.0, 3.15), so a journal there cannot outlive a power cut whatever is fsynced, and fsyncing it only buys stalls
     inside the freeze (85-325 ms in about one move of ten where /run is a disk, as on this machine). A journal the
-    caller placed elsewhere is fsynced: it may be meant to survive a reboot."""
+    caller placed anywhere else is fsynced: it may be meant to survive a reboot."""
     try:
         return directory.resolve().parent == DEFAULT_PARENT.resolve()
     except OSError:
