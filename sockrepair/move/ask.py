@@ -8,7 +8,7 @@ SKB_DROP_REASON_TCP_ACK_UNSENT_DATA): the socket stalls until its retransmission
 kept is not enough: the peer may hold more that a delayed ACK has not covered yet (__tcp_ack_snd_check acknowledges
 at once only past one full segment, and only when the window it would offer is no smaller than the one it offered:
 an application that does not read delays every ACK to the timer). In-flight bytes that fit in one segment leave at
-once without an answer (_one_segment): those peers are not asked.
+once without an answer (_one_segment): when the connections stay in their namespace, those peers are not asked.
 
 How: once the old socket is gone (nothing else of ours can reach the peer any more), a raw socket marked SOCCR_MARK
 (lock/inject.py) sends the peer, as our old socket would, one byte of old data at snd_una - 1. The peer holds it
@@ -67,12 +67,17 @@ class Asked:
     answered: list[bool]
 
 
-def ask_peers(keeper: Keeper | None, states: Sequence[ConnectionState], into: str) -> Asked:
+def ask_peers(keeper: Keeper | None, states: Sequence[ConnectionState], into: str, same_place: bool = False) -> Asked:
     """Ask the peer of every ESTABLISHED state with in-flight bytes what it holds (the module's docstring), the
     probes sent from the network namespace at path `into` (where the connections are restored; the old sockets
     must be gone), the answers read from `keeper`'s recorders (None: not keeping, nothing is asked); a connection
     whose other end is among `states` too is not asked. Waits at most ANSWER_TIMEOUT. Never raises for a peer that
-    does not answer or a probe the kernel refuses (no CAP_NET_RAW): those states are returned as they were."""
+    does not answer or a probe the kernel refuses (no CAP_NET_RAW): those states are returned as they were.
+    `same_place`: the connections are restored in the network namespace they were taken in; only then are peers
+    whose in-flight bytes fit in one segment left unasked (_one_segment). Moved elsewhere (another host), the
+    answer is also the first sign that the network brings the peer's packets to the new home: in the cross-host
+    lab, a move that did not wait for it unlocked before the network had converged in about one move of six, and
+    the peer's next request, sent to the old host, waited its retransmission timeout."""
     answered = [False] * len(states)
     out = list(states)
     # the answers come where the connections are restored: without a recorder there, nobody would see them
@@ -80,7 +85,7 @@ def ask_peers(keeper: Keeper | None, states: Sequence[ConnectionState], into: st
         return Asked(out, answered)
     # a peer that moves too (both ends in `states`) has no socket before its own restore: its kernel answers the
     # probe with a RST, which the lock drops, and the wait would run to ANSWER_TIMEOUT for nothing
-    candidates = [i for i, s in enumerate(states) if _worth_asking(s) and not _one_segment(s)]
+    candidates = [i for i, s in enumerate(states) if _worth_asking(s) and not (same_place and _one_segment(s))]
     if not candidates:
         return Asked(out, answered)
     moving = {s.tuple.wire() for s in states}

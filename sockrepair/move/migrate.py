@@ -247,7 +247,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         freezer.landing(directory, dest_netns, ttl)
         with timings.timed(Stage.RESTORE):
             # what the peers hold of our in-flight bytes, asked once the old sockets are gone (sockrepair.move.ask)
-            asked = ask_peers(keeper, states, netns_path(dest_netns))
+            asked = ask_peers(keeper, states, netns_path(dest_netns), same_place=dest_locker is source_locker)
             socks = restore_all(asked.states, dest_netns, freezer.hold_one, asked.answered, cap.owed)
             wait_exited(cap)  # long exited by now, as a rule
         with passing_lock(socks, states) if keeper is not None else contextlib.nullcontext():

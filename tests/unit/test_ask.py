@@ -241,7 +241,7 @@ def test_only_peers_whose_in_flight_bytes_need_more_than_one_segment_are_asked(
     keeper = _Keeper({})
     monkeypatch.setattr("sockrepair.move.ask.ANSWER_TIMEOUT", 0.0)
     _probes_into(keeper, monkeypatch)
-    asked = ask_peers(keeper, states, "/proc/thread-self/ns/net")  # type: ignore[arg-type]
+    asked = ask_peers(keeper, states, "/proc/thread-self/ns/net", same_place=True)  # type: ignore[arg-type]
     assert sorted({struct.unpack_from(">H", p, 20)[0] for p in keeper.sent}) == [2, 3, 4]
     assert asked.states == states and asked.answered == [False] * 5
 
@@ -250,6 +250,16 @@ def test_no_peer_is_probed_when_every_in_flight_fits_one_segment(monkeypatch: py
     states = [_in_flight(64, n) for n in range(1, 4)]
     keeper = _Keeper({})
     _probes_into(keeper, monkeypatch)
-    asked = ask_peers(keeper, states, "/proc/thread-self/ns/net")  # type: ignore[arg-type]
+    asked = ask_peers(keeper, states, "/proc/thread-self/ns/net", same_place=True)  # type: ignore[arg-type]
     assert keeper.sent == [] and keeper.peeks == 0
     assert asked.states == states and asked.answered == [False] * 3
+
+
+def test_moved_elsewhere_every_peer_with_bytes_in_flight_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # another host: the answer is also the sign that the network brings the peer's packets there
+    states = [_in_flight(64, n) for n in range(1, 4)]
+    keeper = _Keeper({})
+    monkeypatch.setattr("sockrepair.move.ask.ANSWER_TIMEOUT", 0.0)
+    _probes_into(keeper, monkeypatch)
+    ask_peers(keeper, states, "/proc/thread-self/ns/net")  # type: ignore[arg-type]
+    assert sorted({struct.unpack_from(">H", p, 20)[0] for p in keeper.sent}) == [1, 2, 3]
