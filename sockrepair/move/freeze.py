@@ -506,6 +506,9 @@ class Freezer:
         with contextlib.suppress(OSError):  # not permitted: SO_SNDBUF's limit, and the guard reads more often
             holds.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, _HOLD_BUFFER)
         self.active: set[int] = set()
+        self._ended = False  # ending() was sent: the process is being killed
+        # requests sent with _tell(), whose replies the next _ask() reads (and drops) before its own
+        self._unanswered = 0
         # a first round trip before any freeze: the child's start-up (pages copied on write) costs milliseconds
         try:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
@@ -524,8 +527,21 @@ class Freezer:
         except (BrokenPipeError, ConnectionResetError):
             raise ProcessError(f"the guard of process {self.pid} exited", pid=self.pid) from None
 
+    def _tell(self, op: str) -> None:
+        """Send request `op` without waiting for its answer: the next _ask() reads it first, and drops it."""
+        self._send({"op": op})
+        self._unanswered += 1
+
     def _ask(self, op: str) -> dict[str, Any]:
         self._send({"op": op})
+        # the guard answers in order: those of _tell() first
+        while self._unanswered:
+            self._unanswered -= 1
+            with contextlib.suppress(ProcessError):  # nothing waited for it; the guard still answers
+                self._answer(op)
+        return self._answer(op)
+
+    def _answer(self, op: str) -> dict[str, Any]:
         poller = select.poll()
         poller.register(self._chan, select.POLLIN)
         if not poller.poll(ANSWER_TIMEOUT * 1000):
@@ -559,6 +575,7 @@ class Freezer:
     def ending(self) -> None:
         """Past the point of no return: if sockrepair dies from now on, the guard ends the process."""
         self._send({"op": "ending"})
+        self._ended = True
 
     def reap(self) -> None:
         """After the SIGKILL of the ending: the guard collects the exits of the threads it traces (a ptrace stop),
@@ -619,7 +636,12 @@ class Freezer:
             # closed already (an interrupt between this generator's yield and the with-block left it to the garbage
             # collector): the guard let the process go as it exited
             if self.child > 0:
-                self._ask("cont")
+                if self._ended:
+                    # killed: nothing waits for its thaw (under ptrace, the guard collects the killed threads:
+                    # milliseconds the restore would wait); wait_exited()'s reap reads the answer
+                    self._tell("cont")
+                else:
+                    self._ask("cont")
 
     def close(self) -> None:
         if self.child > 0:

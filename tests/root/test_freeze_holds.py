@@ -54,3 +54,17 @@ def test_holds_beyond_a_full_queue_all_reach_the_guard_and_go_at_release(netns, 
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_the_thaw_of_a_killed_process_is_not_waited_for_and_the_reap_reads_its_answer(netns, sleeper):
+    # the move's ending: the process is killed while frozen; its thaw is told, not asked (under ptrace the guard
+    # answers only once the killed threads are collected), and the reap that follows reads both answers in order
+    with Freezer(sleeper.pid) as guard:
+        with guard.frozen() as method:
+            guard.ending()
+            sleeper.kill()
+        assert guard._unanswered == 1, method
+        guard.reap()
+        assert guard._unanswered == 0
+        assert sleeper.wait(timeout=5) == -9
+        guard._ask("take")  # the channel is in step: the next answer is this request's own
