@@ -15,7 +15,7 @@ import socket
 import struct
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
 from sockrepair.engine._ffi import ffi, lib
@@ -259,15 +259,46 @@ class SockView(NamedTuple):
     optmem: int | None
 
 
-def dump_views(session: _Session, families: set[int], states: int, inodes: set[int]) -> dict[int, SockView]:
+INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_BC_JMP, INET_DIAG_BC_S_EQ = 1, 11
+_BC_OP = struct.Struct("=BBH")  # struct inet_diag_bc_op: code, yes, no (byte offsets forward)
+FILTER_PORTS_MAX = 16  # more local ports than this: the dump is not filtered (one condition per port)
+
+
+def ports_filter(ports: Collection[int]) -> bytes:
+    """The INET_DIAG_REQ_BYTECODE attribute of a dump that lists only the sockets whose local port is one of
+    `ports` (b"" for none: no filter), run by the kernel on each socket (net/ipv4/inet_diag.c inet_diag_bc_run).
+
+    A socket passes when the program's run ends exactly at its end, and fails when it jumps past it. The audit
+    (inet_diag_bc_audit) follows the `yes` offsets from the start and accepts a `no` offset only to a place on that
+    path, so each port's test (S_EQ, its port in the next op's `no`) is followed by an unconditional jump to the end
+    (JMP: `no` taken) that a match falls into, and a mismatch skips it to the next test; the last test's mismatch
+    jumps 4 bytes past the end."""
+    order = sorted(set(ports))
+    if not order:
+        return b""
+    ops = []
+    for i, port in enumerate(order):
+        ops.append(_BC_OP.pack(INET_DIAG_BC_S_EQ, 8, 12) + _BC_OP.pack(0, 0, port))
+        if i + 1 < len(order):
+            ops.append(_BC_OP.pack(INET_DIAG_BC_JMP, 4, 12 * (len(order) - 1 - i)))
+    code = b"".join(ops)
+    return _ATTR.pack(_ATTR.size + len(code), INET_DIAG_REQ_BYTECODE) + code
+
+
+def dump_views(session: _Session, families: set[int], states: int, inodes: set[int],
+               local_ports: Collection[int] = ()) -> dict[int, SockView]:
     """One sock_diag dump per family in `families` of the TCP sockets in the `states` (a bit per TCP state) of the
     network namespace of the session's socket: the SockView of each socket whose inode is in `inodes`, by inode.
-    Raises NotPermittedError without CAP_NET_ADMIN there, SocketCallError (op "sock_diag dump") when the kernel
-    answers with an error."""
+    `local_ports`: the local ports (host order) of those sockets, when known; the kernel then lists only the
+    sockets on them (ports_filter) unless they are more than FILTER_PORTS_MAX, which spares reading the rest of a
+    busy namespace. Raises NotPermittedError without CAP_NET_ADMIN there, SocketCallError (op "sock_diag dump")
+    when the kernel answers with an error."""
     sock = _netlink_for(session)
     views: dict[int, SockView] = {}
+    bytecode = ports_filter(local_ports) if len(set(local_ports)) <= FILTER_PORTS_MAX else b""
     for family in sorted(families):
-        body = _REQ_HEAD.pack(family, socket.IPPROTO_TCP, _DUMP_EXT, states) + bytes(48)
+        body = _REQ_HEAD.pack(family, socket.IPPROTO_TCP, _DUMP_EXT, states) + bytes(48) + bytecode
         try:
             sock.send(_NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 3, 0)
                       + body)

@@ -286,10 +286,11 @@ def checkpoint_all_taken(pid: int, chosen: Sequence[ProcSocket], copies: Sequenc
         raise _in_process_of(exc, pid, chosen, copies) from None
 
 
-def _other_sockets(pid: int, chosen: Sequence[ProcSocket]) -> dict[int, str]:
-    """fd -> link target (socket:[inode]) of the process's sockets that are not `chosen`: what a socket accepted
-    or connected after the look would show up in (a new fd, or one reused). Reads /proc/PID/fd, and a link for
-    each fd not chosen only: few in a program whose fds are mostly its connections. Raises ProcessError."""
+def _other_fds(pid: int, chosen: Sequence[ProcSocket]) -> dict[int, str]:
+    """fd -> link target (socket:[inode], a path...) of the process's fds that are not `chosen`: what a socket
+    accepted or connected after the look would show up in (a new fd, or one reused). Reads /proc/PID/fd, and a
+    link for each fd not chosen only: few in a program whose fds are mostly its connections. Raises
+    ProcessError."""
     fd_dir = f"/proc/{pid}/fd"
     taken = {s.fd for s in chosen}
     try:
@@ -301,18 +302,34 @@ def _other_sockets(pid: int, chosen: Sequence[ProcSocket]) -> dict[int, str]:
         if int(name) in taken:
             continue
         with contextlib.suppress(OSError):  # closed while we looked
-            if (target := os.readlink(f"{fd_dir}/{name}")).startswith("socket:["):
-                others[int(name)] = target
+            others[int(name)] = os.readlink(f"{fd_dir}/{name}")
     return others
+
+
+def _sockets(links: dict[int, str]) -> dict[int, str]:
+    return {fd: target for fd, target in links.items() if target.startswith("socket:[")}
+
+
+def _same_fds(pid: int, chosen: Sequence[ProcSocket], others: dict[int, str]) -> bool:
+    """Whether the process's sockets besides `chosen` (whose fds it still holds) are still those of `others`
+    (_other_fds). Its count of open fds (the size of /proc/PID/fd, Linux 6.2+: 0 before) equal to the chosen and
+    the others, each other fd still linked as it was, means the same fds, without listing /proc/PID/fd (0.6-2 ms at
+    1,000 fds); otherwise the list is read and its sockets compared. Raises ProcessError (_other_fds)."""
+    fd_dir = f"/proc/{pid}/fd"
+    with contextlib.suppress(OSError):
+        if os.stat(fd_dir).st_size == len(chosen) + len(others) and all(
+                os.readlink(f"{fd_dir}/{fd}") == target for fd, target in others.items()):
+            return True
+    return _sockets(_other_fds(pid, chosen)) == _sockets(others)
 
 
 def _taken_if_same(pid: int, pidfd: PidFd, chosen: Sequence[ProcSocket], others: dict[int, str]) -> list[int] | None:
     """pidfd_getfd copies of the process's `chosen` sockets, in their order, when each of their fds still holds the
-    socket (inode) it held when they were chosen and its other sockets are still `others` (_other_sockets); None,
-    with no copy left open, when not (the process closed one, opened another file at its number, or accepted or
-    made a connection, since): the fd -> inode map must then be read again. The copies are needed anyway, and
+    socket (inode) it held when they were chosen and its other sockets are still those of `others` (_same_fds);
+    None, with no copy left open, when not (the process closed one, opened another file at its number, or accepted
+    or made a connection, since): the fd -> inode map must then be read again. The copies are needed anyway, and
     comparing their inodes spares reading the links of the chosen fds under the freeze (a readlink per fd of the
-    process: 5-8 ms at 1,000 connections). Raises ProcessError (_other_sockets), no copy left open then."""
+    process: 5-8 ms at 1,000 connections). Raises ProcessError (_other_fds), no copy left open then."""
     same = False
     # short when one is closed; the map read again says whether the process itself is gone
     fds = pidfd.getfds([s.fd for s in chosen])
@@ -321,7 +338,7 @@ def _taken_if_same(pid: int, pidfd: PidFd, chosen: Sequence[ProcSocket], others:
         if len(fds) == len(chosen) and all(fstat(fd).st_ino == s.inode for fd, s in zip(fds, chosen)):
             # a connection accepted or made since the look: read again, it is taken or refused, never left to die
             # with the process
-            same = _other_sockets(pid, chosen) == others
+            same = _same_fds(pid, chosen, others)
     finally:
         if not same:
             for fd in fds:
@@ -370,7 +387,7 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
                                + "; ".join(map(str, unmovable)), pid=pid)
         lost += unmovable
         refuse_shared(pid, chosen, {os.getpid(), freezer.child})
-        others = _other_sockets(pid, chosen)
+        others = _other_fds(pid, chosen)
         before = stat(pid)
         stopped_before = before is not None and before.state == "T"
         # the guard gives these back if sockrepair dies before ending the source

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import pytest
 
 import sockrepair
+from sockrepair.engine import _batch
 from sockrepair.engine._batch import checkpoint_many, ensure_all_unchanged
 from sockrepair.engine._session import _Session
 from sockrepair.engine._sockopts import read_sockopts
@@ -38,6 +39,14 @@ SOL, TCP, IP = socket.SOL_SOCKET, socket.IPPROTO_TCP, socket.IPPROTO_IP
 ESTABLISHED, SYN_SENT, CLOSE = 1, 2, 7
 TCP_REPAIR = 19
 SO_MAX_PACING_RATE = 47
+
+
+@pytest.fixture(autouse=True, params=["dump", "one by one"])
+def reading(request, monkeypatch) -> str:
+    """Every test runs both ways a batch reads its sockets: through one sock_diag dump (a batch at least
+    dump_pays_from() long), and one by one as checkpoint() does (a shorter batch)."""
+    monkeypatch.setattr(_batch, "dump_pays_from", lambda: 1 if request.param == "dump" else 1 << 30)
+    return str(request.param)
 
 
 def _established(c: socket.socket, s: socket.socket) -> tuple[bytes, bytes]:

@@ -246,18 +246,29 @@ def ethernet_pair(netns: NetNS) -> Iterator[Callable[[int, str], Pair]]:
 
 
 def grow_the_window(client: socket.socket, server: socket.socket) -> None:
+    """Stream until the server's congestion window holds IN_FLIGHT with a segment to spare: send_in_flight's bytes
+    must all leave at once, their ACKs lost (a window of 270 segments once fell 11 KiB short, in a full run)."""
     data = bytes(range(256)) * (STREAMED // 256)
-    sender = threading.Thread(target=server.sendall, args=(data,))
-    sender.start()
-    assert recv_exactly(client, STREAMED) == data
-    sender.join()
+    for _ in range(4):
+        sender = threading.Thread(target=server.sendall, args=(data,))
+        sender.start()
+        assert recv_exactly(client, STREAMED) == data
+        sender.join()
+        if snd_cwnd(server) * MSS > IN_FLIGHT + MSS:
+            return
+    pytest.fail(f"the congestion window stayed at {snd_cwnd(server)} segments, short of {IN_FLIGHT} bytes")
+
+
+def snd_cwnd(sock: socket.socket) -> int:
+    """tcpi_snd_cwnd of struct tcp_info, in segments."""
+    return int(struct.unpack_from("=I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 84), 80)[0])
 
 
 def send_in_flight(server: socket.socket, data: bytes, before: int = 0) -> None:
     """`data` sent whole (nothing left never-sent), and nothing of it (nor the `before` bytes) acknowledged."""
     server.sendall(data)
     raw = server.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
-    limits = f"snd_cwnd {struct.unpack_from('=I', raw, 80)[0]}, snd_wnd {struct.unpack_from('=I', raw, 228)[0]}"
+    limits = f"snd_cwnd {snd_cwnd(server)}, snd_wnd {struct.unpack_from('=I', raw, 228)[0]}"
     wait_for(lambda: ioctl_int(server, SIOCOUTQNSD) == 0, f"the bytes to leave ({limits})", 5.0)
     assert ioctl_int(server, SIOCOUTQ) == before + len(data)
 

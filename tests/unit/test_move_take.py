@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -46,7 +48,8 @@ def _open(fd: int) -> bool:
 
 
 def test_same_sockets_keeps_the_copies(chosen: list[ProcSocket], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(take, "_other_sockets", lambda pid, chosen: {9: "socket:[1]"})
+    # a file opened since the look (fd 3) is no socket the move could lose
+    monkeypatch.setattr(take, "_other_fds", lambda pid, chosen: {3: "/dev/null", 9: "socket:[1]"})
     pidfd = _Copies()
     taken = take._taken_if_same(os.getpid(), pidfd, chosen, {9: "socket:[1]"})  # type: ignore[arg-type]
     try:
@@ -58,7 +61,7 @@ def test_same_sockets_keeps_the_copies(chosen: list[ProcSocket], monkeypatch: py
 
 
 def test_new_socket_closes_the_copies(chosen: list[ProcSocket], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(take, "_other_sockets", lambda pid, chosen: {9: "socket:[1]", 10: "socket:[2]"})
+    monkeypatch.setattr(take, "_other_fds", lambda pid, chosen: {9: "socket:[1]", 10: "socket:[2]"})
     pidfd = _Copies()
     assert take._taken_if_same(os.getpid(), pidfd, chosen, {9: "socket:[1]"}) is None  # type: ignore[arg-type]
     assert len(pidfd.made) == 2 and not any(map(_open, pidfd.made))
@@ -71,7 +74,7 @@ def test_process_gone_closes_the_copies(chosen: list[ProcSocket], monkeypatch: p
     def gone(pid: int, chosen: list[ProcSocket]) -> dict[int, str]:
         raise ProcessError(f"cannot read the fds of process {pid}", pid=pid)
 
-    monkeypatch.setattr(take, "_other_sockets", gone)
+    monkeypatch.setattr(take, "_other_fds", gone)
     pidfd = _Copies()
     with pytest.raises(ProcessError):
         take._taken_if_same(os.getpid(), pidfd, chosen, {})  # type: ignore[arg-type]
@@ -131,3 +134,60 @@ def test_an_interrupt_inside_getfds_leaves_no_copy_open(chosen: list[ProcSocket]
             pidfd.getfds([chosen[0].fd, chosen[1].fd, chosen[0].fd])
         assert len(calls) == 3
         assert set(os.listdir("/proc/self/fd")) == before
+
+
+_HOLDER = """
+import socket, sys
+held = []
+for line in sys.stdin:
+    if line.startswith("socket"):
+        held.append(socket.socket())
+    elif line.startswith("file"):
+        held.append(open("/dev/null"))
+    print("done", flush=True)
+"""
+
+
+@pytest.fixture
+def holder(chosen: list[ProcSocket]) -> Iterator[tuple[subprocess.Popen[str], list[ProcSocket]]]:
+    """A process holding `chosen`'s sockets at the same fd numbers, which opens a socket or a file when told."""
+    fds = [s.fd for s in chosen]
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, pass_fds=fds)
+    try:
+        yield proc, chosen
+    finally:
+        proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            assert pipe is not None
+            pipe.close()
+
+
+def _tell(proc: subprocess.Popen[str], what: str) -> None:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(what + "\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline() == "done\n"
+
+
+def test_unchanged_fds_are_known_by_their_count(holder, monkeypatch: pytest.MonkeyPatch) -> None:
+    proc, chosen = holder
+    _tell(proc, "ready")
+    others = take._other_fds(proc.pid, chosen)
+    assert not set(others) & {s.fd for s in chosen} and others
+
+    def listed(pid: int, chosen: list[ProcSocket]) -> dict[int, str]:
+        raise AssertionError("/proc/PID/fd listed again")
+
+    monkeypatch.setattr(take, "_other_fds", listed)
+    assert take._same_fds(proc.pid, chosen, others)
+
+
+@pytest.mark.parametrize(("opened", "same"), [("file", True), ("socket", False)])
+def test_a_new_fd_has_the_list_read_again_and_only_a_socket_differs(holder, opened: str, same: bool) -> None:
+    proc, chosen = holder
+    _tell(proc, "ready")
+    others = take._other_fds(proc.pid, chosen)
+    _tell(proc, opened)
+    assert take._same_fds(proc.pid, chosen, others) is same
