@@ -29,6 +29,7 @@ from sockrepair.move.journal import (
     discard_journal,
     given_directory,
     hold_directory,
+    journal_head,
     mark_completed,
     mark_ended,
     new_directory,
@@ -222,6 +223,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         source_locker.prepare(source_group)
         if dest_locker is not source_locker:
             dest_locker.prepare(dest_group)
+        head = journal_head(directory, pid, dest_netns)
         with captured(pid, wanted, source_locker, timings, ttl, quiescence, freezer, owed=True,
                       group=source_group) as cap:
             tuples = [s.tuple for s in cap.sockets]
@@ -234,7 +236,8 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             with timings.timed(Stage.SERIALIZE):
                 images = [encode(state) for state in cap.states]
             with timings.timed(Stage.JOURNAL):
-                write_journal(directory, pid, [s.fd for s in cap.sockets], images, tuples, ttl=ttl, netns=dest_netns)
+                write_journal(directory, pid, [s.fd for s in cap.sockets], images, tuples, ttl=ttl, netns=dest_netns,
+                              head=head)
             with timings.timed(Stage.CLOSE):
                 try:
                     # the tuples are free once our copies are disconnected: the process exits during the restore

@@ -19,6 +19,7 @@ from sockrepair.move.journal import (
     COMPLETED,
     JOURNAL_IMAGES,
     JOURNAL_INDEX,
+    journal_head,
     load_states,
     mark_completed,
     mark_ended,
@@ -61,6 +62,23 @@ def test_a_packed_journal_reads_back_and_is_private(tmp_path: Path) -> None:
     assert why is not None and "undone before its source was ended" in why
     mark_ended(tmp_path / "j")
     assert stale_reason(tmp_path / "j") is None
+
+
+def test_a_head_found_before_the_freeze_is_what_the_journal_records(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # migrate() finds the head before the freeze; only the lock's expiry is taken when the journal is written
+    states = _states(1)
+    head = journal_head(tmp_path / "j", os.getpid(), "b")
+    assert head.source["netns"] == "b" and head.source["pid"] == os.getpid() and head.durable
+    monkeypatch.setattr(journal_module, "namespace_at", lambda *args: pytest.fail("the head was found again"))
+    calls = _fsyncs(monkeypatch)
+    before = time.time()
+    write_journal(tmp_path / "j", os.getpid(), [5], [encode(s) for s in states], [s.tuple for s in states],
+                  ttl=30, netns="b", head=head)
+    src = read_source(tmp_path / "j")
+    assert (src.pid, src.netns, src.start_time) == (os.getpid(), "b", head.source["start_time"])
+    assert src.lock_expires is not None and before + 30 <= src.lock_expires <= time.time() + 30
+    assert len(calls) == 3  # durable, as the head says: journal.img, journal.json, the directory
 
 
 def _fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
