@@ -179,8 +179,9 @@ def tcp_table(pid: int) -> dict[int, tuple[ConnTuple, int]]:
     return table
 
 
-def socket_inodes(pid: int) -> dict[int, int]:
-    """fd -> socket inode for every socket the process holds. Raises ProcessError (gone, or not permitted)."""
+def fd_links(pid: int) -> dict[int, str]:
+    """fd -> link target (socket:[inode], a path, anon_inode:...) of every fd the process holds, from one listing
+    of /proc/PID/fd. Raises ProcessError (gone, or not permitted)."""
     fd_dir = f"/proc/{pid}/fd"
     try:
         names = os.listdir(fd_dir)
@@ -188,15 +189,21 @@ def socket_inodes(pid: int) -> dict[int, int]:
         raise ProcessError(f"no such process: {pid}", pid=pid) from None
     except PermissionError:
         raise ProcessError(f"not permitted to read the fds of process {pid} (run as root)", pid=pid) from None
-    inodes = {}
+    links = {}
     for name in names:
         try:
-            target = os.readlink(f"{fd_dir}/{name}")
+            links[int(name)] = os.readlink(f"{fd_dir}/{name}")
         except OSError:
             continue  # closed while we looked
-        if target.startswith("socket:["):
-            inodes[int(name)] = int(target[8:-1])
-    return inodes
+    return links
+
+
+def socket_inodes(pid: int, links: dict[int, str] | None = None) -> dict[int, int]:
+    """fd -> socket inode for every socket the process holds (in `links`, fd_links() read by the caller, when
+    given). Raises ProcessError (gone, or not permitted)."""
+    if links is None:
+        links = fd_links(pid)
+    return {fd: int(target[8:-1]) for fd, target in links.items() if target.startswith("socket:[")}
 
 
 def fd_holders(inodes: Collection[int], skip: Collection[int] = ()) -> dict[int, set[int]]:
@@ -217,11 +224,11 @@ def fd_holders(inodes: Collection[int], skip: Collection[int] = ()) -> dict[int,
     return found
 
 
-def tcp_sockets(pid: int) -> list[ProcSocket]:
+def tcp_sockets(pid: int, links: dict[int, str] | None = None) -> list[ProcSocket]:
     """The process's TCP sockets (every state), ordered by fd: those /proc/net/tcp lists, and those in CLOSE that
     still hold their peer (a connection reset, or whose close ended, while the process holds it), which it does not
-    list (closed_connections). Raises ProcessError."""
-    inodes = socket_inodes(pid)
+    list (closed_connections). `links`: the process's fd_links(), when the caller read them. Raises ProcessError."""
+    inodes = socket_inodes(pid, links)
     table = tcp_table(pid)
     listed = [ProcSocket(fd, ino, *table[ino]) for fd, ino in sorted(inodes.items()) if ino in table]
     unlisted = {fd: ino for fd, ino in inodes.items() if ino not in table}

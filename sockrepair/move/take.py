@@ -34,6 +34,7 @@ from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import (
     ProcSocket,
     fd_holders,
+    fd_links,
     process_name,
     stat,
     tcp_sockets,
@@ -126,15 +127,17 @@ def _why_not(sock: ProcSocket, protocol: str, keep_errors: bool = False) -> str 
     return None
 
 
-def select_sockets(pid: int, wanted: Sequence[int] | None, keep_errors: bool = False) -> list[ProcSocket]:
+def select_sockets(pid: int, wanted: Sequence[int] | None, keep_errors: bool = False,
+                   links: dict[int, str] | None = None) -> list[ProcSocket]:
     """The process's sockets to take: the fds in `wanted` (each must be a plain TCP socket in a state the engine
-    repairs: ESTABLISHED, half-closed, SYN_SENT or CLOSE after a connection), or every such one. Raises
-    ProcessError (no such fd, an empty `wanted`, no connection to take) or SocketStateError (naming the process's pid and fd, the
-    protocol, the tuple and the state). `keep_errors`: see _why_not."""
+    repairs: ESTABLISHED, half-closed, SYN_SENT or CLOSE after a connection), or every such one, among the fds of
+    `links` (procfs.fd_links(), when the caller read them). Raises ProcessError (no such fd, an empty `wanted`, no
+    connection to take) or SocketStateError (naming the process's pid and fd, the protocol, the tuple and the
+    state). `keep_errors`: see _why_not."""
     if wanted is not None and not wanted:
         # not "every connection": a caller's filter that kept nothing must not end the program with all of them
         raise ProcessError(f"no fd of process {pid} asked for (wanted=[]; None takes every connection)", pid=pid)
-    found = tcp_sockets(pid)
+    found = tcp_sockets(pid, links)
     if wanted:
         by_fd = {s.fd: s for s in found}
         chosen = []
@@ -157,13 +160,15 @@ def select_sockets(pid: int, wanted: Sequence[int] | None, keep_errors: bool = F
 
 
 def left_behind(pid: int, chosen: Sequence[ProcSocket], keep_errors: bool = False,
-                shared: Collection[int] = ()) -> list[Unmovable]:
+                shared: Collection[int] = (), links: dict[int, str] | None = None) -> list[Unmovable]:
     """Every connection of the process (any TCP state but LISTEN, any protocol /proc/net/tcp lists, and CLOSE ones
     that hold a peer) that is not in `chosen`, with the reason it is not: what ending the process would destroy.
-    Those whose inode is in `shared` (another process has them open: shared_inodes) are not: it keeps them."""
+    Those whose inode is in `shared` (another process has them open: shared_inodes) are not: it keeps them.
+    `links`: the fd_links() `chosen` was selected from (a connection accepted since is no loss yet: the look
+    under the freeze finds it), else read now."""
     taken = {s.fd for s in chosen}
     out = []
-    for s in tcp_sockets(pid):
+    for s in tcp_sockets(pid, links):
         if s.fd in taken or s.tcp_state in _NO_CONNECTION or s.inode in shared:
             continue
         protocol = socket_protocol(pid, s.fd)
@@ -311,10 +316,11 @@ def _sockets(links: dict[int, str]) -> dict[int, str]:
 
 
 def _same_fds(pid: int, chosen: Sequence[ProcSocket], others: dict[int, str]) -> bool:
-    """Whether the process's sockets besides `chosen` (whose fds it still holds) are still those of `others`
-    (_other_fds). Its count of open fds (the size of /proc/PID/fd, Linux 6.2+: 0 before) equal to the chosen and
+    """Whether the process's sockets besides `chosen` (whose fds it still holds) are still those of `others` (fd ->
+    link of the fds not chosen, from the listing they were chosen from: procfs.fd_links). Its count of open fds (the size of /proc/PID/fd, Linux 6.2+: 0 before) equal to the chosen and
     the others, each other fd still linked as it was, means the same fds, without listing /proc/PID/fd (0.6-2 ms at
-    1,000 fds); otherwise the list is read and its sockets compared. Raises ProcessError (_other_fds)."""
+    1,000 fds); otherwise the list is read and its sockets compared, as it always is while a thread waits in
+    accept() (the fd it reserved counts, unlisted). Raises ProcessError (_other_fds)."""
     fd_dir = f"/proc/{pid}/fd"
     with contextlib.suppress(OSError):
         if os.stat(fd_dir).st_size == len(chosen) + len(others) and all(
@@ -372,9 +378,12 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
         pidfd = freezer.pidfd
         # /proc/PID/fd and /proc/PID/net/tcp are read before the freeze (reading them costs ms with many
         # connections); under the freeze the inodes of the sockets taken are compared with these, and both are read
-        # again only if the process changed its sockets meanwhile (_taken_if_same)
-        chosen = select_sockets(pid, wanted, keep_errors)
-        lost = left_behind(pid, chosen, keep_errors)
+        # again only if the process changed its sockets meanwhile (_taken_if_same). The fds not chosen are compared
+        # as they were in the very listing the sockets were chosen from: a connection accepted after it is new
+        # under the freeze, one accepted before it was chosen, or refused as lost
+        links = fd_links(pid)
+        chosen = select_sockets(pid, wanted, keep_errors, links)
+        lost = left_behind(pid, chosen, keep_errors, links=links)
         # a connection left out that another process holds is not lost with this one (refuse_shared's advice: leave
         # the shared fds out); looked for once, before the freeze
         shared = shared_inodes(pid, lost, {os.getpid(), freezer.child})
@@ -387,7 +396,8 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
                                + "; ".join(map(str, unmovable)), pid=pid)
         lost += unmovable
         refuse_shared(pid, chosen, {os.getpid(), freezer.child})
-        others = _other_fds(pid, chosen)
+        taken_fds = {s.fd for s in chosen}
+        others = {fd: target for fd, target in links.items() if fd not in taken_fds}
         before = stat(pid)
         stopped_before = before is not None and before.state == "T"
         # the guard gives these back if sockrepair dies before ending the source
