@@ -5,7 +5,10 @@ differs: the move takes what the program holds at the freeze."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import subprocess
+from collections.abc import Iterator
 
 import pytest
 
@@ -31,37 +34,45 @@ def _connect(ns: NetNS, port: int) -> socket.socket:
     return client
 
 
-@pytest.mark.parametrize("change", ["fd-closed", "fd-number-reused", "new-connection"])
-def test_the_move_takes_what_the_program_holds_at_the_freeze(monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+@contextlib.contextmanager
+def _echo() -> Iterator[tuple[NetNS, int, subprocess.Popen[bytes]]]:
+    """An echo program in a namespace of its own: (the namespace, its port, the program), reaped on the way out
+    (the move ends it)."""
     with NetNS() as ns:
         with ns.entered():
             port = free_port()
         server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
-        clients: list[socket.socket] = []
         try:
-            kept, gone = _connect(ns, port), _connect(ns, port)
-            clients += [kept, gone]
-            [gone_fd] = [s.fd for s in tcp_sockets(server.pid)
-                         if s.tcp_state == TCP_ESTABLISHED and s.tuple.remote_port == gone.getsockname()[1]]
-            gone_inode = socket_inodes(server.pid)[gone_fd]
-            real_freeze = take_module.quiescent_freeze
-
-            def freeze_after_a_change(pid: int, *args: object, **kwargs: object) -> object:
-                if change == "new-connection":  # accepted at a fd number the look did not see
-                    clients.append(_connect(ns, port))
-                    return real_freeze(pid, *args, **kwargs)  # type: ignore[arg-type]
-                gone.close()  # the program closes its end at the EOF
-                wait_for(lambda: gone_fd not in socket_inodes(pid), "the program to close its socket", 5.0)
-                if change == "fd-number-reused":  # the lowest free fd number: the one just closed
-                    clients.append(_connect(ns, port))
-                    now = socket_inodes(pid).get(gone_fd)
-                    assert now is not None and now != gone_inode, "the new connection did not take the fd number"
-                return real_freeze(pid, *args, **kwargs)  # type: ignore[arg-type]
-
-            monkeypatch.setattr(take_module, "quiescent_freeze", freeze_after_a_change)
-            report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=_keep_sockets)
+            yield ns, port, server
         finally:
             stop(server)
+
+
+@pytest.mark.parametrize("change", ["fd-closed", "fd-number-reused", "new-connection"])
+def test_the_move_takes_what_the_program_holds_at_the_freeze(monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    with _echo() as (ns, port, server):
+        clients: list[socket.socket] = []
+        kept, gone = _connect(ns, port), _connect(ns, port)
+        clients += [kept, gone]
+        [gone_fd] = [s.fd for s in tcp_sockets(server.pid)
+                     if s.tcp_state == TCP_ESTABLISHED and s.tuple.remote_port == gone.getsockname()[1]]
+        gone_inode = socket_inodes(server.pid)[gone_fd]
+        real_freeze = take_module.quiescent_freeze
+
+        def freeze_after_a_change(pid: int, *args: object, **kwargs: object) -> object:
+            if change == "new-connection":  # accepted at a fd number the look did not see
+                clients.append(_connect(ns, port))
+                return real_freeze(pid, *args, **kwargs)  # type: ignore[arg-type]
+            gone.close()  # the program closes its end at the EOF
+            wait_for(lambda: gone_fd not in socket_inodes(pid), "the program to close its socket", 5.0)
+            if change == "fd-number-reused":  # the lowest free fd number: the one just closed
+                clients.append(_connect(ns, port))
+                now = socket_inodes(pid).get(gone_fd)
+                assert now is not None and now != gone_inode, "the new connection did not take the fd number"
+            return real_freeze(pid, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(take_module, "quiescent_freeze", freeze_after_a_change)
+        report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=_keep_sockets)
         live = clients if change == "new-connection" else [kept] + clients[2:]
         restored = {s.getpeername()[1]: s for s in report.handoff_result}
         try:
@@ -87,25 +98,19 @@ def test_a_connection_accepted_during_the_look_is_moved(monkeypatch: pytest.Monk
     checking for shared sockets): neither chosen nor lost, it is new under the freeze, and taken there. (Before the
     fds not chosen were compared as listed once the choice was made, one accepted in between was in neither list
     and died with the program.)"""
-    with NetNS() as ns:
-        with ns.entered():
-            port = free_port()
-        server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
+    with _echo() as (ns, port, server):
         clients: list[socket.socket] = []
-        try:
-            clients.append(_connect(ns, port))
-            real = getattr(take_module, after)
+        clients.append(_connect(ns, port))
+        real = getattr(take_module, after)
 
-            def then_accept(*args: object, **kwargs: object) -> object:
-                result = real(*args, **kwargs)
-                if len(clients) == 1:
-                    clients.append(_connect(ns, port))
-                return result
+        def then_accept(*args: object, **kwargs: object) -> object:
+            result = real(*args, **kwargs)
+            if len(clients) == 1:
+                clients.append(_connect(ns, port))
+            return result
 
-            monkeypatch.setattr(take_module, after, then_accept)
-            report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=_keep_sockets)
-        finally:
-            stop(server)
+        monkeypatch.setattr(take_module, after, then_accept)
+        report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=_keep_sockets)
         restored = {s.getpeername()[1]: s for s in report.handoff_result}
         try:
             assert len(clients) == 2
