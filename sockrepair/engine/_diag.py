@@ -267,7 +267,8 @@ FILTER_PORTS_MAX = 16  # more local ports than this: the dump is not filtered (o
 
 def ports_filter(ports: Collection[int]) -> bytes:
     """The INET_DIAG_REQ_BYTECODE attribute of a dump that lists only the sockets whose local port is one of
-    `ports` (b"" for none: no filter), run by the kernel on each socket (net/ipv4/inet_diag.c inet_diag_bc_run).
+    `ports` (b"" for none, or more than FILTER_PORTS_MAX: no filter), run by the kernel on each socket
+    (net/ipv4/inet_diag.c inet_diag_bc_run).
 
     A socket passes when the program's run ends exactly at its end, and fails when it jumps past it. The audit
     (inet_diag_bc_audit) follows the `yes` offsets from the start and accepts a `no` offset only to a place on that
@@ -275,7 +276,7 @@ def ports_filter(ports: Collection[int]) -> bytes:
     (JMP: `no` taken) that a match falls into, and a mismatch skips it to the next test; the last test's mismatch
     jumps 4 bytes past the end."""
     order = sorted(set(ports))
-    if not order:
+    if not order or len(order) > FILTER_PORTS_MAX:
         return b""
     ops = []
     for i, port in enumerate(order):
@@ -291,12 +292,11 @@ def dump_views(session: _Session, families: set[int], states: int, inodes: set[i
     """One sock_diag dump per family in `families` of the TCP sockets in the `states` (a bit per TCP state) of the
     network namespace of the session's socket: the SockView of each socket whose inode is in `inodes`, by inode.
     `local_ports`: the local ports (host order) of those sockets, when known; the kernel then lists only the
-    sockets on them (ports_filter) unless they are more than FILTER_PORTS_MAX, which spares reading the rest of a
-    busy namespace. Raises NotPermittedError without CAP_NET_ADMIN there, SocketCallError (op "sock_diag dump")
+    sockets on them (ports_filter), which spares reading the rest of a busy namespace. Raises NotPermittedError without CAP_NET_ADMIN there, SocketCallError (op "sock_diag dump")
     when the kernel answers with an error."""
     sock = _netlink_for(session)
     views: dict[int, SockView] = {}
-    bytecode = ports_filter(local_ports) if len(set(local_ports)) <= FILTER_PORTS_MAX else b""
+    bytecode = ports_filter(local_ports)
     for family in sorted(families):
         body = _REQ_HEAD.pack(family, socket.IPPROTO_TCP, _DUMP_EXT, states) + bytes(48) + bytecode
         try:

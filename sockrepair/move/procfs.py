@@ -179,9 +179,10 @@ def tcp_table(pid: int) -> dict[int, tuple[ConnTuple, int]]:
     return table
 
 
-def fd_links(pid: int) -> dict[int, str]:
-    """fd -> link target (socket:[inode], a path, anon_inode:...) of every fd the process holds, from one listing
-    of /proc/PID/fd. Raises ProcessError (gone, or not permitted)."""
+def fd_links(pid: int, skip: Collection[int] = ()) -> dict[int, str]:
+    """fd -> link target (socket:[inode], a path, anon_inode:...) of every fd the process holds but those in
+    `skip` (whose links are not read), from one listing of /proc/PID/fd. Raises ProcessError (gone, or not
+    permitted)."""
     fd_dir = f"/proc/{pid}/fd"
     try:
         names = os.listdir(fd_dir)
@@ -191,8 +192,11 @@ def fd_links(pid: int) -> dict[int, str]:
         raise ProcessError(f"not permitted to read the fds of process {pid} (run as root)", pid=pid) from None
     links = {}
     for name in names:
+        fd = int(name)
+        if fd in skip:
+            continue
         try:
-            links[int(name)] = os.readlink(f"{fd_dir}/{name}")
+            links[fd] = os.readlink(f"{fd_dir}/{name}")
         except OSError:
             continue  # closed while we looked
     return links

@@ -292,23 +292,9 @@ def checkpoint_all_taken(pid: int, chosen: Sequence[ProcSocket], copies: Sequenc
 
 
 def _other_fds(pid: int, chosen: Sequence[ProcSocket]) -> dict[int, str]:
-    """fd -> link target (socket:[inode], a path...) of the process's fds that are not `chosen`: what a socket
-    accepted or connected after the look would show up in (a new fd, or one reused). Reads /proc/PID/fd, and a
-    link for each fd not chosen only: few in a program whose fds are mostly its connections. Raises
-    ProcessError."""
-    fd_dir = f"/proc/{pid}/fd"
-    taken = {s.fd for s in chosen}
-    try:
-        names = os.listdir(fd_dir)
-    except OSError:
-        raise ProcessError(f"cannot read the fds of process {pid}", pid=pid) from None
-    others = {}
-    for name in names:
-        if int(name) in taken:
-            continue
-        with contextlib.suppress(OSError):  # closed while we looked
-            others[int(name)] = os.readlink(f"{fd_dir}/{name}")
-    return others
+    """fd -> link target of the process's fds that are not `chosen`, read now: a link for each fd not chosen only
+    (few in a program whose fds are mostly its connections). Raises ProcessError."""
+    return fd_links(pid, skip={s.fd for s in chosen})
 
 
 def _sockets(links: dict[int, str]) -> dict[int, str]:
