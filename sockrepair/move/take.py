@@ -303,10 +303,11 @@ def _sockets(links: dict[int, str]) -> dict[int, str]:
 
 def _same_fds(pid: int, chosen: Sequence[ProcSocket], others: dict[int, str]) -> bool:
     """Whether the process's sockets besides `chosen` (whose fds it still holds) are still those of `others` (fd ->
-    link of the fds not chosen, from the listing they were chosen from: procfs.fd_links). Its count of open fds (the size of /proc/PID/fd, Linux 6.2+: 0 before) equal to the chosen and
-    the others, each other fd still linked as it was, means the same fds, without listing /proc/PID/fd (0.6-2 ms at
-    1,000 fds); otherwise the list is read and its sockets compared, as it always is while a thread waits in
-    accept() (the fd it reserved counts, unlisted). Raises ProcessError (_other_fds)."""
+    link of the fds not chosen, from the listing they were chosen from: procfs.fd_links). Its count of open fds
+    (the size of /proc/PID/fd, Linux 6.2+: 0 before) equal to the chosen and the others, each other fd still linked
+    as it was, means the same fds, without listing /proc/PID/fd (0.6-2 ms at 1,000 fds); otherwise the list is read
+    and its sockets compared, as it always is while a thread waits in accept() (the fd it reserved counts,
+    unlisted). Raises ProcessError (_other_fds)."""
     fd_dir = f"/proc/{pid}/fd"
     with contextlib.suppress(OSError):
         if os.stat(fd_dir).st_size == len(chosen) + len(others) and all(
