@@ -292,8 +292,8 @@ def dump_views(session: _Session, families: set[int], states: int, inodes: set[i
     """One sock_diag dump per family in `families` of the TCP sockets in the `states` (a bit per TCP state) of the
     network namespace of the session's socket: the SockView of each socket whose inode is in `inodes`, by inode.
     `local_ports`: the local ports (host order) of those sockets, when known; the kernel then lists only the
-    sockets on them (ports_filter), which spares reading the rest of a busy namespace. Raises NotPermittedError without CAP_NET_ADMIN there, SocketCallError (op "sock_diag dump")
-    when the kernel answers with an error."""
+    sockets on them (ports_filter), which spares reading the rest of a busy namespace. Raises NotPermittedError
+    without CAP_NET_ADMIN there, SocketCallError (op "sock_diag dump") when the kernel answers with an error."""
     sock = _netlink_for(session)
     views: dict[int, SockView] = {}
     bytecode = ports_filter(local_ports)
