@@ -151,12 +151,28 @@ def select_sockets(pid: int, wanted: Sequence[int] | None, keep_errors: bool = F
                 raise SocketStateError(f"fd {fd} of process {pid} ({protocol} {s.tuple}) is {s.state_name}: {why}",
                                        pid=pid, fd=fd, tuple=s.tuple, tcp_state=s.tcp_state)
             chosen.append(s)
+        _refuse_twice(pid, chosen)
         return chosen
     chosen = [s for s in found if _why_not(s, socket_protocol(pid, s.fd), keep_errors) is None]
     if not chosen:
         raise ProcessError(f"process {pid} ({process_name(pid)}) holds no TCP connection that can be moved (only plain "
                            f"TCP ones in {REPAIRABLE_NAMES} can)", pid=pid)
+    _refuse_twice(pid, chosen)
     return chosen
+
+
+def _refuse_twice(pid: int, chosen: Sequence[ProcSocket]) -> None:
+    """SocketStateError (`.pid`, `.fd`, `.tuple`, `.tcp_state` of the second fd) when two of the `chosen` fds hold
+    the same socket (dup, dup2): each connection is checkpointed and restored once, and a second restore of its
+    4-tuple would fail once the process is gone. The caller's error path leaves the process as it was."""
+    first: dict[int, int] = {}
+    for s in chosen:
+        if s.inode in first:
+            raise SocketStateError(
+                f"fds {first[s.inode]} and {s.fd} of process {pid} ({process_name(pid)}) hold the same connection "
+                f"({s.tuple}): a move takes each connection once; leave one of them out (--fd, wanted=...). Nothing "
+                "was moved", pid=pid, fd=s.fd, tuple=s.tuple, tcp_state=s.tcp_state)
+        first[s.inode] = s.fd
 
 
 def left_behind(pid: int, chosen: Sequence[ProcSocket], keep_errors: bool = False,
@@ -167,9 +183,10 @@ def left_behind(pid: int, chosen: Sequence[ProcSocket], keep_errors: bool = Fals
     `links`: the fd_links() `chosen` was selected from (a connection accepted since is no loss yet: the look
     under the freeze finds it), else read now."""
     taken = {s.fd for s in chosen}
+    moved = {s.inode for s in chosen}  # another fd of a chosen socket is no loss: its connection moves
     out = []
     for s in tcp_sockets(pid, links):
-        if s.fd in taken or s.tcp_state in _NO_CONNECTION or s.inode in shared:
+        if s.fd in taken or s.inode in moved or s.tcp_state in _NO_CONNECTION or s.inode in shared:
             continue
         protocol = socket_protocol(pid, s.fd)
         out.append(Unmovable(s, protocol, _why_not(s, protocol, keep_errors) or "not among the fds asked for"))

@@ -8,12 +8,14 @@ from __future__ import annotations
 import contextlib
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
 
 import sockrepair
 import sockrepair.move.take as take_module
+from sockrepair.errors import SocketStateError
 from sockrepair.lab.subjects import start_echo, stop
 from sockrepair.move.procfs import socket_inodes, tcp_sockets
 from sockrepair.netns import NetNS
@@ -121,3 +123,65 @@ def test_a_connection_accepted_during_the_look_is_moved(monkeypatch: pytest.Monk
         finally:
             for s in list(restored.values()) + clients:
                 s.close()
+
+
+_TWIN = """
+import os, socket, threading
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+print(listener.getsockname()[1], flush=True)
+conns = [listener.accept()[0] for _ in range(2)]
+print(conns[0].fileno(), conns[1].fileno(), os.dup(conns[0].fileno()), flush=True)
+def echo(c):
+    while data := c.recv(4096):
+        c.sendall(data)
+for c in conns:
+    threading.Thread(target=echo, args=(c,), daemon=True).start()
+threading.Event().wait()
+"""
+
+
+@pytest.mark.parametrize("wanted", ["every", "one-of-the-twins"])
+def test_a_connection_at_two_fds_is_refused_or_moved_once(wanted: str) -> None:
+    """A program holding one connection at two fds (dup): taking both would restore its 4-tuple twice, the second
+    failing once the program is gone. Every connection asked for: refused before anything is frozen, the program
+    going on; the twin left out: the connection is moved once, and the twin is no loss."""
+    with NetNS() as ns:
+        with ns.entered():
+            program = subprocess.Popen([sys.executable, "-c", _TWIN], stdout=subprocess.PIPE, text=True)
+        clients: list[socket.socket] = []
+        restored: list[socket.socket] = []
+        try:
+            assert program.stdout is not None
+            port = int(program.stdout.readline())
+            with ns.entered():
+                clients += [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+            first, second, twin = map(int, program.stdout.readline().split())
+            if wanted == "every":
+                twice = rf"fds {first} and {twin} of process {program.pid} \(\S+\) hold the same connection"
+                with pytest.raises(SocketStateError, match=twice) as refused:
+                    sockrepair.migrate(program.pid, dest_netns=ns.name, handoff=_keep_sockets)
+                assert (refused.value.pid, refused.value.fd) == (program.pid, twin)
+                peers = clients
+            else:
+                report = sockrepair.migrate(program.pid, wanted=[first, second], dest_netns=ns.name,
+                                            handoff=_keep_sockets)
+                restored = list(report.handoff_result)
+                by_port = {s.getpeername()[1]: s for s in restored}
+                assert sorted(by_port) == sorted(c.getsockname()[1] for c in clients)
+                peers = [by_port[c.getsockname()[1]] for c in clients]
+            for client, peer in zip(clients, peers):
+                client.sendall(b"still here")
+                if peer is client:  # refused: the program itself echoes
+                    assert recv_exactly(client, 10) == b"still here"
+                else:
+                    assert recv_exactly(peer, 10) == b"still here"
+            assert (program.poll() is None) == (wanted == "every")
+        finally:
+            for s in clients + restored:
+                s.close()
+            program.kill()
+            program.wait()
+            if program.stdout is not None:
+                program.stdout.close()
