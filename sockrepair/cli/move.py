@@ -20,7 +20,7 @@ from sockrepair.errors import HandoffError, ImageError
 from sockrepair.image.text import head_line, state_lines
 from sockrepair.lock import Locker
 from sockrepair.move.ask import ask_peers
-from sockrepair.move.dump import After, dump, inspect
+from sockrepair.move.dump import IN_REPAIR, After, dump, inspect
 from sockrepair.move.handoff import (
     SD_LISTEN_FDS_START,
     connect_receiver,
@@ -174,7 +174,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not rows:
         print(f"process {args.pid} has no TCP sockets")
     proc = stat(args.pid)
-    stuck = [s.fd for s, _, name in rows if name.endswith("(in repair mode)")]
+    stuck = [s.fd for s, _, name in rows if name.startswith(s.state_name + IN_REPAIR)]
     if proc is not None and proc.state == "T" and stuck:
         print(f"note: process {args.pid} is stopped with fd(s) {', '.join(map(str, stuck))} in repair mode, as a "
               f"move killed half-way leaves it: `sockrepair dump --pid {args.pid} -D DIR --leave-running` takes them "
@@ -189,8 +189,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     handing = args.exec_argv is not None or args.unix is not None
     if args.pending:
-        if handing:
-            args.usage_error("--pending lists journals: it takes no --exec or --unix")
+        given = [flag for flag, on in (("--exec", args.exec_argv is not None), ("--unix", args.unix is not None),
+                                       ("--unix-uid", bool(args.unix_uid)), ("--netns", args.netns is not None),
+                                       ("--force", args.force)) if on]
+        if given:
+            args.usage_error(f"--pending lists journals: it takes no {', '.join(given)} (they are for -D)")
         return _list_pending(args.json)
     if not handing:
         args.usage_error("one of the arguments --exec --unix is required")

@@ -89,12 +89,15 @@ def checkpoint(sock: SockLike) -> ConnectionState:
     return checkpoint_session(session, *first_look(session))
 
 
-def checkpoint_session(session: _Session, family: int, first_state: int) -> ConnectionState:
+def checkpoint_session(session: _Session, family: int, first_state: int, resume_on_error: bool = True
+                       ) -> ConnectionState:
     """checkpoint() of the session's socket once first_look() returned (`family`, `first_state`) (checkpoint_many
     reads a socket in CLOSE this way: no sock_diag dump lists it). The options a sock_diag answer shows exactly as
     getsockopt does (_sockopts.DUMPED) are taken from the refusal checks' round trip, made in repair mode, which
     changes none of them (do_tcp_setsockopt TCP_REPAIR sets tp->repair, sk_reuse and tp->repair_queue only; the
-    reuse flag is read before it); in CLOSE, which sock_diag cannot see, every option is read before."""
+    reuse flag is read before it); in CLOSE, which sock_diag cannot see, every option is read before. Without
+    `resume_on_error` a failure leaves the socket in repair mode (one found in repair mode already, as a move killed
+    half-way leaves it: a look at it must leave it so)."""
     fd = session.fd
     conn = session.tuple = _connection_tuple(session, family, first_state)
     plan = (PLANS if first_state == CLOSE else DUMPED_PLANS)[family]
@@ -119,7 +122,8 @@ def checkpoint_session(session: _Session, family: int, first_state: int) -> Conn
         ensure_state(session, first_state, info.tcpi_state)
         return frozen_state(session, info, sockopts, checked.inq)
     except BaseException:
-        resume_session(session)
+        if resume_on_error:
+            resume_session(session)
         raise
 
 

@@ -183,11 +183,15 @@ def _entry_view(entry: Entry, state: ConnectionState) -> dict[str, Any]:
             "unsent": state.unsent_len}
 
 
+# what inspect() adds to the state name of a socket it found in repair mode
+IN_REPAIR = " (in repair mode)"
+
+
 def inspect(pid: int) -> list[tuple[ProcSocket, ConnectionState | None, str]]:
     """A non-destructive look at every TCP socket of `pid`, ordered by fd: (socket, state, state name), where
     state is None for a socket in a state the engine does not repair (LISTEN, SYN_RECV...) or that a move cannot
-    take (the name then says why), and the name "<STATE> (in repair mode)" for one found in repair mode (left so by
-    a move killed half-way: it stays so). A socket in CLOSE with an error pending is listed without a state:
+    take (the name then says why), and the name "<STATE> (in repair mode)" (IN_REPAIR) for one found in repair mode
+    (left so by a move killed half-way: it stays so, whatever its checkpoint finds). A socket in CLOSE with an error pending is listed without a state:
     reading the error (as a checkpoint does) would clear it. The others are checkpointed and resumed without a
     window probe while the process is frozen for the few microseconds that takes.
     Raises ProcessError as dump() does."""
@@ -205,16 +209,19 @@ def inspect(pid: int) -> list[tuple[ProcSocket, ConnectionState | None, str]]:
                 result.append((s, None, f"{s.state_name}, an error pending (left unread: only a move reads it)"))
                 continue
             fd = pidfd.getfd(s.fd)
+            was_in_repair = False
             try:
-                # one already in repair mode (a move killed half-way) is left so: inspect changes nothing
+                # one already in repair mode (a move killed half-way) is left so, even when its checkpoint fails:
+                # inspect changes nothing
                 was_in_repair = in_repair(fd)
-                state = checkpoint_taken(pid, s, fd)
+                state = checkpoint_taken(pid, s, fd, leave_in_repair=was_in_repair)
                 if not was_in_repair:
                     resume(fd)
-                result.append((s, state, f"{s.state_name} (in repair mode)" if was_in_repair else s.state_name))
+                result.append((s, state, f"{s.state_name}{IN_REPAIR}" if was_in_repair else s.state_name))
             except SocketStateError as exc:
                 # refused before repair mode (or resumed): listed with why a move cannot take it
-                result.append((s, None, f"{s.state_name}, cannot be moved: {exc}"))
+                where = IN_REPAIR if was_in_repair else ""
+                result.append((s, None, f"{s.state_name}{where}, cannot be moved: {exc}"))
             finally:
                 os.close(fd)
     return result

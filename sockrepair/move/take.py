@@ -22,10 +22,13 @@ from sockrepair.engine._batch import (
 from sockrepair.engine._checkpoint import (
     REPAIRABLE_NAMES,
     checkpoint,
+    checkpoint_session,
+    first_look,
     resume,
 )
 from sockrepair.engine._refuse import refusals_of
 from sockrepair.engine._repair import in_repair
+from sockrepair.engine._session import session_of
 from sockrepair.engine._states import REPAIRABLE
 from sockrepair.errors import ProcessError, SocketStateError
 from sockrepair.lock import Locker
@@ -289,11 +292,15 @@ def _in_process_of(exc: SocketStateError, pid: int, socks: Sequence[ProcSocket],
     return exc
 
 
-def checkpoint_taken(pid: int, sock: ProcSocket, copy: int) -> ConnectionState:
-    """checkpoint() of `copy`, process `pid`'s socket `sock` taken with pidfd_getfd. Raises SocketStateError naming
-    the process's pid and fd, the tuple and the TCP state."""
+def checkpoint_taken(pid: int, sock: ProcSocket, copy: int, leave_in_repair: bool = False) -> ConnectionState:
+    """checkpoint() of `copy`, process `pid`'s socket `sock` taken with pidfd_getfd; with `leave_in_repair` a
+    failure leaves it in repair mode instead of resuming it (for one found so). Raises SocketStateError naming the
+    process's pid and fd, the tuple and the TCP state."""
     try:
-        return checkpoint(copy)
+        if not leave_in_repair:
+            return checkpoint(copy)
+        session = session_of(copy)
+        return checkpoint_session(session, *first_look(session), resume_on_error=False)
     except SocketStateError as exc:
         raise _in_process(exc, pid, sock, copy) from None
 

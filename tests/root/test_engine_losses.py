@@ -4,6 +4,7 @@ each one (pid, fd, protocol, tuple, state); with allow_loss it dumps the rest an
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -13,8 +14,10 @@ from collections.abc import Iterator
 import pytest
 
 import sockrepair
+from sockrepair.engine._repair import in_repair, repair_off, repair_on
 from sockrepair.image.directory import read_dir
 from sockrepair.move.dump import After, dump, inspect
+from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import ProcSocket, stat, tcp_sockets
 from sockrepair.move.take import socket_protocol
 from tests.clihelp import run_main
@@ -198,4 +201,38 @@ def test_urgent_data_is_refused_before_the_freeze_and_inspect_says_why(netns, tm
         live.close()
         urgent.close()
         proc.kill()
+
+
+def test_inspect_leaves_a_socket_it_found_in_repair_mode_so_when_its_checkpoint_fails(netns):
+    """A socket a killed move left in repair mode that the engine refuses (an urgent byte unread): inspect names
+    both, and the socket is still in repair mode afterwards (a checkpoint's failure path turns repair mode off)."""
+    proc, port = _holder(1)
+    urgent = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "accepted"
+        urgent.send(b"abc")
+        urgent.send(b"X", socket.MSG_OOB)
+        mine = next(s for s in tcp_sockets(proc.pid) if s.tuple.remote_port == urgent.getsockname()[1])
+        for _ in range(500):
+            rows = {s.fd: name for s, _, name in inspect(proc.pid)}
+            if "urgent byte" in rows[mine.fd]:
+                break
+        with PidFd(proc.pid) as pidfd:
+            copy = pidfd.getfd(mine.fd)
+        try:
+            repair_on(copy)
+            rows = {s.fd: name for s, _, name in inspect(proc.pid)}
+            assert rows[mine.fd].startswith("ESTABLISHED (in repair mode), cannot be moved: ")
+            assert "urgent byte b'X' not yet read" in rows[mine.fd]
+            assert in_repair(copy)
+            code, out, _ = run_main("inspect", "--pid", str(proc.pid))
+            assert code == 0 and in_repair(copy)
+            assert "(in repair mode), cannot be moved" in out and "urgent byte" in out
+        finally:
+            repair_off(copy, probe=False)
+            os.close(copy)
+    finally:
+        urgent.close()
+        proc.kill()
+        proc.wait()
         proc.wait()
