@@ -28,22 +28,29 @@ class PidFd:
     def getfd(self, target_fd: int) -> int:
         """A new fd in this process for the target's `target_fd` (the same open socket, not a copy of it).
         Raises ProcessError naming the target's pid and `target_fd`."""
+        fd = self.getfd_if_open(target_fd)
+        if fd is None:
+            raise ProcessError(f"process {self.pid} has no fd {target_fd}", pid=self.pid, fd=target_fd)
+        return fd
+
+    def getfd_if_open(self, target_fd: int) -> int | None:
+        """getfd(), or None when the target has no `target_fd` (closed since it was listed, say). Raises
+        ProcessError for every other failure."""
         fd = lib.syscall(lib.SYS_pidfd_getfd, ffi.cast("int", self.fd), ffi.cast("int", target_fd),
                          ffi.cast("unsigned int", 0))
-        if fd < 0:
-            err = ffi.errno
-            if err == errno.EBADF:
-                raise ProcessError(f"process {self.pid} has no fd {target_fd}", pid=self.pid, fd=target_fd)
-            if err == errno.ESRCH:
-                raise ProcessError(f"process {self.pid} exited", pid=self.pid)
-            if err == errno.EPERM:
-                raise ProcessError(f"not permitted to take fds from process {self.pid} (needs ptrace access: root)",
-                                   pid=self.pid, fd=target_fd)
-            if err == errno.ENOSYS:
-                raise ProcessError("this kernel has no pidfd_getfd (needs Linux >= 5.6)", pid=self.pid)
-            raise ProcessError(f"pidfd_getfd({self.pid}, {target_fd}): {os.strerror(err)}", pid=self.pid,
-                               fd=target_fd)
-        return int(fd)
+        if fd >= 0:
+            return int(fd)
+        err = ffi.errno
+        if err == errno.EBADF:
+            return None
+        if err == errno.ESRCH:
+            raise ProcessError(f"process {self.pid} exited", pid=self.pid)
+        if err == errno.EPERM:
+            raise ProcessError(f"not permitted to take fds from process {self.pid} (needs ptrace access: root)",
+                               pid=self.pid, fd=target_fd)
+        if err == errno.ENOSYS:
+            raise ProcessError("this kernel has no pidfd_getfd (needs Linux >= 5.6)", pid=self.pid)
+        raise ProcessError(f"pidfd_getfd({self.pid}, {target_fd}): {os.strerror(err)}", pid=self.pid, fd=target_fd)
 
     def getfds(self, targets: Sequence[int]) -> list[int]:
         """getfd() of each of `targets` in order, up to the first that fails (the list is then shorter: getfd()

@@ -202,10 +202,21 @@ def screen(pid: int, pidfd: PidFd, chosen: Sequence[ProcSocket], wanted: Sequenc
     of sockrepair.engine.registry: urgent data, TCP-MD5 keys, kTLS, TCP-AO...), before anything is frozen. Returns
     (the sockets to take, those that cannot be taken). A socket asked for by fd (`wanted`) that cannot be taken
     raises SocketStateError naming the process's pid and fd, the protocol, the tuple and each refused entry; one
-    found by itself is refused the same way unless `allow_loss`."""
+    found by itself is refused the same way unless `allow_loss`. A connection the process closed since it was listed
+    is in neither list (nothing to take, nothing lost: a busy server closes connections all the time), unless it was
+    asked for (ProcessError)."""
     take, cannot = [], []
     for s in chosen:
-        copy = pidfd.getfd(s.fd)
+        copy = pidfd.getfd_if_open(s.fd)
+        if copy is not None and os.fstat(copy).st_ino != s.inode:
+            # closed, and its number given to another file: the look under the freeze finds that one as new
+            os.close(copy)
+            copy = None
+        if copy is None:
+            if wanted:
+                raise ProcessError(f"fd {s.fd} of process {pid} ({s.tuple}) was closed by the process while being "
+                                   "looked at; nothing was frozen", pid=pid, fd=s.fd)
+            continue
         try:
             found = refusals_of(copy)
         finally:
@@ -401,14 +412,17 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
         lost = [u for u in lost if u.sock.inode not in shared]
         if not allow_loss:
             refuse_losses(pid, lost)
+        listed = chosen
         chosen, unmovable = screen(pid, pidfd, chosen, wanted, allow_loss)
         if not chosen:
             raise ProcessError(f"process {pid} holds no connection that can be moved: "
-                               + "; ".join(map(str, unmovable)), pid=pid)
+                               + ("; ".join(map(str, unmovable)) or "those it held were closed"), pid=pid)
         lost += unmovable
         refuse_shared(pid, chosen, {os.getpid(), freezer.child})
         taken_fds = {s.fd for s in chosen}
-        others = {fd: target for fd, target in links.items() if fd not in taken_fds}
+        # what screen() found closed is no longer among the process's fds either
+        gone = {s.fd for s in listed} - taken_fds - {u.sock.fd for u in unmovable}
+        others = {fd: target for fd, target in links.items() if fd not in taken_fds and fd not in gone}
         before = stat(pid)
         stopped_before = before is not None and before.state == "T"
         # the guard gives these back if sockrepair dies before ending the source

@@ -125,6 +125,45 @@ def test_a_connection_accepted_during_the_look_is_moved(monkeypatch: pytest.Monk
                 s.close()
 
 
+@pytest.mark.parametrize("change", ["fd-closed", "fd-number-reused"])
+def test_a_connection_closed_during_the_look_is_neither_taken_nor_lost(monkeypatch: pytest.MonkeyPatch,
+                                                                       change: str) -> None:
+    """Closed by the program once chosen, before the chosen sockets are screened (and its number perhaps given to
+    a new connection at once): the move takes the others, and the new one under the freeze. (Before, the screen's
+    pidfd_getfd failed and the whole move was refused: "process N has no fd M".)"""
+    with _echo() as (ns, port, server):
+        kept, gone = _connect(ns, port), _connect(ns, port)
+        clients = [kept]
+        [gone_fd] = [s.fd for s in tcp_sockets(server.pid)
+                     if s.tcp_state == TCP_ESTABLISHED and s.tuple.remote_port == gone.getsockname()[1]]
+        real = take_module.select_sockets
+        calls = []
+
+        def then_close(pid: int, *args: object, **kwargs: object) -> object:
+            chosen = real(pid, *args, **kwargs)  # type: ignore[arg-type]
+            calls.append(chosen)
+            if len(calls) == 1:
+                assert gone_fd in [s.fd for s in chosen]
+                gone.close()  # the program closes its end at the EOF
+                wait_for(lambda: gone_fd not in socket_inodes(pid), "the program to close its socket", 5.0)
+                if change == "fd-number-reused":
+                    clients.append(_connect(ns, port))
+                    assert gone_fd in socket_inodes(pid), "the new connection did not take the fd number"
+            return chosen
+
+        monkeypatch.setattr(take_module, "select_sockets", then_close)
+        report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=_keep_sockets)
+        restored = {s.getpeername()[1]: s for s in report.handoff_result}
+        try:
+            assert sorted(restored) == sorted(c.getsockname()[1] for c in clients)
+            for client in clients:
+                client.sendall(b"moved")
+                assert recv_exactly(restored[client.getsockname()[1]], 5) == b"moved"
+        finally:
+            for s in list(restored.values()) + clients:
+                s.close()
+
+
 _TWIN = """
 import os, socket, threading
 listener = socket.socket()
