@@ -23,6 +23,7 @@ from sockrepair.errors import ProcessError
 from sockrepair.image import encode
 from sockrepair.lock import Locker
 from sockrepair.move.ask import ask_peers
+from sockrepair.move.backlog import accept_waiting, close_all
 from sockrepair.move.freeze import Freezer
 from sockrepair.move.journal import (
     ENDED,
@@ -39,7 +40,13 @@ from sockrepair.move.keep import Keeper, Kept, netns_path
 from sockrepair.move.land import passing_lock, restore_all
 from sockrepair.move.quiesce import Quiescence
 from sockrepair.move.stages import Stage, Timings
-from sockrepair.move.take import captured, end_source, process_locker, wait_exited
+from sockrepair.move.take import (
+    Captured,
+    captured,
+    end_source,
+    process_locker,
+    wait_exited,
+)
 from sockrepair.netns import named
 from sockrepair.sigmask import deferred_signals
 from sockrepair.state import ConnTuple
@@ -64,7 +71,8 @@ class MigrationReport:
     states were made durable in before the source was ended (removed once the move completed, when migrate()
     created it). `kept`: the peers' packets kept by the lock and delivered to the restored sockets, and those left to
     the peers' retransmission (sockrepair.move.keep.Kept). `handoff_result`: what `handoff` returned (not in
-    to_dict())."""
+    to_dict()). `accepted`: the connections that waited in the program's listeners' accept queues (connected while
+    it was frozen, say), accepted and handed off after the moved ones (sockrepair.move.backlog)."""
 
     pid: int
     connections: list[str]
@@ -78,6 +86,7 @@ class MigrationReport:
     freeze_attempts: int = 1
     busy: list[str] = field(default_factory=list)
     journal: str | None = None
+    accepted: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON view: every field but handoff_result, milliseconds rounded to 3 decimals."""
@@ -85,7 +94,7 @@ class MigrationReport:
                 "quiescent": self.quiescent, "freeze_attempts": self.freeze_attempts, "busy": self.busy,
                 "phases_ms": {k: round(v, 3) for k, v in self.phases_ms.items()},
                 "downtime_ms": round(self.downtime_ms, 3), "image_bytes": self.image_bytes,
-                "kept": self.kept.to_dict(), "journal": self.journal}
+                "kept": self.kept.to_dict(), "journal": self.journal, "accepted": self.accepted}
 
 
 def _journal_again(socks: list[socket.socket], tuples: list[ConnTuple], directory: Path, pid: int, fds: list[int],
@@ -203,6 +212,9 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     socks: list[socket.socket] = []
     live = False  # the restored sockets were unlocked
     freezer: Freezer | None = None
+    cap: Captured | None = None
+    waiting: list[socket.socket] = []
+    accepted: list[ConnTuple] = []
     held = -1
     # no cyclic collection until the move ends: 1,000 connections make enough objects for a few, 5 to 20 ms of the
     # downtime, and nothing the move makes needs collecting before it ends
@@ -224,8 +236,11 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         if dest_locker is not source_locker:
             dest_locker.prepare(dest_group)
         head = journal_head(directory, pid, dest_netns)
+        # every connection of a program restored where it was, for a program that takes them: the ones still
+        # waiting in its listeners' accept queues go too (sockrepair.move.backlog)
+        backlog = wanted is None and handoff is not None and dest_locker is source_locker
         with captured(pid, wanted, source_locker, timings, ttl, quiescence, freezer, owed=True,
-                      group=source_group) as cap:
+                      group=source_group, backlog=backlog) as cap:
             tuples = [s.tuple for s in cap.sockets]
             start = cap.frozen_at
             if dest_locker is not source_locker:
@@ -268,9 +283,13 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         result = None
         if handoff is not None:
             with timings.timed(Stage.HANDOFF):
+                # accepted last, so that what connected during the move is there too; the listeners closed at once,
+                # as the program's exit would have
+                waiting, accepted = accept_waiting(cap.listening)
+                close_all(cap.listening)
                 freezer.handing()
-                result = handoff(socks, tuples)
-                socks = []  # the caller's program holds them now
+                result = handoff(socks + waiting, tuples + accepted)
+                socks, waiting = [], []  # the caller's program holds them now
                 # marked before the guard lets go: killed in between, the guard finds them handed off
                 mark_completed(directory, created)
                 freezer.release()
@@ -286,7 +305,10 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             mark_completed(directory, created)
             raise
         with deferred_signals():
-            if socks:
+            # accepted from the backlog and not handed off: live sockets, closed as the program's exit would have
+            for sock in waiting:
+                sock.close()
+            if socks and cap is not None:
                 try:
                     _journal_again(socks, tuples, directory, pid, [s.fd for s in cap.sockets], dest_locker, live,
                                    ttl, dest_netns)
@@ -302,6 +324,8 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         raise
     finally:
         _gc_on()
+        if cap is not None:
+            close_all(cap.listening)
         if freezer is not None:
             freezer.close()
         if held >= 0:
@@ -313,4 +337,4 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             keeper.close()
     return MigrationReport(pid, [str(t) for t in tuples], cap.freeze_method, timings.ms, downtime,
                            sum(map(len, images)), kept, result, cap.freeze.quiescent, cap.freeze.attempts,
-                           [str(b) for b in cap.freeze.busy], str(directory))
+                           [str(b) for b in cap.freeze.busy], str(directory), [str(t) for t in accepted])

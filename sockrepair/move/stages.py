@@ -56,8 +56,9 @@ class Stage(Enum):
     UNLOCK = ("unlock", "release the lock in both namespaces when they differ (restore: in the one restored into, "
               "and mark the move completed): the connections are live again; migrate then delivers what the lock "
               "kept during the delivery", LANDING)
-    HANDOFF = ("handoff", "pass the restored sockets to the caller's program (restore: over --unix, then record "
-               "them as handed off in the directory; or exec --exec)", LANDING)
+    HANDOFF = ("handoff", "pass the restored sockets to the caller's program (migrate: with the connections accepted "
+               "from the program's listen backlog; restore: over --unix, then record them as handed off in the "
+               "directory; or exec --exec)", LANDING)
 
     key: str
     does: str

@@ -8,6 +8,7 @@ import contextlib
 import os
 import select
 import signal
+import socket
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ from sockrepair.engine._session import session_of
 from sockrepair.engine._states import REPAIRABLE
 from sockrepair.errors import ProcessError, SocketStateError
 from sockrepair.lock import Locker
+from sockrepair.move.backlog import take_listeners
 from sockrepair.move.freeze import Freezer
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import (
@@ -72,6 +74,11 @@ class Captured:
     # per state, whether its old socket may owe its peer an ACK (owed_acks; restore_with's `owed`), found when
     # captured() was asked to (`owed`); empty: unknown, every one may
     owed: list[bool] = field(default_factory=list)
+    # the process's listeners no other process holds (from the look), when captured() was asked for its `backlog`;
+    # end_source() takes them (sockrepair.move.backlog) into `listening`, right before the kill: the caller accepts
+    # what waits in them and closes them
+    listeners: list[ProcSocket] = field(default_factory=list)
+    listening: list[socket.socket] = field(default_factory=list)
 
     @property
     def freeze_method(self) -> str:
@@ -131,16 +138,17 @@ def _why_not(sock: ProcSocket, protocol: str, keep_errors: bool = False) -> str 
 
 
 def select_sockets(pid: int, wanted: Sequence[int] | None, keep_errors: bool = False,
-                   links: dict[int, str] | None = None) -> list[ProcSocket]:
+                   links: dict[int, str] | None = None, found: list[ProcSocket] | None = None) -> list[ProcSocket]:
     """The process's sockets to take: the fds in `wanted` (each must be a plain TCP socket in a state the engine
     repairs: ESTABLISHED, half-closed, SYN_SENT or CLOSE after a connection), or every such one, among the fds of
-    `links` (procfs.fd_links(), when the caller read them). Raises ProcessError (no such fd, an empty `wanted`, no
-    connection to take) or SocketStateError (naming the process's pid and fd, the protocol, the tuple and the
+    `links` (procfs.fd_links(), when the caller read them; `found`: the tcp_sockets() of those links, when the caller
+    read them too). Raises ProcessError (no such fd, an empty `wanted`, no connection to take) or SocketStateError (naming the process's pid and fd, the protocol, the tuple and the
     state). `keep_errors`: see _why_not."""
     if wanted is not None and not wanted:
         # not "every connection": a caller's filter that kept nothing must not end the program with all of them
         raise ProcessError(f"no fd of process {pid} asked for (wanted=[]; None takes every connection)", pid=pid)
-    found = tcp_sockets(pid, links)
+    if found is None:
+        found = tcp_sockets(pid, links)
     if wanted:
         by_fd = {s.fd: s for s in found}
         chosen = []
@@ -179,16 +187,17 @@ def _refuse_twice(pid: int, chosen: Sequence[ProcSocket]) -> None:
 
 
 def left_behind(pid: int, chosen: Sequence[ProcSocket], keep_errors: bool = False,
-                shared: Collection[int] = (), links: dict[int, str] | None = None) -> list[Unmovable]:
+                shared: Collection[int] = (), links: dict[int, str] | None = None,
+                found: list[ProcSocket] | None = None) -> list[Unmovable]:
     """Every connection of the process (any TCP state but LISTEN, any protocol /proc/net/tcp lists, and CLOSE ones
     that hold a peer) that is not in `chosen`, with the reason it is not: what ending the process would destroy.
     Those whose inode is in `shared` (another process has them open: shared_inodes) are not: it keeps them.
     `links`: the fd_links() `chosen` was selected from (a connection accepted since is no loss yet: the look
-    under the freeze finds it), else read now."""
+    under the freeze finds it), else read now; `found`: their tcp_sockets(), when read already."""
     taken = {s.fd for s in chosen}
     moved = {s.inode for s in chosen}  # another fd of a chosen socket is no loss: its connection moves
     out = []
-    for s in tcp_sockets(pid, links):
+    for s in tcp_sockets(pid, links) if found is None else found:
         if s.fd in taken or s.inode in moved or s.tcp_state in _NO_CONNECTION or s.inode in shared:
             continue
         protocol = socket_protocol(pid, s.fd)
@@ -253,12 +262,12 @@ def refuse_losses(pid: int, lost: Sequence[Unmovable]) -> None:
         tcp_state=first.tcp_state)
 
 
-def refuse_shared(pid: int, chosen: Sequence[ProcSocket], skip: Collection[int]) -> None:
+def refuse_shared(pid: int, chosen: Sequence[ProcSocket], holders: dict[int, set[int]]) -> None:
     """Raise SocketStateError (`.pid`, `.fd`, `.tuple`, `.tcp_state` of the first) when another process than `pid`
-    (and those in `skip`) has one of the `chosen` sockets open: a child that inherited it, one it was passed to.
-    Only `pid` is frozen, and a move ends the socket where it is (repair mode, then gone): the other process would
-    lose the connection under its feet, its writes meanwhile refused. Raised before anything is frozen."""
-    holders = fd_holders([s.inode for s in chosen], {pid, *skip})
+    has one of the `chosen` sockets open (`holders`: procfs.fd_holders() of their inodes, `pid` and sockrepair's
+    own processes skipped): a child that inherited it, one it was passed to. Only `pid` is frozen, and a move ends
+    the socket where it is (repair mode, then gone): the other process would lose the connection under its feet,
+    its writes meanwhile refused. Raised before anything is frozen."""
     shared = [(s, sorted(holders[s.inode])) for s in chosen if s.inode in holders]
     if not shared:
         return
@@ -378,7 +387,8 @@ def _taken_if_same(pid: int, pidfd: PidFd, chosen: Sequence[ProcSocket], others:
 def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timings: Timings,
              ttl: float = 60.0, quiescence: Quiescence = Quiescence(),
              freezer: Freezer | None = None, allow_loss: bool = False,
-             keep_errors: bool = False, owed: bool = False, group: int | None = None) -> Iterator[Captured]:
+             keep_errors: bool = False, owed: bool = False, group: int | None = None,
+             backlog: bool = False) -> Iterator[Captured]:
     """Freeze `pid` where every thread waits, as `quiescence` says (sockrepair.move.quiesce), take and checkpoint
     its connections (see select_sockets), lock them with `locker` for `ttl` seconds, and yield them frozen and
     locked; the freeze, lock and checkpoint stages are timed into `timings`. On an error (KeyboardInterrupt
@@ -392,7 +402,9 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
     `keep_errors` (the caller resumes the process): a socket in CLOSE with an error pending is not taken.
     `owed` (the caller restores the states it is given): Captured.owed says which sockets may owe their peer an
     ACK, from their tcpi_segs_out read before the lock and again after the checkpoint (owed_acks). `group`: the
-    nfnetlink_log group of the caller's recorder there (Recorder.group), which the lock copies the peers' packets to."""
+    nfnetlink_log group of the caller's recorder there (Recorder.group), which the lock copies the peers' packets to.
+    `backlog` (the caller hands the connections off where the process's listeners live): Captured.listeners are
+    the process's listeners that no other process holds, whose accept queues end_source() keeps from the kill."""
     with contextlib.ExitStack() as owned:
         # the caller's guard, when it is to outlive the capture (migrate() hands it the restored sockets)
         if freezer is None:
@@ -404,8 +416,9 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
         # as they were in the very listing the sockets were chosen from: a connection accepted after it is new
         # under the freeze, one accepted before it was chosen, or refused as lost
         links = fd_links(pid)
-        chosen = select_sockets(pid, wanted, keep_errors, links)
-        lost = left_behind(pid, chosen, keep_errors, links=links)
+        found = tcp_sockets(pid, links)
+        chosen = select_sockets(pid, wanted, keep_errors, links, found)
+        lost = left_behind(pid, chosen, keep_errors, links=links, found=found)
         # a connection left out that another process holds is not lost with this one (refuse_shared's advice: leave
         # the shared fds out); looked for once, before the freeze
         shared = shared_inodes(pid, lost, {os.getpid(), freezer.child})
@@ -418,7 +431,12 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
             raise ProcessError(f"process {pid} holds no connection that can be moved: "
                                + ("; ".join(map(str, unmovable)) or "those it held were closed"), pid=pid)
         lost += unmovable
-        refuse_shared(pid, chosen, {os.getpid(), freezer.child})
+        # the listeners whose accept queue the move keeps from the kill: those no other process holds (a
+        # pre-forked sibling goes on accepting from a shared one); one look through every process's fds for both
+        listening = [s for s in found if s.tcp_state == TCP_LISTEN] if backlog else []
+        holders = fd_holders([s.inode for s in (*chosen, *listening)], {pid, os.getpid(), freezer.child})
+        refuse_shared(pid, chosen, holders)
+        listeners = [s for s in listening if s.inode not in holders]
         taken_fds = {s.fd for s in chosen}
         # what screen() found closed is no longer among the process's fds either
         gone = {s.fd for s in listed} - taken_fds - {u.sock.fd for u in unmovable}
@@ -443,7 +461,7 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
                 freezer.watch([s.fd for s in chosen], [s.tuple for s in chosen])
             fds: list[int] = taken if taken is not None else []
             states: list[ConnectionState] = []
-            cap = Captured(pid, chosen, fds, states, freeze, pidfd, freezer, lost=lost)
+            cap = Captured(pid, chosen, fds, states, freeze, pidfd, freezer, lost=lost, listeners=listeners)
             try:
                 if taken is None:
                     for s in chosen:
@@ -511,6 +529,8 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[]
             # killed first: its exit (closing its own copies, freeing its memory: milliseconds) runs on another CPU
             # while ours are discarded here and the move goes on
             try:
+                # held open by these duplicates, the listeners outlive the kill, and their accept queues with them
+                cap.listening = take_listeners(cap.pidfd, cap.listeners)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(cap.pid, signal.SIGKILL)
             finally:
