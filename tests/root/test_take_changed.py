@@ -36,6 +36,21 @@ def _connect(ns: NetNS, port: int) -> socket.socket:
     return client
 
 
+def _move_all(pid: int, ns: NetNS, clients: list[socket.socket]) -> None:
+    """migrate() the program's connections within `ns`: exactly those of `clients` arrive, each working; all closed
+    afterwards."""
+    report = sockrepair.migrate(pid, dest_netns=ns.name, handoff=_keep_sockets)
+    restored = {s.getpeername()[1]: s for s in report.handoff_result}
+    try:
+        assert sorted(restored) == sorted(c.getsockname()[1] for c in clients)
+        for client in clients:
+            client.sendall(b"moved")
+            assert recv_exactly(restored[client.getsockname()[1]], 5) == b"moved"
+    finally:
+        for s in list(restored.values()) + clients:
+            s.close()
+
+
 @contextlib.contextmanager
 def _echo() -> Iterator[tuple[NetNS, int, subprocess.Popen[bytes]]]:
     """An echo program in a namespace of its own: (the namespace, its port, the program), reaped on the way out
@@ -112,17 +127,8 @@ def test_a_connection_accepted_during_the_look_is_moved(monkeypatch: pytest.Monk
             return result
 
         monkeypatch.setattr(take_module, after, then_accept)
-        report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=_keep_sockets)
-        restored = {s.getpeername()[1]: s for s in report.handoff_result}
-        try:
-            assert len(clients) == 2
-            assert sorted(restored) == sorted(c.getsockname()[1] for c in clients)
-            for client in clients:
-                client.sendall(b"moved")
-                assert recv_exactly(restored[client.getsockname()[1]], 5) == b"moved"
-        finally:
-            for s in list(restored.values()) + clients:
-                s.close()
+        _move_all(server.pid, ns, clients)
+        assert len(clients) == 2
 
 
 @pytest.mark.parametrize("change", ["fd-closed", "fd-number-reused"])
@@ -152,16 +158,7 @@ def test_a_connection_closed_during_the_look_is_neither_taken_nor_lost(monkeypat
             return chosen
 
         monkeypatch.setattr(take_module, "select_sockets", then_close)
-        report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=_keep_sockets)
-        restored = {s.getpeername()[1]: s for s in report.handoff_result}
-        try:
-            assert sorted(restored) == sorted(c.getsockname()[1] for c in clients)
-            for client in clients:
-                client.sendall(b"moved")
-                assert recv_exactly(restored[client.getsockname()[1]], 5) == b"moved"
-        finally:
-            for s in list(restored.values()) + clients:
-                s.close()
+        _move_all(server.pid, ns, clients)
 
 
 _TWIN = """
