@@ -22,6 +22,16 @@ if TYPE_CHECKING:
 ECHO_LIMIT = 120
 
 
+# What a refusal root meets too means: running as root again would not change it.
+REFUSED_TO_ROOT = "refused to root too: another user namespace or a security module keeps it out of this process's reach"
+
+
+def refused_advice(as_user: str) -> str:
+    """What to say about a permission the kernel refused: `as_user` (what root would be allowed) to anyone but root,
+    REFUSED_TO_ROOT to root."""
+    return REFUSED_TO_ROOT if os.geteuid() == 0 else as_user
+
+
 def shown(text: str) -> str:
     """`text` (a user's argument, or a value read from a file) as an error message quotes it: its repr(); past
     ECHO_LIMIT characters the repr of its first 100 and its length, so that the message stays one readable line."""

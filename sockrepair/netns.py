@@ -12,7 +12,10 @@ import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
 
-from sockrepair.errors import NetnsError, UnsupportedError
+from sockrepair.errors import NetnsError, UnsupportedError, refused_advice
+
+# setns needs CAP_SYS_ADMIN, even into a namespace of the caller's own process
+_ROOT_NEEDED = "run as root: setns needs CAP_SYS_ADMIN, and sockrepair CAP_NET_ADMIN there"
 
 
 def _ip(*args: str) -> str:
@@ -32,17 +35,8 @@ def _setns(fd: int, what: str) -> None:
 
     if lib.setns(fd, lib.CLONE_NEWNET) < 0:
         err = ffi.errno
-        # EPERM: setns needs CAP_SYS_ADMIN, even into a namespace of the caller's own process
-        hint = f" ({_why_refused()})" if err == errno.EPERM else ""
+        hint = f" ({refused_advice(_ROOT_NEEDED)})" if err == errno.EPERM else ""
         raise NetnsError(f"setns({what}): {os.strerror(err)}{hint}")
-
-
-def _why_refused() -> str:
-    """What to do about a namespace the kernel did not let this process open or enter: root is refused only a
-    namespace out of its reach, which running as root again would not change."""
-    if os.geteuid() == 0:
-        return "refused to root too: another user namespace or a security module keeps it out of this process's reach"
-    return "run as root: setns needs CAP_SYS_ADMIN, and sockrepair CAP_NET_ADMIN there"
 
 
 @contextlib.contextmanager
@@ -56,7 +50,8 @@ def inside(path: str) -> Iterator[None]:
         except FileNotFoundError:
             raise NetnsError(f"no network namespace at {path} (see `ip netns list`)") from None
         except PermissionError:
-            raise NetnsError(f"not permitted to enter the network namespace at {path} ({_why_refused()})") from None
+            raise NetnsError(f"not permitted to enter the network namespace at {path} ({refused_advice(_ROOT_NEEDED)})"
+                             ) from None
         try:
             _setns(new, path)
         finally:

@@ -24,13 +24,14 @@ def head_line(conn: ConnTuple, state: str, head: str = "") -> str:
     return f"{head}{conn!s:<48} {state}"
 
 
-def state_lines(state: ConnectionState, head: str = "") -> list[str]:
-    """head_line, then sequence numbers and queue lengths (bytes), TCP options and the timestamp clock, the repair
-    window when there is one, the socket options that differ from a new socket's, and in CLOSE the pending error and
-    whether the peer's FIN had arrived."""
+def state_lines(state: ConnectionState, head: str = "", name: str | None = None) -> list[str]:
+    """head_line (with `name` for the state's own name, when given: "ESTABLISHED (in repair mode)"), then sequence
+    numbers and queue lengths (bytes), TCP options and the timestamp clock, the repair window when there is one,
+    the socket options that differ from a new socket's, and in CLOSE the pending error and whether the peer's FIN
+    had arrived."""
     o, w = state.options, state.window
     lines = [
-        head_line(state.tuple, state_name(state.tcp_state), head),
+        head_line(state.tuple, name or state_name(state.tcp_state), head),
         (f"{DETAIL}snd_seq {state.send_seq} rcv_seq {state.recv_seq}  unacked {len(state.unacked)} B  never sent "
          f"{state.unsent_len} B  unread {len(state.recv_queue)} B"),
         (f"{DETAIL}mss {o.mss}  wscale {o.snd_wscale},{o.rcv_wscale}{'' if o.wscale else ' (off)'}  "

@@ -4,18 +4,22 @@ the listener, and the kernel resets every connection still in its accept queue (
 net/ipv4/inet_connection_sock.c): a peer that connected during the move, while the program was frozen, would see
 its connection reset after it was established, its request lost.
 
-So migrate() takes a duplicate of each listener the program alone holds (pidfd_getfd) right before it ends the
-program: the duplicate keeps the listener open (and completing handshakes) after the program's exit, and once the
-moved connections are live, what waits in its accept queue is accepted and handed off with them (a live socket
-needs no repair). The duplicates are closed right after, as the program's exit would have closed the listener."""
+So migrate() takes a duplicate of each listener the program alone holds (pidfd_getfd) right before it kills the
+program (take_listeners); right after the kill, what waits in their accept queues is accepted and the duplicates
+are closed (drain), as the program's exit closes the listener: the port is free from then on, as it was, and what
+connects later is refused, as it was. The connections accepted are live sockets (no repair needed), handed off
+after the moved ones."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
+import resource
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from sockrepair.errors import ProcessError
 from sockrepair.move.pidfd import PidFd
@@ -25,6 +29,9 @@ from sockrepair.state import ConnTuple
 # the accept queue of one listener is at most net.core.somaxconn long (4096 by default); a bound all the same, so
 # that a flood of new connections cannot keep the move from its handoff
 MAX_ACCEPTED = 65536
+# fds left free for the rest of the move and the caller's handoff (a subprocess, socket activation...): the
+# connections accepted never take the last ones
+RESERVE_FDS = 64
 
 
 def take_listeners(pidfd: PidFd, listeners: Sequence[ProcSocket]) -> list[socket.socket]:
@@ -43,11 +50,27 @@ def take_listeners(pidfd: PidFd, listeners: Sequence[ProcSocket]) -> list[socket
             if os.fstat(fd).st_ino != s.inode:
                 os.close(fd)
                 continue
-            taken.append(socket.socket(fileno=fd))
+            # SOCK_NONBLOCK: the object then sets no flag on the listener's open file (socket.setdefaulttimeout()
+            # would make its constructor set O_NONBLOCK there, for every holder); drain() sets it, for a moment
+            taken.append(socket.socket(s.tuple.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0, fd))
         except OSError:
             with contextlib.suppress(OSError):
                 os.close(fd)
     return taken
+
+
+@dataclass
+class Backlog:
+    """The connections drain() accepted: `socks` (blocking sockets, as restored ones are) and their `tuples`."""
+
+    socks: list[socket.socket] = field(default_factory=list)
+    tuples: list[ConnTuple] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Close the connections not handed off (their peers see them end, as they would have seen a reset)."""
+        for sock in self.socks:
+            sock.close()
+        self.socks, self.tuples = [], []
 
 
 def _tuple(conn: socket.socket) -> ConnTuple:
@@ -56,35 +79,58 @@ def _tuple(conn: socket.socket) -> ConnTuple:
     return ConnTuple(family, local[0], local[1], remote[0], remote[1])
 
 
-def accept_waiting(listeners: Sequence[socket.socket]) -> tuple[list[socket.socket], list[ConnTuple]]:
-    """Accept every connection waiting in the accept queues of `listeners` without waiting for more: the
-    connections (blocking sockets, as restored ones are) and their tuples, listener by listener in queue order.
-    A connection its peer reset meanwhile (no peer address any more) is closed and left out."""
-    socks: list[socket.socket] = []
-    tuples: list[ConnTuple] = []
-    for listener in listeners:
-        listener.setblocking(False)
-        while len(socks) < MAX_ACCEPTED:
+def _fd_room() -> int:
+    """How many more fds this process may open, keeping RESERVE_FDS for the rest of the move and its handoff."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return MAX_ACCEPTED
+    return max(0, soft - len(os.listdir("/proc/self/fd")) - RESERVE_FDS)
+
+
+def drain(listeners: list[socket.socket]) -> Backlog:
+    """Accept every connection waiting in the accept queues of `listeners`, without waiting for more, then close
+    them (what arrives later is refused, as at the program's exit). Connections come listener by listener, in queue
+    order; one its peer reset meanwhile is left out. Beyond this process's fd limit (less RESERVE_FDS) the rest
+    stay queued, and are reset with the listener. The O_NONBLOCK the accepts need is set on the listener's open file
+    (shared by every holder of it) only for as long as they run. Never raises OSError."""
+    backlog = Backlog()
+    room: int | None = None  # counted once one is accepted: an empty queue, the usual case, costs one accept()
+    try:
+        for listener in listeners:
             try:
-                conn, _ = listener.accept()
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno == errno.ECONNABORTED:  # reset in the queue: the kernel skips it
-                    continue
-                break
-            try:
-                conn.setblocking(True)
-                tuples.append(_tuple(conn))
+                flags = fcntl.fcntl(listener.fileno(), fcntl.F_GETFL)
+                fcntl.fcntl(listener.fileno(), fcntl.F_SETFL, flags | os.O_NONBLOCK)
             except OSError:
-                conn.close()
                 continue
-            socks.append(conn)
-    return socks, tuples
+            try:
+                while room is None or len(backlog.socks) < room:
+                    try:
+                        conn, _ = listener.accept()
+                    except BlockingIOError:
+                        break
+                    except OSError as exc:
+                        if exc.errno == errno.ECONNABORTED:  # reset in the queue: the kernel skips it
+                            continue
+                        break
+                    try:
+                        conn.setblocking(True)
+                        backlog.tuples.append(_tuple(conn))
+                    except OSError:
+                        conn.close()
+                        continue
+                    backlog.socks.append(conn)
+                    if room is None:
+                        room = min(len(backlog.socks) + _fd_room(), MAX_ACCEPTED)
+            finally:
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(listener.fileno(), fcntl.F_SETFL, flags)
+    finally:
+        close_all(listeners)
+    return backlog
 
 
 def close_all(listeners: list[socket.socket]) -> None:
-    """Close the duplicates (what arrived after the accepts is reset, as at the program's exit)."""
+    """Close the duplicates."""
     for listener in listeners:
         with contextlib.suppress(OSError):
             listener.close()

@@ -33,6 +33,7 @@ from sockrepair.move.take import (
     checkpoint_taken,
     end_source,
     process_locker,
+    resume_lost_in_repair,
 )
 from sockrepair.state import ConnectionState
 
@@ -57,7 +58,8 @@ class DumpReport:
     sockets. `quiescent`: whether every thread was waiting when the program
     was frozen, after `freeze_attempts` tries; `busy`: the threads that were not (sockrepair.move.quiesce).
     `left_behind`: the process's fds found already in repair mode in a stopped process, as a move killed half-way
-    leaves it (docs/failures.md); LEAVE_RUNNING resumed them and continued the process."""
+    leaves it (docs/failures.md); LEAVE_RUNNING resumed them (those it could not move too) and continued the
+    process."""
 
     pid: int
     command: str
@@ -136,6 +138,8 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
                         locker.unlock([s.tuple for s in cap.sockets])
                     if keeper is not None:  # what the lock stopped after deliver() last looked
                         kept = keeper.deliver([s.tuple for s in cap.sockets], f"/proc/{pid}/ns/net")
+                    if cap.stopped:  # those no move can take, too: the program goes on
+                        cap.left_behind += resume_lost_in_repair(cap)
                     if cap.left_behind:  # left stopped by an interrupted move: its sockets are right again now
                         os.kill(pid, signal.SIGCONT)
             else:
@@ -190,11 +194,11 @@ IN_REPAIR = " (in repair mode)"
 def inspect(pid: int) -> list[tuple[ProcSocket, ConnectionState | None, str]]:
     """A non-destructive look at every TCP socket of `pid`, ordered by fd: (socket, state, state name), where
     state is None for a socket in a state the engine does not repair (LISTEN, SYN_RECV...) or that a move cannot
-    take (the name then says why), and the name "<STATE> (in repair mode)" (IN_REPAIR) for one found in repair mode
-    (left so by a move killed half-way: it stays so, whatever its checkpoint finds). A socket in CLOSE with an error pending is listed without a state:
-    reading the error (as a checkpoint does) would clear it. The others are checkpointed and resumed without a
-    window probe while the process is frozen for the few microseconds that takes.
-    Raises ProcessError as dump() does."""
+    take (the name then says why), and the name begins "<STATE> (in repair mode)" (IN_REPAIR) for one found in
+    repair mode (left so by a move killed half-way: it stays so, whatever its checkpoint finds). A socket in CLOSE
+    with an error pending is listed without a state: reading the error (as a checkpoint does) would clear it. One
+    closed while inspect looks is left out. The others are checkpointed and resumed without a window probe while the
+    process is frozen for the few microseconds that takes. Raises ProcessError as dump() does."""
     result: list[tuple[ProcSocket, ConnectionState | None, str]] = []
     listed = tcp_sockets(pid)
     if not any(s.tcp_state in REPAIRABLE for s in listed):
@@ -208,7 +212,9 @@ def inspect(pid: int) -> list[tuple[ProcSocket, ConnectionState | None, str]]:
                 # a checkpoint reads the error, which clears it: the program would never see it
                 result.append((s, None, f"{s.state_name}, an error pending (left unread: only a move reads it)"))
                 continue
-            fd = pidfd.getfd(s.fd)
+            fd = pidfd.getfd_if_open(s.fd)
+            if fd is None:  # closed since the listing: a busy server closes connections all the time
+                continue
             was_in_repair = False
             try:
                 # one already in repair mode (a move killed half-way) is left so, even when its checkpoint fails:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from sockrepair.engine._ffi import ffi, lib
-from sockrepair.errors import ProcessError
+from sockrepair.errors import ProcessError, refused_advice
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import cgroup, fd_holders, stat, thread_stats
 
@@ -164,7 +164,8 @@ class _Stop:
             except ProcessLookupError:
                 raise ProcessError(f"no such process: {self.pid}", pid=self.pid) from None
             except PermissionError:
-                raise ProcessError(f"not permitted to stop process {self.pid} (run as root)", pid=self.pid) from None
+                raise ProcessError(f"not permitted to stop process {self.pid} ({refused_advice('run as root')})",
+                                   pid=self.pid) from None
             self.method = "sigstop"
             _wait(self.pid, lambda: _all_threads_stopped(self.pid),
                   f"stopping process {self.pid}" + (" (the init of a pid namespace ignores SIGSTOP)"

@@ -23,7 +23,6 @@ from sockrepair.errors import ProcessError
 from sockrepair.image import encode
 from sockrepair.lock import Locker
 from sockrepair.move.ask import ask_peers
-from sockrepair.move.backlog import accept_waiting, close_all
 from sockrepair.move.freeze import Freezer
 from sockrepair.move.journal import (
     ENDED,
@@ -71,8 +70,8 @@ class MigrationReport:
     states were made durable in before the source was ended (removed once the move completed, when migrate()
     created it). `kept`: the peers' packets kept by the lock and delivered to the restored sockets, and those left to
     the peers' retransmission (sockrepair.move.keep.Kept). `handoff_result`: what `handoff` returned (not in
-    to_dict()). `accepted`: the connections that waited in the program's listeners' accept queues (connected while
-    it was frozen, say), accepted and handed off after the moved ones (sockrepair.move.backlog)."""
+    to_dict()). `accepted`: the connections that waited in the program's listeners' accept queues when it was ended
+    (connected while it was frozen, say), accepted and handed off after the moved ones (sockrepair.move.backlog)."""
 
     pid: int
     connections: list[str]
@@ -161,7 +160,9 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     ones, or the fds in `wanted`), write their states into the journal directory (fsynced unless it is the default
     one, under /run: sockrepair.move.journal.volatile), end the process
     silently (end_source), run `network` (e.g. move the service address), restore the connections inside
-    `dest_netns` (an `ip netns` name; None: here), unlock, and pass the sockets with their tuples to `handoff`.
+    `dest_netns` (an `ip netns` name; None: here), unlock, and pass the sockets with their tuples to `handoff`
+    (moving every connection within the program's namespace, followed by those that waited in its listeners' accept
+    queues when it was ended: `accepted`, sockrepair.move.backlog).
     The connections are locked in the source namespace and in the destination one, for at most `ttl` seconds, from
     before the first checkpoint until they are live again. With `keep`, what the peers send meanwhile is kept by
     the lock and delivered to the restored sockets before the unlock, so that no peer waits for its retransmission
@@ -213,7 +214,6 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     live = False  # the restored sockets were unlocked
     freezer: Freezer | None = None
     cap: Captured | None = None
-    waiting: list[socket.socket] = []
     accepted: list[ConnTuple] = []
     held = -1
     # no cyclic collection until the move ends: 1,000 connections make enough objects for a few, 5 to 20 ms of the
@@ -283,13 +283,11 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         result = None
         if handoff is not None:
             with timings.timed(Stage.HANDOFF):
-                # accepted last, so that what connected during the move is there too; the listeners closed at once,
-                # as the program's exit would have
-                waiting, accepted = accept_waiting(cap.listening)
-                close_all(cap.listening)
                 freezer.handing()
-                result = handoff(socks + waiting, tuples + accepted)
-                socks, waiting = [], []  # the caller's program holds them now
+                # after the moved connections, those that waited in the program's accept queues at its end
+                accepted = list(cap.backlog.tuples)
+                result = handoff(socks + cap.backlog.socks, tuples + accepted)
+                socks, cap.backlog.socks = [], []  # the caller's program holds them now
                 # marked before the guard lets go: killed in between, the guard finds them handed off
                 mark_completed(directory, created)
                 freezer.release()
@@ -305,9 +303,8 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             mark_completed(directory, created)
             raise
         with deferred_signals():
-            # accepted from the backlog and not handed off: live sockets, closed as the program's exit would have
-            for sock in waiting:
-                sock.close()
+            if cap is not None:  # accepted from the backlog and not handed off: ended as the program's exit would
+                cap.backlog.close()
             if socks and cap is not None:
                 try:
                     _journal_again(socks, tuples, directory, pid, [s.fd for s in cap.sockets], dest_locker, live,
@@ -324,8 +321,6 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         raise
     finally:
         _gc_on()
-        if cap is not None:
-            close_all(cap.listening)
         if freezer is not None:
             freezer.close()
         if held >= 0:

@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 
 from sockrepair.engine._ffi import ffi, lib
-from sockrepair.errors import ProcessError
+from sockrepair.errors import ProcessError, refused_advice
 
 
 class PidFd:
@@ -46,8 +46,8 @@ class PidFd:
         if err == errno.ESRCH:
             raise ProcessError(f"process {self.pid} exited", pid=self.pid)
         if err == errno.EPERM:
-            raise ProcessError(f"not permitted to take fds from process {self.pid} (needs ptrace access: root)",
-                               pid=self.pid, fd=target_fd)
+            raise ProcessError(f"not permitted to take fds from process {self.pid} (needs ptrace access: "
+                               f"{refused_advice('run as root')})", pid=self.pid, fd=target_fd)
         if err == errno.ENOSYS:
             raise ProcessError("this kernel has no pidfd_getfd (needs Linux >= 5.6)", pid=self.pid)
         raise ProcessError(f"pidfd_getfd({self.pid}, {target_fd}): {os.strerror(err)}", pid=self.pid, fd=target_fd)

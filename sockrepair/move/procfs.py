@@ -17,7 +17,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from sockrepair.engine._states import closed_tuple
-from sockrepair.errors import ProcessError
+from sockrepair.errors import ProcessError, refused_advice
 from sockrepair.move.pidfd import PidFd
 from sockrepair.state import TCP_CLOSE, ConnTuple, state_name
 
@@ -189,7 +189,7 @@ def fd_links(pid: int, skip: Collection[int] = ()) -> dict[int, str]:
     except FileNotFoundError:
         raise ProcessError(f"no such process: {pid}", pid=pid) from None
     except PermissionError:
-        raise ProcessError(f"not permitted to read the fds of process {pid} (run as root)", pid=pid) from None
+        raise _not_permitted(pid) from None
     links = {}
     for name in names:
         fd = int(name)
@@ -197,9 +197,16 @@ def fd_links(pid: int, skip: Collection[int] = ()) -> dict[int, str]:
             continue
         try:
             links[fd] = os.readlink(f"{fd_dir}/{name}")
+        except PermissionError:
+            # the links are refused where the listing is not (no ptrace access): "no sockets" would be a lie
+            raise _not_permitted(pid) from None
         except OSError:
             continue  # closed while we looked
     return links
+
+
+def _not_permitted(pid: int) -> ProcessError:
+    return ProcessError(f"not permitted to read the fds of process {pid} ({refused_advice('run as root')})", pid=pid)
 
 
 def socket_inodes(pid: int, links: dict[int, str] | None = None) -> dict[int, int]:

@@ -21,7 +21,7 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
-from sockrepair.errors import ProcessError
+from sockrepair.errors import ProcessError, refused_advice
 from sockrepair.move.freeze import Freezer
 
 # System call numbers from the kernel UAPI (arch/x86/entry/syscalls/syscall_64.tbl; include/uapi/asm-generic/unistd.h
@@ -116,8 +116,8 @@ def busy_threads(pid: int, active: Collection[int] = ()) -> list[BusyThread]:
         except FileNotFoundError:  # the thread ended before the freeze took hold
             continue
         except PermissionError:
-            raise ProcessError(f"cannot read the system calls of process {pid} (needs ptrace access: run as root)",
-                               pid=pid) from None
+            raise ProcessError(f"cannot read the system calls of process {pid} (needs ptrace access: "
+                               f"{refused_advice('run as root')})", pid=pid) from None
         if first == "running":  # not stopped after all: never counted as waiting
             busy.append(BusyThread(tid, "running"))
             continue

@@ -41,8 +41,9 @@ class Stage(Enum):
     RESUME = ("resume", "leave repair mode without a window probe, deliver what the peers sent meanwhile (kept by "
               "the lock), unlock, deliver what came during that delivery: the process goes on", ("dump",))
     CLOSE = ("close", "end the source: check every frozen socket unchanged, SIGKILL the process, disconnect and "
-             "close our copies of its sockets (silently: repair mode), which frees their 4-tuples; the process exits "
-             "meanwhile, and the restore waits for that exit once its sockets are made", ("migrate",))
+             "close our copies of its sockets (silently: repair mode), which frees their 4-tuples, and accept what "
+             "waits in its listeners (sockrepair.move.backlog); the process exits meanwhile, and the restore waits "
+             "for that exit once its sockets are made", ("migrate",))
     KILL = "kill", "end the source, as CLOSE, and wait for its exit (the name dump has always reported)", ("dump",)
     KEEP = ("keep", "write what the peers sent while locked, kept by the lock so far, beside the images "
             "(packets.img: restore -D delivers it)", ("dump",))
@@ -56,9 +57,9 @@ class Stage(Enum):
     UNLOCK = ("unlock", "release the lock in both namespaces when they differ (restore: in the one restored into, "
               "and mark the move completed): the connections are live again; migrate then delivers what the lock "
               "kept during the delivery", LANDING)
-    HANDOFF = ("handoff", "pass the restored sockets to the caller's program (migrate: with the connections accepted "
-               "from the program's listen backlog; restore: over --unix, then record them as handed off in the "
-               "directory; or exec --exec)", LANDING)
+    HANDOFF = ("handoff", "pass the restored sockets to the caller's program (migrate: then the connections accepted "
+               "at the close; restore: over --unix, then record them as handed off in the directory; or exec --exec)",
+               LANDING)
 
     key: str
     does: str

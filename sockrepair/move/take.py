@@ -31,9 +31,9 @@ from sockrepair.engine._refuse import refusals_of
 from sockrepair.engine._repair import in_repair
 from sockrepair.engine._session import session_of
 from sockrepair.engine._states import REPAIRABLE
-from sockrepair.errors import ProcessError, SocketStateError
+from sockrepair.errors import ProcessError, SocketCallError, SocketStateError
 from sockrepair.lock import Locker
-from sockrepair.move.backlog import take_listeners
+from sockrepair.move.backlog import Backlog, drain, take_listeners
 from sockrepair.move.freeze import Freezer
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import (
@@ -70,15 +70,16 @@ class Captured:
     # found stopped, with these of its fds already in repair mode: what a sockrepair killed mid-move leaves when its
     # guard died too (a SIGSTOP or cgroup freeze); a resume puts them right, and the process is continued then
     left_behind: list[int] = field(default_factory=list)
+    stopped: bool = False  # found stopped (state T) before the freeze
     lost: list[Unmovable] = field(default_factory=list)  # connections left behind, accepted with allow_loss
     # per state, whether its old socket may owe its peer an ACK (owed_acks; restore_with's `owed`), found when
     # captured() was asked to (`owed`); empty: unknown, every one may
     owed: list[bool] = field(default_factory=list)
     # the process's listeners no other process holds (from the look), when captured() was asked for its `backlog`;
-    # end_source() takes them (sockrepair.move.backlog) into `listening`, right before the kill: the caller accepts
-    # what waits in them and closes them
+    # end_source() takes them right before the kill, accepts what waits in them right after it into `backlog`
+    # (sockrepair.move.backlog), and closes them: the caller hands those connections off, or closes them
     listeners: list[ProcSocket] = field(default_factory=list)
-    listening: list[socket.socket] = field(default_factory=list)
+    backlog: Backlog = field(default_factory=Backlog)
 
     @property
     def freeze_method(self) -> str:
@@ -142,8 +143,8 @@ def select_sockets(pid: int, wanted: Sequence[int] | None, keep_errors: bool = F
     """The process's sockets to take: the fds in `wanted` (each must be a plain TCP socket in a state the engine
     repairs: ESTABLISHED, half-closed, SYN_SENT or CLOSE after a connection), or every such one, among the fds of
     `links` (procfs.fd_links(), when the caller read them; `found`: the tcp_sockets() of those links, when the caller
-    read them too). Raises ProcessError (no such fd, an empty `wanted`, no connection to take) or SocketStateError (naming the process's pid and fd, the protocol, the tuple and the
-    state). `keep_errors`: see _why_not."""
+    read them too). Raises ProcessError (no such fd, an empty `wanted`, no connection to take) or SocketStateError
+    (naming the process's pid and fd, the protocol, the tuple and the state). `keep_errors`: see _why_not."""
     if wanted is not None and not wanted:
         # not "every connection": a caller's filter that kept nothing must not end the program with all of them
         raise ProcessError(f"no fd of process {pid} asked for (wanted=[]; None takes every connection)", pid=pid)
@@ -434,8 +435,10 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
         # the listeners whose accept queue the move keeps from the kill: those no other process holds (a
         # pre-forked sibling goes on accepting from a shared one); one look through every process's fds for both
         listening = [s for s in found if s.tcp_state == TCP_LISTEN] if backlog else []
-        holders = fd_holders([s.inode for s in (*chosen, *listening)], {pid, os.getpid(), freezer.child})
-        refuse_shared(pid, chosen, holders)
+        # (a listener this process holds too, a supervisor's, say, is shared: its other holder goes on with it)
+        holders = fd_holders([s.inode for s in (*chosen, *listening)], {pid, freezer.child})
+        me = os.getpid()
+        refuse_shared(pid, chosen, {ino: pids - {me} for ino, pids in holders.items() if pids - {me}})
         listeners = [s for s in listening if s.inode not in holders]
         taken_fds = {s.fd for s in chosen}
         # what screen() found closed is no longer among the process's fds either
@@ -467,6 +470,7 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
                     for s in chosen:
                         fds.append(pidfd.getfd(s.fd))
                 if stopped_before:
+                    cap.stopped = True
                     cap.left_behind = [s.fd for s, fd in zip(chosen, fds) if in_repair(fd)]
                 # before the lock: what a socket sends from there on is dropped, and owed_acks must see it
                 sent = segs_out_of(fds) if owed else []
@@ -496,6 +500,29 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
                         os.close(fd)
 
 
+def resume_lost_in_repair(cap: Captured) -> list[int]:
+    """Take the sockets of `cap.lost` that are in repair mode out of it (no window probe), for a process that goes
+    on: a move killed half-way leaves its program stopped with its sockets in repair mode, some of which no move
+    can take (urgent data...). Returns their fds; one that cannot be read is left as it is."""
+    resumed = []
+    for u in cap.lost:
+        try:
+            copy = cap.pidfd.getfd_if_open(u.sock.fd)
+        except ProcessError:
+            continue
+        if copy is None:
+            continue
+        try:
+            if in_repair(copy):
+                resume(copy)
+                resumed.append(u.sock.fd)
+        except SocketCallError:
+            continue
+        finally:
+            os.close(copy)
+    return resumed
+
+
 def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[], object] | None = None,
                wait: bool = True) -> None:
     """End the source of a capture once the states are safe elsewhere: check that no frozen socket sent or received
@@ -511,7 +538,8 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[]
     mode in the process, which must not run again. SIGINT, SIGTERM and SIGHUP wait until it is done.
     `passed` runs right after the guard was told the point of no return is passed, before the kill (the
     movers mark their image directory there: sockrepair.move.journal.mark_ended); when it raises, the source is
-    ended all the same and its exception passes."""
+    ended all the same and its exception passes. The connections waiting in `cap.listeners` (captured()'s
+    `backlog`) are accepted right after the kill into `cap.backlog`, which the caller then owns."""
     try:
         ensure_all_unchanged(cap.fds, cap.states)
     except SocketStateError as exc:
@@ -528,16 +556,21 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[]
         finally:
             # killed first: its exit (closing its own copies, freeing its memory: milliseconds) runs on another CPU
             # while ours are discarded here and the move goes on
+            listening: list[socket.socket] = []
             try:
-                # held open by these duplicates, the listeners outlive the kill, and their accept queues with them
-                cap.listening = take_listeners(cap.pidfd, cap.listeners)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(cap.pid, signal.SIGKILL)
+                try:
+                    # held open by these duplicates, the listeners outlive the kill, and their accept queues with them
+                    listening = take_listeners(cap.pidfd, cap.listeners)
+                finally:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(cap.pid, signal.SIGKILL)
             finally:
                 try:
                     disconnected = discard_all(cap.fds, [s.inode for s in cap.sockets])
                 finally:
                     cap.fds.clear()
+                    # what connected while the process was frozen, accepted; the listeners closed as its exit would
+                    cap.backlog = drain(listening)
     if wait or not disconnected:  # a tuple still hashed is freed only by the process's exit
         wait_exited(cap, timeout)
 

@@ -3,8 +3,10 @@ each one (pid, fd, protocol, tuple, state); with allow_loss it dumps the rest an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from sockrepair.image.directory import read_dir
 from sockrepair.move.dump import After, dump, inspect
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import ProcSocket, stat, tcp_sockets
+from sockrepair.move.quiesce import OnBusy, Quiescence
 from sockrepair.move.take import socket_protocol
 from tests.clihelp import run_main
 from tests.root.streams import recv_exactly
@@ -79,6 +82,15 @@ def _wait_state(pid: int, tcp_state: int) -> None:
             return
         time.sleep(0.01)
     pytest.fail(f"no socket of {pid} reached state {tcp_state}")
+
+
+def _wait_stopped(pid: int) -> None:
+    for _ in range(500):
+        st = stat(pid)
+        if st is not None and st.state == "T":
+            return
+        time.sleep(0.01)
+    pytest.fail(f"process {pid} did not stop")
 
 
 def test_dump_refuses_before_freezing_and_names_the_connection(holder, tmp_path):
@@ -203,35 +215,53 @@ def test_urgent_data_is_refused_before_the_freeze_and_inspect_says_why(netns, tm
         proc.kill()
 
 
-def test_inspect_leaves_a_socket_it_found_in_repair_mode_so_when_its_checkpoint_fails(netns):
-    """A socket a killed move left in repair mode that the engine refuses (an urgent byte unread): inspect names
-    both, and the socket is still in repair mode afterwards (a checkpoint's failure path turns repair mode off)."""
-    proc, port = _holder(1)
+def test_a_socket_left_in_repair_mode_that_no_move_takes_stays_so_for_inspect_and_a_dump_resumes_it(netns, tmp_path):
+    """What a killed move leaves, with one socket the engine refuses (an urgent byte unread): the program stopped,
+    its sockets in repair mode. inspect names both and leaves the refused one in repair mode (a checkpoint's
+    failure path used to turn it off); a --leave-running dump resumes it with the one it moves, and the program
+    goes on."""
+    proc, port = _holder(2)
+    live = socket.create_connection(("127.0.0.1", port), timeout=10)
     urgent = socket.create_connection(("127.0.0.1", port), timeout=10)
+    copies: list[int] = []
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "accepted"
         urgent.send(b"abc")
         urgent.send(b"X", socket.MSG_OOB)
         mine = next(s for s in tcp_sockets(proc.pid) if s.tuple.remote_port == urgent.getsockname()[1])
+        other = next(s for s in tcp_sockets(proc.pid) if s.tuple.remote_port == live.getsockname()[1])
         for _ in range(500):
             rows = {s.fd: name for s, _, name in inspect(proc.pid)}
             if "urgent byte" in rows[mine.fd]:
                 break
+        os.kill(proc.pid, signal.SIGSTOP)
+        _wait_stopped(proc.pid)
         with PidFd(proc.pid) as pidfd:
-            copy = pidfd.getfd(mine.fd)
-        try:
+            copies += [pidfd.getfd(mine.fd), pidfd.getfd(other.fd)]
+        for copy in copies:
             repair_on(copy)
-            rows = {s.fd: name for s, _, name in inspect(proc.pid)}
-            assert rows[mine.fd].startswith("ESTABLISHED (in repair mode), cannot be moved: ")
-            assert "urgent byte b'X' not yet read" in rows[mine.fd]
-            assert in_repair(copy)
-            code, out, _ = run_main("inspect", "--pid", str(proc.pid))
-            assert code == 0 and in_repair(copy)
-            assert "(in repair mode), cannot be moved" in out and "urgent byte" in out
-        finally:
-            repair_off(copy, probe=False)
-            os.close(copy)
+        rows = {s.fd: name for s, _, name in inspect(proc.pid)}
+        assert rows[mine.fd].startswith("ESTABLISHED (in repair mode), cannot be moved: ")
+        assert "urgent byte b'X' not yet read" in rows[mine.fd]
+        assert rows[other.fd] == "ESTABLISHED (in repair mode)"
+        assert all(map(in_repair, copies))
+        code, out, err = run_main("inspect", "--pid", str(proc.pid))
+        assert code == 0 and all(map(in_repair, copies))
+        assert "(in repair mode), cannot be moved" in out and "urgent byte" in out
+        assert f"fd {other.fd:<4} 127.0.0.1:{port}->" in out and "ESTABLISHED (in repair mode)" in out
+        assert f"is stopped with fd(s) {', '.join(map(str, sorted([mine.fd, other.fd])))} in repair mode" in err
+        report = dump(proc.pid, tmp_path / "img", after=After.LEAVE_RUNNING,
+                      quiescence=Quiescence(on_busy=OnBusy.MOVE))
+        assert sorted(report.left_behind) == sorted([mine.fd, other.fd])
+        assert not any(map(in_repair, copies))
+        st = stat(proc.pid)
+        assert st is not None and st.state != "T"
     finally:
+        for copy in copies:
+            with contextlib.suppress(OSError):
+                repair_off(copy, probe=False)
+            os.close(copy)
+        live.close()
         urgent.close()
         proc.kill()
         proc.wait()

@@ -4,7 +4,11 @@ hands that connection off with the moved ones (sockrepair/move/backlog.py); befo
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -65,3 +69,91 @@ def test_a_connection_made_during_the_move_is_handed_off_not_reset(monkeypatch: 
         finally:
             for s in list(restored.values()) + late + [moved]:
                 s.close()
+
+
+def test_the_port_is_free_as_soon_as_the_program_has_exited(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The queue is accepted right after the kill and the duplicates closed: a network step that binds the port
+    once the program has exited finds it free, as it did before the backlog was kept."""
+    with _echo() as (ns, port, server):
+        moved = _connect(ns, port)
+        late: list[socket.socket] = []
+        real = take_module.checkpoint_all_taken
+
+        def connect_then_checkpoint(*args: object, **kwargs: object) -> object:
+            late.append(_connect_frozen(ns, port))
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+
+        bound: list[socket.socket] = []
+
+        def network() -> None:
+            server.wait(10)
+            with ns.entered():
+                successor = socket.socket()
+            bound.append(successor)
+            successor.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            successor.bind(("127.0.0.1", port))  # EADDRINUSE while a duplicate of the old listener lives
+            successor.listen()
+
+        monkeypatch.setattr(take_module, "checkpoint_all_taken", connect_then_checkpoint)
+        report = sockrepair.migrate(server.pid, dest_netns=ns.name, network=network, handoff=_keep_sockets)
+        try:
+            [client] = late
+            assert report.accepted == [str(ConnTuple(socket.AF_INET, "127.0.0.1", port, "127.0.0.1",
+                                                     client.getsockname()[1]))]
+            # the successor takes what connects from now on
+            with ns.entered():
+                newcomer = socket.create_connection(("127.0.0.1", port), timeout=10)
+            late.append(newcomer)
+            assert bound[0].accept()[1][1] == newcomer.getsockname()[1]
+        finally:
+            for s in list(report.handoff_result) + late + bound + [moved]:
+                s.close()
+
+
+_SUPERVISED = """
+import socket, sys, threading
+listener = socket.socket(fileno=int(sys.argv[1]))
+def echo(c):
+    while data := c.recv(4096):
+        c.sendall(data)
+while True:
+    threading.Thread(target=echo, args=(listener.accept()[0],), daemon=True).start()
+"""
+
+
+def test_a_listener_sockrepair_itself_holds_too_is_left_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A supervisor (here the mover's own process) that made the listener and passed it to the program it moves:
+    the listener is shared, so its queue is the supervisor's to accept, untouched and still blocking."""
+    with NetNS() as ns:
+        with ns.entered():
+            listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with ns.entered():
+            program = subprocess.Popen([sys.executable, "-c", _SUPERVISED, str(listener.fileno())],
+                                       pass_fds=[listener.fileno()])
+        sockets: list[socket.socket] = []
+        try:
+            moved = _connect(ns, port)
+            sockets.append(moved)
+            real = take_module.checkpoint_all_taken
+
+            def connect_then_checkpoint(*args: object, **kwargs: object) -> object:
+                sockets.append(_connect_frozen(ns, port))
+                return real(*args, **kwargs)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(take_module, "checkpoint_all_taken", connect_then_checkpoint)
+            report = sockrepair.migrate(program.pid, dest_netns=ns.name, handoff=_keep_sockets)
+            sockets += report.handoff_result
+            assert report.accepted == [] and len(report.handoff_result) == 1
+            assert not fcntl.fcntl(listener.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+            listener.settimeout(10)
+            queued, _ = listener.accept()
+            sockets.append(queued)
+            assert recv_exactly(queued, 17) == b"sent while frozen"
+        finally:
+            for s in sockets + [listener]:
+                s.close()
+            program.kill()
+            program.wait()

@@ -8,6 +8,10 @@ import sys
 import threading
 import time
 
+import pytest
+
+from sockrepair.errors import ProcessError
+from sockrepair.move import procfs
 from sockrepair.move.procfs import parse_stat, process_name, stat, thread_stats
 
 # A real line (fs/proc/array.c), with a comm made to mislead a parser that splits at the first ')' or at spaces.
@@ -58,3 +62,19 @@ def test_thread_stats_lists_every_thread() -> None:
     finally:
         release.set()
         worker.join()
+
+
+@pytest.mark.parametrize(("uid", "advice"), [(1000, "(run as root)"), (0, "(refused to root too: ")])
+def test_fd_links_refused_per_link_is_not_an_empty_fd_table(monkeypatch: pytest.MonkeyPatch, uid: int,
+                                                            advice: str) -> None:
+    """Where the listing is allowed and the links are not (no ptrace access: pid 1 of some sandboxes, even for
+    root), the process is not reported as holding nothing ("no TCP sockets")."""
+    def refused(path: str) -> str:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(procfs.os, "readlink", refused)
+    monkeypatch.setattr(procfs.os, "geteuid", lambda: uid)
+    with pytest.raises(ProcessError) as caught:
+        procfs.fd_links(os.getpid())
+    assert str(caught.value).startswith(f"not permitted to read the fds of process {os.getpid()} {advice}")
+    assert caught.value.pid == os.getpid()

@@ -1,0 +1,76 @@
+"""drain() of a listener duplicate (sockrepair/move/backlog.py), on loopback: it accepts what waits, in order, within
+the fd room it is given, and leaves the listener's open file as it found it (its other holders keep blocking)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from sockrepair.move import backlog
+from sockrepair.state import ConnTuple
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(16)
+        yield lst
+
+
+def _duplicate(lst: socket.socket) -> socket.socket:
+    """What take_listeners() makes of a program's listener: a non-blocking object around a duplicate fd."""
+    return socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0, os.dup(lst.fileno()))
+
+
+def test_drain_accepts_what_waits_and_leaves_the_open_file_blocking(listener: socket.socket) -> None:
+    port = listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    try:
+        dup = _duplicate(listener)
+        got = backlog.drain([dup])
+        try:
+            assert dup.fileno() == -1  # closed
+            assert got.tuples == [ConnTuple(socket.AF_INET, "127.0.0.1", port, "127.0.0.1", c.getsockname()[1])
+                                  for c in clients]
+            assert all(s.getblocking() for s in got.socks)
+            # O_NONBLOCK was on the shared open file only while drain() accepted
+            assert not fcntl.fcntl(listener.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+            clients[1].sendall(b"queued")
+            assert got.socks[1].recv(6) == b"queued"
+        finally:
+            got.close()
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_drain_leaves_what_exceeds_its_fd_room_queued(listener: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+    monkeypatch.setattr(backlog, "_fd_room", lambda: 2)  # counted after the first accept: 1 + 2
+    try:
+        got = backlog.drain([_duplicate(listener)])
+        try:
+            assert [t.remote_port for t in got.tuples] == [c.getsockname()[1] for c in clients[:3]]
+            listener.settimeout(5)
+            left = [listener.accept()[1][1] for _ in range(2)]
+            assert left == [c.getsockname()[1] for c in clients[3:]]
+        finally:
+            got.close()
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_drain_of_an_empty_queue_counts_no_fds(listener: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_count() -> int:
+        raise AssertionError("the fd room was counted for an empty queue")
+
+    monkeypatch.setattr(backlog, "_fd_room", no_count)
+    got = backlog.drain([_duplicate(listener)])
+    assert got.socks == [] and got.tuples == []
