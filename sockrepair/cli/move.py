@@ -194,7 +194,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                                        ("--unix-uid", bool(args.unix_uid)), ("--netns", args.netns is not None),
                                        ("--force", args.force)) if on]
         if given:
-            args.usage_error(f"--pending lists journals: it takes no {', '.join(given)} (they are for -D)")
+            args.usage_error(f"--pending lists journals: it takes no {', '.join(given)} (options of a restore)")
         return _list_pending(args.json)
     if not handing:
         args.usage_error("one of the arguments --exec --unix is required")

@@ -346,10 +346,10 @@ def test_restore_pending_lists_the_journals_of_moves_stopped_half_way(tmp_path: 
         assert "a move in progress" in run_main("restore", "--pending")[1]
     finally:
         os.close(held)
-    assert "--pending lists journals: it takes no --exec (they are for -D)" in usage_error(
+    assert "--pending lists journals: it takes no --exec (options of a restore)" in usage_error(
         "restore", "--pending", "--exec", "true")
     # before: --netns and --force were ignored without a word
-    assert "it takes no --netns, --force (they are for -D)" in usage_error(
+    assert "it takes no --netns, --force (options of a restore)" in usage_error(
         "restore", "--pending", "--netns", "elsewhere", "--force")
     assert "one of the arguments --exec --unix is required" in usage_error("restore", "-D", "d")
 
