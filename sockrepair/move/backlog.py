@@ -26,9 +26,10 @@ from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import ProcSocket
 from sockrepair.state import ConnTuple
 
-# the accept queue of one listener is at most net.core.somaxconn long (4096 by default); a bound all the same, so
-# that a flood of new connections cannot keep the move from its handoff
-MAX_ACCEPTED = 65536
+# The accepts run inside the downtime (about 12 us each here: a full queue of 4,097 added 50 ms): beyond this many
+# in all, the rest are reset with the listener, as before. One listener's queue holds net.core.somaxconn (4,096 by
+# default) + 1.
+MAX_ACCEPTED = 4097
 # fds left free for the rest of the move and the caller's handoff (a subprocess, socket activation...): the
 # connections accepted never take the last ones
 RESERVE_FDS = 64
@@ -79,20 +80,22 @@ def _tuple(conn: socket.socket) -> ConnTuple:
     return ConnTuple(family, local[0], local[1], remote[0], remote[1])
 
 
-def _fd_room() -> int:
-    """How many more fds this process may open, keeping RESERVE_FDS for the rest of the move and its handoff."""
+def _fd_room(reserve: int) -> int:
+    """How many more fds this process may open, keeping `reserve` and RESERVE_FDS free (negative: already fewer
+    free). Raises OSError."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY:
         return MAX_ACCEPTED
-    return max(0, soft - len(os.listdir("/proc/self/fd")) - RESERVE_FDS)
+    return soft - len(os.listdir("/proc/self/fd")) - RESERVE_FDS - reserve
 
 
-def drain(listeners: list[socket.socket]) -> Backlog:
+def drain(listeners: list[socket.socket], reserve: int = 0) -> Backlog:
     """Accept every connection waiting in the accept queues of `listeners`, without waiting for more, then close
-    them (what arrives later is refused, as at the program's exit). Connections come listener by listener, in queue
-    order; one its peer reset meanwhile is left out. Beyond this process's fd limit (less RESERVE_FDS) the rest
-    stay queued, and are reset with the listener. The O_NONBLOCK the accepts need is set on the listener's open file
-    (shared by every holder of it) only for as long as they run. Never raises OSError."""
+    them (the program's exit then closes the listener: what arrives until then is reset, later refused, as before).
+    Connections come listener by listener, in queue order; one its peer reset meanwhile is left out. Beyond
+    MAX_ACCEPTED, or beyond this process's fd limit less `reserve` (what the caller still has to open) and
+    RESERVE_FDS, the rest stay queued, and are reset with the listener. The O_NONBLOCK the accepts need is set on
+    the listener's open file (shared by every holder of it) only for as long as they run. Never raises OSError."""
     backlog = Backlog()
     room: int | None = None  # counted once one is accepted: an empty queue, the usual case, costs one accept()
     try:
@@ -118,9 +121,18 @@ def drain(listeners: list[socket.socket]) -> Backlog:
                     except OSError:
                         conn.close()
                         continue
-                    backlog.socks.append(conn)
                     if room is None:
-                        room = min(len(backlog.socks) + _fd_room(), MAX_ACCEPTED)
+                        try:
+                            left = _fd_room(reserve)
+                        except OSError:
+                            left = -1
+                        if left < 0:  # no room even for this one: it ends with the listener's queue, as before
+                            conn.close()
+                            backlog.tuples.pop()
+                            room = 0
+                            break
+                        room = min(1 + left, MAX_ACCEPTED)
+                    backlog.socks.append(conn)
             finally:
                 with contextlib.suppress(OSError):
                     fcntl.fcntl(listener.fileno(), fcntl.F_SETFL, flags)

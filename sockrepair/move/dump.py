@@ -58,8 +58,8 @@ class DumpReport:
     sockets. `quiescent`: whether every thread was waiting when the program
     was frozen, after `freeze_attempts` tries; `busy`: the threads that were not (sockrepair.move.quiesce).
     `left_behind`: the process's fds found already in repair mode in a stopped process, as a move killed half-way
-    leaves it (docs/failures.md); LEAVE_RUNNING resumed them (those it could not move too) and continued the
-    process."""
+    leaves it (docs/failures.md); LEAVE_RUNNING resumed them (those it could not move too: it resumes those of a
+    running process as well) and continued the process."""
 
     pid: int
     command: str
@@ -138,8 +138,10 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
                         locker.unlock([s.tuple for s in cap.sockets])
                     if keeper is not None:  # what the lock stopped after deliver() last looked
                         kept = keeper.deliver([s.tuple for s in cap.sockets], f"/proc/{pid}/ns/net")
-                    if cap.stopped:  # those no move can take, too: the program goes on
-                        cap.left_behind += resume_lost_in_repair(cap)
+                    # those no move can take, too (a move killed half-way, its guard too): the program goes on
+                    resumed = resume_lost_in_repair(cap)
+                    if cap.stopped:
+                        cap.left_behind += resumed
                     if cap.left_behind:  # left stopped by an interrupted move: its sockets are right again now
                         os.kill(pid, signal.SIGCONT)
             else:
@@ -213,6 +215,9 @@ def inspect(pid: int) -> list[tuple[ProcSocket, ConnectionState | None, str]]:
                 result.append((s, None, f"{s.state_name}, an error pending (left unread: only a move reads it)"))
                 continue
             fd = pidfd.getfd_if_open(s.fd)
+            if fd is not None and os.fstat(fd).st_ino != s.inode:
+                os.close(fd)  # its number went to another file since
+                fd = None
             if fd is None:  # closed since the listing: a busy server closes connections all the time
                 continue
             was_in_repair = False

@@ -570,7 +570,8 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[]
                 finally:
                     cap.fds.clear()
                     # what connected while the process was frozen, accepted; the listeners closed as its exit would
-                    cap.backlog = drain(listening)
+                    # (the restore makes a socket per moved connection: those fds are kept free too)
+                    cap.backlog = drain(listening, reserve=len(cap.sockets))
     if wait or not disconnected:  # a tuple still hashed is freed only by the process's exit
         wait_exited(cap, timeout)
 

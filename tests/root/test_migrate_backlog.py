@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -157,3 +158,37 @@ def test_a_listener_sockrepair_itself_holds_too_is_left_to_it(monkeypatch: pytes
                 s.close()
             program.kill()
             program.wait()
+
+
+def test_the_backlog_leaves_the_restore_its_fds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accepted right after the kill, before the restore makes a socket per moved connection: with a tight fd
+    limit the accepts keep those free (before, 70 moved connections and a queue of 30 under a limit 120 above the
+    mover's fds ran out of fds in the restore, past the point of no return: EMFILE, every connection left to
+    `restore -D`)."""
+    with _echo() as (ns, port, server):
+        moved = [_connect(ns, port) for _ in range(70)]
+        late: list[socket.socket] = []
+        real = take_module.checkpoint_all_taken
+
+        def connect_then_checkpoint(*args: object, **kwargs: object) -> object:
+            late.extend(_connect_frozen(ns, port) for _ in range(30))
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(take_module, "checkpoint_all_taken", connect_then_checkpoint)
+        limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 120, limits[1]))
+        try:
+            report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=_keep_sockets)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+        restored = {s.getpeername()[1]: s for s in report.handoff_result}
+        try:
+            assert len(report.connections) == 70
+            assert {c.getsockname()[1] for c in moved} <= set(restored)
+            assert len(restored) == 70 + len(report.accepted)
+            for client in moved + [c for c in late if c.getsockname()[1] in restored]:
+                client.sendall(b"moved")
+                assert recv_exactly(restored[client.getsockname()[1]], 5) == b"moved"
+        finally:
+            for s in list(restored.values()) + late + moved:
+                s.close()

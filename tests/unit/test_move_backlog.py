@@ -52,10 +52,17 @@ def test_drain_accepts_what_waits_and_leaves_the_open_file_blocking(listener: so
 def test_drain_leaves_what_exceeds_its_fd_room_queued(listener: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
     port = listener.getsockname()[1]
     clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
-    monkeypatch.setattr(backlog, "_fd_room", lambda: 2)  # counted after the first accept: 1 + 2
+    seen = []
+
+    def room(reserve: int) -> int:
+        seen.append(reserve)
+        return 2  # counted after the first accept: 1 + 2
+
+    monkeypatch.setattr(backlog, "_fd_room", room)
     try:
-        got = backlog.drain([_duplicate(listener)])
+        got = backlog.drain([_duplicate(listener)], reserve=7)
         try:
+            assert seen == [7]
             assert [t.remote_port for t in got.tuples] == [c.getsockname()[1] for c in clients[:3]]
             listener.settimeout(5)
             left = [listener.accept()[1][1] for _ in range(2)]
@@ -68,9 +75,33 @@ def test_drain_leaves_what_exceeds_its_fd_room_queued(listener: socket.socket, m
 
 
 def test_drain_of_an_empty_queue_counts_no_fds(listener: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_count() -> int:
+    def no_count(reserve: int) -> int:
         raise AssertionError("the fd room was counted for an empty queue")
 
     monkeypatch.setattr(backlog, "_fd_room", no_count)
     got = backlog.drain([_duplicate(listener)])
     assert got.socks == [] and got.tuples == []
+
+
+def test_drain_without_room_for_one_leaves_the_queue_to_the_listener(listener: socket.socket,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The restore still has its sockets to make: with fewer fds free than it needs, nothing is kept (the first one
+    accepted is let go), and the rest stays queued."""
+    port = listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    monkeypatch.setattr(backlog, "_fd_room", lambda reserve: -1)
+    try:
+        got = backlog.drain([_duplicate(listener)], reserve=100)
+        assert got.socks == [] and got.tuples == []
+        listener.settimeout(5)
+        assert [listener.accept()[1][1] for _ in range(2)] == [c.getsockname()[1] for c in clients[1:]]
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_fd_room_keeps_the_reserve_free() -> None:
+    soft = backlog.resource.getrlimit(backlog.resource.RLIMIT_NOFILE)[0]
+    open_now = len(os.listdir("/proc/self/fd"))
+    # listdir's own fd is counted while it lists: one either way
+    assert abs(backlog._fd_room(10) - (soft - open_now - backlog.RESERVE_FDS - 10)) <= 1
