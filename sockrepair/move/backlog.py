@@ -42,15 +42,12 @@ def take_listeners(pidfd: PidFd, listeners: Sequence[ProcSocket]) -> list[socket
     taken: list[socket.socket] = []
     for s in listeners:
         try:
-            fd = pidfd.getfd_if_open(s.fd)
-        except ProcessError:  # past the point of no return: a listener not taken only dies with the program
+            fd = pidfd.getfd_if_same(s.fd, s.inode)
+        except (ProcessError, OSError):  # past the point of no return: a listener not taken dies with the program
             continue
         if fd is None:
             continue
         try:
-            if os.fstat(fd).st_ino != s.inode:
-                os.close(fd)
-                continue
             # SOCK_NONBLOCK: the object then sets no flag on the listener's open file (socket.setdefaulttimeout()
             # would make its constructor set O_NONBLOCK there, for every holder); drain() sets it, for a moment
             taken.append(socket.socket(s.tuple.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0, fd))

@@ -214,10 +214,7 @@ def inspect(pid: int) -> list[tuple[ProcSocket, ConnectionState | None, str]]:
                 # a checkpoint reads the error, which clears it: the program would never see it
                 result.append((s, None, f"{s.state_name}, an error pending (left unread: only a move reads it)"))
                 continue
-            fd = pidfd.getfd_if_open(s.fd)
-            if fd is not None and os.fstat(fd).st_ino != s.inode:
-                os.close(fd)  # its number went to another file since
-                fd = None
+            fd = pidfd.getfd_if_same(s.fd, s.inode)
             if fd is None:  # closed since the listing: a busy server closes connections all the time
                 continue
             was_in_repair = False

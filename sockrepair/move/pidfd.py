@@ -52,6 +52,22 @@ class PidFd:
             raise ProcessError("this kernel has no pidfd_getfd (needs Linux >= 5.6)", pid=self.pid)
         raise ProcessError(f"pidfd_getfd({self.pid}, {target_fd}): {os.strerror(err)}", pid=self.pid, fd=target_fd)
 
+    def getfd_if_same(self, target_fd: int, inode: int) -> int | None:
+        """getfd_if_open(), or None as well when `target_fd` holds another file than inode `inode` now (closed
+        since it was listed, its number given to another). Raises ProcessError for every other failure."""
+        fd = self.getfd_if_open(target_fd)
+        if fd is None:
+            return None
+        try:
+            same = os.fstat(fd).st_ino == inode
+        except BaseException:
+            os.close(fd)
+            raise
+        if not same:
+            os.close(fd)
+            return None
+        return fd
+
     def getfds(self, targets: Sequence[int]) -> list[int]:
         """getfd() of each of `targets` in order, up to the first that fails (the list is then shorter: getfd()
         says why); a loop with its arguments converted once, for the 1,000 fds a move takes under the freeze."""

@@ -217,11 +217,8 @@ def screen(pid: int, pidfd: PidFd, chosen: Sequence[ProcSocket], wanted: Sequenc
     asked for (ProcessError)."""
     take, cannot = [], []
     for s in chosen:
-        copy = pidfd.getfd_if_open(s.fd)
-        if copy is not None and os.fstat(copy).st_ino != s.inode:
-            # closed, and its number given to another file: the look under the freeze finds that one as new
-            os.close(copy)
-            copy = None
+        # None too when its number went to another file since: the look under the freeze finds that one as new
+        copy = pidfd.getfd_if_same(s.fd, s.inode)
         if copy is None:
             if wanted:
                 raise ProcessError(f"fd {s.fd} of process {pid} ({s.tuple}) was closed by the process while being "

@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,14 +13,6 @@ import pytest
 from sockrepair.lab.subjects import PingPongClient, RequestClient, start_receiver, stop
 from sockrepair.move.handoff import send_over_unix
 from sockrepair.state import ConnTuple
-
-
-@pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen(8)
-        yield s
 
 
 def _serve(listener: socket.socket, count: int, take: callable) -> threading.Thread:  # type: ignore[valid-type]

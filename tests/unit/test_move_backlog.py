@@ -3,6 +3,7 @@ the fd room it is given, and leaves the listener's open file as it found it (its
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -14,12 +15,15 @@ from sockrepair.move import backlog
 from sockrepair.state import ConnTuple
 
 
-@pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    with socket.socket() as lst:
-        lst.bind(("127.0.0.1", 0))
-        lst.listen(16)
-        yield lst
+@contextlib.contextmanager
+def _queued(listener: socket.socket, n: int) -> Iterator[list[socket.socket]]:
+    """`n` connections waiting in `listener`'s accept queue, their client ends closed afterwards."""
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(n)]
+    try:
+        yield clients
+    finally:
+        for c in clients:
+            c.close()
 
 
 def _duplicate(lst: socket.socket) -> socket.socket:
@@ -29,8 +33,7 @@ def _duplicate(lst: socket.socket) -> socket.socket:
 
 def test_drain_accepts_what_waits_and_leaves_the_open_file_blocking(listener: socket.socket) -> None:
     port = listener.getsockname()[1]
-    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
-    try:
+    with _queued(listener, 3) as clients:
         dup = _duplicate(listener)
         got = backlog.drain([dup])
         try:
@@ -44,14 +47,9 @@ def test_drain_accepts_what_waits_and_leaves_the_open_file_blocking(listener: so
             assert got.socks[1].recv(6) == b"queued"
         finally:
             got.close()
-    finally:
-        for c in clients:
-            c.close()
 
 
 def test_drain_leaves_what_exceeds_its_fd_room_queued(listener: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
-    port = listener.getsockname()[1]
-    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
     seen = []
 
     def room(reserve: int) -> int:
@@ -59,7 +57,7 @@ def test_drain_leaves_what_exceeds_its_fd_room_queued(listener: socket.socket, m
         return 2  # counted after the first accept: 1 + 2
 
     monkeypatch.setattr(backlog, "_fd_room", room)
-    try:
+    with _queued(listener, 5) as clients:
         got = backlog.drain([_duplicate(listener)], reserve=7)
         try:
             assert seen == [7]
@@ -69,9 +67,6 @@ def test_drain_leaves_what_exceeds_its_fd_room_queued(listener: socket.socket, m
             assert left == [c.getsockname()[1] for c in clients[3:]]
         finally:
             got.close()
-    finally:
-        for c in clients:
-            c.close()
 
 
 def test_drain_of_an_empty_queue_counts_no_fds(listener: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,17 +82,12 @@ def test_drain_without_room_for_one_leaves_the_queue_to_the_listener(listener: s
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The restore still has its sockets to make: with fewer fds free than it needs, nothing is kept (the first one
     accepted is let go), and the rest stays queued."""
-    port = listener.getsockname()[1]
-    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
     monkeypatch.setattr(backlog, "_fd_room", lambda reserve: -1)
-    try:
+    with _queued(listener, 3) as clients:
         got = backlog.drain([_duplicate(listener)], reserve=100)
         assert got.socks == [] and got.tuples == []
         listener.settimeout(5)
         assert [listener.accept()[1][1] for _ in range(2)] == [c.getsockname()[1] for c in clients[1:]]
-    finally:
-        for c in clients:
-            c.close()
 
 
 def test_fd_room_keeps_the_reserve_free() -> None:
