@@ -6,9 +6,9 @@ its connection reset after it was established, its request lost.
 
 So migrate() takes a duplicate of each listener the program alone holds (pidfd_getfd) right before it kills the
 program (take_listeners); right after the kill, what waits in their accept queues is accepted and the duplicates
-are closed (drain), as the program's exit closes the listener: the port is free from then on, as it was, and what
-connects later is refused, as it was. The connections accepted are live sockets (no repair needed), handed off
-after the moved ones."""
+are closed (drain), so that the listener ends with the program's exit, as it did: what connects until then is
+reset, what connects later refused, and the port is free once the program has exited. The connections accepted are
+live sockets (no repair needed), handed off after the moved ones."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from sockrepair.engine._addr import read_tuple
+from sockrepair.engine._session import session_of
 from sockrepair.errors import ProcessError
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import ProcSocket
@@ -71,12 +73,6 @@ class Backlog:
         self.socks, self.tuples = [], []
 
 
-def _tuple(conn: socket.socket) -> ConnTuple:
-    local, remote = conn.getsockname(), conn.getpeername()
-    family = socket.AF_INET if len(local) == 2 else socket.AF_INET6
-    return ConnTuple(family, local[0], local[1], remote[0], remote[1])
-
-
 def _fd_room(reserve: int) -> int:
     """How many more fds this process may open, keeping `reserve` and RESERVE_FDS free (negative: already fewer
     free). Raises OSError."""
@@ -112,12 +108,6 @@ def drain(listeners: list[socket.socket], reserve: int = 0) -> Backlog:
                         if exc.errno == errno.ECONNABORTED:  # reset in the queue: the kernel skips it
                             continue
                         break
-                    try:
-                        conn.setblocking(True)
-                        backlog.tuples.append(_tuple(conn))
-                    except OSError:
-                        conn.close()
-                        continue
                     if room is None:
                         try:
                             left = _fd_room(reserve)
@@ -125,10 +115,15 @@ def drain(listeners: list[socket.socket], reserve: int = 0) -> Backlog:
                             left = -1
                         if left < 0:  # no room even for this one: it ends with the listener's queue, as before
                             conn.close()
-                            backlog.tuples.pop()
                             room = 0
                             break
                         room = min(1 + left, MAX_ACCEPTED)
+                    try:
+                        conn.setblocking(True)
+                        backlog.tuples.append(read_tuple(session_of(conn)))
+                    except (OSError, ValueError):  # reset by its peer since: no address any more
+                        conn.close()
+                        continue
                     backlog.socks.append(conn)
             finally:
                 with contextlib.suppress(OSError):

@@ -217,7 +217,6 @@ def inspect(pid: int) -> list[tuple[ProcSocket, ConnectionState | None, str]]:
             fd = pidfd.getfd_if_same(s.fd, s.inode)
             if fd is None:  # closed since the listing: a busy server closes connections all the time
                 continue
-            was_in_repair = False
             try:
                 # one already in repair mode (a move killed half-way) is left so, even when its checkpoint fails:
                 # inspect changes nothing

@@ -192,7 +192,7 @@ def left_behind(pid: int, chosen: Sequence[ProcSocket], keep_errors: bool = Fals
                 found: list[ProcSocket] | None = None) -> list[Unmovable]:
     """Every connection of the process (any TCP state but LISTEN, any protocol /proc/net/tcp lists, and CLOSE ones
     that hold a peer) that is not in `chosen`, with the reason it is not: what ending the process would destroy.
-    Those whose inode is in `shared` (another process has them open: shared_inodes) are not: it keeps them.
+    Those whose inode is in `shared` (another process has them open: procfs.fd_holders) are not: it keeps them.
     `links`: the fd_links() `chosen` was selected from (a connection accepted since is no loss yet: the look
     under the freeze finds it), else read now; `found`: their tcp_sockets(), when read already."""
     taken = {s.fd for s in chosen}
@@ -238,12 +238,6 @@ def screen(pid: int, pidfd: PidFd, chosen: Sequence[ProcSocket], wanted: Sequenc
                                    pid=pid, fd=s.fd, tuple=s.tuple, tcp_state=s.tcp_state)
         cannot.append(Unmovable(s, protocol, why))
     return take, cannot
-
-
-def shared_inodes(pid: int, lost: Sequence[Unmovable], skip: Collection[int]) -> set[int]:
-    """The inodes of the connections in `lost` that a process other than `pid` (and those in `skip`) has open: a
-    child that inherited one, or the process it was passed to, which ending `pid` leaves holding it."""
-    return set(fd_holders([u.sock.inode for u in lost], {pid, *skip})) if lost else set()
 
 
 def refuse_losses(pid: int, lost: Sequence[Unmovable]) -> None:
@@ -417,9 +411,15 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
         found = tcp_sockets(pid, links)
         chosen = select_sockets(pid, wanted, keep_errors, links, found)
         lost = left_behind(pid, chosen, keep_errors, links=links, found=found)
-        # a connection left out that another process holds is not lost with this one (refuse_shared's advice: leave
-        # the shared fds out); looked for once, before the freeze
-        shared = shared_inodes(pid, lost, {os.getpid(), freezer.child})
+        # one look through every process's fds (a few ms), before the freeze, for: the connections left out (one
+        # another process holds is not lost with this one: refuse_shared's advice is to leave the shared fds out),
+        # the chosen (refuse_shared) and the listeners whose accept queue the move keeps from the kill (one another
+        # process holds, a pre-forked sibling's, goes on accepting there). A listener this process holds too, a
+        # supervisor's, is shared; a connection this process holds is not (the copies it takes)
+        listening = [s for s in found if s.tcp_state == TCP_LISTEN] if backlog else []
+        holders = fd_holders([s.inode for s in (*chosen, *(u.sock for u in lost), *listening)], {pid, freezer.child})
+        me = os.getpid()
+        shared = {ino: pids - {me} for ino, pids in holders.items() if pids - {me}}
         lost = [u for u in lost if u.sock.inode not in shared]
         if not allow_loss:
             refuse_losses(pid, lost)
@@ -429,13 +429,7 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
             raise ProcessError(f"process {pid} holds no connection that can be moved: "
                                + ("; ".join(map(str, unmovable)) or "those it held were closed"), pid=pid)
         lost += unmovable
-        # the listeners whose accept queue the move keeps from the kill: those no other process holds (a
-        # pre-forked sibling goes on accepting from a shared one); one look through every process's fds for both
-        listening = [s for s in found if s.tcp_state == TCP_LISTEN] if backlog else []
-        # (a listener this process holds too, a supervisor's, say, is shared: its other holder goes on with it)
-        holders = fd_holders([s.inode for s in (*chosen, *listening)], {pid, freezer.child})
-        me = os.getpid()
-        refuse_shared(pid, chosen, {ino: pids - {me} for ino, pids in holders.items() if pids - {me}})
+        refuse_shared(pid, chosen, shared)
         listeners = [s for s in listening if s.inode not in holders]
         taken_fds = {s.fd for s in chosen}
         # what screen() found closed is no longer among the process's fds either
@@ -504,7 +498,7 @@ def resume_lost_in_repair(cap: Captured) -> list[int]:
     resumed = []
     for u in cap.lost:
         try:
-            copy = cap.pidfd.getfd_if_open(u.sock.fd)
+            copy = cap.pidfd.getfd_if_same(u.sock.fd, u.sock.inode)
         except ProcessError:
             continue
         if copy is None:
