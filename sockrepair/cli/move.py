@@ -180,7 +180,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               f"move killed half-way leaves it: `sockrepair dump --pid {args.pid} -D DIR --leave-running` takes them "
               f"out of repair mode and continues it (or --kill, then `sockrepair restore -D DIR`, finishes the move)",
               file=sys.stderr)
-
     for s, st, name in rows:
         head = f"fd {s.fd:<4} "
         print("\n".join(state_lines(st, head, name)) if st is not None else head_line(s.tuple, name, head))
