@@ -181,30 +181,39 @@ def diag(session: _Session, conn: ConnTuple, ifindex: int) -> SockView:
     """The sock_diag view of the session's connection `conn` (`ifindex`: the device it is bound to, 0 for none),
     read as a dump's (_view): the reply is the same struct inet_diag_msg with its attributes.
     Raises NotPermittedError without CAP_NET_ADMIN in the socket's network namespace, SocketCallError (op
-    "sock_diag") when the kernel answers with an error: ENOENT when no socket has this 4-tuple any more.
+    "sock_diag") when the kernel answers with an error: ENOENT when no socket has this 4-tuple any more, or when
+    the one found is not this socket.
 
-    The netlink socket this thread used last is asked first, for the socket's own cookie (SO_COOKIE): the kernel
-    answers only when that very socket is in the netlink socket's namespace (inet_diag_find_one_icsk checks the
-    cookie), which spares finding the namespace (SIOCGSKNS, fstat, close); otherwise the request is made as
-    before, in the socket's namespace and without a cookie."""
+    Every request carries the socket's own cookie (SO_COOKIE), which inet_diag_find_one_icsk checks: the lookup
+    behind it is the one an arriving segment makes, so for an accepted socket bound to a device (an IPv6
+    link-local one is bound to its scope's) and asked for with another `ifindex` it falls back to the listener,
+    whose accept queue would read as this socket's receive queue. The netlink socket this thread used last is asked
+    first, which spares finding the socket's namespace (SIOCGSKNS, fstat, close) when it is the same; otherwise
+    the request is made again in the socket's namespace. Without a cookie (SO_COOKIE unreadable) a listener's
+    answer counts as ENOENT."""
+    try:
+        raw = session.sock.getsockopt(SOL_SOCKET, SO_COOKIE, 8)
+    except OSError:
+        raw = b""
+    if len(raw) != 8:
+        raw = NO_COOKIE
+    elif not _LITTLE_ENDIAN:
+        # idiag_cookie is two u32s, the low half first (sock_diag_check_cookie): on a little-endian host the u64's
+        # own bytes
+        cookie = _COOKIE.unpack(raw)[0]
+        raw = _COOKIE_HALVES.pack(cookie & 0xFFFFFFFF, cookie >> 32)
+    request = _request(conn, ifindex, raw)
     err = errno.ENOENT
     if _cache.sock is not None:
-        try:
-            raw = session.sock.getsockopt(SOL_SOCKET, SO_COOKIE, 8)
-        except OSError:
-            raw = b""
-        if len(raw) == 8:
-            # idiag_cookie is two u32s, the low half first (sock_diag_check_cookie): on a little-endian host the
-            # u64's own bytes
-            if not _LITTLE_ENDIAN:
-                cookie = _COOKIE.unpack(raw)[0]
-                raw = _COOKIE_HALVES.pack(cookie & 0xFFFFFFFF, cookie >> 32)
-            data, err = _ask(_cache.sock, _request(conn, ifindex, raw), session, conn)
+        data, err = _ask(_cache.sock, request, session, conn)
     if err in (errno.ENOENT, errno.ESTALE):
-        data, err = _ask(_netlink_for(session), _request(conn, ifindex), session, conn)
+        data, err = _ask(_netlink_for(session), request, session, conn)
     if err:
-        raise SocketCallError(err, "sock_diag", session.fd, tuple=conn)
-    return _view(data, _NLMSG.size, _NLMSG.unpack_from(data)[0], {}, conn)
+        raise SocketCallError(errno.ENOENT if err == errno.ESTALE else err, "sock_diag", session.fd, tuple=conn)
+    view = _view(data, _NLMSG.size, _NLMSG.unpack_from(data)[0], {}, conn)
+    if raw == NO_COOKIE and view.state == lib.TCP_LISTEN:
+        raise SocketCallError(errno.ENOENT, "sock_diag", session.fd, tuple=conn)
+    return view
 
 
 INET_DIAG_CONG, INET_DIAG_TOS, INET_DIAG_TCLASS, INET_DIAG_SKMEMINFO = 4, 5, 6, 7

@@ -54,3 +54,48 @@ def test_a_socket_with_the_same_tuple_in_another_namespace_does_not_answer_for_i
         finally:
             for s in socks:
                 s.close()
+
+
+def test_an_accepted_link_local_connection_is_read_as_itself_not_as_its_listener(
+        two_hosts: tuple[NetNS, NetNS]) -> None:
+    # bound to its scope's device, the accepted socket is missed by a lookup without that device, which falls
+    # back to the listener: its accept queue (one connection waits in it) read as this socket's receive queue was
+    # "an urgent mark 0 bytes into the 1-byte receive queue", or the state "now LISTEN"
+    a, b = two_hosts
+    a.ip("addr", "add", "fe80::1/64", "dev", "va", "nodad")
+    b.ip("addr", "add", "fe80::2/64", "dev", "vb", "nodad")
+    socks: list[socket.socket] = []
+    try:
+        with a.entered():
+            listener = socket.socket(socket.AF_INET6)
+            socks.append(listener)
+            listener.bind(("::", 40113))
+            listener.listen(4)
+        with b.entered():
+            scope = socket.if_nametoindex("vb")
+            for _ in range(2):
+                peer = socket.socket(socket.AF_INET6)
+                socks.append(peer)
+                peer.connect(("fe80::1", 40113, 0, scope))
+        client, waiting = socks[1], socks[2]
+        server, _ = listener.accept()
+        socks.append(server)
+        client.sendall(b"link-local")
+        deadline = time.monotonic() + 5
+        while len(server.recv(64, socket.MSG_PEEK)) < 10 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        state = sockrepair.checkpoint(server)
+        assert (state.tcp_state, state.tuple.remote_addr, state.tuple.local_port) == (TCP_ESTABLISHED, "fe80::2",
+                                                                                       40113)
+        assert bytes(state.recv_queue) == b"link-local"
+        sockrepair.discard(server, state)
+        with a.entered():
+            moved = sockrepair.restore(state)
+        socks.append(moved)
+        assert moved.recv(64) == b"link-local"
+        moved.sendall(b"back")
+        assert client.recv(64) == b"back"
+        assert waiting.getpeername()[0] == "fe80::1"
+    finally:
+        for s in socks:
+            s.close()
