@@ -33,7 +33,7 @@ from sockrepair.move.take import (
     checkpoint_taken,
     end_source,
     process_locker,
-    resume_lost_in_repair,
+    resume_in_repair,
 )
 from sockrepair.state import ConnectionState
 
@@ -139,7 +139,7 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
                     if keeper is not None:  # what the lock stopped after deliver() last looked
                         kept = keeper.deliver([s.tuple for s in cap.sockets], f"/proc/{pid}/ns/net")
                     # those no move can take, too (a move killed half-way, its guard too): the program goes on
-                    resumed = resume_lost_in_repair(cap)
+                    resumed = resume_in_repair(cap.pidfd, cap.lost)
                     if cap.stopped:
                         cap.left_behind += resumed
                     if cap.left_behind:  # left stopped by an interrupted move: its sockets are right again now

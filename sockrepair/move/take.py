@@ -426,8 +426,17 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
         listed = chosen
         chosen, unmovable = screen(pid, pidfd, chosen, wanted, allow_loss)
         if not chosen:
-            raise ProcessError(f"process {pid} holds no connection that can be moved: "
-                               + ("; ".join(map(str, unmovable)) or "those it held were closed"), pid=pid)
+            why = "; ".join(map(str, unmovable)) or "those it held were closed"
+            # a caller that resumes the process (keep_errors) would have resumed these with the ones it moved
+            resumed = resume_in_repair(pidfd, unmovable) if keep_errors else []
+            if resumed:
+                now = stat(pid)
+                halted = now is not None and now.state == "T"
+                if halted:
+                    os.kill(pid, signal.SIGCONT)
+                why += (f"; fd(s) {', '.join(map(str, resumed))} were in repair mode (an interrupted move): taken "
+                        "out of it" + (", and the stopped process continued" if halted else ""))
+            raise ProcessError(f"process {pid} holds no connection that can be moved: {why}", pid=pid)
         lost += unmovable
         refuse_shared(pid, chosen, shared)
         listeners = [s for s in listening if s.inode not in holders]
@@ -491,14 +500,15 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
                         os.close(fd)
 
 
-def resume_lost_in_repair(cap: Captured) -> list[int]:
-    """Take the sockets of `cap.lost` that are in repair mode out of it (no window probe), for a process that goes
-    on: a move killed half-way leaves its program stopped with its sockets in repair mode, some of which no move
-    can take (urgent data...). Returns their fds; one that cannot be read is left as it is."""
+def resume_in_repair(pidfd: PidFd, lost: Sequence[Unmovable]) -> list[int]:
+    """Take the sockets of `lost` (a capture's, or the screen's unmovable) that are in repair mode out of it (no
+    window probe), for a process that goes on: a move killed half-way leaves its program stopped with its sockets
+    in repair mode, some of which no move can take (urgent data...). Returns their fds; one that cannot be read, or
+    whose fd now holds another file, is left as it is."""
     resumed = []
-    for u in cap.lost:
+    for u in lost:
         try:
-            copy = cap.pidfd.getfd_if_same(u.sock.fd, u.sock.inode)
+            copy = pidfd.getfd_if_same(u.sock.fd, u.sock.inode)
         except ProcessError:
             continue
         if copy is None:

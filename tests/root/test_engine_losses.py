@@ -216,6 +216,56 @@ def test_urgent_data_is_refused_before_the_freeze_and_inspect_says_why(netns, tm
 
 
 @pytest.mark.parametrize("program", ["stopped", "running"])
+def test_a_leave_running_dump_that_finds_nothing_to_move_still_resumes_what_a_killed_move_left(netns, tmp_path,
+                                                                                                 program):
+    """The same, when the only connection is one no move takes: the dump refuses (nothing to move) but first takes
+    that socket out of repair mode and continues the stopped program, as inspect's note promises; a --kill dump
+    leaves it as it is (the next step is the user's)."""
+    proc, port = _holder(1)
+    urgent = socket.create_connection(("127.0.0.1", port), timeout=10)
+    copy = -1
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "accepted"
+        urgent.send(b"abc")
+        urgent.send(b"X", socket.MSG_OOB)
+        (mine,) = (s for s in tcp_sockets(proc.pid) if s.tcp_state != 10)
+        for _ in range(500):
+            if "urgent byte" in {s.fd: name for s, _, name in inspect(proc.pid)}[mine.fd]:
+                break
+        if program == "stopped":
+            os.kill(proc.pid, signal.SIGSTOP)
+            _wait_stopped(proc.pid)
+        with PidFd(proc.pid) as pidfd:
+            copy = pidfd.getfd(mine.fd)
+        repair_on(copy)
+        with pytest.raises(sockrepair.SocketStateError, match="urgent byte b'X' not yet read"):
+            dump(proc.pid, tmp_path / "kill", after=After.KILL, quiescence=Quiescence(on_busy=OnBusy.MOVE))
+        assert in_repair(copy)
+        with pytest.raises(sockrepair.ProcessError) as caught:
+            dump(proc.pid, tmp_path / "img", after=After.LEAVE_RUNNING, quiescence=Quiescence(on_busy=OnBusy.MOVE))
+        continued = ", and the stopped process continued" if program == "stopped" else ""
+        assert str(caught.value).endswith(f"; fd(s) {mine.fd} were in repair mode (an interrupted move): taken out "
+                                          f"of it{continued}")
+        assert "urgent byte b'X' not yet read" in str(caught.value)
+        assert not in_repair(copy)
+        st = stat(proc.pid)
+        assert st is not None and st.state != "T"
+        assert not (tmp_path / "img").exists() and not (tmp_path / "kill").exists()
+        assert sockrepair.list_locks() == []
+        # the connection works on: the urgent byte and the data around it are where the peer left them
+        with socket.socket(fileno=os.dup(copy)) as mine_copy:
+            assert recv_exactly(mine_copy, 3) == b"abc"
+    finally:
+        if copy >= 0:
+            with contextlib.suppress(OSError):
+                repair_off(copy, probe=False)
+            os.close(copy)
+        urgent.close()
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("program", ["stopped", "running"])
 def test_a_socket_left_in_repair_mode_that_no_move_takes_stays_so_for_inspect_and_a_dump_resumes_it(netns, tmp_path,
                                                                                                       program):
     """What a killed move leaves, with one socket the engine refuses (an urgent byte unread): the program stopped,
