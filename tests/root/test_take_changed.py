@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 import sockrepair
+import sockrepair.move.dump as dump_module
 import sockrepair.move.take as take_module
 from sockrepair.errors import SocketStateError
 from sockrepair.lab.subjects import start_echo, stop
@@ -221,3 +222,39 @@ def test_a_connection_at_two_fds_is_refused_or_moved_once(wanted: str) -> None:
             program.wait()
             if program.stdout is not None:
                 program.stdout.close()
+
+
+@pytest.mark.parametrize("change", ["fd-closed", "fd-number-reused"])
+def test_inspect_leaves_out_a_connection_closed_while_it_looks(monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    """inspect's twin of the screen's case: a listed fd closed before inspect takes its copy, or its number given to
+    a new connection, is left out; the new connection is not read under the closed one's listing."""
+    with _echo() as (ns, port, server):
+        kept, gone = _connect(ns, port), _connect(ns, port)
+        clients = [kept, gone]
+        established = {s.tuple.remote_port: s.fd for s in tcp_sockets(server.pid) if s.tcp_state == TCP_ESTABLISHED}
+        kept_fd, gone_fd = established[kept.getsockname()[1]], established[gone.getsockname()[1]]
+        real = dump_module.tcp_sockets
+
+        def then_close(pid: int, *args: object, **kwargs: object) -> object:
+            listed = real(pid, *args, **kwargs)  # type: ignore[arg-type]
+            gone.close()  # the program closes its end at the EOF
+            wait_for(lambda: gone_fd not in socket_inodes(pid), "the program to close its socket", 5.0)
+            if change == "fd-number-reused":
+                clients.append(_connect(ns, port))
+                assert gone_fd in socket_inodes(pid), "the new connection did not take the fd number"
+            return listed
+
+        monkeypatch.setattr(dump_module, "tcp_sockets", then_close)
+        try:
+            rows = dump_module.inspect(server.pid)
+            read = {s.fd: state for s, state, _ in rows if state is not None}
+            assert list(read) == [kept_fd]
+            assert read[kept_fd].tuple.remote_port == kept.getsockname()[1]
+            assert gone_fd not in [s.fd for s, _, _ in rows]
+            # inspect changed nothing: every connection still echoes
+            for client in clients[:1] + clients[2:]:
+                client.sendall(b"still")
+                assert recv_exactly(client, 5) == b"still"
+        finally:
+            for s in clients:
+                s.close()
