@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sockrepair.lab.hosts import Lab
+from sockrepair.lab.hosts import SERVICE_IFNAME, SERVICE_MAC, Lab
 from sockrepair.netns import NetnsError
 
 
@@ -79,6 +79,25 @@ def test_service_moves_to_b_and_back(lab: Lab) -> None:
     assert exchange(lab, "a", lab.service4) == b"pong from a"
 
 
+def _bridge_port_of_service(lab: Lab) -> list[str]:
+    shown = subprocess.run(lab.switch.argv(["bridge", "fdb", "show", "br", "br0"]), capture_output=True, text=True,
+                           check=True).stdout
+    return [line for line in shown.splitlines() if line.startswith(SERVICE_MAC)]
+
+
+def test_the_bridge_is_pointed_at_the_service_before_its_old_port_goes_down(lab: Lab) -> None:
+    # a frame the bridge sent to the old port after it went down was lost unkept until the bridge saw the carrier
+    # loss; the entry is replaced synchronously, a learned (dynamic) one, not a static one that would outlive the move
+    assert exchange(lab, "a", lab.service4) == b"pong from a"
+    lab.b.set_up(SERVICE_IFNAME, True)  # its port forwards once the bridge sees the carrier: waited for
+    for role in ("b", "a", "b", "a"):
+        lab._point_bridge(role)
+        assert _bridge_port_of_service(lab) == [f"{SERVICE_MAC} dev s-{role} master br0 "]
+    lab.b.set_up(SERVICE_IFNAME, False)
+    lab.move_service("a", "b")
+    assert _bridge_port_of_service(lab) == [f"{SERVICE_MAC} dev s-b master br0 "]
+
+
 def test_bad_moves_are_refused(lab: Lab) -> None:
     with pytest.raises(NetnsError, match="is on 'a'"):
         lab.move_service("b", "a")
@@ -115,7 +134,7 @@ def test_error_inside_deletes_everything() -> None:
 def test_signal_deletes_everything(sig: int) -> None:
     script = textwrap.dedent("""
         import sys, time
-        from sockrepair.lab.hosts import Lab
+        from sockrepair.lab.hosts import SERVICE_IFNAME, SERVICE_MAC, Lab
         with Lab() as lab:
             print(lab.prefix, flush=True)
             time.sleep(60)
