@@ -88,10 +88,11 @@ def create_private(dir_fd: int, name: str, mode: str = "wb") -> IO:  # type: ign
         raise
 
 
-def replace_private(directory: str | Path, name: str, data: bytes) -> None:
+def replace_private(directory: str | Path, name: str, data: bytes, durable: bool = True) -> None:
     """`data` as the file `name` in `directory`, 0600, whole or not at all: written to NAME.part (one that a writer
     killed meanwhile left is removed first), fsynced, renamed over `name`, the directory fsynced; a crash leaves the
-    old file or the new one. Raises OSError."""
+    old file or the new one. Not `durable`: nothing fsynced (a directory a reboot clears anyway), and a killed
+    writer still leaves one or the other. Raises OSError."""
     part = name + ".part"
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -99,10 +100,12 @@ def replace_private(directory: str | Path, name: str, data: bytes) -> None:
             os.unlink(part, dir_fd=dir_fd)
         with create_private(dir_fd, part) as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.rename(part, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        os.fsync(dir_fd)
+        if durable:
+            os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 

@@ -8,7 +8,9 @@ So migrate() takes a duplicate of each listener the program alone holds (pidfd_g
 program (take_listeners); right after the kill, what waits in their accept queues is accepted and the duplicates
 are closed (drain), so that the listener ends with the program's exit, as it did: what connects until then is
 reset, what connects later refused, and the port is free once the program has exited. The connections accepted are
-live sockets (no repair needed), handed off after the moved ones."""
+live sockets (no repair needed), handed off after the moved ones. Into another namespace they go as the moved ones
+go: migrate() locks them in both namespaces, checkpoints them (checkpoint_accepted), adds them to the journal, closes
+them silently and restores them there with the others."""
 
 from __future__ import annotations
 
@@ -21,12 +23,13 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from sockrepair.engine import checkpoint
 from sockrepair.engine._addr import read_tuple
 from sockrepair.engine._session import session_of
-from sockrepair.errors import ProcessError
+from sockrepair.errors import ProcessError, SockrepairError
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import ProcSocket
-from sockrepair.state import ConnTuple
+from sockrepair.state import ConnectionState, ConnTuple
 
 # The accepts run inside the downtime (about 12 us each here: a full queue of 4,097 added 50 ms): beyond this many
 # in all, the rest are reset with the listener, as before. One listener's queue holds net.core.somaxconn (4,096 by
@@ -139,3 +142,26 @@ def close_all(listeners: list[socket.socket]) -> None:
         with contextlib.suppress(OSError):
             listener.close()
     listeners.clear()
+
+
+def checkpoint_accepted(backlog: Backlog) -> tuple[list[ConnectionState], list[ConnTuple]]:
+    """Checkpoint the accepted connections of `backlog`, for a move into another namespace (their tuples locked by
+    the caller: in repair mode a socket still takes in what arrives). Returns their states, and the tuples of those
+    that could not be checkpointed (refused: urgent data...; or failing), which are closed and dropped from
+    `backlog`: the caller unlocks them, and they end as the listener's reset would have ended them. Never raises
+    for one connection (it runs past the point of no return)."""
+    states: list[ConnectionState] = []
+    kept: list[socket.socket] = []
+    tuples: list[ConnTuple] = []
+    failed: list[ConnTuple] = []
+    for sock, conn in zip(backlog.socks, backlog.tuples, strict=True):
+        try:
+            states.append(checkpoint(sock))
+        except (SockrepairError, OSError):
+            sock.close()
+            failed.append(conn)
+            continue
+        kept.append(sock)
+        tuples.append(conn)
+    backlog.socks, backlog.tuples = kept, tuples
+    return states, failed

@@ -52,6 +52,8 @@ COMPLETED = "completed"
 ENDED = "ended"
 # a JSON list of the tuples (ADDR:PORT->ADDR:PORT text) a restore handed off to a program, before it unlocked them
 HANDED = "handed"
+# the journal's fd of a connection the process never held: one that waited in a listener's accept queue
+NO_FD = -1
 JOURNAL_INDEX = "journal.json"
 JOURNAL_IMAGES = "journal.img"
 JOURNAL_VERSION = 1
@@ -336,6 +338,29 @@ def write_journal(directory: Path, pid: int, fds: Sequence[int], images: Sequenc
             os.fsync(f.fileno())
     if durable:
         _fsync_path(directory, os.O_DIRECTORY)
+
+
+def append_journal(directory: Path, fds: Sequence[int], images: Sequence[bytes], tuples: Sequence[object]) -> None:
+    """More connections for the journal write_journal() wrote in `directory` (migrate()'s connections that waited
+    in an accept queue: `fds[i]` is NO_FD for those): their images appended to journal.img (0600 already, opened
+    without following a symlink), then journal.json replaced whole (replace_private; both fsynced unless the
+    directory is volatile()). Whatever fails leaves the journal's earlier connections as they were: their bytes are
+    not rewritten, and the old index stays until the new one is complete. Raises OSError, and ImageError for an
+    unreadable index."""
+    durable = not volatile(directory)
+    index = _journal_index(directory / JOURNAL_INDEX)
+    fd = os.open(directory / JOURNAL_IMAGES, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "wb") as f:
+        offset = os.fstat(fd).st_size
+        for conn_fd, image, conn in zip(fds, images, tuples, strict=True):
+            index["connections"].append({"fd": conn_fd, "tuple": str(conn), "offset": offset, "length": len(image),
+                                         "sha256": hashlib.sha256(image).hexdigest()})
+            offset += len(image)
+        f.write(b"".join(images))
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    replace_private(directory, JOURNAL_INDEX, json.dumps(index, separators=(",", ":")).encode(), durable)
 
 
 def _check_dir(directory: Path) -> None:

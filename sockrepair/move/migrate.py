@@ -18,14 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sockrepair.engine import checkpoint, discard
+from sockrepair.engine import checkpoint, discard, resume
+from sockrepair.engine._repair import in_repair
 from sockrepair.errors import ProcessError
 from sockrepair.image import encode
 from sockrepair.lock import Locker
 from sockrepair.move.ask import ask_peers
+from sockrepair.move.backlog import Backlog, checkpoint_accepted
 from sockrepair.move.freeze import Freezer
 from sockrepair.move.journal import (
     ENDED,
+    NO_FD,
+    append_journal,
     discard_journal,
     given_directory,
     hold_directory,
@@ -48,7 +52,7 @@ from sockrepair.move.take import (
 )
 from sockrepair.netns import named
 from sockrepair.sigmask import deferred_signals
-from sockrepair.state import ConnTuple
+from sockrepair.state import ConnectionState, ConnTuple
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +75,8 @@ class MigrationReport:
     created it). `kept`: the peers' packets kept by the lock and delivered to the restored sockets, and those left to
     the peers' retransmission (sockrepair.move.keep.Kept). `handoff_result`: what `handoff` returned (not in
     to_dict()). `accepted`: the connections that waited in the program's listeners' accept queues when it was ended
-    (connected while it was frozen, say), accepted and handed off after the moved ones (sockrepair.move.backlog)."""
+    (connected while it was frozen, say), accepted and handed off after the moved ones (sockrepair.move.backlog);
+    into another namespace, those carried there (one that could not be checkpointed is reset, as before)."""
 
     pid: int
     connections: list[str]
@@ -111,6 +116,46 @@ def _journal_again(socks: list[socket.socket], tuples: list[ConnTuple], director
     for sock in socks:
         discard(sock)
     socks.clear()
+
+
+def _carry_accepted(backlog: Backlog, source: tuple[Locker, int | None], dest: tuple[Locker, int | None], ttl: float,
+                    timings: Timings, directory: Path) -> list[ConnectionState]:
+    """The connections accepted from the ended program's listeners, for a move into another namespace, where the
+    sockets cannot go as they are: locked in both namespaces (each Locker with its recorder's group: what their
+    peers send is kept), checkpointed, added to the journal, closed silently; their states are returned, for the
+    restore with the moved ones. One that cannot be checkpointed, or all of them when a step fails, is closed and
+    unlocked: it ends as the listener's reset would have ended it before. Never raises but for an interrupt."""
+    lockers = (source[0], dest[0])
+    states: list[ConnectionState] = []
+    try:
+        with timings.timed(Stage.LOCK):
+            for locker, group in (source, dest):
+                locker.lock(backlog.tuples, ttl=ttl, group=group)
+        with timings.timed(Stage.CHECKPOINT):
+            states, failed = checkpoint_accepted(backlog)
+        if failed:
+            for locker in lockers:
+                locker.unlock(failed)
+        with timings.timed(Stage.SERIALIZE):
+            images = [encode(state) for state in states]
+        with timings.timed(Stage.JOURNAL):
+            append_journal(directory, [NO_FD] * len(states), images, backlog.tuples)
+    except Exception as exc:  # the moved connections go on: these end as they would have before
+        log.warning("the %d connection(s) accepted from the program's listeners are reset: %s", len(backlog.socks),
+                    exc)
+        for sock in backlog.socks:
+            with contextlib.suppress(OSError):
+                if in_repair(sock.fileno()):
+                    resume(sock)
+        for locker in lockers:
+            with contextlib.suppress(Exception):
+                locker.unlock(backlog.tuples)
+        backlog.close()
+        return []
+    with timings.timed(Stage.CLOSE):
+        for sock, state in zip(backlog.socks, states, strict=True):
+            discard(sock, state)
+    return states
 
 
 # migrate() calls in other threads of this process that turned the cyclic collector off, and whether it was on
@@ -161,8 +206,8 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     one, under /run: sockrepair.move.journal.volatile), end the process
     silently (end_source), run `network` (e.g. move the service address), restore the connections inside
     `dest_netns` (an `ip netns` name; None: here), unlock, and pass the sockets with their tuples to `handoff`
-    (moving every connection within the program's namespace, followed by those that waited in its listeners' accept
-    queues when it was ended: `accepted`, sockrepair.move.backlog).
+    (when it moves every connection, followed by those that waited in its listeners' accept queues when it was
+    ended: `accepted`, sockrepair.move.backlog; into another namespace they are restored there with the others).
     The connections are locked in the source namespace and in the destination one, for at most `ttl` seconds, from
     before the first checkpoint until they are live again. With `keep`, what the peers send meanwhile is kept by
     the lock and delivered to the restored sockets before the unlock, so that no peer waits for its retransmission
@@ -215,6 +260,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     freezer: Freezer | None = None
     cap: Captured | None = None
     accepted: list[ConnTuple] = []
+    journal_fds: list[int] = []  # per journaled connection, the program's fd (NO_FD: one from an accept queue)
     held = -1
     # no cyclic collection until the move ends: 1,000 connections make enough objects for a few, 5 to 20 ms of the
     # downtime, and nothing the move makes needs collecting before it ends
@@ -236,12 +282,13 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         if dest_locker is not source_locker:
             dest_locker.prepare(dest_group)
         head = journal_head(directory, pid, dest_netns)
-        # every connection of a program restored where it was, for a program that takes them: the ones still
-        # waiting in its listeners' accept queues go too (sockrepair.move.backlog)
-        backlog = wanted is None and handoff is not None and dest_locker is source_locker
+        # every connection of a program, for a program that takes them: the ones still waiting in its listeners'
+        # accept queues go too (sockrepair.move.backlog)
+        backlog = wanted is None and handoff is not None
         with captured(pid, wanted, source_locker, timings, ttl, quiescence, freezer, owed=True,
                       group=source_group, backlog=backlog) as cap:
             tuples = [s.tuple for s in cap.sockets]
+            journal_fds = [s.fd for s in cap.sockets]
             start = cap.frozen_at
             if dest_locker is not source_locker:
                 with timings.timed(Stage.LOCK):
@@ -251,14 +298,22 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             with timings.timed(Stage.SERIALIZE):
                 images = [encode(state) for state in cap.states]
             with timings.timed(Stage.JOURNAL):
-                write_journal(directory, pid, [s.fd for s in cap.sockets], images, tuples, ttl=ttl, netns=dest_netns,
-                              head=head)
+                write_journal(directory, pid, journal_fds, images, tuples, ttl=ttl, netns=dest_netns, head=head)
             with timings.timed(Stage.CLOSE):
                 try:
                     # the tuples are free once our copies are disconnected: the process exits during the restore
                     end_source(cap, passed=lambda: mark_ended(directory), wait=False)
                 finally:
                     ended = cap.ended
+        if cap.backlog.socks and dest_locker is not source_locker:
+            carried = _carry_accepted(cap.backlog, (source_locker, source_group), (dest_locker, dest_group), ttl,
+                                      timings, directory)
+            if carried:  # restored, delivered, unlocked and handed off with the moved ones from here on
+                accepted = cap.backlog.tuples
+                states, tuples = [*states, *carried], [*tuples, *accepted]
+                journal_fds = [*journal_fds, *[NO_FD] * len(carried)]
+                freezer.watch(journal_fds, tuples)  # what its guard saves if this process dies
+                cap.backlog.socks, cap.backlog.tuples = [], []
         if network is not None:
             with timings.timed(Stage.NETWORK):
                 network()
@@ -285,8 +340,8 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             with timings.timed(Stage.HANDOFF):
                 freezer.handing()
                 # after the moved connections, those that waited in the program's accept queues at its end
-                accepted = list(cap.backlog.tuples)
-                result = handoff(socks + cap.backlog.socks, tuples + accepted)
+                accepted = [*accepted, *cap.backlog.tuples]
+                result = handoff(socks + cap.backlog.socks, tuples + cap.backlog.tuples)
                 socks, cap.backlog.socks = [], []  # the caller's program holds them now
                 # marked before the guard lets go: killed in between, the guard finds them handed off
                 mark_completed(directory, created)
@@ -307,8 +362,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
                 cap.backlog.close()
             if socks and cap is not None:
                 try:
-                    _journal_again(socks, tuples, directory, pid, [s.fd for s in cap.sockets], dest_locker, live,
-                                   ttl, dest_netns)
+                    _journal_again(socks, tuples, directory, pid, journal_fds, dest_locker, live, ttl, dest_netns)
                 except Exception as again:
                     exc.add_note(f"the restored connections could not be saved again ({again}): the journal holds "
                                  "their states from before the restore")
@@ -330,6 +384,6 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             dest_locker.close()
         if keeper is not None:
             keeper.close()
-    return MigrationReport(pid, [str(t) for t in tuples], cap.freeze_method, timings.ms, downtime,
+    return MigrationReport(pid, [str(t) for t in tuples[: len(cap.sockets)]], cap.freeze_method, timings.ms, downtime,
                            sum(map(len, images)), kept, result, cap.freeze.quiescent, cap.freeze.attempts,
                            [str(b) for b in cap.freeze.busy], str(directory), [str(t) for t in accepted])

@@ -4,20 +4,28 @@ hands that connection off with the moved ones (sockrepair/move/backlog.py); befo
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import json
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import sockrepair
 import sockrepair.move.take as take_module
+from sockrepair.lab.hosts import SERVICE4, Lab
+from sockrepair.lab.programs import ECHO_SERVER
+from sockrepair.move.journal import NO_FD, load_states
 from sockrepair.netns import NetNS
 from sockrepair.state import TCP_ESTABLISHED, ConnTuple
 from tests.root.pairs import recv_exactly, tcp_info
+from tests.root.programs import echo_connection
 from tests.root.test_take_changed import _connect, _echo, _keep_sockets
 
 
@@ -192,3 +200,118 @@ def test_the_backlog_leaves_the_restore_its_fds(monkeypatch: pytest.MonkeyPatch)
         finally:
             for s in list(restored.values()) + late + moved:
                 s.close()
+
+
+def _frozen_connects(monkeypatch: pytest.MonkeyPatch, ns: NetNS, port: int, late: list[socket.socket],
+                     urgent: bool = False) -> None:
+    """Under the freeze, one connection to the service with a request sent (and then an urgent byte, `urgent`)."""
+    real = take_module.checkpoint_all_taken
+
+    def connect_then_checkpoint(*args: object, **kwargs: object) -> object:
+        with ns.entered():
+            client = socket.create_connection((SERVICE4, port), timeout=10)
+        late.append(client)
+        client.sendall(b"sent while frozen")
+        if urgent:
+            client.send(b"!", socket.MSG_OOB)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(take_module, "checkpoint_all_taken", connect_then_checkpoint)
+
+
+def test_into_another_host_the_backlog_is_carried_with_the_moved_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Into another namespace the accepted sockets cannot go as they are: locked on both hosts, checkpointed,
+    journaled, closed silently on A and restored on B with the moved ones (before, the program's exit reset them)."""
+    with Lab() as lab, echo_connection(lab.a.ns, SERVICE4, peer=lab.peer.ns, port=7008) as (server, moved):
+        late: list[socket.socket] = []
+        _frozen_connects(monkeypatch, lab.peer.ns, 7008, late)
+        report = sockrepair.migrate(server.pid, dest_netns=lab.b.name, network=lambda: lab.move_service("a", "b"),
+                                    handoff=_keep_sockets)
+        restored = {s.getpeername()[1]: s for s in report.handoff_result}
+        try:
+            [client] = late
+            mine = ConnTuple(socket.AF_INET, SERVICE4, 7008, lab.peer.addr4, client.getsockname()[1])
+            assert report.accepted == [str(mine)]
+            assert report.connections == [str(ConnTuple(socket.AF_INET, SERVICE4, 7008, lab.peer.addr4,
+                                                        moved.getsockname()[1]))]
+            assert sorted(restored) == sorted([moved.getsockname()[1], client.getsockname()[1]])
+            taken = restored[client.getsockname()[1]]  # on B: A's svc0 is down, and the peer's packets go to B
+            assert recv_exactly(taken, 17) == b"sent while frozen"
+            taken.sendall(b"answer")
+            assert recv_exactly(client, 6) == b"answer"
+            assert tcp_info(client)[2] == 0  # the request was acknowledged without the peer sending it again
+            moved.sendall(b"moved")
+            assert recv_exactly(restored[moved.getsockname()[1]], 5) == b"moved"
+            assert not os.path.exists(report.journal)
+            assert sockrepair.list_locks(lab.a.name) == sockrepair.list_locks(lab.b.name) == []
+        finally:
+            for s in list(restored.values()) + late:
+                s.close()
+
+
+def test_a_backlog_connection_that_cannot_be_carried_is_reset_and_the_move_goes_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One whose checkpoint is refused (an urgent byte its peer sent before anyone accepted it) ends as the
+    listener's reset ended every one before: unlocked and closed; the moved connection arrives."""
+    with Lab() as lab, echo_connection(lab.a.ns, SERVICE4, peer=lab.peer.ns, port=7009) as (server, moved):
+        late: list[socket.socket] = []
+        _frozen_connects(monkeypatch, lab.peer.ns, 7009, late, urgent=True)
+        report = sockrepair.migrate(server.pid, dest_netns=lab.b.name, network=lambda: lab.move_service("a", "b"),
+                                    handoff=_keep_sockets)
+        try:
+            [client] = late
+            assert report.accepted == [] and len(report.handoff_result) == 1
+            assert sockrepair.list_locks(lab.a.name) == sockrepair.list_locks(lab.b.name) == []
+            with pytest.raises((ConnectionResetError, BrokenPipeError)):
+                for _ in range(50):
+                    client.sendall(b"x")
+                    client.settimeout(0.2)
+                    with contextlib.suppress(TimeoutError):
+                        client.recv(1)
+            moved.sendall(b"moved")
+            assert recv_exactly(report.handoff_result[0], 5) == b"moved"
+        finally:
+            for s in list(report.handoff_result) + late:
+                s.close()
+
+
+def test_a_move_that_fails_after_carrying_the_backlog_leaves_it_in_the_journal(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The carried connection is in the journal with the moved ones (fd NO_FD: the program never held it), so a
+    restore of the journal, run on B once the address is there, brings both back."""
+    with Lab() as lab, echo_connection(lab.a.ns, SERVICE4, peer=lab.peer.ns, port=7010) as (server, moved):
+        late: list[socket.socket] = []
+        _frozen_connects(monkeypatch, lab.peer.ns, 7010, late)
+
+        def network() -> None:
+            raise RuntimeError("the address could not be moved")
+
+        with pytest.raises(RuntimeError, match="could not be moved") as caught:
+            sockrepair.migrate(server.pid, dest_netns=lab.b.name, network=network, handoff=_keep_sockets)
+        journal = Path(caught.value.journal)  # type: ignore[attr-defined]
+        restored: subprocess.Popen[bytes] | None = None
+        try:
+            [client] = late
+            index = json.loads((journal / "journal.json").read_text())
+            ports = [client.getsockname()[1], moved.getsockname()[1]]
+            assert [c["fd"] for c in index["connections"]][1:] == [NO_FD]
+            assert sorted(int(c["tuple"].rsplit(":", 1)[1]) for c in index["connections"]) == sorted(ports)
+            states = load_states(journal)
+            assert bytes(states[1].recv_queue) == b"sent while frozen"
+            lab.move_service("a", "b")
+            with lab.b.entered():
+                restored = subprocess.Popen([sys.executable, "-m", "sockrepair.cli.main", "restore", "-D",
+                                             str(journal), "--exec", sys.executable, str(ECHO_SERVER)],
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            assert restored.stdout is not None
+            assert restored.stdout.readline().startswith(b"ready")
+            assert recv_exactly(client, 17) == b"sent while frozen"  # echoed by the program restored on B
+            moved.sendall(b"moved")
+            assert recv_exactly(moved, 5) == b"moved"
+        finally:
+            if restored is not None:
+                restored.kill()
+                restored.wait()
+            for s in late:
+                s.close()
+            shutil.rmtree(journal, ignore_errors=True)
