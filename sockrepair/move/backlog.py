@@ -20,11 +20,13 @@ import fcntl
 import os
 import resource
 import socket
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sockrepair.engine import checkpoint
+from sockrepair.engine import checkpoint, resume
 from sockrepair.engine._addr import read_tuple
+from sockrepair.engine._repair import in_repair
 from sockrepair.engine._session import session_of
 from sockrepair.errors import ProcessError, SockrepairError
 from sockrepair.move.pidfd import PidFd
@@ -144,24 +146,39 @@ def close_all(listeners: list[socket.socket]) -> None:
     listeners.clear()
 
 
-def checkpoint_accepted(backlog: Backlog) -> tuple[list[ConnectionState], list[ConnTuple]]:
+def checkpoint_accepted(backlog: Backlog) -> tuple[list[ConnectionState], Backlog]:
     """Checkpoint the accepted connections of `backlog`, for a move into another namespace (their tuples locked by
-    the caller: in repair mode a socket still takes in what arrives). Returns their states, and the tuples of those
-    that could not be checkpointed (refused: urgent data...; or failing), which are closed and dropped from
-    `backlog`: the caller unlocks them, and they end as the listener's reset would have ended them. Never raises
-    for one connection (it runs past the point of no return)."""
+    the caller: in repair mode a socket still takes in what arrives). Returns their states, and the connections
+    that could not be checkpointed (refused: urgent data, TCP-MD5 keys inherited from the listener...; or failing),
+    taken out of `backlog` and left open: the caller unlocks them, then reset() them. Never raises for one
+    connection (it runs past the point of no return)."""
     states: list[ConnectionState] = []
-    kept: list[socket.socket] = []
-    tuples: list[ConnTuple] = []
-    failed: list[ConnTuple] = []
+    kept, failed = Backlog(), Backlog()
     for sock, conn in zip(backlog.socks, backlog.tuples, strict=True):
         try:
             states.append(checkpoint(sock))
+            into = kept
         except (SockrepairError, OSError):
-            sock.close()
-            failed.append(conn)
-            continue
-        kept.append(sock)
-        tuples.append(conn)
-    backlog.socks, backlog.tuples = kept, tuples
+            into = failed
+        into.socks.append(sock)
+        into.tuples.append(conn)
+    backlog.socks, backlog.tuples = kept.socks, kept.tuples
     return states, failed
+
+
+_LINGER_NOW = struct.pack("ii", 1, 0)  # struct linger {l_onoff = 1, l_linger = 0}: close(2) sends a RST
+
+
+def reset(backlog: Backlog) -> None:
+    """End the connections of `backlog` as the listener's close ends those still queued (inet_csk_listen_stop): a
+    RST, sent now (SO_LINGER 0; one in repair mode is taken out of it first, or its close would be silent). Their
+    tuples must not be locked any more, or the lock drops the RST and a peer that only waits never learns. Never
+    raises."""
+    for sock in backlog.socks:
+        with contextlib.suppress(OSError, SockrepairError):
+            if in_repair(sock.fileno()):
+                resume(sock)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NOW)
+        sock.close()
+    backlog.socks, backlog.tuples = [], []

@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sockrepair.engine import checkpoint, discard, resume
-from sockrepair.engine._repair import in_repair
+from sockrepair.engine import checkpoint, discard
 from sockrepair.errors import ProcessError
 from sockrepair.image import encode
 from sockrepair.lock import Locker
 from sockrepair.move.ask import ask_peers
-from sockrepair.move.backlog import Backlog, checkpoint_accepted
+from sockrepair.move.backlog import Backlog, checkpoint_accepted, reset
 from sockrepair.move.freeze import Freezer
 from sockrepair.move.journal import (
     ENDED,
@@ -118,24 +117,38 @@ def _journal_again(socks: list[socket.socket], tuples: list[ConnTuple], director
     socks.clear()
 
 
-def _carry_accepted(backlog: Backlog, source: tuple[Locker, int | None], dest: tuple[Locker, int | None], ttl: float,
-                    timings: Timings, directory: Path) -> list[ConnectionState]:
+def _carry_accepted(backlog: Backlog, moved: Sequence[ConnTuple], source: tuple[Locker, int | None],
+                    dest: tuple[Locker, int | None], ttl: float, timings: Timings,
+                    directory: Path) -> tuple[list[ConnectionState], list[bytes]]:
     """The connections accepted from the ended program's listeners, for a move into another namespace, where the
     sockets cannot go as they are: locked in both namespaces (each Locker with its recorder's group: what their
-    peers send is kept), checkpointed, added to the journal, closed silently; their states are returned, for the
-    restore with the moved ones. One that cannot be checkpointed, or all of them when a step fails, is closed and
-    unlocked: it ends as the listener's reset would have ended it before. Never raises but for an interrupt."""
+    peers send is kept), checkpointed, added to the journal, closed silently; their states and images are returned,
+    for the restore with the `moved` connections. Only those on a local address of a moved connection go: another
+    one (a listener on 0.0.0.0 reached through an address that stays) could not be restored there, and would fail
+    the restore of all. Those that stay, one that cannot be checkpointed, or all of them when a step before the
+    journal fails, are unlocked and reset (backlog.reset): they end as the listener's close ended them before.
+    Never raises but for an interrupt (the caller holds signals off) or a failure of the last, silent closes."""
+    going = {(t.wire().family, t.wire().local_addr) for t in moved}
+    carrying, staying = Backlog(), Backlog()
+    for sock, conn in zip(backlog.socks, backlog.tuples, strict=True):
+        into = carrying if (conn.wire().family, conn.wire().local_addr) in going else staying
+        into.socks.append(sock)
+        into.tuples.append(conn)
+    backlog.socks, backlog.tuples = carrying.socks, carrying.tuples
+    reset(staying)
+    if not backlog.socks:
+        return [], []
     lockers = (source[0], dest[0])
-    states: list[ConnectionState] = []
     try:
         with timings.timed(Stage.LOCK):
             for locker, group in (source, dest):
                 locker.lock(backlog.tuples, ttl=ttl, group=group)
         with timings.timed(Stage.CHECKPOINT):
             states, failed = checkpoint_accepted(backlog)
-        if failed:
+        if failed.socks:
             for locker in lockers:
-                locker.unlock(failed)
+                locker.unlock(failed.tuples)
+            reset(failed)
         with timings.timed(Stage.SERIALIZE):
             images = [encode(state) for state in states]
         with timings.timed(Stage.JOURNAL):
@@ -143,19 +156,19 @@ def _carry_accepted(backlog: Backlog, source: tuple[Locker, int | None], dest: t
     except Exception as exc:  # the moved connections go on: these end as they would have before
         log.warning("the %d connection(s) accepted from the program's listeners are reset: %s", len(backlog.socks),
                     exc)
-        for sock in backlog.socks:
-            with contextlib.suppress(OSError):
-                if in_repair(sock.fileno()):
-                    resume(sock)
         for locker in lockers:
             with contextlib.suppress(Exception):
                 locker.unlock(backlog.tuples)
-        backlog.close()
-        return []
+        reset(backlog)
+        return [], []
     with timings.timed(Stage.CLOSE):
+        # journaled: from here on they are restored, so each is closed in repair mode whatever discard() says
         for sock, state in zip(backlog.socks, states, strict=True):
-            discard(sock, state)
-    return states
+            try:
+                discard(sock, state)
+            except Exception:
+                sock.close()
+    return states, images
 
 
 # migrate() calls in other threads of this process that turned the cyclic collector off, and whether it was on
@@ -306,11 +319,14 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
                 finally:
                     ended = cap.ended
         if cap.backlog.socks and dest_locker is not source_locker:
-            carried = _carry_accepted(cap.backlog, (source_locker, source_group), (dest_locker, dest_group), ttl,
-                                      timings, directory)
+            # no Ctrl-C between their lock and their journal: what it interrupted would be locked, in nobody's care
+            with deferred_signals():
+                carried, carried_images = _carry_accepted(cap.backlog, tuples, (source_locker, source_group),
+                                                          (dest_locker, dest_group), ttl, timings, directory)
             if carried:  # restored, delivered, unlocked and handed off with the moved ones from here on
                 accepted = cap.backlog.tuples
                 states, tuples = [*states, *carried], [*tuples, *accepted]
+                images = [*images, *carried_images]
                 journal_fds = [*journal_fds, *[NO_FD] * len(carried)]
                 freezer.watch(journal_fds, tuples)  # what its guard saves if this process dies
                 cap.backlog.socks, cap.backlog.tuples = [], []

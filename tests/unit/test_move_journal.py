@@ -19,6 +19,8 @@ from sockrepair.move.journal import (
     COMPLETED,
     JOURNAL_IMAGES,
     JOURNAL_INDEX,
+    NO_FD,
+    append_journal,
     journal_head,
     load_states,
     mark_completed,
@@ -116,6 +118,41 @@ def test_the_default_journal_under_run_is_written_but_not_fsynced(tmp_path: Path
     assert load_states(directory) == states
     assert {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()} == {
         JOURNAL_IMAGES: 0o600, JOURNAL_INDEX: 0o600, "ended": 0o600}
+
+
+@pytest.mark.parametrize("placed", ["default", "caller's"])
+def test_connections_appended_to_a_journal_read_back_after_the_others(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     placed: str) -> None:
+    # migrate()'s backlog carried into another namespace: the first images stay byte for byte where they were
+    monkeypatch.setattr(journal_module, "DEFAULT_PARENT", tmp_path / "run")
+    directory = tmp_path / ("run" if placed == "default" else "mine") / "move-1-x"
+    states = _states(4)
+    write_journal(directory, _dead_pid(), [5, 6], [encode(s) for s in states[:2]], [s.tuple for s in states[:2]],
+                  ttl=30, netns="b")
+    before = (directory / JOURNAL_IMAGES).read_bytes()
+    calls = _fsyncs(monkeypatch)
+    append_journal(directory, [NO_FD, NO_FD], [encode(s) for s in states[2:]], [s.tuple for s in states[2:]])
+    assert load_states(directory) == states
+    assert (directory / JOURNAL_IMAGES).read_bytes().startswith(before)
+    index = json.loads((directory / JOURNAL_INDEX).read_text())
+    assert [c["fd"] for c in index["connections"]] == [5, 6, NO_FD, NO_FD]
+    assert index["source"]["netns"] == "b"
+    assert {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()} == {
+        JOURNAL_IMAGES: 0o600, JOURNAL_INDEX: 0o600}
+    # the caller's directory: journal.img, journal.json.part, the directory; under /run nothing
+    assert len(calls) == (0 if placed == "default" else 3)
+
+
+def test_an_append_that_fails_leaves_the_journal_as_it_was(tmp_path: Path) -> None:
+    states = _states(3)
+    directory = tmp_path / "j"
+    write_journal(directory, _dead_pid(), [5, 6], [encode(s) for s in states[:2]], [s.tuple for s in states[:2]],
+                  ttl=30, netns=None)
+    (directory / (JOURNAL_INDEX + ".part")).mkdir()  # the new index cannot be written
+    with pytest.raises(OSError):
+        append_journal(directory, [NO_FD], [encode(states[2])], [states[2].tuple])
+    assert load_states(directory) == states[:2]
 
 
 def test_a_damaged_journal_names_the_image_and_the_byte(tmp_path: Path) -> None:
