@@ -17,6 +17,7 @@ from sockrepair.criu.manifest import is_dump_dir
 from sockrepair.criu.manifest import load as load_manifest
 from sockrepair.criu.show import load_states as load_criu_states
 from sockrepair.errors import HandoffError, ImageError
+from sockrepair.image.directory import NO_FD
 from sockrepair.image.text import head_line, state_lines
 from sockrepair.lock import Locker
 from sockrepair.move.ask import ask_peers
@@ -141,7 +142,9 @@ def cmd_dump(args: argparse.Namespace) -> int:
     print(f"dumped {len(report.connections)} connection(s) of {report.command} (pid {report.pid}) into "
           f"{report.directory}, process {'left running' if args.leave_running else 'killed'}")
     for c in report.connections:
-        print(f"  fd {c['fd']:<4} {c['tuple']:<48} unread {c['recv_queue']} B, send queue {c['send_queue']} B "
+        # NO_FD: one that waited in an accept queue, never the program's
+        where = f"fd {c['fd']:<4}" if c["fd"] != NO_FD else "accepted"
+        print(f"  {where} {c['tuple']:<48} unread {c['recv_queue']} B, send queue {c['send_queue']} B "
               f"({c['unsent']} never sent)")
     if report.lost:
         print(f"  {len(report.lost)} connection(s) could not be moved; the kill closed them (reset, with unread data):")

@@ -30,6 +30,8 @@ from sockrepair.private import (
 from sockrepair.state import ConnectionState, ConnTuple
 
 INDEX = "index.json"
+# the fd of a connection the source process never held: one that waited in a listener's accept queue
+NO_FD = -1
 INDEX_PART = "index.json.part"
 INDEX_VERSION = 1
 # index.json of 10000 connections is about 1.5 MB: no dump is that big, and a bigger file is not ours.
@@ -140,6 +142,39 @@ def write_dir(directory: Path, states: list[tuple[int, ConnectionState]], source
     return entries
 
 
+def append_dir(directory: Path, dir_fd: int, states: list[tuple[int, ConnectionState]]) -> list[Entry]:
+    """More (fd, state) pairs for the directory write_dir() wrote (`dir_fd` its prepare_dir fd): conn-N.img files
+    numbered on, then index.json replaced the same way (under its temporary name, renamed), so that a failure leaves
+    the index as it was, naming only the images it did (the new ones are removed). Returns the new entries. Raises
+    ImageError for an unreadable index or a state an image cannot hold, OSError when the directory cannot be
+    written."""
+    index_path = str(directory / INDEX)
+    with open_regular(INDEX, dir_fd, shown=index_path) as f:
+        index = load_json(read_bounded(f, MAX_INDEX_BYTES, index_path), index_path, MAX_INDEX_DEPTH)
+    first = len(index["connections"])
+    written: list[str] = []
+    try:
+        entries = []
+        for n, (sock_fd, state) in enumerate(states, first):
+            data = state.to_bytes()
+            name = f"conn-{n}.img"
+            written.append(name)
+            _write_durably(dir_fd, name, data)
+            entries.append(Entry(name, sock_fd, state.tuple, hashlib.sha256(data).hexdigest()))
+        index["connections"] += [e.to_dict() for e in entries]
+        written.append(INDEX_PART)
+        _write_durably(dir_fd, INDEX_PART, json.dumps(index, indent=2).encode())
+        os.rename(INDEX_PART, INDEX, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        written = []
+        os.fsync(dir_fd)
+    except BaseException:
+        for name in written:
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=dir_fd)
+        raise
+    return entries
+
+
 def _write_durably(dir_fd: int, name: str, data: bytes) -> None:
     with create_private(dir_fd, name) as f:
         f.write(data)
@@ -194,7 +229,7 @@ def _entry(item: Any, n: int, index_path: str) -> Entry:
                          field=f"{field}.file")
     if not _IMAGE_NAME.fullmatch(name):
         raise bad(f"image name {name!r} is not a plain file name (letters, digits, '.', '_', '-')", "file")
-    if not 0 <= fd < 1 << 31:
+    if fd != NO_FD and not 0 <= fd < 1 << 31:
         raise bad(f"fd {fd} is not a file descriptor number", "fd")
     if not _SHA256.fullmatch(item["sha256"]):
         raise bad("sha256 is not 64 lowercase hex digits", "sha256")

@@ -8,30 +8,35 @@ So migrate() takes a duplicate of each listener the program alone holds (pidfd_g
 program (take_listeners); right after the kill, what waits in their accept queues is accepted and the duplicates
 are closed (drain), so that the listener ends with the program's exit, as it did: what connects until then is
 reset, what connects later refused, and the port is free once the program has exited. The connections accepted are
-live sockets (no repair needed), handed off after the moved ones. Into another namespace they go as the moved ones
-go: migrate() locks them in both namespaces, checkpoints them (checkpoint_accepted), adds them to the journal, closes
-them silently and restores them there with the others."""
+live sockets (no repair needed), handed off after the moved ones. Where they cannot go as they are, they go as the
+moved ones go (carry): into another namespace, migrate() locks them in both, checkpoints them, adds them to the
+journal, closes them silently and restores them there with the others; `sockrepair dump` that kills the program adds
+them to its image directory for the restore."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import resource
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from sockrepair.engine import checkpoint, resume
+from sockrepair.engine import checkpoint, discard, resume
 from sockrepair.engine._addr import read_tuple
 from sockrepair.engine._repair import in_repair
 from sockrepair.engine._session import session_of
 from sockrepair.errors import ProcessError, SockrepairError
+from sockrepair.lock import Locker
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import ProcSocket
 from sockrepair.state import ConnectionState, ConnTuple
+
+log = logging.getLogger(__name__)
 
 # The accepts run inside the downtime (about 12 us each here: a full queue of 4,097 added 50 ms): beyond this many
 # in all, the rest are reset with the listener, as before. One listener's queue holds net.core.somaxconn (4,096 by
@@ -182,3 +187,59 @@ def reset(backlog: Backlog) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NOW)
         sock.close()
     backlog.socks, backlog.tuples = [], []
+
+
+def carry(backlog: Backlog, moved: Sequence[ConnTuple], locks: Sequence[tuple[Locker, int | None]], ttl: float,
+          save: Callable[[list[ConnectionState], list[ConnTuple]], None],
+          timed: Callable[[str], contextlib.AbstractContextManager[object]] = lambda _step: contextlib.nullcontext()
+          ) -> list[ConnectionState]:
+    """The connections drain() accepted, for a restore elsewhere (another namespace, or a later `sockrepair restore`),
+    where the sockets cannot go as they are: locked with each of `locks` (a Locker and its recorder's group: what
+    their peers send is kept), checkpointed, `save`d with their tuples (into the journal or the image directory),
+    closed silently; their states are returned, in the order of the tuples left in `backlog` (its sockets gone),
+    for the restore with the `moved` connections. Only those on a local address of a moved connection go: another one (a listener on
+    0.0.0.0 reached through an address that stays) could not be restored there, and would fail the restore of all.
+    Those that stay, one that cannot be checkpointed, or all of them when a step up to `save` fails, are unlocked
+    and reset(): they end as the listener's close ended them before. `timed(step)` times the steps "lock",
+    "checkpoint" and "close" (`save` times its own). Never raises but for an interrupt (the caller holds signals off
+    until this returns) or a failure of the last, silent closes. A process killed before `save` returns leaves the
+    connections to the lock's TTL."""
+    going = {(t.wire().family, t.wire().local_addr) for t in moved}
+    carrying, staying = Backlog(), Backlog()
+    for sock, conn in zip(backlog.socks, backlog.tuples, strict=True):
+        into = carrying if (conn.wire().family, conn.wire().local_addr) in going else staying
+        into.socks.append(sock)
+        into.tuples.append(conn)
+    backlog.socks, backlog.tuples = carrying.socks, carrying.tuples
+    reset(staying)
+    if not backlog.socks:
+        return []
+    try:
+        with timed("lock"):
+            for locker, group in locks:
+                locker.lock(backlog.tuples, ttl=ttl, group=group)
+        with timed("checkpoint"):
+            states, failed = checkpoint_accepted(backlog)
+        if failed.socks:
+            for locker, _ in locks:
+                locker.unlock(failed.tuples)
+            reset(failed)
+        if states:
+            save(states, backlog.tuples)
+    except Exception as exc:  # the moved connections go on: these end as they would have before
+        log.warning("the %d connection(s) accepted from the program's listeners are reset: %s", len(backlog.socks),
+                    exc)
+        for locker, _ in locks:
+            with contextlib.suppress(Exception):
+                locker.unlock(backlog.tuples)
+        reset(backlog)
+        return []
+    with timed("close"):
+        # saved: from here on they are restored, so each is closed in repair mode whatever discard() says
+        for sock, state in zip(backlog.socks, states, strict=True):
+            try:
+                discard(sock, state)
+            except Exception:
+                sock.close()
+    backlog.socks = []
+    return states

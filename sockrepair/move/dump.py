@@ -18,7 +18,8 @@ from sockrepair.engine._checkpoint import resume
 from sockrepair.engine._repair import in_repair
 from sockrepair.engine._states import REPAIRABLE
 from sockrepair.errors import SocketStateError
-from sockrepair.image.directory import Entry, prepare_dir
+from sockrepair.image.directory import NO_FD, Entry, append_dir, prepare_dir
+from sockrepair.move.backlog import carry
 from sockrepair.move.freeze import frozen
 from sockrepair.move.journal import ENDED, mark_ended, write_images
 from sockrepair.move.keep import Keeper, Kept
@@ -35,7 +36,8 @@ from sockrepair.move.take import (
     process_locker,
     resume_in_repair,
 )
-from sockrepair.state import ConnectionState
+from sockrepair.sigmask import deferred_signals
+from sockrepair.state import ConnectionState, ConnTuple
 
 STAYED = Kept(0, 0, False, "nothing kept: the connections stayed in the process, or were not locked")
 
@@ -48,7 +50,9 @@ class After(Enum):
 @dataclass
 class DumpReport:
     """What dump() did. `connections`: one dict per image, in the order written (the index entry's fields: "file",
-    "fd" (the process's), "tuple", ..., plus "recv_queue", "send_queue" and "unsent" in bytes). `phases_ms`:
+    "fd" (the process's; image.directory.NO_FD, -1, after them, for those that waited in its listeners' accept
+    queues when a KILL ended it: sockrepair.move.backlog), "tuple", ..., plus "recv_queue", "send_queue" and
+    "unsent" in bytes). `phases_ms`:
     milliseconds per stage, in the order run: freeze, lock (when locking), checkpoint, write, then resume
     (LEAVE_RUNNING) or kill and keep (KILL) (sockrepair.move.stages.Stage says what each does). `lost`: the
     connections the kill destroyed, accepted with allow_loss (sockrepair.move.take.Unmovable.to_dict: "fd",
@@ -117,11 +121,15 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
     keeper = Keeper([f"/proc/{pid}/ns/net"]) if lock else None
     kept = STAYED
     cap: Captured | None = None
+    accepted: list[ConnectionState] = []
     try:
         kills = after is After.KILL
+        group = keeper.group_in(f"/proc/{pid}/ns/net") if keeper is not None else None
+        # every connection of a program that is ended, locked until the restore: the ones still waiting in its
+        # listeners' accept queues go too (sockrepair.move.backlog)
         with captured(pid, wanted, locker, timings, ttl, quiescence, allow_loss=allow_loss or not kills,
-                      keep_errors=not kills,
-                      group=keeper.group_in(f"/proc/{pid}/ns/net") if keeper is not None else None) as cap:
+                      keep_errors=not kills, group=group,
+                      backlog=kills and wanted is None and locker is not None) as cap:
             with timings.timed(Stage.WRITE):
                 entries = write_images(directory, pid, list(zip([s.fd for s in cap.sockets], cap.states)),
                                        after=after.value, ttl=ttl, dir_fd=dir_fd)
@@ -147,10 +155,20 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
             else:
                 with timings.timed(Stage.KILL):
                     end_source(cap, passed=lambda: mark_ended(directory))
+                    if cap.backlog.socks and locker is not None:
+                        def saved(states: list[ConnectionState], _tuples: list[ConnTuple]) -> None:
+                            entries.extend(append_dir(directory, dir_fd, [(NO_FD, st) for st in states]))
+
+                        # no Ctrl-C between their lock and their images: what it interrupted would be locked, in
+                        # nobody's care
+                        with deferred_signals():
+                            accepted = carry(cap.backlog, [s.tuple for s in cap.sockets], [(locker, group)], ttl,
+                                             saved)
         if keeper is not None and after is After.KILL:
             with timings.timed(Stage.KEEP):
                 # the lock holds `ttl` seconds from before this: the keeper outlives it a little, never the reverse
-                kept = keeper.hand_off(dir_fd, [s.tuple for s in cap.sockets], time.time() + ttl)
+                kept = keeper.hand_off(dir_fd, [s.tuple for s in cap.sockets] + cap.backlog.tuples,
+                                       time.time() + ttl)
     except BaseException as exc:
         if cap is not None and cap.ended:
             with contextlib.suppress(AttributeError):
@@ -170,7 +188,7 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
         if keeper is not None:
             keeper.close()
     return DumpReport(pid, command, str(directory), after.value, cap.freeze_method,
-                      [_entry_view(e, s) for e, s in zip(entries, cap.states)], timings.ms,
+                      [_entry_view(e, s) for e, s in zip(entries, [*cap.states, *accepted], strict=True)], timings.ms,
                       [u.to_dict() for u in cap.lost] if kills else [], kept, cap.freeze.quiescent,
                       cap.freeze.attempts, [str(b) for b in cap.freeze.busy], cap.left_behind)
 

@@ -52,8 +52,6 @@ COMPLETED = "completed"
 ENDED = "ended"
 # a JSON list of the tuples (ADDR:PORT->ADDR:PORT text) a restore handed off to a program, before it unlocked them
 HANDED = "handed"
-# the journal's fd of a connection the process never held: one that waited in a listener's accept queue
-NO_FD = -1
 JOURNAL_INDEX = "journal.json"
 JOURNAL_IMAGES = "journal.img"
 JOURNAL_VERSION = 1
@@ -342,7 +340,7 @@ def write_journal(directory: Path, pid: int, fds: Sequence[int], images: Sequenc
 
 def append_journal(directory: Path, fds: Sequence[int], images: Sequence[bytes], tuples: Sequence[object]) -> None:
     """More connections for the journal write_journal() wrote in `directory` (migrate()'s connections that waited
-    in an accept queue: `fds[i]` is NO_FD for those): their images appended to journal.img (0600 already, opened
+    in an accept queue: `fds[i]` is image.directory.NO_FD for those): their images appended to journal.img (0600 already, opened
     without following a symlink), then journal.json replaced whole (replace_private; both fsynced unless the
     directory is volatile()). Whatever fails leaves the journal's earlier connections as they were: their bytes are
     not rewritten, and the old index stays until the new one is complete. Raises OSError, and ImageError for an

@@ -21,13 +21,13 @@ from typing import Any
 from sockrepair.engine import checkpoint, discard
 from sockrepair.errors import ProcessError
 from sockrepair.image import encode
+from sockrepair.image.directory import NO_FD
 from sockrepair.lock import Locker
 from sockrepair.move.ask import ask_peers
-from sockrepair.move.backlog import Backlog, checkpoint_accepted, reset
+from sockrepair.move.backlog import carry
 from sockrepair.move.freeze import Freezer
 from sockrepair.move.journal import (
     ENDED,
-    NO_FD,
     append_journal,
     discard_journal,
     given_directory,
@@ -54,6 +54,9 @@ from sockrepair.sigmask import deferred_signals
 from sockrepair.state import ConnectionState, ConnTuple
 
 log = logging.getLogger(__name__)
+
+# the stages the steps of backlog.carry() add their time to
+_CARRY_STAGES = {"lock": Stage.LOCK, "checkpoint": Stage.CHECKPOINT, "close": Stage.CLOSE}
 
 Handoff = Callable[[list[socket.socket], list[ConnTuple]], object]
 
@@ -115,60 +118,6 @@ def _journal_again(socks: list[socket.socket], tuples: list[ConnTuple], director
     for sock in socks:
         discard(sock)
     socks.clear()
-
-
-def _carry_accepted(backlog: Backlog, moved: Sequence[ConnTuple], source: tuple[Locker, int | None],
-                    dest: tuple[Locker, int | None], ttl: float, timings: Timings,
-                    directory: Path) -> tuple[list[ConnectionState], list[bytes]]:
-    """The connections accepted from the ended program's listeners, for a move into another namespace, where the
-    sockets cannot go as they are: locked in both namespaces (each Locker with its recorder's group: what their
-    peers send is kept), checkpointed, added to the journal, closed silently; their states and images are returned,
-    for the restore with the `moved` connections. Only those on a local address of a moved connection go: another
-    one (a listener on 0.0.0.0 reached through an address that stays) could not be restored there, and would fail
-    the restore of all. Those that stay, one that cannot be checkpointed, or all of them when a step before the
-    journal fails, are unlocked and reset (backlog.reset): they end as the listener's close ended them before.
-    Never raises but for an interrupt (the caller holds signals off) or a failure of the last, silent closes."""
-    going = {(t.wire().family, t.wire().local_addr) for t in moved}
-    carrying, staying = Backlog(), Backlog()
-    for sock, conn in zip(backlog.socks, backlog.tuples, strict=True):
-        into = carrying if (conn.wire().family, conn.wire().local_addr) in going else staying
-        into.socks.append(sock)
-        into.tuples.append(conn)
-    backlog.socks, backlog.tuples = carrying.socks, carrying.tuples
-    reset(staying)
-    if not backlog.socks:
-        return [], []
-    lockers = (source[0], dest[0])
-    try:
-        with timings.timed(Stage.LOCK):
-            for locker, group in (source, dest):
-                locker.lock(backlog.tuples, ttl=ttl, group=group)
-        with timings.timed(Stage.CHECKPOINT):
-            states, failed = checkpoint_accepted(backlog)
-        if failed.socks:
-            for locker in lockers:
-                locker.unlock(failed.tuples)
-            reset(failed)
-        with timings.timed(Stage.SERIALIZE):
-            images = [encode(state) for state in states]
-        with timings.timed(Stage.JOURNAL):
-            append_journal(directory, [NO_FD] * len(states), images, backlog.tuples)
-    except Exception as exc:  # the moved connections go on: these end as they would have before
-        log.warning("the %d connection(s) accepted from the program's listeners are reset: %s", len(backlog.socks),
-                    exc)
-        for locker in lockers:
-            with contextlib.suppress(Exception):
-                locker.unlock(backlog.tuples)
-        reset(backlog)
-        return [], []
-    with timings.timed(Stage.CLOSE):
-        # journaled: from here on they are restored, so each is closed in repair mode whatever discard() says
-        for sock, state in zip(backlog.socks, states, strict=True):
-            try:
-                discard(sock, state)
-            except Exception:
-                sock.close()
-    return states, images
 
 
 # migrate() calls in other threads of this process that turned the cyclic collector off, and whether it was on
@@ -319,17 +268,26 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
                 finally:
                     ended = cap.ended
         if cap.backlog.socks and dest_locker is not source_locker:
+            carried_images: list[bytes] = []
+
+            def journaled(more: list[ConnectionState], conns: list[ConnTuple]) -> None:
+                with timings.timed(Stage.SERIALIZE):
+                    made = [encode(state) for state in more]
+                with timings.timed(Stage.JOURNAL):
+                    append_journal(directory, [NO_FD] * len(more), made, conns)
+                carried_images.extend(made)
+
             # no Ctrl-C between their lock and their journal: what it interrupted would be locked, in nobody's care
             with deferred_signals():
-                carried, carried_images = _carry_accepted(cap.backlog, tuples, (source_locker, source_group),
-                                                          (dest_locker, dest_group), ttl, timings, directory)
+                carried = carry(cap.backlog, tuples, [(source_locker, source_group), (dest_locker, dest_group)], ttl,
+                                journaled, lambda step: timings.timed(_CARRY_STAGES[step]))
             if carried:  # restored, delivered, unlocked and handed off with the moved ones from here on
                 accepted = cap.backlog.tuples
                 states, tuples = [*states, *carried], [*tuples, *accepted]
                 images = [*images, *carried_images]
                 journal_fds = [*journal_fds, *[NO_FD] * len(carried)]
                 freezer.watch(journal_fds, tuples)  # what its guard saves if this process dies
-                cap.backlog.socks, cap.backlog.tuples = [], []
+                cap.backlog.tuples = []
         if network is not None:
             with timings.timed(Stage.NETWORK):
                 network()

@@ -395,8 +395,9 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
     `owed` (the caller restores the states it is given): Captured.owed says which sockets may owe their peer an
     ACK, from their tcpi_segs_out read before the lock and again after the checkpoint (owed_acks). `group`: the
     nfnetlink_log group of the caller's recorder there (Recorder.group), which the lock copies the peers' packets to.
-    `backlog` (the caller hands the connections off where the process's listeners live): Captured.listeners are
-    the process's listeners that no other process holds, whose accept queues end_source() keeps from the kill."""
+    `backlog` (the caller takes the connections waiting in the process's listeners too: migrate() with a handoff,
+    dump() that kills): Captured.listeners are the process's listeners that no other process holds, whose accept
+    queues end_source() keeps from the kill."""
     with contextlib.ExitStack() as owned:
         # the caller's guard, when it is to outlive the capture (migrate() hands it the restored sockets)
         if freezer is None:

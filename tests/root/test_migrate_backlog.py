@@ -18,11 +18,13 @@ import pytest
 
 import sockrepair
 import sockrepair.move.take as take_module
+from sockrepair.image.directory import NO_FD
 from sockrepair.lab.hosts import SERVICE4, Lab
 from sockrepair.lab.programs import ECHO_SERVER
-from sockrepair.move.journal import NO_FD, load_states
+from sockrepair.move.journal import load_states
 from sockrepair.netns import NetNS
 from sockrepair.state import TCP_ESTABLISHED, ConnTuple
+from tests.clihelp import run_main
 from tests.root.pairs import recv_exactly, tcp_info
 from tests.root.programs import echo_connection
 from tests.root.test_take_changed import _connect, _echo, _keep_sockets
@@ -350,3 +352,43 @@ def test_a_move_that_fails_after_carrying_the_backlog_leaves_it_in_the_journal(
             for s in late:
                 s.close()
             shutil.rmtree(journal, ignore_errors=True)
+
+
+def test_a_dump_that_kills_keeps_the_backlog_for_the_restore(netns: NetNS, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sockrepair dump --kill`: a connection that waited in the program's accept queue is locked, checkpointed into
+    the image directory after the others (fd -1, "accepted" in the listing) and restored by `restore -D` with them
+    (before, the kill reset it)."""
+    with echo_connection(netns) as (server, moved):
+        port = moved.getpeername()[1]
+        late: list[socket.socket] = []
+        real = take_module.checkpoint_all_taken
+
+        def connect_then_checkpoint(*args: object, **kwargs: object) -> object:
+            late.append(_connect_frozen(netns, port))
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(take_module, "checkpoint_all_taken", connect_then_checkpoint)
+        restored: subprocess.Popen[bytes] | None = None
+        try:
+            code, out, err = run_main("dump", "--pid", str(server.pid), "-D", str(tmp_path / "img"))
+            assert code == 0, err
+            [client] = late
+            mine = ConnTuple(socket.AF_INET, "127.0.0.1", port, "127.0.0.1", client.getsockname()[1])
+            assert f"  accepted {str(mine):<48} unread 17 B" in out
+            index = json.loads((tmp_path / "img" / "index.json").read_text())
+            assert [(c["fd"] == NO_FD, c["tuple"]) for c in index["connections"]][1] == (True, str(mine))
+            restored = subprocess.Popen([sys.executable, "-m", "sockrepair.cli.main", "restore", "-D",
+                                         str(tmp_path / "img"), "--exec", sys.executable, str(ECHO_SERVER)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            assert restored.stdout is not None
+            assert restored.stdout.readline().startswith(b"ready")
+            assert recv_exactly(client, 17) == b"sent while frozen"  # echoed by the restored program
+            moved.sendall(b"moved")
+            assert recv_exactly(moved, 5) == b"moved"
+        finally:
+            if restored is not None:
+                restored.kill()
+                restored.wait()
+            for s in late:
+                s.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import stat
 import struct
@@ -14,7 +15,7 @@ import pytest
 import xxhash
 
 from sockrepair.errors import ImageError
-from sockrepair.image.directory import INDEX, read_dir, write_dir
+from sockrepair.image.directory import INDEX, NO_FD, append_dir, read_dir, write_dir
 from sockrepair.state import (
     ConnectionState,
     ConnTuple,
@@ -165,3 +166,38 @@ def test_images_a_killed_dump_left_without_an_index_are_named(tmp_path: Path) ->
     (directory / "other").write_text("x")
     with pytest.raises(ImageError, match="is not empty"):
         write_dir(directory, [(5, _state(40000))], {"pid": 1})
+
+
+def test_appended_connections_read_back_after_the_others(written: Path) -> None:
+    # `sockrepair dump --kill`'s listen backlog: the first images and their entries stay as they were
+    before = {name: (written / name).read_bytes() for name in ("conn-0.img", "conn-1.img")}
+    fd = os.open(written, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        entries = append_dir(written, fd, [(NO_FD, _state(40002))])
+    finally:
+        os.close(fd)
+    assert [(e.file, e.fd) for e in entries] == [("conn-2.img", NO_FD)]
+    pairs = read_dir(written)
+    assert [(e.file, e.fd, s) for e, s in pairs] == [("conn-0.img", 5, _state(40000)), ("conn-1.img", 6, _state(40001)),
+                                                    ("conn-2.img", NO_FD, _state(40002))]
+    assert all((written / name).read_bytes() == data for name, data in before.items())
+    assert stat.S_IMODE((written / "conn-2.img").stat().st_mode) == 0o600
+
+
+def test_an_append_that_fails_leaves_the_index_and_no_new_image(written: Path) -> None:
+    (written / "index.json.part").mkdir()  # the new index cannot be written
+    fd = os.open(written, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError):
+            append_dir(written, fd, [(NO_FD, _state(40002))])
+    finally:
+        os.close(fd)
+    assert [e.file for e, _ in read_dir(written)] == ["conn-0.img", "conn-1.img"]
+    assert not (written / "conn-2.img").exists()
+
+
+@pytest.mark.parametrize("fd", [-2, 1 << 31])
+def test_an_fd_that_is_neither_a_number_nor_none_is_refused(written: Path, fd: int) -> None:
+    _edit_index(written, {"fd": fd}, 1)
+    with pytest.raises(ImageError, match=f"fd {fd} is not a file descriptor number"):
+        read_dir(written)

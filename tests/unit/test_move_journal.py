@@ -13,13 +13,13 @@ import pytest
 
 from sockrepair.errors import ImageError
 from sockrepair.image import encode
+from sockrepair.image.directory import NO_FD
 from sockrepair.move import journal as journal_module
 from sockrepair.move import stages
 from sockrepair.move.journal import (
     COMPLETED,
     JOURNAL_IMAGES,
     JOURNAL_INDEX,
-    NO_FD,
     append_journal,
     journal_head,
     load_states,
