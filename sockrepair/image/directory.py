@@ -111,63 +111,51 @@ def write_dir(directory: Path, states: list[tuple[int, ConnectionState]], source
                              field=f"connections[{n}]")
     own = dir_fd is None
     fd = prepare_dir(directory) if dir_fd is None else dir_fd
-    written: list[str] = []
     try:
-        entries = []
-        for n, (sock_fd, state) in enumerate(states):
-            data = state.to_bytes()
-            name = f"conn-{n}.img"
-            written.append(name)
-            _write_durably(fd, name, data)
-            entries.append(Entry(name, sock_fd, state.tuple, hashlib.sha256(data).hexdigest()))
-        index = {"version": INDEX_VERSION, "created": time.time(), "source": source,
-                 "connections": [e.to_dict() for e in entries]}
-        # Written last, under another name, then renamed: index.json exists only whole, and only once every image
-        # it names is on disk (a mover killed meanwhile leaves no index that a restore would half trust).
-        written.append(INDEX_PART)
-        _write_durably(fd, INDEX_PART, json.dumps(index, indent=2).encode())
-        os.rename(INDEX_PART, INDEX, src_dir_fd=fd, dst_dir_fd=fd)
-        written = []
-        os.fsync(fd)
-    except BaseException:
-        # images without an index are of no use and would keep the directory from a second dump; a SIGKILL leaves
-        # them, which prepare_dir recognises
-        for name in written:
-            with contextlib.suppress(OSError):
-                os.unlink(name, dir_fd=fd)
-        raise
+        index = {"version": INDEX_VERSION, "created": time.time(), "source": source, "connections": []}
+        return _commit(fd, index, states)
     finally:
         if own:
             os.close(fd)
-    return entries
 
 
 def append_dir(directory: Path, dir_fd: int, states: list[tuple[int, ConnectionState]]) -> list[Entry]:
     """More (fd, state) pairs for the directory write_dir() wrote (`dir_fd` its prepare_dir fd): conn-N.img files
-    numbered on, then index.json replaced the same way (under its temporary name, renamed), so that a failure leaves
-    the index as it was, naming only the images it did (the new ones are removed). Returns the new entries. Raises
-    ImageError for an unreadable index or a state an image cannot hold, OSError when the directory cannot be
-    written."""
+    numbered on, then index.json replaced as write_dir writes it, so that a failure leaves the index as it was,
+    naming only the images it did (the new ones are removed). Returns the new entries. Raises ImageError for an
+    unreadable index or a state an image cannot hold, OSError when the directory cannot be written."""
     index_path = str(directory / INDEX)
     with open_regular(INDEX, dir_fd, shown=index_path) as f:
         index = load_json(read_bounded(f, MAX_INDEX_BYTES, index_path), index_path, MAX_INDEX_DEPTH)
-    first = len(index["connections"])
+    if not isinstance(index, dict) or not isinstance(index.get("connections"), list):
+        raise ImageError(f"{index_path}: not an index write_dir wrote (no list of connections)", path=index_path)
+    return _commit(dir_fd, index, states)
+
+
+def _commit(dir_fd: int, index: dict[str, Any], states: list[tuple[int, ConnectionState]]) -> list[Entry]:
+    """Write `states` as conn-N.img files numbered after the index's connections, add them to `index`, and write it
+    as index.json; returns their entries."""
     written: list[str] = []
     try:
         entries = []
-        for n, (sock_fd, state) in enumerate(states, first):
+        for n, (sock_fd, state) in enumerate(states, len(index["connections"])):
             data = state.to_bytes()
             name = f"conn-{n}.img"
             written.append(name)
             _write_durably(dir_fd, name, data)
             entries.append(Entry(name, sock_fd, state.tuple, hashlib.sha256(data).hexdigest()))
-        index["connections"] += [e.to_dict() for e in entries]
+        index["connections"] = [*index["connections"], *(e.to_dict() for e in entries)]
+        # Written last, under another name, then renamed: index.json exists only whole, and only once every image
+        # it names is on disk (a mover killed meanwhile leaves no index that a restore would half trust, or the
+        # index it had).
         written.append(INDEX_PART)
         _write_durably(dir_fd, INDEX_PART, json.dumps(index, indent=2).encode())
         os.rename(INDEX_PART, INDEX, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         written = []
         os.fsync(dir_fd)
     except BaseException:
+        # images without an index are of no use and would keep the directory from a second dump; a SIGKILL leaves
+        # them, which prepare_dir recognises
         for name in written:
             with contextlib.suppress(OSError):
                 os.unlink(name, dir_fd=dir_fd)

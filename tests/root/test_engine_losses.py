@@ -215,6 +215,14 @@ def test_urgent_data_is_refused_before_the_freeze_and_inspect_says_why(netns, tm
         proc.kill()
 
 
+def _release(copies: list[int]) -> None:
+    """Our pidfd_getfd copies: out of repair mode (no window probe) and closed."""
+    for copy in copies:
+        with contextlib.suppress(OSError):
+            repair_off(copy, probe=False)
+        os.close(copy)
+
+
 @pytest.mark.parametrize("program", ["stopped", "running"])
 def test_a_leave_running_dump_that_finds_nothing_to_move_still_resumes_what_a_killed_move_left(netns, tmp_path,
                                                                                                  program):
@@ -223,7 +231,7 @@ def test_a_leave_running_dump_that_finds_nothing_to_move_still_resumes_what_a_ki
     leaves it as it is (the next step is the user's)."""
     proc, port = _holder(1)
     urgent = socket.create_connection(("127.0.0.1", port), timeout=10)
-    copy = -1
+    copies: list[int] = []
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "accepted"
         urgent.send(b"abc")
@@ -236,7 +244,8 @@ def test_a_leave_running_dump_that_finds_nothing_to_move_still_resumes_what_a_ki
             os.kill(proc.pid, signal.SIGSTOP)
             _wait_stopped(proc.pid)
         with PidFd(proc.pid) as pidfd:
-            copy = pidfd.getfd(mine.fd)
+            copies.append(pidfd.getfd(mine.fd))
+        [copy] = copies
         repair_on(copy)
         with pytest.raises(sockrepair.SocketStateError, match="urgent byte b'X' not yet read"):
             dump(proc.pid, tmp_path / "kill", after=After.KILL, quiescence=Quiescence(on_busy=OnBusy.MOVE))
@@ -256,10 +265,7 @@ def test_a_leave_running_dump_that_finds_nothing_to_move_still_resumes_what_a_ki
         with socket.socket(fileno=os.dup(copy)) as mine_copy:
             assert recv_exactly(mine_copy, 3) == b"abc"
     finally:
-        if copy >= 0:
-            with contextlib.suppress(OSError):
-                repair_off(copy, probe=False)
-            os.close(copy)
+        _release(copies)
         urgent.close()
         proc.kill()
         proc.wait()
@@ -311,10 +317,7 @@ def test_a_socket_left_in_repair_mode_that_no_move_takes_stays_so_for_inspect_an
         st = stat(proc.pid)
         assert st is not None and st.state != "T"
     finally:
-        for copy in copies:
-            with contextlib.suppress(OSError):
-                repair_off(copy, probe=False)
-            os.close(copy)
+        _release(copies)
         live.close()
         urgent.close()
         proc.kill()

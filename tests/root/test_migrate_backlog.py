@@ -4,6 +4,7 @@ hands that connection off with the moved ones (sockrepair/move/backlog.py); befo
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -12,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -203,6 +205,23 @@ def test_the_backlog_leaves_the_restore_its_fds(monkeypatch: pytest.MonkeyPatch)
                 s.close()
 
 
+@contextlib.contextmanager
+def _restored_echo(directory: Path, ns: NetNS) -> Iterator[None]:
+    """`sockrepair restore -D directory --exec` the echo program inside `ns`, until the block ends; the block runs
+    once it serves the connections."""
+    with ns.entered():
+        restored = subprocess.Popen([sys.executable, "-m", "sockrepair.cli.main", "restore", "-D", str(directory),
+                                     "--exec", sys.executable, str(ECHO_SERVER)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+    try:
+        assert restored.stdout is not None
+        assert restored.stdout.readline().startswith(b"ready")
+        yield
+    finally:
+        restored.kill()
+        restored.wait()
+
+
 def _frozen_connects(monkeypatch: pytest.MonkeyPatch, ns: NetNS, port: int, late: list[socket.socket],
                      urgent: bool = False) -> None:
     """Under the freeze, one connection to the service with a request sent (and then an urgent byte, `urgent`)."""
@@ -326,7 +345,6 @@ def test_a_move_that_fails_after_carrying_the_backlog_leaves_it_in_the_journal(
         with pytest.raises(RuntimeError, match="could not be moved") as caught:
             sockrepair.migrate(server.pid, dest_netns=lab.b.name, network=network, handoff=_keep_sockets)
         journal = Path(caught.value.journal)  # type: ignore[attr-defined]
-        restored: subprocess.Popen[bytes] | None = None
         try:
             [client] = late
             index = json.loads((journal / "journal.json").read_text())
@@ -336,19 +354,11 @@ def test_a_move_that_fails_after_carrying_the_backlog_leaves_it_in_the_journal(
             states = load_states(journal)
             assert bytes(states[1].recv_queue) == b"sent while frozen"
             lab.move_service("a", "b")
-            with lab.b.entered():
-                restored = subprocess.Popen([sys.executable, "-m", "sockrepair.cli.main", "restore", "-D",
-                                             str(journal), "--exec", sys.executable, str(ECHO_SERVER)],
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            assert restored.stdout is not None
-            assert restored.stdout.readline().startswith(b"ready")
-            assert recv_exactly(client, 17) == b"sent while frozen"  # echoed by the program restored on B
-            moved.sendall(b"moved")
-            assert recv_exactly(moved, 5) == b"moved"
+            with _restored_echo(journal, lab.b.ns):
+                assert recv_exactly(client, 17) == b"sent while frozen"  # echoed by the program restored on B
+                moved.sendall(b"moved")
+                assert recv_exactly(moved, 5) == b"moved"
         finally:
-            if restored is not None:
-                restored.kill()
-                restored.wait()
             for s in late:
                 s.close()
             shutil.rmtree(journal, ignore_errors=True)
@@ -369,7 +379,6 @@ def test_a_dump_that_kills_keeps_the_backlog_for_the_restore(netns: NetNS, tmp_p
             return real(*args, **kwargs)  # type: ignore[arg-type]
 
         monkeypatch.setattr(take_module, "checkpoint_all_taken", connect_then_checkpoint)
-        restored: subprocess.Popen[bytes] | None = None
         try:
             code, out, err = run_main("dump", "--pid", str(server.pid), "-D", str(tmp_path / "img"))
             assert code == 0, err
@@ -378,17 +387,10 @@ def test_a_dump_that_kills_keeps_the_backlog_for_the_restore(netns: NetNS, tmp_p
             assert f"  accepted {str(mine):<48} unread 17 B" in out
             index = json.loads((tmp_path / "img" / "index.json").read_text())
             assert [(c["fd"] == NO_FD, c["tuple"]) for c in index["connections"]][1] == (True, str(mine))
-            restored = subprocess.Popen([sys.executable, "-m", "sockrepair.cli.main", "restore", "-D",
-                                         str(tmp_path / "img"), "--exec", sys.executable, str(ECHO_SERVER)],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            assert restored.stdout is not None
-            assert restored.stdout.readline().startswith(b"ready")
-            assert recv_exactly(client, 17) == b"sent while frozen"  # echoed by the restored program
-            moved.sendall(b"moved")
-            assert recv_exactly(moved, 5) == b"moved"
+            with _restored_echo(tmp_path / "img", netns):
+                assert recv_exactly(client, 17) == b"sent while frozen"  # echoed by the restored program
+                moved.sendall(b"moved")
+                assert recv_exactly(moved, 5) == b"moved"
         finally:
-            if restored is not None:
-                restored.kill()
-                restored.wait()
             for s in late:
                 s.close()

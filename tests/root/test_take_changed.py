@@ -132,6 +132,17 @@ def test_a_connection_accepted_during_the_look_is_moved(monkeypatch: pytest.Monk
         assert len(clients) == 2
 
 
+def _closed_by_the_program(pid: int, gone: socket.socket, gone_fd: int, reused: bool, ns: NetNS, port: int,
+                           clients: list[socket.socket]) -> None:
+    """`gone` closed, so that the program closes its end (fd `gone_fd`) at the EOF; with `reused`, a new connection
+    (added to `clients`) takes that fd number."""
+    gone.close()
+    wait_for(lambda: gone_fd not in socket_inodes(pid), "the program to close its socket", 5.0)
+    if reused:
+        clients.append(_connect(ns, port))
+        assert gone_fd in socket_inodes(pid), "the new connection did not take the fd number"
+
+
 @pytest.mark.parametrize("change", ["fd-closed", "fd-number-reused"])
 def test_a_connection_closed_during_the_look_is_neither_taken_nor_lost(monkeypatch: pytest.MonkeyPatch,
                                                                        change: str) -> None:
@@ -151,11 +162,7 @@ def test_a_connection_closed_during_the_look_is_neither_taken_nor_lost(monkeypat
             calls.append(chosen)
             if len(calls) == 1:
                 assert gone_fd in [s.fd for s in chosen]
-                gone.close()  # the program closes its end at the EOF
-                wait_for(lambda: gone_fd not in socket_inodes(pid), "the program to close its socket", 5.0)
-                if change == "fd-number-reused":
-                    clients.append(_connect(ns, port))
-                    assert gone_fd in socket_inodes(pid), "the new connection did not take the fd number"
+                _closed_by_the_program(pid, gone, gone_fd, change == "fd-number-reused", ns, port, clients)
             return chosen
 
         monkeypatch.setattr(take_module, "select_sockets", then_close)
@@ -237,11 +244,7 @@ def test_inspect_leaves_out_a_connection_closed_while_it_looks(monkeypatch: pyte
 
         def then_close(pid: int, *args: object, **kwargs: object) -> object:
             listed = real(pid, *args, **kwargs)  # type: ignore[arg-type]
-            gone.close()  # the program closes its end at the EOF
-            wait_for(lambda: gone_fd not in socket_inodes(pid), "the program to close its socket", 5.0)
-            if change == "fd-number-reused":
-                clients.append(_connect(ns, port))
-                assert gone_fd in socket_inodes(pid), "the new connection did not take the fd number"
+            _closed_by_the_program(pid, gone, gone_fd, change == "fd-number-reused", ns, port, clients)
             return listed
 
         monkeypatch.setattr(dump_module, "tcp_sockets", then_close)
