@@ -143,13 +143,13 @@ def cmd_dump(args: argparse.Namespace) -> int:
           f"{report.directory}, process {'left running' if args.leave_running else 'killed'}")
     for c in report.connections:
         # NO_FD: one that waited in an accept queue, never the program's
-        where = f"fd {c['fd']:<4}" if c["fd"] != NO_FD else "accepted"
+        where = f"fd {c['fd']:<5}" if c["fd"] != NO_FD else "accepted"
         print(f"  {where} {c['tuple']:<48} unread {c['recv_queue']} B, send queue {c['send_queue']} B "
               f"({c['unsent']} never sent)")
     if report.lost:
         print(f"  {len(report.lost)} connection(s) could not be moved; the kill closed them (reset, with unread data):")
         for u in report.lost:
-            print(f"  fd {u['fd']:<4} {u['protocol']} {u['tuple']} {u['state']}: {u['reason']}")
+            print(f"  fd {u['fd']:<5} {u['protocol']} {u['tuple']} {u['state']}: {u['reason']}")
     if report.left_behind:
         fds = ", ".join(map(str, report.left_behind))
         print(f"  fd(s) {fds} were already in repair mode in the stopped process (an interrupted move): "

@@ -103,12 +103,7 @@ def write_dir(directory: Path, states: list[tuple[int, ConnectionState]], source
     `source` (pid, command, host...) is recorded in the index for people. `dir_fd` is prepare_dir's fd of
     `directory` (None: prepare it here). Raises ImageError (naming the field) for a state an image cannot hold or a
     directory prepare_dir refuses, OSError when the directory cannot be written."""
-    seen: dict[ConnTuple, int] = {}
-    for n, (_, state) in enumerate(states):
-        first = seen.setdefault(state.tuple.wire(), n)
-        if first != n:
-            raise ImageError(f"connections {first} and {n} are both {state.tuple}: one image per connection",
-                             field=f"connections[{n}]")
+    _refuse_twice([], states)
     own = dir_fd is None
     fd = prepare_dir(directory) if dir_fd is None else dir_fd
     try:
@@ -129,7 +124,19 @@ def append_dir(directory: Path, dir_fd: int, states: list[tuple[int, ConnectionS
         index = load_json(read_bounded(f, MAX_INDEX_BYTES, index_path), index_path, MAX_INDEX_DEPTH)
     if not isinstance(index, dict) or not isinstance(index.get("connections"), list):
         raise ImageError(f"{index_path}: not an index write_dir wrote (no list of connections)", path=index_path)
+    _refuse_twice([_entry(item, n, index_path).tuple for n, item in enumerate(index["connections"])], states)
     return _commit(dir_fd, index, states)
+
+
+def _refuse_twice(listed: list[ConnTuple], states: list[tuple[int, ConnectionState]]) -> None:
+    """Raise ImageError when a 4-tuple of `states` is one of `listed` (the index's) or of another of `states`: two
+    sockets restored for one 4-tuple, the peer's packets would reach only one of them (read_dir refuses it)."""
+    seen: dict[ConnTuple, int] = {}
+    for n, conn in enumerate([*listed, *(state.tuple for _, state in states)]):
+        first = seen.setdefault(conn.wire(), n)
+        if first != n:
+            raise ImageError(f"connections {first} and {n} are both {conn}: one image per connection",
+                             field=f"connections[{n}]")
 
 
 def _commit(dir_fd: int, index: dict[str, Any], states: list[tuple[int, ConnectionState]]) -> list[Entry]:

@@ -32,6 +32,7 @@ from sockrepair.engine._repair import in_repair
 from sockrepair.engine._session import session_of
 from sockrepair.errors import ProcessError, SockrepairError
 from sockrepair.lock import Locker
+from sockrepair.lock.ruleset import SOCCR_MARK
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import ProcSocket
 from sockrepair.state import ConnectionState, ConnTuple
@@ -176,13 +177,15 @@ _LINGER_NOW = struct.pack("ii", 1, 0)  # struct linger {l_onoff = 1, l_linger = 
 
 def reset(backlog: Backlog) -> None:
     """End the connections of `backlog` as the listener's close ends those still queued (inet_csk_listen_stop): a
-    RST, sent now (SO_LINGER 0; one in repair mode is taken out of it first, or its close would be silent). Their
-    tuples must not be locked any more, or the lock drops the RST and a peer that only waits never learns. Never
-    raises."""
+    RST, sent now (SO_LINGER 0; one in repair mode is taken out of it first, or its close would be silent), marked
+    SOCCR_MARK: the lock lets it pass even when its 4-tuple is still locked for another socket (a moved one the
+    peer reset before it connected again from the same port), and a peer that only waits learns. Never raises."""
     for sock in backlog.socks:
         with contextlib.suppress(OSError, SockrepairError):
             if in_repair(sock.fileno()):
                 resume(sock)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, SOCCR_MARK)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NOW)
         sock.close()
@@ -197,17 +200,21 @@ def carry(backlog: Backlog, moved: Sequence[ConnTuple], locks: Sequence[tuple[Lo
     where the sockets cannot go as they are: locked with each of `locks` (a Locker and its recorder's group: what
     their peers send is kept), checkpointed, `save`d with their tuples (into the journal or the image directory),
     closed silently; their states are returned, in the order of the tuples left in `backlog` (its sockets gone),
-    for the restore with the `moved` connections. Only those on a local address of a moved connection go: another one (a listener on
-    0.0.0.0 reached through an address that stays) could not be restored there, and would fail the restore of all.
-    Those that stay, one that cannot be checkpointed, or all of them when a step up to `save` fails, are unlocked
-    and reset(): they end as the listener's close ended them before. `timed(step)` times the steps "lock",
-    "checkpoint" and "close" (`save` times its own). Never raises but for an interrupt (the caller holds signals off
-    until this returns) or a failure of the last, silent closes. A process killed before `save` returns leaves the
-    connections to the lock's TTL."""
+    for the restore with the `moved` connections. Only those on a local address of a moved connection go: another
+    one (a listener on 0.0.0.0 reached through an address that stays) could not be restored there, and would fail
+    the restore of all; nor does one whose 4-tuple is a moved connection's (the program holds that one in CLOSE:
+    its peer reset it and connected again from the same port during the freeze), as two sockets of one 4-tuple
+    cannot be restored and an image directory naming one twice is refused whole. Those that stay, one that cannot
+    be checkpointed, or all of them when a step up to `save` fails, are unlocked and reset(): they end as the
+    listener's close ended them before. `timed(step)` times the steps "lock", "checkpoint" and "close" (`save` times
+    its own). Never raises but for an interrupt (the caller holds signals off until this returns) or a failure of the
+    last, silent closes. A process killed before `save` returns leaves the connections to the lock's TTL."""
     going = {(t.wire().family, t.wire().local_addr) for t in moved}
+    taken = {t.wire() for t in moved}
     carrying, staying = Backlog(), Backlog()
     for sock, conn in zip(backlog.socks, backlog.tuples, strict=True):
-        into = carrying if (conn.wire().family, conn.wire().local_addr) in going else staying
+        wire = conn.wire()
+        into = carrying if (wire.family, wire.local_addr) in going and wire not in taken else staying
         into.socks.append(sock)
         into.tuples.append(conn)
     backlog.socks, backlog.tuples = carrying.socks, carrying.tuples

@@ -11,6 +11,7 @@ import os
 import resource
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -393,4 +394,50 @@ def test_a_dump_that_kills_keeps_the_backlog_for_the_restore(netns: NetNS, tmp_p
                 assert recv_exactly(moved, 5) == b"moved"
         finally:
             for s in late:
+                s.close()
+
+
+def test_a_backlog_connection_with_a_moved_connections_4_tuple_is_reset(netns: NetNS, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The peer of a moved connection resets it during the freeze (the program holds it in CLOSE) and connects again
+    from the same port: two sockets of one 4-tuple. The new one, in the accept queue, was carried too, the index
+    named the tuple twice, and `restore -D` refused the whole directory; it is reset now, as the kill reset it
+    before, and the directory restores."""
+    with echo_connection(netns) as (server, moved):
+        port, own = moved.getpeername()[1], moved.getsockname()
+        again: list[socket.socket] = []
+        real = take_module._taken_if_same
+
+        def reset_and_reconnect(*args: object, **kwargs: object) -> object:
+            moved.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            moved.close()
+            with netns.entered():
+                client = socket.socket()
+                again.append(client)
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                client.bind(own)
+                client.settimeout(10)
+                client.connect(("127.0.0.1", port))
+            client.sendall(b"sent while frozen")
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+
+        # frozen, not yet locked
+        monkeypatch.setattr(take_module, "_taken_if_same", reset_and_reconnect)
+        try:
+            code, out, err = run_main("dump", "--pid", str(server.pid), "-D", str(tmp_path / "img"))
+            assert code == 0, err
+            [client] = again
+            assert client.getsockname() == own
+            tuples = [c["tuple"] for c in json.loads((tmp_path / "img" / "index.json").read_text())["connections"]]
+            assert tuples == [str(ConnTuple(socket.AF_INET, "127.0.0.1", port, *own))]
+            assert "accepted" not in out
+            # carry() left it out: not the image directory's refusal, which resets all the accepted ones
+            assert not [r.message for r in caplog.records if r.name == "sockrepair.move.backlog"]
+            with pytest.raises(ConnectionResetError):
+                client.recv(1)
+            with _restored_echo(tmp_path / "img", netns):
+                pass
+        finally:
+            for s in again:
                 s.close()
