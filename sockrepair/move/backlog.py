@@ -77,12 +77,6 @@ class Backlog:
     socks: list[socket.socket] = field(default_factory=list)
     tuples: list[ConnTuple] = field(default_factory=list)
 
-    def close(self) -> None:
-        """Close the connections not handed off (their peers see them end, as they would have seen a reset)."""
-        for sock in self.socks:
-            sock.close()
-        self.socks, self.tuples = [], []
-
 
 def _fd_room(reserve: int) -> int:
     """How many more fds this process may open, keeping `reserve` and RESERVE_FDS free (negative: already fewer

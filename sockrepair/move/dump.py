@@ -19,7 +19,7 @@ from sockrepair.engine._repair import in_repair
 from sockrepair.engine._states import REPAIRABLE
 from sockrepair.errors import SocketStateError
 from sockrepair.image.directory import NO_FD, Entry, append_dir, prepare_dir
-from sockrepair.move.backlog import carry
+from sockrepair.move.backlog import carry, reset
 from sockrepair.move.freeze import frozen
 from sockrepair.move.journal import ENDED, mark_ended, write_images
 from sockrepair.move.keep import Keeper, Kept
@@ -170,6 +170,8 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
                 kept = keeper.hand_off(dir_fd, [s.tuple for s in cap.sockets] + cap.backlog.tuples,
                                        time.time() + ttl)
     except BaseException as exc:
+        if cap is not None:  # accepted from the backlog, not carried: ended as the program's exit would
+            reset(cap.backlog)
         if cap is not None and cap.ended:
             with contextlib.suppress(AttributeError):
                 exc.journal = str(directory)  # type: ignore[attr-defined]

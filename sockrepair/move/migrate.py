@@ -24,7 +24,7 @@ from sockrepair.image import encode
 from sockrepair.image.directory import NO_FD
 from sockrepair.lock import Locker
 from sockrepair.move.ask import ask_peers
-from sockrepair.move.backlog import carry
+from sockrepair.move.backlog import carry, reset
 from sockrepair.move.freeze import Freezer
 from sockrepair.move.journal import (
     ENDED,
@@ -333,7 +333,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             raise
         with deferred_signals():
             if cap is not None:  # accepted from the backlog and not handed off: ended as the program's exit would
-                cap.backlog.close()
+                reset(cap.backlog)
             if socks and cap is not None:
                 try:
                     _journal_again(socks, tuples, directory, pid, journal_fds, dest_locker, live, ttl, dest_netns)

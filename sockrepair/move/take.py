@@ -77,7 +77,7 @@ class Captured:
     owed: list[bool] = field(default_factory=list)
     # the process's listeners no other process holds (from the look), when captured() was asked for its `backlog`;
     # end_source() takes them right before the kill, accepts what waits in them right after it into `backlog`
-    # (sockrepair.move.backlog), and closes them: the caller hands those connections off, or closes them
+    # (sockrepair.move.backlog), and closes them: the caller hands those connections off, carries them, or resets them
     listeners: list[ProcSocket] = field(default_factory=list)
     backlog: Backlog = field(default_factory=Backlog)
 

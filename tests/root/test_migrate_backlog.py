@@ -84,6 +84,43 @@ def test_a_connection_made_during_the_move_is_handed_off_not_reset(monkeypatch: 
                 s.close()
 
 
+
+def test_a_move_that_fails_after_the_kill_resets_the_backlog(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A move that fails after the kill, before the handoff: what was accepted from the backlog ends as the
+    listener's close ended it, with a RST, also for a peer that sent nothing (a plain close told it a FIN, an orderly
+    end of a connection that never served it); the moved connection stays in the journal."""
+    with _echo() as (ns, port, server):
+        moved = _connect(ns, port)
+        late: list[socket.socket] = []
+        real = take_module.checkpoint_all_taken
+
+        def connect_then_checkpoint(*args: object, **kwargs: object) -> object:
+            with ns.entered():
+                late.append(socket.create_connection(("127.0.0.1", port), timeout=10))  # sends nothing
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+
+        def network() -> None:
+            raise RuntimeError("the address could not be moved")
+
+        monkeypatch.setattr(take_module, "checkpoint_all_taken", connect_then_checkpoint)
+        with pytest.raises(RuntimeError, match="could not be moved") as caught:
+            sockrepair.migrate(server.pid, dest_netns=ns.name, network=network, handoff=_keep_sockets)
+        journal = Path(caught.value.journal)  # type: ignore[attr-defined]
+        try:
+            [client] = late
+            with pytest.raises(ConnectionResetError):
+                client.recv(1)
+            index = json.loads((journal / "journal.json").read_text())
+            assert [c["tuple"] for c in index["connections"]] == [
+                str(ConnTuple(socket.AF_INET, "127.0.0.1", port, "127.0.0.1", moved.getsockname()[1]))]
+            with _restored_echo(journal, ns):
+                moved.sendall(b"moved")
+                assert recv_exactly(moved, 5) == b"moved"
+        finally:
+            for s in [*late, moved]:
+                s.close()
+            shutil.rmtree(journal, ignore_errors=True)
+
 def test_the_port_is_free_as_soon_as_the_program_has_exited(monkeypatch: pytest.MonkeyPatch) -> None:
     """The queue is accepted right after the kill and the duplicates closed: a network step that binds the port
     once the program has exited finds it free, as it did before the backlog was kept."""

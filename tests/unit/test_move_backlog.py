@@ -46,7 +46,7 @@ def test_drain_accepts_what_waits_and_leaves_the_open_file_blocking(listener: so
             clients[1].sendall(b"queued")
             assert got.socks[1].recv(6) == b"queued"
         finally:
-            got.close()
+            backlog.reset(got)
 
 
 def test_drain_leaves_what_exceeds_its_fd_room_queued(listener: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,7 +66,7 @@ def test_drain_leaves_what_exceeds_its_fd_room_queued(listener: socket.socket, m
             left = [listener.accept()[1][1] for _ in range(2)]
             assert left == [c.getsockname()[1] for c in clients[3:]]
         finally:
-            got.close()
+            backlog.reset(got)
 
 
 def test_drain_of_an_empty_queue_counts_no_fds(listener: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
