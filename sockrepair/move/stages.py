@@ -44,7 +44,9 @@ class Stage(Enum):
              "close our copies of its sockets (silently: repair mode), which frees their 4-tuples, and accept what "
              "waits in its listeners (sockrepair.move.backlog); the process exits meanwhile, and the restore waits "
              "for that exit once its sockets are made", ("migrate",))
-    KILL = "kill", "end the source, as CLOSE, and wait for its exit (the name dump has always reported)", ("dump",)
+    KILL = ("kill", "end the source, as CLOSE, and wait for its exit (the name dump has always reported); the "
+            "connections accepted from its listeners are locked, checkpointed and added to the image directory here "
+            "(sockrepair.move.backlog.carry)", ("dump",))
     KEEP = ("keep", "write what the peers sent while locked, kept by the lock so far, beside the images "
             "(packets.img: restore -D delivers it)", ("dump",))
     NETWORK = "network", "the caller's network step (e.g. move the service address to the destination)", ("migrate",)
