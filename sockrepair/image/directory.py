@@ -252,9 +252,11 @@ def _read_index(directory: Path, dir_fd: int) -> list[Entry]:
     version = index.get("version")
     if version != INDEX_VERSION or isinstance(version, bool):
         raise ImageError(f"{index_path}: unsupported index version {version!r}", path=index_path, field="version")
-    connections = index.get("connections", [])
+    connections = index.get("connections")
     if not isinstance(connections, list):
-        raise ImageError(f"{index_path}: connections is not a list", path=index_path, field="connections")
+        raise ImageError(f"{index_path}: connections is missing or not a list", path=index_path, field="connections")
+    if not connections:  # write_dir never writes one: a restore of it would do nothing and say nothing
+        raise ImageError(f"{index_path}: lists no connection", path=index_path, field="connections")
     entries = [_entry(item, n, index_path) for n, item in enumerate(connections)]
     names = [e.file for e in entries]
     if len(set(names)) != len(names):

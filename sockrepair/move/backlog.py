@@ -186,6 +186,22 @@ def reset(backlog: Backlog) -> None:
     backlog.socks, backlog.tuples = [], []
 
 
+def reset_taken(backlog: Backlog, moved: Sequence[ConnTuple]) -> None:
+    """reset() the connections of `backlog` whose 4-tuple is one of `moved`'s, and take them out of it: the program
+    holds the moved one in CLOSE (its peer reset it during the freeze and connected again from the same port), and
+    two sockets of one 4-tuple cannot be restored (in one namespace the accepted socket holds the tuple and the
+    moved one's repair-mode connect fails, EADDRINUSE; an image directory naming a tuple twice is refused whole).
+    Never raises."""
+    taken = {t.wire() for t in moved}
+    keep, drop = Backlog(), Backlog()
+    for sock, conn in zip(backlog.socks, backlog.tuples, strict=True):
+        into = drop if conn.wire() in taken else keep
+        into.socks.append(sock)
+        into.tuples.append(conn)
+    backlog.socks, backlog.tuples = keep.socks, keep.tuples
+    reset(drop)
+
+
 def carry(backlog: Backlog, moved: Sequence[ConnTuple], locks: Sequence[tuple[Locker, int | None]], ttl: float,
           save: Callable[[list[ConnectionState], list[ConnTuple]], None],
           timed: Callable[[str], contextlib.AbstractContextManager[object]] = lambda _step: contextlib.nullcontext()
@@ -196,19 +212,16 @@ def carry(backlog: Backlog, moved: Sequence[ConnTuple], locks: Sequence[tuple[Lo
     closed silently; their states are returned, in the order of the tuples left in `backlog` (its sockets gone),
     for the restore with the `moved` connections. Only those on a local address of a moved connection go: another
     one (a listener on 0.0.0.0 reached through an address that stays) could not be restored there, and would fail
-    the restore of all; nor does one whose 4-tuple is a moved connection's (the program holds that one in CLOSE:
-    its peer reset it and connected again from the same port during the freeze), as two sockets of one 4-tuple
-    cannot be restored and an image directory naming one twice is refused whole. Those that stay, one that cannot
-    be checkpointed, or all of them when a step up to `save` fails, are unlocked and reset(): they end as the
+    the restore of all; nor does one whose 4-tuple is a moved connection's (reset_taken). Those that stay, one that
+    cannot be checkpointed, or all of them when a step up to `save` fails, are unlocked and reset(): they end as the
     listener's close ended them before. `timed(step)` times the steps "lock", "checkpoint" and "close" (`save` times
     its own). Never raises but for an interrupt (the caller holds signals off until this returns) or a failure of the
     last, silent closes. A process killed before `save` returns leaves the connections to the lock's TTL."""
+    reset_taken(backlog, moved)
     going = {(t.wire().family, t.wire().local_addr) for t in moved}
-    taken = {t.wire() for t in moved}
     carrying, staying = Backlog(), Backlog()
     for sock, conn in zip(backlog.socks, backlog.tuples, strict=True):
-        wire = conn.wire()
-        into = carrying if (wire.family, wire.local_addr) in going and wire not in taken else staying
+        into = carrying if (conn.wire().family, conn.wire().local_addr) in going else staying
         into.socks.append(sock)
         into.tuples.append(conn)
     backlog.socks, backlog.tuples = carrying.socks, carrying.tuples

@@ -24,8 +24,8 @@ from sockrepair.image import encode
 from sockrepair.image.directory import NO_FD
 from sockrepair.lock import Locker
 from sockrepair.move.ask import ask_peers
-from sockrepair.move.backlog import carry, reset
-from sockrepair.move.freeze import Freezer
+from sockrepair.move.backlog import Backlog, carry, reset, reset_taken
+from sockrepair.move.freeze import Freezer, held_elsewhere
 from sockrepair.move.journal import (
     ENDED,
     append_journal,
@@ -101,6 +101,22 @@ class MigrationReport:
                 "phases_ms": {k: round(v, 3) for k, v in self.phases_ms.items()},
                 "downtime_ms": round(self.downtime_ms, 3), "image_bytes": self.image_bytes,
                 "kept": self.kept.to_dict(), "journal": self.journal, "accepted": self.accepted}
+
+
+def _end_backlog(backlog: Backlog, handing: bool) -> None:
+    """A move that failed after the kill: reset the connections accepted from the program's listeners (reset(): a
+    RST, as the listener's close would have sent). After a `handoff` that failed, those another process holds (it
+    passed them before it failed) are the program's now and only our copies are closed: reset() sets SO_MARK and
+    SO_LINGER 0 on the socket, its copies included, and the program's orderly close would send a RST, let through
+    any later lock."""
+    if handing and backlog.socks:
+        inodes = [os.fstat(sock.fileno()).st_ino for sock in backlog.socks]
+        elsewhere = held_elsewhere(inodes)
+        passed = [sock for sock, inode in zip(backlog.socks, inodes, strict=True) if inode in elsewhere]
+        backlog.socks = [sock for sock, inode in zip(backlog.socks, inodes, strict=True) if inode not in elsewhere]
+        for sock in passed:
+            sock.close()
+    reset(backlog)
 
 
 def _journal_again(socks: list[socket.socket], tuples: list[ConnTuple], directory: Path, pid: int, fds: list[int],
@@ -219,6 +235,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     ended = False
     socks: list[socket.socket] = []
     live = False  # the restored sockets were unlocked
+    handing = False  # the handoff began: it may have passed some sockets before it failed
     freezer: Freezer | None = None
     cap: Captured | None = None
     accepted: list[ConnTuple] = []
@@ -267,6 +284,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
                     end_source(cap, passed=lambda: mark_ended(directory), wait=False)
                 finally:
                     ended = cap.ended
+        reset_taken(cap.backlog, tuples)  # handed off or carried, one on a moved tuple would fail the restore
         if cap.backlog.socks and dest_locker is not source_locker:
             carried_images: list[bytes] = []
 
@@ -312,6 +330,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         result = None
         if handoff is not None:
             with timings.timed(Stage.HANDOFF):
+                handing = True
                 freezer.handing()
                 # after the moved connections, those that waited in the program's accept queues at its end
                 accepted = [*accepted, *cap.backlog.tuples]
@@ -333,7 +352,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             raise
         with deferred_signals():
             if cap is not None:  # accepted from the backlog and not handed off: ended as the program's exit would
-                reset(cap.backlog)
+                _end_backlog(cap.backlog, handing)
             if socks and cap is not None:
                 try:
                     _journal_again(socks, tuples, directory, pid, journal_fds, dest_locker, live, ttl, dest_netns)

@@ -49,7 +49,7 @@ from sockrepair.move.quiesce import Freeze, Quiescence, quiescent_freeze
 from sockrepair.move.stages import Stage, Timings
 from sockrepair.netns import inside
 from sockrepair.sigmask import deferred_signals
-from sockrepair.state import TCP_LISTEN, ConnectionState
+from sockrepair.state import TCP_LISTEN, ConnectionState, ConnTuple
 
 KILL_TIMEOUT = 5.0
 
@@ -273,6 +273,24 @@ def refuse_shared(pid: int, chosen: Sequence[ProcSocket], holders: dict[int, set
         "those fds out (--fd with the others, wanted=...)", pid=pid, fd=first.fd, tuple=first.tuple, tcp_state=first.tcp_state)
 
 
+def refuse_one_tuple_twice(pid: int, chosen: Sequence[ProcSocket]) -> None:
+    """Raise SocketStateError (`.pid`, `.fd`, `.tuple`, `.tcp_state` of the second) when two of the `chosen` sockets
+    have one 4-tuple: the peer reset the first (the process holds it in CLOSE, its reset not yet read) and connected
+    again from the same port, and the process accepted that one too. Two sockets of one 4-tuple cannot be restored
+    (the repair-mode connect of the second fails, EADDRINUSE), and a move that found out after the kill would lose
+    every connection it holds: raised under the freeze, before the lock, and the process goes on."""
+    seen: dict[ConnTuple, ProcSocket] = {}
+    for sock in chosen:
+        first = seen.setdefault(sock.tuple.wire(), sock)
+        if first is not sock:
+            raise SocketStateError(
+                f"process {pid} ({process_name(pid)}) holds fd {first.fd} ({first.state_name}) and fd {sock.fd} "
+                f"({sock.state_name}) on one 4-tuple, {sock.tuple}: its peer reset one and connected again from the "
+                "same port. Two sockets of one 4-tuple cannot be restored; nothing was moved and the process goes "
+                "on: move it once it has read the reset and closed that fd", pid=pid, fd=sock.fd, tuple=sock.tuple,
+                tcp_state=sock.tcp_state)
+
+
 def process_locker(pid: int) -> Locker:
     """A lock socket in the process's own network namespace, where its connections' packets flow. Raises
     ProcessError (`.pid`) when there is no such process, NetnsError when its namespace cannot be entered."""
@@ -473,6 +491,7 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
                 if stopped_before:
                     cap.stopped = True
                     cap.left_behind = [s.fd for s, fd in zip(chosen, fds) if in_repair(fd)]
+                refuse_one_tuple_twice(pid, chosen)
                 # before the lock: what a socket sends from there on is dropped, and owed_acks must see it
                 sent = segs_out_of(fds) if owed else []
                 if locker is not None:

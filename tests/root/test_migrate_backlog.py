@@ -14,7 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,9 +24,12 @@ import sockrepair.move.take as take_module
 from sockrepair.image.directory import NO_FD
 from sockrepair.lab.hosts import SERVICE4, Lab
 from sockrepair.lab.programs import ECHO_SERVER
+from sockrepair.lab.subjects import start_receiver, stop
+from sockrepair.move.handoff import send_over_unix
 from sockrepair.move.journal import load_states
+from sockrepair.move.pidfd import PidFd
 from sockrepair.netns import NetNS
-from sockrepair.state import TCP_ESTABLISHED, ConnTuple
+from sockrepair.state import TCP_CLOSE, TCP_ESTABLISHED, ConnTuple
 from tests.clihelp import run_main
 from tests.root.pairs import recv_exactly, tcp_info
 from tests.root.programs import echo_connection
@@ -41,19 +44,25 @@ def _connect_frozen(ns: NetNS, port: int) -> socket.socket:
     return client
 
 
+def _when_frozen(monkeypatch: pytest.MonkeyPatch, step: Callable[[], object]) -> None:
+    """Run `step` under the freeze, right before the checkpoint (the connections locked)."""
+    real = take_module.checkpoint_all_taken
+
+    def step_then_checkpoint(*args: object, **kwargs: object) -> object:
+        step()
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(take_module, "checkpoint_all_taken", step_then_checkpoint)
+
+
 @pytest.mark.parametrize("wanted", ["every", "by-fd"])
 def test_a_connection_made_during_the_move_is_handed_off_not_reset(monkeypatch: pytest.MonkeyPatch,
                                                                     wanted: str) -> None:
     with _echo() as (ns, port, server):
         moved = _connect(ns, port)
         late: list[socket.socket] = []
-        real = take_module.checkpoint_all_taken
-
-        def connect_then_checkpoint(*args: object, **kwargs: object) -> object:
-            late.append(_connect_frozen(ns, port))  # under the freeze: it waits in the accept queue
-            return real(*args, **kwargs)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(take_module, "checkpoint_all_taken", connect_then_checkpoint)
+        # under the freeze: it waits in the accept queue
+        _when_frozen(monkeypatch, lambda: late.append(_connect_frozen(ns, port)))
         fds = None
         if wanted == "by-fd":
             fds = [s.fd for s in take_module.tcp_sockets(server.pid) if s.tcp_state == TCP_ESTABLISHED]
@@ -84,7 +93,6 @@ def test_a_connection_made_during_the_move_is_handed_off_not_reset(monkeypatch: 
                 s.close()
 
 
-
 def test_a_move_that_fails_after_the_kill_resets_the_backlog(monkeypatch: pytest.MonkeyPatch) -> None:
     """A move that fails after the kill, before the handoff: what was accepted from the backlog ends as the
     listener's close ended it, with a RST, also for a peer that sent nothing (a plain close told it a FIN, an orderly
@@ -92,17 +100,15 @@ def test_a_move_that_fails_after_the_kill_resets_the_backlog(monkeypatch: pytest
     with _echo() as (ns, port, server):
         moved = _connect(ns, port)
         late: list[socket.socket] = []
-        real = take_module.checkpoint_all_taken
 
-        def connect_then_checkpoint(*args: object, **kwargs: object) -> object:
+        def connect() -> None:
             with ns.entered():
                 late.append(socket.create_connection(("127.0.0.1", port), timeout=10))  # sends nothing
-            return real(*args, **kwargs)  # type: ignore[arg-type]
 
         def network() -> None:
             raise RuntimeError("the address could not be moved")
 
-        monkeypatch.setattr(take_module, "checkpoint_all_taken", connect_then_checkpoint)
+        _when_frozen(monkeypatch, connect)
         with pytest.raises(RuntimeError, match="could not be moved") as caught:
             sockrepair.migrate(server.pid, dest_netns=ns.name, network=network, handoff=_keep_sockets)
         journal = Path(caught.value.journal)  # type: ignore[attr-defined]
@@ -121,18 +127,68 @@ def test_a_move_that_fails_after_the_kill_resets_the_backlog(monkeypatch: pytest
                 s.close()
             shutil.rmtree(journal, ignore_errors=True)
 
+
+def _receivers_copies(pid: int, peer: tuple[str, int]) -> list[socket.socket]:
+    """Copies (pidfd_getfd) of the sockets process `pid` holds connected to `peer`."""
+    found = []
+    with PidFd(pid) as pidfd:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            if os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:["):
+                sock = socket.socket(fileno=pidfd.getfd(int(name)))
+                if sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM:
+                    with contextlib.suppress(OSError):
+                        if sock.getpeername() == peer:
+                            found.append(sock)
+                            continue
+                sock.close()
+    return found
+
+
+def test_a_handoff_that_fails_after_passing_the_backlog_leaves_it_to_the_program(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A handoff that passed the sockets over SCM_RIGHTS and then failed: the accepted connection is the
+    receiver's, and the failure path leaves its options alone (reset's SO_MARK and SO_LINGER 0 are the socket's:
+    the receiver's orderly close would have sent a RST, and its packets passed any lock)."""
+    with _echo() as (ns, port, server):
+        moved = _connect(ns, port)
+        late: list[socket.socket] = []
+
+        def handoff(socks: list[socket.socket], tuples: list[ConnTuple]) -> None:
+            send_over_unix(str(tmp_path / "r.sock"), socks, tuples)
+            raise RuntimeError("the receiver did not acknowledge")
+
+        _when_frozen(monkeypatch, lambda: late.append(_connect_frozen(ns, port)))
+        receiver = start_receiver(tmp_path / "r.sock", max_seconds=60)
+        journal = None
+        try:
+            with pytest.raises(RuntimeError, match="did not acknowledge") as caught:
+                sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=handoff)
+            journal = Path(caught.value.journal)  # type: ignore[attr-defined]
+            [client] = late
+            assert recv_exactly(client, 17) == b"sent while frozen"  # echoed by the receiver
+            [copy] = _receivers_copies(receiver.pid, client.getsockname())
+            with copy:
+                assert copy.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0
+                assert struct.unpack("ii", copy.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)) == (0, 0)
+            client.sendall(b"still served")
+            assert recv_exactly(client, 12) == b"still served"
+        finally:
+            stop(receiver)
+            for s in [*late, moved]:
+                s.close()
+            if journal is not None:
+                with _restored_echo(journal, ns):  # the moved connection, journaled again: its lock released
+                    pass
+                shutil.rmtree(journal, ignore_errors=True)
+
+
 def test_the_port_is_free_as_soon_as_the_program_has_exited(monkeypatch: pytest.MonkeyPatch) -> None:
     """The queue is accepted right after the kill and the duplicates closed: a network step that binds the port
     once the program has exited finds it free, as it did before the backlog was kept."""
     with _echo() as (ns, port, server):
         moved = _connect(ns, port)
         late: list[socket.socket] = []
-        real = take_module.checkpoint_all_taken
-
-        def connect_then_checkpoint(*args: object, **kwargs: object) -> object:
-            late.append(_connect_frozen(ns, port))
-            return real(*args, **kwargs)  # type: ignore[arg-type]
-
+        _when_frozen(monkeypatch, lambda: late.append(_connect_frozen(ns, port)))
         bound: list[socket.socket] = []
 
         def network() -> None:
@@ -144,7 +200,6 @@ def test_the_port_is_free_as_soon_as_the_program_has_exited(monkeypatch: pytest.
             successor.bind(("127.0.0.1", port))  # EADDRINUSE while a duplicate of the old listener lives
             successor.listen()
 
-        monkeypatch.setattr(take_module, "checkpoint_all_taken", connect_then_checkpoint)
         report = sockrepair.migrate(server.pid, dest_netns=ns.name, network=network, handoff=_keep_sockets)
         try:
             [client] = late
@@ -434,6 +489,29 @@ def test_a_dump_that_kills_keeps_the_backlog_for_the_restore(netns: NetNS, tmp_p
                 s.close()
 
 
+def _reset_and_reconnect_frozen(monkeypatch: pytest.MonkeyPatch, ns: NetNS, moved: socket.socket,
+                                again: list[socket.socket]) -> None:
+    """Under the freeze, before the lock: `moved` reset by its client (the program holds its end in CLOSE), and a
+    connection to the same port from the same local address, a request sent on it, appended to `again`."""
+    own, server = moved.getsockname(), moved.getpeername()
+    real = take_module._taken_if_same
+
+    def reset_and_reconnect(*args: object, **kwargs: object) -> object:
+        moved.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        moved.close()
+        with ns.entered():
+            client = socket.socket()
+        again.append(client)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        client.bind(own)
+        client.settimeout(10)
+        client.connect(server)
+        client.sendall(b"sent while frozen")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(take_module, "_taken_if_same", reset_and_reconnect)
+
+
 def test_a_backlog_connection_with_a_moved_connections_4_tuple_is_reset(netns: NetNS, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
@@ -444,23 +522,7 @@ def test_a_backlog_connection_with_a_moved_connections_4_tuple_is_reset(netns: N
     with echo_connection(netns) as (server, moved):
         port, own = moved.getpeername()[1], moved.getsockname()
         again: list[socket.socket] = []
-        real = take_module._taken_if_same
-
-        def reset_and_reconnect(*args: object, **kwargs: object) -> object:
-            moved.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            moved.close()
-            with netns.entered():
-                client = socket.socket()
-                again.append(client)
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                client.bind(own)
-                client.settimeout(10)
-                client.connect(("127.0.0.1", port))
-            client.sendall(b"sent while frozen")
-            return real(*args, **kwargs)  # type: ignore[arg-type]
-
-        # frozen, not yet locked
-        monkeypatch.setattr(take_module, "_taken_if_same", reset_and_reconnect)
+        _reset_and_reconnect_frozen(monkeypatch, netns, moved, again)
         try:
             code, out, err = run_main("dump", "--pid", str(server.pid), "-D", str(tmp_path / "img"))
             assert code == 0, err
@@ -477,4 +539,33 @@ def test_a_backlog_connection_with_a_moved_connections_4_tuple_is_reset(netns: N
                 pass
         finally:
             for s in again:
+                s.close()
+
+
+def test_in_one_namespace_a_backlog_connection_on_a_moved_4_tuple_is_reset_before_the_restore(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same within one namespace, where the accepted socket is handed off as it is: it held the 4-tuple and
+    the restore of the moved connection (in CLOSE) failed after the kill (EADDRINUSE), every connection of the
+    program left locked. It is reset before the restore now, and the others move."""
+    with _echo() as (ns, port, server):
+        moved, bystander = _connect(ns, port), _connect(ns, port)
+        again: list[socket.socket] = []
+        _reset_and_reconnect_frozen(monkeypatch, ns, moved, again)
+        report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=_keep_sockets)
+        restored = list(report.handoff_result)
+        try:
+            [client] = again
+            assert report.accepted == []
+            assert sorted(report.connections) == sorted(
+                str(ConnTuple(socket.AF_INET, "127.0.0.1", port, "127.0.0.1", c.getsockname()[1]))
+                for c in (client, bystander))
+            assert sorted(tcp_info(s)[0] for s in restored) == [TCP_ESTABLISHED, TCP_CLOSE]
+            with pytest.raises(ConnectionResetError):
+                client.recv(1)
+            [theirs] = [s for s in restored if tcp_info(s)[0] == TCP_ESTABLISHED]
+            bystander.sendall(b"still here")
+            assert recv_exactly(theirs, 10) == b"still here"
+            assert sockrepair.list_locks(ns.name) == []
+        finally:
+            for s in [*restored, *again, bystander]:
                 s.close()

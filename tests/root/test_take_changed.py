@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from sockrepair.errors import SocketStateError
 from sockrepair.lab.subjects import start_echo, stop
 from sockrepair.move.procfs import socket_inodes, tcp_sockets
 from sockrepair.netns import NetNS
-from sockrepair.state import TCP_ESTABLISHED, ConnTuple
+from sockrepair.state import TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, ConnTuple
 from tests.root.pairs import recv_exactly, tcp_info, wait_for
 from tests.root.programs import free_port
 
@@ -224,6 +225,65 @@ def test_a_connection_at_two_fds_is_refused_or_moved_once(wanted: str) -> None:
             assert (program.poll() is None) == (wanted == "every")
         finally:
             for s in clients + restored:
+                s.close()
+            program.kill()
+            program.wait()
+            if program.stdout is not None:
+                program.stdout.close()
+
+
+# accepts two connections and holds them; echoes on the second: the first, reset by its peer, stays in CLOSE
+_HOLDS_A_RESET_ONE = """
+import socket
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+print(listener.getsockname()[1], flush=True)
+first = listener.accept()[0]
+print(first.fileno(), flush=True)
+second = listener.accept()[0]
+print(second.fileno(), flush=True)
+while data := second.recv(4096):
+    second.sendall(data)
+"""
+
+
+def test_two_sockets_of_one_4_tuple_are_refused_before_the_lock() -> None:
+    """The program holds a connection its peer reset (CLOSE, the reset unread) and the one that peer made again
+    from the same port: two sockets of one 4-tuple, which cannot both be restored. migrate() found out after the
+    kill and lost every connection (a journal that no restore could complete); it is refused under the freeze,
+    before the lock, and the program goes on."""
+    with NetNS() as ns:
+        with ns.entered():
+            program = subprocess.Popen([sys.executable, "-c", _HOLDS_A_RESET_ONE], stdout=subprocess.PIPE, text=True)
+        clients: list[socket.socket] = []
+        try:
+            assert program.stdout is not None
+            port = int(program.stdout.readline())
+            with ns.entered():
+                clients.append(socket.create_connection(("127.0.0.1", port)))
+            closed = int(program.stdout.readline())
+            own = clients[0].getsockname()
+            clients[0].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            clients[0].close()
+            with ns.entered():
+                again = socket.socket()
+            clients.append(again)
+            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            again.bind(own)
+            again.connect(("127.0.0.1", port))
+            live = int(program.stdout.readline())
+            wait_for(lambda: [s.tcp_state for s in tcp_sockets(program.pid)] == [TCP_LISTEN, TCP_CLOSE,
+                                                                                 TCP_ESTABLISHED], "the reset")
+            refused = rf"process {program.pid} \(\S+\) holds fd {closed} \(CLOSE\) and fd {live} \(ESTABLISHED\)"
+            with pytest.raises(SocketStateError, match=refused) as caught:
+                sockrepair.migrate(program.pid, dest_netns=ns.name, handoff=_keep_sockets)
+            assert (caught.value.pid, caught.value.fd) == (program.pid, live)
+            assert sockrepair.list_locks(ns.name) == []
+            again.sendall(b"still here")
+            assert recv_exactly(again, 10) == b"still here"  # the program goes on, out of repair mode
+        finally:
+            for s in clients:
                 s.close()
             program.kill()
             program.wait()

@@ -81,7 +81,9 @@ def test_changed_image_names_the_index_entry(written: Path) -> None:
     ("change", "entry", "field", "message"),
     [
         ({"version": 2}, None, "version", "unsupported index version 2"),
-        ({"connections": {}}, None, "connections", "connections is not a list"),
+        ({"connections": {}}, None, "connections", "connections is missing or not a list"),
+        ({"connections": None}, None, "connections", "connections is missing or not a list"),
+        ({"connections": []}, None, "connections", "lists no connection"),
         ({"file": "../conn-0.img"}, 0, "connections[0].file", "points outside the directory"),
         ({"tuple": "nonsense"}, 1, "connections[1].tuple", "bad connection entry"),
     ],
@@ -194,6 +196,21 @@ def test_an_append_that_fails_leaves_the_index_and_no_new_image(written: Path) -
         os.close(fd)
     assert [e.file for e, _ in read_dir(written)] == ["conn-0.img", "conn-1.img"]
     assert not (written / "conn-2.img").exists()
+
+
+@pytest.mark.parametrize(("ports", "field"), [([40001], "connections[2]"), ([40002, 40002], "connections[3]")])
+def test_an_append_of_a_tuple_listed_already_is_refused_and_writes_nothing(written: Path, ports: list[int],
+                                                                           field: str) -> None:
+    # one the index lists, or one given twice: two sockets of one 4-tuple cannot be restored
+    before = {p.name: p.read_bytes() for p in written.iterdir()}
+    fd = os.open(written, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(ImageError, match="both 10.0.0.1:4000[12]->10.0.0.2:443: one image per connection") as err:
+            append_dir(written, fd, [(NO_FD, _state(port)) for port in ports])
+    finally:
+        os.close(fd)
+    assert err.value.field == field
+    assert {p.name: p.read_bytes() for p in written.iterdir()} == before
 
 
 @pytest.mark.parametrize("fd", [-2, 1 << 31])
