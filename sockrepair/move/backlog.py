@@ -33,6 +33,7 @@ from sockrepair.engine._session import session_of
 from sockrepair.errors import ProcessError, SockrepairError
 from sockrepair.lock import Locker
 from sockrepair.lock.ruleset import SOCCR_MARK
+from sockrepair.move.freeze import Freezer
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import ProcSocket
 from sockrepair.state import ConnectionState, ConnTuple
@@ -203,7 +204,7 @@ def reset_taken(backlog: Backlog, moved: Sequence[ConnTuple]) -> None:
 
 
 def carry(backlog: Backlog, moved: Sequence[ConnTuple], locks: Sequence[tuple[Locker, int | None]], ttl: float,
-          save: Callable[[list[ConnectionState], list[ConnTuple]], None],
+          save: Callable[[list[ConnectionState], list[ConnTuple]], None], guard: Freezer,
           timed: Callable[[str], contextlib.AbstractContextManager[object]] = lambda _step: contextlib.nullcontext()
           ) -> list[ConnectionState]:
     """The connections drain() accepted, for a restore elsewhere (another namespace, or a later `sockrepair restore`),
@@ -215,8 +216,11 @@ def carry(backlog: Backlog, moved: Sequence[ConnTuple], locks: Sequence[tuple[Lo
     the restore of all; nor does one whose 4-tuple is a moved connection's (reset_taken). Those that stay, one that
     cannot be checkpointed, or all of them when a step up to `save` fails, are unlocked and reset(): they end as the
     listener's close ended them before. `timed(step)` times the steps "lock", "checkpoint" and "close" (`save` times
-    its own). Never raises but for an interrupt (the caller holds signals off until this returns) or a failure of the
-    last, silent closes. A process killed before `save` returns leaves the connections to the lock's TTL."""
+    its own). `guard`: the move's Freezer, whose guard holds duplicates of the connections from before their lock
+    until they are saved (Freezer.guard_accepted): if this process is killed meanwhile, the guard resets them (a
+    peer would otherwise wait for an answer nobody gives: locked, then in nobody's hands once the lock expired).
+    Never raises but for an interrupt (the caller holds signals off until this returns) or a failure of the last,
+    silent closes."""
     reset_taken(backlog, moved)
     going = {(t.wire().family, t.wire().local_addr) for t in moved}
     carrying, staying = Backlog(), Backlog()
@@ -229,6 +233,7 @@ def carry(backlog: Backlog, moved: Sequence[ConnTuple], locks: Sequence[tuple[Lo
     if not backlog.socks:
         return []
     try:
+        guard.guard_accepted(backlog.socks)
         with timed("lock"):
             for locker, group in locks:
                 locker.lock(backlog.tuples, ttl=ttl, group=group)
@@ -247,7 +252,9 @@ def carry(backlog: Backlog, moved: Sequence[ConnTuple], locks: Sequence[tuple[Lo
             with contextlib.suppress(Exception):
                 locker.unlock(backlog.tuples)
         reset(backlog)
+        _unguard(guard)
         return []
+    _unguard(guard)  # saved: from here on a restore brings them back, not the guard's reset
     with timed("close"):
         # saved: from here on they are restored, so each is closed in repair mode whatever discard() says
         for sock, state in zip(backlog.socks, states, strict=True):
@@ -257,3 +264,8 @@ def carry(backlog: Backlog, moved: Sequence[ConnTuple], locks: Sequence[tuple[Lo
                 sock.close()
     backlog.socks = []
     return states
+
+
+def _unguard(guard: Freezer) -> None:
+    with contextlib.suppress(ProcessError):  # a guard gone holds nothing
+        guard.unguard_accepted()

@@ -163,7 +163,7 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
                         # nobody's care
                         with deferred_signals():
                             accepted = carry(cap.backlog, [s.tuple for s in cap.sockets], [(locker, group)], ttl,
-                                             saved)
+                                             saved, cap.freezer)
         if keeper is not None and after is After.KILL:
             with timings.timed(Stage.KEEP):
                 # the lock holds `ttl` seconds from before this: the keeper outlives it a little, never the reverse

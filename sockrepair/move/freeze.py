@@ -12,9 +12,11 @@ said it works on (pidfd_getfd), turns repair mode off without a window probe, re
 process go on; past it (sockrepair had begun ending the source) it SIGKILLs the process, whose states are in the
 move's journal, and leaves the lock for the restore. migrate() keeps the guard until the handoff and gives it
 duplicates of the restored sockets meanwhile (hold(), release()): if sockrepair dies holding them, the guard locks
-them again, checkpoints them into the journal and closes them silently. The guard ignores SIGINT, SIGTERM and
-SIGHUP, which a terminal sends to the whole process group. Leaving repair mode clears a socket's SO_REUSEADDR: the
-guard sets it again on the sockets sockrepair said had it when checkpointed (reuse()).
+them again, checkpoints them into the journal and closes them silently; it holds duplicates of the connections
+accepted from the process's listeners while they are locked and not yet saved (guard_accepted()), and resets them
+if sockrepair dies then (sockrepair.move.backlog.carry). The guard ignores SIGINT, SIGTERM and SIGHUP, which a
+terminal sends to the whole process group. Leaving repair mode clears a socket's SO_REUSEADDR: the guard sets it
+again on the sockets sockrepair said had it when checkpointed (reuse()).
 
 A process is never frozen when it is sockrepair itself or one of its ancestors (a shell running `sockrepair dump
 --pid $$` would stop for good)."""
@@ -271,13 +273,17 @@ def _guard(pid: int, pidfd: int, chan: socket.socket, holds: socket.socket, mask
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     stop = _Stop(pid)
-    watched: dict[str, Any] = {"fds": [], "tuples": [], "ended": False, "reuse": set()}
+    watched: dict[str, Any] = {"fds": [], "tuples": [], "ended": False, "reuse": set(), "accepted": []}
     landing = _Landing(holds)
     # resolved now, not inside the first freeze (cffi looks a libc symbol up on its first use)
     _ = lib.ptrace, lib.syscall
     status = 0
     try:
         if not _serve(pid, chan, stop, watched, landing):  # sockrepair is gone without saying goodbye
+            if watched["accepted"]:
+                from sockrepair.move.backlog import Backlog, reset
+
+                reset(Backlog(watched["accepted"]))
             landing.take_holds()  # queued in the kernel: sockrepair's death closed none of them
             if landing.socks:
                 landing.save(pid)
@@ -315,6 +321,12 @@ def _serve(pid: int, chan: socket.socket, stop: _Stop, watched: dict[str, Any], 
             watched["ended"] = True
         elif op == "land":
             landing.expect(msg["where"], watched)
+        elif op == "accepted":
+            watched["accepted"] += [socket.socket(fileno=fd) for fd in fds]
+        elif op == "accepted-done":
+            for sock in watched["accepted"]:
+                sock.close()
+            watched["accepted"] = []
         elif op == "handing":
             landing.handing = True
         elif op == "close":
@@ -615,6 +627,20 @@ class Freezer:
                     self._holds.setblocking(False)
         except (BrokenPipeError, ConnectionResetError):
             raise ProcessError(f"the guard of process {self.pid} exited", pid=self.pid) from None
+
+    def guard_accepted(self, socks: Sequence[socket.socket]) -> None:
+        """Connections accepted from the process's listeners, about to be locked and saved (backlog.carry): the
+        guard holds duplicates of them until unguard_accepted(), and if sockrepair dies meanwhile it resets them
+        (backlog.reset(): a RST marked SOCCR_MARK, which passes their lock) rather than leave their peers waiting
+        for answers nobody gives. Raises ProcessError when the guard exited."""
+        fds = [sock.fileno() for sock in socks]
+        for start in range(0, len(fds), SCM_MAX_FD):
+            self._send({"op": "accepted"}, fds[start : start + SCM_MAX_FD])
+
+    def unguard_accepted(self) -> None:
+        """The accepted connections are saved, or reset here: the guard closes its duplicates (the last close of
+        one reset here sends its RST). Raises ProcessError when the guard exited."""
+        self._send({"op": "accepted-done"})
 
     def handing(self) -> None:
         """The handoff begins: if sockrepair dies now, the guard leaves the sockets another process holds to it."""

@@ -298,7 +298,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             # no Ctrl-C between their lock and their journal: what it interrupted would be locked, in nobody's care
             with deferred_signals():
                 carried = carry(cap.backlog, tuples, [(source_locker, source_group), (dest_locker, dest_group)], ttl,
-                                journaled, lambda step: timings.timed(_CARRY_STAGES[step]))
+                                journaled, freezer, lambda step: timings.timed(_CARRY_STAGES[step]))
             if carried:  # restored, delivered, unlocked and handed off with the moved ones from here on
                 accepted = cap.backlog.tuples
                 states, tuples = [*states, *carried], [*tuples, *accepted]

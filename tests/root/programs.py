@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -37,3 +38,28 @@ def echo_connection(ns: NetNS, listen: str = "127.0.0.1", connect: str | None = 
             yield server, client
     finally:
         stop(server)
+
+
+# the start of an inline_program() that listens: it prints its port, then the rest of the script accepts
+LISTENS = """
+import socket
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+print(listener.getsockname()[1], flush=True)
+"""
+
+
+@contextmanager
+def inline_program(ns: NetNS, script: str) -> Iterator[subprocess.Popen[str]]:
+    """Python `script` run in `ns`, its stdout a text pipe (the script prints what the test reads: its port...);
+    killed and reaped on the way out."""
+    with ns.entered():
+        program = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        yield program
+    finally:
+        program.kill()
+        program.wait()
+        if program.stdout is not None:
+            program.stdout.close()

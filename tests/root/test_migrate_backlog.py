@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -32,7 +33,7 @@ from sockrepair.netns import NetNS
 from sockrepair.state import TCP_CLOSE, TCP_ESTABLISHED, ConnTuple
 from tests.clihelp import run_main
 from tests.root.pairs import recv_exactly, tcp_info
-from tests.root.programs import echo_connection
+from tests.root.programs import LISTENS, echo_connection, inline_program
 from tests.root.test_take_changed import _connect, _echo, _keep_sockets
 
 
@@ -568,4 +569,46 @@ def test_in_one_namespace_a_backlog_connection_on_a_moved_4_tuple_is_reset_befor
             assert sockrepair.list_locks(ns.name) == []
         finally:
             for s in [*restored, *again, bystander]:
+                s.close()
+
+
+# accepts one connection and echoes on it; a second one waits in the accept queue for good
+_ACCEPTS_ONE = LISTENS + """
+conn = listener.accept()[0]
+while data := conn.recv(4096):
+    conn.sendall(data)
+"""
+
+# migrate() into namespace argv[2], SIGKILLed inside the carry of the backlog: locked, not yet saved
+_KILLED_IN_THE_CARRY = """
+import os, signal, sys
+import sockrepair
+import sockrepair.move.backlog as backlog
+backlog.checkpoint_accepted = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+sockrepair.migrate(int(sys.argv[1]), dest_netns=sys.argv[2], journal=sys.argv[3], handoff=lambda socks, tuples: socks)
+"""
+
+
+def test_a_mover_killed_inside_the_carry_leaves_the_guard_to_reset_the_backlog(tmp_path: Path) -> None:
+    """SIGKILLed between the lock of the accepted connections and their journal: their sockets die with the mover,
+    and what the kernel sent for them (a RST for the unread request) was dropped by their lock, so a peer waited
+    for an answer nobody would give, told nothing even once the lock expired. The move's guard holds them until
+    they are saved, and resets them past the lock (SOCCR_MARK)."""
+    with NetNS() as source, NetNS() as dest, inline_program(source, _ACCEPTS_ONE) as program:
+        clients: list[socket.socket] = []
+        try:
+            assert program.stdout is not None
+            port = int(program.stdout.readline())
+            moved = _connect(source, port)
+            clients.append(moved)
+            waiting = _connect_frozen(source, port)  # never accepted by the program
+            clients.append(waiting)
+            mover = subprocess.run([sys.executable, "-c", _KILLED_IN_THE_CARRY, str(program.pid), dest.name,
+                                    str(tmp_path / "journal")], capture_output=True, text=True, timeout=60)
+            assert mover.returncode == -signal.SIGKILL, mover.stderr
+            assert program.wait(10) == -signal.SIGKILL
+            with pytest.raises(ConnectionResetError):
+                waiting.recv(1)
+        finally:
+            for s in clients:
                 s.close()

@@ -23,7 +23,7 @@ from sockrepair.move.procfs import socket_inodes, tcp_sockets
 from sockrepair.netns import NetNS
 from sockrepair.state import TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, ConnTuple
 from tests.root.pairs import recv_exactly, tcp_info, wait_for
-from tests.root.programs import free_port
+from tests.root.programs import LISTENS, free_port, inline_program
 
 
 def _keep_sockets(socks: list[socket.socket], _tuples: object) -> list[socket.socket]:
@@ -233,12 +233,7 @@ def test_a_connection_at_two_fds_is_refused_or_moved_once(wanted: str) -> None:
 
 
 # accepts two connections and holds them; echoes on the second: the first, reset by its peer, stays in CLOSE
-_HOLDS_A_RESET_ONE = """
-import socket
-listener = socket.socket()
-listener.bind(("127.0.0.1", 0))
-listener.listen()
-print(listener.getsockname()[1], flush=True)
+_HOLDS_A_RESET_ONE = LISTENS + """
 first = listener.accept()[0]
 print(first.fileno(), flush=True)
 second = listener.accept()[0]
@@ -253,9 +248,7 @@ def test_two_sockets_of_one_4_tuple_are_refused_before_the_lock() -> None:
     from the same port: two sockets of one 4-tuple, which cannot both be restored. migrate() found out after the
     kill and lost every connection (a journal that no restore could complete); it is refused under the freeze,
     before the lock, and the program goes on."""
-    with NetNS() as ns:
-        with ns.entered():
-            program = subprocess.Popen([sys.executable, "-c", _HOLDS_A_RESET_ONE], stdout=subprocess.PIPE, text=True)
+    with NetNS() as ns, inline_program(ns, _HOLDS_A_RESET_ONE) as program:
         clients: list[socket.socket] = []
         try:
             assert program.stdout is not None
@@ -285,10 +278,6 @@ def test_two_sockets_of_one_4_tuple_are_refused_before_the_lock() -> None:
         finally:
             for s in clients:
                 s.close()
-            program.kill()
-            program.wait()
-            if program.stdout is not None:
-                program.stdout.close()
 
 
 @pytest.mark.parametrize("change", ["fd-closed", "fd-number-reused"])
