@@ -25,6 +25,7 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sockrepair.engine import checkpoint, discard, resume
 from sockrepair.engine._addr import read_tuple
@@ -204,7 +205,7 @@ def reset_taken(backlog: Backlog, moved: Sequence[ConnTuple]) -> None:
 
 
 def carry(backlog: Backlog, moved: Sequence[ConnTuple], locks: Sequence[tuple[Locker, int | None]], ttl: float,
-          save: Callable[[list[ConnectionState], list[ConnTuple]], None], guard: Freezer,
+          save: Callable[[list[ConnectionState], list[ConnTuple]], None], guard: Freezer, index: Path,
           timed: Callable[[str], contextlib.AbstractContextManager[object]] = lambda _step: contextlib.nullcontext()
           ) -> list[ConnectionState]:
     """The connections drain() accepted, for a restore elsewhere (another namespace, or a later `sockrepair restore`),
@@ -217,8 +218,9 @@ def carry(backlog: Backlog, moved: Sequence[ConnTuple], locks: Sequence[tuple[Lo
     cannot be checkpointed, or all of them when a step up to `save` fails, are unlocked and reset(): they end as the
     listener's close ended them before. `timed(step)` times the steps "lock", "checkpoint" and "close" (`save` times
     its own). `guard`: the move's Freezer, whose guard holds duplicates of the connections from before their lock
-    until they are saved (Freezer.guard_accepted): if this process is killed meanwhile, the guard resets them (a
-    peer would otherwise wait for an answer nobody gives: locked, then in nobody's hands once the lock expired).
+    until they are saved (Freezer.guard_accepted): if this process is killed meanwhile, the guard resets those that
+    `index` (the file `save` writes last: journal.json, index.json) does not list yet (a peer would otherwise wait
+    for an answer nobody gives: locked, then in nobody's hands once the lock expired).
     Never raises but for an interrupt (the caller holds signals off until this returns) or a failure of the last,
     silent closes."""
     reset_taken(backlog, moved)
@@ -233,7 +235,7 @@ def carry(backlog: Backlog, moved: Sequence[ConnTuple], locks: Sequence[tuple[Lo
     if not backlog.socks:
         return []
     try:
-        guard.guard_accepted(backlog.socks)
+        guard.guard_accepted(backlog.socks, backlog.tuples, index)
         with timed("lock"):
             for locker, group in locks:
                 locker.lock(backlog.tuples, ttl=ttl, group=group)
@@ -254,7 +256,7 @@ def carry(backlog: Backlog, moved: Sequence[ConnTuple], locks: Sequence[tuple[Lo
         reset(backlog)
         _unguard(guard)
         return []
-    _unguard(guard)  # saved: from here on a restore brings them back, not the guard's reset
+    _unguard(guard)  # saved: a restore brings them back (the guard, killed before this, reset none of them)
     with timed("close"):
         # saved: from here on they are restored, so each is closed in repair mode whatever discard() says
         for sock, state in zip(backlog.socks, states, strict=True):

@@ -14,9 +14,9 @@ move's journal, and leaves the lock for the restore. migrate() keeps the guard u
 duplicates of the restored sockets meanwhile (hold(), release()): if sockrepair dies holding them, the guard locks
 them again, checkpoints them into the journal and closes them silently; it holds duplicates of the connections
 accepted from the process's listeners while they are locked and not yet saved (guard_accepted()), and resets them
-if sockrepair dies then (sockrepair.move.backlog.carry). The guard ignores SIGINT, SIGTERM and SIGHUP, which a
-terminal sends to the whole process group. Leaving repair mode clears a socket's SO_REUSEADDR: the guard sets it
-again on the sockets sockrepair said had it when checkpointed (reuse()).
+if sockrepair dies then (sockrepair.move.backlog.carry). The guard ignores SIGINT, SIGTERM, SIGHUP and SIGQUIT,
+which a terminal sends to the whole process group (Ctrl-C, Ctrl-\\). Leaving repair mode clears a socket's
+SO_REUSEADDR: the guard sets it again on the sockets sockrepair said had it when checkpointed (reuse()).
 
 A process is never frozen when it is sockrepair itself or one of its ancestors (a shell running `sockrepair dump
 --pid $$` would stop for good)."""
@@ -262,7 +262,7 @@ _HOLD_BUFFER = 8 << 20
 _SO_SNDBUFFORCE = 32  # asm-generic/socket.h
 
 
-_GUARD_IGNORES = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_GUARD_IGNORES = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 def _guard(pid: int, pidfd: int, chan: socket.socket, holds: socket.socket, mask: set[int | signal.Signals]) -> None:
@@ -273,7 +273,8 @@ def _guard(pid: int, pidfd: int, chan: socket.socket, holds: socket.socket, mask
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     stop = _Stop(pid)
-    watched: dict[str, Any] = {"fds": [], "tuples": [], "ended": False, "reuse": set(), "accepted": []}
+    watched: dict[str, Any] = {"fds": [], "tuples": [], "ended": False, "reuse": set(), "accepted": [],
+                               "accepted_index": ""}
     landing = _Landing(holds)
     # resolved now, not inside the first freeze (cffi looks a libc symbol up on its first use)
     _ = lib.ptrace, lib.syscall
@@ -281,9 +282,7 @@ def _guard(pid: int, pidfd: int, chan: socket.socket, holds: socket.socket, mask
     try:
         if not _serve(pid, chan, stop, watched, landing):  # sockrepair is gone without saying goodbye
             if watched["accepted"]:
-                from sockrepair.move.backlog import Backlog, reset
-
-                reset(Backlog(watched["accepted"]))
+                _end_accepted(watched["accepted"], watched["accepted_index"])
             landing.take_holds()  # queued in the kernel: sockrepair's death closed none of them
             if landing.socks:
                 landing.save(pid)
@@ -295,6 +294,21 @@ def _guard(pid: int, pidfd: int, chan: socket.socket, holds: socket.socket, mask
         with contextlib.suppress(BaseException):
             stop.end()
         os._exit(status)
+
+
+def _end_accepted(held: list[tuple[socket.socket, str]], index: str) -> None:
+    """sockrepair died carrying the connections accepted from the process's listeners: those the index lists
+    are saved (in repair mode: closed silently, for their restore); the others are reset, past their lock."""
+    from sockrepair.move.backlog import Backlog, reset
+
+    try:
+        listed = {c["tuple"] for c in json.loads(Path(index).read_bytes())["connections"]}
+    except (OSError, ValueError, KeyError, TypeError):  # not written yet
+        listed = set()
+    for sock, conn in held:
+        if conn in listed:
+            sock.close()
+    reset(Backlog([sock for sock, conn in held if conn not in listed]))
 
 
 def _serve(pid: int, chan: socket.socket, stop: _Stop, watched: dict[str, Any], landing: _Landing) -> bool:
@@ -322,9 +336,10 @@ def _serve(pid: int, chan: socket.socket, stop: _Stop, watched: dict[str, Any], 
         elif op == "land":
             landing.expect(msg["where"], watched)
         elif op == "accepted":
-            watched["accepted"] += [socket.socket(fileno=fd) for fd in fds]
+            watched["accepted"] += zip([socket.socket(fileno=fd) for fd in fds], msg["tuples"], strict=True)
+            watched["accepted_index"] = msg["index"]
         elif op == "accepted-done":
-            for sock in watched["accepted"]:
+            for sock, _ in watched["accepted"]:
                 sock.close()
             watched["accepted"] = []
         elif op == "handing":
@@ -628,14 +643,18 @@ class Freezer:
         except (BrokenPipeError, ConnectionResetError):
             raise ProcessError(f"the guard of process {self.pid} exited", pid=self.pid) from None
 
-    def guard_accepted(self, socks: Sequence[socket.socket]) -> None:
-        """Connections accepted from the process's listeners, about to be locked and saved (backlog.carry): the
-        guard holds duplicates of them until unguard_accepted(), and if sockrepair dies meanwhile it resets them
-        (backlog.reset(): a RST marked SOCCR_MARK, which passes their lock) rather than leave their peers waiting
-        for answers nobody gives. Raises ProcessError when the guard exited."""
+    def guard_accepted(self, socks: Sequence[socket.socket], tuples: Sequence[object], index: Path) -> None:
+        """Connections accepted from the process's listeners (`socks`, connections `tuples`), about to be locked
+        and saved into the directory whose `index` file lists what it holds (backlog.carry): the guard holds
+        duplicates of them until unguard_accepted(), and if sockrepair dies meanwhile it resets those `index` does
+        not list (backlog.reset(): a RST marked SOCCR_MARK, which passes their lock) rather than leave their peers
+        waiting for answers nobody gives; those it lists are closed silently (in repair mode), for their restore.
+        Raises ProcessError when the guard exited."""
         fds = [sock.fileno() for sock in socks]
+        names = [str(t) for t in tuples]
         for start in range(0, len(fds), SCM_MAX_FD):
-            self._send({"op": "accepted"}, fds[start : start + SCM_MAX_FD])
+            self._send({"op": "accepted", "tuples": names[start : start + SCM_MAX_FD], "index": str(index)},
+                       fds[start : start + SCM_MAX_FD])
 
     def unguard_accepted(self) -> None:
         """The accepted connections are saved, or reset here: the guard closes its duplicates (the last close of

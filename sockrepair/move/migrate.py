@@ -28,6 +28,7 @@ from sockrepair.move.backlog import Backlog, carry, reset, reset_taken
 from sockrepair.move.freeze import Freezer, held_elsewhere
 from sockrepair.move.journal import (
     ENDED,
+    JOURNAL_INDEX,
     append_journal,
     discard_journal,
     given_directory,
@@ -298,7 +299,8 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             # no Ctrl-C between their lock and their journal: what it interrupted would be locked, in nobody's care
             with deferred_signals():
                 carried = carry(cap.backlog, tuples, [(source_locker, source_group), (dest_locker, dest_group)], ttl,
-                                journaled, freezer, lambda step: timings.timed(_CARRY_STAGES[step]))
+                                journaled, freezer, directory / JOURNAL_INDEX,
+                                lambda step: timings.timed(_CARRY_STAGES[step]))
             if carried:  # restored, delivered, unlocked and handed off with the moved ones from here on
                 accepted = cap.backlog.tuples
                 states, tuples = [*states, *carried], [*tuples, *accepted]

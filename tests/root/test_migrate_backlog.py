@@ -579,21 +579,25 @@ while data := conn.recv(4096):
     conn.sendall(data)
 """
 
-# migrate() into namespace argv[2], SIGKILLed inside the carry of the backlog: locked, not yet saved
+# migrate() into namespace argv[2], SIGKILLed inside the carry of the backlog at argv[4] (a function of
+# sockrepair.move.backlog): checkpoint_accepted, after their lock; _unguard, once they are journaled
 _KILLED_IN_THE_CARRY = """
 import os, signal, sys
 import sockrepair
 import sockrepair.move.backlog as backlog
-backlog.checkpoint_accepted = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+setattr(backlog, sys.argv[4], lambda *args: os.kill(os.getpid(), signal.SIGKILL))
 sockrepair.migrate(int(sys.argv[1]), dest_netns=sys.argv[2], journal=sys.argv[3], handoff=lambda socks, tuples: socks)
 """
 
 
-def test_a_mover_killed_inside_the_carry_leaves_the_guard_to_reset_the_backlog(tmp_path: Path) -> None:
+@pytest.mark.parametrize("killed_at", ["checkpoint_accepted", "_unguard"])
+def test_a_mover_killed_inside_the_carry_leaves_the_guard_to_reset_the_backlog(tmp_path: Path,
+                                                                               killed_at: str) -> None:
     """SIGKILLed between the lock of the accepted connections and their journal: their sockets die with the mover,
     and what the kernel sent for them (a RST for the unread request) was dropped by their lock, so a peer waited
     for an answer nobody would give, told nothing even once the lock expired. The move's guard holds them until
-    they are saved, and resets them past the lock (SOCCR_MARK)."""
+    they are saved, and resets them past the lock (SOCCR_MARK); once the journal lists them, it does not (a
+    restore of the journal brings them back: a peer both reset and answered could run its request twice)."""
     with NetNS() as source, NetNS() as dest, inline_program(source, _ACCEPTS_ONE) as program:
         clients: list[socket.socket] = []
         try:
@@ -604,11 +608,23 @@ def test_a_mover_killed_inside_the_carry_leaves_the_guard_to_reset_the_backlog(t
             waiting = _connect_frozen(source, port)  # never accepted by the program
             clients.append(waiting)
             mover = subprocess.run([sys.executable, "-c", _KILLED_IN_THE_CARRY, str(program.pid), dest.name,
-                                    str(tmp_path / "journal")], capture_output=True, text=True, timeout=60)
+                                    str(tmp_path / "journal"), killed_at], capture_output=True, text=True,
+                                   timeout=60)
             assert mover.returncode == -signal.SIGKILL, mover.stderr
             assert program.wait(10) == -signal.SIGKILL
-            with pytest.raises(ConnectionResetError):
-                waiting.recv(1)
+            journaled = [c["tuple"] for c in json.loads((tmp_path / "journal" / "journal.json").read_text())[
+                "connections"]]
+            mine = str(ConnTuple(socket.AF_INET, "127.0.0.1", port, "127.0.0.1", waiting.getsockname()[1]))
+            if killed_at == "checkpoint_accepted":
+                assert mine not in journaled
+                with pytest.raises(ConnectionResetError):
+                    waiting.recv(1)
+            else:
+                assert mine in journaled
+                waiting.settimeout(1)  # the guard, done within milliseconds, sent nothing
+                with pytest.raises(TimeoutError):
+                    waiting.recv(1)
+                assert tcp_info(waiting)[0] == TCP_ESTABLISHED
         finally:
             for s in clients:
                 s.close()
