@@ -419,11 +419,7 @@ class _Landing:
         from sockrepair.state import ConnTuple
 
         if self.handing:
-            elsewhere = held_elsewhere([os.fstat(sock.fileno()).st_ino for sock in self.socks])
-            mine = [i for i, sock in enumerate(self.socks) if os.fstat(sock.fileno()).st_ino not in elsewhere]
-            for i, sock in enumerate(self.socks):
-                if i not in mine:
-                    sock.close()
+            mine = close_passed(self.socks)
             self.socks = [self.socks[i] for i in mine]
             self.tuples = [self.tuples[i] for i in mine]
             self.source_fds = [self.source_fds[i] for i in mine]
@@ -451,6 +447,18 @@ class _Landing:
 
 
 HANDOFF_GRACE = 0.5  # seconds for sockets in flight over SCM_RIGHTS to reach the program they were sent to
+
+
+def close_passed(socks: Sequence[socket.socket]) -> list[int]:
+    """After a handoff that may have passed some of `socks` before it failed: close this process's copies of those
+    another process holds (held_elsewhere: the program's now, left as they are) and return the indices of the
+    others, still this process's to end."""
+    inodes = [os.fstat(sock.fileno()).st_ino for sock in socks]
+    elsewhere = held_elsewhere(inodes)
+    for sock, inode in zip(socks, inodes, strict=True):
+        if inode in elsewhere:
+            sock.close()
+    return [i for i, inode in enumerate(inodes) if inode not in elsewhere]
 
 
 def held_elsewhere(inodes: Sequence[int], exclude: Collection[int] = ()) -> set[int]:

@@ -25,7 +25,7 @@ from sockrepair.image.directory import NO_FD
 from sockrepair.lock import Locker
 from sockrepair.move.ask import ask_peers
 from sockrepair.move.backlog import Backlog, carry, reset, reset_taken
-from sockrepair.move.freeze import Freezer, held_elsewhere
+from sockrepair.move.freeze import Freezer, close_passed
 from sockrepair.move.journal import (
     ENDED,
     JOURNAL_INDEX,
@@ -111,12 +111,7 @@ def _end_backlog(backlog: Backlog, handing: bool) -> None:
     SO_LINGER 0 on the socket, its copies included, and the program's orderly close would send a RST, let through
     any later lock."""
     if handing and backlog.socks:
-        inodes = [os.fstat(sock.fileno()).st_ino for sock in backlog.socks]
-        elsewhere = held_elsewhere(inodes)
-        passed = [sock for sock, inode in zip(backlog.socks, inodes, strict=True) if inode in elsewhere]
-        backlog.socks = [sock for sock, inode in zip(backlog.socks, inodes, strict=True) if inode not in elsewhere]
-        for sock in passed:
-            sock.close()
+        backlog.socks = [backlog.socks[i] for i in close_passed(backlog.socks)]
     reset(backlog)
 
 
