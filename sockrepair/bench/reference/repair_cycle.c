@@ -36,6 +36,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -767,30 +768,49 @@ static int ack_now(int fd)
 }
 
 /* The send queue is wanted full of bytes the peer never took: first fill the peer's (small) receive buffer until
- * its window closes, then write q more. What is queued is measured again at checkpoint, not assumed. */
+ * its window is closed and every byte sent is acknowledged, then write q more. No write is larger than what the
+ * window still takes: a remainder smaller than the segment waiting for it would stay unsent until the zero-window
+ * probe timer sends it an RTO later, maybe in the middle of a cycle (bench_engine.py _fill_send_queue measured it).
+ * What is queued is measured again at checkpoint, not assumed. */
 static int fill_send_queue(int fd, int peer, uint64_t stream, uint32_t q, uint64_t *written)
 {
-	const uint32_t step = 1024;
 	uint32_t outq = 0, unsent = 0;
 	uint64_t off = 0;
+	int64_t deadline = now_ns() + (int64_t)IO_TIMEOUT_MS * 1000000;
 
 	if (q == 0)
 		return 0;
 	if (set_int(fd, IPPROTO_TCP, TCP_NODELAY, 1, "TCP_NODELAY") < 0)
 		return -1;
-	while (unsent == 0) {
-		if (off > (64u << 20))
-			return errno = 0, fail("the peer's window never closed");
-		if (write_stream(fd, stream, off, step) < 0 || ack_now(peer) < 0 || queue_sizes(fd, &outq, &unsent) < 0)
+	for (;;) {
+		struct tcp_info ti;
+		socklen_t len = sizeof(ti);
+
+		if (ack_now(peer) < 0 || queue_sizes(fd, &outq, &unsent) < 0)
 			return -1;
-		off += step;
+		if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0)
+			return fail("getsockopt(TCP_INFO)");
+		if (len < offsetof(struct tcp_info, tcpi_snd_wnd) + sizeof(ti.tcpi_snd_wnd))
+			return errno = 0, fail("this kernel's TCP_INFO has no tcpi_snd_wnd (Linux 5.4+)");
+		int64_t room = (int64_t)ti.tcpi_snd_wnd - outq;
+		if (unsent == 0 && room > 0) {
+			uint32_t step = room < (1 << 16) ? (uint32_t)room : (1u << 16);
+			if (off > (64u << 20))
+				return errno = 0, fail("the peer's window never closed");
+			if (write_stream(fd, stream, off, step) < 0)
+				return -1;
+			off += step;
+		} else if (unsent == 0 && outq == 0) {
+			break;
+		} else if (now_ns() > deadline) {
+			return errno = 0, fail("the peer left %u bytes unacknowledged", outq - unsent);
+		} else {
+			usleep(50);
+		}
 	}
-	if (outq < q) {
-		if (write_stream(fd, stream, off, q - outq) < 0 || ack_now(peer) < 0)
-			return -1;
-		off += q - outq;
-	}
-	*written = off;
+	if (write_stream(fd, stream, off, q) < 0)
+		return -1;
+	*written = off + q;
 	return 0;
 }
 
