@@ -35,7 +35,7 @@ from sockrepair.errors import ProcessError, SockrepairError
 from sockrepair.lock import Locker
 from sockrepair.lock.ruleset import SOCCR_MARK
 from sockrepair.move.freeze import Freezer
-from sockrepair.move.pidfd import PidFd
+from sockrepair.move.pidfd import PidFd, shared_socket
 from sockrepair.move.procfs import ProcSocket
 from sockrepair.state import ConnectionState, ConnTuple
 
@@ -63,9 +63,8 @@ def take_listeners(pidfd: PidFd, listeners: Sequence[ProcSocket]) -> list[socket
         if fd is None:
             continue
         try:
-            # SOCK_NONBLOCK: the object then sets no flag on the listener's open file (socket.setdefaulttimeout()
-            # would make its constructor set O_NONBLOCK there, for every holder); drain() sets it, for a moment
-            taken.append(socket.socket(s.tuple.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0, fd))
+            # drain() sets O_NONBLOCK on the listener's open file, for a moment
+            taken.append(shared_socket(fd))
         except OSError:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -39,7 +39,7 @@ from typing import Any
 
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.errors import ProcessError, refused_advice
-from sockrepair.move.pidfd import PidFd
+from sockrepair.move.pidfd import PidFd, shared_socket
 from sockrepair.move.procfs import cgroup, fd_holders, stat, thread_stats
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -336,7 +336,7 @@ def _serve(pid: int, chan: socket.socket, stop: _Stop, watched: dict[str, Any], 
         elif op == "land":
             landing.expect(msg["where"], watched)
         elif op == "accepted":
-            watched["accepted"] += zip([socket.socket(fileno=fd) for fd in fds], msg["tuples"], strict=True)
+            watched["accepted"] += zip([shared_socket(fd) for fd in fds], msg["tuples"], strict=True)
             watched["accepted_index"] = msg["index"]
         elif op == "accepted-done":
             for sock, _ in watched["accepted"]:
@@ -397,7 +397,7 @@ class _Landing:
                 return
             if not fds:  # sockrepair's end is closed and nothing is queued
                 return
-            self.socks += [socket.socket(fileno=fd) for fd in fds]
+            self.socks += [shared_socket(fd) for fd in fds]
 
     def release(self) -> None:
         """Close the sockets taken, and the holds channel with those still queued (the kernel drops them at once:

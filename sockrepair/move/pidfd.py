@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 from collections.abc import Sequence
 
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.errors import ProcessError, refused_advice
+
+
+def shared_socket(fd: int) -> socket.socket:
+    """A socket object of `fd` that changes nothing on its open file, which another process shares (a program's
+    socket, or a restored one handed to a program): socket.socket(fileno=fd) sets O_NONBLOCK there when this
+    process called socket.setdefaulttimeout() (a guard inherits it over its fork), and a program's blocking recv()
+    then fails with EAGAIN. SOCK_NONBLOCK in the type keeps the constructor off the flags; the object's own timeout
+    is 0. Family and protocol are read from the fd. Raises OSError when `fd` is not a socket."""
+    return socket.socket(type=socket.SOCK_STREAM | socket.SOCK_NONBLOCK, fileno=fd)
 
 
 class PidFd:

@@ -36,6 +36,7 @@ import socket
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from sockrepair.move.pidfd import shared_socket
 from sockrepair.sigmask import deferred_signals
 from sockrepair.state import ConnTuple
 
@@ -153,7 +154,7 @@ class _Guard:
             while True:
                 data, fds, _, _ = socket.recv_fds(chan, 64, 1)
                 if data == _HOLD:
-                    self.socks += [socket.socket(fileno=fd) for fd in fds]
+                    self.socks += [shared_socket(fd) for fd in fds]
                 elif data == _HANDING:
                     self.handing = True
                 elif data == _CLOSE:

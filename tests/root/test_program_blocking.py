@@ -1,7 +1,8 @@
 """A program's own sockets, which sockrepair reaches through pidfd_getfd copies (one open file description), stay
 as the program made them whatever socket.setdefaulttimeout() sockrepair's caller set: marked and unmarked by
 sockrepair.move.land.passing_lock (a dump that leaves its process running), taken out of repair mode by the guard
-of a move whose sockrepair died (sockrepair.move.freeze._recover)."""
+of a move whose sockrepair died (sockrepair.move.freeze._recover), held by a guard (sockrepair.move.pidfd
+shared_socket)."""
 
 from __future__ import annotations
 
@@ -75,3 +76,55 @@ def test_the_guard_resuming_a_program_leaves_its_socket_blocking(netns: NetNS, d
         os.close(pidfd)
         for s in (program, peer, listener):
             s.close()
+
+
+def _connected() -> tuple[socket.socket, socket.socket, socket.socket]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    program = socket.create_connection(listener.getsockname())
+    program.settimeout(None)  # a program's blocking socket
+    peer, _ = listener.accept()
+    return listener, program, peer
+
+
+def test_the_guard_holding_a_handed_socket_leaves_it_blocking(netns: NetNS, default_timeout: None) -> None:
+    """A move's guard holds a duplicate of each restored socket until the handoff is over (sockrepair.move.freeze
+    _Landing.take_holds), while the program it was handed to uses it: the guard's copy must not make that program's
+    socket non-blocking under the default timeout the guard inherited over its fork (test fails without
+    sockrepair.move.pidfd.shared_socket)."""
+    from sockrepair.move.freeze import _HOLD, _Landing
+
+    listener, program, peer = _connected()
+    ours, guards = socket.socketpair()
+    try:
+        socket.send_fds(ours, [_HOLD], [program.fileno()])
+        landing = _Landing(guards)
+        landing.take_holds()
+        assert [s.getpeername() for s in landing.socks] == [program.getpeername()]
+        assert landing.socks[0].family == socket.AF_INET
+        assert os.get_blocking(program.fileno())
+        for s in landing.socks:
+            s.close()
+        program.sendall(b"still blocking")
+        assert peer.recv(64) == b"still blocking"
+    finally:
+        for s in (ours, guards, program, peer, listener):
+            s.close()
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_a_shared_socket_object_keeps_the_files_flags_and_its_family(netns: NetNS, default_timeout: None,
+                                                                    family: int) -> None:
+    """What the guards and the listen backlog make of another process's socket (sockrepair.move.pidfd.shared_socket)."""
+    from sockrepair.move.pidfd import shared_socket
+
+    listener = socket.create_server(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0), family=family)
+    listener.settimeout(None)
+    copy = os.dup(listener.fileno())
+    try:
+        shared = shared_socket(copy)
+        assert (shared.family, shared.type, shared.getsockname()) == (family, socket.SOCK_STREAM,
+                                                                     listener.getsockname())
+        assert os.get_blocking(listener.fileno())
+        shared.close()
+    finally:
+        listener.close()
