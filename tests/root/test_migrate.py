@@ -30,6 +30,8 @@ def test_migrate_to_a_new_program_under_traffic():
 
             report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=handoff)
             new_server = report.handoff_result
+            # the program's exit is waited for after the handoff, but before migrate() returns
+            exited = server.poll()
             time.sleep(0.5)
             result = client.stop(sweep_timeout=10)
         finally:
@@ -39,6 +41,7 @@ def test_migrate_to_a_new_program_under_traffic():
                 new_server.kill()
                 new_server.wait()
         assert result["errors"] == [] and result["swept"], result["errors"]
+        assert exited == -9
         assert len(report.connections) == 3
         # one untimed round per connection at setup; every other round, the final check of each included, is timed
         assert result["rounds"] > 20 and result["bytes_verified"] == (result["rounds"] + 3) * 2048
