@@ -77,7 +77,8 @@ class MigrationReport:
     states were made durable in before the source was ended (removed once the move completed, when migrate()
     created it). `kept`: the peers' packets kept by the lock and delivered to the restored sockets, and those left to
     the peers' retransmission (sockrepair.move.keep.Kept). `handoff_result`: what `handoff` returned (not in
-    to_dict()). `accepted`: the connections that waited in the program's listeners' accept queues when it was ended
+    to_dict()). `sockets`: without a `handoff`, the restored connections, live, in the order of `connections`: this
+    process holds them now (closing one closes that connection; not in to_dict()). `accepted`: the connections that waited in the program's listeners' accept queues when it was ended
     (connected while it was frozen, say), accepted and handed off after the moved ones (sockrepair.move.backlog);
     into another namespace, those carried there (one that could not be checkpointed is reset, as before)."""
 
@@ -94,9 +95,10 @@ class MigrationReport:
     busy: list[str] = field(default_factory=list)
     journal: str | None = None
     accepted: list[str] = field(default_factory=list)
+    sockets: list[socket.socket] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON view: every field but handoff_result, milliseconds rounded to 3 decimals."""
+        """The JSON view: every field but handoff_result and sockets, milliseconds rounded to 3 decimals."""
         return {"pid": self.pid, "connections": self.connections, "freeze_method": self.freeze_method,
                 "quiescent": self.quiescent, "freeze_attempts": self.freeze_attempts, "busy": self.busy,
                 "phases_ms": {k: round(v, 3) for k, v in self.phases_ms.items()},
@@ -183,7 +185,9 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     (when it moves every connection, followed by those that waited in its listeners' accept queues when it was
     ended: `accepted`, sockrepair.move.backlog; into another namespace they are restored there with the others).
     `handoff` runs as soon as the connections are live, while the ended process may still be exiting: its listeners,
-    and so their ports, are gone with its exit, which migrate() waits for before it returns.
+    and so their ports, are gone with its exit, which migrate() waits for before it returns. Without a `handoff`
+    the restored sockets are the report's `sockets`, this process's to keep (what waited in the program's accept
+    queues is then reset with its listeners, as its exit would).
     The connections are locked in the source namespace and in the destination one, for at most `ttl` seconds, from
     before the first checkpoint until they are live again. With `keep`, what the peers send meanwhile is kept by
     the lock and delivered to the restored sockets before the unlock, so that no peer waits for its retransmission
@@ -232,6 +236,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     created = journal is None
     ended = False
     socks: list[socket.socket] = []
+    taken: list[socket.socket] = []  # the restored sockets the caller gets when there is no handoff
     live = False  # the restored sockets were unlocked
     handing = False  # the handoff began: it may have passed some sockets before it failed
     freezer: Freezer | None = None
@@ -336,14 +341,14 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
                 socks, cap.backlog.socks = [], []  # the caller's program holds them now
                 # marked before the guard lets go: killed in between, the guard finds them handed off
                 mark_completed(directory, created)
-        if socks:  # no handoff: the move ends here
-            socks = []
-            mark_completed(directory, created)
         # Nothing above needed the killed program gone (end_source() freed every moved tuple, or waited), and its
         # exit, closing its files and freeing its memory, took 1-3 ms after a move of one connection, whose restore
         # waited for it: waited for here, while its clients are served already, and before the guard, which
         # collects the killed threads under ptrace, lets go.
         wait_exited(cap)
+        if socks:  # no handoff: the move ends here, the sockets go to the caller
+            taken, socks = socks, []
+            mark_completed(directory, created)
         freezer.release()
     except BaseException as exc:
         if not ended:
@@ -381,4 +386,4 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             keeper.close()
     return MigrationReport(pid, [str(t) for t in tuples[: len(cap.sockets)]], cap.freeze_method, timings.ms, downtime,
                            sum(map(len, images)), kept, result, cap.freeze.quiescent, cap.freeze.attempts,
-                           [str(b) for b in cap.freeze.busy], str(directory), [str(t) for t in accepted])
+                           [str(b) for b in cap.freeze.busy], str(directory), [str(t) for t in accepted], taken)

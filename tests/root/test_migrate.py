@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 
@@ -53,3 +54,35 @@ def test_migrate_to_a_new_program_under_traffic():
         assert 0 < sum(ms for k, ms in report.phases_ms.items() if k not in ("freeze", "handoff")) <= report.downtime_ms
         with ns.entered():
             assert sockrepair.list_locks() == []
+
+
+def test_migrate_without_a_handoff_gives_the_live_connections_to_the_caller():
+    """No handoff: the restored sockets are the report's, this process's to keep. Before, the move ended by dropping
+    them: the peer read EOF."""
+    with NetNS() as ns:
+        with ns.entered():
+            port = free_port()
+        server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
+        peer = None
+        report = None
+        try:
+            with ns.entered():
+                peer = socket.create_connection(("127.0.0.1", port), timeout=10)
+                peer.sendall(b"before")
+                assert peer.recv(64) == b"before"
+                report = sockrepair.migrate(server.pid)
+                [mine] = report.sockets
+                assert mine.getpeername() == peer.getsockname()
+                assert server.poll() == -9
+                peer.sendall(b"after the move")
+                mine.settimeout(10)
+                assert mine.recv(64) == b"after the move"
+                mine.sendall(b"from the caller")
+                assert peer.recv(64) == b"from the caller"
+                assert "sockets" not in report.to_dict()
+                assert sockrepair.list_locks() == []
+        finally:
+            for s in [peer, *(report.sockets if report is not None else [])]:
+                if s is not None:
+                    s.close()
+            stop(server)
