@@ -77,10 +77,12 @@ class MigrationReport:
     states were made durable in before the source was ended (removed once the move completed, when migrate()
     created it). `kept`: the peers' packets kept by the lock and delivered to the restored sockets, and those left to
     the peers' retransmission (sockrepair.move.keep.Kept). `handoff_result`: what `handoff` returned (not in
-    to_dict()). `sockets`: without a `handoff`, the restored connections, live, in the order of `connections`: this
-    process holds them now (closing one closes that connection; not in to_dict()). `accepted`: the connections that waited in the program's listeners' accept queues when it was ended
-    (connected while it was frozen, say), accepted and handed off after the moved ones (sockrepair.move.backlog);
-    into another namespace, those carried there (one that could not be checkpointed is reset, as before)."""
+    to_dict()). `sockets`: without a `handoff`, the restored connections, live, in the order of `connections`, then
+    those of `accepted`: this process holds them now (closing one closes that connection; not in to_dict()).
+    `accepted`: the connections that waited in the program's listeners' accept queues when it was ended (connected
+    while it was frozen, say), accepted and handed off (without a handoff, in `sockets`) after the moved ones
+    (sockrepair.move.backlog); into another namespace, those carried there (one that could not be checkpointed is
+    reset, as before)."""
 
     pid: int
     connections: list[str]
@@ -186,8 +188,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     ended: `accepted`, sockrepair.move.backlog; into another namespace they are restored there with the others).
     `handoff` runs as soon as the connections are live, while the ended process may still be exiting: its listeners,
     and so their ports, are gone with its exit, which migrate() waits for before it returns. Without a `handoff`
-    the restored sockets are the report's `sockets`, this process's to keep (what waited in the program's accept
-    queues is then reset with its listeners, as its exit would).
+    the restored sockets are the report's `sockets`, this process's to keep, followed by those of `accepted`.
     The connections are locked in the source namespace and in the destination one, for at most `ttl` seconds, from
     before the first checkpoint until they are live again. With `keep`, what the peers send meanwhile is kept by
     the lock and delivered to the restored sockets before the unlock, so that no peer waits for its retransmission
@@ -264,9 +265,9 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         if dest_locker is not source_locker:
             dest_locker.prepare(dest_group)
         head = journal_head(directory, pid, dest_netns)
-        # every connection of a program, for a program that takes them: the ones still waiting in its listeners'
-        # accept queues go too (sockrepair.move.backlog)
-        backlog = wanted is None and handoff is not None
+        # every connection of a program: the ones still waiting in its listeners' accept queues go too
+        # (sockrepair.move.backlog), to the handoff or to the caller
+        backlog = wanted is None
         with captured(pid, wanted, source_locker, timings, ttl, quiescence, freezer, owed=True,
                       group=source_group, backlog=backlog) as cap:
             tuples = [s.tuple for s in cap.sockets]
@@ -347,7 +348,8 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         # collects the killed threads under ptrace, lets go.
         wait_exited(cap)
         if socks:  # no handoff: the move ends here, the sockets go to the caller
-            taken, socks = socks, []
+            accepted = [*accepted, *cap.backlog.tuples]
+            taken, socks, cap.backlog.socks = [*socks, *cap.backlog.socks], [], []
             mark_completed(directory, created)
         freezer.release()
     except BaseException as exc:

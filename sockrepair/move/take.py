@@ -413,7 +413,7 @@ def captured(pid: int, wanted: Sequence[int] | None, locker: Locker | None, timi
     `owed` (the caller restores the states it is given): Captured.owed says which sockets may owe their peer an
     ACK, from their tcpi_segs_out read before the lock and again after the checkpoint (owed_acks). `group`: the
     nfnetlink_log group of the caller's recorder there (Recorder.group), which the lock copies the peers' packets to.
-    `backlog` (the caller takes the connections waiting in the process's listeners too: migrate() with a handoff,
+    `backlog` (the caller takes the connections waiting in the process's listeners too: migrate() of every connection,
     dump() that kills): Captured.listeners are the process's listeners that no other process holds, whose accept
     queues end_source() keeps from the kill."""
     with contextlib.ExitStack() as owned:

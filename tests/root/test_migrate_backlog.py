@@ -56,9 +56,10 @@ def _when_frozen(monkeypatch: pytest.MonkeyPatch, step: Callable[[], object]) ->
     monkeypatch.setattr(take_module, "checkpoint_all_taken", step_then_checkpoint)
 
 
-@pytest.mark.parametrize("wanted", ["every", "by-fd"])
+@pytest.mark.parametrize("wanted", ["every", "by-fd", "every-no-handoff"])
 def test_a_connection_made_during_the_move_is_handed_off_not_reset(monkeypatch: pytest.MonkeyPatch,
                                                                     wanted: str) -> None:
+    """Without a handoff, the accepted connection comes with the moved one in report.sockets."""
     with _echo() as (ns, port, server):
         moved = _connect(ns, port)
         late: list[socket.socket] = []
@@ -67,8 +68,9 @@ def test_a_connection_made_during_the_move_is_handed_off_not_reset(monkeypatch: 
         fds = None
         if wanted == "by-fd":
             fds = [s.fd for s in take_module.tcp_sockets(server.pid) if s.tcp_state == TCP_ESTABLISHED]
-        report = sockrepair.migrate(server.pid, wanted=fds, dest_netns=ns.name, handoff=_keep_sockets)
-        restored = {s.getpeername()[1]: s for s in report.handoff_result}
+        handoff = None if wanted == "every-no-handoff" else _keep_sockets
+        report = sockrepair.migrate(server.pid, wanted=fds, dest_netns=ns.name, handoff=handoff)
+        restored = {s.getpeername()[1]: s for s in (report.handoff_result if handoff else report.sockets)}
         try:
             [client] = late
             mine = ConnTuple(socket.AF_INET, "127.0.0.1", port, "127.0.0.1", client.getsockname()[1])
