@@ -28,8 +28,10 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
     `on_restored` is called with each socket as soon as it is made (migrate() gives it to its guard). `answered`:
     per state, whether its peer said what it holds (sockrepair.move.ask.Asked; none when empty). `owed`: per
     state, whether its old socket may owe its peer an ACK (sockrepair.engine._batch.owed_acks; restore_with's
-    `owed`); when empty, every one may."""
+    `owed`); when empty, every one may. The sockets are blocking whatever socket.setdefaulttimeout() this process
+    set (which would leave O_NONBLOCK on the open file another program gets: its blocking read() failed, EAGAIN)."""
     socks: list[socket.socket] = []
+    blocking = socket.getdefaulttimeout() is not None
     with named(netns):
         # what a new socket of this namespace holds now, for this batch only (a sysctl may change later)
         fresh = batch_fresh_values((s.tuple.family for s in states), len(states))
@@ -42,6 +44,8 @@ def restore_all(states: Sequence[ConnectionState], netns: str | None = None,
             for i, state in enumerate(states):
                 socks.append(restore_with(state, injector, i < len(answered) and answered[i],
                                           i >= len(owed) or owed[i], fresh))
+                if blocking:
+                    socks[-1].settimeout(None)
                 if on_restored is not None:
                     on_restored(socks[-1])
             if fresh is not None and not fresh.unchanged():

@@ -186,8 +186,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     `dest_netns` (an `ip netns` name; None: here), unlock, and pass the sockets with their tuples to `handoff`
     (when it moves every connection, followed by those that waited in its listeners' accept queues when it was
     ended: `accepted`, sockrepair.move.backlog; into another namespace they are restored there with the others).
-    `handoff` runs as soon as the connections are live, while the ended process may still be exiting: its listeners,
-    and so their ports, are gone with its exit, which migrate() waits for before it returns. Without a `handoff`
+    The ended process has exited (its listeners, and so their ports, gone) before the restore ends. Without a `handoff`
     the restored sockets are the report's `sockets`, this process's to keep, followed by those of `accepted`.
     The connections are locked in the source namespace and in the destination one, for at most `ttl` seconds, from
     before the first checkpoint until they are live again. With `keep`, what the peers send meanwhile is kept by
@@ -319,6 +318,10 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             # what the peers hold of our in-flight bytes, asked once the old sockets are gone (sockrepair.move.ask)
             asked = ask_peers(keeper, states, netns_path(dest_netns), same_place=dest_locker is source_locker)
             socks = restore_all(asked.states, dest_netns, freezer.hold_one, asked.answered, cap.owed)
+            # before any handoff: one that listens on the program's port (an upgrade in place) must find it free,
+            # and the exit frees its listeners only after its memory, some 100 ms for a program of 256 MiB (waited for
+            # after the handoff, such a handoff failed past the point of no return: EADDRINUSE)
+            wait_exited(cap)
         with passing_lock(socks, states) if keeper is not None else contextlib.nullcontext():
             if keeper is not None:
                 with timings.timed(Stage.DELIVER):
@@ -342,16 +345,14 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
                 socks, cap.backlog.socks = [], []  # the caller's program holds them now
                 # marked before the guard lets go: killed in between, the guard finds them handed off
                 mark_completed(directory, created)
-        # Nothing above needed the killed program gone (end_source() freed every moved tuple, or waited), and its
-        # exit, closing its files and freeing its memory, took 1-3 ms after a move of one connection, whose restore
-        # waited for it: waited for here, while its clients are served already, and before the guard, which
-        # collects the killed threads under ptrace, lets go.
-        wait_exited(cap)
+                freezer.release()
         if socks:  # no handoff: the move ends here, the sockets go to the caller
             accepted = [*accepted, *cap.backlog.tuples]
             taken, socks, cap.backlog.socks = [*socks, *cap.backlog.socks], [], []
             mark_completed(directory, created)
-        freezer.release()
+            # the caller holds them now: a guard that does not answer must not make them part of an error
+            with contextlib.suppress(ProcessError):
+                freezer.release()
     except BaseException as exc:
         if not ended:
             discard_journal(directory, created)

@@ -31,7 +31,7 @@ def test_migrate_to_a_new_program_under_traffic():
 
             report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=handoff)
             new_server = report.handoff_result
-            # the program's exit is waited for after the handoff, but before migrate() returns
+            # the program has exited before the handoff, so before migrate() returns
             exited = server.poll()
             time.sleep(0.5)
             result = client.stop(sweep_timeout=10)

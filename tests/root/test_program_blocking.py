@@ -128,3 +128,34 @@ def test_a_shared_socket_object_keeps_the_files_flags_and_its_family(netns: NetN
         shared.close()
     finally:
         listener.close()
+
+
+def test_a_moved_connection_reaches_its_new_program_blocking(default_timeout: None) -> None:
+    """The restored sockets a move hands to a program are blocking, as a new socket of that program would be,
+    whatever default timeout sockrepair's caller set (before: O_NONBLOCK on the handed file, and a blocking read()
+    in the new program failed with EAGAIN)."""
+    import sockrepair
+    from sockrepair.lab.subjects import start_echo, stop
+    from tests.root.programs import free_port
+
+    with NetNS() as ns:
+        with ns.entered():
+            port = free_port()
+        server = start_echo(f"127.0.0.1:{port}", netns=ns.name)
+        peer = None
+        handed: list[socket.socket] = []
+        try:
+            with ns.entered():
+                peer = socket.create_connection(("127.0.0.1", port))
+                peer.sendall(b"hi")
+                assert peer.recv(2) == b"hi"
+                report = sockrepair.migrate(server.pid, handoff=lambda socks, _tuples: handed.extend(socks))
+            assert report.connections and len(handed) == 1
+            assert os.get_blocking(handed[0].fileno())
+            peer.sendall(b"after")
+            assert os.read(handed[0].fileno(), 5) == b"after"
+        finally:
+            for s in [peer, *handed]:
+                if s is not None:
+                    s.close()
+            stop(server)
