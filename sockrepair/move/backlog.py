@@ -194,13 +194,18 @@ def reset_taken(backlog: Backlog, moved: Sequence[ConnTuple]) -> None:
     moved one's repair-mode connect fails, EADDRINUSE; an image directory naming a tuple twice is refused whole).
     Never raises."""
     taken = {t.wire() for t in moved}
-    keep, drop = Backlog(), Backlog()
+    _keep_only(backlog, lambda wire: wire not in taken)
+
+
+def _keep_only(backlog: Backlog, keeps: Callable[[ConnTuple], bool]) -> None:
+    """Leave in `backlog` the connections whose wire() tuple `keeps`, in their order, and reset() the others."""
+    kept, dropped = Backlog(), Backlog()
     for sock, conn in zip(backlog.socks, backlog.tuples, strict=True):
-        into = drop if conn.wire() in taken else keep
+        into = kept if keeps(conn.wire()) else dropped
         into.socks.append(sock)
         into.tuples.append(conn)
-    backlog.socks, backlog.tuples = keep.socks, keep.tuples
-    reset(drop)
+    backlog.socks, backlog.tuples = kept.socks, kept.tuples
+    reset(dropped)
 
 
 def carry(backlog: Backlog, moved: Sequence[ConnTuple], locks: Sequence[tuple[Locker, int | None]], ttl: float,
@@ -224,13 +229,7 @@ def carry(backlog: Backlog, moved: Sequence[ConnTuple], locks: Sequence[tuple[Lo
     silent closes."""
     reset_taken(backlog, moved)
     going = {(t.wire().family, t.wire().local_addr) for t in moved}
-    carrying, staying = Backlog(), Backlog()
-    for sock, conn in zip(backlog.socks, backlog.tuples, strict=True):
-        into = carrying if (conn.wire().family, conn.wire().local_addr) in going else staying
-        into.socks.append(sock)
-        into.tuples.append(conn)
-    backlog.socks, backlog.tuples = carrying.socks, carrying.tuples
-    reset(staying)
+    _keep_only(backlog, lambda wire: (wire.family, wire.local_addr) in going)
     if not backlog.socks:
         return []
     try:
