@@ -215,19 +215,19 @@ def carry(backlog: Backlog, moved: Sequence[ConnTuple], locks: Sequence[tuple[Lo
     """The connections drain() accepted, for a restore elsewhere (another namespace, or a later `sockrepair restore`),
     where the sockets cannot go as they are: locked with each of `locks` (a Locker and its recorder's group: what
     their peers send is kept), checkpointed, `save`d with their tuples (into the journal or the image directory),
-    closed silently; their states are returned, in the order of the tuples left in `backlog` (its sockets gone),
-    for the restore with the `moved` connections. Only those on a local address of a moved connection go: another
-    one (a listener on 0.0.0.0 reached through an address that stays) could not be restored there, and would fail
-    the restore of all; nor does one whose 4-tuple is a moved connection's (reset_taken). Those that stay, one that
-    cannot be checkpointed, or all of them when a step up to `save` fails, are unlocked and reset(): they end as the
-    listener's close ended them before. `timed(step)` times the steps "lock", "checkpoint" and "close" (`save` times
-    its own). `guard`: the move's Freezer, whose guard holds duplicates of the connections from before their lock
-    until they are saved (Freezer.guard_accepted): if this process is killed meanwhile, the guard resets those that
-    `index` (the file `save` writes last: journal.json, index.json) does not list yet (a peer would otherwise wait
-    for an answer nobody gives: locked, then in nobody's hands once the lock expired).
+    closed silently; their states are returned, in the order of the tuples left in `backlog` (its sockets gone), for
+    the restore with the `moved` connections. Only those on a local address of a moved connection go: another one (a
+    listener on 0.0.0.0 reached through an address that stays) could not be restored there, and would fail the
+    restore of all; nor may one whose 4-tuple is a moved connection's (the caller resets those first: reset_taken).
+    Those that stay, one that cannot be checkpointed, or all of them when a step up to `save` fails, are unlocked
+    and reset(): they end as the listener's close ended them before. `timed(step)` times the steps "lock",
+    "checkpoint" and "close" (`save` times its own). `guard`: the move's Freezer, whose guard holds duplicates of
+    the connections from before their lock until they are saved (Freezer.guard_accepted): if this process is killed
+    meanwhile, the guard resets those that `index` (the file `save` writes last: journal.json, index.json) does not
+    list yet (a peer would otherwise wait for an answer nobody gives: locked, then in nobody's hands once the lock
+    expired).
     Never raises but for an interrupt (the caller holds signals off until this returns) or a failure of the last,
     silent closes."""
-    reset_taken(backlog, moved)
     going = {(t.wire().family, t.wire().local_addr) for t in moved}
     _keep_only(backlog, lambda wire: (wire.family, wire.local_addr) in going)
     if not backlog.socks:

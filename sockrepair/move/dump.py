@@ -19,7 +19,7 @@ from sockrepair.engine._repair import in_repair
 from sockrepair.engine._states import REPAIRABLE
 from sockrepair.errors import SocketStateError
 from sockrepair.image.directory import INDEX, NO_FD, Entry, append_dir, prepare_dir
-from sockrepair.move.backlog import carry, reset
+from sockrepair.move.backlog import carry, reset, reset_taken
 from sockrepair.move.freeze import frozen
 from sockrepair.move.journal import ENDED, mark_ended, write_images
 from sockrepair.move.keep import Keeper, Kept
@@ -161,9 +161,11 @@ def dump(pid: int, directory: Path, wanted: Sequence[int] | None = None, after: 
 
                         # no Ctrl-C between their lock and their images: what it interrupted would be locked, in
                         # nobody's care
+                        moved = [s.tuple for s in cap.sockets]
+                        reset_taken(cap.backlog, moved)
                         with deferred_signals():
-                            accepted = carry(cap.backlog, [s.tuple for s in cap.sockets], [(locker, group)], ttl,
-                                             saved, cap.freezer, directory / INDEX)
+                            accepted = carry(cap.backlog, moved, [(locker, group)], ttl, saved, cap.freezer,
+                                             directory / INDEX)
         if keeper is not None and after is After.KILL:
             with timings.timed(Stage.KEEP):
                 # the lock holds `ttl` seconds from before this: the keeper outlives it a little, never the reverse

@@ -186,8 +186,9 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     `dest_netns` (an `ip netns` name; None: here), unlock, and pass the sockets with their tuples to `handoff`
     (when it moves every connection, followed by those that waited in its listeners' accept queues when it was
     ended: `accepted`, sockrepair.move.backlog; into another namespace they are restored there with the others).
-    The ended process has exited (its listeners, and so their ports, gone) before the restore ends. Without a `handoff`
-    the restored sockets are the report's `sockets`, this process's to keep, followed by those of `accepted`.
+    The ended process has exited (its listeners, and so their ports, gone) before the restore ends. Without a
+    `handoff` the restored sockets are the report's `sockets`, this process's to keep, followed by those of
+    `accepted`.
     The connections are locked in the source namespace and in the destination one, for at most `ttl` seconds, from
     before the first checkpoint until they are live again. With `keep`, what the peers send meanwhile is kept by
     the lock and delivered to the restored sockets before the unlock, so that no peer waits for its retransmission
