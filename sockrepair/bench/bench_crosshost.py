@@ -40,6 +40,7 @@ from sockrepair.bench.bench_gap import (
     migrate_phases,
     peer_figures,
 )
+from sockrepair.bench.results import CROSSHOST_IMPL
 from sockrepair.errors import ProcessError, SockrepairError
 from sockrepair.lab.hosts import SERVICE4, Lab
 from sockrepair.lab.recorder import Recorder
@@ -47,7 +48,7 @@ from sockrepair.lab.subjects import raise_fd_limit, start_echo, start_receiver, 
 from sockrepair.move.migrate import migrate
 from sockrepair.state import ConnTuple
 
-IMPL = "sockrepair-crosshost"
+IMPL = CROSSHOST_IMPL
 DROPLOCK_IMPL = "sockrepair-droplock-crosshost"
 PORT = 7000
 ROUND_TIMEOUT = 30.0  # sockrepair moves in milliseconds: a peer still waiting after this is stuck

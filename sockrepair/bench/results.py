@@ -22,6 +22,7 @@ C_WARM_IMPL = "c-warm"
 C_OPTIONS_IMPL = "c-options"
 C_IMPLS = (C_IMPL, C_WARM_IMPL, C_OPTIONS_IMPL)
 SOCKREPAIR_IMPL = "sockrepair"
+CROSSHOST_IMPL = "sockrepair-crosshost"  # sockrepair between the lab's two hosts (bench_crosshost), keeping lock
 # Single mode's cycles of one size run in blocks this long, each after an untimed cycle of that size, sizes
 # interleaved block by block (bench_engine.py, the C reference's --block, independent.py alike): a cycle timed right
 # after one of another size would start with caches its megabytes evicted, which slows the Python cycle's far larger

@@ -435,3 +435,30 @@ def test_load_of_a_missing_or_damaged_file_is_a_benchmark_error_naming_the_repor
     with pytest.raises(BenchmarkError, match="is not JSON: .* at line 1") as damaged:
         report.load(tmp_path / "bad.json")
     assert damaged.value.part == "report"
+
+
+def test_the_cross_host_part_is_judged_against_the_same_targets(tmp_path: Path) -> None:
+    results = synthetic()
+    long_move = {"freeze": 1.0, "checkpoint": 90.0, "restore": 60.0, "deliver": 20.0, "handoff": 12.0}
+    results["gap"] = [
+        _requests("sockrepair", 100, 15.0, 0),
+        _requests("sockrepair-crosshost", 1, 1.8, 0),
+        _requests("sockrepair-crosshost", 100, 35.0, 1, downtime_ms=30.0),
+        _requests("sockrepair-crosshost", 1000, 240.0, 296, downtime_ms=211.0, phases_ms=long_move),
+    ]
+    md = report.markdown(results)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    # the same-host targets read the same-host entries only
+    assert "| 15.0 ms | met |" in rows["Worst request latency across a move, 100 connections"]
+    assert "| 1.8 ms | met |" in rows["Worst request latency across a move between hosts, 1 connection"]
+    assert "missed by 15.0 ms (75%)" in rows["Worst request latency across a move between hosts, 100 connections"]
+    # a move shorter than 200 ms: a request that waited that long was resent, nothing else to say
+    hundred = rows["Requests waiting 200 ms or more across a move between hosts, 100 connections"]
+    assert "| 1 requests | missed by 1 requests |" in hundred and "the move itself" not in hundred
+    # a move of 200 ms or more: the requests caught in it waited that long, and its phases say where it went
+    thousand = rows["Requests waiting 200 ms or more across a move between hosts, 1,000 connections"]
+    assert "296 of 3,000 requests over 3 run(s)" in thousand
+    assert "the move itself took 200 ms or more (freeze to unlock 211.00 ms: checkpoint 90.00 ms" in thousand
+    assert "not measured" in rows["Requests waiting 200 ms or more across a move, 1,000 connections"]
+    assert {"rto-crosshost-100", "rto-crosshost-1000", "gap-crosshost-100", "gap-crosshost-1000"} <= set(
+        report.missed(results))
