@@ -599,7 +599,7 @@ def end_source(cap: Captured, timeout: float = KILL_TIMEOUT, passed: Callable[[]
 
 def wait_exited(cap: Captured, timeout: float = KILL_TIMEOUT) -> None:
     """Wait until the process end_source() killed has exited and its files are closed. Raises ProcessError when it
-    has not `timeout` seconds after the SIGKILL."""
+    has not within `timeout` seconds of this call (the SIGKILL was sent earlier, in end_source())."""
     # a ptrace stop holds the killed threads as zombies until their tracer, the guard, collects them
     cap.freezer.reap()
     # the pidfd turns readable once the process has exited and its files are closed
