@@ -159,6 +159,18 @@ def batch_where(results: Results, entry: Batch) -> str:
 
 def gap_where(entry: Gap) -> str:
     """The move's own time and its largest phases; what the peer waited beyond the move and the handoff."""
+    where = _move_where(entry)
+    if not where:
+        return ""
+    phases = entry.get("phases_ms") or {}
+    rest = entry["gap_ms"] - entry["downtime_ms"] - phases.get("handoff", 0.0)
+    if rest > 0.2 * entry["gap_ms"]:
+        where += f"; {human_us(rest * 1000)} more waiting at the peer (its retransmission timer, or scheduling)"
+    return where
+
+
+def _move_where(entry: Gap) -> str:
+    """Freeze to unlock and its three largest phases, then the handoff; "" when the entry has no move time."""
     phases = entry.get("phases_ms") or {}
     downtime = entry.get("downtime_ms", math.nan)
     if not phases or math.isnan(downtime):
@@ -168,9 +180,6 @@ def gap_where(entry: Gap) -> str:
              + ", ".join(f"{name} {human_us(ms * 1000)}" for ms, name in inside))
     if "handoff" in phases:
         where += f"; handoff {human_us(phases['handoff'] * 1000)}"
-    rest = entry["gap_ms"] - downtime - phases.get("handoff", 0.0)
-    if rest > 0.2 * entry["gap_ms"]:
-        where += f"; {human_us(rest * 1000)} more waiting at the peer (its retransmission timer, or scheduling)"
     return where
 
 
@@ -179,8 +188,8 @@ def kept_where(entry: Gap) -> str:
     peer had not acknowledged, when the entry says."""
     said = []
     if "kept_delivered" in entry:
-        said.append(f"the lock kept and delivered {entry['kept_delivered']} packet(s), left "
-                    f"{entry.get('kept_fell_back', 0)} to the peers' retransmission")
+        said.append(f"the lock kept and delivered {entry['kept_delivered']:,} packet(s), left "
+                    f"{entry.get('kept_fell_back', 0):,} to the peers' retransmission")
     if entry.get("restored_unacked") and entry.get("over_200ms", 1):  # it costs nothing when no request waited
         text = (f"{entry['restored_unacked']} socket(s) restored holding output the peer had not acknowledged (an "
                 "answer the lock stopped on its way out goes out again only when the restored socket's "
@@ -229,23 +238,31 @@ def _rto(connections: int, impl: str = SOCKREPAIR_IMPL) -> Callable[[Results], M
         if entry is None or "over_200ms" not in entry:
             return None
         return Measured(float(entry["over_200ms"]), "; ".join(w for w in (
-            f"{entry['over_200ms']} of {entry.get('requests', 0):,} requests over {entry['runs']} run(s)",
+            f"{entry['over_200ms']:,} of {entry.get('requests', 0):,} requests over {entry['runs']} run(s)",
             _long_move_where(entry), kept_where(entry)) if w))
     return measure
 
 
-def _long_move_where(entry: Gap) -> str:
-    """When the move itself (freeze to unlock, and the handoff) took 200 ms or more: a request caught in it waited
-    that long with no retransmission at all, and the move's largest phases say where that went."""
-    handoff = (entry.get("phases_ms") or {}).get("handoff", 0.0)
-    if entry.get("downtime_ms", math.nan) + handoff < RTO_MS:
-        return ""
-    return f"the move itself took 200 ms or more ({gap_where(entry)})"
-
-
-# The shortest retransmission timeout of Linux (TCP_RTO_MIN): a request that waited this long was resent, or was
-# caught in a move at least this long.
+# The shortest retransmission timeout of Linux (TCP_RTO_MIN): a request that waited this long was resent, or waited
+# as long for another reason (a move that long, answers queued behind one the move held back).
 RTO_MS = 200.0
+
+
+def _long_move_where(entry: Gap) -> str:
+    """When the move itself (freeze to unlock, and the handoff; medians of the runs) took RTO_MS or more, a
+    request caught in it waited that long without any retransmission, and the move's phases say where that went;
+    when requests due after it also waited RTO_MS or more (answers queued behind those the move held back), that
+    too. "" otherwise, or when the entry has no move time."""
+    downtime = entry.get("downtime_ms", math.nan)
+    took = downtime + (entry.get("phases_ms") or {}).get("handoff", 0.0)
+    if math.isnan(downtime) or took < RTO_MS:
+        return ""
+    where = (f"the move itself took {human_us(took * 1000)} (medians of the runs; {_move_where(entry)}): a request "
+             "caught in it waited that long without any retransmission")
+    if entry.get("later_ms", 0.0) >= RTO_MS:
+        where += (f", and requests due after it waited up to {human_us(entry['later_ms'] * 1000)} behind the "
+                  "answers it held back")
+    return where
 
 
 def _connections(n: int) -> str:
@@ -282,7 +299,7 @@ def _amount(value: float, unit: str) -> str:
     if unit == "conn/s":
         return f"{value:,.0f} conn/s"
     if unit == "requests":
-        return f"{value:,.0f} requests"
+        return f"{value:,.0f} request{'' if value == 1 else 's'}"
     if unit == "%":
         return f"{value:.1f}%"
     return f"{value:,.1f} {unit}"
