@@ -166,6 +166,9 @@ def gap_where(entry: Gap) -> str:
     rest = entry["gap_ms"] - entry["downtime_ms"] - phases.get("handoff", 0.0)
     if rest > 0.2 * entry["gap_ms"]:
         where += f"; {human_us(rest * 1000)} more waiting at the peer (its retransmission timer, or scheduling)"
+    elif entry["gap_ms"] < entry["downtime_ms"]:
+        where += ("; the worst request shorter than the move: in most runs no request was sent while it lasted "
+                  f"(the worst of the runs {human_us(entry['max_gap_ms'] * 1000)})")
     return where
 
 

@@ -441,6 +441,7 @@ def test_the_cross_host_part_is_judged_against_the_same_targets(tmp_path: Path) 
     results = synthetic()
     long_move = {"freeze": 1.0, "checkpoint": 90.0, "restore": 60.0, "deliver": 20.0, "handoff": 12.0}
     results["gap"] = [
+        _requests("sockrepair", 1, 2.5, 0, downtime_ms=7.0),
         _requests("sockrepair", 100, 15.0, 0),
         _requests("sockrepair-crosshost", 1, 1.8, 0),
         _requests("sockrepair-crosshost", 100, 35.0, 1, downtime_ms=30.0),
@@ -464,6 +465,10 @@ def test_the_cross_host_part_is_judged_against_the_same_targets(tmp_path: Path) 
             "any retransmission, and requests due after it waited up to 230.00 ms behind the answers it held "
             "back") in thousand
     assert "more waiting at the peer" not in thousand
+    # a worst request shorter than the move: most runs had no request inside it
+    assert ("freeze to unlock 7.00 ms: restore 400.0 µs, freeze 300.0 µs, deliver 100.0 µs; the worst request shorter "
+            "than the move: in most runs no request was sent while it lasted (the worst of the runs 2.75 ms)") in rows[
+        "Worst request latency across a move, 1 connection"]
     # no move time: nothing said of it
     assert report._long_move_where(_requests("sockrepair", 1000, 240.0, 5, downtime_ms=math.nan)) == ""
     assert "not measured" in rows["Requests waiting 200 ms or more across a move, 1,000 connections"]
