@@ -41,6 +41,7 @@ from sockrepair.bench.bench_gap import (
     peer_figures,
 )
 from sockrepair.bench.results import CROSSHOST_IMPL
+from sockrepair.bench.units import connections
 from sockrepair.errors import ProcessError, SockrepairError
 from sockrepair.lab.hosts import SERVICE4, Lab
 from sockrepair.lab.recorder import Recorder
@@ -162,7 +163,7 @@ def run(quick: bool = False, progress: Progress | None = None) -> dict[str, Any]
     rounds = max(max(counts.values()) for counts in plan.runs.values())
     schedule = [(w, impl, n) for k in range(rounds) for w, impl, n in cases if k < plan.runs[(w, impl)][n]]
     for i, (workload, impl, n) in enumerate(schedule, 1):
-        say(f"cross-host {i}/{len(schedule)}: {workload}, {impl}, {n:,} connection{'s' if n > 1 else ''} "
+        say(f"cross-host {i}/{len(schedule)}: {workload}, {impl}, {connections(n)} "
             "from A to B")
         outcome = run_once(n, plan, workload, keep=impl == IMPL)
         results.setdefault((workload, impl, n), []).append(outcome)

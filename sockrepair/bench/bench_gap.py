@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from sockrepair.bench.results import SOCKREPAIR_IMPL, Gap, gap_from_runs
+from sockrepair.bench.units import connections
 from sockrepair.criu.locate import Criu, find_criu
 from sockrepair.errors import BenchmarkError, CriuError, ProcessError, SockrepairError
 from sockrepair.lab.subjects import (
@@ -387,7 +388,7 @@ def run(quick: bool = False, progress: Progress | None = None, variants: Sequenc
     results: dict[tuple[str, str, int], list[RunResult]] = {}
     schedule = _schedule(plan, variants, counts, workloads)
     for i, (workload, variant, n) in enumerate(schedule, 1):
-        say(f"gap {i}/{len(schedule)}: {workload}, {variant}, {n:,} connection{'s' if n > 1 else ''}")
+        say(f"gap {i}/{len(schedule)}: {workload}, {variant}, {connections(n)}")
         outcome = run_once(variant, n, plan, criu, workload=workload)
         results.setdefault((workload, variant, n), []).append(outcome)
         say("    " + describe(workload, outcome))

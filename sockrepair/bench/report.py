@@ -40,7 +40,7 @@ from sockrepair.bench.results import (
     check,
     workload,
 )
-from sockrepair.bench.units import human_bytes, human_us
+from sockrepair.bench.units import connections, human_bytes, human_us
 from sockrepair.errors import BenchmarkError, SockrepairError
 
 
@@ -268,10 +268,6 @@ def _long_move_where(entry: Gap) -> str:
     return where
 
 
-def _connections(n: int) -> str:
-    return f"{n:,} connection{'s' if n > 1 else ''}"
-
-
 TARGETS = (
     Target("single-0", "One connection, 0 B, no lock: sockrepair / minimal C", 1.5, "x", False, _ratio_to(C_IMPL, 0),
            "6"),
@@ -284,14 +280,14 @@ TARGETS = (
     Target("lock", "Lock + unlock one connection (sockrepair)", 150.0, "µs", False, _lock, "6"),
     Target("batch-10000", "10,000 connections including the lock", 30_000.0, "conn/s", True, _batch(10_000),
            "6, 13"),
-    *(Target(f"rto-{n}", f"Requests waiting 200 ms or more across a move, {_connections(n)}", 0.0, "requests",
+    *(Target(f"rto-{n}", f"Requests waiting 200 ms or more across a move, {connections(n)}", 0.0, "requests",
              False, _rto(n), "11") for n in GAP_TARGETS_MS),
-    *(Target(f"gap-{n}", f"Worst request latency across a move, {_connections(n)}", limit, "ms", False, _gap(n),
+    *(Target(f"gap-{n}", f"Worst request latency across a move, {connections(n)}", limit, "ms", False, _gap(n),
              "6, 11") for n, limit in GAP_TARGETS_MS.items()),
     # issue 11 asks the same of the cross-host part (bench_crosshost: the lab's two hosts)
-    *(Target(f"rto-crosshost-{n}", f"Requests waiting 200 ms or more across a move between hosts, {_connections(n)}",
+    *(Target(f"rto-crosshost-{n}", f"Requests waiting 200 ms or more across a move between hosts, {connections(n)}",
              0.0, "requests", False, _rto(n, CROSSHOST_IMPL), "11") for n in GAP_TARGETS_MS),
-    *(Target(f"gap-crosshost-{n}", f"Worst request latency across a move between hosts, {_connections(n)}", limit,
+    *(Target(f"gap-crosshost-{n}", f"Worst request latency across a move between hosts, {connections(n)}", limit,
              "ms", False, _gap(n, CROSSHOST_IMPL), "11") for n, limit in GAP_TARGETS_MS.items()),
 )
 

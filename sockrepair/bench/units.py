@@ -27,3 +27,8 @@ def human_count(n: float) -> str:
     if n >= 1000 and n % 1000 == 0:
         return f"{int(n) // 1000}k" if n < 1_000_000 else f"{n / 1_000_000:g}M"
     return f"{n:,.0f}"
+
+
+def connections(n: int) -> str:
+    """"1 connection", "1,000 connections"."""
+    return f"{n:,} connection{'' if n == 1 else 's'}"
