@@ -18,6 +18,7 @@ from typing import IO, Any
 from sockrepair.check import probe
 from sockrepair.errors import UnsupportedError
 from sockrepair.lab.hosts import SERVICE4, Lab
+from sockrepair.lab.programs.requester import RTO_S
 from sockrepair.lab.recorder import Recorder
 from sockrepair.lab.subjects import (
     RequestClient,
@@ -36,7 +37,7 @@ STEPS = 7
 REQUEST_INTERVAL = 0.005  # mean seconds between a connection's requests
 REQUEST_BYTES = 64
 TIMEOUT = 10.0
-RTO_MS = 200.0
+RTO_MS = RTO_S * 1000  # what the request client counts requests_over_200ms with
 
 
 class Progress:

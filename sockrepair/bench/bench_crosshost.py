@@ -49,7 +49,6 @@ from sockrepair.lab.subjects import raise_fd_limit, start_echo, start_receiver, 
 from sockrepair.move.migrate import migrate
 from sockrepair.state import ConnTuple
 
-IMPL = CROSSHOST_IMPL
 DROPLOCK_IMPL = "sockrepair-droplock-crosshost"
 PORT = 7000
 ROUND_TIMEOUT = 30.0  # sockrepair moves in milliseconds: a peer still waiting after this is stuck
@@ -64,10 +63,11 @@ class Plan:
     after_s: float
 
 
-QUICK = Plan({("requests", IMPL): {1: 1, 10: 1}, ("requests", DROPLOCK_IMPL): {10: 1}}, 0.2, 0.3)
-FULL = Plan({("requests", IMPL): {1: 5, 100: 3, 1000: 2}, ("requests", DROPLOCK_IMPL): {1: 3, 100: 3, 1000: 1},
-             ("stream", IMPL): {1: 3, 100: 2}, ("stream", DROPLOCK_IMPL): {1: 3, 100: 2},
-             ("pingpong", IMPL): {1: 3, 100: 2}}, 0.3, 0.5)
+QUICK = Plan({("requests", CROSSHOST_IMPL): {1: 1, 10: 1}, ("requests", DROPLOCK_IMPL): {10: 1}}, 0.2, 0.3)
+FULL = Plan({("requests", CROSSHOST_IMPL): {1: 5, 100: 3, 1000: 2},
+             ("requests", DROPLOCK_IMPL): {1: 3, 100: 3, 1000: 1},
+             ("stream", CROSSHOST_IMPL): {1: 3, 100: 2}, ("stream", DROPLOCK_IMPL): {1: 3, 100: 2},
+             ("pingpong", CROSSHOST_IMPL): {1: 3, 100: 2}}, 0.3, 0.5)
 
 
 @dataclass
@@ -165,7 +165,7 @@ def run(quick: bool = False, progress: Progress | None = None) -> dict[str, Any]
     for i, (workload, impl, n) in enumerate(schedule, 1):
         say(f"cross-host {i}/{len(schedule)}: {workload}, {impl}, {connections(n)} "
             "from A to B")
-        outcome = run_once(n, plan, workload, keep=impl == IMPL)
+        outcome = run_once(n, plan, workload, keep=impl == CROSSHOST_IMPL)
         results.setdefault((workload, impl, n), []).append(outcome)
         wire = "—" if outcome.wire_gap_ms is None else f"{outcome.wire_gap_ms:.2f} ms"
         say(f"    {describe(workload, outcome.run)}, wire gap {wire}")

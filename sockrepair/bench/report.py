@@ -42,6 +42,7 @@ from sockrepair.bench.results import (
 )
 from sockrepair.bench.units import connections, human_bytes, human_us
 from sockrepair.errors import BenchmarkError, SockrepairError
+from sockrepair.lab.programs.requester import RTO_S
 
 
 @dataclass(frozen=True)
@@ -246,9 +247,9 @@ def _rto(connections: int, impl: str = SOCKREPAIR_IMPL) -> Callable[[Results], M
     return measure
 
 
-# The shortest retransmission timeout of Linux (TCP_RTO_MIN): a request that waited this long was resent, or waited
-# as long for another reason (a move that long, answers queued behind one the move held back).
-RTO_MS = 200.0
+# The threshold the request client counts `over_200ms` with (TCP_RTO_MIN): a request that waited this long was
+# resent, or waited as long for another reason (a move that long, answers queued behind one the move held back).
+RTO_MS = RTO_S * 1000
 
 
 def _long_move_where(entry: Gap) -> str:
