@@ -56,6 +56,7 @@ from sockrepair.engine._ffi import lib
 from sockrepair.engine._restore import restore_with
 from sockrepair.engine._sockcall import ioctl_int
 from sockrepair.engine._sockopts import batch_fresh_values
+from sockrepair.engine._tcpinfo import view
 from sockrepair.errors import BenchmarkError, SockrepairError
 from sockrepair.lab.pattern import first_mismatch, pattern
 from sockrepair.lock import Locker
@@ -160,8 +161,8 @@ def _fill_recv_queue(peer: socket.socket, sock: socket.socket, data: bytes | mem
             time.sleep(50e-6)
 
 
-# struct tcp_info (linux/tcp.h, Linux 5.4+): tcpi_snd_wnd, the peer's last advertised window in bytes, at byte 228
-SND_WND = struct.Struct("=228xI")
+# the peer's last advertised window in bytes (Linux 5.4+)
+SND_WND = view("tcpi_snd_wnd")
 
 
 def _snd_wnd(sock: socket.socket) -> int:

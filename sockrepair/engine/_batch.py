@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import struct
 from collections.abc import Sequence
 from os import fstat
 from typing import NamedTuple
@@ -58,6 +57,7 @@ from sockrepair.engine._session import (
 )
 from sockrepair.engine._sockopts import DUMPED_PLANS, TCP, read_plain
 from sockrepair.engine._states import CLOSE, REPAIRABLE, send_lengths
+from sockrepair.engine._tcpinfo import view
 from sockrepair.engine._tcpopts import tcp_info, tcp_info_from
 from sockrepair.errors import SocketCallError
 from sockrepair.state import TCP_ESTABLISHED, ConnectionState
@@ -244,7 +244,7 @@ def discard_all(fds: Sequence[int], inodes: Sequence[int]) -> bool:
     return disconnected
 
 
-SEGS_OUT = struct.Struct("=136xI")  # struct tcp_info: tcpi_segs_out at byte 136
+SEGS_OUT = view("tcpi_segs_out")
 
 
 def segs_out_of(socks: Sequence[SockLike]) -> list[int]:

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import _Session
 from sockrepair.engine._sockopts import decode_name
+from sockrepair.engine._tcpinfo import offset, view
 from sockrepair.engine._tcpopts import INFO_HEAD
 from sockrepair.errors import NotPermittedError, SocketCallError
 from sockrepair.state import ConnTuple
@@ -218,8 +219,7 @@ def diag(session: _Session, conn: ConnTuple, ifindex: int) -> SockView:
 
 INET_DIAG_CONG, INET_DIAG_TOS, INET_DIAG_TCLASS, INET_DIAG_SKMEMINFO = 4, 5, 6, 7
 INET_DIAG_MARK, INET_DIAG_CLASS_ID, INET_DIAG_SOCKOPT = 15, 17, 22
-# struct tcp_info: tcpi_max_pacing_rate (u64) at byte 112, and the size it needs
-_MAX_PACING = struct.Struct("=112xQ")
+_MAX_PACING, _MAX_PACING_AT = view("tcpi_max_pacing_rate"), offset("tcpi_max_pacing_rate")
 # struct inet_diag_sockopt, first byte (little-endian bitfields): recverr, is_icsk, freebind, hdrincl, mc_loop,
 # transparent, ...
 SOCKOPT_RECVERR, SOCKOPT_FREEBIND, SOCKOPT_TRANSPARENT = 0x01, 0x04, 0x20
@@ -468,7 +468,7 @@ def _learn(data: bytes, msg: int, end: int) -> _Layout | None:
             if payload < _MAX_PACING.size:
                 formats.append(f"{INFO_HEAD}s{room - INFO_HEAD}x")
             else:
-                formats.append(f"{INFO_HEAD}s{_MAX_PACING.size - 8 - INFO_HEAD}xQ{room - _MAX_PACING.size}x")
+                formats.append(f"{INFO_HEAD}s{_MAX_PACING_AT - INFO_HEAD}xQ{room - _MAX_PACING.size}x")
                 at_of["max_pacing_rate"] = items
                 items += 1
         elif kind == INET_DIAG_SKMEMINFO:

@@ -8,13 +8,16 @@ from typing import NamedTuple
 
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import _Session, setsockopt
+from sockrepair.engine._tcpinfo import offset, view
 from sockrepair.state import RepairWindow, TcpOptions
 
 TCP = lib.IPPROTO_TCP
 TCP_INFO, TCP_MAXSEG, TCP_TIMESTAMP = lib.TCP_INFO, lib.TCP_MAXSEG, lib.TCP_TIMESTAMP
 TCP_REPAIR_WINDOW, TCP_REPAIR_OPTIONS = lib.TCP_REPAIR_WINDOW, lib.TCP_REPAIR_OPTIONS
 OPT_SACK, OPT_TIMESTAMPS, OPT_WSCALE = lib.TCPI_OPT_SACK, lib.TCPI_OPT_TIMESTAMPS, lib.TCPI_OPT_WSCALE
-INFO_HEAD = 8  # tcpi_state .. tcpi_flags: u8 each (struct tcp_info_prefix in engine/decl/tcp_info.h)
+HEAD = view("tcpi_state", "tcpi_options", "tcpi_wscales")
+INFO_HEAD = HEAD.size  # the bytes of struct tcp_info that hold them
+_OPTIONS_AT, _WSCALES_AT = offset("tcpi_options"), offset("tcpi_wscales")  # u8 each: indexed, not unpacked
 WINDOW = struct.Struct("=5I")  # struct tcp_repair_window
 # struct tcp_repair_opt[n] (opt_code, opt_val: u32 each), by the number of u32s: 1 to 4 options
 OPTS = {2 * n: struct.Struct(f"={2 * n}I") for n in range(1, 5)}
@@ -36,13 +39,13 @@ _new_info = TcpInfo._make
 
 
 def tcp_info(session: _Session) -> TcpInfo:
-    """The state, options and window scales of TCP_INFO: its first 8 bytes, which the kernel copies alone when asked
-    for no more."""
+    """The state, options and window scales of TCP_INFO: its first INFO_HEAD bytes, which the kernel copies alone
+    when asked for no more."""
     try:
         raw = session.sock.getsockopt(TCP, TCP_INFO, INFO_HEAD)
     except OSError as exc:
         raise session.failed("getsockopt(TCP_INFO)", exc) from None
-    return _new_info((raw[0], raw[5], raw[6]))
+    return _new_info(HEAD.unpack_from(raw))
 
 
 def tcp_state(session: _Session) -> int:
@@ -56,12 +59,12 @@ def tcp_state(session: _Session) -> int:
 def tcp_info_from(session: _Session, state: int, head: bytes) -> TcpInfo:
     """TcpInfo from a sock_diag answer: `state` (its sk_state) and `head` (its INET_DIAG_INFO, INFO_HEAD bytes);
     TCP_INFO itself when the kernel sent no INET_DIAG_INFO (`head` b"")."""
-    if len(head) > 6:
-        return _new_info((state, head[5], head[6]))
+    if len(head) >= INFO_HEAD:
+        return _new_info((state, head[_OPTIONS_AT], head[_WSCALES_AT]))
     return tcp_info(session)
 
 
-SEND_LIMITS = struct.Struct("=16xI60xI")  # struct tcp_info: tcpi_snd_mss at byte 16, tcpi_snd_cwnd at byte 80
+SEND_LIMITS = view("tcpi_snd_mss", "tcpi_snd_cwnd")
 
 
 def send_limits(session: _Session) -> tuple[int, int]:
@@ -74,7 +77,7 @@ def send_limits(session: _Session) -> tuple[int, int]:
     return int(mss), int(cwnd)
 
 
-SEGS_IN = struct.Struct("=140xI")  # struct tcp_info: tcpi_segs_in at byte 140
+SEGS_IN = view("tcpi_segs_in")
 
 
 def segs_in(session: _Session) -> int:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import socket
-import struct
 import time
 from collections.abc import Callable
 
 import pytest
 
+from sockrepair.engine import _tcpinfo as tcpinfo
 from sockrepair.state import ConnTuple
 
 TCP_REPAIR = 19
@@ -17,8 +17,8 @@ TCP_ESTABLISHED = 1
 
 def tcp_info(sock: socket.socket) -> tuple[int, int, int]:
     """(state, probes, total_retrans) from struct tcp_info."""
-    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    return raw[0], raw[3], struct.unpack_from("=I", raw, 100)[0]
+    state, probes, total_retrans = tcpinfo.read(sock, "tcpi_state", "tcpi_probes", "tcpi_total_retrans")
+    return state, probes, total_retrans
 
 
 def wait_for(cond: Callable[[], bool], what: str, limit: float = 15.0) -> None:

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ import time
 import pytest
 
 import sockrepair
+from sockrepair.engine import _tcpinfo as tcpinfo
 from sockrepair.errors import ProcessError
 from sockrepair.image.directory import read_dir
 from sockrepair.lab.programs import ECHO_SERVER
@@ -170,7 +170,7 @@ def test_dump_leave_running_acknowledges_a_kept_request_while_locked(netns, tmp_
 
 def _unacked(sock: socket.socket) -> int:
     """tcpi_unacked: segments sent and not acknowledged."""
-    return int(struct.unpack_from("=I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 24)[0])
+    return tcpinfo.read(sock, "tcpi_unacked")[0]
 
 
 def _tuple(client: socket.socket) -> ConnTuple:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 import sockrepair
+from sockrepair.engine import _tcpinfo as tcpinfo
 from sockrepair.engine import registry
 from sockrepair.state import ConnectionState
 from tests.root.conftest import _make_pair
@@ -319,17 +320,13 @@ def test_mptcp_is_named(netns) -> None:
 # ---- the restored socket behaves like the original -----------------------------------------------------------------
 
 def _info(sock: socket.socket) -> dict[str, int]:
-    """The TCP_INFO fields a restored socket must share with the original (linux/tcp.h offsets)."""
-    raw = sock.getsockopt(TCP, socket.TCP_INFO, 240)
-    return {
-        "state": raw[0], "options": raw[5], "wscales": raw[6],
-        "snd_mss": struct.unpack_from("=I", raw, 16)[0],
-        "snd_wnd": struct.unpack_from("=I", raw, 228)[0],
-    }
+    """The TCP_INFO fields a restored socket must share with the original."""
+    fields = ("tcpi_state", "tcpi_options", "tcpi_wscales", "tcpi_snd_mss", "tcpi_snd_wnd")
+    return dict(zip(fields, tcpinfo.read(sock, *fields), strict=True))
 
 
 def _rcv_wnd(sock: socket.socket) -> int:
-    return int(struct.unpack_from("=I", sock.getsockopt(TCP, socket.TCP_INFO, 240), 232)[0])
+    return tcpinfo.read(sock, "tcpi_rcv_wnd")[0]
 
 
 @pytest.mark.parametrize(("family", "listen_addr", "connect_addr"), FAMILIES)
@@ -347,9 +344,9 @@ def test_tcp_info_side_by_side(netns, family: int, listen_addr: str, connect_add
             if state.tuple.wire().family == socket.AF_INET6:
                 # IPv6 has no call that resyncs the MSS: the connect takes it from the user MSS, which the kernel
                 # caps at 32767 (MAX_TCP_WINDOW), less the timestamp option's 12 bytes
-                before["snd_mss"] = min(before["snd_mss"], 32767 - 12)
+                before["tcpi_snd_mss"] = min(before["tcpi_snd_mss"], 32767 - 12)
             assert after == before
-            assert state.window is not None and after["snd_wnd"] == state.window.snd_wnd
+            assert state.window is not None and after["tcpi_snd_wnd"] == state.window.snd_wnd
             # the window we advertise: the restored socket recomputes it when it sends its window probe, in units
             # of its window scale, never below what the peer was told (tcp_select_window)
             unit = 1 << state.options.rcv_wscale if state.options.wscale else 1

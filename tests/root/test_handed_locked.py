@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from sockrepair.engine import _tcpinfo as tcpinfo
 from sockrepair.lab.programs import ECHO_SERVER
 from sockrepair.lock import Locker
 from sockrepair.lock.ruleset import SOCCR_MARK
@@ -53,19 +53,14 @@ freeze.held_elsewhere = held(freeze.held_elsewhere)
 sys.exit(main(sys.argv[1:]))
 """
 
-_INFO = 232  # struct tcp_info up to tcpi_snd_wnd
-
-
 class Info:
     """The struct tcp_info fields these tests read (include/uapi/linux/tcp.h)."""
 
     def __init__(self, sock: socket.socket) -> None:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _INFO)
-        self.probes, self.backoff = raw[3], raw[4]
-        self.unacked = struct.unpack_from("=I", raw, 24)[0]
-        self.total_retrans = struct.unpack_from("=I", raw, 100)[0]
-        self.notsent_bytes = struct.unpack_from("=I", raw, 144)[0]
-        self.bytes_sent, self.bytes_retrans = struct.unpack_from("=QQ", raw, 200)
+        (self.probes, self.backoff, self.unacked, self.total_retrans, self.notsent_bytes, self.bytes_sent,
+         self.bytes_retrans) = tcpinfo.read(sock, "tcpi_probes", "tcpi_backoff", "tcpi_unacked",
+                                            "tcpi_total_retrans", "tcpi_notsent_bytes", "tcpi_bytes_sent",
+                                            "tcpi_bytes_retrans")
 
 
 def _conn(client: socket.socket) -> ConnTuple:

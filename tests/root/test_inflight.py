@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import sockrepair
+from sockrepair.engine import _tcpinfo as tcpinfo
 from sockrepair.engine import checkpoint, discard, restore
 from sockrepair.lock import Locker
 from sockrepair.move.ask import Asked, ask_peers
@@ -66,8 +67,7 @@ class Info:
 
 def info(sock: socket.socket) -> Info:
     """From struct tcp_info (linux/tcp.h): tcpi_ca_state, tcpi_unacked (segments), tcpi_total_retrans."""
-    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    return Info(raw[1], struct.unpack_from("=I", raw, 24)[0], struct.unpack_from("=I", raw, 100)[0])
+    return Info(*tcpinfo.read(sock, "tcpi_ca_state", "tcpi_unacked", "tcpi_total_retrans"))
 
 
 def ioctl_int(sock: socket.socket, request: int) -> int:
@@ -211,8 +211,7 @@ class Timers:
 
 def timers(sock: socket.socket) -> Timers:
     """tcpi_retransmits (RTOs in a row) and tcpi_backoff of struct tcp_info: both 0 when no RTO fired."""
-    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
-    return Timers(raw[2], raw[4])
+    return Timers(*tcpinfo.read(sock, "tcpi_retransmits", "tcpi_backoff"))
 
 
 def loss_probes() -> int:
@@ -264,20 +263,19 @@ def grow_the_window(client: socket.socket, server: socket.socket) -> None:
 
 def snd_mss(sock: socket.socket) -> int:
     """tcpi_snd_mss of struct tcp_info: the payload bytes of a full segment."""
-    return int(struct.unpack_from("=I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 20), 16)[0])
+    return tcpinfo.read(sock, "tcpi_snd_mss")[0]
 
 
 def snd_cwnd(sock: socket.socket) -> int:
     """tcpi_snd_cwnd of struct tcp_info, in segments."""
-    return int(struct.unpack_from("=I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 84), 80)[0])
+    return tcpinfo.read(sock, "tcpi_snd_cwnd")[0]
 
 
 def send_in_flight(server: socket.socket, data: bytes, before: int = 0) -> None:
     """`data` sent whole (nothing left never-sent), and nothing of it (nor the `before` bytes) acknowledged."""
     server.sendall(data)
-    raw = server.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
-    limits = (f"snd_cwnd {snd_cwnd(server)}, snd_mss {snd_mss(server)}, "
-              f"snd_wnd {struct.unpack_from('=I', raw, 228)[0]}")
+    snd_wnd = tcpinfo.read(server, "tcpi_snd_wnd")[0]
+    limits = f"snd_cwnd {snd_cwnd(server)}, snd_mss {snd_mss(server)}, snd_wnd {snd_wnd}"
     wait_for(lambda: ioctl_int(server, SIOCOUTQNSD) == 0, f"the bytes to leave ({limits})", 5.0)
     assert ioctl_int(server, SIOCOUTQ) == before + len(data)
 

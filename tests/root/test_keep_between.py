@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import sockrepair
+from sockrepair.engine import _tcpinfo as tcpinfo
 from sockrepair.image.directory import read_dir
 from sockrepair.image.keptlog import NAME as KEPT
 from sockrepair.image.keptlog import KeptLog, decode_keptlog
@@ -92,7 +92,7 @@ def _restored(directory: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]
 
 def _unacked(sock: socket.socket) -> int:
     """tcpi_unacked: segments sent and not acknowledged."""
-    return int(struct.unpack_from("=I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 24)[0])
+    return tcpinfo.read(sock, "tcpi_unacked")[0]
 
 
 def _stderr(proc: subprocess.Popen[bytes]) -> str:

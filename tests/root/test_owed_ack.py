@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 
 import pytest
 
 import sockrepair
+from sockrepair.engine import _tcpinfo as tcpinfo
 from sockrepair.lock import Locker
 from sockrepair.move.pidfd import PidFd
 from sockrepair.move.procfs import tcp_sockets
@@ -18,9 +18,6 @@ from sockrepair.netns import NetNS
 from sockrepair.state import TCP_ESTABLISHED, ConnTuple
 from tests.root.pairs import recv_exactly, tcp_info, wait_for
 from tests.root.programs import echo_connection
-
-# struct tcp_info: tcpi_unacked at byte 24, tcpi_segs_out at 136, tcpi_segs_in at 140
-_UNACKED, _SEGS = struct.Struct("=24xI"), struct.Struct("=136xII")
 
 
 def _keep_sockets(socks: list[socket.socket], _tuples: object) -> list[socket.socket]:
@@ -31,14 +28,14 @@ def _segs(fd: int) -> tuple[int, int]:
     """(tcpi_segs_out, tcpi_segs_in) of the socket at `fd`."""
     borrowed = socket.socket(fileno=fd)
     try:
-        out, in_ = _SEGS.unpack_from(borrowed.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _SEGS.size))
+        out, in_ = tcpinfo.read(borrowed, "tcpi_segs_out", "tcpi_segs_in")
     finally:
         borrowed.detach()
     return int(out), int(in_)
 
 
 def _unacked(sock: socket.socket) -> int:
-    return int(_UNACKED.unpack_from(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _UNACKED.size))[0])
+    return tcpinfo.read(sock, "tcpi_unacked")[0]
 
 
 def test_a_quiet_connection_gets_no_extra_segment() -> None:
