@@ -16,7 +16,9 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullLocator  # noqa: E402
 
 from sockrepair.bench.results import (  # noqa: E402
+    BATCH_TARGET,
     C_IMPL,
+    GAP_TARGETS_MS,
     PHASES,
     SOCKREPAIR_IMPL,
     Batch,
@@ -30,8 +32,6 @@ from sockrepair.bench.units import human_bytes, human_count  # noqa: E402
 PHASE_COLORS = dict(zip(PHASES, ("#8c564b", "#1f77b4", "#9467bd", "#7f7f7f", "#17becf", "#2ca02c", "#e377c2")))
 FIXED_IMPL_COLORS = {C_IMPL: "#444444", SOCKREPAIR_IMPL: "#1f77b4"}
 OTHER_COLORS = ("#ff7f0e", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#17becf", "#bcbd22")
-GAP_TARGETS_MS = {1: 2.0, 100: 20.0, 1000: 100.0}
-BATCH_TARGET = 30_000.0
 DPI = 120
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from sockrepair import checkpoint, discard, restore
-from sockrepair.bench.results import SOCKREPAIR_IMPL, Profile, ProfileRow
+from sockrepair.bench.results import GAP_TARGETS_MS, SOCKREPAIR_IMPL, Profile, ProfileRow
 from sockrepair.engine._batch import checkpoint_many
 from sockrepair.errors import SockrepairError
 from sockrepair.lock import Locker
@@ -157,7 +157,7 @@ def for_target(key: str, quick: bool) -> Callable[[], Profile] | None:
         "image-1MiB": lambda: single_cycle(1 << 20, max(1, few // 3)),
         "lock": lambda: lock_cycle(100 if quick else 1000),
         "batch-10000": lambda: batch_cycle(100 if quick else 1000),
-        **{f"gap-{n}": functools.partial(gap_move, n) for n in (1, 100, 1000)},
+        **{f"gap-{n}": functools.partial(gap_move, n) for n in GAP_TARGETS_MS},
     }
     return table.get(key)
 

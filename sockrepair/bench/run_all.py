@@ -6,10 +6,11 @@
 Parts, in this order: the C reference (first half of its cycles), the Python engine (sockrepair/bench/bench_engine.py,
 when it exists), the C reference again (second half: the ratios compare figures measured minutes apart, not an
 hour); with both parts the C reference's single mode runs inside the engine part instead, a round of blocks after
-each of the engine's, and only its batches run first; then batches through a running program, lock methods, peer-seen gaps (sockrepair and criu interleaved run by run)
-and cross-host moves in the lab. Then every missed target that has a profiler is profiled (sockrepair/bench/profiles.py:
-the engine's cycles and the move within one host). Progress goes to
-stderr; a part that cannot run here is skipped with a note in the report, never replaced by made-up numbers.
+each of the engine's, and only its batches run first; then batches through a running program, lock methods,
+peer-seen gaps (sockrepair and criu interleaved run by run) and cross-host moves in the lab. Then every missed
+target that has a profiler is profiled (sockrepair/bench/profiles.py: the engine's cycles and the move within one
+host). Progress goes to stderr; a part that cannot run here is skipped with a note in the report, never replaced by
+made-up numbers.
 """
 
 from __future__ import annotations
