@@ -51,12 +51,12 @@ from sockrepair.bench.results import (
     merge_single,
     single_from_samples,
 )
+from sockrepair.engine import _tcpinfo as tcpinfo
 from sockrepair.engine._batch import checkpoint_many, owed_acks, segs_out_of
 from sockrepair.engine._ffi import lib
 from sockrepair.engine._restore import restore_with
 from sockrepair.engine._sockcall import ioctl_int
 from sockrepair.engine._sockopts import batch_fresh_values
-from sockrepair.engine._tcpinfo import view
 from sockrepair.errors import BenchmarkError, SockrepairError
 from sockrepair.lab.pattern import first_mismatch, pattern
 from sockrepair.lock import Locker
@@ -162,7 +162,7 @@ def _fill_recv_queue(peer: socket.socket, sock: socket.socket, data: bytes | mem
 
 
 # the peer's last advertised window in bytes (Linux 5.4+)
-SND_WND = view("tcpi_snd_wnd")
+SND_WND = tcpinfo.view("tcpi_snd_wnd")
 
 
 def _snd_wnd(sock: socket.socket) -> int:

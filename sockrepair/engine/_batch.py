@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from os import fstat
 from typing import NamedTuple
 
+from sockrepair.engine import _tcpinfo as tcpinfo
 from sockrepair.engine._checkpoint import (
     checkpoint_session,
     dumped_sockopts,
@@ -57,7 +58,6 @@ from sockrepair.engine._session import (
 )
 from sockrepair.engine._sockopts import DUMPED_PLANS, TCP, read_plain
 from sockrepair.engine._states import CLOSE, REPAIRABLE, send_lengths
-from sockrepair.engine._tcpinfo import view
 from sockrepair.engine._tcpopts import tcp_info, tcp_info_from
 from sockrepair.errors import SocketCallError
 from sockrepair.state import TCP_ESTABLISHED, ConnectionState
@@ -244,7 +244,7 @@ def discard_all(fds: Sequence[int], inodes: Sequence[int]) -> bool:
     return disconnected
 
 
-SEGS_OUT = view("tcpi_segs_out")
+SEGS_OUT = tcpinfo.view("tcpi_segs_out")
 
 
 def segs_out_of(socks: Sequence[SockLike]) -> list[int]:

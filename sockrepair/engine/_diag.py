@@ -18,10 +18,10 @@ import threading
 from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
+from sockrepair.engine import _tcpinfo as tcpinfo
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import _Session
 from sockrepair.engine._sockopts import decode_name
-from sockrepair.engine._tcpinfo import offset, view
 from sockrepair.engine._tcpopts import INFO_HEAD
 from sockrepair.errors import NotPermittedError, SocketCallError
 from sockrepair.state import ConnTuple
@@ -219,7 +219,7 @@ def diag(session: _Session, conn: ConnTuple, ifindex: int) -> SockView:
 
 INET_DIAG_CONG, INET_DIAG_TOS, INET_DIAG_TCLASS, INET_DIAG_SKMEMINFO = 4, 5, 6, 7
 INET_DIAG_MARK, INET_DIAG_CLASS_ID, INET_DIAG_SOCKOPT = 15, 17, 22
-_MAX_PACING, _MAX_PACING_AT = view("tcpi_max_pacing_rate"), offset("tcpi_max_pacing_rate")
+_MAX_PACING, _MAX_PACING_AT = tcpinfo.view("tcpi_max_pacing_rate"), tcpinfo.offset("tcpi_max_pacing_rate")
 # struct inet_diag_sockopt, first byte (little-endian bitfields): recverr, is_icsk, freebind, hdrincl, mc_loop,
 # transparent, ...
 SOCKOPT_RECVERR, SOCKOPT_FREEBIND, SOCKOPT_TRANSPARENT = 0x01, 0x04, 0x20

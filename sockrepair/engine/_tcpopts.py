@@ -6,18 +6,19 @@ import errno
 import struct
 from typing import NamedTuple
 
+from sockrepair.engine import _tcpinfo as tcpinfo
 from sockrepair.engine._ffi import ffi, lib
 from sockrepair.engine._session import _Session, setsockopt
-from sockrepair.engine._tcpinfo import offset, view
 from sockrepair.state import RepairWindow, TcpOptions
 
 TCP = lib.IPPROTO_TCP
 TCP_INFO, TCP_MAXSEG, TCP_TIMESTAMP = lib.TCP_INFO, lib.TCP_MAXSEG, lib.TCP_TIMESTAMP
 TCP_REPAIR_WINDOW, TCP_REPAIR_OPTIONS = lib.TCP_REPAIR_WINDOW, lib.TCP_REPAIR_OPTIONS
 OPT_SACK, OPT_TIMESTAMPS, OPT_WSCALE = lib.TCPI_OPT_SACK, lib.TCPI_OPT_TIMESTAMPS, lib.TCPI_OPT_WSCALE
-HEAD = view("tcpi_state", "tcpi_options", "tcpi_wscales")
+HEAD = tcpinfo.view("tcpi_state", "tcpi_options", "tcpi_wscales")
 INFO_HEAD = HEAD.size  # the bytes of struct tcp_info that hold them
-_OPTIONS_AT, _WSCALES_AT = offset("tcpi_options"), offset("tcpi_wscales")  # u8 each: indexed, not unpacked
+# u8 each: indexed, not unpacked (tcp_info_from runs per socket of a batch)
+_OPTIONS_AT, _WSCALES_AT = tcpinfo.offset("tcpi_options"), tcpinfo.offset("tcpi_wscales")
 WINDOW = struct.Struct("=5I")  # struct tcp_repair_window
 # struct tcp_repair_opt[n] (opt_code, opt_val: u32 each), by the number of u32s: 1 to 4 options
 OPTS = {2 * n: struct.Struct(f"={2 * n}I") for n in range(1, 5)}
@@ -64,7 +65,7 @@ def tcp_info_from(session: _Session, state: int, head: bytes) -> TcpInfo:
     return tcp_info(session)
 
 
-SEND_LIMITS = view("tcpi_snd_mss", "tcpi_snd_cwnd")
+SEND_LIMITS = tcpinfo.view("tcpi_snd_mss", "tcpi_snd_cwnd")
 
 
 def send_limits(session: _Session) -> tuple[int, int]:
@@ -77,7 +78,7 @@ def send_limits(session: _Session) -> tuple[int, int]:
     return int(mss), int(cwnd)
 
 
-SEGS_IN = view("tcpi_segs_in")
+SEGS_IN = tcpinfo.view("tcpi_segs_in")
 
 
 def segs_in(session: _Session) -> int:

@@ -10,6 +10,7 @@ import socket
 import pytest
 
 import sockrepair
+from sockrepair.engine import _tcpinfo as tcpinfo
 from sockrepair.engine._batch import checkpoint_many, discard_all
 from tests.root.pairs import FAMILIES, recv_exactly
 
@@ -46,7 +47,7 @@ def test_the_tuple_is_free_while_the_program_still_holds_the_old_socket(
         # the program's reference is still open and in repair mode: the connection is restored beside it
         restored = sockrepair.restore(state)
         # nothing reached the peer: no FIN (it would read EOF), no RST (it would be in CLOSE)
-        assert client.getsockopt(TCP, socket.TCP_INFO, 1)[0] == ESTABLISHED
+        assert tcpinfo.read(client, "tcpi_state")[0] == ESTABLISHED
         client.setblocking(False)
         with pytest.raises(BlockingIOError):
             client.recv(1)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import sockrepair
+from sockrepair.engine import _tcpinfo as tcpinfo
 from sockrepair.image.directory import read_dir
 from sockrepair.lab.recorder import Recorder
 from sockrepair.lock import Locker
@@ -42,7 +43,7 @@ UNREAD = b"unread bytes " * 300  # more than a segment's worth of MSS: the refil
 
 
 def _state(sock: socket.socket) -> int:
-    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+    return tcpinfo.read(sock, "tcpi_state")[0]
 
 
 def _until(sock: socket.socket, tcp_state: int) -> None:

@@ -5,10 +5,10 @@ netlink socket of the namespace this thread asked last, naming the socket by its
 from __future__ import annotations
 
 import socket
-import struct
 import time
 
 import sockrepair
+from sockrepair.engine import _tcpinfo as tcpinfo
 from sockrepair.netns import NetNS
 
 TCP_ESTABLISHED, TCP_CLOSE_WAIT = 1, 8
@@ -28,7 +28,7 @@ def _pair() -> tuple[socket.socket, socket.socket]:
 
 
 def _state(sock: socket.socket) -> int:
-    return struct.unpack_from("B", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8))[0]
+    return tcpinfo.read(sock, "tcpi_state")[0]
 
 
 def test_a_socket_with_the_same_tuple_in_another_namespace_does_not_answer_for_it() -> None:

@@ -12,6 +12,7 @@ import struct
 import pytest
 
 from sockrepair.engine import _diag
+from sockrepair.engine import _tcpinfo as tcpinfo
 from sockrepair.engine._session import _Session
 from tests.root.pairs import FAMILIES, wait_for
 
@@ -22,7 +23,7 @@ _STATES = (1 << 1) | (1 << 8)  # ESTABLISHED, CLOSE_WAIT
 
 
 def _state(sock: socket.socket) -> int:
-    return int(struct.unpack_from("B", sock.getsockopt(TCP, socket.TCP_INFO, 8))[0])
+    return tcpinfo.read(sock, "tcpi_state")[0]
 
 
 def _pairs(family: int, listen_addr: str, connect_addr: str, n: int) -> list[tuple[socket.socket, socket.socket]]:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import sockrepair
+from sockrepair.engine import _tcpinfo as tcpinfo
 from sockrepair.state import ConnectionState
 from tests.root.pairs import FAMILIES, tuple_of
 
@@ -22,7 +23,7 @@ Pair = tuple[socket.socket, socket.socket]
 
 
 def _state(sock: socket.socket) -> int:
-    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+    return tcpinfo.read(sock, "tcpi_state")[0]
 
 
 def _out_rsts() -> int:

@@ -397,7 +397,7 @@ def test_a_restored_syn_passes_the_lock(family: int, addr: str, netns: NetNS, lo
         conn = ConnTuple(family, *connecting.getsockname()[:2], *listener.getsockname()[:2])
         with move_kept(connecting, locker, conn) as (restored, asked, _):
             assert asked.states[0].tcp_state == SYN_SENT
-            wait_for(lambda: restored.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 1,
+            wait_for(lambda: tcpinfo.read(restored, "tcpi_state")[0] == 1,
                      "the handshake to complete", 5.0)
             after, clock = info(restored), timers(restored)
             accepted, _ = listener.accept()

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 import pytest
 
 from sockrepair import discard
+from sockrepair.engine import _tcpinfo as tcpinfo
 from sockrepair.engine._batch import checkpoint_many, owed_acks, segs_out_of
 from sockrepair.engine._ffi import lib
 from sockrepair.engine._session import _Session
@@ -84,7 +85,7 @@ def test_a_batch_restore_sets_every_option_a_new_socket_does_not_hold(netns, mon
             client.sendall(b"unread %d" % i)
             server.sendall(b"to the client %d" % i)
             assert recv_exactly(client, len(b"to the client %d" % i)) == b"to the client %d" % i
-        wait_for(lambda: all(s.getsockopt(TCP, lib.TCP_INFO, 8)[0] == 1 for s in servers), "the pairs to settle")
+        wait_for(lambda: all(tcpinfo.read(s, "tcpi_state")[0] == 1 for s in servers), "the pairs to settle")
         saved = [read_sockopts(_Session(s.fileno()), family) for s in servers]
         # all cases: the old defaults (differ from a new socket's), set values, the new defaults
         assert saved[0].rto_min_us == 200_000 and saved[1].rto_min_us == 60_000 and saved[-1].rto_min_us == 100_000

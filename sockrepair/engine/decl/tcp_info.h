@@ -1,7 +1,7 @@
 /* linux/tcp.h: struct tcp_info as Linux 6.7 lays it out (later kernels append fields; the kernel copies
  * min(asked, its own size) bytes, so an older kernel's answer is a prefix). The two bitfield bytes are declared
- * whole: cffi cannot lay out bitfields in ABI mode portably (engine/_tcpopts.py splits the wscales). Python reads
- * it by field name through sockrepair/engine/_tcpinfo.py, never by offsets written out. */
+ * whole: cffi cannot lay out bitfields in ABI mode portably (engine/_tcpopts.py splits the wscales). sockrepair
+ * reads it by field name through sockrepair/engine/_tcpinfo.py. */
 #define TCPI_OPT_TIMESTAMPS 1
 #define TCPI_OPT_SACK 2
 #define TCPI_OPT_WSCALE 4
