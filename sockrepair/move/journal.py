@@ -439,12 +439,15 @@ def load_states(directory: Path) -> list[ConnectionState]:
     return states
 
 
-def mark_ended(directory: Path) -> None:
-    """The move passed its point of no return: its source is being ended (fsynced unless volatile(), so that a
-    crash right after still leaves the images restorable)."""
+def mark_ended(directory: Path, durable: bool | None = None) -> None:
+    """The move passed its point of no return: its source is being ended (fsynced when `durable`, so that a crash
+    right after still leaves the images restorable). `durable`: JournalHead.durable of `directory`, found before
+    the freeze (volatile() takes some 75 us, inside it); None: not volatile(directory), found now."""
+    if durable is None:
+        durable = not volatile(directory)
     with open_private(directory / ENDED) as f:
         f.write(f"{time.time():.3f}\n".encode())
-        if not volatile(directory):
+        if durable:
             f.flush()
             os.fsync(f.fileno())
 

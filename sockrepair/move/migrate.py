@@ -285,7 +285,7 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             with timings.timed(Stage.CLOSE):
                 try:
                     # the tuples are free once our copies are disconnected: the process exits during the restore
-                    end_source(cap, passed=lambda: mark_ended(directory), wait=False)
+                    end_source(cap, passed=lambda: mark_ended(directory, head.durable), wait=False)
                 finally:
                     ended = cap.ended
         reset_taken(cap.backlog, tuples)  # handed off or carried, one on a moved tuple would fail the restore

@@ -23,7 +23,7 @@ from pathlib import Path
 import sockrepair.move.{module} as mover
 from sockrepair.move.handoff import send_over_unix
 
-def mark_ended(directory):
+def mark_ended(directory, durable=None):
     raise OSError(errno.ENOSPC, "No space left on device", str(directory))
 
 mover.mark_ended = mark_ended

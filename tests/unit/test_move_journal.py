@@ -120,6 +120,18 @@ def test_the_default_journal_under_run_is_written_but_not_fsynced(tmp_path: Path
         JOURNAL_IMAGES: 0o600, JOURNAL_INDEX: 0o600, "ended": 0o600}
 
 
+@pytest.mark.parametrize("durable", [True, False])
+def test_the_end_mark_takes_the_heads_durability(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 durable: bool) -> None:
+    # migrate() passes JournalHead.durable, found before the freeze: the mark, inside it, does not resolve paths
+    (tmp_path / "j").mkdir()
+    monkeypatch.setattr(journal_module, "volatile", lambda _d: pytest.fail("volatile() asked inside the freeze"))
+    calls = _fsyncs(monkeypatch)
+    mark_ended(tmp_path / "j", durable)
+    assert (tmp_path / "j" / "ended").stat().st_mode & 0o777 == 0o600
+    assert len(calls) == (1 if durable else 0)
+
+
 @pytest.mark.parametrize("placed", ["default", "caller's"])
 def test_connections_appended_to_a_journal_read_back_after_the_others(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch,
