@@ -19,7 +19,7 @@ from sockrepair.check import probe
 from sockrepair.errors import UnsupportedError
 from sockrepair.lab.hosts import SERVICE4, Lab
 from sockrepair.lab.programs.requester import RTO_S
-from sockrepair.lab.recorder import Recorder
+from sockrepair.lab.recorder import Recorder, wall_clock
 from sockrepair.lab.subjects import (
     RequestClient,
     start_echo,
@@ -111,9 +111,10 @@ def run_demo(json_output: bool = False, seconds: float = 3.0, connections: int =
                 for s in socks:
                     s.close()
 
-            began, frozen_at = time.monotonic(), time.time()
             report = migrate(old.pid, dest_netns=lab.b.name, network=lambda: lab.move_service("a", "b"),
                              handoff=handoff)
+            # from the freeze on: migrate() sets up for milliseconds before it (the wire's stamps are wall-clock)
+            began, frozen_at = report.frozen_at, wall_clock(report.frozen_at)
             resumed_at = frozen_at + report.downtime_ms / 1000
             phases = ", ".join(f"{k} {v:.2f}" for k, v in report.phases_ms.items())
             kept = report.kept

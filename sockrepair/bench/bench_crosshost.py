@@ -38,13 +38,14 @@ from sockrepair.bench.bench_gap import (
     from_figures,
     handing_off,
     migrate_phases,
+    move_ended,
     peer_figures,
 )
 from sockrepair.bench.results import CROSSHOST_IMPL
 from sockrepair.bench.units import connections
 from sockrepair.errors import ProcessError, SockrepairError
 from sockrepair.lab.hosts import SERVICE4, Lab
-from sockrepair.lab.recorder import Recorder
+from sockrepair.lab.recorder import Recorder, wall_clock
 from sockrepair.lab.subjects import raise_fd_limit, start_echo, start_receiver, stop
 from sockrepair.move.migrate import migrate
 from sockrepair.state import ConnTuple
@@ -120,16 +121,19 @@ def run_once(connections: int, plan: Plan, workload: str = "requests", keep: boo
             time.sleep(plan.settle_s)
 
             seen: list[list[int]] = []
-            began, frozen_at = time.monotonic(), time.time()
+            began = time.monotonic()
             try:
                 report = migrate(server.pid, dest_netns=lab.b.name, network=lambda: lab.move_service("a", "b"),
                                  handoff=handing_off(work / "receiver.sock", seen), keep=keep)
                 moved = RunResult(None, None, report.downtime_ms, migrate_phases(report),
                                   kept=(report.kept.delivered, report.kept.fell_back) if keep else None,
-                                  unacked=seen[0] if seen else None)
+                                  unacked=seen[0] if seen else None, frozen_at=report.frozen_at)
+                # the wire's frames carry wall-clock stamps
+                frozen_at = wall_clock(report.frozen_at)
                 resumed_at = frozen_at + report.downtime_ms / 1000
             except (SockrepairError, OSError) as exc:
-                moved, resumed_at = RunResult(None, f"{type(exc).__name__}: {exc}"), time.time()
+                moved = RunResult(None, f"{type(exc).__name__}: {exc}")
+                frozen_at = resumed_at = time.time()
             time.sleep(plan.after_s)
             talk = client.stop()
             client = None
@@ -144,9 +148,7 @@ def run_once(connections: int, plan: Plan, workload: str = "requests", keep: boo
                 client.close()
             stop(receiver)
             stop(server)
-    took_ms = (moved.downtime_ms or 0.0) + moved.phases_ms.get("handoff", 0.0)
-    figures = peer_figures(talk, began, began + took_ms / 1000 if moved.downtime_ms is not None else None,
-                           moved.unacked)
+    figures = peer_figures(talk, began, move_ended(moved, began), moved.unacked)
     errors = ([moved.error] if moved.error else []) + list(talk.get("errors", [])) + problems
     if not talk.get("swept") and not errors:
         errors.append("the client did not check every connection after the move")

@@ -129,6 +129,9 @@ class RunResult:
     later_ms: float | None = None  # the worst the peer saw of what it sent once the move (and handoff) had ended
     unacked: list[int] | None = None  # sockrepair: the peer's ports of the sockets restored with unacked output
     over_200ms_unacked: int | None = None  # requests >= 200 ms on those connections
+    # sockrepair: time.monotonic() when the kept freeze began (MigrationReport.frozen_at); the move ends the downtime
+    # and the handoff after it, not after the call's start: migrate() sets up for milliseconds before it freezes
+    frozen_at: float | None = None
 
 
 def _free_port(ns: NetNS) -> int:
@@ -225,7 +228,16 @@ def move_with_sockrepair(ns: NetNS, pid: int, unix_path: Path, profiler: cProfil
                 profiler.disable()
     return RunResult(None, None, report.downtime_ms, migrate_phases(report),
                      kept=(report.kept.delivered, report.kept.fell_back) if keep else None,
-                     unacked=seen[0] if seen else None)
+                     unacked=seen[0] if seen else None, frozen_at=report.frozen_at)
+
+
+def move_ended(moved: RunResult, began: float) -> float | None:
+    """time.monotonic() when the move ended (its downtime and handoff done), counted from its freeze when known,
+    else from `began` (the call's start: criu); None when the move failed."""
+    if moved.downtime_ms is None:
+        return None
+    start = moved.frozen_at if moved.frozen_at is not None else began
+    return start + (moved.downtime_ms + moved.phases_ms.get("handoff", 0.0)) / 1000
 
 
 def migrate_phases(report: MigrationReport) -> dict[str, float]:
@@ -344,9 +356,7 @@ def run_once(variant: str, connections: int, plan: Plan, criu: Criu | None,
 
 
 def _outcome(moved: RunResult, report: dict[str, Any], began: float) -> RunResult:
-    took_ms = (moved.downtime_ms or 0.0) + moved.phases_ms.get("handoff", 0.0)
-    figures = peer_figures(report, began, began + took_ms / 1000 if moved.downtime_ms is not None else None,
-                           moved.unacked)
+    figures = peer_figures(report, began, move_ended(moved, began), moved.unacked)
     errors = ([moved.error] if moved.error else []) + list(report.get("errors", []))
     if not report.get("swept") and not errors:
         errors.append("the peer did not check every connection after the move")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
 from sockrepair.engine._ffi import lib
@@ -22,6 +23,12 @@ _PACKET_STATISTICS = 6
 _SO_TIMESTAMPNS = 35  # asm-generic/socket.h SO_TIMESTAMPNS_OLD: a struct timespec; Python 3.11 lacks the name
 _RCVBUF = 8 << 20
 _ARPHRD_LOOPBACK = 772  # linux/if_arp.h
+
+
+def wall_clock(monotonic: float) -> float:
+    """The time.time() of the instant that time.monotonic() gave as `monotonic` (seconds), for comparing it with
+    the frames' stamps (MigrationReport.frozen_at, say)."""
+    return time.time() - (time.monotonic() - monotonic)
 
 
 class Recorder:

@@ -72,13 +72,16 @@ class MigrationReport:
     read may be lost), after `freeze_attempts` tries; `busy`: the threads that were not waiting. `phases_ms`:
     milliseconds per stage, keyed by Stage.key in the order run: freeze, lock (source and destination added up),
     checkpoint, serialize, journal, close, network (only with `network`), restore, deliver, unlock, handoff (only
-    with `handoff`). `downtime_ms`: milliseconds from the start of the kept freeze to the end of the
-    unlock (the handoff is not in it). `image_bytes`: the encoded states' total size. `journal`: the directory the
-    states were made durable in before the source was ended (removed once the move completed, when migrate()
-    created it). `kept`: the peers' packets kept by the lock and delivered to the restored sockets, and those left to
-    the peers' retransmission (sockrepair.move.keep.Kept). `handoff_result`: what `handoff` returned (not in
-    to_dict()). `sockets`: without a `handoff`, the restored connections, live, in the order of `connections`, then
-    those of `accepted`: this process holds them now (closing one closes that connection; not in to_dict()).
+    with `handoff`). `downtime_ms`: milliseconds from the start of the kept freeze to the end of the unlock (the
+    handoff is not in it). `frozen_at`: time.monotonic() (seconds, CLOCK_MONOTONIC: comparable across the processes
+    of one boot) when that freeze began; the call's setup before it (the guard's fork, the look at the process, the
+    lock's rules) takes milliseconds, more in a process of a large heap. `image_bytes`: the encoded states' total
+    size. `journal`: the directory the states were made durable in before the source was ended (removed once the
+    move completed, when migrate() created it). `kept`: the peers' packets kept by the lock and delivered to the
+    restored sockets, and those left to the peers' retransmission (sockrepair.move.keep.Kept). `handoff_result`:
+    what `handoff` returned (not in to_dict()). `sockets`: without a `handoff`, the restored connections, live, in
+    the order of `connections`, then those of `accepted`: this process holds them now (closing one closes that
+    connection; not in to_dict()).
     `accepted`: the connections that waited in the program's listeners' accept queues when it was ended (connected
     while it was frozen, say), accepted and handed off (without a handoff, in `sockets`) after the moved ones
     (sockrepair.move.backlog); into another namespace, those carried there (one that could not be checkpointed is
@@ -98,13 +101,15 @@ class MigrationReport:
     journal: str | None = None
     accepted: list[str] = field(default_factory=list)
     sockets: list[socket.socket] = field(default_factory=list, repr=False)
+    frozen_at: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON view: every field but handoff_result and sockets, milliseconds rounded to 3 decimals."""
         return {"pid": self.pid, "connections": self.connections, "freeze_method": self.freeze_method,
                 "quiescent": self.quiescent, "freeze_attempts": self.freeze_attempts, "busy": self.busy,
                 "phases_ms": {k: round(v, 3) for k, v in self.phases_ms.items()},
-                "downtime_ms": round(self.downtime_ms, 3), "image_bytes": self.image_bytes,
+                "downtime_ms": round(self.downtime_ms, 3), "frozen_at": round(self.frozen_at, 6),
+                "image_bytes": self.image_bytes,
                 "kept": self.kept.to_dict(), "journal": self.journal, "accepted": self.accepted}
 
 
@@ -334,7 +339,8 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
                     source_locker.unlock(tuples)
                 if keeper is not None:  # what the lock stopped after deliver() last looked: nothing else delivers it
                     kept = keeper.deliver(tuples, netns_path(dest_netns))
-        downtime = (time.perf_counter() - start) * 1000
+        since_freeze = time.perf_counter() - start
+        downtime, frozen_at = since_freeze * 1000, time.monotonic() - since_freeze
         result = None
         if handoff is not None:
             with timings.timed(Stage.HANDOFF):
@@ -390,4 +396,5 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             keeper.close()
     return MigrationReport(pid, [str(t) for t in tuples[: len(cap.sockets)]], cap.freeze_method, timings.ms, downtime,
                            sum(map(len, images)), kept, result, cap.freeze.quiescent, cap.freeze.attempts,
-                           [str(b) for b in cap.freeze.busy], str(directory), [str(t) for t in accepted], taken)
+                           [str(b) for b in cap.freeze.busy], str(directory), [str(t) for t in accepted], taken,
+                           frozen_at)

@@ -29,7 +29,9 @@ def test_migrate_to_a_new_program_under_traffic():
             def handoff(socks, tuples):
                 return spawn_with_sockets([sys.executable, str(ECHO_SERVER)], socks, tuples)
 
+            called = time.monotonic()
             report = sockrepair.migrate(server.pid, dest_netns=ns.name, handoff=handoff)
+            returned = time.monotonic()
             new_server = report.handoff_result
             # the program has exited before the handoff, so before migrate() returns
             exited = server.poll()
@@ -52,6 +54,10 @@ def test_migrate_to_a_new_program_under_traffic():
         assert report.kept.recording and report.kept.fell_back == 0
         # downtime counts from the kept freeze: the freeze stage also holds the attempts a busy program cost before
         assert 0 < sum(ms for k, ms in report.phases_ms.items() if k not in ("freeze", "handoff")) <= report.downtime_ms
+        # the freeze came after the call's setup, and the downtime and handoff after it, before the return
+        end = report.frozen_at + (report.downtime_ms + report.phases_ms["handoff"]) / 1000
+        assert called < report.frozen_at < end <= returned
+        assert report.to_dict()["frozen_at"] == round(report.frozen_at, 6)
         with ns.entered():
             assert sockrepair.list_locks() == []
 

@@ -98,6 +98,22 @@ def test_every_variant_and_count_of_the_issue_is_planned_and_quick_stays_small()
     assert bench_gap.request_interval(1000) == 0.2
 
 
+def test_the_move_ends_after_its_freeze_not_after_the_calls_start() -> None:
+    # migrate() set up for 30 ms before it froze; its downtime and handoff took 8 ms: a request due at +32 ms waited
+    # inside the move, not after it (counted from the call's start, the move "ended" at +8 ms)
+    began = 100.0
+    report_ = {"mode": "requests", "requests": 300, "over_200ms": 0, "errors": [], "swept": True,
+               "worst": [100.032, 0.006], "pauses": [], "longest_pause": [0.0, 0.0], "ports": [5000],
+               "slow": [[99.5, 0.0012, 0], [100.032, 0.006, 0], [100.05, 0.0015, 0]]}
+    moved = bench_gap.RunResult(None, None, 7.0, {"freeze": 0.5, "handoff": 1.0}, frozen_at=100.030)
+    assert bench_gap.move_ended(moved, began) == pytest.approx(100.038)
+    run = bench_gap._outcome(moved, report_, began)
+    assert run.gap_ms == pytest.approx(6.0) and run.later_ms == pytest.approx(1.5)
+    # criu's moves carry no freeze time: counted from the call's start
+    assert bench_gap.move_ended(bench_gap.RunResult(None, None, 7.0, {"handoff": 1.0}), began) == pytest.approx(100.008)
+    assert bench_gap.move_ended(bench_gap.RunResult(None, "failed"), began) is None
+
+
 def test_a_request_run_counts_the_requests_that_waited_a_retransmission_timeout() -> None:
     began = 100.0
     report_ = {"mode": "requests", "requests": 500, "over_200ms": 2, "errors": [], "swept": True,
