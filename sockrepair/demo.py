@@ -111,10 +111,12 @@ def run_demo(json_output: bool = False, seconds: float = 3.0, connections: int =
                 for s in socks:
                     s.close()
 
+            began = time.monotonic()
             report = migrate(old.pid, dest_netns=lab.b.name, network=lambda: lab.move_service("a", "b"),
                              handoff=handoff)
-            # from the freeze on: migrate() sets up for milliseconds before it (the wire's stamps are wall-clock)
-            began, frozen_at = report.frozen_at, wall_clock(report.frozen_at)
+            # the wire's window from the kept freeze (migrate() sets up for milliseconds before it; the frames carry
+            # wall-clock stamps); the requests' from the call, which a busy program's earlier freezes stalled too
+            frozen_at = wall_clock(report.frozen_at)
             resumed_at = frozen_at + report.downtime_ms / 1000
             phases = ", ".join(f"{k} {v:.2f}" for k, v in report.phases_ms.items())
             kept = report.kept

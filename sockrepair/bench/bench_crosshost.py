@@ -121,7 +121,7 @@ def run_once(connections: int, plan: Plan, workload: str = "requests", keep: boo
             time.sleep(plan.settle_s)
 
             seen: list[list[int]] = []
-            began = time.monotonic()
+            began, called = time.monotonic(), time.time()
             try:
                 report = migrate(server.pid, dest_netns=lab.b.name, network=lambda: lab.move_service("a", "b"),
                                  handoff=handing_off(work / "receiver.sock", seen), keep=keep)
@@ -133,7 +133,7 @@ def run_once(connections: int, plan: Plan, workload: str = "requests", keep: boo
                 resumed_at = frozen_at + report.downtime_ms / 1000
             except (SockrepairError, OSError) as exc:
                 moved = RunResult(None, f"{type(exc).__name__}: {exc}")
-                frozen_at = resumed_at = time.time()
+                frozen_at, resumed_at = called, time.time()
             time.sleep(plan.after_s)
             talk = client.stop()
             client = None

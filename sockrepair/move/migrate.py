@@ -73,9 +73,9 @@ class MigrationReport:
     milliseconds per stage, keyed by Stage.key in the order run: freeze, lock (source and destination added up),
     checkpoint, serialize, journal, close, network (only with `network`), restore, deliver, unlock, handoff (only
     with `handoff`). `downtime_ms`: milliseconds from the start of the kept freeze to the end of the unlock (the
-    handoff is not in it). `frozen_at`: time.monotonic() (seconds, CLOCK_MONOTONIC: comparable across the processes
-    of one boot) when that freeze began; the call's setup before it (the guard's fork, the look at the process, the
-    lock's rules) takes milliseconds, more in a process of a large heap. `image_bytes`: the encoded states' total
+    handoff is not in it). `frozen_at`: time.monotonic() (seconds) when that freeze began; the call's setup before
+    it (the guard's fork, the look at the process, the lock's rules) takes milliseconds, more in a process of a
+    large heap. `image_bytes`: the encoded states' total
     size. `journal`: the directory the states were made durable in before the source was ended (removed once the
     move completed, when migrate() created it). `kept`: the peers' packets kept by the lock and delivered to the
     restored sockets, and those left to the peers' retransmission (sockrepair.move.keep.Kept). `handoff_result`:
@@ -92,6 +92,7 @@ class MigrationReport:
     freeze_method: str
     phases_ms: dict[str, float]
     downtime_ms: float
+    frozen_at: float
     image_bytes: int
     kept: Kept = field(default_factory=lambda: Kept(0, 0, False, "keeping was not asked for"))
     handoff_result: Any = field(default=None, repr=False)
@@ -101,7 +102,6 @@ class MigrationReport:
     journal: str | None = None
     accepted: list[str] = field(default_factory=list)
     sockets: list[socket.socket] = field(default_factory=list, repr=False)
-    frozen_at: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON view: every field but handoff_result and sockets, milliseconds rounded to 3 decimals."""
@@ -395,6 +395,5 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
         if keeper is not None:
             keeper.close()
     return MigrationReport(pid, [str(t) for t in tuples[: len(cap.sockets)]], cap.freeze_method, timings.ms, downtime,
-                           sum(map(len, images)), kept, result, cap.freeze.quiescent, cap.freeze.attempts,
-                           [str(b) for b in cap.freeze.busy], str(directory), [str(t) for t in accepted], taken,
-                           frozen_at)
+                           frozen_at, sum(map(len, images)), kept, result, cap.freeze.quiescent, cap.freeze.attempts,
+                           [str(b) for b in cap.freeze.busy], str(directory), [str(t) for t in accepted], taken)
