@@ -75,17 +75,15 @@ class MigrationReport:
     with `handoff`). `downtime_ms`: milliseconds from the start of the kept freeze to the end of the unlock (the
     handoff is not in it). `frozen_at`: time.monotonic() (seconds) when that freeze began; the call's setup before
     it (the guard's fork, the look at the process, the lock's rules) takes milliseconds, more in a process of a
-    large heap. `image_bytes`: the encoded states' total
-    size. `journal`: the directory the states were made durable in before the source was ended (removed once the
-    move completed, when migrate() created it). `kept`: the peers' packets kept by the lock and delivered to the
-    restored sockets, and those left to the peers' retransmission (sockrepair.move.keep.Kept). `handoff_result`:
-    what `handoff` returned (not in to_dict()). `sockets`: without a `handoff`, the restored connections, live, in
-    the order of `connections`, then those of `accepted`: this process holds them now (closing one closes that
-    connection; not in to_dict()).
-    `accepted`: the connections that waited in the program's listeners' accept queues when it was ended (connected
-    while it was frozen, say), accepted and handed off (without a handoff, in `sockets`) after the moved ones
-    (sockrepair.move.backlog); into another namespace, those carried there (one that could not be checkpointed is
-    reset, as before)."""
+    large heap. `image_bytes`: the encoded states' total size. `journal`: the directory the states were made durable
+    in before the source was ended (removed once the move completed, when migrate() created it). `kept`: the peers'
+    packets kept by the lock and delivered to the restored sockets, and those left to the peers' retransmission
+    (sockrepair.move.keep.Kept). `handoff_result`: what `handoff` returned (not in to_dict()). `sockets`: without a
+    `handoff`, the restored connections, live, in the order of `connections`, then those of `accepted`: this process
+    holds them now (closing one closes that connection; not in to_dict()). `accepted`: the connections that waited
+    in the program's listeners' accept queues when it was ended (connected while it was frozen, say), accepted and
+    handed off (without a handoff, in `sockets`) after the moved ones (sockrepair.move.backlog); into another
+    namespace, those carried there (one that could not be checkpointed is reset, as before)."""
 
     pid: int
     connections: list[str]
