@@ -414,11 +414,12 @@ class _Landing:
     def save(self, pid: int) -> None:
         """Lock the connections again, checkpoint the held sockets into the journal, close them silently. When
         sockrepair died during the handoff, the sockets some other process holds now were handed off: those are
-        left to it, and only the others saved."""
+        left to it, and only the others saved. When the move was marked completed (journal.completed) they are only
+        closed: without a handoff they were the dead caller's."""
         from sockrepair.engine import checkpoint, discard
         from sockrepair.image import encode
         from sockrepair.lock import Locker
-        from sockrepair.move.journal import load_states, write_journal
+        from sockrepair.move.journal import completed, load_states, write_journal
         from sockrepair.netns import named
         from sockrepair.state import ConnTuple
 
@@ -435,12 +436,20 @@ class _Landing:
                 return
         netns, ttl = self.where["netns"], float(self.where["ttl"])
         directory = Path(self.where["directory"])
+        if completed(directory):
+            # no handoff: migrate() gave the sockets to its caller, and they die with it. Locked again into a journal
+            # that no restore would use, their peers would hear nothing until the lock's TTL; closed, they are told.
+            for sock in self.socks:
+                sock.close()
+            self.socks = []
+            return
+        # the journal as written before the source was ended, its held connections replaced by what they are now
+        # (a socket restored but not held yet, when sockrepair died mid-restore, is beyond saving); read before the
+        # lock, so that a journal that cannot be read leaves the peers told of the close, not locked out
+        images = {st.tuple: encode(st) for st in load_states(directory)}
         held = [ConnTuple.parse(t) for t in self.tuples[: len(self.socks)]]
         with named(netns), Locker() as locker:
             locker.lock(held, ttl=ttl)
-        # the journal as written before the source was ended, its held connections replaced by what they are now
-        # (a socket restored but not held yet, when sockrepair died mid-restore, is beyond saving)
-        images = {st.tuple: encode(st) for st in load_states(directory)}
         for conn, sock in zip(held, self.socks):
             images[conn] = encode(checkpoint(sock))
         order = [ConnTuple.parse(t) for t in self.tuples]

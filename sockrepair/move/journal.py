@@ -462,6 +462,11 @@ def mark_completed(directory: Path, created: bool) -> None:
         f.write(f"{time.time():.3f}\n".encode())
 
 
+def completed(directory: Path) -> bool:
+    """Whether mark_completed() ran for `directory`: gone (the journal had created it) or holding COMPLETED."""
+    return not directory.is_dir() or (directory / COMPLETED).exists()
+
+
 def mark_handed(directory: Path, tuples: Sequence[object]) -> None:
     """These connections (`tuples`, with those already recorded) are in a program now: a later restore of
     `directory` must not make them again, only unlock them. Written to a temporary name, fsynced and renamed, so that

@@ -398,6 +398,44 @@ def test_a_killed_migrate_says_where_its_journal_is_and_restore_lists_it(netns, 
                 shutil.rmtree(journal, ignore_errors=True)
 
 
+NO_HANDOFF_SCRIPT = """
+import os
+import signal
+import sys
+import sockrepair
+from sockrepair.move import freeze
+pid, journal = int(sys.argv[1]), sys.argv[2] or None
+# killed once the move is marked completed, before its guard is let go
+freeze.Freezer.release = lambda self: os.kill(os.getpid(), signal.SIGKILL)
+sockrepair.migrate(pid, journal=journal, network=lambda: None)
+"""
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["default-journal", "given-journal"])
+def test_a_mover_killed_after_completing_a_move_without_handoff_tells_the_peers_at_once(netns, tmp_path, given):
+    """Without a handoff the restored sockets are the caller's: a caller SIGKILLed between marking the move
+    completed and letting its guard go takes them with it. The guard must not lock them again and save them into
+    a journal that is gone, or marked completed: the peers would hear nothing until the lock's TTL (60 s). They read
+    the end of their connections now, and nothing stays locked."""
+    with echo_clients(2, 20_000) as (server, clients, offsets, stop_later):
+        journal = tmp_path / "journal" if given else None
+        run = subprocess.run([sys.executable, "-c", NO_HANDOFF_SCRIPT, str(server.pid), str(journal or "")],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == -signal.SIGKILL, run.stderr
+        assert server.wait(10) == -signal.SIGKILL
+        for c in clients:
+            c.settimeout(10)
+            try:
+                assert c.recv(1) == b""
+            except ConnectionResetError:
+                pass  # unread bytes in the closed socket: a reset, told as well
+        wait_for(lambda: sockrepair.list_locks() == [], "no connection locked")
+        if journal is not None:
+            assert stale_reason(journal) == "this move completed: its connections live on elsewhere"
+        else:
+            assert not list(Path("/run/sockrepair").glob(f"move-{server.pid}-*"))
+
+
 def _reuseaddr(pid: int) -> list[int]:
     """SO_REUSEADDR of each established TCP socket of `pid`."""
     values = []
