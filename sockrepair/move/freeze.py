@@ -5,17 +5,18 @@ The stop: the cgroup v2 freezer when the process is alone in a cgroup of its own
 PTRACE_INTERRUPT on every thread: the kernel lets the process go when its tracer dies, kernel/ptrace.c
 exit_ptrace()); else, when the process is already traced, SIGSTOP.
 
-The guard is a child forked before the freeze (Freezer); it does the stopping and continuing on request, and waits
-on a socket pair from sockrepair. When that closes before sockrepair said goodbye (sockrepair was SIGKILLed, or died
-some other way), the guard finishes the job for it: before the point of no return it takes every socket sockrepair
-said it works on (pidfd_getfd), turns repair mode off without a window probe, releases their lock, and lets the
-process go on; past it (sockrepair had begun ending the source) it SIGKILLs the process, whose states are in the
-move's journal, and leaves the lock for the restore. migrate() keeps the guard until the handoff and gives it
-duplicates of the restored sockets meanwhile (hold(), release()): if sockrepair dies holding them, the guard locks
-them again, checkpoints them into the journal and closes them silently; it holds duplicates of the connections
-accepted from the process's listeners while they are locked and not yet saved (guard_accepted()), and resets them
-if sockrepair dies then (sockrepair.move.backlog.carry). The guard ignores SIGINT, SIGTERM, SIGHUP and SIGQUIT,
-which a terminal sends to the whole process group (Ctrl-C, Ctrl-\\). Leaving repair mode clears a socket's
+The guard is a child forked before the freeze (Freezer); it does the stopping and continuing on request, and waits on a
+socket pair from sockrepair. When that closes before sockrepair said goodbye (sockrepair was SIGKILLed, or died some
+other way), the guard finishes the job for it: before the point of no return it takes every socket sockrepair said it
+works on (pidfd_getfd), turns repair mode off without a window probe, releases their lock, and lets the process go on;
+past it (sockrepair had begun ending the source) it SIGKILLs the process, whose states are in the move's journal, and
+leaves the lock for the restore. migrate() keeps the guard until the handoff and gives it duplicates of the restored
+sockets meanwhile (hold(), release()): if sockrepair dies holding them, the guard locks them again, checkpoints them
+into the journal and closes them silently; it holds duplicates of the connections accepted from the process's listeners
+while they are locked and not yet saved (guard_accepted()), and resets them if sockrepair dies then
+(sockrepair.move.backlog.carry). The guard ignores SIGINT, SIGTERM, SIGHUP and SIGQUIT, which a terminal sends to the
+whole process group (Ctrl-C, Ctrl-\\), and leaves sockrepair's group for one of its own, so that a SIGKILL of the group
+(`kill -KILL -- -PGID`) does not reach it; a kill of the whole cgroup does. Leaving repair mode clears a socket's
 SO_REUSEADDR: the guard sets it again on the sockets sockrepair said had it when checkpointed (reuse()).
 
 A process is never frozen when it is sockrepair itself or one of its ancestors (a shell running `sockrepair dump
@@ -535,6 +536,9 @@ class Freezer:
         child = os.fork()
         if child == 0:
             try:  # the child never returns into the caller's code
+                # out of sockrepair's process group: a supervisor that kills the group (kill -KILL -- -PGID)
+                # must not take the guard with the mover, whose half-done work it exists to undo
+                os.setpgid(0, 0)
                 keep = {theirs.fileno(), their_holds.fileno(), self.pidfd.fd, *inherit}
                 for name in os.listdir("/proc/self/fd"):
                     fd = int(name)

@@ -23,8 +23,9 @@ sends before the unlock passes too). Without that, what a peer sent between the 
 (the handoff's few milliseconds) waited for its retransmission.
 
 The guard is a grandchild (forked twice) so that it outlives an --exec without becoming the new program's child; it
-ignores SIGINT, SIGTERM and SIGHUP, which a terminal sends to the whole process group, and keeps the fds `inherit`
-(the flock on the image directory: a second restore waits until the guard is done)."""
+ignores SIGINT, SIGTERM and SIGHUP, which a terminal sends to the whole process group, leaves that group for one of its
+own (a SIGKILL of the group, `kill -KILL -- -PGID`, spares it; a kill of the whole cgroup does not), and keeps the fds
+`inherit` (the flock on the image directory: a second restore waits until the guard is done)."""
 
 from __future__ import annotations
 
@@ -92,6 +93,7 @@ class RestoreGuard:
                         signal.signal(sig, signal.SIG_IGN)
                     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
                     if os.fork() == 0:
+                        os.setpgid(0, 0)  # a SIGKILL of the restore's process group must spare its guard
                         keep = {theirs.fileno(), *inherit, *(r.fileno() for r in recorders)}
                         for name in os.listdir("/proc/self/fd"):
                             if int(name) > 2 and int(name) not in keep:

@@ -4,7 +4,8 @@ Timings.timed(stage), which takes a member of this table: a report carries no st
 
 Fault injection, for tests: with SOCKREPAIR_FAULT=JOB:STAGE:ACTION in the environment (e.g. "migrate:close:kill";
 JOB is migrate, dump or restore),
-the mover raises InjectedFault (ACTION "raise") or sends itself SIGINT, SIGTERM or SIGKILL ("int", "term", "kill")
+the mover raises InjectedFault (ACTION "raise") or sends itself SIGINT, SIGTERM or SIGKILL ("int", "term", "kill"),
+or SIGKILL to its whole process group ("killgroup": `kill -KILL -- -PGID`, a mover that leads its group only)
 as stage STAGE of JOB begins; "STAGE.end" acts once the stage's work is done, before the next stage."""
 
 from __future__ import annotations
@@ -126,6 +127,10 @@ def inject(job: str, point: str) -> None:
         return
     if action == "raise":
         raise InjectedFault(f"fault injected at {job} {point}", point)
+    if action == "killgroup":
+        if os.getpgrp() != os.getpid():  # the group would be the test runner's too
+            raise ValueError(f"{FAULT_ENV}={spec!r}: killgroup needs a mover that leads its process group")
+        os.killpg(os.getpgrp(), signal.SIGKILL)
     if action not in _SIGNALS:
-        raise ValueError(f"{FAULT_ENV}={spec!r}: action {action!r} is not raise, int, term or kill")
+        raise ValueError(f"{FAULT_ENV}={spec!r}: action {action!r} is not raise, int, term, kill or killgroup")
     os.kill(os.getpid(), _SIGNALS[action])

@@ -61,15 +61,18 @@ def _fault_env(spec: str) -> dict[str, str]:
 
 
 def _dump_cli(pid: int, directory: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
-    """`sockrepair dump --pid PID -D DIRECTORY EXTRA...`, with SOCKREPAIR_FAULT=`fault` when given."""
+    """`sockrepair dump --pid PID -D DIRECTORY EXTRA...`, with SOCKREPAIR_FAULT=`fault` when given, in a process
+    group of its own (the "killgroup" action kills that group)."""
     return subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "dump", "--pid", str(pid), "-D", str(directory),
                            *extra], env=_fault_env(fault) if fault else None, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, start_new_session=True)
 
 
-def _restore_to(receiver_sock: Path, directory: Path) -> subprocess.CompletedProcess[str]:
+def _restore_to(receiver_sock: Path, directory: Path, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`sockrepair restore -D DIRECTORY --unix RECEIVER_SOCK`, as _dump_cli() runs a dump."""
     return subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "restore", "-D", str(directory), "--unix",
-                           str(receiver_sock)], capture_output=True, text=True, timeout=60)
+                           str(receiver_sock)], env=_fault_env(fault) if fault else None, capture_output=True,
+                          text=True, timeout=60, start_new_session=True)
 
 
 def _check_after(server: subprocess.Popen[bytes], ended: bool, images: Path, clients: list[socket.socket],
@@ -110,6 +113,36 @@ def test_dump_interrupted(netns, tmp_path, point, action):
         if action == "term":
             assert "interrupted by SIGTERM" in run.stderr, run.stderr
         stop_later(_check_after(server, point == "kill.end", images, clients, offsets, tmp_path))
+
+
+@pytest.mark.parametrize("point", ["lock.end", "checkpoint.end"])
+def test_a_group_wide_sigkill_of_a_dump_spares_its_guard(netns, tmp_path, point):
+    """`kill -KILL -- -PGID` of the dump's process group (a supervisor, timeout(1)): the guard, in a group of its
+    own, is not in it. It takes the sockets out of repair mode and unlocks them, and the program goes on. Killed
+    with the mover, the guard left the program's connections locked until the lock's TTL, in repair mode after the
+    checkpoint."""
+    with echo_clients(2, 20_000) as (server, clients, offsets, _):
+        images = tmp_path / "img"
+        run = _dump_cli(server.pid, images, fault=f"dump:{point}:killgroup")
+        assert run.returncode == -signal.SIGKILL, run.stderr
+        _check_after(server, False, images, clients, offsets, tmp_path)
+
+
+@pytest.mark.parametrize("point", ["restore.end", "deliver.end"])
+def test_a_group_wide_sigkill_of_a_restore_spares_its_guard(netns, tmp_path, point):
+    """The same for `sockrepair restore -D`: its guard, which holds the restored sockets, saves them back into the
+    directory, and a second restore completes the move with every byte."""
+    with echo_clients(2, 20_000) as (server, clients, offsets, stop_later):
+        receiver = stop_later(start_receiver(tmp_path / "r.sock", max_seconds=120))
+        images = tmp_path / "img"
+        assert _dump_cli(server.pid, images).returncode == 0
+        first = _restore_to(tmp_path / "r.sock", images, fault=f"restore:{point}:killgroup")
+        assert first.returncode == -signal.SIGKILL, first.stderr
+        again = _restore_to(tmp_path / "r.sock", images)
+        assert again.returncode == 0, again.stderr
+        echo_round(clients, offsets, 30_000)
+        assert in_repair(receiver.pid) == []
+        assert sockrepair.list_locks() == []
 
 
 @pytest.mark.parametrize("action", ["raise", "kill"])

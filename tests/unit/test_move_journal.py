@@ -241,6 +241,20 @@ def test_the_fault_hook(monkeypatch: pytest.MonkeyPatch) -> None:
         pass
 
 
+def test_killgroup_is_refused_to_a_mover_that_does_not_lead_its_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The group would hold whatever started the mover (the test runner): only a group leader may kill it."""
+    monkeypatch.setenv(stages.FAULT_ENV, "dump:lock:killgroup")
+    child = os.fork()
+    if child == 0:  # in this process's group, never its leader
+        try:
+            stages.inject("dump", "lock")
+        except ValueError as exc:
+            os._exit(0 if "leads its process group" in str(exc) else 2)
+        os._exit(1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_handed_connections_are_recorded_whole_and_added_up(tmp_path: Path) -> None:
     from sockrepair.move.journal import HANDED, mark_handed, read_handed
 
