@@ -15,7 +15,8 @@ nor scapy:
   package (the subpackage is sys.modules["sockrepair.lock"]);
 - migrate(pid, ...) -> MigrationReport: a process's connections to another namespace or program in one call;
   Quiescence(timeout, on_busy=OnBusy.REFUSE | OnBusy.MOVE) says how long it tries to freeze the program between
-  requests and what it does with a program still busy then;
+  requests and what it does with a program still busy then; KeepCaps(...) bounds what its lock keeps of what the
+  peers send meanwhile;
 - the errors: every exception derives from SockrepairError (sockrepair.errors); those carrying an errno are also
   OSError, ImageError is also ValueError.
 
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
         unlock,
         unlock_all,
     )
+    from sockrepair.lock.record import KeepCaps
     from sockrepair.move.migrate import MigrationReport, migrate
     from sockrepair.move.quiesce import OnBusy, Quiescence
     from sockrepair.state import (
@@ -73,6 +75,7 @@ _HOMES = {
     **dict.fromkeys(("checkpoint", "discard", "restore", "resume"), "sockrepair.engine"),
     **dict.fromkeys(("Locker", "LockRecord", "list_locks", "lock", "locked", "unlock", "unlock_all"),
                     "sockrepair.lock"),
+    "KeepCaps": "sockrepair.lock.record",
     **dict.fromkeys(("MigrationReport", "migrate"), "sockrepair.move.migrate"),
     **dict.fromkeys(("OnBusy", "Quiescence"), "sockrepair.move.quiesce"),
     **dict.fromkeys(("ConnectionState", "ConnTuple", "RepairWindow", "SocketOptions", "TcpOptions"),
@@ -118,6 +121,7 @@ __all__ = [
     "CriuError",
     "HandoffError",
     "ImageError",
+    "KeepCaps",
     "LockError",
     "LockRecord",
     "Locker",

@@ -39,16 +39,34 @@ RECV_BUFFER = 64 << 20
 # Defaults of the caps: beyond them copies are not kept and the peer's retransmission covers the packet.
 MAX_PACKETS_PER_CONNECTION = 4096
 MAX_BYTES_PER_CONNECTION = 16 << 20
+MAX_PACKETS = 1 << 18
 MAX_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
-class Caps:
-    """Limits on what a recorder keeps: packets and bytes per connection, bytes in all."""
+class KeepCaps:
+    """Limits on what one recorder keeps, so on what one mover's lock keeps in one network namespace: at most
+    `packets_per_connection` packets and `bytes_per_connection` bytes (whole IP packets) for each connection, and
+    `total_packets` packets and `total_bytes` bytes in all. A copy past any of them is not kept: the lock drops that
+    packet as a plain dropping lock does, the peer resends it after its retransmission timeout, and the move's
+    report counts it (`Kept.fell_back`). Raises ValueError for a cap that is not an int >= 0."""
 
     packets_per_connection: int = MAX_PACKETS_PER_CONNECTION
     bytes_per_connection: int = MAX_BYTES_PER_CONNECTION
+    total_packets: int = MAX_PACKETS
     total_bytes: int = MAX_BYTES
+
+    def __post_init__(self) -> None:
+        for name in ("packets_per_connection", "bytes_per_connection", "total_packets", "total_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"KeepCaps.{name} must be an int >= 0, not {value!r}")
+
+    def refuses(self, size: int, packets: int, used: int, all_packets: int, all_used: int) -> bool:
+        """Whether a copy of `size` bytes goes past a cap when `packets` copies of `used` bytes are kept for its
+        connection, and `all_packets` of `all_used` bytes in all."""
+        return (packets >= self.packets_per_connection or used + size > self.bytes_per_connection
+                or all_packets >= self.total_packets or all_used + size > self.total_bytes)
 
 
 @dataclass
@@ -117,7 +135,7 @@ class Recorder:
 
     group: int | None
 
-    def __init__(self, netns: str | None = None, caps: Caps = Caps(), *, bound: socket.socket | None = None,
+    def __init__(self, netns: str | None = None, caps: KeepCaps = KeepCaps(), *, bound: socket.socket | None = None,
                  next_seq: int | None = None) -> None:
         self.netns = netns
         self.caps = caps
@@ -155,7 +173,8 @@ class Recorder:
         self._sock.setblocking(False)
         self._buf = bytearray(SNAPLEN + 4096)
         self._kept: dict[ConnTuple, _Queue] = {}
-        self._total = 0
+        self._total = 0  # bytes kept, in all
+        self._count = 0  # packets kept, in all
         self._next_seq = next_seq
         self._stats = Held()
 
@@ -272,9 +291,7 @@ class Recorder:
             return
         queue = self._kept.get(conn)  # one lookup per packet: a ConnTuple hashes its five fields every time
         used, count = (queue.size, len(queue)) if queue is not None else (0, 0)
-        caps = self.caps
-        if (count >= caps.packets_per_connection or used + size > caps.bytes_per_connection
-                or self._total + size > caps.total_bytes):
+        if self.caps.refuses(size, count, used, self._count, self._total):
             self._stats.over_cap += 1
             return
         if queue is None:
@@ -282,6 +299,7 @@ class Recorder:
         queue.append(packet)
         queue.size = used + size
         self._total += size
+        self._count += 1
 
     def pending(self, conns: Iterable[ConnTuple]) -> int:
         """Drain, then count the packets kept for `conns` (they stay kept)."""
@@ -308,10 +326,11 @@ class Recorder:
             queue = self._kept.pop(key)
             held.packets += queue
             self._total -= queue.size
+            self._count -= len(queue)
         return held
 
     def forget(self) -> None:
         """Drop every copy kept so far (the counts stay): a keeper that wants only some connections sheds the
         copies of the others, which only the process that locked them could deliver."""
         self._kept.clear()
-        self._total = 0
+        self._total = self._count = 0

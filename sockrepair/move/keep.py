@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sockrepair.errors import ImageError, LockError
 from sockrepair.lock.inject import Injector
-from sockrepair.lock.record import Caps, Held, Recorder, WireKeys, wire_key
+from sockrepair.lock.record import Held, KeepCaps, Recorder, WireKeys, wire_key
 from sockrepair.netns import inside
 from sockrepair.packet import packet_tuple
 from sockrepair.private import create_private, open_dir, read_regular, replace_private
@@ -59,8 +59,9 @@ class Keeper:
     that order: the source's first), where the moving connections are locked. Made before the freeze (packets are
     kept from then on); deliver() or write() after; close() always."""
 
-    def __init__(self, paths: Sequence[str], caps: Caps = Caps(), *, adopted: Sequence[tuple[int, Recorder]] = (),
-                 fell_back: int = 0, note: str = "", redelivered: Sequence[bytes] = ()) -> None:
+    def __init__(self, paths: Sequence[str], caps: KeepCaps = KeepCaps(), *,
+                 adopted: Sequence[tuple[int, Recorder]] = (), fell_back: int = 0, note: str = "",
+                 redelivered: Sequence[bytes] = ()) -> None:
         """`adopted`: recorders taken over from a keeper (sockrepair.move.keeper.take_over), with the inode of their
         namespace, which `paths` then skip; `fell_back` and `note`: what happened to the packets before;
         `redelivered`: the packets of a directory's REDELIVER file (resume_keeping), which saved_to() adds to."""

@@ -15,7 +15,7 @@ exits at once: the keeper is nobody's child and holds no terminal), with no fd b
 It also ends, writing END first, when none of its connections is locked any more (it looks every second: released by
 a restore that did not ask it, or expired), at `expires` (wall-clock seconds, the lock's expiry), or on
 SIGTERM/SIGINT/SIGHUP.
-Its caps are those of a recorder (lock/record.py Caps), counted over what it appended; past them a packet is counted
+Its caps are those of a recorder (lock/record.py KeepCaps), counted over what it appended; past them a packet is counted
 (COUNTS record) and left to the lock, which drops it as it drops everything: the keeper only copies, so nothing it
 does or fails to do lets a packet through or answers one."""
 
@@ -61,7 +61,7 @@ def run(spec: dict[str, Any]) -> str:
     from sockrepair.errors import NftError, SockrepairError
     from sockrepair.image.keptlog import END, PACKET, counts_record, record
     from sockrepair.lock.locker import Locker
-    from sockrepair.lock.record import Caps, Recorder, wire_key
+    from sockrepair.lock.record import KeepCaps, Recorder, wire_key
     from sockrepair.move.handoff import peer_credentials
     from sockrepair.netns import inside
     from sockrepair.packet import packet_tuple
@@ -86,10 +86,10 @@ def run(spec: dict[str, Any]) -> str:
         except (OSError, SockrepairError):
             pass  # unwatched, the keeper ends at `expires` only
     expires = float(spec["expires"])
-    caps = Caps()
+    caps = KeepCaps()
     packets: dict[ConnTuple, int] = {}
     used: dict[ConnTuple, int] = {}
-    total = 0
+    kept = total = 0  # packets and bytes appended, in all
     over_cap = 0
     counted = 0
 
@@ -102,7 +102,7 @@ def run(spec: dict[str, Any]) -> str:
         os.write(journal, data)
 
     def keep() -> None:
-        nonlocal total, over_cap, counted
+        nonlocal kept, total, over_cap, counted
         lost = truncated = over_recorders = 0
         for recorder in recorders:
             held = recorder.take(wanted)
@@ -113,14 +113,13 @@ def run(spec: dict[str, Any]) -> str:
             for packet in held.packets:
                 conn = packet_tuple(packet)
                 assert conn is not None  # the recorder keeps TCP packets only
-                if (packets.get(conn, 0) >= caps.packets_per_connection
-                        or used.get(conn, 0) + len(packet) > caps.bytes_per_connection
-                        or total + len(packet) > caps.total_bytes):
+                if caps.refuses(len(packet), packets.get(conn, 0), used.get(conn, 0), kept, total):
                     over_cap += 1
                     continue
                 append(record(PACKET, packet))
                 packets[conn] = packets.get(conn, 0) + 1
                 used[conn] = used.get(conn, 0) + len(packet)
+                kept += 1
                 total += len(packet)
         if over_cap + over_recorders + lost + truncated != counted:
             counted = over_cap + over_recorders + lost + truncated

@@ -23,6 +23,7 @@ from sockrepair.errors import ProcessError
 from sockrepair.image import encode
 from sockrepair.image.directory import NO_FD
 from sockrepair.lock import Locker
+from sockrepair.lock.record import KeepCaps
 from sockrepair.move.ask import ask_peers
 from sockrepair.move.backlog import Backlog, carry, reset, reset_taken
 from sockrepair.move.freeze import Freezer, close_passed
@@ -179,7 +180,7 @@ def recovery_hint(directory: Path, dest_netns: str | None) -> str:
 
 def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | None = None,
             network: Callable[[], object] | None = None, handoff: Handoff | None = None,
-            ttl: float = 60.0, keep: bool = True, journal: str | Path | None = None,
+            ttl: float = 60.0, keep: bool | KeepCaps = True, journal: str | Path | None = None,
             quiescence: Quiescence = Quiescence()) -> MigrationReport:
     """Freeze `pid` while every thread waits (`quiescence`: how long to try, and whether a program still busy then
     is refused or moved anyway; sockrepair.move.quiesce), lock and checkpoint its connections (all established
@@ -195,7 +196,8 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     The connections are locked in the source namespace and in the destination one, for at most `ttl` seconds, from
     before the first checkpoint until they are live again. With `keep`, what the peers send meanwhile is kept by
     the lock and delivered to the restored sockets before the unlock, so that no peer waits for its retransmission
-    timeout (sockrepair.move.keep; the report's `kept` says how many packets, and how many fell back).
+    timeout (sockrepair.move.keep; the report's `kept` says how many packets, and how many fell back), within the
+    default KeepCaps, or within those given as `keep`; False: the lock drops, as criu's do.
 
     `journal`: the directory to write the states into (created 0700 if missing; journal.img and journal.json, 0600,
     which `sockrepair restore -D` reads); None: a new one under /run/sockrepair, removed when the move completes. A
@@ -225,7 +227,8 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
             # restored where they were (a new program in the same namespace): one lock, taken and released once
             if not _same_namespace(f"/proc/{pid}/ns/net", "/proc/thread-self/ns/net"):
                 dest_locker = Locker()
-        keeper = Keeper([f"/proc/{pid}/ns/net", netns_path(dest_netns)]) if keep else None
+        caps = keep if isinstance(keep, KeepCaps) else KeepCaps()
+        keeper = Keeper([f"/proc/{pid}/ns/net", netns_path(dest_netns)], caps) if keep else None
         directory = new_directory(pid) if journal is None else given_directory(journal)
     except BaseException:
         # nothing was locked yet; the recorders would hold the log group bound until collected (the next move's

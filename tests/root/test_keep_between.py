@@ -187,6 +187,39 @@ def test_kept_by_the_keeper_at_host_a_delivered_at_host_b(tmp_path: Path) -> Non
                 assert tcp_info(client)[2] == 0
 
 
+@pytest.mark.parametrize("lock_on_b", [True, False], ids=["locked-on-b", "not-locked-on-b"])
+def test_locked_on_host_b_before_the_address_moves_no_peer_is_reset(tmp_path: Path, lock_on_b: bool) -> None:
+    """docs/migration.md's order for a dump restored on another host by hand: the connection locked on B (`sockrepair
+    lock --netns B`), then the service address moved, a request sent then (dropped by B's lock: not kept, not
+    reset), then `restore -D --netns B`: the request comes with the peer's retransmission. Without the lock on B,
+    B resets the connection as soon as the request reaches it."""
+    with Lab() as lab:
+        with echo_connection(lab.a.ns, SERVICE4, peer=lab.peer.ns, port=7010) as (server, client):
+            _dump(server.pid, tmp_path / "img")
+            if lock_on_b:
+                tuples = [str(state.tuple) for _, state in read_dir(tmp_path / "img")]
+                locked = subprocess.run([*CLI, "lock", "--netns", lab.b.name, *tuples], capture_output=True,
+                                        text=True, timeout=60)
+                assert locked.returncode == 0, locked.stderr
+            lab.move_service("a", "b")
+            resets = _out_rsts(lab.b.name)
+            client.sendall(REQUEST)
+            if not lock_on_b:
+                with pytest.raises(ConnectionResetError):
+                    client.settimeout(10)
+                    client.recv(1)
+                assert _out_rsts(lab.b.name) == resets + 1
+                return
+            wait_for(lambda: tcp_info(client)[2] >= 1, "the peer to retransmit", 10.0)
+            with _restored(tmp_path / "img", "--netns", lab.b.name):
+                assert recv_exactly(client, len(REQUEST)) == REQUEST
+                client.sendall(REQUEST)
+                assert recv_exactly(client, len(REQUEST)) == REQUEST
+            assert _out_rsts(lab.b.name) == resets
+            with Locker(lab.b.name) as locker:
+                assert locker.list_locks() == []
+
+
 def test_a_killed_keeper_leaves_the_lock_dropping_and_the_restore_works(ns: NetNS, tmp_path: Path) -> None:
     with echo_connection(ns) as (server, client):
         _dump(server.pid, tmp_path / "img")

@@ -17,7 +17,7 @@ import pytest
 import sockrepair
 from sockrepair.lock import Locker
 from sockrepair.lock.inject import Injector
-from sockrepair.lock.record import Caps, Recorder
+from sockrepair.lock.record import KeepCaps, Recorder
 from sockrepair.netns import NetNS
 from sockrepair.packet import packet_tuple, with_checksums
 from tests.root.pairs import (
@@ -125,7 +125,7 @@ def test_a_peer_on_another_host_retransmits_nothing(two_hosts: tuple[NetNS, NetN
 
 def test_over_the_cap_the_peer_resends_and_the_count_says_so(locker: Locker) -> None:
     client, server = loopback_pair(socket.AF_INET, "127.0.0.1", "127.0.0.1")
-    with client, Recorder(caps=Caps(packets_per_connection=1)) as recorder:
+    with client, Recorder(caps=KeepCaps(packets_per_connection=1)) as recorder:
         restored, sent, fell_back = _move_keeping(locker, recorder, server, client, [b"first", b"second", b"third"])
         with restored:
             # the two not kept, and any retransmission the peer's tail-loss probe sent meanwhile

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +30,8 @@ def _keep_sockets(socks: list[socket.socket], _tuples: object) -> list[socket.so
     return socks
 
 
-def _move(pid: int, dest_netns: str, network: Callable[[], None], keep: bool) -> sockrepair.MigrationReport:
+def _move(pid: int, dest_netns: str, network: Callable[[], None],
+          keep: bool | sockrepair.KeepCaps) -> sockrepair.MigrationReport:
     return sockrepair.migrate(pid, dest_netns=dest_netns, network=network, handoff=_keep_sockets, keep=keep)
 
 
@@ -51,6 +53,33 @@ def test_a_request_sent_while_locked_arrives_without_retransmission(keep: bool) 
         else:
             assert not report.kept.recording and "deliver" not in report.phases_ms
             assert retransmitted >= 1  # what the keeping lock saves the peer
+
+
+def test_past_its_cap_the_lock_drops_and_the_report_counts_what_fell_back() -> None:
+    """keep=KeepCaps(packets_per_connection=1): of three segments the peer sends while its connection is locked,
+    the first is kept and delivered; the other two are dropped, as by the plain lock, and counted in the report's
+    `kept.fell_back` (with the peer's tail-loss probe of the third, when it came before the unlock). The peer
+    resends them after its retransmission timeout, and every byte arrives in order."""
+    parts = [b"first;", b"second;", b"third;"]
+    with NetNS() as ns:
+        with echo_connection(ns) as (server, client):
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def network() -> None:
+                for part in parts:  # one segment each: no Nagle, and gone before the next is written
+                    client.send(part)
+                    time.sleep(0.01)
+
+            report = _move(server.pid, ns.name, network, sockrepair.KeepCaps(packets_per_connection=1))
+            [restored] = report.handoff_result
+            with restored:
+                whole = b"".join(parts)
+                assert recv_exactly(restored, len(whole)) == whole
+                retransmitted = tcp_info(client)[2]
+        # the second and third, and the peer's tail-loss probe when it fired before the unlock
+        assert (report.kept.recording, report.kept.delivered) == (True, 1)
+        assert 2 <= report.kept.fell_back <= 3
+        assert retransmitted >= 1  # what the cap left to the peer
 
 
 def test_a_request_sent_after_the_delivery_and_before_the_unlock_arrives_without_retransmission(

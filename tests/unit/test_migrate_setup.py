@@ -30,7 +30,7 @@ def test_a_journal_directory_that_cannot_be_made_closes_the_lockers_and_the_keep
     monkeypatch.setattr(migrate_module, "named", lambda netns: contextlib.nullcontext())
     monkeypatch.setattr(migrate_module, "_same_namespace", lambda a, b: same)
     monkeypatch.setattr(migrate_module, "Locker", lambda: _Opened("destination locker", closed))
-    monkeypatch.setattr(migrate_module, "Keeper", lambda paths: _Opened("keeper", closed))
+    monkeypatch.setattr(migrate_module, "Keeper", lambda paths, caps: _Opened("keeper", closed))
     monkeypatch.setattr(migrate_module, "new_directory", no_directory)
     with pytest.raises(OSError, match="journal directory"):
         migrate_module.migrate(12345, dest_netns="dest", keep=True)

@@ -13,7 +13,7 @@ import pytest
 
 from sockrepair.errors import LockError
 from sockrepair.lock import nfconst as c
-from sockrepair.lock.record import _ULOG_PACKET, Caps, Recorder
+from sockrepair.lock.record import _ULOG_PACKET, KeepCaps, Recorder
 from sockrepair.packet import tcp_packet
 from sockrepair.state import ConnTuple
 
@@ -47,7 +47,7 @@ class _Unbound(Recorder):
     """A Recorder with no netlink socket bound (one end of an empty socket pair stands in, so that drain() finds
     nothing to read): only its parsing is used."""
 
-    def __init__(self, caps: Caps = Caps()) -> None:
+    def __init__(self, caps: KeepCaps = KeepCaps()) -> None:
         self.caps = caps
         self._sock, self._other = socket.socketpair()
         self._start(None)
@@ -78,7 +78,7 @@ def test_copies_are_kept_per_connection_in_order_and_gaps_counted_lost(recorder:
 
 
 def test_truncated_and_over_cap_copies_are_counted_not_kept() -> None:
-    recorder = _Unbound(Caps(packets_per_connection=1))
+    recorder = _Unbound(KeepCaps(packets_per_connection=1))
     try:
         whole, cut = _packet(40001, b"x" * 40), _packet(40002, b"y" * 40)[:-10]
         recorder._parse(memoryview(_message(whole, 1) + _message(cut, 2) + _message(whole, 3)))
@@ -86,6 +86,33 @@ def test_truncated_and_over_cap_copies_are_counted_not_kept() -> None:
         assert held.packets == [whole] and held.truncated == 1 and held.over_cap == 1 and held.lost == 0
     finally:
         recorder.close()
+
+
+@pytest.mark.parametrize(("caps", "kept_ports"), [
+    (KeepCaps(bytes_per_connection=150), [40001, 40002, 40003]),  # the second 80-byte copy of 40001 goes past 150
+    (KeepCaps(total_packets=2), [40001, 40002]),
+    (KeepCaps(total_bytes=200), [40001, 40002]),
+])
+def test_each_cap_refuses_the_copy_that_goes_past_it(caps: KeepCaps, kept_ports: list[int]) -> None:
+    recorder = _Unbound(caps)
+    try:
+        a1, b1, c1, a2 = (_packet(port, b"x" * 40) for port in (40001, 40002, 40003, 40001))
+        assert len(a1) == 80
+        recorder._parse(memoryview(b"".join(_message(p, n) for n, p in enumerate([a1, b1, c1, a2], 1))))
+        held = recorder.take([_conn(40001), _conn(40002), _conn(40003)])
+        assert [int.from_bytes(p[20:22], "big") for p in held.packets] == kept_ports
+        assert held.over_cap == 4 - len(kept_ports)
+        # what was taken is no longer counted against the caps in all
+        recorder._parse(memoryview(_message(_packet(40004, b"y" * 40), 5)))
+        assert len(recorder.take([_conn(40004)]).packets) == 1
+    finally:
+        recorder.close()
+
+
+@pytest.mark.parametrize("bad", [{"total_packets": -1}, {"bytes_per_connection": 1.5}, {"total_bytes": True}])
+def test_a_cap_that_is_not_a_count_is_refused(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=f"KeepCaps.{next(iter(bad))} must be an int >= 0"):
+        KeepCaps(**bad)  # type: ignore[arg-type]
 
 
 def test_a_message_without_payload_only_counts_its_sequence(recorder: _Unbound) -> None:
