@@ -27,7 +27,9 @@ def test_demo_moves_every_byte_and_cleans_up():
     assert client["worst_request_ms"] >= client["worst_since_move_ms"] > 0
     assert "request latency: worst" in done.stderr
     kept = report["migration"]["kept"]
-    assert kept["recording"] is True
+    assert kept["recording"] is True and kept["fell_back"] == 0
+    # the headline: no client waited a retransmission timeout across the move
+    assert client["requests_over_200ms"] == 0, client
     assert len(report["migration"]["connections"]) == 3
     assert all(w["ok"] and w["problems"] == [] for w in report["wire"])
     assert all(d["rst"] == 0 and d["syn"] == 0 and d["fin"] == 0 for w in report["wire"] for d in w["directions"])

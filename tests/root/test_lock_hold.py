@@ -15,11 +15,13 @@ import time
 import pytest
 
 import sockrepair
+from sockrepair.lab.recorder import Recorder as WireRecorder
 from sockrepair.lock import Locker
 from sockrepair.lock.inject import Injector
 from sockrepair.lock.record import KeepCaps, Recorder
 from sockrepair.netns import NetNS
 from sockrepair.packet import packet_tuple, with_checksums
+from sockrepair.state import ConnTuple
 from tests.root.pairs import (
     FAMILIES,
     TCP_ESTABLISHED,
@@ -98,10 +100,12 @@ def test_a_packet_that_passed_prerouting_before_the_lock_is_kept_at_input(locker
 
 
 
-@pytest.mark.parametrize(("family", "server_addr"), [(socket.AF_INET, "10.77.0.1"), (socket.AF_INET6, "fd77::1")],
-                         ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize(("family", "server_addr", "connect_addr"),
+                         [(socket.AF_INET, "10.77.0.1", "10.77.0.1"), (socket.AF_INET6, "fd77::1", "fd77::1"),
+                          (socket.AF_INET6, "::", "10.77.0.1")],
+                         ids=["ipv4", "ipv6", "v4-mapped"])
 def test_a_peer_on_another_host_retransmits_nothing(two_hosts: tuple[NetNS, NetNS], family: int,
-                                                     server_addr: str) -> None:
+                                                     server_addr: str, connect_addr: str) -> None:
     a, b = two_hosts
     with a.entered():
         listener = socket.socket(family)
@@ -110,8 +114,9 @@ def test_a_peer_on_another_host_retransmits_nothing(two_hosts: tuple[NetNS, NetN
         locker, recorder = Locker(label="pytest"), Recorder()
     with listener, locker, recorder:
         with b.entered():
-            client = socket.create_connection((server_addr, listener.getsockname()[1]))
+            client = socket.create_connection((connect_addr, listener.getsockname()[1]))
         server, _ = listener.accept()
+        assert server.getsockname()[0] == ("::ffff:" + connect_addr if server_addr == "::" else server_addr)
         with client:
             with a.entered():
                 # one segment: with several out, the peer's tail-loss probe may resend within milliseconds
@@ -160,9 +165,15 @@ def test_a_dead_holder_leaves_the_lock_dropping_never_answering(netns: NetNS, lo
         finally:
             holder.send_signal(signal.SIGKILL)
             holder.wait(10)
-        client.sendall(b"anyone?")
-        wait_for(lambda: tcp_info(client)[2] >= 1, "the peer's retransmission")
+        conn = ConnTuple(client.family, *client.getsockname()[:2], *client.getpeername()[:2])
+        with WireRecorder("lo", netns.name) as wire:
+            client.sendall(b"anyone?")
+            wait_for(lambda: tcp_info(client)[2] >= 1, "the peer's retransmission")
+            wire.stop()
         assert_alive_and_silent(client)  # dropped, not answered: no RST reached the peer
+        seen = wire.report(conn).directions
+        # the message and its retransmission reached the wire, and nothing answered them
+        assert seen[0].data_segments >= 2 and [d.rst for d in seen] == [0, 0]
         [record] = locker.list_locks()
         assert record.tuple == state.tuple and 0 < record.seconds_left <= 30  # still locked, and still expiring
         assert record.group == int(group)

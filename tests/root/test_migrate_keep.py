@@ -100,10 +100,12 @@ def test_a_request_sent_after_the_delivery_and_before_the_unlock_arrives_without
         assert (report.kept.delivered, report.kept.fell_back) == (1, 0)
 
 
-def test_kept_at_host_a_delivered_at_host_b() -> None:
-    """The request reaches A's lock before the service address moves; it is delivered to the socket restored on B."""
+@pytest.mark.parametrize("listen", [SERVICE4, "::"], ids=["ipv4", "v4-mapped"])
+def test_kept_at_host_a_delivered_at_host_b(listen: str) -> None:
+    """The request reaches A's lock before the service address moves; it is delivered to the socket restored on B
+    (an IPv4 connection, or one to a program listening on [::], whose socket has v4-mapped addresses)."""
     with Lab() as lab:
-        with echo_connection(lab.a.ns, SERVICE4, peer=lab.peer.ns, port=7007) as (server, client):
+        with echo_connection(lab.a.ns, listen, SERVICE4, peer=lab.peer.ns, port=7007) as (server, client):
 
             def network() -> None:
                 client.sendall(REQUEST)  # to A, where the connection is locked and the lock keeps it
@@ -112,6 +114,7 @@ def test_kept_at_host_a_delivered_at_host_b() -> None:
             report = _move(server.pid, lab.b.name, network, keep=True)
             [restored] = report.handoff_result
             with restored:
+                assert restored.family == (socket.AF_INET6 if listen == "::" else socket.AF_INET)
                 assert recv_exactly(restored, len(REQUEST)) == REQUEST
                 assert tcp_info(client)[2] == 0
                 restored.sendall(b"200 OK")
