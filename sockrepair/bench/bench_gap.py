@@ -99,8 +99,8 @@ QUICK = Plan({"requests": _all({1: 1, 10: 1}),
              settle_s=0.2, after_s=0.3, timeout_s=QUICK_TIMEOUT)
 FULL = Plan({"requests": {SOCKREPAIR_IMPL: {1: 9, 100: 5, 1000: 5}, DROPLOCK_IMPL: {1: 5, 100: 3, 1000: 3},
                           "criu-nftables": {1: 3, 100: 3, 1000: 1}, "criu-iptables": {1: 3, 100: 2, 1000: 1}},
-             "stream": {SOCKREPAIR_IMPL: {1: 5, 100: 3}, DROPLOCK_IMPL: {1: 5, 100: 3},
-                        "criu-nftables": {1: 2, 100: 1}, "criu-iptables": {1: 2, 100: 1}},
+             "stream": {SOCKREPAIR_IMPL: {1: 5, 100: 3, 1000: 2}, DROPLOCK_IMPL: {1: 5, 100: 3, 1000: 1},
+                        "criu-nftables": {1: 2, 100: 1, 1000: 1}, "criu-iptables": {1: 2, 100: 1, 1000: 1}},
              "pingpong": {SOCKREPAIR_IMPL: {1: 5, 100: 3, 1000: 3}, "criu-nftables": {1: 2, 100: 1},
                           "criu-iptables": {1: 2, 100: 1}}},
             settle_s=0.5, after_s=0.5)
@@ -140,7 +140,7 @@ def _free_port(ns: NetNS) -> int:
         return int(s.getsockname()[1])
 
 
-def _criu_error(log: Path, done_stderr: str) -> str:
+def criu_error(log: Path, done_stderr: str) -> str:
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
@@ -149,7 +149,7 @@ def _criu_error(log: Path, done_stderr: str) -> str:
     return errors[0] if errors else (done_stderr.strip().splitlines() or ["no error in the log"])[-1]
 
 
-def _kill_pid(pid: int) -> None:
+def kill_pid(pid: int) -> None:
     """A tree criu restored is no longer our child: kill it by pid (the namespace's deletion would, too)."""
     try:
         os.kill(pid, signal.SIGKILL)
@@ -175,14 +175,14 @@ def move_with_criu(criu: Criu, ns: NetNS, pid: int, reap: Callable[[], None], lo
                          "-o", "dump.log"], timeout=timeout)
     dumped = time.monotonic()
     if done.returncode != 0:
-        return RunResult(None, f"criu dump failed: {_criu_error(images / 'dump.log', done.stderr)}")
+        return RunResult(None, f"criu dump failed: {criu_error(images / 'dump.log', done.stderr)}")
     reap()  # the dumped root is our child: a zombie would hold its pid, and restore would fail
     with ns.entered():
         done = criu.run(["restore", "-D", str(images), "--tcp-established", "--network-lock", lock, "-d",
                          "-o", "restore.log"], timeout=timeout)
     restored = time.monotonic()
     if done.returncode != 0:
-        return RunResult(None, f"criu restore failed: {_criu_error(images / 'restore.log', done.stderr)}")
+        return RunResult(None, f"criu restore failed: {criu_error(images / 'restore.log', done.stderr)}")
     return RunResult(None, None, (restored - start) * 1000,
                      {"criu dump": (dumped - start) * 1000, "criu restore": (restored - dumped) * 1000})
 
@@ -351,7 +351,7 @@ def run_once(variant: str, connections: int, plan: Plan, criu: Criu | None,
                 pid = server.pid
                 stop(server)
                 if not sockrepair:
-                    _kill_pid(pid)
+                    kill_pid(pid)
     return _outcome(moved, report, began)
 
 

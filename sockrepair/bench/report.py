@@ -631,7 +631,13 @@ def headline_section(results: Results) -> list[str]:
                  _ms_cell(e.get("downtime_ms", math.nan)), str(e["runs"]), _verified(e)] for e in stream]
         lines += ["### A peer streaming in both directions", "",
                   "Longest pause in what the peer received after the move began (median over runs; largest), each "
-                  "connection writing 1 KiB every `interval` while the echo streams back.", "",
+                  "connection writing 1 KiB every `interval` while the echo streams back. Here the dropping lock "
+                  "costs little after the unlock: the peer's next write reaches the restored socket past the hole "
+                  "the lock left, and its SACK (or the peer's tail-loss probe, a few ms after a send) has the peer "
+                  "resend the hole at once, without its retransmission timeout; the keeping lock's delivery, inside "
+                  "the move, makes the move longer (the `move` column). A request/response peer sends nothing more "
+                  "until it is answered: no such recovery comes, and only the keeping lock spares it the timeout (the "
+                  "requests table).", "",
                   *_table(["connections", "impl", "longest pause", "largest", "interval", "before the move", "move",
                            "runs", "verified"], rows), ""]
     return lines

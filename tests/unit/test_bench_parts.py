@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sockrepair.bench import bench_gap, profiles, report, run_all
+from sockrepair.bench import bench_crosshost, bench_gap, profiles, report, run_all
 from sockrepair.bench.results import (
     check,
     empty,
@@ -88,9 +88,15 @@ def test_runs_are_interleaved_run_by_run() -> None:
 
 
 def test_every_variant_and_count_of_the_issue_is_planned_and_quick_stays_small() -> None:
-    full = bench_gap.FULL.runs["requests"]
-    assert set(full) == {"sockrepair", "sockrepair-droplock", "criu-nftables", "criu-iptables"}
-    assert all(set(counts) == {1, 100, 1000} for counts in full.values())
+    # issue 11: both peer workloads, every variant, N = 1, 100 and 1,000, in the gap part and the cross-host part
+    variants = {"sockrepair", "sockrepair-droplock", "criu-nftables", "criu-iptables"}
+    for workload in ("requests", "stream"):
+        full = bench_gap.FULL.runs[workload]
+        assert set(full) == variants, workload
+        assert all(set(counts) == {1, 100, 1000} for counts in full.values()), workload
+        crosshost = {impl: counts for (w, impl), counts in bench_crosshost.FULL.runs.items() if w == workload}
+        assert set(crosshost) == {f"{v}-crosshost" for v in variants}, workload
+        assert all(set(counts) == {1, 100, 1000} for counts in crosshost.values()), workload
     quick = bench_gap._schedule(bench_gap.QUICK, bench_gap.VARIANTS, None)
     assert {n for _, _, n in quick} == {1, 10} and len(quick) <= 12
     # the whole load stays at 5,000 requests/s: 20 ms per connection up to 100 connections, then longer
