@@ -113,6 +113,9 @@ class _Stream:
         self.pos = 0  # offset of last_seq
         self.covered: list[tuple[int, int]] = []  # merged, sorted [start, end) ranges seen
         self.claimed = 0  # a segment with sequence number S means every byte before S was sent
+        # offsets of segments with neither payload nor SYN, FIN or RST: a window probe or keepalive among them
+        # carries snd_una - 1, a byte acknowledged already
+        self.bare: set[int] = set()
         self.seen: dict[tuple[object, ...], float] = {}  # identity of each segment -> when it was first seen
 
     def offset(self, seq: int) -> int:
@@ -144,6 +147,8 @@ class _Stream:
         if seg.has("F"):
             r.fin += 1
         end = start + seg.length + (1 if seg.has("F") else 0)
+        if end == start and not seg.has("R"):
+            self.bare.add(start)
         if seg.length:
             r.data_segments += 1
             if self.covered and start > self.covered[-1][1]:
@@ -162,7 +167,9 @@ class _Stream:
         # bytes before the first segment captured were sent before the capture began: holes count from offset 0
         pos = 0
         for s, e in self.covered:
-            if s > pos:
+            # one byte below the data, where only a bare segment was seen: a probe of a connection whose first
+            # captured segment it was (criu's restore sends one), not a byte lost
+            if s > pos and not (s - pos == 1 and pos in self.bare):
                 r.holes.append((pos, s))
             pos = max(pos, e)
         if hi > pos:

@@ -137,6 +137,17 @@ def test_window_probe_below_the_stream_is_not_a_gap() -> None:
     assert analyse(segs, CONN).ok
 
 
+def test_a_window_probe_first_is_not_a_gap_and_a_hole_after_a_pure_ack_still_is() -> None:
+    # a connection silent until the move: the first segment captured from the restored side is the window probe of
+    # the repair's end (seq snd_una - 1, no data), the answers follow from snd_una
+    probe_first = [back(1000.0, 49_999, 0, ACK), *stream()]
+    assert analyse(probe_first, CONN).ok, analyse(probe_first, CONN).problems
+    # a pure ACK at snd_nxt, then data from 40 bytes further on: those 40 bytes were lost, not probed
+    lost = [back(1000.0, 50_000, 0, ACK), *[s for s in stream() if s.src_port == 5000 or s.seq != 50_000]]
+    report = analyse(lost, CONN)
+    assert report.directions[1].holes == [(0, 40)]
+
+
 def test_wire_gap_and_silences() -> None:
     segs = stream(n=3) + stream(start=1000.5, seq=1300, other_seq=50_120, n=3)
     report = analyse(segs, CONN, freeze=1000.03, resume=1000.49)
