@@ -255,16 +255,21 @@ RTO_MS = RTO_S * 1000
 
 
 def _long_move_where(entry: Gap) -> str:
-    """When the move itself (freeze to unlock, and the handoff; medians of the runs) took RTO_MS or more, a
-    request caught in it waited that long without any retransmission, and the move's phases say where that went;
-    when requests due after it also waited RTO_MS or more (answers queued behind those the move held back), that
-    too. "" otherwise, or when the entry has no move time."""
+    """When the move itself (freeze to unlock, and the handoff; medians of the runs, or the longest run's) took
+    RTO_MS or more, a request caught in it waited that long without any retransmission, and the move's phases say
+    where that went; when requests due after it also waited RTO_MS or more (answers queued behind those the move
+    held back), that too. "" otherwise, or when the entry has no move time."""
     downtime = entry.get("downtime_ms", math.nan)
     took = downtime + (entry.get("phases_ms") or {}).get("handoff", 0.0)
-    if math.isnan(downtime) or took < RTO_MS:
+    longest = entry.get("longest_move_ms", math.nan)
+    if math.isnan(downtime) or (took < RTO_MS and not longest >= RTO_MS):
         return ""
-    where = (f"the move itself took {human_us(took * 1000)} (medians of the runs; {_move_where(entry)}): a request "
-             "caught in it waited that long without any retransmission")
+    if took >= RTO_MS:
+        where = f"the move itself took {human_us(took * 1000)} (medians of the runs; {_move_where(entry)})"
+    else:
+        where = (f"the longest move of the runs took {human_us(longest * 1000)} (the median {human_us(took * 1000)}: "
+                 f"{_move_where(entry)})")
+    where += ": a request caught in it waited that long without any retransmission"
     if entry.get("later_ms", 0.0) >= RTO_MS:
         where += (f", and requests due after it waited up to {human_us(entry['later_ms'] * 1000)} behind the "
                   "answers it held back")

@@ -243,7 +243,7 @@ def gap_from_runs(impl: str, connections: int, gaps_ms: Sequence[float], verifie
     """One entry from the runs that completed (`gaps_ms`, one largest gap per run); `verified` False with the
     first failure in `error` when any run did not move every connection intact. Per completed run, when measured:
     `requests` answered and `over_200ms` of them, the worst before the move (`baselines_ms`) and of what started
-    after it (`laters_ms`), (delivered, fell back) packets of the keeping lock (`kept`) and how many sockets were
+    after it (`laters_ms`), the longest move with its handoff (`longest_move_ms`, when every run has its phases), (delivered, fell back) packets of the keeping lock (`kept`) and how many sockets were
     restored with output the peer had not acknowledged (`unacked`) and the requests >= 200 ms on them
     (`over_200ms_unacked`); counts are summed over runs, times are medians."""
     names = list(dict.fromkeys(name for run in phases_ms for name in run))
@@ -260,6 +260,9 @@ def gap_from_runs(impl: str, connections: int, gaps_ms: Sequence[float], verifie
     }
     if wire_gaps_ms is not None:
         entry["wire_gap_ms"] = _median_or_nan(wire_gaps_ms)
+    if downtimes_ms and len(downtimes_ms) == len(phases_ms):
+        # the longest move the clients saw: one run's may pass 200 ms while the median stays below
+        entry["longest_move_ms"] = max(d + run.get("handoff", 0.0) for d, run in zip(downtimes_ms, phases_ms))
     entry["workload"] = workload
     if requests or over_200ms:
         entry["requests"] = sum(requests)

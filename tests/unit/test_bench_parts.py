@@ -59,6 +59,10 @@ def test_gap_entries_keep_the_phases_and_fail_with_the_first_error() -> None:
                        [{"freeze": 0.5, "restore": 1.0}, {"freeze": 0.7, "restore": 1.2, "handoff": 0.1}])
     assert ok["gap_ms"] == 4.0 and ok["max_gap_ms"] == 5.0 and ok["verified"]
     assert ok["downtime_ms"] == 2.5 and ok["phases_ms"] == {"freeze": 0.6, "restore": 1.1, "handoff": 0.1}
+    assert "longest_move_ms" not in ok  # one run without its phases: not every move is known
+    moves = gap_from_runs("sockrepair", 1000, [210.0, 220.0, 290.0], True, None, [190.0, 195.0, 250.0],
+                          [{"handoff": 5.0}, {"handoff": 7.0}, {"handoff": 6.0}])
+    assert moves["downtime_ms"] == 195.0 and moves["longest_move_ms"] == 256.0
     none = gap_from_runs("criu-nftables", 1000, [], False, "criu dump failed: select")
     assert math.isnan(none["gap_ms"]) and not none["verified"] and none["error"].startswith("criu dump")
     results = empty({})

@@ -469,6 +469,14 @@ def test_the_cross_host_part_is_judged_against_the_same_targets(tmp_path: Path) 
     assert ("freeze to unlock 7.00 ms: restore 400.0 µs, freeze 300.0 µs, deliver 100.0 µs; the worst request shorter "
             "than the move: in most runs no request was sent while it lasted (the worst of the runs 2.75 ms)") in rows[
         "Worst request latency across a move, 1 connection"]
+    # the median move under 200 ms, one run's over it: that run's requests waited inside it, and the report says so
+    one_long = _requests("sockrepair", 1000, 220.0, 594, downtime_ms=192.7, phases_ms={**long_move, "handoff": 6.7},
+                         longest_move_ms=291.0)
+    assert report._long_move_where(one_long).startswith(
+        "the longest move of the runs took 291.00 ms (the median 199.40 ms: freeze to unlock 192.70 ms")
+    assert report._long_move_where(one_long).endswith("a request caught in it waited that long without any "
+                                                      "retransmission")
+    assert report._long_move_where({**one_long, "phases_ms": {"handoff": 1.0}, "longest_move_ms": 199.0}) == ""
     # no move time: nothing said of it
     assert report._long_move_where(_requests("sockrepair", 1000, 240.0, 5, downtime_ms=math.nan)) == ""
     assert "not measured" in rows["Requests waiting 200 ms or more across a move, 1,000 connections"]
