@@ -94,6 +94,7 @@ class Gap(TypedDict):
     error: NotRequired[str | None]
     downtime_ms: NotRequired[float]  # median time the migration itself took (freeze to unlock, or criu's runs)
     phases_ms: NotRequired[dict[str, float]]  # median of each phase of the migration
+    longest_move_ms: NotRequired[float]  # the longest run's downtime plus its handoff
     wire_gap_ms: NotRequired[float]  # cross-host only: median of each run's largest silence on the peer's wire
     workload: NotRequired[str]  # "requests", "stream" or "pingpong" (the default)
     requests: NotRequired[int]  # requests workload: requests answered, all runs together

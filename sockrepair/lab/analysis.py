@@ -113,9 +113,9 @@ class _Stream:
         self.pos = 0  # offset of last_seq
         self.covered: list[tuple[int, int]] = []  # merged, sorted [start, end) ranges seen
         self.claimed = 0  # a segment with sequence number S means every byte before S was sent
-        # offsets of segments with neither payload nor SYN, FIN or RST: a window probe or keepalive among them
-        # carries snd_una - 1, a byte acknowledged already
-        self.bare: set[int] = set()
+        # the first segment captured had neither payload nor SYN, FIN or RST: when it is a window probe (criu's
+        # restore sends one) it carries snd_una - 1, a byte acknowledged before the capture began
+        self.bare_first: bool | None = None
         self.seen: dict[tuple[object, ...], float] = {}  # identity of each segment -> when it was first seen
 
     def offset(self, seq: int) -> int:
@@ -147,8 +147,8 @@ class _Stream:
         if seg.has("F"):
             r.fin += 1
         end = start + seg.length + (1 if seg.has("F") else 0)
-        if end == start and not seg.has("R"):
-            self.bare.add(start)
+        if self.bare_first is None:
+            self.bare_first = end == start and not seg.has("R")
         if seg.length:
             r.data_segments += 1
             if self.covered and start > self.covered[-1][1]:
@@ -167,9 +167,8 @@ class _Stream:
         # bytes before the first segment captured were sent before the capture began: holes count from offset 0
         pos = 0
         for s, e in self.covered:
-            # one byte below the data, where only a bare segment was seen: a probe of a connection whose first
-            # captured segment it was (criu's restore sends one), not a byte lost
-            if s > pos and not (s - pos == 1 and pos in self.bare):
+            # the one byte below the first data, when a bare segment came first: that probe's byte, not a loss
+            if s > pos and not (pos == 0 and s == 1 and self.bare_first):
                 r.holes.append((pos, s))
             pos = max(pos, e)
         if hi > pos:

@@ -548,6 +548,9 @@ class Freezer:
                 _guard(pid, self.pidfd.fd, theirs, their_holds, blocked)
             finally:
                 os._exit(1)
+        # and from this side as well, before anything else: the child may not have run yet when a group kill comes
+        with contextlib.suppress(OSError):  # ESRCH: gone already; EACCES: it exec'd (it never does)
+            os.setpgid(child, child)
         theirs.close()
         their_holds.close()
         self.child = child

@@ -115,7 +115,8 @@ def sweep_abandoned(parent: Path) -> list[Path]:
     """Remove the journals in `parent` that nothing will restore, held by no mover or guard and older than
     ABANDONED_AFTER: those of moves killed before their point of no return (no ENDED file, and _undone: their
     programs went on with the connections, the guard thawed them), and those a `sockrepair restore -D` completed
-    (COMPLETED: it marks, never removes, the directory it was given). Both hold payload bytes. A journal with ENDED
+    (COMPLETED: it marks, never removes, the directory it was given), and what a move killed while it removed its
+    completed journal left (REMOVED_PREFIX), whatever its age. All hold payload bytes. A journal with ENDED
     and without COMPLETED is kept whatever its age: it is how its connections come back; so is one without ENDED
     whose source is gone and whose lock still holds. Only directories of the caller's are
     looked at (when /run cannot be written `parent` is the system's temporary directory, shared with every user).
@@ -129,11 +130,16 @@ def sweep_abandoned(parent: Path) -> list[Path]:
     for name in names:
         directory = parent / name
         try:
-            if not name.startswith("move-"):
+            removed_half = name.startswith(REMOVED_PREFIX + "move-")  # mark_completed() killed while it removed
+            if not name.startswith("move-") and not removed_half:
                 continue
             st = directory.lstat()
             # the fallback parent is the system's temporary directory: another user's move-* there is not ours
             if not S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            if removed_half:
+                shutil.rmtree(directory)
+                removed.append(directory)
                 continue
             if now - st.st_mtime < ABANDONED_AFTER or _held(directory):
                 continue
@@ -452,11 +458,22 @@ def mark_ended(directory: Path, durable: bool | None = None) -> None:
             os.fsync(f.fileno())
 
 
+# a journal the move created, renamed at once when the move completed and then removed: killed in the middle of
+# the removal, what is left under this prefix is no journal (restore --pending, completed(), the sweep)
+REMOVED_PREFIX = ".completed-"
+
+
 def mark_completed(directory: Path, created: bool) -> None:
-    """The move is done: a directory the journal created is removed, one the caller gave gets a `completed` file,
-    so that no restore brings the connections back a second time."""
+    """The move is done: a directory the journal created is renamed out of the journals' names (one step: a guard
+    that reads completed() meanwhile never finds it half removed) and removed, one the caller gave gets a
+    `completed` file, so that no restore brings the connections back a second time."""
     if created:
-        shutil.rmtree(directory, ignore_errors=True)
+        gone = directory.with_name(REMOVED_PREFIX + directory.name)
+        try:
+            os.rename(directory, gone)
+        except OSError:
+            gone = directory
+        shutil.rmtree(gone, ignore_errors=True)
         return
     with open_private(directory / COMPLETED) as f:
         f.write(f"{time.time():.3f}\n".encode())

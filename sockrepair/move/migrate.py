@@ -205,7 +205,8 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
     (sockrepair.move.freeze) also holds the restored sockets until the handoff: if this process is SIGKILLed at any
     point, the program goes on untouched (before the end of the source) or the journal holds every connection.
 
-    Raises ImageError (`.path`) before anything is frozen when `journal` cannot hold a journal (not a directory,
+    Raises TypeError for a `keep` that is neither a bool nor a KeepCaps, and ImageError (`.path`) before anything
+    is frozen when `journal` cannot hold a journal (not a directory,
     not the caller's, writable by others); ProcessError (`.pid`, `.fd`: no such process, not permitted, nothing
     established, busy and refused) and
     SocketStateError (`.pid`, `.fd` the process's own, `.tuple`, `.tcp_state`) before the process is ended: it is
@@ -216,6 +217,8 @@ def migrate(pid: int, *, wanted: Sequence[int] | None = None, dest_netns: str | 
 
     Python's cyclic garbage collector is off while migrate() runs (for every thread of the caller's process; back
     on when it returns, if it was on): its collections cost milliseconds inside the downtime."""
+    if not isinstance(keep, (bool, KeepCaps)):  # a dict of caps, say, would move with the defaults unsaid
+        raise TypeError(f"keep must be True, False or a sockrepair.KeepCaps, not {keep!r}")
     timings = Timings("migrate")
     source_locker = process_locker(pid)
     dest_locker = source_locker

@@ -92,8 +92,14 @@ class RestoreGuard:
                     for sig in _SIGNALS:
                         signal.signal(sig, signal.SIG_IGN)
                     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-                    if os.fork() == 0:
-                        os.setpgid(0, 0)  # a SIGKILL of the restore's process group must spare its guard
+                    guard = os.fork()
+                    if guard:
+                        # a SIGKILL of the restore's process group must spare its guard: set here, before the
+                        # restorer goes on (it waits for this process), whether or not the guard has run yet
+                        with contextlib.suppress(OSError):
+                            os.setpgid(guard, guard)
+                    else:
+                        os.setpgid(0, 0)
                         keep = {theirs.fileno(), *inherit, *(r.fileno() for r in recorders)}
                         for name in os.listdir("/proc/self/fd"):
                             if int(name) > 2 and int(name) not in keep:

@@ -98,3 +98,29 @@ def test_a_journal_without_ended_whose_source_is_gone_stays_while_its_lock_holds
     _index(expired, 2**22 + 12345, 1, time.time() - 1)
     assert sorted(sweep_abandoned(tmp_path)) == sorted([running, expired])
     assert gone.exists()
+
+
+def test_a_completed_journal_is_renamed_before_it_is_removed_and_a_half_removed_one_is_swept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mark_completed() of a journal the move created renames it first, so that a guard looking meanwhile never
+    finds a journal with some of its files gone (completed() is True at once); killed inside the removal, what it
+    left is swept by the next move whatever its age, and listed as no journal."""
+    import shutil
+
+    from sockrepair.move import journal
+
+    made = _journal(tmp_path, "move-11-kkkk", 0.0, ended=True)
+    seen: list[tuple[bool, bool]] = []
+
+    def killed_halfway(path: Path, ignore_errors: bool = False) -> None:
+        seen.append((journal.completed(made), path.name.startswith(journal.REMOVED_PREFIX)))
+        (path / "journal.img").unlink()  # the removal stops here
+
+    monkeypatch.setattr(shutil, "rmtree", killed_halfway)
+    journal.mark_completed(made, created=True)
+    assert seen == [(True, True)]
+    left = tmp_path / (journal.REMOVED_PREFIX + made.name)
+    assert left.is_dir() and (left / ENDED).exists()
+    monkeypatch.undo()
+    assert sweep_abandoned(tmp_path) == [left]
+    assert not left.exists()

@@ -36,3 +36,13 @@ def test_a_journal_directory_that_cannot_be_made_closes_the_lockers_and_the_keep
         migrate_module.migrate(12345, dest_netns="dest", keep=True)
     # once each: the same namespace shares one locker
     assert closed == (["keeper", "source locker"] if same else ["keeper", "destination locker", "source locker"])
+
+
+@pytest.mark.parametrize("keep", [{"total_bytes": 1}, "x", 1.5, None, 0])
+def test_a_keep_that_is_neither_a_bool_nor_caps_is_refused_before_anything_opens(
+        monkeypatch: pytest.MonkeyPatch, keep: object) -> None:
+    opened: list[int] = []
+    monkeypatch.setattr(migrate_module, "process_locker", lambda pid: opened.append(pid))
+    with pytest.raises(TypeError, match="keep must be True, False or a sockrepair.KeepCaps, not "):
+        migrate_module.migrate(12345, keep=keep)  # type: ignore[arg-type]
+    assert opened == []

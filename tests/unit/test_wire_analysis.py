@@ -146,6 +146,9 @@ def test_a_window_probe_first_is_not_a_gap_and_a_hole_after_a_pure_ack_still_is(
     lost = [back(1000.0, 50_000, 0, ACK), *[s for s in stream() if s.src_port == 5000 or s.seq != 50_000]]
     report = analyse(lost, CONN)
     assert report.directions[1].holes == [(0, 40)]
+    # later in the stream a pure ACK at snd_nxt, then data one byte further on: that byte was lost
+    off_by_one = [*stream(n=2), back(1000.05, 50_080, 0, ACK), back(1000.06, 50_081, 40)]
+    assert analyse(off_by_one, CONN).directions[1].holes == [(80, 81)]
 
 
 def test_wire_gap_and_silences() -> None:
