@@ -440,9 +440,7 @@ class _Landing:
         if completed(directory):
             # no handoff: migrate() gave the sockets to its caller, and they die with it. Locked again into a journal
             # that no restore would use, their peers would hear nothing until the lock's TTL; closed, they are told.
-            for sock in self.socks:
-                sock.close()
-            self.socks = []
+            self.release()
             return
         # the journal as written before the source was ended, its held connections replaced by what they are now
         # (a socket restored but not held yet, when sockrepair died mid-restore, is beyond saving); read before the
