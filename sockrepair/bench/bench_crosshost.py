@@ -42,7 +42,8 @@ from sockrepair.bench.bench_gap import (
     CRIU_TIMEOUT,
     Peer,
     RunResult,
-    criu_error,
+    criu_dump,
+    criu_restore,
     describe,
     entry,
     from_figures,
@@ -182,26 +183,23 @@ def _move_criu(criu: Criu, lab: Lab, server: subprocess.Popen[bytes], lock: str,
     release.chmod(0o700)
     called, start = time.time(), time.monotonic()
     with lab.a.entered():
-        done = criu.run(["dump", "-t", str(server.pid), "-D", str(images), "--tcp-established", "--network-lock", lock,
-                         "-o", "dump.log"], timeout=CRIU_TIMEOUT)
+        failed = criu_dump(criu, images, server.pid, lock, CRIU_TIMEOUT)
     dumped = time.monotonic()
-    if done.returncode != 0:
-        return RunResult(None, f"criu dump failed: {criu_error(images / 'dump.log', done.stderr)}"), called, time.time()
+    if failed:
+        return RunResult(None, failed), called, time.time()
     server.wait(30)  # the dumped root is our child: a zombie would hold its pid, and restore would fail
     with lab.b.entered():
         subprocess.run([nft, "-f", str(hold)], check=True, capture_output=True, timeout=30)
         try:
             lab.move_service("a", "b")
             moved = time.monotonic()
-            done = criu.run(["restore", "-D", str(images), "--tcp-established", "--network-lock", lock, "-d",
-                             "-o", "restore.log", "--action-script", str(release)], timeout=CRIU_TIMEOUT)
+            failed = criu_restore(criu, images, lock, CRIU_TIMEOUT, "--action-script", str(release))
         finally:  # a restore that failed before it resumed left the hold
             left = subprocess.run([nft, "delete", "table", "inet", HOLD_TABLE], capture_output=True,
                                   timeout=30).returncode == 0
     restored, resumed_at = time.monotonic(), time.time()
-    if done.returncode != 0:
-        return (RunResult(None, f"criu restore failed: {criu_error(images / 'restore.log', done.stderr)}"), called,
-                resumed_at)
+    if failed:
+        return RunResult(None, failed), called, resumed_at
     if left:  # criu ignores what its scripts return: the peers were held until it returned, a run not like the rest
         return RunResult(None, "criu's pre-resume action did not lift the hold on B"), called, resumed_at
     return RunResult(None, None, (restored - start) * 1000, {"criu dump": (dumped - start) * 1000,

@@ -140,7 +140,7 @@ def _free_port(ns: NetNS) -> int:
         return int(s.getsockname()[1])
 
 
-def criu_error(log: Path, done_stderr: str) -> str:
+def _criu_error(log: Path, done_stderr: str) -> str:
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
@@ -165,24 +165,38 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(30)
 
 
+def criu_dump(criu: Criu, images: Path, pid: int, lock: str, timeout: float) -> str | None:
+    """`criu dump` of `pid`'s tree into `images` with network lock method `lock`, in the caller's namespace: None,
+    or why it failed (the first error of its log)."""
+    done = criu.run(["dump", "-t", str(pid), "-D", str(images), "--tcp-established", "--network-lock", lock,
+                     "-o", "dump.log"], timeout=timeout)
+    return None if done.returncode == 0 else f"criu dump failed: {_criu_error(images / 'dump.log', done.stderr)}"
+
+
+def criu_restore(criu: Criu, images: Path, lock: str, timeout: float, *extra: str) -> str | None:
+    """`criu restore` of `images` (detached, with `extra` arguments) in the caller's namespace: None, or why it
+    failed."""
+    done = criu.run(["restore", "-D", str(images), "--tcp-established", "--network-lock", lock, "-d",
+                     "-o", "restore.log", *extra], timeout=timeout)
+    return None if done.returncode == 0 else f"criu restore failed: {_criu_error(images / 'restore.log', done.stderr)}"
+
+
 def move_with_criu(criu: Criu, ns: NetNS, pid: int, reap: Callable[[], None], lock: str, work: Path,
                    timeout: float = CRIU_TIMEOUT) -> RunResult:
     images = work / "images"
     images.mkdir()
     start = time.monotonic()
     with ns.entered():
-        done = criu.run(["dump", "-t", str(pid), "-D", str(images), "--tcp-established", "--network-lock", lock,
-                         "-o", "dump.log"], timeout=timeout)
+        failed = criu_dump(criu, images, pid, lock, timeout)
     dumped = time.monotonic()
-    if done.returncode != 0:
-        return RunResult(None, f"criu dump failed: {criu_error(images / 'dump.log', done.stderr)}")
+    if failed:
+        return RunResult(None, failed)
     reap()  # the dumped root is our child: a zombie would hold its pid, and restore would fail
     with ns.entered():
-        done = criu.run(["restore", "-D", str(images), "--tcp-established", "--network-lock", lock, "-d",
-                         "-o", "restore.log"], timeout=timeout)
+        failed = criu_restore(criu, images, lock, timeout)
     restored = time.monotonic()
-    if done.returncode != 0:
-        return RunResult(None, f"criu restore failed: {criu_error(images / 'restore.log', done.stderr)}")
+    if failed:
+        return RunResult(None, failed)
     return RunResult(None, None, (restored - start) * 1000,
                      {"criu dump": (dumped - start) * 1000, "criu restore": (restored - dumped) * 1000})
 
