@@ -279,9 +279,7 @@ def test_restore_interrupted(netns, tmp_path, point, action):
         dumped = _dump_cli(server.pid, images)
         assert dumped.returncode == 0, dumped.stderr
         assert server.wait(10) == -signal.SIGKILL
-        first = subprocess.run([sys.executable, "-m", "sockrepair.cli.main", "restore", "-D", str(images), "--unix",
-                                str(tmp_path / "r.sock")], env=_fault_env(f"restore:{point}:{action}"),
-                               capture_output=True, text=True, timeout=60)
+        first = _restore_to(tmp_path / "r.sock", images, fault=f"restore:{point}:{action}")
         assert first.returncode != 0
         assert "Traceback" not in first.stderr, first.stderr
         if action == "kill":
